@@ -1,0 +1,71 @@
+"""Atomic file output: a reader never sees a half-written results file, map or checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import EamError
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) or fail with a clear message."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EamError(f"cannot create output folder {p}: {e.strerror}; choose a writable --out") from None
+    if not os.access(p, os.W_OK):
+        raise EamError(f"output folder {p} is not writable; choose a writable --out")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it over ``path`` only on success."""
+    target = Path(path)
+    ensure_writable_dir(target.parent if str(target.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Rows with possibly different keys; the header is the union in first-seen order."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+
+
+def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, Path]:
+    """Write ``stem.csv`` and ``stem.json`` with the same rows."""
+    stem = Path(stem)
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    write_csv(csv_path, rows)
+    write_json(json_path, list(rows))
+    return csv_path, json_path
