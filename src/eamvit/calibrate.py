@@ -256,7 +256,11 @@ def compute_entropy_maps(
                     masked[l] = a["masked"]
             start_batch = state["batch"]
             skipped = state.get("skipped", 0)
-        observers = {l: _observer(acc[l], masked, l) for l in group}
+        # Every layer takes the explicit path in every pass (a no-op observer where nothing is
+        # counted): fused and explicit attention differ in the last bits, and a layer's input must
+        # not depend on which pass it is counted in.
+        observers = {l: _ignore for l in range(len(shapes))}
+        observers.update({l: _observer(acc[l], masked, l) for l in group})
         n_batches = math.ceil(len(my_indices) / batch_size)
         # Same batch boundaries as an uninterrupted run: resume skips whole batches.
         loader = make_loader(dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
@@ -305,6 +309,10 @@ def _layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...
     from .attention import layer_shapes
 
     return layer_shapes(model, sample)
+
+
+def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    return None
 
 
 def _observer(acc: AttentionHistogram, masked: list, layer: int):

@@ -45,17 +45,21 @@ def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
     return (attn * nb).to(dtype).clamp_(0, nb - 1)
 
 
-def entropy_from_counts(counts: torch.Tensor, total: int) -> torch.Tensor:
+def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 16) -> torch.Tensor:
     """Shannon entropy in bits of histograms ``counts`` of shape ``(2^b, ...)`` over ``total`` samples.
 
-    Uses ``H = log2 M - (1/M) Σ c log2 c`` (0 log 0 = 0), in float64.
+    Uses ``H = log2 M - (1/M) Σ c log2 c`` (0 log 0 = 0) with ``c log2 c`` looked up in a table of
+    the ``M + 1`` possible counts, a few bins at a time, so no float copy of the whole histogram is
+    ever made.
     """
     if total <= 0:
         raise EamError("no calibration images were seen; check the calibration folder or --calib-size")
-    c = counts.to(torch.float64)
-    clogc = torch.where(c > 0, c * torch.log2(c.clamp_min(1)), torch.zeros((), dtype=torch.float64))
-    h = math.log2(total) - clogc.sum(0) / total
-    return h.clamp_min_(0.0)
+    c = torch.arange(total + 1, dtype=torch.float64, device=counts.device)
+    table = c * torch.log2(c.clamp_min(1))
+    acc = torch.zeros(counts.shape[1:], dtype=torch.float64, device=counts.device)
+    for part in counts.split(chunk):
+        acc += table[part.long()].sum(0)
+    return (math.log2(total) - acc / total).clamp_min_(0.0)
 
 
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -109,7 +113,8 @@ class AttentionHistogram:
         idx = histogram_bins(flat, self.bits).to(self._index_dtype).mul_(self.numel).add_(self._offsets)
         for row in idx:
             self.counts.index_add_(0, row, self._one)
-        self.sum += flat.sum(0, dtype=torch.float64)
+        # float32 within a batch, float64 across batches: exact enough, and no float64 copy of A.
+        self.sum += flat.sum(0)
         self.count += attn.shape[0]
 
     def histogram(self) -> torch.Tensor:

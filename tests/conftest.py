@@ -1,0 +1,49 @@
+"""Shared tiny models and data: everything here runs on CPU in seconds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eamvit
+
+# Tiny models: one thread is faster than two fighting over a busy 2-core machine.
+torch.set_num_threads(1)
+
+TINY_VIT = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2))
+TINY_DISTILLED = ("deit_tiny_distilled_patch16_224",
+                  dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2))
+TINY_SWIN = ("swin_tiny_patch4_window7_224",
+             dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                  num_classes=3))
+
+
+def make(spec, seed=0):
+    torch.manual_seed(seed)
+    return eamvit.create_model(spec[0], model_kwargs=dict(spec[1]))
+
+
+@pytest.fixture
+def tiny_vit():
+    return make(TINY_VIT)
+
+
+@pytest.fixture
+def tiny_swin():
+    return make(TINY_SWIN)
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=4, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "images")

@@ -1,0 +1,84 @@
+"""The class-swap instrumentation reproduces timm exactly and freezes what it is told to."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import eamvit
+from eamvit.attention import EamAttention, EamWindowAttention, instrument, set_observers
+from eamvit.errors import EamError
+
+from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT
+
+
+def _pair(spec):
+    torch.manual_seed(0)
+    ref = timm.create_model(spec[0], **spec[1]).eval()
+    model = eamvit.create_model(spec[0], model_kwargs=dict(spec[1]))
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
+@pytest.mark.parametrize("spec", [TINY_VIT, TINY_DISTILLED, TINY_SWIN], ids=["vit", "deit-distilled", "swin"])
+def test_outputs_equal_timm_with_and_without_observers(spec):
+    ref, model = _pair(spec)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(x)
+        fused = model(x)
+        seen = []
+        set_observers(model, {i: (lambda a, m, seen=seen: seen.append(a.shape)) for i in range(8)})
+        explicit = model(x)
+        set_observers(model, None)
+    assert (fused - want).abs().max() <= 1e-5
+    assert (explicit - want).abs().max() <= 1e-5
+    assert len(seen) == len(instrument(model))
+
+
+def test_swap_is_by_class_and_idempotent():
+    _, model = _pair(TINY_SWIN)
+    layers = instrument(model)
+    assert all(type(l) is EamWindowAttention for l in layers)
+    assert instrument(model) == layers
+    assert [l.eam_layer for l in layers] == list(range(4))
+    _, vit = _pair(TINY_VIT)
+    assert all(type(b.attn) is EamAttention for b in vit.blocks)
+
+
+def test_unhooked_blocks_keep_fused_attention(monkeypatch):
+    _, model = _pair(TINY_VIT)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    set_observers(model, {0: lambda a, m: None})
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 1  # layer 1 fused, layer 0 explicit
+
+
+def test_frozen_entries_are_replaced_by_hand():
+    _, model = _pair(TINY_VIT)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, 32)
+    mask = torch.zeros(2, 17, 17, dtype=torch.bool)
+    mask[1, 3, :5] = True
+    mask[0, 0, 16] = True
+    values = torch.rand(2, 17, 17)
+    attn.eam_frozen_mask, attn.eam_frozen_values = mask, values
+    with torch.no_grad():
+        got = attn(x)
+        qkv = attn.qkv(x).reshape(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale, -1)
+        a = torch.where(mask, values, a)
+        want = attn.proj((a @ qkv[2]).transpose(1, 2).reshape(2, 17, 32))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_unsupported_model_names_families():
+    with pytest.raises(EamError, match="ViT.*Swin"):
+        eamvit.create_model("resnet18", model_kwargs=dict(num_classes=2))
+
+
+def test_unknown_model():
+    with pytest.raises(EamError, match="unknown timm model"):
+        eamvit.create_model("vit_does_not_exist")

@@ -1,0 +1,152 @@
+"""The command line on a tiny ImageFolder made here, and every bad input of the foundation issue."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eamvit.cli import main
+
+from conftest import TINY_SWIN, TINY_VIT, make, write_image_folder
+
+MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
+         "embed_dim=32", "depth=2", "num_heads=2"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(make(TINY_VIT).state_dict(), path)
+    return str(path)
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eamvit: error:")
+    for n in needles:
+        assert n in last, last
+
+
+def test_calibrate_eval_sweep_plot(tmp_path, image_folder, ckpt, capsys):
+    maps = tmp_path / "maps.safetensors"
+    code, out, err = run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
+                         "--calib-size", 7, "--bits", 6, "--out", maps)
+    assert code == 0, err
+    assert "M=7" in out and maps.exists()
+
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--maps", maps,
+                         "--tau", 0.3, "--out", tmp_path / "res")
+    assert code == 0, err
+    row = json.loads((tmp_path / "res.json").read_text())[0]
+    assert row["num_images"] == 12 and row["model"] == TINY_VIT[0]
+    assert abs(row["frozen_fraction"] - 0.3) < 0.01
+    assert (tmp_path / "res.csv").read_text().startswith("model,top1,top1_err,top5,top5_err")
+
+    code, out, err = run(capsys, "sweep", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
+                         "--calib-size", 6, "--taus", "0,0.5", "--seeds", 2, "--out", tmp_path / "sw")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [(r["tau"], r["selection"]) for r in rows] == [(0.0, "entropy"), (0.0, "random"),
+                                                         (0.5, "entropy"), (0.5, "random")]
+    assert rows[0]["top1"] == rows[1]["top1"]  # nothing frozen either way
+    assert rows[3]["seeds"] == 2
+    assert all(r["num_images"] == 6 for r in rows)  # the 6 calibration images are held out
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    assert "| τ |" in out
+
+    code, out, err = run(capsys, "plot", "--maps", maps, "--layers", "0,1", "--pairs", "1,1", "--out",
+                         tmp_path / "fig")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {
+        "cls_entropy_L1.png", "cls_entropy_L2.png", "full_entropy.png", "head_entropy.png"}
+
+
+def test_swin_cli_reports_masked(tmp_path, image_folder, capsys):
+    swin = ["--model", TINY_SWIN[0], "--model-kwargs", "img_size=32", "patch_size=2", "window_size=4",
+            "embed_dim=16", "depths=(2,2)", "num_heads=(2,2)", "num_classes=3"]
+    code, out, err = run(capsys, "eval", *swin, "--data", image_folder, "--calib-size", 4, "--tau", 0.5,
+                         "--scope", "global")
+    assert code == 0, err
+    assert "frozen_window_masked=" in out
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path, image_folder, ckpt, capsys):
+    (image_folder / "cat" / "broken.png").write_bytes(b"not a png")
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder)
+    assert code == 0, err
+    assert "skipped_images=1" in out and "num_images=12" in out
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--strict-images")
+    assert_one_line_error(code, err, "broken.png")
+
+
+@pytest.mark.parametrize("case", ["unknown", "unsupported", "missing-ckpt", "corrupt-ckpt", "mismatch-ckpt",
+                                  "empty-folder", "no-folder", "tau", "bits-low", "bits-high", "other-maps",
+                                  "unwritable"])
+def test_bad_input(case, tmp_path, image_folder, ckpt, capsys):
+    out_file = tmp_path / "out" / "res"
+    args = ["eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--out", out_file]
+    needle = []
+    if case == "unknown":
+        args[2] = "vit_nonexistent_model"
+        needle = ["unknown timm model"]
+    elif case == "unsupported":
+        args = ["eval", "--model", "resnet18", "--data", image_folder, "--out", out_file]
+        needle = ["ViT", "Swin"]
+    elif case == "missing-ckpt":
+        args[args.index(ckpt)] = tmp_path / "nope.pth"
+        needle = ["does not exist"]
+    elif case == "corrupt-ckpt":
+        (tmp_path / "bad.pth").write_bytes(b"junk" * 10)
+        args[args.index(ckpt)] = tmp_path / "bad.pth"
+        needle = ["corrupt"]
+    elif case == "mismatch-ckpt":
+        args[args.index("num_classes=3")] = "num_classes=7"
+        needle = ["shape mismatch", "head.weight"]
+    elif case == "empty-folder":
+        (tmp_path / "empty").mkdir()
+        args[args.index(image_folder)] = tmp_path / "empty"
+        needle = ["no class folders"]
+    elif case == "no-folder":
+        args[args.index(image_folder)] = tmp_path / "missing"
+        needle = ["does not exist"]
+    elif case == "tau":
+        args += ["--tau", "1.5"]
+        needle = ["[0, 1]"]
+    elif case == "bits-low":
+        args += ["--tau", "0.2", "--bits", "0"]
+        needle = ["1..16"]
+    elif case == "bits-high":
+        args += ["--tau", "0.2", "--bits", "17"]
+        needle = ["1..16"]
+    elif case == "other-maps":
+        maps = tmp_path / "swin.safetensors"
+        swin = ["--model", TINY_SWIN[0], "--model-kwargs", "img_size=32", "patch_size=2", "window_size=4",
+                "embed_dim=16", "depths=(2,2)", "num_heads=(2,2)", "num_classes=3"]
+        assert run(capsys, "calibrate", *swin, "--data", image_folder, "--out", maps)[0] == 0
+        args += ["--maps", maps, "--tau", "0.2"]
+        needle = ["recompute"]
+    elif case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+        out_file = tmp_path / "afile" / "sub" / "res"
+        args[args.index("--out") + 1] = out_file
+        needle = ["cannot create output folder"]
+    code, out, err = run(capsys, *args)
+    assert_one_line_error(code, err, *needle)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eamvit.cli", "eval", "--model", "resnet18", "--data", "digits"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.startswith("eamvit: error: unsupported model")

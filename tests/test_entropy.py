@@ -1,0 +1,186 @@
+"""Histograms, entropy and means against independent NumPy references."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import eamvit
+from eamvit.entropy import AttentionHistogram, entropy_from_counts, histogram_bins, kl_from_counts
+from eamvit.errors import EamError
+
+from conftest import TINY_SWIN, TINY_VIT, make
+
+
+def numpy_entropy(samples: np.ndarray, bits: int) -> np.ndarray:
+    """Eq. 12-13 entry by entry with np.histogram (its last bin is closed, so 1.0 lands in it)."""
+    edges = np.linspace(0.0, 1.0, (1 << bits) + 1)
+    flat = samples.reshape(samples.shape[0], -1)
+    out = np.empty(flat.shape[1])
+    for e in range(flat.shape[1]):
+        hist, _ = np.histogram(flat[:, e], bins=edges)
+        p = hist[hist > 0] / flat.shape[0]
+        out[e] = -(p * np.log2(p)).sum()
+    return out.reshape(samples.shape[1:])
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_entropy_and_mean_match_numpy(bits):
+    g = torch.Generator().manual_seed(bits)
+    a = torch.softmax(torch.randn(37, 2, 5, 5, generator=g) * 2, dim=-1)
+    a[3, 0, 0, 0] = 1.0  # an exact 1.0 must land in the last bin
+    h = AttentionHistogram((2, 5, 5), bits, max_count=37)
+    for chunk in a.split(8):
+        h.update(chunk)
+    ref = numpy_entropy(a.double().numpy(), bits)
+    np.testing.assert_allclose(h.entropy().numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(h.mean().numpy(), a.double().mean(0).numpy(), atol=1e-6)
+    assert int(h.histogram().sum()) == 37 * 50
+
+
+def test_histogram_edges():
+    x = torch.tensor([0.0, 0.25 - 1e-6, 0.25, 0.5, 0.75, 1.0])
+    assert histogram_bins(x, 2).tolist() == [0, 0, 1, 2, 3, 3]
+    assert histogram_bins(torch.tensor([0.5, 1.0]), 1).tolist() == [1, 1]
+    assert histogram_bins(torch.tensor([1 / 256, 255 / 256, 1.0]), 8).tolist() == [1, 255, 255]
+
+
+def test_entropy_known_values():
+    counts = torch.tensor([[4, 2, 1], [0, 2, 1], [0, 0, 1], [0, 0, 1]])  # bins x entries, M = 4
+    h = entropy_from_counts(counts, 4)
+    assert h.tolist() == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_kl_zero_for_same_and_positive_for_different():
+    p = torch.tensor([[10, 0], [0, 10]])
+    assert kl_from_counts(p, p).abs().max() < 1e-12
+    q = torch.tensor([[5, 10], [5, 0]])
+    kl = kl_from_counts(p, q, eps=0.0 + 1e-9)
+    assert kl[0] == pytest.approx(1.0, abs=1e-6)  # p = (1, 0), q = (0.5, 0.5): log2(2) = 1 bit
+
+
+def test_count_dtype_is_small():
+    h = AttentionHistogram((2, 3, 3), 8, max_count=200)
+    assert h.counts.element_size() == 1
+    h = AttentionHistogram((2, 3, 3), 8, max_count=1000)
+    assert h.counts.element_size() == 2
+
+
+def test_bits_out_of_range():
+    with pytest.raises(EamError, match="1..16"):
+        AttentionHistogram((1, 2, 2), 17, 10)
+    with pytest.raises(EamError):
+        AttentionHistogram((1, 2, 2), 0, 10)
+
+
+def _dataset(n=20, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.long))
+
+
+def test_maps_match_brute_force_on_model():
+    model = make(TINY_VIT)
+    ds = _dataset(11)
+    maps = eamvit.compute_entropy_maps(model, ds, bits=4, batch_size=4, progress=False)
+    # Independent path: timm's own explicit attention, recomputed by hand from the module weights.
+    store = []
+    for blk in model.blocks:
+        attn = blk.attn
+        def hook(mod, inp, out, store=store):
+            x = inp[0]
+            B, N, C = x.shape
+            qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, _ = qkv.unbind(0)
+            store.append(torch.softmax(q @ k.transpose(-2, -1) * mod.scale, -1))
+        blk.attn.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.stack([ds[i][0] for i in range(11)]))
+    for l, a in enumerate(store):
+        np.testing.assert_allclose(maps.entropy[l].numpy(), numpy_entropy(a.double().numpy(), 4), atol=1e-5)
+        np.testing.assert_allclose(maps.mean[l].numpy(), a.double().mean(0).numpy(), atol=1e-6)
+    assert maps.meta["num_images"] == 11
+
+
+def test_multipass_is_bit_identical():
+    model = make(TINY_VIT)
+    ds = _dataset(9)
+    one = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=4, progress=False)
+    per_layer = AttentionHistogram.nbytes(tuple(one.entropy[0].shape), 6, 9)
+    many = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=4, progress=False, max_memory=per_layer,
+                                       keep_histograms=True)
+    for l in range(one.num_layers):
+        assert torch.equal(one.entropy[l], many.entropy[l])
+        assert torch.equal(one.mean[l], many.mean[l])
+
+
+def test_max_memory_too_small_is_clear_error():
+    model = make(TINY_VIT)
+    with pytest.raises(EamError, match="max-memory"):
+        eamvit.compute_entropy_maps(model, _dataset(4), bits=8, progress=False, max_memory=1000)
+
+
+def test_memory_needed_is_printed(capsys):
+    model = make(TINY_VIT)
+    eamvit.compute_entropy_maps(model, _dataset(4), bits=8, progress=False)
+    assert "histograms need" in capsys.readouterr().err
+
+
+def test_swin_windows_are_separate_variables_and_masked_entries_have_zero_entropy():
+    model = make(TINY_SWIN)
+    maps = eamvit.compute_entropy_maps(model, _dataset(6), bits=8, batch_size=3, progress=False)
+    # 32 px / patch 2 = 16x16 tokens, window 4 -> 16 windows of 16 tokens; stage 2: 8x8 -> 4 windows
+    assert [tuple(e.shape) for e in maps.entropy] == [(16, 2, 16, 16)] * 2 + [(4, 2, 16, 16)] * 2
+    assert maps.masked[0] is None and maps.masked[1] is not None  # second block of a stage is shifted
+    masked = maps.masked[1].unsqueeze(1).expand_as(maps.entropy[1])
+    assert masked.any()
+    assert maps.entropy[1][masked].abs().max() == 0
+    assert maps.mean[1][masked].abs().max() < 1e-6
+
+
+def test_save_load_roundtrip_and_wrong_model(tmp_path):
+    model = make(TINY_VIT)
+    maps = eamvit.compute_entropy_maps(model, _dataset(5), bits=5, progress=False, meta={"seed": 7})
+    maps.save(tmp_path / "m.safetensors")
+    back = eamvit.EntropyMaps.load(tmp_path / "m.safetensors")
+    assert back.meta["bits"] == 5 and back.meta["seed"] == 7 and back.meta["num_images"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(maps.entropy, back.entropy))
+    back.check_model(model)
+    other = make(TINY_SWIN)
+    with pytest.raises(EamError, match="recompute"):
+        back.check_model(other)
+
+
+class _FailOnce(torch.utils.data.Dataset):
+    """Raises KeyboardInterrupt the first time item ``fail_at`` is read, like a killed job."""
+
+    def __init__(self, base, fail_at):
+        self.base, self.fail_at, self.failed = base, fail_at, False
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i == self.fail_at and not self.failed:
+            self.failed = True
+            raise KeyboardInterrupt
+        return self.base[i]
+
+
+def test_resume_gives_the_same_maps(tmp_path):
+    model = make(TINY_VIT)
+    base = _dataset(12)
+    full = eamvit.compute_entropy_maps(model, base, bits=6, batch_size=2, progress=False)
+    ds = _FailOnce(base, fail_at=9)
+    partial = tmp_path / "maps.partial"
+    with pytest.raises(KeyboardInterrupt):
+        eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False, resume_path=partial,
+                                    checkpoint_every=2)
+    assert partial.exists()
+    resumed = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False, resume_path=partial,
+                                          checkpoint_every=2)
+    assert not partial.exists()
+    assert resumed.meta["num_images"] == 12
+    for l in range(full.num_layers):
+        assert torch.equal(full.entropy[l], resumed.entropy[l])
+        assert torch.allclose(full.mean[l], resumed.mean[l], atol=1e-7)

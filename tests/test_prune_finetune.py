@@ -1,0 +1,132 @@
+"""Fine-tuning a pruned model (resume gives the same weights), sweeps, the demo table and figures."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import eamvit
+from eamvit.data import DigitsDataset
+from eamvit.errors import EamError
+from eamvit.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at, lr_at
+from eamvit.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_table
+
+KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make a
+    two-thread step ~40x slower than one thread; restore the setting for the rest of the suite."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model():
+    torch.manual_seed(0)
+    return eamvit.create_model("vit_tiny_patch16_224", model_kwargs=KW)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train = DigitsDataset("train", img_size=16, augment=True)
+    test = DigitsDataset("test", img_size=16)
+    return Subset(train, range(48)), Subset(test, range(40))
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, lr=1e-3, min_lr=1e-4, warmup_epochs=0.5, batch_size=16, mixup=0.8, cutmix=1.0,
+                keep_warmup_epochs=0.5, keep_decay_epochs=1.0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_resume_gives_the_same_weights(tmp_path, digits):
+    train, _ = digits
+    pc = PruneConfig(method="random", keep_rate=0.5)  # random keeps a generator: its state must resume too
+    a = small_model()
+    prune_(a, pc)
+    ra = finetune(a, train, _cfg(), out_dir=tmp_path / "a", progress=False)
+
+    b = small_model()
+    prune_(b, pc)
+    rb1 = finetune(b, train, _cfg(), out_dir=tmp_path / "b", stop_after=1, progress=False)
+    assert rb1["epochs_done"] == 1 and (tmp_path / "b" / CHECKPOINT).is_file()
+    assert not (tmp_path / "b" / "finetuned.safetensors").exists()
+    c = small_model()  # a fresh process: new model, same options
+    prune_(c, pc)
+    rc = finetune(c, train, _cfg(), out_dir=tmp_path / "b", progress=False)
+    assert rc["epochs_done"] == 2 and rc["history"] == ra["history"]
+    for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(va, vc), k
+    assert prune_state(c).keep_rate == 0.5
+    # The checkpoint's weights load as a plain timm state dict.
+    d = eamvit.create_model("vit_tiny_patch16_224", model_kwargs=KW, checkpoint=tmp_path / "b" / CHECKPOINT)
+    assert torch.equal(d.state_dict()["head.weight"], c.state_dict()["head.weight"])
+    assert (tmp_path / "b" / "finetuned.safetensors").is_file()
+
+
+def test_resume_refuses_other_options(tmp_path, digits):
+    train, _ = digits
+    m = small_model()
+    prune_(m, PruneConfig(keep_rate=0.5))
+    finetune(m, train, _cfg(epochs=2, mixup=0.0, cutmix=0.0), out_dir=tmp_path, stop_after=1, progress=False)
+    m2 = small_model()
+    prune_(m2, PruneConfig(keep_rate=0.7))
+    with pytest.raises(EamError, match="different prune configuration"):
+        finetune(m2, train, _cfg(epochs=2, mixup=0.0, cutmix=0.0), out_dir=tmp_path, progress=False)
+    r = finetune(m2, train, _cfg(epochs=1, mixup=0.0, cutmix=0.0), out_dir=tmp_path, resume=False, progress=False)
+    assert r["epochs_done"] == 1
+
+
+def test_finetune_bad_input(digits):
+    train, _ = digits
+    with pytest.raises(EamError, match="not pruned"):
+        finetune(small_model(), train, _cfg(), progress=False)
+    m = small_model()
+    prune_(m, PruneConfig())
+    with pytest.raises(EamError, match="epochs"):
+        finetune(m, train, _cfg(epochs=0), progress=False)
+    with pytest.raises(EamError, match="lr"):
+        finetune(m, train, _cfg(lr=-1.0), progress=False)
+
+
+def test_schedules_follow_evit():
+    cfg = FinetuneConfig(epochs=10, lr=1e-3, min_lr=1e-5, warmup_epochs=1, warmup_lr=0.0,
+                         keep_warmup_epochs=2, keep_decay_epochs=4)
+    assert lr_at(0, 10, cfg) == 0.0 and lr_at(10, 10, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, 10, cfg) == pytest.approx(1e-5)
+    assert keep_rate_at(19, 10, 0.7, cfg) == 1.0
+    assert keep_rate_at(20, 10, 0.7, cfg) == pytest.approx(1.0)
+    assert keep_rate_at(40, 10, 0.7, cfg) == pytest.approx(0.85)
+    assert keep_rate_at(60, 10, 0.7, cfg) == 0.7
+    assert keep_rate_at(0, 10, 0.7, FinetuneConfig()) == 0.7  # EViT's fine-tuning: the target from the start
+
+
+def test_sweep_and_table(digits, tmp_path):
+    _, test = digits
+    m = small_model()
+    rows = prune_sweep(m, test, keep_rates=(0.7, 0.5), methods=[("shannon", None), ("renyi", math.inf),
+                                                                 ("evit", None)],
+                       throughput_batch=4, throughput_iters=1, progress=False)
+    assert [r["method"] for r in rows] == ["none", "shannon", "renyi", "evit"] * 1 + ["shannon", "renyi", "evit"]
+    assert rows[2]["alpha"] == "inf" and rows[1]["tokens"] == "64-45-32-23"
+    assert all(r["gflops"] < rows[0]["gflops"] for r in rows[1:]) and all(r["images_per_s"] > 0 for r in rows)
+    assert not hasattr(m, "eam_prune")
+
+    train, _ = digits
+    rows, md = prune_table(m, train, test, keep_rates=(0.5,), methods=[("evit", None)], finetune_epochs=1,
+                           progress=False, throughput_batch=4)
+    assert "top1_finetuned" in rows[1] and md.count("\n") == 4 and "EViT" in md
+
+    from eamvit.plots_prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
+
+    plot_top1_vs_gflops(rows, tmp_path / "tradeoff.png")
+    plot_kept_patches(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)],
+                      tmp_path / "kept.png")
+    plot_entropy_histograms(m, torch.stack([test[i][0] for i in range(4)]), tmp_path / "hist.png")
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("tradeoff.png", "kept.png", "hist.png"))
+    assert not hasattr(m, "eam_prune")

@@ -1,0 +1,93 @@
+"""`eamvit quantize`, `eval --quant`, `sweep --quant` and their bad inputs (one line, exit 2)."""
+import json
+
+import pytest
+import torch
+
+from eamvit.cli import main
+
+from conftest import TINY_VIT, make
+
+MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
+         "embed_dim=32", "depth=2", "num_heads=2"]
+Q = ["--quant-calib-size", "4"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eamvit: error:")
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(make(TINY_VIT).state_dict(), path)
+    return str(path)
+
+
+def test_quantize_then_eval_from_state(tmp_path, image_folder, ckpt, capsys):
+    state = tmp_path / "q.safetensors"
+    cal = ["--calib-data", image_folder]  # evaluation then reads all of --data in both runs
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+                         "--out", state)
+    assert code == 0, err
+    assert state.is_file() and "W4/A4" in out
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
+                         "--quant-state", state, "--out", tmp_path / "a")
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
+                         "--quant", "repq", *Q, "--out", tmp_path / "b")
+    assert code == 0, err
+    a = json.loads((tmp_path / "a.json").read_text())[0]
+    b = json.loads((tmp_path / "b.json").read_text())[0]
+    assert a["quant"] == "repq" and a["w_bits"] == 4
+    assert a["top1"] == b["top1"]  # same seed, same calibration images, same quantized model
+    # A state for another model (no checkpoint: other weights) is refused.
+    code, out, err = run(capsys, "eval", *MODEL, "--data", image_folder, "--quant-state", state)
+    one_line_error(code, err, "was made for")
+
+
+def test_eval_quant_with_frozen_4bit_values(tmp_path, image_folder, ckpt, capsys):
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--quant", "repq", *Q,
+                         "--w-bits", "6", "--a-bits", "5", "--tau", "0.3", "--value-bits", "5",
+                         "--value-quantizer", "logsqrt2", "--bits", "4", "--out", tmp_path / "r")
+    assert code == 0, err
+    row = json.loads((tmp_path / "r.json").read_text())[0]
+    assert row["w_bits"] == 6 and row["a_bits"] == 5 and row["frozen_fraction"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_sweep_quant_writes_everything(tmp_path, image_folder, ckpt, capsys):
+    out_dir = tmp_path / "sw"
+    code, out, err = run(capsys, "sweep", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--quant", "repq",
+                         *Q, "--taus", "0,0.2", "--seeds", "1", "--bits", "4", "--out", out_dir)
+    assert code == 0, err
+    for f in ("sweep.csv", "sweep.json", "sweep.png", "table1.md", "sizes.md", "kl_per_head.csv",
+              "kl_per_head.png", "kl_cls_L1.png"):
+        assert (out_dir / f).is_file(), f
+    rows = json.loads((out_dir / "sweep.json").read_text())
+    assert {r["method"] for r in rows} == {"fp", "repq", "eam", "random"}
+    assert "RepQ-ViT" in (out_dir / "table1.md").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["quantize", "--w-bits", "9"], "w_bits=9"),
+    (["quantize", "--a-bits", "1"], "a_bits=1"),
+    (["quantize", "--quant-calib-size", "500"], "calibration needs 500 images"),
+    (["eval", "--quant", "repq", "--a-bits", "12"], "a_bits=12"),
+    (["eval", "--quant-state", "missing.safetensors"], "does not exist"),
+    (["sweep", "--quant", "repq", "--frozen-bits", "1"], "--frozen-bits=1"),
+])
+def test_bad_quant_input(tmp_path, image_folder, capsys, args, needle):
+    cmd, rest = args[0], args[1:]
+    extra = ["--out", tmp_path / "x.safetensors"] if cmd == "quantize" else []
+    code, out, err = run(capsys, cmd, *MODEL, "--data", image_folder, *rest, *extra)
+    one_line_error(code, err, needle)
