@@ -184,3 +184,10 @@ def test_resume_gives_the_same_maps(tmp_path):
     for l in range(full.num_layers):
         assert torch.equal(full.entropy[l], resumed.entropy[l])
         assert torch.allclose(full.mean[l], resumed.mean[l], atol=1e-7)
+
+
+def test_swin_maps_reload_for_the_same_model(tmp_path):
+    model = make(TINY_SWIN)  # tuple kwargs (depths=(2, 2)) come back from JSON as lists
+    maps = eamvit.compute_entropy_maps(model, _dataset(2), bits=4, progress=False)
+    maps.save(tmp_path / "s.safetensors")
+    eamvit.EntropyMaps.load(tmp_path / "s.safetensors").check_model(model)

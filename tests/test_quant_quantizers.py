@@ -210,3 +210,21 @@ def test_grad_path_matches_no_grad_path():
     b = q(x)
     assert b.requires_grad and torch.equal(a, b.detach())
     assert math.isfinite(float(b.detach().sum()))
+
+
+def test_batched_and_one_at_a_time_search_agree(monkeypatch):
+    import eamvit.quant.quantizers as Q
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 16, generator=g) * torch.linspace(0.5, 4, 16)
+    att = torch.randn(2, 2, 9, 9, generator=g).softmax(-1)
+    batched = [UniformQuantizer(4, "channel"), UniformQuantizer(3), LogSqrt2Quantizer(4)]
+    for q, t in zip(batched, (x, x, att)):
+        q(t)
+    monkeypatch.setattr(Q, "BATCHED_SEARCH_LIMIT", 0)
+    looped = [UniformQuantizer(4, "channel"), UniformQuantizer(3), LogSqrt2Quantizer(4)]
+    for q, t in zip(looped, (x, x, att)):
+        q(t)
+    for a, b in zip(batched, looped):
+        assert torch.equal(a.delta, b.delta)
+    assert torch.equal(batched[0].zero_point, looped[0].zero_point)

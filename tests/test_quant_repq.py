@@ -9,7 +9,7 @@ from torch import nn
 import eamvit
 from eamvit.attention import attention_layers
 from eamvit.errors import EamError
-from eamvit.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, quantizers, set_quant_enabled
+from eamvit.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, find_quantizers, set_quant_enabled
 from eamvit.quant.repq import (QuantConv2d, QuantLinear, RepQConfig, attn_deltas, load_quantized, prepare_,
                                quantize_, reparam_pairs, save_quantized)
 
@@ -75,7 +75,7 @@ def test_what_is_quantized(quantized, name):
         assert isinstance(qz.attn, LogSqrt2Quantizer) and qz.attn.bits == 4
         assert all(isinstance(getattr(qz, n), UniformQuantizer) for n in "qkv")
         assert qz.scale_first == (name == "swin")  # ViT: (q @ kᵀ) * scale, as RepQ-ViT
-    assert all(q.inited for q in quantizers(q))
+    assert all(qq.inited for qq in find_quantizers(q))
     assert len(attn_deltas(q)) == len(attention_layers(q))
     # LayerNorm arithmetic is not quantized: no quantizer lives inside a LayerNorm.
     assert not any(isinstance(m, nn.LayerNorm) and list(m.children()) for m in q.modules())

@@ -547,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
     s.set_defaults(func=lambda a: cmd_quantize(a, load_model, build_data))
 
+    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
+    add_model_args(s)
+    add_data_args(s)
+    from .quant.compare import add_compare_args, cmd_compare
+
+    add_compare_args(s)
+    s.set_defaults(func=lambda a: cmd_compare(a, load_model, build_data))
+
     s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable")
     add_model_args(s)
     add_data_args(s, calib=False)

@@ -37,7 +37,8 @@ def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], ep
         eps: count added to every bin of both before normalising (see the module docstring).
     """
     if len(p_hists) != len(q_hists):
-        raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; compare the same model")
+        raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; "
+                       "compare the same model")
     out = []
     for l, (p, q) in enumerate(zip(p_hists, q_hists)):
         if p is None or q is None:

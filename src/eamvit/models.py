@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,9 @@ class ModelSpec:
         return asdict(self)
 
     def same_model(self, other: dict[str, Any]) -> bool:
-        return (other.get("name") == self.name and other.get("model_kwargs", {}) == self.model_kwargs
+        # Compare as JSON sees them: a saved (2, 2) comes back as [2, 2].
+        norm = lambda d: json.loads(json.dumps(d or {}))
+        return (other.get("name") == self.name and norm(other.get("model_kwargs")) == norm(self.model_kwargs)
                 and other.get("checkpoint_sha256") == self.checkpoint_sha256
                 and bool(other.get("pretrained")) == self.pretrained)
 

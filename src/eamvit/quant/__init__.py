@@ -7,10 +7,10 @@
   which itself uses :mod:`.functional`).
 """
 from .functional import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
-from .quantizers import (Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer, make_quantizer, quantizers,
-                         set_quant_enabled)
+from .quantizers import (Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer, find_quantizers,
+                         make_quantizer, set_quant_enabled)
 from .repq import RepQConfig, attn_deltas, load_quantized, quantize_, save_quantized
 
 __all__ = ["uniform_fake_quant", "log2_fake_quant", "logsqrt2_fake_quant", "Quantizer", "UniformQuantizer",
-           "LogSqrt2Quantizer", "Log2Quantizer", "make_quantizer", "quantizers", "set_quant_enabled",
+           "LogSqrt2Quantizer", "Log2Quantizer", "make_quantizer", "find_quantizers", "set_quant_enabled",
            "RepQConfig", "quantize_", "save_quantized", "load_quantized", "attn_deltas"]

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import EamError
 from .repq import ATTN_QUANTIZERS, RepQConfig, attn_deltas, load_quantized, quantize_, save_quantized
 
-QUANT_METHODS = ("repq",)
+QUANT_METHODS = ("repq", "adfq", "pmq")
 
 
 def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
@@ -41,6 +41,10 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
                    help="post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
     g.add_argument("--no-reparam", action="store_true",
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
+    if command != "quantize":  # --quant adfq|pmq options (ADFQ-ViT, PMQ: eamvit.quant.compare)
+        from .compare import add_method_args
+
+        add_method_args(g, command)
     if command == "sweep":
         g.add_argument("--frozen-bits", type=int, default=None,
                        help="bits of the quantized frozen values (default: --a-bits)")
@@ -66,6 +70,9 @@ def validate_quant_args(args: argparse.Namespace) -> None:
     """Fail early (before loading anything) on bad quantization options."""
     if not hasattr(args, "w_bits"):
         return
+    from .compare import validate_method_args
+
+    validate_method_args(args)
     if getattr(args, "quant_state", None) and not Path(args.quant_state).is_file():
         raise EamError(f"--quant-state {args.quant_state} does not exist; make one with `eamvit quantize`")
     quant_config(args)
@@ -87,6 +94,10 @@ def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Datase
     Returns:
         Extra result-row fields (``quant``, ``w_bits``, ``a_bits``).
     """
+    if getattr(args, "quant", None) in ("adfq", "pmq"):
+        from .compare import quantize_method
+
+        return quantize_method(args, model, _calib_set(cal, cal_idx))
     if getattr(args, "quant_state", None):
         load_quantized(model, args.quant_state)
     else:
@@ -141,10 +152,9 @@ def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              batch_size=args.batch_size)
-    if args.max_memory:
-        parse_bytes(args.max_memory)  # validated; the sweep keeps all histograms of both models
     res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
-                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers)
+                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
+                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
     rows, kl = res["rows"], res["kl"]
     name = getattr(getattr(model, "eam_spec", None), "name", "model")
     write_results(out / "sweep", rows)

@@ -52,7 +52,8 @@ def check_quant_bits(bits: Any, what: str = "bits") -> int:
         what: its name in the error message (e.g. ``--w-bits``).
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise EamError(f"{what}={bits!r} is out of range; quantization supports integer bit widths {MIN_BITS}..{MAX_BITS}")
+        raise EamError(f"{what}={bits!r} is out of range; quantization supports integer bit widths "
+                       f"{MIN_BITS}..{MAX_BITS}")
     return bits
 
 
@@ -144,6 +145,34 @@ def param_shape(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> tup
     else:
         shape[1:-1] = x.shape[1:-1]
     return tuple(shape)
+
+
+# Candidates are scored together as one (P, K, M) tensor up to this many elements: a few large
+# operations instead of many, which matters most when the CPU is shared; above it, one at a time.
+BATCHED_SEARCH_LIMIT = 1 << 26
+
+
+def _candidate_mse(rows: torch.Tensor, fake_quant, *params: torch.Tensor) -> torch.Tensor:
+    """``(P, K)`` mean squared error of each candidate's fake quantization of each row of ``rows``.
+
+    Args:
+        rows: ``(K, M)``.
+        fake_quant: ``f(x, *params)`` broadcasting its parameters against ``x``.
+        params: ``(P, K)`` tensors, one row per candidate.
+    """
+    n_cand = params[0].shape[0]
+    if n_cand * rows.numel() <= BATCHED_SEARCH_LIMIT:
+        err = fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
+    else:
+        err = torch.stack([fake_quant(rows, *(p[i][:, None] for p in params)).sub_(rows).square_().mean(-1)
+                           for i in range(n_cand)])
+    return err
+
+
+def _first_minimum(err: torch.Tensor) -> torch.Tensor:
+    """``(1, K)`` index of the lowest error per group, the first candidate on ties (as the reference's
+    strict ``<``); a NaN error never wins."""
+    return torch.nan_to_num(err, nan=float("inf")).argmin(0, keepdim=True)
 
 
 # --------------------------------------------------------------------------- modules
@@ -262,25 +291,18 @@ class UniformQuantizer(Quantizer):
         x = x.detach()
         rows = to_rows(x, self.granularity, self.channel_dim)
         levels = (1 << self.bits) - 1
+        # (P, K): one candidate range per percentile p (upper q(p), lower q(1-p)) and group.
         if self.search == "minmax":
-            lo_hi = [(rows.amin(1), rows.amax(1))]
+            lo, hi = rows.amin(1)[None], rows.amax(1)[None]
         else:
             ps = self.percentiles
             q = row_quantiles(rows, list(ps) + [1.0 - p for p in ps])
-            lo_hi = [(q[len(ps) + i], q[i]) for i in range(len(ps))]
-        best_score = best_delta = best_zp = None
-        for lo, hi in lo_hi:
-            delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
-            zp = torch.round(-lo / delta)
-            err = uniform_fake_quant(rows, delta[:, None], zp[:, None], self.bits).sub_(rows).square_().mean(1)
-            if best_score is None:
-                best_score, best_delta, best_zp = err, delta, zp
-            else:
-                # Strictly lower only: the first candidate wins ties, as in the reference.
-                better = err < best_score
-                best_score = torch.where(better, err, best_score)
-                best_delta = torch.where(better, delta, best_delta)
-                best_zp = torch.where(better, zp, best_zp)
+            hi, lo = q[: len(ps)], q[len(ps):]
+        delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
+        zp = torch.round(-lo / delta)
+        err = _candidate_mse(rows, lambda r, d, z: uniform_fake_quant(r, d, z, self.bits), delta, zp)
+        best = _first_minimum(err)
+        best_delta, best_zp = delta.gather(0, best).squeeze(0), zp.gather(0, best).squeeze(0)
         shape = self._group_shape(x)
         self.delta = best_delta.reshape(shape).float().clone()
         self.zero_point = best_zp.reshape(shape).float().clone()
@@ -308,19 +330,13 @@ class _LogQuantizer(Quantizer):
         """Search Δ among the percentiles of ``x`` (start value: the maximum), lowest MSE first."""
         x = x.detach()
         rows = to_rows(x, self.granularity, self.channel_dim)
-        best_delta = rows.amax(1).clamp_min(DELTA_FLOOR)
-        if self.search == "mse":
-            cands = row_quantiles(rows, self.percentiles)
-            best_score = None
-            for cand in cands:
-                delta = cand.clamp_min(DELTA_FLOOR)
-                err = self._fq(rows, delta[:, None]).sub_(rows).square_().mean(1)
-                if best_score is None:
-                    best_score, best_delta = err, delta
-                else:
-                    better = err < best_score
-                    best_score = torch.where(better, err, best_score)
-                    best_delta = torch.where(better, delta, best_delta)
+        if self.search == "minmax":
+            best_delta = rows.amax(1).clamp_min(DELTA_FLOOR)
+        else:
+            # The reference starts from the maximum, but the first candidate always replaces it.
+            delta = row_quantiles(rows, self.percentiles).clamp_min(DELTA_FLOOR)  # (P, K)
+            err = _candidate_mse(rows, self._fq, delta)
+            best_delta = delta.gather(0, _first_minimum(err)).squeeze(0)
         self.delta = best_delta.reshape(self._group_shape(x)).float().clone()
 
 
@@ -339,7 +355,10 @@ class LogSqrt2Quantizer(_LogQuantizer):
 
 
 class Log2Quantizer(_LogQuantizer):
-    """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q`` (same arguments as :class:`LogSqrt2Quantizer`)."""
+    """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q``.
+
+    Same arguments as :class:`LogSqrt2Quantizer`.
+    """
 
     _steps_per_octave = 1
 
@@ -352,12 +371,17 @@ def make_quantizer(kind: str, bits: int, **kwargs: Any) -> Quantizer:
     return kinds[kind](bits, **kwargs)
 
 
-def quantizers(model: nn.Module) -> list[Quantizer]:
+def find_quantizers(model: nn.Module) -> list[Quantizer]:
     """Every quantizer module of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, Quantizer)]
 
 
+# Older name, kept for the modules that import it; the package does not re-export it, so that
+# ``eamvit.quant.quantizers`` stays this module.
+quantizers = find_quantizers
+
+
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     """Enable or disable every quantizer of ``model`` (disabled = full precision, parameters kept)."""
-    for q in quantizers(model):
+    for q in find_quantizers(model):
         q.enabled = enabled

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,8 +51,8 @@ from ..attention import EamAttention, EamWindowAttention, attention_layers
 from ..errors import EamError
 from ..io import atomic_path
 from ..models import ModelSpec, model_spec
-from .quantizers import (DEFAULT_PERCENTILES, LogSqrt2Quantizer, UniformQuantizer, Quantizer, check_quant_bits,
-                         make_quantizer, quantizers, set_quant_enabled)
+from .quantizers import (DEFAULT_PERCENTILES, Quantizer, UniformQuantizer, check_quant_bits, find_quantizers,
+                         make_quantizer)
 
 FORMAT = "eamvit-repq/1"
 ATTN_QUANTIZERS = ("logsqrt2", "log2", "uniform")
@@ -225,7 +225,7 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
         The LayerNorm → Linear pairs (their Linear inputs are per channel until reparameterized).
     """
     config.validate()
-    if is_quantized(model) or quantizers(model):
+    if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     layers = attention_layers(model)  # raises for unsupported families
     pairs = reparam_pairs(model)
@@ -258,13 +258,14 @@ def _calib_images(calib: torch.Tensor | Dataset, config: RepQConfig) -> torch.Te
         if calib.dim() != 4:
             raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(calib.shape)}")
         if calib.shape[0] < n:
-            raise EamError(f"calibration needs {n} images but {calib.shape[0]} were given; lower calib_size (--quant-calib-size) "
-                           "or give more images")
+            raise EamError(f"calibration needs {n} images but {calib.shape[0]} were given; "
+                           "lower calib_size (--quant-calib-size) or give more images")
         return calib[:n]
     from ..data import random_subset
 
     if len(calib) < n:
-        raise EamError(f"calibration needs {n} images but the calibration set has {len(calib)}; lower calib_size (--quant-calib-size)")
+        raise EamError(f"calibration needs {n} images but the calibration set has {len(calib)}; "
+                       "lower calib_size (--quant-calib-size)")
     items = [calib[i] for i in random_subset(calib, n, seed=config.seed)]
     good = [it[0] for it in items if it is not None]
     if len(good) < n:
@@ -386,7 +387,8 @@ def read_quantized_meta(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
             meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise EamError(f"cannot read quantized state {p} ({type(e).__name__}); make it again with `eamvit quantize`") from None
+        raise EamError(f"cannot read quantized state {p} ({type(e).__name__}); "
+                       "make it again with `eamvit quantize`") from None
     if meta.get("format") != FORMAT:
         raise EamError(f"{p} is not an eamvit quantized-state file; make one with `eamvit quantize`")
     return meta, tensors
@@ -427,8 +429,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if missing or unexpected or shapes:
         model.eam_quant_config = None
         what = (f"{len(missing)} missing, e.g. {missing[0]}" if missing else
-                f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else f"shape mismatch at {shapes[0]}")
-        raise EamError(f"quantized state {path} does not fit this model ({what}); quantize it again with `eamvit quantize`")
+                f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
+                f"shape mismatch at {shapes[0]}")
+        raise EamError(f"quantized state {path} does not fit this model ({what}); "
+                       "quantize it again with `eamvit quantize`")
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     return model

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -29,10 +29,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..attention import attention_layers
-from ..calibrate import EntropyMaps
 from ..errors import EamError
 from ..freeze import FreezeConfig, FreezeReport, freeze_, unfreeze_
-from ..kl import KLMaps, compute_kl_maps
+from ..kl import compute_kl_maps
 from .quantizers import Quantizer
 from .repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas, quantize_
 
@@ -137,16 +136,12 @@ def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_b
 # --------------------------------------------------------------------------- sweep
 
 
-def _frozen_value_quantizer(config: RepQConfig) -> str:
-    return config.attn_quantizer
-
-
 def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Dataset,
                 config: Optional[RepQConfig] = None, sweep: Optional[QuantSweepConfig] = None, *,
                 eval_indices: Optional[Sequence[int]] = None, map_indices: Optional[Sequence[int]] = None,
                 repq_calib: torch.Tensor | Dataset | None = None, q_model: Optional[nn.Module] = None,
                 device: torch.device | str | None = None, workers: int = 0, progress: bool = True,
-                evaluate_fn: Optional[EvaluateFn] = None) -> dict[str, Any]:
+                max_memory: Optional[int] = None, evaluate_fn: Optional[EvaluateFn] = None) -> dict[str, Any]:
     """The paper's quantized sweep: FP, RepQ-ViT and EAM variants for every τ.
 
     Args:
@@ -162,6 +157,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         device: where to run.
         workers: DataLoader workers.
         progress: progress bars.
+        max_memory: histogram budget per model in bytes (more passes above it).
         evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=) -> {"top1", "top5"}``
             (:func:`eamvit.evaluate.evaluate` by default).
 
@@ -186,11 +182,12 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         return evaluate_fn(model, eval_dataset, eval_indices, **ev)
 
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
-                         batch_size=sweep.batch_size, workers=workers, device=device, progress=progress)
+                         batch_size=sweep.batch_size, workers=workers, device=device, max_memory=max_memory,
+                         progress=progress)
     maps = {"fp": kl.fp, "quant": kl.quant}
     entries = sum(m.numel() for m in kl.fp.entropy)
     deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
-    vq = _frozen_value_quantizer(qcfg)
+    vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
     wa = f"{qcfg.w_bits}/{qcfg.a_bits}"
 
     base = {"fp": (fp_model, evaluate(fp_model), "32/32"), "repq": (q_model, evaluate(q_model), wa)}
@@ -220,14 +217,16 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
             top1s = [r[0]["top1"] for r in res]
             report = res[-1][1]
             vb = fbits if vals == "quant" else None
-            rows.append({"tau": tau, "method": method, "maps": mp, "values": f"{fbits}bit" if vals == "quant" else "fp32",
-                         "precision": wa, "top1": round(statistics.fmean(top1s), 3),
+            rows.append({"tau": tau, "method": method, "maps": mp,
+                         "values": f"{fbits}bit" if vals == "quant" else "fp32", "precision": wa,
+                         "top1": round(statistics.fmean(top1s), 3),
                          "top1_std": round(statistics.pstdev(top1s), 3) if len(top1s) > 1 else 0.0,
                          "top5": round(statistics.fmean(r[0]["top5"] for r in res), 3),
                          "frozen_fraction": round(report.frozen_fraction, 6), "seeds": len(res),
                          **size_report(q_model, report, vb)})
     label = getattr(getattr(fp_model, "eam_spec", None), "name", type(fp_model).__name__)
-    table = table1_markdown(rows, label, maps=sweep.table_maps, values=f"{fbits}bit" if sweep.table_values == "quant" else "fp32")
+    table = table1_markdown(rows, label, maps=sweep.table_maps,
+                            values=f"{fbits}bit" if sweep.table_values == "quant" else "fp32")
     return {"rows": rows, "kl": kl, "table": table, "q_model": q_model}
 
 
@@ -266,11 +265,12 @@ def table1_markdown(rows: Sequence[dict], model_name: str, taus: Sequence[float]
 
 def size_table_markdown(rows: Sequence[dict]) -> str:
     """Size report per configuration (one line per method/maps/values at each τ)."""
-    lines = ["| τ | method | maps | values | model bytes | frozen-map bytes | total bytes | entries skipped | q·k MACs skipped |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| τ | method | maps | values | model bytes | frozen-map bytes | total bytes | entries skipped "
+             "| q·k MACs skipped |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] in ("fp", "repq") and r["tau"] != rows[0]["tau"]:
             continue
-        lines.append(f"| {r['tau']:.1f} | {r['method']} | {r['maps'] or ''} | {r['values'] or ''} | {r['model_bytes']} "
-                     f"| {r['frozen_map_bytes']} | {r['total_bytes']} | {r['entries_skipped']} | {r['qk_macs_skipped']} |")
+        lines.append(f"| {r['tau']:.1f} | {r['method']} | {r['maps'] or ''} | {r['values'] or ''} "
+                     f"| {r['model_bytes']} | {r['frozen_map_bytes']} | {r['total_bytes']} | {r['entries_skipped']} "
+                     f"| {r['qk_macs_skipped']} |")
     return "\n".join(lines) + "\n"
