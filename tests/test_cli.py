@@ -8,7 +8,7 @@ import torch
 
 from eamvit.cli import main
 
-from conftest import TINY_SWIN, TINY_VIT, make, write_image_folder
+from conftest import TINY_SWIN, TINY_VIT, make
 
 MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
          "embed_dim=32", "depth=2", "num_heads=2"]

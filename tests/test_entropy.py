@@ -1,5 +1,4 @@
 """Histograms, entropy and means against independent NumPy references."""
-import math
 
 import numpy as np
 import pytest
@@ -86,7 +85,6 @@ def test_maps_match_brute_force_on_model():
     # Independent path: timm's own explicit attention, recomputed by hand from the module weights.
     store = []
     for blk in model.blocks:
-        attn = blk.attn
         def hook(mod, inp, out, store=store):
             x = inp[0]
             B, N, C = x.shape

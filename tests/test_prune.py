@@ -18,14 +18,6 @@ TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=48, num_heads=3
 GRID14 = dict(img_size=56, patch_size=4, num_classes=10, embed_dim=48, num_heads=3)  # 14x14 = 196 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make a
-    two-thread step ~40x slower than one thread; restore the setting for the rest of the suite."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(name: str = "deit_tiny_patch16_224", **kw):

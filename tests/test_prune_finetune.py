@@ -16,14 +16,6 @@ from eamvit.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_ta
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make a
-    two-thread step ~40x slower than one thread; restore the setting for the rest of the suite."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_model():

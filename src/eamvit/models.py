@@ -107,7 +107,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd: Any = load_file(str(p), device="cpu")
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise EamError(f"checkpoint {p} holds pickled objects that are not plain tensors, and eamvit does not execute "
                        "pickled code; re-save it as a state dict or .safetensors") from None
     except Exception as e:  # corrupt or truncated files raise many different types

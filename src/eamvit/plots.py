@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
 
 from .calibrate import EntropyMaps  # noqa: E402
 from .entropy import mean_entropy_per_head  # noqa: E402

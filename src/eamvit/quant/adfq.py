@@ -32,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ from ..attention import attention_layers
 from ..errors import EamError
 from ..io import atomic_path
 from .functional import uniform_fake_quant
-from .quantizers import (DEFAULT_PERCENTILES, DELTA_FLOOR, Log2Quantizer, LogSqrt2Quantizer, Quantizer,
+from .quantizers import (DEFAULT_PERCENTILES, JsonConfig, DELTA_FLOOR, Log2Quantizer, LogSqrt2Quantizer, Quantizer,
                          UniformQuantizer, check_quant_bits, quantizers, set_quant_enabled)
 from .repq import QuantLinear, RepQConfig, _calib_images, prepare_, reparam_pairs
 
@@ -59,7 +59,7 @@ FORMAT = "eamvit-adfq-unit/1"
 
 
 @dataclass
-class ADFQConfig:
+class ADFQConfig(JsonConfig):
     """ADFQ-ViT settings; defaults are the published code's, the paper's values are noted.
 
     Args:
@@ -156,18 +156,6 @@ class ADFQConfig:
         self.percentiles = tuple(float(p) for p in self.percentiles)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["percentiles"] = list(self.percentiles)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ADFQConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "percentiles" in kw:
-            kw["percentiles"] = tuple(kw["percentiles"])
-        return cls(**kw).validate()
 
 
 def ablation_configs(base: Optional[ADFQConfig] = None) -> list[tuple[str, ADFQConfig]]:

@@ -28,7 +28,6 @@ Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mi
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, fields

@@ -25,6 +25,7 @@ quantizer is the identity.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -42,6 +43,28 @@ MIN_BITS, MAX_BITS = 2, 8
 _TORCH_QUANTILE_LIMIT = 1 << 24
 # Floor of a searched step: a constant channel has max == min, which the reference divides by (NaN).
 DELTA_FLOOR = 1e-8
+
+
+class JsonConfig:
+    """``to_dict``/``from_dict`` for the dataclass configs of the quantization methods.
+
+    JSON turns the ``percentiles`` tuple into a list; ``from_dict`` turns it back and validates, and
+    ignores keys a newer or older version may have written.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if "percentiles" in d:
+            d["percentiles"] = list(d["percentiles"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "percentiles" in kw:
+            kw["percentiles"] = tuple(kw["percentiles"])
+        return cls(**kw).validate()
 
 
 def check_quant_bits(bits: Any, what: str = "bits") -> int:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,7 +51,7 @@ from ..attention import EamAttention, EamWindowAttention, attention_layers
 from ..errors import EamError
 from ..io import atomic_path
 from ..models import ModelSpec, model_spec
-from .quantizers import (DEFAULT_PERCENTILES, Quantizer, UniformQuantizer, check_quant_bits, find_quantizers,
+from .quantizers import (DEFAULT_PERCENTILES, JsonConfig, Quantizer, UniformQuantizer, check_quant_bits, find_quantizers,
                          make_quantizer)
 
 FORMAT = "eamvit-repq/1"
@@ -59,7 +59,7 @@ ATTN_QUANTIZERS = ("logsqrt2", "log2", "uniform")
 
 
 @dataclass
-class RepQConfig:
+class RepQConfig(JsonConfig):
     """RepQ-ViT settings; defaults are the reference code's.
 
     Args:
@@ -101,18 +101,6 @@ class RepQConfig:
         self.percentiles = tuple(float(p) for p in self.percentiles)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["percentiles"] = list(self.percentiles)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RepQConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "percentiles" in kw:
-            kw["percentiles"] = tuple(kw["percentiles"])
-        return cls(**kw).validate()
 
 
 # --------------------------------------------------------------------------- quantized modules
