@@ -45,21 +45,23 @@ def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
     return (attn * nb).to(dtype).clamp_(0, nb - 1)
 
 
-def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 16) -> torch.Tensor:
+def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
     """Shannon entropy in bits of histograms ``counts`` of shape ``(2^b, ...)`` over ``total`` samples.
 
-    Uses ``H = log2 M - (1/M) Σ c log2 c`` (0 log 0 = 0) with ``c log2 c`` looked up in a table of
-    the ``M + 1`` possible counts, a few bins at a time, so no float copy of the whole histogram is
-    ever made.
+    Uses ``H = log2 M - (1/M) Σ c log2 c`` with ``c log2 c`` looked up in a table of the ``M + 1``
+    possible counts. Only counts of 2 or more contribute (``0 log 0 = 1 log 1 = 0``), and attention
+    histograms are mostly empty bins, so only those are gathered, a few bins at a time.
     """
     if total <= 0:
         raise EamError("no calibration images were seen; check the calibration folder or --calib-size")
     c = torch.arange(total + 1, dtype=torch.float64, device=counts.device)
     table = c * torch.log2(c.clamp_min(1))
-    acc = torch.zeros(counts.shape[1:], dtype=torch.float64, device=counts.device)
-    for part in counts.split(chunk):
-        acc += table[part.long()].sum(0)
-    return (math.log2(total) - acc / total).clamp_min_(0.0)
+    flat = counts.reshape(counts.shape[0], -1)
+    acc = torch.zeros(flat.shape[1], dtype=torch.float64, device=counts.device)
+    for part in flat.split(chunk):
+        bins, entries = (part > 1).nonzero(as_tuple=True)
+        acc.index_add_(0, entries, table[part[bins, entries].long()])
+    return (math.log2(total) - acc / total).clamp_min_(0.0).view(counts.shape[1:])
 
 
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
