@@ -34,6 +34,7 @@ def test_prune_sweep(tmp_path):
     rows = json.loads((tmp_path / "prune_sweep.json").read_text())
     assert [r["method"] for r in rows] == ["none", "shannon", "evit"]
     assert (tmp_path / "prune_sweep.png").is_file() and (tmp_path / "prune_sweep.md").is_file()
+    assert (tmp_path / "kept_patches.png").stat().st_size > 1000 and (tmp_path / "token_entropy.png").is_file()
 
 
 def test_finetune_and_resume(tmp_path, capsys):

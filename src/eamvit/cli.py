@@ -388,8 +388,27 @@ def cmd_prune_sweep(args) -> None:
         write_results(out / "prune_sweep", rows)
         write_text(out / "prune_sweep.md", md)
         plot_top1_vs_gflops(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
+        _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
         print(md)
         print(f"wrote {out / 'prune_sweep.csv'}, {out / 'prune_sweep.json'}, {out / 'prune_sweep.png'}")
+
+
+def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
+    """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
+    import torch
+
+    from .plots_prune import plot_entropy_histograms, plot_kept_patches
+    from .prune import method_config
+
+    idx = list(ev_idx) if ev_idx is not None else list(range(len(ev)))
+    items = [it for it in (ev[i] for i in idx[:32]) if it is not None]
+    if not items:
+        return
+    device = next(model.parameters()).device
+    images = torch.stack([it[0] for it in items]).to(device)
+    configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
+    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=cfg.get("mean"), std=cfg.get("std"))
+    plot_entropy_histograms(model, images, out / "token_entropy.png")
 
 
 def cmd_finetune(args) -> None:

@@ -164,13 +164,19 @@ Sizes at τ = 0 and 20 %:
 
 def _prune_section(model, train, test, out: Path, device) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
-    from .plots_prune import plot_top1_vs_gflops
-    from .prune import default_blocks, prune_table
+    from .data import DIGITS_MEAN, DIGITS_STD
+    from .plots_prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
+    from .prune import default_blocks, method_config, prune_table
 
     _say(f"[6/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
     write_results(out / "prune", rows)
     plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
+    images = torch.stack([test[i][0] for i in range(64)]).to(device)
+    configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
+    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=[DIGITS_MEAN], std=[DIGITS_STD],
+                      title=f"patches kept at each stage, κ = {KEEP_RATES[0]}")
+    plot_entropy_histograms(model, images, out / "token_entropy.png", title="patch-token attention entropy per block")
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b + 1) for b in default_blocks(len(model.blocks)))} of {len(model.blocks)}
@@ -178,6 +184,10 @@ Pruning at blocks {', '.join(str(b + 1) for b in default_blocks(len(model.blocks
 
 {table}
 ![top-1 against GFLOPs](prune.png)
+
+`kept_patches.png`: the patches each method keeps at every stage, over one test digit (seed Fig. 4);
+`token_entropy.png`: per block, the distribution of patch tokens' attention entropy for α = 1, 2, 3, ∞
+(seed Fig. 5).
 """
     return {"rows": rows, "table": table, "markdown": md}
 
