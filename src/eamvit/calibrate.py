@@ -27,7 +27,7 @@ from .attention import attention_layers, set_observers
 from .data import make_loader, shard
 from .entropy import AttentionHistogram, check_bits
 from .errors import EamError
-from .io import atomic_path
+from .io import atomic_path, load_tensors, save_tensors
 from .models import model_spec, num_prefix_tokens, patch_grid
 
 FORMAT = "eamvit-entropy-maps/1"
@@ -84,33 +84,17 @@ class EntropyMaps:
         return len(self.entropy)
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         tensors: dict[str, torch.Tensor] = {}
         for l in range(self.num_layers):
-            tensors[f"entropy.{l}"] = self.entropy[l].contiguous().cpu()
-            tensors[f"mean.{l}"] = self.mean[l].contiguous().cpu()
+            tensors[f"entropy.{l}"] = self.entropy[l]
+            tensors[f"mean.{l}"] = self.mean[l]
             if self.masked[l] is not None:
-                tensors[f"masked.{l}"] = self.masked[l].contiguous().cpu()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"eamvit": json.dumps(self.meta)})
+                tensors[f"masked.{l}"] = self.masked[l]
+        save_tensors(path, tensors, self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EntropyMaps":
-        from safetensors import safe_open
-
-        p = Path(path)
-        if not p.is_file():
-            raise EamError(f"entropy maps {p} do not exist; compute them with `eamvit calibrate`")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise EamError(f"cannot read entropy maps {p} ({type(e).__name__}); recompute them with "
-                           "`eamvit calibrate`") from None
-        if meta.get("format") != FORMAT:
-            raise EamError(f"{p} is not an eamvit entropy-map file; compute one with `eamvit calibrate`")
+        meta, tensors = load_tensors(path, FORMAT, "entropy maps", "compute them with `eamvit calibrate`")
         n = len(meta["layer_shapes"])
         return cls(entropy=[tensors[f"entropy.{l}"] for l in range(n)],
                    mean=[tensors[f"mean.{l}"] for l in range(n)],

@@ -76,3 +76,38 @@ def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, 
     write_csv(csv_path, rows)
     write_json(json_path, list(rows))
     return csv_path, json_path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
+    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"eamvit": json.dumps(meta)})
+
+
+def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
+    """``(meta, tensors)`` of a file written by :func:`save_tensors` whose ``meta["format"]`` is ``fmt``.
+
+    Args:
+        path: the file.
+        fmt: the expected format tag.
+        what: what the file is, for messages (e.g. ``"entropy maps"``).
+        remedy: how to make one (e.g. ``"compute them with `eamvit calibrate`"``).
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise EamError(f"{what} {p} do not exist; {remedy}" if what.endswith("s") else
+                       f"{what} {p} does not exist; {remedy}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise EamError(f"cannot read {what} {p} ({type(e).__name__}); {remedy}") from None
+    if meta.get("format") != fmt:
+        raise EamError(f"{p} is not an eamvit {what} file; {remedy}")
+    return meta, tensors

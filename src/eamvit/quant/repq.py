@@ -49,7 +49,7 @@ from timm.models.vision_transformer import Block
 
 from ..attention import EamAttention, EamWindowAttention, attention_layers
 from ..errors import EamError
-from ..io import atomic_path
+from ..io import load_tensors, save_tensors
 from ..models import ModelSpec, model_spec
 from .quantizers import (DEFAULT_PERCENTILES, JsonConfig, Quantizer, UniformQuantizer, check_quant_bits, find_quantizers,
                          make_quantizer)
@@ -347,8 +347,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     The JSON metadata holds the :class:`RepQConfig` and the model's :class:`~eamvit.models.ModelSpec`,
     so :func:`load_quantized` refuses a state made for another model.
     """
-    from safetensors.torch import save_file
-
     config = getattr(model, "eam_quant_config", None)
     if config is None:
         raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
@@ -356,30 +354,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     if missing:
         raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
                        "calibrate with quantize_ before saving")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "model": model_spec(model).to_dict(), "config": config.to_dict()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"eamvit": json.dumps(meta)})
+    save_tensors(path, tensors, meta)
     return Path(path)
 
 
 def read_quantized_meta(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear EamError."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise EamError(f"quantized state {p} does not exist; make one with `eamvit quantize`")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise EamError(f"cannot read quantized state {p} ({type(e).__name__}); "
-                       "make it again with `eamvit quantize`") from None
-    if meta.get("format") != FORMAT:
-        raise EamError(f"{p} is not an eamvit quantized-state file; make one with `eamvit quantize`")
-    return meta, tensors
+    return load_tensors(path, FORMAT, "quantized state", "make one with `eamvit quantize`")
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
