@@ -82,3 +82,14 @@ def test_unsupported_model_names_families():
 def test_unknown_model():
     with pytest.raises(EamError, match="unknown timm model"):
         eamvit.create_model("vit_does_not_exist")
+
+
+def test_observer_sees_the_live_map_in_training():
+    _, model = _pair(TINY_VIT)
+    seen = []
+    set_observers(model, {0: lambda a, m: seen.append(a)})
+    model(torch.randn(1, 3, 32, 32))
+    assert seen[0].requires_grad  # pruning's fusion weights need the gradient (EViT)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert not seen[1].requires_grad

@@ -122,3 +122,19 @@ def test_sweep_and_table(digits, tmp_path):
     plot_entropy_histograms(m, torch.stack([test[i][0] for i in range(4)]), tmp_path / "hist.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("tradeoff.png", "kept.png", "hist.png"))
     assert not hasattr(m, "eam_prune")
+
+
+
+def test_fusion_weights_receive_gradients():
+    """EViT back-propagates through the class-token attention it uses as fusion weights."""
+    from eamvit.prune import fuse_dropped
+
+    torch.manual_seed(0)
+    patches = torch.randn(2, 6, 4)
+    weights = torch.rand(2, 6, requires_grad=True)
+    keep = torch.tensor([[0, 2, 3], [1, 4, 5]])
+    fused = fuse_dropped(patches, weights, keep)
+    (g,) = torch.autograd.grad(fused.sum(), weights)
+    # d/dw_j of Σ_dropped w_j·x_j is Σ_c x_jc for dropped j, 0 for kept j.
+    want = patches.sum(-1).scatter(1, keep, 0.0)
+    assert torch.allclose(g, want)

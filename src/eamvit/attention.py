@@ -6,7 +6,9 @@ class, for subclasses that can expose the post-softmax attention map ``A`` and r
 patching, no module-name matching). Everything else in the project (entropy calibration, freezing,
 quantization, token pruning) talks to attention through the three attributes set here:
 
-* ``eam_observer``: a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)``, where
+* ``eam_observer``: a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
+  tensor, so gradients can flow through what an observer computes, e.g. EViT's fused token; an
+  observer that only records statistics detaches), where
   ``layer_shape`` is ``(H, N, N)`` for ViT and ``(nW, H, N, N)`` for Swin (each window position is
   its own variable); ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
 * ``eam_frozen_mask`` / ``eam_frozen_values``: buffers of ``layer_shape``; where the mask is true,
@@ -62,7 +64,7 @@ class _EamMixin:
         shape5 = (-1, groups) + tuple(attn.shape[1:]) if groups > 1 else None
         if self.eam_observer is not None:
             view = attn.view(shape5) if shape5 else attn
-            self.eam_observer(view.detach(), mask)
+            self.eam_observer(view, mask)
         if self.eam_quant is not None:
             attn = self.eam_quant.attn(attn)
         if self.eam_frozen_mask is not None:

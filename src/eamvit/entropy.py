@@ -111,7 +111,7 @@ class AttentionHistogram:
         if tuple(attn.shape[1:]) != self.shape:
             raise EamError(f"attention shape {tuple(attn.shape[1:])} does not match the calibrated {self.shape}; "
                            "use the same image size for calibration and evaluation")
-        flat = attn.reshape(attn.shape[0], self.numel)
+        flat = attn.detach().reshape(attn.shape[0], self.numel)
         idx = histogram_bins(flat, self.bits).to(self._index_dtype).mul_(self.numel).add_(self._offsets)
         for row in idx:
             self.counts.index_add_(0, row, self._one)

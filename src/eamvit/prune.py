@@ -28,8 +28,8 @@ Defaults and options (deviations from a reference are options with a documented 
 * ``fuse``: default on for EViT (its code), off for entropy and random (the seed propagates only the
   selected tokens). When on, the weights are the class-token attention, as in EViT.
 * ``ceil`` is ``math.ceil(κ·n)`` in floating point, exactly as EViT's code computes it.
-* Fine-tuning: observers receive a detached map, so the fusion weights ``a_j`` are constants for
-  the gradient (EViT back-propagates through them); the fused token's gradient flows through ``x_j``.
+* Fine-tuning: the captured attention map is the live tensor, so, as in EViT, gradients flow
+  through the fusion weights ``a_j`` as well as through ``x_j``.
 
 Composition with EAM freezing: frozen maps are shaped for the full token count, so they only apply up
 to the first pruning block (its attention still sees every token). With κ < 1, :func:`prune_`
@@ -696,7 +696,7 @@ def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[flo
     def make(l: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
             for a in out:
-                out[a][l] = attention_entropy(attn, a, P, keys).reshape(-1).cpu()
+                out[a][l] = attention_entropy(attn.detach(), a, P, keys).reshape(-1).cpu()
         return obs
 
     set_observers(model, {l: make(l) for l in layers})

@@ -385,7 +385,7 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
             if attn.dim() == 4:  # (B, H, N, N): ViT
-                sums[i] = sums.get(i, 0) + attn.double().mean(dim=(1, 2)).sum(0)
+                sums[i] = sums.get(i, 0) + attn.detach().double().mean(dim=(1, 2)).sum(0)
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
 
