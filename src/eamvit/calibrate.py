@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .attention import attention_layers, set_observers
+from .attention import attention_layers, layer_shapes, set_observers
 from .data import make_loader, shard
 from .entropy import AttentionHistogram, check_bits
 from .errors import EamError
@@ -199,7 +199,7 @@ def compute_entropy_maps(
     layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
     if any(l < 0 or l >= len(all_layers) for l in layers):
         raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
-    shapes = _layer_shapes(model, _first_sample(dataset, indices).to(device))
+    shapes = layer_shapes(model, _first_sample(dataset, indices).to(device))
     max_count = len(indices)
     passes = plan_passes(shapes, bits, max_count, layers, max_memory)
     total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
@@ -287,12 +287,6 @@ def compute_entropy_maps(
         masked=masked, meta=meta,
         histograms=[h for h in hists] if keep_histograms else None,
     )
-
-
-def _layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:
-    from .attention import layer_shapes
-
-    return layer_shapes(model, sample)
 
 
 def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

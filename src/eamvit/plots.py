@@ -102,16 +102,30 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
                                           f"{k[3]}-bit values" if k[3] != 32 else "") if p)
         line, = ax.plot(x, y, marker="o" if k[1] == "entropy" else "x",
                         linestyle="-" if k[1] == "entropy" else "--", label=name)
-        if k[1] == "random" and any(r.get("top1_std") for r in pts):
-            sd = [r.get("top1_std", 0) for r in pts]
-            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
-                            color=line.get_color(), alpha=0.15)
+        if k[1] == "random":
+            std_band(ax, line, pts)
     for name, val in (reference or {}).items():
         ax.axhline(val, color="gray", linestyle=":", linewidth=1)
         ax.text(0, val, f" {name}", va="bottom", fontsize=8, color="gray")
+    finish_sweep(fig, ax, path, title or "EAM freezing vs random freezing")
+
+
+def std_band(ax, line, rows: Sequence[dict]) -> None:
+    """Shade ±1 std of ``top1`` (random freezing over seeds) around ``line``."""
+    if not any(r.get("top1_std") for r in rows):
+        return
+    x = [100 * r["tau"] for r in rows]
+    y = [r["top1"] for r in rows]
+    sd = [r.get("top1_std", 0.0) for r in rows]
+    ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                    color=line.get_color(), alpha=0.15)
+
+
+def finish_sweep(fig, ax, path: str | os.PathLike, title: str) -> None:
+    """Axes, grid and legend shared by every top-1-against-τ figure, then save."""
     ax.set_xlabel("sparsity τ (% of attention entries frozen)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "EAM freezing vs random freezing")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)

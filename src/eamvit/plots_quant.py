@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from .errors import EamError
 from .kl import KLMaps
-from .plots import plt, save_figure
+from .plots import finish_sweep, plt, save_figure, std_band
 
 _STYLE = {"fp": ("k", ":"), "repq": ("gray", "--")}
 
@@ -77,13 +77,6 @@ def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str =
         color, ls = _STYLE.get(k[0], (None, "-" if k[0] == "eam" else "--"))
         line, = ax.plot(x, y, color=color, linestyle=ls, marker=None if k[0] in _STYLE else "o",
                         markersize=3, label=_series_name(k))
-        if k[0] == "random" and any(r.get("top1_std") for r in pts):
-            sd = [r.get("top1_std", 0.0) for r in pts]
-            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
-                            color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("sparsity τ (% of attention entries frozen)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "EAM on the RepQ-ViT model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+        if k[0] == "random":
+            std_band(ax, line, pts)
+    finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
