@@ -15,9 +15,9 @@ import time
 import torch
 
 import eamvit
-from eamvit.quant import RepQConfig
-from eamvit.quant import adfq
-from eamvit.quant import quantize_ as repq_quantize_
+from eamvit.methods.repq import RepQConfig
+from eamvit.methods import adfq
+from eamvit.methods.repq import quantize_ as repq_quantize_
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import eamvit
-from eamvit.calibrate import format_bytes
-from eamvit.entropy import AttentionHistogram
+from eamvit.methods.calibrate import format_bytes
+from eamvit.ops.entropy import AttentionHistogram
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 import torch
 
 from eamvit import create_model
-from eamvit.prune import PruneConfig, count_gflops, prune_, unprune_
+from eamvit.methods.prune import PruneConfig, count_gflops, prune_, unprune_
 
 
 def timed(model, x) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import time
 import torch
 
 import eamvit
-from eamvit.quant.repq import RepQConfig, quantize_
+from eamvit.methods.repq import RepQConfig, quantize_
 
 
 def main() -> None:

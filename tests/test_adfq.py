@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import eamvit
-from eamvit.digits import DEMO_KWARGS, DEMO_MODEL, DigitsDataset
+from eamvit.experiments.digits import DEMO_KWARGS, DEMO_MODEL, DigitsDataset
 from eamvit.errors import EamError
-from eamvit.quant import adfq
+from eamvit.methods import adfq
 
 
 def test_outlier_parts_sum_back_and_dense_error_bounded():

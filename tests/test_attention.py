@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import eamvit
-from eamvit.attention import EamAttention, EamWindowAttention, instrument, set_observers
+from eamvit.modules.attention import EamAttention, EamWindowAttention, instrument, set_observers
 from eamvit.errors import EamError
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT

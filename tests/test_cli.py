@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from eamvit.cli import main
+from eamvit.cli.main import main
 
 from conftest import TINY_SWIN, TINY_VIT, make
 

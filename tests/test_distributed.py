@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 import eamvit
-from eamvit.evaluate import evaluate
+from eamvit.methods.evaluate import evaluate
 
 from conftest import TINY_VIT, make
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import eamvit
-from eamvit.entropy import AttentionHistogram, entropy_from_counts, histogram_bins, kl_from_counts
+from eamvit.ops.entropy import AttentionHistogram, entropy_from_counts, histogram_bins, kl_from_counts
 from eamvit.errors import EamError
 
 from conftest import TINY_SWIN, TINY_VIT, make

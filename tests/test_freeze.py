@@ -5,7 +5,7 @@ from torch.utils.data import TensorDataset
 
 import eamvit
 from eamvit.errors import EamError
-from eamvit.freeze import FreezeConfig, freeze_, freeze_masks, frozen_values, unfreeze_
+from eamvit.methods.freeze import FreezeConfig, freeze_, freeze_masks, frozen_values, unfreeze_
 
 from conftest import TINY_SWIN, TINY_VIT, make
 

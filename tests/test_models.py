@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 import eamvit
 from eamvit.errors import EamError
-from eamvit.models import data_config
+from eamvit.methods.models import data_config
 
 from conftest import TINY_VIT, make
 

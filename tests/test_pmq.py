@@ -10,7 +10,7 @@ from torch import nn
 
 import eamvit
 from eamvit.errors import EamError
-from eamvit.quant import pmq
+from eamvit.methods import pmq
 
 TINY = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2))
 
@@ -156,7 +156,7 @@ def test_hessian_variant_runs():
     (["--quant", "adfq", "--adfq-alpha-fc1", "0"], "alpha_fc1"),
 ])
 def test_cli_bad_input_one_line_nonzero_exit(argv, msg, capsys):
-    from eamvit.cli import main
+    from eamvit.cli.main import main
 
     rc = main(["eval", "--data", "digits", "--num-samples", "8", "--device", "cpu"] + argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import eamvit
-from eamvit.attention import layer_shapes
+import eamvit.modules.attention
+from eamvit.modules.attention import layer_shapes
 from eamvit.errors import EamError
-from eamvit.prune import (PruneBlock, PruneConfig, attention_entropy, count_gflops, default_blocks, evit_scores,
+from eamvit.methods.prune import (PruneBlock, PruneConfig, attention_entropy, count_gflops, default_blocks, evit_scores,
                           kept_count, kept_indices, kept_masks, parse_methods, prune_, prune_state, prune_tokens,
                           row_entropy, set_keep_rate, token_counts, token_entropies, trace_indices, unprune_)
 
@@ -150,7 +151,7 @@ def test_pruning_changes_outputs_and_only_pruning_blocks_materialise_attention()
     model = tiny()
     x = torch.randn(2, 3, 32, 32)
     prune_(model, PruneConfig(keep_rate=0.5))
-    layers = eamvit.attention.attention_layers(model)
+    layers = eamvit.modules.attention.attention_layers(model)
     calls = []
     orig = type(layers[0])._eam_post_softmax
 
@@ -278,8 +279,8 @@ def test_evit_fusion_against_hand_computation():
 # ------------------------------------------------------------------------------------------------ freezing
 
 def _maps(model):
-    from eamvit.calibrate import EntropyMaps
-    from eamvit.models import model_spec
+    from eamvit.methods.calibrate import EntropyMaps
+    from eamvit.methods.models import model_spec
 
     shapes = layer_shapes(model, torch.randn(1, 3, 32, 32))
     g = torch.Generator().manual_seed(0)
@@ -289,7 +290,7 @@ def _maps(model):
 
 
 def test_frozen_maps_apply_only_before_the_first_pruning_block():
-    from eamvit.freeze import FreezeConfig, freeze_
+    from eamvit.methods.freeze import FreezeConfig, freeze_
 
     model = tiny()
     maps = _maps(model)
@@ -301,7 +302,7 @@ def test_frozen_maps_apply_only_before_the_first_pruning_block():
         assert torch.equal(model(x), ref)  # κ = 1 keeps every frozen map and the exact outputs
     report = prune_(model, PruneConfig(keep_rate=0.5))
     assert report.unfrozen_layers == [4, 5, 6, 7, 8, 9, 10, 11]
-    layers = eamvit.attention.attention_layers(model)
+    layers = eamvit.modules.attention.attention_layers(model)
     assert all(l.eam_frozen_mask is not None for l in layers[:4])
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))

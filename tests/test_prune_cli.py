@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from eamvit.cli import main
+from eamvit.cli.main import main
 
 M = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=2", "in_chans=1",
      "num_classes=10", "embed_dim=32", "depth=4", "num_heads=2"]

@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import Subset
 
 import eamvit
-from eamvit.data import DigitsDataset
+from eamvit.methods.data import DigitsDataset
 from eamvit.errors import EamError
-from eamvit.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at, lr_at
-from eamvit.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_table
+from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at, lr_at
+from eamvit.methods.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_table
 
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 
@@ -114,7 +114,7 @@ def test_sweep_and_table(digits, tmp_path):
                            progress=False, throughput_batch=4)
     assert "top1_finetuned" in rows[1] and md.count("\n") == 4 and "EViT" in md
 
-    from eamvit.plots_prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
+    from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
     plot_top1_vs_gflops(rows, tmp_path / "tradeoff.png")
     plot_kept_patches(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)],
@@ -127,7 +127,7 @@ def test_sweep_and_table(digits, tmp_path):
 
 def test_fusion_weights_receive_gradients():
     """EViT back-propagates through the class-token attention it uses as fusion weights."""
-    from eamvit.prune import fuse_dropped
+    from eamvit.methods.prune import fuse_dropped
 
     torch.manual_seed(0)
     patches = torch.randn(2, 6, 4)

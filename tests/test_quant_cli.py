@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from eamvit.cli import main
+from eamvit.cli.main import main
 
 from conftest import TINY_VIT, make
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from eamvit.errors import EamError
-from eamvit.quant.functional import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
-from eamvit.quant.quantizers import (Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, row_quantiles,
+from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
+from eamvit.modules.quantizers import (Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, row_quantiles,
                                      set_quant_enabled)
 
 
@@ -213,7 +213,7 @@ def test_grad_path_matches_no_grad_path():
 
 
 def test_batched_and_one_at_a_time_search_agree(monkeypatch):
-    import eamvit.quant.quantizers as Q
+    import eamvit.modules.quantizers as Q
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 40, 16, generator=g) * torch.linspace(0.5, 4, 16)

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import eamvit
-from eamvit.attention import attention_layers
+from eamvit.modules.attention import attention_layers
 from eamvit.errors import EamError
-from eamvit.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, find_quantizers, set_quant_enabled
-from eamvit.quant.repq import (QuantConv2d, QuantLinear, RepQConfig, attn_deltas, load_quantized, prepare_,
+from eamvit.modules.quantizers import LogSqrt2Quantizer, UniformQuantizer, find_quantizers, set_quant_enabled
+from eamvit.methods.repq import (QuantConv2d, QuantLinear, RepQConfig, attn_deltas, load_quantized, prepare_,
                                quantize_, reparam_pairs, save_quantized)
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
@@ -90,7 +90,7 @@ def test_reparam_targets_are_means_and_float_zero_point():
     norm, lin = pairs[0]
     d_c, zp_c = lin.input_quantizer.delta.clone(), lin.input_quantizer.zero_point.clone()
     assert d_c.shape == (lin.in_features,)
-    from eamvit.quant.repq import reparameterize_
+    from eamvit.methods.repq import reparameterize_
 
     reparameterize_(pairs)
     assert lin.input_quantizer.granularity == "tensor"
@@ -120,7 +120,7 @@ def test_swin_patch_merging_channel_is_last_dim():
     one = UniformQuantizer(4)
     one(x[..., 5])
     assert torch.allclose(one.delta, iq.delta[5])
-    from eamvit.quant.repq import reparameterize_
+    from eamvit.methods.repq import reparameterize_
 
     reparameterize_(pairs)
     assert merges[0].reduction.bias is not None  # created for the shift b
@@ -157,8 +157,8 @@ def test_w8a8_close_to_fp_on_tiny_models(quantized):
 
 
 def test_w8a8_cosine_on_digits_model():
-    from eamvit.data import DigitsDataset
-    from eamvit.digits import load_demo_model
+    from eamvit.methods.data import DigitsDataset
+    from eamvit.experiments.digits import load_demo_model
 
     fp = load_demo_model()  # the shipped checkpoint: a missing one must fail, not skip
 

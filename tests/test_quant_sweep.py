@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from eamvit.errors import EamError
-from eamvit.kl import cls_row_grid, compute_kl_maps, kl_maps, per_head_stats
-from eamvit.quant.repq import RepQConfig, quantize_
-from eamvit.quant.sweep import QuantSweepConfig, model_bytes, quant_sweep, size_table_markdown, table1_markdown
+from eamvit.methods.kl import cls_row_grid, compute_kl_maps, kl_maps, per_head_stats
+from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit.experiments.quant_sweep import QuantSweepConfig, model_bytes, quant_sweep, size_table_markdown, table1_markdown
 
 from conftest import TINY_SWIN, TINY_VIT, make
 
@@ -96,7 +96,7 @@ def test_quant_sweep_rows_table_and_sizes(tmp_path):
     assert "| Full-Precision | 32/32 |" in table and "| RepQ-ViT | 4/4 |" in table
     assert "τ=10%" in table and "τ=20%" in table
     assert size_table_markdown(rows).count("\n") > 5
-    from eamvit.plots_quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
+    from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
 
     plot_quant_sweep(rows, tmp_path / "fig5.png")
     plot_kl_per_head(res["kl"], tmp_path / "fig4a.png")
@@ -124,7 +124,7 @@ def test_model_bytes_counts_bits():
     fp = make(TINY_VIT)
     q = quantize_(copy.deepcopy(fp), RepQConfig(calib_size=4, w_bits=8), torch.randn(4, 3, 32, 32))
     b = model_bytes(q)
-    from eamvit.quant.repq import QuantConv2d, QuantLinear
+    from eamvit.methods.repq import QuantConv2d, QuantLinear
 
     nw = sum(m.weight.numel() for m in q.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
     assert b["weight_bytes"] == nw  # 8 bits = 1 byte per weight

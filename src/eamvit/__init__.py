@@ -1,10 +1,49 @@
-"""eamvit: read the information in a Vision Transformer's attention, and make the model cheaper with it."""
-from .attention import instrument
-from .calibrate import EntropyMaps, compute_entropy_maps
-from .errors import EamError
-from .freeze import FreezeConfig, FreezeReport, freeze_, unfreeze_
-from .models import create_model, data_config
+"""eamvit: read the information in a Vision Transformer's attention, and make the model cheaper with it.
 
-__version__ = "0.1.0"
-__all__ = ["instrument", "create_model", "data_config", "compute_entropy_maps", "EntropyMaps",
-           "FreezeConfig", "FreezeReport", "freeze_", "unfreeze_", "EamError"]
+``import eamvit`` is light: the public names below are imported on first use (PEP 562), so neither
+torch nor timm nor the quantization code is loaded until a name that needs them is touched.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_API = {
+    "EamError": "eamvit.errors",
+    "instrument": "eamvit.modules.attention",
+    "observe": "eamvit.modules.attention",
+    "create_model": "eamvit.methods.models",
+    "data_config": "eamvit.methods.models",
+    "compute_entropy_maps": "eamvit.methods.calibrate",
+    "EntropyMaps": "eamvit.methods.calibrate",
+    "FreezeConfig": "eamvit.methods.freeze",
+    "FreezeReport": "eamvit.methods.freeze",
+    "freeze_": "eamvit.methods.freeze",
+    "unfreeze_": "eamvit.methods.freeze",
+    "evaluate": "eamvit.methods.evaluate",
+    "PruneConfig": "eamvit.methods.prune",
+    "prune_": "eamvit.methods.prune",
+    "unprune_": "eamvit.methods.prune",
+    "RepQConfig": "eamvit.methods.repq",
+    "quantize_": "eamvit.methods.repq",
+    "save_quantized": "eamvit.methods.repq",
+    "load_quantized": "eamvit.methods.repq",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eamvit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import EamError
+from eamvit.errors import EamError
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

@@ -1,0 +1,5 @@
+import sys
+
+from eamvit.cli.main import main
+
+sys.exit(main())

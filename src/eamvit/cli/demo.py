@@ -1,0 +1,46 @@
+"""``demo`` and ``train-digits``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.cli.common import parse_device
+
+
+def cmd_train_digits(args) -> None:
+    from eamvit.experiments.digits import TrainConfig, train_digits
+
+    res = train_digits(args.out, TrainConfig(epochs=args.epochs, seed=args.seed), device=parse_device(args.device))
+    print(f"wrote {args.out}: test top-1 {res['top1']:.2f}%")
+
+
+def cmd_demo(args) -> None:
+    from eamvit.experiments.demo import run_demo
+
+    run_demo(out=Path(args.out), retrain=args.retrain, checkpoint=args.checkpoint, device=parse_device(args.device),
+             epochs=args.epochs)
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``eamvit`` parser."""
+
+    s = sub.add_parser("demo", help="train/load the digits ViT, calibrate, sweep, write figures and a report")
+    s.add_argument("--out", default="eamvit-demo", help="output folder")
+    s.add_argument("--retrain", action="store_true", help="train the digits ViT instead of loading the shipped one")
+    s.add_argument("--checkpoint", default=None, help="use this digits checkpoint instead of the shipped one")
+    s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("train-digits", help="train the demo ViT on scikit-learn's digits")
+    s.add_argument("--out", default="digits_vit.safetensors",
+                   help="checkpoint to write (default: digits_vit.safetensors here; the bundled one is never overwritten)")
+    s.add_argument("--epochs", type=int, default=80)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_train_digits)
+

@@ -1,0 +1,189 @@
+"""``calibrate``, ``eval``, ``sweep`` and ``plot``: entropy maps, frozen attention, figures."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_overrides, get_maps, ints, is_main, jsonable, load_model, prune_options
+from eamvit.cli.prune import cmd_prune_sweep
+from eamvit.cli.quant import add_quant_args
+from eamvit.experiments.results import format_sweep_table
+
+
+def cmd_calibrate(args) -> None:
+    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+    from eamvit.methods.data import build_dataset, random_subset
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods.models import data_config
+
+    out = Path(args.out)
+    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    model, device = load_model(args)
+    cfg = data_config(model, data_overrides(args))
+    if args.img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
+    # Calibration reads --calib-data if given, else --data (digits: the training split).
+    source = args.calib_data or args.data
+    cal = build_dataset(source, cfg, split="train", strict_images=args.strict_images, img_size=cfg["input_size"][-1])
+    cal_idx = random_subset(cal, args.calib_size, args.seed) if args.calib_size else None
+    maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
+                                workers=args.workers, device=device,
+                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                                resume_path=str(out) + ".partial" if args.resume else None,
+                                meta={"transforms": jsonable(cfg), "seed": args.seed, "data": str(source)})
+    if is_main():
+        maps.save(out)
+        print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
+              + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else ""))
+
+
+def cmd_eval(args) -> None:
+    from eamvit.methods.evaluate import evaluate, result_row
+    from eamvit.methods.freeze import FreezeConfig, freeze_
+    from eamvit.io import ensure_writable_dir, write_results
+
+    out = Path(args.out) if args.out else None
+    if out:
+        ensure_writable_dir(out.parent if str(out.parent) else ".")
+    from eamvit.cli.quant import apply_quant, needs_quant_calib, value_deltas, wants_quant
+
+    model, device = load_model(args)
+    need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
+    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
+    extra = {"tau": args.tau}
+    if wants_quant(args):  # before the maps: maps computed now are the quantized model's (EAM_4bits)
+        extra.update(apply_quant(args, model, cal, cal_idx))
+    if args.tau > 0 or args.maps:
+        maps = get_maps(args, model, device, cal, cal_idx, cfg)
+        rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
+                                                seed=args.seed, value_bits=args.value_bits,
+                                                value_quantizer=args.value_quantizer),
+                      value_deltas=value_deltas(model, args.value_quantizer))
+        extra.update(scope=args.scope, selection=args.selection, frozen_fraction=round(rep.frozen_fraction, 6),
+                     frozen_window_masked=rep.frozen_window_masked,
+                     value_bits=args.value_bits if args.value_bits else 32)
+    if args.prune:
+        from eamvit.methods.prune import PruneConfig, count_gflops, prune_
+
+        prep = prune_(model, PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
+                                         **prune_options(args)))
+        extra.update(prune=args.prune, keep_rate=args.keep_rate, tokens="-".join(map(str, prep.tokens_per_stage)),
+                     gflops=round(count_gflops(model), 4), unfrozen_layers=len(prep.unfrozen_layers))
+        if args.prune == "renyi":
+            extra["alpha"] = args.alpha if args.alpha != float("inf") else "inf"
+    m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device)
+    row = result_row(model, m, cfg, **extra)
+    if is_main():
+        print(" ".join(f"{k}={v}" for k, v in row.items()))
+        if out:
+            csv_path, _ = write_results(out, [row])
+            print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")
+
+
+def cmd_sweep(args) -> None:
+    from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
+    from eamvit.io import ensure_writable_dir, write_results
+    from eamvit.plots.entropy import plot_sweep
+
+    if args.prune:
+        return cmd_prune_sweep(args)
+    if args.quant or args.quant_state:
+        from eamvit.cli.quant import cmd_quant_sweep
+
+        return cmd_quant_sweep(args, load_model, build_data)
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
+                    progress=False)
+    rows = []
+    for scope in args.scopes:
+        rows += freeze_sweep(model, maps, ev, args.taus, indices=ev_idx, scope=scope,
+                             seeds=range(args.seed, args.seed + args.seeds), value_bits=args.value_bits,
+                             value_quantizer=args.value_quantizer, batch_size=args.batch_size,
+                             workers=args.workers, device=device)
+    rows = [result_row(model, {k: v for k, v in r.items()}, cfg) for r in rows]
+    if is_main():
+        write_results(out / "sweep", rows)
+        plot_sweep(rows, out / "sweep.png", title=f"{rows[0]['model']}: entropy vs random freezing",
+                   reference={"unfrozen": base["top1"]})
+        print(format_sweep_table(rows))
+        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+
+
+def cmd_plot(args) -> None:
+    from eamvit.methods.calibrate import EntropyMaps
+    from eamvit.io import ensure_writable_dir
+    from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary
+
+    maps = EntropyMaps.load(args.maps)
+    out = ensure_writable_dir(args.out)
+    n = maps.num_layers
+    for l in args.layers:
+        if not 0 <= l < n:
+            raise EamError(f"--layers {l} is outside 0..{n - 1}")
+    pairs = [tuple(p) for p in args.pairs] if args.pairs else [(0, 0), (min(1, n - 1), 0)]
+    for l, h in pairs:
+        heads = maps.entropy[l].shape[-3]
+        if not (0 <= l < n and 0 <= h < heads):
+            raise EamError(f"--pairs {l},{h} is outside the model (layers 0..{n - 1}, heads 0..{heads - 1})")
+    written = []
+    if maps.entropy[0].dim() == 3:
+        for l in args.layers:
+            plot_cls_entropy(maps, l, out / f"cls_entropy_L{l + 1}.png")
+            written.append(out / f"cls_entropy_L{l + 1}.png")
+    plot_full_entropy(maps, pairs, out / "full_entropy.png")
+    plot_head_summary(maps, out / "head_entropy.png")
+    written += [out / "full_entropy.png", out / "head_entropy.png"]
+    print("wrote " + ", ".join(str(w) for w in written))
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        l, h = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER,HEAD (0-based), got {text!r}") from None
+    return l, h
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``eamvit`` parser."""
+    s = sub.add_parser("calibrate", help="compute entropy attention maps and save them (.safetensors)")
+    add_model_args(s)
+    add_data_args(s)
+    add_entropy_args(s)
+    s.add_argument("--out", required=True, help="maps file to write (.safetensors)")
+    s.add_argument("--resume", action="store_true", help="checkpoint to OUT.partial and resume from it")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("eval", help="top-1/top-5, optionally with frozen attention")
+    add_model_args(s)
+    add_data_args(s)
+    add_entropy_args(s)
+    add_freeze_args(s)
+    add_prune_args(s)
+    add_quant_args(s, "eval")
+    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sweep", help="top-1 against sparsity for entropy and random freezing (CSV, JSON, PNG)")
+    add_model_args(s)
+    add_data_args(s)
+    add_entropy_args(s)
+    add_freeze_args(s, sweep=True)
+    add_prune_args(s, sweep=True)
+    add_quant_args(s, "sweep")
+    s.add_argument("--out", default="eamvit-sweep", help="output folder")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary)")
+    s.add_argument("--maps", required=True)
+    s.add_argument("--layers", type=ints, default=[0], help="layers for CLS-row maps (0-based), e.g. 0,1")
+    s.add_argument("--pairs", type=_pair, nargs="+", default=None, help="LAYER,HEAD pairs for full maps")
+    s.add_argument("--out", default="eamvit-plots")
+    s.set_defaults(func=cmd_plot)

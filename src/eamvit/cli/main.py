@@ -1,0 +1,45 @@
+"""The ``eamvit`` command: thin argument parsing over the Python API.
+
+Every user error is an :class:`~eamvit.errors.EamError`: one line on stderr, exit status 2, and no
+output file is left half-written (all writes are atomic).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.cli.common import validate_common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eamvit.cli import demo, entropy, prune, quant
+
+    p = argparse.ArgumentParser(prog="eamvit", description="Entropy Attention Maps and attention-driven "
+                                "compression for timm Vision Transformers")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (demo, entropy, quant, prune):
+        group.register(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_common(args)
+        args.func(args)
+    except EamError as e:
+        print(f"eamvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eamvit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

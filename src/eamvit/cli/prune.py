@@ -1,0 +1,110 @@
+"""``sweep --prune`` and ``finetune``: token pruning."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
+
+
+def cmd_prune_sweep(args) -> None:
+    from eamvit.methods.evaluate import result_row
+    from eamvit.io import ensure_writable_dir, write_results, write_text
+    from eamvit.plots.prune import plot_top1_vs_gflops
+    from eamvit.methods.prune import markdown_table, method_config, parse_methods, prune_sweep
+
+    methods = parse_methods(args.methods)
+    for k in args.keep_rates:
+        for m, a in methods:
+            method_config(m, a, k, **prune_options(args))
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
+    rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
+                       workers=args.workers, device=device, throughput=not args.no_throughput,
+                       throughput_batch=args.throughput_batch, **prune_options(args))
+    if is_main():
+        md = markdown_table(rows)
+        rows = [result_row(model, {k: v for k, v in r.items()}, cfg) for r in rows]
+        write_results(out / "prune_sweep", rows)
+        write_text(out / "prune_sweep.md", md)
+        plot_top1_vs_gflops(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
+        _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
+        print(md)
+        print(f"wrote {out / 'prune_sweep.csv'}, {out / 'prune_sweep.json'}, {out / 'prune_sweep.png'}")
+
+
+def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
+    """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
+    import torch
+
+    from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
+    from eamvit.methods.prune import method_config
+
+    idx = list(ev_idx) if ev_idx is not None else list(range(len(ev)))
+    items = [it for it in (ev[i] for i in idx[:32]) if it is not None]
+    if not items:
+        return
+    device = next(model.parameters()).device
+    images = torch.stack([it[0] for it in items]).to(device)
+    configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
+    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=cfg.get("mean"), std=cfg.get("std"))
+    plot_entropy_histograms(model, images, out / "token_entropy.png")
+
+
+def cmd_finetune(args) -> None:
+    from eamvit.methods.data import build_dataset
+    from eamvit.methods.finetune import FinetuneConfig, finetune, train_dataset
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods.prune import PruneConfig, prune_
+
+    pcfg = PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha, **prune_options(args)).validate()
+    fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                          weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
+                          keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
+                          seed=args.seed, workers=args.workers).validate()
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    train = train_dataset(args.data, model, strict_images=args.strict_images)
+    if args.val_data:
+        from eamvit.methods.models import data_config
+
+        val = build_dataset(args.val_data, data_config(model), strict_images=args.strict_images)
+    else:
+        val = build_dataset("digits", split="test", img_size=int(model.patch_embed.img_size[0])) \
+            if args.data == "digits" else None
+    prune_(model, pcfg)
+    res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device)
+    last = res["final"] or {}
+    print(f"fine-tuned {res['epochs_done']} epochs: " + " ".join(f"{k}={v}" for k, v in last.items()))
+    print(f"wrote {out / 'finetuned.safetensors'} (plain timm weights; prune at load time with the same options), "
+          f"{out / 'finetune.json'}, checkpoint {res['checkpoint']}")
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``eamvit`` parser."""
+    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable")
+    add_model_args(s)
+    add_data_args(s, calib=False)
+    add_prune_args(s)
+    s.set_defaults(prune="shannon")
+    f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
+    f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (digits: the test split)")
+    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--lr", type=float, default=2e-5)
+    f.add_argument("--min-lr", type=float, default=2e-6)
+    f.add_argument("--warmup-epochs", type=float, default=0.0)
+    f.add_argument("--weight-decay", type=float, default=1e-6)
+    f.add_argument("--label-smoothing", type=float, default=0.1)
+    f.add_argument("--mixup", type=float, default=0.0, help="timm mixup alpha (DeiT: 0.8)")
+    f.add_argument("--cutmix", type=float, default=0.0, help="timm cutmix alpha (DeiT: 1.0)")
+    f.add_argument("--keep-warmup-epochs", type=float, default=0.0, help="epochs at keep rate 1 first (EViT: 10 from scratch)")
+    f.add_argument("--keep-decay-epochs", type=float, default=0.0, help="epochs of cosine from 1 to --keep-rate (EViT: 100)")
+    f.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
+    s.add_argument("--out", default="eamvit-finetune", help="output folder (checkpoint, weights, history)")
+    s.set_defaults(func=cmd_finetune)

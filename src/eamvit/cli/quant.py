@@ -1,0 +1,190 @@
+"""The quantization side of the ``eamvit`` command: options and the commands, over the Python API.
+
+``eval --quant repq``, ``sweep --quant repq`` and ``quantize``. RepQ-ViT calibrates on a seeded
+random ``--quant-calib-size`` (32) images of the calibration set (digits: the training split;
+ImageFolder: ``--calib-data`` or the held-out calibration part of ``--data``), with the evaluation
+transforms, as the reference does. ``--quant-state FILE`` loads a state saved by ``quantize``
+instead of calibrating.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from eamvit.errors import EamError
+from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
+from eamvit.methods.repq import ATTN_QUANTIZERS, RepQConfig, attn_deltas, load_quantized, quantize_, save_quantized
+
+QUANT_METHODS = ("repq", "adfq", "pmq")
+
+
+def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
+    """``--quant``, ``--w-bits``, ``--a-bits`` and the RepQ-ViT options.
+
+    Args:
+        p: the sub-command parser.
+        command: ``"eval"``, ``"sweep"`` or ``"quantize"`` (``quantize`` always uses RepQ-ViT).
+    """
+    g = p.add_argument_group("quantization (RepQ-ViT post-training quantization)")
+    if command != "quantize":
+        g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first")
+        g.add_argument("--quant-state", default=None,
+                       help="load a quantized state from `eamvit quantize` instead of calibrating")
+    g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
+    g.add_argument("--quant-calib-size", type=int, default=32,
+                   help="RepQ-ViT calibration images, one batch (default 32, as the reference)")
+    g.add_argument("--attn-quantizer", choices=ATTN_QUANTIZERS, default="logsqrt2",
+                   help="post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
+    g.add_argument("--no-reparam", action="store_true",
+                   help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
+    if command != "quantize":  # --quant adfq|pmq options (ADFQ-ViT, PMQ: eamvit.experiments.compare)
+        from eamvit.experiments.compare import add_method_args
+
+        add_method_args(g, command)
+    if command == "sweep":
+        g.add_argument("--frozen-bits", type=int, default=None,
+                       help="bits of the quantized frozen values (default: --a-bits)")
+
+
+def quant_config(args: argparse.Namespace) -> RepQConfig:
+    """The :class:`RepQConfig` the arguments ask for (validated)."""
+    return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
+                      seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
+                      reparam=not args.no_reparam).validate()
+
+
+def wants_quant(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "quant", None) or getattr(args, "quant_state", None))
+
+
+def needs_quant_calib(args: argparse.Namespace) -> bool:
+    """Whether the command must read calibration images for RepQ-ViT."""
+    return bool(getattr(args, "quant", None)) and not getattr(args, "quant_state", None)
+
+
+def validate_quant_args(args: argparse.Namespace) -> None:
+    """Fail early (before loading anything) on bad quantization options."""
+    if not hasattr(args, "w_bits"):
+        return
+    from eamvit.experiments.compare import validate_method_args
+
+    validate_method_args(args)
+    if getattr(args, "quant_state", None) and not Path(args.quant_state).is_file():
+        raise EamError(f"--quant-state {args.quant_state} does not exist; make one with `eamvit quantize`")
+    quant_config(args)
+    if getattr(args, "frozen_bits", None) is not None:
+        from eamvit.modules.quantizers import check_quant_bits
+
+        check_quant_bits(args.frozen_bits, "--frozen-bits")
+
+
+def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
+    if cal is None:
+        raise EamError("RepQ-ViT needs calibration images; pass --calib-data or use a dataset with a training split")
+    return Subset(cal, list(cal_idx)) if cal_idx is not None else cal
+
+
+def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Dataset], cal_idx) -> dict[str, Any]:
+    """Quantize ``model`` in place as the arguments say (or load ``--quant-state``).
+
+    Returns:
+        Extra result-row fields (``quant``, ``w_bits``, ``a_bits``).
+    """
+    if getattr(args, "quant", None) in ("adfq", "pmq"):
+        from eamvit.experiments.compare import quantize_method
+
+        return quantize_method(args, model, _calib_set(cal, cal_idx))
+    if getattr(args, "quant_state", None):
+        load_quantized(model, args.quant_state)
+    else:
+        quantize_(model, quant_config(args), _calib_set(cal, cal_idx))
+    cfg = model.eam_quant_config
+    return {"quant": "repq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
+
+
+def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
+    """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
+    cfg = getattr(model, "eam_quant_config", None)
+    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
+        return None
+    return attn_deltas(model)
+
+
+def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
+    """``eamvit quantize``: calibrate RepQ-ViT and save the quantized state."""
+    from eamvit.io import ensure_writable_dir
+
+    out = Path(args.out)
+    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    model, _ = load_model(args)
+    _, _, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    cfg = quant_config(args)
+    quantize_(model, cfg, _calib_set(cal, cal_idx))
+    save_quantized(model, out)
+    print(f"wrote {out}: RepQ-ViT W{cfg.w_bits}/A{cfg.a_bits}, calibrated on {cfg.calib_size} images "
+          f"(seed {cfg.seed}); load it with --quant-state {out}")
+
+
+def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
+    """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
+    import copy
+
+    from eamvit.methods.calibrate import parse_bytes
+    from eamvit.io import ensure_writable_dir, write_csv, write_results, write_text
+    from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
+    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table_markdown
+
+    if getattr(args, "maps", None):
+        raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")
+    if len(args.scopes) != 1:
+        raise EamError("sweep --quant takes one --scopes value")
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    q_model = None
+    if getattr(args, "quant_state", None):
+        q_model = copy.deepcopy(model)
+        load_quantized(q_model, args.quant_state)
+    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
+                             frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
+                             batch_size=args.batch_size)
+    res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
+                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
+                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
+    rows, kl = res["rows"], res["kl"]
+    name = getattr(getattr(model, "eam_spec", None), "name", "model")
+    write_results(out / "sweep", rows)
+    plot_quant_sweep(rows, out / "sweep.png", title=f"{name}: EAM on RepQ-ViT W{args.w_bits}/A{args.a_bits}")
+    write_text(out / "table1.md", res["table"])
+    write_text(out / "sizes.md", size_table_markdown(rows))
+    write_csv(out / "kl_per_head.csv", kl.summary())
+    plot_kl_per_head(kl, out / "kl_per_head.png")
+    written = ["sweep.csv", "sweep.json", "sweep.png", "table1.md", "sizes.md", "kl_per_head.csv", "kl_per_head.png"]
+    if kl.cls_rows(0) is not None:
+        plot_kl_cls(kl, 0, out / "kl_cls_L1.png")
+        written.append("kl_cls_L1.png")
+    print(res["table"])
+    print("wrote " + ", ".join(str(out / w) for w in written))
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``eamvit`` parser."""
+    s = sub.add_parser("quantize", help="RepQ-ViT post-training quantization; saves the quantized state")
+    add_model_args(s)
+    add_data_args(s)
+    add_quant_args(s, "quantize")
+    s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
+    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, build_data))
+
+    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
+    add_model_args(s)
+    add_data_args(s)
+    from eamvit.experiments.compare import add_compare_args, cmd_compare
+
+    add_compare_args(s)
+    s.set_defaults(func=lambda a: cmd_compare(a, load_model, build_data))

@@ -1,0 +1,308 @@
+"""FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on one model and data: top-1, model size, calibration time.
+
+:func:`compare` quantizes a fresh copy of the model per method and setting (W4/A4 and W6/A6 by
+default, plus PMQ under explicit size budgets such as the paper's ``"8/8/4(MP)"``), evaluates it,
+and optionally freezes the lowest-entropy attention entries at sparsity τ on top of each
+(EAM on the quantized model: maps computed on that quantized model, frozen values in fp32).
+:func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
+size, top-1 with the drop from full precision). :func:`compare_table` is the demo's fast version.
+
+Model size: every quantized weight at its bit width, everything else (biases, LayerNorm,
+embeddings, unquantized layers) at 32 bits; MB = 10^6 bytes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eamvit.errors import EamError
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods import adfq, pmq, repq
+from eamvit.modules.quantizers import Quantizer
+
+METHODS = ("fp", "repq", "adfq", "pmq")
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Size in MB: quantized weights at their bits (PMQ's eq. 17), all other parameters at 32 bits."""
+    bits = 0
+    quantized: set[int] = set()
+    for m in model.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(wq, Quantizer) and wq.enabled and isinstance(getattr(m, "weight", None), torch.Tensor):
+            bits += m.weight.numel() * wq.bits
+            quantized.add(id(m.weight))
+    bits += sum(p.numel() * 32 for p in model.parameters() if id(p) not in quantized)
+    return bits / 8e6
+
+
+@dataclass
+class CompareConfig:
+    """What :func:`compare` runs.
+
+    Args:
+        methods: subset of ``fp``, ``repq``, ``adfq``, ``pmq``.
+        settings: ``(w_bits, a_bits)`` pairs (the seeds' W4/A4 and W6/A6).
+        pmq_budgets: extra PMQ rows as ``"W/A/P(MP)"`` strings (budget = all weights at W bits).
+        repq: RepQ-ViT settings (bits overridden per setting).
+        adfq: ADFQ-ViT settings (bits overridden per setting).
+        pmq: PMQ settings (bits overridden per setting; P = A).
+        freeze_sparsity: τ of EAM freezing on top of every quantized model (None: no freezing).
+        entropy_bits: histogram bits of the entropy maps for freezing.
+        batch_size: evaluation batch.
+        progress: progress bars.
+    """
+
+    methods: tuple[str, ...] = METHODS
+    settings: tuple[tuple[int, int], ...] = ((4, 4), (6, 6))
+    pmq_budgets: tuple[str, ...] = ()
+    repq: repq.RepQConfig = field(default_factory=repq.RepQConfig)
+    adfq: adfq.ADFQConfig = field(default_factory=adfq.ADFQConfig)
+    pmq: pmq.PMQConfig = field(default_factory=pmq.PMQConfig)
+    freeze_sparsity: Optional[float] = None
+    entropy_bits: int = 8
+    batch_size: int = 64
+    progress: bool = False
+
+    def validate(self) -> "CompareConfig":
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise EamError(f"methods {bad or list(self.methods)} must be a non-empty subset of {', '.join(METHODS)}")
+        for w, a in self.settings:
+            replace(self.repq, w_bits=w, a_bits=a).validate()
+        for text in self.pmq_budgets:
+            pmq.parse_bits_config(text)
+        if self.freeze_sparsity is not None and not 0 <= self.freeze_sparsity <= 1:
+            raise EamError(f"freeze_sparsity={self.freeze_sparsity} must be a fraction in [0, 1]")
+        return self
+
+
+def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
+    """``(method, label, config)`` in table order."""
+    runs: list[tuple[str, str, Any]] = []
+    if "fp" in config.methods:
+        runs.append(("fp", "32/32", None))
+    for w, a in config.settings:
+        if "repq" in config.methods:
+            runs.append(("repq", f"{w}/{a}", replace(config.repq, w_bits=w, a_bits=a)))
+        if "adfq" in config.methods:
+            runs.append(("adfq", f"{w}/{a}", replace(config.adfq, w_bits=w, a_bits=a)))
+        if "pmq" in config.methods:
+            cfg = replace(config.pmq, w_bits=w, a_bits=a, p_bits=a)
+            runs.append(("pmq", f"{w}/{a}/{a}" + ("(MP)" if cfg.mixed or cfg.aas else ""), cfg))
+    for text in config.pmq_budgets:
+        runs.append(("pmq", text, replace(config.pmq, **pmq.parse_bits_config(text))))
+    return runs
+
+
+_QUANTIZE = {"repq": repq.quantize_, "adfq": adfq.quantize_, "pmq": pmq.quantize_}
+NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}
+
+
+def _freeze(model: nn.Module, test: Dataset, calib: Dataset, tau: float, bits: int, batch_size: int,
+            progress: bool) -> float:
+    """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
+    from eamvit.methods.calibrate import compute_entropy_maps
+    from eamvit.methods.freeze import FreezeConfig, freeze_
+
+    maps = compute_entropy_maps(model, calib, bits=bits, batch_size=batch_size, progress=progress)
+    return freeze_(model, maps, FreezeConfig(tau=tau)).frozen_fraction
+
+
+def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tensor, test: Dataset,
+            config: Optional[CompareConfig] = None, device: torch.device | str | None = None,
+            test_indices: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
+    """One row per method and setting: ``method``, ``bits`` (W/A or W/A/P), ``top1``, ``top5``,
+    ``size_mb``, ``calib_seconds`` (and ``sparsity``, ``frozen`` with freezing).
+
+    Args:
+        model_factory: returns a fresh full-precision, instrumented model (called once per row).
+        calib: calibration images: a dataset of ``(image, target)`` (PMQ then uses the labels) or a tensor.
+        test: evaluation dataset.
+        config: :class:`CompareConfig`.
+        device: where to run.
+        test_indices: evaluate on these items only.
+    """
+    config = (config or CompareConfig()).validate()
+    if config.freeze_sparsity is not None and not isinstance(calib, Dataset):
+        raise EamError("freezing needs the calibration set as a dataset (the entropy maps are computed on it)")
+    rows = []
+    for method, label, cfg in _runs(config):
+        model = model_factory()
+        if device is not None:
+            model.to(device)
+        model.eval()
+        t0 = time.perf_counter()
+        if method != "fp":
+            _QUANTIZE[method](model, cfg, calib)
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"method": method, "bits": label, "size_mb": round(model_size_mb(model), 4),
+                               "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
+        if config.freeze_sparsity is not None:
+            row["sparsity"] = config.freeze_sparsity
+            row["frozen"] = _freeze(model, test, calib, config.freeze_sparsity, config.entropy_bits,
+                                    config.batch_size, config.progress)
+        res = evaluate(model, test, indices=test_indices, batch_size=config.batch_size, progress=config.progress,
+                       desc=f"{method} {label}")
+        row.update(top1=res["top1"], top5=res["top5"])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], model_name: str = "model") -> str:
+    """Rows as the seeds' table: Model | Method | W/A(/P) | Size (MB) | Acc (Top-1) | Calib. (s)."""
+    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
+    out = ["| Model | Method | W/A(/P) | Size (MB) | Acc (Top-1) | Calib. (s) |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        acc = f"{r['top1']:.2f}"
+        if fp is not None and r["method"] != "fp":
+            acc += f"({r['top1'] - fp:+.2f})"
+        name = NAMES[r["method"]] + (f" + EAM τ={r['sparsity']}" if "sparsity" in r else "")
+        out.append(f"| {model_name if i == 0 else ''} | {name} | {r['bits']} | {r['size_mb']:.3f} | {acc} | "
+                   f"{r['calib_seconds']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, test_ds: Dataset,
+                  model_name: str = "digits ViT", freeze_sparsity: Optional[float] = None,
+                  adfq_iterations: int = 20, calib_size: int = 64, device: torch.device | str | None = None,
+                  test_indices: Optional[Sequence[int]] = None) -> tuple[list[dict[str, Any]], str]:
+    """The demo's comparison with fast settings: few reconstruction iterations, small calibration sets.
+
+    Args:
+        model_factory: returns a fresh full-precision model.
+        train_ds: calibration source.
+        test_ds: evaluation set.
+        model_name: first column of the table.
+        freeze_sparsity: EAM τ on top of every method (None: off).
+        adfq_iterations: ADFQ-ViT iterations per module (the paper's 3000 is far too slow for a demo).
+        calib_size: calibration images for ADFQ-ViT (RepQ-ViT and PMQ keep their 32).
+        device: where to run.
+        test_indices: evaluate on these items only.
+
+    Returns:
+        ``(rows, markdown)``.
+    """
+    cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations, progress=False),
+                        pmq=pmq.PMQConfig(progress=False), pmq_budgets=("8/8/4(MP)",),
+                        freeze_sparsity=freeze_sparsity, progress=False)
+    rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
+    return rows, markdown_table(rows, model_name)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_method_args(g: Any, command: str = "eval") -> None:
+    """ADFQ-ViT and PMQ options of ``--quant adfq|pmq`` (added to the quantization argument group).
+
+    Args:
+        g: the argparse group of the quantization options.
+        command: the sub-command (``compare`` adds them too).
+    """
+    g.add_argument("--adfq-iterations", type=int, default=adfq.ADFQConfig.iterations,
+                   help="ADFQ-ViT reconstruction iterations per module (code 5000, paper 3000)")
+    g.add_argument("--adfq-calib-size", type=int, default=adfq.ADFQConfig.calib_size,
+                   help="ADFQ-ViT calibration images (1024)")
+    g.add_argument("--adfq-no-poq", action="store_true", help="ADFQ-ViT without the outlier-aware quantizer")
+    g.add_argument("--adfq-no-slq", action="store_true", help="ADFQ-ViT without the shift-log quantizer")
+    g.add_argument("--adfq-no-amo", action="store_true", help="ADFQ-ViT without module-wise reconstruction")
+    g.add_argument("--adfq-alpha-fc1", type=float, default=adfq.ADFQConfig.alpha_fc1,
+                   help="outlier threshold of fc1 inputs (code 5, paper 10)")
+    g.add_argument("--adfq-checkpoint-dir", default=None, help="resumable per-module checkpoints of ADFQ-ViT")
+    g.add_argument("--pmq-config", default=None,
+                   help='PMQ bits as W/A/P[(MP)], e.g. "8/8/4(MP)" (default: --w-bits/--a-bits/--a-bits(MP))')
+    g.add_argument("--pmq-budget-mb", type=float, default=None,
+                   help="PMQ size budget of the quantized weights in MB (default: all weights at W bits)")
+
+
+def method_config(args: Any) -> adfq.ADFQConfig | pmq.PMQConfig:
+    """The :class:`ADFQConfig` or :class:`PMQConfig` that ``--quant adfq|pmq`` and its options ask for."""
+    if args.quant == "adfq":
+        return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
+                               calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
+                               amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
+                               checkpoint_dir=args.adfq_checkpoint_dir, seed=getattr(args, "seed", 0)).validate()
+    text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
+    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
+                                     seed=getattr(args, "seed", 0))
+
+
+def validate_method_args(args: Any) -> None:
+    """Fail early on bad ``--quant adfq|pmq`` options."""
+    if getattr(args, "quant", None) not in ("adfq", "pmq"):
+        return
+    if getattr(args, "quant_state", None):
+        raise EamError("--quant-state holds a RepQ-ViT state; ADFQ-ViT and PMQ calibrate each run (drop --quant-state)")
+    if getattr(args, "command", None) == "sweep":
+        raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
+    method_config(args)
+
+
+def quantize_method(args: Any, model: nn.Module, calib: Dataset) -> dict[str, Any]:
+    """Quantize ``model`` with ``--quant adfq|pmq``; returns the extra result-row fields."""
+    cfg = method_config(args)
+    if args.quant == "adfq":
+        adfq.quantize_(model, cfg, calib)
+        return {"quant": "adfq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
+    pmq.quantize_(model, cfg, calib)
+    rep = model.eam_quant_report
+    return {"quant": "pmq", "bits": cfg.label, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+            "size_mb": round(rep["chosen_size_mb"], 4)}
+
+
+def add_compare_args(p: Any) -> None:
+    """Options of ``eamvit compare`` (model and data options are added by the CLI)."""
+    g = p.add_argument_group("comparison")
+    g.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of fp,repq,adfq,pmq")
+    g.add_argument("--settings", default="4/4,6/6", help="comma-separated W/A settings (default 4/4,6/6)")
+    g.add_argument("--pmq-budgets", default="", help='extra PMQ rows, e.g. "8/8/4(MP),6/6/6(MP)"')
+    g.add_argument("--adfq-iterations", type=int, default=adfq.ADFQConfig.iterations)
+    g.add_argument("--adfq-calib-size", type=int, default=adfq.ADFQConfig.calib_size)
+    g.add_argument("--freeze-sparsity", type=float, default=None, help="EAM τ on top of every row")
+    g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
+
+
+def _settings(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        d = pmq.parse_bits_config(part)
+        out.append((d["w_bits"], d["a_bits"]))
+    return tuple(out)
+
+
+def cmd_compare(args: Any, load_model: Callable, build_data: Callable) -> None:
+    """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
+    from eamvit.io import ensure_writable_dir, write_results, write_text
+
+    cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                        settings=_settings(args.settings),
+                        pmq_budgets=tuple(s.strip() for s in re_split_budgets(args.pmq_budgets)),
+                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations, calib_size=args.adfq_calib_size,
+                                             progress=True).validate(),
+                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    if cal is None:
+        raise EamError("compare needs calibration images; pass --calib-data or use a dataset with a training split")
+    from torch.utils.data import Subset
+
+    calib = Subset(cal, list(cal_idx)) if cal_idx is not None else cal
+    rows = compare(lambda: load_model(args)[0], calib, ev, cfg, device=device, test_indices=ev_idx)
+    name = getattr(getattr(model, "eam_spec", None), "name", "model")
+    md = markdown_table(rows, name)
+    write_results(out / "compare", rows)
+    write_text(out / "compare.md", md)
+    print(md)
+    print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")
+
+
+def re_split_budgets(text: str) -> list[str]:
+    """``"8/8/4(MP),6/6/6(MP)"`` → ``["8/8/4(MP)", "6/6/6(MP)"]``."""
+    return [s for s in (t.strip() for t in text.split(",")) if s]

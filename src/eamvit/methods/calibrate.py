@@ -1,0 +1,336 @@
+"""Entropy Attention Map calibration: stream a dataset through an instrumented model.
+
+Memory is bounded by planning the layers into passes before anything is allocated; each pass reads
+the whole calibration set in the same order, so the result does not depend on the number of passes.
+Under ``torchrun`` each process reads a disjoint shard and the integer histograms are all-reduced,
+so the entropies equal those of one process exactly. A long calibration can resume from its
+``.partial`` file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from eamvit.modules.attention import attention_layers, layer_shapes, set_observers
+from eamvit.methods.data import make_loader, shard
+from eamvit.ops.entropy import AttentionHistogram, check_bits
+from eamvit.errors import EamError
+from eamvit.io import atomic_path, load_tensors, save_tensors
+from eamvit.methods.models import model_spec, num_prefix_tokens, patch_grid
+
+FORMAT = "eamvit-entropy-maps/1"
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def log(msg: str) -> None:
+    if dist_info()[0] == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"`` or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise EamError(f"cannot read memory size {text!r}; write e.g. 512M or 4G") from None
+
+
+@dataclass
+class EntropyMaps:
+    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries.
+
+    Every tensor has the layer's attention shape: ``(H, N, N)`` for ViT/DeiT, ``(nW, H, N, N)`` for
+    Swin. ``histograms`` (``(2^b, *shape)`` counts) are kept only when asked for (KL maps).
+    """
+
+    entropy: list[torch.Tensor]
+    mean: list[torch.Tensor]
+    masked: list[Optional[torch.Tensor]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    histograms: Optional[list[torch.Tensor]] = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.entropy)
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for l in range(self.num_layers):
+            tensors[f"entropy.{l}"] = self.entropy[l]
+            tensors[f"mean.{l}"] = self.mean[l]
+            if self.masked[l] is not None:
+                tensors[f"masked.{l}"] = self.masked[l]
+        save_tensors(path, tensors, self.meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EntropyMaps":
+        meta, tensors = load_tensors(path, FORMAT, "entropy maps", "compute them with `eamvit calibrate`")
+        n = len(meta["layer_shapes"])
+        return cls(entropy=[tensors[f"entropy.{l}"] for l in range(n)],
+                   mean=[tensors[f"mean.{l}"] for l in range(n)],
+                   masked=[tensors.get(f"masked.{l}") for l in range(n)], meta=meta)
+
+    def check_model(self, model: nn.Module, source: str = "these maps") -> None:
+        """Refuse maps computed on another model (name, kwargs, weights or attention shapes)."""
+        spec = model_spec(model)
+        theirs = self.meta.get("model", {})
+        if not spec.same_model(theirs):
+            def show(d):
+                ck = d.get("checkpoint_sha256")
+                return f"{d.get('name')} {d.get('model_kwargs') or ''}" + (f" checkpoint {ck[:12]}" if ck else "")
+            raise EamError(f"{source} were computed for {show(theirs)}, not for {show(spec.to_dict())}; "
+                           "recompute them for this model with `eamvit calibrate`")
+        if len(attention_layers(model)) != self.num_layers:
+            raise EamError(f"{source} have {self.num_layers} layers but the model has {len(attention_layers(model))}")
+
+
+def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, layers: Sequence[int],
+                max_memory: Optional[int]) -> list[list[int]]:
+    """Group consecutive ``layers`` into passes whose accumulators fit in ``max_memory`` bytes."""
+    need = {l: AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers}
+    if max_memory is None:
+        return [list(layers)]
+    passes: list[list[int]] = [[]]
+    used = 0
+    for l in layers:
+        if need[l] > max_memory:
+            raise EamError(f"layer {l} alone needs {format_bytes(need[l])} of histograms, more than --max-memory "
+                           f"{format_bytes(max_memory)}; raise --max-memory or lower --bits")
+        if used + need[l] > max_memory and passes[-1]:
+            passes.append([])
+            used = 0
+        passes[-1].append(l)
+        used += need[l]
+    return passes
+
+
+def _first_sample(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
+    for i in indices:
+        item = dataset[i]
+        if item is not None:
+            return item[0].unsqueeze(0)
+    raise EamError("no readable image in the calibration set")
+
+
+def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) -> str:
+    h = hashlib.sha256(json.dumps([meta.get("model"), meta.get("bits"), list(indices), passes]).encode())
+    return h.hexdigest()
+
+
+def compute_entropy_maps(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    indices: Optional[Sequence[int]] = None,
+    bits: int = 8,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: torch.device | str | None = None,
+    max_memory: Optional[int] = None,
+    layers: Optional[Sequence[int]] = None,
+    keep_histograms: bool = False,
+    resume_path: Optional[str | os.PathLike] = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    meta: Optional[dict[str, Any]] = None,
+) -> EntropyMaps:
+    """Entropy Attention Maps of ``model`` over ``dataset`` (EAM eq. 11-13 and the mean of eq. 15).
+
+    Args:
+        model: a model instrumented by :func:`eamvit.attention.instrument` (``create_model`` does it).
+        dataset: items ``(image, target)`` (``None`` for an unreadable file, skipped).
+        indices: which items, in order (all by default). Under torch.distributed each process takes
+            a disjoint shard of them.
+        bits: histogram bits b, 2^b bins on [0, 1].
+        batch_size: images per forward.
+        workers: DataLoader workers.
+        device: where the model and histograms run (the model's device by default).
+        max_memory: histogram budget in bytes; above it the layers are split over several passes.
+        layers: only these layers (the others get NaN entropy); all by default.
+        keep_histograms: keep the raw counts (needed for KL maps).
+        resume_path: a ``.partial`` file to checkpoint to every ``checkpoint_every`` batches and to
+            resume from when it exists and matches this run.
+        progress: show a progress bar.
+        meta: extra metadata stored with the maps (transforms, seed, ...).
+
+    Returns:
+        :class:`EntropyMaps`.
+    """
+    check_bits(bits)
+    rank, world = dist_info()
+    if resume_path is not None and world > 1:
+        raise EamError("--resume is not supported under torchrun; run calibration in one process to resume it")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    all_layers = attention_layers(model)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if not indices:
+        raise EamError("the calibration set is empty; check the folder or --calib-size")
+    layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
+    if any(l < 0 or l >= len(all_layers) for l in layers):
+        raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
+    shapes = layer_shapes(model, _first_sample(dataset, indices).to(device))
+    max_count = len(indices)
+    passes = plan_passes(shapes, bits, max_count, layers, max_memory)
+    total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
+    biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
+    log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
+        f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
+
+    meta = dict(meta or {})
+    meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
+                layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
+                grid=list(patch_grid(model) or []) or None)
+    key = _partial_key(meta, indices, passes)
+    state = _load_partial(resume_path, key)
+
+    entropy: list[Optional[torch.Tensor]] = [None] * len(shapes)
+    mean: list[Optional[torch.Tensor]] = [None] * len(shapes)
+    hists: list[Optional[torch.Tensor]] = [None] * len(shapes)
+    masked: list[Optional[torch.Tensor]] = [None] * len(shapes)
+    seen_images = 0
+    skipped = 0
+    for l, t in (state or {}).get("done", {}).items():
+        entropy[l], mean[l], masked[l] = t["entropy"], t["mean"], t.get("masked")
+        if keep_histograms:
+            hists[l] = t["hist"]
+    start_pass = (state or {}).get("pass", 0)
+    my_indices = shard(indices, rank, world)
+
+    for p in range(start_pass, len(passes)):
+        group = passes[p]
+        acc = {l: AttentionHistogram(shapes[l], bits, max_count, device) for l in group}
+        start_batch = 0
+        if state is not None and state.get("pass") == p and "acc" in state:
+            for l, a in state["acc"].items():
+                acc[l].counts.copy_(a["counts"])
+                acc[l].sum.copy_(a["sum"])
+                acc[l].count = a["count"]
+                if a.get("masked") is not None:
+                    masked[l] = a["masked"]
+            start_batch = state["batch"]
+            skipped = state.get("skipped", 0)
+        # Every layer takes the explicit path in every pass (a no-op observer where nothing is
+        # counted): fused and explicit attention differ in the last bits, and a layer's input must
+        # not depend on which pass it is counted in.
+        observers = {l: _ignore for l in range(len(shapes))}
+        observers.update({l: _observer(acc[l], masked, l) for l in group})
+        n_batches = math.ceil(len(my_indices) / batch_size)
+        # Same batch boundaries as an uninterrupted run: resume skips whole batches.
+        loader = make_loader(dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
+        set_observers(model, observers)
+        try:
+            bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(passes)}",
+                       unit="batch", disable=not progress or rank != 0, dynamic_ncols=True)
+            with torch.inference_mode():
+                for b, batch in enumerate(loader, start=start_batch):
+                    skipped += batch.skipped if p == 0 else 0
+                    if batch.images.numel():
+                        model(batch.images.to(device, non_blocking=True))
+                    bar.update(1)
+                    if resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
+                        _save_partial(resume_path, key, p, b + 1, acc, entropy, mean, masked, hists, skipped)
+            bar.close()
+        finally:
+            set_observers(model, None)
+        for l in group:
+            a = acc[l]
+            if world > 1:
+                _all_reduce(a)
+            entropy[l], mean[l] = a.entropy().cpu(), a.mean().cpu()
+            if keep_histograms:
+                hists[l] = a.histogram().cpu()
+            if masked[l] is not None:
+                masked[l] = masked[l].cpu()
+            seen_images = a.count
+        del acc
+        if resume_path is not None and p + 1 < len(passes):
+            _save_partial(resume_path, key, p + 1, 0, {}, entropy, mean, masked, hists, skipped)
+    if resume_path is not None and Path(resume_path).exists():
+        Path(resume_path).unlink()
+
+    nan = lambda s: torch.full(s, float("nan"))
+    meta.update(num_images=seen_images, skipped_images=skipped)
+    return EntropyMaps(
+        entropy=[e if e is not None else nan(shapes[l]) for l, e in enumerate(entropy)],
+        mean=[m if m is not None else nan(shapes[l]) for l, m in enumerate(mean)],
+        masked=masked, meta=meta,
+        histograms=[h for h in hists] if keep_histograms else None,
+    )
+
+
+def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    return None
+
+
+def _observer(acc: AttentionHistogram, masked: list, layer: int):
+    def observe(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        acc.update(attn)
+        if mask is not None and masked[layer] is None:
+            masked[layer] = mask < 0
+    return observe
+
+
+def _all_reduce(a: AttentionHistogram) -> None:
+    # gloo reduces neither uint8 nor int16: widen for the reduction only.
+    counts = a.counts.to(torch.int32)
+    dist.all_reduce(counts)
+    a.counts = counts.to(torch.int64) if counts.max() > torch.iinfo(a.counts.dtype).max else counts.to(a.counts.dtype)
+    dist.all_reduce(a.sum)
+    n = torch.tensor([a.count], dtype=torch.int64)
+    dist.all_reduce(n)
+    a.count = int(n)
+
+
+def _save_partial(path, key, p, batch, acc, entropy, mean, masked, hists, skipped) -> None:
+    done = {l: {"entropy": entropy[l], "mean": mean[l], "masked": masked[l], "hist": hists[l]}
+            for l in range(len(entropy)) if entropy[l] is not None}
+    state = {"key": key, "pass": p, "batch": batch, "skipped": skipped, "done": done,
+             "acc": {l: {"counts": a.counts.cpu(), "sum": a.sum.cpu(), "count": a.count, "masked": masked[l]}
+                     for l, a in acc.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_partial(path, key) -> Optional[dict]:
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise EamError(f"cannot read resume file {path}; delete it to start the calibration afresh") from None
+    if state.get("key") != key:
+        raise EamError(f"resume file {path} belongs to another calibration (model, bits, images or passes differ); "
+                       "delete it or use another --out")
+    log(f"eamvit: resuming calibration from {path} (pass {state['pass'] + 1}, batch {state['batch']})")
+    return state

@@ -1,0 +1,128 @@
+"""Accuracy (top-1/top-5, rows shaped like timm's validate.py results) and freezing sweeps."""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from eamvit.methods.calibrate import EntropyMaps, dist_info
+from eamvit.methods.data import make_loader, shard
+from eamvit.errors import EamError
+from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
+from eamvit.methods.models import model_spec
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]] = None, batch_size: int = 64,
+             workers: int = 0, device: torch.device | str | None = None, progress: bool = True,
+             desc: str = "eval") -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (percent) of ``model`` on ``dataset``.
+
+    Under torch.distributed each process evaluates a disjoint shard and the counts are summed.
+
+    Args:
+        model: any classifier returning logits.
+        dataset: items ``(image, target)`` (``None`` items are unreadable files, skipped and counted).
+        indices: which items (all by default).
+        batch_size: images per forward.
+        workers: DataLoader workers.
+        device: where to run (the model's device by default).
+        progress: show a progress bar.
+        desc: progress-bar label.
+
+    Returns:
+        ``top1``, ``top1_err``, ``top5``, ``top5_err``, ``num_images``, ``skipped_images``.
+    """
+    rank, world = dist_info()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    loader = make_loader(dataset, shard(idx, rank, world), batch_size=batch_size, workers=workers)
+    counts = torch.zeros(4, dtype=torch.int64)  # top1, top5, seen, skipped
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or rank != 0,
+                      leave=False, dynamic_ncols=True):
+        counts[3] += batch.skipped
+        if not batch.images.numel():
+            continue
+        logits = model(batch.images.to(device, non_blocking=True))
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        target = batch.targets.to(device)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hit = top.eq(target.unsqueeze(1))
+        counts[0] += int(hit[:, 0].sum())
+        counts[1] += int(hit.any(1).sum())
+        counts[2] += target.numel()
+    if world > 1:
+        dist.all_reduce(counts)
+    n = int(counts[2])
+    if n == 0:
+        raise EamError("no readable images to evaluate; check the dataset folder")
+    top1, top5 = 100.0 * int(counts[0]) / n, 100.0 * int(counts[1]) / n
+    return {"top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
+            "top5_err": round(100 - top5, 3), "num_images": n, "skipped_images": int(counts[3])}
+
+
+def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:
+    """One results row in the shape of timm validate.py (model, top1, top1_err, ..., param_count)."""
+    spec = model_spec(model)
+    cfg = data_cfg or {}
+    row = {"model": spec.name, **metrics,
+           "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+           "img_size": (cfg.get("input_size") or [None, None])[-1],
+           "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation")}
+    row.update(extra)
+    return row
+
+
+def freeze_sweep(model: nn.Module, maps: EntropyMaps, dataset: Dataset, taus: Sequence[float],
+                 indices: Optional[Sequence[int]] = None, scope: str = "head",
+                 selections: Sequence[str] = ("entropy", "random"), seeds: Sequence[int] = (0, 1, 2),
+                 value_bits: Optional[int] = None, value_quantizer: str = "uniform", batch_size: int = 64,
+                 workers: int = 0, device: torch.device | str | None = None, progress: bool = True,
+                 value_deltas: Optional[Sequence] = None, label: str = "") -> list[dict[str, Any]]:
+    """Top-1 against sparsity τ for entropy and random freezing (the paper's Fig. 5/6).
+
+    Random freezing is averaged over ``seeds`` (its standard deviation is reported); entropy freezing
+    is deterministic. The model is left unfrozen afterwards.
+
+    Returns:
+        One row per (τ, selection): ``tau``, ``selection``, ``scope``, ``top1``, ``top1_std``,
+        ``top5``, ``frozen_fraction``, ``frozen_window_masked``, ``seeds``.
+    """
+    rows = []
+    jobs = [(t, s) for t in taus for s in selections]
+    bar = tqdm(jobs, desc=f"sweep {label}".strip(), unit="point", disable=not progress or dist_info()[0] != 0,
+               dynamic_ncols=True)
+    try:
+        for tau, sel in bar:
+            bar.set_postfix(tau=tau, selection=sel)
+            run_seeds = list(seeds) if sel == "random" and tau > 0 else [0]
+            top1s, top5s, report = [], [], None
+            for seed in run_seeds:
+                cfg = FreezeConfig(tau=tau, scope=scope, selection=sel, seed=seed, value_bits=value_bits,
+                                   value_quantizer=value_quantizer)
+                report = freeze_(model, maps, cfg, value_deltas=value_deltas)
+                m = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device,
+                             progress=False)
+                top1s.append(m["top1"])
+                top5s.append(m["top5"])
+            rows.append({
+                "label": label, "tau": tau, "selection": sel, "scope": scope,
+                "value_bits": value_bits if value_bits is not None else 32,
+                "top1": round(statistics.fmean(top1s), 3),
+                "top1_std": round(statistics.pstdev(top1s), 3) if len(top1s) > 1 else 0.0,
+                "top5": round(statistics.fmean(top5s), 3),
+                "frozen_fraction": round(report.frozen_fraction, 6),
+                "frozen_window_masked": report.frozen_window_masked,
+                "seeds": len(run_seeds), "num_images": m["num_images"], "skipped_images": m["skipped_images"],
+            })
+    finally:
+        unfreeze_(model)
+    return rows

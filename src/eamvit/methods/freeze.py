@@ -1,0 +1,216 @@
+"""Attention freezing (EAM eq. 15) and its random ablation (§5.2.2).
+
+The τ fraction of attention entries with the lowest entropy is frozen to the mean map ``A^μ``:
+``A_fix = A ⊗ (H > ε_τ) + A^μ ⊗ (H ≤ ε_τ)``. The paper leaves open over which set the τ% is taken;
+``scope`` chooses it:
+
+* ``"head"`` (default): τ% of every (layer, head), as eq. 15 is written per ``(l, h)``; on a small
+  trained ViT it also held accuracy best at high τ.
+* ``"layer"``: τ% of every layer.
+* ``"global"``: τ% of all entries of the model.
+
+The number frozen in a unit of ``n`` entries is ``k = ⌊τ·n + ½⌋``. Ties in entropy are broken by
+position (flat index, row-major), so masks are deterministic. Random freezing picks the same ``k``
+per unit uniformly at random with a seeded generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from eamvit.modules.attention import attention_layers
+from eamvit.methods.calibrate import EntropyMaps
+from eamvit.errors import EamError
+from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
+
+SCOPES = ("head", "layer", "global")
+SELECTIONS = ("entropy", "random")
+VALUE_QUANTIZERS = ("uniform", "log2", "logsqrt2")
+
+
+@dataclass
+class FreezeConfig:
+    """How to freeze.
+
+    Args:
+        tau: fraction of entries to freeze, in [0, 1] (the paper's sparsity level τ).
+        scope: ``"head"``, ``"layer"`` or ``"global"`` (see the module docstring).
+        selection: ``"entropy"`` (lowest entropy first) or ``"random"`` (the ablation).
+        seed: seed of the random selection.
+        value_bits: precision of the frozen values; ``None`` keeps fp32 (EAM_32bits), 4 is the
+            paper's EAM_4bits.
+        value_quantizer: ``"uniform"`` on [0, 1], ``"log2"`` or ``"logsqrt2"`` (Δ = 1 unless
+            per-layer deltas are given to :func:`frozen_values`).
+    """
+
+    tau: float = 0.0
+    scope: str = "head"
+    selection: str = "entropy"
+    seed: int = 0
+    value_bits: Optional[int] = None
+    value_quantizer: str = "uniform"
+
+    def validate(self) -> "FreezeConfig":
+        if not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0 or math.isnan(self.tau):
+            raise EamError(f"sparsity tau={self.tau} is outside [0, 1]; give a fraction such as 0.2")
+        if self.scope not in SCOPES:
+            raise EamError(f"scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.selection not in SELECTIONS:
+            raise EamError(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if self.value_bits is not None and not 1 <= self.value_bits <= 16:
+            raise EamError(f"frozen-value bits {self.value_bits} outside 1..16 (or omit for fp32)")
+        if self.value_quantizer not in VALUE_QUANTIZERS:
+            raise EamError(f"frozen-value quantizer {self.value_quantizer!r} is not one of {', '.join(VALUE_QUANTIZERS)}")
+        return self
+
+
+def _k(tau: float, n: int) -> int:
+    return min(n, int(math.floor(tau * n + 0.5)))
+
+
+def _head_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(H, n)`` view of one layer's map: heads are dim -3 for both ``(H,N,N)`` and ``(nW,H,N,N)``."""
+    return t.movedim(-3, 0).reshape(t.shape[-3], -1)
+
+
+def _from_head_rows(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    moved = (shape[-3],) + tuple(s for i, s in enumerate(shape) if i != len(shape) - 3)
+    return rows.reshape(moved).movedim(0, -3)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest of a 1-D tensor, ties to the lower index."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k:
+        order = torch.sort(scores.double(), stable=True).indices
+        mask[order[:k]] = True
+    return mask
+
+
+def _random(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k:
+        mask[torch.randperm(n, generator=g)[:k]] = True
+    return mask
+
+
+def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: str = "head", selection: str = "entropy",
+                 seed: int = 0) -> list[torch.Tensor]:
+    """Boolean masks (per layer, the layer's shape) of the entries to freeze.
+
+    Args:
+        entropy: per-layer entropy maps.
+        tau: fraction to freeze in each scope unit.
+        scope: ``"head"``, ``"layer"`` or ``"global"``.
+        selection: ``"entropy"`` or ``"random"``.
+        seed: seed for ``"random"``.
+    """
+    FreezeConfig(tau=tau, scope=scope, selection=selection).validate()
+    g = torch.Generator().manual_seed(seed)
+    pick = (lambda s, k: _lowest(s, k)) if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
+    ent = [e.detach().cpu() for e in entropy]
+    if scope == "global":
+        flat = torch.cat([e.reshape(-1) for e in ent])
+        mask = pick(flat, _k(tau, flat.numel()))
+        return [m.view(e.shape) for m, e in zip(torch.split(mask, [e.numel() for e in ent]), ent)]
+    if scope == "layer":
+        return [pick(e.reshape(-1), _k(tau, e.numel())).view(e.shape) for e in ent]
+    out = []
+    for e in ent:
+        rows = _head_rows(e)
+        m = torch.stack([pick(r, _k(tau, r.numel())) for r in rows])
+        out.append(_from_head_rows(m, tuple(e.shape)))
+    return out
+
+
+def frozen_values(mean: torch.Tensor, bits: Optional[int] = None, quantizer: str = "uniform",
+                  delta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The values frozen entries take: ``A^μ`` in fp32, or fake-quantized to ``bits``.
+
+    ``uniform`` uses ``2^b`` levels on [0, Δ] (zero point 0); ``log2``/``logsqrt2`` use Δ as the
+    largest level (1 for softmax outputs unless a calibrated Δ is passed).
+    """
+    if bits is None:
+        return mean.float()
+    if quantizer == "uniform":
+        return uniform_fake_quant(mean.float(), delta / ((1 << bits) - 1), 0.0, bits)
+    if quantizer == "log2":
+        return log2_fake_quant(mean.float(), delta, bits)
+    if quantizer == "logsqrt2":
+        return logsqrt2_fake_quant(mean.float(), delta, bits)
+    raise EamError(f"frozen-value quantizer {quantizer!r} is not one of {', '.join(VALUE_QUANTIZERS)}")
+
+
+@dataclass
+class FreezeReport:
+    """What a freeze did: ``frozen_fraction`` of all attention entries, per-layer counts, and for
+    Swin how many frozen entries are ones the shifted-window mask already forces to ≈ 0."""
+
+    tau: float
+    scope: str
+    selection: str
+    frozen: int
+    total: int
+    frozen_per_layer: list[int]
+    frozen_window_masked: int
+    window_masked_total: int
+
+    @property
+    def frozen_fraction(self) -> float:
+        return self.frozen / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frozen_fraction"] = self.frozen_fraction
+        return d
+
+
+def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
+            value_deltas: Optional[Sequence[float | torch.Tensor]] = None) -> FreezeReport:
+    """Freeze the attention of ``model`` in place; τ = 0 leaves outputs exactly unchanged.
+
+    Args:
+        model: an instrumented model (``create_model`` instruments it).
+        maps: entropy maps of this model.
+        config: :class:`FreezeConfig`.
+        value_deltas: optional per-layer Δ for the frozen-value quantizer (RepQ's log√2 scale).
+
+    Returns:
+        A :class:`FreezeReport`.
+    """
+    config.validate()
+    maps.check_model(model)
+    layers = attention_layers(model)
+    masks = freeze_masks(maps.entropy, config.tau, config.scope, config.selection, config.seed)
+    per_layer, frozen_masked, masked_total = [], 0, 0
+    for l, (module, mask) in enumerate(zip(layers, masks)):
+        k = int(mask.sum())
+        per_layer.append(k)
+        if maps.masked[l] is not None:
+            wm = maps.masked[l].unsqueeze(1).expand(mask.shape)  # (nW, N, N) -> (nW, H, N, N)
+            frozen_masked += int((mask & wm).sum())
+            masked_total += int(wm.sum())
+        device = next(module.parameters()).device
+        if k == 0:
+            module.eam_frozen_mask = None
+            module.eam_frozen_values = None
+            continue
+        delta = 1.0 if value_deltas is None else value_deltas[l]
+        values = frozen_values(maps.mean[l], config.value_bits, config.value_quantizer, delta)
+        module.eam_frozen_mask = mask.to(device)
+        module.eam_frozen_values = values.to(device)
+    total = sum(m.numel() for m in masks)
+    return FreezeReport(tau=float(config.tau), scope=config.scope, selection=config.selection,
+                        frozen=sum(per_layer), total=total, frozen_per_layer=per_layer,
+                        frozen_window_masked=frozen_masked, window_masked_total=masked_total)
+
+
+def unfreeze_(model: nn.Module) -> None:
+    """Remove all frozen attention entries."""
+    for module in attention_layers(model):
+        module.eam_frozen_mask = None
+        module.eam_frozen_values = None

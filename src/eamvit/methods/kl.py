@@ -1,0 +1,170 @@
+"""KL divergence maps between a full-precision and a quantized model (EAM §4.3, eq. 14, Fig. 4).
+
+For every attention entry, ``D_KL(p_fp32 ‖ p_q)`` between the histograms of that entry over the same
+images in the two models. Smoothing: both histograms get ``eps`` (default 1e-6) added to every bin
+and are renormalised before the divergence (:func:`eamvit.entropy.kl_from_counts`), so a bin the
+quantized model never fills costs a large but finite amount instead of infinity; with M images the
+added mass is ``2^b·eps/M`` per entry, negligible next to the ``1/M`` of one image. Divergences are in
+bits (log base 2, like the entropies).
+
+The histograms are taken where the instrumentation observes attention: the softmax output, after
+the quantized ``q``/``k`` and everything upstream, before the post-softmax (log√2) quantizer. The
+divergence therefore measures the noise quantization adds upstream of ``A``, not the rounding of
+``A`` itself (which would make every quantized histogram a few spikes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
+from eamvit.ops.entropy import kl_from_counts
+from eamvit.errors import EamError
+
+
+def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+    """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)``.
+
+    Args:
+        p_hists: histograms of the reference (full-precision) model.
+        q_hists: histograms of the quantized model, same images, same bits.
+        eps: count added to every bin of both before normalising (see the module docstring).
+    """
+    if len(p_hists) != len(q_hists):
+        raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; "
+                       "compare the same model")
+    out = []
+    for l, (p, q) in enumerate(zip(p_hists, q_hists)):
+        if p is None or q is None:
+            raise EamError(f"layer {l} has no histogram; compute the maps with keep_histograms=True")
+        if p.shape != q.shape:
+            raise EamError(f"layer {l}: histograms {tuple(p.shape)} and {tuple(q.shape)} differ; use the same bits "
+                           "and image size for both models")
+        out.append(kl_from_counts(p, q, eps).to(torch.float32))
+    return out
+
+
+@dataclass
+class KLMaps:
+    """Per-layer KL maps with the entropy maps they came from.
+
+    Args:
+        kl: per layer, the layer's attention shape (``(H, N, N)`` or ``(nW, H, N, N)``), bits.
+        fp: entropy maps of the full-precision model.
+        quant: entropy maps of the quantized model.
+        meta: ``eps``, ``bits``, ``num_images``, ``num_prefix_tokens``, ``grid``.
+    """
+
+    kl: list[torch.Tensor]
+    fp: Optional[EntropyMaps] = None
+    quant: Optional[EntropyMaps] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, max)``, each ``(L, H_max)``: divergence of each head over its entries (Fig. 4a).
+
+        NaN where a layer has fewer heads than ``H_max`` (Swin stages).
+        """
+        return per_head_stats(self.kl)
+
+    def cls_rows(self, layer: int) -> Optional[torch.Tensor]:
+        """``(H, gh, gw)`` divergence of the CLS row over the patch grid (Fig. 4b-c); ``None`` for Swin."""
+        return cls_row_grid(self.kl[layer], int(self.meta.get("num_prefix_tokens", 1)), self.meta.get("grid"))
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per (layer, head): ``layer``, ``head``, ``kl_mean``, ``kl_max`` (1-based, as L2H3)."""
+        mean, mx = self.per_head()
+        rows = []
+        for l in range(mean.shape[0]):
+            for h in range(mean.shape[1]):
+                if not math.isnan(float(mean[l, h])):
+                    rows.append({"layer": l + 1, "head": h + 1, "kl_mean": round(float(mean[l, h]), 6),
+                                 "kl_max": round(float(mx[l, h]), 6)})
+        return rows
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the KL maps (safetensors, metadata as JSON)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from eamvit.io import atomic_path
+
+        tensors = {f"kl.{l}": k.contiguous().cpu() for l, k in enumerate(self.kl)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"eamvit": json.dumps({"format": "eamvit-kl-maps/1", **self.meta})})
+
+
+def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, max)`` ``(L, H_max)`` over each head's entries; heads are dim -3 of every layer map."""
+    heads = [k.shape[-3] for k in kl]
+    mean = torch.full((len(kl), max(heads)), float("nan"))
+    mx = torch.full((len(kl), max(heads)), float("nan"))
+    for l, k in enumerate(kl):
+        rows = k.movedim(-3, 0).reshape(heads[l], -1).double()
+        mean[l, : heads[l]] = rows.mean(1).float()
+        mx[l, : heads[l]] = rows.amax(1).float()
+    return mean, mx
+
+
+def cls_row_grid(layer_map: torch.Tensor, num_prefix: int = 1,
+                 grid: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+    """The CLS row of a ViT layer map over the patch tokens, laid on the patch grid: ``(H, gh, gw)``.
+
+    Args:
+        layer_map: ``(H, N, N)``; a 4-D Swin map gives ``None`` (no CLS token).
+        num_prefix: class (+ distillation) tokens before the patches.
+        grid: ``(gh, gw)``; square by default.
+    """
+    if layer_map.dim() != 3:
+        return None
+    row = layer_map[:, 0, num_prefix:]
+    n = row.shape[-1]
+    if grid and grid[0] * grid[1] == n:
+        gh, gw = int(grid[0]), int(grid[1])
+    else:
+        gh = gw = int(math.isqrt(n))
+        if gh * gw != n:
+            raise EamError(f"cannot lay {n} patch tokens on a square grid; pass the patch grid")
+    return row.reshape(row.shape[0], gh, gw)
+
+
+def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *,
+                    indices: Optional[Sequence[int]] = None, bits: int = 8, eps: float = 1e-6,
+                    batch_size: int = 32, workers: int = 0, device: torch.device | str | None = None,
+                    max_memory: Optional[int] = None, progress: bool = True) -> KLMaps:
+    """Entropy maps of both models over the same images, and the KL map between them.
+
+    Args:
+        fp_model: the full-precision model.
+        q_model: its quantized copy (:func:`eamvit.methods.repq.quantize_`).
+        dataset: items ``(image, target)``.
+        indices: the images (all by default), the same for both models.
+        bits: histogram bits (``2^b`` bins on [0, 1]).
+        eps: smoothing count per bin (see the module docstring).
+        batch_size: images per forward.
+        workers: DataLoader workers.
+        device: where to run.
+        max_memory: histogram budget per model, bytes (multi-pass above it).
+        progress: progress bars.
+
+    Returns:
+        :class:`KLMaps` (with both :class:`EntropyMaps`, usable for freezing).
+    """
+    common = dict(indices=indices, bits=bits, batch_size=batch_size, workers=workers, device=device,
+                  max_memory=max_memory, keep_histograms=True, progress=progress)
+    fp = compute_entropy_maps(fp_model, dataset, meta={"quant": None}, **common)
+    qcfg = getattr(q_model, "eam_quant_config", None)
+    quant = compute_entropy_maps(q_model, dataset, meta={"quant": qcfg.to_dict() if qcfg is not None else None},
+                                 **common)
+    kl = kl_maps(fp.histograms, quant.histograms, eps)
+    meta = {"eps": eps, "bits": bits, "num_images": fp.meta.get("num_images"),
+            "num_prefix_tokens": fp.meta.get("num_prefix_tokens", 1), "grid": fp.meta.get("grid"),
+            "model": fp.meta.get("model"), "quant": quant.meta.get("quant")}
+    return KLMaps(kl=kl, fp=fp, quant=quant, meta=meta)

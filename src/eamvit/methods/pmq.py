@@ -1,0 +1,562 @@
+"""PMQ: patch-wise mixed-precision quantization (seed 003) on the shared quantizer family.
+
+No public code exists; the paper is the specification. Its equations did not survive in the seed
+text, so the readings used here are stated where they are implemented:
+
+* **Global Sensitivity Metric** (eq. 8–10, :func:`fisher_sensitivity`): the empirical-Fisher
+  importance of removing each weight, ``I_c = 1/(2N) Σ_n Σ_{i∈c} (w_i · ∂L_n/∂w_i)²`` summed over the
+  weights of component ``c`` (one quantized Linear / Conv), from per-sample gradients of the
+  cross-entropy on the calibration images with their labels, or with the model's own predictions
+  when there are none. :func:`hessian_sensitivity` is the Hessian-trace alternative (HAWQ-v2,
+  Hutchinson), for the paper's Table II time comparison.
+* **Pareto-frontier allocation** (eq. 16–17, :func:`pareto_frontier`): per component and bit width
+  ``b ∈ 2..8``, perturbation ``Ω_c(b) = I_c · ‖Q_b(W_c) − W_c‖²`` and size ``n_c · b`` bits; the exact
+  frontier of (total size, total Ω) over all configurations is built by merging non-dominated sets,
+  and the configuration with the lowest Ω within the size budget is chosen.
+* **Adaptive Attention Shrink** (eq. 12–15, :func:`aas_bits`): a patch's importance is the attention
+  it receives, averaged over heads and queries (eq. 12), here also over the calibration images;
+  with its mean μ and standard deviation σ over the patches of a layer, a patch gets ``p + step``
+  bits above ``μ + σ``, ``p − step`` below ``μ − σ`` and ``p`` otherwise (eq. 13–15), clamped to
+  2..8; ``p`` is the configuration's patch bits (the "P" of "W/A/P"). The bits apply to the q, k and
+  v tokens of each ViT attention (:class:`PatchBitsQuantizer`): the operands of the two quadratic
+  matmuls AAS is meant to shrink. The allocation is static (computed once on the calibration set).
+
+The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`) with the allocated per-layer weight
+bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
+post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
+Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from eamvit.modules.attention import EamAttention, attention_layers, set_observers
+from eamvit.errors import EamError
+from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, check_quant_bits)
+from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, prepare_, reparameterize_
+
+METRICS = ("fisher", "hessian")
+BASES = ("repq", "percentile")
+_CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
+
+
+def parse_bits_config(text: str) -> dict[str, Any]:
+    """``"W/A[/P][(MP)]"`` → ``{"w_bits", "a_bits", "p_bits", "mixed"}`` (P defaults to A).
+
+    Examples: ``"8/8/4(MP)"``, ``"6/6/6(MP)"``, ``"4/8/8(MP)"``, ``"4/4"``.
+    """
+    m = _CONFIG_RE.match(str(text))
+    if not m:
+        raise EamError(f"bit configuration {text!r} is not W/A[/P][(MP)], e.g. 8/8/4(MP) or 6/6/6(MP)")
+    w, a = int(m.group(1)), int(m.group(2))
+    p = int(m.group(3)) if m.group(3) else a
+    for v, what in ((w, "W"), (a, "A"), (p, "P")):
+        check_quant_bits(v, f"{what} bits of {text!r}")
+    return {"w_bits": w, "a_bits": a, "p_bits": p, "mixed": bool(m.group(4))}
+
+
+@dataclass
+class PMQConfig:
+    """PMQ settings.
+
+    Args:
+        w_bits: weight bits; with ``mixed`` the average the size budget is derived from.
+        a_bits: activation bits (Linear inputs, post-softmax).
+        p_bits: average patch bits of q, k, v under AAS (None: ``a_bits``).
+        mixed: Pareto-frontier per-layer weight bits (else ``w_bits`` everywhere).
+        aas: Adaptive Attention Shrink on q, k, v (else ``p_bits`` for every patch).
+        size_budget_mb: budget of the quantized weights in MB (1e6 bytes, eq. 17); None: the size
+            of all quantized weights at ``w_bits``.
+        bit_choices: search space of the per-layer bits (2..8).
+        metric: ``"fisher"`` (GSM, the paper) or ``"hessian"`` (Hutchinson trace, HAWQ-v2).
+        calib_size: calibration images (the paper's 32).
+        micro_batch: images per gradient for the Fisher (1 = per-sample, the empirical Fisher).
+        hutchinson_samples: random vectors of the Hessian-trace estimate.
+        aas_step: bits added to / taken from important / unimportant patches.
+        base: ``"repq"`` (RepQ-ViT calibration + reparameterization) or ``"percentile"``.
+        attn_quantizer: post-softmax quantizer (``"logsqrt2"``, ``"log2"`` or ``"uniform"``).
+        percentiles: range-search percentiles.
+        quantize_head: quantize (and allocate bits to) the classifier head.
+        seed: seed of the calibration subset and of the Hutchinson vectors.
+        progress: progress bars.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    p_bits: Optional[int] = None
+    mixed: bool = True
+    aas: bool = True
+    size_budget_mb: Optional[float] = None
+    bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    metric: str = "fisher"
+    calib_size: int = 32
+    micro_batch: int = 1
+    hutchinson_samples: int = 8
+    aas_step: int = 1
+    base: str = "repq"
+    attn_quantizer: str = "logsqrt2"
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    quantize_head: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_string(cls, text: str, **kw: Any) -> "PMQConfig":
+        """A config from ``"8/8/4(MP)"``; without ``(MP)`` the weights are not mixed."""
+        return cls(**{**parse_bits_config(text), **kw}).validate()
+
+    @property
+    def label(self) -> str:
+        return f"{self.w_bits}/{self.a_bits}/{self.patch_bits}" + ("(MP)" if self.mixed or self.aas else "")
+
+    @property
+    def patch_bits(self) -> int:
+        return self.a_bits if self.p_bits is None else self.p_bits
+
+    def validate(self) -> "PMQConfig":
+        check_quant_bits(self.w_bits, "w_bits")
+        check_quant_bits(self.a_bits, "a_bits")
+        check_quant_bits(self.patch_bits, "p_bits")
+        self.bit_choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
+        if not self.bit_choices:
+            raise EamError("bit_choices is empty; PMQ searches 2..8 bits")
+        for b in self.bit_choices:
+            check_quant_bits(b, "bit_choices")
+        if self.metric not in METRICS:
+            raise EamError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.base not in BASES:
+            raise EamError(f"base {self.base!r} is not one of {', '.join(BASES)}")
+        for name in ("calib_size", "micro_batch", "hutchinson_samples", "aas_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EamError(f"{name}={v!r} must be an integer >= 1")
+        if self.size_budget_mb is not None and not (isinstance(self.size_budget_mb, (int, float))
+                                                    and self.size_budget_mb > 0):
+            raise EamError(f"size_budget_mb={self.size_budget_mb!r} must be a positive size in MB")
+        self.percentiles = tuple(float(p) for p in self.percentiles)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["percentiles"], d["bit_choices"] = list(self.percentiles), list(self.bit_choices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PMQConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("percentiles", "bit_choices"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw).validate()
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` (quantized or not), in module order."""
+    heads: set[int] = set()
+    if not include_head and hasattr(model, "get_classifier"):
+        h = model.get_classifier()
+        heads = {id(m) for m in (h if isinstance(h, (tuple, list)) else (h,)) if isinstance(m, nn.Module)}
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads]
+
+
+def _targets(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    if labels is not None:
+        return labels.to(images.device)
+    with torch.no_grad():  # no labels: the model's own predictions
+        out = model(images)
+    return (out[0] if isinstance(out, (tuple, list)) else out).argmax(-1)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                       components: Optional[Sequence[tuple[str, nn.Module]]] = None, micro_batch: int = 1,
+                       progress: bool = False) -> dict[str, float]:
+    """Empirical-Fisher importance per component: ``1/(2N) Σ_n Σ_{i∈c} (w_i g_{n,i})²`` (eq. 10).
+
+    Args:
+        model: a classifier in full precision (gradients are taken w.r.t. its weights).
+        images: calibration images.
+        labels: their labels; None uses the model's argmax predictions.
+        components: ``(name, module)`` pairs whose ``weight`` is scored (default :func:`weight_components`).
+        micro_batch: images per gradient ``g_n`` (1: per-sample gradients, the empirical Fisher).
+        progress: show a progress bar.
+    """
+    comps = list(components) if components is not None else weight_components(model)
+    device = next(model.parameters()).device
+    images = images.to(device)
+    was_training = model.training
+    model.eval()
+    targets = _targets(model, images, labels)
+    acc = {n: torch.zeros((), dtype=torch.float64, device=device) for n, _ in comps}
+    weights = [m.weight for _, m in comps]
+    chunks = range(0, images.shape[0], micro_batch)
+    try:
+        for i in tqdm(chunks, desc="Fisher", disable=not progress, leave=False):
+            loss = F.cross_entropy(_logits(model, images[i:i + micro_batch]), targets[i:i + micro_batch])
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for (n, m), g in zip(comps, grads):
+                if g is not None:
+                    acc[n] += (m.weight.detach().double() * g.double()).pow(2).sum()
+    finally:
+        model.train(was_training)
+    n_chunks = len(chunks)
+    return {n: float(v) / (2 * n_chunks) for n, v in acc.items()}
+
+
+def hessian_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                        components: Optional[Sequence[tuple[str, nn.Module]]] = None, samples: int = 8,
+                        seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Hutchinson estimate of the Hessian trace of the loss per component, divided by its size (HAWQ-v2)."""
+    comps = list(components) if components is not None else weight_components(model)
+    device = next(model.parameters()).device
+    images = images.to(device)
+    model.eval()
+    targets = _targets(model, images, labels)
+    weights = [m.weight for _, m in comps]
+    loss = F.cross_entropy(_logits(model, images), targets)
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tr = [0.0] * len(comps)
+    for _ in tqdm(range(samples), desc="Hutchinson", disable=not progress, leave=False):
+        vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in weights]
+        hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        for j, (v, h) in enumerate(zip(vs, hv)):
+            if h is not None:
+                tr[j] += float((v * h).sum()) / samples
+    return {n: tr[j] / m.weight.numel() for j, (n, m) in enumerate(comps)}
+
+
+def quant_perturbation(weight: torch.Tensor, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> float:
+    """``‖Q_b(W) − W‖²`` with the family's per-output-channel uniform quantizer (eq. 16's L2 term)."""
+    q = UniformQuantizer(bits, "channel", channel_dim=0, percentiles=percentiles)
+    w = weight.detach()
+    with torch.no_grad():
+        return float((q(w) - w).double().pow(2).sum())
+
+
+# --------------------------------------------------------------------------- Pareto frontier
+
+
+def pareto_frontier(options: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float, tuple[int, ...]]]:
+    """Exact Pareto frontier of per-layer choices with additive size and cost.
+
+    Args:
+        options: per layer, ``(size, cost)`` of each choice.
+
+    Returns:
+        ``(total size, total cost, choice index per layer)`` for every non-dominated configuration,
+        by increasing size (and strictly decreasing cost); ties keep the first configuration found.
+    """
+    if not options or any(len(o) == 0 for o in options):
+        raise EamError("the Pareto search needs at least one choice per layer")
+    # Levels of (size, cost, parent index, choice) so configurations are rebuilt at the end only.
+    levels: list[list[tuple[float, float, int, int]]] = [[(0.0, 0.0, -1, -1)]]
+    for opts in options:
+        cands = [(s + os_, c + oc, pi, ci) for pi, (s, c, _, _) in enumerate(levels[-1])
+                 for ci, (os_, oc) in enumerate(opts)]
+        cands.sort(key=lambda t: (t[0], t[1]))
+        kept: list[tuple[float, float, int, int]] = []
+        for t in cands:
+            if not kept or t[1] < kept[-1][1]:
+                kept.append(t)
+        levels.append(kept)
+    out = []
+    for k, (s, c, _, _) in enumerate(levels[-1]):
+        choice, idx = [], k
+        for lvl in range(len(levels) - 1, 0, -1):
+            _, _, parent, ci = levels[lvl][idx]
+            choice.append(ci)
+            idx = parent
+        out.append((s, c, tuple(reversed(choice))))
+    return out
+
+
+def choose(frontier: Sequence[tuple[float, float, tuple[int, ...]]], budget: float) -> tuple[float, float, tuple[int, ...]]:
+    """The frontier point with the lowest cost whose size is within ``budget``."""
+    ok = [p for p in frontier if p[0] <= budget * (1 + 1e-12)]
+    if not ok:
+        raise EamError(f"no bit configuration fits the size budget {budget:.6g}; the smallest needs "
+                       f"{min(p[0] for p in frontier):.6g}: raise the budget or allow fewer bits")
+    return min(ok, key=lambda p: (p[1], p[0]))
+
+
+# --------------------------------------------------------------------------- AAS
+
+
+def patch_importance(attn: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: attention each patch receives, averaged over heads and queries: ``(..., H, N, N)`` → ``(N,)``.
+
+    Leading dims (images) are averaged too.
+    """
+    if attn.dim() < 3:
+        raise EamError(f"attention maps must be (..., heads, N, N), got shape {tuple(attn.shape)}")
+    return attn.reshape(-1, attn.shape[-2], attn.shape[-1]).mean(dim=(0, 1))
+
+
+def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor:
+    """Eq. 13–15: ``bits + step`` above ``μ + σ``, ``bits − step`` below ``μ − σ``, else ``bits`` (2..8).
+
+    σ is the population standard deviation of the importance over the layer's patches.
+    """
+    mu, sigma = importance.mean(), importance.std(unbiased=False)
+    out = torch.full(importance.shape, bits, dtype=torch.long)
+    out[importance > mu + sigma] = bits + step
+    out[importance < mu - sigma] = bits - step
+    return out.clamp(MIN_BITS, MAX_BITS)
+
+
+class PatchBitsQuantizer(Quantizer):
+    """Uniform per-tensor quantization with one bit width per token position (AAS).
+
+    Tokens sharing a bit width share one :class:`UniformQuantizer` (lazily calibrated on them).
+
+    Args:
+        token_bits: bits per token position ``(N,)``.
+        token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
+        percentiles: range-search percentiles.
+    """
+
+    def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        token_bits = torch.as_tensor(token_bits, dtype=torch.long)
+        super().__init__(int(token_bits.max()), "tensor", percentiles=percentiles)
+        self.register_buffer("token_bits", token_bits.clone())
+        self.token_dim = token_dim
+        self.groups = nn.ModuleDict({str(b): UniformQuantizer(int(b), "tensor", percentiles=percentiles)
+                                     for b in sorted(set(token_bits.tolist()))})
+
+    def extra_repr(self) -> str:
+        counts = {b: int((self.token_bits == int(b)).sum()) for b in self.groups}
+        return f"token_bits={counts}, enabled={self.enabled}"
+
+    @property
+    def inited(self) -> bool:
+        return all(q.inited for q in self.groups.values())
+
+    def reset(self) -> None:
+        for q in self.groups.values():
+            q.reset()
+
+    def _index(self, b: str, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[self.token_dim] != self.token_bits.numel():
+            raise EamError(f"AAS allocated {self.token_bits.numel()} patches but the input has "
+                           f"{x.shape[self.token_dim]}; run the model at its calibration image size")
+        return (self.token_bits == int(b)).nonzero().flatten().to(x.device)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        for b, q in self.groups.items():
+            q.calibrate(x.index_select(self.token_dim, self._index(b, x)))
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dim = self.token_dim % x.dim()
+        for b, q in self.groups.items():
+            idx = self._index(b, x)
+            out = out.index_copy(dim, idx, q.fake_quant(x.index_select(dim, idx)))
+        return out
+
+
+@torch.no_grad()
+def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[int, torch.Tensor]:
+    """Per ViT attention layer (Swin windows are skipped), eq. 12's patch importance on ``images``."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def make(i: int):
+        def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+            if attn.dim() == 4:  # (B, H, N, N): ViT
+                sums[i] = sums.get(i, 0) + attn.detach().double().mean(dim=(1, 2)).sum(0)
+                counts[i] = counts.get(i, 0) + attn.shape[0]
+        return obs
+
+    layers = attention_layers(model)
+    set_observers(model, {l.eam_layer: make(l.eam_layer) for l in layers})
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            model(images[i:i + batch_size].to(device))
+    finally:
+        set_observers(model, None)
+    return {i: (sums[i] / counts[i]).float().cpu() for i in sums}
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def _calib_batch(calib: Any, n: int, seed: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(images, labels or None)`` from a tensor, an ``(images, labels)`` pair or a dataset."""
+    if isinstance(calib, (tuple, list)) and len(calib) == 2 and isinstance(calib[0], torch.Tensor):
+        images, labels = calib
+    elif isinstance(calib, torch.Tensor):
+        images, labels = calib, None
+    elif isinstance(calib, Dataset):
+        from eamvit.methods.data import random_subset
+
+        if len(calib) < n:
+            raise EamError(f"PMQ needs {n} calibration images but the set has {len(calib)}; lower calib_size")
+        items = [calib[i] for i in random_subset(calib, n, seed=seed)]
+        items = [it for it in items if it is not None]
+        if len(items) < n:
+            raise EamError(f"only {len(items)} of {n} calibration images could be read")
+        return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+    else:
+        raise EamError("PMQ needs calibration images: a (B, C, H, W) tensor, (images, labels) or a dataset")
+    if images.dim() != 4:
+        raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if images.shape[0] < n:
+        raise EamError(f"PMQ needs {n} calibration images but {images.shape[0]} were given; lower calib_size")
+    return images[:n], (labels[:n] if labels is not None else None)
+
+
+def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
+             labels: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery).
+
+    Returns:
+        ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: size_mb,
+        perturbation, avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``,
+        ``metric_seconds``.
+    """
+    config.validate()
+    comps = weight_components(model, config.quantize_head)
+    t0 = time.perf_counter()
+    if config.metric == "fisher":
+        imp = fisher_sensitivity(model, images, labels, comps, config.micro_batch, config.progress)
+    else:
+        imp = hessian_sensitivity(model, images, labels, comps, config.hutchinson_samples, config.seed, config.progress)
+    metric_seconds = time.perf_counter() - t0
+    n_params = [m.weight.numel() for _, m in comps]
+    total = sum(n_params)
+    budget_bits = config.size_budget_mb * 8e6 if config.size_budget_mb is not None else total * config.w_bits
+    choices = config.bit_choices if config.mixed else (config.w_bits,)
+    if budget_bits < total * min(choices):
+        raise EamError(f"no bit configuration fits the size budget of {budget_bits / 8e6:.6g} MB: the quantized weights "
+                       f"need at least {total * min(choices) / 8e6:.6g} MB at {min(choices)} bits; raise --pmq-budget-mb")
+    options = [[(n * b, imp[name] * quant_perturbation(m.weight, b, config.percentiles)) for b in choices]
+               for (name, m), n in zip(comps, n_params)]
+    frontier = pareto_frontier(options)
+    size, cost, pick = choose(frontier, budget_bits)
+    bits = [choices[i] for i in pick]
+    return {
+        "components": [{"name": n, "params": k, "importance": imp[n], "bits": b}
+                       for (n, _), k, b in zip(comps, n_params, bits)],
+        "frontier": [{"size_mb": s / 8e6, "perturbation": c, "avg_bits": s / total} for s, c, _ in frontier],
+        "budget_mb": budget_bits / 8e6, "chosen_size_mb": size / 8e6, "chosen_perturbation": cost,
+        "metric": config.metric, "metric_seconds": metric_seconds,
+    }
+
+
+def quantize_(model: nn.Module, config: Optional[PMQConfig] = None, calib_images: Any = None) -> nn.Module:
+    """Quantize ``model`` in place with PMQ and return it (mirrors :func:`.repq.quantize_`).
+
+    Args:
+        model: an instrumented timm ViT / DeiT (Swin: no AAS) in full precision.
+        config: :class:`PMQConfig` (``PMQConfig.from_string("6/6/6(MP)")``).
+        calib_images: a tensor, an ``(images, labels)`` pair or a dataset of ``(image, target)``.
+
+    Returns:
+        ``model`` with ``eam_quant_config`` and ``eam_quant_report`` (:func:`allocate`'s dict plus
+        ``patch_bits`` per layer and ``calib_seconds``).
+
+    Raises:
+        EamError: bad settings, an impossible budget, too few images, an already quantized model.
+    """
+    config = (config or PMQConfig()).validate()
+    if calib_images is None:
+        raise EamError("PMQ needs calibration images")
+    t0 = time.perf_counter()
+    images, labels = _calib_batch(calib_images, config.calib_size, config.seed)
+    device = next(model.parameters()).device
+    model.eval()
+    report = allocate(model, config, images, labels)
+    importance = attention_importance(model, images) if config.aas else {}
+    rcfg = RepQConfig(w_bits=max(config.bit_choices) if config.mixed else config.w_bits, a_bits=config.a_bits,
+                      calib_size=config.calib_size, seed=config.seed, percentiles=config.percentiles,
+                      reparam=config.base == "repq", attn_quantizer=config.attn_quantizer,
+                      quantize_head=config.quantize_head)
+    pairs = prepare_(model, rcfg)
+    try:
+        _apply_bits(model, config, report, importance)
+        with torch.no_grad():
+            model(images.to(device))  # lazy, sequential initialisation
+        reparameterize_(pairs)
+    except BaseException:
+        model.eam_quant_config = None
+        raise
+    model.eam_quant_config = config
+    report["calib_seconds"] = time.perf_counter() - t0
+    model.eam_quant_report = report
+    return model
+
+
+def _apply_bits(model: nn.Module, config: PMQConfig, report: dict, importance: dict[int, torch.Tensor]) -> None:
+    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits."""
+    mods = dict(model.named_modules())
+    for row in report["components"]:
+        m = mods[row["name"]]
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            m.weight_quantizer.bits = check_quant_bits(int(row["bits"]))
+    if config.base == "percentile":
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m.input_quantizer.granularity == "channel":
+                m.input_quantizer.granularity = "tensor"
+    p = config.patch_bits
+    patch_rows = []
+    for layer in attention_layers(model):
+        if not isinstance(layer, EamAttention):
+            continue  # Swin windows: AAS is defined on ViT patches
+        imp = importance.get(layer.eam_layer)
+        n = imp.numel() if imp is not None else None
+        tb = aas_bits(imp, p, config.aas_step) if imp is not None else None
+        if tb is None:
+            continue
+        for name in ("q", "k", "v"):
+            setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, -2, config.percentiles))
+        patch_rows.append({"layer": layer.eam_layer, "patches": n, "mean_bits": float(tb.float().mean()),
+                           "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}})
+    report["patch_bits"] = patch_rows
+
+
+def write_report(report: dict, out_dir: str | Path, title: str = "PMQ") -> list[Path]:
+    """Write ``pmq_allocation.csv``, ``pmq_frontier.csv``, ``pmq.json`` and ``pmq_frontier.png``."""
+    from eamvit.io import ensure_writable_dir, write_csv, write_json
+    from eamvit.plots.entropy import plt, save_figure
+
+    out = ensure_writable_dir(out_dir)
+    write_csv(out / "pmq_allocation.csv", report["components"])
+    write_csv(out / "pmq_frontier.csv", report["frontier"])
+    write_json(out / "pmq.json", report)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [r["size_mb"] for r in report["frontier"]]
+    ys = [max(r["perturbation"], 1e-30) for r in report["frontier"]]
+    ax.step(xs, ys, where="post", label="Pareto frontier")
+    ax.scatter([report["chosen_size_mb"]], [max(report["chosen_perturbation"], 1e-30)], color="C3", zorder=3,
+               label="chosen")
+    ax.axvline(report["budget_mb"], color="gray", ls="--", lw=1, label="budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("quantized weights (MB)")
+    ax.set_ylabel("Σ importance · ‖ΔW‖²")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "pmq_frontier.png")
+    return [out / n for n in ("pmq_allocation.csv", "pmq_frontier.csv", "pmq.json", "pmq_frontier.png")]

@@ -1,0 +1,410 @@
+"""Quantizer modules on top of :mod:`eamvit.ops.quant`: range search, granularity, lazy init.
+
+One family for the whole project (RepQ-ViT here; ADFQ-ViT, PMQ and the frozen EAM values reuse it):
+
+* :class:`UniformQuantizer`: asymmetric, ``q = clamp(round(x/Δ) + zp, 0, 2^b - 1)``.
+* :class:`LogSqrt2Quantizer` / :class:`Log2Quantizer`: ``q = clamp(round(-s·log2(x/Δ)), 0, 2^b - 1)``
+  with ``s = 2`` / ``1``; codes past the last level (and 0 itself) dequantize to 0.
+
+Range search (RepQ-ViT's code): for each percentile ``p`` of ``percentiles`` the candidate range is
+``[quantile(x, 1-p), quantile(x, p)]`` (uniform) or ``Δ = quantile(x, p)`` (log); the candidate with
+the lowest mean squared error wins, the first one on ties. Quantiles use linear interpolation with
+exactly :func:`torch.quantile`'s rank arithmetic (``float32(p)·(n-1)`` in double, float32 weight),
+but are computed with :func:`torch.topk` on the tails, so there is no input-size limit and no Python
+loop over channels or tokens. Above ``2^24`` elements, where :func:`torch.quantile` refuses and the
+reference falls back to ``numpy.percentile``, ranks use ``p`` in double as numpy does.
+
+Granularity: ``"tensor"``, ``"channel"`` (one range per index of ``channel_dim``, over all other
+dims: per output row for weights with ``channel_dim=0``, per channel over B·N for activations with
+``channel_dim=-1``) and ``"token"`` (one range per position of the dims between the first (batch)
+and the last (channel) one: per patch for ``(B, N, C)``, per pixel for NHWC ``(B, H, W, C)``).
+
+Parameters are initialised lazily on the first forward (or by :meth:`calibrate`), and a disabled
+quantizer is the identity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from eamvit.errors import EamError
+from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
+
+GRANULARITIES = ("tensor", "channel", "token")
+SEARCHES = ("mse", "minmax")
+DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
+MIN_BITS, MAX_BITS = 2, 8
+# torch.quantile refuses inputs above 2^24 elements; the reference then uses numpy.percentile.
+_TORCH_QUANTILE_LIMIT = 1 << 24
+# Floor of a searched step: a constant channel has max == min, which the reference divides by (NaN).
+DELTA_FLOOR = 1e-8
+
+
+class JsonConfig:
+    """``to_dict``/``from_dict`` for the dataclass configs of the quantization methods.
+
+    JSON turns the ``percentiles`` tuple into a list; ``from_dict`` turns it back and validates, and
+    ignores keys a newer or older version may have written.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if "percentiles" in d:
+            d["percentiles"] = list(d["percentiles"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "percentiles" in kw:
+            kw["percentiles"] = tuple(kw["percentiles"])
+        return cls(**kw).validate()
+
+
+def check_quant_bits(bits: Any, what: str = "bits") -> int:
+    """Validate a quantizer bit width (2..8, as RepQ-ViT supports).
+
+    Args:
+        bits: the value to check.
+        what: its name in the error message (e.g. ``--w-bits``).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise EamError(f"{what}={bits!r} is out of range; quantization supports integer bit widths "
+                       f"{MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    ps = tuple(float(p) for p in percentiles)
+    if not ps or any(not 0.5 <= p <= 1.0 for p in ps):
+        raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
+    return ps
+
+
+# --------------------------------------------------------------------------- quantiles
+
+
+def _rank(p: float, n: int) -> tuple[int, int, float]:
+    """``(below, above, weight)`` of quantile ``p`` over ``n`` sorted values, as torch.quantile computes it."""
+    if n <= _TORCH_QUANTILE_LIMIT:
+        r = float(np.float32(p)) * (n - 1)  # torch casts q to the input dtype, then ranks in double
+        w = float(np.float32(r - math.floor(r)))
+    else:
+        r = p * (n - 1)
+        w = r - math.floor(r)
+    return int(math.floor(r)), int(math.ceil(r)), w
+
+
+def row_quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
+    """Linear-interpolation quantiles of each row of ``rows`` ``(K, M)``: ``(len(probs), K)``.
+
+    Equal to ``torch.quantile(rows, p, dim=1)`` (bit for bit up to 2^24 elements per row), but reads
+    only the tails with one :func:`torch.topk` per side, so it is fast for the extreme percentiles
+    range searches use and has no size limit.
+
+    Args:
+        rows: a 2-D float tensor.
+        probs: quantile levels in [0, 1].
+    """
+    n = rows.shape[1]
+    if n == 0:
+        raise EamError("cannot calibrate a quantizer on an empty tensor")
+    ranks = [_rank(p, n) for p in probs]
+    res: list[Optional[torch.Tensor]] = [None] * len(probs)
+    for upper in (True, False):
+        which = [i for i, p in enumerate(probs) if (p >= 0.5) == upper]
+        if not which:
+            continue
+        if upper:  # largest first: ascending index j sits at column n-1-j
+            k = n - min(ranks[i][0] for i in which)
+            col = lambda j: n - 1 - j  # noqa: E731
+        else:
+            k = max(ranks[i][1] for i in which) + 1
+            col = lambda j: j  # noqa: E731
+        tail = rows.topk(k, dim=1, largest=upper, sorted=True).values
+        for i in which:
+            lo, hi, w = ranks[i]
+            weight = torch.tensor(w, dtype=rows.dtype, device=rows.device)
+            res[i] = torch.lerp(tail[:, col(lo)], tail[:, col(hi)], weight)
+    return torch.stack(res)
+
+
+# --------------------------------------------------------------------------- granularity
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    d = dim + ndim if dim < 0 else dim
+    if not 0 <= d < ndim:
+        raise EamError(f"channel dimension {dim} does not exist in a {ndim}-D tensor")
+    return d
+
+
+def to_rows(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> torch.Tensor:
+    """``x`` as ``(K, M)``: one row per quantization group (K = 1 for ``"tensor"``)."""
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity == "channel":
+        return x.movedim(_norm_dim(channel_dim, x.dim()), 0).reshape(x.shape[channel_dim], -1)
+    if x.dim() < 3:
+        raise EamError(f"per-token quantization needs a (B, tokens..., C) tensor, got shape {tuple(x.shape)}")
+    kept = x.shape[1:-1]
+    return x.movedim(0, -2).reshape(math.prod(kept), -1)
+
+
+def param_shape(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> tuple[int, ...]:
+    """Shape of a parameter that broadcasts against ``x`` for this granularity."""
+    if granularity == "tensor":
+        return ()
+    shape = [1] * x.dim()
+    if granularity == "channel":
+        d = _norm_dim(channel_dim, x.dim())
+        shape[d] = x.shape[d]
+    else:
+        shape[1:-1] = x.shape[1:-1]
+    return tuple(shape)
+
+
+# Candidates are scored together as one (P, K, M) tensor up to this many elements: a few large
+# operations instead of many, which matters most when the CPU is shared; above it, one at a time.
+BATCHED_SEARCH_LIMIT = 1 << 26
+
+
+def _candidate_mse(rows: torch.Tensor, fake_quant, *params: torch.Tensor) -> torch.Tensor:
+    """``(P, K)`` mean squared error of each candidate's fake quantization of each row of ``rows``.
+
+    Args:
+        rows: ``(K, M)``.
+        fake_quant: ``f(x, *params)`` broadcasting its parameters against ``x``.
+        params: ``(P, K)`` tensors, one row per candidate.
+    """
+    n_cand = params[0].shape[0]
+    if n_cand * rows.numel() <= BATCHED_SEARCH_LIMIT:
+        err = fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
+    else:
+        err = torch.stack([fake_quant(rows, *(p[i][:, None] for p in params)).sub_(rows).square_().mean(-1)
+                           for i in range(n_cand)])
+    return err
+
+
+def _first_minimum(err: torch.Tensor) -> torch.Tensor:
+    """``(1, K)`` index of the lowest error per group, the first candidate on ties (as the reference's
+    strict ``<``); a NaN error never wins."""
+    return torch.nan_to_num(err, nan=float("inf")).argmin(0, keepdim=True)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Quantizer(nn.Module):
+    """State shared by every quantizer: bits, granularity, lazy init, enable/disable.
+
+    Parameters are buffers (saved with the model's ``state_dict``) stored compactly as the group
+    shape (``()`` per tensor, ``(C,)`` per channel, ``(N,)`` or ``(H, W)`` per token) and reshaped
+    to broadcast against the input at each forward.
+    """
+
+    _param_names: tuple[str, ...] = ()
+
+    def __init__(self, bits: int, granularity: str = "tensor", channel_dim: int = -1,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):
+        super().__init__()
+        self.bits = check_quant_bits(bits)
+        if granularity not in GRANULARITIES:
+            raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if search not in SEARCHES:
+            raise EamError(f"range search {search!r} is not one of {', '.join(SEARCHES)}")
+        self.granularity = granularity
+        self.channel_dim = channel_dim
+        self.percentiles = _check_percentiles(percentiles)
+        self.search = search
+        self.enabled = True
+        for name in self._param_names:
+            self.register_buffer(name, None)
+
+    @property
+    def inited(self) -> bool:
+        return all(getattr(self, n) is not None for n in self._param_names)
+
+    def reset(self) -> None:
+        """Forget the calibrated parameters: the next forward re-initialises them."""
+        for n in self._param_names:
+            setattr(self, n, None)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, granularity={self.granularity}, search={self.search}, "
+                f"enabled={self.enabled}, inited={self.inited}")
+
+    def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if p.dim() == 0:
+            return p
+        return p.reshape(param_shape(x, self.granularity, self.channel_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.inited:
+            self.calibrate(x)
+        return self.fake_quant(x)
+
+    def calibrate(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _group_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.granularity == "tensor":
+            return ()
+        if self.granularity == "channel":
+            return (x.shape[self.channel_dim],)
+        return tuple(x.shape[1:-1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # Parameters have data-dependent shapes (absent until calibrated): take whatever was saved.
+        for n in self._param_names:
+            key = prefix + n
+            if key in state_dict:
+                setattr(self, n, state_dict[key].detach().clone())
+            elif strict:
+                missing_keys.append(key)
+
+
+class UniformQuantizer(Quantizer):
+    """Asymmetric uniform quantizer with RepQ-ViT's percentile + MSE range search.
+
+    Args:
+        bits: 2..8.
+        granularity: ``"tensor"``, ``"channel"`` or ``"token"``.
+        channel_dim: the channel dimension for ``"channel"`` (0 for weights, -1 for activations).
+        percentiles: candidate upper percentiles p (the lower is 1-p), searched in order.
+        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (plain min/max range, no search).
+    """
+
+    _param_names = ("delta", "zero_point")
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return uniform_fake_quant(x, self._view(self.delta, x), self._view(self.zero_point, x), self.bits)
+
+    def set_params(self, delta: torch.Tensor | float, zero_point: torch.Tensor | float,
+                   granularity: Optional[str] = None) -> None:
+        """Set Δ and the zero point directly (a float zero point is allowed, as RepQ's reparam gives).
+
+        Args:
+            delta: step, of the group shape.
+            zero_point: zero point, of the group shape.
+            granularity: switch granularity at the same time (e.g. per channel → per tensor).
+        """
+        if granularity is not None:
+            if granularity not in GRANULARITIES:
+                raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+            self.granularity = granularity
+        self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
+        self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Search Δ and zp on ``x`` (one vectorised pass over all groups)."""
+        x = x.detach()
+        rows = to_rows(x, self.granularity, self.channel_dim)
+        levels = (1 << self.bits) - 1
+        # (P, K): one candidate range per percentile p (upper q(p), lower q(1-p)) and group.
+        if self.search == "minmax":
+            lo, hi = rows.amin(1)[None], rows.amax(1)[None]
+        else:
+            ps = self.percentiles
+            q = row_quantiles(rows, list(ps) + [1.0 - p for p in ps])
+            hi, lo = q[: len(ps)], q[len(ps):]
+        delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
+        zp = torch.round(-lo / delta)
+        err = _candidate_mse(rows, lambda r, d, z: uniform_fake_quant(r, d, z, self.bits), delta, zp)
+        best = _first_minimum(err)
+        best_delta, best_zp = delta.gather(0, best).squeeze(0), zp.gather(0, best).squeeze(0)
+        shape = self._group_shape(x)
+        self.delta = best_delta.reshape(shape).float().clone()
+        self.zero_point = best_zp.reshape(shape).float().clone()
+
+
+class _LogQuantizer(Quantizer):
+    """Log-domain quantizer for non-negative inputs (post-softmax); Δ is the largest level."""
+
+    _param_names = ("delta",)
+    _steps_per_octave = 2
+
+    def _fq(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        f = logsqrt2_fake_quant if self._steps_per_octave == 2 else log2_fake_quant
+        return f(x, delta, self.bits)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fq(x, self._view(self.delta, x))
+
+    def set_params(self, delta: torch.Tensor | float) -> None:
+        """Set Δ directly."""
+        self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Search Δ among the percentiles of ``x`` (start value: the maximum), lowest MSE first."""
+        x = x.detach()
+        rows = to_rows(x, self.granularity, self.channel_dim)
+        if self.search == "minmax":
+            best_delta = rows.amax(1).clamp_min(DELTA_FLOOR)
+        else:
+            # The reference starts from the maximum, but the first candidate always replaces it.
+            delta = row_quantiles(rows, self.percentiles).clamp_min(DELTA_FLOOR)  # (P, K)
+            err = _candidate_mse(rows, self._fq, delta)
+            best_delta = delta.gather(0, _first_minimum(err)).squeeze(0)
+        self.delta = best_delta.reshape(self._group_shape(x)).float().clone()
+
+
+class LogSqrt2Quantizer(_LogQuantizer):
+    """RepQ-ViT's post-softmax quantizer: ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^(-q/2)``.
+
+    Args:
+        bits: 2..8.
+        granularity: ``"tensor"`` (RepQ-ViT), ``"channel"`` or ``"token"``.
+        channel_dim: channel dimension for ``"channel"``.
+        percentiles: candidate percentiles for Δ.
+        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (Δ = max).
+    """
+
+    _steps_per_octave = 2
+
+
+class Log2Quantizer(_LogQuantizer):
+    """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q``.
+
+    Same arguments as :class:`LogSqrt2Quantizer`.
+    """
+
+    _steps_per_octave = 1
+
+
+def make_quantizer(kind: str, bits: int, **kwargs: Any) -> Quantizer:
+    """``"uniform"``, ``"logsqrt2"`` or ``"log2"`` quantizer with ``kwargs`` for its constructor."""
+    kinds = {"uniform": UniformQuantizer, "logsqrt2": LogSqrt2Quantizer, "log2": Log2Quantizer}
+    if kind not in kinds:
+        raise EamError(f"quantizer {kind!r} is not one of {', '.join(kinds)}")
+    return kinds[kind](bits, **kwargs)
+
+
+def find_quantizers(model: nn.Module) -> list[Quantizer]:
+    """Every quantizer module of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+# Older name, kept for the modules that import it; the package does not re-export it, so that
+# ``eamvit.modules.quantizers`` stays this module.
+quantizers = find_quantizers
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Enable or disable every quantizer of ``model`` (disabled = full precision, parameters kept)."""
+    for q in find_quantizers(model):
+        q.enabled = enabled

@@ -1,0 +1,149 @@
+"""Histograms, Shannon entropy, means and KL divergence of attention entries (EAM eq. 12-14).
+
+Pure tensor functions plus :class:`AttentionHistogram`, the streaming accumulator for one layer.
+Histogram counts are stored bin-major, ``(2^b, *shape)``: for a given image most entries fall in a
+few low bins, so the scatter of one image walks each bin plane nearly sequentially, which is what
+keeps calibration cheap next to a forward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from eamvit.errors import EamError
+
+MAX_BITS = 16
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise EamError(f"histogram bits b={bits} is out of range; use an integer in 1..{MAX_BITS} (paper: 8)")
+    return bits
+
+
+def count_dtype(max_count: int) -> torch.dtype:
+    """Smallest integer dtype that can hold ``max_count`` (counts per bin never exceed M)."""
+    if max_count <= torch.iinfo(torch.uint8).max:
+        return torch.uint8
+    if max_count <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    if max_count <= torch.iinfo(torch.int32).max:
+        return torch.int32
+    return torch.int64
+
+
+def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bin index of each value on ``[0, 1]`` split into ``2^bits`` equal bins.
+
+    Bin ``k`` is ``[k/2^b, (k+1)/2^b)``; 1.0 (and anything above) falls in the last bin, negatives
+    (impossible after softmax) in the first.
+    """
+    nb = 1 << bits
+    dtype = torch.int32 if nb * 2 < 2**31 else torch.int64
+    return (attn * nb).to(dtype).clamp_(0, nb - 1)
+
+
+def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
+    """Shannon entropy in bits of histograms ``counts`` of shape ``(2^b, ...)`` over ``total`` samples.
+
+    Uses ``H = log2 M - (1/M) Σ c log2 c`` with ``c log2 c`` looked up in a table of the ``M + 1``
+    possible counts. Only counts of 2 or more contribute (``0 log 0 = 1 log 1 = 0``), and attention
+    histograms are mostly empty bins, so only those are gathered, a few bins at a time.
+    """
+    if total <= 0:
+        raise EamError("no calibration images were seen; check the calibration folder or --calib-size")
+    c = torch.arange(total + 1, dtype=torch.float64, device=counts.device)
+    table = c * torch.log2(c.clamp_min(1))
+    flat = counts.reshape(counts.shape[0], -1)
+    acc = torch.zeros(flat.shape[1], dtype=torch.float64, device=counts.device)
+    for part in flat.split(chunk):
+        bins, entries = (part > 1).nonzero(as_tuple=True)
+        acc.index_add_(0, entries, table[part[bins, entries].long()])
+    return (math.log2(total) - acc / total).clamp_min_(0.0).view(counts.shape[1:])
+
+
+def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14).
+
+    Both histograms get ``eps`` added to every bin and are renormalised, so a bin that ``q`` never
+    saw costs a finite amount instead of infinity.
+    """
+    p = p_counts.to(torch.float64) + eps
+    q = q_counts.to(torch.float64) + eps
+    p = p / p.sum(0, keepdim=True)
+    q = q / q.sum(0, keepdim=True)
+    return (p * (torch.log2(p) - torch.log2(q))).sum(0)
+
+
+class AttentionHistogram:
+    """Streaming histogram and running sum of one layer's attention entries.
+
+    Args:
+        shape: per-image attention shape of the layer, ``(H, N, N)`` or ``(nW, H, N, N)``.
+        bits: histogram bits ``b`` (``2^b`` bins on [0, 1]).
+        max_count: the largest number of images that will be added (picks the count dtype).
+        device: where the counts live.
+    """
+
+    def __init__(self, shape: tuple[int, ...], bits: int, max_count: int, device: torch.device | str = "cpu"):
+        self.shape = tuple(shape)
+        self.bits = check_bits(bits)
+        self.numel = math.prod(self.shape)
+        nb = 1 << bits
+        self.counts = torch.zeros(nb * self.numel, dtype=count_dtype(max_count), device=device)
+        self.sum = torch.zeros(self.numel, dtype=torch.float64, device=device)
+        self.count = 0
+        self._index_dtype = torch.int32 if nb * self.numel < 2**31 else torch.int64
+        self._offsets = torch.arange(self.numel, dtype=self._index_dtype, device=device)
+        self._one = torch.ones(1, dtype=self.counts.dtype, device=device).expand(self.numel)
+
+    @staticmethod
+    def nbytes(shape: tuple[int, ...], bits: int, max_count: int) -> int:
+        """Memory one accumulator needs, to plan multi-pass calibration before allocating."""
+        n = math.prod(shape)
+        per_count = torch.empty((), dtype=count_dtype(max_count)).element_size()
+        return n * (1 << bits) * per_count + n * 8
+
+    def update(self, attn: torch.Tensor) -> None:
+        """Add a batch ``(B, *shape)`` of attention maps."""
+        if tuple(attn.shape[1:]) != self.shape:
+            raise EamError(f"attention shape {tuple(attn.shape[1:])} does not match the calibrated {self.shape}; "
+                           "use the same image size for calibration and evaluation")
+        flat = attn.detach().reshape(attn.shape[0], self.numel)
+        idx = histogram_bins(flat, self.bits).to(self._index_dtype).mul_(self.numel).add_(self._offsets)
+        for row in idx:
+            self.counts.index_add_(0, row, self._one)
+        # float32 within a batch, float64 across batches: exact enough, and no float64 copy of A.
+        self.sum += flat.sum(0)
+        self.count += attn.shape[0]
+
+    def histogram(self) -> torch.Tensor:
+        """Counts as ``(2^b, *shape)``."""
+        return self.counts.view((1 << self.bits,) + self.shape)
+
+    def entropy(self) -> torch.Tensor:
+        return entropy_from_counts(self.histogram(), self.count).to(torch.float32)
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise EamError("no calibration images were seen; check the calibration folder or --calib-size")
+        return (self.sum / self.count).view(self.shape).to(torch.float32)
+
+
+def mean_entropy_per_head(entropy: list[torch.Tensor]) -> torch.Tensor:
+    """``(L, H_max)`` mean entropy of each head (NaN where a layer has fewer heads, as in Swin)."""
+    heads = [e.shape[-3] for e in entropy]
+    out = torch.full((len(entropy), max(heads)), float("nan"))
+    for l, e in enumerate(entropy):
+        out[l, : heads[l]] = e.transpose(0, -3).reshape(heads[l], -1).mean(1) if e.dim() == 4 else e.flatten(1).mean(1)
+    return out
+
+
+def cls_row(maps: list[torch.Tensor], layer: int, num_prefix: int = 1) -> Optional[torch.Tensor]:
+    """Row of the CLS token over the patch tokens, ``(H, N - num_prefix)``; ``None`` for Swin (no CLS)."""
+    m = maps[layer]
+    if m.dim() != 3:
+        return None
+    return m[:, 0, num_prefix:]

@@ -1,0 +1,1 @@
+"""Layer 5: figures. Data in, PNG out; a plot never runs a model."""

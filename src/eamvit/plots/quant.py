@@ -1,0 +1,82 @@
+"""Figures of the quantization part of the EAM paper: KL divergence per head (Fig. 4a), CLS-row
+divergence maps (Fig. 4b-c) and top-1 against sparsity on the quantized model (Fig. 5/6).
+All PNGs are written atomically (:func:`eamvit.plots.save_figure`)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.methods.kl import KLMaps
+from eamvit.plots.entropy import finish_sweep, plt, save_figure, std_band
+
+_STYLE = {"fp": ("k", ":"), "repq": ("gray", "--")}
+
+
+def plot_kl_per_head(kl: KLMaps, path: str | os.PathLike, title: str = "") -> None:
+    """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head)."""
+    mean, mx = kl.per_head()
+    layers = list(range(1, mean.shape[0] + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, stat, name in ((axes[0], mean, "mean"), (axes[1], mx, "max")):
+        for h in range(stat.shape[1]):
+            ax.plot(layers, stat[:, h].numpy(), marker="o", markersize=3, label=f"H{h + 1}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"{name} D_KL(p_fp32 ‖ p_q) (bits)")
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or f"KL divergence per head (M={kl.meta.get('num_images')}, eps={kl.meta.get('eps')})")
+    save_figure(fig, path)
+
+
+def plot_kl_cls(kl: KLMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None) -> None:
+    """Fig. 4b-c: KL divergence of the CLS token's attention to each patch, one panel per head."""
+    grid = kl.cls_rows(layer)
+    if grid is None:
+        raise EamError("CLS-row divergence maps need a model with a class token (ViT/DeiT)")
+    heads = list(heads) if heads is not None else list(range(grid.shape[0]))
+    vmax = float(grid.max()) or 1.0
+    fig, axes = plt.subplots(1, len(heads), figsize=(2.6 * len(heads), 2.8), squeeze=False)
+    im = None
+    for ax, h in zip(axes[0], heads):
+        im = ax.imshow(grid[h].numpy(), cmap="magma", vmin=0, vmax=vmax)
+        ax.set_title(f"L{layer + 1}H{h + 1}")
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="D_KL (bits)")
+    fig.suptitle(f"CLS-token divergence maps, layer {layer + 1}")
+    save_figure(fig, path)
+
+
+def _series_key(r: dict) -> tuple:
+    return (r["method"], r.get("maps") or "", r.get("values") or "")
+
+
+def _series_name(k: tuple) -> str:
+    method, maps, values = k
+    if method == "fp":
+        return "full precision"
+    if method == "repq":
+        return "RepQ-ViT"
+    if method == "random":
+        return f"random freezing ({values} values)"
+    return f"EAM, maps from {'quantized' if maps == 'quant' else 'FP'} model, {values} values"
+
+
+def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Fig. 5/6: top-1 against τ for FP, RepQ-ViT, the EAM variants and random freezing (±1 std band)."""
+    keys: list[tuple] = []
+    for r in rows:
+        if _series_key(r) not in keys:
+            keys.append(_series_key(r))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k in keys:
+        pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])
+        x = [100 * r["tau"] for r in pts]
+        y = [r["top1"] for r in pts]
+        color, ls = _STYLE.get(k[0], (None, "-" if k[0] == "eam" else "--"))
+        line, = ax.plot(x, y, color=color, linestyle=ls, marker=None if k[0] in _STYLE else "o",
+                        markersize=3, label=_series_name(k))
+        if k[0] == "random":
+            std_band(ax, line, pts)
+    finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
