@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import eamvit
-from eamvit.modules.attention import EamAttention, EamWindowAttention, instrument, set_observers
+from eamvit.modules.attention import EamAttention, EamWindowAttention, instrument, observe
 from eamvit.errors import EamError
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT
@@ -27,12 +27,15 @@ def test_outputs_equal_timm_with_and_without_observers(spec):
         want = ref(x)
         fused = model(x)
         seen = []
-        set_observers(model, {i: (lambda a, m, seen=seen: seen.append(a.shape)) for i in range(8)})
-        explicit = model(x)
-        set_observers(model, None)
+        n = len(instrument(model))
+        with observe(model, {i: (lambda a, m, seen=seen: seen.append(a.shape)) for i in range(n)}):
+            explicit = model(x)
+        after = model(x)
     assert (fused - want).abs().max() <= 1e-5
     assert (explicit - want).abs().max() <= 1e-5
     assert len(seen) == len(instrument(model))
+    assert all(l.eam_observer is None for l in instrument(model))  # the block cleared itself
+    assert torch.equal(after, fused)
 
 
 def test_swap_is_by_class_and_idempotent():
@@ -50,8 +53,7 @@ def test_unhooked_blocks_keep_fused_attention(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    set_observers(model, {0: lambda a, m: None})
-    with torch.no_grad():
+    with observe(model, {0: lambda a, m: None}), torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert len(calls) == 1  # layer 1 fused, layer 0 explicit
 
@@ -87,9 +89,31 @@ def test_unknown_model():
 def test_observer_sees_the_live_map_in_training():
     _, model = _pair(TINY_VIT)
     seen = []
-    set_observers(model, {0: lambda a, m: seen.append(a)})
-    model(torch.randn(1, 3, 32, 32))
-    assert seen[0].requires_grad  # pruning's fusion weights need the gradient (EViT)
-    with torch.no_grad():
+    with observe(model, {0: lambda a, m: seen.append(a)}):
         model(torch.randn(1, 3, 32, 32))
+        assert seen[0].requires_grad  # pruning's fusion weights need the gradient (EViT)
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
     assert not seen[1].requires_grad
+
+
+def test_observe_nests_and_restores_on_error():
+    _, model = _pair(TINY_VIT)
+    outer, inner = [], []
+    x = torch.randn(1, 3, 32, 32)
+    with observe(model, {0: lambda a, m: outer.append(1)}):
+        with pytest.raises(RuntimeError):
+            with observe(model, {0: lambda a, m: inner.append(1)}):
+                model(x)
+                raise RuntimeError("body fails")
+        model(x)  # only the outer observer is left
+    model(x)      # and none after the outer block
+    assert (len(inner), len(outer)) == (1, 2)
+    assert instrument(model)[0].eam_observer is None
+
+
+def test_observe_rejects_a_missing_layer():
+    _, model = _pair(TINY_VIT)
+    with pytest.raises(EamError, match="layer 5 does not exist"):
+        with observe(model, {5: lambda a, m: None}):
+            pass

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from eamvit.modules.attention import attention_layers, layer_shapes, set_observers
+from eamvit.modules.attention import attention_layers, layer_shapes, observe
 from eamvit.methods.data import make_loader, shard
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
@@ -248,8 +248,7 @@ def compute_entropy_maps(
         n_batches = math.ceil(len(my_indices) / batch_size)
         # Same batch boundaries as an uninterrupted run: resume skips whole batches.
         loader = make_loader(dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
-        set_observers(model, observers)
-        try:
+        with observe(model, observers):
             bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(passes)}",
                        unit="batch", disable=not progress or rank != 0, dynamic_ncols=True)
             with torch.inference_mode():
@@ -261,8 +260,6 @@ def compute_entropy_maps(
                     if resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
                         _save_partial(resume_path, key, p, b + 1, acc, entropy, mean, masked, hists, skipped)
             bar.close()
-        finally:
-            set_observers(model, None)
         for l in group:
             a = acc[l]
             if world > 1:

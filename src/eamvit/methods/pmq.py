@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from eamvit.modules.attention import EamAttention, attention_layers, set_observers
+from eamvit.modules.attention import EamAttention, attention_layers, observe
 from eamvit.errors import EamError
 from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, check_quant_bits)
 from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, prepare_, reparameterize_
@@ -389,14 +389,11 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
 
-    layers = attention_layers(model)
-    set_observers(model, {l.eam_layer: make(l.eam_layer) for l in layers})
+    n = len(attention_layers(model))
     device = next(model.parameters()).device
-    try:
+    with observe(model, {l: make(l) for l in range(n)}):
         for i in range(0, images.shape[0], batch_size):
             model(images[i:i + batch_size].to(device))
-    finally:
-        set_observers(model, None)
     return {i: (sums[i] / counts[i]).float().cpu() for i in sums}
 
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from timm.models.vision_transformer import Block
 
-from eamvit.modules.attention import attention_layers, instrument
+from eamvit.modules.attention import attention_layers, instrument, observe
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 
@@ -335,21 +335,6 @@ def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], config: PruneCon
     return out, keep, scores
 
 
-class _Capture:
-    """Observer that keeps the attention map of one call and forwards it to the previous observer."""
-
-    __slots__ = ("attn", "prev")
-
-    def __init__(self, prev):
-        self.attn: Optional[torch.Tensor] = None
-        self.prev = prev
-
-    def __call__(self, attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        self.attn = attn
-        if self.prev is not None:
-            self.prev(attn, mask)
-
-
 class PruneBlock(Block):
     """timm ``Block`` that drops patch tokens; installed by class swap from :func:`prune_`."""
 
@@ -360,14 +345,10 @@ class PruneBlock(Block):
         """Attention output, and its map when the method needs one (through the observer hook)."""
         if not self.eam_prune.needs_attention:
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal), None
-        module = self.attn
-        cap = _Capture(module.eam_observer)
-        module.eam_observer = cap
-        try:
-            out = module(x, attn_mask=attn_mask, is_causal=is_causal)
-        finally:
-            module.eam_observer = cap.prev
-        return out, cap.attn
+        seen: list[torch.Tensor] = []
+        with observe(self, {0: lambda attn, mask: seen.append(attn)}):
+            out = self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
+        return out, seen[0]
 
     def _prune(self, x: torch.Tensor, attn: Optional[torch.Tensor], k: int) -> torch.Tensor:
         st = self.eam_prune
@@ -683,8 +664,6 @@ def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[flo
     Returns:
         ``{alpha: [layer tensors of shape (B·n_l,)]}`` in the order of ``layers``.
     """
-    from eamvit.modules.attention import set_observers
-
     mods = attention_layers(model)
     layers = list(range(len(mods))) if layers is None else list(layers)
     for l in layers:
@@ -699,13 +678,12 @@ def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[flo
                 out[a][l] = attention_entropy(attn.detach(), a, P, keys).reshape(-1).cpu()
         return obs
 
-    set_observers(model, {l: make(l) for l in layers})
     was_training = model.training
     model.eval()
     try:
-        model(images.to(next(model.parameters()).device))
+        with observe(model, {l: make(l) for l in layers}):
+            model(images.to(next(model.parameters()).device))
     finally:
-        set_observers(model, None)
         model.train(was_training)
     return {a: [per[l] for l in layers] for a, per in out.items()}
 

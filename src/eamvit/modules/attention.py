@@ -6,11 +6,14 @@ class, for subclasses that can expose the post-softmax attention map ``A`` and r
 patching, no module-name matching). Everything else in the project (entropy calibration, freezing,
 quantization, token pruning) talks to attention through the three attributes set here:
 
-* ``eam_observer``: a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
+* observers, attached only through :func:`observe` (a context manager that always clears itself):
+  a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
   tensor, so gradients can flow through what an observer computes, e.g. EViT's fused token; an
   observer that only records statistics detaches), where
   ``layer_shape`` is ``(H, N, N)`` for ViT and ``(nW, H, N, N)`` for Swin (each window position is
   its own variable); ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
+  ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
+  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one).
 * ``eam_frozen_mask`` / ``eam_frozen_values``: buffers of ``layer_shape``; where the mask is true,
   ``A`` takes the frozen value (eq. 15 of the EAM paper).
 * ``eam_quant``: an optional module with ``q``, ``k``, ``v``, ``attn`` callables and a
@@ -21,8 +24,9 @@ keep their speed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -33,6 +37,8 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from eamvit.errors import EamError
 
 Observer = Callable[[torch.Tensor, Optional[torch.Tensor]], None]
+Stage = Literal["softmax", "quantized"]
+_STAGE_ATTR = {"softmax": "eam_observer", "quantized": "eam_observer_q"}
 
 SUPPORTED_FAMILIES = "timm ViT / DeiT / DeiT-distilled (timm Attention) and Swin v1 (WindowAttention)"
 
@@ -42,6 +48,7 @@ class _EamMixin:
 
     eam_layer: int
     eam_observer: Optional[Observer]
+    eam_observer_q: Optional[Observer]
     eam_quant: Optional[nn.Module]
     eam_frozen_mask: Optional[torch.Tensor]
     eam_frozen_values: Optional[torch.Tensor]
@@ -49,6 +56,7 @@ class _EamMixin:
     def _eam_init(self, layer: int) -> None:
         self.eam_layer = layer
         self.eam_observer = None
+        self.eam_observer_q = None
         self.eam_quant = None
         # Non-persistent: a model's state_dict stays loadable by plain timm.
         self.register_buffer("eam_frozen_mask", None, persistent=False)
@@ -56,7 +64,7 @@ class _EamMixin:
 
     @property
     def eam_active(self) -> bool:
-        return (self.eam_observer is not None or self.eam_quant is not None
+        return (self.eam_observer is not None or self.eam_observer_q is not None or self.eam_quant is not None
                 or self.eam_frozen_mask is not None)
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -67,6 +75,8 @@ class _EamMixin:
             self.eam_observer(view, mask)
         if self.eam_quant is not None:
             attn = self.eam_quant.attn(attn)
+        if self.eam_observer_q is not None:
+            self.eam_observer_q(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_frozen_mask is not None:
             view = attn.view(shape5) if shape5 else attn
             view = torch.where(self.eam_frozen_mask, self.eam_frozen_values.to(attn.dtype), view)
@@ -188,10 +198,43 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return instrument(model)
 
 
-def set_observers(model: nn.Module, observers: dict[int, Observer] | None) -> None:
-    """Attach ``observers[layer]`` to each layer (others get none); ``None`` clears all."""
-    for layer in attention_layers(model):
-        layer.eam_observer = (observers or {}).get(layer.eam_layer)
+def _chain(first: Observer, then: Observer) -> Observer:
+    def both(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        first(attn, mask)
+        then(attn, mask)
+    return both
+
+
+@contextlib.contextmanager
+def observe(model: nn.Module, observers: Mapping[int, Observer], *,
+            stage: Stage = "softmax") -> Iterator[list[nn.Module]]:
+    """Call ``observers[layer](attn, mask)`` on every forward of that attention layer inside the block.
+
+    The one way eamvit reads attention maps. Observers nest: one attached by an enclosing
+    ``observe`` keeps running (after the inner one), and each block restores exactly what it found,
+    also when the body raises. Layers without an observer keep timm's fused attention.
+
+    Args:
+        model: a timm model (instrumented on first use).
+        observers: layer number (see :func:`instrument`) to observer.
+        stage: ``"softmax"`` (the attention map) or ``"quantized"`` (after the post-softmax quantizer).
+
+    Yields:
+        The instrumented attention modules, index = layer number.
+    """
+    layers = attention_layers(model)
+    bad = [l for l in observers if not 0 <= l < len(layers)]
+    if bad:
+        raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
+    attr = _STAGE_ATTR[stage]
+    saved = {l: getattr(layers[l], attr) for l in observers}
+    try:
+        for l, fn in observers.items():
+            setattr(layers[l], attr, fn if saved[l] is None else _chain(fn, saved[l]))
+        yield layers
+    finally:
+        for l, prev in saved.items():
+            setattr(layers[l], attr, prev)
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:
@@ -203,11 +246,7 @@ def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]
             shapes[i] = tuple(attn.shape[1:])
         return obs
 
-    layers = attention_layers(model)
-    set_observers(model, {l.eam_layer: make(l.eam_layer) for l in layers})
-    try:
-        with torch.no_grad():
-            model(sample[:1])
-    finally:
-        set_observers(model, None)
-    return [shapes[i] for i in range(len(layers))]
+    n = len(attention_layers(model))
+    with observe(model, {l: make(l) for l in range(n)}), torch.no_grad():
+        model(sample[:1])
+    return [shapes[i] for i in range(n)]
