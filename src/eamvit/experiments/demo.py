@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from eamvit.methods.calibrate import compute_entropy_maps
-from eamvit.cli.main import format_sweep_table
+from eamvit.experiments.results import format_sweep_table
 from eamvit.methods.data import DigitsDataset
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, TrainConfig, load_demo_model, train_digits
 from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
