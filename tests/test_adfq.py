@@ -10,13 +10,15 @@ import eamvit
 from eamvit.experiments.digits import DEMO_KWARGS, DEMO_MODEL, DigitsDataset
 from eamvit.errors import EamError
 from eamvit.methods import adfq
+from eamvit.methods.quantize import quantize_
+from eamvit.modules import adfq as adfq_modules
 
 
 def test_outlier_parts_sum_back_and_dense_error_bounded():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g)
     x[0, 1, 2], x[1, 3, 0], x[2, 4, 7] = 9.0, -7.5, 5.0  # 5.0 is not > 5: not an outlier
-    q = adfq.OutlierAwareQuantizer(4, alpha=5.0, search="minmax")
+    q = adfq_modules.OutlierAwareQuantizer(4, alpha=5.0, search="minmax")
     dense, sparse = q.split(x)
     assert torch.equal(dense + sparse, x)
     assert int((sparse != 0).sum()) == 2 and sparse[0, 1, 2] == 9.0 and sparse[1, 3, 0] == -7.5
@@ -33,7 +35,7 @@ def test_outlier_parts_sum_back_and_dense_error_bounded():
 
 
 def test_outlier_upper_mode_is_one_sided():
-    q = adfq.OutlierAwareQuantizer(4, alpha=5.0, mode="upper")
+    q = adfq_modules.OutlierAwareQuantizer(4, alpha=5.0, mode="upper")
     x = torch.tensor([[[-6.0, 5.0, 4.0, 0.0]]])
     assert q.outlier_mask(x).tolist() == [[[False, True, False, False]]]
 
@@ -45,7 +47,7 @@ def test_outlier_upper_mode_is_one_sided():
     ("logsqrt2", [-0.17, -0.17 + 2 * 2 ** -3.5, -0.17 + 2 * 2 ** -1.5, 1.83]),
 ])
 def test_shift_log_hand_computation(kind, expected):
-    q = adfq.ShiftLogQuantizer(3, kind=kind, eps=0.0)
+    q = adfq_modules.ShiftLogQuantizer(3, kind=kind, eps=0.0)
     q.log.set_params(2.0)
     x = torch.tensor([[-0.17, 0.0, 0.5, 1.83]])
     assert torch.allclose(q(x), torch.tensor([expected]), atol=1e-6)
@@ -55,19 +57,19 @@ def test_shift_log_hand_computation(kind, expected):
 
 def test_rectified_sigmoid_round_loss_and_beta_annealing():
     v = torch.tensor([0.0, math.log(1 / 3), 50.0, -50.0])
-    assert torch.allclose(adfq.rectified_sigmoid(v), torch.tensor([0.5, 0.25 * 1.2 - 0.1, 1.0, 0.0]))
+    assert torch.allclose(adfq_modules.rectified_sigmoid(v), torch.tensor([0.5, 0.25 * 1.2 - 0.1, 1.0, 0.0]))
     h = torch.tensor([0.1, 0.3, 0.9])
-    assert torch.allclose(adfq.rectified_sigmoid(adfq.inverse_rectified_sigmoid(h)), h, atol=1e-6)
+    assert torch.allclose(adfq_modules.rectified_sigmoid(adfq_modules.inverse_rectified_sigmoid(h)), h, atol=1e-6)
     # 1 - |2h-1|^β: h = 0.5 costs 1, h ∈ {0, 1} costs 0; h = 0.2: 1 - 0.6^2.
-    assert math.isclose(float(adfq.round_loss(torch.tensor([0.0, 50.0, -50.0]), 2.0)), 1.0, abs_tol=1e-6)
-    assert math.isclose(float(adfq.round_loss(torch.tensor([math.log(1 / 3)]), 2.0)), 1 - 0.6 ** 2, rel_tol=1e-5)
-    b = lambda s, w=0.0: adfq.beta_schedule(s, 100, 20, 2, w)  # noqa: E731
+    assert math.isclose(float(adfq_modules.round_loss(torch.tensor([0.0, 50.0, -50.0]), 2.0)), 1.0, abs_tol=1e-6)
+    assert math.isclose(float(adfq_modules.round_loss(torch.tensor([math.log(1 / 3)]), 2.0)), 1 - 0.6 ** 2, rel_tol=1e-5)
+    b = lambda s, w=0.0: adfq_modules.beta_schedule(s, 100, 20, 2, w)  # noqa: E731
     assert math.isclose(b(0), 20 - 18 * 0.01) and math.isclose(b(49), 11) and math.isclose(b(99), 2)
     assert b(10, 0.2) == 20 and math.isclose(b(19, 0.2), 20) and math.isclose(b(59, 0.2), 11)
 
 
 def test_adaround_hard_rounding_follows_v():
-    q = adfq.AdaRoundQuantizer(4)
+    q = adfq_modules.AdaRoundQuantizer(4)
     w = torch.tensor([[0.26, 0.74, -0.26]])
     q.calibrate(w)
     q.delta, q.zero_point = torch.tensor([0.5]), torch.tensor([8.0])
@@ -85,7 +87,7 @@ def test_adaround_hard_rounding_follows_v():
 
 
 def test_adaround_init_matches_fraction():
-    q = adfq.AdaRoundQuantizer(4)
+    q = adfq_modules.AdaRoundQuantizer(4)
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
     q.calibrate(w)
     d = q.delta.reshape(-1, 1)
@@ -99,7 +101,7 @@ def test_bad_config(kw):
     with pytest.raises(EamError):
         adfq.ADFQConfig(**kw).validate()
     with pytest.raises(EamError):
-        adfq.OutlierAwareQuantizer(4, alpha=0.0)
+        adfq_modules.OutlierAwareQuantizer(4, alpha=0.0)
 
 
 def test_ablation_has_the_eight_rows():
@@ -132,9 +134,10 @@ def _attn_out(model, images):
 def test_reconstruction_lowers_module_mse(digits_images, tmp_path):
     fp = _digits_model()
     ref = _attn_out(fp, digits_images)
-    base = dict(calib_size=32, init_size=32, iterations=300, batch_size=8, warmup=0.2, progress=False)
-    rtn = adfq.quantize_(_digits_model(), adfq.ADFQConfig(amo=False, **base), digits_images)
-    rec = adfq.quantize_(_digits_model(), adfq.ADFQConfig(checkpoint_dir=str(tmp_path), **base), digits_images)
+    base = dict(calib_size=32, init_size=32, iterations=300, batch_size=8, warmup=0.2)
+    rtn = quantize_(_digits_model(), adfq.ADFQConfig(amo=False, **base), digits_images, progress=False)
+    rec = quantize_(_digits_model(), adfq.ADFQConfig(**base), digits_images, progress=False,
+                    checkpoint_dir=tmp_path)
     mse_rtn = float((_attn_out(rtn, digits_images) - ref).pow(2).mean())
     mse_rec = float((_attn_out(rec, digits_images) - ref).pow(2).mean())
     assert mse_rec < mse_rtn
@@ -142,12 +145,13 @@ def test_reconstruction_lowers_module_mse(digits_images, tmp_path):
     assert [r["kind"] for r in rows] == ["attn", "mlp"]
     assert rows[0]["mse_after"] < rows[0]["mse_before"]
     # Resuming from the per-module checkpoints reproduces the model without training.
-    again = adfq.quantize_(_digits_model(), adfq.ADFQConfig(checkpoint_dir=str(tmp_path), **base), digits_images)
+    again = quantize_(_digits_model(), adfq.ADFQConfig(**base), digits_images, progress=False,
+                    checkpoint_dir=tmp_path)
     assert all(r["resumed"] for r in again.eam_quant_report["units"])
     with torch.no_grad():
         assert torch.equal(again(digits_images), rec(digits_images))
     with pytest.raises(EamError, match="other settings"):
-        adfq.quantize_(_digits_model(), adfq.ADFQConfig(checkpoint_dir=str(tmp_path), **{**base, "iterations": 3}),
-                       digits_images)
+        quantize_(_digits_model(), adfq.ADFQConfig(**{**base, "iterations": 3}), digits_images, progress=False,
+                  checkpoint_dir=tmp_path)
     report = adfq.outlier_report(rec)
     assert [r["input_of"] for r in report] == ["qkv", "fc1"]

@@ -11,6 +11,9 @@ from torch import nn
 import eamvit
 from eamvit.errors import EamError
 from eamvit.methods import pmq
+from eamvit.methods.quantize import quantize_
+from eamvit.modules.quant_layers import PatchBitsQuantizer
+from eamvit.ops.pareto import choose, pareto_frontier
 
 TINY = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2))
 
@@ -71,16 +74,16 @@ def test_pareto_frontier_matches_exhaustive_search():
         cost = sum(options[l][c][1] for l, c in enumerate(pick))
         configs.append((size, cost, pick))
     front = [c for c in configs if not any(_dominated(c, o) for o in configs)]
-    got = pmq.pareto_frontier(options)
+    got = pareto_frontier(options)
     assert sorted((s, round(c, 12)) for s, c, _ in got) == sorted((s, round(c, 12)) for s, c, _ in front)
     for s, c, pick in got:  # the choices rebuild their own size and cost
         assert s == sum(options[l][i][0] for l, i in enumerate(pick))
         assert math.isclose(c, sum(options[l][i][1] for l, i in enumerate(pick)))
     for budget in (30, 45, 60, 90, 120):
         best = min((c for c in configs if c[0] <= budget), key=lambda c: c[1])
-        assert math.isclose(pmq.choose(got, budget)[1], best[1])
+        assert math.isclose(choose(got, budget)[1], best[1])
     with pytest.raises(EamError, match="budget"):
-        pmq.choose(got, 29)  # the smallest configuration is 2·(3+5+7) = 30
+        choose(got, 29)  # the smallest configuration is 2·(3+5+7) = 30
 
 
 def test_aas_on_a_hand_made_attention_map():
@@ -97,7 +100,7 @@ def test_aas_on_a_hand_made_attention_map():
 
 def test_patch_bits_quantizer_uses_each_tokens_bits():
     x = torch.randn(2, 2, 4, 8, generator=torch.Generator().manual_seed(0))
-    q = pmq.PatchBitsQuantizer(torch.tensor([8, 2, 8, 2]), token_dim=-2)
+    q = PatchBitsQuantizer(torch.tensor([8, 2, 8, 2]), token_dim=-2)
     out = q(x)
     err = (out - x).abs().mean(dim=(0, 1, 3))
     assert float(err[[0, 2]].max()) < float(err[[1, 3]].min())
@@ -125,18 +128,21 @@ def test_end_to_end_and_impossible_budget(tmp_path):
     images = torch.randn(8, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     model = eamvit.create_model(TINY[0], model_kwargs=TINY[1])
-    cfg = pmq.PMQConfig.from_string("4/8/4(MP)", calib_size=8, progress=False)
-    pmq.quantize_(model, cfg, (images, labels))
+    cfg = pmq.PMQConfig.from_string("4/8/4(MP)", calib_size=8)
+    quantize_(model, cfg, (images, labels))
     rep = model.eam_quant_report
     assert rep["chosen_size_mb"] <= rep["budget_mb"] + 1e-12
     assert {r["bits"] for r in rep["components"]} <= set(range(2, 9))
     assert len(rep["patch_bits"]) == 2 and all(r["patches"] == 17 for r in rep["patch_bits"])
     assert model(images).shape == (8, 3)
     files = pmq.write_report(rep, tmp_path)
-    assert all(f.is_file() for f in files)
+    from eamvit.plots.quant import plot_pmq_frontier
+
+    plot_pmq_frontier(rep, tmp_path / "pmq_frontier.png")
+    assert all(f.is_file() for f in files + [tmp_path / "pmq_frontier.png"])
     with pytest.raises(EamError, match="budget"):
-        pmq.quantize_(eamvit.create_model(TINY[0], model_kwargs=TINY[1]),
-                      pmq.PMQConfig(size_budget_mb=1e-6, calib_size=8, progress=False), images)
+        quantize_(eamvit.create_model(TINY[0], model_kwargs=TINY[1]),
+                      pmq.PMQConfig(size_budget_mb=1e-6, calib_size=8), images)
     with pytest.raises(EamError):
         pmq.PMQConfig(micro_batch=0).validate()
 

@@ -10,8 +10,8 @@ import eamvit
 from eamvit.modules.attention import attention_layers
 from eamvit.errors import EamError
 from eamvit.modules.quantizers import LogSqrt2Quantizer, UniformQuantizer, find_quantizers, set_quant_enabled
-from eamvit.methods.repq import (QuantConv2d, QuantLinear, RepQConfig, attn_deltas, load_quantized, prepare_,
-                               quantize_, reparam_pairs, save_quantized)
+from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
+from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas, prepare_, reparam_pairs
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
 

@@ -7,7 +7,8 @@ import torch
 
 from eamvit.errors import EamError
 from eamvit.methods.kl import cls_row_grid, compute_kl_maps, kl_maps, per_head_stats
-from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit.methods.quantize import quantize_
+from eamvit.methods.repq import RepQConfig
 from eamvit.experiments.quant_sweep import QuantSweepConfig, model_bytes, quant_sweep, size_table_markdown, table1_markdown
 
 from conftest import TINY_SWIN, TINY_VIT, make

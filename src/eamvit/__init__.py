@@ -27,10 +27,12 @@ _API = {
     "PruneConfig": "eamvit.methods.prune",
     "prune_": "eamvit.methods.prune",
     "unprune_": "eamvit.methods.prune",
+    "quantize_": "eamvit.methods.quantize",
+    "save_quantized": "eamvit.methods.quantize",
+    "load_quantized": "eamvit.methods.quantize",
     "RepQConfig": "eamvit.methods.repq",
-    "quantize_": "eamvit.methods.repq",
-    "save_quantized": "eamvit.methods.repq",
-    "load_quantized": "eamvit.methods.repq",
+    "ADFQConfig": "eamvit.methods.adfq",
+    "PMQConfig": "eamvit.methods.pmq",
 }
 
 __all__ = sorted(_API) + ["__version__"]

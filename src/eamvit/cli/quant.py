@@ -1,10 +1,10 @@
 """The quantization side of the ``eamvit`` command: options and the commands, over the Python API.
 
-``eval --quant repq``, ``sweep --quant repq`` and ``quantize``. RepQ-ViT calibrates on a seeded
-random ``--quant-calib-size`` (32) images of the calibration set (digits: the training split;
-ImageFolder: ``--calib-data`` or the held-out calibration part of ``--data``), with the evaluation
-transforms, as the reference does. ``--quant-state FILE`` loads a state saved by ``quantize``
-instead of calibrating.
+``eval --quant repq|adfq|pmq``, ``sweep --quant repq`` and ``quantize --method repq|adfq|pmq``,
+all through :func:`eamvit.quantize_`. Calibration images are a seeded random subset of the
+calibration set (digits: the training split; ImageFolder: ``--calib-data`` or the held-out
+calibration part of ``--data``), with the evaluation transforms, as the references do.
+``--quant-state FILE`` loads a state saved by ``quantize`` (any method) instead of calibrating.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from torch.utils.data import Dataset, Subset
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
-from eamvit.methods.repq import ATTN_QUANTIZERS, RepQConfig, attn_deltas, load_quantized, quantize_, save_quantized
+from eamvit.config import Config
+from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
+from eamvit.methods.repq import ATTN_QUANTIZERS, RepQConfig, attn_deltas
 
 QUANT_METHODS = ("repq", "adfq", "pmq")
 
@@ -27,13 +29,16 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
 
     Args:
         p: the sub-command parser.
-        command: ``"eval"``, ``"sweep"`` or ``"quantize"`` (``quantize`` always uses RepQ-ViT).
+        command: ``"eval"``, ``"sweep"`` or ``"quantize"``.
     """
-    g = p.add_argument_group("quantization (RepQ-ViT post-training quantization)")
-    if command != "quantize":
+    g = p.add_argument_group("quantization (RepQ-ViT, ADFQ-ViT or PMQ post-training quantization)")
+    if command == "quantize":
+        g.add_argument("--method", dest="quant", choices=QUANT_METHODS, default="repq",
+                       help="quantization method (default repq: RepQ-ViT)")
+    else:
         g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first")
         g.add_argument("--quant-state", default=None,
-                       help="load a quantized state from `eamvit quantize` instead of calibrating")
+                       help="load a quantized state (any method) from `eamvit quantize` instead of calibrating")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
     g.add_argument("--quant-calib-size", type=int, default=32,
@@ -42,10 +47,9 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
                    help="post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
     g.add_argument("--no-reparam", action="store_true",
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
-    if command != "quantize":  # --quant adfq|pmq options (ADFQ-ViT, PMQ: eamvit.experiments.compare)
-        from eamvit.experiments.compare import add_method_args
+    from eamvit.experiments.compare import add_method_args  # ADFQ-ViT and PMQ options
 
-        add_method_args(g, command)
+    add_method_args(g, command)
     if command == "sweep":
         g.add_argument("--frozen-bits", type=int, default=None,
                        help="bits of the quantized frozen values (default: --a-bits)")
@@ -56,6 +60,27 @@ def quant_config(args: argparse.Namespace) -> RepQConfig:
     return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
                       seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
                       reparam=not args.no_reparam).validate()
+
+
+def method_config(args: argparse.Namespace) -> Config:
+    """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ), validated."""
+    if getattr(args, "quant", None) in ("adfq", "pmq"):
+        from eamvit.experiments.compare import method_config as adfq_pmq_config
+
+        return adfq_pmq_config(args)
+    return quant_config(args)
+
+
+def _row(model: nn.Module) -> dict[str, Any]:
+    """Result-row fields of a quantized model."""
+    cfg = model.eam_quant_config
+    row: dict[str, Any] = {"quant": cfg.KIND, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
+    if cfg.KIND == "pmq":
+        row["bits"] = cfg.label
+        report = getattr(model, "eam_quant_report", None)
+        if report:
+            row["size_mb"] = round(report["chosen_size_mb"], 4)
+    return row
 
 
 def wants_quant(args: argparse.Namespace) -> bool:
@@ -95,16 +120,12 @@ def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Datase
     Returns:
         Extra result-row fields (``quant``, ``w_bits``, ``a_bits``).
     """
-    if getattr(args, "quant", None) in ("adfq", "pmq"):
-        from eamvit.experiments.compare import quantize_method
-
-        return quantize_method(args, model, _calib_set(cal, cal_idx))
     if getattr(args, "quant_state", None):
         load_quantized(model, args.quant_state)
     else:
-        quantize_(model, quant_config(args), _calib_set(cal, cal_idx))
-    cfg = model.eam_quant_config
-    return {"quant": "repq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
+        quantize_(model, method_config(args), _calib_set(cal, cal_idx), progress=True,
+                  checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+    return _row(model)
 
 
 def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
@@ -116,18 +137,20 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
 
 
 def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
-    """``eamvit quantize``: calibrate RepQ-ViT and save the quantized state."""
+    """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import ensure_writable_dir
 
     out = Path(args.out)
     ensure_writable_dir(out.parent if str(out.parent) else ".")
     model, _ = load_model(args)
     _, _, cal, cal_idx, _ = build_data(args, model, need_calib=True)
-    cfg = quant_config(args)
-    quantize_(model, cfg, _calib_set(cal, cal_idx))
+    cfg = method_config(args)
+    quantize_(model, cfg, _calib_set(cal, cal_idx), progress=True,
+              checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
     save_quantized(model, out)
-    print(f"wrote {out}: RepQ-ViT W{cfg.w_bits}/A{cfg.a_bits}, calibrated on {cfg.calib_size} images "
-          f"(seed {cfg.seed}); load it with --quant-state {out}")
+    name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits}, calibrated on "
+          f"{cfg.calib_size} images (seed {cfg.seed}); load it with --quant-state {out}")
 
 
 def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
@@ -174,7 +197,8 @@ def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    s = sub.add_parser("quantize", help="RepQ-ViT post-training quantization; saves the quantized state")
+    s = sub.add_parser("quantize", help="post-training quantization (RepQ-ViT, ADFQ-ViT or PMQ); saves the "
+                       "quantized state with weights packed at their bit width")
     add_model_args(s)
     add_data_args(s)
     add_quant_args(s, "quantize")

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from eamvit.errors import EamError
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods import adfq, pmq, repq
+from eamvit.methods.quantize import quantize_
 from eamvit.modules.quantizers import Quantizer
 
 METHODS = ("fp", "repq", "adfq", "pmq")
@@ -100,7 +101,6 @@ def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
     return runs
 
 
-_QUANTIZE = {"repq": repq.quantize_, "adfq": adfq.quantize_, "pmq": pmq.quantize_}
 NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}
 
 
@@ -139,7 +139,7 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
         model.eval()
         t0 = time.perf_counter()
         if method != "fp":
-            _QUANTIZE[method](model, cfg, calib)
+            quantize_(model, cfg, calib, progress=config.progress)
         seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"method": method, "bits": label, "size_mb": round(model_size_mb(model), 4),
                                "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
@@ -188,8 +188,8 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
     Returns:
         ``(rows, markdown)``.
     """
-    cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations, progress=False),
-                        pmq=pmq.PMQConfig(progress=False), pmq_budgets=("8/8/4(MP)",),
+    cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations),
+                        pmq=pmq.PMQConfig(), pmq_budgets=("8/8/4(MP)",),
                         freeze_sparsity=freeze_sparsity, progress=False)
     rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
     return rows, markdown_table(rows, model_name)
@@ -227,7 +227,7 @@ def method_config(args: Any) -> adfq.ADFQConfig | pmq.PMQConfig:
         return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
                                calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
                                amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
-                               checkpoint_dir=args.adfq_checkpoint_dir, seed=getattr(args, "seed", 0)).validate()
+                               seed=getattr(args, "seed", 0)).validate()
     text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
     return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
                                      seed=getattr(args, "seed", 0))
@@ -237,8 +237,6 @@ def validate_method_args(args: Any) -> None:
     """Fail early on bad ``--quant adfq|pmq`` options."""
     if getattr(args, "quant", None) not in ("adfq", "pmq"):
         return
-    if getattr(args, "quant_state", None):
-        raise EamError("--quant-state holds a RepQ-ViT state; ADFQ-ViT and PMQ calibrate each run (drop --quant-state)")
     if getattr(args, "command", None) == "sweep":
         raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
     method_config(args)
@@ -247,10 +245,9 @@ def validate_method_args(args: Any) -> None:
 def quantize_method(args: Any, model: nn.Module, calib: Dataset) -> dict[str, Any]:
     """Quantize ``model`` with ``--quant adfq|pmq``; returns the extra result-row fields."""
     cfg = method_config(args)
+    quantize_(model, cfg, calib, checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
     if args.quant == "adfq":
-        adfq.quantize_(model, cfg, calib)
         return {"quant": "adfq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
-    pmq.quantize_(model, cfg, calib)
     rep = model.eam_quant_report
     return {"quant": "pmq", "bits": cfg.label, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
             "size_mb": round(rep["chosen_size_mb"], 4)}
@@ -283,8 +280,8 @@ def cmd_compare(args: Any, load_model: Callable, build_data: Callable) -> None:
     cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                         settings=_settings(args.settings),
                         pmq_budgets=tuple(s.strip() for s in re_split_budgets(args.pmq_budgets)),
-                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations, calib_size=args.adfq_calib_size,
-                                             progress=True).validate(),
+                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
+                                             calib_size=args.adfq_calib_size).validate(),
                         freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)

@@ -33,7 +33,8 @@ from eamvit.errors import EamError
 from eamvit.methods.freeze import FreezeConfig, FreezeReport, freeze_, unfreeze_
 from eamvit.methods.kl import compute_kl_maps
 from eamvit.modules.quantizers import Quantizer
-from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas, quantize_
+from eamvit.methods.quantize import quantize_
+from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(10))
 EvaluateFn = Callable[..., dict]
@@ -172,7 +173,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
     if q_model is None:
         q_model = copy.deepcopy(fp_model)
-        quantize_(q_model, config, repq_calib if repq_calib is not None else calib_dataset)
+        quantize_(q_model, config, repq_calib if repq_calib is not None else calib_dataset, progress=False)
     qcfg = getattr(q_model, "eam_quant_config", None)
     if qcfg is None:
         raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")

@@ -143,7 +143,7 @@ def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *
 
     Args:
         fp_model: the full-precision model.
-        q_model: its quantized copy (:func:`eamvit.methods.repq.quantize_`).
+        q_model: its quantized copy (:func:`eamvit.quantize_`).
         dataset: items ``(image, target)``.
         indices: the images (all by default), the same for both models.
         bits: histogram bits (``2^b`` bins on [0, 1]).

@@ -9,7 +9,7 @@ text, so the readings used here are stated where they are implemented:
   cross-entropy on the calibration images with their labels, or with the model's own predictions
   when there are none. :func:`hessian_sensitivity` is the Hessian-trace alternative (HAWQ-v2,
   Hutchinson), for the paper's Table II time comparison.
-* **Pareto-frontier allocation** (eq. 16–17, :func:`pareto_frontier`): per component and bit width
+* **Pareto-frontier allocation** (eq. 16–17, :func:`eamvit.ops.pareto.pareto_frontier`): per component and bit width
   ``b ∈ 2..8``, perturbation ``Ω_c(b) = I_c · ‖Q_b(W_c) − W_c‖²`` and size ``n_c · b`` bits; the exact
   frontier of (total size, total Ω) over all configurations is built by merging non-dominated sets,
   and the configuration with the lowest Ω within the size budget is chosen.
@@ -21,29 +21,33 @@ text, so the readings used here are stated where they are implemented:
   v tokens of each ViT attention (:class:`PatchBitsQuantizer`): the operands of the two quadratic
   matmuls AAS is meant to shrink. The allocation is static (computed once on the calibration set).
 
-The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`) with the allocated per-layer weight
+The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`: its surgery, refined here) with the allocated per-layer weight
 bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
 post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
 Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
+The frontier figure is :func:`eamvit.plots.quant.plot_pmq_frontier`.
 """
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from eamvit.modules.attention import EamAttention, attention_layers, observe
+from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, check_quant_bits)
-from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, prepare_, reparameterize_
+from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
+from eamvit.modules.attention import EamAttention, attention_layers, observe
+from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
+from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
+from eamvit.ops.pareto import choose, pareto_frontier
 
 METRICS = ("fisher", "hessian")
 BASES = ("repq", "percentile")
@@ -66,7 +70,7 @@ def parse_bits_config(text: str) -> dict[str, Any]:
 
 
 @dataclass
-class PMQConfig:
+class PMQConfig(Config):
     """PMQ settings.
 
     Args:
@@ -88,7 +92,8 @@ class PMQConfig:
         percentiles: range-search percentiles.
         quantize_head: quantize (and allocate bits to) the classifier head.
         seed: seed of the calibration subset and of the Hutchinson vectors.
-        progress: progress bars.
+
+    Progress bars are an argument of :func:`eamvit.quantize_`, not a field.
     """
 
     w_bits: int = 8
@@ -108,7 +113,9 @@ class PMQConfig:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     quantize_head: bool = True
     seed: int = 0
-    progress: bool = True
+
+    KIND = "pmq"
+    VERSION = 1
 
     @classmethod
     def from_string(cls, text: str, **kw: Any) -> "PMQConfig":
@@ -145,20 +152,6 @@ class PMQConfig:
             raise EamError(f"size_budget_mb={self.size_budget_mb!r} must be a positive size in MB")
         self.percentiles = tuple(float(p) for p in self.percentiles)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["percentiles"], d["bit_choices"] = list(self.percentiles), list(self.bit_choices)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PMQConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("percentiles", "bit_choices"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw).validate()
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -253,52 +246,6 @@ def quant_perturbation(weight: torch.Tensor, bits: int, percentiles: Sequence[fl
         return float((q(w) - w).double().pow(2).sum())
 
 
-# --------------------------------------------------------------------------- Pareto frontier
-
-
-def pareto_frontier(options: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float, tuple[int, ...]]]:
-    """Exact Pareto frontier of per-layer choices with additive size and cost.
-
-    Args:
-        options: per layer, ``(size, cost)`` of each choice.
-
-    Returns:
-        ``(total size, total cost, choice index per layer)`` for every non-dominated configuration,
-        by increasing size (and strictly decreasing cost); ties keep the first configuration found.
-    """
-    if not options or any(len(o) == 0 for o in options):
-        raise EamError("the Pareto search needs at least one choice per layer")
-    # Levels of (size, cost, parent index, choice) so configurations are rebuilt at the end only.
-    levels: list[list[tuple[float, float, int, int]]] = [[(0.0, 0.0, -1, -1)]]
-    for opts in options:
-        cands = [(s + os_, c + oc, pi, ci) for pi, (s, c, _, _) in enumerate(levels[-1])
-                 for ci, (os_, oc) in enumerate(opts)]
-        cands.sort(key=lambda t: (t[0], t[1]))
-        kept: list[tuple[float, float, int, int]] = []
-        for t in cands:
-            if not kept or t[1] < kept[-1][1]:
-                kept.append(t)
-        levels.append(kept)
-    out = []
-    for k, (s, c, _, _) in enumerate(levels[-1]):
-        choice, idx = [], k
-        for lvl in range(len(levels) - 1, 0, -1):
-            _, _, parent, ci = levels[lvl][idx]
-            choice.append(ci)
-            idx = parent
-        out.append((s, c, tuple(reversed(choice))))
-    return out
-
-
-def choose(frontier: Sequence[tuple[float, float, tuple[int, ...]]], budget: float) -> tuple[float, float, tuple[int, ...]]:
-    """The frontier point with the lowest cost whose size is within ``budget``."""
-    ok = [p for p in frontier if p[0] <= budget * (1 + 1e-12)]
-    if not ok:
-        raise EamError(f"no bit configuration fits the size budget {budget:.6g}; the smallest needs "
-                       f"{min(p[0] for p in frontier):.6g}: raise the budget or allow fewer bits")
-    return min(ok, key=lambda p: (p[1], p[0]))
-
-
 # --------------------------------------------------------------------------- AAS
 
 
@@ -324,68 +271,17 @@ def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor
     return out.clamp(MIN_BITS, MAX_BITS)
 
 
-class PatchBitsQuantizer(Quantizer):
-    """Uniform per-tensor quantization with one bit width per token position (AAS).
-
-    Tokens sharing a bit width share one :class:`UniformQuantizer` (lazily calibrated on them).
-
-    Args:
-        token_bits: bits per token position ``(N,)``.
-        token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
-        percentiles: range-search percentiles.
-    """
-
-    def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
-        token_bits = torch.as_tensor(token_bits, dtype=torch.long)
-        super().__init__(int(token_bits.max()), "tensor", percentiles=percentiles)
-        self.register_buffer("token_bits", token_bits.clone())
-        self.token_dim = token_dim
-        self.groups = nn.ModuleDict({str(b): UniformQuantizer(int(b), "tensor", percentiles=percentiles)
-                                     for b in sorted(set(token_bits.tolist()))})
-
-    def extra_repr(self) -> str:
-        counts = {b: int((self.token_bits == int(b)).sum()) for b in self.groups}
-        return f"token_bits={counts}, enabled={self.enabled}"
-
-    @property
-    def inited(self) -> bool:
-        return all(q.inited for q in self.groups.values())
-
-    def reset(self) -> None:
-        for q in self.groups.values():
-            q.reset()
-
-    def _index(self, b: str, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[self.token_dim] != self.token_bits.numel():
-            raise EamError(f"AAS allocated {self.token_bits.numel()} patches but the input has "
-                           f"{x.shape[self.token_dim]}; run the model at its calibration image size")
-        return (self.token_bits == int(b)).nonzero().flatten().to(x.device)
-
-    @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
-        for b, q in self.groups.items():
-            q.calibrate(x.index_select(self.token_dim, self._index(b, x)))
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dim = self.token_dim % x.dim()
-        for b, q in self.groups.items():
-            idx = self._index(b, x)
-            out = out.index_copy(dim, idx, q.fake_quant(x.index_select(dim, idx)))
-        return out
-
-
 @torch.no_grad()
 def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Per ViT attention layer (Swin windows are skipped), eq. 12's patch importance on ``images``."""
+    """Per ViT attention layer (Swin windows are skipped), eq. 12's :func:`patch_importance` on ``images``
+    (averaged over all images, accumulated in double)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
             if attn.dim() == 4:  # (B, H, N, N): ViT
-                sums[i] = sums.get(i, 0) + attn.detach().double().mean(dim=(1, 2)).sum(0)
+                sums[i] = sums.get(i, 0) + patch_importance(attn.detach().double()) * attn.shape[0]
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
 
@@ -400,33 +296,8 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
 # --------------------------------------------------------------------------- quantize
 
 
-def _calib_batch(calib: Any, n: int, seed: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(images, labels or None)`` from a tensor, an ``(images, labels)`` pair or a dataset."""
-    if isinstance(calib, (tuple, list)) and len(calib) == 2 and isinstance(calib[0], torch.Tensor):
-        images, labels = calib
-    elif isinstance(calib, torch.Tensor):
-        images, labels = calib, None
-    elif isinstance(calib, Dataset):
-        from eamvit.methods.data import random_subset
-
-        if len(calib) < n:
-            raise EamError(f"PMQ needs {n} calibration images but the set has {len(calib)}; lower calib_size")
-        items = [calib[i] for i in random_subset(calib, n, seed=seed)]
-        items = [it for it in items if it is not None]
-        if len(items) < n:
-            raise EamError(f"only {len(items)} of {n} calibration images could be read")
-        return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
-    else:
-        raise EamError("PMQ needs calibration images: a (B, C, H, W) tensor, (images, labels) or a dataset")
-    if images.dim() != 4:
-        raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
-    if images.shape[0] < n:
-        raise EamError(f"PMQ needs {n} calibration images but {images.shape[0]} were given; lower calib_size")
-    return images[:n], (labels[:n] if labels is not None else None)
-
-
 def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
-             labels: Optional[torch.Tensor] = None) -> dict[str, Any]:
+             labels: Optional[torch.Tensor] = None, progress: bool = False) -> dict[str, Any]:
     """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery).
 
     Returns:
@@ -438,9 +309,9 @@ def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
     comps = weight_components(model, config.quantize_head)
     t0 = time.perf_counter()
     if config.metric == "fisher":
-        imp = fisher_sensitivity(model, images, labels, comps, config.micro_batch, config.progress)
+        imp = fisher_sensitivity(model, images, labels, comps, config.micro_batch, progress)
     else:
-        imp = hessian_sensitivity(model, images, labels, comps, config.hutchinson_samples, config.seed, config.progress)
+        imp = hessian_sensitivity(model, images, labels, comps, config.hutchinson_samples, config.seed, progress)
     metric_seconds = time.perf_counter() - t0
     n_params = [m.weight.numel() for _, m in comps]
     total = sum(n_params)
@@ -463,97 +334,85 @@ def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
     }
 
 
-def quantize_(model: nn.Module, config: Optional[PMQConfig] = None, calib_images: Any = None) -> nn.Module:
-    """Quantize ``model`` in place with PMQ and return it (mirrors :func:`.repq.quantize_`).
-
-    Args:
-        model: an instrumented timm ViT / DeiT (Swin: no AAS) in full precision.
-        config: :class:`PMQConfig` (``PMQConfig.from_string("6/6/6(MP)")``).
-        calib_images: a tensor, an ``(images, labels)`` pair or a dataset of ``(image, target)``.
-
-    Returns:
-        ``model`` with ``eam_quant_config`` and ``eam_quant_report`` (:func:`allocate`'s dict plus
-        ``patch_bits`` per layer and ``calib_seconds``).
-
-    Raises:
-        EamError: bad settings, an impossible budget, too few images, an already quantized model.
-    """
-    config = (config or PMQConfig()).validate()
-    if calib_images is None:
-        raise EamError("PMQ needs calibration images")
-    t0 = time.perf_counter()
-    images, labels = _calib_batch(calib_images, config.calib_size, config.seed)
-    device = next(model.parameters()).device
-    model.eval()
-    report = allocate(model, config, images, labels)
-    importance = attention_importance(model, images) if config.aas else {}
-    rcfg = RepQConfig(w_bits=max(config.bit_choices) if config.mixed else config.w_bits, a_bits=config.a_bits,
+def _repq_config(config: PMQConfig) -> RepQConfig:
+    """The RepQ-ViT surgery PMQ starts from (the largest bit choice for weights with mixed precision)."""
+    return RepQConfig(w_bits=max(config.bit_choices) if config.mixed else config.w_bits, a_bits=config.a_bits,
                       calib_size=config.calib_size, seed=config.seed, percentiles=config.percentiles,
                       reparam=config.base == "repq", attn_quantizer=config.attn_quantizer,
                       quantize_head=config.quantize_head)
-    pairs = prepare_(model, rcfg)
-    try:
-        _apply_bits(model, config, report, importance)
-        with torch.no_grad():
-            model(images.to(device))  # lazy, sequential initialisation
-        reparameterize_(pairs)
-    except BaseException:
-        model.eam_quant_config = None
-        raise
-    model.eam_quant_config = config
-    report["calib_seconds"] = time.perf_counter() - t0
-    model.eam_quant_report = report
-    return model
 
 
-def _apply_bits(model: nn.Module, config: PMQConfig, report: dict, importance: dict[int, torch.Tensor]) -> None:
-    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits."""
+def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
+             token_bits: dict[int, torch.Tensor]) -> None:
+    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits.
+
+    Args:
+        weight_bits: bits per quantized Linear / Conv (by module name, as :func:`weight_components`).
+        token_bits: bits per patch, per ViT attention layer number.
+    """
     mods = dict(model.named_modules())
-    for row in report["components"]:
-        m = mods[row["name"]]
+    for name, bits in weight_bits.items():
+        m = mods[name]
         if isinstance(m, (QuantLinear, QuantConv2d)):
-            m.weight_quantizer.bits = check_quant_bits(int(row["bits"]))
+            m.weight_quantizer.bits = check_quant_bits(int(bits))
     if config.base == "percentile":
         for m in model.modules():
             if isinstance(m, QuantLinear) and m.input_quantizer.granularity == "channel":
                 m.input_quantizer.granularity = "tensor"
-    p = config.patch_bits
-    patch_rows = []
     for layer in attention_layers(model):
-        if not isinstance(layer, EamAttention):
-            continue  # Swin windows: AAS is defined on ViT patches
-        imp = importance.get(layer.eam_layer)
-        n = imp.numel() if imp is not None else None
-        tb = aas_bits(imp, p, config.aas_step) if imp is not None else None
-        if tb is None:
-            continue
-        for name in ("q", "k", "v"):
-            setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, -2, config.percentiles))
-        patch_rows.append({"layer": layer.eam_layer, "patches": n, "mean_bits": float(tb.float().mean()),
-                           "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}})
-    report["patch_bits"] = patch_rows
+        tb = token_bits.get(layer.eam_layer)
+        if isinstance(layer, EamAttention) and tb is not None:  # Swin windows: AAS is defined on ViT patches
+            for name in ("q", "k", "v"):
+                setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, -2, config.percentiles))
 
 
-def write_report(report: dict, out_dir: str | Path, title: str = "PMQ") -> list[Path]:
-    """Write ``pmq_allocation.csv``, ``pmq_frontier.csv``, ``pmq.json`` and ``pmq_frontier.png``."""
+def _patch_rows(token_bits: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    return [{"layer": l, "patches": tb.numel(), "mean_bits": float(tb.float().mean()),
+             "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}} for l, tb in token_bits.items()]
+
+
+def _structure(model: nn.Module) -> dict[str, Any]:
+    """The AAS patch bits per layer: the one part of a PMQ model its config does not determine."""
+    return {"patch_bits": {str(l.eam_layer): l.eam_quant.q.token_bits.tolist() for l in attention_layers(model)
+                           if isinstance(getattr(l.eam_quant, "q", None), PatchBitsQuantizer)}}
+
+
+def _rebuild(model: nn.Module, config: PMQConfig, structure: dict) -> None:
+    pairs = prepare_(model, _repq_config(config))
+    try:
+        token_bits = {int(l): torch.tensor(b, dtype=torch.long) for l, b in structure.get("patch_bits", {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise EamError("the PMQ state's patch bits are unreadable; quantize the model again") from None
+    _refine_(model, config, {}, token_bits)  # per-layer weight bits: restored with every quantizer's bits
+    reparam_structure_(pairs)
+
+
+@register_quantize_handler(PMQConfig, rebuild=_rebuild, structure=_structure)
+def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
+    """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
+    RepQ-ViT's calibration with the allocated bits.
+
+    Returns:
+        :func:`allocate`'s dict plus ``patch_bits`` per layer.
+    """
+    images, labels = calibration_images(calib, config.calib_size, seed=config.seed)
+    report = allocate(model, config, images, labels, progress=run.progress)
+    importance = attention_importance(model, images) if config.aas else {}
+    token_bits = {l: aas_bits(imp, config.patch_bits, config.aas_step) for l, imp in importance.items()}
+    pairs = prepare_(model, _repq_config(config))
+    _refine_(model, config, {r["name"]: r["bits"] for r in report["components"]}, token_bits)
+    calibrate_(model, images, pairs)
+    report["patch_bits"] = _patch_rows(token_bits)
+    return report
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``pmq_allocation.csv``, ``pmq_frontier.csv`` and ``pmq.json`` (the figure:
+    :func:`eamvit.plots.quant.plot_pmq_frontier`)."""
     from eamvit.io import ensure_writable_dir, write_csv, write_json
-    from eamvit.plots.entropy import plt, save_figure
 
     out = ensure_writable_dir(out_dir)
     write_csv(out / "pmq_allocation.csv", report["components"])
     write_csv(out / "pmq_frontier.csv", report["frontier"])
     write_json(out / "pmq.json", report)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["size_mb"] for r in report["frontier"]]
-    ys = [max(r["perturbation"], 1e-30) for r in report["frontier"]]
-    ax.step(xs, ys, where="post", label="Pareto frontier")
-    ax.scatter([report["chosen_size_mb"]], [max(report["chosen_perturbation"], 1e-30)], color="C3", zorder=3,
-               label="chosen")
-    ax.axvline(report["budget_mb"], color="gray", ls="--", lw=1, label="budget")
-    ax.set_yscale("log")
-    ax.set_xlabel("quantized weights (MB)")
-    ax.set_ylabel("Σ importance · ‖ΔW‖²")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    save_figure(fig, out / "pmq_frontier.png")
-    return [out / n for n in ("pmq_allocation.csv", "pmq_frontier.csv", "pmq.json", "pmq_frontier.png")]
+    return [out / n for n in ("pmq_allocation.csv", "pmq_frontier.csv", "pmq.json")]

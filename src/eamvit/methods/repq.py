@@ -14,7 +14,7 @@ What is quantized (fake-quantized in float, as the reference simulates it):
 
 Not quantized: softmax input, LayerNorm arithmetic, residual adds, Swin's relative-position bias.
 
-Calibration (:func:`quantize_`): one batch of ``calib_size`` images; pass 1 runs the model with
+Calibration (:func:`eamvit.quantize_` with a :class:`RepQConfig`): one batch of ``calib_size`` images; pass 1 runs the model with
 every quantizer enabled and initialised lazily in forward order, so each layer is calibrated on
 already-quantized upstream activations. Then, per LayerNorm → Linear pair, with the pair's per-channel
 input parameters ``(Δ_c, zp_c)``: ``Δ_t = mean Δ_c``, ``zp_t = mean zp_c`` (not rounded),
@@ -24,7 +24,8 @@ input parameters ``(Δ_c, zp_c)``: ``Δ_t = mean Δ_c``, ``zp_t = mean zp_c`` (n
 quantizers, which depend on the weights alone, so they are re-initialised directly (same result,
 one forward less).
 
-Model surgery swaps classes (``nn.Linear`` → :class:`QuantLinear`, ``nn.Conv2d`` →
+Model surgery (:func:`prepare_`, the one set-up step of all three methods: ADFQ-ViT and PMQ refine
+its quantizers) swaps classes (``nn.Linear`` → :class:`QuantLinear`, ``nn.Conv2d`` →
 :class:`QuantConv2d`, exact types only) and attaches an :class:`AttentionQuantizers` to each
 instrumented attention as ``eam_quant``; LayerNorm → Linear pairs are found from the block classes
 (timm ViT ``Block``, Swin ``SwinTransformerBlock`` and ``PatchMerging``), never from module names.
@@ -32,34 +33,28 @@ In timm ≥ 0.9 Swin feeds patch merging a 4-D NHWC tensor: the channel is the l
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from timm.layers import Mlp
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from timm.models.vision_transformer import Block
 
-from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
+from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.io import load_tensors, save_tensors
-from eamvit.methods.models import ModelSpec, model_spec
-from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, JsonConfig, Quantizer, UniformQuantizer, check_quant_bits, find_quantizers,
-                         make_quantizer)
+from eamvit.methods.quantize import QuantRun, calibration_images, is_quantized, register_quantize_handler
+from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
+from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
+from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
 
-FORMAT = "eamvit-repq/1"
 ATTN_QUANTIZERS = ("logsqrt2", "log2", "uniform")
 
 
 @dataclass
-class RepQConfig(JsonConfig):
+class RepQConfig(Config):
     """RepQ-ViT settings; defaults are the reference code's.
 
     Args:
@@ -90,6 +85,9 @@ class RepQConfig(JsonConfig):
     vit_scale_first: bool = False
     quantize_head: bool = True
 
+    KIND = "repq"
+    VERSION = 1
+
     def validate(self) -> "RepQConfig":
         check_quant_bits(self.w_bits, "w_bits")
         check_quant_bits(self.a_bits, "a_bits")
@@ -103,50 +101,7 @@ class RepQConfig(JsonConfig):
 
 
 
-# --------------------------------------------------------------------------- quantized modules
-
-
-class QuantLinear(nn.Linear):
-    """``nn.Linear`` with an input and a weight quantizer (set by :func:`prepare_`)."""
-
-    input_quantizer: Quantizer
-    weight_quantizer: Quantizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
-
-
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with an input and a weight quantizer (set by :func:`prepare_`)."""
-
-    input_quantizer: Quantizer
-    weight_quantizer: Quantizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
-
-
-class AttentionQuantizers(nn.Module):
-    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` and the score order.
-
-    Args:
-        a_bits: bits of all four.
-        attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
-        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False.
-        percentiles: range-search percentiles.
-    """
-
-    def __init__(self, a_bits: int, attn_quantizer: str, scale_first: bool,
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
-        super().__init__()
-        self.q = UniformQuantizer(a_bits, percentiles=percentiles)
-        self.k = UniformQuantizer(a_bits, percentiles=percentiles)
-        self.v = UniformQuantizer(a_bits, percentiles=percentiles)
-        self.attn = make_quantizer(attn_quantizer, a_bits, percentiles=percentiles)
-        self.scale_first = scale_first
-
-    def extra_repr(self) -> str:
-        return f"scale_first={self.scale_first}"
+# --------------------------------------------------------------------------- surgery
 
 
 _LINEAR_SWAP: dict[type, type] = {nn.Linear: QuantLinear}
@@ -198,10 +153,6 @@ def _head_modules(model: nn.Module) -> set[int]:
     return {id(h) for h in heads if isinstance(h, nn.Module)}
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return getattr(model, "eam_quant_config", None) is not None
-
-
 def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     """Swap in the quantized modules with uninitialised quantizers (no calibration).
 
@@ -233,33 +184,7 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
     for layer in layers:
         scale_first = True if isinstance(layer, EamWindowAttention) else config.vit_scale_first
         layer.eam_quant = AttentionQuantizers(config.a_bits, config.attn_quantizer, scale_first, pct)
-    if not config.reparam:
-        pairs = []
-    model.eam_quant_config = config
-    return pairs
-
-
-def _calib_images(calib: torch.Tensor | Dataset, config: RepQConfig) -> torch.Tensor:
-    """The calibration batch: the first ``calib_size`` images of a tensor, or a seeded random subset of a dataset."""
-    n = config.calib_size
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() != 4:
-            raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(calib.shape)}")
-        if calib.shape[0] < n:
-            raise EamError(f"calibration needs {n} images but {calib.shape[0]} were given; "
-                           "lower calib_size (--quant-calib-size) or give more images")
-        return calib[:n]
-    from eamvit.methods.data import random_subset
-
-    if len(calib) < n:
-        raise EamError(f"calibration needs {n} images but the calibration set has {len(calib)}; "
-                       "lower calib_size (--quant-calib-size)")
-    items = [calib[i] for i in random_subset(calib, n, seed=config.seed)]
-    good = [it[0] for it in items if it is not None]
-    if len(good) < n:
-        raise EamError(f"calibration needs {n} images but only {len(good)} of the {n} chosen could be read; "
-                       "lower --calib-size or fix the unreadable files")
-    return torch.stack(good)
+    return pairs if config.reparam else []
 
 
 @torch.no_grad()
@@ -272,7 +197,7 @@ def reparameterize_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
     for norm, lin in pairs:
         iq = lin.input_quantizer
         if not isinstance(iq, UniformQuantizer) or not iq.inited or iq.granularity != "channel":
-            raise EamError("reparameterization needs calibrated per-channel input quantizers; run quantize_")
+            raise EamError("reparameterization needs calibrated per-channel input quantizers; run eamvit.quantize_")
         d_c, zp_c = iq.delta.reshape(-1).to(lin.weight.device), iq.zero_point.reshape(-1).to(lin.weight.device)
         min_c = -zp_c * d_c
         d_t, zp_t = d_c.mean(), zp_c.mean()
@@ -290,39 +215,31 @@ def reparameterize_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
         lin.weight_quantizer.calibrate(lin.weight)
 
 
-def quantize_(model: nn.Module, config: Optional[RepQConfig] = None,
-              calib_images: torch.Tensor | Dataset | None = None) -> nn.Module:
-    """Quantize ``model`` in place with RepQ-ViT and return it.
+@torch.no_grad()
+def calibrate_(model: nn.Module, images: torch.Tensor, pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
+    """Pass 1 (every quantizer initialised lazily in forward order) then the reparameterization."""
+    model(images.to(next(model.parameters()).device))
+    reparameterize_(pairs)
 
-    Args:
-        model: an instrumented timm ViT / DeiT (distilled too) / Swin in full precision.
-        config: :class:`RepQConfig` (W4/A4, 32 images by default).
-        calib_images: a ``(B, C, H, W)`` tensor (its first ``calib_size`` images are used) or a
-            dataset of ``(image, target)`` (a seeded random subset of ``calib_size``); preprocess
-            with the evaluation transforms.
 
-    Returns:
-        ``model``, with ``model.eam_quant_config`` set.
+def reparam_structure_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
+    """What :func:`reparameterize_` changes in the structure (per-tensor inputs, a bias), without data."""
+    for _, lin in pairs:
+        lin.input_quantizer.granularity = "tensor"
+        if lin.bias is None:
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
 
-    Raises:
-        EamError: bits outside 2..8, too few calibration images, an already quantized or
-            unsupported model.
-    """
-    config = (config or RepQConfig()).validate()
-    if calib_images is None:
-        raise EamError("RepQ-ViT needs calibration images")
-    images = _calib_images(calib_images, config)
-    device = next(model.parameters()).device
-    model.eval()
-    pairs = prepare_(model, config)
-    try:
-        with torch.no_grad():
-            model(images.to(device))  # pass 1: lazy, sequential initialisation
-        reparameterize_(pairs)
-    except BaseException:
-        model.eam_quant_config = None
-        raise
-    return model
+
+def _rebuild(model: nn.Module, config: RepQConfig, structure: dict) -> None:
+    reparam_structure_(prepare_(model, config))
+
+
+@register_quantize_handler(RepQConfig, rebuild=_rebuild)
+def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
+    """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization (see the module doc)."""
+    images, _ = calibration_images(calib, config.calib_size, seed=config.seed)
+    calibrate_(model, images, prepare_(model, config))
+    return {"calib_images": int(images.shape[0])}
 
 
 def attn_deltas(model: nn.Module) -> list[torch.Tensor]:
@@ -336,74 +253,3 @@ def attn_deltas(model: nn.Module) -> list[torch.Tensor]:
             raise EamError("frozen values need a per-tensor post-softmax quantizer")
         out.append(qz.attn.delta.detach().cpu())
     return out
-
-
-# --------------------------------------------------------------------------- save / load
-
-
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save the quantized state (quantizer parameters + reparameterized weights) to ``path`` (safetensors).
-
-    The JSON metadata holds the :class:`RepQConfig` and the model's :class:`~eamvit.models.ModelSpec`,
-    so :func:`load_quantized` refuses a state made for another model.
-    """
-    config = getattr(model, "eam_quant_config", None)
-    if config is None:
-        raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
-    missing = [n for n, q in model.named_modules() if isinstance(q, Quantizer) and not q.inited]
-    if missing:
-        raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
-                       "calibrate with quantize_ before saving")
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "model": model_spec(model).to_dict(), "config": config.to_dict()}
-    save_tensors(path, tensors, meta)
-    return Path(path)
-
-
-def read_quantized_meta(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a quantized-state file, or a clear EamError."""
-    return load_tensors(path, FORMAT, "quantized state", "make one with `eamvit quantize`")
-
-
-def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Quantize a fresh full-precision ``model`` from a state saved by :func:`save_quantized`.
-
-    Args:
-        model: the same model (name, kwargs, checkpoint) the state was made for, not yet quantized.
-        path: the ``.safetensors`` file.
-
-    Returns:
-        ``model``, whose logits equal those of the model that was saved.
-    """
-    meta, tensors = read_quantized_meta(path)
-    # Compare as stored: JSON turns the tuples of model kwargs (e.g. Swin depths) into lists.
-    spec = ModelSpec(**json.loads(json.dumps(model_spec(model).to_dict())))
-    theirs = meta.get("model", {})
-    if not spec.same_model(theirs):
-        def show(d: dict) -> str:
-            ck = d.get("checkpoint_sha256")
-            return f"{d.get('name')} {d.get('model_kwargs') or ''}".strip() + (f" checkpoint {ck[:12]}" if ck else "")
-        raise EamError(f"quantized state {path} was made for {show(theirs)}, not for {show(spec.to_dict())}; "
-                       "quantize this model with `eamvit quantize`")
-    config = RepQConfig.from_dict(meta.get("config", {}))
-    pairs = prepare_(model, config)
-    for norm, lin in pairs:  # the structure the reparameterization left behind
-        lin.input_quantizer.granularity = "tensor"
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-    own = model.state_dict()
-    own_keys = set(own) | {n + "." + p for n, q in model.named_modules() if isinstance(q, Quantizer)
-                           for p in q._param_names}
-    missing = sorted(own_keys - set(tensors))
-    unexpected = sorted(set(tensors) - own_keys)
-    shapes = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
-    if missing or unexpected or shapes:
-        model.eam_quant_config = None
-        what = (f"{len(missing)} missing, e.g. {missing[0]}" if missing else
-                f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
-                f"shape mismatch at {shapes[0]}")
-        raise EamError(f"quantized state {path} does not fit this model ({what}); "
-                       "quantize it again with `eamvit quantize`")
-    device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
-    return model

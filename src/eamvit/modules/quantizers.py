@@ -11,8 +11,10 @@ Range search (RepQ-ViT's code): for each percentile ``p`` of ``percentiles`` the
 the lowest mean squared error wins, the first one on ties. Quantiles use linear interpolation with
 exactly :func:`torch.quantile`'s rank arithmetic (``float32(p)·(n-1)`` in double, float32 weight),
 but are computed with :func:`torch.topk` on the tails, so there is no input-size limit and no Python
-loop over channels or tokens. Above ``2^24`` elements, where :func:`torch.quantile` refuses and the
-reference falls back to ``numpy.percentile``, ranks use ``p`` in double as numpy does.
+loop over channels or tokens. Above ``2^24`` elements the reference's rule depends on the torch it
+runs on: older torch refuses such inputs and the reference falls back to ``numpy.percentile`` (``p`` in
+double), recent torch accepts them and ranks as below the limit. Which one applies is probed once on
+the installed torch (:func:`torch_quantile_accepts_large`).
 
 Granularity: ``"tensor"``, ``"channel"`` (one range per index of ``channel_dim``, over all other
 dims: per output row for weights with ``channel_dim=0``, per channel over B·N for activations with
@@ -25,7 +27,7 @@ quantizer is the identity.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
+import functools
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -33,38 +35,16 @@ import torch
 from torch import nn
 
 from eamvit.errors import EamError
-from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
+from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_codes, uniform_fake_quant
 
 GRANULARITIES = ("tensor", "channel", "token")
 SEARCHES = ("mse", "minmax")
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
 MIN_BITS, MAX_BITS = 2, 8
-# torch.quantile refuses inputs above 2^24 elements; the reference then uses numpy.percentile.
+# Older torch.quantile refuses inputs above 2^24 elements; the reference then uses numpy.percentile.
 _TORCH_QUANTILE_LIMIT = 1 << 24
 # Floor of a searched step: a constant channel has max == min, which the reference divides by (NaN).
 DELTA_FLOOR = 1e-8
-
-
-class JsonConfig:
-    """``to_dict``/``from_dict`` for the dataclass configs of the quantization methods.
-
-    JSON turns the ``percentiles`` tuple into a list; ``from_dict`` turns it back and validates, and
-    ignores keys a newer or older version may have written.
-    """
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if "percentiles" in d:
-            d["percentiles"] = list(d["percentiles"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "percentiles" in kw:
-            kw["percentiles"] = tuple(kw["percentiles"])
-        return cls(**kw).validate()
 
 
 def check_quant_bits(bits: Any, what: str = "bits") -> int:
@@ -90,9 +70,23 @@ def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
 # --------------------------------------------------------------------------- quantiles
 
 
+@functools.lru_cache(maxsize=None)
+def torch_quantile_accepts_large() -> bool:
+    """Whether the installed :func:`torch.quantile` takes more than 2^24 elements (probed once, cached).
+
+    Where it does, the reference ranks such inputs with torch (float32 rank); where it refuses, the
+    reference falls back to ``numpy.percentile`` (double rank).
+    """
+    try:
+        torch.quantile(torch.zeros(_TORCH_QUANTILE_LIMIT + 1), 0.5)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _rank(p: float, n: int) -> tuple[int, int, float]:
-    """``(below, above, weight)`` of quantile ``p`` over ``n`` sorted values, as torch.quantile computes it."""
-    if n <= _TORCH_QUANTILE_LIMIT:
+    """``(below, above, weight)`` of quantile ``p`` over ``n`` sorted values, as the reference computes it."""
+    if n <= _TORCH_QUANTILE_LIMIT or torch_quantile_accepts_large():
         r = float(np.float32(p)) * (n - 1)  # torch casts q to the input dtype, then ranks in double
         w = float(np.float32(r - math.floor(r)))
     else:
@@ -292,6 +286,10 @@ class UniformQuantizer(Quantizer):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return uniform_fake_quant(x, self._view(self.delta, x), self._view(self.zero_point, x), self.bits)
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` (``uint8``, the shape of ``x``) that :meth:`fake_quant` dequantizes."""
+        return uniform_codes(x, self._view(self.delta, x), self._view(self.zero_point, x), self.bits)
+
     def set_params(self, delta: torch.Tensor | float, zero_point: torch.Tensor | float,
                    granularity: Optional[str] = None) -> None:
         """Set Δ and the zero point directly (a float zero point is allowed, as RepQ's reparam gives).
@@ -397,11 +395,6 @@ def make_quantizer(kind: str, bits: int, **kwargs: Any) -> Quantizer:
 def find_quantizers(model: nn.Module) -> list[Quantizer]:
     """Every quantizer module of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, Quantizer)]
-
-
-# Older name, kept for the modules that import it; the package does not re-export it, so that
-# ``eamvit.modules.quantizers`` stays this module.
-quantizers = find_quantizers
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:

@@ -54,3 +54,19 @@ def log2_fake_quant(x: torch.Tensor, delta: torch.Tensor | float, bits: int) -> 
 def logsqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor | float, bits: int) -> torch.Tensor:
     """``q = clamp(round(-2·log2(x/Δ)), 0, 2^b - 1)``, value ``Δ·2^(-q/2)``; codes ``≥ 2^b`` map to 0."""
     return _log_fake_quant(x, delta, bits, 2)
+
+
+def uniform_codes(x: torch.Tensor, delta: torch.Tensor | float, zero_point: torch.Tensor | float,
+                  bits: int) -> torch.Tensor:
+    """The integer codes ``clamp(round(x/Δ) + zp, 0, 2^b - 1)`` of :func:`uniform_fake_quant`, as ``uint8``."""
+    return torch.clamp(torch.round(x / delta) + zero_point, 0, (1 << bits) - 1).to(torch.uint8)
+
+
+def uniform_dequant(codes: torch.Tensor, delta: torch.Tensor | float,
+                    zero_point: torch.Tensor | float) -> torch.Tensor:
+    """``(q - zp)·Δ`` in float32: the value :func:`uniform_fake_quant` gives for code ``q``.
+
+    With an integer zero point, ``uniform_fake_quant`` of this value gives it back bit for bit
+    (``round`` recovers ``q - zp`` exactly), so codes are a lossless store of fake-quantized weights.
+    """
+    return (codes.to(torch.float32) - zero_point) * delta

@@ -1,0 +1,391 @@
+"""The one quantization verb, the one calibration input, and one save / load for every method.
+
+``quantize_(model, config, calib)`` dispatches on the type of ``config`` through a registry, as
+torchao's ``quantize_`` does: each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines
+its config and registers its handler with :func:`register_quantize_handler`, so holding a config
+means its handler is registered.
+
+Calibration input, for every method: a tensor ``(B, C, H, W)``, an ``(images, targets)`` pair, an
+iterable of batches (a DataLoader yielding :class:`~eamvit.methods.data.Batch` or ``(images,
+targets)`` tuples), or a map-style dataset (a seeded random subset of it, ``config.seed``). Batches
+are read one at a time and reading stops as soon as the method has the images it asks for.
+
+The saved state (:func:`save_quantized`) stores each quantized weight as its integer codes packed at
+its bit width (:mod:`eamvit.ops.pack`) next to its per-channel step and zero point; everything else
+(reparameterized LayerNorms, biases, activation-quantizer parameters) as in the model's
+``state_dict``; and in the metadata the config, the model spec, each quantizer's bits and
+granularity, and the method's structure (PMQ's patch bits). Loading unpacks the codes into weights
+whose fake quantization is bit for bit the saved model's.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.io import load_tensors, save_tensors
+from eamvit.methods.models import ModelSpec, model_spec
+from eamvit.modules.quantizers import Quantizer, UniformQuantizer, find_quantizers
+from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
+from eamvit.ops.quant import uniform_dequant
+
+FORMAT = "eamvit-quant/1"
+REMEDY = "make one with `eamvit quantize`"
+# Where each method's config lives: loading a file imports only the module its method needs.
+_METHOD_MODULES = {"repq": "eamvit.methods.repq", "adfq": "eamvit.methods.adfq", "pmq": "eamvit.methods.pmq"}
+_CODES = ".codes"
+
+C = TypeVar("C", bound=Config)
+
+
+@dataclass
+class QuantRun:
+    """Runtime settings of one quantization (never saved with the config).
+
+    Args:
+        progress: progress bars.
+        checkpoint_dir: folder for resumable per-module checkpoints (ADFQ-ViT), None: none.
+    """
+
+    progress: bool = True
+    checkpoint_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class QuantizeHandler:
+    """What a method registers.
+
+    Args:
+        quantize: ``f(model, config, calib, run) -> report``: surgery and calibration, in place.
+        rebuild: ``f(model, config, structure)``: the surgery alone, as the finished model has it
+            (for :func:`load_quantized`).
+        structure: ``f(model) -> dict``: what ``rebuild`` needs beyond the config (JSON-ready).
+    """
+
+    quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
+    rebuild: Callable[[nn.Module, Any, dict], None]
+    structure: Callable[[nn.Module], dict]
+
+
+_HANDLERS: dict[type, QuantizeHandler] = {}
+
+
+def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Module, Any, dict], None],
+                              structure: Optional[Callable[[nn.Module], dict]] = None) -> Callable:
+    """Decorator: ``f(model, config, calib, run) -> report`` quantizes models for ``config_type``.
+
+    Args:
+        config_type: a :class:`~eamvit.config.Config` subclass with a unique ``KIND``.
+        rebuild: the surgery without calibration (see :class:`QuantizeHandler`).
+        structure: what ``rebuild`` needs beyond the config; default none.
+    """
+    def register(fn: Callable) -> Callable:
+        _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}))
+        return fn
+    return register
+
+
+def _handler(config: Any) -> QuantizeHandler:
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise EamError(f"no quantization method is registered for {type(config).__name__}; "
+                   "pass a RepQConfig, ADFQConfig or PMQConfig")
+
+
+def _config_type(kind: Any) -> type:
+    module = _METHOD_MODULES.get(kind)
+    if module is None:
+        raise EamError(f"quantization method {kind!r} is not one of {', '.join(_METHOD_MODULES)}")
+    importlib.import_module(module)
+    return next(cls for cls in _HANDLERS if cls.KIND == kind)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` went through :func:`quantize_` or :func:`load_quantized`."""
+    return getattr(model, "eam_quant_config", None) is not None
+
+
+# --------------------------------------------------------------------------- calibration input
+
+
+def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Iterator[Any]:
+    from eamvit.methods.data import make_loader, random_subset
+
+    if len(ds) < limit:
+        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
+                       "lower calib_size (--quant-calib-size)")
+    return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
+
+
+def _as_pair(item: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if hasattr(item, "images") and hasattr(item, "targets"):  # eamvit Batch
+        return item.images, item.targets
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
+        return item[0], (torch.as_tensor(item[1]) if len(item) > 1 else None)
+    raise EamError(f"a calibration batch must be a tensor, an eamvit Batch or (images, targets), "
+                   f"not {type(item).__name__}")
+
+
+def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
+                        batch_size: int = 32) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(images, targets or None)`` batches of ``calib``, stopping after ``limit`` images.
+
+    Args:
+        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
+            (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
+            of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
+        limit: images wanted.
+        seed: seed of the subset of a dataset.
+        batch_size: batch size for tensors and datasets.
+    """
+    if calib is None:
+        raise EamError("quantization needs calibration images")
+    if isinstance(calib, torch.Tensor) or (isinstance(calib, tuple) and len(calib) == 2
+                                           and isinstance(calib[0], torch.Tensor)):
+        source: Any = iter([calib])
+    elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
+        source = _dataset_batches(calib, limit, seed, batch_size)
+    else:
+        source = iter(calib)
+    taken = 0
+    for item in source:
+        images, targets = _as_pair(item)
+        if images.numel() == 0:  # a batch whose every file was unreadable
+            continue
+        if images.dim() != 4:
+            raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        images, targets = images[: limit - taken], (targets[: limit - taken] if targets is not None else None)
+        taken += images.shape[0]
+        if images.shape[0]:
+            yield images, targets
+        if taken >= limit:
+            return
+
+
+def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels.
+
+    Labels are None unless every batch had them. Raises :class:`EamError` when fewer than ``n`` come.
+    """
+    images, labels = [], []
+    for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
+        images.append(x)
+        labels.append(y)
+    got = sum(x.shape[0] for x in images)
+    if got < n:
+        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
+                       "lower calib_size (--quant-calib-size) or give more images")
+    y = torch.cat(labels) if all(t is not None for t in labels) else None
+    return torch.cat(images), y
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.device | str | None = None,
+              progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
+    """Quantize ``model`` in place with the method ``config`` names and return it.
+
+    Args:
+        model: an instrumented timm ViT / DeiT / Swin in full precision (``eamvit.create_model``).
+        config: :class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig`
+            or :class:`~eamvit.methods.pmq.PMQConfig`.
+        calib: calibration images (see :func:`calibration_batches`); preprocess them as for evaluation.
+        device: move the model there first (None: where it is).
+        progress: progress bars.
+        checkpoint_dir: resumable per-module checkpoints (ADFQ-ViT's reconstruction).
+
+    Returns:
+        ``model`` with ``eam_quant_config`` (the config) and ``eam_quant_report`` (the method's report
+        and ``calib_seconds``).
+
+    Raises:
+        EamError: a bad config, too few calibration images, an already quantized or unsupported model.
+    """
+    handler = _handler(config)
+    config.validate()
+    if is_quantized(model) or find_quantizers(model):
+        raise EamError("the model is already quantized; quantize a fresh full-precision model")
+    if device is not None:
+        model.to(device)
+    model.eval()
+    run = QuantRun(progress=progress, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    t0 = time.perf_counter()
+    try:
+        report = handler.quantize(model, config, calib, run)
+    except BaseException:
+        model.eam_quant_config = None
+        raise
+    model.eam_quant_config = config
+    model.eam_quant_report = {**report, "calib_seconds": time.perf_counter() - t0}
+    return model
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _packable(module: nn.Module) -> Optional[UniformQuantizer]:
+    """The weight quantizer of ``module`` when its weight is stored as codes: enabled, uniform, with an
+    integer zero point (so the codes give the fake-quantized weights back exactly)."""
+    wq = getattr(module, "weight_quantizer", None)
+    if not isinstance(wq, UniformQuantizer) or not wq.enabled or not wq.inited:
+        return None
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    zp = wq.zero_point
+    return wq if bool(torch.equal(zp, torch.round(zp))) else None
+
+
+def _pack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Replace each packable ``<name>.weight`` in ``tensors`` by ``<name>.weight.codes``."""
+    packed = {}
+    for name, m in model.named_modules():
+        wq = _packable(m)
+        if wq is None:
+            continue
+        key = f"{name}.weight"
+        with torch.no_grad():
+            codes = wq.codes(m.weight.detach())
+        tensors.pop(key)
+        tensors[key + _CODES] = pack_bits(codes, wq.bits).cpu()
+        packed[key] = {"bits": wq.bits, "shape": list(m.weight.shape)}
+    return packed
+
+
+def _quantizer_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {n: {"bits": q.bits, "granularity": q.granularity} for n, q in model.named_modules()
+            if isinstance(q, Quantizer)}
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically).
+
+    Raises:
+        EamError: the model is not quantized or a quantizer was never calibrated.
+    """
+    config = getattr(model, "eam_quant_config", None)
+    if config is None:
+        raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
+    missing = [n for n, q in model.named_modules() if isinstance(q, Quantizer) and not q.inited]
+    if missing:
+        raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
+                       "calibrate with quantize_ before saving")
+    handler = _handler(config)
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    packed = _pack(model, tensors)
+    meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
+            "config": config.to_dict(), "structure": handler.structure(model),
+            "quantizers": _quantizer_attrs(model), "packed": packed}
+    save_tensors(path, tensors, meta)
+    return Path(path)
+
+
+def _check_model(model: nn.Module, meta: dict, path: Any) -> None:
+    # Compare as stored: JSON turns the tuples of model kwargs (e.g. Swin depths) into lists.
+    spec = ModelSpec(**json.loads(json.dumps(model_spec(model).to_dict())))
+    theirs = meta.get("model", {})
+    if not isinstance(theirs, dict) or not spec.same_model(theirs):
+        def show(d: dict) -> str:
+            ck = d.get("checkpoint_sha256")
+            return f"{d.get('name')} {d.get('model_kwargs') or ''}".strip() + (f" checkpoint {ck[:12]}" if ck else "")
+        raise EamError(f"quantized state {path} was made for {show(theirs if isinstance(theirs, dict) else {})}, "
+                       f"not for {show(spec.to_dict())}; quantize this model with `eamvit quantize`")
+
+
+def _misfit(path: Any, what: str) -> EamError:
+    return EamError(f"quantized state {path} does not fit this model ({what}); quantize it again with `eamvit quantize`")
+
+
+def _apply_attrs(model: nn.Module, attrs: Any, path: Any) -> None:
+    own = {n: q for n, q in model.named_modules() if isinstance(q, Quantizer)}
+    if not isinstance(attrs, dict) or set(attrs) != set(own):
+        extra = sorted(set(own) ^ set(attrs if isinstance(attrs, dict) else {}))
+        raise _misfit(path, f"quantizers differ, e.g. {extra[0] if extra else '?'}")
+    for name, a in attrs.items():
+        own[name].bits = int(a["bits"])
+        own[name].granularity = str(a["granularity"])
+
+
+def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor], packed: Any, path: Any) -> None:
+    """Turn each ``<name>.weight.codes`` of ``tensors`` back into ``<name>.weight``."""
+    if not isinstance(packed, dict):
+        raise _misfit(path, "no packing table")
+    for key, info in packed.items():
+        name = key[: -len(".weight")]
+        try:
+            module = model.get_submodule(name)
+            bits, shape = int(info["bits"]), tuple(int(s) for s in info["shape"])
+            codes = tensors.pop(key + _CODES)
+            delta = tensors[f"{name}.weight_quantizer.delta"]
+            zp = tensors[f"{name}.weight_quantizer.zero_point"]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise _misfit(path, f"packed weight {key} has no place or no step / zero point") from None
+        if tuple(module.weight.shape) != shape or codes.numel() != packed_size(module.weight.numel(), bits):
+            raise _misfit(path, f"shape mismatch at {key}")
+        q = unpack_bits(codes, bits, module.weight.numel()).reshape(shape)
+        view = (-1,) + (1,) * (len(shape) - 1) if delta.dim() == 1 else ()
+        tensors[key] = uniform_dequant(q, delta.reshape(view), zp.reshape(view))
+
+
+def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
+    own = model.state_dict()
+    own_keys = set(own) | {n + "." + p for n, q in model.named_modules() if isinstance(q, Quantizer)
+                           for p in q._param_names}
+    missing = sorted(own_keys - set(tensors))
+    unexpected = sorted(set(tensors) - own_keys)
+    shapes = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or shapes:
+        raise _misfit(path, f"{len(missing)} missing, e.g. {missing[0]}" if missing else
+                      f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
+                      f"shape mismatch at {shapes[0]}")
+
+
+def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
+    return load_tensors(path, FORMAT, "quantized state", REMEDY)
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Quantize a fresh full-precision ``model`` from a state saved by :func:`save_quantized` (any method).
+
+    Args:
+        model: the same model (name, kwargs, checkpoint) the state was made for, not yet quantized.
+        path: the ``.safetensors`` file.
+
+    Returns:
+        ``model``, whose logits equal those of the model that was saved.
+
+    Raises:
+        EamError: a missing or unreadable file, a state for another model, or one that does not fit.
+    """
+    meta, tensors = read_quantized(path)
+    _check_model(model, meta, path)
+    if is_quantized(model) or find_quantizers(model):
+        raise EamError("the model is already quantized; load the state into a fresh full-precision model")
+    cls = _config_type(meta.get("method"))
+    config = cls.from_dict(meta.get("config", {}))
+    try:
+        _handler(config).rebuild(model, config, meta.get("structure") or {})
+        _apply_attrs(model, meta.get("quantizers"), path)
+        _unpack(model, tensors, meta.get("packed"), path)
+        _check_keys(model, tensors, path)
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
+    except BaseException:
+        model.eam_quant_config = None
+        raise
+    model.eam_quant_config = config
+    return model

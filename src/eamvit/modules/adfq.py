@@ -1,0 +1,271 @@
+"""ADFQ-ViT's quantizer modules (Jiang et al., 2024) on the shared quantizer family.
+
+* :class:`OutlierAwareQuantizer` (POQ): per-token uniform quantization with full-precision outliers.
+* :class:`ShiftLogQuantizer` (SLQ): ``Q(x − min x + ε) + min x − ε`` with a log quantizer ``Q``.
+* :class:`AdaRoundQuantizer`: per-output-channel weights with AdaRound's learned rounding.
+* Learnable-step variants of the uniform and log quantizers (straight-through gradients), whose
+  values are always those of :mod:`eamvit.ops.quant`.
+
+The training that uses them (module-wise reconstruction) is :mod:`eamvit.methods.adfq`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from eamvit.errors import EamError
+from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, Log2Quantizer, LogSqrt2Quantizer, Quantizer,
+                                       UniformQuantizer)
+from eamvit.ops.quant import uniform_fake_quant
+
+LOG_KINDS = ("logsqrt2", "log2")
+OUTLIER_MODES = ("abs", "upper")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _with_grad(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` (the exact fake-quant arithmetic) carrying the gradients of ``surrogate``."""
+    return value + (surrogate - surrogate.detach())
+
+
+def _learning(*ts: Any) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+class LearnableUniformQuantizer(UniformQuantizer):
+    """:class:`UniformQuantizer` whose Δ can be learned: LSQ-style straight-through gradients.
+
+    The values always come from :func:`~eamvit.ops.quant.uniform_fake_quant`; when Δ or the input needs a
+    gradient, the gradient is that of the same formula with straight-through rounding.
+    """
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        d, zp = self._view(self.delta, x), self._view(self.zero_point, x)
+        if not _learning(d, x):
+            return uniform_fake_quant(x, d, zp, self.bits)
+        value = uniform_fake_quant(x.detach(), d.detach(), zp, self.bits)
+        levels = (1 << self.bits) - 1
+        surrogate = (torch.clamp(round_ste(x / d) + zp, 0, levels) - zp) * d
+        return _with_grad(value, surrogate)
+
+
+class _LearnableLogMixin:
+    """Learnable Δ for the log quantizers (post-softmax, SLQ inner quantizer)."""
+
+    _steps_per_octave: int
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._view(self.delta, x)  # type: ignore[attr-defined]
+        if not _learning(d, x):
+            return self._fq(x, d)  # type: ignore[attr-defined]
+        value = self._fq(x.detach(), d.detach())  # type: ignore[attr-defined]
+        s, levels = self._steps_per_octave, 1 << self.bits  # type: ignore[attr-defined]
+        q = round_ste(-s * torch.log2((x / d).clamp_min(1e-30)))
+        surrogate = d * torch.pow(2.0, -q.clamp_min(0) / s)
+        surrogate = torch.where(q.detach() >= levels, torch.zeros_like(surrogate), surrogate)
+        return _with_grad(value, surrogate)
+
+
+class LearnableLogSqrt2Quantizer(_LearnableLogMixin, LogSqrt2Quantizer):
+    """:class:`LogSqrt2Quantizer` with a learnable Δ."""
+
+
+class LearnableLog2Quantizer(_LearnableLogMixin, Log2Quantizer):
+    """:class:`Log2Quantizer` with a learnable Δ."""
+
+
+def log_quantizer(kind: str, bits: int, percentiles: Sequence[float]) -> Quantizer:
+    cls = LearnableLogSqrt2Quantizer if kind == "logsqrt2" else LearnableLog2Quantizer
+    return cls(bits, percentiles=percentiles)
+
+
+class OutlierAwareQuantizer(LearnableUniformQuantizer):
+    """ADFQ-ViT's Per-Patch Outlier-aware Quantizer: per-token uniform + full-precision outliers.
+
+    ``x = dense + sparse`` with ``sparse = x·[x is an outlier]``; the dense part is quantized per
+    token (Δ, zp over batch × channels, calibrated on the dense part only), outliers pass through
+    unchanged. Counts of outliers are kept for :func:`outlier_report`.
+
+    Args:
+        bits: 2..8.
+        alpha: threshold, > 0.
+        mode: ``"abs"`` (``|x| > α``, the code) or ``"upper"`` (``x ≥ α``, paper eq. 18).
+        percentiles: range-search percentiles of the dense part.
+        search: ``"mse"`` (the family's search) or ``"minmax"`` (paper eq. 16–17).
+    """
+
+    def __init__(self, bits: int, alpha: float, mode: str = "abs",
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):
+        super().__init__(bits, "token", percentiles=percentiles, search=search)
+        if not alpha > 0:
+            raise EamError(f"outlier threshold alpha={alpha!r} must be > 0")
+        if mode not in OUTLIER_MODES:
+            raise EamError(f"outlier mode {mode!r} is not one of {', '.join(OUTLIER_MODES)}")
+        self.alpha = float(alpha)
+        self.mode = mode
+        self.outliers = 0
+        self.seen = 0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", alpha={self.alpha}, mode={self.mode}"
+
+    def outlier_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() > self.alpha if self.mode == "abs" else x >= self.alpha
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dense, sparse)`` with ``dense + sparse == x`` exactly (one of the two is 0 at each entry)."""
+        mask = self.outlier_mask(x)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(mask, zero, x), torch.where(mask, x, zero)
+
+    @property
+    def outlier_ratio(self) -> float:
+        return self.outliers / self.seen if self.seen else float("nan")
+
+    def reset_counts(self) -> None:
+        self.outliers = self.seen = 0
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        super().calibrate(self.split(x)[0])
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.outlier_mask(x)
+        self.outliers += int(mask.sum())
+        self.seen += mask.numel()
+        dense = torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
+        # Outliers are exactly their full-precision value (the sparse GEMM of the paper), even where
+        # a token's range does not contain 0.
+        return torch.where(mask, x, super().fake_quant(dense))
+
+
+class ShiftLogQuantizer(Quantizer):
+    """ADFQ-ViT's Shift-Log2 Quantizer: ``Q(x − min x + ε) + min x − ε`` with a log quantizer Q.
+
+    ``min x`` is over the whole tensor and recomputed at every forward (as the code does); Q is the
+    inner ``log`` quantizer (Δ searched on the shifted calibration values).
+
+    Args:
+        bits: 2..8.
+        kind: ``"logsqrt2"`` (code) or ``"log2"`` (paper eq. 23).
+        eps: ε.
+        percentiles: range-search percentiles of Δ.
+    """
+
+    def __init__(self, bits: int, kind: str = "logsqrt2", eps: float = 1e-8,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        super().__init__(bits, "tensor", percentiles=percentiles)
+        if kind not in LOG_KINDS:
+            raise EamError(f"shift-log quantizer {kind!r} is not one of {', '.join(LOG_KINDS)}")
+        self.kind = kind
+        self.eps = float(eps)
+        self.log = log_quantizer(kind, bits, percentiles)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity=tensor, kind={self.kind}, eps={self.eps}, enabled={self.enabled}"
+
+    @property
+    def inited(self) -> bool:
+        return self.log.inited
+
+    def reset(self) -> None:
+        self.log.reset()
+
+    def _shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = x.detach().amin()
+        return x - m + self.eps, m
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        self.log.calibrate(self._shift(x)[0])
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        shifted, m = self._shift(x)
+        return self.log.fake_quant(shifted) + m - self.eps
+
+
+def rectified_sigmoid(v: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ADFQ-ViT eq. 26)."""
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    """``V`` with ``h(V) = h`` for ``0 < h < 1`` (AdaRound's initialisation from the fractional part)."""
+    return -torch.log((zeta - gamma) / (h - gamma) - 1)
+
+
+def round_loss(v: torch.Tensor, beta: float, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    """``Σ 1 − |2h(V) − 1|^β`` (ADFQ-ViT eq. 30)."""
+    return (1 - (2 * rectified_sigmoid(v, zeta, gamma) - 1).abs().pow(beta)).sum()
+
+
+def beta_schedule(step: int, total: int, start: float = 20.0, end: float = 2.0, warmup: float = 0.0) -> float:
+    """β at ``step`` (0-based) of ``total``: ``start`` until ``warmup·total``, then linear to ``end``.
+
+    Same as the reference's ``LinearTempDecay`` with its 1-based counter.
+    """
+    t, t0 = step + 1, warmup * total
+    if t < t0:
+        return float(start)
+    rel = (t - t0) / (total - t0)
+    return float(end + (start - end) * max(0.0, 1.0 - rel))
+
+
+class AdaRoundQuantizer(UniformQuantizer):
+    """Per-output-channel weight quantizer with AdaRound's learned rounding.
+
+    ``mode``: ``"nearest"`` (round to nearest, before reconstruction), ``"soft"``
+    (``clamp(⌊W/Δ⌋ + h(V) + zp, 0, 2^b − 1)``, differentiable in V) or ``"hard"`` (``h = [V ≥ 0]``,
+    the final quantized weights, computed by :func:`~eamvit.ops.quant.uniform_fake_quant`).
+    ``V`` (``alpha``) is initialised at calibration so that ``h(V)`` is the fractional part of W/Δ.
+
+    Args:
+        bits: 2..8.
+        zeta, gamma: rectified-sigmoid constants.
+        percentiles: range-search percentiles of the per-channel Δ.
+    """
+
+    _param_names = ("delta", "zero_point", "alpha")
+
+    def __init__(self, bits: int, zeta: float = 1.1, gamma: float = -0.1,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        super().__init__(bits, "channel", channel_dim=0, percentiles=percentiles)
+        self.zeta, self.gamma = zeta, gamma
+        self.mode = "nearest"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode}"
+
+    @torch.no_grad()
+    def calibrate(self, w: torch.Tensor) -> None:
+        super().calibrate(w)
+        d = self._view(self.delta, w)
+        rest = w / d - torch.floor(w / d)
+        self.alpha = inverse_rectified_sigmoid(rest, self.zeta, self.gamma).detach().clone()
+
+    def rounded_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``(⌊W/Δ⌋ + [V ≥ 0])·Δ``: the weights on the grid that the ``"hard"`` mode quantizes.
+
+        A plain :class:`UniformQuantizer` with the same Δ and zero point gives, on these weights,
+        exactly the ``"hard"`` output on ``w``: the finished model needs neither ``V`` nor this class.
+        """
+        d = self._view(self.delta, w)
+        return (torch.floor(w / d) + (self.alpha >= 0).to(w.dtype)) * d
+
+    def soft_targets(self) -> torch.Tensor:
+        return rectified_sigmoid(self.alpha, self.zeta, self.gamma)
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        d, zp = self._view(self.delta, w), self._view(self.zero_point, w)
+        if self.mode == "nearest":
+            return uniform_fake_quant(w, d, zp, self.bits)
+        floor = torch.floor(w / d)
+        if self.mode == "soft":
+            return (torch.clamp(floor + self.soft_targets() + zp, 0, (1 << self.bits) - 1) - zp) * d
+        # On the grid already: the rounding inside uniform_fake_quant only absorbs float error.
+        return uniform_fake_quant(self.rounded_weight(w), d, zp, self.bits)

@@ -1,0 +1,112 @@
+"""Quantized layers: ``nn.Linear`` / ``nn.Conv2d`` with input and weight quantizers, the quantizers
+of an instrumented attention (``eam_quant``), and PMQ's per-patch bit-width quantizer.
+
+Layers are made by class swap (``module.__class__ = QuantLinear``, exact types only) in
+:func:`eamvit.methods.repq.prepare_`; the quantizers are attached as child modules, so
+``print(model)`` shows each one with its bits and granularity.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eamvit.errors import EamError
+from eamvit.modules.quantizers import DEFAULT_PERCENTILES, Quantizer, UniformQuantizer, make_quantizer
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with an input and a weight quantizer (set by :func:`eamvit.methods.repq.prepare_`)."""
+
+    input_quantizer: Quantizer
+    weight_quantizer: Quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with an input and a weight quantizer (set by :func:`eamvit.methods.repq.prepare_`)."""
+
+    input_quantizer: Quantizer
+    weight_quantizer: Quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class AttentionQuantizers(nn.Module):
+    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` and the score order.
+
+    Args:
+        a_bits: bits of all four.
+        attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
+        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False.
+        percentiles: range-search percentiles.
+    """
+
+    def __init__(self, a_bits: int, attn_quantizer: str, scale_first: bool,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        super().__init__()
+        self.q = UniformQuantizer(a_bits, percentiles=percentiles)
+        self.k = UniformQuantizer(a_bits, percentiles=percentiles)
+        self.v = UniformQuantizer(a_bits, percentiles=percentiles)
+        self.attn = make_quantizer(attn_quantizer, a_bits, percentiles=percentiles)
+        self.scale_first = scale_first
+
+    def extra_repr(self) -> str:
+        return f"scale_first={self.scale_first}"
+
+
+class PatchBitsQuantizer(Quantizer):
+    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS).
+
+    Tokens sharing a bit width share one :class:`UniformQuantizer` (lazily calibrated on them).
+
+    Args:
+        token_bits: bits per token position ``(N,)``.
+        token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
+        percentiles: range-search percentiles.
+    """
+
+    def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        token_bits = torch.as_tensor(token_bits, dtype=torch.long)
+        super().__init__(int(token_bits.max()), "tensor", percentiles=percentiles)
+        self.register_buffer("token_bits", token_bits.clone())
+        self.token_dim = token_dim
+        self.groups = nn.ModuleDict({str(b): UniformQuantizer(int(b), "tensor", percentiles=percentiles)
+                                     for b in sorted(set(token_bits.tolist()))})
+
+    def extra_repr(self) -> str:
+        counts = {int(b): int((self.token_bits == int(b)).sum()) for b in self.groups}
+        return f"bits={self.bits} (max), granularity=tensor per bit group, token_bits={counts}, enabled={self.enabled}"
+
+    @property
+    def inited(self) -> bool:
+        return all(q.inited for q in self.groups.values())
+
+    def reset(self) -> None:
+        for q in self.groups.values():
+            q.reset()
+
+    def _index(self, b: str, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[self.token_dim] != self.token_bits.numel():
+            raise EamError(f"AAS allocated {self.token_bits.numel()} patches but the input has "
+                           f"{x.shape[self.token_dim]}; run the model at its calibration image size")
+        return (self.token_bits == int(b)).nonzero().flatten().to(x.device)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        for b, q in self.groups.items():
+            q.calibrate(x.index_select(self.token_dim, self._index(b, x)))
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dim = self.token_dim % x.dim()
+        for b, q in self.groups.items():
+            idx = self._index(b, x)
+            out = out.index_copy(dim, idx, q.fake_quant(x.index_select(dim, idx)))
+        return out

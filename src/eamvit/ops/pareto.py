@@ -1,0 +1,55 @@
+"""Exact Pareto frontier of per-layer choices with additive size and cost (PMQ's bit allocation)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from eamvit.errors import EamError
+
+Point = tuple[float, float, tuple[int, ...]]
+
+
+def _rebuild(levels: list[list[tuple[float, float, int, int]]]) -> list[Point]:
+    out = []
+    for k, (s, c, _, _) in enumerate(levels[-1]):
+        choice, idx = [], k
+        for lvl in range(len(levels) - 1, 0, -1):
+            _, _, parent, ci = levels[lvl][idx]
+            choice.append(ci)
+            idx = parent
+        out.append((s, c, tuple(reversed(choice))))
+    return out
+
+
+def pareto_frontier(options: Sequence[Sequence[tuple[float, float]]]) -> list[Point]:
+    """Exact Pareto frontier of per-layer choices with additive size and cost.
+
+    Args:
+        options: per layer, ``(size, cost)`` of each choice.
+
+    Returns:
+        ``(total size, total cost, choice index per layer)`` for every non-dominated configuration,
+        by increasing size (and strictly decreasing cost); ties keep the first configuration found.
+    """
+    if not options or any(len(o) == 0 for o in options):
+        raise EamError("the Pareto search needs at least one choice per layer")
+    # Levels of (size, cost, parent index, choice) so configurations are rebuilt at the end only.
+    levels: list[list[tuple[float, float, int, int]]] = [[(0.0, 0.0, -1, -1)]]
+    for opts in options:
+        cands = [(s + os_, c + oc, pi, ci) for pi, (s, c, _, _) in enumerate(levels[-1])
+                 for ci, (os_, oc) in enumerate(opts)]
+        cands.sort(key=lambda t: (t[0], t[1]))
+        kept: list[tuple[float, float, int, int]] = []
+        for t in cands:
+            if not kept or t[1] < kept[-1][1]:
+                kept.append(t)
+        levels.append(kept)
+    return _rebuild(levels)
+
+
+def choose(frontier: Sequence[Point], budget: float) -> Point:
+    """The frontier point with the lowest cost whose size is within ``budget``."""
+    ok = [p for p in frontier if p[0] <= budget * (1 + 1e-12)]
+    if not ok:
+        raise EamError(f"no bit configuration fits the size budget {budget:.6g}; the smallest needs "
+                       f"{min(p[0] for p in frontier):.6g}: raise the budget or allow fewer bits")
+    return min(ok, key=lambda p: (p[1], p[0]))
