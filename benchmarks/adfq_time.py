@@ -15,9 +15,7 @@ import time
 import torch
 
 import eamvit
-from eamvit.methods.repq import RepQConfig
-from eamvit.methods import adfq
-from eamvit.methods.repq import quantize_ as repq_quantize_
+from eamvit import ADFQConfig, RepQConfig, quantize_
 
 
 def main() -> None:
@@ -36,14 +34,14 @@ def main() -> None:
     model = eamvit.create_model("deit_tiny_patch16_224", model_kwargs=kw)
     n_repq = min(32, args.images)
     t0 = time.perf_counter()
-    repq_quantize_(model, RepQConfig(w_bits=4, a_bits=4, calib_size=n_repq), images)
+    quantize_(model, RepQConfig(w_bits=4, a_bits=4, calib_size=n_repq), images, progress=False)
     t_repq = time.perf_counter() - t0
 
     model = eamvit.create_model("deit_tiny_patch16_224", model_kwargs=kw)
-    cfg = adfq.ADFQConfig(w_bits=4, a_bits=4, calib_size=args.images, init_size=min(32, args.images),
-                          iterations=args.iters, batch_size=min(args.batch_size, args.images), progress=False)
+    cfg = ADFQConfig(w_bits=4, a_bits=4, calib_size=args.images, init_size=min(32, args.images),
+                     iterations=args.iters, batch_size=min(args.batch_size, args.images))
     t0 = time.perf_counter()
-    adfq.quantize_(model, cfg, images)
+    quantize_(model, cfg, images, progress=False)
     t_adfq = time.perf_counter() - t0
     units = model.eam_quant_report["units"]
     train_s = sum(u["seconds"] for u in units)

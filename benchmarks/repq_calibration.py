@@ -15,7 +15,7 @@ import time
 import torch
 
 import eamvit
-from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit import RepQConfig, quantize_
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
     for _ in range(args.repeats):
         q = copy.deepcopy(model)
         t = time.perf_counter()
-        quantize_(q, RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.images), images)
+        quantize_(q, RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.images), images,
+                  progress=False)
         cal.append(time.perf_counter() - t)
         del q
     t_cal = min(cal)

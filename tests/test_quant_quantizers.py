@@ -228,3 +228,33 @@ def test_batched_and_one_at_a_time_search_agree(monkeypatch):
     for a, b in zip(batched, looped):
         assert torch.equal(a.delta, b.delta)
     assert torch.equal(batched[0].zero_point, looped[0].zero_point)
+
+
+def test_large_input_rank_rule_matches_installed_torch():
+    """Above 2^24 elements the reference ranks with torch.quantile where the installed torch accepts such
+    inputs and with numpy (double rank) where it refuses: the probe picks the rule the installed torch has."""
+    import numpy as np
+
+    import eamvit.modules.quantizers as Q
+
+    n = (1 << 24) + 1001
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    ps = [0.99999, 1 - 0.99999]
+    got = row_quantiles(x[None], ps)[:, 0]
+    try:
+        want = torch.quantile(x, torch.tensor(ps))
+        accepted = True
+    except RuntimeError:
+        want = torch.tensor(np.percentile(x.numpy(), [p * 100 for p in ps]), dtype=torch.float32)
+        accepted = False
+    assert Q.torch_quantile_accepts_large() == accepted
+    if accepted:
+        assert torch.equal(got, want)
+        # The two rules really differ here, so the probe matters: the double rank lands elsewhere.
+        r = 0.99999 * (n - 1)
+        lo = int(math.floor(r))
+        a, b = (float(x.kthvalue(k + 1).values) for k in (lo, lo + 1))
+        double_rule = a + (b - a) * (r - lo)
+        assert float(double_rule) != float(want[0])
+    else:
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)
