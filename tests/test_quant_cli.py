@@ -91,3 +91,26 @@ def test_bad_quant_input(tmp_path, image_folder, capsys, args, needle):
     extra = ["--out", tmp_path / "x.safetensors"] if cmd == "quantize" else []
     code, out, err = run(capsys, cmd, *MODEL, "--data", image_folder, *rest, *extra)
     one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("adfq", ["--adfq-calib-size", "4", "--adfq-iterations", "2"]),
+    ("pmq", ["--pmq-config", "4/8/4(MP)"]),
+])
+def test_quantize_any_method_then_eval_from_state(tmp_path, image_folder, ckpt, capsys, method, extra):
+    state = tmp_path / f"{method}.safetensors"
+    cal = ["--calib-data", image_folder]
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+                         "--method", method, *extra, "--out", state)
+    assert code == 0, err
+    assert state.is_file() and "bytes" in out
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
+                         "--quant-state", state, "--out", tmp_path / "a")
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+                         "--quant", method, *extra, "--out", tmp_path / "b")
+    assert code == 0, err
+    a = json.loads((tmp_path / "a.json").read_text())[0]
+    b = json.loads((tmp_path / "b.json").read_text())[0]
+    assert a["quant"] == b["quant"] == method
+    assert a["top1"] == b["top1"]  # the saved state is the model calibrated in the second run
