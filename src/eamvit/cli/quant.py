@@ -42,9 +42,9 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
     g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
     g.add_argument("--quant-calib-size", type=int, default=32,
-                   help="RepQ-ViT calibration images, one batch (default 32, as the reference)")
+                   help="calibration images of RepQ-ViT (one batch) and PMQ (default 32, as both papers)")
     g.add_argument("--attn-quantizer", choices=ATTN_QUANTIZERS, default="logsqrt2",
-                   help="post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
+                   help="RepQ-ViT post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
     g.add_argument("--no-reparam", action="store_true",
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
     from eamvit.experiments.compare import add_method_args  # ADFQ-ViT and PMQ options
