@@ -153,9 +153,10 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     """
     if calib is None:
         raise EamError("quantization needs calibration images")
-    if isinstance(calib, torch.Tensor) or (isinstance(calib, tuple) and len(calib) == 2
-                                           and isinstance(calib[0], torch.Tensor)):
-        source: Any = iter([calib])
+    pair = (isinstance(calib, (tuple, list)) and len(calib) == 2 and all(isinstance(t, torch.Tensor) for t in calib)
+            and calib[0].dim() == 4 and calib[1].dim() == 1)
+    if isinstance(calib, torch.Tensor) or pair:
+        source: Any = iter([tuple(calib)] if pair else [calib])
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
         source = _dataset_batches(calib, limit, seed, batch_size)
     else:
