@@ -138,7 +138,7 @@ def test_bad_input(case, tmp_path, image_folder, ckpt, capsys):
         (tmp_path / "afile").write_text("x")
         out_file = tmp_path / "afile" / "sub" / "res"
         args[args.index("--out") + 1] = out_file
-        needle = ["cannot create output folder"]
+        needle = ["is a file, not a folder"]
     code, out, err = run(capsys, *args)
     assert_one_line_error(code, err, *needle)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

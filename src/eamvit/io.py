@@ -1,15 +1,74 @@
-"""Atomic file output: a reader never sees a half-written results file, map or checkpoint."""
+"""Atomic file output: a reader never sees a half-written results file, map or checkpoint.
+
+Every write goes to a hidden temporary folder next to its target, ``.<name>.eamvit-tmp-<pid>``;
+the finished file is renamed over the target. Libraries that keep their own temporaries
+(safetensors writes ``.tmpXXXX`` next to the file it is asked for) write them inside that folder
+too, so a run killed midway leaves exactly one discoverable folder, which the next write into the
+same folder removes once its process is gone. A full disk is one clear error and no partial file.
+"""
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
+import itertools
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from eamvit.errors import EamError
+
+TMP_TAG = ".eamvit-tmp-"
+LOCK_TAG = ".eamvit-lock"
+_counter = itertools.count()
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """The deepest existing ancestor of ``path`` (``path`` itself when it exists)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse an output file path that cannot be written, without creating anything.
+
+    Args:
+        path: the file to be written later.
+        option: the option that named it, for messages.
+    """
+    text = str(path)
+    if not text.strip():
+        raise EamError(f"{option} is empty; give a file name")
+    p = Path(text)
+    if text.endswith(os.sep) or p.is_dir():
+        raise EamError(f"{option} {p} is a directory; give a file name")
+    base = nearest_existing(p.parent if str(p.parent) else ".")
+    if not base.is_dir():
+        raise EamError(f"{option} {p}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise EamError(f"{option} {p}: folder {base} is not writable; choose a writable {option}")
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse an output folder that cannot be made or written, without creating anything."""
+    text = str(path)
+    if not text.strip():
+        raise EamError(f"{option} is empty; give a folder name")
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise EamError(f"{option} {p} is a file, not a folder")
+    base = nearest_existing(p)
+    if not base.is_dir():
+        raise EamError(f"{option} {p}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise EamError(f"{option} {p}: folder {base} is not writable; choose a writable {option}")
+    return p
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -17,6 +76,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise EamError(f"output folder {p} is a file; choose another --out") from None
     except OSError as e:
         raise EamError(f"cannot create output folder {p}: {e.strerror}; choose a writable --out") from None
     if not os.access(p, os.W_OK):
@@ -30,26 +91,81 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _owner_pid(name: str, tag: str) -> int | None:
+    tail = name.rsplit(tag, 1)[-1] if tag in name else ""
+    pid = tail.split("-")[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.*.eamvit-tmp-<pid>*`` temporaries of ``folder`` whose process is gone."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            pid = _owner_pid(entry.name, TMP_TAG) if entry.name.startswith(".") else None
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def _os_error(e: OSError, target: Path) -> EamError:
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return EamError(f"disk full while writing {target}; nothing was written, free space on that disk "
+                        "or choose another --out")
+    return EamError(f"cannot write {target}: {e.strerror or e}; choose a writable --out")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it over ``path`` only on success."""
+    """Yield a temporary path with the target's name; rename it over ``path`` only on success.
+
+    The temporary lives in a hidden folder ``.<name>.eamvit-tmp-<pid>-<n>`` next to the target, which
+    is removed on success and on failure; stale ones of dead processes are removed here first.
+    """
     target = Path(path)
-    ensure_writable_dir(target.parent if str(target.parent) else ".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
+    clean_stale_temporaries(folder)
+    tmp_dir = folder / f".{target.name}{TMP_TAG}{os.getpid()}-{next(_counter)}"
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing
+        tmp_dir.mkdir()
+        tmp = tmp_dir / target.name
+        yield tmp
+        if not tmp.exists():
+            raise EamError(f"nothing was written to {target}")
+        os.chmod(tmp, 0o666 & ~_umask())  # results are for sharing
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise _os_error(e, target) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """The one place file contents are written (tests make it fail as a full disk would)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        _write(tmp, data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -61,30 +177,74 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                w.writerow(r)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    write_text(path, buf.getvalue())
+
+
+def results_paths(stem: str | os.PathLike) -> tuple[Path, Path]:
+    """``STEM.csv`` and ``STEM.json``: the suffixes are appended to the whole stem (``eval_0.2`` ->
+    ``eval_0.2.csv``); a stem already ending in ``.csv`` or ``.json`` loses that ending first."""
+    text = str(stem)
+    for ext in (".csv", ".json"):
+        if text.endswith(ext):
+            text = text[: -len(ext)]
+    return Path(text + ".csv"), Path(text + ".json")
 
 
 def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``stem.csv`` and ``stem.json`` with the same rows."""
-    stem = Path(stem)
-    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    """Write ``stem.csv`` and ``stem.json`` with the same rows (see :func:`results_paths`)."""
+    csv_path, json_path = results_paths(stem)
     write_csv(csv_path, rows)
     write_json(json_path, list(rows))
     return csv_path, json_path
 
 
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold ``.<name>.eamvit-lock`` next to ``path`` for the whole run that writes ``path``.
+
+    A second run writing the same output fails with one line instead of silently overwriting the
+    first one's result; a lock left by a process that no longer exists is taken over.
+    """
+    target = Path(path)
+    folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
+    lock = folder / f".{target.name}{LOCK_TAG}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(lock.read_text().strip() or "0")
+                if pid and not _pid_alive(pid):
+                    lock.unlink()
+                    continue
+            raise EamError(f"another eamvit run is writing {target} (lock {lock}); wait for it or choose "
+                           "another --out") from None
+        except OSError as e:
+            raise _os_error(e, lock) from None
+    else:
+        raise EamError(f"cannot take the lock {lock}; remove it if no eamvit run is writing {target}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
     """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"eamvit": json.dumps(meta)})
+    # Serialised in memory and written by _write: a full disk is an OSError we can name.
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"eamvit": json.dumps(meta)})
+    write_bytes(path, data)
 
 
 def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
@@ -99,6 +259,8 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
     from safetensors import safe_open
 
     p = Path(path)
+    if p.is_dir():
+        raise EamError(f"{what} {p} is a folder, not a file; {remedy}")
     if not p.is_file():
         raise EamError(f"{what} {p} do not exist; {remedy}" if what.endswith("s") else
                        f"{what} {p} does not exist; {remedy}")
@@ -108,6 +270,6 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise EamError(f"cannot read {what} {p} ({type(e).__name__}); {remedy}") from None
-    if meta.get("format") != fmt:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise EamError(f"{p} is not an eamvit {what} file; {remedy}")
     return meta, tensors

@@ -24,17 +24,33 @@ def ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
+def parse_model_kwargs(items: Sequence[str]) -> dict:
+    """``["img_size=16", "depths=(2,2)"]`` -> ``{"img_size": 16, "depths": (2, 2)}`` (Python literals, else strings)."""
+    import ast
 
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not key.strip().isidentifier():
+            raise EamError(f"--model-kwargs takes KEY=VALUE pairs such as img_size=16, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="timm model name (default: the bundled digits ViT)")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
-                   help="timm.create_model overrides, e.g. img_size=16 patch_size=2 in_chans=1 num_classes=10")
+    g.add_argument("--model", default=None,
+                   help="timm model name (default: the bundled digits ViT, eamvit/assets/digits_vit.safetensors)")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="timm.create_model overrides, e.g. img_size=16 patch_size=2 in_chans=1 num_classes=10 "
+                        "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint)")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--pretrained", action="store_true", help="weights from the local timm / Hugging Face cache")
     w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps where available (default: cuda if available)")
 
 
 def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
@@ -44,20 +60,24 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size")
     if calib:
         g.add_argument("--calib-data", default=None,
-                       help="ImageFolder for calibration; default: a held-out part of --data "
-                            "(digits: the training split)")
+                       help="ImageFolder for calibration (default: the digits training split, or else a seeded "
+                            "held-out part of --data that evaluation skips; calibrate: all of --data)")
         g.add_argument("--calib-size", type=int, default=None,
-                       help="calibration images (default: 512, or the whole digits training split)")
+                       help="calibration images (default: min(512, available); a held-out part of --data takes at "
+                            "most half of it); the command prints what it used")
     g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping it")
-    t = p.add_argument_group("preprocessing overrides (default: the model's timm data config)")
-    t.add_argument("--img-size", type=int, default=None)
-    t.add_argument("--crop-pct", type=float, default=None)
+    t = p.add_argument_group("preprocessing overrides (default: the config the checkpoint carries, else the "
+                             "model's timm data config; --data digits: resized, never cropped, mean/std 0.5)")
+    t.add_argument("--img-size", type=int, default=None,
+                   help="input side in pixels, a multiple of the patch size; only for models that accept it "
+                        "(else create the model with --model-kwargs img_size=N)")
+    t.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]; 1 = no crop")
     t.add_argument("--crop-mode", default=None, choices=["center", "squash", "border"])
-    t.add_argument("--mean", type=float, nargs="+", default=None)
-    t.add_argument("--std", type=float, nargs="+", default=None)
+    t.add_argument("--mean", type=float, nargs="+", default=None, help="1 value or one per channel")
+    t.add_argument("--std", type=float, nargs="+", default=None, help="positive; 1 value or one per channel")
     t.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest", "random"])
 
 
@@ -126,16 +146,22 @@ def prune_options(args) -> dict:
 
 
 def parse_device(name: str):
+    """``--device`` as a torch device that exists on this machine, else one EamError."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise EamError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EamError(f"device {name} requested but CUDA is not available; use --device cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise EamError(f"device {name} is not available on this machine; use --device cpu"
+                       + (" or cuda" if available["cuda"] else ""))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EamError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -159,67 +185,69 @@ def is_main() -> bool:
 
 def load_model(args):
     """The model the arguments name (the bundled digits ViT when none is named)."""
-    from eamvit.experiments.digits import load_demo_model
-    from eamvit.methods.models import create_model
+    from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
 
     device = parse_device(args.device)
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.model is None and (args.pretrained or kwargs):
+        raise EamError("--pretrained/--model-kwargs need --model NAME")
     init_distributed(device)
-    if args.model is None:
-        if args.pretrained or args.model_kwargs:
-            raise EamError("--pretrained/--model-kwargs need --model NAME")
-        return load_demo_model(args.checkpoint, device=device), device
-    return create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        model_kwargs=args.model_kwargs, device=device), device
+    model = create_model(args.model or BUNDLED_MODEL, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                         model_kwargs=kwargs, device=device)
+    if model_spec(model).weights == "random" and is_main():
+        print(f"eamvit: warning: {args.model} has random weights (no --checkpoint, no --pretrained); its results "
+              "are meaningless and change from run to run", file=sys.stderr)
+    return model, device
 
 
 def data_overrides(args) -> dict:
-    ov = {"crop_pct": args.crop_pct, "crop_mode": args.crop_mode, "mean": args.mean, "std": args.std,
-          "interpolation": args.interpolation}
-    return ov
+    """The preprocessing options the user gave (``None`` where not given)."""
+    return {"img_size": args.img_size, "crop_pct": args.crop_pct, "crop_mode": args.crop_mode, "mean": args.mean,
+            "std": args.std, "interpolation": args.interpolation}
 
 
-def build_data(args, model, need_calib: bool):
-    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` from the arguments."""
-    from eamvit.methods.data import build_dataset, random_subset
+def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, evaluate: bool = True):
+    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` by the one rule of
+    :func:`eamvit.methods.data.build_splits`; prints what calibration used.
+
+    Args:
+        maps_cfg: the data config stored with loaded maps, used when no preprocessing option is given.
+    """
+    from eamvit.methods.data import build_splits
     from eamvit.methods.models import data_config
 
     ov = data_overrides(args)
     cfg = data_config(model, ov)
-    if args.img_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
-    if args.data == "digits":
-        img = cfg["input_size"][-1]
-        ev = build_dataset("digits", split="test", img_size=img)
-        cal = build_dataset("digits", split="train", img_size=img) if need_calib else None
-        ev_idx = random_subset(ev, args.num_samples, args.seed) if args.num_samples else None
-        cal_idx = random_subset(cal, args.calib_size, args.seed) if need_calib and args.calib_size else None
-        return ev, ev_idx, cal, cal_idx, cfg
-    ev = build_dataset(args.data, cfg, strict_images=args.strict_images)
-    calib_size = getattr(args, "calib_size", None)
-    if not need_calib:
-        ev_idx = random_subset(ev, args.num_samples, args.seed) if args.num_samples else None
-        return ev, ev_idx, None, None, cfg
-    if args.calib_data:
-        cal = build_dataset(args.calib_data, cfg, strict_images=args.strict_images)
-        cal_idx = random_subset(cal, min(calib_size or 512, len(cal)), args.seed)
-        ev_idx = random_subset(ev, args.num_samples, args.seed) if args.num_samples else None
-        return ev, ev_idx, cal, cal_idx, cfg
-    # Calibrate on a held-out part of the same folder; evaluation never sees those images.
-    size = calib_size or min(512, len(ev) // 2)
-    cal_idx = random_subset(ev, size, args.seed)
-    ev_idx = random_subset(ev, args.num_samples, args.seed + 1, exclude=cal_idx) if args.num_samples else \
-        random_subset(ev, None, exclude=cal_idx)
-    if not ev_idx:
-        raise EamError(f"--calib-size {size} leaves no images of {args.data} to evaluate; lower it or pass --calib-data")
-    return ev, ev_idx, ev, cal_idx, cfg
+    if maps_cfg and cfg["source"] != "overrides" and args.data != "digits":
+        from eamvit.methods.models import PREPROCESSING_KEYS
+
+        cfg = {**data_config(model, {k: maps_cfg[k] for k in PREPROCESSING_KEYS if k in maps_cfg}), "source": "maps"}
+    sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
+                      calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
+                      calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,
+                      calibrate=need_calib, strict_images=args.strict_images)
+    if sp.calib_note and is_main():
+        print(f"eamvit: {sp.calib_note}", file=sys.stderr)
+    return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
 
 
-def get_maps(args, model, device, cal, cal_idx, cfg, out_dir: Optional[Path] = None):
-    from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps, parse_bytes
+def load_maps(args, model):
+    """The ``--maps`` file, checked against the model (``None`` without ``--maps``)."""
+    from eamvit.methods.calibrate import EntropyMaps
 
-    if args.maps:
-        maps = EntropyMaps.load(args.maps)
-        maps.check_model(model, source=f"maps {args.maps}")
+    if not getattr(args, "maps", None):
+        return None
+    maps = EntropyMaps.load(args.maps)
+    maps.check_model(model, source=f"maps {args.maps}")
+    return maps
+
+
+def get_maps(args, model, device, cal, cal_idx, cfg, out_dir: Optional[Path] = None, maps=None):
+    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+
+    if maps is None:
+        maps = load_maps(args, model)
+    if maps is not None:
         return maps
     maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
                                 workers=args.workers, device=device,
@@ -255,3 +283,21 @@ def validate_common(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise EamError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    validate_data_args(args)
+
+
+def validate_data_args(args) -> None:
+    """Model, device and preprocessing options that need no model: checked before anything is loaded."""
+    if getattr(args, "workers", 0) < 0:
+        raise EamError(f"--workers must be 0 or more, got {args.workers}")
+    if hasattr(args, "model_kwargs"):
+        parse_model_kwargs(args.model_kwargs)
+    if getattr(args, "img_size", None) is not None and args.img_size < 1:
+        raise EamError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    crop = getattr(args, "crop_pct", None)
+    if crop is not None and not 0 < crop <= 1:
+        raise EamError(f"--crop-pct must be in (0, 1] (1 = no crop), got {crop}")
+    if getattr(args, "std", None) is not None and any(not v > 0 for v in args.std):
+        raise EamError(f"--std must be positive, got {args.std}")
+    if getattr(args, "device", None) is not None:
+        parse_device(args.device)

@@ -2,63 +2,71 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_overrides, get_maps, ints, is_main, jsonable, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
 from eamvit.experiments.results import format_sweep_table
 
 
 def cmd_calibrate(args) -> None:
+    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
-    from eamvit.methods.data import build_dataset, random_subset
-    from eamvit.io import ensure_writable_dir
-    from eamvit.methods.models import data_config
 
-    out = Path(args.out)
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    out = check_output_file(args.out)
+    if args.num_samples is not None:
+        raise EamError("calibrate evaluates nothing: choose its images with --calib-size, not --num-samples")
     model, device = load_model(args)
-    cfg = data_config(model, data_overrides(args))
-    if args.img_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
-    # Calibration reads --calib-data if given, else --data (digits: the training split).
-    source = args.calib_data or args.data
-    cal = build_dataset(source, cfg, split="train", strict_images=args.strict_images, img_size=cfg["input_size"][-1])
-    cal_idx = random_subset(cal, args.calib_size, args.seed) if args.calib_size else None
-    maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
-                                workers=args.workers, device=device,
-                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                resume_path=str(out) + ".partial" if args.resume else None,
-                                meta={"transforms": jsonable(cfg), "seed": args.seed, "data": str(source)})
-    if is_main():
-        maps.save(out)
-        print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
-              + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else ""))
+    _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
+    with output_lock(out):
+        maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
+                                    workers=args.workers, device=device,
+                                    max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                                    resume_path=str(out) + ".partial" if args.resume else None,
+                                    meta={"transforms": jsonable(cfg), "seed": args.seed,
+                                          "data": str(args.calib_data or args.data)})
+        if is_main():
+            maps.save(out)
+            print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
+                  + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else ""))
 
 
 def cmd_eval(args) -> None:
+    from eamvit.io import check_output_file, output_lock, results_paths
+    from eamvit.cli.quant import needs_quant_calib
+
+    csv_path = check_output_file(results_paths(args.out)[0]) if args.out is not None else None
+    model, device = load_model(args)
+    maps = load_maps(args, model)
+    need_calib = (args.tau > 0 and maps is None) or needs_quant_calib(args)
+    data = build_data(args, model, need_calib=need_calib, maps_cfg=maps.meta.get("transforms") if maps else None)
+    with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
+        row = _eval_row(args, model, device, maps, *data)
+        if is_main():
+            print(" ".join(f"{k}={v}" for k, v in row.items()))
+            if args.out is not None:
+                from eamvit.io import write_results
+
+                csv_path, json_path = write_results(args.out, [row])
+                print(f"wrote {csv_path} and {json_path}")
+
+
+def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
+    from eamvit.cli.quant import apply_quant, value_deltas, wants_quant
     from eamvit.methods.evaluate import evaluate, result_row
     from eamvit.methods.freeze import FreezeConfig, freeze_
-    from eamvit.io import ensure_writable_dir, write_results
 
-    out = Path(args.out) if args.out else None
-    if out:
-        ensure_writable_dir(out.parent if str(out.parent) else ".")
-    from eamvit.cli.quant import apply_quant, needs_quant_calib, value_deltas, wants_quant
-
-    model, device = load_model(args)
-    need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
     extra = {"tau": args.tau}
     if wants_quant(args):  # before the maps: maps computed now are the quantized model's (EAM_4bits)
         extra.update(apply_quant(args, model, cal, cal_idx))
-    if args.tau > 0 or args.maps:
-        maps = get_maps(args, model, device, cal, cal_idx, cfg)
+    if args.tau > 0 or maps is not None:
+        maps = get_maps(args, model, device, cal, cal_idx, cfg, maps=maps)
         rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
                                                 seed=args.seed, value_bits=args.value_bits,
                                                 value_quantizer=args.value_quantizer),
@@ -76,12 +84,7 @@ def cmd_eval(args) -> None:
         if args.prune == "renyi":
             extra["alpha"] = args.alpha if args.alpha != float("inf") else "inf"
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device)
-    row = result_row(model, m, cfg, **extra)
-    if is_main():
-        print(" ".join(f"{k}={v}" for k, v in row.items()))
-        if out:
-            csv_path, _ = write_results(out, [row])
-            print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    return result_row(model, m, cfg, **extra)
 
 
 def cmd_sweep(args) -> None:
@@ -118,20 +121,21 @@ def cmd_sweep(args) -> None:
 
 def cmd_plot(args) -> None:
     from eamvit.methods.calibrate import EntropyMaps
-    from eamvit.io import ensure_writable_dir
+    from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary
 
+    check_output_dir(args.out)
     maps = EntropyMaps.load(args.maps)
-    out = ensure_writable_dir(args.out)
     n = maps.num_layers
     for l in args.layers:
         if not 0 <= l < n:
             raise EamError(f"--layers {l} is outside 0..{n - 1}")
     pairs = [tuple(p) for p in args.pairs] if args.pairs else [(0, 0), (min(1, n - 1), 0)]
     for l, h in pairs:
-        heads = maps.entropy[l].shape[-3]
+        heads = maps.entropy[l].shape[-3] if 0 <= l < n else 0
         if not (0 <= l < n and 0 <= h < heads):
-            raise EamError(f"--pairs {l},{h} is outside the model (layers 0..{n - 1}, heads 0..{heads - 1})")
+            raise EamError(f"--pairs {l},{h} is outside the model (layers 0..{n - 1}, heads 0..{max(heads, 1) - 1})")
+    out = ensure_writable_dir(args.out)  # only once every input is known to be good
     written = []
     if maps.entropy[0].dim() == 3:
         for l in args.layers:
@@ -168,7 +172,7 @@ def register(sub) -> None:
     add_freeze_args(s)
     add_prune_args(s)
     add_quant_args(s, "eval")
-    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json")
+    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json (eval_0.2 -> eval_0.2.csv)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="top-1 against sparsity for entropy and random freezing (CSV, JSON, PNG)")

@@ -93,7 +93,6 @@ def train_digits(out: str | os.PathLike = ASSET, config: TrainConfig = TrainConf
 
 def load_demo_model(checkpoint: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu") -> nn.Module:
     """The trained digits ViT (the shipped checkpoint unless another is given)."""
-    path = Path(checkpoint) if checkpoint else ASSET
-    if not path.is_file():
-        raise EamError(f"demo checkpoint {path} is missing; run `eamvit demo --retrain` to train one")
-    return create_model(DEMO_MODEL, model_kwargs=DEMO_KWARGS, checkpoint=path, device=device)
+    from eamvit.methods.models import BUNDLED_MODEL
+
+    return create_model(BUNDLED_MODEL, checkpoint=checkpoint, device=device)

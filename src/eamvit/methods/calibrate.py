@@ -95,7 +95,8 @@ class EntropyMaps:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EntropyMaps":
         meta, tensors = load_tensors(path, FORMAT, "entropy maps", "compute them with `eamvit calibrate`")
-        n = len(meta["layer_shapes"])
+        shapes = _check_maps(path, meta, tensors)
+        n = len(shapes)
         return cls(entropy=[tensors[f"entropy.{l}"] for l in range(n)],
                    mean=[tensors[f"mean.{l}"] for l in range(n)],
                    masked=[tensors.get(f"masked.{l}") for l in range(n)], meta=meta)
@@ -112,6 +113,45 @@ class EntropyMaps:
                            "recompute them for this model with `eamvit calibrate`")
         if len(attention_layers(model)) != self.num_layers:
             raise EamError(f"{source} have {self.num_layers} layers but the model has {len(attention_layers(model))}")
+
+
+def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
+    """The layer shapes of a maps file whose metadata and tensors agree, else one EamError.
+
+    NaN is allowed only for a whole layer left out on purpose (``compute_entropy_maps(layers=...)``).
+    """
+    bad = lambda why: EamError(f"entropy maps {path} are damaged ({why}); recompute them with `eamvit calibrate`")
+    shapes = meta.get("layer_shapes")
+    if not isinstance(shapes, list) or not shapes or not all(
+            isinstance(s, list) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
+        raise bad("metadata has no valid layer_shapes")
+    bits = meta.get("bits")
+    expected = {f"{kind}.{l}" for l in range(len(shapes)) for kind in ("entropy", "mean")}
+    missing = sorted(expected - set(tensors))
+    extra = sorted(k for k in set(tensors) - expected if not k.startswith("masked."))
+    if missing or extra:
+        raise bad(f"metadata claims {len(shapes)} layers but tensor {(missing or extra)[0]} is "
+                  + ("missing" if missing else "not one of them"))
+    for key, t in tensors.items():
+        kind, _, l = key.partition(".")
+        if not l.isdigit() or int(l) >= len(shapes):
+            raise bad(f"unexpected tensor {key}")
+        want = tuple(shapes[int(l)])
+        if kind == "masked":  # one mask per window, shared by the heads
+            want = want[:-3] + want[-2:]
+        if tuple(t.shape) != want:
+            raise bad(f"{key} has shape {tuple(t.shape)}, metadata says {want}")
+        if kind == "masked":
+            continue
+        nan = torch.isnan(t)
+        if nan.any() and not (nan.all() and torch.isnan(tensors[f"entropy.{l}"]).all()
+                              and torch.isnan(tensors[f"mean.{l}"]).all()):
+            raise bad(f"{key} holds NaN")
+        ok = t[~nan]
+        top = float(bits) if kind == "entropy" and isinstance(bits, int) else 1.0
+        if ok.numel() and (not torch.isfinite(ok).all() or ok.min() < -1e-6 or ok.max() > top + 1e-4):
+            raise bad(f"{key} has values outside [0, {top:g}]")
+    return [tuple(s) for s in shapes]
 
 
 def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, layers: Sequence[int],
@@ -322,10 +362,14 @@ def _save_partial(path, key, p, batch, acc, entropy, mean, masked, hists, skippe
 def _load_partial(path, key) -> Optional[dict]:
     if path is None or not Path(path).exists():
         return None
+    if Path(path).is_dir():
+        raise EamError(f"resume file {path} is a folder; remove it or use another --out")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise EamError(f"cannot read resume file {path}; delete it to start the calibration afresh") from None
+    if not isinstance(state, dict) or not {"key", "pass", "batch", "done"} <= set(state):
+        raise EamError(f"resume file {path} is not an eamvit calibration checkpoint; delete it to start afresh")
     if state.get("key") != key:
         raise EamError(f"resume file {path} belongs to another calibration (model, bits, images or passes differ); "
                        "delete it or use another --out")

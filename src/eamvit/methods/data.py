@@ -70,11 +70,15 @@ class DigitsDataset(Dataset):
 
     Args:
         split: ``"train"`` or ``"test"``.
-        img_size: side the 8x8 images are resized to (bilinear).
+        img_size: side the 8x8 images are resized to.
         augment: random ±1-pixel shifts (training only).
+        mean: per-channel mean subtracted after scaling pixels to [0, 1] (one channel).
+        std: divisor after the mean.
+        interpolation: ``bilinear`` (how the bundled model was trained), ``bicubic`` or ``nearest``.
     """
 
-    def __init__(self, split: str = "train", img_size: int = 16, augment: bool = False):
+    def __init__(self, split: str = "train", img_size: int = 16, augment: bool = False, mean: float = DIGITS_MEAN,
+                 std: float = DIGITS_STD, interpolation: str = "bilinear"):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -85,9 +89,14 @@ class DigitsDataset(Dataset):
         tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
         sel = tr if split == "train" else te
         x = torch.tensor(d.images[sel], dtype=torch.float32).unsqueeze(1) / 16.0
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise EamError(f"digits are resized with bilinear, bicubic or nearest interpolation, not {interpolation!r}")
+        if not std > 0:
+            raise EamError(f"--std must be positive, got {std}")
         if img_size != 8:
-            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.images = (x - DIGITS_MEAN) / DIGITS_STD
+            align = {} if interpolation == "nearest" else {"align_corners": False}
+            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode=interpolation, **align)
+        self.images = (x - mean) / std
         self.targets = torch.tensor(d.target[sel], dtype=torch.long)
         self.augment = augment
         self.classes = [str(i) for i in range(10)]
@@ -108,11 +117,12 @@ class DigitsDataset(Dataset):
 def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
     """Indices of a seeded random subset of ``size`` images (all, in order, when ``size`` is None)."""
     n = len(dataset)
+    skip = set(exclude)
     if size is None:
-        return [i for i in range(n) if i not in set(exclude)]
+        return [i for i in range(n) if i not in skip]
     if size < 1:
         raise EamError(f"subset size must be at least 1, got {size}")
-    pool = [i for i in range(n) if i not in set(exclude)]
+    pool = [i for i in range(n) if i not in skip]
     if size > len(pool):
         raise EamError(f"asked for {size} images but only {len(pool)} are available; lower --calib-size/--num-samples")
     g = torch.Generator().manual_seed(seed)
@@ -149,11 +159,38 @@ def make_loader(dataset: Dataset, indices: Optional[Sequence[int]] = None, batch
                       generator=g, persistent_workers=False)
 
 
+def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``--data digits`` really does: resize 8x8 to the model's side, no crop, mean/std 0.5 unless overridden."""
+    if overrides.get("crop_pct") not in (None, 1.0) or overrides.get("crop_mode") not in (None, "center"):
+        raise EamError("--data digits is never cropped; drop --crop-pct/--crop-mode (or use an ImageFolder of digits)")
+    if int(cfg["input_size"][0]) != 1:
+        raise EamError(f"--data digits has one channel but the model reads {cfg['input_size'][0]}; "
+                       "create it with --model-kwargs in_chans=1")
+    mean, std = overrides.get("mean") or [DIGITS_MEAN], overrides.get("std") or [DIGITS_STD]
+    changed = any(overrides.get(k) is not None for k in ("mean", "std", "interpolation", "img_size"))
+    return {"input_size": tuple(cfg["input_size"]), "interpolation": overrides.get("interpolation") or "bilinear",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": (float(mean[0]),), "std": (float(std[0]),),
+            "source": "overrides" if changed else "digits"}
+
+
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
                   strict_images: bool = False, img_size: int = 16) -> Dataset:
-    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed for the model."""
+    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.
+
+    Args:
+        spec: ``"digits"`` or an ImageFolder root.
+        model_cfg: a data config (:func:`eamvit.data_config`); digits use its side, mean, std and
+            interpolation when given (8x8 digits are never cropped).
+        split: digits split, ``"train"`` or ``"test"``.
+        strict_images: fail on an unreadable image instead of skipping it.
+        img_size: digits side when no ``model_cfg`` is given.
+    """
     if spec == "digits":
-        return DigitsDataset(split, img_size=img_size)
+        if model_cfg is None:
+            return DigitsDataset(split, img_size=img_size)
+        c = model_cfg
+        return DigitsDataset(split, img_size=int(c["input_size"][-1]), mean=float(c["mean"][0]), std=float(c["std"][0]),
+                             interpolation=c.get("interpolation") or "bilinear")
     from timm.data import create_transform
 
     cfg = dict(model_cfg or {})
@@ -164,3 +201,70 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
     if len(ds) == 0:
         raise EamError(f"image folder {spec} contains no images")
     return ds
+
+
+DEFAULT_CALIB_SIZE = 512
+CALIBRATION_RULE = ("calibration images: --calib-data if given, else the digits training split, else a seeded "
+                    "held-out part of --data that evaluation skips (calibrate: all of --data); --calib-size of "
+                    "them, default min(512, available), where a held-out part takes at most half of --data")
+
+
+@dataclass
+class Splits:
+    """Evaluation and calibration sets of one command (see :func:`build_splits`).
+
+    ``eval_indices``/``calib_indices`` of ``None`` mean every item; ``data_config`` is the
+    preprocessing really applied; ``calib_note`` says what calibration used and by which rule.
+    """
+
+    eval_set: Optional[Dataset]
+    eval_indices: Optional[list[int]]
+    calib_set: Optional[Dataset]
+    calib_indices: Optional[list[int]]
+    data_config: dict[str, Any]
+    calib_note: str = ""
+
+
+def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str, Any]] = None,
+                 calib_data: Optional[str] = None, num_samples: Optional[int] = None,
+                 calib_size: Optional[int] = None, seed: int = 0, evaluate: bool = True, calibrate: bool = True,
+                 strict_images: bool = False) -> Splits:
+    """The one rule every command uses for its evaluation and calibration images (:data:`CALIBRATION_RULE`).
+
+    Args:
+        data: ``"digits"`` or an ImageFolder root (evaluated: digits' test split).
+        cfg: the model's data config (:func:`eamvit.data_config`, overrides applied).
+        overrides: the preprocessing overrides the user gave (digits apply mean/std/interpolation only).
+        calib_data: a separate calibration ImageFolder (or ``"digits"``: its training split).
+        num_samples: evaluate a seeded random subset of this size.
+        calib_size: calibration images (default: min(512, available)).
+        seed: seed of both subsets.
+        evaluate: the command evaluates on ``data`` (else ``data`` is calibration only).
+        calibrate: the command needs calibration images.
+        strict_images: fail on unreadable images.
+    """
+    ov = overrides or {}
+    if calib_data == "digits" and data != "digits":
+        raise EamError("--calib-data digits needs --data digits: both must share one preprocessing")
+    eff = _digits_config(cfg, ov) if data == "digits" else dict(cfg)
+    build = lambda spec, split: build_dataset(spec, eff, split=split, strict_images=strict_images)
+    ev = build(data, "test") if evaluate else None
+    cal, cal_idx, note, hold = None, None, "", False
+    if calibrate:
+        if calib_data or not evaluate or data == "digits":
+            src = calib_data or data
+            cal = build(src, "train")
+            where = "the digits training split" if src == "digits" else src
+        else:
+            cal, where, hold = ev, f"{data} (held out: evaluation skips them)", True
+        avail = len(cal) // 2 if hold else len(cal)
+        n = calib_size if calib_size is not None else min(DEFAULT_CALIB_SIZE, avail)
+        if hold and n >= len(cal):
+            raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
+        cal_idx = random_subset(cal, n, seed)
+        note = (f"calibration: {n} images from {where} "
+                f"({'--calib-size' if calib_size is not None else f'default min(512, {avail} available)'})")
+    ev_idx = None
+    if ev is not None and (num_samples or hold):
+        ev_idx = random_subset(ev, num_samples, seed + 1 if hold else seed, exclude=cal_idx if hold else ())
+    return Splits(ev, ev_idx, cal, cal_idx, eff, note)

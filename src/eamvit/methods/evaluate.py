@@ -69,6 +69,10 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
             "top5_err": round(100 - top5, 3), "num_images": n, "skipped_images": int(counts[3])}
 
 
+def _floats(v) -> Optional[str]:
+    return None if v is None else " ".join(f"{float(x):g}" for x in v)
+
+
 def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:
     """One results row in the shape of timm validate.py (model, top1, top1_err, ..., param_count)."""
     spec = model_spec(model)
@@ -76,7 +80,9 @@ def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dic
     row = {"model": spec.name, **metrics,
            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
            "img_size": (cfg.get("input_size") or [None, None])[-1],
-           "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation")}
+           "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
+           "crop_mode": cfg.get("crop_mode"), "mean": _floats(cfg.get("mean")), "std": _floats(cfg.get("std")),
+           "data_config_source": cfg.get("source"), "weights": spec.weights}
     row.update(extra)
     return row
 

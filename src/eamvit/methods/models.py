@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,17 @@ from eamvit.modules.attention import instrument
 from eamvit.errors import EamError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
+# timm.create_model keys that load weights (or a config that does) behind eamvit's checks.
+_WEIGHT_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                            "pretrained_strict", "cache_dir"})
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+CHECKPOINT_FORMAT = "eamvit-checkpoint/1"
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_MODEL = "eamvit-digits-vit"
+"""``create_model`` name of the bundled digits ViT (a small timm ViT trained on scikit-learn's digits)."""
+BUNDLED_ASSET = _ASSETS / "digits_vit.safetensors"
+BUNDLED_CONFIG = _ASSETS / "digits_vit.json"
 
 
 @dataclass
@@ -38,6 +50,11 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def weights(self) -> str:
+        """Where the weights came from: ``checkpoint``, ``pretrained`` or ``random``."""
+        return "checkpoint" if self.checkpoint_sha256 else "pretrained" if self.pretrained else "random"
 
     def same_model(self, other: dict[str, Any]) -> bool:
         # Compare as JSON sees them: a saved (2, 2) comes back as [2, 2].
@@ -92,38 +109,75 @@ def _cache_locations(name: str) -> str:
     return f"{where} or the torch hub folder {hub_dir}"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or ``.pth``/``.pt`` without running pickled code.
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
+    """``(state dict, data config or None)`` of a ``.safetensors`` or ``.pth``/``.pt`` file, running no pickled code.
 
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``, EMA variants) and a DDP
-    ``module.`` prefix are removed.
+    ``module.`` prefix are removed. The data config is the one :func:`save_checkpoint` stored (a
+    safetensors metadata entry, or a ``"data_config"`` entry next to the wrapped state dict).
     """
     p = Path(path)
+    if p.is_dir():
+        raise EamError(f"--checkpoint {p} is a folder; pass the state-dict file inside it (.pth/.pt/.safetensors)")
     if not p.is_file():
-        raise EamError(f"checkpoint {p} does not exist; pass the path of a .pth/.pt/.safetensors state dict")
+        raise EamError(f"--checkpoint {p} does not exist; pass the path of a .pth/.pt/.safetensors state dict")
+    cfg: Any = None
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd: Any = load_file(str(p), device="cpu")
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                sd: Any = {k: f.get_tensor(k) for k in f.keys()}
+                cfg = json.loads((f.metadata() or {}).get("eamvit", "{}")).get("data_config")
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise EamError(f"checkpoint {p} holds pickled objects that are not plain tensors, and eamvit does not execute "
-                       "pickled code; re-save it as a state dict or .safetensors") from None
+    except pickle.UnpicklingError as e:
+        # A readable torch archive whose pickle names classes: objects, not plain tensors. Anything
+        # else (random bytes, a truncated file) is simply not a checkpoint.
+        if zipfile.is_zipfile(p):
+            raise EamError(f"checkpoint {p} holds pickled objects that are not plain tensors, and eamvit does not "
+                           "execute pickled code; re-save it as a state dict or .safetensors") from None
+        raise EamError(f"cannot read checkpoint {p}: it is not a .pth/.pt/.safetensors state dict "
+                       "(corrupt, truncated or another kind of file)") from None
     except Exception as e:  # corrupt or truncated files raise many different types
-        raise EamError(f"cannot read checkpoint {p} ({type(e).__name__}); it is corrupt or not a "
-                       ".pth/.pt/.safetensors state dict") from None
+        raise EamError(f"cannot read checkpoint {p} ({type(e).__name__}): it is not a .pth/.pt/.safetensors "
+                       "state dict (corrupt, truncated or another kind of file)") from None
     for _ in range(3):
         if isinstance(sd, dict):
             key = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
             if key is None:
                 break
+            cfg = sd.get("data_config", cfg) if isinstance(sd.get("data_config"), dict) else cfg
             sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise EamError(f"checkpoint {p} is not a state dict of tensors (nor one wrapped in 'state_dict' or 'model')")
-    if sd and all(k.startswith("module.") for k in sd):
+    if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return sd, (cfg if isinstance(cfg, dict) else None)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)[0]
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``model``'s weights as safetensors with its data config, which loading then follows.
+
+    Args:
+        model: the model (its ``state_dict`` is written).
+        path: the ``.safetensors`` file (written atomically).
+        data_cfg: the preprocessing the model was trained with (default: :func:`data_config` of the model).
+
+    Returns:
+        ``path``.
+    """
+    from eamvit.io import save_tensors
+
+    cfg = preprocessing(data_cfg if data_cfg is not None else data_config(model))
+    meta = {"format": CHECKPOINT_FORMAT, "model": model_spec(model).to_dict(), "data_config": cfg}
+    save_tensors(path, {k: v.detach() for k, v in model.state_dict().items()}, meta)
+    return Path(path)
 
 
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -147,38 +201,32 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
     model.load_state_dict(sd, strict=True)
 
 
-def create_model(
-    name: str,
-    *,
-    pretrained: bool = False,
-    checkpoint: Optional[str | os.PathLike] = None,
-    model_kwargs: Optional[dict[str, Any]] = None,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Create a timm model, load its weights and instrument its attention.
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    bad = sorted(set(kwargs) & _WEIGHT_KWARGS)
+    if bad:
+        raise EamError(f"--model-kwargs {bad[0]} would load weights past eamvit's checks (strict keys, checkpoint "
+                       "hash); pass the file with --checkpoint FILE or use --pretrained")
 
-    Args:
-        name: timm model name, e.g. ``deit_tiny_patch16_224``.
-        pretrained: load weights from the local timm / Hugging Face cache (never downloads).
-        checkpoint: a state-dict file (``.pth``, ``.pt`` or ``.safetensors``).
-        model_kwargs: overrides for ``timm.create_model`` (``img_size``, ``num_classes``, ...).
-        device: device to put the model on.
 
-    Returns:
-        The model in eval mode, with ``model.eam_spec`` (a :class:`ModelSpec`) attached.
-    """
-    kwargs = dict(model_kwargs or {})
-    if pretrained and checkpoint:
-        raise EamError("give either --pretrained or --checkpoint, not both")
-    if not timm.is_model(name):
-        raise EamError(f"unknown timm model '{name}'; list candidates with timm.list_models('*vit*') "
-                       "or timm.list_models('swin*')")
+def _bundled(name: str, checkpoint, model_kwargs) -> tuple[str, dict[str, Any], Any, Optional[dict]]:
+    """Resolve :data:`BUNDLED_MODEL` to its timm name, kwargs, checkpoint and data config."""
+    if model_kwargs:
+        raise EamError(f"{name} is the bundled digits ViT; --model-kwargs need a timm --model NAME")
+    cfg = json.loads(BUNDLED_CONFIG.read_text())
+    ckpt = checkpoint if checkpoint is not None else BUNDLED_ASSET
+    if not Path(ckpt).exists() and checkpoint is None:
+        raise EamError(f"the bundled checkpoint {BUNDLED_ASSET} is missing from the installation; reinstall "
+                       "eamvit or run `eamvit train-digits --out FILE` and pass --checkpoint FILE")
+    return cfg.pop("model"), cfg.pop("model_kwargs"), ckpt, cfg
+
+
+def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         if pretrained:
             with _hub_offline():
-                model = timm.create_model(name, pretrained=True, **kwargs)
+                return timm.create_model(name, pretrained=True, **kwargs)
         else:
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            return timm.create_model(name, pretrained=False, **kwargs)
     except EamError:
         raise
     except TypeError as e:
@@ -188,12 +236,59 @@ def create_model(
             raise EamError(f"no cached pretrained weights for '{name}' (offline: {type(e).__name__}); expected in "
                            f"{_cache_locations(name)}; copy them there or pass --checkpoint FILE") from None
         raise EamError(f"cannot create model '{name}' with {kwargs}: {e}") from None
+
+
+def create_model(
+    name: str = BUNDLED_MODEL,
+    *,
+    pretrained: bool = False,
+    checkpoint: Optional[str | os.PathLike] = None,
+    model_kwargs: Optional[dict[str, Any]] = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Create a timm model, load its weights and instrument its attention.
+
+    The model's preprocessing (:func:`data_config`) comes from the checkpoint when it carries one
+    (files written by :func:`save_checkpoint`, and the bundled digits ViT), else from timm's
+    pretrained config for ``name``.
+
+    Args:
+        name: timm model name, e.g. ``deit_tiny_patch16_224``, or :data:`BUNDLED_MODEL`
+            (``"eamvit-digits-vit"``, the default): the bundled digits ViT with its weights.
+        pretrained: load weights from the local timm / Hugging Face cache (never downloads).
+        checkpoint: a state-dict file (``.pth``, ``.pt`` or ``.safetensors``).
+        model_kwargs: overrides for ``timm.create_model`` (``img_size``, ``num_classes``, ...); keys
+            that make timm load weights itself (``checkpoint_path``, ``pretrained_cfg``...) are refused.
+        device: device to put the model on.
+
+    Returns:
+        The model in eval mode, with ``model.eam_spec`` (a :class:`ModelSpec`) attached.
+    """
+    ckpt_cfg = None
+    if name == BUNDLED_MODEL:
+        if pretrained:
+            raise EamError(f"{name} has no timm pretrained weights; drop --pretrained")
+        name, model_kwargs, checkpoint, ckpt_cfg = _bundled(name, checkpoint, model_kwargs)
+    kwargs = dict(model_kwargs or {})
+    _check_kwargs(kwargs)
+    if pretrained and checkpoint:
+        raise EamError("give either --pretrained or --checkpoint, not both")
+    if not timm.is_model(name):
+        raise EamError(f"unknown timm model '{name}'; list candidates with timm.list_models('*vit*') "
+                       "or timm.list_models('swin*')")
+    sd = None
+    if checkpoint:  # read first: a bad file is reported before a big model is built
+        sd, own_cfg = read_checkpoint(checkpoint)
+        ckpt_cfg = own_cfg or ckpt_cfg
+    model = _timm_create(name, pretrained, kwargs)
     spec = ModelSpec(name=name, model_kwargs=kwargs, pretrained=pretrained)
     instrument(model)  # fails early, with the supported families, for e.g. resnet50
-    if checkpoint:
-        load_state_dict_strict(model, read_state_dict(checkpoint), str(checkpoint))
+    if sd is not None:
+        load_state_dict_strict(model, sd, str(checkpoint))
         spec.checkpoint_sha256 = file_sha256(checkpoint)
     model.eam_spec = spec
+    if ckpt_cfg is not None:
+        model.eam_data_config = {**_checked(model, preprocessing(ckpt_cfg), "checkpoint"), "source": "checkpoint"}
     return model.to(device).eval()
 
 
@@ -216,31 +311,91 @@ def patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
     return tuple(grid) if grid is not None else None
 
 
-def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The model's own preprocessing (timm data config), with overrides.
+def preprocessing(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Only the preprocessing keys of a data config, as JSON-friendly lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PREPROCESSING_KEYS}
 
-    The input size follows the model's ``img_size`` and ``in_chans`` when they were overridden at
-    creation, since the pretrained config still describes the original model.
 
-    Args:
-        model: a timm model.
-        overrides: any of ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
-            ``interpolation`` (``None`` values are ignored).
-    """
+def _timm_config(model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     pe = getattr(model, "patch_embed", None)
     img = getattr(pe, "img_size", None)
     in_chans = getattr(getattr(pe, "proj", None), "in_channels", cfg["input_size"][0])
-    if img is not None:
+    if img is not None:  # the pretrained config still describes the original model
         cfg["input_size"] = (in_chans, int(img[0]), int(img[1]))
-    for key, val in (overrides or {}).items():
-        if val is not None:
-            cfg[key] = tuple(val) if isinstance(val, list) else val
-    chans = cfg["input_size"][0]
     for key in ("mean", "std"):
-        if len(cfg[key]) != chans:
-            # A grayscale model made from an RGB config: one channel with the average statistic.
-            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * chans)
+        if len(cfg[key]) != in_chans:
+            # A grayscale model made from an RGB pretrained config: one channel with the average statistic.
+            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
     return cfg
+
+
+def _checked(model: nn.Module, cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """``cfg`` with tuples, mean/std of the model's channel count, every value validated."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    what = "the options" if source == "overrides" else f"the {source}'s data config"
+    crop = cfg.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+        raise EamError(f"crop_pct {crop} from {what} must be in (0, 1] (1 = no crop; --crop-pct)")
+    if cfg.get("crop_mode") not in (None, "center", "squash", "border"):
+        raise EamError(f"crop_mode {cfg['crop_mode']!r} from {what} must be center, squash or border")
+    if cfg.get("interpolation") not in (None, "bilinear", "bicubic", "nearest", "random"):
+        raise EamError(f"interpolation {cfg['interpolation']!r} from {what} must be bilinear, bicubic or nearest")
+    chans = int(cfg["input_size"][0])
+    for key in ("mean", "std"):
+        vals = tuple(float(v) for v in cfg[key])
+        if len(vals) == 1:
+            vals = vals * chans
+        elif len(vals) != chans:
+            raise EamError(f"{key} {list(vals)} from {what} has {len(vals)} values but the model reads {chans} "
+                           f"channel(s); give 1 or {chans} (--{key})")
+        if key == "std" and any(not v > 0 for v in vals):
+            raise EamError(f"--std must be positive, got {list(vals)}")
+        cfg[key] = vals
+    return cfg
+
+
+def _input_size(model: nn.Module, cfg: dict[str, Any], img_size: int) -> tuple[int, int, int]:
+    """The input size for ``--img-size``: the model's own unless it accepts other sizes."""
+    pe = getattr(model, "patch_embed", None)
+    patch = getattr(pe, "patch_size", (1, 1))
+    own = tuple(cfg["input_size"][1:])
+    if not isinstance(img_size, int) or img_size < 1:
+        raise EamError(f"--img-size must be a positive number of pixels, got {img_size}")
+    if img_size % int(patch[0]):
+        raise EamError(f"--img-size {img_size} is not a multiple of the model's patch size {int(patch[0])}")
+    dynamic = bool(getattr(model, "dynamic_img_size", False)) or not getattr(pe, "strict_img_size", True)
+    if (img_size, img_size) != own and not dynamic:
+        raise EamError(f"--img-size {img_size}: this model takes {own[0]}x{own[1]} images only; create it for "
+                       f"another size with --model-kwargs img_size={img_size}")
+    return (int(cfg["input_size"][0]), img_size, img_size)
+
+
+def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The model's own preprocessing, with overrides (like timm's ``resolve_data_config``).
+
+    The base is, in this order: the config the model's checkpoint carried (files written by
+    :func:`save_checkpoint`, the bundled digits ViT), else timm's pretrained config for the model
+    name, with the input size following the model's ``img_size`` and ``in_chans`` when they were
+    overridden at creation. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or
+    ``overrides`` when any override was applied).
+
+    Args:
+        model: a timm model.
+        overrides: any of ``img_size``, ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
+            ``interpolation`` (``None`` values are ignored); every value is validated.
+    """
+    own = getattr(model, "eam_data_config", None)
+    cfg = dict(own) if own is not None else {**_timm_config(model), "source": "timm"}
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "img_size" in ov:
+        ov["input_size"] = _input_size(model, cfg, ov.pop("img_size"))
+    unknown = sorted(set(ov) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise EamError(f"unknown preprocessing override {unknown[0]!r}; use one of {', '.join(PREPROCESSING_KEYS)}")
+    cfg.update(ov)
+    source = "overrides" if ov else cfg.pop("source", "timm")
+    cfg.pop("source", None)
+    return {**_checked(model, cfg, source), "source": source}
