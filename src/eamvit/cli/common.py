@@ -299,5 +299,10 @@ def validate_data_args(args) -> None:
         raise EamError(f"--crop-pct must be in (0, 1] (1 = no crop), got {crop}")
     if getattr(args, "std", None) is not None and any(not v > 0 for v in args.std):
         raise EamError(f"--std must be positive, got {args.std}")
+    if getattr(args, "max_memory", None) is not None:
+        from eamvit.methods.calibrate import parse_bytes
+
+        if parse_bytes(args.max_memory) < 1:
+            raise EamError(f"--max-memory must be positive, got {args.max_memory}")
     if getattr(args, "device", None) is not None:
         parse_device(args.device)

@@ -41,7 +41,10 @@ def cmd_eval(args) -> None:
     from eamvit.io import check_output_file, output_lock, results_paths
     from eamvit.cli.quant import needs_quant_calib
 
-    csv_path = check_output_file(results_paths(args.out)[0]) if args.out is not None else None
+    csv_path = None
+    if args.out is not None:  # a stem: STEM.csv and STEM.json
+        check_output_file(args.out)
+        csv_path = check_output_file(results_paths(args.out)[0])
     model, device = load_model(args)
     maps = load_maps(args, model)
     need_calib = (args.tau > 0 and maps is None) or needs_quant_calib(args)

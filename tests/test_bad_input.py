@@ -1,0 +1,266 @@
+"""Every bad input of every command and every file eamvit reads: one line, exit 2, nothing written.
+
+Each case runs ``eamvit.cli.main.main(argv)`` in an empty working folder and checks the error line,
+the exit status, the absence of a traceback, and that no file or folder appeared (inputs made by the
+case itself are listed before the run).
+"""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import eamvit
+from eamvit.cli.main import main
+
+from conftest import TINY_VIT, make, write_image_folder
+
+KW = ["img_size=32", "patch_size=8", "num_classes=3", "embed_dim=32", "depth=2", "num_heads=2"]
+TINY = ["--model", TINY_VIT[0], "--model-kwargs", *KW]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Good inputs shared by the cases: an image folder, a checkpoint, maps of that model."""
+    root = tmp_path_factory.mktemp("inputs")
+    write_image_folder(root / "images", per_class=2)
+    model = make(TINY_VIT)
+    torch.save(model.state_dict(), root / "tiny.pth")
+    model = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=root / "tiny.pth")
+    ds = eamvit.build_dataset(str(root / "images"), eamvit.data_config(model))
+    eamvit.compute_entropy_maps(model, ds, bits=4, progress=False).save(root / "maps.safetensors")
+    return root
+
+
+def _damaged_maps(src, dst, change):
+    """A copy of maps ``src`` with its metadata or tensors changed by ``change(meta, tensors)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["eamvit"])
+    tensors = load_file(str(src))
+    change(meta, tensors)
+    save_file(tensors, str(dst), metadata={"eamvit": json.dumps(meta)})
+    return dst
+
+
+def _del(d, k):
+    del d[k]
+
+
+MAP_DAMAGE = {
+    "no-layer-shapes": (lambda m, t: _del(m, "layer_shapes"), "layer_shapes"),
+    "more-layers": (lambda m, t: m["layer_shapes"].append(m["layer_shapes"][0]), "claims 3 layers"),
+    "wrong-shape": (lambda m, t: t.__setitem__("entropy.1", t["entropy.1"][:, :2].contiguous()), "shape"),
+    "nan-entropy": (lambda m, t: t["entropy.0"].view(-1).__setitem__(3, float("nan")), "NaN"),
+    "nan-mean": (lambda m, t: t["mean.1"].view(-1).__setitem__(0, float("nan")), "NaN"),
+    "out-of-range": (lambda m, t: t["entropy.0"].view(-1).__setitem__(0, 99.0), "outside"),
+    "other-format": (lambda m, t: m.__setitem__("format", "something/1"), "not an eamvit entropy maps"),
+}
+
+
+def _case(name, inputs, tmp):
+    """``(argv, needles)`` of a bad-input case; may create input files in ``tmp``."""
+    imgs, ckpt, maps = str(inputs / "images"), str(inputs / "tiny.pth"), str(inputs / "maps.safetensors")
+    ev = ["eval", *TINY, "--checkpoint", ckpt, "--data", imgs]
+    if name.startswith("damaged-maps-"):
+        change, needle = MAP_DAMAGE[name[len("damaged-maps-"):]]
+        bad = _damaged_maps(maps, tmp / "bad.safetensors", change)
+        return [*ev, "--maps", bad, "--tau", "0.2", "--out", "r"], [needle, "eamvit calibrate"]
+    cases = {
+        "kwargs-no-equals": (["eval", "--model", TINY_VIT[0], "--model-kwargs", "img_size16"], ["KEY=VALUE"]),
+        "kwargs-checkpoint-path": ([*ev[:-2], "--model-kwargs", *KW, f"checkpoint_path={ckpt}", "--data", imgs],
+                                   ["checkpoint_path", "--checkpoint"]),
+        "kwargs-pretrained-cfg-overlay": (["eval", *TINY, "pretrained_cfg_overlay={'file':'x'}", "--data", imgs],
+                                          ["pretrained_cfg_overlay", "--checkpoint"]),
+        "kwargs-pretrained": (["eval", *TINY, "pretrained=True", "--data", imgs], ["pretrained"]),
+        "kwargs-without-model": (["eval", "--model-kwargs", "img_size=16"], ["--model NAME"]),
+        "img-size-0": (["eval", "--img-size", "0"], ["--img-size"]),
+        "img-size-17": (["eval", "--img-size", "17"], ["patch size 2"]),
+        "img-size-fixed": (["eval", "--img-size", "32"], ["16x16", "img_size=32"]),
+        "crop-pct-negative": (["eval", *ev[1:], "--crop-pct", "-1"], ["--crop-pct", "(0, 1]"]),
+        "crop-pct-zero": (["eval", *ev[1:], "--crop-pct", "0"], ["(0, 1]"]),
+        "crop-pct-above-one": (["eval", *ev[1:], "--crop-pct", "1.5"], ["(0, 1]"]),
+        "crop-pct-digits": (["eval", "--crop-pct", "0.9"], ["never cropped"]),
+        "workers": (["eval", "--workers", "-1"], ["--workers"]),
+        "std-zero": (["eval", "--std", "0"], ["--std must be positive"]),
+        "std-negative": (["eval", *ev[1:], "--std", "0.5", "-1", "0.5"], ["--std must be positive"]),
+        "mean-length": ([*ev, "--mean", "0.1", "0.2"], ["2 values", "3 channel"]),
+        "interpolation-digits": (["eval", "--interpolation", "random"], ["digits"]),
+        "device-mps": (["eval", "--device", "mps"], ["not available"]),
+        "device-unknown": (["eval", "--device", "tpu9"], ["unknown device"]),
+        "batch-size": (["eval", "--batch-size", "0"], ["--batch-size"]),
+        "calib-size-too-big": ([*ev, "--tau", "0.2", "--calib-size", "6"], ["--calib-size 6 leaves no images"]),
+        "calib-data-digits": ([*ev, "--tau", "0.2", "--calib-data", "digits"], ["--calib-data digits"]),
+        "digits-rgb-model": (["eval", *TINY, "--checkpoint", ckpt], ["one channel"]),
+        "ckpt-missing": (["eval", "--checkpoint", str(tmp / "nope.pth")], ["does not exist"]),
+        "ckpt-folder": (["eval", "--checkpoint", str(tmp)], ["is a folder"]),
+        "ckpt-random-bytes": (["eval", "--checkpoint", _file(tmp / "r.pth", os.urandom(3000))],
+                              ["not a .pth/.pt/.safetensors state dict"]),
+        "ckpt-random-safetensors": (["eval", "--checkpoint", _file(tmp / "r.safetensors", os.urandom(3000))],
+                                    ["not a .pth/.pt/.safetensors state dict"]),
+        "ckpt-pickled-object": (["eval", "--checkpoint", _pickled(tmp / "p.pth")], ["pickled objects"]),
+        "ckpt-not-tensors": (["eval", "--checkpoint", _saved(tmp / "l.pth", [1, 2, 3])], ["not a state dict"]),
+        "maps-missing": ([*ev, "--maps", str(tmp / "none.safetensors")], ["do not exist"]),
+        "maps-folder": ([*ev, "--maps", str(tmp)], ["is a folder"]),
+        "maps-random-bytes": ([*ev, "--maps", _file(tmp / "m.safetensors", os.urandom(500))], ["cannot read"]),
+        "calibrate-out-dir": (["calibrate", "--out", str(tmp)], ["is a directory"]),
+        "calibrate-out-empty": (["calibrate", "--out", ""], ["--out is empty"]),
+        "calibrate-num-samples": (["calibrate", "--out", "m.safetensors", "--num-samples", "5"], ["--calib-size"]),
+        "calibrate-partial-wrong-object": (["calibrate", "--calib-size", "4", "--resume", "--out",
+                                            _partial(tmp / "m.safetensors")], ["not an eamvit calibration"]),
+        "eval-out-dir": (["eval", "--out", str(tmp)], ["is a directory"]),
+        "max-memory": (["calibrate", "--out", "m.safetensors", "--max-memory", "lots"], ["memory size"]),
+        "plot-layer": (["plot", "--maps", maps, "--layers", "5", "--out", "figs"], ["--layers 5"]),
+        "plot-pair": (["plot", "--maps", maps, "--pairs", "9,0", "--out", "figs"], ["--pairs 9,0"]),
+        "plot-out-file": (["plot", "--maps", maps, "--out", _file(tmp / "f", b"x")], ["is a file"]),
+        "pretrained-bundled": (["eval", "--pretrained"], ["--model NAME"]),
+    }
+    return cases[name]
+
+
+def _file(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def _saved(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+class Payload:
+    """A class a pickle would have to import: weights_only loading refuses it."""
+
+
+def _pickled(path):
+    return _saved(path, {"weight": torch.zeros(2), "evil": Payload()})
+
+
+def _partial(maps_path):
+    torch.save(["not", "a", "checkpoint"], str(maps_path) + ".partial")
+    return str(maps_path)
+
+
+CASES = ["kwargs-no-equals", "kwargs-checkpoint-path", "kwargs-pretrained-cfg-overlay", "kwargs-pretrained",
+         "kwargs-without-model", "img-size-0", "img-size-17", "img-size-fixed", "crop-pct-negative",
+         "crop-pct-zero", "crop-pct-above-one", "crop-pct-digits", "workers", "std-zero", "std-negative",
+         "mean-length", "interpolation-digits", "device-mps", "device-unknown", "batch-size",
+         "calib-size-too-big", "calib-data-digits", "digits-rgb-model", "ckpt-missing", "ckpt-folder",
+         "ckpt-random-bytes", "ckpt-random-safetensors", "ckpt-pickled-object", "ckpt-not-tensors",
+         "maps-missing", "maps-folder", "maps-random-bytes", "calibrate-out-dir", "calibrate-out-empty",
+         "calibrate-num-samples", "calibrate-partial-wrong-object", "eval-out-dir", "max-memory", "plot-layer",
+         "plot-pair", "plot-out-file", "pretrained-bundled"] + [f"damaged-maps-{k}" for k in MAP_DAMAGE]
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _assert_one_line_error(code, err, needles):
+    """Exit 2, no traceback, and the error is one line (the last; earlier lines are progress/info)."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [l for l in err.splitlines() if "eamvit: error:" in l]
+    assert len(errors) == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eamvit: error:") or last.split("\r")[-1].lstrip().startswith("eamvit: error:"), err
+    line = last[last.index("eamvit: error:"):]
+    for n in needles:
+        assert n in line, line
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input(name, inputs, tmp_path, monkeypatch, capsys):
+    if name == "device-mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv, needles = _case(name, inputs, tmp_path)
+    before = _tree(tmp_path)
+    code = main([str(a) for a in argv])
+    _assert_one_line_error(code, capsys.readouterr().err, needles)
+    assert _tree(tmp_path) == before  # nothing written, not even an empty folder or a lock
+
+
+def test_pickled_checkpoint_runs_no_code(tmp_path, capsys):
+    """A checkpoint whose pickle would call os.system is refused, and the command never runs."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"w": torch.zeros(1), "x": Evil()}, tmp_path / "evil.pth")
+    code = main(["eval", "--checkpoint", str(tmp_path / "evil.pth")])
+    _assert_one_line_error(code, capsys.readouterr().err, ["pickled objects"])
+    assert not marker.exists()
+
+
+# --- writes: a full disk, two runs on one output, temporaries of killed runs -----------------------
+
+def _disk_full(monkeypatch, after=10):
+    """Make eamvit.io's one write function fail like a full disk, after writing ``after`` bytes."""
+    import eamvit.io as eio
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(data[:after])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(eio, "_write", full)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval"])
+def test_disk_full_leaves_nothing(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _disk_full(monkeypatch)
+    argv = (["calibrate", "--calib-size", "8", "--out", "maps.safetensors"] if command == "calibrate" else
+            ["eval", "--num-samples", "8", "--out", "res"])
+    code = main(argv)
+    _assert_one_line_error(code, capsys.readouterr().err, ["disk full"])
+    assert list(tmp_path.iterdir()) == []  # no partial file, no temporary, no lock
+
+
+def test_second_writer_of_one_output_fails(tmp_path, monkeypatch, capsys):
+    """While one run holds an output, another writing it fails; a lock of a dead run is taken over."""
+    from eamvit.io import output_lock
+
+    monkeypatch.chdir(tmp_path)
+    with output_lock(tmp_path / "res.csv"):  # this (live) process is "the other run"
+        code = main(["eval", "--num-samples", "4", "--out", "res"])
+        _assert_one_line_error(code, capsys.readouterr().err, ["another eamvit run", "res.csv"])
+    assert not (tmp_path / "res.csv").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".res.csv.eamvit-lock").write_text(dead.stdout.strip())
+    assert main(["eval", "--num-samples", "4", "--out", "res"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.csv", "res.json"]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    """A writer killed with -9 leaves ``.<name>.eamvit-tmp-<pid>-<n>`` (with safetensors' own
+    temporary inside); the next write into that folder removes it, and never a live run's."""
+    from eamvit.io import save_tensors
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = tmp_path / f".maps.safetensors.eamvit-tmp-{dead}-0"
+    stale.mkdir()
+    (stale / ".tmpAbC123").write_bytes(b"x" * 100)
+    live = tmp_path / f".other.eamvit-tmp-{os.getppid()}-0"
+    live.mkdir()
+    save_tensors(tmp_path / "maps.safetensors", {"a": torch.ones(3)}, {"format": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "maps.safetensors"])
+
+
+def test_results_stem_keeps_its_dots(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for stem in ("eval_0.2", "eval_0.5", "named.csv"):
+        assert main(["eval", "--num-samples", "4", "--out", stem]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval_0.2.csv", "eval_0.2.json", "eval_0.5.csv", "eval_0.5.json", "named.csv", "named.json"]
