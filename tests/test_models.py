@@ -92,3 +92,83 @@ def test_data_config_follows_overridden_model():
     assert len(cfg["mean"]) == 1 and cfg["crop_pct"] == 1.0
     full = data_config(eamvit.create_model("deit_tiny_patch16_224"))
     assert full["input_size"] == (3, 224, 224) and full["interpolation"] == "bicubic"
+
+
+# --- preprocessing follows the checkpoint -------------------------------------------------------
+
+def test_checkpoint_carries_its_data_config(tmp_path):
+    """A checkpoint written by save_checkpoint brings its preprocessing; the dataset applies exactly
+    it (compared with a hand computation), and an option overrides it and says so."""
+    import numpy as np
+    from PIL import Image
+
+    model = make(TINY_VIT)
+    trained = {"input_size": (3, 32, 32), "mean": (0.3, 0.3, 0.3), "std": (0.4, 0.4, 0.4), "crop_pct": 1.0,
+               "crop_mode": "center", "interpolation": "bilinear"}
+    eamvit.save_checkpoint(model, tmp_path / "w.safetensors", trained)
+    loaded = eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.safetensors")
+    cfg = data_config(loaded)
+    assert cfg["source"] == "checkpoint" and cfg["mean"] == (0.3,) * 3 and cfg["crop_pct"] == 1.0
+    assert _same(loaded, model.state_dict())
+
+    arr = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(arr).save(tmp_path / "imgs" / "a" / "0.png")
+    x, _ = eamvit.build_dataset(str(tmp_path / "imgs"), cfg)[0]
+    hand = (torch.tensor(arr, dtype=torch.float32).permute(2, 0, 1) / 255 - 0.3) / 0.4  # 32 -> 32: no resize
+    assert torch.allclose(x, hand, atol=1e-6)
+
+    over = data_config(loaded, {"mean": [0.5], "crop_pct": 0.9})
+    assert over["source"] == "overrides" and over["mean"] == (0.5,) * 3 and over["std"] == (0.4,) * 3
+    plain = eamvit.create_model(NAME, model_kwargs=KW)
+    from timm.data import resolve_data_config
+
+    assert data_config(plain)["source"] == "timm"
+    assert data_config(plain)["crop_pct"] == resolve_data_config({}, model=plain)["crop_pct"]  # deit's own
+
+
+def test_bundled_model_config_is_its_training_recipe():
+    """The bundled digits ViT: created by name, trained on bilinear-upsampled, uncropped digits at 0.5/0.5."""
+    from safetensors import safe_open
+
+    from eamvit.experiments.digits import DEMO_KWARGS, DEMO_MODEL
+    from eamvit.methods.models import BUNDLED_ASSET, BUNDLED_CONFIG
+
+    model = eamvit.create_model(eamvit.BUNDLED_MODEL)
+    spec = model.eam_spec
+    assert (spec.name, spec.model_kwargs, spec.weights) == (DEMO_MODEL, DEMO_KWARGS, "checkpoint")
+    cfg = data_config(model)
+    assert cfg == {"input_size": (1, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                   "mean": (0.5,), "std": (0.5,), "source": "checkpoint"}
+    assert json_load(BUNDLED_CONFIG)["model_kwargs"] == DEMO_KWARGS
+    with safe_open(str(BUNDLED_ASSET), framework="pt") as f:  # the weights file is the one that was trained
+        assert f.metadata()["test_top1"] == "98.89"
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg", "pretrained"])
+def test_weight_loading_kwargs_are_refused(tmp_path, state, key):
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(EamError, match=f"{key} would load weights.*--checkpoint"):
+        eamvit.create_model(NAME, model_kwargs={**KW, key: str(tmp_path / "w.pth")})
+
+
+def test_img_size_is_validated_against_the_model():
+    model = make(TINY_VIT)  # 32 px, patch 8, fixed size
+    assert data_config(model, {"img_size": 32})["input_size"] == (3, 32, 32)
+    for size, msg in ((0, "positive"), (36, "multiple of the model's patch size 8"), (64, "takes 32x32 images only")):
+        with pytest.raises(EamError, match=msg):
+            data_config(model, {"img_size": size})
+    dyn = eamvit.create_model(NAME, model_kwargs={**KW, "dynamic_img_size": True})
+    assert data_config(dyn, {"img_size": 64})["input_size"] == (3, 64, 64)
+
+
+def test_weights_kind(tmp_path, state):
+    torch.save(state, tmp_path / "w.pth")
+    assert make(TINY_VIT).eam_spec.weights == "random"
+    assert eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth").eam_spec.weights == "checkpoint"
