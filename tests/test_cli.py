@@ -266,3 +266,13 @@ def test_random_weights_warn_once(image_folder, capsys):
         f"eamvit: warning: {TINY_VIT[0]} has random weights (no --checkpoint, no --pretrained); its results are "
         "meaningless and change from run to run"]
     assert "weights=random" in out
+
+
+def test_quantized_state_carries_its_preprocessing(tmp_path, image_folder, ckpt, capsys):
+    q = tmp_path / "q.safetensors"
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--crop-pct", 0.8,
+                         "--quant-calib-size", 4, "--out", q)
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--quant-state", q)
+    assert code == 0, err
+    assert "crop_pct=0.8 " in out and "data_config_source=quantized state" in out

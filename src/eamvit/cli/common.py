@@ -194,10 +194,28 @@ def load_model(args):
     init_distributed(device)
     model = create_model(args.model or BUNDLED_MODEL, pretrained=args.pretrained, checkpoint=args.checkpoint,
                          model_kwargs=kwargs, device=device)
-    if model_spec(model).weights == "random" and is_main():
-        print(f"eamvit: warning: {args.model} has random weights (no --checkpoint, no --pretrained); its results "
-              "are meaningless and change from run to run", file=sys.stderr)
+    if model_spec(model).weights == "random":
+        warn(f"{args.model} has random weights (no --checkpoint, no --pretrained); its results are meaningless "
+             "and change from run to run")
     return model, device
+
+
+_WARNINGS: list[str] = []
+
+
+def warn(message: str) -> None:
+    """Queue a warning line; :func:`flush_warnings` prints it once the command has succeeded, so that a
+    failing command still prints exactly one line, its error."""
+    if message not in _WARNINGS:
+        _WARNINGS.append(message)
+
+
+def flush_warnings(show: bool = True) -> None:
+    """Print (``show``) and forget the queued warnings."""
+    for message in _WARNINGS:
+        if show and is_main():
+            print(f"eamvit: warning: {message}", file=sys.stderr)
+    _WARNINGS.clear()
 
 
 def data_overrides(args) -> dict:
@@ -218,10 +236,13 @@ def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, e
 
     ov = data_overrides(args)
     cfg = data_config(model, ov)
-    if maps_cfg and cfg["source"] != "overrides" and args.data != "digits":
+    saved, source = _artifact_config(args, maps_cfg)
+    if saved and cfg["source"] != "overrides" and args.data != "digits":
         from eamvit.methods.models import PREPROCESSING_KEYS
 
-        cfg = {**data_config(model, {k: maps_cfg[k] for k in PREPROCESSING_KEYS if k in maps_cfg}), "source": "maps"}
+        cfg = {**data_config(model, {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}), "source": source}
+    if args.data != "digits":  # what a state or checkpoint saved from this model must carry
+        model.eam_data_config = cfg
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
                       calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
                       calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,
@@ -229,6 +250,17 @@ def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, e
     if sp.calib_note and is_main():
         print(f"eamvit: {sp.calib_note}", file=sys.stderr)
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+
+
+def _artifact_config(args, maps_cfg: Optional[dict]) -> tuple[Optional[dict], str]:
+    """The data config stored with the maps or quantized state the command reads, and its name."""
+    if maps_cfg:
+        return maps_cfg, "maps"
+    if getattr(args, "quant_state", None):
+        from eamvit.methods.quantize import read_quantized
+
+        return read_quantized(args.quant_state)[0].get("data_config"), "quantized state"
+    return None, ""
 
 
 def load_maps(args, model):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from eamvit.errors import EamError
-from eamvit.cli.common import validate_common
+from eamvit.cli.common import flush_warnings, validate_common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         validate_common(args)
         args.func(args)
+        flush_warnings()
     except EamError as e:
+        flush_warnings(show=False)
         print(f"eamvit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

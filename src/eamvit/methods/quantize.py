@@ -284,12 +284,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     if missing:
         raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
                        "calibrate with quantize_ before saving")
+    from eamvit.methods.models import data_config, preprocessing
+
     handler = _handler(config)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     packed = _pack(model, tensors)
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
-            "quantizers": _quantizer_attrs(model), "packed": packed}
+            "quantizers": _quantizer_attrs(model), "packed": packed,
+            # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
+            "data_config": preprocessing(data_config(model))}
     save_tensors(path, tensors, meta)
     return Path(path)
 
