@@ -212,3 +212,42 @@ def test_readme_api_example_on_the_bundled_model():
     assert before["top1"] == round(100 * hits / len(test), 3) == 98.889
     assert abs(report.frozen_fraction - 0.2) < 0.01 and maps.meta["num_images"] == 1437
     assert 90 <= after["top1"] <= 100
+
+
+def test_kill_9_during_calibration_resumes_bit_identically(tmp_path):
+    """SIGKILL a `calibrate --resume` once its .partial exists; the rerun cleans the killed run's
+    temporaries and ends with exactly the maps of an uninterrupted run (computed here, in-process)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from eamvit.methods.data import random_subset
+
+    src = str(Path(eamvit.__file__).parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "m.safetensors"
+    cmd = [sys.executable, "-m", "eamvit.cli", "calibrate", "--calib-size", "120", "--batch-size", "2", "--bits", "6",
+           "--resume", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "m.safetensors.partial"
+    deadline = time.time() + 300
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not out.exists()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    model = eamvit.create_model(eamvit.BUNDLED_MODEL)
+    train = eamvit.build_dataset("digits", eamvit.data_config(model), split="train")
+    ref = eamvit.compute_entropy_maps(model, train, indices=random_subset(train, 120, seed=0), bits=6, batch_size=2,
+                                      progress=False)
+    got = load_file(str(out))
+    for l in range(ref.num_layers):
+        assert torch.equal(got[f"entropy.{l}"], ref.entropy[l]) and torch.equal(got[f"mean.{l}"], ref.mean[l])
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no .partial, no temporaries

@@ -168,7 +168,10 @@ def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
                        "create it with --model-kwargs in_chans=1")
     mean, std = overrides.get("mean") or [DIGITS_MEAN], overrides.get("std") or [DIGITS_STD]
     changed = any(overrides.get(k) is not None for k in ("mean", "std", "interpolation", "img_size"))
-    return {"input_size": tuple(cfg["input_size"]), "interpolation": overrides.get("interpolation") or "bilinear",
+    # Rows must not name an interpolation where nothing is resized (8x8 digits at side 8).
+    resize = int(cfg["input_size"][-1]) != 8
+    return {"input_size": tuple(cfg["input_size"]),
+            "interpolation": (overrides.get("interpolation") or "bilinear") if resize else None,
             "crop_pct": 1.0, "crop_mode": "center", "mean": (float(mean[0]),), "std": (float(std[0]),),
             "source": "overrides" if changed else "digits"}
 
