@@ -188,6 +188,22 @@ def test_bad_input(name, inputs, tmp_path, monkeypatch, capsys):
     assert _tree(tmp_path) == before  # nothing written, not even an empty folder or a lock
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "--workers", "abc"], "--workers: invalid int value"),
+    (["eval", "--crop-pct", "x"], "--crop-pct: invalid float value"),
+    (["eval", "--no-such-option"], "unrecognized arguments"),
+    (["calibrate"], "--out"),
+    (["plot", "--maps", "m", "--layers", "a,b"], "--layers"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    _assert_one_line_error(e.value.code, capsys.readouterr().err, [needle, "--help"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pickled_checkpoint_runs_no_code(tmp_path, capsys):
     """A checkpoint whose pickle would call os.system is refused, and the command never runs."""
     marker = tmp_path / "ran"

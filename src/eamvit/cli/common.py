@@ -49,7 +49,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint)")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--pretrained", action="store_true", help="weights from the local timm / Hugging Face cache")
-    w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors)")
+    w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors); one written by "
+                   "eamvit also carries the preprocessing it was trained with, used by default")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps where available (default: cuda if available)")
 
 
@@ -57,7 +58,7 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
                    help="ImageFolder root (ImageNet val layout) or 'digits' (scikit-learn's bundled digits)")
-    g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size")
+    g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size (calibrate: use --calib-size)")
     if calib:
         g.add_argument("--calib-data", default=None,
                        help="ImageFolder for calibration (default: the digits training split, or else a seeded "

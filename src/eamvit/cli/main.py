@@ -15,10 +15,17 @@ from eamvit.errors import EamError
 from eamvit.cli.common import flush_warnings, validate_common
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``eamvit: error:`` line too (sub-commands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"eamvit: error: {self.prog.removeprefix('eamvit ')}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from eamvit.cli import demo, entropy, prune, quant
 
-    p = argparse.ArgumentParser(prog="eamvit", description="Entropy Attention Maps and attention-driven "
+    p = Parser(prog="eamvit", description="Entropy Attention Maps and attention-driven "
                                 "compression for timm Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (demo, entropy, quant, prune):
