@@ -141,6 +141,9 @@ def test_bundled_model_config_is_its_training_recipe():
     assert cfg == {"input_size": (1, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
                    "mean": (0.5,), "std": (0.5,), "source": "checkpoint"}
     assert json_load(BUNDLED_CONFIG)["model_kwargs"] == DEMO_KWARGS
+    from eamvit.methods.data import digits_data_config
+
+    assert {**digits_data_config(16), "source": "checkpoint"} == cfg  # the recipe train_digits trains with
     with safe_open(str(BUNDLED_ASSET), framework="pt") as f:  # the weights file is the one that was trained
         assert f.metadata()["test_top1"] == "98.89"
 

@@ -176,6 +176,13 @@ def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
             "source": "overrides" if changed else "digits"}
 
 
+def digits_data_config(img_size: int = 16) -> dict[str, Any]:
+    """The preprocessing of :class:`DigitsDataset` at side ``img_size`` (what a model trained on it must carry)."""
+    cfg = _digits_config({"input_size": (1, img_size, img_size)}, {})
+    cfg.pop("source")
+    return cfg
+
+
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
                   strict_images: bool = False, img_size: int = 16) -> Dataset:
     """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.

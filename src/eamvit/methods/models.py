@@ -161,13 +161,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)[0]
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None) -> Path:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None,
+                    extra: Optional[dict[str, Any]] = None) -> Path:
     """Write ``model``'s weights as safetensors with its data config, which loading then follows.
 
     Args:
         model: the model (its ``state_dict`` is written).
         path: the ``.safetensors`` file (written atomically).
         data_cfg: the preprocessing the model was trained with (default: :func:`data_config` of the model).
+        extra: more JSON metadata to store (e.g. the test accuracy measured after training).
 
     Returns:
         ``path``.
@@ -175,7 +177,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optiona
     from eamvit.io import save_tensors
 
     cfg = preprocessing(data_cfg if data_cfg is not None else data_config(model))
-    meta = {"format": CHECKPOINT_FORMAT, "model": model_spec(model).to_dict(), "data_config": cfg}
+    meta = {**(extra or {}), "format": CHECKPOINT_FORMAT, "model": model_spec(model).to_dict(), "data_config": cfg}
     save_tensors(path, {k: v.detach() for k, v in model.state_dict().items()}, meta)
     return Path(path)
 
