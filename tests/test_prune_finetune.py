@@ -11,7 +11,8 @@ import eamvit
 from eamvit.methods.data import DigitsDataset
 from eamvit.errors import EamError
 from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at, lr_at
-from eamvit.methods.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_table
+from eamvit.experiments.prune_sweep import prune_sweep, prune_table
+from eamvit.methods.prune import PruneConfig, kept_patch_masks, prune_, prune_state, token_entropies
 
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 
@@ -117,9 +118,11 @@ def test_sweep_and_table(digits, tmp_path):
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
     plot_top1_vs_gflops(rows, tmp_path / "tradeoff.png")
-    plot_kept_patches(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)],
-                      tmp_path / "kept.png")
-    plot_entropy_histograms(m, torch.stack([test[i][0] for i in range(4)]), tmp_path / "hist.png")
+    masks = kept_patch_masks(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)])
+    assert list(masks) == ["Shannon", "EViT"] and [int(k.sum()) for k in masks["Shannon"]] == [32, 16, 8]
+    plot_kept_patches(test[0][0], masks, tmp_path / "kept.png", mean=[0.5], std=[0.5])
+    plot_entropy_histograms(token_entropies(m, torch.stack([test[i][0] for i in range(4)]), (1.0, 2.0, math.inf)),
+                            tmp_path / "hist.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("tradeoff.png", "kept.png", "hist.png"))
     assert not hasattr(m, "eam_prune")
 
@@ -127,7 +130,7 @@ def test_sweep_and_table(digits, tmp_path):
 
 def test_fusion_weights_receive_gradients():
     """EViT back-propagates through the class-token attention it uses as fusion weights."""
-    from eamvit.methods.prune import fuse_dropped
+    from eamvit.ops.scores import fuse_dropped
 
     torch.manual_seed(0)
     patches = torch.randn(2, 6, 4)

@@ -14,8 +14,9 @@ from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, bui
 def cmd_prune_sweep(args) -> None:
     from eamvit.methods.evaluate import result_row
     from eamvit.io import ensure_writable_dir, write_results, write_text
+    from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
+    from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.prune import plot_top1_vs_gflops
-    from eamvit.methods.prune import markdown_table, method_config, parse_methods, prune_sweep
 
     methods = parse_methods(args.methods)
     for k in args.keep_rates:
@@ -40,10 +41,13 @@ def cmd_prune_sweep(args) -> None:
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
+    import math
+
     import torch
 
+    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
-    from eamvit.methods.prune import method_config
 
     idx = list(ev_idx) if ev_idx is not None else list(range(len(ev)))
     items = [it for it in (ev[i] for i in idx[:32]) if it is not None]
@@ -52,8 +56,11 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     device = next(model.parameters()).device
     images = torch.stack([it[0] for it in items]).to(device)
     configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
-    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=cfg.get("mean"), std=cfg.get("std"))
-    plot_entropy_histograms(model, images, out / "token_entropy.png")
+    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
+                      mean=cfg["mean"], std=cfg["std"], blocks=configs[0].blocks or default_blocks(len(model.blocks)),
+                      title=f"Kept patches per pruning stage (κ = {args.keep_rates[0]:g})")
+    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
+                            title=f"Attention-entropy distributions per block ({len(images)} images)")
 
 
 def cmd_finetune(args) -> None:
