@@ -22,7 +22,7 @@ import torch
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.experiments.results import format_sweep_table
 from eamvit.methods.data import DigitsDataset
-from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, TrainConfig, load_demo_model, train_digits
+from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
 from eamvit.io import ensure_writable_dir, write_results, write_text
 from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
@@ -47,7 +47,7 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     if retrain:
         ckpt = out / "digits_vit.safetensors"
         _say(f"[1/{STEPS}] training the digits ViT ({epochs} epochs) -> {ckpt}")
-        train_digits(ckpt, TrainConfig(epochs=epochs), device=device)
+        train_digits(ckpt, DigitsConfig(epochs=epochs), device=device)
     else:
         ckpt = Path(checkpoint) if checkpoint else ASSET
         _say(f"[1/{STEPS}] loading the digits ViT from {ckpt}")
