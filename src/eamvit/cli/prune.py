@@ -111,7 +111,7 @@ def cmd_finetune(args) -> None:
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
                    workers=args.workers, data_config=cfg)
     last = res["final"] or {}
-    print(f"fine-tuned {res['epochs_done']} epochs: " + " ".join(f"{k}={v}" for k, v in last.items()))
+    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images: " + " ".join(f"{k}={v}" for k, v in last.items()))
     print(f"wrote {out / WEIGHTS} (plain timm weights; prune at load time with the same options), "
           f"{out / 'finetune.json'}, checkpoint {res['checkpoint']}")
 

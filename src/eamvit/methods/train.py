@@ -263,7 +263,8 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         desc: progress-bar label.
 
     Returns:
-        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "checkpoint": path or None}``.
+        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "images": training images,
+        "checkpoint": path or None}``.
     """
     from tqdm.auto import tqdm
 
@@ -309,7 +310,7 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         model.eval()
         run.extra()  # leave the model in the state training has reached (e.g. its keep rate)
     return {"history": history, "epochs_done": len(history), "final": history[-1] if history else None,
-            "checkpoint": str(ckpt) if ckpt is not None else None}
+            "images": len(train_ds), "checkpoint": str(ckpt) if ckpt is not None else None}
 
 
 # --------------------------------------------------------------------------------------------------
