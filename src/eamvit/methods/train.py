@@ -204,6 +204,29 @@ class _Run:
         return self.schedule(self.step, self.steps_per_epoch) if self.schedule is not None else {}
 
 
+def _resume(run: _Run, ckpt: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
+    """Load a checkpoint into the run; returns the epochs done and their history."""
+    ck = _load(ckpt, ident)
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.step = ck["step"]
+    _set_rng_state(ck["rng"], generators)
+    return ck["epoch"], list(ck["history"])
+
+
+def _epoch_row(run: _Run, epoch: int, loss: float, val_ds: Optional[Dataset]) -> dict[str, Any]:
+    """The history row of an epoch: loss, learning rate, schedule values, top-1/top-5 on ``val_ds``."""
+    run.sched.step_update(run.step)
+    row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra()}
+    if val_ds is not None:
+        from eamvit.methods.evaluate import evaluate
+
+        met = evaluate(run.model, val_ds, batch_size=max(64, run.config.batch_size), device=run.device,
+                       progress=False)
+        row.update({k: met[k] for k in ("top1", "top5")})
+    return row
+
+
 def _epoch(run: _Run, data: SeededItems, workers: int, bar) -> float:
     """One pass over ``data``; returns the mean loss."""
     cfg = run.config
@@ -280,29 +303,16 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
     run = _Run(model, config, opt, sched, *_loss_fn(config, num_classes), device, schedule, steps_per_epoch)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2 ** 32)
-    start, history = 0, []
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and resume and ckpt.is_file():
-        ck = _load(ckpt, ident)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start, run.step, history = ck["epoch"], ck["step"], list(ck["history"])
-        _set_rng_state(ck["rng"], generators)
+    start, history = _resume(run, ckpt, ident, generators) if ckpt is not None and resume and ckpt.is_file() else (0, [])
     data = SeededItems(train_ds, config.seed)
     end = config.epochs if stop_after is None else min(config.epochs, start + max(0, stop_after))
     bar = tqdm(total=(end - start) * steps_per_epoch, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(start, end):
             data.epoch = epoch
-            row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(_epoch(run, data, workers, bar), 5)}
-            sched.step_update(run.step)
-            row.update(lr=opt.param_groups[0]["lr"], **run.extra())
-            if val_ds is not None:
-                from eamvit.methods.evaluate import evaluate
-
-                met = evaluate(model, val_ds, batch_size=max(64, config.batch_size), device=device, progress=False)
-                row.update({k: met[k] for k in ("top1", "top5")})
-            history.append(row)
+            loss = _epoch(run, data, workers, bar)
+            history.append(_epoch_row(run, epoch, loss, val_ds))
             if ckpt is not None:
                 _save(ckpt, model, opt, {"epoch": epoch + 1, "step": run.step, "history": history}, ident, generators)
     finally:
