@@ -369,3 +369,16 @@ def test_not_pruned_and_bad_method_strings():
     with pytest.raises(EamError, match="Rényi order"):
         parse_methods("renyi:x")
     assert parse_methods("shannon, renyi:inf,evit") == [("shannon", None), ("renyi", math.inf), ("evit", None)]
+
+
+def test_prune_config_round_trip():
+    from eamvit.methods.finetune import FinetuneConfig
+
+    cfg = PruneConfig(method="renyi", alpha=math.inf, blocks=(1, 5), fuse=True, keep_rate=0.5)
+    d = cfg.to_dict()
+    assert d["kind"] == "prune" and d["alpha"] == "inf" and d["blocks"] == [1, 5]
+    assert PruneConfig.from_dict(d) == cfg
+    with pytest.raises(EamError, match="expected a prune config"):
+        PruneConfig.from_dict(FinetuneConfig().to_dict())
+    ft = FinetuneConfig(epochs=3, keep_decay_epochs=1.5, grad_clip=1.0)
+    assert FinetuneConfig.from_dict(ft.to_dict()) == ft

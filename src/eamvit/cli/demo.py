@@ -1,13 +1,8 @@
 """``demo`` and ``train-digits``."""
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
-from eamvit.errors import EamError
 from eamvit.cli.common import parse_device
 from eamvit.cli.prune import DefaultsHelp
 

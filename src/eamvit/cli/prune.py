@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
@@ -56,8 +53,9 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     device = next(model.parameters()).device
     images = torch.stack([it[0] for it in items]).to(device)
     configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
+    blocks = configs[0].blocks or default_blocks(len(model.blocks))
     plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
-                      mean=cfg["mean"], std=cfg["std"], blocks=configs[0].blocks or default_blocks(len(model.blocks)),
+                      mean=cfg["mean"], std=cfg["std"], blocks=blocks,
                       title=f"Kept patches per pruning stage (κ = {args.keep_rates[0]:g})")
     plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
                             title=f"Attention-entropy distributions per block ({len(images)} images)")
