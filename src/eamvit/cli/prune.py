@@ -132,11 +132,14 @@ def register(sub) -> None:
                        formatter_class=DefaultsHelp)
     add_model_args(s)
     add_data_args(s, calib=False)
-    for action in s._actions:  # the shared texts speak of evaluation; here --data is the training set
-        if action.dest == "data":
-            action.help = "training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)"
-        elif action.dest == "num_samples":
-            action.help = "train on a seeded random subset of this many training images (default: all)"
+    texts = {  # the shared texts speak of evaluation; here the data are the training set
+        "data": "training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)",
+        "num_samples": "train on a seeded random subset of this many training images (default: all)",
+        "seed": "seed of the subset, shuffling, augmentation, mixup and dropout",
+        "batch_size": "images per training step",
+        "workers": "DataLoader worker processes (the trained weights do not depend on their number)"}
+    for action in s._actions:
+        action.help = texts.get(action.dest, action.help)
     add_prune_args(s)
     s.set_defaults(prune="shannon")
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
