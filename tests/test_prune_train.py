@@ -147,3 +147,16 @@ def test_train_digits_default_out_is_the_current_folder():
 
     args = build_parser().parse_args(["train-digits"])
     assert args.out == "digits_vit.safetensors"
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(opt="nope"), "timm has no optimizer 'nope'"),
+                                    (dict(sched="nope"), "timm scheduler 'nope' is unknown"),
+                                    (dict(sched="plateau"), "cannot be stepped per iteration")])
+def test_unknown_optimizer_or_scheduler_is_one_line(kw, msg):
+    from eamvit.errors import EamError
+    from eamvit.methods.train import TrainConfig, train
+
+    data = [(torch.zeros(3), 0), (torch.ones(3), 1)]
+    with pytest.raises(EamError, match=msg) as e:
+        train(torch.nn.Linear(3, 2), data, TrainConfig(epochs=1, batch_size=2, **kw), progress=False)
+    assert "\n" not in str(e.value)

@@ -178,10 +178,19 @@ def _factories(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    opt = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
-    sched, _ = create_scheduler_v2(opt, sched=config.sched, num_epochs=config.epochs, min_lr=config.min_lr,
-                                   warmup_lr=config.warmup_lr, warmup_epochs=config.warmup_epochs,
-                                   step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    try:
+        opt = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
+    except (AssertionError, ValueError, KeyError):
+        raise EamError(f"timm has no optimizer {config.opt!r}; use e.g. adamw, sgd or lamb") from None
+    try:
+        sched, _ = create_scheduler_v2(opt, sched=config.sched, num_epochs=config.epochs, min_lr=config.min_lr,
+                                       warmup_lr=config.warmup_lr, warmup_epochs=config.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except (AssertionError, ValueError):
+        sched = None
+    if sched is None or config.sched == "plateau":  # 'plateau' needs a metric per epoch, not per step
+        raise EamError(f"timm scheduler {config.sched!r} is unknown or cannot be stepped per iteration; use e.g. "
+                       "cosine, step, poly or constant")
     return opt, sched
 
 
