@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import transforms  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
@@ -46,14 +47,19 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
             continue
         style = dict(linestyle="--", color="0.5") if name == "random" else {}
         ax.plot([scale * r["gflops"] for r in rs], [r["top1"] for r in rs], marker="o", label=name, **style)
-        for r in rs:
-            ax.annotate(f"{r['keep_rate']:g}", (scale * r["gflops"], r["top1"]), fontsize=6, alpha=0.6,
-                        xytext=(2, 2), textcoords="offset points")
+    # Methods share the cost of a keep rate: one κ label per keep rate, along the top, not one per point.
+    by_rate: dict[float, list[float]] = {}
+    for r in rows:
+        if r["method"] != "none":
+            by_rate.setdefault(float(r["keep_rate"]), []).append(scale * r["gflops"])
+    top = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for k, xs in by_rate.items():
+        ax.text(sum(xs) / len(xs), 1.01, f"κ={k:g}", transform=top, ha="center", va="bottom", fontsize=7, color="0.3")
     ax.set_xlabel(f"{unit} per image (multiply-adds)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "Token pruning: accuracy against computation (labels: keep rate κ)")
+    ax.set_title(title or "Token pruning: accuracy against computation", pad=16)
     save_figure(fig, path)
 
 
