@@ -53,9 +53,9 @@ def test_resume_gives_the_same_weights(tmp_path, digits):
     prune_(c, pc)
     rc = finetune(c, train, _cfg(), out_dir=tmp_path / "b", progress=False)
     assert rc["epochs_done"] == 2 and rc["history"] == ra["history"]
-    # 48 images / 16 = 3 steps an epoch; after epoch 1 (step 3 of 6, past the 1.5-step warm-up) the
-    # cosine over all 6 steps is at its midpoint; after epoch 2 it has reached min_lr.
-    assert ra["history"][0]["lr"] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 3 / 6)))
+    # 48 images / 16 = 3 steps an epoch; after epoch 1 (step 3 of 6) the cosine over the 4.5 steps after
+    # the 1.5-step warm-up is 1.5 steps in; after epoch 2 it has reached min_lr.
+    assert ra["history"][0]["lr"] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 1.5 / 4.5)))
     assert ra["history"][1]["lr"] == pytest.approx(1e-4)
     # κ: 1 for 1.5 steps, then a cosine to 0.5 over 3 steps: at step 3 halfway, 0.75; then the target.
     assert [h["keep_rate"] for h in ra["history"]] == [pytest.approx(0.75), 0.5]

@@ -2,8 +2,8 @@
 
 Optimizer: timm's ``create_optimizer_v2`` (AdamW by default; no weight decay on biases, norms, class
 and position tokens: timm's ``filter_bias_and_bn`` and the model's ``no_weight_decay``). Schedule:
-timm's ``create_scheduler_v2``, stepped per iteration (cosine from ``lr`` to ``min_lr`` over all
-epochs, linear warm-up from ``warmup_lr`` for ``warmup_epochs``). Loss: cross-entropy with label
+timm's ``create_scheduler_v2``, stepped per iteration (linear warm-up from ``warmup_lr`` for
+``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` over the remaining epochs). Loss: cross-entropy with label
 smoothing, or timm's ``Mixup`` with a soft-target loss when mixup/cutmix is on.
 
 Determinism. Shuffling uses a generator seeded with ``seed + epoch``; every training item is
@@ -183,9 +183,12 @@ def _factories(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
     except (AssertionError, ValueError, KeyError):
         raise EamError(f"timm has no optimizer {config.opt!r}; use e.g. adamw, sgd or lamb") from None
     try:
-        sched, _ = create_scheduler_v2(opt, sched=config.sched, num_epochs=config.epochs, min_lr=config.min_lr,
+        # The decay runs over the epochs after the warm-up (warmup_prefix), as DeiT's and EViT's schedules
+        # do; a run shorter than its warm-up never reaches the decay, whose length then does not matter.
+        decay = config.epochs - config.warmup_epochs if config.epochs > config.warmup_epochs else 1
+        sched, _ = create_scheduler_v2(opt, sched=config.sched, num_epochs=decay, min_lr=config.min_lr,
                                        warmup_lr=config.warmup_lr, warmup_epochs=config.warmup_epochs,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+                                       warmup_prefix=True, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     except (AssertionError, ValueError):
         sched = None
     if sched is None or config.sched == "plateau":  # 'plateau' needs a metric per epoch, not per step
