@@ -3,8 +3,9 @@
 Optimizer: timm's ``create_optimizer_v2`` (AdamW by default; no weight decay on biases, norms, class
 and position tokens: timm's ``filter_bias_and_bn`` and the model's ``no_weight_decay``). Schedule:
 timm's ``create_scheduler_v2``, stepped per iteration (linear warm-up from ``warmup_lr`` for
-``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` over the remaining epochs). Loss: cross-entropy with label
-smoothing, or timm's ``Mixup`` with a soft-target loss when mixup/cutmix is on.
+``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` over the remaining epochs). Loss:
+cross-entropy with label smoothing, or timm's ``Mixup`` with a soft-target loss when mixup/cutmix
+is on.
 
 Determinism. Shuffling uses a generator seeded with ``seed + epoch``; every training item is
 produced under its own random state, seeded from ``(seed, epoch, index)`` (:class:`SeededItems`),
