@@ -2,9 +2,11 @@
 
 deit_small_patch16_224, random weights, 224 px, batch 32, one process. The configurations are
 timed in interleaved rounds (unpruned, EViT, Shannon, Rényi α=2, unpruned, ...) so that other load
-on the machine hits them alike; each one's throughput is its best round (wall clock). Ratios of
-process CPU time are printed too, as a check that is less sensitive to other load. Prints the EViT/unpruned,
-entropy/EViT and, last, the entropy/unpruned ratio (entropy = the slower of Shannon and Rényi α=2).
+on the machine hits them alike, after one warm-up forward each; each one's throughput is the median
+of its rounds (wall clock), shown with the spread (slowest and fastest round). Ratios of the best
+rounds and of process CPU time are printed too, as checks that are less sensitive to other load.
+Prints the EViT/unpruned, entropy/EViT and, last, the entropy/unpruned ratio of medians (entropy =
+the slower of Shannon and Rényi α=2).
 Goals: entropy ≥ 1.5× unpruned and ≥ 0.97× EViT.
 
     python benchmarks/prune_throughput.py [--rounds 5] [--batch-size 32] [--threads N]
@@ -12,6 +14,7 @@ Goals: entropy ≥ 1.5× unpruned and ≥ 0.97× EViT.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -56,8 +59,8 @@ def main() -> None:
     for name, cfg in configs.items():
         apply(cfg)
         gflops[name] = count_gflops(model)
-    best = {name: float("inf") for name in configs}
-    best_cpu = {name: float("inf") for name in configs}
+    walls: dict[str, list[float]] = {name: [] for name in configs}
+    cpus: dict[str, list[float]] = {name: [] for name in configs}
     with torch.inference_mode():
         for name, cfg in configs.items():  # warm-up: one forward each
             apply(cfg)
@@ -66,16 +69,22 @@ def main() -> None:
             for name, cfg in configs.items():
                 apply(cfg)
                 wall, cpu = timed(model, x)
-                best[name] = min(best[name], wall)
-                best_cpu[name] = min(best_cpu[name], cpu)
-    ips = {name: args.batch_size / t for name, t in best.items()}
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    ips = {name: args.batch_size / statistics.median(t) for name, t in walls.items()}
+    best = {name: args.batch_size / min(t) for name, t in walls.items()}
     print(f"deit_small_patch16_224, batch {args.batch_size}, 224 px, {torch.get_num_threads()} threads, "
-          f"best of {args.rounds} rounds")
+          f"median of {args.rounds} rounds [slowest, fastest]")
     for name in configs:
-        print(f"  {name:10s} {ips[name]:8.2f} images/s  {gflops[name]:.2f} GFLOPs")
-    # CPU time is less sensitive to other processes on a shared machine; shown for diagnosis only.
+        lo, hi = args.batch_size / max(walls[name]), best[name]
+        print(f"  {name:10s} {ips[name]:8.2f} images/s [{lo:.2f}, {hi:.2f}]  {gflops[name]:.2f} GFLOPs")
+    # Best rounds and CPU time are less sensitive to other processes on a shared machine; for diagnosis.
+    cpu = {name: min(t) for name, t in cpus.items()}
     print("CPU-time ratios to unpruned: " + "  ".join(
-        f"{name} {best_cpu['unpruned'] / best_cpu[name]:.3f}" for name in configs if name != "unpruned"))
+        f"{name} {cpu['unpruned'] / cpu[name]:.3f}" for name in configs if name != "unpruned"))
+    best_entropy = min(best["Shannon"], best["Rényi α=2"])
+    print(f"best rounds: entropy/unpruned {best_entropy / best['unpruned']:.3f}  "
+          f"entropy/EViT {best_entropy / best['EViT']:.3f}")
     entropy = min(ips["Shannon"], ips["Rényi α=2"])
     print(f"Shannon/unpruned {ips['Shannon'] / ips['unpruned']:.3f}  Rényi α=2/unpruned "
           f"{ips['Rényi α=2'] / ips['unpruned']:.3f}")

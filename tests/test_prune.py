@@ -11,9 +11,11 @@ import eamvit
 import eamvit.modules.attention
 from eamvit.modules.attention import layer_shapes
 from eamvit.errors import EamError
-from eamvit.methods.prune import (PruneBlock, PruneConfig, attention_entropy, count_gflops, default_blocks, evit_scores,
-                          kept_count, kept_indices, kept_masks, parse_methods, prune_, prune_state, prune_tokens,
-                          row_entropy, set_keep_rate, token_counts, token_entropies, trace_indices, unprune_)
+from eamvit.methods.prune import (PruneConfig, count_gflops, kept_indices, kept_masks, parse_methods, prune_,
+                                  prune_state, set_keep_rate, token_entropies, unprune_)
+from eamvit.modules.prune_block import PruneBlock
+from eamvit.ops.scores import (attention_entropy, default_blocks, evit_scores, kept_count, prune_tokens, row_entropy,
+                               token_counts, trace_indices)
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=48, num_heads=3)  # 8x8 = 64 patches, 12 blocks
 GRID14 = dict(img_size=56, patch_size=4, num_classes=10, embed_dim=48, num_heads=3)  # 14x14 = 196 patches
@@ -190,7 +192,7 @@ def test_class_and_distillation_tokens_always_kept():
     attn[0, 0, :2, 0] = 1.0  # class and distillation rows one-hot: entropy 0, the lowest of all
     for i, spread in enumerate([2, 1, 3, 4]):
         attn[0, 0, 2 + i, :spread] = 1.0 / spread
-    out, keep, scores = prune_tokens(x, attn, PruneConfig(method="shannon"), num_prefix=2, k=2)
+    out, keep, scores = prune_tokens(x, attn, "shannon", num_prefix=2, k=2)
     assert torch.equal(out[:, :2], x[:, :2])
     assert keep.tolist() == [[1, 0]]
     assert torch.equal(out[:, 2:], x[:, [3, 2]])
@@ -230,12 +232,11 @@ def test_index_tracing_on_hand_made_attention_maps():
             a[0, 0, i + 1, :s] = 1.0 / s
         return a
 
-    cfg = PruneConfig(method="shannon")
     x0 = torch.arange(7.0).view(1, 7, 1)
-    _, keep0, _ = prune_tokens(x0, attention_for(spread0), cfg, 1, kept_count(6, 0.5))
+    _, keep0, _ = prune_tokens(x0, attention_for(spread0), "shannon", 1, kept_count(6, 0.5))
     assert keep0.tolist() == [[1, 3, 0]]  # lowest entropy first: spreads 1, 2, 3
     spread1 = [2, 1, 3]                    # stage-1 tokens are original patches 1, 3, 0
-    _, keep1, _ = prune_tokens(x0[:, :4], attention_for(spread1), cfg, 1, kept_count(3, 0.5))
+    _, keep1, _ = prune_tokens(x0[:, :4], attention_for(spread1), "shannon", 1, kept_count(3, 0.5))
     assert keep1.tolist() == [[1, 0]]
     traced = trace_indices([keep0, keep1], 6, fuse=False)
     assert [t.tolist() for t in traced] == [[[1, 3, 0]], [[3, 1]]]
@@ -267,12 +268,12 @@ def test_evit_fusion_against_hand_computation():
     attn[0, 0, 0] = torch.tensor([0.2, 0.1, 0.4, 0.2, 0.1])
     attn[0, 1, 0] = torch.tensor([0.0, 0.3, 0.2, 0.4, 0.1])
     # class-token attention to patches, mean of heads: [0.2, 0.3, 0.3, 0.1]
-    out, keep, _ = prune_tokens(x, attn, PruneConfig(method="evit"), 1, k=2)
+    out, keep, _ = prune_tokens(x, attn, "evit", 1, k=2, fuse=True)
     assert sorted(keep[0].tolist()) == [1, 2]
     expected_fused = 0.2 * x[0, 1] + 0.1 * x[0, 4]  # dropped patches 0 and 3, not normalised
     torch.testing.assert_close(out[0, -1], expected_fused)
     assert torch.equal(out[0, 0], x[0, 0]) and out.shape == (1, 4, 2)
-    no_fuse, _, _ = prune_tokens(x, attn, PruneConfig(method="evit", fuse=False), 1, k=2)
+    no_fuse, _, _ = prune_tokens(x, attn, "evit", 1, k=2)
     assert no_fuse.shape == (1, 3, 2)
 
 
@@ -368,3 +369,16 @@ def test_not_pruned_and_bad_method_strings():
     with pytest.raises(EamError, match="Rényi order"):
         parse_methods("renyi:x")
     assert parse_methods("shannon, renyi:inf,evit") == [("shannon", None), ("renyi", math.inf), ("evit", None)]
+
+
+def test_prune_config_round_trip():
+    from eamvit.methods.finetune import FinetuneConfig
+
+    cfg = PruneConfig(method="renyi", alpha=math.inf, blocks=(1, 5), fuse=True, keep_rate=0.5)
+    d = cfg.to_dict()
+    assert d["kind"] == "prune" and d["alpha"] == "inf" and d["blocks"] == [1, 5]
+    assert PruneConfig.from_dict(d) == cfg
+    with pytest.raises(EamError, match="expected a prune config"):
+        PruneConfig.from_dict(FinetuneConfig().to_dict())
+    ft = FinetuneConfig(epochs=3, keep_decay_epochs=1.5, grad_clip=1.0)
+    assert FinetuneConfig.from_dict(ft.to_dict()) == ft

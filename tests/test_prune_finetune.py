@@ -10,8 +10,9 @@ from torch.utils.data import Subset
 import eamvit
 from eamvit.methods.data import DigitsDataset
 from eamvit.errors import EamError
-from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at, lr_at
-from eamvit.methods.prune import PruneConfig, prune_, prune_state, prune_sweep, prune_table
+from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at
+from eamvit.experiments.prune_sweep import prune_sweep, prune_table
+from eamvit.methods.prune import PruneConfig, kept_patch_masks, prune_, prune_state, token_entropies
 
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 
@@ -52,6 +53,12 @@ def test_resume_gives_the_same_weights(tmp_path, digits):
     prune_(c, pc)
     rc = finetune(c, train, _cfg(), out_dir=tmp_path / "b", progress=False)
     assert rc["epochs_done"] == 2 and rc["history"] == ra["history"]
+    # 48 images / 16 = 3 steps an epoch; after epoch 1 (step 3 of 6) the cosine over the 4.5 steps after
+    # the 1.5-step warm-up is 1.5 steps in; after epoch 2 it has reached min_lr.
+    assert ra["history"][0]["lr"] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 1.5 / 4.5)))
+    assert ra["history"][1]["lr"] == pytest.approx(1e-4)
+    # κ: 1 for 1.5 steps, then a cosine to 0.5 over 3 steps: at step 3 halfway, 0.75; then the target.
+    assert [h["keep_rate"] for h in ra["history"]] == [pytest.approx(0.75), 0.5]
     for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
         assert torch.equal(va, vc), k
     assert prune_state(c).keep_rate == 0.5
@@ -89,8 +96,6 @@ def test_finetune_bad_input(digits):
 def test_schedules_follow_evit():
     cfg = FinetuneConfig(epochs=10, lr=1e-3, min_lr=1e-5, warmup_epochs=1, warmup_lr=0.0,
                          keep_warmup_epochs=2, keep_decay_epochs=4)
-    assert lr_at(0, 10, cfg) == 0.0 and lr_at(10, 10, cfg) == pytest.approx(1e-3)
-    assert lr_at(100, 10, cfg) == pytest.approx(1e-5)
     assert keep_rate_at(19, 10, 0.7, cfg) == 1.0
     assert keep_rate_at(20, 10, 0.7, cfg) == pytest.approx(1.0)
     assert keep_rate_at(40, 10, 0.7, cfg) == pytest.approx(0.85)
@@ -117,9 +122,11 @@ def test_sweep_and_table(digits, tmp_path):
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
     plot_top1_vs_gflops(rows, tmp_path / "tradeoff.png")
-    plot_kept_patches(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)],
-                      tmp_path / "kept.png")
-    plot_entropy_histograms(m, torch.stack([test[i][0] for i in range(4)]), tmp_path / "hist.png")
+    masks = kept_patch_masks(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)])
+    assert list(masks) == ["Shannon", "EViT"] and [int(k.sum()) for k in masks["Shannon"]] == [32, 16, 8]
+    plot_kept_patches(test[0][0], masks, tmp_path / "kept.png", mean=[0.5], std=[0.5])
+    plot_entropy_histograms(token_entropies(m, torch.stack([test[i][0] for i in range(4)]), (1.0, 2.0, math.inf)),
+                            tmp_path / "hist.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("tradeoff.png", "kept.png", "hist.png"))
     assert not hasattr(m, "eam_prune")
 
@@ -127,7 +134,7 @@ def test_sweep_and_table(digits, tmp_path):
 
 def test_fusion_weights_receive_gradients():
     """EViT back-propagates through the class-token attention it uses as fusion weights."""
-    from eamvit.methods.prune import fuse_dropped
+    from eamvit.ops.scores import fuse_dropped
 
     torch.manual_seed(0)
     patches = torch.randn(2, 6, 4)

@@ -1,20 +1,18 @@
 """``demo`` and ``train-digits``."""
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
-from eamvit.errors import EamError
 from eamvit.cli.common import parse_device
+from eamvit.cli.prune import DefaultsHelp
 
 
 def cmd_train_digits(args) -> None:
-    from eamvit.experiments.digits import TrainConfig, train_digits
+    from eamvit.experiments.digits import DigitsConfig, check_output_file, train_digits
 
-    res = train_digits(args.out, TrainConfig(epochs=args.epochs, seed=args.seed), device=parse_device(args.device))
+    check_output_file(args.out)  # before minutes of training
+    config = DigitsConfig(epochs=args.epochs, seed=args.seed).validate()
+    res = train_digits(args.out, config, device=parse_device(args.device))
     print(f"wrote {args.out}: test top-1 {res['top1']:.2f}%")
 
 
@@ -36,11 +34,12 @@ def register(sub) -> None:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("train-digits", help="train the demo ViT on scikit-learn's digits")
+    s = sub.add_parser("train-digits", help="train the demo ViT on scikit-learn's digits",
+                       formatter_class=DefaultsHelp)
     s.add_argument("--out", default="digits_vit.safetensors",
-                   help="checkpoint to write (default: digits_vit.safetensors here; the bundled one is never overwritten)")
-    s.add_argument("--epochs", type=int, default=80)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+                   help="checkpoint to write, in the current folder by default (the bundled one is never overwritten)")
+    s.add_argument("--epochs", type=int, default=80, help="passes over the 1437 training digits")
+    s.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda if available")
     s.set_defaults(func=cmd_train_digits)
 

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
@@ -14,8 +11,9 @@ from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, bui
 def cmd_prune_sweep(args) -> None:
     from eamvit.methods.evaluate import result_row
     from eamvit.io import ensure_writable_dir, write_results, write_text
+    from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
+    from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.prune import plot_top1_vs_gflops
-    from eamvit.methods.prune import markdown_table, method_config, parse_methods, prune_sweep
 
     methods = parse_methods(args.methods)
     for k in args.keep_rates:
@@ -40,10 +38,13 @@ def cmd_prune_sweep(args) -> None:
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
+    import math
+
     import torch
 
+    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
-    from eamvit.methods.prune import method_config
 
     idx = list(ev_idx) if ev_idx is not None else list(range(len(ev)))
     items = [it for it in (ev[i] for i in idx[:32]) if it is not None]
@@ -52,55 +53,110 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     device = next(model.parameters()).device
     images = torch.stack([it[0] for it in items]).to(device)
     configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
-    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=cfg.get("mean"), std=cfg.get("std"))
-    plot_entropy_histograms(model, images, out / "token_entropy.png")
+    blocks = configs[0].blocks or default_blocks(len(model.blocks))
+    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
+                      mean=cfg["mean"], std=cfg["std"], blocks=blocks,
+                      title=f"Kept patches per pruning stage (κ = {args.keep_rates[0]:g})")
+    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
+                            title=f"Attention-entropy distributions per block ({len(images)} images)")
+
+
+def _finetune_data(args, model):
+    """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
+    from eamvit.cli.common import data_overrides
+    from eamvit.methods.data import build_dataset, random_subset
+    from eamvit.methods.models import data_config
+    from eamvit.methods.train import train_dataset
+
+    cfg = data_config(model, data_overrides(args))
+    if args.img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
+    if args.data == "digits":
+        fixed = [f"--{k.replace('_', '-')}" for k, v in data_overrides(args).items() if v is not None]
+        if fixed:
+            raise EamError(f"{', '.join(fixed)} cannot change the digits' preprocessing (fixed 8x8 -> bilinear "
+                           "upsampling, mean/std 0.5); drop them or use an image folder")
+    train = train_dataset(args.data, cfg, augment=args.augment, strict_images=args.strict_images)
+    if args.num_samples:
+        from torch.utils.data import Subset
+
+        train = Subset(train, random_subset(train, args.num_samples, args.seed))
+    if args.val_data:
+        val = build_dataset(args.val_data, cfg, strict_images=args.strict_images)
+    else:
+        val = build_dataset("digits", split="test", img_size=int(cfg["input_size"][-1])) \
+            if args.data == "digits" else None
+    return train, val, cfg
 
 
 def cmd_finetune(args) -> None:
-    from eamvit.methods.data import build_dataset
-    from eamvit.methods.finetune import FinetuneConfig, finetune, train_dataset
     from eamvit.io import ensure_writable_dir
+    from eamvit.methods.finetune import WEIGHTS, FinetuneConfig, finetune
     from eamvit.methods.prune import PruneConfig, prune_
 
     pcfg = PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha, **prune_options(args)).validate()
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-                          weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                           keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
-                          seed=args.seed, workers=args.workers).validate()
+                          grad_clip=args.grad_clip, seed=args.seed).validate()
+    if args.workers < 0:
+        raise EamError(f"--workers must be 0 or more, got {args.workers}")
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    train = train_dataset(args.data, model, strict_images=args.strict_images)
-    if args.val_data:
-        from eamvit.methods.models import data_config
-
-        val = build_dataset(args.val_data, data_config(model), strict_images=args.strict_images)
-    else:
-        val = build_dataset("digits", split="test", img_size=int(model.patch_embed.img_size[0])) \
-            if args.data == "digits" else None
+    train, val, cfg = _finetune_data(args, model)
     prune_(model, pcfg)
-    res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device)
+    res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
+                   workers=args.workers, data_config=cfg)
     last = res["final"] or {}
-    print(f"fine-tuned {res['epochs_done']} epochs: " + " ".join(f"{k}={v}" for k, v in last.items()))
-    print(f"wrote {out / 'finetuned.safetensors'} (plain timm weights; prune at load time with the same options), "
+    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images: " + " ".join(f"{k}={v}" for k, v in last.items()))
+    print(f"wrote {out / WEIGHTS} (plain timm weights; prune at load time with the same options), "
           f"{out / 'finetune.json'}, checkpoint {res['checkpoint']}")
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where the help text does not already say it and X is a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable")
+    from eamvit.methods.train import AUGMENTS, IMAGENET_MIN_SIZE
+
+    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable",
+                       formatter_class=DefaultsHelp)
     add_model_args(s)
     add_data_args(s, calib=False)
+    texts = {  # the shared texts speak of evaluation; here the data are the training set
+        "data": "training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)",
+        "num_samples": "train on a seeded random subset of this many training images (default: all)",
+        "seed": "seed of the subset, shuffling, augmentation, mixup and dropout",
+        "batch_size": "images per training step",
+        "workers": "DataLoader worker processes (the trained weights do not depend on their number)"}
+    for action in s._actions:
+        action.help = texts.get(action.dest, action.help)
     add_prune_args(s)
     s.set_defaults(prune="shannon")
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
     f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (digits: the test split)")
-    f.add_argument("--epochs", type=int, default=30)
-    f.add_argument("--lr", type=float, default=2e-5)
-    f.add_argument("--min-lr", type=float, default=2e-6)
-    f.add_argument("--warmup-epochs", type=float, default=0.0)
-    f.add_argument("--weight-decay", type=float, default=1e-6)
-    f.add_argument("--label-smoothing", type=float, default=0.1)
+    f.add_argument("--augment", choices=AUGMENTS, default="auto",
+                   help="training augmentation: none (the evaluation preprocessing), shift (it, then random cyclic "
+                        "shifts of up to 1/8 of the side), imagenet (timm's random-resized crop, flip, colour jitter); "
+                        f"auto = imagenet for inputs of at least {IMAGENET_MIN_SIZE} px a side, shift below")
+    f.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    f.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (absolute, not scaled by batch)")
+    f.add_argument("--min-lr", type=float, default=2e-6, help="final learning rate of the per-step cosine schedule")
+    f.add_argument("--warmup-epochs", type=float, default=0.0, help="epochs of linear learning-rate warm-up")
+    f.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the start of the warm-up")
+    f.add_argument("--weight-decay", type=float, default=1e-6,
+                   help="AdamW weight decay (none on biases, norms, class and position tokens)")
+    f.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    f.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: off)")
     f.add_argument("--mixup", type=float, default=0.0, help="timm mixup alpha (DeiT: 0.8)")
     f.add_argument("--cutmix", type=float, default=0.0, help="timm cutmix alpha (DeiT: 1.0)")
     f.add_argument("--keep-warmup-epochs", type=float, default=0.0, help="epochs at keep rate 1 first (EViT: 10 from scratch)")

@@ -22,7 +22,7 @@ import torch
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.experiments.results import format_sweep_table
 from eamvit.methods.data import DigitsDataset
-from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, TrainConfig, load_demo_model, train_digits
+from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
 from eamvit.io import ensure_writable_dir, write_results, write_text
 from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
@@ -47,7 +47,7 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     if retrain:
         ckpt = out / "digits_vit.safetensors"
         _say(f"[1/{STEPS}] training the digits ViT ({epochs} epochs) -> {ckpt}")
-        train_digits(ckpt, TrainConfig(epochs=epochs), device=device)
+        train_digits(ckpt, DigitsConfig(epochs=epochs), device=device)
     else:
         ckpt = Path(checkpoint) if checkpoint else ASSET
         _say(f"[1/{STEPS}] loading the digits ViT from {ckpt}")
@@ -165,8 +165,12 @@ Sizes at τ = 0 and 20 %:
 def _prune_section(model, train, test, out: Path, device) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
     from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
+    import math
+
+    from eamvit.experiments.prune_sweep import prune_table
+    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
-    from eamvit.methods.prune import default_blocks, method_config, prune_table
 
     _say(f"[6/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
@@ -174,9 +178,11 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
     plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
-    plot_kept_patches(model, images[0], configs, out / "kept_patches.png", mean=[DIGITS_MEAN], std=[DIGITS_STD],
+    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
+                      mean=[DIGITS_MEAN], std=[DIGITS_STD], blocks=default_blocks(len(model.blocks)),
                       title=f"patches kept at each stage, κ = {KEEP_RATES[0]}")
-    plot_entropy_histograms(model, images, out / "token_entropy.png", title="patch-token attention entropy per block")
+    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
+                            title="patch-token attention entropy per block")
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b + 1) for b in default_blocks(len(model.blocks)))} of {len(model.blocks)}

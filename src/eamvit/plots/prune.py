@@ -1,30 +1,33 @@
 """Figures of token pruning: top-1 against GFLOPs, kept patches per stage over the image (the seed's
-Fig. 4) and per-block attention-entropy histograms for several Rényi orders (Fig. 5). PNGs are
-written atomically."""
+Fig. 4) and per-block attention-entropy histograms for several Rényi orders (Fig. 5). Data in, PNG
+out: the data come from :func:`eamvit.methods.prune.kept_patch_masks` and
+:func:`eamvit.methods.prune.token_entropies`. PNGs are written atomically."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from matplotlib import transforms  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
+from eamvit.experiments.prune_sweep import row_label  # noqa: E402
 from eamvit.plots.entropy import save_figure  # noqa: E402
-from eamvit.methods.prune import (PruneConfig, kept_masks, prune_, row_label, token_entropies,  # noqa: E402
-                    unprune_)
+
+DROPPED_RGB = (0.72, 0.82, 0.95)  # dropped patches are washed out towards this pale blue
 
 
 def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     """Top-1 against GFLOPs, one line per method over κ; the unpruned model as a star.
 
     Args:
-        rows: rows of :func:`eamvit.prune.prune_sweep`.
+        rows: rows of :func:`eamvit.experiments.prune_sweep.prune_sweep`.
         path: PNG to write.
         title: figure title.
     """
@@ -44,14 +47,19 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
             continue
         style = dict(linestyle="--", color="0.5") if name == "random" else {}
         ax.plot([scale * r["gflops"] for r in rs], [r["top1"] for r in rs], marker="o", label=name, **style)
-        for r in rs:
-            ax.annotate(f"{r['keep_rate']:g}", (scale * r["gflops"], r["top1"]), fontsize=6, alpha=0.6,
-                        xytext=(2, 2), textcoords="offset points")
+    # Methods share the cost of a keep rate: one κ label per keep rate, along the top, not one per point.
+    by_rate: dict[float, list[float]] = {}
+    for r in rows:
+        if r["method"] != "none":
+            by_rate.setdefault(float(r["keep_rate"]), []).append(scale * r["gflops"])
+    top = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for k, xs in by_rate.items():
+        ax.text(sum(xs) / len(xs), 1.01, f"κ={k:g}", transform=top, ha="center", va="bottom", fontsize=7, color="0.3")
     ax.set_xlabel(f"{unit} per image (multiply-adds)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "Token pruning: accuracy against computation (labels: keep rate κ)")
+    ax.set_title(title or "Token pruning: accuracy against computation", pad=16)
     save_figure(fig, path)
 
 
@@ -61,90 +69,75 @@ def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (image * s + m).clamp(0, 1)
 
 
-@torch.no_grad()
-def plot_kept_patches(model: nn.Module, image: torch.Tensor, configs: Sequence[PruneConfig], path: str | os.PathLike,
-                      mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                      title: str = "") -> None:
-    """The seed's Fig. 4: for each config (a row), the patches still present after each stage.
+def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Tensor]], path: str | os.PathLike,
+                      mean: Sequence[float], std: Sequence[float], title: str = "",
+                      blocks: Optional[Sequence[int]] = None) -> None:
+    """The seed's Fig. 4: for each method (a row), the patches still present after each stage.
 
-    Dropped patches are washed out in pale blue; the fused token (EViT) has no place on the grid. The model is
-    left unpruned.
+    Dropped patches are washed out in pale blue (a legend says so); the fused token (EViT) has no
+    place on the grid.
 
     Args:
-        model: a timm ViT/DeiT at its own image size.
-        image: one preprocessed image ``(C, H, W)``.
-        configs: pruning configurations (methods) to compare.
+        image: the preprocessed image ``(C, H, W)`` the masks belong to.
+        masks: ``{row label: [per stage, (gh, gw) booleans]}`` from
+            :func:`eamvit.methods.prune.kept_patch_masks`.
         path: PNG to write.
-        mean: normalisation mean (the model's data config by default).
+        mean: normalisation mean of ``image`` (undone for display).
         std: normalisation std.
         title: figure title.
+        blocks: 0-based pruning blocks, shown 1-based in the stage titles.
     """
-    from eamvit.methods.models import data_config, patch_grid
-
-    if image.dim() != 3:
-        raise EamError(f"give one image (C, H, W), not a tensor of shape {tuple(image.shape)}")
-    cfg = data_config(model)
-    mean = cfg["mean"] if mean is None else mean
-    std = cfg["std"] if std is None else std
+    if image.dim() != 3 or not masks:
+        raise EamError("give one image (C, H, W) and at least one row of kept-patch masks")
     shown = _denormalise(image.detach().cpu().float(), mean, std)
     C, H, W = shown.shape
-    gh, gw = patch_grid(model)
-    ph, pw = H // gh, W // gw
-    results = []
-    try:
-        for c in configs:
-            prune_(model, c)
-            model(image.unsqueeze(0).to(next(model.parameters()).device))
-            results.append((c, [m[0].cpu() for m in kept_masks(model)]))
-    finally:
-        unprune_(model)
-    stages = len(results[0][1]) if results else 0
-    fig, axes = plt.subplots(len(results), stages + 1, figsize=(2.2 * (stages + 1), 2.3 * len(results)),
+    stages = max(len(m) for m in masks.values())
+    fig, axes = plt.subplots(len(masks), stages + 1, figsize=(2.2 * (stages + 1), 2.3 * len(masks) + 0.5),
                              squeeze=False)
     # Grayscale images are drawn in RGB so that dropped patches (washed out in pale blue) stand apart.
     rgb = shown.permute(1, 2, 0) if C == 3 else shown[0].unsqueeze(-1).expand(-1, -1, 3)
-    wash = 0.3 * rgb + 0.7 * torch.tensor([0.72, 0.82, 0.95])
-    for row, (c, masks) in enumerate(results):
+    wash = 0.3 * rgb + 0.7 * torch.tensor(DROPPED_RGB)
+    for row, (label, stage_masks) in enumerate(masks.items()):
         axes[row][0].imshow(rgb.numpy())
-        axes[row][0].set_ylabel(c.label, fontsize=9)
+        axes[row][0].set_ylabel(label, fontsize=9)
         axes[row][0].set_title("input" if row == 0 else "", fontsize=9)
-        for s, m in enumerate(masks):
+        for s, m in enumerate(stage_masks):
+            ph, pw = H // m.shape[0], W // m.shape[1]
             keep = m.repeat_interleave(ph, 0).repeat_interleave(pw, 1)[:H, :W]
-            img = torch.where(keep.unsqueeze(-1), rgb, wash).numpy()
             ax = axes[row][s + 1]
-            ax.imshow(img)
-            blocks = c.blocks if c.blocks is not None else None
-            ax.set_title(f"stage {s + 1}: {int(m.sum())} kept" + (f" (block {blocks[s]})" if blocks else ""),
-                         fontsize=8)
+            ax.imshow(torch.where(keep.unsqueeze(-1), rgb, wash).numpy())
+            where = f" (block {blocks[s] + 1})" if blocks is not None else ""
+            ax.set_title(f"stage {s + 1}{where}: {int(m.sum())} kept", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
-    kr = sorted({c.keep_rate for c in configs})
-    fig.suptitle(title or f"Kept patches per pruning stage (κ = {', '.join(f'{k:g}' for k in kr)})")
+    fig.legend(handles=[Patch(color=DROPPED_RGB, label="dropped patch (washed out in pale blue)")],
+               loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.suptitle(title or "Kept patches per pruning stage")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)
 
 
-def plot_entropy_histograms(model: nn.Module, images: torch.Tensor, path: str | os.PathLike,
-                            alphas: Sequence[float] = (1.0, 2.0, 3.0, math.inf), layers: Optional[Sequence[int]] = None,
-                            bins: int = 40, keys: str = "all", title: str = "") -> None:
+def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], path: str | os.PathLike,
+                            layers: Optional[Sequence[int]] = None, bins: int = 40, title: str = "") -> None:
     """The seed's Fig. 5: per block, the distribution of patch tokens' attention entropy for each α.
 
     Args:
-        model: a timm ViT/DeiT (unpruned: every block sees every patch).
-        images: a batch ``(B, C, H, W)``.
+        entropies: ``{alpha: [per layer, entropies in nats]}`` from
+            :func:`eamvit.methods.prune.token_entropies`; drawn in bits, as every eamvit figure.
         path: PNG to write.
-        alphas: Rényi orders (1 = Shannon, ``math.inf`` = min-entropy).
-        layers: blocks to show (all by default).
+        layers: 0-based blocks the lists hold (titles show them 1-based); ``0..n-1`` by default.
         bins: histogram bins (shared edges across α within a block).
-        keys: ``"all"`` or ``"patches"``.
         title: figure title.
     """
-    ent = token_entropies(model, images, alphas, layers, keys)
+    if not entropies:
+        raise EamError("no token entropies to plot")
+    ent = {a: [e / math.log(2) for e in per] for a, per in entropies.items()}
     n = len(next(iter(ent.values())))
     shown = list(layers) if layers is not None else list(range(n))
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows + 0.8), squeeze=False)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n:
@@ -158,7 +151,10 @@ def plot_entropy_histograms(model: nn.Module, images: torch.Tensor, path: str | 
             ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=name)
         ax.set_title(f"block {shown[i] + 1}", fontsize=9)
         ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("density", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.supxlabel("attention entropy of a patch token (nats, mean over heads)", fontsize=9)
-    fig.suptitle(title or f"Attention-entropy distributions per block ({images.shape[0]} images)")
+    fig.supxlabel("attention entropy of a patch token (bits, mean over heads)", fontsize=9)
+    fig.suptitle(title or "Attention-entropy distributions per block")
+    fig.tight_layout()
     save_figure(fig, path)

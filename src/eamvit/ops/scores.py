@@ -1,0 +1,236 @@
+"""Token scores for patch-token pruning: attention entropy (Shannon, Rényi), EViT, random; the kept
+count, top-k selection, EViT's token fusion, and tracing kept indices back to the patch grid.
+
+Pure tensor math (seed 002, Def. 1-3; EViT, ICLR'22). Every patch token's attention row is a
+distribution; its entropy is computed per head (natural log) and averaged over heads. Low entropy =
+concentrated attention = an informative patch, so the *lowest* entropies are kept. EViT keeps the
+patches the class token attends to most (``attn[:, :, 0, P:]`` averaged over heads) and can fuse the
+dropped tokens into one (``Σ_j x_j·a_j`` over the dropped ``j``, not normalised). ``random`` keeps a
+uniformly random subset. ``ceil`` is ``math.ceil(κ·n)`` in floating point, exactly as EViT's code
+computes it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from eamvit.errors import EamError
+
+METHODS = ("shannon", "renyi", "evit", "random")
+KEYS = ("all", "patches")
+
+
+def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Shannon (``alpha == 1``) or Rényi entropy, natural log, of each row (last dim) of ``p``.
+
+    ``H_α = log(Σ p^α) / (1 − α)``; ``α = 1`` is Shannon ``−Σ p log p`` (the limit), ``α = ∞`` is the
+    min-entropy ``−log max p``, ``α = 0`` is ``log |support|`` (the Hartley entropy). Zero entries
+    contribute nothing (``0·log 0 = 0``).
+
+    Args:
+        p: non-negative rows; each row is a distribution (or ``mass`` times one).
+        alpha: Rényi order, ``≥ 0``; ``math.inf`` allowed.
+        mass: per-row sum ``S`` (shape ``p.shape[:-1]``) when the rows are ``S·q`` for a distribution
+            ``q``; the entropy of ``q`` is returned without materialising ``p / S``.
+
+    Returns:
+        ``p.shape[:-1]`` entropies.
+    """
+    alpha = float(alpha)
+    if p.dtype not in (torch.float32, torch.float64):
+        p = p.float()  # half-precision logs and powers of small probabilities lose too much
+    if alpha == 1.0:
+        h = torch.special.entr(p).sum(-1)
+        return h if mass is None else h / mass + mass.log()
+    if alpha == 0.0:
+        return torch.count_nonzero(p, dim=-1).to(p.dtype).log()  # independent of the scale S
+    if math.isinf(alpha):
+        h = -p.amax(-1).log()
+    else:
+        # vector_norm reduces Σ p^α without an intermediate tensor: log Σ p^α = α·log ‖p‖_α.
+        h = (alpha / (1.0 - alpha)) * torch.linalg.vector_norm(p, ord=alpha, dim=-1).log()
+        if mass is not None:
+            return h - (alpha / (1.0 - alpha)) * mass.log()
+        return h
+    return h if mass is None else h + mass.log()
+
+
+def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 1, keys: str = "all") -> torch.Tensor:
+    """Per patch token, the entropy of its attention row, per head then averaged over heads.
+
+    Args:
+        attn: post-softmax attention ``(B, H, N, N)``.
+        alpha: Rényi order (1 = Shannon, ``math.inf`` = min-entropy, 0 allowed).
+        num_prefix: class/distillation/register tokens at the front (not scored).
+        keys: ``"all"``: the row over every key as computed; ``"patches"``: the row over patch keys
+            only, renormalised.
+
+    Returns:
+        ``(B, N − num_prefix)`` scores (lower = more informative = kept).
+    """
+    rows = attn[:, :, num_prefix:, :]
+    mass = None
+    if keys == "patches":
+        rows = rows[..., num_prefix:]
+        mass = rows.sum(-1)
+    elif keys != "all":
+        raise EamError(f"entropy keys {keys!r} is not one of {', '.join(KEYS)}")
+    return row_entropy(rows, alpha, mass).mean(1)
+
+
+def evit_scores(attn: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """EViT's importance: the class token's attention to each patch, averaged over heads.
+
+    Args:
+        attn: post-softmax attention ``(B, H, N, N)``.
+        num_prefix: prefix tokens; the class token is token 0.
+
+    Returns:
+        ``(B, N − num_prefix)`` scores (higher = kept).
+    """
+    return attn[:, :, 0, num_prefix:].mean(1)
+
+
+def kept_count(n: int, keep_rate: float) -> int:
+    """Patch tokens kept out of ``n``: ``ceil(κ·n)`` computed as EViT's code does (at least 1)."""
+    return max(1, min(n, math.ceil(keep_rate * n)))
+
+
+def select_tokens(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Indices ``(B, k)`` of the ``k`` best scores, best first (``torch.topk`` order, as EViT)."""
+    return torch.topk(scores, k, dim=1, largest=largest, sorted=True).indices
+
+
+def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``.
+
+    The kept positions are zeroed in the weights and one batched product runs over all patches, which
+    avoids gathering the dropped tokens.
+
+    Args:
+        patches: patch tokens ``(B, n, C)``.
+        weights: ``(B, n)`` fusion weights (EViT: class-token attention averaged over heads).
+        keep_idx: ``(B, k)`` indices of the kept patches.
+    """
+    w = weights.to(patches.dtype).scatter(1, keep_idx, 0.0)
+    return torch.bmm(w.unsqueeze(1), patches)
+
+
+def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Prefix tokens followed by the kept patches, in one gather: ``(B, num_prefix + k, C)``."""
+    B, _, C = x.shape
+    idx = keep_idx + num_prefix
+    if num_prefix:
+        prefix = torch.arange(num_prefix, device=x.device).expand(B, num_prefix)
+        idx = torch.cat([prefix, idx], dim=1)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+
+
+def token_counts(num_patches: int, keep_rate: float, stages: int, fuse: bool = False) -> list[int]:
+    """Patch-token counts (fused token included) entering the model and after each stage.
+
+    ``token_counts(196, 0.7, 3)`` = ``[196, 138, 97, 68]``; with ``fuse=True`` ``[196, 139, 99, 71]``.
+    """
+    counts = [num_patches]
+    n = num_patches
+    for _ in range(stages):
+        k = kept_count(n, keep_rate)
+        n = k + (1 if fuse and k < n else 0)
+        counts.append(n)
+    return counts
+
+
+def default_blocks(depth: int) -> tuple[int, ...]:
+    """EViT's 0-based (3, 6, 9) of 12 blocks, scaled: ``⌊depth·i/4⌋`` for i = 1, 2, 3 (deduplicated)."""
+    return tuple(sorted({depth * i // 4 for i in (1, 2, 3)}))
+
+
+def check_keep_rate(keep_rate: float) -> float:
+    """``keep_rate`` as a float, or :class:`EamError` when it is outside (0, 1]."""
+    if not isinstance(keep_rate, (int, float)) or math.isnan(keep_rate) or not 0.0 < keep_rate <= 1.0:
+        raise EamError(f"keep rate {keep_rate} is outside (0, 1]; give a fraction such as 0.7")
+    return float(keep_rate)
+
+
+def token_scores(attn: Optional[torch.Tensor], method: str, num_prefix: int, n: int, batch: int,
+                 order: float = 1.0, keys: str = "all", device: torch.device | str = "cpu",
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, bool]:
+    """Scores ``(B, n)`` of the patch tokens, and whether the larger ones are kept.
+
+    Args:
+        attn: post-softmax attention ``(B, H, N, N)`` (unused, may be ``None``, for ``"random"``).
+        method: one of :data:`METHODS`.
+        num_prefix: prefix tokens (not scored).
+        n: patch tokens.
+        batch: images.
+        order: Rényi order of the entropy methods (1 = Shannon).
+        keys: ``"all"`` or ``"patches"`` (see :func:`attention_entropy`).
+        device: device of random scores.
+        generator: random generator of ``"random"``.
+    """
+    if method == "evit":
+        return evit_scores(attn, num_prefix), True
+    if method == "random":
+        return torch.rand(batch, n, generator=generator, device=device), True
+    return attention_entropy(attn, order, num_prefix, keys), False
+
+
+def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num_prefix: int, k: int,
+                 order: float = 1.0, keys: str = "all", fuse: bool = False,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pruning step on tokens ``x`` given the block's attention map.
+
+    Args:
+        x: tokens ``(B, N, C)``, prefix tokens first.
+        attn: the block's post-softmax attention ``(B, H, N, N)`` (``None`` for unfused random).
+        method: one of :data:`METHODS`.
+        num_prefix: class/distillation/register tokens (always kept, in front).
+        k: patch tokens to keep.
+        order: Rényi order of the entropy methods (1 = Shannon).
+        keys: ``"all"`` or ``"patches"``.
+        fuse: append EViT's fused token of the dropped patches (weights: class-token attention).
+        generator: random generator of the ``"random"`` method.
+
+    Returns:
+        ``(tokens, keep_idx, scores)``: ``(B, num_prefix + k [+ 1 fused], C)``, ``(B, k)`` indices
+        into the input patch tokens (best first) and the ``(B, N − num_prefix)`` scores.
+    """
+    B, N, _ = x.shape
+    scores, largest = token_scores(attn, method, num_prefix, N - num_prefix, B, order, keys, x.device, generator)
+    keep = select_tokens(scores, k, largest)
+    out = gather_tokens(x, keep, num_prefix)
+    if fuse:
+        out = torch.cat([out, fuse_dropped(x[:, num_prefix:], evit_scores(attn, num_prefix), keep)], dim=1)
+    return out, keep, scores
+
+
+def trace_indices(stage_idx: Sequence[Optional[torch.Tensor]], num_patches: int, fuse: bool, batch: int = 1,
+                  device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Compose per-stage kept indices (relative to each stage's input) into original patch indices.
+
+    Args:
+        stage_idx: per stage, ``(B, k_s)`` indices into that stage's input patch tokens, or ``None``
+            where the stage kept everything.
+        num_patches: patch tokens entering the first stage (the original grid, row-major).
+        fuse: whether each pruning stage appended a fused token (its index is ``-1``).
+        batch: batch size (used when no stage pruned).
+        device: device of the result when no stage pruned.
+
+    Returns:
+        Per stage, ``(B, n_s)`` original indices of the tokens leaving it, in token order.
+    """
+    first = next((i for i in stage_idx if i is not None), None)
+    if first is not None:
+        batch, device = first.shape[0], first.device
+    origin = torch.arange(num_patches, device=device).expand(batch, -1)
+    out = []
+    for idx in stage_idx:
+        if idx is not None:
+            origin = origin.gather(1, idx)
+            if fuse:
+                origin = torch.cat([origin, origin.new_full((origin.shape[0], 1), -1)], dim=1)
+        out.append(origin)
+    return out
+
