@@ -8,7 +8,8 @@ from eamvit.cli.prune import DefaultsHelp
 
 
 def cmd_train_digits(args) -> None:
-    from eamvit.experiments.digits import DigitsConfig, check_output_file, train_digits
+    from eamvit.experiments.digits import DigitsConfig, train_digits
+    from eamvit.io import check_output_file
 
     check_output_file(args.out)  # before minutes of training
     config = DigitsConfig(epochs=args.epochs, seed=args.seed).validate()

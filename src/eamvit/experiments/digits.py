@@ -15,20 +15,16 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from eamvit.errors import EamError
-from eamvit.io import save_tensors
-from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+from eamvit.io import check_output_file
+from eamvit.methods.data import DigitsDataset, digits_data_config
 from eamvit.methods.evaluate import evaluate
-from eamvit.methods.models import create_model
+from eamvit.methods.models import create_model, save_checkpoint
 from eamvit.methods.train import TrainConfig, train
 
 DEMO_MODEL = "vit_tiny_patch16_224"
 # 8x8 digits upsampled to 16x16, one patch per original pixel: an 8x8 grid of 64 patches + CLS.
 DEMO_KWARGS = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4)
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_vit.safetensors"
-# How DigitsDataset preprocesses: bilinear upsampling of the whole 8x8 image, no crop.
-DIGITS_DATA_CONFIG = {"input_size": [1, 16, 16], "interpolation": "bilinear", "crop_pct": 1.0,
-                      "crop_mode": "center", "mean": [DIGITS_MEAN], "std": [DIGITS_STD]}
 
 
 @dataclass
@@ -48,21 +44,6 @@ class DigitsConfig(TrainConfig):
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-5
     weight_decay: float = 0.05
-
-
-def check_output_file(path: str | os.PathLike) -> Path:
-    """Refuse a checkpoint path that cannot be written, before any work (nothing is created)."""
-    p = Path(path)
-    if not str(path).strip() or p.is_dir() or str(path).endswith(os.sep):
-        raise EamError(f"--out {str(path)!r} is not a file name; give e.g. digits_vit.safetensors")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise EamError(f"--out {p} is read-only; choose another file")
-    base = Path(os.path.abspath(p.parent))
-    while not base.exists() and base.parent != base:
-        base = base.parent
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise EamError(f"--out {p}: folder {base} is not writable; choose a writable --out")
-    return p
 
 
 def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), progress: bool = True,
@@ -85,9 +66,8 @@ def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), 
     data = DigitsDataset("train", img_size=DEMO_KWARGS["img_size"], augment=True)
     train(model, data, config, device=device, progress=progress, desc="train digits ViT")
     result = evaluate(model, DigitsDataset("test", img_size=DEMO_KWARGS["img_size"]), batch_size=256, progress=False)
-    save_tensors(out, model.state_dict(), {"format": "eamvit-digits/1", "model": DEMO_MODEL,
-                                           "model_kwargs": DEMO_KWARGS, "data_config": DIGITS_DATA_CONFIG,
-                                           "train": config.to_dict(), "test_top1": round(result["top1"], 2)})
+    save_checkpoint(model, out, digits_data_config(DEMO_KWARGS["img_size"]),
+                    extra={"train": config.to_dict(), "test_top1": round(result["top1"], 2)})
     return result
 
 

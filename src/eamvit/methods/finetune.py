@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.errors import EamError
-from eamvit.io import ensure_writable_dir, save_tensors, write_json
-from eamvit.methods.models import model_spec
+from eamvit.io import ensure_writable_dir, write_json
+from eamvit.methods.models import model_spec, save_checkpoint
 from eamvit.methods.prune import prune_state
 from eamvit.methods.train import TrainConfig, train
 from eamvit.ops.scores import check_keep_rate
@@ -113,9 +113,7 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
                 generators=[st.generator] if st.generator is not None else [], device=dev, workers=workers,
                 progress=progress, desc="finetune")
     if out is not None and res["epochs_done"] == config.epochs:
-        meta = {"format": "eamvit-finetuned/1", "model": model_spec(model).name, "train": config.to_dict(), **ident}
-        if data_config is not None:
-            meta["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
-        save_tensors(out / WEIGHTS, model.state_dict(), meta)
-        write_json(out / "finetune.json", {**res, "identity": meta})
+        extra = {"train": config.to_dict(), "prune": ident["prune"]}
+        save_checkpoint(model, out / WEIGHTS, data_config, extra=extra)
+        write_json(out / "finetune.json", {**res, "identity": {**extra, "model": ident["model"]}})
     return res
