@@ -380,6 +380,39 @@ def export_kind(model: nn.Module, config: ExportConfig) -> str:
     return f"qdq W{q.w_bits}/A8"
 
 
+def _entr_symbolic(g, x):
+    """``torch.special.entr`` (the Shannon pruning score) in standard ONNX: ``−x·log x`` where ``x > 0``, else 0.
+
+    Negative inputs give 0 instead of torch's −∞; the score only ever sees probabilities.
+    """
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    value = g.op("Neg", g.op("Mul", x, g.op("Log", x)))
+    return g.op("Where", g.op("Greater", x, zero), value, zero)
+
+
+def _count_nonzero_symbolic(g, x, dim):
+    """``torch.count_nonzero(x, dim)`` (the Rényi α = 0 score) as ``ReduceSum(Cast(x ≠ 0))``, int64."""
+    from torch.onnx.symbolic_helper import _get_const
+
+    d = _get_const(dim, "i", "dim")
+    nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
+    axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
+    count = g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
+    return count
+
+
+def onnx_int64() -> int:
+    import onnx
+
+    return onnx.TensorProto.INT64
+
+
+def _register_symbolics(opset: int) -> None:
+    """Standard-ONNX forms of the pruning scores' operators that ``torch.onnx`` has none for."""
+    torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::count_nonzero", _count_nonzero_symbolic, opset)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
                 input_size: Optional[Sequence[int]] = None) -> ExportReport:
     """Write ``model`` as an ONNX graph that ONNX Runtime runs on CPU (input ``images``, output ``logits``).
@@ -415,12 +448,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
         outs = graph(x)
     names = ["logits"] + [f"kept_{i}" for i in range(len(outs) - 1 if isinstance(outs, tuple) else 0)]
     axes = {n: {0: "batch"} for n in ["images", *names]}
+    _register_symbolics(config.opset)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-            torch.onnx.export(graph, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=names,
-                              dynamic_axes=axes, opset_version=config.opset,
-                              custom_opsets={"com.microsoft": 1} if config.scheme == "weight-only" else None)
+            try:
+                torch.onnx.export(graph, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=names,
+                                  dynamic_axes=axes, opset_version=config.opset,
+                                  custom_opsets={"com.microsoft": 1} if config.scheme == "weight-only" else None)
+            except torch.onnx.errors.OnnxExporterError as e:
+                raise EamError(f"torch.onnx cannot export this model: {str(e).splitlines()[0][:300]}") from None
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = "eamvit", json.dumps(meta)
