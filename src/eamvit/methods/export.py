@@ -52,7 +52,7 @@ from eamvit.io import atomic_path
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig
 from eamvit.modules.attention import attention_layers
-from eamvit.modules.quantizers import UniformQuantizer, _LogQuantizer
+from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
 
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
@@ -152,7 +152,7 @@ def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> No
     if config.scheme == "weight-only":
         q.enabled = False
         return
-    if isinstance(q, _LogQuantizer):
+    if isinstance(q, (LogSqrt2Quantizer, Log2Quantizer)):
         if config.softmax == "fp32":
             q.enabled = False
             return

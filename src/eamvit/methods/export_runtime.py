@@ -129,7 +129,7 @@ ORT_CALIBRATION = ("minmax", "percentile")
 
 
 def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
-                        method: str = "minmax", batch_size: int = 32) -> None:
+                        method: str = "minmax", batch_size: int = 32, preprocess: bool = True) -> None:
     """ONNX Runtime's own ``quantize_static`` of an fp32 export (the baseline eamvit's int8 export meets).
 
     QDQ format, per-channel int8 weights, uint8 activations (the u8·s8 form its x86 integer kernels run
@@ -141,9 +141,17 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
         calib_images: calibration images ``(B, C, H, W)`` (the same ones eamvit calibrates on).
         method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
         batch_size: images per calibration run.
+        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation)
+            first, as its documentation recommends.
     """
+    import contextlib
+    import io
+    import logging
+    import tempfile
+
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in ORT_CALIBRATION:
         raise EamError(f"ONNX Runtime calibration {method!r} is not one of {', '.join(ORT_CALIBRATION)}")
@@ -158,6 +166,17 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
             return None if b is None else {"images": b}
 
     calib = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
-    quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                    op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process is followed; its progress prints are noise
+    try:
+        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
+            src = str(fp32_path)
+            if preprocess:
+                src = str(Path(d) / "pre.onnx")
+                quant_pre_process(str(fp32_path), src)
+            quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    finally:
+        root.setLevel(level)
