@@ -147,7 +147,10 @@ def register(sub) -> None:
     add_freeze_args(s)
     add_prune_args(s)
     add_quant_args(s, "eval")
-    s.set_defaults(w_bits=8, a_bits=8)
+    s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
+    for action in s._actions:
+        if action.dest in ("w_bits", "a_bits"):
+            action.help = action.help.replace("default 4", "default 8 for export")
     g = s.add_argument_group("export")
     g.add_argument("--format", default="onnx", help="file format (onnx)")
     g.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
