@@ -17,7 +17,7 @@ from eamvit.cli.main import main
 from eamvit.experiments.digits import load_demo_model
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
-from eamvit.methods.export_runtime import OnnxClassifier, onnx_session, optimized_ops
+from eamvit.methods.export_runtime import onnx_session, optimized_ops
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.methods.repq import RepQConfig, quantize_
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from eamvit.errors import EamError
 from eamvit.cli.common import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                               build_data, data_overrides, get_maps, is_main, load_model, prune_options)
+                               build_data, get_maps, is_main, load_model, prune_options)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
 
