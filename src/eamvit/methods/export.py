@@ -2,8 +2,9 @@
 
 :func:`export_onnx` writes a graph that ONNX Runtime runs on CPU with its standard operators (the
 4-bit weight-only graph uses ONNX Runtime's own ``com.microsoft.MatMulNBits``; nothing falls back to a
-custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, opset 17; it needs no
-extra package): the model is copied and its quantized modules are swapped, by class, for export
+custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, ``dynamo=False``, opset
+17: it needs no extra package and emits a ``torch.autograd.Function``'s ``symbolic`` node, while the
+dynamo exporter needs onnxscript and its own translation tables): the model is copied and its quantized modules are swapped, by class, for export
 classes whose forward calls the operators of :mod:`eamvit.ops.qdq`, each of which tells
 ``torch.onnx`` the node to emit. No protobuf is written by hand; eamvit's metadata (model, data
 config, export settings) goes into the model's ``metadata_props``. The batch axis is dynamic; image
