@@ -29,7 +29,8 @@ from eamvit import create_model
 from eamvit.methods.export import ExportConfig, export_onnx
 from eamvit.methods.export_runtime import onnx_session, optimized_ops, ort_quantize_static
 from eamvit.methods.prune import PruneConfig, prune_
-from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit.methods.quantize import quantize_
+from eamvit.methods.repq import RepQConfig
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv", "DynamicQuantizeMatMul")
 
@@ -43,7 +44,7 @@ def build(d: Path, args) -> dict:
     export_onnx(model, d / "fp32.onnx")
     ort_quantize_static(d / "fp32.onnx", d / "ort_int8.onnx", calib)
     t0 = time.perf_counter()
-    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8), calib)
+    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8), calib, progress=False)
     print(f"RepQ-ViT W8/A8 calibration: {time.perf_counter() - t0:.1f} s")
     export_onnx(q, d / "eamvit_int8.onnx", ExportConfig(softmax=args.softmax))
     prune_(q, PruneConfig(method="evit", keep_rate=args.keep_rate, blocks=(3, 6, 9)))

@@ -19,7 +19,8 @@ from eamvit.methods.data import DigitsDataset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
 from eamvit.methods.export_runtime import onnx_session, optimized_ops
 from eamvit.methods.prune import PruneConfig, prune_
-from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit.methods.quantize import quantize_
+from eamvit.methods.repq import RepQConfig
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
 
@@ -33,7 +34,7 @@ def digits():
 @pytest.fixture(scope="module")
 def digits_w8a8(digits):
     model, train, _, _ = digits
-    return quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8), train)
+    return quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8), train, progress=False)
 
 
 def constants(graph):
@@ -117,7 +118,7 @@ def test_prepared_model_has_integer_zero_points_and_is_idempotent(digits_w8a8, d
 
 def test_int8_export_refuses_4bit_activations(digits, tmp_path):
     model, train, _, _ = digits
-    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=4, calib_size=16), train)
+    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=4, calib_size=16), train, progress=False)
     with pytest.raises(eamvit.EamError, match="8-bit activations"):
         export_onnx(q, tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
@@ -125,7 +126,7 @@ def test_int8_export_refuses_4bit_activations(digits, tmp_path):
 
 def test_weight_only_4bit_is_4bit_on_disk_and_exact(digits, tmp_path):
     model, train, x, _ = digits
-    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=16), train)
+    q = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=16), train, progress=False)
     cfg = ExportConfig(scheme="weight-only")
     sim = prepare_export_(copy.deepcopy(q), cfg)
     path = tmp_path / "w4.onnx"

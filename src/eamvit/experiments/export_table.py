@@ -27,7 +27,8 @@ from eamvit.io import save_tensors
 from eamvit.methods.data import DigitsDataset, random_subset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static, time_call
-from eamvit.methods.repq import RepQConfig, quantize_, save_quantized
+from eamvit.methods.quantize import quantize_, save_quantized
+from eamvit.methods.repq import RepQConfig
 
 
 def _row(name: str, runtime: str, predict: Callable[[], torch.Tensor], targets: torch.Tensor, path: Path,
@@ -85,11 +86,13 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
     n = len(x)
     save_tensors(d / "fp32.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()}, {})
     export_onnx(model, d / "fp32.onnx")
-    q8 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8, calib_size=len(calib)), calib)
+    q8 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8, calib_size=len(calib)), calib,
+                   progress=False)
     save_quantized(q8, d / "w8a8.safetensors")
     export_onnx(q8, d / "w8a8.onnx")
     sim8 = prepare_export_(copy.deepcopy(q8), ExportConfig())
-    q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib)
+    q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
+                   progress=False)
     export_onnx(q4, d / "w4.onnx", ExportConfig(scheme="weight-only"))
     for method in ("minmax", "percentile"):
         ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)

@@ -51,7 +51,8 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
 from eamvit.methods.models import data_config, model_spec
-from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig
+from eamvit.methods.repq import RepQConfig
+from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
