@@ -41,6 +41,10 @@ _API = {
     "RepQConfig": "eamvit.methods.repq",
     "ADFQConfig": "eamvit.methods.adfq",
     "PMQConfig": "eamvit.methods.pmq",
+    "ExportConfig": "eamvit.methods.export",
+    "export_onnx": "eamvit.methods.export",
+    "prepare_export_": "eamvit.methods.export",
+    "OnnxClassifier": "eamvit.methods.export_runtime",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
 from eamvit.experiments.results import format_sweep_table
@@ -38,6 +39,10 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.onnx:
+        from eamvit.cli.export import cmd_eval_onnx
+
+        return cmd_eval_onnx(args)
     from eamvit.io import check_output_file, output_lock, results_paths
     from eamvit.cli.quant import needs_quant_calib
 
@@ -175,6 +180,7 @@ def register(sub) -> None:
     add_freeze_args(s)
     add_prune_args(s)
     add_quant_args(s, "eval")
+    add_eval_onnx_args(s)
     s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json (eval_0.2 -> eval_0.2.csv)")
     s.set_defaults(func=cmd_eval)
 

@@ -23,12 +23,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eamvit.cli import demo, entropy, prune, quant
+    from eamvit.cli import demo, entropy, export, prune, quant
 
     p = Parser(prog="eamvit", description="Entropy Attention Maps and attention-driven "
                                 "compression for timm Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (demo, entropy, quant, prune):
+    for group in (demo, entropy, quant, prune, export):
         group.register(sub)
     return p
 

@@ -1,0 +1,111 @@
+"""The demo's deployment table on the digits model: PyTorch, eamvit's exports and ONNX Runtime's own int8.
+
+Rows (top-1 on the 360 test digits, size of the file that holds the model, images/s):
+
+* fp32 in PyTorch (file: the state dict as safetensors) and in ONNX Runtime (eamvit's fp32 export);
+* eamvit RepQ-ViT W8/A8 simulated in PyTorch (with the export's rounded zero points and 8-bit uniform
+  post-softmax, :func:`~eamvit.methods.export.prepare_export_`; file: the quantized state) and its
+  QDQ export in ONNX Runtime;
+* ONNX Runtime's own ``quantize_static`` W8/A8 of the fp32 export (QDQ, per-channel weights, MinMax and
+  percentile calibration) on the same 32 calibration images;
+* eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``).
+
+Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with the
+spread ((max − min)/median); PyTorch and ONNX Runtime use the same number of threads.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.io import save_tensors
+from eamvit.methods.data import DigitsDataset, random_subset
+from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
+from eamvit.methods.export_runtime import onnx_session, ort_quantize_static, time_call
+from eamvit.methods.quantize import quantize_, save_quantized
+from eamvit.methods.repq import RepQConfig
+
+
+def _row(name: str, runtime: str, predict: Callable[[], torch.Tensor], targets: torch.Tensor, path: Path,
+         batch: int, reps: int) -> dict[str, Any]:
+    top1 = (predict().argmax(1) == targets).float().mean().item() * 100
+    t = time_call(predict, warmup=1, reps=reps)
+    return {"model": name, "runtime": runtime, "top1": round(top1, 3), "file_bytes": path.stat().st_size,
+            "images_per_s": round(batch / t["median"], 1), "spread": round(t["spread"], 3)}
+
+
+def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
+                 workdir: Optional[str] = None) -> list[dict[str, Any]]:
+    """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
+
+    Args:
+        model: the trained digits ViT (:func:`eamvit.experiments.digits.load_demo_model`; not changed).
+        calib_size: calibration images (a seeded random subset of the training split), shared by
+            RepQ-ViT and ONNX Runtime's ``quantize_static``.
+        reps: timed calls per row.
+        threads: PyTorch and ONNX Runtime threads (default: PyTorch's current setting).
+        workdir: where the files go (a temporary folder by default).
+
+    Returns:
+        One row per configuration: ``model``, ``runtime``, ``top1``, ``file_bytes``, ``images_per_s``,
+        ``spread``.
+    """
+    threads = threads or torch.get_num_threads()
+    train, test = DigitsDataset("train"), DigitsDataset("test")
+    calib = torch.stack([train[i][0] for i in random_subset(train, calib_size, seed=0)])
+    x, y = test.images, test.targets
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(workdir or tmp)
+        return _table(model.cpu().eval(), calib, x, y, d, reps, threads)
+
+
+def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(x)
+        finally:
+            torch.set_num_threads(old)
+    return call
+
+
+def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+    s, xn = onnx_session(path, threads), x.numpy()
+    return lambda: torch.from_numpy(s.run(None, {"images": xn})[0])
+
+
+def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
+           threads: int) -> list[dict[str, Any]]:
+    n = len(x)
+    save_tensors(d / "fp32.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()}, {})
+    export_onnx(model, d / "fp32.onnx")
+    q8 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8, calib_size=len(calib)), calib,
+                   progress=False)
+    save_quantized(q8, d / "w8a8.safetensors")
+    export_onnx(q8, d / "w8a8.onnx")
+    sim8 = prepare_export_(copy.deepcopy(q8), ExportConfig())
+    q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
+                   progress=False)
+    export_onnx(q4, d / "w4.onnx", ExportConfig(scheme="weight-only"))
+    for method in ("minmax", "percentile"):
+        ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)
+    specs = [
+        ("fp32", "PyTorch", _torch_call(model, x, threads), d / "fp32.safetensors"),
+        ("fp32", "ONNX Runtime", _ort_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
+        ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", _torch_call(sim8, x, threads), d / "w8a8.safetensors"),
+        ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", _ort_call(d / "w8a8.onnx", x, threads), d / "w8a8.onnx"),
+        ("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", _ort_call(d / "ort_minmax.onnx", x, threads),
+         d / "ort_minmax.onnx"),
+        ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", _ort_call(d / "ort_percentile.onnx", x, threads),
+         d / "ort_percentile.onnx"),
+        ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
+         d / "w4.onnx"),
+    ]
+    return [_row(name, rt, call, y, path, n, reps) for name, rt, call, path in specs]

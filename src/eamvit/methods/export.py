@@ -1,0 +1,468 @@
+"""Deployable exports: ONNX graphs of full-precision, pruned, frozen and RepQ-ViT-quantized models.
+
+:func:`export_onnx` writes a graph that ONNX Runtime runs on CPU with its standard operators (the
+4-bit weight-only graph uses ONNX Runtime's own ``com.microsoft.MatMulNBits``; nothing falls back to a
+custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, ``dynamo=False``, opset
+17: it needs no extra package and emits a ``torch.autograd.Function``'s ``symbolic`` node, while the
+dynamo exporter needs onnxscript and its own translation tables): the model is copied and its quantized modules are swapped, by class, for export
+classes whose forward calls the operators of :mod:`eamvit.ops.qdq`, each of which tells
+``torch.onnx`` the node to emit. No protobuf is written by hand; eamvit's metadata (model, data
+config, export settings) goes into the model's ``metadata_props``. The batch axis is dynamic; image
+size and token counts (pruning at a fixed κ) are static.
+
+Schemes for a RepQ-ViT model (:class:`ExportConfig` ``scheme``):
+
+* ``"qdq"`` (W8/A8 and lower weight widths): ``QuantizeLinear → DequantizeLinear`` on every quantized
+  activation (linear and patch-embedding inputs, ``q``, ``k``, ``v``, the post-softmax map) with a
+  per-tensor scale, and ``DequantizeLinear`` of per-output-channel int8 weight codes stored in the
+  file. ONNX Runtime fuses these into integer kernels (``MatMulIntegerToFloat``, ``QLinearConv``).
+* ``"weight-only"``: weights at ``w_bits`` (2, 4 or 8) in ``MatMulNBits`` (per-channel scales repeated
+  over the blocks), activations in float; the patch-embedding convolution keeps its dequantized
+  weights in float (ONNX Runtime has no low-bit convolution).
+
+Where the runtime cannot express the simulation, :func:`prepare_export_` changes the *model* (call it
+on the PyTorch model too, to simulate exactly what the export computes; :func:`export_onnx` applies
+it to its copy):
+
+* RepQ-ViT's reparameterized per-tensor zero point is a float mean; ONNX zero points are integers:
+  it is rounded (half to even) and clamped to the code range.
+* The log√2 post-softmax quantizer has no QDQ form: ``softmax="uniform"`` (default) replaces it by an
+  8-bit uniform quantizer on ``[0, Δ]`` (Δ: the log quantizer's largest level, zero point 0);
+  ``softmax="fp32"`` leaves the post-softmax map unquantized.
+* ``symmetric_activations`` / ``symmetric_weights``: zero point 0 (int8), as TensorRT requires;
+  the step becomes ``max(−min/2^(b−1), max/(2^(b−1)−1))`` of the calibrated range.
+* Only 8-bit activations have a QDQ form here (``uint8``, or ``int8`` when symmetric).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.io import atomic_path
+from eamvit.methods.models import data_config, model_spec
+from eamvit.methods.repq import RepQConfig
+from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
+from eamvit.modules.attention import attention_layers
+from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
+from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
+
+from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
+FORMATS = ("onnx",)
+SCHEMES = ("qdq", "weight-only")
+SOFTMAX = ("uniform", "fp32")
+OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
+
+
+@dataclass
+class ExportConfig(Config):
+    """How a model is exported (saved in the file's metadata).
+
+    Args:
+        scheme: quantized models only: ``"qdq"`` (int8 QuantizeLinear/DequantizeLinear) or
+            ``"weight-only"`` (``MatMulNBits`` weights, float activations).
+        softmax: the log√2 post-softmax quantizer (no QDQ form) exports as an 8-bit ``"uniform"``
+            quantizer on ``[0, Δ]`` (default) or as ``"fp32"`` (not quantized).
+        symmetric_activations: int8 activations with zero point 0 (TensorRT); default uint8 with the
+            calibrated (rounded) zero point.
+        symmetric_weights: symmetric per-channel weights (zero point 0); default RepQ's asymmetric ones.
+        block_size: ``MatMulNBits`` block (power of two ≥ 16); ``None``: per layer, the largest power
+            of two up to 128 that divides the input width (the per-channel scale is repeated per block).
+        kept_tokens: add each pruning stage's kept indices as extra outputs ``kept_0``, ``kept_1``, ...
+        opset: ONNX opset of the default domain (≥ 13).
+    """
+
+    KIND = "export"
+    VERSION = 1
+
+    scheme: str = "qdq"
+    softmax: str = "uniform"
+    symmetric_activations: bool = False
+    symmetric_weights: bool = False
+    block_size: Optional[int] = None
+    kept_tokens: bool = False
+    opset: int = OPSET
+
+    def validate(self) -> "ExportConfig":
+        if self.scheme not in SCHEMES:
+            raise EamError(f"export scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.softmax not in SOFTMAX:
+            raise EamError(f"softmax export {self.softmax!r} is not one of {', '.join(SOFTMAX)}")
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
+            raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 13 <= self.opset <= 21:
+            raise EamError(f"opset {self.opset} is outside 13..21")
+        return self
+
+
+# --------------------------------------------------------------------------- preparing the model
+
+
+def _repq_config(model: nn.Module) -> Optional[RepQConfig]:
+    cfg = getattr(model, "eam_quant_config", None)
+    if cfg is not None and not isinstance(cfg, RepQConfig):
+        raise EamError(f"ONNX export supports RepQ-ViT models; this one is quantized with {type(cfg).__name__}, "
+                       "whose quantizers have no integer-runtime form")
+    return cfg
+
+
+def _quant_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+
+
+def activation_quantizers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(owner, attribute)`` of every activation quantizer: linear/conv inputs, ``q``, ``k``, ``v``, ``attn``."""
+    out = [(m, "input_quantizer") for m in _quant_modules(model)]
+    for layer in attention_layers(model):
+        qz = getattr(layer, "eam_quant", None)
+        if qz is not None:
+            out += [(qz, n) for n in ("q", "k", "v", "attn")]
+    return out
+
+
+def _symmetric_step(delta: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Step of a zero-centred range covering ``[−zp·Δ, (2^b − 1 − zp)·Δ]`` with codes ``[−2^(b−1), 2^(b−1) − 1]``."""
+    half = 1 << (bits - 1)
+    lo, hi = -zp * delta, ((1 << bits) - 1 - zp) * delta
+    return torch.maximum(-lo / half, hi / (half - 1)).clamp_min(1e-8)
+
+
+@torch.no_grad()
+def _round_uniform(q: UniformQuantizer, symmetric: bool) -> None:
+    """Integer zero point in the code range (both sides of the export use it); optionally symmetric."""
+    top = (1 << q.bits) - 1
+    zp = torch.round(q.zero_point).clamp(0, top)
+    delta = q.delta
+    if symmetric:
+        delta, zp = _symmetric_step(delta, zp, q.bits), torch.full_like(zp, float(1 << (q.bits - 1)))
+    q.delta, q.zero_point = delta.float().clone(), zp.float().clone()
+
+
+def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> None:
+    q = getattr(owner, attr)
+    if config.scheme == "weight-only":
+        q.enabled = False
+        return
+    if isinstance(q, (LogSqrt2Quantizer, Log2Quantizer)):
+        if config.softmax == "fp32":
+            q.enabled = False
+            return
+        # Uniform 8-bit on [0, Δ]: Δ is the log quantizer's largest level (the map's calibrated top).
+        new = UniformQuantizer(8, "tensor", percentiles=q.percentiles)
+        new.set_params(q.delta.reshape(()) / 255.0, 0.0)
+        new.enabled = q.enabled
+        setattr(owner, attr, new)
+        q = new
+    if not q.enabled:
+        return
+    if not isinstance(q, UniformQuantizer) or not q.inited:
+        raise EamError("the model has uncalibrated activation quantizers; quantize it (eamvit quantize) first")
+    if q.granularity != "tensor" or q.delta.dim() != 0:
+        raise EamError("QDQ export needs per-tensor activation quantizers; quantize with RepQ-ViT's "
+                       "reparameterization (drop --no-reparam)")
+    if q.bits != 8:
+        raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
+                       "--a-bits 8, or export --scheme weight-only")
+    _round_uniform(q, config.symmetric_activations)
+
+
+@torch.no_grad()
+def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> nn.Module:
+    """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change).
+
+    Rounds RepQ-ViT's zero points to integers, replaces or disables the log√2 post-softmax quantizer
+    (``config.softmax``), makes quantizers symmetric if asked, and for ``"weight-only"`` disables every
+    activation quantizer. Call it on a PyTorch model to get the simulated twin of an export.
+
+    Args:
+        model: a full-precision or RepQ-ViT-quantized model (pruned and frozen ones too).
+        config: :class:`ExportConfig`.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
+    """
+    config = (config or ExportConfig()).validate()
+    if _repq_config(model) is None:
+        return model
+    for owner, attr in activation_quantizers(model):
+        _prepare_activation(owner, attr, config)
+    for m in _quant_modules(model):
+        wq = m.weight_quantizer
+        if not isinstance(wq, UniformQuantizer) or not wq.inited:
+            raise EamError("the model has uncalibrated weight quantizers; quantize it (eamvit quantize) first")
+        if config.scheme == "weight-only" and isinstance(m, QuantLinear) and wq.bits not in (2, 4, 8):
+            raise EamError(f"weight-only export packs 2, 4 or 8-bit weights, the model has {wq.bits}-bit ones")
+        _round_uniform(wq, config.symmetric_weights)
+    model.eam_export_config = config.to_dict()
+    return model
+
+
+# --------------------------------------------------------------------------- export classes
+
+
+class QdqActivation(UniformQuantizer):
+    """Export class of an enabled activation quantizer: ``QuantizeLinear → DequantizeLinear``."""
+
+    onnx_scale: torch.Tensor
+    onnx_zero_point: torch.Tensor
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_dequantize(x, self.onnx_scale, self.onnx_zero_point)
+
+
+class QdqLinear(QuantLinear):
+    """Export class of :class:`QuantLinear`: int8 weight codes, ``DequantizeLinear`` per output channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_per_channel(self.onnx_codes, self.onnx_scale, self.onnx_zero_point)
+        return F.linear(self.input_quantizer(x), w, self.bias)
+
+
+class QdqConv2d(QuantConv2d):
+    """Export class of :class:`QuantConv2d` (the patch embedding), as :class:`QdqLinear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_per_channel(self.onnx_codes, self.onnx_scale, self.onnx_zero_point)
+        return self._conv_forward(self.input_quantizer(x), w, self.bias)
+
+
+class NBitsLinear(QuantLinear):
+    """Export class of :class:`QuantLinear` for ``"weight-only"``: ``MatMulNBits`` plus the bias."""
+
+    nbits: tuple[int, int, int, int]  # k, n, bits, block size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = matmul_nbits(x, self.onnx_packed, self.onnx_scales, self.onnx_zero_points, *self.nbits)
+        return y if self.bias is None else y + self.bias
+
+
+class DequantizedConv2d(QuantConv2d):
+    """Export class of :class:`QuantConv2d` for ``"weight-only"``: the dequantized weight in float."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.onnx_weight, self.bias)
+
+
+def _weight_codes(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, step, zero point)`` of ``m``'s quantized weight: codes in ``[0, 2^b)``, per output channel."""
+    wq = m.weight_quantizer
+    shape = (-1,) + (1,) * (m.weight.dim() - 1)
+    delta, zp = wq.delta.reshape(-1), wq.zero_point.reshape(-1)
+    codes = torch.clamp(torch.round(m.weight.detach() / delta.reshape(shape)) + zp.reshape(shape), 0, (1 << wq.bits) - 1)
+    return codes, delta, zp
+
+
+def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:
+    codes, delta, zp = _weight_codes(m)
+    shift = 1 << (m.weight_quantizer.bits - 1)  # int8 codes (the u8·s8 integer kernels), same values
+    if int(zp.min()) - shift < -128 or int(zp.max()) - shift > 127:
+        raise EamError("a weight row of one sign has a zero point outside int8; export it with --symmetric-weights")
+    m.register_buffer("onnx_codes", (codes - shift).to(torch.int8))
+    m.register_buffer("onnx_scale", delta.float().clone())
+    m.register_buffer("onnx_zero_point", (zp - shift).to(torch.int8))
+
+
+def _block_size(k: int, config: ExportConfig) -> int:
+    if config.block_size is not None:
+        return config.block_size
+    return max([b for b in (16, 32, 64, 128) if k % b == 0], default=16)
+
+
+def _setup_nbits_linear(m: nn.Module, config: ExportConfig) -> None:
+    codes, delta, zp = _weight_codes(m)
+    bits, (n, k) = m.weight_quantizer.bits, m.weight.shape
+    bs = _block_size(k, config)
+    packed, scales, zps = pack_nbits_weight(codes, delta, zp, bits, bs)
+    m.register_buffer("onnx_packed", packed)
+    m.register_buffer("onnx_scales", scales)
+    m.register_buffer("onnx_zero_points", zps)
+    m.nbits = (k, n, bits, bs)
+
+
+def _setup_dequantized(m: nn.Module, config: ExportConfig) -> None:
+    m.register_buffer("onnx_weight", m.weight_quantizer.fake_quant(m.weight.detach()).clone())
+
+
+# (scheme, quantized class) -> (export class, set-up)
+_EXPORT_SWAP = {
+    ("qdq", QuantLinear): (QdqLinear, _setup_qdq_weight),
+    ("qdq", QuantConv2d): (QdqConv2d, _setup_qdq_weight),
+    ("weight-only", QuantLinear): (NBitsLinear, _setup_nbits_linear),
+    ("weight-only", QuantConv2d): (DequantizedConv2d, _setup_dequantized),
+}
+
+
+def _swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
+    """Swap a prepared quantized model's classes for their export classes (a copy; never the user's model)."""
+    for owner, attr in activation_quantizers(model):
+        q = getattr(owner, attr)
+        if q.enabled and type(q) is UniformQuantizer:
+            q.__class__ = QdqActivation
+            zp = int(q.zero_point)
+            signed = config.symmetric_activations
+            q.register_buffer("onnx_scale", q.delta.reshape(()).float().clone())
+            q.register_buffer("onnx_zero_point", torch.tensor(zp - 128 if signed else zp,
+                                                              dtype=torch.int8 if signed else torch.uint8))
+    for m in _quant_modules(model):
+        cls, setup = _EXPORT_SWAP[(config.scheme, type(m))]
+        setup(m, config)
+        m.__class__ = cls
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+class _Graph(nn.Module):
+    """What the ONNX graph computes: the logits, and with ``kept_tokens`` each pruning stage's kept indices."""
+
+    def __init__(self, model: nn.Module, kept_tokens: bool):
+        super().__init__()
+        self.model = model
+        self.kept_tokens = kept_tokens
+
+    def forward(self, images: torch.Tensor):
+        logits = self.model(images)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        if not self.kept_tokens:
+            return logits
+        kept = self.model.eam_prune.stage_idx
+        if any(k is None for k in kept):
+            raise EamError("kept_tokens needs a model that prunes at every stage (keep rate < 1)")
+        return (logits, *kept)
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote: the file, its size, the scheme, and the graph's inputs and outputs."""
+
+    path: str
+    bytes: int
+    kind: str
+    inputs: dict[str, list]
+    outputs: list[str]
+
+
+def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int]) -> dict[str, Any]:
+    from eamvit import __version__
+
+    quant = _repq_config(model)
+    prune = getattr(model, "eam_prune", None)
+    frozen = [l.eam_layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
+    cfg["input_size"] = list(input_size)
+    return {"format": FORMAT, "eamvit_version": __version__, "model": model_spec(model).to_dict(),
+            "data_config": cfg, "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "export": config.to_dict(), "quant": quant.to_dict() if quant is not None else None,
+            "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
+            "frozen_layers": frozen}
+
+
+def export_kind(model: nn.Module, config: ExportConfig) -> str:
+    """``"fp32"``, ``"qdq W8/A8"``-style label of what an export of ``model`` holds."""
+    q = _repq_config(model)
+    if q is None:
+        return "fp32"
+    if config.scheme == "weight-only":
+        return f"weight-only W{q.w_bits}"
+    return f"qdq W{q.w_bits}/A8"
+
+
+def _entr_symbolic(g, x):
+    """``torch.special.entr`` (the Shannon pruning score) in standard ONNX: ``−x·log x`` where ``x > 0``, else 0.
+
+    Negative inputs give 0 instead of torch's −∞; the score only ever sees probabilities.
+    """
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    value = g.op("Neg", g.op("Mul", x, g.op("Log", x)))
+    return g.op("Where", g.op("Greater", x, zero), value, zero)
+
+
+def _count_nonzero_symbolic(g, x, dim):
+    """``torch.count_nonzero(x, dim)`` (the Rényi α = 0 score) as ``ReduceSum(Cast(x ≠ 0))``, int64."""
+    from torch.onnx.symbolic_helper import _get_const
+
+    d = _get_const(dim, "i", "dim")
+    nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
+    axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
+    count = g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
+    return count
+
+
+def onnx_int64() -> int:
+    import onnx
+
+    return onnx.TensorProto.INT64
+
+
+def _register_symbolics(opset: int) -> None:
+    """Standard-ONNX forms of the pruning scores' operators that ``torch.onnx`` has none for."""
+    torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::count_nonzero", _count_nonzero_symbolic, opset)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
+                input_size: Optional[Sequence[int]] = None) -> ExportReport:
+    """Write ``model`` as an ONNX graph that ONNX Runtime runs on CPU (input ``images``, output ``logits``).
+
+    The model itself is not changed: a copy is prepared (:func:`prepare_export_`), its quantized
+    modules are swapped for export classes, and ``torch.onnx`` traces it with a dynamic batch axis.
+
+    Args:
+        model: full precision, pruned (fixed κ), frozen, or RepQ-ViT-quantized, on any device.
+        path: the ``.onnx`` file (written atomically).
+        config: :class:`ExportConfig`.
+        input_size: ``(C, H, W)``; the model's data config by default.
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        EamError: an unwritable path, or a model or setting with no export form.
+    """
+    import onnx
+
+    config = (config or ExportConfig()).validate()
+    size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
+    meta = _metadata(model, config, size)
+    m = copy.deepcopy(model).cpu().eval()
+    prepare_export_(m, config)
+    _swap_for_export_(m, config)
+    if config.kept_tokens and getattr(m, "eam_prune", None) is None:
+        raise EamError("kept_tokens needs a pruned model (prune_ first, or drop --kept-tokens)")
+    graph = _Graph(m, config.kept_tokens)
+    x = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = graph(x)
+    names = ["logits"] + [f"kept_{i}" for i in range(len(outs) - 1 if isinstance(outs, tuple) else 0)]
+    axes = {n: {0: "batch"} for n in ["images", *names]}
+    _register_symbolics(config.opset)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            try:
+                torch.onnx.export(graph, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=names,
+                                  dynamic_axes=axes, opset_version=config.opset,
+                                  custom_opsets={"com.microsoft": 1} if config.scheme == "weight-only" else None)
+            except torch.onnx.errors.OnnxExporterError as e:
+                raise EamError(f"torch.onnx cannot export this model: {str(e).splitlines()[0][:300]}") from None
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "eamvit", json.dumps(meta)
+        onnx.save(proto, str(tmp))
+    return ExportReport(path=str(path), bytes=Path(path).stat().st_size, kind=export_kind(model, config),
+                        inputs={"images": ["batch", *size]}, outputs=names)

@@ -1,0 +1,182 @@
+"""Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing.
+
+:class:`OnnxClassifier` wraps an ``onnxruntime.InferenceSession`` as an ``nn.Module`` (float images
+in, logits out), so :func:`eamvit.methods.evaluate.evaluate` scores an export with the same loop,
+preprocessing and metrics as a PyTorch model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.errors import EamError
+
+FORMAT = "eamvit-onnx/1"
+
+
+def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """eamvit's metadata of an exported ``.onnx`` file (model, data config, export settings).
+
+    Raises:
+        EamError: the file is missing, is not an ONNX model, or was not exported by eamvit.
+    """
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise EamError(f"ONNX model {p} does not exist; write one with `eamvit export --format onnx --out {p}`")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for bytes that are not a model
+        raise EamError(f"{p} is not an ONNX model ({type(e).__name__}); pass a file written by `eamvit export`") from None
+    props = {e.key: e.value for e in proto.metadata_props}
+    try:
+        meta = json.loads(props["eamvit"])
+    except (KeyError, ValueError):
+        raise EamError(f"{p} has no eamvit metadata (preprocessing, model); export it with `eamvit export`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EamError(f"{p} was written by an unknown eamvit export format; export it again with `eamvit export`")
+    return meta
+
+
+def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None):
+    """An ONNX Runtime CPU session (all graph optimisations) with ``threads`` intra-op threads.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (ONNX Runtime's default, one per core, when ``None``).
+        optimized_path: also write the optimised graph there (to check which kernels were fused).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # the optimised-model note about hardware-specific kernels is expected
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EamError(f"ONNX Runtime cannot load {path}: {msg[:300]}") from None
+
+
+class OnnxClassifier(nn.Module):
+    """An exported classifier run by ONNX Runtime, called like the PyTorch model (images → logits).
+
+    Args:
+        path: an ``.onnx`` file from :func:`eamvit.methods.export.export_onnx`.
+        threads: ONNX Runtime intra-op threads.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
+        super().__init__()
+        self.meta = read_onnx_meta(path)
+        self.session = onnx_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.path = str(path)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run([self.output_name], {self.input_name: x})[0])
+
+
+def time_call(fn: Callable[[], Any], warmup: int = 2, reps: int = 7) -> dict[str, float]:
+    """Wall-clock seconds of ``fn()``: ``median``, ``min``, ``max`` and ``spread`` ((max − min) / median).
+
+    Args:
+        fn: the call to time.
+        warmup: untimed calls first.
+        reps: timed calls.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"median": med, "min": min(times), "max": max(times), "spread": (max(times) - min(times)) / med}
+
+
+def optimized_ops(path: str | os.PathLike, threads: Optional[int] = None) -> dict[str, int]:
+    """Operator counts of the graph ONNX Runtime runs after its optimisations (fusions show here)."""
+    import collections
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "optimized.onnx"
+        onnx_session(path, threads, optimized_path=str(out))
+        proto = onnx.load(str(out))
+    return dict(collections.Counter(n.op_type for n in proto.graph.node))
+
+
+ORT_CALIBRATION = ("minmax", "percentile")
+
+
+def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
+                        method: str = "minmax", batch_size: int = 32, preprocess: bool = True) -> None:
+    """ONNX Runtime's own ``quantize_static`` of an fp32 export (the baseline eamvit's int8 export meets).
+
+    QDQ format, per-channel int8 weights, uint8 activations (the u8·s8 form its x86 integer kernels run
+    fastest), every MatMul, Gemm and Conv quantized, as ONNX Runtime's documentation recommends for CPU.
+
+    Args:
+        fp32_path: an fp32 export (input ``images``).
+        out_path: the quantized ``.onnx`` to write.
+        calib_images: calibration images ``(B, C, H, W)`` (the same ones eamvit calibrates on).
+        method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
+        batch_size: images per calibration run.
+        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation)
+            first, as its documentation recommends.
+    """
+    import contextlib
+    import io
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in ORT_CALIBRATION:
+        raise EamError(f"ONNX Runtime calibration {method!r} is not one of {', '.join(ORT_CALIBRATION)}")
+    batches = [calib_images[i:i + batch_size].numpy() for i in range(0, len(calib_images), batch_size)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {"images": b}
+
+    calib = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process is followed; its progress prints are noise
+    try:
+        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
+            src = str(fp32_path)
+            if preprocess:
+                src = str(Path(d) / "pre.onnx")
+                quant_pre_process(str(fp32_path), src)
+            quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,184 @@
+"""Integer-inference operators with an ONNX form: what an exported graph computes, in PyTorch.
+
+Each operator is a :class:`torch.autograd.Function` whose ``forward`` computes exactly what its ONNX
+node computes (so a traced model gives the export's numbers) and whose ``symbolic`` tells
+``torch.onnx`` (the TorchScript exporter) which node to emit:
+
+* :func:`quantize_dequantize`: ``QuantizeLinear`` → ``DequantizeLinear`` with a per-tensor scale and an
+  8-bit zero point (``uint8`` asymmetric, ``int8`` symmetric); ``DQ(Q(x)) = (sat(round(x/s) + z) − z)·s``,
+  rounding half to even, saturating to the type's range.
+* :func:`dequantize_per_channel`: ``DequantizeLinear`` of stored integer codes with one scale and zero
+  point per output channel (axis 0): ``(c − z)·s``. The codes are the graph's initializer, so the file
+  holds 8-bit weights.
+* :func:`matmul_nbits`: ONNX Runtime's ``com.microsoft.MatMulNBits`` (weight-only, block-wise
+  ``bits``-bit weights): ``A @ dequant(B)ᵀ``.
+
+Packing of ``MatMulNBits`` (ONNX Runtime's layout): ``B`` is ``(N, K/block, block·bits/8)`` uint8, code
+``j`` of a block in byte ``j·bits/8``, least significant bits first; zero points are packed the same
+way per output row, each row padded to whole bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from eamvit.errors import EamError
+
+_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _qrange(zero_point: torch.Tensor) -> tuple[int, int]:
+    rng = _RANGE.get(zero_point.dtype)
+    if rng is None:
+        raise EamError(f"an ONNX zero point must be uint8 or int8, got {zero_point.dtype}")
+    return rng
+
+
+class _QDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        lo, hi = _qrange(zero_point)
+        z = zero_point.to(x.dtype)
+        return (torch.clamp(torch.round(x / scale) + z, lo, hi) - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        q = g.op("QuantizeLinear", x, scale, zero_point)
+        return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """ONNX ``DequantizeLinear(QuantizeLinear(x))`` per tensor.
+
+    Args:
+        x: float input.
+        scale: 0-d float32 step.
+        zero_point: 0-d ``uint8`` or ``int8`` zero point (its dtype sets the code range).
+    """
+    return _QDQ.apply(x, scale, zero_point)
+
+
+class _DQChannel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes.to(scale.dtype) - zero_point.to(scale.dtype).reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+
+
+def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """ONNX ``DequantizeLinear(codes, scale, zero_point, axis=0)``: ``(c − z)·s`` per output channel.
+
+    Args:
+        codes: integer codes ``(C_out, ...)`` (``int8`` or ``uint8``).
+        scale: ``(C_out,)`` float32.
+        zero_point: ``(C_out,)`` of the codes' dtype.
+    """
+    _qrange(zero_point)
+    if codes.dtype != zero_point.dtype:
+        raise EamError(f"codes ({codes.dtype}) and zero points ({zero_point.dtype}) must share a type")
+    return _DQChannel.apply(codes, scale, zero_point)
+
+
+# --------------------------------------------------------------------------- MatMulNBits
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack each row of integer ``codes`` ``(R, M)`` in ``[0, 2^bits)`` to ``(R, ceil(M·bits/8))`` uint8.
+
+    Code ``j`` of a row occupies bits ``[j·bits, (j+1)·bits)`` of the row's little-endian bit stream
+    (at 4 bits: even codes in the low nibble); rows are padded to whole bytes with zeros.
+    """
+    if bits not in (2, 4, 8):
+        raise EamError(f"MatMulNBits packs 2, 4 or 8 bits per code, not {bits}")
+    per = 8 // bits
+    rows, m = codes.shape
+    c = codes.to(torch.int32)
+    pad = (-m) % per
+    if pad:
+        c = torch.cat([c, c.new_zeros(rows, pad)], dim=1)
+    c = c.reshape(rows, -1, per)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first ``count`` codes of each row that :func:`pack_rows` packed, as ``(R, count)`` int32."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :count]
+
+
+class _MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+        blocks = packed.shape[1]
+        codes = unpack_rows(packed.reshape(n, -1), bits, blocks * block_size).reshape(n, blocks, block_size)
+        zp = unpack_rows(zero_points.reshape(n, -1), bits, blocks)
+        w = (codes.to(x.dtype) - zp.to(x.dtype)[..., None]) * scales.reshape(n, blocks, 1)
+        return x @ w.reshape(n, -1)[:, :k].t()
+
+    @staticmethod
+    def symbolic(g, x, packed, scales, zero_points, k, n, bits, block_size):
+        out = g.op("com.microsoft::MatMulNBits", x, packed, scales, zero_points,
+                   K_i=k, N_i=n, bits_i=bits, block_size_i=block_size)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # the exporter cannot infer a contrib op's output type: give it
+            out.setType(x.type().with_sizes(list(sizes[:-1]) + [n]))
+        return out
+
+
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """ONNX Runtime's ``MatMulNBits``: ``x @ Wᵀ`` with ``W`` ``(n, k)`` stored block-wise at ``bits`` bits.
+
+    Args:
+        x: ``(..., k)`` float input.
+        packed: ``(n, ceil(k/block_size), block_size·bits/8)`` uint8 codes (:func:`pack_nbits_weight`).
+        scales: ``(n·blocks,)`` float32, one per (row, block).
+        zero_points: ``(n·ceil(blocks·bits/8),)`` uint8, packed per row.
+        k: input width.
+        n: output width.
+        bits: 2, 4 or 8.
+        block_size: a power of two ≥ 16.
+    """
+    return _MatMulNBits.apply(x, packed, scales, zero_points, k, n, bits, block_size)
+
+
+def pack_nbits_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed, scales, zero_points)`` for :func:`matmul_nbits` from per-row codes.
+
+    A per-output-row scale and zero point is repeated over the row's ``ceil(k/block_size)`` blocks, so
+    the block-wise operator computes exactly the per-channel quantized weight; ``k`` is padded to whole
+    blocks with the row's zero point (dequantizes to 0).
+
+    Args:
+        codes: ``(n, k)`` integer codes in ``[0, 2^bits)``.
+        scale: ``(n,)`` float steps.
+        zero_point: ``(n,)`` integer zero points in ``[0, 2^bits)``.
+        bits: 2, 4 or 8.
+        block_size: a power of two ≥ 16.
+    """
+    if block_size < 16 or block_size & (block_size - 1):
+        raise EamError(f"MatMulNBits block size must be a power of two ≥ 16, got {block_size}")
+    n, k = codes.shape
+    top = (1 << bits) - 1
+    zp = zero_point.reshape(-1).round().to(torch.int32)
+    if int(codes.min()) < 0 or int(codes.max()) > top or int(zp.min()) < 0 or int(zp.max()) > top:
+        raise EamError(f"{bits}-bit weight codes and zero points must lie in [0, {top}]")
+    blocks = math.ceil(k / block_size)
+    pad = blocks * block_size - k
+    c = codes.to(torch.int32)
+    if pad:
+        c = torch.cat([c, zp[:, None].expand(n, pad)], dim=1)
+    packed = pack_rows(c, bits).reshape(n, blocks, block_size * bits // 8)
+    scales = scale.reshape(-1, 1).to(torch.float32).expand(n, blocks).reshape(-1).contiguous()
+    zps = pack_rows(zp[:, None].expand(n, blocks), bits).reshape(-1)
+    return packed, scales, zps
