@@ -11,7 +11,8 @@ import eamvit
 import eamvit.modules.attention
 from eamvit.modules.attention import layer_shapes
 from eamvit.errors import EamError
-from eamvit.methods.prune import (PruneBlock, PruneConfig, attention_entropy, count_gflops, default_blocks, evit_scores,
+from eamvit.methods.cost import count_gflops
+from eamvit.methods.prune import (PruneBlock, PruneConfig, attention_entropy, default_blocks, evit_scores,
                           kept_count, kept_indices, kept_masks, parse_methods, prune_, prune_state, prune_tokens,
                           row_entropy, set_keep_rate, token_counts, token_entropies, trace_indices, unprune_)
 

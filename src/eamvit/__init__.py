@@ -24,6 +24,8 @@ _API = {
     "freeze_": "eamvit.methods.freeze",
     "unfreeze_": "eamvit.methods.freeze",
     "evaluate": "eamvit.methods.evaluate",
+    "cost_account": "eamvit.methods.cost",
+    "count_gflops": "eamvit.methods.cost",
     "PruneConfig": "eamvit.methods.prune",
     "prune_": "eamvit.methods.prune",
     "unprune_": "eamvit.methods.prune",

@@ -61,13 +61,16 @@ def cmd_eval(args) -> None:
         maps = get_maps(args, model, device, cal, cal_idx, cfg)
         rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
                                                 seed=args.seed, value_bits=args.value_bits,
-                                                value_quantizer=args.value_quantizer),
+                                                value_quantizer=args.value_quantizer, granularity=args.granularity,
+                                                aggregate=args.aggregate),
                       value_deltas=value_deltas(model, args.value_quantizer))
-        extra.update(scope=args.scope, selection=args.selection, frozen_fraction=round(rep.frozen_fraction, 6),
+        extra.update(scope=rep.scope, selection=args.selection, granularity=rep.granularity,
+                     frozen_fraction=round(rep.frozen_fraction, 6),
                      frozen_window_masked=rep.frozen_window_masked,
                      value_bits=args.value_bits if args.value_bits else 32)
     if args.prune:
-        from eamvit.methods.prune import PruneConfig, count_gflops, prune_
+        from eamvit.methods.cost import count_gflops
+        from eamvit.methods.prune import PruneConfig, prune_
 
         prep = prune_(model, PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
                                          **prune_options(args)))
