@@ -76,28 +76,68 @@ class _EamMixin:
     @property
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads/rows instead of simulating them."""
+        # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
         return (self.eam_plan is not None and self.eam_frozen_mask is not None and self.eam_observer is None
                 and self.eam_observer_q is None and self.eam_quant is None
-                and not (self.training and self.attn_drop.p > 0))
+                and not (self.training and self.attn_drop.p > 0)
+                and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
-    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor], windows: int) -> torch.Tensor:
-        """Executed head freezing: ``(B_, N, C)`` in, attention output ``(B_, N, A)`` before ``proj``."""
+    def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
+        inference until a source tensor changes (in-place updates bump its version, moves its storage)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return make()
+        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        cache = self.__dict__.setdefault("_eam_cache", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
+                hit = cache[key] = (stamp, make())
+        return hit[1]
+
+    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor],
+                   windows: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Executed head freezing, ``(B_, N, C)`` in: the attention outputs of the kept heads
+        ``(B_, N, Hk·d)`` (``None`` if none) and of the frozen heads ``(B_, N, Hf·d)``, before ``proj``."""
         B_, N, _ = x.shape
         H, d = self.num_heads, self.qkv.weight.shape[0] // (3 * self.num_heads)
-        keep, frozen = self.eam_plan_keep, self.eam_plan_frozen
+        keep, rows = self.eam_plan_keep, self.eam_plan_wrows
         hk = keep.numel()
-        w = self.qkv.weight.index_select(0, self.eam_plan_wrows)  # q, k of kept heads; v kept then frozen
-        b = self.qkv.bias.index_select(0, self.eam_plan_wrows) if self.qkv.bias is not None else None
-        y = F.linear(x, w, b)
+        qkv = self.qkv
+        w = self._eam_weight("qkv.weight", lambda: qkv.weight.index_select(0, rows), qkv.weight)
+        b = None if qkv.bias is None else self._eam_weight("qkv.bias", lambda: qkv.bias.index_select(0, rows), qkv.bias)
+        y = F.linear(x, w, b)  # q, k of the kept heads, then v of the kept heads, then v of the frozen ones
         q, k, vk, vf = y.split([hk * d, hk * d, hk * d, (H - hk) * d], dim=-1)
-        out = y.new_empty(B_, N, H, d)
+        kept = None
         if hk:
             q, k, vk = (t.view(B_, N, hk, d).transpose(1, 2) for t in (q, k, vk))
             if bias is not None:
                 bias = bias.index_select(-3, keep)
-            out.index_copy_(2, keep, self._eam_kept_attention(q, k, vk, bias).transpose(1, 2))
-        out.index_copy_(2, frozen, _frozen_heads_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d), windows))
-        return out.view(B_, N, H * d)
+            kept = self._eam_kept_attention(q, k, vk, bias).transpose(1, 2).reshape(B_, N, hk * d)
+        frozen = _frozen_heads_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d), windows)
+        return kept, frozen.reshape(B_, N, (H - hk) * d)
+
+    def _eam_proj(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
+        """``proj`` of the two head groups without reassembling them: each multiplies its own
+        columns of the projection (the kept heads' product is accumulated into the frozen ones')."""
+        p = self.proj
+        wf = self._eam_weight("proj.frozen", lambda: p.weight.index_select(1, self.eam_plan_cols_f), p.weight)
+        if kept is None:
+            return F.linear(frozen, wf, p.bias)
+        wk = self._eam_weight("proj.kept", lambda: p.weight.index_select(1, self.eam_plan_cols_k), p.weight)
+        out = F.linear(kept, wk, p.bias)
+        flat, xf = out.view(-1, out.shape[-1]), frozen.reshape(-1, frozen.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, xf, wf.t()).view(out.shape)
+        torch.addmm(flat, xf, wf.t(), out=flat)  # in place, in the form op counters see
+        return out
+
+    def _eam_in_head_order(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
+        """The two head groups back in timm's head order, ``(B_, N, A)`` (for a scale norm or gate)."""
+        parts = [frozen] if kept is None else [kept, frozen]
+        x = torch.cat(parts, dim=-1)
+        B_, N, A = x.shape
+        return x.view(B_, N, self.num_heads, -1).index_select(2, self.eam_plan_order).view(B_, N, A)
 
     def _eam_kept_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -144,7 +184,8 @@ class _EamMixin:
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows")
+_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
+                 "eam_plan_cols_k", "eam_plan_cols_f")
 
 
 def _frozen_heads_times_v(values: torch.Tensor, v: torch.Tensor, windows: int) -> torch.Tensor:
@@ -176,8 +217,12 @@ class EamAttention(_EamMixin, Attention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         if self.eam_executes_plan and attn_mask is None and not is_causal:
-            y = self._eam_heads(x, None, 1) if self.eam_plan == "head" else self._eam_rows(x)
-            return self._eam_out(y, gate)
+            if self.eam_plan == "row":
+                return self._eam_out(self._eam_rows(x), gate)
+            kept, frozen = self._eam_heads(x, None, 1)
+            if gate is None and isinstance(self.norm, nn.Identity):
+                return self.proj_drop(self._eam_proj(kept, frozen))
+            return self._eam_out(self._eam_in_head_order(kept, frozen), gate)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -207,16 +252,17 @@ class EamAttention(_EamMixin, Attention):
         # Slices of the fused weight are views: no weight is copied.
         kv = F.linear(x, w[A:], b[A:] if b is not None else None)
         k, v = kv.view(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = x.new_empty(B, H, N, d)
+        parts = []
         if keep.numel():
             q = F.linear(x.index_select(1, keep), w[:A], b[:A] if b is not None else None)
             q = q.view(B, keep.numel(), H, d).transpose(1, 2)
-            out.index_copy_(2, keep, self._eam_kept_attention(q, k, v, None))
+            parts.append(self._eam_kept_attention(q, k, v, None).transpose(1, 2))  # (B, R, H, d)
         # Frozen rows: A^μ[h, rows] · V_h, the batch folded into the columns of one product per head.
         vv = v.permute(1, 2, 0, 3).reshape(H, N, B * d)
-        fo = torch.bmm(self.eam_plan_values.to(vv.dtype), vv).view(H, frozen.numel(), B, d).permute(2, 0, 1, 3)
-        out.index_copy_(2, frozen, fo)
-        return out.transpose(1, 2).reshape(B, N, A)
+        fo = torch.bmm(self.eam_plan_values.to(vv.dtype), vv).view(H, frozen.numel(), B, d)
+        parts.append(fo.permute(2, 1, 0, 3))  # (B, F, H, d)
+        # Rows come out kept-then-frozen; one gather puts the tokens back in order.
+        return torch.cat(parts, dim=1).view(B, N, A).index_select(1, self.eam_plan_order)
 
 
 class EamWindowAttention(_EamMixin, WindowAttention):
@@ -233,7 +279,8 @@ class EamWindowAttention(_EamMixin, WindowAttention):
             raise EamError(f"Swin layer {self.eam_layer}: {B_} windows is not a multiple of {num_win} per image; "
                            "run the model at the image size it was instrumented for")
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
-            return self.proj_drop(self.proj(self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)))
+            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)
+            return self.proj_drop(self._eam_proj(kept, frozen))
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = self._eam_scores(q, k)
@@ -349,10 +396,13 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     keep = (~frozen_units).nonzero().flatten()
     frozen = frozen_units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
+    order = torch.cat([keep, frozen])  # plan order -> original unit
+    module.eam_plan_order = torch.argsort(order)  # original unit -> position in plan order
     if plan == "head":
         d = module.qkv.weight.shape[0] // (3 * H)
         heads = lambda idx, part: (part * H * d + idx.view(-1, 1) * d + torch.arange(d, device=dev)).flatten()
         module.eam_plan_wrows = torch.cat([heads(keep, 0), heads(keep, 1), heads(keep, 2), heads(frozen, 2)])
+        module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)  # proj input columns
         module.eam_plan_values = v4.index_select(1, frozen).flatten(0, 1).contiguous().float()
     else:
         module.eam_plan_values = v4[0].index_select(1, frozen).contiguous().float()  # (H, F, N)
@@ -360,6 +410,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         for name in _PLAN_BUFFERS[2:]:
             setattr(module, name, None)
         return
+    module.__dict__.pop("_eam_cache", None)
     module.eam_plan = plan
 
 
