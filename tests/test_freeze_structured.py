@@ -165,3 +165,50 @@ def test_nothing_frozen_keeps_timm_forward(calibrated):
     model, maps = calibrated[TINY_VIT[0]]
     freeze_(model, maps, FreezeConfig(tau=0.0, granularity="head"))
     assert not any(l.eam_active for l in eamvit.instrument(model))
+
+
+@pytest.mark.parametrize("gran", ["entry", "head", "row"])
+def test_save_and_load_frozen_gives_identical_logits(calibrated, tmp_path, gran):
+    from eamvit.methods.freeze import load_frozen, save_frozen
+
+    model, maps = calibrated[TINY_VIT[0]]
+    x = torch.randn(2, 3, 32, 32)
+    cfg = FreezeConfig(tau=0.4, granularity=gran, value_bits=4)
+    freeze_(model, maps, cfg)
+    with torch.no_grad():
+        before = model(x)
+    save_frozen(model, tmp_path / "frozen.safetensors", cfg)
+    fresh = make(TINY_VIT).eval()
+    fresh.load_state_dict(model.state_dict())
+    unfreeze_(model)
+    meta = load_frozen(fresh, tmp_path / "frozen.safetensors")
+    with torch.no_grad():
+        after = fresh(x)
+    assert torch.equal(before, after) and meta["config"]["granularity"] == gran
+    assert fresh.blocks[0].attn.eam_executes_plan == (gran != "entry")
+
+
+def test_load_frozen_refuses_another_model(calibrated, tmp_path):
+    from eamvit.methods.freeze import load_frozen, save_frozen
+
+    model, maps = calibrated[TINY_VIT[0]]
+    freeze_(model, maps, FreezeConfig(tau=0.4))
+    save_frozen(model, tmp_path / "f.safetensors")
+    unfreeze_(model)
+    with pytest.raises(EamError, match="layers but the model has"):
+        load_frozen(make(TINY_SWIN), tmp_path / "f.safetensors")
+    with pytest.raises(EamError, match="not an eamvit frozen attention file"):
+        maps.save(tmp_path / "maps.safetensors")
+        load_frozen(model, tmp_path / "maps.safetensors")
+
+
+def test_entry_simulation_same_numbers_with_and_without_autograd(calibrated):
+    # Without autograd the simulated path overwrites the map in place; it must not change a number.
+    model, maps = calibrated[TINY_VIT[0]]
+    x = torch.randn(2, 3, 32, 32)
+    freeze_(model, maps, FreezeConfig(tau=0.5))
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x).detach()
+    unfreeze_(model)
+    assert torch.equal(fast, slow)

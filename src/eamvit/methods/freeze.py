@@ -317,3 +317,68 @@ def unfreeze_(model: nn.Module) -> None:
     """Remove all frozen attention entries."""
     for module in attention_layers(model):
         set_frozen(module, None, None)
+
+
+FROZEN_FORMAT = "eamvit-frozen/1"
+
+
+def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
+    """Write the frozen attention of ``model`` (masks, values, granularity) to a safetensors file.
+
+    The weights are not included (they are the model's own state dict); :func:`load_frozen` puts the
+    frozen maps back on a model with the same architecture, e.g. after fine-tuning with them.
+
+    Args:
+        model: an instrumented, frozen model.
+        path: file to write (atomically).
+        config: the :class:`FreezeConfig` used, recorded in the metadata.
+    """
+    from eamvit.io import save_tensors
+    from eamvit.methods.models import model_spec
+
+    tensors, plans = {}, []
+    for l, m in enumerate(attention_layers(model)):
+        frozen = m.eam_frozen_mask is not None
+        if frozen:
+            tensors[f"mask.{l}"], tensors[f"values.{l}"] = m.eam_frozen_mask, m.eam_frozen_values.float()
+        plans.append({"granularity": m.eam_granularity, "execute": m.eam_plan is not None} if frozen else None)
+    meta = {"format": FROZEN_FORMAT, "model": model_spec(model).name, "layers": plans,
+            "config": asdict(config) if config is not None else None}
+    save_tensors(path, tensors, meta)
+
+
+def load_frozen(model: nn.Module, path: str) -> dict:
+    """Put the frozen attention saved by :func:`save_frozen` on ``model`` (replacing any).
+
+    Args:
+        model: a model of the architecture the file was written for.
+        path: the file.
+
+    Returns:
+        The file's metadata.
+
+    Raises:
+        EamError: not a frozen-attention file, or its layers do not fit the model.
+    """
+    from eamvit.io import load_tensors
+
+    meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
+                                 "write one with `eamvit finetune --maps MAPS --tau T`")
+    layers = attention_layers(model)
+    plans = meta.get("layers") or []
+    if len(plans) != len(layers):
+        raise EamError(f"frozen attention {path} has {len(plans)} layers but the model has {len(layers)}; "
+                       "load it on the model it was written for")
+    for l, (m, plan) in enumerate(zip(layers, plans)):
+        if plan is None:
+            set_frozen(m, None, None)
+            continue
+        mask, values = tensors.get(f"mask.{l}"), tensors.get(f"values.{l}")
+        if mask is None or values is None or mask.shape != values.shape or mask.shape[-3] != m.num_heads:
+            raise EamError(f"frozen attention {path}: layer {l} does not fit the model ({m.num_heads} heads); "
+                           "load it on the model it was written for")
+        device = next(m.parameters()).device
+        gran = plan["granularity"]
+        set_frozen(m, mask.bool().to(device), values.to(device), None if gran == "entry" else gran,
+                   bool(plan.get("execute", True)))
+    return meta

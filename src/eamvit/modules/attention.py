@@ -168,7 +168,12 @@ class _EamMixin:
             self.eam_observer_q(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_frozen_mask is not None:
             view = attn.view(shape5) if shape5 else attn
-            view = torch.where(self.eam_frozen_mask, self.eam_frozen_values.to(attn.dtype), view)
+            values = self.eam_frozen_values.to(attn.dtype)
+            # Without autograd and with no observer holding the map, overwrite it in place: the same
+            # numbers without allocating another (B, H, N, N) map.
+            in_place = not torch.is_grad_enabled() and self.eam_observer is None and self.eam_observer_q is None
+            view = torch.where(self.eam_frozen_mask, values, view, out=view) if in_place else \
+                torch.where(self.eam_frozen_mask, values, view)
             attn = view.reshape(attn.shape)
         return attn
 
@@ -229,7 +234,8 @@ class EamAttention(_EamMixin, Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         attn = self._eam_scores(q, k)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = attn.softmax(dim=-1)
+        # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
+        attn = torch.softmax(attn, -1, out=attn) if not torch.is_grad_enabled() else attn.softmax(dim=-1)
         attn = self._eam_post_softmax(attn, 1, None)
         attn = self.attn_drop(attn)
         if self.eam_quant is not None:
