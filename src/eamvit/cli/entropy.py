@@ -64,7 +64,11 @@ def cmd_eval(args) -> None:
                                                 value_quantizer=args.value_quantizer, granularity=args.granularity,
                                                 aggregate=args.aggregate),
                       value_deltas=value_deltas(model, args.value_quantizer))
+        from eamvit.methods.cost import cost_account
+
+        acct = cost_account(model)
         extra.update(scope=rep.scope, selection=args.selection, granularity=rep.granularity,
+                     gflops=round(acct.gmacs, 4), predicted_speedup=round(acct.predicted_speedup, 4),
                      frozen_fraction=round(rep.frozen_fraction, 6),
                      frozen_window_masked=rep.frozen_window_masked,
                      value_bits=args.value_bits if args.value_bits else 32)

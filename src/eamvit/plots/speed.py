@@ -40,7 +40,7 @@ def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike
                 ax.annotate(str(r["point"]), (r["speedup"], r["top1"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("measured speed-up (images/s ÷ unmodified model's; bars: min–max of repetitions)")
+    ax.set_xlabel("measured speed-up (images/s ÷ unmodified model's; bars: interquartile range of repetitions)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
