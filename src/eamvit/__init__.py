@@ -23,6 +23,8 @@ _API = {
     "FreezeReport": "eamvit.methods.freeze",
     "freeze_": "eamvit.methods.freeze",
     "unfreeze_": "eamvit.methods.freeze",
+    "save_frozen": "eamvit.methods.freeze",
+    "load_frozen": "eamvit.methods.freeze",
     "evaluate": "eamvit.methods.evaluate",
     "cost_account": "eamvit.methods.cost",
     "count_gflops": "eamvit.methods.cost",

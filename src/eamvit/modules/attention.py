@@ -357,6 +357,24 @@ def instrument(model: nn.Module) -> list[nn.Module]:
 PLANS = ("head", "row")
 
 
+def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tensor:
+    """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses a mask
+    that freezes anything else."""
+    if plan == "head":
+        units = m4.flatten(2).all(-1).all(0)
+        covered = units.view(1, -1, 1, 1).expand_as(m4)
+    else:
+        if isinstance(module, EamWindowAttention):
+            raise EamError("row granularity is not available for Swin: a row there is one (window, token) pair, so "
+                           "windows would keep different numbers of rows; use entry or head")
+        units = m4[0].all(-1).all(0)
+        covered = units.view(1, 1, -1, 1).expand_as(m4)
+    if not torch.equal(covered, m4):
+        raise EamError(f"layer {module.eam_layer}: the frozen mask does not cover whole {plan}s; "
+                       f"freeze with granularity {plan!r}")
+    return units
+
+
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
                plan: Optional[str] = None, execute: bool = True) -> None:
     """Freeze entries of one instrumented attention layer (``mask=None`` unfreezes it).
@@ -387,18 +405,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     m4 = mask if mask.dim() == 4 else mask.unsqueeze(0)  # (G, H, N, N)
     v4 = values.to(dev) if values.dim() == 4 else values.to(dev).unsqueeze(0)
     H = m4.shape[1]
-    if plan == "head":
-        frozen_units = m4.flatten(2).all(-1).all(0)  # (H,)
-        covered = frozen_units.view(1, H, 1, 1).expand_as(m4)
-    else:
-        if mask.dim() == 4:
-            raise EamError("row granularity is not available for Swin: a row there is one (window, token) pair, so "
-                           "windows would keep different numbers of rows; use entry or head")
-        frozen_units = m4[0].all(-1).all(0)  # (N,)
-        covered = frozen_units.view(1, 1, -1, 1).expand_as(m4)
-    if not torch.equal(covered, m4):
-        raise EamError(f"layer {module.eam_layer}: the frozen mask does not cover whole {plan}s; "
-                       f"freeze with granularity {plan!r}")
+    frozen_units = _frozen_units(module, m4, plan)
     keep = (~frozen_units).nonzero().flatten()
     frozen = frozen_units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
