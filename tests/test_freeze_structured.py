@@ -212,3 +212,16 @@ def test_entry_simulation_same_numbers_with_and_without_autograd(calibrated):
     slow = model(x).detach()
     unfreeze_(model)
     assert torch.equal(fast, slow)
+
+
+def test_plan_refuses_a_mask_that_is_not_whole_units():
+    from eamvit.modules.attention import set_frozen
+
+    layer = eamvit.instrument(make(TINY_VIT))[0]
+    mask = torch.zeros(2, 17, 17, dtype=torch.bool)
+    mask[0, :, :-1] = True  # head 0 all but one column
+    with pytest.raises(EamError, match="does not cover whole heads"):
+        set_frozen(layer, mask, torch.zeros(2, 17, 17), "head")
+    swin = eamvit.instrument(make(TINY_SWIN))[-1]
+    with pytest.raises(EamError, match="row granularity is not available for Swin"):
+        set_frozen(swin, torch.ones(1, 2, 16, 16, dtype=torch.bool), torch.zeros(1, 2, 16, 16), "row")
