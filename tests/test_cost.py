@@ -109,3 +109,15 @@ def test_realised_fraction():
     assert realised_fraction(1.1, 1.1) == pytest.approx(1.0)
     assert realised_fraction(1.0, 1.25) == 0.0
     assert realised_fraction(1.05, 1.0) is None
+
+
+def test_quantized_model_same_macs_with_bits():
+    from eamvit.methods.repq import RepQConfig, quantize_
+
+    model = make(TINY_VIT)
+    full = cost_account(model).total("executed")
+    quantize_(model, RepQConfig(w_bits=4, a_bits=4), torch.randn(8, 3, 32, 32))
+    acc = cost_account(model)
+    assert acc.total("executed") == full
+    bits = {(r.op, r.w_bits, r.a_bits) for r in acc.rows if r.layer == 0 and r.part == "attention"}
+    assert ("q", 4, 4) in bits and ("qk", None, 4) in bits
