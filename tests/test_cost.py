@@ -116,7 +116,7 @@ def test_quantized_model_same_macs_with_bits():
 
     model = make(TINY_VIT)
     full = cost_account(model).total("executed")
-    quantize_(model, RepQConfig(w_bits=4, a_bits=4), torch.randn(8, 3, 32, 32))
+    quantize_(model, RepQConfig(w_bits=4, a_bits=4, calib_size=8), torch.randn(8, 3, 32, 32))
     acc = cost_account(model)
     assert acc.total("executed") == full
     bits = {(r.op, r.w_bits, r.a_bits) for r in acc.rows if r.layer == 0 and r.part == "attention"}
