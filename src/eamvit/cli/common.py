@@ -99,6 +99,8 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--seeds", type=int, default=3, help="random-freezing seeds averaged per point")
     else:
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
+        g.add_argument("--frozen", default=None,
+                       help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors)")
         g.add_argument("--scope", choices=SCOPES, default=None,
                        help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
         g.add_argument("--selection", choices=SELECTIONS, default="entropy")

@@ -57,7 +57,15 @@ def cmd_eval(args) -> None:
     extra = {"tau": args.tau}
     if wants_quant(args):  # before the maps: maps computed now are the quantized model's (EAM_4bits)
         extra.update(apply_quant(args, model, cal, cal_idx))
-    if args.tau > 0 or args.maps:
+    if getattr(args, "frozen", None):
+        from eamvit.methods.freeze import load_frozen
+
+        if args.tau > 0 or args.maps:
+            raise EamError("--frozen already holds the frozen attention; drop --tau/--maps")
+        meta = load_frozen(model, args.frozen)
+        extra.update(frozen=str(args.frozen), **{k: meta["config"][k] for k in ("tau", "granularity")
+                                                 if meta.get("config")})
+    elif args.tau > 0 or args.maps:
         maps = get_maps(args, model, device, cal, cal_idx, cfg)
         rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
                                                 seed=args.seed, value_bits=args.value_bits,
