@@ -112,7 +112,8 @@ def test_realised_fraction():
 
 
 def test_quantized_model_same_macs_with_bits():
-    from eamvit.methods.repq import RepQConfig, quantize_
+    from eamvit.methods.quantize import quantize_
+    from eamvit.methods.repq import RepQConfig
 
     model = make(TINY_VIT)
     full = cost_account(model).total("executed")
