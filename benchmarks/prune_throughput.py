@@ -20,7 +20,8 @@ import time
 import torch
 
 from eamvit import create_model
-from eamvit.methods.prune import PruneConfig, count_gflops, prune_, unprune_
+from eamvit.methods.cost import count_gflops
+from eamvit.methods.prune import PruneConfig, prune_, unprune_
 
 
 def timed(model, x) -> tuple[float, float]:

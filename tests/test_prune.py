@@ -11,7 +11,8 @@ import eamvit
 import eamvit.modules.attention
 from eamvit.modules.attention import layer_shapes
 from eamvit.errors import EamError
-from eamvit.methods.prune import (PruneConfig, count_gflops, kept_indices, kept_masks, parse_methods, prune_,
+from eamvit.methods.cost import count_gflops
+from eamvit.methods.prune import (PruneConfig, kept_indices, kept_masks, parse_methods, prune_,
                                   prune_state, set_keep_rate, token_entropies, unprune_)
 from eamvit.modules.prune_block import PruneBlock
 from eamvit.ops.scores import (attention_entropy, default_blocks, evit_scores, kept_count, prune_tokens, row_entropy,

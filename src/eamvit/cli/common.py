@@ -89,10 +89,30 @@ def add_entropy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", default=None, help="histogram memory budget, e.g. 2G (more passes if needed)")
 
 
+def granularities(text: str) -> list[str]:
+    from eamvit.methods.freeze import GRANULARITIES
+
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in GRANULARITIES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"expected granularities from {','.join(GRANULARITIES)}, got {text!r}")
+    return out
+
+
 def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from eamvit.methods.freeze import SCOPES, SELECTIONS, VALUE_QUANTIZERS
+    from eamvit.methods.freeze import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
 
     g = p.add_argument_group("freezing")
+    if sweep:
+        g.add_argument("--granularity", type=granularities, default=["entry"],
+                       help="what is frozen, comma-separated: entry (the paper), row (a query token's row, all "
+                            "heads; ViT only), head (a whole head); rows/heads skip their work (default entry)")
+    else:
+        g.add_argument("--granularity", choices=GRANULARITIES, default="entry",
+                       help="what is frozen: entry (the paper), row (a query token's row, all heads; ViT only), "
+                            "head (a whole head); rows and heads skip their work (default entry)")
+    g.add_argument("--aggregate", choices=AGGREGATES, default="mean",
+                   help="how a row's or head's entry entropies rank it (default mean)")
     if sweep:
         g.add_argument("--taus", type=floats, default=[round(0.1 * i, 1) for i in range(10)],
                        help="sparsity levels, e.g. 0,0.1,0.2 (default 0..0.9)")
@@ -100,7 +120,10 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--seeds", type=int, default=3, help="random-freezing seeds averaged per point")
     else:
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
-        g.add_argument("--scope", choices=SCOPES, default="head")
+        g.add_argument("--frozen", default=None,
+                       help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors)")
+        g.add_argument("--scope", choices=SCOPES, default=None,
+                       help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
         g.add_argument("--selection", choices=SELECTIONS, default="entropy")
     g.add_argument("--value-bits", type=int, default=None, help="precision of frozen values (default fp32)")
     g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default="uniform")
@@ -303,7 +326,8 @@ def validate_common(args) -> None:
         check_bits(args.bits)
     if hasattr(args, "tau"):
         FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, value_bits=args.value_bits,
-                     value_quantizer=args.value_quantizer).validate()
+                     value_quantizer=args.value_quantizer, granularity=args.granularity,
+                     aggregate=args.aggregate).validate()
     if hasattr(args, "taus"):
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits).validate()
@@ -339,3 +363,10 @@ def validate_data_args(args) -> None:
             raise EamError(f"--max-memory must be positive, got {args.max_memory}")
     if getattr(args, "device", None) is not None:
         parse_device(args.device)
+
+
+def format_row(row: dict) -> str:
+    """``key=value`` pairs on one line; list values comma-joined so a line splits on spaces."""
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    return " ".join(f"{k}={show(v)}" for k, v in row.items())

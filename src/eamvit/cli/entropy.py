@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -57,7 +57,7 @@ def cmd_eval(args) -> None:
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
         row = _eval_row(args, model, device, maps, *data)
         if is_main():
-            print(" ".join(f"{k}={v}" for k, v in row.items()))
+            print(format_row(row))
             if args.out is not None:
                 from eamvit.io import write_results
 
@@ -73,17 +73,32 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
     extra = {"tau": args.tau}
     if wants_quant(args):  # before the maps: maps computed now are the quantized model's (EAM_4bits)
         extra.update(apply_quant(args, model, cal, cal_idx))
-    if args.tau > 0 or maps is not None:
+    if getattr(args, "frozen", None):
+        from eamvit.methods.freeze import load_frozen
+
+        if args.tau > 0 or args.maps:
+            raise EamError("--frozen already holds the frozen attention; drop --tau/--maps")
+        meta = load_frozen(model, args.frozen)
+        extra.update(frozen=str(args.frozen), **{k: meta["config"][k] for k in ("tau", "granularity")
+                                                 if meta.get("config")})
+    elif args.tau > 0 or maps is not None:
         maps = get_maps(args, model, device, cal, cal_idx, cfg, maps=maps)
         rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
                                                 seed=args.seed, value_bits=args.value_bits,
-                                                value_quantizer=args.value_quantizer),
+                                                value_quantizer=args.value_quantizer, granularity=args.granularity,
+                                                aggregate=args.aggregate),
                       value_deltas=value_deltas(model, args.value_quantizer))
-        extra.update(scope=args.scope, selection=args.selection, frozen_fraction=round(rep.frozen_fraction, 6),
+        from eamvit.methods.cost import cost_account
+
+        acct = cost_account(model)
+        extra.update(scope=rep.scope, selection=args.selection, granularity=rep.granularity,
+                     gflops=round(acct.gmacs, 4), predicted_speedup=round(acct.predicted_speedup, 4),
+                     frozen_fraction=round(rep.frozen_fraction, 6),
                      frozen_window_masked=rep.frozen_window_masked,
                      value_bits=args.value_bits if args.value_bits else 32)
     if args.prune:
-        from eamvit.methods.prune import PruneConfig, count_gflops, prune_
+        from eamvit.methods.cost import count_gflops
+        from eamvit.methods.prune import PruneConfig, prune_
 
         prep = prune_(model, PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
                                          **prune_options(args)))

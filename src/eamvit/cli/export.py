@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
+from eamvit.cli.common import (format_row, add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
                                build_data, get_maps, is_main, load_model, prune_options)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
@@ -111,7 +111,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx))
     row["param_count"] = meta.get("param_count", row["param_count"])
     if is_main():
-        print(" ".join(f"{k}={v}" for k, v in row.items()))
+        print(format_row(row))
         if out:
             csv_path, _ = write_results(out, [row])
             print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")

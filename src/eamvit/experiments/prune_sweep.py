@@ -12,18 +12,13 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.methods.models import data_config, patch_grid
-from eamvit.methods.prune import check_keep_rate, count_gflops, method_config, prune_, unprune_
+from eamvit.methods.cost import count_gflops, model_input_size
+from eamvit.methods.prune import check_keep_rate, method_config, prune_, unprune_
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
     ("shannon", None), ("renyi", 0.5), ("renyi", 2.0), ("renyi", 3.0), ("renyi", math.inf), ("evit", None),
     ("random", None))
-
-
-def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is not None:
-        return tuple(int(s) for s in input_size)  # type: ignore[return-value]
-    return tuple(data_config(model)["input_size"])  # type: ignore[return-value]
 
 
 @torch.inference_mode()
@@ -49,7 +44,7 @@ def measure_throughput(model: nn.Module, input_size: Optional[Sequence[int]] = N
         raise EamError(f"throughput statistic {stat!r} is not 'median' or 'best'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    x = torch.randn(batch_size, *_input_size(model, input_size), device=device)
+    x = torch.randn(batch_size, *model_input_size(model, input_size), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
@@ -110,7 +105,7 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
     jobs = [(m, a, k) for k in keep_rates for m, a in methods]
     for m, a, k in jobs:
         method_config(m, a, k, **options)  # every bad option fails before any work
-    input_size = _input_size(model, None)
+    input_size = model_input_size(model, None)
     grid = patch_grid(model)
     n0 = grid[0] * grid[1] if grid else 0
     rows: list[dict[str, Any]] = []

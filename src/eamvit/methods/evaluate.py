@@ -70,7 +70,7 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
 
 
 def _floats(v) -> Optional[str]:
-    return None if v is None else " ".join(f"{float(x):g}" for x in v)
+    return None if v is None else ",".join(f"{float(x):g}" for x in v)
 
 
 def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:

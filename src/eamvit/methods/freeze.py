@@ -12,22 +12,43 @@ The τ fraction of attention entries with the lowest entropy is frozen to the me
 The number frozen in a unit of ``n`` entries is ``k = ⌊τ·n + ½⌋``. Ties in entropy are broken by
 position (flat index, row-major), so masks are deterministic. Random freezing picks the same ``k``
 per unit uniformly at random with a seeded generator.
+
+``granularity`` chooses what is frozen, with τ always the fraction of attention *entries* frozen, so
+the three lie on one axis:
+
+* ``"entry"`` (default, the paper): single entries, as above. Nothing is skipped at run time: the
+  softmax denominator of a row needs all its logits, so the map is computed and the frozen entries
+  overwritten (``torch.where``).
+* ``"row"``: a query token's whole row in a layer, all heads (ViT/DeiT only). Frozen rows skip their
+  query projection, scores and softmax.
+* ``"head"``: a head's whole map (every window, for Swin). A frozen head's output is ``A^μ_h·V_h``:
+  its query and key projections, scores and softmax are not computed.
+
+Rows and heads are ranked by an ``aggregate`` of their entries' entropy: ``"mean"`` (default: the
+unit's average uncertainty), ``"median"`` or ``"max"`` (freeze a unit only if its most uncertain
+entry is low). Scope for rows and heads is ``"layer"`` (the default for them: in each layer the number
+of units whose entries come closest to τ of the layer's entries, ties to more units) or ``"global"``
+(the same over all units of the model, so layers may get different counts); ``"head"`` scope does not
+apply to whole units. ``execute=False`` keeps the structured mask but simulates it like entry freezing
+(the reference the executed path is tested against).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from eamvit.modules.attention import attention_layers
+from eamvit.modules.attention import attention_layers, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.errors import EamError
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
 SCOPES = ("head", "layer", "global")
+GRANULARITIES = ("entry", "row", "head")
+AGGREGATES = ("mean", "median", "max")
 SELECTIONS = ("entropy", "random")
 VALUE_QUANTIZERS = ("uniform", "log2", "logsqrt2")
 
@@ -38,27 +59,48 @@ class FreezeConfig:
 
     Args:
         tau: fraction of entries to freeze, in [0, 1] (the paper's sparsity level τ).
-        scope: ``"head"``, ``"layer"`` or ``"global"`` (see the module docstring).
+        scope: ``"head"``, ``"layer"`` or ``"global"`` (see the module docstring); ``None`` = ``"head"``
+            for entries, ``"layer"`` for rows and heads.
         selection: ``"entropy"`` (lowest entropy first) or ``"random"`` (the ablation).
         seed: seed of the random selection.
         value_bits: precision of the frozen values; ``None`` keeps fp32 (EAM_32bits), 4 is the
             paper's EAM_4bits.
         value_quantizer: ``"uniform"`` on [0, 1], ``"log2"`` or ``"logsqrt2"`` (Δ = 1 unless
             per-layer deltas are given to :func:`frozen_values`).
+        granularity: ``"entry"`` (the paper), ``"row"`` or ``"head"`` (module docstring).
+        aggregate: how a row's or head's entries' entropies rank it: ``"mean"``, ``"median"``, ``"max"``.
+        execute: skip the work of frozen rows/heads (default); ``False`` simulates them with
+            ``torch.where`` (same numbers, no saving). Entry freezing is always simulated.
     """
 
     tau: float = 0.0
-    scope: str = "head"
+    scope: Optional[str] = None
     selection: str = "entropy"
     seed: int = 0
     value_bits: Optional[int] = None
     value_quantizer: str = "uniform"
+    granularity: str = "entry"
+    aggregate: str = "mean"
+    execute: bool = True
+
+    @property
+    def resolved_scope(self) -> str:
+        if self.scope is not None:
+            return self.scope
+        return "head" if self.granularity == "entry" else "layer"
 
     def validate(self) -> "FreezeConfig":
         if not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0 or math.isnan(self.tau):
             raise EamError(f"sparsity tau={self.tau} is outside [0, 1]; give a fraction such as 0.2")
-        if self.scope not in SCOPES:
+        if self.scope is not None and self.scope not in SCOPES:
             raise EamError(f"scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.granularity not in GRANULARITIES:
+            raise EamError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.aggregate not in AGGREGATES:
+            raise EamError(f"entropy aggregate {self.aggregate!r} is not one of {', '.join(AGGREGATES)}")
+        if self.granularity != "entry" and self.scope == "head":
+            raise EamError(f"scope 'head' does not apply to granularity {self.granularity!r} (whole units are frozen); "
+                           "use scope layer or global")
         if self.selection not in SELECTIONS:
             raise EamError(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
         if self.value_bits is not None and not 1 <= self.value_bits <= 16:
@@ -98,21 +140,28 @@ def _random(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     return mask
 
 
-def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: str = "head", selection: str = "entropy",
-                 seed: int = 0) -> list[torch.Tensor]:
+def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[str] = None,
+                 selection: str = "entropy", seed: int = 0, granularity: str = "entry",
+                 aggregate: str = "mean") -> list[torch.Tensor]:
     """Boolean masks (per layer, the layer's shape) of the entries to freeze.
 
     Args:
         entropy: per-layer entropy maps.
-        tau: fraction to freeze in each scope unit.
-        scope: ``"head"``, ``"layer"`` or ``"global"``.
+        tau: fraction of entries to freeze.
+        scope: ``"head"``, ``"layer"`` or ``"global"``; ``None`` = the granularity's default.
         selection: ``"entropy"`` or ``"random"``.
         seed: seed for ``"random"``.
+        granularity: ``"entry"``, ``"row"`` or ``"head"``.
+        aggregate: ``"mean"``, ``"median"`` or ``"max"``: a row's or head's score.
     """
-    FreezeConfig(tau=tau, scope=scope, selection=selection).validate()
+    cfg = FreezeConfig(tau=tau, scope=scope, selection=selection, granularity=granularity,
+                       aggregate=aggregate).validate()
+    scope = cfg.resolved_scope
     g = torch.Generator().manual_seed(seed)
     pick = (lambda s, k: _lowest(s, k)) if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
     ent = [e.detach().cpu() for e in entropy]
+    if granularity != "entry":
+        return _unit_masks(ent, tau, scope, selection, g, granularity, aggregate)
     if scope == "global":
         flat = torch.cat([e.reshape(-1) for e in ent])
         mask = pick(flat, _k(tau, flat.numel()))
@@ -125,6 +174,52 @@ def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: str = "head
         m = torch.stack([pick(r, _k(tau, r.numel())) for r in rows])
         out.append(_from_head_rows(m, tuple(e.shape)))
     return out
+
+
+def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``(units, entries per unit)`` view of one layer's map: heads, or query rows over all heads."""
+    if granularity == "head":
+        return _head_rows(e)
+    if e.dim() == 4:
+        raise EamError("row granularity is not available for Swin: a row there is one (window, token) pair, so "
+                       "windows would keep different numbers of rows; use entry or head")
+    return e.transpose(0, 1).reshape(e.shape[1], -1)
+
+
+def _expand_units(units: torch.Tensor, shape: tuple[int, ...], granularity: str) -> torch.Tensor:
+    if granularity == "head":
+        view = (-1, 1, 1) if len(shape) == 3 else (1, -1, 1, 1)
+    else:
+        view = (1, -1, 1)
+    return units.view(view).expand(shape).clone()
+
+
+def _closest_count(sizes: torch.Tensor, target: float) -> int:
+    """How many units, taken in order, bring the frozen entries closest to ``target`` (ties: more)."""
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), sizes.double().cumsum(0)])
+    err = (cum - target).abs()
+    return int((err == err.min()).nonzero().max())
+
+
+def _unit_masks(ent: list[torch.Tensor], tau: float, scope: str, selection: str, g: torch.Generator,
+                granularity: str, aggregate: str) -> list[torch.Tensor]:
+    reduce = {"mean": lambda u: u.double().mean(1), "median": lambda u: u.double().median(1).values,
+              "max": lambda u: u.double().amax(1)}[aggregate]
+    units = [_units(e, granularity) for e in ent]
+    scores = [reduce(u) for u in units]
+    if scope == "layer":
+        chosen = []
+        for s in scores:
+            k = _k(tau, s.numel())
+            chosen.append(_lowest(s, k) if selection == "entropy" else _random(s.numel(), k, g))
+    else:
+        flat = torch.cat(scores)
+        sizes = torch.cat([torch.full((u.shape[0],), u.shape[1]) for u in units])
+        order = torch.sort(flat, stable=True).indices if selection == "entropy" else torch.randperm(flat.numel(), generator=g)
+        picked = torch.zeros(flat.numel(), dtype=torch.bool)
+        picked[order[:_closest_count(sizes[order], tau * float(sizes.sum()))]] = True
+        chosen = list(torch.split(picked, [s.numel() for s in scores]))
+    return [_expand_units(c, tuple(e.shape), granularity) for c, e in zip(chosen, ent)]
 
 
 def frozen_values(mean: torch.Tensor, bits: Optional[int] = None, quantizer: str = "uniform",
@@ -148,7 +243,9 @@ def frozen_values(mean: torch.Tensor, bits: Optional[int] = None, quantizer: str
 @dataclass
 class FreezeReport:
     """What a freeze did: ``frozen_fraction`` of all attention entries, per-layer counts, and for
-    Swin how many frozen entries are ones the shifted-window mask already forces to ≈ 0."""
+    Swin how many frozen entries are ones the shifted-window mask already forces to ≈ 0. For rows and
+    heads, ``units_per_layer`` counts the frozen rows/heads and ``executed`` says whether their work is
+    skipped (otherwise simulated)."""
 
     tau: float
     scope: str
@@ -158,6 +255,9 @@ class FreezeReport:
     frozen_per_layer: list[int]
     frozen_window_masked: int
     window_masked_total: int
+    granularity: str = "entry"
+    units_per_layer: list[int] = field(default_factory=list)
+    executed: bool = False
 
     @property
     def frozen_fraction(self) -> float:
@@ -185,7 +285,9 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     config.validate()
     maps.check_model(model)
     layers = attention_layers(model)
-    masks = freeze_masks(maps.entropy, config.tau, config.scope, config.selection, config.seed)
+    masks = freeze_masks(maps.entropy, config.tau, config.resolved_scope, config.selection, config.seed,
+                         config.granularity, config.aggregate)
+    plan = config.granularity if config.granularity != "entry" else None
     per_layer, frozen_masked, masked_total = [], 0, 0
     for l, (module, mask) in enumerate(zip(layers, masks)):
         k = int(mask.sum())
@@ -196,21 +298,87 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
             masked_total += int(wm.sum())
         device = next(module.parameters()).device
         if k == 0:
-            module.eam_frozen_mask = None
-            module.eam_frozen_values = None
+            set_frozen(module, None, None)
             continue
         delta = 1.0 if value_deltas is None else value_deltas[l]
         values = frozen_values(maps.mean[l], config.value_bits, config.value_quantizer, delta)
-        module.eam_frozen_mask = mask.to(device)
-        module.eam_frozen_values = values.to(device)
+        set_frozen(module, mask.to(device), values.to(device), plan, config.execute)
     total = sum(m.numel() for m in masks)
-    return FreezeReport(tau=float(config.tau), scope=config.scope, selection=config.selection,
+    units = [_units(m, config.granularity).all(1).sum().item() if config.granularity != "entry" else 0
+             for m in masks]
+    return FreezeReport(tau=float(config.tau), scope=config.resolved_scope, selection=config.selection,
                         frozen=sum(per_layer), total=total, frozen_per_layer=per_layer,
-                        frozen_window_masked=frozen_masked, window_masked_total=masked_total)
+                        frozen_window_masked=frozen_masked, window_masked_total=masked_total,
+                        granularity=config.granularity, units_per_layer=[int(u) for u in units],
+                        executed=plan is not None and config.execute)
 
 
 def unfreeze_(model: nn.Module) -> None:
     """Remove all frozen attention entries."""
     for module in attention_layers(model):
-        module.eam_frozen_mask = None
-        module.eam_frozen_values = None
+        set_frozen(module, None, None)
+
+
+FROZEN_FORMAT = "eamvit-frozen/1"
+
+
+def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
+    """Write the frozen attention of ``model`` (masks, values, granularity) to a safetensors file.
+
+    The weights are not included (they are the model's own state dict); :func:`load_frozen` puts the
+    frozen maps back on a model with the same architecture, e.g. after fine-tuning with them.
+
+    Args:
+        model: an instrumented, frozen model.
+        path: file to write (atomically).
+        config: the :class:`FreezeConfig` used, recorded in the metadata.
+    """
+    from eamvit.io import save_tensors
+    from eamvit.methods.models import model_spec
+
+    tensors, plans = {}, []
+    for l, m in enumerate(attention_layers(model)):
+        frozen = m.eam_frozen_mask is not None
+        if frozen:
+            tensors[f"mask.{l}"], tensors[f"values.{l}"] = m.eam_frozen_mask, m.eam_frozen_values.float()
+        plans.append({"granularity": m.eam_granularity, "execute": m.eam_plan is not None} if frozen else None)
+    meta = {"format": FROZEN_FORMAT, "model": model_spec(model).name, "layers": plans,
+            "config": asdict(config) if config is not None else None}
+    save_tensors(path, tensors, meta)
+
+
+def load_frozen(model: nn.Module, path: str) -> dict:
+    """Put the frozen attention saved by :func:`save_frozen` on ``model`` (replacing any).
+
+    Args:
+        model: a model of the architecture the file was written for.
+        path: the file.
+
+    Returns:
+        The file's metadata.
+
+    Raises:
+        EamError: not a frozen-attention file, or its layers do not fit the model.
+    """
+    from eamvit.io import load_tensors
+
+    meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
+                                 "write one with `eamvit finetune --maps MAPS --tau T`")
+    layers = attention_layers(model)
+    plans = meta.get("layers") or []
+    if len(plans) != len(layers):
+        raise EamError(f"frozen attention {path} has {len(plans)} layers but the model has {len(layers)}; "
+                       "load it on the model it was written for")
+    for l, (m, plan) in enumerate(zip(layers, plans)):
+        if plan is None:
+            set_frozen(m, None, None)
+            continue
+        mask, values = tensors.get(f"mask.{l}"), tensors.get(f"values.{l}")
+        if mask is None or values is None or mask.shape != values.shape or mask.shape[-3] != m.num_heads:
+            raise EamError(f"frozen attention {path}: layer {l} does not fit the model ({m.num_heads} heads); "
+                           "load it on the model it was written for")
+        device = next(m.parameters()).device
+        gran = plan["granularity"]
+        set_frozen(m, mask.bool().to(device), values.to(device), None if gran == "entry" else gran,
+                   bool(plan.get("execute", True)))
+    return meta

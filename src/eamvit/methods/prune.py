@@ -256,42 +256,6 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
 # Cost
 # --------------------------------------------------------------------------------------------------
 
-def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is not None:
-        return tuple(int(s) for s in input_size)  # type: ignore[return-value]
-    from eamvit.methods.models import data_config
-
-    return tuple(data_config(model)["input_size"])  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def count_gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None, macs: bool = True,
-                 device: torch.device | str | None = None) -> float:
-    """GFLOPs of one image through ``model`` (pruned or not), from ``torch.utils.flop_counter``.
-
-    Args:
-        model: the model (its pruning state applies).
-        input_size: ``(C, H, W)``; the model's own by default.
-        macs: count one multiply-add as one FLOP (fvcore's convention, which the seed's and EViT's
-            tables use: DeiT-S = 4.6 GFLOPs); ``False`` counts two, as ``FlopCounterMode`` does.
-        device: where to run (the model's device by default).
-
-    Returns:
-        GFLOPs per image (matmuls, convolutions and attention; elementwise ops are not counted).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, *_input_size(model, input_size), device=device)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    flops = counter.get_total_flops()
-    return flops / (2 if macs else 1) / 1e9
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""What a model state costs: a per-layer account of the multiply-accumulates it executes and saves.
+
+The count is analytic (:mod:`eamvit.ops.cost`): one forward of a single blank image records, through
+forward hooks, only the *shapes* reaching every ``nn.Linear``, ``nn.Conv2d`` and instrumented
+attention layer (tokens kept by pruning, windows of Swin); the MACs follow from those shapes and from
+each attention layer's frozen state. No kernel is timed or intercepted, so a model counts the same on
+every device and with every attention kernel (``torch.utils.flop_counter`` misses PyTorch's fused CPU
+attention: DeiT-S would read 4.24 instead of 4.60 GMACs).
+
+Every row of a :class:`CostAccount` says, for one op of one layer:
+
+* ``full``: MACs of the unmodified model (no freezing, no pruning) at that op;
+* ``executed``: MACs this state really runs (``full − executed`` was saved, by skipped frozen
+  heads/rows or by pruned tokens);
+* ``skippable``: MACs still run that the frozen units would let a different execution skip:
+  under entry freezing, only fully frozen (window, head, query) rows, and only with a sparse kernel
+  (``how="sparse kernel"``); under row/head freezing simulated with ``execute=False``, everything
+  the executed path skips (``how="executed path"``).
+
+Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
+recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
+added to MACs. Matmuls outside Linear, Conv2d and attention (EViT's fused token: one ``N·C`` product
+per pruning stage) are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from eamvit.modules.attention import attention_layers
+from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_macs, conv_macs,
+                             entry_sparse_skippable, linear_macs, speedup)
+
+
+@dataclass
+class CostRow:
+    """One op of one layer (see the module docstring for the three counts)."""
+
+    layer: Optional[int]
+    part: str  # patch_embed, attention, mlp, head, other
+    op: str
+    tokens: int
+    full: int
+    executed: int
+    skippable: int = 0
+    how: str = ""
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+    @property
+    def is_mac(self) -> bool:
+        return self.op not in NOT_MACS
+
+
+@dataclass
+class CostAccount:
+    """The per-op rows of one model state, per image, and their totals."""
+
+    rows: list[CostRow] = field(default_factory=list)
+
+    def total(self, what: str = "executed") -> int:
+        """Sum of ``what`` (``full``, ``executed`` or ``skippable``) over MAC rows."""
+        return sum(getattr(r, what) for r in self.rows if r.is_mac)
+
+    @property
+    def gmacs(self) -> float:
+        return self.total("executed") / 1e9
+
+    @property
+    def predicted_speedup(self) -> float:
+        """``full / executed`` MACs: the speed-up if time were proportional to MACs."""
+        return speedup(self.total("full"), self.total("executed"))
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        """One dict per (layer, part): MACs full/executed/skippable and softmax exponentials."""
+        out: dict[tuple, dict[str, Any]] = {}
+        for r in self.rows:
+            d = out.setdefault((r.layer, r.part), {"layer": r.layer, "part": r.part, "full": 0, "executed": 0,
+                                                   "skippable": 0, "softmax_executed": 0, "how": ""})
+            if r.is_mac:
+                for k in ("full", "executed", "skippable"):
+                    d[k] += getattr(r, k)
+            else:
+                d["softmax_executed"] += r.executed
+            d["how"] = d["how"] or r.how
+        return list(out.values())
+
+    def summary(self) -> dict[str, Any]:
+        """Totals in GMACs per image, the predicted speed-up and the softmax exponentials."""
+        return {"gmacs_full": round(self.total("full") / 1e9, 6), "gmacs_executed": round(self.gmacs, 6),
+                "gmacs_skippable": round(self.total("skippable") / 1e9, 6),
+                "predicted_speedup": round(self.predicted_speedup, 4),
+                "softmax_executed": sum(r.executed for r in self.rows if not r.is_mac)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "rows": [asdict(r) for r in self.rows]}
+
+
+def _bits(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    wq, aq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+    return getattr(wq, "bits", None), getattr(aq, "bits", None)
+
+
+def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Optional[int], str]]:
+    """``id(module) → (layer, part)`` for every Linear/Conv2d outside the attention modules."""
+    from timm.layers import PatchEmbed
+
+    inside_attn = {id(m) for a in layers for m in a.modules()}
+    owner: dict[int, tuple[Optional[int], str]] = {}
+    for block in model.modules():  # the module that holds an attention layer is its block
+        for child in block.children():
+            if child in layers:
+                layer = layers.index(child)
+                for m in block.modules():
+                    if id(m) not in inside_attn:
+                        owner.setdefault(id(m), (layer, "mlp"))
+    for pe in (m for m in model.modules() if isinstance(m, PatchEmbed)):
+        for m in pe.modules():
+            owner[id(m)] = (None, "patch_embed")
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    for h in heads if isinstance(heads, (tuple, list)) else (heads,):
+        if isinstance(h, nn.Module):
+            for m in h.modules():
+                owner[id(m)] = (None, "head")
+    return owner
+
+
+def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor) -> tuple[list, dict]:
+    """One forward of ``x``: input shapes of each attention layer, and per Linear/Conv2d call its shape."""
+    attn_in: dict[int, tuple[int, ...]] = {}
+    calls: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]] = []
+    inside_attn = {id(m) for a in layers for m in a.modules()}
+    handles = []
+
+    def on_attention(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the inputs pass unchanged
+            attn_in.setdefault(i, tuple(args[0].shape))
+        return hook
+
+    def on_linear(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        calls.append((module, tuple(args[0].shape), tuple(out.shape)))
+
+    for i, a in enumerate(layers):
+        handles.append(a.register_forward_pre_hook(on_attention(i)))
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inside_attn:
+            handles.append(m.register_forward_hook(on_linear))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls, attn_in
+
+
+def _attention_rows(layer: int, module: nn.Module, shape_in: tuple[int, ...], n_full: int) -> list[CostRow]:
+    B_, N, C = shape_in
+    H = module.num_heads
+    d = module.qkv.weight.shape[0] // (3 * H)
+    s = AttentionShape(tokens=N, windows=B_, dim=C, heads=H, head_dim=d, out_dim=module.proj.out_features)
+    full = attention_macs(AttentionShape(n_full, B_, C, H, d, s.out_dim))
+    mask, gran = module.eam_frozen_mask, module.eam_granularity
+    units = int(module.eam_plan_frozen.numel()) if mask is not None and gran != "entry" else 0
+    fh, fr = (units, 0) if gran == "head" else (0, units)
+    # Observers are attached only for the length of an `observe` block, so they do not count here.
+    executes = mask is not None and module.eam_plan is not None and module.eam_quant is None
+    run = attention_macs(s, fh, fr) if executes else attention_macs(s)
+    skip, how = dict.fromkeys(ATTENTION_OPS, 0), ""
+    if mask is not None and not executes:
+        if gran != "entry":
+            structured = attention_macs(s, fh, fr)
+            skip, how = {k: run[k] - structured[k] for k in run}, "executed path"
+        else:
+            skip, how = entry_sparse_skippable(mask, s), "sparse kernel"
+    qz = module.eam_quant
+    a_bits = getattr(getattr(qz, "q", None), "bits", None) if qz is not None else None
+    w_bits, x_bits = _bits(module.qkv)
+    bits = {"q": (w_bits, x_bits), "k": (w_bits, x_bits), "v": (w_bits, x_bits), "qk": (None, a_bits),
+            "softmax": (None, None), "av": (None, a_bits), "proj": _bits(module.proj)}
+    return [CostRow(layer, "attention", op, N, full[op], run[op], skip[op], how if skip[op] else "", *bits[op])
+            for op in ATTENTION_OPS]
+
+
+def _linear_row(module: nn.Module, shape_in, shape_out, layer, part, scale: float) -> CostRow:
+    if isinstance(module, nn.Conv2d):
+        positions = shape_out[0] * shape_out[2] * shape_out[3]
+        macs = conv_macs(positions, module.out_channels, module.in_channels, module.groups, module.kernel_size)
+        tokens, op = positions, "conv"
+    else:
+        tokens = 1
+        for s in shape_in[:-1]:
+            tokens *= s
+        macs, op = linear_macs(tokens, module.in_features, module.out_features), "linear"
+    return CostRow(layer, part, op, tokens, int(round(macs * scale)), macs, 0, "", *_bits(module))
+
+
+def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
+                 device: torch.device | str | None = None) -> CostAccount:
+    """The per-layer account of one image through ``model`` in its current state.
+
+    Args:
+        model: a timm ViT/DeiT/Swin (instrumented on first use), frozen, pruned, quantized or not.
+        input_size: ``(C, H, W)``; the model's own by default.
+        device: where the one shape-recording forward runs (the model's device by default).
+
+    Returns:
+        A :class:`CostAccount`.
+    """
+    layers = attention_layers(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.zeros(1, *model_input_size(model, input_size), device=device)
+    calls, attn_in = _record_shapes(model, layers, x)
+    windowed = any(attn_in[i][0] > 1 for i in attn_in)
+    # Without pruning every ViT block sees the tokens that enter the first one; Swin never prunes.
+    n_full = {i: (attn_in[i][1] if windowed else attn_in[min(attn_in)][1]) for i in attn_in}
+    owners = _owners(model, layers)
+    rows: list[CostRow] = []
+    for mod, s_in, s_out in calls:
+        layer, part = owners.get(id(mod), (None, "other"))
+        scale = 1.0
+        if part == "mlp" and not windowed and layer in attn_in:
+            tokens = 1
+            for s in s_in[:-1]:
+                tokens *= s
+            scale = n_full[layer] / tokens if tokens else 1.0
+        rows.append(_linear_row(mod, s_in, s_out, layer, part, scale))
+    for i in sorted(attn_in):
+        rows += _attention_rows(i, layers[i], attn_in[i], n_full[i])
+    order = {"patch_embed": 0, "attention": 1, "mlp": 2, "other": 3, "head": 4}
+    rows.sort(key=lambda r: (-1 if r.layer is None and r.part == "patch_embed" else
+                             10 ** 6 if r.layer is None else r.layer, order[r.part]))
+    return CostAccount(rows)
+
+
+def model_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
+    if input_size is not None:
+        return tuple(int(s) for s in input_size)  # type: ignore[return-value]
+    from eamvit.methods.models import data_config
+
+    return tuple(data_config(model)["input_size"])  # type: ignore[return-value]
+
+
+def count_gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None, macs: bool = True,
+                 device: torch.device | str | None = None) -> float:
+    """GFLOPs of one image through ``model`` in its current state (frozen, pruned, quantized or not).
+
+    The executed total of :func:`cost_account`: analytic, so the same on every device and kernel.
+
+    Args:
+        model: the model.
+        input_size: ``(C, H, W)``; the model's own by default.
+        macs: count one multiply-add as one FLOP (fvcore's convention, which the seeds' and EViT's
+            tables use: DeiT-S = 4.6 GFLOPs); ``False`` counts two, as ``torch.utils.flop_counter`` does.
+        device: where the shape-recording forward runs.
+
+    Returns:
+        GFLOPs per image (matmuls, convolutions and attention; softmax and elementwise ops are not counted).
+    """
+    return cost_account(model, input_size, device).total("executed") * (1 if macs else 2) / 1e9
