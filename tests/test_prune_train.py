@@ -135,7 +135,9 @@ def test_train_digits_refuses_an_unwritable_out_before_training(where, tmp_path,
     if where == "read_only":
         out.write_text("keep")
         # root may write anywhere; the check asks the OS, so emulate a read-only file for it
-        monkeypatch.setattr(digits.os, "access", lambda p, mode: str(p) != str(out))
+        import eamvit.io
+
+        monkeypatch.setattr(eamvit.io.os, "access", lambda p, mode: str(p) != str(out))
     assert main(["train-digits", "--out", str(out), "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("eamvit: error: --out") and err.count("\n") == 0

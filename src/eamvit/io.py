@@ -47,6 +47,8 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     p = Path(text)
     if text.endswith(os.sep) or p.is_dir():
         raise EamError(f"{option} {p} is a directory; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise EamError(f"{option} {p} is read-only; choose another file")
     base = nearest_existing(p.parent if str(p.parent) else ".")
     if not base.is_dir():
         raise EamError(f"{option} {p}: {base} is a file, not a folder")
