@@ -51,6 +51,12 @@ _STAGE_ATTR = {"softmax": "eam_observer", "quantized": "eam_observer_q"}
 SUPPORTED_FAMILIES = "timm ViT / DeiT / DeiT-distilled (timm Attention) and Swin v1 (WindowAttention)"
 
 
+def _may_overwrite() -> bool:
+    """Whether a fresh intermediate may be overwritten in place: not under autograd, and not while
+    tracing for export (ONNX has no in-place softmax/where)."""
+    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
 class _EamMixin:
     """State and the post-softmax step shared by both instrumented classes."""
 
@@ -127,7 +133,7 @@ class _EamMixin:
         wk = self._eam_weight("proj.kept", lambda: p.weight.index_select(1, self.eam_plan_cols_k), p.weight)
         out = F.linear(kept, wk, p.bias)
         flat, xf = out.view(-1, out.shape[-1]), frozen.reshape(-1, frozen.shape[-1])
-        if torch.is_grad_enabled():
+        if not _may_overwrite():
             return torch.addmm(flat, xf, wf.t()).view(out.shape)
         torch.addmm(flat, xf, wf.t(), out=flat)  # in place, in the form op counters see
         return out
@@ -171,7 +177,7 @@ class _EamMixin:
             values = self.eam_frozen_values.to(attn.dtype)
             # Without autograd and with no observer holding the map, overwrite it in place: the same
             # numbers without allocating another (B, H, N, N) map.
-            in_place = not torch.is_grad_enabled() and self.eam_observer is None and self.eam_observer_q is None
+            in_place = _may_overwrite() and self.eam_observer is None and self.eam_observer_q is None
             view = torch.where(self.eam_frozen_mask, values, view, out=view) if in_place else \
                 torch.where(self.eam_frozen_mask, values, view)
             attn = view.reshape(attn.shape)
@@ -235,7 +241,9 @@ class EamAttention(_EamMixin, Attention):
         attn = self._eam_scores(q, k)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
-        attn = torch.softmax(attn, -1, out=attn) if not torch.is_grad_enabled() else attn.softmax(dim=-1)
+        # Not while tracing for export: ONNX has no in-place softmax.
+        in_place = _may_overwrite()
+        attn = torch.softmax(attn, -1, out=attn) if in_place else attn.softmax(dim=-1)
         attn = self._eam_post_softmax(attn, 1, None)
         attn = self.attn_drop(attn)
         if self.eam_quant is not None:
