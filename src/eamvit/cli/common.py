@@ -46,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="timm model name (default: the bundled digits ViT, eamvit/assets/digits_vit.safetensors)")
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="timm.create_model overrides, e.g. img_size=16 patch_size=2 in_chans=1 num_classes=10 "
-                        "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint)")
+                        "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint) (default: none)")
     w = g.add_mutually_exclusive_group()
     w.add_argument("--pretrained", action="store_true", help="weights from the local timm / Hugging Face cache")
     w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors); one written by "
@@ -58,7 +58,7 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
                    help="ImageFolder root (ImageNet val layout) or 'digits' (scikit-learn's bundled digits)")
-    g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size (calibrate: use --calib-size)")
+    g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size (calibrate: use --calib-size) (default: all)")
     if calib:
         g.add_argument("--calib-data", default=None,
                        help="ImageFolder for calibration (default: the digits training split, or else a seeded "
@@ -67,30 +67,35 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
                        help="calibration images (default: min(512, available); a held-out part of --data takes at "
                             "most half of it); the command prints what it used")
     g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping it")
     t = p.add_argument_group("preprocessing overrides (default: the config the checkpoint carries, else the "
                              "model's timm data config; --data digits: resized, never cropped, mean/std 0.5)")
     t.add_argument("--img-size", type=int, default=None,
                    help="input side in pixels, a multiple of the patch size; only for models that accept it "
-                        "(else create the model with --model-kwargs img_size=N)")
-    t.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]; 1 = no crop")
-    t.add_argument("--crop-mode", default=None, choices=["center", "squash", "border"])
-    t.add_argument("--mean", type=float, nargs="+", default=None, help="1 value or one per channel")
-    t.add_argument("--std", type=float, nargs="+", default=None, help="positive; 1 value or one per channel")
-    t.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest", "random"])
+                        "(else create the model with --model-kwargs img_size=N) (default: see above)")
+    t.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]; 1 = no crop (default: see above)")
+    t.add_argument("--crop-mode", default=None, choices=["center", "squash", "border"],
+                   help="how the crop is taken (default: see above)")
+    t.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="normalisation mean: 1 value or one per channel (default: see above)")
+    t.add_argument("--std", type=float, nargs="+", default=None,
+                   help="normalisation std, positive: 1 value or one per channel (default: see above)")
+    t.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest", "random"],
+                   help="resize interpolation (default: see above)")
 
 
 def add_entropy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("entropy maps")
     g.add_argument("--maps", default=None, help="entropy maps from `eamvit calibrate` (default: calibrate now)")
     g.add_argument("--bits", type=int, default=8, help="histogram bits b: 2^b bins on [0, 1] (1..16)")
-    g.add_argument("--max-memory", default=None, help="histogram memory budget, e.g. 2G (more passes if needed)")
+    g.add_argument("--max-memory", default=None, help="histogram memory budget, e.g. 2G; more passes over the images if needed "
+                        "(default: no limit, one pass)")
 
 
 def granularities(text: str) -> list[str]:
-    from eamvit.methods.freeze import GRANULARITIES
+    from eamvit.choices import GRANULARITIES
 
     out = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in out if t not in GRANULARITIES]
@@ -100,7 +105,7 @@ def granularities(text: str) -> list[str]:
 
 
 def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    from eamvit.methods.freeze import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
+    from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
 
     g = p.add_argument_group("freezing")
     if sweep:
@@ -116,17 +121,21 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     if sweep:
         g.add_argument("--taus", type=floats, default=[round(0.1 * i, 1) for i in range(10)],
                        help="sparsity levels, e.g. 0,0.1,0.2 (default 0..0.9)")
-        g.add_argument("--scopes", nargs="+", choices=SCOPES, default=["head"])
+        g.add_argument("--scopes", nargs="+", choices=SCOPES, default=["head"],
+                       help="where τ applies: per (layer, head), per layer, or over the whole model")
         g.add_argument("--seeds", type=int, default=3, help="random-freezing seeds averaged per point")
     else:
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
         g.add_argument("--frozen", default=None,
-                       help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors)")
+                       help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors) "
+                            "(default: none, freeze from --maps/--tau)")
         g.add_argument("--scope", choices=SCOPES, default=None,
                        help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
-        g.add_argument("--selection", choices=SELECTIONS, default="entropy")
-    g.add_argument("--value-bits", type=int, default=None, help="precision of frozen values (default fp32)")
-    g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default="uniform")
+        g.add_argument("--selection", choices=SELECTIONS, default="entropy",
+                       help="freeze the lowest-entropy entries, or random ones (the baseline)")
+    g.add_argument("--value-bits", type=int, default=None, help="bits of the frozen attention values (default: fp32, not quantized)")
+    g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default="uniform",
+                   help="quantizer of the frozen values with --value-bits")
 
 
 def alpha_arg(text: str) -> float:
@@ -138,9 +147,15 @@ def alpha_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a Rényi order such as 0.5, 2 or inf, got {text!r}") from None
 
 
-def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """Token-pruning options (eamvit.methods.prune); ``sweep`` adds the κ × method grid of ``sweep --prune``."""
-    from eamvit.methods.prune import KEYS, METHODS, PLACEMENTS
+def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
+    """Token-pruning options (eamvit.methods.prune).
+
+    Args:
+        p: the sub-command parser.
+        sweep: add the κ × method grid of ``sweep --prune`` instead of one method.
+        method: the default of ``--prune`` (None: no pruning unless asked).
+    """
+    from eamvit.choices import ENTROPY_KEYS as KEYS, PLACEMENTS, PRUNE_METHODS as METHODS
 
     g = p.add_argument_group("token pruning")
     if sweep:
@@ -152,7 +167,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
     else:
-        g.add_argument("--prune", choices=METHODS, default=None, help="prune patch tokens with this score")
+        g.add_argument("--prune", choices=METHODS, default=method,
+                       help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
         g.add_argument("--keep-rate", type=float, default=0.7, help="keep rate κ in (0, 1]")
         g.add_argument("--alpha", type=alpha_arg, default=2.0, help="Rényi order for --prune renyi (0, 0.5, 2, inf...)")
     g.add_argument("--prune-blocks", type=ints, default=None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from eamvit.cli.common import parse_device
-from eamvit.cli.prune import DefaultsHelp
 
 
 def cmd_train_digits(args) -> None:
@@ -30,13 +29,13 @@ def register(sub) -> None:
     s = sub.add_parser("demo", help="train/load the digits ViT, calibrate, sweep, write figures and a report")
     s.add_argument("--out", default="eamvit-demo", help="output folder")
     s.add_argument("--retrain", action="store_true", help="train the digits ViT instead of loading the shipped one")
-    s.add_argument("--checkpoint", default=None, help="use this digits checkpoint instead of the shipped one")
+    s.add_argument("--checkpoint", default=None, help="use this digits checkpoint instead of the shipped one (default: the shipped "
+                   "eamvit/assets/digits_vit.safetensors inside the installed package)")
     s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available, else cpu)")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("train-digits", help="train the demo ViT on scikit-learn's digits",
-                       formatter_class=DefaultsHelp)
+    s = sub.add_parser("train-digits", help="train the demo ViT on scikit-learn's digits")
     s.add_argument("--out", default="digits_vit.safetensors",
                    help="checkpoint to write, in the current folder by default (the bundled one is never overwritten)")
     s.add_argument("--epochs", type=int, default=80, help="passes over the 1437 training digits")

@@ -196,7 +196,8 @@ def register(sub) -> None:
     add_prune_args(s)
     add_quant_args(s, "eval")
     add_eval_onnx_args(s)
-    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json (eval_0.2 -> eval_0.2.csv)")
+    s.add_argument("--out", default=None,
+                   help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv (default: print the row only)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="top-1 against sparsity for entropy and random freezing (CSV, JSON, PNG)")
@@ -210,8 +211,11 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary)")
-    s.add_argument("--maps", required=True)
-    s.add_argument("--layers", type=ints, default=[0], help="layers for CLS-row maps (0-based), e.g. 0,1")
-    s.add_argument("--pairs", type=_pair, nargs="+", default=None, help="LAYER,HEAD pairs for full maps")
-    s.add_argument("--out", default="eamvit-plots")
+    s.add_argument("--maps", required=True, help="entropy maps file written by `eamvit calibrate`")
+    s.add_argument("--layers", type=ints, default=[0],
+                   help="layers of the CLS-row maps, 0-based as every layer and head number in eamvit's options, "
+                        "figure titles and file names (cls_entropy_L0.png is layer 0), e.g. 0,1")
+    s.add_argument("--pairs", type=_pair, nargs="+", default=None,
+                   help="0-based LAYER,HEAD pairs of the full N x N maps, e.g. 0,0 1,2 (default: 0,0 and 1,0)")
+    s.add_argument("--out", default="eamvit-plots", help="output folder of the PNGs")
     s.set_defaults(func=cmd_plot)

@@ -6,10 +6,13 @@ output file is left half-written (all writes are atomic).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+import eamvit
 
 from eamvit.errors import EamError
 from eamvit.cli.common import flush_warnings, validate_common
@@ -22,12 +25,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"eamvit: error: {self.prog.removeprefix('eamvit ')}: {message}; see `{self.prog} --help`\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append ``(default: X)`` to an option's help unless the text already names its default.
+
+    Flags (default False) and options without a value (default None) get nothing appended: a
+    ``(default: None)`` says nothing, so their help texts say in words what happens without them.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if quiet or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``eamvit`` parser; building it imports neither torch nor timm, so ``--help`` is instant."""
     from eamvit.cli import demo, entropy, export, prune, quant
 
-    p = Parser(prog="eamvit", description="Entropy Attention Maps and attention-driven "
-                                "compression for timm Vision Transformers")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = Parser(prog="eamvit", formatter_class=HelpFormatter,
+               description="Entropy Attention Maps and attention-driven compression for timm Vision Transformers")
+    p.add_argument("--version", action="version", version=f"%(prog)s {eamvit.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
     for group in (demo, entropy, quant, prune, export):
         group.register(sub)
     return p

@@ -114,22 +114,11 @@ def cmd_finetune(args) -> None:
           f"{out / 'finetune.json'}, checkpoint {res['checkpoint']}")
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` where the help text does not already say it and X is a value."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    from eamvit.methods.train import AUGMENTS, IMAGENET_MIN_SIZE
+    from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 
-    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable",
-                       formatter_class=DefaultsHelp)
+    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable")
     add_model_args(s)
     add_data_args(s, calib=False)
     texts = {  # the shared texts speak of evaluation; here the data are the training set
@@ -140,10 +129,9 @@ def register(sub) -> None:
         "workers": "DataLoader worker processes (the trained weights do not depend on their number)"}
     for action in s._actions:
         action.help = texts.get(action.dest, action.help)
-    add_prune_args(s)
-    s.set_defaults(prune="shannon")
+    add_prune_args(s, method="shannon")
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
-    f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (digits: the test split)")
+    f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (default: none; with --data digits the test split)")
     f.add_argument("--augment", choices=AUGMENTS, default="auto",
                    help="training augmentation: none (the evaluation preprocessing), shift (it, then random cyclic "
                         "shifts of up to 1/8 of the side), imagenet (timm's random-resized crop, flip, colour jitter); "

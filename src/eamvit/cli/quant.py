@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from torch import nn
-from torch.utils.data import Dataset, Subset
-
+from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
+                            QUANT_METHODS)
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
-from eamvit.config import Config
-from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
-from eamvit.methods.repq import ATTN_QUANTIZERS, RepQConfig, attn_deltas
 
-QUANT_METHODS = ("repq", "adfq", "pmq")
+if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from eamvit.config import Config
+    from eamvit.methods.repq import RepQConfig
 
 
 def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
@@ -36,9 +37,10 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
         g.add_argument("--method", dest="quant", choices=QUANT_METHODS, default="repq",
                        help="quantization method (default repq: RepQ-ViT)")
     else:
-        g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first")
+        g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first (default: full precision)")
         g.add_argument("--quant-state", default=None,
-                       help="load a quantized state (any method) from `eamvit quantize` instead of calibrating")
+                       help="load a quantized state (any method) from `eamvit quantize` instead of calibrating "
+                            "(default: none)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
     g.add_argument("--quant-calib-size", type=int, default=32,
@@ -47,16 +49,55 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
                    help="RepQ-ViT post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
     g.add_argument("--no-reparam", action="store_true",
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
-    from eamvit.experiments.compare import add_method_args  # ADFQ-ViT and PMQ options
-
-    add_method_args(g, command)
+    add_method_args(g)  # ADFQ-ViT and PMQ options
     if command == "sweep":
         g.add_argument("--frozen-bits", type=int, default=None,
                        help="bits of the quantized frozen values (default: --a-bits)")
 
 
+def add_method_args(g: Any) -> None:
+    """ADFQ-ViT and PMQ options of ``--quant adfq|pmq`` (``quantize --method`` and ``compare`` too).
+
+    Args:
+        g: the argparse group of the quantization options.
+    """
+    g.add_argument("--adfq-iterations", type=int, default=ADFQ_ITERATIONS,
+                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000)")
+    g.add_argument("--adfq-calib-size", type=int, default=ADFQ_CALIB_SIZE, help="ADFQ-ViT calibration images")
+    g.add_argument("--adfq-no-poq", action="store_true", help="ADFQ-ViT without the outlier-aware quantizer")
+    g.add_argument("--adfq-no-slq", action="store_true", help="ADFQ-ViT without the shift-log quantizer")
+    g.add_argument("--adfq-no-amo", action="store_true", help="ADFQ-ViT without module-wise reconstruction")
+    g.add_argument("--adfq-alpha-fc1", type=float, default=ADFQ_ALPHA_FC1,
+                   help="ADFQ-ViT outlier threshold of fc1 inputs (the reference code's; the paper says 10)")
+    g.add_argument("--adfq-checkpoint-dir", default=None,
+                   help="folder for resumable per-module ADFQ-ViT checkpoints (default: none, no resume)")
+    g.add_argument("--pmq-config", default=None,
+                   help='PMQ bits as W/A/P[(MP)], e.g. "8/8/4(MP)" (default: --w-bits/--a-bits/--a-bits(MP))')
+    g.add_argument("--pmq-budget-mb", type=float, default=None,
+                   help="PMQ size budget of the quantized weights in MB (default: all weights at W bits)")
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``eamvit compare`` (model and data options are added by :func:`register`)."""
+    g = p.add_argument_group("comparison")
+    g.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                   help=f"comma-separated subset of {','.join(COMPARE_METHODS)}")
+    g.add_argument("--settings", default="4/4,6/6", help="comma-separated W/A settings, one row per method each")
+    g.add_argument("--pmq-budgets", default="",
+                   help='extra PMQ rows, one per W/A/P[(MP)] configuration, e.g. "8/8/4(MP),6/6/6(MP)" '
+                        "(default: none)")
+    g.add_argument("--adfq-iterations", type=int, default=ADFQ_ITERATIONS,
+                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000)")
+    g.add_argument("--adfq-calib-size", type=int, default=ADFQ_CALIB_SIZE, help="ADFQ-ViT calibration images")
+    g.add_argument("--freeze-sparsity", type=float, default=None,
+                   help="EAM sparsity τ frozen on top of every quantized row (default: no freezing)")
+    g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
+
+
 def quant_config(args: argparse.Namespace) -> RepQConfig:
     """The :class:`RepQConfig` the arguments ask for (validated)."""
+    from eamvit.methods.repq import RepQConfig
+
     return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
                       seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
                       reparam=not args.no_reparam).validate()
@@ -109,6 +150,8 @@ def validate_quant_args(args: argparse.Namespace) -> None:
 
 
 def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
+    from torch.utils.data import Subset
+
     if cal is None:
         raise EamError("RepQ-ViT needs calibration images; pass --calib-data or use a dataset with a training split")
     return Subset(cal, list(cal_idx)) if cal_idx is not None else cal
@@ -120,6 +163,8 @@ def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Datase
     Returns:
         Extra result-row fields (``quant``, ``w_bits``, ``a_bits``).
     """
+    from eamvit.methods.quantize import load_quantized, quantize_
+
     if getattr(args, "quant_state", None):
         load_quantized(model, args.quant_state)
     else:
@@ -130,6 +175,8 @@ def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Datase
 
 def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
     """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
+    from eamvit.methods.repq import attn_deltas
+
     cfg = getattr(model, "eam_quant_config", None)
     if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
         return None
@@ -139,6 +186,7 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
 def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import ensure_writable_dir
+    from eamvit.methods.quantize import quantize_, save_quantized
 
     out = Path(args.out)
     ensure_writable_dir(out.parent if str(out.parent) else ".")
@@ -158,6 +206,7 @@ def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
     import copy
 
     from eamvit.methods.calibrate import parse_bytes
+    from eamvit.methods.quantize import load_quantized
     from eamvit.io import ensure_writable_dir, write_csv, write_results, write_text
     from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table_markdown
@@ -189,8 +238,8 @@ def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
     plot_kl_per_head(kl, out / "kl_per_head.png")
     written = ["sweep.csv", "sweep.json", "sweep.png", "table1.md", "sizes.md", "kl_per_head.csv", "kl_per_head.png"]
     if kl.cls_rows(0) is not None:
-        plot_kl_cls(kl, 0, out / "kl_cls_L1.png")
-        written.append("kl_cls_L1.png")
+        plot_kl_cls(kl, 0, out / "kl_cls_L0.png")
+        written.append("kl_cls_L0.png")
     print(res["table"])
     print("wrote " + ", ".join(str(out / w) for w in written))
 
@@ -208,7 +257,11 @@ def register(sub) -> None:
     s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
     add_model_args(s)
     add_data_args(s)
-    from eamvit.experiments.compare import add_compare_args, cmd_compare
-
     add_compare_args(s)
-    s.set_defaults(func=lambda a: cmd_compare(a, load_model, build_data))
+    s.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from eamvit.experiments.compare import cmd_compare
+
+    cmd_compare(args, load_model, build_data)

@@ -25,8 +25,7 @@ from eamvit.methods.evaluate import evaluate
 from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.quantize import quantize_
 from eamvit.modules.quantizers import Quantizer
-
-METHODS = ("fp", "repq", "adfq", "pmq")
+from eamvit.choices import COMPARE_METHODS as METHODS  # defined torch-free for the CLI
 
 
 def model_size_mb(model: nn.Module) -> float:
@@ -198,29 +197,6 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
 # --------------------------------------------------------------------------- command line
 
 
-def add_method_args(g: Any, command: str = "eval") -> None:
-    """ADFQ-ViT and PMQ options of ``--quant adfq|pmq`` (added to the quantization argument group).
-
-    Args:
-        g: the argparse group of the quantization options.
-        command: the sub-command (``compare`` adds them too).
-    """
-    g.add_argument("--adfq-iterations", type=int, default=adfq.ADFQConfig.iterations,
-                   help="ADFQ-ViT reconstruction iterations per module (code 5000, paper 3000)")
-    g.add_argument("--adfq-calib-size", type=int, default=adfq.ADFQConfig.calib_size,
-                   help="ADFQ-ViT calibration images (1024)")
-    g.add_argument("--adfq-no-poq", action="store_true", help="ADFQ-ViT without the outlier-aware quantizer")
-    g.add_argument("--adfq-no-slq", action="store_true", help="ADFQ-ViT without the shift-log quantizer")
-    g.add_argument("--adfq-no-amo", action="store_true", help="ADFQ-ViT without module-wise reconstruction")
-    g.add_argument("--adfq-alpha-fc1", type=float, default=adfq.ADFQConfig.alpha_fc1,
-                   help="outlier threshold of fc1 inputs (code 5, paper 10)")
-    g.add_argument("--adfq-checkpoint-dir", default=None, help="resumable per-module checkpoints of ADFQ-ViT")
-    g.add_argument("--pmq-config", default=None,
-                   help='PMQ bits as W/A/P[(MP)], e.g. "8/8/4(MP)" (default: --w-bits/--a-bits/--a-bits(MP))')
-    g.add_argument("--pmq-budget-mb", type=float, default=None,
-                   help="PMQ size budget of the quantized weights in MB (default: all weights at W bits)")
-
-
 def method_config(args: Any) -> adfq.ADFQConfig | pmq.PMQConfig:
     """The :class:`ADFQConfig` or :class:`PMQConfig` that ``--quant adfq|pmq`` and its options ask for."""
     if args.quant == "adfq":
@@ -251,18 +227,6 @@ def quantize_method(args: Any, model: nn.Module, calib: Dataset) -> dict[str, An
     rep = model.eam_quant_report
     return {"quant": "pmq", "bits": cfg.label, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
             "size_mb": round(rep["chosen_size_mb"], 4)}
-
-
-def add_compare_args(p: Any) -> None:
-    """Options of ``eamvit compare`` (model and data options are added by the CLI)."""
-    g = p.add_argument_group("comparison")
-    g.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of fp,repq,adfq,pmq")
-    g.add_argument("--settings", default="4/4,6/6", help="comma-separated W/A settings (default 4/4,6/6)")
-    g.add_argument("--pmq-budgets", default="", help='extra PMQ rows, e.g. "8/8/4(MP),6/6/6(MP)"')
-    g.add_argument("--adfq-iterations", type=int, default=adfq.ADFQConfig.iterations)
-    g.add_argument("--adfq-calib-size", type=int, default=adfq.ADFQConfig.calib_size)
-    g.add_argument("--freeze-sparsity", type=float, default=None, help="EAM τ on top of every row")
-    g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
 
 
 def _settings(text: str) -> tuple[tuple[int, int], ...]:

@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from eamvit.choices import ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
@@ -99,14 +100,14 @@ class ADFQConfig(Config):
     slq: bool = True
     amo: bool = True
     alpha_qkv: float = 5.0
-    alpha_fc1: float = 5.0
+    alpha_fc1: float = ADFQ_ALPHA_FC1
     outlier_mode: str = "abs"
     shift_log: str = "logsqrt2"
     shift_eps: float = 1e-8
     attn_quantizer: str = "logsqrt2"
-    calib_size: int = 1024
+    calib_size: int = ADFQ_CALIB_SIZE
     init_size: int = 32
-    iterations: int = 5000
+    iterations: int = ADFQ_ITERATIONS
     batch_size: int = 32
     w_lr: float = 3e-3
     a_lr: float = 4e-5

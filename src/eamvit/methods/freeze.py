@@ -46,11 +46,7 @@ from eamvit.methods.calibrate import EntropyMaps
 from eamvit.errors import EamError
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
-SCOPES = ("head", "layer", "global")
-GRANULARITIES = ("entry", "row", "head")
-AGGREGATES = ("mean", "median", "max")
-SELECTIONS = ("entropy", "random")
-VALUE_QUANTIZERS = ("uniform", "log2", "logsqrt2")
+from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS  # noqa: F401 (defined torch-free for the CLI)
 
 
 @dataclass

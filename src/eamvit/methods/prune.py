@@ -48,7 +48,7 @@ from eamvit.modules.prune_block import PruneBlock, PruneState
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
-PLACEMENTS = ("attn", "block")
+from eamvit.choices import PLACEMENTS  # defined torch-free for the CLI
 FROZEN_AFTER = ("drop", "refuse")
 
 

@@ -50,7 +50,7 @@ from eamvit.modules.attention import EamAttention, EamWindowAttention, attention
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
 
-ATTN_QUANTIZERS = ("logsqrt2", "log2", "uniform")
+from eamvit.choices import ATTN_QUANTIZERS  # noqa: F401 (re-exported; defined torch-free for the CLI)
 
 
 @dataclass

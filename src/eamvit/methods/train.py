@@ -340,8 +340,7 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
 # Training data and augmentation
 # --------------------------------------------------------------------------------------------------
 
-AUGMENTS = ("auto", "none", "shift", "imagenet")
-IMAGENET_MIN_SIZE = 64  # below this side, random-resized crops and colour jitter destroy the image
+from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE  # noqa: E402,F401 (defined torch-free for the CLI)
 
 
 def resolve_augment(augment: str, input_size: Sequence[int]) -> str:

@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from eamvit.choices import ENTROPY_KEYS as KEYS, PRUNE_METHODS as METHODS  # one definition, torch-free
 from eamvit.errors import EamError
 
-METHODS = ("shannon", "renyi", "evit", "random")
-KEYS = ("all", "patches")
 
 
 def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
