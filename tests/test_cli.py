@@ -67,7 +67,7 @@ def test_calibrate_eval_sweep_plot(tmp_path, image_folder, ckpt, capsys):
                          tmp_path / "fig")
     assert code == 0, err
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {
-        "cls_entropy_L1.png", "cls_entropy_L2.png", "full_entropy.png", "head_entropy.png"}
+        "cls_entropy_L0.png", "cls_entropy_L1.png", "full_entropy.png", "head_entropy.png"}  # 0-based, as --layers
 
 
 def test_swin_cli_reports_masked(tmp_path, image_folder, capsys):

@@ -71,7 +71,7 @@ def test_sweep_quant_writes_everything(tmp_path, image_folder, ckpt, capsys):
                          *Q, "--taus", "0,0.2", "--seeds", "1", "--bits", "4", "--out", out_dir)
     assert code == 0, err
     for f in ("sweep.csv", "sweep.json", "sweep.png", "table1.md", "sizes.md", "kl_per_head.csv",
-              "kl_per_head.png", "kl_cls_L1.png"):
+              "kl_per_head.png", "kl_cls_L0.png"):
         assert (out_dir / f).is_file(), f
     rows = json.loads((out_dir / "sweep.json").read_text())
     assert {r["method"] for r in rows} == {"fp", "repq", "eam", "random"}

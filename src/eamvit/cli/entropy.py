@@ -162,8 +162,8 @@ def cmd_plot(args) -> None:
     written = []
     if maps.entropy[0].dim() == 3:
         for l in args.layers:
-            plot_cls_entropy(maps, l, out / f"cls_entropy_L{l + 1}.png")
-            written.append(out / f"cls_entropy_L{l + 1}.png")
+            plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
+            written.append(out / f"cls_entropy_L{l}.png")
     plot_full_entropy(maps, pairs, out / "full_entropy.png")
     plot_head_summary(maps, out / "head_entropy.png")
     written += [out / "full_entropy.png", out / "head_entropy.png"]

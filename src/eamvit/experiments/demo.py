@@ -64,8 +64,8 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
 
     _say(f"[3/{STEPS}] figures")
     last = maps.num_layers - 1
-    for l in sorted({0, 1, last}):
-        plot_cls_entropy(maps, l, out / f"cls_entropy_L{l + 1}.png")
+    for l in range(maps.num_layers):  # every layer, on one colour scale
+        plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
     plot_full_entropy(maps, [(0, 0), (1, 2), (last, 0)], out / "full_entropy.png")
     plot_head_summary(maps, out / "head_entropy.png")
 
@@ -105,7 +105,8 @@ Entropy freezing is deterministic; random freezing is the mean ± std over {len(
 
 ## Figures
 
-- `cls_entropy_L*.png`: entropy of the CLS token's attention to every patch, per head (paper Fig. 2)
+- `cls_entropy_L0.png` ... `cls_entropy_L{last}.png`: entropy of the CLS token's attention to every patch, per
+  head, one file per layer on one colour scale (paper Fig. 2); layers and heads are numbered from 0
 - `full_entropy.png`: full entropy maps of chosen (layer, head) pairs (Fig. 3)
 - `head_entropy.png`: mean entropy per layer and head
 
@@ -141,7 +142,7 @@ def _quant_section(model, train, test, out: Path, device) -> dict:
     write_results(out / "quant_sweep", rows)
     plot_quant_sweep(rows, out / "quant_sweep.png", title="digits ViT, W4/A4 RepQ-ViT + EAM")
     plot_kl_per_head(res["kl"], out / "kl_per_head.png", title="KL(p_fp32 || p_W4A4) per head")
-    plot_kl_cls(res["kl"], 0, out / "kl_cls_L1.png")
+    plot_kl_cls(res["kl"], 0, out / "kl_cls_L0.png")
     sizes = size_table_markdown([r for r in rows if r["tau"] in (0.0, 0.2)])
     md = f"""## W4/A4 post-training quantization (RepQ-ViT) with EAM on top
 
@@ -153,7 +154,7 @@ paper's EAM_4bits). Every variant, at every τ, is in `quant_sweep.csv`.
 ![quantized sweep](quant_sweep.png)
 
 KL divergence between the FP and W4/A4 attention histograms: `kl_per_head.png` (Fig. 4a),
-`kl_cls_L1.png` (Fig. 4b-c).
+`kl_cls_L0.png` (Fig. 4b-c; layers and heads numbered from 0).
 
 Sizes at τ = 0 and 20 %:
 

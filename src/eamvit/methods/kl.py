@@ -78,13 +78,13 @@ class KLMaps:
         return cls_row_grid(self.kl[layer], int(self.meta.get("num_prefix_tokens", 1)), self.meta.get("grid"))
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per (layer, head): ``layer``, ``head``, ``kl_mean``, ``kl_max`` (1-based, as L2H3)."""
+        """One row per (layer, head): ``layer``, ``head``, ``kl_mean``, ``kl_max`` (0-based, as every eamvit option)."""
         mean, mx = self.per_head()
         rows = []
         for l in range(mean.shape[0]):
             for h in range(mean.shape[1]):
                 if not math.isnan(float(mean[l, h])):
-                    rows.append({"layer": l + 1, "head": h + 1, "kl_mean": round(float(mean[l, h]), 6),
+                    rows.append({"layer": l, "head": h, "kl_mean": round(float(mean[l, h]), 6),
                                  "kl_max": round(float(mx[l, h]), 6)})
         return rows
 

@@ -13,15 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 from eamvit.methods.calibrate import EntropyMaps  # noqa: E402
-from eamvit.ops.entropy import mean_entropy_per_head  # noqa: E402
+from eamvit.ops.entropy import cls_row, mean_entropy_per_head  # noqa: E402
 from eamvit.errors import EamError  # noqa: E402
 from eamvit.io import atomic_path  # noqa: E402
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike):
+    """Write ``fig`` as a PNG (atomically), close it, and return it for inspection (colour limits, labels)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 def _grid(maps: EntropyMaps, n_patches: int) -> tuple[int, int]:
@@ -34,54 +36,84 @@ def _grid(maps: EntropyMaps, n_patches: int) -> tuple[int, int]:
     return side, side
 
 
-def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None) -> None:
-    """Fig. 2: entropy of the CLS token's attention to every patch, one panel per head."""
-    ent = maps.entropy[layer]
-    if ent.dim() != 3:
+def _cls_rows(maps: EntropyMaps, layer: int):
+    rows = cls_row(maps.entropy, layer, int(maps.meta.get("num_prefix_tokens", 1)))
+    if rows is None:
         raise EamError("CLS-row maps need a model with a class token (ViT/DeiT); for Swin use the full maps")
-    prefix = int(maps.meta.get("num_prefix_tokens", 1))
-    rows = ent[:, 0, prefix:]
+    return rows
+
+
+def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
+    """Fig. 2: entropy of the CLS token's attention to every patch of ``layer``, one panel per head.
+
+    The colour scale runs from 0 to the largest CLS-row entropy of ALL layers, so the figures of
+    different layers can be compared. Layers and heads are numbered from 0, as in the options.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
+    rows = _cls_rows(maps, layer)
+    vmax = max(float(_cls_rows(maps, l).max()) for l in range(maps.num_layers)) or 1.0
     gh, gw = _grid(maps, rows.shape[-1])
     heads = list(heads) if heads is not None else list(range(rows.shape[0]))
-    vmax = float(ent.max())
-    fig, axes = plt.subplots(1, len(heads), figsize=(2.6 * len(heads), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(heads), figsize=(2.4 * len(heads) + 1.2, 2.9), squeeze=False,
+                             layout="constrained")
     for ax, h in zip(axes[0], heads):
-        im = ax.imshow(rows[h].view(gh, gw).numpy(), cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_title(f"L{layer + 1}H{h + 1}")
-        ax.axis("off")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="entropy (bits)")
-    fig.suptitle(f"CLS-token entropy attention maps, layer {layer + 1} (M={maps.meta.get('num_images')})")
-    save_figure(fig, path)
+        im = ax.imshow(rows[h].reshape(gh, gw).numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy (bits)\none scale for all layers")
+    fig.suptitle(f"CLS-token entropy over the {gh}x{gw} patches, layer {layer} of 0..{maps.num_layers - 1} "
+                 f"(M={maps.meta.get('num_images')} images)", fontsize=10)
+    return save_figure(fig, path)
 
 
-def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path: str | os.PathLike) -> None:
-    """Fig. 3: the full ``N x N`` entropy map of chosen (layer, head) pairs (Swin: window 0)."""
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)
-    vmax = max(float(e.max()) for e in maps.entropy)
+def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path: str | os.PathLike):
+    """Fig. 3: the full ``N x N`` entropy map of chosen 0-based (layer, head) pairs (Swin: window 0).
+
+    One colour scale (0 to the largest entropy of any layer) for every panel.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.3 * len(pairs) + 1.2, 3.6), squeeze=False,
+                             layout="constrained")
+    vmax = max(float(e.max()) for e in maps.entropy) or 1.0
     for ax, (l, h) in zip(axes[0], pairs):
         e = maps.entropy[l]
         m = e[h] if e.dim() == 3 else e[0, h]
         im = ax.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
-        ax.set_title(f"L{l + 1}H{h + 1}")
-        ax.set_xlabel("key j")
-        ax.set_ylabel("query i")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="entropy (bits)")
-    save_figure(fig, path)
+        ax.set_title(f"layer {l}, head {h}", fontsize=9)
+        ax.set_xlabel("key token j" + (" (0: CLS)" if e.dim() == 3 else ""), fontsize=8)
+        ax.set_ylabel("query token i", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy of entry (i, j) (bits)")
+    swin = " (Swin: window 0)" if maps.entropy[0].dim() == 4 else ""
+    fig.suptitle(f"Entropy attention maps, all query-key entries{swin} "
+                 f"(M={maps.meta.get('num_images')} images)", fontsize=10)
+    return save_figure(fig, path)
 
 
-def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike) -> None:
-    """Mean entropy of every (layer, head): where the low-entropy heads are."""
+def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike):
+    """Mean entropy of every (layer, head), numbered from 0: where the low-entropy heads are.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
     s = mean_entropy_per_head(maps.entropy)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * s.shape[1], 0.9 + 0.4 * s.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * s.shape[1], 1.0 + 0.4 * s.shape[0]), layout="constrained")
     im = ax.imshow(s.numpy(), cmap="viridis", aspect="auto")
     for (l, h), v in zip(((l, h) for l in range(s.shape[0]) for h in range(s.shape[1])), s.flatten().tolist()):
         if not math.isnan(v):
             ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(s.shape[1]), [f"H{h + 1}" for h in range(s.shape[1])])
-    ax.set_yticks(range(s.shape[0]), [f"L{l + 1}" for l in range(s.shape[0])])
+    ax.set_xticks(range(s.shape[1]), [str(h) for h in range(s.shape[1])])
+    ax.set_yticks(range(s.shape[0]), [str(l) for l in range(s.shape[0])])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="mean entropy (bits)")
-    ax.set_title("mean entropy per layer and head")
-    save_figure(fig, path)
+    ax.set_title("mean entropy per layer and head", fontsize=10)
+    return save_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",

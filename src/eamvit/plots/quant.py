@@ -13,39 +13,40 @@ from eamvit.plots.entropy import finish_sweep, plt, save_figure, std_band
 _STYLE = {"fp": ("k", ":"), "repq": ("gray", "--")}
 
 
-def plot_kl_per_head(kl: KLMaps, path: str | os.PathLike, title: str = "") -> None:
+def plot_kl_per_head(kl: KLMaps, path: str | os.PathLike, title: str = ""):
     """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head)."""
     mean, mx = kl.per_head()
-    layers = list(range(1, mean.shape[0] + 1))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    layers = list(range(mean.shape[0]))  # numbered from 0, as every eamvit option and figure
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for ax, stat, name in ((axes[0], mean, "mean"), (axes[1], mx, "max")):
         for h in range(stat.shape[1]):
-            ax.plot(layers, stat[:, h].numpy(), marker="o", markersize=3, label=f"H{h + 1}")
+            ax.plot(layers, stat[:, h].numpy(), marker="o", markersize=3, label=f"head {h}")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"{name} D_KL(p_fp32 ‖ p_q) (bits)")
         ax.set_xticks(layers)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(title or f"KL divergence per head (M={kl.meta.get('num_images')}, eps={kl.meta.get('eps')})")
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_kl_cls(kl: KLMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None) -> None:
+def plot_kl_cls(kl: KLMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
     """Fig. 4b-c: KL divergence of the CLS token's attention to each patch, one panel per head."""
     grid = kl.cls_rows(layer)
     if grid is None:
         raise EamError("CLS-row divergence maps need a model with a class token (ViT/DeiT)")
     heads = list(heads) if heads is not None else list(range(grid.shape[0]))
     vmax = float(grid.max()) or 1.0
-    fig, axes = plt.subplots(1, len(heads), figsize=(2.6 * len(heads), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(heads), figsize=(2.4 * len(heads) + 1.2, 2.9), squeeze=False,
+                             layout="constrained")
     im = None
     for ax, h in zip(axes[0], heads):
         im = ax.imshow(grid[h].numpy(), cmap="magma", vmin=0, vmax=vmax)
-        ax.set_title(f"L{layer + 1}H{h + 1}")
+        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
         ax.axis("off")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="D_KL (bits)")
-    fig.suptitle(f"CLS-token divergence maps, layer {layer + 1}")
-    save_figure(fig, path)
+    fig.suptitle(f"CLS-token divergence maps, layer {layer}")
+    return save_figure(fig, path)
 
 
 def _series_key(r: dict) -> tuple:
