@@ -148,3 +148,29 @@ def test_kl_figures_are_numbered_from_zero_and_do_not_overlap(kl_maps, tmp_path)
     # The CSV rows use the same numbering: layer 2, head 1 is the mean over that head's entries.
     row = next(r for r in kl_maps.summary() if (r["layer"], r["head"]) == (2, 1))
     assert row["kl_mean"] == pytest.approx(float(kl_maps.kl[2][1].mean()), abs=1e-6)
+
+
+def _prune_rows() -> list[dict]:
+    rows = [{"method": "none", "alpha": None, "keep_rate": 1.0, "top1": 98.0, "gflops": 0.0128}]
+    for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None), ("random", None)):
+        for k, g in ((0.7, 0.0099), (0.5, 0.0083)):
+            rows.append({"method": m, "alpha": a, "keep_rate": k, "top1": 90 * k,
+                         "gflops": g + (0.0001 if m == "evit" else 0.0)})  # EViT keeps one fused token more
+    return rows
+
+
+def test_prune_figure_one_unit_and_one_label_per_keep_rate(tmp_path):
+    from eamvit.plots.prune import plot_top1_vs_gflops
+
+    fig = plot_top1_vs_gflops(_prune_rows(), tmp_path / "prune.png")
+    assert_sane_png(tmp_path / "prune.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("GFLOPs")  # the unit of the sweep's table
+    texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+    assert not any("MFLOP" in s for s in texts)
+    assert not ax.texts  # no per-point labels that could pile up at one κ
+    (top,) = ax.child_axes  # κ once per keep rate, on a top axis at the mean GFLOPs of that κ
+    labels = {t.get_text(): x for t, x in zip(top.get_xticklabels(), top.get_xticks())}
+    assert set(labels) == {"1", "0.7", "0.5"}
+    assert labels["0.5"] == pytest.approx((3 * 0.0083 + 0.0084) / 4)
+    assert_no_overlaps(fig)
