@@ -163,7 +163,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
         g.add_argument("--keep-rates", type=floats, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
                        help="keep rates, e.g. 0.9,0.7,0.5 (default 0.9..0.3)")
         g.add_argument("--methods", default="shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random",
-                       help="methods, renyi:ORDER for Rényi (default: all of the seed's)")
+                       help="comma-separated methods, renyi:ORDER for Rényi entropy of that order")
         g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
     else:

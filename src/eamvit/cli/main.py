@@ -37,6 +37,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         if quiet or action.required or "default" in text:
             return text
+        if isinstance(action.default, (list, tuple)):  # as typed on the command line, not a Python list
+            return f"{text} (default: {' '.join(str(v) for v in action.default)})"
         return super()._get_help_string(action)
 
 
