@@ -116,3 +116,13 @@ def test_model_kwargs_parse_without_timm():
     args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16",
                                       "num_classes=10", "global_pool=avg"])
     assert args.model_kwargs == {"img_size": 16, "num_classes": 10, "global_pool": "avg"}
+
+
+def test_every_command_help_says_what_the_command_does():
+    from eamvit.cli.main import build_parser
+
+    parser = build_parser()
+    listed = " ".join(parser.format_help().split())
+    for name, sub in _subparsers(parser).items():
+        assert sub.description and " ".join(sub.description.split()) in listed, name
+        assert sub.description in sub.format_help()

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                            parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
     for group in (demo, entropy, quant, prune, export):
         group.register(sub)
+    for choice in sub._choices_actions:  # `eamvit COMMAND --help` opens with the line `eamvit --help` lists
+        sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
     return p
 
 
