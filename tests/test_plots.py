@@ -159,18 +159,23 @@ def _prune_rows() -> list[dict]:
     return rows
 
 
-def test_prune_figure_one_unit_and_one_label_per_keep_rate(tmp_path):
+def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
     from eamvit.plots.prune import plot_top1_vs_gflops
 
-    fig = plot_top1_vs_gflops(_prune_rows(), tmp_path / "prune.png")
+    rows = _prune_rows()
+    fig = plot_top1_vs_gflops(rows, tmp_path / "prune.png")
     assert_sane_png(tmp_path / "prune.png")
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("GFLOPs")  # the unit of the sweep's table
     texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
     assert not any("MFLOP" in s for s in texts)
     assert not ax.texts  # no per-point labels that could pile up at one κ
-    (top,) = ax.child_axes  # κ once per keep rate, on a top axis at the mean GFLOPs of that κ
-    labels = {t.get_text(): x for t, x in zip(top.get_xticklabels(), top.get_xticks())}
-    assert set(labels) == {"1", "0.7", "0.5"}
-    assert labels["0.5"] == pytest.approx((3 * 0.0083 + 0.0084) / 4)
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert {"unpruned", "Shannon", "Rényi α=2", "EViT", "random", "κ = 0.7", "κ = 0.5"} == set(legend)
+    # Every pruned point is drawn with the marker its κ has in the legend.
+    points = [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker()) for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    assert len(points) == len(rows) - 1
+    for r in rows[1:]:
+        assert (r["gflops"], r["top1"], legend[f"κ = {r['keep_rate']:g}"].get_marker()) in points
+    assert legend["κ = 0.7"].get_marker() != legend["κ = 0.5"].get_marker()
     assert_no_overlaps(fig)
