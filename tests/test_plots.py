@@ -2,6 +2,7 @@
 colour scales are shared where figures are to be compared, and layers/heads are numbered from 0."""
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -178,4 +179,35 @@ def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
     for r in rows[1:]:
         assert (r["gflops"], r["top1"], legend[f"κ = {r['keep_rate']:g}"].get_marker()) in points
     assert legend["κ = 0.7"].get_marker() != legend["κ = 0.5"].get_marker()
+    assert_no_overlaps(fig)
+
+
+def test_token_entropy_figure_in_bits_numbered_from_zero(tiny_vit, tmp_path):
+    from eamvit.plots.prune import plot_entropy_histograms
+
+    images = torch.randn(4, 3, *tiny_vit.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    fig = plot_entropy_histograms(tiny_vit, images, tmp_path / "token_entropy.png", alphas=(1.0, 2.0))
+    assert_sane_png(tmp_path / "token_entropy.png")
+    assert "bits" in fig._supxlabel.get_text() and "nats" not in fig._supxlabel.get_text()
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == [f"block {i}" for i in range(len(tiny_vit.blocks))]
+    assert panels[0].get_ylabel() == "density"
+    # Shannon entropy of a row over N keys is at most log2(N) bits (it would be ln N in nats).
+    n = tiny_vit.patch_embed.num_patches + 1
+    assert 0 <= panels[0].dataLim.x0 and panels[0].dataLim.x1 <= math.log2(n) + 1e-6
+    assert_no_overlaps(fig)
+
+
+def test_kept_patches_figure_explains_dropped_patches(tiny_vit, tmp_path):
+    from eamvit.methods.prune import PruneConfig
+    from eamvit.plots.prune import plot_kept_patches
+
+    image = torch.randn(3, *tiny_vit.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    configs = [PruneConfig(method="shannon", keep_rate=0.5, blocks=[1]), PruneConfig(method="evit", keep_rate=0.5, blocks=[1])]
+    fig = plot_kept_patches(tiny_vit, image, configs, tmp_path / "kept.png", mean=[0.5] * 3, std=[0.5] * 3)
+    assert_sane_png(tmp_path / "kept.png")
+    assert any("dropped patch" in t.get_text() for lg in fig.legends for t in lg.get_texts())
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    kept = math.ceil(0.5 * tiny_vit.patch_embed.num_patches)
+    assert f"after block 1: {kept} kept" in titles  # the option's 0-based block number
     assert_no_overlaps(fig)

@@ -186,8 +186,8 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
                             title="patch-token attention entropy per block")
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
-Pruning at blocks {', '.join(str(b + 1) for b in default_blocks(len(model.blocks)))} of {len(model.blocks)}
-(EViT's 4th/7th/10th of 12, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s measured on this machine during the demo (noisy).
+Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))} of 0..{len(model.blocks) - 1}
+(numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s measured on this machine during the demo (noisy).
 
 {table}
 ![top-1 against GFLOPs](prune.png)
