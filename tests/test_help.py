@@ -111,11 +111,12 @@ def test_choices_are_defined_once():
 
 
 def test_model_kwargs_parse_without_timm():
+    from eamvit.cli.common import parse_model_kwargs
     from eamvit.cli.main import build_parser
 
     args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16",
                                       "num_classes=10", "global_pool=avg"])
-    assert args.model_kwargs == {"img_size": 16, "num_classes": 10, "global_pool": "avg"}
+    assert parse_model_kwargs(args.model_kwargs) == {"img_size": 16, "num_classes": 10, "global_pool": "avg"}
 
 
 def test_every_command_help_says_what_the_command_does():

@@ -116,7 +116,7 @@ def test_cli_plot_names_files_with_the_option_numbers(vit_maps, tmp_path):
 
     from eamvit.methods.calibrate import FORMAT
 
-    vit_maps.meta.update(format=FORMAT, layer_shapes=[list(e.shape) for e in vit_maps.entropy])
+    vit_maps.meta.update(format=FORMAT, bits=8, layer_shapes=[list(e.shape) for e in vit_maps.entropy])
     vit_maps.save(tmp_path / "maps.safetensors")
     assert main(["plot", "--maps", str(tmp_path / "maps.safetensors"), "--layers", "0,2",
                  "--out", str(tmp_path / "figs")]) == 0
@@ -182,32 +182,37 @@ def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
     assert_no_overlaps(fig)
 
 
-def test_token_entropy_figure_in_bits_numbered_from_zero(tiny_vit, tmp_path):
+def test_token_entropy_figure_in_bits_numbered_from_zero(tmp_path):
     from eamvit.plots.prune import plot_entropy_histograms
 
-    images = torch.randn(4, 3, *tiny_vit.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
-    fig = plot_entropy_histograms(tiny_vit, images, tmp_path / "token_entropy.png", alphas=(1.0, 2.0))
+    g = torch.Generator().manual_seed(2)
+    n = 65  # CLS + 64 patches: Shannon entropy of a row is at most ln 65 nats = log2 65 bits
+    ent = {a: [torch.rand(8 * 64, generator=g) * math.log(n) for _ in range(4)] for a in (1.0, 2.0, math.inf)}
+    fig = plot_entropy_histograms(ent, tmp_path / "token_entropy.png", title="patch-token attention entropy")
     assert_sane_png(tmp_path / "token_entropy.png")
     assert "bits" in fig._supxlabel.get_text() and "nats" not in fig._supxlabel.get_text()
     panels = [ax for ax in fig.axes if ax.axison]
-    assert [ax.get_title() for ax in panels] == [f"block {i}" for i in range(len(tiny_vit.blocks))]
-    assert panels[0].get_ylabel() == "density"
-    # Shannon entropy of a row over N keys is at most log2(N) bits (it would be ln N in nats).
-    n = tiny_vit.patch_embed.num_patches + 1
-    assert 0 <= panels[0].dataLim.x0 and panels[0].dataLim.x1 <= math.log2(n) + 1e-6
+    assert [ax.get_title() for ax in panels] == [f"block {i}" for i in range(4)]  # 0-based, as --prune-blocks
+    assert panels[0].get_ylabel()
+    # Drawn in bits: block 0's shared bin edges span min..max of the nats / ln 2.
+    lo = min(float(e[0].min()) for e in ent.values()) / math.log(2)
+    hi = max(float(e[0].max()) for e in ent.values()) / math.log(2)
+    assert (panels[0].dataLim.x0, panels[0].dataLim.x1) == (pytest.approx(lo, rel=1e-5), pytest.approx(hi, rel=1e-5))
+    assert hi <= math.log2(n)
     assert_no_overlaps(fig)
 
 
-def test_kept_patches_figure_explains_dropped_patches(tiny_vit, tmp_path):
-    from eamvit.methods.prune import PruneConfig
+def test_kept_patches_figure_says_what_a_dropped_patch_looks_like(tmp_path):
     from eamvit.plots.prune import plot_kept_patches
 
-    image = torch.randn(3, *tiny_vit.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
-    configs = [PruneConfig(method="shannon", keep_rate=0.5, blocks=[1]), PruneConfig(method="evit", keep_rate=0.5, blocks=[1])]
-    fig = plot_kept_patches(tiny_vit, image, configs, tmp_path / "kept.png", mean=[0.5] * 3, std=[0.5] * 3)
+    keep1 = torch.ones(8, 8, dtype=torch.bool)
+    keep1[0, :] = False
+    keep2 = keep1.clone()
+    keep2[1, :] = False
+    masks = {"Shannon": [keep1, keep2], "EViT": [keep1, keep1]}
+    fig = plot_kept_patches(torch.zeros(1, 16, 16), masks, tmp_path / "kept.png", mean=[0.5], std=[0.5], blocks=[1, 2])
     assert_sane_png(tmp_path / "kept.png")
-    assert any("dropped patch" in t.get_text() for lg in fig.legends for t in lg.get_texts())
+    assert any("dropped" in t.get_text() for lg in fig.legends for t in lg.get_texts())
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    kept = math.ceil(0.5 * tiny_vit.patch_embed.num_patches)
-    assert f"after block 1: {kept} kept" in titles  # the option's 0-based block number
+    assert "stage 1 (after block 1): 56 kept" in titles and "stage 2 (after block 2): 48 kept" in titles  # 0-based
     assert_no_overlaps(fig)

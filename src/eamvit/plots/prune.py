@@ -13,7 +13,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from matplotlib import transforms  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
@@ -23,44 +22,56 @@ from eamvit.plots.entropy import save_figure  # noqa: E402
 DROPPED_RGB = (0.72, 0.82, 0.95)  # dropped patches are washed out towards this pale blue
 
 
-def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
-    """Top-1 against GFLOPs, one line per method over κ; the unpruned model as a star.
+_KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
+    """Top-1 against GFLOPs: one colour per method, one marker shape per keep rate κ; unpruned as a star.
+
+    GFLOPs are the unit of the sweep's tables too (tiny models get a x10^k factor on the axis, not
+    another unit). κ is told by the marker, explained in the legend, rather than by a text at each
+    point: methods at one κ cost about the same, so such labels pile up.
 
     Args:
         rows: rows of :func:`eamvit.experiments.prune_sweep.prune_sweep`.
         path: PNG to write.
         title: figure title.
+
+    Returns:
+        The (closed) matplotlib figure.
     """
+    from matplotlib.lines import Line2D
+
     if not rows:
         raise EamError("no sweep rows to plot")
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    # Tiny models (the digits demo) cost a few MFLOPs: show those rather than crowded 0.00x labels.
-    scale, unit = (1e3, "MFLOPs") if max(r["gflops"] for r in rows) < 0.1 else (1.0, "GFLOPs")
+    kappas = sorted({float(r["keep_rate"]) for r in rows if r["method"] != "none"}, reverse=True)
+    if len(kappas) > len(_KAPPA_MARKERS):
+        raise EamError(f"the figure tells at most {len(_KAPPA_MARKERS)} keep rates apart, got {len(kappas)}")
+    marker = dict(zip(kappas, _KAPPA_MARKERS))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(row_label(r), []).append(r)
+    methods = []
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["gflops"])
         if name == "unpruned":
-            ax.scatter([scale * r["gflops"] for r in rs], [r["top1"] for r in rs], marker="*", s=160, color="k",
-                       zorder=5, label=name)
+            ax.scatter([r["gflops"] for r in rs], [r["top1"] for r in rs], marker="*", s=160, color="k", zorder=5)
+            methods.append(Line2D([], [], marker="*", markersize=11, color="k", linestyle="", label=name))
             continue
         style = dict(linestyle="--", color="0.5") if name == "random" else {}
-        ax.plot([scale * r["gflops"] for r in rs], [r["top1"] for r in rs], marker="o", label=name, **style)
-    # Methods share the cost of a keep rate: one κ label per keep rate, along the top, not one per point.
-    by_rate: dict[float, list[float]] = {}
-    for r in rows:
-        if r["method"] != "none":
-            by_rate.setdefault(float(r["keep_rate"]), []).append(scale * r["gflops"])
-    top = transforms.blended_transform_factory(ax.transData, ax.transAxes)
-    for k, xs in by_rate.items():
-        ax.text(sum(xs) / len(xs), 1.01, f"κ={k:g}", transform=top, ha="center", va="bottom", fontsize=7, color="0.3")
-    ax.set_xlabel(f"{unit} per image (multiply-adds)")
+        line, = ax.plot([r["gflops"] for r in rs], [r["top1"] for r in rs], **style)
+        for r in rs:
+            ax.plot(r["gflops"], r["top1"], marker=marker[float(r["keep_rate"])], color=line.get_color(), zorder=4)
+        methods.append(Line2D([], [], color=line.get_color(), linestyle=line.get_linestyle(), label=name))
+    shapes = [Line2D([], [], marker=marker[k], color="k", linestyle="", label=f"κ = {k:g}") for k in kappas]
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
+    ax.set_xlabel("GFLOPs per image (multiply-adds)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "Token pruning: accuracy against computation", pad=16)
-    save_figure(fig, path)
+    ax.legend(handles=methods + shapes, fontsize=8, ncol=2)
+    ax.set_title(title or "Token pruning: accuracy against computation", fontsize=10)
+    return save_figure(fig, path)
 
 
 def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -71,7 +82,7 @@ def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Tensor]], path: str | os.PathLike,
                       mean: Sequence[float], std: Sequence[float], title: str = "",
-                      blocks: Optional[Sequence[int]] = None) -> None:
+                      blocks: Optional[Sequence[int]] = None):
     """The seed's Fig. 4: for each method (a row), the patches still present after each stage.
 
     Dropped patches are washed out in pale blue (a legend says so); the fused token (EViT) has no
@@ -85,7 +96,7 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
         mean: normalisation mean of ``image`` (undone for display).
         std: normalisation std.
         title: figure title.
-        blocks: 0-based pruning blocks, shown 1-based in the stage titles.
+        blocks: 0-based pruning blocks, shown as such in the stage titles (as --prune-blocks).
     """
     if image.dim() != 3 or not masks:
         raise EamError("give one image (C, H, W) and at least one row of kept-patch masks")
@@ -106,7 +117,7 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
             keep = m.repeat_interleave(ph, 0).repeat_interleave(pw, 1)[:H, :W]
             ax = axes[row][s + 1]
             ax.imshow(torch.where(keep.unsqueeze(-1), rgb, wash).numpy())
-            where = f" (block {blocks[s] + 1})" if blocks is not None else ""
+            where = f" (after block {blocks[s]})" if blocks is not None else ""  # 0-based, as --prune-blocks
             ax.set_title(f"stage {s + 1}{where}: {int(m.sum())} kept", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
@@ -115,18 +126,18 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
                loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.suptitle(title or "Kept patches per pruning stage")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], path: str | os.PathLike,
-                            layers: Optional[Sequence[int]] = None, bins: int = 40, title: str = "") -> None:
+                            layers: Optional[Sequence[int]] = None, bins: int = 40, title: str = ""):
     """The seed's Fig. 5: per block, the distribution of patch tokens' attention entropy for each α.
 
     Args:
         entropies: ``{alpha: [per layer, entropies in nats]}`` from
             :func:`eamvit.methods.prune.token_entropies`; drawn in bits, as every eamvit figure.
         path: PNG to write.
-        layers: 0-based blocks the lists hold (titles show them 1-based); ``0..n-1`` by default.
+        layers: 0-based blocks the lists hold (titles show them so); ``0..n-1`` by default.
         bins: histogram bins (shared edges across α within a block).
         title: figure title.
     """
@@ -149,7 +160,7 @@ def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], p
         for a, e in ent.items():
             name = "Shannon" if a == 1.0 else f"α={'∞' if math.isinf(a) else f'{a:g}'}"
             ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=name)
-        ax.set_title(f"block {shown[i] + 1}", fontsize=9)
+        ax.set_title(f"block {shown[i]}", fontsize=9)  # 0-based, as --prune-blocks
         ax.tick_params(labelsize=7)
         if i % cols == 0:
             ax.set_ylabel("density", fontsize=8)
@@ -157,4 +168,4 @@ def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], p
     fig.supxlabel("attention entropy of a patch token (bits, mean over heads)", fontsize=9)
     fig.suptitle(title or "Attention-entropy distributions per block")
     fig.tight_layout()
-    save_figure(fig, path)
+    return save_figure(fig, path)
