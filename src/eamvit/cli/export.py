@@ -133,7 +133,7 @@ def add_eval_onnx_args(p: argparse.ArgumentParser) -> None:
     """``--onnx`` and ``--threads`` on ``eval``."""
     g = p.add_argument_group("ONNX Runtime")
     g.add_argument("--onnx", default=None, help="evaluate this exported model (`eamvit export`) in ONNX Runtime "
-                   "on CPU instead of a PyTorch model")
+                   "on CPU instead of a PyTorch model (default: none, the PyTorch model)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
 
 
