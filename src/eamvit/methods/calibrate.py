@@ -232,8 +232,68 @@ def compute_entropy_maps(
         raise EamError("--resume is not supported under torchrun; run calibration in one process to resume it")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    all_layers = attention_layers(model)
     indices = list(range(len(dataset))) if indices is None else list(indices)
+    run = _plan(model, dataset, indices, bits, device, max_memory, layers, meta)
+    run.resume_path, run.keep_histograms = resume_path, keep_histograms
+    state = _load_partial(resume_path, run.key)
+    for l, t in (state or {}).get("done", {}).items():
+        run.entropy[l], run.mean[l], run.masked[l] = t["entropy"], t["mean"], t.get("masked")
+        if keep_histograms:
+            run.hists[l] = t["hist"]
+    my_indices = shard(indices, rank, world)
+    for p in range((state or {}).get("pass", 0), len(run.passes)):
+        _run_pass(run, p, state, my_indices, batch_size, workers, checkpoint_every, progress and rank == 0, world)
+    if resume_path is not None and Path(resume_path).exists():
+        Path(resume_path).unlink()
+    return run.maps()
+
+
+@dataclass
+class _Run:
+    """What one calibration carries from pass to pass (and into a ``.partial`` file)."""
+
+    model: nn.Module
+    dataset: Dataset
+    device: torch.device
+    shapes: list[tuple[int, ...]]
+    bits: int
+    max_count: int
+    passes: list[list[int]]
+    meta: dict[str, Any]
+    key: str
+    resume_path: Optional[str | os.PathLike] = None
+    keep_histograms: bool = False
+    skipped: int = 0
+    seen_images: int = 0
+    entropy: list = field(default_factory=list)
+    mean: list = field(default_factory=list)
+    hists: list = field(default_factory=list)
+    masked: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.shapes)
+        self.entropy, self.mean, self.hists, self.masked = [None] * n, [None] * n, [None] * n, [None] * n
+
+    def save_partial(self, p: int, batch: int, acc: dict) -> None:
+        _save_partial(self.resume_path, self.key, p, batch, acc, self.entropy, self.mean, self.masked, self.hists,
+                      self.skipped)
+
+    def maps(self) -> EntropyMaps:
+        """The maps; layers that were not asked for hold NaN."""
+        nan = lambda s: torch.full(s, float("nan"))
+        self.meta.update(num_images=self.seen_images, skipped_images=self.skipped)
+        return EntropyMaps(
+            entropy=[e if e is not None else nan(self.shapes[l]) for l, e in enumerate(self.entropy)],
+            mean=[m if m is not None else nan(self.shapes[l]) for l, m in enumerate(self.mean)],
+            masked=self.masked, meta=self.meta,
+            histograms=list(self.hists) if self.keep_histograms else None,
+        )
+
+
+def _plan(model: nn.Module, dataset: Dataset, indices: list[int], bits: int, device: torch.device,
+          max_memory: Optional[int], layers: Optional[Sequence[int]], meta: Optional[dict[str, Any]]) -> _Run:
+    """Check the request, measure the attention shapes, split the layers into passes, say what it needs."""
+    all_layers = attention_layers(model)
     if not indices:
         raise EamError("the calibration set is empty; check the folder or --calib-size")
     layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
@@ -246,84 +306,66 @@ def compute_entropy_maps(
     biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
     log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
-
     meta = dict(meta or {})
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
                 layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
                 grid=list(patch_grid(model) or []) or None)
-    key = _partial_key(meta, indices, passes)
-    state = _load_partial(resume_path, key)
+    return _Run(model=model, dataset=dataset, device=device, shapes=shapes, bits=bits, max_count=max_count,
+                passes=passes, meta=meta, key=_partial_key(meta, indices, passes))
 
-    entropy: list[Optional[torch.Tensor]] = [None] * len(shapes)
-    mean: list[Optional[torch.Tensor]] = [None] * len(shapes)
-    hists: list[Optional[torch.Tensor]] = [None] * len(shapes)
-    masked: list[Optional[torch.Tensor]] = [None] * len(shapes)
-    seen_images = 0
-    skipped = 0
-    for l, t in (state or {}).get("done", {}).items():
-        entropy[l], mean[l], masked[l] = t["entropy"], t["mean"], t.get("masked")
-        if keep_histograms:
-            hists[l] = t["hist"]
-    start_pass = (state or {}).get("pass", 0)
-    my_indices = shard(indices, rank, world)
 
-    for p in range(start_pass, len(passes)):
-        group = passes[p]
-        acc = {l: AttentionHistogram(shapes[l], bits, max_count, device) for l in group}
-        start_batch = 0
-        if state is not None and state.get("pass") == p and "acc" in state:
-            for l, a in state["acc"].items():
-                acc[l].counts.copy_(a["counts"])
-                acc[l].sum.copy_(a["sum"])
-                acc[l].count = a["count"]
-                if a.get("masked") is not None:
-                    masked[l] = a["masked"]
-            start_batch = state["batch"]
-            skipped = state.get("skipped", 0)
-        # Every layer takes the explicit path in every pass (a no-op observer where nothing is
-        # counted): fused and explicit attention differ in the last bits, and a layer's input must
-        # not depend on which pass it is counted in.
-        observers = {l: _ignore for l in range(len(shapes))}
-        observers.update({l: _observer(acc[l], masked, l) for l in group})
-        n_batches = math.ceil(len(my_indices) / batch_size)
-        # Same batch boundaries as an uninterrupted run: resume skips whole batches.
-        loader = make_loader(dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
-        with observe(model, observers):
-            bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(passes)}",
-                       unit="batch", disable=not progress or rank != 0, dynamic_ncols=True)
-            with torch.inference_mode():
-                for b, batch in enumerate(loader, start=start_batch):
-                    skipped += batch.skipped if p == 0 else 0
-                    if batch.images.numel():
-                        model(batch.images.to(device, non_blocking=True))
-                    bar.update(1)
-                    if resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
-                        _save_partial(resume_path, key, p, b + 1, acc, entropy, mean, masked, hists, skipped)
-            bar.close()
-        for l in group:
-            a = acc[l]
-            if world > 1:
-                _all_reduce(a)
-            entropy[l], mean[l] = a.entropy().cpu(), a.mean().cpu()
-            if keep_histograms:
-                hists[l] = a.histogram().cpu()
-            if masked[l] is not None:
-                masked[l] = masked[l].cpu()
-            seen_images = a.count
-        del acc
-        if resume_path is not None and p + 1 < len(passes):
-            _save_partial(resume_path, key, p + 1, 0, {}, entropy, mean, masked, hists, skipped)
-    if resume_path is not None and Path(resume_path).exists():
-        Path(resume_path).unlink()
+def _restore(run: _Run, p: int, state: Optional[dict], acc: dict) -> int:
+    """Load the accumulators of an interrupted pass ``p``; returns the batch to resume from."""
+    if state is None or state.get("pass") != p or "acc" not in state:
+        return 0
+    for l, a in state["acc"].items():
+        acc[l].counts.copy_(a["counts"])
+        acc[l].sum.copy_(a["sum"])
+        acc[l].count = a["count"]
+        if a.get("masked") is not None:
+            run.masked[l] = a["masked"]
+    run.skipped = state.get("skipped", 0)
+    return state["batch"]
 
-    nan = lambda s: torch.full(s, float("nan"))
-    meta.update(num_images=seen_images, skipped_images=skipped)
-    return EntropyMaps(
-        entropy=[e if e is not None else nan(shapes[l]) for l, e in enumerate(entropy)],
-        mean=[m if m is not None else nan(shapes[l]) for l, m in enumerate(mean)],
-        masked=masked, meta=meta,
-        histograms=[h for h in hists] if keep_histograms else None,
-    )
+
+def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], batch_size: int, workers: int,
+              checkpoint_every: int, progress: bool, world: int) -> None:
+    """Count the histograms of the layers of pass ``p`` over this process's images, then finalise them."""
+    group = run.passes[p]
+    acc = {l: AttentionHistogram(run.shapes[l], run.bits, run.max_count, run.device) for l in group}
+    start_batch = _restore(run, p, state, acc)
+    # Every layer takes the explicit path in every pass (a no-op observer where nothing is
+    # counted): fused and explicit attention differ in the last bits, and a layer's input must
+    # not depend on which pass it is counted in.
+    observers = {l: _ignore for l in range(len(run.shapes))}
+    observers.update({l: _observer(acc[l], run.masked, l) for l in group})
+    n_batches = math.ceil(len(my_indices) / batch_size)
+    # Same batch boundaries as an uninterrupted run: resume skips whole batches.
+    loader = make_loader(run.dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
+    bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(run.passes)}",
+               unit="batch", disable=not progress, dynamic_ncols=True)
+    with observe(run.model, observers), torch.inference_mode():
+        for b, batch in enumerate(loader, start=start_batch):
+            run.skipped += batch.skipped if p == 0 else 0
+            if batch.images.numel():
+                run.model(batch.images.to(run.device, non_blocking=True))
+            bar.update(1)
+            if run.resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
+                run.save_partial(p, b + 1, acc)
+    bar.close()
+    for l in group:
+        a = acc[l]
+        if world > 1:
+            _all_reduce(a)
+        run.entropy[l], run.mean[l] = a.entropy().cpu(), a.mean().cpu()
+        if run.keep_histograms:
+            run.hists[l] = a.histogram().cpu()
+        if run.masked[l] is not None:
+            run.masked[l] = run.masked[l].cpu()
+        run.seen_images = a.count
+    del acc
+    if run.resume_path is not None and p + 1 < len(run.passes):
+        run.save_partial(p + 1, 0, {})
 
 
 def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
