@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from eamvit.errors import EamError
 from eamvit.experiments.results import ResultRow
+from eamvit.methods.calibrate import dist_info
 
 
 @dataclass
@@ -238,8 +239,8 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
         from eamvit.methods.evaluate import evaluate as evaluate_fn
     if timing is not None:
         timing.validate()
-    bar = tqdm(total=sum(len(p.seeds) for p in points), desc=desc, unit="eval", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(len(p.seeds) for p in points), desc=desc, unit="eval",
+               disable=not progress or dist_info()[0] != 0, dynamic_ncols=True)
     rows = []
     try:
         for p in points:
