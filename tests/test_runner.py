@@ -1,6 +1,4 @@
 """The one sweep runner, the throughput timer and the model-size rule."""
-import copy
-import math
 import statistics
 import time
 from contextlib import contextmanager

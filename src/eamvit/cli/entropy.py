@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
