@@ -7,7 +7,8 @@ from eamvit.experiments.compare import CompareConfig, compare, markdown_table
 from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods.evaluate import evaluate
-from eamvit.methods.repq import RepQConfig, quantize_
+from eamvit.methods.quantize import quantize_
+from eamvit.methods.repq import RepQConfig
 
 from conftest import TINY_VIT, make
 from test_runner import Images

@@ -126,7 +126,7 @@ def cmd_quant_sweep(args) -> None:
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
-    from eamvit.methods.repq import load_quantized
+    from eamvit.methods.quantize import load_quantized
 
     if getattr(args, "maps", None):
         raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")

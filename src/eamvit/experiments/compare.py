@@ -247,17 +247,6 @@ def validate_method_args(args: Any) -> None:
     method_config(args)
 
 
-def quantize_method(args: Any, model: nn.Module, calib: Dataset) -> dict[str, Any]:
-    """Quantize ``model`` with ``--quant adfq|pmq``; returns the extra result-row fields."""
-    cfg = method_config(args)
-    quantize_(model, cfg, calib, checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
-    if args.quant == "adfq":
-        return {"quant": "adfq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
-    rep = model.eam_quant_report
-    return {"quant": "pmq", "bits": cfg.label, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-            "size_mb": round(rep["chosen_size_mb"], 4)}
-
-
 def add_compare_args(p: Any) -> None:
     """Options of ``eamvit compare`` (model and data options are added by the CLI)."""
     g = p.add_argument_group("comparison")
