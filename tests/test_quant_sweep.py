@@ -9,7 +9,9 @@ from eamvit.errors import EamError
 from eamvit.methods.kl import cls_row_grid, compute_kl_maps, kl_maps, per_head_stats
 from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
-from eamvit.experiments.quant_sweep import QuantSweepConfig, model_bytes, quant_sweep, size_table_markdown, table1_markdown
+from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table, table1
+from eamvit.experiments.results import markdown
+from eamvit.experiments.size import model_size
 
 from conftest import TINY_SWIN, TINY_VIT, make
 
@@ -96,7 +98,7 @@ def test_quant_sweep_rows_table_and_sizes(tmp_path):
     table = res["table"]
     assert "| Full-Precision | 32/32 |" in table and "| RepQ-ViT | 4/4 |" in table
     assert "τ=10%" in table and "τ=20%" in table
-    assert size_table_markdown(rows).count("\n") > 5
+    assert markdown(*size_table(rows)).count("\n") > 5
     from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
 
     plot_quant_sweep(rows, tmp_path / "fig5.png")
@@ -114,7 +116,7 @@ def test_quant_sweep_on_swin():
 
 def test_table_without_tau_rows_and_bad_config():
     rows = [{"method": "fp", "maps": None, "values": None, "tau": 0.0, "precision": "32/32", "top1": 90.0}]
-    assert "EAM" not in table1_markdown(rows, "m")
+    assert "EAM" not in markdown(*table1(rows, "m"))
     with pytest.raises(EamError):
         QuantSweepConfig(taus=(1.5,)).validate()
     with pytest.raises(EamError):
@@ -124,7 +126,7 @@ def test_table_without_tau_rows_and_bad_config():
 def test_model_bytes_counts_bits():
     fp = make(TINY_VIT)
     q = quantize_(copy.deepcopy(fp), RepQConfig(calib_size=4, w_bits=8), torch.randn(4, 3, 32, 32))
-    b = model_bytes(q)
+    b = model_size(q).to_dict()
     from eamvit.methods.repq import QuantConv2d, QuantLinear
 
     nw = sum(m.weight.numel() for m in q.modules() if isinstance(m, (QuantLinear, QuantConv2d)))

@@ -49,6 +49,17 @@ _API = {
     "export_onnx": "eamvit.methods.export",
     "prepare_export_": "eamvit.methods.export",
     "OnnxClassifier": "eamvit.methods.export_runtime",
+    "run_sweep": "eamvit.experiments.runner",
+    "Point": "eamvit.experiments.runner",
+    "Applied": "eamvit.experiments.runner",
+    "EvalData": "eamvit.experiments.runner",
+    "Timing": "eamvit.experiments.runner",
+    "measure_throughput": "eamvit.experiments.runner",
+    "freeze_sweep": "eamvit.experiments.freeze_sweep",
+    "ResultRow": "eamvit.experiments.results",
+    "Column": "eamvit.experiments.results",
+    "write_table": "eamvit.experiments.results",
+    "model_size": "eamvit.experiments.size",
 }
 
 __all__ = sorted(_API) + ["__version__"]

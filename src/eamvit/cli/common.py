@@ -349,9 +349,6 @@ def validate_common(args) -> None:
             FreezeConfig(tau=t, value_bits=args.value_bits).validate()
         if args.seeds < 1:
             raise EamError("--seeds must be at least 1")
-    from eamvit.cli.quant import validate_quant_args
-
-    validate_quant_args(args)
     for name in ("batch_size", "num_samples", "calib_size"):
         v = getattr(args, name, None)
         if v is not None and v < 1:

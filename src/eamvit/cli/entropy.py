@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
-from eamvit.experiments.results import format_sweep_table
 
 
 def cmd_calibrate(args) -> None:
@@ -111,35 +107,86 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
 
 
 def cmd_sweep(args) -> None:
-    from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
-    from eamvit.io import ensure_writable_dir, write_results
+    from eamvit.experiments.freeze_sweep import freeze_sweep
+    from eamvit.experiments.results import format_sweep_table, write_table
+    from eamvit.experiments.runner import EvalData
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods.evaluate import evaluate
     from eamvit.plots.entropy import plot_sweep
 
     if args.prune:
         return cmd_prune_sweep(args)
     if args.quant or args.quant_state:
-        from eamvit.cli.quant import cmd_quant_sweep
-
-        return cmd_quant_sweep(args, load_model, build_data)
+        return cmd_quant_sweep(args)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
     maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
     base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
                     progress=False)
+    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
     rows = []
     for scope in args.scopes:
-        rows += freeze_sweep(model, maps, ev, args.taus, indices=ev_idx, scope=scope,
-                             seeds=range(args.seed, args.seed + args.seeds), value_bits=args.value_bits,
-                             value_quantizer=args.value_quantizer, batch_size=args.batch_size,
-                             workers=args.workers, device=device)
-    rows = [result_row(model, {k: v for k, v in r.items()}, cfg) for r in rows]
+        rows += freeze_sweep(model, maps, data, args.taus, scope=scope, seeds=range(args.seed, args.seed + args.seeds),
+                             value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+                             progress=is_main())
     if is_main():
-        write_results(out / "sweep", rows)
+        files = write_table(out / "sweep", rows)
         plot_sweep(rows, out / "sweep.png", title=f"{rows[0]['model']}: entropy vs random freezing",
                    reference={"unfrozen": base["top1"]})
         print(format_sweep_table(rows))
-        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+        print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "sweep.png"]))
+
+
+def cmd_quant_sweep(args) -> None:
+    """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
+    import copy
+
+    from eamvit.cli.quant import _calib_set, quant_config
+    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods.calibrate import parse_bytes
+    from eamvit.methods.quantize import load_quantized
+
+    if getattr(args, "maps", None):
+        raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")
+    if len(args.scopes) != 1:
+        raise EamError("sweep --quant takes one --scopes value")
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    q_model = None
+    if getattr(args, "quant_state", None):
+        q_model = copy.deepcopy(model)
+        load_quantized(q_model, args.quant_state)
+    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
+                             frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
+                             batch_size=args.batch_size)
+    res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
+                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
+                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
+    _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{args.w_bits}/A{args.a_bits}")
+    print(res["table"])
+
+
+def _write_quant_sweep(res: dict, out: Path, title: str) -> None:
+    """sweep.*, table1.*, sizes.*, kl_per_head.* (CSV, JSON, markdown) and the figures."""
+    from eamvit.experiments.quant_sweep import size_table
+    from eamvit.experiments.results import write_table
+    from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
+
+    rows, kl = res["rows"], res["kl"]
+    files = list(write_table(out / "sweep", rows).values())
+    files += write_table(out / "table1", *res["table1"]).values()
+    files += write_table(out / "sizes", *size_table(rows)).values()
+    files += write_table(out / "kl_per_head", kl.summary()).values()
+    plot_quant_sweep(rows, out / "sweep.png", title=title)
+    plot_kl_per_head(kl, out / "kl_per_head.png")
+    files += [out / "sweep.png", out / "kl_per_head.png"]
+    if kl.cls_rows(0) is not None:
+        plot_kl_cls(kl, 0, out / "kl_cls_L0.png")
+        files.append(out / "kl_cls_L0.png")
+    print("wrote " + ", ".join(str(f) for f in files))
 
 
 def cmd_plot(args) -> None:

@@ -59,10 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from eamvit.cli.quant import validate_quant_args
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         validate_common(args)
+        validate_quant_args(args)
         args.func(args)
         flush_warnings()
     except EamError as e:

@@ -201,49 +201,6 @@ def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
           f"{cfg.calib_size} images (seed {cfg.seed}); load it with --quant-state {out}")
 
 
-def cmd_quant_sweep(args: argparse.Namespace, load_model, build_data) -> None:
-    """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
-    import copy
-
-    from eamvit.methods.calibrate import parse_bytes
-    from eamvit.methods.quantize import load_quantized
-    from eamvit.io import ensure_writable_dir, write_csv, write_results, write_text
-    from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
-    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table_markdown
-
-    if getattr(args, "maps", None):
-        raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")
-    if len(args.scopes) != 1:
-        raise EamError("sweep --quant takes one --scopes value")
-    out = ensure_writable_dir(args.out)
-    model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
-    q_model = None
-    if getattr(args, "quant_state", None):
-        q_model = copy.deepcopy(model)
-        load_quantized(q_model, args.quant_state)
-    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
-                             frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
-                             batch_size=args.batch_size)
-    res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
-                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
-                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
-    rows, kl = res["rows"], res["kl"]
-    name = getattr(getattr(model, "eam_spec", None), "name", "model")
-    write_results(out / "sweep", rows)
-    plot_quant_sweep(rows, out / "sweep.png", title=f"{name}: EAM on RepQ-ViT W{args.w_bits}/A{args.a_bits}")
-    write_text(out / "table1.md", res["table"])
-    write_text(out / "sizes.md", size_table_markdown(rows))
-    write_csv(out / "kl_per_head.csv", kl.summary())
-    plot_kl_per_head(kl, out / "kl_per_head.png")
-    written = ["sweep.csv", "sweep.json", "sweep.png", "table1.md", "sizes.md", "kl_per_head.csv", "kl_per_head.png"]
-    if kl.cls_rows(0) is not None:
-        plot_kl_cls(kl, 0, out / "kl_cls_L0.png")
-        written.append("kl_cls_L0.png")
-    print(res["table"])
-    print("wrote " + ", ".join(str(out / w) for w in written))
-
-
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
     s = sub.add_parser("quantize", help="post-training quantization (RepQ-ViT, ADFQ-ViT or PMQ); saves the "

@@ -5,40 +5,30 @@ default, plus PMQ under explicit size budgets such as the paper's ``"8/8/4(MP)"`
 and optionally freezes the lowest-entropy attention entries at sparsity τ on top of each
 (EAM on the quantized model: maps computed on that quantized model, frozen values in fp32).
 :func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
-size, top-1 with the drop from full precision). :func:`compare_table` is the demo's fast version.
+size, top-1 and its drop from full precision). :func:`compare_table` is the demo's fast version.
 
-Model size: every quantized weight at its bit width, everything else (biases, LayerNorm,
-embeddings, unquantized layers) at 32 bits; MB = 10^6 bytes.
+Model size: :func:`eamvit.experiments.size.model_size` (quantized weights at their bits, quantizer
+scales and zero points and every other parameter at 32 bits); MB = 10^6 bytes.
 """
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.errors import EamError
-from eamvit.methods.evaluate import evaluate
+from eamvit.experiments.results import Column, ResultRow, markdown, write_table
+from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
+from eamvit.experiments.size import model_size
 from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.quantize import quantize_
-from eamvit.modules.quantizers import Quantizer
 from eamvit.choices import COMPARE_METHODS as METHODS  # defined torch-free for the CLI
-
-
-def model_size_mb(model: nn.Module) -> float:
-    """Size in MB: quantized weights at their bits (PMQ's eq. 17), all other parameters at 32 bits."""
-    bits = 0
-    quantized: set[int] = set()
-    for m in model.modules():
-        wq = getattr(m, "weight_quantizer", None)
-        if isinstance(wq, Quantizer) and wq.enabled and isinstance(getattr(m, "weight", None), torch.Tensor):
-            bits += m.weight.numel() * wq.bits
-            quantized.add(id(m.weight))
-    bits += sum(p.numel() * 32 for p in model.parameters() if id(p) not in quantized)
-    return bits / 8e6
 
 
 @dataclass
@@ -103,8 +93,7 @@ def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
 NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}
 
 
-def _freeze(model: nn.Module, test: Dataset, calib: Dataset, tau: float, bits: int, batch_size: int,
-            progress: bool) -> float:
+def _freeze(model: nn.Module, calib: Dataset, tau: float, bits: int, batch_size: int, progress: bool) -> float:
     """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
     from eamvit.methods.calibrate import compute_entropy_maps
     from eamvit.methods.freeze import FreezeConfig, freeze_
@@ -113,71 +102,87 @@ def _freeze(model: nn.Module, test: Dataset, calib: Dataset, tau: float, bits: i
     return freeze_(model, maps, FreezeConfig(tau=tau)).frozen_fraction
 
 
+def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tensor, config: CompareConfig) -> Point:
+    """A point that quantizes a copy of the model with ``method`` (timed) and freezes it if asked."""
+    @contextmanager
+    def quantized(model: nn.Module, seed: int) -> Iterator[Applied]:
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if method != "fp":
+            quantize_(m, cfg, calib, progress=config.progress)
+        seconds = time.perf_counter() - t0
+        size = model_size(m)
+        fields: dict[str, Any] = {"size_mb": round(size.mb, 4), "model_bytes": size.model_bytes,
+                                  "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
+        if config.freeze_sparsity is not None:
+            fields["sparsity"] = config.freeze_sparsity
+            fields["frozen"] = _freeze(m, calib, config.freeze_sparsity, config.entropy_bits, config.batch_size,
+                                       config.progress)
+        yield Applied(fields, model=m)
+
+    return Point({"method": method, "bits": label}, quantized)
+
+
 def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tensor, test: Dataset,
             config: Optional[CompareConfig] = None, device: torch.device | str | None = None,
-            test_indices: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
-    """One row per method and setting: ``method``, ``bits`` (W/A or W/A/P), ``top1``, ``top5``,
-    ``size_mb``, ``calib_seconds`` (and ``sparsity``, ``frozen`` with freezing).
+            test_indices: Optional[Sequence[int]] = None, data_config: Optional[dict] = None) -> list[ResultRow]:
+    """One row per method and setting, on :func:`~eamvit.experiments.runner.run_sweep`.
+
+    Each quantized row starts from a copy of one full-precision model. Rows carry ``method``,
+    ``bits`` (W/A or W/A/P), ``size_mb`` and ``model_bytes``
+    (:func:`~eamvit.experiments.size.model_size`), ``calib_seconds``, ``top1_delta`` (against the
+    full-precision row, when there is one), the accuracy fields, and ``sparsity``, ``frozen`` with
+    freezing.
 
     Args:
-        model_factory: returns a fresh full-precision, instrumented model (called once per row).
+        model_factory: returns the full-precision, instrumented model (called once).
         calib: calibration images: a dataset of ``(image, target)`` (PMQ then uses the labels) or a tensor.
         test: evaluation dataset.
         config: :class:`CompareConfig`.
         device: where to run.
         test_indices: evaluate on these items only.
+        data_config: the timm data config of ``test`` (recorded in the rows).
     """
     config = (config or CompareConfig()).validate()
     if config.freeze_sparsity is not None and not isinstance(calib, Dataset):
         raise EamError("freezing needs the calibration set as a dataset (the entropy maps are computed on it)")
-    rows = []
-    for method, label, cfg in _runs(config):
-        model = model_factory()
-        if device is not None:
-            model.to(device)
-        model.eval()
-        t0 = time.perf_counter()
-        if method != "fp":
-            quantize_(model, cfg, calib, progress=config.progress)
-        seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"method": method, "bits": label, "size_mb": round(model_size_mb(model), 4),
-                               "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
-        if config.freeze_sparsity is not None:
-            row["sparsity"] = config.freeze_sparsity
-            row["frozen"] = _freeze(model, test, calib, config.freeze_sparsity, config.entropy_bits,
-                                    config.batch_size, config.progress)
-        res = evaluate(model, test, indices=test_indices, batch_size=config.batch_size, progress=config.progress,
-                       desc=f"{method} {label}")
-        row.update(top1=res["top1"], top5=res["top5"])
-        rows.append(row)
+    model = model_factory()
+    if device is not None:
+        model.to(device)
+    model.eval()
+    points = [_method_point(method, label, cfg, calib, config) for method, label, cfg in _runs(config)]
+    data = EvalData(test, test_indices, batch_size=config.batch_size, device=device, data_config=data_config)
+    rows = run_sweep(model, data, points, progress=config.progress, desc="compare")
+    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
+    for r in rows:
+        r.fields["top1_delta"] = round(r["top1"] - fp, 3) if fp is not None and r["method"] != "fp" else None
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], model_name: str = "model") -> str:
-    """Rows as the seeds' table: Model | Method | W/A(/P) | Size (MB) | Acc (Top-1) | Calib. (s)."""
-    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
-    out = ["| Model | Method | W/A(/P) | Size (MB) | Acc (Top-1) | Calib. (s) |", "|---|---|---|---|---|---|"]
-    for i, r in enumerate(rows):
-        acc = f"{r['top1']:.2f}"
-        if fp is not None and r["method"] != "fp":
-            acc += f"({r['top1'] - fp:+.2f})"
-        name = NAMES[r["method"]] + (f" + EAM τ={r['sparsity']}" if "sparsity" in r else "")
-        out.append(f"| {model_name if i == 0 else ''} | {name} | {r['bits']} | {r['size_mb']:.3f} | {acc} | "
-                   f"{r['calib_seconds']:.1f} |")
-    return "\n".join(out) + "\n"
+def compare_columns(rows: Sequence[ResultRow | dict]) -> list[Column]:
+    """The seeds' table (PMQ Table III): Method | W/A(/P) | Size (MB) | Top-1 | Δ top-1 | Calib. (s)."""
+    cols = [Column("method", "Method", NAMES.get), Column("bits", "W/A(/P)")]
+    if any("sparsity" in r for r in rows):
+        cols.append(Column("sparsity", "EAM τ"))
+    return cols + [Column("size_mb", "Size (MB)", ".3f"), Column("top1", "Acc (Top-1)", ".2f"),
+                   Column("top1_delta", "Δ top-1", "+.2f"), Column("calib_seconds", "Calib. (s)", ".1f")]
+
+
+def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
+    """The rows as the seeds' table (:func:`compare_columns`)."""
+    return markdown(rows, compare_columns(rows))
 
 
 def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, test_ds: Dataset,
-                  model_name: str = "digits ViT", freeze_sparsity: Optional[float] = None,
-                  adfq_iterations: int = 20, calib_size: int = 64, device: torch.device | str | None = None,
-                  test_indices: Optional[Sequence[int]] = None) -> tuple[list[dict[str, Any]], str]:
+                  freeze_sparsity: Optional[float] = None, adfq_iterations: int = 20, calib_size: int = 64,
+                  device: torch.device | str | None = None,
+                  test_indices: Optional[Sequence[int]] = None) -> tuple[list[ResultRow], str]:
     """The demo's comparison with fast settings: few reconstruction iterations, small calibration sets.
 
     Args:
-        model_factory: returns a fresh full-precision model.
+        model_factory: returns the full-precision model.
         train_ds: calibration source.
         test_ds: evaluation set.
-        model_name: first column of the table.
         freeze_sparsity: EAM τ on top of every method (None: off).
         adfq_iterations: ADFQ-ViT iterations per module (the paper's 3000 is far too slow for a demo).
         calib_size: calibration images for ADFQ-ViT (RepQ-ViT and PMQ keep their 32).
@@ -191,7 +196,7 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
                         pmq=pmq.PMQConfig(), pmq_budgets=("8/8/4(MP)",),
                         freeze_sparsity=freeze_sparsity, progress=False)
     rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
-    return rows, markdown_table(rows, model_name)
+    return rows, markdown_table(rows)
 
 
 # --------------------------------------------------------------------------- command line
@@ -218,15 +223,6 @@ def validate_method_args(args: Any) -> None:
     method_config(args)
 
 
-def quantize_method(args: Any, model: nn.Module, calib: Dataset) -> dict[str, Any]:
-    """Quantize ``model`` with ``--quant adfq|pmq``; returns the extra result-row fields."""
-    cfg = method_config(args)
-    quantize_(model, cfg, calib, checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
-    if args.quant == "adfq":
-        return {"quant": "adfq", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
-    rep = model.eam_quant_report
-    return {"quant": "pmq", "bits": cfg.label, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-            "size_mb": round(rep["chosen_size_mb"], 4)}
 
 
 def _settings(text: str) -> tuple[tuple[int, int], ...]:
@@ -239,7 +235,7 @@ def _settings(text: str) -> tuple[tuple[int, int], ...]:
 
 def cmd_compare(args: Any, load_model: Callable, build_data: Callable) -> None:
     """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
-    from eamvit.io import ensure_writable_dir, write_results, write_text
+    from eamvit.io import ensure_writable_dir
 
     cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                         settings=_settings(args.settings),
@@ -249,18 +245,15 @@ def cmd_compare(args: Any, load_model: Callable, build_data: Callable) -> None:
                         freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)
     if cal is None:
         raise EamError("compare needs calibration images; pass --calib-data or use a dataset with a training split")
     from torch.utils.data import Subset
 
     calib = Subset(cal, list(cal_idx)) if cal_idx is not None else cal
-    rows = compare(lambda: load_model(args)[0], calib, ev, cfg, device=device, test_indices=ev_idx)
-    name = getattr(getattr(model, "eam_spec", None), "name", "model")
-    md = markdown_table(rows, name)
-    write_results(out / "compare", rows)
-    write_text(out / "compare.md", md)
-    print(md)
+    rows = compare(lambda: model, calib, ev, cfg, device=device, test_indices=ev_idx, data_config=data_cfg)
+    write_table(out / "compare", rows)
+    print(f"{rows[0]['model']}:\n{markdown_table(rows)}")
     print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")
 
 

@@ -19,12 +19,14 @@ from typing import Optional
 
 import torch
 
-from eamvit.methods.calibrate import compute_entropy_maps
-from eamvit.experiments.results import format_sweep_table
-from eamvit.methods.data import DigitsDataset
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
-from eamvit.methods.evaluate import evaluate, freeze_sweep, result_row
-from eamvit.io import ensure_writable_dir, write_results, write_text
+from eamvit.experiments.freeze_sweep import freeze_sweep
+from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, write_table
+from eamvit.experiments.runner import EvalData
+from eamvit.io import ensure_writable_dir, write_text
+from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
+from eamvit.methods.data import DigitsDataset
+from eamvit.methods.evaluate import evaluate
 from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
@@ -41,52 +43,84 @@ def _say(msg: str) -> None:
 
 def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint: Optional[str] = None,
              device: torch.device | str = "cpu", epochs: int = 80) -> dict:
-    """Run the demo; returns the numbers that went into the report."""
+    """Run the demo; returns the numbers that went into the report.
+
+    Args:
+        out: output folder.
+        retrain: train the digits ViT (``epochs`` epochs) instead of loading ``checkpoint``.
+        checkpoint: digits checkpoint (the bundled one by default).
+        device: where to run.
+        epochs: training epochs with ``retrain``.
+    """
     out = ensure_writable_dir(out)
     t0 = time.perf_counter()
-    if retrain:
-        ckpt = out / "digits_vit.safetensors"
-        _say(f"[1/{STEPS}] training the digits ViT ({epochs} epochs) -> {ckpt}")
-        train_digits(ckpt, DigitsConfig(epochs=epochs), device=device)
-    else:
-        ckpt = Path(checkpoint) if checkpoint else ASSET
-        _say(f"[1/{STEPS}] loading the digits ViT from {ckpt}")
+    ckpt = _checkpoint(out, retrain, checkpoint, device, epochs)
     model = load_demo_model(ckpt, device=device)
     train = DigitsDataset("train", img_size=DEMO_KWARGS["img_size"])
     test = DigitsDataset("test", img_size=DEMO_KWARGS["img_size"])
     base = evaluate(model, test, batch_size=256, device=device, progress=False)
     _say(f"      test top-1 {base['top1']:.2f}% on {base['num_images']} held-out digits")
+    maps = _maps_section(model, train, out, device)
+    rows = _sweep_section(model, maps, test, base, out, device)
+    sections = [_quant_section(model, train, test, out, device), _prune_section(model, train, test, out, device),
+                _compare_section(ckpt, train, test, out, device)]
+    _say(f"[8/{STEPS}] report")
+    table = format_sweep_table(rows)
+    elapsed = time.perf_counter() - t0
+    write_text(out / "report.md", _report(ckpt, train, base, table, sections, elapsed))
+    print(f"\nunfrozen test top-1: {base['top1']:.2f}%\n")
+    print(table)
+    for sec in sections:
+        print(sec["table"])
+    print(f"\nwrote {out / 'report.md'} with figures and results in {out}/ ({elapsed:.0f} s)")
+    return {"base": base, "rows": rows, "quant": sections[0]["rows"], "prune": sections[1]["rows"],
+            "compare": sections[2]["rows"]}
 
+
+def _checkpoint(out: Path, retrain: bool, checkpoint: Optional[str], device, epochs: int) -> Path:
+    """Step 1: the digits checkpoint (trained now with ``retrain``)."""
+    if not retrain:
+        ckpt = Path(checkpoint) if checkpoint else ASSET
+        _say(f"[1/{STEPS}] loading the digits ViT from {ckpt}")
+        return ckpt
+    ckpt = out / "digits_vit.safetensors"
+    _say(f"[1/{STEPS}] training the digits ViT ({epochs} epochs) -> {ckpt}")
+    train_digits(ckpt, DigitsConfig(epochs=epochs), device=device)
+    return ckpt
+
+
+def _maps_section(model, train, out: Path, device) -> EntropyMaps:
+    """Steps 2-3: entropy maps on the training split and the paper's figures of them."""
     _say(f"[2/{STEPS}] entropy attention maps on {len(train)} training digits (b=8)")
     maps = compute_entropy_maps(model, train, bits=8, batch_size=128, device=device,
                                 meta={"data": "digits/train", "seed": 0})
     maps.save(out / "maps.safetensors")
-
     _say(f"[3/{STEPS}] figures")
     last = maps.num_layers - 1
     for l in range(maps.num_layers):  # every layer, on one colour scale
         plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
     plot_full_entropy(maps, [(0, 0), (1, 2), (last, 0)], out / "full_entropy.png")
     plot_head_summary(maps, out / "head_entropy.png")
+    return maps
 
+
+def _sweep_section(model, maps: EntropyMaps, test, base: dict, out: Path, device) -> list[ResultRow]:
+    """Step 4: entropy against random freezing over τ, per scope (sweep.csv/json/md, sweep.png)."""
     _say(f"[4/{STEPS}] sweep tau x {{entropy, random x{len(SEEDS)} seeds}} x scope {{{', '.join(SCOPES)}}}")
-    rows = []
+    data = EvalData(test, batch_size=256, device=device)
+    rows: list[ResultRow] = []
     for scope in SCOPES:
-        rows += freeze_sweep(model, maps, test, TAUS, scope=scope, seeds=SEEDS, batch_size=256, device=device,
-                             label="fp32")
-    rows = [result_row(model, r) for r in rows]
-    write_results(out / "sweep", rows)
+        rows += freeze_sweep(model, maps, data, TAUS, scope=scope, seeds=SEEDS, label="fp32")
+    write_table(out / "sweep", rows)
     plot_sweep(rows, out / "sweep.png", title="digits ViT: entropy vs random freezing",
                reference={"unfrozen": base["top1"]})
+    return rows
 
-    quant = _quant_section(model, train, test, out, device)
-    prune = _prune_section(model, train, test, out, device)
-    compare = _compare_section(ckpt, train, test, out, device)
 
-    _say(f"[8/{STEPS}] report")
-    table = format_sweep_table(rows)
-    elapsed = time.perf_counter() - t0
-    report = f"""# eamvit demo: Entropy Attention Maps on the digits ViT
+def _report(ckpt: Path, train, base: dict, table: str, sections: list[dict], elapsed: float) -> str:
+    """The text of ``report.md``."""
+    parts = "\n".join(sec["markdown"] for sec in sections)
+    return f"""# eamvit demo: Entropy Attention Maps on the digits ViT
 
 Model: timm `{DEMO_MODEL}` with `{DEMO_KWARGS}`, weights `{ckpt.name}`.
 Data: scikit-learn digits, 8x8 upsampled to 16x16; {len(train)} training digits calibrate the maps,
@@ -96,54 +130,43 @@ Unfrozen test top-1: **{base['top1']:.2f}%** (top-5 {base['top5']:.2f}%).
 
 ## Top-1 (%) against sparsity τ (fraction of attention entries frozen to their mean)
 
-Entropy freezing is deterministic; random freezing is the mean ± std over {len(SEEDS)} seeds.
+Entropy freezing is deterministic; random freezing is the mean over {len(SEEDS)} seeds, with their
+standard deviation in the `±` column beside it.
 `head` freezes τ of every (layer, head), `global` τ of all entries of the model.
 
 {table}
-
 ![sweep](sweep.png)
 
 ## Figures
 
-- `cls_entropy_L0.png` ... `cls_entropy_L{last}.png`: entropy of the CLS token's attention to every patch, per
+- `cls_entropy_L0.png` ... `cls_entropy_L{DEMO_KWARGS['depth'] - 1}.png`: entropy of the CLS token's attention to every patch, per
   head, one file per layer on one colour scale (paper Fig. 2); layers and heads are numbered from 0
 - `full_entropy.png`: full entropy maps of chosen (layer, head) pairs (Fig. 3)
 - `head_entropy.png`: mean entropy per layer and head
 
-{quant["markdown"]}
-{prune["markdown"]}
-{compare["markdown"]}
-Files: `maps.safetensors` (the maps), `sweep.csv` / `sweep.json` (every point of the τ sweep),
-`quant_sweep.csv` / `.json`, `prune.csv` / `.json`, `compare.csv` / `.json`.
+{parts}
+Files: `maps.safetensors` (the maps); every table's rows with all their fields as CSV, JSON and
+markdown: `sweep.*` (every point of the τ sweep), `quant_sweep.*`, `prune.*`, `compare.*`.
 Run time: {elapsed:.0f} s.
 """
-    write_text(out / "report.md", report)
-    print(f"\nunfrozen test top-1: {base['top1']:.2f}%\n")
-    print(table)
-    print("\n" + quant["table"])
-    print(prune["table"])
-    print(compare["table"])
-    print(f"\nwrote {out / 'report.md'} with figures and results in {out}/ ({elapsed:.0f} s)")
-    return {"base": base, "rows": rows, "quant": quant["rows"], "prune": prune["rows"],
-            "compare": compare["rows"]}
 
 
 def _quant_section(model, train, test, out: Path, device) -> dict:
     """RepQ-ViT W4/A4 with EAM on top: Table 1 at τ = 10 % / 20 %, Fig. 5, KL maps (Fig. 4), sizes."""
     from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
     from eamvit.methods.repq import RepQConfig
-    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table_markdown
+    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
     _say(f"[5/{STEPS}] RepQ-ViT W4/A4 + EAM (tau in {QUANT_TAUS}, maps from FP and quantized model, "
          "fp32 and 4-bit frozen values, random freezing)")
     res = quant_sweep(model, test, train, RepQConfig(w_bits=4, a_bits=4),
                       QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device)
     rows = res["rows"]
-    write_results(out / "quant_sweep", rows)
+    write_table(out / "quant_sweep", rows)
     plot_quant_sweep(rows, out / "quant_sweep.png", title="digits ViT, W4/A4 RepQ-ViT + EAM")
     plot_kl_per_head(res["kl"], out / "kl_per_head.png", title="KL(p_fp32 || p_W4A4) per head")
     plot_kl_cls(res["kl"], 0, out / "kl_cls_L0.png")
-    sizes = size_table_markdown([r for r in rows if r["tau"] in (0.0, 0.2)])
+    sizes = markdown(*size_table([r for r in rows if r["tau"] in (0.0, 0.2)]))
     md = f"""## W4/A4 post-training quantization (RepQ-ViT) with EAM on top
 
 Table 1 of the paper on the digits ViT (top-1 %, held-out digits). EAM here uses maps computed on the
@@ -175,7 +198,7 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
 
     _say(f"[6/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
-    write_results(out / "prune", rows)
+    write_table(out / "prune", rows)
     plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
@@ -199,14 +222,13 @@ Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))}
     return {"rows": rows, "table": table, "markdown": md}
 
 
-
 def _compare_section(ckpt: Path, train, test, out: Path, device) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
     from eamvit.experiments.compare import compare_table
 
     _say(f"[7/{STEPS}] FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6")
     rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device)
-    write_results(out / "compare", rows)
+    write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
 
 ADFQ-ViT runs here with the demo's fast settings (20 reconstruction iterations per module, 64

@@ -13,28 +13,31 @@
 * ``random``: random freezing of the same number of entries on the quantized model (§5.2.2), with
   the quantized model's mean maps and quantized values, averaged over seeds.
 
-Every row carries a size report (:func:`size_report`).
+Every row carries a size report (:func:`size_report`, model bytes from
+:func:`eamvit.experiments.size.model_size`). The sweep runs on :func:`eamvit.experiments.runner.run_sweep`.
 """
 from __future__ import annotations
 
 import copy
 import math
-import statistics
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from eamvit.modules.attention import attention_layers
 from eamvit.errors import EamError
-from eamvit.methods.freeze import FreezeConfig, FreezeReport, freeze_, unfreeze_
-from eamvit.methods.kl import compute_kl_maps
-from eamvit.modules.quantizers import Quantizer
+from eamvit.experiments.freeze_sweep import freeze_point
+from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
+from eamvit.experiments.size import model_size
+from eamvit.methods.freeze import FreezeConfig, FreezeReport
+from eamvit.methods.kl import KLMaps, compute_kl_maps
 from eamvit.methods.quantize import quantize_
-from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas
+from eamvit.methods.repq import RepQConfig, attn_deltas
+from eamvit.modules.attention import attention_layers
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(10))
 EvaluateFn = Callable[..., dict]
@@ -81,32 +84,10 @@ class QuantSweepConfig:
 # --------------------------------------------------------------------------- sizes
 
 
-def _weight_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
-
-
-def model_bytes(model: nn.Module) -> dict[str, int]:
-    """Storage of ``model`` with every weight at its bit width.
-
-    Quantized weights count ``w_bits`` each (packed); everything else (biases, LayerNorm, embeddings,
-    Swin's bias tables) 32 bits; quantizer parameters (Δ, zero points) 32 bits each.
-
-    Returns:
-        ``weight_bytes`` (quantized weights, packed), ``fp32_param_bytes``, ``quant_param_bytes``,
-        ``model_bytes`` (their sum).
-    """
-    qweights = {id(m.weight): m.weight_quantizer.bits for m in _weight_modules(model) if m.weight_quantizer.enabled}
-    wbits = sum(p.numel() * qweights[id(p)] for p in model.parameters() if id(p) in qweights)
-    fp = sum(p.numel() * 4 for p in model.parameters() if id(p) not in qweights)
-    qp = sum(4 * getattr(q, n).numel() for q in model.modules() if isinstance(q, Quantizer)
-             for n in q._param_names if getattr(q, n) is not None)
-    w = (wbits + 7) // 8
-    return {"weight_bytes": w, "fp32_param_bytes": fp, "quant_param_bytes": qp, "model_bytes": w + fp + qp}
-
-
 def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_bits: Optional[int] = None,
                 attention_entries: Optional[int] = None) -> dict[str, Any]:
-    """Model bytes, frozen-map bytes and the attention work frozen entries save.
+    """Model bytes (:func:`~eamvit.experiments.size.model_size`), frozen-map bytes and the attention work
+    frozen entries save.
 
     Frozen maps store one bit per attention entry (the mask) plus the frozen values at
     ``value_bits`` (32 for fp32). Per image, every frozen entry is one score ``q·k`` (``head_dim``
@@ -114,11 +95,11 @@ def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_b
 
     Args:
         model: the (quantized) model.
-        report: the :class:`~eamvit.freeze.FreezeReport` of the freeze applied, if any.
+        report: the :class:`~eamvit.methods.freeze.FreezeReport` of the freeze applied, if any.
         value_bits: bits of the frozen values (``None``: fp32).
         attention_entries: attention entries per image (taken from ``report`` when given).
     """
-    out: dict[str, Any] = dict(model_bytes(model))
+    out: dict[str, Any] = model_size(model).to_dict()
     frozen = report.frozen if report is not None else 0
     total = report.total if report is not None else attention_entries
     vb = 32 if value_bits is None else value_bits
@@ -135,6 +116,52 @@ def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_b
 
 
 # --------------------------------------------------------------------------- sweep
+
+
+def _baseline(model: nn.Module, fields: dict[str, Any], entries: int) -> Point:
+    """FP or RepQ-ViT as they are (τ-independent), with their size report."""
+    @contextmanager
+    def as_is(_: nn.Module, seed: int) -> Iterator[Applied]:
+        yield Applied({"frozen_fraction": 0.0, **size_report(model, attention_entries=entries)}, model=model)
+
+    return Point(fields, as_is)
+
+
+def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSweepConfig",
+            fbits: int) -> tuple[list[Point], list[Point]]:
+    """``(baselines, freezing points)`` of the sweep, in row order."""
+    qcfg = q_model.eam_quant_config
+    entries = sum(m.numel() for m in kl.fp.entropy)
+    wa = f"{qcfg.w_bits}/{qcfg.a_bits}"
+    base = [_baseline(fp_model, {"method": "fp", "maps": None, "values": None, "precision": "32/32"}, entries),
+            _baseline(q_model, {"method": "repq", "maps": None, "values": None, "precision": wa}, entries)]
+    maps = {"fp": kl.fp, "quant": kl.quant}
+    deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
+    vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
+
+    def point(tau: float, method: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
+        vb = fbits if vals == "quant" else None
+        cfg = FreezeConfig(tau=tau, scope=sweep.scope, selection="entropy" if method == "eam" else "random",
+                           value_bits=vb, value_quantizer=vq)
+        fields = {"tau": tau, "method": method, "maps": mp, "values": f"{fbits}bit" if vb else "fp32",
+                  "precision": wa}
+        return freeze_point(maps[mp], cfg, fields, seeds, deltas if vb else None,
+                            measure=lambda m, rep: size_report(m, rep, vb))
+
+    frozen = []
+    for tau in sweep.taus:
+        frozen += [point(tau, "eam", mp, vals, (0,)) for mp in sweep.maps for vals in sweep.values]
+        frozen.append(point(tau, "random", "quant", "quant", sweep.random_seeds))
+    return base, frozen
+
+
+def _quantized(fp_model: nn.Module, config: RepQConfig, calib: torch.Tensor | Dataset,
+               q_model: Optional[nn.Module]) -> nn.Module:
+    if q_model is None:
+        q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
+    if getattr(q_model, "eam_quant_config", None) is None:
+        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
+    return q_model
 
 
 def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Dataset,
@@ -160,89 +187,52 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         progress: progress bars.
         max_memory: histogram budget per model in bytes (more passes above it).
         evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=) -> {"top1", "top5"}``
-            (:func:`eamvit.evaluate.evaluate` by default).
+            (:func:`eamvit.methods.evaluate.evaluate` by default).
 
     Returns:
-        ``rows`` (one per τ and method), ``kl`` (:class:`~eamvit.kl.KLMaps` of FP vs quantized),
-        ``table`` (Table 1 markdown), ``q_model``.
+        ``rows`` (one :class:`~eamvit.experiments.results.ResultRow` per τ and method; the FP and
+        RepQ-ViT rows repeat at every τ), ``kl`` (:class:`~eamvit.methods.kl.KLMaps` of FP vs
+        quantized), ``table1`` (Table 1 as ``(rows, columns)``), ``table`` (its markdown), ``q_model``.
     """
-    if evaluate_fn is None:
-        from eamvit.methods.evaluate import evaluate as evaluate_fn
     config = (config or RepQConfig()).validate()
     sweep = (sweep or QuantSweepConfig()).validate()
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
-    if q_model is None:
-        q_model = copy.deepcopy(fp_model)
-        quantize_(q_model, config, repq_calib if repq_calib is not None else calib_dataset, progress=False)
-    qcfg = getattr(q_model, "eam_quant_config", None)
-    if qcfg is None:
-        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
-    ev = dict(batch_size=sweep.batch_size, workers=workers, device=device, progress=False)
-
-    def evaluate(model: nn.Module) -> dict:
-        return evaluate_fn(model, eval_dataset, eval_indices, **ev)
-
+    q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
                          batch_size=sweep.batch_size, workers=workers, device=device, max_memory=max_memory,
                          progress=progress)
-    maps = {"fp": kl.fp, "quant": kl.quant}
-    entries = sum(m.numel() for m in kl.fp.entropy)
-    deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
-    vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
-    wa = f"{qcfg.w_bits}/{qcfg.a_bits}"
-
-    base = {"fp": (fp_model, evaluate(fp_model), "32/32"), "repq": (q_model, evaluate(q_model), wa)}
-    jobs = [(t, "eam", mp, vals, 0) for t in sweep.taus for mp in sweep.maps for vals in sweep.values]
-    jobs += [(t, "random", "quant", "quant", s) for t in sweep.taus for s in sweep.random_seeds]
-    results: dict[tuple, list[tuple[dict, FreezeReport]]] = {}
-    bar = tqdm(jobs, desc="quant sweep", unit="point", disable=not progress, dynamic_ncols=True)
-    try:
-        for tau, method, mp, vals, seed in bar:
-            bar.set_postfix(tau=tau, method=method, maps=mp, values=vals)
-            cfg = FreezeConfig(tau=tau, scope=sweep.scope, selection="entropy" if method == "eam" else "random",
-                               seed=seed, value_bits=fbits if vals == "quant" else None, value_quantizer=vq)
-            report = freeze_(q_model, maps[mp], cfg, value_deltas=deltas if vals == "quant" else None)
-            results.setdefault((tau, method, mp, vals), []).append((evaluate(q_model), report))
-    finally:
-        unfreeze_(q_model)
-
-    rows: list[dict[str, Any]] = []
-    for tau in sweep.taus:
-        for name, (model, m, prec) in base.items():
-            rows.append({"tau": tau, "method": name, "maps": None, "values": None, "precision": prec,
-                         "top1": m["top1"], "top1_std": 0.0, "top5": m["top5"], "frozen_fraction": 0.0, "seeds": 1,
-                         **size_report(model, attention_entries=entries)})
-        for (t, method, mp, vals), res in results.items():
-            if t != tau:
-                continue
-            top1s = [r[0]["top1"] for r in res]
-            report = res[-1][1]
-            vb = fbits if vals == "quant" else None
-            rows.append({"tau": tau, "method": method, "maps": mp,
-                         "values": f"{fbits}bit" if vals == "quant" else "fp32", "precision": wa,
-                         "top1": round(statistics.fmean(top1s), 3),
-                         "top1_std": round(statistics.pstdev(top1s), 3) if len(top1s) > 1 else 0.0,
-                         "top5": round(statistics.fmean(r[0]["top5"] for r in res), 3),
-                         "frozen_fraction": round(report.frozen_fraction, 6), "seeds": len(res),
-                         **size_report(q_model, report, vb)})
+    base, frozen = _points(fp_model, q_model, kl, sweep, fbits)
+    data = EvalData(eval_dataset, eval_indices, batch_size=sweep.batch_size, workers=workers, device=device)
+    run = run_sweep(q_model, data, base + frozen, evaluate_fn=evaluate_fn, progress=progress, desc="quant sweep")
+    base_rows, frozen_rows = run[:len(base)], run[len(base):]
+    rows: list[ResultRow] = []
+    for tau in sweep.taus:  # the τ-independent baselines repeat at every τ, so each τ has its full set
+        rows += [replace(r, fields={"tau": tau, **r.fields}) for r in base_rows]
+        rows += [r for r in frozen_rows if r["tau"] == tau]
     label = getattr(getattr(fp_model, "eam_spec", None), "name", type(fp_model).__name__)
-    table = table1_markdown(rows, label, maps=sweep.table_maps,
-                            values=f"{fbits}bit" if sweep.table_values == "quant" else "fp32")
-    return {"rows": rows, "kl": kl, "table": table, "q_model": q_model}
+    values = f"{fbits}bit" if sweep.table_values == "quant" else "fp32"
+    t1 = table1(rows, label, maps=sweep.table_maps, values=values)
+    return {"rows": rows, "kl": kl, "table1": t1, "table": markdown(*t1), "q_model": q_model}
 
 
-def table1_markdown(rows: Sequence[dict], model_name: str, taus: Sequence[float] = (0.1, 0.2),
-                    maps: str = "quant", values: str = "4bit") -> str:
+# --------------------------------------------------------------------------- tables
+
+
+def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[float] = (0.1, 0.2),
+           maps: str = "quant", values: str = "4bit") -> tuple[list[dict[str, Any]], list[Column]]:
     """The paper's Table 1 for one model: FP, RepQ-ViT and EAM at τ = 10 % and 20 % (top-1, %).
 
     Args:
         rows: rows of :func:`quant_sweep`.
-        model_name: the column header.
+        model_name: the header of the accuracy column.
         taus: the sparsity levels reported.
         maps: which maps the EAM rows use (``"quant"``: the paper's EAM_4bits).
         values: which frozen values (``"4bit"``-style label or ``"fp32"``).
+
+    Returns:
+        ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
     """
-    def pick(method: str, tau: Optional[float] = None) -> Optional[dict]:
+    def pick(method: str, tau: Optional[float] = None) -> Optional[ResultRow | dict]:
         for r in rows:
             if r["method"] != method:
                 continue
@@ -251,27 +241,31 @@ def table1_markdown(rows: Sequence[dict], model_name: str, taus: Sequence[float]
             return r
         return None
 
-    lines = [f"| Method | Prec. (W/A) | {model_name} |", "|---|---|---|"]
+    out = []
     for name, r in (("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))):
         if r is not None:
-            lines.append(f"| {name} | {r['precision']} | {r['top1']:.2f} |")
+            out.append({"method": name, "precision": r["precision"], "top1": r["top1"]})
     tag = values.replace("bit", "bits") if values != "fp32" else "32bits"
     for t in taus:
         r = pick("eam", t)
         if r is not None:
-            lines.append(f"| EAM_{tag} (τ={round(100 * t)}%, maps from {'quantized' if maps == 'quant' else 'FP'} "
-                         f"model) | {r['precision']} | {r['top1']:.2f} |")
-    return "\n".join(lines) + "\n"
+            out.append({"method": f"EAM_{tag} (τ={round(100 * t)}%, maps from "
+                                  f"{'quantized' if maps == 'quant' else 'FP'} model)",
+                        "precision": r["precision"], "top1": r["top1"]})
+    return out, [Column("method", "Method"), Column("precision", "Prec. (W/A)"), Column("top1", model_name, ".2f")]
 
 
-def size_table_markdown(rows: Sequence[dict]) -> str:
-    """Size report per configuration (one line per method/maps/values at each τ)."""
-    lines = ["| τ | method | maps | values | model bytes | frozen-map bytes | total bytes | entries skipped "
-             "| q·k MACs skipped |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"] in ("fp", "repq") and r["tau"] != rows[0]["tau"]:
-            continue
-        lines.append(f"| {r['tau']:.1f} | {r['method']} | {r['maps'] or ''} | {r['values'] or ''} "
-                     f"| {r['model_bytes']} | {r['frozen_map_bytes']} | {r['total_bytes']} | {r['entries_skipped']} "
-                     f"| {r['qk_macs_skipped']} |")
-    return "\n".join(lines) + "\n"
+SIZE_COLUMNS = [Column("tau", "τ", ".1f"), Column("method"), Column("maps"), Column("values"),
+                Column("model_bytes", "model bytes", ","), Column("frozen_map_bytes", "frozen-map bytes", ","),
+                Column("total_bytes", "total bytes", ","), Column("entries_skipped", "entries skipped", ","),
+                Column("qk_macs_skipped", "q·k MACs skipped", ",")]
+
+
+def size_table(rows: Sequence[ResultRow | dict]) -> tuple[list[ResultRow | dict], list[Column]]:
+    """The size report: one line per method/maps/values at each τ (FP and RepQ-ViT once).
+
+    Returns:
+        ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
+    """
+    first = rows[0]["tau"] if rows else None
+    return [r for r in rows if r["method"] not in ("fp", "repq") or r["tau"] == first], SIZE_COLUMNS

@@ -1,28 +1,244 @@
-"""The one results writer: typed rows to CSV, JSON and markdown with the same columns."""
+"""The one results writer: typed rows to CSV, JSON and a markdown table with the same columns.
+
+Every table eamvit writes or prints goes through :func:`write_table` (files) or :func:`markdown`
+(text): the freezing sweep, the quantized sweep with Table 1 and the size report, the method
+comparison, the pruning sweep and every table of the demo report. A table is a list of rows
+(:class:`ResultRow` or plain mappings) and a list of :class:`Column`; CSV and JSON hold the raw
+values of those columns, markdown the same columns formatted for reading.
+
+:class:`ResultRow` carries the fields of timm's ``validate.py`` results (``model``, ``top1``,
+``top1_err``, ``top5``, ``top5_err``, ``num_images``, ``skipped_images``, ``param_count``,
+``img_size``, ``crop_pct``, ``interpolation``), the spread over seeds, an optional measured
+throughput, and the method's own fields (τ, selection, bits, κ ...).
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+from eamvit.errors import EamError
+from eamvit.io import atomic_path, write_text
+
+VALIDATE_FIELDS = ("model", "top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images",
+                   "param_count", "img_size", "crop_pct", "interpolation")
 
 
-def format_sweep_table(rows: Sequence[dict]) -> str:
-    """Markdown table: one row per τ, one column per (selection, scope)."""
-    cols = []
+@dataclass(eq=False)
+class ResultRow(Mapping):
+    """One evaluated configuration; reads like a dict (``row["top1"]``) in the field order of :meth:`to_dict`.
+
+    Args:
+        model: model name (timm name or the checkpoint's).
+        top1, top5: accuracy in percent (the mean over ``seeds`` evaluations).
+        top1_err, top5_err: ``100 − top1``, ``100 − top5``.
+        num_images: images evaluated (per seed).
+        skipped_images: unreadable images skipped.
+        param_count: parameters in millions.
+        img_size, crop_pct, interpolation: the preprocessing used.
+        fields: the method's fields (τ, selection, bits ...) and what it measured (frozen fraction, size ...).
+        top1_std, top5_std: population standard deviation over seeds (0 for one seed).
+        seeds: evaluations averaged.
+        images_per_s: measured throughput (median over repetitions), if timed.
+        images_per_s_p25, images_per_s_p75: its interquartile range.
+    """
+
+    model: str
+    top1: float
+    top1_err: float
+    top5: float
+    top5_err: float
+    num_images: int
+    skipped_images: int = 0
+    param_count: Optional[float] = None
+    img_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    top1_std: float = 0.0
+    top5_std: float = 0.0
+    seeds: int = 1
+    images_per_s: Optional[float] = None
+    images_per_s_p25: Optional[float] = None
+    images_per_s_p75: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict: timm's fields in its order, spread over seeds, the method fields, throughput (if timed)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in VALIDATE_FIELDS}
+        out.update(top1_std=self.top1_std, top5_std=self.top5_std, seeds=self.seeds)
+        out.update(self.fields)
+        if self.images_per_s is not None:
+            out.update(images_per_s=self.images_per_s, images_per_s_p25=self.images_per_s_p25,
+                       images_per_s_p75=self.images_per_s_p75)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+Row = Union[ResultRow, Mapping]
+Formatter = Union[str, Callable[[Any], str]]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table.
+
+    Args:
+        key: the row field (the CSV header and the JSON key).
+        title: the markdown header (``key`` by default).
+        fmt: markdown format: a format spec such as ``".2f"`` or ``","``, or a function of the value.
+            Missing values (``None``) are empty cells in every format.
+    """
+
+    key: str
+    title: str = ""
+    fmt: Formatter = ""
+
+    def header(self) -> str:
+        return self.title or self.key
+
+    def cell(self, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if callable(self.fmt):
+            return self.fmt(value)
+        if isinstance(value, (bool, str)) or not self.fmt:
+            return str(value)
+        return format(value, self.fmt)
+
+
+def columns_of(rows: Sequence[Row]) -> list[Column]:
+    """One plain column per field, the union over ``rows`` in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    return [Column(k) for k in keys]
+
+
+def _plain(value: Any) -> Any:
+    # JSON has no infinity or NaN: write them as the strings float() reads back.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def table_rows(rows: Sequence[Row], columns: Sequence[Column]) -> list[dict[str, Any]]:
+    """The rows restricted to ``columns``, in column order, as plain JSON-ready dicts."""
+    return [{c.key: _plain(r.get(c.key)) for c in columns} for r in rows]
+
+
+def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) -> str:
+    """A markdown table of ``rows`` (every field when ``columns`` is ``None``)."""
+    columns = list(columns) if columns is not None else columns_of(rows)
+    if not columns:
+        raise EamError("a table needs at least one column")
+    lines = ["| " + " | ".join(_esc(c.header()) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_esc(c.cell(r.get(c.key))) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe inside a cell would split it
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(keys))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _stem_path(stem: Path, ext: str) -> Path:
+    # Append, never replace: ``--out eval_0.2`` must give eval_0.2.csv, not eval_0.csv.
+    return stem.with_name(stem.name + ext)
+
+
+def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[Sequence[Column]] = None,
+                formats: Sequence[str] = ("csv", "json", "md")) -> dict[str, Path]:
+    """Write ``stem.csv``, ``stem.json`` and ``stem.md`` with the same columns (atomically).
+
+    Args:
+        stem: path without extension (an extension-like suffix such as ``eval_0.2`` is kept).
+        rows: the rows.
+        columns: the columns (every field of ``rows`` by default).
+        formats: which of ``csv``, ``json``, ``md`` to write.
+
+    Returns:
+        ``{format: path}`` of the files written.
+    """
+    bad = set(formats) - {"csv", "json", "md"}
+    if bad:
+        raise EamError(f"unknown table formats {sorted(bad)}; use csv, json, md")
+    columns = list(columns) if columns is not None else columns_of(rows)
+    plain = table_rows(rows, columns)
+    stem = Path(stem)
+    out: dict[str, Path] = {}
+    if "csv" in formats:
+        out["csv"] = _stem_path(stem, ".csv")
+        _write_csv(out["csv"], plain, [c.key for c in columns])
+    if "json" in formats:
+        out["json"] = _stem_path(stem, ".json")
+        write_text(out["json"], json.dumps(plain, indent=2) + "\n")
+    if "md" in formats:
+        out["md"] = _stem_path(stem, ".md")
+        write_text(out["md"], markdown(rows, columns))
+    return out
+
+
+# --------------------------------------------------------------------------- the freezing sweep's view
+
+
+def _tau_cols(rows: Sequence[Row]) -> list[tuple[str, str]]:
+    cols: list[tuple[str, str]] = []
     for r in rows:
         c = (r["selection"], r["scope"])
         if c not in cols:
             cols.append(c)
-    taus = sorted({r["tau"] for r in rows})
-    head = "| τ | " + " | ".join(f"{s} ({sc})" for s, sc in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for t in taus:
-        cells = []
-        for s, sc in cols:
-            r = next((r for r in rows if r["tau"] == t and r["selection"] == s and r["scope"] == sc), None)
-            if r is None:
-                cells.append("")
-            elif r.get("top1_std"):
-                cells.append(f"{r['top1']:.2f} ± {r['top1_std']:.2f}")
-            else:
-                cells.append(f"{r['top1']:.2f}")
-        lines.append(f"| {t:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return cols
+
+
+def sweep_table(rows: Sequence[Row]) -> tuple[list[dict[str, Any]], list[Column]]:
+    """The freezing sweep as one row per τ and one top-1 column per (selection, scope).
+
+    Selections averaged over several seeds (random freezing) get a ``±`` column with the standard
+    deviation next to their mean.
+
+    Returns:
+        ``(rows, columns)`` for :func:`markdown` or :func:`write_table`.
+    """
+    cols = _tau_cols(rows)
+    multi = {c for c in cols if any((r["selection"], r["scope"]) == c and r.get("seeds", 1) > 1 for r in rows)}
+    columns = [Column("tau", "τ", ".1f")]
+    for sel, scope in cols:
+        columns.append(Column(f"{sel}_{scope}", f"{sel} ({scope})", ".2f"))
+        if (sel, scope) in multi:
+            columns.append(Column(f"{sel}_{scope}_std", "±", ".2f"))
+    out = []
+    for tau in sorted({r["tau"] for r in rows}):
+        line: dict[str, Any] = {"tau": tau}
+        for sel, scope in cols:
+            r = next((r for r in rows if r["tau"] == tau and (r["selection"], r["scope"]) == (sel, scope)), None)
+            line[f"{sel}_{scope}"] = r["top1"] if r is not None else None
+            if (sel, scope) in multi:
+                line[f"{sel}_{scope}_std"] = r.get("top1_std") if r is not None else None
+        out.append(line)
+    return out, columns
+
+
+def format_sweep_table(rows: Sequence[Row]) -> str:
+    """Markdown of :func:`sweep_table`: top-1 per τ (rows) and (selection, scope) (columns)."""
+    return markdown(*sweep_table(rows))

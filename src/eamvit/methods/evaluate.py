@@ -1,7 +1,6 @@
-"""Accuracy (top-1/top-5, rows shaped like timm's validate.py results) and freezing sweeps."""
+"""Accuracy: top-1/top-5 of a classifier on a dataset (the one evaluation every sweep uses)."""
 from __future__ import annotations
 
-import statistics
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,10 +9,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from eamvit.methods.calibrate import EntropyMaps, dist_info
+from eamvit.methods.calibrate import dist_info
 from eamvit.methods.data import make_loader, shard
 from eamvit.errors import EamError
-from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
 from eamvit.methods.models import model_spec
 
 
@@ -85,50 +83,3 @@ def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dic
            "data_config_source": cfg.get("source"), "weights": spec.weights}
     row.update(extra)
     return row
-
-
-def freeze_sweep(model: nn.Module, maps: EntropyMaps, dataset: Dataset, taus: Sequence[float],
-                 indices: Optional[Sequence[int]] = None, scope: str = "head",
-                 selections: Sequence[str] = ("entropy", "random"), seeds: Sequence[int] = (0, 1, 2),
-                 value_bits: Optional[int] = None, value_quantizer: str = "uniform", batch_size: int = 64,
-                 workers: int = 0, device: torch.device | str | None = None, progress: bool = True,
-                 value_deltas: Optional[Sequence] = None, label: str = "") -> list[dict[str, Any]]:
-    """Top-1 against sparsity τ for entropy and random freezing (the paper's Fig. 5/6).
-
-    Random freezing is averaged over ``seeds`` (its standard deviation is reported); entropy freezing
-    is deterministic. The model is left unfrozen afterwards.
-
-    Returns:
-        One row per (τ, selection): ``tau``, ``selection``, ``scope``, ``top1``, ``top1_std``,
-        ``top5``, ``frozen_fraction``, ``frozen_window_masked``, ``seeds``.
-    """
-    rows = []
-    jobs = [(t, s) for t in taus for s in selections]
-    bar = tqdm(jobs, desc=f"sweep {label}".strip(), unit="point", disable=not progress or dist_info()[0] != 0,
-               dynamic_ncols=True)
-    try:
-        for tau, sel in bar:
-            bar.set_postfix(tau=tau, selection=sel)
-            run_seeds = list(seeds) if sel == "random" and tau > 0 else [0]
-            top1s, top5s, report = [], [], None
-            for seed in run_seeds:
-                cfg = FreezeConfig(tau=tau, scope=scope, selection=sel, seed=seed, value_bits=value_bits,
-                                   value_quantizer=value_quantizer)
-                report = freeze_(model, maps, cfg, value_deltas=value_deltas)
-                m = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device,
-                             progress=False)
-                top1s.append(m["top1"])
-                top5s.append(m["top5"])
-            rows.append({
-                "label": label, "tau": tau, "selection": sel, "scope": scope,
-                "value_bits": value_bits if value_bits is not None else 32,
-                "top1": round(statistics.fmean(top1s), 3),
-                "top1_std": round(statistics.pstdev(top1s), 3) if len(top1s) > 1 else 0.0,
-                "top5": round(statistics.fmean(top5s), 3),
-                "frozen_fraction": round(report.frozen_fraction, 6),
-                "frozen_window_masked": report.frozen_window_masked,
-                "seeds": len(run_seeds), "num_images": m["num_images"], "skipped_images": m["skipped_images"],
-            })
-    finally:
-        unfreeze_(model)
-    return rows

@@ -1,0 +1,264 @@
+"""The one sweep runner and the one throughput timer.
+
+A sweep is a model, evaluation data and a list of :class:`Point`. A point is a label (the fields
+its row carries) and a *state*: a context manager that puts the model in a configuration for one
+seed (frozen at τ, quantized, pruned ...), yields what to evaluate, and undoes itself on exit. The
+runner enters each point's state once per seed, evaluates with :func:`eamvit.methods.evaluate.evaluate`,
+optionally times the model in that state (:func:`measure_throughput`), averages over seeds (mean and
+population standard deviation) and returns one :class:`~eamvit.experiments.results.ResultRow` per point.
+Because states undo themselves, the model is back to its original configuration between points
+and after the sweep, also when a point fails.
+
+Example::
+
+    @contextmanager
+    def frozen(model, seed):
+        report = freeze_(model, maps, FreezeConfig(tau=0.5, selection="random", seed=seed))
+        try:
+            yield Applied({"frozen_fraction": report.frozen_fraction})
+        finally:
+            unfreeze_(model)
+
+    rows = run_sweep(model, EvalData(test), [Point({"tau": 0.5}, frozen, seeds=(0, 1, 2))])
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from eamvit.errors import EamError
+from eamvit.experiments.results import ResultRow
+from eamvit.methods.calibrate import dist_info
+
+
+@dataclass
+class Applied:
+    """What a point's state yields.
+
+    Args:
+        fields: measured fields added to the row (frozen fraction, size, GFLOPs ...); the last
+            seed's are kept.
+        model: evaluate this model instead of the runner's (e.g. a quantized copy); ``None``: the
+            runner's model, changed in place.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    model: Optional[nn.Module] = None
+
+
+State = Callable[[nn.Module, int], AbstractContextManager]
+
+
+@dataclass
+class Point:
+    """One configuration of a sweep.
+
+    Args:
+        fields: the label of the row (τ, selection, method, bits ...), placed first.
+        state: ``state(model, seed)``: a context manager that configures ``model`` for ``seed``,
+            yields an :class:`Applied` (or ``None``) and restores ``model`` on exit.
+        seeds: seeds to evaluate and average.
+    """
+
+    fields: dict[str, Any]
+    state: State
+    seeds: Sequence[int] = (0,)
+
+
+@contextmanager
+def unchanged(model: nn.Module, seed: int) -> Iterator[Applied]:
+    """The state of a baseline point: the model as it is."""
+    yield Applied()
+
+
+@dataclass
+class EvalData:
+    """Evaluation data and settings of a sweep.
+
+    Args:
+        dataset: items ``(image, target)``.
+        indices: which items (all by default).
+        batch_size: images per forward.
+        workers: DataLoader workers.
+        device: where to run (the model's device by default).
+        data_config: timm data config used to build ``dataset`` (recorded in the rows).
+    """
+
+    dataset: Dataset
+    indices: Optional[Sequence[int]] = None
+    batch_size: int = 64
+    workers: int = 0
+    device: torch.device | str | None = None
+    data_config: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How :func:`measure_throughput` times a model.
+
+    Args:
+        batch_size: images per timed forward (random inputs at the model's input size).
+        warmup: untimed forwards first.
+        reps: timed forwards.
+    """
+
+    batch_size: int = 32
+    warmup: int = 2
+    reps: int = 10
+
+    def validate(self) -> "Timing":
+        if self.batch_size < 1 or self.warmup < 0 or self.reps < 3:
+            raise EamError(f"timing needs batch_size ≥ 1, warmup ≥ 0 and reps ≥ 3 (for a spread), got {self}")
+        return self
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images per second over repetitions: median and interquartile range (25th, 75th percentile)."""
+
+    median: float
+    p25: float
+    p75: float
+    reps: int
+
+    def fields(self) -> dict[str, float]:
+        return {"images_per_s": round(self.median, 2), "images_per_s_p25": round(self.p25, 2),
+                "images_per_s_p75": round(self.p75, 2)}
+
+
+def _model_input_size(model: nn.Module) -> tuple[int, ...]:
+    from eamvit.methods.models import data_config
+
+    return tuple(int(v) for v in data_config(model)["input_size"])
+
+
+@torch.inference_mode()
+def measure_throughput(model: nn.Module, timing: Timing = Timing(), input_size: Optional[Sequence[int]] = None,
+                       device: torch.device | str | None = None) -> Throughput:
+    """Images per second of ``model`` in eval mode on a fixed random batch.
+
+    Every repetition is one forward of ``timing.batch_size`` images, synchronised on CUDA; the
+    result is the median over ``timing.reps`` repetitions after ``timing.warmup`` untimed ones,
+    with the interquartile range as spread (a single pass is noise on a shared machine).
+
+    Args:
+        model: the model, in whatever state (frozen, pruned, quantized).
+        timing: :class:`Timing`.
+        input_size: ``(C, H, W)``; the model's own by default.
+        device: where to run (the model's device by default).
+    """
+    timing.validate()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        for _ in range(timing.warmup):
+            model(x)
+        sync()
+        rates = []
+        for _ in range(timing.reps):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            rates.append(timing.batch_size / (time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    q1, med, q3 = statistics.quantiles(rates, n=4, method="inclusive")
+    return Throughput(median=med, p25=q1, p75=q3, reps=timing.reps)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = round(statistics.fmean(values), 3)
+    return mean, (round(statistics.pstdev(values), 3) if len(values) > 1 else 0.0)
+
+
+def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict[str, Any],
+               data_config: Optional[dict] = None, throughput: Optional[Throughput] = None) -> ResultRow:
+    """One :class:`ResultRow` from the evaluations of one point (averaged over seeds).
+
+    Args:
+        model: the model evaluated (name and parameter count).
+        metrics: one :func:`~eamvit.methods.evaluate.evaluate` result per seed.
+        fields: the point's label and measured fields.
+        data_config: the timm data config used (image size, crop, interpolation).
+        throughput: measured images/s, if timed.
+    """
+    if not metrics:
+        raise EamError("a result row needs at least one evaluation")
+    spec = getattr(model, "eam_spec", None)
+    cfg = data_config or {}
+    top1, top1_std = _mean_std([m["top1"] for m in metrics])
+    top5, top5_std = _mean_std([m["top5"] for m in metrics])
+    one = metrics[0] if len(metrics) == 1 else None
+    return ResultRow(
+        model=getattr(spec, "name", None) or type(model).__name__, top1=top1,
+        top1_err=one["top1_err"] if one else round(100 - top1, 3), top5=top5,
+        top5_err=one["top5_err"] if one else round(100 - top5, 3),
+        num_images=metrics[-1]["num_images"], skipped_images=metrics[-1].get("skipped_images", 0),
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        img_size=(cfg.get("input_size") or [None])[-1], crop_pct=cfg.get("crop_pct"),
+        interpolation=cfg.get("interpolation"), fields=dict(fields), top1_std=top1_std, top5_std=top5_std,
+        seeds=len(metrics), **(throughput.fields() if throughput is not None else {}))
+
+
+def _describe(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str)) and k != "label"}
+
+
+def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timing: Optional[Timing] = None,
+              evaluate_fn: Optional[Callable[..., dict]] = None, progress: bool = True,
+              desc: str = "sweep") -> list[ResultRow]:
+    """Evaluate every point (every seed), restoring the model between points.
+
+    Args:
+        model: the model (left as it was: every point's state undoes itself).
+        data: :class:`EvalData`.
+        points: the configurations, in row order.
+        timing: also time every point (once, with its first seed) with :func:`measure_throughput`.
+        evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=)``
+            returning top-1/top-5 (:func:`eamvit.methods.evaluate.evaluate` by default).
+        progress: one progress bar over all evaluations.
+        desc: its label.
+
+    Returns:
+        One :class:`ResultRow` per point: mean top-1/top-5 over its seeds, their standard
+        deviations, the point's fields and the fields its state measured.
+    """
+    if evaluate_fn is None:
+        from eamvit.methods.evaluate import evaluate as evaluate_fn
+    if timing is not None:
+        timing.validate()
+    bar = tqdm(total=sum(len(p.seeds) for p in points), desc=desc, unit="eval",
+               disable=not progress or dist_info()[0] != 0, dynamic_ncols=True)
+    rows = []
+    try:
+        for p in points:
+            if not p.seeds:
+                raise EamError(f"point {p.fields} has no seeds")
+            metrics, measured, speed, evaluated = [], {}, None, model
+            for seed in p.seeds:
+                bar.set_postfix(**_describe(p.fields), seed=seed)
+                with p.state(model, seed) as applied:
+                    applied = applied or Applied()
+                    evaluated = applied.model if applied.model is not None else model
+                    metrics.append(evaluate_fn(evaluated, data.dataset, data.indices, batch_size=data.batch_size,
+                                               workers=data.workers, device=data.device, progress=False))
+                    measured = applied.fields
+                    if timing is not None and speed is None:
+                        speed = measure_throughput(evaluated, timing, device=data.device)
+                bar.update(1)
+            rows.append(result_row(evaluated, metrics, {**p.fields, **measured}, data.data_config, speed))
+    finally:
+        bar.close()
+    return rows
