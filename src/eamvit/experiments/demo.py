@@ -212,7 +212,8 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))} of 0..{len(model.blocks) - 1}
-(numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s measured on this machine during the demo (noisy).
+(numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s: median of 10 timed forwards of 32 images on
+this machine during the demo (`prune.csv` has the interquartile range).
 
 {table}
 ![top-1 against GFLOPs](prune.png)

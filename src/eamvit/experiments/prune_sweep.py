@@ -10,9 +10,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from eamvit.errors import EamError
-from eamvit.methods.models import data_config, patch_grid
+from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops, model_input_size
+from eamvit.experiments.runner import Timing, measure_throughput
 from eamvit.methods.prune import check_keep_rate, method_config, prune_, unprune_
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -21,57 +21,20 @@ SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
     ("random", None))
 
 
-@torch.inference_mode()
-def measure_throughput(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 32,
-                       warmup: int = 2, iters: int = 5, device: torch.device | str | None = None,
-                       stat: str = "median") -> float:
-    """Images per second of ``model`` on random inputs (inference mode, eval).
-
-    Args:
-        model: the model.
-        input_size: ``(C, H, W)``; the model's own by default.
-        batch_size: images per forward.
-        warmup: untimed forwards first.
-        iters: timed forwards.
-        device: where to run (the model's device by default).
-        stat: ``"median"`` or ``"best"`` of the per-forward times (best resists other load on the
-            machine).
-    """
-    import statistics
-    import time
-
-    if stat not in ("median", "best"):
-        raise EamError(f"throughput statistic {stat!r} is not 'median' or 'best'")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    x = torch.randn(batch_size, *model_input_size(model, input_size), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(max(1, iters)):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    t = min(times) if stat == "best" else statistics.median(times)
-    return batch_size / t
-
-
 def _cost_row(model: nn.Module, input_size, throughput: bool, throughput_batch: int, throughput_iters: int,
               device) -> dict[str, Any]:
     row: dict[str, Any] = {"gflops": round(count_gflops(model, input_size, device=device), 4)}
-    if throughput:
-        row["images_per_s"] = round(measure_throughput(model, input_size, throughput_batch, warmup=1,
-                                                       iters=throughput_iters, device=device, stat="best"), 2)
+    if throughput:  # repetitions, median and interquartile range: one pass is noise
+        timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters)
+        with torch.inference_mode():
+            row.update(measure_throughput(model, timing, input_size, device=device).fields())
     return row
 
 
 def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS, indices: Optional[Sequence[int]] = None,
                 batch_size: int = 64, workers: int = 0, device: torch.device | str | None = None,
-                throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 3,
+                throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 10,
                 progress: bool = True, label: str = "", **options: Any) -> list[dict[str, Any]]:
     """Top-1, GFLOPs and images/s for every (method, κ), off the shelf (no fine-tuning).
 
@@ -86,8 +49,8 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
         batch_size: evaluation batch size.
         workers: DataLoader workers.
         device: where to run.
-        throughput: also measure images/s (random inputs, ``throughput_batch`` images, best of
-            ``throughput_iters`` forwards).
+        throughput: also measure images/s (random inputs, ``throughput_batch`` images, median and
+            interquartile range of ``throughput_iters`` forwards, :func:`~eamvit.experiments.runner.measure_throughput`).
         progress: progress bar.
         label: copied into every row.
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).

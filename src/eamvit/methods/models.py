@@ -131,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
                 cfg = json.loads((f.metadata() or {}).get("eamvit", "{}")).get("data_config")
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         # A readable torch archive whose pickle names classes: objects, not plain tensors. Anything
         # else (random bytes, a truncated file) is simply not a checkpoint.
         if zipfile.is_zipfile(p):
