@@ -108,7 +108,7 @@ def test_sweep_and_table(digits, tmp_path):
     m = small_model()
     rows = prune_sweep(m, test, keep_rates=(0.7, 0.5), methods=[("shannon", None), ("renyi", math.inf),
                                                                  ("evit", None)],
-                       throughput_batch=4, throughput_iters=1, progress=False)
+                       throughput_batch=4, throughput_iters=3, progress=False)
     assert [r["method"] for r in rows] == ["none", "shannon", "renyi", "evit"] * 1 + ["shannon", "renyi", "evit"]
     assert rows[2]["alpha"] == "inf" and rows[1]["tokens"] == "64-45-32-23"
     assert all(r["gflops"] < rows[0]["gflops"] for r in rows[1:]) and all(r["images_per_s"] > 0 for r in rows)
