@@ -110,8 +110,8 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g = p.add_argument_group("freezing")
     if sweep:
         g.add_argument("--granularity", type=granularities, default=["entry"],
-                       help="what is frozen, comma-separated: entry (the paper), row (a query token's row, all "
-                            "heads; ViT only), head (a whole head); rows/heads skip their work (default entry)")
+                       help="what is frozen: entry (the paper; the only one sweep runs in this version; "
+                            "`eval --granularity row|head` measures the others) (default entry)")
     else:
         g.add_argument("--granularity", choices=GRANULARITIES, default="entry",
                        help="what is frozen: entry (the paper), row (a query token's row, all heads; ViT only), "
@@ -345,6 +345,9 @@ def validate_common(args) -> None:
                      value_quantizer=args.value_quantizer, granularity=args.granularity,
                      aggregate=args.aggregate).validate()
     if hasattr(args, "taus"):
+        if getattr(args, "granularity", ["entry"]) != ["entry"]:
+            raise EamError("sweep runs entry-level freezing only in this version; measure row or head freezing "
+                           "per τ with `eamvit eval --granularity row|head --tau T`")
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits).validate()
         if args.seeds < 1:
