@@ -31,6 +31,17 @@ def _cost_row(model: nn.Module, input_size, throughput: bool, throughput_batch: 
     return row
 
 
+def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[float]]],
+          options: dict[str, Any]) -> list[tuple[str, Optional[float], float]]:
+    """The (method, α, κ) points, every one checked before any work is done."""
+    for k in keep_rates:
+        check_keep_rate(k)
+    jobs = [(m, a, k) for k in keep_rates for m, a in methods]
+    for m, a, k in jobs:
+        method_config(m, a, k, **options)
+    return jobs
+
+
 def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS, indices: Optional[Sequence[int]] = None,
                 batch_size: int = 64, workers: int = 0, device: torch.device | str | None = None,
@@ -49,58 +60,47 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
         batch_size: evaluation batch size.
         workers: DataLoader workers.
         device: where to run.
-        throughput: also measure images/s (random inputs, ``throughput_batch`` images, median and
-            interquartile range of ``throughput_iters`` forwards, :func:`~eamvit.experiments.runner.measure_throughput`).
+        throughput: also time images/s (runner's ``measure_throughput``: ``throughput_iters`` forwards).
         progress: progress bar.
         label: copied into every row.
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
 
     Returns:
-        Rows with ``label, method, alpha, keep_rate, top1, top5, gflops, images_per_s, tokens,
-        blocks, placement, fuse``.
+        Rows: ``label, method, alpha, keep_rate, top1, top5, gflops, images_per_s*, tokens, blocks, ...``.
     """
     from tqdm.auto import tqdm
 
     from eamvit.methods.evaluate import evaluate
 
-    for k in keep_rates:
-        check_keep_rate(k)
-    jobs = [(m, a, k) for k in keep_rates for m, a in methods]
-    for m, a, k in jobs:
-        method_config(m, a, k, **options)  # every bad option fails before any work
-    input_size = model_input_size(model, None)
-    grid = patch_grid(model)
+    jobs = _jobs(keep_rates, methods, options)
+    input_size, grid = model_input_size(model, None), patch_grid(model)
     n0 = grid[0] * grid[1] if grid else 0
-    rows: list[dict[str, Any]] = []
+
+    def measured() -> dict[str, Any]:
+        met = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device, progress=False)
+        return {"top1": met["top1"], "top5": met["top5"],
+                **_cost_row(model, input_size, throughput, throughput_batch, throughput_iters, device)}
+
     unprune_(model)
     bar = tqdm(total=len(jobs) + 1, desc=f"prune sweep {label}".strip(), unit="point", disable=not progress,
                dynamic_ncols=True)
     try:
-        base = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device, progress=False)
-        rows.append({"label": label, "method": "none", "alpha": None, "keep_rate": 1.0, "top1": base["top1"],
-                     "top5": base["top5"], **_cost_row(model, input_size, throughput, throughput_batch,
-                                                        throughput_iters, device),
-                     "tokens": str(n0), "blocks": "", "placement": "", "fuse": False})
+        rows = [{"label": label, "method": "none", "alpha": None, "keep_rate": 1.0, **measured(),
+                 "tokens": str(n0), "blocks": "", "placement": "", "fuse": False}]
         bar.update(1)
         for m, a, k in jobs:
             cfg = method_config(m, a, k, **options)
             bar.set_postfix(method=cfg.label, keep=k)
             report = prune_(model, cfg)
-            met = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device,
-                           progress=False)
-            rows.append({"label": label, "method": m, "alpha": cfg.order if m == "renyi" else None,
-                         "keep_rate": k, "top1": met["top1"], "top5": met["top5"],
-                         **_cost_row(model, input_size, throughput, throughput_batch, throughput_iters, device),
-                         "tokens": "-".join(map(str, report.tokens_per_stage)),
+            alpha = cfg.order if m == "renyi" else None
+            rows.append({"label": label, "method": m, "alpha": "inf" if alpha == math.inf else alpha,  # JSON: no inf
+                         "keep_rate": k, **measured(), "tokens": "-".join(map(str, report.tokens_per_stage)),
                          "blocks": "-".join(map(str, report.blocks)), "placement": cfg.placement,
                          "fuse": cfg.fuse_tokens})
             bar.update(1)
     finally:
         bar.close()
         unprune_(model)
-    for r in rows:
-        if isinstance(r["alpha"], float) and math.isinf(r["alpha"]):
-            r["alpha"] = "inf"  # JSON has no infinity
     return rows
 
 
