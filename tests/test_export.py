@@ -17,7 +17,7 @@ from eamvit.cli.main import main
 from eamvit.experiments.digits import load_demo_model
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
-from eamvit.methods.export_runtime import onnx_session, optimized_ops
+from eamvit.methods.export_runtime import cpu_has_vnni, onnx_session, optimized_ops
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
@@ -81,10 +81,18 @@ def test_int8_export_agrees_with_simulation(digits, digits_w8a8, tmp_path, softm
     export_onnx(digits_w8a8, path, cfg)
     with torch.no_grad():
         pred_sim = sim(x).argmax(1)
+    acc_sim = (pred_sim == y).float().mean().item() * 100
+    # The graph as written (every QuantizeLinear/DequantizeLinear run on its own) is the simulation.
+    exact = torch.from_numpy(onnx_session(path, threads=1, optimize=False).run(None, {"images": x.numpy()})[0])
+    assert (exact.argmax(1) == pred_sim).float().mean().item() >= 0.997
+    # The fused int8 kernels: uint8 x int8 pairs saturate in 16 bits on x86 CPUs without VNNI
+    # (ONNX Runtime's documented limitation; 98.1 % and 98.6 % agreement measured on such a CPU).
     pred_ort = torch.from_numpy(ort_run(path, x)[0]).argmax(1)
     agree = (pred_sim == pred_ort).float().mean().item()
-    acc_sim, acc_ort = [(p == y).float().mean().item() * 100 for p in (pred_sim, pred_ort)]
-    assert agree >= 0.99 and abs(acc_sim - acc_ort) <= 0.3, (agree, acc_sim, acc_ort)
+    acc_ort = (pred_ort == y).float().mean().item() * 100
+    exact_kernels = symmetric or cpu_has_vnni() is not False
+    assert agree >= (0.99 if exact_kernels else 0.97), (agree, acc_sim, acc_ort)
+    assert abs(acc_sim - acc_ort) <= (0.3 if exact_kernels else 1.5), (agree, acc_sim, acc_ort)
     assert acc_ort > 90
     graph = onnx.load(str(path)).graph
     inits = {i.name: i for i in graph.initializer}
@@ -234,3 +242,16 @@ def test_cli_bad_input_one_line(tmp_path, capsys, args, needle):
     code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     one_line_error(code, err, needle)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_saturation_warning_only_for_uint8_qdq_without_vnni(monkeypatch):
+    from eamvit.methods import export_runtime as rt
+
+    qdq = {"quant": {"w_bits": 8}, "export": ExportConfig().to_dict()}
+    sym = {"quant": {"w_bits": 8}, "export": ExportConfig(symmetric_activations=True).to_dict()}
+    fp32 = {"quant": None, "export": ExportConfig().to_dict()}
+    monkeypatch.setattr(rt, "cpu_has_vnni", lambda: False)
+    assert "--symmetric-activations" in rt.saturation_warning(qdq)
+    assert rt.saturation_warning(sym) is None and rt.saturation_warning(fp32) is None
+    monkeypatch.setattr(rt, "cpu_has_vnni", lambda: True)
+    assert rt.saturation_warning(qdq) is None

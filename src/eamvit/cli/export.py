@@ -90,7 +90,8 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime, with eval's data and rows."""
     from eamvit.io import ensure_writable_dir, write_results
     from eamvit.methods.evaluate import evaluate, result_row
-    from eamvit.methods.export_runtime import OnnxClassifier, read_onnx_meta
+    from eamvit.cli.common import warn
+    from eamvit.methods.export_runtime import OnnxClassifier, read_onnx_meta, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model
 
     given = [o for o in _MODEL_OPTIONS if getattr(args, o, None)] + (["tau"] if args.tau > 0 else [])
@@ -107,6 +108,8 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     skeleton.eam_spec = spec
     ev, ev_idx, _, _, cfg = build_data(args, skeleton, need_calib=bool(meta.get("quant")) and args.data != "digits")
     model = OnnxClassifier(args.onnx, threads=args.threads)
+    if saturation_warning(meta):
+        warn(saturation_warning(meta))
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
     row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx))
     row["param_count"] = meta.get("param_count", row["param_count"])

@@ -251,13 +251,18 @@ def _export_section(model, out: Path) -> dict:
     rows = export_table(model)
     write_table(out / "export", rows)
     table = markdown(rows)
+    from eamvit.methods.export_runtime import cpu_has_vnni
+
+    note = ("\nThis CPU has no VNNI: ONNX Runtime's uint8 × int8 kernels add pairs of products in 16 bits and "
+            "saturate, so the uint8-activation rows can score below the simulated model here; "
+            "`eamvit export --symmetric-activations` avoids it.\n") if cpu_has_vnni() is False else ""
     md = f"""## Deployable: ONNX Runtime on CPU
 
 The same digits model exported by `eamvit export` and run in ONNX Runtime, against ONNX Runtime's own
 `quantize_static` (per-channel int8 weights, the same 32 calibration images). images/s: median of
 repeated timed calls over the 360 test digits (`spread` = (max − min) / median of the repetitions), on this
 machine; file bytes: the `.onnx` file, or the packed quantized state for the simulated row.
-
+{note}
 {table}
 """
     return {"rows": rows, "table": table, "markdown": md}

@@ -46,18 +46,55 @@ def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None):
-    """An ONNX Runtime CPU session (all graph optimisations) with ``threads`` intra-op threads.
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX); ``None`` where it cannot be read.
+
+    Without VNNI, ONNX Runtime's fused uint8 × int8 kernels (QLinearMatMul, MatMulInteger) add pairs
+    of products in 16 bits, which saturate: an export with uint8 activations then loses accuracy
+    against its simulation on such CPUs (ONNX Runtime's documented remedy is int8 activations or
+    7-bit weights). Read from ``/proc/cpuinfo`` (Linux); other systems and architectures give ``None``.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
+    """A one-line warning when ``meta`` describes a uint8-activation QDQ export and this CPU lacks VNNI."""
+    export = meta.get("export") or {}
+    if not meta.get("quant") or export.get("scheme") != "qdq" or export.get("symmetric_activations"):
+        return None
+    if cpu_has_vnni() is not False:
+        return None
+    return ("this CPU has no VNNI: ONNX Runtime's uint8 x int8 kernels saturate here, so this export's top-1 can "
+            "fall below its simulation; export with --symmetric-activations for int8 activations")
+
+
+def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None,
+                 optimize: bool = True):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads.
 
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads (ONNX Runtime's default, one per core, when ``None``).
         optimized_path: also write the optimised graph there (to check which kernels were fused).
+        optimize: all graph optimisations (fused int8 kernels, the deployed speed); ``False`` runs every
+            node as written (QuantizeLinear, DequantizeLinear, float MatMul): the graph's exact meaning.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3  # the optimised-model note about hardware-specific kernels is expected
     if threads:
         so.intra_op_num_threads = threads
