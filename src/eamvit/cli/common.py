@@ -109,9 +109,10 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
     g = p.add_argument_group("freezing")
     if sweep:
-        g.add_argument("--granularity", type=granularities, default=["entry"],
-                       help="what is frozen: entry (the paper; the only one sweep runs in this version; "
-                            "`eval --granularity row|head` measures the others) (default entry)")
+        g.add_argument("--granularity", type=granularities, default=None,
+                       help="sweep freezing by these units at measured speed next to token pruning, e.g. "
+                            "entry,row,head: top-1, executed GMACs, predicted and measured speed-up per τ in "
+                            "speed_sweep.csv/json/md/png (default: none, the entry-level entropy vs random sweep)")
     else:
         g.add_argument("--granularity", choices=GRANULARITIES, default="entry",
                        help="what is frozen: entry (the paper), row (a query token's row, all heads; ViT only), "
@@ -122,8 +123,10 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--taus", type=floats, default=[round(0.1 * i, 1) for i in range(10)],
                        help="sparsity levels, e.g. 0,0.1,0.2 (default 0..0.9)")
         g.add_argument("--scopes", nargs="+", choices=SCOPES, default=["head"],
-                       help="where τ applies: per (layer, head), per layer, or over the whole model")
-        g.add_argument("--seeds", type=int, default=3, help="random-freezing seeds averaged per point")
+                       help="where τ applies: per (layer, head), per layer, or over the whole model (the entropy "
+                            "vs random sweep; --granularity takes entries per head, rows and heads per layer)")
+        g.add_argument("--seeds", type=int, default=3,
+                       help="random-freezing seeds averaged per point (the entropy vs random sweep)")
     else:
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
         g.add_argument("--frozen", default=None,
@@ -147,6 +150,10 @@ def alpha_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a Rényi order such as 0.5, 2 or inf, got {text!r}") from None
 
 
+SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
+SPEED_METHODS = "shannon,renyi:2,evit"
+
+
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
     """Token-pruning options (eamvit.methods.prune).
 
@@ -162,10 +169,13 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
         g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method) instead of freezing")
         g.add_argument("--keep-rates", type=floats, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
                        help="keep rates, e.g. 0.9,0.7,0.5 (default 0.9..0.3)")
-        g.add_argument("--methods", default="shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random",
-                       help="comma-separated methods, renyi:ORDER for Rényi entropy of that order")
-        g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement")
+        g.add_argument("--methods", default=None,
+                       help="comma-separated methods, renyi:ORDER for Rényi entropy of that order (default: "
+                            f"{SWEEP_METHODS} with --prune, {SPEED_METHODS} with --granularity)")
+        g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
+        g.add_argument("--throughput-reps", type=int, default=10,
+                       help="timed forwards per point, after untimed warm-up; rows carry their median and quartiles")
     else:
         g.add_argument("--prune", choices=METHODS, default=method,
                        help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
@@ -345,11 +355,12 @@ def validate_common(args) -> None:
                      value_quantizer=args.value_quantizer, granularity=args.granularity,
                      aggregate=args.aggregate).validate()
     if hasattr(args, "taus"):
-        if getattr(args, "granularity", ["entry"]) != ["entry"]:
-            raise EamError("sweep runs entry-level freezing only in this version; measure row or head freezing "
-                           "per τ with `eamvit eval --granularity row|head --tau T`")
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits).validate()
+        if getattr(args, "throughput_reps", 3) < 3:
+            raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
+        if getattr(args, "throughput_batch", 1) < 1:
+            raise EamError(f"--throughput-batch must be at least 1, got {args.throughput_batch}")
         if args.seeds < 1:
             raise EamError("--seeds must be at least 1")
     for name in ("batch_size", "num_samples", "calib_size"):

@@ -114,6 +114,8 @@ def cmd_sweep(args) -> None:
     from eamvit.methods.evaluate import evaluate
     from eamvit.plots.entropy import plot_sweep
 
+    if args.granularity is not None:
+        return cmd_speed_sweep(args)
     if args.prune:
         return cmd_prune_sweep(args)
     if args.quant or args.quant_state:
@@ -136,6 +138,44 @@ def cmd_sweep(args) -> None:
                    reference={"unfrozen": base["top1"]})
         print(format_sweep_table(rows))
         print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "sweep.png"]))
+
+
+def cmd_speed_sweep(args) -> None:
+    """``sweep --granularity G,...``: freezing by those units and token pruning at measured speed."""
+    from eamvit.cli.common import SPEED_METHODS, warn
+    from eamvit.experiments.results import markdown, write_table
+    from eamvit.experiments.runner import EvalData, Timing
+    from eamvit.experiments.speed_sweep import SPEED_COLUMNS, check_speed_sweep, is_swin, plot_rows, speed_sweep
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods.prune import method_config, parse_methods
+    from eamvit.plots.speed import plot_top1_vs_speedup
+
+    if args.prune or args.quant or args.quant_state:
+        raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
+    methods = parse_methods(args.methods or SPEED_METHODS)
+    for k in args.keep_rates:
+        for m, a in methods:
+            method_config(m, a, k, **prune_options(args))
+    freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    if is_swin(model) and args.methods is None:
+        methods = []
+        warn("token pruning does not apply to Swin: the speed sweep has freezing points only")
+    check_speed_sweep(model, args.granularity, methods)
+    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
+                       Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
+                       freeze_options=freeze, prune_options=prune_options(args), progress=is_main())
+    if is_main():
+        files = write_table(out / "speed_sweep", rows, formats=("csv", "json"))  # every field, to diff
+        files.update(write_table(out / "speed_sweep", rows, SPEED_COLUMNS, formats=("md",)))
+        plot_top1_vs_speedup(plot_rows(rows), out / "speed_sweep.png",
+                             title=f"{rows[0]['model']}: frozen attention vs token pruning at measured speed")
+        print(markdown(rows, SPEED_COLUMNS))
+        print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "speed_sweep.png"]))
 
 
 def cmd_quant_sweep(args) -> None:

@@ -15,7 +15,9 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.prune import plot_top1_vs_gflops
 
-    methods = parse_methods(args.methods)
+    from eamvit.cli.common import SWEEP_METHODS
+
+    methods = parse_methods(args.methods or SWEEP_METHODS)
     for k in args.keep_rates:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
@@ -24,7 +26,8 @@ def cmd_prune_sweep(args) -> None:
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
     rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
                        workers=args.workers, device=device, throughput=not args.no_throughput,
-                       throughput_batch=args.throughput_batch, **prune_options(args))
+                       throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
+                       **prune_options(args))
     if is_main():
         md = markdown_table(rows)
         rows = [result_row(model, {k: v for k, v in r.items()}, cfg) for r in rows]

@@ -1,0 +1,154 @@
+"""Accuracy at measured speed: freezing by entry, row or head next to token pruning, on the sweep runner.
+
+Every point is evaluated and timed by :func:`eamvit.experiments.runner.run_sweep` (median and
+interquartile range of ``timing.reps`` forwards after warm-up, random images at the model's input
+size) and carries the cost model's executed GMACs and predicted speed-up
+(:func:`eamvit.methods.cost.cost_account`, the same count on every device). ``speedup`` is a point's
+median images/s divided by the unmodified model's median, timed in the same sweep;
+``speedup_p25``/``speedup_p75`` divide the point's quartiles by that median.
+
+Entry-level freezing (the paper) computes every score and then overwrites the frozen ones, so its
+predicted speed-up is 1 and its measured one is at most 1: the table says so rather than hiding it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+from torch import nn
+
+from eamvit.errors import EamError
+from eamvit.experiments.freeze_sweep import freeze_point
+from eamvit.experiments.results import Column, ResultRow
+from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
+from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.cost import cost_account
+from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.prune import PruneConfig, method_config, prune_, unprune_
+from eamvit.modules.attention import EamWindowAttention, attention_layers
+
+PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
+KEEP_RATES = (0.9, 0.7, 0.5)
+
+
+def cost_fields(model: nn.Module) -> dict[str, Any]:
+    """The cost model's numbers of a row: executed and skippable GMACs per image, predicted speed-up."""
+    acct = cost_account(model)
+    sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
+    return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
+            "predicted_speedup": round(acct.predicted_speedup, 4)}
+
+
+def _pruned(config: PruneConfig):
+    @contextmanager
+    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
+        prune_(model, config)
+        try:
+            yield Applied(cost_fields(model))
+        finally:
+            unprune_(model)
+    return state
+
+
+@contextmanager
+def _unmodified(model: nn.Module, seed: int) -> Iterator[Applied]:
+    yield Applied(cost_fields(model))
+
+
+def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequence[str],
+                 prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
+                 keep_rates: Sequence[float] = KEEP_RATES, label: str = "",
+                 freeze_options: Optional[dict[str, Any]] = None,
+                 prune_options: Optional[dict[str, Any]] = None) -> list[Point]:
+    """The unmodified model, then one point per (granularity, τ > 0) and per (pruning method, κ < 1).
+
+    ``freeze_options`` and ``prune_options`` are further :class:`~eamvit.methods.freeze.FreezeConfig`
+    and :class:`~eamvit.methods.prune.PruneConfig` fields shared by every point.
+    """
+    base = {"label": label, "method": "unmodified", "granularity": "", "tau": 0.0, "keep_rate": 1.0}
+    points = [Point(base, _unmodified)]
+    for gran in granularities:
+        for tau in (t for t in taus if t > 0):
+            cfg = FreezeConfig(tau=tau, granularity=gran, **(freeze_options or {})).validate()
+            fields = {**base, "method": f"freeze ({gran})", "granularity": gran, "tau": tau}
+            points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: cost_fields(m)))
+    for method, alpha in prune_methods:
+        for k in (k for k in keep_rates if k < 1):
+            cfg = method_config(method, alpha, k, **(prune_options or {}))
+            points.append(Point({**base, "method": f"prune ({cfg.label})", "keep_rate": k}, _pruned(cfg)))
+    return points
+
+
+def is_swin(model: nn.Module) -> bool:
+    return any(isinstance(m, EamWindowAttention) for m in attention_layers(model))
+
+
+def check_speed_sweep(model: nn.Module, granularities: Sequence[str],
+                      prune_methods: Sequence[tuple[str, Optional[float]]]) -> None:
+    """One clear error, before any work, for what does not apply to the model's family."""
+    if is_swin(model) and "row" in granularities:
+        raise EamError("row granularity does not apply to Swin (a row is one (window, token) pair, so windows "
+                       "would keep different numbers of rows); use --granularity entry,head")
+    if is_swin(model) and prune_methods:
+        raise EamError("token pruning does not apply to Swin (its windows need the full token grid); "
+                       "drop --methods to sweep freezing only")
+
+
+def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
+                granularities: Sequence[str] = ("entry", "row", "head"),
+                prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
+                keep_rates: Sequence[float] = KEEP_RATES, timing: Timing = Timing(), label: str = "",
+                freeze_options: Optional[dict[str, Any]] = None, prune_options: Optional[dict[str, Any]] = None,
+                progress: bool = True) -> list[ResultRow]:
+    """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
+
+    Freezing selects the lowest-entropy units (layer scope for rows and heads, head scope for entries:
+    :class:`~eamvit.methods.freeze.FreezeConfig`'s defaults); pruning points are off the shelf.
+
+    Args:
+        model: an instrumented timm model (left unmodified).
+        maps: its entropy maps.
+        data: evaluation data.
+        taus: sparsity levels of the freezing points (τ = 0 is the unmodified row).
+        granularities: ``"entry"``, ``"row"`` (ViT/DeiT only) and/or ``"head"``.
+        prune_methods: ``(method, alpha)`` of the pruning points (none for Swin).
+        keep_rates: κ of the pruning points.
+        timing: how each point is timed.
+        label: copied into every row.
+        freeze_options: more :class:`~eamvit.methods.freeze.FreezeConfig` fields for every freezing
+            point (``aggregate``, ``value_bits`` ...).
+        prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point.
+        progress: progress bar.
+
+    Returns:
+        Rows with ``method``, ``granularity``, ``tau``, ``keep_rate``, top-1/top-5, ``gmacs``,
+        ``gmacs_skippable``, ``predicted_speedup``, ``images_per_s`` (+ quartiles) and ``speedup``
+        (+ quartiles), the unmodified model first.
+    """
+    check_speed_sweep(model, granularities, prune_methods)
+    points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze_options, prune_options)
+    rows = run_sweep(model, data, points, timing=timing.validate(), progress=progress,
+                     desc=f"speed sweep {label}".strip())
+    base = rows[0].images_per_s
+    for r in rows:
+        r.fields.update(speedup=round(r.images_per_s / base, 4), speedup_p25=round(r.images_per_s_p25 / base, 4),
+                        speedup_p75=round(r.images_per_s_p75 / base, 4))
+    return rows
+
+
+SPEED_COLUMNS = (Column("method"), Column("tau", "τ", "g"), Column("keep_rate", "κ", "g"),
+                 Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
+                 Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
+                 Column("predicted_speedup", "predicted ×", ".3f"), Column("speedup", "measured ×", ".3f"),
+                 Column("speedup_p25", "p25", ".3f"), Column("speedup_p75", "p75", ".3f"),
+                 Column("images_per_s", "images/s", ".0f"))
+
+
+def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
+    """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
+    out = []
+    for r in rows:
+        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={r['keep_rate']:g}" if r["keep_rate"] < 1 else None)
+        out.append({"method": r["method"], "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
+                    "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
+    return out

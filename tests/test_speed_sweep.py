@@ -1,0 +1,116 @@
+"""`sweep --granularity`: freezing by entry/row/head next to token pruning, at measured speed."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import eamvit
+from eamvit.cli.main import main
+from eamvit.experiments.runner import EvalData, Timing
+from eamvit.experiments.speed_sweep import speed_sweep
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
+from eamvit.methods.prune import PruneConfig, prune_, unprune_
+from eamvit.plots.speed import plot_top1_vs_speedup
+
+from conftest import TINY_SWIN, TINY_VIT, make
+
+MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
+         "embed_dim=32", "depth=2", "num_heads=2"]
+FAST = ["--throughput-reps", "3", "--throughput-batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make(TINY_VIT).eval()
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g))
+    return model, eamvit.compute_entropy_maps(model, data, bits=8, progress=False), data
+
+
+def test_rows_match_each_state_evaluated_alone(setup):
+    model, maps, data = setup
+    x = data.tensors[0][:4]
+    with torch.no_grad():
+        before = model(x)
+    rows = speed_sweep(model, maps, EvalData(data, batch_size=8), [0.0, 0.5], ("entry", "head"),
+                       [("evit", None)], [0.5], Timing(batch_size=2, warmup=0, reps=3), progress=False)
+    assert [(r["method"], r["tau"], r["keep_rate"]) for r in rows] == [
+        ("unmodified", 0.0, 1.0), ("freeze (entry)", 0.5, 1.0), ("freeze (head)", 0.5, 1.0), ("prune (EViT)", 0.0, 0.5)]
+    with torch.no_grad():  # the sweep left the model as it found it
+        assert torch.equal(model(x), before)
+    # Each row's top-1 and cost against the same state set up by hand and evaluated on its own.
+    full = eamvit.cost_account(model).gmacs
+    for row, (apply, undo) in zip(rows[1:], [
+            (lambda: freeze_(model, maps, FreezeConfig(tau=0.5)), lambda: unfreeze_(model)),
+            (lambda: freeze_(model, maps, FreezeConfig(tau=0.5, granularity="head")), lambda: unfreeze_(model)),
+            (lambda: prune_(model, PruneConfig(method="evit", keep_rate=0.5)), lambda: unprune_(model))]):
+        apply()
+        assert row["top1"] == evaluate(model, data, batch_size=8, progress=False)["top1"]
+        assert row["gmacs"] == pytest.approx(eamvit.cost_account(model).gmacs, rel=1e-4)
+        undo()
+        assert row["predicted_speedup"] == pytest.approx(full / row["gmacs"], rel=1e-3)
+        assert row["speedup_p25"] <= row["speedup"] <= row["speedup_p75"]
+        assert row["speedup"] == pytest.approx(row["images_per_s"] / rows[0]["images_per_s"], rel=1e-3)
+    entry, head = rows[1], rows[2]
+    assert entry["gmacs"] == pytest.approx(full, rel=1e-6) and entry["predicted_speedup"] == 1  # entries save nothing
+    assert head["gmacs"] < full and head["gmacs_skippable"] == 0  # heads are skipped, not merely skippable
+
+
+def test_cli_writes_table_and_plot(tmp_path, image_folder, capsys):
+    out = tmp_path / "speed"
+    code = main([str(a) for a in ["sweep", *MODEL, "--data", image_folder, "--granularity", "entry,row,head",
+                                  "--taus", "0,0.5", "--keep-rates", "0.7", "--methods", "shannon,renyi:2",
+                                  *FAST, "--out", out]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = json.loads((out / "speed_sweep.json").read_text())
+    assert [r["method"] for r in rows] == ["unmodified", "freeze (entry)", "freeze (row)", "freeze (head)",
+                                           "prune (Shannon)", "prune (Rényi α=2)"]
+    assert all(r["images_per_s"] > 0 and r["predicted_speedup"] >= 1 for r in rows)
+    header = (out / "speed_sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"top1", "gmacs", "predicted_speedup", "speedup", "images_per_s_p25", "frozen_fraction"} <= set(header)
+    assert "| freeze (head) | 0.5 |" in (out / "speed_sweep.md").read_text()
+    assert (out / "speed_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--granularity", "row"], "row granularity does not apply to Swin"),
+    (["--granularity", "head", "--methods", "evit"], "token pruning does not apply to Swin"),
+])
+def test_cli_swin_refusals(tmp_path, image_folder, capsys, args, message):
+    kwargs = ["img_size=32", "patch_size=2", "window_size=4", "embed_dim=16", "depths=2,2", "num_heads=2,2",
+              "num_classes=3"]
+    code = main([str(a) for a in ["sweep", "--model", TINY_SWIN[0], "--model-kwargs", *kwargs, "--data",
+                                  image_folder, *args, "--out", tmp_path / "o"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("eamvit: error: " + message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--granularity", "rows"], "expected granularities"),
+    (["--granularity", "head", "--throughput-reps", "2"], "--throughput-reps must be at least 3"),
+    (["--granularity", "head", "--prune"], "drop --prune"),
+])
+def test_cli_bad_options(tmp_path, image_folder, capsys, args, message):
+    try:  # argparse's own errors leave through SystemExit, eamvit's through the return code
+        code = main([str(a) for a in ["sweep", *MODEL, "--data", image_folder, *args, "--out", tmp_path / "o"]])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and not (tmp_path / "o" / "speed_sweep.csv").exists()
+
+
+def test_plot_draws_one_line_per_method_in_sweep_order(tmp_path):
+    rows = [{"method": "unmodified", "speedup": 1.0, "top1": 90.0, "point": None},
+            {"method": "freeze (head)", "speedup": 1.2, "speedup_lo": 1.1, "speedup_hi": 1.3, "top1": 80.0, "point": "τ=0.5"},
+            {"method": "freeze (head)", "speedup": 1.1, "speedup_lo": 1.0, "speedup_hi": 1.2, "top1": 70.0, "point": "τ=0.7"},
+            {"method": "prune (EViT)", "speedup": 1.4, "top1": 85.0, "point": "κ=0.7"}]
+    fig = plot_top1_vs_speedup(rows, tmp_path / "s.png")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(labels) == ["freeze (head)", "prune (EViT)", "unmodified"]
+    head = ax.lines[0]
+    assert list(head.get_xdata()) == [1.2, 1.1] and list(head.get_ydata()) == [80.0, 70.0]
+    assert (tmp_path / "s.png").stat().st_size > 5_000
