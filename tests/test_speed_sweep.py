@@ -114,3 +114,19 @@ def test_plot_draws_one_line_per_method_in_sweep_order(tmp_path):
     head = ax.lines[0]
     assert list(head.get_xdata()) == [1.2, 1.1] and list(head.get_ydata()) == [80.0, 70.0]
     assert (tmp_path / "s.png").stat().st_size > 5_000
+
+
+def test_summary_picks_the_fastest_point_within_the_accuracy_budget():
+    from eamvit.experiments.speed_sweep import summary_lines
+
+    def row(method, top1, speedup, tau=0.0, keep=1.0, gran=""):
+        return {"method": method, "top1": top1, "speedup": speedup, "predicted_speedup": speedup + 0.1,
+                "tau": tau, "keep_rate": keep, "granularity": gran}
+
+    rows = [row("unmodified", 90.0, 1.0), row("freeze (entry)", 89.9, 0.8, 0.5, gran="entry"),
+            row("freeze (head)", 89.5, 1.1, 0.5, gran="head"), row("freeze (head)", 80.0, 1.3, 0.9, gran="head"),
+            row("prune (EViT)", 89.0, 1.4, keep=0.7), row("prune (EViT)", 88.9, 1.9, keep=0.5)]
+    freeze, prune, entry = summary_lines(rows, max_drop=1.0)
+    assert "freeze (head) at τ=0.5" in freeze and "×1.100" in freeze  # τ=0.9 is faster but 10 points worse
+    assert "prune (EViT) at κ=0.7" in prune  # κ=0.5 loses 1.1 points
+    assert "×0.800..×0.800" in entry

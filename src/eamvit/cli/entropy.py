@@ -145,7 +145,8 @@ def cmd_speed_sweep(args) -> None:
     from eamvit.cli.common import SPEED_METHODS, warn
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
-    from eamvit.experiments.speed_sweep import SPEED_COLUMNS, check_speed_sweep, is_swin, plot_rows, speed_sweep
+    from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_speed_sweep, is_swin, plot_rows, speed_sweep,
+                                                summary_lines)
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.speed import plot_top1_vs_speedup
@@ -175,6 +176,7 @@ def cmd_speed_sweep(args) -> None:
         plot_top1_vs_speedup(plot_rows(rows), out / "speed_sweep.png",
                              title=f"{rows[0]['model']}: frozen attention vs token pruning at measured speed")
         print(markdown(rows, SPEED_COLUMNS))
+        print("\n".join(summary_lines(rows)))
         print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "speed_sweep.png"]))
 
 

@@ -152,3 +152,36 @@ def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
         out.append({"method": r["method"], "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out
+
+
+def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Optional[ResultRow]:
+    ok = [r for r in rows if r["method"].startswith(prefix) and r["top1"] >= floor]
+    return max(ok, key=lambda r: r["speedup"]) if ok else None
+
+
+def summary_lines(rows: Sequence[ResultRow], max_drop: float = 1.0) -> list[str]:
+    """What the sweep answers, in words: for freezing and for pruning, the fastest measured point that
+    loses at most ``max_drop`` points of top-1, and what entry-level freezing costs.
+
+    Args:
+        rows: :func:`speed_sweep`'s rows (the unmodified model first).
+        max_drop: accuracy budget in top-1 points.
+    """
+    base = rows[0]
+    floor = base["top1"] - max_drop
+    lines = []
+    for prefix, name in (("freeze", "freezing"), ("prune", "token pruning")):
+        best = _fastest_within(rows, prefix, floor)
+        if best is None:
+            if any(r["method"].startswith(prefix) for r in rows):
+                lines.append(f"{name}: no point stays within {max_drop:g} top-1 point of the unmodified model")
+            continue
+        knob = f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}"
+        lines.append(f"{name}: fastest within {max_drop:g} top-1 point is {best['method']} at {knob}: "
+                     f"top-1 {best['top1']:.2f} (unmodified {base['top1']:.2f}), measured ×{best['speedup']:.3f} "
+                     f"(predicted ×{best['predicted_speedup']:.3f})")
+    entry = [r["speedup"] for r in rows if r["method"] == "freeze (entry)"]
+    if entry:
+        lines.append(f"entry-level freezing executes every MAC (predicted ×1.000) and measured ×{min(entry):.3f}"
+                     f"..×{max(entry):.3f}: simulating frozen entries costs time and saves none")
+    return lines
