@@ -174,12 +174,16 @@ def test_pruned_export_keeps_the_same_tokens(digits, tmp_path):
                 np.testing.assert_array_equal(np.sort(got, 1), np.sort(want.numpy(), 1))
 
 
-def test_frozen_export_equals_pytorch(digits, tmp_path):
+@pytest.mark.parametrize("granularity", ["entry", "row", "head"])
+def test_frozen_export_equals_pytorch(digits, tmp_path, granularity):
     model, train, x, _ = digits
     m = copy.deepcopy(model)
     maps = eamvit.compute_entropy_maps(m, DigitsDataset("train"), indices=range(64), progress=False)
-    eamvit.freeze_(m, maps, eamvit.FreezeConfig(tau=0.3))
+    eamvit.freeze_(m, maps, eamvit.FreezeConfig(tau=0.3, granularity=granularity))
     export_onnx(m, tmp_path / "f.onnx")
+    if granularity == "head":  # the exported graph skips the frozen heads' q/k: a narrower qkv weight
+        qkv = [i for i in onnx.load(str(tmp_path / "f.onnx")).graph.initializer if tuple(i.dims) in {(64, 192), (192, 64)}]
+        assert len(qkv) < 4
     with torch.no_grad():
         ref = m(x)
     np.testing.assert_allclose(ort_run(tmp_path / "f.onnx", x)[0], ref.numpy(), atol=1e-4, rtol=0)
