@@ -127,6 +127,8 @@ def test_identity_records_pruning_and_freezing(data, tmp_path):
     assert ident["freeze"]["config"]["tau"] == 0.3 and len(ident["freeze"]["digest"]) == 64
     with pytest.raises(EamError, match="not pruned nor frozen"):
         finetune(small_model(), train, CFG, progress=False)
+    with pytest.raises(EamError, match="no frozen attention"):  # a config that was never applied
+        finetune(small_model(), train, CFG, progress=False, freeze=FreezeConfig(tau=0.5))
 
 
 def test_cli_finetune_writes_reloadable_output_and_resume_checks_the_frozen_maps(data, tmp_path, capsys):

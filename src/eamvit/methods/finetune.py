@@ -95,6 +95,9 @@ def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[Freez
     if st is None and digest is None and freeze is None:
         raise EamError("this model is not pruned nor frozen; call prune_(model, PruneConfig(...)) and/or "
                        "freeze_(model, maps, FreezeConfig(...)) first")
+    if freeze is not None and freeze.tau > 0 and digest is None:
+        raise EamError(f"freeze= says τ = {freeze.tau} but the model has no frozen attention; call "
+                       "freeze_(model, maps, freeze) first")
     ident: dict[str, Any] = {}
     if st is not None:
         ident["prune"] = st.config.to_dict()
