@@ -104,7 +104,14 @@ def granularities(text: str) -> list[str]:
     return out
 
 
-def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool = True) -> None:
+    """Freezing options (eamvit.methods.freeze).
+
+    Args:
+        p: the sub-command parser.
+        sweep: the τ grid of ``sweep`` instead of one τ.
+        saved: offer ``--frozen`` (a saved freeze) next to ``--tau`` (not for ``finetune``, which makes one).
+    """
     from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
 
     g = p.add_argument_group("freezing")
@@ -129,9 +136,10 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                        help="random-freezing seeds averaged per point (the entropy vs random sweep)")
     else:
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
-        g.add_argument("--frozen", default=None,
-                       help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors) "
-                            "(default: none, freeze from --maps/--tau)")
+        if saved:
+            g.add_argument("--frozen", default=None,
+                           help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors) "
+                                "(default: none, freeze from --maps/--tau)")
         g.add_argument("--scope", choices=SCOPES, default=None,
                        help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
         g.add_argument("--selection", choices=SELECTIONS, default="entropy",

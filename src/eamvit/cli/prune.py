@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
 
 
 def cmd_prune_sweep(args) -> None:
@@ -92,47 +92,115 @@ def _finetune_data(args, model):
     return train, val, cfg
 
 
-def cmd_finetune(args) -> None:
-    from eamvit.io import ensure_writable_dir
-    from eamvit.methods.finetune import WEIGHTS, FinetuneConfig, finetune
-    from eamvit.methods.prune import PruneConfig, prune_
+def _finetune_configs(args):
+    """``(PruneConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked before any work.
 
-    pcfg = PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha, **prune_options(args)).validate()
+    Freezing is on when ``--tau > 0``; pruning when ``--prune`` is given, and by default (shannon) only
+    without freezing, so that the old ``finetune --keep-rate κ`` still prunes.
+    """
+    from eamvit.methods.finetune import FinetuneConfig
+    from eamvit.methods.freeze import FreezeConfig
+    from eamvit.methods.prune import PruneConfig
+
+    if args.maps and not args.tau > 0:
+        raise EamError("--maps is used to freeze attention: give --tau > 0 with it, or drop it")
+    method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
+    pcfg = None if method is None else PruneConfig(method=method, keep_rate=args.keep_rate, alpha=args.alpha,
+                                                   **prune_options(args)).validate()
+    zcfg = None if not args.tau > 0 else FreezeConfig(
+        tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed, value_bits=args.value_bits,
+        value_quantizer=args.value_quantizer, granularity=args.granularity, aggregate=args.aggregate).validate()
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                           keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
                           grad_clip=args.grad_clip, seed=args.seed).validate()
-    if args.workers < 0:
-        raise EamError(f"--workers must be 0 or more, got {args.workers}")
-    out = ensure_writable_dir(args.out)
+    return pcfg, fcfg, zcfg
+
+
+def _freeze_for_finetune(args, model, device, zcfg, out: Path) -> dict:
+    """Freeze ``model`` with ``zcfg`` from ``--maps`` or maps calibrated now (saved to OUT/maps.safetensors)."""
+    from eamvit.cli.common import get_maps, load_maps
+    from eamvit.methods.freeze import freeze_
+
+    maps = load_maps(args, model)
+    if maps is None:
+        _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
+        maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    return freeze_(model, maps, zcfg).to_dict()
+
+
+def _reload_hint(args, out: Path, pruned: bool, frozen: bool) -> str:
+    """The ``eamvit eval`` line that reloads what ``finetune`` wrote."""
+    import shlex
+
+    parts = ["eamvit", "eval"]
+    if args.model:
+        parts += ["--model", args.model] + (["--model-kwargs", *args.model_kwargs] if args.model_kwargs else [])
+    parts += ["--checkpoint", str(out / "finetuned.safetensors")]
+    if frozen:
+        parts += ["--frozen", str(out / "frozen.safetensors")]
+    if pruned:
+        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(args.keep_rate)]
+    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")
+
+
+def cmd_finetune(args) -> None:
+    from eamvit.io import check_output_dir, ensure_writable_dir
+    from eamvit.methods.finetune import FROZEN, WEIGHTS, finetune
+    from eamvit.methods.prune import prune_
+
+    pcfg, fcfg, zcfg = _finetune_configs(args)
+    check_output_dir(args.out)
     model, device = load_model(args)
+    if args.maps:  # a wrong file fails before anything is written
+        from eamvit.cli.common import load_maps
+
+        load_maps(args, model)
     train, val, cfg = _finetune_data(args, model)
-    prune_(model, pcfg)
+    out = ensure_writable_dir(args.out)
+    freeze = _freeze_for_finetune(args, model, device, zcfg, out) if zcfg is not None else None
+    if pcfg is not None:
+        prune_(model, pcfg)
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
-                   workers=args.workers, data_config=cfg)
+                   workers=args.workers, data_config=cfg, freeze=zcfg)
     last = res["final"] or {}
     print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images: " + " ".join(f"{k}={v}" for k, v in last.items()))
-    print(f"wrote {out / WEIGHTS} (plain timm weights; prune at load time with the same options), "
-          f"{out / 'finetune.json'}, checkpoint {res['checkpoint']}")
+    if freeze is not None:
+        print(f"frozen: {freeze['frozen_fraction']:.4f} of the attention entries ({zcfg.granularity}, "
+              f"{zcfg.selection}); the frozen values are not trained")
+    frozen = f", {out / FROZEN} (the frozen attention)" if zcfg is not None else ""
+    print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, checkpoint {res['checkpoint']}")
+    print(f"reload: {_reload_hint(args, out, pcfg is not None, zcfg is not None)}")
 
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
     from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 
-    s = sub.add_parser("finetune", help="fine-tune a token-pruned model (EViT recipe), resumable")
+    s = sub.add_parser("finetune", help="fine-tune a token-pruned and/or attention-frozen model (EViT recipe), resumable")
     add_model_args(s)
     add_data_args(s, calib=False)
     texts = {  # the shared texts speak of evaluation; here the data are the training set
         "data": "training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)",
         "num_samples": "train on a seeded random subset of this many training images (default: all)",
-        "seed": "seed of the subset, shuffling, augmentation, mixup and dropout",
+        "seed": "seed of the subset, shuffling, augmentation, mixup, dropout and random freezing",
         "batch_size": "images per training step",
         "workers": "DataLoader worker processes (the trained weights do not depend on their number)"}
     for action in s._actions:
         action.help = texts.get(action.dest, action.help)
-    add_prune_args(s, method="shannon")
+    add_entropy_args(s)
+    add_freeze_args(s, saved=False)
+    for action in s._actions:  # fine-tuning freezes only with --tau > 0; --maps only then
+        action.help = {"maps": "entropy maps from `eamvit calibrate`, used with --tau > 0 (default: calibrate "
+                               "now on min(512) training images, saved to OUT/maps.safetensors)",
+                       "tau": "fraction of attention entries to freeze and fine-tune around, [0, 1]; 0 = no "
+                              "freezing (default 0)"}.get(action.dest, action.help)
+    add_prune_args(s)
+    for action in s._actions:
+        if action.dest == "prune":
+            action.help = ("prune patch tokens with this score (default: shannon without --tau, no pruning with "
+                           "--tau > 0; give both to prune and freeze)")
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
     f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (default: none; with --data digits the test split)")
     f.add_argument("--augment", choices=AUGMENTS, default="auto",
@@ -153,5 +221,5 @@ def register(sub) -> None:
     f.add_argument("--keep-warmup-epochs", type=float, default=0.0, help="epochs at keep rate 1 first (EViT: 10 from scratch)")
     f.add_argument("--keep-decay-epochs", type=float, default=0.0, help="epochs of cosine from 1 to --keep-rate (EViT: 100)")
     f.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
-    s.add_argument("--out", default="eamvit-finetune", help="output folder (checkpoint, weights, history)")
+    s.add_argument("--out", default="eamvit-finetune", help="output folder (checkpoint, weights, frozen attention, history)")
     s.set_defaults(func=cmd_finetune)

@@ -12,12 +12,23 @@ cost accuracy); label smoothing 0.1 as DeiT.
 The checkpoint (``finetune_ckpt.pth``, see :func:`eamvit.methods.train.train`) also holds the
 random-pruning generator. Its ``"model"`` entry is a plain timm state dict: ``create_model(...,
 checkpoint=...)`` loads it directly.
+
+Frozen attention (the EAM paper's future work). A model frozen with
+:func:`eamvit.methods.freeze.freeze_` (any granularity, fp32 or quantized values), pruned or not, is
+fine-tuned by the same function: the frozen entries stay at their values throughout and gradients flow
+through the attention that is still computed and every weight. The frozen values are *not* trained:
+the paper fixes them to the calibration mean ``A^μ`` (they are non-persistent buffers, not
+parameters; ``torch.where`` passes no gradient to them and executed rows/heads never compute them).
+The checkpoint identity holds the :class:`~eamvit.methods.freeze.FreezeConfig` and a digest of the
+frozen masks and values, so resuming with another τ or other maps is refused; ``frozen.safetensors``
+(:func:`~eamvit.methods.freeze.save_frozen`) is written next to the weights, and
+:func:`~eamvit.methods.freeze.load_frozen` puts it back on the reloaded model.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -26,13 +37,15 @@ from torch.utils.data import Dataset
 
 from eamvit.errors import EamError
 from eamvit.io import ensure_writable_dir, write_json
+from eamvit.methods.freeze import FreezeConfig, frozen_digest, save_frozen
 from eamvit.methods.models import model_spec, save_checkpoint
-from eamvit.methods.prune import prune_state
+from eamvit.modules.prune_block import PruneState
 from eamvit.methods.train import TrainConfig, train
 from eamvit.ops.scores import check_keep_rate
 
 CHECKPOINT = "finetune_ckpt.pth"
 WEIGHTS = "finetuned.safetensors"
+FROZEN = "frozen.safetensors"
 
 
 @dataclass
@@ -72,48 +85,82 @@ def keep_rate_at(step: int, steps_per_epoch: int, target: float, config: Finetun
     return target + (1.0 - target) * 0.5 * (math.cos((step - start) / span * math.pi) + 1)
 
 
+def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[FreezeConfig]) -> dict[str, Any]:
+    """What a resumed run must match: the pruning (when pruned), the freezing (when frozen), the model.
+
+    A pruned-only model gets exactly the identity it had before freezing was supported, so its
+    checkpoints still resume.
+    """
+    digest = frozen_digest(model)
+    if st is None and digest is None and freeze is None:
+        raise EamError("this model is not pruned nor frozen; call prune_(model, PruneConfig(...)) and/or "
+                       "freeze_(model, maps, FreezeConfig(...)) first")
+    if freeze is not None and freeze.tau > 0 and digest is None:
+        raise EamError(f"freeze= says τ = {freeze.tau} but the model has no frozen attention; call "
+                       "freeze_(model, maps, freeze) first")
+    ident: dict[str, Any] = {}
+    if st is not None:
+        ident["prune"] = st.config.to_dict()
+    if digest is not None or freeze is not None:
+        ident["freeze"] = {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
+    ident["model"] = model_spec(model).to_dict()
+    return ident
+
+
 def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = FinetuneConfig(),
              val_ds: Optional[Dataset] = None, out_dir: Optional[str | os.PathLike] = None, resume: bool = True,
              stop_after: Optional[int] = None, device: torch.device | str | None = None, workers: int = 0,
-             progress: bool = True, data_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Fine-tune a pruned model in place; the keep rate follows :func:`keep_rate_at`.
+             progress: bool = True, data_config: Optional[dict[str, Any]] = None,
+             freeze: Optional[FreezeConfig] = None) -> dict[str, Any]:
+    """Fine-tune a pruned and/or frozen model in place; a pruned model's keep rate follows :func:`keep_rate_at`.
 
     Args:
-        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate).
+        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate),
+            frozen with :func:`eamvit.methods.freeze.freeze_` (the frozen values stay fixed), or both.
         train_ds: training items ``(image, target)`` (with augmentation).
-        config: :class:`FinetuneConfig`.
+        config: :class:`FinetuneConfig` (the keep-rate options apply to pruned models only).
         val_ds: evaluated (top-1/top-5) after every epoch when given.
-        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``) and
-            ``finetune.json``; nothing is written when ``None``.
-        resume: continue from ``out_dir``'s checkpoint when there is one (same options required).
+        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen
+            attention when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written
+            when ``None``.
+        resume: continue from ``out_dir``'s checkpoint when there is one (same options and, when
+            frozen, the same frozen masks and values required).
         stop_after: run at most this many epochs in this call.
         device: where to train (the model's device by default).
         workers: DataLoader workers (the result does not depend on them).
         progress: progress bar.
         data_config: the model's preprocessing (timm data config), saved with the weights.
+        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` the model was frozen with, recorded in
+            the checkpoint identity and the outputs (``None``: not recorded; the frozen maps' digest is).
 
     Returns:
         :func:`eamvit.methods.train.train`'s result.
     """
     config.validate()
-    st = prune_state(model)
-    target = check_keep_rate(st.config.keep_rate)
+    if freeze is not None:
+        freeze.validate()
+    st = getattr(model, "eam_prune", None)
+    ident = _identity(model, st, freeze)
     out = ensure_writable_dir(out_dir) if out_dir is not None else None
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    if st.method == "random":  # a fresh, checkpointed stream: runs and resumes repeat exactly
-        st.generator = torch.Generator(device=dev).manual_seed(st.seed)
+    schedule = None
+    if st is not None:
+        target = check_keep_rate(st.config.keep_rate)
+        if st.method == "random":  # a fresh, checkpointed stream: runs and resumes repeat exactly
+            st.generator = torch.Generator(device=dev).manual_seed(st.seed)
 
-    def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
-        st.keep_rate = keep_rate_at(step, steps_per_epoch, target, config)
-        return {"keep_rate": st.keep_rate}
+        def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
+            st.keep_rate = keep_rate_at(step, steps_per_epoch, target, config)
+            return {"keep_rate": st.keep_rate}
 
-    ident = {"prune": st.config.to_dict(), "model": model_spec(model).to_dict()}
+    gens = [st.generator] if st is not None and st.generator is not None else []
     res = train(model, train_ds, config, val_ds=val_ds, checkpoint=out / CHECKPOINT if out is not None else None,
-                resume=resume, stop_after=stop_after, schedule=schedule, identity=ident,
-                generators=[st.generator] if st.generator is not None else [], device=dev, workers=workers,
-                progress=progress, desc="finetune")
+                resume=resume, stop_after=stop_after, schedule=schedule, identity=ident, generators=gens,
+                device=dev, workers=workers, progress=progress, desc="finetune")
     if out is not None and res["epochs_done"] == config.epochs:
-        extra = {"train": config.to_dict(), "prune": ident["prune"]}
+        extra = {"train": config.to_dict(), **{k: v for k, v in ident.items() if k != "model"}}
         save_checkpoint(model, out / WEIGHTS, data_config, extra=extra)
+        if "freeze" in ident:
+            save_frozen(model, str(out / FROZEN), freeze)
         write_json(out / "finetune.json", {**res, "identity": {**extra, "model": ident["model"]}})
     return res

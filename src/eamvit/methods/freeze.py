@@ -315,6 +315,31 @@ def unfreeze_(model: nn.Module) -> None:
         set_frozen(module, None, None)
 
 
+def is_frozen(model: nn.Module) -> bool:
+    """Whether any attention layer of ``model`` has frozen entries."""
+    return any(m.eam_frozen_mask is not None for m in attention_layers(model))
+
+
+def frozen_digest(model: nn.Module) -> Optional[str]:
+    """SHA-256 of ``model``'s frozen attention (per layer: granularity, mask and values), ``None`` if none.
+
+    Two models get the same digest exactly when the same entries are frozen to the same values the same
+    way, so a training checkpoint records which frozen maps it was trained with.
+    """
+    import hashlib
+
+    h, any_frozen = hashlib.sha256(), False
+    for l, m in enumerate(attention_layers(model)):
+        if m.eam_frozen_mask is None:
+            continue
+        any_frozen = True
+        mask, values = m.eam_frozen_mask.detach().cpu(), m.eam_frozen_values.detach().float().cpu()
+        h.update(f"{l}:{m.eam_granularity}:{tuple(mask.shape)};".encode())
+        h.update(mask.contiguous().numpy().tobytes())
+        h.update(values.contiguous().numpy().tobytes())
+    return h.hexdigest() if any_frozen else None
+
+
 FROZEN_FORMAT = "eamvit-frozen/1"
 
 

@@ -1,0 +1,80 @@
+"""Top-1 before and after a short fine-tune with frozen attention, entropy against random freezing.
+
+For every (τ, selection) a deep copy of the model is frozen (:func:`eamvit.methods.freeze.freeze_`),
+evaluated off the shelf, fine-tuned with the one fine-tuning function
+(:func:`eamvit.methods.finetune.finetune`; the frozen values stay at ``A^μ``, everything else trains)
+and evaluated again. Both selections get the same recipe, seed and data, so the gap between them after
+fine-tuning is what the choice of entries costs once the network has adapted to it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eamvit.experiments.results import Column, markdown
+from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods.finetune import FinetuneConfig, finetune
+from eamvit.methods.freeze import FreezeConfig, freeze_
+
+# A short recipe for a model that is already trained: a few epochs at a learning rate a little above
+# EViT's fine-tuning one (its 2e-5 is meant for 30 ImageNet epochs), no label smoothing.
+SHORT_RECIPE = FinetuneConfig(epochs=2, lr=1e-4, min_lr=1e-5, batch_size=64, label_smoothing=0.0)
+
+COLUMNS = [Column("tau", "τ"), Column("selection"), Column("granularity"),
+           Column("frozen_fraction", "frozen", ".3f"), Column("top1", "top-1 frozen", ".2f"),
+           Column("top1_finetuned", "top-1 fine-tuned", ".2f"), Column("seconds", "s / row", ".1f")]
+
+
+def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset, maps: EntropyMaps,
+                          taus: Sequence[float] = (0.5, 0.7, 0.9), selections: Sequence[str] = ("entropy", "random"),
+                          granularity: str = "entry", config: FinetuneConfig = SHORT_RECIPE, seed: int = 0,
+                          batch_size: int = 256, device: Optional[torch.device | str] = None,
+                          progress: bool = False) -> list[dict[str, Any]]:
+    """For every (τ, selection): top-1 of the frozen model off the shelf, then after fine-tuning it.
+
+    Args:
+        model: a trained, instrumented model (left unchanged: every row works on a deep copy).
+        train_ds: training items (fine-tuning).
+        test_ds: held-out items (top-1).
+        maps: the model's entropy maps (and mean maps ``A^μ``).
+        taus: sparsity levels.
+        selections: ``"entropy"`` and/or ``"random"``.
+        granularity: ``"entry"``, ``"row"`` or ``"head"``.
+        config: the fine-tuning recipe, the same for every row.
+        seed: seed of random freezing.
+        batch_size: evaluation batch size.
+        device: where to run (the model's device by default).
+        progress: progress bars.
+
+    Returns:
+        Rows (plain dicts, writable by :func:`~eamvit.experiments.results.write_table`) with ``tau``,
+        ``selection``, ``granularity``, ``frozen_fraction``, ``top1`` (frozen, before fine-tuning),
+        ``top1_finetuned``, ``epochs``, ``lr`` and ``seconds`` (fine-tuning and both evaluations).
+    """
+    config.validate()
+    rows = []
+    for tau in taus:
+        for sel in selections:
+            fcfg = FreezeConfig(tau=tau, selection=sel, seed=seed, granularity=granularity).validate()
+            start = time.perf_counter()
+            m = copy.deepcopy(model)
+            report = freeze_(m, maps, fcfg)
+            before = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
+            finetune(m, train_ds, config, device=device, progress=progress, freeze=fcfg)
+            after = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
+            rows.append({"tau": tau, "selection": sel, "granularity": granularity,
+                         "frozen_fraction": round(report.frozen_fraction, 6), "top1": before,
+                         "top1_finetuned": after, "epochs": config.epochs, "lr": config.lr,
+                         "seconds": round(time.perf_counter() - start, 2)})
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The table of :func:`frozen_finetune_table` as markdown (the columns of :data:`COLUMNS`)."""
+    return markdown(rows, COLUMNS)
