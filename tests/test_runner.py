@@ -159,6 +159,17 @@ def test_throughput_median_and_spread():
         Timing(reps=2).validate()
 
 
+def test_speedup_is_the_ratio_of_alternately_timed_forwards():
+    from eamvit.experiments.runner import measure_speedup
+
+    fast, slow = Sleeper(0.01), Sleeper(0.03)
+    fast.pretrained_cfg = {"input_size": (1, 2, 2)}
+    s = measure_speedup(fast, slow, Timing(batch_size=4, warmup=1, reps=6))
+    assert s["speedup_p25"] <= s["speedup"] <= s["speedup_p75"]
+    assert 2.0 < s["speedup"] < 3.1  # 0.03 s / 0.01 s, each sleep at least as long as asked
+    assert 0.5 * 400 < s["images_per_s"] <= 400 * 1.02  # 4 images / 0.01 s
+
+
 def test_runner_times_each_point_once():
     calls = []
 

@@ -193,7 +193,7 @@ def register(sub) -> None:
     add_freeze_args(s, saved=False)
     for action in s._actions:  # fine-tuning freezes only with --tau > 0; --maps only then
         action.help = {"maps": "entropy maps from `eamvit calibrate`, used with --tau > 0 (default: calibrate "
-                               "now on min(512) training images, saved to OUT/maps.safetensors)",
+                               "now on up to 512 unaugmented training images, saved to OUT/maps.safetensors)",
                        "tau": "fraction of attention entries to freeze and fine-tune around, [0, 1]; 0 = no "
                               "freezing (default 0)"}.get(action.dest, action.help)
     add_prune_args(s)

@@ -5,12 +5,15 @@
 3. draw the paper's figures (CLS-row maps, full maps, layer x head summary);
 4. sweep τ ∈ {0, 0.1, ..., 0.9} for entropy vs random freezing, for the ``head`` (default) and
    ``global`` scopes, on the test split;
-5. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
-6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
-7. compare FP, RepQ-ViT, ADFQ-ViT and PMQ at W4/A4 and W6/A6 (fast settings);
-8. export to ONNX and run it in ONNX Runtime: fp32, eamvit W8/A8 (QDQ), ONNX Runtime's own
-   static int8, 4-bit weight-only; top-1, file size, images/s;
-9. write ``report.md`` + CSV/JSON for every table and print the tables.
+5. freezing by entry, row and head against token pruning at measured speed (top-1, executed GMACs,
+   predicted and measured speed-up);
+6. fine-tune with frozen attention at τ ∈ {0.5, 0.7, 0.9}, entropy vs random;
+7. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
+8. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
+9. compare FP, RepQ-ViT, ADFQ-ViT and PMQ at W4/A4 and W6/A6 (fast settings);
+10. export to ONNX and run it in ONNX Runtime: fp32, eamvit W8/A8 (QDQ), ONNX Runtime's own
+    static int8, 4-bit weight-only; top-1, file size, images/s;
+11. write ``report.md`` + CSV/JSON for every table and print the tables.
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ QUANT_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the demo's quantized sweep: Table 1 ne
 KEEP_RATES = (0.7, 0.5)
 SPEED_TAUS = (0.3, 0.5, 0.7, 0.9)  # the speed comparison: freezing levels ...
 KEEP_RATES_SPEED = (0.9, 0.7, 0.5)  # ... and pruning keep rates
-STEPS = 10
+SPEED_TIMING = Timing(batch_size=64, warmup=3, reps=15)  # a tiny model: larger batches, more repetitions
+FINETUNE_TAUS = (0.5, 0.7, 0.9)
+STEPS = 11
 
 
 def _say(msg: str) -> None:
@@ -66,10 +71,11 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     _say(f"      test top-1 {base['top1']:.2f}% on {base['num_images']} held-out digits")
     maps = _maps_section(model, train, out, device)
     rows = _sweep_section(model, maps, test, base, out, device)
-    sections = [_speed_section(model, maps, test, out, device), _quant_section(model, train, test, out, device),
+    sections = [_speed_section(model, maps, test, out, device),
+                _frozen_finetune_section(model, maps, test, out, device), _quant_section(model, train, test, out, device),
                 _prune_section(model, train, test, out, device), _compare_section(ckpt, train, test, out, device),
                 _export_section(model, out)]
-    _say(f"[9/{STEPS}] report")
+    _say(f"[11/{STEPS}] report")
     table = format_sweep_table(rows)
     elapsed = time.perf_counter() - t0
     write_text(out / "report.md", _report(ckpt, train, base, table, sections, elapsed))
@@ -78,8 +84,8 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     for sec in sections:
         print(sec["table"])
     print(f"\nwrote {out / 'report.md'} with figures and results in {out}/ ({elapsed:.0f} s)")
-    return {"base": base, "rows": rows, "speed": sections[0]["rows"], "quant": sections[1]["rows"],
-            "prune": sections[2]["rows"], "compare": sections[3]["rows"], "export": sections[4]["rows"]}
+    return {"base": base, "rows": rows, **{name: sec["rows"] for name, sec in zip(
+        ("speed", "frozen_finetune", "quant", "prune", "compare", "export"), sections)}}
 
 
 def _checkpoint(out: Path, retrain: bool, checkpoint: Optional[str], device, epochs: int) -> Path:
@@ -151,7 +157,8 @@ standard deviation in the `±` column beside it.
 
 {parts}
 Files: `maps.safetensors` (the maps); every table's rows with all their fields as CSV, JSON and
-markdown: `sweep.*` (every point of the τ sweep), `quant_sweep.*`, `prune.*`, `compare.*`.
+markdown: `sweep.*` (every point of the τ sweep), `speed_sweep.*`, `frozen_finetune.*`, `quant_sweep.*`,
+`prune.*`, `compare.*`, `export.*`.
 Run time: {elapsed:.0f} s.
 """
 
@@ -163,7 +170,7 @@ def _speed_section(model, maps: EntropyMaps, test, out: Path, device) -> dict:
 
     _say(f"[5/{STEPS}] freezing (entry, row, head) vs token pruning at measured speed")
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device), SPEED_TAUS,
-                       keep_rates=KEEP_RATES_SPEED, progress=False)
+                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=False)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)
@@ -175,10 +182,12 @@ def _speed_section(model, maps: EntropyMaps, test, out: Path, device) -> dict:
 Frozen heads skip their q/k projections, scores and softmax; frozen rows skip their query
 projection, scores and softmax; frozen entries (the paper's granularity) skip nothing, because a
 row's softmax needs all its scores. `GMACs/image` is what the cost model counts as executed, `predicted ×`
-the ratio of MACs, `measured ×` the median images/s over {Timing().reps} timed forwards of {Timing().batch_size}
-random images ÷ the unmodified model's (p25/p75: quartiles), on this machine during the demo.
-Freezing picks the lowest-entropy units (entries per head, rows and heads per layer); pruning is
-off the shelf.
+the ratio of MACs. `measured ×` times the point and an unmodified copy in alternation,
+{SPEED_TIMING.reps} forwards of {SPEED_TIMING.batch_size} random images each, and gives the median of the per-forward ratios
+(p25/p75: quartiles), on this machine during the demo. At 0.015 GMACs per image this model is
+small enough for per-operation overhead to weigh heavily: the unmodified row, timed against its
+own copy, shows the noise floor. Freezing picks the lowest-entropy units (entries per head, rows
+and heads per layer); pruning is off the shelf.
 
 {table}
 {verdict}
@@ -188,13 +197,40 @@ off the shelf.
     return {"rows": rows, "table": table + "\n" + verdict + "\n", "markdown": md}
 
 
+def _frozen_finetune_section(model, maps: EntropyMaps, test, out: Path, device) -> dict:
+    """Fine-tuning with frozen attention (the paper's future work): entropy vs random, before and after."""
+    from eamvit.experiments.frozen_finetune import SHORT_RECIPE, frozen_finetune_table, markdown_table
+    from eamvit.methods.models import data_config
+    from eamvit.methods.train import train_dataset
+
+    _say(f"[6/{STEPS}] fine-tuning with frozen attention, tau in {FINETUNE_TAUS}: entropy vs random "
+         f"({SHORT_RECIPE.epochs} epochs each)")
+    train = train_dataset("digits", data_config(model), augment="shift")
+    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device)
+    write_table(out / "frozen_finetune", rows)
+    table = markdown_table(rows)
+    c = SHORT_RECIPE
+    md = f"""## Fine-tuning with frozen attention (entry level, the paper's future work)
+
+Each row freezes a copy of the model (entropy: the τ lowest-entropy entries of every head; random:
+as many random ones, seed 0), measures it, fine-tunes it with the frozen entries held at A^μ and
+gradients through everything else ({c.epochs} epochs of AdamW over the {len(train)} training digits with
+random shifts, lr {c.lr:g} → {c.min_lr:g}, batch {c.batch_size}), and measures it again.
+`eamvit finetune --tau T --granularity G` does the same from the command line and saves weights and
+frozen maps that `eamvit eval --frozen` reloads.
+
+{table}
+"""
+    return {"rows": rows, "table": table, "markdown": md}
+
+
 def _quant_section(model, train, test, out: Path, device) -> dict:
     """RepQ-ViT W4/A4 with EAM on top: Table 1 at τ = 10 % / 20 %, Fig. 5, KL maps (Fig. 4), sizes."""
     from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
     from eamvit.methods.repq import RepQConfig
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
-    _say(f"[5/{STEPS}] RepQ-ViT W4/A4 + EAM (tau in {QUANT_TAUS}, maps from FP and quantized model, "
+    _say(f"[7/{STEPS}] RepQ-ViT W4/A4 + EAM (tau in {QUANT_TAUS}, maps from FP and quantized model, "
          "fp32 and 4-bit frozen values, random freezing)")
     res = quant_sweep(model, test, train, RepQConfig(w_bits=4, a_bits=4),
                       QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device)
@@ -233,7 +269,7 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
     from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
-    _say(f"[6/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
+    _say(f"[8/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
     write_table(out / "prune", rows)
     plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
@@ -264,7 +300,7 @@ def _compare_section(ckpt: Path, train, test, out: Path, device) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
     from eamvit.experiments.compare import compare_table
 
-    _say(f"[7/{STEPS}] FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6")
+    _say(f"[9/{STEPS}] FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6")
     rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device)
     write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
@@ -282,7 +318,7 @@ def _export_section(model, out: Path) -> dict:
     """The model as a user would ship it: PyTorch and ONNX Runtime, fp32 to 4-bit weights (CPU)."""
     from eamvit.experiments.export_table import export_table
 
-    _say(f"[8/{STEPS}] ONNX export: fp32, eamvit W8/A8 (QDQ), ONNX Runtime quantize_static, W4 weight-only")
+    _say(f"[10/{STEPS}] ONNX export: fp32, eamvit W8/A8 (QDQ), ONNX Runtime quantize_static, W4 weight-only")
     rows = export_table(model)
     write_table(out / "export", rows)
     table = markdown(rows)

@@ -140,6 +140,40 @@ def _model_input_size(model: nn.Module) -> tuple[int, ...]:
     return tuple(int(v) for v in data_config(model)["input_size"])
 
 
+def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequence[int]],
+                  device: torch.device | str | None) -> tuple[torch.Tensor, Callable[[], None]]:
+    """The fixed random batch on ``device`` and the synchronisation a timed call ends with."""
+    timing.validate()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    return x, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _seconds(model: nn.Module, x: torch.Tensor, sync: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    sync()
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, med, q3
+
+
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, timing: Timing = Timing(), input_size: Optional[Sequence[int]] = None,
                        device: torch.device | str | None = None) -> Throughput:
@@ -155,27 +189,54 @@ def measure_throughput(model: nn.Module, timing: Timing = Timing(), input_size: 
         input_size: ``(C, H, W)``; the model's own by default.
         device: where to run (the model's device by default).
     """
-    timing.validate()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
-                    generator=torch.Generator().manual_seed(0)).to(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    try:
+    x, sync = _timing_setup(model, timing, input_size, device)
+    with _eval_mode(model):
         for _ in range(timing.warmup):
             model(x)
         sync()
-        rates = []
-        for _ in range(timing.reps):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            rates.append(timing.batch_size / (time.perf_counter() - t0))
-    finally:
-        model.train(was_training)
-    q1, med, q3 = statistics.quantiles(rates, n=4, method="inclusive")
+        rates = [timing.batch_size / _seconds(model, x, sync) for _ in range(timing.reps)]
+    q1, med, q3 = _quartiles(rates)
     return Throughput(median=med, p25=q1, p75=q3, reps=timing.reps)
+
+
+@torch.inference_mode()
+def measure_speedup(model: nn.Module, reference: nn.Module, timing: Timing = Timing(),
+                    input_size: Optional[Sequence[int]] = None,
+                    device: torch.device | str | None = None) -> dict[str, float]:
+    """Speed of ``model`` relative to ``reference``, timed in alternation on the same batch.
+
+    Each repetition times one forward of each (which goes first alternates), so drift of the machine's
+    speed between points of a sweep (other jobs, clock changes) cancels in the per-repetition ratio
+    ``time(reference) / time(model)``; a single ratio of two separately timed medians does not.
+
+    Args:
+        model: the model in the state measured.
+        reference: the model it is compared with (e.g. an unmodified copy), on the same device.
+        timing: :class:`Timing` (warm-up and repetitions apply to both).
+        input_size: ``(C, H, W)``; ``model``'s own by default.
+        device: where to run (``model``'s device by default).
+
+    Returns:
+        ``speedup`` (median ratio) with ``speedup_p25``/``speedup_p75``, and ``model``'s
+        ``images_per_s`` (median) with its quartiles.
+    """
+    x, sync = _timing_setup(model, timing, input_size, device)
+    ratios, rates = [], []
+    with _eval_mode(model, reference):
+        for _ in range(timing.warmup):
+            reference(x), model(x)
+        sync()
+        for i in range(timing.reps):
+            if i % 2:
+                t, t_ref = _seconds(model, x, sync), _seconds(reference, x, sync)
+            else:
+                t_ref, t = _seconds(reference, x, sync), _seconds(model, x, sync)
+            ratios.append(t_ref / t)
+            rates.append(timing.batch_size / t)
+    r1, r, r3 = _quartiles(ratios)
+    q1, med, q3 = _quartiles(rates)
+    return {"speedup": round(r, 4), "speedup_p25": round(r1, 4), "speedup_p75": round(r3, 4),
+            **Throughput(median=med, p25=q1, p75=q3, reps=timing.reps).fields()}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
