@@ -51,7 +51,8 @@ def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike
         if r["method"] == "unmodified":
             ax.plot([r["speedup"]], [r["top1"]], "k*", ms=12, label="unmodified", zorder=5)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("measured speed-up (images/s ÷ unmodified; bars: interquartile range of the timed repetitions)")
+    ax.set_xlabel("measured speed-up: median of per-forward time ratios to an unmodified copy timed alternately\n"
+                  "(bars: interquartile range of the repetitions)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
