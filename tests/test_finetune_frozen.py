@@ -189,3 +189,16 @@ def test_table_rows_are_written(data, tmp_path):
     files = write_table(tmp_path / "t", rows)
     assert json.loads(files["json"].read_text())[1]["selection"] == "random"
     assert "top-1 fine-tuned" in markdown_table(rows)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--tau", "0.5", "--granularity", "row"], "row granularity does not apply to Swin"),
+    (["--prune", "evit"], "token pruning does not apply to Swin"),
+])
+def test_swin_refusals_come_before_any_output(extra, msg, tmp_path, capsys):
+    swin = ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "patch_size=2",
+            "window_size=4", "embed_dim=16", "depths=2,2", "num_heads=2,2", "num_classes=10"]
+    assert main(["finetune", *swin, "--epochs", "1", "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eamvit: error: " + msg) and err.count("\n") == 0
+    assert not (tmp_path / "o").exists()

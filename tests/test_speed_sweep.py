@@ -86,6 +86,7 @@ def test_cli_swin_refusals(tmp_path, image_folder, capsys, args, message):
                                   image_folder, *args, "--out", tmp_path / "o"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("eamvit: error: " + message)
+    assert not (tmp_path / "o").exists()  # refused before any output
 
 
 @pytest.mark.parametrize("args,message", [

@@ -145,7 +145,7 @@ def cmd_speed_sweep(args) -> None:
     from eamvit.cli.common import SPEED_METHODS, warn
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
-    from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_speed_sweep, is_swin, plot_rows, speed_sweep,
+    from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, is_swin, plot_rows, speed_sweep,
                                                 summary_lines)
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.prune import method_config, parse_methods
@@ -158,12 +158,12 @@ def cmd_speed_sweep(args) -> None:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
     freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
-    out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     if is_swin(model) and args.methods is None:
         methods = []
         warn("token pruning does not apply to Swin: the speed sweep has freezing points only")
-    check_speed_sweep(model, args.granularity, methods)
+    check_family(model, args.granularity, methods)
+    out = ensure_writable_dir(args.out)
     ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
     maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)

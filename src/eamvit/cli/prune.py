@@ -157,6 +157,9 @@ def cmd_finetune(args) -> None:
         from eamvit.cli.common import load_maps
 
         load_maps(args, model)
+    from eamvit.experiments.speed_sweep import check_family
+
+    check_family(model, [zcfg.granularity] if zcfg is not None else [], [pcfg] if pcfg is not None else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
     freeze = _freeze_for_finetune(args, model, device, zcfg, out) if zcfg is not None else None

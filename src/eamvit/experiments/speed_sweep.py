@@ -91,9 +91,9 @@ def is_swin(model: nn.Module) -> bool:
     return any(isinstance(m, EamWindowAttention) for m in attention_layers(model))
 
 
-def check_speed_sweep(model: nn.Module, granularities: Sequence[str],
-                      prune_methods: Sequence[tuple[str, Optional[float]]]) -> None:
-    """One clear error, before any work, for what does not apply to the model's family."""
+def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any]) -> None:
+    """One clear error, before any work or output, for what does not apply to the model's family
+    (``prune_methods``: any non-empty sequence means token pruning is asked for)."""
     if is_swin(model) and "row" in granularities:
         raise EamError("row granularity does not apply to Swin (a row is one (window, token) pair, so windows "
                        "would keep different numbers of rows); use --granularity entry,head")
@@ -135,7 +135,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         ``gmacs_skippable``, ``predicted_speedup``, ``images_per_s`` (+ quartiles) and ``speedup``
         (+ quartiles), the unmodified model first.
     """
-    check_speed_sweep(model, granularities, prune_methods)
+    check_family(model, granularities, prune_methods)
     timing.validate()
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
 
