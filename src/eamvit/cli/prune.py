@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, is_main, load_model, prune_options
+from eamvit.cli.common import (SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
+                               add_prune_args, build_data, is_main, load_model, prune_options)
 
 
 def cmd_prune_sweep(args) -> None:
@@ -14,8 +15,6 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
     from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.prune import plot_top1_vs_gflops
-
-    from eamvit.cli.common import SWEEP_METHODS
 
     methods = parse_methods(args.methods or SWEEP_METHODS)
     for k in args.keep_rates:
