@@ -10,9 +10,9 @@ from eamvit.cli.common import (SWEEP_METHODS, add_data_args, add_entropy_args, a
 
 
 def cmd_prune_sweep(args) -> None:
-    from eamvit.methods.evaluate import result_row
-    from eamvit.io import ensure_writable_dir, write_results, write_text
     from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
+    from eamvit.experiments.results import write_table
+    from eamvit.io import ensure_writable_dir, write_text
     from eamvit.methods.prune import method_config, parse_methods
     from eamvit.plots.prune import plot_top1_vs_gflops
 
@@ -26,16 +26,15 @@ def cmd_prune_sweep(args) -> None:
     rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
                        workers=args.workers, device=device, throughput=not args.no_throughput,
                        throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
-                       **prune_options(args))
+                       progress=is_main(), data_config=cfg, **prune_options(args))
     if is_main():
         md = markdown_table(rows)
-        rows = [result_row(model, {k: v for k, v in r.items()}, cfg) for r in rows]
-        write_results(out / "prune_sweep", rows)
+        files = write_table(out / "prune_sweep", rows, formats=("csv", "json"))
         write_text(out / "prune_sweep.md", md)
         plot_top1_vs_gflops(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
         _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
         print(md)
-        print(f"wrote {out / 'prune_sweep.csv'}, {out / 'prune_sweep.json'}, {out / 'prune_sweep.png'}")
+        print(f"wrote {files['csv']}, {files['json']}, {out / 'prune_sweep.md'}, {out / 'prune_sweep.png'}")
 
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:

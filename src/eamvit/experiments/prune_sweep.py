@@ -1,19 +1,20 @@
-"""Token-pruning sweeps and the demo's pruning table: top-1, GFLOPs and images/s per (method, κ).
-
-Moved here unchanged from :mod:`eamvit.methods.prune`; the experiment runner will take them over.
+"""Token-pruning sweeps and the demo's pruning table: top-1, GFLOPs and images/s per (method, κ), on the
+sweep runner (:func:`eamvit.experiments.runner.run_sweep`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
-from eamvit.methods.cost import count_gflops, model_input_size
-from eamvit.experiments.runner import Timing, measure_throughput
-from eamvit.methods.prune import check_keep_rate, method_config, prune_, unprune_
+from eamvit.methods.cost import count_gflops
+from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, unprune_
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
@@ -21,32 +22,46 @@ SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
     ("random", None))
 
 
-def _cost_row(model: nn.Module, input_size, throughput: bool, throughput_batch: int, throughput_iters: int,
-              device) -> dict[str, Any]:
-    row: dict[str, Any] = {"gflops": round(count_gflops(model, input_size, device=device), 4)}
-    if throughput:  # repetitions, median and interquartile range: one pass is noise
-        timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters)
-        with torch.inference_mode():
-            row.update(measure_throughput(model, timing, input_size, device=device).fields())
-    return row
-
-
 def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[float]]],
-          options: dict[str, Any]) -> list[tuple[str, Optional[float], float]]:
-    """The (method, α, κ) points, every one checked before any work is done."""
+          options: dict[str, Any]) -> list[PruneConfig]:
+    """The configuration of every (κ, method) point, every one checked before any work is done."""
     for k in keep_rates:
         check_keep_rate(k)
-    jobs = [(m, a, k) for k in keep_rates for m, a in methods]
-    for m, a, k in jobs:
-        method_config(m, a, k, **options)
-    return jobs
+    return [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
+
+
+@contextmanager
+def _unpruned(model: nn.Module, seed: int) -> Iterator[Applied]:
+    grid = patch_grid(model)
+    yield Applied({"gflops": round(count_gflops(model), 4), "tokens": str(grid[0] * grid[1] if grid else 0),
+                   "blocks": "", "placement": "", "fuse": False})
+
+
+def pruned_state(config: PruneConfig, measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None):
+    """A sweep point's state: ``model`` pruned with ``config``; the row gets GFLOPs, tokens per stage,
+    blocks, placement, fusion and what ``measure(pruned model)`` returns; unpruned on exit."""
+    @contextmanager
+    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
+        prune_(model, config)
+        fields = {"gflops": round(count_gflops(model), 4), **(measure(model) if measure is not None else {})}
+        # Counting and measuring ran forwards, which drew from random pruning's stream: prune afresh
+        # so that the evaluation starts from the seed, as `eval --prune random` does.
+        report = prune_(model, config)
+        try:
+            yield Applied({**fields, "tokens": "-".join(map(str, report.tokens_per_stage)),
+                           "blocks": "-".join(map(str, report.blocks)), "placement": config.placement,
+                           "fuse": config.fuse_tokens})
+        finally:
+            unprune_(model)
+    return state
 
 
 def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS, indices: Optional[Sequence[int]] = None,
                 batch_size: int = 64, workers: int = 0, device: torch.device | str | None = None,
                 throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 10,
-                progress: bool = True, label: str = "", **options: Any) -> list[dict[str, Any]]:
+                progress: bool = True, label: str = "", data_config: Optional[dict] = None,
+                **options: Any) -> list[ResultRow]:
     """Top-1, GFLOPs and images/s for every (method, κ), off the shelf (no fine-tuning).
 
     The first row is the unpruned model (``method="none"``, κ = 1). The model is left unpruned.
@@ -60,48 +75,26 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
         batch_size: evaluation batch size.
         workers: DataLoader workers.
         device: where to run.
-        throughput: also time images/s (runner's ``measure_throughput``: ``throughput_iters`` forwards).
+        throughput: also time images/s (the runner's ``measure_throughput``: ``throughput_iters``
+            forwards of ``throughput_batch`` images after one untimed one).
         progress: progress bar.
         label: copied into every row.
+        data_config: the timm data config ``dataset`` was built with (recorded in the rows).
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
 
     Returns:
-        Rows: ``label, method, alpha, keep_rate, top1, top5, gflops, images_per_s*, tokens, blocks, ...``.
+        :class:`~eamvit.experiments.results.ResultRow` s with ``label, method, alpha, keep_rate``, top-1/top-5,
+        ``gflops, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles.
     """
-    from tqdm.auto import tqdm
-
-    from eamvit.methods.evaluate import evaluate
-
-    jobs = _jobs(keep_rates, methods, options)
-    input_size, grid = model_input_size(model, None), patch_grid(model)
-    n0 = grid[0] * grid[1] if grid else 0
-
-    def measured() -> dict[str, Any]:
-        met = evaluate(model, dataset, indices, batch_size=batch_size, workers=workers, device=device, progress=False)
-        return {"top1": met["top1"], "top5": met["top5"],
-                **_cost_row(model, input_size, throughput, throughput_batch, throughput_iters, device)}
-
+    points = [Point({"label": label, "method": "none", "alpha": None, "keep_rate": 1.0}, _unpruned)]
+    for cfg in _jobs(keep_rates, methods, options):
+        alpha = cfg.order if cfg.method == "renyi" else None
+        points.append(Point({"label": label, "method": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
+                             "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
+    timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters) if throughput else None
     unprune_(model)
-    bar = tqdm(total=len(jobs) + 1, desc=f"prune sweep {label}".strip(), unit="point", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        rows = [{"label": label, "method": "none", "alpha": None, "keep_rate": 1.0, **measured(),
-                 "tokens": str(n0), "blocks": "", "placement": "", "fuse": False}]
-        bar.update(1)
-        for m, a, k in jobs:
-            cfg = method_config(m, a, k, **options)
-            bar.set_postfix(method=cfg.label, keep=k)
-            report = prune_(model, cfg)
-            alpha = cfg.order if m == "renyi" else None
-            rows.append({"label": label, "method": m, "alpha": "inf" if alpha == math.inf else alpha,  # JSON: no inf
-                         "keep_rate": k, **measured(), "tokens": "-".join(map(str, report.tokens_per_stage)),
-                         "blocks": "-".join(map(str, report.blocks)), "placement": cfg.placement,
-                         "fuse": cfg.fuse_tokens})
-            bar.update(1)
-    finally:
-        bar.close()
-        unprune_(model)
-    return rows
+    data = EvalData(dataset, indices, batch_size=batch_size, workers=workers, device=device, data_config=data_config)
+    return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -113,25 +106,23 @@ def row_label(row: dict[str, Any]) -> str:
     return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unpruned"}.get(m, m)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+def _fmt_gflops(v: float) -> str:
+    return f"{v:.4f}" if v < 0.1 else f"{v:.2f}"
+
+
+def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """Markdown table of sweep rows (Δ top-1 against the unpruned row when there is one)."""
     base = next((r for r in rows if r["method"] == "none"), None)
-    ft = any("top1_finetuned" in r for r in rows)
-    head = ["method", "κ", "tokens per stage", "top-1 (%)", "Δ top-1", "GFLOPs", "images/s"]
-    if ft:
-        head.append("top-1 fine-tuned (%)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        delta = f"{r['top1'] - base['top1']:+.2f}" if base is not None and r is not base else ""
-        ips = r.get("images_per_s")
-        cells = [row_label(r), f"{r['keep_rate']:g}", str(r["tokens"]).replace("-", "→"), f"{r['top1']:.2f}", delta,
-                 f"{r['gflops']:.4f}" if r["gflops"] < 0.1 else f"{r['gflops']:.2f}",
-                 f"{ips:.0f}" if ips is not None else ""]
-        if ft:
-            v = r.get("top1_finetuned")
-            cells.append(f"{v:.2f}" if v is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    view = [{"method": row_label(r), "keep_rate": r["keep_rate"], "tokens": str(r["tokens"]).replace("-", "→"),
+             "top1": r["top1"], "delta": r["top1"] - base["top1"] if base is not None and r is not base else None,
+             "gflops": r["gflops"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
+            for r in rows]
+    columns = [Column("method"), Column("keep_rate", "κ", "g"), Column("tokens", "tokens per stage"),
+               Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f"),
+               Column("gflops", "GFLOPs", _fmt_gflops), Column("images_per_s", "images/s", ".0f")]
+    if any(v["top1_finetuned"] is not None for v in view):
+        columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
+    return markdown(view, columns)
 
 
 def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float] = (0.7, 0.5),
@@ -139,7 +130,7 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
                                                                    ("random", None)),
                 finetune_epochs: int = 0, finetune_lr: float = 1e-4, batch_size: int = 256,
                 device: torch.device | str | None = None, progress: bool = True,
-                throughput_batch: int = 64) -> tuple[list[dict[str, Any]], str]:
+                throughput_batch: int = 64) -> tuple[list[ResultRow], str]:
     """The demo's pruning table: off-the-shelf top-1, GFLOPs and images/s per (method, κ).
 
     Args:
@@ -175,5 +166,6 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             m = copy.deepcopy(model)
             prune_(m, method_config(r["method"], alpha, r["keep_rate"]))
             finetune(m, train_ds, ftc, progress=progress, device=device)
-            r["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
+            r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
+                                                  progress=False)["top1"]
     return rows, markdown_table(rows)

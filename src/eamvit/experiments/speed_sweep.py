@@ -21,12 +21,13 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.experiments.freeze_sweep import freeze_point
+from eamvit.experiments.prune_sweep import pruned_state
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
-from eamvit.methods.prune import PruneConfig, method_config, prune_, unprune_
+from eamvit.methods.prune import method_config
 from eamvit.modules.attention import EamWindowAttention, attention_layers
 
 PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
@@ -42,17 +43,6 @@ def cost_fields(model: nn.Module) -> dict[str, Any]:
 
 
 Measure = Callable[[nn.Module], dict[str, Any]]
-
-
-def _pruned(config: PruneConfig, measure: Measure):
-    @contextmanager
-    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
-        prune_(model, config)
-        try:
-            yield Applied(measure(model))
-        finally:
-            unprune_(model)
-    return state
 
 
 def _unmodified(measure: Measure):
@@ -83,7 +73,7 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     for method, alpha in prune_methods:
         for k in (k for k in keep_rates if k < 1):
             cfg = method_config(method, alpha, k, **(prune_options or {}))
-            points.append(Point({**base, "method": f"prune ({cfg.label})", "keep_rate": k}, _pruned(cfg, measure)))
+            points.append(Point({**base, "method": f"prune ({cfg.label})", "keep_rate": k}, pruned_state(cfg, measure)))
     return points
 
 
