@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import eamvit

@@ -1,7 +1,6 @@
 """``sweep --prune`` and ``finetune``: token pruning."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from eamvit.errors import EamError

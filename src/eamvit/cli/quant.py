@@ -103,12 +103,24 @@ def quant_config(args: argparse.Namespace) -> RepQConfig:
                       reparam=not args.no_reparam).validate()
 
 
+def _adfq_pmq_config(args: argparse.Namespace) -> Config:
+    """The :class:`ADFQConfig` or :class:`PMQConfig` that ``--quant adfq|pmq`` and its options ask for."""
+    from eamvit.methods import adfq, pmq
+
+    if args.quant == "adfq":
+        return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
+                               calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
+                               amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
+                               seed=getattr(args, "seed", 0)).validate()
+    text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
+    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
+                                     seed=getattr(args, "seed", 0))
+
+
 def method_config(args: argparse.Namespace) -> Config:
     """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ), validated."""
     if getattr(args, "quant", None) in ("adfq", "pmq"):
-        from eamvit.experiments.compare import method_config as adfq_pmq_config
-
-        return adfq_pmq_config(args)
+        return _adfq_pmq_config(args)
     return quant_config(args)
 
 
@@ -137,9 +149,10 @@ def validate_quant_args(args: argparse.Namespace) -> None:
     """Fail early (before loading anything) on bad quantization options."""
     if not hasattr(args, "w_bits"):
         return
-    from eamvit.experiments.compare import validate_method_args
-
-    validate_method_args(args)
+    if getattr(args, "quant", None) in ("adfq", "pmq"):
+        if getattr(args, "command", None) == "sweep":
+            raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
+        _adfq_pmq_config(args)
     if getattr(args, "quant_state", None) and not Path(args.quant_state).is_file():
         raise EamError(f"--quant-state {args.quant_state} does not exist; make one with `eamvit quantize`")
     quant_config(args)
@@ -218,7 +231,38 @@ def register(sub) -> None:
     s.set_defaults(func=_cmd_compare)
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from eamvit.experiments.compare import cmd_compare
+def _settings(text: str) -> tuple[tuple[int, int], ...]:
+    from eamvit.methods import pmq
 
-    cmd_compare(args, load_model, build_data)
+    out = []
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        d = pmq.parse_bits_config(part)
+        out.append((d["w_bits"], d["a_bits"]))
+    return tuple(out)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
+    from torch.utils.data import Subset
+
+    from eamvit.experiments.compare import CompareConfig, compare, markdown_table
+    from eamvit.experiments.results import write_table
+    from eamvit.io import ensure_writable_dir
+    from eamvit.methods import adfq
+
+    cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                        settings=_settings(args.settings),
+                        pmq_budgets=tuple(s.strip() for s in args.pmq_budgets.split(",") if s.strip()),
+                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
+                                             calib_size=args.adfq_calib_size).validate(),
+                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)
+    if cal is None:
+        raise EamError("compare needs calibration images; pass --calib-data or use a dataset with a training split")
+    calib = Subset(cal, list(cal_idx)) if cal_idx is not None else cal
+    rows = compare(lambda: model, calib, ev, cfg, device=device, test_indices=ev_idx, data_config=data_cfg)
+    write_table(out / "compare", rows)
+    print(f"{rows[0]['model']}:\n{markdown_table(rows)}")
+    print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.errors import EamError
-from eamvit.experiments.results import Column, ResultRow, markdown, write_table
+from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods import adfq, pmq, repq
@@ -197,66 +197,3 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
                         freeze_sparsity=freeze_sparsity, progress=False)
     rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
     return rows, markdown_table(rows)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def method_config(args: Any) -> adfq.ADFQConfig | pmq.PMQConfig:
-    """The :class:`ADFQConfig` or :class:`PMQConfig` that ``--quant adfq|pmq`` and its options ask for."""
-    if args.quant == "adfq":
-        return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
-                               calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
-                               amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
-                               seed=getattr(args, "seed", 0)).validate()
-    text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
-    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
-                                     seed=getattr(args, "seed", 0))
-
-
-def validate_method_args(args: Any) -> None:
-    """Fail early on bad ``--quant adfq|pmq`` options."""
-    if getattr(args, "quant", None) not in ("adfq", "pmq"):
-        return
-    if getattr(args, "command", None) == "sweep":
-        raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
-    method_config(args)
-
-
-
-
-def _settings(text: str) -> tuple[tuple[int, int], ...]:
-    out = []
-    for part in filter(None, (s.strip() for s in text.split(","))):
-        d = pmq.parse_bits_config(part)
-        out.append((d["w_bits"], d["a_bits"]))
-    return tuple(out)
-
-
-def cmd_compare(args: Any, load_model: Callable, build_data: Callable) -> None:
-    """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
-    from eamvit.io import ensure_writable_dir
-
-    cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                        settings=_settings(args.settings),
-                        pmq_budgets=tuple(s.strip() for s in re_split_budgets(args.pmq_budgets)),
-                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
-                                             calib_size=args.adfq_calib_size).validate(),
-                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
-    out = ensure_writable_dir(args.out)
-    model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)
-    if cal is None:
-        raise EamError("compare needs calibration images; pass --calib-data or use a dataset with a training split")
-    from torch.utils.data import Subset
-
-    calib = Subset(cal, list(cal_idx)) if cal_idx is not None else cal
-    rows = compare(lambda: model, calib, ev, cfg, device=device, test_indices=ev_idx, data_config=data_cfg)
-    write_table(out / "compare", rows)
-    print(f"{rows[0]['model']}:\n{markdown_table(rows)}")
-    print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")
-
-
-def re_split_budgets(text: str) -> list[str]:
-    """``"8/8/4(MP),6/6/6(MP)"`` → ``["8/8/4(MP)", "6/6/6(MP)"]``."""
-    return [s for s in (t.strip() for t in text.split(",")) if s]
