@@ -1,4 +1,4 @@
-"""``sweep --prune`` and ``finetune``: token pruning."""
+"""``sweep --prune`` and ``finetune``: token pruning, and fine-tuning of pruned and/or attention-frozen models."""
 from __future__ import annotations
 
 from pathlib import Path
