@@ -47,3 +47,12 @@ def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=4, size=40
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")
+
+
+def single_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine two threads are far slower.
+    Test modules of tiny training runs use it as an autouse, module-scoped fixture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,18 +22,15 @@ from eamvit.methods.freeze import FreezeConfig, freeze_, frozen_values, load_fro
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.modules.attention import attention_layers, observe
 
+from conftest import single_thread
+
 NAME = "vit_tiny_patch16_224"
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 M = ["--model", NAME, "--model-kwargs", *[f"{k}={v}" for k, v in KW.items()]]
 CFG = FinetuneConfig(epochs=1, lr=1e-3, min_lr=1e-4, batch_size=16, label_smoothing=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def small_model():

@@ -8,17 +8,13 @@ import torch
 
 from eamvit.cli.main import main
 
+from conftest import single_thread
+
 M = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=2", "in_chans=1",
      "num_classes=10", "embed_dim=32", "depth=4", "num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine two threads are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def test_eval_with_pruning(tmp_path, capsys):

@@ -12,16 +12,13 @@ from PIL import Image
 from eamvit.cli.main import main
 from eamvit.methods.train import resolve_augment
 
+from conftest import single_thread
+
 M = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=2", "in_chans=1",
      "num_classes=2", "embed_dim=32", "depth=4", "num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")
