@@ -315,11 +315,6 @@ def unfreeze_(model: nn.Module) -> None:
         set_frozen(module, None, None)
 
 
-def is_frozen(model: nn.Module) -> bool:
-    """Whether any attention layer of ``model`` has frozen entries."""
-    return any(m.eam_frozen_mask is not None for m in attention_layers(model))
-
-
 def frozen_digest(model: nn.Module) -> Optional[str]:
     """SHA-256 of ``model``'s frozen attention (per layer: granularity, mask and values), ``None`` if none.
 
