@@ -53,7 +53,7 @@ from eamvit.io import atomic_path
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
-from eamvit.modules.attention import attention_layers
+from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
 
@@ -437,6 +437,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     import onnx
 
     config = (config or ExportConfig()).validate()
+    require(attention_layers(model), "export")
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     meta = _metadata(model, config, size)
     m = copy.deepcopy(model).cpu().eval()

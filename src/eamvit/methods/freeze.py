@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from eamvit.modules.attention import attention_layers, set_frozen
+from eamvit.modules.attention import attention_layers, require, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.errors import EamError
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
@@ -281,6 +281,9 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     config.validate()
     maps.check_model(model)
     layers = attention_layers(model)
+    require(layers, config.granularity)  # before any layer is touched: nothing half-frozen
+    if config.granularity == "head" and config.execute:
+        require(layers, "executed_head")
     masks = freeze_masks(maps.entropy, config.tau, config.resolved_scope, config.selection, config.seed,
                          config.granularity, config.aggregate)
     plan = config.granularity if config.granularity != "entry" else None

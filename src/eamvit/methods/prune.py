@@ -43,7 +43,7 @@ from timm.models.vision_transformer import Block
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
-from eamvit.modules.attention import attention_layers, instrument, observe
+from eamvit.modules.attention import attention_layers, instrument, observe, require
 from eamvit.modules.prune_block import PruneBlock, PruneState
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
@@ -173,6 +173,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     """
     config.validate()
     blocks_seq = _check_model(model)
+    require(instrument(model), "prune")
     blocks = _resolve_blocks(config, len(blocks_seq))
     unprune_(model)
     layers = instrument(model)

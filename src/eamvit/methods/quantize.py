@@ -35,6 +35,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.models import ModelSpec, model_spec
+from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
 from eamvit.ops.quant import uniform_dequant
@@ -218,6 +219,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
     """
     handler = _handler(config)
     config.validate()
+    require(attention_layers(model), type(config).KIND)  # families whose adapters have no quantizer hooks
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     if device is not None:

@@ -1,0 +1,19 @@
+"""``models``: which timm attention families eamvit serves, and with which verbs."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from eamvit.modules.attention import models_table
+
+    print(models_table())
+
+
+def register(sub) -> None:
+    """Add this group's sub-commands to the ``eamvit`` parser."""
+    s = sub.add_parser("models", help="print the supported model families and what each supports (a markdown table)",
+                       description="Print the families x verbs table read from the attention adapters' declared "
+                                   "capabilities: one row per timm model family, with its attention classes and an "
+                                   "example model name.")
+    s.set_defaults(func=cmd_models)

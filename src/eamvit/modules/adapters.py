@@ -1,0 +1,179 @@
+"""What every instrumented attention shares, and the registry of attention adapters.
+
+An *adapter* describes one timm attention class: how it computes q, k and v, the terms it adds
+before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)`` and
+which eamvit verbs it supports. A family is one adapter per attention class it uses; the verbs read
+the declared capabilities (:func:`require`) and ``eamvit models`` prints them.
+
+:class:`EamBase` holds the per-module state every instrumented class keeps (observers, the frozen
+mask and values, the optional ``eam_quant``) and the one post-softmax step that observes, quantizes
+and freezes a map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the
+weights; they are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.errors import EamError
+
+Observer = Callable[[torch.Tensor, Optional[torch.Tensor]], None]
+
+# The verbs an adapter may support, in the order `eamvit models` prints them.
+VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "repq", "adfq", "pmq", "export")
+VERB_TITLES = {"maps": "maps", "entry": "entry freeze", "row": "row freeze", "head": "head freeze",
+               "executed_head": "executed heads", "prune": "token pruning", "repq": "RepQ-ViT",
+               "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
+_VERB_WORDS = {"maps": "entropy maps", "entry": "entry freezing", "row": "row freezing",
+               "head": "head freezing", "executed_head": "executed head freezing", "prune": "token pruning",
+               "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization", "pmq": "PMQ quantization",
+               "export": "ONNX export"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One timm attention class as eamvit sees it.
+
+    Args:
+        family: the model family, as ``eamvit models`` names it.
+        timm_class: the attention class, matched by exact type.
+        eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``).
+        qkv: how the module computes q, k and v.
+        logits: the terms before the softmax.
+        probs: where the probabilities are (what observers see and freezing overwrites).
+        layer_map: the per-layer map shape ``(…, N_q, N_k)``; heads are at dim -3.
+        verbs: the supported verbs (a subset of :data:`VERBS`).
+        example: a timm model name of the family.
+        why_not: for an unsupported verb, the reason to give instead of the generic refusal.
+    """
+
+    family: str
+    timm_class: type
+    eam_class: type
+    qkv: str
+    logits: str
+    probs: str
+    layer_map: str
+    verbs: frozenset
+    example: str
+    why_not: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.verbs) - set(VERBS)
+        if unknown:
+            raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}")
+
+
+def may_overwrite() -> bool:
+    """Whether a fresh intermediate may be overwritten in place: not under autograd, and not while
+    tracing for export (ONNX has no in-place softmax/where)."""
+    return not torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+class EamBase:
+    """State and the post-softmax step of every instrumented attention class."""
+
+    eam_layer: int
+    eam_observer: Optional[Observer]
+    eam_observer_q: Optional[Observer]
+    eam_quant: Optional[nn.Module]
+    eam_frozen_mask: Optional[torch.Tensor]
+    eam_frozen_values: Optional[torch.Tensor]
+    eam_plan: Optional[str]
+    eam_adapter: Adapter
+
+    def _eam_init(self, layer: int, adapter: Adapter, plan_buffers: Iterable[str] = ()) -> None:
+        self.eam_layer = layer
+        self.eam_adapter = adapter
+        self.eam_observer = None
+        self.eam_observer_q = None
+        self.eam_quant = None
+        self.eam_plan = None
+        self.eam_granularity = "entry"
+        for name in ("eam_frozen_mask", "eam_frozen_values", *plan_buffers):
+            self.register_buffer(name, None, persistent=False)
+
+    @property
+    def eam_active(self) -> bool:
+        return (self.eam_observer is not None or self.eam_observer_q is not None or self.eam_quant is not None
+                or self.eam_frozen_mask is not None)
+
+    def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the
+        leading dimension into images and windows (each window position is its own variable)."""
+        shape5 = (-1, groups) + tuple(attn.shape[1:]) if groups > 1 else None
+        if self.eam_observer is not None:
+            view = attn.view(shape5) if shape5 else attn
+            self.eam_observer(view, mask)
+        if self.eam_quant is not None:
+            attn = self.eam_quant.attn(attn)
+        if self.eam_observer_q is not None:
+            self.eam_observer_q(attn.view(shape5) if shape5 else attn, mask)
+        if self.eam_frozen_mask is not None:
+            view = attn.view(shape5) if shape5 else attn
+            values = self.eam_frozen_values.to(attn.dtype)
+            # Without autograd and with no observer holding the map, overwrite it in place: the same
+            # numbers without allocating another (B, H, N, N) map.
+            in_place = may_overwrite() and self.eam_observer is None and self.eam_observer_q is None
+            view = torch.where(self.eam_frozen_mask, values, view, out=view) if in_place else \
+                torch.where(self.eam_frozen_mask, values, view)
+            attn = view.reshape(attn.shape)
+        return attn
+
+
+@dataclass(frozen=True)
+class Family:
+    """A row of ``eamvit models``: a model family and the attention classes its models use.
+
+    Args:
+        name: the family as users call it.
+        classes: the timm attention classes of its models (each one with an adapter).
+        example: a timm model name of the family.
+        note: what is left out and why (e.g. an attention that has no token map).
+    """
+
+    name: str
+    classes: tuple
+    example: str
+    note: str = ""
+
+
+def families_line(families: Iterable[Family]) -> str:
+    """The supported families, in registry order, as one phrase."""
+    return ", ".join(f.name for f in families)
+
+
+def require(layers: Iterable[nn.Module], verb: str) -> None:
+    """Refuse, in one line, a verb that some instrumented attention layer does not support.
+
+    Args:
+        layers: instrumented attention modules.
+        verb: one of :data:`VERBS`.
+
+    Raises:
+        EamError: the first layer whose adapter does not declare ``verb``.
+    """
+    for layer in layers:
+        adapter = layer.eam_adapter
+        if verb not in adapter.verbs:
+            if verb in adapter.why_not:
+                raise EamError(adapter.why_not[verb])
+            raise EamError(f"{_VERB_WORDS[verb]} does not support {adapter.family} yet "
+                           f"(attention layer {layer.eam_layer}, timm {adapter.timm_class.__name__}); "
+                           "`eamvit models` lists what each family supports")
+
+
+def capability_table(families: Iterable[Family], adapters: Iterable[Adapter]) -> str:
+    """Families × verbs as a markdown table: a family supports a verb when all its classes do."""
+    by_class = {a.timm_class: a for a in adapters}
+    lines = ["| family | attention classes | " + " | ".join(VERB_TITLES[v] for v in VERBS) + " | example | note |",
+             "|" + "---|" * (len(VERBS) + 4)]
+    for fam in families:
+        group = [by_class[c] for c in fam.classes]
+        cells = ["yes" if all(v in a.verbs for a in group) else "no" for v in VERBS]
+        names = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in fam.classes)
+        lines.append(f"| {fam.name} | {names} | " + " | ".join(cells) + f" | {fam.example} | {fam.note} |")
+    return "\n".join(lines)

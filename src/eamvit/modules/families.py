@@ -1,0 +1,311 @@
+"""Adapters for timm attention classes whose maps eamvit reads through timm's own forward.
+
+While such a module is observed or frozen, its instrumented forward runs timm's forward with the
+fused kernel off and hands the output of its one softmax to the post-softmax step
+(:meth:`~eamvit.modules.adapters.EamBase._eam_post_softmax`); the rest of timm's arithmetic is
+untouched, so a map frozen from one image reproduces that image. The softmax is found with a
+``TorchFunctionMode`` scoped to that forward, and the forward must compute exactly one softmax
+(checked on every call, so a timm change that adds or fuses one is refused rather than mis-mapped).
+A module with nothing attached runs timm's forward as it is, fused kernel included.
+
+ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the gated mix, the
+output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
+with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
+
+Each section is one family: its instrumented classes and their adapters. Executed head/row plans,
+token pruning, quantization and export are not declared for these families yet.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from timm.models import beit, cait, convit, crossvit, efficientformer, eva, fastvit, hiera, levit, mvitv2, tnt, \
+    twins, volo, xcit
+from timm.models import swin_transformer_v2 as swinv2
+from timm.layers.attention import Attention
+
+from eamvit.errors import EamError
+from eamvit.modules.adapters import Adapter, EamBase, Family
+
+_SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
+_MAPS = frozenset({"maps", "entry"})
+
+
+class _SoftmaxTap(TorchFunctionMode):
+    """Passes the output of every softmax computed inside the block through ``fn``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # The mode is suspended inside this method, so neither call below is seen again.
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAXES:
+            self.calls += 1
+            out = self.fn(out)
+        return out
+
+
+class _Tapped(EamBase):
+    """An attention whose probabilities are the output of the one softmax of timm's forward."""
+
+    # Where the heads are in the softmax output, when not at dim -3 (Hiera's mask units).
+    eam_heads_at: Optional[int] = None
+    # Groups per image folded into the leading dimension (TNT's patches, set by :func:`bind`).
+    eam_num_windows: int = 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.eam_active:
+            return super().forward(*args, **kwargs)
+        groups = self.eam_num_windows
+        lead = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+        if lead % groups:
+            raise EamError(f"attention layer {self.eam_layer}: {lead} groups is not a multiple of {groups} "
+                           "per image; run the model at the image size it was instrumented for")
+        return self._eam_tapped(lambda: super(_Tapped, self).forward(*args, **kwargs), groups, None)
+
+    def _eam_probs(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.eam_heads_at
+        if h is None:
+            return self._eam_post_softmax(attn, groups, mask)
+        return self._eam_post_softmax(attn.movedim(h, -3), groups, mask).movedim(-3, h)
+
+    def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
+        """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
+        fused = bool(getattr(self, "fused_attn", False))
+        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask))
+        try:
+            if fused:
+                self.fused_attn = False
+            with tap:
+                out = run()
+        finally:
+            if fused:
+                self.fused_attn = True
+        if tap.calls != 1:
+            cls = self.eam_adapter.timm_class
+            raise EamError(f"timm {cls.__module__}.{cls.__name__} computed {tap.calls} softmaxes in one forward where "
+                           "eamvit expects one; this timm version is not supported for that family")
+        return out
+
+
+def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
+             probs: str = "the output of the softmax") -> Adapter:
+    return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
+                   layer_map=layer_map, verbs=_MAPS, example=example)
+
+
+# --- EVA / EVA02 ---
+class EamEvaAttention(_Tapped, eva.EvaAttention):
+    """EVA / EVA02 attention (RoPE on q and k)."""
+
+
+# --- BEiT ---
+class EamBeitAttention(_Tapped, beit.Attention):
+    """BEiT attention with its relative-position bias table."""
+
+
+# --- Swin v2 ---
+class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
+    """Swin v2 cosine window attention; ``eam_num_windows`` is set from the owning block."""
+
+    eam_num_windows: int = 1
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.eam_active:
+            return super().forward(x, mask=mask)
+        num_win = mask.shape[0] if mask is not None else self.eam_num_windows
+        if x.shape[0] % num_win:
+            raise EamError(f"Swin v2 layer {self.eam_layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
+                           "image; run the model at the image size it was instrumented for")
+        return self._eam_tapped(lambda: swinv2.WindowAttention.forward(self, x, mask=mask), num_win, mask)
+
+
+# --- CaiT (and XCiT's class attention) ---
+class EamTalkingHeadAttn(_Tapped, cait.TalkingHeadAttn):
+    """CaiT talking-heads self-attention: the map is the softmax between the two head mixings."""
+
+
+class EamClassAttn(_Tapped, cait.ClassAttn):
+    """CaiT / XCiT class attention: one query, the class token."""
+
+
+# --- ConViT ---
+class EamGPSA(EamBase, convit.GPSA):
+    """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
+
+    def get_attention(self, x: torch.Tensor) -> torch.Tensor:
+        attn = super().get_attention(x)
+        return self._eam_post_softmax(attn, 1, None) if self.eam_active else attn
+
+
+class EamMHSA(_Tapped, convit.MHSA):
+    """ConViT plain multi-head self-attention (the last blocks)."""
+
+
+# --- XCiT ---
+class EamXCA(_Tapped, xcit.XCA):
+    """XCiT cross-covariance attention: a softmax over channels, one (d, d) map per head."""
+
+
+# --- Twins ---
+class EamLocallyGroupedAttn(_Tapped, twins.LocallyGroupedAttn):
+    """Twins local attention inside each window of the grid."""
+
+
+class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
+    """Twins global attention over sub-sampled keys."""
+
+
+# --- MViTv2 ---
+class EamMultiScaleAttention(_Tapped, mvitv2.MultiScaleAttention):
+    """MViTv2 pooling attention (q, k, v pooled after the projection)."""
+
+
+class EamMultiScaleAttentionPoolFirst(_Tapped, mvitv2.MultiScaleAttentionPoolFirst):
+    """MViTv2 pooling attention (q, k, v pooled before the projection)."""
+
+
+# --- LeViT ---
+class EamLevitAttention(_Tapped, levit.Attention):
+    """LeViT attention with learned per-head, per-offset biases."""
+
+
+class EamLevitAttentionDownsample(_Tapped, levit.AttentionDownsample):
+    """LeViT attention whose queries come from a sub-sampled grid."""
+
+
+# --- VOLO ---
+class EamVoloAttention(_Tapped, volo.Attention):
+    """VOLO plain self-attention (the later stages)."""
+
+
+class EamVoloClassAttention(_Tapped, volo.ClassAttention):
+    """VOLO class attention: one query, the class token."""
+
+
+# --- TNT ---
+class EamTntAttention(_Tapped, tnt.Attention):
+    """TNT attention, inner (pixels of each patch, the patches folded into the batch) and outer (patches)."""
+
+
+def bind(model: nn.Module) -> None:
+    """Set what an instrumented layer needs to know from its model: the patches per image of TNT's
+    inner attention (each patch position is its own variable, as Swin's windows are)."""
+    for module in model.modules():
+        if isinstance(module, tnt.TNT):
+            for block in module.blocks:
+                if isinstance(block.attn_in, EamTntAttention):
+                    block.attn_in.eam_num_windows = module.pixel_embed.num_patches
+
+
+# --- EfficientFormer ---
+class EamEfficientFormerAttention(_Tapped, efficientformer.Attention):
+    """EfficientFormer attention (last stage) with learned attention biases."""
+
+
+# --- FastViT ---
+class EamFastVitAttention(_Tapped, fastvit.Attention):
+    """FastViT self-attention of the SA stages, on a flattened feature map."""
+
+
+# --- Hiera ---
+class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
+    """Hiera attention within mask units (with query pooling); its maps come with heads first."""
+
+    eam_heads_at = 1
+
+
+# --- CrossViT ---
+class EamCrossAttention(_Tapped, crossvit.CrossAttention):
+    """CrossViT cross attention: the other branch's class token queries this branch's tokens."""
+
+
+_QKV = "one fused qkv linear, split per head"
+_SCALED = "q·kᵀ·scale"
+ADAPTERS: tuple[Adapter, ...] = (
+    _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
+             _SCALED + " after rotary position embedding of q and k (EVA02); optional sub-LN", "(H, N, N)",
+             "eva02_tiny_patch14_224"),
+    _adapter("BEiT", beit.Attention, EamBeitAttention, "one qkv linear with q and v biases",
+             _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224"),
+    _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
+             "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
+             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256"),
+    _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
+             _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
+             probs="the output of the softmax, before the second head mixing"),
+    _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, "q from the class token, k and v from all tokens",
+             _SCALED, "(H, 1, N)", "cait_xxs24_224"),
+    _adapter("ConViT", convit.GPSA, EamGPSA, "one qk linear and a v linear; positional scores from relative offsets",
+             "softmax(q·kᵀ·scale) and softmax(positional scores), mixed by a sigmoid gate per head and renormalised",
+             "(H, N, N)", "convit_tiny", probs="the gated mix (the output of get_attention)"),
+    _adapter("ConViT", convit.MHSA, EamMHSA, _QKV, _SCALED, "(H, N, N)", "convit_tiny"),
+    _adapter("XCiT", xcit.XCA, EamXCA, _QKV + ", transposed to channels",
+             "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
+             "xcit_nano_12_p16_224"),
+    _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
+             _SCALED, "(G, H, N, N)", "twins_svt_small"),
+    _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
+             "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
+             "twins_svt_small"),
+    _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, _QKV + ", then pooled",
+             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
+    _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst,
+             "pooled first, then separate q, k, v linears",
+             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
+    _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
+             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s"),
+    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
+             "kv linear on all tokens, q linear on a sub-sampled grid",
+             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s"),
+    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224"),
+    _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
+             _SCALED, "(H, 1, N)", "volo_d1_224"),
+    _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
+             "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
+             "tnt_s_patch16_224"),
+    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
+             "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
+             "efficientformer_l1"),
+    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
+             "(H, N, N)", "fastvit_sa12"),
+    _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
+             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224"),
+    _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
+             "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
+             "crossvit_tiny_240"),
+)
+
+# Attention-like timm classes that have no token-by-token softmax map, and why.
+UNMAPPED: dict[type, str] = {
+    volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
+}
+
+_LATER = "other verbs not adapted yet (issue 17, phase 2)"
+FAMILIES: tuple[Family, ...] = (
+    Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
+    Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
+    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", _LATER),
+    Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224", _LATER),
+    Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny", _LATER),
+    Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224",
+           "XCA is mapped over channels, (H, d, d); " + _LATER),
+    Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small", _LATER),
+    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
+    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
+    Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
+           "outlook attention has no q·k and is not mapped; " + _LATER),
+    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", _LATER),
+    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
+    Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
+    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", _LATER),
+    Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),
+)

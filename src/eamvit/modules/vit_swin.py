@@ -1,0 +1,275 @@
+"""The instrumented timm ``Attention`` (ViT family) and Swin v1 ``WindowAttention``.
+
+Both run their attention explicitly whenever something is attached (observers, ``eam_quant``,
+frozen entries), and both can *execute* a frozen plan: a frozen head's output is ``A^μ_h·V_h``, its
+query and key rows sliced out of the fused ``qkv`` weight and its scores and softmax never computed;
+a frozen row (ViT) skips its query projection, scores and softmax. The kept part runs timm's fused
+kernel when the module uses it. Whenever something needs the whole map (an observer, quantized
+attention, attention dropout in training, a caller's mask) the module falls back to the simulated
+``torch.where`` path, which gives the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.swin_transformer import WindowAttention
+
+from eamvit.errors import EamError
+from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwrite
+
+
+class _EamMixin(EamBase):
+    """Executed head/row plans, shared by the ViT and Swin v1 classes."""
+
+    def _eam_init(self, layer: int, adapter: Adapter, plan_buffers=()) -> None:
+        super()._eam_init(layer, adapter, PLAN_BUFFERS)
+
+    @property
+    def eam_executes_plan(self) -> bool:
+        """True when the next forward skips the frozen heads/rows instead of simulating them."""
+        # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
+        return (self.eam_plan is not None and self.eam_frozen_mask is not None and self.eam_observer is None
+                and self.eam_observer_q is None and self.eam_quant is None
+                and not (self.training and self.attn_drop.p > 0)
+                and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
+
+    def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
+        inference until a source tensor changes (in-place updates bump its version, moves its storage)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return make()
+        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        cache = self.__dict__.setdefault("_eam_cache", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
+                hit = cache[key] = (stamp, make())
+        return hit[1]
+
+    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor],
+                   windows: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Executed head freezing, ``(B_, N, C)`` in: the attention outputs of the kept heads
+        ``(B_, N, Hk·d)`` (``None`` if none) and of the frozen heads ``(B_, N, Hf·d)``, before ``proj``."""
+        B_, N, _ = x.shape
+        H, d = self.num_heads, self.qkv.weight.shape[0] // (3 * self.num_heads)
+        keep, rows = self.eam_plan_keep, self.eam_plan_wrows
+        hk = keep.numel()
+        qkv = self.qkv
+        w = self._eam_weight("qkv.weight", lambda: qkv.weight.index_select(0, rows), qkv.weight)
+        b = None if qkv.bias is None else self._eam_weight("qkv.bias", lambda: qkv.bias.index_select(0, rows), qkv.bias)
+        y = F.linear(x, w, b)  # q, k of the kept heads, then v of the kept heads, then v of the frozen ones
+        q, k, vk, vf = y.split([hk * d, hk * d, hk * d, (H - hk) * d], dim=-1)
+        kept = None
+        if hk:
+            q, k, vk = (t.view(B_, N, hk, d).transpose(1, 2) for t in (q, k, vk))
+            if bias is not None:
+                bias = bias.index_select(-3, keep)
+            kept = self._eam_kept_attention(q, k, vk, bias).transpose(1, 2).reshape(B_, N, hk * d)
+        frozen = _frozen_heads_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d), windows)
+        return kept, frozen.reshape(B_, N, (H - hk) * d)
+
+    def _eam_proj(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
+        """``proj`` of the two head groups without reassembling them: each multiplies its own
+        columns of the projection (the kept heads' product is accumulated into the frozen ones')."""
+        p = self.proj
+        wf = self._eam_weight("proj.frozen", lambda: p.weight.index_select(1, self.eam_plan_cols_f), p.weight)
+        if kept is None:
+            return F.linear(frozen, wf, p.bias)
+        wk = self._eam_weight("proj.kept", lambda: p.weight.index_select(1, self.eam_plan_cols_k), p.weight)
+        out = F.linear(kept, wk, p.bias)
+        flat, xf = out.view(-1, out.shape[-1]), frozen.reshape(-1, frozen.shape[-1])
+        if not may_overwrite():
+            return torch.addmm(flat, xf, wf.t()).view(out.shape)
+        torch.addmm(flat, xf, wf.t(), out=flat)  # in place, in the form op counters see
+        return out
+
+    def _eam_in_head_order(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
+        """The two head groups back in timm's head order, ``(B_, N, A)`` (for a scale norm or gate)."""
+        parts = [frozen] if kept is None else [kept, frozen]
+        x = torch.cat(parts, dim=-1)
+        B_, N, A = x.shape
+        return x.view(B_, N, self.num_heads, -1).index_select(2, self.eam_plan_order).view(B_, N, A)
+
+    def _eam_kept_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``softmax(q·kᵀ·scale + bias)·v`` for the computed heads/rows, fused when timm fuses."""
+        if getattr(self, "q_norm", None) is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        return attn.softmax(dim=-1) @ v
+
+    def _eam_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``q @ kᵀ`` scaled; with quantizers, in the order the quantizer asks for."""
+        qz = self.eam_quant
+        if qz is None or qz.scale_first:
+            q = q * self.scale
+            if qz is not None:
+                q, k = qz.q(q), qz.k(k)
+            return q @ k.transpose(-2, -1)
+        # RepQ-ViT's ViT order: quantize q and k, multiply, then scale.
+        return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
+
+
+PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
+                 "eam_plan_cols_k", "eam_plan_cols_f")
+
+
+def _frozen_heads_times_v(values: torch.Tensor, v: torch.Tensor, windows: int) -> torch.Tensor:
+    """``A^μ_h · V_h`` for every frozen head of every window, as one batched matmul.
+
+    Args:
+        values: ``(G·Hf, N, N)`` frozen maps, window-major.
+        v: ``(B·G, N, Hf, d)`` values of the frozen heads (timm's window order: image-major).
+        windows: ``G``.
+
+    Returns:
+        ``(B·G, N, Hf, d)``.
+    """
+    BG, N, hf, d = v.shape
+    B = BG // windows
+    # Put the images next to the head width so that one (N×N)·(N×B·d) product serves the batch:
+    # the frozen map is shared by all images and is never expanded.
+    vv = v.reshape(B, windows, N, hf, d).permute(1, 3, 2, 0, 4).reshape(windows * hf, N, B * d)
+    o = torch.bmm(values.to(vv.dtype), vv)
+    return o.view(windows, hf, N, B, d).permute(3, 0, 2, 1, 4).reshape(BG, N, hf, d)
+
+
+class EamAttention(_EamMixin, Attention):
+    """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if not self.eam_active:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        if self.eam_executes_plan and attn_mask is None and not is_causal:
+            if self.eam_plan == "row":
+                return self._eam_out(self._eam_rows(x), gate)
+            kept, frozen = self._eam_heads(x, None, 1)
+            if gate is None and isinstance(self.norm, nn.Identity):
+                return self.proj_drop(self._eam_proj(kept, frozen))
+            return self._eam_out(self._eam_in_head_order(kept, frozen), gate)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self._eam_scores(q, k)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
+        # Not while tracing for export: ONNX has no in-place softmax.
+        in_place = may_overwrite()
+        attn = torch.softmax(attn, -1, out=attn) if in_place else attn.softmax(dim=-1)
+        attn = self._eam_post_softmax(attn, 1, None)
+        attn = self.attn_drop(attn)
+        if self.eam_quant is not None:
+            v = self.eam_quant.v(v)
+        x = attn @ v
+        return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+
+    def _eam_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    def _eam_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
+        B, N, _ = x.shape
+        H, d, A = self.num_heads, self.head_dim, self.attn_dim
+        keep, frozen = self.eam_plan_keep, self.eam_plan_frozen
+        w, b = self.qkv.weight, self.qkv.bias
+        # Slices of the fused weight are views: no weight is copied.
+        kv = F.linear(x, w[A:], b[A:] if b is not None else None)
+        k, v = kv.view(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        parts = []
+        if keep.numel():
+            q = F.linear(x.index_select(1, keep), w[:A], b[:A] if b is not None else None)
+            q = q.view(B, keep.numel(), H, d).transpose(1, 2)
+            parts.append(self._eam_kept_attention(q, k, v, None).transpose(1, 2))  # (B, R, H, d)
+        # Frozen rows: A^μ[h, rows] · V_h, the batch folded into the columns of one product per head.
+        vv = v.permute(1, 2, 0, 3).reshape(H, N, B * d)
+        fo = torch.bmm(self.eam_plan_values.to(vv.dtype), vv).view(H, frozen.numel(), B, d)
+        parts.append(fo.permute(2, 1, 0, 3))  # (B, F, H, d)
+        # Rows come out kept-then-frozen; one gather puts the tokens back in order.
+        return torch.cat(parts, dim=1).view(B, N, A).index_select(1, self.eam_plan_order)
+
+
+class EamWindowAttention(_EamMixin, WindowAttention):
+    """Swin v1 ``WindowAttention``; ``eam_num_windows`` is set from the owning block."""
+
+    eam_num_windows: int = 1
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.eam_active:
+            return super().forward(x, mask=mask)
+        B_, N, C = x.shape
+        num_win = mask.shape[0] if mask is not None else self.eam_num_windows
+        if B_ % num_win:
+            raise EamError(f"Swin layer {self.eam_layer}: {B_} windows is not a multiple of {num_win} per image; "
+                           "run the model at the image size it was instrumented for")
+        if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
+            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)
+            return self.proj_drop(self._eam_proj(kept, frozen))
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self._eam_scores(q, k)
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.softmax(attn)
+        attn = self._eam_post_softmax(attn, num_win, mask)
+        attn = self.attn_drop(attn)
+        if self.eam_quant is not None:
+            v = self.eam_quant.v(v)
+        x = attn @ v
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+    def _eam_window_bias(self, B_: int, N: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Relative-position bias plus the shifted-window mask, ``(B_ or 1, H, N, N)`` (timm's fused form)."""
+        bias = self._get_rel_pos_bias()
+        if mask is None:
+            return bias
+        num_win = mask.shape[0]
+        mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
+        return bias + mask.reshape(-1, self.num_heads, N, N)
+
+
+def window_count(block: nn.Module) -> int:
+    """Windows per image of a Swin block (v1 or v2), from its input resolution and window size."""
+    h, w = block.input_resolution
+    wh, ww = block.window_size
+    return math.ceil(h / wh) * math.ceil(w / ww)
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
+            qkv="one fused qkv linear, split per head; optional q/k norm",
+            logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
+            verbs=frozenset(VERBS), example="deit_tiny_patch16_224"),
+    Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
+            qkv="one fused qkv linear, split per head, per window",
+            logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
+            layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune"},
+            example="swin_tiny_patch4_window7_224",
+            why_not={"row": "row granularity is not available for Swin: a row there is one (window, token) pair, "
+                            "so windows would keep different numbers of rows; use entry or head"}),
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family("ViT / DeiT / DeiT III / DINOv2 / CLIP / NaFlexViT", (Attention,), "deit_tiny_patch16_224",
+           "verbs also check the model: pruning needs a VisionTransformer's plain blocks"),
+    Family("Swin v1", (WindowAttention,), "swin_tiny_patch4_window7_224",
+           "rows: a row is one (window, token) pair; pruning: windows need the full token grid"),
+)
