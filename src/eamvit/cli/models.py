@@ -12,8 +12,6 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    s = sub.add_parser("models", help="print the supported model families and what each supports (a markdown table)",
-                       description="Print the families x verbs table read from the attention adapters' declared "
-                                   "capabilities: one row per timm model family, with its attention classes and an "
-                                   "example model name.")
+    s = sub.add_parser("models", help="print the supported timm model families and the verbs each supports, as a "
+                       "markdown table read from the attention adapters")
     s.set_defaults(func=cmd_models)
