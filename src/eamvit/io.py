@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from eamvit.errors import EamError
 
@@ -240,17 +240,50 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
             lock.unlink()
 
 
+DIGEST_KEY = "eamvit_sha256"
+
+
+def tensors_sha256(tensors: dict, meta: Optional[dict] = None) -> str:
+    """SHA-256 of ``tensors`` (name, dtype, shape and bytes of each, in sorted name order) and ``meta``.
+
+    Args:
+        tensors: name -> tensor.
+        meta: JSON-ready metadata hashed with them (canonical JSON: sorted keys, no spaces); None: none.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    if meta is not None:
+        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
-    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata."""
+    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata and their digest.
+
+    The digest (:func:`tensors_sha256` of the tensors and the whole metadata, as stored) lets
+    :func:`load_tensors` refuse a file changed after it was written.
+    """
     from safetensors.torch import save
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    text = json.dumps(meta)
+    digest = tensors_sha256(tensors, json.loads(text))  # the metadata as a reader will see it
     # Serialised in memory and written by _write: a full disk is an OSError we can name.
-    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"eamvit": json.dumps(meta)})
-    write_bytes(path, data)
+    write_bytes(path, save(tensors, metadata={"eamvit": text, DIGEST_KEY: digest}))
 
 
 def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a file written by :func:`save_tensors` whose ``meta["format"]`` is ``fmt``.
+
+    A file whose digest is missing (eamvit 0.2 wrote none) or does not match its tensors and metadata
+    is refused: what it holds cannot be trusted.
 
     Args:
         path: the file.
@@ -268,10 +301,17 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
                        f"{what} {p} does not exist; {remedy}")
     try:
         with safe_open(str(p), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
+            header = f.metadata() or {}
+            meta = json.loads(header.get("eamvit", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise EamError(f"cannot read {what} {p} ({type(e).__name__}); {remedy}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise EamError(f"{p} is not an eamvit {what} file; {remedy}")
+    stored = header.get(DIGEST_KEY)
+    if stored is None:
+        raise EamError(f"{what} {p} has no digest (written by eamvit 0.2 or earlier), so it cannot be checked; "
+                       f"re-create it: {remedy}")
+    if stored != tensors_sha256(tensors, meta):
+        raise EamError(f"{p} was modified after eamvit wrote it (digest mismatch); re-create it: {remedy}")
     return meta, tensors

@@ -108,6 +108,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     skeleton.eam_spec = spec
     ev, ev_idx, _, _, cfg = build_data(args, skeleton, need_calib=bool(meta.get("quant")) and args.data != "digits")
     model = OnnxClassifier(args.onnx, threads=args.threads)
+    _check_input_size(model, cfg, args.onnx)
     if saturation_warning(meta):
         warn(saturation_warning(meta))
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
@@ -118,6 +119,16 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
         if out:
             csv_path, _ = write_results(out, [row])
             print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")
+
+
+def _check_input_size(model, cfg: dict, path: str) -> None:
+    """Refuse images of another size than the graph takes, which ONNX Runtime would fail on mid-run."""
+    graph = list(model.session.get_inputs()[0].shape[1:])
+    want = [int(v) for v in cfg["input_size"]]
+    if len(graph) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph, want)):
+        show = lambda dims: "x".join(str(d) for d in dims)
+        raise EamError(f"{path} takes {show(graph)} images but its eamvit metadata and the data options give "
+                       f"{show(want)}; export it again with `eamvit export`")
 
 
 def _onnx_row_fields(meta: dict, path: str) -> dict[str, Any]:

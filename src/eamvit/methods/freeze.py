@@ -377,6 +377,7 @@ def load_frozen(model: nn.Module, path: str) -> dict:
         EamError: not a frozen-attention file, or its layers do not fit the model.
     """
     from eamvit.io import load_tensors
+    from eamvit.methods.models import check_attention_shapes
 
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
@@ -385,6 +386,9 @@ def load_frozen(model: nn.Module, path: str) -> dict:
     if len(plans) != len(layers):
         raise EamError(f"frozen attention {path} has {len(plans)} layers but the model has {len(layers)}; "
                        "load it on the model it was written for")
+    check_attention_shapes(model, [tuple(tensors[f"mask.{l}"].shape) if f"mask.{l}" in tensors else None
+                                   for l in range(len(layers))],
+                           f"frozen attention {path}", "load it on the model it was written for")
     for l, (m, plan) in enumerate(zip(layers, plans)):
         if plan is None:
             set_frozen(m, None, None)
