@@ -491,3 +491,204 @@ def test_untampered_files_round_trip(states, wide, tmp_path):
     for l, m in enumerate(layers):
         if f"mask.{l}" in raw:
             assert torch.equal(m.eam_frozen_mask.cpu(), raw[f"mask.{l}"].bool())
+# --- issue 15: options that cannot apply, inputs that cannot be scored, outputs left behind ---------
+
+DIGITS_LABELS = "0123456789"
+SMALL_CROSSVIT = ["embed_dim=(16,32)", "depth=((1,1,0),)", "num_heads=(1,1)", "mlp_ratio=(1,1,1)"]
+
+
+def _digit_folder(root, classes, per_class=3):
+    """An ImageFolder of real scikit-learn digits as 16-px grayscale PNGs, one folder per digit."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(d.target == int(c))[:per_class]):
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((16, 16), Image.BILINEAR)
+            img.save(root / c / f"{j}.png")
+    return root
+
+
+def _evil_pickle(path, marker):
+    """A torch file whose pickle would create ``marker`` if it were ever executed."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"w": torch.zeros(1), "x": Evil()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def more(inputs, tmp_path_factory):
+    """Inputs of the issue-15 cases: digit folders (ten classes, one class, one image, a cut PNG), a
+    3-channel fp32 ONNX export, a quantized state and a saved freeze of the tiny ViT."""
+    from eamvit.methods.export import export_onnx
+    from eamvit.methods.freeze import FreezeConfig, freeze_, save_frozen
+    from eamvit.methods.quantize import quantize_, save_quantized
+    from eamvit.methods.repq import RepQConfig
+
+    root = tmp_path_factory.mktemp("more")
+    _digit_folder(root / "digits", DIGITS_LABELS)
+    _digit_folder(root / "seven", "7")
+    _digit_folder(root / "single", "3", per_class=1)
+    _digit_folder(root / "cut", DIGITS_LABELS)
+    png = root / "cut" / "3" / "0.png"
+    png.write_bytes(png.read_bytes()[:40])  # a PNG cut short: its header survives, its pixels do not
+    rgb = make(("deit_tiny_patch16_224", dict(img_size=16, patch_size=8, num_classes=10, embed_dim=16, depth=1,
+                                              num_heads=2)))
+    export_onnx(rgb, root / "rgb.onnx")
+    q = quantize_(make(TINY_VIT), RepQConfig(calib_size=8), (torch.randn(8, 3, 32, 32), torch.zeros(8).long()),
+                  progress=False)
+    save_quantized(q, root / "q.safetensors")
+    frozen = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    freeze_(frozen, eamvit.EntropyMaps.load(inputs / "maps.safetensors"), FreezeConfig(tau=0.5))
+    save_frozen(frozen, root / "frozen.safetensors", FreezeConfig(tau=0.5))
+    return root
+
+
+def _more_case(name, inputs, more, tmp):
+    """``(argv, needles)`` of an issue-15 case; may create input files in ``tmp``."""
+    ckpt, imgs = str(inputs / "tiny.pth"), str(inputs / "images")
+    tiny = [*TINY, "--checkpoint", ckpt, "--data", imgs]
+    evil = lambda: _evil_pickle(tmp / "evil.pth", tmp / "ran")  # noqa: E731
+    cases = {
+        "onnx-threads": lambda: (["eval", "--onnx", more / "rgb.onnx", "--data", more / "digits", "--threads", "-1"],
+                                 ["--threads must be at least 1"]),
+        "threads-without-onnx": lambda: (["eval", "--threads", "2"], ["--threads", "without --onnx"]),
+        "export-weight-only-a-bits": lambda: (["export", *tiny, "--quant", "repq", "--scheme", "weight-only",
+                                               "--a-bits", "4", "--out", "m.onnx"], ["--a-bits", "weight-only"]),
+        "export-scheme-without-quant": lambda: (["export", *tiny, "--scheme", "weight-only", "--out", "m.onnx"],
+                                                ["--scheme", "without --quant"]),
+        "quant-state-w-bits": lambda: (["eval", *tiny, "--quant-state", more / "q.safetensors", "--w-bits", "8"],
+                                       ["--w-bits", "--quant-state"]),
+        "quant-state-quant-pmq": lambda: (["eval", *tiny, "--quant-state", more / "q.safetensors", "--quant", "pmq"],
+                                          ["--quant ", "--quant-state"]),
+        "frozen-granularity": lambda: (["eval", *tiny, "--frozen", more / "frozen.safetensors", "--granularity",
+                                        "head"], ["--granularity", "--frozen"]),
+        "w-bits-without-quant": lambda: (["eval", "--w-bits", "6"], ["--w-bits", "without --quant"]),
+        "export-bogus-scheme-new-folder": lambda: (["export", "--scheme", "bogus", "--out", "sub/m.onnx"],
+                                                   ["export scheme 'bogus'"]),
+        "quantize-missing-checkpoint-new-folder": lambda: (["quantize", "--checkpoint", tmp / "nope.pth", "--out",
+                                                            "new/q.safetensors"], ["does not exist"]),
+        "demo-pickle": lambda: (["demo", "--checkpoint", evil(), "--out", "new/demo"], ["pickled objects"]),
+        "compare-pickle": lambda: (["compare", "--checkpoint", evil(), "--out", "new/compare"], ["pickled objects"]),
+        "sweep-pickle": lambda: (["sweep", "--checkpoint", evil(), "--out", "new/sweep"], ["pickled objects"]),
+        "onnx-rgb-on-digits": lambda: (["eval", "--onnx", more / "rgb.onnx"], ["--data digits has one channel",
+                                                                               "3-channel"]),
+        "tau-one-image-folder": lambda: (["eval", "--data", more / "single", "--tau", "0.2"], ["1 image", "--calib-data"]),
+        "adfq-pickled-unit": lambda: _adfq_case(tmp, evil()),
+        "adfq-corrupt-unit": lambda: _adfq_case(tmp, _file(tmp / "junk.pt", os.urandom(700))),
+        "crossvit": lambda: (["eval", "--model", "crossvit_tiny_240", "--model-kwargs", *SMALL_CROSSVIT, "--tau",
+                              "0.2", "--data", tmp / "no-such-folder"], ["CrossAttention", "timm ViT", "Swin"]),
+    }
+    return cases[name]()
+
+
+def _adfq_case(tmp, unit_file):
+    """ADFQ-ViT on the bundled model with a checkpoint folder whose first unit checkpoint is ``unit_file``."""
+    (tmp / "adfq").mkdir()
+    os.replace(unit_file, tmp / "adfq" / "unit_000.pt")
+    return (["eval", "--quant", "adfq", "--adfq-calib-size", "4", "--adfq-iterations", "1", "--num-samples", "4",
+             "--adfq-checkpoint-dir", tmp / "adfq"], ["ADFQ-ViT checkpoint", "unit_000.pt", "delete it"])
+
+
+MORE_CASES = ["onnx-threads", "threads-without-onnx", "export-weight-only-a-bits", "export-scheme-without-quant",
+              "quant-state-w-bits", "quant-state-quant-pmq", "frozen-granularity", "w-bits-without-quant",
+              "export-bogus-scheme-new-folder", "quantize-missing-checkpoint-new-folder", "demo-pickle",
+              "compare-pickle", "sweep-pickle", "onnx-rgb-on-digits", "tau-one-image-folder", "adfq-pickled-unit",
+              "adfq-corrupt-unit", "crossvit"]
+
+
+@pytest.mark.parametrize("name", MORE_CASES)
+def test_bad_input_issue15(name, inputs, more, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv, needles = _more_case(name, inputs, more, tmp_path)
+    before = _tree(tmp_path)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, needles)
+    assert "--crop-pct" not in err and "weights_only" not in err
+    assert _tree(tmp_path) == before  # no empty output folder, no lock, no temporary
+    assert not (tmp_path / "ran").exists()  # no pickle was executed
+
+
+def test_one_class_folder_warns(more, tmp_path, monkeypatch, capsys):
+    """ImageFolder scores folder `7/` as class 0: the run warns instead of silently reporting 0 %; a folder
+    of all ten digits 0..9 gets no warning."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--data", str(more / "seven")]) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("eamvit: warning:")]
+    assert len(warnings) == 1 and "1 class folder for a 10-class model" in warnings[0], warnings
+    assert "folder 7 is scored as class 0" in warnings[0]
+    assert main(["eval", "--data", str(more / "digits")]) == 0
+    assert "eamvit: warning:" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_counts_a_cut_png(more, tmp_path, monkeypatch, capsys):
+    """30 files, one cut short: fine-tuning says 29 images and 1 skipped, not 31 or 30."""
+    monkeypatch.chdir(tmp_path)
+    files = sorted((more / "cut").rglob("*.png"))
+    assert len(files) == 30
+    code = main(["finetune", "--data", str(more / "cut"), "--epochs", "1", "--batch-size", "16", "--out", "ft"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "on 29 images (1 unreadable skipped)" in out, out
+    history = json.loads((tmp_path / "ft" / "finetune.json").read_text())["history"]
+    assert history[-1]["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_second_writer_of_quantize_and_export_fails(command, tmp_path, monkeypatch, capsys):
+    """quantize and export hold the output lock: while another run writes --out, a second one fails."""
+    from eamvit.io import output_lock
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / ("q.safetensors" if command == "quantize" else "m.onnx")
+    with output_lock(out):  # this (live) process is "the other run"
+        code = main([command, "--out", out.name] + (["--quant-calib-size", "4"] if command == "quantize" else []))
+        _assert_one_line_error(code, capsys.readouterr().err, ["another eamvit run", out.name])
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{out.name}.eamvit-lock"]
+    assert list(tmp_path.iterdir()) == []
+
+
+class _LockDiskFull:
+    """``os`` for eamvit.io, except that writing a lock's pid finds the disk full."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_at_the_lock(tmp_path, monkeypatch, capsys):
+    import eamvit.io as eio
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eio, "os", _LockDiskFull())
+    code = main(["eval", "--num-samples", "4", "--out", "sub/res"])
+    _assert_one_line_error(code, capsys.readouterr().err, ["disk full", "res.csv"])
+    assert list(tmp_path.iterdir()) == []  # no lock left on the full disk, no empty folder
+
+
+def test_killed_run_leftovers_are_removed_at_the_start(tmp_path, monkeypatch, capsys):
+    """A run killed with -9 leaves an empty temporary folder and its lock; the next command writing
+    into that folder removes both before it starts (here it is then refused), never a live run's."""
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead.stdout.strip()
+    (tmp_path / f".m.onnx.eamvit-tmp-{dead}-0").mkdir()
+    (tmp_path / ".m.onnx.eamvit-lock").write_text(dead)
+    live = tmp_path / ".other.onnx.eamvit-lock"
+    live.write_text(str(os.getppid()))
+    code = main(["export", "--checkpoint", str(tmp_path / "missing.pth"), "--out", "m.onnx"])
+    _assert_one_line_error(code, capsys.readouterr().err, ["does not exist"])
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]

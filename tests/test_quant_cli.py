@@ -99,15 +99,15 @@ def test_bad_quant_input(tmp_path, image_folder, capsys, args, needle):
 ])
 def test_quantize_any_method_then_eval_from_state(tmp_path, image_folder, ckpt, capsys, method, extra):
     state = tmp_path / f"{method}.safetensors"
-    cal = ["--calib-data", image_folder]
-    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+    cal = ["--calib-data", image_folder] + (Q if method == "pmq" else [])  # ADFQ-ViT: --adfq-calib-size
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
                          "--method", method, *extra, "--out", state)
     assert code == 0, err
     assert state.is_file() and "bytes" in out
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
                          "--quant-state", state, "--out", tmp_path / "a")
     assert code == 0, err
-    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
                          "--quant", method, *extra, "--out", tmp_path / "b")
     assert code == 0, err
     a = json.loads((tmp_path / "a.json").read_text())[0]

@@ -307,7 +307,17 @@ def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, e
                       calibrate=need_calib, strict_images=args.strict_images)
     if sp.calib_note and is_main():
         print(f"eamvit: {sp.calib_note}", file=sys.stderr)
+    warn_class_mismatch(sp.eval_set, model, args.data)
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+
+
+def warn_class_mismatch(dataset, model, name: str) -> None:
+    """Warn when ``dataset``'s class folders cannot be ``model``'s classes (see ``class_mismatch``)."""
+    from eamvit.methods.data import class_mismatch
+
+    message = class_mismatch(dataset, int(getattr(model, "num_classes", 0) or 0), name)
+    if message:
+        warn(message)
 
 
 def _artifact_config(args, maps_cfg: Optional[dict]) -> tuple[Optional[dict], str]:
@@ -352,12 +362,37 @@ def jsonable(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def refuse_given(args, dests: Sequence[str], why: str) -> None:
+    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
+
+    Args:
+        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
+        dests: destinations of the options that cannot apply here.
+        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
+    """
+    bad = [d for d in dests if d in getattr(args, "given", ())]
+    if bad:
+        names = ", ".join("--" + d.replace("_", "-") for d in bad)
+        raise EamError(f"{names} cannot apply {why}; drop {names}")
+
+
+# What a saved freeze (--frozen) already holds: options that would freeze afresh.
+FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer",
+                  "bits", "max_memory")
+
+
 def validate_common(args) -> None:
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
     if hasattr(args, "bits"):
         check_bits(args.bits)
+    if getattr(args, "frozen", None):
+        refuse_given(args, FREEZE_OPTIONS, "with --frozen, which already holds the frozen attention and its settings")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise EamError(f"--threads must be at least 1, got {args.threads}")
+    if hasattr(args, "threads") and not getattr(args, "onnx", None):
+        refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
     if hasattr(args, "tau"):
         FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, value_bits=args.value_bits,
                      value_quantizer=args.value_quantizer, granularity=args.granularity,

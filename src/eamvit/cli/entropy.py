@@ -72,8 +72,6 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
     if getattr(args, "frozen", None):
         from eamvit.methods.freeze import load_frozen
 
-        if args.tau > 0 or args.maps:
-            raise EamError("--frozen already holds the frozen attention; drop --tau/--maps")
         meta = load_frozen(model, args.frozen)
         extra.update(frozen=str(args.frozen), **{k: meta["config"][k] for k in ("tau", "granularity")
                                                  if meta.get("config")})

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (format_row, add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
+from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
                                build_data, get_maps, is_main, load_model, prune_options)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
@@ -21,11 +21,26 @@ def export_config(args: argparse.Namespace):
 
 
 def _check_out(out: Path) -> None:
-    from eamvit.io import ensure_writable_dir
+    """Refuse an ``--out`` that cannot be written, creating nothing (the lock creates its folder)."""
+    from eamvit.io import check_output_file
 
     if out.is_dir():
         raise EamError(f"--out {out} is a folder; give the .onnx file to write")
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    check_output_file(out)
+
+
+def refuse_inapplicable_export(args: argparse.Namespace) -> None:
+    """Refuse export options the command line gives that the export they ask for cannot use."""
+    from eamvit.cli.common import refuse_given
+
+    if not wants_quant(args):
+        refuse_given(args, ["scheme", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
+                     "without --quant or --quant-state (an unquantized model is exported in fp32)")
+    elif args.scheme == "weight-only":
+        refuse_given(args, ["a_bits", "softmax", "symmetric_activations"],
+                     "to --scheme weight-only (its activations stay float)")
+    else:
+        refuse_given(args, ["block_size"], f"to --scheme {args.scheme} (MatMulNBits blocks are weight-only's)")
 
 
 def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dict[str, Any]:
@@ -57,28 +72,40 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise EamError(f"unknown export format {args.format!r}; eamvit exports {', '.join(FORMATS)}")
     if getattr(args, "quant", None) not in (None, "repq"):
         raise EamError(f"--quant {args.quant} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
+    from eamvit.io import output_lock
+
     out = Path(args.out)
     _check_out(out)
     config = export_config(args)
-    model, device = load_model(args)
-    need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
-    _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
-    extra = _compress(args, model, device, cal, cal_idx, cfg)
-    if is_main():
-        rep = export_onnx(model, out, config)
-        what = ", ".join(f"{k}={v}" for k, v in extra.items())
-        print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
-              f"evaluate it with `eamvit eval --onnx {out}`")
+    refuse_inapplicable_export(args)
+    with output_lock(out):
+        model, device = load_model(args)
+        need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
+        _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
+        extra = _compress(args, model, device, cal, cal_idx, cfg)
+        if is_main():
+            rep = export_onnx(model, out, config)
+            what = ", ".join(f"{k}={v}" for k, v in extra.items())
+            print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
+                  f"evaluate it with `eamvit eval --onnx {out}`")
 
 
 # Options that build a model; an ONNX file already is one.
-_MODEL_OPTIONS = ("model", "checkpoint", "quant", "quant_state", "prune", "maps")
+_MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "prune",
+                  "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS)
 
 
 def _onnx_data_args(args: argparse.Namespace, meta: dict) -> None:
     """Preprocessing recorded at export, unless the command line overrides it."""
     stored = meta.get("data_config", {})
-    for key in ("crop_pct", "crop_mode", "mean", "std", "interpolation"):
+    keys = ["crop_pct", "crop_mode", "mean", "std", "interpolation"]
+    if args.data == "digits":  # digits are never cropped, and have one channel
+        chans = stored.get("input_size", [1])[0]
+        if chans != 1:
+            raise EamError(f"--data digits has one channel but {args.onnx} was exported for {chans}-channel images; "
+                           "evaluate it on an ImageFolder (--data DIR)")
+        keys = keys[2:]
+    for key in keys:  # stored values are not the user's: they are not checked as if given
         if getattr(args, key, None) is None and stored.get(key) is not None:
             setattr(args, key, stored[key])
     size = stored.get("input_size", [None])[-1]
@@ -94,9 +121,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     from eamvit.methods.export_runtime import OnnxClassifier, read_onnx_meta, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model
 
-    given = [o for o in _MODEL_OPTIONS if getattr(args, o, None)] + (["tau"] if args.tau > 0 else [])
-    if given:
-        raise EamError(f"--onnx holds the whole model; drop --{given[0].replace('_', '-')}")
+    refuse_given(args, _MODEL_OPTIONS, "with --onnx, which holds the whole model")
     out = Path(args.out) if args.out else None
     if out:
         ensure_writable_dir(out.parent if str(out.parent) else ".")

@@ -63,7 +63,7 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
 
 def _finetune_data(args, model):
     """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
-    from eamvit.cli.common import data_overrides
+    from eamvit.cli.common import data_overrides, warn_class_mismatch
     from eamvit.methods.data import build_dataset, random_subset
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
@@ -77,12 +77,14 @@ def _finetune_data(args, model):
             raise EamError(f"{', '.join(fixed)} cannot change the digits' preprocessing (fixed 8x8 -> bilinear "
                            "upsampling, mean/std 0.5); drop them or use an image folder")
     train = train_dataset(args.data, cfg, augment=args.augment, strict_images=args.strict_images)
+    warn_class_mismatch(train, model, args.data)
     if args.num_samples:
         from torch.utils.data import Subset
 
         train = Subset(train, random_subset(train, args.num_samples, args.seed))
     if args.val_data:
         val = build_dataset(args.val_data, cfg, strict_images=args.strict_images)
+        warn_class_mismatch(val, model, args.val_data)
     else:
         val = build_dataset("digits", split="test", img_size=int(cfg["input_size"][-1])) \
             if args.data == "digits" else None
@@ -165,7 +167,9 @@ def cmd_finetune(args) -> None:
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
                    workers=args.workers, data_config=cfg, freeze=zcfg)
     last = res["final"] or {}
-    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images: " + " ".join(f"{k}={v}" for k, v in last.items()))
+    skipped = f" ({res['skipped_images']} unreadable skipped)" if res.get("skipped_images") else ""
+    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images{skipped}: "
+          + " ".join(f"{k}={v}" for k, v in last.items()))
     if freeze is not None:
         print(f"frozen: {freeze['frozen_fraction']:.4f} of the attention entries ({zcfg.granularity}, "
               f"{zcfg.selection}); the frozen values are not trained")

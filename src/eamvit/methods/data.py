@@ -114,6 +114,33 @@ class DigitsDataset(Dataset):
         return x, int(self.targets[i])
 
 
+def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
+    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's, or None when they can.
+
+    ImageFolder numbers its class folders 0, 1, ... in sorted order, whatever their names: a folder
+    of other classes (or fewer) is scored against the wrong outputs.
+
+    Args:
+        dataset: the dataset (only an :class:`ImageFolderDataset` is checked).
+        num_classes: outputs of the model.
+        name: the folder, for the message.
+    """
+    if not isinstance(dataset, ImageFolderDataset) or not num_classes:
+        return None
+    classes = list(dataset.classes)
+    if len(classes) != num_classes:
+        what = f"{len(classes)} class folder{'s' if len(classes) != 1 else ''} for a {num_classes}-class model"
+    elif all(c.isdigit() for c in classes) and classes != [str(i) for i in range(num_classes)]:
+        what = f"numbered class folders that are not 0..{num_classes - 1}"
+    else:
+        return None
+    # The first folder whose name is a number other than its index, e.g. `7/` scored as class 0.
+    moved = next((f"folder {c} is scored as class {i}" for i, c in enumerate(classes) if c.isdigit() and int(c) != i),
+                 f"folder {classes[0]} is scored as class 0")
+    return (f"{name} has {what}; ImageFolder numbers the folders 0, 1, ... in sorted order ({moved}), so its "
+            "top-1 is not the model's accuracy on them: give one sub-folder per model class")
+
+
 def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
     """Indices of a seeded random subset of ``size`` images (all, in order, when ``size`` is None)."""
     n = len(dataset)
@@ -271,6 +298,9 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
         n = calib_size if calib_size is not None else min(DEFAULT_CALIB_SIZE, avail)
         if hold and n >= len(cal):
             raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
+        if n == 0:  # held out: half of a 1-image folder is no image
+            raise EamError(f"{data} has {len(cal)} image{'s' if len(cal) != 1 else ''}: too few to hold out calibration "
+                           "images and still evaluate; pass --calib-data")
         cal_idx = random_subset(cal, n, seed)
         note = (f"calibration: {n} images from {where} "
                 f"({'--calib-size' if calib_size is not None else f'default min(512, {avail} available)'})")

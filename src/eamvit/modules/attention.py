@@ -343,8 +343,14 @@ def instrument(model: nn.Module) -> list[nn.Module]:
         The instrumented attention modules, index = layer number.
 
     Raises:
-        EamError: the model has no supported attention module.
+        EamError: the model has no supported attention module, or attention eamvit cannot instrument.
     """
+    # Attention eamvit cannot see (CrossViT's CrossAttention) would leave the maps part of the model's.
+    other = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+                   - {c.__name__ for c in (*_SWAP, EamAttention, EamWindowAttention)})
+    if other:
+        raise EamError(f"unsupported model {type(model).__name__}: its {', '.join(other)} modules are not supported; "
+                       f"eamvit supports {SUPPORTED_FAMILIES}")
     layers: list[nn.Module] = []
     for module in model.modules():
         cls = type(module)
