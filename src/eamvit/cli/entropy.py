@@ -187,6 +187,7 @@ def cmd_quant_sweep(args) -> None:
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized
+    from eamvit.methods.repq import RepQConfig
 
     if getattr(args, "maps", None):
         raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")
@@ -195,17 +196,21 @@ def cmd_quant_sweep(args) -> None:
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
-    q_model = None
+    q_model, qcfg = None, quant_config(args)
     if getattr(args, "quant_state", None):
         q_model = copy.deepcopy(model)
         load_quantized(q_model, args.quant_state)
+        qcfg = q_model.eam_quant_config  # the rows and titles say what the state holds, not the defaults
+        if not isinstance(qcfg, RepQConfig):
+            raise EamError(f"sweep --quant-state needs a RepQ-ViT state; {args.quant_state} holds "
+                           f"{type(qcfg).__name__.removesuffix('Config')}")
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              batch_size=args.batch_size)
-    res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
+    res = quant_sweep(model, ev, cal, qcfg, sweep, eval_indices=ev_idx, map_indices=cal_idx,
                       repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
                       max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
-    _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{args.w_bits}/A{args.a_bits}")
+    _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{qcfg.w_bits}/A{qcfg.a_bits}")
     print(res["table"])
 
 

@@ -41,6 +41,9 @@ def refuse_inapplicable_export(args: argparse.Namespace) -> None:
                      "to --scheme weight-only (its activations stay float)")
     else:
         refuse_given(args, ["block_size"], f"to --scheme {args.scheme} (MatMulNBits blocks are weight-only's)")
+        if args.quant and args.a_bits != 8:  # checked here too so that nothing is calibrated first
+            raise EamError(f"--scheme {args.scheme} exports 8-bit activations, not --a-bits {args.a_bits}; "
+                           "use --a-bits 8, or --scheme weight-only (float activations)")
 
 
 def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dict[str, Any]:
