@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
+from eamvit.cli.common import add_data_args, add_model_args, build_data, data_splits, load_model
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -196,7 +196,7 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
     return attn_deltas(model)
 
 
-def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
+def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.quantize import quantize_, save_quantized
@@ -204,7 +204,8 @@ def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
     out = Path(args.out)
     ensure_writable_dir(out.parent if str(out.parent) else ".")
     model, _ = load_model(args)
-    _, _, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    sp = data_splits(args, model, need_calib=True, scores=False)
+    cal, cal_idx = sp.calib_set, sp.calib_indices
     cfg = method_config(args)
     quantize_(model, cfg, _calib_set(cal, cal_idx), progress=True,
               checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
@@ -222,7 +223,7 @@ def register(sub) -> None:
     add_data_args(s)
     add_quant_args(s, "quantize")
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
-    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, build_data))
+    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
 
     s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
     add_model_args(s)
