@@ -6,7 +6,7 @@ import torch
 
 from eamvit.cli.main import main
 
-from conftest import TINY_VIT, make
+from conftest import TINY_VIT, make, write_image_folder
 
 MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
          "embed_dim=32", "depth=2", "num_heads=2"]
@@ -36,7 +36,8 @@ def ckpt(tmp_path):
 
 def test_quantize_then_eval_from_state(tmp_path, image_folder, ckpt, capsys):
     state = tmp_path / "q.safetensors"
-    cal = ["--calib-data", image_folder]  # evaluation then reads all of --data in both runs
+    # Another folder: evaluation then reads all of --data in both runs.
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)]
     code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
                          "--out", state)
     assert code == 0, err
@@ -99,7 +100,7 @@ def test_bad_quant_input(tmp_path, image_folder, capsys, args, needle):
 ])
 def test_quantize_any_method_then_eval_from_state(tmp_path, image_folder, ckpt, capsys, method, extra):
     state = tmp_path / f"{method}.safetensors"
-    cal = ["--calib-data", image_folder] + (Q if method == "pmq" else [])  # ADFQ-ViT: --adfq-calib-size
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)] + (Q if method == "pmq" else [])
     code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
                          "--method", method, *extra, "--out", state)
     assert code == 0, err
@@ -119,7 +120,7 @@ def test_quantize_any_method_then_eval_from_state(tmp_path, image_folder, ckpt, 
 def test_sweep_quant_state_rows_say_the_state_bits(tmp_path, image_folder, ckpt, capsys):
     """Rows of `sweep --quant-state` carry the bits of the saved state, not the W4/A4 defaults."""
     state = tmp_path / "q6.safetensors"
-    cal = ["--calib-data", image_folder]
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)]
     code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
                          "--w-bits", "6", "--a-bits", "6", "--out", state)
     assert code == 0, err

@@ -64,8 +64,9 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
                        help="ImageFolder for calibration (default: the digits training split, or else a seeded "
                             "held-out part of --data that evaluation skips; calibrate: all of --data)")
         g.add_argument("--calib-size", type=int, default=None,
-                       help="calibration images (default: min(512, available); a held-out part of --data takes at "
-                            "most half of it); the command prints what it used")
+                       help="calibration images (default: min(512, available), calibrate: all; a held-out part of "
+                            "--data takes at most half of it); the command prints what it used, and what it saves "
+                            "records them: evaluating that never scores them")
     g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
     g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
@@ -282,19 +283,31 @@ def data_overrides(args) -> dict:
             "std": args.std, "interpolation": args.interpolation}
 
 
-def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, evaluate: bool = True):
-    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` by the one rule of
-    :func:`eamvit.methods.data.build_splits`; prints what calibration used.
+def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
+                calibrated_on: Sequence[tuple[str, Optional[list]]] = (), calib_all: bool = False,
+                scores: bool = True):
+    """The command's :class:`~eamvit.methods.data.Splits` by the one rule of
+    :func:`eamvit.methods.data.build_splits`; prints what calibration used and what scoring skips.
 
     Args:
-        maps_cfg: the data config stored with loaded maps, used when no preprocessing option is given.
+        need_calib: the command calibrates something now.
+        maps: loaded ``--maps``: their data config is used when no preprocessing option is given, and
+            the images that calibrated them are not scored.
+        evaluate: the command scores images of ``--data``.
+        calibrated_on: ``(name, records)`` of other artifacts evaluated (``--quant-state`` is read here).
+        calib_all: calibrate on all of the calibration images by default (``calibrate``).
+        scores: the command scores the evaluation set (else, as ``quantize`` and ``export``, it only
+            holds calibration images out of ``--data`` as ``eval`` would).
     """
     from eamvit.methods.data import build_splits
     from eamvit.methods.models import data_config
 
     ov = data_overrides(args)
     cfg = data_config(model, ov)
-    saved, source = _artifact_config(args, maps_cfg)
+    saved, source, recorded = _artifacts(args, maps)
+    if not scores:  # only the held-out rule matters (as eval would apply it): nothing scored, nothing to skip
+        recorded, calibrated_on = [], ()
+        evaluate = evaluate and not getattr(args, "calib_data", None)
     if saved and cfg["source"] != "overrides" and args.data != "digits":
         from eamvit.methods.models import PREPROCESSING_KEYS
 
@@ -304,11 +317,18 @@ def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, e
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
                       calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
                       calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,
-                      calibrate=need_calib, strict_images=args.strict_images)
-    if sp.calib_note and is_main():
-        print(f"eamvit: {sp.calib_note}", file=sys.stderr)
-    warn_class_mismatch(sp.eval_set, model, args.data)
-    return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+                      calibrate=need_calib, strict_images=args.strict_images, calib_all=calib_all,
+                      calibrated_on=[*recorded, *calibrated_on])
+    for name in sp.unrecorded if scores else ():
+        warn(f"{name} does not record the images that calibrated it (written by an older eamvit): "
+             "some of them may be scored; create it again to have them skipped")
+    if is_main():
+        for line in [sp.calib_note, *(sp.skip_notes if scores else ())]:
+            if line:
+                print(f"eamvit: {line}", file=sys.stderr)
+    if scores:
+        warn_class_mismatch(sp.eval_set, model, args.data)
+    return sp
 
 
 def warn_class_mismatch(dataset, model, name: str) -> None:
@@ -320,15 +340,28 @@ def warn_class_mismatch(dataset, model, name: str) -> None:
         warn(message)
 
 
-def _artifact_config(args, maps_cfg: Optional[dict]) -> tuple[Optional[dict], str]:
-    """The data config stored with the maps or quantized state the command reads, and its name."""
-    if maps_cfg:
-        return maps_cfg, "maps"
+def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
+    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` of :func:`data_splits`."""
+    sp = data_splits(args, model, need_calib, maps=maps, evaluate=evaluate)
+    return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+
+
+def _artifacts(args, maps) -> tuple[Optional[dict], str, list[tuple[str, Optional[list]]]]:
+    """The data config stored with the maps or quantized state the command reads, its name, and
+    ``(file, calibration records)`` of both."""
+    recorded = []
+    saved, source = None, ""
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 
-        return read_quantized(args.quant_state)[0].get("data_config"), "quantized state"
-    return None, ""
+        meta = read_quantized(args.quant_state)[0]
+        saved, source = meta.get("data_config"), "quantized state"
+        recorded.append((str(args.quant_state), meta.get("calibration")))
+    if maps is not None:
+        if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
+            saved, source = maps.meta["transforms"], "maps"
+        recorded.append((str(args.maps), maps.meta.get("calibration")))
+    return saved, source, recorded
 
 
 def load_maps(args, model):

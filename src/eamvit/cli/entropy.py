@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_splits, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -20,7 +20,10 @@ def cmd_calibrate(args) -> None:
     if args.num_samples is not None:
         raise EamError("calibrate evaluates nothing: choose its images with --calib-size, not --num-samples")
     model, device = load_model(args)
-    _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
+    # The user chose these images by pointing calibrate at them: all of them by default (the paper's
+    # maps use 5 % of ImageNet's training set, far more than the 32 images of PTQ calibration).
+    sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
+    cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
         maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
                                     workers=args.workers, device=device,
@@ -49,9 +52,11 @@ def cmd_eval(args) -> None:
     model, device = load_model(args)
     maps = load_maps(args, model)
     need_calib = (args.tau > 0 and maps is None) or needs_quant_calib(args)
-    data = build_data(args, model, need_calib=need_calib, maps_cfg=maps.meta.get("transforms") if maps else None)
+    sp = data_splits(args, model, need_calib=need_calib, maps=maps)
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
-        row = _eval_row(args, model, device, maps, *data)
+        row = _eval_row(args, model, device, maps, sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices,
+                        sp.data_config)
+        row["calib_excluded"] = sp.calib_excluded
         if is_main():
             print(format_row(row))
             if args.out is not None:
@@ -120,8 +125,11 @@ def cmd_sweep(args) -> None:
         return cmd_quant_sweep(args)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
     base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
                     progress=False)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
@@ -162,8 +170,11 @@ def cmd_speed_sweep(args) -> None:
         warn("token pruning does not apply to Swin: the speed sweep has freezing points only")
     check_family(model, args.granularity, methods)
     out = ensure_writable_dir(args.out)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                               build_data, get_maps, is_main, load_model, prune_options)
+from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args,
+                               add_freeze_args, add_model_args, add_prune_args, data_splits, get_maps, is_main,
+                               load_model, prune_options)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
 
@@ -84,8 +85,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     with output_lock(out):
         model, device = load_model(args)
         need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
-        _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
-        extra = _compress(args, model, device, cal, cal_idx, cfg)
+        # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
+        sp = data_splits(args, model, need_calib=need_calib, scores=False)
+        extra = _compress(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config)
         if is_main():
             rep = export_onnx(model, out, config)
             what = ", ".join(f"{k}={v}" for k, v in extra.items())
@@ -98,9 +100,16 @@ _MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", 
                   "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS)
 
 
-def _onnx_data_args(args: argparse.Namespace, meta: dict) -> None:
-    """Preprocessing recorded at export, unless the command line overrides it."""
+def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
+    """Preprocessing recorded at export, unless the command line overrides it.
+
+    Returns:
+        Whether the recorded preprocessing is used as it is (no option of the command line changed it).
+    """
+    from eamvit.cli.common import data_overrides
+
     stored = meta.get("data_config", {})
+    given = any(v is not None for v in data_overrides(args).values())
     keys = ["crop_pct", "crop_mode", "mean", "std", "interpolation"]
     if args.data == "digits":  # digits are never cropped, and have one channel
         chans = stored.get("input_size", [1])[0]
@@ -114,6 +123,7 @@ def _onnx_data_args(args: argparse.Namespace, meta: dict) -> None:
     size = stored.get("input_size", [None])[-1]
     if args.img_size is not None and size is not None and args.img_size != size:
         raise EamError(f"--img-size {args.img_size} does not fit {args.onnx}, exported for {size} px images")
+    return bool(stored) and not given
 
 
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
@@ -129,12 +139,16 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     if out:
         ensure_writable_dir(out.parent if str(out.parent) else ".")
     meta = read_onnx_meta(args.onnx)
-    _onnx_data_args(args, meta)
+    recorded = _onnx_data_args(args, meta)
     spec = ModelSpec(**meta["model"])
     # An untrained skeleton of the exported architecture gives eval's data config and row fields.
     skeleton = create_model(spec.name, model_kwargs=spec.model_kwargs)
     skeleton.eam_spec = spec
-    ev, ev_idx, _, _, cfg = build_data(args, skeleton, need_calib=bool(meta.get("quant")) and args.data != "digits")
+    # The file calibrates nothing now; the images that calibrated it (recorded at export) are not scored.
+    sp = data_splits(args, skeleton, need_calib=False, calibrated_on=[(str(args.onnx), meta.get("calibration"))])
+    ev, ev_idx, cfg = sp.eval_set, sp.eval_indices, sp.data_config
+    if recorded:  # filled in from the file, not overrides the user gave
+        cfg = {**cfg, "source": "onnx export"}
     model = OnnxClassifier(args.onnx, threads=args.threads)
     _check_input_size(model, cfg, args.onnx)
     if saturation_warning(meta):
@@ -142,6 +156,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
     row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx))
     row["param_count"] = meta.get("param_count", row["param_count"])
+    row["calib_excluded"] = sp.calib_excluded
     if is_main():
         print(format_row(row))
         if out:

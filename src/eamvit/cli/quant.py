@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
+from eamvit.cli.common import add_data_args, add_model_args, build_data, data_splits, load_model
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -222,7 +222,7 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
     return attn_deltas(model)
 
 
-def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
+def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import check_output_file, output_lock
     from eamvit.methods.quantize import quantize_, save_quantized
@@ -231,8 +231,8 @@ def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
     cfg = method_config(args)
     with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
         model, _ = load_model(args)
-        _, _, cal, cal_idx, _ = build_data(args, model, need_calib=True)
-        quantize_(model, cfg, _calib_set(cal, cal_idx), progress=True,
+        sp = data_splits(args, model, need_calib=True, scores=False)
+        quantize_(model, cfg, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
                   checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
         save_quantized(model, out)
     name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
@@ -248,7 +248,7 @@ def register(sub) -> None:
     add_data_args(s)
     add_quant_args(s, "quantize")
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
-    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, build_data))
+    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
 
     s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
     add_model_args(s)

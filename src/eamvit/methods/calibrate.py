@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import make_loader, shard
+from eamvit.methods.data import calibration_record, make_loader, shard
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
 from eamvit.io import atomic_path, load_tensors, save_tensors
@@ -310,6 +310,7 @@ def _plan(model: nn.Module, dataset: Dataset, indices: list[int], bits: int, dev
     log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(meta or {})
+    meta.setdefault("calibration", [calibration_record(dataset, indices)])  # evaluation skips these images
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
                 layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
                 grid=list(patch_grid(model) or []) or None)

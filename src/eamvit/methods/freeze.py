@@ -43,6 +43,7 @@ from torch import nn
 
 from eamvit.modules.attention import attention_layers, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.data import add_calibration
 from eamvit.errors import EamError
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
@@ -299,6 +300,8 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
         delta = 1.0 if value_deltas is None else value_deltas[l]
         values = frozen_values(maps.mean[l], config.value_bits, config.value_quantizer, delta)
         set_frozen(module, mask.to(device), values.to(device), plan, config.execute)
+    if sum(per_layer):  # the frozen values are the calibration images' mean attention
+        add_calibration(model, maps.meta.get("calibration") or [])
     total = sum(m.numel() for m in masks)
     units = [_units(m, config.granularity).all(1).sum().item() if config.granularity != "entry" else 0
              for m in masks]

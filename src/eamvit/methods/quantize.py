@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
+from eamvit.methods.data import add_calibration, calibration_record
 from eamvit.methods.models import ModelSpec, model_spec
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
@@ -243,6 +244,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
         raise
     model.eam_quant_config = config
     model.eam_quant_report = {**report, "calib_seconds": time.perf_counter() - t0}
+    add_calibration(model, [calibration_record(calib)])
     return model
 
 
@@ -306,7 +308,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
             "config": config.to_dict(), "structure": handler.structure(model),
             "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": model.eam_fp_sha256,
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
-            "data_config": preprocessing(data_config(model))}
+            "data_config": preprocessing(data_config(model)),
+            # The images it was calibrated with: evaluation of the state never scores them.
+            "calibration": list(getattr(model, "eam_calibration", None) or [])}
     save_tensors(path, tensors, meta)
     return Path(path)
 
@@ -434,4 +438,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         model.eam_quant_config = None
         raise
     model.eam_quant_config = config
+    if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
+        add_calibration(model, meta["calibration"])
     return model
