@@ -280,3 +280,23 @@ def test_quantized_state_carries_its_preprocessing(tmp_path, image_folder, ckpt,
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--quant-state", q)
     assert code == 0, err
     assert "crop_pct=0.8 " in out and "data_config_source=quantized state" in out
+
+
+def test_adfq_gets_its_calibration_images_by_default():
+    """ADFQ-ViT reads 1024 images (its protocol); the default calibration set must hold them, not 512."""
+    from eamvit.cli.main import build_parser
+    from eamvit.cli.common import _calib_need
+    from eamvit.methods.data import build_splits
+
+    parser = build_parser()
+    assert _calib_need(parser.parse_args(["eval", "--quant", "adfq"])) == 1024
+    assert _calib_need(parser.parse_args(["eval", "--quant", "adfq", "--adfq-calib-size", "700"])) == 700
+    assert _calib_need(parser.parse_args(["eval", "--quant", "repq"])) == 0
+    assert _calib_need(parser.parse_args(["compare", "--methods", "repq,adfq"])) == 1024
+    assert _calib_need(parser.parse_args(["compare", "--methods", "repq,pmq"])) == 0
+    model = eamvit_model()
+    sp = build_splits("digits", data_config_of(model, {}), calib_need=1024)
+    assert len(sp.calib_indices) == 1024 and len(set(sp.calib_indices)) == 1024  # of 1437 training digits
+    assert "min(1024, 1437 available)" in sp.calib_note
+    sp = build_splits("digits", data_config_of(model, {}))
+    assert len(sp.calib_indices) == 512

@@ -318,6 +318,7 @@ def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
                       calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
                       calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,
                       calibrate=need_calib, strict_images=args.strict_images, calib_all=calib_all,
+                      calib_need=_calib_need(args),
                       calibrated_on=[*recorded, *calibrated_on])
     for name in sp.unrecorded if scores else ():
         warn(f"{name} does not record the images that calibrated it (written by an older eamvit): "
@@ -338,6 +339,13 @@ def warn_class_mismatch(dataset, model, name: str) -> None:
     message = class_mismatch(dataset, int(getattr(model, "num_classes", 0) or 0), name)
     if message:
         warn(message)
+
+
+def _calib_need(args) -> int:
+    """Calibration images the quantization method of the command reads: ADFQ-ViT reads
+    ``--adfq-calib-size`` (1024 by default); RepQ-ViT and PMQ read 32, within the default 512."""
+    methods = {getattr(args, "quant", None), *str(getattr(args, "methods", "") or "").split(",")}
+    return getattr(args, "adfq_calib_size", 0) or 0 if "adfq" in {str(m).strip() for m in methods} else 0
 
 
 def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):

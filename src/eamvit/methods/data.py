@@ -386,7 +386,7 @@ class Splits:
 def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str, Any]] = None,
                  calib_data: Optional[str] = None, num_samples: Optional[int] = None,
                  calib_size: Optional[int] = None, seed: int = 0, evaluate: bool = True, calibrate: bool = True,
-                 strict_images: bool = False, calib_all: bool = False,
+                 strict_images: bool = False, calib_all: bool = False, calib_need: int = 0,
                  calibrated_on: Sequence[tuple[str, Optional[list]]] = ()) -> Splits:
     """The one rule every command uses for its evaluation and calibration images (:data:`CALIBRATION_RULE`).
 
@@ -402,6 +402,8 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
         calibrate: the command needs calibration images.
         strict_images: fail on unreadable images.
         calib_all: calibrate on every available image by default (``calibrate``: the user chose them).
+        calib_need: images the calibration method reads (ADFQ-ViT: 1024); the default number is then
+            min(max(512, calib_need), available).
         calibrated_on: ``(name, records)`` of the artifacts evaluated (see :func:`calibrated_skips`):
             the images they record are never scored.
     """
@@ -413,7 +415,7 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
     ev = build(data, "test") if evaluate else None
     cal, cal_idx, note, hold = None, None, "", False
     if calibrate:
-        cal, cal_idx, note, hold = _calibration(build, ev, data, calib_data, calib_size, seed, calib_all)
+        cal, cal_idx, note, hold = _calibration(build, ev, data, calib_data, calib_size, seed, calib_all, calib_need)
     sp = Splits(ev, None, cal, cal_idx, eff, note)
     if ev is not None:
         _eval_indices(sp, data, num_samples, seed, hold, calibrated_on)
@@ -421,7 +423,8 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
 
 
 def _calibration(build: Callable, ev: Optional[Dataset], data: str, calib_data: Optional[str],
-                 calib_size: Optional[int], seed: int, calib_all: bool) -> tuple[Dataset, list[int], str, bool]:
+                 calib_size: Optional[int], seed: int, calib_all: bool,
+                 calib_need: int = 0) -> tuple[Dataset, list[int], str, bool]:
     """``(calibration set, its indices, the note saying so, whether they are held out of ev)``."""
     if calib_data or ev is None or data == "digits":
         src = calib_data or data
@@ -432,14 +435,15 @@ def _calibration(build: Callable, ev: Optional[Dataset], data: str, calib_data: 
     avail = len(cal) // 2 if hold else len(cal)
     if calib_size is None and calib_all and not hold:
         return cal, list(range(len(cal))), f"calibration: {avail} images from {where} (default: all of them)", hold
-    n = calib_size if calib_size is not None else min(DEFAULT_CALIB_SIZE, avail)
+    default = max(DEFAULT_CALIB_SIZE, calib_need)
+    n = calib_size if calib_size is not None else min(default, avail)
     if hold and n >= len(cal):
         raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
     if n == 0:  # held out: half of a 1-image folder is no image
         raise EamError(f"{data} has {len(cal)} image{'s' if len(cal) != 1 else ''}: too few to hold out calibration "
                        "images and still evaluate; pass --calib-data")
     note = (f"calibration: {n} images from {where} "
-            f"({'--calib-size' if calib_size is not None else f'default min(512, {avail} available)'})")
+            f"({'--calib-size' if calib_size is not None else f'default min({default}, {avail} available)'})")
     return cal, random_subset(cal, n, seed), note, hold
 
 

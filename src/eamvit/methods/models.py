@@ -315,18 +315,25 @@ def patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
 
 def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     """Attention shapes of one forward of a blank image at the model's own size, with every quantizer
-    off: an uncalibrated one would otherwise calibrate itself on that image."""
+    off (an uncalibrated one would otherwise calibrate itself on that image) and token pruning at
+    κ = 1 (maps describe the unpruned model; pruning decides later which of them still apply)."""
     from eamvit.modules.quantizers import Quantizer
 
     qs = [(q, q.enabled) for q in model.modules() if isinstance(q, Quantizer)]
+    pruning = getattr(model, "eam_prune", None)
+    keep_rate = pruning.keep_rate if pruning is not None else None
     p = next(model.parameters())
     try:
         for q, _ in qs:
             q.enabled = False
+        if pruning is not None:
+            pruning.keep_rate = 1.0
         return layer_shapes(model, torch.zeros(1, *data_config(model)["input_size"], device=p.device, dtype=p.dtype))
     finally:
         for q, was in qs:
             q.enabled = was
+        if pruning is not None:
+            pruning.keep_rate = keep_rate
 
 
 def check_attention_shapes(model: nn.Module, shapes: list, what: str, remedy: str) -> None:

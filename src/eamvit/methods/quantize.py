@@ -134,7 +134,8 @@ def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Ite
 
     if len(ds) < limit:
         raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
-                       "lower calib_size (--quant-calib-size)")
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
     return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
 
 
@@ -198,7 +199,8 @@ def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tens
     got = sum(x.shape[0] for x in images)
     if got < n:
         raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
-                       "lower calib_size (--quant-calib-size) or give more images")
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
     y = torch.cat(labels) if all(t is not None for t in labels) else None
     return torch.cat(images), y
 
