@@ -97,7 +97,7 @@ def test_a_late_failure_keeps_earlier_tables_and_report(stub_steps, tmp_path, ca
     report = (out / "report.md").read_text()
     assert "## section one" in report and "## section two" in report and "## section slow" not in report
     assert "Incomplete" in report
-    assert "`eamvit demo --full` adds" in report and "- a slow step" in report
+    assert "`eamvit demo --full` adds them" in report and "- a slow step" in report
 
 
 def test_full_runs_every_step_and_finishes_the_report(monkeypatch, tmp_path, capsys):

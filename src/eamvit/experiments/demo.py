@@ -119,7 +119,7 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     out = ensure_writable_dir(out)
     t0 = time.perf_counter()
     plan = [s for s in STEPS if full or not s.full]
-    skipped = [s for s in STEPS if s not in plan or s.more]
+    skipped = [] if full else [s for s in STEPS if s.full or s.more]
     n = len(plan) + 2  # + loading the model, + the report
     ckpt = _checkpoint(out, retrain, checkpoint, device, epochs, n)
     model = load_demo_model(ckpt, device=device)
@@ -219,10 +219,10 @@ def report(demo: DemoRun, skipped: list[Step], elapsed: Optional[float]) -> str:
     state = (f"Run time: {elapsed:.0f} s." if elapsed is not None else
              "**Incomplete**: the demo was still running when this was written (it stopped here if it "
              "failed).")
-    full = "".join(f"- {s.more if s.more else s.title}\n" for s in skipped if not demo.full)
-    full = f"""## Not run: `eamvit demo --full` adds them
+    full = "".join(f"- {s.more or s.title}\n" for s in skipped)
+    full = f"""## Not run here: `eamvit demo --full` adds them
 
-{full}""" if full else ""
+{full}""" if skipped else ""
     stems = [name for name, sec in demo.sections.items() if sec["rows"]]
     return f"""# eamvit demo: Entropy Attention Maps on the digits ViT
 
