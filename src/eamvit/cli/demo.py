@@ -34,8 +34,8 @@ def register(sub) -> None:
                    "eamvit/assets/digits_vit.safetensors inside the installed package)")
     s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
     s.add_argument("--full", action="store_true",
-                   help="also run the slow parts (several more minutes on CPU): freezing vs token pruning at "
-                        "measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and ONNX "
+                   help="also run the slow parts (several more minutes on CPU): the sweep's global scope, freezing "
+                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and ONNX "
                         "Runtime's own int8 and 4-bit weight-only export rows")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available, else cpu)")
     s.set_defaults(func=cmd_demo)
