@@ -160,7 +160,10 @@ def alpha_arg(text: str) -> float:
 
 
 SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
-SPEED_METHODS = "shannon,renyi:2,evit"
+SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+# `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.
+SPEED_METHODS = "shannon,evit"
+SPEED_KEEP_RATES = [0.7, 0.5]
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
@@ -176,11 +179,14 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     g = p.add_argument_group("token pruning")
     if sweep:
         g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method) instead of freezing")
-        g.add_argument("--keep-rates", type=floats, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
-                       help="keep rates, e.g. 0.9,0.7,0.5 (default 0.9..0.3)")
+        g.add_argument("--keep-rates", type=floats, default=None,
+                       help="keep rates, e.g. 0.9,0.7,0.5 (default: 0.9..0.3 in steps of 0.1 with --prune; "
+                            f"{','.join(map(str, SPEED_KEEP_RATES))} with --granularity, widen it with e.g. "
+                            "--keep-rates 0.9,0.8,0.7,0.6,0.5,0.4,0.3)")
         g.add_argument("--methods", default=None,
                        help="comma-separated methods, renyi:ORDER for Rényi entropy of that order (default: "
-                            f"{SWEEP_METHODS} with --prune, {SPEED_METHODS} with --granularity)")
+                            f"{SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it with "
+                            "e.g. --methods shannon,renyi:2,evit,random)")
         g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
         g.add_argument("--throughput-reps", type=int, default=10,
@@ -259,12 +265,41 @@ def load_model(args):
     return model, device
 
 
+ONNX_MODULES = ("onnx", "onnxruntime")
+
+
+def require_modules(command: str, names: Sequence[str] = ONNX_MODULES) -> None:
+    """One EamError naming the install command when a module ``command`` needs cannot be imported.
+
+    Called first by the commands that need the modules, so that a broken or partial install fails
+    before minutes of work rather than with a traceback at the step that imports them.
+
+    Args:
+        command: what needs them, for the message (e.g. ``"eamvit demo"``).
+        names: importable module names (they are imported, so a module that is present but fails to
+            load, e.g. a missing shared library, is reported too).
+    """
+    import importlib
+
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        them = "them" if len(missing) > 1 else "it"
+        raise EamError(f"{command} needs {', '.join(missing)}, which cannot be imported; install {them} with "
+                       f"`pip install {' '.join(missing)}` (or reinstall eamvit, which depends on {them})")
+
+
 _WARNINGS: list[str] = []
 
 
 def warn(message: str) -> None:
-    """Queue a warning line; :func:`flush_warnings` prints it once the command has succeeded, so that a
-    failing command still prints exactly one line, its error."""
+    """Queue a warning line; :func:`flush_warnings` prints it once the command has checked its inputs
+    (each command calls it just before its long work) or has succeeded, so that a command failing on
+    its inputs still prints exactly one line, its error."""
     if message not in _WARNINGS:
         _WARNINGS.append(message)
 

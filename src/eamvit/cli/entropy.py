@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_splits, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_splits, flush_warnings, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -105,6 +105,7 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
                      gflops=round(count_gflops(model), 4), unfrozen_layers=len(prep.unfrozen_layers))
         if args.prune == "renyi":
             extra["alpha"] = args.alpha if args.alpha != float("inf") else "inf"
+    flush_warnings()  # before the evaluation, not after its results
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device)
     return result_row(model, m, cfg, **extra)
 
@@ -133,6 +134,7 @@ def cmd_sweep(args) -> None:
     base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
                     progress=False)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
         rows += freeze_sweep(model, maps, data, args.taus, scope=scope, seeds=range(args.seed, args.seed + args.seeds),
@@ -148,7 +150,7 @@ def cmd_sweep(args) -> None:
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units and token pruning at measured speed."""
-    from eamvit.cli.common import SPEED_METHODS, warn
+    from eamvit.cli.common import SPEED_KEEP_RATES, SPEED_METHODS, warn
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, is_swin, plot_rows, speed_sweep,
@@ -160,6 +162,7 @@ def cmd_speed_sweep(args) -> None:
     if args.prune or args.quant or args.quant_state:
         raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
     methods = parse_methods(args.methods or SPEED_METHODS)
+    args.keep_rates = args.keep_rates or SPEED_KEEP_RATES
     for k in args.keep_rates:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
@@ -176,6 +179,7 @@ def cmd_speed_sweep(args) -> None:
     ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
     maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
                        freeze_options=freeze, prune_options=prune_options(args), progress=is_main())
@@ -218,6 +222,7 @@ def cmd_quant_sweep(args) -> None:
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              batch_size=args.batch_size)
+    flush_warnings()
     res = quant_sweep(model, ev, cal, qcfg, sweep, eval_indices=ev_idx, map_indices=cal_idx,
                       repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
                       max_memory=parse_bytes(args.max_memory) if args.max_memory else None)

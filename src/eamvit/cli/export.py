@@ -8,7 +8,7 @@ from typing import Any
 from eamvit.errors import EamError
 from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args,
                                add_freeze_args, add_model_args, add_prune_args, data_splits, get_maps, is_main,
-                               load_model, prune_options)
+                               load_model, prune_options, require_modules)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
 
@@ -70,6 +70,7 @@ def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dic
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    require_modules("eamvit export")
     from eamvit.methods.export import FORMATS, export_onnx
 
     if args.format not in FORMATS:
@@ -128,6 +129,7 @@ def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
 
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
     """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime, with eval's data and rows."""
+    require_modules("eamvit eval --onnx")
     from eamvit.io import ensure_writable_dir, write_results
     from eamvit.methods.evaluate import evaluate, result_row
     from eamvit.cli.common import warn

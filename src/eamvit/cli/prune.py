@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
-                               add_prune_args, build_data, is_main, load_model, prune_options)
+from eamvit.cli.common import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
+                               add_model_args, add_prune_args, build_data, flush_warnings, is_main, load_model,
+                               prune_options)
 
 
 def cmd_prune_sweep(args) -> None:
@@ -16,12 +17,14 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.plots.prune import plot_top1_vs_gflops
 
     methods = parse_methods(args.methods or SWEEP_METHODS)
+    args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
     for k in args.keep_rates:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
+    flush_warnings()  # before the sweep, not after its results
     rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
                        workers=args.workers, device=device, throughput=not args.no_throughput,
                        throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
@@ -164,6 +167,7 @@ def cmd_finetune(args) -> None:
     freeze = _freeze_for_finetune(args, model, device, zcfg, out) if zcfg is not None else None
     if pcfg is not None:
         prune_(model, pcfg)
+    flush_warnings()  # the inputs are checked: before the training, not after it
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
                    workers=args.workers, data_config=cfg, freeze=zcfg)
     last = res["final"] or {}
