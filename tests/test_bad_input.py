@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import eamvit
 from eamvit.cli.main import main
+from eamvit.io import save_tensors
 
 from conftest import TINY_VIT, make, write_image_folder
 
@@ -36,16 +37,28 @@ def inputs(tmp_path_factory):
     return root
 
 
-def _damaged_maps(src, dst, change):
-    """A copy of maps ``src`` with its metadata or tensors changed by ``change(meta, tensors)``."""
+def _rewrite(src, dst, change, sign=True):
+    """A copy of eamvit file ``src`` with its metadata or tensors changed by ``change(meta, tensors)``.
+
+    ``sign``: store a digest of the changed contents, as one who knows eamvit's digest would, so that
+    only the checks behind the digest can catch the change; else keep the original digest.
+    """
     from safetensors import safe_open
 
     with safe_open(str(src), framework="pt") as f:
-        meta = json.loads(f.metadata()["eamvit"])
-    tensors = load_file(str(src))
+        header = f.metadata()
+    meta, tensors = json.loads(header["eamvit"]), load_file(str(src))
     change(meta, tensors)
-    save_file(tensors, str(dst), metadata={"eamvit": json.dumps(meta)})
+    if sign:
+        save_tensors(dst, tensors, meta)
+    else:
+        save_file(tensors, str(dst), metadata={**header, "eamvit": json.dumps(meta)})
     return dst
+
+
+def _damaged_maps(src, dst, change):
+    """A copy of maps ``src`` with its metadata or tensors changed by ``change(meta, tensors)``, re-signed."""
+    return _rewrite(src, dst, change)
 
 
 def _del(d, k):
@@ -280,3 +293,404 @@ def test_results_stem_keeps_its_dots(tmp_path, monkeypatch, capsys):
         assert main(["eval", "--num-samples", "4", "--out", stem]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "eval_0.2.csv", "eval_0.2.json", "eval_0.5.csv", "eval_0.5.json", "named.csv", "named.json"]
+
+
+# --- tampered artifacts: quantized states, maps, frozen attention, ONNX exports ---------------------
+
+from eamvit.methods.quantize import load_quantized, quantize_, save_quantized  # noqa: E402
+from eamvit.methods.repq import RepQConfig  # noqa: E402
+
+DIGITS_X = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+KW64 = [k if not k.startswith("img_size") else "img_size=64" for k in KW]  # 65 tokens against 17
+TINY64 = ["--model", TINY_VIT[0], "--model-kwargs", *KW64]
+
+
+@pytest.fixture(scope="module")
+def states(tmp_path_factory):
+    """A W4A4 RepQ-ViT state of the bundled digits ViT, and one of other weights of that architecture."""
+    from eamvit.methods.models import save_checkpoint
+
+    root = tmp_path_factory.mktemp("states")
+    model = eamvit.create_model()
+    save_quantized(quantize_(model, RepQConfig(calib_size=8), DIGITS_X, progress=False), root / "q.safetensors")
+    other = eamvit.create_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_checkpoint(other, root / "other.safetensors")
+    other = eamvit.create_model(checkpoint=root / "other.safetensors")
+    save_quantized(quantize_(other, RepQConfig(calib_size=8), DIGITS_X, progress=False), root / "other_q.safetensors")
+    return root
+
+
+def _flip_payload(src, dst, suffix, n_bytes):
+    """Copy ``src`` with ``n_bytes`` bytes of its tensors whose names end in ``suffix`` inverted in the
+    file itself (the safetensors header names each tensor's byte range after the header)."""
+    data = bytearray(src.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    left = n_bytes
+    for name, info in sorted(header.items()):
+        if name == "__metadata__" or not name.endswith(suffix):
+            continue
+        a, b = info["data_offsets"]
+        for i in range(8 + n + a, 8 + n + min(b, a + left)):
+            data[i] ^= 0xFF
+        left -= min(b - a, left)
+    assert left == 0
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _set_weight_bits(bits):
+    def change(meta, tensors):
+        for name, q in meta["quantizers"].items():
+            if name.endswith("weight_quantizer"):
+                q["bits"] = bits
+    return change
+
+
+def _bundled_spec(meta, tensors):
+    meta["model"] = eamvit.methods.models.model_spec(eamvit.create_model()).to_dict()
+
+
+QUANT_TAMPER = {  # name: (change, needles of the re-signed file)
+    "weight-bits-2": (_set_weight_bits(2), ["has 2 bits", "w_bits=4", "gives it 4"]),
+    "weight-bits-0": (_set_weight_bits(0), ["0 bits, not 2..8"]),
+    "config-w-bits-8": (lambda m, t: m["config"].__setitem__("w_bits", 8), ["has 4 bits", "w_bits=8", "gives it 8"]),
+}
+
+
+def _run_bad(argv, tmp_path, monkeypatch, capsys, needles):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    code = main([str(a) for a in argv])
+    _assert_one_line_error(code, capsys.readouterr().err, needles)
+    assert _tree(tmp_path) == before
+
+
+def test_flipped_weight_codes_are_refused(states, tmp_path, monkeypatch, capsys):
+    """2,048 packed 4-bit codes inverted in the file: valid codes, so only the digest can tell."""
+    bad = _flip_payload(states / "q.safetensors", tmp_path / "flipped.safetensors", ".weight.codes", 1024)
+    _run_bad(["eval", "--quant-state", bad, "--num-samples", "8", "--out", "r"], tmp_path, monkeypatch, capsys,
+             ["was modified after eamvit wrote it (digest mismatch)", "eamvit quantize"])
+
+
+@pytest.mark.parametrize("sign", [False, True], ids=["digest", "re-signed"])
+@pytest.mark.parametrize("case", list(QUANT_TAMPER) + ["relabelled"])
+def test_tampered_quantized_state_is_refused(case, sign, states, tmp_path, monkeypatch, capsys):
+    if case == "relabelled":  # another checkpoint's state said to be the bundled model's
+        src, change, needles = states / "other_q.safetensors", _bundled_spec, ["made from other weights"]
+    else:
+        src, (change, needles) = states / "q.safetensors", QUANT_TAMPER[case]
+    bad = _rewrite(src, tmp_path / "bad.safetensors", change, sign=sign)
+    needles = needles if sign else ["digest mismatch"]
+    _run_bad(["eval", "--quant-state", bad, "--num-samples", "8", "--out", "r"], tmp_path, monkeypatch, capsys,
+             needles + ["eamvit quantize"])
+
+
+@pytest.fixture(scope="module")
+def wide(inputs):
+    """The tiny ViT at 64 px (65 tokens against 17; same depth and heads) and a frozen-attention file
+    of the 32-px one."""
+    from eamvit.methods.freeze import FreezeConfig, freeze_, save_frozen
+
+    model = make(("deit_tiny_patch16_224", {**TINY_VIT[1], "img_size": 64}))
+    torch.save(model.state_dict(), inputs / "tiny64.pth")
+    small = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    cfg = FreezeConfig(tau=0.3)
+    freeze_(small, eamvit.EntropyMaps.load(inputs / "maps.safetensors"), cfg)
+    save_frozen(small, str(inputs / "frozen.safetensors"), cfg)
+    spec = eamvit.create_model(TINY_VIT[0], model_kwargs={**TINY_VIT[1], "img_size": 64},
+                               checkpoint=inputs / "tiny64.pth").eam_spec.to_dict()
+    return inputs, spec
+
+
+def test_frozen_attention_of_another_token_count_is_refused(wide, tmp_path, monkeypatch, capsys):
+    inputs, _ = wide
+    argv = ["eval", *TINY64, "--checkpoint", inputs / "tiny64.pth", "--data", inputs / "images",
+            "--frozen", inputs / "frozen.safetensors", "--out", "r"]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, ["17 tokens", "65 tokens", "model it was written for"])
+
+
+@pytest.mark.parametrize("sign", [False, True], ids=["digest", "re-signed"])
+def test_maps_relabelled_for_another_token_count_are_refused(sign, wide, tmp_path, monkeypatch, capsys):
+    inputs, spec = wide
+    bad = _rewrite(inputs / "maps.safetensors", tmp_path / "bad.safetensors",
+                   lambda m, t: m.__setitem__("model", spec), sign=sign)
+    argv = ["eval", *TINY64, "--checkpoint", inputs / "tiny64.pth", "--data", inputs / "images",
+            "--maps", bad, "--tau", "0.2", "--out", "r"]
+    needles = ["17 tokens", "65 tokens"] if sign else ["digest mismatch"]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, needles + ["eamvit calibrate"])
+
+
+@pytest.mark.parametrize("kind", ["maps", "frozen"])
+def test_flipped_maps_and_frozen_files_are_refused(kind, wide, tmp_path, monkeypatch, capsys):
+    inputs, _ = wide
+    src, suffix = (inputs / "maps.safetensors", ".0") if kind == "maps" else (inputs / "frozen.safetensors", ".1")
+    bad = _flip_payload(src, tmp_path / "bad.safetensors", suffix, 4)
+    ev = ["eval", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--out", "r"]
+    argv = [*ev, "--maps", bad, "--tau", "0.2"] if kind == "maps" else [*ev, "--frozen", bad]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, ["digest mismatch"])
+
+
+def test_files_without_a_digest_are_refused(inputs, tmp_path, monkeypatch, capsys):
+    """Files of eamvit 0.2 carry no digest: refused with what to do, never trusted unchecked."""
+    from safetensors import safe_open
+
+    with safe_open(str(inputs / "maps.safetensors"), framework="pt") as f:
+        meta = f.metadata()["eamvit"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(inputs / "maps.safetensors")), str(old), metadata={"eamvit": meta})
+    argv = ["eval", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--maps", old,
+            "--tau", "0.2", "--out", "r"]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, ["has no digest", "eamvit 0.2", "eamvit calibrate"])
+
+
+def test_onnx_graph_of_another_size_than_its_metadata_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    """A 32-px graph whose metadata says 16 px (model and data config)."""
+    import onnx
+
+    good = tmp_path / "m.onnx"
+    ckpt, imgs = inputs / "tiny.pth", inputs / "images"
+    assert main(["export", *TINY, "--checkpoint", str(ckpt), "--data", str(imgs), "--out", str(good)]) == 0
+    proto = onnx.load(str(good))
+    prop = next(p for p in proto.metadata_props if p.key == "eamvit")
+    meta = json.loads(prop.value)
+    meta["model"]["model_kwargs"]["img_size"] = 16
+    meta["data_config"]["input_size"] = [3, 16, 16]
+    prop.value = json.dumps(meta)
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    good.unlink()
+    _run_bad(["eval", "--onnx", tmp_path / "bad.onnx", "--data", imgs, "--out", "r"], tmp_path, monkeypatch, capsys,
+             ["takes 3x32x32 images", "give 3x16x16", "eamvit export"])
+
+
+def test_untampered_files_round_trip(states, wide, tmp_path):
+    """What eamvit wrote loads back: the quantized state gives the saved model's logits, bit for bit,
+    and the maps and frozen attention their tensors."""
+    from eamvit.methods.freeze import load_frozen
+
+    inputs, _ = wide
+    model = quantize_(eamvit.create_model(), RepQConfig(calib_size=8), DIGITS_X, progress=False)
+    path = save_quantized(model, tmp_path / "q.safetensors")
+    fresh = load_quantized(eamvit.create_model(), path)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    maps = eamvit.EntropyMaps.load(inputs / "maps.safetensors")
+    raw = load_file(str(inputs / "maps.safetensors"))
+    assert all(torch.equal(maps.entropy[l], raw[f"entropy.{l}"]) for l in range(maps.num_layers))
+    small = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    load_frozen(small, str(inputs / "frozen.safetensors"))
+    raw = load_file(str(inputs / "frozen.safetensors"))
+    layers = eamvit.modules.attention.attention_layers(small)
+    assert any(f"mask.{l}" in raw for l in range(len(layers)))
+    for l, m in enumerate(layers):
+        if f"mask.{l}" in raw:
+            assert torch.equal(m.eam_frozen_mask.cpu(), raw[f"mask.{l}"].bool())
+# --- issue 15: options that cannot apply, inputs that cannot be scored, outputs left behind ---------
+
+DIGITS_LABELS = "0123456789"
+SMALL_CROSSVIT = ["embed_dim=(16,32)", "depth=((1,1,0),)", "num_heads=(1,1)", "mlp_ratio=(1,1,1)"]
+
+
+def _digit_folder(root, classes, per_class=3):
+    """An ImageFolder of real scikit-learn digits as 16-px grayscale PNGs, one folder per digit."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(d.target == int(c))[:per_class]):
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((16, 16), Image.BILINEAR)
+            img.save(root / c / f"{j}.png")
+    return root
+
+
+def _evil_pickle(path, marker):
+    """A torch file whose pickle would create ``marker`` if it were ever executed."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"w": torch.zeros(1), "x": Evil()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def more(inputs, tmp_path_factory):
+    """Inputs of the issue-15 cases: digit folders (ten classes, one class, one image, a cut PNG), a
+    3-channel fp32 ONNX export, a quantized state and a saved freeze of the tiny ViT."""
+    from eamvit.methods.export import export_onnx
+    from eamvit.methods.freeze import FreezeConfig, freeze_, save_frozen
+    from eamvit.methods.quantize import quantize_, save_quantized
+    from eamvit.methods.repq import RepQConfig
+
+    root = tmp_path_factory.mktemp("more")
+    _digit_folder(root / "digits", DIGITS_LABELS)
+    _digit_folder(root / "seven", "7")
+    _digit_folder(root / "single", "3", per_class=1)
+    _digit_folder(root / "cut", DIGITS_LABELS)
+    png = root / "cut" / "3" / "0.png"
+    png.write_bytes(png.read_bytes()[:40])  # a PNG cut short: its header survives, its pixels do not
+    rgb = make(("deit_tiny_patch16_224", dict(img_size=16, patch_size=8, num_classes=10, embed_dim=16, depth=1,
+                                              num_heads=2)))
+    export_onnx(rgb, root / "rgb.onnx")
+    q = quantize_(make(TINY_VIT), RepQConfig(calib_size=8), (torch.randn(8, 3, 32, 32), torch.zeros(8).long()),
+                  progress=False)
+    save_quantized(q, root / "q.safetensors")
+    frozen = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    freeze_(frozen, eamvit.EntropyMaps.load(inputs / "maps.safetensors"), FreezeConfig(tau=0.5))
+    save_frozen(frozen, root / "frozen.safetensors", FreezeConfig(tau=0.5))
+    return root
+
+
+def _more_case(name, inputs, more, tmp):
+    """``(argv, needles)`` of an issue-15 case; may create input files in ``tmp``."""
+    ckpt, imgs = str(inputs / "tiny.pth"), str(inputs / "images")
+    tiny = [*TINY, "--checkpoint", ckpt, "--data", imgs]
+    evil = lambda: _evil_pickle(tmp / "evil.pth", tmp / "ran")  # noqa: E731
+    cases = {
+        "onnx-threads": lambda: (["eval", "--onnx", more / "rgb.onnx", "--data", more / "digits", "--threads", "-1"],
+                                 ["--threads must be at least 1"]),
+        "threads-without-onnx": lambda: (["eval", "--threads", "2"], ["--threads", "without --onnx"]),
+        "export-weight-only-a-bits": lambda: (["export", *tiny, "--quant", "repq", "--scheme", "weight-only",
+                                               "--a-bits", "4", "--out", "m.onnx"], ["--a-bits", "weight-only"]),
+        "export-scheme-without-quant": lambda: (["export", *tiny, "--scheme", "weight-only", "--out", "m.onnx"],
+                                                ["--scheme", "without --quant"]),
+        "quant-state-w-bits": lambda: (["eval", *tiny, "--quant-state", more / "q.safetensors", "--w-bits", "8"],
+                                       ["--w-bits", "--quant-state"]),
+        "quant-state-quant-pmq": lambda: (["eval", *tiny, "--quant-state", more / "q.safetensors", "--quant", "pmq"],
+                                          ["--quant ", "--quant-state"]),
+        "frozen-granularity": lambda: (["eval", *tiny, "--frozen", more / "frozen.safetensors", "--granularity",
+                                        "head"], ["--granularity", "--frozen"]),
+        "w-bits-without-quant": lambda: (["eval", "--w-bits", "6"], ["--w-bits", "without --quant"]),
+        "export-bogus-scheme-new-folder": lambda: (["export", "--scheme", "bogus", "--out", "sub/m.onnx"],
+                                                   ["export scheme 'bogus'"]),
+        "quantize-missing-checkpoint-new-folder": lambda: (["quantize", "--checkpoint", tmp / "nope.pth", "--out",
+                                                            "new/q.safetensors"], ["does not exist"]),
+        "demo-pickle": lambda: (["demo", "--checkpoint", evil(), "--out", "new/demo"], ["pickled objects"]),
+        "compare-pickle": lambda: (["compare", "--checkpoint", evil(), "--out", "new/compare"], ["pickled objects"]),
+        "sweep-pickle": lambda: (["sweep", "--checkpoint", evil(), "--out", "new/sweep"], ["pickled objects"]),
+        "onnx-rgb-on-digits": lambda: (["eval", "--onnx", more / "rgb.onnx"], ["--data digits has one channel",
+                                                                               "3-channel"]),
+        "tau-one-image-folder": lambda: (["eval", "--data", more / "single", "--tau", "0.2"], ["1 image", "--calib-data"]),
+        "adfq-pickled-unit": lambda: _adfq_case(tmp, evil()),
+        "adfq-corrupt-unit": lambda: _adfq_case(tmp, _file(tmp / "junk.pt", os.urandom(700))),
+        # CrossViT has maps and entry freezing (tests/test_families.py) but no RepQ-ViT: refused before
+        # any data is read (the folder does not exist).
+        "crossvit": lambda: (["eval", "--model", "crossvit_tiny_240", "--model-kwargs", *SMALL_CROSSVIT, "--quant",
+                              "repq", "--data", tmp / "no-such-folder"], ["CrossViT", "RepQ-ViT", "eamvit models"]),
+    }
+    return cases[name]()
+
+
+def _adfq_case(tmp, unit_file):
+    """ADFQ-ViT on the bundled model with a checkpoint folder whose first unit checkpoint is ``unit_file``."""
+    (tmp / "adfq").mkdir()
+    os.replace(unit_file, tmp / "adfq" / "unit_000.pt")
+    return (["eval", "--quant", "adfq", "--adfq-calib-size", "4", "--adfq-iterations", "1", "--num-samples", "4",
+             "--adfq-checkpoint-dir", tmp / "adfq"], ["ADFQ-ViT checkpoint", "unit_000.pt", "delete it"])
+
+
+MORE_CASES = ["onnx-threads", "threads-without-onnx", "export-weight-only-a-bits", "export-scheme-without-quant",
+              "quant-state-w-bits", "quant-state-quant-pmq", "frozen-granularity", "w-bits-without-quant",
+              "export-bogus-scheme-new-folder", "quantize-missing-checkpoint-new-folder", "demo-pickle",
+              "compare-pickle", "sweep-pickle", "onnx-rgb-on-digits", "tau-one-image-folder", "adfq-pickled-unit",
+              "adfq-corrupt-unit", "crossvit"]
+
+
+@pytest.mark.parametrize("name", MORE_CASES)
+def test_bad_input_issue15(name, inputs, more, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv, needles = _more_case(name, inputs, more, tmp_path)
+    before = _tree(tmp_path)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, needles)
+    assert "--crop-pct" not in err and "weights_only" not in err
+    assert _tree(tmp_path) == before  # no empty output folder, no lock, no temporary
+    assert not (tmp_path / "ran").exists()  # no pickle was executed
+
+
+def test_one_class_folder_warns(more, tmp_path, monkeypatch, capsys):
+    """ImageFolder scores folder `7/` as class 0: the run warns instead of silently reporting 0 %; a folder
+    of all ten digits 0..9 gets no warning."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--data", str(more / "seven")]) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("eamvit: warning:")]
+    assert len(warnings) == 1 and "1 class folder for a 10-class model" in warnings[0], warnings
+    assert "folder 7 is scored as class 0" in warnings[0]
+    assert main(["eval", "--data", str(more / "digits")]) == 0
+    assert "eamvit: warning:" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_counts_a_cut_png(more, tmp_path, monkeypatch, capsys):
+    """30 files, one cut short: fine-tuning says 29 images and 1 skipped, not 31 or 30."""
+    monkeypatch.chdir(tmp_path)
+    files = sorted((more / "cut").rglob("*.png"))
+    assert len(files) == 30
+    code = main(["finetune", "--data", str(more / "cut"), "--epochs", "1", "--batch-size", "16", "--out", "ft"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "on 29 images (1 unreadable skipped)" in out, out
+    history = json.loads((tmp_path / "ft" / "finetune.json").read_text())["history"]
+    assert history[-1]["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_second_writer_of_quantize_and_export_fails(command, tmp_path, monkeypatch, capsys):
+    """quantize and export hold the output lock: while another run writes --out, a second one fails."""
+    from eamvit.io import output_lock
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / ("q.safetensors" if command == "quantize" else "m.onnx")
+    with output_lock(out):  # this (live) process is "the other run"
+        code = main([command, "--out", out.name] + (["--quant-calib-size", "4"] if command == "quantize" else []))
+        _assert_one_line_error(code, capsys.readouterr().err, ["another eamvit run", out.name])
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".{out.name}.eamvit-lock"]
+    assert list(tmp_path.iterdir()) == []
+
+
+class _LockDiskFull:
+    """``os`` for eamvit.io, except that writing a lock's pid finds the disk full."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_at_the_lock(tmp_path, monkeypatch, capsys):
+    import eamvit.io as eio
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eio, "os", _LockDiskFull())
+    code = main(["eval", "--num-samples", "4", "--out", "sub/res"])
+    _assert_one_line_error(code, capsys.readouterr().err, ["disk full", "res.csv"])
+    assert list(tmp_path.iterdir()) == []  # no lock left on the full disk, no empty folder
+
+
+def test_killed_run_leftovers_are_removed_at_the_start(tmp_path, monkeypatch, capsys):
+    """A run killed with -9 leaves an empty temporary folder and its lock; the next command writing
+    into that folder removes both before it starts (here it is then refused), never a live run's."""
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead.stdout.strip()
+    (tmp_path / f".m.onnx.eamvit-tmp-{dead}-0").mkdir()
+    (tmp_path / ".m.onnx.eamvit-lock").write_text(dead)
+    live = tmp_path / ".other.onnx.eamvit-lock"
+    live.write_text(str(os.getppid()))
+    code = main(["export", "--checkpoint", str(tmp_path / "missing.pth"), "--out", "m.onnx"])
+    _assert_one_line_error(code, capsys.readouterr().err, ["does not exist"])
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]

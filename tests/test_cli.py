@@ -8,7 +8,7 @@ import torch
 
 from eamvit.cli.main import main
 
-from conftest import TINY_SWIN, TINY_VIT, make
+from conftest import TINY_SWIN, TINY_VIT, make, write_image_folder
 
 MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
          "embed_dim=32", "depth=2", "num_heads=2"]
@@ -47,7 +47,8 @@ def test_calibrate_eval_sweep_plot(tmp_path, image_folder, ckpt, capsys):
                          "--tau", 0.3, "--out", tmp_path / "res")
     assert code == 0, err
     row = json.loads((tmp_path / "res.json").read_text())[0]
-    assert row["num_images"] == 12 and row["model"] == TINY_VIT[0]
+    assert row["num_images"] == 12 - 7 and row["model"] == TINY_VIT[0]  # the maps' 7 images are not scored
+    assert row["calib_excluded"] == 7
     assert abs(row["frozen_fraction"] - 0.3) < 0.01
     assert (tmp_path / "res.csv").read_text().startswith("model,top1,top1_err,top5,top5_err")
 
@@ -234,16 +235,18 @@ def data_config_of(model, ov):
 
 
 def test_one_calibration_rule_printed(tmp_path, image_folder, ckpt, capsys):
-    """calibrate and eval take the same images from --calib-data (min(512, available)); eval without
-    --calib-data holds out at most half of --data; each says so on stderr."""
+    """calibrate takes all of --calib-data, eval min(512, available) of it; eval without --calib-data
+    holds out at most half of --data; each says so on stderr."""
+    calib = write_image_folder(tmp_path / "calib", seed=1)
     code, out, err = run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", "unused",
-                         "--calib-data", image_folder, "--bits", 4, "--out", tmp_path / "m.safetensors")
+                         "--calib-data", calib, "--bits", 4, "--out", tmp_path / "m.safetensors")
     assert code == 0, err
-    assert "M=12" in out and f"calibration: 12 images from {image_folder} (default min(512, 12 available))" in err
+    assert "M=12" in out and f"calibration: 12 images from {calib} (default: all of them)" in err
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
-                         "--calib-data", image_folder, "--tau", 0.2)
+                         "--calib-data", calib, "--tau", 0.2)
     assert code == 0, err
-    assert f"calibration: 12 images from {image_folder} (default min(512, 12 available))" in err
+    assert f"calibration: 12 images from {calib} (default min(512, 12 available))" in err
+    assert "num_images=12" in out and "calib_excluded=0" in out
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--tau", 0.2)
     assert code == 0, err
     assert "calibration: 6 images from" in err and "held out" in err and "num_images=6" in out
@@ -251,7 +254,8 @@ def test_one_calibration_rule_printed(tmp_path, image_folder, ckpt, capsys):
 
 def test_maps_carry_the_preprocessing_they_were_made_with(tmp_path, image_folder, ckpt, capsys):
     maps = tmp_path / "m.safetensors"
-    assert run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--crop-pct", 0.8,
+    calib = write_image_folder(tmp_path / "calib", seed=1)  # evaluation never scores the maps' own images
+    assert run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", calib, "--crop-pct", 0.8,
                "--bits", 4, "--out", maps)[0] == 0
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--maps", maps,
                          "--tau", 0.2)
@@ -276,3 +280,23 @@ def test_quantized_state_carries_its_preprocessing(tmp_path, image_folder, ckpt,
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--quant-state", q)
     assert code == 0, err
     assert "crop_pct=0.8 " in out and "data_config_source=quantized state" in out
+
+
+def test_adfq_gets_its_calibration_images_by_default():
+    """ADFQ-ViT reads 1024 images (its protocol); the default calibration set must hold them, not 512."""
+    from eamvit.cli.main import build_parser
+    from eamvit.cli.common import _calib_need
+    from eamvit.methods.data import build_splits
+
+    parser = build_parser()
+    assert _calib_need(parser.parse_args(["eval", "--quant", "adfq"])) == 1024
+    assert _calib_need(parser.parse_args(["eval", "--quant", "adfq", "--adfq-calib-size", "700"])) == 700
+    assert _calib_need(parser.parse_args(["eval", "--quant", "repq"])) == 0
+    assert _calib_need(parser.parse_args(["compare", "--methods", "repq,adfq"])) == 1024
+    assert _calib_need(parser.parse_args(["compare", "--methods", "repq,pmq"])) == 0
+    model = eamvit_model()
+    sp = build_splits("digits", data_config_of(model, {}), calib_need=1024)
+    assert len(sp.calib_indices) == 1024 and len(set(sp.calib_indices)) == 1024  # of 1437 training digits
+    assert "min(1024, 1437 available)" in sp.calib_note
+    sp = build_splits("digits", data_config_of(model, {}))
+    assert len(sp.calib_indices) == 512

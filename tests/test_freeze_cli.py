@@ -5,7 +5,7 @@ import eamvit
 from eamvit.cli.main import main
 from eamvit.methods.freeze import FreezeConfig, freeze_, save_frozen
 
-from conftest import TINY_VIT, make
+from conftest import TINY_VIT, make, write_image_folder
 
 MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
          "embed_dim=32", "depth=2", "num_heads=2"]
@@ -27,7 +27,8 @@ def test_eval_granularity_and_frozen_file(tmp_path, image_folder, capsys):
     model = make(TINY_VIT)
     torch.save(model.state_dict(), ckpt)
     maps = tmp_path / "maps.safetensors"
-    code, _, _ = run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--out", maps)
+    calib = write_image_folder(tmp_path / "calib", seed=1)  # evaluation never scores the maps' own images
+    code, _, _ = run(capsys, "calibrate", *MODEL, "--checkpoint", ckpt, "--data", calib, "--out", maps)
     assert code == 0
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, "--maps", maps,
                          "--tau", "0.5", "--granularity", "head")

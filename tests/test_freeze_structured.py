@@ -112,7 +112,7 @@ def test_random_units_same_count_seeded():
 
 def test_row_granularity_refused_on_swin(calibrated):
     model, maps = calibrated[TINY_SWIN[0]]
-    with pytest.raises(EamError, match="row granularity is not available for Swin") as err:
+    with pytest.raises(EamError, match="row granularity does not apply to Swin") as err:
         freeze_(model, maps, FreezeConfig(tau=0.5, granularity="row"))
     assert "\n" not in str(err.value)
 
@@ -223,5 +223,5 @@ def test_plan_refuses_a_mask_that_is_not_whole_units():
     with pytest.raises(EamError, match="does not cover whole heads"):
         set_frozen(layer, mask, torch.zeros(2, 17, 17), "head")
     swin = eamvit.instrument(make(TINY_SWIN))[-1]
-    with pytest.raises(EamError, match="row granularity is not available for Swin"):
+    with pytest.raises(EamError, match="row granularity does not apply to Swin"):
         set_frozen(swin, torch.ones(1, 2, 16, 16, dtype=torch.bool), torch.zeros(1, 2, 16, 16), "row")

@@ -6,7 +6,7 @@ import torch
 
 from eamvit.cli.main import main
 
-from conftest import TINY_VIT, make
+from conftest import TINY_VIT, make, write_image_folder
 
 MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
          "embed_dim=32", "depth=2", "num_heads=2"]
@@ -36,7 +36,8 @@ def ckpt(tmp_path):
 
 def test_quantize_then_eval_from_state(tmp_path, image_folder, ckpt, capsys):
     state = tmp_path / "q.safetensors"
-    cal = ["--calib-data", image_folder]  # evaluation then reads all of --data in both runs
+    # Another folder: evaluation then reads all of --data in both runs.
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)]
     code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
                          "--out", state)
     assert code == 0, err
@@ -99,18 +100,42 @@ def test_bad_quant_input(tmp_path, image_folder, capsys, args, needle):
 ])
 def test_quantize_any_method_then_eval_from_state(tmp_path, image_folder, ckpt, capsys, method, extra):
     state = tmp_path / f"{method}.safetensors"
-    cal = ["--calib-data", image_folder]
-    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)] + (Q if method == "pmq" else [])
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
                          "--method", method, *extra, "--out", state)
     assert code == 0, err
     assert state.is_file() and "bytes" in out
     code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
                          "--quant-state", state, "--out", tmp_path / "a")
     assert code == 0, err
-    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+    code, out, err = run(capsys, "eval", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
                          "--quant", method, *extra, "--out", tmp_path / "b")
     assert code == 0, err
     a = json.loads((tmp_path / "a.json").read_text())[0]
     b = json.loads((tmp_path / "b.json").read_text())[0]
     assert a["quant"] == b["quant"] == method
     assert a["top1"] == b["top1"]  # the saved state is the model calibrated in the second run
+
+
+def test_sweep_quant_state_rows_say_the_state_bits(tmp_path, image_folder, ckpt, capsys):
+    """Rows of `sweep --quant-state` carry the bits of the saved state, not the W4/A4 defaults."""
+    state = tmp_path / "q6.safetensors"
+    cal = ["--calib-data", write_image_folder(tmp_path / "calib", seed=1)]
+    code, out, err = run(capsys, "quantize", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal, *Q,
+                         "--w-bits", "6", "--a-bits", "6", "--out", state)
+    assert code == 0, err
+    code, out, err = run(capsys, "sweep", *MODEL, "--checkpoint", ckpt, "--data", image_folder, *cal,
+                         "--quant-state", state, "--taus", "0", "--seeds", "1",
+                         "--out", tmp_path / "s")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    quantized = [r for r in rows if r["method"] != "fp"]
+    assert quantized and all(r["precision"] == "6/6" for r in quantized)
+    assert {r["values"] for r in quantized} >= {"6bit"}  # frozen values default to the state's a_bits
+
+
+def test_export_qdq_refuses_low_bit_activations_before_calibrating(tmp_path, image_folder, ckpt, capsys):
+    code, out, err = run(capsys, "export", *MODEL, "--checkpoint", ckpt, "--data", image_folder,
+                         "--quant", "repq", "--a-bits", "4", "--out", tmp_path / "m.onnx")
+    one_line_error(code, err, "--a-bits 4", "8-bit activations")
+    assert "calibration" not in err and not (tmp_path / "m.onnx").exists()

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from eamvit.errors import EamError
 
@@ -73,18 +73,46 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return p
 
 
+# Folders this process created for its outputs, so that a failed command can remove the ones it left empty.
+_CREATED: list[Path] = []
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) or fail with a clear message."""
+    """Create ``path`` (and parents) or fail with a clear message; remove what killed runs left in it.
+
+    The folders created are remembered for :func:`remove_created_dirs`, and the temporaries and
+    locks of dead processes in ``path`` are removed (:func:`clean_stale_temporaries`).
+    """
     p = Path(path)
+    missing = []
+    q = Path(os.path.abspath(p))
+    while not q.exists() and q.parent != q:
+        missing.append(q)
+        q = q.parent
     try:
         p.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise EamError(f"output folder {p} is a file; choose another --out") from None
     except OSError as e:
         raise EamError(f"cannot create output folder {p}: {e.strerror}; choose a writable --out") from None
+    _CREATED.extend(d for d in missing if d.is_dir())
     if not os.access(p, os.W_OK):
         raise EamError(f"output folder {p} is not writable; choose a writable --out")
+    clean_stale_temporaries(p)
     return p
+
+
+def remove_created_dirs(keep: bool = False) -> None:
+    """Remove the folders :func:`ensure_writable_dir` created that are still empty (none if ``keep``),
+    and forget them: a refused or interrupted command leaves no empty output folder behind.
+
+    Args:
+        keep: only forget them (the command succeeded).
+    """
+    for d in [] if keep else sorted(set(_CREATED), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder; one the run filled stays
+    _CREATED.clear()
 
 
 def _umask() -> int:
@@ -103,18 +131,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_pid(name: str, tag: str) -> int | None:
-    tail = name.rsplit(tag, 1)[-1] if tag in name else ""
+def _owner_pid(entry: Path) -> int | None:
+    """The process a hidden temporary (pid in its name) or lock (pid as its content) belongs to."""
+    if not entry.name.startswith("."):
+        return None
+    if entry.name.endswith(LOCK_TAG):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = entry.read_text().strip()  # empty while its writer is between creating and writing it
+            return int(text) if text.isdigit() else None
+        return None
+    tail = entry.name.rsplit(TMP_TAG, 1)[-1] if TMP_TAG in entry.name else ""
     pid = tail.split("-")[0]
     return int(pid) if pid.isdigit() else None
 
 
 def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove ``.*.eamvit-tmp-<pid>*`` temporaries of ``folder`` whose process is gone."""
+    """Remove the ``.*.eamvit-tmp-<pid>*`` temporaries and ``.*.eamvit-lock`` locks of ``folder``
+    whose process is gone (a run killed with -9 leaves both)."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
-            pid = _owner_pid(entry.name, TMP_TAG) if entry.name.startswith(".") else None
+            pid = _owner_pid(entry)
             if pid is None or pid == os.getpid() or _pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
@@ -138,8 +175,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     is removed on success and on failure; stale ones of dead processes are removed here first.
     """
     target = Path(path)
-    folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
-    clean_stale_temporaries(folder)
+    folder = ensure_writable_dir(target.parent if str(target.parent) else ".")  # also removes stale temporaries
     tmp_dir = folder / f".{target.name}{TMP_TAG}{os.getpid()}-{next(_counter)}"
     try:
         tmp_dir.mkdir()
@@ -231,7 +267,13 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
             raise _os_error(e, lock) from None
     else:
         raise EamError(f"cannot take the lock {lock}; remove it if no eamvit run is writing {target}")
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as e:  # a full disk: no lock is left on it
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        raise _os_error(e, target) from None
     os.close(fd)
     try:
         yield
@@ -240,17 +282,50 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
             lock.unlink()
 
 
+DIGEST_KEY = "eamvit_sha256"
+
+
+def tensors_sha256(tensors: dict, meta: Optional[dict] = None) -> str:
+    """SHA-256 of ``tensors`` (name, dtype, shape and bytes of each, in sorted name order) and ``meta``.
+
+    Args:
+        tensors: name -> tensor.
+        meta: JSON-ready metadata hashed with them (canonical JSON: sorted keys, no spaces); None: none.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    if meta is not None:
+        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
-    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata."""
+    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata and their digest.
+
+    The digest (:func:`tensors_sha256` of the tensors and the whole metadata, as stored) lets
+    :func:`load_tensors` refuse a file changed after it was written.
+    """
     from safetensors.torch import save
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    text = json.dumps(meta)
+    digest = tensors_sha256(tensors, json.loads(text))  # the metadata as a reader will see it
     # Serialised in memory and written by _write: a full disk is an OSError we can name.
-    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"eamvit": json.dumps(meta)})
-    write_bytes(path, data)
+    write_bytes(path, save(tensors, metadata={"eamvit": text, DIGEST_KEY: digest}))
 
 
 def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a file written by :func:`save_tensors` whose ``meta["format"]`` is ``fmt``.
+
+    A file whose digest is missing (eamvit 0.2 wrote none) or does not match its tensors and metadata
+    is refused: what it holds cannot be trusted.
 
     Args:
         path: the file.
@@ -268,10 +343,17 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
                        f"{what} {p} does not exist; {remedy}")
     try:
         with safe_open(str(p), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("eamvit", "{}"))
+            header = f.metadata() or {}
+            meta = json.loads(header.get("eamvit", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise EamError(f"cannot read {what} {p} ({type(e).__name__}); {remedy}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise EamError(f"{p} is not an eamvit {what} file; {remedy}")
+    stored = header.get(DIGEST_KEY)
+    if stored is None:
+        raise EamError(f"{what} {p} has no digest (written by eamvit 0.2 or earlier), so it cannot be checked; "
+                       f"re-create it: {remedy}")
+    if stored != tensors_sha256(tensors, meta):
+        raise EamError(f"{p} was modified after eamvit wrote it (digest mismatch); re-create it: {remedy}")
     return meta, tensors

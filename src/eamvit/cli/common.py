@@ -64,8 +64,9 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
                        help="ImageFolder for calibration (default: the digits training split, or else a seeded "
                             "held-out part of --data that evaluation skips; calibrate: all of --data)")
         g.add_argument("--calib-size", type=int, default=None,
-                       help="calibration images (default: min(512, available); a held-out part of --data takes at "
-                            "most half of it); the command prints what it used")
+                       help="calibration images (default: min(512, available), calibrate: all; a held-out part of "
+                            "--data takes at most half of it); the command prints what it used, and what it saves "
+                            "records them: evaluating that never scores them")
     g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
     g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
@@ -159,7 +160,10 @@ def alpha_arg(text: str) -> float:
 
 
 SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
-SPEED_METHODS = "shannon,renyi:2,evit"
+SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+# `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.
+SPEED_METHODS = "shannon,evit"
+SPEED_KEEP_RATES = [0.7, 0.5]
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
@@ -175,11 +179,14 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     g = p.add_argument_group("token pruning")
     if sweep:
         g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method) instead of freezing")
-        g.add_argument("--keep-rates", type=floats, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
-                       help="keep rates, e.g. 0.9,0.7,0.5 (default 0.9..0.3)")
+        g.add_argument("--keep-rates", type=floats, default=None,
+                       help="keep rates, e.g. 0.9,0.7,0.5 (default: 0.9..0.3 in steps of 0.1 with --prune; "
+                            f"{','.join(map(str, SPEED_KEEP_RATES))} with --granularity, widen it with e.g. "
+                            "--keep-rates 0.9,0.8,0.7,0.6,0.5,0.4,0.3)")
         g.add_argument("--methods", default=None,
                        help="comma-separated methods, renyi:ORDER for Rényi entropy of that order (default: "
-                            f"{SWEEP_METHODS} with --prune, {SPEED_METHODS} with --granularity)")
+                            f"{SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it with "
+                            "e.g. --methods shannon,renyi:2,evit,random)")
         g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
         g.add_argument("--throughput-reps", type=int, default=10,
@@ -255,15 +262,72 @@ def load_model(args):
     if model_spec(model).weights == "random":
         warn(f"{args.model} has random weights (no --checkpoint, no --pretrained); its results are meaningless "
              "and change from run to run")
+    require_verbs(args, model)
     return model, device
+
+
+def requested_verbs(args) -> list[str]:
+    """The attention verbs (:data:`eamvit.modules.adapters.VERBS`) the command line asks of the model."""
+    command = getattr(args, "command", None)
+    freezing = (getattr(args, "tau", 0) or getattr(args, "taus", None) or getattr(args, "maps", None)
+                or command == "calibrate")
+    verbs = ["maps"] if freezing else []
+    if freezing and command != "calibrate":
+        granularity = getattr(args, "granularity", None) or "entry"
+        verbs += list(granularity) if isinstance(granularity, (list, tuple)) else [granularity]
+    if getattr(args, "quant", None):
+        verbs.append(args.quant)
+    if getattr(args, "prune", None):
+        verbs.append("prune")
+    if command == "export":
+        verbs.append("export")
+    return verbs
+
+
+def require_verbs(args, model) -> None:
+    """Refuse, before any data is read, a verb the model's attention family does not support."""
+    from eamvit.modules.attention import attention_layers, require
+
+    layers = attention_layers(model)
+    for verb in requested_verbs(args):
+        require(layers, verb)
+
+
+ONNX_MODULES = ("onnx", "onnxruntime")
+
+
+def require_modules(command: str, names: Sequence[str] = ONNX_MODULES) -> None:
+    """One EamError naming the install command when a module ``command`` needs cannot be imported.
+
+    Called first by the commands that need the modules, so that a broken or partial install fails
+    before minutes of work rather than with a traceback at the step that imports them.
+
+    Args:
+        command: what needs them, for the message (e.g. ``"eamvit demo"``).
+        names: importable module names (they are imported, so a module that is present but fails to
+            load, e.g. a missing shared library, is reported too).
+    """
+    import importlib
+
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        them = "them" if len(missing) > 1 else "it"
+        raise EamError(f"{command} needs {', '.join(missing)}, which cannot be imported; install {them} with "
+                       f"`pip install {' '.join(missing)}` (or reinstall eamvit, which depends on {them})")
 
 
 _WARNINGS: list[str] = []
 
 
 def warn(message: str) -> None:
-    """Queue a warning line; :func:`flush_warnings` prints it once the command has succeeded, so that a
-    failing command still prints exactly one line, its error."""
+    """Queue a warning line; :func:`flush_warnings` prints it once the command has checked its inputs
+    (each command calls it just before its long work) or has succeeded, so that a command failing on
+    its inputs still prints exactly one line, its error."""
     if message not in _WARNINGS:
         _WARNINGS.append(message)
 
@@ -282,19 +346,31 @@ def data_overrides(args) -> dict:
             "std": args.std, "interpolation": args.interpolation}
 
 
-def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, evaluate: bool = True):
-    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` by the one rule of
-    :func:`eamvit.methods.data.build_splits`; prints what calibration used.
+def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
+                calibrated_on: Sequence[tuple[str, Optional[list]]] = (), calib_all: bool = False,
+                scores: bool = True):
+    """The command's :class:`~eamvit.methods.data.Splits` by the one rule of
+    :func:`eamvit.methods.data.build_splits`; prints what calibration used and what scoring skips.
 
     Args:
-        maps_cfg: the data config stored with loaded maps, used when no preprocessing option is given.
+        need_calib: the command calibrates something now.
+        maps: loaded ``--maps``: their data config is used when no preprocessing option is given, and
+            the images that calibrated them are not scored.
+        evaluate: the command scores images of ``--data``.
+        calibrated_on: ``(name, records)`` of other artifacts evaluated (``--quant-state`` is read here).
+        calib_all: calibrate on all of the calibration images by default (``calibrate``).
+        scores: the command scores the evaluation set (else, as ``quantize`` and ``export``, it only
+            holds calibration images out of ``--data`` as ``eval`` would).
     """
     from eamvit.methods.data import build_splits
     from eamvit.methods.models import data_config
 
     ov = data_overrides(args)
     cfg = data_config(model, ov)
-    saved, source = _artifact_config(args, maps_cfg)
+    saved, source, recorded = _artifacts(args, maps)
+    if not scores:  # only the held-out rule matters (as eval would apply it): nothing scored, nothing to skip
+        recorded, calibrated_on = [], ()
+        evaluate = evaluate and not getattr(args, "calib_data", None)
     if saved and cfg["source"] != "overrides" and args.data != "digits":
         from eamvit.methods.models import PREPROCESSING_KEYS
 
@@ -304,21 +380,59 @@ def build_data(args, model, need_calib: bool, maps_cfg: Optional[dict] = None, e
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
                       calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
                       calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,
-                      calibrate=need_calib, strict_images=args.strict_images)
-    if sp.calib_note and is_main():
-        print(f"eamvit: {sp.calib_note}", file=sys.stderr)
+                      calibrate=need_calib, strict_images=args.strict_images, calib_all=calib_all,
+                      calib_need=_calib_need(args),
+                      calibrated_on=[*recorded, *calibrated_on])
+    for name in sp.unrecorded if scores else ():
+        warn(f"{name} does not record the images that calibrated it (written by an older eamvit): "
+             "some of them may be scored; create it again to have them skipped")
+    if is_main():
+        for line in [sp.calib_note, *(sp.skip_notes if scores else ())]:
+            if line:
+                print(f"eamvit: {line}", file=sys.stderr)
+    if scores:
+        warn_class_mismatch(sp.eval_set, model, args.data)
+    return sp
+
+
+def warn_class_mismatch(dataset, model, name: str) -> None:
+    """Warn when ``dataset``'s class folders cannot be ``model``'s classes (see ``class_mismatch``)."""
+    from eamvit.methods.data import class_mismatch
+
+    message = class_mismatch(dataset, int(getattr(model, "num_classes", 0) or 0), name)
+    if message:
+        warn(message)
+
+
+def _calib_need(args) -> int:
+    """Calibration images the quantization method of the command reads: ADFQ-ViT reads
+    ``--adfq-calib-size`` (1024 by default); RepQ-ViT and PMQ read 32, within the default 512."""
+    methods = {getattr(args, "quant", None), *str(getattr(args, "methods", "") or "").split(",")}
+    return getattr(args, "adfq_calib_size", 0) or 0 if "adfq" in {str(m).strip() for m in methods} else 0
+
+
+def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
+    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` of :func:`data_splits`."""
+    sp = data_splits(args, model, need_calib, maps=maps, evaluate=evaluate)
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
 
 
-def _artifact_config(args, maps_cfg: Optional[dict]) -> tuple[Optional[dict], str]:
-    """The data config stored with the maps or quantized state the command reads, and its name."""
-    if maps_cfg:
-        return maps_cfg, "maps"
+def _artifacts(args, maps) -> tuple[Optional[dict], str, list[tuple[str, Optional[list]]]]:
+    """The data config stored with the maps or quantized state the command reads, its name, and
+    ``(file, calibration records)`` of both."""
+    recorded = []
+    saved, source = None, ""
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 
-        return read_quantized(args.quant_state)[0].get("data_config"), "quantized state"
-    return None, ""
+        meta = read_quantized(args.quant_state)[0]
+        saved, source = meta.get("data_config"), "quantized state"
+        recorded.append((str(args.quant_state), meta.get("calibration")))
+    if maps is not None:
+        if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
+            saved, source = maps.meta["transforms"], "maps"
+        recorded.append((str(args.maps), maps.meta.get("calibration")))
+    return saved, source, recorded
 
 
 def load_maps(args, model):
@@ -352,12 +466,37 @@ def jsonable(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def refuse_given(args, dests: Sequence[str], why: str) -> None:
+    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
+
+    Args:
+        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
+        dests: destinations of the options that cannot apply here.
+        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
+    """
+    bad = [d for d in dests if d in getattr(args, "given", ())]
+    if bad:
+        names = ", ".join("--" + d.replace("_", "-") for d in bad)
+        raise EamError(f"{names} cannot apply {why}; drop {names}")
+
+
+# What a saved freeze (--frozen) already holds: options that would freeze afresh.
+FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer",
+                  "bits", "max_memory")
+
+
 def validate_common(args) -> None:
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
     if hasattr(args, "bits"):
         check_bits(args.bits)
+    if getattr(args, "frozen", None):
+        refuse_given(args, FREEZE_OPTIONS, "with --frozen, which already holds the frozen attention and its settings")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise EamError(f"--threads must be at least 1, got {args.threads}")
+    if hasattr(args, "threads") and not getattr(args, "onnx", None):
+        refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
     if hasattr(args, "tau"):
         FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, value_bits=args.value_bits,
                      value_quantizer=args.value_quantizer, granularity=args.granularity,

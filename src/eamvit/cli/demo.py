@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eamvit.cli.common import parse_device
+from eamvit.cli.common import parse_device, require_modules
 
 
 def cmd_train_digits(args) -> None:
@@ -17,10 +17,11 @@ def cmd_train_digits(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    require_modules("eamvit demo")  # its export step needs them: fail now, not after minutes of work
     from eamvit.experiments.demo import run_demo
 
     run_demo(out=Path(args.out), retrain=args.retrain, checkpoint=args.checkpoint, device=parse_device(args.device),
-             epochs=args.epochs)
+             epochs=args.epochs, full=args.full)
 
 
 def register(sub) -> None:
@@ -32,6 +33,10 @@ def register(sub) -> None:
     s.add_argument("--checkpoint", default=None, help="use this digits checkpoint instead of the shipped one (default: the shipped "
                    "eamvit/assets/digits_vit.safetensors inside the installed package)")
     s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
+    s.add_argument("--full", action="store_true",
+                   help="also run the slow parts (several more minutes on CPU): the sweep's global scope, freezing "
+                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and ONNX "
+                        "Runtime's own int8 and 4-bit weight-only export rows")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available, else cpu)")
     s.set_defaults(func=cmd_demo)
 

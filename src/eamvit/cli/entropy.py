@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_splits, flush_warnings, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -20,7 +20,10 @@ def cmd_calibrate(args) -> None:
     if args.num_samples is not None:
         raise EamError("calibrate evaluates nothing: choose its images with --calib-size, not --num-samples")
     model, device = load_model(args)
-    _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
+    # The user chose these images by pointing calibrate at them: all of them by default (the paper's
+    # maps use 5 % of ImageNet's training set, far more than the 32 images of PTQ calibration).
+    sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
+    cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
         maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
                                     workers=args.workers, device=device,
@@ -49,9 +52,11 @@ def cmd_eval(args) -> None:
     model, device = load_model(args)
     maps = load_maps(args, model)
     need_calib = (args.tau > 0 and maps is None) or needs_quant_calib(args)
-    data = build_data(args, model, need_calib=need_calib, maps_cfg=maps.meta.get("transforms") if maps else None)
+    sp = data_splits(args, model, need_calib=need_calib, maps=maps)
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
-        row = _eval_row(args, model, device, maps, *data)
+        row = _eval_row(args, model, device, maps, sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices,
+                        sp.data_config)
+        row["calib_excluded"] = sp.calib_excluded
         if is_main():
             print(format_row(row))
             if args.out is not None:
@@ -72,8 +77,6 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
     if getattr(args, "frozen", None):
         from eamvit.methods.freeze import load_frozen
 
-        if args.tau > 0 or args.maps:
-            raise EamError("--frozen already holds the frozen attention; drop --tau/--maps")
         meta = load_frozen(model, args.frozen)
         extra.update(frozen=str(args.frozen), **{k: meta["config"][k] for k in ("tau", "granularity")
                                                  if meta.get("config")})
@@ -102,6 +105,7 @@ def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
                      gflops=round(count_gflops(model), 4), unfrozen_layers=len(prep.unfrozen_layers))
         if args.prune == "renyi":
             extra["alpha"] = args.alpha if args.alpha != float("inf") else "inf"
+    flush_warnings()  # before the evaluation, not after its results
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device)
     return result_row(model, m, cfg, **extra)
 
@@ -122,11 +126,15 @@ def cmd_sweep(args) -> None:
         return cmd_quant_sweep(args)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
     base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
                     progress=False)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
         rows += freeze_sweep(model, maps, data, args.taus, scope=scope, seeds=range(args.seed, args.seed + args.seeds),
@@ -142,7 +150,7 @@ def cmd_sweep(args) -> None:
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units and token pruning at measured speed."""
-    from eamvit.cli.common import SPEED_METHODS, warn
+    from eamvit.cli.common import SPEED_KEEP_RATES, SPEED_METHODS, warn
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, is_swin, plot_rows, speed_sweep,
@@ -154,6 +162,7 @@ def cmd_speed_sweep(args) -> None:
     if args.prune or args.quant or args.quant_state:
         raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
     methods = parse_methods(args.methods or SPEED_METHODS)
+    args.keep_rates = args.keep_rates or SPEED_KEEP_RATES
     for k in args.keep_rates:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
@@ -164,9 +173,13 @@ def cmd_speed_sweep(args) -> None:
         warn("token pruning does not apply to Swin: the speed sweep has freezing points only")
     check_family(model, args.granularity, methods)
     out = ensure_writable_dir(args.out)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=not args.maps)
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
+    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
                        freeze_options=freeze, prune_options=prune_options(args), progress=is_main())
@@ -189,6 +202,7 @@ def cmd_quant_sweep(args) -> None:
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized
+    from eamvit.methods.repq import RepQConfig
 
     if getattr(args, "maps", None):
         raise EamError("sweep --quant computes entropy maps on both the FP and the quantized model; drop --maps")
@@ -197,17 +211,22 @@ def cmd_quant_sweep(args) -> None:
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
-    q_model = None
+    q_model, qcfg = None, quant_config(args)
     if getattr(args, "quant_state", None):
         q_model = copy.deepcopy(model)
         load_quantized(q_model, args.quant_state)
+        qcfg = q_model.eam_quant_config  # the rows and titles say what the state holds, not the defaults
+        if not isinstance(qcfg, RepQConfig):
+            raise EamError(f"sweep --quant-state needs a RepQ-ViT state; {args.quant_state} holds "
+                           f"{type(qcfg).__name__.removesuffix('Config')}")
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              batch_size=args.batch_size)
-    res = quant_sweep(model, ev, cal, quant_config(args), sweep, eval_indices=ev_idx, map_indices=cal_idx,
+    flush_warnings()
+    res = quant_sweep(model, ev, cal, qcfg, sweep, eval_indices=ev_idx, map_indices=cal_idx,
                       repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
                       max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
-    _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{args.w_bits}/A{args.a_bits}")
+    _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{qcfg.w_bits}/A{qcfg.a_bits}")
     print(res["table"])
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (format_row, add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                               build_data, get_maps, is_main, load_model, prune_options)
+from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args,
+                               add_freeze_args, add_model_args, add_prune_args, data_splits, get_maps, is_main,
+                               load_model, prune_options, require_modules)
 from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
 
 
@@ -21,11 +22,29 @@ def export_config(args: argparse.Namespace):
 
 
 def _check_out(out: Path) -> None:
-    from eamvit.io import ensure_writable_dir
+    """Refuse an ``--out`` that cannot be written, creating nothing (the lock creates its folder)."""
+    from eamvit.io import check_output_file
 
     if out.is_dir():
         raise EamError(f"--out {out} is a folder; give the .onnx file to write")
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    check_output_file(out)
+
+
+def refuse_inapplicable_export(args: argparse.Namespace) -> None:
+    """Refuse export options the command line gives that the export they ask for cannot use."""
+    from eamvit.cli.common import refuse_given
+
+    if not wants_quant(args):
+        refuse_given(args, ["scheme", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
+                     "without --quant or --quant-state (an unquantized model is exported in fp32)")
+    elif args.scheme == "weight-only":
+        refuse_given(args, ["a_bits", "softmax", "symmetric_activations"],
+                     "to --scheme weight-only (its activations stay float)")
+    else:
+        refuse_given(args, ["block_size"], f"to --scheme {args.scheme} (MatMulNBits blocks are weight-only's)")
+        if args.quant and args.a_bits != 8:  # checked here too so that nothing is calibrated first
+            raise EamError(f"--scheme {args.scheme} exports 8-bit activations, not --a-bits {args.a_bits}; "
+                           "use --a-bits 8, or --scheme weight-only (float activations)")
 
 
 def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dict[str, Any]:
@@ -51,73 +70,110 @@ def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dic
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    require_modules("eamvit export")
     from eamvit.methods.export import FORMATS, export_onnx
 
     if args.format not in FORMATS:
         raise EamError(f"unknown export format {args.format!r}; eamvit exports {', '.join(FORMATS)}")
     if getattr(args, "quant", None) not in (None, "repq"):
         raise EamError(f"--quant {args.quant} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
+    from eamvit.io import output_lock
+
     out = Path(args.out)
     _check_out(out)
     config = export_config(args)
-    model, device = load_model(args)
-    need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
-    _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=need_calib)
-    extra = _compress(args, model, device, cal, cal_idx, cfg)
-    if is_main():
-        rep = export_onnx(model, out, config)
-        what = ", ".join(f"{k}={v}" for k, v in extra.items())
-        print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
-              f"evaluate it with `eamvit eval --onnx {out}`")
+    refuse_inapplicable_export(args)
+    with output_lock(out):
+        model, device = load_model(args)
+        need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
+        # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
+        sp = data_splits(args, model, need_calib=need_calib, scores=False)
+        extra = _compress(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config)
+        if is_main():
+            rep = export_onnx(model, out, config)
+            what = ", ".join(f"{k}={v}" for k, v in extra.items())
+            print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
+                  f"evaluate it with `eamvit eval --onnx {out}`")
 
 
 # Options that build a model; an ONNX file already is one.
-_MODEL_OPTIONS = ("model", "checkpoint", "quant", "quant_state", "prune", "maps")
+_MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "prune",
+                  "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS)
 
 
-def _onnx_data_args(args: argparse.Namespace, meta: dict) -> None:
-    """Preprocessing recorded at export, unless the command line overrides it."""
+def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
+    """Preprocessing recorded at export, unless the command line overrides it.
+
+    Returns:
+        Whether the recorded preprocessing is used as it is (no option of the command line changed it).
+    """
+    from eamvit.cli.common import data_overrides
+
     stored = meta.get("data_config", {})
-    for key in ("crop_pct", "crop_mode", "mean", "std", "interpolation"):
+    given = any(v is not None for v in data_overrides(args).values())
+    keys = ["crop_pct", "crop_mode", "mean", "std", "interpolation"]
+    if args.data == "digits":  # digits are never cropped, and have one channel
+        chans = stored.get("input_size", [1])[0]
+        if chans != 1:
+            raise EamError(f"--data digits has one channel but {args.onnx} was exported for {chans}-channel images; "
+                           "evaluate it on an ImageFolder (--data DIR)")
+        keys = keys[2:]
+    for key in keys:  # stored values are not the user's: they are not checked as if given
         if getattr(args, key, None) is None and stored.get(key) is not None:
             setattr(args, key, stored[key])
     size = stored.get("input_size", [None])[-1]
     if args.img_size is not None and size is not None and args.img_size != size:
         raise EamError(f"--img-size {args.img_size} does not fit {args.onnx}, exported for {size} px images")
+    return bool(stored) and not given
 
 
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
     """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime, with eval's data and rows."""
+    require_modules("eamvit eval --onnx")
     from eamvit.io import ensure_writable_dir, write_results
     from eamvit.methods.evaluate import evaluate, result_row
     from eamvit.cli.common import warn
     from eamvit.methods.export_runtime import OnnxClassifier, read_onnx_meta, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model
 
-    given = [o for o in _MODEL_OPTIONS if getattr(args, o, None)] + (["tau"] if args.tau > 0 else [])
-    if given:
-        raise EamError(f"--onnx holds the whole model; drop --{given[0].replace('_', '-')}")
+    refuse_given(args, _MODEL_OPTIONS, "with --onnx, which holds the whole model")
     out = Path(args.out) if args.out else None
     if out:
         ensure_writable_dir(out.parent if str(out.parent) else ".")
     meta = read_onnx_meta(args.onnx)
-    _onnx_data_args(args, meta)
+    recorded = _onnx_data_args(args, meta)
     spec = ModelSpec(**meta["model"])
     # An untrained skeleton of the exported architecture gives eval's data config and row fields.
     skeleton = create_model(spec.name, model_kwargs=spec.model_kwargs)
     skeleton.eam_spec = spec
-    ev, ev_idx, _, _, cfg = build_data(args, skeleton, need_calib=bool(meta.get("quant")) and args.data != "digits")
+    # The file calibrates nothing now; the images that calibrated it (recorded at export) are not scored.
+    sp = data_splits(args, skeleton, need_calib=False, calibrated_on=[(str(args.onnx), meta.get("calibration"))])
+    ev, ev_idx, cfg = sp.eval_set, sp.eval_indices, sp.data_config
+    if recorded:  # filled in from the file, not overrides the user gave
+        cfg = {**cfg, "source": "onnx export"}
     model = OnnxClassifier(args.onnx, threads=args.threads)
+    _check_input_size(model, cfg, args.onnx)
     if saturation_warning(meta):
         warn(saturation_warning(meta))
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
     row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx))
     row["param_count"] = meta.get("param_count", row["param_count"])
+    row["calib_excluded"] = sp.calib_excluded
     if is_main():
         print(format_row(row))
         if out:
             csv_path, _ = write_results(out, [row])
             print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")
+
+
+def _check_input_size(model, cfg: dict, path: str) -> None:
+    """Refuse images of another size than the graph takes, which ONNX Runtime would fail on mid-run."""
+    graph = list(model.session.get_inputs()[0].shape[1:])
+    want = [int(v) for v in cfg["input_size"]]
+    if len(graph) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph, want)):
+        show = lambda dims: "x".join(str(d) for d in dims)
+        raise EamError(f"{path} takes {show(graph)} images but its eamvit metadata and the data options give "
+                       f"{show(want)}; export it again with `eamvit export`")
 
 
 def _onnx_row_fields(meta: dict, path: str) -> dict[str, Any]:

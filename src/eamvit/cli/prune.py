@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
-                               add_prune_args, build_data, is_main, load_model, prune_options)
+from eamvit.cli.common import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
+                               add_model_args, add_prune_args, build_data, flush_warnings, is_main, load_model,
+                               prune_options)
 
 
 def cmd_prune_sweep(args) -> None:
@@ -16,12 +17,14 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.plots.prune import plot_top1_vs_gflops
 
     methods = parse_methods(args.methods or SWEEP_METHODS)
+    args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
     for k in args.keep_rates:
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
+    flush_warnings()  # before the sweep, not after its results
     rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
                        workers=args.workers, device=device, throughput=not args.no_throughput,
                        throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
@@ -63,7 +66,7 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
 
 def _finetune_data(args, model):
     """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
-    from eamvit.cli.common import data_overrides
+    from eamvit.cli.common import data_overrides, warn_class_mismatch
     from eamvit.methods.data import build_dataset, random_subset
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
@@ -77,12 +80,14 @@ def _finetune_data(args, model):
             raise EamError(f"{', '.join(fixed)} cannot change the digits' preprocessing (fixed 8x8 -> bilinear "
                            "upsampling, mean/std 0.5); drop them or use an image folder")
     train = train_dataset(args.data, cfg, augment=args.augment, strict_images=args.strict_images)
+    warn_class_mismatch(train, model, args.data)
     if args.num_samples:
         from torch.utils.data import Subset
 
         train = Subset(train, random_subset(train, args.num_samples, args.seed))
     if args.val_data:
         val = build_dataset(args.val_data, cfg, strict_images=args.strict_images)
+        warn_class_mismatch(val, model, args.val_data)
     else:
         val = build_dataset("digits", split="test", img_size=int(cfg["input_size"][-1])) \
             if args.data == "digits" else None
@@ -162,10 +167,13 @@ def cmd_finetune(args) -> None:
     freeze = _freeze_for_finetune(args, model, device, zcfg, out) if zcfg is not None else None
     if pcfg is not None:
         prune_(model, pcfg)
+    flush_warnings()  # the inputs are checked: before the training, not after it
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
                    workers=args.workers, data_config=cfg, freeze=zcfg)
     last = res["final"] or {}
-    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images: " + " ".join(f"{k}={v}" for k, v in last.items()))
+    skipped = f" ({res['skipped_images']} unreadable skipped)" if res.get("skipped_images") else ""
+    print(f"fine-tuned {res['epochs_done']} epochs on {res['images']} images{skipped}: "
+          + " ".join(f"{k}={v}" for k, v in last.items()))
     if freeze is not None:
         print(f"frozen: {freeze['frozen_fraction']:.4f} of the attention entries ({zcfg.granularity}, "
               f"{zcfg.selection}); the frozen values are not trained")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_model_args, build_data, load_model
+from eamvit.cli.common import add_data_args, add_model_args, build_data, data_splits, load_model
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -145,10 +145,36 @@ def needs_quant_calib(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "quant", None)) and not getattr(args, "quant_state", None)
 
 
+# Options of calibrating a quantized model, by the methods they apply to.
+_CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_size": ("repq", "pmq"),
+                "attn_quantizer": ("repq",), "no_reparam": ("repq",),
+                **{o: ("adfq",) for o in ("adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq",
+                                          "adfq_no_amo", "adfq_alpha_fc1", "adfq_checkpoint_dir")},
+                "pmq_config": ("pmq",), "pmq_budget_mb": ("pmq",)}
+
+
+def refuse_inapplicable_quant(args: argparse.Namespace) -> None:
+    """Refuse quantization options the command line gives that the chosen quantization cannot use."""
+    from eamvit.cli.common import refuse_given
+
+    if getattr(args, "quant_state", None):
+        refuse_given(args, ["quant", *_CALIBRATION],
+                     f"with --quant-state, which holds a model quantized already ({args.quant_state})")
+    elif not getattr(args, "quant", None):
+        refuse_given(args, [*_CALIBRATION, "frozen_bits"], "without --quant (the model stays full precision)")
+    else:
+        flag = "--method" if getattr(args, "command", None) == "quantize" else "--quant"
+        refuse_given(args, [o for o, methods in _CALIBRATION.items() if args.quant not in methods],
+                     f"to {flag} {args.quant}")
+        if args.quant == "pmq" and args.pmq_config:
+            refuse_given(args, ["w_bits", "a_bits"], "with --pmq-config, which sets the PMQ bits")
+
+
 def validate_quant_args(args: argparse.Namespace) -> None:
     """Fail early (before loading anything) on bad quantization options."""
     if not hasattr(args, "w_bits"):
         return
+    refuse_inapplicable_quant(args)
     if getattr(args, "quant", None) in ("adfq", "pmq"):
         if getattr(args, "command", None) == "sweep":
             raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
@@ -196,19 +222,19 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
     return attn_deltas(model)
 
 
-def cmd_quantize(args: argparse.Namespace, load_model, build_data) -> None:
+def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
-    from eamvit.io import ensure_writable_dir
+    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.quantize import quantize_, save_quantized
 
-    out = Path(args.out)
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
-    model, _ = load_model(args)
-    _, _, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    out = check_output_file(args.out)
     cfg = method_config(args)
-    quantize_(model, cfg, _calib_set(cal, cal_idx), progress=True,
-              checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
-    save_quantized(model, out)
+    with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
+        model, _ = load_model(args)
+        sp = data_splits(args, model, need_calib=True, scores=False)
+        quantize_(model, cfg, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
+                  checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+        save_quantized(model, out)
     name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
     print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits}, calibrated on "
           f"{cfg.calib_size} images (seed {cfg.seed}); load it with --quant-state {out}")
@@ -222,7 +248,7 @@ def register(sub) -> None:
     add_data_args(s)
     add_quant_args(s, "quantize")
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
-    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, build_data))
+    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
 
     s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
     add_model_args(s)

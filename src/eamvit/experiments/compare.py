@@ -175,8 +175,8 @@ def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
 
 def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, test_ds: Dataset,
                   freeze_sparsity: Optional[float] = None, adfq_iterations: int = 20, calib_size: int = 64,
-                  device: torch.device | str | None = None,
-                  test_indices: Optional[Sequence[int]] = None) -> tuple[list[ResultRow], str]:
+                  device: torch.device | str | None = None, test_indices: Optional[Sequence[int]] = None,
+                  progress: bool = False) -> tuple[list[ResultRow], str]:
     """The demo's comparison with fast settings: few reconstruction iterations, small calibration sets.
 
     Args:
@@ -188,12 +188,13 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
         calib_size: calibration images for ADFQ-ViT (RepQ-ViT and PMQ keep their 32).
         device: where to run.
         test_indices: evaluate on these items only.
+        progress: progress bars.
 
     Returns:
         ``(rows, markdown)``.
     """
     cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations),
                         pmq=pmq.PMQConfig(), pmq_budgets=("8/8/4(MP)",),
-                        freeze_sparsity=freeze_sparsity, progress=False)
+                        freeze_sparsity=freeze_sparsity, progress=progress)
     rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
     return rows, markdown_table(rows)

@@ -1,28 +1,36 @@
-"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in a few minutes on CPU.
+"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in about two minutes on CPU.
+
+The default demo tells the core story, one step at a time:
 
 1. load the shipped digits ViT (or train one with ``--retrain``) and measure it on the test split;
 2. compute entropy attention maps on the training split;
 3. draw the paper's figures (CLS-row maps, full maps, layer x head summary);
-4. sweep τ ∈ {0, 0.1, ..., 0.9} for entropy vs random freezing, for the ``head`` (default) and
-   ``global`` scopes, on the test split;
-5. freezing by entry, row and head against token pruning at measured speed (top-1, executed GMACs,
-   predicted and measured speed-up);
-6. fine-tune with frozen attention at τ ∈ {0.5, 0.7, 0.9}, entropy vs random;
-7. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
-8. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
-9. compare FP, RepQ-ViT, ADFQ-ViT and PMQ at W4/A4 and W6/A6 (fast settings);
-10. export to ONNX and run it in ONNX Runtime: fp32, eamvit W8/A8 (QDQ), ONNX Runtime's own
-    static int8, 4-bit weight-only; top-1, file size, images/s;
-11. write ``report.md`` + CSV/JSON for every table and print the tables.
+4. sweep τ ∈ {0, 0.1, ..., 0.9} for entropy vs random freezing at the ``head`` scope (the
+   default; ``--full`` adds ``global``), on the test split;
+5. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
+6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
+7. export to ONNX and run it in ONNX Runtime: fp32 and eamvit W8/A8 (QDQ); top-1, file size, images/s;
+8. finish ``report.md``.
+
+``--full`` adds the slow parts: the ``global`` scope of the sweep, freezing by entry, row and head
+against token pruning at measured speed, fine-tuning with frozen attention, the FP / RepQ-ViT /
+ADFQ-ViT / PMQ comparison, and ONNX Runtime's own static int8 and 4-bit weight-only rows in the
+export table.
+
+Every step prints ``[k/N]`` first; its table goes to stdout and its CSV/JSON to the output folder as
+soon as it finishes, and ``report.md`` is rewritten after every step, so a failing step leaves the
+results of the earlier ones.
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.experiments.freeze_sweep import freeze_sweep
@@ -35,23 +43,69 @@ from eamvit.methods.evaluate import evaluate
 from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
-SCOPES = ("head", "global")
+SCOPES = ("head", "global")  # the default demo sweeps the first; --full both
 SEEDS = (0, 1, 2)
 QUANT_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the demo's quantized sweep: Table 1 needs 10 % and 20 %
+EXPORT_REPS, EXPORT_REPS_FULL = 3, 7  # timed calls per row of the export table
 KEEP_RATES = (0.7, 0.5)
 SPEED_TAUS = (0.3, 0.5, 0.7, 0.9)  # the speed comparison: freezing levels ...
 KEEP_RATES_SPEED = (0.9, 0.7, 0.5)  # ... and pruning keep rates
 SPEED_TIMING = Timing(batch_size=64, warmup=3, reps=15)  # a tiny model: larger batches, more repetitions
 FINETUNE_TAUS = (0.5, 0.7, 0.9)
-STEPS = 11
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@dataclass
+class DemoRun:
+    """What the steps share: inputs, the results so far, and where the files go.
+
+    Args:
+        out: output folder.
+        ckpt: the digits checkpoint.
+        model: the digits ViT, instrumented.
+        train: the digits training split (calibration, fine-tuning).
+        test: the held-out split (every top-1).
+        device: where to run.
+        full: run the ``--full`` steps too.
+    """
+
+    out: Path
+    ckpt: Path
+    model: nn.Module
+    train: DigitsDataset
+    test: DigitsDataset
+    device: torch.device | str
+    full: bool = False
+    base: dict[str, Any] = field(default_factory=dict)
+    maps: Optional[EntropyMaps] = None
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the demo.
+
+    Args:
+        name: its key in the results (and the stem of its CSV/JSON files, where it writes a table).
+        title: what the ``[k/N]`` line says.
+        run: ``run(demo)``: does the work; returns the section ``{"rows", "table", "markdown"}`` for
+            stdout and ``report.md``, or ``None`` for a step without a table.
+        full: only with ``--full``.
+        more: what ``--full`` adds to a step that the default demo runs in part.
+    """
+
+    name: str
+    title: str
+    run: Callable[[DemoRun], Optional[dict[str, Any]]]
+    full: bool = False
+    more: str = ""
+
+
 def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint: Optional[str] = None,
-             device: torch.device | str = "cpu", epochs: int = 80) -> dict:
+             device: torch.device | str = "cpu", epochs: int = 80, full: bool = False) -> dict:
     """Run the demo; returns the numbers that went into the report.
 
     Args:
@@ -60,117 +114,140 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
         checkpoint: digits checkpoint (the bundled one by default).
         device: where to run.
         epochs: training epochs with ``retrain``.
+        full: also run the slow steps (:data:`STEPS` entries marked ``full``).
     """
     out = ensure_writable_dir(out)
     t0 = time.perf_counter()
-    ckpt = _checkpoint(out, retrain, checkpoint, device, epochs)
+    plan = [s for s in STEPS if full or not s.full]
+    skipped = [] if full else [s for s in STEPS if s.full or s.more]
+    n = len(plan) + 2  # + loading the model, + the report
+    ckpt = _checkpoint(out, retrain, checkpoint, device, epochs, n)
     model = load_demo_model(ckpt, device=device)
-    train = DigitsDataset("train", img_size=DEMO_KWARGS["img_size"])
-    test = DigitsDataset("test", img_size=DEMO_KWARGS["img_size"])
-    base = evaluate(model, test, batch_size=256, device=device, progress=False)
-    _say(f"      test top-1 {base['top1']:.2f}% on {base['num_images']} held-out digits")
-    maps = _maps_section(model, train, out, device)
-    rows = _sweep_section(model, maps, test, base, out, device)
-    sections = [_speed_section(model, maps, test, out, device),
-                _frozen_finetune_section(model, maps, test, out, device), _quant_section(model, train, test, out, device),
-                _prune_section(model, train, test, out, device), _compare_section(ckpt, train, test, out, device),
-                _export_section(model, out)]
-    _say(f"[11/{STEPS}] report")
-    table = format_sweep_table(rows)
+    demo = DemoRun(out, ckpt, model, DigitsDataset("train", img_size=DEMO_KWARGS["img_size"]),
+                   DigitsDataset("test", img_size=DEMO_KWARGS["img_size"]), device, full)
+    demo.base = evaluate(model, demo.test, batch_size=256, device=device, progress=False)
+    print(f"unfrozen test top-1: {demo.base['top1']:.2f}% on {demo.base['num_images']} held-out digits", flush=True)
+    for k, step in enumerate(plan, start=2):
+        _say(f"[{k}/{n}] {step.title}" + (f" + {step.more}" if full and step.more else ""))
+        started = time.perf_counter()
+        section = step.run(demo)
+        if section is not None:
+            demo.sections[step.name] = section
+            print(f"\n{section['table']}", flush=True)
+        _say(f"      ({time.perf_counter() - started:.0f} s)")
+        write_text(out / "report.md", report(demo, skipped, None))
+    _say(f"[{n}/{n}] report")
     elapsed = time.perf_counter() - t0
-    write_text(out / "report.md", _report(ckpt, train, base, table, sections, elapsed))
-    print(f"\nunfrozen test top-1: {base['top1']:.2f}%\n")
-    print(table)
-    for sec in sections:
-        print(sec["table"])
-    print(f"\nwrote {out / 'report.md'} with figures and results in {out}/ ({elapsed:.0f} s)")
-    return {"base": base, "rows": rows, **{name: sec["rows"] for name, sec in zip(
-        ("speed", "frozen_finetune", "quant", "prune", "compare", "export"), sections)}}
+    write_text(out / "report.md", report(demo, skipped, elapsed))
+    print(f"\nwrote {out / 'report.md'} with figures and results in {out}/ ({elapsed:.0f} s)"
+          + ("" if full else "; `eamvit demo --full` adds the parts the report lists as not run"))
+    return {"base": demo.base, **{name: sec["rows"] for name, sec in demo.sections.items()}}
 
 
-def _checkpoint(out: Path, retrain: bool, checkpoint: Optional[str], device, epochs: int) -> Path:
+def _checkpoint(out: Path, retrain: bool, checkpoint: Optional[str], device, epochs: int, n: int) -> Path:
     """Step 1: the digits checkpoint (trained now with ``retrain``)."""
     if not retrain:
         ckpt = Path(checkpoint) if checkpoint else ASSET
-        _say(f"[1/{STEPS}] loading the digits ViT from {ckpt}")
+        _say(f"[1/{n}] loading the digits ViT from {ckpt}")
         return ckpt
     ckpt = out / "digits_vit.safetensors"
-    _say(f"[1/{STEPS}] training the digits ViT ({epochs} epochs) -> {ckpt}")
+    _say(f"[1/{n}] training the digits ViT ({epochs} epochs) -> {ckpt}")
     train_digits(ckpt, DigitsConfig(epochs=epochs), device=device)
     return ckpt
 
 
-def _maps_section(model, train, out: Path, device) -> EntropyMaps:
-    """Steps 2-3: entropy maps on the training split and the paper's figures of them."""
-    _say(f"[2/{STEPS}] entropy attention maps on {len(train)} training digits (b=8)")
-    maps = compute_entropy_maps(model, train, bits=8, batch_size=128, device=device,
-                                meta={"data": "digits/train", "seed": 0})
-    maps.save(out / "maps.safetensors")
-    _say(f"[3/{STEPS}] figures")
+def _maps_step(demo: DemoRun) -> None:
+    """Entropy maps on the training split (maps.safetensors)."""
+    demo.maps = compute_entropy_maps(demo.model, demo.train, bits=8, batch_size=128, device=demo.device,
+                                     meta={"data": "digits/train", "seed": 0})
+    demo.maps.save(demo.out / "maps.safetensors")
+
+
+def _figures_step(demo: DemoRun) -> dict:
+    """The paper's figures of the maps."""
+    maps, out = demo.maps, demo.out
     last = maps.num_layers - 1
     for l in range(maps.num_layers):  # every layer, on one colour scale
         plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
     plot_full_entropy(maps, [(0, 0), (1, 2), (last, 0)], out / "full_entropy.png")
     plot_head_summary(maps, out / "head_entropy.png")
-    return maps
+    files = (f"cls_entropy_L0.png ... cls_entropy_L{last}.png, full_entropy.png, head_entropy.png")
+    md = f"""## Figures
+
+- `cls_entropy_L0.png` ... `cls_entropy_L{last}.png`: entropy of the CLS token's attention to every patch, per
+  head, one file per layer on one colour scale (paper Fig. 2); layers and heads are numbered from 0
+- `full_entropy.png`: full entropy maps of chosen (layer, head) pairs (Fig. 3)
+- `head_entropy.png`: mean entropy per layer and head
+"""
+    return {"rows": [], "table": f"figures: {files}", "markdown": md}
 
 
-def _sweep_section(model, maps: EntropyMaps, test, base: dict, out: Path, device) -> list[ResultRow]:
-    """Step 4: entropy against random freezing over τ, per scope (sweep.csv/json/md, sweep.png)."""
-    _say(f"[4/{STEPS}] sweep tau x {{entropy, random x{len(SEEDS)} seeds}} x scope {{{', '.join(SCOPES)}}}")
-    data = EvalData(test, batch_size=256, device=device)
+def _sweep_step(demo: DemoRun) -> dict:
+    """Entropy against random freezing over τ, per scope (sweep.csv/json/md, sweep.png)."""
+    data = EvalData(demo.test, batch_size=256, device=demo.device)
     rows: list[ResultRow] = []
-    for scope in SCOPES:
-        rows += freeze_sweep(model, maps, data, TAUS, scope=scope, seeds=SEEDS, label="fp32")
-    write_table(out / "sweep", rows)
-    plot_sweep(rows, out / "sweep.png", title="digits ViT: entropy vs random freezing",
-               reference={"unfrozen": base["top1"]})
-    return rows
+    scopes = SCOPES if demo.full else SCOPES[:1]
+    for scope in scopes:
+        rows += freeze_sweep(demo.model, demo.maps, data, TAUS, scope=scope, seeds=SEEDS, label="fp32")
+    write_table(demo.out / "sweep", rows)
+    plot_sweep(rows, demo.out / "sweep.png", title="digits ViT: entropy vs random freezing",
+               reference={"unfrozen": demo.base["top1"]})
+    table = format_sweep_table(rows)
+    md = f"""## Top-1 (%) against sparsity τ (fraction of attention entries frozen to their mean)
+
+Entropy freezing is deterministic; random freezing is the mean over {len(SEEDS)} seeds, with their
+standard deviation in the `±` column beside it.
+`head` freezes τ of every (layer, head){", `global` τ of all entries of the model" if demo.full else ""}.
+
+{table}
+![sweep](sweep.png)
+"""
+    return {"rows": rows, "table": table, "markdown": md}
 
 
-def _report(ckpt: Path, train, base: dict, table: str, sections: list[dict], elapsed: float) -> str:
-    """The text of ``report.md``."""
-    parts = "\n".join(sec["markdown"] for sec in sections)
+def report(demo: DemoRun, skipped: list[Step], elapsed: Optional[float]) -> str:
+    """The text of ``report.md``: the sections so far, what ``--full`` would add, the files.
+
+    Args:
+        demo: the run (its finished sections).
+        skipped: the steps this run leaves to ``--full``, in whole or (those with ``more``) in part.
+        elapsed: the run time, or ``None`` while the demo is still running (the report says so, and
+            keeps saying so if a later step fails).
+    """
+    base = demo.base
+    parts = "\n".join(sec["markdown"] for sec in demo.sections.values())
+    state = (f"Run time: {elapsed:.0f} s." if elapsed is not None else
+             "**Incomplete**: the demo was still running when this was written (it stopped here if it "
+             "failed).")
+    full = "".join(f"- {s.more or s.title}\n" for s in skipped)
+    full = f"""## Not run here: `eamvit demo --full` adds them
+
+{full}""" if skipped else ""
+    stems = [name for name, sec in demo.sections.items() if sec["rows"]]
     return f"""# eamvit demo: Entropy Attention Maps on the digits ViT
 
-Model: timm `{DEMO_MODEL}` with `{DEMO_KWARGS}`, weights `{ckpt.name}`.
-Data: scikit-learn digits, 8x8 upsampled to 16x16; {len(train)} training digits calibrate the maps,
+Model: timm `{DEMO_MODEL}` with `{DEMO_KWARGS}`, weights `{demo.ckpt.name}`.
+Data: scikit-learn digits, 8x8 upsampled to 16x16; {len(demo.train)} training digits calibrate the maps,
 {base['num_images']} held-out digits measure top-1. Histograms: 2^8 bins on [0, 1].
 
 Unfrozen test top-1: **{base['top1']:.2f}%** (top-5 {base['top5']:.2f}%).
 
-## Top-1 (%) against sparsity τ (fraction of attention entries frozen to their mean)
-
-Entropy freezing is deterministic; random freezing is the mean over {len(SEEDS)} seeds, with their
-standard deviation in the `±` column beside it.
-`head` freezes τ of every (layer, head), `global` τ of all entries of the model.
-
-{table}
-![sweep](sweep.png)
-
-## Figures
-
-- `cls_entropy_L0.png` ... `cls_entropy_L{DEMO_KWARGS['depth'] - 1}.png`: entropy of the CLS token's attention to every patch, per
-  head, one file per layer on one colour scale (paper Fig. 2); layers and heads are numbered from 0
-- `full_entropy.png`: full entropy maps of chosen (layer, head) pairs (Fig. 3)
-- `head_entropy.png`: mean entropy per layer and head
-
 {parts}
+{full}
 Files: `maps.safetensors` (the maps); every table's rows with all their fields as CSV, JSON and
-markdown: `sweep.*` (every point of the τ sweep), `speed_sweep.*`, `frozen_finetune.*`, `quant_sweep.*`,
-`prune.*`, `compare.*`, `export.*`.
-Run time: {elapsed:.0f} s.
+markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
+{state}
 """
 
 
-def _speed_section(model, maps: EntropyMaps, test, out: Path, device) -> dict:
+def _speed_step(demo: DemoRun) -> dict:
     """Freezing by entry, row and head against token pruning, at measured speed (speed_sweep.*)."""
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
     from eamvit.plots.speed import plot_top1_vs_speedup
 
-    _say(f"[5/{STEPS}] freezing (entry, row, head) vs token pruning at measured speed")
+    model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device), SPEED_TAUS,
-                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=False)
+                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)
@@ -197,16 +274,15 @@ and heads per layer); pruning is off the shelf.
     return {"rows": rows, "table": table + "\n" + verdict + "\n", "markdown": md}
 
 
-def _frozen_finetune_section(model, maps: EntropyMaps, test, out: Path, device) -> dict:
+def _frozen_finetune_step(demo: DemoRun) -> dict:
     """Fine-tuning with frozen attention (the paper's future work): entropy vs random, before and after."""
     from eamvit.experiments.frozen_finetune import SHORT_RECIPE, frozen_finetune_table, markdown_table
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
 
-    _say(f"[6/{STEPS}] fine-tuning with frozen attention, tau in {FINETUNE_TAUS}: entropy vs random "
-         f"({SHORT_RECIPE.epochs} epochs each)")
+    model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     train = train_dataset("digits", data_config(model), augment="shift")
-    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device)
+    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device, progress=True)
     write_table(out / "frozen_finetune", rows)
     table = markdown_table(rows)
     c = SHORT_RECIPE
@@ -224,14 +300,13 @@ frozen maps that `eamvit eval --frozen` reloads.
     return {"rows": rows, "table": table, "markdown": md}
 
 
-def _quant_section(model, train, test, out: Path, device) -> dict:
+def _quant_step(demo: DemoRun) -> dict:
     """RepQ-ViT W4/A4 with EAM on top: Table 1 at τ = 10 % / 20 %, Fig. 5, KL maps (Fig. 4), sizes."""
     from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
     from eamvit.methods.repq import RepQConfig
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
-    _say(f"[7/{STEPS}] RepQ-ViT W4/A4 + EAM (tau in {QUANT_TAUS}, maps from FP and quantized model, "
-         "fp32 and 4-bit frozen values, random freezing)")
+    model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
     res = quant_sweep(model, test, train, RepQConfig(w_bits=4, a_bits=4),
                       QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device)
     rows = res["rows"]
@@ -259,7 +334,7 @@ Sizes at τ = 0 and 20 %:
     return {"rows": rows, "table": res["table"], "markdown": md}
 
 
-def _prune_section(model, train, test, out: Path, device) -> dict:
+def _prune_step(demo: DemoRun) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
     from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
     import math
@@ -269,7 +344,7 @@ def _prune_section(model, train, test, out: Path, device) -> dict:
     from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
-    _say(f"[8/{STEPS}] token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random")
+    model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
     write_table(out / "prune", rows)
     plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
@@ -296,12 +371,13 @@ this machine during the demo (`prune.csv` has the interquartile range).
     return {"rows": rows, "table": table, "markdown": md}
 
 
-def _compare_section(ckpt: Path, train, test, out: Path, device) -> dict:
+def _compare_step(demo: DemoRun) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
     from eamvit.experiments.compare import compare_table
 
-    _say(f"[9/{STEPS}] FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6")
-    rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device)
+    ckpt, train, test, out, device = demo.ckpt, demo.train, demo.test, demo.out, demo.device
+    rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device,
+                                progress=True)
     write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
 
@@ -314,26 +390,45 @@ quality. `eamvit compare` runs the full settings.
     return {"rows": rows, "table": table, "markdown": md}
 
 
-def _export_section(model, out: Path) -> dict:
-    """The model as a user would ship it: PyTorch and ONNX Runtime, fp32 to 4-bit weights (CPU)."""
+def _export_step(demo: DemoRun) -> dict:
+    """The model as a user would ship it: PyTorch and ONNX Runtime, fp32 and int8 (+ 4-bit weights with ``full``)."""
     from eamvit.experiments.export_table import export_table
-
-    _say(f"[10/{STEPS}] ONNX export: fp32, eamvit W8/A8 (QDQ), ONNX Runtime quantize_static, W4 weight-only")
-    rows = export_table(model)
-    write_table(out / "export", rows)
-    table = markdown(rows)
     from eamvit.methods.export_runtime import cpu_has_vnni
 
+    rows = export_table(demo.model, reps=EXPORT_REPS_FULL if demo.full else EXPORT_REPS, short=not demo.full,
+                        progress=True)
+    write_table(demo.out / "export", rows)
+    table = markdown(rows)
     note = ("\nThis CPU has no VNNI: ONNX Runtime's uint8 × int8 kernels add pairs of products in 16 bits and "
             "saturate, so the uint8-activation rows can score below the simulated model here; "
             "`eamvit export --symmetric-activations` avoids it.\n") if cpu_has_vnni() is False else ""
+    against = ("against ONNX Runtime's own `quantize_static` (per-channel int8 weights, the same 32 calibration "
+               "images) and with 4-bit weights only" if demo.full else
+               "in fp32 and as eamvit's RepQ-ViT W8/A8 QDQ export (32 calibration images)")
     md = f"""## Deployable: ONNX Runtime on CPU
 
-The same digits model exported by `eamvit export` and run in ONNX Runtime, against ONNX Runtime's own
-`quantize_static` (per-channel int8 weights, the same 32 calibration images). images/s: median of
+The same digits model exported by `eamvit export` and run in ONNX Runtime, {against}. images/s: median of
 repeated timed calls over the 360 test digits (`spread` = (max − min) / median of the repetitions), on this
 machine; file bytes: the `.onnx` file, or the packed quantized state for the simulated row.
 {note}
 {table}
 """
     return {"rows": rows, "table": table, "markdown": md}
+
+
+# The demo's steps after loading the model, in order; `full` ones run only with `eamvit demo --full`.
+STEPS = (
+    Step("maps", "entropy attention maps on the training digits (b=8)", _maps_step),
+    Step("figures", "figures", _figures_step),
+    Step("sweep", f"sweep tau x {{entropy, random x{len(SEEDS)} seeds}}, scope {SCOPES[0]}", _sweep_step,
+         more=f"the same sweep at scope {', '.join(SCOPES[1:])}"),
+    Step("speed_sweep", "freezing (entry, row, head) vs token pruning at measured speed", _speed_step, full=True),
+    Step("frozen_finetune", f"fine-tuning with frozen attention, tau in {FINETUNE_TAUS}: entropy vs random",
+         _frozen_finetune_step, full=True),
+    Step("quant_sweep", f"RepQ-ViT W4/A4 + EAM at tau {', '.join(map(str, QUANT_TAUS))} (maps from FP and quantized "
+         "model, fp32 and 4-bit frozen values, random freezing)", _quant_step),
+    Step("prune", f"token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random", _prune_step),
+    Step("compare", "FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6", _compare_step, full=True),
+    Step("export", "ONNX export: fp32 and eamvit W8/A8 (QDQ) in ONNX Runtime", _export_step,
+         more="ONNX Runtime's own quantize_static W8/A8 and eamvit's W4 weight-only export rows"),
+)

@@ -10,6 +10,8 @@ Rows (top-1 on the 360 test digits, size of the file that holds the model, image
   percentile calibration) on the same 32 calibration images;
 * eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``).
 
+``short=True`` keeps the first two kinds (fp32 and eamvit's W8/A8): the demo's default table.
+
 Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with the
 spread ((max − min)/median); PyTorch and ONNX Runtime use the same number of threads.
 """
@@ -22,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from eamvit.io import save_tensors
 from eamvit.methods.data import DigitsDataset, random_subset
@@ -40,7 +43,7 @@ def _row(name: str, runtime: str, predict: Callable[[], torch.Tensor], targets: 
 
 
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
-                 workdir: Optional[str] = None) -> list[dict[str, Any]]:
+                 workdir: Optional[str] = None, short: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
 
     Args:
@@ -50,6 +53,8 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
         reps: timed calls per row.
         threads: PyTorch and ONNX Runtime threads (default: PyTorch's current setting).
         workdir: where the files go (a temporary folder by default).
+        short: only the fp32 and eamvit W8/A8 rows (no ONNX Runtime ``quantize_static``, no W4).
+        progress: a progress bar over building the files and timing the rows.
 
     Returns:
         One row per configuration: ``model``, ``runtime``, ``top1``, ``file_bytes``, ``images_per_s``,
@@ -61,7 +66,9 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
     x, y = test.images, test.targets
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(workdir or tmp)
-        return _table(model.cpu().eval(), calib, x, y, d, reps, threads)
+        with tqdm(total=2 * (4 if short else 7), desc="export table", unit="step", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            return _table(model.cpu().eval(), calib, x, y, d, reps, threads, short, bar)
 
 
 def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
@@ -82,25 +89,46 @@ def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.T
 
 
 def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
-           threads: int) -> list[dict[str, Any]]:
+           threads: int, short: bool, bar: tqdm) -> list[dict[str, Any]]:
+    """The rows; ``bar`` advances by one per model built and per row timed."""
     n = len(x)
     save_tensors(d / "fp32.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()}, {})
+    bar.update(1)
     export_onnx(model, d / "fp32.onnx")
+    bar.update(1)
     q8 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=8, a_bits=8, calib_size=len(calib)), calib,
                    progress=False)
     save_quantized(q8, d / "w8a8.safetensors")
+    bar.update(1)
     export_onnx(q8, d / "w8a8.onnx")
     sim8 = prepare_export_(copy.deepcopy(q8), ExportConfig())
-    q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
-                   progress=False)
-    export_onnx(q4, d / "w4.onnx", ExportConfig(scheme="weight-only"))
-    for method in ("minmax", "percentile"):
-        ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)
+    bar.update(1)
     specs = [
         ("fp32", "PyTorch", _torch_call(model, x, threads), d / "fp32.safetensors"),
         ("fp32", "ONNX Runtime", _ort_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
         ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", _torch_call(sim8, x, threads), d / "w8a8.safetensors"),
         ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", _ort_call(d / "w8a8.onnx", x, threads), d / "w8a8.onnx"),
+    ]
+    if not short:
+        specs += _other_specs(model, calib, x, d, threads, bar)
+    rows = []
+    for name, rt, call, path in specs:
+        rows.append(_row(name, rt, call, y, path, n, reps))
+        bar.update(1)
+    return rows
+
+
+def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
+                 bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+    """The rows beyond the short table: ONNX Runtime's own static int8 and eamvit's 4-bit weights."""
+    q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
+                   progress=False)
+    export_onnx(q4, d / "w4.onnx", ExportConfig(scheme="weight-only"))
+    bar.update(1)
+    for method in ("minmax", "percentile"):
+        ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)
+        bar.update(1)
+    return [
         ("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", _ort_call(d / "ort_minmax.onnx", x, threads),
          d / "ort_minmax.onnx"),
         ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", _ort_call(d / "ort_percentile.onnx", x, threads),
@@ -108,4 +136,3 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
         ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
          d / "w4.onnx"),
     ]
-    return [_row(name, rt, call, y, path, n, reps) for name, rt, call, path in specs]

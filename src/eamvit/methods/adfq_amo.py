@@ -254,8 +254,13 @@ def _resume(unit: nn.Module, path: Optional[Path], fp: str) -> Optional[dict]:
     """The saved report row of a finished unit (its state loaded into ``unit``), or None."""
     if path is None or not path.is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("format") != FORMAT or saved.get("fingerprint") != fp:
+    try:  # weights_only: a pickle that names classes or code is refused, never executed
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or pickled objects: many exception types
+        raise EamError(f"cannot read ADFQ-ViT checkpoint {path} ({type(e).__name__}): it is corrupt or holds "
+                       "pickled objects, which eamvit does not execute; delete it or use another "
+                       "--adfq-checkpoint-dir") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("fingerprint") != fp:
         raise EamError(f"checkpoint {path} was made with other settings, weights or images; "
                        "use another checkpoint_dir or delete it")
     _load_unit_state(unit, saved["state"])

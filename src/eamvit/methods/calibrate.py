@@ -24,11 +24,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import make_loader, shard
+from eamvit.methods.data import calibration_record, make_loader, shard
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
 from eamvit.io import atomic_path, load_tensors, save_tensors
-from eamvit.methods.models import model_spec, num_prefix_tokens, patch_grid
+from eamvit.methods.models import check_attention_shapes, model_spec, num_prefix_tokens, patch_grid
 
 FORMAT = "eamvit-entropy-maps/1"
 
@@ -102,7 +102,8 @@ class EntropyMaps:
                    masked=[tensors.get(f"masked.{l}") for l in range(n)], meta=meta)
 
     def check_model(self, model: nn.Module, source: str = "these maps") -> None:
-        """Refuse maps computed on another model (name, kwargs, weights or attention shapes)."""
+        """Refuse maps computed on another model (name, kwargs, weights or attention shapes: layers,
+        heads, tokens)."""
         spec = model_spec(model)
         theirs = self.meta.get("model", {})
         if not spec.same_model(theirs):
@@ -113,6 +114,8 @@ class EntropyMaps:
                            "recompute them for this model with `eamvit calibrate`")
         if len(attention_layers(model)) != self.num_layers:
             raise EamError(f"{source} have {self.num_layers} layers but the model has {len(attention_layers(model))}")
+        check_attention_shapes(model, [tuple(t.shape) for t in self.entropy], source,
+                               "recompute them for this model with `eamvit calibrate`")
 
 
 def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
@@ -307,6 +310,7 @@ def _plan(model: nn.Module, dataset: Dataset, indices: list[int], bits: int, dev
     log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(meta or {})
+    meta.setdefault("calibration", [calibration_record(dataset, indices)])  # evaluation skips these images
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
                 layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
                 grid=list(patch_grid(model) or []) or None)

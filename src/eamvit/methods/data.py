@@ -6,8 +6,9 @@ bad file into an error instead.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -31,6 +32,7 @@ class ImageFolderDataset(Dataset):
         from torchvision.datasets import ImageFolder
 
         root = Path(root)
+        self.root = root
         if not root.is_dir():
             raise EamError(f"image folder {root} does not exist; pass an ImageNet-style folder root/<class>/<image>")
         try:
@@ -99,6 +101,7 @@ class DigitsDataset(Dataset):
         self.images = (x - mean) / std
         self.targets = torch.tensor(d.target[sel], dtype=torch.long)
         self.augment = augment
+        self.split = split
         self.classes = [str(i) for i in range(10)]
         self.img_size = img_size
 
@@ -112,6 +115,33 @@ class DigitsDataset(Dataset):
             dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
             x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
         return x, int(self.targets[i])
+
+
+def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
+    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's, or None when they can.
+
+    ImageFolder numbers its class folders 0, 1, ... in sorted order, whatever their names: a folder
+    of other classes (or fewer) is scored against the wrong outputs.
+
+    Args:
+        dataset: the dataset (only an :class:`ImageFolderDataset` is checked).
+        num_classes: outputs of the model.
+        name: the folder, for the message.
+    """
+    if not isinstance(dataset, ImageFolderDataset) or not num_classes:
+        return None
+    classes = list(dataset.classes)
+    if len(classes) != num_classes:
+        what = f"{len(classes)} class folder{'s' if len(classes) != 1 else ''} for a {num_classes}-class model"
+    elif all(c.isdigit() for c in classes) and classes != [str(i) for i in range(num_classes)]:
+        what = f"numbered class folders that are not 0..{num_classes - 1}"
+    else:
+        return None
+    # The first folder whose name is a number other than its index, e.g. `7/` scored as class 0.
+    moved = next((f"folder {c} is scored as class {i}" for i, c in enumerate(classes) if c.isdigit() and int(c) != i),
+                 f"folder {classes[0]} is scored as class 0")
+    return (f"{name} has {what}; ImageFolder numbers the folders 0, 1, ... in sorted order ({moved}), so its "
+            "top-1 is not the model's accuracy on them: give one sub-folder per model class")
 
 
 def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
@@ -215,8 +245,120 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
 
 DEFAULT_CALIB_SIZE = 512
 CALIBRATION_RULE = ("calibration images: --calib-data if given, else the digits training split, else a seeded "
-                    "held-out part of --data that evaluation skips (calibrate: all of --data); --calib-size of "
-                    "them, default min(512, available), where a held-out part takes at most half of --data")
+                    "held-out part of --data; --calib-size of them, default min(512, available) (calibrate: all), "
+                    "where a held-out part takes at most half of --data; maps, quantized states and ONNX exports "
+                    "record them, and evaluation never scores an image that calibrated what it evaluates")
+
+
+def _unwrap(dataset: Any, indices: Optional[Sequence[int]]) -> tuple[Any, list[int]]:
+    """The dataset under any ``Subset`` wrappers and the indices into it that ``indices`` select."""
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    while isinstance(dataset, Subset):
+        idx = [int(dataset.indices[i]) for i in idx]
+        dataset = dataset.dataset
+    return dataset, idx
+
+
+def _relative_paths(ds: ImageFolderDataset) -> list[str]:
+    root = ds.folder.root
+    return [Path(os.path.relpath(p, root)).as_posix() for p, _ in ds.folder.samples]
+
+
+def _file_digest(path: str) -> str:
+    """First 16 hex digits of the file's SHA-256 ("" when it cannot be read: it calibrated nothing)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()[:16]
+
+
+def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """What an artifact records about the images that calibrated it, so that evaluation can skip them.
+
+    An ImageFolder's images are named by their paths relative to its root (sorted), each with a
+    digest of its bytes: a later evaluation skips a file of the same relative path and content, so
+    the folder may be moved or copied or gain files, while another folder whose files merely share
+    names (class/0.png, ...) skips nothing. Digits are named by split and index. Anything else
+    (tensors, other datasets) has ``data: None``.
+
+    Args:
+        dataset: the calibration dataset, possibly wrapped in ``Subset``.
+        indices: the items used (all by default).
+    """
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):  # tensors, loaders, streams
+        return {"data": None}
+    base, idx = _unwrap(dataset, indices)
+    if isinstance(base, ImageFolderDataset):
+        rel = _relative_paths(base)
+        files = {rel[i]: _file_digest(base.folder.samples[i][0]) for i in sorted(idx, key=lambda i: rel[i])}
+        return {"data": str(base.root), "num_images": len(idx), "files": files}
+    if isinstance(base, DigitsDataset):
+        return {"data": "digits", "split": base.split, "num_images": len(idx), "indices": sorted(idx)}
+    return {"data": None, "num_images": len(idx)}
+
+
+def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
+    """Indices of the items of ``dataset`` that a :func:`calibration_record` names.
+
+    Args:
+        dataset: an evaluation set (:class:`ImageFolderDataset` or :class:`DigitsDataset`).
+        record: a record read from an artifact (checked here).
+        name: the artifact, for messages.
+    """
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
+            not all(isinstance(i, int) for i in record.get("indices", [])):
+        raise EamError(f"{name} has a malformed record of its calibration images; create it again")
+    if isinstance(dataset, DigitsDataset):
+        if record.get("data") != "digits" or record.get("split") != dataset.split:
+            return []
+        return sorted(set(record.get("indices", [])) & set(range(len(dataset))))
+    if isinstance(dataset, ImageFolderDataset) and files:
+        rel = _relative_paths(dataset)
+        # Names first (cheap), then bytes: only the few files that share a recorded name are read.
+        return [i for i, r in enumerate(rel) if files.get(r) and files[r] == _file_digest(dataset.folder.samples[i][0])]
+    return []
+
+
+def _describe(record: dict) -> str:
+    if record.get("data") == "digits":
+        return f"the digits {record.get('split')} split"
+    return str(record["data"]) if record.get("data") else "images eamvit cannot name (tensors)"
+
+
+def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str, Optional[list]]]
+                     ) -> tuple[set[int], list[str], list[str]]:
+    """The items of ``dataset`` that calibrated the artifacts a command evaluates.
+
+    Args:
+        dataset: the evaluation set.
+        data: its name (``--data``), for messages.
+        artifacts: ``(name, records)`` per artifact; records ``None``: the artifact records none
+            (written before eamvit recorded them).
+
+    Returns:
+        ``(indices to skip, one line per artifact that records images, names of artifacts that record none)``.
+    """
+    skip: set[int] = set()
+    lines, unrecorded = [], []
+    for name, records in artifacts:
+        if records is None:
+            unrecorded.append(name)
+            continue
+        hits: set[int] = set()
+        for r in records:
+            hits.update(recorded_indices(dataset, r, name))
+        skip |= hits
+        if hits:
+            lines.append(f"scoring skips the {len(hits)} images of {data} that calibrated {name}")
+        elif records:
+            where = ", ".join(dict.fromkeys(_describe(r) for r in records))
+            lines.append(f"{name} was calibrated on {where}, none of them in {data}: scoring skips nothing")
+    return skip, lines, unrecorded
 
 
 @dataclass
@@ -224,7 +366,10 @@ class Splits:
     """Evaluation and calibration sets of one command (see :func:`build_splits`).
 
     ``eval_indices``/``calib_indices`` of ``None`` mean every item; ``data_config`` is the
-    preprocessing really applied; ``calib_note`` says what calibration used and by which rule.
+    preprocessing really applied; ``calib_note`` says what calibration used and by which rule;
+    ``calib_excluded`` counts the images of ``data`` left out because they calibrated what is
+    evaluated, ``skip_notes`` says why (one line per artifact), ``unrecorded`` names artifacts that
+    record no calibration images.
     """
 
     eval_set: Optional[Dataset]
@@ -233,12 +378,16 @@ class Splits:
     calib_indices: Optional[list[int]]
     data_config: dict[str, Any]
     calib_note: str = ""
+    calib_excluded: int = 0
+    skip_notes: list[str] = field(default_factory=list)
+    unrecorded: list[str] = field(default_factory=list)
 
 
 def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str, Any]] = None,
                  calib_data: Optional[str] = None, num_samples: Optional[int] = None,
                  calib_size: Optional[int] = None, seed: int = 0, evaluate: bool = True, calibrate: bool = True,
-                 strict_images: bool = False) -> Splits:
+                 strict_images: bool = False, calib_all: bool = False, calib_need: int = 0,
+                 calibrated_on: Sequence[tuple[str, Optional[list]]] = ()) -> Splits:
     """The one rule every command uses for its evaluation and calibration images (:data:`CALIBRATION_RULE`).
 
     Args:
@@ -247,11 +396,16 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
         overrides: the preprocessing overrides the user gave (digits apply mean/std/interpolation only).
         calib_data: a separate calibration ImageFolder (or ``"digits"``: its training split).
         num_samples: evaluate a seeded random subset of this size.
-        calib_size: calibration images (default: min(512, available)).
+        calib_size: calibration images (default: min(512, available), or all with ``calib_all``).
         seed: seed of both subsets.
         evaluate: the command evaluates on ``data`` (else ``data`` is calibration only).
         calibrate: the command needs calibration images.
         strict_images: fail on unreadable images.
+        calib_all: calibrate on every available image by default (``calibrate``: the user chose them).
+        calib_need: images the calibration method reads (ADFQ-ViT: 1024); the default number is then
+            min(max(512, calib_need), available).
+        calibrated_on: ``(name, records)`` of the artifacts evaluated (see :func:`calibrated_skips`):
+            the images they record are never scored.
     """
     ov = overrides or {}
     if calib_data == "digits" and data != "digits":
@@ -261,20 +415,67 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
     ev = build(data, "test") if evaluate else None
     cal, cal_idx, note, hold = None, None, "", False
     if calibrate:
-        if calib_data or not evaluate or data == "digits":
-            src = calib_data or data
-            cal = build(src, "train")
-            where = "the digits training split" if src == "digits" else src
-        else:
-            cal, where, hold = ev, f"{data} (held out: evaluation skips them)", True
-        avail = len(cal) // 2 if hold else len(cal)
-        n = calib_size if calib_size is not None else min(DEFAULT_CALIB_SIZE, avail)
-        if hold and n >= len(cal):
-            raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
-        cal_idx = random_subset(cal, n, seed)
-        note = (f"calibration: {n} images from {where} "
-                f"({'--calib-size' if calib_size is not None else f'default min(512, {avail} available)'})")
-    ev_idx = None
-    if ev is not None and (num_samples or hold):
-        ev_idx = random_subset(ev, num_samples, seed + 1 if hold else seed, exclude=cal_idx if hold else ())
-    return Splits(ev, ev_idx, cal, cal_idx, eff, note)
+        cal, cal_idx, note, hold = _calibration(build, ev, data, calib_data, calib_size, seed, calib_all, calib_need)
+    sp = Splits(ev, None, cal, cal_idx, eff, note)
+    if ev is not None:
+        _eval_indices(sp, data, num_samples, seed, hold, calibrated_on)
+    return sp
+
+
+def _calibration(build: Callable, ev: Optional[Dataset], data: str, calib_data: Optional[str],
+                 calib_size: Optional[int], seed: int, calib_all: bool,
+                 calib_need: int = 0) -> tuple[Dataset, list[int], str, bool]:
+    """``(calibration set, its indices, the note saying so, whether they are held out of ev)``."""
+    if calib_data or ev is None or data == "digits":
+        src = calib_data or data
+        cal, hold = build(src, "train"), False
+        where = "the digits training split" if src == "digits" else src
+    else:
+        cal, where, hold = ev, f"{data} (held out: evaluation skips them)", True
+    avail = len(cal) // 2 if hold else len(cal)
+    if calib_size is None and calib_all and not hold:
+        return cal, list(range(len(cal))), f"calibration: {avail} images from {where} (default: all of them)", hold
+    default = max(DEFAULT_CALIB_SIZE, calib_need)
+    n = calib_size if calib_size is not None else min(default, avail)
+    if hold and n >= len(cal):
+        raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
+    if n == 0:  # held out: half of a 1-image folder is no image
+        raise EamError(f"{data} has {len(cal)} image{'s' if len(cal) != 1 else ''}: too few to hold out calibration "
+                       "images and still evaluate; pass --calib-data")
+    note = (f"calibration: {n} images from {where} "
+            f"({'--calib-size' if calib_size is not None else f'default min({default}, {avail} available)'})")
+    return cal, random_subset(cal, n, seed), note, hold
+
+
+def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, hold: bool,
+                  calibrated_on: Sequence[tuple[str, Optional[list]]]) -> None:
+    """Fill ``sp``'s evaluation indices: never an image that calibrated what is evaluated."""
+    ev = sp.eval_set
+    skip, sp.skip_notes, sp.unrecorded = calibrated_skips(ev, data, calibrated_on)
+    if hold:
+        skip.update(sp.calib_indices)
+    elif sp.calib_set is not None:  # --calib-data naming images of --data: those are skipped too
+        mine = recorded_indices(ev, calibration_record(sp.calib_set, sp.calib_indices))
+        if mine:
+            sp.calib_note += f"; {len(mine)} of them are in {data}: evaluation skips them"
+        skip.update(mine)
+    sp.calib_excluded = len(skip)
+    if num_samples or skip:
+        sp.eval_indices = random_subset(ev, num_samples, seed + 1 if hold else seed, exclude=sorted(skip))
+        if not sp.eval_indices:
+            raise EamError(f"all {len(skip)} images of {data} calibrated what is evaluated, and no image is scored "
+                           "with what it calibrated; evaluate on another folder, or calibrate on part of it "
+                           "(--calib-size)")
+
+
+def add_calibration(model: Any, records: Sequence[dict]) -> None:
+    """Add ``records`` (:func:`calibration_record`) to ``model.eam_calibration``, once each.
+
+    A model carries the records of everything that calibrated it (quantization, the maps it was
+    frozen with), so that what is saved or exported from it names all of those images.
+    """
+    have = list(getattr(model, "eam_calibration", None) or [])
+    for r in records:
+        if r not in have:
+            have.append(r)
+    model.eam_calibration = have

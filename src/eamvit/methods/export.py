@@ -369,7 +369,9 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "data_config": cfg, "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "export": config.to_dict(), "quant": quant.to_dict() if quant is not None else None,
             "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
-            "frozen_layers": frozen}
+            "frozen_layers": frozen,
+            # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
+            "calibration": list(getattr(model, "eam_calibration", None) or [])}
 
 
 def export_kind(model: nn.Module, config: ExportConfig) -> str:

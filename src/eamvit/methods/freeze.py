@@ -43,6 +43,7 @@ from torch import nn
 
 from eamvit.modules.attention import attention_layers, require, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.data import add_calibration
 from eamvit.errors import EamError
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
@@ -177,7 +178,7 @@ def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:
     if granularity == "head":
         return _head_rows(e)
     if e.dim() == 4:
-        raise EamError("row granularity is not available for Swin: a row there is one (window, token) pair, so "
+        raise EamError("row granularity does not apply to Swin: a row there is one (window, token) pair, so "
                        "windows would keep different numbers of rows; use entry or head")
     return e.transpose(0, 1).reshape(e.shape[1], -1)
 
@@ -302,6 +303,8 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
         delta = 1.0 if value_deltas is None else value_deltas[l]
         values = frozen_values(maps.mean[l], config.value_bits, config.value_quantizer, delta)
         set_frozen(module, mask.to(device), values.to(device), plan, config.execute)
+    if sum(per_layer):  # the frozen values are the calibration images' mean attention
+        add_calibration(model, maps.meta.get("calibration") or [])
     total = sum(m.numel() for m in masks)
     units = [_units(m, config.granularity).all(1).sum().item() if config.granularity != "entry" else 0
              for m in masks]
@@ -380,6 +383,7 @@ def load_frozen(model: nn.Module, path: str) -> dict:
         EamError: not a frozen-attention file, or its layers do not fit the model.
     """
     from eamvit.io import load_tensors
+    from eamvit.methods.models import check_attention_shapes
 
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
@@ -388,6 +392,9 @@ def load_frozen(model: nn.Module, path: str) -> dict:
     if len(plans) != len(layers):
         raise EamError(f"frozen attention {path} has {len(plans)} layers but the model has {len(layers)}; "
                        "load it on the model it was written for")
+    check_attention_shapes(model, [tuple(tensors[f"mask.{l}"].shape) if f"mask.{l}" in tensors else None
+                                   for l in range(len(layers))],
+                           f"frozen attention {path}", "load it on the model it was written for")
     for l, (m, plan) in enumerate(zip(layers, plans)):
         if plan is None:
             set_frozen(m, None, None)

@@ -89,16 +89,10 @@ class KLMaps:
         return rows
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the KL maps (safetensors, metadata as JSON)."""
-        import json
+        """Save the KL maps (safetensors, metadata as JSON, with eamvit's digest)."""
+        from eamvit.io import save_tensors
 
-        from safetensors.torch import save_file
-
-        from eamvit.io import atomic_path
-
-        tensors = {f"kl.{l}": k.contiguous().cpu() for l, k in enumerate(self.kl)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"eamvit": json.dumps({"format": "eamvit-kl-maps/1", **self.meta})})
+        save_tensors(path, {f"kl.{l}": k for l, k in enumerate(self.kl)}, {"format": "eamvit-kl-maps/1", **self.meta})
 
 
 def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from eamvit.modules.attention import instrument
+from eamvit.modules.attention import attention_layers, instrument, layer_shapes
 from eamvit.errors import EamError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
@@ -311,6 +311,59 @@ def patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
     pe = getattr(model, "patch_embed", None)
     grid = getattr(pe, "grid_size", None)
     return tuple(grid) if grid is not None else None
+
+
+def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    """Attention shapes of one forward of a blank image at the model's own size, with every quantizer
+    off (an uncalibrated one would otherwise calibrate itself on that image) and token pruning at
+    κ = 1 (maps describe the unpruned model; pruning decides later which of them still apply)."""
+    from eamvit.modules.quantizers import Quantizer
+
+    qs = [(q, q.enabled) for q in model.modules() if isinstance(q, Quantizer)]
+    pruning = getattr(model, "eam_prune", None)
+    keep_rate = pruning.keep_rate if pruning is not None else None
+    p = next(model.parameters())
+    try:
+        for q, _ in qs:
+            q.enabled = False
+        if pruning is not None:
+            pruning.keep_rate = 1.0
+        return layer_shapes(model, torch.zeros(1, *data_config(model)["input_size"], device=p.device, dtype=p.dtype))
+    finally:
+        for q, was in qs:
+            q.enabled = was
+        if pruning is not None:
+            pruning.keep_rate = keep_rate
+
+
+def check_attention_shapes(model: nn.Module, shapes: list, what: str, remedy: str) -> None:
+    """Refuse per-layer attention-shaped tensors (maps, frozen masks) made on another architecture.
+
+    The heads are compared always; the token count only when the model takes one input size (a
+    model that takes other sizes has as many tokens as its input gives).
+
+    Args:
+        model: an instrumented model.
+        shapes: per attention layer, the stored shape, ``(H, N, N)`` or ``(nW, H, N, N)``; None: a
+            layer with nothing stored.
+        what: the file, for messages (e.g. ``"maps m.safetensors"``).
+        remedy: how to make a fitting one.
+    """
+    layers = attention_layers(model)
+    pe = getattr(model, "patch_embed", None)
+    # Token counts are fixed only behind a strict patch embedding (ViT, Swin); others follow the input.
+    dynamic = bool(getattr(model, "dynamic_img_size", False)) or not getattr(pe, "strict_img_size", False)
+    own = _own_attention_shapes(model) if not dynamic else None
+    for l, (s, m) in enumerate(zip(shapes, layers)):
+        if s is None:
+            continue
+        s = tuple(s)
+        heads = getattr(m, "num_heads", None) or getattr(m, "heads", None)  # Hiera names it `heads`
+        if len(s) < 3 or (heads is not None and s[-3] != heads):
+            raise EamError(f"{what}: layer {l} has shape {s}, not {heads} heads as the model; {remedy}")
+        if own is not None and s != tuple(own[l]):
+            raise EamError(f"{what}: layer {l} has shape {s} ({s[-1]} tokens) but the model's attention is "
+                           f"{tuple(own[l])} ({own[l][-1]} tokens); {remedy}")
 
 
 def preprocessing(cfg: dict[str, Any]) -> dict[str, Any]:

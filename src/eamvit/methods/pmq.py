@@ -387,7 +387,15 @@ def _rebuild(model: nn.Module, config: PMQConfig, structure: dict) -> None:
     reparam_structure_(pairs)
 
 
-@register_quantize_handler(PMQConfig, rebuild=_rebuild, structure=_structure)
+def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]]:
+    """With mixed precision each weight's bits are PMQ's own choice among ``bit_choices``."""
+    if not config.mixed:
+        return {}
+    return {f"{n}.weight_quantizer": tuple(config.bit_choices) for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+@register_quantize_handler(PMQConfig, rebuild=_rebuild, structure=_structure, free_bits=_free_bits)
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
     RepQ-ViT's calibration with the allocated bits.

@@ -14,8 +14,10 @@ The saved state (:func:`save_quantized`) stores each quantized weight as its int
 its bit width (:mod:`eamvit.ops.pack`) next to its per-channel step and zero point; everything else
 (reparameterized LayerNorms, biases, activation-quantizer parameters) as in the model's
 ``state_dict``; and in the metadata the config, the model spec, each quantizer's bits and
-granularity, and the method's structure (PMQ's patch bits). Loading unpacks the codes into weights
-whose fake quantization is bit for bit the saved model's.
+granularity, the method's structure (PMQ's patch bits) and a digest of the full-precision weights
+it was made from. Loading unpacks the codes into weights whose fake quantization is bit for bit the
+saved model's, after checking what a digest cannot (a file re-signed after editing): the weights
+digest against the model it is loaded onto, and each quantizer's bits against the config.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ from torch.utils.data import Dataset
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.io import load_tensors, save_tensors
+from eamvit.io import load_tensors, save_tensors, tensors_sha256
+from eamvit.methods.data import add_calibration, calibration_record
 from eamvit.methods.models import ModelSpec, model_spec
 from eamvit.modules.attention import attention_layers, require
-from eamvit.modules.quantizers import Quantizer, UniformQuantizer, find_quantizers
+from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
 from eamvit.ops.quant import uniform_dequant
 
@@ -71,27 +74,34 @@ class QuantizeHandler:
         rebuild: ``f(model, config, structure)``: the surgery alone, as the finished model has it
             (for :func:`load_quantized`).
         structure: ``f(model) -> dict``: what ``rebuild`` needs beyond the config (JSON-ready).
+        free_bits: ``f(model, config) -> {quantizer name: allowed widths}``: the quantizers whose bits
+            the method chooses itself (PMQ's mixed precision); every other quantizer of a loaded state
+            must have the bits ``rebuild`` gives it from the config.
     """
 
     quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
     rebuild: Callable[[nn.Module, Any, dict], None]
     structure: Callable[[nn.Module], dict]
+    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]]
 
 
 _HANDLERS: dict[type, QuantizeHandler] = {}
 
 
 def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Module, Any, dict], None],
-                              structure: Optional[Callable[[nn.Module], dict]] = None) -> Callable:
+                              structure: Optional[Callable[[nn.Module], dict]] = None,
+                              free_bits: Optional[Callable[[nn.Module, Any], dict]] = None) -> Callable:
     """Decorator: ``f(model, config, calib, run) -> report`` quantizes models for ``config_type``.
 
     Args:
         config_type: a :class:`~eamvit.config.Config` subclass with a unique ``KIND``.
         rebuild: the surgery without calibration (see :class:`QuantizeHandler`).
         structure: what ``rebuild`` needs beyond the config; default none.
+        free_bits: quantizers whose bits the method chooses (see :class:`QuantizeHandler`); default none.
     """
     def register(fn: Callable) -> Callable:
-        _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}))
+        _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}),
+                                                 free_bits or (lambda model, config: {}))
         return fn
     return register
 
@@ -125,7 +135,8 @@ def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Ite
 
     if len(ds) < limit:
         raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
-                       "lower calib_size (--quant-calib-size)")
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
     return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
 
 
@@ -189,7 +200,8 @@ def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tens
     got = sum(x.shape[0] for x in images)
     if got < n:
         raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
-                       "lower calib_size (--quant-calib-size) or give more images")
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
     y = torch.cat(labels) if all(t is not None for t in labels) else None
     return torch.cat(images), y
 
@@ -222,6 +234,8 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
     require(attention_layers(model), type(config).KIND)  # families whose adapters have no quantizer hooks
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
+    # What the state is made from: loading it onto other weights is refused (load_quantized).
+    model.eam_fp_sha256 = tensors_sha256(model.state_dict())
     if device is not None:
         model.to(device)
     model.eval()
@@ -234,6 +248,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
         raise
     model.eam_quant_config = config
     model.eam_quant_report = {**report, "calib_seconds": time.perf_counter() - t0}
+    add_calibration(model, [calibration_record(calib)])
     return model
 
 
@@ -282,6 +297,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "eam_quant_config", None)
     if config is None:
         raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
+    if not getattr(model, "eam_fp_sha256", None):
+        raise EamError("the model was not quantized by quantize_ or load_quantized; quantize it with quantize_")
     missing = [n for n, q in model.named_modules() if isinstance(q, Quantizer) and not q.inited]
     if missing:
         raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
@@ -293,9 +310,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     packed = _pack(model, tensors)
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
-            "quantizers": _quantizer_attrs(model), "packed": packed,
+            "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": model.eam_fp_sha256,
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
-            "data_config": preprocessing(data_config(model))}
+            "data_config": preprocessing(data_config(model)),
+            # The images it was calibrated with: evaluation of the state never scores them.
+            "calibration": list(getattr(model, "eam_calibration", None) or [])}
     save_tensors(path, tensors, meta)
     return Path(path)
 
@@ -316,14 +335,37 @@ def _misfit(path: Any, what: str) -> EamError:
     return EamError(f"quantized state {path} does not fit this model ({what}); quantize it again with `eamvit quantize`")
 
 
-def _apply_attrs(model: nn.Module, attrs: Any, path: Any) -> None:
+def _inconsistent(path: Any, what: str) -> EamError:
+    return EamError(f"quantized state {path} is inconsistent ({what}); quantize the model again with `eamvit quantize`")
+
+
+def _check_fp_weights(model: nn.Module, meta: dict, path: Any) -> None:
+    """Refuse a state made from other full-precision weights than ``model``'s, whatever its spec says."""
+    theirs, ours = meta.get("fp_sha256"), tensors_sha256(model.state_dict())
+    if not isinstance(theirs, str):
+        raise _inconsistent(path, "no digest of the weights it was made from")
+    if theirs != ours:
+        raise EamError(f"quantized state {path} was made from other weights than this model's (weights digest "
+                       f"{theirs[:12]}, this model {ours[:12]}); quantize this model with `eamvit quantize`")
+    model.eam_fp_sha256 = ours
+
+
+def _apply_attrs(model: nn.Module, attrs: Any, free: dict[str, tuple[int, ...]], config: Any, path: Any) -> None:
+    """Give the rebuilt quantizers the stored bits and granularity once they agree with the config."""
     own = {n: q for n, q in model.named_modules() if isinstance(q, Quantizer)}
     if not isinstance(attrs, dict) or set(attrs) != set(own):
         extra = sorted(set(own) ^ set(attrs if isinstance(attrs, dict) else {}))
         raise _misfit(path, f"quantizers differ, e.g. {extra[0] if extra else '?'}")
     for name, a in attrs.items():
-        own[name].bits = int(a["bits"])
-        own[name].granularity = str(a["granularity"])
+        bits, gran = (a.get("bits"), a.get("granularity")) if isinstance(a, dict) else (None, None)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise _inconsistent(path, f"{name} has {bits!r} bits, not {MIN_BITS}..{MAX_BITS}")
+        if bits != own[name].bits and bits not in free.get(name, ()):
+            raise _inconsistent(path, f"{name} has {bits} bits but its config (w_bits={config.w_bits}, "
+                                      f"a_bits={config.a_bits}) gives it {own[name].bits}")
+        if gran != own[name].granularity:
+            raise _inconsistent(path, f"{name} is {gran!r}-wise but its config makes it {own[name].granularity!r}-wise")
+        own[name].bits = bits
 
 
 def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor], packed: Any, path: Any) -> None:
@@ -342,6 +384,9 @@ def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor], packed: Any, pat
             raise _misfit(path, f"packed weight {key} has no place or no step / zero point") from None
         if tuple(module.weight.shape) != shape or codes.numel() != packed_size(module.weight.numel(), bits):
             raise _misfit(path, f"shape mismatch at {key}")
+        if bits != getattr(getattr(module, "weight_quantizer", None), "bits", None):
+            raise _inconsistent(path, f"{key} is packed at {bits} bits, its quantizer has "
+                                      f"{getattr(getattr(module, 'weight_quantizer', None), 'bits', None)}")
         q = unpack_bits(codes, bits, module.weight.numel()).reshape(shape)
         view = (-1,) + (1,) * (len(shape) - 1) if delta.dim() == 1 else ()
         tensors[key] = uniform_dequant(q, delta.reshape(view), zp.reshape(view))
@@ -382,11 +427,13 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _check_model(model, meta, path)
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
+    _check_fp_weights(model, meta, path)
     cls = _config_type(meta.get("method"))
     config = cls.from_dict(meta.get("config", {}))
+    handler = _handler(config)
     try:
-        _handler(config).rebuild(model, config, meta.get("structure") or {})
-        _apply_attrs(model, meta.get("quantizers"), path)
+        handler.rebuild(model, config, meta.get("structure") or {})
+        _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
         _unpack(model, tensors, meta.get("packed"), path)
         _check_keys(model, tensors, path)
         device = next(model.parameters()).device
@@ -395,4 +442,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         model.eam_quant_config = None
         raise
     model.eam_quant_config = config
+    if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
+        add_calibration(model, meta["calibration"])
     return model

@@ -227,10 +227,12 @@ def _resume(run: _Run, ckpt: Path, ident: dict, generators: Sequence[torch.Gener
     return ck["epoch"], list(ck["history"])
 
 
-def _epoch_row(run: _Run, epoch: int, loss: float, val_ds: Optional[Dataset]) -> dict[str, Any]:
-    """The history row of an epoch: loss, learning rate, schedule values, top-1/top-5 on ``val_ds``."""
+def _epoch_row(run: _Run, epoch: int, loss: float, skipped: int, val_ds: Optional[Dataset]) -> dict[str, Any]:
+    """The history row of an epoch: loss, learning rate, schedule values, unreadable training images
+    skipped, top-1/top-5 on ``val_ds``."""
     run.sched.step_update(run.step)
-    row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra()}
+    row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra(),
+           "skipped_images": skipped}
     if val_ds is not None:
         from eamvit.methods.evaluate import evaluate
 
@@ -240,13 +242,14 @@ def _epoch_row(run: _Run, epoch: int, loss: float, val_ds: Optional[Dataset]) ->
     return row
 
 
-def _epoch(run: _Run, data: SeededItems, workers: int, bar) -> float:
-    """One pass over ``data``; returns the mean loss."""
+def _epoch(run: _Run, data: SeededItems, workers: int, bar) -> tuple[float, int]:
+    """One pass over ``data``; returns the mean loss and the number of unreadable images skipped."""
     cfg = run.config
     loader = make_loader(data, batch_size=cfg.batch_size, workers=workers, shuffle=True, seed=cfg.seed + data.epoch)
     run.model.train()
-    total, count = 0.0, 0
+    total, count, skipped = 0.0, 0, 0
     for batch in loader:
+        skipped += batch.skipped
         if not batch.images.numel():
             continue
         run.sched.step_update(run.step)
@@ -271,7 +274,7 @@ def _epoch(run: _Run, data: SeededItems, workers: int, bar) -> float:
         count += x.shape[0]
         bar.set_postfix(epoch=data.epoch + 1, loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in extra.items()})
         bar.update(1)
-    return total / max(1, count)
+    return total / max(1, count), skipped
 
 
 def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: Optional[Dataset] = None,
@@ -299,8 +302,8 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         desc: progress-bar label.
 
     Returns:
-        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "images": training images,
-        "checkpoint": path or None}``.
+        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "images": training images read,
+        "skipped_images": unreadable ones skipped, "checkpoint": path or None}``.
     """
     from tqdm.auto import tqdm
 
@@ -324,8 +327,8 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
     try:
         for epoch in range(start, end):
             data.epoch = epoch
-            loss = _epoch(run, data, workers, bar)
-            history.append(_epoch_row(run, epoch, loss, val_ds))
+            loss, skipped = _epoch(run, data, workers, bar)
+            history.append(_epoch_row(run, epoch, loss, skipped, val_ds))
             if ckpt is not None:
                 _save(ckpt, model, opt, {"epoch": epoch + 1, "step": run.step, "history": history}, ident, generators)
     finally:
@@ -333,7 +336,13 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         model.eval()
         run.extra()  # leave the model in the state training has reached (e.g. its keep rate)
     return {"history": history, "epochs_done": len(history), "final": history[-1] if history else None,
-            "images": len(train_ds), "checkpoint": str(ckpt) if ckpt is not None else None}
+            **_images_read(train_ds, history), "checkpoint": str(ckpt) if ckpt is not None else None}
+
+
+def _images_read(train_ds: Dataset, history: list) -> dict[str, int]:
+    """``images`` read and ``skipped_images`` (unreadable) in the last epoch trained."""
+    skipped = history[-1].get("skipped_images", 0) if history else 0
+    return {"images": len(train_ds) - skipped, "skipped_images": skipped}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -263,8 +263,11 @@ ADAPTERS: tuple[Adapter, ...] = (
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
             layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune"},
             example="swin_tiny_patch4_window7_224",
-            why_not={"row": "row granularity is not available for Swin: a row there is one (window, token) pair, "
-                            "so windows would keep different numbers of rows; use entry or head"}),
+            # The one wording of these refusals; the CLI checks them before reading any data.
+            why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
+                            "so windows would keep different numbers of rows; use entry or head",
+                     "prune": "token pruning does not apply to Swin: its windowed attention needs the full "
+                              "token grid; prune a ViT/DeiT, or freeze heads (--granularity head)"}),
 )
 
 FAMILIES: tuple[Family, ...] = (
