@@ -166,7 +166,8 @@ def test_speedup_is_the_ratio_of_alternately_timed_forwards():
     fast.pretrained_cfg = {"input_size": (1, 2, 2)}
     s = measure_speedup(fast, slow, Timing(batch_size=4, warmup=1, reps=6))
     assert s["speedup_p25"] <= s["speedup"] <= s["speedup_p75"]
-    assert 2.0 < s["speedup"] < 3.1  # 0.03 s / 0.01 s, each sleep at least as long as asked
+    # 0.03 s / 0.01 s; each sleep lasts at least as long as asked, and a loaded machine oversleeps both
+    assert 2.0 < s["speedup"] < 4.5
     assert 0.5 * 400 < s["images_per_s"] <= 400 * 1.02  # 4 images / 0.01 s
 
 
