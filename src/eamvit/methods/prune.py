@@ -1,8 +1,11 @@
-"""Patch-token pruning inside a timm ViT/DeiT: attention entropy (Shannon, Rényi), EViT and random.
+"""Patch-token pruning inside a flat-token timm model: attention entropy (Shannon, Rényi), EViT and random.
 
 The scores and the token surgery are pure tensor math in :mod:`eamvit.ops.scores`; the pruning block
-is :class:`eamvit.modules.prune_block.PruneBlock`. This module is the public verb: :func:`prune_`
-swaps the chosen timm ``Block`` objects for pruning blocks by class, :func:`unprune_` swaps them back.
+blocks are in :mod:`eamvit.modules.prune_block` (one per family: ViT/DeiT/DeiT III/DINOv2/CLIP/NaFlexViT,
+EVA02, BEiT, CaiT, ConViT). This module is the public verb: :func:`prune_` swaps the chosen blocks for
+their family's pruning class, :func:`unprune_` swaps them back. Default blocks are EViT's (3, 6, 9) of
+12 scaled to the blocks that can prune (ConViT: its MHSA blocks only). CaiT prunes in its
+self-attention blocks, before the class token exists: entropy and random only, no fusion.
 Each stage keeps ``ceil(κ·(N−1))`` patch tokens (``N−1`` counts the fused token of an earlier stage
 as an ordinary token, as EViT does), the class/distillation/register tokens always; kept indices are
 traced back to the original patch grid (:func:`kept_indices`).
@@ -38,13 +41,11 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
-from timm.models.vision_transformer import Block
-
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.modules.attention import attention_layers, instrument, observe, require
-from eamvit.modules.prune_block import PruneBlock, PruneState
+from eamvit.modules.prune_block import PRUNE_CLASSES, PRUNE_FAMILIES, PruneFamily, PruneState
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
@@ -127,60 +128,64 @@ class PruneReport:
     unfrozen_layers: list[int]
 
 
-def _check_model(model: nn.Module) -> nn.Sequential:
+def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneFamily]:
+    """The model's blocks and their pruning family, or one line saying why the model cannot prune."""
     from timm.models.swin_transformer import SwinTransformerBlock
 
     if any(isinstance(m, SwinTransformerBlock) for m in model.modules()):
         raise EamError("token pruning does not support Swin: its windowed attention needs the full token grid and has "
                        "no class token; use a ViT/DeiT model")
+    require(instrument(model), "prune")  # the adapters' reasons (hierarchical families, XCiT)
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or not len(blocks):
-        raise EamError(f"token pruning needs a timm VisionTransformer (ViT/DeiT) with .blocks; "
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
+        raise EamError(f"token pruning needs a flat-token model with .blocks (ViT/DeiT, EVA02, BEiT, CaiT, ConViT); "
                        f"{type(model).__name__} has none")
-    bad = [type(b).__name__ for b in blocks if type(b) not in (Block, PruneBlock)]
-    if bad:
-        raise EamError(f"token pruning supports timm ViT/DeiT blocks (timm Block); this model has {bad[0]}")
-    if num_prefix_tokens(model) < 1 or getattr(model, "global_pool", "token") == "map":
+    kinds = {PRUNE_CLASSES.get(type(b), type(b)) for b in blocks}
+    bad = sorted(k.__name__ for k in kinds if k not in PRUNE_FAMILIES)
+    if bad or len(kinds) != 1:
+        names = ", ".join(f"{f.name} {c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c, f in PRUNE_FAMILIES.items())
+        raise EamError(f"token pruning supports models whose blocks are all one of: {names}; this model has "
+                       f"{', '.join(bad or sorted(k.__name__ for k in kinds))}")
+    fam = PRUNE_FAMILIES[kinds.pop()]
+    reason = fam.refuse_model(model)
+    if reason:
+        raise EamError(f"token pruning does not apply to this {fam.name} model: {reason}")
+    if fam.class_token and (num_prefix_tokens(model) < 1 or getattr(model, "global_pool", "token") == "map"):
         raise EamError("token pruning needs a class token (EViT scores and the prediction read it); "
                        "this model has none or pools with attention")
-    return blocks
+    if not fam.class_token and (config.method == "evit" or config.fuse_tokens):
+        raise EamError(f"EViT's score and token fusion read the class token's attention, and {fam.name}'s blocks run "
+                       "before its class token exists; use shannon, renyi or random without fusion")
+    return blocks, fam
 
 
-def _resolve_blocks(config: PruneConfig, depth: int) -> tuple[int, ...]:
-    blocks = default_blocks(depth) if config.blocks is None else tuple(config.blocks)
+def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: PruneFamily) -> tuple[int, ...]:
+    """The pruning blocks: the configured ones, or EViT's (3, 6, 9) of 12 scaled to the blocks that can prune."""
+    depth = len(blocks_seq)
+    if config.blocks is None:
+        eligible = [i for i, b in enumerate(blocks_seq) if fam.refuse(b) is None]
+        if not eligible:
+            raise EamError(f"no block of this {fam.name} model can prune: {fam.refuse(blocks_seq[0])}")
+        return tuple(eligible[i] for i in default_blocks(len(eligible)))
+    blocks = tuple(config.blocks)
     if not blocks:
         raise EamError("no pruning blocks given; name at least one 0-based block")
     for b in blocks:
         if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < depth:
             raise EamError(f"pruning block {b} is outside the model's {depth} blocks (0-based 0..{depth - 1})")
+        reason = fam.refuse(blocks_seq[b])
+        if reason:
+            raise EamError(f"block {b} of this {fam.name} model cannot prune: {reason}")
     if len(set(blocks)) != len(blocks):
         raise EamError(f"pruning blocks {list(blocks)} repeat a block")
     return tuple(sorted(blocks))
 
 
-def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
-    """Make ``model`` prune patch tokens, in place (no weights change; :func:`unprune_` undoes it).
-
-    Args:
-        model: a timm ViT/DeiT (``create_model`` instruments it; plain timm models are instrumented).
-        config: :class:`PruneConfig`.
-
-    Returns:
-        A :class:`PruneReport`.
-
-    Raises:
-        EamError: a bad configuration or an unsupported model (one line).
-    """
-    config.validate()
-    blocks_seq = _check_model(model)
-    require(instrument(model), "prune")
-    blocks = _resolve_blocks(config, len(blocks_seq))
-    unprune_(model)
-    layers = instrument(model)
-    first = blocks[0]
-    # Attention layers after the first pruning block see fewer tokens than their frozen maps describe.
-    by_block = {id(b.attn): i for i, b in enumerate(blocks_seq)}
-    later = [m for m in layers if by_block.get(id(m), -1) > first]
+def _drop_frozen_later(layers: list[nn.Module], first: int, first_layer: int,
+                       config: PruneConfig) -> tuple[list, list[int]]:
+    """Attention layers after the first pruning block, and those whose frozen maps were removed."""
+    # They see fewer tokens than their frozen maps describe.
+    later = [m for m in layers if m.eam_layer > first_layer]
     # κ = 1 prunes nothing, so the model (frozen maps included) stays exactly as it was; raising κ
     # later with set_keep_rate meets the check at the first forward that prunes.
     frozen_later = [m.eam_layer for m in later if m.eam_frozen_mask is not None] if config.keep_rate < 1 else []
@@ -191,16 +196,43 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         if m.eam_layer in frozen_later:
             m.eam_frozen_mask = None
             m.eam_frozen_values = None
+    return later, frozen_later
+
+
+def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
+    """Make ``model`` prune patch tokens, in place (no weights change; :func:`unprune_` undoes it).
+
+    Args:
+        model: a timm ViT/DeiT (DeiT III, DINOv2, CLIP, NaFlexViT), EVA02, BEiT, CaiT or ConViT
+            (``create_model`` instruments it; plain timm models are instrumented).
+        config: :class:`PruneConfig`.
+
+    Returns:
+        A :class:`PruneReport`.
+
+    Raises:
+        EamError: a bad configuration or an unsupported model (one line).
+    """
+    config.validate()
+    blocks_seq, fam = _check_model(model, config)
+    blocks = _resolve_blocks(config, blocks_seq, fam)
+    unprune_(model)
+    layers = instrument(model)
+    later, frozen_later = _drop_frozen_later(layers, blocks[0], blocks_seq[blocks[0]].attn.eam_layer, config)
     order = 1.0 if config.order is None else config.order
     state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
                        fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
-                       record_scores=config.record_scores, blocks=blocks, num_prefix=num_prefix_tokens(model),
-                       grid=patch_grid(model), keep_rate=float(config.keep_rate), later_attention=later)
-    for stage, b in enumerate(blocks):
-        blk = blocks_seq[b]
-        blk.__class__ = PruneBlock
+                       record_scores=config.record_scores, blocks=blocks,
+                       num_prefix=num_prefix_tokens(model) if fam.class_token else 0,
+                       grid=patch_grid(model), keep_rate=float(config.keep_rate), later_attention=later,
+                       track_positions=fam.positions)
+    # Position-dependent families: every later block must see the present tokens' positions.
+    followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
+    for i in sorted(set(blocks) | set(followers)):
+        blk = blocks_seq[i]
+        blk.__class__ = fam.prune_class
         blk.eam_prune = state
-        blk.eam_stage = stage
+        blk.eam_stage = blocks.index(i) if i in blocks else None
     model.eam_prune = state
     grid = state.grid
     n0 = grid[0] * grid[1] if grid else 0
@@ -210,10 +242,10 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
 
 
 def unprune_(model: nn.Module) -> None:
-    """Restore every pruning block to timm's ``Block`` and forget the pruning state."""
+    """Restore every pruning block to its timm class and forget the pruning state."""
     for m in model.modules():
-        if type(m) is PruneBlock:
-            m.__class__ = Block
+        if type(m) in PRUNE_CLASSES:
+            m.__class__ = PRUNE_CLASSES[type(m)]
             for attr in ("eam_prune", "eam_stage"):
                 m.__dict__.pop(attr, None)
     model.__dict__.pop("eam_prune", None)

@@ -12,11 +12,13 @@ ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the
 output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
 with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
 
-Each section is one family: its instrumented classes and their adapters. Executed head/row plans,
-token pruning, quantization and export are not declared for these families yet.
+Each section is one family: its instrumented classes and their adapters. Token pruning is declared
+for the flat-token families (EVA02, BEiT, CaiT, ConViT; :data:`_PRUNES`); executed head/row plans,
+quantization and export are not declared for these families yet.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,6 +33,7 @@ from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
 from eamvit.modules.adapters import Adapter, EamBase, Family
+from eamvit.ops.positions import gather_pair_bias
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
 _MAPS = frozenset({"maps", "entry"})
@@ -109,7 +112,17 @@ class EamEvaAttention(_Tapped, eva.EvaAttention):
 
 # --- BEiT ---
 class EamBeitAttention(_Tapped, beit.Attention):
-    """BEiT attention with its relative-position bias table."""
+    """BEiT attention with its relative-position bias table.
+
+    While token pruning has dropped tokens, the pruning block sets ``eam_positions`` (the present
+    tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
+    """
+
+    eam_positions: Optional[torch.Tensor] = None
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        bias = super()._get_rel_pos_bias()
+        return bias if self.eam_positions is None else gather_pair_bias(bias, self.eam_positions)
 
 
 # --- Swin v2 ---
@@ -283,6 +296,17 @@ ADAPTERS: tuple[Adapter, ...] = (
              "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
              "crossvit_tiny_240"),
 )
+
+# Token pruning (methods/prune.py) in the flat-token families. XCiT's class attention shares CaiT's
+# adapter; XCiT itself is refused by its XCA blocks.
+_PRUNES = frozenset({eva.EvaAttention, beit.Attention, cait.TalkingHeadAttn, cait.ClassAttn, convit.GPSA,
+                     convit.MHSA})
+_NO_PRUNE = {xcit.XCA: "token pruning does not apply to XCiT: its XCA blocks attend over channels (no token "
+                       "scores) and their local patch interaction convolves the full patch grid; its class "
+                       "attention only comes after them"}
+ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune"}) if a.timm_class in _PRUNES else
+                 replace(a, why_not={**a.why_not, "prune": _NO_PRUNE[a.timm_class]}) if a.timm_class in _NO_PRUNE
+                 else a for a in ADAPTERS)
 
 # Attention-like timm classes that have no token-by-token softmax map, and why.
 UNMAPPED: dict[type, str] = {
