@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from eamvit.experiments.results import Column
 from eamvit.io import save_tensors
 from eamvit.methods.data import DigitsDataset, random_subset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
@@ -109,3 +110,9 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
          d / "w4.onnx"),
     ]
     return [_row(name, rt, call, y, path, n, reps) for name, rt, call, path in specs]
+
+
+# The markdown view of the rows: readable headers, top-1 to two decimals, bytes with thousands separators.
+EXPORT_COLUMNS = [Column("model", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
+                  Column("file_bytes", "file bytes", ","), Column("images_per_s", "images/s", ",.0f"),
+                  Column("spread", "spread", ".1%")]
