@@ -105,7 +105,7 @@ def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path:
         ax.set_xlabel("key token j" + (" (0: CLS)" if e.dim() == 3 else ""), fontsize=8)
         ax.set_ylabel("query token i", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy of entry (i, j) (bits)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy of entry (i, j) (bits)\nsame scale as the CLS-row maps")
     swin = " (Swin: window 0)" if maps.entropy[0].dim() == 4 else ""
     fig.suptitle(f"Entropy attention maps, all query-key entries{swin} "
                  f"(M={maps.meta.get('num_images')} images)", fontsize=10)

@@ -43,10 +43,11 @@ def _bar(ax, r: dict[str, Any], colour, xlim: tuple[float, float]) -> bool:
     """The interquartile bar of one point, cut at ``xlim`` with an arrow; True if it was cut."""
     lo, hi = r.get("speedup_lo", r["speedup"]), r.get("speedup_hi", r["speedup"])
     a, b = max(lo, xlim[0]), min(hi, xlim[1])
-    ax.hlines(r["top1"], a, b, color=colour, lw=1.1, zorder=3)
+    # Bars lighter than the points: on a loaded machine they are wide and would hide the medians.
+    ax.hlines(r["top1"], a, b, color=colour, lw=1.0, alpha=0.6, zorder=3)
     for end, cut, tip in ((a, lo < xlim[0], "<"), (b, hi > xlim[1], ">")):
         ax.plot([end], [r["top1"]], marker=tip if cut else "|", color=colour, ms=6 if cut else 5,
-                linestyle="", zorder=3, clip_on=False)
+                alpha=1.0 if cut else 0.6, linestyle="", zorder=3, clip_on=False)
     return lo < xlim[0] or hi > xlim[1]
 
 
