@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
@@ -63,8 +64,8 @@ def vit_maps() -> EntropyMaps:
 
 
 def test_cls_entropy_layers_share_one_colour_scale(vit_maps, tmp_path):
-    # The largest entropy of any CLS row (over the 16 patch tokens), computed here by hand.
-    top = max(float(e[:, 0, 1:].max()) for e in vit_maps.entropy)
+    # Maps without ``bits``: the scale runs to the largest entropy of any entry of any layer.
+    top = max(float(e.max()) for e in vit_maps.entropy)
     figs = [plot_cls_entropy(vit_maps, l, tmp_path / f"cls_L{l}.png") for l in (0, 2)]
     for l, fig in zip((0, 2), figs):
         assert_sane_png(tmp_path / f"cls_L{l}.png")
@@ -194,10 +195,11 @@ def test_token_entropy_figure_in_bits_numbered_from_zero(tmp_path):
     panels = [ax for ax in fig.axes if ax.axison]
     assert [ax.get_title() for ax in panels] == [f"block {i}" for i in range(4)]  # 0-based, as --prune-blocks
     assert panels[0].get_ylabel()
-    # Drawn in bits: block 0's shared bin edges span min..max of the nats / ln 2.
-    lo = min(float(e[0].min()) for e in ent.values()) / math.log(2)
-    hi = max(float(e[0].max()) for e in ent.values()) / math.log(2)
-    assert (panels[0].dataLim.x0, panels[0].dataLim.x1) == (pytest.approx(lo, rel=1e-5), pytest.approx(hi, rel=1e-5))
+    # Drawn in bits: the bin edges, shared by every block, span min..max of all the nats / ln 2.
+    lo = min(float(e.min()) for per in ent.values() for e in per) / math.log(2)
+    hi = max(float(e.max()) for per in ent.values() for e in per) / math.log(2)
+    for ax in panels:
+        assert (ax.dataLim.x0, ax.dataLim.x1) == (pytest.approx(lo, rel=1e-5), pytest.approx(hi, rel=1e-5))
     assert hi <= math.log2(n)
     assert_no_overlaps(fig)
 
@@ -216,3 +218,209 @@ def test_kept_patches_figure_says_what_a_dropped_patch_looks_like(tmp_path):
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert "stage 1 (after block 1): 56 kept" in titles and "stage 2 (after block 2): 48 kept" in titles  # 0-based
     assert_no_overlaps(fig)
+
+
+# --------------------------------------------------------------------------- what a reader sees
+
+
+def _render(fig):
+    """The figure drawn again (it was closed when saved): RGB pixels, rows from the top."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].astype(float) / 255
+
+
+def _pixel(pixels, ax, x: float, y: float):
+    px, py = ax.transData.transform((x, y))
+    return pixels[int(round(pixels.shape[0] - py)), int(round(px))]
+
+
+def _contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours."""
+    def lum(c):
+        lin = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c[:3]]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def shared_or_every_panel_legends(fig, panels) -> list:
+    """The legends a reader finds: one for the whole figure, or one on every panel (not on some only)."""
+    own = [ax.get_legend() for ax in panels if ax.get_legend()]
+    if fig.legends:
+        assert len(fig.legends) == 1 and not own, "a figure legend and panel legends"
+        return list(fig.legends)
+    assert len(own) == len(panels), f"a legend on {len(own)} of {len(panels)} panels"
+    return own
+
+
+def test_cls_and_full_maps_share_colour_map_and_the_0_to_bits_scale(vit_maps, tmp_path):
+    vit_maps.meta["bits"] = 8  # a 2^8-bin histogram holds at most 8 bits of entropy
+    cls = plot_cls_entropy(vit_maps, 0, tmp_path / "cls.png")
+    full = plot_full_entropy(vit_maps, [(0, 0), (2, 1)], tmp_path / "full.png")
+    images = [im for fig in (cls, full) for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 4  # 2 heads + 2 pairs
+    assert {im.get_clim() for im in images} == {(0.0, 8.0)}
+    assert len({im.get_cmap().name for im in images}) == 1
+    # The same entropy gets the same colour in both figures.
+    assert images[0].to_rgba(3.0) == images[-1].to_rgba(3.0)
+
+
+def test_head_summary_is_large_and_its_numbers_contrast_with_their_cells(tmp_path):
+    # Mean entropies from 0 to 8 bits cover the colour map's dark, middle and light cells.
+    ent = [torch.stack([torch.full((17, 17), float(l + h / 2)) for h in range(4)]) for l in (0, 2, 4, 6)]
+    maps = EntropyMaps(entropy=ent, mean=[torch.zeros_like(e) for e in ent], masked=[None] * 4,
+                       meta={"num_images": 10, "num_prefix_tokens": 1, "grid": [4, 4]})
+    fig = plot_head_summary(maps, tmp_path / "heads.png")
+    assert png_size(tmp_path / "heads.png")[0] >= 900
+    ax = fig.axes[0]
+    im = ax.get_images()[0]
+    assert len(ax.texts) == 16
+    for t in ax.texts:
+        h, l = (round(v) for v in t.get_position())
+        cell = im.to_rgba(float(ent[l][h].mean()))
+        assert t.get_text() == f"{float(ent[l][h].mean()):.2f}"
+        assert _contrast(cell, to_rgb(t.get_color())) >= 4.5, (t.get_text(), cell, t.get_color())
+
+
+def test_sweep_reference_is_named_in_the_legend_not_written_on_the_curves(tmp_path):
+    rows = [{"selection": s, "scope": "head", "tau": t, "top1": 90.0 - (30 * t if s == "random" else 0),
+             "top1_std": 1.0 if s == "random" else 0.0} for s in ("entropy", "random") for t in (0.0, 0.5, 0.9)]
+    fig = plot_sweep(rows, tmp_path / "sweep.png", title="t", reference={"unfrozen": 90.0})
+    assert png_size(tmp_path / "sweep.png")[0] >= 900
+    ax = fig.axes[0]
+    assert not ax.texts  # a label by the line would sit on the τ = 0 markers, which start on it
+    assert any("unfrozen" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_quant_sweep_repq_reference_shows_where_the_eam_curves_lie_on_it(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from eamvit.plots.quant import plot_quant_sweep
+
+    rows = []
+    for t in (0.0, 0.1, 0.2, 0.3):
+        rows += [{"method": "fp", "tau": t, "top1": 99.0}, {"method": "repq", "tau": t, "top1": 97.0}]
+        rows += [{"method": "eam", "maps": m, "values": v, "tau": t, "top1": 97.0}  # exactly on RepQ-ViT
+                 for m in ("fp", "quant") for v in ("fp32", "4bit")]
+        rows.append({"method": "random", "maps": "quant", "values": "4bit", "tau": t, "top1": 97.0 - 40 * t})
+    fig = plot_quant_sweep(rows, tmp_path / "q.png")
+    ax = fig.axes[0]
+    repq = next(ln for ln in ax.get_lines() if ln.get_label().startswith("RepQ-ViT"))
+    r, g, b, a = to_rgba(repq.get_color(), repq.get_alpha())
+    shown = [a * c + (1 - a) * 1.0 for c in (r, g, b)]  # the reference over the white axes
+    pixels = _render(fig)
+    cols = [ax.transData.transform((x, 97.0)) for x in (2, 8, 12, 18, 22, 28)]  # between τ markers
+    seen = 0
+    for px, py in cols:
+        window = pixels[int(pixels.shape[0] - py) - 10:int(pixels.shape[0] - py) + 11, int(px)]
+        seen += any(abs(window - shown).max(axis=1) < 0.03)
+    assert seen == len(cols), "RepQ-ViT's reference is hidden under the EAM curves"
+
+
+def test_prune_figure_ticks_read_as_gflops_without_offset(tmp_path):
+    from eamvit.plots.prune import plot_top1_vs_gflops
+
+    fig = plot_top1_vs_gflops(_prune_rows(), tmp_path / "prune.png")
+    _render(fig)
+    ax = fig.axes[0]
+    assert ax.xaxis.get_offset_text().get_text() == ""
+    ticks = [(t.get_text(), t.get_position()[0]) for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ticks) >= 3
+    for text, loc in ticks:
+        assert float(text.replace("−", "-")) == pytest.approx(loc, abs=1e-9)
+
+
+def test_kl_per_head_one_legend_for_both_panels_and_one_norm_sign(kl_maps, tmp_path):
+    from eamvit.plots.quant import plot_kl_per_head
+
+    fig = plot_kl_per_head(kl_maps, tmp_path / "kl.png")
+    assert png_size(tmp_path / "kl.png")[0] >= 900
+    heads = kl_maps.kl[0].shape[0]
+    legends = shared_or_every_panel_legends(fig, fig.axes)
+    assert [t.get_text() for t in legends[0].get_texts()] == [f"head {h}" for h in range(heads)]
+    for ax in fig.axes:  # a head has one colour in both panels
+        assert [ln.get_color() for ln in ax.get_lines()] == [h.get_color() for h in legends[0].legend_handles]
+    texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+    assert not any("||" in s for s in texts) and any("‖" in s for s in texts)
+
+
+def test_kept_patches_legend_names_every_overlay_colour(tmp_path):
+    import numpy as np
+
+    from eamvit.plots.prune import plot_kept_patches
+
+    image = torch.linspace(-1, 1, 256).reshape(1, 16, 16)  # dark to bright: an overlay tint would vary
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[::2, ::3] = False
+    fig = plot_kept_patches(image, {"Shannon": [keep]}, tmp_path / "kept.png", mean=[0.5], std=[0.5])
+    dropped = keep.repeat_interleave(2, 0).repeat_interleave(2, 1).logical_not().numpy()
+    shown = np.asarray(fig.axes[1].get_images()[0].get_array())[..., :3]
+    overlay = {tuple(np.round(c, 6)) for c in shown[dropped]}
+    swatches = [h for lg in fig.legends for h in lg.legend_handles if h.get_facecolor()[3] > 0]
+    assert len(overlay) == len(swatches) == 1
+    assert np.allclose(next(iter(overlay)), swatches[0].get_facecolor()[:3])
+    # Kept patches are the image itself.
+    assert np.allclose(shown[~dropped][:, 0], ((image[0] * 0.5 + 0.5).numpy()[~dropped]), atol=1e-6)
+
+
+def test_token_entropy_one_x_scale_and_one_legend_for_every_block(tmp_path):
+    from eamvit.plots.prune import plot_entropy_histograms
+
+    g = torch.Generator().manual_seed(3)
+    ent = {a: [torch.rand(256, generator=g) * (l + 1) for l in range(3)] for a in (1.0, 2.0)}
+    fig = plot_entropy_histograms(ent, tmp_path / "te.png")
+    panels = [ax for ax in fig.axes if ax.axison]
+    lo = min(float(e.min()) for per in ent.values() for e in per) / math.log(2)
+    hi = max(float(e.max()) for per in ent.values() for e in per) / math.log(2)
+    assert len({ax.get_xlim() for ax in panels}) == 1
+    x0, x1 = panels[0].get_xlim()
+    assert x0 <= lo and x1 >= hi and (x1 - x0) < 1.1 * (hi - lo)
+    legends = shared_or_every_panel_legends(fig, panels)
+    assert len(legends[0].get_texts()) == len(ent)
+    assert_no_overlaps(fig)
+
+
+def _speed_rows() -> list[dict]:
+    def row(m, s, top1, point, lo=None, hi=None):
+        return {"method": m, "speedup": s, "speedup_lo": s - 0.03 if lo is None else lo,
+                "speedup_hi": s + 0.03 if hi is None else hi, "top1": top1, "point": point}
+
+    return [row("unmodified", 1.0, 90.0, None),
+            row("freeze (entry)", 0.85, 89.0, "τ=0.3"), row("freeze (entry)", 0.86, 88.9, "τ=0.5"),
+            row("freeze (head)", 1.1, 80.0, "τ=0.3", hi=3.1),  # one noisy repetition
+            row("freeze (head)", 1.3, 72.0, "τ=0.5"),
+            row("prune (EViT)", 1.0, 90.0, "κ=0.9"),  # right on the unmodified model
+            row("prune (EViT)", 1.4, 72.5, "κ=0.5")]
+
+
+def test_speed_figure_points_are_readable(tmp_path):
+    from matplotlib.lines import Line2D
+
+    from eamvit.plots.speed import plot_top1_vs_speedup
+
+    rows = _speed_rows()
+    fig = plot_top1_vs_speedup(rows, tmp_path / "speed.png")
+    assert png_size(tmp_path / "speed.png")[0] >= 900
+    ax = fig.axes[0]
+    assert not ax.texts  # τ/κ are told by the marker (in the legend), not by labels that pile up
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    singles = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    for r in rows[1:]:  # every point drawn with its knob's marker from the legend
+        assert any((ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker()) ==
+                   (r["speedup"], r["top1"], legend[r["point"]].get_marker()) for ln in singles), r
+    # The x range follows the medians; the 3.1x bar is cut at the edge and the legend says how that looks.
+    x0, x1 = ax.get_xlim()
+    assert x0 <= 0.85 and 1.4 <= x1 < 1.6
+    for seg in (s for c in ax.collections for s in c.get_segments()):
+        assert x0 - 1e-9 <= seg[:, 0].min() and seg[:, 0].max() <= x1 + 1e-9
+    tip = next(ln for ln in singles if ln.get_xdata()[0] == pytest.approx(x1) and ln.get_ydata()[0] == 80.0)
+    named = [name for name, h in legend.items() if isinstance(h, Line2D) and h.get_marker() == tip.get_marker()]
+    assert len(named) == 1 and named[0] not in {r["point"] for r in rows}
+    # The unmodified model's star does not cover the EViT point that lies on it.
+    pixels = _render(fig)
+    evit = next(ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() == "--")
+    assert abs(_pixel(pixels, ax, 1.0, 90.0) - to_rgb(evit.get_color())).max() < 0.1

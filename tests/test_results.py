@@ -98,3 +98,26 @@ def test_sweep_table_by_hand():
 def test_markdown_needs_columns():
     with pytest.raises(EamError):
         markdown([])
+
+
+def test_retitle_renames_markdown_headers_only(tmp_path):
+    from eamvit.experiments.results import retitle
+
+    cols = [Column("method", "Method"), Column("top1", "vit_tiny_patch16_224", ".2f")]
+    rows = [{"method": "RepQ-ViT", "top1": 97.2222}]
+    new = retitle(cols, top1="digits ViT")
+    assert markdown(rows, new).splitlines()[:3] == ["| Method | digits ViT |", "|---|---|", "| RepQ-ViT | 97.22 |"]
+    write_table(tmp_path / "t", rows, new, formats=("csv",))
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "method,top1"  # the data keys stay
+    with pytest.raises(EamError, match="top5"):
+        retitle(cols, top5="x")
+
+
+def test_export_table_reads_as_text():
+    from eamvit.experiments.export_table import EXPORT_COLUMNS
+
+    row = {"model": "fp32", "runtime": "ONNX Runtime", "top1": 98.889, "file_bytes": 1234567,
+           "images_per_s": 20345.6, "spread": 0.123}
+    header, _, line = markdown([row], EXPORT_COLUMNS).splitlines()
+    assert "file_bytes" not in header and "images_per_s" not in header and "top1 " not in header
+    assert line == "| fp32 | ONNX Runtime | 98.89 | 1,234,567 | 20,346 | 12.3% |"

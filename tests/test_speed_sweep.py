@@ -111,7 +111,7 @@ def test_plot_draws_one_line_per_method_in_sweep_order(tmp_path):
     fig = plot_top1_vs_speedup(rows, tmp_path / "s.png")
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert sorted(labels) == ["freeze (head)", "prune (EViT)", "unmodified"]
+    assert labels == ["freeze (head)", "prune (EViT)", "unmodified (90.00 %)", "τ=0.5", "τ=0.7", "κ=0.7"]
     head = ax.lines[0]
     assert list(head.get_xdata()) == [1.2, 1.1] and list(head.get_ydata()) == [80.0, 70.0]
     assert (tmp_path / "s.png").stat().st_size > 5_000

@@ -34,7 +34,7 @@ from torch import nn
 
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.experiments.freeze_sweep import freeze_sweep
-from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, write_table
+from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, retitle, write_table
 from eamvit.experiments.runner import EvalData, Timing
 from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
@@ -175,8 +175,9 @@ def _figures_step(demo: DemoRun) -> dict:
     md = f"""## Figures
 
 - `cls_entropy_L0.png` ... `cls_entropy_L{last}.png`: entropy of the CLS token's attention to every patch, per
-  head, one file per layer on one colour scale (paper Fig. 2); layers and heads are numbered from 0
-- `full_entropy.png`: full entropy maps of chosen (layer, head) pairs (Fig. 3)
+  head, one file per layer on one colour scale (Fig. 2 of the EAM paper, *Exploiting Information Redundancy
+  in Attention Maps for Extreme Quantization of Vision Transformers*); layers and heads are numbered from 0
+- `full_entropy.png`: full entropy maps of chosen (layer, head) pairs on the same colour scale (its Fig. 3)
 - `head_entropy.png`: mean entropy per layer and head
 """
     return {"rows": [], "table": f"figures: {files}", "markdown": md}
@@ -312,26 +313,27 @@ def _quant_step(demo: DemoRun) -> dict:
     rows = res["rows"]
     write_table(out / "quant_sweep", rows)
     plot_quant_sweep(rows, out / "quant_sweep.png", title="digits ViT, W4/A4 RepQ-ViT + EAM")
-    plot_kl_per_head(res["kl"], out / "kl_per_head.png", title="KL(p_fp32 || p_W4A4) per head")
+    plot_kl_per_head(res["kl"], out / "kl_per_head.png", title="D_KL(p_fp32 ‖ p_W4A4) per head")
     plot_kl_cls(res["kl"], 0, out / "kl_cls_L0.png")
     sizes = markdown(*size_table([r for r in rows if r["tau"] in (0.0, 0.2)]))
+    table = markdown(res["table1"][0], retitle(res["table1"][1], top1="digits ViT"))
     md = f"""## W4/A4 post-training quantization (RepQ-ViT) with EAM on top
 
 Table 1 of the paper on the digits ViT (top-1 %, held-out digits). EAM here uses maps computed on the
 quantized model and frozen values quantized to 4 bits with the post-softmax log√2 quantizer (the
 paper's EAM_4bits). Every variant, at every τ, is in `quant_sweep.csv`.
 
-{res["table"]}
+{table}
 ![quantized sweep](quant_sweep.png)
 
-KL divergence between the FP and W4/A4 attention histograms: `kl_per_head.png` (Fig. 4a),
-`kl_cls_L0.png` (Fig. 4b-c; layers and heads numbered from 0).
+KL divergence between the FP and W4/A4 attention histograms: `kl_per_head.png` (the EAM paper's
+Fig. 4a), `kl_cls_L0.png` (its Fig. 4b-c; layers and heads numbered from 0).
 
 Sizes at τ = 0 and 20 %:
 
 {sizes}
 """
-    return {"rows": rows, "table": res["table"], "markdown": md}
+    return {"rows": rows, "table": table, "markdown": md}
 
 
 def _prune_step(demo: DemoRun) -> dict:
@@ -364,9 +366,10 @@ this machine during the demo (`prune.csv` has the interquartile range).
 {table}
 ![top-1 against GFLOPs](prune.png)
 
-`kept_patches.png`: the patches each method keeps at every stage, over one test digit (seed Fig. 4);
+`kept_patches.png`: the patches each method keeps at every stage, over one test digit (Fig. 4 of
+*Rényi Attention Entropy for Patch Pruning*);
 `token_entropy.png`: per block, the distribution of patch tokens' attention entropy for α = 1, 2, 3, ∞
-(seed Fig. 5).
+(its Fig. 5).
 """
     return {"rows": rows, "table": table, "markdown": md}
 
@@ -392,13 +395,13 @@ quality. `eamvit compare` runs the full settings.
 
 def _export_step(demo: DemoRun) -> dict:
     """The model as a user would ship it: PyTorch and ONNX Runtime, fp32 and int8 (+ 4-bit weights with ``full``)."""
-    from eamvit.experiments.export_table import export_table
+    from eamvit.experiments.export_table import EXPORT_COLUMNS, export_table
     from eamvit.methods.export_runtime import cpu_has_vnni
 
     rows = export_table(demo.model, reps=EXPORT_REPS_FULL if demo.full else EXPORT_REPS, short=not demo.full,
                         progress=True)
-    write_table(demo.out / "export", rows)
-    table = markdown(rows)
+    write_table(demo.out / "export", rows, EXPORT_COLUMNS)
+    table = markdown(rows, EXPORT_COLUMNS)
     note = ("\nThis CPU has no VNNI: ONNX Runtime's uint8 × int8 kernels add pairs of products in 16 bits and "
             "saturate, so the uint8-activation rows can score below the simulated model here; "
             "`eamvit export --symmetric-activations` avoids it.\n") if cpu_has_vnni() is False else ""

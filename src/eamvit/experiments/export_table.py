@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eamvit.experiments.results import Column
 from eamvit.io import save_tensors
 from eamvit.methods.data import DigitsDataset, random_subset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
@@ -136,3 +137,9 @@ def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
         ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
          d / "w4.onnx"),
     ]
+
+
+# The markdown view of the rows: readable headers, top-1 to two decimals, bytes with thousands separators.
+EXPORT_COLUMNS = [Column("model", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
+                  Column("file_bytes", "file bytes", ","), Column("images_per_s", "images/s", ",.0f"),
+                  Column("spread", "spread", ".1%")]

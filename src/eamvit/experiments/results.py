@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -117,6 +117,19 @@ class Column:
         if isinstance(value, (bool, str)) or not self.fmt:
             return str(value)
         return format(value, self.fmt)
+
+
+def retitle(columns: Sequence[Column], **titles: str) -> list[Column]:
+    """``columns`` with new markdown headers for some keys (the CSV/JSON keys stay).
+
+    Args:
+        columns: the table's columns.
+        titles: ``key=header`` for each column to rename, e.g. ``top1="digits ViT"``.
+    """
+    unknown = set(titles) - {c.key for c in columns}
+    if unknown:
+        raise EamError(f"no column {sorted(unknown)} to retitle; the columns are {[c.key for c in columns]}")
+    return [replace(c, title=titles[c.key]) if c.key in titles else c for c in columns]
 
 
 def columns_of(rows: Sequence[Row]) -> list[Column]:

@@ -36,6 +36,22 @@ def _grid(maps: EntropyMaps, n_patches: int) -> tuple[int, int]:
     return side, side
 
 
+def entropy_limits(maps: EntropyMaps) -> tuple[float, float]:
+    """The one colour scale of every entropy map figure (CLS rows and full maps): 0 to ``b`` bits.
+
+    A histogram of ``2^b`` bins has at most ``b`` bits of entropy, so the scale is the same for every
+    layer, every figure and every run with the same ``b``; maps without ``bits`` in their metadata
+    fall back to 0 .. the largest entropy of any entry.
+    """
+    bits = maps.meta.get("bits")
+    if isinstance(bits, int) and bits > 0:
+        return 0.0, float(bits)
+    return 0.0, max(float(e.max()) for e in maps.entropy) or 1.0
+
+
+ENTROPY_CMAP = "viridis"  # CLS-row and full maps alike, so one colour means one entropy in both
+
+
 def _cls_rows(maps: EntropyMaps, layer: int):
     rows = cls_row(maps.entropy, layer, int(maps.meta.get("num_prefix_tokens", 1)))
     if rows is None:
@@ -46,24 +62,25 @@ def _cls_rows(maps: EntropyMaps, layer: int):
 def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
     """Fig. 2: entropy of the CLS token's attention to every patch of ``layer``, one panel per head.
 
-    The colour scale runs from 0 to the largest CLS-row entropy of ALL layers, so the figures of
-    different layers can be compared. Layers and heads are numbered from 0, as in the options.
+    The colour scale is :func:`entropy_limits` (that of the full maps too), so the figures of
+    different layers and :func:`plot_full_entropy` can be compared. Layers and heads are numbered
+    from 0, as in the options.
 
     Returns:
         The (closed) matplotlib figure.
     """
     rows = _cls_rows(maps, layer)
-    vmax = max(float(_cls_rows(maps, l).max()) for l in range(maps.num_layers)) or 1.0
+    vmin, vmax = entropy_limits(maps)
     gh, gw = _grid(maps, rows.shape[-1])
     heads = list(heads) if heads is not None else list(range(rows.shape[0]))
     fig, axes = plt.subplots(1, len(heads), figsize=(2.4 * len(heads) + 1.2, 2.9), squeeze=False,
                              layout="constrained")
     for ax, h in zip(axes[0], heads):
-        im = ax.imshow(rows[h].reshape(gh, gw).numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        im = ax.imshow(rows[h].reshape(gh, gw).numpy(), cmap=ENTROPY_CMAP, vmin=vmin, vmax=vmax)
         ax.set_title(f"layer {layer}, head {h}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy (bits)\none scale for all layers")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy (bits)\none scale for all layers\nand the full maps")
     fig.suptitle(f"CLS-token entropy over the {gh}x{gw} patches, layer {layer} of 0..{maps.num_layers - 1} "
                  f"(M={maps.meta.get('num_images')} images)", fontsize=10)
     return save_figure(fig, path)
@@ -72,54 +89,83 @@ def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, hea
 def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path: str | os.PathLike):
     """Fig. 3: the full ``N x N`` entropy map of chosen 0-based (layer, head) pairs (Swin: window 0).
 
-    One colour scale (0 to the largest entropy of any layer) for every panel.
+    One colour map and scale (:func:`entropy_limits`) for every panel, the same as the CLS-row maps.
 
     Returns:
         The (closed) matplotlib figure.
     """
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.3 * len(pairs) + 1.2, 3.6), squeeze=False,
                              layout="constrained")
-    vmax = max(float(e.max()) for e in maps.entropy) or 1.0
+    vmin, vmax = entropy_limits(maps)
     for ax, (l, h) in zip(axes[0], pairs):
         e = maps.entropy[l]
         m = e[h] if e.dim() == 3 else e[0, h]
-        im = ax.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
+        im = ax.imshow(m.numpy(), cmap=ENTROPY_CMAP, vmin=vmin, vmax=vmax)
         ax.set_title(f"layer {l}, head {h}", fontsize=9)
         ax.set_xlabel("key token j" + (" (0: CLS)" if e.dim() == 3 else ""), fontsize=8)
         ax.set_ylabel("query token i", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy of entry (i, j) (bits)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="entropy of entry (i, j) (bits)\nsame scale as the CLS-row maps")
     swin = " (Swin: window 0)" if maps.entropy[0].dim() == 4 else ""
     fig.suptitle(f"Entropy attention maps, all query-key entries{swin} "
                  f"(M={maps.meta.get('num_images')} images)", fontsize=10)
     return save_figure(fig, path)
 
 
+def _relative_luminance(rgb: Sequence[float]) -> float:
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def text_colour(rgb: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of colour ``rgb`` (WCAG contrast ratio)."""
+    lum = _relative_luminance(rgb)
+    return "k" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "w"
+
+
 def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike):
     """Mean entropy of every (layer, head), numbered from 0: where the low-entropy heads are.
+
+    Each cell's number is black on light cells and white on dark ones.
 
     Returns:
         The (closed) matplotlib figure.
     """
     s = mean_entropy_per_head(maps.entropy)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * s.shape[1], 1.0 + 0.4 * s.shape[0]), layout="constrained")
-    im = ax.imshow(s.numpy(), cmap="viridis", aspect="auto")
-    for (l, h), v in zip(((l, h) for l in range(s.shape[0]) for h in range(s.shape[1])), s.flatten().tolist()):
-        if not math.isnan(v):
-            ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(s.shape[1]), [str(h) for h in range(s.shape[1])])
-    ax.set_yticks(range(s.shape[0]), [str(l) for l in range(s.shape[0])])
+    n_layers, n_heads = s.shape
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.8 + 0.9 * n_heads), max(4.0, 1.2 + 0.55 * n_layers)),
+                           layout="constrained")
+    im = ax.imshow(s.numpy(), cmap=ENTROPY_CMAP, aspect="auto")
+    for l in range(n_layers):
+        for h in range(n_heads):
+            v = float(s[l, h])
+            if not math.isnan(v):
+                ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=10,
+                        color=text_colour(im.cmap(im.norm(v))))
+    ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)])
+    ax.set_yticks(range(n_layers), [str(l) for l in range(n_layers)])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="mean entropy (bits)")
-    ax.set_title("mean entropy per layer and head", fontsize=10)
+    ax.set_title(f"mean entropy per layer and head (M={maps.meta.get('num_images')} images)", fontsize=11)
     return save_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
-               reference: Optional[dict[str, float]] = None) -> None:
-    """Top-1 against sparsity τ, one line per (label, selection, scope); random with ±1 std band."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+               reference: Optional[dict[str, float]] = None):
+    """Top-1 against sparsity τ, one line per (label, selection, scope); random with ±1 std band.
+
+    Args:
+        rows: sweep rows (``tau``, ``top1``, ``selection``; optional ``label``, ``scope``,
+            ``value_bits``, ``top1_std``).
+        path: PNG to write.
+        title: figure title.
+        reference: horizontal lines ``{name: top-1}`` (the unfrozen model), named in the legend.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
+    fig, ax = plt.subplots(figsize=(9.2, 5.4))
     keys = []
     for r in rows:
         k = (r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32))
@@ -136,10 +182,11 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
                         linestyle="-" if k[1] == "entropy" else "--", label=name)
         if k[1] == "random":
             std_band(ax, line, pts)
-    for name, val in (reference or {}).items():
-        ax.axhline(val, color="gray", linestyle=":", linewidth=1)
-        ax.text(0, val, f" {name}", va="bottom", fontsize=8, color="gray")
-    finish_sweep(fig, ax, path, title or "EAM freezing vs random freezing")
+    # References go in the legend, not as text by the line: at τ = 0 the curves start on them.
+    for i, (name, val) in enumerate((reference or {}).items()):
+        ax.axhline(val, color="0.35", linestyle=(0, (1, 1 + i)), linewidth=1.2, zorder=1,
+                   label=f"{name} ({val:.2f} %)")
+    return finish_sweep(fig, ax, path, title or "EAM freezing vs random freezing")
 
 
 def std_band(ax, line, rows: Sequence[dict]) -> None:
@@ -153,11 +200,11 @@ def std_band(ax, line, rows: Sequence[dict]) -> None:
                     color=line.get_color(), alpha=0.15)
 
 
-def finish_sweep(fig, ax, path: str | os.PathLike, title: str) -> None:
+def finish_sweep(fig, ax, path: str | os.PathLike, title: str):
     """Axes, grid and legend shared by every top-1-against-τ figure, then save."""
     ax.set_xlabel("sparsity τ (% of attention entries frozen)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

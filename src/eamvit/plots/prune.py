@@ -14,12 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
 from eamvit.experiments.prune_sweep import row_label  # noqa: E402
 from eamvit.plots.entropy import save_figure  # noqa: E402
 
-DROPPED_RGB = (0.72, 0.82, 0.95)  # dropped patches are washed out towards this pale blue
+DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one flat blue
 
 
 _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
@@ -28,8 +29,8 @@ _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
     """Top-1 against GFLOPs: one colour per method, one marker shape per keep rate κ; unpruned as a star.
 
-    GFLOPs are the unit of the sweep's tables too (tiny models get a x10^k factor on the axis, not
-    another unit). κ is told by the marker, explained in the legend, rather than by a text at each
+    GFLOPs are the unit of the sweep's tables too, with plain tick labels (no ``x10^k`` offset, so a
+    tick reads as the GFLOPs of the table). κ is told by the marker, explained in the legend, rather than by a text at each
     point: methods at one κ cost about the same, so such labels pile up.
 
     Args:
@@ -48,7 +49,7 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
     if len(kappas) > len(_KAPPA_MARKERS):
         raise EamError(f"the figure tells at most {len(_KAPPA_MARKERS)} keep rates apart, got {len(kappas)}")
     marker = dict(zip(kappas, _KAPPA_MARKERS))
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.8, 5.4), layout="constrained")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(row_label(r), []).append(r)
@@ -65,7 +66,8 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
             ax.plot(r["gflops"], r["top1"], marker=marker[float(r["keep_rate"])], color=line.get_color(), zorder=4)
         methods.append(Line2D([], [], color=line.get_color(), linestyle=line.get_linestyle(), label=name))
     shapes = [Line2D([], [], marker=marker[k], color="k", linestyle="", label=f"κ = {k:g}") for k in kappas]
-    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
+    ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    ax.xaxis.get_major_formatter().set_scientific(False)
     ax.set_xlabel("GFLOPs per image (multiply-adds)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
@@ -85,8 +87,9 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
                       blocks: Optional[Sequence[int]] = None):
     """The seed's Fig. 4: for each method (a row), the patches still present after each stage.
 
-    Dropped patches are washed out in pale blue (a legend says so); the fused token (EViT) has no
-    place on the grid.
+    Dropped patches are painted in one flat blue, kept ones show the image (a legend names both);
+    the fused token (EViT) has no place on the grid. The colour is flat rather than a tint of the
+    image, so it reads as one colour over dark and bright pixels alike.
 
     Args:
         image: the preprocessed image ``(C, H, W)`` the masks belong to.
@@ -105,9 +108,9 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
     stages = max(len(m) for m in masks.values())
     fig, axes = plt.subplots(len(masks), stages + 1, figsize=(2.2 * (stages + 1), 2.3 * len(masks) + 0.5),
                              squeeze=False)
-    # Grayscale images are drawn in RGB so that dropped patches (washed out in pale blue) stand apart.
+    # Grayscale images are drawn in RGB so that dropped patches (flat blue) stand apart.
     rgb = shown.permute(1, 2, 0) if C == 3 else shown[0].unsqueeze(-1).expand(-1, -1, 3)
-    wash = 0.3 * rgb + 0.7 * torch.tensor(DROPPED_RGB)
+    dropped = torch.tensor(DROPPED_RGB, dtype=rgb.dtype).expand_as(rgb)
     for row, (label, stage_masks) in enumerate(masks.items()):
         axes[row][0].imshow(rgb.numpy())
         axes[row][0].set_ylabel(label, fontsize=9)
@@ -116,21 +119,22 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
             ph, pw = H // m.shape[0], W // m.shape[1]
             keep = m.repeat_interleave(ph, 0).repeat_interleave(pw, 1)[:H, :W]
             ax = axes[row][s + 1]
-            ax.imshow(torch.where(keep.unsqueeze(-1), rgb, wash).numpy())
+            ax.imshow(torch.where(keep.unsqueeze(-1), rgb, dropped).numpy())
             where = f" (after block {blocks[s]})" if blocks is not None else ""  # 0-based, as --prune-blocks
             ax.set_title(f"stage {s + 1}{where}: {int(m.sum())} kept", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.legend(handles=[Patch(color=DROPPED_RGB, label="dropped patch (washed out in pale blue)")],
-               loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.legend(handles=[Patch(facecolor=DROPPED_RGB, edgecolor="0.4", label="dropped patch"),
+                        Patch(facecolor="none", edgecolor="0.4", label="kept patch: the image as it is")],
+               loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.suptitle(title or "Kept patches per pruning stage")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, path)
 
 
 def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], path: str | os.PathLike,
-                            layers: Optional[Sequence[int]] = None, bins: int = 40, title: str = ""):
+                            layers: Optional[Sequence[int]] = None, bins: int = 60, title: str = ""):
     """The seed's Fig. 5: per block, the distribution of patch tokens' attention entropy for each α.
 
     Args:
@@ -148,24 +152,29 @@ def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], p
     shown = list(layers) if layers is not None else list(range(n))
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows + 0.8), squeeze=False)
+    # One x range and one set of bin edges for every block and α, so that the panels compare directly.
+    lo = min(float(e.min()) for per in ent.values() for e in per)
+    hi = max(float(e.max()) for per in ent.values() for e in per)
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1).numpy()
+    pad = 0.02 * float(edges[-1] - edges[0])  # the outer bins' edges stay in view
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 1.2), squeeze=False, sharex=True,
+                             layout="constrained")
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n:
             ax.axis("off")
             continue
-        lo = min(float(e[i].min()) for e in ent.values())
-        hi = max(float(e[i].max()) for e in ent.values())
-        edges = torch.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1).numpy()
         for a, e in ent.items():
-            name = "Shannon" if a == 1.0 else f"α={'∞' if math.isinf(a) else f'{a:g}'}"
-            ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=name)
+            name = "Shannon (α=1)" if a == 1.0 else f"Rényi α={'∞' if math.isinf(a) else f'{a:g}'}"
+            ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=name, linewidth=1.3)
         ax.set_title(f"block {shown[i]}", fontsize=9)  # 0-based, as --prune-blocks
-        ax.tick_params(labelsize=7)
+        ax.set_xlim(float(edges[0]) - pad, float(edges[-1]) + pad)
+        ax.tick_params(labelsize=7, labelbottom=True)
         if i % cols == 0:
             ax.set_ylabel("density", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.supxlabel("attention entropy of a patch token (bits, mean over heads)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=9, title="entropy", title_fontsize=9)
+    fig.supxlabel("attention entropy of a patch token (bits, mean over heads); one x scale for every block",
+                  fontsize=9)
     fig.suptitle(title or "Attention-entropy distributions per block")
-    fig.tight_layout()
     return save_figure(fig, path)

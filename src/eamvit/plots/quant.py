@@ -10,23 +10,33 @@ from eamvit.errors import EamError
 from eamvit.methods.kl import KLMaps
 from eamvit.plots.entropy import finish_sweep, plt, save_figure, std_band
 
-_STYLE = {"fp": ("k", ":"), "repq": ("gray", "--")}
+# τ-independent references: FP dotted on top; RepQ-ViT a broad band underneath, visible around curves on it.
+_REFERENCE = {"fp": dict(color="k", linestyle=":", linewidth=1.5, zorder=4),
+              "repq": dict(color="0.55", linestyle="-", linewidth=7, alpha=0.45, zorder=2, solid_capstyle="butt")}
 
 
 def plot_kl_per_head(kl: KLMaps, path: str | os.PathLike, title: str = ""):
-    """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head)."""
+    """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head).
+
+    Both panels share one legend (a head has the same colour in both), outside them.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
     mean, mx = kl.per_head()
     layers = list(range(mean.shape[0]))  # numbered from 0, as every eamvit option and figure
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for ax, stat, name in ((axes[0], mean, "mean"), (axes[1], mx, "max")):
         for h in range(stat.shape[1]):
-            ax.plot(layers, stat[:, h].numpy(), marker="o", markersize=3, label=f"head {h}")
+            ax.plot(layers, stat[:, h].numpy(), marker="o", markersize=3, color=f"C{h}", label=f"head {h}")
         ax.set_xlabel("layer")
-        ax.set_ylabel(f"{name} D_KL(p_fp32 ‖ p_q) (bits)")
+        ax.set_ylabel(f"{name} over entries of D_KL(p_fp32 ‖ p_q) (bits)")
+        ax.set_title(f"{name} per head", fontsize=10)
         ax.set_xticks(layers)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(title or f"KL divergence per head (M={kl.meta.get('num_images')}, eps={kl.meta.get('eps')})")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(title or f"D_KL(p_fp32 ‖ p_q) per head (M={kl.meta.get('num_images')}, eps={kl.meta.get('eps')})")
     return save_figure(fig, path)
 
 
@@ -64,23 +74,32 @@ def _series_name(k: tuple) -> str:
     return f"EAM, maps from {'quantized' if maps == 'quant' else 'FP'} model, {values} values"
 
 
-def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Fig. 5/6: top-1 against τ for FP, RepQ-ViT, the EAM variants and random freezing (±1 std band)."""
+def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = ""):
+    """Fig. 5/6: top-1 against τ for FP, RepQ-ViT, the EAM variants and random freezing (±1 std band).
+
+    FP and RepQ-ViT do not depend on τ and are drawn as horizontal references; RepQ-ViT is a broad
+    translucent band behind the curves, because the EAM curves start on it (τ = 0) and stay close.
+
+    Returns:
+        The (closed) matplotlib figure.
+    """
     keys: list[tuple] = []
     for r in rows:
         if _series_key(r) not in keys:
             keys.append(_series_key(r))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.2, 5.4))
     for k in keys:
         pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])
         x = [100 * r["tau"] for r in pts]
         y = [r["top1"] for r in pts]
-        color, ls = _STYLE.get(k[0], (None, "-" if k[0] == "eam" else "--"))
-        line, = ax.plot(x, y, color=color, linestyle=ls, marker=None if k[0] in _STYLE else "o",
-                        markersize=3, label=_series_name(k))
+        if k[0] in _REFERENCE:
+            ax.plot(x, y, label=f"{_series_name(k)} ({y[0]:.2f} %)", **_REFERENCE[k[0]])
+            continue
+        line, = ax.plot(x, y, linestyle="-" if k[0] == "eam" else "--", marker="o", markersize=3, zorder=3,
+                        label=_series_name(k))
         if k[0] == "random":
             std_band(ax, line, pts)
-    finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
+    return finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
 
 
 def plot_pmq_frontier(report: dict, path: str | os.PathLike, title: str = "PMQ") -> None:
