@@ -14,6 +14,21 @@ What is quantized (fake-quantized in float, as the reference simulates it):
 
 Not quantized: softmax input, LayerNorm arithmetic, residual adds, Swin's relative-position bias.
 
+The further families (:mod:`eamvit.modules.families`; BatchNorm families are refused) get the same
+treatment with these differences, none of which touches ViT or Swin v1:
+
+* q, k and v are the operands of timm's own two attention matmuls, caught by the softmax tap, so
+  the score order is timm's (most scale q first); ConViT's gated attention quantizes its patch
+  scores' q and k and its v the same way, and the gated mix of its two softmaxes with log√2;
+* the LayerNorm → Linear pairs come from :mod:`eamvit.modules.family_quant`; a norm feeding several
+  Linears (separate q, k, v; SwiGLU) is reparameterised once, with its first Linear's parameters;
+* the Linears that compute position terms or mix maps across heads stay in float (Swin v2's
+  position-bias MLP, ConViT's positional projection, CaiT's talking heads);
+* every ``nn.Conv2d`` takes its input at ``input_bits`` per tensor, also the ones inside the network
+  (Twins' position and later patch convs, MViTv2's pooling, XCiT's stem and LPI): more bits than
+  ``a_bits`` there, not fewer;
+* VOLO's outlook attention has no q·k map: only its Linears are quantized.
+
 Calibration (:func:`eamvit.quantize_` with a :class:`RepQConfig`): one batch of ``calib_size`` images; pass 1 runs the model with
 every quantizer enabled and initialised lazily in forward order, so each layer is calibrated on
 already-quantized upstream activations. Then, per LayerNorm → Linear pair, with the pair's per-channel

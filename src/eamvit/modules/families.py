@@ -12,8 +12,11 @@ ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the
 output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
 with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
 
-Each section is one family: its instrumented classes and their adapters. Executed head/row plans,
-token pruning, quantization and export are not declared for these families yet.
+Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
+matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
+in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
+(BatchNorm). Each section is one family: its instrumented classes and their adapters. Executed
+head/row plans, token pruning, ADFQ-ViT, PMQ and export are not declared for these families yet.
 """
 from __future__ import annotations
 
