@@ -14,6 +14,21 @@ What is quantized (fake-quantized in float, as the reference simulates it):
 
 Not quantized: softmax input, LayerNorm arithmetic, residual adds, Swin's relative-position bias.
 
+The further families (:mod:`eamvit.modules.families`; BatchNorm families are refused) get the same
+treatment with these differences, none of which touches ViT or Swin v1:
+
+* q, k and v are the operands of timm's own two attention matmuls, caught by the softmax tap, so
+  the score order is timm's (most scale q first); ConViT's gated attention quantizes its patch
+  scores' q and k and its v the same way, and the gated mix of its two softmaxes with log√2;
+* the LayerNorm → Linear pairs come from :mod:`eamvit.modules.family_quant`; a norm feeding several
+  Linears (separate q, k, v; SwiGLU) is reparameterised once, with its first Linear's parameters;
+* the Linears that compute position terms or mix maps across heads stay in float (Swin v2's
+  position-bias MLP, ConViT's positional projection, CaiT's talking heads);
+* every ``nn.Conv2d`` takes its input at ``input_bits`` per tensor, also the ones inside the network
+  (Twins' position and later patch convs, MViTv2's pooling, XCiT's stem and LPI): more bits than
+  ``a_bits`` there, not fewer;
+* VOLO's outlook attention has no q·k map: only its Linears are quantized.
+
 Calibration (:func:`eamvit.quantize_` with a :class:`RepQConfig`): one batch of ``calib_size`` images; pass 1 runs the model with
 every quantizer enabled and initialised lazily in forward order, so each layer is calibrated on
 already-quantized upstream activations. Then, per LayerNorm → Linear pair, with the pair's per-channel
@@ -46,6 +61,7 @@ from timm.models.vision_transformer import Block
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.quantize import QuantRun, calibration_images, is_quantized, register_quantize_handler
+from eamvit.modules import family_quant
 from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
@@ -126,22 +142,43 @@ def _vit_pairs(block: nn.Module) -> list[Optional[tuple]]:
     return out
 
 
-# Exact block types whose LayerNorm output feeds exactly one Linear.
+# Exact block types whose LayerNorm output feeds only Linears: ViT and Swin v1 here (one Linear
+# each), the further families in family_quant (one or several).
 _PAIR_FINDERS: dict[type, Callable[[nn.Module], list]] = {
     Block: _vit_pairs,
     SwinTransformerBlock: _vit_pairs,
     PatchMerging: lambda m: [_ln_linear(m.norm, m.reduction)],
+    **family_quant.PAIR_FINDERS,
 }
 
 
 def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
-    """The LayerNorm → Linear pairs of ``model`` that RepQ-ViT reparameterizes, in module order."""
+    """The LayerNorm → Linear pairs of ``model`` that RepQ-ViT reparameterizes, in module order.
+
+    A norm that feeds several Linears gives one pair per Linear, consecutive, the Linear whose input
+    quantizer sets the group's parameters first (see :func:`reparameterize_`).
+    """
     pairs = []
     for m in model.modules():
         finder = _PAIR_FINDERS.get(type(m))
-        if finder is not None:
-            pairs += [p for p in finder(m) if p is not None]
+        if finder is None:
+            continue
+        for p in finder(m):
+            if p is not None:
+                norm, lins = p
+                pairs += [(norm, lin) for lin in (lins if isinstance(lins, list) else [lins])]
     return pairs
+
+
+def _groups(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> list[tuple[nn.LayerNorm, list[nn.Linear]]]:
+    """Consecutive pairs of one norm, as ``(norm, linears)``."""
+    out: list[tuple[nn.LayerNorm, list[nn.Linear]]] = []
+    for norm, lin in pairs:
+        if out and out[-1][0] is norm:
+            out[-1][1].append(lin)
+        else:
+            out.append((norm, [lin]))
+    return out
 
 
 def _head_modules(model: nn.Module) -> set[int]:
@@ -170,9 +207,11 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
     pairs = reparam_pairs(model)
     per_channel = {id(lin) for _, lin in pairs}
     heads = _head_modules(model)
+    in_float = family_quant.float_linears(model)
+    family_quant.separate_biases_(model)
     pct = config.percentiles
     for m in list(model.modules()):
-        if type(m) in _LINEAR_SWAP and (config.quantize_head or id(m) not in heads):
+        if type(m) in _LINEAR_SWAP and (config.quantize_head or id(m) not in heads) and id(m) not in in_float:
             m.__class__ = _LINEAR_SWAP[type(m)]
             gran = "channel" if id(m) in per_channel else "tensor"
             m.input_quantizer = UniformQuantizer(config.a_bits, gran, channel_dim=-1, percentiles=pct)
@@ -182,7 +221,9 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
             m.input_quantizer = UniformQuantizer(config.input_bits, "tensor", percentiles=pct)
             m.weight_quantizer = UniformQuantizer(config.w_bits, "channel", channel_dim=0, percentiles=pct)
     for layer in layers:
-        scale_first = True if isinstance(layer, EamWindowAttention) else config.vit_scale_first
+        # None: a tapped family quantizes the operands of timm's own score matmul, in timm's order.
+        scale_first = True if isinstance(layer, EamWindowAttention) else \
+            config.vit_scale_first if isinstance(layer, EamAttention) else None
         layer.eam_quant = AttentionQuantizers(config.a_bits, config.attn_quantizer, scale_first, pct)
     return pairs if config.reparam else []
 
@@ -194,11 +235,14 @@ def reparameterize_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
     The Linear's per-channel input quantizer becomes per tensor, and its weight quantizer is
     re-initialised on the new weights. In full precision the model computes the same function.
     """
-    for norm, lin in pairs:
-        iq = lin.input_quantizer
-        if not isinstance(iq, UniformQuantizer) or not iq.inited or iq.granularity != "channel":
-            raise EamError("reparameterization needs calibrated per-channel input quantizers; run eamvit.quantize_")
-        d_c, zp_c = iq.delta.reshape(-1).to(lin.weight.device), iq.zero_point.reshape(-1).to(lin.weight.device)
+    for norm, lins in _groups(pairs):
+        for lin in lins:
+            iq = lin.input_quantizer
+            if not isinstance(iq, UniformQuantizer) or not iq.inited or iq.granularity != "channel":
+                raise EamError("reparameterization needs calibrated per-channel input quantizers; run eamvit.quantize_")
+        # A norm feeding several Linears: the first one's parameters serve all (one norm, one scaling).
+        iq, dev = lins[0].input_quantizer, lins[0].weight.device
+        d_c, zp_c = iq.delta.reshape(-1).to(dev), iq.zero_point.reshape(-1).to(dev)
         min_c = -zp_c * d_c
         d_t, zp_t = d_c.mean(), zp_c.mean()
         min_t = -zp_t * d_t
@@ -206,13 +250,14 @@ def reparameterize_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
         b = min_c / r - min_t
         norm.weight.data = norm.weight.data / r
         norm.bias.data = norm.bias.data / r - b
-        lin.weight.data = lin.weight.data * r
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-        lin.bias.data = lin.bias.data + lin.weight.data @ b
-        iq.set_params(d_t, zp_t, granularity="tensor")
-        lin.weight_quantizer.reset()
-        lin.weight_quantizer.calibrate(lin.weight)
+        for lin in lins:
+            lin.weight.data = lin.weight.data * r
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+            lin.bias.data = lin.bias.data + lin.weight.data @ b
+            lin.input_quantizer.set_params(d_t, zp_t, granularity="tensor")
+            lin.weight_quantizer.reset()
+            lin.weight_quantizer.calibrate(lin.weight)
 
 
 @torch.no_grad()

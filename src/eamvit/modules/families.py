@@ -12,9 +12,12 @@ ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the
 output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
 with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
 
-Each section is one family: its instrumented classes and their adapters. Token pruning is declared
-for the flat-token families (EVA02, BEiT, CaiT, ConViT; :data:`_PRUNES`); executed head/row plans,
-quantization and export are not declared for these families yet.
+Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
+matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
+in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
+(BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT;
+:data:`_PRUNES`). Each section is one family: its instrumented classes and their adapters. Executed
+head/row plans, ADFQ-ViT, PMQ and export are not declared for these families yet.
 """
 from __future__ import annotations
 
@@ -36,24 +39,56 @@ from eamvit.modules.adapters import Adapter, EamBase, Family
 from eamvit.ops.positions import gather_pair_bias
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
+_MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
 _MAPS = frozenset({"maps", "entry"})
+# RepQ-ViT through the tap: the post-softmax map (log√2), q, k, v as the operands of timm's matmuls.
+_REPQ = _MAPS | {"repq"}
 
 
 class _SoftmaxTap(TorchFunctionMode):
-    """Passes the output of every softmax computed inside the block through ``fn``."""
+    """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
+    attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
+    the one before the first softmax (the scores, q and k as timm's forward hands them over) and
+    the second of the first one after it (v)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.fn = fn
+        self.quant = quant
         self.calls = 0
+        self.matmuls = [0, 0]  # before the first softmax, after it
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The mode is suspended inside this method, so neither call below is seen again.
+        if self.quant is not None and func in _MATMULS:
+            args = self._quantize_operands(args)
         out = func(*args, **(kwargs or {}))
         if func in _SOFTMAXES:
             self.calls += 1
-            out = self.fn(out)
+            if self.fn is not None:
+                out = self.fn(out)
         return out
+
+    def _quantize_operands(self, args: tuple) -> tuple:
+        after = int(self.calls > 0)
+        self.matmuls[after] += 1
+        qz = self.quant
+        if not after:
+            return (qz.q(args[0]), qz.k(args[1])) + tuple(args[2:])
+        if self.matmuls[1] == 1:
+            return (args[0], qz.v(args[1])) + tuple(args[2:])
+        return args
+
+    def check(self, cls: type, softmaxes: int = 1) -> None:
+        """Refuse a forward that did not compute what the adapter expects (a timm change)."""
+        where = f"timm {cls.__module__}.{cls.__name__}"
+        if self.calls != softmaxes:
+            raise EamError(f"{where} computed {self.calls} softmaxes in one forward where eamvit expects "
+                           f"{softmaxes}; this timm version is not supported for that family")
+        if self.quant is not None and (self.matmuls[0] != 1 or self.matmuls[1] < 1):
+            raise EamError(f"{where} computed {self.matmuls[0]} score matmuls and {self.matmuls[1]} after its "
+                           "softmax where eamvit's quantizers expect one and at least one; this timm version "
+                           "is not supported for RepQ-ViT on that family")
 
 
 class _Tapped(EamBase):
@@ -83,7 +118,7 @@ class _Tapped(EamBase):
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
         fused = bool(getattr(self, "fused_attn", False))
-        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask))
+        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant)
         try:
             if fused:
                 self.fused_attn = False
@@ -92,17 +127,19 @@ class _Tapped(EamBase):
         finally:
             if fused:
                 self.fused_attn = True
-        if tap.calls != 1:
-            cls = self.eam_adapter.timm_class
-            raise EamError(f"timm {cls.__module__}.{cls.__name__} computed {tap.calls} softmaxes in one forward where "
-                           "eamvit expects one; this timm version is not supported for that family")
+        tap.check(self.eam_adapter.timm_class)
         return out
 
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax") -> Adapter:
+             probs: str = "the output of the softmax", verbs: frozenset = _REPQ, why_not: Optional[dict] = None) -> Adapter:
     return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
-                   layer_map=layer_map, verbs=_MAPS, example=example)
+                   layer_map=layer_map, verbs=verbs, example=example, why_not=why_not or {})
+
+
+def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
+    return {"repq": f"RepQ-ViT quantization does not apply to {family}: {where}, and RepQ-ViT reparameterises "
+                    "LayerNorm → Linear pairs; quantize a family with LayerNorm (`eamvit models`)"}
 
 
 # --- EVA / EVA02 ---
@@ -157,6 +194,17 @@ class EamGPSA(EamBase, convit.GPSA):
     def get_attention(self, x: torch.Tensor) -> torch.Tensor:
         attn = super().get_attention(x)
         return self._eam_post_softmax(attn, 1, None) if self.eam_active else attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eam_quant is None:
+            return super().forward(x)
+        # Quantized: q and k of the patch scores and v through the tap; the softmaxes are left alone
+        # (get_attention quantizes their gated mix).
+        tap = _SoftmaxTap(None, self.eam_quant)
+        with tap:
+            out = super().forward(x)
+        tap.check(convit.GPSA, softmaxes=2)
+        return out
 
 
 class EamMHSA(_Tapped, convit.MHSA):
@@ -275,10 +323,12 @@ ADAPTERS: tuple[Adapter, ...] = (
              "pooled first, then separate q, k, v linears",
              _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
     _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
-             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s"),
+             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s", verbs=_MAPS,
+             why_not=_batchnorm("LeViT")),
     _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
              "kv linear on all tokens, q linear on a sub-sampled grid",
-             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s"),
+             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s", verbs=_MAPS,
+             why_not=_batchnorm("LeViT")),
     _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224"),
     _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
              _SCALED, "(H, 1, N)", "volo_d1_224"),
@@ -287,9 +337,11 @@ ADAPTERS: tuple[Adapter, ...] = (
              "tnt_s_patch16_224"),
     _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
              "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
-             "efficientformer_l1"),
+             "efficientformer_l1", verbs=_MAPS,
+             why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
     _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
-             "(H, N, N)", "fastvit_sa12"),
+             "(H, N, N)", "fastvit_sa12", verbs=_MAPS,
+             why_not=_batchnorm("FastViT")),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
              _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224"),
     _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,

@@ -7,7 +7,7 @@ Layers are made by class swap (``module.__class__ = QuantLinear``, exact types o
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,12 @@ class AttentionQuantizers(nn.Module):
     Args:
         a_bits: bits of all four.
         attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
-        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False.
+        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False, None where q and k
+            are the operands of timm's own score matmul (the families of :mod:`eamvit.modules.families`).
         percentiles: range-search percentiles.
     """
 
-    def __init__(self, a_bits: int, attn_quantizer: str, scale_first: bool,
+    def __init__(self, a_bits: int, attn_quantizer: str, scale_first: Optional[bool],
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         super().__init__()
         self.q = UniformQuantizer(a_bits, percentiles=percentiles)
