@@ -12,8 +12,12 @@ ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the
 output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
 with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
 
-Each section is one family: its instrumented classes and their adapters. Executed head/row plans,
-token pruning, quantization and export are not declared for these families yet.
+Each section is one family: its instrumented classes and their adapters. Row and head freezing are
+simulated here (the frozen mask covers whole query rows or heads and overwrites the map as entry
+freezing does); only the ViT and Swin v1 classes execute them. A row is declared only where a layer
+map is ``(H, N_q, N_k)``: in a windowed map a row is one (window, token) pair, so windows would keep
+different numbers of rows. The fp32 ONNX export traces the same forward, the tap included, so frozen
+models export too.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from eamvit.errors import EamError
 from eamvit.modules.adapters import Adapter, EamBase, Family
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
-_MAPS = frozenset({"maps", "entry"})
+# Verbs of every adapter here; "row" only where the layer map has one set of query rows (``rows=True``).
+_VERBS = frozenset({"maps", "entry", "head", "export"})
 
 
 class _SoftmaxTap(TorchFunctionMode):
@@ -75,7 +80,9 @@ class _Tapped(EamBase):
         h = self.eam_heads_at
         if h is None:
             return self._eam_post_softmax(attn, groups, mask)
-        return self._eam_post_softmax(attn.movedim(h, -3), groups, mask).movedim(-3, h)
+        # A non-negative dim: the ONNX exporter writes movedim(…, -3) as a Transpose with a negative perm.
+        at = attn.dim() - 3
+        return self._eam_post_softmax(attn.movedim(h, at), groups, mask).movedim(at, h)
 
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
@@ -97,9 +104,13 @@ class _Tapped(EamBase):
 
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax") -> Adapter:
+             probs: str = "the output of the softmax", no_rows: str = "") -> Adapter:
+    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
+    why_not = {"row": f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "
+                      "different numbers of rows; use entry or head"} if no_rows else {}
     return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
-                   layer_map=layer_map, verbs=_MAPS, example=example)
+                   layer_map=layer_map, verbs=_VERBS if no_rows else _VERBS | {"row"}, example=example,
+                   why_not=why_not)
 
 
 # --- EVA / EVA02 ---
@@ -229,6 +240,7 @@ class EamCrossAttention(_Tapped, crossvit.CrossAttention):
 
 
 _QKV = "one fused qkv linear, split per head"
+_WINDOW_ROW = "a row there is one (window, token) pair"
 _SCALED = "q·kᵀ·scale"
 ADAPTERS: tuple[Adapter, ...] = (
     _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
@@ -238,7 +250,8 @@ ADAPTERS: tuple[Adapter, ...] = (
              _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224"),
     _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
              "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
-             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256"),
+             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256",
+             no_rows=_WINDOW_ROW),
     _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
              _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
              probs="the output of the softmax, before the second head mixing"),
@@ -252,7 +265,8 @@ ADAPTERS: tuple[Adapter, ...] = (
              "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
              "xcit_nano_12_p16_224"),
     _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
-             _SCALED, "(G, H, N, N)", "twins_svt_small"),
+             _SCALED, "(G, H, N, N)", "twins_svt_small",
+             no_rows="its local attention is windowed, " + _WINDOW_ROW),
     _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
              "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
              "twins_svt_small"),
@@ -271,14 +285,16 @@ ADAPTERS: tuple[Adapter, ...] = (
              _SCALED, "(H, 1, N)", "volo_d1_224"),
     _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
              "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
-             "tnt_s_patch16_224"),
+             "tnt_s_patch16_224",
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair"),
     _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
              "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
              "efficientformer_l1"),
     _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
              "(H, N, N)", "fastvit_sa12"),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
-             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224"),
+             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224",
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair"),
     _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
              "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
              "crossvit_tiny_240"),
@@ -289,23 +305,29 @@ UNMAPPED: dict[type, str] = {
     volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
 }
 
+# Modules whose ONNX form needs a later opset than the default, with the opset and why.
+MIN_OPSET: dict[type, tuple[int, str]] = {
+    volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
+}
+
 _LATER = "other verbs not adapted yet (issue 17, phase 2)"
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
     Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
-    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", _LATER),
+    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", "rows: windowed map; " + _LATER),
     Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224", _LATER),
     Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny", _LATER),
     Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224",
            "XCA is mapped over channels, (H, d, d); " + _LATER),
-    Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small", _LATER),
+    Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small",
+           "rows: windowed local attention; " + _LATER),
     Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
     Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
-           "outlook attention has no q·k and is not mapped; " + _LATER),
-    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", _LATER),
+           "outlook attention has no q·k and is not mapped; export needs --opset 18; " + _LATER),
+    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch; " + _LATER),
     Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
     Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
-    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", _LATER),
+    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit; " + _LATER),
     Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),
 )
