@@ -137,10 +137,8 @@ def test_verbs_a_family_does_not_declare_are_refused_before_anything_changes():
     from eamvit.methods.quantize import quantize_
 
     reference, model, x = _pair("eva02")
-    maps = _maps(model, x[0])
-    with pytest.raises(EamError, match="head freezing does not support EVA / EVA02.*`eamvit models`"):
-        freeze_(model, maps, FreezeConfig(tau=0.5, granularity="head"))
-    with pytest.raises(EamError, match="PMQ quantization does not support EVA / EVA02"):
+    _maps(model, x[0])  # rows and executed heads where a family has none: test_families_export.py
+    with pytest.raises(EamError, match="PMQ quantization does not support EVA / EVA02.*`eamvit models`"):
         quantize_(model, PMQConfig(), [x])
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
@@ -163,5 +161,5 @@ def test_models_table_lists_every_family_with_what_it_supports(capsys):
     assert set(named) == set(FAMILIES)
     for family in named.values():  # what the test above shows working, and the refusals below
         assert rows[family]["maps"] == rows[family]["entry freeze"] == "yes"
-        assert rows[family]["head freeze"] == "no"  # RepQ-ViT: tests/test_families_quant.py
+        assert rows[family]["executed heads"] == rows[family]["ADFQ-ViT"] == rows[family]["PMQ"] == "no"
     assert rows["Swin v1"]["row freeze"] == "no" and rows["Swin v1"]["RepQ-ViT"] == "yes"

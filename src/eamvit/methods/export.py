@@ -54,6 +54,7 @@ from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.attention import attention_layers, require
+from eamvit.modules.families import MIN_OPSET
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
 
@@ -411,10 +412,33 @@ def onnx_int64() -> int:
     return onnx.TensorProto.INT64
 
 
+def _col2im_symbolic(g, x, output_size, kernel_size, dilation, padding, stride):
+    """``F.fold`` as ONNX ``Col2Im`` (opset 18). torch.onnx's own form reads the rank from the traced
+    ``output_size``, which it cannot when that size was computed from the input (VOLO); the padding's
+    length gives the rank."""
+    return g.op("Col2Im", x, output_size, kernel_size, dilations_i=dilation, pads_i=list(padding) * 2,
+                strides_i=stride)
+
+
 def _register_symbolics(opset: int) -> None:
-    """Standard-ONNX forms of the pruning scores' operators that ``torch.onnx`` has none for."""
+    """Standard-ONNX forms of operators that ``torch.onnx`` has none for (the pruning scores) or none
+    that traces (``F.fold``)."""
+    from torch.onnx.symbolic_helper import parse_args
+
     torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::count_nonzero", _count_nonzero_symbolic, opset)
+    if opset >= 18:
+        col2im = parse_args("v", "v", "v", "is", "is", "is")(_col2im_symbolic)
+        torch.onnx.register_custom_op_symbolic("aten::col2im", col2im, opset)
+
+
+def _check_opset(model: nn.Module, opset: int) -> None:
+    """Refuse, before tracing, a module whose ONNX form needs a later opset."""
+    for m in model.modules():
+        need, why = MIN_OPSET.get(type(m), (0, ""))
+        if opset < need:
+            raise EamError(f"ONNX export of {type(model).__name__} needs opset {need} ({why}); "
+                           f"export with --opset {need}")
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
@@ -440,6 +464,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
 
     config = (config or ExportConfig()).validate()
     require(attention_layers(model), "export")
+    _check_opset(model, config.opset)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     meta = _metadata(model, config, size)
     m = copy.deepcopy(model).cpu().eval()

@@ -19,10 +19,11 @@ the three lie on one axis:
 * ``"entry"`` (default, the paper): single entries, as above. Nothing is skipped at run time: the
   softmax denominator of a row needs all its logits, so the map is computed and the frozen entries
   overwritten (``torch.where``).
-* ``"row"``: a query token's whole row in a layer, all heads (ViT/DeiT only). Frozen rows skip their
-  query projection, scores and softmax.
-* ``"head"``: a head's whole map (every window, for Swin). A frozen head's output is ``A^μ_h·V_h``:
-  its query and key projections, scores and softmax are not computed.
+* ``"row"``: a query token's whole row in a layer, all heads (maps with one set of query rows, not
+  windowed ones). ViT's frozen rows skip their query projection, scores and softmax.
+* ``"head"``: a head's whole map (every window, for Swin). A frozen head's output is ``A^μ_h·V_h``;
+  in ViT and Swin v1 its query and key projections, scores and softmax are not computed (the other
+  families simulate frozen rows and heads).
 
 Rows and heads are ranked by an ``aggregate`` of their entries' entropy: ``"mean"`` (default: the
 unit's average uncertainty), ``"median"`` or ``"max"`` (freeze a unit only if its most uncertain
@@ -41,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from eamvit.modules.attention import attention_layers, require, set_frozen
+from eamvit.modules.attention import attention_layers, executes_plans, require, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
 from eamvit.errors import EamError
@@ -66,8 +67,10 @@ class FreezeConfig:
             per-layer deltas are given to :func:`frozen_values`).
         granularity: ``"entry"`` (the paper), ``"row"`` or ``"head"`` (module docstring).
         aggregate: how a row's or head's entries' entropies rank it: ``"mean"``, ``"median"``, ``"max"``.
-        execute: skip the work of frozen rows/heads (default); ``False`` simulates them with
-            ``torch.where`` (same numbers, no saving). Entry freezing is always simulated.
+        execute: skip the work of frozen rows/heads (default) in the layers whose class can (ViT, Swin v1;
+            the others simulate them, and the report's ``executed`` is true only when every layer
+            executes); ``False`` simulates them with ``torch.where`` (same numbers, no saving). Entry
+            freezing is always simulated.
     """
 
     tau: float = 0.0
@@ -283,8 +286,8 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     maps.check_model(model)
     layers = attention_layers(model)
     require(layers, config.granularity)  # before any layer is touched: nothing half-frozen
-    if config.granularity == "head" and config.execute:
-        require(layers, "executed_head")
+    # Layers whose class cannot execute plans simulate their rows and heads; the report says so.
+    executing = [config.execute and executes_plans(m) for m in layers]
     masks = freeze_masks(maps.entropy, config.tau, config.resolved_scope, config.selection, config.seed,
                          config.granularity, config.aggregate)
     plan = config.granularity if config.granularity != "entry" else None
@@ -302,7 +305,7 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
             continue
         delta = 1.0 if value_deltas is None else value_deltas[l]
         values = frozen_values(maps.mean[l], config.value_bits, config.value_quantizer, delta)
-        set_frozen(module, mask.to(device), values.to(device), plan, config.execute)
+        set_frozen(module, mask.to(device), values.to(device), plan, executing[l])
     if sum(per_layer):  # the frozen values are the calibration images' mean attention
         add_calibration(model, maps.meta.get("calibration") or [])
     total = sum(m.numel() for m in masks)
@@ -312,7 +315,7 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
                         frozen=sum(per_layer), total=total, frozen_per_layer=per_layer,
                         frozen_window_masked=frozen_masked, window_masked_total=masked_total,
                         granularity=config.granularity, units_per_layer=[int(u) for u in units],
-                        executed=plan is not None and config.execute)
+                        executed=plan is not None and all(executing))
 
 
 def unfreeze_(model: nn.Module) -> None:
@@ -400,8 +403,9 @@ def load_frozen(model: nn.Module, path: str) -> dict:
             set_frozen(m, None, None)
             continue
         mask, values = tensors.get(f"mask.{l}"), tensors.get(f"values.{l}")
-        if mask is None or values is None or mask.shape != values.shape or mask.shape[-3] != m.num_heads:
-            raise EamError(f"frozen attention {path}: layer {l} does not fit the model ({m.num_heads} heads); "
+        heads = getattr(m, "num_heads", None) or m.heads  # Hiera's mask-unit attention calls them heads
+        if mask is None or values is None or mask.shape != values.shape or mask.shape[-3] != heads:
+            raise EamError(f"frozen attention {path}: layer {l} does not fit the model ({heads} heads); "
                            "load it on the model it was written for")
         device = next(m.parameters()).device
         gran = plan["granularity"]

@@ -377,10 +377,10 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
     cfg = resolve_data_config({}, model=model)
     pe = getattr(model, "patch_embed", None)
     img = getattr(pe, "img_size", None)
-    in_chans = cfg["input_size"][0]
+    # The first convolution sees the image (VOLO's patch embedding has a stem before its ``proj``).
+    first = next((m for m in pe.modules() if isinstance(m, nn.Conv2d)), None) if pe is not None else None
+    in_chans = first.in_channels if first is not None else cfg["input_size"][0]
     if img is not None:  # the pretrained config still describes the original model
-        # Read from the projection only where it reads the image (VOLO's follows a conv stem).
-        in_chans = getattr(getattr(pe, "proj", None), "in_channels", in_chans)
         cfg["input_size"] = (in_chans, int(img[0]), int(img[1]))
     for key in ("mean", "std"):
         if len(cfg[key]) != in_chans:

@@ -42,8 +42,8 @@ from eamvit.modules import families, vit_swin
 from eamvit.modules.adapters import Adapter, EamBase, Observer, capability_table, families_line, require
 from eamvit.modules.vit_swin import PLAN_BUFFERS, EamAttention, EamWindowAttention, window_count
 
-__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "instrument", "layer_shapes",
-           "models_table", "observe", "require", "set_frozen"]
+__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "instrument",
+           "layer_shapes", "models_table", "observe", "require", "set_frozen"]
 
 Stage = Literal["softmax", "quantized"]
 _STAGE_ATTR = {"softmax": "eam_observer", "quantized": "eam_observer_q"}
@@ -130,6 +130,12 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
     return units
 
 
+def executes_plans(module: nn.Module) -> bool:
+    """Whether ``module``'s class can execute frozen row and head plans (the ViT and Swin v1 classes, the
+    ones that declare executed heads); every other adapter simulates whole rows and heads."""
+    return "executed_head" in module.eam_adapter.verbs
+
+
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
                plan: Optional[str] = None, execute: bool = True) -> None:
     """Freeze entries of one instrumented attention layer (``mask=None`` unfreezes it).
@@ -139,9 +145,10 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         mask: bool, the layer's attention shape ``(H, N, N)`` or ``(nW, H, N, N)``: entries to freeze.
         values: the frozen values, same shape.
         plan: ``None`` (entries, simulated with ``torch.where``), ``"head"`` (the mask must cover
-            whole heads, every window) or ``"row"`` (whole query rows of every head; ViT only).
+            whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
-            ``eam_granularity`` so that a cost account can say what executing would save).
+            ``eam_granularity`` so that a cost account can say what executing would save). A module that
+            cannot execute plans (:func:`executes_plans`) needs ``False`` for heads and simulates rows.
 
     Raises:
         EamError: a plan the mask does not match, or one the layer's adapter does not support (``"row"`` on
@@ -153,7 +160,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
-    for name in PLAN_BUFFERS:
+    planned = executes_plans(module)
+    for name in PLAN_BUFFERS if planned else ():
         setattr(module, name, None)
     module.eam_plan = None
     module.eam_granularity = plan if mask is not None and plan is not None else "entry"
@@ -166,6 +174,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     v4 = values.to(dev) if values.dim() == 4 else values.to(dev).unsqueeze(0)
     H = m4.shape[1]
     frozen_units = _frozen_units(module, m4, plan)
+    if not planned:  # simulated: the whole-unit mask is applied as entry freezing is
+        return
     keep = (~frozen_units).nonzero().flatten()
     frozen = frozen_units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen

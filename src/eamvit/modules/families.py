@@ -16,8 +16,12 @@ Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the tw
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
 (BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT;
-:data:`_PRUNES`). Each section is one family: its instrumented classes and their adapters. Executed
-head/row plans, ADFQ-ViT, PMQ and export are not declared for these families yet.
+:data:`_PRUNES`). Row and head freezing are simulated here (the frozen mask covers whole query rows
+or heads and overwrites the map as entry freezing does); only the ViT and Swin v1 classes execute
+them. A row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
+(window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
+the same forward, the tap included, so frozen models export too. Each section is one family: its
+instrumented classes and their adapters. ADFQ-ViT and PMQ are not declared for these families.
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ from eamvit.ops.positions import gather_pair_bias
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
 _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
 _MAPS = frozenset({"maps", "entry"})
-# RepQ-ViT through the tap: the post-softmax map (log√2), q, k, v as the operands of timm's matmuls.
-_REPQ = _MAPS | {"repq"}
+# Verbs of every adapter here unless it says otherwise; "row" only where the layer map has one set of
+# query rows. RepQ-ViT goes through the tap: the post-softmax map (log√2), q, k, v as the operands of
+# timm's matmuls.
+_VERBS = _MAPS | {"head", "export", "repq"}
 
 
 class _SoftmaxTap(TorchFunctionMode):
@@ -113,7 +119,9 @@ class _Tapped(EamBase):
         h = self.eam_heads_at
         if h is None:
             return self._eam_post_softmax(attn, groups, mask)
-        return self._eam_post_softmax(attn.movedim(h, -3), groups, mask).movedim(-3, h)
+        # A non-negative dim: the ONNX exporter writes movedim(…, -3) as a Transpose with a negative perm.
+        at = attn.dim() - 3
+        return self._eam_post_softmax(attn.movedim(h, at), groups, mask).movedim(at, h)
 
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
@@ -132,9 +140,16 @@ class _Tapped(EamBase):
 
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax", verbs: frozenset = _REPQ, why_not: Optional[dict] = None) -> Adapter:
+             probs: str = "the output of the softmax", verbs: frozenset = _VERBS, why_not: Optional[dict] = None,
+             no_rows: str = "") -> Adapter:
+    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
+    why_not = dict(why_not or {})
+    if no_rows:
+        why_not["row"] = (f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "
+                          "different numbers of rows; use entry or head")
     return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
-                   layer_map=layer_map, verbs=verbs, example=example, why_not=why_not or {})
+                   layer_map=layer_map, verbs=verbs if no_rows else verbs | {"row"}, example=example,
+                   why_not=why_not)
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
@@ -290,6 +305,7 @@ class EamCrossAttention(_Tapped, crossvit.CrossAttention):
 
 
 _QKV = "one fused qkv linear, split per head"
+_WINDOW_ROW = "a row there is one (window, token) pair"
 _SCALED = "q·kᵀ·scale"
 ADAPTERS: tuple[Adapter, ...] = (
     _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
@@ -299,7 +315,8 @@ ADAPTERS: tuple[Adapter, ...] = (
              _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224"),
     _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
              "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
-             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256"),
+             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256",
+             no_rows=_WINDOW_ROW),
     _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
              _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
              probs="the output of the softmax, before the second head mixing"),
@@ -313,7 +330,8 @@ ADAPTERS: tuple[Adapter, ...] = (
              "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
              "xcit_nano_12_p16_224"),
     _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
-             _SCALED, "(G, H, N, N)", "twins_svt_small"),
+             _SCALED, "(G, H, N, N)", "twins_svt_small",
+             no_rows="its local attention is windowed, " + _WINDOW_ROW),
     _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
              "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
              "twins_svt_small"),
@@ -323,27 +341,31 @@ ADAPTERS: tuple[Adapter, ...] = (
              "pooled first, then separate q, k, v linears",
              _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
     _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
-             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s", verbs=_MAPS,
+             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s",
+             verbs=_VERBS - {"repq"},
              why_not=_batchnorm("LeViT")),
     _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
              "kv linear on all tokens, q linear on a sub-sampled grid",
-             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s", verbs=_MAPS,
+             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s",
+             verbs=_VERBS - {"repq"},
              why_not=_batchnorm("LeViT")),
     _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224"),
     _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
              _SCALED, "(H, 1, N)", "volo_d1_224"),
     _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
              "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
-             "tnt_s_patch16_224"),
+             "tnt_s_patch16_224",
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair"),
     _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
              "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
-             "efficientformer_l1", verbs=_MAPS,
+             "efficientformer_l1", verbs=_VERBS - {"repq"},
              why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
     _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
-             "(H, N, N)", "fastvit_sa12", verbs=_MAPS,
+             "(H, N, N)", "fastvit_sa12", verbs=_VERBS - {"repq"},
              why_not=_batchnorm("FastViT")),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
-             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224"),
+             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224",
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair"),
     _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
              "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
              "crossvit_tiny_240"),
@@ -365,23 +387,29 @@ UNMAPPED: dict[type, str] = {
     volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
 }
 
+# Modules whose ONNX form needs a later opset than the default, with the opset and why.
+MIN_OPSET: dict[type, tuple[int, str]] = {
+    volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
+}
+
 _LATER = "other verbs not adapted yet (issue 17, phase 2)"
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
     Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
-    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", _LATER),
+    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", "rows: windowed map; " + _LATER),
     Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224", _LATER),
     Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny", _LATER),
     Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224",
            "XCA is mapped over channels, (H, d, d); " + _LATER),
-    Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small", _LATER),
+    Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small",
+           "rows: windowed local attention; " + _LATER),
     Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
     Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
-           "outlook attention has no q·k and is not mapped; " + _LATER),
-    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", _LATER),
+           "outlook attention has no q·k and is not mapped; export needs --opset 18; " + _LATER),
+    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch; " + _LATER),
     Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
     Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
-    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", _LATER),
+    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit; " + _LATER),
     Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),
 )

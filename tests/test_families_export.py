@@ -1,0 +1,108 @@
+"""fp32 ONNX export, row and head freezing of the families of ``modules/families.py``.
+
+The tiny seeded configs are the table of ``test_families.py``. References: timm's own unmodified
+model (a deep copy eamvit never touched) and ONNX Runtime running the exported graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eamvit.errors import EamError
+from eamvit.methods.export import ExportConfig, export_onnx
+from eamvit.methods.export_runtime import onnx_session
+from eamvit.methods.freeze import FreezeConfig, freeze_
+from eamvit.modules.attention import instrument, models_table, set_frozen
+
+from test_families import FAMILIES, _maps, _pair
+
+# Families whose maps are windowed (a row is one (window, token) pair): row freezing is refused.
+NO_ROWS = {"swinv2": "Swin v2", "twins": "Twins", "tnt": "TNT", "hiera": "Hiera"}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> bool:
+    return bool((got - want).abs().max() <= rtol * want.abs().max())
+
+
+def _one_line_refusal(err: pytest.ExceptionInfo, *needles: str) -> None:
+    text = str(err.value)
+    assert "\n" not in text
+    for n in needles:
+        assert n in text, text
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_and_unit_freezing(family, tmp_path):
+    reference, model, x = _pair(family)
+    size = FAMILIES[family][1]
+    x3 = torch.cat([x, x[:1].flip(-1)])  # three images: the graph is traced at batch 2, its batch axis is dynamic
+    with torch.no_grad():
+        want = reference(x3)
+
+    maps = _maps(model, x[0])
+    for granularity in ("head", "row"):
+        if granularity == "row" and family in NO_ROWS:
+            with torch.no_grad():
+                before = model(x3)
+            with pytest.raises(EamError) as err:
+                freeze_(model, maps, FreezeConfig(tau=1.0, granularity="row"))
+            _one_line_refusal(err, f"row granularity does not apply to {NO_ROWS[family]}", "use entry or head")
+            with torch.no_grad():  # refused before any layer was touched: the heads stay frozen
+                assert torch.equal(model(x3), before)
+            continue
+        report = freeze_(model, maps, FreezeConfig(tau=1.0, granularity=granularity))
+        assert report.frozen == report.total and not report.executed  # some layers simulate: not "executed"
+        with torch.no_grad():
+            got = model(x3)
+        # Every map frozen to the calibration image's: that image's logits, and another image's change.
+        assert _close(got[0], want[0]) and not _close(got[1], want[1], 1e-3), granularity
+
+    # VOLO's outlook attention folds its patches back: ONNX Col2Im, from opset 18.
+    config = ExportConfig(opset=18) if family == "volo" else None
+    if family == "volo":
+        with pytest.raises(EamError) as err:
+            export_onnx(model, tmp_path / "v.onnx", input_size=(3, size, size))
+        _one_line_refusal(err, "needs opset 18", "--opset 18")
+        assert not (tmp_path / "v.onnx").exists()
+
+    # Half the heads frozen (simulated; CrossViT's ViT layers execute theirs) traces through the
+    # softmax tap into the graph.
+    freeze_(model, maps, FreezeConfig(tau=0.5, granularity="head"))
+    with torch.no_grad():
+        frozen = model(x3)
+    assert not _close(frozen, want, 1e-3)
+    export_onnx(model, tmp_path / "f.onnx", config, input_size=(3, size, size))
+    got = onnx_session(tmp_path / "f.onnx", threads=1).run(None, {"images": x3.numpy()})[0]
+    assert _close(torch.from_numpy(got), frozen)
+
+    # τ = 0 leaves timm's own forward (fused kernels included) to the exporter.
+    freeze_(model, maps, FreezeConfig(tau=0.0))
+    export_onnx(model, tmp_path / "m.onnx", config, input_size=(3, size, size))
+    got = onnx_session(tmp_path / "m.onnx", threads=1).run(None, {"images": x3.numpy()})[0]
+    assert _close(torch.from_numpy(got), want)
+
+
+def test_heads_are_simulated_where_the_class_cannot_execute_them():
+    _, model, x = _pair("eva02")
+    layer = instrument(model)[0]
+    shape = _maps(model, x[0]).mean[0].shape
+    with pytest.raises(EamError) as err:  # execute=True asks for executed heads
+        set_frozen(layer, torch.ones(shape, dtype=torch.bool), torch.zeros(shape), "head")
+    _one_line_refusal(err, "executed head freezing does not support EVA / EVA02", "`eamvit models`")
+    assert layer.eam_frozen_mask is None
+
+
+def test_models_table_declares_export_rows_and_heads():
+    lines = models_table().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        rows[cells["family"]] = cells
+    names = {"EVA / EVA02", "BEiT", "Swin v2", "CaiT", "ConViT", "XCiT", "Twins", "MViTv2", "LeViT", "VOLO", "TNT",
+             "EfficientFormer", "FastViT", "Hiera", "CrossViT"}
+    for name in names:
+        assert rows[name]["ONNX export"] == rows[name]["head freeze"] == "yes", name
+        assert rows[name]["row freeze"] == ("no" if name in NO_ROWS.values() else "yes"), name
+        assert rows[name]["executed heads"] == "no", name
