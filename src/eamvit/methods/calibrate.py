@@ -335,13 +335,15 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
     if any(l < 0 or l >= len(all_layers) for l in layers):
         raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
-    shapes = loop_layer_shapes(model, forward_loop) if loop else layer_shapes(model, _first_sample(dataset, indices).to(device))
+    shapes = (loop_layer_shapes(model, forward_loop) if loop
+              else layer_shapes(model, _first_sample(dataset, indices).to(device)))
     # A loop's image count is known only at the end: plan the memory for the widest counts it may need.
     max_count = torch.iinfo(torch.int32).max if loop else len(indices)
     passes = plan_passes(shapes, bits, max_count, layers, max_memory)
     total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
     biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
-    log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
+    log(f"eamvit: histograms need {'at most ' if loop else ''}{format_bytes(total)} for {len(layers)} layers x "
+        f"2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(meta or {})
     # The images that calibrated the maps: evaluation skips them (a loop's are not known: data None).
