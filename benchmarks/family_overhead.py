@@ -1,23 +1,23 @@
 """Entropy calibration cost against a plain forward pass for EVA02-S and Swin v2-T (goal: ratio <= 1.3).
 
 eva02_small_patch14_224 (224 px) and swinv2_tiny_window8_256 (256 px), random weights, batch 16, CPU.
-Every side of both models is timed in this one process, alternating, after a warm-up of each.
+Every side of both models is timed in this one process, alternating, after a warm-up round of each.
 
-As in ``entropy_overhead.py``, the figure that matters is the per-batch cost of a real calibration,
-which streams thousands of batches: the extra time of calibrating on 2K batches instead of K (the
-one-off costs -- shape probe, allocating the histograms, turning counts into entropies -- cancel),
-divided by K plain forward batches. The calibration reads its batches through ``forward_loop``, so
-both sides feed the very same tensor and no data loader is timed. Each repeat gives one ratio; the
-median and the range over the repeats are printed per model, and the worst of the two medians last.
+The figure that matters is the per-batch cost of a real calibration, which streams thousands of
+batches, so the one-off costs (the shape probe, allocating the histograms, turning counts into
+entropies) are left out: the calibration reads its batches through ``forward_loop``, and the loop
+times each forward it runs while the histograms are being counted (the forward that probes the
+shapes is not counted). The plain side times the same forwards of the same tensor on the
+uninstrumented path. Each side's batches give a median and quartiles; the ratio of the medians is
+printed per model, and the worst of the two last.
 
-    python benchmarks/family_overhead.py [--batches 2] [--repeats 3] [--bits 8]
+    python benchmarks/family_overhead.py [--batches 3] [--rounds 2] [--bits 8]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable
 
 import torch
 
@@ -28,53 +28,59 @@ from eamvit.ops.entropy import AttentionHistogram
 MODELS = (("eva02_small_patch14_224", 224), ("swinv2_tiny_window8_256", 256))
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _quartiles(ts: list[float]) -> str:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return f"median {statistics.median(ts):.3f} s, quartiles {q[0]:.3f}..{q[2]:.3f} s ({len(ts)} batches)"
 
 
 def bench(name: str, size: int, args: argparse.Namespace) -> float:
-    """Print one model's timings; return the median per-batch ratio."""
+    """Print one model's timings; return the ratio of the median batch times."""
     torch.manual_seed(0)
     model = eamvit.create_model(name)
     batch = torch.randn(args.batch_size, 3, size, size)
 
-    def plain(k: int) -> None:
+    def plain(times: list[float]) -> None:
         with torch.inference_mode():
-            for _ in range(k):
+            for _ in range(args.batches):
+                t0 = time.perf_counter()
                 model(batch)
+                times.append(time.perf_counter() - t0)
 
-    def calibrate(k: int):
-        return eamvit.compute_entropy_maps(model, forward_loop=lambda m: [m(batch) for _ in range(k)],
-                                           bits=args.bits, progress=False)
+    def calibrate(times: list[float]):
+        calls = []
 
-    plain(1)  # warm-up both paths
-    maps = calibrate(1)
-    t_plain, t_cal, t_cal2, ratios = [], [], [], []
-    for _ in range(args.repeats):
-        t_plain.append(_seconds(lambda: plain(args.batches)))
-        t_cal.append(_seconds(lambda: calibrate(args.batches)))
-        t_cal2.append(_seconds(lambda: calibrate(2 * args.batches)))
-        ratios.append((t_cal2[-1] - t_cal[-1]) / t_plain[-1])
+        def forward_loop(m) -> None:
+            calls.append(len(calls))
+            for _ in range(args.batches):
+                t0 = time.perf_counter()
+                m(batch)
+                if len(calls) > 1:  # the first call is the shape probe
+                    times.append(time.perf_counter() - t0)
+
+        return eamvit.compute_entropy_maps(model, forward_loop=forward_loop, bits=args.bits, progress=False)
+
+    maps = calibrate([])  # warm-up round of both sides
+    plain([])
+    t_plain, t_cal = [], []
+    for _ in range(args.rounds):
+        plain(t_plain)
+        calibrate(t_cal)
     shapes = [tuple(s) for s in maps.meta["layer_shapes"]]
-    hist = sum(AttentionHistogram.nbytes(s, args.bits, 2 * args.batches * args.batch_size) for s in shapes)
-    show = lambda ts: f"median {statistics.median(ts):.3f} s ({', '.join(f'{t:.3f}' for t in ts)})"
+    hist = sum(AttentionHistogram.nbytes(s, args.bits, args.batches * args.batch_size) for s in shapes)
     print(f"{name}, {size} px, batch {args.batch_size}, b={args.bits}, {len(shapes)} attention layers, "
           f"histograms {format_bytes(hist)}")
-    print(f"  plain forward, {args.batches} batches     {show(t_plain)}")
-    print(f"  calibration, {args.batches} batches       {show(t_cal)}")
-    print(f"  calibration, {2 * args.batches} batches       {show(t_cal2)}")
-    ratio = statistics.median(ratios)
-    print(f"  per-batch calibration / plain forward: median {ratio:.3f}, range {min(ratios):.3f}..{max(ratios):.3f}")
+    print(f"  plain forward          {_quartiles(t_plain)}")
+    print(f"  calibration forward    {_quartiles(t_cal)}")
+    ratio = statistics.median(t_cal) / statistics.median(t_plain)
+    print(f"  per-batch calibration / plain forward: {ratio:.3f}")
     return ratio
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, default=2, help="K, plain forward batches per repeat (default 2)")
+    ap.add_argument("--batches", type=int, default=3, help="batches per side in each round (default 3)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per model (default 3)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds per model, after the warm-up (default 2)")
     ap.add_argument("--bits", type=int, default=8, help="histogram bits b (default 8)")
     args = ap.parse_args()
     print(f"{torch.get_num_threads()} threads")

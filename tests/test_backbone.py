@@ -77,6 +77,9 @@ def test_loop_maps_equal_dataset_maps_of_the_bare_backbone(kind):
     split = eamvit.compute_entropy_maps(model, forward_loop=loop_over(x, 4), bits=6, progress=False,
                                         max_memory=per_layer)
     assert got.num_layers == ref.num_layers >= 2 and got.meta["num_images"] == 6
+    # The token layout recorded is the backbone's own (timm's ViT: a class token and a 4x4 grid).
+    want = (1, [4, 4]) if kind == "vit" else (0, [16, 16])
+    assert (got.meta["num_prefix_tokens"], got.meta["grid"]) == (ref.meta["num_prefix_tokens"], ref.meta["grid"]) == want
     for maps in (got, split):
         for l in range(ref.num_layers):
             assert torch.equal(maps.entropy[l], ref.entropy[l]) and torch.equal(maps.mean[l], ref.mean[l])

@@ -346,11 +346,13 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
         f"2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(meta or {})
+    # A backbone inside a user's model (timm features_only, a detector): the token layout is the backbone's.
+    inner = next((m for m in model.modules() if hasattr(m, "patch_embed")), model)
     # The images that calibrated the maps: evaluation skips them (a loop's are not known: data None).
     meta.setdefault("calibration", [calibration_record(forward_loop if loop else dataset, indices or None)])
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
-                layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
-                grid=list(patch_grid(model) or []) or None)
+                layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(inner),
+                grid=list(patch_grid(inner) or []) or None)
     return _Run(model=model, dataset=dataset, forward_loop=forward_loop, device=device, shapes=shapes, bits=bits,
                 max_count=max_count, passes=passes, meta=meta, key=_partial_key(meta, indices, passes))
 
