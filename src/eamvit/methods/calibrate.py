@@ -5,6 +5,12 @@ the whole calibration set in the same order, so the result does not depend on th
 Under ``torchrun`` each process reads a disjoint shard and the integer histograms are all-reduced,
 so the entropies equal those of one process exactly. A long calibration can resume from its
 ``.partial`` file.
+
+When the data is not a dataset of ``(image, target)`` items (a backbone inside a detection or
+segmentation model), ``forward_loop(model)`` runs the model over it instead
+(:mod:`eamvit.methods.forward_loop`): its first forward measures the attention shapes, each pass
+calls it once (it must feed the same images each time; refused under torchrun), and the
+histogram counts widen as images arrive (their number is not known ahead).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
 from eamvit.methods.data import calibration_record, make_loader, shard
+from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
 from eamvit.io import atomic_path, load_tensors, save_tensors
@@ -192,11 +199,12 @@ def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) ->
 
 def compute_entropy_maps(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Optional[Dataset] = None,
     *,
+    forward_loop: Optional[ForwardLoop] = None,
     indices: Optional[Sequence[int]] = None,
     bits: int = 8,
-    batch_size: int = 32,
+    batch_size: Optional[int] = None,
     workers: int = 0,
     device: torch.device | str | None = None,
     max_memory: Optional[int] = None,
@@ -210,12 +218,14 @@ def compute_entropy_maps(
     """Entropy Attention Maps of ``model`` over ``dataset`` (EAM eq. 11-13 and the mean of eq. 15).
 
     Args:
-        model: a model instrumented by :func:`eamvit.attention.instrument` (``create_model`` does it).
+        model: a timm model or any module containing supported attention (a detector around a timm backbone).
         dataset: items ``(image, target)`` (``None`` for an unreadable file, skipped).
+        forward_loop: instead of ``dataset``, ``f(model)`` runs ``model`` over the calibration data
+            (see the module doc); not with ``indices``, ``batch_size``, ``workers``, ``resume_path``.
         indices: which items, in order (all by default). Under torch.distributed each process takes
             a disjoint shard of them.
         bits: histogram bits b, 2^b bins on [0, 1].
-        batch_size: images per forward.
+        batch_size: images per forward (default 32).
         workers: DataLoader workers.
         device: where the model and histograms run (the model's device by default).
         max_memory: histogram budget in bytes; above it the layers are split over several passes.
@@ -231,18 +241,15 @@ def compute_entropy_maps(
     """
     check_bits(bits)
     rank, world = dist_info()
-    if resume_path is not None and world > 1:
-        raise EamError("--resume is not supported under torchrun; run calibration in one process to resume it")
+    _check_source(dataset, forward_loop, indices, batch_size, workers, resume_path, world)
+    batch_size = 32 if batch_size is None else batch_size
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    run = _plan(model, dataset, indices, bits, device, max_memory, layers, meta)
+    indices = [] if forward_loop is not None else list(range(len(dataset))) if indices is None else list(indices)
+    run = _plan(model, dataset, forward_loop, indices, bits, device, max_memory, layers, meta)
     run.resume_path, run.keep_histograms = resume_path, keep_histograms
     state = _load_partial(resume_path, run.key)
-    for l, t in (state or {}).get("done", {}).items():
-        run.entropy[l], run.mean[l], run.masked[l] = t["entropy"], t["mean"], t.get("masked")
-        if keep_histograms:
-            run.hists[l] = t["hist"]
+    run.resume_done(state)
     my_indices = shard(indices, rank, world)
     for p in range((state or {}).get("pass", 0), len(run.passes)):
         _run_pass(run, p, state, my_indices, batch_size, workers, checkpoint_every, progress and rank == 0, world)
@@ -251,12 +258,29 @@ def compute_entropy_maps(
     return run.maps()
 
 
+def _check_source(dataset, forward_loop, indices, batch_size, workers, resume_path, world: int) -> None:
+    """Refuse no data or two kinds of it, and the options a forward loop or torchrun cannot honour."""
+    check_forward_loop(dataset, forward_loop, "a dataset")
+    if resume_path is not None and world > 1:
+        raise EamError("--resume is not supported under torchrun; run calibration in one process to resume it")
+    if forward_loop is None:
+        return
+    given = [name for name, v in (("indices", indices), ("batch_size", batch_size), ("resume_path", resume_path))
+             if v is not None] + (["workers"] if workers else [])
+    if given:
+        raise EamError(f"{given[0]} applies to a calibration dataset, not to forward_loop (the loop decides "
+                       "which images, in which batches); leave it out")
+    if world > 1:
+        raise EamError("forward_loop calibration runs in one process, not under torchrun; give a dataset to shard")
+
+
 @dataclass
 class _Run:
     """What one calibration carries from pass to pass (and into a ``.partial`` file)."""
 
     model: nn.Module
-    dataset: Dataset
+    dataset: Optional[Dataset]
+    forward_loop: Optional[ForwardLoop]
     device: torch.device
     shapes: list[tuple[int, ...]]
     bits: int
@@ -277,6 +301,13 @@ class _Run:
         n = len(self.shapes)
         self.entropy, self.mean, self.hists, self.masked = [None] * n, [None] * n, [None] * n, [None] * n
 
+    def resume_done(self, state: Optional[dict]) -> None:
+        """Take the finished layers of an interrupted calibration."""
+        for l, t in (state or {}).get("done", {}).items():
+            self.entropy[l], self.mean[l], self.masked[l] = t["entropy"], t["mean"], t.get("masked")
+            if self.keep_histograms:
+                self.hists[l] = t["hist"]
+
     def save_partial(self, p: int, batch: int, acc: dict) -> None:
         _save_partial(self.resume_path, self.key, p, batch, acc, self.entropy, self.mean, self.masked, self.hists,
                       self.skipped)
@@ -293,29 +324,37 @@ class _Run:
         )
 
 
-def _plan(model: nn.Module, dataset: Dataset, indices: list[int], bits: int, device: torch.device,
-          max_memory: Optional[int], layers: Optional[Sequence[int]], meta: Optional[dict[str, Any]]) -> _Run:
+def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[ForwardLoop], indices: list[int],
+          bits: int, device: torch.device, max_memory: Optional[int], layers: Optional[Sequence[int]],
+          meta: Optional[dict[str, Any]]) -> _Run:
     """Check the request, measure the attention shapes, split the layers into passes, say what it needs."""
     all_layers = attention_layers(model)
-    if not indices:
+    loop = forward_loop is not None
+    if not indices and not loop:
         raise EamError("the calibration set is empty; check the folder or --calib-size")
     layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
     if any(l < 0 or l >= len(all_layers) for l in layers):
         raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
-    shapes = layer_shapes(model, _first_sample(dataset, indices).to(device))
-    max_count = len(indices)
+    shapes = (loop_layer_shapes(model, forward_loop) if loop
+              else layer_shapes(model, _first_sample(dataset, indices).to(device)))
+    # A loop's image count is known only at the end: plan the memory for the widest counts it may need.
+    max_count = torch.iinfo(torch.int32).max if loop else len(indices)
     passes = plan_passes(shapes, bits, max_count, layers, max_memory)
     total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
     biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
-    log(f"eamvit: histograms need {format_bytes(total)} for {len(layers)} layers x 2^{bits} bins; "
+    log(f"eamvit: histograms need {'at most ' if loop else ''}{format_bytes(total)} for {len(layers)} layers x "
+        f"2^{bits} bins; "
         f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(meta or {})
-    meta.setdefault("calibration", [calibration_record(dataset, indices)])  # evaluation skips these images
+    # A backbone inside a user's model (timm features_only, a detector): the token layout is the backbone's.
+    inner = next((m for m in model.modules() if hasattr(m, "patch_embed")), model)
+    # The images that calibrated the maps: evaluation skips them (a loop's are not known: data None).
+    meta.setdefault("calibration", [calibration_record(forward_loop if loop else dataset, indices or None)])
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
-                layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(model),
-                grid=list(patch_grid(model) or []) or None)
-    return _Run(model=model, dataset=dataset, device=device, shapes=shapes, bits=bits, max_count=max_count,
-                passes=passes, meta=meta, key=_partial_key(meta, indices, passes))
+                layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(inner),
+                grid=list(patch_grid(inner) or []) or None)
+    return _Run(model=model, dataset=dataset, forward_loop=forward_loop, device=device, shapes=shapes, bits=bits,
+                max_count=max_count, passes=passes, meta=meta, key=_partial_key(meta, indices, passes))
 
 
 def _restore(run: _Run, p: int, state: Optional[dict], acc: dict) -> int:
@@ -336,27 +375,21 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
               checkpoint_every: int, progress: bool, world: int) -> None:
     """Count the histograms of the layers of pass ``p`` over this process's images, then finalise them."""
     group = run.passes[p]
-    acc = {l: AttentionHistogram(run.shapes[l], run.bits, run.max_count, run.device) for l in group}
+    loop = run.forward_loop
+    # A loop's counts start narrow and widen as its images arrive (see _observer).
+    acc = {l: AttentionHistogram(run.shapes[l], run.bits, 1 if loop else run.max_count, run.device) for l in group}
     start_batch = _restore(run, p, state, acc)
     # Every layer takes the explicit path in every pass (a no-op observer where nothing is
     # counted): fused and explicit attention differ in the last bits, and a layer's input must
     # not depend on which pass it is counted in.
     observers = {l: _ignore for l in range(len(run.shapes))}
-    observers.update({l: _observer(acc[l], run.masked, l) for l in group})
-    n_batches = math.ceil(len(my_indices) / batch_size)
-    # Same batch boundaries as an uninterrupted run: resume skips whole batches.
-    loader = make_loader(run.dataset, my_indices[start_batch * batch_size:], batch_size=batch_size, workers=workers)
-    bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(run.passes)}",
-               unit="batch", disable=not progress, dynamic_ncols=True)
+    observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None) for l in group})
     with observe(run.model, observers), torch.inference_mode():
-        for b, batch in enumerate(loader, start=start_batch):
-            run.skipped += batch.skipped if p == 0 else 0
-            if batch.images.numel():
-                run.model(batch.images.to(run.device, non_blocking=True))
-            bar.update(1)
-            if run.resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
-                run.save_partial(p, b + 1, acc)
-    bar.close()
+        if loop is not None:
+            _check_loop_pass(run, p, acc, run_forward_loop(run.model, loop))
+        else:
+            _feed(run, p, acc, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
+                  checkpoint_every, progress)
     for l in group:
         a = acc[l]
         if world > 1:
@@ -372,12 +405,45 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
         run.save_partial(p + 1, 0, {})
 
 
+def _feed(run: _Run, p: int, acc: dict, indices: list[int], start_batch: int, batch_size: int, workers: int,
+          checkpoint_every: int, progress: bool) -> None:
+    """Run the model over ``indices`` of the dataset, in batches, checkpointing as asked."""
+    n_batches = start_batch + math.ceil(len(indices) / batch_size)
+    # Same batch boundaries as an uninterrupted run: resume skips whole batches.
+    loader = make_loader(run.dataset, indices, batch_size=batch_size, workers=workers)
+    bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(run.passes)}",
+               unit="batch", disable=not progress, dynamic_ncols=True)
+    for b, batch in enumerate(loader, start=start_batch):
+        run.skipped += batch.skipped if p == 0 else 0
+        if batch.images.numel():
+            run.model(batch.images.to(run.device, non_blocking=True))
+        bar.update(1)
+        if run.resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
+            run.save_partial(p, b + 1, acc)
+    bar.close()
+
+
+def _check_loop_pass(run: _Run, p: int, acc: dict, forwards: int) -> None:
+    """Refuse a forward loop that fed its layers, or its passes, different numbers of images."""
+    counts = {a.count for a in acc.values()}
+    if len(counts) > 1:
+        raise EamError(f"forward_loop ran some attention layers on more images than others ({sorted(counts)}); "
+                       "every attention layer must run on every forward")
+    count = counts.pop()
+    if p > 0 and count != run.seen_images:
+        raise EamError(f"forward_loop fed {run.seen_images} images in pass 1 and {count} in pass {p + 1}; it must "
+                       "feed the same images each time it is called")
+    log(f"eamvit: entropy pass {p + 1}/{len(run.passes)}: {forwards} forwards, {count} images")
+
+
 def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     return None
 
 
-def _observer(acc: AttentionHistogram, masked: list, layer: int):
+def _observer(acc: AttentionHistogram, masked: list, layer: int, grow: bool = False):
     def observe(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if grow:
+            acc.reserve(acc.count + attn.shape[0])
         acc.update(attn)
         if mask is not None and masked[layer] is None:
             masked[layer] = mask < 0

@@ -8,7 +8,10 @@ means its handler is registered.
 Calibration input, for every method: a tensor ``(B, C, H, W)``, an ``(images, targets)`` pair, an
 iterable of batches (a DataLoader yielding :class:`~eamvit.methods.data.Batch` or ``(images,
 targets)`` tuples), or a map-style dataset (a seeded random subset of it, ``config.seed``). Batches
-are read one at a time and reading stops as soon as the method has the images it asks for.
+are read one at a time and reading stops as soon as the method has the images it asks for. Or,
+when the data is not images for the model's first argument (a detector around a timm backbone),
+``forward_loop=f``: ``f(model)`` runs the model over the calibration data (methods that declare
+``forward_loop=True`` when they register; RepQ-ViT does).
 
 The saved state (:func:`save_quantized`) stores each quantized weight as its integer codes packed at
 its bit width (:mod:`eamvit.ops.pack`) next to its per-channel step and zero point; everything else
@@ -37,6 +40,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
 from eamvit.methods.data import add_calibration, calibration_record
+from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
 from eamvit.methods.models import ModelSpec, model_spec
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
@@ -59,10 +63,13 @@ class QuantRun:
     Args:
         progress: progress bars.
         checkpoint_dir: folder for resumable per-module checkpoints (ADFQ-ViT), None: none.
+        forward_loop: ``f(model)`` that runs the model over the calibration data, given instead of
+            images (only to methods registered with ``forward_loop=True``).
     """
 
     progress: bool = True
     checkpoint_dir: Optional[str] = None
+    forward_loop: Optional[ForwardLoop] = None
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,14 @@ class QuantizeHandler:
         free_bits: ``f(model, config) -> {quantizer name: allowed widths}``: the quantizers whose bits
             the method chooses itself (PMQ's mixed precision); every other quantizer of a loaded state
             must have the bits ``rebuild`` gives it from the config.
+        forward_loop: whether ``quantize`` calibrates from ``run.forward_loop`` when ``calib`` is None.
     """
 
     quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
     rebuild: Callable[[nn.Module, Any, dict], None]
     structure: Callable[[nn.Module], dict]
     free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]]
+    forward_loop: bool = False
 
 
 _HANDLERS: dict[type, QuantizeHandler] = {}
@@ -90,7 +99,8 @@ _HANDLERS: dict[type, QuantizeHandler] = {}
 
 def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Module, Any, dict], None],
                               structure: Optional[Callable[[nn.Module], dict]] = None,
-                              free_bits: Optional[Callable[[nn.Module, Any], dict]] = None) -> Callable:
+                              free_bits: Optional[Callable[[nn.Module, Any], dict]] = None,
+                              forward_loop: bool = False) -> Callable:
     """Decorator: ``f(model, config, calib, run) -> report`` quantizes models for ``config_type``.
 
     Args:
@@ -98,10 +108,11 @@ def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Mod
         rebuild: the surgery without calibration (see :class:`QuantizeHandler`).
         structure: what ``rebuild`` needs beyond the config; default none.
         free_bits: quantizers whose bits the method chooses (see :class:`QuantizeHandler`); default none.
+        forward_loop: the method can calibrate from a ``forward_loop(model)`` callable.
     """
     def register(fn: Callable) -> Callable:
         _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}),
-                                                 free_bits or (lambda model, config: {}))
+                                                 free_bits or (lambda model, config: {}), forward_loop)
         return fn
     return register
 
@@ -209,15 +220,20 @@ def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tens
 # --------------------------------------------------------------------------- the verb
 
 
-def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.device | str | None = None,
-              progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
+def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_loop: Optional[ForwardLoop] = None,
+              device: torch.device | str | None = None, progress: bool = True,
+              checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
     """Quantize ``model`` in place with the method ``config`` names and return it.
 
     Args:
-        model: an instrumented timm ViT / DeiT / Swin in full precision (``eamvit.create_model``).
+        model: a timm ViT / DeiT / Swin in full precision (``eamvit.create_model``), or any module
+            that contains supported attention (every Linear and Conv2d in it is quantized, a timm
+            classifier's head only with ``quantize_head``).
         config: :class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig`
             or :class:`~eamvit.methods.pmq.PMQConfig`.
         calib: calibration images (see :func:`calibration_batches`); preprocess them as for evaluation.
+        forward_loop: instead of ``calib``: ``f(model)`` runs ``model`` over the calibration data
+            (RepQ-ViT calibrates on the first forward it runs: make that ``calib_size`` images).
         device: move the model there first (None: where it is).
         progress: progress bars.
         checkpoint_dir: resumable per-module checkpoints (ADFQ-ViT's reconstruction).
@@ -231,6 +247,10 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
     """
     handler = _handler(config)
     config.validate()
+    check_forward_loop(calib, forward_loop, "calib")
+    if forward_loop is not None and not handler.forward_loop:
+        raise EamError(f"{type(config).__name__} cannot calibrate from forward_loop (it needs the calibration images "
+                       "themselves); give calib images, or use RepQConfig")
     require(attention_layers(model), type(config).KIND)  # families whose adapters have no quantizer hooks
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
@@ -239,7 +259,8 @@ def quantize_(model: nn.Module, config: Config, calib: Any, *, device: torch.dev
     if device is not None:
         model.to(device)
     model.eval()
-    run = QuantRun(progress=progress, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    run = QuantRun(progress=progress, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                   forward_loop=forward_loop)
     t0 = time.perf_counter()
     try:
         report = handler.quantize(model, config, calib, run)

@@ -60,6 +60,7 @@ from timm.models.vision_transformer import Block
 
 from eamvit.config import Config
 from eamvit.errors import EamError
+from eamvit.methods.forward_loop import run_first_forward
 from eamvit.methods.quantize import QuantRun, calibration_images, is_quantized, register_quantize_handler
 from eamvit.modules import family_quant
 from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
@@ -279,9 +280,23 @@ def _rebuild(model: nn.Module, config: RepQConfig, structure: dict) -> None:
     reparam_structure_(prepare_(model, config))
 
 
-@register_quantize_handler(RepQConfig, rebuild=_rebuild)
+@register_quantize_handler(RepQConfig, rebuild=_rebuild, forward_loop=True)
 def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization (see the module doc)."""
+    """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization (see the module doc).
+
+    With ``run.forward_loop``, pass 1 is the first forward the loop runs (then the loop is stopped);
+    when its input is a tensor, it must hold ``calib_size`` images (checked before any surgery).
+    """
+    if run.forward_loop is not None:
+        n = run_first_forward(model, run.forward_loop, before=True)
+        if n and n != config.calib_size:
+            raise EamError(f"RepQ-ViT calibrates on one batch of calib_size={config.calib_size} images, but the first "
+                           f"forward of forward_loop has {n}; set calib_size={n} or feed {config.calib_size} at once")
+        pairs = prepare_(model, config)
+        with torch.no_grad():
+            n = run_first_forward(model, run.forward_loop)
+        reparameterize_(pairs)
+        return {"calib_images": n or None}
     images, _ = calibration_images(calib, config.calib_size, seed=config.seed)
     calibrate_(model, images, prepare_(model, config))
     return {"calib_images": int(images.shape[0])}

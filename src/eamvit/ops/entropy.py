@@ -106,6 +106,13 @@ class AttentionHistogram:
         per_count = torch.empty((), dtype=count_dtype(max_count)).element_size()
         return n * (1 << bits) * per_count + n * 8
 
+    def reserve(self, max_count: int) -> None:
+        """Widen the counts, when needed, to hold ``max_count`` images (a stream of unknown length)."""
+        dtype = count_dtype(max_count)
+        if torch.iinfo(dtype).max > torch.iinfo(self.counts.dtype).max:
+            self.counts = self.counts.to(dtype)
+            self._one = torch.ones(1, dtype=dtype, device=self.counts.device).expand(self.numel)
+
     def update(self, attn: torch.Tensor) -> None:
         """Add a batch ``(B, *shape)`` of attention maps."""
         if tuple(attn.shape[1:]) != self.shape:
