@@ -392,7 +392,7 @@ MIN_OPSET: dict[type, tuple[int, str]] = {
     volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
 }
 
-_LATER = "other verbs not adapted yet (issue 17, phase 2)"
+_LATER = "executed heads, ADFQ-ViT and PMQ not adapted yet"
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
     Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
