@@ -212,16 +212,6 @@ def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Datase
     return _row(model)
 
 
-def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
-    """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
-    from eamvit.methods.repq import attn_deltas
-
-    cfg = getattr(model, "eam_quant_config", None)
-    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
-        return None
-    return attn_deltas(model)
-
-
 def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import check_output_file, output_lock
