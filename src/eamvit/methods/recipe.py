@@ -229,12 +229,14 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
             the file (the bundled model, a model whose weights need no checkpoint file).
         device: where to create it.
     """
-    from eamvit.methods.models import create_model
+    from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
 
     if model is None:
         spec = read_compressed(path)[0].get("model") or {}
-        model = create_model(spec.get("name"), model_kwargs=spec.get("model_kwargs") or {},
-                             pretrained=bool(spec.get("pretrained")), device=device)
+        model = create_model(BUNDLED_MODEL, device=device)  # the one model whose weights eamvit carries
+        if not model_spec(model).same_model(spec):
+            model = create_model(spec.get("name"), model_kwargs=spec.get("model_kwargs") or {},
+                                 pretrained=bool(spec.get("pretrained")), device=device)
     restore_(model, path)
     return model.eval()
 
