@@ -55,7 +55,8 @@ def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibr
 
     if not quantized:
         refuse_given(args, ["scheme", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
-                     "without a quantization step (an unquantized model is exported in fp32)")
+                     "without --quant, --quant-state or a quantized --state/--recipe "
+                     "(an unquantized model is exported in fp32)")
     elif args.scheme == "weight-only":
         refuse_given(args, ["a_bits", "softmax", "symmetric_activations"],
                      "to --scheme weight-only (its activations stay float)")

@@ -29,7 +29,8 @@ def add_recipe_args(p: argparse.ArgumentParser, state: bool = True) -> None:
     """``--recipe`` (and ``--state``) of ``eval``, ``export`` and ``compress``."""
     g = p.add_argument_group("recipe (quantize → freeze → prune, in one file)")
     g.add_argument("--recipe", default=None, help="apply the recipe of this file of `eamvit compress` (or a "
-                   "recipe .json) instead of the quantization, freezing and pruning options, calibrating anew")
+                   "recipe .json) instead of the quantization, freezing and pruning options, calibrating anew "
+                   "(default: none, the recipe of the options)")
     if state:
         g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the "
                        "whole stack, calibrated already) (default: none, build it from the options)")
@@ -37,7 +38,7 @@ def add_recipe_args(p: argparse.ArgumentParser, state: bool = True) -> None:
 
 def validate_recipe_args(args: argparse.Namespace) -> None:
     """Refuse, before anything is loaded, recipe options that cannot apply (nothing is ignored silently)."""
-    if not hasattr(args, "prune") or not hasattr(args, "tau"):
+    if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
         return
     if getattr(args, "state", None):
         refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS],

@@ -29,10 +29,11 @@ from torch import nn
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
+from eamvit.methods import calibrate, quantize
+from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.freeze import FreezeConfig, freeze_, frozen_content, restore_frozen
 from eamvit.methods.prune import PruneConfig, prune_
-from eamvit.methods.quantize import config_type, quantize_, quantized_content, restore_quantized
+from eamvit.methods.quantize import config_type, quantized_content, restore_quantized
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
 _REMEDY = "write one with `eamvit compress`"
@@ -143,12 +144,13 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
     for step in recipe.steps:
         stage = step_stage(step)
         if stage == "quant":
-            quantize_(model, step, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+            # Through the modules: what quantizes and what computes maps is one function, wherever it is called.
+            quantize.quantize_(model, step, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
             reports[stage] = step
         elif stage == "freeze":
             m = maps(model) if callable(maps) else maps
             if m is None:
-                m = compute_entropy_maps(model, calib, device=device, progress=progress)
+                m = calibrate.compute_entropy_maps(model, calib, device=device, progress=progress)
             reports[stage] = freeze_(model, m, step, value_deltas=value_deltas(model, step.value_quantizer))
         else:
             reports[stage] = prune_(model, step)
