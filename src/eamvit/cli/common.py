@@ -422,6 +422,12 @@ def _artifacts(args, maps) -> tuple[Optional[dict], str, list[tuple[str, Optiona
     ``(file, calibration records)`` of both."""
     recorded = []
     saved, source = None, ""
+    if getattr(args, "state", None):
+        from eamvit.methods.recipe import read_compressed
+
+        meta = read_compressed(args.state)[0]
+        saved, source = meta.get("data_config"), "compressed model"
+        recorded.append((str(args.state), meta.get("calibration")))
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 

@@ -10,6 +10,7 @@ from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, 
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
+from eamvit.cli.recipe import add_recipe_args
 
 
 def cmd_calibrate(args) -> None:
@@ -43,7 +44,7 @@ def cmd_eval(args) -> None:
 
         return cmd_eval_onnx(args)
     from eamvit.io import check_output_file, output_lock, results_paths
-    from eamvit.cli.quant import needs_quant_calib
+    from eamvit.cli.recipe import needs_calibration, recipe_from_args
 
     csv_path = None
     if args.out is not None:  # a stem: STEM.csv and STEM.json
@@ -51,11 +52,9 @@ def cmd_eval(args) -> None:
         csv_path = check_output_file(results_paths(args.out)[0])
     model, device = load_model(args)
     maps = load_maps(args, model)
-    need_calib = (args.tau > 0 and maps is None) or needs_quant_calib(args)
-    sp = data_splits(args, model, need_calib=need_calib, maps=maps)
+    sp = data_splits(args, model, need_calib=needs_calibration(args, recipe_from_args(args)), maps=maps)
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
-        row = _eval_row(args, model, device, maps, sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices,
-                        sp.data_config)
+        row = _eval_row(args, model, device, maps, sp)
         row["calib_excluded"] = sp.calib_excluded
         if is_main():
             print(format_row(row))
@@ -66,48 +65,14 @@ def cmd_eval(args) -> None:
                 print(f"wrote {csv_path} and {json_path}")
 
 
-def _eval_row(args, model, device, maps, ev, ev_idx, cal, cal_idx, cfg) -> dict:
-    from eamvit.cli.quant import apply_quant, value_deltas, wants_quant
+def _eval_row(args, model, device, maps, sp) -> dict:
+    from eamvit.cli.recipe import apply_args
     from eamvit.methods.evaluate import evaluate, result_row
-    from eamvit.methods.freeze import FreezeConfig, freeze_
 
-    extra = {"tau": args.tau}
-    if wants_quant(args):  # before the maps: maps computed now are the quantized model's (EAM_4bits)
-        extra.update(apply_quant(args, model, cal, cal_idx))
-    if getattr(args, "frozen", None):
-        from eamvit.methods.freeze import load_frozen
-
-        meta = load_frozen(model, args.frozen)
-        extra.update(frozen=str(args.frozen), **{k: meta["config"][k] for k in ("tau", "granularity")
-                                                 if meta.get("config")})
-    elif args.tau > 0 or maps is not None:
-        maps = get_maps(args, model, device, cal, cal_idx, cfg, maps=maps)
-        rep = freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection,
-                                                seed=args.seed, value_bits=args.value_bits,
-                                                value_quantizer=args.value_quantizer, granularity=args.granularity,
-                                                aggregate=args.aggregate),
-                      value_deltas=value_deltas(model, args.value_quantizer))
-        from eamvit.methods.cost import cost_account
-
-        acct = cost_account(model)
-        extra.update(scope=rep.scope, selection=args.selection, granularity=rep.granularity,
-                     gflops=round(acct.gmacs, 4), predicted_speedup=round(acct.predicted_speedup, 4),
-                     frozen_fraction=round(rep.frozen_fraction, 6),
-                     frozen_window_masked=rep.frozen_window_masked,
-                     value_bits=args.value_bits if args.value_bits else 32)
-    if args.prune:
-        from eamvit.methods.cost import count_gflops
-        from eamvit.methods.prune import PruneConfig, prune_
-
-        prep = prune_(model, PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
-                                         **prune_options(args)))
-        extra.update(prune=args.prune, keep_rate=args.keep_rate, tokens="-".join(map(str, prep.tokens_per_stage)),
-                     gflops=round(count_gflops(model), 4), unfrozen_layers=len(prep.unfrozen_layers))
-        if args.prune == "renyi":
-            extra["alpha"] = args.alpha if args.alpha != float("inf") else "inf"
+    _, extra = apply_args(args, model, device, sp, maps)
     flush_warnings()  # before the evaluation, not after its results
-    m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device)
-    return result_row(model, m, cfg, **extra)
+    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers, device=device)
+    return result_row(model, m, sp.data_config, **extra)
 
 
 def cmd_sweep(args) -> None:
@@ -303,6 +268,7 @@ def register(sub) -> None:
     add_freeze_args(s)
     add_prune_args(s)
     add_quant_args(s, "eval")
+    add_recipe_args(s)
     add_eval_onnx_args(s)
     s.add_argument("--out", default=None,
                    help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv (default: print the row only)")

@@ -9,7 +9,8 @@ from eamvit.errors import EamError
 from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args,
                                add_freeze_args, add_model_args, add_prune_args, data_splits, get_maps, is_main,
                                load_model, prune_options, require_modules)
-from eamvit.cli.quant import add_quant_args, apply_quant, needs_quant_calib, value_deltas, wants_quant
+from eamvit.cli.quant import add_quant_args
+from eamvit.cli.recipe import add_recipe_args, apply_args, needs_calibration, recipe_from_args
 
 
 def export_config(args: argparse.Namespace):
@@ -30,43 +31,40 @@ def _check_out(out: Path) -> None:
     check_output_file(out)
 
 
-def refuse_inapplicable_export(args: argparse.Namespace) -> None:
-    """Refuse export options the command line gives that the export they ask for cannot use."""
+def _quant_state_config(args: argparse.Namespace):
+    """The quantization config of ``--quant-state`` (``None`` without one)."""
+    if not getattr(args, "quant_state", None):
+        return None
+    from eamvit.methods.quantize import config_type, read_quantized
+
+    meta = read_quantized(args.quant_state)[0]
+    return config_type(meta.get("method")).from_dict(meta.get("config", {}))
+
+
+_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "tokens")
+
+
+def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibrated=None) -> None:
+    """Refuse export options the command line gives that the export they ask for cannot use.
+
+    Args:
+        quantized: the model to export is quantized (``--quant``, ``--quant-state``, or a step of the recipe).
+        calibrated: the quantization config the command calibrates now (``None``: none, or loaded).
+    """
     from eamvit.cli.common import refuse_given
 
-    if not wants_quant(args):
+    if not quantized:
         refuse_given(args, ["scheme", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
-                     "without --quant or --quant-state (an unquantized model is exported in fp32)")
+                     "without --quant, --quant-state or a quantized --state/--recipe "
+                     "(an unquantized model is exported in fp32)")
     elif args.scheme == "weight-only":
         refuse_given(args, ["a_bits", "softmax", "symmetric_activations"],
                      "to --scheme weight-only (its activations stay float)")
     else:
         refuse_given(args, ["block_size"], f"to --scheme {args.scheme} (MatMulNBits blocks are weight-only's)")
-        if args.quant and args.a_bits != 8:  # checked here too so that nothing is calibrated first
-            raise EamError(f"--scheme {args.scheme} exports 8-bit activations, not --a-bits {args.a_bits}; "
+        if calibrated is not None and calibrated.a_bits != 8:  # checked here so that nothing is calibrated first
+            raise EamError(f"--scheme {args.scheme} exports 8-bit activations, not --a-bits {calibrated.a_bits}; "
                            "use --a-bits 8, or --scheme weight-only (float activations)")
-
-
-def _compress(args: argparse.Namespace, model, device, cal, cal_idx, cfg) -> dict[str, Any]:
-    """Quantize, freeze and prune ``model`` in place as the arguments say, in ``eval``'s order."""
-    from eamvit.methods.freeze import FreezeConfig, freeze_
-
-    extra: dict[str, Any] = {}
-    if wants_quant(args):
-        extra.update(apply_quant(args, model, cal, cal_idx))
-    if args.tau > 0 or args.maps:
-        maps = get_maps(args, model, device, cal, cal_idx, cfg)
-        freeze_(model, maps, FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
-                                          value_bits=args.value_bits, value_quantizer=args.value_quantizer),
-                value_deltas=value_deltas(model, args.value_quantizer))
-        extra["tau"] = args.tau
-    if args.prune:
-        from eamvit.methods.prune import PruneConfig, prune_
-
-        rep = prune_(model, PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
-                                        **prune_options(args)))
-        extra.update(prune=args.prune, keep_rate=args.keep_rate, tokens="-".join(map(str, rep.tokens_per_stage)))
-    return extra
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -75,29 +73,32 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.format not in FORMATS:
         raise EamError(f"unknown export format {args.format!r}; eamvit exports {', '.join(FORMATS)}")
-    if getattr(args, "quant", None) not in (None, "repq"):
-        raise EamError(f"--quant {args.quant} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
     from eamvit.io import output_lock
 
     out = Path(args.out)
     _check_out(out)
+    recipe = recipe_from_args(args)
+    quant = recipe.step("quant") or _quant_state_config(args)
+    if quant is not None and quant.KIND != "repq":
+        where = f"--quant {quant.KIND}" if getattr(args, "quant", None) else f"the {quant.KIND} quantization step"
+        raise EamError(f"{where} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
     config = export_config(args)
-    refuse_inapplicable_export(args)
+    refuse_inapplicable_export(args, quant is not None, recipe.step("quant"))
     with output_lock(out):
         model, device = load_model(args)
-        need_calib = (args.tau > 0 and not args.maps) or needs_quant_calib(args)
         # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
-        sp = data_splits(args, model, need_calib=need_calib, scores=False)
-        extra = _compress(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config)
+        sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), scores=False)
+        _, extra = apply_args(args, model, device, sp)
         if is_main():
             rep = export_onnx(model, out, config)
-            what = ", ".join(f"{k}={v}" for k, v in extra.items())
+            what = ", ".join(f"{k}={v}" for k, v in extra.items() if k in _SHOWN)
             print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
                   f"evaluate it with `eamvit eval --onnx {out}`")
 
 
 # Options that build a model; an ONNX file already is one.
-_MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "prune",
+_MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "state",
+                  "recipe", "prune",
                   "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS)
 
 
@@ -206,6 +207,7 @@ def register(sub) -> None:
     add_freeze_args(s)
     add_prune_args(s)
     add_quant_args(s, "eval")
+    add_recipe_args(s)
     s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
     for action in s._actions:
         if action.dest in ("w_bits", "a_bits"):

@@ -196,32 +196,6 @@ def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
     return Subset(cal, list(cal_idx)) if cal_idx is not None else cal
 
 
-def apply_quant(args: argparse.Namespace, model: nn.Module, cal: Optional[Dataset], cal_idx) -> dict[str, Any]:
-    """Quantize ``model`` in place as the arguments say (or load ``--quant-state``).
-
-    Returns:
-        Extra result-row fields (``quant``, ``w_bits``, ``a_bits``).
-    """
-    from eamvit.methods.quantize import load_quantized, quantize_
-
-    if getattr(args, "quant_state", None):
-        load_quantized(model, args.quant_state)
-    else:
-        quantize_(model, method_config(args), _calib_set(cal, cal_idx), progress=True,
-                  checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
-    return _row(model)
-
-
-def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
-    """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
-    from eamvit.methods.repq import attn_deltas
-
-    cfg = getattr(model, "eam_quant_config", None)
-    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
-        return None
-    return attn_deltas(model)
-
-
 def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import check_output_file, output_lock

@@ -96,10 +96,11 @@ NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": 
 def _freeze(model: nn.Module, calib: Dataset, tau: float, bits: int, batch_size: int, progress: bool) -> float:
     """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
     from eamvit.methods.calibrate import compute_entropy_maps
-    from eamvit.methods.freeze import FreezeConfig, freeze_
+    from eamvit.methods.freeze import FreezeConfig
+    from eamvit.methods.recipe import Recipe, apply_
 
-    maps = compute_entropy_maps(model, calib, bits=bits, batch_size=batch_size, progress=progress)
-    return freeze_(model, maps, FreezeConfig(tau=tau)).frozen_fraction
+    maps = lambda m: compute_entropy_maps(m, calib, bits=bits, batch_size=batch_size, progress=progress)
+    return apply_(model, Recipe(steps=(FreezeConfig(tau=tau),)), calib, maps=maps)["freeze"].frozen_fraction
 
 
 def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tensor, config: CompareConfig) -> Point:

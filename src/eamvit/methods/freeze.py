@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from eamvit.config import Config
 from eamvit.modules.attention import attention_layers, executes_plans, require, set_frozen
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
@@ -52,7 +53,7 @@ from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_
 
 
 @dataclass
-class FreezeConfig:
+class FreezeConfig(Config):
     """How to freeze.
 
     Args:
@@ -82,6 +83,9 @@ class FreezeConfig:
     granularity: str = "entry"
     aggregate: str = "mean"
     execute: bool = True
+
+    KIND = "freeze"
+    VERSION = 1
 
     @property
     def resolved_scope(self) -> str:
@@ -347,6 +351,26 @@ def frozen_digest(model: nn.Module) -> Optional[str]:
 FROZEN_FORMAT = "eamvit-frozen/1"
 
 
+def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the frozen attention of ``model``: what :func:`save_frozen` writes.
+
+    Args:
+        model: an instrumented, frozen model.
+        config: the :class:`FreezeConfig` used, recorded in the metadata.
+    """
+    from eamvit.methods.models import model_spec
+
+    tensors, plans = {}, []
+    for l, m in enumerate(attention_layers(model)):
+        frozen = m.eam_frozen_mask is not None
+        if frozen:
+            tensors[f"mask.{l}"], tensors[f"values.{l}"] = m.eam_frozen_mask, m.eam_frozen_values.float()
+        plans.append({"granularity": m.eam_granularity, "execute": m.eam_plan is not None} if frozen else None)
+    meta = {"format": FROZEN_FORMAT, "model": model_spec(model).name, "layers": plans,
+            "config": asdict(config) if config is not None else None}
+    return tensors, meta
+
+
 def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
     """Write the frozen attention of ``model`` (masks, values, granularity) to a safetensors file.
 
@@ -359,16 +383,8 @@ def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = No
         config: the :class:`FreezeConfig` used, recorded in the metadata.
     """
     from eamvit.io import save_tensors
-    from eamvit.methods.models import model_spec
 
-    tensors, plans = {}, []
-    for l, m in enumerate(attention_layers(model)):
-        frozen = m.eam_frozen_mask is not None
-        if frozen:
-            tensors[f"mask.{l}"], tensors[f"values.{l}"] = m.eam_frozen_mask, m.eam_frozen_values.float()
-        plans.append({"granularity": m.eam_granularity, "execute": m.eam_plan is not None} if frozen else None)
-    meta = {"format": FROZEN_FORMAT, "model": model_spec(model).name, "layers": plans,
-            "config": asdict(config) if config is not None else None}
+    tensors, meta = frozen_content(model, config)
     save_tensors(path, tensors, meta)
 
 
@@ -386,10 +402,21 @@ def load_frozen(model: nn.Module, path: str) -> dict:
         EamError: not a frozen-attention file, or its layers do not fit the model.
     """
     from eamvit.io import load_tensors
-    from eamvit.methods.models import check_attention_shapes
 
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
+    restore_frozen(model, meta, tensors, path)
+    return meta
+
+
+def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> None:
+    """Put frozen attention read from ``path`` (:func:`frozen_content`'s ``tensors`` and ``meta``) on ``model``.
+
+    Raises:
+        EamError: its layers do not fit the model.
+    """
+    from eamvit.methods.models import check_attention_shapes
+
     layers = attention_layers(model)
     plans = meta.get("layers") or []
     if len(plans) != len(layers):
@@ -411,4 +438,3 @@ def load_frozen(model: nn.Module, path: str) -> dict:
         gran = plan["granularity"]
         set_frozen(m, mask.bool().to(device), values.to(device), None if gran == "entry" else gran,
                    bool(plan.get("execute", True)))
-    return meta

@@ -125,7 +125,8 @@ def _handler(config: Any) -> QuantizeHandler:
                    "pass a RepQConfig, ADFQConfig or PMQConfig")
 
 
-def _config_type(kind: Any) -> type:
+def config_type(kind: Any) -> type:
+    """The config class of quantization method ``kind`` (``"repq"``, ``"adfq"``, ``"pmq"``)."""
     module = _METHOD_MODULES.get(kind)
     if module is None:
         raise EamError(f"quantization method {kind!r} is not one of {', '.join(_METHOD_MODULES)}")
@@ -309,8 +310,8 @@ def _quantizer_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
             if isinstance(q, Quantizer)}
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically).
+def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a quantized model's state (any method): what :func:`save_quantized` writes.
 
     Raises:
         EamError: the model is not quantized or a quantizer was never calibrated.
@@ -336,6 +337,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
             "data_config": preprocessing(data_config(model)),
             # The images it was calibrated with: evaluation of the state never scores them.
             "calibration": list(getattr(model, "eam_calibration", None) or [])}
+    return tensors, meta
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically).
+
+    Raises:
+        EamError: the model is not quantized or a quantizer was never calibrated.
+    """
+    tensors, meta = quantized_content(model)
     save_tensors(path, tensors, meta)
     return Path(path)
 
@@ -445,11 +456,24 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         EamError: a missing or unreadable file, a state for another model, or one that does not fit.
     """
     meta, tensors = read_quantized(path)
+    return restore_quantized(model, meta, tensors, path)
+
+
+def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      path: Any) -> nn.Module:
+    """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` and ``meta``.
+
+    Args:
+        model: the model the state was made for, not yet quantized.
+        meta: the state's metadata.
+        tensors: its tensors (consumed: packed codes are replaced by weights).
+        path: the file they were read from, for messages.
+    """
     _check_model(model, meta, path)
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
     _check_fp_weights(model, meta, path)
-    cls = _config_type(meta.get("method"))
+    cls = config_type(meta.get("method"))
     config = cls.from_dict(meta.get("config", {}))
     handler = _handler(config)
     try:

@@ -1,0 +1,242 @@
+"""The recipe the command line asks for, built in one place for every command, and ``compress``.
+
+``eval``, ``export`` and ``compress`` all go through :func:`apply_args`: the quantization, freezing
+and pruning options (or ``--recipe FILE``) become one :class:`~eamvit.methods.recipe.Recipe`, applied
+by :func:`eamvit.methods.recipe.apply_`; ``--state FILE`` (a file of ``compress``) rebuilds the
+whole stack instead. ``--quant-state`` and ``--frozen`` load their part before the rest is applied.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any, Optional
+
+from eamvit.errors import EamError
+from eamvit.cli.common import (FREEZE_OPTIONS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
+                               add_prune_args, data_splits, get_maps, is_main, load_maps, load_model, prune_options,
+                               refuse_given)
+
+if TYPE_CHECKING:  # building the parser must not import torch
+    from eamvit.methods.recipe import Recipe
+
+PRUNE_OPTIONS = ("prune", "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys")
+_QUANT_OPTIONS = ("quant", "quant_state", "w_bits", "a_bits", "quant_calib_size", "attn_quantizer", "no_reparam",
+                  "adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq", "adfq_no_amo",
+                  "adfq_alpha_fc1", "pmq_config", "pmq_budget_mb")
+_FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
+
+
+def add_recipe_args(p: argparse.ArgumentParser, state: bool = True) -> None:
+    """``--recipe`` (and ``--state``) of ``eval``, ``export`` and ``compress``."""
+    g = p.add_argument_group("recipe (quantize → freeze → prune, in one file)")
+    g.add_argument("--recipe", default=None, help="apply the recipe of this file of `eamvit compress` (or a "
+                   "recipe .json) instead of the quantization, freezing and pruning options, calibrating anew "
+                   "(default: none, the recipe of the options)")
+    if state:
+        g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the "
+                       "whole stack, calibrated already) (default: none, build it from the options)")
+
+
+def validate_recipe_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, recipe options that cannot apply (nothing is ignored silently)."""
+    if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
+        return
+    if getattr(args, "state", None):
+        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS],
+                     f"with --state, which holds the whole compressed model ({args.state})")
+        return
+    if getattr(args, "recipe", None):
+        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS],
+                     f"with --recipe, which holds the steps ({args.recipe})")
+        return
+    if not args.prune:
+        refuse_given(args, PRUNE_OPTIONS[1:], "without --prune (no tokens are pruned)")
+    elif args.prune != "renyi":
+        refuse_given(args, ["alpha"], f"to --prune {args.prune} (the Rényi order is --prune renyi's)")
+    freezes = args.tau > 0 or getattr(args, "maps", None)
+    if not freezes and not getattr(args, "frozen", None):
+        refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
+                     "without --tau or --maps (nothing is frozen)")
+    if args.granularity == "entry":
+        refuse_given(args, ["aggregate"], "to --granularity entry (it ranks whole rows and heads)")
+    if args.value_bits is None:
+        refuse_given(args, ["value_quantizer"], "without --value-bits (the frozen values stay fp32)")
+    if getattr(args, "maps", None):
+        refuse_given(args, ["bits", "max_memory"], "with --maps, which are computed already")
+
+
+def freeze_config(args: argparse.Namespace):
+    """The :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options (validated)."""
+    from eamvit.methods.freeze import FreezeConfig
+
+    return FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
+                        value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+                        granularity=args.granularity, aggregate=args.aggregate).validate()
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps.
+
+    ``--quant-state`` and ``--frozen`` are loaded, not applied: their steps are not in it.
+    """
+    from eamvit.cli.quant import method_config
+    from eamvit.methods.prune import PruneConfig
+    from eamvit.methods.recipe import Recipe, read_recipe
+
+    path = getattr(args, "state", None) or getattr(args, "recipe", None)
+    if path:
+        return read_recipe(path)
+    steps = []
+    if getattr(args, "quant", None) and not getattr(args, "quant_state", None):
+        steps.append(method_config(args))
+    if (args.tau > 0 or getattr(args, "maps", None)) and not getattr(args, "frozen", None):
+        steps.append(freeze_config(args))
+    if args.prune:
+        steps.append(PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
+                                 **prune_options(args)).validate())
+    return Recipe(steps=tuple(steps)).validate()
+
+
+def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
+    """Whether applying ``recipe`` reads calibration images (quantizing, or maps to compute)."""
+    if getattr(args, "state", None):
+        return False
+    return recipe.step("quant") is not None or (recipe.step("freeze") is not None and not getattr(args, "maps", None))
+
+
+def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
+    """Build the command line's model on ``model`` in place: ``--state``, or the loaded parts and the recipe.
+
+    Args:
+        sp: the command's :class:`~eamvit.methods.data.Splits` (calibration images and data config).
+        maps: loaded ``--maps``.
+
+    Returns:
+        ``(recipe, fields)``: the whole recipe ``model`` now carries (loaded parts included) and the
+        result-row fields that describe it.
+    """
+    from eamvit.cli.quant import _calib_set
+    from eamvit.methods.recipe import Recipe, apply_, restore_
+
+    from eamvit.methods.quantize import load_quantized
+
+    recipe = recipe_from_args(args)
+    if getattr(args, "state", None):
+        restore_(model, args.state)
+        return recipe, row_fields(model, recipe, {}, state=args.state)
+    if getattr(args, "quant_state", None):
+        load_quantized(model, args.quant_state)
+    quant = Recipe(steps=tuple(s for s in recipe.steps if s is recipe.step("quant")))
+    rest = Recipe(steps=tuple(s for s in recipe.steps if s is not recipe.step("quant")))
+    calib = _calib_set(sp.calib_set, sp.calib_indices) if quant.steps else None
+    reports = apply_(model, quant, calib, progress=True, checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+    frozen = _load_frozen(args, model)  # after quantizing: its values replace the quantized model's maps
+    provider = lambda m: get_maps(args, m, device, sp.calib_set, sp.calib_indices, sp.data_config, maps=maps)
+    reports.update(apply_(model, rest, None, maps=provider, device=device))
+    steps = (getattr(model, "eam_quant_config", None), frozen[1] if frozen else rest.step("freeze"), rest.step("prune"))
+    whole = Recipe(steps=tuple(s for s in steps if s is not None))
+    return whole, row_fields(model, whole, reports, frozen=frozen)
+
+
+def _load_frozen(args: argparse.Namespace, model):
+    """``(fields, FreezeConfig)`` of ``--frozen``, loaded on ``model`` (``None`` without ``--frozen``)."""
+    from eamvit.methods.freeze import FreezeConfig, load_frozen
+
+    if not getattr(args, "frozen", None):
+        return None
+    config = load_frozen(model, args.frozen).get("config")
+    fields = {"frozen": str(args.frozen), **{k: config[k] for k in ("tau", "granularity") if config}}
+    return fields, (FreezeConfig(**config) if config else FreezeConfig())
+
+
+def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[str] = None,
+               frozen: Optional[tuple] = None) -> dict[str, Any]:
+    """Result-row fields of ``model`` compressed by ``recipe``.
+
+    Args:
+        reports: :func:`~eamvit.methods.recipe.apply_`'s.
+        state: the ``--state`` file it was rebuilt from.
+        frozen: :func:`_load_frozen`'s, when ``--frozen`` gave the freezing.
+    """
+    from eamvit.cli.quant import _row
+
+    freeze = recipe.step("freeze")
+    extra: dict[str, Any] = {"tau": freeze.tau if freeze is not None else 0.0}
+    if state:
+        extra["state"] = str(state)
+    if getattr(model, "eam_quant_config", None) is not None:
+        extra.update(_row(model))
+    if frozen:
+        extra.update(frozen[0])
+    elif freeze is not None:
+        extra.update(_freeze_fields(model, freeze, reports.get("freeze")))
+    prune = recipe.step("prune")
+    if prune is not None:
+        from eamvit.methods.cost import count_gflops
+        from eamvit.methods.prune import token_counts
+
+        state_ = model.eam_prune
+        grid = state_.grid
+        tokens = token_counts(grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_.blocks), prune.fuse_tokens)
+        rep = reports.get("prune")
+        tokens = rep.tokens_per_stage if rep is not None else tokens
+        extra.update(prune=prune.method, keep_rate=prune.keep_rate, tokens="-".join(map(str, tokens)),
+                     gflops=round(count_gflops(model), 4))
+        if rep is not None:
+            extra["unfrozen_layers"] = len(rep.unfrozen_layers)
+        if prune.method == "renyi":
+            extra["alpha"] = prune.alpha if prune.alpha != float("inf") else "inf"
+    return extra
+
+
+def _freeze_fields(model, freeze, rep) -> dict[str, Any]:
+    from eamvit.methods.cost import cost_account
+
+    acct = cost_account(model)
+    out = {"scope": freeze.resolved_scope, "selection": freeze.selection, "granularity": freeze.granularity,
+           "gflops": round(acct.gmacs, 4), "predicted_speedup": round(acct.predicted_speedup, 4)}
+    if rep is not None:
+        out.update(frozen_fraction=round(rep.frozen_fraction, 6), frozen_window_masked=rep.frozen_window_masked)
+    out["value_bits"] = freeze.value_bits if freeze.value_bits else 32
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    """``eamvit compress``: apply the recipe and write the whole compressed model to one file."""
+    from eamvit.io import check_output_file, output_lock
+    from eamvit.methods.recipe import save_compressed
+
+    out = check_output_file(args.out)
+    recipe = recipe_from_args(args)
+    if not recipe.steps and not getattr(args, "quant_state", None) and not getattr(args, "frozen", None):
+        raise EamError("compress needs a step: --quant, --quant-state, --tau/--maps, --frozen, --prune or --recipe")
+    with output_lock(out):
+        model, device = load_model(args)
+        maps = load_maps(args, model)
+        sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), maps=maps, scores=False)
+        whole, fields = apply_args(args, model, device, sp, maps)
+        if is_main():
+            save_compressed(model, out, whole)
+            steps = " → ".join(s.KIND for s in whole.steps)
+            what = ", ".join(f"{k}={v}" for k, v in fields.items() if k in _SHOWN)
+            print(f"wrote {out} ({out.stat().st_size:,} bytes): {steps}, {what}; evaluate it with "
+                  f"`eamvit eval --state {out}`, export it with `eamvit export --state {out} --out model.onnx`")
+
+
+_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "prune", "keep_rate", "tokens")
+
+
+def register(sub) -> None:
+    """Add ``compress`` to the ``eamvit`` parser."""
+    from eamvit.cli.quant import add_quant_args
+
+    s = sub.add_parser("compress", help="quantize, freeze and prune in one go and write the whole compressed "
+                       "model to one file (.safetensors) for `eval --state` and `export --state`")
+    add_model_args(s)
+    add_data_args(s)
+    add_entropy_args(s)
+    add_freeze_args(s)
+    add_prune_args(s)
+    add_quant_args(s, "eval")
+    add_recipe_args(s, state=False)
+    s.add_argument("--out", required=True, help="compressed model to write (.safetensors)")
+    s.set_defaults(func=cmd_compress)

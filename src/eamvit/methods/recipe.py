@@ -1,0 +1,254 @@
+"""One compressed model: a :class:`Recipe` of steps, :func:`apply_` to apply it, one file to keep it.
+
+A recipe is an ordered list of the existing configs: at most one quantization
+(:class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig` or
+:class:`~eamvit.methods.pmq.PMQConfig`), then at most one
+:class:`~eamvit.methods.freeze.FreezeConfig`, then at most one
+:class:`~eamvit.methods.prune.PruneConfig`. The order is fixed because it is the only one the
+pieces compose in: maps computed after quantization are the quantized model's (EAM_4bits), and
+pruning drops the frozen maps of the layers after its first block, which freezing after it could
+not know.
+
+:func:`save_compressed` writes the whole stack to one safetensors file (written by
+:func:`eamvit.io.save_tensors`, so it carries a digest): the recipe, the quantized state with its
+weights packed at their bit width (:func:`~eamvit.methods.quantize.quantized_content`), the frozen
+masks and values (:func:`~eamvit.methods.freeze.frozen_content`), the data config and the records of
+the images that calibrated it. Pruning has no state beyond its config. :func:`load` rebuilds the
+model with the logits of the one that was saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.methods import calibrate, quantize
+from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.freeze import FreezeConfig, freeze_, frozen_content, restore_frozen
+from eamvit.methods.prune import PruneConfig, prune_
+from eamvit.methods.quantize import config_type, quantized_content, restore_quantized
+
+COMPRESSED_FORMAT = "eamvit-compressed/1"
+_REMEDY = "write one with `eamvit compress`"
+_STAGES = ("quant", "freeze", "prune")  # the one order the steps compose in
+
+
+def step_stage(step: Config) -> str:
+    """``"quant"``, ``"freeze"`` or ``"prune"``: which part of the stack ``step`` is."""
+    if isinstance(step, FreezeConfig):
+        return "freeze"
+    if isinstance(step, PruneConfig):
+        return "prune"
+    return "quant"
+
+
+def _step_from_dict(d: Any) -> Config:
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == FreezeConfig.KIND:
+        return FreezeConfig.from_dict(d)
+    if kind == PruneConfig.KIND:
+        return PruneConfig.from_dict(d)
+    return config_type(kind).from_dict(d)
+
+
+@dataclass
+class Recipe(Config):
+    """An ordered list of compression steps (module docstring).
+
+    Args:
+        steps: the configs, in the order quantization, freezing, pruning (each at most once).
+    """
+
+    steps: tuple = ()
+
+    KIND = "recipe"
+    VERSION = 1
+
+    def validate(self) -> "Recipe":
+        stages = [step_stage(s) for s in self.steps]
+        if stages != sorted(stages, key=_STAGES.index) or len(set(stages)) != len(stages):
+            raise EamError(f"recipe steps {' → '.join(stages)} are not in the order quantize → freeze → prune "
+                           "with each at most once; write them in that order")
+        for s in self.steps:
+            s.validate()
+        return self
+
+    def step(self, stage: str) -> Optional[Config]:
+        """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"``), ``None`` when there is none."""
+        return next((s for s in self.steps if step_stage(s) == stage), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "version": self.VERSION, "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """The recipe :meth:`to_dict` wrote, every step checked.
+
+        Raises:
+            EamError: not a recipe, a newer version, or a step this eamvit does not know.
+        """
+        if not isinstance(d, dict) or d.get("kind") != cls.KIND:
+            raise EamError(f"expected a recipe, found {d.get('kind') if isinstance(d, dict) else type(d).__name__!r}; "
+                           f"{_REMEDY}")
+        version, unknown = d.get("version", 1), sorted(set(d) - {"kind", "version", "steps"})
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise EamError(f"recipe version {version} is newer than this eamvit understands (version {cls.VERSION}); "
+                           "upgrade eamvit")
+        if unknown or not isinstance(d.get("steps"), list):
+            raise EamError(f"recipe has {'unknown field(s) ' + ', '.join(unknown) if unknown else 'no list of steps'}; "
+                           "it was written by another eamvit version")
+        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"])).validate()
+
+
+def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
+    """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
+    from eamvit.methods.repq import attn_deltas
+
+    cfg = getattr(model, "eam_quant_config", None)
+    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
+        return None
+    return attn_deltas(model)
+
+
+MapsSource = Union[EntropyMaps, Callable[[nn.Module], EntropyMaps], None]
+
+
+def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = None,
+           device: torch.device | str | None = None, progress: bool = False,
+           checkpoint_dir: Optional[str] = None) -> dict[str, Any]:
+    """Apply ``recipe``'s steps to ``model`` in place, in order.
+
+    Args:
+        model: an instrumented full-precision model (``create_model``).
+        recipe: the :class:`Recipe`.
+        calib: calibration images (dataset or tensor) for quantization and for maps computed here.
+        maps: the freezing step's entropy maps, or a function of the model (as it is after
+            quantization) that returns them; ``None`` computes them on ``calib`` (8-bit histograms).
+        device: where calibration runs.
+        progress: progress bars.
+        checkpoint_dir: resumable ADFQ-ViT checkpoints.
+
+    Returns:
+        ``{stage: report}``: the quantization config, the :class:`~eamvit.methods.freeze.FreezeReport`
+        and the :class:`~eamvit.methods.prune.PruneReport` of the steps applied.
+    """
+    recipe.validate()
+    reports: dict[str, Any] = {}
+    for step in recipe.steps:
+        stage = step_stage(step)
+        if stage == "quant":
+            # Through the modules: what quantizes and what computes maps is one function, wherever it is called.
+            quantize.quantize_(model, step, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+            reports[stage] = step
+        elif stage == "freeze":
+            m = maps(model) if callable(maps) else maps
+            if m is None:
+                m = calibrate.compute_entropy_maps(model, calib, device=device, progress=progress)
+            reports[stage] = freeze_(model, m, step, value_deltas=value_deltas(model, step.value_quantizer))
+        else:
+            reports[stage] = prune_(model, step)
+    return reports
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
+    """Write ``model``, compressed by ``recipe``, to one safetensors file (module docstring).
+
+    Raises:
+        EamError: the model does not carry what the recipe says (e.g. a quantization step on an
+            unquantized model).
+    """
+    from eamvit.io import save_tensors
+    from eamvit.methods.models import data_config, model_spec, preprocessing
+
+    recipe.validate()
+    have = {"quant": getattr(model, "eam_quant_config", None) is not None,
+            "prune": getattr(model, "eam_prune", None) is not None}
+    for stage, present in have.items():
+        if present != (recipe.step(stage) is not None):
+            raise EamError(f"the model is {'' if present else 'not '}{'quantized' if stage == 'quant' else 'pruned'} "
+                           f"but the recipe has {'no' if present else 'a'} {stage} step; apply the recipe with apply_")
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"format": COMPRESSED_FORMAT, "recipe": recipe.to_dict(),
+                            "model": model_spec(model).to_dict(),
+                            "data_config": preprocessing(data_config(model)),
+                            "calibration": list(getattr(model, "eam_calibration", None) or [])}
+    for stage, content in (("quant", quantized_content if have["quant"] else None),
+                           ("freeze", frozen_content if recipe.step("freeze") else None)):
+        if content is not None:
+            part, meta[stage] = content(model)
+            tensors.update({f"{stage}/{k}": v for k, v in part.items()})
+    save_tensors(path, tensors, meta)
+    return Path(path)
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a file written by :func:`save_compressed`, or one clear :class:`EamError`."""
+    from eamvit.io import load_tensors
+
+    return load_tensors(path, COMPRESSED_FORMAT, "compressed model", _REMEDY)
+
+
+def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata.
+
+    Raises:
+        EamError: the file is not a compressed model, was made for another model, or does not fit.
+    """
+    from eamvit.methods.data import add_calibration
+    from eamvit.methods.models import model_spec
+
+    meta, tensors = read_compressed(path)
+    recipe = Recipe.from_dict(meta.get("recipe"))
+    if not model_spec(model).same_model(meta.get("model") or {}):
+        name = (meta.get("model") or {}).get("name")
+        raise EamError(f"compressed model {path} was made for {name} with other weights, not for this model; "
+                       "give the model it was made from, or compress this one with `eamvit compress`")
+    part = lambda stage: {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(stage + "/")}
+    if recipe.step("quant") is not None:
+        restore_quantized(model, meta.get("quant") or {}, part("quant"), path)
+    if recipe.step("freeze") is not None:
+        restore_frozen(model, meta.get("freeze") or {}, part("freeze"), str(path))
+    if recipe.step("prune") is not None:
+        prune_(model, recipe.step("prune"))
+    add_calibration(model, meta.get("calibration") or [])
+    return meta
+
+
+def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
+         device: torch.device | str | None = None) -> nn.Module:
+    """The compressed model saved at ``path`` (:func:`save_compressed`), logits equal to the saved one's.
+
+    Args:
+        path: the file.
+        model: the full-precision model it was made from; ``None`` creates it from the name stored in
+            the file (the bundled model, a model whose weights need no checkpoint file).
+        device: where to create it.
+    """
+    from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
+
+    if model is None:
+        spec = read_compressed(path)[0].get("model") or {}
+        model = create_model(BUNDLED_MODEL, device=device)  # the one model whose weights eamvit carries
+        if not model_spec(model).same_model(spec):
+            model = create_model(spec.get("name"), model_kwargs=spec.get("model_kwargs") or {},
+                                 pretrained=bool(spec.get("pretrained")), device=device)
+    restore_(model, path)
+    return model.eval()
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    """The recipe in ``path``: a compressed model (:func:`save_compressed`) or a ``.json`` of :meth:`Recipe.to_json`."""
+    p = Path(path)
+    if p.suffix == ".json":
+        try:
+            return Recipe.from_dict(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            raise EamError(f"cannot read recipe {p} ({type(e).__name__}); {_REMEDY}") from None
+    return Recipe.from_dict(read_compressed(p)[0].get("recipe"))
