@@ -5,7 +5,6 @@ unmodified wrapper, RepQ-ViT calibrated from an images tensor, hand-counted hist
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import timm

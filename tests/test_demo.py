@@ -51,6 +51,20 @@ def test_demo_with_modules_present_gets_to_the_work(monkeypatch, tmp_path, capsy
         main(["demo", "--out", str(tmp_path / "out")])
 
 
+def test_demo_runs_on_the_threads_asked_and_gives_them_back(monkeypatch, tmp_path, capsys):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(demo_mod, "run_demo", lambda **_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert main(["demo", "--out", str(tmp_path / "a")]) == 0 and seen == [1]
+    assert main(["demo", "--threads", "2", "--out", str(tmp_path / "b")]) == 0 and seen == [1, 2]
+    assert torch.get_num_threads() == before
+    code, out, err = run(capsys, "demo", "--threads", "0", "--out", tmp_path / "c")
+    assert code == 2 and err.startswith("eamvit: error: --threads must be at least 1") and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_export_and_eval_onnx_check_modules_first(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     code, out, err = run(capsys, "export", "--format", "onnx", "--out", tmp_path / "m.onnx")

@@ -5,7 +5,6 @@ model (a deep copy eamvit never touched) and ONNX Runtime running the exported g
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -111,7 +111,7 @@ def test_choices_are_defined_once():
 
 
 def test_model_kwargs_parse_without_timm():
-    from eamvit.cli.common import parse_model_kwargs
+    from eamvit.cli.options import parse_model_kwargs
     from eamvit.cli.main import build_parser
 
     args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16",

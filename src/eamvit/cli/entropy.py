@@ -6,11 +6,14 @@ import contextlib
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args, build_data, data_splits, flush_warnings, format_row, get_maps, ints, is_main, jsonable, load_maps, load_model, prune_options
+from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
+                               load_maps, load_model)
+from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
+                                ints, prune_options)
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
-from eamvit.cli.recipe import add_recipe_args
+from eamvit.cli.recipe import add_stack_args
 
 
 def cmd_calibrate(args) -> None:
@@ -115,7 +118,8 @@ def cmd_sweep(args) -> None:
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units and token pruning at measured speed."""
-    from eamvit.cli.common import SPEED_KEEP_RATES, SPEED_METHODS, warn
+    from eamvit.cli.common import warn
+    from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, is_swin, plot_rows, speed_sweep,
@@ -262,13 +266,7 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("eval", help="top-1/top-5, optionally with frozen attention")
-    add_model_args(s)
-    add_data_args(s)
-    add_entropy_args(s)
-    add_freeze_args(s)
-    add_prune_args(s)
-    add_quant_args(s, "eval")
-    add_recipe_args(s)
+    add_stack_args(s)
     add_eval_onnx_args(s)
     s.add_argument("--out", default=None,
                    help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv (default: print the row only)")

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, add_data_args, add_entropy_args,
-                               add_freeze_args, add_model_args, add_prune_args, data_splits, get_maps, is_main,
-                               load_model, prune_options, require_modules)
-from eamvit.cli.quant import add_quant_args
-from eamvit.cli.recipe import add_recipe_args, apply_args, needs_calibration, recipe_from_args
+from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_splits, is_main, load_model,
+                               require_modules)
+from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
 def export_config(args: argparse.Namespace):
@@ -201,13 +199,7 @@ def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
     s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, frozen, RepQ-ViT int8 (QDQ) "
                        "or low-bit weight-only")
-    add_model_args(s)
-    add_data_args(s)
-    add_entropy_args(s)
-    add_freeze_args(s)
-    add_prune_args(s)
-    add_quant_args(s, "eval")
-    add_recipe_args(s)
+    add_stack_args(s)
     s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
     for action in s._actions:
         if action.dest in ("w_bits", "a_bits"):

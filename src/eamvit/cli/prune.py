@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                               add_model_args, add_prune_args, build_data, flush_warnings, is_main, load_model,
-                               prune_options)
+from eamvit.cli.common import build_data, flush_warnings, is_main, load_model
+from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
+                                add_model_args, add_prune_args, prune_options)
 
 
 def cmd_prune_sweep(args) -> None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import add_data_args, add_model_args, build_data, data_splits, load_model
+from eamvit.cli.common import build_data, data_splits, load_model
+from eamvit.cli.options import add_data_args, add_model_args
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn

@@ -11,9 +11,9 @@ import argparse
 from typing import TYPE_CHECKING, Any, Optional
 
 from eamvit.errors import EamError
-from eamvit.cli.common import (FREEZE_OPTIONS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
-                               add_prune_args, data_splits, get_maps, is_main, load_maps, load_model, prune_options,
-                               refuse_given)
+from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
+from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
+                                prune_options)
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
@@ -23,6 +23,17 @@ _QUANT_OPTIONS = ("quant", "quant_state", "w_bits", "a_bits", "quant_calib_size"
                   "adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq", "adfq_no_amo",
                   "adfq_alpha_fc1", "pmq_config", "pmq_budget_mb")
 _FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
+
+
+def add_stack_args(p: argparse.ArgumentParser, state: bool = True) -> None:
+    """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
+    entropy maps, freezing, pruning, quantization and the recipe."""
+    from eamvit.cli.quant import add_quant_args
+
+    for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args):
+        add(p)
+    add_quant_args(p, "eval")
+    add_recipe_args(p, state=state)
 
 
 def add_recipe_args(p: argparse.ArgumentParser, state: bool = True) -> None:
@@ -227,16 +238,8 @@ _SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "prune", "keep_rate
 
 def register(sub) -> None:
     """Add ``compress`` to the ``eamvit`` parser."""
-    from eamvit.cli.quant import add_quant_args
-
     s = sub.add_parser("compress", help="quantize, freeze and prune in one go and write the whole compressed "
                        "model to one file (.safetensors) for `eval --state` and `export --state`")
-    add_model_args(s)
-    add_data_args(s)
-    add_entropy_args(s)
-    add_freeze_args(s)
-    add_prune_args(s)
-    add_quant_args(s, "eval")
-    add_recipe_args(s, state=False)
+    add_stack_args(s, state=False)
     s.add_argument("--out", required=True, help="compressed model to write (.safetensors)")
     s.set_defaults(func=cmd_compress)

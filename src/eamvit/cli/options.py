@@ -1,0 +1,210 @@
+"""The options shared by the commands: model, data, entropy, freezing and pruning arguments.
+
+Building these imports neither torch nor timm, so ``eamvit --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from eamvit.errors import EamError
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict:
+    """``["img_size=16", "depths=(2,2)"]`` -> ``{"img_size": 16, "depths": (2, 2)}`` (Python literals, else strings)."""
+    import ast
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not key.strip().isidentifier():
+            raise EamError(f"--model-kwargs takes KEY=VALUE pairs such as img_size=16, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="timm model name (default: the bundled digits ViT, eamvit/assets/digits_vit.safetensors)")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="timm.create_model overrides, e.g. img_size=16 patch_size=2 in_chans=1 num_classes=10 "
+                        "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint) (default: none)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="weights from the local timm / Hugging Face cache")
+    w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors); one written by "
+                   "eamvit also carries the preprocessing it was trained with, used by default")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps where available (default: cuda if available)")
+
+
+def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="ImageFolder root (ImageNet val layout) or 'digits' (scikit-learn's bundled digits)")
+    g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size (calibrate: use --calib-size) (default: all)")
+    if calib:
+        g.add_argument("--calib-data", default=None,
+                       help="ImageFolder for calibration (default: the digits training split, or else a seeded "
+                            "held-out part of --data that evaluation skips; calibrate: all of --data)")
+        g.add_argument("--calib-size", type=int, default=None,
+                       help="calibration images (default: min(512, available), calibrate: all; a held-out part of "
+                            "--data takes at most half of it); the command prints what it used, and what it saves "
+                            "records them: evaluating that never scores them")
+    g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
+    g.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
+    g.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping it")
+    t = p.add_argument_group("preprocessing overrides (default: the config the checkpoint carries, else the "
+                             "model's timm data config; --data digits: resized, never cropped, mean/std 0.5)")
+    t.add_argument("--img-size", type=int, default=None,
+                   help="input side in pixels, a multiple of the patch size; only for models that accept it "
+                        "(else create the model with --model-kwargs img_size=N) (default: see above)")
+    t.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction in (0, 1]; 1 = no crop (default: see above)")
+    t.add_argument("--crop-mode", default=None, choices=["center", "squash", "border"],
+                   help="how the crop is taken (default: see above)")
+    t.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="normalisation mean: 1 value or one per channel (default: see above)")
+    t.add_argument("--std", type=float, nargs="+", default=None,
+                   help="normalisation std, positive: 1 value or one per channel (default: see above)")
+    t.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "nearest", "random"],
+                   help="resize interpolation (default: see above)")
+
+
+def add_entropy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("entropy maps")
+    g.add_argument("--maps", default=None, help="entropy maps from `eamvit calibrate` (default: calibrate now)")
+    g.add_argument("--bits", type=int, default=8, help="histogram bits b: 2^b bins on [0, 1] (1..16)")
+    g.add_argument("--max-memory", default=None, help="histogram memory budget, e.g. 2G; more passes over the images if needed "
+                        "(default: no limit, one pass)")
+
+
+def granularities(text: str) -> list[str]:
+    from eamvit.choices import GRANULARITIES
+
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in GRANULARITIES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"expected granularities from {','.join(GRANULARITIES)}, got {text!r}")
+    return out
+
+
+def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool = True) -> None:
+    """Freezing options (eamvit.methods.freeze).
+
+    Args:
+        p: the sub-command parser.
+        sweep: the τ grid of ``sweep`` instead of one τ.
+        saved: offer ``--frozen`` (a saved freeze) next to ``--tau`` (not for ``finetune``, which makes one).
+    """
+    from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
+
+    g = p.add_argument_group("freezing")
+    if sweep:
+        g.add_argument("--granularity", type=granularities, default=None,
+                       help="sweep freezing by these units at measured speed next to token pruning, e.g. "
+                            "entry,row,head: top-1, executed GMACs, predicted and measured speed-up per τ in "
+                            "speed_sweep.csv/json/md/png (default: none, the entry-level entropy vs random sweep)")
+    else:
+        g.add_argument("--granularity", choices=GRANULARITIES, default="entry",
+                       help="what is frozen: entry (the paper), row (a query token's row, all heads; ViT only), "
+                            "head (a whole head); rows and heads skip their work (default entry)")
+    g.add_argument("--aggregate", choices=AGGREGATES, default="mean",
+                   help="how a row's or head's entry entropies rank it (default mean)")
+    if sweep:
+        g.add_argument("--taus", type=floats, default=[round(0.1 * i, 1) for i in range(10)],
+                       help="sparsity levels, e.g. 0,0.1,0.2 (default 0..0.9)")
+        g.add_argument("--scopes", nargs="+", choices=SCOPES, default=["head"],
+                       help="where τ applies: per (layer, head), per layer, or over the whole model (the entropy "
+                            "vs random sweep; --granularity takes entries per head, rows and heads per layer)")
+        g.add_argument("--seeds", type=int, default=3,
+                       help="random-freezing seeds averaged per point (the entropy vs random sweep)")
+    else:
+        g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
+        if saved:
+            g.add_argument("--frozen", default=None,
+                           help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors) "
+                                "(default: none, freeze from --maps/--tau)")
+        g.add_argument("--scope", choices=SCOPES, default=None,
+                       help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
+        g.add_argument("--selection", choices=SELECTIONS, default="entropy",
+                       help="freeze the lowest-entropy entries, or random ones (the baseline)")
+    g.add_argument("--value-bits", type=int, default=None, help="bits of the frozen attention values (default: fp32, not quantized)")
+    g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default="uniform",
+                   help="quantizer of the frozen values with --value-bits")
+
+
+def alpha_arg(text: str) -> float:
+    if text.strip().lower() in ("inf", "infinity", "∞"):
+        return float("inf")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a Rényi order such as 0.5, 2 or inf, got {text!r}") from None
+
+
+SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
+SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+# `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.
+SPEED_METHODS = "shannon,evit"
+SPEED_KEEP_RATES = [0.7, 0.5]
+
+
+def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
+    """Token-pruning options (eamvit.methods.prune).
+
+    Args:
+        p: the sub-command parser.
+        sweep: add the κ × method grid of ``sweep --prune`` instead of one method.
+        method: the default of ``--prune`` (None: no pruning unless asked).
+    """
+    from eamvit.choices import ENTROPY_KEYS as KEYS, PLACEMENTS, PRUNE_METHODS as METHODS
+
+    g = p.add_argument_group("token pruning")
+    if sweep:
+        g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method) instead of freezing")
+        g.add_argument("--keep-rates", type=floats, default=None,
+                       help="keep rates, e.g. 0.9,0.7,0.5 (default: 0.9..0.3 in steps of 0.1 with --prune; "
+                            f"{','.join(map(str, SPEED_KEEP_RATES))} with --granularity, widen it with e.g. "
+                            "--keep-rates 0.9,0.8,0.7,0.6,0.5,0.4,0.3)")
+        g.add_argument("--methods", default=None,
+                       help="comma-separated methods, renyi:ORDER for Rényi entropy of that order (default: "
+                            f"{SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it with "
+                            "e.g. --methods shannon,renyi:2,evit,random)")
+        g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
+        g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
+        g.add_argument("--throughput-reps", type=int, default=10,
+                       help="timed forwards per point, after untimed warm-up; rows carry their median and quartiles")
+    else:
+        g.add_argument("--prune", choices=METHODS, default=method,
+                       help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
+        g.add_argument("--keep-rate", type=float, default=0.7, help="keep rate κ in (0, 1]")
+        g.add_argument("--alpha", type=alpha_arg, default=2.0, help="Rényi order for --prune renyi (0, 0.5, 2, inf...)")
+    g.add_argument("--prune-blocks", type=ints, default=None,
+                   help="0-based pruning blocks (default: 3,6,9 of 12, scaled to the depth)")
+    g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse dropped tokens into one (default: on for EViT only)")
+    g.add_argument("--placement", choices=PLACEMENTS, default="attn",
+                   help="prune after the attention residual (attn, EViT) or after the whole block")
+    g.add_argument("--entropy-keys", choices=KEYS, default="all",
+                   help="entropy of the whole attention row (all) or of its patch keys renormalised (patches)")
+
+
+def prune_options(args) -> dict:
+    return {"blocks": args.prune_blocks, "fuse": args.fuse, "placement": args.placement, "keys": args.entropy_keys}
