@@ -1,4 +1,4 @@
-"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in about two minutes on CPU.
+"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in about a minute on CPU.
 
 The default demo tells the core story, one step at a time:
 
