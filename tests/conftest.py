@@ -56,3 +56,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The tiny ViT as command-line options (the model of TINY_VIT).
+MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
+         "embed_dim=32", "depth=2", "num_heads=2"]
+
+
+def run(capsys, *args):
+    """``eamvit ARGS`` in this process: ``(exit status, stdout, stderr)``."""
+    from eamvit.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

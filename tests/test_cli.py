@@ -6,12 +6,8 @@ import sys
 import pytest
 import torch
 
-from eamvit.cli.main import main
 
-from conftest import TINY_SWIN, TINY_VIT, make, write_image_folder
-
-MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
-         "embed_dim=32", "depth=2", "num_heads=2"]
+from conftest import make, MODEL, run, TINY_SWIN, TINY_VIT, write_image_folder
 
 
 @pytest.fixture
@@ -19,12 +15,6 @@ def ckpt(tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(make(TINY_VIT).state_dict(), path)
     return str(path)
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, err, *needles):

@@ -12,18 +12,9 @@ from eamvit.cli.main import build_parser, main
 from eamvit.errors import EamError
 from eamvit.experiments.demo import STEPS, Step
 
-from conftest import TINY_VIT, single_thread
+from conftest import MODEL, run, single_thread
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)  # tiny models: threads only cost
-
-MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
-         "embed_dim=32", "depth=2", "num_heads=2"]
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _no_work(monkeypatch):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import eamvit
-from eamvit.cli.main import main
 from eamvit.experiments.digits import load_demo_model
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
@@ -22,7 +21,7 @@ from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
 
-from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
+from conftest import make, run, TINY_DISTILLED, TINY_SWIN, TINY_VIT
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +189,6 @@ def test_frozen_export_equals_pytorch(digits, tmp_path, granularity):
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, *needles):

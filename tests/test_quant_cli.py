@@ -4,19 +4,10 @@ import json
 import pytest
 import torch
 
-from eamvit.cli.main import main
 
-from conftest import TINY_VIT, make, write_image_folder
+from conftest import make, MODEL, run, TINY_VIT, write_image_folder
 
-MODEL = ["--model", TINY_VIT[0], "--model-kwargs", "img_size=32", "patch_size=8", "num_classes=3",
-         "embed_dim=32", "depth=2", "num_heads=2"]
 Q = ["--quant-calib-size", "4"]
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, *needles):

@@ -19,11 +19,7 @@ from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import Recipe, apply_, load, read_recipe, save_compressed
 from eamvit.methods.repq import RepQConfig
 
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run
 
 
 def top1(capsys, *args) -> float:
