@@ -122,7 +122,7 @@ def cmd_speed_sweep(args) -> None:
     from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
-    from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, is_swin, plot_rows, speed_sweep,
+    from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.prune import method_config, parse_methods
@@ -137,9 +137,10 @@ def cmd_speed_sweep(args) -> None:
             method_config(m, a, k, **prune_options(args))
     freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
     model, device = load_model(args)
-    if is_swin(model) and args.methods is None:
+    if not supports(model, "prune") and args.methods is None:
         methods = []
-        warn("token pruning does not apply to Swin: the speed sweep has freezing points only")
+        warn("token pruning does not apply to this model's attention family (`eamvit models`): the speed "
+             "sweep has freezing points only")
     check_family(model, args.granularity, methods)
     out = ensure_writable_dir(args.out)
     maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import nn
 
-from eamvit.errors import EamError
 from eamvit.experiments.freeze_sweep import freeze_point
 from eamvit.experiments.prune_sweep import pruned_state
 from eamvit.experiments.results import Column, ResultRow
@@ -28,7 +27,7 @@ from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.prune import method_config
-from eamvit.modules.attention import EamWindowAttention, attention_layers
+from eamvit.modules.attention import attention_layers, require
 
 PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
 KEEP_RATES = (0.9, 0.7, 0.5)
@@ -77,19 +76,19 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     return points
 
 
-def is_swin(model: nn.Module) -> bool:
-    return any(isinstance(m, EamWindowAttention) for m in attention_layers(model))
+def supports(model: nn.Module, verb: str) -> bool:
+    """Whether every attention layer's adapter declares ``verb`` (``eamvit models``)."""
+    return all(verb in layer.eam_adapter.verbs for layer in attention_layers(model))
 
 
 def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any]) -> None:
-    """One clear error, before any work or output, for what does not apply to the model's family
-    (``prune_methods``: any non-empty sequence means token pruning is asked for)."""
-    if is_swin(model) and "row" in granularities:
-        raise EamError("row granularity does not apply to Swin (a row is one (window, token) pair, so windows "
-                       "would keep different numbers of rows); use --granularity entry,head")
-    if is_swin(model) and prune_methods:
-        raise EamError("token pruning does not apply to Swin (its windows need the full token grid); "
-                       "drop --methods to sweep freezing only")
+    """One clear error, before any work or output, for what the model's attention family does not
+    support (``prune_methods``: any non-empty sequence means token pruning is asked for)."""
+    layers = attention_layers(model)
+    for granularity in granularities:
+        require(layers, granularity)
+    if prune_methods:
+        require(layers, "prune")
 
 
 def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
