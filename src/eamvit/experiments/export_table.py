@@ -30,7 +30,8 @@ from eamvit.experiments.results import Column
 from eamvit.io import save_tensors
 from eamvit.methods.data import DigitsDataset, random_subset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
-from eamvit.methods.export_runtime import onnx_session, ort_quantize_static, time_call
+from eamvit.experiments.timer import time_call
+from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
 from eamvit.methods.quantize import quantize_, save_quantized
 from eamvit.methods.repq import RepQConfig
 
@@ -40,7 +41,7 @@ def _row(name: str, runtime: str, predict: Callable[[], torch.Tensor], targets: 
     top1 = (predict().argmax(1) == targets).float().mean().item() * 100
     t = time_call(predict, warmup=1, reps=reps)
     return {"model": name, "runtime": runtime, "top1": round(top1, 3), "file_bytes": path.stat().st_size,
-            "images_per_s": round(batch / t["median"], 1), "spread": round(t["spread"], 3)}
+            "images_per_s": round(batch / t.median, 1), "spread": round(t.spread, 3)}
 
 
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,

@@ -1,4 +1,4 @@
-"""The one sweep runner and the one throughput timer.
+"""The one sweep runner, and throughput and speed-ups of models timed by :mod:`eamvit.experiments.timer`.
 
 A sweep is a model, evaluation data and a list of :class:`Point`. A point is a label (the fields
 its row carries) and a *state*: a context manager that puts the model in a configuration for one
@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from eamvit.errors import EamError
 from eamvit.experiments.results import ResultRow
+from eamvit.experiments.timer import Stats, ratio_stats, time_calls
 from eamvit.methods.calibrate import dist_info
 
 
@@ -150,13 +150,6 @@ def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequenc
     return x, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _seconds(model: nn.Module, x: torch.Tensor, sync: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    sync()
-    return time.perf_counter() - t0
-
-
 @contextmanager
 def _eval_mode(*models: nn.Module) -> Iterator[None]:
     modes = [m.training for m in models]
@@ -167,11 +160,6 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-
-
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, med, q3
 
 
 @torch.inference_mode()
@@ -191,12 +179,9 @@ def measure_throughput(model: nn.Module, timing: Timing = Timing(), input_size: 
     """
     x, sync = _timing_setup(model, timing, input_size, device)
     with _eval_mode(model):
-        for _ in range(timing.warmup):
-            model(x)
-        sync()
-        rates = [timing.batch_size / _seconds(model, x, sync) for _ in range(timing.reps)]
-    q1, med, q3 = _quartiles(rates)
-    return Throughput(median=med, p25=q1, p75=q3, reps=timing.reps)
+        t = time_calls([lambda: model(x)], timing.warmup, timing.reps, sync)[0]
+        rate = Stats.of([timing.batch_size / s for s in t])
+    return Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps)
 
 
 @torch.inference_mode()
@@ -221,22 +206,11 @@ def measure_speedup(model: nn.Module, reference: nn.Module, timing: Timing = Tim
         ``images_per_s`` (median) with its quartiles.
     """
     x, sync = _timing_setup(model, timing, input_size, device)
-    ratios, rates = [], []
     with _eval_mode(model, reference):
-        for _ in range(timing.warmup):
-            reference(x), model(x)
-        sync()
-        for i in range(timing.reps):
-            if i % 2:
-                t, t_ref = _seconds(model, x, sync), _seconds(reference, x, sync)
-            else:
-                t_ref, t = _seconds(reference, x, sync), _seconds(model, x, sync)
-            ratios.append(t_ref / t)
-            rates.append(timing.batch_size / t)
-    r1, r, r3 = _quartiles(ratios)
-    q1, med, q3 = _quartiles(rates)
-    return {"speedup": round(r, 4), "speedup_p25": round(r1, 4), "speedup_p75": round(r3, 4),
-            **Throughput(median=med, p25=q1, p75=q3, reps=timing.reps).fields()}
+        t_ref, t = time_calls([lambda: reference(x), lambda: model(x)], timing.warmup, timing.reps, sync)
+    r, rate = ratio_stats(t_ref, t), Stats.of([timing.batch_size / s for s in t])
+    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4),
+            **Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps).fields()}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

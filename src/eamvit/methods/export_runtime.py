@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -127,25 +125,6 @@ class OnnxClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run([self.output_name], {self.input_name: x})[0])
-
-
-def time_call(fn: Callable[[], Any], warmup: int = 2, reps: int = 7) -> dict[str, float]:
-    """Wall-clock seconds of ``fn()``: ``median``, ``min``, ``max`` and ``spread`` ((max − min) / median).
-
-    Args:
-        fn: the call to time.
-        warmup: untimed calls first.
-        reps: timed calls.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"median": med, "min": min(times), "max": max(times), "spread": (max(times) - min(times)) / med}
 
 
 def optimized_ops(path: str | os.PathLike, threads: Optional[int] = None) -> dict[str, int]:
