@@ -161,5 +161,5 @@ def test_models_table_lists_every_family_with_what_it_supports(capsys):
     assert set(named) == set(FAMILIES)
     for family in named.values():  # what the test above shows working, and the refusals below
         assert rows[family]["maps"] == rows[family]["entry freeze"] == "yes"
-        assert rows[family]["executed heads"] == rows[family]["ADFQ-ViT"] == rows[family]["PMQ"] == "no"
+        assert rows[family]["ADFQ-ViT"] == rows[family]["PMQ"] == "no"  # executed heads: test_families_heads.py
     assert rows["Swin v1"]["row freeze"] == "no" and rows["Swin v1"]["RepQ-ViT"] == "yes"

@@ -15,6 +15,7 @@ from eamvit.methods.freeze import FreezeConfig, freeze_
 from eamvit.modules.attention import instrument, models_table, set_frozen
 
 from test_families import FAMILIES, _maps, _pair
+from test_families_heads import EXECUTED
 
 # Families whose maps are windowed (a row is one (window, token) pair): row freezing is refused.
 NO_ROWS = {"swinv2": "Swin v2", "twins": "Twins", "tnt": "TNT", "hiera": "Hiera"}
@@ -51,7 +52,9 @@ def test_export_and_unit_freezing(family, tmp_path):
                 assert torch.equal(model(x3), before)
             continue
         report = freeze_(model, maps, FreezeConfig(tau=1.0, granularity=granularity))
-        assert report.frozen == report.total and not report.executed  # some layers simulate: not "executed"
+        # Rows are executed in ViT layers only; heads wherever the family's classes can cut them.
+        assert report.frozen == report.total
+        assert report.executed == (granularity == "head" and family in EXECUTED)
         with torch.no_grad():
             got = model(x3)
         # Every map frozen to the calibration image's: that image's logits, and another image's change.
@@ -65,8 +68,8 @@ def test_export_and_unit_freezing(family, tmp_path):
         _one_line_refusal(err, "needs opset 18", "--opset 18")
         assert not (tmp_path / "v.onnx").exists()
 
-    # Half the heads frozen (simulated; CrossViT's ViT layers execute theirs) traces through the
-    # softmax tap into the graph.
+    # Half the heads frozen (executed where the family can, simulated elsewhere) traces through the
+    # taps into the graph.
     freeze_(model, maps, FreezeConfig(tau=0.5, granularity="head"))
     with torch.no_grad():
         frozen = model(x3)
@@ -83,12 +86,12 @@ def test_export_and_unit_freezing(family, tmp_path):
 
 
 def test_heads_are_simulated_where_the_class_cannot_execute_them():
-    _, model, x = _pair("eva02")
+    _, model, x = _pair("mvitv2")
     layer = instrument(model)[0]
     shape = _maps(model, x[0]).mean[0].shape
     with pytest.raises(EamError) as err:  # execute=True asks for executed heads
         set_frozen(layer, torch.ones(shape, dtype=torch.bool), torch.zeros(shape), "head")
-    _one_line_refusal(err, "executed head freezing does not support EVA / EVA02", "`eamvit models`")
+    _one_line_refusal(err, "executed head freezing does not support MViTv2", "`eamvit models`")
     assert layer.eam_frozen_mask is None
 
 
@@ -104,4 +107,3 @@ def test_models_table_declares_export_rows_and_heads():
     for name in names:
         assert rows[name]["ONNX export"] == rows[name]["head freeze"] == "yes", name
         assert rows[name]["row freeze"] == ("no" if name in NO_ROWS.values() else "yes"), name
-        assert rows[name]["executed heads"] == "no", name

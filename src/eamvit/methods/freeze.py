@@ -68,9 +68,9 @@ class FreezeConfig(Config):
             per-layer deltas are given to :func:`frozen_values`).
         granularity: ``"entry"`` (the paper), ``"row"`` or ``"head"`` (module docstring).
         aggregate: how a row's or head's entries' entropies rank it: ``"mean"``, ``"median"``, ``"max"``.
-        execute: skip the work of frozen rows/heads (default) in the layers whose class can (ViT, Swin v1;
-            the others simulate them, and the report's ``executed`` is true only when every layer
-            executes); ``False`` simulates them with ``torch.where`` (same numbers, no saving). Entry
+        execute: skip the work of frozen rows/heads (default) in the layers whose class can (heads: the
+            classes ``eamvit models`` lists with executed heads; rows: ViT's; the others simulate them,
+            and the report's ``executed`` is true only when every layer executes); ``False`` simulates them with ``torch.where`` (same numbers, no saving). Entry
             freezing is always simulated.
     """
 
@@ -291,7 +291,7 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     layers = attention_layers(model)
     require(layers, config.granularity)  # before any layer is touched: nothing half-frozen
     # Layers whose class cannot execute plans simulate their rows and heads; the report says so.
-    executing = [config.execute and executes_plans(m) for m in layers]
+    executing = [config.execute and executes_plans(m, config.granularity) for m in layers]
     masks = freeze_masks(maps.entropy, config.tau, config.resolved_scope, config.selection, config.seed,
                          config.granularity, config.aggregate)
     plan = config.granularity if config.granularity != "entry" else None

@@ -84,8 +84,10 @@ class EamBase:
     eam_frozen_values: Optional[torch.Tensor]
     eam_plan: Optional[str]
     eam_adapter: Adapter
+    # The buffers of an executed row/head plan, registered by the classes that execute one.
+    eam_plan_buffers: tuple = ()
 
-    def _eam_init(self, layer: int, adapter: Adapter, plan_buffers: Iterable[str] = ()) -> None:
+    def _eam_init(self, layer: int, adapter: Adapter) -> None:
         self.eam_layer = layer
         self.eam_adapter = adapter
         self.eam_observer = None
@@ -93,7 +95,7 @@ class EamBase:
         self.eam_quant = None
         self.eam_plan = None
         self.eam_granularity = "entry"
-        for name in ("eam_frozen_mask", "eam_frozen_values", *plan_buffers):
+        for name in ("eam_frozen_mask", "eam_frozen_values", *self.eam_plan_buffers):
             self.register_buffer(name, None, persistent=False)
 
     @property

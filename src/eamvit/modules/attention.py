@@ -6,7 +6,7 @@ can expose the post-softmax attention map ``A`` and replace entries of it (ToMe-
 matching). Which classes are supported, and what each supports, is the registry of *adapters*
 (:mod:`eamvit.modules.adapters`): the ViT family's ``Attention`` and Swin v1's ``WindowAttention``
 (:mod:`eamvit.modules.vit_swin`, with every verb) and the further families of
-:mod:`eamvit.modules.families` (maps and entry freezing). Everything else in the project (entropy
+:mod:`eamvit.modules.families` (the verbs each adapter declares). Everything else in the project (entropy
 calibration, freezing, quantization, token pruning) talks to attention through the state set here:
 
 * observers, attached only through :func:`observe` (a context manager that always clears itself):
@@ -23,7 +23,8 @@ calibration, freezing, quantization, token pruning) talks to attention through t
 * ``eam_quant``: an optional module with ``q``, ``k``, ``v``, ``attn`` callables and a
   ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
 * ``eam_plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
-  and that structure is to be *executed* (:func:`set_frozen`; ViT and Swin v1 only).
+  and that structure is to be *executed* (:func:`set_frozen`; rows in ViT only, heads wherever the
+  adapter declares executed heads: :mod:`eamvit.modules.family_heads` for the further families).
 
 A module with none of them set runs timm's own (fused) forward, so blocks that need no attention map
 keep their speed. A model with an attention class outside the registry is refused in one line.
@@ -40,7 +41,8 @@ from torch import nn
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
 from eamvit.modules.adapters import Adapter, EamBase, Observer, capability_table, families_line, require
-from eamvit.modules.vit_swin import PLAN_BUFFERS, EamAttention, EamWindowAttention, window_count
+from eamvit.modules.family_heads import set_head_plan
+from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "instrument",
            "layer_shapes", "models_table", "observe", "require", "set_frozen"]
@@ -130,10 +132,10 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
     return units
 
 
-def executes_plans(module: nn.Module) -> bool:
-    """Whether ``module``'s class can execute frozen row and head plans (the ViT and Swin v1 classes, the
-    ones that declare executed heads); every other adapter simulates whole rows and heads."""
-    return "executed_head" in module.eam_adapter.verbs
+def executes_plans(module: nn.Module, plan: str = "head") -> bool:
+    """Whether ``module``'s class can execute a frozen ``plan``: heads where its adapter declares executed
+    heads, rows in the ViT class only; every other layer simulates whole rows and heads."""
+    return "executed_head" in module.eam_adapter.verbs and (plan == "head" or isinstance(module, EamAttention))
 
 
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
@@ -160,8 +162,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
-    planned = executes_plans(module)
-    for name in PLAN_BUFFERS if planned else ():
+    for name in module.eam_plan_buffers:
         setattr(module, name, None)
     module.eam_plan = None
     module.eam_granularity = plan if mask is not None and plan is not None else "entry"
@@ -169,13 +170,23 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     module.eam_frozen_values = values
     if mask is None or plan is None:
         return
-    dev = mask.device
     m4 = mask if mask.dim() == 4 else mask.unsqueeze(0)  # (G, H, N, N)
-    v4 = values.to(dev) if values.dim() == 4 else values.to(dev).unsqueeze(0)
-    H = m4.shape[1]
     frozen_units = _frozen_units(module, m4, plan)
-    if not planned:  # simulated: the whole-unit mask is applied as entry freezing is
+    if not executes_plans(module, plan):  # simulated: the whole-unit mask is applied as entry freezing is
         return
+    if isinstance(module, (EamAttention, EamWindowAttention)):
+        _plan_vit_swin(module, frozen_units, values.to(mask.device), plan, execute)
+    else:
+        set_head_plan(module, frozen_units, values.to(mask.device), execute)
+
+
+def _plan_vit_swin(module: nn.Module, frozen_units: torch.Tensor, values: torch.Tensor, plan: str,
+                   execute: bool) -> None:
+    """The plan buffers of the ViT and Swin v1 classes: kept/frozen units, the fused-weight rows and
+    projection columns of a head plan, and the frozen values in the order the executed path reads them."""
+    dev = values.device
+    v4 = values if values.dim() == 4 else values.unsqueeze(0)  # (G, H, N, N)
+    H = v4.shape[1]
     keep = (~frozen_units).nonzero().flatten()
     frozen = frozen_units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
@@ -190,7 +201,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     else:
         module.eam_plan_values = v4[0].index_select(1, frozen).contiguous().float()  # (H, F, N)
     if not execute:
-        for name in PLAN_BUFFERS[2:]:
+        for name in module.eam_plan_buffers[2:]:
             setattr(module, name, None)
         return
     module.__dict__.pop("_eam_cache", None)

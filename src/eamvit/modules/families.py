@@ -16,9 +16,10 @@ Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the tw
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
 (BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT;
-:data:`_PRUNES`). Row and head freezing are simulated here (the frozen mask covers whole query rows
-or heads and overwrites the map as entry freezing does); only the ViT and Swin v1 classes execute
-them. A row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
+:data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
+overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
+cut per head (:mod:`eamvit.modules.family_heads`, :data:`_EXECUTES`) and simulated elsewhere. A
+row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
 (window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
 the same forward, the tap included, so frozen models export too. Each section is one family: its
 instrumented classes and their adapters. ADFQ-ViT and PMQ are not declared for these families.
@@ -40,6 +41,7 @@ from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
 from eamvit.modules.adapters import Adapter, EamBase, Family
+from eamvit.modules.family_heads import HEAD_PLAN_BUFFERS, gpsa_heads, run_heads, swinv2_heads
 from eamvit.ops.positions import gather_pair_bias
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
@@ -97,13 +99,30 @@ class _SoftmaxTap(TorchFunctionMode):
                            "is not supported for RepQ-ViT on that family")
 
 
-class _Tapped(EamBase):
-    """An attention whose probabilities are the output of the one softmax of timm's forward."""
+class _HeadPlan(EamBase):
+    """What an attention of this module keeps for an executed head plan (:mod:`~eamvit.modules.family_heads`)."""
 
-    # Where the heads are in the softmax output, when not at dim -3 (Hiera's mask units).
+    # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
     eam_heads_at: Optional[int] = None
     # Groups per image folded into the leading dimension (TNT's patches, set by :func:`bind`).
     eam_num_windows: int = 1
+    eam_plan_buffers = HEAD_PLAN_BUFFERS
+
+    @property
+    def eam_executes_plan(self) -> bool:
+        """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
+        drop = getattr(self, "attn_drop", None)
+        return (self.eam_plan == "head" and self.eam_frozen_mask is not None and self.eam_observer is None
+                and self.eam_observer_q is None and self.eam_quant is None
+                and not (self.training and drop is not None and drop.p > 0))
+
+
+class _Tapped(_HeadPlan):
+    """An attention whose probabilities are the output of the one softmax of timm's forward."""
+
+    # How an executed head plan cuts timm's forward (:mod:`~eamvit.modules.family_heads`): "sdpa" or
+    # "matmul"; None where the class declares no executed heads.
+    eam_head_mode: Optional[str] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.eam_active:
@@ -113,7 +132,10 @@ class _Tapped(EamBase):
         if lead % groups:
             raise EamError(f"attention layer {self.eam_layer}: {lead} groups is not a multiple of {groups} "
                            "per image; run the model at the image size it was instrumented for")
-        return self._eam_tapped(lambda: super(_Tapped, self).forward(*args, **kwargs), groups, None)
+        run = lambda: super(_Tapped, self).forward(*args, **kwargs)
+        if self.eam_executes_plan:
+            return run_heads(self, run, self.eam_head_mode == "sdpa", self.eam_heads_at)
+        return self._eam_tapped(run, groups, None)
 
     def _eam_probs(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.eam_heads_at
@@ -161,6 +183,8 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
 class EamEvaAttention(_Tapped, eva.EvaAttention):
     """EVA / EVA02 attention (RoPE on q and k)."""
 
+    eam_head_mode = "sdpa"
+
 
 # --- BEiT ---
 class EamBeitAttention(_Tapped, beit.Attention):
@@ -169,6 +193,8 @@ class EamBeitAttention(_Tapped, beit.Attention):
     While token pruning has dropped tokens, the pruning block sets ``eam_positions`` (the present
     tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
     """
+
+    eam_head_mode = "sdpa"
 
     eam_positions: Optional[torch.Tensor] = None
 
@@ -190,6 +216,8 @@ class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
         if x.shape[0] % num_win:
             raise EamError(f"Swin v2 layer {self.eam_layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
                            "image; run the model at the image size it was instrumented for")
+        if self.eam_executes_plan:
+            return swinv2_heads(self, x, mask)
         return self._eam_tapped(lambda: swinv2.WindowAttention.forward(self, x, mask=mask), num_win, mask)
 
 
@@ -201,9 +229,11 @@ class EamTalkingHeadAttn(_Tapped, cait.TalkingHeadAttn):
 class EamClassAttn(_Tapped, cait.ClassAttn):
     """CaiT / XCiT class attention: one query, the class token."""
 
+    eam_head_mode = "sdpa"
+
 
 # --- ConViT ---
-class EamGPSA(EamBase, convit.GPSA):
+class EamGPSA(_HeadPlan, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
     def get_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +241,8 @@ class EamGPSA(EamBase, convit.GPSA):
         return self._eam_post_softmax(attn, 1, None) if self.eam_active else attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eam_executes_plan:
+            return gpsa_heads(self, x)
         if self.eam_quant is None:
             return super().forward(x)
         # Quantized: q and k of the patch scores and v through the tap; the softmaxes are left alone
@@ -225,19 +257,27 @@ class EamGPSA(EamBase, convit.GPSA):
 class EamMHSA(_Tapped, convit.MHSA):
     """ConViT plain multi-head self-attention (the last blocks)."""
 
+    eam_head_mode = "matmul"
+
 
 # --- XCiT ---
 class EamXCA(_Tapped, xcit.XCA):
     """XCiT cross-covariance attention: a softmax over channels, one (d, d) map per head."""
+
+    eam_head_mode = "sdpa"
 
 
 # --- Twins ---
 class EamLocallyGroupedAttn(_Tapped, twins.LocallyGroupedAttn):
     """Twins local attention inside each window of the grid."""
 
+    eam_head_mode = "sdpa"
+
 
 class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
     """Twins global attention over sub-sampled keys."""
+
+    eam_head_mode = "sdpa"
 
 
 # --- MViTv2 ---
@@ -262,14 +302,20 @@ class EamLevitAttentionDownsample(_Tapped, levit.AttentionDownsample):
 class EamVoloAttention(_Tapped, volo.Attention):
     """VOLO plain self-attention (the later stages)."""
 
+    eam_head_mode = "sdpa"
+
 
 class EamVoloClassAttention(_Tapped, volo.ClassAttention):
     """VOLO class attention: one query, the class token."""
+
+    eam_head_mode = "matmul"
 
 
 # --- TNT ---
 class EamTntAttention(_Tapped, tnt.Attention):
     """TNT attention, inner (pixels of each patch, the patches folded into the batch) and outer (patches)."""
+
+    eam_head_mode = "matmul"
 
 
 def bind(model: nn.Module) -> None:
@@ -291,10 +337,14 @@ class EamEfficientFormerAttention(_Tapped, efficientformer.Attention):
 class EamFastVitAttention(_Tapped, fastvit.Attention):
     """FastViT self-attention of the SA stages, on a flattened feature map."""
 
+    eam_head_mode = "sdpa"
+
 
 # --- Hiera ---
 class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
     """Hiera attention within mask units (with query pooling); its maps come with heads first."""
+
+    eam_head_mode = "sdpa"
 
     eam_heads_at = 1
 
@@ -302,6 +352,8 @@ class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
 # --- CrossViT ---
 class EamCrossAttention(_Tapped, crossvit.CrossAttention):
     """CrossViT cross attention: the other branch's class token queries this branch's tokens."""
+
+    eam_head_mode = "matmul"
 
 
 _QKV = "one fused qkv linear, split per head"
@@ -382,6 +434,18 @@ ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune"}) if a.timm_class in _PRUNE
                  replace(a, why_not={**a.why_not, "prune": _NO_PRUNE[a.timm_class]}) if a.timm_class in _NO_PRUNE
                  else a for a in ADAPTERS)
 
+# Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head. Not yet for
+# MViTv2, LeViT and EfficientFormer (per-head terms between q·kᵀ and the softmax that the two generic
+# cuts do not slice); never for CaiT's talking heads.
+_EXECUTES = frozenset(a.timm_class for a in ADAPTERS if getattr(a.eam_class, "eam_head_mode", None)) | {
+    swinv2.WindowAttention, convit.GPSA}
+_NO_EXECUTE = {cait.TalkingHeadAttn: "executed head freezing does not apply to CaiT's talking-heads attention: a "
+                                     "linear layer mixes every head's scores before the softmax, so no head's q·k "
+                                     "can be skipped; simulate its heads (execute=False)"}
+ADAPTERS = tuple(replace(a, verbs=a.verbs | {"executed_head"}) if a.timm_class in _EXECUTES else
+                 replace(a, why_not={**a.why_not, "executed_head": _NO_EXECUTE[a.timm_class]})
+                 if a.timm_class in _NO_EXECUTE else a for a in ADAPTERS)
+
 # Attention-like timm classes that have no token-by-token softmax map, and why.
 UNMAPPED: dict[type, str] = {
     volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
@@ -392,23 +456,26 @@ MIN_OPSET: dict[type, tuple[int, str]] = {
     volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
 }
 
-_LATER = "executed heads, ADFQ-ViT and PMQ not adapted yet"
+_LATER = "ADFQ-ViT and PMQ not adapted yet"
+_HEADS = "executed heads not adapted yet (per-head terms before the softmax); "
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
     Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
     Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", "rows: windowed map; " + _LATER),
-    Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224", _LATER),
+    Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224",
+           "executed heads: talking heads mix all heads' scores before the softmax; " + _LATER),
     Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny", _LATER),
     Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224",
            "XCA is mapped over channels, (H, d, d); " + _LATER),
     Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small",
            "rows: windowed local attention; " + _LATER),
-    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
-    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
+    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny",
+           _HEADS + _LATER),
+    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _HEADS + _LATER),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
            "outlook attention has no q·k and is not mapped; export needs --opset 18; " + _LATER),
     Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch; " + _LATER),
-    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
+    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _HEADS + _LATER),
     Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
     Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit; " + _LATER),
     Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),

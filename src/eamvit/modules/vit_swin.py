@@ -27,8 +27,8 @@ from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwri
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
 
-    def _eam_init(self, layer: int, adapter: Adapter, plan_buffers=()) -> None:
-        super()._eam_init(layer, adapter, PLAN_BUFFERS)
+    eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
+                        "eam_plan_cols_k", "eam_plan_cols_f")
 
     @property
     def eam_executes_plan(self) -> bool:
@@ -118,10 +118,6 @@ class _EamMixin(EamBase):
             return q @ k.transpose(-2, -1)
         # RepQ-ViT's ViT order: quantize q and k, multiply, then scale.
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
-
-
-PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
-                 "eam_plan_cols_k", "eam_plan_cols_f")
 
 
 def _frozen_heads_times_v(values: torch.Tensor, v: torch.Tensor, windows: int) -> torch.Tensor:

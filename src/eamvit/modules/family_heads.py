@@ -1,0 +1,228 @@
+"""Executed head freezing for the attention classes of :mod:`eamvit.modules.families`.
+
+A frozen head's output is its frozen map times its values, ``A^μ_h·V_h``; its scores and softmax are
+never computed. The classes here run timm's own forward and cut the attention inside it per head
+(:class:`HeadTap`, a ``TorchFunctionMode`` scoped to that forward):
+
+* ``"sdpa"``: classes whose timm forward has a fused path. It runs with the fused kernel on and the
+  tap serves the one ``scaled_dot_product_attention`` call: the kept heads (q, k, v and any
+  per-head attention mask sliced) through the same kernel, the frozen heads as ``A^μ·V``.
+* ``"matmul"``: classes with an explicit path whose only term between ``q·kᵀ`` and the softmax is a
+  scalar scale (declared per class after reading timm's code). The score matmul is given the kept
+  heads only, so the scale and softmax run on those; the first matmul after the softmax multiplies
+  them with the kept heads' values and adds the frozen heads'.
+
+Swin v2 (cosine attention, a learned logit scale and a position bias per head) and ConViT's GPSA
+(a gated mix of two softmaxes per head) have their own kept-head forwards (:func:`swinv2_heads`,
+:func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order,
+then timm's own norm, gate and projection) is timm's code unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from eamvit.errors import EamError
+
+_SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
+_MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
+_SDPA = F.scaled_dot_product_attention
+# Buffers of a head plan: kept and frozen head indices, (kept ++ frozen) → timm's order, and the frozen
+# heads' maps in the layout of timm's attention tensor with one leading group dim.
+HEAD_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values")
+
+
+def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A^μ·V`` of the frozen heads, broadcast over the images.
+
+    Args:
+        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
+            leading dim the groups (windows, patches) of one image.
+        v: ``(B·G, …, N_k, d)`` the frozen heads' values.
+
+    Returns:
+        ``(B·G, …, N_q, d)``.
+    """
+    groups = values.shape[0]
+    vv = v.reshape(v.shape[0] // groups, groups, *v.shape[1:])
+    out = torch.matmul(values.to(v.dtype), vv)
+    return out.reshape(v.shape[0], *out.shape[2:])
+
+
+def raw_values(values: torch.Tensor, groups: int, heads_at: Optional[int]) -> torch.Tensor:
+    """A layer map ``(…, H, N_q, N_k)`` (heads at dim -3) in the layout of timm's attention tensor with a
+    leading group dim (:func:`frozen_times_v`)."""
+    raw = values if groups > 1 else values.unsqueeze(0)
+    return raw if heads_at is None else raw.movedim(raw.dim() - 3, heads_at)
+
+
+def with_frozen(module: nn.Module, kept: Optional[torch.Tensor], v: torch.Tensor, h: int) -> torch.Tensor:
+    """The kept heads' attention output and the frozen heads' ``A^μ·V``, back in timm's head order.
+
+    Args:
+        module: the attention with a head plan (:func:`set_head_plan`).
+        kept: the kept heads' output, heads at dim ``h`` (``None`` when every head is frozen).
+        v: timm's values of all heads, heads at dim ``h``.
+        h: the head dim.
+    """
+    frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen))
+    both = frozen if kept is None else torch.cat([kept, frozen], dim=h)
+    return both.index_select(h, module.eam_plan_order)
+
+
+def set_head_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, execute: bool) -> None:
+    """Record a head plan on ``module`` (its frozen mask and values are already set).
+
+    Args:
+        module: an instrumented attention of :mod:`eamvit.modules.families` that declares executed heads.
+        units: bool ``(H,)``, the heads frozen whole.
+        values: the layer's frozen map, ``(…, H, N_q, N_k)``.
+        execute: run the plan (``False`` keeps the heads' indices for a cost account and simulates them).
+    """
+    keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
+    module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
+    if not execute:
+        return
+    module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))
+    raw = raw_values(values, module.eam_num_windows, module.eam_heads_at)
+    at = raw.dim() - 3 if module.eam_heads_at is None else module.eam_heads_at
+    module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
+    module.eam_plan = "head"
+
+
+class HeadTap(TorchFunctionMode):
+    """Inside one timm forward: the attention of the kept heads, ``A^μ·V`` for the frozen ones.
+
+    Args:
+        module: the instrumented attention (its ``eam_plan_*`` buffers).
+        sdpa: serve the fused call (``True``) or the score and output matmuls (``False``).
+        heads_at: where the heads are in timm's q/k/v and attention tensors (``None``: dim -3).
+    """
+
+    def __init__(self, module: nn.Module, sdpa: bool, heads_at: Optional[int]) -> None:
+        super().__init__()
+        self.module, self.keep = module, module.eam_plan_keep
+        self.sdpa, self.heads_at = sdpa, heads_at
+        self.fused = self.scores = self.softmaxes = self.outputs = 0
+
+    def _dim(self, t: torch.Tensor) -> int:
+        return t.dim() - 3 if self.heads_at is None else self.heads_at
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.sdpa and func is _SDPA:
+            self.fused += 1
+            return self._fused(*args, **kwargs)
+        if not self.sdpa and func in _MATMULS and self.outputs == 0:
+            a, b = args[0], args[1]
+            if self.softmaxes == 0 and self.scores == 0:
+                self.scores += 1
+                h = self._dim(a)
+                return func(a.index_select(h, self.keep), b.index_select(h, self.keep))
+            if self.softmaxes == 1:
+                self.outputs += 1
+                return self._combine(func(a, self._kept(b)), b)
+        out = func(*args, **kwargs)
+        if func in _SOFTMAXES:
+            self.softmaxes += 1
+        return out
+
+    def _kept(self, v: torch.Tensor) -> torch.Tensor:
+        return v.index_select(self._dim(v), self.keep)
+
+    def _combine(self, kept: Optional[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        return with_frozen(self.module, kept, v, self._dim(v))
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+               **kwargs) -> torch.Tensor:
+        kept = None
+        if self.keep.numel():
+            h = self._dim(q)
+            if attn_mask is not None:
+                at = h - (q.dim() - attn_mask.dim())  # the mask broadcasts from the right
+                if at >= 0 and attn_mask.shape[at] > 1:
+                    attn_mask = attn_mask.index_select(at, self.keep)
+            kept = _SDPA(self._kept(q), self._kept(k), self._kept(v), attn_mask=attn_mask, **kwargs)
+        return self._combine(kept, v)
+
+    def check(self, cls: type) -> None:
+        """Refuse a forward that did not compute what the executed path expects (a timm change)."""
+        done = self.fused == 1 if self.sdpa else (self.scores, self.softmaxes, self.outputs) == (1, 1, 1)
+        if not done:
+            what = f"{self.fused} fused attention calls" if self.sdpa else \
+                f"{self.scores} score matmuls, {self.softmaxes} softmaxes and {self.outputs} output matmuls"
+            raise EamError(f"timm {cls.__module__}.{cls.__name__} computed {what} where executed head freezing "
+                           "expects one of each; this timm version is not supported for executed heads")
+
+
+def run_heads(module: nn.Module, run: Callable[[], torch.Tensor], sdpa: bool, heads_at: Optional[int]) -> torch.Tensor:
+    """``run()`` (timm's forward) with the frozen heads executed as ``A^μ·V`` (:class:`HeadTap`)."""
+    fused = getattr(module, "fused_attn", None)
+    tap = HeadTap(module, sdpa, heads_at)
+    try:
+        if fused is not None:
+            module.fused_attn = sdpa  # the fused path is the one the tap serves; the explicit one otherwise
+        with tap:
+            out = run()
+    finally:
+        if fused is not None:
+            module.fused_attn = fused
+    tap.check(module.eam_adapter.timm_class)
+    return out
+
+
+def swinv2_heads(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Swin v2 ``WindowAttention`` with the frozen heads executed, ``(B·nW, N, C)`` in and out.
+
+    The kept heads get timm's cosine scores, their own logit scales and position biases, the window
+    mask and the softmax; the frozen heads only their values.
+    """
+    B_, N, C = x.shape
+    H, keep = module.num_heads, module.eam_plan_keep
+    if module.q_bias is None:
+        qkv = module.qkv(x)
+    else:
+        bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
+        qkv = module.qkv(x) + bias if module.qkv_bias_separate else F.linear(x, module.qkv.weight, bias)
+    q, k, v = qkv.view(B_, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    kept = None
+    if keep.numel():
+        q, k = F.normalize(q.index_select(1, keep), dim=-1), F.normalize(k.index_select(1, keep), dim=-1)
+        scale = torch.clamp(module.logit_scale, max=math.log(1.0 / 0.01)).exp().index_select(0, keep)
+        table = module.cpb_mlp(module.relative_coords_table).view(-1, H)
+        pos = table[module.relative_position_index.view(-1)].view(N, N, H).permute(2, 0, 1).index_select(0, keep)
+        attn = (q @ k.transpose(-2, -1)) * scale + 16 * torch.sigmoid(pos)
+        if mask is not None:
+            win = mask.shape[0]
+            attn = (attn.view(-1, win, keep.numel(), N, N) + mask.unsqueeze(1).unsqueeze(0)).view(attn.shape)
+        kept = module.softmax(attn) @ v.index_select(1, keep)
+    out = with_frozen(module, kept, v, 1).transpose(1, 2).reshape(B_, N, C)
+    return module.proj_drop(module.proj(out))
+
+
+def gpsa_heads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ConViT ``GPSA`` with the frozen heads executed, ``(B, N, C)`` in and out.
+
+    The kept heads get timm's two softmaxes (patch scores and positional scores), their own gates and
+    the renormalisation; the frozen heads only their values.
+    """
+    B, N, C = x.shape
+    H, keep = module.num_heads, module.eam_plan_keep
+    if module.rel_indices is None or module.rel_indices.shape[1] != N:
+        module.rel_indices = module.get_rel_indices(N)
+    v = module.v(x).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+    kept = None
+    if keep.numel():
+        q, k = module.qk(x).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).index_select(2, keep).unbind(0)
+        pos = module.pos_proj(module.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2).index_select(1, keep)
+        gate = torch.sigmoid(module.gating_param.index_select(0, keep)).view(1, -1, 1, 1)
+        patch = ((q @ k.transpose(-2, -1)) * module.scale).softmax(dim=-1)
+        attn = (1.0 - gate) * patch + gate * pos.softmax(dim=-1)
+        kept = (attn / attn.sum(dim=-1, keepdim=True)) @ v.index_select(1, keep)
+    out = with_frozen(module, kept, v, 1).transpose(1, 2).reshape(B, N, C)
+    return module.proj_drop(module.proj(out))
