@@ -34,7 +34,7 @@ def test_outputs_equal_timm_with_and_without_observers(spec):
     assert (fused - want).abs().max() <= 1e-5
     assert (explicit - want).abs().max() <= 1e-5
     assert len(seen) == len(instrument(model))
-    assert all(l.eam_observer is None for l in instrument(model))  # the block cleared itself
+    assert all(l.eam.observer is None for l in instrument(model))  # the block cleared itself
     assert torch.equal(after, fused)
 
 
@@ -43,7 +43,7 @@ def test_swap_is_by_class_and_idempotent():
     layers = instrument(model)
     assert all(type(l) is EamWindowAttention for l in layers)
     assert instrument(model) == layers
-    assert [l.eam_layer for l in layers] == list(range(4))
+    assert [l.eam.layer for l in layers] == list(range(4))
     _, vit = _pair(TINY_VIT)
     assert all(type(b.attn) is EamAttention for b in vit.blocks)
 
@@ -109,7 +109,7 @@ def test_observe_nests_and_restores_on_error():
         model(x)  # only the outer observer is left
     model(x)      # and none after the outer block
     assert (len(inner), len(outer)) == (1, 2)
-    assert instrument(model)[0].eam_observer is None
+    assert instrument(model)[0].eam.observer is None
 
 
 def test_observe_rejects_a_missing_layer():

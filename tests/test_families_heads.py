@@ -105,8 +105,8 @@ def test_executed_heads_learn_like_the_simulated_ones():
 def test_executed_heads_are_refused_in_one_line_where_they_cannot_apply(family, needle):
     _, model, x = _pair(family)
     maps = _maps(model, x[0])
-    layer = next(m for m in instrument(model) if "executed_head" not in m.eam_adapter.verbs)
-    shape = maps.mean[layer.eam_layer].shape
+    layer = next(m for m in instrument(model) if "executed_head" not in m.eam.adapter.verbs)
+    shape = maps.mean[layer.eam.layer].shape
     with pytest.raises(EamError) as err:
         set_frozen(layer, torch.ones(shape, dtype=torch.bool), torch.zeros(shape), "head")
     text = str(err.value)

@@ -159,7 +159,7 @@ def test_pruning_changes_outputs_and_only_pruning_blocks_materialise_attention()
     orig = type(layers[0])._eam_post_softmax
 
     def spy(self, attn, groups, mask):
-        calls.append(self.eam_layer)
+        calls.append(self.eam.layer)
         return orig(self, attn, groups, mask)
 
     type(layers[0])._eam_post_softmax = spy
@@ -169,7 +169,7 @@ def test_pruning_changes_outputs_and_only_pruning_blocks_materialise_attention()
     finally:
         type(layers[0])._eam_post_softmax = orig
     assert calls == [3, 6, 9]
-    assert all(l.eam_observer is None for l in layers)  # the capture is removed after each call
+    assert all(l.eam.observer is None for l in layers)  # the capture is removed after each call
 
 
 def test_keep_rate_can_change_between_forwards():

@@ -78,7 +78,7 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
 
 def supports(model: nn.Module, verb: str) -> bool:
     """Whether every attention layer's adapter declares ``verb`` (``eamvit models``)."""
-    return all(verb in layer.eam_adapter.verbs for layer in attention_layers(model))
+    return all(verb in layer.eam.adapter.verbs for layer in attention_layers(model))
 
 
 def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any]) -> None:

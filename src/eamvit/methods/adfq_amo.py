@@ -287,7 +287,7 @@ def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
     report, all_units = [], units(model)
     names = {id(m): n for n, m in model.named_modules()}
     for i, (kind, unit) in enumerate(all_units):
-        layer = unit.eam_layer if kind == "attn" and getattr(unit, "eam_quant", None) is not None else None
+        layer = unit.eam.layer if kind == "attn" and getattr(unit, "eam_quant", None) is not None else None
         path = ckpt_dir / f"unit_{i:03d}.pt" if ckpt_dir else None
         row: dict[str, Any] = {"unit": names.get(id(unit), str(i)), "kind": kind}
         saved = _resume(unit, path, fp)

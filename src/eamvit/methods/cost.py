@@ -166,11 +166,11 @@ def _attention_rows(layer: int, module: nn.Module, shape_in: tuple[int, ...], n_
     d = module.qkv.weight.shape[0] // (3 * H)
     s = AttentionShape(tokens=N, windows=B_, dim=C, heads=H, head_dim=d, out_dim=module.proj.out_features)
     full = attention_macs(AttentionShape(n_full, B_, C, H, d, s.out_dim))
-    mask, gran = module.eam_frozen_mask, module.eam_granularity
+    mask, gran = module.eam_frozen_mask, module.eam.granularity
     units = int(module.eam_plan_frozen.numel()) if mask is not None and gran != "entry" else 0
     fh, fr = (units, 0) if gran == "head" else (0, units)
     # Observers are attached only for the length of an `observe` block, so they do not count here.
-    executes = mask is not None and module.eam_plan is not None and module.eam_quant is None
+    executes = mask is not None and module.eam.plan is not None and module.eam_quant is None
     run = attention_macs(s, fh, fr) if executes else attention_macs(s)
     skip, how = dict.fromkeys(ATTENTION_OPS, 0), ""
     if mask is not None and not executes:

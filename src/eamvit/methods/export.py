@@ -363,7 +363,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
 
     quant = _repq_config(model)
     prune = getattr(model, "eam_prune", None)
-    frozen = [l.eam_layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
+    frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
     return {"format": FORMAT, "eamvit_version": __version__, "model": model_spec(model).to_dict(),

@@ -342,7 +342,7 @@ def frozen_digest(model: nn.Module) -> Optional[str]:
             continue
         any_frozen = True
         mask, values = m.eam_frozen_mask.detach().cpu(), m.eam_frozen_values.detach().float().cpu()
-        h.update(f"{l}:{m.eam_granularity}:{tuple(mask.shape)};".encode())
+        h.update(f"{l}:{m.eam.granularity}:{tuple(mask.shape)};".encode())
         h.update(mask.contiguous().numpy().tobytes())
         h.update(values.contiguous().numpy().tobytes())
     return h.hexdigest() if any_frozen else None
@@ -365,7 +365,7 @@ def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> t
         frozen = m.eam_frozen_mask is not None
         if frozen:
             tensors[f"mask.{l}"], tensors[f"values.{l}"] = m.eam_frozen_mask, m.eam_frozen_values.float()
-        plans.append({"granularity": m.eam_granularity, "execute": m.eam_plan is not None} if frozen else None)
+        plans.append({"granularity": m.eam.granularity, "execute": m.eam.plan is not None} if frozen else None)
     meta = {"format": FROZEN_FORMAT, "model": model_spec(model).name, "layers": plans,
             "config": asdict(config) if config is not None else None}
     return tensors, meta

@@ -360,7 +360,7 @@ def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
             if isinstance(m, QuantLinear) and m.input_quantizer.granularity == "channel":
                 m.input_quantizer.granularity = "tensor"
     for layer in attention_layers(model):
-        tb = token_bits.get(layer.eam_layer)
+        tb = token_bits.get(layer.eam.layer)
         if isinstance(layer, EamAttention) and tb is not None:  # Swin windows: AAS is defined on ViT patches
             for name in ("q", "k", "v"):
                 setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, -2, config.percentiles))
@@ -373,7 +373,7 @@ def _patch_rows(token_bits: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
 
 def _structure(model: nn.Module) -> dict[str, Any]:
     """The AAS patch bits per layer: the one part of a PMQ model its config does not determine."""
-    return {"patch_bits": {str(l.eam_layer): l.eam_quant.q.token_bits.tolist() for l in attention_layers(model)
+    return {"patch_bits": {str(l.eam.layer): l.eam_quant.q.token_bits.tolist() for l in attention_layers(model)
                            if isinstance(getattr(l.eam_quant, "q", None), PatchBitsQuantizer)}}
 
 

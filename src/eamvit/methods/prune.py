@@ -185,15 +185,15 @@ def _drop_frozen_later(layers: list[nn.Module], first: int, first_layer: int,
                        config: PruneConfig) -> tuple[list, list[int]]:
     """Attention layers after the first pruning block, and those whose frozen maps were removed."""
     # They see fewer tokens than their frozen maps describe.
-    later = [m for m in layers if m.eam_layer > first_layer]
+    later = [m for m in layers if m.eam.layer > first_layer]
     # κ = 1 prunes nothing, so the model (frozen maps included) stays exactly as it was; raising κ
     # later with set_keep_rate meets the check at the first forward that prunes.
-    frozen_later = [m.eam_layer for m in later if m.eam_frozen_mask is not None] if config.keep_rate < 1 else []
+    frozen_later = [m.eam.layer for m in later if m.eam_frozen_mask is not None] if config.keep_rate < 1 else []
     if frozen_later and config.frozen_after == "refuse":
         raise EamError(f"attention layers {frozen_later} have frozen EAM maps after the first pruning block {first}; "
                        "frozen maps cannot follow pruned tokens (unfreeze them, or use frozen_after='drop')")
     for m in later:
-        if m.eam_layer in frozen_later:
+        if m.eam.layer in frozen_later:
             m.eam_frozen_mask = None
             m.eam_frozen_values = None
     return later, frozen_later
@@ -218,7 +218,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     blocks = _resolve_blocks(config, blocks_seq, fam)
     unprune_(model)
     layers = instrument(model)
-    later, frozen_later = _drop_frozen_later(layers, blocks[0], blocks_seq[blocks[0]].attn.eam_layer, config)
+    later, frozen_later = _drop_frozen_later(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer, config)
     order = 1.0 if config.order is None else config.order
     state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
                        fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,

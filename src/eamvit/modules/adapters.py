@@ -5,9 +5,9 @@ before the softmax, where its probabilities are, the shape of its layer map ``(�
 which eamvit verbs it supports. A family is one adapter per attention class it uses; the verbs read
 the declared capabilities (:func:`require`) and ``eamvit models`` prints them.
 
-:class:`EamBase` holds the per-module state every instrumented class keeps (observers, the frozen
-mask and values, the optional ``eam_quant``) and the one post-softmax step that observes, quantizes
-and freezes a map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the
+:class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
+adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
+the module) and :class:`EamBase` the one post-softmax step that observes, quantizes and freezes a map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the
 weights; they are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
 """
 from __future__ import annotations
@@ -73,53 +73,80 @@ def may_overwrite() -> bool:
     return not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
-class EamBase:
-    """State and the post-softmax step of every instrumented attention class."""
+@dataclass(eq=False)
+class EamState:
+    """What eamvit keeps on one instrumented attention module (``module.eam``), besides its tensors.
 
-    eam_layer: int
-    eam_observer: Optional[Observer]
-    eam_observer_q: Optional[Observer]
+    The tensors are registered on the module itself, so that ``model.to(device)`` moves them and a
+    quantized model's ``state_dict`` keeps its keys: the frozen map (``eam_frozen_mask``,
+    ``eam_frozen_values``) and an executed plan's indices and values (``eam_plan_*``) as
+    non-persistent buffers, the attention quantizers as the submodule ``eam_quant``.
+
+    Args:
+        layer: the layer number (module order, see :func:`eamvit.modules.attention.instrument`).
+        adapter: the adapter of the module's timm class.
+        observer: called with the post-softmax map (``observe(stage="softmax")``).
+        observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
+        plan: ``"head"`` or ``"row"`` while a frozen plan is executed; ``None`` otherwise.
+        granularity: what the frozen mask covers: ``"entry"``, ``"row"`` or ``"head"``.
+        num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
+        positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT's
+            relative-position bias covers those only).
+        cache: weight slices of an executed ViT/Swin v1 plan, keyed by name, with the versions they
+            were cut from.
+    """
+
+    layer: int
+    adapter: Adapter
+    observer: Optional[Observer] = None
+    observer_q: Optional[Observer] = None
+    plan: Optional[str] = None
+    granularity: str = "entry"
+    num_windows: int = 1
+    positions: Optional[torch.Tensor] = None
+    cache: dict = field(default_factory=dict, repr=False)
+
+
+class EamBase:
+    """The state and the post-softmax step of every instrumented attention class."""
+
+    eam: EamState
     eam_quant: Optional[nn.Module]
     eam_frozen_mask: Optional[torch.Tensor]
     eam_frozen_values: Optional[torch.Tensor]
-    eam_plan: Optional[str]
-    eam_adapter: Adapter
     # The buffers of an executed row/head plan, registered by the classes that execute one.
     eam_plan_buffers: tuple = ()
 
     def _eam_init(self, layer: int, adapter: Adapter) -> None:
-        self.eam_layer = layer
-        self.eam_adapter = adapter
-        self.eam_observer = None
-        self.eam_observer_q = None
-        self.eam_quant = None
-        self.eam_plan = None
-        self.eam_granularity = "entry"
+        self.eam = EamState(layer, adapter)
+        self.register_module("eam_quant", None)  # a submodule slot: state_dict keys `….eam_quant.…` once set
         for name in ("eam_frozen_mask", "eam_frozen_values", *self.eam_plan_buffers):
             self.register_buffer(name, None, persistent=False)
 
     @property
     def eam_active(self) -> bool:
-        return (self.eam_observer is not None or self.eam_observer_q is not None or self.eam_quant is not None
+        state = self.eam
+        return (state.observer is not None or state.observer_q is not None or self.eam_quant is not None
                 or self.eam_frozen_mask is not None)
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the
         leading dimension into images and windows (each window position is its own variable)."""
         shape5 = (-1, groups) + tuple(attn.shape[1:]) if groups > 1 else None
-        if self.eam_observer is not None:
+        state = self.eam
+        if state.observer is not None:
             view = attn.view(shape5) if shape5 else attn
-            self.eam_observer(view, mask)
+            state.observer(view, mask)
         if self.eam_quant is not None:
             attn = self.eam_quant.attn(attn)
-        if self.eam_observer_q is not None:
-            self.eam_observer_q(attn.view(shape5) if shape5 else attn, mask)
+        if state.observer_q is not None:
+            state.observer_q(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_frozen_mask is not None:
             view = attn.view(shape5) if shape5 else attn
             values = self.eam_frozen_values.to(attn.dtype)
             # Without autograd and with no observer holding the map, overwrite it in place: the same
             # numbers without allocating another (B, H, N, N) map.
-            in_place = may_overwrite() and self.eam_observer is None and self.eam_observer_q is None
+            in_place = may_overwrite() and state.observer is None and state.observer_q is None
             view = torch.where(self.eam_frozen_mask, values, view, out=view) if in_place else \
                 torch.where(self.eam_frozen_mask, values, view)
             attn = view.reshape(attn.shape)
@@ -159,12 +186,12 @@ def require(layers: Iterable[nn.Module], verb: str) -> None:
         EamError: the first layer whose adapter does not declare ``verb``.
     """
     for layer in layers:
-        adapter = layer.eam_adapter
+        adapter = layer.eam.adapter
         if verb not in adapter.verbs:
             if verb in adapter.why_not:
                 raise EamError(adapter.why_not[verb])
             raise EamError(f"{_VERB_WORDS[verb]} does not support {adapter.family} yet "
-                           f"(attention layer {layer.eam_layer}, timm {adapter.timm_class.__name__}); "
+                           f"(attention layer {layer.eam.layer}, timm {adapter.timm_class.__name__}); "
                            "`eamvit models` lists what each family supports")
 
 

@@ -7,9 +7,11 @@ matching). Which classes are supported, and what each supports, is the registry 
 (:mod:`eamvit.modules.adapters`): the ViT family's ``Attention`` and Swin v1's ``WindowAttention``
 (:mod:`eamvit.modules.vit_swin`, with every verb) and the further families of
 :mod:`eamvit.modules.families` (the verbs each adapter declares). Everything else in the project (entropy
-calibration, freezing, quantization, token pruning) talks to attention through the state set here:
+calibration, freezing, quantization, token pruning) talks to attention through the state set here,
+one :class:`~eamvit.modules.adapters.EamState` per module (``module.eam``) plus the tensors it
+registers on the module:
 
-* observers, attached only through :func:`observe` (a context manager that always clears itself):
+* observers (``eam.observer``, ``eam.observer_q``), attached only through :func:`observe` (a context manager that always clears itself):
   a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
   tensor, so gradients can flow through what an observer computes, e.g. EViT's fused token; an
   observer that only records statistics detaches), where ``layer_shape`` is the adapter's
@@ -18,11 +20,11 @@ calibration, freezing, quantization, token pruning) talks to attention through t
   pooled keys; ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
   ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
   post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one).
-* ``eam_frozen_mask`` / ``eam_frozen_values``: buffers of ``layer_shape``; where the mask is true,
+* ``eam_frozen_mask`` / ``eam_frozen_values``: non-persistent buffers of ``layer_shape``; where the mask is true,
   ``A`` takes the frozen value (eq. 15 of the EAM paper).
-* ``eam_quant``: an optional module with ``q``, ``k``, ``v``, ``attn`` callables and a
+* ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
   ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
-* ``eam_plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
+* ``eam.plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
   and that structure is to be *executed* (:func:`set_frozen`; rows in ViT only, heads wherever the
   adapter declares executed heads: :mod:`eamvit.modules.family_heads` for the further families).
 
@@ -40,7 +42,7 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import Adapter, EamBase, Observer, capability_table, families_line, require
+from eamvit.modules.adapters import Adapter, Observer, capability_table, families_line, require
 from eamvit.modules.family_heads import set_head_plan
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
 
@@ -48,7 +50,7 @@ __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers",
            "layer_shapes", "models_table", "observe", "require", "set_frozen"]
 
 Stage = Literal["softmax", "quantized"]
-_STAGE_ATTR = {"softmax": "eam_observer", "quantized": "eam_observer_q"}
+_STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q"}
 
 ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
@@ -108,8 +110,8 @@ def instrument(model: nn.Module) -> list[nn.Module]:
         raise _refuse(f"unsupported model {type(model).__name__}")
     for module in model.modules():  # Swin blocks (v1, v2): windows per image, for the map's shape
         attn = getattr(module, "attn", None)
-        if isinstance(attn, EamBase) and hasattr(attn, "eam_num_windows") and hasattr(module, "input_resolution"):
-            attn.eam_num_windows = window_count(module)
+        if isinstance(attn, (EamWindowAttention, families.EamWindowAttentionV2)) and hasattr(module, "input_resolution"):
+            attn.eam.num_windows = window_count(module)
     families.bind(model)
     return layers
 
@@ -127,7 +129,7 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
         units = m4[0].all(-1).all(0)
         covered = units.view(1, 1, -1, 1).expand_as(m4)
     if not torch.equal(covered, m4):
-        raise EamError(f"layer {module.eam_layer}: the frozen mask does not cover whole {plan}s; "
+        raise EamError(f"layer {module.eam.layer}: the frozen mask does not cover whole {plan}s; "
                        f"freeze with granularity {plan!r}")
     return units
 
@@ -135,7 +137,7 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
 def executes_plans(module: nn.Module, plan: str = "head") -> bool:
     """Whether ``module``'s class can execute a frozen ``plan``: heads where its adapter declares executed
     heads, rows in the ViT class only; every other layer simulates whole rows and heads."""
-    return "executed_head" in module.eam_adapter.verbs and (plan == "head" or isinstance(module, EamAttention))
+    return "executed_head" in module.eam.adapter.verbs and (plan == "head" or isinstance(module, EamAttention))
 
 
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
@@ -149,7 +151,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         plan: ``None`` (entries, simulated with ``torch.where``), ``"head"`` (the mask must cover
             whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
-            ``eam_granularity`` so that a cost account can say what executing would save). A module that
+            ``eam.granularity`` so that a cost account can say what executing would save). A module that
             cannot execute plans (:func:`executes_plans`) needs ``False`` for heads and simulates rows.
 
     Raises:
@@ -164,8 +166,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
             require([module], "executed_head")
     for name in module.eam_plan_buffers:
         setattr(module, name, None)
-    module.eam_plan = None
-    module.eam_granularity = plan if mask is not None and plan is not None else "entry"
+    module.eam.plan = None
+    module.eam.granularity = plan if mask is not None and plan is not None else "entry"
     module.eam_frozen_mask = mask
     module.eam_frozen_values = values
     if mask is None or plan is None:
@@ -204,8 +206,8 @@ def _plan_vit_swin(module: nn.Module, frozen_units: torch.Tensor, values: torch.
         for name in module.eam_plan_buffers[2:]:
             setattr(module, name, None)
         return
-    module.__dict__.pop("_eam_cache", None)
-    module.eam_plan = plan
+    module.eam.cache.clear()
+    module.eam.plan = plan
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -242,14 +244,14 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     if bad:
         raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
     attr = _STAGE_ATTR[stage]
-    saved = {l: getattr(layers[l], attr) for l in observers}
+    saved = {l: getattr(layers[l].eam, attr) for l in observers}
     try:
         for l, fn in observers.items():
-            setattr(layers[l], attr, fn if saved[l] is None else _chain(fn, saved[l]))
+            setattr(layers[l].eam, attr, fn if saved[l] is None else _chain(fn, saved[l]))
         yield layers
     finally:
         for l, prev in saved.items():
-            setattr(layers[l], attr, prev)
+            setattr(layers[l].eam, attr, prev)
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:

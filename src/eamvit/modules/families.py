@@ -104,16 +104,14 @@ class _HeadPlan(EamBase):
 
     # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
     eam_heads_at: Optional[int] = None
-    # Groups per image folded into the leading dimension (TNT's patches, set by :func:`bind`).
-    eam_num_windows: int = 1
     eam_plan_buffers = HEAD_PLAN_BUFFERS
 
     @property
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
         drop = getattr(self, "attn_drop", None)
-        return (self.eam_plan == "head" and self.eam_frozen_mask is not None and self.eam_observer is None
-                and self.eam_observer_q is None and self.eam_quant is None
+        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and self.eam.observer is None
+                and self.eam.observer_q is None and self.eam_quant is None
                 and not (self.training and drop is not None and drop.p > 0))
 
 
@@ -127,10 +125,10 @@ class _Tapped(_HeadPlan):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.eam_active:
             return super().forward(*args, **kwargs)
-        groups = self.eam_num_windows
+        groups = self.eam.num_windows
         lead = (args[0] if args else next(iter(kwargs.values()))).shape[0]
         if lead % groups:
-            raise EamError(f"attention layer {self.eam_layer}: {lead} groups is not a multiple of {groups} "
+            raise EamError(f"attention layer {self.eam.layer}: {lead} groups is not a multiple of {groups} "
                            "per image; run the model at the image size it was instrumented for")
         run = lambda: super(_Tapped, self).forward(*args, **kwargs)
         if self.eam_executes_plan:
@@ -157,7 +155,7 @@ class _Tapped(_HeadPlan):
         finally:
             if fused:
                 self.fused_attn = True
-        tap.check(self.eam_adapter.timm_class)
+        tap.check(self.eam.adapter.timm_class)
         return out
 
 
@@ -190,31 +188,27 @@ class EamEvaAttention(_Tapped, eva.EvaAttention):
 class EamBeitAttention(_Tapped, beit.Attention):
     """BEiT attention with its relative-position bias table.
 
-    While token pruning has dropped tokens, the pruning block sets ``eam_positions`` (the present
+    While token pruning has dropped tokens, the pruning block sets ``eam.positions`` (the present
     tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
     """
 
     eam_head_mode = "sdpa"
 
-    eam_positions: Optional[torch.Tensor] = None
-
     def _get_rel_pos_bias(self) -> torch.Tensor:
         bias = super()._get_rel_pos_bias()
-        return bias if self.eam_positions is None else gather_pair_bias(bias, self.eam_positions)
+        return bias if self.eam.positions is None else gather_pair_bias(bias, self.eam.positions)
 
 
 # --- Swin v2 ---
 class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
-    """Swin v2 cosine window attention; ``eam_num_windows`` is set from the owning block."""
-
-    eam_num_windows: int = 1
+    """Swin v2 cosine window attention; ``eam.num_windows`` is set from the owning block."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:
             return super().forward(x, mask=mask)
-        num_win = mask.shape[0] if mask is not None else self.eam_num_windows
+        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
         if x.shape[0] % num_win:
-            raise EamError(f"Swin v2 layer {self.eam_layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
+            raise EamError(f"Swin v2 layer {self.eam.layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
                            "image; run the model at the image size it was instrumented for")
         if self.eam_executes_plan:
             return swinv2_heads(self, x, mask)
@@ -325,7 +319,7 @@ def bind(model: nn.Module) -> None:
         if isinstance(module, tnt.TNT):
             for block in module.blocks:
                 if isinstance(block.attn_in, EamTntAttention):
-                    block.attn_in.eam_num_windows = module.pixel_embed.num_patches
+                    block.attn_in.eam.num_windows = module.pixel_embed.num_patches
 
 
 # --- EfficientFormer ---

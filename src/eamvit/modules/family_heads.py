@@ -89,10 +89,10 @@ def set_head_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, 
     if not execute:
         return
     module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))
-    raw = raw_values(values, module.eam_num_windows, module.eam_heads_at)
+    raw = raw_values(values, module.eam.num_windows, module.eam_heads_at)
     at = raw.dim() - 3 if module.eam_heads_at is None else module.eam_heads_at
     module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
-    module.eam_plan = "head"
+    module.eam.plan = "head"
 
 
 class HeadTap(TorchFunctionMode):
@@ -172,7 +172,7 @@ def run_heads(module: nn.Module, run: Callable[[], torch.Tensor], sdpa: bool, he
     finally:
         if fused is not None:
             module.fused_attn = fused
-    tap.check(module.eam_adapter.timm_class)
+    tap.check(module.eam.adapter.timm_class)
     return out
 
 

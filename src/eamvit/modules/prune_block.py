@@ -133,7 +133,7 @@ class _PruneMixin:
     def _check_frozen(self) -> None:
         for module in self.eam_prune.later_attention:
             if module.eam_frozen_mask is not None:
-                raise EamError(f"attention layer {module.eam_layer} has frozen EAM maps but comes after token "
+                raise EamError(f"attention layer {module.eam.layer} has frozen EAM maps but comes after token "
                                f"pruning at block {self.eam_prune.blocks[0]}; freeze before pruning (prune_ drops "
                                "maps that no longer apply) or unfreeze those layers")
 
@@ -196,7 +196,7 @@ class PruneBeitBlock(_PruneMixin, beit.Block):
         positions = self.eam_prune.positions
         if positions is not None and shared_rel_pos_bias is not None:
             shared_rel_pos_bias = gather_pair_bias(shared_rel_pos_bias, positions)
-        self.attn.eam_positions = positions
+        self.attn.eam.positions = positions
         try:
             if k is None:
                 return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
@@ -212,7 +212,7 @@ class PruneBeitBlock(_PruneMixin, beit.Block):
 
             return self._eam_run(x, k, attn_branch, mlp_branch)
         finally:
-            self.attn.eam_positions = None
+            self.attn.eam.positions = None
 
 
 class PruneCaitBlock(_PruneMixin, cait.LayerScaleBlock):

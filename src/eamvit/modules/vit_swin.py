@@ -34,8 +34,8 @@ class _EamMixin(EamBase):
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads/rows instead of simulating them."""
         # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
-        return (self.eam_plan is not None and self.eam_frozen_mask is not None and self.eam_observer is None
-                and self.eam_observer_q is None and self.eam_quant is None
+        return (self.eam.plan is not None and self.eam_frozen_mask is not None and self.eam.observer is None
+                and self.eam.observer_q is None and self.eam_quant is None
                 and not (self.training and self.attn_drop.p > 0)
                 and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
@@ -45,7 +45,7 @@ class _EamMixin(EamBase):
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return make()
         stamp = tuple((t._version, t.data_ptr()) for t in sources)
-        cache = self.__dict__.setdefault("_eam_cache", {})
+        cache = self.eam.cache
         hit = cache.get(key)
         if hit is None or hit[0] != stamp:
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
@@ -149,7 +149,7 @@ class EamAttention(_EamMixin, Attention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         if self.eam_executes_plan and attn_mask is None and not is_causal:
-            if self.eam_plan == "row":
+            if self.eam.plan == "row":
                 return self._eam_out(self._eam_rows(x), gate)
             kept, frozen = self._eam_heads(x, None, 1)
             if gate is None and isinstance(self.norm, nn.Identity):
@@ -201,17 +201,15 @@ class EamAttention(_EamMixin, Attention):
 
 
 class EamWindowAttention(_EamMixin, WindowAttention):
-    """Swin v1 ``WindowAttention``; ``eam_num_windows`` is set from the owning block."""
-
-    eam_num_windows: int = 1
+    """Swin v1 ``WindowAttention``; ``eam.num_windows`` is set from the owning block."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:
             return super().forward(x, mask=mask)
         B_, N, C = x.shape
-        num_win = mask.shape[0] if mask is not None else self.eam_num_windows
+        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
         if B_ % num_win:
-            raise EamError(f"Swin layer {self.eam_layer}: {B_} windows is not a multiple of {num_win} per image; "
+            raise EamError(f"Swin layer {self.eam.layer}: {B_} windows is not a multiple of {num_win} per image; "
                            "run the model at the image size it was instrumented for")
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
             kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)
