@@ -86,12 +86,12 @@ def test_export_and_unit_freezing(family, tmp_path):
 
 
 def test_heads_are_simulated_where_the_class_cannot_execute_them():
-    _, model, x = _pair("mvitv2")
-    layer = instrument(model)[0]
+    _, model, x = _pair("cait")
+    layer = instrument(model)[0]  # talking heads
     shape = _maps(model, x[0]).mean[0].shape
     with pytest.raises(EamError) as err:  # execute=True asks for executed heads
         set_frozen(layer, torch.ones(shape, dtype=torch.bool), torch.zeros(shape), "head")
-    _one_line_refusal(err, "executed head freezing does not support MViTv2", "`eamvit models`")
+    _one_line_refusal(err, "executed head freezing does not apply to CaiT's talking-heads attention")
     assert layer.eam_frozen_mask is None
 
 

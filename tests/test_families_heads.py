@@ -7,7 +7,9 @@ unmodified model, and what the executed forward hands to the softmax and the fus
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -18,7 +20,8 @@ from eamvit.modules.attention import instrument, models_table, set_frozen
 from test_families import FAMILIES, _maps, _pair
 
 # Families whose every attention class executes frozen heads; the others simulate some layers.
-EXECUTED = {"eva02", "beit", "swinv2", "convit", "xcit", "twins", "volo", "tnt", "fastvit", "hiera", "crossvit"}
+EXECUTED = {"eva02", "beit", "swinv2", "convit", "xcit", "twins", "mvitv2", "levit", "volo", "tnt", "efficientformer",
+            "fastvit", "hiera", "crossvit"}
 NAMES = {"eva02": "EVA / EVA02", "beit": "BEiT", "swinv2": "Swin v2", "cait": "CaiT", "convit": "ConViT",
          "xcit": "XCiT", "twins": "Twins", "mvitv2": "MViTv2", "levit": "LeViT", "volo": "VOLO", "tnt": "TNT",
          "efficientformer": "EfficientFormer", "fastvit": "FastViT", "hiera": "Hiera", "crossvit": "CrossViT"}
@@ -44,7 +47,25 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# LeViT's conv layout (v · Aᵀ), the same classes as levit_128s.
+LEVIT_CONV = (lambda: timm.create_model("levit_conv_128s", img_size=32, embed_dim=(16, 24), key_dim=8,
+                                        num_heads=(2, 2), depth=(1, 1), num_classes=5), 32,
+              {"Attention", "AttentionDownsample"})
+
+
+# MViTv2 with two heads per stage: kept heads next to frozen ones (the table's config has one head).
+MVITV2_2H = (lambda: MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=2), img_size=32,
+                                   num_classes=5), 32, {"MultiScaleAttention"})
+EXTRA = {"levit_conv": LEVIT_CONV, "mvitv2_2h": MVITV2_2H}
+
+
+@pytest.fixture(autouse=True)
+def _extra_configs(monkeypatch):
+    for name, config in EXTRA.items():
+        monkeypatch.setitem(FAMILIES, name, config)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(EXTRA))
 def test_executed_heads_equal_the_simulated_ones(family):
     reference, model, x = _pair(family)
     maps = _maps(model, x[0])
@@ -58,14 +79,14 @@ def test_executed_heads_equal_the_simulated_ones(family):
         with torch.no_grad():
             simulated = model(x)
         report = freeze_(model, maps, FreezeConfig(tau=tau, granularity="head"))
-        assert report.executed == (family in EXECUTED)
+        assert report.executed == (family in EXECUTED | set(EXTRA))
         with torch.no_grad():
             executed = model(x)
         assert _relative(executed, simulated) <= 1e-5, tau
         assert _relative(executed, want) > 1e-3  # the frozen heads do reach the logits
 
 
-@pytest.mark.parametrize("family", sorted(EXECUTED))
+@pytest.mark.parametrize("family", sorted(EXECUTED) + sorted(EXTRA))
 def test_frozen_heads_get_no_scores_and_no_softmax(family):
     _, model, x = _pair(family)
     maps = _maps(model, x[0])
@@ -98,9 +119,6 @@ def test_executed_heads_learn_like_the_simulated_ones():
 
 @pytest.mark.parametrize("family,needle", [
     ("cait", "executed head freezing does not apply to CaiT's talking-heads attention"),
-    ("mvitv2", "executed head freezing does not support MViTv2"),
-    ("levit", "executed head freezing does not support LeViT"),
-    ("efficientformer", "executed head freezing does not support EfficientFormer"),
 ])
 def test_executed_heads_are_refused_in_one_line_where_they_cannot_apply(family, needle):
     _, model, x = _pair(family)

@@ -7,8 +7,9 @@ the declared capabilities (:func:`require`) and ``eamvit models`` prints them.
 
 :class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
 adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
-the module) and :class:`EamBase` the one post-softmax step that observes, quantizes and freezes a map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the
-weights; they are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
+the module) and :class:`EamBase` the one post-softmax step that observes, quantizes and freezes a
+map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the weights; they
+are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
 """
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ from timm.models import swin_transformer_v2 as swinv2
 from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import Adapter, EamBase, Family
-from eamvit.modules.family_heads import HEAD_PLAN_BUFFERS, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules.adapters import Adapter, Family
+from eamvit.modules.family_heads import HeadPlan, KeptBiases, gpsa_heads, run_heads, swinv2_heads
 from eamvit.ops.positions import gather_pair_bias
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
@@ -99,23 +99,7 @@ class _SoftmaxTap(TorchFunctionMode):
                            "is not supported for RepQ-ViT on that family")
 
 
-class _HeadPlan(EamBase):
-    """What an attention of this module keeps for an executed head plan (:mod:`~eamvit.modules.family_heads`)."""
-
-    # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
-    eam_heads_at: Optional[int] = None
-    eam_plan_buffers = HEAD_PLAN_BUFFERS
-
-    @property
-    def eam_executes_plan(self) -> bool:
-        """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
-        drop = getattr(self, "attn_drop", None)
-        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and self.eam.observer is None
-                and self.eam.observer_q is None and self.eam_quant is None
-                and not (self.training and drop is not None and drop.p > 0))
-
-
-class _Tapped(_HeadPlan):
+class _Tapped(HeadPlan):
     """An attention whose probabilities are the output of the one softmax of timm's forward."""
 
     # How an executed head plan cuts timm's forward (:mod:`~eamvit.modules.family_heads`): "sdpa" or
@@ -227,7 +211,7 @@ class EamClassAttn(_Tapped, cait.ClassAttn):
 
 
 # --- ConViT ---
-class EamGPSA(_HeadPlan, convit.GPSA):
+class EamGPSA(HeadPlan, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
     def get_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,17 +262,23 @@ class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
 class EamMultiScaleAttention(_Tapped, mvitv2.MultiScaleAttention):
     """MViTv2 pooling attention (q, k, v pooled after the projection)."""
 
+    eam_head_mode = "matmul"
+    eam_cut_einsum = True  # its decomposed relative position is an einsum of the queries per head
+
 
 class EamMultiScaleAttentionPoolFirst(_Tapped, mvitv2.MultiScaleAttentionPoolFirst):
     """MViTv2 pooling attention (q, k, v pooled before the projection)."""
 
+    eam_head_mode = "matmul"
+    eam_cut_einsum = True
+
 
 # --- LeViT ---
-class EamLevitAttention(_Tapped, levit.Attention):
+class EamLevitAttention(KeptBiases, _Tapped, levit.Attention):
     """LeViT attention with learned per-head, per-offset biases."""
 
 
-class EamLevitAttentionDownsample(_Tapped, levit.AttentionDownsample):
+class EamLevitAttentionDownsample(KeptBiases, _Tapped, levit.AttentionDownsample):
     """LeViT attention whose queries come from a sub-sampled grid."""
 
 
@@ -323,7 +313,7 @@ def bind(model: nn.Module) -> None:
 
 
 # --- EfficientFormer ---
-class EamEfficientFormerAttention(_Tapped, efficientformer.Attention):
+class EamEfficientFormerAttention(KeptBiases, _Tapped, efficientformer.Attention):
     """EfficientFormer attention (last stage) with learned attention biases."""
 
 
@@ -428,9 +418,8 @@ ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune"}) if a.timm_class in _PRUNE
                  replace(a, why_not={**a.why_not, "prune": _NO_PRUNE[a.timm_class]}) if a.timm_class in _NO_PRUNE
                  else a for a in ADAPTERS)
 
-# Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head. Not yet for
-# MViTv2, LeViT and EfficientFormer (per-head terms between q·kᵀ and the softmax that the two generic
-# cuts do not slice); never for CaiT's talking heads.
+# Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head: every class
+# but CaiT's talking heads.
 _EXECUTES = frozenset(a.timm_class for a in ADAPTERS if getattr(a.eam_class, "eam_head_mode", None)) | {
     swinv2.WindowAttention, convit.GPSA}
 _NO_EXECUTE = {cait.TalkingHeadAttn: "executed head freezing does not apply to CaiT's talking-heads attention: a "
@@ -451,7 +440,6 @@ MIN_OPSET: dict[type, tuple[int, str]] = {
 }
 
 _LATER = "ADFQ-ViT and PMQ not adapted yet"
-_HEADS = "executed heads not adapted yet (per-head terms before the softmax); "
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
     Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
@@ -463,13 +451,12 @@ FAMILIES: tuple[Family, ...] = (
            "XCA is mapped over channels, (H, d, d); " + _LATER),
     Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small",
            "rows: windowed local attention; " + _LATER),
-    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny",
-           _HEADS + _LATER),
-    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _HEADS + _LATER),
+    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
+    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
            "outlook attention has no q·k and is not mapped; export needs --opset 18; " + _LATER),
     Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch; " + _LATER),
-    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _HEADS + _LATER),
+    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
     Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
     Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit; " + _LATER),
     Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),

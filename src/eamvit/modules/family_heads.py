@@ -7,15 +7,19 @@ never computed. The classes here run timm's own forward and cut the attention in
 * ``"sdpa"``: classes whose timm forward has a fused path. It runs with the fused kernel on and the
   tap serves the one ``scaled_dot_product_attention`` call: the kept heads (q, k, v and any
   per-head attention mask sliced) through the same kernel, the frozen heads as ``A^μ·V``.
-* ``"matmul"``: classes with an explicit path whose only term between ``q·kᵀ`` and the softmax is a
-  scalar scale (declared per class after reading timm's code). The score matmul is given the kept
-  heads only, so the scale and softmax run on those; the first matmul after the softmax multiplies
-  them with the kept heads' values and adds the frozen heads'.
+* ``"matmul"``: classes with an explicit path whose only terms between ``q·kᵀ`` and the softmax are
+  a scalar scale, learned per-head biases that the class itself hands out for the kept heads
+  (:class:`KeptBiases`: LeViT, EfficientFormer) or a relative-position term that timm computes per
+  head from the queries with ``einsum`` (MViTv2: its query operand is cut to the kept heads too);
+  declared per class after reading timm's code. The score matmul is given the kept heads only, so
+  the terms and the softmax run on those; the first matmul after the softmax multiplies them with
+  the kept heads' values (``A·V``, or ``V·Aᵀ`` in LeViT's conv layout) and adds the frozen heads'.
 
 Swin v2 (cosine attention, a learned logit scale and a position bias per head) and ConViT's GPSA
 (a gated mix of two softmaxes per head) have their own kept-head forwards (:func:`swinv2_heads`,
-:func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order,
-then timm's own norm, gate and projection) is timm's code unchanged.
+:func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order, then
+timm's own norm, gate and projection) is timm's code unchanged. CaiT's talking heads mix every
+head's scores before the softmax, so no head's q·k can be skipped there: refused in one line.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from eamvit.errors import EamError
+from eamvit.modules.adapters import EamBase
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
 _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
@@ -35,6 +40,33 @@ _SDPA = F.scaled_dot_product_attention
 # Buffers of a head plan: kept and frozen head indices, (kept ++ frozen) → timm's order, and the frozen
 # heads' maps in the layout of timm's attention tensor with one leading group dim.
 HEAD_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values")
+
+
+class HeadPlan(EamBase):
+    """What an attention of :mod:`eamvit.modules.families` keeps for an executed head plan."""
+
+    # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
+    eam_heads_at: Optional[int] = None
+    eam_plan_buffers = HEAD_PLAN_BUFFERS
+
+    @property
+    def eam_executes_plan(self) -> bool:
+        """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
+        drop = getattr(self, "attn_drop", None)
+        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and self.eam.observer is None
+                and self.eam.observer_q is None and self.eam_quant is None
+                and not (self.training and drop is not None and drop.p > 0))
+
+
+class KeptBiases:
+    """LeViT / EfficientFormer: while frozen heads are executed, the learned biases of the kept heads only
+    (what the score matmul of the executed path computes)."""
+
+    eam_head_mode = "matmul"
+
+    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
+        biases = super().get_attention_biases(device)
+        return biases.index_select(0, self.eam_plan_keep) if self.eam_executes_plan else biases
 
 
 def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -107,6 +139,7 @@ class HeadTap(TorchFunctionMode):
     def __init__(self, module: nn.Module, sdpa: bool, heads_at: Optional[int]) -> None:
         super().__init__()
         self.module, self.keep = module, module.eam_plan_keep
+        self.cut_einsum = bool(getattr(module, "eam_cut_einsum", False))
         self.sdpa, self.heads_at = sdpa, heads_at
         self.fused = self.scores = self.softmaxes = self.outputs = 0
 
@@ -118,6 +151,9 @@ class HeadTap(TorchFunctionMode):
         if self.sdpa and func is _SDPA:
             self.fused += 1
             return self._fused(*args, **kwargs)
+        if self.cut_einsum and func is torch.einsum and self.scores == 1 and self.softmaxes == 0:
+            # MViTv2's relative position: a term per head from the queries (heads at dim 1), kept heads only
+            return func(args[0], args[1].index_select(1, self.keep), *args[2:])
         if not self.sdpa and func in _MATMULS and self.outputs == 0:
             a, b = args[0], args[1]
             if self.softmaxes == 0 and self.scores == 0:
@@ -126,7 +162,11 @@ class HeadTap(TorchFunctionMode):
                 return func(a.index_select(h, self.keep), b.index_select(h, self.keep))
             if self.softmaxes == 1:
                 self.outputs += 1
-                return self._combine(func(a, self._kept(b)), b)
+                if a.shape[self._dim(a)] == self.keep.numel():  # attn @ v
+                    return self._combine(func(a, self._kept(b)), b)
+                # v @ attnᵀ (LeViT's conv layout): the same product, transposed
+                kept = func(self._kept(a), b).transpose(-2, -1)
+                return self._combine(kept, a.transpose(-2, -1)).transpose(-2, -1).contiguous()
         out = func(*args, **kwargs)
         if func in _SOFTMAXES:
             self.softmaxes += 1
@@ -162,6 +202,8 @@ class HeadTap(TorchFunctionMode):
 
 def run_heads(module: nn.Module, run: Callable[[], torch.Tensor], sdpa: bool, heads_at: Optional[int]) -> torch.Tensor:
     """``run()`` (timm's forward) with the frozen heads executed as ``A^μ·V`` (:class:`HeadTap`)."""
+    if not module.eam_plan_frozen.numel():  # nothing frozen: timm's forward as it is
+        return run()
     fused = getattr(module, "fused_attn", None)
     tap = HeadTap(module, sdpa, heads_at)
     try:
