@@ -22,8 +22,9 @@ the three lie on one axis:
 * ``"row"``: a query token's whole row in a layer, all heads (maps with one set of query rows, not
   windowed ones). ViT's frozen rows skip their query projection, scores and softmax.
 * ``"head"``: a head's whole map (every window, for Swin). A frozen head's output is ``A^μ_h·V_h``;
-  in ViT and Swin v1 its query and key projections, scores and softmax are not computed (the other
-  families simulate frozen rows and heads).
+  its scores and softmax are not computed wherever the family declares executed heads (``eamvit
+  models``; in ViT and Swin v1 not its query and key projections either). CaiT's talking heads
+  simulate them, as every family simulates frozen rows but ViT.
 
 Rows and heads are ranked by an ``aggregate`` of their entries' entropy: ``"mean"`` (default: the
 unit's average uncertainty), ``"median"`` or ``"max"`` (freeze a unit only if its most uncertain
