@@ -16,6 +16,17 @@ def cmd_train_digits(args) -> None:
     print(f"wrote {args.out}: test top-1 {res['top1']:.2f}%")
 
 
+def draw_figure(figure) -> None:
+    """Draw one :class:`~eamvit.experiments.demo.Figure` of the demo with its :mod:`eamvit.plots` function."""
+    from eamvit.plots import entropy, prune, quant, speed
+
+    plots = {f.__name__: f for f in (entropy.plot_cls_entropy, entropy.plot_full_entropy, entropy.plot_head_summary,
+                                     entropy.plot_sweep, speed.plot_top1_vs_speedup, quant.plot_quant_sweep,
+                                     quant.plot_kl_per_head, quant.plot_kl_cls, prune.plot_top1_vs_gflops,
+                                     prune.plot_kept_patches, prune.plot_entropy_histograms)}
+    plots[figure.plot](*figure.args, **figure.kwargs)
+
+
 def cmd_demo(args) -> None:
     require_modules("eamvit demo")  # its export step needs them: fail now, not after minutes of work
     import torch
@@ -28,7 +39,7 @@ def cmd_demo(args) -> None:
     torch.set_num_threads(args.threads)
     try:
         run_demo(out=Path(args.out), retrain=args.retrain, checkpoint=args.checkpoint,
-                 device=parse_device(args.device), epochs=args.epochs, full=args.full)
+                 device=parse_device(args.device), epochs=args.epochs, full=args.full, draw=draw_figure)
     finally:
         torch.set_num_threads(before)
 

@@ -14,7 +14,7 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, unprune_
+from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, row_label, unprune_
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
@@ -95,15 +95,6 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
     unprune_(model)
     data = EvalData(dataset, indices, batch_size=batch_size, workers=workers, device=device, data_config=data_config)
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
-
-
-def row_label(row: dict[str, Any]) -> str:
-    """Display name of a sweep row's method."""
-    m = row["method"]
-    if m == "renyi":
-        a = row["alpha"]
-        return f"Rényi α={'∞' if a in ('inf', math.inf) else f'{float(a):g}'}"
-    return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unpruned"}.get(m, m)
 
 
 def _fmt_gflops(v: float) -> str:

@@ -43,7 +43,7 @@ from torch import nn
 from eamvit.choices import ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
 from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LearnableUniformQuantizer,

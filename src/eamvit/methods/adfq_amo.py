@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
-from eamvit.methods.quantize import QuantRun
+from eamvit.methods.quant_registry import QuantRun
 from eamvit.modules.adfq import (AdaRoundQuantizer, LearnableLog2Quantizer, LearnableLogSqrt2Quantizer,
                                  LearnableUniformQuantizer, beta_schedule, round_loss)
 from eamvit.modules.attention import observe

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
 from eamvit.modules.attention import EamAttention, attention_layers, observe
 from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
