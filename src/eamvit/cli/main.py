@@ -82,7 +82,7 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> froze
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from eamvit.cli.quant import validate_quant_args
-    from eamvit.cli.recipe import validate_recipe_args
+    from eamvit.cli.recipe import resolve_state, validate_recipe_args
     from eamvit.io import remove_created_dirs
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.given = given_options(parser, argv)
     remove_created_dirs(keep=True)  # only this command's folders are its to remove
     try:
+        resolve_state(args)  # first: what --state holds decides which checks apply
         validate_common(args)
         validate_recipe_args(args)
         validate_quant_args(args)
