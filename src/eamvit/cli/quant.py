@@ -139,15 +139,6 @@ def _row(model: nn.Module) -> dict[str, Any]:
     return row
 
 
-def wants_quant(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "quant", None) or getattr(args, "quant_state", None))
-
-
-def needs_quant_calib(args: argparse.Namespace) -> bool:
-    """Whether the command must read calibration images for RepQ-ViT."""
-    return bool(getattr(args, "quant", None)) and not getattr(args, "quant_state", None)
-
-
 # Options of calibrating a quantized model, by the methods they apply to.
 _CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_size": ("repq", "pmq"),
                 "attn_quantizer": ("repq",), "no_reparam": ("repq",),

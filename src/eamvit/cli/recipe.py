@@ -245,5 +245,9 @@ def register(sub) -> None:
     s = sub.add_parser("compress", help="quantize, freeze and prune in one go and write the whole compressed "
                        "model to one file (.safetensors) for `eval --state` and `export --state`")
     add_stack_args(s)
+    for action in s._actions:
+        if action.dest == "state":  # a compressed model has nothing left to compress
+            action.help = ("a part to build on: a quantized state of `eamvit quantize` or the frozen attention of "
+                           "`eamvit finetune --tau` (frozen.safetensors); the file says which (default: none)")
     s.add_argument("--out", required=True, help="compressed model to write (.safetensors)")
     s.set_defaults(func=cmd_compress)

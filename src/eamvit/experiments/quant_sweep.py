@@ -140,11 +140,11 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
     deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
     vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
 
-    base = FreezeConfig(scope=sweep.scope, value_quantizer=vq)
+    freeze = FreezeConfig(scope=sweep.scope, value_quantizer=vq)
 
     def point(tau: float, method: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
         vb = fbits if vals == "quant" else None
-        cfg = replace(base, tau=tau, selection="entropy" if method == "eam" else "random", value_bits=vb)
+        cfg = replace(freeze, tau=tau, selection="entropy" if method == "eam" else "random", value_bits=vb)
         fields = {"tau": tau, "method": method, "maps": mp, "values": f"{fbits}bit" if vb else "fp32",
                   "precision": wa}
         return freeze_point(maps[mp], cfg, fields, seeds, deltas if vb else None,

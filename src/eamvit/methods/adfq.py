@@ -1,6 +1,6 @@
 """ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family.
 
-Three components, each switchable (the paper's Table 4 ablation is :func:`ablation_configs`):
+Three components, each switchable (``poq``, ``slq``, ``amo``: the paper's Table 4 ablation):
 
 * **POQ**, Per-Patch Outlier-aware Quantizer (:class:`OutlierAwareQuantizer`) for the post-LayerNorm
   inputs of ``qkv`` and ``fc1``: per-token Δ and zero point (over batch × channels), and entries
@@ -34,8 +34,8 @@ tensor divided by 0.2; here it is the KL divergence of the attention distributio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,19 +154,6 @@ class ADFQConfig(Config):
         self.percentiles = tuple(float(p) for p in self.percentiles)
         return self
 
-
-
-def ablation_configs(base: Optional[ADFQConfig] = None) -> list[tuple[str, ADFQConfig]]:
-    """The eight POQ / SLQ / AMO on-off combinations of the paper's Table 4, in its row order.
-
-    Returns:
-        ``(label, config)`` pairs, label like ``"POQ✓ SLQ✗ AMO✓"``.
-    """
-    base = base or ADFQConfig()
-    order = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
-    mark = lambda b: "✓" if b else "✗"  # noqa: E731
-    return [(f"POQ{mark(p)} SLQ{mark(s)} AMO{mark(a)}", replace(base, poq=bool(p), slq=bool(s), amo=bool(a)))
-            for p, s, a in order]
 
 
 # --------------------------------------------------------------------------- model surgery

@@ -25,14 +25,12 @@ The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`: its surgery, refin
 bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
 post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
 Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
-The frontier figure is :func:`eamvit.plots.quant.plot_pmq_frontier`.
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -412,15 +410,3 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     calibrate_(model, images, pairs)
     report["patch_bits"] = _patch_rows(token_bits)
     return report
-
-
-def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``pmq_allocation.csv``, ``pmq_frontier.csv`` and ``pmq.json`` (the figure:
-    :func:`eamvit.plots.quant.plot_pmq_frontier`)."""
-    from eamvit.io import ensure_writable_dir, write_csv, write_json
-
-    out = ensure_writable_dir(out_dir)
-    write_csv(out / "pmq_allocation.csv", report["components"])
-    write_csv(out / "pmq_frontier.csv", report["frontier"])
-    write_json(out / "pmq.json", report)
-    return [out / n for n in ("pmq_allocation.csv", "pmq_frontier.csv", "pmq.json")]
