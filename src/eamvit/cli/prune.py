@@ -41,11 +41,10 @@ def cmd_prune_sweep(args) -> None:
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
-    import math
-
     import torch
 
-    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.experiments.prune_sweep import figure_data
+    from eamvit.methods.prune import method_config
     from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
 
@@ -57,10 +56,10 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     images = torch.stack([it[0] for it in items]).to(device)
     configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
     blocks = configs[0].blocks or default_blocks(len(model.blocks))
-    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
-                      mean=cfg["mean"], std=cfg["std"], blocks=blocks,
+    masks, entropies = figure_data(model, images, configs)
+    plot_kept_patches(images[0], masks, out / "kept_patches.png", mean=cfg["mean"], std=cfg["std"], blocks=blocks,
                       title=f"Kept patches per pruning stage (κ = {args.keep_rates[0]:g})")
-    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
+    plot_entropy_histograms(entropies, out / "token_entropy.png",
                             title=f"Attention-entropy distributions per block ({len(images)} images)")
 
 

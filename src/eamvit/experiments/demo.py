@@ -358,10 +358,8 @@ Sizes at τ = 0 and 20 %:
 def _prune_step(demo: DemoRun) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
     from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
-    import math
-
-    from eamvit.experiments.prune_sweep import prune_table
-    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.experiments.prune_sweep import figure_data, prune_table
+    from eamvit.methods.prune import method_config
     from eamvit.ops.scores import default_blocks
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
@@ -369,14 +367,13 @@ def _prune_step(demo: DemoRun) -> dict:
     write_table(out / "prune", rows)
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
+    masks, entropies = figure_data(model, images, configs)
     figures = [Figure("plot_top1_vs_gflops", (rows, out / "prune.png"),
                       {"title": "digits ViT: token pruning, off the shelf"}),
-               Figure("plot_kept_patches", (images[0], kept_patch_masks(model, images[0], configs),
-                                            out / "kept_patches.png"),
+               Figure("plot_kept_patches", (images[0], masks, out / "kept_patches.png"),
                       {"mean": [DIGITS_MEAN], "std": [DIGITS_STD], "blocks": default_blocks(len(model.blocks)),
                        "title": f"patches kept at each stage, κ = {KEEP_RATES[0]}"}),
-               Figure("plot_entropy_histograms", (token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)),
-                                                  out / "token_entropy.png"),
+               Figure("plot_entropy_histograms", (entropies, out / "token_entropy.png"),
                       {"title": "patch-token attention entropy per block"})]
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 

@@ -160,3 +160,23 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
                                                   progress=False)["top1"]
     return rows, markdown_table(rows)
+
+
+ENTROPY_ORDERS = (1.0, 2.0, 3.0, math.inf)  # the Rényi orders of the seed's Fig. 5
+
+
+def figure_data(model: nn.Module, images: torch.Tensor,
+                configs: Sequence[PruneConfig]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the seed's Fig. 4 and Fig. 5 show: the patches each config keeps at every stage of the
+    first image (:func:`~eamvit.methods.prune.kept_patch_masks`), and the patch tokens' attention
+    entropy per block for :data:`ENTROPY_ORDERS` over all ``images``
+    (:func:`~eamvit.methods.prune.token_entropies`).
+
+    Args:
+        model: the unpruned model.
+        images: a ``(B, C, H, W)`` batch on the model's device.
+        configs: one pruning config per method shown.
+    """
+    from eamvit.methods.prune import kept_patch_masks, token_entropies
+
+    return kept_patch_masks(model, images[0], configs), token_entropies(model, images, ENTROPY_ORDERS)
