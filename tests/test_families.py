@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -59,9 +60,9 @@ FAMILIES = {
 }
 
 
-def _pair(family: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """timm's model (never touched by eamvit), a copy of it, and two images."""
-    build, size, classes = FAMILIES[family]
+def _pair(family: str, table: Optional[dict] = None) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """timm's model (never touched by eamvit), a copy of it, and two images (``table``: rows as :data:`FAMILIES`)."""
+    build, size, classes = (table or FAMILIES)[family]
     torch.manual_seed(0)
     reference = build().eval()
     # timm's initialisation makes random-weight attention nearly uniform and silences residual branches
