@@ -7,13 +7,15 @@ of tokens) and give finite logits that differ from timm's. The refusals are one 
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from eamvit.errors import EamError
 from eamvit.methods.adfq import ADFQConfig
 from eamvit.methods.pmq import PMQConfig
-from eamvit.methods.quantize import quantize_
+from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
 from eamvit.modules.attention import attention_layers, models_table
 from eamvit.modules.quant_layers import PatchBitsQuantizer
 from eamvit.modules.quantizers import Quantizer
@@ -35,19 +37,23 @@ def _calib(x: torch.Tensor) -> torch.Tensor:
     return torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(5))
 
 
-def _differs_and_finite(model, reference, x) -> None:
+def _differs_finite_and_reloads(model, reference, x, tmp_path) -> None:
     with torch.no_grad():
         got, want = model(x), reference(x)
     assert bool(got.isfinite().all())
     assert (got - want).abs().max() > 1e-3 * want.abs().max()
+    # The saved state rebuilds the same quantizers on timm's own model (POQ, SLQ, patch bits included).
+    fresh = load_quantized(copy.deepcopy(reference), save_quantized(model, tmp_path / "q.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), got)
 
 
 @pytest.mark.parametrize("family", ADFQ)
-def test_adfq_runs_and_reconstructs_every_attention(family):
+def test_adfq_runs_and_reconstructs_every_attention(family, tmp_path):
     reference, model, x = _pair(family)
     config = ADFQConfig(w_bits=4, a_bits=4, calib_size=4, init_size=4, iterations=3, batch_size=2)
     quantize_(model, config, _calib(x), progress=False)
-    _differs_and_finite(model, reference, x)
+    _differs_finite_and_reloads(model, reference, x, tmp_path)
     report = model.eam_quant_report
     assert sum(r["kind"] == "attn" for r in report["units"]) == len(attention_layers(model))
     assert report["outliers"]  # POQ sits on the inputs of the LayerNorm → Linear pairs
@@ -55,10 +61,10 @@ def test_adfq_runs_and_reconstructs_every_attention(family):
 
 
 @pytest.mark.parametrize("family", REPQ)
-def test_pmq_runs_with_patch_bits_where_a_map_is_over_tokens(family):
+def test_pmq_runs_with_patch_bits_where_a_map_is_over_tokens(family, tmp_path):
     reference, model, x = _pair(family)
     quantize_(model, PMQConfig.from_string("4/4/4(MP)", calib_size=4), _calib(x), progress=False)
-    _differs_and_finite(model, reference, x)
+    _differs_finite_and_reloads(model, reference, x, tmp_path)
     report = model.eam_quant_report
     assert {r["bits"] for r in report["components"]} <= set(range(2, 9))
     patched = [l for l in attention_layers(model) if isinstance(l.eam_quant.q, PatchBitsQuantizer)]
