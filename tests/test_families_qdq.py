@@ -27,6 +27,8 @@ import timm
 from timm.models import cait, volo
 import torch
 
+import eamvit
+from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
 from eamvit.methods.export_runtime import cpu_has_vnni, onnx_session, optimized_ops
 from eamvit.methods.quantize import quantize_
@@ -46,8 +48,7 @@ VIT_CLASS = {
     "deit3": (lambda: timm.create_model("deit3_base_patch16_224", **_V), 32, {"Attention"}),
     "dinov2": (lambda: timm.create_model("vit_base_patch14_reg4_dinov2", **_V), 32, {"Attention"}),
     "clip": (lambda: timm.create_model("vit_base_patch16_clip_224", **_V), 32, {"Attention"}),
-    # Its position grid at the image's: timm resamples it otherwise with an antialiased bicubic,
-    # which torch.onnx cannot export (refused in one line by export_onnx).
+    # Its position grid at the image's (else an antialiased resize: test_naflexvit_at_another_grid...).
     "naflexvit": (lambda: timm.create_model("naflexvit_base_patch16_gap", pos_embed_grid_size=(4, 4), **_V), 32,
                   {"Attention"}),
     "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
@@ -123,3 +124,21 @@ def test_int8_qdq_export_agrees_with_the_prepared_model(family, tmp_path):
     assert all(i in inits or producer[i].op_type == "QuantizeLinear" for i in dq_inputs)
     ops = optimized_ops(path, threads=1)  # ONNX Runtime turned the QDQ pairs into integer kernels
     assert ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0) > 0, ops
+
+
+def test_naflexvit_at_another_grid_exports_from_opset_18(tmp_path):
+    """At an image size other than its position grid's, NaFlexViT resamples the grid with an antialiased
+    bicubic: ONNX Resize with antialias, from opset 18; opset 17 is refused in one line."""
+    torch.manual_seed(0)
+    model = eamvit.create_model("naflexvit_base_patch16_gap", model_kwargs=dict(_V))  # 14×14 grid, 4×4 image grid
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(EamError) as err:
+        export_onnx(model, tmp_path / "a.onnx", input_size=(3, 32, 32))
+    assert "\n" not in str(err.value) and "--opset 18" in str(err.value)
+    assert not (tmp_path / "a.onnx").exists()
+    export_onnx(model, tmp_path / "b.onnx", ExportConfig(opset=18), input_size=(3, 32, 32))
+    with torch.no_grad():
+        want = model(x)
+    got = torch.from_numpy(onnx_session(tmp_path / "b.onnx", threads=1).run(None, {"images": x.numpy()})[0])
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert "Resize" in {n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node}
