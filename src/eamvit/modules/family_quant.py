@@ -10,7 +10,9 @@
   across heads rather than transform tokens: Swin v2's continuous position-bias MLP, ConViT's
   positional projection, CaiT's talking-head mixings (RepQ-ViT leaves the softmax input and position
   bias in float and quantizes the post-softmax map once, with log√2).
-* The attentions whose map is over channels (XCiT's XCA), which PMQ's per-patch bits skip.
+* The attentions whose map is over channels (XCiT's XCA), which PMQ's per-patch bits skip, and the
+  Linears that read the class token alone (CaiT's class-attention query), where ADFQ-ViT's per-patch
+  quantizer has one patch.
 * The attentions whose qkv projection adds separate q / v biases through ``F.linear`` with the
   projection's weight (EVA, BEiT, Swin v2): under quantization they add them after the projection
   (timm's ``qkv_bias_separate``), so the quantized projection is the one that runs.
