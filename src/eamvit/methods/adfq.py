@@ -27,6 +27,14 @@ value and a plain per-channel quantizer (the same outputs, bit for bit), so the 
 and loads like any other (:func:`eamvit.save_quantized`). The quantizer modules are
 :mod:`eamvit.modules.adfq`.
 
+The further families (:mod:`eamvit.modules.families`) get the same three pieces where they exist:
+POQ on the inputs of their LayerNorm → Linear pairs (:mod:`eamvit.modules.family_quant`; α_qkv for
+the Linears inside an attention, α_fc1 elsewhere; per tensor for CaiT's class-attention query, which
+reads the class token alone), SLQ on the ``fc2`` of every timm ``Mlp`` beside an instrumented
+attention (EVA02's SwiGLU has no post-GELU input: none there), and AMO on each block's attention and
+``Mlp``, the attention's maps read through the softmax tap. Swin v2 is refused (post-norm blocks: no
+LayerNorm → Linear input for POQ), and so are the BatchNorm families, as RepQ-ViT refuses them.
+
 Paper-vs-code notes: the code's KL term is a temperature softmax (T = 7) over dim 1 of the score
 tensor divided by 0.2; here it is the KL divergence of the attention distributions themselves
 (paper eq. 32), weighted by ``kl_weight``. The code reconstructs 5000 iterations (paper 3000).
@@ -48,6 +56,7 @@ from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
 from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LearnableUniformQuantizer,
                                  OutlierAwareQuantizer, ShiftLogQuantizer, log_quantizer)
+from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
@@ -159,11 +168,17 @@ class ADFQConfig(Config):
 # --------------------------------------------------------------------------- model surgery
 
 
+def attention_inputs(layers: list[nn.Module]) -> set[int]:
+    """``id`` of the Linears inside attention layers (ViT's ``qkv``; a family's q, k, v or kv projections),
+    whose post-LayerNorm input takes ``alpha_qkv``; every other one takes ``alpha_fc1``."""
+    return {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
+
+
 def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
     """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated.
 
     Args:
-        model: an instrumented timm ViT / DeiT / Swin in full precision.
+        model: an instrumented model of a family that declares ADFQ-ViT, in full precision.
         config: :class:`ADFQConfig`.
         adaround: AdaRound weight quantizers in the reconstruction units (before reconstruction);
             False gives the finished model's plain per-channel ones (round to nearest, or loading).
@@ -174,13 +189,14 @@ def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
     pct = config.percentiles
     prepare_(model, rcfg)
     layers = attention_layers(model)
-    qkv_ids = {id(getattr(layer, "qkv", None)) for layer in layers}
+    qkv_ids = attention_inputs(layers)
     # Every per-tensor uniform input quantizer (and q, k, v) gets a learnable step; same state.
     for q in find_quantizers(model):
         if type(q) is UniformQuantizer and q.granularity == "tensor":
             q.__class__ = LearnableUniformQuantizer
+    one_token = family_quant.class_token_linears(model)
     for _, lin in reparam_pairs(model):  # LayerNorm → Linear: the post-LayerNorm inputs
-        if config.poq:
+        if config.poq and id(lin) not in one_token:
             alpha = config.alpha_qkv if id(lin) in qkv_ids else config.alpha_fc1
             lin.input_quantizer = OutlierAwareQuantizer(config.a_bits, alpha, config.outlier_mode, pct)
         else:
@@ -221,7 +237,7 @@ def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantize
 
 def outlier_report(model: nn.Module) -> list[dict[str, Any]]:
     """Per POQ layer: name, α and the outlier ratio seen since the counts were last reset (Fig. 4)."""
-    qkv_ids = {id(getattr(l, "qkv", None)) for l in attention_layers(model)}
+    qkv_ids = attention_inputs(attention_layers(model))
     rows = []
     for name, q in outlier_quantizers(model):
         lin = model.get_submodule(name)
