@@ -413,14 +413,14 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
         run = _setup(model, splits, config, device, Path(tmp))
         done, prog = search(run, PointCache(out / CACHE), progress)
         rows = point_rows(done, config)
-        files = write_pareto(out, rows, config.runtime)
         best = next((r for r in rows if r["chosen"]), None)
-        cand = None
+        cand, files = None, {}
         if best is not None:
             cand, point = done[rows.index(best)]  # rows are in search order
             extra = _write_best(run, cand, point, out)
-            best["top1_torch"] = extra["top1_torch"]
+            best["top1_torch"] = extra["top1_torch"]  # what `eval --state` of best.safetensors gives
             files.update(extra["files"])
+        files.update(write_pareto(out, rows, config.runtime))
         files["report"] = out / "report.md"
         write_text(files["report"], report_text(rows, best, cand, prog, config, commands, out, model))
     return OptimizeResult(rows, best, prog, files)

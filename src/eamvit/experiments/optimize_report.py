@@ -132,8 +132,8 @@ def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: Com
     check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)
     return f"""## Chosen: {best['point']}
 
-- top-1 **{best['top1']:.2f}%** {where}, {best['drop']:.2f} points below the reference; PyTorch top-1 of
-  best.safetensors (`eamvit eval --state`): {best['top1_torch']:.2f}%
+- top-1 **{best['top1']:.3f}%** {where}, {best['drop']:.2f} points below the reference; PyTorch top-1 of
+  best.safetensors (`eamvit eval --state`): {best['top1_torch']:.3f}%
 - measured speed-up **×{best['speedup']:.3f}** (quartiles ×{best['speedup_p25']:.3f} – ×{best['speedup_p75']:.3f})
 - {size}
 {note}
