@@ -100,6 +100,7 @@ def test_impossible_budget_is_one_line_and_no_best_file(tmp_path, monkeypatch, c
     (["--runtime", "tensorrt"], "unknown runtime"),
     (["--space", "huge"], "unknown search space"),
     (["--reps", "2"], "--reps"),
+    (["--runtime", "torch", "--threads", "1"], "--threads"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, args, words):
     out = tmp_path / "o"

@@ -17,7 +17,7 @@ def cmd_train_digits(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    require_modules("eamvit demo")  # its export step needs them: fail now, not after minutes of work
+    require_modules("eamvit demo")  # its optimize and export steps need them: fail now, not after minutes of work
     import torch
 
     from eamvit.experiments.demo import run_demo
@@ -44,8 +44,9 @@ def register(sub) -> None:
     s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
     s.add_argument("--full", action="store_true",
                    help="also run the slow parts (several more minutes on CPU): the sweep's global scope, freezing "
-                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and ONNX "
-                        "Runtime's own int8 and 4-bit weight-only export rows")
+                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and the "
+                        "export table (fp32, int8 and 4-bit weight-only in PyTorch and ONNX Runtime, ONNX Runtime's "
+                        "own int8)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available, else cpu)")
     s.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch: the digits ViT is so small that one thread is the fastest, and its "

@@ -11,14 +11,17 @@ from eamvit.cli.options import add_data_args, add_model_args
 RUNTIMES = ("onnxruntime", "torch")  # checked again, with the search spaces, by OptimizeConfig
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
-_DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "img_size", "crop_pct", "crop_mode", "mean", "std",
+_DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_size", "crop_pct", "crop_mode", "mean", "std",
                "interpolation")
 
 
 def optimize_config(args: argparse.Namespace):
     """The :class:`~eamvit.experiments.optimize.OptimizeConfig` of the arguments (validated)."""
+    from eamvit.cli.common import refuse_given
     from eamvit.experiments.optimize import OptimizeConfig
 
+    if args.runtime == "torch":
+        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's)")
     return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
                           space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
                           workers=args.workers, seed=args.seed).validate()

@@ -39,8 +39,8 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_dro
                    label={"reference": "unmodified (timed against itself)", "single": "one technique",
                           "stack": "stacked techniques"}[stage])
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["speedup"])
-    if front:  # a step line: from each front point, top-1 holds until the next, faster point
-        ax.step([r["speedup"] for r in front], [r["top1"] for r in front], where="post", color="C3", lw=1.4,
+    if front:  # the edge of what the front dominates: between two front points, the faster one's top-1
+        ax.step([r["speedup"] for r in front], [r["top1"] for r in front], where="pre", color="C3", lw=1.4,
                 zorder=2.5, label="Pareto front")
         ax.scatter([r["speedup"] for r in front], [r["top1"] for r in front], s=90, facecolors="none",
                    edgecolors="C3", lw=1.2, zorder=3.5)
