@@ -8,7 +8,6 @@ from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
 from eamvit.cli.options import add_data_args, add_model_args
 
-RUNTIMES = ("onnxruntime", "torch")  # checked again, with the search spaces, by OptimizeConfig
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
 _DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_size", "crop_pct", "crop_mode", "mean", "std",

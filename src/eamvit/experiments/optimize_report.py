@@ -62,7 +62,7 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config) -> list
         ok = "error" not in p
         row = {"point": cand.label, "stage": "reference" if i == 0 else "single" if len(cand.recipe.steps) == 1
                else "stack", **_fields(cand),
-               "top1": p.get("top1"), "drop": round(ref_top1 - p["top1"], 3) if ok else None,
+               "top1": p.get("top1"), "num_images": p.get("num_images"), "drop": round(ref_top1 - p["top1"], 3) if ok else None,
                "speedup": p.get("speedup"), "speedup_p25": p.get("speedup_p25"), "speedup_p75": p.get("speedup_p75"),
                "file_bytes": p.get("file_bytes"), "model_bytes": p.get("model_bytes"),
                "within_budget": ok and ref_top1 - p["top1"] <= config.max_drop + 1e-9, "on_front": False,
@@ -132,7 +132,8 @@ def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: Com
     check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)
     return f"""## Chosen: {best['point']}
 
-- top-1 **{best['top1']:.3f}%** {where}, {best['drop']:.2f} points below the reference; PyTorch top-1 of
+- top-1 **{best['top1']:.3f}%** {where} on {best['num_images']} held-out images, {best['drop']:.2f} points below
+  the reference; PyTorch top-1 of
   best.safetensors (`eamvit eval --state`): {best['top1_torch']:.3f}%
 - measured speed-up **×{best['speedup']:.3f}** (quartiles ×{best['speedup_p25']:.3f} – ×{best['speedup_p75']:.3f})
 - {size}
