@@ -140,3 +140,23 @@ def test_onnx_best_is_what_was_measured_and_the_report_rebuilds_it(tmp_path, mon
     code, stdout, err = run(capsys, "eval", "--state", state, "--data", "digits")
     assert code == 0, err
     assert _top1(stdout) == pytest.approx(reported, abs=1e-9)
+    # ... and its export command, run on that file, ships a file that scores what the search measured.
+    cmd = _report_command(report, "export")
+    cmd[cmd.index("--state") + 1], cmd[cmd.index("--out") + 1] = str(state), str(tmp_path / "rebuilt.onnx")
+    code, _, err = run(capsys, *cmd)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "eval", "--onnx", tmp_path / "rebuilt.onnx", "--data", "digits")
+    assert code == 0, err
+    assert _top1(stdout) == pytest.approx(best["top1"], abs=1e-9)
+
+
+def test_a_line_cut_short_by_an_interruption_is_measured_again(tmp_path):
+    path = tmp_path / "points.jsonl"
+    cache = opt.PointCache(path)
+    cache.add("a", {"label": "x", "top1": 1.0})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "point": {"label": "y", "to')  # killed mid-write
+    again = opt.PointCache(path)
+    assert again.get("a") == {"label": "x", "top1": 1.0} and again.get("b") is None
+    again.add("b", {"label": "y", "top1": 2.0})  # measured again, on a line of its own
+    assert opt.PointCache(path).get("b") == {"label": "y", "top1": 2.0}

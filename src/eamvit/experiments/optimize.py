@@ -143,8 +143,10 @@ class PointCache:
     def __init__(self, path: Path):
         self.path = path
         self.points: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        text = path.read_text() if path.is_file() else ""
+        self._cut = bool(text) and not text.endswith("\n")  # the next point must start on a line of its own
+        if text:
+            for line in text.splitlines():
                 try:
                     entry = json.loads(line)
                     self.points[entry["key"]] = entry["point"]
@@ -157,8 +159,9 @@ class PointCache:
     def add(self, key: str, point: dict[str, Any]) -> None:
         self.points[key] = point
         with open(self.path, "a") as f:  # one line per point: an interrupted write loses that point only
-            f.write(json.dumps({"key": key, "point": point}) + "\n")
+            f.write(("\n" if self._cut else "") + json.dumps({"key": key, "point": point}) + "\n")
             f.flush()
+        self._cut = False
 
 
 # --------------------------------------------------------------------------- measuring one candidate

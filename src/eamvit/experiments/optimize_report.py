@@ -114,8 +114,8 @@ def commands_for(best: dict[str, Any], cand_recipe, export: Optional[ExportConfi
 def _budget_line(prog, config) -> str:
     done = f"{prog.measured} point(s) measured now, {prog.reused} read from `points.jsonl`"
     if prog.stopped:
-        return (f"The time budget ({config.budget_minutes:g} min) stopped the search with {prog.not_run} "
-                f"candidate(s) not run ({done}); run the same command again to resume.")
+        return (f"The time budget ({config.budget_minutes:g} min) stopped the search with {prog.not_run} planned "
+                f"candidate(s) not run, and no stacks built from them ({done}); run the same command again to resume.")
     return f"The search ran to the end ({done})."
 
 
@@ -159,7 +159,7 @@ def report_text(rows: Sequence[dict[str, Any]], best: Optional[dict[str, Any]], 
     spec = getattr(model, "eam_spec", None)
     onnx = config.runtime == "onnxruntime"
     runtime = (f"ONNX Runtime on CPU ({config.threads or 'default'} threads), each point's exported file" if onnx
-               else "PyTorch, each point's model")
+               else "PyTorch, each point's model (quantization is left out: PyTorch simulates it in float)")
     if best is not None and cand is not None:
         chosen = _chosen_section(best, cand, config, commands, out)
     else:
