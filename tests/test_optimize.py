@@ -160,3 +160,24 @@ def test_a_line_cut_short_by_an_interruption_is_measured_again(tmp_path):
     assert again.get("a") == {"label": "x", "top1": 1.0} and again.get("b") is None
     again.add("b", {"label": "y", "top1": 2.0})  # measured again, on a line of its own
     assert opt.PointCache(path).get("b") == {"label": "y", "top1": 2.0}
+
+
+def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):
+    from eamvit.plots.optimize import plot_pareto
+
+    rows = [{"point": "fp32", "stage": "reference", "top1": 99.0, "speedup": 1.0, "speedup_p25": 0.9,
+             "speedup_p75": 1.1, "on_front": False, "chosen": False},
+            {"point": "a", "stage": "single", "top1": 99.2, "speedup": 1.3, "speedup_p25": 1.2, "speedup_p75": 1.4,
+             "on_front": True, "chosen": False},
+            {"point": "b", "stage": "stack", "top1": 98.5, "speedup": 1.6, "speedup_p25": 1.5, "speedup_p75": 1.7,
+             "on_front": True, "chosen": True},
+            {"point": "broken", "stage": "single", "top1": None, "speedup": None, "error": "no export",
+             "on_front": False, "chosen": False}]
+    fig = plot_pareto(rows, tmp_path / "p.png", max_drop=1.0)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    line = next(l for l in fig.axes[0].get_lines() if l.get_label() == "Pareto front")
+    # A step "pre" line through (1.3, 99.2) and (1.6, 98.5): the faster point's top-1 holds left of it.
+    xs, ys = list(line.get_xdata()), list(line.get_ydata())
+    assert (xs[0], ys[0]) == (1.3, 99.2) and (xs[-1], ys[-1]) == (1.6, 98.5)
+    budget = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("budget")]
+    assert budget and list(budget[0].get_ydata()) == [98.0, 98.0]
