@@ -42,14 +42,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``eamvit`` parser; building it imports neither torch nor timm, so ``--help`` is instant."""
-    from eamvit.cli import demo, entropy, export, models, prune, quant, recipe
+    from eamvit.cli import demo, entropy, export, models, optimize, prune, quant, recipe
 
     p = Parser(prog="eamvit", formatter_class=HelpFormatter,
                description="Entropy Attention Maps and attention-driven compression for timm Vision Transformers")
     p.add_argument("--version", action="version", version=f"%(prog)s {eamvit.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
-    for group in (demo, entropy, quant, prune, recipe, export, models):
+    for group in (demo, entropy, quant, prune, recipe, export, optimize, models):
         group.register(sub)
     for choice in sub._choices_actions:  # `eamvit COMMAND --help` opens with the line `eamvit --help` lists
         sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
