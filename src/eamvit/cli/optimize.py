@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
