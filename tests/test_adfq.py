@@ -104,12 +104,6 @@ def test_bad_config(kw):
         adfq_modules.OutlierAwareQuantizer(4, alpha=0.0)
 
 
-def test_ablation_has_the_eight_rows():
-    rows = adfq.ablation_configs(adfq.ADFQConfig(iterations=7))
-    assert len({(c.poq, c.slq, c.amo) for _, c in rows}) == 8
-    assert rows[0][0] == "POQ✗ SLQ✗ AMO✗" and rows[-1][1].iterations == 7
-
-
 def _digits_model():
     """The digits ViT's architecture (DEMO_KWARGS) with one block, seeded random weights: keeps the test fast."""
     torch.manual_seed(0)

@@ -582,10 +582,11 @@ def _more_case(name, inputs, more, tmp):
         "tau-one-image-folder": lambda: (["eval", "--data", more / "single", "--tau", "0.2"], ["1 image", "--calib-data"]),
         "adfq-pickled-unit": lambda: _adfq_case(tmp, evil()),
         "adfq-corrupt-unit": lambda: _adfq_case(tmp, _file(tmp / "junk.pt", os.urandom(700))),
-        # CrossViT has maps, entry freezing and RepQ-ViT (tests/test_families*.py) but no PMQ: refused
-        # before any data is read (the folder does not exist).
-        "crossvit": lambda: (["eval", "--model", "crossvit_tiny_240", "--model-kwargs", *SMALL_CROSSVIT, "--quant",
-                              "pmq", "--data", tmp / "no-such-folder"], ["CrossViT", "PMQ", "eamvit models"]),
+        # CrossViT has maps, entry freezing and the quantizers (tests/test_families*.py) but no token
+        # pruning: refused before any data is read (the folder does not exist).
+        "crossvit": lambda: (["eval", "--model", "crossvit_tiny_240", "--model-kwargs", *SMALL_CROSSVIT, "--prune",
+                              "evit", "--data", tmp / "no-such-folder"],
+                             ["CrossViT", "token pruning", "eamvit models"]),
     }
     return cases[name]()
 

@@ -73,8 +73,8 @@ def test_demo_parses_full():
 
 def test_full_holds_the_slow_steps_and_the_default_keeps_the_core_story():
     default = {s.name for s in STEPS if not s.full}
-    assert default == {"maps", "figures", "sweep", "quant_sweep", "prune", "export"}
-    assert {s.name for s in STEPS if s.full} == {"speed_sweep", "frozen_finetune", "compare"}
+    assert default == {"maps", "figures", "sweep", "quant_sweep", "prune", "optimize"}
+    assert {s.name for s in STEPS if s.full} == {"speed_sweep", "frozen_finetune", "compare", "export"}
 
 
 def _section(name):

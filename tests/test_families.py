@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -59,9 +60,9 @@ FAMILIES = {
 }
 
 
-def _pair(family: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """timm's model (never touched by eamvit), a copy of it, and two images."""
-    build, size, classes = FAMILIES[family]
+def _pair(family: str, table: Optional[dict] = None) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """timm's model (never touched by eamvit), a copy of it, and two images (``table``: rows as :data:`FAMILIES`)."""
+    build, size, classes = (table or FAMILIES)[family]
     torch.manual_seed(0)
     reference = build().eval()
     # timm's initialisation makes random-weight attention nearly uniform and silences residual branches
@@ -133,13 +134,13 @@ def test_unsupported_attention_is_one_line():
 
 
 def test_verbs_a_family_does_not_declare_are_refused_before_anything_changes():
-    from eamvit.methods.pmq import PMQConfig
+    from eamvit.methods.adfq import ADFQConfig
     from eamvit.methods.quantize import quantize_
 
-    reference, model, x = _pair("eva02")
+    reference, model, x = _pair("swinv2")
     _maps(model, x[0])  # rows and executed heads where a family has none: test_families_export.py
-    with pytest.raises(EamError, match="PMQ quantization does not support EVA / EVA02.*`eamvit models`"):
-        quantize_(model, PMQConfig(), [x])
+    with pytest.raises(EamError, match="ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm"):
+        quantize_(model, ADFQConfig(), [x])
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
 
@@ -161,5 +162,5 @@ def test_models_table_lists_every_family_with_what_it_supports(capsys):
     assert set(named) == set(FAMILIES)
     for family in named.values():  # what the test above shows working, and the refusals below
         assert rows[family]["maps"] == rows[family]["entry freeze"] == "yes"
-        assert rows[family]["ADFQ-ViT"] == rows[family]["PMQ"] == "no"  # executed heads: test_families_heads.py
+        # executed heads: test_families_heads.py; ADFQ-ViT and PMQ: test_families_adfq_pmq.py
     assert rows["Swin v1"]["row freeze"] == "no" and rows["Swin v1"]["RepQ-ViT"] == "yes"

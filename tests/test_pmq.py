@@ -135,11 +135,6 @@ def test_end_to_end_and_impossible_budget(tmp_path):
     assert {r["bits"] for r in rep["components"]} <= set(range(2, 9))
     assert len(rep["patch_bits"]) == 2 and all(r["patches"] == 17 for r in rep["patch_bits"])
     assert model(images).shape == (8, 3)
-    files = pmq.write_report(rep, tmp_path)
-    from eamvit.plots.quant import plot_pmq_frontier
-
-    plot_pmq_frontier(rep, tmp_path / "pmq_frontier.png")
-    assert all(f.is_file() for f in files + [tmp_path / "pmq_frontier.png"])
     with pytest.raises(EamError, match="budget"):
         quantize_(eamvit.create_model(TINY[0], model_kwargs=TINY[1]),
                       pmq.PMQConfig(size_budget_mb=1e-6, calib_size=8), images)

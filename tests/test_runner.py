@@ -9,8 +9,7 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.experiments.freeze_sweep import freeze_sweep
-from eamvit.experiments.runner import (Applied, EvalData, Point, Timing, measure_throughput, run_sweep,
-                                       unchanged)
+from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_throughput, run_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.evaluate import evaluate
@@ -18,6 +17,12 @@ from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
 from eamvit.modules.quantizers import UniformQuantizer
 
 from conftest import TINY_VIT, make
+
+
+@contextmanager
+def unchanged(model: nn.Module, seed: int):
+    """The state of a baseline point: the model as it is."""
+    yield Applied()
 
 
 class Images(torch.utils.data.Dataset):

@@ -321,7 +321,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
     write_bytes(path, save(tensors, metadata={"eamvit": text, DIGEST_KEY: digest}))
 
 
-def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> tuple[dict, dict]:
+def load_tensors(path: str | os.PathLike, fmt: str | Sequence[str], what: str, remedy: str) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a file written by :func:`save_tensors` whose ``meta["format"]`` is ``fmt``.
 
     A file whose digest is missing (eamvit 0.2 wrote none) or does not match its tensors and metadata
@@ -329,7 +329,8 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
 
     Args:
         path: the file.
-        fmt: the expected format tag.
+        fmt: the expected format tag, or the tags of the formats the caller takes (it reads
+            ``meta["format"]`` to tell them apart).
         what: what the file is, for messages (e.g. ``"entropy maps"``).
         remedy: how to make one (e.g. ``"compute them with `eamvit calibrate`"``).
     """
@@ -348,7 +349,7 @@ def load_tensors(path: str | os.PathLike, fmt: str, what: str, remedy: str) -> t
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise EamError(f"cannot read {what} {p} ({type(e).__name__}); {remedy}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
+    if not isinstance(meta, dict) or meta.get("format") not in ((fmt,) if isinstance(fmt, str) else tuple(fmt)):
         raise EamError(f"{p} is not an eamvit {what} file; {remedy}")
     stored = header.get(DIGEST_KEY)
     if stored is None:

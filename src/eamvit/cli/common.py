@@ -273,6 +273,11 @@ def jsonable(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def flag(args, dest: str) -> str:
+    """The option the user gave for ``dest``: ``--state`` when it named the file (see ``resolve_state``)."""
+    return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
+
+
 def refuse_given(args, dests: Sequence[str], why: str) -> None:
     """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
 
@@ -293,24 +298,27 @@ FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection
 
 
 def validate_common(args) -> None:
+    from dataclasses import replace
+
+    from eamvit.cli.options import freeze_config
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
     if hasattr(args, "bits"):
         check_bits(args.bits)
     if getattr(args, "frozen", None):
-        refuse_given(args, FREEZE_OPTIONS, "with --frozen, which already holds the frozen attention and its settings")
+        refuse_given(args, FREEZE_OPTIONS, f"with {flag(args, 'frozen')} {args.frozen}, which already holds the "
+                     "frozen attention and its settings")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise EamError(f"--threads must be at least 1, got {args.threads}")
     if hasattr(args, "onnx") and not args.onnx:  # eval's --threads are ONNX Runtime's
         refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
     if hasattr(args, "tau"):
-        FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, value_bits=args.value_bits,
-                     value_quantizer=args.value_quantizer, granularity=args.granularity,
-                     aggregate=args.aggregate).validate()
+        freeze_config(args)
     if hasattr(args, "taus"):
+        base = FreezeConfig(value_bits=args.value_bits)
         for t in args.taus:
-            FreezeConfig(tau=t, value_bits=args.value_bits).validate()
+            replace(base, tau=t).validate()
         if getattr(args, "throughput_reps", 3) < 3:
             raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
         if getattr(args, "throughput_batch", 1) < 1:

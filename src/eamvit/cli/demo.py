@@ -16,8 +16,20 @@ def cmd_train_digits(args) -> None:
     print(f"wrote {args.out}: test top-1 {res['top1']:.2f}%")
 
 
+def draw_figure(figure) -> None:
+    """Draw one :class:`~eamvit.experiments.demo.Figure` of the demo with its :mod:`eamvit.plots` function."""
+    from eamvit.plots import entropy, optimize, prune, quant, speed
+
+    plots = {f.__name__: f for f in (entropy.plot_cls_entropy, entropy.plot_full_entropy, entropy.plot_head_summary,
+                                     entropy.plot_sweep, speed.plot_top1_vs_speedup, quant.plot_quant_sweep,
+                                     quant.plot_kl_per_head, quant.plot_kl_cls, prune.plot_top1_vs_gflops,
+                                     prune.plot_kept_patches, prune.plot_entropy_histograms,
+                                     optimize.plot_pareto)}
+    plots[figure.plot](*figure.args, **figure.kwargs)
+
+
 def cmd_demo(args) -> None:
-    require_modules("eamvit demo")  # its export step needs them: fail now, not after minutes of work
+    require_modules("eamvit demo")  # its optimize and export steps need them: fail now, not after minutes of work
     import torch
 
     from eamvit.experiments.demo import run_demo
@@ -28,7 +40,7 @@ def cmd_demo(args) -> None:
     torch.set_num_threads(args.threads)
     try:
         run_demo(out=Path(args.out), retrain=args.retrain, checkpoint=args.checkpoint,
-                 device=parse_device(args.device), epochs=args.epochs, full=args.full)
+                 device=parse_device(args.device), epochs=args.epochs, full=args.full, draw=draw_figure)
     finally:
         torch.set_num_threads(before)
 
@@ -44,8 +56,9 @@ def register(sub) -> None:
     s.add_argument("--epochs", type=int, default=80, help="training epochs with --retrain")
     s.add_argument("--full", action="store_true",
                    help="also run the slow parts (several more minutes on CPU): the sweep's global scope, freezing "
-                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and ONNX "
-                        "Runtime's own int8 and 4-bit weight-only export rows")
+                        "vs token pruning at measured speed, fine-tuning with frozen attention, RepQ-ViT vs ADFQ-ViT vs PMQ, and the "
+                        "export table (fp32, int8 and 4-bit weight-only in PyTorch and ONNX Runtime, ONNX Runtime's "
+                        "own int8)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available, else cpu)")
     s.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch: the digits ViT is so small that one thread is the fastest, and its "

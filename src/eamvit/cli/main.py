@@ -42,14 +42,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``eamvit`` parser; building it imports neither torch nor timm, so ``--help`` is instant."""
-    from eamvit.cli import demo, entropy, export, models, prune, quant, recipe
+    from eamvit.cli import demo, entropy, export, models, optimize, prune, quant, recipe
 
     p = Parser(prog="eamvit", formatter_class=HelpFormatter,
                description="Entropy Attention Maps and attention-driven compression for timm Vision Transformers")
     p.add_argument("--version", action="version", version=f"%(prog)s {eamvit.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
-    for group in (demo, entropy, quant, prune, recipe, export, models):
+    for group in (demo, entropy, quant, prune, recipe, export, optimize, models):
         group.register(sub)
     for choice in sub._choices_actions:  # `eamvit COMMAND --help` opens with the line `eamvit --help` lists
         sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
@@ -82,7 +82,7 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> froze
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from eamvit.cli.quant import validate_quant_args
-    from eamvit.cli.recipe import validate_recipe_args
+    from eamvit.cli.recipe import resolve_state, validate_recipe_args
     from eamvit.io import remove_created_dirs
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -91,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.given = given_options(parser, argv)
     remove_created_dirs(keep=True)  # only this command's folders are its to remove
     try:
+        resolve_state(args)  # first: what --state holds decides which checks apply
         validate_common(args)
         validate_recipe_args(args)
         validate_quant_args(args)

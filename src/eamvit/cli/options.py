@@ -139,8 +139,8 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool
         g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
         if saved:
             g.add_argument("--frozen", default=None,
-                           help="frozen attention saved by `eamvit finetune --maps ... --tau ...` (frozen.safetensors) "
-                                "(default: none, freeze from --maps/--tau)")
+                           help="the same as --state with frozen attention saved by `eamvit finetune --maps ... "
+                                "--tau ...` (frozen.safetensors) (default: none, freeze from --maps/--tau)")
         g.add_argument("--scope", choices=SCOPES, default=None,
                        help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
         g.add_argument("--selection", choices=SELECTIONS, default="entropy",
@@ -208,3 +208,31 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
 
 def prune_options(args) -> dict:
     return {"blocks": args.prune_blocks, "fuse": args.fuse, "placement": args.placement, "keys": args.entropy_keys}
+
+
+def prune_config(args, method: Optional[str] = None):
+    """The one :class:`~eamvit.methods.prune.PruneConfig` of the pruning options (validated).
+
+    Args:
+        method: the pruning method when it is not ``--prune``'s (``finetune``'s default).
+    """
+    from eamvit.methods.prune import method_config
+
+    return method_config(method or args.prune, args.alpha, args.keep_rate, **prune_options(args))
+
+
+def freeze_config(args, **changes):
+    """The one :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options of ``eval``, ``export``,
+    ``compress`` and ``finetune`` (validated).
+
+    Args:
+        changes: fields that differ from the options.
+    """
+    from dataclasses import replace
+
+    from eamvit.methods.freeze import FreezeConfig
+
+    base = FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
+                        value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+                        granularity=args.granularity, aggregate=args.aggregate)
+    return replace(base, **changes).validate()

@@ -41,11 +41,10 @@ def cmd_prune_sweep(args) -> None:
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
-    import math
-
     import torch
 
-    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.experiments.prune_sweep import figure_data
+    from eamvit.methods.prune import method_config
     from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
 
@@ -57,10 +56,10 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     images = torch.stack([it[0] for it in items]).to(device)
     configs = [method_config(m, a, args.keep_rates[0], **prune_options(args)) for m, a in methods]
     blocks = configs[0].blocks or default_blocks(len(model.blocks))
-    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
-                      mean=cfg["mean"], std=cfg["std"], blocks=blocks,
+    masks, entropies = figure_data(model, images, configs)
+    plot_kept_patches(images[0], masks, out / "kept_patches.png", mean=cfg["mean"], std=cfg["std"], blocks=blocks,
                       title=f"Kept patches per pruning stage (κ = {args.keep_rates[0]:g})")
-    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
+    plot_entropy_histograms(entropies, out / "token_entropy.png",
                             title=f"Attention-entropy distributions per block ({len(images)} images)")
 
 
@@ -100,18 +99,14 @@ def _finetune_configs(args):
     Freezing is on when ``--tau > 0``; pruning when ``--prune`` is given, and by default (shannon) only
     without freezing, so that the old ``finetune --keep-rate κ`` still prunes.
     """
+    from eamvit.cli.options import freeze_config, prune_config
     from eamvit.methods.finetune import FinetuneConfig
-    from eamvit.methods.freeze import FreezeConfig
-    from eamvit.methods.prune import PruneConfig
 
     if args.maps and not args.tau > 0:
         raise EamError("--maps is used to freeze attention: give --tau > 0 with it, or drop it")
     method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
-    pcfg = None if method is None else PruneConfig(method=method, keep_rate=args.keep_rate, alpha=args.alpha,
-                                                   **prune_options(args)).validate()
-    zcfg = None if not args.tau > 0 else FreezeConfig(
-        tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed, value_bits=args.value_bits,
-        value_quantizer=args.value_quantizer, granularity=args.granularity, aggregate=args.aggregate).validate()
+    pcfg = None if method is None else prune_config(args, method)
+    zcfg = None if not args.tau > 0 else freeze_config(args)
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
@@ -120,16 +115,15 @@ def _finetune_configs(args):
     return pcfg, fcfg, zcfg
 
 
-def _freeze_for_finetune(args, model, device, zcfg, out: Path) -> dict:
-    """Freeze ``model`` with ``zcfg`` from ``--maps`` or maps calibrated now (saved to OUT/maps.safetensors)."""
+def _finetune_maps(args, model, device, out: Path):
+    """``--maps``, or maps calibrated now (saved to OUT/maps.safetensors), for freezing ``model``."""
     from eamvit.cli.common import get_maps, load_maps
-    from eamvit.methods.freeze import freeze_
 
     maps = load_maps(args, model)
     if maps is None:
         _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
         maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
-    return freeze_(model, maps, zcfg).to_dict()
+    return maps
 
 
 def _reload_hint(args, out: Path, pruned: bool, frozen: bool) -> str:
@@ -150,7 +144,7 @@ def _reload_hint(args, out: Path, pruned: bool, frozen: bool) -> str:
 def cmd_finetune(args) -> None:
     from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.methods.finetune import FROZEN, WEIGHTS, finetune
-    from eamvit.methods.prune import prune_
+    from eamvit.methods.recipe import Recipe, apply_
 
     pcfg, fcfg, zcfg = _finetune_configs(args)
     check_output_dir(args.out)
@@ -164,9 +158,9 @@ def cmd_finetune(args) -> None:
     check_family(model, [zcfg.granularity] if zcfg is not None else [], [pcfg] if pcfg is not None else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
-    freeze = _freeze_for_finetune(args, model, device, zcfg, out) if zcfg is not None else None
-    if pcfg is not None:
-        prune_(model, pcfg)
+    reports = apply_(model, Recipe(steps=tuple(s for s in (zcfg, pcfg) if s is not None)), None,
+                     maps=lambda m: _finetune_maps(args, m, device, out), device=device)
+    freeze = reports["freeze"].to_dict() if "freeze" in reports else None
     flush_warnings()  # the inputs are checked: before the training, not after it
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,
                    workers=args.workers, data_config=cfg, freeze=zcfg)

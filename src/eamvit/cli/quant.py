@@ -40,7 +40,9 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
     else:
         g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first (default: full precision)")
         g.add_argument("--quant-state", default=None,
-                       help="load a quantized state (any method) from `eamvit quantize` instead of calibrating "
+                       help="the same as --state with a quantized state (any method) of `eamvit quantize`: "
+                            "loaded instead of calibrating (default: none)" if command == "eval" else
+                            "load a quantized state (any method) from `eamvit quantize` instead of calibrating "
                             "(default: none)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
@@ -137,15 +139,6 @@ def _row(model: nn.Module) -> dict[str, Any]:
     return row
 
 
-def wants_quant(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "quant", None) or getattr(args, "quant_state", None))
-
-
-def needs_quant_calib(args: argparse.Namespace) -> bool:
-    """Whether the command must read calibration images for RepQ-ViT."""
-    return bool(getattr(args, "quant", None)) and not getattr(args, "quant_state", None)
-
-
 # Options of calibrating a quantized model, by the methods they apply to.
 _CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_size": ("repq", "pmq"),
                 "attn_quantizer": ("repq",), "no_reparam": ("repq",),
@@ -156,11 +149,11 @@ _CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_s
 
 def refuse_inapplicable_quant(args: argparse.Namespace) -> None:
     """Refuse quantization options the command line gives that the chosen quantization cannot use."""
-    from eamvit.cli.common import refuse_given
+    from eamvit.cli.common import flag, refuse_given
 
     if getattr(args, "quant_state", None):
         refuse_given(args, ["quant", *_CALIBRATION],
-                     f"with --quant-state, which holds a model quantized already ({args.quant_state})")
+                     f"with {flag(args, 'quant_state')}, which holds a model quantized already ({args.quant_state})")
     elif not getattr(args, "quant", None):
         refuse_given(args, [*_CALIBRATION, "frozen_bits"], "without --quant (the model stays full precision)")
     else:

@@ -3,7 +3,8 @@
 ``eval``, ``export`` and ``compress`` all go through :func:`apply_args`: the quantization, freezing
 and pruning options (or ``--recipe FILE``) become one :class:`~eamvit.methods.recipe.Recipe`, applied
 by :func:`eamvit.methods.recipe.apply_`; ``--state FILE`` (a file of ``compress``) rebuilds the
-whole stack instead. ``--quant-state`` and ``--frozen`` load their part before the rest is applied.
+whole stack instead, and ``--state`` of a quantized state or of frozen attention loads that part
+before the rest is applied (:func:`resolve_state`; ``--quant-state`` and ``--frozen`` are the same).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.errors import EamError
 from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                prune_options)
+                                freeze_config, prune_config)
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
@@ -25,7 +26,7 @@ _QUANT_OPTIONS = ("quant", "quant_state", "w_bits", "a_bits", "quant_calib_size"
 _FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
 
 
-def add_stack_args(p: argparse.ArgumentParser, state: bool = True) -> None:
+def add_stack_args(p: argparse.ArgumentParser) -> None:
     """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
     entropy maps, freezing, pruning, quantization and the recipe."""
     from eamvit.cli.quant import add_quant_args
@@ -33,18 +34,46 @@ def add_stack_args(p: argparse.ArgumentParser, state: bool = True) -> None:
     for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args):
         add(p)
     add_quant_args(p, "eval")
-    add_recipe_args(p, state=state)
+    add_recipe_args(p)
 
 
-def add_recipe_args(p: argparse.ArgumentParser, state: bool = True) -> None:
-    """``--recipe`` (and ``--state``) of ``eval``, ``export`` and ``compress``."""
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """``--recipe`` and ``--state`` of ``eval``, ``export`` and ``compress``."""
     g = p.add_argument_group("recipe (quantize → freeze → prune, in one file)")
     g.add_argument("--recipe", default=None, help="apply the recipe of this file of `eamvit compress` (or a "
                    "recipe .json) instead of the quantization, freezing and pruning options, calibrating anew "
                    "(default: none, the recipe of the options)")
-    if state:
-        g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the "
-                       "whole stack, calibrated already) (default: none, build it from the options)")
+    g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the whole "
+                   "stack, calibrated already), or one part of it to build on: a quantized state of `eamvit "
+                   "quantize` or the frozen attention of `eamvit finetune --tau` (frozen.safetensors); the file "
+                   "says which (default: none, build it from the options)")
+
+
+_PARTS = {"quant": ("quant_state", "--quant-state"), "frozen": ("frozen", "--frozen")}
+
+
+def resolve_state(args: argparse.Namespace) -> None:
+    """Read what ``--state`` holds (before any other check): a quantized state or frozen attention
+    becomes what ``--quant-state`` / ``--frozen`` give, and every message names ``--state``."""
+    path = getattr(args, "state", None)
+    if not path or getattr(args, "onnx", None):  # eval --onnx refuses --state itself
+        return
+    from eamvit.methods.recipe import artifact_kind
+
+    kind = artifact_kind(path)
+    if kind == "compressed":
+        if args.command == "compress":
+            raise EamError(f"--state {path} is a compressed model already; evaluate it with `eamvit eval --state "
+                           f"{path}`, or give compress a quantized state or frozen attention to build on")
+        return
+    dest, alias = _PARTS[kind]
+    if getattr(args, dest, None):
+        raise EamError(f"--state {path} and {alias} {getattr(args, dest)} both give the "
+                       f"{'quantization' if kind == 'quant' else 'frozen attention'}; drop one")
+    setattr(args, dest, path)
+    args.state = None
+    args.given = (frozenset(getattr(args, "given", ())) - {"state"}) | {dest}
+    args.flags = {**getattr(args, "flags", {}), dest: "--state"}
 
 
 def validate_recipe_args(args: argparse.Namespace) -> None:
@@ -75,22 +104,12 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
         refuse_given(args, ["bits", "max_memory"], "with --maps, which are computed already")
 
 
-def freeze_config(args: argparse.Namespace):
-    """The :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options (validated)."""
-    from eamvit.methods.freeze import FreezeConfig
-
-    return FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
-                        value_bits=args.value_bits, value_quantizer=args.value_quantizer,
-                        granularity=args.granularity, aggregate=args.aggregate).validate()
-
-
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps.
 
     ``--quant-state`` and ``--frozen`` are loaded, not applied: their steps are not in it.
     """
     from eamvit.cli.quant import method_config
-    from eamvit.methods.prune import PruneConfig
     from eamvit.methods.recipe import Recipe, read_recipe
 
     path = getattr(args, "state", None) or getattr(args, "recipe", None)
@@ -102,8 +121,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if (args.tau > 0 or getattr(args, "maps", None)) and not getattr(args, "frozen", None):
         steps.append(freeze_config(args))
     if args.prune:
-        steps.append(PruneConfig(method=args.prune, keep_rate=args.keep_rate, alpha=args.alpha,
-                                 **prune_options(args)).validate())
+        steps.append(prune_config(args))
     return Recipe(steps=tuple(steps)).validate()
 
 
@@ -126,37 +144,22 @@ def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[
         result-row fields that describe it.
     """
     from eamvit.cli.quant import _calib_set
-    from eamvit.methods.recipe import Recipe, apply_, restore_
-
-    from eamvit.methods.quantize import load_quantized
+    from eamvit.methods.recipe import build_, restore_
 
     recipe = recipe_from_args(args)
     if getattr(args, "state", None):
         restore_(model, args.state)
         return recipe, row_fields(model, recipe, {}, state=args.state)
-    if getattr(args, "quant_state", None):
-        load_quantized(model, args.quant_state)
-    quant = Recipe(steps=tuple(s for s in recipe.steps if s is recipe.step("quant")))
-    rest = Recipe(steps=tuple(s for s in recipe.steps if s is not recipe.step("quant")))
-    calib = _calib_set(sp.calib_set, sp.calib_indices) if quant.steps else None
-    reports = apply_(model, quant, calib, progress=True, checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
-    frozen = _load_frozen(args, model)  # after quantizing: its values replace the quantized model's maps
+    calib = _calib_set(sp.calib_set, sp.calib_indices) if recipe.step("quant") is not None else None
     provider = lambda m: get_maps(args, m, device, sp.calib_set, sp.calib_indices, sp.data_config, maps=maps)
-    reports.update(apply_(model, rest, None, maps=provider, device=device))
-    steps = (getattr(model, "eam_quant_config", None), frozen[1] if frozen else rest.step("freeze"), rest.step("prune"))
-    whole = Recipe(steps=tuple(s for s in steps if s is not None))
+    whole, reports = build_(model, recipe, calib, quant_state=getattr(args, "quant_state", None),
+                            frozen=getattr(args, "frozen", None), maps=provider, device=device, progress=True,
+                            checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+    frozen = None
+    if "frozen" in reports:
+        frozen = {"frozen": str(args.frozen), **{k: reports["frozen"][k] for k in ("tau", "granularity")
+                                                 if reports["frozen"]}}
     return whole, row_fields(model, whole, reports, frozen=frozen)
-
-
-def _load_frozen(args: argparse.Namespace, model):
-    """``(fields, FreezeConfig)`` of ``--frozen``, loaded on ``model`` (``None`` without ``--frozen``)."""
-    from eamvit.methods.freeze import FreezeConfig, load_frozen
-
-    if not getattr(args, "frozen", None):
-        return None
-    config = load_frozen(model, args.frozen).get("config")
-    fields = {"frozen": str(args.frozen), **{k: config[k] for k in ("tau", "granularity") if config}}
-    return fields, (FreezeConfig(**config) if config else FreezeConfig())
 
 
 def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[str] = None,
@@ -166,7 +169,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
     Args:
         reports: :func:`~eamvit.methods.recipe.apply_`'s.
         state: the ``--state`` file it was rebuilt from.
-        frozen: :func:`_load_frozen`'s, when ``--frozen`` gave the freezing.
+        frozen: the row fields of ``--frozen``, when it gave the freezing.
     """
     from eamvit.cli.quant import _row
 
@@ -177,7 +180,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
     if getattr(model, "eam_quant_config", None) is not None:
         extra.update(_row(model))
     if frozen:
-        extra.update(frozen[0])
+        extra.update(frozen)
     elif freeze is not None:
         extra.update(_freeze_fields(model, freeze, reports.get("freeze")))
     prune = recipe.step("prune")
@@ -219,7 +222,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     out = check_output_file(args.out)
     recipe = recipe_from_args(args)
     if not recipe.steps and not getattr(args, "quant_state", None) and not getattr(args, "frozen", None):
-        raise EamError("compress needs a step: --quant, --quant-state, --tau/--maps, --frozen, --prune or --recipe")
+        raise EamError("compress needs a step: --quant, --tau/--maps, --prune, --recipe, or --state with a quantized "
+                       "state or frozen attention")
     with output_lock(out):
         model, device = load_model(args)
         maps = load_maps(args, model)
@@ -240,6 +244,10 @@ def register(sub) -> None:
     """Add ``compress`` to the ``eamvit`` parser."""
     s = sub.add_parser("compress", help="quantize, freeze and prune in one go and write the whole compressed "
                        "model to one file (.safetensors) for `eval --state` and `export --state`")
-    add_stack_args(s, state=False)
+    add_stack_args(s)
+    for action in s._actions:
+        if action.dest == "state":  # a compressed model has nothing left to compress
+            action.help = ("a part to build on: a quantized state of `eamvit quantize` or the frozen attention of "
+                           "`eamvit finetune --tau` (frozen.safetensors); the file says which (default: none)")
     s.add_argument("--out", required=True, help="compressed model to write (.safetensors)")
     s.set_defaults(func=cmd_compress)

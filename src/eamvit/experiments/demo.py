@@ -9,13 +9,14 @@ The default demo tells the core story, one step at a time:
    default; ``--full`` adds ``global``), on the test split;
 5. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
 6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
-7. export to ONNX and run it in ONNX Runtime: fp32 and eamvit W8/A8 (QDQ); top-1, file size, images/s;
+7. ``eamvit optimize`` with a small space and a half-minute budget: the fastest recipe within one point
+   of top-1 in ONNX Runtime, its Pareto front (``optimize/``);
 8. finish ``report.md``.
 
 ``--full`` adds the slow parts: the ``global`` scope of the sweep, freezing by entry, row and head
 against token pruning at measured speed, fine-tuning with frozen attention, the FP / RepQ-ViT /
-ADFQ-ViT / PMQ comparison, and ONNX Runtime's own static int8 and 4-bit weight-only rows in the
-export table.
+ADFQ-ViT / PMQ comparison, and the export table (fp32, eamvit's int8 and 4-bit weight-only exports
+and ONNX Runtime's own static int8, in PyTorch and ONNX Runtime).
 
 Every step prints ``[k/N]`` first; its table goes to stdout and its CSV/JSON to the output folder as
 soon as it finishes, and ``report.md`` is rewritten after every step, so a failing step leaves the
@@ -40,7 +41,6 @@ from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.evaluate import evaluate
-from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary, plot_sweep
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
 SCOPES = ("head", "global")  # the default demo sweeps the first; --full both
@@ -84,6 +84,21 @@ class DemoRun:
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class Figure:
+    """A figure a step asks for; the caller of :func:`run_demo` draws it (experiments sit below plots).
+
+    Args:
+        plot: which plot function, by its name in :mod:`eamvit.plots` (e.g. ``"plot_sweep"``).
+        args: its positional arguments (the PNG path among them).
+        kwargs: its keyword arguments.
+    """
+
+    plot: str
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of the demo.
@@ -92,7 +107,8 @@ class Step:
         name: its key in the results (and the stem of its CSV/JSON files, where it writes a table).
         title: what the ``[k/N]`` line says.
         run: ``run(demo)``: does the work; returns the section ``{"rows", "table", "markdown"}`` for
-            stdout and ``report.md``, or ``None`` for a step without a table.
+            stdout and ``report.md`` (and ``"figures"``: the :class:`Figure` list it asks for), or
+            ``None`` for a step without a table.
         full: only with ``--full``.
         more: what ``--full`` adds to a step that the default demo runs in part.
     """
@@ -105,7 +121,8 @@ class Step:
 
 
 def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint: Optional[str] = None,
-             device: torch.device | str = "cpu", epochs: int = 80, full: bool = False) -> dict:
+             device: torch.device | str = "cpu", epochs: int = 80, full: bool = False, *,
+             draw: Callable[[Figure], None]) -> dict:
     """Run the demo; returns the numbers that went into the report.
 
     Args:
@@ -115,6 +132,7 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
         device: where to run.
         epochs: training epochs with ``retrain``.
         full: also run the slow steps (:data:`STEPS` entries marked ``full``).
+        draw: draws each :class:`Figure` a step asks for, as soon as the step is done (the CLI's).
     """
     out = ensure_writable_dir(out)
     t0 = time.perf_counter()
@@ -131,6 +149,8 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
         _say(f"[{k}/{n}] {step.title}" + (f" + {step.more}" if full and step.more else ""))
         started = time.perf_counter()
         section = step.run(demo)
+        for figure in (section or {}).get("figures", ()):
+            draw(figure)
         if section is not None:
             demo.sections[step.name] = section
             print(f"\n{section['table']}", flush=True)
@@ -167,10 +187,10 @@ def _figures_step(demo: DemoRun) -> dict:
     """The paper's figures of the maps."""
     maps, out = demo.maps, demo.out
     last = maps.num_layers - 1
-    for l in range(maps.num_layers):  # every layer, on one colour scale
-        plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
-    plot_full_entropy(maps, [(0, 0), (1, 2), (last, 0)], out / "full_entropy.png")
-    plot_head_summary(maps, out / "head_entropy.png")
+    figures = [Figure("plot_cls_entropy", (maps, l, out / f"cls_entropy_L{l}.png"))  # every layer, one colour scale
+               for l in range(maps.num_layers)]
+    figures += [Figure("plot_full_entropy", (maps, [(0, 0), (1, 2), (last, 0)], out / "full_entropy.png")),
+                Figure("plot_head_summary", (maps, out / "head_entropy.png"))]
     files = (f"cls_entropy_L0.png ... cls_entropy_L{last}.png, full_entropy.png, head_entropy.png")
     md = f"""## Figures
 
@@ -180,7 +200,7 @@ def _figures_step(demo: DemoRun) -> dict:
 - `full_entropy.png`: full entropy maps of chosen (layer, head) pairs on the same colour scale (its Fig. 3)
 - `head_entropy.png`: mean entropy per layer and head
 """
-    return {"rows": [], "table": f"figures: {files}", "markdown": md}
+    return {"rows": [], "table": f"figures: {files}", "markdown": md, "figures": figures}
 
 
 def _sweep_step(demo: DemoRun) -> dict:
@@ -191,8 +211,8 @@ def _sweep_step(demo: DemoRun) -> dict:
     for scope in scopes:
         rows += freeze_sweep(demo.model, demo.maps, data, TAUS, scope=scope, seeds=SEEDS, label="fp32")
     write_table(demo.out / "sweep", rows)
-    plot_sweep(rows, demo.out / "sweep.png", title="digits ViT: entropy vs random freezing",
-               reference={"unfrozen": demo.base["top1"]})
+    figure = Figure("plot_sweep", (rows, demo.out / "sweep.png"), {"title": "digits ViT: entropy vs random freezing",
+                                                                   "reference": {"unfrozen": demo.base["top1"]}})
     table = format_sweep_table(rows)
     md = f"""## Top-1 (%) against sparsity τ (fraction of attention entries frozen to their mean)
 
@@ -203,7 +223,7 @@ standard deviation in the `±` column beside it.
 {table}
 ![sweep](sweep.png)
 """
-    return {"rows": rows, "table": table, "markdown": md}
+    return {"rows": rows, "table": table, "markdown": md, "figures": [figure]}
 
 
 def report(demo: DemoRun, skipped: list[Step], elapsed: Optional[float]) -> str:
@@ -244,7 +264,6 @@ markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
 def _speed_step(demo: DemoRun) -> dict:
     """Freezing by entry, row and head against token pruning, at measured speed (speed_sweep.*)."""
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
-    from eamvit.plots.speed import plot_top1_vs_speedup
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device), SPEED_TAUS,
@@ -252,8 +271,8 @@ def _speed_step(demo: DemoRun) -> dict:
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)
-    plot_top1_vs_speedup(plot_rows(rows), out / "speed_sweep.png",
-                         title="digits ViT: frozen attention vs token pruning at measured speed")
+    figure = Figure("plot_top1_vs_speedup", (plot_rows(rows), out / "speed_sweep.png"),
+                    {"title": "digits ViT: frozen attention vs token pruning at measured speed"})
     verdict = "\n".join(f"- {line}" for line in summary_lines(rows))
     md = f"""## Which makes the model really faster: frozen attention or token pruning?
 
@@ -272,7 +291,7 @@ and heads per layer); pruning is off the shelf.
 
 ![top-1 against measured speed-up](speed_sweep.png)
 """
-    return {"rows": rows, "table": table + "\n" + verdict + "\n", "markdown": md}
+    return {"rows": rows, "table": table + "\n" + verdict + "\n", "markdown": md, "figures": [figure]}
 
 
 def _frozen_finetune_step(demo: DemoRun) -> dict:
@@ -303,7 +322,6 @@ frozen maps that `eamvit eval --frozen` reloads.
 
 def _quant_step(demo: DemoRun) -> dict:
     """RepQ-ViT W4/A4 with EAM on top: Table 1 at τ = 10 % / 20 %, Fig. 5, KL maps (Fig. 4), sizes."""
-    from eamvit.plots.quant import plot_kl_cls, plot_kl_per_head, plot_quant_sweep
     from eamvit.methods.repq import RepQConfig
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
@@ -312,9 +330,11 @@ def _quant_step(demo: DemoRun) -> dict:
                       QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device)
     rows = res["rows"]
     write_table(out / "quant_sweep", rows)
-    plot_quant_sweep(rows, out / "quant_sweep.png", title="digits ViT, W4/A4 RepQ-ViT + EAM")
-    plot_kl_per_head(res["kl"], out / "kl_per_head.png", title="D_KL(p_fp32 ‖ p_W4A4) per head")
-    plot_kl_cls(res["kl"], 0, out / "kl_cls_L0.png")
+    figures = [Figure("plot_quant_sweep", (rows, out / "quant_sweep.png"),
+                      {"title": "digits ViT, W4/A4 RepQ-ViT + EAM"}),
+               Figure("plot_kl_per_head", (res["kl"], out / "kl_per_head.png"),
+                      {"title": "D_KL(p_fp32 ‖ p_W4A4) per head"}),
+               Figure("plot_kl_cls", (res["kl"], 0, out / "kl_cls_L0.png"))]
     sizes = markdown(*size_table([r for r in rows if r["tau"] in (0.0, 0.2)]))
     table = markdown(res["table1"][0], retitle(res["table1"][1], top1="digits ViT"))
     md = f"""## W4/A4 post-training quantization (RepQ-ViT) with EAM on top
@@ -333,30 +353,29 @@ Sizes at τ = 0 and 20 %:
 
 {sizes}
 """
-    return {"rows": rows, "table": table, "markdown": md}
+    return {"rows": rows, "table": table, "markdown": md, "figures": figures}
 
 
 def _prune_step(demo: DemoRun) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
     from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
-    import math
-
-    from eamvit.experiments.prune_sweep import prune_table
-    from eamvit.methods.prune import kept_patch_masks, method_config, token_entropies
+    from eamvit.experiments.prune_sweep import figure_data, prune_table
+    from eamvit.methods.prune import method_config
     from eamvit.ops.scores import default_blocks
-    from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
     write_table(out / "prune", rows)
-    plot_top1_vs_gflops(rows, out / "prune.png", title="digits ViT: token pruning, off the shelf")
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
-    plot_kept_patches(images[0], kept_patch_masks(model, images[0], configs), out / "kept_patches.png",
-                      mean=[DIGITS_MEAN], std=[DIGITS_STD], blocks=default_blocks(len(model.blocks)),
-                      title=f"patches kept at each stage, κ = {KEEP_RATES[0]}")
-    plot_entropy_histograms(token_entropies(model, images, (1.0, 2.0, 3.0, math.inf)), out / "token_entropy.png",
-                            title="patch-token attention entropy per block")
+    masks, entropies = figure_data(model, images, configs)
+    figures = [Figure("plot_top1_vs_gflops", (rows, out / "prune.png"),
+                      {"title": "digits ViT: token pruning, off the shelf"}),
+               Figure("plot_kept_patches", (images[0], masks, out / "kept_patches.png"),
+                      {"mean": [DIGITS_MEAN], "std": [DIGITS_STD], "blocks": default_blocks(len(model.blocks)),
+                       "title": f"patches kept at each stage, κ = {KEEP_RATES[0]}"}),
+               Figure("plot_entropy_histograms", (entropies, out / "token_entropy.png"),
+                      {"title": "patch-token attention entropy per block"})]
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))} of 0..{len(model.blocks) - 1}
@@ -371,7 +390,7 @@ this machine during the demo (`prune.csv` has the interquartile range).
 `token_entropy.png`: per block, the distribution of patch tokens' attention entropy for α = 1, 2, 3, ∞
 (its Fig. 5).
 """
-    return {"rows": rows, "table": table, "markdown": md}
+    return {"rows": rows, "table": table, "markdown": md, "figures": figures}
 
 
 def _compare_step(demo: DemoRun) -> dict:
@@ -419,6 +438,47 @@ machine; file bytes: the `.onnx` file, or the packed quantized state for the sim
     return {"rows": rows, "table": table, "markdown": md}
 
 
+OPTIMIZE_MINUTES = 0.5  # the demo's search budget: the small space, stopped after this long
+
+
+def _optimize_step(demo: DemoRun) -> dict:
+    """``eamvit optimize`` on the digits model: the fastest recipe within one point of top-1, in ONNX Runtime."""
+    from eamvit.experiments.optimize import OptimizeConfig, optimize
+    from eamvit.experiments.optimize_report import CommandLines, columns
+    from eamvit.methods.data import build_splits
+    from eamvit.methods.models import data_config
+
+    # The one split rule, as `eamvit optimize --data digits` applies it: the report's commands rebuild the point.
+    sp = build_splits("digits", data_config(demo.model), calibrate=True)
+    # One ONNX Runtime thread: on a model this small a second thread adds more noise than speed.
+    config = OptimizeConfig(max_drop=1.0, space="small", budget_minutes=OPTIMIZE_MINUTES, reps=10, threads=1)
+    out = demo.out / "optimize"
+    res = optimize(demo.model, sp, out, config, CommandLines(data=["--data", "digits"]), device=demo.device)
+    figure = Figure("plot_pareto", (res.rows, out / "pareto.png", config.max_drop),
+                    {"title": "digits ViT: eamvit optimize in ONNX Runtime"})
+    front = markdown([r for r in res.rows if r["on_front"]], columns(config.runtime))
+    b = res.best
+    chosen = ("no recipe within one point of top-1" if b is None else
+              f"chosen: {b['point']}, top-1 {b['top1']:.2f}% in ONNX Runtime (unmodified {res.rows[0]['top1']:.2f}%), "
+              f"measured speed-up x{b['speedup']:.3f} (p25 {b['speedup_p25']:.3f}, p75 {b['speedup_p75']:.3f})")
+    stopped = (f" The {OPTIMIZE_MINUTES:g}-minute budget stopped it with {res.progress.not_run} candidate(s) not run."
+               if res.progress.stopped else "")
+    md = f"""## The fastest recipe within one point of top-1 (`eamvit optimize`)
+
+`eamvit optimize --space small --budget-minutes {OPTIMIZE_MINUTES:g} --threads 1` on the digits model: int8 QDQ
+(asymmetric and symmetric activations), EViT token pruning in the late blocks and head freezing, then the
+survivors stacked, each exported and measured in ONNX Runtime against the fp32 export.{stopped}
+{chosen}. The Pareto front:
+
+{front}
+![top-1 against measured speed-up](optimize/pareto.png)
+
+`optimize/report.md` gives the `eamvit compress` and `eamvit export` commands that rebuild the chosen point;
+`optimize/pareto.*` lists every point.
+"""
+    return {"rows": res.rows, "table": f"{chosen}\n\n{front}", "markdown": md, "figures": [figure]}
+
+
 # The demo's steps after loading the model, in order; `full` ones run only with `eamvit demo --full`.
 STEPS = (
     Step("maps", "entropy attention maps on the training digits (b=8)", _maps_step),
@@ -432,6 +492,9 @@ STEPS = (
          "model, fp32 and 4-bit frozen values, random freezing)", _quant_step),
     Step("prune", f"token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random", _prune_step),
     Step("compare", "FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6", _compare_step, full=True),
-    Step("export", "ONNX export: fp32 and eamvit W8/A8 (QDQ) in ONNX Runtime", _export_step,
-         more="ONNX Runtime's own quantize_static W8/A8 and eamvit's W4 weight-only export rows"),
+    # Full only: the optimize step measures fp32 against int8 in ONNX Runtime already, in alternation.
+    Step("export", "ONNX export table: fp32, eamvit W8/A8 (QDQ) and W4 weight-only, ONNX Runtime's own "
+         "quantize_static W8/A8, in PyTorch and ONNX Runtime", _export_step, full=True),
+    Step("optimize", f"eamvit optimize: the fastest recipe within 1 point of top-1 ({OPTIMIZE_MINUTES:g} min, "
+         "small space, ONNX Runtime)", _optimize_step),
 )

@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from eamvit.experiments.results import Column
 from eamvit.io import save_tensors
-from eamvit.methods.data import DigitsDataset, random_subset
+from eamvit.methods.data import build_splits
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
 from eamvit.experiments.timer import time_call
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
+from eamvit.methods.models import data_config
 from eamvit.methods.quantize import quantize_, save_quantized
 from eamvit.methods.repq import RepQConfig
 
@@ -63,9 +64,10 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
         ``spread``.
     """
     threads = threads or torch.get_num_threads()
-    train, test = DigitsDataset("train"), DigitsDataset("test")
-    calib = torch.stack([train[i][0] for i in random_subset(train, calib_size, seed=0)])
-    x, y = test.images, test.targets
+    # The one split rule: a seeded subset of the training digits calibrates, every test digit is scored.
+    sp = build_splits("digits", data_config(model), calib_size=calib_size, seed=0)
+    calib = torch.stack([sp.calib_set[i][0] for i in sp.calib_indices])
+    x, y = sp.eval_set.images, sp.eval_set.targets
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(workdir or tmp)
         with tqdm(total=2 * (4 if short else 7), desc="export table", unit="step", disable=not progress,

@@ -50,10 +50,10 @@ def freeze_points(maps: EntropyMaps, taus: Sequence[float], scope: str = "head",
                   value_deltas: Optional[Sequence] = None, label: str = "") -> list[Point]:
     """One point per (τ, selection); random freezing at τ > 0 runs every seed, the rest seed 0."""
     points = []
+    base = FreezeConfig(scope=scope, value_bits=value_bits, value_quantizer=value_quantizer)
     for tau in taus:
         for sel in selections:
-            cfg = FreezeConfig(tau=tau, scope=scope, selection=sel, value_bits=value_bits,
-                               value_quantizer=value_quantizer)
+            cfg = replace(base, tau=tau, selection=sel)
             fields = {"label": label, "tau": tau, "selection": sel, "scope": scope,
                       "value_bits": value_bits if value_bits is not None else 32}
             run_seeds = list(seeds) if sel == "random" and tau > 0 else [0]

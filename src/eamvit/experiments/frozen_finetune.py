@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -59,9 +60,10 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
     """
     config.validate()
     rows = []
+    base = FreezeConfig(seed=seed, granularity=granularity)
     for tau in taus:
         for sel in selections:
-            fcfg = FreezeConfig(tau=tau, selection=sel, seed=seed, granularity=granularity).validate()
+            fcfg = replace(base, tau=tau, selection=sel).validate()
             start = time.perf_counter()
             m = copy.deepcopy(model)
             report = freeze_(m, maps, fcfg)

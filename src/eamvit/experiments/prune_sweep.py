@@ -14,7 +14,7 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, unprune_
+from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, row_label, unprune_
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
@@ -97,15 +97,6 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
-def row_label(row: dict[str, Any]) -> str:
-    """Display name of a sweep row's method."""
-    m = row["method"]
-    if m == "renyi":
-        a = row["alpha"]
-        return f"Rényi α={'∞' if a in ('inf', math.inf) else f'{float(a):g}'}"
-    return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unpruned"}.get(m, m)
-
-
 def _fmt_gflops(v: float) -> str:
     return f"{v:.4f}" if v < 0.1 else f"{v:.2f}"
 
@@ -169,3 +160,23 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
                                                   progress=False)["top1"]
     return rows, markdown_table(rows)
+
+
+ENTROPY_ORDERS = (1.0, 2.0, 3.0, math.inf)  # the Rényi orders of the seed's Fig. 5
+
+
+def figure_data(model: nn.Module, images: torch.Tensor,
+                configs: Sequence[PruneConfig]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the seed's Fig. 4 and Fig. 5 show: the patches each config keeps at every stage of the
+    first image (:func:`~eamvit.methods.prune.kept_patch_masks`), and the patch tokens' attention
+    entropy per block for :data:`ENTROPY_ORDERS` over all ``images``
+    (:func:`~eamvit.methods.prune.token_entropies`).
+
+    Args:
+        model: the unpruned model.
+        images: a ``(B, C, H, W)`` batch on the model's device.
+        configs: one pruning config per method shown.
+    """
+    from eamvit.methods.prune import kept_patch_masks, token_entropies
+
+    return kept_patch_masks(model, images[0], configs), token_entropies(model, images, ENTROPY_ORDERS)

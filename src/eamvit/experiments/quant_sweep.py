@@ -74,8 +74,9 @@ class QuantSweepConfig:
     def validate(self) -> "QuantSweepConfig":
         if not self.taus:
             raise EamError("give at least one sparsity level τ")
+        base = FreezeConfig(scope=self.scope)
         for t in self.taus:
-            FreezeConfig(tau=t, scope=self.scope).validate()
+            replace(base, tau=t).validate()
         if set(self.maps) - {"fp", "quant"} or set(self.values) - {"fp32", "quant"}:
             raise EamError("maps must be among fp, quant and values among fp32, quant")
         return self
@@ -139,10 +140,11 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
     deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
     vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
 
+    freeze = FreezeConfig(scope=sweep.scope, value_quantizer=vq)
+
     def point(tau: float, method: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
         vb = fbits if vals == "quant" else None
-        cfg = FreezeConfig(tau=tau, scope=sweep.scope, selection="entropy" if method == "eam" else "random",
-                           value_bits=vb, value_quantizer=vq)
+        cfg = replace(freeze, tau=tau, selection="entropy" if method == "eam" else "random", value_bits=vb)
         fields = {"tau": tau, "method": method, "maps": mp, "values": f"{fbits}bit" if vb else "fp32",
                   "precision": wa}
         return freeze_point(maps[mp], cfg, fields, seeds, deltas if vb else None,

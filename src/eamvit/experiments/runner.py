@@ -73,12 +73,6 @@ class Point:
     seeds: Sequence[int] = (0,)
 
 
-@contextmanager
-def unchanged(model: nn.Module, seed: int) -> Iterator[Applied]:
-    """The state of a baseline point: the model as it is."""
-    yield Applied()
-
-
 @dataclass
 class EvalData:
     """Evaluation data and settings of a sweep.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from torch import nn
@@ -64,9 +65,10 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     """
     base = {"label": label, "method": "unmodified", "granularity": "", "tau": 0.0, "keep_rate": 1.0}
     points = [Point(base, _unmodified(measure))]
+    freeze = FreezeConfig(**(freeze_options or {}))
     for gran in granularities:
         for tau in (t for t in taus if t > 0):
-            cfg = FreezeConfig(tau=tau, granularity=gran, **(freeze_options or {})).validate()
+            cfg = replace(freeze, tau=tau, granularity=gran).validate()
             fields = {**base, "method": f"freeze ({gran})", "granularity": gran, "tau": tau}
             points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
     for method, alpha in prune_methods:

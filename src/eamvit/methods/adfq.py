@@ -1,6 +1,6 @@
 """ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family.
 
-Three components, each switchable (the paper's Table 4 ablation is :func:`ablation_configs`):
+Three components, each switchable (``poq``, ``slq``, ``amo``: the paper's Table 4 ablation):
 
 * **POQ**, Per-Patch Outlier-aware Quantizer (:class:`OutlierAwareQuantizer`) for the post-LayerNorm
   inputs of ``qkv`` and ``fc1``: per-token Δ and zero point (over batch × channels), and entries
@@ -27,6 +27,14 @@ value and a plain per-channel quantizer (the same outputs, bit for bit), so the 
 and loads like any other (:func:`eamvit.save_quantized`). The quantizer modules are
 :mod:`eamvit.modules.adfq`.
 
+The further families (:mod:`eamvit.modules.families`) get the same three pieces where they exist:
+POQ on the inputs of their LayerNorm → Linear pairs (:mod:`eamvit.modules.family_quant`; α_qkv for
+the Linears inside an attention, α_fc1 elsewhere; per tensor for CaiT's class-attention query, which
+reads the class token alone), SLQ on the ``fc2`` of every timm ``Mlp`` beside an instrumented
+attention (EVA02's SwiGLU has no post-GELU input: none there), and AMO on each block's attention and
+``Mlp``, the attention's maps read through the softmax tap. Swin v2 is refused (post-norm blocks: no
+LayerNorm → Linear input for POQ), and so are the BatchNorm families, as RepQ-ViT refuses them.
+
 Paper-vs-code notes: the code's KL term is a temperature softmax (T = 7) over dim 1 of the score
 tensor divided by 0.2; here it is the KL divergence of the attention distributions themselves
 (paper eq. 32), weighted by ``kl_weight``. The code reconstructs 5000 iterations (paper 3000).
@@ -34,8 +42,8 @@ tensor divided by 0.2; here it is the KL divergence of the attention distributio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,11 +51,12 @@ from torch import nn
 from eamvit.choices import ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
 from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LearnableUniformQuantizer,
                                  OutlierAwareQuantizer, ShiftLogQuantizer, log_quantizer)
+from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
@@ -156,27 +165,20 @@ class ADFQConfig(Config):
 
 
 
-def ablation_configs(base: Optional[ADFQConfig] = None) -> list[tuple[str, ADFQConfig]]:
-    """The eight POQ / SLQ / AMO on-off combinations of the paper's Table 4, in its row order.
-
-    Returns:
-        ``(label, config)`` pairs, label like ``"POQ✓ SLQ✗ AMO✓"``.
-    """
-    base = base or ADFQConfig()
-    order = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
-    mark = lambda b: "✓" if b else "✗"  # noqa: E731
-    return [(f"POQ{mark(p)} SLQ{mark(s)} AMO{mark(a)}", replace(base, poq=bool(p), slq=bool(s), amo=bool(a)))
-            for p, s, a in order]
-
-
 # --------------------------------------------------------------------------- model surgery
+
+
+def attention_inputs(layers: list[nn.Module]) -> set[int]:
+    """``id`` of the Linears inside attention layers (ViT's ``qkv``; a family's q, k, v or kv projections),
+    whose post-LayerNorm input takes ``alpha_qkv``; every other one takes ``alpha_fc1``."""
+    return {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
 
 
 def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
     """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated.
 
     Args:
-        model: an instrumented timm ViT / DeiT / Swin in full precision.
+        model: an instrumented model of a family that declares ADFQ-ViT, in full precision.
         config: :class:`ADFQConfig`.
         adaround: AdaRound weight quantizers in the reconstruction units (before reconstruction);
             False gives the finished model's plain per-channel ones (round to nearest, or loading).
@@ -187,13 +189,14 @@ def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
     pct = config.percentiles
     prepare_(model, rcfg)
     layers = attention_layers(model)
-    qkv_ids = {id(getattr(layer, "qkv", None)) for layer in layers}
+    qkv_ids = attention_inputs(layers)
     # Every per-tensor uniform input quantizer (and q, k, v) gets a learnable step; same state.
     for q in find_quantizers(model):
         if type(q) is UniformQuantizer and q.granularity == "tensor":
             q.__class__ = LearnableUniformQuantizer
+    one_token = family_quant.class_token_linears(model)
     for _, lin in reparam_pairs(model):  # LayerNorm → Linear: the post-LayerNorm inputs
-        if config.poq:
+        if config.poq and id(lin) not in one_token:
             alpha = config.alpha_qkv if id(lin) in qkv_ids else config.alpha_fc1
             lin.input_quantizer = OutlierAwareQuantizer(config.a_bits, alpha, config.outlier_mode, pct)
         else:
@@ -234,7 +237,7 @@ def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantize
 
 def outlier_report(model: nn.Module) -> list[dict[str, Any]]:
     """Per POQ layer: name, α and the outlier ratio seen since the counts were last reset (Fig. 4)."""
-    qkv_ids = {id(getattr(l, "qkv", None)) for l in attention_layers(model)}
+    qkv_ids = attention_inputs(attention_layers(model))
     rows = []
     for name, q in outlier_quantizers(model):
         lin = model.get_submodule(name)

@@ -17,14 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from timm.layers import Mlp
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
-from eamvit.methods.quantize import QuantRun
+from eamvit.methods.quant_registry import QuantRun
 from eamvit.modules.adfq import (AdaRoundQuantizer, LearnableLog2Quantizer, LearnableLogSqrt2Quantizer,
                                  LearnableUniformQuantizer, beta_schedule, round_loss)
+from eamvit.modules.adapters import EamBase
 from eamvit.modules.attention import observe
 from eamvit.modules.quantizers import DELTA_FLOOR, Quantizer, set_quant_enabled
 
@@ -33,20 +32,27 @@ _LEARNABLE = (LearnableUniformQuantizer, LearnableLogSqrt2Quantizer, LearnableLo
 ADFQConfig = Any  # eamvit.methods.adfq.ADFQConfig (that module imports this one)
 
 
+def _blocks(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """Each module holding an instrumented attention as a direct child, with its children in order."""
+    out = []
+    for m in model.modules():
+        kids = list(m.children())
+        if any(isinstance(c, EamBase) for c in kids):
+            out.append((m, kids))
+    return out
+
+
 def mlps(model: nn.Module) -> list[nn.Module]:
-    """timm ``Mlp`` modules of ViT / Swin blocks (exact block and Mlp types), in module order."""
-    return [m.mlp for m in model.modules() if type(m) in (Block, SwinTransformerBlock) and type(m.mlp) is Mlp]
+    """The timm ``Mlp`` modules (exact type) beside an instrumented attention (ViT / Swin blocks and the
+    further families' blocks), in module order."""
+    return [c for _, kids in _blocks(model) for c in kids if type(c) is Mlp]
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The reconstruction units in forward order: ``("attn", attention)`` and ``("mlp", mlp)`` per block."""
-    out: list[tuple[str, nn.Module]] = []
-    for m in model.modules():
-        if type(m) in (Block, SwinTransformerBlock):
-            out.append(("attn", m.attn))
-            if type(m.mlp) is Mlp:
-                out.append(("mlp", m.mlp))
-    return out
+    """The reconstruction units in forward order: per block, ``("attn", attention)`` and ``("mlp", mlp)``
+    in the order the block holds them (TNT: inner attention and MLP, then outer)."""
+    return [("attn", c) if isinstance(c, EamBase) else ("mlp", c) for _, kids in _blocks(model) for c in kids
+            if isinstance(c, EamBase) or type(c) is Mlp]
 
 
 class _Stop(Exception):
@@ -71,13 +77,14 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
     Tensors are stored per image as ``(n, g, ...)``, ``g`` = unit calls per image (Swin windows).
     """
     device = next(model.parameters()).device
-    got: dict[str, Any] = {"x": [], "y": [], "a": [], "kwargs": None}
+    got: dict[str, Any] = {"x": [], "y": [], "a": [], "kwargs": None, "args": ()}
 
     def hook(module, args, kwargs, output):
         got["x"].append(args[0].detach())
-        got["y"].append(output.detach())
-        if got["kwargs"] is None:
+        got["y"].append(_main(output).detach())
+        if got["kwargs"] is None:  # the rest of the call is the same for every batch (masks, grid sizes)
             got["kwargs"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            got["args"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
         raise _Stop
 
     observers = {layer: lambda attn, mask: got["a"].append(_windows(attn).detach())} if layer is not None else {}
@@ -93,9 +100,19 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
     finally:
         handle.remove()
         set_quant_enabled(model, True)
-    out = {"kwargs": got["kwargs"] or {}}
+    out = {"kwargs": got["kwargs"] or {}, "args": got["args"]}
     out.update({k: _stack_per_image(got[k], images.shape[0]) for k in ("x", "y", "a") if got[k]})
     return out
+
+
+def _main(output: Any) -> torch.Tensor:
+    """A unit's output tensor (MViTv2's attention also returns its pooled grid size)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _run(unit: nn.Module, x: torch.Tensor, data: dict) -> torch.Tensor:
+    """``unit`` on ``x`` with the rest of the call it was captured with."""
+    return _main(unit(x, *data.get("args", ()), **data["kwargs"]))
 
 
 def _flat(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -115,13 +132,13 @@ def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_loss(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor],
-               kwargs: dict, seen: dict, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+               data: dict, seen: dict, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss).
 
-    ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
+    ``data`` holds the rest of the unit's captured call (``args``, ``kwargs``); ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
     """
     seen.pop("a", None)
-    out = unit(x, **kwargs)
+    out = _run(unit, x, data)
     rec = (out - y).pow(2).sum(1).mean()
     kl = torch.zeros((), device=x.device)
     if a is not None and kl_weight > 0 and "a" in seen:
@@ -136,7 +153,7 @@ def _unit_mse(unit: nn.Module, data: dict, batch_size: int) -> float:
     n = data["x"].shape[0]
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
-        out = unit(_flat(data["x"], idx), **data["kwargs"])
+        out = _run(unit, _flat(data["x"], idx), data)
         d = out - _flat(data["y"], idx)
         total += float(d.pow(2).sum())
         count += d.numel()
@@ -223,7 +240,7 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], d
             for it in bar:
                 idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
                 rec, kl = _unit_loss(unit, _flat(data["x"], idx), _flat(data["y"], idx),
-                                     _flat(data["a"], idx) if "a" in data else None, data["kwargs"], seen,
+                                     _flat(data["a"], idx) if "a" in data else None, data, seen,
                                      config.kl_weight)
                 beta = beta_schedule(it, config.iterations, config.beta_start, config.beta_end, config.warmup)
                 rnd = sum((round_loss(m.alpha, beta, config.zeta, config.gamma) for m in ada),

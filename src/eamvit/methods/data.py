@@ -213,8 +213,17 @@ def digits_data_config(img_size: int = 16) -> dict[str, Any]:
     return cfg
 
 
+def eval_transform(cfg: dict[str, Any]) -> Callable:
+    """timm's evaluation transform of data config ``cfg`` (resize, crop, normalize) for image files."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: v for k, v in cfg.items() if k in keys}, is_training=False)
+
+
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
-                  strict_images: bool = False, img_size: int = 16) -> Dataset:
+                  strict_images: bool = False, img_size: int = 16, transform: Optional[Callable] = None,
+                  augment: bool = False) -> Dataset:
     """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.
 
     Args:
@@ -224,18 +233,19 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
         split: digits split, ``"train"`` or ``"test"``.
         strict_images: fail on an unreadable image instead of skipping it.
         img_size: digits side when no ``model_cfg`` is given.
+        transform: an ImageFolder's transform instead of ``model_cfg``'s evaluation one (training
+            augmentation); ``model_cfg`` still says whether images are read as grayscale.
+        augment: digits only: random ±1-pixel shifts (training).
     """
     if spec == "digits":
         if model_cfg is None:
-            return DigitsDataset(split, img_size=img_size)
+            return DigitsDataset(split, img_size=img_size, augment=augment)
         c = model_cfg
-        return DigitsDataset(split, img_size=int(c["input_size"][-1]), mean=float(c["mean"][0]), std=float(c["std"][0]),
-                             interpolation=c.get("interpolation") or "bilinear")
-    from timm.data import create_transform
-
+        return DigitsDataset(split, img_size=int(c["input_size"][-1]), augment=augment, mean=float(c["mean"][0]),
+                             std=float(c["std"][0]), interpolation=c.get("interpolation") or "bilinear")
     cfg = dict(model_cfg or {})
-    transform = create_transform(**{k: v for k, v in cfg.items() if k in (
-        "input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}, is_training=False)
+    if transform is None:
+        transform = eval_transform(cfg)
     grayscale = cfg.get("input_size", (3,))[0] == 1
     ds = ImageFolderDataset(spec, transform, grayscale=grayscale, strict=strict_images)
     if len(ds) == 0:

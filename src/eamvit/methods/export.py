@@ -56,6 +56,7 @@ from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.families import MIN_OPSET
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
+from eamvit.ops.onnx_forms import register_symbolics
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
 
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
@@ -385,53 +386,6 @@ def export_kind(model: nn.Module, config: ExportConfig) -> str:
     return f"qdq W{q.w_bits}/A8"
 
 
-def _entr_symbolic(g, x):
-    """``torch.special.entr`` (the Shannon pruning score) in standard ONNX: ``−x·log x`` where ``x > 0``, else 0.
-
-    Negative inputs give 0 instead of torch's −∞; the score only ever sees probabilities.
-    """
-    zero = g.op("Constant", value_t=torch.tensor(0.0))
-    value = g.op("Neg", g.op("Mul", x, g.op("Log", x)))
-    return g.op("Where", g.op("Greater", x, zero), value, zero)
-
-
-def _count_nonzero_symbolic(g, x, dim):
-    """``torch.count_nonzero(x, dim)`` (the Rényi α = 0 score) as ``ReduceSum(Cast(x ≠ 0))``, int64."""
-    from torch.onnx.symbolic_helper import _get_const
-
-    d = _get_const(dim, "i", "dim")
-    nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
-    axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
-    count = g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
-    return count
-
-
-def onnx_int64() -> int:
-    import onnx
-
-    return onnx.TensorProto.INT64
-
-
-def _col2im_symbolic(g, x, output_size, kernel_size, dilation, padding, stride):
-    """``F.fold`` as ONNX ``Col2Im`` (opset 18). torch.onnx's own form reads the rank from the traced
-    ``output_size``, which it cannot when that size was computed from the input (VOLO); the padding's
-    length gives the rank."""
-    return g.op("Col2Im", x, output_size, kernel_size, dilations_i=dilation, pads_i=list(padding) * 2,
-                strides_i=stride)
-
-
-def _register_symbolics(opset: int) -> None:
-    """Standard-ONNX forms of operators that ``torch.onnx`` has none for (the pruning scores) or none
-    that traces (``F.fold``)."""
-    from torch.onnx.symbolic_helper import parse_args
-
-    torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)
-    torch.onnx.register_custom_op_symbolic("aten::count_nonzero", _count_nonzero_symbolic, opset)
-    if opset >= 18:
-        col2im = parse_args("v", "v", "v", "is", "is", "is")(_col2im_symbolic)
-        torch.onnx.register_custom_op_symbolic("aten::col2im", col2im, opset)
-
-
 def _check_opset(model: nn.Module, opset: int) -> None:
     """Refuse, before tracing, a module whose ONNX form needs a later opset."""
     for m in model.modules():
@@ -478,7 +432,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
         outs = graph(x)
     names = ["logits"] + [f"kept_{i}" for i in range(len(outs) - 1 if isinstance(outs, tuple) else 0)]
     axes = {n: {0: "batch"} for n in ["images", *names]}
-    _register_symbolics(config.opset)
+    register_symbolics(config.opset)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
@@ -487,6 +441,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
                                   dynamic_axes=axes, opset_version=config.opset,
                                   custom_opsets={"com.microsoft": 1} if config.scheme == "weight-only" else None)
             except torch.onnx.errors.OnnxExporterError as e:
+                if "_upsample_bicubic2d_aa" in str(e):  # registered from opset 18 (_register_symbolics)
+                    raise EamError("ONNX export of an antialiased resize (NaFlexViT's position grid at another "
+                                   "size than its own) needs opset 18; export with --opset 18") from None
                 raise EamError(f"torch.onnx cannot export this model: {str(e).splitlines()[0][:300]}") from None
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()

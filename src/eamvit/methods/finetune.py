@@ -39,6 +39,7 @@ from eamvit.errors import EamError
 from eamvit.io import ensure_writable_dir, write_json
 from eamvit.methods.freeze import FreezeConfig, frozen_digest, save_frozen
 from eamvit.methods.models import model_spec, save_checkpoint
+from eamvit.methods.prune import set_keep_rate
 from eamvit.modules.prune_block import PruneState
 from eamvit.methods.train import TrainConfig, train
 from eamvit.ops.scores import check_keep_rate
@@ -150,7 +151,7 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
             st.generator = torch.Generator(device=dev).manual_seed(st.seed)
 
         def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
-            st.keep_rate = keep_rate_at(step, steps_per_epoch, target, config)
+            set_keep_rate(model, keep_rate_at(step, steps_per_epoch, target, config))
             return {"keep_rate": st.keep_rate}
 
     gens = [st.generator] if st is not None and st.generator is not None else []

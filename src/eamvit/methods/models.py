@@ -156,11 +156,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
     return sd, (cfg if isinstance(cfg, dict) else None)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint (see :func:`read_checkpoint`)."""
-    return read_checkpoint(path)[0]
-
-
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None,
                     extra: Optional[dict[str, Any]] = None) -> Path:
     """Write ``model``'s weights as safetensors with its data config, which loading then follows.

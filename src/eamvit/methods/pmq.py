@@ -18,21 +18,24 @@ text, so the readings used here are stated where they are implemented:
   with its mean μ and standard deviation σ over the patches of a layer, a patch gets ``p + step``
   bits above ``μ + σ``, ``p − step`` below ``μ − σ`` and ``p`` otherwise (eq. 13–15), clamped to
   2..8; ``p`` is the configuration's patch bits (the "P" of "W/A/P"). The bits apply to the q, k and
-  v tokens of each ViT attention (:class:`PatchBitsQuantizer`): the operands of the two quadratic
-  matmuls AAS is meant to shrink. The allocation is static (computed once on the calibration set).
+  v tokens of each attention whose map is over one set of N tokens (:class:`PatchBitsQuantizer`):
+  the operands of the two quadratic matmuls AAS is meant to shrink. Windowed, pooled-key,
+  class-token and channel maps (Swin v1/v2, Twins, Hiera, TNT's inner attention, class attention,
+  XCiT's XCA) keep ``a_bits`` for every token (:func:`attention_importance`). The allocation is
+  static (computed once on the calibration set).
+* The further families (:mod:`eamvit.modules.families`) get all three wherever RepQ-ViT applies; the
+  Linears RepQ-ViT keeps in float (position terms, talking heads) get no bits.
 
 The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`: its surgery, refined here) with the allocated per-layer weight
 bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
 post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
 Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
-The frontier figure is :func:`eamvit.plots.quant.plot_pmq_frontier`.
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,8 +45,9 @@ from tqdm.auto import tqdm
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quantize import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
+from eamvit.modules import family_quant
 from eamvit.modules.attention import EamAttention, attention_layers, observe
 from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
@@ -158,13 +162,15 @@ class PMQConfig(Config):
 
 
 def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` (quantized or not), in module order."""
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that RepQ-ViT's surgery quantizes (the head
+    with ``include_head``), in module order."""
     heads: set[int] = set()
     if not include_head and hasattr(model, "get_classifier"):
         h = model.get_classifier()
         heads = {id(m) for m in (h if isinstance(h, (tuple, list)) else (h,)) if isinstance(m, nn.Module)}
+    in_float = family_quant.float_linears(model)  # never quantized: no bits to allocate
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads]
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads and id(m) not in in_float]
 
 
 def _targets(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -273,14 +279,18 @@ def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor
 
 @torch.no_grad()
 def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Per ViT attention layer (Swin windows are skipped), eq. 12's :func:`patch_importance` on ``images``
-    (averaged over all images, accumulated in double)."""
+    """Per attention layer over patches, eq. 12's :func:`patch_importance` on ``images`` (averaged over all
+    images, accumulated in double). Only maps ``(B, H, N, N)`` over tokens count, where q, k and v have the
+    same N tokens: windowed maps (Swin, Twins' local attention, TNT's inner attention, Hiera), maps with
+    fewer queries than keys (class attention, CrossViT's cross attention, pooled MViTv2 and Twins keys)
+    and XCiT's channel attention are skipped."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
+    channels = {l.eam.layer for l in attention_layers(model) if family_quant.channel_attention(l)}
 
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-            if attn.dim() == 4:  # (B, H, N, N): ViT
+            if attn.dim() == 4 and attn.shape[-1] == attn.shape[-2] and i not in channels:
                 sums[i] = sums.get(i, 0) + patch_importance(attn.detach().double()) * attn.shape[0]
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
@@ -361,9 +371,12 @@ def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
                 m.input_quantizer.granularity = "tensor"
     for layer in attention_layers(model):
         tb = token_bits.get(layer.eam.layer)
-        if isinstance(layer, EamAttention) and tb is not None:  # Swin windows: AAS is defined on ViT patches
-            for name in ("q", "k", "v"):
-                setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, -2, config.percentiles))
+        if tb is not None:  # the layers attention_importance scored
+            # ViT's attention quantizes k before transposing it; a tapped family's k is the transposed
+            # operand of timm's score matmul, its tokens last.
+            k_dim = -2 if isinstance(layer, EamAttention) else -1
+            for name, dim in (("q", -2), ("k", k_dim), ("v", -2)):
+                setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, dim, config.percentiles))
 
 
 def _patch_rows(token_bits: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
@@ -412,15 +425,3 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     calibrate_(model, images, pairs)
     report["patch_bits"] = _patch_rows(token_bits)
     return report
-
-
-def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``pmq_allocation.csv``, ``pmq_frontier.csv`` and ``pmq.json`` (the figure:
-    :func:`eamvit.plots.quant.plot_pmq_frontier`)."""
-    from eamvit.io import ensure_writable_dir, write_csv, write_json
-
-    out = ensure_writable_dir(out_dir)
-    write_csv(out / "pmq_allocation.csv", report["components"])
-    write_csv(out / "pmq_frontier.csv", report["frontier"])
-    write_json(out / "pmq.json", report)
-    return [out / n for n in ("pmq_allocation.csv", "pmq_frontier.csv", "pmq.json")]

@@ -117,6 +117,15 @@ class PruneConfig(Config):
         return {"shannon": "Shannon", "evit": "EViT", "random": "random"}[self.method]
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """Display name of the method of a pruning result row (sweeps, their figures)."""
+    m = row["method"]
+    if m == "renyi":
+        a = row["alpha"]
+        return f"Rényi α={'∞' if a in ('inf', math.inf) else f'{float(a):g}'}"
+    return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unpruned"}.get(m, m)
+
+
 @dataclass
 class PruneReport:
     """What :func:`prune_` did: the pruning blocks, tokens per stage at the model's own image size

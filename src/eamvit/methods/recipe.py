@@ -157,6 +157,68 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
     return reports
 
 
+def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optional[str | os.PathLike] = None,
+           frozen: Optional[str | os.PathLike] = None, maps: MapsSource = None,
+           device: torch.device | str | None = None, progress: bool = False,
+           checkpoint_dir: Optional[str] = None) -> tuple[Recipe, dict[str, Any]]:
+    """:func:`apply_` with parts of the stack loaded from files instead of made now.
+
+    The order is the one of :func:`apply_`: the quantization (``quant_state`` loaded, or the step
+    applied), then the frozen attention (``frozen`` loaded on the quantized model, whose values it
+    replaces, or the freezing step), then pruning.
+
+    Args:
+        model: an instrumented full-precision model.
+        recipe: the steps made now; it has no quantization step with ``quant_state`` and no freezing
+            step with ``frozen``.
+        calib: calibration images of the quantization step.
+        quant_state: a quantized state of :func:`~eamvit.methods.quantize.save_quantized`.
+        frozen: frozen attention of :func:`~eamvit.methods.freeze.save_frozen`.
+        maps, device, progress, checkpoint_dir: as for :func:`apply_`.
+
+    Returns:
+        ``(recipe, reports)``: the whole recipe ``model`` now carries (the loaded parts as steps) and
+        :func:`apply_`'s reports, with ``"frozen"``: the loaded freezing settings (``{}`` when the
+        file has none).
+    """
+    from eamvit.methods.freeze import load_frozen
+    from eamvit.methods.quantize import load_quantized
+
+    for path, stage in ((quant_state, "quant"), (frozen, "freeze")):
+        if path is not None and recipe.step(stage) is not None:
+            raise EamError(f"{path} holds the {stage} step already; drop that step from the recipe")
+    if quant_state is not None:
+        load_quantized(model, quant_state)
+    quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"))
+    rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
+    reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    loaded = None
+    if frozen is not None:  # after quantizing: its values replace the quantized model's maps
+        loaded = load_frozen(model, str(frozen)).get("config") or {}
+        reports["frozen"] = loaded
+    reports.update(apply_(model, rest, None, maps=maps, device=device, progress=progress))
+    freeze = (FreezeConfig(**loaded) if loaded else FreezeConfig()) if loaded is not None else rest.step("freeze")
+    steps = (getattr(model, "eam_quant_config", None), freeze, rest.step("prune"))
+    return Recipe(steps=tuple(s for s in steps if s is not None)), reports
+
+
+def artifact_kind(path: str | os.PathLike) -> str:
+    """What the eamvit file at ``path`` holds, by its format tag: ``"compressed"`` (:func:`save_compressed`),
+    ``"quant"`` (a quantized state) or ``"frozen"`` (frozen attention); the file is checked as loading it is.
+
+    Raises:
+        EamError: a missing or unreadable file, another kind of file, or one modified after eamvit wrote it.
+    """
+    from eamvit.io import load_tensors
+    from eamvit.methods.freeze import FROZEN_FORMAT
+    from eamvit.methods.quantize import FORMAT as QUANT_FORMAT
+
+    kinds = {COMPRESSED_FORMAT: "compressed", QUANT_FORMAT: "quant", FROZEN_FORMAT: "frozen"}
+    meta, _ = load_tensors(path, tuple(kinds), "compressed model", "give a file of `eamvit compress`, a quantized "
+                           "state of `eamvit quantize` or the frozen.safetensors of `eamvit finetune --tau`")
+    return kinds[meta["format"]]
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
     """Write ``model``, compressed by ``recipe``, to one safetensors file (module docstring).
 

@@ -61,7 +61,7 @@ from timm.models.vision_transformer import Block
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
-from eamvit.methods.quantize import QuantRun, calibration_images, is_quantized, register_quantize_handler
+from eamvit.methods.quant_registry import QuantRun, calibration_images, is_quantized, register_quantize_handler
 from eamvit.modules import family_quant
 from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear

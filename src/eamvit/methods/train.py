@@ -385,13 +385,14 @@ def train_dataset(spec: str, data_cfg: dict[str, Any], augment: str = "auto", st
             flip, colour jitter) or ``"auto"`` (:func:`resolve_augment`).
         strict_images: fail on an unreadable image instead of skipping it.
     """
-    from eamvit.methods.data import DigitsDataset, ImageFolderDataset
+    from eamvit.methods.data import build_dataset, eval_transform
 
     mode = resolve_augment(augment, data_cfg["input_size"])
     if spec == "digits":
         if mode == "imagenet":
             raise EamError("--augment imagenet needs an image folder (the digits are tensors); use shift or none")
-        return DigitsDataset("train", img_size=int(data_cfg["input_size"][-1]), augment=mode == "shift")
+        # The digits' own preprocessing (mean/std 0.5, bilinear), at the config's side.
+        return build_dataset("digits", split="train", img_size=int(data_cfg["input_size"][-1]), augment=mode == "shift")
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -399,11 +400,7 @@ def train_dataset(spec: str, data_cfg: dict[str, Any], augment: str = "auto", st
         transform = create_transform(input_size=data_cfg["input_size"], is_training=True, mean=data_cfg["mean"],
                                      std=data_cfg["std"], interpolation=data_cfg.get("interpolation", "bilinear"))
     else:
-        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-        transform = create_transform(**{k: v for k, v in data_cfg.items() if k in keys}, is_training=False)
+        transform = eval_transform(data_cfg)
         if mode == "shift":
             transform = transforms.Compose([transform, RandomShift()])
-    ds = ImageFolderDataset(spec, transform, grayscale=data_cfg["input_size"][0] == 1, strict=strict_images)
-    if len(ds) == 0:
-        raise EamError(f"image folder {spec} contains no images")
-    return ds
+    return build_dataset(spec, data_cfg, strict_images=strict_images, transform=transform)

@@ -21,8 +21,10 @@ overwrites the map as entry freezing does). Head freezing is executed where timm
 cut per head (:mod:`eamvit.modules.family_heads`, :data:`_EXECUTES`) and simulated elsewhere. A
 row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
 (window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
-the same forward, the tap included, so frozen models export too. Each section is one family: its
-instrumented classes and their adapters. ADFQ-ViT and PMQ are not declared for these families.
+the same forward, the tap included, so frozen models export too. ADFQ-ViT and PMQ refine RepQ-ViT's
+surgery and are declared wherever it is, except ADFQ-ViT on Swin v2 (post-norm: no LayerNorm →
+Linear input for its outlier-aware quantizer). Each section is one family: its instrumented classes
+and their adapters.
 """
 from __future__ import annotations
 
@@ -157,8 +159,12 @@ def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: s
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
-    return {"repq": f"RepQ-ViT quantization does not apply to {family}: {where}, and RepQ-ViT reparameterises "
-                    "LayerNorm → Linear pairs; quantize a family with LayerNorm (`eamvit models`)"}
+    why = {"repq": f"RepQ-ViT quantization does not apply to {family}: {where}, and RepQ-ViT reparameterises "
+                   "LayerNorm → Linear pairs; quantize a family with LayerNorm (`eamvit models`)"}
+    for verb, name in (("adfq", "ADFQ-ViT"), ("pmq", "PMQ")):  # both start from RepQ-ViT's surgery
+        why[verb] = f"{name} quantization does not apply to {family}: {where}, and {name} builds on RepQ-ViT's " \
+                    "LayerNorm → Linear surgery; quantize a family with LayerNorm (`eamvit models`)"
+    return why
 
 
 # --- EVA / EVA02 ---
@@ -429,6 +435,14 @@ ADAPTERS = tuple(replace(a, verbs=a.verbs | {"executed_head"}) if a.timm_class i
                  replace(a, why_not={**a.why_not, "executed_head": _NO_EXECUTE[a.timm_class]})
                  if a.timm_class in _NO_EXECUTE else a for a in ADAPTERS)
 
+# ADFQ-ViT and PMQ refine RepQ-ViT's surgery: declared wherever RepQ-ViT is, but ADFQ-ViT not on Swin v2.
+_NO_ADFQ = {swinv2.WindowAttention: "ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm, "
+                                    "so no LayerNorm feeds a Linear and its per-patch outlier-aware quantizer has "
+                                    "no input; use RepQ-ViT or PMQ"}
+ADAPTERS = tuple(a if "repq" not in a.verbs else
+                 replace(a, verbs=a.verbs | {"pmq"}, why_not={**a.why_not, "adfq": _NO_ADFQ[a.timm_class]})
+                 if a.timm_class in _NO_ADFQ else replace(a, verbs=a.verbs | {"adfq", "pmq"}) for a in ADAPTERS)
+
 # Attention-like timm classes that have no token-by-token softmax map, and why.
 UNMAPPED: dict[type, str] = {
     volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
@@ -439,25 +453,25 @@ MIN_OPSET: dict[type, tuple[int, str]] = {
     volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
 }
 
-_LATER = "ADFQ-ViT and PMQ not adapted yet"
+_BN = "quantization: BatchNorm, no LayerNorm → Linear pairs"
 FAMILIES: tuple[Family, ...] = (
-    Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224", _LATER),
-    Family("BEiT", (beit.Attention,), "beit_base_patch16_224", _LATER),
-    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256", "rows: windowed map; " + _LATER),
+    Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224"),
+    Family("BEiT", (beit.Attention,), "beit_base_patch16_224"),
+    Family("Swin v2", (swinv2.WindowAttention,), "swinv2_tiny_window8_256",
+           "rows: windowed map; ADFQ-ViT: post-norm, no LayerNorm → Linear input"),
     Family("CaiT", (cait.TalkingHeadAttn, cait.ClassAttn), "cait_xxs24_224",
-           "executed heads: talking heads mix all heads' scores before the softmax; " + _LATER),
-    Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny", _LATER),
-    Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224",
-           "XCA is mapped over channels, (H, d, d); " + _LATER),
+           "executed heads: talking heads mix all heads' scores before the softmax"),
+    Family("ConViT", (convit.GPSA, convit.MHSA), "convit_tiny"),
+    Family("XCiT", (xcit.XCA, cait.ClassAttn), "xcit_nano_12_p16_224", "XCA is mapped over channels, (H, d, d)"),
     Family("Twins", (twins.LocallyGroupedAttn, twins.GlobalSubSampleAttn), "twins_svt_small",
-           "rows: windowed local attention; " + _LATER),
-    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny", _LATER),
-    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _LATER),
+           "rows: windowed local attention"),
+    Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny"),
+    Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _BN),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
-           "outlook attention has no q·k and is not mapped; export needs --opset 18; " + _LATER),
-    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch; " + _LATER),
-    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _LATER),
-    Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _LATER),
-    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit; " + _LATER),
-    Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240", _LATER),
+           "outlook attention has no q·k and is not mapped; export needs --opset 18"),
+    Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch"),
+    Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _BN),
+    Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _BN),
+    Family("Hiera", (hiera.MaskUnitAttention,), "hiera_tiny_224", "rows: attention per mask unit"),
+    Family("CrossViT", (Attention, crossvit.CrossAttention), "crossvit_tiny_240"),
 )

@@ -10,6 +10,9 @@
   across heads rather than transform tokens: Swin v2's continuous position-bias MLP, ConViT's
   positional projection, CaiT's talking-head mixings (RepQ-ViT leaves the softmax input and position
   bias in float and quantizes the post-softmax map once, with log√2).
+* The attentions whose map is over channels (XCiT's XCA), which PMQ's per-patch bits skip, and the
+  Linears that read the class token alone (CaiT's class-attention query), where ADFQ-ViT's per-patch
+  quantizer has one patch.
 * The attentions whose qkv projection adds separate q / v biases through ``F.linear`` with the
   projection's weight (EVA, BEiT, Swin v2): under quantization they add them after the projection
   (timm's ``qkv_bias_separate``), so the quantized projection is the one that runs.
@@ -133,6 +136,18 @@ _FLOAT_CHILDREN: dict[type, tuple[str, ...]] = {
     cait.TalkingHeadAttn: ("proj_l", "proj_w"),
 }
 _SEPARATE_BIAS = (eva.EvaAttention, beit.Attention, swinv2.WindowAttention)
+
+
+def channel_attention(layer: nn.Module) -> bool:
+    """Whether an attention layer's map is over channels (XCiT's XCA), not tokens: PMQ's per-patch bits
+    have no patches there."""
+    return isinstance(layer, xcit.XCA)
+
+
+def class_token_linears(model: nn.Module) -> set[int]:
+    """``id`` of the Linears that read the class token alone, as ``(B, C)`` (CaiT's class-attention query):
+    a per-patch quantizer has one patch there."""
+    return {id(m.q) for m in model.modules() if isinstance(m, cait.ClassAttn)}
 
 
 def float_linears(model: nn.Module) -> set[int]:

@@ -53,3 +53,32 @@ def choose(frontier: Sequence[Point], budget: float) -> Point:
         raise EamError(f"no bit configuration fits the size budget {budget:.6g}; the smallest needs "
                        f"{min(p[0] for p in frontier):.6g}: raise the budget or allow fewer bits")
     return min(ok, key=lambda p: (p[1], p[0]))
+
+
+def front_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Which points no other point dominates when both coordinates are to be maximised.
+
+    A point is dominated by another that is at least as large in both coordinates and larger in
+    one; equal points do not dominate each other, so both stay on the front.
+
+    Args:
+        points: ``(a, b)`` per point, e.g. ``(top-1, speed-up)``.
+
+    Returns:
+        ``True`` for every point on the front, in the order of ``points``.
+    """
+    # Sweep by decreasing a (ties: larger b first): a point is on the front iff its b beats every b
+    # seen at a strictly larger a, or equals the best b among points with the same a.
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    on = [False] * len(points)
+    best_above = float("-inf")  # the largest b among points with a strictly larger a
+    k = 0
+    while k < len(order):
+        a = points[order[k]][0]
+        group = [i for i in order[k:] if points[i][0] == a]
+        top = points[group[0]][1]
+        for i in group:
+            on[i] = points[i][1] == top and top > best_above
+        best_above = max(best_above, top)
+        k += len(group)
+    return on

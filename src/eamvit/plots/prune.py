@@ -17,7 +17,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
-from eamvit.experiments.prune_sweep import row_label  # noqa: E402
+from eamvit.methods.prune import row_label  # noqa: E402
 from eamvit.plots.entropy import save_figure  # noqa: E402
 
 DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one flat blue

@@ -100,21 +100,3 @@ def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str =
         if k[0] == "random":
             std_band(ax, line, pts)
     return finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
-
-
-def plot_pmq_frontier(report: dict, path: str | os.PathLike, title: str = "PMQ") -> None:
-    """PMQ's Pareto frontier (size of the quantized weights against Σ importance·‖ΔW‖²), the chosen
-    configuration and the size budget, from the report of ``eamvit.quantize_`` with a PMQConfig."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["size_mb"] for r in report["frontier"]]
-    ys = [max(r["perturbation"], 1e-30) for r in report["frontier"]]
-    ax.step(xs, ys, where="post", label="Pareto frontier")
-    ax.scatter([report["chosen_size_mb"]], [max(report["chosen_perturbation"], 1e-30)], color="C3", zorder=3,
-               label="chosen")
-    ax.axvline(report["budget_mb"], color="gray", ls="--", lw=1, label="budget")
-    ax.set_yscale("log")
-    ax.set_xlabel("quantized weights (MB)")
-    ax.set_ylabel("Σ importance · ‖ΔW‖²")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)

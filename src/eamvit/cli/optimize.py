@@ -1,0 +1,94 @@
+"""``eamvit optimize``: the fastest recipe within a top-1 budget (the search is :mod:`eamvit.experiments.optimize`)."""
+from __future__ import annotations
+
+import argparse
+
+from eamvit.errors import EamError
+from eamvit.cli.common import data_splits, is_main, load_model, require_modules
+from eamvit.cli.options import add_data_args, add_model_args
+
+# The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
+_MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
+_DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_size", "crop_pct", "crop_mode", "mean", "std",
+               "interpolation")
+
+
+def optimize_config(args: argparse.Namespace):
+    """The :class:`~eamvit.experiments.optimize.OptimizeConfig` of the arguments (validated)."""
+    from eamvit.cli.common import refuse_given
+    from eamvit.experiments.optimize import OptimizeConfig
+
+    if args.runtime == "torch":
+        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's)")
+    return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
+                          space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
+                          workers=args.workers, seed=args.seed).validate()
+
+
+def given_argv(args: argparse.Namespace, dests) -> list[str]:
+    """The options among ``dests`` that the command line gave, written out again as arguments."""
+    out: list[str] = []
+    for dest in dests:
+        if dest not in getattr(args, "given", ()):
+            continue
+        value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from eamvit.experiments.optimize import optimize
+    from eamvit.experiments.optimize_report import CommandLines
+    from eamvit.io import check_output_dir, output_lock
+    from eamvit.plots.optimize import plot_pareto
+
+    config = optimize_config(args)
+    if config.runtime == "onnxruntime":
+        require_modules("eamvit optimize --runtime onnxruntime")
+    out = check_output_dir(args.out)
+    with output_lock(out / "pareto"):
+        model, device = load_model(args)
+        sp = data_splits(args, model, need_calib=True)
+        commands = CommandLines(model=given_argv(args, _MODEL_DESTS), data=given_argv(args, _DATA_DESTS))
+        res = optimize(model, sp, out, config, commands, device=device, progress=is_main())
+        plot_pareto(res.rows, out / "pareto.png", config.max_drop, title=f"eamvit optimize ({config.runtime})")
+    if res.best is None:
+        raise EamError(f"no recipe keeps top-1 within --max-drop {config.max_drop:g} of the unmodified "
+                       f"{res.rows[0]['top1']:.2f}% ({len(res.rows) - 1} measured); {out}/pareto.* and report.md "
+                       "list every point, best.safetensors/best.onnx are not written: allow a larger --max-drop"
+                       + (" or a longer --budget-minutes" if res.progress.stopped else ""))
+    b = res.best
+    print(f"chosen: {b['point']}: top-1 {b['top1']:.2f}% (drop {b['drop']:.2f}), measured speed-up "
+          f"x{b['speedup']:.3f} (p25 {b['speedup_p25']:.3f}, p75 {b['speedup_p75']:.3f}); wrote "
+          f"{', '.join(str(p) for p in res.files.values())}, {out / 'pareto.png'}")
+
+
+def register(sub) -> None:
+    """Add ``optimize`` to the ``eamvit`` parser."""
+    s = sub.add_parser("optimize", help="search quantization, token pruning and freezing (alone and stacked) for "
+                       "the fastest recipe within a top-1 budget, measured on this machine")
+    add_model_args(s)
+    add_data_args(s)
+    g = s.add_argument_group("search")
+    g.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 drop allowed, in percentage points "
+                   "below the unmodified model on the held-out images")
+    g.add_argument("--runtime", default="onnxruntime", help="where each point is measured: onnxruntime (its "
+                   "exported file, CPU) or torch (the PyTorch model; quantization is left out, PyTorch only "
+                   "simulates it in float)")
+    g.add_argument("--budget-minutes", type=float, default=None, help="stop starting new points after this many "
+                   "minutes and write what was measured; a rerun resumes (default: no limit)")
+    g.add_argument("--space", default="standard", help="standard (int8 QDQ asymmetric and symmetric, W4 "
+                   "weight-only, Shannon and EViT pruning at κ 0.9/0.7/0.5 in the default and the late blocks, "
+                   "head and row freezing at τ 0.25/0.5) or small (int8 QDQ, EViT pruning at κ 0.7/0.5 in the "
+                   "late blocks, head freezing at τ 0.25); then the survivors stacked")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
+    g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "
+                   "the unmodified model on --batch-size held-out images")
+    g.add_argument("--out", required=True, help="output folder: pareto.csv/json/md/png, best.safetensors, "
+                   "best.onnx, report.md, and points.jsonl (measured points; a rerun reuses them)")
+    s.set_defaults(func=cmd_optimize)

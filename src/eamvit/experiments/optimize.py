@@ -1,0 +1,429 @@
+"""``eamvit optimize``: the fastest recipe of a model within a top-1 budget, measured on this machine.
+
+Every candidate (:mod:`eamvit.experiments.optimize_space`) is built by the one recipe path
+(:func:`~eamvit.methods.recipe.apply_` on a copy of the model) and measured as it would be shipped:
+
+* ONNX Runtime: the candidate is exported (:func:`~eamvit.methods.export.export_onnx`), and both its
+  top-1 and its latency are measured on that file; the latency is timed in alternation against the
+  unmodified model's fp32 export (:func:`~eamvit.experiments.timer.time_calls`), and the speed-up is
+  the median of the per-repetition ratios with their quartiles;
+* PyTorch: the candidate model against the unmodified one
+  (:func:`~eamvit.experiments.runner.measure_speedup`).
+
+Top-1 is measured on the held-out images only (the command's :class:`~eamvit.methods.data.Splits`:
+calibration images are never scored). Every measured point is appended to ``points.jsonl`` in the
+output folder under a digest of what it depends on (recipe, export, model weights, data, runtime
+and timing settings), so a second run skips what the first measured: a run stopped by its time
+budget or interrupted resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eamvit.errors import EamError
+from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, combinations, reference,
+                                               single_candidates)
+from eamvit.experiments.timer import ratio_stats, time_calls
+from eamvit.io import ensure_writable_dir
+from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.data import Splits, calibration_record
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods.recipe import apply_
+
+CACHE = "points.jsonl"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What ``eamvit optimize`` searches and how it measures.
+
+    Args:
+        max_drop: largest top-1 drop (percentage points) below the unmodified model a point may have.
+        runtime: ``"onnxruntime"`` (the exported file) or ``"torch"`` (the PyTorch model).
+        budget_minutes: stop starting new candidates after this long (``None``: search everything).
+        space: ``"standard"`` or ``"small"`` (:mod:`~eamvit.experiments.optimize_space`).
+        threads: ONNX Runtime intra-op threads (``None``: one per core).
+        reps: timed repetitions of each point and its reference.
+        batch_size: images per evaluated and per timed call.
+        workers: DataLoader workers of the evaluation.
+        seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
+    """
+
+    max_drop: float = 1.0
+    runtime: str = "onnxruntime"
+    budget_minutes: Optional[float] = None
+    space: str = "standard"
+    threads: Optional[int] = None
+    reps: int = 15
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+
+    def validate(self) -> "OptimizeConfig":
+        if not self.max_drop >= 0:
+            raise EamError(f"--max-drop must be 0 or more percentage points of top-1, got {self.max_drop}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise EamError(f"--budget-minutes must be positive, got {self.budget_minutes}; leave it out to search "
+                           "everything")
+        if self.runtime not in RUNTIMES:
+            raise EamError(f"unknown runtime {self.runtime!r}; use --runtime {' or '.join(RUNTIMES)}")
+        if self.space not in SPACES:
+            raise EamError(f"unknown search space {self.space!r}; use --space {' or '.join(SPACES)}")
+        if self.reps < 3:
+            raise EamError(f"--reps must be at least 3 (a median and quartiles), got {self.reps}")
+        if self.threads is not None and self.threads < 1:
+            raise EamError(f"--threads must be at least 1, got {self.threads}")
+        return self
+
+
+@dataclass
+class _Run:
+    """What every candidate of one run is measured with."""
+
+    model: nn.Module
+    splits: Splits
+    config: OptimizeConfig
+    device: Any
+    workdir: Path
+    batch: torch.Tensor
+    key_base: dict[str, Any]
+    reference_call: Optional[Callable[[], Any]] = None
+    maps: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calib(self):
+        from torch.utils.data import Subset
+
+        sp = self.splits
+        return Subset(sp.calib_set, list(sp.calib_indices)) if sp.calib_indices is not None else sp.calib_set
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the model's architecture name and every parameter and buffer (what its results depend on)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str, Any]:
+    """What every point's measurement depends on besides its candidate."""
+    data = {"eval": calibration_record(sp.eval_set, sp.eval_indices),
+            "calib": calibration_record(sp.calib_set, sp.calib_indices) if sp.calib_set is not None else None,
+            "config": {k: v for k, v in sp.data_config.items() if k != "source"}}
+    timing = {k: getattr(config, k) for k in ("runtime", "threads", "reps", "batch_size")}
+    return {"version": CACHE_VERSION, "model": model_fingerprint(model), "data": _digest(data), "timing": timing}
+
+
+class PointCache:
+    """``points.jsonl``: one measured point per line, keyed by digest; a line cut short by an
+    interruption is ignored (that point is measured again).
+
+    Args:
+        path: the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.points: dict[str, dict[str, Any]] = {}
+        text = path.read_text() if path.is_file() else ""
+        self._cut = bool(text) and not text.endswith("\n")  # the next point must start on a line of its own
+        if text:
+            for line in text.splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.points[entry["key"]] = entry["point"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        return self.points.get(key)
+
+    def add(self, key: str, point: dict[str, Any]) -> None:
+        self.points[key] = point
+        with open(self.path, "a") as f:  # one line per point: an interrupted write loses that point only
+            f.write(("\n" if self._cut else "") + json.dumps({"key": key, "point": point}) + "\n")
+            f.flush()
+        self._cut = False
+
+
+# --------------------------------------------------------------------------- measuring one candidate
+
+
+def _maps_for(run: _Run, model: nn.Module):
+    """Entropy maps of ``model`` as it is when the freezing step runs (after quantization), on the
+    calibration images, as ``eamvit compress`` computes them; one computation per quantization."""
+    cfg = getattr(model, "eam_quant_config", None)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str) if cfg is not None else "fp32"
+    if key not in run.maps:
+        sp = run.splits
+        run.maps[key] = compute_entropy_maps(model, sp.calib_set, indices=sp.calib_indices, bits=8,
+                                             batch_size=run.config.batch_size, workers=run.config.workers,
+                                             device=run.device, progress=False)
+    return run.maps[key]
+
+
+def build(run: _Run, cand: Candidate) -> nn.Module:
+    """A copy of the run's model compressed by ``cand``'s recipe (the one recipe path)."""
+    m = copy.deepcopy(run.model)
+    calib = run.calib if cand.recipe.step("quant") is not None else None
+    apply_(m, cand.recipe, calib, maps=lambda model: _maps_for(run, model), device=run.device)
+    return m.eval()
+
+
+def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
+    sp, c = run.splits, run.config
+    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
+                 progress=False)
+    return {"top1": round(m["top1"], 3), "num_images": m["num_images"]}
+
+
+def _speed(reference: Sequence[float], times: Sequence[float]) -> dict[str, float]:
+    r = ratio_stats(reference, times)
+    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4)}
+
+
+def _measure_onnx(run: _Run, cand: Candidate) -> dict[str, Any]:
+    """Top-1 and speed-up of ``cand``'s exported file in ONNX Runtime (what is evaluated is what is shipped)."""
+    from eamvit.methods.export import export_onnx
+    from eamvit.methods.export_runtime import OnnxClassifier
+
+    path = run.workdir / "candidate.onnx"
+    export_onnx(build(run, cand), path, cand.export)
+    clf = OnnxClassifier(path, run.config.threads)
+    x = run.batch.numpy()
+    times = time_calls([run.reference_call, lambda: clf.session.run([clf.output_name], {clf.input_name: x})],
+                       warmup=2, reps=run.config.reps)
+    return {**_top1(run, clf, "cpu"), **_speed(*times), "file_bytes": path.stat().st_size}
+
+
+def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
+    """Top-1 and speed-up of ``cand``'s PyTorch model against the unmodified one."""
+    from eamvit.experiments.runner import Timing, measure_speedup
+    from eamvit.experiments.size import model_size
+
+    m = build(run, cand)
+    s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
+                        input_size=tuple(run.batch.shape[1:]), device=run.device)
+    return {**_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
+            "model_bytes": model_size(m).model_bytes}
+
+
+def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
+    """The point of ``cand``: label, recipe, export, top-1, speed-up and bytes, or the reason it cannot be built."""
+    t0 = time.perf_counter()
+    point: dict[str, Any] = {"label": cand.label, **cand.identity()}
+    try:
+        point.update(_measure_onnx(run, cand) if run.config.runtime == "onnxruntime" else _measure_torch(run, cand))
+    except EamError as e:  # a step this model or its export cannot take: recorded, never chosen
+        point["error"] = str(e)
+    point["seconds"] = round(time.perf_counter() - t0, 2)
+    return point
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class Progress:
+    """How far a search got.
+
+    Args:
+        measured: points measured by this run.
+        reused: points read from the cache.
+        not_run: candidates left when the time budget ran out.
+        stopped: the time budget stopped the search.
+    """
+
+    measured: int = 0
+    reused: int = 0
+    not_run: int = 0
+    stopped: bool = False
+
+
+def _within(point: dict[str, Any], ref_top1: float, max_drop: float) -> bool:
+    return "error" not in point and ref_top1 - point["top1"] <= max_drop + 1e-9
+
+
+def _best_note(done: Sequence[tuple[Candidate, dict]], ref_top1: float, max_drop: float) -> str:
+    ok = [p for c, p in done if c.recipe.steps and _within(p, ref_top1, max_drop)]
+    if not ok:
+        return "best: none yet"
+    b = max(ok, key=lambda p: p["speedup"])
+    return f"best: {b['label']} x{b['speedup']:.2f} top-1 {b['top1']:.2f}"
+
+
+def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], done: list, prog: Progress,
+                    bar: tqdm, deadline: Optional[float]) -> None:
+    """Measure (or read from the cache) each candidate in order, until the deadline."""
+    ref_top1 = done[0][1]["top1"] if done else None
+    for i, cand in enumerate(cands):
+        if deadline is not None and time.monotonic() > deadline and done:
+            prog.stopped, prog.not_run = True, prog.not_run + len(cands) - i
+            return
+        key = _digest({**run.key_base, **cand.identity()})
+        point = cache.get(key)
+        if point is None:
+            bar.set_description(f"optimize: {cand.label}")
+            point = measure(run, cand)
+            cache.add(key, point)
+            prog.measured += 1
+        else:
+            prog.reused += 1
+        if not done and "error" in point:
+            raise EamError(f"the unmodified model cannot be measured: {point['error']}")
+        done.append((cand, point))
+        ref_top1 = done[0][1]["top1"]
+        bar.update(1)
+        bar.set_postfix_str(_best_note(done, ref_top1, run.config.max_drop))
+
+
+def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tuple[Candidate, dict]], Progress]:
+    """The reference, every single technique, then the stacks of those within the budget.
+
+    Returns:
+        ``[(candidate, point)]`` in search order (the reference first) and how far it got.
+    """
+    c = run.config
+    deadline = time.monotonic() + 60 * c.budget_minutes if c.budget_minutes else None
+    singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed)
+    done: list[tuple[Candidate, dict]] = []
+    prog = Progress()
+    with tqdm(total=1 + len(singles), desc="optimize", unit="point", disable=not progress,
+              dynamic_ncols=True) as bar:
+        _run_candidates(run, cache, [reference(c.runtime), *singles], done, prog, bar, deadline)
+        if prog.stopped:
+            return done, prog
+        ref_top1 = done[0][1]["top1"]
+        combos = combinations([(cand, _within(p, ref_top1, c.max_drop)) for cand, p in done[1:]])
+        bar.total += len(combos)
+        bar.refresh()
+        _run_candidates(run, cache, combos, done, prog, bar, deadline)
+    return done, prog
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` found and wrote.
+
+    Args:
+        rows: one row per point (:func:`~eamvit.experiments.optimize_report.point_rows`), the reference first.
+        best: the chosen row (fastest within the budget), ``None`` when no point is within it.
+        progress: how far the search got.
+        files: ``{name: path}`` of what was written.
+    """
+
+    rows: list[dict[str, Any]]
+    best: Optional[dict[str, Any]]
+    progress: Progress
+    files: dict[str, Path]
+
+
+def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
+    """The run's shared inputs: the timed batch (held-out images) and, for ONNX Runtime, the fp32 export."""
+    idx = list(sp.eval_indices) if sp.eval_indices is not None else list(range(len(sp.eval_set)))
+    items = [sp.eval_set[i] for i in idx[:config.batch_size]]
+    batch = torch.stack([it[0] for it in items if it is not None])
+    run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
+    if config.runtime == "onnxruntime":
+        from eamvit.methods.export import export_onnx
+        from eamvit.methods.export_runtime import onnx_session
+
+        export_onnx(model, workdir / "reference.onnx")
+        session, x = onnx_session(workdir / "reference.onnx", config.threads), batch.numpy()
+        run.reference_call = lambda: session.run(None, {"images": x})
+    return run
+
+
+def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``best.safetensors`` (and ``best.onnx``), each rebuilt from the file before it and checked
+    against the point the search measured before it is moved into ``out``.
+
+    Returns:
+        ``{"files": {...}, "top1_torch": ...}``: the PyTorch top-1 of the saved file (``eval --state``'s).
+    """
+    import shutil
+
+    from eamvit.io import atomic_path
+    from eamvit.methods.recipe import restore_, save_compressed
+
+    tmp = run.workdir
+    save_compressed(build(run, cand), tmp / "best.safetensors", cand.recipe)
+    fresh = copy.deepcopy(run.model)
+    restore_(fresh, tmp / "best.safetensors")
+    top1_torch = _top1(run, fresh.eval(), run.device)["top1"]
+    names, shipped = ["best.safetensors"], top1_torch
+    if run.config.runtime == "onnxruntime":
+        from eamvit.methods.export import export_onnx
+        from eamvit.methods.export_runtime import OnnxClassifier
+
+        export_onnx(fresh, tmp / "best.onnx", cand.export)
+        shipped = _top1(run, OnnxClassifier(tmp / "best.onnx", run.config.threads), "cpu")["top1"]
+        names.append("best.onnx")
+    if shipped != point["top1"]:
+        raise EamError(f"the rebuilt best point ({cand.label}) scores {shipped} but the search measured "
+                       f"{point['top1']}; delete {out / CACHE} and run again")
+    files = {}
+    for name in names:
+        with atomic_path(out / name) as dst:
+            shutil.copyfile(tmp / name, dst)
+        files[name] = out / name
+    return {"files": files, "top1_torch": top1_torch}
+
+
+def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
+             commands: Optional["CommandLines"] = None, device=None, progress: bool = True) -> OptimizeResult:
+    """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``) and ``report.md`` in ``out``.
+
+    The figure (``pareto.png``) is the caller's (:func:`eamvit.plots.optimize.plot_pareto`).
+
+    Args:
+        model: the unmodified, instrumented model (not changed).
+        splits: the command's held-out evaluation images and calibration images.
+        out: output folder (its ``points.jsonl`` is read first: a rerun resumes).
+        config: :class:`OptimizeConfig`.
+        commands: the model and data options that rebuild the chosen point (for the report).
+        device: where PyTorch runs (ONNX Runtime runs on CPU).
+        progress: a progress bar with the best point so far.
+    """
+    from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
+    from eamvit.io import write_text
+
+    config.validate()
+    out = ensure_writable_dir(out)
+    commands = commands or CommandLines()
+    with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:
+        run = _setup(model, splits, config, device, Path(tmp))
+        done, prog = search(run, PointCache(out / CACHE), progress)
+        rows = point_rows(done, config)
+        best = next((r for r in rows if r["chosen"]), None)
+        cand, files = None, {}
+        if best is not None:
+            cand, point = done[rows.index(best)]  # rows are in search order
+            extra = _write_best(run, cand, point, out)
+            best["top1_torch"] = extra["top1_torch"]  # what `eval --state` of best.safetensors gives
+            files.update(extra["files"])
+        files.update(write_pareto(out, rows, config.runtime))
+        files["report"] = out / "report.md"
+        write_text(files["report"], report_text(rows, best, cand, prog, config, commands, out, model))
+    return OptimizeResult(rows, best, prog, files)

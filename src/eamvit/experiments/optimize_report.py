@@ -1,0 +1,188 @@
+"""The results of ``eamvit optimize``: one row per point, the Pareto front, ``pareto.*`` and ``report.md``."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from eamvit.experiments.optimize_space import Candidate, export_options, recipe_options
+from eamvit.experiments.results import Column, markdown, write_table
+from eamvit.methods.export import ExportConfig
+from eamvit.ops.pareto import front_mask
+
+
+@dataclass
+class CommandLines:
+    """The options of the run that the commands rebuilding its best point need.
+
+    Args:
+        model: model options (``--model``, ``--checkpoint`` ...).
+        data: data and preprocessing options (``--data``, ``--calib-size``, ``--seed`` ...).
+    """
+
+    model: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+
+
+def describe_export(export: Optional[ExportConfig], quantized: bool) -> str:
+    """How a point's file is written: ``fp32``, ``qdq (uint8 act.)``, ``qdq (int8 act.)``, ``weight-only``; ``""`` for PyTorch."""
+    if export is None:
+        return ""
+    if not quantized:
+        return "fp32"
+    if export.scheme == "weight-only":
+        return "weight-only (MatMulNBits)"
+    return "qdq (int8 act.)" if export.symmetric_activations else "qdq (uint8 act.)"
+
+
+def _fields(cand: Candidate) -> dict[str, Any]:
+    q, f, p = (cand.recipe.step(s) for s in ("quant", "freeze", "prune"))
+    row: dict[str, Any] = {"quant": q.KIND if q else None, "w_bits": q.w_bits if q else None,
+                           "a_bits": q.a_bits if q else None,
+                           "export": describe_export(cand.export, q is not None) or None,
+                           "granularity": f.granularity if f else None, "tau": f.tau if f else None,
+                           "prune": p.method if p else None, "keep_rate": p.keep_rate if p else None,
+                           "prune_blocks": ",".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None)}
+    return row
+
+
+def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config) -> list[dict[str, Any]]:
+    """One row per measured point (the reference first), with its drop, the budget, the front and the choice.
+
+    Args:
+        done: ``(candidate, point)`` of :func:`eamvit.experiments.optimize.search`.
+        config: the run's :class:`~eamvit.experiments.optimize.OptimizeConfig`.
+    """
+    ref_top1 = done[0][1]["top1"]
+    rows = []
+    for i, (cand, p) in enumerate(done):
+        ok = "error" not in p
+        row = {"point": cand.label, "stage": "reference" if i == 0 else "single" if len(cand.recipe.steps) == 1
+               else "stack", **_fields(cand),
+               "top1": p.get("top1"), "num_images": p.get("num_images"), "drop": round(ref_top1 - p["top1"], 3) if ok else None,
+               "speedup": p.get("speedup"), "speedup_p25": p.get("speedup_p25"), "speedup_p75": p.get("speedup_p75"),
+               "file_bytes": p.get("file_bytes"), "model_bytes": p.get("model_bytes"),
+               "within_budget": ok and ref_top1 - p["top1"] <= config.max_drop + 1e-9, "on_front": False,
+               "chosen": False, "error": p.get("error")}
+        rows.append(row)
+    measured = [r for r in rows if r["error"] is None]
+    for r, on in zip(measured, front_mask([(r["top1"], r["speedup"]) for r in measured])):
+        r["on_front"] = on
+    ok = [r for r in measured[1:] if r["within_budget"]]
+    if ok:  # the fastest by median; ties: the higher top-1, then the earlier point
+        max(ok, key=lambda r: (r["speedup"], r["top1"], -rows.index(r)))["chosen"] = True
+    size = "file_bytes" if config.runtime == "onnxruntime" else "model_bytes"
+    drop = [k for k in ("file_bytes", "model_bytes", "error") if k != size
+            and not (k == "error" and any(r["error"] for r in rows))]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def columns(runtime: str) -> list[Column]:
+    """The markdown view of the rows (the CSV and JSON carry every field)."""
+    size = Column("file_bytes", "file bytes", ",") if runtime == "onnxruntime" else Column("model_bytes", "bytes", ",")
+    return [Column("point"), Column("export", "export"), Column("top1", "top-1 (%)", ".2f"),
+            Column("drop", "drop", ".2f"), Column("speedup", "measured ×", ".3f"), Column("speedup_p25", "p25", ".3f"),
+            Column("speedup_p75", "p75", ".3f"), size, Column("within_budget", "within"),
+            Column("on_front", "front"), Column("chosen", "chosen")]
+
+
+def write_pareto(out: Path, rows: Sequence[dict[str, Any]], runtime: str) -> dict[str, Path]:
+    """``pareto.csv`` and ``pareto.json`` (every field) and ``pareto.md`` (:func:`columns`)."""
+    files = write_table(out / "pareto", rows, formats=("csv", "json"))
+    from eamvit.io import write_text
+
+    write_text(out / "pareto.md", markdown(rows, columns(runtime)))
+    return {f"pareto.{k}": v for k, v in {**files, "md": out / "pareto.md"}.items()}
+
+
+def commands_for(best: dict[str, Any], cand_recipe, export: Optional[ExportConfig], commands: CommandLines,
+                 out: Path) -> dict[str, str]:
+    """The command lines that rebuild, export and evaluate the chosen point."""
+    state, onnx = str(out / "best.safetensors"), str(out / "best.onnx")
+    both = [*commands.model, *commands.data]
+    lines = {"compress": ["eamvit", "compress", *both, *recipe_options(cand_recipe), "--out", state],
+             "eval_state": ["eamvit", "eval", "--state", state, *both]}
+    if export is not None:
+        lines["export"] = ["eamvit", "export", "--state", state, *both, *export_options(export), "--out", onnx]
+        lines["eval_onnx"] = ["eamvit", "eval", "--onnx", onnx, *commands.data]
+    return {k: shlex.join(v) for k, v in lines.items()}
+
+
+def _budget_line(prog, config) -> str:
+    done = f"{prog.measured} point(s) measured now, {prog.reused} read from `points.jsonl`"
+    if prog.stopped:
+        return (f"The time budget ({config.budget_minutes:g} min) stopped the search with {prog.not_run} planned "
+                f"candidate(s) not run, and no stacks built from them ({done}); run the same command again to resume.")
+    return f"The search ran to the end ({done})."
+
+
+def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: CommandLines, out: Path) -> str:
+    lines = commands_for(best, cand.recipe, cand.export, commands, out)
+    onnx = config.runtime == "onnxruntime"
+    size = f"{best['file_bytes']:,} bytes (best.onnx)" if onnx else f"{best['model_bytes']:,} bytes at its bit widths"
+    where = "in ONNX Runtime (best.onnx)" if onnx else "in PyTorch"
+    note = ""
+    if cand.export is not None and cand.export.scheme == "weight-only":
+        note = ("\nThe PyTorch model (`eval --state`) simulates RepQ-ViT's 8-bit activations; the weight-only "
+                "export keeps activations in float, hence the two top-1 values.\n")
+    rebuild = "\n".join(lines[k] for k in ("compress", "export") if k in lines)
+    check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)
+    return f"""## Chosen: {best['point']}
+
+- top-1 **{best['top1']:.3f}%** {where} on {best['num_images']} held-out images, {best['drop']:.2f} points below
+  the reference; PyTorch top-1 of
+  best.safetensors (`eamvit eval --state`): {best['top1_torch']:.3f}%
+- measured speed-up **×{best['speedup']:.3f}** (quartiles ×{best['speedup_p25']:.3f} – ×{best['speedup_p75']:.3f})
+- {size}
+{note}
+Rebuild it:
+
+```
+{rebuild}
+```
+
+Check it:
+
+```
+{check}
+```
+"""
+
+
+def report_text(rows: Sequence[dict[str, Any]], best: Optional[dict[str, Any]], cand: Optional[Candidate], prog,
+                config, commands: CommandLines, out: Path, model: nn.Module) -> str:
+    """The text of ``report.md``: the setting, the chosen point and its commands, the front."""
+    ref = rows[0]
+    spec = getattr(model, "eam_spec", None)
+    onnx = config.runtime == "onnxruntime"
+    runtime = (f"ONNX Runtime on CPU ({config.threads or 'default'} threads), each point's exported file" if onnx
+               else "PyTorch, each point's model (quantization is left out: PyTorch simulates it in float)")
+    if best is not None and cand is not None:
+        chosen = _chosen_section(best, cand, config, commands, out)
+    else:
+        chosen = (f"## No recipe within {config.max_drop:g} point(s)\n\nNo measured point other than the unmodified "
+                  "model keeps top-1 within the budget; best.safetensors and best.onnx are not written. Allow a "
+                  "larger --max-drop, or let the search run to the end.\n")
+    front = [r for r in rows if r["on_front"]]
+    failed = [r for r in rows if r.get("error")]
+    failed_md = "".join(f"- {r['point']}: {r['error']}\n" for r in failed)
+    return f"""# eamvit optimize: the fastest recipe within {config.max_drop:g} point(s) of top-1
+
+Model: `{getattr(spec, 'name', None) or type(model).__name__}`. Runtime: {runtime}. Top-1 on
+the held-out images only (calibration images are never scored); the reference is the
+unmodified model{"'s fp32 export" if onnx else ""}: top-1 **{ref['top1']:.2f}%**.
+Speed-up: the median over {config.reps} repetitions of time(reference) / time(point), both timed on the same
+{config.batch_size} held-out images in every repetition, in alternation; p25 / p75 are the quartiles. The
+reference row, timed against itself, shows this machine's noise.
+
+{chosen}
+## Pareto front (top-1 against measured speed-up)
+
+{markdown(front, columns(config.runtime))}
+![top-1 against measured speed-up](pareto.png)
+
+{_budget_line(prog, config)} Every point: `pareto.csv`, `pareto.json`, `pareto.md`.
+{"Not applicable to this model:" + chr(10) + failed_md if failed else ""}"""

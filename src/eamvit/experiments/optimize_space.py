@@ -1,0 +1,181 @@
+"""The search space of ``eamvit optimize``: candidates in a fixed order, and the commands that rebuild one.
+
+A :class:`Candidate` is a :class:`~eamvit.methods.recipe.Recipe` and, for ONNX Runtime, the
+:class:`~eamvit.methods.export.ExportConfig` it ships with. The search first measures every single
+technique (:func:`single_candidates`), then stacks the ones that kept top-1 within the budget
+(:func:`combinations`). Both lists depend only on the model's depth, the options and which singles
+survived (top-1 in the runtime, which is deterministic), never on measured times: the same run
+searches the same candidates in the same order.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from eamvit.errors import EamError
+from eamvit.methods.export import ExportConfig
+from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.prune import PruneConfig
+from eamvit.methods.recipe import Recipe
+from eamvit.methods.repq import RepQConfig
+from eamvit.ops.scores import default_blocks
+
+RUNTIMES = ("onnxruntime", "torch")
+SPACES = ("standard", "small")
+# Pruning κ and freezing τ of the standard space; `small` keeps a few of them (the demo, tests).
+KEEP_RATES = {"standard": (0.9, 0.7, 0.5), "small": (0.7, 0.5)}
+PRUNE_METHODS = {"standard": ("shannon", "evit"), "small": ("evit",)}
+FREEZE = {"standard": (("head", 0.25), ("head", 0.5), ("row", 0.25), ("row", 0.5)), "small": (("head", 0.25),)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search.
+
+    Args:
+        recipe: the compression steps.
+        export: how ONNX Runtime's file is written (``None``: the PyTorch runtime, nothing exported).
+        label: a short name for tables and the progress bar.
+    """
+
+    recipe: Recipe
+    export: Optional[ExportConfig]
+    label: str
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two candidates the same measurement (the cache key's part)."""
+        return {"recipe": self.recipe.to_dict(), "export": self.export.to_dict() if self.export else None}
+
+
+def _quant_options(space: str, seed: int) -> list[tuple[str, RepQConfig, ExportConfig]]:
+    """RepQ-ViT int8 QDQ with asymmetric (uint8) and symmetric (int8) activations, and 4-bit weights only."""
+    int8 = RepQConfig(w_bits=8, a_bits=8, seed=seed)
+    out = [("int8", int8, ExportConfig()), ("int8-sym", int8, ExportConfig(symmetric_activations=True))]
+    if space == "standard":  # activations stay float in MatMulNBits graphs; 8 is what the simulation keeps
+        out.append(("w4-weight-only", RepQConfig(w_bits=4, a_bits=8, seed=seed), ExportConfig(scheme="weight-only")))
+    return out
+
+
+def late_blocks(depth: int) -> tuple[int, ...]:
+    """The default pruning blocks in the second half of the network: fewer tokens lost early."""
+    return tuple(b for b in default_blocks(depth) if b >= depth // 2)
+
+
+def _prune_options(space: str, depth: int) -> list[tuple[str, PruneConfig]]:
+    blocks: list[Optional[tuple[int, ...]]] = [None] if space == "standard" else []
+    late = late_blocks(depth)
+    if late and late != tuple(default_blocks(depth)):
+        blocks.append(late)
+    out = []
+    for method, where, k in itertools.product(PRUNE_METHODS[space], blocks, KEEP_RATES[space]):
+        name = f"{method}-k{k:g}" + (f"@{','.join(map(str, where))}" if where else "")
+        out.append((name, PruneConfig(method=method, keep_rate=k, blocks=where)))
+    return out
+
+
+def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
+    return [(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed)) for g, t in FREEZE[space]]
+
+
+def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
+    stage = {RepQConfig: 0, FreezeConfig: 1, PruneConfig: 2}
+    parts = sorted(parts, key=lambda p: stage[type(p[1])])
+    return Candidate(Recipe(steps=tuple(s for _, s in parts)).validate(), export,
+                     " + ".join(name for name, _ in parts) or "fp32")
+
+
+def reference(runtime: str) -> Candidate:
+    """The unmodified model (its fp32 export for ONNX Runtime): the top-1 and speed every point is measured against."""
+    return Candidate(Recipe(), ExportConfig() if runtime == "onnxruntime" else None, "fp32")
+
+
+def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0) -> list[Candidate]:
+    """Every single technique, in order: quantization (ONNX Runtime only), pruning, freezing.
+
+    PyTorch runs RepQ-ViT as a float simulation (no integer kernels), which is never faster than
+    the model itself: ``runtime="torch"`` leaves quantization out.
+
+    Args:
+        depth: transformer blocks of the model (where pruning can happen).
+        runtime: ``"onnxruntime"`` or ``"torch"``.
+        space: ``"standard"`` or ``"small"`` (a handful of points).
+        seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
+    """
+    if runtime not in RUNTIMES:
+        raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if space not in SPACES:
+        raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
+    onnx = runtime == "onnxruntime"
+    out = [_candidate([(n, q)], e if onnx else None) for n, q, e in (_quant_options(space, seed) if onnx else [])]
+    plain = ExportConfig() if onnx else None
+    out += [_candidate([p], plain) for p in _prune_options(space, depth)]
+    out += [_candidate([f], plain) for f in _freeze_options(space, seed)]
+    return out
+
+
+def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tuple[str, Any, Optional[ExportConfig]]]]:
+    """Per stage, the surviving singles worth stacking: every quantization; per pruning method and
+    blocks the smallest κ; per freezing granularity the largest τ (the others keep more work)."""
+    best: dict[tuple, tuple[str, Any, Optional[ExportConfig]]] = {}
+    for cand, ok in singles:
+        if not ok or len(cand.recipe.steps) != 1:
+            continue
+        step = cand.recipe.steps[0]
+        item = (cand.label, step, cand.export)
+        if isinstance(step, PruneConfig):
+            key = ("prune", step.method, step.blocks)
+            if key not in best or step.keep_rate < best[key][1].keep_rate:
+                best[key] = item
+        elif isinstance(step, FreezeConfig):
+            key = ("freeze", step.granularity)
+            if key not in best or step.tau > best[key][1].tau:
+                best[key] = item
+        else:
+            best[("quant", cand.label)] = item
+    out: dict[str, list] = {"quant": [], "freeze": [], "prune": []}
+    for key, item in best.items():  # insertion order: the singles' order
+        out[key[0]].append(item)
+    return out
+
+
+def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
+    """Stacks of the surviving singles (``(candidate, within budget)`` in search order): every pair of
+    stages, then all three, each stack quantize → freeze → prune."""
+    surv = _survivors(singles)
+    out = []
+    for stages in (("quant", "prune"), ("quant", "freeze"), ("freeze", "prune"), ("quant", "freeze", "prune")):
+        for items in itertools.product(*(surv[s] for s in stages)):
+            export = next((e for _, step, e in items if isinstance(step, RepQConfig)), None)
+            if export is None:
+                export = next((e for _, _, e in items), None)
+            out.append(_candidate([(n, s) for n, s, _ in items], export))
+    return out
+
+
+# --------------------------------------------------------------------------- the commands that rebuild a point
+
+
+def recipe_options(recipe: Recipe) -> list[str]:
+    """The ``eamvit compress`` options whose recipe is ``recipe`` (the other settings are the defaults)."""
+    out: list[str] = []
+    q, f, p = recipe.step("quant"), recipe.step("freeze"), recipe.step("prune")
+    if q is not None:
+        out += ["--quant", q.KIND, "--w-bits", str(q.w_bits), "--a-bits", str(q.a_bits)]
+        if q.calib_size != RepQConfig.calib_size:
+            out += ["--quant-calib-size", str(q.calib_size)]
+    if f is not None:
+        out += ["--tau", f"{f.tau:g}", "--granularity", f.granularity]
+    if p is not None:
+        out += ["--prune", p.method, "--keep-rate", f"{p.keep_rate:g}"]
+        if p.blocks is not None:
+            out += ["--prune-blocks", ",".join(map(str, p.blocks))]
+    return out
+
+
+def export_options(export: Optional[ExportConfig]) -> list[str]:
+    """The ``eamvit export`` options of ``export`` (the defaults give none)."""
+    if export is None:
+        return []
+    out = ["--scheme", export.scheme] if export.scheme != ExportConfig.scheme else []
+    return out + (["--symmetric-activations"] if export.symmetric_activations else [])

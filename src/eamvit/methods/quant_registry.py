@@ -1,0 +1,174 @@
+"""The registry every quantization method registers into, and the one calibration input.
+
+Each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines its config and registers its
+handler here with :func:`register_quantize_handler`; :mod:`.quantize` imports those files, so that
+the verb and the save / load find every method without naming a module by string. Calibration
+input, for every method: see :func:`calibration_batches`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.methods.forward_loop import ForwardLoop
+
+C = TypeVar("C", bound=Config)
+
+
+@dataclass
+class QuantRun:
+    """Runtime settings of one quantization (never saved with the config).
+
+    Args:
+        progress: progress bars.
+        checkpoint_dir: folder for resumable per-module checkpoints (ADFQ-ViT), None: none.
+        forward_loop: ``f(model)`` that runs the model over the calibration data, given instead of
+            images (only to methods registered with ``forward_loop=True``).
+    """
+
+    progress: bool = True
+    checkpoint_dir: Optional[str] = None
+    forward_loop: Optional[ForwardLoop] = None
+
+
+@dataclass(frozen=True)
+class QuantizeHandler:
+    """What a method registers.
+
+    Args:
+        quantize: ``f(model, config, calib, run) -> report``: surgery and calibration, in place.
+        rebuild: ``f(model, config, structure)``: the surgery alone, as the finished model has it
+            (for :func:`load_quantized`).
+        structure: ``f(model) -> dict``: what ``rebuild`` needs beyond the config (JSON-ready).
+        free_bits: ``f(model, config) -> {quantizer name: allowed widths}``: the quantizers whose bits
+            the method chooses itself (PMQ's mixed precision); every other quantizer of a loaded state
+            must have the bits ``rebuild`` gives it from the config.
+        forward_loop: whether ``quantize`` calibrates from ``run.forward_loop`` when ``calib`` is None.
+    """
+
+    quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
+    rebuild: Callable[[nn.Module, Any, dict], None]
+    structure: Callable[[nn.Module], dict]
+    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]]
+    forward_loop: bool = False
+
+
+_HANDLERS: dict[type, QuantizeHandler] = {}
+
+
+def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Module, Any, dict], None],
+                              structure: Optional[Callable[[nn.Module], dict]] = None,
+                              free_bits: Optional[Callable[[nn.Module, Any], dict]] = None,
+                              forward_loop: bool = False) -> Callable:
+    """Decorator: ``f(model, config, calib, run) -> report`` quantizes models for ``config_type``.
+
+    Args:
+        config_type: a :class:`~eamvit.config.Config` subclass with a unique ``KIND``.
+        rebuild: the surgery without calibration (see :class:`QuantizeHandler`).
+        structure: what ``rebuild`` needs beyond the config; default none.
+        free_bits: quantizers whose bits the method chooses (see :class:`QuantizeHandler`); default none.
+        forward_loop: the method can calibrate from a ``forward_loop(model)`` callable.
+    """
+    def register(fn: Callable) -> Callable:
+        _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}),
+                                                 free_bits or (lambda model, config: {}), forward_loop)
+        return fn
+    return register
+
+
+def _handler(config: Any) -> QuantizeHandler:
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise EamError(f"no quantization method is registered for {type(config).__name__}; "
+                   "pass a RepQConfig, ADFQConfig or PMQConfig")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` went through :func:`quantize_` or :func:`load_quantized`."""
+    return getattr(model, "eam_quant_config", None) is not None
+
+
+# --------------------------------------------------------------------------- calibration input
+
+
+def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Iterator[Any]:
+    from eamvit.methods.data import make_loader, random_subset
+
+    if len(ds) < limit:
+        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+    return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
+
+
+def _as_pair(item: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if hasattr(item, "images") and hasattr(item, "targets"):  # eamvit Batch
+        return item.images, item.targets
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], torch.Tensor):
+        return item[0], (torch.as_tensor(item[1]) if len(item) > 1 else None)
+    raise EamError(f"a calibration batch must be a tensor, an eamvit Batch or (images, targets), "
+                   f"not {type(item).__name__}")
+
+
+def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
+                        batch_size: int = 32) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(images, targets or None)`` batches of ``calib``, stopping after ``limit`` images.
+
+    Args:
+        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
+            (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
+            of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
+        limit: images wanted.
+        seed: seed of the subset of a dataset.
+        batch_size: batch size for tensors and datasets.
+    """
+    if calib is None:
+        raise EamError("quantization needs calibration images")
+    pair = (isinstance(calib, (tuple, list)) and len(calib) == 2 and all(isinstance(t, torch.Tensor) for t in calib)
+            and calib[0].dim() == 4 and calib[1].dim() == 1)
+    if isinstance(calib, torch.Tensor) or pair:
+        source: Any = iter([tuple(calib)] if pair else [calib])
+    elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
+        source = _dataset_batches(calib, limit, seed, batch_size)
+    else:
+        source = iter(calib)
+    taken = 0
+    for item in source:
+        images, targets = _as_pair(item)
+        if images.numel() == 0:  # a batch whose every file was unreadable
+            continue
+        if images.dim() != 4:
+            raise EamError(f"calibration images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        images, targets = images[: limit - taken], (targets[: limit - taken] if targets is not None else None)
+        taken += images.shape[0]
+        if images.shape[0]:
+            yield images, targets
+        if taken >= limit:
+            return
+
+
+def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels.
+
+    Labels are None unless every batch had them. Raises :class:`EamError` when fewer than ``n`` come.
+    """
+    images, labels = [], []
+    for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
+        images.append(x)
+        labels.append(y)
+    got = sum(x.shape[0] for x in images)
+    if got < n:
+        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
+                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
+                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+    y = torch.cat(labels) if all(t is not None for t in labels) else None
+    return torch.cat(images), y

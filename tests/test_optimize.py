@@ -1,0 +1,183 @@
+"""``eamvit optimize``: the front, the choice, the cache, the shipped file and the commands it reports."""
+import json
+import random
+import re
+import shlex
+
+import pytest
+
+from conftest import run, single_thread  # noqa: F401  (fixture)
+from eamvit.experiments import optimize as opt
+from eamvit.experiments.optimize_space import single_candidates
+from eamvit.ops.pareto import front_mask
+
+single_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
+
+FAST = ["--data", "digits", "--reps", "3"]
+
+
+def _dominated(p, points):
+    return any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)
+
+
+def test_front_mask_is_the_brute_force_front():
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 12)
+        # Few distinct values: ties in either coordinate and repeated points are common.
+        pts = [(rng.choice([90.0, 95.5, 98.0, 99.0]), rng.choice([0.9, 1.0, 1.2, 1.5])) for _ in range(n)]
+        assert front_mask(pts) == [not _dominated(p, pts) for p in pts], pts
+
+
+def _space(monkeypatch, labels, runtime):
+    """A search space of the named singles of the small space (the public list, cut down for speed)."""
+    cands = [c for c in single_candidates(4, runtime, "small") if c.label in labels]
+    assert [c.label for c in cands] == list(labels)
+    monkeypatch.setattr(opt, "single_candidates", lambda depth, rt, space, seed: cands)
+
+
+def _count_measures(monkeypatch):
+    calls = []
+    real = opt.measure
+
+    def counted(run_, cand):
+        calls.append(cand.label)
+        return real(run_, cand)
+
+    monkeypatch.setattr(opt, "measure", counted)
+    return calls
+
+
+def _rows(out):
+    return json.loads((out / "pareto.json").read_text())
+
+
+def test_torch_search_chooses_the_fastest_within_budget_and_resumes(tmp_path, monkeypatch, capsys):
+    _space(monkeypatch, ["evit-k0.7@2,3", "evit-k0.5@2,3", "head-t0.25"], "torch")
+    calls = _count_measures(monkeypatch)
+    out = tmp_path / "o"
+    # A budget already spent after the reference: the search stops cleanly, with only the reference.
+    code, _, err = run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "3", "--budget-minutes",
+                       "1e-9", "--out", out)
+    assert code == 2 and "--budget-minutes" in err.strip().splitlines()[-1]
+    assert calls == ["fp32"] and not (out / "best.safetensors").exists() and (out / "pareto.csv").exists()
+    code, stdout, err = run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "3", "--out", out)
+    assert code == 0, err
+    # Resumed: the reference came from the cache, the singles are measured now (no two stages survive to stack).
+    assert calls == ["fp32", "evit-k0.7@2,3", "evit-k0.5@2,3", "head-t0.25"]
+    rows = _rows(out)
+    ref = rows[0]["top1"]
+    for r in rows:
+        assert r["drop"] == pytest.approx(ref - r["top1"], abs=1e-6)
+        assert r["within_budget"] == (ref - r["top1"] <= 3 + 1e-9)
+    pts = [(r["top1"], r["speedup"]) for r in rows]
+    assert [r["on_front"] for r in rows] == [not _dominated(p, pts) for p in pts]
+    ok = [r for r in rows[1:] if r["within_budget"]]
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["speedup"] == max(r["speedup"] for r in ok)
+    assert (out / "best.safetensors").exists() and not (out / "best.onnx").exists()
+    assert (out / "pareto.png").stat().st_size > 0
+    calls.clear()
+    assert run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "3", "--out", out)[0] == 0
+    assert calls == []  # everything from points.jsonl
+    assert _rows(out) == rows
+
+
+def test_impossible_budget_is_one_line_and_no_best_file(tmp_path, monkeypatch, capsys):
+    _space(monkeypatch, ["evit-k0.5@2,3"], "torch")  # 96.1 % against 98.9 %: never within 0 points
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "0", "--out", out)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("eamvit: error: no recipe keeps top-1 within --max-drop 0")
+    assert "Traceback" not in err
+    assert not (out / "best.safetensors").exists() and (out / "pareto.json").exists()
+    assert "No recipe within" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-drop", "-0.5"], "--max-drop"),
+    (["--budget-minutes", "0"], "--budget-minutes"),
+    (["--runtime", "tensorrt"], "unknown runtime"),
+    (["--space", "huge"], "unknown search space"),
+    (["--reps", "2"], "--reps"),
+    (["--runtime", "torch", "--threads", "1"], "--threads"),
+])
+def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, args, words):
+    out = tmp_path / "o"
+    code, stdout, err = run(capsys, "optimize", "--data", "digits", *args, "--out", out)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("eamvit: error:") and words in err
+    assert not out.exists()
+
+
+def _report_command(report: str, name: str) -> list[str]:
+    line = next(l for l in report.splitlines() if l.startswith(f"eamvit {name} "))
+    return shlex.split(line)[1:]
+
+
+def _top1(stdout: str) -> float:
+    return float(re.search(r"top1=([0-9.]+)", stdout).group(1))
+
+
+def test_onnx_best_is_what_was_measured_and_the_report_rebuilds_it(tmp_path, monkeypatch, capsys):
+    _space(monkeypatch, ["int8-sym"], "onnxruntime")
+    out = tmp_path / "o"
+    code, stdout, err = run(capsys, "optimize", *FAST, "--max-drop", "1", "--threads", "1", "--out", out)
+    assert code == 0, err
+    best = next(r for r in _rows(out) if r["chosen"])
+    # The shipped file, scored by `eval --onnx` (ONNX Runtime, the same held-out digits).
+    code, stdout, err = run(capsys, "eval", "--onnx", out / "best.onnx", "--data", "digits")
+    assert code == 0, err
+    assert _top1(stdout) == pytest.approx(best["top1"], abs=1e-9)
+    # report.md's compress command, run, gives a model whose `eval --state` top-1 is the reported one.
+    report = (out / "report.md").read_text()
+    reported = float(re.search(r"\(`eamvit eval --state`\): ([0-9.]+)%", report).group(1))
+    assert reported == pytest.approx(best["top1_torch"], abs=1e-9)
+    cmd = _report_command(report, "compress")
+    state = tmp_path / "rebuilt.safetensors"
+    cmd[cmd.index("--out") + 1] = str(state)
+    code, _, err = run(capsys, *cmd)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "eval", "--state", state, "--data", "digits")
+    assert code == 0, err
+    assert _top1(stdout) == pytest.approx(reported, abs=1e-9)
+    # ... and its export command, run on that file, ships a file that scores what the search measured.
+    cmd = _report_command(report, "export")
+    cmd[cmd.index("--state") + 1], cmd[cmd.index("--out") + 1] = str(state), str(tmp_path / "rebuilt.onnx")
+    code, _, err = run(capsys, *cmd)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "eval", "--onnx", tmp_path / "rebuilt.onnx", "--data", "digits")
+    assert code == 0, err
+    assert _top1(stdout) == pytest.approx(best["top1"], abs=1e-9)
+
+
+def test_a_line_cut_short_by_an_interruption_is_measured_again(tmp_path):
+    path = tmp_path / "points.jsonl"
+    cache = opt.PointCache(path)
+    cache.add("a", {"label": "x", "top1": 1.0})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "point": {"label": "y", "to')  # killed mid-write
+    again = opt.PointCache(path)
+    assert again.get("a") == {"label": "x", "top1": 1.0} and again.get("b") is None
+    again.add("b", {"label": "y", "top1": 2.0})  # measured again, on a line of its own
+    assert opt.PointCache(path).get("b") == {"label": "y", "top1": 2.0}
+
+
+def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):
+    from eamvit.plots.optimize import plot_pareto
+
+    rows = [{"point": "fp32", "stage": "reference", "top1": 99.0, "speedup": 1.0, "speedup_p25": 0.9,
+             "speedup_p75": 1.1, "on_front": False, "chosen": False},
+            {"point": "a", "stage": "single", "top1": 99.2, "speedup": 1.3, "speedup_p25": 1.2, "speedup_p75": 1.4,
+             "on_front": True, "chosen": False},
+            {"point": "b", "stage": "stack", "top1": 98.5, "speedup": 1.6, "speedup_p25": 1.5, "speedup_p75": 1.7,
+             "on_front": True, "chosen": True},
+            {"point": "broken", "stage": "single", "top1": None, "speedup": None, "error": "no export",
+             "on_front": False, "chosen": False}]
+    fig = plot_pareto(rows, tmp_path / "p.png", max_drop=1.0)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    line = next(l for l in fig.axes[0].get_lines() if l.get_label() == "Pareto front")
+    # A step "pre" line through (1.3, 99.2) and (1.6, 98.5): the faster point's top-1 holds left of it.
+    xs, ys = list(line.get_xdata()), list(line.get_ydata())
+    assert (xs[0], ys[0]) == (1.3, 99.2) and (xs[-1], ys[-1]) == (1.6, 98.5)
+    budget = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("budget")]
+    assert budget and list(budget[0].get_ydata()) == [98.0, 98.0]
