@@ -2,8 +2,8 @@
 wrote before it: quantized states keep their ``…attn.eam_quant.…`` keys, frozen-attention files their
 ``mask.L`` / ``values.L`` tensors and per-layer plans.
 
-The key lists below are what eamvit wrote at commit 1c57a00 (before the state object) for these tiny
-models, read from its files.
+The key list below is what main's code wrote before the state object for this tiny model, read from
+its file.
 """
 from __future__ import annotations
 
