@@ -21,15 +21,17 @@ TIMM = ["model", "top1", "top1_err", "top5", "top5_err", "num_images", "skipped_
         "img_size", "crop_pct", "interpolation"]
 
 COMMANDS = {
-    "eval_freeze": ["eval", "--calib-size", "64", "--tau", "0.5", "--granularity", "head", "--out", "{out}/eval_freeze"],
+    "eval_freeze": ["eval", "--calib-size", "64", "--tau", "0.5", "--granularity", "head",
+                    "--out", "{out}/eval_freeze"],
     "eval_prune": ["eval", "--prune", "evit", "--keep-rate", "0.7", "--out", "{out}/eval_prune"],
     "eval_quant": ["eval", "--quant", "repq", "--out", "{out}/eval_quant"],
     "sweep": ["sweep", "--calib-size", "64", "--taus", "0,0.5", "--seeds", "2", "--out", "{out}/freeze"],
-    "speed_sweep": ["sweep", "--calib-size", "64", "--granularity", "head", "--taus", "0.5", "--methods", "evit", "--keep-rates", "0.5",
-                    "--throughput-reps", "3", "--throughput-batch", "8", "--out", "{out}/speed"],
+    "speed_sweep": ["sweep", "--calib-size", "64", "--granularity", "head", "--taus", "0.5", "--methods", "evit",
+                    "--keep-rates", "0.5", "--throughput-reps", "3", "--throughput-batch", "8", "--out", "{out}/speed"],
     "prune_sweep": ["sweep", "--prune", "--methods", "shannon", "--keep-rates", "0.7", "--no-throughput",
                     "--out", "{out}/prune"],
-    "quant_sweep": ["sweep", "--calib-size", "64", "--quant", "repq", "--taus", "0.2", "--seeds", "1", "--out", "{out}/quant"],
+    "quant_sweep": ["sweep", "--calib-size", "64", "--quant", "repq", "--taus", "0.2", "--seeds", "1",
+                    "--out", "{out}/quant"],
     "compare": ["compare", "--methods", "fp,repq", "--settings", "8/8", "--out", "{out}/compare"],
 }
 CSV = {"eval_freeze": "eval_freeze.csv", "eval_prune": "eval_prune.csv", "eval_quant": "eval_quant.csv",
@@ -76,8 +78,9 @@ def _api_tables(out: Path) -> dict:
     small = torch.utils.data.Subset(train, range(64))
     maps = compute_entropy_maps(model, small, bits=8, progress=False)
     cfg = {**digits_data_config(16), "source": "digits"}
-    rows = frozen_finetune_table(model, small, torch.utils.data.Subset(test, range(60)), maps, taus=(0.5,), selections=("entropy",),
-                                 config=FinetuneConfig(epochs=1, lr=1e-4, batch_size=64), data_config=cfg)
+    rows = frozen_finetune_table(model, small, torch.utils.data.Subset(test, range(60)), maps, taus=(0.5,),
+                                 selections=("entropy",), config=FinetuneConfig(epochs=1, lr=1e-4, batch_size=64),
+                                 data_config=cfg)
     write_table(out / "frozen_finetune", rows)
     # The export table's row builder on the PyTorch row (the whole table exports ONNX files: test_demo.py).
     save_tensors(out / "fp32.safetensors", dict(model.state_dict()), {})

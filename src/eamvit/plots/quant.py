@@ -105,7 +105,7 @@ def plot_pmq_frontier(report: dict, path: str | os.PathLike, title: str = "PMQ")
     """PMQ's Pareto frontier (size of the quantized weights against Σ importance·‖ΔW‖²), the chosen
     configuration and the size budget, from the report of ``eamvit.quantize_`` with a PMQConfig."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["size_mb"] for r in report["frontier"]]
+    xs = [r["pmq_weight_mb"] for r in report["frontier"]]
     ys = [max(r["perturbation"], 1e-30) for r in report["frontier"]]
     ax.step(xs, ys, where="post", label="Pareto frontier")
     ax.scatter([report["chosen_size_mb"]], [max(report["chosen_perturbation"], 1e-30)], color="C3", zorder=3,
