@@ -62,7 +62,7 @@ class Point:
     """One configuration of a sweep.
 
     Args:
-        fields: the label of the row (τ, selection, method, bits ...), placed first.
+        fields: the label of the row (τ, selection, quant, bits ...; names of :data:`eamvit.columns.COLUMNS`), placed first.
         state: ``state(model, seed)``: a context manager that configures ``model`` for ``seed``,
             yields an :class:`Applied` (or ``None``) and restores ``model`` on exit.
         seeds: seeds to evaluate and average.
