@@ -1,7 +1,8 @@
 """Entropy calibration cost against a plain forward pass (goal: ratio <= 1.25).
 
 deit_tiny_patch16_224, random weights, 224 px, batch 16, the same images for both sides, CPU.
-Both sides are timed in this one run, alternating, and the median of the repeats is used.
+Both sides are timed in this one run, alternating, by eamvit's one timer
+(:mod:`eamvit.experiments.timer`), and the median of the repeats is used.
 
 Calibration has a one-off cost (a shape probe, allocating the histograms, turning counts into
 entropies) and a per-batch cost. A real calibration streams thousands of batches (the paper uses 5 %
@@ -14,13 +15,12 @@ on K batches is printed too. Also prints the histograms' memory against the L*H*
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch.utils.data import TensorDataset
 
 import eamvit
+from eamvit.experiments.timer import Stats, time_calls
 from eamvit.methods.calibrate import format_bytes
 from eamvit.ops.entropy import AttentionHistogram
 
@@ -49,20 +49,11 @@ def main() -> None:
         return eamvit.compute_entropy_maps(model, ds, indices=range(batches * args.batch_size), bits=args.bits,
                                            batch_size=args.batch_size, progress=False)
 
-    def timed(fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        return time.perf_counter() - t0, out
-
     plain(args.batches)  # warm-up both paths
-    calibrate(1)
-    t_plain, t_cal, t_cal2 = [], [], []
-    for _ in range(args.repeats):
-        t_plain.append(timed(plain, args.batches)[0])
-        dt, maps = timed(calibrate, args.batches)
-        t_cal.append(dt)
-        t_cal2.append(timed(calibrate, 2 * args.batches)[0])
-    p, c, c2 = (statistics.median(t) for t in (t_plain, t_cal, t_cal2))
+    maps = calibrate(1)
+    t_plain, t_cal, t_cal2 = time_calls([lambda: plain(args.batches), lambda: calibrate(args.batches),
+                                         lambda: calibrate(2 * args.batches)], warmup=0, reps=args.repeats)
+    p, c, c2 = (Stats.of(t).median for t in (t_plain, t_cal, t_cal2))
 
     shapes = [tuple(s) for s in maps.meta["layer_shapes"]]
     counts = sum(torch.Size(s).numel() for s in shapes) * (1 << args.bits)

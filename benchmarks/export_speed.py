@@ -4,12 +4,13 @@ deit_small_patch16_224, random weights, 224 px, batch 32, 2 threads (PyTorch and
 in one process: PyTorch eager fp32, ONNX Runtime fp32 (eamvit's fp32 export), ONNX Runtime's own
 ``quantize_static`` int8 (QDQ, per-channel weights, MinMax, the same 32 calibration images), eamvit's
 int8 QDQ export (RepQ-ViT W8/A8, 32 calibration images) and that export pruned at κ = 0.7 at blocks
-4, 7, 10 (0-based 3, 6, 9; EViT scores). After one warm-up call each, the configurations are timed
-in interleaved rounds (so other load on the machine hits them alike); each reports the median and
-the spread ((max − min)/median) of its rounds (the best-round ratios are printed too, as a check that
-is less sensitive to other load). The optimised ONNX Runtime graph of the eamvit export
-is checked for integer kernels. Prints each ÷ ONNX Runtime fp32 and ÷ PyTorch eager fp32, and,
-last, eamvit int8 ÷ ONNX Runtime fp32. Goals: eamvit int8 ≥ 1.6×, int8 + pruning ≥ 2.3× ONNX
+4, 7, 10 (0-based 3, 6, 9; EViT scores). eamvit's one timer (:mod:`eamvit.experiments.timer`) times
+them: after one warm-up call each, in interleaved rounds (so other load on the machine hits them
+alike); each reports the median and the spread ((max − min)/median) of its rounds, and each ratio is
+the median over rounds of that round's ratio (paired, so drift cancels; the best-round ratios are
+printed too, as a check that is less sensitive to other load). The optimised ONNX Runtime graph of
+the eamvit export is checked for integer kernels. Prints each ÷ ONNX Runtime fp32 and ÷ PyTorch eager
+fp32, and, last, eamvit int8 ÷ ONNX Runtime fp32. Goals: eamvit int8 ≥ 1.6×, int8 + pruning ≥ 2.3× ONNX
 Runtime fp32.
 
     python benchmarks/export_speed.py [--rounds 7] [--batch-size 32] [--threads 2]
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from eamvit import create_model
+from eamvit.experiments.timer import Stats, ratio_stats, time_calls
 from eamvit.methods.export import ExportConfig, export_onnx
 from eamvit.methods.export_runtime import onnx_session, optimized_ops, ort_quantize_static
 from eamvit.methods.prune import PruneConfig, prune_
@@ -73,24 +74,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d, torch.inference_mode():
         calls = build(Path(d), args)
-        for f in calls.values():  # warm-up
-            f()
-        times: dict[str, list[float]] = {n: [] for n in calls}
-        for _ in range(args.rounds):
-            for n, f in calls.items():
-                t0 = time.perf_counter()
-                f()
-                times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+        times = dict(zip(calls, time_calls(list(calls.values()), warmup=1, reps=args.rounds)))
+    stats = {n: Stats.of(t) for n, t in times.items()}
+
+    def over(ref: str, n: str) -> float:
+        return ratio_stats(times[ref], times[n]).median  # paired: the two ran in the same round
     print(f"deit_small_patch16_224, batch {args.batch_size}, 224 px, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds")
-    for n, t in times.items():
-        print(f"  {n:26s} {args.batch_size / med[n]:7.2f} images/s  spread {(max(t) - min(t)) / med[n]:5.1%}  "
-              f"÷ ORT fp32 {med['ORT fp32'] / med[n]:.2f}  ÷ PyTorch eager {med['PyTorch eager fp32'] / med[n]:.2f}")
-    best = {n: min(t) for n, t in times.items()}  # the least disturbed round: a check on a shared machine
+    for n, s in stats.items():
+        print(f"  {n:26s} {args.batch_size / s.median:7.2f} images/s  spread {s.spread:5.1%}  "
+              f"÷ ORT fp32 {over('ORT fp32', n):.2f}  ÷ PyTorch eager {over('PyTorch eager fp32', n):.2f}")
+    best = {n: s.min for n, s in stats.items()}  # the least disturbed round: a check on a shared machine
     print("best-round ratios to ORT fp32: " + "  ".join(f"{n} {best['ORT fp32'] / best[n]:.2f}" for n in times))
-    print(f"eamvit int8 + pruning ÷ ORT fp32 {med['ORT fp32'] / med['eamvit int8 + pruning']:.3f}")
-    print(f"eamvit int8 ÷ ORT fp32 {med['ORT fp32'] / med['eamvit int8']:.3f}")
+    print(f"eamvit int8 + pruning ÷ ORT fp32 {over('ORT fp32', 'eamvit int8 + pruning'):.3f}")
+    print(f"eamvit int8 ÷ ORT fp32 {over('ORT fp32', 'eamvit int8'):.3f}")
 
 
 if __name__ == "__main__":

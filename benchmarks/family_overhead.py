@@ -8,20 +8,20 @@ batches, so the one-off costs (the shape probe, allocating the histograms, turni
 entropies) are left out: the calibration reads its batches through ``forward_loop``, and the loop
 times each forward it runs while the histograms are being counted (the forward that probes the
 shapes is not counted). The plain side times the same forwards of the same tensor on the
-uninstrumented path. Each side's batches give a median and quartiles; the ratio of the medians is
-printed per model, and the worst of the two last.
+uninstrumented path. Both sides time their forwards with eamvit's one timer
+(:mod:`eamvit.experiments.timer`). Each side's batches give a median and quartiles; the ratio of
+the medians is printed per model, and the worst of the two last.
 
     python benchmarks/family_overhead.py [--batches 3] [--rounds 2] [--bits 8]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import eamvit
+from eamvit.experiments.timer import Stats, time_calls
 from eamvit.methods.calibrate import format_bytes
 from eamvit.ops.entropy import AttentionHistogram
 
@@ -29,8 +29,8 @@ MODELS = (("eva02_small_patch14_224", 224), ("swinv2_tiny_window8_256", 256))
 
 
 def _quartiles(ts: list[float]) -> str:
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return f"median {statistics.median(ts):.3f} s, quartiles {q[0]:.3f}..{q[2]:.3f} s ({len(ts)} batches)"
+    s = Stats.of(ts)
+    return f"median {s.median:.3f} s, quartiles {s.p25:.3f}..{s.p75:.3f} s ({s.n} batches)"
 
 
 def bench(name: str, size: int, args: argparse.Namespace) -> float:
@@ -41,21 +41,16 @@ def bench(name: str, size: int, args: argparse.Namespace) -> float:
 
     def plain(times: list[float]) -> None:
         with torch.inference_mode():
-            for _ in range(args.batches):
-                t0 = time.perf_counter()
-                model(batch)
-                times.append(time.perf_counter() - t0)
+            times += time_calls([lambda: model(batch)], warmup=0, reps=args.batches)[0]
 
     def calibrate(times: list[float]):
         calls = []
 
         def forward_loop(m) -> None:
             calls.append(len(calls))
-            for _ in range(args.batches):
-                t0 = time.perf_counter()
-                m(batch)
-                if len(calls) > 1:  # the first call is the shape probe
-                    times.append(time.perf_counter() - t0)
+            t = time_calls([lambda: m(batch)], warmup=0, reps=args.batches)[0]
+            if len(calls) > 1:  # the first call is the shape probe
+                times.extend(t)
 
         return eamvit.compute_entropy_maps(model, forward_loop=forward_loop, bits=args.bits, progress=False)
 
@@ -71,7 +66,7 @@ def bench(name: str, size: int, args: argparse.Namespace) -> float:
           f"histograms {format_bytes(hist)}")
     print(f"  plain forward          {_quartiles(t_plain)}")
     print(f"  calibration forward    {_quartiles(t_cal)}")
-    ratio = statistics.median(t_cal) / statistics.median(t_plain)
+    ratio = Stats.of(t_cal).median / Stats.of(t_plain).median
     print(f"  per-batch calibration / plain forward: {ratio:.3f}")
     return ratio
 

@@ -2,8 +2,8 @@
 
 deit_small_patch16_224, random weights, 224 px, batch 32, one process. Four copies of the same model
 (unfrozen; head granularity τ=0.5; row granularity τ=0.5; entry granularity τ=0.5, the paper's
-simulation) are timed in interleaved rounds after warm-up, so that other load on the machine hits them
-alike. Each is reported as the median images/s over the rounds with its spread (min–max), next to the
+simulation) are timed by eamvit's one timer (:mod:`eamvit.experiments.timer`) in interleaved rounds
+after warm-up, so that other load on the machine hits them alike. Each is reported as the median images/s over the rounds with its spread (min–max), next to the
 cost model's predicted ratio (full ÷ executed MACs, :mod:`eamvit.methods.cost`). A ratio to the
 unfrozen model is the median over rounds of that round's unfrozen time ÷ the configuration's time
 (paired: both ran back to back, so load that drifts during the run cancels); the ratio of the
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from torch.utils.data import TensorDataset
 
 from eamvit import compute_entropy_maps, create_model
+from eamvit.experiments.timer import Stats, ratio_stats, time_calls
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig, freeze_
 from eamvit.ops.cost import realised_fraction
@@ -54,24 +53,17 @@ def main() -> None:
     gmacs = {name: cost_account(m).gmacs for name, m in models.items()}
 
     x = torch.randn(args.batch_size, 3, 224, 224, generator=g)
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            for m in models.values():
-                m(x)
-        for _ in range(args.rounds):
-            for name, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t0)
+        calls = [(lambda m: lambda: m(x))(m) for m in models.values()]
+        times = dict(zip(models, time_calls(calls, warmup=args.warmup, reps=args.rounds)))
 
-    ips = {n: args.batch_size / statistics.median(t) for n, t in times.items()}
+    ips = {n: args.batch_size / Stats.of(t).median for n, t in times.items()}
     print(f"deit_small_patch16_224, batch {args.batch_size}, 224 px, {torch.get_num_threads()} threads, "
           f"tau {args.tau}, median of {args.rounds} interleaved rounds after {args.warmup} warm-up")
     for n, t in times.items():
         lo, hi = args.batch_size / max(t), args.batch_size / min(t)
         print(f"  {n:9s} {ips[n]:7.2f} images/s (min {lo:.2f}, max {hi:.2f})  {gmacs[n]:.3f} GMACs executed")
-    paired = {n: statistics.median(u / f for u, f in zip(times["unfrozen"], times[n])) for n in models}
+    paired = {n: ratio_stats(times["unfrozen"], times[n]).median for n in models}
     for n in ("head", "row", "entry"):
         share = realised_fraction(paired[n], predicted[n])
         share_txt = f"{100 * share:.0f} % of the predicted saving realised" if share is not None else \

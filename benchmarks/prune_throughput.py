@@ -1,10 +1,11 @@
 """Wall-clock throughput of token pruning on CPU: unpruned DeiT-S, EViT κ=0.7, entropy κ=0.7.
 
-deit_small_patch16_224, random weights, 224 px, batch 32, one process. The configurations are
-timed in interleaved rounds (unpruned, EViT, Shannon, Rényi α=2, unpruned, ...) so that other load
-on the machine hits them alike, after one warm-up forward each; each one's throughput is the median
-of its rounds (wall clock), shown with the spread (slowest and fastest round). Ratios of the best
-rounds and of process CPU time are printed too, as checks that are less sensitive to other load.
+deit_small_patch16_224, random weights, 224 px, batch 32, one process. One pruned copy of the model
+per configuration; eamvit's one timer (:mod:`eamvit.experiments.timer`) times them in interleaved
+rounds (unpruned, EViT, Shannon, Rényi α=2, unpruned, ...) so that other load on the machine hits
+them alike, after one warm-up forward each; each one's throughput is the median of its rounds (wall
+clock), shown with the spread (slowest and fastest round). Ratios of the best rounds are printed too,
+as a check that is less sensitive to other load.
 Prints the EViT/unpruned, entropy/EViT and, last, the entropy/unpruned ratio of medians (entropy =
 the slower of Shannon and Rényi α=2).
 Goals: entropy ≥ 1.5× unpruned and ≥ 0.97× EViT.
@@ -14,21 +15,14 @@ Goals: entropy ≥ 1.5× unpruned and ≥ 0.97× EViT.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import copy
 
 import torch
 
 from eamvit import create_model
+from eamvit.experiments.timer import Stats, time_calls
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.prune import PruneConfig, prune_, unprune_
-
-
-def timed(model, x) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one forward."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    model(x)
-    return time.perf_counter() - t0, time.process_time() - c0
+from eamvit.methods.prune import PruneConfig, prune_
 
 
 def main() -> None:
@@ -51,38 +45,23 @@ def main() -> None:
         "Rényi α=2": PruneConfig(method="renyi", alpha=2.0, keep_rate=args.keep_rate),
     }
 
-    def apply(cfg):
-        unprune_(model)
-        if cfg is not None:
-            prune_(model, cfg)
-
-    gflops = {}
+    models = {}
     for name, cfg in configs.items():
-        apply(cfg)
-        gflops[name] = count_gflops(model)
-    walls: dict[str, list[float]] = {name: [] for name in configs}
-    cpus: dict[str, list[float]] = {name: [] for name in configs}
+        models[name] = copy.deepcopy(model)
+        if cfg is not None:
+            prune_(models[name], cfg)
+    gmacs = {name: count_gflops(m) for name, m in models.items()}
     with torch.inference_mode():
-        for name, cfg in configs.items():  # warm-up: one forward each
-            apply(cfg)
-            model(x)
-        for r in range(args.rounds):
-            for name, cfg in configs.items():
-                apply(cfg)
-                wall, cpu = timed(model, x)
-                walls[name].append(wall)
-                cpus[name].append(cpu)
-    ips = {name: args.batch_size / statistics.median(t) for name, t in walls.items()}
+        calls = [(lambda m: lambda: m(x))(m) for m in models.values()]
+        walls = dict(zip(models, time_calls(calls, warmup=1, reps=args.rounds)))
+    ips = {name: args.batch_size / Stats.of(t).median for name, t in walls.items()}
     best = {name: args.batch_size / min(t) for name, t in walls.items()}
     print(f"deit_small_patch16_224, batch {args.batch_size}, 224 px, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} rounds [slowest, fastest]")
     for name in configs:
         lo, hi = args.batch_size / max(walls[name]), best[name]
-        print(f"  {name:10s} {ips[name]:8.2f} images/s [{lo:.2f}, {hi:.2f}]  {gflops[name]:.2f} GFLOPs")
-    # Best rounds and CPU time are less sensitive to other processes on a shared machine; for diagnosis.
-    cpu = {name: min(t) for name, t in cpus.items()}
-    print("CPU-time ratios to unpruned: " + "  ".join(
-        f"{name} {cpu['unpruned'] / cpu[name]:.3f}" for name in configs if name != "unpruned"))
+        print(f"  {name:10s} {ips[name]:8.2f} images/s [{lo:.2f}, {hi:.2f}]  {gmacs[name]:.2f} GMACs")
+    # Best rounds are less sensitive to other processes on a shared machine; for diagnosis.
     best_entropy = min(best["Shannon"], best["Rényi α=2"])
     print(f"best rounds: entropy/unpruned {best_entropy / best['unpruned']:.3f}  "
           f"entropy/EViT {best_entropy / best['EViT']:.3f}")

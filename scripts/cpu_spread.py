@@ -54,7 +54,8 @@ def top1_rows(folder: Path) -> dict[tuple[str, int], dict]:
 
 
 def label(row: dict) -> str:
-    keys = ("method", "selection", "w_bits", "a_bits", "tau", "keep_rate", "maps_from", "values")
+    keys = ("label", "quant", "bits", "w_bits", "a_bits", "selection", "granularity", "tau", "maps", "value_bits",
+            "prune", "alpha", "keep_rate", "runtime")  # settings of eamvit.columns.COLUMNS
     return " ".join(f"{k}={row[k]}" for k in keys if row.get(k) not in (None, ""))
 
 

@@ -20,7 +20,7 @@ def test_compare_rows_equal_direct_quantization_and_sizes_agree_across_tables():
     repq = RepQConfig(calib_size=8)
     cfg = CompareConfig(methods=("fp", "repq"), settings=((4, 4),), repq=repq, batch_size=16)
     rows = compare(lambda: fp, calib, test, cfg)
-    assert [(r["method"], r["bits"]) for r in rows] == [("fp", "32/32"), ("repq", "4/4")]
+    assert [(r["quant"], r["bits"]) for r in rows] == [("fp", "32/32"), ("repq", "4/4")]
 
     q = quantize_(copy.deepcopy(fp), repq, calib)
     assert rows[1]["top1"] == evaluate(q, test, progress=False)["top1"]
@@ -28,13 +28,12 @@ def test_compare_rows_equal_direct_quantization_and_sizes_agree_across_tables():
     assert rows[1]["top1_delta"] == pytest.approx(rows[1]["top1"] - rows[0]["top1"], abs=1e-3)
     assert rows[0]["model_bytes"] == 4 * sum(p.numel() for p in fp.parameters())
     assert rows[1]["model_bytes"] == model_size(q).model_bytes
-    assert rows[1]["size_mb"] == round(rows[1]["model_bytes"] / 1e6, 4)
 
     # The quantized sweep reports the same RepQ-ViT model with the same bytes.
     res = quant_sweep(fp, test, calib, repq, QuantSweepConfig(taus=(0.0,), random_seeds=(0,), maps=("quant",),
                                                              values=("quant",), entropy_bits=4, batch_size=16),
                       progress=False)
-    swept = next(r for r in res["rows"] if r["method"] == "repq")
+    swept = next(r for r in res["rows"] if r["quant"] == "repq" and r["selection"] is None)
     assert swept["model_bytes"] == rows[1]["model_bytes"] and swept["top1"] == rows[1]["top1"]
 
     md = markdown_table(rows).splitlines()
@@ -47,6 +46,6 @@ def test_compare_with_freezing_adds_the_frozen_fraction():
     cfg = CompareConfig(methods=("repq",), settings=((6, 6),), repq=RepQConfig(calib_size=8), freeze_sparsity=0.3,
                         entropy_bits=4, batch_size=16)
     rows = compare(lambda: fp, Images(12, seed=0), Images(6, seed=1), cfg)
-    assert rows[0]["sparsity"] == 0.3 and rows[0]["frozen"] == pytest.approx(0.3, abs=0.02)
+    assert rows[0]["tau"] == 0.3 and rows[0]["frozen_fraction"] == pytest.approx(0.3, abs=0.02)
     assert rows[0]["top1_delta"] is None  # no full-precision row to compare with
     assert "EAM τ" in markdown_table(rows)

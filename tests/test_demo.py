@@ -192,7 +192,7 @@ def test_short_export_table_is_fp32_and_eamvit_int8():
 
     model = load_demo_model()
     rows = export_table(model, reps=3, short=True)
-    assert [(r["model"], r["runtime"]) for r in rows] == [
+    assert [(r["label"], r["runtime"]) for r in rows] == [
         ("fp32", "PyTorch"), ("fp32", "ONNX Runtime"), ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch"),
         ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime")]
     reference = evaluate(model, DigitsDataset("test"), progress=False)["top1"]  # the model as PyTorch runs it

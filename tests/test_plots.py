@@ -153,22 +153,22 @@ def test_kl_figures_are_numbered_from_zero_and_do_not_overlap(kl_maps, tmp_path)
 
 
 def _prune_rows() -> list[dict]:
-    rows = [{"method": "none", "alpha": None, "keep_rate": 1.0, "top1": 98.0, "gflops": 0.0128}]
+    rows = [{"prune": None, "alpha": None, "keep_rate": None, "top1": 98.0, "gmacs": 0.0128}]
     for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None), ("random", None)):
         for k, g in ((0.7, 0.0099), (0.5, 0.0083)):
-            rows.append({"method": m, "alpha": a, "keep_rate": k, "top1": 90 * k,
-                         "gflops": g + (0.0001 if m == "evit" else 0.0)})  # EViT keeps one fused token more
+            rows.append({"prune": m, "alpha": a, "keep_rate": k, "top1": 90 * k,
+                         "gmacs": g + (0.0001 if m == "evit" else 0.0)})  # EViT keeps one fused token more
     return rows
 
 
 def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
-    from eamvit.plots.prune import plot_top1_vs_gflops
+    from eamvit.plots.prune import plot_top1_vs_gmacs
 
     rows = _prune_rows()
-    fig = plot_top1_vs_gflops(rows, tmp_path / "prune.png")
+    fig = plot_top1_vs_gmacs(rows, tmp_path / "prune.png")
     assert_sane_png(tmp_path / "prune.png")
     ax = fig.axes[0]
-    assert ax.get_xlabel().startswith("GFLOPs")  # the unit of the sweep's table
+    assert ax.get_xlabel().startswith("GMACs")  # the unit of the sweep's table
     texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
     assert not any("MFLOP" in s for s in texts)
     assert not ax.texts  # no per-point labels that could pile up at one κ
@@ -178,7 +178,7 @@ def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
     points = [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker()) for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
     assert len(points) == len(rows) - 1
     for r in rows[1:]:
-        assert (r["gflops"], r["top1"], legend[f"κ = {r['keep_rate']:g}"].get_marker()) in points
+        assert (r["gmacs"], r["top1"], legend[f"κ = {r['keep_rate']:g}"].get_marker()) in points
     assert legend["κ = 0.7"].get_marker() != legend["κ = 0.5"].get_marker()
     assert_no_overlaps(fig)
 
@@ -303,10 +303,11 @@ def test_quant_sweep_repq_reference_shows_where_the_eam_curves_lie_on_it(tmp_pat
 
     rows = []
     for t in (0.0, 0.1, 0.2, 0.3):
-        rows += [{"method": "fp", "tau": t, "top1": 99.0}, {"method": "repq", "tau": t, "top1": 97.0}]
-        rows += [{"method": "eam", "maps": m, "values": v, "tau": t, "top1": 97.0}  # exactly on RepQ-ViT
-                 for m in ("fp", "quant") for v in ("fp32", "4bit")]
-        rows.append({"method": "random", "maps": "quant", "values": "4bit", "tau": t, "top1": 97.0 - 40 * t})
+        rows += [{"quant": "fp", "tau": t, "top1": 99.0}, {"quant": "repq", "tau": t, "top1": 97.0}]
+        rows += [{"quant": "repq", "selection": "entropy", "maps": m, "value_bits": v, "tau": t,
+                  "top1": 97.0} for m in ("fp", "quant") for v in (32, 4)]  # exactly on RepQ-ViT
+        rows.append({"quant": "repq", "selection": "random", "maps": "quant", "value_bits": 4, "tau": t,
+                     "top1": 97.0 - 40 * t})
     fig = plot_quant_sweep(rows, tmp_path / "q.png")
     ax = fig.axes[0]
     repq = next(ln for ln in ax.get_lines() if ln.get_label().startswith("RepQ-ViT"))
@@ -322,9 +323,9 @@ def test_quant_sweep_repq_reference_shows_where_the_eam_curves_lie_on_it(tmp_pat
 
 
 def test_prune_figure_ticks_read_as_gflops_without_offset(tmp_path):
-    from eamvit.plots.prune import plot_top1_vs_gflops
+    from eamvit.plots.prune import plot_top1_vs_gmacs
 
-    fig = plot_top1_vs_gflops(_prune_rows(), tmp_path / "prune.png")
+    fig = plot_top1_vs_gmacs(_prune_rows(), tmp_path / "prune.png")
     _render(fig)
     ax = fig.axes[0]
     assert ax.xaxis.get_offset_text().get_text() == ""

@@ -27,7 +27,7 @@ def test_prune_sweep(tmp_path):
     assert main(["sweep", "--prune", *M, "--num-samples", "32", "--keep-rates", "0.7", "--methods",
                  "shannon,evit", "--no-throughput", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "prune_sweep.json").read_text())
-    assert [r["method"] for r in rows] == ["none", "shannon", "evit"]
+    assert [r["prune"] for r in rows] == [None, "shannon", "evit"]
     assert (tmp_path / "prune_sweep.png").is_file() and (tmp_path / "prune_sweep.md").is_file()
     assert (tmp_path / "kept_patches.png").stat().st_size > 1000 and (tmp_path / "token_entropy.png").is_file()
 

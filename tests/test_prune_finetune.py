@@ -109,9 +109,10 @@ def test_sweep_and_table(digits, tmp_path):
     rows = prune_sweep(m, test, keep_rates=(0.7, 0.5), methods=[("shannon", None), ("renyi", math.inf),
                                                                  ("evit", None)],
                        throughput_batch=4, throughput_iters=3, progress=False)
-    assert [r["method"] for r in rows] == ["none", "shannon", "renyi", "evit"] * 1 + ["shannon", "renyi", "evit"]
+    assert [r["prune"] for r in rows] == [None, "shannon", "renyi", "evit"] * 1 + ["shannon", "renyi", "evit"]
+    assert rows[0]["keep_rate"] is None and all("tau" not in r for r in rows)  # blank where they do not apply
     assert rows[2]["alpha"] == "inf" and rows[1]["tokens"] == "64-45-32-23"
-    assert all(r["gflops"] < rows[0]["gflops"] for r in rows[1:]) and all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:]) and all(r["images_per_s"] > 0 for r in rows)
     assert not hasattr(m, "eam_prune")
 
     train, _ = digits
@@ -119,9 +120,9 @@ def test_sweep_and_table(digits, tmp_path):
                            progress=False, throughput_batch=4)
     assert "top1_finetuned" in rows[1] and md.count("\n") == 4 and "EViT" in md
 
-    from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gflops
+    from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches, plot_top1_vs_gmacs
 
-    plot_top1_vs_gflops(rows, tmp_path / "tradeoff.png")
+    plot_top1_vs_gmacs(rows, tmp_path / "tradeoff.png")
     masks = kept_patch_masks(m, test[0][0], [PruneConfig(keep_rate=0.5), PruneConfig(method="evit", keep_rate=0.5)])
     assert list(masks) == ["Shannon", "EViT"] and [int(k.sum()) for k in masks["Shannon"]] == [32, 16, 8]
     plot_kept_patches(test[0][0], masks, tmp_path / "kept.png", mean=[0.5], std=[0.5])

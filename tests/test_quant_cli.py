@@ -66,7 +66,8 @@ def test_sweep_quant_writes_everything(tmp_path, image_folder, ckpt, capsys):
               "kl_per_head.png", "kl_cls_L0.png"):
         assert (out_dir / f).is_file(), f
     rows = json.loads((out_dir / "sweep.json").read_text())
-    assert {r["method"] for r in rows} == {"fp", "repq", "eam", "random"}
+    assert {(r["quant"], r["selection"]) for r in rows} == {("fp", None), ("repq", None), ("repq", "entropy"),
+                                                            ("repq", "random")}
     assert "RepQ-ViT" in (out_dir / "table1.md").read_text()
 
 
@@ -120,9 +121,9 @@ def test_sweep_quant_state_rows_say_the_state_bits(tmp_path, image_folder, ckpt,
                          "--out", tmp_path / "s")
     assert code == 0, err
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    quantized = [r for r in rows if r["method"] != "fp"]
-    assert quantized and all(r["precision"] == "6/6" for r in quantized)
-    assert {r["values"] for r in quantized} >= {"6bit"}  # frozen values default to the state's a_bits
+    quantized = [r for r in rows if r["quant"] != "fp"]
+    assert quantized and all(r["bits"] == "6/6" for r in quantized)
+    assert {r["value_bits"] for r in quantized} >= {6}  # frozen values default to the state's a_bits
 
 
 def test_export_qdq_refuses_low_bit_activations_before_calibrating(tmp_path, image_folder, ckpt, capsys):

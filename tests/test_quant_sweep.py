@@ -75,23 +75,24 @@ def _sweep(spec, taus=(0.0, 0.1, 0.2), **kw):
 def test_quant_sweep_rows_table_and_sizes(tmp_path):
     fp, res = _sweep(TINY_VIT)
     rows = res["rows"]
-    keys = {(r["method"], r["maps"], r["values"]) for r in rows}
-    assert keys == {("fp", None, None), ("repq", None, None), ("eam", "fp", "fp32"), ("eam", "fp", "4bit"),
-                    ("eam", "quant", "fp32"), ("eam", "quant", "4bit"), ("random", "quant", "4bit")}
+    keys = {(r["quant"], r["selection"], r["maps"], r["value_bits"]) for r in rows}
+    assert keys == {("fp", None, None, None), ("repq", None, None, None), ("repq", "entropy", "fp", 32),
+                    ("repq", "entropy", "fp", 4), ("repq", "entropy", "quant", 32), ("repq", "entropy", "quant", 4),
+                    ("repq", "random", "quant", 4)}
     assert len(rows) == 3 * 7
-    repq = next(r for r in rows if r["method"] == "repq")
-    fpr = next(r for r in rows if r["method"] == "fp")
+    repq = next(r for r in rows if r["quant"] == "repq" and r["selection"] is None)
+    fpr = next(r for r in rows if r["quant"] == "fp")
     for r in rows:
-        if r["tau"] == 0.0 and r["method"] in ("eam", "random") and r["values"] == "fp32":
+        if r["tau"] == 0.0 and r["selection"] and r["value_bits"] == 32:
             assert r["top1"] == repq["top1"]  # τ = 0 freezes nothing
-        if r["tau"] == 0.2 and r["method"] != "fp" and r["method"] != "repq":
+        if r["tau"] == 0.2 and r["selection"]:
             assert r["frozen_fraction"] == pytest.approx(0.2, abs=0.01)
             assert r["entries_skipped"] > 0 and r["qk_macs_skipped"] == r["entries_skipped"] * 16
     # Sizes: 4-bit weights shrink the model; 4-bit frozen values take 1/8 of fp32 ones.
     assert repq["model_bytes"] < fpr["model_bytes"] / 3
     assert fpr["model_bytes"] == sum(p.numel() * 4 for p in fp.parameters())
-    f32 = next(r for r in rows if r["tau"] == 0.2 and r["maps"] == "quant" and r["values"] == "fp32")
-    f4 = next(r for r in rows if r["tau"] == 0.2 and r["maps"] == "quant" and r["values"] == "4bit")
+    f32 = next(r for r in rows if r["tau"] == 0.2 and r["maps"] == "quant" and r["value_bits"] == 32)
+    f4 = next(r for r in rows if r["tau"] == 0.2 and r["maps"] == "quant" and r["value_bits"] == 4)
     mask = (f32["attention_entries"] + 7) // 8
     assert f32["frozen_map_bytes"] - mask == f32["entries_skipped"] * 4
     assert f4["frozen_map_bytes"] - mask == (f4["entries_skipped"] * 4 + 7) // 8
@@ -109,13 +110,14 @@ def test_quant_sweep_rows_table_and_sizes(tmp_path):
 
 def test_quant_sweep_on_swin():
     _, res = _sweep(TINY_SWIN, taus=(0.5,), random_seeds=(0,), maps=("quant",), values=("quant",))
-    r = next(r for r in res["rows"] if r["tau"] == 0.5 and r["method"] == "eam")
+    r = next(r for r in res["rows"] if r["tau"] == 0.5 and r["selection"] == "entropy")
     assert r["frozen_fraction"] == pytest.approx(0.5, abs=0.01)
     assert res["kl"].cls_rows(0) is None
 
 
 def test_table_without_tau_rows_and_bad_config():
-    rows = [{"method": "fp", "maps": None, "values": None, "tau": 0.0, "precision": "32/32", "top1": 90.0}]
+    rows = [{"quant": "fp", "selection": None, "maps": None, "value_bits": None, "tau": 0.0, "bits": "32/32",
+             "top1": 90.0}]
     assert "EAM" not in markdown(*table1(rows, "m"))
     with pytest.raises(EamError):
         QuantSweepConfig(taus=(1.5,)).validate()

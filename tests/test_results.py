@@ -6,7 +6,7 @@ import math
 import pytest
 
 from eamvit.errors import EamError
-from eamvit.experiments.results import (VALIDATE_FIELDS, Column, ResultRow, format_sweep_table, markdown,
+from eamvit.experiments.results import (Column, ResultRow, format_sweep_table, markdown,
                                         sweep_table, write_table)
 
 
@@ -73,7 +73,9 @@ def test_result_row_reads_like_timm_validate_rows(tmp_path):
                     param_count=0.2, img_size=16, fields={"tau": 0.1, "selection": "random"}, top1_std=0.39,
                     seeds=3)
     d = row.to_dict()
-    assert list(d)[:len(VALIDATE_FIELDS)] == list(VALIDATE_FIELDS)
+    timm = ["model", "top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images", "param_count",
+            "img_size", "crop_pct", "interpolation"]  # timm validate.py's row, in its order
+    assert list(d)[:len(timm)] == timm
     assert d["tau"] == 0.1 and row["selection"] == "random" and row.get("missing") is None
     assert "images_per_s" not in d
     files = write_table(tmp_path / "r", [row])
@@ -116,8 +118,8 @@ def test_retitle_renames_markdown_headers_only(tmp_path):
 def test_export_table_reads_as_text():
     from eamvit.experiments.export_table import EXPORT_COLUMNS
 
-    row = {"model": "fp32", "runtime": "ONNX Runtime", "top1": 98.889, "file_bytes": 1234567,
-           "images_per_s": 20345.6, "spread": 0.123}
+    row = {"label": "fp32", "runtime": "ONNX Runtime", "top1": 98.889, "file_bytes": 1234567,
+           "images_per_s": 20345.6, "images_per_s_p25": 19876.4, "images_per_s_p75": 21000.0}
     header, _, line = markdown([row], EXPORT_COLUMNS).splitlines()
     assert "file_bytes" not in header and "images_per_s" not in header and "top1 " not in header
-    assert line == "| fp32 | ONNX Runtime | 98.89 | 1,234,567 | 20,346 | 12.3% |"
+    assert line == "| fp32 | ONNX Runtime | 98.89 | 1,234,567 | 20,346 | 19,876 | 21,000 |"

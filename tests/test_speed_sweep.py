@@ -36,8 +36,9 @@ def test_rows_match_each_state_evaluated_alone(setup):
         before = model(x)
     rows = speed_sweep(model, maps, EvalData(data, batch_size=8), [0.0, 0.5], ("entry", "head"),
                        [("evit", None)], [0.5], Timing(batch_size=2, warmup=0, reps=3), progress=False)
-    assert [(r["method"], r["tau"], r["keep_rate"]) for r in rows] == [
-        ("unmodified", 0.0, 1.0), ("freeze (entry)", 0.5, 1.0), ("freeze (head)", 0.5, 1.0), ("prune (EViT)", 0.0, 0.5)]
+    assert [(r["selection"], r["granularity"], r["tau"], r["prune"], r["keep_rate"]) for r in rows] == [
+        (None, None, None, None, None), ("entropy", "entry", 0.5, None, None), ("entropy", "head", 0.5, None, None),
+        (None, None, None, "evit", 0.5)]  # a setting that does not apply is blank
     with torch.no_grad():  # the sweep left the model as it found it
         assert torch.equal(model(x), before)
     # Each row's top-1 and cost against the same state set up by hand and evaluated on its own.
@@ -53,6 +54,9 @@ def test_rows_match_each_state_evaluated_alone(setup):
         assert row["predicted_speedup"] == pytest.approx(full / row["gmacs"], rel=1e-3)
         assert row["speedup_p25"] <= row["speedup"] <= row["speedup_p75"]
         assert row["images_per_s"] > 0
+    for row in rows:  # images/s tell the same story as the measured ×, the unmodified row included
+        assert row["images_per_s"] / rows[0]["images_per_s"] == pytest.approx(row["speedup"] / rows[0]["speedup"],
+                                                                              rel=0.01)
     entry, head = rows[1], rows[2]
     assert entry["gmacs"] == pytest.approx(full, rel=1e-6) and entry["predicted_speedup"] == 1  # entries save nothing
     assert head["gmacs"] < full and head["gmacs_skippable"] == 0  # heads are skipped, not merely skippable
@@ -66,8 +70,12 @@ def test_cli_writes_table_and_plot(tmp_path, image_folder, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = json.loads((out / "speed_sweep.json").read_text())
-    assert [r["method"] for r in rows] == ["unmodified", "freeze (entry)", "freeze (row)", "freeze (head)",
-                                           "prune (Shannon)", "prune (Rényi α=2)"]
+    assert [(r["granularity"], r["prune"], r["alpha"]) for r in rows] == [
+        (None, None, None), ("entry", None, None), ("row", None, None), ("head", None, None),
+        (None, "shannon", None), (None, "renyi", 2.0)]
+    md = [line.split(" | ")[0] for line in (out / "speed_sweep.md").read_text().splitlines()[2:]]
+    assert md == ["| unmodified", "| freeze (entry)", "| freeze (row)", "| freeze (head)", "| prune (Shannon)",
+                  "| prune (Rényi α=2)"]
     assert all(r["images_per_s"] > 0 and r["predicted_speedup"] >= 1 for r in rows)
     header = (out / "speed_sweep.csv").read_text().splitlines()[0].split(",")
     assert {"top1", "gmacs", "predicted_speedup", "speedup", "images_per_s_p25", "frozen_fraction"} <= set(header)
@@ -120,14 +128,14 @@ def test_plot_draws_one_line_per_method_in_sweep_order(tmp_path):
 def test_summary_picks_the_fastest_point_within_the_accuracy_budget():
     from eamvit.experiments.speed_sweep import summary_lines
 
-    def row(method, top1, speedup, tau=0.0, keep=1.0, gran=""):
-        return {"method": method, "top1": top1, "speedup": speedup, "speedup_p25": speedup - 0.05,
-                "speedup_p75": speedup + 0.05, "predicted_speedup": speedup + 0.1, "tau": tau, "keep_rate": keep,
-                "granularity": gran}
+    def row(top1, speedup, tau=None, keep=None, gran=None, prune=None):
+        return {"top1": top1, "speedup": speedup, "speedup_p25": speedup - 0.05, "speedup_p75": speedup + 0.05,
+                "predicted_speedup": speedup + 0.1, "tau": tau, "keep_rate": keep, "granularity": gran,
+                "prune": prune, "alpha": None}
 
-    rows = [row("unmodified", 90.0, 1.0), row("freeze (entry)", 89.9, 0.8, 0.5, gran="entry"),
-            row("freeze (head)", 89.5, 1.1, 0.5, gran="head"), row("freeze (head)", 80.0, 1.3, 0.9, gran="head"),
-            row("prune (EViT)", 89.0, 1.02, keep=0.7), row("prune (EViT)", 88.9, 1.9, keep=0.5)]
+    rows = [row(90.0, 1.0), row(89.9, 0.8, 0.5, gran="entry"),
+            row(89.5, 1.1, 0.5, gran="head"), row(80.0, 1.3, 0.9, gran="head"),
+            row(89.0, 1.02, keep=0.7, prune="evit"), row(88.9, 1.9, keep=0.5, prune="evit")]
     freeze, prune, freeze5, prune5, entry = summary_lines(rows, max_drops=(1.0, 5.0))
     assert "freeze (head) at τ=0.5" in freeze and "×1.100" in freeze  # τ=0.9 is faster but 10 points worse
     assert freeze.endswith(": faster than the unmodified model")

@@ -22,7 +22,7 @@ def draw_figure(figure) -> None:
 
     plots = {f.__name__: f for f in (entropy.plot_cls_entropy, entropy.plot_full_entropy, entropy.plot_head_summary,
                                      entropy.plot_sweep, speed.plot_top1_vs_speedup, quant.plot_quant_sweep,
-                                     quant.plot_kl_per_head, quant.plot_kl_cls, prune.plot_top1_vs_gflops,
+                                     quant.plot_kl_per_head, quant.plot_kl_cls, prune.plot_top1_vs_gmacs,
                                      prune.plot_kept_patches, prune.plot_entropy_histograms,
                                      optimize.plot_pareto)}
     plots[figure.plot](*figure.args, **figure.kwargs)

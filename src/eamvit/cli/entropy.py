@@ -180,7 +180,7 @@ def cmd_quant_sweep(args) -> None:
         raise EamError("sweep --quant takes one --scopes value")
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, _ = build_data(args, model, need_calib=True)
+    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=True)
     q_model, qcfg = None, quant_config(args)
     if getattr(args, "quant_state", None):
         q_model = copy.deepcopy(model)
@@ -195,7 +195,7 @@ def cmd_quant_sweep(args) -> None:
     flush_warnings()
     res = quant_sweep(model, ev, cal, qcfg, sweep, eval_indices=ev_idx, map_indices=cal_idx,
                       repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
-                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
+                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None, data_config=cfg)
     _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{qcfg.w_bits}/A{qcfg.a_bits}")
     print(res["table"])
 

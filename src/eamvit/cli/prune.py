@@ -14,7 +14,7 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.experiments.results import write_table
     from eamvit.io import ensure_writable_dir, write_text
     from eamvit.methods.prune import method_config, parse_methods
-    from eamvit.plots.prune import plot_top1_vs_gflops
+    from eamvit.plots.prune import plot_top1_vs_gmacs
 
     methods = parse_methods(args.methods or SWEEP_METHODS)
     args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
@@ -33,7 +33,7 @@ def cmd_prune_sweep(args) -> None:
         md = markdown_table(rows)
         files = write_table(out / "prune_sweep", rows, formats=("csv", "json"))
         write_text(out / "prune_sweep.md", md)
-        plot_top1_vs_gflops(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
+        plot_top1_vs_gmacs(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
         _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
         print(md)
         print(f"wrote {files['csv']}, {files['json']}, {out / 'prune_sweep.md'}, {out / 'prune_sweep.png'}")

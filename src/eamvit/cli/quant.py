@@ -135,7 +135,8 @@ def _row(model: nn.Module) -> dict[str, Any]:
         row["bits"] = cfg.label
         report = getattr(model, "eam_quant_report", None)
         if report:
-            row["size_mb"] = round(report["chosen_size_mb"], 4)
+            # Not model_bytes: PMQ's budget counts only the weights it quantizes, at their bits.
+            row["pmq_weight_mb"] = round(report["chosen_size_mb"], 4)
     return row
 
 

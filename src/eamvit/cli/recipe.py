@@ -174,7 +174,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
     from eamvit.cli.quant import _row
 
     freeze = recipe.step("freeze")
-    extra: dict[str, Any] = {"tau": freeze.tau if freeze is not None else 0.0}
+    extra: dict[str, Any] = {"tau": freeze.tau} if freeze is not None else {}  # blank where nothing is frozen
     if state:
         extra["state"] = str(state)
     if getattr(model, "eam_quant_config", None) is not None:
@@ -194,7 +194,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         rep = reports.get("prune")
         tokens = rep.tokens_per_stage if rep is not None else tokens
         extra.update(prune=prune.method, keep_rate=prune.keep_rate, tokens="-".join(map(str, tokens)),
-                     gflops=round(count_gflops(model), 4))
+                     gmacs=round(count_gflops(model), 4))
         if rep is not None:
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
         if prune.method == "renyi":
@@ -207,7 +207,7 @@ def _freeze_fields(model, freeze, rep) -> dict[str, Any]:
 
     acct = cost_account(model)
     out = {"scope": freeze.resolved_scope, "selection": freeze.selection, "granularity": freeze.granularity,
-           "gflops": round(acct.gmacs, 4), "predicted_speedup": round(acct.predicted_speedup, 4)}
+           "gmacs": round(acct.gmacs, 4), "predicted_speedup": round(acct.predicted_speedup, 4)}
     if rep is not None:
         out.update(frozen_fraction=round(rep.frozen_fraction, 6), frozen_window_masked=rep.frozen_window_masked)
     out["value_bits"] = freeze.value_bits if freeze.value_bits else 32

@@ -7,8 +7,10 @@ and optionally freezes the lowest-entropy attention entries at sparsity τ on to
 :func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
 size, top-1 and its drop from full precision). :func:`compare_table` is the demo's fast version.
 
-Model size: :func:`eamvit.experiments.size.model_size` (quantized weights at their bits, quantizer
-scales and zero points and every other parameter at 32 bits); MB = 10^6 bytes.
+Model size: ``model_bytes``, :func:`eamvit.experiments.size.model_size` (quantized weights at their
+bits, quantizer scales and zero points and every other parameter at 32 bits); the table shows it in
+MB = 10^6 bytes. Rows name the quantization method ``quant`` (``fp`` for the full-precision row) and,
+with freezing, its ``tau`` and ``frozen_fraction``.
 """
 from __future__ import annotations
 
@@ -113,15 +115,15 @@ def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tens
             quantize_(m, cfg, calib, progress=config.progress)
         seconds = time.perf_counter() - t0
         size = model_size(m)
-        fields: dict[str, Any] = {"size_mb": round(size.mb, 4), "model_bytes": size.model_bytes,
+        fields: dict[str, Any] = {"model_bytes": size.model_bytes,
                                   "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
         if config.freeze_sparsity is not None:
-            fields["sparsity"] = config.freeze_sparsity
-            fields["frozen"] = _freeze(m, calib, config.freeze_sparsity, config.entropy_bits, config.batch_size,
+            fields["tau"] = config.freeze_sparsity
+            fields["frozen_fraction"] = _freeze(m, calib, config.freeze_sparsity, config.entropy_bits, config.batch_size,
                                        config.progress)
         yield Applied(fields, model=m)
 
-    return Point({"method": method, "bits": label}, quantized)
+    return Point({"quant": method, "bits": label}, quantized)
 
 
 def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tensor, test: Dataset,
@@ -129,11 +131,10 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
             test_indices: Optional[Sequence[int]] = None, data_config: Optional[dict] = None) -> list[ResultRow]:
     """One row per method and setting, on :func:`~eamvit.experiments.runner.run_sweep`.
 
-    Each quantized row starts from a copy of one full-precision model. Rows carry ``method``,
-    ``bits`` (W/A or W/A/P), ``size_mb`` and ``model_bytes``
-    (:func:`~eamvit.experiments.size.model_size`), ``calib_seconds``, ``top1_delta`` (against the
-    full-precision row, when there is one), the accuracy fields, and ``sparsity``, ``frozen`` with
-    freezing.
+    Each quantized row starts from a copy of one full-precision model. Rows carry ``quant``,
+    ``bits`` (W/A or W/A/P), ``model_bytes`` (:func:`~eamvit.experiments.size.model_size`),
+    ``calib_seconds``, ``top1_delta`` (against the full-precision row, when there is one), the
+    accuracy fields, and ``tau``, ``frozen_fraction`` with freezing.
 
     Args:
         model_factory: returns the full-precision, instrumented model (called once).
@@ -154,18 +155,18 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
     points = [_method_point(method, label, cfg, calib, config) for method, label, cfg in _runs(config)]
     data = EvalData(test, test_indices, batch_size=config.batch_size, device=device, data_config=data_config)
     rows = run_sweep(model, data, points, progress=config.progress, desc="compare")
-    fp = next((r["top1"] for r in rows if r["method"] == "fp"), None)
+    fp = next((r["top1"] for r in rows if r["quant"] == "fp"), None)
     for r in rows:
-        r.fields["top1_delta"] = round(r["top1"] - fp, 3) if fp is not None and r["method"] != "fp" else None
+        r.fields["top1_delta"] = round(r["top1"] - fp, 3) if fp is not None and r["quant"] != "fp" else None
     return rows
 
 
 def compare_columns(rows: Sequence[ResultRow | dict]) -> list[Column]:
     """The seeds' table (PMQ Table III): Method | W/A(/P) | Size (MB) | Top-1 | Δ top-1 | Calib. (s)."""
-    cols = [Column("method", "Method", NAMES.get), Column("bits", "W/A(/P)")]
-    if any("sparsity" in r for r in rows):
-        cols.append(Column("sparsity", "EAM τ"))
-    return cols + [Column("size_mb", "Size (MB)", ".3f"), Column("top1", "Acc (Top-1)", ".2f"),
+    cols = [Column("quant", "Method", NAMES.get), Column("bits", "W/A(/P)")]
+    if any("tau" in r for r in rows):
+        cols.append(Column("tau", "EAM τ"))
+    return cols + [Column("model_bytes", "Size (MB)", lambda b: f"{b / 1e6:.3f}"), Column("top1", "Acc (Top-1)", ".2f"),
                    Column("top1_delta", "Δ top-1", "+.2f"), Column("calib_seconds", "Calib. (s)", ".1f")]
 
 
@@ -177,7 +178,7 @@ def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
 def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, test_ds: Dataset,
                   freeze_sparsity: Optional[float] = None, adfq_iterations: int = 20, calib_size: int = 64,
                   device: torch.device | str | None = None, test_indices: Optional[Sequence[int]] = None,
-                  progress: bool = False) -> tuple[list[ResultRow], str]:
+                  progress: bool = False, data_config: Optional[dict] = None) -> tuple[list[ResultRow], str]:
     """The demo's comparison with fast settings: few reconstruction iterations, small calibration sets.
 
     Args:
@@ -190,6 +191,7 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
         device: where to run.
         test_indices: evaluate on these items only.
         progress: progress bars.
+        data_config: the data config ``test_ds`` was built with (recorded in the rows).
 
     Returns:
         ``(rows, markdown)``.
@@ -197,5 +199,6 @@ def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, tes
     cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations),
                         pmq=pmq.PMQConfig(), pmq_budgets=("8/8/4(MP)",),
                         freeze_sparsity=freeze_sparsity, progress=progress)
-    rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices)
+    rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices,
+                   data_config=data_config)
     return rows, markdown_table(rows)

@@ -39,7 +39,7 @@ from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, 
 from eamvit.experiments.runner import EvalData, Timing
 from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
-from eamvit.methods.data import DigitsDataset
+from eamvit.methods.data import DigitsDataset, digits_data_config
 from eamvit.methods.evaluate import evaluate
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
@@ -82,6 +82,11 @@ class DemoRun:
     base: dict[str, Any] = field(default_factory=dict)
     maps: Optional[EntropyMaps] = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The digits' preprocessing, as every row records it (``data_config_source`` ``digits``)."""
+        return {**digits_data_config(DEMO_KWARGS["img_size"]), "source": "digits"}
 
 
 @dataclass
@@ -205,7 +210,7 @@ def _figures_step(demo: DemoRun) -> dict:
 
 def _sweep_step(demo: DemoRun) -> dict:
     """Entropy against random freezing over τ, per scope (sweep.csv/json/md, sweep.png)."""
-    data = EvalData(demo.test, batch_size=256, device=demo.device)
+    data = EvalData(demo.test, batch_size=256, device=demo.device, data_config=demo.data_config)
     rows: list[ResultRow] = []
     scopes = SCOPES if demo.full else SCOPES[:1]
     for scope in scopes:
@@ -266,7 +271,8 @@ def _speed_step(demo: DemoRun) -> dict:
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
-    rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device), SPEED_TAUS,
+    rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device, data_config=demo.data_config),
+                       SPEED_TAUS,
                        keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
@@ -281,7 +287,8 @@ projection, scores and softmax; frozen entries (the paper's granularity) skip no
 row's softmax needs all its scores. `GMACs/image` is what the cost model counts as executed, `predicted ×`
 the ratio of MACs. `measured ×` times the point and an unmodified copy in alternation,
 {SPEED_TIMING.reps} forwards of {SPEED_TIMING.batch_size} random images each, and gives the median of the per-forward ratios
-(p25/p75: quartiles), on this machine during the demo. At 0.015 GMACs per image this model is
+(p25/p75: quartiles), on this machine during the demo; `images/s` is the unmodified copy's throughput
+over the sweep times that ×, so the two columns agree. At 0.015 GMACs per image this model is
 small enough for per-operation overhead to weigh heavily: the unmodified row, timed against its
 own copy, shows the noise floor. Freezing picks the lowest-entropy units (entries per head, rows
 and heads per layer); pruning is off the shelf.
@@ -302,7 +309,8 @@ def _frozen_finetune_step(demo: DemoRun) -> dict:
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     train = train_dataset("digits", data_config(model), augment="shift")
-    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device, progress=True)
+    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device, progress=True,
+                                 data_config=demo.data_config)
     write_table(out / "frozen_finetune", rows)
     table = markdown_table(rows)
     c = SHORT_RECIPE
@@ -327,7 +335,8 @@ def _quant_step(demo: DemoRun) -> dict:
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
     res = quant_sweep(model, test, train, RepQConfig(w_bits=4, a_bits=4),
-                      QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device)
+                      QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device,
+                      data_config=demo.data_config)
     rows = res["rows"]
     write_table(out / "quant_sweep", rows)
     figures = [Figure("plot_quant_sweep", (rows, out / "quant_sweep.png"),
@@ -364,12 +373,12 @@ def _prune_step(demo: DemoRun) -> dict:
     from eamvit.ops.scores import default_blocks
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
-    rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device)
+    rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device, data_config=demo.data_config)
     write_table(out / "prune", rows)
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
     masks, entropies = figure_data(model, images, configs)
-    figures = [Figure("plot_top1_vs_gflops", (rows, out / "prune.png"),
+    figures = [Figure("plot_top1_vs_gmacs", (rows, out / "prune.png"),
                       {"title": "digits ViT: token pruning, off the shelf"}),
                Figure("plot_kept_patches", (images[0], masks, out / "kept_patches.png"),
                       {"mean": [DIGITS_MEAN], "std": [DIGITS_STD], "blocks": default_blocks(len(model.blocks)),
@@ -379,11 +388,11 @@ def _prune_step(demo: DemoRun) -> dict:
     md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))} of 0..{len(model.blocks) - 1}
-(numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s: median of 10 timed forwards of 32 images on
+(numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s: median of 10 timed forwards of 64 images on
 this machine during the demo (`prune.csv` has the interquartile range).
 
 {table}
-![top-1 against GFLOPs](prune.png)
+![top-1 against GMACs](prune.png)
 
 `kept_patches.png`: the patches each method keeps at every stage, over one test digit (Fig. 4 of
 *Rényi Attention Entropy for Patch Pruning*);
@@ -399,7 +408,7 @@ def _compare_step(demo: DemoRun) -> dict:
 
     ckpt, train, test, out, device = demo.ckpt, demo.train, demo.test, demo.out, demo.device
     rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device,
-                                progress=True)
+                                progress=True, data_config=demo.data_config)
     write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
 
@@ -430,7 +439,7 @@ def _export_step(demo: DemoRun) -> dict:
     md = f"""## Deployable: ONNX Runtime on CPU
 
 The same digits model exported by `eamvit export` and run in ONNX Runtime, {against}. images/s: median of
-repeated timed calls over the 360 test digits (`spread` = (max − min) / median of the repetitions), on this
+repeated timed calls over the 360 test digits (p25/p75: quartiles of the repetitions), on this
 machine; file bytes: the `.onnx` file, or the packed quantized state for the simulated row.
 {note}
 {table}

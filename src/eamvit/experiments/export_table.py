@@ -12,23 +12,25 @@ Rows (top-1 on the 360 test digits, size of the file that holds the model, image
 
 ``short=True`` keeps the first two kinds (fp32 and eamvit's W8/A8): the demo's default table.
 
-Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with the
-spread ((max − min)/median); PyTorch and ONNX Runtime use the same number of threads.
+Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with its
+quartiles; PyTorch and ONNX Runtime use the same number of threads. Rows have the shape of every
+results row (:data:`eamvit.columns.HEAD`): ``model`` is the model's name, ``label`` the configuration.
 """
 from __future__ import annotations
 
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from eamvit.experiments.results import Column
+from eamvit.experiments.results import Column, ResultRow
+from eamvit.experiments.runner import Throughput, result_row
 from eamvit.io import save_tensors
-from eamvit.methods.data import build_splits
+from eamvit.methods.data import build_splits, digits_data_config
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
 from eamvit.experiments.timer import time_call
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
@@ -37,16 +39,23 @@ from eamvit.methods.quantize import quantize_, save_quantized
 from eamvit.methods.repq import RepQConfig
 
 
-def _row(name: str, runtime: str, predict: Callable[[], torch.Tensor], targets: torch.Tensor, path: Path,
-         batch: int, reps: int) -> dict[str, Any]:
-    top1 = (predict().argmax(1) == targets).float().mean().item() * 100
+def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch.Tensor], targets: torch.Tensor,
+         path: Path, reps: int) -> ResultRow:
+    logits = predict()
+    hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(targets.unsqueeze(1))
+    top1, top5 = hit[:, 0].float().mean().item() * 100, hit.any(1).float().mean().item() * 100
+    metrics = {"top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
+               "top5_err": round(100 - top5, 3), "num_images": len(targets), "skipped_images": 0}
     t = time_call(predict, warmup=1, reps=reps)
-    return {"model": name, "runtime": runtime, "top1": round(top1, 3), "file_bytes": path.stat().st_size,
-            "images_per_s": round(batch / t.median, 1), "spread": round(t.spread, 3)}
+    n = len(targets)  # one call scores the whole test set
+    speed = Throughput(median=n / t.median, p25=n / t.p75, p75=n / t.p25, reps=reps)
+    cfg = {**digits_data_config(int(model.patch_embed.img_size[-1])), "source": "digits"}
+    return result_row(model, [metrics], {"label": label, "runtime": runtime, "file_bytes": path.stat().st_size},
+                      cfg, speed)
 
 
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
-                 workdir: Optional[str] = None, short: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+                 workdir: Optional[str] = None, short: bool = False, progress: bool = False) -> list[ResultRow]:
     """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
 
     Args:
@@ -60,8 +69,8 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
         progress: a progress bar over building the files and timing the rows.
 
     Returns:
-        One row per configuration: ``model``, ``runtime``, ``top1``, ``file_bytes``, ``images_per_s``,
-        ``spread``.
+        One row per configuration: the accuracy fields, ``label``, ``runtime``, ``file_bytes``,
+        ``images_per_s`` and its quartiles.
     """
     threads = threads or torch.get_num_threads()
     # The one split rule: a seeded subset of the training digits calibrates, every test digit is scored.
@@ -93,9 +102,8 @@ def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.T
 
 
 def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
-           threads: int, short: bool, bar: tqdm) -> list[dict[str, Any]]:
+           threads: int, short: bool, bar: tqdm) -> list[ResultRow]:
     """The rows; ``bar`` advances by one per model built and per row timed."""
-    n = len(x)
     save_tensors(d / "fp32.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()}, {})
     bar.update(1)
     export_onnx(model, d / "fp32.onnx")
@@ -117,7 +125,7 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
         specs += _other_specs(model, calib, x, d, threads, bar)
     rows = []
     for name, rt, call, path in specs:
-        rows.append(_row(name, rt, call, y, path, n, reps))
+        rows.append(_row(model, name, rt, call, y, path, reps))
         bar.update(1)
     return rows
 
@@ -143,6 +151,6 @@ def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
 
 
 # The markdown view of the rows: readable headers, top-1 to two decimals, bytes with thousands separators.
-EXPORT_COLUMNS = [Column("model", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
+EXPORT_COLUMNS = [Column("label", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
                   Column("file_bytes", "file bytes", ","), Column("images_per_s", "images/s", ",.0f"),
-                  Column("spread", "spread", ".1%")]
+                  Column("images_per_s_p25", "p25", ",.0f"), Column("images_per_s_p75", "p75", ",.0f")]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eamvit.experiments.results import Column, markdown
+from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.runner import result_row
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
@@ -36,7 +37,7 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
                           taus: Sequence[float] = (0.5, 0.7, 0.9), selections: Sequence[str] = ("entropy", "random"),
                           granularity: str = "entry", config: FinetuneConfig = SHORT_RECIPE, seed: int = 0,
                           batch_size: int = 256, device: Optional[torch.device | str] = None,
-                          progress: bool = False) -> list[dict[str, Any]]:
+                          progress: bool = False, data_config: Optional[dict] = None) -> list[ResultRow]:
     """For every (τ, selection): top-1 of the frozen model off the shelf, then after fine-tuning it.
 
     Args:
@@ -52,10 +53,11 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
         batch_size: evaluation batch size.
         device: where to run (the model's device by default).
         progress: progress bars.
+        data_config: the data config ``test_ds`` was built with (recorded in the rows).
 
     Returns:
-        Rows (plain dicts, writable by :func:`~eamvit.experiments.results.write_table`) with ``tau``,
-        ``selection``, ``granularity``, ``frozen_fraction``, ``top1`` (frozen, before fine-tuning),
+        :class:`~eamvit.experiments.results.ResultRow` s: the accuracy of the frozen model before
+        fine-tuning (``top1`` ...) and ``tau``, ``selection``, ``granularity``, ``frozen_fraction``,
         ``top1_finetuned``, ``epochs``, ``lr`` and ``seconds`` (fine-tuning and both evaluations).
     """
     config.validate()
@@ -67,16 +69,16 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
             start = time.perf_counter()
             m = copy.deepcopy(model)
             report = freeze_(m, maps, fcfg)
-            before = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
+            before = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)
             finetune(m, train_ds, config, device=device, progress=progress, freeze=fcfg)
             after = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
-            rows.append({"tau": tau, "selection": sel, "granularity": granularity,
-                         "frozen_fraction": round(report.frozen_fraction, 6), "top1": before,
-                         "top1_finetuned": after, "epochs": config.epochs, "lr": config.lr,
-                         "seconds": round(time.perf_counter() - start, 2)})
+            fields = {"tau": tau, "selection": sel, "granularity": granularity,
+                      "frozen_fraction": round(report.frozen_fraction, 6), "top1_finetuned": after,
+                      "epochs": config.epochs, "lr": config.lr, "seconds": round(time.perf_counter() - start, 2)}
+            rows.append(result_row(m, [before], fields, data_config))
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """The table of :func:`frozen_finetune_table` as markdown (the columns of :data:`COLUMNS`)."""
     return markdown(rows, COLUMNS)

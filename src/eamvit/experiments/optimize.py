@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.recipe import apply_
+
+if TYPE_CHECKING:  # only named in annotations
+    from eamvit.experiments.optimize_report import CommandLines
 
 CACHE = "points.jsonl"
 CACHE_VERSION = 1

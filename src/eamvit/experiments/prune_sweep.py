@@ -1,5 +1,8 @@
-"""Token-pruning sweeps and the demo's pruning table: top-1, GFLOPs and images/s per (method, κ), on the
+"""Token-pruning sweeps and the demo's pruning table: top-1, GMACs and images/s per (method, κ), on the
 sweep runner (:func:`eamvit.experiments.runner.run_sweep`).
+
+Rows name the pruning method ``prune`` (blank on the unpruned row, with its ``keep_rate``), its
+Rényi order ``alpha`` and ``keep_rate``; ``gmacs`` counts multiply-accumulates per image.
 """
 from __future__ import annotations
 
@@ -33,17 +36,17 @@ def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[flo
 @contextmanager
 def _unpruned(model: nn.Module, seed: int) -> Iterator[Applied]:
     grid = patch_grid(model)
-    yield Applied({"gflops": round(count_gflops(model), 4), "tokens": str(grid[0] * grid[1] if grid else 0),
+    yield Applied({"gmacs": round(count_gflops(model), 4), "tokens": str(grid[0] * grid[1] if grid else 0),
                    "blocks": "", "placement": "", "fuse": False})
 
 
 def pruned_state(config: PruneConfig, measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None):
-    """A sweep point's state: ``model`` pruned with ``config``; the row gets GFLOPs, tokens per stage,
+    """A sweep point's state: ``model`` pruned with ``config``; the row gets GMACs, tokens per stage,
     blocks, placement, fusion and what ``measure(pruned model)`` returns; unpruned on exit."""
     @contextmanager
     def state(model: nn.Module, seed: int) -> Iterator[Applied]:
         prune_(model, config)
-        fields = {"gflops": round(count_gflops(model), 4), **(measure(model) if measure is not None else {})}
+        fields = {"gmacs": round(count_gflops(model), 4), **(measure(model) if measure is not None else {})}
         # Counting and measuring ran forwards, which drew from random pruning's stream: prune afresh
         # so that the evaluation starts from the seed, as `eval --prune random` does.
         report = prune_(model, config)
@@ -62,9 +65,9 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
                 throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 10,
                 progress: bool = True, label: str = "", data_config: Optional[dict] = None,
                 **options: Any) -> list[ResultRow]:
-    """Top-1, GFLOPs and images/s for every (method, κ), off the shelf (no fine-tuning).
+    """Top-1, GMACs and images/s for every (method, κ), off the shelf (no fine-tuning).
 
-    The first row is the unpruned model (``method="none"``, κ = 1). The model is left unpruned.
+    The first row is the unpruned model (``prune`` and ``keep_rate`` blank). The model is left unpruned.
 
     Args:
         model: a timm ViT/DeiT.
@@ -83,13 +86,13 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
 
     Returns:
-        :class:`~eamvit.experiments.results.ResultRow` s with ``label, method, alpha, keep_rate``, top-1/top-5,
-        ``gflops, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles.
+        :class:`~eamvit.experiments.results.ResultRow` s with ``label, prune, alpha, keep_rate``, top-1/top-5,
+        ``gmacs, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles.
     """
-    points = [Point({"label": label, "method": "none", "alpha": None, "keep_rate": 1.0}, _unpruned)]
+    points = [Point({"label": label, "prune": None, "alpha": None, "keep_rate": None}, _unpruned)]
     for cfg in _jobs(keep_rates, methods, options):
         alpha = cfg.order if cfg.method == "renyi" else None
-        points.append(Point({"label": label, "method": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
+        points.append(Point({"label": label, "prune": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
                              "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
     timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters) if throughput else None
     unprune_(model)
@@ -97,20 +100,20 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
-def _fmt_gflops(v: float) -> str:
+def _fmt_gmacs(v: float) -> str:
     return f"{v:.4f}" if v < 0.1 else f"{v:.2f}"
 
 
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """Markdown table of sweep rows (Δ top-1 against the unpruned row when there is one)."""
-    base = next((r for r in rows if r["method"] == "none"), None)
+    base = next((r for r in rows if not r["prune"]), None)
     view = [{"method": row_label(r), "keep_rate": r["keep_rate"], "tokens": str(r["tokens"]).replace("-", "→"),
              "top1": r["top1"], "delta": r["top1"] - base["top1"] if base is not None and r is not base else None,
-             "gflops": r["gflops"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
+             "gmacs": r["gmacs"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
             for r in rows]
     columns = [Column("method"), Column("keep_rate", "κ", "g"), Column("tokens", "tokens per stage"),
                Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f"),
-               Column("gflops", "GFLOPs", _fmt_gflops), Column("images_per_s", "images/s", ".0f")]
+               Column("gmacs", "GMACs", _fmt_gmacs), Column("images_per_s", "images/s", ".0f")]
     if any(v["top1_finetuned"] is not None for v in view):
         columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
     return markdown(view, columns)
@@ -121,8 +124,8 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
                                                                    ("random", None)),
                 finetune_epochs: int = 0, finetune_lr: float = 1e-4, batch_size: int = 256,
                 device: torch.device | str | None = None, progress: bool = True,
-                throughput_batch: int = 64) -> tuple[list[ResultRow], str]:
-    """The demo's pruning table: off-the-shelf top-1, GFLOPs and images/s per (method, κ).
+                throughput_batch: int = 64, data_config: Optional[dict] = None) -> tuple[list[ResultRow], str]:
+    """The demo's pruning table: off-the-shelf top-1, GMACs and images/s per (method, κ).
 
     Args:
         model: the trained model (left unchanged and unpruned).
@@ -137,12 +140,14 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
         device: where to run.
         progress: progress bars.
         throughput_batch: images per timed forward.
+        data_config: the data config ``test_ds`` was built with (recorded in the rows).
 
     Returns:
         ``(rows, markdown)``.
     """
     rows = prune_sweep(model, test_ds, keep_rates, methods, batch_size=batch_size, device=device,
-                       throughput_batch=throughput_batch, progress=progress, label="off the shelf")
+                       throughput_batch=throughput_batch, progress=progress, label="off the shelf",
+                       data_config=data_config)
     if finetune_epochs > 0:
         import copy
 
@@ -151,11 +156,11 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
 
         ftc = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 10, batch_size=64)
         for r in rows:
-            if r["method"] == "none":
+            if not r["prune"]:
                 continue
             alpha = math.inf if r["alpha"] == "inf" else r["alpha"]
             m = copy.deepcopy(model)
-            prune_(m, method_config(r["method"], alpha, r["keep_rate"]))
+            prune_(m, method_config(r["prune"], alpha, r["keep_rate"]))
             finetune(m, train_ds, ftc, progress=progress, device=device)
             r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
                                                   progress=False)["top1"]

@@ -13,8 +13,11 @@
 * ``random``: random freezing of the same number of entries on the quantized model (§5.2.2), with
   the quantized model's mean maps and quantized values, averaged over seeds.
 
-Every row carries a size report (:func:`size_report`, model bytes from
-:func:`eamvit.experiments.size.model_size`). The sweep runs on :func:`eamvit.experiments.runner.run_sweep`.
+Rows name the model's quantization ``quant`` (``fp`` or ``repq``) and ``bits`` (W/A), and for the
+freezing rows the ``selection`` (``entropy`` for EAM, ``random``), ``maps`` and ``value_bits`` (32:
+fp32 values); those three are blank on the FP and RepQ-ViT rows. Every row carries a size report
+(:func:`size_report`, model bytes from :func:`eamvit.experiments.size.model_size`). The sweep runs on
+:func:`eamvit.experiments.runner.run_sweep`.
 """
 from __future__ import annotations
 
@@ -110,7 +113,7 @@ def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_b
     if report is not None:
         for layer, k in zip(attention_layers(model), report.frozen_per_layer):
             macs += k * int(getattr(layer, "head_dim", layer.qkv.in_features // layer.num_heads))
-    out.update(frozen_value_bits=vb if frozen else None, frozen_map_bytes=mask_bytes + value_bytes,
+    out.update(frozen_map_bytes=mask_bytes + value_bytes,
                total_bytes=out["model_bytes"] + mask_bytes + value_bytes,
                attention_entries=total, entries_skipped=frozen, qk_macs_skipped=macs)
     return out
@@ -134,25 +137,26 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
     qcfg = q_model.eam_quant_config
     entries = sum(m.numel() for m in kl.fp.entropy)
     wa = f"{qcfg.w_bits}/{qcfg.a_bits}"
-    base = [_baseline(fp_model, {"method": "fp", "maps": None, "values": None, "precision": "32/32"}, entries),
-            _baseline(q_model, {"method": "repq", "maps": None, "values": None, "precision": wa}, entries)]
+    unfrozen = {"selection": None, "maps": None, "value_bits": None}
+    base = [_baseline(fp_model, {"quant": "fp", "bits": "32/32", **unfrozen}, entries),
+            _baseline(q_model, {"quant": "repq", "bits": wa, **unfrozen}, entries)]
     maps = {"fp": kl.fp, "quant": kl.quant}
     deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
     vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
 
     freeze = FreezeConfig(scope=sweep.scope, value_quantizer=vq)
 
-    def point(tau: float, method: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
+    def point(tau: float, selection: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
         vb = fbits if vals == "quant" else None
-        cfg = replace(freeze, tau=tau, selection="entropy" if method == "eam" else "random", value_bits=vb)
-        fields = {"tau": tau, "method": method, "maps": mp, "values": f"{fbits}bit" if vb else "fp32",
-                  "precision": wa}
+        cfg = replace(freeze, tau=tau, selection=selection, value_bits=vb)
+        fields = {"tau": tau, "quant": "repq", "bits": wa, "selection": selection, "maps": mp,
+                  "value_bits": vb or 32}
         return freeze_point(maps[mp], cfg, fields, seeds, deltas if vb else None,
                             measure=lambda m, rep: size_report(m, rep, vb))
 
     frozen = []
     for tau in sweep.taus:
-        frozen += [point(tau, "eam", mp, vals, (0,)) for mp in sweep.maps for vals in sweep.values]
+        frozen += [point(tau, "entropy", mp, vals, (0,)) for mp in sweep.maps for vals in sweep.values]
         frozen.append(point(tau, "random", "quant", "quant", sweep.random_seeds))
     return base, frozen
 
@@ -171,7 +175,8 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
                 eval_indices: Optional[Sequence[int]] = None, map_indices: Optional[Sequence[int]] = None,
                 repq_calib: torch.Tensor | Dataset | None = None, q_model: Optional[nn.Module] = None,
                 device: torch.device | str | None = None, workers: int = 0, progress: bool = True,
-                max_memory: Optional[int] = None, evaluate_fn: Optional[EvaluateFn] = None) -> dict[str, Any]:
+                max_memory: Optional[int] = None, evaluate_fn: Optional[EvaluateFn] = None,
+                data_config: Optional[dict] = None) -> dict[str, Any]:
     """The paper's quantized sweep: FP, RepQ-ViT and EAM variants for every τ.
 
     Args:
@@ -190,6 +195,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         max_memory: histogram budget per model in bytes (more passes above it).
         evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=) -> {"top1", "top5"}``
             (:func:`eamvit.methods.evaluate.evaluate` by default).
+        data_config: the data config ``eval_dataset`` was built with (recorded in the rows).
 
     Returns:
         ``rows`` (one :class:`~eamvit.experiments.results.ResultRow` per τ and method; the FP and
@@ -204,7 +210,8 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
                          batch_size=sweep.batch_size, workers=workers, device=device, max_memory=max_memory,
                          progress=progress)
     base, frozen = _points(fp_model, q_model, kl, sweep, fbits)
-    data = EvalData(eval_dataset, eval_indices, batch_size=sweep.batch_size, workers=workers, device=device)
+    data = EvalData(eval_dataset, eval_indices, batch_size=sweep.batch_size, workers=workers, device=device,
+                    data_config=data_config)
     run = run_sweep(q_model, data, base + frozen, evaluate_fn=evaluate_fn, progress=progress, desc="quant sweep")
     base_rows, frozen_rows = run[:len(base)], run[len(base):]
     rows: list[ResultRow] = []
@@ -212,8 +219,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         rows += [replace(r, fields={"tau": tau, **r.fields}) for r in base_rows]
         rows += [r for r in frozen_rows if r["tau"] == tau]
     label = getattr(getattr(fp_model, "eam_spec", None), "name", type(fp_model).__name__)
-    values = f"{fbits}bit" if sweep.table_values == "quant" else "fp32"
-    t1 = table1(rows, label, maps=sweep.table_maps, values=values)
+    t1 = table1(rows, label, maps=sweep.table_maps, value_bits=fbits if sweep.table_values == "quant" else 32)
     return {"rows": rows, "kl": kl, "table1": t1, "table": markdown(*t1), "q_model": q_model}
 
 
@@ -221,7 +227,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
 
 
 def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[float] = (0.1, 0.2),
-           maps: str = "quant", values: str = "4bit") -> tuple[list[dict[str, Any]], list[Column]]:
+           maps: str = "quant", value_bits: int = 4) -> tuple[list[dict[str, Any]], list[Column]]:
     """The paper's Table 1 for one model: FP, RepQ-ViT and EAM at τ = 10 % and 20 % (top-1, %).
 
     Args:
@@ -229,16 +235,17 @@ def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[flo
         model_name: the header of the accuracy column.
         taus: the sparsity levels reported.
         maps: which maps the EAM rows use (``"quant"``: the paper's EAM_4bits).
-        values: which frozen values (``"4bit"``-style label or ``"fp32"``).
+        value_bits: bits of the frozen values of the EAM rows (32: fp32).
 
     Returns:
         ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
     """
-    def pick(method: str, tau: Optional[float] = None) -> Optional[ResultRow | dict]:
+    def pick(quant: str, tau: Optional[float] = None) -> Optional[ResultRow | dict]:
         for r in rows:
-            if r["method"] != method:
+            if r["quant"] != quant or (r.get("selection") is not None) != (tau is not None):
                 continue
-            if method == "eam" and (r["maps"] != maps or r["values"] != values or not math.isclose(r["tau"], tau)):
+            if tau is not None and (r["selection"] != "entropy" or r["maps"] != maps or r["value_bits"] != value_bits
+                                    or not math.isclose(r["tau"], tau)):
                 continue
             return r
         return None
@@ -246,18 +253,18 @@ def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[flo
     out = []
     for name, r in (("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))):
         if r is not None:
-            out.append({"method": name, "precision": r["precision"], "top1": r["top1"]})
-    tag = values.replace("bit", "bits") if values != "fp32" else "32bits"
+            out.append({"method": name, "bits": r["bits"], "top1": r["top1"]})
     for t in taus:
-        r = pick("eam", t)
+        r = pick("repq", t)
         if r is not None:
-            out.append({"method": f"EAM_{tag} (τ={round(100 * t)}%, maps from "
+            out.append({"method": f"EAM_{value_bits}bits (τ={round(100 * t)}%, maps from "
                                   f"{'quantized' if maps == 'quant' else 'FP'} model)",
-                        "precision": r["precision"], "top1": r["top1"]})
-    return out, [Column("method", "Method"), Column("precision", "Prec. (W/A)"), Column("top1", model_name, ".2f")]
+                        "bits": r["bits"], "top1": r["top1"]})
+    return out, [Column("method", "Method"), Column("bits", "Prec. (W/A)"), Column("top1", model_name, ".2f")]
 
 
-SIZE_COLUMNS = [Column("tau", "τ", ".1f"), Column("method"), Column("maps"), Column("values"),
+SIZE_COLUMNS = [Column("tau", "τ", ".1f"), Column("quant"), Column("selection"), Column("maps"),
+                Column("value_bits", "value bits"),
                 Column("model_bytes", "model bytes", ","), Column("frozen_map_bytes", "frozen-map bytes", ","),
                 Column("total_bytes", "total bytes", ","), Column("entries_skipped", "entries skipped", ","),
                 Column("qk_macs_skipped", "q·k MACs skipped", ",")]
@@ -270,4 +277,4 @@ def size_table(rows: Sequence[ResultRow | dict]) -> tuple[list[ResultRow | dict]
         ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
     """
     first = rows[0]["tau"] if rows else None
-    return [r for r in rows if r["method"] not in ("fp", "repq") or r["tau"] == first], SIZE_COLUMNS
+    return [r for r in rows if r.get("selection") is not None or r["tau"] == first], SIZE_COLUMNS

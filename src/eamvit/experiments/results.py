@@ -6,10 +6,10 @@ comparison, the pruning sweep and every table of the demo report. A table is a l
 (:class:`ResultRow` or plain mappings) and a list of :class:`Column`; CSV and JSON hold the raw
 values of those columns, markdown the same columns formatted for reading.
 
-:class:`ResultRow` carries the fields of timm's ``validate.py`` results (``model``, ``top1``,
-``top1_err``, ``top5``, ``top5_err``, ``num_images``, ``skipped_images``, ``param_count``,
-``img_size``, ``crop_pct``, ``interpolation``), the spread over seeds, an optional measured
-throughput, and the method's own fields (τ, selection, bits, κ ...).
+:class:`ResultRow` carries :data:`eamvit.columns.HEAD` (the fields of timm's ``validate.py`` results
+and the data config: ``model``, ``top1`` ... ``interpolation``, ``crop_mode``, ``mean``, ``std``,
+``data_config_source``, ``weights``), the spread over seeds, an optional measured throughput, and
+the method's own fields (τ, selection, bits, κ ...), every name from :data:`eamvit.columns.COLUMNS`.
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+from eamvit.columns import HEAD
 from eamvit.errors import EamError
 from eamvit.io import atomic_path, write_text
-
-VALIDATE_FIELDS = ("model", "top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images",
-                   "param_count", "img_size", "crop_pct", "interpolation")
 
 
 @dataclass(eq=False)
@@ -40,7 +38,10 @@ class ResultRow(Mapping):
         num_images: images evaluated (per seed).
         skipped_images: unreadable images skipped.
         param_count: parameters in millions.
-        img_size, crop_pct, interpolation: the preprocessing used.
+        img_size, crop_pct, interpolation, crop_mode, mean, std: the preprocessing used (``mean``
+            and ``std`` comma-joined).
+        data_config_source: where that preprocessing came from (``checkpoint``, ``timm``, ``digits`` ...).
+        weights: the weights loaded.
         fields: the method's fields (τ, selection, bits ...) and what it measured (frozen fraction, size ...).
         top1_std, top5_std: population standard deviation over seeds (0 for one seed).
         seeds: evaluations averaged.
@@ -59,6 +60,11 @@ class ResultRow(Mapping):
     img_size: Optional[int] = None
     crop_pct: Optional[float] = None
     interpolation: Optional[str] = None
+    crop_mode: Optional[str] = None
+    mean: Optional[str] = None
+    std: Optional[str] = None
+    data_config_source: Optional[str] = None
+    weights: Optional[str] = None
     fields: dict[str, Any] = field(default_factory=dict)
     top1_std: float = 0.0
     top5_std: float = 0.0
@@ -68,8 +74,9 @@ class ResultRow(Mapping):
     images_per_s_p75: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat dict: timm's fields in its order, spread over seeds, the method fields, throughput (if timed)."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in VALIDATE_FIELDS}
+        """Flat dict: :data:`~eamvit.columns.HEAD` in its order, spread over seeds, the method fields,
+        throughput (if timed)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in HEAD}
         out.update(top1_std=self.top1_std, top5_std=self.top5_std, seeds=self.seeds)
         out.update(self.fields)
         if self.images_per_s is not None:
@@ -100,11 +107,17 @@ class Column:
         title: the markdown header (``key`` by default).
         fmt: markdown format: a format spec such as ``".2f"`` or ``","``, or a function of the value.
             Missing values (``None``) are empty cells in every format.
+        derive: the value as a function of the whole row, for a column that no row field holds (a
+            display name made of several settings); ``None``: the row's ``key`` field.
     """
 
     key: str
     title: str = ""
     fmt: Formatter = ""
+    derive: Optional[Callable[[Row], Any]] = None
+
+    def value(self, row: Row) -> Any:
+        return self.derive(row) if self.derive is not None else row.get(self.key)
 
     def header(self) -> str:
         return self.title or self.key
@@ -149,7 +162,7 @@ def _plain(value: Any) -> Any:
 
 def table_rows(rows: Sequence[Row], columns: Sequence[Column]) -> list[dict[str, Any]]:
     """The rows restricted to ``columns``, in column order, as plain JSON-ready dicts."""
-    return [{c.key: _plain(r.get(c.key)) for c in columns} for r in rows]
+    return [{c.key: _plain(c.value(r)) for c in columns} for r in rows]
 
 
 def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) -> str:
@@ -159,7 +172,7 @@ def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) ->
         raise EamError("a table needs at least one column")
     lines = ["| " + " | ".join(_esc(c.header()) for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(_esc(c.cell(r.get(c.key))) for c in columns) + " |")
+        lines.append("| " + " | ".join(_esc(c.cell(c.value(r))) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

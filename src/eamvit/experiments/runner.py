@@ -44,7 +44,7 @@ class Applied:
     """What a point's state yields.
 
     Args:
-        fields: measured fields added to the row (frozen fraction, size, GFLOPs ...); the last
+        fields: measured fields added to the row (frozen fraction, size, GMACs ...); the last
             seed's are kept.
         model: evaluate this model instead of the runner's (e.g. a quantized copy); ``None``: the
             runner's model, changed in place.
@@ -62,7 +62,7 @@ class Point:
     """One configuration of a sweep.
 
     Args:
-        fields: the label of the row (τ, selection, method, bits ...), placed first.
+        fields: the label of the row (τ, selection, quant, bits ...; names of :data:`eamvit.columns.COLUMNS`), placed first.
         state: ``state(model, seed)``: a context manager that configures ``model`` for ``seed``,
             yields an :class:`Applied` (or ``None``) and restores ``model`` on exit.
         seeds: seeds to evaluate and average.
@@ -196,15 +196,17 @@ def measure_speedup(model: nn.Module, reference: nn.Module, timing: Timing = Tim
         device: where to run (``model``'s device by default).
 
     Returns:
-        ``speedup`` (median ratio) with ``speedup_p25``/``speedup_p75``, and ``model``'s
-        ``images_per_s`` (median) with its quartiles.
+        ``speedup`` (median ratio) with ``speedup_p25``/``speedup_p75``, ``model``'s
+        ``images_per_s`` (median) with its quartiles, and ``reference_images_per_s`` (the
+        reference's median, timed in the same repetitions).
     """
     x, sync = _timing_setup(model, timing, input_size, device)
     with _eval_mode(model, reference):
         t_ref, t = time_calls([lambda: reference(x), lambda: model(x)], timing.warmup, timing.reps, sync)
     r, rate = ratio_stats(t_ref, t), Stats.of([timing.batch_size / s for s in t])
     return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4),
-            **Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps).fields()}
+            **Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps).fields(),
+            "reference_images_per_s": round(Stats.of([timing.batch_size / s for s in t_ref]).median, 2)}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -220,25 +222,22 @@ def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict
         model: the model evaluated (name and parameter count).
         metrics: one :func:`~eamvit.methods.evaluate.evaluate` result per seed.
         fields: the point's label and measured fields.
-        data_config: the timm data config used (image size, crop, interpolation).
+        data_config: the data config the images were built with (``source`` included); ``None``
+            leaves those columns blank.
         throughput: measured images/s, if timed.
     """
     if not metrics:
         raise EamError("a result row needs at least one evaluation")
-    spec = getattr(model, "eam_spec", None)
-    cfg = data_config or {}
+    from eamvit.methods.evaluate import result_row as head_row
+
     top1, top1_std = _mean_std([m["top1"] for m in metrics])
     top5, top5_std = _mean_std([m["top5"] for m in metrics])
     one = metrics[0] if len(metrics) == 1 else None
-    return ResultRow(
-        model=getattr(spec, "name", None) or type(model).__name__, top1=top1,
-        top1_err=one["top1_err"] if one else round(100 - top1, 3), top5=top5,
-        top5_err=one["top5_err"] if one else round(100 - top5, 3),
-        num_images=metrics[-1]["num_images"], skipped_images=metrics[-1].get("skipped_images", 0),
-        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        img_size=(cfg.get("input_size") or [None])[-1], crop_pct=cfg.get("crop_pct"),
-        interpolation=cfg.get("interpolation"), fields=dict(fields), top1_std=top1_std, top5_std=top5_std,
-        seeds=len(metrics), **(throughput.fields() if throughput is not None else {}))
+    mean = {"top1": top1, "top1_err": one["top1_err"] if one else round(100 - top1, 3), "top5": top5,
+            "top5_err": one["top5_err"] if one else round(100 - top5, 3), "num_images": metrics[-1]["num_images"],
+            "skipped_images": metrics[-1].get("skipped_images", 0)}
+    return ResultRow(**head_row(model, mean, data_config), fields=dict(fields), top1_std=top1_std,
+                     top5_std=top5_std, seeds=len(metrics), **(throughput.fields() if throughput is not None else {}))
 
 
 def _describe(fields: dict[str, Any]) -> dict[str, Any]:

@@ -8,20 +8,31 @@ random images at the model's input size; ``speedup`` is the median per-repetitio
 in ``speedup_p25``/``speedup_p75``), so the machine's drift between points cancels. The unmodified
 row is timed against the copy too: its spread is the noise floor of the measurement.
 
+``images_per_s`` follows from the same measurement: the unmodified copy's throughput (the median over
+the whole sweep of its per-point medians) times the point's ``speedup`` (quartiles likewise). Each
+point's own images/s is timed in its own stretch of the sweep, and on a shared machine two stretches
+can differ tenfold (threads competing with other jobs), so raw rates of two points would contradict
+their measured ×; rates scaled from one reference cannot.
+
+Rows name the freezing ``selection``, ``granularity`` and ``tau``, or the pruning method ``prune``
+(``alpha``) and ``keep_rate``; the settings of the other technique, and both on the unmodified row,
+are blank.
+
 Entry-level freezing (the paper) computes every score and then overwrites the frozen ones, so its
 predicted speed-up is 1 and its measured one is at most 1: the table says so rather than hiding it.
 """
 from __future__ import annotations
 
 import copy
+import statistics
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import pruned_state
+from eamvit.experiments.prune_sweep import pruned_state, row_label
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
@@ -63,19 +74,31 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     and :class:`~eamvit.methods.prune.PruneConfig` fields shared by every point; ``measure(model)``
     gives the fields each point measures in its state (the cost model's by default).
     """
-    base = {"label": label, "method": "unmodified", "granularity": "", "tau": 0.0, "keep_rate": 1.0}
+    base = {"label": label, "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
+            "keep_rate": None}
     points = [Point(base, _unmodified(measure))]
     freeze = FreezeConfig(**(freeze_options or {}))
     for gran in granularities:
         for tau in (t for t in taus if t > 0):
             cfg = replace(freeze, tau=tau, granularity=gran).validate()
-            fields = {**base, "method": f"freeze ({gran})", "granularity": gran, "tau": tau}
+            fields = {**base, "selection": cfg.selection, "granularity": gran, "tau": tau}
             points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
     for method, alpha in prune_methods:
         for k in (k for k in keep_rates if k < 1):
             cfg = method_config(method, alpha, k, **(prune_options or {}))
-            points.append(Point({**base, "method": f"prune ({cfg.label})", "keep_rate": k}, pruned_state(cfg, measure)))
+            order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
+            fields = {**base, "prune": cfg.method, "alpha": order, "keep_rate": k}
+            points.append(Point(fields, pruned_state(cfg, measure)))
     return points
+
+
+def row_method(row: Mapping[str, Any]) -> str:
+    """Display name of a speed-sweep row: ``unmodified``, ``freeze (G)`` or ``prune (method)``."""
+    if row.get("granularity"):
+        return f"freeze ({row['granularity']})"
+    if row.get("prune"):
+        return f"prune ({row_label(row)})"
+    return "unmodified"
 
 
 def supports(model: nn.Module, verb: str) -> bool:
@@ -122,23 +145,32 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         progress: progress bar.
 
     Returns:
-        Rows with ``method``, ``granularity``, ``tau``, ``keep_rate``, top-1/top-5, ``gmacs``,
-        ``gmacs_skippable``, ``predicted_speedup``, ``images_per_s`` (+ quartiles) and ``speedup``
-        (+ quartiles), the unmodified model first.
+        Rows with ``selection``, ``granularity``, ``tau``, ``prune``, ``alpha``, ``keep_rate``,
+        top-1/top-5, ``gmacs``, ``gmacs_skippable``, ``predicted_speedup``, ``speedup`` (+ quartiles)
+        and ``images_per_s`` (+ quartiles: the reference's throughput times the speed-up), the
+        unmodified model first.
     """
     check_family(model, granularities, prune_methods)
     timing.validate()
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
+    reference_rates: list[float] = []
 
     def measure(m: nn.Module) -> dict[str, Any]:
-        return {**cost_fields(m), **measure_speedup(m, reference, timing, device=data.device)}
+        speed = measure_speedup(m, reference, timing, device=data.device)
+        reference_rates.append(speed.pop("reference_images_per_s"))
+        return {**cost_fields(m), **speed}
 
     points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze_options, prune_options,
                           measure)
-    return run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
+    rows = run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
+    rate = statistics.median(reference_rates)
+    for r in rows:
+        r.fields.update({k.replace("speedup", "images_per_s"): round(rate * r[k], 2)
+                         for k in ("speedup", "speedup_p25", "speedup_p75")})
+    return rows
 
 
-SPEED_COLUMNS = (Column("method"), Column("tau", "τ", "g"), Column("keep_rate", "κ", "g"),
+SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"), Column("keep_rate", "κ", "g"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
                  Column("predicted_speedup", "predicted ×", ".3f"), Column("speedup", "measured ×", ".3f"),
@@ -150,14 +182,14 @@ def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
     for r in rows:
-        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={r['keep_rate']:g}" if r["keep_rate"] < 1 else None)
-        out.append({"method": r["method"], "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
+        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={r['keep_rate']:g}" if r["prune"] else None)
+        out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out
 
 
 def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Optional[ResultRow]:
-    ok = [r for r in rows if r["method"].startswith(prefix) and r["top1"] >= floor]
+    ok = [r for r in rows if row_method(r).startswith(prefix) and r["top1"] >= floor]
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
@@ -173,7 +205,7 @@ def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 
     lines = []
     for drop in max_drops:
         for prefix, name in (("freeze", "freezing"), ("prune", "token pruning")):
-            if not any(r["method"].startswith(prefix) for r in rows):
+            if not any(row_method(r).startswith(prefix) for r in rows):
                 continue
             best = _fastest_within(rows, prefix, base["top1"] - drop)
             if best is None:
@@ -182,10 +214,10 @@ def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 
             knob = f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}"
             verdict = "faster than" if best["speedup_p25"] > 1 else (
                 "slower than" if best["speedup_p75"] < 1 else "not clearly faster than")
-            lines.append(f"within {drop:g} top-1 point(s), {name}: fastest is {best['method']} at {knob}, top-1 "
+            lines.append(f"within {drop:g} top-1 point(s), {name}: fastest is {row_method(best)} at {knob}, top-1 "
                          f"{best['top1']:.2f} (unmodified {base['top1']:.2f}), measured ×{best['speedup']:.3f} "
                          f"(predicted ×{best['predicted_speedup']:.3f}): {verdict} the unmodified model")
-    entry = [r["speedup"] for r in rows if r["method"] == "freeze (entry)"]
+    entry = [r["speedup"] for r in rows if r["granularity"] == "entry"]
     if entry:
         lines.append(f"entry-level freezing executes every MAC (predicted ×1.000) and measured ×{min(entry):.3f}"
                      f"..×{max(entry):.3f}: simulating frozen entries costs time and saves none")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from eamvit.columns import HEAD
 from eamvit.methods.calibrate import dist_info
 from eamvit.methods.data import make_loader, shard
 from eamvit.errors import EamError
@@ -72,10 +73,19 @@ def _floats(v) -> Optional[str]:
 
 
 def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:
-    """One results row in the shape of timm validate.py (model, top1, top1_err, ..., param_count)."""
+    """The head of every results row (:data:`eamvit.columns.HEAD`: timm validate.py's fields and the data
+    config), then ``extra``.
+
+    Args:
+        model: the model evaluated (name, weights and parameter count).
+        metrics: :func:`evaluate`'s result (or the mean of several).
+        data_cfg: the data config the images were built with (``source`` included); ``None``: blank.
+        extra: the row's other fields, named from :data:`eamvit.columns.COLUMNS`.
+    """
     spec = model_spec(model)
     cfg = data_cfg or {}
-    row = {"model": spec.name, **metrics,
+    row = {"model": spec.name, **{k: metrics.get(k) for k in HEAD[1:6]},
+           "skipped_images": metrics.get("skipped_images", 0),
            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
            "img_size": (cfg.get("input_size") or [None, None])[-1],
            "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),

@@ -311,7 +311,7 @@ def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
     """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery).
 
     Returns:
-        ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: size_mb,
+        ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: pmq_weight_mb,
         perturbation, avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``,
         ``metric_seconds``.
     """
@@ -338,7 +338,7 @@ def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
     return {
         "components": [{"name": n, "params": k, "importance": imp[n], "bits": b}
                        for (n, _), k, b in zip(comps, n_params, bits)],
-        "frontier": [{"size_mb": s / 8e6, "perturbation": c, "avg_bits": s / total} for s, c, _ in frontier],
+        "frontier": [{"pmq_weight_mb": s / 8e6, "perturbation": c, "avg_bits": s / total} for s, c, _ in frontier],
         "budget_mb": budget_bits / 8e6, "chosen_size_mb": size / 8e6, "chosen_perturbation": cost,
         "metric": config.metric, "metric_seconds": metric_seconds,
     }

@@ -118,8 +118,8 @@ class PruneConfig(Config):
 
 
 def row_label(row: dict[str, Any]) -> str:
-    """Display name of the method of a pruning result row (sweeps, their figures)."""
-    m = row["method"]
+    """Display name of a pruning result row's method (sweeps, their figures; ``unpruned`` where ``prune`` is blank)."""
+    m = row["prune"] or "none"
     if m == "renyi":
         a = row["alpha"]
         return f"Rényi α={'∞' if a in ('inf', math.inf) else f'{float(a):g}'}"

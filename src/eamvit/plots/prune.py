@@ -1,4 +1,4 @@
-"""Figures of token pruning: top-1 against GFLOPs, kept patches per stage over the image (the seed's
+"""Figures of token pruning: top-1 against GMACs, kept patches per stage over the image (the seed's
 Fig. 4) and per-block attention-entropy histograms for several Rényi orders (Fig. 5). Data in, PNG
 out: the data come from :func:`eamvit.methods.prune.kept_patch_masks` and
 :func:`eamvit.methods.prune.token_entropies`. PNGs are written atomically."""
@@ -26,11 +26,11 @@ DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one
 _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
-def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
-    """Top-1 against GFLOPs: one colour per method, one marker shape per keep rate κ; unpruned as a star.
+def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
+    """Top-1 against GMACs: one colour per method, one marker shape per keep rate κ; unpruned as a star.
 
-    GFLOPs are the unit of the sweep's tables too, with plain tick labels (no ``x10^k`` offset, so a
-    tick reads as the GFLOPs of the table). κ is told by the marker, explained in the legend, rather than by a text at each
+    GMACs (``gmacs``, multiply-accumulates per image) are the unit of the sweep's tables too, with plain
+    tick labels (no ``x10^k`` offset, so a tick reads as the GMACs of the table). κ is told by the marker, explained in the legend, rather than by a text at each
     point: methods at one κ cost about the same, so such labels pile up.
 
     Args:
@@ -45,7 +45,7 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
 
     if not rows:
         raise EamError("no sweep rows to plot")
-    kappas = sorted({float(r["keep_rate"]) for r in rows if r["method"] != "none"}, reverse=True)
+    kappas = sorted({float(r["keep_rate"]) for r in rows if r["prune"]}, reverse=True)
     if len(kappas) > len(_KAPPA_MARKERS):
         raise EamError(f"the figure tells at most {len(_KAPPA_MARKERS)} keep rates apart, got {len(kappas)}")
     marker = dict(zip(kappas, _KAPPA_MARKERS))
@@ -55,20 +55,20 @@ def plot_top1_vs_gflops(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
         groups.setdefault(row_label(r), []).append(r)
     methods = []
     for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["gflops"])
+        rs = sorted(rs, key=lambda r: r["gmacs"])
         if name == "unpruned":
-            ax.scatter([r["gflops"] for r in rs], [r["top1"] for r in rs], marker="*", s=160, color="k", zorder=5)
+            ax.scatter([r["gmacs"] for r in rs], [r["top1"] for r in rs], marker="*", s=160, color="k", zorder=5)
             methods.append(Line2D([], [], marker="*", markersize=11, color="k", linestyle="", label=name))
             continue
         style = dict(linestyle="--", color="0.5") if name == "random" else {}
-        line, = ax.plot([r["gflops"] for r in rs], [r["top1"] for r in rs], **style)
+        line, = ax.plot([r["gmacs"] for r in rs], [r["top1"] for r in rs], **style)
         for r in rs:
-            ax.plot(r["gflops"], r["top1"], marker=marker[float(r["keep_rate"])], color=line.get_color(), zorder=4)
+            ax.plot(r["gmacs"], r["top1"], marker=marker[float(r["keep_rate"])], color=line.get_color(), zorder=4)
         methods.append(Line2D([], [], color=line.get_color(), linestyle=line.get_linestyle(), label=name))
     shapes = [Line2D([], [], marker=marker[k], color="k", linestyle="", label=f"κ = {k:g}") for k in kappas]
     ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
     ax.xaxis.get_major_formatter().set_scientific(False)
-    ax.set_xlabel("GFLOPs per image (multiply-adds)")
+    ax.set_xlabel("GMACs per image (multiply-accumulates)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(handles=methods + shapes, fontsize=8, ncol=2)

@@ -60,16 +60,15 @@ def plot_kl_cls(kl: KLMaps, layer: int, path: str | os.PathLike, heads: Optional
 
 
 def _series_key(r: dict) -> tuple:
-    return (r["method"], r.get("maps") or "", r.get("values") or "")
+    return (r["quant"], r.get("selection") or "", r.get("maps") or "", r.get("value_bits") or "")
 
 
 def _series_name(k: tuple) -> str:
-    method, maps, values = k
-    if method == "fp":
-        return "full precision"
-    if method == "repq":
-        return "RepQ-ViT"
-    if method == "random":
+    quant, selection, maps, value_bits = k
+    values = "fp32" if value_bits == 32 else f"{value_bits}-bit"
+    if not selection:
+        return "full precision" if quant == "fp" else "RepQ-ViT"
+    if selection == "random":
         return f"random freezing ({values} values)"
     return f"EAM, maps from {'quantized' if maps == 'quant' else 'FP'} model, {values} values"
 
@@ -92,11 +91,11 @@ def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str =
         pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])
         x = [100 * r["tau"] for r in pts]
         y = [r["top1"] for r in pts]
-        if k[0] in _REFERENCE:
+        if not k[1]:  # no selection: the FP or RepQ-ViT reference
             ax.plot(x, y, label=f"{_series_name(k)} ({y[0]:.2f} %)", **_REFERENCE[k[0]])
             continue
-        line, = ax.plot(x, y, linestyle="-" if k[0] == "eam" else "--", marker="o", markersize=3, zorder=3,
+        line, = ax.plot(x, y, linestyle="-" if k[1] == "entropy" else "--", marker="o", markersize=3, zorder=3,
                         label=_series_name(k))
-        if k[0] == "random":
+        if k[1] == "random":
             std_band(ax, line, pts)
     return finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
