@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "eamvit"
 
-BASE = {"errors", "config", "choices", "io"}
+BASE = {"errors", "config", "choices", "columns", "io"}
 MODULE_STRING = re.compile(r"eamvit(\.[A-Za-z_]\w*)+")
 LAYER = {"base": 0, "ops": 1, "modules": 2, "methods": 3, "experiments": 4, "plots": 4, "cli": 5}
 
