@@ -70,3 +70,16 @@ def run(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def models_rows() -> dict:
+    """`eamvit models`' table as {family: {column: cell}}, read back from its markdown."""
+    from eamvit.modules.attention import models_table
+
+    lines = models_table().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        rows[cells["family"]] = cells
+    return rows

@@ -12,11 +12,12 @@ import copy
 import pytest
 import torch
 
+from conftest import models_rows
 from eamvit.errors import EamError
 from eamvit.methods.adfq import ADFQConfig
 from eamvit.methods.pmq import PMQConfig
 from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
-from eamvit.modules.attention import attention_layers, models_table
+from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import PatchBitsQuantizer
 from eamvit.modules.quantizers import Quantizer
 
@@ -91,12 +92,7 @@ def test_refusals_are_one_line_and_touch_nothing(family, config):
 
 
 def test_models_table_declares_adfq_and_pmq():
-    lines = models_table().splitlines()
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {}
-    for line in lines[2:]:
-        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
-        rows[cells["family"]] = cells
+    rows = models_rows()
     for name, row in rows.items():
         assert row["PMQ"] == row["RepQ-ViT"], name
         assert row["ADFQ-ViT"] == ("no" if name == "Swin v2" else row["RepQ-ViT"]), name

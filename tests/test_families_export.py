@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import models_rows
 from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, export_onnx
 from eamvit.methods.export_runtime import onnx_session
 from eamvit.methods.freeze import FreezeConfig, freeze_
-from eamvit.modules.attention import instrument, models_table, set_frozen
+from eamvit.modules.attention import instrument, set_frozen
 
 from test_families import FAMILIES, _maps, _pair
 from test_families_heads import EXECUTED
@@ -96,12 +97,7 @@ def test_heads_are_simulated_where_the_class_cannot_execute_them():
 
 
 def test_models_table_declares_export_rows_and_heads():
-    lines = models_table().splitlines()
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {}
-    for line in lines[2:]:
-        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
-        rows[cells["family"]] = cells
+    rows = models_rows()
     names = {"EVA / EVA02", "BEiT", "Swin v2", "CaiT", "ConViT", "XCiT", "Twins", "MViTv2", "LeViT", "VOLO", "TNT",
              "EfficientFormer", "FastViT", "Hiera", "CrossViT"}
     for name in names:

@@ -13,9 +13,10 @@ from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from conftest import models_rows
 from eamvit.errors import EamError
 from eamvit.methods.freeze import FreezeConfig, freeze_
-from eamvit.modules.attention import instrument, models_table, set_frozen
+from eamvit.modules.attention import instrument, set_frozen
 
 from test_families import FAMILIES, _maps, _pair
 
@@ -133,11 +134,6 @@ def test_executed_heads_are_refused_in_one_line_where_they_cannot_apply(family, 
 
 
 def test_models_table_declares_executed_heads():
-    lines = models_table().splitlines()
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {}
-    for line in lines[2:]:
-        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
-        rows[cells["family"]] = cells
+    rows = models_rows()
     for family, name in NAMES.items():
         assert rows[name]["executed heads"] == ("yes" if family in EXECUTED else "no"), name

@@ -17,7 +17,7 @@ def cmd_train_digits(args) -> None:
 
 
 def draw_figure(figure) -> None:
-    """Draw one :class:`~eamvit.experiments.demo.Figure` of the demo with its :mod:`eamvit.plots` function."""
+    """Draw one :class:`~eamvit.experiments.demo_run.Figure` of the demo with its :mod:`eamvit.plots` function."""
     from eamvit.plots import entropy, optimize, prune, quant, speed
 
     plots = {f.__name__: f for f in (entropy.plot_cls_entropy, entropy.plot_full_entropy, entropy.plot_head_summary,

@@ -24,105 +24,32 @@ results of the earlier ones.
 """
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
-from torch import nn
 
+from eamvit.experiments.demo_deploy import OPTIMIZE_MINUTES, _export_step, _optimize_step
+from eamvit.experiments.demo_run import DemoRun, Figure, Step, _say
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.experiments.freeze_sweep import freeze_sweep
 from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, retitle, write_table
 from eamvit.experiments.runner import EvalData, Timing
 from eamvit.io import ensure_writable_dir, write_text
-from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
-from eamvit.methods.data import DigitsDataset, digits_data_config
+from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.data import DigitsDataset
 from eamvit.methods.evaluate import evaluate
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
 SCOPES = ("head", "global")  # the default demo sweeps the first; --full both
 SEEDS = (0, 1, 2)
 QUANT_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the demo's quantized sweep: Table 1 needs 10 % and 20 %
-EXPORT_REPS, EXPORT_REPS_FULL = 3, 7  # timed calls per row of the export table
 KEEP_RATES = (0.7, 0.5)
 SPEED_TAUS = (0.3, 0.5, 0.7, 0.9)  # the speed comparison: freezing levels ...
 KEEP_RATES_SPEED = (0.9, 0.7, 0.5)  # ... and pruning keep rates
 SPEED_TIMING = Timing(batch_size=64, warmup=3, reps=15)  # a tiny model: larger batches, more repetitions
 FINETUNE_TAUS = (0.5, 0.7, 0.9)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class DemoRun:
-    """What the steps share: inputs, the results so far, and where the files go.
-
-    Args:
-        out: output folder.
-        ckpt: the digits checkpoint.
-        model: the digits ViT, instrumented.
-        train: the digits training split (calibration, fine-tuning).
-        test: the held-out split (every top-1).
-        device: where to run.
-        full: run the ``--full`` steps too.
-    """
-
-    out: Path
-    ckpt: Path
-    model: nn.Module
-    train: DigitsDataset
-    test: DigitsDataset
-    device: torch.device | str
-    full: bool = False
-    base: dict[str, Any] = field(default_factory=dict)
-    maps: Optional[EntropyMaps] = None
-    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        """The digits' preprocessing, as every row records it (``data_config_source`` ``digits``)."""
-        return {**digits_data_config(DEMO_KWARGS["img_size"]), "source": "digits"}
-
-
-@dataclass
-class Figure:
-    """A figure a step asks for; the caller of :func:`run_demo` draws it (experiments sit below plots).
-
-    Args:
-        plot: which plot function, by its name in :mod:`eamvit.plots` (e.g. ``"plot_sweep"``).
-        args: its positional arguments (the PNG path among them).
-        kwargs: its keyword arguments.
-    """
-
-    plot: str
-    args: tuple
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of the demo.
-
-    Args:
-        name: its key in the results (and the stem of its CSV/JSON files, where it writes a table).
-        title: what the ``[k/N]`` line says.
-        run: ``run(demo)``: does the work; returns the section ``{"rows", "table", "markdown"}`` for
-            stdout and ``report.md`` (and ``"figures"``: the :class:`Figure` list it asks for), or
-            ``None`` for a step without a table.
-        full: only with ``--full``.
-        more: what ``--full`` adds to a step that the default demo runs in part.
-    """
-
-    name: str
-    title: str
-    run: Callable[[DemoRun], Optional[dict[str, Any]]]
-    full: bool = False
-    more: str = ""
 
 
 def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint: Optional[str] = None,
@@ -419,73 +346,6 @@ quality. `eamvit compare` runs the full settings.
 {table}
 """
     return {"rows": rows, "table": table, "markdown": md}
-
-
-def _export_step(demo: DemoRun) -> dict:
-    """The model as a user would ship it: PyTorch and ONNX Runtime, fp32 and int8 (+ 4-bit weights with ``full``)."""
-    from eamvit.experiments.export_table import EXPORT_COLUMNS, export_table
-    from eamvit.methods.export_runtime import cpu_has_vnni
-
-    rows = export_table(demo.model, reps=EXPORT_REPS_FULL if demo.full else EXPORT_REPS, short=not demo.full,
-                        progress=True)
-    write_table(demo.out / "export", rows, EXPORT_COLUMNS)
-    table = markdown(rows, EXPORT_COLUMNS)
-    note = ("\nThis CPU has no VNNI: ONNX Runtime's uint8 × int8 kernels add pairs of products in 16 bits and "
-            "saturate, so the uint8-activation rows can score below the simulated model here; "
-            "`eamvit export --symmetric-activations` avoids it.\n") if cpu_has_vnni() is False else ""
-    against = ("against ONNX Runtime's own `quantize_static` (per-channel int8 weights, the same 32 calibration "
-               "images) and with 4-bit weights only" if demo.full else
-               "in fp32 and as eamvit's RepQ-ViT W8/A8 QDQ export (32 calibration images)")
-    md = f"""## Deployable: ONNX Runtime on CPU
-
-The same digits model exported by `eamvit export` and run in ONNX Runtime, {against}. images/s: median of
-repeated timed calls over the 360 test digits (p25/p75: quartiles of the repetitions), on this
-machine; file bytes: the `.onnx` file, or the packed quantized state for the simulated row.
-{note}
-{table}
-"""
-    return {"rows": rows, "table": table, "markdown": md}
-
-
-OPTIMIZE_MINUTES = 0.5  # the demo's search budget: the small space, stopped after this long
-
-
-def _optimize_step(demo: DemoRun) -> dict:
-    """``eamvit optimize`` on the digits model: the fastest recipe within one point of top-1, in ONNX Runtime."""
-    from eamvit.experiments.optimize import OptimizeConfig, optimize
-    from eamvit.experiments.optimize_report import CommandLines, columns
-    from eamvit.methods.data import build_splits
-    from eamvit.methods.models import data_config
-
-    # The one split rule, as `eamvit optimize --data digits` applies it: the report's commands rebuild the point.
-    sp = build_splits("digits", data_config(demo.model), calibrate=True)
-    # One ONNX Runtime thread: on a model this small a second thread adds more noise than speed.
-    config = OptimizeConfig(max_drop=1.0, space="small", budget_minutes=OPTIMIZE_MINUTES, reps=10, threads=1)
-    out = demo.out / "optimize"
-    res = optimize(demo.model, sp, out, config, CommandLines(data=["--data", "digits"]), device=demo.device)
-    figure = Figure("plot_pareto", (res.rows, out / "pareto.png", config.max_drop),
-                    {"title": "digits ViT: eamvit optimize in ONNX Runtime"})
-    front = markdown([r for r in res.rows if r["on_front"]], columns(config.runtime))
-    b = res.best
-    chosen = ("no recipe within one point of top-1" if b is None else
-              f"chosen: {b['point']}, top-1 {b['top1']:.2f}% in ONNX Runtime (unmodified {res.rows[0]['top1']:.2f}%), "
-              f"measured speed-up x{b['speedup']:.3f} (p25 {b['speedup_p25']:.3f}, p75 {b['speedup_p75']:.3f})")
-    stopped = (f" The {OPTIMIZE_MINUTES:g}-minute budget stopped it with {res.progress.not_run} candidate(s) not run."
-               if res.progress.stopped else "")
-    md = f"""## The fastest recipe within one point of top-1 (`eamvit optimize`)
-
-`eamvit optimize --space small --budget-minutes {OPTIMIZE_MINUTES:g} --threads 1` on the digits model: int8 QDQ
-(asymmetric and symmetric activations), EViT token pruning in the late blocks and head freezing, then the
-survivors stacked, each exported and measured in ONNX Runtime against the fp32 export.{stopped}
-{chosen}. The Pareto front:
-
-{front}
-![top-1 against measured speed-up](optimize/pareto.png)
-
-`optimize/report.md` gives the `eamvit compress` and `eamvit export` commands that rebuild the chosen point;
-`optimize/pareto.*` lists every point.
-"""
-    return {"rows": res.rows, "table": f"{chosen}\n\n{front}", "markdown": md, "figures": [figure]}
 
 
 # The demo's steps after loading the model, in order; `full` ones run only with `eamvit demo --full`.
