@@ -6,6 +6,8 @@ import shlex
 
 import pytest
 
+from eamvit.columns import COLUMNS, HEAD
+
 from conftest import run, single_thread  # noqa: F401  (fixture)
 from eamvit.experiments import optimize as opt
 from eamvit.experiments.optimize_space import single_candidates
@@ -68,7 +70,7 @@ def test_torch_search_chooses_the_fastest_within_budget_and_resumes(tmp_path, mo
     rows = _rows(out)
     ref = rows[0]["top1"]
     for r in rows:
-        assert r["drop"] == pytest.approx(ref - r["top1"], abs=1e-6)
+        assert r["top1_delta"] == pytest.approx(r["top1"] - ref, abs=1e-6)
         assert r["within_budget"] == (ref - r["top1"] <= 3 + 1e-9)
     pts = [(r["top1"], r["speedup"]) for r in rows]
     assert [r["on_front"] for r in rows] == [not _dominated(p, pts) for p in pts]
@@ -77,6 +79,10 @@ def test_torch_search_chooses_the_fastest_within_budget_and_resumes(tmp_path, mo
     assert len(chosen) == 1 and chosen[0]["speedup"] == max(r["speedup"] for r in ok)
     assert (out / "best.safetensors").exists() and not (out / "best.onnx").exists()
     assert (out / "pareto.png").stat().st_size > 0
+    # One row shape: every eamvit row's head, then columns of the one vocabulary.
+    header = (out / "pareto.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header[:len(HEAD)]) == HEAD and set(header) <= set(COLUMNS), set(header) - set(COLUMNS)
+    assert {r["data_config_source"] for r in rows} == {"digits"}
     calls.clear()
     assert run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "3", "--out", out)[0] == 0
     assert calls == []  # everything from points.jsonl
@@ -165,13 +171,13 @@ def test_a_line_cut_short_by_an_interruption_is_measured_again(tmp_path):
 def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):
     from eamvit.plots.optimize import plot_pareto
 
-    rows = [{"point": "fp32", "stage": "reference", "top1": 99.0, "speedup": 1.0, "speedup_p25": 0.9,
+    rows = [{"label": "fp32", "stage": "reference", "top1": 99.0, "speedup": 1.0, "speedup_p25": 0.9,
              "speedup_p75": 1.1, "on_front": False, "chosen": False},
-            {"point": "a", "stage": "single", "top1": 99.2, "speedup": 1.3, "speedup_p25": 1.2, "speedup_p75": 1.4,
+            {"label": "a", "stage": "single", "top1": 99.2, "speedup": 1.3, "speedup_p25": 1.2, "speedup_p75": 1.4,
              "on_front": True, "chosen": False},
-            {"point": "b", "stage": "stack", "top1": 98.5, "speedup": 1.6, "speedup_p25": 1.5, "speedup_p75": 1.7,
+            {"label": "b", "stage": "stack", "top1": 98.5, "speedup": 1.6, "speedup_p25": 1.5, "speedup_p75": 1.7,
              "on_front": True, "chosen": True},
-            {"point": "broken", "stage": "single", "top1": None, "speedup": None, "error": "no export",
+            {"label": "broken", "stage": "single", "top1": None, "speedup": None, "error": "no export",
              "on_front": False, "chosen": False}]
     fig = plot_pareto(rows, tmp_path / "p.png", max_drop=1.0)
     assert (tmp_path / "p.png").stat().st_size > 0

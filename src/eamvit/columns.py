@@ -91,4 +91,11 @@ COLUMNS: dict[str, str] = {
     "epochs": "fine-tuning epochs",
     "lr": "fine-tuning peak learning rate",
     "seconds": "wall-clock seconds of the row's work",
+    # -- eamvit optimize
+    "stage": "optimize: reference (the unmodified model), single (one technique) or stack (several)",
+    "within_budget": "optimize: top-1 within --max-drop of the reference",
+    "on_front": "optimize: on the Pareto front of top-1 against measured speed-up",
+    "chosen": "optimize: the fastest point within the budget (best.safetensors, best.onnx)",
+    "top1_torch": "optimize: top-1 of the chosen best.safetensors in PyTorch (`eval --state`)",
+    "error": "optimize: why a point could not be built or exported (never chosen)",
 }

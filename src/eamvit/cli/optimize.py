@@ -63,7 +63,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                        "list every point, best.safetensors/best.onnx are not written: allow a larger --max-drop"
                        + (" or a longer --budget-minutes" if res.progress.stopped else ""))
     b = res.best
-    print(f"chosen: {b['point']}: top-1 {b['top1']:.2f}% (drop {b['drop']:.2f}), measured speed-up "
+    print(f"chosen: {b['label']}: top-1 {b['top1']:.2f}% (Δ {b['top1_delta']:+.2f}), measured speed-up "
           f"x{b['speedup']:.3f} (p25 {b['speedup_p25']:.3f}, p75 {b['speedup_p75']:.3f}); wrote "
           f"{', '.join(str(p) for p in res.files.values())}, {out / 'pareto.png'}")
 

@@ -54,7 +54,7 @@ def _optimize_step(demo: DemoRun) -> dict:
     front = markdown([r for r in res.rows if r["on_front"]], columns(config.runtime))
     b = res.best
     chosen = ("no recipe within one point of top-1" if b is None else
-              f"chosen: {b['point']}, top-1 {b['top1']:.2f}% in ONNX Runtime (unmodified {res.rows[0]['top1']:.2f}%), "
+              f"chosen: {b['label']}, top-1 {b['top1']:.2f}% in ONNX Runtime (unmodified {res.rows[0]['top1']:.2f}%), "
               f"measured speed-up x{b['speedup']:.3f} (p25 {b['speedup_p25']:.3f}, p75 {b['speedup_p75']:.3f})")
     stopped = (f" The {OPTIMIZE_MINUTES:g}-minute budget stopped it with {res.progress.not_run} candidate(s) not run."
                if res.progress.stopped else "")

@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # only named in annotations
     from eamvit.experiments.optimize_report import CommandLines
 
 CACHE = "points.jsonl"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
     sp, c = run.splits, run.config
     m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
                  progress=False)
-    return {"top1": round(m["top1"], 3), "num_images": m["num_images"]}
+    return {k: m[k] for k in ("top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images")}
 
 
 def _speed(reference: Sequence[float], times: Sequence[float]) -> dict[str, float]:
@@ -418,7 +418,7 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:
         run = _setup(model, splits, config, device, Path(tmp))
         done, prog = search(run, PointCache(out / CACHE), progress)
-        rows = point_rows(done, config)
+        rows = point_rows(done, config, model, splits.data_config)
         best = next((r for r in rows if r["chosen"]), None)
         cand, files = None, {}
         if best is not None:

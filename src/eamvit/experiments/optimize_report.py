@@ -45,28 +45,35 @@ def _fields(cand: Candidate) -> dict[str, Any]:
                            "export": describe_export(cand.export, q is not None) or None,
                            "granularity": f.granularity if f else None, "tau": f.tau if f else None,
                            "prune": p.method if p else None, "keep_rate": p.keep_rate if p else None,
-                           "prune_blocks": ",".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None)}
+                           "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None)}
     return row
 
 
-def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config) -> list[dict[str, Any]]:
-    """One row per measured point (the reference first), with its drop, the budget, the front and the choice.
+def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: nn.Module,
+               data_config: Optional[dict] = None) -> list[dict[str, Any]]:
+    """One results row per measured point (the reference first), with its Δ top-1, the budget, the front
+    and the choice: the head of every eamvit row (:data:`eamvit.columns.HEAD`), then the point's fields.
 
     Args:
         done: ``(candidate, point)`` of :func:`eamvit.experiments.optimize.search`.
         config: the run's :class:`~eamvit.experiments.optimize.OptimizeConfig`.
+        model: the unmodified model (name, parameter count).
+        data_config: the data config the held-out images were built with.
     """
+    from eamvit.methods.evaluate import result_row
+
     ref_top1 = done[0][1]["top1"]
+    runtime = "ONNX Runtime" if config.runtime == "onnxruntime" else "PyTorch"
     rows = []
     for i, (cand, p) in enumerate(done):
         ok = "error" not in p
-        row = {"point": cand.label, "stage": "reference" if i == 0 else "single" if len(cand.recipe.steps) == 1
-               else "stack", **_fields(cand),
-               "top1": p.get("top1"), "num_images": p.get("num_images"), "drop": round(ref_top1 - p["top1"], 3) if ok else None,
-               "speedup": p.get("speedup"), "speedup_p25": p.get("speedup_p25"), "speedup_p75": p.get("speedup_p75"),
-               "file_bytes": p.get("file_bytes"), "model_bytes": p.get("model_bytes"),
-               "within_budget": ok and ref_top1 - p["top1"] <= config.max_drop + 1e-9, "on_front": False,
-               "chosen": False, "error": p.get("error")}
+        row = result_row(model, p if ok else {}, data_config, label=cand.label, **_fields(cand), runtime=runtime,
+                         stage="reference" if i == 0 else "single" if len(cand.recipe.steps) == 1 else "stack",
+                         top1_delta=round(p["top1"] - ref_top1, 3) if ok else None,
+                         speedup=p.get("speedup"), speedup_p25=p.get("speedup_p25"), speedup_p75=p.get("speedup_p75"),
+                         file_bytes=p.get("file_bytes"), model_bytes=p.get("model_bytes"),
+                         within_budget=ok and ref_top1 - p["top1"] <= config.max_drop + 1e-9, on_front=False,
+                         chosen=False, error=p.get("error"))
         rows.append(row)
     measured = [r for r in rows if r["error"] is None]
     for r, on in zip(measured, front_mask([(r["top1"], r["speedup"]) for r in measured])):
@@ -83,8 +90,8 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config) -> list
 def columns(runtime: str) -> list[Column]:
     """The markdown view of the rows (the CSV and JSON carry every field)."""
     size = Column("file_bytes", "file bytes", ",") if runtime == "onnxruntime" else Column("model_bytes", "bytes", ",")
-    return [Column("point"), Column("export", "export"), Column("top1", "top-1 (%)", ".2f"),
-            Column("drop", "drop", ".2f"), Column("speedup", "measured ×", ".3f"), Column("speedup_p25", "p25", ".3f"),
+    return [Column("label", "point"), Column("export", "export"), Column("top1", "top-1 (%)", ".2f"),
+            Column("top1_delta", "Δ top-1", ".2f"), Column("speedup", "measured ×", ".3f"), Column("speedup_p25", "p25", ".3f"),
             Column("speedup_p75", "p75", ".3f"), size, Column("within_budget", "within"),
             Column("on_front", "front"), Column("chosen", "chosen")]
 
@@ -130,9 +137,9 @@ def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: Com
                 "export keeps activations in float, hence the two top-1 values.\n")
     rebuild = "\n".join(lines[k] for k in ("compress", "export") if k in lines)
     check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)
-    return f"""## Chosen: {best['point']}
+    return f"""## Chosen: {best['label']}
 
-- top-1 **{best['top1']:.3f}%** {where} on {best['num_images']} held-out images, {best['drop']:.2f} points below
+- top-1 **{best['top1']:.3f}%** {where} on {best['num_images']} held-out images, {-best['top1_delta']:.2f} points below
   the reference; PyTorch top-1 of
   best.safetensors (`eamvit eval --state`): {best['top1_torch']:.3f}%
 - measured speed-up **×{best['speedup']:.3f}** (quartiles ×{best['speedup_p25']:.3f} – ×{best['speedup_p75']:.3f})
@@ -168,7 +175,7 @@ def report_text(rows: Sequence[dict[str, Any]], best: Optional[dict[str, Any]], 
                   "larger --max-drop, or let the search run to the end.\n")
     front = [r for r in rows if r["on_front"]]
     failed = [r for r in rows if r.get("error")]
-    failed_md = "".join(f"- {r['point']}: {r['error']}\n" for r in failed)
+    failed_md = "".join(f"- {r['label']}: {r['error']}\n" for r in failed)
     return f"""# eamvit optimize: the fastest recipe within {config.max_drop:g} point(s) of top-1
 
 Model: `{getattr(spec, 'name', None) or type(model).__name__}`. Runtime: {runtime}. Top-1 on

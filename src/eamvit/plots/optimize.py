@@ -15,7 +15,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_dro
     as a dotted line, and the chosen point ringed and named.
 
     Args:
-        rows: dicts with ``point``, ``stage`` (``reference``, ``single`` or ``stack``), ``top1``,
+        rows: dicts with ``label``, ``stage`` (``reference``, ``single`` or ``stack``), ``top1``,
             ``speedup`` with ``speedup_p25``/``speedup_p75``, ``on_front`` and ``chosen``; rows without
             a ``top1`` (points that could not be built) are left out. The first ``reference`` row is the
             unmodified model.
@@ -54,7 +54,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_dro
             ax.scatter([r["speedup"]], [r["top1"]], s=220, facecolors="none", edgecolors="C2", lw=2, zorder=4,
                        label="chosen: fastest within the budget")
             # To the left and below: the chosen point is usually the fastest, at the right edge.
-            ax.annotate(r["point"], (r["speedup"], r["top1"]), textcoords="offset points", xytext=(-10, -16),
+            ax.annotate(r["label"], (r["speedup"], r["top1"]), textcoords="offset points", xytext=(-10, -16),
                         ha="right", fontsize=9, color="C2")
     ax.set_xlabel("measured speed-up over the unmodified model (median; bars: p25–p75)")
     ax.set_ylabel("top-1 (%) on held-out images")
