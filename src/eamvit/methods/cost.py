@@ -15,7 +15,12 @@ Every row of a :class:`CostAccount` says, for one op of one layer:
 * ``skippable``: MACs still run that the frozen units would let a different execution skip:
   under entry freezing, only fully frozen (window, head, query) rows, and only with a sparse kernel
   (``how="sparse kernel"``); under row/head freezing simulated with ``execute=False``, everything
-  the executed path skips (``how="executed path"``).
+  the executed path skips (``how="executed path"``), and nothing in a layer that cannot execute its plan.
+
+What an executed head plan saves depends on the class's executed path: the ViT and Swin v1 classes
+skip the frozen heads' q and k projections, scores and softmax; the classes of
+:mod:`eamvit.modules.family_heads` run timm's projection for every head and skip only the scores and
+softmax (their ``eam_plan_skips``).
 
 Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
 recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
@@ -30,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from eamvit.modules.attention import attention_layers
+from eamvit.modules.attention import attention_layers, executes_plans
 from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_macs, conv_macs,
                              entry_sparse_skippable, linear_macs, speedup)
 
@@ -160,6 +165,18 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
     return calls, attn_in
 
 
+def _plan_macs(module: nn.Module, s: AttentionShape, frozen_heads: int, frozen_rows: int) -> dict[str, int]:
+    """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts.
+
+    Each class declares those ops (``eam_plan_skips``): the ViT and Swin v1 classes slice the frozen
+    units out of the qkv weight too; the classes of :mod:`eamvit.modules.family_heads` run timm's own
+    projection for every head and skip only the frozen heads' scores and softmax.
+    """
+    cut, full = attention_macs(s, frozen_heads, frozen_rows), attention_macs(s)
+    skips = module.eam_plan_skips
+    return {op: cut[op] if op in skips else full[op] for op in ATTENTION_OPS}
+
+
 def _attention_rows(layer: int, module: nn.Module, shape_in: tuple[int, ...], n_full: int) -> list[CostRow]:
     B_, N, C = shape_in
     H = module.num_heads
@@ -171,14 +188,14 @@ def _attention_rows(layer: int, module: nn.Module, shape_in: tuple[int, ...], n_
     fh, fr = (units, 0) if gran == "head" else (0, units)
     # Observers are attached only for the length of an `observe` block, so they do not count here.
     executes = mask is not None and module.eam.plan is not None and module.eam_quant is None
-    run = attention_macs(s, fh, fr) if executes else attention_macs(s)
+    run = _plan_macs(module, s, fh, fr) if executes else attention_macs(s)
     skip, how = dict.fromkeys(ATTENTION_OPS, 0), ""
     if mask is not None and not executes:
-        if gran != "entry":
-            structured = attention_macs(s, fh, fr)
-            skip, how = {k: run[k] - structured[k] for k in run}, "executed path"
-        else:
+        if gran == "entry":
             skip, how = entry_sparse_skippable(mask, s), "sparse kernel"
+        elif executes_plans(module, gran):  # a layer that can only simulate its plan would skip nothing
+            structured = _plan_macs(module, s, fh, fr)
+            skip, how = {k: run[k] - structured[k] for k in run}, "executed path"
     qz = module.eam_quant
     a_bits = getattr(getattr(qz, "q", None), "bits", None) if qz is not None else None
     w_bits, x_bits = _bits(module.qkv)

@@ -48,6 +48,9 @@ class HeadPlan(EamBase):
     # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
     eam_heads_at: Optional[int] = None
     eam_plan_buffers = HEAD_PLAN_BUFFERS
+    # The ops whose frozen heads' work the executed path skips (the cost account reads it): q and k of
+    # every head still come from timm's own projection, and A^μ·V still multiplies the frozen heads' values.
+    eam_plan_skips: tuple[str, ...] = ("qk", "softmax")
 
     @property
     def eam_executes_plan(self) -> bool:

@@ -29,6 +29,9 @@ class _EamMixin(EamBase):
 
     eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
                         "eam_plan_cols_k", "eam_plan_cols_f")
+    # The ops whose frozen units' work the executed path skips (the cost account reads it): the frozen
+    # heads' or rows' slices of the qkv weight are never multiplied, nor their scores and softmax.
+    eam_plan_skips: tuple[str, ...] = ("q", "k", "qk", "softmax")
 
     @property
     def eam_executes_plan(self) -> bool:
