@@ -68,3 +68,31 @@ def test_simulated_heads_report_the_executed_saving_as_skippable(family):
     skipped = {(r.op, r.how) for r in acc.rows if r.skippable}
     assert skipped == {("qk", "executed path"), ("softmax", "executed path")}
     assert sum(r.skippable for r in acc.rows if r.op == "softmax") == sum(G * N * N for G, N, H, d in SIZES[family])
+
+
+def test_unmodelled_families_are_refused_and_left_blank_in_rows(image_folder, capsys):
+    """The account reads a fused qkv over one token set; elsewhere it refuses in one line, and an
+    eval row leaves gmacs blank instead of printing a wrong count (or a traceback)."""
+    from conftest import run
+
+    from eamvit.errors import EamError
+    from eamvit.methods.cost import modelled
+
+    _, model, _ = _pair("cait")
+    instrument(model)
+    assert not modelled(model)
+    with pytest.raises(EamError) as err:
+        cost_account(model)
+    assert "\n" not in str(err.value) and "does not model CaiT's TalkingHeadAttn" in str(err.value)
+    _, eva, _ = _pair("eva02")
+    instrument(eva)
+    assert modelled(eva)
+
+    kwargs = ["img_size=32", "patch_size=8", "depth=2", "depth_token_only=1", "embed_dim=32", "num_heads=2",
+              "num_classes=3"]
+    code, out, err = run(capsys, "eval", "--model", "cait_xxs24_224", "--model-kwargs", *kwargs,
+                         "--data", str(image_folder), "--tau", "0.3", "--out", str(image_folder.parent / "r.csv"))
+    assert code == 0, err
+    import csv
+    row = next(csv.DictReader(open(image_folder.parent / "r.csv")))
+    assert row["gmacs"] == "" and row["predicted_speedup"] == "" and float(row["tau"]) == 0.3

@@ -185,7 +185,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         extra.update(_freeze_fields(model, freeze, reports.get("freeze")))
     prune = recipe.step("prune")
     if prune is not None:
-        from eamvit.methods.cost import count_gflops
+        from eamvit.methods.cost import count_gflops, modelled
         from eamvit.methods.prune import token_counts
 
         state_ = model.eam_prune
@@ -194,7 +194,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         rep = reports.get("prune")
         tokens = rep.tokens_per_stage if rep is not None else tokens
         extra.update(prune=prune.method, keep_rate=prune.keep_rate, tokens="-".join(map(str, tokens)),
-                     gmacs=round(count_gflops(model), 4))
+                     gmacs=round(count_gflops(model), 4) if modelled(model) else None)
         if rep is not None:
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
         if prune.method == "renyi":
@@ -203,11 +203,13 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
 
 
 def _freeze_fields(model, freeze, rep) -> dict[str, Any]:
-    from eamvit.methods.cost import cost_account
+    from eamvit.methods.cost import cost_account, modelled
 
-    acct = cost_account(model)
+    # Blank where the MAC account does not model the family's attention (never a wrong count).
+    acct = cost_account(model) if modelled(model) else None
     out = {"scope": freeze.resolved_scope, "selection": freeze.selection, "granularity": freeze.granularity,
-           "gmacs": round(acct.gmacs, 4), "predicted_speedup": round(acct.predicted_speedup, 4)}
+           "gmacs": round(acct.gmacs, 4) if acct else None,
+           "predicted_speedup": round(acct.predicted_speedup, 4) if acct else None}
     if rep is not None:
         out.update(frozen_fraction=round(rep.frozen_fraction, 6), frozen_window_masked=rep.frozen_window_masked)
     out["value_bits"] = freeze.value_bits if freeze.value_bits else 32

@@ -35,7 +35,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from eamvit.modules.attention import attention_layers, executes_plans
+from eamvit.errors import EamError
+from eamvit.modules.attention import ADAPTERS, attention_layers, executes_plans
 from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_macs, conv_macs,
                              entry_sparse_skippable, linear_macs, speedup)
 
@@ -218,6 +219,22 @@ def _linear_row(module: nn.Module, shape_in, shape_out, layer, part, scale: floa
     return CostRow(layer, part, op, tokens, int(round(macs * scale)), macs, 0, "", *_bits(module))
 
 
+def modelled(model: nn.Module) -> bool:
+    """Whether the account models every attention layer of ``model`` (classes that declare
+    ``eam_cost_modelled``: a fused qkv over one set of tokens, as in ViT, Swin, EVA and BEiT)."""
+    return all(getattr(type(m), "eam_cost_modelled", False) for m in attention_layers(model))
+
+
+def _check_modelled(layers: Sequence[nn.Module]) -> None:
+    """Refuse a model with an attention layer whose shapes the account does not read (one clear line)."""
+    m = next((m for m in layers if not getattr(type(m), "eam_cost_modelled", False)), None)
+    if m is not None:
+        known = sorted({a.family for a in ADAPTERS if getattr(a.eam_class, "eam_cost_modelled", False)})
+        raise EamError(f"the MAC account (gmacs, predicted_speedup) does not model {m.eam.adapter.family}'s "
+                       f"{m.eam.adapter.timm_class.__name__} yet (it models {'; '.join(known)}); "
+                       "measure speed instead, e.g. `eamvit optimize --runtime torch`")
+
+
 def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                  device: torch.device | str | None = None) -> CostAccount:
     """The per-layer account of one image through ``model`` in its current state.
@@ -231,6 +248,7 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         A :class:`CostAccount`.
     """
     layers = attention_layers(model)
+    _check_modelled(layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = torch.zeros(1, *model_input_size(model, input_size), device=device)
     calls, attn_in = _record_shapes(model, layers, x)

@@ -171,6 +171,7 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
 class EamEvaAttention(_Tapped, eva.EvaAttention):
     """EVA / EVA02 attention (RoPE on q and k)."""
 
+    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
     eam_head_mode = "sdpa"
 
 
@@ -182,6 +183,7 @@ class EamBeitAttention(_Tapped, beit.Attention):
     tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
     """
 
+    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
     eam_head_mode = "sdpa"
 
     def _get_rel_pos_bias(self) -> torch.Tensor:
@@ -192,6 +194,8 @@ class EamBeitAttention(_Tapped, beit.Attention):
 # --- Swin v2 ---
 class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
     """Swin v2 cosine window attention; ``eam.num_windows`` is set from the owning block."""
+
+    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:

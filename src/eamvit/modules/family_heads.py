@@ -45,6 +45,10 @@ HEAD_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_
 class HeadPlan(EamBase):
     """What an attention of :mod:`eamvit.modules.families` keeps for an executed head plan."""
 
+    # Whether methods/cost.py's MAC account models this class's shapes (a fused qkv over one token set);
+    # the classes it has been checked on say True.
+    eam_cost_modelled = False
+
     # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
     eam_heads_at: Optional[int] = None
     eam_plan_buffers = HEAD_PLAN_BUFFERS

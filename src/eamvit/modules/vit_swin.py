@@ -27,6 +27,8 @@ from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwri
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
 
+    eam_cost_modelled = True  # the MAC account (methods/cost.py) was written for these two classes
+
     eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
                         "eam_plan_cols_k", "eam_plan_cols_f")
     # The ops whose frozen units' work the executed path skips (the cost account reads it): the frozen
