@@ -35,7 +35,7 @@ from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, combinations, reference,
                                                single_candidates)
 from eamvit.experiments.timer import ratio_stats, time_calls
-from eamvit.io import ensure_writable_dir
+from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record
 from eamvit.methods.evaluate import evaluate
@@ -117,22 +117,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's architecture name and every parameter and buffer (what its results depend on)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str, Any]:
     """What every point's measurement depends on besides its candidate."""
     data = {"eval": calibration_record(sp.eval_set, sp.eval_indices),
             "calib": calibration_record(sp.calib_set, sp.calib_indices) if sp.calib_set is not None else None,
             "config": {k: v for k, v in sp.data_config.items() if k != "source"}}
     timing = {k: getattr(config, k) for k in ("runtime", "threads", "reps", "batch_size")}
-    return {"version": CACHE_VERSION, "model": model_fingerprint(model), "data": _digest(data), "timing": timing}
+    return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
 
 
 class PointCache:
