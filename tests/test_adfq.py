@@ -12,6 +12,7 @@ from eamvit.errors import EamError
 from eamvit.methods import adfq
 from eamvit.methods.quantize import quantize_
 from eamvit.modules import adfq as adfq_modules
+from eamvit.methods.state import state_of
 
 
 def test_outlier_parts_sum_back_and_dense_error_bounded():
@@ -135,13 +136,13 @@ def test_reconstruction_lowers_module_mse(digits_images, tmp_path):
     mse_rtn = float((_attn_out(rtn, digits_images) - ref).pow(2).mean())
     mse_rec = float((_attn_out(rec, digits_images) - ref).pow(2).mean())
     assert mse_rec < mse_rtn
-    rows = rec.eam_quant_report["units"]
+    rows = state_of(rec).reports["quant"]["units"]
     assert [r["kind"] for r in rows] == ["attn", "mlp"]
     assert rows[0]["mse_after"] < rows[0]["mse_before"]
     # Resuming from the per-module checkpoints reproduces the model without training.
     again = quantize_(_digits_model(), adfq.ADFQConfig(**base), digits_images, progress=False,
                     checkpoint_dir=tmp_path)
-    assert all(r["resumed"] for r in again.eam_quant_report["units"])
+    assert all(r["resumed"] for r in state_of(again).reports["quant"]["units"])
     with torch.no_grad():
         assert torch.equal(again(digits_images), rec(digits_images))
     with pytest.raises(EamError, match="other settings"):

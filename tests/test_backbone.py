@@ -16,6 +16,7 @@ import eamvit
 from eamvit.errors import EamError
 from eamvit.modules.quantizers import set_quant_enabled
 from eamvit.ops.entropy import AttentionHistogram
+from eamvit.methods.state import state_of
 
 TINY_BACKBONES = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), False),
@@ -132,7 +133,7 @@ def test_repq_through_forward_loop(kind):
     calls = []
     eamvit.quantize_(model, eamvit.RepQConfig(**cfg), forward_loop=loop_over(x, 4, calls), progress=False)
     assert calls == []  # stopped inside its first forward: RepQ-ViT calibrates on one batch
-    assert model.eam_quant_report["calib_images"] == 4
+    assert state_of(model).reports["quant"]["calib_images"] == 4
     with torch.no_grad():
         q = model(x)
         assert torch.equal(q, by_images(x))

@@ -19,6 +19,7 @@ from eamvit.cli.main import main
 from eamvit.io import save_tensors
 
 from conftest import TINY_VIT, make, write_image_folder
+from eamvit.methods.state import state_of
 
 KW = ["img_size=32", "patch_size=8", "num_classes=3", "embed_dim=32", "depth=2", "num_heads=2"]
 TINY = ["--model", TINY_VIT[0], "--model-kwargs", *KW]
@@ -403,8 +404,8 @@ def wide(inputs):
     cfg = FreezeConfig(tau=0.3)
     freeze_(small, eamvit.EntropyMaps.load(inputs / "maps.safetensors"), cfg)
     save_frozen(small, str(inputs / "frozen.safetensors"), cfg)
-    spec = eamvit.create_model(TINY_VIT[0], model_kwargs={**TINY_VIT[1], "img_size": 64},
-                               checkpoint=inputs / "tiny64.pth").eam_spec.to_dict()
+    spec = state_of(eamvit.create_model(TINY_VIT[0], model_kwargs={**TINY_VIT[1], "img_size": 64},
+                                        checkpoint=inputs / "tiny64.pth")).spec.to_dict()
     return inputs, spec
 
 

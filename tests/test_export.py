@@ -22,6 +22,7 @@ from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
 
 from conftest import make, run, TINY_DISTILLED, TINY_SWIN, TINY_VIT
+from eamvit.methods.state import state_of
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_pruned_export_keeps_the_same_tokens(digits, tmp_path):
         export_onnx(m, path, ExportConfig(kept_tokens=True))
         with torch.no_grad():
             ref = m(x)
-        kept = m.eam_prune.stage_idx
+        kept = state_of(m).prune.stage_idx
         out = ort_run(path, x)
         np.testing.assert_allclose(out[0], ref.numpy(), atol=1e-4, rtol=0)
         assert len(out) == 1 + len(kept)

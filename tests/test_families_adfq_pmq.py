@@ -23,6 +23,7 @@ from eamvit.modules.quantizers import Quantizer
 
 from test_families import _pair
 from test_families_quant import BATCHNORM, REPQ
+from eamvit.methods.state import state_of
 
 ADFQ = [f for f in REPQ if f != "swinv2"]
 # Layers whose map is (H, N, N) over one set of tokens, by family: AAS gives them per-patch bits.
@@ -55,7 +56,7 @@ def test_adfq_runs_and_reconstructs_every_attention(family, tmp_path):
     config = ADFQConfig(w_bits=4, a_bits=4, calib_size=4, init_size=4, iterations=3, batch_size=2)
     quantize_(model, config, _calib(x), progress=False)
     _differs_finite_and_reloads(model, reference, x, tmp_path)
-    report = model.eam_quant_report
+    report = state_of(model).reports["quant"]
     assert sum(r["kind"] == "attn" for r in report["units"]) == len(attention_layers(model))
     assert report["outliers"]  # POQ sits on the inputs of the LayerNorm → Linear pairs
     assert all(q.inited for q in model.modules() if isinstance(q, Quantizer) and q.enabled)
@@ -66,7 +67,7 @@ def test_pmq_runs_with_patch_bits_where_a_map_is_over_tokens(family, tmp_path):
     reference, model, x = _pair(family)
     quantize_(model, PMQConfig.from_string("4/4/4(MP)", calib_size=4), _calib(x), progress=False)
     _differs_finite_and_reloads(model, reference, x, tmp_path)
-    report = model.eam_quant_report
+    report = state_of(model).reports["quant"]
     assert {r["bits"] for r in report["components"]} <= set(range(2, 9))
     patched = [l for l in attention_layers(model) if isinstance(l.eam_quant.q, PatchBitsQuantizer)]
     assert len(patched) == len(report["patch_bits"]) == AAS_LAYERS[family]

@@ -19,6 +19,7 @@ from eamvit.methods.prune import PruneConfig, kept_indices, prune_, unprune_
 from eamvit.modules.prune_block import PRUNE_CLASSES
 from eamvit.ops.positions import gather_rope
 from test_families import _pair
+from eamvit.methods.state import state_of
 
 # family: (methods it supports, its first default pruning block, prefix tokens inside its blocks)
 PRUNED = {"eva02": (("shannon", "renyi", "evit", "random"), 0, 1),
@@ -198,7 +199,7 @@ def test_refusals_are_one_line():
     for err in (e, e2, e3, e4):
         assert "\n" not in str(err.value)
     for m in (xcit, cait, convit, swinv2):
-        assert not hasattr(m, "eam_prune") and not any(type(b) in PRUNE_CLASSES for b in m.modules())
+        assert state_of(m).prune is None and not any(type(b) in PRUNE_CLASSES for b in m.modules())
 
 
 def test_models_table_declares_pruning_for_the_flat_token_families(capsys):

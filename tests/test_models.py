@@ -8,6 +8,7 @@ from eamvit.errors import EamError
 from eamvit.methods.models import data_config
 
 from conftest import TINY_VIT, make
+from eamvit.methods.state import state_of
 
 NAME, KW = TINY_VIT
 
@@ -29,7 +30,7 @@ def test_pth_wrappers_load(tmp_path, state, wrap):
     torch.save(obj, tmp_path / "w.pth")
     model = eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth")
     assert _same(model, state)
-    assert len(model.eam_spec.checkpoint_sha256) == 64
+    assert len(state_of(model).spec.checkpoint_sha256) == 64
 
 
 def test_safetensors_loads(tmp_path, state):
@@ -135,7 +136,7 @@ def test_bundled_model_config_is_its_training_recipe():
     from eamvit.methods.models import BUNDLED_ASSET, BUNDLED_CONFIG
 
     model = eamvit.create_model(eamvit.BUNDLED_MODEL)
-    spec = model.eam_spec
+    spec = state_of(model).spec
     assert (spec.name, spec.model_kwargs, spec.weights) == (DEMO_MODEL, DEMO_KWARGS, "checkpoint")
     cfg = data_config(model)
     assert cfg == {"input_size": (1, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
@@ -173,5 +174,5 @@ def test_img_size_is_validated_against_the_model():
 
 def test_weights_kind(tmp_path, state):
     torch.save(state, tmp_path / "w.pth")
-    assert make(TINY_VIT).eam_spec.weights == "random"
-    assert eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth").eam_spec.weights == "checkpoint"
+    assert state_of(make(TINY_VIT)).spec.weights == "random"
+    assert state_of(eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth")).spec.weights == "checkpoint"

@@ -14,6 +14,7 @@ from eamvit.methods import pmq
 from eamvit.methods.quantize import quantize_
 from eamvit.modules.quant_layers import PatchBitsQuantizer
 from eamvit.ops.pareto import choose, pareto_frontier
+from eamvit.methods.state import state_of
 
 TINY = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2))
 
@@ -130,7 +131,7 @@ def test_end_to_end_and_impossible_budget(tmp_path):
     model = eamvit.create_model(TINY[0], model_kwargs=TINY[1])
     cfg = pmq.PMQConfig.from_string("4/8/4(MP)", calib_size=8)
     quantize_(model, cfg, (images, labels))
-    rep = model.eam_quant_report
+    rep = state_of(model).reports["quant"]
     assert rep["chosen_size_mb"] <= rep["budget_mb"] + 1e-12
     assert {r["bits"] for r in rep["components"]} <= set(range(2, 9))
     assert len(rep["patch_bits"]) == 2 and all(r["patches"] == 17 for r in rep["patch_bits"])

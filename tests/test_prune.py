@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from eamvit.methods.state import state_of
 
 import eamvit
 import eamvit.modules.attention
@@ -147,7 +148,7 @@ def test_keep_rate_one_is_exactly_the_original(method):
     assert torch.equal(out, ref)
     assert all(type(model.blocks[b]) is PruneBlock for b in (3, 6, 9))
     unprune_(model)
-    assert not hasattr(model, "eam_prune") and all(type(b).__name__ == "Block" for b in model.blocks)
+    assert state_of(model).prune is None and all(type(b).__name__ == "Block" for b in model.blocks)
 
 
 def test_pruning_changes_outputs_and_only_pruning_blocks_materialise_attention():
@@ -351,7 +352,7 @@ def test_bad_config_is_one_clear_line(cfg, match):
     with pytest.raises(EamError, match=match) as e:
         prune_(model, PruneConfig(**cfg))
     assert "\n" not in str(e.value)
-    assert not hasattr(model, "eam_prune")
+    assert state_of(model).prune is None
 
 
 def test_swin_is_refused():

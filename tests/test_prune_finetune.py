@@ -13,6 +13,7 @@ from eamvit.errors import EamError
 from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at
 from eamvit.experiments.prune_sweep import prune_sweep, prune_table
 from eamvit.methods.prune import PruneConfig, kept_patch_masks, prune_, prune_state, token_entropies
+from eamvit.methods.state import state_of
 
 KW = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
 
@@ -113,7 +114,7 @@ def test_sweep_and_table(digits, tmp_path):
     assert rows[0]["keep_rate"] is None and all("tau" not in r for r in rows)  # blank where they do not apply
     assert rows[2]["alpha"] == "inf" and rows[1]["tokens"] == "64-45-32-23"
     assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:]) and all(r["images_per_s"] > 0 for r in rows)
-    assert not hasattr(m, "eam_prune")
+    assert state_of(m).prune is None
 
     train, _ = digits
     rows, md = prune_table(m, train, test, keep_rates=(0.5,), methods=[("evit", None)], finetune_epochs=1,
@@ -129,7 +130,7 @@ def test_sweep_and_table(digits, tmp_path):
     plot_entropy_histograms(token_entropies(m, torch.stack([test[i][0] for i in range(4)]), (1.0, 2.0, math.inf)),
                             tmp_path / "hist.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("tradeoff.png", "kept.png", "hist.png"))
-    assert not hasattr(m, "eam_prune")
+    assert state_of(m).prune is None
 
 
 

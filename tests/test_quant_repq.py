@@ -14,6 +14,7 @@ from eamvit.methods.quantize import load_quantized, quantize_, save_quantized
 from eamvit.methods.repq import QuantConv2d, QuantLinear, RepQConfig, attn_deltas, prepare_, reparam_pairs
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
+from eamvit.methods.state import state_of
 
 SPECS = {"vit": TINY_VIT, "distilled": TINY_DISTILLED, "swin": TINY_SWIN}
 
@@ -59,7 +60,7 @@ def test_reparameterization_keeps_fp_outputs(quantized, name):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_what_is_quantized(quantized, name):
     fp, q = quantized[name]
-    cfg = q.eam_quant_config
+    cfg = state_of(q).steps["quant"]
     linears = [m for m in q.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is QuantLinear for m in linears)  # head included
     convs = [m for m in q.modules() if isinstance(m, nn.Conv2d)]
@@ -180,7 +181,7 @@ def test_save_load_identity(quantized, tmp_path, name):
     x = _images(5, seed=3)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
-    assert fresh.eam_quant_config == q.eam_quant_config
+    assert state_of(fresh).steps["quant"] == state_of(q).steps["quant"]
 
 
 def test_load_for_another_model_fails(quantized, tmp_path):

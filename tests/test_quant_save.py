@@ -18,6 +18,7 @@ from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import PatchBitsQuantizer
 
 from conftest import TINY_VIT, make
+from eamvit.methods.state import state_of
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
@@ -51,7 +52,7 @@ def test_reload_gives_identical_logits(quantized, tmp_path, method):
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
-    assert fresh.eam_quant_config == q.eam_quant_config
+    assert state_of(fresh).steps["quant"] == state_of(q).steps["quant"]
     meta, tensors = _read(path)
     # Every quantized weight is stored as codes, never as float.
     for key, info in meta["packed"].items():

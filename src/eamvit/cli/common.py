@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 from eamvit.cli.options import parse_model_kwargs
 
@@ -177,7 +178,7 @@ def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
 
         cfg = {**data_config(model, {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}), "source": source}
     if args.data != "digits":  # what a state or checkpoint saved from this model must carry
-        model.eam_data_config = cfg
+        state_of(model).data_config = cfg
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
                       calib_data=getattr(args, "calib_data", None), num_samples=args.num_samples,
                       calib_size=getattr(args, "calib_size", None), seed=args.seed, evaluate=evaluate,

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from eamvit.methods.state import step_config
 from eamvit.errors import EamError
 from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
                                load_maps, load_model)
@@ -185,7 +186,7 @@ def cmd_quant_sweep(args) -> None:
     if getattr(args, "quant_state", None):
         q_model = copy.deepcopy(model)
         load_quantized(q_model, args.quant_state)
-        qcfg = q_model.eam_quant_config  # the rows and titles say what the state holds, not the defaults
+        qcfg = step_config(q_model, "quant")  # the rows and titles say what the state holds, not the defaults
         if not isinstance(qcfg, RepQConfig):
             raise EamError(f"sweep --quant-state needs a RepQ-ViT state; {args.quant_state} holds "
                            f"{type(qcfg).__name__.removesuffix('Config')}")

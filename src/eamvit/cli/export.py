@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_splits, is_main, load_model,
                                require_modules)
@@ -144,7 +145,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     spec = ModelSpec(**meta["model"])
     # An untrained skeleton of the exported architecture gives eval's data config and row fields.
     skeleton = create_model(spec.name, model_kwargs=spec.model_kwargs)
-    skeleton.eam_spec = spec
+    state_of(skeleton).spec = spec
     # The file calibrates nothing now; the images that calibrated it (recorded at export) are not scored.
     sp = data_splits(args, skeleton, need_calib=False, calibrated_on=[(str(args.onnx), meta.get("calibration"))])
     ev, ev_idx, cfg = sp.eval_set, sp.eval_indices, sp.data_config

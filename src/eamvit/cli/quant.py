@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
@@ -129,11 +130,11 @@ def method_config(args: argparse.Namespace) -> Config:
 
 def _row(model: nn.Module) -> dict[str, Any]:
     """Result-row fields of a quantized model."""
-    cfg = model.eam_quant_config
+    cfg = step_config(model, "quant")
     row: dict[str, Any] = {"quant": cfg.KIND, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits}
     if cfg.KIND == "pmq":
         row["bits"] = cfg.label
-        report = getattr(model, "eam_quant_report", None)
+        report = state_of(model).reports.get("quant")
         if report:
             # Not model_bytes: PMQ's budget counts only the weights it quantizes, at their bits.
             row["pmq_weight_mb"] = round(report["chosen_size_mb"], 4)

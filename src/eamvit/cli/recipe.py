@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any, Optional
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
 from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
@@ -177,7 +178,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
     extra: dict[str, Any] = {"tau": freeze.tau} if freeze is not None else {}  # blank where nothing is frozen
     if state:
         extra["state"] = str(state)
-    if getattr(model, "eam_quant_config", None) is not None:
+    if step_config(model, "quant") is not None:
         extra.update(_row(model))
     if frozen:
         extra.update(frozen)
@@ -188,7 +189,7 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         from eamvit.methods.cost import count_gflops, modelled
         from eamvit.methods.prune import token_counts
 
-        state_ = model.eam_prune
+        state_ = state_of(model).prune
         grid = state_.grid
         tokens = token_counts(grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_.blocks), prune.fuse_tokens)
         rep = reports.get("prune")

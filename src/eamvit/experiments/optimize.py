@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eamvit.methods.state import step_config
 from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, combinations, reference,
                                                single_candidates)
@@ -164,7 +165,7 @@ class PointCache:
 def _maps_for(run: _Run, model: nn.Module):
     """Entropy maps of ``model`` as it is when the freezing step runs (after quantization), on the
     calibration images, as ``eamvit compress`` computes them; one computation per quantization."""
-    cfg = getattr(model, "eam_quant_config", None)
+    cfg = step_config(model, "quant")
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str) if cfg is not None else "fp32"
     if key not in run.maps:
         sp = run.splits

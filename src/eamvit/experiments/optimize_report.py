@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from eamvit.methods.state import state_of
 from eamvit.experiments.optimize_space import Candidate, export_options, recipe_options
 from eamvit.experiments.results import Column, markdown, write_table
 from eamvit.methods.export import ExportConfig
@@ -163,7 +164,7 @@ def report_text(rows: Sequence[dict[str, Any]], best: Optional[dict[str, Any]], 
                 config, commands: CommandLines, out: Path, model: nn.Module) -> str:
     """The text of ``report.md``: the setting, the chosen point and its commands, the front."""
     ref = rows[0]
-    spec = getattr(model, "eam_spec", None)
+    spec = state_of(model).spec
     onnx = config.runtime == "onnxruntime"
     runtime = (f"ONNX Runtime on CPU ({config.threads or 'default'} threads), each point's exported file" if onnx
                else "PyTorch, each point's model (quantization is left out: PyTorch simulates it in float)")

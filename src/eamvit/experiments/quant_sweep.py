@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
 from eamvit.experiments.freeze_sweep import freeze_point
 from eamvit.experiments.results import Column, ResultRow, markdown
@@ -134,7 +135,7 @@ def _baseline(model: nn.Module, fields: dict[str, Any], entries: int) -> Point:
 def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSweepConfig",
             fbits: int) -> tuple[list[Point], list[Point]]:
     """``(baselines, freezing points)`` of the sweep, in row order."""
-    qcfg = q_model.eam_quant_config
+    qcfg = step_config(q_model, "quant")
     entries = sum(m.numel() for m in kl.fp.entropy)
     wa = f"{qcfg.w_bits}/{qcfg.a_bits}"
     unfrozen = {"selection": None, "maps": None, "value_bits": None}
@@ -165,7 +166,7 @@ def _quantized(fp_model: nn.Module, config: RepQConfig, calib: torch.Tensor | Da
                q_model: Optional[nn.Module]) -> nn.Module:
     if q_model is None:
         q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
-    if getattr(q_model, "eam_quant_config", None) is None:
+    if step_config(q_model, "quant") is None:
         raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
     return q_model
 
@@ -218,7 +219,7 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
     for tau in sweep.taus:  # the τ-independent baselines repeat at every τ, so each τ has its full set
         rows += [replace(r, fields={"tau": tau, **r.fields}) for r in base_rows]
         rows += [r for r in frozen_rows if r["tau"] == tau]
-    label = getattr(getattr(fp_model, "eam_spec", None), "name", type(fp_model).__name__)
+    label = getattr(state_of(fp_model).spec, "name", type(fp_model).__name__)
     t1 = table1(rows, label, maps=sweep.table_maps, value_bits=fbits if sweep.table_values == "quant" else 32)
     return {"rows": rows, "kl": kl, "table1": t1, "table": markdown(*t1), "q_model": q_model}
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 
 
@@ -480,13 +481,13 @@ def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, 
 
 
 def add_calibration(model: Any, records: Sequence[dict]) -> None:
-    """Add ``records`` (:func:`calibration_record`) to ``model.eam_calibration``, once each.
+    """Add ``records`` (:func:`calibration_record`) to the model's state (``calibration``), once each.
 
     A model carries the records of everything that calibrated it (quantization, the maps it was
     frozen with), so that what is saved or exported from it names all of those images.
     """
-    have = list(getattr(model, "eam_calibration", None) or [])
+    have = list(state_of(model).calibration or [])
     for r in records:
         if r not in have:
             have.append(r)
-    model.eam_calibration = have
+    state_of(model).calibration = have

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -112,7 +113,7 @@ class ExportConfig(Config):
 
 
 def _repq_config(model: nn.Module) -> Optional[RepQConfig]:
-    cfg = getattr(model, "eam_quant_config", None)
+    cfg = step_config(model, "quant")
     if cfg is not None and not isinstance(cfg, RepQConfig):
         raise EamError(f"ONNX export supports RepQ-ViT models; this one is quantized with {type(cfg).__name__}, "
                        "whose quantizers have no integer-runtime form")
@@ -209,7 +210,7 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
         if config.scheme == "weight-only" and isinstance(m, QuantLinear) and wq.bits not in (2, 4, 8):
             raise EamError(f"weight-only export packs 2, 4 or 8-bit weights, the model has {wq.bits}-bit ones")
         _round_uniform(wq, config.symmetric_weights)
-    model.eam_export_config = config.to_dict()
+    state_of(model).target = config
     return model
 
 
@@ -342,7 +343,7 @@ class _Graph(nn.Module):
             logits = logits[0]
         if not self.kept_tokens:
             return logits
-        kept = self.model.eam_prune.stage_idx
+        kept = state_of(self.model).prune.stage_idx
         if any(k is None for k in kept):
             raise EamError("kept_tokens needs a model that prunes at every stage (keep rate < 1)")
         return (logits, *kept)
@@ -363,7 +364,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
     from eamvit import __version__
 
     quant = _repq_config(model)
-    prune = getattr(model, "eam_prune", None)
+    prune = state_of(model).prune
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
@@ -373,7 +374,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
             "frozen_layers": frozen,
             # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
-            "calibration": list(getattr(model, "eam_calibration", None) or [])}
+            "calibration": list(state_of(model).calibration or [])}
 
 
 def export_kind(model: nn.Module, config: ExportConfig) -> str:
@@ -424,7 +425,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     m = copy.deepcopy(model).cpu().eval()
     prepare_export_(m, config)
     _swap_for_export_(m, config)
-    if config.kept_tokens and getattr(m, "eam_prune", None) is None:
+    if config.kept_tokens and state_of(m).prune is None:
         raise EamError("kept_tokens needs a pruned model (prune_ first, or drop --kept-tokens)")
     graph = _Graph(m, config.kept_tokens)
     x = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 from eamvit.io import ensure_writable_dir, write_json
 from eamvit.methods.freeze import FreezeConfig, frozen_digest, save_frozen
@@ -140,7 +141,7 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     config.validate()
     if freeze is not None:
         freeze.validate()
-    st = getattr(model, "eam_prune", None)
+    st = state_of(model).prune
     ident = _identity(model, st, freeze)
     out = ensure_writable_dir(out_dir) if out_dir is not None else None
     dev = torch.device(device) if device is not None else next(model.parameters()).device

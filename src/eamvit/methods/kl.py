@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.methods.state import step_config
 from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
 from eamvit.ops.entropy import kl_from_counts
 from eamvit.errors import EamError
@@ -154,7 +155,7 @@ def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *
     common = dict(indices=indices, bits=bits, batch_size=batch_size, workers=workers, device=device,
                   max_memory=max_memory, keep_histograms=True, progress=progress)
     fp = compute_entropy_maps(fp_model, dataset, meta={"quant": None}, **common)
-    qcfg = getattr(q_model, "eam_quant_config", None)
+    qcfg = step_config(q_model, "quant")
     quant = compute_entropy_maps(q_model, dataset, meta={"quant": qcfg.to_dict() if qcfg is not None else None},
                                  **common)
     kl = kl_maps(fp.histograms, quant.histograms, eps)

@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from eamvit.methods.state import state_of
 from eamvit.modules.attention import attention_layers, instrument, layer_shapes
 from eamvit.errors import EamError
 
@@ -259,7 +260,7 @@ def create_model(
         device: device to put the model on.
 
     Returns:
-        The model in eval mode, with ``model.eam_spec`` (a :class:`ModelSpec`) attached.
+        The model in eval mode, its :class:`ModelSpec` in its state (``state_of(model).spec``).
     """
     ckpt_cfg = None
     if name == BUNDLED_MODEL:
@@ -283,17 +284,17 @@ def create_model(
     if sd is not None:
         load_state_dict_strict(model, sd, str(checkpoint))
         spec.checkpoint_sha256 = file_sha256(checkpoint)
-    model.eam_spec = spec
+    state_of(model).spec = spec
     if ckpt_cfg is not None:
-        model.eam_data_config = {**_checked(model, preprocessing(ckpt_cfg), "checkpoint"), "source": "checkpoint"}
+        state_of(model).data_config = {**_checked(model, preprocessing(ckpt_cfg), "checkpoint"), "source": "checkpoint"}
     return model.to(device).eval()
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
-    spec = getattr(model, "eam_spec", None)
+    spec = state_of(model).spec
     if spec is None:
         spec = ModelSpec(name=type(model).__name__)
-        model.eam_spec = spec
+        state_of(model).spec = spec
     return spec
 
 
@@ -315,7 +316,7 @@ def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     from eamvit.modules.quantizers import Quantizer
 
     qs = [(q, q.enabled) for q in model.modules() if isinstance(q, Quantizer)]
-    pruning = getattr(model, "eam_prune", None)
+    pruning = state_of(model).prune
     keep_rate = pruning.keep_rate if pruning is not None else None
     p = next(model.parameters())
     try:
@@ -439,7 +440,7 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) ->
         overrides: any of ``img_size``, ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
             ``interpolation`` (``None`` values are ignored); every value is validated.
     """
-    own = getattr(model, "eam_data_config", None)
+    own = state_of(model).data_config
     cfg = dict(own) if own is not None else {**_timm_config(model), "source": "timm"}
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "img_size" in ov:

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
+from eamvit.methods.state import peek, state_of
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
@@ -242,7 +243,8 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         blk.__class__ = fam.prune_class
         blk.eam_prune = state
         blk.eam_stage = blocks.index(i) if i in blocks else None
-    model.eam_prune = state
+    state_of(model).prune = state
+    state_of(model).steps["prune"] = config
     grid = state.grid
     n0 = grid[0] * grid[1] if grid else 0
     return PruneReport(config=config.to_dict(), blocks=list(blocks),
@@ -257,11 +259,14 @@ def unprune_(model: nn.Module) -> None:
             m.__class__ = PRUNE_CLASSES[type(m)]
             for attr in ("eam_prune", "eam_stage"):
                 m.__dict__.pop(attr, None)
-    model.__dict__.pop("eam_prune", None)
+    st = peek(model)
+    if st is not None:
+        st.prune = None
+        st.steps.pop("prune", None)
 
 
 def prune_state(model: nn.Module) -> PruneState:
-    st = getattr(model, "eam_prune", None)
+    st = state_of(model).prune
     if st is None:
         raise EamError("this model is not pruned; call prune_(model, PruneConfig(...)) first")
     return st

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import ForwardLoop
@@ -92,7 +93,7 @@ def _handler(config: Any) -> QuantizeHandler:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` went through :func:`quantize_` or :func:`load_quantized`."""
-    return getattr(model, "eam_quant_config", None) is not None
+    return step_config(model, "quant") is not None
 
 
 # --------------------------------------------------------------------------- calibration input

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
@@ -85,8 +86,8 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         checkpoint_dir: resumable per-module checkpoints (ADFQ-ViT's reconstruction).
 
     Returns:
-        ``model`` with ``eam_quant_config`` (the config) and ``eam_quant_report`` (the method's report
-        and ``calib_seconds``).
+        ``model``; its :class:`~eamvit.methods.state.ModelState` holds the config (``steps["quant"]``)
+        and the method's report with ``calib_seconds`` (``reports["quant"]``).
 
     Raises:
         EamError: a bad config, too few calibration images, an already quantized or unsupported model.
@@ -101,7 +102,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     # What the state is made from: loading it onto other weights is refused (load_quantized).
-    model.eam_fp_sha256 = tensors_sha256(model.state_dict())
+    state_of(model).fp_sha256 = tensors_sha256(model.state_dict())
     if device is not None:
         model.to(device)
     model.eval()
@@ -111,10 +112,10 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
     try:
         report = handler.quantize(model, config, calib, run)
     except BaseException:
-        model.eam_quant_config = None
+        state_of(model).steps.pop("quant", None)
         raise
-    model.eam_quant_config = config
-    model.eam_quant_report = {**report, "calib_seconds": time.perf_counter() - t0}
+    state_of(model).steps["quant"] = config
+    state_of(model).reports["quant"] = {**report, "calib_seconds": time.perf_counter() - t0}
     add_calibration(model, [calibration_record(calib)])
     return model
 
@@ -161,10 +162,10 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     Raises:
         EamError: the model is not quantized or a quantizer was never calibrated.
     """
-    config = getattr(model, "eam_quant_config", None)
+    config = step_config(model, "quant")
     if config is None:
         raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
-    if not getattr(model, "eam_fp_sha256", None):
+    if not state_of(model).fp_sha256:
         raise EamError("the model was not quantized by quantize_ or load_quantized; quantize it with quantize_")
     missing = [n for n, q in model.named_modules() if isinstance(q, Quantizer) and not q.inited]
     if missing:
@@ -177,11 +178,11 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     packed = _pack(model, tensors)
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
-            "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": model.eam_fp_sha256,
+            "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": state_of(model).fp_sha256,
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
             "data_config": preprocessing(data_config(model)),
             # The images it was calibrated with: evaluation of the state never scores them.
-            "calibration": list(getattr(model, "eam_calibration", None) or [])}
+            "calibration": list(state_of(model).calibration or [])}
     return tensors, meta
 
 
@@ -224,7 +225,7 @@ def _check_fp_weights(model: nn.Module, meta: dict, path: Any) -> None:
     if theirs != ours:
         raise EamError(f"quantized state {path} was made from other weights than this model's (weights digest "
                        f"{theirs[:12]}, this model {ours[:12]}); quantize this model with `eamvit quantize`")
-    model.eam_fp_sha256 = ours
+    state_of(model).fp_sha256 = ours
 
 
 def _apply_attrs(model: nn.Module, attrs: Any, free: dict[str, tuple[int, ...]], config: Any, path: Any) -> None:
@@ -329,9 +330,9 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     except BaseException:
-        model.eam_quant_config = None
+        state_of(model).steps.pop("quant", None)
         raise
-    model.eam_quant_config = config
+    state_of(model).steps["quant"] = config
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
         add_calibration(model, meta["calibration"])
     return model

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods import calibrate, quantize
@@ -111,7 +112,7 @@ def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
     """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
     from eamvit.methods.repq import attn_deltas
 
-    cfg = getattr(model, "eam_quant_config", None)
+    cfg = step_config(model, "quant")
     if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
         return None
     return attn_deltas(model)
@@ -198,7 +199,7 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
         reports["frozen"] = loaded
     reports.update(apply_(model, rest, None, maps=maps, device=device, progress=progress))
     freeze = (FreezeConfig(**loaded) if loaded else FreezeConfig()) if loaded is not None else rest.step("freeze")
-    steps = (getattr(model, "eam_quant_config", None), freeze, rest.step("prune"))
+    steps = (step_config(model, "quant"), freeze, rest.step("prune"))
     return Recipe(steps=tuple(s for s in steps if s is not None)), reports
 
 
@@ -230,8 +231,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     from eamvit.methods.models import data_config, model_spec, preprocessing
 
     recipe.validate()
-    have = {"quant": getattr(model, "eam_quant_config", None) is not None,
-            "prune": getattr(model, "eam_prune", None) is not None}
+    have = {"quant": step_config(model, "quant") is not None,
+            "prune": state_of(model).prune is not None}
     for stage, present in have.items():
         if present != (recipe.step(stage) is not None):
             raise EamError(f"the model is {'' if present else 'not '}{'quantized' if stage == 'quant' else 'pruned'} "
@@ -240,7 +241,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     meta: dict[str, Any] = {"format": COMPRESSED_FORMAT, "recipe": recipe.to_dict(),
                             "model": model_spec(model).to_dict(),
                             "data_config": preprocessing(data_config(model)),
-                            "calibration": list(getattr(model, "eam_calibration", None) or [])}
+                            "calibration": list(state_of(model).calibration or [])}
     for stage, content in (("quant", quantized_content if have["quant"] else None),
                            ("freeze", frozen_content if recipe.step("freeze") else None)):
         if content is not None:

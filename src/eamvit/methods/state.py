@@ -1,0 +1,65 @@
+"""The one object a model carries for eamvit: ``model.eam_state``, a :class:`ModelState`.
+
+Everything eamvit knows about a model beyond its modules (what it is, which preprocessing it takes,
+which images calibrated it, the steps applied to it and their reports) lives in this one typed,
+versioned object, so that nothing else hangs off the model and save / load read and write one thing.
+The tensors the steps add (quantizer parameters, frozen masks and values) stay registered buffers of
+the modules they belong to, so ``state_dict`` keys are those of earlier versions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+
+
+ATTR = "eam_state"
+
+
+@dataclass
+class ModelState:
+    """What eamvit records about one model.
+
+    Args:
+        spec: the :class:`~eamvit.methods.models.ModelSpec` it was created from.
+        data_config: its own preprocessing (a checkpoint's, a state's or the user's overrides);
+            ``None``: timm's pretrained config.
+        calibration: records (:func:`~eamvit.methods.data.calibration_record`) of every image set
+            that calibrated it, so that evaluation never scores them.
+        fp_sha256: digest of the full-precision weights a quantization was made from.
+        steps: the config of each step applied, by stage (``"quant"``, ``"freeze"``, ``"prune"`` ...).
+        reports: the report of each step applied here, by stage.
+        prune: the pruning blocks' shared :class:`~eamvit.modules.prune_block.PruneState`.
+        target: the deployment target the model was prepared for (an export config), ``None``: none.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    spec: Any = None
+    data_config: Optional[dict[str, Any]] = None
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    fp_sha256: Optional[str] = None
+    steps: dict[str, Any] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)
+    prune: Any = None
+    target: Any = None
+
+
+def state_of(model: Any) -> ModelState:
+    """``model``'s :class:`ModelState`, created empty on first use."""
+    st = model.__dict__.get(ATTR)
+    if st is None:
+        st = ModelState()
+        model.__dict__[ATTR] = st
+    return st
+
+
+def peek(model: Any) -> Optional[ModelState]:
+    """``model``'s :class:`ModelState`, or ``None`` where it has none (nothing is created)."""
+    return getattr(model, "__dict__", {}).get(ATTR)
+
+
+def step_config(model: Any, stage: str) -> Any:
+    """The config of the ``stage`` step applied to ``model`` (``"quant"``, ``"prune"`` ...), or ``None``."""
+    st = peek(model)
+    return None if st is None else st.steps.get(stage)
