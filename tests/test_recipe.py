@@ -39,7 +39,7 @@ def test_recipe_round_trip_and_order():
     r = Recipe(steps=(RepQConfig(w_bits=8, a_bits=8), FreezeConfig(tau=0.2, granularity="row"),
                       PruneConfig(method="renyi", alpha=float("inf"))))
     assert Recipe.from_dict(json.loads(r.to_json())) == r
-    with pytest.raises(EamError, match="quantize → freeze → prune"):
+    with pytest.raises(EamError, match="quant → freeze → prune"):
         Recipe(steps=(PruneConfig(), FreezeConfig(tau=0.1))).validate()
     with pytest.raises(EamError, match="newer"):
         Recipe.from_dict({**r.to_dict(), "version": 99})

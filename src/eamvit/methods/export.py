@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eamvit.methods.state import state_of, step_config
+from eamvit.methods.steps import handler_of
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -113,11 +114,16 @@ class ExportConfig(Config):
 
 
 def _repq_config(model: nn.Module) -> Optional[RepQConfig]:
-    cfg = step_config(model, "quant")
-    if cfg is not None and not isinstance(cfg, RepQConfig):
-        raise EamError(f"ONNX export supports RepQ-ViT models; this one is quantized with {type(cfg).__name__}, "
-                       "whose quantizers have no integer-runtime form")
-    return cfg
+    """The model's RepQ-ViT config (the quantization step refuses other methods: :func:`check_steps`)."""
+    return step_config(model, "quant")
+
+
+def check_steps(model: nn.Module, config: "ExportConfig") -> None:
+    """Refuse, before anything is written, a step of ``model``'s recipe that has no form in ``config``'s export."""
+    for step in state_of(model).steps.values():
+        hook = handler_of(step).export
+        if hook is not None:
+            hook(model, step, config)
 
 
 def _quant_modules(model: nn.Module) -> list[nn.Module]:
@@ -199,6 +205,7 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
         EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
     """
     config = (config or ExportConfig()).validate()
+    check_steps(model, config)
     if _repq_config(model) is None:
         return model
     for owner, attr in activation_quantizers(model):
@@ -419,6 +426,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
 
     config = (config or ExportConfig()).validate()
     require(attention_layers(model), "export")
+    check_steps(model, config)
     _check_opset(model, config.opset)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     meta = _metadata(model, config, size)

@@ -48,6 +48,8 @@ from eamvit.modules.attention import attention_layers, executes_plans, require, 
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
 from eamvit.errors import EamError
+from eamvit.methods.state import peek, state_of, step_config
+from eamvit.methods.steps import StepHandler, StepInputs, register_step
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
 from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS  # noqa: F401 (defined torch-free for the CLI)
@@ -313,6 +315,7 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
         set_frozen(module, mask.to(device), values.to(device), plan, executing[l])
     if sum(per_layer):  # the frozen values are the calibration images' mean attention
         add_calibration(model, maps.meta.get("calibration") or [])
+    state_of(model).steps["freeze"] = config
     total = sum(m.numel() for m in masks)
     units = [_units(m, config.granularity).all(1).sum().item() if config.granularity != "entry" else 0
              for m in masks]
@@ -327,6 +330,9 @@ def unfreeze_(model: nn.Module) -> None:
     """Remove all frozen attention entries."""
     for module in attention_layers(model):
         set_frozen(module, None, None)
+    st = peek(model)
+    if st is not None:
+        st.steps.pop("freeze", None)
 
 
 def frozen_digest(model: nn.Module) -> Optional[str]:
@@ -435,7 +441,61 @@ def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> No
         if mask is None or values is None or mask.shape != values.shape or mask.shape[-3] != heads:
             raise EamError(f"frozen attention {path}: layer {l} does not fit the model ({heads} heads); "
                            "load it on the model it was written for")
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or bool((values > 1).any()):
+            raise EamError(f"frozen attention {path}: layer {l} holds values that are not attention weights "
+                           "(non-finite, or outside [0, 1]); the file is damaged: write it again")
         device = next(m.parameters()).device
         gran = plan["granularity"]
         set_frozen(m, mask.bool().to(device), values.to(device), None if gran == "entry" else gran,
                    bool(plan.get("execute", True)))
+    stored = meta.get("config")
+    state_of(model).steps["freeze"] = FreezeConfig.from_dict(stored) if stored is not None else FreezeConfig()
+
+
+# --------------------------------------------------------------------------- the recipe step
+
+
+def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
+    """Per-layer Δ of a quantized model's log post-softmax quantizer, which log-quantized frozen values share.
+
+    ``None`` (values quantized on their own scale) for a full-precision model, uniform frozen values,
+    or a post-softmax quantizer that is not logarithmic (RepQ-ViT's ``"uniform"``, or a deployment
+    target that has no log form).
+    """
+    from eamvit.methods.repq import attn_deltas
+    from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer
+
+    cfg = step_config(model, "quant")
+    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or getattr(cfg, "attn_quantizer", None) == "uniform":
+        return None
+    quantizers = [getattr(getattr(m, "eam_quant", None), "attn", None) for m in attention_layers(model)]
+    if any(q is not None and not isinstance(q, (Log2Quantizer, LogSqrt2Quantizer)) for q in quantizers):
+        return None
+    return attn_deltas(model)
+
+
+def _apply_step(model: nn.Module, config: FreezeConfig, inputs: StepInputs) -> FreezeReport:
+    maps = inputs.maps(model) if callable(inputs.maps) else inputs.maps
+    if maps is None:
+        from eamvit.methods.calibrate import compute_entropy_maps
+
+        maps = compute_entropy_maps(model, inputs.calib, device=inputs.device, progress=inputs.progress)
+    return freeze_(model, maps, config, value_deltas=_value_deltas(model, config.value_quantizer))
+
+
+def _restore_step(model: nn.Module, config: FreezeConfig, meta: dict, tensors: dict, path: str) -> None:
+    stored = meta.get("config")
+    if stored is not None and stored != asdict(config):
+        raise EamError(f"{path}: its recipe's freezing step ({_settings(config)}) is not the one its frozen "
+                       f"attention was made with ({stored if not isinstance(stored, dict) else _settings(stored)}); "
+                       "the file was edited: compress the model again with `eamvit compress`")
+    restore_frozen(model, meta, tensors, path)
+
+
+def _settings(config: FreezeConfig | dict) -> str:
+    d = asdict(config) if isinstance(config, FreezeConfig) else config
+    return ", ".join(f"{k}={d.get(k)!r}" for k in ("tau", "granularity", "selection", "value_bits"))
+
+
+register_step(FreezeConfig, StepHandler(stage="freeze", order=20, apply=_apply_step, restore=_restore_step,
+                                        content=lambda model, config: frozen_content(model, config)))

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from eamvit.methods.state import peek, state_of
+from eamvit.methods.steps import StepHandler, register_step
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
@@ -414,3 +415,7 @@ def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
     return out
 
 
+
+
+register_step(PruneConfig, StepHandler(stage="prune", order=30, apply=lambda model, config, inputs: prune_(model, config),
+                                       restore=lambda model, config, meta, tensors, path: prune_(model, config)))

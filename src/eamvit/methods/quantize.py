@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from eamvit.methods.state import state_of, step_config
+from eamvit.methods.steps import StepHandler, StepInputs, register_step
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
@@ -283,6 +284,15 @@ def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -
                       f"shape mismatch at {shapes[0]}")
 
 
+def _check_values(tensors: dict[str, torch.Tensor], path: Any) -> None:
+    """Refuse what no calibration writes: non-finite tensors and quantizer steps that are not positive."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _inconsistent(path, f"{key} holds non-finite values")
+        if key.endswith(".delta") and bool((value <= 0).any()):
+            raise _inconsistent(path, f"quantizer step {key} is not positive")
+
+
 def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
     return load_tensors(path, FORMAT, "quantized state", REMEDY)
@@ -327,6 +337,7 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
         _unpack(model, tensors, meta.get("packed"), path)
         _check_keys(model, tensors, path)
+        _check_values(tensors, path)
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     except BaseException:
@@ -336,3 +347,31 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
         add_calibration(model, meta["calibration"])
     return model
+
+
+# --------------------------------------------------------------------------- the recipe step
+
+
+def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> Config:
+    quantize_(model, config, inputs.calib, device=inputs.device, progress=inputs.progress,
+              checkpoint_dir=inputs.checkpoint_dir)
+    return config
+
+
+def _restore_step(model: nn.Module, config: Config, meta: dict, tensors: dict, path: str) -> None:
+    if meta.get("config") != config.to_dict():
+        raise EamError(f"{path}: its recipe's quantization step ({config.to_json()}) is not the one its quantized "
+                       "state was made with; the file was edited: compress the model again with `eamvit compress`")
+    restore_quantized(model, meta, tensors, path)
+
+
+def _export_step(model: nn.Module, config: Config, export_config: Any) -> None:
+    if not isinstance(config, repq.RepQConfig):
+        raise EamError(f"ONNX export supports RepQ-ViT models; this one is quantized with {type(config).__name__}, "
+                       "whose quantizers have no integer-runtime form")
+
+
+for _config_type in _HANDLERS:  # every quantization method is the one quantization stage of a recipe
+    register_step(_config_type, StepHandler(stage="quant", order=10, apply=_apply_step, restore=_restore_step,
+                                            content=lambda model, config: quantized_content(model),
+                                            export=_export_step))

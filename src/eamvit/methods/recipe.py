@@ -30,33 +30,24 @@ from torch import nn
 from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods import calibrate, quantize
+from eamvit.methods import freeze, prune, quantize  # noqa: F401 (each registers its recipe step)
 from eamvit.methods.calibrate import EntropyMaps
-from eamvit.methods.freeze import FreezeConfig, freeze_, frozen_content, restore_frozen
-from eamvit.methods.prune import PruneConfig, prune_
-from eamvit.methods.quantize import config_type, quantized_content, restore_quantized
+from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
 _REMEDY = "write one with `eamvit compress`"
-_STAGES = ("quant", "freeze", "prune")  # the one order the steps compose in
 
 
 def step_stage(step: Config) -> str:
-    """``"quant"``, ``"freeze"`` or ``"prune"``: which part of the stack ``step`` is."""
-    if isinstance(step, FreezeConfig):
-        return "freeze"
-    if isinstance(step, PruneConfig):
-        return "prune"
-    return "quant"
+    """The stage of ``step`` (``"quant"``, ``"freeze"``, ``"prune"`` or a registered step's own)."""
+    return handler_of(step).stage
 
 
 def _step_from_dict(d: Any) -> Config:
-    kind = d.get("kind") if isinstance(d, dict) else None
-    if kind == FreezeConfig.KIND:
-        return FreezeConfig.from_dict(d)
-    if kind == PruneConfig.KIND:
-        return PruneConfig.from_dict(d)
-    return config_type(kind).from_dict(d)
+    if not isinstance(d, dict):
+        raise EamError(f"a recipe step must be a JSON object, not {type(d).__name__}; {_REMEDY}")
+    return config_of_kind(d.get("kind")).from_dict(d)
 
 
 @dataclass
@@ -64,7 +55,8 @@ class Recipe(Config):
     """An ordered list of compression steps (module docstring).
 
     Args:
-        steps: the configs, in the order quantization, freezing, pruning (each at most once).
+        steps: the configs, one per stage, in the stages' order (quantization, freezing, pruning, then
+            any registered step by its order).
     """
 
     steps: tuple = ()
@@ -74,15 +66,16 @@ class Recipe(Config):
 
     def validate(self) -> "Recipe":
         stages = [step_stage(s) for s in self.steps]
-        if stages != sorted(stages, key=_STAGES.index) or len(set(stages)) != len(stages):
-            raise EamError(f"recipe steps {' → '.join(stages)} are not in the order quantize → freeze → prune "
-                           "with each at most once; write them in that order")
+        if stages != sorted(stages, key=stage_order) or len(set(stages)) != len(stages):
+            raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
+                           "with each at most once; "
+                           "write them in that order")
         for s in self.steps:
             s.validate()
         return self
 
     def step(self, stage: str) -> Optional[Config]:
-        """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"``), ``None`` when there is none."""
+        """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""
         return next((s for s in self.steps if step_stage(s) == stage), None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,23 +101,13 @@ class Recipe(Config):
         return cls(steps=tuple(_step_from_dict(s) for s in d["steps"])).validate()
 
 
-def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
-    """Per-layer Δ of the post-softmax quantizer for log-quantized frozen values of a quantized model."""
-    from eamvit.methods.repq import attn_deltas
-
-    cfg = step_config(model, "quant")
-    if cfg is None or value_quantizer not in ("log2", "logsqrt2") or cfg.attn_quantizer == "uniform":
-        return None
-    return attn_deltas(model)
-
-
 MapsSource = Union[EntropyMaps, Callable[[nn.Module], EntropyMaps], None]
 
 
 def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = None,
            device: torch.device | str | None = None, progress: bool = False,
            checkpoint_dir: Optional[str] = None) -> dict[str, Any]:
-    """Apply ``recipe``'s steps to ``model`` in place, in order.
+    """Apply ``recipe``'s steps to ``model`` in place, in order, each through its registered handler.
 
     Args:
         model: an instrumented full-precision model (``create_model``).
@@ -137,24 +120,17 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
 
     Returns:
-        ``{stage: report}``: the quantization config, the :class:`~eamvit.methods.freeze.FreezeReport`
-        and the :class:`~eamvit.methods.prune.PruneReport` of the steps applied.
+        ``{stage: report}``: each step's report (the quantization config, the
+        :class:`~eamvit.methods.freeze.FreezeReport`, the :class:`~eamvit.methods.prune.PruneReport` ...).
     """
     recipe.validate()
+    inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     reports: dict[str, Any] = {}
     for step in recipe.steps:
-        stage = step_stage(step)
-        if stage == "quant":
-            # Through the modules: what quantizes and what computes maps is one function, wherever it is called.
-            quantize.quantize_(model, step, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
-            reports[stage] = step
-        elif stage == "freeze":
-            m = maps(model) if callable(maps) else maps
-            if m is None:
-                m = calibrate.compute_entropy_maps(model, calib, device=device, progress=progress)
-            reports[stage] = freeze_(model, m, step, value_deltas=value_deltas(model, step.value_quantizer))
-        else:
-            reports[stage] = prune_(model, step)
+        handler = handler_of(step)
+        reports[handler.stage] = handler.apply(model, step, inputs)
+        state_of(model).steps[handler.stage] = step
+        state_of(model).reports[handler.stage] = reports[handler.stage]
     return reports
 
 
@@ -193,14 +169,16 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
     quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"))
     rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
-    loaded = None
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
-        loaded = load_frozen(model, str(frozen)).get("config") or {}
-        reports["frozen"] = loaded
+        reports["frozen"] = load_frozen(model, str(frozen)).get("config") or {}
     reports.update(apply_(model, rest, None, maps=maps, device=device, progress=progress))
-    freeze = (FreezeConfig(**loaded) if loaded else FreezeConfig()) if loaded is not None else rest.step("freeze")
-    steps = (step_config(model, "quant"), freeze, rest.step("prune"))
-    return Recipe(steps=tuple(s for s in steps if s is not None)), reports
+    return recipe_of(model), reports
+
+
+def recipe_of(model: nn.Module) -> Recipe:
+    """The recipe ``model`` carries: every step applied to it or restored on it, in order."""
+    steps = state_of(model).steps.values()
+    return Recipe(steps=tuple(sorted(steps, key=lambda s: stage_order(step_stage(s)))))
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -231,22 +209,20 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     from eamvit.methods.models import data_config, model_spec, preprocessing
 
     recipe.validate()
-    have = {"quant": step_config(model, "quant") is not None,
-            "prune": state_of(model).prune is not None}
-    for stage, present in have.items():
-        if present != (recipe.step(stage) is not None):
-            raise EamError(f"the model is {'' if present else 'not '}{'quantized' if stage == 'quant' else 'pruned'} "
-                           f"but the recipe has {'no' if present else 'a'} {stage} step; apply the recipe with apply_")
+    have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
+    if have != want:
+        raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
+                       f"{', '.join(sorted(want)) or 'none'}; apply the recipe with apply_")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": COMPRESSED_FORMAT, "recipe": recipe.to_dict(),
                             "model": model_spec(model).to_dict(),
                             "data_config": preprocessing(data_config(model)),
-                            "calibration": list(state_of(model).calibration or [])}
-    for stage, content in (("quant", quantized_content if have["quant"] else None),
-                           ("freeze", frozen_content if recipe.step("freeze") else None)):
-        if content is not None:
-            part, meta[stage] = content(model)
-            tensors.update({f"{stage}/{k}": v for k, v in part.items()})
+                            "calibration": list(state_of(model).calibration)}
+    for step in recipe.steps:
+        handler = handler_of(step)
+        if handler.content is not None:
+            part, meta[handler.stage] = handler.content(model, step)
+            tensors.update({f"{handler.stage}/{k}": v for k, v in part.items()})
     save_tensors(path, tensors, meta)
     return Path(path)
 
@@ -273,13 +249,18 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         name = (meta.get("model") or {}).get("name")
         raise EamError(f"compressed model {path} was made for {name} with other weights, not for this model; "
                        "give the model it was made from, or compress this one with `eamvit compress`")
-    part = lambda stage: {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(stage + "/")}
-    if recipe.step("quant") is not None:
-        restore_quantized(model, meta.get("quant") or {}, part("quant"), path)
-    if recipe.step("freeze") is not None:
-        restore_frozen(model, meta.get("freeze") or {}, part("freeze"), str(path))
-    if recipe.step("prune") is not None:
-        prune_(model, recipe.step("prune"))
+    stages = {handler_of(s).stage: s for s in recipe.steps}
+    stray = sorted({k.split("/", 1)[0] for k in tensors} - set(stages))
+    if stray:
+        raise EamError(f"compressed model {path} holds the state of a {stray[0]} step that its recipe does not have; "
+                       f"the file was edited: {_REMEDY} again")
+    for stage, step in stages.items():
+        handler = handler_of(step)
+        if handler.content is not None and not isinstance(meta.get(stage), dict):
+            raise EamError(f"compressed model {path} has a {stage} step but not its state; {_REMEDY} again")
+        part = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(stage + "/")}
+        handler.restore(model, step, meta.get(stage) or {}, part, str(path))
+        state_of(model).steps[stage] = step
     add_calibration(model, meta.get("calibration") or [])
     return meta
 

@@ -1,0 +1,119 @@
+"""The registry of recipe steps: one handler per config type, as torchao's ``quantize_`` keys its
+handlers by config type and Model Optimizer's modes replay on restore.
+
+A step (quantization, freezing, pruning, or one a user adds) is a :class:`~eamvit.config.Config`
+subclass with a unique ``KIND`` and a :class:`StepHandler` registered for it with
+:func:`register_step`. The recipe (:mod:`eamvit.methods.recipe`), its file, its export and the CLI's
+``--recipe`` reach every step through this table alone, so a new step is one config and one handler,
+and no edit anywhere else.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What applying a step may read (never saved).
+
+    Args:
+        calib: calibration images (dataset, tensor or batches).
+        maps: the freezing step's entropy maps, or a function of the model that returns them; ``None``:
+            computed on ``calib``.
+        device: where calibration runs.
+        progress: progress bars.
+        checkpoint_dir: resumable checkpoints (ADFQ-ViT).
+        target: the deployment target of the recipe (an export config), ``None``: PyTorch.
+    """
+
+    calib: Any = None
+    maps: Any = None
+    device: torch.device | str | None = None
+    progress: bool = False
+    checkpoint_dir: Optional[str | os.PathLike] = None
+    target: Any = None
+
+
+Content = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StepHandler:
+    """What a step registers.
+
+    Args:
+        stage: the step's place in a recipe (``"quant"``, ``"freeze"``, ``"prune"`` ...); a recipe
+            holds at most one step of each stage.
+        order: where the stage runs among the others (lower first).
+        apply: ``f(model, config, inputs) -> report``: apply the step in place.
+        content: ``f(model, config) -> (tensors, metadata)``: the state the step added beyond its
+            config; ``None``: the config alone rebuilds it.
+        restore: ``f(model, config, metadata, tensors, path)``: rebuild the step on a fresh model from
+            its config and :attr:`content` (checking that they agree).
+        export: ``f(model, config, export_config)``: raise :class:`EamError` where the step has no form
+            in that export; ``None``: every form carries it.
+    """
+
+    stage: str
+    order: int
+    apply: Callable[[nn.Module, Any, StepInputs], Any]
+    restore: Callable[[nn.Module, Any, dict[str, Any], dict[str, torch.Tensor], str], None]
+    content: Optional[Callable[[nn.Module, Any], Content]] = None
+    export: Optional[Callable[[nn.Module, Any, Any], None]] = None
+
+
+_STEPS: dict[type, StepHandler] = {}
+
+
+def register_step(config_type: type[Config], handler: StepHandler) -> None:
+    """Make ``config_type`` a recipe step applied by ``handler``.
+
+    Raises:
+        EamError: another config type registered the same ``KIND``.
+    """
+    for other in _STEPS:
+        if other.KIND == config_type.KIND and other is not config_type:
+            raise EamError(f"step kind {config_type.KIND!r} is registered already (by {other.__name__})")
+    _STEPS[config_type] = handler
+
+
+def handler_of(config: Any) -> StepHandler:
+    """The handler registered for ``config``'s type (or a base class of it)."""
+    for cls in type(config).__mro__:
+        if cls in _STEPS:
+            return _STEPS[cls]
+    raise EamError(f"{type(config).__name__} is not a recipe step; steps are {', '.join(step_kinds())}")
+
+
+def step_kinds() -> list[str]:
+    """Every registered step's ``KIND``, in recipe order."""
+    return [cls.KIND for cls, h in sorted(_STEPS.items(), key=lambda kv: (kv[1].order, kv[0].KIND))]
+
+
+def config_of_kind(kind: Any) -> type[Config]:
+    """The config class stored under ``kind`` in files and recipes."""
+    for cls in _STEPS:
+        if isinstance(kind, str) and cls.KIND == kind:
+            return cls
+    raise EamError(f"recipe step kind {kind!r} is not one of {', '.join(step_kinds())}")
+
+
+def stages() -> list[str]:
+    """Every registered stage, in recipe order."""
+    return sorted({h.stage: h.order for h in _STEPS.values()}, key=stage_order)
+
+
+def stage_order(stage: str) -> int:
+    """Where ``stage`` runs in a recipe."""
+    for h in _STEPS.values():
+        if h.stage == stage:
+            return h.order
+    raise EamError(f"no recipe step has the stage {stage!r}")
