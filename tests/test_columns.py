@@ -2,7 +2,7 @@
 
 Each command runs once on the bundled digits ViT and ``--data digits``; the headers are checked
 against :data:`eamvit.columns.COLUMNS`, against the names the issue found disagreeing (written out
-here by hand, not taken from the code), and against the README's list of the vocabulary.
+here by hand, not taken from the code), and against docs/design.md's list of the vocabulary.
 """
 import csv
 import re
@@ -131,9 +131,9 @@ def test_one_name_per_setting_and_blank_where_it_does_not_apply(tables):
     assert fp_compare["model_bytes"] == fp_sweep["model_bytes"]
 
 
-def test_readme_lists_the_vocabulary():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    para = readme[readme.index("Every results row"):]
+def test_design_doc_lists_the_vocabulary():
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    para = design[design.index("Every results row"):]
     para = para[:para.index("\n\n")]
     named = set(re.findall(r"`([a-z0-9_]+)`", para)) - {"eval", "sweep", "compare"}
     assert named and not named - set(COLUMNS), sorted(named - set(COLUMNS))

@@ -176,3 +176,16 @@ def test_weights_kind(tmp_path, state):
     torch.save(state, tmp_path / "w.pth")
     assert state_of(make(TINY_VIT)).spec.weights == "random"
     assert state_of(eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth")).spec.weights == "checkpoint"
+
+
+def test_families_page_holds_the_table_eamvit_models_prints(capsys):
+    """docs/families.md is the reader's copy of `eamvit models`: it must not drift from the registry."""
+    from pathlib import Path
+
+    from eamvit.cli.main import main
+
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out.strip()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    assert table.startswith("| family |") and table in page, \
+        "docs/families.md is stale: paste the output of `eamvit models` into it"
