@@ -83,3 +83,12 @@ def models_rows() -> dict:
         cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
         rows[cells["family"]] = cells
     return rows
+
+
+def shipped_bound() -> float:
+    """Top-1 points by which ONNX Runtime's int8 kernels may score the exported file away from the PyTorch
+    model with the same quantizers: 0.3 where the CPU has VNNI, 1.0 on AVX2 alone, whose u8·s8 kernels
+    saturate (the bounds the README states)."""
+    from eamvit.methods.export_runtime import cpu_has_vnni
+
+    return 0.3 if cpu_has_vnni() else 1.0

@@ -19,7 +19,7 @@ from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import Recipe, apply_, load, read_recipe, save_compressed
 from eamvit.methods.repq import RepQConfig
 
-from conftest import run
+from conftest import shipped_bound, run
 
 
 def top1(capsys, *args) -> float:
@@ -59,6 +59,26 @@ def test_export_top1_equals_eval(maps_path, tmp_path, capsys, granularity, stack
     assert code == 0, err
     got = top1(capsys, "--onnx", tmp_path / "m.onnx")
     assert abs(got - want) <= (1.0 if stack != "alone" else 0.0), (want, got)
+
+
+def test_default_stack_ships_what_eval_scores(maps_path, tmp_path, capsys):
+    """With default options, `eval`, `eval --state` and `eval --onnx` of the export score the same model: the
+    quantizers are calibrated in the QDQ target's form, not swapped at export."""
+    opts = ["--quant", "repq", "--w-bits", "8", "--a-bits", "8", "--maps", maps_path, "--tau", "0.2",
+            "--prune", "shannon", "--keep-rate", "0.7"]
+    evaluated = top1(capsys, *opts)
+    state = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "compress", "--data", "digits", *opts, "--out", state)
+    assert code == 0, err
+    assert read_recipe(state).target.form == "qdq"
+    assert top1(capsys, "--state", state) == evaluated
+    code, _, err = run(capsys, "export", "--data", "digits", "--state", state, "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    shipped = top1(capsys, "--onnx", tmp_path / "m.onnx")
+    assert abs(shipped - evaluated) <= shipped_bound(), (evaluated, shipped)
+    # An export that asks for another form than the one calibrated is refused, not swapped.
+    code, _, err = run(capsys, "export", "--data", "digits", *opts, "--target", "torch", "--out", tmp_path / "t.onnx")
+    assert code == 2 and "target torch" in err and not (tmp_path / "t.onnx").exists()
 
 
 def test_compress_state_load_and_export(maps_path, tmp_path, capsys):
@@ -118,7 +138,7 @@ OPTIONS = [
     (["--prune", "shannon"], ["--prune-blocks", "1,2"]), (["--prune", "shannon"], ["--fuse"]),
     (["--prune", "shannon"], ["--placement", "block"]), (["--prune", "shannon"], ["--entropy-keys", "patches"]),
     ([], ["--keep-rate", "0.5"]), ([], ["--kept-tokens"]), ([], ["--opset", "18"]),
-    ([], ["--scheme", "weight-only"]), ([], ["--softmax", "fp32"]), ([], ["--symmetric-weights"]),
+    ([], ["--target", "weight-only"]), ([], ["--softmax", "fp32"]), ([], ["--symmetric-weights"]),
     (QUANT, ["--softmax", "fp32"]), (QUANT, ["--symmetric-activations"]), (QUANT, ["--symmetric-weights"]),
     (QUANT, ["--block-size", "32"]), (QUANT, ["--a-bits", "4"]),
 ]

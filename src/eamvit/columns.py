@@ -57,6 +57,7 @@ COLUMNS: dict[str, str] = {
     "fuse": "whether pruned tokens are fused into one",
     "onnx": "the ONNX file evaluated",
     "export": "export scheme of the ONNX file: fp32, qdq or weight-only",
+    "target": "deployment target the quantizers were calibrated for: qdq (+ sym. act., softmax fp32), weight-only or torch",
     "runtime": "what ran the model: PyTorch or ONNX Runtime",
     # -- what was measured
     "frozen_fraction": "fraction of attention entries frozen",

@@ -12,13 +12,22 @@ from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_sp
 from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
-def export_config(args: argparse.Namespace):
-    """The :class:`~eamvit.methods.export.ExportConfig` the arguments ask for (validated)."""
+def export_config(args: argparse.Namespace, model):
+    """The :class:`~eamvit.methods.export.ExportConfig` that writes ``model``: its target's settings (the
+    quantizers it was calibrated with) and the file's own (block size, kept tokens, opset)."""
     from eamvit.methods.export import ExportConfig
+    from eamvit.methods.state import step_config
 
-    return ExportConfig(scheme=args.scheme, softmax=args.softmax, symmetric_activations=args.symmetric_activations,
-                        symmetric_weights=args.symmetric_weights, block_size=args.block_size,
-                        kept_tokens=args.kept_tokens, opset=args.opset).validate()
+    file_settings = dict(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
+    target = state_of(model).target
+    if step_config(model, "quant") is None:
+        return ExportConfig(**file_settings).validate()
+    if target is not None:
+        return target.export_config(**file_settings)
+    # A quantized state written without a target (eamvit 0.3, `eamvit quantize`): prepared at export, as then.
+    return ExportConfig(scheme=args.target or "qdq", softmax=args.softmax or "uniform",
+                        symmetric_activations=args.symmetric_activations, symmetric_weights=args.symmetric_weights,
+                        **file_settings).validate()
 
 
 def _check_out(out: Path) -> None:
@@ -53,17 +62,18 @@ def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibr
     from eamvit.cli.common import refuse_given
 
     if not quantized:
-        refuse_given(args, ["scheme", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
+        refuse_given(args, ["target", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
                      "without --quant, --quant-state or a quantized --state/--recipe "
                      "(an unquantized model is exported in fp32)")
-    elif args.scheme == "weight-only":
+    elif args.target == "weight-only":
         refuse_given(args, ["a_bits", "softmax", "symmetric_activations"],
-                     "to --scheme weight-only (its activations stay float)")
+                     "to --target weight-only (its activations stay float)")
     else:
-        refuse_given(args, ["block_size"], f"to --scheme {args.scheme} (MatMulNBits blocks are weight-only's)")
-        if calibrated is not None and calibrated.a_bits != 8:  # checked here so that nothing is calibrated first
-            raise EamError(f"--scheme {args.scheme} exports 8-bit activations, not --a-bits {calibrated.a_bits}; "
-                           "use --a-bits 8, or --scheme weight-only (float activations)")
+        refuse_given(args, ["block_size"], f"to --target {args.target or 'qdq'} (MatMulNBits blocks are weight-only's)")
+        if calibrated is not None and calibrated.a_bits != 8 and args.target != "torch":
+            # checked here so that nothing is calibrated first
+            raise EamError(f"--target {args.target or 'qdq'} exports 8-bit activations, not --a-bits {calibrated.a_bits}; "
+                           "use --a-bits 8, or --target weight-only (float activations)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -81,13 +91,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     if quant is not None and quant.KIND != "repq":
         where = f"--quant {quant.KIND}" if getattr(args, "quant", None) else f"the {quant.KIND} quantization step"
         raise EamError(f"{where} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
-    config = export_config(args)
     refuse_inapplicable_export(args, quant is not None, recipe.step("quant"))
     with output_lock(out):
         model, device = load_model(args)
         # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
         sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), scores=False)
         _, extra = apply_args(args, model, device, sp)
+        config = export_config(args, model)
         if is_main():
             rep = export_onnx(model, out, config)
             what = ", ".join(f"{k}={v}" for k, v in extra.items() if k in _SHOWN)
@@ -208,14 +218,6 @@ def register(sub) -> None:
     g = s.add_argument_group("export")
     g.add_argument("--format", default="onnx", help="file format (onnx)")
     g.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
-    g.add_argument("--scheme", default="qdq", help="quantized models: qdq (int8 QuantizeLinear/DequantizeLinear, "
-                   "default) or weight-only (ONNX Runtime MatMulNBits weights, float activations)")
-    g.add_argument("--softmax", default="uniform", help="the log√2 post-softmax quantizer has no QDQ form: export "
-                   "it as 8-bit uniform on [0, Δ] (uniform, default) or unquantized (fp32)")
-    g.add_argument("--symmetric-activations", action="store_true",
-                   help="int8 activations with zero point 0 (TensorRT); default uint8 asymmetric")
-    g.add_argument("--symmetric-weights", action="store_true",
-                   help="symmetric per-channel weights (zero point 0); default RepQ-ViT's asymmetric ones")
     g.add_argument("--block-size", type=int, default=None, help="weight-only: MatMulNBits block (power of two "
                    "≥ 16); default the largest of 16..128 dividing each layer's input width")
     g.add_argument("--kept-tokens", action="store_true",

@@ -29,13 +29,64 @@ _FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "va
 
 def add_stack_args(p: argparse.ArgumentParser) -> None:
     """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
-    entropy maps, freezing, pruning, quantization and the recipe."""
+    entropy maps, freezing, pruning, quantization, the deployment target and the recipe."""
     from eamvit.cli.quant import add_quant_args
 
     for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args):
         add(p)
     add_quant_args(p, "eval")
+    add_target_args(p)
     add_recipe_args(p)
+
+
+TARGET_OPTIONS = ("target", "softmax", "symmetric_activations", "symmetric_weights")
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """The deployment target of the recipe: where the quantized model will run."""
+    g = p.add_argument_group("deployment target (what eval scores is what export writes)")
+    g.add_argument("--target", default=None, metavar="{qdq,weight-only,torch}",
+                   help="where the quantized model will run; it is calibrated with that runtime's quantizers: qdq "
+                   "(ONNX int8 QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations), weight-only "
+                   "(ONNX Runtime MatMulNBits weights, float activations) or torch (the method's own quantizers, "
+                   "e.g. log√2, which ONNX cannot express); default qdq for RepQ-ViT with 8-bit activations, "
+                   "torch for every other quantization")
+    g.add_argument("--softmax", default=None, metavar="{uniform,fp32}",
+                   help="--target qdq: the log√2 post-softmax quantizer has no QDQ form; calibrate and ship the map "
+                   "as 8-bit uniform on [0, Δ] (uniform, default) or unquantized (fp32)")
+    g.add_argument("--symmetric-activations", action="store_true",
+                   help="--target qdq: int8 activations with zero point 0 (TensorRT); default uint8 asymmetric")
+    g.add_argument("--symmetric-weights", action="store_true",
+                   help="ONNX targets: symmetric per-channel weights (zero point 0); default RepQ-ViT's asymmetric ones")
+
+
+def target_from_args(args: argparse.Namespace, quant) -> Any:
+    """The :class:`~eamvit.methods.export.Target` of the options for quantization ``quant`` (``None``: none)."""
+    from eamvit.methods.export import SOFTMAX, TARGETS, Target, default_target
+
+    for value, allowed, what in ((args.target, TARGETS, "deployment target"), (args.softmax, SOFTMAX, "softmax form")):
+        if value is not None and value not in allowed:
+            raise EamError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    given = [d for d in TARGET_OPTIONS if d in getattr(args, "given", ())]
+    if quant is None:
+        if given:
+            refuse_given(args, given, "without a quantization (an unquantized model runs as it is everywhere)")
+        return None
+    form = args.target or default_target(quant).form
+    return Target(form=form, softmax=args.softmax or "uniform", symmetric_activations=args.symmetric_activations,
+                  symmetric_weights=args.symmetric_weights).validate()
+
+
+def target_label(target) -> str:
+    """``qdq``, ``qdq sym`` (symmetric activations), ``qdq softmax-fp32``, ``weight-only`` or ``torch``."""
+    parts = [target.form]
+    if target.symmetric_activations:
+        parts.append("sym")
+    if target.form == "qdq" and target.softmax != "uniform":
+        parts.append(f"softmax-{target.softmax}")
+    if target.symmetric_weights:
+        parts.append("sym-w")
+    return " ".join(parts)
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -82,11 +133,11 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
         return
     if getattr(args, "state", None):
-        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS],
+        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS, *TARGET_OPTIONS],
                      f"with --state, which holds the whole compressed model ({args.state})")
         return
     if getattr(args, "recipe", None):
-        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS],
+        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS, *TARGET_OPTIONS],
                      f"with --recipe, which holds the steps ({args.recipe})")
         return
     if not args.prune:
@@ -113,9 +164,16 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     from eamvit.cli.quant import method_config
     from eamvit.methods.recipe import Recipe, read_recipe
 
-    path = getattr(args, "state", None) or getattr(args, "recipe", None)
-    if path:
-        return read_recipe(path)
+    from eamvit.methods.export import default_target
+
+    if getattr(args, "state", None):
+        return read_recipe(args.state)
+    if getattr(args, "recipe", None):  # calibrated anew: a recipe that names no target gets the default one
+        recipe = read_recipe(args.recipe)
+        quant = recipe.step("quant")
+        if recipe.target is None and quant is not None:
+            recipe = Recipe(steps=recipe.steps, target=default_target(quant))
+        return recipe
     steps = []
     if getattr(args, "quant", None) and not getattr(args, "quant_state", None):
         steps.append(method_config(args))
@@ -123,7 +181,18 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))
-    return Recipe(steps=tuple(steps)).validate()
+    target = target_from_args(args, steps[0] if steps and steps[0].KIND in ("repq", "adfq", "pmq") else None)
+    if getattr(args, "quant_state", None):  # its target is the file's, unless asked for again
+        target = None if not set(TARGET_OPTIONS) & set(getattr(args, "given", ())) else target_from_args(
+            args, _state_quant(args.quant_state))
+    return Recipe(steps=tuple(steps), target=target).validate()
+
+
+def _state_quant(path: str):
+    from eamvit.methods.quantize import config_type, read_quantized
+
+    meta = read_quantized(path)[0]
+    return config_type(meta.get("method")).from_dict(meta.get("config", {}))
 
 
 def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
@@ -180,6 +249,8 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         extra["state"] = str(state)
     if step_config(model, "quant") is not None:
         extra.update(_row(model))
+        if state_of(model).target is not None:
+            extra["target"] = target_label(state_of(model).target)
     if frozen:
         extra.update(frozen)
     elif freeze is not None:

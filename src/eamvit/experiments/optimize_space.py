@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from eamvit.errors import EamError
-from eamvit.methods.export import ExportConfig
+from eamvit.methods.export import ExportConfig, Target, default_target
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import Recipe
@@ -81,7 +81,10 @@ def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
 def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
     stage = {RepQConfig: 0, FreezeConfig: 1, PruneConfig: 2}
     parts = sorted(parts, key=lambda p: stage[type(p[1])])
-    return Candidate(Recipe(steps=tuple(s for _, s in parts)).validate(), export,
+    # A quantized point is calibrated for the export it is measured in: its saved state scores what its file does.
+    quantized = any(isinstance(s, RepQConfig) for _, s in parts)
+    target = Target.of(export) if quantized and export is not None else None
+    return Candidate(Recipe(steps=tuple(s for _, s in parts), target=target).validate(), export,
                      " + ".join(name for name, _ in parts) or "fp32")
 
 
@@ -157,13 +160,20 @@ def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
 
 
 def recipe_options(recipe: Recipe) -> list[str]:
-    """The ``eamvit compress`` options whose recipe is ``recipe`` (the other settings are the defaults)."""
+    """The ``eamvit compress`` options whose recipe is ``recipe``, its target included (the other settings
+    are the defaults)."""
     out: list[str] = []
     q, f, p = recipe.step("quant"), recipe.step("freeze"), recipe.step("prune")
     if q is not None:
         out += ["--quant", q.KIND, "--w-bits", str(q.w_bits), "--a-bits", str(q.a_bits)]
         if q.calib_size != RepQConfig.calib_size:
             out += ["--quant-calib-size", str(q.calib_size)]
+        t = recipe.target
+        if t is not None:
+            out += ["--target", t.form] if t.form != default_target(q).form else []
+            out += ["--softmax", t.softmax] if t.softmax != Target.softmax else []
+            out += ["--symmetric-activations"] if t.symmetric_activations else []
+            out += ["--symmetric-weights"] if t.symmetric_weights else []
     if f is not None:
         out += ["--tau", f"{f.tau:g}", "--granularity", f.granularity]
     if p is not None:
@@ -171,11 +181,3 @@ def recipe_options(recipe: Recipe) -> list[str]:
         if p.blocks is not None:
             out += ["--prune-blocks", ",".join(map(str, p.blocks))]
     return out
-
-
-def export_options(export: Optional[ExportConfig]) -> list[str]:
-    """The ``eamvit export`` options of ``export`` (the defaults give none)."""
-    if export is None:
-        return []
-    out = ["--scheme", export.scheme] if export.scheme != ExportConfig.scheme else []
-    return out + (["--symmetric-activations"] if export.symmetric_activations else [])

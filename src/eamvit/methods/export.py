@@ -110,6 +110,108 @@ class ExportConfig(Config):
         return self
 
 
+TARGETS = ("torch", "qdq", "weight-only")
+
+
+@dataclass
+class Target(Config):
+    """Where a recipe's model will run: the quantizers it is calibrated with are the ones that runtime
+    can express, so the PyTorch model that is evaluated is the model that is shipped.
+
+    Args:
+        form: ``"torch"`` (PyTorch, every quantizer as its method defines it), ``"qdq"`` (ONNX int8
+            QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations, the log√2
+            post-softmax quantizer replaced from calibration on by ``softmax``) or ``"weight-only"``
+            (ONNX ``MatMulNBits`` weights, float activations from calibration on).
+        softmax: ``"qdq"``: the post-softmax map as 8-bit ``"uniform"`` on ``[0, Δ]`` (Δ: the log
+            quantizer's calibrated top) or ``"fp32"`` (not quantized).
+        symmetric_activations: ``"qdq"``: int8 activations with zero point 0 (TensorRT).
+        symmetric_weights: ONNX forms: symmetric per-channel weights (zero point 0).
+    """
+
+    KIND = "target"
+    VERSION = 1
+
+    form: str = "torch"
+    softmax: str = "uniform"
+    symmetric_activations: bool = False
+    symmetric_weights: bool = False
+
+    def validate(self) -> "Target":
+        if self.form not in TARGETS:
+            raise EamError(f"deployment target {self.form!r} is not one of {', '.join(TARGETS)}")
+        if self.softmax not in SOFTMAX:
+            raise EamError(f"softmax form {self.softmax!r} is not one of {', '.join(SOFTMAX)}")
+        changed = [n for n, v, d in (("softmax", self.softmax, "uniform"),
+                                     ("symmetric_activations", self.symmetric_activations, False),
+                                     ("symmetric_weights", self.symmetric_weights, False)) if v != d]
+        if self.form == "torch" and changed:
+            raise EamError(f"{changed[0]} is a setting of an ONNX target, not of target torch; "
+                           "choose --target qdq or weight-only, or drop it")
+        if self.form == "weight-only" and changed and changed[0] != "symmetric_weights":
+            raise EamError(f"{changed[0]} is a setting of activations, which target weight-only keeps in float; "
+                           "drop it, or choose --target qdq")
+        return self
+
+    @classmethod
+    def of(cls, export: "ExportConfig") -> "Target":
+        """The target that ``export`` writes."""
+        return cls(form=export.scheme, softmax=export.softmax if export.scheme == "qdq" else "uniform",
+                   symmetric_activations=export.symmetric_activations and export.scheme == "qdq",
+                   symmetric_weights=export.symmetric_weights).validate()
+
+    def export_config(self, **file_settings: Any) -> "ExportConfig":
+        """The :class:`ExportConfig` that writes this target, with the file's own settings (block size, opset ...)."""
+        if self.form == "torch":
+            raise EamError("the model was calibrated for target torch, whose quantizers have no ONNX form; "
+                           "compress it with --target qdq (8-bit activations) or --target weight-only")
+        return ExportConfig(scheme=self.form, softmax=self.softmax, symmetric_activations=self.symmetric_activations,
+                            symmetric_weights=self.symmetric_weights, **file_settings).validate()
+
+
+def default_target(quant: Any) -> Target:
+    """The target a recipe gets when none is asked for: ONNX QDQ for RepQ-ViT with 8-bit activations
+    (its ONNX form runs in integer kernels), PyTorch for every other quantization."""
+    if isinstance(quant, RepQConfig) and quant.a_bits == 8:
+        return Target(form="qdq")
+    return Target()
+
+
+def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
+    """Give a just-quantized ``model`` the quantizers ``target`` can express (in place) and record it."""
+    if target is None:
+        return model
+    target.validate()
+    if step_config(model, "quant") is not None and target.form != "torch":
+        prepare_export_(model, target.export_config())
+    state_of(model).target = target
+    return model
+
+
+def shape_for_target_(model: nn.Module, target: Target) -> None:
+    """Give a rebuilt, uncalibrated quantized ``model`` the quantizer classes ``target`` uses (before its
+    stored parameters are loaded)."""
+    if target.form == "torch":
+        return
+    config = target.export_config()
+    for owner, attr in activation_quantizers(model):
+        _target_quantizer(owner, attr, config)
+
+
+def _matching_export(model: nn.Module, config: "ExportConfig") -> None:
+    """Refuse an export whose settings are not the target the model was calibrated for."""
+    target = state_of(model).target
+    if target is None or step_config(model, "quant") is None:
+        return
+    want = target.export_config(block_size=config.block_size, kept_tokens=config.kept_tokens, opset=config.opset)
+    if want != config:
+        differ = [k for k in ("scheme", "softmax", "symmetric_activations", "symmetric_weights")
+                  if getattr(want, k) != getattr(config, k)]
+        raise EamError(f"the model was calibrated for target {target.form} with {differ[0]}={getattr(want, differ[0])!r}, "
+                       f"not {getattr(config, differ[0])!r}: its export would be another model; export with the "
+                       f"target's settings, or compress again for the target you want (--target)")
+
+
 # --------------------------------------------------------------------------- preparing the model
 
 
@@ -158,21 +260,29 @@ def _round_uniform(q: UniformQuantizer, symmetric: bool) -> None:
     q.delta, q.zero_point = delta.float().clone(), zp.float().clone()
 
 
-def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> None:
+def _target_quantizer(owner: nn.Module, attr: str, config: ExportConfig) -> Any:
+    """Put the export's form of activation quantizer ``owner.attr`` in its place and return it (disabled
+    where the export keeps that activation in float)."""
     q = getattr(owner, attr)
     if config.scheme == "weight-only":
         q.enabled = False
-        return
+        return q
     if isinstance(q, (LogSqrt2Quantizer, Log2Quantizer)):
         if config.softmax == "fp32":
             q.enabled = False
-            return
+            return q
         # Uniform 8-bit on [0, Δ]: Δ is the log quantizer's largest level (the map's calibrated top).
         new = UniformQuantizer(8, "tensor", percentiles=q.percentiles)
-        new.set_params(q.delta.reshape(()) / 255.0, 0.0)
+        if q.inited:
+            new.set_params(q.delta.reshape(()) / 255.0, 0.0)
         new.enabled = q.enabled
         setattr(owner, attr, new)
         q = new
+    return q
+
+
+def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> None:
+    q = _target_quantizer(owner, attr, config)
     if not q.enabled:
         return
     if not isinstance(q, UniformQuantizer) or not q.inited:
@@ -182,7 +292,7 @@ def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> No
                        "reparameterization (drop --no-reparam)")
     if q.bits != 8:
         raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
-                       "--a-bits 8, or export --scheme weight-only")
+                       "--a-bits 8, or --target weight-only")
     _round_uniform(q, config.symmetric_activations)
 
 
@@ -217,7 +327,6 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
         if config.scheme == "weight-only" and isinstance(m, QuantLinear) and wq.bits not in (2, 4, 8):
             raise EamError(f"weight-only export packs 2, 4 or 8-bit weights, the model has {wq.bits}-bit ones")
         _round_uniform(wq, config.symmetric_weights)
-    state_of(model).target = config
     return model
 
 
@@ -424,9 +533,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     """
     import onnx
 
-    config = (config or ExportConfig()).validate()
+    target = state_of(model).target
+    if config is None:
+        config = target.export_config() if target is not None and step_config(model, "quant") is not None else ExportConfig()
+    config.validate()
     require(attention_layers(model), "export")
     check_steps(model, config)
+    _matching_export(model, config)
     _check_opset(model, config.opset)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     meta = _metadata(model, config, size)

@@ -180,6 +180,8 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
             "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": state_of(model).fp_sha256,
+            # The deployment target whose quantizers it was given (absent: as its method calibrates them).
+            **({"target": state_of(model).target.to_dict()} if state_of(model).target is not None else {}),
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
             "data_config": preprocessing(data_config(model)),
             # The images it was calibrated with: evaluation of the state never scores them.
@@ -293,6 +295,18 @@ def _check_values(tensors: dict[str, torch.Tensor], path: Any) -> None:
             raise _inconsistent(path, f"quantizer step {key} is not positive")
 
 
+def _stored_target(meta: dict, path: Any) -> Any:
+    from eamvit.methods.export import Target
+
+    stored = meta.get("target")
+    if stored is None:
+        return None
+    try:
+        return Target.from_dict(stored)
+    except EamError as e:
+        raise _inconsistent(path, f"its target: {e}") from None
+
+
 def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
     return load_tensors(path, FORMAT, "quantized state", REMEDY)
@@ -334,6 +348,11 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     handler = _handler(config)
     try:
         handler.rebuild(model, config, meta.get("structure") or {})
+        target = _stored_target(meta, path)
+        if target is not None:
+            from eamvit.methods.export import shape_for_target_
+
+            shape_for_target_(model, target)
         _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
         _unpack(model, tensors, meta.get("packed"), path)
         _check_keys(model, tensors, path)
@@ -344,6 +363,7 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         state_of(model).steps.pop("quant", None)
         raise
     state_of(model).steps["quant"] = config
+    state_of(model).target = target
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
         add_calibration(model, meta["calibration"])
     return model
@@ -353,8 +373,11 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
 
 
 def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> Config:
+    from eamvit.methods.export import apply_target_
+
     quantize_(model, config, inputs.calib, device=inputs.device, progress=inputs.progress,
               checkpoint_dir=inputs.checkpoint_dir)
+    apply_target_(model, inputs.target)  # from here on every step sees the quantizers that are shipped
     return config
 
 

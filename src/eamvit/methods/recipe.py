@@ -32,7 +32,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods import freeze, prune, quantize  # noqa: F401 (each registers its recipe step)
 from eamvit.methods.calibrate import EntropyMaps
-from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.export import Target
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
@@ -57,9 +57,13 @@ class Recipe(Config):
     Args:
         steps: the configs, one per stage, in the stages' order (quantization, freezing, pruning, then
             any registered step by its order).
+        target: the :class:`~eamvit.methods.export.Target` the model is made for: the quantization is
+            given that runtime's quantizers right after calibration, so what is evaluated is what is
+            shipped; ``None``: the quantizers as the method calibrates them (PyTorch).
     """
 
     steps: tuple = ()
+    target: Any = None
 
     KIND = "recipe"
     VERSION = 1
@@ -72,6 +76,8 @@ class Recipe(Config):
                            "write them in that order")
         for s in self.steps:
             s.validate()
+        if self.target is not None:
+            self.target.validate()
         return self
 
     def step(self, stage: str) -> Optional[Config]:
@@ -79,7 +85,8 @@ class Recipe(Config):
         return next((s for s in self.steps if step_stage(s) == stage), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.KIND, "version": self.VERSION, "steps": [s.to_dict() for s in self.steps]}
+        d = {"kind": self.KIND, "version": self.VERSION, "steps": [s.to_dict() for s in self.steps]}
+        return {**d, "target": self.target.to_dict()} if self.target is not None else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -91,14 +98,15 @@ class Recipe(Config):
         if not isinstance(d, dict) or d.get("kind") != cls.KIND:
             raise EamError(f"expected a recipe, found {d.get('kind') if isinstance(d, dict) else type(d).__name__!r}; "
                            f"{_REMEDY}")
-        version, unknown = d.get("version", 1), sorted(set(d) - {"kind", "version", "steps"})
+        version, unknown = d.get("version", 1), sorted(set(d) - {"kind", "version", "steps", "target"})
         if not isinstance(version, int) or version > cls.VERSION:
             raise EamError(f"recipe version {version} is newer than this eamvit understands (version {cls.VERSION}); "
                            "upgrade eamvit")
         if unknown or not isinstance(d.get("steps"), list):
             raise EamError(f"recipe has {'unknown field(s) ' + ', '.join(unknown) if unknown else 'no list of steps'}; "
                            "it was written by another eamvit version")
-        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"])).validate()
+        target = Target.from_dict(d["target"]) if d.get("target") is not None else None
+        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"]), target=target).validate()
 
 
 MapsSource = Union[EntropyMaps, Callable[[nn.Module], EntropyMaps], None]
@@ -124,7 +132,8 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         :class:`~eamvit.methods.freeze.FreezeReport`, the :class:`~eamvit.methods.prune.PruneReport` ...).
     """
     recipe.validate()
-    inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                        target=recipe.target)
     reports: dict[str, Any] = {}
     for step in recipe.steps:
         handler = handler_of(step)
@@ -166,7 +175,10 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
             raise EamError(f"{path} holds the {stage} step already; drop that step from the recipe")
     if quant_state is not None:
         load_quantized(model, quant_state)
-    quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"))
+        if recipe.target is not None and recipe.target != state_of(model).target:
+            raise EamError(f"{quant_state} was calibrated for target {getattr(state_of(model).target, 'form', 'torch')}, "
+                           f"not {recipe.target.form}; quantize again for that target, or drop --target")
+    quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"), target=recipe.target)
     rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
@@ -178,7 +190,7 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe ``model`` carries: every step applied to it or restored on it, in order."""
     steps = state_of(model).steps.values()
-    return Recipe(steps=tuple(sorted(steps, key=lambda s: stage_order(step_stage(s)))))
+    return Recipe(steps=tuple(sorted(steps, key=lambda s: stage_order(step_stage(s)))), target=state_of(model).target)
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -213,6 +225,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
                        f"{', '.join(sorted(want)) or 'none'}; apply the recipe with apply_")
+    if recipe.target != state_of(model).target:
+        raise EamError(f"the model was made for target {getattr(state_of(model).target, 'form', None)} but the recipe "
+                       f"names {getattr(recipe.target, 'form', None)}; apply the recipe with apply_")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": COMPRESSED_FORMAT, "recipe": recipe.to_dict(),
                             "model": model_spec(model).to_dict(),
@@ -261,6 +276,10 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         part = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(stage + "/")}
         handler.restore(model, step, meta.get(stage) or {}, part, str(path))
         state_of(model).steps[stage] = step
+    if recipe.step("quant") is not None and recipe.target != state_of(model).target:
+        raise EamError(f"compressed model {path}: its recipe's target is not the one its quantized state was made for; "
+                       f"the file was edited: {_REMEDY} again")
+    state_of(model).target = recipe.target
     add_calibration(model, meta.get("calibration") or [])
     return meta
 
