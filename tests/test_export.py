@@ -229,7 +229,7 @@ def test_cli_export_quantized_pruned(tmp_path, capsys):
     (["export", "--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format"),
     (["export", "--out", "{tmp}/file.txt/m.onnx"], "file.txt"),
     (["export", "--out", "{tmp}"], "is a folder"),
-    (["export", "--target", "int3", "--out", "{tmp}/m.onnx"], "deployment target"),
+    (["export", "--target", "int3", "--out", "{tmp}/m.onnx"], "--target"),
     (["export", "--quant", "adfq", "--out", "{tmp}/m.onnx"], "no integer-runtime form"),
     (["eval", "--onnx", "{tmp}/file.txt"], "is not an ONNX model"),
     (["eval", "--onnx", "{tmp}/missing.onnx"], "does not exist"),

@@ -5,7 +5,9 @@ model (a deep copy eamvit never touched) and ONNX Runtime running the exported g
 """
 from __future__ import annotations
 
+import onnx
 import pytest
+import timm
 import torch
 
 from conftest import models_rows
@@ -13,6 +15,7 @@ from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, export_onnx
 from eamvit.methods.export_runtime import onnx_session
 from eamvit.methods.freeze import FreezeConfig, freeze_
+from eamvit.methods.models import data_config
 from eamvit.modules.attention import instrument, set_frozen
 
 from test_families import FAMILIES, _maps, _pair
@@ -61,11 +64,12 @@ def test_export_and_unit_freezing(family, tmp_path):
         # Every map frozen to the calibration image's: that image's logits, and another image's change.
         assert _close(got[0], want[0]) and not _close(got[1], want[1], 1e-3), granularity
 
-    # VOLO's outlook attention folds its patches back: ONNX Col2Im, from opset 18.
-    config = ExportConfig(opset=18) if family == "volo" else None
+    # VOLO's outlook attention folds its patches back: ONNX Col2Im, from opset 18, which the export
+    # picks itself (test_export_follows_the_size_the_model_was_built_for); a lower one given is refused.
+    config = None
     if family == "volo":
         with pytest.raises(EamError) as err:
-            export_onnx(model, tmp_path / "v.onnx", input_size=(3, size, size))
+            export_onnx(model, tmp_path / "v.onnx", ExportConfig(opset=17), input_size=(3, size, size))
         _one_line_refusal(err, "needs opset 18", "--opset 18")
         assert not (tmp_path / "v.onnx").exists()
 
@@ -83,6 +87,41 @@ def test_export_and_unit_freezing(family, tmp_path):
     freeze_(model, maps, FreezeConfig(tau=0.0))
     export_onnx(model, tmp_path / "m.onnx", config, input_size=(3, size, size))
     got = onnx_session(tmp_path / "m.onnx", threads=1).run(None, {"images": x3.numpy()})[0]
+    assert _close(torch.from_numpy(got), want)
+
+
+_NAFLEX = dict(patch_size=16, depth=1, embed_dim=32, num_heads=2, num_classes=5)
+# Families whose pretrained config (or timm's default one) does not give the size a model was built
+# for: (builder, the size it takes, its attention classes, the opset its export needs).
+BUILT_SIZES = {f: (*FAMILIES[f], 18 if f == "volo" else 17) for f in ("tnt", "twins", "mvitv2", "levit", "hiera",
+                                                                      "volo")}
+BUILT_SIZES.update({
+    # A classic ViT made a NaFlexViT takes its position grid from img_size: its export runs at that size.
+    "naflexvit": (lambda: timm.create_model("vit_base_patch16_224", use_naflex=True, img_size=32, **_NAFLEX), 32,
+                  {"Attention"}, 17),
+    # With timm's 16×16 grid, img_size is dropped; its pretrained config's 384 px resample the grid to 24×24
+    # with an antialiased resize: ONNX Resize with antialias, from opset 18.
+    "naflexvit-grid": (lambda: timm.create_model("naflexvit_base_patch16_gap", img_size=32, **_NAFLEX), 384,
+                       {"Attention"}, 18),
+})
+
+
+@pytest.mark.parametrize("family", sorted(BUILT_SIZES))
+def test_export_follows_the_size_the_model_was_built_for(family, tmp_path):
+    """With no options, the graph takes the size the model was built for (data configs give it too, for
+    eval) at the opset its family needs, and ONNX Runtime gives timm's own logits."""
+    reference, model, _ = _pair(family, {f: row[:3] for f, row in BUILT_SIZES.items()})
+    _, size, _, opset = BUILT_SIZES[family]
+    assert data_config(model)["input_size"] == (3, size, size)
+    export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, size, size]
+    assert {o.domain: o.version for o in proto.opset_import}[""] == opset
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference(x)
+    got = onnx_session(tmp_path / "m.onnx", threads=1).run(None, {"images": x.numpy()})[0]
     assert _close(torch.from_numpy(got), want)
 
 

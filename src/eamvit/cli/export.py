@@ -222,5 +222,6 @@ def register(sub) -> None:
                    "≥ 16); default the largest of 16..128 dividing each layer's input width")
     g.add_argument("--kept-tokens", action="store_true",
                    help="pruned models: also output each pruning stage's kept patch indices (kept_0, ...)")
-    g.add_argument("--opset", type=int, default=17, help="ONNX opset (13..21, default 17)")
+    g.add_argument("--opset", type=int, default=None, help="ONNX opset (13..21); default 17, or the lowest the "
+                   "model needs (18: VOLO's outlook attention, NaFlexViT at another grid than its position table's)")
     s.set_defaults(func=cmd_export)

@@ -64,9 +64,9 @@ def target_from_args(args: argparse.Namespace, quant) -> Any:
     """The :class:`~eamvit.methods.export.Target` of the options for quantization ``quant`` (``None``: none)."""
     from eamvit.methods.export import SOFTMAX, TARGETS, Target, default_target
 
-    for value, allowed, what in ((args.target, TARGETS, "deployment target"), (args.softmax, SOFTMAX, "softmax form")):
+    for value, allowed, flag in ((args.target, TARGETS, "--target"), (args.softmax, SOFTMAX, "--softmax")):
         if value is not None and value not in allowed:
-            raise EamError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+            raise EamError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     given = [d for d in TARGET_OPTIONS if d in getattr(args, "given", ())]
     if quant is None:
         if given:

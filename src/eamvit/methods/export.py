@@ -3,7 +3,8 @@
 :func:`export_onnx` writes a graph that ONNX Runtime runs on CPU with its standard operators (the
 4-bit weight-only graph uses ONNX Runtime's own ``com.microsoft.MatMulNBits``; nothing falls back to a
 custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, ``dynamo=False``, opset
-17: it needs no extra package and emits a ``torch.autograd.Function``'s ``symbolic`` node, while the
+17, or 18 where a family's adapter needs it: it needs no extra package and emits a
+``torch.autograd.Function``'s ``symbolic`` node, while the
 dynamo exporter needs onnxscript and its own translation tables): the model is copied and its quantized modules are swapped, by class, for export
 classes whose forward calls the operators of :mod:`eamvit.ops.qdq`, each of which tells
 ``torch.onnx`` the node to emit. No protobuf is written by hand; eamvit's metadata (model, data
@@ -39,7 +40,7 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,8 +56,7 @@ from eamvit.io import atomic_path
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
-from eamvit.modules.attention import attention_layers, require
-from eamvit.modules.families import MIN_OPSET
+from eamvit.modules.attention import attention_layers, min_opset, require
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.onnx_forms import register_symbolics
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
@@ -83,7 +83,9 @@ class ExportConfig(Config):
         block_size: ``MatMulNBits`` block (power of two ≥ 16); ``None``: per layer, the largest power
             of two up to 128 that divides the input width (the per-channel scale is repeated per block).
         kept_tokens: add each pruning stage's kept indices as extra outputs ``kept_0``, ``kept_1``, ...
-        opset: ONNX opset of the default domain (≥ 13).
+        opset: ONNX opset of the default domain (13..21); ``None``: :data:`OPSET`, or the lowest the
+            model needs where its family's adapter asks for more (VOLO's outlook attention, NaFlexViT at
+            another grid than its position table's: 18). The file records the opset used.
     """
 
     KIND = "export"
@@ -95,7 +97,7 @@ class ExportConfig(Config):
     symmetric_weights: bool = False
     block_size: Optional[int] = None
     kept_tokens: bool = False
-    opset: int = OPSET
+    opset: Optional[int] = None
 
     def validate(self) -> "ExportConfig":
         if self.scheme not in SCHEMES:
@@ -105,7 +107,8 @@ class ExportConfig(Config):
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
             raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 13 <= self.opset <= 21:
+        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
+                                       or not 13 <= self.opset <= 21):
             raise EamError(f"opset {self.opset} is outside 13..21")
         return self
 
@@ -503,13 +506,16 @@ def export_kind(model: nn.Module, config: ExportConfig) -> str:
     return f"qdq W{q.w_bits}/A8"
 
 
-def _check_opset(model: nn.Module, opset: int) -> None:
-    """Refuse, before tracing, a module whose ONNX form needs a later opset."""
-    for m in model.modules():
-        need, why = MIN_OPSET.get(type(m), (0, ""))
-        if opset < need:
-            raise EamError(f"ONNX export of {type(model).__name__} needs opset {need} ({why}); "
-                           f"export with --opset {need}")
+def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) -> ExportConfig:
+    """``config`` with the opset to export at: the one given, or the lowest the model needs at ``size``
+    ``(C, H, W)`` (its adapters say); a given one below that need is refused before tracing."""
+    need, why = min_opset(model, (int(size[-2]), int(size[-1])))
+    if config.opset is None:
+        return replace(config, opset=max(OPSET, need))
+    if config.opset < need:
+        raise EamError(f"ONNX export of {type(model).__name__} needs opset {need} ({why}); "
+                       f"export with --opset {need}, or leave --opset out")
+    return config
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
@@ -523,7 +529,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
         model: full precision, pruned (fixed κ), frozen, or RepQ-ViT-quantized, on any device.
         path: the ``.onnx`` file (written atomically).
         config: :class:`ExportConfig`.
-        input_size: ``(C, H, W)``; the model's data config by default.
+        input_size: ``(C, H, W)``; the model's data config by default (the size the built model takes).
 
     Returns:
         An :class:`ExportReport`.
@@ -540,8 +546,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     require(attention_layers(model), "export")
     check_steps(model, config)
     _matching_export(model, config)
-    _check_opset(model, config.opset)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
+    config = _resolve_opset(model, config, size)
     meta = _metadata(model, config, size)
     m = copy.deepcopy(model).cpu().eval()
     prepare_export_(m, config)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eamvit.methods.state import state_of
-from eamvit.modules.attention import attention_layers, instrument, layer_shapes
+from eamvit.modules.attention import attention_layers, input_size, instrument, layer_shapes
 from eamvit.errors import EamError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
@@ -372,7 +372,7 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
 
     cfg = resolve_data_config({}, model=model)
     pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
+    img = input_size(model)  # as the family's adapter reads the built model
     # The first convolution sees the image (VOLO's patch embedding has a stem before its ``proj``).
     first = next((m for m in pe.modules() if isinstance(m, nn.Conv2d)), None) if pe is not None else None
     in_chans = first.in_channels if first is not None else cfg["input_size"][0]
@@ -431,8 +431,9 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) ->
 
     The base is, in this order: the config the model's checkpoint carried (files written by
     :func:`save_checkpoint`, the bundled digits ViT), else timm's pretrained config for the model
-    name, with the input size following the model's ``img_size`` and ``in_chans`` when they were
-    overridden at creation. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or
+    name, with the input size the built model takes (its family's adapter reads it:
+    :func:`eamvit.modules.attention.input_size`) and its ``in_chans``, when they were overridden at
+    creation. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or
     ``overrides`` when any override was applied).
 
     Args:

@@ -1,9 +1,11 @@
 """What every instrumented attention shares, and the registry of attention adapters.
 
 An *adapter* describes one timm attention class: how it computes q, k and v, the terms it adds
-before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)`` and
-which eamvit verbs it supports. A family is one adapter per attention class it uses; the verbs read
-the declared capabilities (:func:`require`) and ``eamvit models`` prints them.
+before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)``,
+which eamvit verbs it supports, and the image size a built model of its family takes and the ONNX
+opset its export needs (data configs and exports ask the adapter, not the pretrained config). A
+family is one adapter per attention class it uses; the verbs read the declared capabilities
+(:func:`require`) and ``eamvit models`` prints them.
 
 :class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
 adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
@@ -22,6 +24,10 @@ from torch import nn
 from eamvit.errors import EamError
 
 Observer = Callable[[torch.Tensor, Optional[torch.Tensor]], None]
+# A built model's image size ``(H, W)``, or None where the model does not record one.
+SizeReader = Callable[[nn.Module], Optional[tuple[int, int]]]
+# The lowest ONNX opset a model's export at an image size ``(H, W)`` needs, and why (0, "": no need).
+OpsetReader = Callable[[nn.Module, tuple[int, int]], tuple[int, str]]
 
 # The verbs an adapter may support, in the order `eamvit models` prints them.
 VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "repq", "adfq", "pmq", "export")
@@ -32,6 +38,26 @@ _VERB_WORDS = {"maps": "entropy maps", "entry": "entry freezing", "row": "row fr
                "head": "head freezing", "executed_head": "executed head freezing", "prune": "token pruning",
                "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization", "pmq": "PMQ quantization",
                "export": "ONNX export"}
+
+
+def as_pair(v) -> tuple[int, int]:
+    """An int or a pair as ``(int, int)``."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def patch_embed_size(model: nn.Module, attr: str = "patch_embed") -> Optional[tuple[int, int]]:
+    """``model.<attr>.img_size`` (the first embedding's where there are several): the size most timm models
+    are built for, which their pretrained config no longer describes once ``img_size`` is overridden."""
+    pe = getattr(model, attr, None)
+    if isinstance(pe, nn.ModuleList) and len(pe):
+        pe = pe[0]
+    img = getattr(pe, "img_size", None)
+    return as_pair(img) if img is not None else None
+
+
+def no_opset_need(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
+    """An adapter's models export at any opset eamvit takes."""
+    return 0, ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,9 @@ class Adapter:
         verbs: the supported verbs (a subset of :data:`VERBS`).
         example: a timm model name of the family.
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
+        input_size: reads the image size ``(H, W)`` a built model of the family takes (None: it does not
+            record one); the one source of that size for data configs and exports.
+        min_opset: the lowest ONNX opset an export of a model at a size needs, with the reason.
     """
 
     family: str
@@ -61,6 +90,8 @@ class Adapter:
     verbs: frozenset
     example: str
     why_not: dict = field(default_factory=dict)
+    input_size: SizeReader = patch_embed_size
+    min_opset: OpsetReader = no_opset_need
 
     def __post_init__(self) -> None:
         unknown = set(self.verbs) - set(VERBS)

@@ -46,8 +46,8 @@ from eamvit.modules.adapters import Adapter, Observer, capability_table, familie
 from eamvit.modules.family_heads import set_head_plan
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
 
-__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "instrument",
-           "layer_shapes", "models_table", "observe", "require", "set_frozen"]
+__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "input_size",
+           "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
 
 Stage = Literal["softmax", "quantized"]
 _STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q"}
@@ -56,6 +56,7 @@ ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
 _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
+_OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
 SUPPORTED_FAMILIES = families_line(FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
@@ -76,6 +77,41 @@ def _refuse(what: str) -> EamError:
 def models_table() -> str:
     """The families × verbs table of the registry (markdown), as ``eamvit models`` prints it."""
     return capability_table(FAMILIES, ADAPTERS)
+
+
+def _adapters(model: nn.Module) -> list[Adapter]:
+    """The adapters of ``model``'s attention modules, instrumented or not, in module order, each once."""
+    out: list[Adapter] = []
+    for module in model.modules():
+        adapter = _OF_MODULE.get(type(module))
+        if adapter is not None and adapter not in out:
+            out.append(adapter)
+    return out
+
+
+def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
+    """The image size ``(H, W)`` the built ``model`` takes, as its family's adapters read it.
+
+    Args:
+        model: a timm model (instrumented or not; it is not changed).
+
+    Returns:
+        The size, or None where the model records none (it takes any size, or is outside the registry).
+    """
+    for adapter in _adapters(model):
+        size = adapter.input_size(model)
+        if size is not None:
+            return size
+    return None
+
+
+def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
+    """The lowest ONNX opset an export of ``model`` at images of ``size`` ``(H, W)`` needs, and why.
+
+    Returns:
+        The highest need of the model's adapters; ``(0, "")`` where any opset eamvit takes will do.
+    """
+    return max((a.min_opset(model, size) for a in _adapters(model)), key=lambda need: need[0], default=(0, ""))
 
 
 def instrument(model: nn.Module) -> list[nn.Module]:

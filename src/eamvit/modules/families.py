@@ -42,8 +42,9 @@ from timm.models import swin_transformer_v2 as swinv2
 from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import Adapter, Family
+from eamvit.modules.adapters import Adapter, Family, OpsetReader, SizeReader, no_opset_need, patch_embed_size
 from eamvit.modules.family_heads import HeadPlan, KeptBiases, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
 from eamvit.ops.positions import gather_pair_bias
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
@@ -147,7 +148,8 @@ class _Tapped(HeadPlan):
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
              probs: str = "the output of the softmax", verbs: frozenset = _VERBS, why_not: Optional[dict] = None,
-             no_rows: str = "") -> Adapter:
+             no_rows: str = "", input_size: SizeReader = patch_embed_size,
+             min_opset: OpsetReader = no_opset_need) -> Adapter:
     """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
     why_not = dict(why_not or {})
     if no_rows:
@@ -155,7 +157,7 @@ def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: s
                           "different numbers of rows; use entry or head")
     return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
                    layer_map=layer_map, verbs=verbs if no_rows else verbs | {"row"}, example=example,
-                   why_not=why_not)
+                   why_not=why_not, input_size=input_size, min_opset=min_opset)
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
@@ -377,31 +379,34 @@ ADAPTERS: tuple[Adapter, ...] = (
              "xcit_nano_12_p16_224"),
     _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
              _SCALED, "(G, H, N, N)", "twins_svt_small",
-             no_rows="its local attention is windowed, " + _WINDOW_ROW),
+             no_rows="its local attention is windowed, " + _WINDOW_ROW, input_size=twins_size),
     _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
              "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
-             "twins_svt_small"),
+             "twins_svt_small", input_size=twins_size),
     _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, _QKV + ", then pooled",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
+             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
+             input_size=mvitv2_size),
     _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst,
              "pooled first, then separate q, k, v linears",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny"),
+             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
+             input_size=mvitv2_size),
     _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
              _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s",
              verbs=_VERBS - {"repq"},
-             why_not=_batchnorm("LeViT")),
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
     _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
              "kv linear on all tokens, q linear on a sub-sampled grid",
              _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s",
              verbs=_VERBS - {"repq"},
-             why_not=_batchnorm("LeViT")),
-    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224"),
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224",
+             input_size=volo_size, min_opset=volo_opset),
     _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
-             _SCALED, "(H, 1, N)", "volo_d1_224"),
+             _SCALED, "(H, 1, N)", "volo_d1_224", input_size=volo_size, min_opset=volo_opset),
     _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
              "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
              "tnt_s_patch16_224",
-             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair"),
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair", input_size=tnt_size),
     _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
              "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
              "efficientformer_l1", verbs=_VERBS - {"repq"},
@@ -411,7 +416,7 @@ ADAPTERS: tuple[Adapter, ...] = (
              why_not=_batchnorm("FastViT")),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
              _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224",
-             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair"),
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair", input_size=hiera_size),
     _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
              "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
              "crossvit_tiny_240"),
@@ -452,11 +457,6 @@ UNMAPPED: dict[type, str] = {
     volo.OutlookAttention: "VOLO's outlook attention predicts its weights from the centre token (no q·k)",
 }
 
-# Modules whose ONNX form needs a later opset than the default, with the opset and why.
-MIN_OPSET: dict[type, tuple[int, str]] = {
-    volo.OutlookAttention: (18, "VOLO's outlook attention folds its patches back (ONNX Col2Im, opset 18)"),
-}
-
 _BN = "quantization: BatchNorm, no LayerNorm → Linear pairs"
 FAMILIES: tuple[Family, ...] = (
     Family("EVA / EVA02", (eva.EvaAttention,), "eva02_tiny_patch14_224"),
@@ -472,7 +472,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("MViTv2", (mvitv2.MultiScaleAttention, mvitv2.MultiScaleAttentionPoolFirst), "mvitv2_tiny"),
     Family("LeViT", (levit.Attention, levit.AttentionDownsample), "levit_128s", _BN),
     Family("VOLO", (volo.Attention, volo.ClassAttention), "volo_d1_224",
-           "outlook attention has no q·k and is not mapped; export needs --opset 18"),
+           "outlook attention has no q·k and is not mapped; export picks opset 18 (Col2Im)"),
     Family("TNT", (tnt.Attention,), "tnt_s_patch16_224", "rows: inner attention runs per patch"),
     Family("EfficientFormer", (efficientformer.Attention,), "efficientformer_l1", _BN),
     Family("FastViT", (fastvit.Attention,), "fastvit_sa12", _BN),

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.naflexvit import NaFlexEmbeds
 from timm.models.swin_transformer import WindowAttention
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwrite
+from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwrite, patch_embed_size
 
 
 class _EamMixin(EamBase):
@@ -252,11 +253,34 @@ def window_count(block: nn.Module) -> int:
     return math.ceil(h / wh) * math.ceil(w / ww)
 
 
+def _vit_size(model: nn.Module) -> Optional[tuple[int, int]]:
+    """``patch_embed.img_size``; NaFlexViT keeps ``img_size`` only where its position grid was derived
+    from it (``pos_embed_grid_size=None``), else it takes any size and its pretrained config says which."""
+    embeds = getattr(model, "embeds", None)
+    if isinstance(embeds, NaFlexEmbeds):
+        img = embeds.default_img_size
+        return (int(img[0]), int(img[1])) if img is not None else None
+    return patch_embed_size(model)
+
+
+def _vit_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
+    """NaFlexViT resamples its learned position grid to another image grid with an antialiased resize,
+    which ONNX has from opset 18 (``Resize`` with ``antialias``)."""
+    embeds = getattr(model, "embeds", None)
+    pos = getattr(embeds, "pos_embed", None)
+    if not isinstance(embeds, NaFlexEmbeds) or pos is None or not embeds.pos_embed_antialias:
+        return 0, ""
+    if tuple(embeds.dynamic_feat_size(size)) == tuple(pos.shape[1:3]):
+        return 0, ""
+    return 18, (f"NaFlexViT resamples its {pos.shape[1]}x{pos.shape[2]} position grid to the "
+                f"{size[0]}x{size[1]} image's with an antialiased resize, ONNX Resize from opset 18")
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
             qkv="one fused qkv linear, split per head; optional q/k norm",
             logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
-            verbs=frozenset(VERBS), example="deit_tiny_patch16_224"),
+            verbs=frozenset(VERBS), example="deit_tiny_patch16_224", input_size=_vit_size, min_opset=_vit_opset),
     Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
             qkv="one fused qkv linear, split per head, per window",
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
