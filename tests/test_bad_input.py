@@ -695,3 +695,24 @@ def test_killed_run_leftovers_are_removed_at_the_start(tmp_path, monkeypatch, ca
     code = main(["export", "--checkpoint", str(tmp_path / "missing.pth"), "--out", "m.onnx"])
     _assert_one_line_error(code, capsys.readouterr().err, ["does not exist"])
     assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+# --- issue 21 §7: data folders, optimize's cache, lock and sample size, metadata of files eamvit reads ----
+
+def _garbage_folder(root):
+    """Two class folders of ``.png`` files that hold no image."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            (root / c / f"{i}.png").write_bytes(b"not an image " * 20)
+    return root
+
+
+@pytest.mark.parametrize("command", ["eval", "optimize"])
+def test_folder_of_unreadable_images_is_refused(command, tmp_path, monkeypatch, capsys):
+    """Every file unreadable: refused when the folder is opened, naming it and the first bad file
+    (a folder with some readable images skips and counts the others: test_finetune_counts_a_cut_png)."""
+    bad = _garbage_folder(tmp_path / "garbage")
+    extra = ["--runtime", "torch", "--out", "o"] if command == "optimize" else ["--out", "r"]
+    _run_bad([command, "--data", bad, *extra], tmp_path, monkeypatch, capsys,
+             [f"no image in {bad} can be read", "all 4 files", str(bad / "a" / "0.png"), "cannot identify image"])

@@ -37,7 +37,7 @@ from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, comb
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
-from eamvit.methods.data import Splits, calibration_record
+from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.recipe import apply_
 
@@ -335,9 +335,11 @@ class OptimizeResult:
 
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
     """The run's shared inputs: the timed batch (held-out images) and, for ONNX Runtime, the fp32 export."""
-    idx = list(sp.eval_indices) if sp.eval_indices is not None else list(range(len(sp.eval_set)))
-    items = [sp.eval_set[i] for i in idx[:config.batch_size]]
-    batch = torch.stack([it[0] for it in items if it is not None])
+    items = readable_items(sp.eval_set, sp.eval_indices, config.batch_size)
+    if not items:
+        raise EamError("none of the held-out images can be read, so nothing can be timed or scored; check the "
+                       "files of --data (or drop --num-samples)")
+    batch = torch.stack([it[0] for it in items])
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
     if config.runtime == "onnxruntime":
         from eamvit.methods.export import export_onnx
