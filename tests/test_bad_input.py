@@ -716,3 +716,17 @@ def test_folder_of_unreadable_images_is_refused(command, tmp_path, monkeypatch, 
     extra = ["--runtime", "torch", "--out", "o"] if command == "optimize" else ["--out", "r"]
     _run_bad([command, "--data", bad, *extra], tmp_path, monkeypatch, capsys,
              [f"no image in {bad} can be read", "all 4 files", str(bad / "a" / "0.png"), "cannot identify image"])
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe\x00garbage\x81" * 10, "byte 0 is not text"),
+    (b"{}\n", "line 1: not {"),
+    (b'{"key": "0", "point": {}}\n', "line 1: its point has no label"),
+], ids=["garbage-bytes", "empty-object", "empty-point"])
+def test_optimize_cache_it_cannot_read_is_refused(content, words, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "points.jsonl").write_bytes(content)
+    _run_bad(["optimize", "--runtime", "torch", "--reps", "3", "--out", out], tmp_path, monkeypatch, capsys,
+             [f"cannot resume from {out / 'points.jsonl'}", words, "delete it", "another --out"])
+    assert (out / "points.jsonl").read_bytes() == content

@@ -14,7 +14,8 @@ Top-1 is measured on the held-out images only (the command's :class:`~eamvit.met
 calibration images are never scored). Every measured point is appended to ``points.jsonl`` in the
 output folder under a digest of what it depends on (recipe, export, model weights, data, runtime
 and timing settings), so a second run skips what the first measured: a run stopped by its time
-budget or interrupted resumes where it stopped.
+budget or interrupted resumes where it stopped. A cache it cannot read is refused, never skipped
+line by line (only a last point cut short by a kill is measured again).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,10 @@ if TYPE_CHECKING:  # only named in annotations
 
 CACHE = "points.jsonl"
 CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
+# The numbers every measured point holds (since the first cache version); a point that could not be
+# built holds "error" instead.
+POINT_NUMBERS = ("top1", "num_images", "speedup", "speedup_p25", "speedup_p75")
+_LINE_START = '{"key": "'  # how json.dumps begins every line PointCache.add writes
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,25 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
 
 
+def _point_problem(entry: Any) -> Optional[str]:
+    """Why a parsed line of ``points.jsonl`` is not a point :meth:`PointCache.add` wrote, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("point"), dict):
+        return 'not {"key": ..., "point": {...}}'
+    point = entry["point"]
+    if not isinstance(point.get("label"), str):
+        return "its point has no label"
+    if "error" in point:
+        return None if isinstance(point["error"], str) else "its error is not text"
+    bad = [k for k in POINT_NUMBERS if not isinstance(point.get(k), (int, float)) or isinstance(point.get(k), bool)]
+    return f"its point has no number {bad[0]!r}" if bad else None
+
+
 class PointCache:
-    """``points.jsonl``: one measured point per line, keyed by digest; a line cut short by an
-    interruption is ignored (that point is measured again).
+    """``points.jsonl``: one measured point per line, keyed by digest.
+
+    A line cut short by an interruption (the start of a line :meth:`add` writes, not valid JSON) is
+    ignored and that point is measured again; any other line that is not a point refuses the whole
+    file: what a resumed run reports must be what was measured.
 
     Args:
         path: the file.
@@ -137,15 +158,33 @@ class PointCache:
     def __init__(self, path: Path):
         self.path = path
         self.points: dict[str, dict[str, Any]] = {}
-        text = path.read_text() if path.is_file() else ""
+        text = self._text(path)
         self._cut = bool(text) and not text.endswith("\n")  # the next point must start on a line of its own
-        if text:
-            for line in text.splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.points[entry["key"]] = entry["point"]
-                except (ValueError, KeyError, TypeError):
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if _LINE_START.startswith(line) or line.startswith(_LINE_START):  # cut short by a kill
                     continue
+                self._refuse(f"line {n} is not JSON")
+            problem = _point_problem(entry)
+            if problem:
+                self._refuse(f"line {n}: {problem}")
+            self.points[entry["key"]] = entry["point"]
+
+    def _refuse(self, why: str) -> NoReturn:
+        raise EamError(f"cannot resume from {self.path}: {why}, so it is not a cache of points eamvit optimize "
+                       "wrote; delete it (its points are measured again) or choose another --out")
+
+    def _text(self, path: Path) -> str:
+        if not path.exists():
+            return ""
+        try:
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._refuse(f"byte {e.start} is not text")
+        except OSError as e:
+            self._refuse(f"it cannot be read ({e.strerror or type(e).__name__})")
 
     def get(self, key: str) -> Optional[dict[str, Any]]:
         return self.points.get(key)
@@ -406,11 +445,12 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     from eamvit.io import write_text
 
     config.validate()
+    cache = PointCache(Path(out) / CACHE)  # refused before anything is measured or written
     out = ensure_writable_dir(out)
     commands = commands or CommandLines()
     with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:
         run = _setup(model, splits, config, device, Path(tmp))
-        done, prog = search(run, PointCache(out / CACHE), progress)
+        done, prog = search(run, cache, progress)
         rows = point_rows(done, config, model, splits.data_config)
         best = next((r for r in rows if r["chosen"]), None)
         cand, files = None, {}
