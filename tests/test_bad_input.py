@@ -730,3 +730,32 @@ def test_optimize_cache_it_cannot_read_is_refused(content, words, tmp_path, monk
     _run_bad(["optimize", "--runtime", "torch", "--reps", "3", "--out", out], tmp_path, monkeypatch, capsys,
              [f"cannot resume from {out / 'points.jsonl'}", words, "delete it", "another --out"])
     assert (out / "points.jsonl").read_bytes() == content
+
+
+def test_second_optimize_on_one_out_is_refused(tmp_path, monkeypatch, capsys):
+    """The lock names the run that holds it, and is the run's own to remove."""
+    from eamvit.io import output_lock
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    with output_lock(out / "points.jsonl"):  # this (live) process is "the other run"
+        before = _tree(tmp_path)
+        code = main(["optimize", "--runtime", "torch", "--out", str(out)])
+        _assert_one_line_error(code, capsys.readouterr().err,
+                               [f"another eamvit run (pid {os.getpid()}) is writing {out / 'points.jsonl'}"])
+        assert _tree(tmp_path) == before
+    assert list(out.iterdir()) == []
+
+
+def test_stale_optimize_lock_is_taken_over_and_removed_on_error(tmp_path, monkeypatch, capsys):
+    """A lock of a killed run is taken over (the run goes on to read its cache, refused here), and
+    the run's own lock is gone after its error."""
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".points.jsonl.eamvit-lock").write_text(dead.stdout.strip())
+    (out / "points.jsonl").write_text("{}\n")
+    code = main(["optimize", "--runtime", "torch", "--reps", "3", "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr().err, ["cannot resume from"])
+    assert [p.name for p in out.iterdir()] == ["points.jsonl"]
