@@ -759,3 +759,12 @@ def test_stale_optimize_lock_is_taken_over_and_removed_on_error(tmp_path, monkey
     code = main(["optimize", "--runtime", "torch", "--reps", "3", "--out", str(out)])
     _assert_one_line_error(code, capsys.readouterr().err, ["cannot resume from"])
     assert [p.name for p in out.iterdir()] == ["points.jsonl"]
+
+
+def test_optimize_on_too_few_held_out_images_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    """6 images: 3 calibrate, 3 are scored, so top-1 moves in steps of 33 points, not 1."""
+    argv = ["optimize", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--runtime", "torch",
+            "--out", "o"]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, ["3 held-out images cannot resolve --max-drop 1",
+                                                   "one image is 33.3 points", "at least 100 held-out images",
+                                                   "--max-drop 33.34 or more"])

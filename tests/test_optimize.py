@@ -190,6 +190,20 @@ def test_a_cache_line_that_is_not_a_point_refuses_the_file(tmp_path, line, words
     assert words in str(e.value) and "delete it" in str(e.value)
 
 
+@pytest.mark.parametrize("n, max_drop, ok", [
+    (100, 1.0, True), (99, 1.0, False),  # one image of 100 is exactly one point
+    (360, 1.0, True),  # the demo: the digits test split against one point
+    (2, 1.0, False), (2, 50.0, True), (3, 33.3, False), (3, 33.34, True),
+    (2, 0.0, True),  # no image may be lost: any sample says whether one was
+])
+def test_max_drop_finer_than_one_held_out_image_is_refused(n, max_drop, ok):
+    if ok:
+        opt.check_resolution(n, max_drop)
+    else:
+        with pytest.raises(opt.EamError, match=f"{n} held-out images cannot resolve --max-drop {max_drop:g}"):
+            opt.check_resolution(n, max_drop)
+
+
 def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):
     from eamvit.plots.optimize import plot_pareto
 

@@ -16,12 +16,16 @@ output folder under a digest of what it depends on (recipe, export, model weight
 and timing settings), so a second run skips what the first measured: a run stopped by its time
 budget or interrupted resumes where it stopped. A cache it cannot read is refused, never skipped
 line by line (only a last point cut short by a kill is measured again).
+
+Top-1 moves in steps of one held-out image: a run whose ``--max-drop`` is finer than that step
+is refused (:func:`check_resolution`).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -322,6 +326,8 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
             prog.reused += 1
         if not done and "error" in point:
             raise EamError(f"the unmodified model cannot be measured: {point['error']}")
+        if not done:  # unreadable files are skipped: what was scored may be fewer than the held-out images
+            check_resolution(point["num_images"], run.config.max_drop)
         done.append((cand, point))
         ref_top1 = done[0][1]["top1"]
         bar.update(1)
@@ -370,6 +376,25 @@ class OptimizeResult:
     best: Optional[dict[str, Any]]
     progress: Progress
     files: dict[str, Path]
+
+
+def check_resolution(num_images: int, max_drop: float) -> None:
+    """Refuse a ``max_drop`` finer than one of ``num_images`` held-out images (100/n points of top-1).
+
+    Below that step the budget is silently "lose no image" and the search separates points by
+    sampling noise. ``max_drop`` 0 asks for exactly that, which any sample can answer.
+
+    Args:
+        num_images: the held-out images top-1 is scored on.
+        max_drop: the run's ``--max-drop``.
+    """
+    step = 100.0 / max(num_images, 1)
+    if max_drop > 0 and step > max_drop + 1e-9:
+        need = math.ceil(100.0 / max_drop - 1e-9)
+        raise EamError(f"{num_images} held-out image{'s' if num_images != 1 else ''} cannot resolve --max-drop "
+                       f"{max_drop:g}: one image is {step:.3g} points of top-1; give at least {need} held-out images "
+                       f"(more images in --data, or a larger --num-samples) or allow --max-drop "
+                       f"{math.ceil(step * 100) / 100:g} or more")
 
 
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
@@ -445,6 +470,8 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     from eamvit.io import write_text
 
     config.validate()
+    check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
+                     config.max_drop)
     cache = PointCache(Path(out) / CACHE)  # refused before anything is measured or written
     out = ensure_writable_dir(out)
     commands = commands or CommandLines()
