@@ -768,3 +768,58 @@ def test_optimize_on_too_few_held_out_images_is_refused(inputs, tmp_path, monkey
     _run_bad(argv, tmp_path, monkeypatch, capsys, ["3 held-out images cannot resolve --max-drop 1",
                                                    "one image is 33.3 points", "at least 100 held-out images",
                                                    "--max-drop 33.34 or more"])
+
+
+@pytest.fixture(scope="module")
+def compressed(inputs):
+    """A compressed (token-pruned) tiny ViT and a checkpoint of it with its data config, both written by eamvit."""
+    from eamvit.methods.models import save_checkpoint
+
+    path = inputs / "c.safetensors"
+    assert main([str(a) for a in ["compress", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images",
+                                  "--prune", "evit", "--keep-rate", "0.7", "--out", path]]) == 0
+    save_checkpoint(make(TINY_VIT), inputs / "ckpt.safetensors")
+    return path
+
+
+def _set(key, value, sub=None):
+    return lambda m, t: (m[sub] if sub else m).__setitem__(key, value)
+
+
+@pytest.mark.parametrize("kind", ["compressed", "quantized"])
+@pytest.mark.parametrize("records", [5, "abc", {"data": None}], ids=["number", "text", "mapping"])
+def test_calibration_records_that_are_not_a_list_are_refused(kind, records, compressed, states, inputs, tmp_path,
+                                                             monkeypatch, capsys):
+    src = compressed if kind == "compressed" else states / "q.safetensors"
+    bad = _rewrite(src, tmp_path / "bad.safetensors", _set("calibration", records))
+    argv = (["eval", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--state", bad]
+            if kind == "compressed" else ["eval", "--quant-state", bad, "--num-samples", "8"])
+    _run_bad([*argv, "--out", "r"], tmp_path, monkeypatch, capsys,
+             [str(bad), "malformed record of its calibration images", "create it again"])
+
+
+def test_restoring_calibration_records_that_are_not_a_list_is_refused(compressed, inputs, tmp_path):
+    """The library path too: restore_ (optimize's best file, `eval --state`) refuses them."""
+    from eamvit.methods.recipe import restore_
+
+    bad = _rewrite(compressed, tmp_path / "bad.safetensors", _set("calibration", 5))
+    model = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    with pytest.raises(eamvit.EamError, match="malformed record of its calibration images"):
+        restore_(model, bad)
+
+
+@pytest.mark.parametrize("size, shown", [([3, 7, 7], "[3, 7, 7]"), ("abc", "'abc'"), ([1, 32, 32], "[1, 32, 32]"),
+                                         ([32, 32], "[32, 32]")], ids=["7px", "text", "1-channel", "2-values"])
+@pytest.mark.parametrize("kind", ["compressed", "checkpoint"])
+def test_data_config_input_size_the_model_cannot_take_is_refused(kind, size, shown, compressed, inputs, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The tiny ViT reads 3x32x32 images (TINY_VIT: img_size=32, RGB)."""
+    if kind == "compressed":
+        bad = _rewrite(compressed, tmp_path / "bad.safetensors", _set("input_size", size, "data_config"))
+        argv, origin = [*TINY, "--checkpoint", inputs / "tiny.pth", "--state", bad], f"compressed model {bad}"
+    else:
+        bad = _rewrite(inputs / "ckpt.safetensors", tmp_path / "bad.safetensors",
+                       _set("input_size", size, "data_config"))
+        argv, origin = [*TINY, "--checkpoint", bad], "the checkpoint's data config"
+    _run_bad(["eval", *argv, "--data", inputs / "images", "--out", "r"], tmp_path, monkeypatch, capsys,
+             [f"input_size {shown} from {origin}", "not what the model takes (3x32x32 images)"])

@@ -227,6 +227,33 @@ def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) ->
     return {"data": None, "num_images": len(idx)}
 
 
+def _malformed(name: str) -> EamError:
+    return EamError(f"{name} has a malformed record of its calibration images; create it again")
+
+
+def _check_record(record: Any, name: str) -> None:
+    """Refuse one record read from a file that is not what :func:`calibration_record` writes."""
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    indices = record.get("indices", []) if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
+            not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise _malformed(name)
+
+
+def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
+    """``records`` read from ``name``'s metadata, refused unless a list of records of :func:`calibration_record`.
+
+    Args:
+        records: the metadata's ``calibration`` value.
+        name: the file, for the message.
+    """
+    if not isinstance(records, list):
+        raise _malformed(name)
+    for r in records:
+        _check_record(r, name)
+    return records
+
+
 def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
     """Indices of the items of ``dataset`` that a :func:`calibration_record` names.
 
@@ -235,10 +262,8 @@ def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") 
         record: a record read from an artifact (checked here).
         name: the artifact, for messages.
     """
-    files = record.get("files", {}) if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
-            not all(isinstance(i, int) for i in record.get("indices", [])):
-        raise EamError(f"{name} has a malformed record of its calibration images; create it again")
+    _check_record(record, name)
+    files = record.get("files", {})
     if isinstance(dataset, DigitsDataset):
         if record.get("data") != "digits" or record.get("split") != dataset.split:
             return []
@@ -277,7 +302,7 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
             unrecorded.append(name)
             continue
         hits: set[int] = set()
-        for r in records:
+        for r in check_records(records, name):
             hits.update(recorded_indices(dataset, r, name))
         skip |= hits
         if hits:
@@ -395,14 +420,19 @@ def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, 
                            "(--calib-size)")
 
 
-def add_calibration(model: Any, records: Sequence[dict]) -> None:
+def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eamvit read") -> None:
     """Add ``records`` (:func:`calibration_record`) to ``model.eam_calibration``, once each.
 
     A model carries the records of everything that calibrated it (quantization, the maps it was
     frozen with), so that what is saved or exported from it names all of those images.
+
+    Args:
+        model: the model.
+        records: the records (checked: they may come from a file's metadata).
+        name: where they were read, for messages.
     """
     have = list(getattr(model, "eam_calibration", None) or [])
-    for r in records:
+    for r in check_records(list(records) if isinstance(records, tuple) else records, name):
         if r not in have:
             have.append(r)
     model.eam_calibration = have

@@ -333,5 +333,5 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         raise
     model.eam_quant_config = config
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
-        add_calibration(model, meta["calibration"])
+        add_calibration(model, meta["calibration"], f"quantized state {path}")
     return model

@@ -279,7 +279,7 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         restore_frozen(model, meta.get("freeze") or {}, part("freeze"), str(path))
     if recipe.step("prune") is not None:
         prune_(model, recipe.step("prune"))
-    add_calibration(model, meta.get("calibration") or [])
+    add_calibration(model, meta.get("calibration") or [], f"compressed model {path}")
     return meta
 
 
