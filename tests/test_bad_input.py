@@ -696,3 +696,131 @@ def test_killed_run_leftovers_are_removed_at_the_start(tmp_path, monkeypatch, ca
     code = main(["export", "--checkpoint", str(tmp_path / "missing.pth"), "--out", "m.onnx"])
     _assert_one_line_error(code, capsys.readouterr().err, ["does not exist"])
     assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+# --- issue 21 §7: data folders, optimize's cache, lock and sample size, metadata of files eamvit reads ----
+
+def _garbage_folder(root):
+    """Two class folders of ``.png`` files that hold no image."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            (root / c / f"{i}.png").write_bytes(b"not an image " * 20)
+    return root
+
+
+@pytest.mark.parametrize("command", ["eval", "optimize"])
+def test_folder_of_unreadable_images_is_refused(command, tmp_path, monkeypatch, capsys):
+    """Every file unreadable: refused when the folder is opened, naming it and the first bad file
+    (a folder with some readable images skips and counts the others: test_finetune_counts_a_cut_png)."""
+    bad = _garbage_folder(tmp_path / "garbage")
+    extra = ["--runtime", "torch", "--out", "o"] if command == "optimize" else ["--out", "r"]
+    _run_bad([command, "--data", bad, *extra], tmp_path, monkeypatch, capsys,
+             [f"no image in {bad} can be read", "all 4 files", str(bad / "a" / "0.png"), "cannot identify image"])
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe\x00garbage\x81" * 10, "byte 0 is not text"),
+    (b"{}\n", "line 1: not {"),
+    (b'{"key": "0", "point": {}}\n', "line 1: its point has no label"),
+], ids=["garbage-bytes", "empty-object", "empty-point"])
+def test_optimize_cache_it_cannot_read_is_refused(content, words, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "points.jsonl").write_bytes(content)
+    _run_bad(["optimize", "--runtime", "torch", "--reps", "3", "--out", out], tmp_path, monkeypatch, capsys,
+             [f"cannot resume from {out / 'points.jsonl'}", words, "delete it", "another --out"])
+    assert (out / "points.jsonl").read_bytes() == content
+
+
+def test_second_optimize_on_one_out_is_refused(tmp_path, monkeypatch, capsys):
+    """The lock names the run that holds it, and is the run's own to remove."""
+    from eamvit.io import output_lock
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    with output_lock(out / "points.jsonl"):  # this (live) process is "the other run"
+        before = _tree(tmp_path)
+        code = main(["optimize", "--runtime", "torch", "--out", str(out)])
+        _assert_one_line_error(code, capsys.readouterr().err,
+                               [f"another eamvit run (pid {os.getpid()}) is writing {out / 'points.jsonl'}"])
+        assert _tree(tmp_path) == before
+    assert list(out.iterdir()) == []
+
+
+def test_stale_optimize_lock_is_taken_over_and_removed_on_error(tmp_path, monkeypatch, capsys):
+    """A lock of a killed run is taken over (the run goes on to read its cache, refused here), and
+    the run's own lock is gone after its error."""
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".points.jsonl.eamvit-lock").write_text(dead.stdout.strip())
+    (out / "points.jsonl").write_text("{}\n")
+    code = main(["optimize", "--runtime", "torch", "--reps", "3", "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr().err, ["cannot resume from"])
+    assert [p.name for p in out.iterdir()] == ["points.jsonl"]
+
+
+def test_optimize_on_too_few_held_out_images_is_refused(inputs, tmp_path, monkeypatch, capsys):
+    """6 images: 3 calibrate, 3 are scored, so top-1 moves in steps of 33 points, not 1."""
+    argv = ["optimize", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--runtime", "torch",
+            "--out", "o"]
+    _run_bad(argv, tmp_path, monkeypatch, capsys, ["3 held-out images cannot resolve --max-drop 1",
+                                                   "one image is 33.3 points", "at least 100 held-out images",
+                                                   "--max-drop 33.34 or more"])
+
+
+@pytest.fixture(scope="module")
+def compressed(inputs):
+    """A compressed (token-pruned) tiny ViT and a checkpoint of it with its data config, both written by eamvit."""
+    from eamvit.methods.models import save_checkpoint
+
+    path = inputs / "c.safetensors"
+    assert main([str(a) for a in ["compress", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images",
+                                  "--prune", "evit", "--keep-rate", "0.7", "--out", path]]) == 0
+    save_checkpoint(make(TINY_VIT), inputs / "ckpt.safetensors")
+    return path
+
+
+def _set(key, value, sub=None):
+    return lambda m, t: (m[sub] if sub else m).__setitem__(key, value)
+
+
+@pytest.mark.parametrize("kind", ["compressed", "quantized"])
+@pytest.mark.parametrize("records", [5, "abc", {"data": None}], ids=["number", "text", "mapping"])
+def test_calibration_records_that_are_not_a_list_are_refused(kind, records, compressed, states, inputs, tmp_path,
+                                                             monkeypatch, capsys):
+    src = compressed if kind == "compressed" else states / "q.safetensors"
+    bad = _rewrite(src, tmp_path / "bad.safetensors", _set("calibration", records))
+    argv = (["eval", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images", "--state", bad]
+            if kind == "compressed" else ["eval", "--quant-state", bad, "--num-samples", "8"])
+    _run_bad([*argv, "--out", "r"], tmp_path, monkeypatch, capsys,
+             [str(bad), "malformed record of its calibration images", "create it again"])
+
+
+def test_restoring_calibration_records_that_are_not_a_list_is_refused(compressed, inputs, tmp_path):
+    """The library path too: restore_ (optimize's best file, `eval --state`) refuses them."""
+    from eamvit.methods.recipe import restore_
+
+    bad = _rewrite(compressed, tmp_path / "bad.safetensors", _set("calibration", 5))
+    model = eamvit.create_model(TINY_VIT[0], model_kwargs=dict(TINY_VIT[1]), checkpoint=inputs / "tiny.pth")
+    with pytest.raises(eamvit.EamError, match="malformed record of its calibration images"):
+        restore_(model, bad)
+
+
+@pytest.mark.parametrize("size, shown", [([3, 7, 7], "[3, 7, 7]"), ("abc", "'abc'"), ([1, 32, 32], "[1, 32, 32]"),
+                                         ([32, 32], "[32, 32]")], ids=["7px", "text", "1-channel", "2-values"])
+@pytest.mark.parametrize("kind", ["compressed", "checkpoint"])
+def test_data_config_input_size_the_model_cannot_take_is_refused(kind, size, shown, compressed, inputs, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The tiny ViT reads 3x32x32 images (TINY_VIT: img_size=32, RGB)."""
+    if kind == "compressed":
+        bad = _rewrite(compressed, tmp_path / "bad.safetensors", _set("input_size", size, "data_config"))
+        argv, origin = [*TINY, "--checkpoint", inputs / "tiny.pth", "--state", bad], f"compressed model {bad}"
+    else:
+        bad = _rewrite(inputs / "ckpt.safetensors", tmp_path / "bad.safetensors",
+                       _set("input_size", size, "data_config"))
+        argv, origin = [*TINY, "--checkpoint", bad], "the checkpoint's data config"
+    _run_bad(["eval", *argv, "--data", inputs / "images", "--out", "r"], tmp_path, monkeypatch, capsys,
+             [f"input_size {shown} from {origin}", "not what the model takes (3x32x32 images)"])

@@ -157,16 +157,52 @@ def test_onnx_best_is_what_was_measured_and_the_report_rebuilds_it(tmp_path, mon
     assert _top1(stdout) == pytest.approx(best["top1"], abs=1e-9)
 
 
+def _point(label, top1):
+    return {"label": label, "top1": top1, "num_images": 360, "speedup": 1.0, "speedup_p25": 0.9, "speedup_p75": 1.1}
+
+
 def test_a_line_cut_short_by_an_interruption_is_measured_again(tmp_path):
     path = tmp_path / "points.jsonl"
     cache = opt.PointCache(path)
-    cache.add("a", {"label": "x", "top1": 1.0})
+    cache.add("a", _point("x", 1.0))
     with open(path, "a") as f:
         f.write('{"key": "b", "point": {"label": "y", "to')  # killed mid-write
     again = opt.PointCache(path)
-    assert again.get("a") == {"label": "x", "top1": 1.0} and again.get("b") is None
-    again.add("b", {"label": "y", "top1": 2.0})  # measured again, on a line of its own
-    assert opt.PointCache(path).get("b") == {"label": "y", "top1": 2.0}
+    assert again.get("a") == _point("x", 1.0) and again.get("b") is None
+    again.add("b", _point("y", 2.0))  # measured again, on a line of its own
+    third = opt.PointCache(path)  # the cut line is now between two points: still ignored
+    assert third.get("a") == _point("x", 1.0) and third.get("b") == _point("y", 2.0)
+    assert len(path.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("line, words", [
+    ("not json at all", "line 2 is not JSON"),
+    ("{}", "line 2: not {"),
+    ('{"key": "b", "point": {}}', "line 2: its point has no label"),
+    ('{"key": "b", "point": {"label": "y", "top1": "high"}}', "line 2: its point has no number 'top1'"),
+])
+def test_a_cache_line_that_is_not_a_point_refuses_the_file(tmp_path, line, words):
+    path = tmp_path / "points.jsonl"
+    opt.PointCache(path).add("a", _point("x", 1.0))
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(opt.EamError, match="cannot resume from") as e:
+        opt.PointCache(path)
+    assert words in str(e.value) and "delete it" in str(e.value)
+
+
+@pytest.mark.parametrize("n, max_drop, ok", [
+    (100, 1.0, True), (99, 1.0, False),  # one image of 100 is exactly one point
+    (360, 1.0, True),  # the demo: the digits test split against one point
+    (2, 1.0, False), (2, 50.0, True), (3, 33.3, False), (3, 33.34, True),
+    (2, 0.0, True),  # no image may be lost: any sample says whether one was
+])
+def test_max_drop_finer_than_one_held_out_image_is_refused(n, max_drop, ok):
+    if ok:
+        opt.check_resolution(n, max_drop)
+    else:
+        with pytest.raises(opt.EamError, match=f"{n} held-out images cannot resolve --max-drop {max_drop:g}"):
+            opt.check_resolution(n, max_drop)
 
 
 def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):

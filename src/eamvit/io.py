@@ -245,8 +245,10 @@ def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, 
 def output_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold ``.<name>.eamvit-lock`` next to ``path`` for the whole run that writes ``path``.
 
-    A second run writing the same output fails with one line instead of silently overwriting the
-    first one's result; a lock left by a process that no longer exists is taken over.
+    The lock is created with ``O_EXCL`` and holds the pid of its run. A second run writing the same
+    output fails with one line naming that pid instead of silently overwriting the first one's result;
+    a lock left by a process that no longer exists is taken over. It is removed when the run ends,
+    failed or not.
     """
     target = Path(path)
     folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
@@ -256,13 +258,13 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(lock.read_text().strip() or "0")
-                if pid and not _pid_alive(pid):
+            pid = _owner_pid(lock)
+            if pid and not _pid_alive(pid):  # its run was killed: taken over
+                with contextlib.suppress(OSError):
                     lock.unlink()
-                    continue
-            raise EamError(f"another eamvit run is writing {target} (lock {lock}); wait for it or choose "
-                           "another --out") from None
+                continue
+            who = f"another eamvit run (pid {pid})" if pid else "another eamvit run"
+            raise EamError(f"{who} is writing {target} (lock {lock}); wait for it or choose another --out") from None
         except OSError as e:
             raise _os_error(e, lock) from None
     else:

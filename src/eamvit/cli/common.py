@@ -169,14 +169,15 @@ def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
 
     ov = data_overrides(args)
     cfg = data_config(model, ov)
-    saved, source, recorded = _artifacts(args, maps)
+    saved, source, origin, recorded = _artifacts(args, maps)
     if not scores:  # only the held-out rule matters (as eval would apply it): nothing scored, nothing to skip
         recorded, calibrated_on = [], ()
         evaluate = evaluate and not getattr(args, "calib_data", None)
     if saved and cfg["source"] != "overrides" and args.data != "digits":
         from eamvit.methods.models import PREPROCESSING_KEYS
 
-        cfg = {**data_config(model, {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}), "source": source}
+        cfg = {**data_config(model, {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}, origin),
+               "source": source}
     if args.data != "digits":  # what a state or checkpoint saved from this model must carry
         state_of(model).data_config = cfg
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
@@ -219,28 +220,30 @@ def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
 
 
-def _artifacts(args, maps) -> tuple[Optional[dict], str, list[tuple[str, Optional[list]]]]:
-    """The data config stored with the maps or quantized state the command reads, its name, and
-    ``(file, calibration records)`` of both."""
+def _artifacts(args, maps) -> tuple[Optional[dict], str, str, list[tuple[str, Optional[list]]]]:
+    """The data config stored with the maps or quantized state the command reads, its kind, the
+    file it was read from (for messages), and ``(file, calibration records)`` of both."""
     recorded = []
-    saved, source = None, ""
+    saved, source, origin = None, "", ""
     if getattr(args, "state", None):
         from eamvit.methods.recipe import read_compressed
 
         meta = read_compressed(args.state)[0]
-        saved, source = meta.get("data_config"), "compressed model"
+        saved, source, origin = meta.get("data_config"), "compressed model", f"compressed model {args.state}"
         recorded.append((str(args.state), meta.get("calibration")))
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 
         meta = read_quantized(args.quant_state)[0]
-        saved, source = meta.get("data_config"), "quantized state"
+        saved, source, origin = meta.get("data_config"), "quantized state", f"quantized state {args.quant_state}"
         recorded.append((str(args.quant_state), meta.get("calibration")))
     if maps is not None:
         if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
-            saved, source = maps.meta["transforms"], "maps"
+            saved, source, origin = maps.meta["transforms"], "maps", f"entropy maps {args.maps}"
         recorded.append((str(args.maps), maps.meta.get("calibration")))
-    return saved, source, recorded
+    if saved is not None and not isinstance(saved, dict):
+        raise EamError(f"{origin} has a malformed data config (not a mapping); create it again")
+    return saved, source, origin, recorded
 
 
 def load_maps(args, model):

@@ -42,7 +42,7 @@ def given_argv(args: argparse.Namespace, dests) -> list[str]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
-    from eamvit.experiments.optimize import optimize
+    from eamvit.experiments.optimize import CACHE, optimize
     from eamvit.experiments.optimize_report import CommandLines
     from eamvit.io import check_output_dir, output_lock
     from eamvit.plots.optimize import plot_pareto
@@ -51,7 +51,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     if config.runtime == "onnxruntime":
         require_modules("eamvit optimize --runtime onnxruntime")
     out = check_output_dir(args.out)
-    with output_lock(out / "pareto"):
+    with output_lock(out / CACHE):  # two runs appending to one cache would mix their points
         model, device = load_model(args)
         sp = data_splits(args, model, need_calib=True)
         commands = CommandLines(model=given_argv(args, _MODEL_DESTS), data=given_argv(args, _DATA_DESTS))

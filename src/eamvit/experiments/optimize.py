@@ -14,18 +14,23 @@ Top-1 is measured on the held-out images only (the command's :class:`~eamvit.met
 calibration images are never scored). Every measured point is appended to ``points.jsonl`` in the
 output folder under a digest of what it depends on (recipe, export, model weights, data, runtime
 and timing settings), so a second run skips what the first measured: a run stopped by its time
-budget or interrupted resumes where it stopped.
+budget or interrupted resumes where it stopped. A cache it cannot read is refused, never skipped
+line by line (only a last point cut short by a kill is measured again).
+
+Top-1 moves in steps of one held-out image: a run whose ``--max-drop`` is finer than that step
+is refused (:func:`check_resolution`).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +43,7 @@ from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, comb
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
-from eamvit.methods.data import Splits, calibration_record
+from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.recipe import apply_
 
@@ -47,6 +52,10 @@ if TYPE_CHECKING:  # only named in annotations
 
 CACHE = "points.jsonl"
 CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
+# The numbers every measured point holds (since the first cache version); a point that could not be
+# built holds "error" instead.
+POINT_NUMBERS = ("top1", "num_images", "speedup", "speedup_p25", "speedup_p75")
+_LINE_START = '{"key": "'  # how json.dumps begins every line PointCache.add writes
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,25 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
 
 
+def _point_problem(entry: Any) -> Optional[str]:
+    """Why a parsed line of ``points.jsonl`` is not a point :meth:`PointCache.add` wrote, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("point"), dict):
+        return 'not {"key": ..., "point": {...}}'
+    point = entry["point"]
+    if not isinstance(point.get("label"), str):
+        return "its point has no label"
+    if "error" in point:
+        return None if isinstance(point["error"], str) else "its error is not text"
+    bad = [k for k in POINT_NUMBERS if not isinstance(point.get(k), (int, float)) or isinstance(point.get(k), bool)]
+    return f"its point has no number {bad[0]!r}" if bad else None
+
+
 class PointCache:
-    """``points.jsonl``: one measured point per line, keyed by digest; a line cut short by an
-    interruption is ignored (that point is measured again).
+    """``points.jsonl``: one measured point per line, keyed by digest.
+
+    A line cut short by an interruption (the start of a line :meth:`add` writes, not valid JSON) is
+    ignored and that point is measured again; any other line that is not a point refuses the whole
+    file: what a resumed run reports must be what was measured.
 
     Args:
         path: the file.
@@ -138,15 +163,33 @@ class PointCache:
     def __init__(self, path: Path):
         self.path = path
         self.points: dict[str, dict[str, Any]] = {}
-        text = path.read_text() if path.is_file() else ""
+        text = self._text(path)
         self._cut = bool(text) and not text.endswith("\n")  # the next point must start on a line of its own
-        if text:
-            for line in text.splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.points[entry["key"]] = entry["point"]
-                except (ValueError, KeyError, TypeError):
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if _LINE_START.startswith(line) or line.startswith(_LINE_START):  # cut short by a kill
                     continue
+                self._refuse(f"line {n} is not JSON")
+            problem = _point_problem(entry)
+            if problem:
+                self._refuse(f"line {n}: {problem}")
+            self.points[entry["key"]] = entry["point"]
+
+    def _refuse(self, why: str) -> NoReturn:
+        raise EamError(f"cannot resume from {self.path}: {why}, so it is not a cache of points eamvit optimize "
+                       "wrote; delete it (its points are measured again) or choose another --out")
+
+    def _text(self, path: Path) -> str:
+        if not path.exists():
+            return ""
+        try:
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._refuse(f"byte {e.start} is not text")
+        except OSError as e:
+            self._refuse(f"it cannot be read ({e.strerror or type(e).__name__})")
 
     def get(self, key: str) -> Optional[dict[str, Any]]:
         return self.points.get(key)
@@ -284,6 +327,8 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
             prog.reused += 1
         if not done and "error" in point:
             raise EamError(f"the unmodified model cannot be measured: {point['error']}")
+        if not done:  # unreadable files are skipped: what was scored may be fewer than the held-out images
+            check_resolution(point["num_images"], run.config.max_drop)
         done.append((cand, point))
         ref_top1 = done[0][1]["top1"]
         bar.update(1)
@@ -334,11 +379,32 @@ class OptimizeResult:
     files: dict[str, Path]
 
 
+def check_resolution(num_images: int, max_drop: float) -> None:
+    """Refuse a ``max_drop`` finer than one of ``num_images`` held-out images (100/n points of top-1).
+
+    Below that step the budget is silently "lose no image" and the search separates points by
+    sampling noise. ``max_drop`` 0 asks for exactly that, which any sample can answer.
+
+    Args:
+        num_images: the held-out images top-1 is scored on.
+        max_drop: the run's ``--max-drop``.
+    """
+    step = 100.0 / max(num_images, 1)
+    if max_drop > 0 and step > max_drop + 1e-9:
+        need = math.ceil(100.0 / max_drop - 1e-9)
+        raise EamError(f"{num_images} held-out image{'s' if num_images != 1 else ''} cannot resolve --max-drop "
+                       f"{max_drop:g}: one image is {step:.3g} points of top-1; give at least {need} held-out images "
+                       f"(more images in --data, or a larger --num-samples) or allow --max-drop "
+                       f"{math.ceil(step * 100) / 100:g} or more")
+
+
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
     """The run's shared inputs: the timed batch (held-out images) and, for ONNX Runtime, the fp32 export."""
-    idx = list(sp.eval_indices) if sp.eval_indices is not None else list(range(len(sp.eval_set)))
-    items = [sp.eval_set[i] for i in idx[:config.batch_size]]
-    batch = torch.stack([it[0] for it in items if it is not None])
+    items = readable_items(sp.eval_set, sp.eval_indices, config.batch_size)
+    if not items:
+        raise EamError("none of the held-out images can be read, so nothing can be timed or scored; check the "
+                       "files of --data (or drop --num-samples)")
+    batch = torch.stack([it[0] for it in items])
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
     if config.runtime == "onnxruntime":
         from eamvit.methods.export import export_onnx
@@ -405,11 +471,14 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     from eamvit.io import write_text
 
     config.validate()
+    check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
+                     config.max_drop)
+    cache = PointCache(Path(out) / CACHE)  # refused before anything is measured or written
     out = ensure_writable_dir(out)
     commands = commands or CommandLines()
     with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:
         run = _setup(model, splits, config, device, Path(tmp))
-        done, prog = search(run, PointCache(out / CACHE), progress)
+        done, prog = search(run, cache, progress)
         rows = point_rows(done, config, model, splits.data_config)
         best = next((r for r in rows if r["chosen"]), None)
         cand, files = None, {}

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import calibration_record, make_loader, shard
+from eamvit.methods.data import calibration_record, check_records, make_loader, shard
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
@@ -135,6 +135,8 @@ def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
     if not isinstance(shapes, list) or not shapes or not all(
             isinstance(s, list) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
         raise bad("metadata has no valid layer_shapes")
+    if meta.get("calibration") is not None:  # maps written before eamvit recorded them have none
+        check_records(meta["calibration"], f"entropy maps {path}")
     bits = meta.get("bits")
     expected = {f"{kind}.{l}" for l in range(len(shapes)) for kind in ("entropy", "mean")}
     missing = sorted(expected - set(tensors))

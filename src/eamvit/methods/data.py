@@ -1,8 +1,7 @@
-"""Datasets: ImageFolder trees, scikit-learn's bundled digits, calibration subsets and loaders.
+"""Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images.
 
-Unreadable image files in an ImageFolder tree are skipped and counted (``skipped`` in every results
-row), not fatal: one broken JPEG in 50 000 should not end an evaluation. ``--strict-images`` turns a
-bad file into an error instead.
+The datasets themselves (ImageFolder trees, scikit-learn's bundled digits, and what happens to
+unreadable files) are :mod:`eamvit.methods.datasets`, re-exported here.
 """
 from __future__ import annotations
 
@@ -17,105 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-
-
-class ImageFolderDataset(Dataset):
-    """An ImageNet-style folder (``root/<class>/<image>``) read with torchvision's ImageFolder.
-
-    Args:
-        root: the folder.
-        transform: a transform from :func:`eamvit.models.data_config` (timm ``create_transform``).
-        grayscale: read images as one channel (models with ``in_chans=1``).
-        strict: raise on an unreadable image instead of skipping it.
-    """
-
-    def __init__(self, root: str | os.PathLike, transform: Callable, grayscale: bool = False, strict: bool = False):
-        from torchvision.datasets import ImageFolder
-
-        root = Path(root)
-        self.root = root
-        if not root.is_dir():
-            raise EamError(f"image folder {root} does not exist; pass an ImageNet-style folder root/<class>/<image>")
-        try:
-            self.folder = ImageFolder(str(root), loader=lambda p: p)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise EamError(f"image folder {root} has no class folders with images ({e.__class__.__name__}); "
-                           "expected root/<class>/<image>.jpg") from None
-        self.transform = transform
-        self.mode = "L" if grayscale else "RGB"
-        self.strict = strict
-        self.classes = self.folder.classes
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, i: int) -> Optional[tuple[torch.Tensor, int]]:
-        from PIL import Image
-
-        path, target = self.folder.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert(self.mode)
-        except Exception:
-            if self.strict:
-                raise EamError(f"cannot read image {path}; remove it or drop --strict-images to skip it") from None
-            return None
-        return self.transform(img), target
-
-
-DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits as ``(1, S, S)`` tensors.
-
-    A fixed stratified 80/20 split (seed 0): 1437 training and 360 test images.
-
-    Args:
-        split: ``"train"`` or ``"test"``.
-        img_size: side the 8x8 images are resized to.
-        augment: random ±1-pixel shifts (training only).
-        mean: per-channel mean subtracted after scaling pixels to [0, 1] (one channel).
-        std: divisor after the mean.
-        interpolation: ``bilinear`` (how the bundled model was trained), ``bicubic`` or ``nearest``.
-    """
-
-    def __init__(self, split: str = "train", img_size: int = 16, augment: bool = False, mean: float = DIGITS_MEAN,
-                 std: float = DIGITS_STD, interpolation: str = "bilinear"):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        if split not in ("train", "test"):
-            raise EamError(f"digits split must be 'train' or 'test', not {split!r}")
-        d = load_digits()
-        idx = list(range(len(d.target)))
-        tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
-        sel = tr if split == "train" else te
-        x = torch.tensor(d.images[sel], dtype=torch.float32).unsqueeze(1) / 16.0
-        if interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise EamError(f"digits are resized with bilinear, bicubic or nearest interpolation, not {interpolation!r}")
-        if not std > 0:
-            raise EamError(f"--std must be positive, got {std}")
-        if img_size != 8:
-            align = {} if interpolation == "nearest" else {"align_corners": False}
-            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode=interpolation, **align)
-        self.images = (x - mean) / std
-        self.targets = torch.tensor(d.target[sel], dtype=torch.long)
-        self.augment = augment
-        self.split = split
-        self.classes = [str(i) for i in range(10)]
-        self.img_size = img_size
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i]
-        if self.augment:
-            shift = self.img_size // 8  # one original pixel
-            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
-        return x, int(self.targets[i])
+# The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
+from eamvit.methods.datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, ImageFolderDataset
 
 
 def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
@@ -190,6 +92,19 @@ def make_loader(dataset: Dataset, indices: Optional[Sequence[int]] = None, batch
                       generator=g, persistent_workers=False)
 
 
+def readable_items(dataset: Dataset, indices: Optional[Sequence[int]], n: int) -> list[tuple[torch.Tensor, int]]:
+    """The first ``n`` readable items of ``dataset`` among ``indices`` (all by default), in order;
+    unreadable files are passed over as a loader skips them. May be fewer than ``n``, or none."""
+    items = []
+    for i in range(len(dataset)) if indices is None else indices:
+        item = dataset[i]
+        if item is not None:
+            items.append(item)
+            if len(items) == n:
+                break
+    return items
+
+
 def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """What ``--data digits`` really does: resize 8x8 to the model's side, no crop, mean/std 0.5 unless overridden."""
     if overrides.get("crop_pct") not in (None, 1.0) or overrides.get("crop_mode") not in (None, "center"):
@@ -251,6 +166,7 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
     ds = ImageFolderDataset(spec, transform, grayscale=grayscale, strict=strict_images)
     if len(ds) == 0:
         raise EamError(f"image folder {spec} contains no images")
+    ds.require_readable()
     return ds
 
 
@@ -312,6 +228,33 @@ def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) ->
     return {"data": None, "num_images": len(idx)}
 
 
+def _malformed(name: str) -> EamError:
+    return EamError(f"{name} has a malformed record of its calibration images; create it again")
+
+
+def _check_record(record: Any, name: str) -> None:
+    """Refuse one record read from a file that is not what :func:`calibration_record` writes."""
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    indices = record.get("indices", []) if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
+            not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise _malformed(name)
+
+
+def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
+    """``records`` read from ``name``'s metadata, refused unless a list of records of :func:`calibration_record`.
+
+    Args:
+        records: the metadata's ``calibration`` value.
+        name: the file, for the message.
+    """
+    if not isinstance(records, list):
+        raise _malformed(name)
+    for r in records:
+        _check_record(r, name)
+    return records
+
+
 def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
     """Indices of the items of ``dataset`` that a :func:`calibration_record` names.
 
@@ -320,10 +263,8 @@ def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") 
         record: a record read from an artifact (checked here).
         name: the artifact, for messages.
     """
-    files = record.get("files", {}) if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
-            not all(isinstance(i, int) for i in record.get("indices", [])):
-        raise EamError(f"{name} has a malformed record of its calibration images; create it again")
+    _check_record(record, name)
+    files = record.get("files", {})
     if isinstance(dataset, DigitsDataset):
         if record.get("data") != "digits" or record.get("split") != dataset.split:
             return []
@@ -362,7 +303,7 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
             unrecorded.append(name)
             continue
         hits: set[int] = set()
-        for r in records:
+        for r in check_records(records, name):
             hits.update(recorded_indices(dataset, r, name))
         skip |= hits
         if hits:
@@ -480,14 +421,19 @@ def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, 
                            "(--calib-size)")
 
 
-def add_calibration(model: Any, records: Sequence[dict]) -> None:
+def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eamvit read") -> None:
     """Add ``records`` (:func:`calibration_record`) to the model's state (``calibration``), once each.
 
     A model carries the records of everything that calibrated it (quantization, the maps it was
     frozen with), so that what is saved or exported from it names all of those images.
+
+    Args:
+        model: the model.
+        records: the records (checked: they may come from a file's metadata).
+        name: where they were read, for messages.
     """
     have = list(state_of(model).calibration or [])
-    for r in records:
+    for r in check_records(list(records) if isinstance(records, tuple) else records, name):
         if r not in have:
             have.append(r)
     state_of(model).calibration = have

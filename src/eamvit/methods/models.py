@@ -367,15 +367,24 @@ def preprocessing(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PREPROCESSING_KEYS}
 
 
+def _model_input(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, int]], bool]:
+    """``(channels, (height, width), takes other sizes)`` of the images ``model`` reads; None where
+    its patch embedding does not say."""
+    pe = getattr(model, "patch_embed", None)
+    img = input_size(model)  # as the family's adapter reads the built model
+    # The first convolution sees the image (VOLO's patch embedding has a stem before its ``proj``).
+    first = next((m for m in pe.modules() if isinstance(m, nn.Conv2d)), None) if isinstance(pe, nn.Module) else None
+    dynamic = bool(getattr(model, "dynamic_img_size", False)) or not getattr(pe, "strict_img_size", True)
+    return (first.in_channels if first is not None else None,
+            (int(img[0]), int(img[1])) if img is not None else None, dynamic)
+
+
 def _timm_config(model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    pe = getattr(model, "patch_embed", None)
-    img = input_size(model)  # as the family's adapter reads the built model
-    # The first convolution sees the image (VOLO's patch embedding has a stem before its ``proj``).
-    first = next((m for m in pe.modules() if isinstance(m, nn.Conv2d)), None) if pe is not None else None
-    in_chans = first.in_channels if first is not None else cfg["input_size"][0]
+    chans, img, _ = _model_input(model)
+    in_chans = chans if chans is not None else cfg["input_size"][0]
     if img is not None:  # the pretrained config still describes the original model
         cfg["input_size"] = (in_chans, int(img[0]), int(img[1]))
     for key in ("mean", "std"):
@@ -385,10 +394,17 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def _checked(model: nn.Module, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """``cfg`` with tuples, mean/std of the model's channel count, every value validated."""
+def _checked(model: nn.Module, cfg: dict[str, Any], source: str, origin: Optional[str] = None) -> dict[str, Any]:
+    """``cfg`` with tuples, mean/std of the model's channel count, every value validated.
+
+    Args:
+        model: the model that reads the images.
+        cfg: the data config.
+        source: where it came from (``overrides``, ``checkpoint``, ...).
+        origin: what it was read from, for messages (default: named after ``source``).
+    """
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    what = "the options" if source == "overrides" else f"the {source}'s data config"
+    what = origin or ("the options" if source == "overrides" else f"the {source}'s data config")
     crop = cfg.get("crop_pct")
     if crop is not None and not (isinstance(crop, (int, float)) and 0 < crop <= 1):
         raise EamError(f"crop_pct {crop} from {what} must be in (0, 1] (1 = no crop; --crop-pct)")
@@ -396,7 +412,7 @@ def _checked(model: nn.Module, cfg: dict[str, Any], source: str) -> dict[str, An
         raise EamError(f"crop_mode {cfg['crop_mode']!r} from {what} must be center, squash or border")
     if cfg.get("interpolation") not in (None, "bilinear", "bicubic", "nearest", "random"):
         raise EamError(f"interpolation {cfg['interpolation']!r} from {what} must be bilinear, bicubic or nearest")
-    chans = int(cfg["input_size"][0])
+    chans = _check_input_size(model, cfg.get("input_size"), what)
     for key in ("mean", "std"):
         vals = tuple(float(v) for v in cfg[key])
         if len(vals) == 1:
@@ -408,6 +424,22 @@ def _checked(model: nn.Module, cfg: dict[str, Any], source: str) -> dict[str, An
             raise EamError(f"--std must be positive, got {list(vals)}")
         cfg[key] = vals
     return cfg
+
+
+def _check_input_size(model: nn.Module, size: Any, what: str) -> int:
+    """The channel count of ``size`` (a data config's ``input_size``), refused unless ``model`` takes it."""
+    chans, img, dynamic = _model_input(model)
+    ok = isinstance(size, tuple) and len(size) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    if ok and chans is not None:
+        ok = size[0] == chans and (img is None or dynamic or tuple(size[1:]) == img)
+    if not ok:
+        takes = f"{chans}x{img[0]}x{img[1]} images" if chans is not None and img is not None and not dynamic \
+            else f"{chans}-channel images" if chans is not None else "channels x height x width"
+        shown = list(size) if isinstance(size, tuple) else size
+        raise EamError(f"input_size {shown!r} from {what} is not what the model takes ({takes}); use the model "
+                       "it was made for, or create it again from this one")
+    return size[0]
 
 
 def _input_size(model: nn.Module, cfg: dict[str, Any], img_size: int) -> tuple[int, int, int]:
@@ -426,7 +458,8 @@ def _input_size(model: nn.Module, cfg: dict[str, Any], img_size: int) -> tuple[i
     return (int(cfg["input_size"][0]), img_size, img_size)
 
 
-def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None,
+                origin: Optional[str] = None) -> dict[str, Any]:
     """The model's own preprocessing, with overrides (like timm's ``resolve_data_config``).
 
     The base is, in this order: the config the model's checkpoint carried (files written by
@@ -440,6 +473,7 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) ->
         model: a timm model.
         overrides: any of ``img_size``, ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
             ``interpolation`` (``None`` values are ignored); every value is validated.
+        origin: what the overrides were read from, for messages (default: the command's options).
     """
     own = state_of(model).data_config
     cfg = dict(own) if own is not None else {**_timm_config(model), "source": "timm"}
@@ -452,4 +486,4 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None) ->
     cfg.update(ov)
     source = "overrides" if ov else cfg.pop("source", "timm")
     cfg.pop("source", None)
-    return {**_checked(model, cfg, source), "source": source}
+    return {**_checked(model, cfg, source, origin if ov else None), "source": source}

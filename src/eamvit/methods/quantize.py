@@ -365,7 +365,7 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     state_of(model).steps["quant"] = config
     state_of(model).target = target
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
-        add_calibration(model, meta["calibration"])
+        add_calibration(model, meta["calibration"], f"quantized state {path}")
     return model
 
 

@@ -280,7 +280,7 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         raise EamError(f"compressed model {path}: its recipe's target is not the one its quantized state was made for; "
                        f"the file was edited: {_REMEDY} again")
     state_of(model).target = recipe.target
-    add_calibration(model, meta.get("calibration") or [])
+    add_calibration(model, meta.get("calibration") or [], f"compressed model {path}")
     return meta
 
 
