@@ -194,20 +194,23 @@ def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
 
 def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
+    from eamvit.cli.recipe import target_from_args
     from eamvit.io import check_output_file, output_lock
-    from eamvit.methods.quantize import quantize_, save_quantized
+    from eamvit.methods.quantize import save_quantized
+    from eamvit.methods.recipe import Recipe, apply_
 
     out = check_output_file(args.out)
     cfg = method_config(args)
+    recipe = Recipe(steps=(cfg,), target=target_from_args(args, cfg)).validate()
     with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
         model, _ = load_model(args)
         sp = data_splits(args, model, need_calib=True, scores=False)
-        quantize_(model, cfg, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
-                  checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+        apply_(model, recipe, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
+               checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
         save_quantized(model, out)
     name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits}, calibrated on "
-          f"{cfg.calib_size} images (seed {cfg.seed}); load it with --quant-state {out}")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits} for target "
+          f"{recipe.target.form}, calibrated on {cfg.calib_size} images (seed {cfg.seed}); load it with --state {out}")
 
 
 def register(sub) -> None:
@@ -217,6 +220,9 @@ def register(sub) -> None:
     add_model_args(s)
     add_data_args(s)
     add_quant_args(s, "quantize")
+    from eamvit.cli.recipe import add_target_args
+
+    add_target_args(s)
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
     s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
 

@@ -372,13 +372,13 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
 # --------------------------------------------------------------------------- the recipe step
 
 
-def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> Config:
+def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> dict:
     from eamvit.methods.export import apply_target_
 
     quantize_(model, config, inputs.calib, device=inputs.device, progress=inputs.progress,
               checkpoint_dir=inputs.checkpoint_dir)
     apply_target_(model, inputs.target)  # from here on every step sees the quantizers that are shipped
-    return config
+    return state_of(model).reports["quant"]
 
 
 def _restore_step(model: nn.Module, config: Config, meta: dict, tensors: dict, path: str) -> None:

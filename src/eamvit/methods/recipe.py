@@ -128,7 +128,7 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
 
     Returns:
-        ``{stage: report}``: each step's report (the quantization config, the
+        ``{stage: report}``: each step's report (the quantization method's, the
         :class:`~eamvit.methods.freeze.FreezeReport`, the :class:`~eamvit.methods.prune.PruneReport` ...).
     """
     recipe.validate()
