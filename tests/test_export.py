@@ -228,7 +228,7 @@ def test_cli_export_quantized_pruned(tmp_path, capsys):
     (["export", "--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format"),
     (["export", "--out", "{tmp}/file.txt/m.onnx"], "file.txt"),
     (["export", "--out", "{tmp}"], "is a folder"),
-    (["export", "--scheme", "int3", "--out", "{tmp}/m.onnx"], "export scheme"),
+    (["export", "--scheme", "int3", "--out", "{tmp}/m.onnx"], "export config field scheme must be one of qdq, weight-only"),
     (["export", "--quant", "adfq", "--out", "{tmp}/m.onnx"], "no integer-runtime form"),
     (["eval", "--onnx", "{tmp}/file.txt"], "is not an ONNX model"),
     (["eval", "--onnx", "{tmp}/missing.onnx"], "does not exist"),

@@ -12,12 +12,12 @@ from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, rec
 
 
 def export_config(args: argparse.Namespace):
-    """The :class:`~eamvit.methods.export.ExportConfig` the arguments ask for (validated)."""
+    """The :class:`~eamvit.methods.export.ExportConfig` the arguments ask for."""
     from eamvit.methods.export import ExportConfig
 
     return ExportConfig(scheme=args.scheme, softmax=args.softmax, symmetric_activations=args.symmetric_activations,
                         symmetric_weights=args.symmetric_weights, block_size=args.block_size,
-                        kept_tokens=args.kept_tokens, opset=args.opset).validate()
+                        kept_tokens=args.kept_tokens, opset=args.opset)
 
 
 def _check_out(out: Path) -> None:

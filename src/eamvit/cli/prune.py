@@ -111,7 +111,7 @@ def _finetune_configs(args):
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                           keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
-                          grad_clip=args.grad_clip, seed=args.seed).validate()
+                          grad_clip=args.grad_clip, seed=args.seed)
     return pcfg, fcfg, zcfg
 
 

@@ -122,7 +122,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))
-    return Recipe(steps=tuple(steps)).validate()
+    return Recipe(steps=tuple(steps))
 
 
 def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:

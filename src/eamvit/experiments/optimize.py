@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, combinations, reference,
-                                               single_candidates)
+from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
+                                               combinations, reference, single_candidates)
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
@@ -49,7 +50,7 @@ CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
 
 
 @dataclass(frozen=True)
-class OptimizeConfig:
+class OptimizeConfig(Config):
     """What ``eamvit optimize`` searches and how it measures.
 
     Args:
@@ -65,30 +66,28 @@ class OptimizeConfig:
     """
 
     max_drop: float = 1.0
-    runtime: str = "onnxruntime"
+    runtime: Runtime = "onnxruntime"
     budget_minutes: Optional[float] = None
-    space: str = "standard"
+    space: Space = "standard"
     threads: Optional[int] = None
     reps: int = 15
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
 
-    def validate(self) -> "OptimizeConfig":
+    KIND = "optimize"
+    VERSION = 1
+
+    def _check(self) -> None:
         if not self.max_drop >= 0:
             raise EamError(f"--max-drop must be 0 or more percentage points of top-1, got {self.max_drop}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise EamError(f"--budget-minutes must be positive, got {self.budget_minutes}; leave it out to search "
                            "everything")
-        if self.runtime not in RUNTIMES:
-            raise EamError(f"unknown runtime {self.runtime!r}; use --runtime {' or '.join(RUNTIMES)}")
-        if self.space not in SPACES:
-            raise EamError(f"unknown search space {self.space!r}; use --space {' or '.join(SPACES)}")
         if self.reps < 3:
             raise EamError(f"--reps must be at least 3 (a median and quartiles), got {self.reps}")
         if self.threads is not None and self.threads < 1:
             raise EamError(f"--threads must be at least 1, got {self.threads}")
-        return self
 
 
 @dataclass
@@ -403,7 +402,6 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
     from eamvit.io import write_text
 
-    config.validate()
     out = ensure_writable_dir(out)
     commands = commands or CommandLines()
     with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:

@@ -41,7 +41,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +61,14 @@ from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weig
 
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
-SCHEMES = ("qdq", "weight-only")
-SOFTMAX = ("uniform", "fp32")
+Scheme = Literal["qdq", "weight-only"]
+SCHEMES = get_args(Scheme)
+SoftmaxExport = Literal["uniform", "fp32"]
+SOFTMAX = get_args(SoftmaxExport)
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig(Config):
     """How a model is exported (saved in the file's metadata).
 
@@ -87,25 +89,20 @@ class ExportConfig(Config):
     KIND = "export"
     VERSION = 1
 
-    scheme: str = "qdq"
-    softmax: str = "uniform"
+    scheme: Scheme = "qdq"
+    softmax: SoftmaxExport = "uniform"
     symmetric_activations: bool = False
     symmetric_weights: bool = False
     block_size: Optional[int] = None
     kept_tokens: bool = False
     opset: int = OPSET
 
-    def validate(self) -> "ExportConfig":
-        if self.scheme not in SCHEMES:
-            raise EamError(f"export scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
-        if self.softmax not in SOFTMAX:
-            raise EamError(f"softmax export {self.softmax!r} is not one of {', '.join(SOFTMAX)}")
+    def _check(self) -> None:
         b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
+        if b is not None and (b < 16 or b & (b - 1)):
             raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 13 <= self.opset <= 21:
+        if not 13 <= self.opset <= 21:
             raise EamError(f"opset {self.opset} is outside 13..21")
-        return self
 
 
 # --------------------------------------------------------------------------- preparing the model
@@ -197,7 +194,7 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
     Raises:
         EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
     """
-    config = (config or ExportConfig()).validate()
+    config = config or ExportConfig()
     if _repq_config(model) is None:
         return model
     for owner, attr in activation_quantizers(model):
@@ -416,7 +413,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     """
     import onnx
 
-    config = (config or ExportConfig()).validate()
+    config = config or ExportConfig()
     require(attention_layers(model), "export")
     _check_opset(model, config.opset)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))

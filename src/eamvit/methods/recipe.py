@@ -50,7 +50,9 @@ def step_stage(step: Config) -> str:
 
 
 def _step_from_dict(d: Any) -> Config:
-    kind = d.get("kind") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise EamError(f"a recipe step must be a JSON object, not {type(d).__name__}; {_REMEDY}")
+    kind = d.get("kind")
     if kind == FreezeConfig.KIND:
         return FreezeConfig.from_dict(d)
     if kind == PruneConfig.KIND:
@@ -58,7 +60,7 @@ def _step_from_dict(d: Any) -> Config:
     return config_type(kind).from_dict(d)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe(Config):
     """An ordered list of compression steps (module docstring).
 
@@ -66,19 +68,16 @@ class Recipe(Config):
         steps: the configs, in the order quantization, freezing, pruning (each at most once).
     """
 
-    steps: tuple = ()
+    steps: tuple[Config, ...] = ()
 
     KIND = "recipe"
     VERSION = 1
 
-    def validate(self) -> "Recipe":
+    def _check(self) -> None:
         stages = [step_stage(s) for s in self.steps]
         if stages != sorted(stages, key=_STAGES.index) or len(set(stages)) != len(stages):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order quantize → freeze → prune "
                            "with each at most once; write them in that order")
-        for s in self.steps:
-            s.validate()
-        return self
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"``), ``None`` when there is none."""
@@ -104,7 +103,7 @@ class Recipe(Config):
         if unknown or not isinstance(d.get("steps"), list):
             raise EamError(f"recipe has {'unknown field(s) ' + ', '.join(unknown) if unknown else 'no list of steps'}; "
                            "it was written by another eamvit version")
-        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"])).validate()
+        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"]))
 
 
 def value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
@@ -139,7 +138,6 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         ``{stage: report}``: the quantization config, the :class:`~eamvit.methods.freeze.FreezeReport`
         and the :class:`~eamvit.methods.prune.PruneReport` of the steps applied.
     """
-    recipe.validate()
     reports: dict[str, Any] = {}
     for step in recipe.steps:
         stage = step_stage(step)
@@ -229,7 +227,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     from eamvit.io import save_tensors
     from eamvit.methods.models import data_config, model_spec, preprocessing
 
-    recipe.validate()
     have = {"quant": getattr(model, "eam_quant_config", None) is not None,
             "prune": getattr(model, "eam_prune", None) is not None}
     for stage, present in have.items():
