@@ -302,9 +302,6 @@ FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection
 
 
 def validate_common(args) -> None:
-    from dataclasses import replace
-
-    from eamvit.cli.options import freeze_config
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
@@ -317,12 +314,9 @@ def validate_common(args) -> None:
         raise EamError(f"--threads must be at least 1, got {args.threads}")
     if hasattr(args, "onnx") and not args.onnx:  # eval's --threads are ONNX Runtime's
         refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
-    if hasattr(args, "tau"):
-        freeze_config(args)
-    if hasattr(args, "taus"):
-        base = FreezeConfig(value_bits=args.value_bits)
+    if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
-            replace(base, tau=t).validate()
+            FreezeConfig(tau=t, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
         if getattr(args, "throughput_reps", 3) < 3:
             raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
         if getattr(args, "throughput_batch", 1) < 1:

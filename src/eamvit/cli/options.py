@@ -211,7 +211,7 @@ def prune_options(args) -> dict:
 
 
 def prune_config(args, method: Optional[str] = None):
-    """The one :class:`~eamvit.methods.prune.PruneConfig` of the pruning options (validated).
+    """The one :class:`~eamvit.methods.prune.PruneConfig` of the pruning options.
 
     Args:
         method: the pruning method when it is not ``--prune``'s (``finetune``'s default).
@@ -223,7 +223,7 @@ def prune_config(args, method: Optional[str] = None):
 
 def freeze_config(args, **changes):
     """The one :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options of ``eval``, ``export``,
-    ``compress`` and ``finetune`` (validated).
+    ``compress`` and ``finetune``.
 
     Args:
         changes: fields that differ from the options.
@@ -235,4 +235,4 @@ def freeze_config(args, **changes):
     base = FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
                         value_bits=args.value_bits, value_quantizer=args.value_quantizer,
                         granularity=args.granularity, aggregate=args.aggregate)
-    return replace(base, **changes).validate()
+    return replace(base, **changes)

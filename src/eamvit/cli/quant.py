@@ -99,12 +99,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> RepQConfig:
-    """The :class:`RepQConfig` the arguments ask for (validated)."""
+    """The :class:`RepQConfig` the arguments ask for."""
     from eamvit.methods.repq import RepQConfig
 
     return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
                       seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
-                      reparam=not args.no_reparam).validate()
+                      reparam=not args.no_reparam)
 
 
 def _adfq_pmq_config(args: argparse.Namespace) -> Config:
@@ -115,14 +115,14 @@ def _adfq_pmq_config(args: argparse.Namespace) -> Config:
         return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
                                calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
                                amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
-                               seed=getattr(args, "seed", 0)).validate()
+                               seed=getattr(args, "seed", 0))
     text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
     return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
                                      seed=getattr(args, "seed", 0))
 
 
 def method_config(args: argparse.Namespace) -> Config:
-    """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ), validated."""
+    """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ)."""
     if getattr(args, "quant", None) in ("adfq", "pmq"):
         return _adfq_pmq_config(args)
     return quant_config(args)
@@ -201,7 +201,7 @@ def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
 
     out = check_output_file(args.out)
     cfg = method_config(args)
-    recipe = Recipe(steps=(cfg,), target=target_from_args(args, cfg)).validate()
+    recipe = Recipe(steps=(cfg,), target=target_from_args(args, cfg))
     with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
         model, _ = load_model(args)
         sp = data_splits(args, model, need_calib=True, scores=False)
@@ -256,8 +256,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                         settings=_settings(args.settings),
                         pmq_budgets=tuple(s.strip() for s in args.pmq_budgets.split(",") if s.strip()),
                         adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
-                                             calib_size=args.adfq_calib_size).validate(),
-                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
+                                             calib_size=args.adfq_calib_size),
+                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)

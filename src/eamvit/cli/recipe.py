@@ -74,7 +74,7 @@ def target_from_args(args: argparse.Namespace, quant) -> Any:
         return None
     form = args.target or default_target(quant).form
     return Target(form=form, softmax=args.softmax or "uniform", symmetric_activations=args.symmetric_activations,
-                  symmetric_weights=args.symmetric_weights).validate()
+                  symmetric_weights=args.symmetric_weights)
 
 
 def target_label(target) -> str:
@@ -185,7 +185,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if getattr(args, "quant_state", None):  # its target is the file's, unless asked for again
         target = None if not set(TARGET_OPTIONS) & set(getattr(args, "given", ())) else target_from_args(
             args, _state_quant(args.quant_state))
-    return Recipe(steps=tuple(steps), target=target).validate()
+    return Recipe(steps=tuple(steps), target=target)
 
 
 def _state_quant(path: str):

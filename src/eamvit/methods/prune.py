@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -51,11 +51,12 @@ from eamvit.modules.prune_block import PRUNE_CLASSES, PRUNE_FAMILIES, PruneFamil
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
-from eamvit.choices import PLACEMENTS  # defined torch-free for the CLI
-FROZEN_AFTER = ("drop", "refuse")
+from eamvit.choices import PLACEMENTS, EntropyKeys, Placement, PruneMethod  # defined torch-free for the CLI
+FrozenAfter = Literal["drop", "refuse"]
+FROZEN_AFTER = get_args(FrozenAfter)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig(Config):
     """How to prune (saved with fine-tuned models: :meth:`to_dict` / :meth:`from_dict`).
 
@@ -76,31 +77,21 @@ class PruneConfig(Config):
     KIND: ClassVar[str] = "prune"
     VERSION: ClassVar[int] = 1
 
-    method: str = "shannon"
+    method: PruneMethod = "shannon"
     keep_rate: float = 0.7
     alpha: float = 2.0
     blocks: Optional[tuple[int, ...]] = None
     fuse: Optional[bool] = None
-    placement: str = "attn"
-    keys: str = "all"
+    placement: Placement = "attn"
+    keys: EntropyKeys = "all"
     seed: int = 0
     record_scores: bool = False
-    frozen_after: str = "drop"
+    frozen_after: FrozenAfter = "drop"
 
-    def validate(self) -> "PruneConfig":
-        if self.method not in METHODS:
-            raise EamError(f"pruning method {self.method!r} is not one of {', '.join(METHODS)}")
+    def _check(self) -> None:
         check_keep_rate(self.keep_rate)
-        a = self.alpha
-        if not isinstance(a, (int, float)) or math.isnan(a) or a < 0:
-            raise EamError(f"Rényi order alpha={a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
-        if self.placement not in PLACEMENTS:
-            raise EamError(f"pruning placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
-        if self.keys not in KEYS:
-            raise EamError(f"entropy keys {self.keys!r} is not one of {', '.join(KEYS)}")
-        if self.frozen_after not in FROZEN_AFTER:
-            raise EamError(f"frozen_after {self.frozen_after!r} is not one of {', '.join(FROZEN_AFTER)}")
-        return self
+        if not self.alpha >= 0:  # NaN too
+            raise EamError(f"Rényi order alpha={self.alpha} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
 
     @property
     def fuse_tokens(self) -> bool:
@@ -224,7 +215,6 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     Raises:
         EamError: a bad configuration or an unsupported model (one line).
     """
-    config.validate()
     blocks_seq, fam = _check_model(model, config)
     blocks = _resolve_blocks(config, blocks_seq, fam)
     unprune_(model)
@@ -391,7 +381,7 @@ def method_config(method: str, alpha: Optional[float], keep_rate: float, **optio
     kw = dict(options)
     if alpha is not None:
         kw["alpha"] = alpha
-    return PruneConfig(method=method, keep_rate=keep_rate, **kw).validate()
+    return PruneConfig(method=method, keep_rate=keep_rate, **kw)
 
 
 def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:

@@ -59,7 +59,7 @@ _CODES = ".codes"
 def config_type(kind: Any) -> type:
     """The config class of quantization method ``kind`` (``"repq"``, ``"adfq"``, ``"pmq"``)."""
     kinds = {cls.KIND: cls for cls in _HANDLERS}
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise EamError(f"quantization method {kind!r} is not one of {', '.join(kinds)}")
     return kinds[kind]
 
@@ -94,7 +94,6 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         EamError: a bad config, too few calibration images, an already quantized or unsupported model.
     """
     handler = _handler(config)
-    config.validate()
     check_forward_loop(calib, forward_loop, "calib")
     if forward_loop is not None and not handler.forward_loop:
         raise EamError(f"{type(config).__name__} cannot calibrate from forward_loop (it needs the calibration images "
