@@ -43,13 +43,14 @@ def _untuple(value: Any) -> Any:
     return tuple(_untuple(v) for v in value) if isinstance(value, list) else value
 
 
-@dataclasses.dataclass
 class Config:
     """Base class of eamvit's dataclass configs.
 
     Subclasses are dataclasses that set ``KIND`` (the name stored in files) and ``VERSION`` (raised
     when a field changes meaning), and override :meth:`validate` to raise :class:`EamError` on a bad
-    value. Float infinity is written as ``"inf"`` (JSON has no infinity).
+    value. Float infinity is written as ``"inf"`` (JSON has no infinity). The base itself is not a
+    dataclass (it has no fields), so a subclass may be frozen or not: ``dataclasses`` refuses to mix
+    the two along one line of dataclass bases.
     """
 
     KIND: ClassVar[str] = "config"
