@@ -54,7 +54,7 @@ from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.attention import attention_layers, require
-from eamvit.modules.families import MIN_OPSET
+from eamvit.modules import families, merge_block
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.onnx_forms import register_symbolics
 from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
@@ -64,6 +64,7 @@ FORMATS = ("onnx",)
 SCHEMES = ("qdq", "weight-only")
 SOFTMAX = ("uniform", "fp32")
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
+_MIN_OPSET = {**families.MIN_OPSET, **merge_block.MIN_OPSET}
 
 
 @dataclass
@@ -364,6 +365,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
 
     quant = _repq_config(model)
     prune = getattr(model, "eam_prune", None)
+    merge = getattr(model, "eam_merge", None)
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
@@ -371,6 +373,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "data_config": cfg, "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "export": config.to_dict(), "quant": quant.to_dict() if quant is not None else None,
             "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
+            "merge": merge.config.to_dict() if merge is not None else None,
             "frozen_layers": frozen,
             # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
             "calibration": list(getattr(model, "eam_calibration", None) or [])}
@@ -389,7 +392,7 @@ def export_kind(model: nn.Module, config: ExportConfig) -> str:
 def _check_opset(model: nn.Module, opset: int) -> None:
     """Refuse, before tracing, a module whose ONNX form needs a later opset."""
     for m in model.modules():
-        need, why = MIN_OPSET.get(type(m), (0, ""))
+        need, why = _MIN_OPSET.get(type(m), (0, ""))
         if opset < need:
             raise EamError(f"ONNX export of {type(model).__name__} needs opset {need} ({why}); "
                            f"export with --opset {need}")

@@ -15,8 +15,8 @@ with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED
 Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
-(BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT;
-:data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
+(BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
+ConViT; :data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
 overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
 cut per head (:mod:`eamvit.modules.family_heads`, :data:`_EXECUTES`) and simulated elsewhere. A
 row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
@@ -60,7 +60,7 @@ class _SoftmaxTap(TorchFunctionMode):
     attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
     the one before the first softmax (the scores, q and k as timm's forward hands them over) and
     the second of the first one after it (v). ``keys`` (an observer) receives the key operand of the
-    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax (over the keys)."""
+    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax."""
 
     def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
                  keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
@@ -78,20 +78,15 @@ class _SoftmaxTap(TorchFunctionMode):
         if func in _MATMULS and (self.quant is not None or self.keys is not None):
             args = self._score_operands(args)
         if func in _SOFTMAXES and self.bias is not None and not self.calls:
-            args = (args[0] + self._bias_for(args, kwargs),) + tuple(args[1:])
+            if kwargs.get("dim", args[1] if len(args) > 1 else None) not in (-1, args[0].dim() - 1):
+                raise EamError("a score bias needs the softmax over the last (key) dim; this timm version differs")
+            args = (args[0] + self.bias.to(args[0].dtype),) + tuple(args[1:])
         out = func(*args, **kwargs)
         if func in _SOFTMAXES:
             self.calls += 1
             if self.fn is not None:
                 out = self.fn(out)
         return out
-
-    def _bias_for(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        scores = args[0]
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if dim not in (-1, scores.dim() - 1):
-            raise EamError(f"a score bias needs the softmax over the last (key) dim; this one is over dim {dim}")
-        return self.bias.to(scores.dtype)
 
     def _score_operands(self, args: tuple) -> tuple:
         after = int(self.calls > 0)
@@ -252,8 +247,8 @@ class EamGPSA(HeadPlan, convit.GPSA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.eam.observer_k is not None or self.eam.score_bias is not None:
-            raise EamError(f"ConViT GPSA layer {self.eam.layer} mixes positional scores into its attention: it has no "
-                           "keys to match nor scores to bias; merge tokens at the MHSA blocks only")
+            raise EamError(f"ConViT GPSA layer {self.eam.layer} gates positional scores: no keys to match nor scores "
+                           "to bias; merge tokens at the MHSA blocks only")
         if self.eam_executes_plan:
             return gpsa_heads(self, x)
         if self.eam_quant is None:
@@ -442,23 +437,15 @@ ADAPTERS: tuple[Adapter, ...] = (
              "crossvit_tiny_240"),
 )
 
-# Token pruning (methods/prune.py) in the flat-token families. XCiT's class attention shares CaiT's
-# adapter; XCiT itself is refused by its XCA blocks.
+# Token pruning and merging (methods/prune.py, merge.py: the same blocks; keys and a score bias through the
+# tap) in the flat-token families. XCiT's class attention shares CaiT's adapter; XCA refuses XCiT.
 _PRUNES = frozenset({eva.EvaAttention, beit.Attention, cait.TalkingHeadAttn, cait.ClassAttn, convit.GPSA,
                      convit.MHSA})
-_NO_PRUNE = {xcit.XCA: "token pruning does not apply to XCiT: its XCA blocks attend over channels (no token "
-                       "scores) and their local patch interaction convolves the full patch grid; its class "
-                       "attention only comes after them"}
-ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune"}) if a.timm_class in _PRUNES else
-                 replace(a, why_not={**a.why_not, "prune": _NO_PRUNE[a.timm_class]}) if a.timm_class in _NO_PRUNE
-                 else a for a in ADAPTERS)
-# Token merging (methods/merge.py) wherever pruning applies: the same blocks, the keys and a score bias
-# through the softmax tap.
-_NO_MERGE = {xcit.XCA: "token merging does not apply to XCiT: its XCA blocks attend over channels (no token "
-                       "keys to match) and their local patch interaction convolves the full patch grid"}
-ADAPTERS = tuple(replace(a, verbs=a.verbs | {"merge"}) if a.timm_class in _PRUNES else
-                 replace(a, why_not={**a.why_not, "merge": _NO_MERGE[a.timm_class]}) if a.timm_class in _NO_MERGE
-                 else a for a in ADAPTERS)
+_NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
+              "local patch interaction convolves the full patch grid; its class attention only comes after them")
+ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune", "merge"}) if a.timm_class in _PRUNES else replace(
+    a, why_not={**a.why_not, "prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS})
+    if a.timm_class is xcit.XCA else a for a in ADAPTERS)
 
 # Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head: every class
 # but CaiT's talking heads.
