@@ -158,6 +158,7 @@ def _brute_attention(attn, x, sizes):
 
 
 def _cos(a, b):
+    a, b = a.detach(), b.detach()
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
@@ -262,6 +263,19 @@ def test_tome_equals_brute_force_on_timm_blocks(name, prefix, schedule):
     assert st.tokens[-1] == report.tokens[-1] == len(sizes[0])
     assert (st.size[:, :prefix] == 1).all()  # the class (and distillation) token was never merged
     assert not torch.allclose(got, reference(x), atol=1e-3)  # merging mattered
+
+
+def test_gradients_through_merging_equal_brute_force():
+    """Fine-tuning a merged model: the weights' gradients are the brute force's (the matching itself is
+    not differentiated, as in ToMe; the size-weighted means are)."""
+    reference = _vit()
+    model = copy.deepcopy(reference)
+    x = _images()
+    report = merge_(model.train(), MergeConfig(r=3))
+    model(x).square().sum().backward()
+    _brute_merge(reference.train(), x, report.r, 1)[0].square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_entropy_merging_equals_brute_force():
@@ -532,3 +546,73 @@ def test_cost_account_counts_merged_tokens_and_the_matching_by_hand():
     assert acc.total("executed") == macs
     assert acc.total("full") == full
     assert [r.executed for r in acc.rows if r.op == "match"] == [9 * 8 * d, 7 * 7 * d, 6 * 5 * d, 4 * 4 * d]
+
+
+# ------------------------------------------------------------------------- the attention instrumentation
+
+def _self_attention(family):
+    """One plain self-attention (or class attention) module of a tiny model, as timm built it."""
+    if family == "vit":
+        return _vit(dtype=torch.float32).blocks[0].attn, 32, False
+    if family == "convit":
+        return _pair("convit", TABLE)[0].blocks[1].attn, 64, False
+    ref = _pair("cait")[0]
+    return (ref.blocks_token_only[0].attn, 32, True) if family == "cait_class" else (ref.blocks[0].attn, 32, False)
+
+
+@pytest.mark.parametrize("family", ["vit", "cait", "cait_class", "convit"])
+def test_size_bias_equals_attention_over_repeated_tokens(family):
+    """Proportional attention's definition: a key of size s weighs as s copies of it. The biased layer on
+    distinct tokens equals timm's own layer on the tokens repeated by their sizes (rows of the originals)."""
+    from eamvit.modules.attention import bias_scores
+
+    attn, C, class_only = _self_attention(family)
+    x = torch.randn(1, 6, C, generator=torch.Generator().manual_seed(3))
+    sizes = torch.tensor([1, 2, 1, 3, 1, 2])
+    repeated = x.repeat_interleave(sizes, dim=1)
+    firsts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    with torch.no_grad():
+        want = attn(repeated)
+        want = want if class_only else want[:, firsts]
+        with bias_scores(attn, {0: size_bias(sizes[None].float())}):
+            got = attn(x)
+        plain = attn(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3) and attn.eam.score_bias is None
+
+
+def test_keys_stage_sees_timm_keys():
+    from eamvit.modules.attention import observe
+
+    attn, C, _ = _self_attention("vit")
+    x = torch.randn(2, 5, C)
+    seen = []
+    with torch.no_grad(), observe(attn, {0: lambda k, mask: seen.append(k)}, stage="keys"):
+        attn(x)
+    want = attn.qkv(x).view(2, 5, 3, 2, 16)[:, :, 1].transpose(1, 2)  # (B, H, N, d)
+    torch.testing.assert_close(seen[0], want)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=2,
+                             embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=3)
+    with pytest.raises(EamError, match="token merging does not apply to Swin"):
+        with observe(swin, {0: lambda k, mask: None}, stage="keys"):
+            pass
+
+
+def test_frozen_maps_after_the_first_merging_block_are_dropped_or_refused():
+    from eamvit.modules.attention import attention_layers, set_frozen
+
+    model = _vit(dtype=torch.float32)
+    layers = attention_layers(model)
+    mask = torch.zeros(2, 17, 17, dtype=torch.bool)
+    mask[:, 3, 4] = True
+    for l in (0, 2):
+        set_frozen(layers[l], mask, torch.full((2, 17, 17), 0.5))
+    with pytest.raises(EamError, match=r"layers \[2\] have frozen EAM maps after the first merging block 0"):
+        merge_(model, MergeConfig(r=2, frozen_after="refuse"))
+    assert layers[2].eam_frozen_mask is not None and not hasattr(model, "eam_merge")
+    assert merge_(model, MergeConfig(r=0)).unfrozen_layers == []  # r = 0 changes no token: nothing dropped
+    report = merge_(model, MergeConfig(r=2))
+    assert report.unfrozen_layers == [2]
+    assert layers[0].eam_frozen_mask is not None and layers[2].eam_frozen_mask is None
+    with torch.no_grad():
+        model(_images(dtype=torch.float32))  # block 0 still sees all 17 tokens: its frozen map applies

@@ -162,15 +162,18 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan,
         ``(tokens, sizes)``: ``(B, N − r, C)`` and ``(B, N − r)``; prefix first, then ``plan.keep``'s order.
     """
     B, N, C = x.shape
+    keep, src, dst = plan.keep + num_prefix, plan.src + num_prefix, plan.dst + num_prefix
+    if num_prefix:
+        keep = torch.cat([torch.arange(num_prefix, device=x.device).expand(B, -1), keep], dim=1)
     if size is None:
-        size = x.new_ones(B, N)
-    weighted = x * size.unsqueeze(-1)
-    patches, sizes = weighted[:, num_prefix:], size[:, num_prefix:]
+        size, weighted = x.new_ones(B, N), x
+    else:
+        weighted = x * size.unsqueeze(-1)
     rows = lambda idx: idx.unsqueeze(-1).expand(-1, -1, C)
-    out = patches.gather(1, rows(plan.keep)).scatter_add(1, rows(plan.dst), patches.gather(1, rows(plan.src)))
-    out_size = sizes.gather(1, plan.keep).scatter_add(1, plan.dst, sizes.gather(1, plan.src))
-    size = torch.cat([size[:, :num_prefix], out_size], dim=1)
-    return torch.cat([weighted[:, :num_prefix], out], dim=1) / size.unsqueeze(-1), size
+    # Gathers return fresh tensors: summing into them and dividing them in place copies no tokens again.
+    out = weighted.gather(1, rows(keep)).scatter_add_(1, rows(dst), weighted.gather(1, rows(src)))
+    size = size.gather(1, keep).scatter_add_(1, dst, size.gather(1, src))
+    return out.div_(size.unsqueeze(-1)), size
 
 
 def size_bias(size: torch.Tensor) -> torch.Tensor:
