@@ -115,6 +115,7 @@ def _configs():
     from eamvit.experiments.runner import Timing
     from eamvit.methods.adfq import ADFQConfig
     from eamvit.methods.export import ExportConfig, Target
+    from eamvit.methods.merge import MergeConfig
     from eamvit.methods.finetune import FinetuneConfig
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.methods.pmq import PMQConfig
@@ -144,6 +145,8 @@ def _configs():
          dict(size_budget_mb=0.0), "positive size in MB"),
         (ExportConfig, dict(opset="17"), "export config field opset must be an int, not the string '17'",
          dict(block_size=48), "power of two"),
+        (MergeConfig, dict(r=2.5), "merge config field r must be an int or a tuple of ints",
+         dict(inflect=1.5), "outside \\[-1, 1\\]"),
         (Target, dict(form="onnx"), "target config field form must be one of torch, qdq, weight-only",
          dict(form="torch", symmetric_activations=True), "setting of an ONNX target"),
         (TrainConfig, dict(epochs=True), "train config field epochs must be an int, not the bool True",

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.cli.options import parse_model_kwargs
+from eamvit.cli.options import parse_model_kwargs, refuse_given  # noqa: F401 (refuse_given: the commands import it here)
 
 
 def parse_device(name: str):
@@ -280,20 +280,6 @@ def jsonable(cfg: dict) -> dict:
 def flag(args, dest: str) -> str:
     """The option the user gave for ``dest``: ``--state`` when it named the file (see ``resolve_state``)."""
     return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
-
-
-def refuse_given(args, dests: Sequence[str], why: str) -> None:
-    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
-
-    Args:
-        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
-        dests: destinations of the options that cannot apply here.
-        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
-    """
-    bad = [d for d in dests if d in getattr(args, "given", ())]
-    if bad:
-        names = ", ".join("--" + d.replace("_", "-") for d in bad)
-        raise EamError(f"{names} cannot apply {why}; drop {names}")
 
 
 # What a saved freeze (--frozen) already holds: options that would freeze afresh.

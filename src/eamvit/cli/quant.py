@@ -17,7 +17,7 @@ from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, AT
                             QUANT_METHODS)
 from eamvit.errors import EamError
 from eamvit.cli.common import build_data, data_splits, load_model
-from eamvit.cli.options import add_data_args, add_model_args
+from eamvit.cli.options import add_data_args, add_model_args, add_target_args, target_from_args
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -194,7 +194,6 @@ def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
 
 def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
-    from eamvit.cli.recipe import target_from_args
     from eamvit.io import check_output_file, output_lock
     from eamvit.methods.quantize import save_quantized
     from eamvit.methods.recipe import Recipe, apply_
@@ -220,8 +219,6 @@ def register(sub) -> None:
     add_model_args(s)
     add_data_args(s)
     add_quant_args(s, "quantize")
-    from eamvit.cli.recipe import add_target_args
-
     add_target_args(s)
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
     s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))

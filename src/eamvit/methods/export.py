@@ -475,6 +475,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
 
     quant = _repq_config(model)
     prune = state_of(model).prune
+    merge = state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
@@ -482,6 +483,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "data_config": cfg, "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "export": config.to_dict(), "quant": quant.to_dict() if quant is not None else None,
             "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
+            "merge": merge.config.to_dict() if merge is not None else None,
             "frozen_layers": frozen,
             # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
             "calibration": list(state_of(model).calibration or [])}

@@ -30,12 +30,14 @@ SizeReader = Callable[[nn.Module], Optional[tuple[int, int]]]
 OpsetReader = Callable[[nn.Module, tuple[int, int]], tuple[int, str]]
 
 # The verbs an adapter may support, in the order `eamvit models` prints them.
-VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "repq", "adfq", "pmq", "export")
+VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "merge", "repq", "adfq", "pmq", "export")
 VERB_TITLES = {"maps": "maps", "entry": "entry freeze", "row": "row freeze", "head": "head freeze",
-               "executed_head": "executed heads", "prune": "token pruning", "repq": "RepQ-ViT",
+               "executed_head": "executed heads", "prune": "token pruning", "merge": "token merging",
+               "repq": "RepQ-ViT",
                "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
 _VERB_WORDS = {"maps": "entropy maps", "entry": "entry freezing", "row": "row freezing",
                "head": "head freezing", "executed_head": "executed head freezing", "prune": "token pruning",
+               "merge": "token merging",
                "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization", "pmq": "PMQ quantization",
                "export": "ONNX export"}
 
@@ -119,6 +121,10 @@ class EamState:
         adapter: the adapter of the module's timm class.
         observer: called with the post-softmax map (``observe(stage="softmax")``).
         observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
+        observer_k: called with the keys ``(B, H, N, d)`` as the score product receives them
+            (``stage="keys"``; token merging's matching features).
+        score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``
+            (:func:`~eamvit.modules.attention.bias_scores`; proportional attention's ``log size``).
         plan: ``"head"`` or ``"row"`` while a frozen plan is executed; ``None`` otherwise.
         granularity: what the frozen mask covers: ``"entry"``, ``"row"`` or ``"head"``.
         num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
@@ -132,6 +138,8 @@ class EamState:
     adapter: Adapter
     observer: Optional[Observer] = None
     observer_q: Optional[Observer] = None
+    observer_k: Optional[Observer] = None
+    score_bias: Optional[torch.Tensor] = None
     plan: Optional[str] = None
     granularity: str = "entry"
     num_windows: int = 1
@@ -157,9 +165,15 @@ class EamBase:
 
     @property
     def eam_active(self) -> bool:
+        return self.eam_needs_scores or self.eam_quant is not None or self.eam_frozen_mask is not None
+
+    @property
+    def eam_needs_scores(self) -> bool:
+        """Something reads or changes the attention of every head and query: an observer of the map or
+        of the keys, or a bias on the scores (an executed frozen plan would skip it)."""
         state = self.eam
-        return (state.observer is not None or state.observer_q is not None or self.eam_quant is not None
-                or self.eam_frozen_mask is not None)
+        return (state.observer is not None or state.observer_q is not None or state.observer_k is not None
+                or state.score_bias is not None)
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the

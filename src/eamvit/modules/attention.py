@@ -19,7 +19,11 @@ registers on the module:
   window position is its own variable), ``(H, 1, N)`` for class attention, ``(H, N_q, N_k)`` for
   pooled keys; ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
   ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
-  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one).
+  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one), and ``stage="keys"``
+  (``eam.observer_k``, adapters that declare token merging) receives the keys ``(B, H, N, d)`` as the
+  score product does (after q/k norms and rotary embeddings) instead of ``A``.
+* ``eam.score_bias``, set only through :func:`bias_scores` (same discipline): a term added to the scores
+  before the softmax, broadcast over ``(B, H, N_q, N_k)`` (token merging's proportional attention).
 * ``eam_frozen_mask`` / ``eam_frozen_values``: non-persistent buffers of ``layer_shape``; where the mask is true,
   ``A`` takes the frozen value (eq. 15 of the EAM paper).
 * ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
@@ -46,11 +50,11 @@ from eamvit.modules.adapters import Adapter, Observer, capability_table, familie
 from eamvit.modules.family_heads import set_head_plan
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
 
-__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "input_size",
-           "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
+__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "bias_scores", "executes_plans",
+           "input_size", "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
 
-Stage = Literal["softmax", "quantized"]
-_STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q"}
+Stage = Literal["softmax", "quantized", "keys"]
+_STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q", "keys": "observer_k"}
 
 ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
@@ -270,15 +274,15 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     Args:
         model: a timm model (instrumented on first use).
         observers: layer number (see :func:`instrument`) to observer.
-        stage: ``"softmax"`` (the attention map) or ``"quantized"`` (after the post-softmax quantizer).
+        stage: ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or
+            ``"keys"`` (the keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
 
     Yields:
         The instrumented attention modules, index = layer number.
     """
-    layers = attention_layers(model)
-    bad = [l for l in observers if not 0 <= l < len(layers)]
-    if bad:
-        raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
+    layers = _layers(model, observers)
+    if stage == "keys":
+        require([layers[l] for l in observers], "merge")
     attr = _STAGE_ATTR[stage]
     saved = {l: getattr(layers[l].eam, attr) for l in observers}
     try:
@@ -288,6 +292,42 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     finally:
         for l, prev in saved.items():
             setattr(layers[l].eam, attr, prev)
+
+
+def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
+    layers = attention_layers(model)
+    bad = [l for l in chosen if not 0 <= l < len(layers)]
+    if bad:
+        raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
+    return layers
+
+
+@contextlib.contextmanager
+def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
+    """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
+
+    Biases nest as observers do: an enclosing block's bias is added to this one, and each block
+    restores exactly what it found. ``None`` adds nothing. Layers without a bias keep timm's forward.
+
+    Args:
+        model: a timm model (instrumented on first use).
+        biases: layer number to a tensor that broadcasts to the layer's ``(B, H, N_q, N_k)`` scores
+            (proportional attention: ``(B, 1, 1, N)``).
+
+    Yields:
+        The instrumented attention modules, index = layer number.
+    """
+    layers = _layers(model, biases)
+    require([layers[l] for l in biases if biases[l] is not None], "merge")
+    saved = {l: layers[l].eam.score_bias for l in biases}
+    try:
+        for l, bias in biases.items():
+            if bias is not None:
+                layers[l].eam.score_bias = bias if saved[l] is None else saved[l] + bias
+        yield layers
+    finally:
+        for l, prev in saved.items():
+            layers[l].eam.score_bias = prev
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:

@@ -15,8 +15,8 @@ with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED
 Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
-(BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT;
-:data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
+(BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
+ConViT; :data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
 overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
 cut per head (:mod:`eamvit.modules.family_heads`, :data:`_EXECUTES`) and simulated elsewhere. A
 row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
@@ -60,33 +60,46 @@ class _SoftmaxTap(TorchFunctionMode):
     """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
     attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
     the one before the first softmax (the scores, q and k as timm's forward hands them over) and
-    the second of the first one after it (v)."""
+    the second of the first one after it (v). ``keys`` (an observer) receives the key operand of the
+    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax."""
 
-    def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None) -> None:
+    def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
+                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.fn = fn
         self.quant = quant
+        self.keys = keys
+        self.bias = bias
         self.calls = 0
         self.matmuls = [0, 0]  # before the first softmax, after it
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The mode is suspended inside this method, so neither call below is seen again.
-        if self.quant is not None and func in _MATMULS:
-            args = self._quantize_operands(args)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _MATMULS and (self.quant is not None or self.keys is not None):
+            args = self._score_operands(args)
+        if func in _SOFTMAXES and self.bias is not None and not self.calls:
+            if kwargs.get("dim", args[1] if len(args) > 1 else None) not in (-1, args[0].dim() - 1):
+                raise EamError("a score bias needs the softmax over the last (key) dim; this timm version differs")
+            args = (args[0] + self.bias.to(args[0].dtype),) + tuple(args[1:])
+        out = func(*args, **kwargs)
         if func in _SOFTMAXES:
             self.calls += 1
             if self.fn is not None:
                 out = self.fn(out)
         return out
 
-    def _quantize_operands(self, args: tuple) -> tuple:
+    def _score_operands(self, args: tuple) -> tuple:
         after = int(self.calls > 0)
         self.matmuls[after] += 1
         qz = self.quant
         if not after:
-            return (qz.q(args[0]), qz.k(args[1])) + tuple(args[2:])
-        if self.matmuls[1] == 1:
+            if qz is not None:
+                args = (qz.q(args[0]), qz.k(args[1])) + tuple(args[2:])
+            if self.keys is not None and self.matmuls[0] == 1:
+                self.keys(args[1].transpose(-2, -1), None)  # timm multiplies by kᵀ
+            return args
+        if qz is not None and self.matmuls[1] == 1:
             return (args[0], qz.v(args[1])) + tuple(args[2:])
         return args
 
@@ -100,6 +113,9 @@ class _SoftmaxTap(TorchFunctionMode):
             raise EamError(f"{where} computed {self.matmuls[0]} score matmuls and {self.matmuls[1]} after its "
                            "softmax where eamvit's quantizers expect one and at least one; this timm version "
                            "is not supported for RepQ-ViT on that family")
+        if self.keys is not None and self.matmuls[0] != 1:
+            raise EamError(f"{where} computed {self.matmuls[0]} score matmuls before its softmax where token "
+                           "merging reads the keys of one; this timm version is not supported for merging")
 
 
 class _Tapped(HeadPlan):
@@ -133,7 +149,8 @@ class _Tapped(HeadPlan):
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
         fused = bool(getattr(self, "fused_attn", False))
-        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant)
+        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant, self.eam.observer_k,
+                          self.eam.score_bias)
         try:
             if fused:
                 self.fused_attn = False
@@ -231,6 +248,9 @@ class EamGPSA(HeadPlan, convit.GPSA):
         return self._eam_post_softmax(attn, 1, None) if self.eam_active else attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eam.observer_k is not None or self.eam.score_bias is not None:
+            raise EamError(f"ConViT GPSA layer {self.eam.layer} gates positional scores: no keys to match nor scores "
+                           "to bias; merge tokens at the MHSA blocks only")
         if self.eam_executes_plan:
             return gpsa_heads(self, x)
         if self.eam_quant is None:
@@ -422,16 +442,15 @@ ADAPTERS: tuple[Adapter, ...] = (
              "crossvit_tiny_240"),
 )
 
-# Token pruning (methods/prune.py) in the flat-token families. XCiT's class attention shares CaiT's
-# adapter; XCiT itself is refused by its XCA blocks.
+# Token pruning and merging (methods/prune.py, merge.py: the same blocks; keys and a score bias through the
+# tap) in the flat-token families. XCiT's class attention shares CaiT's adapter; XCA refuses XCiT.
 _PRUNES = frozenset({eva.EvaAttention, beit.Attention, cait.TalkingHeadAttn, cait.ClassAttn, convit.GPSA,
                      convit.MHSA})
-_NO_PRUNE = {xcit.XCA: "token pruning does not apply to XCiT: its XCA blocks attend over channels (no token "
-                       "scores) and their local patch interaction convolves the full patch grid; its class "
-                       "attention only comes after them"}
-ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune"}) if a.timm_class in _PRUNES else
-                 replace(a, why_not={**a.why_not, "prune": _NO_PRUNE[a.timm_class]}) if a.timm_class in _NO_PRUNE
-                 else a for a in ADAPTERS)
+_NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
+              "local patch interaction convolves the full patch grid; its class attention only comes after them")
+ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune", "merge"}) if a.timm_class in _PRUNES else replace(
+    a, why_not={**a.why_not, "prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS})
+    if a.timm_class is xcit.XCA else a for a in ADAPTERS)
 
 # Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head: every class
 # but CaiT's talking heads.

@@ -60,8 +60,8 @@ class HeadPlan(EamBase):
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
         drop = getattr(self, "attn_drop", None)
-        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and self.eam.observer is None
-                and self.eam.observer_q is None and self.eam_quant is None
+        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and not self.eam_needs_scores
+                and self.eam_quant is None
                 and not (self.training and drop is not None and drop.p > 0))
 
 

@@ -40,8 +40,8 @@ class _EamMixin(EamBase):
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads/rows instead of simulating them."""
         # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
-        return (self.eam.plan is not None and self.eam_frozen_mask is not None and self.eam.observer is None
-                and self.eam.observer_q is None and self.eam_quant is None
+        return (self.eam.plan is not None and self.eam_frozen_mask is not None and not self.eam_needs_scores
+                and self.eam_quant is None
                 and not (self.training and self.attn_drop.p > 0)
                 and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
@@ -165,7 +165,19 @@ class EamAttention(_EamMixin, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        state = self.eam
+        if state.observer_k is not None:
+            state.observer_k(k, None)
+        bias = state.score_bias
+        if (self.fused_attn and state.observer is None and state.observer_q is None and self.eam_quant is None
+                and self.eam_frozen_mask is None and attn_mask is None and not is_causal):
+            # Only keys read or a bias added (token merging): the fused kernel takes the bias as its mask.
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+            return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
         attn = self._eam_scores(q, k)
+        if bias is not None:
+            attn = attn + bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
         # Not while tracing for export: ONNX has no in-place softmax.
@@ -284,13 +296,15 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
             qkv="one fused qkv linear, split per head, per window",
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
-            layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune"},
+            layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune", "merge"},
             example="swin_tiny_patch4_window7_224",
             # The one wording of these refusals; the CLI checks them before reading any data.
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
                             "so windows would keep different numbers of rows; use entry or head",
                      "prune": "token pruning does not apply to Swin: its windowed attention needs the full "
-                              "token grid; prune a ViT/DeiT, or freeze heads (--granularity head)"}),
+                              "token grid; prune a ViT/DeiT, or freeze heads (--granularity head)",
+                     "merge": "token merging does not apply to Swin: its windowed attention needs the full "
+                              "token grid; merge tokens of a ViT/DeiT, or freeze heads (--granularity head)"}),
 )
 
 FAMILIES: tuple[Family, ...] = (
