@@ -398,7 +398,7 @@ QUANT_TAMPER = {  # name: (change, needles of the re-signed file)
 
 def _run_bad(argv, tmp_path, monkeypatch, capsys, needles):
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     monkeypatch.chdir(work)
     before = _tree(tmp_path)
     code = main([str(a) for a in argv])
@@ -858,3 +858,57 @@ def test_data_config_input_size_the_model_cannot_take_is_refused(kind, size, sho
         argv, origin = [*TINY, "--checkpoint", bad], "the checkpoint's data config"
     _run_bad(["eval", *argv, "--data", inputs / "images", "--out", "r"], tmp_path, monkeypatch, capsys,
              [f"input_size {shown} from {origin}", "not what the model takes (3x32x32 images)"])
+
+
+@pytest.fixture(scope="module")
+def stacked(inputs):
+    """A compressed tiny ViT with every stored part: W8/A8 RepQ-ViT (qdq target), frozen attention, pruning."""
+    path = inputs / "stacked.safetensors"
+    assert main([str(a) for a in ["compress", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", inputs / "images",
+                                  "--quant", "repq", "--w-bits", "8", "--a-bits", "8", "--quant-calib-size", "3",
+                                  "--maps", inputs / "maps.safetensors", "--tau", "0.2", "--prune", "evit",
+                                  "--out", path]]) == 0
+    return path
+
+
+def _step(kind):
+    return lambda m, t: next(s for s in m["recipe"]["steps"] if s["kind"] == kind)
+
+
+def _first(tensors, prefix, suffix):
+    return next(k for k in sorted(tensors) if k.startswith(prefix) and k.endswith(suffix))
+
+
+def _nan(prefix, suffix):
+    def change(meta, tensors):
+        key = _first(tensors, prefix, suffix)
+        tensors[key] = tensors[key].clone().float().fill_(float("nan"))
+    return change
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m, t: _step("freeze")(m, t).__setitem__("tau", 0.9), ["freezing step", "tau=0.9", "tau=0.2", "edited"]),
+    (lambda m, t: m["recipe"].__setitem__("steps", m["recipe"]["steps"][1:]), ["quant step that its recipe does not have"]),
+    (lambda m, t: m["recipe"]["target"].__setitem__("symmetric_activations", True), ["target", "edited"]),
+    (_nan("freeze/values.", ""), ["not attention weights", "non-finite"]),
+    (_nan("quant/", ".delta"), ["non-finite values"]),
+], ids=["tau-edited", "quant-step-removed", "target-edited", "nan-frozen-values", "nan-quantizer-step"])
+def test_compressed_file_whose_recipe_and_tensors_disagree_is_refused(change, words, stacked, inputs, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Edited by hand and signed again (anyone can recompute the digest): the checks behind it catch the edit."""
+    bad = _rewrite(stacked, tmp_path / "bad.safetensors", change)
+    write_image_folder(tmp_path / "other", per_class=1, seed=5)  # images the file was not calibrated on
+    _run_bad(["eval", *TINY, "--checkpoint", inputs / "tiny.pth", "--data", tmp_path / "other", "--state", bad,
+              "--out", "r"], tmp_path, monkeypatch, capsys, words)
+
+
+def test_export_of_a_state_calibrated_for_pytorch_is_refused(states, tmp_path, monkeypatch, capsys):
+    """A W4/A4 state: its activations have no ONNX form, so no export (weight-only included) is the model eval scores."""
+    _run_bad(["export", "--quant-state", states / "q.safetensors", "--out", "m.onnx"], tmp_path / "api", monkeypatch,
+             capsys, ["names no deployment target", "quantize it again"])
+    q = tmp_path / "w4a4.safetensors"
+    assert main(["quantize", "--data", "digits", "--quant-calib-size", "8", "--out", str(q)]) == 0
+    capsys.readouterr()
+    for name, extra in (("default", []), ("weight-only", ["--target", "weight-only"])):
+        _run_bad(["export", "--state", q, *extra, "--out", "m.onnx"], tmp_path / name, monkeypatch, capsys,
+                 ["target torch" if not extra else "--target cannot apply with --state"])

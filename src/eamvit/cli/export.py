@@ -22,12 +22,17 @@ def export_config(args: argparse.Namespace, model):
     target = state_of(model).target
     if step_config(model, "quant") is None:
         return ExportConfig(**file_settings)
-    if target is not None:
-        return target.export_config(**file_settings)
-    # A quantized state written without a target (eamvit 0.3, `eamvit quantize`): prepared at export, as then.
-    return ExportConfig(scheme=args.target or "qdq", softmax=args.softmax or "uniform",
-                        symmetric_activations=args.symmetric_activations, symmetric_weights=args.symmetric_weights,
-                        **file_settings)
+    _check_target(target, args)
+    return target.export_config(**file_settings)
+
+
+def _check_target(target, args: argparse.Namespace) -> None:
+    """Refuse a quantized model whose export would not be the model `eval` scores."""
+    if target is None:
+        raise EamError("the quantized model names no deployment target (a state of eamvit 0.3 or of the Python API "
+                       "without one): its export would be another model than `eval` scores; quantize it again for "
+                       "its target, e.g. `eamvit quantize --target qdq` or `eamvit compress --target weight-only`")
+    target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
 
 
 def _check_out(out: Path) -> None:
@@ -47,6 +52,15 @@ def _quant_state_config(args: argparse.Namespace):
 
     meta = read_quantized(args.quant_state)[0]
     return config_type(meta.get("method")).from_dict(meta.get("config", {}))
+
+
+def _quant_state_target(args: argparse.Namespace):
+    """The deployment target stored with ``--quant-state`` (``None``: none)."""
+    from eamvit.methods.export import Target
+    from eamvit.methods.quantize import read_quantized
+
+    stored = read_quantized(args.quant_state)[0].get("target") if getattr(args, "quant_state", None) else None
+    return Target.from_dict(stored) if stored is not None else None
 
 
 _SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "tokens")
@@ -92,6 +106,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         where = f"--quant {quant.KIND}" if getattr(args, "quant", None) else f"the {quant.KIND} quantization step"
         raise EamError(f"{where} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
     refuse_inapplicable_export(args, quant is not None, recipe.step("quant"))
+    if quant is not None:  # refused before anything is loaded or written: the target the file will hold
+        _check_target(recipe.target if recipe.step("quant") is not None else _quant_state_target(args), args)
     with output_lock(out):
         model, device = load_model(args)
         # Held out of --data as `eval` holds it out; the model records them, and the export carries them.

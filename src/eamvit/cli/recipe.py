@@ -132,18 +132,14 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))
-    target = target_from_args(args, steps[0] if steps and steps[0].KIND in ("repq", "adfq", "pmq") else None)
-    if getattr(args, "quant_state", None):  # its target is the file's, unless asked for again
-        target = None if not set(TARGET_OPTIONS) & set(getattr(args, "given", ())) else target_from_args(
-            args, _state_quant(args.quant_state))
+    if getattr(args, "quant_state", None):  # calibrated already, for the target it holds
+        flag = getattr(args, "flags", {}).get("quant_state", "--quant-state")
+        refuse_given(args, TARGET_OPTIONS, f"with {flag} {args.quant_state}, which was calibrated for its own "
+                     "deployment target")
+        target = None
+    else:
+        target = target_from_args(args, steps[0] if steps and steps[0].KIND in ("repq", "adfq", "pmq") else None)
     return Recipe(steps=tuple(steps), target=target)
-
-
-def _state_quant(path: str):
-    from eamvit.methods.quantize import config_type, read_quantized
-
-    meta = read_quantized(path)[0]
-    return config_type(meta.get("method")).from_dict(meta.get("config", {}))
 
 
 def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
