@@ -46,8 +46,9 @@ from eamvit.methods.steps import StepHandler, register_step
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
-from eamvit.modules.attention import attention_layers, instrument, observe, require
-from eamvit.modules.prune_block import PRUNE_CLASSES, PRUNE_FAMILIES, PruneFamily, PruneState
+from eamvit.modules.adapters import TokenFamily
+from eamvit.modules.attention import PRUNE_CLASSES, TOKEN_FAMILIES, attention_layers, instrument, observe, require
+from eamvit.modules.prune_block import PruneState
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
@@ -139,25 +140,20 @@ class PruneReport:
     unfrozen_layers: list[int]
 
 
-def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneFamily]:
+def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, TokenFamily]:
     """The model's blocks and their pruning family, or one line saying why the model cannot prune."""
-    from timm.models.swin_transformer import SwinTransformerBlock
-
-    if any(isinstance(m, SwinTransformerBlock) for m in model.modules()):
-        raise EamError("token pruning does not support Swin: its windowed attention needs the full token grid and has "
-                       "no class token; use a ViT/DeiT model")
-    require(instrument(model), "prune")  # the adapters' reasons (hierarchical families, XCiT)
+    require(instrument(model), "prune")  # the adapters' reasons (Swin, hierarchical families, XCiT)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
         raise EamError(f"token pruning needs a flat-token model with .blocks (ViT/DeiT, EVA02, BEiT, CaiT, ConViT); "
                        f"{type(model).__name__} has none")
     kinds = {PRUNE_CLASSES.get(type(b), type(b)) for b in blocks}
-    bad = sorted(k.__name__ for k in kinds if k not in PRUNE_FAMILIES)
+    bad = sorted(k.__name__ for k in kinds if k not in TOKEN_FAMILIES)
     if bad or len(kinds) != 1:
-        names = ", ".join(f"{f.name} {c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c, f in PRUNE_FAMILIES.items())
+        names = ", ".join(f"{f.name} {c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c, f in TOKEN_FAMILIES.items())
         raise EamError(f"token pruning supports models whose blocks are all one of: {names}; this model has "
                        f"{', '.join(bad or sorted(k.__name__ for k in kinds))}")
-    fam = PRUNE_FAMILIES[kinds.pop()]
+    fam = TOKEN_FAMILIES[kinds.pop()]
     reason = fam.refuse_model(model)
     if reason:
         raise EamError(f"token pruning does not apply to this {fam.name} model: {reason}")
@@ -170,7 +166,7 @@ def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, Prun
     return blocks, fam
 
 
-def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: PruneFamily) -> tuple[int, ...]:
+def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily) -> tuple[int, ...]:
     """The pruning blocks: the configured ones, or EViT's (3, 6, 9) of 12 scaled to the blocks that can prune."""
     depth = len(blocks_seq)
     if config.blocks is None:

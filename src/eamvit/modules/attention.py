@@ -25,8 +25,9 @@ registers on the module:
 * ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
   ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
 * ``eam.plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
-  and that structure is to be *executed* (:func:`set_frozen`; rows in ViT only, heads wherever the
-  adapter declares executed heads: :mod:`eamvit.modules.family_heads` for the further families).
+  and that structure is to be *executed* (:func:`set_frozen`, the one plan builder; rows in ViT only,
+  heads wherever the adapter declares a head mode: :mod:`eamvit.modules.family_heads` for the further
+  families).
 
 A module with none of them set runs timm's own (fused) forward, so blocks that need no attention map
 keep their speed. A model with an attention class outside the registry is refused in one line.
@@ -42,9 +43,10 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import Adapter, Observer, capability_table, families_line, require
+from eamvit.modules.adapters import (Adapter, Observer, TokenFamily, capability_table, families_line,
+                                     observing, require)
 from eamvit.modules.family_heads import set_head_plan
-from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
+from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "input_size",
            "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
@@ -58,6 +60,9 @@ _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
 _OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
+# How each timm block class drops tokens (the adapters' `tokens`), and the pruning class → its timm block.
+TOKEN_FAMILIES: dict[type, TokenFamily] = {a.tokens.block: a.tokens for a in ADAPTERS if a.tokens is not None}
+PRUNE_CLASSES: dict[type, type] = {f.prune_class: f.block for f in TOKEN_FAMILIES.values()}
 SUPPORTED_FAMILIES = families_line(FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
@@ -144,11 +149,8 @@ def instrument(model: nn.Module) -> list[nn.Module]:
             layers.append(module)
     if not layers:
         raise _refuse(f"unsupported model {type(model).__name__}")
-    for module in model.modules():  # Swin blocks (v1, v2): windows per image, for the map's shape
-        attn = getattr(module, "attn", None)
-        if isinstance(attn, (EamWindowAttention, families.EamWindowAttentionV2)) and hasattr(module, "input_resolution"):
-            attn.eam.num_windows = window_count(module)
-    families.bind(model)
+    for adapter in _adapters(model):  # groups per image (Swin's windows, TNT's patches), for the map's shape
+        adapter.bind(model)
     return layers
 
 
@@ -171,9 +173,9 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
 
 
 def executes_plans(module: nn.Module, plan: str = "head") -> bool:
-    """Whether ``module``'s class can execute a frozen ``plan``: heads where its adapter declares executed
-    heads, rows in the ViT class only; every other layer simulates whole rows and heads."""
-    return "executed_head" in module.eam.adapter.verbs and (plan == "head" or isinstance(module, EamAttention))
+    """Whether ``module`` can execute a frozen ``plan``, as its adapter says (:meth:`Adapter.executes`);
+    every other layer simulates whole rows and heads."""
+    return module.eam.adapter.executes(plan)
 
 
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
@@ -212,7 +214,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     frozen_units = _frozen_units(module, m4, plan)
     if not executes_plans(module, plan):  # simulated: the whole-unit mask is applied as entry freezing is
         return
-    if isinstance(module, (EamAttention, EamWindowAttention)):
+    if module.eam.adapter.heads == "sliced":
         _plan_vit_swin(module, frozen_units, values.to(mask.device), plan, execute)
     else:
         set_head_plan(module, frozen_units, values.to(mask.device), execute)
@@ -251,13 +253,6 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return instrument(model)
 
 
-def _chain(first: Observer, then: Observer) -> Observer:
-    def both(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        first(attn, mask)
-        then(attn, mask)
-    return both
-
-
 @contextlib.contextmanager
 def observe(model: nn.Module, observers: Mapping[int, Observer], *,
             stage: Stage = "softmax") -> Iterator[list[nn.Module]]:
@@ -279,15 +274,8 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     bad = [l for l in observers if not 0 <= l < len(layers)]
     if bad:
         raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
-    attr = _STAGE_ATTR[stage]
-    saved = {l: getattr(layers[l].eam, attr) for l in observers}
-    try:
-        for l, fn in observers.items():
-            setattr(layers[l].eam, attr, fn if saved[l] is None else _chain(fn, saved[l]))
+    with observing(layers, observers, _STAGE_ATTR[stage]):
         yield layers
-    finally:
-        for l, prev in saved.items():
-            setattr(layers[l].eam, attr, prev)
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:

@@ -1,11 +1,12 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
 
-:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (:data:`PRUNE_FAMILIES`;
-ToMe-style; no weights copied, no per-instance ``forward``, no module-name matching): ``Block`` (ViT,
-DeiT III, DINOv2, CLIP, NaFlexViT) → :class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's
-self-attention ``LayerScaleBlock`` and ConViT's MHSA ``Block``. A pruning block
-reads its attention map through the one instrumentation, :func:`eamvit.modules.attention.observe`,
-around its own attention call only, so only pruning blocks materialise ``A``; every other block, and a
+:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (the adapter's
+:class:`~eamvit.modules.adapters.TokenFamily` names it; ToMe-style; no weights copied, no per-instance
+``forward``, no module-name matching): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
+:class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``
+and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one instrumentation
+(:func:`~eamvit.modules.adapters.observing`, as :func:`eamvit.modules.attention.observe` does), around
+its own attention call only, so only pruning blocks materialise ``A``; every other block, and a
 pruning block with nothing to prune (κ = 1, or unfused ``random``), runs timm's fused attention.
 
 ``placement="attn"`` prunes after the attention residual, before ``norm2``/MLP (EViT's code);
@@ -32,7 +33,7 @@ from timm.models import beit, cait, convit, eva
 from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
-from eamvit.modules.attention import observe
+from eamvit.modules.adapters import observing
 from eamvit.ops.positions import gather_pair_bias, gather_rope, next_positions
 from eamvit.ops.scores import kept_count, prune_tokens
 
@@ -111,7 +112,7 @@ class _PruneMixin:
         if not self.eam_prune.needs_attention:
             return run(), None
         seen: list[torch.Tensor] = []
-        with observe(self, {0: lambda attn, mask: seen.append(attn)}):
+        with observing([self.attn], {0: lambda attn, mask: seen.append(attn)}):
             out = run()
         return out, seen[0]
 
@@ -235,52 +236,3 @@ class PruneConvitBlock(_PruneMixin, convit.Block):
             return super().forward(x)
         return self._eam_run(x, k, lambda t: self.drop_path(self.attn(self.norm1(t))),
                              lambda t: self.drop_path(self.mlp(self.norm2(t))))
-
-
-@dataclass(frozen=True)
-class PruneFamily:
-    """How token pruning applies to one timm block class.
-
-    Args:
-        name: the family, for messages.
-        prune_class: the pruning class swapped in.
-        positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
-            every block after the first pruning block is swapped too (as a follower).
-        class_token: a class token precedes the patch tokens inside these blocks (EViT's score and
-            fusion read it); ``False`` for CaiT, whose class token joins only in the class-attention blocks.
-        refuse: why a given block of this class cannot prune, or ``None`` when it can.
-        refuse_model: why a given model of this family cannot be pruned, or ``None``.
-    """
-
-    name: str
-    prune_class: type
-    positions: bool = False
-    class_token: bool = True
-    refuse: Callable[[nn.Module], Optional[str]] = lambda block: None
-    refuse_model: Callable[[nn.Module], Optional[str]] = lambda model: None
-
-
-def _convit_refuse(block: nn.Module) -> Optional[str]:
-    if isinstance(block.attn, convit.GPSA):
-        return ("its GPSA blocks compute positional attention over the full patch grid and run before the class "
-                "token exists; prune at the MHSA blocks (local_up_to_layer onwards)")
-    return None
-
-
-def _eva_refuse(model: nn.Module) -> Optional[str]:
-    rope = getattr(model, "rope", None)
-    if getattr(model, "rope_mixed", False) or (rope is not None and type(rope).__name__ != "RotaryEmbeddingCat"):
-        return (f"its {type(rope).__name__} rotary embedding cannot be gathered for the kept tokens; "
-                "only EVA02's shared RotaryEmbeddingCat is supported")
-    return None
-
-
-# timm block class → how it prunes (exact types: a subclass with its own forward is not assumed compatible).
-PRUNE_FAMILIES: dict[type, PruneFamily] = {
-    Block: PruneFamily("ViT", PruneBlock),
-    eva.EvaBlock: PruneFamily("EVA02", PruneEvaBlock, positions=True, refuse_model=_eva_refuse),
-    beit.Block: PruneFamily("BEiT", PruneBeitBlock, positions=True),
-    cait.LayerScaleBlock: PruneFamily("CaiT", PruneCaitBlock, class_token=False),
-    convit.Block: PruneFamily("ConViT", PruneConvitBlock, refuse=_convit_refuse),
-}
-PRUNE_CLASSES: dict[type, type] = {f.prune_class: timm_class for timm_class, f in PRUNE_FAMILIES.items()}

@@ -11,6 +11,7 @@ attention, attention dropout in training, a caller's mask) the module falls back
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -19,31 +20,21 @@ from torch import nn
 
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.naflexvit import NaFlexEmbeds
-from timm.models.swin_transformer import WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwrite, patch_embed_size
+from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, may_overwrite,
+                                     patch_embed_size)
+from eamvit.modules.family_quant import patch_merging, vit_block
+from eamvit.modules.prune_block import PruneBlock
 
 
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
 
-    eam_cost_modelled = True  # the MAC account (methods/cost.py) was written for these two classes
-
     eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
                         "eam_plan_cols_k", "eam_plan_cols_f")
-    # The ops whose frozen units' work the executed path skips (the cost account reads it): the frozen
-    # heads' or rows' slices of the qkv weight are never multiplied, nor their scores and softmax.
-    eam_plan_skips: tuple[str, ...] = ("q", "k", "qk", "softmax")
-
-    @property
-    def eam_executes_plan(self) -> bool:
-        """True when the next forward skips the frozen heads/rows instead of simulating them."""
-        # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
-        return (self.eam.plan is not None and self.eam_frozen_mask is not None and self.eam.observer is None
-                and self.eam.observer_q is None and self.eam_quant is None
-                and not (self.training and self.attn_drop.p > 0)
-                and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
     def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
         """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
@@ -246,11 +237,14 @@ class EamWindowAttention(_EamMixin, WindowAttention):
         return bias + mask.reshape(-1, self.num_heads, N, N)
 
 
-def window_count(block: nn.Module) -> int:
-    """Windows per image of a Swin block (v1 or v2), from its input resolution and window size."""
-    h, w = block.input_resolution
-    wh, ww = block.window_size
-    return math.ceil(h / wh) * math.ceil(w / ww)
+def bind_windows(eam_class: type, model: nn.Module) -> None:
+    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2), from the block's
+    input resolution and window size: each window position is its own variable of the layer map."""
+    for block in model.modules():
+        attn = getattr(block, "attn", None)
+        if type(attn) is eam_class and hasattr(block, "input_resolution"):
+            (h, w), (wh, ww) = block.input_resolution, block.window_size
+            attn.eam.num_windows = math.ceil(h / wh) * math.ceil(w / ww)
 
 
 def _vit_size(model: nn.Module) -> Optional[tuple[int, int]]:
@@ -280,12 +274,18 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
             qkv="one fused qkv linear, split per head; optional q/k norm",
             logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
-            verbs=frozenset(VERBS), example="deit_tiny_patch16_224", input_size=_vit_size, min_opset=_vit_opset),
+            verbs=BASE_VERBS | {"row"}, example="deit_tiny_patch16_224", heads="sliced", cost_modelled=True,
+            # A gated attention also feeds norm1's output to its gate: the reparameterisation would change it.
+            quant=QuantFacts(inputs=lambda a: [a.qkv] if getattr(a, "gate", None) is None else [None],
+                             groups={Block: vit_block}, score_order="config", k_dim=-2),
+            tokens=TokenFamily("ViT", Block, PruneBlock), input_size=_vit_size, min_opset=_vit_opset),
     Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
             qkv="one fused qkv linear, split per head, per window",
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
-            layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune"},
-            example="swin_tiny_patch4_window7_224",
+            layer_map="(nW, H, N, N)", verbs=BASE_VERBS, example="swin_tiny_patch4_window7_224", heads="sliced",
+            cost_modelled=True, quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
+                                                 score_order="scale_first", k_dim=-2),
+            bind=partial(bind_windows, EamWindowAttention),
             # The one wording of these refusals; the CLI checks them before reading any data.
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
                             "so windows would keep different numbers of rows; use entry or head",
