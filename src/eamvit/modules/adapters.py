@@ -254,6 +254,13 @@ class EamState:
     cache: dict = field(default_factory=dict, repr=False)
 
 
+# The buffers of an executed row/head plan: kept and frozen unit indices, (kept ++ frozen) → timm's order,
+# the frozen units' maps, and where heads are sliced from a fused qkv, its weight rows and the output
+# projection's columns of the kept and the frozen heads.
+PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values", "eam_plan_wrows",
+                "eam_plan_cols_k", "eam_plan_cols_f")
+
+
 class EamBase:
     """The state and the post-softmax step of every instrumented attention class."""
 
@@ -261,13 +268,11 @@ class EamBase:
     eam_quant: Optional[nn.Module]
     eam_frozen_mask: Optional[torch.Tensor]
     eam_frozen_values: Optional[torch.Tensor]
-    # The buffers of an executed row/head plan, registered by the classes that execute one.
-    eam_plan_buffers: tuple = ()
 
     def _eam_init(self, layer: int, adapter: Adapter) -> None:
         self.eam = EamState(layer, adapter)
         self.register_module("eam_quant", None)  # a submodule slot: state_dict keys `….eam_quant.…` once set
-        for name in ("eam_frozen_mask", "eam_frozen_values", *self.eam_plan_buffers):
+        for name in ("eam_frozen_mask", "eam_frozen_values", *PLAN_BUFFERS):
             self.register_buffer(name, None, persistent=False)
 
     @property
@@ -310,6 +315,27 @@ class EamBase:
                 torch.where(self.eam_frozen_mask, values, view)
             attn = view.reshape(attn.shape)
         return attn
+
+
+def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A^μ·V`` of the frozen heads or rows, as one batched matmul shared by the images.
+
+    The images are put next to the head width, so that one ``(N_q×N_k)·(N_k×B·d)`` product per frozen
+    map serves the batch: the frozen maps are never expanded over it.
+
+    Args:
+        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
+            leading dim the groups (windows, patches) of one image.
+        v: ``(B·G, …, N_k, d)`` the frozen units' values (image-major, as timm orders windows).
+
+    Returns:
+        ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
+    """
+    G, mid, (nq, nk), d = values.shape[0], tuple(values.shape[1:-2]), values.shape[-2:], v.shape[-1]
+    B, m = v.shape[0] // G, len(mid)
+    vv = v.reshape(B, G, *mid, nk, d).permute(1, *range(2, m + 3), 0, m + 3).reshape(-1, nk, B * d)
+    out = torch.bmm(values.reshape(-1, nq, nk).to(vv.dtype), vv).view(G, *mid, nq, B, d)
+    return out.permute(m + 2, *range(m + 2), m + 3)
 
 
 def _chain(first: Observer, then: Observer) -> Observer:

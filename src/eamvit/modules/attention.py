@@ -43,9 +43,8 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import (Adapter, Observer, TokenFamily, capability_table, families_line,
+from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, capability_table, families_line,
                                      observing, require)
-from eamvit.modules.family_heads import set_head_plan
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "input_size",
@@ -202,7 +201,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
-    for name in module.eam_plan_buffers:
+    for name in PLAN_BUFFERS:
         setattr(module, name, None)
     module.eam.plan = None
     module.eam.granularity = plan if mask is not None and plan is not None else "entry"
@@ -212,38 +211,32 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         return
     m4 = mask if mask.dim() == 4 else mask.unsqueeze(0)  # (G, H, N, N)
     frozen_units = _frozen_units(module, m4, plan)
-    if not executes_plans(module, plan):  # simulated: the whole-unit mask is applied as entry freezing is
-        return
-    if module.eam.adapter.heads == "sliced":
-        _plan_vit_swin(module, frozen_units, values.to(mask.device), plan, execute)
-    else:
-        set_head_plan(module, frozen_units, values.to(mask.device), execute)
+    if executes_plans(module, plan):  # else simulated: the whole-unit mask is applied as entry freezing is
+        _set_plan(module, frozen_units, values.to(mask.device), plan, execute)
 
 
-def _plan_vit_swin(module: nn.Module, frozen_units: torch.Tensor, values: torch.Tensor, plan: str,
-                   execute: bool) -> None:
-    """The plan buffers of the ViT and Swin v1 classes: kept/frozen units, the fused-weight rows and
-    projection columns of a head plan, and the frozen values in the order the executed path reads them."""
-    dev = values.device
-    v4 = values if values.dim() == 4 else values.unsqueeze(0)  # (G, H, N, N)
-    H = v4.shape[1]
-    keep = (~frozen_units).nonzero().flatten()
-    frozen = frozen_units.nonzero().flatten()
+def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan: str, execute: bool) -> None:
+    """The plan buffers: kept/frozen units (all a cost account needs when not executed), the order back to
+    timm's, the frozen units' maps in the layout of timm's attention tensor with a leading group dim
+    (:func:`~eamvit.modules.adapters.frozen_times_v`), and for heads sliced from a fused qkv, its weight
+    rows (q, k, v of the kept heads, then v of the frozen ones) and the projection's input columns."""
+    keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
-    order = torch.cat([keep, frozen])  # plan order -> original unit
-    module.eam_plan_order = torch.argsort(order)  # original unit -> position in plan order
-    if plan == "head":
-        d = module.qkv.weight.shape[0] // (3 * H)
+    if not execute:
+        return
+    adapter = module.eam.adapter
+    module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))  # original unit -> position in plan order
+    raw = values if module.eam.num_windows > 1 else values.unsqueeze(0)
+    at = raw.dim() - (3 if plan == "head" else 2)  # heads at -3, query rows at -2 of the layer map
+    if adapter.heads_at is not None:
+        raw, at = raw.movedim(at, adapter.heads_at), adapter.heads_at
+    module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
+    if adapter.heads == "sliced" and plan == "head":
+        H = units.numel()
+        d, dev = module.qkv.weight.shape[0] // (3 * H), values.device
         heads = lambda idx, part: (part * H * d + idx.view(-1, 1) * d + torch.arange(d, device=dev)).flatten()
         module.eam_plan_wrows = torch.cat([heads(keep, 0), heads(keep, 1), heads(keep, 2), heads(frozen, 2)])
-        module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)  # proj input columns
-        module.eam_plan_values = v4.index_select(1, frozen).flatten(0, 1).contiguous().float()
-    else:
-        module.eam_plan_values = v4[0].index_select(1, frozen).contiguous().float()  # (H, F, N)
-    if not execute:
-        for name in module.eam_plan_buffers[2:]:
-            setattr(module, name, None)
-        return
+        module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)
     module.eam.cache.clear()
     module.eam.plan = plan
 

@@ -42,8 +42,8 @@ from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
 from eamvit.modules import family_quant as fq
-from eamvit.modules.adapters import BASE_VERBS, Adapter, Family, QuantFacts, TokenFamily
-from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, HeadPlan, KeptBiases, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules.adapters import BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily
+from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, swinv2_heads
 from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
 from eamvit.modules.prune_block import PruneBeitBlock, PruneCaitBlock, PruneConvitBlock, PruneEvaBlock
 from eamvit.modules.vit_swin import bind_windows
@@ -96,7 +96,7 @@ class _SoftmaxTap(TorchFunctionMode):
                            "is not supported for RepQ-ViT on that family")
 
 
-class _Tapped(HeadPlan):
+class _Tapped(EamBase):
     """An attention whose probabilities are the output of the one softmax of timm's forward."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -203,7 +203,7 @@ class EamClassAttn(_Tapped, cait.ClassAttn):
 
 
 # --- ConViT ---
-class EamGPSA(HeadPlan, convit.GPSA):
+class EamGPSA(EamBase, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
     def get_attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,20 +33,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import EamBase
+from eamvit.modules.adapters import frozen_times_v
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
 _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
 _SDPA = F.scaled_dot_product_attention
-# Buffers of a head plan: kept and frozen head indices, (kept ++ frozen) → timm's order, and the frozen
-# heads' maps in the layout of timm's attention tensor with one leading group dim.
-HEAD_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values")
-
-
-class HeadPlan(EamBase):
-    """What an attention of :mod:`eamvit.modules.families` keeps for an executed head plan."""
-
-    eam_plan_buffers = HEAD_PLAN_BUFFERS
 
 
 class KeptBiases:
@@ -58,63 +49,18 @@ class KeptBiases:
         return biases.index_select(0, self.eam_plan_keep) if self.eam_executes_plan else biases
 
 
-def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A^μ·V`` of the frozen heads, broadcast over the images.
-
-    Args:
-        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
-            leading dim the groups (windows, patches) of one image.
-        v: ``(B·G, …, N_k, d)`` the frozen heads' values.
-
-    Returns:
-        ``(B·G, …, N_q, d)``.
-    """
-    groups = values.shape[0]
-    vv = v.reshape(v.shape[0] // groups, groups, *v.shape[1:])
-    out = torch.matmul(values.to(v.dtype), vv)
-    return out.reshape(v.shape[0], *out.shape[2:])
-
-
-def raw_values(values: torch.Tensor, groups: int, heads_at: Optional[int]) -> torch.Tensor:
-    """A layer map ``(…, H, N_q, N_k)`` (heads at dim -3) in the layout of timm's attention tensor with a
-    leading group dim (:func:`frozen_times_v`)."""
-    raw = values if groups > 1 else values.unsqueeze(0)
-    return raw if heads_at is None else raw.movedim(raw.dim() - 3, heads_at)
-
-
 def with_frozen(module: nn.Module, kept: Optional[torch.Tensor], v: torch.Tensor, h: int) -> torch.Tensor:
     """The kept heads' attention output and the frozen heads' ``A^μ·V``, back in timm's head order.
 
     Args:
-        module: the attention with a head plan (:func:`set_head_plan`).
+        module: the attention with an executed head plan (its ``eam_plan_*`` buffers).
         kept: the kept heads' output, heads at dim ``h`` (``None`` when every head is frozen).
         v: timm's values of all heads, heads at dim ``h``.
         h: the head dim.
     """
-    frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen))
+    frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen)).flatten(0, 1)
     both = frozen if kept is None else torch.cat([kept, frozen], dim=h)
     return both.index_select(h, module.eam_plan_order)
-
-
-def set_head_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, execute: bool) -> None:
-    """Record a head plan on ``module`` (its frozen mask and values are already set).
-
-    Args:
-        module: an instrumented attention of :mod:`eamvit.modules.families` that declares executed heads.
-        units: bool ``(H,)``, the heads frozen whole.
-        values: the layer's frozen map, ``(…, H, N_q, N_k)``.
-        execute: run the plan (``False`` keeps the heads' indices for a cost account and simulates them).
-    """
-    keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
-    module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
-    if not execute:
-        return
-    module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))
-    heads_at = module.eam.adapter.heads_at
-    raw = raw_values(values, module.eam.num_windows, heads_at)
-    at = raw.dim() - 3 if heads_at is None else heads_at
-    module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
-    module.eam.plan = "head"
 
 
 class HeadTap(TorchFunctionMode):

@@ -24,17 +24,14 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, Win
 from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, may_overwrite,
-                                     patch_embed_size)
+from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, frozen_times_v,
+                                     may_overwrite, patch_embed_size)
 from eamvit.modules.family_quant import patch_merging, vit_block
 from eamvit.modules.prune_block import PruneBlock
 
 
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
-
-    eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
-                        "eam_plan_cols_k", "eam_plan_cols_f")
 
     def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
         """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
@@ -49,8 +46,7 @@ class _EamMixin(EamBase):
                 hit = cache[key] = (stamp, make())
         return hit[1]
 
-    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor],
-                   windows: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Executed head freezing, ``(B_, N, C)`` in: the attention outputs of the kept heads
         ``(B_, N, Hk·d)`` (``None`` if none) and of the frozen heads ``(B_, N, Hf·d)``, before ``proj``."""
         B_, N, _ = x.shape
@@ -68,8 +64,8 @@ class _EamMixin(EamBase):
             if bias is not None:
                 bias = bias.index_select(-3, keep)
             kept = self._eam_kept_attention(q, k, vk, bias).transpose(1, 2).reshape(B_, N, hk * d)
-        frozen = _frozen_heads_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d), windows)
-        return kept, frozen.reshape(B_, N, (H - hk) * d)
+        frozen = frozen_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d).transpose(1, 2))  # (B, G, Hf, N, d)
+        return kept, frozen.transpose(2, 3).reshape(B_, N, (H - hk) * d)
 
     def _eam_proj(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
         """``proj`` of the two head groups without reassembling them: each multiplies its own
@@ -117,26 +113,6 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-def _frozen_heads_times_v(values: torch.Tensor, v: torch.Tensor, windows: int) -> torch.Tensor:
-    """``A^μ_h · V_h`` for every frozen head of every window, as one batched matmul.
-
-    Args:
-        values: ``(G·Hf, N, N)`` frozen maps, window-major.
-        v: ``(B·G, N, Hf, d)`` values of the frozen heads (timm's window order: image-major).
-        windows: ``G``.
-
-    Returns:
-        ``(B·G, N, Hf, d)``.
-    """
-    BG, N, hf, d = v.shape
-    B = BG // windows
-    # Put the images next to the head width so that one (N×N)·(N×B·d) product serves the batch:
-    # the frozen map is shared by all images and is never expanded.
-    vv = v.reshape(B, windows, N, hf, d).permute(1, 3, 2, 0, 4).reshape(windows * hf, N, B * d)
-    o = torch.bmm(values.to(vv.dtype), vv)
-    return o.view(windows, hf, N, B, d).permute(3, 0, 2, 1, 4).reshape(BG, N, hf, d)
-
-
 class EamAttention(_EamMixin, Attention):
     """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
 
@@ -148,7 +124,7 @@ class EamAttention(_EamMixin, Attention):
         if self.eam_executes_plan and attn_mask is None and not is_causal:
             if self.eam.plan == "row":
                 return self._eam_out(self._eam_rows(x), gate)
-            kept, frozen = self._eam_heads(x, None, 1)
+            kept, frozen = self._eam_heads(x, None)
             if gate is None and isinstance(self.norm, nn.Identity):
                 return self.proj_drop(self._eam_proj(kept, frozen))
             return self._eam_out(self._eam_in_head_order(kept, frozen), gate)
@@ -179,7 +155,7 @@ class EamAttention(_EamMixin, Attention):
         """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
         B, N, _ = x.shape
         H, d, A = self.num_heads, self.head_dim, self.attn_dim
-        keep, frozen = self.eam_plan_keep, self.eam_plan_frozen
+        keep = self.eam_plan_keep
         w, b = self.qkv.weight, self.qkv.bias
         # Slices of the fused weight are views: no weight is copied.
         kv = F.linear(x, w[A:], b[A:] if b is not None else None)
@@ -189,10 +165,7 @@ class EamAttention(_EamMixin, Attention):
             q = F.linear(x.index_select(1, keep), w[:A], b[:A] if b is not None else None)
             q = q.view(B, keep.numel(), H, d).transpose(1, 2)
             parts.append(self._eam_kept_attention(q, k, v, None).transpose(1, 2))  # (B, R, H, d)
-        # Frozen rows: A^μ[h, rows] · V_h, the batch folded into the columns of one product per head.
-        vv = v.permute(1, 2, 0, 3).reshape(H, N, B * d)
-        fo = torch.bmm(self.eam_plan_values.to(vv.dtype), vv).view(H, frozen.numel(), B, d)
-        parts.append(fo.permute(2, 1, 0, 3))  # (B, F, H, d)
+        parts.append(frozen_times_v(self.eam_plan_values, v)[:, 0].transpose(1, 2))  # frozen rows: A^μ[h, rows]·V_h
         # Rows come out kept-then-frozen; one gather puts the tokens back in order.
         return torch.cat(parts, dim=1).view(B, N, A).index_select(1, self.eam_plan_order)
 
@@ -209,7 +182,7 @@ class EamWindowAttention(_EamMixin, WindowAttention):
             raise EamError(f"Swin layer {self.eam.layer}: {B_} windows is not a multiple of {num_win} per image; "
                            "run the model at the image size it was instrumented for")
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
-            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)
+            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask))
             return self.proj_drop(self._eam_proj(kept, frozen))
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
