@@ -50,7 +50,7 @@ In timm ≥ 0.9 Swin feeds patch merging a 4-D NHWC tensor: the channel is the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn

@@ -191,13 +191,17 @@ class Adapter:
     min_opset: OpsetReader = no_opset_need
 
     def __post_init__(self) -> None:
-        implied = {"executed_head", "prune"} & set(self.verbs)
-        unknown = set(self.verbs) - set(VERBS)
-        if unknown or implied or self.heads not in (None, *HEAD_MODES):
-            raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs its facts imply "
-                             f"{sorted(implied)} or head mode {self.heads!r}")
-        verbs = set(self.verbs) | ({"executed_head"} if self.heads else set()) | ({"prune"} if self.tokens else set())
-        if "repq" in verbs:  # ADFQ-ViT and PMQ refine RepQ-ViT's surgery
+        given = set(self.verbs)
+        unknown = given - set(VERBS)
+        lacking = [v for v, fact in (("executed_head", self.heads), ("prune", self.tokens)) if v in given and not fact]
+        if unknown or lacking or self.heads not in (None, *HEAD_MODES):
+            raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs without the facts they "
+                             f"need {lacking}, head mode {self.heads!r} (one of {', '.join(HEAD_MODES)} or None)")
+        # Derived again on every construction (dataclasses.replace included): ADFQ-ViT and PMQ refine
+        # RepQ-ViT's surgery.
+        verbs = (given - {"adfq", "pmq"}) | ({"executed_head"} if self.heads else set()) | \
+            ({"prune"} if self.tokens else set())
+        if "repq" in verbs:
             verbs |= {"adfq", "pmq"} - set(self.why_not)
         object.__setattr__(self, "verbs", frozenset(verbs))
 
