@@ -100,7 +100,7 @@ def test_adaround_init_matches_fraction():
                                 dict(beta_start=1.0, beta_end=2.0)])
 def test_bad_config(kw):
     with pytest.raises(EamError):
-        adfq.ADFQConfig(**kw).validate()
+        adfq.ADFQConfig(**kw)
     with pytest.raises(EamError):
         adfq_modules.OutlierAwareQuantizer(4, alpha=0.0)
 

@@ -218,6 +218,40 @@ def test_usage_errors_are_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+# Recipe files edited by hand: each step's values are checked against the config's field types and ranges.
+BAD_RECIPES = {
+    "kind-list": ([{"kind": ["repq"], "version": 1}], "recipe step kind ['repq'] is not one of"),
+    "value-bits-string": ([{"kind": "freeze", "version": 1, "tau": 0.2, "value_bits": "4"}],
+                          "freeze config field value_bits must be an int, not the string '4'"),
+    "w-bits-bool": ([{"kind": "repq", "version": 1, "w_bits": True}],
+                    "repq config field w_bits must be an int, not the bool True"),
+    "tau-string": ([{"kind": "freeze", "version": 1, "tau": "0.2"}],
+                   "freeze config field tau must be a number, not the string '0.2'"),
+    "granularity-number": ([{"kind": "freeze", "version": 1, "tau": 0.2, "granularity": 2}],
+                           "freeze config field granularity must be one of entry, row, head, not the int 2"),
+    "blocks-strings": ([{"kind": "prune", "version": 1, "blocks": ["3"]}],
+                       "prune config field blocks must be a tuple of ints, not the tuple ('3',)"),
+    "step-not-object": (["freeze"], "a recipe step must be a JSON object, not str"),
+    "keep-rate-out-of-range": ([{"kind": "prune", "version": 1, "keep_rate": 1.5}], "keep rate 1.5 is outside (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+@pytest.mark.parametrize("name", BAD_RECIPES)
+def test_hand_edited_recipe_file_is_one_line(command, name, tmp_path, monkeypatch, capsys):
+    steps, needle = BAD_RECIPES[name]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"kind": "recipe", "version": 1, "steps": steps}))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    out = ["--out", "c.safetensors"] if command == "compress" else []
+    code = main([command, *TINY, "--recipe", str(recipe), *out])
+    _assert_one_line_error(code, capsys.readouterr().err, [needle])
+    assert _tree(tmp_path) == before
+
+
 def test_pickled_checkpoint_runs_no_code(tmp_path, capsys):
     """A checkpoint whose pickle would call os.system is refused, and the command never runs."""
     marker = tmp_path / "ran"

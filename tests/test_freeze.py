@@ -131,7 +131,7 @@ def test_swin_report_counts_window_masked_entries():
 @pytest.mark.parametrize("tau", [-0.1, 1.5, float("nan")])
 def test_tau_out_of_range(tau):
     with pytest.raises(EamError, match=r"\[0, 1\]"):
-        FreezeConfig(tau=tau).validate()
+        FreezeConfig(tau=tau)
 
 
 def test_bad_scope():

@@ -122,7 +122,7 @@ def test_row_granularity_refused_on_swin(calibrated):
                                       (dict(aggregate="sum"), "aggregate")])
 def test_bad_options(kw, match):
     with pytest.raises(EamError, match=match):
-        FreezeConfig(tau=0.5, **kw).validate()
+        FreezeConfig(tau=0.5, **kw)
 
 
 def test_observer_sees_full_map_and_output_unchanged(calibrated):

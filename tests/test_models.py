@@ -178,14 +178,16 @@ def test_weights_kind(tmp_path, state):
     assert state_of(eamvit.create_model(NAME, model_kwargs=KW, checkpoint=tmp_path / "w.pth")).spec.weights == "checkpoint"
 
 
-def test_families_page_holds_the_table_eamvit_models_prints(capsys):
-    """docs/families.md is the reader's copy of `eamvit models`: it must not drift from the registry."""
+def test_families_page_is_what_eamvit_models_writes(tmp_path, capsys):
+    """docs/families.md is written by `eamvit models --write`: it must not drift from the adapters."""
     from pathlib import Path
 
     from eamvit.cli.main import main
 
     assert main(["models"]) == 0
     table = capsys.readouterr().out.strip()
+    assert main(["models", "--write", str(tmp_path / "families.md")]) == 0
     page = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
-    assert table.startswith("| family |") and table in page, \
-        "docs/families.md is stale: paste the output of `eamvit models` into it"
+    assert table.startswith("| family |") and table in page
+    assert (tmp_path / "families.md").read_text() == page, \
+        "docs/families.md is stale: run `eamvit models --write docs/families.md`"

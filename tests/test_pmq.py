@@ -140,7 +140,7 @@ def test_end_to_end_and_impossible_budget(tmp_path):
         quantize_(eamvit.create_model(TINY[0], model_kwargs=TINY[1]),
                       pmq.PMQConfig(size_budget_mb=1e-6, calib_size=8), images)
     with pytest.raises(EamError):
-        pmq.PMQConfig(micro_batch=0).validate()
+        pmq.PMQConfig(micro_batch=0)
 
 
 def test_hessian_variant_runs():

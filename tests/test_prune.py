@@ -344,8 +344,8 @@ def test_token_entropies_shapes():
     (dict(blocks=[3, 12]), "pruning block 12 is outside the model's 12 blocks"),
     (dict(blocks=[-1]), "outside"),
     (dict(blocks=[2, 2]), "repeat"),
-    (dict(method="tome"), "not one of"),
-    (dict(placement="mlp"), "not one of"),
+    (dict(method="tome"), "prune config field method must be one of shannon, renyi, evit, random, not the string .tome."),
+    (dict(placement="mlp"), "prune config field placement must be one of attn, block"),
 ])
 def test_bad_config_is_one_clear_line(cfg, match):
     model = tiny()

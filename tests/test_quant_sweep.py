@@ -120,9 +120,9 @@ def test_table_without_tau_rows_and_bad_config():
              "top1": 90.0}]
     assert "EAM" not in markdown(*table1(rows, "m"))
     with pytest.raises(EamError):
-        QuantSweepConfig(taus=(1.5,)).validate()
+        QuantSweepConfig(taus=(1.5,))
     with pytest.raises(EamError):
-        QuantSweepConfig(maps=("int8",)).validate()
+        QuantSweepConfig(maps=("int8",))
 
 
 def test_model_bytes_counts_bits():

@@ -40,7 +40,7 @@ def test_recipe_round_trip_and_order():
                       PruneConfig(method="renyi", alpha=float("inf"))))
     assert Recipe.from_dict(json.loads(r.to_json())) == r
     with pytest.raises(EamError, match="quant → freeze → prune"):
-        Recipe(steps=(PruneConfig(), FreezeConfig(tau=0.1))).validate()
+        Recipe(steps=(PruneConfig(), FreezeConfig(tau=0.1)))
     with pytest.raises(EamError, match="newer"):
         Recipe.from_dict({**r.to_dict(), "version": 99})
 

@@ -161,7 +161,7 @@ def test_throughput_median_and_spread():
     assert t.reps == 5 and t.p25 <= t.median <= t.p75
     assert 0.5 * 400 < t.median <= 400 * 1.02  # 8 images / 0.02 s, sleep never returns early
     with pytest.raises(EamError):
-        Timing(reps=2).validate()
+        Timing(reps=2)
 
 
 def test_speedup_is_the_ratio_of_alternately_timed_forwards():

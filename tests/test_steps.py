@@ -18,7 +18,7 @@ from eamvit.methods.steps import StepHandler, register_step
 from conftest import TINY_VIT, make
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadScale(Config):
     """Scales the classifier's logits by per-class factors drawn from ``seed`` (the toy step)."""
 
@@ -49,7 +49,16 @@ def _restore(model, config, meta, tensors, path):
     model.head.register_buffer("toy_factors", factors.clone())
 
 
-register_step(HeadScale, StepHandler(stage="toy", order=40, apply=_apply, restore=_restore, content=_content))
+@pytest.fixture(autouse=True)
+def toy_step():
+    """The toy step is registered for this file's tests only."""
+    from eamvit.methods.steps import _STEPS
+
+    register_step(HeadScale, StepHandler(stage="toy", order=40, apply=_apply, restore=_restore, content=_content))
+    yield
+    _STEPS.pop(HeadScale)
+
+
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 
 
@@ -79,12 +88,12 @@ def test_a_registered_step_goes_through_recipe_file_load_and_export(tmp_path):
 
 def test_a_registered_step_orders_itself_after_pruning():
     with pytest.raises(EamError, match="order"):
-        Recipe(steps=(HeadScale(), PruneConfig(keep_rate=0.7))).validate()
-    Recipe(steps=(PruneConfig(keep_rate=0.7), HeadScale())).validate()
+        Recipe(steps=(HeadScale(), PruneConfig(keep_rate=0.7)))
+    Recipe(steps=(PruneConfig(keep_rate=0.7), HeadScale()))
 
 
 def test_a_second_step_of_the_same_kind_is_refused():
-    @dataclass
+    @dataclass(frozen=True)
     class Impostor(Config):
         KIND = "toy-head-scale"
 

@@ -1,22 +1,33 @@
 """Choice lists and command-line-visible defaults, defined once and free of torch.
 
-The methods validate their configs against these tuples and the ``eamvit`` command offers them as
-``choices``; both import them from here so that building the command's parser (``eamvit --help``)
-imports neither torch nor timm. Imports nothing.
+Each choice list is a ``Literal`` type, which the configs' fields are annotated with (the config
+base refuses a value outside it), and the tuple of its values, which the ``eamvit`` command offers
+as ``choices``; both are defined here so that building the command's parser (``eamvit --help``)
+imports neither torch nor timm. Imports only ``typing``.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 # Attention freezing (eamvit.methods.freeze).
-SCOPES = ("head", "layer", "global")
-GRANULARITIES = ("entry", "row", "head")
-AGGREGATES = ("mean", "median", "max")
-SELECTIONS = ("entropy", "random")
-VALUE_QUANTIZERS = ("uniform", "log2", "logsqrt2")
+Scope = Literal["head", "layer", "global"]
+SCOPES = get_args(Scope)
+Granularity = Literal["entry", "row", "head"]
+GRANULARITIES = get_args(Granularity)
+Aggregate = Literal["mean", "median", "max"]
+AGGREGATES = get_args(Aggregate)
+Selection = Literal["entropy", "random"]
+SELECTIONS = get_args(Selection)
+ValueQuantizer = Literal["uniform", "log2", "logsqrt2"]
+VALUE_QUANTIZERS = get_args(ValueQuantizer)
 
 # Token pruning (eamvit.methods.prune).
-PRUNE_METHODS = ("shannon", "renyi", "evit", "random")
-PLACEMENTS = ("attn", "block")
-ENTROPY_KEYS = ("all", "patches")
+PruneMethod = Literal["shannon", "renyi", "evit", "random"]
+PRUNE_METHODS = get_args(PruneMethod)
+Placement = Literal["attn", "block"]
+PLACEMENTS = get_args(Placement)
+EntropyKeys = Literal["all", "patches"]
+ENTROPY_KEYS = get_args(EntropyKeys)
 
 # Training augmentation (eamvit.methods.train): "auto" is imagenet from IMAGENET_MIN_SIZE pixels a
 # side, shift below (random-resized crops and colour jitter destroy smaller images).
@@ -25,9 +36,12 @@ IMAGENET_MIN_SIZE = 64
 
 # Quantization: the --quant methods, the post-softmax quantizers of RepQ-ViT (first: the default),
 # and the rows of ``eamvit compare``.
-QUANT_METHODS = ("repq", "adfq", "pmq")
-ATTN_QUANTIZERS = ("logsqrt2", "log2", "uniform")
-COMPARE_METHODS = ("fp", "repq", "adfq", "pmq")
+QuantMethod = Literal["repq", "adfq", "pmq"]
+QUANT_METHODS = get_args(QuantMethod)
+AttnQuantizer = Literal["logsqrt2", "log2", "uniform"]
+ATTN_QUANTIZERS = get_args(AttnQuantizer)
+CompareMethod = Literal["fp", "repq", "adfq", "pmq"]
+COMPARE_METHODS = get_args(CompareMethod)
 
 # ADFQ-ViT defaults the command shows (eamvit.methods.adfq.ADFQConfig uses the same names):
 # the reference code's values, where the paper says 3000 iterations and an fc1 threshold of 10.

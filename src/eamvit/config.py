@@ -1,14 +1,20 @@
-"""The one config base: dataclass settings with a versioned ``to_dict`` / ``from_dict`` round trip.
+"""The one config base: frozen dataclass settings, checked when built, with a versioned ``to_dict`` /
+``from_dict`` round trip.
+
+A config that exists is valid: construction (and ``dataclasses.replace``) checks every field's type
+against its annotation and the subclass's ranges, and raises :class:`~eamvit.errors.EamError`.
 
 Every setting that is saved with an artifact (quantized states, maps, pruned or fine-tuned models)
-is a :class:`Config`. Runtime settings (device, progress bars, checkpoint folders) are *not* fields
+is a :class:`Config`, and so are the settings of the sweeps and of ``optimize``, which are not saved. Runtime settings (device, progress bars, checkpoint folders) are *not* fields
 of a saved config: they are arguments of the function that runs the work, so a file written on a
 GPU loads on a CPU and two runs that differ only in where they ran save the same config.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
@@ -18,6 +24,8 @@ C = TypeVar("C", bound="Config")
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Config):  # a config field of a config (the sweeps' settings)
+        return value.to_dict()
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -27,37 +35,121 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _tuple_fields(cls: type) -> set[str]:
-    """Fields annotated as tuples: JSON gives them back as lists."""
-    hints = typing.get_type_hints(cls)
-    out = set()
-    for f in dataclasses.fields(cls):
-        tp = hints.get(f.name)
-        origins = {typing.get_origin(tp)} | {typing.get_origin(a) for a in typing.get_args(tp)}
-        if tp is tuple or tuple in origins:
-            out.add(f.name)
-    return out
-
-
 def _untuple(value: Any) -> Any:
     return tuple(_untuple(v) for v in value) if isinstance(value, list) else value
 
 
-@dataclasses.dataclass
-class Config:
-    """Base class of eamvit's dataclass configs.
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The annotation of each field of ``cls`` (evaluated: annotations are strings in eamvit's modules)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
-    Subclasses are dataclasses that set ``KIND`` (the name stored in files) and ``VERSION`` (raised
-    when a field changes meaning), and override :meth:`validate` to raise :class:`EamError` on a bad
-    value. Float infinity is written as ``"inf"`` (JSON has no infinity).
+
+def _is_tuple_type(tp: Any) -> bool:
+    """``tp`` is a tuple annotation or an ``Optional`` of one (JSON gives such fields back as lists)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_tuple_type(a) for a in typing.get_args(tp))
+    return tp is tuple or typing.get_origin(tp) is tuple
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the type annotation ``tp`` (an int is a float; a bool is not an int)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:  # by type too: True == 1 but True is not the choice 1
+        return any(type(value) is type(a) and value == a for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    raise TypeError(f"config annotation {tp!r} is not one the Config base checks")
+
+
+_PLURAL = {int: "ints", float: "numbers", bool: "bools", str: "strings"}
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    """``tp`` in words: ``"an int"``, ``"one of head, layer, global"``, ``"a tuple of numbers"``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(a, plural) for a in args if a is not type(None)) or "None"
+    if origin is typing.Literal:
+        return ("values among " if plural else "one of ") + ", ".join(map(str, args))
+    if tp is tuple or origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0], plural=True)}" if not plural else "tuples"
+        inner = f" ({', '.join(getattr(a, '__name__', str(a)) for a in args)})" if args else ""
+        return ("tuples" if plural else "a tuple") + inner
+    if tp in _PLURAL:
+        return _PLURAL[tp] if plural else {int: "an int", float: "a number", bool: "true or false",
+                                           str: "a string"}[tp]
+    name = getattr(tp, "__name__", str(tp))
+    return f"{name} objects" if plural else f"a {name}"
+
+
+def _given(value: Any) -> str:
+    """What was given, for an error message: ``"the string '4'"``, ``"the bool True"``."""
+    if value is None:
+        return "None"
+    if isinstance(value, Config):
+        return f"{'an' if value.KIND[:1] in tuple('aeiou') else 'a'} {value.KIND} config"
+    name = {bool: "bool", int: "int", float: "number", str: "string"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"the {name} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base class of eamvit's configs: frozen dataclasses that cannot hold a bad value.
+
+    Subclasses are ``@dataclass(frozen=True)`` classes that set ``KIND`` (the name stored in files)
+    and ``VERSION`` (raised when a field changes meaning). Constructing one checks every field against
+    its annotation (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``, ``Literal[...]``,
+    ``tuple[...]``, a class) and then calls :meth:`_check`, the subclass's range checks; either
+    raises :class:`EamError`. A changed copy is ``dataclasses.replace(config, field=value)``, checked
+    the same way. Float infinity is written as ``"inf"`` (JSON has no infinity).
     """
 
     KIND: ClassVar[str] = "config"
     VERSION: ClassVar[int] = 1
 
-    def validate(self: C) -> C:
-        """Check the values; returns ``self`` so calls chain. Subclasses override it."""
-        return self
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            tp = _field_types(type(self))[f.name]
+            if isinstance(value, list) and _is_tuple_type(tp):  # a list given for a tuple: keep it hashable
+                value = _untuple(value)
+                object.__setattr__(self, f.name, value)
+            if not _matches(value, tp):
+                raise EamError(f"{self.KIND} config field {f.name} must be {_describe(tp)}, not {_given(value)}")
+        self._check()
+
+    def _check(self) -> None:
+        """Range checks and normalisation of the typed fields; subclasses override it (call ``super()``).
+
+        The dataclass is frozen: a normalised value is stored with ``object.__setattr__``.
+
+        Raises:
+            EamError: a value outside its range.
+        """
 
     def to_dict(self) -> dict[str, Any]:
         """``{"kind", "version", **fields}``, JSON-ready (tuples as lists)."""
@@ -69,17 +161,18 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        """The config ``to_dict`` wrote, validated.
+        """The config ``to_dict`` wrote, checked as any constructed config is.
 
         Raises:
-            EamError: another kind of config, a newer version, or a field this version does not know.
+            EamError: another kind of config, a newer version, a field this version does not know, or
+                a value of the wrong type or out of range.
         """
         if not isinstance(d, dict):
             raise EamError(f"a {cls.KIND} config must be a JSON object, not {type(d).__name__}")
         kind, version = d.get("kind", cls.KIND), d.get("version", 1)
         if kind != cls.KIND:
             raise EamError(f"expected a {cls.KIND} config, found a {kind} config")
-        if not isinstance(version, int) or version > cls.VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version > cls.VERSION:
             raise EamError(f"{cls.KIND} config version {version} is newer than this eamvit understands "
                            f"(version {cls.VERSION}); upgrade eamvit")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -87,7 +180,5 @@ class Config:
         if unknown:
             raise EamError(f"{cls.KIND} config has unknown field(s) {', '.join(unknown)}; "
                            "it was written by another eamvit version")
-        tuples = _tuple_fields(cls)
-        kw = {k: (_untuple(v) if k in tuples else v) for k, v in d.items() if k in names}
-        kw = {k: (float("inf") if v == "inf" else v) for k, v in kw.items()}
-        return cls(**kw).validate()
+        # JSON lists become tuples in __post_init__
+        return cls(**{k: (float("inf") if v == "inf" else v) for k, v in d.items() if k in names})

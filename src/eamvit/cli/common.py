@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.cli.options import parse_model_kwargs
+from eamvit.cli.options import parse_model_kwargs, refuse_given  # noqa: F401 (refuse_given: the commands import it here)
 
 
 def parse_device(name: str):
@@ -282,29 +282,12 @@ def flag(args, dest: str) -> str:
     return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
 
 
-def refuse_given(args, dests: Sequence[str], why: str) -> None:
-    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
-
-    Args:
-        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
-        dests: destinations of the options that cannot apply here.
-        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
-    """
-    bad = [d for d in dests if d in getattr(args, "given", ())]
-    if bad:
-        names = ", ".join("--" + d.replace("_", "-") for d in bad)
-        raise EamError(f"{names} cannot apply {why}; drop {names}")
-
-
 # What a saved freeze (--frozen) already holds: options that would freeze afresh.
 FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer",
                   "bits", "max_memory")
 
 
 def validate_common(args) -> None:
-    from dataclasses import replace
-
-    from eamvit.cli.options import freeze_config
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
@@ -317,12 +300,9 @@ def validate_common(args) -> None:
         raise EamError(f"--threads must be at least 1, got {args.threads}")
     if hasattr(args, "onnx") and not args.onnx:  # eval's --threads are ONNX Runtime's
         refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
-    if hasattr(args, "tau"):
-        freeze_config(args)
-    if hasattr(args, "taus"):
-        base = FreezeConfig(value_bits=args.value_bits)
+    if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
-            replace(base, tau=t).validate()
+            FreezeConfig(tau=t, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
         if getattr(args, "throughput_reps", 3) < 3:
             raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
         if getattr(args, "throughput_batch", 1) < 1:

@@ -11,7 +11,7 @@ def cmd_train_digits(args) -> None:
     from eamvit.io import check_output_file
 
     check_output_file(args.out)  # before minutes of training
-    config = DigitsConfig(epochs=args.epochs, seed=args.seed).validate()
+    config = DigitsConfig(epochs=args.epochs, seed=args.seed)
     res = train_digits(args.out, config, device=parse_device(args.device))
     print(f"wrote {args.out}: test top-1 {res['top1']:.2f}%")
 

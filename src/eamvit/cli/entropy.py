@@ -54,9 +54,10 @@ def cmd_eval(args) -> None:
     if args.out is not None:  # a stem: STEM.csv and STEM.json
         check_output_file(args.out)
         csv_path = check_output_file(results_paths(args.out)[0])
+    recipe = recipe_from_args(args)  # before the model: its configs check the options
     model, device = load_model(args)
     maps = load_maps(args, model)
-    sp = data_splits(args, model, need_calib=needs_calibration(args, recipe_from_args(args)), maps=maps)
+    sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), maps=maps)
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
         row = _eval_row(args, model, device, maps, sp)
         row["calib_excluded"] = sp.calib_excluded

@@ -21,13 +21,13 @@ def export_config(args: argparse.Namespace, model):
     file_settings = dict(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
     target = state_of(model).target
     if step_config(model, "quant") is None:
-        return ExportConfig(**file_settings).validate()
+        return ExportConfig(**file_settings)
     if target is not None:
         return target.export_config(**file_settings)
     # A quantized state written without a target (eamvit 0.3, `eamvit quantize`): prepared at export, as then.
     return ExportConfig(scheme=args.target or "qdq", softmax=args.softmax or "uniform",
                         symmetric_activations=args.symmetric_activations, symmetric_weights=args.symmetric_weights,
-                        **file_settings).validate()
+                        **file_settings)
 
 
 def _check_out(out: Path) -> None:

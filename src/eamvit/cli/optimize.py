@@ -14,7 +14,7 @@ _DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_s
 
 
 def optimize_config(args: argparse.Namespace):
-    """The :class:`~eamvit.experiments.optimize.OptimizeConfig` of the arguments (validated)."""
+    """The :class:`~eamvit.experiments.optimize.OptimizeConfig` of the arguments."""
     from eamvit.cli.common import refuse_given
     from eamvit.experiments.optimize import OptimizeConfig
 
@@ -22,7 +22,7 @@ def optimize_config(args: argparse.Namespace):
         refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's)")
     return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
                           space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
-                          workers=args.workers, seed=args.seed).validate()
+                          workers=args.workers, seed=args.seed)
 
 
 def given_argv(args: argparse.Namespace, dests) -> list[str]:

@@ -211,7 +211,7 @@ def prune_options(args) -> dict:
 
 
 def prune_config(args, method: Optional[str] = None):
-    """The one :class:`~eamvit.methods.prune.PruneConfig` of the pruning options (validated).
+    """The one :class:`~eamvit.methods.prune.PruneConfig` of the pruning options.
 
     Args:
         method: the pruning method when it is not ``--prune``'s (``finetune``'s default).
@@ -223,7 +223,7 @@ def prune_config(args, method: Optional[str] = None):
 
 def freeze_config(args, **changes):
     """The one :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options of ``eval``, ``export``,
-    ``compress`` and ``finetune`` (validated).
+    ``compress`` and ``finetune``.
 
     Args:
         changes: fields that differ from the options.
@@ -235,4 +235,68 @@ def freeze_config(args, **changes):
     base = FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
                         value_bits=args.value_bits, value_quantizer=args.value_quantizer,
                         granularity=args.granularity, aggregate=args.aggregate)
-    return replace(base, **changes).validate()
+    return replace(base, **changes)
+
+
+def refuse_given(args, dests: Sequence[str], why: str) -> None:
+    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
+
+    Args:
+        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
+        dests: destinations of the options that cannot apply here.
+        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
+    """
+    bad = [d for d in dests if d in getattr(args, "given", ())]
+    if bad:
+        names = ", ".join("--" + d.replace("_", "-") for d in bad)
+        raise EamError(f"{names} cannot apply {why}; drop {names}")
+
+
+TARGET_OPTIONS = ("target", "softmax", "symmetric_activations", "symmetric_weights")
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """The deployment target of the recipe: where the quantized model will run."""
+    g = p.add_argument_group("deployment target (what eval scores is what export writes)")
+    g.add_argument("--target", default=None, metavar="{qdq,weight-only,torch}",
+                   help="where the quantized model will run; it is calibrated with that runtime's quantizers: qdq "
+                   "(ONNX int8 QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations), weight-only "
+                   "(ONNX Runtime MatMulNBits weights, float activations) or torch (the method's own quantizers, "
+                   "e.g. log√2, which ONNX cannot express); default qdq for RepQ-ViT with 8-bit activations, "
+                   "torch for every other quantization")
+    g.add_argument("--softmax", default=None, metavar="{uniform,fp32}",
+                   help="--target qdq: the log√2 post-softmax quantizer has no QDQ form; calibrate and ship the map "
+                   "as 8-bit uniform on [0, Δ] (uniform, default) or unquantized (fp32)")
+    g.add_argument("--symmetric-activations", action="store_true",
+                   help="--target qdq: int8 activations with zero point 0 (TensorRT); default uint8 asymmetric")
+    g.add_argument("--symmetric-weights", action="store_true",
+                   help="ONNX targets: symmetric per-channel weights (zero point 0); default RepQ-ViT's asymmetric ones")
+
+
+def target_from_args(args: argparse.Namespace, quant) -> Any:
+    """The :class:`~eamvit.methods.export.Target` of the options for quantization ``quant`` (``None``: none)."""
+    from eamvit.methods.export import SOFTMAX, TARGETS, Target, default_target
+
+    for value, allowed, flag in ((args.target, TARGETS, "--target"), (args.softmax, SOFTMAX, "--softmax")):
+        if value is not None and value not in allowed:
+            raise EamError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    given = [d for d in TARGET_OPTIONS if d in getattr(args, "given", ())]
+    if quant is None:
+        if given:
+            refuse_given(args, given, "without a quantization (an unquantized model runs as it is everywhere)")
+        return None
+    form = args.target or default_target(quant).form
+    return Target(form=form, softmax=args.softmax or "uniform", symmetric_activations=args.symmetric_activations,
+                  symmetric_weights=args.symmetric_weights)
+
+
+def target_label(target) -> str:
+    """``qdq``, ``qdq sym`` (symmetric activations), ``qdq softmax-fp32``, ``weight-only`` or ``torch``."""
+    parts = [target.form]
+    if target.symmetric_activations:
+        parts.append("sym")
+    if target.form == "qdq" and target.softmax != "uniform":
+        parts.append(f"softmax-{target.softmax}")
+    if target.symmetric_weights:
+        parts.append("sym-w")
+    return " ".join(parts)

@@ -106,12 +106,13 @@ def _finetune_configs(args):
         raise EamError("--maps is used to freeze attention: give --tau > 0 with it, or drop it")
     method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
     pcfg = None if method is None else prune_config(args, method)
-    zcfg = None if not args.tau > 0 else freeze_config(args)
+    zcfg = freeze_config(args)  # checks the freezing options even when nothing is frozen
+    zcfg = zcfg if args.tau > 0 else None
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                           keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
-                          grad_clip=args.grad_clip, seed=args.seed).validate()
+                          grad_clip=args.grad_clip, seed=args.seed)
     return pcfg, fcfg, zcfg
 
 

@@ -17,7 +17,7 @@ from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, AT
                             QUANT_METHODS)
 from eamvit.errors import EamError
 from eamvit.cli.common import build_data, data_splits, load_model
-from eamvit.cli.options import add_data_args, add_model_args
+from eamvit.cli.options import add_data_args, add_model_args, add_target_args, target_from_args
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -99,12 +99,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> RepQConfig:
-    """The :class:`RepQConfig` the arguments ask for (validated)."""
+    """The :class:`RepQConfig` the arguments ask for."""
     from eamvit.methods.repq import RepQConfig
 
     return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
                       seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
-                      reparam=not args.no_reparam).validate()
+                      reparam=not args.no_reparam)
 
 
 def _adfq_pmq_config(args: argparse.Namespace) -> Config:
@@ -115,14 +115,14 @@ def _adfq_pmq_config(args: argparse.Namespace) -> Config:
         return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
                                calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
                                amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
-                               seed=getattr(args, "seed", 0)).validate()
+                               seed=getattr(args, "seed", 0))
     text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
     return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
                                      seed=getattr(args, "seed", 0))
 
 
 def method_config(args: argparse.Namespace) -> Config:
-    """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ), validated."""
+    """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ)."""
     if getattr(args, "quant", None) in ("adfq", "pmq"):
         return _adfq_pmq_config(args)
     return quant_config(args)
@@ -195,19 +195,21 @@ def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
 def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
     from eamvit.io import check_output_file, output_lock
-    from eamvit.methods.quantize import quantize_, save_quantized
+    from eamvit.methods.quantize import save_quantized
+    from eamvit.methods.recipe import Recipe, apply_
 
     out = check_output_file(args.out)
     cfg = method_config(args)
+    recipe = Recipe(steps=(cfg,), target=target_from_args(args, cfg))
     with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
         model, _ = load_model(args)
         sp = data_splits(args, model, need_calib=True, scores=False)
-        quantize_(model, cfg, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
-                  checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+        apply_(model, recipe, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
+               checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
         save_quantized(model, out)
     name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
-    print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits}, calibrated on "
-          f"{cfg.calib_size} images (seed {cfg.seed}); load it with --quant-state {out}")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits} for target "
+          f"{recipe.target.form}, calibrated on {cfg.calib_size} images (seed {cfg.seed}); load it with --state {out}")
 
 
 def register(sub) -> None:
@@ -217,6 +219,7 @@ def register(sub) -> None:
     add_model_args(s)
     add_data_args(s)
     add_quant_args(s, "quantize")
+    add_target_args(s)
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
     s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
 
@@ -250,8 +253,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                         settings=_settings(args.settings),
                         pmq_budgets=tuple(s.strip() for s in args.pmq_budgets.split(",") if s.strip()),
                         adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
-                                             calib_size=args.adfq_calib_size).validate(),
-                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size).validate()
+                                             calib_size=args.adfq_calib_size),
+                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)

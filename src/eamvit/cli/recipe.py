@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
 from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
-from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                freeze_config, prune_config)
+from eamvit.cli.options import (TARGET_OPTIONS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
+                                add_prune_args, add_target_args, freeze_config, prune_config, target_from_args,
+                                target_label)
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
@@ -37,56 +38,6 @@ def add_stack_args(p: argparse.ArgumentParser) -> None:
     add_quant_args(p, "eval")
     add_target_args(p)
     add_recipe_args(p)
-
-
-TARGET_OPTIONS = ("target", "softmax", "symmetric_activations", "symmetric_weights")
-
-
-def add_target_args(p: argparse.ArgumentParser) -> None:
-    """The deployment target of the recipe: where the quantized model will run."""
-    g = p.add_argument_group("deployment target (what eval scores is what export writes)")
-    g.add_argument("--target", default=None, metavar="{qdq,weight-only,torch}",
-                   help="where the quantized model will run; it is calibrated with that runtime's quantizers: qdq "
-                   "(ONNX int8 QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations), weight-only "
-                   "(ONNX Runtime MatMulNBits weights, float activations) or torch (the method's own quantizers, "
-                   "e.g. log√2, which ONNX cannot express); default qdq for RepQ-ViT with 8-bit activations, "
-                   "torch for every other quantization")
-    g.add_argument("--softmax", default=None, metavar="{uniform,fp32}",
-                   help="--target qdq: the log√2 post-softmax quantizer has no QDQ form; calibrate and ship the map "
-                   "as 8-bit uniform on [0, Δ] (uniform, default) or unquantized (fp32)")
-    g.add_argument("--symmetric-activations", action="store_true",
-                   help="--target qdq: int8 activations with zero point 0 (TensorRT); default uint8 asymmetric")
-    g.add_argument("--symmetric-weights", action="store_true",
-                   help="ONNX targets: symmetric per-channel weights (zero point 0); default RepQ-ViT's asymmetric ones")
-
-
-def target_from_args(args: argparse.Namespace, quant) -> Any:
-    """The :class:`~eamvit.methods.export.Target` of the options for quantization ``quant`` (``None``: none)."""
-    from eamvit.methods.export import SOFTMAX, TARGETS, Target, default_target
-
-    for value, allowed, flag in ((args.target, TARGETS, "--target"), (args.softmax, SOFTMAX, "--softmax")):
-        if value is not None and value not in allowed:
-            raise EamError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
-    given = [d for d in TARGET_OPTIONS if d in getattr(args, "given", ())]
-    if quant is None:
-        if given:
-            refuse_given(args, given, "without a quantization (an unquantized model runs as it is everywhere)")
-        return None
-    form = args.target or default_target(quant).form
-    return Target(form=form, softmax=args.softmax or "uniform", symmetric_activations=args.symmetric_activations,
-                  symmetric_weights=args.symmetric_weights).validate()
-
-
-def target_label(target) -> str:
-    """``qdq``, ``qdq sym`` (symmetric activations), ``qdq softmax-fp32``, ``weight-only`` or ``torch``."""
-    parts = [target.form]
-    if target.symmetric_activations:
-        parts.append("sym")
-    if target.form == "qdq" and target.softmax != "uniform":
-        parts.append(f"softmax-{target.softmax}")
-    if target.symmetric_weights:
-        parts.append("sym-w")
-    return " ".join(parts)
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +136,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if getattr(args, "quant_state", None):  # its target is the file's, unless asked for again
         target = None if not set(TARGET_OPTIONS) & set(getattr(args, "given", ())) else target_from_args(
             args, _state_quant(args.quant_state))
-    return Recipe(steps=tuple(steps), target=target).validate()
+    return Recipe(steps=tuple(steps), target=target)
 
 
 def _state_quant(path: str):

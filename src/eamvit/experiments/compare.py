@@ -24,17 +24,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.quantize import quantize_
-from eamvit.choices import COMPARE_METHODS as METHODS  # defined torch-free for the CLI
+from eamvit.choices import COMPARE_METHODS as METHODS, CompareMethod  # defined torch-free for the CLI
 
 
-@dataclass
-class CompareConfig:
+@dataclass(frozen=True)
+class CompareConfig(Config):
     """What :func:`compare` runs.
 
     Args:
@@ -50,7 +51,7 @@ class CompareConfig:
         progress: progress bars.
     """
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[CompareMethod, ...] = METHODS
     settings: tuple[tuple[int, int], ...] = ((4, 4), (6, 6))
     pmq_budgets: tuple[str, ...] = ()
     repq: repq.RepQConfig = field(default_factory=repq.RepQConfig)
@@ -61,17 +62,18 @@ class CompareConfig:
     batch_size: int = 64
     progress: bool = False
 
-    def validate(self) -> "CompareConfig":
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise EamError(f"methods {bad or list(self.methods)} must be a non-empty subset of {', '.join(METHODS)}")
+    KIND = "compare"
+    VERSION = 1
+
+    def _check(self) -> None:
+        if not self.methods:
+            raise EamError(f"methods must be a non-empty subset of {', '.join(METHODS)}")
         for w, a in self.settings:
-            replace(self.repq, w_bits=w, a_bits=a).validate()
+            replace(self.repq, w_bits=w, a_bits=a)
         for text in self.pmq_budgets:
             pmq.parse_bits_config(text)
         if self.freeze_sparsity is not None and not 0 <= self.freeze_sparsity <= 1:
             raise EamError(f"freeze_sparsity={self.freeze_sparsity} must be a fraction in [0, 1]")
-        return self
 
 
 def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
@@ -145,7 +147,7 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
         test_indices: evaluate on these items only.
         data_config: the timm data config of ``test`` (recorded in the rows).
     """
-    config = (config or CompareConfig()).validate()
+    config = config or CompareConfig()
     if config.freeze_sparsity is not None and not isinstance(calib, Dataset):
         raise EamError("freezing needs the calibration set as a dataset (the entropy maps are computed on it)")
     model = model_factory()

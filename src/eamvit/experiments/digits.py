@@ -27,7 +27,7 @@ DEMO_KWARGS = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_vit.safetensors"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DigitsConfig(TrainConfig):
     """Training recipe of the demo model (:class:`~eamvit.methods.train.TrainConfig` fields, other defaults).
 
@@ -60,7 +60,6 @@ def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), 
         ``{"top1": ..., "top5": ...}`` on the held-out test split.
     """
     out = check_output_file(out)
-    config.validate()
     torch.manual_seed(config.seed)
     model = create_model(DEMO_MODEL, model_kwargs=DEMO_KWARGS, device=device)
     data = DigitsDataset("train", img_size=DEMO_KWARGS["img_size"], augment=True)

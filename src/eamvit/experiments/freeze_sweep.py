@@ -29,8 +29,6 @@ def freeze_point(maps: EntropyMaps, config: FreezeConfig, fields: dict[str, Any]
         value_deltas: per-layer Δ of the frozen-value quantizer (see :func:`~eamvit.methods.freeze.freeze_`).
         measure: ``f(frozen model, report)`` returning more row fields (e.g. sizes).
     """
-    config.validate()
-
     @contextmanager
     def frozen(model: nn.Module, seed: int) -> Iterator[Applied]:
         report = freeze_(model, maps, replace(config, seed=seed), value_deltas=value_deltas)

@@ -37,9 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eamvit.methods.state import step_config
+from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, combinations, reference,
-                                               single_candidates)
+from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
+                                               combinations, reference, single_candidates)
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
@@ -59,7 +60,7 @@ _LINE_START = '{"key": "'  # how json.dumps begins every line PointCache.add wri
 
 
 @dataclass(frozen=True)
-class OptimizeConfig:
+class OptimizeConfig(Config):
     """What ``eamvit optimize`` searches and how it measures.
 
     Args:
@@ -75,30 +76,28 @@ class OptimizeConfig:
     """
 
     max_drop: float = 1.0
-    runtime: str = "onnxruntime"
+    runtime: Runtime = "onnxruntime"
     budget_minutes: Optional[float] = None
-    space: str = "standard"
+    space: Space = "standard"
     threads: Optional[int] = None
     reps: int = 15
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
 
-    def validate(self) -> "OptimizeConfig":
+    KIND = "optimize"
+    VERSION = 1
+
+    def _check(self) -> None:
         if not self.max_drop >= 0:
             raise EamError(f"--max-drop must be 0 or more percentage points of top-1, got {self.max_drop}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise EamError(f"--budget-minutes must be positive, got {self.budget_minutes}; leave it out to search "
                            "everything")
-        if self.runtime not in RUNTIMES:
-            raise EamError(f"unknown runtime {self.runtime!r}; use --runtime {' or '.join(RUNTIMES)}")
-        if self.space not in SPACES:
-            raise EamError(f"unknown search space {self.space!r}; use --space {' or '.join(SPACES)}")
         if self.reps < 3:
             raise EamError(f"--reps must be at least 3 (a median and quartiles), got {self.reps}")
         if self.threads is not None and self.threads < 1:
             raise EamError(f"--threads must be at least 1, got {self.threads}")
-        return self
 
 
 @dataclass
@@ -470,7 +469,6 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
     from eamvit.io import write_text
 
-    config.validate()
     check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
                      config.max_drop)
     cache = PointCache(Path(out) / CACHE)  # refused before anything is measured or written

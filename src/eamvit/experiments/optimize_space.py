@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, Target, default_target
@@ -21,8 +21,10 @@ from eamvit.methods.recipe import Recipe
 from eamvit.methods.repq import RepQConfig
 from eamvit.ops.scores import default_blocks
 
-RUNTIMES = ("onnxruntime", "torch")
-SPACES = ("standard", "small")
+Runtime = Literal["onnxruntime", "torch"]
+RUNTIMES = get_args(Runtime)
+Space = Literal["standard", "small"]
+SPACES = get_args(Space)
 # Pruning κ and freezing τ of the standard space; `small` keeps a few of them (the demo, tests).
 KEEP_RATES = {"standard": (0.9, 0.7, 0.5), "small": (0.7, 0.5)}
 PRUNE_METHODS = {"standard": ("shannon", "evit"), "small": ("evit",)}
@@ -84,7 +86,7 @@ def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig])
     # A quantized point is calibrated for the export it is measured in: its saved state scores what its file does.
     quantized = any(isinstance(s, RepQConfig) for _, s in parts)
     target = Target.of(export) if quantized and export is not None else None
-    return Candidate(Recipe(steps=tuple(s for _, s in parts), target=target).validate(), export,
+    return Candidate(Recipe(steps=tuple(s for _, s in parts), target=target), export,
                      " + ".join(name for name, _ in parts) or "fp32")
 
 

@@ -25,13 +25,15 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.methods.state import state_of, step_config
+from eamvit.choices import Scope
+from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.freeze_sweep import freeze_point
 from eamvit.experiments.results import Column, ResultRow, markdown
@@ -44,11 +46,13 @@ from eamvit.methods.repq import RepQConfig, attn_deltas
 from eamvit.modules.attention import attention_layers
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(10))
+MapsOf = Literal["fp", "quant"]  # entropy maps of the full-precision or of the quantized model
+FrozenValues = Literal["fp32", "quant"]
 EvaluateFn = Callable[..., dict]
 
 
-@dataclass
-class QuantSweepConfig:
+@dataclass(frozen=True)
+class QuantSweepConfig(Config):
     """What :func:`quant_sweep` runs.
 
     Args:
@@ -65,25 +69,24 @@ class QuantSweepConfig:
     """
 
     taus: tuple[float, ...] = DEFAULT_TAUS
-    scope: str = "head"
+    scope: Scope = "head"
     entropy_bits: int = 8
     frozen_bits: Optional[int] = None
     random_seeds: tuple[int, ...] = (0, 1, 2)
-    maps: tuple[str, ...] = ("fp", "quant")
-    values: tuple[str, ...] = ("fp32", "quant")
+    maps: tuple[MapsOf, ...] = ("fp", "quant")
+    values: tuple[FrozenValues, ...] = ("fp32", "quant")
     batch_size: int = 64
-    table_maps: str = "quant"
-    table_values: str = "quant"
+    table_maps: MapsOf = "quant"
+    table_values: FrozenValues = "quant"
 
-    def validate(self) -> "QuantSweepConfig":
+    KIND = "quant-sweep"
+    VERSION = 1
+
+    def _check(self) -> None:
         if not self.taus:
             raise EamError("give at least one sparsity level τ")
-        base = FreezeConfig(scope=self.scope)
         for t in self.taus:
-            replace(base, tau=t).validate()
-        if set(self.maps) - {"fp", "quant"} or set(self.values) - {"fp32", "quant"}:
-            raise EamError("maps must be among fp, quant and values among fp32, quant")
-        return self
+            FreezeConfig(tau=t, scope=self.scope)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -203,8 +206,8 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
         RepQ-ViT rows repeat at every τ), ``kl`` (:class:`~eamvit.methods.kl.KLMaps` of FP vs
         quantized), ``table1`` (Table 1 as ``(rows, columns)``), ``table`` (its markdown), ``q_model``.
     """
-    config = (config or RepQConfig()).validate()
-    sweep = (sweep or QuantSweepConfig()).validate()
+    config = config or RepQConfig()
+    sweep = sweep or QuantSweepConfig()
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
     q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.results import ResultRow
 from eamvit.experiments.timer import Stats, ratio_stats, time_calls
@@ -95,7 +96,7 @@ class EvalData:
 
 
 @dataclass(frozen=True)
-class Timing:
+class Timing(Config):
     """How :func:`measure_throughput` times a model.
 
     Args:
@@ -108,10 +109,12 @@ class Timing:
     warmup: int = 2
     reps: int = 10
 
-    def validate(self) -> "Timing":
+    KIND = "timing"
+    VERSION = 1
+
+    def _check(self) -> None:
         if self.batch_size < 1 or self.warmup < 0 or self.reps < 3:
             raise EamError(f"timing needs batch_size ≥ 1, warmup ≥ 0 and reps ≥ 3 (for a spread), got {self}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,6 @@ def _model_input_size(model: nn.Module) -> tuple[int, ...]:
 def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequence[int]],
                   device: torch.device | str | None) -> tuple[torch.Tensor, Callable[[], None]]:
     """The fixed random batch on ``device`` and the synchronisation a timed call ends with."""
-    timing.validate()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
                     generator=torch.Generator().manual_seed(0)).to(device)
@@ -265,8 +267,6 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
     """
     if evaluate_fn is None:
         from eamvit.methods.evaluate import evaluate as evaluate_fn
-    if timing is not None:
-        timing.validate()
     bar = tqdm(total=sum(len(p.seeds) for p in points), desc=desc, unit="eval",
                disable=not progress or dist_info()[0] != 0, dynamic_ncols=True)
     rows = []

@@ -80,7 +80,7 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     freeze = FreezeConfig(**(freeze_options or {}))
     for gran in granularities:
         for tau in (t for t in taus if t > 0):
-            cfg = replace(freeze, tau=tau, granularity=gran).validate()
+            cfg = replace(freeze, tau=tau, granularity=gran)
             fields = {**base, "selection": cfg.selection, "granularity": gran, "tau": tau}
             points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
     for method, alpha in prune_methods:
@@ -151,7 +151,6 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         unmodified model first.
     """
     check_family(model, granularities, prune_methods)
-    timing.validate()
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
     reference_rates: list[float] = []
 

@@ -54,7 +54,7 @@ from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
-from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LearnableUniformQuantizer,
+from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LogKind, OutlierMode, LearnableUniformQuantizer,
                                  OutlierAwareQuantizer, ShiftLogQuantizer, log_quantizer)
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
@@ -63,7 +63,7 @@ from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, che
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class ADFQConfig(Config):
     """ADFQ-ViT settings; defaults are the published code's, the paper's values are noted.
 
@@ -110,10 +110,10 @@ class ADFQConfig(Config):
     amo: bool = True
     alpha_qkv: float = 5.0
     alpha_fc1: float = ADFQ_ALPHA_FC1
-    outlier_mode: str = "abs"
-    shift_log: str = "logsqrt2"
+    outlier_mode: OutlierMode = "abs"
+    shift_log: LogKind = "logsqrt2"
     shift_eps: float = 1e-8
-    attn_quantizer: str = "logsqrt2"
+    attn_quantizer: LogKind = "logsqrt2"
     calib_size: int = ADFQ_CALIB_SIZE
     init_size: int = 32
     iterations: int = ADFQ_ITERATIONS
@@ -135,23 +135,18 @@ class ADFQConfig(Config):
     KIND = "adfq"
     VERSION = 1
 
-    def validate(self) -> "ADFQConfig":
+    def _check(self) -> None:
         check_quant_bits(self.w_bits, "w_bits")
         check_quant_bits(self.a_bits, "a_bits")
         check_quant_bits(self.input_bits, "input_bits")
         for name in ("alpha_qkv", "alpha_fc1"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            if not math.isfinite(v) or v <= 0:
                 raise EamError(f"{name}={v!r} must be a positive outlier threshold (ADFQ-ViT uses 5 for qkv, 5 or 10 for fc1)")
         for name in ("calib_size", "init_size", "iterations", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise EamError(f"{name}={v!r} must be an integer >= 1")
-        if self.outlier_mode not in OUTLIER_MODES:
-            raise EamError(f"outlier_mode {self.outlier_mode!r} is not one of {', '.join(OUTLIER_MODES)}")
-        for name in ("shift_log", "attn_quantizer"):
-            if getattr(self, name) not in LOG_KINDS:
-                raise EamError(f"{name} {getattr(self, name)!r} is not one of {', '.join(LOG_KINDS)}")
         if not 0 < self.beta_end <= self.beta_start:
             raise EamError(f"β must anneal downwards from beta_start to beta_end > 0, got {self.beta_start} → {self.beta_end}")
         if not 0 <= self.warmup < 1:
@@ -160,8 +155,7 @@ class ADFQConfig(Config):
             raise EamError(f"the rectified sigmoid needs zeta > 1 and gamma < 0, got {self.zeta}, {self.gamma}")
         if min(self.w_lr, self.a_lr, self.round_weight, self.kl_weight, self.shift_eps) < 0:
             raise EamError("learning rates, loss weights and shift_eps must be >= 0")
-        self.percentiles = tuple(float(p) for p in self.percentiles)
-        return self
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
 

@@ -24,8 +24,10 @@ head and skip only the scores and softmax.
 
 Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
 recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
-added to MACs. Matmuls outside Linear, Conv2d and attention (EViT's fused token: one ``N·C`` product
-per pruning stage) are not counted.
+added to MACs. Token merging's matching product (a ``merge``/``match`` row per merging block: the
+similarities of the keys averaged over heads, ``full`` 0 since the unmodified model has none) is
+counted; other matmuls outside Linear, Conv2d and attention (EViT's fused token: one ``N·C`` product
+per pruning stage) are not.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from eamvit.errors import EamError
+from eamvit.methods.state import state_of
 from eamvit.modules.attention import ADAPTERS, attention_layers, executes_plans
 from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_macs, conv_macs,
                              entry_sparse_skippable, linear_macs, speedup)
@@ -266,7 +269,10 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         rows.append(_linear_row(mod, s_in, s_out, layer, part, scale))
     for i in sorted(attn_in):
         rows += _attention_rows(i, layers[i], attn_in[i], n_full[i])
-    order = {"patch_embed": 0, "attention": 1, "mlp": 2, "other": 3, "head": 4}
+    merging = state_of(model).merge  # what the shape-recording forward just matched
+    for layer, tokens, macs in (merging.match_macs if merging is not None else ()):
+        rows.append(CostRow(layer, "merge", "match", tokens, 0, macs))
+    order = {"patch_embed": 0, "attention": 1, "merge": 2, "mlp": 3, "other": 4, "head": 5}
     rows.sort(key=lambda r: (-1 if r.layer is None and r.part == "patch_embed" else
                              10 ** 6 if r.layer is None else r.layer, order[r.part]))
     return CostAccount(rows)

@@ -42,7 +42,7 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +63,14 @@ from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weig
 
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
-SCHEMES = ("qdq", "weight-only")
-SOFTMAX = ("uniform", "fp32")
+Scheme = Literal["qdq", "weight-only"]
+SCHEMES = get_args(Scheme)
+SoftmaxExport = Literal["uniform", "fp32"]
+SOFTMAX = get_args(SoftmaxExport)
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig(Config):
     """How a model is exported (saved in the file's metadata).
 
@@ -91,32 +93,27 @@ class ExportConfig(Config):
     KIND = "export"
     VERSION = 1
 
-    scheme: str = "qdq"
-    softmax: str = "uniform"
+    scheme: Scheme = "qdq"
+    softmax: SoftmaxExport = "uniform"
     symmetric_activations: bool = False
     symmetric_weights: bool = False
     block_size: Optional[int] = None
     kept_tokens: bool = False
     opset: Optional[int] = None
 
-    def validate(self) -> "ExportConfig":
-        if self.scheme not in SCHEMES:
-            raise EamError(f"export scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
-        if self.softmax not in SOFTMAX:
-            raise EamError(f"softmax export {self.softmax!r} is not one of {', '.join(SOFTMAX)}")
+    def _check(self) -> None:
         b = self.block_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1)):
+        if b is not None and (b < 16 or b & (b - 1)):
             raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
-        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or not 13 <= self.opset <= 21):
+        if self.opset is not None and not 13 <= self.opset <= 21:
             raise EamError(f"opset {self.opset} is outside 13..21")
-        return self
 
 
-TARGETS = ("torch", "qdq", "weight-only")
+TargetForm = Literal["torch", "qdq", "weight-only"]
+TARGETS = get_args(TargetForm)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Target(Config):
     """Where a recipe's model will run: the quantizers it is calibrated with are the ones that runtime
     can express, so the PyTorch model that is evaluated is the model that is shipped.
@@ -135,16 +132,12 @@ class Target(Config):
     KIND = "target"
     VERSION = 1
 
-    form: str = "torch"
-    softmax: str = "uniform"
+    form: TargetForm = "torch"
+    softmax: SoftmaxExport = "uniform"
     symmetric_activations: bool = False
     symmetric_weights: bool = False
 
-    def validate(self) -> "Target":
-        if self.form not in TARGETS:
-            raise EamError(f"deployment target {self.form!r} is not one of {', '.join(TARGETS)}")
-        if self.softmax not in SOFTMAX:
-            raise EamError(f"softmax form {self.softmax!r} is not one of {', '.join(SOFTMAX)}")
+    def _check(self) -> None:
         changed = [n for n, v, d in (("softmax", self.softmax, "uniform"),
                                      ("symmetric_activations", self.symmetric_activations, False),
                                      ("symmetric_weights", self.symmetric_weights, False)) if v != d]
@@ -154,14 +147,13 @@ class Target(Config):
         if self.form == "weight-only" and changed and changed[0] != "symmetric_weights":
             raise EamError(f"{changed[0]} is a setting of activations, which target weight-only keeps in float; "
                            "drop it, or choose --target qdq")
-        return self
 
     @classmethod
     def of(cls, export: "ExportConfig") -> "Target":
         """The target that ``export`` writes."""
         return cls(form=export.scheme, softmax=export.softmax if export.scheme == "qdq" else "uniform",
                    symmetric_activations=export.symmetric_activations and export.scheme == "qdq",
-                   symmetric_weights=export.symmetric_weights).validate()
+                   symmetric_weights=export.symmetric_weights)
 
     def export_config(self, **file_settings: Any) -> "ExportConfig":
         """The :class:`ExportConfig` that writes this target, with the file's own settings (block size, opset ...)."""
@@ -169,7 +161,7 @@ class Target(Config):
             raise EamError("the model was calibrated for target torch, whose quantizers have no ONNX form; "
                            "compress it with --target qdq (8-bit activations) or --target weight-only")
         return ExportConfig(scheme=self.form, softmax=self.softmax, symmetric_activations=self.symmetric_activations,
-                            symmetric_weights=self.symmetric_weights, **file_settings).validate()
+                            symmetric_weights=self.symmetric_weights, **file_settings)
 
 
 def default_target(quant: Any) -> Target:
@@ -184,7 +176,6 @@ def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
     """Give a just-quantized ``model`` the quantizers ``target`` can express (in place) and record it."""
     if target is None:
         return model
-    target.validate()
     if step_config(model, "quant") is not None and target.form != "torch":
         prepare_export_(model, target.export_config())
     state_of(model).target = target
@@ -317,7 +308,7 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
     Raises:
         EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
     """
-    config = (config or ExportConfig()).validate()
+    config = config or ExportConfig()
     check_steps(model, config)
     if _repq_config(model) is None:
         return model
@@ -484,6 +475,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
 
     quant = _repq_config(model)
     prune = state_of(model).prune
+    merge = state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
@@ -491,6 +483,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "data_config": cfg, "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "export": config.to_dict(), "quant": quant.to_dict() if quant is not None else None,
             "prune": {**prune.config.to_dict(), "keep_rate": prune.keep_rate} if prune is not None else None,
+            "merge": merge.config.to_dict() if merge is not None else None,
             "frozen_layers": frozen,
             # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
             "calibration": list(state_of(model).calibration or [])}
@@ -542,7 +535,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     target = state_of(model).target
     if config is None:
         config = target.export_config() if target is not None and step_config(model, "quant") is not None else ExportConfig()
-    config.validate()
     require(attention_layers(model), "export")
     check_steps(model, config)
     _matching_export(model, config)

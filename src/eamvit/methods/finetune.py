@@ -50,7 +50,7 @@ WEIGHTS = "finetuned.safetensors"
 FROZEN = "frozen.safetensors"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     """EViT's fine-tuning recipe: :class:`~eamvit.methods.train.TrainConfig` plus the keep-rate schedule.
 
@@ -66,13 +66,12 @@ class FinetuneConfig(TrainConfig):
     keep_warmup_epochs: float = 0.0
     keep_decay_epochs: float = 0.0
 
-    def validate(self) -> "FinetuneConfig":
-        super().validate()
+    def _check(self) -> None:
+        super()._check()
         for name in ("keep_warmup_epochs", "keep_decay_epochs"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise EamError(f"{name}={v} must be ≥ 0")
-        return self
 
 
 def keep_rate_at(step: int, steps_per_epoch: int, target: float, config: FinetuneConfig) -> float:
@@ -138,9 +137,6 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     Returns:
         :func:`eamvit.methods.train.train`'s result.
     """
-    config.validate()
-    if freeze is not None:
-        freeze.validate()
     st = state_of(model).prune
     ident = _identity(model, st, freeze)
     out = ensure_writable_dir(out_dir) if out_dir is not None else None

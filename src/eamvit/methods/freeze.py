@@ -52,10 +52,11 @@ from eamvit.methods.state import peek, state_of, step_config
 from eamvit.methods.steps import StepHandler, StepInputs, register_step
 from eamvit.ops.quant import log2_fake_quant, logsqrt2_fake_quant, uniform_fake_quant
 
-from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS  # noqa: F401 (defined torch-free for the CLI)
+from eamvit.choices import (AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS,  # noqa: F401 (defined torch-free for the CLI)
+                            Aggregate, Granularity, Scope, Selection, ValueQuantizer)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FreezeConfig(Config):
     """How to freeze.
 
@@ -78,13 +79,13 @@ class FreezeConfig(Config):
     """
 
     tau: float = 0.0
-    scope: Optional[str] = None
-    selection: str = "entropy"
+    scope: Optional[Scope] = None
+    selection: Selection = "entropy"
     seed: int = 0
     value_bits: Optional[int] = None
-    value_quantizer: str = "uniform"
-    granularity: str = "entry"
-    aggregate: str = "mean"
+    value_quantizer: ValueQuantizer = "uniform"
+    granularity: Granularity = "entry"
+    aggregate: Aggregate = "mean"
     execute: bool = True
 
     KIND = "freeze"
@@ -96,25 +97,14 @@ class FreezeConfig(Config):
             return self.scope
         return "head" if self.granularity == "entry" else "layer"
 
-    def validate(self) -> "FreezeConfig":
-        if not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0 or math.isnan(self.tau):
+    def _check(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:  # NaN too
             raise EamError(f"sparsity tau={self.tau} is outside [0, 1]; give a fraction such as 0.2")
-        if self.scope is not None and self.scope not in SCOPES:
-            raise EamError(f"scope {self.scope!r} is not one of {', '.join(SCOPES)}")
-        if self.granularity not in GRANULARITIES:
-            raise EamError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        if self.aggregate not in AGGREGATES:
-            raise EamError(f"entropy aggregate {self.aggregate!r} is not one of {', '.join(AGGREGATES)}")
         if self.granularity != "entry" and self.scope == "head":
             raise EamError(f"scope 'head' does not apply to granularity {self.granularity!r} (whole units are frozen); "
                            "use scope layer or global")
-        if self.selection not in SELECTIONS:
-            raise EamError(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
         if self.value_bits is not None and not 1 <= self.value_bits <= 16:
             raise EamError(f"frozen-value bits {self.value_bits} outside 1..16 (or omit for fp32)")
-        if self.value_quantizer not in VALUE_QUANTIZERS:
-            raise EamError(f"frozen-value quantizer {self.value_quantizer!r} is not one of {', '.join(VALUE_QUANTIZERS)}")
-        return self
 
 
 def _k(tau: float, n: int) -> int:
@@ -162,7 +152,7 @@ def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[st
         aggregate: ``"mean"``, ``"median"`` or ``"max"``: a row's or head's score.
     """
     cfg = FreezeConfig(tau=tau, scope=scope, selection=selection, granularity=granularity,
-                       aggregate=aggregate).validate()
+                       aggregate=aggregate)
     scope = cfg.resolved_scope
     g = torch.Generator().manual_seed(seed)
     pick = (lambda s, k: _lowest(s, k)) if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
@@ -289,7 +279,6 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     Returns:
         A :class:`FreezeReport`.
     """
-    config.validate()
     maps.check_model(model)
     layers = attention_layers(model)
     require(layers, config.granularity)  # before any layer is touched: nothing half-frozen

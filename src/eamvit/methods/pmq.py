@@ -36,13 +36,14 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
@@ -53,8 +54,10 @@ from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLi
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
 from eamvit.ops.pareto import choose, pareto_frontier
 
-METRICS = ("fisher", "hessian")
-BASES = ("repq", "percentile")
+Metric = Literal["fisher", "hessian"]
+METRICS = get_args(Metric)
+PMQBase = Literal["repq", "percentile"]
+BASES = get_args(PMQBase)
 _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
 
 
@@ -73,7 +76,7 @@ def parse_bits_config(text: str) -> dict[str, Any]:
     return {"w_bits": w, "a_bits": a, "p_bits": p, "mixed": bool(m.group(4))}
 
 
-@dataclass
+@dataclass(frozen=True)
 class PMQConfig(Config):
     """PMQ settings.
 
@@ -107,13 +110,13 @@ class PMQConfig(Config):
     aas: bool = True
     size_budget_mb: Optional[float] = None
     bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    metric: str = "fisher"
+    metric: Metric = "fisher"
     calib_size: int = 32
     micro_batch: int = 1
     hutchinson_samples: int = 8
     aas_step: int = 1
-    base: str = "repq"
-    attn_quantizer: str = "logsqrt2"
+    base: PMQBase = "repq"
+    attn_quantizer: AttnQuantizer = "logsqrt2"
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     quantize_head: bool = True
     seed: int = 0
@@ -124,7 +127,7 @@ class PMQConfig(Config):
     @classmethod
     def from_string(cls, text: str, **kw: Any) -> "PMQConfig":
         """A config from ``"8/8/4(MP)"``; without ``(MP)`` the weights are not mixed."""
-        return cls(**{**parse_bits_config(text), **kw}).validate()
+        return cls(**{**parse_bits_config(text), **kw})
 
     @property
     def label(self) -> str:
@@ -134,28 +137,22 @@ class PMQConfig(Config):
     def patch_bits(self) -> int:
         return self.a_bits if self.p_bits is None else self.p_bits
 
-    def validate(self) -> "PMQConfig":
+    def _check(self) -> None:
         check_quant_bits(self.w_bits, "w_bits")
         check_quant_bits(self.a_bits, "a_bits")
         check_quant_bits(self.patch_bits, "p_bits")
-        self.bit_choices = tuple(sorted(set(int(b) for b in self.bit_choices)))
+        object.__setattr__(self, "bit_choices", tuple(sorted(set(self.bit_choices))))
         if not self.bit_choices:
             raise EamError("bit_choices is empty; PMQ searches 2..8 bits")
         for b in self.bit_choices:
             check_quant_bits(b, "bit_choices")
-        if self.metric not in METRICS:
-            raise EamError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        if self.base not in BASES:
-            raise EamError(f"base {self.base!r} is not one of {', '.join(BASES)}")
         for name in ("calib_size", "micro_batch", "hutchinson_samples", "aas_step"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise EamError(f"{name}={v!r} must be an integer >= 1")
-        if self.size_budget_mb is not None and not (isinstance(self.size_budget_mb, (int, float))
-                                                    and self.size_budget_mb > 0):
+        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
             raise EamError(f"size_budget_mb={self.size_budget_mb!r} must be a positive size in MB")
-        self.percentiles = tuple(float(p) for p in self.percentiles)
-        return self
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -316,7 +313,6 @@ def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
         perturbation, avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``,
         ``metric_seconds``.
     """
-    config.validate()
     comps = weight_components(model, config.quantize_head)
     t0 = time.perf_counter()
     if config.metric == "fisher":

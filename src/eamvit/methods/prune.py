@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -46,17 +46,21 @@ from eamvit.methods.steps import StepHandler, register_step
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
+from eamvit.methods.reduce import (check_blocks, check_token_model, drop_frozen_after, eligible_blocks,
+                                   has_class_token)
 from eamvit.modules.adapters import TokenFamily
-from eamvit.modules.attention import PRUNE_CLASSES, TOKEN_FAMILIES, attention_layers, instrument, observe, require
+from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
 from eamvit.modules.prune_block import PruneState
+from eamvit.modules.token_blocks import restore_blocks_
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
-from eamvit.choices import PLACEMENTS  # defined torch-free for the CLI
-FROZEN_AFTER = ("drop", "refuse")
+from eamvit.choices import PLACEMENTS, EntropyKeys, Placement, PruneMethod  # defined torch-free for the CLI
+FrozenAfter = Literal["drop", "refuse"]
+FROZEN_AFTER = get_args(FrozenAfter)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig(Config):
     """How to prune (saved with fine-tuned models: :meth:`to_dict` / :meth:`from_dict`).
 
@@ -77,31 +81,21 @@ class PruneConfig(Config):
     KIND: ClassVar[str] = "prune"
     VERSION: ClassVar[int] = 1
 
-    method: str = "shannon"
+    method: PruneMethod = "shannon"
     keep_rate: float = 0.7
     alpha: float = 2.0
     blocks: Optional[tuple[int, ...]] = None
     fuse: Optional[bool] = None
-    placement: str = "attn"
-    keys: str = "all"
+    placement: Placement = "attn"
+    keys: EntropyKeys = "all"
     seed: int = 0
     record_scores: bool = False
-    frozen_after: str = "drop"
+    frozen_after: FrozenAfter = "drop"
 
-    def validate(self) -> "PruneConfig":
-        if self.method not in METHODS:
-            raise EamError(f"pruning method {self.method!r} is not one of {', '.join(METHODS)}")
+    def _check(self) -> None:
         check_keep_rate(self.keep_rate)
-        a = self.alpha
-        if not isinstance(a, (int, float)) or math.isnan(a) or a < 0:
-            raise EamError(f"Rényi order alpha={a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
-        if self.placement not in PLACEMENTS:
-            raise EamError(f"pruning placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
-        if self.keys not in KEYS:
-            raise EamError(f"entropy keys {self.keys!r} is not one of {', '.join(KEYS)}")
-        if self.frozen_after not in FROZEN_AFTER:
-            raise EamError(f"frozen_after {self.frozen_after!r} is not one of {', '.join(FROZEN_AFTER)}")
-        return self
+        if not self.alpha >= 0:  # NaN too
+            raise EamError(f"Rényi order alpha={self.alpha} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
 
     @property
     def fuse_tokens(self) -> bool:
@@ -141,23 +135,9 @@ class PruneReport:
 
 
 def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, TokenFamily]:
-    """The model's blocks and their pruning family, or one line saying why the model cannot prune."""
-    require(instrument(model), "prune")  # the adapters' reasons (Swin, hierarchical families, XCiT)
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
-        raise EamError(f"token pruning needs a flat-token model with .blocks (ViT/DeiT, EVA02, BEiT, CaiT, ConViT); "
-                       f"{type(model).__name__} has none")
-    kinds = {PRUNE_CLASSES.get(type(b), type(b)) for b in blocks}
-    bad = sorted(k.__name__ for k in kinds if k not in TOKEN_FAMILIES)
-    if bad or len(kinds) != 1:
-        names = ", ".join(f"{f.name} {c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c, f in TOKEN_FAMILIES.items())
-        raise EamError(f"token pruning supports models whose blocks are all one of: {names}; this model has "
-                       f"{', '.join(bad or sorted(k.__name__ for k in kinds))}")
-    fam = TOKEN_FAMILIES[kinds.pop()]
-    reason = fam.refuse_model(model)
-    if reason:
-        raise EamError(f"token pruning does not apply to this {fam.name} model: {reason}")
-    if fam.class_token and (num_prefix_tokens(model) < 1 or getattr(model, "global_pool", "token") == "map"):
+    """The model's blocks and their family, or one line saying why the model cannot prune."""
+    blocks, fam = check_token_model(model, "token pruning", "prune", PRUNE_CLASSES)
+    if fam.class_token and not has_class_token(model):
         raise EamError("token pruning needs a class token (EViT scores and the prediction read it); "
                        "this model has none or pools with attention")
     if not fam.class_token and (config.method == "evit" or config.fuse_tokens):
@@ -168,42 +148,10 @@ def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, Toke
 
 def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily) -> tuple[int, ...]:
     """The pruning blocks: the configured ones, or EViT's (3, 6, 9) of 12 scaled to the blocks that can prune."""
-    depth = len(blocks_seq)
     if config.blocks is None:
-        eligible = [i for i, b in enumerate(blocks_seq) if fam.refuse(b) is None]
-        if not eligible:
-            raise EamError(f"no block of this {fam.name} model can prune: {fam.refuse(blocks_seq[0])}")
+        eligible = eligible_blocks(blocks_seq, fam, "prune")
         return tuple(eligible[i] for i in default_blocks(len(eligible)))
-    blocks = tuple(config.blocks)
-    if not blocks:
-        raise EamError("no pruning blocks given; name at least one 0-based block")
-    for b in blocks:
-        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < depth:
-            raise EamError(f"pruning block {b} is outside the model's {depth} blocks (0-based 0..{depth - 1})")
-        reason = fam.refuse(blocks_seq[b])
-        if reason:
-            raise EamError(f"block {b} of this {fam.name} model cannot prune: {reason}")
-    if len(set(blocks)) != len(blocks):
-        raise EamError(f"pruning blocks {list(blocks)} repeat a block")
-    return tuple(sorted(blocks))
-
-
-def _drop_frozen_later(layers: list[nn.Module], first: int, first_layer: int,
-                       config: PruneConfig) -> tuple[list, list[int]]:
-    """Attention layers after the first pruning block, and those whose frozen maps were removed."""
-    # They see fewer tokens than their frozen maps describe.
-    later = [m for m in layers if m.eam.layer > first_layer]
-    # κ = 1 prunes nothing, so the model (frozen maps included) stays exactly as it was; raising κ
-    # later with set_keep_rate meets the check at the first forward that prunes.
-    frozen_later = [m.eam.layer for m in later if m.eam_frozen_mask is not None] if config.keep_rate < 1 else []
-    if frozen_later and config.frozen_after == "refuse":
-        raise EamError(f"attention layers {frozen_later} have frozen EAM maps after the first pruning block {first}; "
-                       "frozen maps cannot follow pruned tokens (unfreeze them, or use frozen_after='drop')")
-    for m in later:
-        if m.eam.layer in frozen_later:
-            m.eam_frozen_mask = None
-            m.eam_frozen_values = None
-    return later, frozen_later
+    return check_blocks(config.blocks, blocks_seq, fam, "pruning", "prune")
 
 
 def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
@@ -220,12 +168,12 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     Raises:
         EamError: a bad configuration or an unsupported model (one line).
     """
-    config.validate()
     blocks_seq, fam = _check_model(model, config)
     blocks = _resolve_blocks(config, blocks_seq, fam)
     unprune_(model)
     layers = instrument(model)
-    later, frozen_later = _drop_frozen_later(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer, config)
+    later, frozen_later = drop_frozen_after(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer,
+                                            config.keep_rate < 1, config.frozen_after, "pruning")
     order = 1.0 if config.order is None else config.order
     state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
                        fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
@@ -238,7 +186,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     for i in sorted(set(blocks) | set(followers)):
         blk = blocks_seq[i]
         blk.__class__ = fam.prune_class
-        blk.eam_prune = state
+        blk.eam_tokens = state
         blk.eam_stage = blocks.index(i) if i in blocks else None
     state_of(model).prune = state
     state_of(model).steps["prune"] = config
@@ -251,11 +199,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
 
 def unprune_(model: nn.Module) -> None:
     """Restore every pruning block to its timm class and forget the pruning state."""
-    for m in model.modules():
-        if type(m) in PRUNE_CLASSES:
-            m.__class__ = PRUNE_CLASSES[type(m)]
-            for attr in ("eam_prune", "eam_stage"):
-                m.__dict__.pop(attr, None)
+    restore_blocks_(model, PRUNE_CLASSES, ("eam_tokens", "eam_stage"))
     st = peek(model)
     if st is not None:
         st.prune = None
@@ -387,7 +331,7 @@ def method_config(method: str, alpha: Optional[float], keep_rate: float, **optio
     kw = dict(options)
     if alpha is not None:
         kw["alpha"] = alpha
-    return PruneConfig(method=method, keep_rate=keep_rate, **kw).validate()
+    return PruneConfig(method=method, keep_rate=keep_rate, **kw)
 
 
 def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:

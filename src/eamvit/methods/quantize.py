@@ -59,7 +59,7 @@ _CODES = ".codes"
 def config_type(kind: Any) -> type:
     """The config class of quantization method ``kind`` (``"repq"``, ``"adfq"``, ``"pmq"``)."""
     kinds = {cls.KIND: cls for cls in _HANDLERS}
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise EamError(f"quantization method {kind!r} is not one of {', '.join(kinds)}")
     return kinds[kind]
 
@@ -94,7 +94,6 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         EamError: a bad config, too few calibration images, an already quantized or unsupported model.
     """
     handler = _handler(config)
-    config.validate()
     check_forward_loop(calib, forward_loop, "calib")
     if forward_loop is not None and not handler.forward_loop:
         raise EamError(f"{type(config).__name__} cannot calibrate from forward_loop (it needs the calibration images "
@@ -372,13 +371,13 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
 # --------------------------------------------------------------------------- the recipe step
 
 
-def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> Config:
+def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> dict:
     from eamvit.methods.export import apply_target_
 
     quantize_(model, config, inputs.calib, device=inputs.device, progress=inputs.progress,
               checkpoint_dir=inputs.checkpoint_dir)
     apply_target_(model, inputs.target)  # from here on every step sees the quantizers that are shipped
-    return config
+    return state_of(model).reports["quant"]
 
 
 def _restore_step(model: nn.Module, config: Config, meta: dict, tensors: dict, path: str) -> None:

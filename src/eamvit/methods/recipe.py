@@ -50,7 +50,7 @@ def _step_from_dict(d: Any) -> Config:
     return config_of_kind(d.get("kind")).from_dict(d)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe(Config):
     """An ordered list of compression steps (module docstring).
 
@@ -62,23 +62,18 @@ class Recipe(Config):
             shipped; ``None``: the quantizers as the method calibrates them (PyTorch).
     """
 
-    steps: tuple = ()
-    target: Any = None
+    steps: tuple[Config, ...] = ()
+    target: Optional[Target] = None
 
     KIND = "recipe"
     VERSION = 1
 
-    def validate(self) -> "Recipe":
+    def _check(self) -> None:
         stages = [step_stage(s) for s in self.steps]
         if stages != sorted(stages, key=stage_order) or len(set(stages)) != len(stages):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
                            "with each at most once; "
                            "write them in that order")
-        for s in self.steps:
-            s.validate()
-        if self.target is not None:
-            self.target.validate()
-        return self
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""
@@ -106,7 +101,7 @@ class Recipe(Config):
             raise EamError(f"recipe has {'unknown field(s) ' + ', '.join(unknown) if unknown else 'no list of steps'}; "
                            "it was written by another eamvit version")
         target = Target.from_dict(d["target"]) if d.get("target") is not None else None
-        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"]), target=target).validate()
+        return cls(steps=tuple(_step_from_dict(s) for s in d["steps"]), target=target)
 
 
 MapsSource = Union[EntropyMaps, Callable[[nn.Module], EntropyMaps], None]
@@ -128,10 +123,9 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
 
     Returns:
-        ``{stage: report}``: each step's report (the quantization config, the
+        ``{stage: report}``: each step's report (the quantization method's, the
         :class:`~eamvit.methods.freeze.FreezeReport`, the :class:`~eamvit.methods.prune.PruneReport` ...).
     """
-    recipe.validate()
     inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                         target=recipe.target)
     reports: dict[str, Any] = {}
@@ -220,7 +214,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
     from eamvit.io import save_tensors
     from eamvit.methods.models import data_config, model_spec, preprocessing
 
-    recipe.validate()
     have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "

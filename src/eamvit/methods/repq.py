@@ -64,10 +64,10 @@ from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
 
-from eamvit.choices import ATTN_QUANTIZERS  # noqa: F401 (re-exported; defined torch-free for the CLI)
+from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RepQConfig(Config):
     """RepQ-ViT settings; defaults are the reference code's.
 
@@ -95,23 +95,20 @@ class RepQConfig(Config):
     seed: int = 0
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     reparam: bool = True
-    attn_quantizer: str = "logsqrt2"
+    attn_quantizer: AttnQuantizer = "logsqrt2"
     vit_scale_first: bool = False
     quantize_head: bool = True
 
     KIND = "repq"
     VERSION = 1
 
-    def validate(self) -> "RepQConfig":
+    def _check(self) -> None:
         check_quant_bits(self.w_bits, "w_bits")
         check_quant_bits(self.a_bits, "a_bits")
         check_quant_bits(self.input_bits, "input_bits")
-        if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
+        if self.calib_size < 1:
             raise EamError(f"calib_size={self.calib_size!r} must be a positive number of images (RepQ-ViT uses 32)")
-        if self.attn_quantizer not in ATTN_QUANTIZERS:
-            raise EamError(f"attention quantizer {self.attn_quantizer!r} is not one of {', '.join(ATTN_QUANTIZERS)}")
-        self.percentiles = tuple(float(p) for p in self.percentiles)
-        return self
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
 
@@ -176,7 +173,6 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
     Returns:
         The LayerNorm → Linear pairs (their Linear inputs are per channel until reparameterized).
     """
-    config.validate()
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     layers = attention_layers(model)  # raises for unsupported families

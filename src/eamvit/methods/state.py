@@ -30,6 +30,7 @@ class ModelState:
         steps: the config of each step applied, by stage (``"quant"``, ``"freeze"``, ``"prune"`` ...).
         reports: the report of each step applied here, by stage.
         prune: the pruning blocks' shared :class:`~eamvit.modules.prune_block.PruneState`.
+        merge: the merging blocks' shared :class:`~eamvit.modules.merge_block.MergeState`.
         target: the deployment target the model was prepared for (an export config), ``None``: none.
     """
 
@@ -42,6 +43,7 @@ class ModelState:
     steps: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
     prune: Any = None
+    merge: Any = None
     target: Any = None
 
 

@@ -37,7 +37,7 @@ FORMAT = "eamvit-train/1"
 Schedule = Callable[[int, int], dict[str, Any]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(Config):
     """Training hyper-parameters (saved with checkpoints; runtime settings are arguments of :func:`train`).
 
@@ -76,8 +76,8 @@ class TrainConfig(Config):
     sched: str = "cosine"
     seed: int = 0
 
-    def validate(self) -> "TrainConfig":
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+    def _check(self) -> None:
+        if self.epochs < 1:
             raise EamError(f"epochs must be a whole number ≥ 1, got {self.epochs}")
         for name in ("lr", "min_lr", "warmup_lr"):
             v = getattr(self, name)
@@ -89,11 +89,10 @@ class TrainConfig(Config):
                 raise EamError(f"{name}={v} must be ≥ 0")
         if self.label_smoothing >= 1:
             raise EamError(f"label_smoothing={self.label_smoothing} must be below 1")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size < 1:
             raise EamError(f"batch size must be at least 1, got {self.batch_size}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise EamError(f"grad_clip={self.grad_clip} must be positive (or None for no clipping)")
-        return self
 
 
 class SeededItems(Dataset):
@@ -307,7 +306,6 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
     """
     from tqdm.auto import tqdm
 
-    config.validate()
     if len(train_ds) == 0:
         raise EamError("the training set is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -34,17 +34,17 @@ SizeReader = Callable[[nn.Module], Optional[tuple[int, int]]]
 OpsetReader = Callable[[nn.Module, tuple[int, int]], tuple[int, str]]
 
 # The verbs an adapter may support, in the order `eamvit models` prints them.
-VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "repq", "adfq", "pmq", "export")
+VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "merge", "repq", "adfq", "pmq", "export")
 VERB_TITLES = {"maps": "maps", "entry": "entry freeze", "row": "row freeze", "head": "head freeze",
-               "executed_head": "executed heads", "prune": "token pruning", "repq": "RepQ-ViT",
-               "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
+               "executed_head": "executed heads", "prune": "token pruning", "merge": "token merging",
+               "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
 # The verbs most adapters declare: maps, entry and head freezing, RepQ-ViT (through the tap where timm's
 # forward runs) and the ONNX export; "row" only where a layer map has one set of query rows.
 BASE_VERBS = frozenset({"maps", "entry", "head", "repq", "export"})
 _VERB_WORDS = {"maps": "entropy maps", "entry": "entry freezing", "row": "row freezing",
                "head": "head freezing", "executed_head": "executed head freezing", "prune": "token pruning",
-               "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization", "pmq": "PMQ quantization",
-               "export": "ONNX export"}
+               "merge": "token merging", "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization",
+               "pmq": "PMQ quantization", "export": "ONNX export"}
 
 
 def as_pair(v) -> tuple[int, int]:
@@ -109,23 +109,28 @@ class QuantFacts:
 
 @dataclass(frozen=True)
 class TokenFamily:
-    """How a family's blocks drop (or merge) patch tokens: the facts every token-reducing block needs.
+    """How a family's blocks drop or merge patch tokens: the classes swapped in and the facts both verbs need.
 
     Args:
         name: the family, for messages.
         block: the timm block class (exact type: a subclass with its own forward is not assumed compatible).
         prune_class: the pruning class swapped in for it (:mod:`eamvit.modules.prune_block`).
+        merge_class: the merging class swapped in for it (:mod:`eamvit.modules.merge_block`).
+        merge_followers: timm classes of blocks outside ``.blocks`` that read the merged tokens → the class
+            swapped in for them (CaiT's class attention adds the token sizes).
         positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
-            every block after the first pruning block is swapped too (as a follower).
+            every block after the first reducing block is swapped too (as a follower).
         class_token: a class token precedes the patch tokens inside these blocks (EViT's score and
             fusion read it); ``False`` for CaiT, whose class token joins only in the class-attention blocks.
-        refuse: why a given block of this class cannot prune, or ``None`` when it can.
-        refuse_model: why a given model of this family cannot be pruned, or ``None``.
+        refuse: why a given block of this class cannot prune or merge, or ``None`` when it can.
+        refuse_model: why a given model of this family cannot, or ``None``.
     """
 
     name: str
     block: type
     prune_class: type
+    merge_class: type
+    merge_followers: Mapping[type, type] = field(default_factory=dict)
     positions: bool = False
     class_token: bool = True
     refuse: Callable[[nn.Module], Optional[str]] = lambda block: None
@@ -151,7 +156,7 @@ class Adapter:
         probs: where the probabilities are (what observers see and freezing overwrites).
         layer_map: the per-layer map shape ``(…, N_q, N_k)``; heads are at dim -3.
         verbs: the supported verbs (a subset of :data:`VERBS`) besides those the facts below imply:
-            ``executed_head`` with ``heads``, ``prune`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT
+            ``executed_head`` with ``heads``, ``prune`` and ``merge`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT
             unless ``why_not`` refuses them.
         example: a timm model name of the family.
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
@@ -162,7 +167,7 @@ class Adapter:
         cost_modelled: the MAC account (methods/cost.py) reads its shapes (a fused ``qkv`` and ``proj``
             over one set of tokens).
         quant: what RepQ-ViT needs to know (:class:`QuantFacts`).
-        tokens: how the family's blocks drop tokens (:class:`TokenFamily`); None: no token pruning.
+        tokens: how the family's blocks drop or merge tokens (:class:`TokenFamily`); None: neither.
         bind: sets what its layers need to know from their model (groups per image: Swin's windows,
             TNT's patches), once instrumented.
         input_size: reads the image size ``(H, W)`` a built model of the family takes (None: it does not
@@ -193,14 +198,15 @@ class Adapter:
     def __post_init__(self) -> None:
         given = set(self.verbs)
         unknown = given - set(VERBS)
-        lacking = [v for v, fact in (("executed_head", self.heads), ("prune", self.tokens)) if v in given and not fact]
+        lacking = [v for v, fact in (("executed_head", self.heads), ("prune", self.tokens), ("merge", self.tokens))
+                   if v in given and not fact]
         if unknown or lacking or self.heads not in (None, *HEAD_MODES):
             raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs without the facts they "
                              f"need {lacking}, head mode {self.heads!r} (one of {', '.join(HEAD_MODES)} or None)")
         # Derived again on every construction (dataclasses.replace included): ADFQ-ViT and PMQ refine
         # RepQ-ViT's surgery.
         verbs = (given - {"adfq", "pmq"}) | ({"executed_head"} if self.heads else set()) | \
-            ({"prune"} if self.tokens else set())
+            ({"prune", "merge"} if self.tokens else set())
         if "repq" in verbs:
             verbs |= {"adfq", "pmq"} - set(self.why_not)
         object.__setattr__(self, "verbs", frozenset(verbs))
@@ -238,6 +244,10 @@ class EamState:
         adapter: the adapter of the module's timm class.
         observer: called with the post-softmax map (``observe(stage="softmax")``).
         observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
+        observer_k: called with the keys ``(B, H, N, d)`` as the score product receives them
+            (``stage="keys"``; token merging's matching features).
+        score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``
+            (:func:`~eamvit.modules.attention.bias_scores`; proportional attention's ``log size``).
         plan: ``"head"`` or ``"row"`` while a frozen plan is executed; ``None`` otherwise.
         granularity: what the frozen mask covers: ``"entry"``, ``"row"`` or ``"head"``.
         num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
@@ -251,6 +261,8 @@ class EamState:
     adapter: Adapter
     observer: Optional[Observer] = None
     observer_q: Optional[Observer] = None
+    observer_k: Optional[Observer] = None
+    score_bias: Optional[torch.Tensor] = None
     plan: Optional[str] = None
     granularity: str = "entry"
     num_windows: int = 1
@@ -281,17 +293,22 @@ class EamBase:
 
     @property
     def eam_active(self) -> bool:
+        return self.eam_needs_scores or self.eam_quant is not None or self.eam_frozen_mask is not None
+
+    @property
+    def eam_needs_scores(self) -> bool:
+        """Something reads or changes the attention of every head and query: an observer of the map or
+        of the keys, or a bias on the scores (an executed frozen plan would skip it)."""
         state = self.eam
-        return (state.observer is not None or state.observer_q is not None or self.eam_quant is not None
-                or self.eam_frozen_mask is not None)
+        return (state.observer is not None or state.observer_q is not None or state.observer_k is not None
+                or state.score_bias is not None)
 
     @property
     def eam_executes_plan(self) -> bool:
         """True when the next forward skips the frozen heads/rows instead of simulating them: nothing needs
-        the whole map (an observer, quantized attention, attention dropout in training)."""
+        every head's scores (:attr:`eam_needs_scores`, quantized attention, attention dropout in training)."""
         state, drop = self.eam, getattr(self, "attn_drop", None)
-        if (state.plan is None or self.eam_frozen_mask is None or state.observer is not None
-                or state.observer_q is not None or self.eam_quant is not None
+        if (state.plan is None or self.eam_frozen_mask is None or self.eam_needs_scores or self.eam_quant is not None
                 or (self.training and drop is not None and drop.p > 0)):
             return False
         # Sliced weights: exact nn.Linear only, a quantized linear's forward must not be bypassed by F.linear.
@@ -350,18 +367,32 @@ def _chain(first: Observer, then: Observer) -> Observer:
 
 
 @contextlib.contextmanager
-def observing(layers: Sequence[nn.Module], observers: Mapping[int, Observer],
-              attr: str = "observer") -> Iterator[Sequence[nn.Module]]:
-    """Attach ``observers[i]`` to ``layers[i].eam.<attr>`` for the block, after any observer already there,
-    and restore exactly what was there on exit (also when the body raises)."""
-    saved = {l: getattr(layers[l].eam, attr) for l in observers}
+def _attached(layers: Sequence[nn.Module], values: Mapping[int, object], attr: str,
+              combine: Callable[[object, object], object]) -> Iterator[Sequence[nn.Module]]:
+    """Set ``layers[i].eam.<attr>`` to ``values[i]``, ``combine(values[i], what was there)`` where something
+    was, for the block, and restore exactly what was there on exit (also when the body raises)."""
+    saved = {l: getattr(layers[l].eam, attr) for l in values}
     try:
-        for l, fn in observers.items():
-            setattr(layers[l].eam, attr, fn if saved[l] is None else _chain(fn, saved[l]))
+        for l, value in values.items():
+            setattr(layers[l].eam, attr, value if saved[l] is None else combine(value, saved[l]))
         yield layers
     finally:
         for l, prev in saved.items():
             setattr(layers[l].eam, attr, prev)
+
+
+def observing(layers: Sequence[nn.Module], observers: Mapping[int, Observer],
+              attr: str = "observer") -> contextlib.AbstractContextManager:
+    """Attach ``observers[i]`` to ``layers[i].eam.<attr>`` for the block, before any observer already there."""
+    return _attached(layers, observers, attr, _chain)
+
+
+def biasing(layers: Sequence[nn.Module],
+            biases: Mapping[int, Optional[torch.Tensor]]) -> contextlib.AbstractContextManager:
+    """Add ``biases[i]`` (``None``: nothing) to ``layers[i]``'s scores (``eam.score_bias``) for the block, on
+    top of a bias already there."""
+    return _attached(layers, {l: b for l, b in biases.items() if b is not None}, "score_bias",
+                     lambda bias, outer: outer + bias)
 
 
 @dataclass(frozen=True)

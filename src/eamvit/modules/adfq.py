@@ -10,7 +10,7 @@ The training that uses them (module-wise reconstruction) is :mod:`eamvit.methods
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 
@@ -19,8 +19,10 @@ from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, Log2Quantizer, LogSq
                                        UniformQuantizer)
 from eamvit.ops.quant import uniform_fake_quant
 
-LOG_KINDS = ("logsqrt2", "log2")
-OUTLIER_MODES = ("abs", "upper")
+LogKind = Literal["logsqrt2", "log2"]
+LOG_KINDS = get_args(LogKind)
+OutlierMode = Literal["abs", "upper"]
+OUTLIER_MODES = get_args(OutlierMode)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

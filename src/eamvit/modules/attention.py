@@ -19,7 +19,11 @@ registers on the module:
   window position is its own variable), ``(H, 1, N)`` for class attention, ``(H, N_q, N_k)`` for
   pooled keys; ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
   ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
-  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one).
+  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one), and ``stage="keys"``
+  (``eam.observer_k``, adapters that declare token merging) receives the keys ``(B, H, N, d)`` as the
+  score product does (after q/k norms and rotary embeddings) instead of ``A``.
+* ``eam.score_bias``, set only through :func:`bias_scores` (same discipline): a term added to the scores
+  before the softmax, broadcast over ``(B, H, N_q, N_k)`` (token merging's proportional attention).
 * ``eam_frozen_mask`` / ``eam_frozen_values``: non-persistent buffers of ``layer_shape``; where the mask is true,
   ``A`` takes the frozen value (eq. 15 of the EAM paper).
 * ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
@@ -43,15 +47,15 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, capability_table, families_line,
-                                     observing, require)
+from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, biasing, capability_table,
+                                     families_line, observing, require)
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
-__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "executes_plans", "input_size",
-           "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
+__all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "bias_scores", "executes_plans",
+           "input_size", "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
 
-Stage = Literal["softmax", "quantized"]
-_STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q"}
+Stage = Literal["softmax", "quantized", "keys"]
+_STAGE_ATTR = {"softmax": "observer", "quantized": "observer_q", "keys": "observer_k"}
 
 ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
@@ -59,9 +63,12 @@ _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
 _OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
-# How each timm block class drops tokens (the adapters' `tokens`), and the pruning class → its timm block.
+# How each timm block class drops or merges tokens (the adapters' `tokens`), and each class a verb swaps in
+# → its timm class (merging: CaiT's class-attention blocks too).
 TOKEN_FAMILIES: dict[type, TokenFamily] = {a.tokens.block: a.tokens for a in ADAPTERS if a.tokens is not None}
 PRUNE_CLASSES: dict[type, type] = {f.prune_class: f.block for f in TOKEN_FAMILIES.values()}
+MERGE_CLASSES: dict[type, type] = {m: t for f in TOKEN_FAMILIES.values()
+                                   for t, m in ((f.block, f.merge_class), *f.merge_followers.items())}
 SUPPORTED_FAMILIES = families_line(FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
@@ -258,16 +265,45 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     Args:
         model: a timm model (instrumented on first use).
         observers: layer number (see :func:`instrument`) to observer.
-        stage: ``"softmax"`` (the attention map) or ``"quantized"`` (after the post-softmax quantizer).
+        stage: ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or
+            ``"keys"`` (the keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
 
     Yields:
         The instrumented attention modules, index = layer number.
     """
+    layers = _layers(model, observers)
+    if stage == "keys":
+        require([layers[l] for l in observers], "merge")
+    with observing(layers, observers, _STAGE_ATTR[stage]):
+        yield layers
+
+
+def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
     layers = attention_layers(model)
-    bad = [l for l in observers if not 0 <= l < len(layers)]
+    bad = [l for l in chosen if not 0 <= l < len(layers)]
     if bad:
         raise EamError(f"attention layer {bad[0]} does not exist; the model has layers 0..{len(layers) - 1}")
-    with observing(layers, observers, _STAGE_ATTR[stage]):
+    return layers
+
+
+@contextlib.contextmanager
+def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
+    """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
+
+    Biases nest as observers do: an enclosing block's bias is added to this one, and each block
+    restores exactly what it found. ``None`` adds nothing. Layers without a bias keep timm's forward.
+
+    Args:
+        model: a timm model (instrumented on first use).
+        biases: layer number to a tensor that broadcasts to the layer's ``(B, H, N_q, N_k)`` scores
+            (proportional attention: ``(B, 1, 1, N)``).
+
+    Yields:
+        The instrumented attention modules, index = layer number.
+    """
+    layers = _layers(model, biases)
+    require([layers[l] for l in biases if biases[l] is not None], "merge")
+    with biasing(layers, biases):
         yield layers
 
 

@@ -15,8 +15,8 @@ with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED
 Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
-(BatchNorm). Token pruning is declared for the flat-token families (EVA02, BEiT, CaiT, ConViT: their
-adapters' ``tokens``). Row freezing is simulated here (the frozen mask covers whole query rows and
+(BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
+ConViT: their adapters' ``tokens``). Row freezing is simulated here (the frozen mask covers whole query rows and
 overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
 cut per head (:mod:`eamvit.modules.family_heads`, the adapters' ``heads``) and simulated elsewhere. A
 row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
@@ -45,6 +45,8 @@ from eamvit.modules import family_quant as fq
 from eamvit.modules.adapters import BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily
 from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, swinv2_heads
 from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
+from eamvit.modules.merge_block import MergeBeitBlock, MergeCaitBlock, MergeCaitClassBlock, MergeConvitBlock, \
+    MergeEvaBlock
 from eamvit.modules.prune_block import PruneBeitBlock, PruneCaitBlock, PruneConvitBlock, PruneEvaBlock
 from eamvit.modules.vit_swin import bind_windows
 from eamvit.ops.positions import gather_pair_bias
@@ -54,33 +56,46 @@ class _SoftmaxTap(TorchFunctionMode):
     """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
     attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
     the one before the first softmax (the scores, q and k as timm's forward hands them over) and
-    the second of the first one after it (v)."""
+    the second of the first one after it (v). ``keys`` (an observer) receives the key operand of the
+    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax."""
 
-    def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None) -> None:
+    def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
+                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.fn = fn
         self.quant = quant
+        self.keys = keys
+        self.bias = bias
         self.calls = 0
         self.matmuls = [0, 0]  # before the first softmax, after it
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The mode is suspended inside this method, so neither call below is seen again.
-        if self.quant is not None and func in _MATMULS:
-            args = self._quantize_operands(args)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _MATMULS and (self.quant is not None or self.keys is not None):
+            args = self._score_operands(args)
+        if func in _SOFTMAXES and self.bias is not None and not self.calls:
+            if kwargs.get("dim", args[1] if len(args) > 1 else None) not in (-1, args[0].dim() - 1):
+                raise EamError("a score bias needs the softmax over the last (key) dim; this timm version differs")
+            args = (args[0] + self.bias.to(args[0].dtype),) + tuple(args[1:])
+        out = func(*args, **kwargs)
         if func in _SOFTMAXES:
             self.calls += 1
             if self.fn is not None:
                 out = self.fn(out)
         return out
 
-    def _quantize_operands(self, args: tuple) -> tuple:
+    def _score_operands(self, args: tuple) -> tuple:
         after = int(self.calls > 0)
         self.matmuls[after] += 1
         qz = self.quant
         if not after:
-            return (qz.q(args[0]), qz.k(args[1])) + tuple(args[2:])
-        if self.matmuls[1] == 1:
+            if qz is not None:
+                args = (qz.q(args[0]), qz.k(args[1])) + tuple(args[2:])
+            if self.keys is not None and self.matmuls[0] == 1:
+                self.keys(args[1].transpose(-2, -1), None)  # timm multiplies by kᵀ
+            return args
+        if qz is not None and self.matmuls[1] == 1:
             return (args[0], qz.v(args[1])) + tuple(args[2:])
         return args
 
@@ -94,6 +109,9 @@ class _SoftmaxTap(TorchFunctionMode):
             raise EamError(f"{where} computed {self.matmuls[0]} score matmuls and {self.matmuls[1]} after its "
                            "softmax where eamvit's quantizers expect one and at least one; this timm version "
                            "is not supported for RepQ-ViT on that family")
+        if self.keys is not None and self.matmuls[0] != 1:
+            raise EamError(f"{where} computed {self.matmuls[0]} score matmuls before its softmax where token "
+                           "merging reads the keys of one; this timm version is not supported for merging")
 
 
 class _Tapped(EamBase):
@@ -123,7 +141,8 @@ class _Tapped(EamBase):
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
         fused = bool(getattr(self, "fused_attn", False))
-        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant)
+        tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant, self.eam.observer_k,
+                          self.eam.score_bias)
         try:
             if fused:
                 self.fused_attn = False
@@ -211,6 +230,9 @@ class EamGPSA(EamBase, convit.GPSA):
         return self._eam_post_softmax(attn, 1, None) if self.eam_active else attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eam.observer_k is not None or self.eam.score_bias is not None:
+            raise EamError(f"ConViT GPSA layer {self.eam.layer} gates positional scores: no keys to match nor scores "
+                           "to bias; merge tokens at the MHSA blocks only")
         if self.eam_executes_plan:
             return gpsa_heads(self, x)
         if self.eam_quant is None:
@@ -307,14 +329,14 @@ class EamCrossAttention(_Tapped, crossvit.CrossAttention):
 def _convit_refuse(block: nn.Module) -> Optional[str]:
     if isinstance(block.attn, convit.GPSA):
         return ("its GPSA blocks compute positional attention over the full patch grid and run before the class "
-                "token exists; prune at the MHSA blocks (local_up_to_layer onwards)")
+                "token exists; use the MHSA blocks (local_up_to_layer onwards)")
     return None
 
 
 def _eva_refuse(model: nn.Module) -> Optional[str]:
     rope = getattr(model, "rope", None)
     if getattr(model, "rope_mixed", False) or (rope is not None and type(rope).__name__ != "RotaryEmbeddingCat"):
-        return (f"its {type(rope).__name__} rotary embedding cannot be gathered for the kept tokens; "
+        return (f"its {type(rope).__name__} rotary embedding cannot be gathered for the present tokens; "
                 "only EVA02's shared RotaryEmbeddingCat is supported")
     return None
 
@@ -323,10 +345,13 @@ def _eva_inputs(a: nn.Module) -> list:
     return ([a.qkv] if a.qkv is not None else [a.q_proj, a.k_proj, a.v_proj]) + ([a.gate] if a.gate is not None else [])
 
 
-# Token pruning (methods/prune.py) in the flat-token families; XCiT's class attention shares CaiT's adapter
-# (XCiT itself is refused by its XCA blocks).
-_CAIT = TokenFamily("CaiT", cait.LayerScaleBlock, PruneCaitBlock, class_token=False)
-_CONVIT = TokenFamily("ConViT", convit.Block, PruneConvitBlock, refuse=_convit_refuse)
+# Token pruning and merging (methods/prune.py, merge.py) in the flat-token families; XCiT's class attention
+# shares CaiT's adapter (XCiT itself is refused by its XCA blocks).
+_CAIT = TokenFamily("CaiT", cait.LayerScaleBlock, PruneCaitBlock, MergeCaitBlock,
+                    {cait.LayerScaleBlockClassAttn: MergeCaitClassBlock}, class_token=False)
+_CONVIT = TokenFamily("ConViT", convit.Block, PruneConvitBlock, MergeConvitBlock, refuse=_convit_refuse)
+_NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
+              "local patch interaction convolves the full patch grid; its class attention only comes after them")
 _NONE = lambda a: [None]  # noqa: E731 (a conv, pooling or padding also reads the normalised input)
 _QKV = "one fused qkv linear, split per head"
 _WINDOW_ROW = "a row there is one (window, token) pair"
@@ -337,11 +362,12 @@ ADAPTERS: tuple[Adapter, ...] = (
              _SCALED + " after rotary position embedding of q and k (EVA02); optional sub-LN", "(H, N, N)",
              "eva02_tiny_patch14_224", heads="sdpa", cost_modelled=True,
              quant=QuantFacts(_eva_inputs, {eva.EvaBlock: fq.attn_block}, separate_bias=True),
-             tokens=TokenFamily("EVA02", eva.EvaBlock, PruneEvaBlock, positions=True, refuse_model=_eva_refuse)),
+             tokens=TokenFamily("EVA02", eva.EvaBlock, PruneEvaBlock, MergeEvaBlock, positions=True,
+                               refuse_model=_eva_refuse)),
     _adapter("BEiT", beit.Attention, EamBeitAttention, "one qkv linear with q and v biases",
              _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224", heads="sdpa",
              cost_modelled=True, quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
-             tokens=TokenFamily("BEiT", beit.Block, PruneBeitBlock, positions=True)),
+             tokens=TokenFamily("BEiT", beit.Block, PruneBeitBlock, MergeBeitBlock, positions=True)),
     # Swin v2 and EVA's post-norm blocks have no groups: the norm follows the attention and the MLP.
     _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
              "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
@@ -376,9 +402,7 @@ ADAPTERS: tuple[Adapter, ...] = (
              "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
              "xcit_nano_12_p16_224", heads="sdpa",
              quant=QuantFacts(groups={xcit.XCABlock: fq.attn_block}, channel_map=True),
-             why_not={"prune": "token pruning does not apply to XCiT: its XCA blocks attend over channels (no "
-                               "token scores) and their local patch interaction convolves the full patch grid; its "
-                               "class attention only comes after them"}),
+             why_not={"prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS}),
     # Twins pads the grid to whole windows with zeros after the norm, and padded tokens are keys.
     _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
              _SCALED, "(G, H, N, N)", "twins_svt_small", heads="sdpa",

@@ -1,8 +1,8 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
 
 :func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (the adapter's
-:class:`~eamvit.modules.adapters.TokenFamily` names it; ToMe-style; no weights copied, no per-instance
-``forward``, no module-name matching): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
+:class:`~eamvit.modules.adapters.TokenFamily` names it; the family arithmetic is
+:mod:`eamvit.modules.token_blocks`'): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
 :class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``
 and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one instrumentation
 (:func:`~eamvit.modules.adapters.observing`, as :func:`eamvit.modules.attention.observe` does), around
@@ -13,13 +13,12 @@ pruning block with nothing to prune (κ = 1, or unfused ``random``), runs timm's
 ``"block"`` after the whole block. The captured map is the live tensor, so, as in EViT, gradients
 flow through the fusion weights as well as through the tokens.
 
-Positions. EVA02 rotates q and k by each patch's RoPE and BEiT adds a relative-position bias indexed
-by token pairs; both are computed for the full grid. Every block of those families after the first
-pruning block (pruning or not: a *follower*, ``eam_stage = None``) therefore gathers them for the tokens
-still present, from ``PruneState.positions``. EViT's fused token has no grid position: it gets no
-rotation and no relative-position bias (zero), as the class token gets no rotation in EVA02.
-CaiT's self-attention blocks run before its class token exists, so there ``num_prefix`` is 0 and
-only the entropy and random scores apply (no class-token attention for EViT or its fusion).
+Positions. In EVA02 and BEiT every block after the first pruning block (pruning or not: a *follower*,
+``eam_stage = None``) gathers RoPE or the relative-position bias for the tokens still present, from
+``PruneState.positions``. EViT's fused token has no grid position: it gets no rotation and no
+relative-position bias (zero), as the class token gets no rotation in EVA02. CaiT's self-attention
+blocks run before its class token exists, so there ``num_prefix`` is 0 and only the entropy and random
+scores apply (no class-token attention for EViT or its fusion).
 """
 from __future__ import annotations
 
@@ -32,9 +31,9 @@ from torch import nn
 from timm.models import beit, cait, convit, eva
 from timm.models.vision_transformer import Block
 
-from eamvit.errors import EamError
 from eamvit.modules.adapters import observing
-from eamvit.ops.positions import gather_pair_bias, gather_rope, next_positions
+from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import kept_count, prune_tokens
 
 
@@ -73,24 +72,22 @@ class PruneState:
     track_positions: bool = False
     positions: Optional[torch.Tensor] = None
 
-
     @property
     def needs_attention(self) -> bool:
         return self.method != "random" or self.fuse
 
 
-
-class _PruneMixin:
+class _PruneSteps(TokenBlock):
     """What every family's pruning block shares: the per-forward trace, the attention capture and the
     token surgery. ``eam_stage`` is the pruning stage, or ``None`` for a follower block that only
     needs the present tokens' positions."""
 
-    eam_prune: PruneState
-    eam_stage: Optional[int]
+    eam_tokens: PruneState
+    eam_verb = "token pruning"
 
-    def _eam_start(self, x: torch.Tensor) -> Optional[int]:
+    def _eam_start(self, x: torch.Tensor, masked: bool) -> Optional[int]:
         """Patch tokens to keep at this block, or ``None`` when it prunes nothing in this forward."""
-        st = self.eam_prune
+        st = self.eam_tokens
         n = x.shape[1] - st.num_prefix
         if self.eam_stage == 0:
             # Stage 0 runs first in every forward: start a fresh trace.
@@ -107,17 +104,17 @@ class _PruneMixin:
             self._check_frozen()
         return k
 
-    def _attention(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``run()`` (the attention branch), and the map when the method needs one (read through ``observe``)."""
-        if not self.eam_prune.needs_attention:
+    def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``run()`` (the attention branch), and the map when the method needs one (read through ``observing``)."""
+        if not self.eam_tokens.needs_attention:
             return run(), None
         seen: list[torch.Tensor] = []
         with observing([self.attn], {0: lambda attn, mask: seen.append(attn)}):
             out = run()
         return out, seen[0]
 
-    def _prune(self, x: torch.Tensor, attn: Optional[torch.Tensor], k: int) -> torch.Tensor:
-        st = self.eam_prune
+    def _eam_reduce(self, x: torch.Tensor, attn: Optional[torch.Tensor], k: int) -> torch.Tensor:
+        st = self.eam_tokens
         gen = None
         if st.method == "random":
             if st.generator is None or st.generator.device != x.device:
@@ -131,108 +128,32 @@ class _PruneMixin:
             st.positions = next_positions(st.positions, keep, st.num_prefix, x.shape[1], st.fuse)
         return out
 
-    def _check_frozen(self) -> None:
-        for module in self.eam_prune.later_attention:
-            if module.eam_frozen_mask is not None:
-                raise EamError(f"attention layer {module.eam.layer} has frozen EAM maps but comes after token "
-                               f"pruning at block {self.eam_prune.blocks[0]}; freeze before pruning (prune_ drops "
-                               "maps that no longer apply) or unfreeze those layers")
 
-    def _eam_run(self, x: torch.Tensor, k: int, attn_branch: Callable[[torch.Tensor], torch.Tensor],
-                 mlp_branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The block with pruning: ``x + attn_branch(x)``, then prune before (``"attn"``) or after
-        (``"block"``) ``x + mlp_branch(x)``; each branch is the family's own arithmetic."""
-        y, attn = self._attention(lambda: attn_branch(x))
-        x = x + y
-        if self.eam_prune.placement == "attn":
-            x = self._prune(x, attn, k)
-            return x + mlp_branch(x)
-        x = x + mlp_branch(x)
-        return self._prune(x, attn, k)
-
-
-class PruneBlock(_PruneMixin, Block):
+class PruneBlock(VitTokens, _PruneSteps, Block):
     """timm ``Block`` (ViT family) that drops patch tokens; installed by class swap."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        k = self._eam_start(x)
-        if k is None or attn_mask is not None:
-            # Nothing to drop (or a caller-given mask sized for all tokens): timm's own, fused forward.
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._eam_run(x, k, lambda t: self.drop_path1(self.ls1(self.attn(self.norm1(t), attn_mask=None,
-                                                                                  is_causal=is_causal))),
-                             lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))))
+    eam_timm_class = Block
 
 
-class PruneEvaBlock(_PruneMixin, eva.EvaBlock):
-    """EVA02's ``EvaBlock`` that drops patch tokens; after the first pruning stage it rotates q and k by the
-    present tokens' RoPE."""
+class PruneEvaBlock(EvaTokens, _PruneSteps, eva.EvaBlock):
+    """EVA02's ``EvaBlock`` that drops patch tokens."""
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        k = self._eam_start(x)
-        st = self.eam_prune
-        if rope is not None and st.positions is not None:
-            rope = gather_rope(rope, st.positions, st.num_prefix)
-        if k is None or attn_mask is not None:
-            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-
-        def attn_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.attn(self.norm1(t), rope=rope, attn_mask=None, is_causal=is_causal)
-            return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-
-        def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.mlp(self.norm2(t))
-            return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
-
-        return self._eam_run(x, k, attn_branch, mlp_branch)
+    eam_timm_class = eva.EvaBlock
 
 
-class PruneBeitBlock(_PruneMixin, beit.Block):
-    """BEiT's ``Block`` that drops patch tokens; after the first pruning stage its relative-position bias
-    (own table and the model's shared one) covers the present tokens only."""
+class PruneBeitBlock(BeitTokens, _PruneSteps, beit.Block):
+    """BEiT's ``Block`` that drops patch tokens."""
 
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        k = self._eam_start(x)
-        positions = self.eam_prune.positions
-        if positions is not None and shared_rel_pos_bias is not None:
-            shared_rel_pos_bias = gather_pair_bias(shared_rel_pos_bias, positions)
-        self.attn.eam.positions = positions
-        try:
-            if k is None:
-                return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-            g1, g2 = self.gamma_1, self.gamma_2
-
-            def attn_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.attn(self.norm1(t), shared_rel_pos_bias=shared_rel_pos_bias)
-                return self.drop_path1(y if g1 is None else g1 * y)
-
-            def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.mlp(self.norm2(t))
-                return self.drop_path2(y if g2 is None else g2 * y)
-
-            return self._eam_run(x, k, attn_branch, mlp_branch)
-        finally:
-            self.attn.eam.positions = None
+    eam_timm_class = beit.Block
 
 
-class PruneCaitBlock(_PruneMixin, cait.LayerScaleBlock):
+class PruneCaitBlock(CaitTokens, _PruneSteps, cait.LayerScaleBlock):
     """CaiT's self-attention ``LayerScaleBlock`` (before the class token exists) that drops patch tokens."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._eam_start(x)
-        if k is None:
-            return super().forward(x)
-        return self._eam_run(x, k, lambda t: self.drop_path(self.gamma_1 * self.attn(self.norm1(t))),
-                             lambda t: self.drop_path(self.gamma_2 * self.mlp(self.norm2(t))))
+    eam_timm_class = cait.LayerScaleBlock
 
 
-class PruneConvitBlock(_PruneMixin, convit.Block):
+class PruneConvitBlock(ConvitTokens, _PruneSteps, convit.Block):
     """ConViT's ``Block`` with plain multi-head self-attention (after the GPSA blocks) that drops patch tokens."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._eam_start(x)
-        if k is None:
-            return super().forward(x)
-        return self._eam_run(x, k, lambda t: self.drop_path(self.attn(self.norm1(t))),
-                             lambda t: self.drop_path(self.mlp(self.norm2(t))))
+    eam_timm_class = convit.Block

@@ -27,6 +27,7 @@ from eamvit.errors import EamError
 from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, frozen_times_v,
                                      may_overwrite, patch_embed_size)
 from eamvit.modules.family_quant import patch_merging, vit_block
+from eamvit.modules.merge_block import MergeBlock
 from eamvit.modules.prune_block import PruneBlock
 
 
@@ -132,7 +133,19 @@ class EamAttention(_EamMixin, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        state = self.eam
+        if state.observer_k is not None:
+            state.observer_k(k, None)
+        bias = state.score_bias
+        if (self.fused_attn and state.observer is None and state.observer_q is None and self.eam_quant is None
+                and self.eam_frozen_mask is None and attn_mask is None and not is_causal):
+            # Only keys read or a bias added (token merging): the fused kernel takes the bias as its mask.
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+            return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
         attn = self._eam_scores(q, k)
+        if bias is not None:
+            attn = attn + bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
         # Not while tracing for export: ONNX has no in-place softmax.
@@ -251,7 +264,7 @@ ADAPTERS: tuple[Adapter, ...] = (
             # A gated attention also feeds norm1's output to its gate: the reparameterisation would change it.
             quant=QuantFacts(inputs=lambda a: [a.qkv] if getattr(a, "gate", None) is None else [None],
                              groups={Block: vit_block}, score_order="config", k_dim=-2),
-            tokens=TokenFamily("ViT", Block, PruneBlock), input_size=_vit_size, min_opset=_vit_opset),
+            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock), input_size=_vit_size, min_opset=_vit_opset),
     Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
             qkv="one fused qkv linear, split per head, per window",
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
@@ -263,12 +276,14 @@ ADAPTERS: tuple[Adapter, ...] = (
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
                             "so windows would keep different numbers of rows; use entry or head",
                      "prune": "token pruning does not apply to Swin: its windowed attention needs the full "
-                              "token grid; prune a ViT/DeiT, or freeze heads (--granularity head)"}),
+                              "token grid; prune a ViT/DeiT, or freeze heads (--granularity head)",
+                     "merge": "token merging does not apply to Swin: its windowed attention needs the full "
+                              "token grid; merge tokens of a ViT/DeiT, or freeze heads (--granularity head)"}),
 )
 
 FAMILIES: tuple[Family, ...] = (
     Family("ViT / DeiT / DeiT III / DINOv2 / CLIP / NaFlexViT", (Attention,), "deit_tiny_patch16_224",
-           "verbs also check the model: pruning needs a VisionTransformer's plain blocks"),
+           "verbs also check the model: pruning and merging need a VisionTransformer's plain blocks"),
     Family("Swin v1", (WindowAttention,), "swin_tiny_patch4_window7_224",
-           "rows: a row is one (window, token) pair; pruning: windows need the full token grid"),
+           "rows: a row is one (window, token) pair; pruning, merging: windows need the full token grid"),
 )

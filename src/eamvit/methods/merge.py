@@ -1,0 +1,248 @@
+"""Token merging inside a flat-token timm model: ToMe (bipartite soft matching) and entropy-guided merging.
+
+The matching and the merge are pure tensor math in :mod:`eamvit.ops.merge`; the merging blocks are in
+:mod:`eamvit.modules.merge_block` (one per family: ViT/DeiT/DeiT III/DINOv2/CLIP/NaFlexViT, EVA02,
+BEiT, CaiT, ConViT, the families where token pruning applies). This module is the public verb:
+:func:`merge_` swaps the blocks from the first merging block on for their family's merging class,
+:func:`unmerge_` swaps them back. No weight changes and no tensor is stored: the
+:class:`MergeConfig` alone rebuilds a merged model (``merge_(model, MergeConfig.from_dict(d))``).
+
+ToMe, as its code does it (Bolya et al., ICLR 2023; ``tome.patch.timm``):
+
+* every merging block merges ``r`` patch tokens between its attention residual and its MLP, matching
+  on the keys averaged over heads (bipartite soft matching: the tokens alternate into two sets, each
+  token of the first finds its most similar token of the second by cosine similarity, and the ``r``
+  best-matched pairs merge); at most half the patch tokens merge in one block;
+* the class token (and any distillation or register token) is never merged;
+* a merged token is the size-weighted mean of what it stands for, and sizes are carried along;
+* proportional attention (``prop_attn``, default on): ``log size`` is added to every attention score
+  against each key in every block after the first merge (CaiT's class attention included);
+* ``r`` is one value for every merging block, a straight-line schedule (ToMe's ``(r, inflection)``,
+  ``inflect=-1`` its decreasing schedule) or one value per merging block; the merging blocks are every
+  block that can merge, as in ToMe, unless ``blocks`` names them.
+
+Deviations: the unmerged tokens of a model without prefix tokens (CaiT's self-attention blocks) stay
+in their own order (ToMe leaves them in match order: the same tokens, permuted), and ToMe's
+schedule over one block, which divides by zero there, gives the line's first value.
+
+Entropy-guided merging (``selection="entropy"``): at each merging block the ``r`` patch tokens whose
+attention rows have the highest entropy (Shannon, or Rényi ``alpha``: the scores token pruning uses,
+:func:`eamvit.ops.scores.attention_entropy` over all keys, averaged over heads) merge into their most
+similar (keys, cosine) remaining patch token instead of being dropped; the lowest-entropy tokens are
+never merged. Proportional attention and the size-weighted mean are ToMe's.
+
+Composition with EAM freezing is pruning's: frozen maps after the first merging block describe tokens
+that no longer exist; ``frozen_after="drop"`` (default) removes them (listed in the report),
+``"refuse"`` refuses the model in one line. One model holds pruning or merging, not both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
+
+from torch import nn
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.methods.models import num_prefix_tokens, patch_grid
+from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks
+from eamvit.methods.state import peek, state_of
+from eamvit.methods.steps import StepHandler, register_step
+from eamvit.modules.attention import MERGE_CLASSES, instrument
+from eamvit.modules.merge_block import MergeState
+from eamvit.modules.token_blocks import restore_blocks_
+from eamvit.ops.merge import SELECTIONS, merge_schedule, token_counts
+
+FROZEN_AFTER = ("drop", "refuse")
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EamError(f"{what} {value!r} must be a whole number ≥ 0 (tokens merged per block)")
+    return value
+
+
+@dataclass(frozen=True)
+class MergeConfig(Config):
+    """How to merge tokens (saved with compressed and exported models: :meth:`to_dict` / :meth:`from_dict`).
+
+    Args:
+        r: patch tokens each merging block merges: one number (shaped by ``inflect``) or one per merging
+            block (ToMe's list form).
+        inflect: ToMe's schedule for one number ``r``, in [-1, 1]: 0 constant, -1 decreasing (``2r``
+            down to 0), +1 increasing; the mean stays ``r`` (before truncation).
+        blocks: the merging blocks (0-based); ``None`` = every block that can merge (ToMe).
+        prop_attn: proportional attention (``log size`` added to the scores), ToMe's default off the shelf.
+        selection: ``"tome"`` (bipartite soft matching) or ``"entropy"`` (entropy-guided merging).
+        alpha: entropy order of ``"entropy"`` (Rényi; ``math.inf`` = min-entropy); ``None`` = Shannon.
+        frozen_after: ``"drop"`` frozen EAM maps after the first merging block, or ``"refuse"``.
+    """
+
+    KIND: ClassVar[str] = "merge"
+    VERSION: ClassVar[int] = 1
+
+    r: Union[int, tuple[int, ...]] = 8
+    inflect: float = 0.0
+    blocks: Optional[tuple[int, ...]] = None
+    prop_attn: bool = True
+    selection: str = "tome"
+    alpha: Optional[float] = None
+    frozen_after: str = "drop"
+
+    def __post_init__(self) -> None:
+        for name in ("r", "blocks"):  # lists from Python or JSON become tuples (the config stays hashable)
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
+
+    def _check(self) -> None:
+        if isinstance(self.r, tuple):
+            if not self.r:
+                raise EamError("r lists no tokens per block; give a number or one per merging block")
+            for v in self.r:
+                _count(v, "tokens to merge")
+        else:
+            _count(self.r, "r")
+        i = self.inflect
+        if isinstance(i, bool) or not isinstance(i, (int, float)) or not -1.0 <= i <= 1.0:
+            raise EamError(f"inflect {i!r} is outside [-1, 1] (0 constant, -1 ToMe's decreasing schedule)")
+        if i and isinstance(self.r, tuple):
+            raise EamError("inflect shapes one number r; with one r per block, leave inflect at 0")
+        if not isinstance(self.prop_attn, bool):
+            raise EamError(f"prop_attn must be true or false, not {self.prop_attn!r}")
+        if self.selection not in SELECTIONS:
+            raise EamError(f"merging selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        a = self.alpha
+        if a is not None:
+            if self.selection != "entropy":
+                raise EamError("alpha (the entropy order) applies to selection='entropy' only; drop it for ToMe")
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or a < 0:
+                raise EamError(f"Rényi order alpha={a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
+        if self.frozen_after not in FROZEN_AFTER:
+            raise EamError(f"frozen_after {self.frozen_after!r} is not one of {', '.join(FROZEN_AFTER)}")
+
+    @property
+    def order(self) -> float:
+        """The entropy order of entropy-guided merging (1 = Shannon)."""
+        return 1.0 if self.alpha is None else float(self.alpha)
+
+    def schedule(self, steps: int) -> list[int]:
+        """Tokens to merge at each of ``steps`` merging blocks (before the per-block cap)."""
+        if isinstance(self.r, tuple):
+            if len(self.r) != steps:
+                raise EamError(f"r gives {len(self.r)} values for {steps} merging blocks; give one per block")
+            return list(self.r)
+        return merge_schedule(self.r, float(self.inflect), steps)
+
+    @property
+    def label(self) -> str:
+        r = "r=" + ("/".join(map(str, self.r)) if isinstance(self.r, tuple) else f"{self.r}")
+        if self.inflect:
+            r += f" inflect {self.inflect:g}"
+        if self.selection == "tome":
+            return f"ToMe {r}"
+        a = self.alpha
+        name = "Shannon" if a is None else f"Rényi α={'∞' if math.isinf(a) else f'{a:g}'}"
+        return f"entropy merging ({name}) {r}"
+
+
+@dataclass
+class MergeReport:
+    """What :func:`merge_` did, at the model's own image size.
+
+    Args:
+        config: the configuration (``to_dict``).
+        blocks: the merging blocks (0-based).
+        r: tokens each merging block merges (the schedule, each capped at what the block can merge).
+        tokens: tokens (prefix included) entering the first merging block, then leaving each merging block.
+        unfrozen_layers: attention layers whose frozen EAM maps were removed.
+    """
+
+    config: dict[str, Any]
+    blocks: list[int]
+    r: list[int]
+    tokens: list[int]
+    unfrozen_layers: list[int]
+
+
+def merge_(model: nn.Module, config: MergeConfig) -> MergeReport:
+    """Make ``model`` merge tokens, in place (no weights change; :func:`unmerge_` undoes it).
+
+    Args:
+        model: a timm ViT/DeiT (DeiT III, DINOv2, CLIP, NaFlexViT), EVA02, BEiT, CaiT or ConViT
+            (``create_model`` instruments it; plain timm models are instrumented).
+        config: :class:`MergeConfig`.
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        EamError: a bad configuration or an unsupported model (one line); the model is left as it was.
+    """
+    blocks_seq, fam = check_token_model(model, "token merging", "merge", MERGE_CLASSES)
+    if config.blocks is None:
+        blocks = tuple(eligible_blocks(blocks_seq, fam, "merge"))
+    else:
+        blocks = check_blocks(config.blocks, blocks_seq, fam, "merging", "merge")
+    later_blocks = range(blocks[0], len(blocks_seq))
+    bad = next((i for i in later_blocks if fam.refuse(blocks_seq[i])), None)
+    if bad is not None:  # every later block carries the sizes (and positions)
+        raise EamError(f"block {bad} of this {fam.name} model comes after the first merging block {blocks[0]} but "
+                       f"cannot take merged tokens: {fam.refuse(blocks_seq[bad])}")
+    if config.prop_attn and getattr(model, "global_pool", None) == "map":
+        raise EamError("this model pools its tokens with attention, which would read merged tokens without their "
+                       "sizes; merge with prop_attn=False or use a model with a class token")
+    rs = config.schedule(len(blocks))
+    num_prefix = num_prefix_tokens(model) if fam.class_token else 0
+    layers = instrument(model)
+    later, frozen_later = drop_frozen_after(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer, any(rs),
+                                            config.frozen_after, "merging")
+    unmerge_(model)
+    state = MergeState(config=config, r=tuple(rs), selection=config.selection, order=config.order,
+                       prop_attn=config.prop_attn, blocks=blocks, num_prefix=num_prefix, later_attention=later,
+                       track_positions=fam.positions)
+    for i in later_blocks:
+        blk = blocks_seq[i]
+        blk.__class__ = fam.merge_class
+        blk.eam_tokens = state
+        blk.eam_stage = blocks.index(i) if i in blocks else None
+    for blk in getattr(model, "blocks_token_only", None) or ():  # CaiT's class attention reads the sizes
+        if type(blk) in fam.merge_followers:
+            blk.__class__ = fam.merge_followers[type(blk)]
+            blk.eam_tokens = state
+    state_of(model).merge = state
+    state_of(model).steps["merge"] = config
+    grid = patch_grid(model)
+    tokens = token_counts((grid[0] * grid[1] if grid else 0) + num_prefix, num_prefix, rs, config.selection)
+    return MergeReport(config=config.to_dict(), blocks=list(blocks), r=[a - b for a, b in zip(tokens, tokens[1:])],
+                       tokens=tokens, unfrozen_layers=frozen_later)
+
+
+def unmerge_(model: nn.Module) -> None:
+    """Restore every merging block to its timm class and forget the merging state."""
+    restore_blocks_(model, MERGE_CLASSES, ("eam_tokens", "eam_stage"))
+    st = peek(model)
+    if st is not None:
+        st.merge = None
+        st.steps.pop("merge", None)
+
+
+def merge_state(model: nn.Module) -> MergeState:
+    """The model's :class:`~eamvit.modules.merge_block.MergeState`, or one line saying it does not merge."""
+    st = state_of(model).merge
+    if st is None:
+        raise EamError("this model does not merge tokens; call merge_(model, MergeConfig(...)) first")
+    return st
+
+
+def _export_step(model: nn.Module, config: MergeConfig, export: Any) -> None:
+    # Before opset 16 ScatterElements has no reduction: merged tokens landing on one destination would overwrite.
+    if export.opset is not None and export.opset < 16:
+        raise EamError(f"ONNX export of token merging needs opset 16 (ScatterElements with reduction='add'), "
+                       f"not {export.opset}; export with --opset 16 or more, or leave --opset out")
+
+
+register_step(MergeConfig, StepHandler(stage="merge", order=35, apply=lambda model, config, inputs: merge_(model, config),
+                                       restore=lambda model, config, meta, tensors, path: merge_(model, config),
+                                       export=_export_step))

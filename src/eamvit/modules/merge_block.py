@@ -1,0 +1,190 @@
+"""The merging blocks: each flat-token family's timm block that merges patch tokens (ToMe), installed by
+class swap.
+
+:func:`eamvit.methods.merge.merge_` swaps every block from the first merging block to the last for its
+family's merging class (the adapter's :class:`~eamvit.modules.adapters.TokenFamily` names it; the family
+arithmetic is :mod:`eamvit.modules.token_blocks`'), as ToMe swaps timm's classes. A merging block runs
+its attention branch through the one instrumentation (:mod:`eamvit.modules.adapters`, as
+:func:`~eamvit.modules.attention.observe` and :func:`~eamvit.modules.attention.bias_scores` do): it
+reads the keys (``eam.observer_k``; ToMe matches on the keys averaged over heads), the map too for
+entropy-guided merging, and adds proportional attention's ``log size`` to the scores. Then, after the
+attention residual and before ``norm2``/MLP (ToMe's place), it merges ``r`` patch tokens
+(:mod:`eamvit.ops.merge`). A later block that merges nothing (a *follower*, ``eam_stage = None``, or
+``r = 0``) still adds the size bias and, in EVA02 and BEiT, gathers the present tokens' positions: a
+merged token keeps the grid position of the token it merged into. A block with nothing to do (no
+token merged yet in this forward) runs timm's own forward, fused attention included, so ``r = 0`` is
+timm's model exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from timm.models import beit, cait, convit, eva
+from timm.models.vision_transformer import Block
+
+from eamvit.errors import EamError
+from eamvit.modules.adapters import biasing, observing
+from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.ops.merge import bipartite_plan, entropy_plan, merge_count, merge_tokens, size_bias
+from eamvit.ops.positions import next_positions
+from eamvit.ops.scores import attention_entropy
+
+
+@dataclass(eq=False)
+class MergeState:
+    """What all merging blocks of one model share (``model.eam_merge``); rebuilt from ``config`` alone.
+
+    Args:
+        config: the :class:`~eamvit.methods.merge.MergeConfig` applied.
+        r: tokens each merging block merges (before the cap of :func:`~eamvit.ops.merge.merge_count`).
+        selection: ``"tome"`` or ``"entropy"``.
+        order: entropy order of ``"entropy"`` (1 = Shannon).
+        prop_attn: add ``log size`` to the scores of every block after the first merge.
+        blocks: the merging blocks (0-based).
+        num_prefix: prefix tokens inside the blocks (never merged).
+        later_attention: attention layers after the first merging block (their frozen maps are refused).
+        track_positions: EVA02 and BEiT: keep ``positions`` for RoPE and the relative-position bias.
+
+    After each forward: ``size`` ``(B, N_now)`` the token sizes (``None`` while nothing merged),
+    ``positions`` each present token's index among the tokens entering the first merge (with
+    ``track_positions``), ``kept[s]`` the input patch tokens that stayed at merging block ``s`` (as
+    :class:`~eamvit.ops.merge.MergePlan` ``keep``; ``None`` where it merged nothing), ``tokens[s]``
+    the tokens leaving it, and ``match_macs[s]`` ``(attention layer, tokens, MACs)`` of its matching
+    product per image (the cost account reads them).
+    """
+
+    config: Any
+    r: tuple[int, ...]
+    selection: str
+    order: float
+    prop_attn: bool
+    blocks: tuple[int, ...]
+    num_prefix: int
+    later_attention: list[nn.Module] = field(default_factory=list)
+    track_positions: bool = False
+    placement: str = "attn"  # ToMe merges between the attention and the MLP
+    positions: Optional[torch.Tensor] = None
+    size: Optional[torch.Tensor] = None
+    kept: list[Optional[torch.Tensor]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    match_macs: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class _MergeSteps(TokenBlock):
+    """What every family's merging block shares: the per-forward trace, the key (and map) capture with
+    the size bias, and the merge."""
+
+    eam_tokens: MergeState
+    eam_verb = "token merging"
+
+    def _eam_start(self, x: torch.Tensor, masked: bool) -> Optional[int]:
+        """Tokens to merge here (0: only the size bias), or ``None`` when this block is timm's in this forward."""
+        st = self.eam_tokens
+        if self.eam_stage == 0:
+            # The first merging block runs first in every forward: start a fresh trace.
+            st.size = st.positions = None
+            st.kept = [None] * len(st.blocks)
+            st.tokens = [x.shape[1]] * len(st.blocks)
+            st.match_macs = []
+        r = 0
+        if self.eam_stage is not None:
+            st.tokens[self.eam_stage] = x.shape[1]
+            r = merge_count(x.shape[1], st.num_prefix, st.r[self.eam_stage], st.selection)
+        if not r and not (st.prop_attn and st.size is not None):
+            return None
+        if masked:
+            raise EamError("token merging cannot apply a caller's attention mask (it is sized for all tokens); "
+                           "run the merged model without one")
+        if r and st.size is None and st.later_attention:
+            self._check_frozen()
+        return r
+
+    def _eam_attend(self, r: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """``run()`` (the attention branch) with the size bias, and the keys (and map) when this block merges."""
+        st = self.eam_tokens
+        bias = size_bias(st.size) if st.prop_attn and st.size is not None else None
+        keys: list[torch.Tensor] = []
+        maps: list[torch.Tensor] = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(biasing([self.attn], {0: bias}))
+            if r:
+                stack.enter_context(observing([self.attn], {0: lambda k, mask: keys.append(k)}, "observer_k"))
+                if st.selection == "entropy":
+                    stack.enter_context(observing([self.attn], {0: lambda attn, mask: maps.append(attn)}))
+            out = run()
+        return out, (keys[0] if keys else None, maps[0] if maps else None)
+
+    def _eam_reduce(self, x: torch.Tensor, seen: Any, r: int) -> torch.Tensor:
+        if not r:
+            return x
+        st = self.eam_tokens
+        keys, attn = seen
+        P, (B, N, _) = st.num_prefix, x.shape
+        features = keys.mean(1)  # ToMe's matching features: the keys averaged over heads, (B, N, d)
+        d = features.shape[-1]
+        if st.selection == "tome":
+            plan = bipartite_plan(features, r, P)
+            macs = ((N + 1) // 2) * (N // 2) * d
+        else:
+            with torch.no_grad():
+                scores = attention_entropy(attn, st.order, P)
+            plan = entropy_plan(features, scores, r, P)
+            macs = r * (N - P - r) * d
+        x, st.size = merge_tokens(x, st.size, plan, P)
+        if st.track_positions:
+            st.positions = next_positions(st.positions, plan.keep, P, N, False)
+        st.kept[self.eam_stage] = plan.keep
+        st.tokens[self.eam_stage] = x.shape[1]
+        st.match_macs.append((self.attn.eam.layer, N, macs))
+        return x
+
+
+class MergeBlock(VitTokens, _MergeSteps, Block):
+    """timm ``Block`` (ViT family) that merges patch tokens; installed by class swap."""
+
+    eam_timm_class = Block
+
+
+class MergeEvaBlock(EvaTokens, _MergeSteps, eva.EvaBlock):
+    """EVA02's ``EvaBlock`` that merges patch tokens (a merged token keeps its destination's RoPE)."""
+
+    eam_timm_class = eva.EvaBlock
+
+
+class MergeBeitBlock(BeitTokens, _MergeSteps, beit.Block):
+    """BEiT's ``Block`` that merges patch tokens (a merged token keeps its destination's position bias)."""
+
+    eam_timm_class = beit.Block
+
+
+class MergeCaitBlock(CaitTokens, _MergeSteps, cait.LayerScaleBlock):
+    """CaiT's self-attention ``LayerScaleBlock`` that merges patch tokens (no class token yet: none protected)."""
+
+    eam_timm_class = cait.LayerScaleBlock
+
+
+class MergeConvitBlock(ConvitTokens, _MergeSteps, convit.Block):
+    """ConViT's MHSA ``Block`` that merges patch tokens."""
+
+    eam_timm_class = convit.Block
+
+
+class MergeCaitClassBlock(cait.LayerScaleBlockClassAttn):
+    """CaiT's class-attention block after merging self-attention blocks: the class token attends to the
+    merged tokens with their size bias (its own size is 1)."""
+
+    eam_timm_class = cait.LayerScaleBlockClassAttn
+    eam_tokens: MergeState
+
+    def forward(self, x: torch.Tensor, x_cls: torch.Tensor) -> torch.Tensor:
+        st = self.eam_tokens
+        if not (st.prop_attn and st.size is not None):
+            return super().forward(x, x_cls)
+        size = torch.cat([st.size.new_ones(st.size.shape[0], 1), st.size], dim=1)
+        with biasing([self.attn], {0: size_bias(size)}):
+            return super().forward(x, x_cls)

@@ -1,0 +1,175 @@
+"""Blocks that change the token set between their attention and their MLP, one per flat-token family.
+
+Token pruning (:mod:`eamvit.modules.prune_block`) and token merging (:mod:`eamvit.modules.merge_block`)
+both swap chosen timm blocks for a subclass, by exact class (ToMe-style surgery: no weights copied, no
+per-instance ``forward``, no module-name matching). What a family's block computes is written once
+here, as a mixin per family (``Block`` of ViT, DeiT III, DINOv2, CLIP and NaFlexViT; EVA02's
+``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``, ConViT's ``Block``); what
+a verb does to the tokens is a second mixin with three steps, and a verb's block class combines the
+two with the timm class (each family's adapter names its pruning and merging classes,
+:class:`~eamvit.modules.adapters.TokenFamily`):
+
+* ``_eam_start(x, masked)``: what this block does in this forward (``None``: run timm's own forward);
+* ``_eam_attend(plan, run)``: run the attention branch, reading through the one instrumentation
+  (:func:`~eamvit.modules.adapters.observing`, :func:`~eamvit.modules.adapters.biasing`) what the
+  step needs;
+* ``_eam_reduce(x, seen, plan)``: the token surgery, after the attention residual (``"attn"``,
+  before ``norm2``/MLP) or after the whole block (``"block"``).
+
+Every block shares one state with its model (``block.eam_tokens``); the family mixins read its
+``positions`` and ``num_prefix``: EVA02 rotates q and k by each patch's RoPE and BEiT adds a
+relative-position bias indexed by token pairs, both computed for the full grid, so every block of
+those families after the first reducing block gathers them for the tokens still present.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.errors import EamError
+from eamvit.ops.positions import gather_pair_bias, gather_rope
+
+
+class TokenBlock:
+    """The shared driver of a reducing block. ``eam_tokens`` is the verb's state (with ``placement``,
+    ``blocks``, ``later_attention`` and, for the family mixins, ``positions`` and ``num_prefix``);
+    ``eam_stage`` the block's index among the reducing blocks, ``None`` for a follower (a later block
+    that only needs what the reduction left: positions, token sizes); ``eam_timm_class`` the class
+    swapped back in when the verb is undone."""
+
+    eam_tokens: Any
+    eam_stage: Optional[int]
+    eam_timm_class: type
+    eam_verb: str = "token reduction"
+
+    def _eam_start(self, x: torch.Tensor, masked: bool) -> Any:
+        raise NotImplementedError
+
+    def _eam_attend(self, plan: Any, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def _eam_reduce(self, x: torch.Tensor, seen: Any, plan: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_frozen(self) -> None:
+        """Refuse frozen EAM maps after the first reducing block (they describe the full token set)."""
+        for module in self.eam_tokens.later_attention:
+            if module.eam_frozen_mask is not None:
+                first = self.eam_tokens.blocks[0]
+                raise EamError(f"attention layer {module.eam.layer} has frozen EAM maps but comes after "
+                               f"{self.eam_verb} at block {first}; freeze before {self.eam_verb} (it drops maps "
+                               "that no longer apply) or unfreeze those layers")
+
+    def _eam_run(self, x: torch.Tensor, plan: Any, attn_branch: Callable[[torch.Tensor], torch.Tensor],
+                 mlp_branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block with its reduction: ``x + attn_branch(x)``, then reduce before (``"attn"``) or after
+        (``"block"``) ``x + mlp_branch(x)``; each branch is the family's own arithmetic."""
+        y, seen = self._eam_attend(plan, lambda: attn_branch(x))
+        x = x + y
+        if self.eam_tokens.placement == "attn":
+            x = self._eam_reduce(x, seen, plan)
+            return x + mlp_branch(x)
+        x = x + mlp_branch(x)
+        return self._eam_reduce(x, seen, plan)
+
+
+class VitTokens(TokenBlock):
+    """timm ``Block`` (ViT family)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        plan = self._eam_start(x, attn_mask is not None)
+        if plan is None or attn_mask is not None:
+            # Nothing to do (or a caller-given mask sized for all tokens): timm's own, fused forward.
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return self._eam_run(x, plan, lambda t: self.drop_path1(self.ls1(self.attn(self.norm1(t), attn_mask=None,
+                                                                                     is_causal=is_causal))),
+                             lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))))
+
+
+class EvaTokens(TokenBlock):
+    """EVA02's ``EvaBlock``; after the first reducing block it rotates q and k by the present tokens' RoPE."""
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        plan = self._eam_start(x, attn_mask is not None)
+        st = self.eam_tokens
+        if rope is not None and st.positions is not None:
+            rope = gather_rope(rope, st.positions, st.num_prefix)
+        if plan is None or attn_mask is not None:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+        def attn_branch(t: torch.Tensor) -> torch.Tensor:
+            y = self.attn(self.norm1(t), rope=rope, attn_mask=None, is_causal=is_causal)
+            return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+
+        def mlp_branch(t: torch.Tensor) -> torch.Tensor:
+            y = self.mlp(self.norm2(t))
+            return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+
+        return self._eam_run(x, plan, attn_branch, mlp_branch)
+
+
+class BeitTokens(TokenBlock):
+    """BEiT's ``Block``; after the first reducing block its relative-position bias (own table and the
+    model's shared one) covers the present tokens only."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        plan = self._eam_start(x, False)
+        positions = self.eam_tokens.positions
+        if positions is not None and shared_rel_pos_bias is not None:
+            shared_rel_pos_bias = gather_pair_bias(shared_rel_pos_bias, positions)
+        self.attn.eam.positions = positions
+        try:
+            if plan is None:
+                return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+            g1, g2 = self.gamma_1, self.gamma_2
+
+            def attn_branch(t: torch.Tensor) -> torch.Tensor:
+                y = self.attn(self.norm1(t), shared_rel_pos_bias=shared_rel_pos_bias)
+                return self.drop_path1(y if g1 is None else g1 * y)
+
+            def mlp_branch(t: torch.Tensor) -> torch.Tensor:
+                y = self.mlp(self.norm2(t))
+                return self.drop_path2(y if g2 is None else g2 * y)
+
+            return self._eam_run(x, plan, attn_branch, mlp_branch)
+        finally:
+            self.attn.eam.positions = None
+
+
+class CaitTokens(TokenBlock):
+    """CaiT's self-attention ``LayerScaleBlock`` (before the class token exists)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._eam_start(x, False)
+        if plan is None:
+            return super().forward(x)
+        return self._eam_run(x, plan, lambda t: self.drop_path(self.gamma_1 * self.attn(self.norm1(t))),
+                             lambda t: self.drop_path(self.gamma_2 * self.mlp(self.norm2(t))))
+
+
+class ConvitTokens(TokenBlock):
+    """ConViT's ``Block`` with plain multi-head self-attention (after the GPSA blocks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._eam_start(x, False)
+        if plan is None:
+            return super().forward(x)
+        return self._eam_run(x, plan, lambda t: self.drop_path(self.attn(self.norm1(t))),
+                             lambda t: self.drop_path(self.mlp(self.norm2(t))))
+
+
+def timm_block_class(block: nn.Module) -> type:
+    """The timm class of ``block``, also while a verb has swapped it."""
+    return getattr(type(block), "eam_timm_class", type(block))
+
+
+def restore_blocks_(model: nn.Module, classes: dict[type, type], attrs: tuple[str, ...]) -> None:
+    """Swap every block of a verb's ``classes`` (swapped class → timm class) back and forget ``attrs``."""
+    for m in model.modules():
+        if type(m) in classes:
+            m.__class__ = classes[type(m)]
+            for attr in attrs:
+                m.__dict__.pop(attr, None)

@@ -1,0 +1,181 @@
+"""Token merging: ToMe's bipartite soft matching, entropy-guided matching, size-weighted merging and
+proportional attention.
+
+Pure tensor math (ToMe: Bolya et al., ICLR 2023). A merging step removes ``r`` patch tokens from
+``(B, N, C)`` tokens whose first ``num_prefix`` are class/distillation/register tokens. Both
+matchings return a :class:`MergePlan` of static shape for a given ``(N, r)``, so a traced graph (ONNX)
+is the same for every image:
+
+* :func:`bipartite_plan` (ToMe): the tokens alternate into a set A (even positions, the prefix
+  included) and a set B (odd positions); every A token finds its most similar B token (cosine
+  similarity of the matching features, e.g. the keys averaged over heads); the ``r`` A tokens with
+  the most similar matches merge into them. Prefix tokens take part in the alternation but are never
+  merged (their rows are ``−∞``) nor merged into (their columns are ``−∞``): with one class token, or
+  a class and a distillation token, this is ToMe's partition and its output order (prefix, unmerged
+  A tokens in their order, B tokens). Without prefix tokens ToMe leaves the unmerged A tokens in
+  match order; here they stay in their own order (the same tokens, permuted).
+* :func:`entropy_plan` (entropy-guided merging): the ``r`` patch tokens of highest attention
+  entropy merge into their most similar remaining patch token; the rest stay, in their own order.
+
+:func:`merge_tokens` applies a plan as a size-weighted average (a token's *size* is how many original
+tokens it stands for), and :func:`size_bias` is proportional attention's ``log size`` term added to
+the attention scores of every query against each key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from eamvit.errors import EamError
+
+SELECTIONS = ("tome", "entropy")
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Which patch tokens one merging step keeps and where the others go (indices ``int64``).
+
+    Args:
+        keep: ``(B, n − r)`` input patch tokens that stay, in output order (their grid positions
+            carry over to the merged tokens).
+        src: ``(B, r)`` input patch tokens merged away.
+        dst: ``(B, r)`` for each of ``src``, the output patch token (an index into ``keep``) it joins.
+    """
+
+    keep: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
+def merge_count(tokens: int, num_prefix: int, r: int, selection: str = "tome") -> int:
+    """Patch tokens one step really merges: ``r`` capped at half the patch tokens for ToMe's bipartite
+    matching (``⌊(N − prefix)/2⌋``, as ToMe caps it) and at all patch tokens but one for entropy-guided
+    merging; never negative."""
+    n = tokens - num_prefix
+    cap = n // 2 if selection == "tome" else n - 1
+    return max(0, min(int(r), cap))
+
+
+def token_counts(tokens: int, num_prefix: int, rs: Sequence[int], selection: str = "tome") -> list[int]:
+    """Tokens (prefix included) entering the first merging step and leaving each one."""
+    out = [tokens]
+    for r in rs:
+        out.append(out[-1] - merge_count(out[-1], num_prefix, r, selection))
+    return out
+
+
+def merge_schedule(r: int, inflect: float, steps: int) -> list[int]:
+    """ToMe's per-step ``r``: a straight line through ``r`` on average, from ``⌊r·(1 − inflect)⌋`` at the
+    first step to ``2r`` minus that at the last, each value truncated to an int (ToMe's arithmetic).
+
+    Args:
+        r: tokens per step on average (the constant value when ``inflect`` is 0).
+        inflect: ``0`` constant, ``−1`` ToMe's "decreasing schedule" (``2r`` down to 0), ``+1`` increasing;
+            anything in between.
+        steps: merging steps; one step gets the line's first value.
+    """
+    start = int(r * (1.0 - inflect))
+    if steps == 1:
+        return [start]
+    end = 2 * r - start
+    step = (end - start) / (steps - 1)
+    return [int(start + step * i) for i in range(steps)]
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (a zero row stays zero instead of becoming NaN)."""
+    return features / features.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
+
+
+def bipartite_plan(features: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
+    """ToMe's bipartite soft matching (module docstring) on ``(B, N, D)`` matching features.
+
+    Args:
+        features: per-token features, prefix tokens first (ToMe: the keys averaged over heads).
+        r: patch tokens to merge, at most :func:`merge_count` (``⌊(N − num_prefix)/2⌋``).
+        num_prefix: class/distillation/register tokens, never merged.
+    """
+    B, N, _ = features.shape
+    if not 0 <= r <= (N - num_prefix) // 2:
+        raise EamError(f"cannot merge {r} of {N - num_prefix} patch tokens with bipartite matching (at most half)")
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens falling into A and into B
+    with torch.no_grad():
+        unit = _unit(features)
+        a, b = unit[:, 0::2], unit[:, 1::2]
+        na, nb = a.shape[1], b.shape[1]
+        sim = a @ b.transpose(-1, -2)  # (B, na, nb)
+        protected = torch.zeros(na, nb, dtype=torch.bool, device=features.device)
+        protected[:pa, :] = True
+        protected[:, :pb] = True
+        best, match = sim.masked_fill(protected, -torch.inf).max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        src_a = order[:, :r]
+        # The protected A rows (−∞) are never among the r best; sorted, they come first, then go.
+        stay_a = order[:, r:].sort(dim=-1).values[:, pa:]
+        dst_b = match.gather(1, src_a)
+    offset = num_prefix
+    b_stay = (2 * torch.arange(pb, nb, device=features.device) + 1 - offset).expand(B, -1)
+    keep = torch.cat([2 * stay_a - offset, b_stay], dim=1)
+    return MergePlan(keep=keep, src=2 * src_a - offset, dst=stay_a.shape[1] + dst_b - pb)
+
+
+def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
+    """Entropy-guided matching: the ``r`` patch tokens of highest ``scores`` merge into their most
+    similar other patch token (cosine similarity of ``features``); the prefix is neither merged nor
+    merged into.
+
+    Args:
+        features: ``(B, N, D)`` per-token matching features, prefix tokens first.
+        scores: ``(B, N − num_prefix)`` patch-token scores (attention entropy: higher = more redundant).
+        r: patch tokens to merge, at most ``N − num_prefix − 1``.
+        num_prefix: class/distillation/register tokens.
+    """
+    B, N, D = features.shape
+    n = N - num_prefix
+    if scores.shape != (B, n):
+        raise EamError(f"entropy-guided merging needs {n} scores per image, got shape {tuple(scores.shape)}")
+    if not 0 <= r < max(n, 1):
+        raise EamError(f"cannot merge {r} of {n} patch tokens (at least one must stay)")
+    with torch.no_grad():
+        order = scores.argsort(dim=-1, descending=True)
+        src = order[:, :r]
+        keep = order[:, r:].sort(dim=-1).values
+        unit = _unit(features[:, num_prefix:])
+        pick = lambda idx: unit.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
+        dst = (pick(src) @ pick(keep).transpose(-1, -2)).argmax(dim=-1)
+    return MergePlan(keep=keep, src=src, dst=dst)
+
+
+def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan,
+                 num_prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``plan``: every output token is the size-weighted mean of the tokens it stands for.
+
+    Args:
+        x: ``(B, N, C)`` tokens, prefix first.
+        size: ``(B, N)`` token sizes; ``None`` = all 1 (nothing merged yet).
+        plan: a :class:`MergePlan` for these tokens.
+        num_prefix: prefix tokens (copied through, size unchanged).
+
+    Returns:
+        ``(tokens, sizes)``: ``(B, N − r, C)`` and ``(B, N − r)``; prefix first, then ``plan.keep``'s order.
+    """
+    B, N, C = x.shape
+    keep, src, dst = plan.keep + num_prefix, plan.src + num_prefix, plan.dst + num_prefix
+    if num_prefix:
+        keep = torch.cat([torch.arange(num_prefix, device=x.device).expand(B, -1), keep], dim=1)
+    if size is None:
+        size, weighted = x.new_ones(B, N), x
+    else:
+        weighted = x * size.unsqueeze(-1)
+    rows = lambda idx: idx.unsqueeze(-1).expand(-1, -1, C)
+    # Gathers return fresh tensors: summing into them and dividing them in place copies no tokens again.
+    out = weighted.gather(1, rows(keep)).scatter_add_(1, rows(dst), weighted.gather(1, rows(src)))
+    size = size.gather(1, keep).scatter_add_(1, dst, size.gather(1, src))
+    return out.div_(size.unsqueeze(-1)), size
+
+
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention's additive score term ``log size`` per key, ``(B, 1, 1, N)`` from ``(B, N)``."""
+    return size.log()[:, None, None, :]
