@@ -16,7 +16,7 @@ from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, apply_rot_embed
 
 from eamvit.errors import EamError
 from eamvit.methods.prune import PruneConfig, kept_indices, prune_, unprune_
-from eamvit.modules.prune_block import PRUNE_CLASSES
+from eamvit.modules.attention import PRUNE_CLASSES
 from eamvit.ops.positions import gather_rope
 from test_families import _pair
 from eamvit.methods.state import state_of

@@ -117,7 +117,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 
 from eamvit.methods.merge import MergeConfig, merge_, merge_state, unmerge_  # noqa: E402
-from eamvit.modules.merge_block import MERGE_CLASSES  # noqa: E402
+from eamvit.modules.attention import MERGE_CLASSES  # noqa: E402
 
 
 def _widen(model):
@@ -441,7 +441,7 @@ def test_refusals_are_one_line():
         merge_(convit, MergeConfig(blocks=(0,)))
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=2,
                              embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=3)
-    with pytest.raises(EamError, match="token merging does not support Swin"):
+    with pytest.raises(EamError, match="token merging does not apply to Swin:"):
         merge_(swin, MergeConfig())
     vit = _vit(dtype=torch.float32)
     from eamvit.methods.prune import PruneConfig, prune_

@@ -358,7 +358,7 @@ def test_bad_config_is_one_clear_line(cfg, match):
 def test_swin_is_refused():
     model = eamvit.create_model("swin_tiny_patch4_window7_224", model_kwargs=dict(
         img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 1), window_size=7, num_classes=10))
-    with pytest.raises(EamError, match="does not support Swin"):
+    with pytest.raises(EamError, match="token pruning does not apply to Swin:"):
         prune_(model, PruneConfig())
 
 

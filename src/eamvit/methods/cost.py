@@ -17,10 +17,10 @@ Every row of a :class:`CostAccount` says, for one op of one layer:
   (``how="sparse kernel"``); under row/head freezing simulated with ``execute=False``, everything
   the executed path skips (``how="executed path"``), and nothing in a layer that cannot execute its plan.
 
-What an executed head plan saves depends on the class's executed path: the ViT and Swin v1 classes
-skip the frozen heads' q and k projections, scores and softmax; the classes of
-:mod:`eamvit.modules.family_heads` run timm's projection for every head and skip only the scores and
-softmax (their ``eam_plan_skips``).
+What an executed head plan saves depends on the class's executed path, as its adapter says
+(``Adapter.plan_skips``): the ViT and Swin v1 classes skip the frozen heads' q and k projections,
+scores and softmax; the classes of :mod:`eamvit.modules.family_heads` run timm's projection for every
+head and skip only the scores and softmax.
 
 Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
 recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
@@ -172,12 +172,10 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
 def _plan_macs(module: nn.Module, s: AttentionShape, frozen_heads: int, frozen_rows: int) -> dict[str, int]:
     """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts.
 
-    Each class declares those ops (``eam_plan_skips``): the ViT and Swin v1 classes slice the frozen
-    units out of the qkv weight too; the classes of :mod:`eamvit.modules.family_heads` run timm's own
-    projection for every head and skip only the frozen heads' scores and softmax.
+    Its adapter declares those ops (``Adapter.plan_skips``).
     """
     cut, full = attention_macs(s, frozen_heads, frozen_rows), attention_macs(s)
-    skips = module.eam_plan_skips
+    skips = module.eam.adapter.plan_skips
     return {op: cut[op] if op in skips else full[op] for op in ATTENTION_OPS}
 
 
@@ -223,16 +221,16 @@ def _linear_row(module: nn.Module, shape_in, shape_out, layer, part, scale: floa
 
 
 def modelled(model: nn.Module) -> bool:
-    """Whether the account models every attention layer of ``model`` (classes that declare
-    ``eam_cost_modelled``: a fused qkv over one set of tokens, as in ViT, Swin, EVA and BEiT)."""
-    return all(getattr(type(m), "eam_cost_modelled", False) for m in attention_layers(model))
+    """Whether the account models every attention layer of ``model`` (adapters that declare
+    ``cost_modelled``: a fused qkv over one set of tokens, as in ViT, Swin, EVA and BEiT)."""
+    return all(m.eam.adapter.cost_modelled for m in attention_layers(model))
 
 
 def _check_modelled(layers: Sequence[nn.Module]) -> None:
     """Refuse a model with an attention layer whose shapes the account does not read (one clear line)."""
-    m = next((m for m in layers if not getattr(type(m), "eam_cost_modelled", False)), None)
+    m = next((m for m in layers if not m.eam.adapter.cost_modelled), None)
     if m is not None:
-        known = sorted({a.family for a in ADAPTERS if getattr(a.eam_class, "eam_cost_modelled", False)})
+        known = sorted({a.family for a in ADAPTERS if a.cost_modelled})
         raise EamError(f"the MAC account (gmacs, predicted_speedup) does not model {m.eam.adapter.family}'s "
                        f"{m.eam.adapter.timm_class.__name__} yet (it models {'; '.join(known)}); "
                        "measure speed instead, e.g. `eamvit optimize --runtime torch`")

@@ -49,8 +49,8 @@ from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks
 from eamvit.methods.state import peek, state_of
 from eamvit.methods.steps import StepHandler, register_step
-from eamvit.modules.attention import instrument
-from eamvit.modules.merge_block import MERGE_BLOCKS, MERGE_CLASSES, MERGE_FOLLOWERS, MergeState
+from eamvit.modules.attention import MERGE_CLASSES, instrument
+from eamvit.modules.merge_block import MergeState
 from eamvit.modules.token_blocks import restore_blocks_
 from eamvit.ops.merge import SELECTIONS, merge_schedule, token_counts
 
@@ -204,12 +204,12 @@ def merge_(model: nn.Module, config: MergeConfig) -> MergeReport:
                        track_positions=fam.positions)
     for i in later_blocks:
         blk = blocks_seq[i]
-        blk.__class__ = MERGE_BLOCKS[type(blk)]
+        blk.__class__ = fam.merge_class
         blk.eam_tokens = state
         blk.eam_stage = blocks.index(i) if i in blocks else None
     for blk in getattr(model, "blocks_token_only", None) or ():  # CaiT's class attention reads the sizes
-        if type(blk) in MERGE_FOLLOWERS:
-            blk.__class__ = MERGE_FOLLOWERS[type(blk)]
+        if type(blk) in fam.merge_followers:
+            blk.__class__ = fam.merge_followers[type(blk)]
             blk.eam_tokens = state
     state_of(model).merge = state
     state_of(model).steps["merge"] = config

@@ -49,7 +49,7 @@ from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
 from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
 from eamvit.modules import family_quant
-from eamvit.modules.attention import EamAttention, attention_layers, observe
+from eamvit.modules.attention import attention_layers, observe
 from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
 from eamvit.ops.pareto import choose, pareto_frontier
@@ -165,6 +165,7 @@ def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple
     if not include_head and hasattr(model, "get_classifier"):
         h = model.get_classifier()
         heads = {id(m) for m in (h if isinstance(h, (tuple, list)) else (h,)) if isinstance(m, nn.Module)}
+    attention_layers(model)  # instrumented: the adapters say which Linears stay in float
     in_float = family_quant.float_linears(model)  # never quantized: no bits to allocate
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads and id(m) not in in_float]
@@ -283,7 +284,7 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
     and XCiT's channel attention are skipped."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    channels = {l.eam.layer for l in attention_layers(model) if family_quant.channel_attention(l)}
+    channels = {l.eam.layer for l in attention_layers(model) if l.eam.adapter.quant.channel_map}
 
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -369,9 +370,8 @@ def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
         tb = token_bits.get(layer.eam.layer)
         if tb is not None:  # the layers attention_importance scored
             # ViT's attention quantizes k before transposing it; a tapped family's k is the transposed
-            # operand of timm's score matmul, its tokens last.
-            k_dim = -2 if isinstance(layer, EamAttention) else -1
-            for name, dim in (("q", -2), ("k", k_dim), ("v", -2)):
+            # operand of timm's score matmul, its tokens last (the adapter says which).
+            for name, dim in (("q", -2), ("k", layer.eam.adapter.quant.k_dim), ("v", -2)):
                 setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, dim, config.percentiles))
 
 

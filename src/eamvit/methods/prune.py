@@ -48,9 +48,10 @@ from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import (check_blocks, check_token_model, drop_frozen_after, eligible_blocks,
                                    has_class_token)
-from eamvit.modules.attention import attention_layers, instrument, observe
-from eamvit.modules.prune_block import PRUNE_BLOCKS, PRUNE_CLASSES, PruneState
-from eamvit.modules.token_blocks import TokenFamily, restore_blocks_
+from eamvit.modules.adapters import TokenFamily
+from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
+from eamvit.modules.prune_block import PruneState
+from eamvit.modules.token_blocks import restore_blocks_
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
                                trace_indices)
 
@@ -184,7 +185,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
     for i in sorted(set(blocks) | set(followers)):
         blk = blocks_seq[i]
-        blk.__class__ = PRUNE_BLOCKS[type(blk)]
+        blk.__class__ = fam.prune_class
         blk.eam_tokens = state
         blk.eam_stage = blocks.index(i) if i in blocks else None
     state_of(model).prune = state

@@ -2,8 +2,8 @@
 what becomes of frozen EAM maps after the first block that does.
 
 Both verbs (:mod:`eamvit.methods.prune`, :mod:`eamvit.methods.merge`) swap blocks of one flat-token
-family (:data:`~eamvit.modules.token_blocks.TOKEN_FAMILIES`) and refuse every other model in one line.
-One model holds one of them at a time: its blocks are either timm's or one verb's.
+family (as its adapters say: :data:`~eamvit.modules.attention.TOKEN_FAMILIES`) and refuse every other
+model in one line. One model holds one of them at a time: its blocks are either timm's or one verb's.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens
-from eamvit.modules.attention import instrument, require
-from eamvit.modules.token_blocks import TOKEN_FAMILIES, TokenFamily, timm_block_class
+from eamvit.modules.adapters import TokenFamily
+from eamvit.modules.attention import TOKEN_FAMILIES, instrument, require
+from eamvit.modules.token_blocks import timm_block_class
 
 # What each verb is called in messages, and how it is undone.
 _UNDO = {"token pruning": "unprune_", "token merging": "unmerge_"}
@@ -30,12 +31,7 @@ def check_token_model(model: nn.Module, verb: str, adapter_verb: str,
         adapter_verb: the attention adapters' verb (``"prune"``, ``"merge"``).
         own: the verb's swapped classes (swapped class → timm class): blocks it swapped before are fine.
     """
-    from timm.models.swin_transformer import SwinTransformerBlock
-
-    if any(isinstance(m, SwinTransformerBlock) for m in model.modules()):
-        raise EamError(f"{verb} does not support Swin: its windowed attention needs the full token grid and has "
-                       "no class token; use a ViT/DeiT model")
-    require(instrument(model), adapter_verb)  # the adapters' reasons (hierarchical families, XCiT)
+    require(instrument(model), adapter_verb)  # the adapters' reasons (Swin, hierarchical families, XCiT)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
         raise EamError(f"{verb} needs a flat-token model with .blocks (ViT/DeiT, EVA02, BEiT, CaiT, ConViT); "

@@ -43,27 +43,24 @@ Model surgery (:func:`prepare_`, the one set-up step of all three methods: ADFQ-
 its quantizers) swaps classes (``nn.Linear`` → :class:`QuantLinear`, ``nn.Conv2d`` →
 :class:`QuantConv2d`, exact types only) and attaches an :class:`AttentionQuantizers` to each
 instrumented attention as ``eam_quant``; LayerNorm → Linear pairs are found from the block classes
-(timm ViT ``Block``, Swin ``SwinTransformerBlock`` and ``PatchMerging``), never from module names.
+each family's adapter names (``QuantFacts.groups``: ViT ``Block``, Swin ``SwinTransformerBlock`` and
+``PatchMerging``, …), never from module names.
 In timm ≥ 0.9 Swin feeds patch merging a 4-D NHWC tensor: the channel is the last dimension.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-
-from timm.layers import Mlp
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
-from timm.models.vision_transformer import Block
 
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
 from eamvit.methods.quant_registry import QuantRun, calibration_images, is_quantized, register_quantize_handler
 from eamvit.modules import family_quant
-from eamvit.modules.attention import EamAttention, EamWindowAttention, attention_layers
+from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
 
@@ -122,32 +119,9 @@ _LINEAR_SWAP: dict[type, type] = {nn.Linear: QuantLinear}
 _CONV_SWAP: dict[type, type] = {nn.Conv2d: QuantConv2d}
 
 
-def _ln_linear(norm: nn.Module, linear: nn.Module) -> Optional[tuple[nn.LayerNorm, nn.Linear]]:
-    if isinstance(norm, nn.LayerNorm) and isinstance(linear, nn.Linear) and norm.weight is not None \
-            and norm.bias is not None and norm.weight.shape == (linear.in_features,):
-        return norm, linear
-    return None
-
-
-def _vit_pairs(block: nn.Module) -> list[Optional[tuple]]:
-    out = []
-    attn = block.attn
-    # A gated attention also feeds norm1's output to ``gate``: the reparam would change it.
-    if isinstance(attn, (EamAttention, EamWindowAttention)) and getattr(attn, "gate", None) is None:
-        out.append(_ln_linear(block.norm1, attn.qkv))
-    if type(block.mlp) is Mlp:
-        out.append(_ln_linear(block.norm2, block.mlp.fc1))
-    return out
-
-
-# Exact block types whose LayerNorm output feeds only Linears: ViT and Swin v1 here (one Linear
-# each), the further families in family_quant (one or several).
-_PAIR_FINDERS: dict[type, Callable[[nn.Module], list]] = {
-    Block: _vit_pairs,
-    SwinTransformerBlock: _vit_pairs,
-    PatchMerging: lambda m: [_ln_linear(m.norm, m.reduction)],
-    **family_quant.PAIR_FINDERS,
-}
+# Exact block types whose LayerNorm output feeds only Linears, as the adapters name them.
+_PAIR_FINDERS: dict[type, Callable[[nn.Module], list]] = {cls: find for a in ADAPTERS
+                                                          for cls, find in a.quant.groups.items()}
 
 
 def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
@@ -156,6 +130,7 @@ def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     A norm that feeds several Linears gives one pair per Linear, consecutive, the Linear whose input
     quantizer sets the group's parameters first (see :func:`reparameterize_`).
     """
+    attention_layers(model)  # the groups read each attention's input Linears from its adapter
     pairs = []
     for m in model.modules():
         finder = _PAIR_FINDERS.get(type(m))
@@ -164,7 +139,7 @@ def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
         for p in finder(m):
             if p is not None:
                 norm, lins = p
-                pairs += [(norm, lin) for lin in (lins if isinstance(lins, list) else [lins])]
+                pairs += [(norm, lin) for lin in lins]
     return pairs
 
 
@@ -219,8 +194,8 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
             m.weight_quantizer = UniformQuantizer(config.w_bits, "channel", channel_dim=0, percentiles=pct)
     for layer in layers:
         # None: a tapped family quantizes the operands of timm's own score matmul, in timm's order.
-        scale_first = True if isinstance(layer, EamWindowAttention) else \
-            config.vit_scale_first if isinstance(layer, EamAttention) else None
+        scale_first = {"timm": None, "scale_first": True, "config": config.vit_scale_first}[
+            layer.eam.adapter.quant.score_order]
         layer.eam_quant = AttentionQuantizers(config.a_bits, config.attn_quantizer, scale_first, pct)
     return pairs if config.reparam else []
 

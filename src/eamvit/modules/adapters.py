@@ -2,10 +2,13 @@
 
 An *adapter* describes one timm attention class: how it computes q, k and v, the terms it adds
 before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)``,
-which eamvit verbs it supports, and the image size a built model of its family takes and the ONNX
-opset its export needs (data configs and exports ask the adapter, not the pretrained config). A
-family is one adapter per attention class it uses; the verbs read the declared capabilities
-(:func:`require`) and ``eamvit models`` prints them.
+which eamvit verbs it supports, how it executes frozen heads (and what that saves in the MAC account),
+what RepQ-ViT needs to know about its Linears and blocks (:class:`QuantFacts`), how its blocks drop
+tokens (:class:`TokenFamily`), and the image size a built model of its family takes and the ONNX opset
+its export needs (data configs and exports ask the adapter, not the pretrained config). It is the one
+place that says what a family supports: every other module asks it. A family is one adapter per
+attention class it uses; the verbs read the declared capabilities (:func:`require`) and ``eamvit
+models`` prints them.
 
 :class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
 adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
@@ -15,8 +18,9 @@ are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,13 +37,14 @@ OpsetReader = Callable[[nn.Module, tuple[int, int]], tuple[int, str]]
 VERBS = ("maps", "entry", "row", "head", "executed_head", "prune", "merge", "repq", "adfq", "pmq", "export")
 VERB_TITLES = {"maps": "maps", "entry": "entry freeze", "row": "row freeze", "head": "head freeze",
                "executed_head": "executed heads", "prune": "token pruning", "merge": "token merging",
-               "repq": "RepQ-ViT",
-               "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
+               "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ", "export": "ONNX export"}
+# The verbs most adapters declare: maps, entry and head freezing, RepQ-ViT (through the tap where timm's
+# forward runs) and the ONNX export; "row" only where a layer map has one set of query rows.
+BASE_VERBS = frozenset({"maps", "entry", "head", "repq", "export"})
 _VERB_WORDS = {"maps": "entropy maps", "entry": "entry freezing", "row": "row freezing",
                "head": "head freezing", "executed_head": "executed head freezing", "prune": "token pruning",
-               "merge": "token merging",
-               "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization", "pmq": "PMQ quantization",
-               "export": "ONNX export"}
+               "merge": "token merging", "repq": "RepQ-ViT quantization", "adfq": "ADFQ-ViT quantization",
+               "pmq": "PMQ quantization", "export": "ONNX export"}
 
 
 def as_pair(v) -> tuple[int, int]:
@@ -62,6 +67,82 @@ def no_opset_need(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
     return 0, ""
 
 
+def no_binding(model: nn.Module) -> None:
+    """An adapter's layers need nothing from their model."""
+
+
+def _qkv(attn: nn.Module) -> list[Optional[nn.Module]]:
+    return [getattr(attn, "qkv", None)]
+
+
+@dataclass(frozen=True)
+class QuantFacts:
+    """What RepQ-ViT (and ADFQ-ViT, PMQ on top of it) needs to know about one attention class and its family.
+
+    Args:
+        inputs: the Linears the attention applies to its whole (normalised) input, the one that sees every
+            token first; ``[None]`` where something else reads that input too (a pooling or sub-sampling
+            conv, zero padding), so that no LayerNorm → Linear group is formed there.
+        groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups
+            (:mod:`eamvit.modules.family_quant`).
+        in_float: the attention's children whose Linears stay in float (position terms, head mixing).
+        separate_bias: the qkv projection adds separate q / v biases through ``F.linear``; under
+            quantization they are added after the (quantized) projection instead.
+        one_token: the Linears that read the class token alone, as ``(B, C)`` (ADFQ-ViT's per-patch
+            quantizer has one patch there).
+        score_order: the order of the score matmul's quantizers: ``"timm"`` (the operands of timm's own
+            matmul, through the tap), ``"scale_first"`` (q scaled, then quantized) or ``"config"``
+            (ViT: ``RepQConfig.vit_scale_first``).
+        k_dim: where k's tokens are in the operand its quantizer sees (PMQ's per-patch bits).
+        channel_map: the map is over channels, not tokens (PMQ's per-patch bits skip it).
+    """
+
+    inputs: Callable[[nn.Module], list] = _qkv
+    groups: Mapping[type, Callable[[nn.Module], list]] = field(default_factory=dict)
+    in_float: tuple[str, ...] = ()
+    separate_bias: bool = False
+    one_token: tuple[str, ...] = ()
+    score_order: str = "timm"
+    k_dim: int = -1
+    channel_map: bool = False
+
+
+@dataclass(frozen=True)
+class TokenFamily:
+    """How a family's blocks drop or merge patch tokens: the classes swapped in and the facts both verbs need.
+
+    Args:
+        name: the family, for messages.
+        block: the timm block class (exact type: a subclass with its own forward is not assumed compatible).
+        prune_class: the pruning class swapped in for it (:mod:`eamvit.modules.prune_block`).
+        merge_class: the merging class swapped in for it (:mod:`eamvit.modules.merge_block`).
+        merge_followers: timm classes of blocks outside ``.blocks`` that read the merged tokens → the class
+            swapped in for them (CaiT's class attention adds the token sizes).
+        positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
+            every block after the first reducing block is swapped too (as a follower).
+        class_token: a class token precedes the patch tokens inside these blocks (EViT's score and
+            fusion read it); ``False`` for CaiT, whose class token joins only in the class-attention blocks.
+        refuse: why a given block of this class cannot prune or merge, or ``None`` when it can.
+        refuse_model: why a given model of this family cannot, or ``None``.
+    """
+
+    name: str
+    block: type
+    prune_class: type
+    merge_class: type
+    merge_followers: Mapping[type, type] = field(default_factory=dict)
+    positions: bool = False
+    class_token: bool = True
+    refuse: Callable[[nn.Module], Optional[str]] = lambda block: None
+    refuse_model: Callable[[nn.Module], Optional[str]] = lambda model: None
+
+
+# How an executed head plan runs: the frozen heads' rows sliced out of a fused qkv weight (ViT, Swin v1),
+# timm's forward with its fused kernel or its score and output matmuls cut per head
+# (:mod:`~eamvit.modules.family_heads`), or a kept-head forward of the class's own (Swin v2, ConViT's GPSA).
+HEAD_MODES = ("sliced", "sdpa", "matmul", "own")
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One timm attention class as eamvit sees it.
@@ -74,9 +155,21 @@ class Adapter:
         logits: the terms before the softmax.
         probs: where the probabilities are (what observers see and freezing overwrites).
         layer_map: the per-layer map shape ``(…, N_q, N_k)``; heads are at dim -3.
-        verbs: the supported verbs (a subset of :data:`VERBS`).
+        verbs: the supported verbs (a subset of :data:`VERBS`) besides those the facts below imply:
+            ``executed_head`` with ``heads``, ``prune`` and ``merge`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT
+            unless ``why_not`` refuses them.
         example: a timm model name of the family.
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
+        heads: how an executed head plan runs (:data:`HEAD_MODES`); None: heads are simulated only.
+        heads_at: where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
+        cut_einsum: the executed path also cuts the queries of the one ``einsum`` between the score
+            matmul and the softmax (MViTv2's decomposed relative position, a term per head).
+        cost_modelled: the MAC account (methods/cost.py) reads its shapes (a fused ``qkv`` and ``proj``
+            over one set of tokens).
+        quant: what RepQ-ViT needs to know (:class:`QuantFacts`).
+        tokens: how the family's blocks drop or merge tokens (:class:`TokenFamily`); None: neither.
+        bind: sets what its layers need to know from their model (groups per image: Swin's windows,
+            TNT's patches), once instrumented.
         input_size: reads the image size ``(H, W)`` a built model of the family takes (None: it does not
             record one); the one source of that size for data configs and exports.
         min_opset: the lowest ONNX opset an export of a model at a size needs, with the reason.
@@ -92,13 +185,43 @@ class Adapter:
     verbs: frozenset
     example: str
     why_not: dict = field(default_factory=dict)
+    heads: Optional[str] = None
+    heads_at: Optional[int] = None
+    cut_einsum: bool = False
+    cost_modelled: bool = False
+    quant: QuantFacts = QuantFacts()
+    tokens: Optional[TokenFamily] = None
+    bind: Callable[[nn.Module], None] = no_binding
     input_size: SizeReader = patch_embed_size
     min_opset: OpsetReader = no_opset_need
 
     def __post_init__(self) -> None:
-        unknown = set(self.verbs) - set(VERBS)
-        if unknown:
-            raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}")
+        given = set(self.verbs)
+        unknown = given - set(VERBS)
+        lacking = [v for v, fact in (("executed_head", self.heads), ("prune", self.tokens), ("merge", self.tokens))
+                   if v in given and not fact]
+        if unknown or lacking or self.heads not in (None, *HEAD_MODES):
+            raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs without the facts they "
+                             f"need {lacking}, head mode {self.heads!r} (one of {', '.join(HEAD_MODES)} or None)")
+        # Derived again on every construction (dataclasses.replace included): ADFQ-ViT and PMQ refine
+        # RepQ-ViT's surgery.
+        verbs = (given - {"adfq", "pmq"}) | ({"executed_head"} if self.heads else set()) | \
+            ({"prune", "merge"} if self.tokens else set())
+        if "repq" in verbs:
+            verbs |= {"adfq", "pmq"} - set(self.why_not)
+        object.__setattr__(self, "verbs", frozenset(verbs))
+
+    def executes(self, plan: str) -> bool:
+        """Whether its layers can execute a frozen ``plan`` (``"head"`` or ``"row"``): heads with a head mode,
+        rows where heads are sliced from a fused qkv and a map has one set of query rows (ViT)."""
+        return self.heads is not None and (plan == "head" or self.heads == "sliced" and "row" in self.verbs)
+
+    @property
+    def plan_skips(self) -> tuple[str, ...]:
+        """The ops whose frozen units' work an executed plan skips (the MAC account reads it): sliced heads
+        or rows never multiply their q and k weights, nor compute their scores and softmax; the other
+        modes run timm's projection for every head and skip only the scores and softmax."""
+        return ("q", "k", "qk", "softmax") if self.heads == "sliced" else ("qk", "softmax")
 
 
 def may_overwrite() -> bool:
@@ -147,6 +270,13 @@ class EamState:
     cache: dict = field(default_factory=dict, repr=False)
 
 
+# The buffers of an executed row/head plan: kept and frozen unit indices, (kept ++ frozen) → timm's order,
+# the frozen units' maps, and where heads are sliced from a fused qkv, its weight rows and the output
+# projection's columns of the kept and the frozen heads.
+PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values", "eam_plan_wrows",
+                "eam_plan_cols_k", "eam_plan_cols_f")
+
+
 class EamBase:
     """The state and the post-softmax step of every instrumented attention class."""
 
@@ -154,13 +284,11 @@ class EamBase:
     eam_quant: Optional[nn.Module]
     eam_frozen_mask: Optional[torch.Tensor]
     eam_frozen_values: Optional[torch.Tensor]
-    # The buffers of an executed row/head plan, registered by the classes that execute one.
-    eam_plan_buffers: tuple = ()
 
     def _eam_init(self, layer: int, adapter: Adapter) -> None:
         self.eam = EamState(layer, adapter)
         self.register_module("eam_quant", None)  # a submodule slot: state_dict keys `….eam_quant.…` once set
-        for name in ("eam_frozen_mask", "eam_frozen_values", *self.eam_plan_buffers):
+        for name in ("eam_frozen_mask", "eam_frozen_values", *PLAN_BUFFERS):
             self.register_buffer(name, None, persistent=False)
 
     @property
@@ -174,6 +302,17 @@ class EamBase:
         state = self.eam
         return (state.observer is not None or state.observer_q is not None or state.observer_k is not None
                 or state.score_bias is not None)
+
+    @property
+    def eam_executes_plan(self) -> bool:
+        """True when the next forward skips the frozen heads/rows instead of simulating them: nothing needs
+        every head's scores (:attr:`eam_needs_scores`, quantized attention, attention dropout in training)."""
+        state, drop = self.eam, getattr(self, "attn_drop", None)
+        if (state.plan is None or self.eam_frozen_mask is None or self.eam_needs_scores or self.eam_quant is not None
+                or (self.training and drop is not None and drop.p > 0)):
+            return False
+        # Sliced weights: exact nn.Linear only, a quantized linear's forward must not be bypassed by F.linear.
+        return state.adapter.heads != "sliced" or (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the
@@ -197,6 +336,63 @@ class EamBase:
                 torch.where(self.eam_frozen_mask, values, view)
             attn = view.reshape(attn.shape)
         return attn
+
+
+def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A^μ·V`` of the frozen heads or rows, as one batched matmul shared by the images.
+
+    The images are put next to the head width, so that one ``(N_q×N_k)·(N_k×B·d)`` product per frozen
+    map serves the batch: the frozen maps are never expanded over it.
+
+    Args:
+        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
+            leading dim the groups (windows, patches) of one image.
+        v: ``(B·G, …, N_k, d)`` the frozen units' values (image-major, as timm orders windows).
+
+    Returns:
+        ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
+    """
+    G, mid, (nq, nk), d = values.shape[0], tuple(values.shape[1:-2]), values.shape[-2:], v.shape[-1]
+    B, m = v.shape[0] // G, len(mid)
+    vv = v.reshape(B, G, *mid, nk, d).permute(1, *range(2, m + 3), 0, m + 3).reshape(-1, nk, B * d)
+    out = torch.bmm(values.reshape(-1, nq, nk).to(vv.dtype), vv).view(G, *mid, nq, B, d)
+    return out.permute(m + 2, *range(m + 2), m + 3)
+
+
+def _chain(first: Observer, then: Observer) -> Observer:
+    def both(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        first(attn, mask)
+        then(attn, mask)
+    return both
+
+
+@contextlib.contextmanager
+def _attached(layers: Sequence[nn.Module], values: Mapping[int, object], attr: str,
+              combine: Callable[[object, object], object]) -> Iterator[Sequence[nn.Module]]:
+    """Set ``layers[i].eam.<attr>`` to ``values[i]``, ``combine(values[i], what was there)`` where something
+    was, for the block, and restore exactly what was there on exit (also when the body raises)."""
+    saved = {l: getattr(layers[l].eam, attr) for l in values}
+    try:
+        for l, value in values.items():
+            setattr(layers[l].eam, attr, value if saved[l] is None else combine(value, saved[l]))
+        yield layers
+    finally:
+        for l, prev in saved.items():
+            setattr(layers[l].eam, attr, prev)
+
+
+def observing(layers: Sequence[nn.Module], observers: Mapping[int, Observer],
+              attr: str = "observer") -> contextlib.AbstractContextManager:
+    """Attach ``observers[i]`` to ``layers[i].eam.<attr>`` for the block, before any observer already there."""
+    return _attached(layers, observers, attr, _chain)
+
+
+def biasing(layers: Sequence[nn.Module],
+            biases: Mapping[int, Optional[torch.Tensor]]) -> contextlib.AbstractContextManager:
+    """Add ``biases[i]`` (``None``: nothing) to ``layers[i]``'s scores (``eam.score_bias``) for the block, on
+    top of a bias already there."""
+    return _attached(layers, {l: b for l, b in biases.items() if b is not None}, "score_bias",
+                     lambda bias, outer: outer + bias)
 
 
 @dataclass(frozen=True)

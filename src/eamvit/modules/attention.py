@@ -29,8 +29,9 @@ registers on the module:
 * ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
   ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
 * ``eam.plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
-  and that structure is to be *executed* (:func:`set_frozen`; rows in ViT only, heads wherever the
-  adapter declares executed heads: :mod:`eamvit.modules.family_heads` for the further families).
+  and that structure is to be *executed* (:func:`set_frozen`, the one plan builder; rows in ViT only,
+  heads wherever the adapter declares a head mode: :mod:`eamvit.modules.family_heads` for the further
+  families).
 
 A module with none of them set runs timm's own (fused) forward, so blocks that need no attention map
 keep their speed. A model with an attention class outside the registry is refused in one line.
@@ -46,9 +47,9 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import Adapter, Observer, capability_table, families_line, require
-from eamvit.modules.family_heads import set_head_plan
-from eamvit.modules.vit_swin import EamAttention, EamWindowAttention, window_count
+from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, biasing, capability_table,
+                                     families_line, observing, require)
+from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "bias_scores", "executes_plans",
            "input_size", "instrument", "layer_shapes", "min_opset", "models_table", "observe", "require", "set_frozen"]
@@ -62,6 +63,12 @@ _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
 _OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
+# How each timm block class drops or merges tokens (the adapters' `tokens`), and each class a verb swaps in
+# → its timm class (merging: CaiT's class-attention blocks too).
+TOKEN_FAMILIES: dict[type, TokenFamily] = {a.tokens.block: a.tokens for a in ADAPTERS if a.tokens is not None}
+PRUNE_CLASSES: dict[type, type] = {f.prune_class: f.block for f in TOKEN_FAMILIES.values()}
+MERGE_CLASSES: dict[type, type] = {m: t for f in TOKEN_FAMILIES.values()
+                                   for t, m in ((f.block, f.merge_class), *f.merge_followers.items())}
 SUPPORTED_FAMILIES = families_line(FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
@@ -148,11 +155,8 @@ def instrument(model: nn.Module) -> list[nn.Module]:
             layers.append(module)
     if not layers:
         raise _refuse(f"unsupported model {type(model).__name__}")
-    for module in model.modules():  # Swin blocks (v1, v2): windows per image, for the map's shape
-        attn = getattr(module, "attn", None)
-        if isinstance(attn, (EamWindowAttention, families.EamWindowAttentionV2)) and hasattr(module, "input_resolution"):
-            attn.eam.num_windows = window_count(module)
-    families.bind(model)
+    for adapter in _adapters(model):  # groups per image (Swin's windows, TNT's patches), for the map's shape
+        adapter.bind(model)
     return layers
 
 
@@ -175,9 +179,9 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
 
 
 def executes_plans(module: nn.Module, plan: str = "head") -> bool:
-    """Whether ``module``'s class can execute a frozen ``plan``: heads where its adapter declares executed
-    heads, rows in the ViT class only; every other layer simulates whole rows and heads."""
-    return "executed_head" in module.eam.adapter.verbs and (plan == "head" or isinstance(module, EamAttention))
+    """Whether ``module`` can execute a frozen ``plan``, as its adapter says (:meth:`Adapter.executes`);
+    every other layer simulates whole rows and heads."""
+    return module.eam.adapter.executes(plan)
 
 
 def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional[torch.Tensor],
@@ -204,7 +208,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
-    for name in module.eam_plan_buffers:
+    for name in PLAN_BUFFERS:
         setattr(module, name, None)
     module.eam.plan = None
     module.eam.granularity = plan if mask is not None and plan is not None else "entry"
@@ -214,38 +218,32 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         return
     m4 = mask if mask.dim() == 4 else mask.unsqueeze(0)  # (G, H, N, N)
     frozen_units = _frozen_units(module, m4, plan)
-    if not executes_plans(module, plan):  # simulated: the whole-unit mask is applied as entry freezing is
-        return
-    if isinstance(module, (EamAttention, EamWindowAttention)):
-        _plan_vit_swin(module, frozen_units, values.to(mask.device), plan, execute)
-    else:
-        set_head_plan(module, frozen_units, values.to(mask.device), execute)
+    if executes_plans(module, plan):  # else simulated: the whole-unit mask is applied as entry freezing is
+        _set_plan(module, frozen_units, values.to(mask.device), plan, execute)
 
 
-def _plan_vit_swin(module: nn.Module, frozen_units: torch.Tensor, values: torch.Tensor, plan: str,
-                   execute: bool) -> None:
-    """The plan buffers of the ViT and Swin v1 classes: kept/frozen units, the fused-weight rows and
-    projection columns of a head plan, and the frozen values in the order the executed path reads them."""
-    dev = values.device
-    v4 = values if values.dim() == 4 else values.unsqueeze(0)  # (G, H, N, N)
-    H = v4.shape[1]
-    keep = (~frozen_units).nonzero().flatten()
-    frozen = frozen_units.nonzero().flatten()
+def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan: str, execute: bool) -> None:
+    """The plan buffers: kept/frozen units (all a cost account needs when not executed), the order back to
+    timm's, the frozen units' maps in the layout of timm's attention tensor with a leading group dim
+    (:func:`~eamvit.modules.adapters.frozen_times_v`), and for heads sliced from a fused qkv, its weight
+    rows (q, k, v of the kept heads, then v of the frozen ones) and the projection's input columns."""
+    keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
-    order = torch.cat([keep, frozen])  # plan order -> original unit
-    module.eam_plan_order = torch.argsort(order)  # original unit -> position in plan order
-    if plan == "head":
-        d = module.qkv.weight.shape[0] // (3 * H)
+    if not execute:
+        return
+    adapter = module.eam.adapter
+    module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))  # original unit -> position in plan order
+    raw = values if module.eam.num_windows > 1 else values.unsqueeze(0)
+    at = raw.dim() - (3 if plan == "head" else 2)  # heads at -3, query rows at -2 of the layer map
+    if adapter.heads_at is not None:
+        raw, at = raw.movedim(at, adapter.heads_at), adapter.heads_at
+    module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
+    if adapter.heads == "sliced" and plan == "head":
+        H = units.numel()
+        d, dev = module.qkv.weight.shape[0] // (3 * H), values.device
         heads = lambda idx, part: (part * H * d + idx.view(-1, 1) * d + torch.arange(d, device=dev)).flatten()
         module.eam_plan_wrows = torch.cat([heads(keep, 0), heads(keep, 1), heads(keep, 2), heads(frozen, 2)])
-        module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)  # proj input columns
-        module.eam_plan_values = v4.index_select(1, frozen).flatten(0, 1).contiguous().float()
-    else:
-        module.eam_plan_values = v4[0].index_select(1, frozen).contiguous().float()  # (H, F, N)
-    if not execute:
-        for name in module.eam_plan_buffers[2:]:
-            setattr(module, name, None)
-        return
+        module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)
     module.eam.cache.clear()
     module.eam.plan = plan
 
@@ -253,13 +251,6 @@ def _plan_vit_swin(module: nn.Module, frozen_units: torch.Tensor, values: torch.
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The instrumented attention modules of ``model`` (instrumenting it first if needed)."""
     return instrument(model)
-
-
-def _chain(first: Observer, then: Observer) -> Observer:
-    def both(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        first(attn, mask)
-        then(attn, mask)
-    return both
 
 
 @contextlib.contextmanager
@@ -283,15 +274,8 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
     layers = _layers(model, observers)
     if stage == "keys":
         require([layers[l] for l in observers], "merge")
-    attr = _STAGE_ATTR[stage]
-    saved = {l: getattr(layers[l].eam, attr) for l in observers}
-    try:
-        for l, fn in observers.items():
-            setattr(layers[l].eam, attr, fn if saved[l] is None else _chain(fn, saved[l]))
+    with observing(layers, observers, _STAGE_ATTR[stage]):
         yield layers
-    finally:
-        for l, prev in saved.items():
-            setattr(layers[l].eam, attr, prev)
 
 
 def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
@@ -319,15 +303,8 @@ def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) 
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")
-    saved = {l: layers[l].eam.score_bias for l in biases}
-    try:
-        for l, bias in biases.items():
-            if bias is not None:
-                layers[l].eam.score_bias = bias if saved[l] is None else saved[l] + bias
+    with biasing(layers, biases):
         yield layers
-    finally:
-        for l, prev in saved.items():
-            layers[l].eam.score_bias = prev
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:

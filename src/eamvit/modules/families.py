@@ -16,23 +16,22 @@ Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the tw
 matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
 in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
 (BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
-ConViT; :data:`_PRUNES`). Row freezing is simulated here (the frozen mask covers whole query rows and
+ConViT: their adapters' ``tokens``). Row freezing is simulated here (the frozen mask covers whole query rows and
 overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
-cut per head (:mod:`eamvit.modules.family_heads`, :data:`_EXECUTES`) and simulated elsewhere. A
+cut per head (:mod:`eamvit.modules.family_heads`, the adapters' ``heads``) and simulated elsewhere. A
 row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
 (window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
 the same forward, the tap included, so frozen models export too. ADFQ-ViT and PMQ refine RepQ-ViT's
 surgery and are declared wherever it is, except ADFQ-ViT on Swin v2 (post-norm: no LayerNorm →
-Linear input for its outlier-aware quantizer). Each section is one family: its instrumented classes
-and their adapters.
+Linear input for its outlier-aware quantizer). Each section is one family's instrumented classes;
+their adapters, all a family supports and how, are the one table :data:`ADAPTERS`.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -42,18 +41,15 @@ from timm.models import swin_transformer_v2 as swinv2
 from timm.layers.attention import Attention
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import Adapter, Family, OpsetReader, SizeReader, no_opset_need, patch_embed_size
-from eamvit.modules.family_heads import HeadPlan, KeptBiases, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules import family_quant as fq
+from eamvit.modules.adapters import BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily
+from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, swinv2_heads
 from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
+from eamvit.modules.merge_block import MergeBeitBlock, MergeCaitBlock, MergeCaitClassBlock, MergeConvitBlock, \
+    MergeEvaBlock
+from eamvit.modules.prune_block import PruneBeitBlock, PruneCaitBlock, PruneConvitBlock, PruneEvaBlock
+from eamvit.modules.vit_swin import bind_windows
 from eamvit.ops.positions import gather_pair_bias
-
-_SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
-_MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
-_MAPS = frozenset({"maps", "entry"})
-# Verbs of every adapter here unless it says otherwise; "row" only where the layer map has one set of
-# query rows. RepQ-ViT goes through the tap: the post-softmax map (log√2), q, k, v as the operands of
-# timm's matmuls.
-_VERBS = _MAPS | {"head", "export", "repq"}
 
 
 class _SoftmaxTap(TorchFunctionMode):
@@ -118,12 +114,8 @@ class _SoftmaxTap(TorchFunctionMode):
                            "merging reads the keys of one; this timm version is not supported for merging")
 
 
-class _Tapped(HeadPlan):
+class _Tapped(EamBase):
     """An attention whose probabilities are the output of the one softmax of timm's forward."""
-
-    # How an executed head plan cuts timm's forward (:mod:`~eamvit.modules.family_heads`): "sdpa" or
-    # "matmul"; None where the class declares no executed heads.
-    eam_head_mode: Optional[str] = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.eam_active:
@@ -135,11 +127,11 @@ class _Tapped(HeadPlan):
                            "per image; run the model at the image size it was instrumented for")
         run = lambda: super(_Tapped, self).forward(*args, **kwargs)
         if self.eam_executes_plan:
-            return run_heads(self, run, self.eam_head_mode == "sdpa", self.eam_heads_at)
+            return run_heads(self, run)
         return self._eam_tapped(run, groups, None)
 
     def _eam_probs(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = self.eam_heads_at
+        h = self.eam.adapter.heads_at
         if h is None:
             return self._eam_post_softmax(attn, groups, mask)
         # A non-negative dim: the ONNX exporter writes movedim(…, -3) as a Transpose with a negative perm.
@@ -164,17 +156,17 @@ class _Tapped(HeadPlan):
 
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax", verbs: frozenset = _VERBS, why_not: Optional[dict] = None,
-             no_rows: str = "", input_size: SizeReader = patch_embed_size,
-             min_opset: OpsetReader = no_opset_need) -> Adapter:
-    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
+             probs: str = "the output of the softmax", verbs: frozenset = BASE_VERBS, why_not: Optional[dict] = None,
+             no_rows: str = "", **facts: Any) -> Adapter:
+    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty);
+    ``facts``: the further :class:`~eamvit.modules.adapters.Adapter` fields."""
     why_not = dict(why_not or {})
     if no_rows:
         why_not["row"] = (f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "
                           "different numbers of rows; use entry or head")
     return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
                    layer_map=layer_map, verbs=verbs if no_rows else verbs | {"row"}, example=example,
-                   why_not=why_not, input_size=input_size, min_opset=min_opset)
+                   why_not=why_not, **facts)
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
@@ -190,9 +182,6 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
 class EamEvaAttention(_Tapped, eva.EvaAttention):
     """EVA / EVA02 attention (RoPE on q and k)."""
 
-    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
-    eam_head_mode = "sdpa"
-
 
 # --- BEiT ---
 class EamBeitAttention(_Tapped, beit.Attention):
@@ -202,9 +191,6 @@ class EamBeitAttention(_Tapped, beit.Attention):
     tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
     """
 
-    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
-    eam_head_mode = "sdpa"
-
     def _get_rel_pos_bias(self) -> torch.Tensor:
         bias = super()._get_rel_pos_bias()
         return bias if self.eam.positions is None else gather_pair_bias(bias, self.eam.positions)
@@ -213,8 +199,6 @@ class EamBeitAttention(_Tapped, beit.Attention):
 # --- Swin v2 ---
 class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
     """Swin v2 cosine window attention; ``eam.num_windows`` is set from the owning block."""
-
-    eam_cost_modelled = True  # methods/cost.py reads its shapes (fused qkv, one token set)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:
@@ -236,11 +220,9 @@ class EamTalkingHeadAttn(_Tapped, cait.TalkingHeadAttn):
 class EamClassAttn(_Tapped, cait.ClassAttn):
     """CaiT / XCiT class attention: one query, the class token."""
 
-    eam_head_mode = "sdpa"
-
 
 # --- ConViT ---
-class EamGPSA(HeadPlan, convit.GPSA):
+class EamGPSA(EamBase, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
     def get_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,42 +249,28 @@ class EamGPSA(HeadPlan, convit.GPSA):
 class EamMHSA(_Tapped, convit.MHSA):
     """ConViT plain multi-head self-attention (the last blocks)."""
 
-    eam_head_mode = "matmul"
-
 
 # --- XCiT ---
 class EamXCA(_Tapped, xcit.XCA):
     """XCiT cross-covariance attention: a softmax over channels, one (d, d) map per head."""
-
-    eam_head_mode = "sdpa"
 
 
 # --- Twins ---
 class EamLocallyGroupedAttn(_Tapped, twins.LocallyGroupedAttn):
     """Twins local attention inside each window of the grid."""
 
-    eam_head_mode = "sdpa"
-
 
 class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
     """Twins global attention over sub-sampled keys."""
-
-    eam_head_mode = "sdpa"
 
 
 # --- MViTv2 ---
 class EamMultiScaleAttention(_Tapped, mvitv2.MultiScaleAttention):
     """MViTv2 pooling attention (q, k, v pooled after the projection)."""
 
-    eam_head_mode = "matmul"
-    eam_cut_einsum = True  # its decomposed relative position is an einsum of the queries per head
-
 
 class EamMultiScaleAttentionPoolFirst(_Tapped, mvitv2.MultiScaleAttentionPoolFirst):
     """MViTv2 pooling attention (q, k, v pooled before the projection)."""
-
-    eam_head_mode = "matmul"
-    eam_cut_einsum = True
 
 
 # --- LeViT ---
@@ -318,25 +286,19 @@ class EamLevitAttentionDownsample(KeptBiases, _Tapped, levit.AttentionDownsample
 class EamVoloAttention(_Tapped, volo.Attention):
     """VOLO plain self-attention (the later stages)."""
 
-    eam_head_mode = "sdpa"
-
 
 class EamVoloClassAttention(_Tapped, volo.ClassAttention):
     """VOLO class attention: one query, the class token."""
-
-    eam_head_mode = "matmul"
 
 
 # --- TNT ---
 class EamTntAttention(_Tapped, tnt.Attention):
     """TNT attention, inner (pixels of each patch, the patches folded into the batch) and outer (patches)."""
 
-    eam_head_mode = "matmul"
 
-
-def bind(model: nn.Module) -> None:
-    """Set what an instrumented layer needs to know from its model: the patches per image of TNT's
-    inner attention (each patch position is its own variable, as Swin's windows are)."""
+def _bind_tnt(model: nn.Module) -> None:
+    """The patches per image of TNT's inner attention (each patch position is its own variable, as Swin's
+    windows are)."""
     for module in model.modules():
         if isinstance(module, tnt.TNT):
             for block in module.blocks:
@@ -353,123 +315,144 @@ class EamEfficientFormerAttention(KeptBiases, _Tapped, efficientformer.Attention
 class EamFastVitAttention(_Tapped, fastvit.Attention):
     """FastViT self-attention of the SA stages, on a flattened feature map."""
 
-    eam_head_mode = "sdpa"
-
 
 # --- Hiera ---
 class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
     """Hiera attention within mask units (with query pooling); its maps come with heads first."""
-
-    eam_head_mode = "sdpa"
-
-    eam_heads_at = 1
 
 
 # --- CrossViT ---
 class EamCrossAttention(_Tapped, crossvit.CrossAttention):
     """CrossViT cross attention: the other branch's class token queries this branch's tokens."""
 
-    eam_head_mode = "matmul"
+
+def _convit_refuse(block: nn.Module) -> Optional[str]:
+    if isinstance(block.attn, convit.GPSA):
+        return ("its GPSA blocks compute positional attention over the full patch grid and run before the class "
+                "token exists; use the MHSA blocks (local_up_to_layer onwards)")
+    return None
 
 
+def _eva_refuse(model: nn.Module) -> Optional[str]:
+    rope = getattr(model, "rope", None)
+    if getattr(model, "rope_mixed", False) or (rope is not None and type(rope).__name__ != "RotaryEmbeddingCat"):
+        return (f"its {type(rope).__name__} rotary embedding cannot be gathered for the present tokens; "
+                "only EVA02's shared RotaryEmbeddingCat is supported")
+    return None
+
+
+def _eva_inputs(a: nn.Module) -> list:
+    return ([a.qkv] if a.qkv is not None else [a.q_proj, a.k_proj, a.v_proj]) + ([a.gate] if a.gate is not None else [])
+
+
+# Token pruning and merging (methods/prune.py, merge.py) in the flat-token families; XCiT's class attention
+# shares CaiT's adapter (XCiT itself is refused by its XCA blocks).
+_CAIT = TokenFamily("CaiT", cait.LayerScaleBlock, PruneCaitBlock, MergeCaitBlock,
+                    {cait.LayerScaleBlockClassAttn: MergeCaitClassBlock}, class_token=False)
+_CONVIT = TokenFamily("ConViT", convit.Block, PruneConvitBlock, MergeConvitBlock, refuse=_convit_refuse)
+_NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
+              "local patch interaction convolves the full patch grid; its class attention only comes after them")
+_NONE = lambda a: [None]  # noqa: E731 (a conv, pooling or padding also reads the normalised input)
 _QKV = "one fused qkv linear, split per head"
 _WINDOW_ROW = "a row there is one (window, token) pair"
 _SCALED = "q·kᵀ·scale"
+_VOLO = dict(input_size=volo_size, min_opset=volo_opset)
 ADAPTERS: tuple[Adapter, ...] = (
     _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
              _SCALED + " after rotary position embedding of q and k (EVA02); optional sub-LN", "(H, N, N)",
-             "eva02_tiny_patch14_224"),
+             "eva02_tiny_patch14_224", heads="sdpa", cost_modelled=True,
+             quant=QuantFacts(_eva_inputs, {eva.EvaBlock: fq.attn_block}, separate_bias=True),
+             tokens=TokenFamily("EVA02", eva.EvaBlock, PruneEvaBlock, MergeEvaBlock, positions=True,
+                               refuse_model=_eva_refuse)),
     _adapter("BEiT", beit.Attention, EamBeitAttention, "one qkv linear with q and v biases",
-             _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224"),
+             _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224", heads="sdpa",
+             cost_modelled=True, quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
+             tokens=TokenFamily("BEiT", beit.Block, PruneBeitBlock, MergeBeitBlock, positions=True)),
+    # Swin v2 and EVA's post-norm blocks have no groups: the norm follows the attention and the MLP.
     _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
              "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
              "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256",
-             no_rows=_WINDOW_ROW),
+             no_rows=_WINDOW_ROW, heads="own", cost_modelled=True,
+             quant=QuantFacts(in_float=("cpb_mlp",), separate_bias=True),
+             bind=partial(bind_windows, EamWindowAttentionV2),
+             why_not={"adfq": "ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm, so no "
+                              "LayerNorm feeds a Linear and its per-patch outlier-aware quantizer has no input; "
+                              "use RepQ-ViT or PMQ"}),
     _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
              _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
-             probs="the output of the softmax, before the second head mixing"),
+             probs="the output of the softmax, before the second head mixing",
+             quant=QuantFacts(groups={cait.LayerScaleBlock: fq.attn_block}, in_float=("proj_l", "proj_w")),
+             tokens=_CAIT,
+             why_not={"executed_head": "executed head freezing does not apply to CaiT's talking-heads attention: a "
+                                       "linear layer mixes every head's scores before the softmax, so no head's "
+                                       "q·k can be skipped; simulate its heads (execute=False)"}),
+    # XCiT's class-attention block is not a group: its normalised tokens also pass through unchanged.
     _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, "q from the class token, k and v from all tokens",
-             _SCALED, "(H, 1, N)", "cait_xxs24_224"),
+             _SCALED, "(H, 1, N)", "cait_xxs24_224", heads="sdpa", tokens=_CAIT,
+             quant=QuantFacts(lambda a: [a.k, a.q, a.v], {cait.LayerScaleBlockClassAttn: fq.attn_block},
+                              one_token=("q",))),
     _adapter("ConViT", convit.GPSA, EamGPSA, "one qk linear and a v linear; positional scores from relative offsets",
              "softmax(q·kᵀ·scale) and softmax(positional scores), mixed by a sigmoid gate per head and renormalised",
-             "(H, N, N)", "convit_tiny", probs="the gated mix (the output of get_attention)"),
-    _adapter("ConViT", convit.MHSA, EamMHSA, _QKV, _SCALED, "(H, N, N)", "convit_tiny"),
+             "(H, N, N)", "convit_tiny", probs="the gated mix (the output of get_attention)", heads="own",
+             quant=QuantFacts(lambda a: [a.qk, a.v], {convit.Block: fq.attn_block}, in_float=("pos_proj",)),
+             tokens=_CONVIT),
+    _adapter("ConViT", convit.MHSA, EamMHSA, _QKV, _SCALED, "(H, N, N)", "convit_tiny", heads="matmul",
+             tokens=_CONVIT),
     _adapter("XCiT", xcit.XCA, EamXCA, _QKV + ", transposed to channels",
              "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
-             "xcit_nano_12_p16_224"),
+             "xcit_nano_12_p16_224", heads="sdpa",
+             quant=QuantFacts(groups={xcit.XCABlock: fq.attn_block}, channel_map=True),
+             why_not={"prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS}),
+    # Twins pads the grid to whole windows with zeros after the norm, and padded tokens are keys.
     _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
-             _SCALED, "(G, H, N, N)", "twins_svt_small",
-             no_rows="its local attention is windowed, " + _WINDOW_ROW, input_size=twins_size),
+             _SCALED, "(G, H, N, N)", "twins_svt_small", heads="sdpa",
+             no_rows="its local attention is windowed, " + _WINDOW_ROW, input_size=twins_size,
+             quant=QuantFacts(_NONE, {twins.Block: fq.attn_block})),
     _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
              "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
-             "twins_svt_small", input_size=twins_size),
+             "twins_svt_small", heads="sdpa", input_size=twins_size,
+             quant=QuantFacts(lambda a: [a.kv, a.q] if a.sr is None else [None])),
     _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, _QKV + ", then pooled",
              _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             input_size=mvitv2_size),
+             heads="matmul", cut_einsum=True, input_size=mvitv2_size,
+             quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
     _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst,
              "pooled first, then separate q, k, v linears",
              _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             input_size=mvitv2_size),
+             heads="matmul", cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
     _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
              _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s",
-             verbs=_VERBS - {"repq"},
-             why_not=_batchnorm("LeViT"), input_size=levit_size),
+             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
     _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
              "kv linear on all tokens, q linear on a sub-sampled grid",
              _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s",
-             verbs=_VERBS - {"repq"},
-             why_not=_batchnorm("LeViT"), input_size=levit_size),
-    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224",
-             input_size=volo_size, min_opset=volo_opset),
+             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
+    # VOLO's outlooker: an average pooling also reads norm1's output.
+    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224", heads="sdpa",
+             quant=QuantFacts(groups={volo.Transformer: fq.attn_block, volo.ClassBlock: fq.attn_block,
+                                      volo.Outlooker: fq.mlp_only}), **_VOLO),
     _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
-             _SCALED, "(H, 1, N)", "volo_d1_224", input_size=volo_size, min_opset=volo_opset),
+             _SCALED, "(H, 1, N)", "volo_d1_224", heads="matmul", quant=QuantFacts(lambda a: [a.kv, a.q]), **_VOLO),
     _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
              "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
-             "tnt_s_patch16_224",
-             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair", input_size=tnt_size),
+             "tnt_s_patch16_224", heads="matmul", bind=_bind_tnt,
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair", input_size=tnt_size,
+             quant=QuantFacts(lambda a: [a.qk, a.v], {tnt.Block: fq.tnt_block})),
     _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
              "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
-             "efficientformer_l1", verbs=_VERBS - {"repq"},
+             "efficientformer_l1", verbs=BASE_VERBS - {"repq"}, heads="matmul",
              why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
     _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
-             "(H, N, N)", "fastvit_sa12", verbs=_VERBS - {"repq"},
-             why_not=_batchnorm("FastViT")),
+             "(H, N, N)", "fastvit_sa12", verbs=BASE_VERBS - {"repq"}, heads="sdpa", why_not=_batchnorm("FastViT")),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
-             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224",
-             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair", input_size=hiera_size),
+             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224", heads="sdpa", heads_at=1,
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair", input_size=hiera_size,
+             quant=QuantFacts(groups={hiera.HieraBlock: fq.hiera_block})),
     _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
              "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
-             "crossvit_tiny_240"),
+             "crossvit_tiny_240", heads="matmul",
+             quant=QuantFacts(lambda a: [a.wk, a.wq, a.wv], {crossvit.CrossAttentionBlock: fq.norm1_only})),
 )
-
-# Token pruning and merging (methods/prune.py, merge.py: the same blocks; keys and a score bias through the
-# tap) in the flat-token families. XCiT's class attention shares CaiT's adapter; XCA refuses XCiT.
-_PRUNES = frozenset({eva.EvaAttention, beit.Attention, cait.TalkingHeadAttn, cait.ClassAttn, convit.GPSA,
-                     convit.MHSA})
-_NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
-              "local patch interaction convolves the full patch grid; its class attention only comes after them")
-ADAPTERS = tuple(replace(a, verbs=a.verbs | {"prune", "merge"}) if a.timm_class in _PRUNES else replace(
-    a, why_not={**a.why_not, "prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS})
-    if a.timm_class is xcit.XCA else a for a in ADAPTERS)
-
-# Executed head freezing (modules/family_heads.py) where timm's q and k can be cut per head: every class
-# but CaiT's talking heads.
-_EXECUTES = frozenset(a.timm_class for a in ADAPTERS if getattr(a.eam_class, "eam_head_mode", None)) | {
-    swinv2.WindowAttention, convit.GPSA}
-_NO_EXECUTE = {cait.TalkingHeadAttn: "executed head freezing does not apply to CaiT's talking-heads attention: a "
-                                     "linear layer mixes every head's scores before the softmax, so no head's q·k "
-                                     "can be skipped; simulate its heads (execute=False)"}
-ADAPTERS = tuple(replace(a, verbs=a.verbs | {"executed_head"}) if a.timm_class in _EXECUTES else
-                 replace(a, why_not={**a.why_not, "executed_head": _NO_EXECUTE[a.timm_class]})
-                 if a.timm_class in _NO_EXECUTE else a for a in ADAPTERS)
-
-# ADFQ-ViT and PMQ refine RepQ-ViT's surgery: declared wherever RepQ-ViT is, but ADFQ-ViT not on Swin v2.
-_NO_ADFQ = {swinv2.WindowAttention: "ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm, "
-                                    "so no LayerNorm feeds a Linear and its per-patch outlier-aware quantizer has "
-                                    "no input; use RepQ-ViT or PMQ"}
-ADAPTERS = tuple(a if "repq" not in a.verbs else
-                 replace(a, verbs=a.verbs | {"pmq"}, why_not={**a.why_not, "adfq": _NO_ADFQ[a.timm_class]})
-                 if a.timm_class in _NO_ADFQ else replace(a, verbs=a.verbs | {"adfq", "pmq"}) for a in ADAPTERS)
 
 # Attention-like timm classes that have no token-by-token softmax map, and why.
 UNMAPPED: dict[type, str] = {

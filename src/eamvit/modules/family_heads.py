@@ -2,7 +2,8 @@
 
 A frozen head's output is its frozen map times its values, ``A^μ_h·V_h``; its scores and softmax are
 never computed. The classes here run timm's own forward and cut the attention inside it per head
-(:class:`HeadTap`, a ``TorchFunctionMode`` scoped to that forward):
+(:class:`HeadTap`, a ``TorchFunctionMode`` scoped to that forward), as their adapter's head mode says
+(``Adapter.heads``):
 
 * ``"sdpa"``: classes whose timm forward has a fused path. It runs with the fused kernel on and the
   tap serves the one ``scaled_dot_product_attention`` call: the kept heads (q, k, v and any
@@ -11,13 +12,13 @@ never computed. The classes here run timm's own forward and cut the attention in
   a scalar scale, learned per-head biases that the class itself hands out for the kept heads
   (:class:`KeptBiases`: LeViT, EfficientFormer) or a relative-position term that timm computes per
   head from the queries with ``einsum`` (MViTv2: its query operand is cut to the kept heads too);
-  declared per class after reading timm's code. The score matmul is given the kept heads only, so
+  declared per adapter after reading timm's code. The score matmul is given the kept heads only, so
   the terms and the softmax run on those; the first matmul after the softmax multiplies them with
   the kept heads' values (``A·V``, or ``V·Aᵀ`` in LeViT's conv layout) and adds the frozen heads'.
 
 Swin v2 (cosine attention, a learned logit scale and a position bias per head) and ConViT's GPSA
-(a gated mix of two softmaxes per head) have their own kept-head forwards (:func:`swinv2_heads`,
-:func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order, then
+(a gated mix of two softmaxes per head) have their own kept-head forwards (head mode ``"own"``:
+:func:`swinv2_heads`, :func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order, then
 timm's own norm, gate and projection) is timm's code unchanged. CaiT's talking heads mix every
 head's scores before the softmax, so no head's q·k can be skipped there: refused in one line.
 """
@@ -32,122 +33,49 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import EamBase
+from eamvit.modules.adapters import frozen_times_v
 
 _SOFTMAXES = frozenset({torch.softmax, torch.Tensor.softmax, F.softmax})
 _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm})
 _SDPA = F.scaled_dot_product_attention
-# Buffers of a head plan: kept and frozen head indices, (kept ++ frozen) → timm's order, and the frozen
-# heads' maps in the layout of timm's attention tensor with one leading group dim.
-HEAD_PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values")
-
-
-class HeadPlan(EamBase):
-    """What an attention of :mod:`eamvit.modules.families` keeps for an executed head plan."""
-
-    # Whether methods/cost.py's MAC account models this class's shapes (a fused qkv over one token set);
-    # the classes it has been checked on say True.
-    eam_cost_modelled = False
-
-    # Where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
-    eam_heads_at: Optional[int] = None
-    eam_plan_buffers = HEAD_PLAN_BUFFERS
-    # The ops whose frozen heads' work the executed path skips (the cost account reads it): q and k of
-    # every head still come from timm's own projection, and A^μ·V still multiplies the frozen heads' values.
-    eam_plan_skips: tuple[str, ...] = ("qk", "softmax")
-
-    @property
-    def eam_executes_plan(self) -> bool:
-        """True when the next forward skips the frozen heads' scores and softmax instead of simulating them."""
-        drop = getattr(self, "attn_drop", None)
-        return (self.eam.plan == "head" and self.eam_frozen_mask is not None and not self.eam_needs_scores
-                and self.eam_quant is None
-                and not (self.training and drop is not None and drop.p > 0))
 
 
 class KeptBiases:
     """LeViT / EfficientFormer: while frozen heads are executed, the learned biases of the kept heads only
     (what the score matmul of the executed path computes)."""
 
-    eam_head_mode = "matmul"
-
     def get_attention_biases(self, device: torch.device) -> torch.Tensor:
         biases = super().get_attention_biases(device)
         return biases.index_select(0, self.eam_plan_keep) if self.eam_executes_plan else biases
-
-
-def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A^μ·V`` of the frozen heads, broadcast over the images.
-
-    Args:
-        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
-            leading dim the groups (windows, patches) of one image.
-        v: ``(B·G, …, N_k, d)`` the frozen heads' values.
-
-    Returns:
-        ``(B·G, …, N_q, d)``.
-    """
-    groups = values.shape[0]
-    vv = v.reshape(v.shape[0] // groups, groups, *v.shape[1:])
-    out = torch.matmul(values.to(v.dtype), vv)
-    return out.reshape(v.shape[0], *out.shape[2:])
-
-
-def raw_values(values: torch.Tensor, groups: int, heads_at: Optional[int]) -> torch.Tensor:
-    """A layer map ``(…, H, N_q, N_k)`` (heads at dim -3) in the layout of timm's attention tensor with a
-    leading group dim (:func:`frozen_times_v`)."""
-    raw = values if groups > 1 else values.unsqueeze(0)
-    return raw if heads_at is None else raw.movedim(raw.dim() - 3, heads_at)
 
 
 def with_frozen(module: nn.Module, kept: Optional[torch.Tensor], v: torch.Tensor, h: int) -> torch.Tensor:
     """The kept heads' attention output and the frozen heads' ``A^μ·V``, back in timm's head order.
 
     Args:
-        module: the attention with a head plan (:func:`set_head_plan`).
+        module: the attention with an executed head plan (its ``eam_plan_*`` buffers).
         kept: the kept heads' output, heads at dim ``h`` (``None`` when every head is frozen).
         v: timm's values of all heads, heads at dim ``h``.
         h: the head dim.
     """
-    frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen))
+    frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen)).flatten(0, 1)
     both = frozen if kept is None else torch.cat([kept, frozen], dim=h)
     return both.index_select(h, module.eam_plan_order)
-
-
-def set_head_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, execute: bool) -> None:
-    """Record a head plan on ``module`` (its frozen mask and values are already set).
-
-    Args:
-        module: an instrumented attention of :mod:`eamvit.modules.families` that declares executed heads.
-        units: bool ``(H,)``, the heads frozen whole.
-        values: the layer's frozen map, ``(…, H, N_q, N_k)``.
-        execute: run the plan (``False`` keeps the heads' indices for a cost account and simulates them).
-    """
-    keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
-    module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
-    if not execute:
-        return
-    module.eam_plan_order = torch.argsort(torch.cat([keep, frozen]))
-    raw = raw_values(values, module.eam.num_windows, module.eam_heads_at)
-    at = raw.dim() - 3 if module.eam_heads_at is None else module.eam_heads_at
-    module.eam_plan_values = raw.index_select(at, frozen).contiguous().float()
-    module.eam.plan = "head"
 
 
 class HeadTap(TorchFunctionMode):
     """Inside one timm forward: the attention of the kept heads, ``A^μ·V`` for the frozen ones.
 
     Args:
-        module: the instrumented attention (its ``eam_plan_*`` buffers).
-        sdpa: serve the fused call (``True``) or the score and output matmuls (``False``).
-        heads_at: where the heads are in timm's q/k/v and attention tensors (``None``: dim -3).
+        module: the instrumented attention (its ``eam_plan_*`` buffers; its adapter's head mode says whether
+            the tap serves the fused call or the score and output matmuls, and where the heads are).
     """
 
-    def __init__(self, module: nn.Module, sdpa: bool, heads_at: Optional[int]) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
+        adapter = module.eam.adapter
         self.module, self.keep = module, module.eam_plan_keep
-        self.cut_einsum = bool(getattr(module, "eam_cut_einsum", False))
-        self.sdpa, self.heads_at = sdpa, heads_at
+        self.cut_einsum, self.sdpa, self.heads_at = adapter.cut_einsum, adapter.heads == "sdpa", adapter.heads_at
         self.fused = self.scores = self.softmaxes = self.outputs = 0
 
     def _dim(self, t: torch.Tensor) -> int:
@@ -207,15 +135,15 @@ class HeadTap(TorchFunctionMode):
                            "expects one of each; this timm version is not supported for executed heads")
 
 
-def run_heads(module: nn.Module, run: Callable[[], torch.Tensor], sdpa: bool, heads_at: Optional[int]) -> torch.Tensor:
+def run_heads(module: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``run()`` (timm's forward) with the frozen heads executed as ``A^μ·V`` (:class:`HeadTap`)."""
     if not module.eam_plan_frozen.numel():  # nothing frozen: timm's forward as it is
         return run()
     fused = getattr(module, "fused_attn", None)
-    tap = HeadTap(module, sdpa, heads_at)
+    tap = HeadTap(module)
     try:
         if fused is not None:
-            module.fused_attn = sdpa  # the fused path is the one the tap serves; the explicit one otherwise
+            module.fused_attn = tap.sdpa  # the fused path is the one the tap serves; the explicit one otherwise
         with tap:
             out = run()
     finally:

@@ -2,17 +2,18 @@
 class swap.
 
 :func:`eamvit.methods.merge.merge_` swaps every block from the first merging block to the last for its
-family's merging class (:data:`MERGE_BLOCKS`; the family arithmetic is
-:mod:`eamvit.modules.token_blocks`'), as ToMe swaps timm's classes. A merging block runs its
-attention branch through the one instrumentation: it reads the keys
-(:func:`~eamvit.modules.attention.observe`, ``stage="keys"``; ToMe matches on the keys averaged over
-heads), the map too for entropy-guided merging, and adds proportional attention's ``log size`` to the
-scores (:func:`~eamvit.modules.attention.bias_scores`). Then, after the attention residual and before
-``norm2``/MLP (ToMe's place), it merges ``r`` patch tokens (:mod:`eamvit.ops.merge`). A later block
-that merges nothing (a *follower*, ``eam_stage = None``, or ``r = 0``) still adds the size bias and,
-in EVA02 and BEiT, gathers the present tokens' positions: a merged token keeps the grid position of
-the token it merged into. A block with nothing to do (no token merged yet in this forward) runs
-timm's own forward, fused attention included, so ``r = 0`` is timm's model exactly.
+family's merging class (the adapter's :class:`~eamvit.modules.adapters.TokenFamily` names it; the family
+arithmetic is :mod:`eamvit.modules.token_blocks`'), as ToMe swaps timm's classes. A merging block runs
+its attention branch through the one instrumentation (:mod:`eamvit.modules.adapters`, as
+:func:`~eamvit.modules.attention.observe` and :func:`~eamvit.modules.attention.bias_scores` do): it
+reads the keys (``eam.observer_k``; ToMe matches on the keys averaged over heads), the map too for
+entropy-guided merging, and adds proportional attention's ``log size`` to the scores. Then, after the
+attention residual and before ``norm2``/MLP (ToMe's place), it merges ``r`` patch tokens
+(:mod:`eamvit.ops.merge`). A later block that merges nothing (a *follower*, ``eam_stage = None``, or
+``r = 0``) still adds the size bias and, in EVA02 and BEiT, gathers the present tokens' positions: a
+merged token keeps the grid position of the token it merged into. A block with nothing to do (no
+token merged yet in this forward) runs timm's own forward, fused attention included, so ``r = 0`` is
+timm's model exactly.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from timm.models import beit, cait, convit, eva
 from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
-from eamvit.modules.attention import bias_scores, observe
+from eamvit.modules.adapters import biasing, observing
 from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
 from eamvit.ops.merge import bipartite_plan, entropy_plan, merge_count, merge_tokens, size_bias
 from eamvit.ops.positions import next_positions
@@ -110,11 +111,11 @@ class _MergeSteps(TokenBlock):
         keys: list[torch.Tensor] = []
         maps: list[torch.Tensor] = []
         with contextlib.ExitStack() as stack:
-            stack.enter_context(bias_scores(self, {0: bias}))
+            stack.enter_context(biasing([self.attn], {0: bias}))
             if r:
-                stack.enter_context(observe(self, {0: lambda k, mask: keys.append(k)}, stage="keys"))
+                stack.enter_context(observing([self.attn], {0: lambda k, mask: keys.append(k)}, "observer_k"))
                 if st.selection == "entropy":
-                    stack.enter_context(observe(self, {0: lambda attn, mask: maps.append(attn)}))
+                    stack.enter_context(observing([self.attn], {0: lambda attn, mask: maps.append(attn)}))
             out = run()
         return out, (keys[0] if keys else None, maps[0] if maps else None)
 
@@ -185,18 +186,5 @@ class MergeCaitClassBlock(cait.LayerScaleBlockClassAttn):
         if not (st.prop_attn and st.size is not None):
             return super().forward(x, x_cls)
         size = torch.cat([st.size.new_ones(st.size.shape[0], 1), st.size], dim=1)
-        with bias_scores(self, {0: size_bias(size)}):
+        with biasing([self.attn], {0: size_bias(size)}):
             return super().forward(x, x_cls)
-
-
-# timm block class → its merging class (the model's .blocks); blocks outside .blocks that read the merged
-# tokens (CaiT's class attention); every merging class → its timm class.
-MERGE_BLOCKS: dict[type, type] = {c.eam_timm_class: c for c in (MergeBlock, MergeEvaBlock, MergeBeitBlock,
-                                                                  MergeCaitBlock, MergeConvitBlock)}
-MERGE_FOLLOWERS: dict[type, type] = {MergeCaitClassBlock.eam_timm_class: MergeCaitClassBlock}
-MERGE_CLASSES: dict[type, type] = {m: t for t, m in (*MERGE_BLOCKS.items(), *MERGE_FOLLOWERS.items())}
-
-# Modules whose ONNX form needs a later opset than the default, with the opset and why (as families.MIN_OPSET):
-# before opset 16 ScatterElements has no reduction, and duplicate destinations would overwrite each other.
-MIN_OPSET: dict[type, tuple[int, str]] = {
-    c: (16, "token merging sums merged tokens with ScatterElements(reduction='add')") for c in MERGE_CLASSES}

@@ -1,12 +1,13 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
 
-:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (:data:`PRUNE_CLASSES`;
-the family arithmetic is :mod:`eamvit.modules.token_blocks`'): ``Block`` (ViT, DeiT III, DINOv2, CLIP,
-NaFlexViT) → :class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention
-``LayerScaleBlock`` and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one
-instrumentation, :func:`eamvit.modules.attention.observe`, around its own attention call only, so only
-pruning blocks materialise ``A``; every other block, and a pruning block with nothing to prune (κ = 1,
-or unfused ``random``), runs timm's fused attention.
+:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (the adapter's
+:class:`~eamvit.modules.adapters.TokenFamily` names it; the family arithmetic is
+:mod:`eamvit.modules.token_blocks`'): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
+:class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``
+and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one instrumentation
+(:func:`~eamvit.modules.adapters.observing`, as :func:`eamvit.modules.attention.observe` does), around
+its own attention call only, so only pruning blocks materialise ``A``; every other block, and a
+pruning block with nothing to prune (κ = 1, or unfused ``random``), runs timm's fused attention.
 
 ``placement="attn"`` prunes after the attention residual, before ``norm2``/MLP (EViT's code);
 ``"block"`` after the whole block. The captured map is the live tensor, so, as in EViT, gradients
@@ -30,7 +31,7 @@ from torch import nn
 from timm.models import beit, cait, convit, eva
 from timm.models.vision_transformer import Block
 
-from eamvit.modules.attention import observe
+from eamvit.modules.adapters import observing
 from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
 from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import kept_count, prune_tokens
@@ -104,11 +105,11 @@ class _PruneSteps(TokenBlock):
         return k
 
     def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``run()`` (the attention branch), and the map when the method needs one (read through ``observe``)."""
+        """``run()`` (the attention branch), and the map when the method needs one (read through ``observing``)."""
         if not self.eam_tokens.needs_attention:
             return run(), None
         seen: list[torch.Tensor] = []
-        with observe(self, {0: lambda attn, mask: seen.append(attn)}):
+        with observing([self.attn], {0: lambda attn, mask: seen.append(attn)}):
             out = run()
         return out, seen[0]
 
@@ -156,9 +157,3 @@ class PruneConvitBlock(ConvitTokens, _PruneSteps, convit.Block):
     """ConViT's ``Block`` with plain multi-head self-attention (after the GPSA blocks) that drops patch tokens."""
 
     eam_timm_class = convit.Block
-
-
-# timm block class → its pruning class, and back.
-PRUNE_BLOCKS: dict[type, type] = {c.eam_timm_class: c for c in (PruneBlock, PruneEvaBlock, PruneBeitBlock,
-                                                                  PruneCaitBlock, PruneConvitBlock)}
-PRUNE_CLASSES: dict[type, type] = {p: t for t, p in PRUNE_BLOCKS.items()}

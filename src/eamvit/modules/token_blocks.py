@@ -6,12 +6,13 @@ per-instance ``forward``, no module-name matching). What a family's block comput
 here, as a mixin per family (``Block`` of ViT, DeiT III, DINOv2, CLIP and NaFlexViT; EVA02's
 ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``, ConViT's ``Block``); what
 a verb does to the tokens is a second mixin with three steps, and a verb's block class combines the
-two with the timm class:
+two with the timm class (each family's adapter names its pruning and merging classes,
+:class:`~eamvit.modules.adapters.TokenFamily`):
 
 * ``_eam_start(x, masked)``: what this block does in this forward (``None``: run timm's own forward);
 * ``_eam_attend(plan, run)``: run the attention branch, reading through the one instrumentation
-  (:func:`~eamvit.modules.attention.observe`, :func:`~eamvit.modules.attention.bias_scores`) what
-  the step needs;
+  (:func:`~eamvit.modules.adapters.observing`, :func:`~eamvit.modules.adapters.biasing`) what the
+  step needs;
 * ``_eam_reduce(x, seen, plan)``: the token surgery, after the attention residual (``"attn"``,
   before ``norm2``/MLP) or after the whole block (``"block"``).
 
@@ -22,14 +23,10 @@ those families after the first reducing block gathers them for the tokens still 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-
-from timm.models import beit, cait, convit, eva
-from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
 from eamvit.ops.positions import gather_pair_bias, gather_rope
@@ -162,54 +159,6 @@ class ConvitTokens(TokenBlock):
             return super().forward(x)
         return self._eam_run(x, plan, lambda t: self.drop_path(self.attn(self.norm1(t))),
                              lambda t: self.drop_path(self.mlp(self.norm2(t))))
-
-
-@dataclass(frozen=True)
-class TokenFamily:
-    """How a verb that changes the token set applies to one timm block class.
-
-    Args:
-        name: the family, for messages.
-        tokens: the family's block mixin (:class:`VitTokens`, ...).
-        positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
-            every block after the first reducing block is swapped too (as a follower).
-        class_token: a class token precedes the patch tokens inside these blocks; ``False`` for CaiT,
-            whose class token joins only in the class-attention blocks.
-        refuse: why a given block of this class cannot reduce, or ``None`` when it can.
-        refuse_model: why a given model of this family cannot, or ``None``.
-    """
-
-    name: str
-    tokens: type
-    positions: bool = False
-    class_token: bool = True
-    refuse: Callable[[nn.Module], Optional[str]] = lambda block: None
-    refuse_model: Callable[[nn.Module], Optional[str]] = lambda model: None
-
-
-def _convit_refuse(block: nn.Module) -> Optional[str]:
-    if isinstance(block.attn, convit.GPSA):
-        return ("its GPSA blocks compute positional attention over the full patch grid and run before the class "
-                "token exists; use the MHSA blocks (local_up_to_layer onwards)")
-    return None
-
-
-def _eva_refuse(model: nn.Module) -> Optional[str]:
-    rope = getattr(model, "rope", None)
-    if getattr(model, "rope_mixed", False) or (rope is not None and type(rope).__name__ != "RotaryEmbeddingCat"):
-        return (f"its {type(rope).__name__} rotary embedding cannot be gathered for the present tokens; "
-                "only EVA02's shared RotaryEmbeddingCat is supported")
-    return None
-
-
-# timm block class → its family (exact types: a subclass with its own forward is not assumed compatible).
-TOKEN_FAMILIES: dict[type, TokenFamily] = {
-    Block: TokenFamily("ViT", VitTokens),
-    eva.EvaBlock: TokenFamily("EVA02", EvaTokens, positions=True, refuse_model=_eva_refuse),
-    beit.Block: TokenFamily("BEiT", BeitTokens, positions=True),
-    cait.LayerScaleBlock: TokenFamily("CaiT", CaitTokens, class_token=False),
-    convit.Block: TokenFamily("ConViT", ConvitTokens, refuse=_convit_refuse),
-}
 
 
 def timm_block_class(block: nn.Module) -> type:

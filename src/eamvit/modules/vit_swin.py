@@ -11,6 +11,7 @@ attention, attention dropout in training, a caller's mask) the module falls back
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -19,31 +20,19 @@ from torch import nn
 
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.naflexvit import NaFlexEmbeds
-from timm.models.swin_transformer import WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block
 
 from eamvit.errors import EamError
-from eamvit.modules.adapters import VERBS, Adapter, EamBase, Family, may_overwrite, patch_embed_size
+from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, frozen_times_v,
+                                     may_overwrite, patch_embed_size)
+from eamvit.modules.family_quant import patch_merging, vit_block
+from eamvit.modules.merge_block import MergeBlock
+from eamvit.modules.prune_block import PruneBlock
 
 
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
-
-    eam_cost_modelled = True  # the MAC account (methods/cost.py) was written for these two classes
-
-    eam_plan_buffers = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_values", "eam_plan_wrows", "eam_plan_order",
-                        "eam_plan_cols_k", "eam_plan_cols_f")
-    # The ops whose frozen units' work the executed path skips (the cost account reads it): the frozen
-    # heads' or rows' slices of the qkv weight are never multiplied, nor their scores and softmax.
-    eam_plan_skips: tuple[str, ...] = ("q", "k", "qk", "softmax")
-
-    @property
-    def eam_executes_plan(self) -> bool:
-        """True when the next forward skips the frozen heads/rows instead of simulating them."""
-        # Exact nn.Linear only: a quantized linear's forward must not be bypassed by F.linear.
-        return (self.eam.plan is not None and self.eam_frozen_mask is not None and not self.eam_needs_scores
-                and self.eam_quant is None
-                and not (self.training and self.attn_drop.p > 0)
-                and type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
     def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
         """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
@@ -58,8 +47,7 @@ class _EamMixin(EamBase):
                 hit = cache[key] = (stamp, make())
         return hit[1]
 
-    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor],
-                   windows: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Executed head freezing, ``(B_, N, C)`` in: the attention outputs of the kept heads
         ``(B_, N, Hk·d)`` (``None`` if none) and of the frozen heads ``(B_, N, Hf·d)``, before ``proj``."""
         B_, N, _ = x.shape
@@ -77,8 +65,8 @@ class _EamMixin(EamBase):
             if bias is not None:
                 bias = bias.index_select(-3, keep)
             kept = self._eam_kept_attention(q, k, vk, bias).transpose(1, 2).reshape(B_, N, hk * d)
-        frozen = _frozen_heads_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d), windows)
-        return kept, frozen.reshape(B_, N, (H - hk) * d)
+        frozen = frozen_times_v(self.eam_plan_values, vf.view(B_, N, H - hk, d).transpose(1, 2))  # (B, G, Hf, N, d)
+        return kept, frozen.transpose(2, 3).reshape(B_, N, (H - hk) * d)
 
     def _eam_proj(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
         """``proj`` of the two head groups without reassembling them: each multiplies its own
@@ -126,26 +114,6 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-def _frozen_heads_times_v(values: torch.Tensor, v: torch.Tensor, windows: int) -> torch.Tensor:
-    """``A^μ_h · V_h`` for every frozen head of every window, as one batched matmul.
-
-    Args:
-        values: ``(G·Hf, N, N)`` frozen maps, window-major.
-        v: ``(B·G, N, Hf, d)`` values of the frozen heads (timm's window order: image-major).
-        windows: ``G``.
-
-    Returns:
-        ``(B·G, N, Hf, d)``.
-    """
-    BG, N, hf, d = v.shape
-    B = BG // windows
-    # Put the images next to the head width so that one (N×N)·(N×B·d) product serves the batch:
-    # the frozen map is shared by all images and is never expanded.
-    vv = v.reshape(B, windows, N, hf, d).permute(1, 3, 2, 0, 4).reshape(windows * hf, N, B * d)
-    o = torch.bmm(values.to(vv.dtype), vv)
-    return o.view(windows, hf, N, B, d).permute(3, 0, 2, 1, 4).reshape(BG, N, hf, d)
-
-
 class EamAttention(_EamMixin, Attention):
     """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
 
@@ -157,7 +125,7 @@ class EamAttention(_EamMixin, Attention):
         if self.eam_executes_plan and attn_mask is None and not is_causal:
             if self.eam.plan == "row":
                 return self._eam_out(self._eam_rows(x), gate)
-            kept, frozen = self._eam_heads(x, None, 1)
+            kept, frozen = self._eam_heads(x, None)
             if gate is None and isinstance(self.norm, nn.Identity):
                 return self.proj_drop(self._eam_proj(kept, frozen))
             return self._eam_out(self._eam_in_head_order(kept, frozen), gate)
@@ -200,7 +168,7 @@ class EamAttention(_EamMixin, Attention):
         """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
         B, N, _ = x.shape
         H, d, A = self.num_heads, self.head_dim, self.attn_dim
-        keep, frozen = self.eam_plan_keep, self.eam_plan_frozen
+        keep = self.eam_plan_keep
         w, b = self.qkv.weight, self.qkv.bias
         # Slices of the fused weight are views: no weight is copied.
         kv = F.linear(x, w[A:], b[A:] if b is not None else None)
@@ -210,10 +178,7 @@ class EamAttention(_EamMixin, Attention):
             q = F.linear(x.index_select(1, keep), w[:A], b[:A] if b is not None else None)
             q = q.view(B, keep.numel(), H, d).transpose(1, 2)
             parts.append(self._eam_kept_attention(q, k, v, None).transpose(1, 2))  # (B, R, H, d)
-        # Frozen rows: A^μ[h, rows] · V_h, the batch folded into the columns of one product per head.
-        vv = v.permute(1, 2, 0, 3).reshape(H, N, B * d)
-        fo = torch.bmm(self.eam_plan_values.to(vv.dtype), vv).view(H, frozen.numel(), B, d)
-        parts.append(fo.permute(2, 1, 0, 3))  # (B, F, H, d)
+        parts.append(frozen_times_v(self.eam_plan_values, v)[:, 0].transpose(1, 2))  # frozen rows: A^μ[h, rows]·V_h
         # Rows come out kept-then-frozen; one gather puts the tokens back in order.
         return torch.cat(parts, dim=1).view(B, N, A).index_select(1, self.eam_plan_order)
 
@@ -230,7 +195,7 @@ class EamWindowAttention(_EamMixin, WindowAttention):
             raise EamError(f"Swin layer {self.eam.layer}: {B_} windows is not a multiple of {num_win} per image; "
                            "run the model at the image size it was instrumented for")
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
-            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask), num_win)
+            kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask))
             return self.proj_drop(self._eam_proj(kept, frozen))
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -258,11 +223,14 @@ class EamWindowAttention(_EamMixin, WindowAttention):
         return bias + mask.reshape(-1, self.num_heads, N, N)
 
 
-def window_count(block: nn.Module) -> int:
-    """Windows per image of a Swin block (v1 or v2), from its input resolution and window size."""
-    h, w = block.input_resolution
-    wh, ww = block.window_size
-    return math.ceil(h / wh) * math.ceil(w / ww)
+def bind_windows(eam_class: type, model: nn.Module) -> None:
+    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2), from the block's
+    input resolution and window size: each window position is its own variable of the layer map."""
+    for block in model.modules():
+        attn = getattr(block, "attn", None)
+        if type(attn) is eam_class and hasattr(block, "input_resolution"):
+            (h, w), (wh, ww) = block.input_resolution, block.window_size
+            attn.eam.num_windows = math.ceil(h / wh) * math.ceil(w / ww)
 
 
 def _vit_size(model: nn.Module) -> Optional[tuple[int, int]]:
@@ -292,12 +260,18 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
             qkv="one fused qkv linear, split per head; optional q/k norm",
             logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
-            verbs=frozenset(VERBS), example="deit_tiny_patch16_224", input_size=_vit_size, min_opset=_vit_opset),
+            verbs=BASE_VERBS | {"row"}, example="deit_tiny_patch16_224", heads="sliced", cost_modelled=True,
+            # A gated attention also feeds norm1's output to its gate: the reparameterisation would change it.
+            quant=QuantFacts(inputs=lambda a: [a.qkv] if getattr(a, "gate", None) is None else [None],
+                             groups={Block: vit_block}, score_order="config", k_dim=-2),
+            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock), input_size=_vit_size, min_opset=_vit_opset),
     Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
             qkv="one fused qkv linear, split per head, per window",
             logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
-            layer_map="(nW, H, N, N)", verbs=frozenset(VERBS) - {"row", "prune", "merge"},
-            example="swin_tiny_patch4_window7_224",
+            layer_map="(nW, H, N, N)", verbs=BASE_VERBS, example="swin_tiny_patch4_window7_224", heads="sliced",
+            cost_modelled=True, quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
+                                                 score_order="scale_first", k_dim=-2),
+            bind=partial(bind_windows, EamWindowAttention),
             # The one wording of these refusals; the CLI checks them before reading any data.
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
                             "so windows would keep different numbers of rows; use entry or head",
@@ -309,7 +283,7 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 FAMILIES: tuple[Family, ...] = (
     Family("ViT / DeiT / DeiT III / DINOv2 / CLIP / NaFlexViT", (Attention,), "deit_tiny_patch16_224",
-           "verbs also check the model: pruning needs a VisionTransformer's plain blocks"),
+           "verbs also check the model: pruning and merging need a VisionTransformer's plain blocks"),
     Family("Swin v1", (WindowAttention,), "swin_tiny_patch4_window7_224",
-           "rows: a row is one (window, token) pair; pruning: windows need the full token grid"),
+           "rows: a row is one (window, token) pair; pruning, merging: windows need the full token grid"),
 )
