@@ -56,6 +56,11 @@ ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
 _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
+
+
+def _instrumented(cls: type) -> bool:
+    """An instrumented class, or eamvit's own subclass of one (an export class that changes the graph's form)."""
+    return cls in _INSTRUMENTED or any(issubclass(cls, c) for c in _INSTRUMENTED)
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
 SUPPORTED_FAMILIES = families_line(FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
@@ -64,7 +69,7 @@ _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
 
 def _unknown_attention(module: nn.Module) -> bool:
     cls = type(module)
-    return (cls not in _BY_CLASS and cls not in _INSTRUMENTED and cls not in families.UNMAPPED
+    return (cls not in _BY_CLASS and not _instrumented(cls) and cls not in families.UNMAPPED
             and cls is not nn.MultiheadAttention and "Block" not in cls.__name__
             and bool(_ATTENTION_NAME.search(cls.__name__)))
 
@@ -99,7 +104,7 @@ def instrument(model: nn.Module) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for module in model.modules():
         cls = type(module)
-        if cls in _INSTRUMENTED:
+        if _instrumented(cls):
             layers.append(module)
         elif cls in _BY_CLASS:
             adapter = _BY_CLASS[cls]
