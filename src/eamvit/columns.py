@@ -55,9 +55,9 @@ COLUMNS: dict[str, str] = {
     "blocks": "pruning blocks, dash-joined (0-based)",
     "placement": "where the pruning step sits in its block",
     "fuse": "whether pruned tokens are fused into one",
-    "onnx": "the ONNX file evaluated",
-    "export": "export scheme of the ONNX file: fp32, qdq or weight-only",
-    "runtime": "what ran the model: PyTorch or ONNX Runtime",
+    "onnx": "the exported file evaluated (ONNX, or an OpenVINO .xml)",
+    "export": "export scheme of the file: fp32, qdq or weight-only (eamvit), nncf (NNCF's int8 OpenVINO model)",
+    "runtime": "what ran the model: PyTorch, ONNX Runtime or OpenVINO",
     # -- what was measured
     "frozen_fraction": "fraction of attention entries frozen",
     "frozen_window_masked": "frozen entries that Swin's window mask hides anyway",
