@@ -210,3 +210,23 @@ def test_cli_runtime_bad_input_one_line(tmp_path, capsys, monkeypatch):
     # Without the extra installed (a None entry makes every import of it fail): one line naming it.
     monkeypatch.setitem(sys.modules, "openvino", None)
     one_line_error(*run(capsys, "eval", "--onnx", path, "--runtime", "openvino")[::2], 'pip install "eamvit[openvino]"')
+
+
+def test_export_table_openvino_rows(digits, tmp_path):
+    pytest.importorskip("nncf")
+    from eamvit.experiments.export_table import export_table
+
+    model, _, x, y = digits
+    rows = export_table(model, reps=1, threads=1, short=True, openvino=True, workdir=str(tmp_path))
+    by = {(r["label"], r["runtime"]): r for r in rows}
+    assert len(rows) == 7 and {r["runtime"] for r in rows} == {"PyTorch", "ONNX Runtime", "OpenVINO"}
+    ort_fp32, ov_fp32 = by[("fp32", "ONNX Runtime")], by[("fp32", "OpenVINO")]
+    assert abs(ov_fp32["top1"] - ort_fp32["top1"]) <= TOP1_BOUND
+    nncf = next(r for r in rows if r["label"].startswith("NNCF"))
+    assert nncf["file_bytes"] == (tmp_path / "nncf.xml").stat().st_size + (tmp_path / "nncf.bin").stat().st_size
+    assert nncf["top1"] >= ort_fp32["top1"] - 1.5
+    # eamvit's OpenVINO export scores what ONNX Runtime scores on the same file.
+    ov_int8 = next(r for r in rows if r["runtime"] == "OpenVINO" and r["label"].startswith("eamvit"))
+    ref = _top1(OnnxClassifier(tmp_path / "w8a8_openvino.onnx", threads=1)(x), y)
+    assert abs(ov_int8["top1"] - ref) <= TOP1_BOUND
+    assert all(r["images_per_s"] > 0 for r in rows)
