@@ -190,6 +190,18 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     meta = read_onnx_meta(fp32_path)
     if meta.get("quant"):
         raise EamError(f"{fp32_path} is already quantized; NNCF quantizes an fp32 export")
+    quantized, version = _run_nncf(fp32_path, calib_images, preset)
+    meta = {**meta, "quant": {"method": "nncf", "nncf_version": version, "preset": preset,
+                              "model_type": "transformer", "subset_size": len(calib_images)},
+            "export": {"scheme": "nncf", "runtime": "openvino"},
+            "calibration": list(meta.get("calibration") or []) + list(calibration)}
+    quantized.set_rt_info(json.dumps(meta), _META_KEY)
+    _save_ir(quantized, out)
+    return meta
+
+
+def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: Optional[str]):
+    """``(nncf.quantize's OpenVINO model, NNCF's version)``, without NNCF's console output."""
     import contextlib
     import io
     import logging
@@ -209,17 +221,17 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     ext.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            quantized = nncf.quantize(model, data, **kwargs)
+            return nncf.quantize(model, data, **kwargs), nncf.__version__
     finally:
         ext.setLevel(level)
-    meta = {**meta, "quant": {"method": "nncf", "nncf_version": nncf.__version__, "preset": preset,
-                              "model_type": "transformer", "subset_size": len(calib_images)},
-            "export": {"scheme": "nncf", "runtime": "openvino"},
-            "calibration": list(meta.get("calibration") or []) + [r for r in calibration]}
-    quantized.set_rt_info(json.dumps(meta), _META_KEY)
+
+
+def _save_ir(model, out: Path) -> None:
+    """Write an IR (``out`` and the ``.bin`` beside it) in full precision, each file replaced whole."""
+    import openvino as ov
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_xml = out.with_name(out.stem + ".partial.xml")
-    ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
     os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
     os.replace(tmp_xml, out)
-    return meta
