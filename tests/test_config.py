@@ -147,7 +147,7 @@ def _configs():
          dict(block_size=48), "power of two"),
         (MergeConfig, dict(r=2.5), "merge config field r must be an int or a tuple of ints",
          dict(inflect=1.5), "outside \\[-1, 1\\]"),
-        (Target, dict(form="onnx"), "target config field form must be one of torch, qdq, weight-only",
+        (Target, dict(form="onnx"), "target config field form must be one of torch, qdq, openvino, weight-only",
          dict(form="torch", symmetric_activations=True), "setting of an ONNX target"),
         (TrainConfig, dict(epochs=True), "train config field epochs must be an int, not the bool True",
          dict(label_smoothing=1.0), "below 1"),

@@ -298,8 +298,9 @@ def validate_common(args) -> None:
                      "frozen attention and its settings")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise EamError(f"--threads must be at least 1, got {args.threads}")
-    if hasattr(args, "onnx") and not args.onnx:  # eval's --threads are ONNX Runtime's
-        refuse_given(args, ["threads"], "without --onnx (ONNX Runtime's threads)")
+    if hasattr(args, "onnx") and not args.onnx:  # eval's --threads and --runtime are the exported model's
+        refuse_given(args, ["threads", "runtime"], "without --onnx (they run an exported model; "
+                     "export one with `eamvit export`)")
     if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits, value_quantizer=args.value_quantizer)

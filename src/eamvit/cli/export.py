@@ -153,20 +153,36 @@ def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
     return bool(stored) and not given
 
 
+def _eval_runtime(args: argparse.Namespace) -> str:
+    """The runtime ``--runtime`` names for ``--onnx`` (refused, before any work, where it cannot run the file)."""
+    from eamvit.methods.export_openvino import require_openvino
+
+    runtime = args.runtime or "onnxruntime"
+    if runtime not in EVAL_RUNTIMES:
+        raise EamError(f"--runtime {runtime} is not one of {', '.join(EVAL_RUNTIMES)}")
+    if runtime == "openvino":
+        require_openvino("eamvit eval --runtime openvino")
+    elif Path(args.onnx).suffix == ".xml":
+        raise EamError(f"{args.onnx} is an OpenVINO model; evaluate it with --runtime openvino")
+    return runtime
+
+
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
-    """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime, with eval's data and rows."""
+    """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime or OpenVINO, with eval's data and rows."""
     require_modules("eamvit eval --onnx")
     from eamvit.io import ensure_writable_dir, write_results
     from eamvit.methods.evaluate import evaluate, result_row
     from eamvit.cli.common import warn
-    from eamvit.methods.export_runtime import OnnxClassifier, read_onnx_meta, saturation_warning
+    from eamvit.methods.export_openvino import OpenVinoClassifier, read_model_meta
+    from eamvit.methods.export_runtime import OnnxClassifier, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model
 
     refuse_given(args, _MODEL_OPTIONS, "with --onnx, which holds the whole model")
+    runtime = _eval_runtime(args)
     out = Path(args.out) if args.out else None
     if out:
         ensure_writable_dir(out.parent if str(out.parent) else ".")
-    meta = read_onnx_meta(args.onnx)
+    meta = read_model_meta(args.onnx)
     recorded = _onnx_data_args(args, meta)
     spec = ModelSpec(**meta["model"])
     # An untrained skeleton of the exported architecture gives eval's data config and row fields.
@@ -177,12 +193,14 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     ev, ev_idx, cfg = sp.eval_set, sp.eval_indices, sp.data_config
     if recorded:  # filled in from the file, not overrides the user gave
         cfg = {**cfg, "source": "onnx export"}
-    model = OnnxClassifier(args.onnx, threads=args.threads)
+    runs = OpenVinoClassifier if runtime == "openvino" else OnnxClassifier
+    model = runs(args.onnx, threads=args.threads)
     _check_input_size(model, cfg, args.onnx)
-    if saturation_warning(meta):
+    if runtime == "onnxruntime" and saturation_warning(meta):
         warn(saturation_warning(meta))
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
-    row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx))
+    row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx),
+                     runtime="OpenVINO" if runtime == "openvino" else "ONNX Runtime")
     row["param_count"] = meta.get("param_count", row["param_count"])
     row["calib_excluded"] = sp.calib_excluded
     if is_main():
@@ -193,8 +211,8 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
 
 
 def _check_input_size(model, cfg: dict, path: str) -> None:
-    """Refuse images of another size than the graph takes, which ONNX Runtime would fail on mid-run."""
-    graph = list(model.session.get_inputs()[0].shape[1:])
+    """Refuse images of another size than the graph takes, which the runtime would fail on mid-run."""
+    graph = list(model.input_dims)
     want = [int(v) for v in cfg["input_size"]]
     if len(graph) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph, want)):
         show = lambda dims: "x".join(str(d) for d in dims)
@@ -205,7 +223,9 @@ def _check_input_size(model, cfg: dict, path: str) -> None:
 def _onnx_row_fields(meta: dict, path: str) -> dict[str, Any]:
     extra: dict[str, Any] = {"onnx": str(path), "export": meta["export"].get("scheme") if meta.get("quant") else "fp32"}
     q, p = meta.get("quant"), meta.get("prune")
-    if q:
+    if q and q.get("method") == "nncf":
+        extra.update(quant="nncf", w_bits=8, a_bits=8)
+    elif q:
         extra.update(quant="repq", w_bits=q.get("w_bits"), a_bits=8 if extra["export"] == "qdq" else 32)
     if p:
         extra.update(prune=p.get("method"), keep_rate=p.get("keep_rate"))
@@ -214,12 +234,17 @@ def _onnx_row_fields(meta: dict, path: str) -> dict[str, Any]:
     return extra
 
 
+EVAL_RUNTIMES = ("onnxruntime", "openvino")
+
+
 def add_eval_onnx_args(p: argparse.ArgumentParser) -> None:
-    """``--onnx`` and ``--threads`` on ``eval``."""
-    g = p.add_argument_group("ONNX Runtime")
-    g.add_argument("--onnx", default=None, help="evaluate this exported model (`eamvit export`) in ONNX Runtime "
-                   "on CPU instead of a PyTorch model (default: none, the PyTorch model)")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
+    """``--onnx``, ``--runtime`` and ``--threads`` on ``eval``."""
+    g = p.add_argument_group("exported models")
+    g.add_argument("--onnx", default=None, help="evaluate this exported model (`eamvit export`, or an OpenVINO "
+                   ".xml) on CPU instead of a PyTorch model (default: none, the PyTorch model)")
+    g.add_argument("--runtime", default=None, help="what runs --onnx: onnxruntime (default) or openvino "
+                   '(pip install "eamvit[openvino]")')
+    g.add_argument("--threads", type=int, default=None, help="the runtime's threads (default: one per core)")
 
 
 def register(sub) -> None:

@@ -258,9 +258,10 @@ TARGET_OPTIONS = ("target", "softmax", "symmetric_activations", "symmetric_weigh
 def add_target_args(p: argparse.ArgumentParser) -> None:
     """The deployment target of the recipe: where the quantized model will run."""
     g = p.add_argument_group("deployment target (what eval scores is what export writes)")
-    g.add_argument("--target", default=None, metavar="{qdq,weight-only,torch}",
+    g.add_argument("--target", default=None, metavar="{qdq,openvino,weight-only,torch}",
                    help="where the quantized model will run; it is calibrated with that runtime's quantizers: qdq "
-                   "(ONNX int8 QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations), weight-only "
+                   "(ONNX int8 QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations), openvino (the "
+                   "same, symmetric, in the graph form OpenVINO runs in int8: pip install \"eamvit[openvino]\"), weight-only "
                    "(ONNX Runtime MatMulNBits weights, float activations) or torch (the method's own quantizers, "
                    "e.g. log√2, which ONNX cannot express); default qdq for RepQ-ViT with 8-bit activations, "
                    "torch for every other quantization")

@@ -8,7 +8,11 @@ Rows (top-1 on the 360 test digits, size of the file that holds the model, image
   QDQ export in ONNX Runtime;
 * ONNX Runtime's own ``quantize_static`` W8/A8 of the fp32 export (QDQ, per-channel weights, MinMax and
   percentile calibration) on the same 32 calibration images;
-* eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``).
+* eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``);
+* where OpenVINO and NNCF are installed (``pip install "eamvit[openvino]"``): the fp32 export, eamvit's
+  W8/A8 exported for OpenVINO (its graph form, symmetric weights and activations,
+  :class:`~eamvit.methods.export.Target` ``"openvino"``) and NNCF's own int8 of the fp32
+  export (``nncf.quantize``, TRANSFORMER, the same calibration images), all three run by OpenVINO.
 
 ``short=True`` keeps the first two kinds (fp32 and eamvit's W8/A8): the demo's default table.
 
@@ -31,8 +35,9 @@ from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Throughput, result_row
 from eamvit.io import save_tensors
 from eamvit.methods.data import build_splits, digits_data_config
-from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
+from eamvit.methods.export import ExportConfig, Target, export_onnx, prepare_export_
 from eamvit.experiments.timer import time_call
+from eamvit.methods.export_openvino import OpenVinoClassifier, is_available, model_bytes, nncf_quantize
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
 from eamvit.methods.models import data_config
 from eamvit.methods.quantize import quantize_, save_quantized
@@ -50,12 +55,13 @@ def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch
     n = len(targets)  # one call scores the whole test set
     speed = Throughput(median=n / t.median, p25=n / t.p75, p75=n / t.p25, reps=reps)
     cfg = {**digits_data_config(int(model.patch_embed.img_size[-1])), "source": "digits"}
-    return result_row(model, [metrics], {"label": label, "runtime": runtime, "file_bytes": path.stat().st_size},
+    return result_row(model, [metrics], {"label": label, "runtime": runtime, "file_bytes": model_bytes(path)},
                       cfg, speed)
 
 
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
-                 workdir: Optional[str] = None, short: bool = False, progress: bool = False) -> list[ResultRow]:
+                 workdir: Optional[str] = None, short: bool = False, progress: bool = False,
+                 openvino: Optional[bool] = None) -> list[ResultRow]:
     """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
 
     Args:
@@ -65,23 +71,28 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
         reps: timed calls per row.
         threads: PyTorch and ONNX Runtime threads (default: PyTorch's current setting).
         workdir: where the files go (a temporary folder by default).
-        short: only the fp32 and eamvit W8/A8 rows (no ONNX Runtime ``quantize_static``, no W4).
+        short: only the fp32 and eamvit W8/A8 rows (no ONNX Runtime ``quantize_static``, no W4; no OpenVINO
+            unless ``openvino`` asks for it).
         progress: a progress bar over building the files and timing the rows.
+        openvino: the OpenVINO rows (fp32, eamvit W8/A8, NNCF int8); ``None``: when OpenVINO and NNCF are
+            installed and the table is not ``short``.
 
     Returns:
         One row per configuration: the accuracy fields, ``label``, ``runtime``, ``file_bytes``,
         ``images_per_s`` and its quartiles.
     """
     threads = threads or torch.get_num_threads()
+    if openvino is None:
+        openvino = not short and is_available(nncf=True)
     # The one split rule: a seeded subset of the training digits calibrates, every test digit is scored.
     sp = build_splits("digits", data_config(model), calib_size=calib_size, seed=0)
     calib = torch.stack([sp.calib_set[i][0] for i in sp.calib_indices])
     x, y = sp.eval_set.images, sp.eval_set.targets
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(workdir or tmp)
-        with tqdm(total=2 * (4 if short else 7), desc="export table", unit="step", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            return _table(model.cpu().eval(), calib, x, y, d, reps, threads, short, bar)
+        with tqdm(total=2 * (4 if short else 7) + (5 if openvino else 0), desc="export table", unit="step",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            return _table(model.cpu().eval(), calib, x, y, d, reps, threads, short, openvino, bar)
 
 
 def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
@@ -101,8 +112,13 @@ def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.T
     return lambda: torch.from_numpy(s.run(None, {"images": xn})[0])
 
 
+def _ov_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+    clf = OpenVinoClassifier(path, threads)
+    return lambda: clf(x)
+
+
 def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
-           threads: int, short: bool, bar: tqdm) -> list[ResultRow]:
+           threads: int, short: bool, openvino: bool, bar: tqdm) -> list[ResultRow]:
     """The rows; ``bar`` advances by one per model built and per row timed."""
     save_tensors(d / "fp32.safetensors", {k: v.detach().clone() for k, v in model.state_dict().items()}, {})
     bar.update(1)
@@ -123,6 +139,8 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
     ]
     if not short:
         specs += _other_specs(model, calib, x, d, threads, bar)
+    if openvino:
+        specs += _openvino_specs(q8, calib, x, d, threads, bar)
     rows = []
     for name, rt, call, path in specs:
         rows.append(_row(model, name, rt, call, y, path, reps))
@@ -147,6 +165,21 @@ def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
          d / "ort_percentile.onnx"),
         ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
          d / "w4.onnx"),
+    ]
+
+
+def _openvino_specs(q8: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
+                    bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+    """OpenVINO's rows: the fp32 export, eamvit's W8/A8 exported for it, and NNCF's int8 of the fp32 export."""
+    export_onnx(q8, d / "w8a8_openvino.onnx", Target(form="openvino").export_config())
+    bar.update(1)
+    nncf_quantize(d / "fp32.onnx", d / "nncf.xml", calib)
+    bar.update(1)
+    return [
+        ("fp32", "OpenVINO", _ov_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
+        ("eamvit RepQ-ViT W8/A8 (QDQ export for OpenVINO, symmetric)", "OpenVINO",
+         _ov_call(d / "w8a8_openvino.onnx", x, threads), d / "w8a8_openvino.onnx"),
+        ("NNCF int8 (nncf.quantize, TRANSFORMER)", "OpenVINO", _ov_call(d / "nncf.xml", x, threads), d / "nncf.xml"),
     ]
 
 

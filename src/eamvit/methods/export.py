@@ -33,6 +33,23 @@ it to its copy):
 * ``symmetric_activations`` / ``symmetric_weights``: zero point 0 (int8), as TensorRT requires;
   the step becomes ``max(−min/2^(b−1), max/(2^(b−1)−1))`` of the calibrated range.
 * Only 8-bit activations have a QDQ form here (``uint8``, or ``int8`` when symmetric).
+
+The graph's *form* follows the runtime that is to run it (:class:`ExportConfig` ``runtime``); the
+numbers do not, and both runtimes run both forms:
+
+* ``"onnxruntime"`` (default): each quantized tensor has its ``QuantizeLinear → DequantizeLinear``
+  right before the operator that reads it, the pattern ONNX Runtime's QDQ fusions match.
+* ``"openvino"``: in the ViT attention (RepQ-ViT's score order, no q/k norm) ``q``, ``k`` and ``v``
+  are quantized once, where ``qkv`` makes them (``QuantizeLinear`` per channel of its output, each
+  part with its own quantizer's step), reshaped, transposed and split as integer codes, and each
+  dequantized where its matmul reads it; the projection's input is quantized at the attention's
+  output and dequantized after the head merge. OpenVINO fuses each quantization into the layer that
+  precedes it (the fully connected layer, its attention kernel) and runs both attention matmuls in
+  int8 when q, k and v are symmetric; in the default form it runs those quantizations as separate
+  float nodes with layout conversions around them. ONNX Runtime's per-channel ``QuantizeLinear`` on
+  activations is slow, so this form is for OpenVINO only. OpenVINO has no int8 kernel for weights
+  with a zero point (it decompresses them to float): a quantized ``qdq`` export for it needs
+  ``symmetric_weights``.
 """
 from __future__ import annotations
 
@@ -50,16 +67,19 @@ from torch import nn
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.methods.steps import handler_of
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
-from eamvit.modules.attention import attention_layers, min_opset, require
+from eamvit.modules.attention import EamAttention, attention_layers, min_opset, require
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.onnx_forms import register_symbolics
-from eamvit.ops.qdq import dequantize_per_channel, matmul_nbits, pack_nbits_weight, quantize_dequantize
+from eamvit.ops.qdq import (dequantize_linear, dequantize_per_channel, matmul_nbits, pack_nbits_weight,
+                            quantize_dequantize, quantize_linear)
 
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
@@ -67,6 +87,8 @@ Scheme = Literal["qdq", "weight-only"]
 SCHEMES = get_args(Scheme)
 SoftmaxExport = Literal["uniform", "fp32"]
 SOFTMAX = get_args(SoftmaxExport)
+Runtime = Literal["onnxruntime", "openvino"]
+RUNTIMES = get_args(Runtime)
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 
@@ -88,6 +110,8 @@ class ExportConfig(Config):
         opset: ONNX opset of the default domain (13..21); ``None``: :data:`OPSET`, or the lowest the
             model needs where its family's adapter asks for more (VOLO's outlook attention, NaFlexViT at
             another grid than its position table's: 18). The file records the opset used.
+        runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (see the module notes;
+            the same numbers either way).
     """
 
     KIND = "export"
@@ -100,6 +124,7 @@ class ExportConfig(Config):
     block_size: Optional[int] = None
     kept_tokens: bool = False
     opset: Optional[int] = None
+    runtime: Runtime = "onnxruntime"
 
     def _check(self) -> None:
         b = self.block_size
@@ -108,8 +133,15 @@ class ExportConfig(Config):
         if self.opset is not None and not 13 <= self.opset <= 21:
             raise EamError(f"opset {self.opset} is outside 13..21")
 
+    def check_quantized(self) -> "ExportConfig":
+        """Refuse what a quantized model cannot be exported with (before anything is calibrated)."""
+        if self.runtime == "openvino" and self.scheme == "qdq" and not self.symmetric_weights:
+            raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
+                           "float); export for it with symmetric weights (--symmetric-weights)")
+        return self
 
-TargetForm = Literal["torch", "qdq", "weight-only"]
+
+TargetForm = Literal["torch", "qdq", "openvino", "weight-only"]
 TARGETS = get_args(TargetForm)
 
 
@@ -121,8 +153,10 @@ class Target(Config):
     Args:
         form: ``"torch"`` (PyTorch, every quantizer as its method defines it), ``"qdq"`` (ONNX int8
             QuantizeLinear/DequantizeLinear: integer zero points, 8-bit activations, the log√2
-            post-softmax quantizer replaced from calibration on by ``softmax``) or ``"weight-only"``
-            (ONNX ``MatMulNBits`` weights, float activations from calibration on).
+            post-softmax quantizer replaced from calibration on by ``softmax``), ``"openvino"`` (the
+            same with symmetric weights and activations, which OpenVINO runs in int8 kernels, in the
+            graph form OpenVINO fuses) or ``"weight-only"`` (ONNX ``MatMulNBits`` weights, float
+            activations from calibration on).
         softmax: ``"qdq"``: the post-softmax map as 8-bit ``"uniform"`` on ``[0, Δ]`` (Δ: the log
             quantizer's calibrated top) or ``"fp32"`` (not quantized).
         symmetric_activations: ``"qdq"``: int8 activations with zero point 0 (TensorRT).
@@ -144,6 +178,9 @@ class Target(Config):
         if self.form == "torch" and changed:
             raise EamError(f"{changed[0]} is a setting of an ONNX target, not of target torch; "
                            "choose --target qdq or weight-only, or drop it")
+        if self.form == "openvino" and (self.symmetric_activations or self.symmetric_weights):
+            raise EamError("target openvino is symmetric already (OpenVINO's int8 kernels take no zero points); "
+                           "drop --symmetric-activations and --symmetric-weights")
         if self.form == "weight-only" and changed and changed[0] != "symmetric_weights":
             raise EamError(f"{changed[0]} is a setting of activations, which target weight-only keeps in float; "
                            "drop it, or choose --target qdq")
@@ -151,6 +188,8 @@ class Target(Config):
     @classmethod
     def of(cls, export: "ExportConfig") -> "Target":
         """The target that ``export`` writes."""
+        if export.runtime == "openvino" and export.scheme == "qdq":
+            return cls(form="openvino", softmax=export.softmax)
         return cls(form=export.scheme, softmax=export.softmax if export.scheme == "qdq" else "uniform",
                    symmetric_activations=export.symmetric_activations and export.scheme == "qdq",
                    symmetric_weights=export.symmetric_weights)
@@ -160,6 +199,9 @@ class Target(Config):
         if self.form == "torch":
             raise EamError("the model was calibrated for target torch, whose quantizers have no ONNX form; "
                            "compress it with --target qdq (8-bit activations) or --target weight-only")
+        if self.form == "openvino":
+            return ExportConfig(scheme="qdq", softmax=self.softmax, symmetric_activations=True,
+                                symmetric_weights=True, runtime="openvino", **file_settings)
         return ExportConfig(scheme=self.form, softmax=self.softmax, symmetric_activations=self.symmetric_activations,
                             symmetric_weights=self.symmetric_weights, **file_settings)
 
@@ -199,7 +241,7 @@ def _matching_export(model: nn.Module, config: "ExportConfig") -> None:
         return
     want = target.export_config(block_size=config.block_size, kept_tokens=config.kept_tokens, opset=config.opset)
     if want != config:
-        differ = [k for k in ("scheme", "softmax", "symmetric_activations", "symmetric_weights")
+        differ = [k for k in ("scheme", "softmax", "symmetric_activations", "symmetric_weights", "runtime")
                   if getattr(want, k) != getattr(config, k)]
         raise EamError(f"the model was calibrated for target {target.form} with {differ[0]}={getattr(want, differ[0])!r}, "
                        f"not {getattr(config, differ[0])!r}: its export would be another model; export with the "
@@ -312,6 +354,7 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
     check_steps(model, config)
     if _repq_config(model) is None:
         return model
+    config.check_quantized()
     for owner, attr in activation_quantizers(model):
         _prepare_activation(owner, attr, config)
     for m in _quant_modules(model):
@@ -341,8 +384,12 @@ class QdqLinear(QuantLinear):
     """Export class of :class:`QuantLinear`: int8 weight codes, ``DequantizeLinear`` per output channel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.on_dequantized(self.input_quantizer(x))
+
+    def on_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an input its quantizer has already quantized and dequantized elsewhere in the graph."""
         w = dequantize_per_channel(self.onnx_codes, self.onnx_scale, self.onnx_zero_point)
-        return F.linear(self.input_quantizer(x), w, self.bias)
+        return F.linear(x, w, self.bias)
 
 
 class QdqConv2d(QuantConv2d):
@@ -368,6 +415,52 @@ class DequantizedConv2d(QuantConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.onnx_weight, self.bias)
+
+
+class QdqAttention(EamAttention):
+    """Export class of a quantized ViT attention in the ``"openvino"`` form: each quantization where the
+    value is made, each dequantization where it is read (the numbers of :class:`EamAttention`'s
+    quantized path: the same quantizers on the same values)."""
+
+    onnx_qkv_scale: torch.Tensor  # (3·A,): q's step on q's channels, then k's, then v's
+    onnx_qkv_zero_point: torch.Tensor
+    onnx_merge_codes: bool  # the projection's input is quantized before the head merge
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qz = self.eam_quant
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        codes = quantize_linear(self.qkv(x), self.onnx_qkv_scale, self.onnx_qkv_zero_point)
+        cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
+        attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
+        x = self.attn_drop(attn) @ v
+        if not self.onnx_merge_codes:
+            return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+        pq = self.proj.input_quantizer
+        x = quantize_linear(x, pq.onnx_scale, pq.onnx_zero_point).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj.on_dequantized(dequantize_linear(x, pq.onnx_scale, pq.onnx_zero_point)))
+
+
+def _setup_openvino_attention(layer: nn.Module) -> None:
+    """Swap a ViT attention whose q, k and v are quantized into :class:`QdqAttention`; others keep their form."""
+    qz = getattr(layer, "eam_quant", None)
+    if type(layer) is not EamAttention or qz is None or qz.scale_first is not False \
+            or not isinstance(layer.q_norm, nn.Identity) or not isinstance(layer.k_norm, nn.Identity) \
+            or not all(type(getattr(qz, n)) is QdqActivation for n in ("q", "k", "v")):
+        return
+    width = layer.attn_dim
+    layer.register_buffer("onnx_qkv_scale", torch.cat(
+        [getattr(qz, n).onnx_scale.expand(width) for n in ("q", "k", "v")]).contiguous())
+    layer.register_buffer("onnx_qkv_zero_point", torch.cat(
+        [getattr(qz, n).onnx_zero_point.expand(width) for n in ("q", "k", "v")]).contiguous())
+    proj = layer.proj
+    layer.onnx_merge_codes = (isinstance(layer.norm, nn.Identity) and layer.gate is None and type(proj) is QdqLinear
+                              and type(proj.input_quantizer) is QdqActivation)
+    layer.__class__ = QdqAttention
 
 
 def _weight_codes(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -434,6 +527,9 @@ def _swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
         cls, setup = _EXPORT_SWAP[(config.scheme, type(m))]
         setup(m, config)
         m.__class__ = cls
+    if config.runtime == "openvino":
+        for layer in attention_layers(model):
+            _setup_openvino_attention(layer)
 
 
 # --------------------------------------------------------------------------- the graph

@@ -122,6 +122,11 @@ class OnnxClassifier(nn.Module):
         self.output_name = self.session.get_outputs()[0].name
         self.path = str(path)
 
+    @property
+    def input_dims(self) -> list:
+        """The graph's input dimensions after the batch: ints, or strings for dynamic ones."""
+        return list(self.session.get_inputs()[0].shape[1:])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run([self.output_name], {self.input_name: x})[0])

@@ -74,9 +74,21 @@ SUPPORTED_FAMILIES = families_line(FAMILIES)
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
 
 
+def _instrumented(cls: type) -> bool:
+    """An instrumented class, or eamvit's own subclass of one (an export class that changes the graph's form)."""
+    return cls in _INSTRUMENTED or any(issubclass(cls, c) for c in _INSTRUMENTED)
+
+
+def _adapter_of(cls: type) -> Optional[Adapter]:
+    adapter = _OF_MODULE.get(cls)
+    if adapter is None and _instrumented(cls):
+        adapter = next(a for a in ADAPTERS if issubclass(cls, a.eam_class))
+    return adapter
+
+
 def _unknown_attention(module: nn.Module) -> bool:
     cls = type(module)
-    return (cls not in _BY_CLASS and cls not in _INSTRUMENTED and cls not in families.UNMAPPED
+    return (cls not in _BY_CLASS and not _instrumented(cls) and cls not in families.UNMAPPED
             and cls is not nn.MultiheadAttention and "Block" not in cls.__name__
             and bool(_ATTENTION_NAME.search(cls.__name__)))
 
@@ -94,7 +106,7 @@ def _adapters(model: nn.Module) -> list[Adapter]:
     """The adapters of ``model``'s attention modules, instrumented or not, in module order, each once."""
     out: list[Adapter] = []
     for module in model.modules():
-        adapter = _OF_MODULE.get(type(module))
+        adapter = _adapter_of(type(module))
         if adapter is not None and adapter not in out:
             out.append(adapter)
     return out
@@ -146,7 +158,7 @@ def instrument(model: nn.Module) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for module in model.modules():
         cls = type(module)
-        if cls in _INSTRUMENTED:
+        if _instrumented(cls):
             layers.append(module)
         elif cls in _BY_CLASS:
             adapter = _BY_CLASS[cls]

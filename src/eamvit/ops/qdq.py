@@ -7,6 +7,10 @@ node computes (so a traced model gives the export's numbers) and whose ``symboli
 * :func:`quantize_dequantize`: ``QuantizeLinear`` → ``DequantizeLinear`` with a per-tensor scale and an
   8-bit zero point (``uint8`` asymmetric, ``int8`` symmetric); ``DQ(Q(x)) = (sat(round(x/s) + z) − z)·s``,
   rounding half to even, saturating to the type's range.
+* :func:`quantize_linear` / :func:`dequantize_linear`: the two halves of that pair as separate nodes,
+  so that integer codes can be reshaped and transposed between them (the quantization per channel
+  of the last axis, the dequantization per tensor): a graph can quantize a tensor where it is made
+  and dequantize each part where it is used, with the same numbers as the pair.
 * :func:`dequantize_per_channel`: ``DequantizeLinear`` of stored integer codes with one scale and zero
   point per output channel (axis 0): ``(c − z)·s``. The codes are the graph's initializer, so the file
   holds 8-bit weights.
@@ -57,6 +61,60 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
         zero_point: 0-d ``uint8`` or ``int8`` zero point (its dtype sets the code range).
     """
     return _QDQ.apply(x, scale, zero_point)
+
+
+class _Q(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        lo, hi = _qrange(zero_point)
+        return torch.clamp(torch.round(x / scale) + zero_point.to(x.dtype), lo, hi).to(zero_point.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        from torch.onnx.symbolic_helper import _get_tensor_rank
+
+        if _get_tensor_rank(scale) == 0:
+            return g.op("QuantizeLinear", x, scale, zero_point)
+        return g.op("QuantizeLinear", x, scale, zero_point, axis_i=_get_tensor_rank(x) - 1)
+
+
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """ONNX ``QuantizeLinear``: the codes ``sat(round(x/s) + z)`` in the zero point's type.
+
+    Args:
+        x: float input.
+        scale: 0-d float32 step, or one per channel of the last axis ``(C,)``.
+        zero_point: like ``scale``, ``uint8`` or ``int8`` (its dtype sets the code range).
+    """
+    if scale.dim() not in (0, 1) or scale.shape != zero_point.shape:
+        raise EamError("QuantizeLinear takes a per-tensor or a per-channel (last axis) scale and a zero point "
+                       f"of the same shape, got {tuple(scale.shape)} and {tuple(zero_point.shape)}")
+    return _Q.apply(x, scale, zero_point)
+
+
+class _DQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        return (codes.to(scale.dtype) - zero_point.to(scale.dtype)) * scale
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point):
+        return g.op("DequantizeLinear", codes, scale, zero_point)
+
+
+def dequantize_linear(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """ONNX ``DequantizeLinear`` per tensor: ``(c − z)·s`` in float32.
+
+    Args:
+        codes: ``uint8`` or ``int8`` codes (from :func:`quantize_linear`, possibly reshaped).
+        scale: 0-d float32 step.
+        zero_point: 0-d, of the codes' dtype.
+    """
+    _qrange(zero_point)
+    if codes.dtype != zero_point.dtype or scale.dim() != 0:
+        raise EamError(f"DequantizeLinear per tensor needs codes ({codes.dtype}) and a 0-d zero point "
+                       f"({zero_point.dtype}) of one type")
+    return _DQ.apply(codes, scale, zero_point)
 
 
 class _DQChannel(torch.autograd.Function):

@@ -1,0 +1,226 @@
+"""Running eamvit's exports in OpenVINO, and NNCF's int8 quantization of an fp32 export (the baseline).
+
+OpenVINO and NNCF are an optional extra (``pip install "eamvit[openvino]"``); every function here
+says so in one line when they are missing. :class:`OpenVinoClassifier` compiles an eamvit ONNX
+export (or an OpenVINO IR written by :func:`nncf_quantize`) for the CPU and is called like the
+PyTorch model (float images in, logits out), so :func:`eamvit.methods.evaluate.evaluate` scores it
+with the same loop as :class:`~eamvit.methods.export_runtime.OnnxClassifier`.
+
+OpenVINO runs a float graph at its own inference precision: bf16 on CPUs with AVX-512 BF16 or AMX,
+f32 elsewhere (``precision`` overrides it). int8 layers stay int8 either way.
+
+An export meant for OpenVINO is written with :class:`~eamvit.methods.export.ExportConfig`
+``runtime="openvino"`` (the graph's form) and symmetric weights and activations (OpenVINO runs int8
+layers only for weights with no zero point, and its int8 attention only for q, k and v with none).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from eamvit.errors import EamError
+from eamvit.methods.export import ExportConfig
+from eamvit.methods.export_runtime import read_onnx_meta
+
+INSTALL = 'pip install "eamvit[openvino]"'
+PRECISIONS = ("f32", "bf16")
+_META_KEY = "eamvit"  # the IR's rt_info entry holding eamvit's metadata (JSON), as the ONNX file's metadata_props
+
+
+def is_available(nncf: bool = False) -> bool:
+    """Whether OpenVINO (and NNCF) can be imported."""
+    try:
+        require_openvino("", nncf)
+    except EamError:
+        return False
+    return True
+
+
+def require_openvino(what: str, nncf: bool = False) -> None:
+    """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported.
+
+    Args:
+        what: what needs them, for the message (e.g. ``"eval --runtime openvino"``).
+        nncf: NNCF is needed too.
+    """
+    import importlib
+
+    for name in ("openvino",) + (("nncf",) if nncf else ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise EamError(f"{what} needs {'OpenVINO and NNCF' if nncf else 'OpenVINO'}, which cannot be imported; "
+                           f"install them with `{INSTALL}`") from None
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of an exported model: the ``.onnx`` file, or an IR's ``.xml`` and ``.bin`` together."""
+    p = Path(path)
+    return p.stat().st_size + (p.with_suffix(".bin").stat().st_size if p.suffix == ".xml" else 0)
+
+
+def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """eamvit's metadata of an ``.onnx`` export or of an OpenVINO IR (``.xml``) from :func:`nncf_quantize`.
+
+    Raises:
+        EamError: a missing file, or one that eamvit did not write.
+    """
+    p = Path(path)
+    if p.suffix != ".xml":
+        return read_onnx_meta(p)
+    require_openvino(f"reading {p}")
+    import openvino as ov
+
+    if not p.is_file() or not p.with_suffix(".bin").is_file():
+        raise EamError(f"OpenVINO model {p} (with {p.with_suffix('.bin').name}) does not exist")
+    try:
+        model = ov.Core().read_model(str(p))
+    except Exception as e:
+        raise EamError(f"OpenVINO cannot read {p}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r}") \
+            from None
+    if not model.has_rt_info(_META_KEY):
+        raise EamError(f"{p} has no eamvit metadata (preprocessing, model); quantize it with eamvit's nncf_quantize")
+    return json.loads(model.get_rt_info(_META_KEY).astype(str))
+
+
+def compile_openvino(path: str | os.PathLike, threads: Optional[int] = None, precision: Optional[str] = None):
+    """An OpenVINO ``CompiledModel`` for the CPU, tuned for one request at a time (latency).
+
+    Args:
+        path: an ``.onnx`` export or an IR ``.xml``.
+        threads: inference threads (OpenVINO's default, one per core, when ``None``).
+        precision: ``"f32"`` or ``"bf16"`` for the float parts; ``None``: OpenVINO's choice for this CPU.
+    """
+    require_openvino("running a model in OpenVINO")
+    import openvino as ov
+
+    if precision is not None and precision not in PRECISIONS:
+        raise EamError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    try:
+        return ov.Core().compile_model(str(path), "CPU", cfg)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EamError(f"OpenVINO cannot load {path}: {msg[:300]}") from None
+
+
+class OpenVinoClassifier(nn.Module):
+    """An exported classifier run by OpenVINO on CPU, called like the PyTorch model (images → logits).
+
+    Args:
+        path: an ``.onnx`` file from :func:`eamvit.methods.export.export_onnx`, or an IR ``.xml`` from
+            :func:`nncf_quantize`.
+        threads: OpenVINO inference threads.
+        precision: see :func:`compile_openvino`.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, precision: Optional[str] = None):
+        super().__init__()
+        self.meta = read_model_meta(path)
+        self.compiled = compile_openvino(path, threads, precision)
+        self.request = self.compiled.create_infer_request()
+        self.path = str(path)
+
+    @property
+    def input_dims(self) -> list:
+        """The graph's input dimensions after the batch: ints, or strings for dynamic ones."""
+        return [d.get_length() if d.is_static else "?" for d in self.compiled.input(0).get_partial_shape()][1:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = self.request.infer({0: x})
+        return torch.from_numpy(out[self.compiled.output(0)].copy())
+
+
+NNCF_PRESETS = ("performance", "mixed")
+
+
+def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
+                  preset: Optional[str] = None, calibration: Sequence[dict] = ()) -> dict[str, Any]:
+    """NNCF's post-training int8 quantization of an fp32 export into an OpenVINO IR (the baseline).
+
+    What an OpenVINO user runs on a ViT: ``nncf.quantize`` with ``model_type=TRANSFORMER`` (NNCF
+    chooses which tensors to quantize, applies SmoothQuant and bias correction), calibrated on
+    ``calib_images`` one image per sample (the fp32 export's batch axis is dynamic). The IR keeps the
+    fp32 export's eamvit metadata (preprocessing, model) plus NNCF's settings, so that
+    :class:`OpenVinoClassifier` and ``eamvit eval --onnx FILE.xml --runtime openvino`` read it. Float
+    constants are written in f32 (not OpenVINO's default fp16 compression), so the file is what NNCF
+    computed.
+
+    Args:
+        fp32_path: an fp32 ``.onnx`` export (input ``images``).
+        out_path: the IR to write (``.xml``; the weights go to the ``.bin`` beside it).
+        calib_images: calibration images ``(N, C, H, W)``; NNCF uses all ``N``.
+        preset: ``"performance"`` (symmetric activations) or ``"mixed"``; ``None``: NNCF's default for
+            transformers.
+        calibration: records of the calibration images (:func:`eamvit.methods.data.calibration_record`),
+            stored so that evaluation skips them.
+
+    Returns:
+        The metadata written into the IR.
+    """
+    require_openvino("NNCF quantization", nncf=True)
+    out = Path(out_path)
+    if out.suffix != ".xml":
+        raise EamError(f"NNCF writes an OpenVINO IR: give an .xml path, not {out.name}")
+    if preset is not None and preset not in NNCF_PRESETS:
+        raise EamError(f"NNCF preset {preset!r} is not one of {', '.join(NNCF_PRESETS)}")
+    if calib_images.dim() != 4 or len(calib_images) < 1:
+        raise EamError(f"NNCF calibration needs images (N, C, H, W), got shape {tuple(calib_images.shape)}")
+    meta = read_onnx_meta(fp32_path)
+    if meta.get("quant"):
+        raise EamError(f"{fp32_path} is already quantized; NNCF quantizes an fp32 export")
+    quantized, version = _run_nncf(fp32_path, calib_images, preset)
+    meta = {**meta, "quant": {"method": "nncf", "nncf_version": version, "preset": preset,
+                              "model_type": "transformer", "subset_size": len(calib_images)},
+            "export": {"scheme": "nncf", "runtime": "openvino"},
+            "calibration": list(meta.get("calibration") or []) + list(calibration)}
+    quantized.set_rt_info(json.dumps(meta), _META_KEY)
+    _save_ir(quantized, out)
+    return meta
+
+
+def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: Optional[str]):
+    """``(nncf.quantize's OpenVINO model, NNCF's version)``, without NNCF's console output."""
+    import contextlib
+    import io
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_path))
+    data = nncf.Dataset([calib_images[i:i + 1].detach().cpu().float().numpy() for i in range(len(calib_images))])
+    kwargs: dict[str, Any] = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_images))
+    if preset is not None:
+        kwargs["preset"] = nncf.QuantizationPreset(preset)
+    # NNCF's steps draw progress bars on stdout, and its backend probe imports torch's C++ extension
+    # module, which logs a CUDA note: neither is eamvit's output.
+    ext = logging.getLogger("torch.utils.cpp_extension")
+    level = ext.level
+    ext.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return nncf.quantize(model, data, **kwargs), nncf.__version__
+    finally:
+        ext.setLevel(level)
+
+
+def _save_ir(model, out: Path) -> None:
+    """Write an IR (``out`` and the ``.bin`` beside it) in full precision, each file replaced whole."""
+    import openvino as ov
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_xml = out.with_name(out.stem + ".partial.xml")
+    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+    os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(tmp_xml, out)
