@@ -10,7 +10,7 @@ from eamvit.errors import EamError
 from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
                                load_maps, load_model)
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                ints, prune_options)
+                                ints, orders_arg, prune_options)
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -20,10 +20,12 @@ from eamvit.cli.recipe import add_stack_args
 def cmd_calibrate(args) -> None:
     from eamvit.io import check_output_file, output_lock
     from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+    from eamvit.ops.attention_stats import check_orders
 
     out = check_output_file(args.out)
     if args.num_samples is not None:
         raise EamError("calibrate evaluates nothing: choose its images with --calib-size, not --num-samples")
+    check_orders(args.renyi_orders or ())  # before the model and the data are loaded
     model, device = load_model(args)
     # The user chose these images by pointing calibrate at them: all of them by default (the paper's
     # maps use 5 % of ImageNet's training set, far more than the 32 images of PTQ calibration).
@@ -35,11 +37,26 @@ def cmd_calibrate(args) -> None:
                                     max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                                     resume_path=str(out) + ".partial" if args.resume else None,
                                     meta={"transforms": jsonable(cfg), "seed": args.seed,
-                                          "data": str(args.calib_data or args.data)})
+                                          "data": str(args.calib_data or args.data)},
+                                    distance=args.distance, renyi_orders=args.renyi_orders or ())
         if is_main():
             maps.save(out)
             print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
-                  + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else ""))
+                  + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else "")
+                  + _stats_line(maps))
+
+
+def _stats_line(maps) -> str:
+    """What the maps hold besides the entropy, for the line calibrate prints (empty: nothing)."""
+    from eamvit.ops.attention_stats import format_order
+
+    parts = (["attention distance"] if maps.distance is not None else []) + (
+        [f"Rényi histograms (α = {','.join(format_order(a) for a in maps.renyi_orders)})"]
+        if maps.renyi is not None else [])
+    if not parts:
+        return ""
+    measured = maps.distance if maps.distance is not None else maps.renyi
+    return f"; {' and '.join(parts)} of {sum(t is not None for t in measured)} layers"
 
 
 def cmd_eval(args) -> None:
@@ -226,6 +243,7 @@ def cmd_plot(args) -> None:
     from eamvit.methods.calibrate import EntropyMaps
     from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary
+    from eamvit.plots.renyi import plot_entropy_distance, plot_renyi_histograms
 
     check_output_dir(args.out)
     maps = EntropyMaps.load(args.maps)
@@ -247,7 +265,17 @@ def cmd_plot(args) -> None:
     plot_full_entropy(maps, pairs, out / "full_entropy.png")
     plot_head_summary(maps, out / "head_entropy.png")
     written += [out / "full_entropy.png", out / "head_entropy.png"]
+    notes = []
+    for kind, name, option, draw in (("distance", "entropy_distance.png", "--distance", plot_entropy_distance),
+                                     ("renyi", "renyi_entropy.png", "--renyi-orders", plot_renyi_histograms)):
+        if getattr(maps, kind) is not None:
+            draw(maps, out / name)
+            written.append(out / name)
+        else:
+            notes.append(f"no {name}: these maps were calibrated without {option}")
     print("wrote " + ", ".join(str(w) for w in written))
+    for note in notes:
+        print(note)
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -266,6 +294,15 @@ def register(sub) -> None:
     add_entropy_args(s)
     s.add_argument("--out", required=True, help="maps file to write (.safetensors)")
     s.add_argument("--resume", action="store_true", help="checkpoint to OUT.partial and resume from it")
+    g = s.add_argument_group("attention statistics (the Rényi pruning paper's Fig. 5 and 6, drawn by `eamvit plot`; "
+                             "of the layers that attend over the whole patch grid, as ViT's do; others are left out)")
+    g.add_argument("--distance", action="store_true",
+                   help="also store, per layer and head, the mean attention distance (patches, patch keys only, as "
+                        "Dosovitskiy et al.) and the mean attention entropy of the patch rows (nats), from the same "
+                        "forwards (default: not stored)")
+    g.add_argument("--renyi-orders", type=orders_arg, default=None, metavar="ORDERS",
+                   help="also store per-layer histograms of the per-token Rényi entropies of these orders (the "
+                        "scores of --prune renyi), e.g. 0.5,1,2,inf (1: Shannon) (default: not stored)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("eval", help="top-1/top-5, optionally with frozen attention")
@@ -285,12 +322,16 @@ def register(sub) -> None:
     s.add_argument("--out", default="eamvit-sweep", help="output folder")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary)")
+    s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary; with calibrate "
+                                    "--distance / --renyi-orders, entropy against attention distance and Rényi "
+                                    "entropy histograms)")
     s.add_argument("--maps", required=True, help="entropy maps file written by `eamvit calibrate`")
     s.add_argument("--layers", type=ints, default=[0],
                    help="layers of the CLS-row maps, 0-based as every layer and head number in eamvit's options, "
                         "figure titles and file names (cls_entropy_L0.png is layer 0), e.g. 0,1")
     s.add_argument("--pairs", type=_pair, nargs="+", default=None,
                    help="0-based LAYER,HEAD pairs of the full N x N maps, e.g. 0,0 1,2 (default: 0,0 and 1,0)")
-    s.add_argument("--out", default="eamvit-plots", help="output folder of the PNGs")
+    s.add_argument("--out", default="eamvit-plots",
+                   help="output folder of the PNGs: cls_entropy_L*.png, full_entropy.png, head_entropy.png, and "
+                        "entropy_distance.png and renyi_entropy.png where the maps hold their statistics")
     s.set_defaults(func=cmd_plot)

@@ -159,6 +159,14 @@ def alpha_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a Rényi order such as 0.5, 2 or inf, got {text!r}") from None
 
 
+def orders_arg(text: str) -> list[float]:
+    """Comma-separated Rényi orders, e.g. ``0.5,1,2,inf``."""
+    out = [alpha_arg(t) for t in text.replace(",", " ").split()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected Rényi orders such as 0.5,1,2,inf, got {text!r}")
+    return out
+
+
 SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
 SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 # `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.

@@ -11,6 +11,13 @@ segmentation model), ``forward_loop(model)`` runs the model over it instead
 (:mod:`eamvit.methods.forward_loop`): its first forward measures the attention shapes, each pass
 calls it once (it must feed the same images each time; refused under torchrun), and the
 histogram counts widen as images arrive (their number is not known ahead).
+
+``distance=True`` and ``renyi_orders`` add the attention statistics of the Rényi pruning paper's Fig. 6
+and Fig. 5 (:class:`~eamvit.ops.attention_stats.AttentionStats`), counted from the same forwards as the
+histograms: per layer and head the mean attention distance (in patches) and the mean entropy (nats) of
+the patch queries' rows, and per layer histograms of the per-token Rényi entropies that token pruning
+ranks. They need layers that attend over prefix tokens and the whole patch grid (ViT-like); other
+layers are left out (``None``), and a model without such a layer is refused.
 """
 from __future__ import annotations
 
@@ -30,14 +37,16 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import calibration_record, check_records, make_loader, shard
+from eamvit.methods.data import calibration_record, make_loader, shard
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
+from eamvit.methods.maps import FORMAT, EntropyMaps
+from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
 from eamvit.ops.entropy import AttentionHistogram, check_bits
 from eamvit.errors import EamError
-from eamvit.io import atomic_path, load_tensors, save_tensors
-from eamvit.methods.models import check_attention_shapes, model_spec, num_prefix_tokens, patch_grid
+from eamvit.io import atomic_path
+from eamvit.methods.models import model_spec, num_prefix_tokens, patch_grid
 
-FORMAT = "eamvit-entropy-maps/1"
+__all__ = ["FORMAT", "EntropyMaps", "compute_entropy_maps", "dist_info", "format_bytes", "parse_bytes", "plan_passes"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -72,100 +81,6 @@ def parse_bytes(text: str) -> int:
         raise EamError(f"cannot read memory size {text!r}; write e.g. 512M or 4G") from None
 
 
-@dataclass
-class EntropyMaps:
-    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries.
-
-    Every tensor has the layer's attention shape: ``(H, N, N)`` for ViT/DeiT, ``(nW, H, N, N)`` for
-    Swin. ``histograms`` (``(2^b, *shape)`` counts) are kept only when asked for (KL maps).
-    """
-
-    entropy: list[torch.Tensor]
-    mean: list[torch.Tensor]
-    masked: list[Optional[torch.Tensor]]
-    meta: dict[str, Any] = field(default_factory=dict)
-    histograms: Optional[list[torch.Tensor]] = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.entropy)
-
-    def save(self, path: str | os.PathLike) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for l in range(self.num_layers):
-            tensors[f"entropy.{l}"] = self.entropy[l]
-            tensors[f"mean.{l}"] = self.mean[l]
-            if self.masked[l] is not None:
-                tensors[f"masked.{l}"] = self.masked[l]
-        save_tensors(path, tensors, self.meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "EntropyMaps":
-        meta, tensors = load_tensors(path, FORMAT, "entropy maps", "compute them with `eamvit calibrate`")
-        shapes = _check_maps(path, meta, tensors)
-        n = len(shapes)
-        return cls(entropy=[tensors[f"entropy.{l}"] for l in range(n)],
-                   mean=[tensors[f"mean.{l}"] for l in range(n)],
-                   masked=[tensors.get(f"masked.{l}") for l in range(n)], meta=meta)
-
-    def check_model(self, model: nn.Module, source: str = "these maps") -> None:
-        """Refuse maps computed on another model (name, kwargs, weights or attention shapes: layers,
-        heads, tokens)."""
-        spec = model_spec(model)
-        theirs = self.meta.get("model", {})
-        if not spec.same_model(theirs):
-            def show(d):
-                ck = d.get("checkpoint_sha256")
-                return f"{d.get('name')} {d.get('model_kwargs') or ''}" + (f" checkpoint {ck[:12]}" if ck else "")
-            raise EamError(f"{source} were computed for {show(theirs)}, not for {show(spec.to_dict())}; "
-                           "recompute them for this model with `eamvit calibrate`")
-        if len(attention_layers(model)) != self.num_layers:
-            raise EamError(f"{source} have {self.num_layers} layers but the model has {len(attention_layers(model))}")
-        check_attention_shapes(model, [tuple(t.shape) for t in self.entropy], source,
-                               "recompute them for this model with `eamvit calibrate`")
-
-
-def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
-    """The layer shapes of a maps file whose metadata and tensors agree, else one EamError.
-
-    NaN is allowed only for a whole layer left out on purpose (``compute_entropy_maps(layers=...)``).
-    """
-    bad = lambda why: EamError(f"entropy maps {path} are damaged ({why}); recompute them with `eamvit calibrate`")
-    shapes = meta.get("layer_shapes")
-    if not isinstance(shapes, list) or not shapes or not all(
-            isinstance(s, list) and s and all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
-        raise bad("metadata has no valid layer_shapes")
-    if meta.get("calibration") is not None:  # maps written before eamvit recorded them have none
-        check_records(meta["calibration"], f"entropy maps {path}")
-    bits = meta.get("bits")
-    expected = {f"{kind}.{l}" for l in range(len(shapes)) for kind in ("entropy", "mean")}
-    missing = sorted(expected - set(tensors))
-    extra = sorted(k for k in set(tensors) - expected if not k.startswith("masked."))
-    if missing or extra:
-        raise bad(f"metadata claims {len(shapes)} layers but tensor {(missing or extra)[0]} is "
-                  + ("missing" if missing else "not one of them"))
-    for key, t in tensors.items():
-        kind, _, l = key.partition(".")
-        if not l.isdigit() or int(l) >= len(shapes):
-            raise bad(f"unexpected tensor {key}")
-        want = tuple(shapes[int(l)])
-        if kind == "masked":  # one mask per window, shared by the heads
-            want = want[:-3] + want[-2:]
-        if tuple(t.shape) != want:
-            raise bad(f"{key} has shape {tuple(t.shape)}, metadata says {want}")
-        if kind == "masked":
-            continue
-        nan = torch.isnan(t)
-        if nan.any() and not (nan.all() and torch.isnan(tensors[f"entropy.{l}"]).all()
-                              and torch.isnan(tensors[f"mean.{l}"]).all()):
-            raise bad(f"{key} holds NaN")
-        ok = t[~nan]
-        top = float(bits) if kind == "entropy" and isinstance(bits, int) else 1.0
-        if ok.numel() and (not torch.isfinite(ok).all() or ok.min() < -1e-6 or ok.max() > top + 1e-4):
-            raise bad(f"{key} has values outside [0, {top:g}]")
-    return [tuple(s) for s in shapes]
-
-
 def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, layers: Sequence[int],
                 max_memory: Optional[int]) -> list[list[int]]:
     """Group consecutive ``layers`` into passes whose accumulators fit in ``max_memory`` bytes."""
@@ -195,8 +110,10 @@ def _first_sample(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
 
 
 def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) -> str:
-    h = hashlib.sha256(json.dumps([meta.get("model"), meta.get("bits"), list(indices), passes]).encode())
-    return h.hexdigest()
+    parts = [meta.get("model"), meta.get("bits"), list(indices), passes]
+    if meta.get("attention_stats"):  # only then: a checkpoint of a run without them keeps its key
+        parts.append(meta["attention_stats"])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def compute_entropy_maps(
@@ -216,6 +133,8 @@ def compute_entropy_maps(
     checkpoint_every: int = 50,
     progress: bool = True,
     meta: Optional[dict[str, Any]] = None,
+    distance: bool = False,
+    renyi_orders: Sequence[float] = (),
 ) -> EntropyMaps:
     """Entropy Attention Maps of ``model`` over ``dataset`` (EAM eq. 11-13 and the mean of eq. 15).
 
@@ -224,8 +143,7 @@ def compute_entropy_maps(
         dataset: items ``(image, target)`` (``None`` for an unreadable file, skipped).
         forward_loop: instead of ``dataset``, ``f(model)`` runs ``model`` over the calibration data
             (see the module doc); not with ``indices``, ``batch_size``, ``workers``, ``resume_path``.
-        indices: which items, in order (all by default). Under torch.distributed each process takes
-            a disjoint shard of them.
+        indices: which items, in order (all by default; under torch.distributed, a disjoint shard each).
         bits: histogram bits b, 2^b bins on [0, 1].
         batch_size: images per forward (default 32).
         workers: DataLoader workers.
@@ -233,22 +151,22 @@ def compute_entropy_maps(
         max_memory: histogram budget in bytes; above it the layers are split over several passes.
         layers: only these layers (the others get NaN entropy); all by default.
         keep_histograms: keep the raw counts (needed for KL maps).
-        resume_path: a ``.partial`` file to checkpoint to every ``checkpoint_every`` batches and to
-            resume from when it exists and matches this run.
+        resume_path: a ``.partial`` file to checkpoint to (every ``checkpoint_every`` batches) and resume from.
         progress: show a progress bar.
         meta: extra metadata stored with the maps (transforms, seed, ...).
+        distance: also measure each head's mean attention distance and row entropy (see the module doc).
+        renyi_orders: also count per-token Rényi entropy histograms of these orders (see the module doc).
 
     Returns:
         :class:`EntropyMaps`.
     """
-    check_bits(bits)
     rank, world = dist_info()
     _check_source(dataset, forward_loop, indices, batch_size, workers, resume_path, world)
     batch_size = 32 if batch_size is None else batch_size
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     indices = [] if forward_loop is not None else list(range(len(dataset))) if indices is None else list(indices)
-    run = _plan(model, dataset, forward_loop, indices, bits, device, max_memory, layers, meta)
+    run = _plan(model, dataset, forward_loop, indices, bits, device, max_memory, layers, meta, distance, renyi_orders)
     run.resume_path, run.keep_histograms = resume_path, keep_histograms
     state = _load_partial(resume_path, run.key)
     run.resume_done(state)
@@ -298,38 +216,59 @@ class _Run:
     mean: list = field(default_factory=list)
     hists: list = field(default_factory=list)
     masked: list = field(default_factory=list)
+    # Attention statistics: layer -> its prefix tokens (the layers measured), and per layer the results.
+    stats_layers: dict = field(default_factory=dict)
+    stats: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.shapes)
         self.entropy, self.mean, self.hists, self.masked = [None] * n, [None] * n, [None] * n, [None] * n
+        self.stats = [None] * n
 
     def resume_done(self, state: Optional[dict]) -> None:
         """Take the finished layers of an interrupted calibration."""
         for l, t in (state or {}).get("done", {}).items():
             self.entropy[l], self.mean[l], self.masked[l] = t["entropy"], t["mean"], t.get("masked")
+            self.stats[l] = t.get("stats")
             if self.keep_histograms:
                 self.hists[l] = t["hist"]
 
-    def save_partial(self, p: int, batch: int, acc: dict) -> None:
+    def save_partial(self, p: int, batch: int, acc: dict, stats: Optional[dict] = None) -> None:
         _save_partial(self.resume_path, self.key, p, batch, acc, self.entropy, self.mean, self.masked, self.hists,
-                      self.skipped)
+                      self.skipped, self.stats, stats or {})
+
+    def new_stats(self, layers: Sequence[int]) -> dict[int, AttentionStats]:
+        """Fresh accumulators of the attention statistics of those ``layers`` that are measured."""
+        spec = self.meta.get("attention_stats") or {}
+        grid = tuple(self.meta["grid"]) if spec.get("distance") else None
+        return {l: AttentionStats(self.shapes[l][0], self.shapes[l][-1], self.stats_layers[l], grid,
+                                  [float(a) for a in spec.get("renyi_orders", [])], spec.get("renyi_bins", RENYI_BINS),
+                                  self.device)
+                for l in layers if l in self.stats_layers}
 
     def maps(self) -> EntropyMaps:
         """The maps; layers that were not asked for hold NaN."""
         nan = lambda s: torch.full(s, float("nan"))
         self.meta.update(num_images=self.seen_images, skipped_images=self.skipped)
+        spec = self.meta.get("attention_stats") or {}
+        stat = lambda kind: [None if s is None else s[kind] for s in self.stats]
         return EntropyMaps(
             entropy=[e if e is not None else nan(self.shapes[l]) for l, e in enumerate(self.entropy)],
             mean=[m if m is not None else nan(self.shapes[l]) for l, m in enumerate(self.mean)],
             masked=self.masked, meta=self.meta,
             histograms=list(self.hists) if self.keep_histograms else None,
+            distance=stat("distance") if spec.get("distance") else None,
+            head_entropy=stat("head_entropy") if spec.get("distance") else None,
+            renyi=stat("renyi") if spec.get("renyi_orders") else None,
         )
 
 
 def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[ForwardLoop], indices: list[int],
           bits: int, device: torch.device, max_memory: Optional[int], layers: Optional[Sequence[int]],
-          meta: Optional[dict[str, Any]]) -> _Run:
+          meta: Optional[dict[str, Any]], distance: bool = False, renyi_orders: Sequence[float] = ()) -> _Run:
     """Check the request, measure the attention shapes, split the layers into passes, say what it needs."""
+    check_bits(bits)
+    orders = check_orders(renyi_orders)
     all_layers = attention_layers(model)
     loop = forward_loop is not None
     if not indices and not loop:
@@ -355,11 +294,35 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
                 layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(inner),
                 grid=list(patch_grid(inner) or []) or None)
+    stats_layers = _plan_stats(type(model).__name__, shapes, layers, meta, distance, orders)
     return _Run(model=model, dataset=dataset, forward_loop=forward_loop, device=device, shapes=shapes, bits=bits,
-                max_count=max_count, passes=passes, meta=meta, key=_partial_key(meta, indices, passes))
+                max_count=max_count, passes=passes, meta=meta, key=_partial_key(meta, indices, passes),
+                stats_layers=stats_layers)
 
 
-def _restore(run: _Run, p: int, state: Optional[dict], acc: dict) -> int:
+def _plan_stats(name: str, shapes: list[tuple[int, ...]], layers: list[int], meta: dict, distance: bool,
+                orders: tuple[float, ...]) -> dict[int, int]:
+    """The layers whose attention statistics are measured (layer -> its prefix tokens); records what is
+    measured in ``meta["attention_stats"]``. Refuses a model where no layer runs over the patch grid."""
+    if not distance and not orders:
+        return {}
+    prefix = {l: patch_prefix(shapes[l], meta.get("grid"), meta.get("num_prefix_tokens", 0)) for l in layers}
+    measured = {l: p for l, p in prefix.items() if p is not None}
+    if not measured:
+        raise EamError(f"the attention distance and the Rényi entropy histograms need attention over the whole "
+                       f"patch grid (ViT-like layers, as token pruning); no layer of {name} has it (layer "
+                       f"{layers[0]}: attention shape {shapes[layers[0]]}); calibrate without --distance and "
+                       "--renyi-orders")
+    left = [l for l in layers if l not in measured]
+    if left:
+        log(f"eamvit: attention statistics leave out layer{'s' if len(left) > 1 else ''} "
+            f"{', '.join(map(str, left))}: not attention over the whole patch grid")
+    meta["attention_stats"] = {"distance": distance, "renyi_bins": RENYI_BINS,
+                               "renyi_orders": [format_order(a) if math.isinf(a) else a for a in orders]}
+    return measured
+
+
+def _restore(run: _Run, p: int, state: Optional[dict], acc: dict, stats: dict) -> int:
     """Load the accumulators of an interrupted pass ``p``; returns the batch to resume from."""
     if state is None or state.get("pass") != p or "acc" not in state:
         return 0
@@ -369,6 +332,8 @@ def _restore(run: _Run, p: int, state: Optional[dict], acc: dict) -> int:
         acc[l].count = a["count"]
         if a.get("masked") is not None:
             run.masked[l] = a["masked"]
+        if l in stats:
+            stats[l].load_state(a["stats"])
     run.skipped = state.get("skipped", 0)
     return state["batch"]
 
@@ -380,23 +345,26 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
     loop = run.forward_loop
     # A loop's counts start narrow and widen as its images arrive (see _observer).
     acc = {l: AttentionHistogram(run.shapes[l], run.bits, 1 if loop else run.max_count, run.device) for l in group}
-    start_batch = _restore(run, p, state, acc)
+    stats = run.new_stats(group)
+    start_batch = _restore(run, p, state, acc, stats)
     # Every layer takes the explicit path in every pass (a no-op observer where nothing is
     # counted): fused and explicit attention differ in the last bits, and a layer's input must
     # not depend on which pass it is counted in.
     observers = {l: _ignore for l in range(len(run.shapes))}
-    observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None) for l in group})
+    observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None, stats=stats.get(l)) for l in group})
     with observe(run.model, observers), torch.inference_mode():
         if loop is not None:
             _check_loop_pass(run, p, acc, run_forward_loop(run.model, loop))
         else:
-            _feed(run, p, acc, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
+            _feed(run, p, acc, stats, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
                   checkpoint_every, progress)
     for l in group:
         a = acc[l]
         if world > 1:
-            _all_reduce(a)
+            _all_reduce(a, stats.get(l))
         run.entropy[l], run.mean[l] = a.entropy().cpu(), a.mean().cpu()
+        if l in stats:
+            run.stats[l] = stats[l].result()
         if run.keep_histograms:
             run.hists[l] = a.histogram().cpu()
         if run.masked[l] is not None:
@@ -407,8 +375,8 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
         run.save_partial(p + 1, 0, {})
 
 
-def _feed(run: _Run, p: int, acc: dict, indices: list[int], start_batch: int, batch_size: int, workers: int,
-          checkpoint_every: int, progress: bool) -> None:
+def _feed(run: _Run, p: int, acc: dict, stats: dict, indices: list[int], start_batch: int, batch_size: int,
+          workers: int, checkpoint_every: int, progress: bool) -> None:
     """Run the model over ``indices`` of the dataset, in batches, checkpointing as asked."""
     n_batches = start_batch + math.ceil(len(indices) / batch_size)
     # Same batch boundaries as an uninterrupted run: resume skips whole batches.
@@ -421,7 +389,7 @@ def _feed(run: _Run, p: int, acc: dict, indices: list[int], start_batch: int, ba
             run.model(batch.images.to(run.device, non_blocking=True))
         bar.update(1)
         if run.resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
-            run.save_partial(p, b + 1, acc)
+            run.save_partial(p, b + 1, acc, stats)
     bar.close()
 
 
@@ -442,17 +410,20 @@ def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     return None
 
 
-def _observer(acc: AttentionHistogram, masked: list, layer: int, grow: bool = False):
+def _observer(acc: AttentionHistogram, masked: list, layer: int, grow: bool = False,
+              stats: Optional[AttentionStats] = None):
     def observe(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         if grow:
             acc.reserve(acc.count + attn.shape[0])
         acc.update(attn)
+        if stats is not None:
+            stats.update(attn)
         if mask is not None and masked[layer] is None:
             masked[layer] = mask < 0
     return observe
 
 
-def _all_reduce(a: AttentionHistogram) -> None:
+def _all_reduce(a: AttentionHistogram, stats: Optional[AttentionStats] = None) -> None:
     # gloo reduces neither uint8 nor int16: widen for the reduction only.
     counts = a.counts.to(torch.int32)
     dist.all_reduce(counts)
@@ -461,13 +432,20 @@ def _all_reduce(a: AttentionHistogram) -> None:
     n = torch.tensor([a.count], dtype=torch.int64)
     dist.all_reduce(n)
     a.count = int(n)
+    if stats is not None:
+        state = stats.state()
+        for t in state.values():
+            dist.all_reduce(t)
+        stats.load_state(state)
 
 
-def _save_partial(path, key, p, batch, acc, entropy, mean, masked, hists, skipped) -> None:
-    done = {l: {"entropy": entropy[l], "mean": mean[l], "masked": masked[l], "hist": hists[l]}
+def _save_partial(path, key, p, batch, acc, entropy, mean, masked, hists, skipped, stats_done, stats) -> None:
+    done = {l: {"entropy": entropy[l], "mean": mean[l], "masked": masked[l], "hist": hists[l],
+                "stats": stats_done[l]}
             for l in range(len(entropy)) if entropy[l] is not None}
     state = {"key": key, "pass": p, "batch": batch, "skipped": skipped, "done": done,
-             "acc": {l: {"counts": a.counts.cpu(), "sum": a.sum.cpu(), "count": a.count, "masked": masked[l]}
+             "acc": {l: {"counts": a.counts.cpu(), "sum": a.sum.cpu(), "count": a.count, "masked": masked[l],
+                         "stats": {k: v.cpu() for k, v in stats[l].state().items()} if l in stats else None}
                      for l, a in acc.items()}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
