@@ -21,7 +21,8 @@ import torch
 import eamvit
 from eamvit.experiments.digits import load_demo_model
 from eamvit.methods.data import DigitsDataset
-from eamvit.methods.export import ExportConfig, QdqAttention, export_onnx, prepare_export_
+from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
+from eamvit.modules.export_forms import QdqAttention
 from eamvit.methods.export_runtime import OnnxClassifier, cpu_has_vnni, onnx_session
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.methods.quantize import quantize_
@@ -123,16 +124,16 @@ def test_openvino_form_needs_symmetric_weights(digits, digits_w8a8, tmp_path):
 
 def test_export_swaps_only_eligible_attention(digits_w8a8, tmp_path):
     """Only ViT attention in RepQ-ViT's score order changes form; the swapped copy is still instrumented."""
-    from eamvit.methods.export import _swap_for_export_
+    from eamvit.modules.export_forms import swap_for_export_
 
     m = prepare_export_(copy.deepcopy(digits_w8a8), OV_CONFIG)
-    _swap_for_export_(m, OV_CONFIG)
+    swap_for_export_(m, OV_CONFIG)
     layers = eamvit.modules.attention.attention_layers(m)
     assert layers and all(type(l) is QdqAttention for l in layers)
     q = quantize_(copy.deepcopy(load_demo_model()), RepQConfig(w_bits=8, a_bits=8, vit_scale_first=True),
                   DigitsDataset("train").images[:32], progress=False)
     prepare_export_(q, OV_CONFIG)
-    _swap_for_export_(q, OV_CONFIG)
+    swap_for_export_(q, OV_CONFIG)
     assert not any(type(l) is QdqAttention for l in eamvit.modules.attention.attention_layers(q))
 
 
