@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Block
 from eamvit import create_model
 from eamvit.experiments.timer import Stats, ratio_stats, time_calls
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.merge import MergeConfig, merge_, unmerge_
+from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs
 from eamvit.methods.prune import PruneConfig, prune_, unprune_
 
 
@@ -97,18 +97,6 @@ def plain_tome(model: nn.Module, r: int):
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def matching_r(model: nn.Module, target: float, largest: int = 40) -> tuple[int, float]:
-    """The ToMe r whose executed GMACs come closest to ``target`` (the model is left unmerged)."""
-    best = None
-    for r in range(largest + 1):
-        merge_(model, MergeConfig(r=r))
-        g = count_gflops(model)
-        if best is None or abs(g - target) < abs(best[1] - target):
-            best = (r, g)
-    unmerge_(model)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -123,7 +111,8 @@ def main() -> None:
     prune_(model, PruneConfig(method="shannon", keep_rate=0.7))
     target = count_gflops(model)
     unprune_(model)
-    r, gmacs = matching_r(model, target)
+    config, gmacs = r_for_gmacs(model, target)
+    r = config.r
 
     merged = copy.deepcopy(model)
     merge_(merged, MergeConfig(r=r))

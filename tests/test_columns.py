@@ -24,17 +24,19 @@ COMMANDS = {
     "eval_freeze": ["eval", "--calib-size", "64", "--tau", "0.5", "--granularity", "head",
                     "--out", "{out}/eval_freeze"],
     "eval_prune": ["eval", "--prune", "evit", "--keep-rate", "0.7", "--out", "{out}/eval_prune"],
+    "eval_merge": ["eval", "--merge", "entropy", "--merge-r", "6", "--merge-alpha", "inf", "--out", "{out}/eval_merge"],
     "eval_quant": ["eval", "--quant", "repq", "--out", "{out}/eval_quant"],
     "sweep": ["sweep", "--calib-size", "64", "--taus", "0,0.5", "--seeds", "2", "--out", "{out}/freeze"],
     "speed_sweep": ["sweep", "--calib-size", "64", "--granularity", "head", "--taus", "0.5", "--methods", "evit",
                     "--keep-rates", "0.5", "--throughput-reps", "3", "--throughput-batch", "8", "--out", "{out}/speed"],
-    "prune_sweep": ["sweep", "--prune", "--methods", "shannon", "--keep-rates", "0.7", "--no-throughput",
+    "prune_sweep": ["sweep", "--prune", "--methods", "shannon,tome", "--keep-rates", "0.7", "--no-throughput",
                     "--out", "{out}/prune"],
     "quant_sweep": ["sweep", "--calib-size", "64", "--quant", "repq", "--taus", "0.2", "--seeds", "1",
                     "--out", "{out}/quant"],
     "compare": ["compare", "--methods", "fp,repq", "--settings", "8/8", "--out", "{out}/compare"],
 }
-CSV = {"eval_freeze": "eval_freeze.csv", "eval_prune": "eval_prune.csv", "eval_quant": "eval_quant.csv",
+CSV = {"eval_freeze": "eval_freeze.csv", "eval_prune": "eval_prune.csv", "eval_merge": "eval_merge.csv",
+       "eval_quant": "eval_quant.csv",
        "sweep": "freeze/sweep.csv", "speed_sweep": "speed/speed_sweep.csv", "prune_sweep": "prune/prune_sweep.csv",
        "quant_sweep": "quant/sweep.csv", "compare": "compare/compare.csv"}
 
@@ -118,7 +120,14 @@ def test_one_name_per_setting_and_blank_where_it_does_not_apply(tables):
     assert {r["value_bits"] for r in freeze} == {"32"} and {r["value_bits"] for r in quant} == {"", "32", "4"}
     # Pruning rows leave τ blank, freezing rows κ, the unmodified row both.
     assert [(r["tau"], r["keep_rate"]) for r in speed] == [("", ""), ("0.5", ""), ("", "0.5")]
-    assert [(r["prune"], r["keep_rate"]) for r in prune] == [("", ""), ("shannon", "0.7")]
+    assert [(r["prune"], r["keep_rate"]) for r in prune] == [("", ""), ("shannon", "0.7"), ("", "")]
+    # Merging rows name their selection `merge` and leave κ blank: the κ whose GMACs they match is its own column.
+    assert [(r["merge"], r["matched_keep_rate"]) for r in prune] == [("", ""), ("", ""), ("tome", "0.7")]
+    eval_merge = tables["eval_merge"][1][0]
+    assert (eval_merge["merge"], eval_merge["alpha"], eval_merge["merge_r"]) == ("entropy", "inf", "6")
+    assert "keep_rate" not in tables["eval_merge"][0] and "prune" not in tables["eval_merge"][0]
+    # The Rényi order is `alpha` for pruning and merging alike; `tokens` counts patch tokens for both.
+    assert eval_merge["tokens"] == "64-58-52-46-40" and tables["eval_prune"][1][0]["tokens"].startswith("64-")
     eval_prune, eval_freeze = tables["eval_prune"][1][0], tables["eval_freeze"][1][0]
     assert "tau" not in tables["eval_prune"][0] and eval_prune["keep_rate"] == "0.7"
     assert eval_freeze["tau"] == "0.5" and "keep_rate" not in tables["eval_freeze"][0]

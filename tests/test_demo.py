@@ -139,6 +139,7 @@ def test_speed_sweep_defaults_to_a_short_pruning_list(monkeypatch, tmp_path, cap
     _, _, _, taus, grans, methods, keep_rates, *_ = seen["args"]
     assert methods == [("shannon", None), ("evit", None)] and list(keep_rates) == [0.7, 0.5]
     assert len(methods) * len(keep_rates) == 4  # pruning points, against 21 before
+    assert [(m.selection, m.alpha) for m in seen["kwargs"]["merges"]] == [("tome", None), ("entropy", None)]
 
 
 def test_prune_sweep_keeps_its_wide_default(monkeypatch, tmp_path, capsys):
@@ -153,7 +154,7 @@ def test_sweep_help_says_how_to_widen_the_pruning_side(capsys):
         main(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "0.7,0.5 with --granularity, widen it with e.g. --keep-rates" in text
-    assert "shannon,evit with --granularity, widen it with e.g. --methods" in text
+    assert "shannon,evit,tome,entropy-merge with --granularity, widen it with e.g. --methods" in text
 
 
 def test_random_weights_warning_comes_before_finetune_trains(monkeypatch, image_folder, tmp_path, capsys):

@@ -122,7 +122,7 @@ def test_identity_records_pruning_and_freezing(data, tmp_path):
     ident = json.loads((tmp_path / "finetune.json").read_text())["identity"]
     assert set(ident) == {"train", "prune", "freeze", "model"}
     assert ident["freeze"]["config"]["tau"] == 0.3 and len(ident["freeze"]["digest"]) == 64
-    with pytest.raises(EamError, match="not pruned nor frozen"):
+    with pytest.raises(EamError, match="not pruned, merged nor frozen"):
         finetune(small_model(), train, CFG, progress=False)
     with pytest.raises(EamError, match="no frozen attention"):  # a config that was never applied
         finetune(small_model(), train, CFG, progress=False, freeze=FreezeConfig(tau=0.5))

@@ -173,7 +173,7 @@ def test_prune_figure_one_unit_and_keep_rates_told_by_marker(tmp_path):
     assert not any("MFLOP" in s for s in texts)
     assert not ax.texts  # no per-point labels that could pile up at one κ
     legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
-    assert {"unpruned", "Shannon", "Rényi α=2", "EViT", "random", "κ = 0.7", "κ = 0.5"} == set(legend)
+    assert {"unmodified", "Shannon", "Rényi α=2", "EViT", "random", "κ = 0.7", "κ = 0.5"} == set(legend)
     # Every pruned point is drawn with the marker its κ has in the legend.
     points = [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker()) for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
     assert len(points) == len(rows) - 1

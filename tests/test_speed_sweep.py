@@ -1,4 +1,4 @@
-"""`sweep --granularity`: freezing by entry/row/head next to token pruning, at measured speed."""
+"""`sweep --granularity`: freezing by entry/row/head next to token pruning and merging, at measured speed."""
 import json
 
 import pytest
@@ -11,6 +11,7 @@ from eamvit.experiments.runner import EvalData, Timing
 from eamvit.experiments.speed_sweep import speed_sweep
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
+from eamvit.methods.merge import MergeConfig, merge_, unmerge_
 from eamvit.methods.prune import PruneConfig, prune_, unprune_
 from eamvit.plots.speed import plot_top1_vs_speedup
 
@@ -35,10 +36,14 @@ def test_rows_match_each_state_evaluated_alone(setup):
     with torch.no_grad():
         before = model(x)
     rows = speed_sweep(model, maps, EvalData(data, batch_size=8), [0.0, 0.5], ("entry", "head"),
-                       [("evit", None)], [0.5], Timing(batch_size=2, warmup=0, reps=3), progress=False)
-    assert [(r["selection"], r["granularity"], r["tau"], r["prune"], r["keep_rate"]) for r in rows] == [
-        (None, None, None, None, None), ("entropy", "entry", 0.5, None, None), ("entropy", "head", 0.5, None, None),
-        (None, None, None, "evit", 0.5)]  # a setting that does not apply is blank
+                       [("evit", None)], [0.5], Timing(batch_size=2, warmup=0, reps=3), progress=False,
+                       merges=[MergeConfig(selection="tome")])
+    assert [(r["selection"], r["granularity"], r["tau"], r["prune"], r["keep_rate"], r["merge"]) for r in rows] == [
+        (None, None, None, None, None, None), ("entropy", "entry", 0.5, None, None, None),
+        ("entropy", "head", 0.5, None, None, None), (None, None, None, "evit", 0.5, None),
+        (None, None, None, None, None, "tome")]  # a setting that does not apply is blank
+    assert rows[4]["matched_keep_rate"] == 0.5 and [r["matched_keep_rate"] for r in rows[:4]] == [None] * 4
+    merged = MergeConfig(r=int(rows[4]["merge_r"].split("-")[0]))  # one r; later blocks are capped alike
     with torch.no_grad():  # the sweep left the model as it found it
         assert torch.equal(model(x), before)
     # Each row's top-1 and cost against the same state set up by hand and evaluated on its own.
@@ -46,7 +51,8 @@ def test_rows_match_each_state_evaluated_alone(setup):
     for row, (apply, undo) in zip(rows[1:], [
             (lambda: freeze_(model, maps, FreezeConfig(tau=0.5)), lambda: unfreeze_(model)),
             (lambda: freeze_(model, maps, FreezeConfig(tau=0.5, granularity="head")), lambda: unfreeze_(model)),
-            (lambda: prune_(model, PruneConfig(method="evit", keep_rate=0.5)), lambda: unprune_(model))]):
+            (lambda: prune_(model, PruneConfig(method="evit", keep_rate=0.5)), lambda: unprune_(model)),
+            (lambda: merge_(model, merged), lambda: unmerge_(model))]):
         apply()
         assert row["top1"] == evaluate(model, data, batch_size=8, progress=False)["top1"]
         assert row["gmacs"] == pytest.approx(eamvit.cost_account(model).gmacs, rel=1e-4)

@@ -29,6 +29,10 @@ PLACEMENTS = get_args(Placement)
 EntropyKeys = Literal["all", "patches"]
 ENTROPY_KEYS = get_args(EntropyKeys)
 
+# Token merging (eamvit.methods.merge): ToMe's bipartite soft matching, or entropy-guided merging.
+MergeSelection = Literal["tome", "entropy"]
+MERGE_SELECTIONS = get_args(MergeSelection)
+
 # Training augmentation (eamvit.methods.train): "auto" is imagenet from IMAGENET_MIN_SIZE pixels a
 # side, shift below (random-resized crops and colour jitter destroy smaller images).
 AUGMENTS = ("auto", "none", "shift", "imagenet")

@@ -49,12 +49,20 @@ COLUMNS: dict[str, str] = {
     "value_bits": "bits of the frozen attention values (32: fp32)",
     "frozen": "the frozen-maps file (--frozen) loaded",
     "prune": "token-pruning method: shannon, renyi, evit or random",
-    "alpha": "Rényi order of --prune renyi (inf for min-entropy)",
+    "alpha": "Rényi order of the token-entropy score: --prune renyi's or --merge entropy's (inf for min-entropy; "
+             "blank for Shannon)",
     "keep_rate": "token-pruning keep rate κ",
-    "tokens": "tokens per pruning stage, dash-joined",
-    "blocks": "pruning blocks, dash-joined (0-based)",
+    "tokens": "patch tokens entering the first pruning or merging block, then leaving each (EViT's fused token "
+              "included), dash-joined",
+    "blocks": "pruning or merging blocks, dash-joined (0-based)",
     "placement": "where the pruning step sits in its block",
     "fuse": "whether pruned tokens are fused into one",
+    "merge": "token-merging selection: tome (ToMe's bipartite soft matching) or entropy (entropy-guided merging)",
+    "merge_r": "patch tokens each merging block merges (after ToMe's cap): one number where every block merges "
+               "as many, else dash-joined per block",
+    "prop_attn": "whether merged tokens' sizes weigh the attention (ToMe's proportional attention)",
+    "matched_keep_rate": "a sweep's merging rows: the pruning keep rate κ whose executed GMACs merge_r was chosen "
+                         "to match",
     "onnx": "the exported file evaluated (ONNX, or an OpenVINO .xml)",
     "export": "export scheme of the file: fp32, qdq or weight-only (eamvit), nncf (NNCF's int8 OpenVINO model)",
     "target": "deployment target the quantizers were calibrated for: qdq (+ sym. act., softmax fp32), openvino, weight-only or torch",
@@ -63,7 +71,7 @@ COLUMNS: dict[str, str] = {
     "frozen_fraction": "fraction of attention entries frozen",
     "frozen_window_masked": "frozen entries that Swin's window mask hides anyway",
     "frozen_layers": "attention layers with frozen maps",
-    "unfrozen_layers": "frozen layers undone because pruning changes their token count",
+    "unfrozen_layers": "frozen layers undone because pruning or merging changes their token count",
     "gmacs": "executed multiply-accumulates per image, billions (the cost model)",
     "gmacs_skippable": "of them, MACs a sparse kernel could skip, billions",
     "predicted_speedup": "unmodified MACs / executed MACs (the cost model)",

@@ -81,6 +81,8 @@ def requested_verbs(args) -> list[str]:
         verbs.append(args.quant)
     if getattr(args, "prune", None):
         verbs.append("prune")
+    if getattr(args, "merge", None):
+        verbs.append("merge")
     if command == "export":
         verbs.append("export")
     return verbs

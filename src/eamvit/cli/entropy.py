@@ -136,31 +136,33 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_speed_sweep(args) -> None:
-    """``sweep --granularity G,...``: freezing by those units and token pruning at measured speed."""
+    """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
     from eamvit.cli.common import warn
     from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import EvalData, Timing
+    from eamvit.experiments.prune_sweep import parse_sweep_methods
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
     from eamvit.io import ensure_writable_dir
-    from eamvit.methods.prune import method_config, parse_methods
+    from eamvit.methods.prune import check_keep_rate, method_config
     from eamvit.plots.speed import plot_top1_vs_speedup
 
     if args.prune or args.quant or args.quant_state:
         raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
-    methods = parse_methods(args.methods or SPEED_METHODS)
+    methods, merges = parse_sweep_methods(args.methods or SPEED_METHODS)
     args.keep_rates = args.keep_rates or SPEED_KEEP_RATES
     for k in args.keep_rates:
+        check_keep_rate(k)
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
     freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
     model, device = load_model(args)
     if not supports(model, "prune") and args.methods is None:
-        methods = []
-        warn("token pruning does not apply to this model's attention family (`eamvit models`): the speed "
-             "sweep has freezing points only")
-    check_family(model, args.granularity, methods)
+        methods, merges = [], []
+        warn("token pruning and merging do not apply to this model's attention family (`eamvit models`): the "
+             "speed sweep has freezing points only")
+    check_family(model, args.granularity, methods, merges)
     out = ensure_writable_dir(args.out)
     maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
     sp = data_splits(args, model, need_calib=maps is None,
@@ -171,12 +173,13 @@ def cmd_speed_sweep(args) -> None:
     flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
-                       freeze_options=freeze, prune_options=prune_options(args), progress=is_main())
+                       freeze_options=freeze, prune_options=prune_options(args), progress=is_main(), merges=merges)
     if is_main():
         files = write_table(out / "speed_sweep", rows, formats=("csv", "json"))  # every field, to diff
         files.update(write_table(out / "speed_sweep", rows, SPEED_COLUMNS, formats=("md",)))
         plot_top1_vs_speedup(plot_rows(rows), out / "speed_sweep.png",
-                             title=f"{rows[0]['model']}: frozen attention vs token pruning at measured speed")
+                             title=f"{rows[0]['model']}: frozen attention vs token pruning"
+                                   + (" and merging" if merges else "") + " at measured speed")
         print(markdown(rows, SPEED_COLUMNS))
         print("\n".join(summary_lines(rows)))
         print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "speed_sweep.png"]))

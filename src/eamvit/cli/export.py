@@ -9,6 +9,7 @@ from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_splits, is_main, load_model,
                                require_modules)
+from eamvit.cli.options import MERGE_OPTIONS
 from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
@@ -63,7 +64,8 @@ def _quant_state_target(args: argparse.Namespace):
     return Target.from_dict(stored) if stored is not None else None
 
 
-_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "tokens")
+_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "merge", "merge_r",
+          "tokens")
 
 
 def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibrated=None) -> None:
@@ -124,7 +126,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 # Options that build a model; an ONNX file already is one.
 _MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "state",
                   "recipe", "prune",
-                  "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS)
+                  "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS,
+                  *MERGE_OPTIONS)
 
 
 def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
@@ -199,7 +202,7 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     if runtime == "onnxruntime" and saturation_warning(meta):
         warn(saturation_warning(meta))
     m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
-    row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx),
+    row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx, skeleton),
                      runtime="OpenVINO" if runtime == "openvino" else "ONNX Runtime")
     row["param_count"] = meta.get("param_count", row["param_count"])
     row["calib_excluded"] = sp.calib_excluded
@@ -220,15 +223,21 @@ def _check_input_size(model, cfg: dict, path: str) -> None:
                        f"{show(want)}; export it again with `eamvit export`")
 
 
-def _onnx_row_fields(meta: dict, path: str) -> dict[str, Any]:
+def _onnx_row_fields(meta: dict, path: str, skeleton) -> dict[str, Any]:
     extra: dict[str, Any] = {"onnx": str(path), "export": meta["export"].get("scheme") if meta.get("quant") else "fp32"}
-    q, p = meta.get("quant"), meta.get("prune")
+    q, p, m = meta.get("quant"), meta.get("prune"), meta.get("merge")
     if q and q.get("method") == "nncf":
         extra.update(quant="nncf", w_bits=8, a_bits=8)
     elif q:
         extra.update(quant="repq", w_bits=q.get("w_bits"), a_bits=8 if extra["export"] == "qdq" else 32)
     if p:
         extra.update(prune=p.get("method"), keep_rate=p.get("keep_rate"))
+    if m:  # what the file merges, read off the skeleton merging alike (the graph's shapes are the skeleton's)
+        from eamvit.experiments.prune_sweep import merged_fields
+        from eamvit.methods.merge import MergeConfig, merge_
+
+        merge_(skeleton, MergeConfig.from_dict(m))
+        extra.update(merged_fields(skeleton))
     if meta.get("frozen_layers"):
         extra["frozen_layers"] = len(meta["frozen_layers"])
     return extra
@@ -249,8 +258,8 @@ def add_eval_onnx_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, frozen, RepQ-ViT int8 (QDQ) "
-                       "or low-bit weight-only")
+    s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, merged, frozen, RepQ-ViT int8 "
+                       "(QDQ) or low-bit weight-only")
     add_stack_args(s)
     s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
     for action in s._actions:

@@ -70,8 +70,8 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     """Add ``optimize`` to the ``eamvit`` parser."""
-    s = sub.add_parser("optimize", help="search quantization, token pruning and freezing (alone and stacked) for "
-                       "the fastest recipe within a top-1 budget, measured on this machine")
+    s = sub.add_parser("optimize", help="search quantization, token pruning or merging, and freezing (alone and "
+                       "stacked) for the fastest recipe within a top-1 budget, measured on this machine")
     add_model_args(s)
     add_data_args(s)
     g = s.add_argument_group("search")
@@ -84,8 +84,10 @@ def register(sub) -> None:
                    "minutes and write what was measured; a rerun resumes (default: no limit)")
     g.add_argument("--space", default="standard", help="standard (int8 QDQ asymmetric and symmetric, W4 "
                    "weight-only, Shannon and EViT pruning at κ 0.9/0.7/0.5 in the default and the late blocks, "
-                   "head and row freezing at τ 0.25/0.5) or small (int8 QDQ, EViT pruning at κ 0.7/0.5 in the "
-                   "late blocks, head freezing at τ 0.25); then the survivors stacked")
+                   "ToMe and entropy-guided merging in every block and in the late blocks at the r matching that "
+                   "pruning's GMACs, head and row freezing at τ 0.25/0.5) or small (int8 QDQ, EViT pruning at κ "
+                   "0.7/0.5 in the late blocks, head freezing at τ 0.25); then the survivors stacked, with one "
+                   "token reducer each")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "
                    "the unmodified model on --batch-size held-out images")

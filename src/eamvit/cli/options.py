@@ -167,10 +167,10 @@ def orders_arg(text: str) -> list[float]:
     return out
 
 
-SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random"
+SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random,tome,entropy-merge"
 SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 # `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.
-SPEED_METHODS = "shannon,evit"
+SPEED_METHODS = "shannon,evit,tome,entropy-merge"
 SPEED_KEEP_RATES = [0.7, 0.5]
 
 
@@ -192,9 +192,11 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
                             f"{','.join(map(str, SPEED_KEEP_RATES))} with --granularity, widen it with e.g. "
                             "--keep-rates 0.9,0.8,0.7,0.6,0.5,0.4,0.3)")
         g.add_argument("--methods", default=None,
-                       help="comma-separated methods, renyi:ORDER for Rényi entropy of that order (default: "
-                            f"{SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it with "
-                            "e.g. --methods shannon,renyi:2,evit,random)")
+                       help="comma-separated methods: pruning by shannon, renyi:ORDER (Rényi entropy of that "
+                            "order), evit or random; merging by tome (ToMe) or entropy-merge[:ORDER] (entropy-guided, "
+                            "Shannon or Rényi), each at the r whose GMACs match Shannon pruning's at every keep rate "
+                            f"(default: {SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it "
+                            "with e.g. --methods shannon,renyi:2,evit,random,tome)")
         g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
         g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
         g.add_argument("--throughput-reps", type=int, default=10,
@@ -212,6 +214,63 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
                    help="prune after the attention residual (attn, EViT) or after the whole block")
     g.add_argument("--entropy-keys", choices=KEYS, default="all",
                    help="entropy of the whole attention row (all) or of its patch keys renormalised (patches)")
+
+
+def r_values(text: str) -> int | tuple[int, ...]:
+    """``--merge-r``: one number, or one per merging block (``12,8,4,0``)."""
+    values = ints(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or one per merging block, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+MERGE_OPTIONS = ("merge", "merge_r", "merge_inflect", "merge_blocks", "merge_alpha", "no_prop_attn")
+
+
+def add_merge_args(p: argparse.ArgumentParser) -> None:
+    """Token-merging options (eamvit.methods.merge): ToMe or entropy-guided merging, exclusive with --prune."""
+    from eamvit.choices import MERGE_SELECTIONS
+
+    g = p.add_argument_group("token merging (instead of token pruning)")
+    g.add_argument("--merge", choices=MERGE_SELECTIONS, default=None,
+                   help="merge patch tokens: tome (ToMe's bipartite soft matching on the keys) or entropy (the "
+                        "highest-entropy tokens merge into their most similar ones); not with --prune (default: "
+                        "no merging)")
+    g.add_argument("--merge-r", type=r_values, default=8, metavar="R",
+                   help="patch tokens each merging block merges: one number, or one per merging block, e.g. "
+                        "12,8,4,0 (ToMe caps a block at half its patch tokens) (default: 8)")
+    g.add_argument("--merge-inflect", type=float, default=0.0, metavar="I",
+                   help="ToMe's schedule of one --merge-r, in [-1, 1]: 0 the same r in every block, -1 decreasing "
+                        "(2r down to 0), 1 increasing; the mean stays r (default: 0)")
+    g.add_argument("--merge-blocks", type=ints, default=None, metavar="BLOCKS",
+                   help="0-based merging blocks (default: every block that can merge, as ToMe)")
+    g.add_argument("--merge-alpha", type=alpha_arg, default=None, metavar="ORDER",
+                   help="Rényi order of --merge entropy's scores (0, 0.5, 2, inf...) (default: Shannon)")
+    g.add_argument("--no-prop-attn", action="store_true",
+                   help="leave out proportional attention (ToMe's log token size added to the attention scores; "
+                        "on by default)")
+
+
+def merge_config(args):
+    """The one :class:`~eamvit.methods.merge.MergeConfig` of the merging options."""
+    from eamvit.methods.merge import MergeConfig
+
+    return MergeConfig(r=args.merge_r, inflect=args.merge_inflect,
+                       blocks=tuple(args.merge_blocks) if args.merge_blocks is not None else None,
+                       prop_attn=not args.no_prop_attn, selection=args.merge, alpha=args.merge_alpha)
+
+
+def refuse_merge_args(args) -> None:
+    """Refuse merging options that cannot apply: any without ``--merge``, ``--merge`` with ``--prune``, and
+    the Rényi order with ToMe."""
+    if not getattr(args, "merge", None):
+        refuse_given(args, MERGE_OPTIONS[1:], "without --merge (no tokens are merged)")
+        return
+    if getattr(args, "prune", None):
+        raise EamError(f"--merge {args.merge} and --prune {args.prune} both reduce tokens, and a model holds one of "
+                       "them; drop one")
+    if args.merge != "entropy":
+        refuse_given(args, ["merge_alpha"], f"to --merge {args.merge} (the Rényi order is --merge entropy's)")
 
 
 def prune_options(args) -> dict:

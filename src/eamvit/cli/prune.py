@@ -1,4 +1,5 @@
-"""``sweep --prune`` and ``finetune``: token pruning, and fine-tuning of pruned and/or attention-frozen models."""
+"""``sweep --prune`` and ``finetune``: token pruning and merging, and fine-tuning of pruned, merged and/or
+attention-frozen models."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,35 +7,42 @@ from pathlib import Path
 from eamvit.errors import EamError
 from eamvit.cli.common import build_data, flush_warnings, is_main, load_model
 from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_model_args, add_prune_args, prune_options)
+                                add_merge_args, add_model_args, add_prune_args, prune_options, refuse_given)
 
 
 def cmd_prune_sweep(args) -> None:
-    from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
+    """``sweep --prune``: pruning per (method, κ), and merging at each κ's GMACs (``--methods``)."""
+    from eamvit.experiments.prune_sweep import markdown_table, parse_sweep_methods, prune_sweep
     from eamvit.experiments.results import write_table
     from eamvit.io import ensure_writable_dir, write_text
-    from eamvit.methods.prune import method_config, parse_methods
+    from eamvit.methods.prune import check_keep_rate, method_config
+    from eamvit.modules.attention import attention_layers, require
     from eamvit.plots.prune import plot_top1_vs_gmacs
 
-    methods = parse_methods(args.methods or SWEEP_METHODS)
+    methods, merges = parse_sweep_methods(args.methods or SWEEP_METHODS)
     args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
     for k in args.keep_rates:
+        check_keep_rate(k)
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
+    if merges:
+        require(attention_layers(model), "merge")
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
     flush_warnings()  # before the sweep, not after its results
     rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
                        workers=args.workers, device=device, throughput=not args.no_throughput,
                        throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
-                       progress=is_main(), data_config=cfg, **prune_options(args))
+                       progress=is_main(), data_config=cfg, merges=merges, **prune_options(args))
     if is_main():
         md = markdown_table(rows)
         files = write_table(out / "prune_sweep", rows, formats=("csv", "json"))
         write_text(out / "prune_sweep.md", md)
-        plot_top1_vs_gmacs(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: token pruning")
-        _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
+        what = "token pruning and merging at equal GMACs" if merges else "token pruning"
+        plot_top1_vs_gmacs(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: {what}")
+        if methods:  # the kept patches and the entropy histograms are pruning's figures
+            _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
         print(md)
         print(f"wrote {files['csv']}, {files['json']}, {out / 'prune_sweep.md'}, {out / 'prune_sweep.png'}")
 
@@ -93,19 +101,30 @@ def _finetune_data(args, model):
     return train, val, cfg
 
 
-def _finetune_configs(args):
-    """``(PruneConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked before any work.
+_PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", "keep_warmup_epochs",
+               "keep_decay_epochs")
 
-    Freezing is on when ``--tau > 0``; pruning when ``--prune`` is given, and by default (shannon) only
-    without freezing, so that the old ``finetune --keep-rate κ`` still prunes.
+
+def _finetune_configs(args):
+    """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
+    before any work.
+
+    Freezing is on when ``--tau > 0``; merging when ``--merge`` is given; pruning when ``--prune`` is
+    given, and by default (shannon) only without freezing or merging, so that the old ``finetune
+    --keep-rate κ`` still prunes.
     """
-    from eamvit.cli.options import freeze_config, prune_config
+    from eamvit.cli.options import freeze_config, merge_config, prune_config, refuse_merge_args
     from eamvit.methods.finetune import FinetuneConfig
 
     if args.maps and not args.tau > 0:
         raise EamError("--maps is used to freeze attention: give --tau > 0 with it, or drop it")
-    method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
-    pcfg = None if method is None else prune_config(args, method)
+    refuse_merge_args(args)
+    if args.merge:  # the keep rate and its schedule are pruning's
+        refuse_given(args, _PRUNE_ONLY, f"to --merge {args.merge} (no tokens are pruned)")
+        pcfg = merge_config(args)
+    else:
+        method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
+        pcfg = None if method is None else prune_config(args, method)
     zcfg = freeze_config(args)  # checks the freezing options even when nothing is frozen
     zcfg = zcfg if args.tau > 0 else None
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
@@ -127,9 +146,12 @@ def _finetune_maps(args, model, device, out: Path):
     return maps
 
 
-def _reload_hint(args, out: Path, pruned: bool, frozen: bool) -> str:
-    """The ``eamvit eval`` line that reloads what ``finetune`` wrote."""
+def _reload_hint(args, out: Path, pruned: bool, frozen: bool, merged=None) -> str:
+    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``merged``: its :class:`MergeConfig`)."""
     import shlex
+
+    from eamvit.experiments.optimize_space import recipe_options
+    from eamvit.methods.recipe import Recipe
 
     parts = ["eamvit", "eval"]
     if args.model:
@@ -139,6 +161,8 @@ def _reload_hint(args, out: Path, pruned: bool, frozen: bool) -> str:
         parts += ["--frozen", str(out / "frozen.safetensors")]
     if pruned:
         parts += ["--prune", args.prune or "shannon", "--keep-rate", str(args.keep_rate)]
+    if merged is not None:  # every merging setting: the options that rebuild the config
+        parts += recipe_options(Recipe(steps=(merged,)))
     return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")
 
 
@@ -156,7 +180,9 @@ def cmd_finetune(args) -> None:
         load_maps(args, model)
     from eamvit.experiments.speed_sweep import check_family
 
-    check_family(model, [zcfg.granularity] if zcfg is not None else [], [pcfg] if pcfg is not None else [])
+    merged = pcfg if pcfg is not None and pcfg.KIND == "merge" else None
+    check_family(model, [zcfg.granularity] if zcfg is not None else [],
+                 [pcfg] if pcfg is not None and merged is None else [], [merged] if merged is not None else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
     reports = apply_(model, Recipe(steps=tuple(s for s in (zcfg, pcfg) if s is not None)), None,
@@ -174,14 +200,15 @@ def cmd_finetune(args) -> None:
               f"{zcfg.selection}); the frozen values are not trained")
     frozen = f", {out / FROZEN} (the frozen attention)" if zcfg is not None else ""
     print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, checkpoint {res['checkpoint']}")
-    print(f"reload: {_reload_hint(args, out, pcfg is not None, zcfg is not None)}")
+    print(f"reload: {_reload_hint(args, out, pcfg is not None and merged is None, zcfg is not None, merged)}")
 
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
     from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 
-    s = sub.add_parser("finetune", help="fine-tune a token-pruned and/or attention-frozen model (EViT recipe), resumable")
+    s = sub.add_parser("finetune", help="fine-tune a model with pruned or merged tokens and/or frozen attention "
+                       "(EViT recipe), resumable")
     add_model_args(s)
     add_data_args(s, calib=False)
     texts = {  # the shared texts speak of evaluation; here the data are the training set
@@ -202,8 +229,9 @@ def register(sub) -> None:
     add_prune_args(s)
     for action in s._actions:
         if action.dest == "prune":
-            action.help = ("prune patch tokens with this score (default: shannon without --tau, no pruning with "
-                           "--tau > 0; give both to prune and freeze)")
+            action.help = ("prune patch tokens with this score (default: shannon without --tau or --merge, no "
+                           "pruning with --tau > 0 or --merge; give --prune and --tau to prune and freeze)")
+    add_merge_args(s)
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
     f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (default: none; with --data digits the test split)")
     f.add_argument("--augment", choices=AUGMENTS, default="auto",

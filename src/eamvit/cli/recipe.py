@@ -1,7 +1,7 @@
 """The recipe the command line asks for, built in one place for every command, and ``compress``.
 
-``eval``, ``export`` and ``compress`` all go through :func:`apply_args`: the quantization, freezing
-and pruning options (or ``--recipe FILE``) become one :class:`~eamvit.methods.recipe.Recipe`, applied
+``eval``, ``export`` and ``compress`` all go through :func:`apply_args`: the quantization, freezing,
+pruning and merging options (or ``--recipe FILE``) become one :class:`~eamvit.methods.recipe.Recipe`, applied
 by :func:`eamvit.methods.recipe.apply_`; ``--state FILE`` (a file of ``compress``) rebuilds the
 whole stack instead, and ``--state`` of a quantized state or of frozen attention loads that part
 before the rest is applied (:func:`resolve_state`; ``--quant-state`` and ``--frozen`` are the same).
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
 from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
-from eamvit.cli.options import (TARGET_OPTIONS, add_data_args, add_entropy_args, add_freeze_args, add_model_args,
-                                add_prune_args, add_target_args, freeze_config, prune_config, target_from_args,
-                                target_label)
+from eamvit.cli.options import (MERGE_OPTIONS, TARGET_OPTIONS, add_data_args, add_entropy_args, add_freeze_args,
+                                add_merge_args, add_model_args, add_prune_args, add_target_args, freeze_config,
+                                merge_config, prune_config, refuse_merge_args, target_from_args, target_label)
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
@@ -30,10 +30,10 @@ _FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "va
 
 def add_stack_args(p: argparse.ArgumentParser) -> None:
     """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
-    entropy maps, freezing, pruning, quantization, the deployment target and the recipe."""
+    entropy maps, freezing, pruning or merging, quantization, the deployment target and the recipe."""
     from eamvit.cli.quant import add_quant_args
 
-    for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args):
+    for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args, add_merge_args):
         add(p)
     add_quant_args(p, "eval")
     add_target_args(p)
@@ -42,9 +42,9 @@ def add_stack_args(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """``--recipe`` and ``--state`` of ``eval``, ``export`` and ``compress``."""
-    g = p.add_argument_group("recipe (quantize → freeze → prune, in one file)")
+    g = p.add_argument_group("recipe (quantize → freeze → prune or merge, in one file)")
     g.add_argument("--recipe", default=None, help="apply the recipe of this file of `eamvit compress` (or a "
-                   "recipe .json) instead of the quantization, freezing and pruning options, calibrating anew "
+                   "recipe .json) instead of the quantization, freezing, pruning and merging options, calibrating anew "
                    "(default: none, the recipe of the options)")
     g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the whole "
                    "stack, calibrated already), or one part of it to build on: a quantized state of `eamvit "
@@ -84,17 +84,20 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
         return
     if getattr(args, "state", None):
-        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS, *TARGET_OPTIONS],
+        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
+                            *TARGET_OPTIONS],
                      f"with --state, which holds the whole compressed model ({args.state})")
         return
     if getattr(args, "recipe", None):
-        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS, *TARGET_OPTIONS],
+        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
+                            *TARGET_OPTIONS],
                      f"with --recipe, which holds the steps ({args.recipe})")
         return
     if not args.prune:
         refuse_given(args, PRUNE_OPTIONS[1:], "without --prune (no tokens are pruned)")
     elif args.prune != "renyi":
         refuse_given(args, ["alpha"], f"to --prune {args.prune} (the Rényi order is --prune renyi's)")
+    refuse_merge_args(args)
     freezes = args.tau > 0 or getattr(args, "maps", None)
     if not freezes and not getattr(args, "frozen", None):
         refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
@@ -132,6 +135,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))
+    if args.merge:
+        steps.append(merge_config(args))
     if getattr(args, "quant_state", None):  # calibrated already, for the target it holds
         flag = getattr(args, "flags", {}).get("quant_state", "--quant-state")
         refuse_given(args, TARGET_OPTIONS, f"with {flag} {args.quant_state}, which was calibrated for its own "
@@ -218,6 +223,14 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
         if prune.method == "renyi":
             extra["alpha"] = prune.alpha if prune.alpha != float("inf") else "inf"
+    if recipe.step("merge") is not None:
+        from eamvit.experiments.prune_sweep import merged_fields
+        from eamvit.methods.cost import count_gflops, modelled
+
+        extra.update(merged_fields(model), gmacs=round(count_gflops(model), 4) if modelled(model) else None)
+        rep = reports.get("merge")
+        if rep is not None:
+            extra["unfrozen_layers"] = len(rep.unfrozen_layers)
     return extra
 
 
@@ -243,8 +256,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     out = check_output_file(args.out)
     recipe = recipe_from_args(args)
     if not recipe.steps and not getattr(args, "quant_state", None) and not getattr(args, "frozen", None):
-        raise EamError("compress needs a step: --quant, --tau/--maps, --prune, --recipe, or --state with a quantized "
-                       "state or frozen attention")
+        raise EamError("compress needs a step: --quant, --tau/--maps, --prune, --merge, --recipe, or --state with a "
+                       "quantized state or frozen attention")
     with output_lock(out):
         model, device = load_model(args)
         maps = load_maps(args, model)
@@ -258,12 +271,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
                   f"`eamvit eval --state {out}`, export it with `eamvit export --state {out} --out model.onnx`")
 
 
-_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "prune", "keep_rate", "tokens")
+_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "prune", "keep_rate", "merge", "merge_r", "tokens")
 
 
 def register(sub) -> None:
     """Add ``compress`` to the ``eamvit`` parser."""
-    s = sub.add_parser("compress", help="quantize, freeze and prune in one go and write the whole compressed "
+    s = sub.add_parser("compress", help="quantize, freeze and prune or merge in one go and write the whole compressed "
                        "model to one file (.safetensors) for `eval --state` and `export --state`")
     add_stack_args(s)
     for action in s._actions:

@@ -8,7 +8,8 @@ The default demo tells the core story, one step at a time:
 4. sweep τ ∈ {0, 0.1, ..., 0.9} for entropy vs random freezing at the ``head`` scope (the
    default; ``--full`` adds ``global``), on the test split;
 5. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
-6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random;
+6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random, and merge them
+   (ToMe, entropy-guided merging) at the same GMACs;
 7. ``eamvit optimize`` with a small space and a half-minute budget: the fastest recipe within one point
    of top-1 in ONNX Runtime, its Pareto front (``optimize/``);
 8. finish ``report.md``.
@@ -194,20 +195,21 @@ markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
 
 
 def _speed_step(demo: DemoRun) -> dict:
-    """Freezing by entry, row and head against token pruning, at measured speed (speed_sweep.*)."""
+    """Freezing by entry, row and head against token pruning and merging, at measured speed (speed_sweep.*)."""
+    from eamvit.experiments.prune_sweep import SWEEP_MERGES
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device, data_config=demo.data_config),
                        SPEED_TAUS,
-                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True)
+                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True, merges=SWEEP_MERGES)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)
     figure = Figure("plot_top1_vs_speedup", (plot_rows(rows), out / "speed_sweep.png"),
-                    {"title": "digits ViT: frozen attention vs token pruning at measured speed"})
+                    {"title": "digits ViT: frozen attention vs token pruning and merging at measured speed"})
     verdict = "\n".join(f"- {line}" for line in summary_lines(rows))
-    md = f"""## Which makes the model really faster: frozen attention or token pruning?
+    md = f"""## Which makes the model really faster: frozen attention, token pruning or token merging?
 
 Frozen heads skip their q/k projections, scores and softmax; frozen rows skip their query
 projection, scores and softmax; frozen entries (the paper's granularity) skip nothing, because a
@@ -218,7 +220,7 @@ the ratio of MACs. `measured ×` times the point and an unmodified copy in alter
 over the sweep times that ×, so the two columns agree. At 0.015 GMACs per image this model is
 small enough for per-operation overhead to weigh heavily: the unmodified row, timed against its
 own copy, shows the noise floor. Freezing picks the lowest-entropy units (entries per head, rows
-and heads per layer); pruning is off the shelf.
+and heads per layer); pruning and merging (at the `r` matching each κ's GMACs) are off the shelf.
 
 {table}
 {verdict}
@@ -295,28 +297,33 @@ Sizes at τ = 0 and 20 %:
 def _prune_step(demo: DemoRun) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
     from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
-    from eamvit.experiments.prune_sweep import figure_data, prune_table
+    from eamvit.experiments.prune_sweep import SWEEP_MERGES, figure_data, prune_table
     from eamvit.methods.prune import method_config
     from eamvit.ops.scores import default_blocks
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
-    rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device, data_config=demo.data_config)
+    rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device, data_config=demo.data_config,
+                              merges=SWEEP_MERGES)
     write_table(out / "prune", rows)
     images = torch.stack([test[i][0] for i in range(64)]).to(device)
     configs = [method_config(m, a, KEEP_RATES[0]) for m, a in (("shannon", None), ("renyi", 2.0), ("evit", None))]
     masks, entropies = figure_data(model, images, configs)
     figures = [Figure("plot_top1_vs_gmacs", (rows, out / "prune.png"),
-                      {"title": "digits ViT: token pruning, off the shelf"}),
+                      {"title": "digits ViT: token pruning and merging at equal GMACs, off the shelf"}),
                Figure("plot_kept_patches", (images[0], masks, out / "kept_patches.png"),
                       {"mean": [DIGITS_MEAN], "std": [DIGITS_STD], "blocks": default_blocks(len(model.blocks)),
                        "title": f"patches kept at each stage, κ = {KEEP_RATES[0]}"}),
                Figure("plot_entropy_histograms", (entropies, out / "token_entropy.png"),
                       {"title": "patch-token attention entropy per block"})]
-    md = f"""## Patch-token pruning by attention entropy, off the shelf (no fine-tuning)
+    md = f"""## Patch-token pruning by attention entropy, and token merging, off the shelf (no fine-tuning)
 
 Pruning at blocks {', '.join(str(b) for b in default_blocks(len(model.blocks)))} of 0..{len(model.blocks) - 1}
 (numbered from 0 as `--prune-blocks`; EViT's 3, 6, 9 of 0..11, scaled to this depth), keeping ⌈κ·(N−1)⌉ patch tokens per stage; images/s: median of 10 timed forwards of 64 images on
 this machine during the demo (`prune.csv` has the interquartile range).
+Merging (ToMe: bipartite soft matching with proportional attention; entropy merging: the
+highest-entropy patch tokens merge into their most similar ones) runs in every block, `r` tokens per
+block, with the `r` whose executed GMACs come closest to Shannon pruning's at each κ (`eamvit sweep
+--prune` does the same).
 
 {table}
 ![top-1 against GMACs](prune.png)
@@ -354,12 +361,14 @@ STEPS = (
     Step("figures", "figures", _figures_step),
     Step("sweep", f"sweep tau x {{entropy, random x{len(SEEDS)} seeds}}, scope {SCOPES[0]}", _sweep_step,
          more=f"the same sweep at scope {', '.join(SCOPES[1:])}"),
-    Step("speed_sweep", "freezing (entry, row, head) vs token pruning at measured speed", _speed_step, full=True),
+    Step("speed_sweep", "freezing (entry, row, head) vs token pruning and merging at measured speed", _speed_step,
+         full=True),
     Step("frozen_finetune", f"fine-tuning with frozen attention, tau in {FINETUNE_TAUS}: entropy vs random",
          _frozen_finetune_step, full=True),
     Step("quant_sweep", f"RepQ-ViT W4/A4 + EAM at tau {', '.join(map(str, QUANT_TAUS))} (maps from FP and quantized "
          "model, fp32 and 4-bit frozen values, random freezing)", _quant_step),
-    Step("prune", f"token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random", _prune_step),
+    Step("prune", f"token pruning at keep rates {KEEP_RATES}: Shannon, Renyi a=2, EViT, random; ToMe and entropy "
+         "merging at their GMACs", _prune_step),
     Step("compare", "FP vs RepQ-ViT vs ADFQ-ViT vs PMQ at W4/A4 and W6/A6", _compare_step, full=True),
     # Full only: the optimize step measures fp32 against int8 in ONNX Runtime already, in alternation.
     Step("export", "ONNX export table: fp32, eamvit W8/A8 (QDQ) and W4 weight-only, ONNX Runtime's own "

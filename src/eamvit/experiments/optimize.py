@@ -40,7 +40,7 @@ from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
-                                               combinations, reference, single_candidates)
+                                               combinations, merge_options, reference, single_candidates)
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
@@ -342,7 +342,8 @@ def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tu
     """
     c = run.config
     deadline = time.monotonic() + 60 * c.budget_minutes if c.budget_minutes else None
-    singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed)
+    singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed,
+                                merges=merge_options(run.model, c.space))
     done: list[tuple[Candidate, dict]] = []
     prog = Progress()
     with tqdm(total=1 + len(singles), desc="optimize", unit="point", disable=not progress,

@@ -39,14 +39,25 @@ def describe_export(export: Optional[ExportConfig], quantized: bool) -> str:
     return "qdq (int8 act.)" if export.symmetric_activations else "qdq (uint8 act.)"
 
 
-def _fields(cand: Candidate) -> dict[str, Any]:
-    q, f, p = (cand.recipe.step(s) for s in ("quant", "freeze", "prune"))
+def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
+    q, f, p, m = (cand.recipe.step(s) for s in ("quant", "freeze", "prune", "merge"))
     row: dict[str, Any] = {"quant": q.KIND if q else None, "w_bits": q.w_bits if q else None,
                            "a_bits": q.a_bits if q else None,
                            "export": describe_export(cand.export, q is not None) or None,
                            "granularity": f.granularity if f else None, "tau": f.tau if f else None,
                            "prune": p.method if p else None, "keep_rate": p.keep_rate if p else None,
-                           "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None)}
+                           "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
+                           "merge": None, "merge_r": None}
+    if m is not None:  # what the merging does to this model: merge_r after the cap, its blocks, its tokens
+        from eamvit.experiments.prune_sweep import merged_fields
+        from eamvit.methods.merge import merge_, unmerge_
+
+        merge_(model, m)
+        try:
+            fields = merged_fields(model)
+        finally:
+            unmerge_(model)
+        row.update({k: fields[k] for k in ("merge", "merge_r", "alpha", "blocks")})
     return row
 
 
@@ -68,7 +79,7 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: 
     rows = []
     for i, (cand, p) in enumerate(done):
         ok = "error" not in p
-        row = result_row(model, p if ok else {}, data_config, label=cand.label, **_fields(cand), runtime=runtime,
+        row = result_row(model, p if ok else {}, data_config, label=cand.label, **_fields(cand, model), runtime=runtime,
                          stage="reference" if i == 0 else "single" if len(cand.recipe.steps) == 1 else "stack",
                          top1_delta=round(p["top1"] - ref_top1, 3) if ok else None,
                          speedup=p.get("speedup"), speedup_p25=p.get("speedup_p25"), speedup_p75=p.get("speedup_p75"),

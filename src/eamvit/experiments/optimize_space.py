@@ -3,9 +3,13 @@
 A :class:`Candidate` is a :class:`~eamvit.methods.recipe.Recipe` and, for ONNX Runtime, the
 :class:`~eamvit.methods.export.ExportConfig` it ships with. The search first measures every single
 technique (:func:`single_candidates`), then stacks the ones that kept top-1 within the budget
-(:func:`combinations`). Both lists depend only on the model's depth, the options and which singles
-survived (top-1 in the runtime, which is deterministic), never on measured times: the same run
-searches the same candidates in the same order.
+(:func:`combinations`). Both lists depend only on the model's depth, the options, the cost account of
+the model (the merging ``r``: :func:`merge_options`) and which singles survived (top-1 in the
+runtime, which is deterministic), never on measured times: the same run searches the same candidates
+in the same order.
+
+Token pruning and token merging are one stage of a stack (a model's blocks do one of them): a stack
+takes at most one token reducer.
 """
 from __future__ import annotations
 
@@ -13,10 +17,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence, get_args
 
+from torch import nn
+
 from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, Target, default_target
 from eamvit.methods.freeze import FreezeConfig
-from eamvit.methods.prune import PruneConfig
+from eamvit.methods.merge import MergeConfig, r_for_gmacs
+from eamvit.methods.prune import PruneConfig, prune_, unprune_
 from eamvit.methods.recipe import Recipe
 from eamvit.methods.repq import RepQConfig
 from eamvit.ops.scores import default_blocks
@@ -29,6 +36,9 @@ SPACES = get_args(Space)
 KEEP_RATES = {"standard": (0.9, 0.7, 0.5), "small": (0.7, 0.5)}
 PRUNE_METHODS = {"standard": ("shannon", "evit"), "small": ("evit",)}
 FREEZE = {"standard": (("head", 0.25), ("head", 0.5), ("row", 0.25), ("row", 0.5)), "small": (("head", 0.25),)}
+# Token merging (ToMe, entropy-guided) at the r matching pruning's GMACs at each κ; none in `small` (the demo's).
+MERGE_SELECTIONS = {"standard": ("tome", "entropy"), "small": ()}
+_MERGE_NAMES = {"tome": "tome", "entropy": "entropy-merge"}
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,48 @@ def _prune_options(space: str, depth: int) -> list[tuple[str, PruneConfig]]:
     return out
 
 
+def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, MergeConfig]]:
+    """The merging points of ``space``: ToMe and entropy-guided merging, each in every block (ToMe's
+    default) and in the late blocks only (:func:`late_blocks`, which leaves the earlier layers' frozen
+    maps to a stack with freezing), at the one ``r`` whose executed GMACs come closest to Shannon pruning's
+    at each κ of the space in the same blocks (the default pruning blocks for every block;
+    :func:`~eamvit.methods.merge.r_for_gmacs`). A model that cannot merge, or whose MACs the cost account
+    does not model, has none (its pruning points say why where they fail).
+
+    Args:
+        model: the unmodified model (left so).
+        space: ``"standard"`` or ``"small"``.
+    """
+    if space not in SPACES:
+        raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
+    from eamvit.methods.cost import count_gflops
+
+    depth = len(getattr(model, "blocks", ()))
+    late = late_blocks(depth) if depth else ()
+    wheres: list[Optional[tuple[int, ...]]] = [None] + ([late] if late else [])
+    out: list[tuple[str, MergeConfig]] = []
+    try:
+        for selection, where, k in itertools.product(MERGE_SELECTIONS[space], wheres, KEEP_RATES[space]):
+            prune_(model, PruneConfig(method="shannon", keep_rate=k, blocks=where))
+            try:
+                target = count_gflops(model)
+            finally:
+                unprune_(model)
+            cfg = r_for_gmacs(model, target, MergeConfig(selection=selection, blocks=where))[0]
+            name = f"{_MERGE_NAMES[selection]}-r{cfg.r}" + (f"@{','.join(map(str, where))}" if where else "")
+            if cfg.r > 0 and all(n != name for n, _ in out):  # two κ can match one r on a small model
+                out.append((name, cfg))
+    except EamError:
+        return []
+    return out
+
+
 def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
     return [(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed)) for g, t in FREEZE[space]]
 
 
 def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
-    stage = {RepQConfig: 0, FreezeConfig: 1, PruneConfig: 2}
+    stage = {RepQConfig: 0, FreezeConfig: 1, PruneConfig: 2, MergeConfig: 2}
     parts = sorted(parts, key=lambda p: stage[type(p[1])])
     # A quantized point is calibrated for the export it is measured in: its saved state scores what its file does.
     quantized = any(isinstance(s, RepQConfig) for _, s in parts)
@@ -95,8 +141,9 @@ def reference(runtime: str) -> Candidate:
     return Candidate(Recipe(), ExportConfig() if runtime == "onnxruntime" else None, "fp32")
 
 
-def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0) -> list[Candidate]:
-    """Every single technique, in order: quantization (ONNX Runtime only), pruning, freezing.
+def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0,
+                      merges: Sequence[tuple[str, MergeConfig]] = ()) -> list[Candidate]:
+    """Every single technique, in order: quantization (ONNX Runtime only), pruning, merging, freezing.
 
     PyTorch runs RepQ-ViT as a float simulation (no integer kernels), which is never faster than
     the model itself: ``runtime="torch"`` leaves quantization out.
@@ -106,6 +153,7 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
         runtime: ``"onnxruntime"`` or ``"torch"``.
         space: ``"standard"`` or ``"small"`` (a handful of points).
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
+        merges: the merging points, named (:func:`merge_options` of the model).
     """
     if runtime not in RUNTIMES:
         raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -115,13 +163,15 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
     out = [_candidate([(n, q)], e if onnx else None) for n, q, e in (_quant_options(space, seed) if onnx else [])]
     plain = ExportConfig() if onnx else None
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
+    out += [_candidate([m], plain) for m in merges]
     out += [_candidate([f], plain) for f in _freeze_options(space, seed)]
     return out
 
 
 def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tuple[str, Any, Optional[ExportConfig]]]]:
     """Per stage, the surviving singles worth stacking: every quantization; per pruning method and
-    blocks the smallest κ; per freezing granularity the largest τ (the others keep more work)."""
+    blocks the smallest κ; per merging selection and blocks the largest r; per freezing granularity the
+    largest τ (the others keep more work). Pruning and merging are one stage, ``reduce``."""
     best: dict[tuple, tuple[str, Any, Optional[ExportConfig]]] = {}
     for cand, ok in singles:
         if not ok or len(cand.recipe.steps) != 1:
@@ -129,8 +179,12 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
         step = cand.recipe.steps[0]
         item = (cand.label, step, cand.export)
         if isinstance(step, PruneConfig):
-            key = ("prune", step.method, step.blocks)
+            key = ("reduce", "prune", step.method, step.blocks)
             if key not in best or step.keep_rate < best[key][1].keep_rate:
+                best[key] = item
+        elif isinstance(step, MergeConfig):
+            key = ("reduce", "merge", step.selection, step.blocks)
+            if key not in best or step.r > best[key][1].r:
                 best[key] = item
         elif isinstance(step, FreezeConfig):
             key = ("freeze", step.granularity)
@@ -138,7 +192,7 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
                 best[key] = item
         else:
             best[("quant", cand.label)] = item
-    out: dict[str, list] = {"quant": [], "freeze": [], "prune": []}
+    out: dict[str, list] = {"quant": [], "freeze": [], "reduce": []}
     for key, item in best.items():  # insertion order: the singles' order
         out[key[0]].append(item)
     return out
@@ -146,10 +200,10 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
 
 def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
     """Stacks of the surviving singles (``(candidate, within budget)`` in search order): every pair of
-    stages, then all three, each stack quantize → freeze → prune."""
+    stages, then all three, each stack quantize → freeze → prune or merge (one token reducer)."""
     surv = _survivors(singles)
     out = []
-    for stages in (("quant", "prune"), ("quant", "freeze"), ("freeze", "prune"), ("quant", "freeze", "prune")):
+    for stages in (("quant", "reduce"), ("quant", "freeze"), ("freeze", "reduce"), ("quant", "freeze", "reduce")):
         for items in itertools.product(*(surv[s] for s in stages)):
             export = next((e for _, step, e in items if isinstance(step, RepQConfig)), None)
             if export is None:
@@ -165,7 +219,7 @@ def recipe_options(recipe: Recipe) -> list[str]:
     """The ``eamvit compress`` options whose recipe is ``recipe``, its target included (the other settings
     are the defaults)."""
     out: list[str] = []
-    q, f, p = recipe.step("quant"), recipe.step("freeze"), recipe.step("prune")
+    q, f, p, m = recipe.step("quant"), recipe.step("freeze"), recipe.step("prune"), recipe.step("merge")
     if q is not None:
         out += ["--quant", q.KIND, "--w-bits", str(q.w_bits), "--a-bits", str(q.a_bits)]
         if q.calib_size != RepQConfig.calib_size:
@@ -182,4 +236,10 @@ def recipe_options(recipe: Recipe) -> list[str]:
         out += ["--prune", p.method, "--keep-rate", f"{p.keep_rate:g}"]
         if p.blocks is not None:
             out += ["--prune-blocks", ",".join(map(str, p.blocks))]
+    if m is not None:
+        out += ["--merge", m.selection, "--merge-r", ",".join(map(str, m.r)) if isinstance(m.r, tuple) else str(m.r)]
+        out += ["--merge-inflect", f"{m.inflect:g}"] if m.inflect else []
+        out += ["--merge-blocks", ",".join(map(str, m.blocks))] if m.blocks is not None else []
+        out += ["--merge-alpha", f"{m.alpha:g}"] if m.alpha is not None else []
+        out += ["--no-prop-attn"] if not m.prop_attn else []
     return out

@@ -1,8 +1,15 @@
-"""Token-pruning sweeps and the demo's pruning table: top-1, GMACs and images/s per (method, κ), on the
-sweep runner (:func:`eamvit.experiments.runner.run_sweep`).
+"""Token-pruning sweeps and the demo's pruning table: top-1, GMACs and images/s per (method, κ), token
+merging beside them at equal work, on the sweep runner (:func:`eamvit.experiments.runner.run_sweep`).
 
-Rows name the pruning method ``prune`` (blank on the unpruned row, with its ``keep_rate``), its
+Rows name the pruning method ``prune`` (blank on the unmodified row, with its ``keep_rate``), its
 Rényi order ``alpha`` and ``keep_rate``; ``gmacs`` counts multiply-accumulates per image.
+
+Merging rows (ToMe, entropy-guided merging) name their selection ``merge``, its ``alpha`` and the
+tokens each block merges ``merge_r``. They are compared with pruning at equal executed GMACs: for
+each κ, ``r`` (one number for every merging block, ToMe's form) is the one whose GMACs come closest to
+Shannon entropy pruning's at κ with the sweep's pruning options
+(:func:`eamvit.methods.merge.r_for_gmacs`, the cost account's count); the row records that κ as
+``matched_keep_rate``, never as ``keep_rate``.
 """
 from __future__ import annotations
 
@@ -13,16 +20,82 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from eamvit.errors import EamError
 from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, prune_, row_label, unprune_
+from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs, unmerge_
+from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, parse_methods, prune_, unprune_
+from eamvit.methods.reduce import row_label
+from eamvit.methods.state import state_of
+from eamvit.ops.merge import token_counts as merged_tokens
 
 KEEP_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 SWEEP_METHODS: tuple[tuple[str, Optional[float]], ...] = (
     ("shannon", None), ("renyi", 0.5), ("renyi", 2.0), ("renyi", 3.0), ("renyi", math.inf), ("evit", None),
     ("random", None))
+# Merging at each κ's GMACs: ToMe, and entropy-guided merging (Shannon).
+SWEEP_MERGES: tuple[MergeConfig, ...] = (MergeConfig(selection="tome"), MergeConfig(selection="entropy"))
+MERGE_METHODS = {"tome": "tome", "entropy-merge": "entropy"}  # --methods names of merging → its selection
+
+
+def parse_sweep_methods(text: str) -> tuple[list[tuple[str, Optional[float]]], list[MergeConfig]]:
+    """``--methods`` of the sweeps: pruning methods (``shannon,renyi:2,evit,random``, see
+    :func:`eamvit.methods.prune.parse_methods`) and merging ones: ``tome``, ``entropy-merge`` (Shannon)
+    and ``entropy-merge:ORDER`` (Rényi).
+
+    Returns:
+        ``([(pruning method, alpha)], [merging config without its r])``.
+    """
+    pruning, merging = [], []
+    for part in (p.strip() for p in text.split(",")):
+        name, _, order = part.partition(":")
+        selection = MERGE_METHODS.get(name.strip().lower())
+        if selection is None:
+            pruning.append(part)
+            continue
+        if order and selection == "tome":
+            raise EamError(f"method {part!r}: ToMe has no entropy order; write tome, or entropy-merge:{order}")
+        try:
+            alpha = (math.inf if order.strip().lower() in ("inf", "∞") else float(order)) if order else None
+        except ValueError:
+            raise EamError(f"cannot read Rényi order {order!r} in {part!r}; write e.g. entropy-merge:2") from None
+        merging.append(MergeConfig(selection=selection, alpha=alpha))
+    text = ",".join(p for p in pruning if p)
+    if not text and not merging:
+        raise EamError("no methods given; e.g. shannon,renyi:2,evit,random,tome,entropy-merge")
+    return (parse_methods(text) if text else []), merging
+
+
+def merged_fields(model: nn.Module) -> dict[str, Any]:
+    """Result-row fields of a merging model, from its merging state: ``merge``, ``alpha``, ``merge_r``
+    (each block's count after ToMe's cap), ``prop_attn``, ``tokens`` (patch tokens) and ``blocks``."""
+    st = state_of(model).merge
+    cfg: MergeConfig = st.config
+    grid = patch_grid(model)
+    tokens = merged_tokens((grid[0] * grid[1] if grid else 0) + st.num_prefix, st.num_prefix, st.r, cfg.selection)
+    rs = [a - b for a, b in zip(tokens, tokens[1:])]
+    alpha = None if cfg.alpha is None else "inf" if cfg.alpha == math.inf else cfg.alpha  # JSON has no inf
+    return {"merge": cfg.selection, "alpha": alpha,
+            "merge_r": str(rs[0]) if len(set(rs)) == 1 else "-".join(map(str, rs)), "prop_attn": cfg.prop_attn,
+            "tokens": "-".join(str(t - st.num_prefix) for t in tokens), "blocks": "-".join(map(str, st.blocks))}
+
+
+def matched_merges(model: nn.Module, keep_rates: Sequence[float], merges: Sequence[MergeConfig],
+                   options: dict[str, Any]) -> list[tuple[float, MergeConfig]]:
+    """``(κ, merging config)`` for every κ and merging: ``r`` chosen to match the executed GMACs of Shannon
+    pruning at κ with the pruning ``options`` (:func:`~eamvit.methods.merge.r_for_gmacs`); the model is
+    left unmodified."""
+    out = []
+    for k in keep_rates:
+        prune_(model, method_config("shannon", None, k, **options))
+        try:
+            target = count_gflops(model)
+        finally:
+            unprune_(model)
+        out += [(k, r_for_gmacs(model, target, m)[0]) for m in merges]
+    return out
 
 
 def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[float]]],
@@ -59,15 +132,31 @@ def pruned_state(config: PruneConfig, measure: Optional[Callable[[nn.Module], di
     return state
 
 
+def merged_state(config: MergeConfig, measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None):
+    """A sweep point's state: ``model`` merging with ``config``; the row gets GMACs, :func:`merged_fields`
+    and what ``measure(merged model)`` returns; unmerged on exit."""
+    @contextmanager
+    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
+        merge_(model, config)
+        try:
+            yield Applied({"gmacs": round(count_gflops(model), 4), **merged_fields(model),
+                           **(measure(model) if measure is not None else {})})
+        finally:
+            unmerge_(model)
+    return state
+
+
 def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS, indices: Optional[Sequence[int]] = None,
                 batch_size: int = 64, workers: int = 0, device: torch.device | str | None = None,
                 throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 10,
                 progress: bool = True, label: str = "", data_config: Optional[dict] = None,
-                **options: Any) -> list[ResultRow]:
-    """Top-1, GMACs and images/s for every (method, κ), off the shelf (no fine-tuning).
+                merges: Sequence[MergeConfig] = (), **options: Any) -> list[ResultRow]:
+    """Top-1, GMACs and images/s for every (method, κ), off the shelf (no fine-tuning), and every merging at
+    each κ's GMACs (:func:`matched_merges`).
 
-    The first row is the unpruned model (``prune`` and ``keep_rate`` blank). The model is left unpruned.
+    The first row is the unmodified model (``prune``, ``merge`` and ``keep_rate`` blank). The model is
+    left unpruned and unmerged.
 
     Args:
         model: a timm ViT/DeiT.
@@ -83,19 +172,31 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
         progress: progress bar.
         label: copied into every row.
         data_config: the timm data config ``dataset`` was built with (recorded in the rows).
+        merges: merging configs (their ``r`` is chosen per κ), e.g. :data:`SWEEP_MERGES`; none (default): a
+            pruning-only sweep.
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
 
     Returns:
         :class:`~eamvit.experiments.results.ResultRow` s with ``label, prune, alpha, keep_rate``, top-1/top-5,
-        ``gmacs, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles.
+        ``gmacs, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles; merging rows
+        with ``merge, merge_r, matched_keep_rate, prop_attn`` instead of the pruning settings.
     """
-    points = [Point({"label": label, "prune": None, "alpha": None, "keep_rate": None}, _unpruned)]
-    for cfg in _jobs(keep_rates, methods, options):
-        alpha = cfg.order if cfg.method == "renyi" else None
-        points.append(Point({"label": label, "prune": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
-                             "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
-    timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters) if throughput else None
     unprune_(model)
+    unmerge_(model)
+    base = {"label": label, "prune": None, "alpha": None, "keep_rate": None}
+    if merges:
+        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    jobs = _jobs(keep_rates, methods, options)
+    matched = matched_merges(model, keep_rates, merges, options)
+    points = [Point(base, _unpruned)]
+    for k in keep_rates:
+        for cfg in (c for c in jobs if c.keep_rate == k):
+            alpha = cfg.order if cfg.method == "renyi" else None
+            points.append(Point({**base, "prune": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
+                                 "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
+        for cfg in (c for kk, c in matched if kk == k):
+            points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg)))
+    timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters) if throughput else None
     data = EvalData(dataset, indices, batch_size=batch_size, workers=workers, device=device, data_config=data_config)
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
@@ -105,13 +206,19 @@ def _fmt_gmacs(v: float) -> str:
 
 
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
-    """Markdown table of sweep rows (Δ top-1 against the unpruned row when there is one)."""
-    base = next((r for r in rows if not r["prune"]), None)
-    view = [{"method": row_label(r), "keep_rate": r["keep_rate"], "tokens": str(r["tokens"]).replace("-", "→"),
+    """Markdown table of sweep rows (Δ top-1 against the unmodified row when there is one); merging rows
+    show the κ whose GMACs they match, and their ``r``."""
+    base = next((r for r in rows if not r["prune"] and not r.get("merge")), None)
+    merging = any(r.get("merge") for r in rows)
+    view = [{"method": row_label(r), "keep_rate": r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"],
+             "merge_r": r.get("merge_r"), "tokens": str(r["tokens"]).replace("-", "→"),
              "top1": r["top1"], "delta": r["top1"] - base["top1"] if base is not None and r is not base else None,
              "gmacs": r["gmacs"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
             for r in rows]
-    columns = [Column("method"), Column("keep_rate", "κ", "g"), Column("tokens", "tokens per stage"),
+    columns = [Column("method"), Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g")]
+    if merging:
+        columns.append(Column("merge_r", "r per block"))
+    columns += [Column("tokens", "patch tokens per stage"),
                Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f"),
                Column("gmacs", "GMACs", _fmt_gmacs), Column("images_per_s", "images/s", ".0f")]
     if any(v["top1_finetuned"] is not None for v in view):
@@ -124,11 +231,13 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
                                                                    ("random", None)),
                 finetune_epochs: int = 0, finetune_lr: float = 1e-4, batch_size: int = 256,
                 device: torch.device | str | None = None, progress: bool = True,
-                throughput_batch: int = 64, data_config: Optional[dict] = None) -> tuple[list[ResultRow], str]:
-    """The demo's pruning table: off-the-shelf top-1, GMACs and images/s per (method, κ).
+                throughput_batch: int = 64, data_config: Optional[dict] = None,
+                merges: Sequence[MergeConfig] = ()) -> tuple[list[ResultRow], str]:
+    """The demo's pruning table: off-the-shelf top-1, GMACs and images/s per (method, κ), and merging at
+    each κ's GMACs.
 
     Args:
-        model: the trained model (left unchanged and unpruned).
+        model: the trained model (left unchanged, unpruned and unmerged).
         train_ds: training split, used only when ``finetune_epochs > 0``.
         test_ds: held-out split for top-1.
         keep_rates: κ values.
@@ -141,13 +250,14 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
         progress: progress bars.
         throughput_batch: images per timed forward.
         data_config: the data config ``test_ds`` was built with (recorded in the rows).
+        merges: merging configs, their ``r`` matched per κ (:func:`prune_sweep`); none by default.
 
     Returns:
         ``(rows, markdown)``.
     """
     rows = prune_sweep(model, test_ds, keep_rates, methods, batch_size=batch_size, device=device,
                        throughput_batch=throughput_batch, progress=progress, label="off the shelf",
-                       data_config=data_config)
+                       data_config=data_config, merges=merges)
     if finetune_epochs > 0:
         import copy
 
@@ -156,11 +266,14 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
 
         ftc = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 10, batch_size=64)
         for r in rows:
-            if not r["prune"]:
+            if not r["prune"] and not r.get("merge"):
                 continue
             alpha = math.inf if r["alpha"] == "inf" else r["alpha"]
             m = copy.deepcopy(model)
-            prune_(m, method_config(r["prune"], alpha, r["keep_rate"]))
+            if r["prune"]:
+                prune_(m, method_config(r["prune"], alpha, r["keep_rate"]))
+            else:  # one r for every block (matched_merges'): the first block's count, the later ones capped alike
+                merge_(m, MergeConfig(r=int(str(r["merge_r"]).split("-")[0]), selection=r["merge"], alpha=alpha))
             finetune(m, train_ds, ftc, progress=progress, device=device)
             r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
                                                   progress=False)["top1"]

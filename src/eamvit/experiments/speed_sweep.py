@@ -1,4 +1,5 @@
-"""Accuracy at measured speed: freezing by entry, row or head next to token pruning, on the sweep runner.
+"""Accuracy at measured speed: freezing by entry, row or head next to token pruning and merging, on the
+sweep runner.
 
 Every point is evaluated by :func:`eamvit.experiments.runner.run_sweep` and carries the cost model's
 executed GMACs and predicted speed-up (:func:`eamvit.methods.cost.cost_account`, the same count on
@@ -14,9 +15,11 @@ point's own images/s is timed in its own stretch of the sweep, and on a shared m
 can differ tenfold (threads competing with other jobs), so raw rates of two points would contradict
 their measured ×; rates scaled from one reference cannot.
 
-Rows name the freezing ``selection``, ``granularity`` and ``tau``, or the pruning method ``prune``
-(``alpha``) and ``keep_rate``; the settings of the other technique, and both on the unmodified row,
-are blank.
+Rows name the freezing ``selection``, ``granularity`` and ``tau``, the pruning method ``prune``
+(``alpha``) and ``keep_rate``, or the merging ``merge`` (``alpha``), ``merge_r`` and
+``matched_keep_rate``: merging runs at the ``r`` whose executed GMACs match Shannon pruning's at each κ
+(:func:`eamvit.experiments.prune_sweep.matched_merges`). The settings of the other techniques, and all
+of them on the unmodified row, are blank.
 
 Entry-level freezing (the paper) computes every score and then overwrites the frozen ones, so its
 predicted speed-up is 1 and its measured one is at most 1: the table says so rather than hiding it.
@@ -32,13 +35,15 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import pruned_state, row_label
+from eamvit.experiments.prune_sweep import matched_merges, merged_state, pruned_state
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.merge import MergeConfig
 from eamvit.methods.prune import method_config
+from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
 
 PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
@@ -67,8 +72,11 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
                  prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
                  keep_rates: Sequence[float] = KEEP_RATES, label: str = "",
                  freeze_options: Optional[dict[str, Any]] = None,
-                 prune_options: Optional[dict[str, Any]] = None, measure: Measure = cost_fields) -> list[Point]:
-    """The unmodified model, then one point per (granularity, τ > 0) and per (pruning method, κ < 1).
+                 prune_options: Optional[dict[str, Any]] = None, measure: Measure = cost_fields,
+                 merges: Sequence[tuple[float, MergeConfig]] = ()) -> list[Point]:
+    """The unmodified model, then one point per (granularity, τ > 0), per (pruning method, κ < 1) and per
+    merging in ``merges`` (``(κ whose GMACs it matches, config)``:
+    :func:`~eamvit.experiments.prune_sweep.matched_merges`).
 
     ``freeze_options`` and ``prune_options`` are further :class:`~eamvit.methods.freeze.FreezeConfig`
     and :class:`~eamvit.methods.prune.PruneConfig` fields shared by every point; ``measure(model)``
@@ -76,6 +84,8 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     """
     base = {"label": label, "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
             "keep_rate": None}
+    if merges:
+        base.update(merge=None, merge_r=None, matched_keep_rate=None)
     points = [Point(base, _unmodified(measure))]
     freeze = FreezeConfig(**(freeze_options or {}))
     for gran in granularities:
@@ -89,15 +99,19 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
             order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
             fields = {**base, "prune": cfg.method, "alpha": order, "keep_rate": k}
             points.append(Point(fields, pruned_state(cfg, measure)))
+    for k, cfg in merges:
+        points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)))
     return points
 
 
 def row_method(row: Mapping[str, Any]) -> str:
-    """Display name of a speed-sweep row: ``unmodified``, ``freeze (G)`` or ``prune (method)``."""
+    """Display name of a speed-sweep row: ``unmodified``, ``freeze (G)``, ``prune (method)`` or ``merge (method)``."""
     if row.get("granularity"):
         return f"freeze ({row['granularity']})"
     if row.get("prune"):
         return f"prune ({row_label(row)})"
+    if row.get("merge"):
+        return f"merge ({row_label(row)})"
     return "unmodified"
 
 
@@ -106,14 +120,17 @@ def supports(model: nn.Module, verb: str) -> bool:
     return all(verb in layer.eam.adapter.verbs for layer in attention_layers(model))
 
 
-def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any]) -> None:
+def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any],
+                 merges: Sequence[Any] = ()) -> None:
     """One clear error, before any work or output, for what the model's attention family does not
-    support (``prune_methods``: any non-empty sequence means token pruning is asked for)."""
+    support (``prune_methods``, ``merges``: any non-empty sequence means token pruning, merging is asked for)."""
     layers = attention_layers(model)
     for granularity in granularities:
         require(layers, granularity)
     if prune_methods:
         require(layers, "prune")
+    if merges:
+        require(layers, "merge")
 
 
 def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
@@ -121,7 +138,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
                 prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
                 keep_rates: Sequence[float] = KEEP_RATES, timing: Timing = Timing(), label: str = "",
                 freeze_options: Optional[dict[str, Any]] = None, prune_options: Optional[dict[str, Any]] = None,
-                progress: bool = True) -> list[ResultRow]:
+                progress: bool = True, merges: Sequence[MergeConfig] = ()) -> list[ResultRow]:
     """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
 
     The model is deep-copied once as the unmodified reference of the timing (memory: two models).
@@ -141,16 +158,20 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         label: copied into every row.
         freeze_options: more :class:`~eamvit.methods.freeze.FreezeConfig` fields for every freezing
             point (``aggregate``, ``value_bits`` ...).
-        prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point.
+        prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point (and
+            the pruning whose GMACs the merging points match).
         progress: progress bar.
+        merges: merging configs (e.g. :data:`~eamvit.experiments.prune_sweep.SWEEP_MERGES`), each at the ``r``
+            matching every κ < 1 of ``keep_rates``; none (default): no merging points.
 
     Returns:
         Rows with ``selection``, ``granularity``, ``tau``, ``prune``, ``alpha``, ``keep_rate``,
         top-1/top-5, ``gmacs``, ``gmacs_skippable``, ``predicted_speedup``, ``speedup`` (+ quartiles)
         and ``images_per_s`` (+ quartiles: the reference's throughput times the speed-up), the
-        unmodified model first.
+        unmodified model first; merging rows with ``merge``, ``merge_r`` and ``matched_keep_rate``.
     """
-    check_family(model, granularities, prune_methods)
+    check_family(model, granularities, prune_methods, merges)
+    matched = matched_merges(model, [k for k in keep_rates if k < 1], merges, prune_options or {})
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
     reference_rates: list[float] = []
 
@@ -160,7 +181,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         return {**cost_fields(m), **speed}
 
     points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze_options, prune_options,
-                          measure)
+                          measure, matched)
     rows = run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
     rate = statistics.median(reference_rates)
     for r in rows:
@@ -169,7 +190,10 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
     return rows
 
 
-SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"), Column("keep_rate", "κ", "g"),
+SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
+                 Column("keep_rate", "κ (merging: its GMACs)", "g",
+                        derive=lambda r: r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]),
+                 Column("merge_r", "r per block"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
                  Column("predicted_speedup", "predicted ×", ".3f"), Column("speedup", "measured ×", ".3f"),
@@ -180,8 +204,9 @@ SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"), 
 def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
-    for r in rows:
-        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={r['keep_rate']:g}" if r["prune"] else None)
+    for r in rows:  # a merging point takes the κ whose GMACs it matches
+        kappa = r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]
+        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={kappa:g}" if kappa is not None else None)
         out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out
@@ -193,7 +218,7 @@ def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Opt
 
 
 def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 5.0)) -> list[str]:
-    """What the sweep answers, in words: for freezing and for pruning, the fastest measured point that
+    """What the sweep answers, in words: for freezing, pruning and merging, the fastest measured point that
     loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs.
 
     Args:
@@ -203,14 +228,15 @@ def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 
     base = rows[0]
     lines = []
     for drop in max_drops:
-        for prefix, name in (("freeze", "freezing"), ("prune", "token pruning")):
+        for prefix, name in (("freeze", "freezing"), ("prune", "token pruning"), ("merge", "token merging")):
             if not any(row_method(r).startswith(prefix) for r in rows):
                 continue
             best = _fastest_within(rows, prefix, base["top1"] - drop)
             if best is None:
                 lines.append(f"within {drop:g} top-1 point(s), {name}: no point")
                 continue
-            knob = f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}"
+            knob = (f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}" if best["prune"]
+                    else f"r={best['merge_r']} (κ={best['matched_keep_rate']:g}'s GMACs)")
             verdict = "faster than" if best["speedup_p25"] > 1 else (
                 "slower than" if best["speedup_p75"] < 1 else "not clearly faster than")
             lines.append(f"within {drop:g} top-1 point(s), {name}: fastest is {row_method(best)} at {knob}, top-1 "

@@ -1,4 +1,4 @@
-"""Fine-tuning a pruned ViT/DeiT (EViT's recipe by default) with the one training loop, resumable.
+"""Fine-tuning a pruned or merged ViT/DeiT (EViT's recipe by default) with the one training loop, resumable.
 
 Defaults follow EViT's published fine-tuning script (``finetune.sh``): AdamW, cosine schedule from
 ``lr = 2e-5`` to ``min_lr = 2e-6``, weight decay ``1e-6``, no warm-up, 30 epochs, the target keep
@@ -12,6 +12,12 @@ cost accuracy); label smoothing 0.1 as DeiT.
 The checkpoint (``finetune_ckpt.pth``, see :func:`eamvit.methods.train.train`) also holds the
 random-pruning generator. Its ``"model"`` entry is a plain timm state dict: ``create_model(...,
 checkpoint=...)`` loads it directly.
+
+Token merging (ToMe, entropy-guided): a model merged with :func:`eamvit.methods.merge.merge_` is
+fine-tuned the same way, merging ``r`` tokens per block from the first step (ToMe trains so; the
+keep-rate schedule is pruning's); gradients flow through the merged tokens' weighted means, the
+matching itself is not differentiated (as in ToMe). The checkpoint identity holds the
+:class:`~eamvit.methods.merge.MergeConfig`.
 
 Frozen attention (the EAM paper's future work). A model frozen with
 :func:`eamvit.methods.freeze.freeze_` (any granularity, fp32 or quantized values), pruned or not, is
@@ -87,21 +93,25 @@ def keep_rate_at(step: int, steps_per_epoch: int, target: float, config: Finetun
 
 
 def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[FreezeConfig]) -> dict[str, Any]:
-    """What a resumed run must match: the pruning (when pruned), the freezing (when frozen), the model.
+    """What a resumed run must match: the pruning (when pruned), the merging (when merged), the freezing
+    (when frozen), the model.
 
     A pruned-only model gets exactly the identity it had before freezing was supported, so its
     checkpoints still resume.
     """
     digest = frozen_digest(model)
-    if st is None and digest is None and freeze is None:
-        raise EamError("this model is not pruned nor frozen; call prune_(model, PruneConfig(...)) and/or "
-                       "freeze_(model, maps, FreezeConfig(...)) first")
+    merging = state_of(model).merge
+    if st is None and merging is None and digest is None and freeze is None:
+        raise EamError("this model is not pruned, merged nor frozen; call prune_(model, PruneConfig(...)) or "
+                       "merge_(model, MergeConfig(...)), and/or freeze_(model, maps, FreezeConfig(...)) first")
     if freeze is not None and freeze.tau > 0 and digest is None:
         raise EamError(f"freeze= says τ = {freeze.tau} but the model has no frozen attention; call "
                        "freeze_(model, maps, freeze) first")
     ident: dict[str, Any] = {}
     if st is not None:
         ident["prune"] = st.config.to_dict()
+    if merging is not None:
+        ident["merge"] = merging.config.to_dict()
     if digest is not None or freeze is not None:
         ident["freeze"] = {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
     ident["model"] = model_spec(model).to_dict()
@@ -113,11 +123,13 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
              stop_after: Optional[int] = None, device: torch.device | str | None = None, workers: int = 0,
              progress: bool = True, data_config: Optional[dict[str, Any]] = None,
              freeze: Optional[FreezeConfig] = None) -> dict[str, Any]:
-    """Fine-tune a pruned and/or frozen model in place; a pruned model's keep rate follows :func:`keep_rate_at`.
+    """Fine-tune a pruned, merged and/or frozen model in place; a pruned model's keep rate follows
+    :func:`keep_rate_at`.
 
     Args:
-        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate),
-            frozen with :func:`eamvit.methods.freeze.freeze_` (the frozen values stay fixed), or both.
+        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate) or
+            merged with :func:`eamvit.methods.merge.merge_`, frozen with :func:`eamvit.methods.freeze.freeze_`
+            (the frozen values stay fixed), or both.
         train_ds: training items ``(image, target)`` (with augmentation).
         config: :class:`FinetuneConfig` (the keep-rate options apply to pruned models only).
         val_ds: evaluated (top-1/top-5) after every epoch when given.

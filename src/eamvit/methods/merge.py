@@ -38,7 +38,7 @@ that no longer exist; ``frozen_after="drop"`` (default) removes them (listed in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Optional, Union
 
 from torch import nn
@@ -234,6 +234,54 @@ def merge_state(model: nn.Module) -> MergeState:
     if st is None:
         raise EamError("this model does not merge tokens; call merge_(model, MergeConfig(...)) first")
     return st
+
+
+def r_for_gmacs(model: nn.Module, gmacs: float, config: MergeConfig = MergeConfig()) -> tuple[MergeConfig, float]:
+    """The merging whose executed GMACs come closest to ``gmacs``: ``config`` with the one number ``r`` that
+    gets there (ties: the smaller ``r``), e.g. to compare merging with pruning at equal work.
+
+    The count is the cost account's (:func:`eamvit.methods.cost.count_gflops`, the merging blocks'
+    matching included). Tokens never grow with ``r`` (each block merges ``min(r, cap)`` of what it is
+    given), so neither do the MACs, and ``r`` is found by bisection over ``0 ..`` the patch tokens.
+
+    Args:
+        model: an unmerged, unpruned model (left unmerged).
+        gmacs: the target, billions of MACs per image at the model's own input size.
+        config: the other fields of the merging (selection, blocks, schedule, proportional attention).
+
+    Returns:
+        ``(config with that r, its GMACs)``.
+    """
+    from eamvit.methods.cost import count_gflops
+
+    if isinstance(config.r, tuple):
+        raise EamError("matching GMACs chooses one number r; give a config with r a number, not one per block")
+    cache: dict[int, float] = {}
+
+    def cost(r: int) -> float:
+        if r not in cache:
+            merge_(model, replace(config, r=r))
+            try:
+                cache[r] = count_gflops(model)
+            finally:
+                unmerge_(model)
+        return cache[r]
+
+    grid = patch_grid(model)
+    top = max(1, grid[0] * grid[1] if grid else 256)  # past the patch tokens nothing more merges
+
+    def smallest(at_most: float) -> int:  # the smallest r whose MACs are at most that (top when none is)
+        lo, hi = 0, top
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if cost(mid) <= at_most else (mid + 1, hi)
+        return lo
+
+    r = smallest(gmacs)
+    if r > 0 and abs(cost(r - 1) - gmacs) <= abs(cost(r) - gmacs):
+        r -= 1
+    r = smallest(cost(r))  # a larger r that merges no more tokens is not the answer
+    return replace(config, r=r), cost(r)
 
 
 def _export_step(model: nn.Module, config: MergeConfig, export: Any) -> None:

@@ -114,15 +114,6 @@ class PruneConfig(Config):
         return {"shannon": "Shannon", "evit": "EViT", "random": "random"}[self.method]
 
 
-def row_label(row: dict[str, Any]) -> str:
-    """Display name of a pruning result row's method (sweeps, their figures; ``unpruned`` where ``prune`` is blank)."""
-    m = row["prune"] or "none"
-    if m == "renyi":
-        a = row["alpha"]
-        return f"Rényi α={'∞' if a in ('inf', math.inf) else f'{float(a):g}'}"
-    return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unpruned"}.get(m, m)
-
-
 @dataclass
 class PruneReport:
     """What :func:`prune_` did: the pruning blocks, tokens per stage at the model's own image size

@@ -4,7 +4,8 @@ A recipe is an ordered list of the existing configs: at most one quantization
 (:class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig` or
 :class:`~eamvit.methods.pmq.PMQConfig`), then at most one
 :class:`~eamvit.methods.freeze.FreezeConfig`, then at most one
-:class:`~eamvit.methods.prune.PruneConfig`. The order is fixed because it is the only one the
+:class:`~eamvit.methods.prune.PruneConfig` or :class:`~eamvit.methods.merge.MergeConfig` (a model's
+blocks prune or merge tokens, not both). The order is fixed because it is the only one the
 pieces compose in: maps computed after quantization are the quantized model's (EAM_4bits), and
 pruning drops the frozen maps of the layers after its first block, which freezing after it could
 not know.
@@ -30,7 +31,7 @@ from torch import nn
 from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods import freeze, prune, quantize  # noqa: F401 (each registers its recipe step)
+from eamvit.methods import freeze, merge, prune, quantize  # noqa: F401 (each registers its recipe step)
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.export import Target
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
@@ -74,6 +75,9 @@ class Recipe(Config):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
                            "with each at most once; "
                            "write them in that order")
+        if "prune" in stages and "merge" in stages:
+            raise EamError("a recipe prunes or merges tokens, not both (a model's blocks do one of them); "
+                           "drop one step")
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""

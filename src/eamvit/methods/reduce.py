@@ -7,7 +7,8 @@ model in one line. One model holds one of them at a time: its blocks are either 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -121,3 +122,26 @@ def drop_frozen_after(layers: list[nn.Module], first_block: int, first_layer: in
             m.eam_frozen_values = None
     return later, frozen_later
 
+
+
+def _order(alpha: Any) -> str:
+    return "∞" if alpha in ("inf", math.inf) else f"{float(alpha):g}"
+
+
+def row_label(row: Mapping[str, Any]) -> str:
+    """Display name of a token-reduction result row's method (sweeps, their tables and figures).
+
+    Pruning rows name their score (``Shannon``, ``Rényi α=2``, ``EViT``, ``random``), merging rows their
+    selection (``ToMe``, ``entropy merging``, ``entropy merging (Rényi α=2)``); a row with neither
+    (``prune`` and ``merge`` blank) is ``unmodified``.
+    """
+    merge = row.get("merge")
+    if merge:
+        if merge == "tome":
+            return "ToMe"
+        alpha = row.get("alpha")
+        return "entropy merging" + ("" if alpha in (None, "") else f" (Rényi α={_order(alpha)})")
+    m = row.get("prune") or "none"
+    if m == "renyi":
+        return f"Rényi α={_order(row['alpha'])}"
+    return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unmodified"}.get(m, m)

@@ -28,9 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from eamvit.choices import MERGE_SELECTIONS as SELECTIONS  # one definition, torch-free for the CLI
 from eamvit.errors import EamError
-
-SELECTIONS = ("tome", "entropy")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ out: the data come from :func:`eamvit.methods.prune.kept_patch_masks` and
 :func:`eamvit.methods.prune.token_entropies`. PNGs are written atomically."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -17,7 +18,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from eamvit.errors import EamError  # noqa: E402
-from eamvit.methods.prune import row_label  # noqa: E402
+from eamvit.methods.reduce import row_label  # noqa: E402
 from eamvit.plots.entropy import save_figure  # noqa: E402
 
 DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one flat blue
@@ -26,12 +27,22 @@ DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one
 _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
+def _kappa(row: dict[str, Any]) -> float:
+    """A row's κ: its keep rate, or for a merging row the κ whose GMACs it matches."""
+    return float(row["matched_keep_rate"] if row.get("merge") else row["keep_rate"])
+
+
 def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
-    """Top-1 against GMACs: one colour per method, one marker shape per keep rate κ; unpruned as a star.
+    """Top-1 against GMACs: one colour per method, one marker shape per keep rate κ; unmodified as a star.
+
+    Pruning methods are solid lines (random dashed grey), merging methods dash-dotted; a merging point
+    takes the marker of the κ whose GMACs its ``r`` matches (``matched_keep_rate``), so that the methods
+    at one κ are told apart by how much top-1 they keep at about the same cost.
 
     GMACs (``gmacs``, multiply-accumulates per image) are the unit of the sweep's tables too, with plain
-    tick labels (no ``x10^k`` offset, so a tick reads as the GMACs of the table). κ is told by the marker, explained in the legend, rather than by a text at each
-    point: methods at one κ cost about the same, so such labels pile up.
+    tick labels (no ``x10^k`` offset, so a tick reads as the GMACs of the table). κ is told by the marker,
+    explained in the legend, rather than by a text at each point: methods at one κ cost about the same,
+    so such labels pile up.
 
     Args:
         rows: rows of :func:`eamvit.experiments.prune_sweep.prune_sweep`.
@@ -45,7 +56,8 @@ def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, 
 
     if not rows:
         raise EamError("no sweep rows to plot")
-    kappas = sorted({float(r["keep_rate"]) for r in rows if r["prune"]}, reverse=True)
+    reduced = [r for r in rows if r["prune"] or r.get("merge")]
+    kappas = sorted({_kappa(r) for r in reduced}, reverse=True)
     if len(kappas) > len(_KAPPA_MARKERS):
         raise EamError(f"the figure tells at most {len(_KAPPA_MARKERS)} keep rates apart, got {len(kappas)}")
     marker = dict(zip(kappas, _KAPPA_MARKERS))
@@ -54,16 +66,20 @@ def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, 
     for r in rows:
         groups.setdefault(row_label(r), []).append(r)
     methods = []
+    # tab10 without its grey, which is random's: every other method a colour of its own (nine before repeating)
+    colours = iter(c for i, c in enumerate(itertools.cycle(plt.get_cmap("tab10").colors)) if i % 10 != 7)
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["gmacs"])
-        if name == "unpruned":
+        if not rs[0]["prune"] and not rs[0].get("merge"):
             ax.scatter([r["gmacs"] for r in rs], [r["top1"] for r in rs], marker="*", s=160, color="k", zorder=5)
             methods.append(Line2D([], [], marker="*", markersize=11, color="k", linestyle="", label=name))
             continue
-        style = dict(linestyle="--", color="0.5") if name == "random" else {}
+        style = dict(linestyle="--", color="0.5") if name == "random" else (
+            dict(linestyle="-.", linewidth=1.8, color=next(colours)) if rs[0].get("merge") else
+            dict(color=next(colours)))
         line, = ax.plot([r["gmacs"] for r in rs], [r["top1"] for r in rs], **style)
         for r in rs:
-            ax.plot(r["gmacs"], r["top1"], marker=marker[float(r["keep_rate"])], color=line.get_color(), zorder=4)
+            ax.plot(r["gmacs"], r["top1"], marker=marker[_kappa(r)], color=line.get_color(), zorder=4)
         methods.append(Line2D([], [], color=line.get_color(), linestyle=line.get_linestyle(), label=name))
     shapes = [Line2D([], [], marker=marker[k], color="k", linestyle="", label=f"κ = {k:g}") for k in kappas]
     ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
@@ -72,7 +88,9 @@ def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, 
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(handles=methods + shapes, fontsize=8, ncol=2)
-    ax.set_title(title or "Token pruning: accuracy against computation", fontsize=10)
+    merging = any(r.get("merge") for r in rows)
+    ax.set_title(title or ("Token pruning and merging (dash-dotted; at κ's GMACs): accuracy against computation"
+                           if merging else "Token pruning: accuracy against computation"), fontsize=10)
     return save_figure(fig, path)
 
 

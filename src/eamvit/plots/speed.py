@@ -1,4 +1,4 @@
-"""Top-1 against measured speed-up: frozen attention next to token pruning (data in, PNG out)."""
+"""Top-1 against measured speed-up: frozen attention next to token pruning and merging (data in, PNG out)."""
 from __future__ import annotations
 
 import os
@@ -54,9 +54,9 @@ def _bar(ax, r: dict[str, Any], colour, xlim: tuple[float, float]) -> bool:
 def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
     """One line per method through its points ``(speed-up, top-1)`` in the given order, with the speed-up's spread.
 
-    Colour and line tell the method (freezing solid, token pruning dashed), the marker shape tells
-    the point's τ or κ (explained in the legend, not written by each point, where labels would pile
-    up). The unmodified model is a hollow star under the other points, on dotted lines at speed-up 1
+    Colour and line tell the method (freezing solid, token pruning dashed, token merging dash-dotted), the
+    marker shape tells the point's τ or κ (a merging point's: the κ whose GMACs it matches), explained in
+    the legend, not written by each point, where labels would pile up. The unmodified model is a hollow star under the other points, on dotted lines at speed-up 1
     and at its top-1. The x range follows the medians; an interquartile bar that runs past it ends in
     an arrow at the axis edge (the legend says so).
 
@@ -76,7 +76,8 @@ def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     for i, m in enumerate(x for x in _methods(rows) if x != "unmodified"):
         pts = [r for r in rows if r["method"] == m]  # in sweep order (τ up, κ down): the line follows the knob
         line, = ax.plot([r["speedup"] for r in pts], [r["top1"] for r in pts], color=f"C{i}",
-                        linestyle="-" if m.startswith("freeze") else "--", lw=1.3, zorder=3)
+                        linestyle="-" if m.startswith("freeze") else "-." if m.startswith("merge") else "--",
+                        lw=1.3, zorder=3)
         for r in pts:
             cut = _bar(ax, r, line.get_color(), xlim) or cut
             ax.plot([r["speedup"]], [r["top1"]], marker=shapes.get(str(r.get("point")), "o"), ms=7, linestyle="",
