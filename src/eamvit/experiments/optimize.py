@@ -359,21 +359,13 @@ def check_resolution(num_images: int, max_drop: float) -> None:
 
 
 def _nncf_calibration(sp: Splits) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """NNCF's calibration images: the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split,
-    and their record (evaluation skips them)."""
-    idx = range(len(sp.calib_set)) if sp.calib_indices is None else sp.calib_indices
-    used, images = [], []
-    for i in idx:
-        item = sp.calib_set[i]
-        if item is not None:
-            used.append(i)
-            images.append(item[0])
-            if len(used) == NNCF_CALIB_SIZE:
-                break
-    if not images:
+    """NNCF's calibration images, the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split, and
+    the record of the split they are drawn from (evaluation skips it, as this run's evaluation does)."""
+    items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
+    if not items:
         raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
                        "(or --data)")
-    return torch.stack(images), [calibration_record(sp.calib_set, used)]
+    return torch.stack([it[0] for it in items]), [calibration_record(sp.calib_set, sp.calib_indices)]
 
 
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
