@@ -103,7 +103,7 @@ def test_impossible_budget_is_one_line_and_no_best_file(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("args, words", [
     (["--max-drop", "-0.5"], "--max-drop"),
     (["--budget-minutes", "0"], "--budget-minutes"),
-    (["--runtime", "tensorrt"], "optimize config field runtime must be one of onnxruntime, torch, not the string 'tensorrt'"),
+    (["--runtime", "tensorrt"], "optimize config field runtime must be one of onnxruntime, openvino, torch, not the string 'tensorrt'"),
     (["--space", "huge"], "optimize config field space must be one of standard, small"),
     (["--reps", "2"], "--reps"),
     (["--runtime", "torch", "--threads", "1"], "--threads"),

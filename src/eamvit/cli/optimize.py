@@ -19,7 +19,7 @@ def optimize_config(args: argparse.Namespace):
     from eamvit.experiments.optimize import OptimizeConfig
 
     if args.runtime == "torch":
-        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's)")
+        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's and OpenVINO's)")
     return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
                           space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
                           workers=args.workers, seed=args.seed)
@@ -48,8 +48,12 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     from eamvit.plots.optimize import plot_pareto
 
     config = optimize_config(args)
-    if config.runtime == "onnxruntime":
-        require_modules("eamvit optimize --runtime onnxruntime")
+    if config.runtime != "torch":  # OpenVINO reads eamvit's ONNX exports too
+        require_modules(f"eamvit optimize --runtime {config.runtime}")
+    if config.runtime == "openvino":
+        from eamvit.methods.export_openvino import require_openvino
+
+        require_openvino("eamvit optimize --runtime openvino", nncf=True)
     out = check_output_dir(args.out)
     with output_lock(out / CACHE):  # two runs appending to one cache would mix their points
         model, device = load_model(args)
@@ -60,7 +64,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     if res.best is None:
         raise EamError(f"no recipe keeps top-1 within --max-drop {config.max_drop:g} of the unmodified "
                        f"{res.rows[0]['top1']:.2f}% ({len(res.rows) - 1} measured); {out}/pareto.* and report.md "
-                       "list every point, best.safetensors/best.onnx are not written: allow a larger --max-drop"
+                       "list every point, best.safetensors and the best file are not written: allow a larger --max-drop"
                        + (" or a longer --budget-minutes" if res.progress.stopped else ""))
     b = res.best
     print(f"chosen: {b['label']}: top-1 {b['top1']:.2f}% (Δ {b['top1_delta']:+.2f}), measured speed-up "
@@ -78,19 +82,24 @@ def register(sub) -> None:
     g.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 drop allowed, in percentage points "
                    "below the unmodified model on the held-out images")
     g.add_argument("--runtime", default="onnxruntime", help="where each point is measured: onnxruntime (its "
-                   "exported file, CPU) or torch (the PyTorch model; quantization is left out, PyTorch only "
-                   "simulates it in float)")
+                   "exported file, CPU), openvino (its exported file in OpenVINO, CPU; the int8 points are NNCF's "
+                   "int8 of the fp32 export, alone and after token pruning or freezing, and RepQ-ViT int8 for "
+                   "OpenVINO: pip install \"eamvit[openvino]\") or torch (the PyTorch model; quantization is left "
+                   "out, PyTorch only simulates it in float)")
     g.add_argument("--budget-minutes", type=float, default=None, help="stop starting new points after this many "
                    "minutes and write what was measured; a rerun resumes (default: no limit)")
     g.add_argument("--space", default="standard", help="standard (int8 QDQ asymmetric and symmetric, W4 "
                    "weight-only, Shannon and EViT pruning at κ 0.9/0.7/0.5 in the default and the late blocks, "
                    "ToMe and entropy-guided merging in every block and in the late blocks at the r matching that "
                    "pruning's GMACs, head and row freezing at τ 0.25/0.5) or small (int8 QDQ, EViT pruning at κ "
-                   "0.7/0.5 in the late blocks, head freezing at τ 0.25); then the survivors stacked, with one "
-                   "token reducer each")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
+                   "0.7/0.5 in the late blocks, head freezing at τ 0.25); with --runtime openvino the int8 points of "
+                   "both are NNCF int8 and RepQ-ViT int8 for OpenVINO; then the survivors stacked, with one token "
+                   "reducer each")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime or OpenVINO threads (default: one per "
+                   "core)")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "
                    "the unmodified model on --batch-size held-out images")
     g.add_argument("--out", required=True, help="output folder: pareto.csv/json/md/png, best.safetensors, "
-                   "best.onnx, report.md, and points.jsonl (measured points; a rerun reuses them)")
+                   "best.onnx (or best.xml/.bin, NNCF's OpenVINO IR, for an NNCF point), report.md, and points.jsonl "
+                   "(measured points; a rerun reuses them)")
     s.set_defaults(func=cmd_optimize)

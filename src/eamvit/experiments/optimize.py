@@ -3,10 +3,13 @@
 Every candidate (:mod:`eamvit.experiments.optimize_space`) is built by the one recipe path
 (:func:`~eamvit.methods.recipe.apply_` on a copy of the model) and measured as it would be shipped:
 
-* ONNX Runtime: the candidate is exported (:func:`~eamvit.methods.export.export_onnx`), and both its
-  top-1 and its latency are measured on that file; the latency is timed in alternation against the
-  unmodified model's fp32 export (:func:`~eamvit.experiments.timer.time_calls`), and the speed-up is
-  the median of the per-repetition ratios with their quartiles;
+* ONNX Runtime and OpenVINO: the candidate is exported (:func:`~eamvit.methods.export.export_onnx`;
+  for OpenVINO a RepQ-ViT point is calibrated for and exported in the form OpenVINO runs, and an
+  NNCF point's fp32 export is quantized by NNCF,
+  :func:`~eamvit.methods.export_openvino.nncf_quantize`), and both its top-1 and its latency are
+  measured on that file in that runtime; the latency is timed in alternation against the unmodified
+  model's fp32 export in the same runtime (:func:`~eamvit.experiments.timer.time_calls`), and the
+  speed-up is the median of the per-repetition ratios with their quartiles;
 * PyTorch: the candidate model against the unmodified one
   (:func:`~eamvit.experiments.runner.measure_speedup`).
 
@@ -30,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +44,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
                                                combinations, merge_options, reference, single_candidates)
+from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
@@ -51,12 +55,7 @@ from eamvit.methods.recipe import apply_
 if TYPE_CHECKING:  # only named in annotations
     from eamvit.experiments.optimize_report import CommandLines
 
-CACHE = "points.jsonl"
-CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
-# The numbers every measured point holds (since the first cache version); a point that could not be
-# built holds "error" instead.
-POINT_NUMBERS = ("top1", "num_images", "speedup", "speedup_p25", "speedup_p75")
-_LINE_START = '{"key": "'  # how json.dumps begins every line PointCache.add writes
+NNCF_CALIB_SIZE = 300  # NNCF's own default subset size: what an OpenVINO user's nncf.quantize reads
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,11 @@ class OptimizeConfig(Config):
 
     Args:
         max_drop: largest top-1 drop (percentage points) below the unmodified model a point may have.
-        runtime: ``"onnxruntime"`` (the exported file) or ``"torch"`` (the PyTorch model).
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (the exported file in that runtime; OpenVINO needs the
+            ``openvino`` extra) or ``"torch"`` (the PyTorch model).
         budget_minutes: stop starting new candidates after this long (``None``: search everything).
         space: ``"standard"`` or ``"small"`` (:mod:`~eamvit.experiments.optimize_space`).
-        threads: ONNX Runtime intra-op threads (``None``: one per core).
+        threads: ONNX Runtime's intra-op or OpenVINO's inference threads (``None``: one per core).
         reps: timed repetitions of each point and its reference.
         batch_size: images per evaluated and per timed call.
         workers: DataLoader workers of the evaluation.
@@ -113,6 +113,8 @@ class _Run:
     key_base: dict[str, Any]
     reference_call: Optional[Callable[[], Any]] = None
     maps: dict[str, Any] = field(default_factory=dict)
+    nncf_images: Optional[torch.Tensor] = None
+    nncf_calibration: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def calib(self):
@@ -133,72 +135,6 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
             "config": {k: v for k, v in sp.data_config.items() if k != "source"}}
     timing = {k: getattr(config, k) for k in ("runtime", "threads", "reps", "batch_size")}
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
-
-
-def _point_problem(entry: Any) -> Optional[str]:
-    """Why a parsed line of ``points.jsonl`` is not a point :meth:`PointCache.add` wrote, or None."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("point"), dict):
-        return 'not {"key": ..., "point": {...}}'
-    point = entry["point"]
-    if not isinstance(point.get("label"), str):
-        return "its point has no label"
-    if "error" in point:
-        return None if isinstance(point["error"], str) else "its error is not text"
-    bad = [k for k in POINT_NUMBERS if not isinstance(point.get(k), (int, float)) or isinstance(point.get(k), bool)]
-    return f"its point has no number {bad[0]!r}" if bad else None
-
-
-class PointCache:
-    """``points.jsonl``: one measured point per line, keyed by digest.
-
-    A line cut short by an interruption (the start of a line :meth:`add` writes, not valid JSON) is
-    ignored and that point is measured again; any other line that is not a point refuses the whole
-    file: what a resumed run reports must be what was measured.
-
-    Args:
-        path: the file.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.points: dict[str, dict[str, Any]] = {}
-        text = self._text(path)
-        self._cut = bool(text) and not text.endswith("\n")  # the next point must start on a line of its own
-        for n, line in enumerate(text.splitlines(), 1):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                if _LINE_START.startswith(line) or line.startswith(_LINE_START):  # cut short by a kill
-                    continue
-                self._refuse(f"line {n} is not JSON")
-            problem = _point_problem(entry)
-            if problem:
-                self._refuse(f"line {n}: {problem}")
-            self.points[entry["key"]] = entry["point"]
-
-    def _refuse(self, why: str) -> NoReturn:
-        raise EamError(f"cannot resume from {self.path}: {why}, so it is not a cache of points eamvit optimize "
-                       "wrote; delete it (its points are measured again) or choose another --out")
-
-    def _text(self, path: Path) -> str:
-        if not path.exists():
-            return ""
-        try:
-            return path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._refuse(f"byte {e.start} is not text")
-        except OSError as e:
-            self._refuse(f"it cannot be read ({e.strerror or type(e).__name__})")
-
-    def get(self, key: str) -> Optional[dict[str, Any]]:
-        return self.points.get(key)
-
-    def add(self, key: str, point: dict[str, Any]) -> None:
-        self.points[key] = point
-        with open(self.path, "a") as f:  # one line per point: an interrupted write loses that point only
-            f.write(("\n" if self._cut else "") + json.dumps({"key": key, "point": point}) + "\n")
-            f.flush()
-        self._cut = False
 
 
 # --------------------------------------------------------------------------- measuring one candidate
@@ -237,18 +173,43 @@ def _speed(reference: Sequence[float], times: Sequence[float]) -> dict[str, floa
     return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4)}
 
 
-def _measure_onnx(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """Top-1 and speed-up of ``cand``'s exported file in ONNX Runtime (what is evaluated is what is shipped)."""
+def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Path:
+    """Write the file ``cand`` ships from ``model`` (built by its recipe) into the work folder: its export,
+    or for an NNCF point that (fp32) export quantized by NNCF into an OpenVINO IR (``stem.xml`` + ``.bin``)."""
     from eamvit.methods.export import export_onnx
+
+    path = run.workdir / f"{stem}.onnx"
+    export_onnx(model, path, cand.export)
+    if not cand.nncf:
+        return path
+    from eamvit.methods.export_openvino import nncf_quantize
+
+    nncf_quantize(path, path.with_suffix(".xml"), run.nncf_images, calibration=run.nncf_calibration)
+    return path.with_suffix(".xml")
+
+
+def _runner(run: _Run, path: Path) -> tuple[nn.Module, Callable[[], Any]]:
+    """The exported file in the run's runtime: a classifier (images → logits) and its bare call on the timed batch."""
+    x = run.batch.numpy()
+    if run.config.runtime == "openvino":
+        from eamvit.methods.export_openvino import OpenVinoClassifier
+
+        ov = OpenVinoClassifier(path, run.config.threads)
+        return ov, lambda: ov.request.infer({0: x})
     from eamvit.methods.export_runtime import OnnxClassifier
 
-    path = run.workdir / "candidate.onnx"
-    export_onnx(build(run, cand), path, cand.export)
-    clf = OnnxClassifier(path, run.config.threads)
-    x = run.batch.numpy()
-    times = time_calls([run.reference_call, lambda: clf.session.run([clf.output_name], {clf.input_name: x})],
-                       warmup=2, reps=run.config.reps)
-    return {**_top1(run, clf, "cpu"), **_speed(*times), "file_bytes": path.stat().st_size}
+    ort = OnnxClassifier(path, run.config.threads)
+    return ort, lambda: ort.session.run([ort.output_name], {ort.input_name: x})
+
+
+def _measure_file(run: _Run, cand: Candidate) -> dict[str, Any]:
+    """Top-1 and speed-up of ``cand``'s shipped file in the run's runtime (what is evaluated is what is shipped)."""
+    from eamvit.methods.export_openvino import model_bytes
+
+    path = _shipped_file(run, build(run, cand), cand, "candidate")
+    clf, call = _runner(run, path)
+    times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
+    return {**_top1(run, clf, "cpu"), **_speed(*times), "file_bytes": model_bytes(path)}
 
 
 def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
@@ -268,7 +229,7 @@ def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
     t0 = time.perf_counter()
     point: dict[str, Any] = {"label": cand.label, **cand.identity()}
     try:
-        point.update(_measure_onnx(run, cand) if run.config.runtime == "onnxruntime" else _measure_torch(run, cand))
+        point.update(_measure_torch(run, cand) if run.config.runtime == "torch" else _measure_file(run, cand))
     except EamError as e:  # a step this model or its export cannot take: recorded, never chosen
         point["error"] = str(e)
     point["seconds"] = round(time.perf_counter() - t0, 2)
@@ -300,7 +261,7 @@ def _within(point: dict[str, Any], ref_top1: float, max_drop: float) -> bool:
 
 
 def _best_note(done: Sequence[tuple[Candidate, dict]], ref_top1: float, max_drop: float) -> str:
-    ok = [p for c, p in done if c.recipe.steps and _within(p, ref_top1, max_drop)]
+    ok = [p for c, p in done if c.techniques and _within(p, ref_top1, max_drop)]
     if not ok:
         return "best: none yet"
     b = max(ok, key=lambda p: p["speedup"])
@@ -398,30 +359,50 @@ def check_resolution(num_images: int, max_drop: float) -> None:
                        f"{math.ceil(step * 100) / 100:g} or more")
 
 
+def _nncf_calibration(sp: Splits) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """NNCF's calibration images, the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split, and
+    the record of the split they are drawn from (evaluation skips it, as this run's evaluation does)."""
+    items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
+    if not items:
+        raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
+                       "(or --data)")
+    return torch.stack([it[0] for it in items]), [calibration_record(sp.calib_set, sp.calib_indices)]
+
+
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
-    """The run's shared inputs: the timed batch (held-out images) and, for ONNX Runtime, the fp32 export."""
+    """The run's shared inputs: the timed batch (held-out images), the fp32 export for ONNX Runtime and
+    OpenVINO, and NNCF's calibration images for OpenVINO."""
     items = readable_items(sp.eval_set, sp.eval_indices, config.batch_size)
     if not items:
         raise EamError("none of the held-out images can be read, so nothing can be timed or scored; check the "
                        "files of --data (or drop --num-samples)")
     batch = torch.stack([it[0] for it in items])
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
-    if config.runtime == "onnxruntime":
+    if config.runtime != "torch":
         from eamvit.methods.export import export_onnx
-        from eamvit.methods.export_runtime import onnx_session
 
         export_onnx(model, workdir / "reference.onnx")
-        session, x = onnx_session(workdir / "reference.onnx", config.threads), batch.numpy()
-        run.reference_call = lambda: session.run(None, {"images": x})
+        run.reference_call = _runner(run, workdir / "reference.onnx")[1]
+    if config.runtime == "openvino":
+        run.nncf_images, run.nncf_calibration = _nncf_calibration(sp)
     return run
 
 
+BEST_FILES = ("best.onnx", "best.xml", "best.bin")  # what a point ships, besides best.safetensors
+
+
 def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``best.safetensors`` (and ``best.onnx``), each rebuilt from the file before it and checked
-    against the point the search measured before it is moved into ``out``.
+    """``best.safetensors`` and the shipped file (``best.onnx``, or for an NNCF point ``best.xml`` + ``.bin``),
+    each rebuilt from the file before it and checked against the point the search measured before it is
+    moved into ``out``; a shipped file of another kind left there by an earlier run is removed.
+
+    ``best.safetensors`` holds the recipe's model: for an NNCF point the float-reduced model before
+    NNCF, which is not what the shipped file scores.
 
     Returns:
-        ``{"files": {...}, "top1_torch": ...}``: the PyTorch top-1 of the saved file (``eval --state``'s).
+        ``{"files": {...}, "top1_torch": ..., "file_bytes": ...}``: the PyTorch top-1 of the saved file
+        (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch): an IR's generated
+        node names make it differ by a few bytes from the file the search measured.
     """
     import shutil
 
@@ -433,14 +414,14 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
     fresh = copy.deepcopy(run.model)
     restore_(fresh, tmp / "best.safetensors")
     top1_torch = _top1(run, fresh.eval(), run.device)["top1"]
-    names, shipped = ["best.safetensors"], top1_torch
-    if run.config.runtime == "onnxruntime":
-        from eamvit.methods.export import export_onnx
-        from eamvit.methods.export_runtime import OnnxClassifier
+    names, shipped, size = ["best.safetensors"], top1_torch, None
+    if run.config.runtime != "torch":
+        from eamvit.methods.export_openvino import model_bytes
 
-        export_onnx(fresh, tmp / "best.onnx", cand.export)
-        shipped = _top1(run, OnnxClassifier(tmp / "best.onnx", run.config.threads), "cpu")["top1"]
-        names.append("best.onnx")
+        path = _shipped_file(run, fresh, cand, "best")
+        size = model_bytes(path)
+        shipped = _top1(run, _runner(run, path)[0], "cpu")["top1"]
+        names += ["best.xml", "best.bin"] if cand.nncf else ["best.onnx"]
     if shipped != point["top1"]:
         raise EamError(f"the rebuilt best point ({cand.label}) scores {shipped} but the search measured "
                        f"{point['top1']}; delete {out / CACHE} and run again")
@@ -449,12 +430,16 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
         with atomic_path(out / name) as dst:
             shutil.copyfile(tmp / name, dst)
         files[name] = out / name
-    return {"files": files, "top1_torch": top1_torch}
+    for name in BEST_FILES:
+        if name not in names:
+            (out / name).unlink(missing_ok=True)  # another point's file: it would pass for this one
+    return {"files": files, "top1_torch": top1_torch, "file_bytes": size}
 
 
 def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
              commands: Optional["CommandLines"] = None, device=None, progress: bool = True) -> OptimizeResult:
-    """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``) and ``report.md`` in ``out``.
+    """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``, or ``best.xml``/``.bin`` for
+    an NNCF point) and ``report.md`` in ``out``.
 
     The figure (``pareto.png``) is the caller's (:func:`eamvit.plots.optimize.plot_pareto`).
 
@@ -464,12 +449,16 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
         out: output folder (its ``points.jsonl`` is read first: a rerun resumes).
         config: :class:`OptimizeConfig`.
         commands: the model and data options that rebuild the chosen point (for the report).
-        device: where PyTorch runs (ONNX Runtime runs on CPU).
+        device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
         progress: a progress bar with the best point so far.
     """
     from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
     from eamvit.io import write_text
 
+    if config.runtime == "openvino":
+        from eamvit.methods.export_openvino import require_openvino
+
+        require_openvino("eamvit optimize --runtime openvino", nncf=True)
     check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
                      config.max_drop)
     cache = PointCache(Path(out) / CACHE)  # refused before anything is measured or written
@@ -485,6 +474,8 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
             cand, point = done[rows.index(best)]  # rows are in search order
             extra = _write_best(run, cand, point, out)
             best["top1_torch"] = extra["top1_torch"]  # what `eval --state` of best.safetensors gives
+            if extra["file_bytes"] is not None:
+                best["file_bytes"] = extra["file_bytes"]
             files.update(extra["files"])
         files.update(write_pareto(out, rows, config.runtime))
         files["report"] = out / "report.md"

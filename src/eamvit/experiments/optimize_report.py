@@ -14,6 +14,8 @@ from eamvit.experiments.results import Column, markdown, write_table
 from eamvit.methods.export import ExportConfig
 from eamvit.ops.pareto import front_mask
 
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch": "PyTorch"}
+
 
 @dataclass
 class CommandLines:
@@ -28,12 +30,17 @@ class CommandLines:
     data: list[str] = field(default_factory=list)
 
 
-def describe_export(export: Optional[ExportConfig], quantized: bool) -> str:
-    """How a point's file is written: ``fp32``, ``qdq (uint8 act.)``, ``qdq (int8 act.)``, ``weight-only``; ``""`` for PyTorch."""
+def describe_export(export: Optional[ExportConfig], quantized: bool, nncf: bool = False) -> str:
+    """How a point's file is written: ``fp32``, ``qdq (uint8 act.)``, ``qdq (int8 act.)``, ``qdq for OpenVINO``,
+    ``weight-only``, ``nncf`` (NNCF's int8 of the fp32 export); ``""`` for PyTorch."""
     if export is None:
         return ""
+    if nncf:
+        return "nncf (int8 OpenVINO IR)"
     if not quantized:
         return "fp32"
+    if export.runtime == "openvino":
+        return "qdq for OpenVINO (int8 act.)"
     if export.scheme == "weight-only":
         return "weight-only (MatMulNBits)"
     return "qdq (int8 act.)" if export.symmetric_activations else "qdq (uint8 act.)"
@@ -41,9 +48,9 @@ def describe_export(export: Optional[ExportConfig], quantized: bool) -> str:
 
 def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
     q, f, p, m = (cand.recipe.step(s) for s in ("quant", "freeze", "prune", "merge"))
-    row: dict[str, Any] = {"quant": q.KIND if q else None, "w_bits": q.w_bits if q else None,
-                           "a_bits": q.a_bits if q else None,
-                           "export": describe_export(cand.export, q is not None) or None,
+    quant = ("nncf", 8, 8) if cand.nncf else (q.KIND, q.w_bits, q.a_bits) if q else (None, None, None)
+    row: dict[str, Any] = {"quant": quant[0], "w_bits": quant[1], "a_bits": quant[2],
+                           "export": describe_export(cand.export, q is not None, cand.nncf) or None,
                            "granularity": f.granularity if f else None, "tau": f.tau if f else None,
                            "prune": p.method if p else None, "keep_rate": p.keep_rate if p else None,
                            "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
@@ -75,12 +82,12 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: 
     from eamvit.methods.evaluate import result_row
 
     ref_top1 = done[0][1]["top1"]
-    runtime = "ONNX Runtime" if config.runtime == "onnxruntime" else "PyTorch"
+    runtime = RUNTIME_NAMES[config.runtime]
     rows = []
     for i, (cand, p) in enumerate(done):
         ok = "error" not in p
         row = result_row(model, p if ok else {}, data_config, label=cand.label, **_fields(cand, model), runtime=runtime,
-                         stage="reference" if i == 0 else "single" if len(cand.recipe.steps) == 1 else "stack",
+                         stage="reference" if i == 0 else "single" if cand.techniques == 1 else "stack",
                          top1_delta=round(p["top1"] - ref_top1, 3) if ok else None,
                          speedup=p.get("speedup"), speedup_p25=p.get("speedup_p25"), speedup_p75=p.get("speedup_p75"),
                          file_bytes=p.get("file_bytes"), model_bytes=p.get("model_bytes"),
@@ -93,7 +100,7 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: 
     ok = [r for r in measured[1:] if r["within_budget"]]
     if ok:  # the fastest by median; ties: the higher top-1, then the earlier point
         max(ok, key=lambda r: (r["speedup"], r["top1"], -rows.index(r)))["chosen"] = True
-    size = "file_bytes" if config.runtime == "onnxruntime" else "model_bytes"
+    size = "model_bytes" if config.runtime == "torch" else "file_bytes"
     drop = [k for k in ("file_bytes", "model_bytes", "error") if k != size
             and not (k == "error" and any(r["error"] for r in rows))]
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
@@ -101,7 +108,7 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: 
 
 def columns(runtime: str) -> list[Column]:
     """The markdown view of the rows (the CSV and JSON carry every field)."""
-    size = Column("file_bytes", "file bytes", ",") if runtime == "onnxruntime" else Column("model_bytes", "bytes", ",")
+    size = Column("model_bytes", "bytes", ",") if runtime == "torch" else Column("file_bytes", "file bytes", ",")
     return [Column("label", "point"), Column("export", "export"), Column("top1", "top-1 (%)", ".2f"),
             Column("top1_delta", "Δ top-1", ".2f"), Column("speedup", "measured ×", ".3f"), Column("speedup_p25", "p25", ".3f"),
             Column("speedup_p75", "p75", ".3f"), size, Column("within_budget", "within"),
@@ -117,16 +124,24 @@ def write_pareto(out: Path, rows: Sequence[dict[str, Any]], runtime: str) -> dic
     return {f"pareto.{k}": v for k, v in {**files, "md": out / "pareto.md"}.items()}
 
 
-def commands_for(best: dict[str, Any], cand_recipe, export: Optional[ExportConfig], commands: CommandLines,
-                 out: Path) -> dict[str, str]:
-    """The command lines that rebuild, export and evaluate the chosen point."""
-    state, onnx = str(out / "best.safetensors"), str(out / "best.onnx")
+def commands_for(cand: Candidate, runtime: str, commands: CommandLines, out: Path) -> dict[str, str]:
+    """The command lines that rebuild, export and evaluate the chosen point.
+
+    An NNCF point has no ``compress`` line when its recipe is empty (the float model is the unmodified
+    one), and its ``export`` line writes the fp32 file that NNCF quantizes (``best-fp32.onnx``, beside
+    ``best.xml``); ``eval_onnx`` scores the shipped file.
+    """
+    state = str(out / "best.safetensors")
     both = [*commands.model, *commands.data]
-    lines = {"compress": ["eamvit", "compress", *both, *recipe_options(cand_recipe), "--out", state],
-             "eval_state": ["eamvit", "eval", "--state", state, *both]}
-    if export is not None:
+    lines = {"eval_state": ["eamvit", "eval", "--state", state, *both]}
+    if cand.recipe.steps:
+        lines["compress"] = ["eamvit", "compress", *both, *recipe_options(cand.recipe), "--out", state]
+    if cand.export is not None:
+        onnx = str(out / ("best-fp32.onnx" if cand.nncf else "best.onnx"))
         lines["export"] = ["eamvit", "export", "--state", state, *both, "--out", onnx]
-        lines["eval_onnx"] = ["eamvit", "eval", "--onnx", onnx, *commands.data]
+        shipped = str(out / "best.xml") if cand.nncf else onnx
+        lines["eval_onnx"] = ["eamvit", "eval", "--onnx", shipped, *commands.data]
+        lines["eval_onnx"] += ["--runtime", "openvino"] if runtime == "openvino" else []
     return {k: shlex.join(v) for k, v in lines.items()}
 
 
@@ -138,15 +153,36 @@ def _budget_line(prog, config) -> str:
     return f"The search ran to the end ({done})."
 
 
+def _nncf_note(best: dict[str, Any], cand: Candidate, out: Path) -> str:
+    """What an NNCF point's two files are: the shipped IR, and the float model before NNCF."""
+    from eamvit.methods.export_openvino import read_model_meta
+
+    n = read_model_meta(out / "best.xml")["quant"]["subset_size"]
+    before = "the recipe's float steps" if cand.recipe.steps else "no step: the unmodified model"
+    return (f"\n`best.xml` + `best.bin` is the shipped file: the point's fp32 export quantized to int8 by NNCF "
+            f"(`nncf.quantize`, TRANSFORMER, the first {n} calibration images); the top-1 above is that file's "
+            f"(`eval --onnx best.xml --runtime openvino`). `best.safetensors` holds the model before NNCF "
+            f"({before}): `eamvit eval --state best.safetensors` scores that float model, {best['top1_torch']:.3f}%, "
+            f"not the shipped file. To rebuild the file, export it in fp32 (below), then quantize it with "
+            f"`eamvit.methods.export_openvino.nncf_quantize(best-fp32.onnx, best.xml, images)` on those {n} "
+            "images.\n")
+
+
 def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: CommandLines, out: Path) -> str:
-    lines = commands_for(best, cand.recipe, cand.export, commands, out)
-    onnx = config.runtime == "onnxruntime"
-    size = f"{best['file_bytes']:,} bytes (best.onnx)" if onnx else f"{best['model_bytes']:,} bytes at its bit widths"
-    where = "in ONNX Runtime (best.onnx)" if onnx else "in PyTorch"
+    lines = commands_for(cand, config.runtime, commands, out)
+    exported = config.runtime != "torch"
+    file = "best.xml" if cand.nncf else "best.onnx"
+    size = (f"{best['file_bytes']:,} bytes ({file}{' + best.bin' if cand.nncf else ''})" if exported
+            else f"{best['model_bytes']:,} bytes at its bit widths")
+    where = f"in {RUNTIME_NAMES[config.runtime]}" + (f" ({file})" if exported else "")
     note = ""
-    if onnx and best["top1_torch"] != best["top1"]:  # the same quantizers; only the runtime's arithmetic differs
+    if cand.nncf:
+        note = _nncf_note(best, cand, out)
+    elif exported and best["top1_torch"] != best["top1"]:  # the same quantizers; only the runtime's arithmetic differs
+        how = ("OpenVINO's int8 kernels (and its bf16 float layers, on CPUs with AVX-512 BF16)"
+               if config.runtime == "openvino" else "ONNX Runtime's integer kernels")
         note = (f"\n`eamvit eval --state best.safetensors` (the same model in PyTorch) gives {best['top1_torch']:.3f}%: "
-                "ONNX Runtime's integer kernels round differently on this CPU.\n")
+                f"{how} round differently on this CPU.\n")
     rebuild = "\n".join(lines[k] for k in ("compress", "export") if k in lines)
     check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)
     return f"""## Chosen: {best['label']}
@@ -175,14 +211,19 @@ def report_text(rows: Sequence[dict[str, Any]], best: Optional[dict[str, Any]], 
     """The text of ``report.md``: the setting, the chosen point and its commands, the front."""
     ref = rows[0]
     spec = state_of(model).spec
-    onnx = config.runtime == "onnxruntime"
-    runtime = (f"ONNX Runtime on CPU ({config.threads or 'default'} threads), each point's exported file" if onnx
-               else "PyTorch, each point's model (quantization is left out: PyTorch simulates it in float)")
+    onnx = config.runtime != "torch"
+    runtime = {"onnxruntime": f"ONNX Runtime on CPU ({config.threads or 'default'} threads), each point's exported file",
+               "openvino": f"OpenVINO on CPU ({config.threads or 'default'} threads, its default inference precision: "
+                           "bf16 float layers on CPUs with AVX-512 BF16 or AMX, f32 elsewhere), each point's exported "
+                           "file; an `nncf-int8` point's file is its fp32 export quantized by NNCF (`nncf.quantize`, "
+                           "TRANSFORMER) into an OpenVINO IR",
+               "torch": "PyTorch, each point's model (quantization is left out: PyTorch simulates it in float)"}
+    runtime = runtime[config.runtime]
     if best is not None and cand is not None:
         chosen = _chosen_section(best, cand, config, commands, out)
     else:
         chosen = (f"## No recipe within {config.max_drop:g} point(s)\n\nNo measured point other than the unmodified "
-                  "model keeps top-1 within the budget; best.safetensors and best.onnx are not written. Allow a "
+                  "model keeps top-1 within the budget; best.safetensors and the best file are not written. Allow a "
                   "larger --max-drop, or let the search run to the end.\n")
     front = [r for r in rows if r["on_front"]]
     failed = [r for r in rows if r.get("error")]

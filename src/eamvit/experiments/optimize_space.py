@@ -1,7 +1,8 @@
 """The search space of ``eamvit optimize``: candidates in a fixed order, and the commands that rebuild one.
 
-A :class:`Candidate` is a :class:`~eamvit.methods.recipe.Recipe` and, for ONNX Runtime, the
-:class:`~eamvit.methods.export.ExportConfig` it ships with. The search first measures every single
+A :class:`Candidate` is a :class:`~eamvit.methods.recipe.Recipe` and, for ONNX Runtime and OpenVINO,
+the :class:`~eamvit.methods.export.ExportConfig` it ships with; for OpenVINO it may also be NNCF's int8
+quantization of that (fp32) export (:class:`NncfInt8`). The search first measures every single
 technique (:func:`single_candidates`), then stacks the ones that kept top-1 within the budget
 (:func:`combinations`). Both lists depend only on the model's depth, the options, the cost account of
 the model (the merging ``r``: :func:`merge_options`) and which singles survived (top-1 in the
@@ -28,7 +29,7 @@ from eamvit.methods.recipe import Recipe
 from eamvit.methods.repq import RepQConfig
 from eamvit.ops.scores import default_blocks
 
-Runtime = Literal["onnxruntime", "torch"]
+Runtime = Literal["onnxruntime", "openvino", "torch"]
 RUNTIMES = get_args(Runtime)
 Space = Literal["standard", "small"]
 SPACES = get_args(Space)
@@ -42,22 +43,44 @@ _MERGE_NAMES = {"tome": "tome", "entropy": "entropy-merge"}
 
 
 @dataclass(frozen=True)
+class NncfInt8:
+    """NNCF's int8 quantization (``nncf.quantize``, TRANSFORMER) of a point's fp32 export, in OpenVINO.
+
+    A part of a search point, not a recipe step: it acts on the exported file, after the recipe's
+    (float) steps have run in PyTorch. :func:`_candidate` turns it into :attr:`Candidate.nncf`.
+    """
+
+
+NNCF = NncfInt8()
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One point of the search.
 
     Args:
-        recipe: the compression steps.
-        export: how ONNX Runtime's file is written (``None``: the PyTorch runtime, nothing exported).
+        recipe: the compression steps, applied in PyTorch.
+        export: how the file is written (``None``: the PyTorch runtime, nothing exported).
         label: a short name for tables and the progress bar.
+        nncf: the fp32 export is then quantized by NNCF into an OpenVINO IR, which is what is measured
+            and shipped (OpenVINO only; the recipe then has no quantization step).
     """
 
     recipe: Recipe
     export: Optional[ExportConfig]
     label: str
+    nncf: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What makes two candidates the same measurement (the cache key's part)."""
-        return {"recipe": self.recipe.to_dict(), "export": self.export.to_dict() if self.export else None}
+        out = {"recipe": self.recipe.to_dict(), "export": self.export.to_dict() if self.export else None}
+        # Named only when set: the keys of points measured before NNCF existed stay valid.
+        return {**out, "nncf": True} if self.nncf else out
+
+    @property
+    def techniques(self) -> int:
+        """How many techniques the point applies: its recipe's steps, and NNCF (0: the reference)."""
+        return len(self.recipe.steps) + self.nncf
 
 
 def _quant_options(space: str, seed: int) -> list[tuple[str, RepQConfig, ExportConfig]]:
@@ -67,6 +90,12 @@ def _quant_options(space: str, seed: int) -> list[tuple[str, RepQConfig, ExportC
     if space == "standard":  # activations stay float in MatMulNBits graphs; 8 is what the simulation keeps
         out.append(("w4-weight-only", RepQConfig(w_bits=4, a_bits=8, seed=seed), ExportConfig(scheme="weight-only")))
     return out
+
+
+def _openvino_quant_options(seed: int) -> list[tuple[str, Any, ExportConfig]]:
+    """NNCF's int8 of the fp32 export (what an OpenVINO user would pick), and RepQ-ViT int8 calibrated for OpenVINO."""
+    repq = Target(form="openvino").export_config()
+    return [("nncf-int8", NNCF, ExportConfig()), ("repq-int8", RepQConfig(w_bits=8, a_bits=8, seed=seed), repq)]
 
 
 def late_blocks(depth: int) -> tuple[int, ...]:
@@ -127,30 +156,33 @@ def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
 
 
 def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
-    stage = {RepQConfig: 0, FreezeConfig: 1, PruneConfig: 2, MergeConfig: 2}
+    stage = {RepQConfig: 0, NncfInt8: 0, FreezeConfig: 1, PruneConfig: 2, MergeConfig: 2}
     parts = sorted(parts, key=lambda p: stage[type(p[1])])
+    nncf = any(isinstance(s, NncfInt8) for _, s in parts)
     # A quantized point is calibrated for the export it is measured in: its saved state scores what its file does.
     quantized = any(isinstance(s, RepQConfig) for _, s in parts)
     target = Target.of(export) if quantized and export is not None else None
-    return Candidate(Recipe(steps=tuple(s for _, s in parts), target=target), export,
-                     " + ".join(name for name, _ in parts) or "fp32")
+    return Candidate(Recipe(steps=tuple(s for _, s in parts if not isinstance(s, NncfInt8)), target=target), export,
+                     " + ".join(name for name, _ in parts) or "fp32", nncf=nncf)
 
 
 def reference(runtime: str) -> Candidate:
-    """The unmodified model (its fp32 export for ONNX Runtime): the top-1 and speed every point is measured against."""
-    return Candidate(Recipe(), ExportConfig() if runtime == "onnxruntime" else None, "fp32")
+    """The unmodified model (its fp32 export for ONNX Runtime and OpenVINO): the top-1 and speed every point is
+    measured against."""
+    return Candidate(Recipe(), None if runtime == "torch" else ExportConfig(), "fp32")
 
 
 def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0,
                       merges: Sequence[tuple[str, MergeConfig]] = ()) -> list[Candidate]:
-    """Every single technique, in order: quantization (ONNX Runtime only), pruning, merging, freezing.
+    """Every single technique, in order: quantization (ONNX Runtime and OpenVINO), pruning, merging, freezing.
 
     PyTorch runs RepQ-ViT as a float simulation (no integer kernels), which is never faster than
-    the model itself: ``runtime="torch"`` leaves quantization out.
+    the model itself: ``runtime="torch"`` leaves quantization out. OpenVINO's quantizations are
+    NNCF's int8 and RepQ-ViT int8 in the form OpenVINO runs (:func:`_openvino_quant_options`).
 
     Args:
         depth: transformer blocks of the model (where pruning can happen).
-        runtime: ``"onnxruntime"`` or ``"torch"``.
+        runtime: ``"onnxruntime"``, ``"openvino"`` or ``"torch"``.
         space: ``"standard"`` or ``"small"`` (a handful of points).
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         merges: the merging points, named (:func:`merge_options` of the model).
@@ -159,8 +191,9 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
         raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if space not in SPACES:
         raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
-    onnx = runtime == "onnxruntime"
-    out = [_candidate([(n, q)], e if onnx else None) for n, q, e in (_quant_options(space, seed) if onnx else [])]
+    onnx = runtime != "torch"
+    quant = {"onnxruntime": _quant_options(space, seed), "openvino": _openvino_quant_options(seed)}.get(runtime, [])
+    out = [_candidate([(n, q)], e) for n, q, e in quant]
     plain = ExportConfig() if onnx else None
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
     out += [_candidate([m], plain) for m in merges]
@@ -174,9 +207,9 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
     largest τ (the others keep more work). Pruning and merging are one stage, ``reduce``."""
     best: dict[tuple, tuple[str, Any, Optional[ExportConfig]]] = {}
     for cand, ok in singles:
-        if not ok or len(cand.recipe.steps) != 1:
+        if not ok or cand.techniques != 1:
             continue
-        step = cand.recipe.steps[0]
+        step = NNCF if cand.nncf else cand.recipe.steps[0]
         item = (cand.label, step, cand.export)
         if isinstance(step, PruneConfig):
             key = ("reduce", "prune", step.method, step.blocks)

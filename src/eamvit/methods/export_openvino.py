@@ -211,6 +211,9 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return nncf.quantize(model, data, **kwargs), nncf.__version__
+    except Exception as e:  # a graph NNCF cannot handle: one line, so a search records it and goes on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EamError(f"NNCF cannot quantize {fp32_path}: {msg[:300]}") from None
     finally:
         ext.setLevel(level)
 
