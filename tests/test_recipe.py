@@ -160,3 +160,20 @@ def test_every_export_option_changes_the_file_or_is_refused(maps_path, tmp_path,
         assert not (tmp_path / "with.onnx").exists()
     else:
         assert graph != _BASES[key], f"{option} was accepted but changed nothing"
+
+
+@pytest.mark.parametrize("quant, target, words", [
+    (RepQConfig(w_bits=8, a_bits=4), "qdq", "8-bit activations, not --a-bits 4"),
+    (RepQConfig(w_bits=8, a_bits=6), "openvino", "8-bit activations, not --a-bits 6"),
+])
+def test_a_target_the_quantization_cannot_take_is_refused_before_calibration(quant, target, words):
+    from eamvit.methods.export import Target
+
+    with pytest.raises(EamError, match=words):
+        Recipe(steps=(quant,), target=Target(form=target))
+    Recipe(steps=(quant,), target=Target(form="weight-only"))  # float activations: any a_bits calibrates
+
+
+def test_a_non_repq_quantization_has_no_onnx_target(capsys):
+    code, _, err = run(capsys, "eval", "--data", "digits", "--quant", "adfq", "--target", "qdq")
+    assert code == 2 and err.count("\n") == 1 and "adfq has no integer-runtime form" in err

@@ -182,6 +182,17 @@ class Target(Config):
             raise EamError(f"{changed[0]} is a setting of activations, which target weight-only keeps in float; "
                            "drop it, or choose --target qdq")
 
+    def check_quant(self, quant: Any) -> None:
+        """Refuse, before any calibration, a quantization this target cannot express."""
+        if self.form == "torch" or quant is None:
+            return
+        if not isinstance(quant, RepQConfig):
+            raise EamError(f"target {self.form} runs RepQ-ViT's quantizers; {quant.KIND} has no integer-runtime "
+                           "form: use --target torch, or quantize with --quant repq")
+        if self.form != "weight-only" and quant.a_bits != 8:
+            raise EamError(f"target {self.form} runs 8-bit activations, not --a-bits {quant.a_bits}; use --a-bits 8, "
+                           "--target weight-only (float activations) or --target torch")
+
     @classmethod
     def of(cls, export: "ExportConfig") -> "Target":
         """The target that ``export`` writes."""

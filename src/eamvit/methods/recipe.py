@@ -75,6 +75,8 @@ class Recipe(Config):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
                            "with each at most once; "
                            "write them in that order")
+        if self.target is not None:
+            self.target.check_quant(self.step("quant"))
         if "prune" in stages and "merge" in stages:
             raise EamError("a recipe prunes or merges tokens, not both (a model's blocks do one of them); "
                            "drop one step")
