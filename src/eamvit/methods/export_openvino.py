@@ -15,6 +15,7 @@ layers only for weights with no zero point, and its int8 attention only for q, k
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,15 @@ def model_bytes(path: str | os.PathLike) -> int:
     return p.stat().st_size + (p.with_suffix(".bin").stat().st_size if p.suffix == ".xml" else 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _core():
+    """The process's one OpenVINO ``Core``: compiled models never outlive the Core (and its CPU plugin) that
+    made them."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     """eamvit's metadata of an ``.onnx`` export or of an OpenVINO IR (``.xml``) from :func:`nncf_quantize`.
 
@@ -74,12 +84,10 @@ def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     if p.suffix != ".xml":
         return read_onnx_meta(p)
     require_openvino(f"reading {p}")
-    import openvino as ov
-
     if not p.is_file() or not p.with_suffix(".bin").is_file():
         raise EamError(f"OpenVINO model {p} (with {p.with_suffix('.bin').name}) does not exist")
     try:
-        model = ov.Core().read_model(str(p))
+        model = _core().read_model(str(p))
     except Exception as e:
         raise EamError(f"OpenVINO cannot read {p}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r}") \
             from None
@@ -97,8 +105,6 @@ def compile_openvino(path: str | os.PathLike, threads: Optional[int] = None, pre
         precision: ``"f32"`` or ``"bf16"`` for the float parts; ``None``: OpenVINO's choice for this CPU.
     """
     require_openvino("running a model in OpenVINO")
-    import openvino as ov
-
     if precision is not None and precision not in PRECISIONS:
         raise EamError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
@@ -107,7 +113,7 @@ def compile_openvino(path: str | os.PathLike, threads: Optional[int] = None, pre
     if precision:
         cfg["INFERENCE_PRECISION_HINT"] = precision
     try:
-        return ov.Core().compile_model(str(path), "CPU", cfg)
+        return _core().compile_model(str(path), "CPU", cfg)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EamError(f"OpenVINO cannot load {path}: {msg[:300]}") from None
@@ -196,9 +202,7 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
     import logging
 
     import nncf
-    import openvino as ov
-
-    model = ov.Core().read_model(str(fp32_path))
+    model = _core().read_model(str(fp32_path))
     data = nncf.Dataset([calib_images[i:i + 1].detach().cpu().float().numpy() for i in range(len(calib_images))])
     kwargs: dict[str, Any] = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_images))
     if preset is not None:
