@@ -240,8 +240,8 @@ def _frozen_finetune_step(demo: DemoRun) -> dict:
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     train = train_dataset("digits", data_config(model), augment="shift")
-    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device, progress=True,
-                                 data_config=demo.data_config)
+    data = EvalData(test, batch_size=256, device=device, data_config=demo.data_config)
+    rows = frozen_finetune_table(model, train, data, maps, taus=FINETUNE_TAUS, progress=True)
     write_table(out / "frozen_finetune", rows)
     table = markdown_table(rows)
     c = SHORT_RECIPE
