@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,7 @@ from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, U
 from eamvit.ops.pareto import choose, pareto_frontier
 
 Metric = Literal["fisher", "hessian"]
-METRICS = get_args(Metric)
 PMQBase = Literal["repq", "percentile"]
-BASES = get_args(PMQBase)
 _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
 
 
