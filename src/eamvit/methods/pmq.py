@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers, observe
@@ -402,7 +402,6 @@ def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]
             if isinstance(m, (QuantLinear, QuantConv2d))}
 
 
-@register_quantize_handler(PMQConfig, rebuild=_rebuild, structure=_structure, free_bits=_free_bits)
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
     RepQ-ViT's calibration with the allocated bits.
@@ -419,3 +418,6 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     calibrate_(model, images, pairs)
     report["patch_bits"] = _patch_rows(token_bits)
     return report
+
+
+HANDLER = QuantizeHandler(PMQConfig, _quantize_pmq, _rebuild, structure=_structure, free_bits=_free_bits)
