@@ -71,6 +71,7 @@ def _api_tables(out: Path) -> dict:
     from eamvit.io import save_tensors
     from eamvit.experiments.frozen_finetune import frozen_finetune_table
     from eamvit.experiments.results import write_table
+    from eamvit.experiments.runner import EvalData
     from eamvit.methods.calibrate import compute_entropy_maps
     from eamvit.methods.data import DigitsDataset, digits_data_config
     from eamvit.methods.finetune import FinetuneConfig
@@ -80,9 +81,9 @@ def _api_tables(out: Path) -> dict:
     small = torch.utils.data.Subset(train, range(64))
     maps = compute_entropy_maps(model, small, bits=8, progress=False)
     cfg = {**digits_data_config(16), "source": "digits"}
-    rows = frozen_finetune_table(model, small, torch.utils.data.Subset(test, range(60)), maps, taus=(0.5,),
-                                 selections=("entropy",), config=FinetuneConfig(epochs=1, lr=1e-4, batch_size=64),
-                                 data_config=cfg)
+    rows = frozen_finetune_table(model, small, EvalData(torch.utils.data.Subset(test, range(60)), batch_size=256,
+                                                        data_config=cfg), maps, taus=(0.5,),
+                                 selections=("entropy",), config=FinetuneConfig(epochs=1, lr=1e-4, batch_size=64))
     write_table(out / "frozen_finetune", rows)
     # The export table's row builder on the PyTorch row (the whole table exports ONNX files: test_demo.py).
     save_tensors(out / "fp32.safetensors", dict(model.state_dict()), {})

@@ -5,6 +5,7 @@ import pytest
 
 from eamvit.experiments.compare import CompareConfig, compare, markdown_table
 from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
+from eamvit.experiments.runner import EvalData
 from eamvit.experiments.size import model_size
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.quantize import quantize_
@@ -30,9 +31,9 @@ def test_compare_rows_equal_direct_quantization_and_sizes_agree_across_tables():
     assert rows[1]["model_bytes"] == model_size(q).model_bytes
 
     # The quantized sweep reports the same RepQ-ViT model with the same bytes.
-    res = quant_sweep(fp, test, calib, repq, QuantSweepConfig(taus=(0.0,), random_seeds=(0,), maps=("quant",),
-                                                             values=("quant",), entropy_bits=4, batch_size=16),
-                      progress=False)
+    res = quant_sweep(fp, EvalData(test, batch_size=16), calib, repq,
+                      QuantSweepConfig(taus=(0.0,), random_seeds=(0,), maps=("quant",), values=("quant",),
+                                       entropy_bits=4), progress=False)
     swept = next(r for r in res["rows"] if r["quant"] == "repq" and r["selection"] is None)
     assert swept["model_bytes"] == rows[1]["model_bytes"] and swept["top1"] == rows[1]["top1"]
 

@@ -14,6 +14,7 @@ import eamvit
 from eamvit.cli.main import main
 from eamvit.errors import EamError
 from eamvit.experiments.frozen_finetune import frozen_finetune_table, markdown_table
+from eamvit.experiments.runner import EvalData
 from eamvit.experiments.results import write_table
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.evaluate import evaluate
@@ -179,7 +180,7 @@ def test_bad_frozen_finetune_input_is_one_line_exit_2(extra, msg, map_files, tmp
 def test_table_rows_are_written(data, tmp_path):
     train, test, maps = data
     model = small_model()
-    rows = frozen_finetune_table(model, train, test, maps, taus=(0.5,), config=CFG)
+    rows = frozen_finetune_table(model, train, EvalData(test, batch_size=256), maps, taus=(0.5,), config=CFG)
     assert [(r["tau"], r["selection"]) for r in rows] == [(0.5, "entropy"), (0.5, "random")]
     assert all(0 <= r["top1"] <= 100 and 0 <= r["top1_finetuned"] <= 100 for r in rows)
     assert attention_layers(model)[0].eam_frozen_mask is None  # the model itself is left unfrozen

@@ -12,6 +12,7 @@ from eamvit.methods.data import DigitsDataset
 from eamvit.errors import EamError
 from eamvit.methods.finetune import CHECKPOINT, FinetuneConfig, finetune, keep_rate_at
 from eamvit.experiments.prune_sweep import prune_sweep, prune_table
+from eamvit.experiments.runner import EvalData, Timing
 from eamvit.methods.prune import PruneConfig, kept_patch_masks, prune_, prune_state, token_entropies
 from eamvit.methods.state import state_of
 
@@ -107,9 +108,9 @@ def test_schedules_follow_evit():
 def test_sweep_and_table(digits, tmp_path):
     _, test = digits
     m = small_model()
-    rows = prune_sweep(m, test, keep_rates=(0.7, 0.5), methods=[("shannon", None), ("renyi", math.inf),
-                                                                 ("evit", None)],
-                       throughput_batch=4, throughput_iters=3, progress=False)
+    rows = prune_sweep(m, EvalData(test), keep_rates=(0.7, 0.5), methods=[("shannon", None), ("renyi", math.inf),
+                                                                          ("evit", None)],
+                       timing=Timing(batch_size=4, warmup=1, reps=3), progress=False)
     assert [r["prune"] for r in rows] == [None, "shannon", "renyi", "evit"] * 1 + ["shannon", "renyi", "evit"]
     assert rows[0]["keep_rate"] is None and all("tau" not in r for r in rows)  # blank where they do not apply
     assert rows[2]["alpha"] == "inf" and rows[1]["tokens"] == "64-45-32-23"

@@ -11,6 +11,7 @@ from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
 from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table, table1
 from eamvit.experiments.results import markdown
+from eamvit.experiments.runner import EvalData
 from eamvit.experiments.size import model_size
 
 from conftest import TINY_SWIN, TINY_VIT, make
@@ -68,8 +69,8 @@ def test_kl_maps_of_two_models():
 def _sweep(spec, taus=(0.0, 0.1, 0.2), **kw):
     fp = make(spec)
     kw.setdefault("random_seeds", (0, 1))
-    return fp, quant_sweep(fp, Images(10, seed=1), Images(12, seed=0), RepQConfig(calib_size=8),
-                           QuantSweepConfig(taus=taus, entropy_bits=4, batch_size=16, **kw), progress=False)
+    return fp, quant_sweep(fp, EvalData(Images(10, seed=1), batch_size=16), Images(12, seed=0), RepQConfig(calib_size=8),
+                           QuantSweepConfig(taus=taus, entropy_bits=4, **kw), progress=False)
 
 
 def test_quant_sweep_rows_table_and_sizes(tmp_path):

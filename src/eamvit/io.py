@@ -49,12 +49,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
         raise EamError(f"{option} {p} is a directory; give a file name")
     if p.exists() and not os.access(p, os.W_OK):
         raise EamError(f"{option} {p} is read-only; choose another file")
-    base = nearest_existing(p.parent if str(p.parent) else ".")
-    if not base.is_dir():
-        raise EamError(f"{option} {p}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise EamError(f"{option} {p}: folder {base} is not writable; choose a writable {option}")
-    return p
+    return _under_writable_folder(p, nearest_existing(p.parent if str(p.parent) else "."), option)
 
 
 def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -65,7 +60,11 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     p = Path(text)
     if p.exists() and not p.is_dir():
         raise EamError(f"{option} {p} is a file, not a folder")
-    base = nearest_existing(p)
+    return _under_writable_folder(p, nearest_existing(p), option)
+
+
+def _under_writable_folder(p: Path, base: Path, option: str) -> Path:
+    """``p``, once its nearest existing ancestor ``base`` is a folder this process can write into."""
     if not base.is_dir():
         raise EamError(f"{option} {p}: {base} is a file, not a folder")
     if not os.access(base, os.W_OK | os.X_OK):

@@ -103,6 +103,7 @@ def cmd_sweep(args) -> None:
     from eamvit.experiments.runner import EvalData
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate
+    from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.entropy import plot_sweep
 
     if args.granularity is not None:
@@ -124,8 +125,8 @@ def cmd_sweep(args) -> None:
     flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
-        rows += freeze_sweep(model, maps, data, args.taus, scope=scope, seeds=range(args.seed, args.seed + args.seeds),
-                             value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+        freeze = FreezeConfig(scope=scope, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
+        rows += freeze_sweep(model, maps, data, args.taus, freeze, seeds=range(args.seed, args.seed + args.seeds),
                              progress=is_main())
     if is_main():
         files = write_table(out / "sweep", rows)
@@ -145,6 +146,7 @@ def cmd_speed_sweep(args) -> None:
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
     from eamvit.io import ensure_writable_dir
+    from eamvit.methods.freeze import FreezeConfig
     from eamvit.methods.prune import check_keep_rate, method_config
     from eamvit.plots.speed import plot_top1_vs_speedup
 
@@ -156,7 +158,7 @@ def cmd_speed_sweep(args) -> None:
         check_keep_rate(k)
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
-    freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
+    freeze = FreezeConfig(aggregate=args.aggregate, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
     model, device = load_model(args)
     if not supports(model, "prune") and args.methods is None:
         methods, merges = [], []
@@ -173,7 +175,7 @@ def cmd_speed_sweep(args) -> None:
     flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
-                       freeze_options=freeze, prune_options=prune_options(args), progress=is_main(), merges=merges)
+                       freeze=freeze, prune_options=prune_options(args), progress=is_main(), merges=merges)
     if is_main():
         files = write_table(out / "speed_sweep", rows, formats=("csv", "json"))  # every field, to diff
         files.update(write_table(out / "speed_sweep", rows, SPEED_COLUMNS, formats=("md",)))
@@ -191,6 +193,7 @@ def cmd_quant_sweep(args) -> None:
 
     from eamvit.cli.quant import _calib_set, quant_config
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
+    from eamvit.experiments.runner import EvalData
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized
@@ -213,11 +216,11 @@ def cmd_quant_sweep(args) -> None:
                            f"{type(qcfg).__name__.removesuffix('Config')}")
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
-                             batch_size=args.batch_size)
+                             max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
+    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
     flush_warnings()
-    res = quant_sweep(model, ev, cal, qcfg, sweep, eval_indices=ev_idx, map_indices=cal_idx,
-                      repq_calib=_calib_set(cal, cal_idx), q_model=q_model, device=device, workers=args.workers,
-                      max_memory=parse_bytes(args.max_memory) if args.max_memory else None, data_config=cfg)
+    res = quant_sweep(model, data, cal, qcfg, sweep, map_indices=cal_idx, repq_calib=_calib_set(cal, cal_idx),
+                      q_model=q_model)
     _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{qcfg.w_bits}/A{qcfg.a_bits}")
     print(res["table"])
 

@@ -14,6 +14,7 @@ def cmd_prune_sweep(args) -> None:
     """``sweep --prune``: pruning per (method, κ), and merging at each κ's GMACs (``--methods``)."""
     from eamvit.experiments.prune_sweep import markdown_table, parse_sweep_methods, prune_sweep
     from eamvit.experiments.results import write_table
+    from eamvit.experiments.runner import EvalData, Timing
     from eamvit.io import ensure_writable_dir, write_text
     from eamvit.methods.prune import check_keep_rate, method_config
     from eamvit.modules.attention import attention_layers, require
@@ -31,10 +32,11 @@ def cmd_prune_sweep(args) -> None:
         require(attention_layers(model), "merge")
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
     flush_warnings()  # before the sweep, not after its results
-    rows = prune_sweep(model, ev, args.keep_rates, methods, indices=ev_idx, batch_size=args.batch_size,
-                       workers=args.workers, device=device, throughput=not args.no_throughput,
-                       throughput_batch=args.throughput_batch, throughput_iters=args.throughput_reps,
-                       progress=is_main(), data_config=cfg, merges=merges, **prune_options(args))
+    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    timing = None if args.no_throughput else Timing(batch_size=args.throughput_batch, warmup=1,
+                                                    reps=args.throughput_reps)
+    rows = prune_sweep(model, data, args.keep_rates, methods, timing, progress=is_main(), merges=merges,
+                       **prune_options(args))
     if is_main():
         md = markdown_table(rows)
         files = write_table(out / "prune_sweep", rows, formats=("csv", "json"))

@@ -5,7 +5,7 @@ default, plus PMQ under explicit size budgets such as the paper's ``"8/8/4(MP)"`
 and optionally freezes the lowest-entropy attention entries at sparsity τ on top of each
 (EAM on the quantized model: maps computed on that quantized model, frozen values in fp32).
 :func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
-size, top-1 and its drop from full precision). :func:`compare_table` is the demo's fast version.
+size, top-1 and its drop from full precision). :data:`DEMO_CONFIG` holds the demo's fast settings.
 
 Model size: ``model_bytes``, :func:`eamvit.experiments.size.model_size` (quantized weights at their
 bits, quantizer scales and zero points and every other parameter at 32 bits); the table shows it in
@@ -74,6 +74,11 @@ class CompareConfig(Config):
             pmq.parse_bits_config(text)
         if self.freeze_sparsity is not None and not 0 <= self.freeze_sparsity <= 1:
             raise EamError(f"freeze_sparsity={self.freeze_sparsity} must be a fraction in [0, 1]")
+
+
+# The demo's fast settings: few ADFQ-ViT reconstruction iterations (the paper's 3000 are far too slow for a
+# demo) on 64 calibration images (RepQ-ViT and PMQ keep their 32), and PMQ under the paper's 8/8/4(MP) budget.
+DEMO_CONFIG = CompareConfig(adfq=adfq.ADFQConfig(calib_size=64, iterations=20), pmq_budgets=("8/8/4(MP)",))
 
 
 def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
@@ -175,32 +180,3 @@ def compare_columns(rows: Sequence[ResultRow | dict]) -> list[Column]:
 def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
     """The rows as the seeds' table (:func:`compare_columns`)."""
     return markdown(rows, compare_columns(rows))
-
-
-def compare_table(model_factory: Callable[[], nn.Module], train_ds: Dataset, test_ds: Dataset,
-                  freeze_sparsity: Optional[float] = None, adfq_iterations: int = 20, calib_size: int = 64,
-                  device: torch.device | str | None = None, test_indices: Optional[Sequence[int]] = None,
-                  progress: bool = False, data_config: Optional[dict] = None) -> tuple[list[ResultRow], str]:
-    """The demo's comparison with fast settings: few reconstruction iterations, small calibration sets.
-
-    Args:
-        model_factory: returns the full-precision model.
-        train_ds: calibration source.
-        test_ds: evaluation set.
-        freeze_sparsity: EAM τ on top of every method (None: off).
-        adfq_iterations: ADFQ-ViT iterations per module (the paper's 3000 is far too slow for a demo).
-        calib_size: calibration images for ADFQ-ViT (RepQ-ViT and PMQ keep their 32).
-        device: where to run.
-        test_indices: evaluate on these items only.
-        progress: progress bars.
-        data_config: the data config ``test_ds`` was built with (recorded in the rows).
-
-    Returns:
-        ``(rows, markdown)``.
-    """
-    cfg = CompareConfig(adfq=adfq.ADFQConfig(calib_size=calib_size, iterations=adfq_iterations),
-                        pmq=pmq.PMQConfig(), pmq_budgets=("8/8/4(MP)",),
-                        freeze_sparsity=freeze_sparsity, progress=progress)
-    rows = compare(model_factory, train_ds, test_ds, cfg, device=device, test_indices=test_indices,
-                   data_config=data_config)
-    return rows, markdown_table(rows)

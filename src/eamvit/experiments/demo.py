@@ -42,6 +42,7 @@ from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.evaluate import evaluate
+from eamvit.methods.freeze import FreezeConfig
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
 SCOPES = ("head", "global")  # the default demo sweeps the first; --full both
@@ -143,7 +144,7 @@ def _sweep_step(demo: DemoRun) -> dict:
     rows: list[ResultRow] = []
     scopes = SCOPES if demo.full else SCOPES[:1]
     for scope in scopes:
-        rows += freeze_sweep(demo.model, demo.maps, data, TAUS, scope=scope, seeds=SEEDS, label="fp32")
+        rows += freeze_sweep(demo.model, demo.maps, data, TAUS, FreezeConfig(scope=scope), seeds=SEEDS, label="fp32")
     write_table(demo.out / "sweep", rows)
     figure = Figure("plot_sweep", (rows, demo.out / "sweep.png"), {"title": "digits ViT: entropy vs random freezing",
                                                                    "reference": {"unfrozen": demo.base["top1"]}})
@@ -239,8 +240,8 @@ def _frozen_finetune_step(demo: DemoRun) -> dict:
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
     train = train_dataset("digits", data_config(model), augment="shift")
-    rows = frozen_finetune_table(model, train, test, maps, taus=FINETUNE_TAUS, device=device, progress=True,
-                                 data_config=demo.data_config)
+    data = EvalData(test, batch_size=256, device=device, data_config=demo.data_config)
+    rows = frozen_finetune_table(model, train, data, maps, taus=FINETUNE_TAUS, progress=True)
     write_table(out / "frozen_finetune", rows)
     table = markdown_table(rows)
     c = SHORT_RECIPE
@@ -264,9 +265,8 @@ def _quant_step(demo: DemoRun) -> dict:
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
-    res = quant_sweep(model, test, train, RepQConfig(w_bits=4, a_bits=4),
-                      QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,), batch_size=256), device=device,
-                      data_config=demo.data_config)
+    res = quant_sweep(model, EvalData(test, batch_size=256, device=device, data_config=demo.data_config), train,
+                      RepQConfig(w_bits=4, a_bits=4), QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,)))
     rows = res["rows"]
     write_table(out / "quant_sweep", rows)
     figures = [Figure("plot_quant_sweep", (rows, out / "quant_sweep.png"),
@@ -339,11 +339,14 @@ block, with the `r` whose executed GMACs come closest to Shannon pruning's at ea
 
 def _compare_step(demo: DemoRun) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
-    from eamvit.experiments.compare import compare_table
+    from dataclasses import replace
+
+    from eamvit.experiments.compare import DEMO_CONFIG, compare, markdown_table
 
     ckpt, train, test, out, device = demo.ckpt, demo.train, demo.test, demo.out, demo.device
-    rows, table = compare_table(lambda: load_demo_model(ckpt, device=device), train, test, device=device,
-                                progress=True, data_config=demo.data_config)
+    rows = compare(lambda: load_demo_model(ckpt, device=device), train, test, replace(DEMO_CONFIG, progress=True),
+                   device=device, data_config=demo.data_config)
+    table = markdown_table(rows)
     write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
 

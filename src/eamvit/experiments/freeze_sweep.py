@@ -42,27 +42,24 @@ def freeze_point(maps: EntropyMaps, config: FreezeConfig, fields: dict[str, Any]
     return Point(fields, frozen, tuple(seeds))
 
 
-def freeze_points(maps: EntropyMaps, taus: Sequence[float], scope: str = "head",
+def freeze_points(maps: EntropyMaps, taus: Sequence[float], freeze: FreezeConfig = FreezeConfig(),
                   selections: Sequence[str] = ("entropy", "random"), seeds: Sequence[int] = (0, 1, 2),
-                  value_bits: Optional[int] = None, value_quantizer: str = "uniform",
-                  value_deltas: Optional[Sequence] = None, label: str = "") -> list[Point]:
-    """One point per (τ, selection); random freezing at τ > 0 runs every seed, the rest seed 0."""
+                  label: str = "") -> list[Point]:
+    """One point per (τ, selection) of ``freeze`` (its ``tau``, ``selection`` and ``seed`` replaced); random
+    freezing at τ > 0 runs every seed, the rest seed 0."""
     points = []
-    base = FreezeConfig(scope=scope, value_bits=value_bits, value_quantizer=value_quantizer)
     for tau in taus:
         for sel in selections:
-            cfg = replace(base, tau=tau, selection=sel)
-            fields = {"label": label, "tau": tau, "selection": sel, "scope": scope,
-                      "value_bits": value_bits if value_bits is not None else 32}
+            fields = {"label": label, "tau": tau, "selection": sel, "scope": freeze.resolved_scope,
+                      "value_bits": freeze.value_bits if freeze.value_bits is not None else 32}
             run_seeds = list(seeds) if sel == "random" and tau > 0 else [0]
-            points.append(freeze_point(maps, cfg, fields, run_seeds, value_deltas))
+            points.append(freeze_point(maps, replace(freeze, tau=tau, selection=sel), fields, run_seeds))
     return points
 
 
-def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float], scope: str = "head",
-                 selections: Sequence[str] = ("entropy", "random"), seeds: Sequence[int] = (0, 1, 2),
-                 value_bits: Optional[int] = None, value_quantizer: str = "uniform",
-                 value_deltas: Optional[Sequence] = None, label: str = "", progress: bool = True) -> list[ResultRow]:
+def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
+                 freeze: FreezeConfig = FreezeConfig(), selections: Sequence[str] = ("entropy", "random"),
+                 seeds: Sequence[int] = (0, 1, 2), label: str = "", progress: bool = True) -> list[ResultRow]:
     """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6).
 
     Random freezing is averaged over ``seeds`` (``top1_std`` is its standard deviation); entropy
@@ -73,12 +70,10 @@ def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequ
         maps: its entropy maps.
         data: evaluation data (:class:`~eamvit.experiments.runner.EvalData`).
         taus: sparsity levels.
-        scope: ``"head"``, ``"layer"`` or ``"global"``.
+        freeze: :class:`~eamvit.methods.freeze.FreezeConfig` of every point (``scope``, ``value_bits``,
+            ``value_quantizer`` ...); its ``tau``, ``selection`` and ``seed`` are replaced per point.
         selections: ``"entropy"`` and/or ``"random"``.
         seeds: seeds of random freezing.
-        value_bits: bits of the frozen values (``None``: fp32).
-        value_quantizer: quantizer of the frozen values.
-        value_deltas: its per-layer Δ.
         label: copied into every row.
         progress: progress bar.
 
@@ -86,5 +81,5 @@ def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequ
         One row per (τ, selection) with ``label``, ``tau``, ``selection``, ``scope``, ``value_bits``,
         ``frozen_fraction``, ``frozen_window_masked`` and the accuracy fields.
     """
-    points = freeze_points(maps, taus, scope, selections, seeds, value_bits, value_quantizer, value_deltas, label)
+    points = freeze_points(maps, taus, freeze, selections, seeds, label)
     return run_sweep(model, data, points, progress=progress, desc=f"sweep {label}".strip())

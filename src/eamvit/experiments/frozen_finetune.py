@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.experiments.results import Column, ResultRow, markdown
-from eamvit.experiments.runner import result_row
+from eamvit.experiments.runner import EvalData, result_row
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
@@ -33,27 +32,24 @@ COLUMNS = [Column("tau", "τ"), Column("selection"), Column("granularity"),
            Column("top1_finetuned", "top-1 fine-tuned", ".2f"), Column("seconds", "s / row", ".1f")]
 
 
-def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset, maps: EntropyMaps,
+def frozen_finetune_table(model: nn.Module, train_ds: Dataset, data: EvalData, maps: EntropyMaps,
                           taus: Sequence[float] = (0.5, 0.7, 0.9), selections: Sequence[str] = ("entropy", "random"),
-                          granularity: str = "entry", config: FinetuneConfig = SHORT_RECIPE, seed: int = 0,
-                          batch_size: int = 256, device: Optional[torch.device | str] = None,
-                          progress: bool = False, data_config: Optional[dict] = None) -> list[ResultRow]:
+                          freeze: FreezeConfig = FreezeConfig(), config: FinetuneConfig = SHORT_RECIPE,
+                          progress: bool = False) -> list[ResultRow]:
     """For every (τ, selection): top-1 of the frozen model off the shelf, then after fine-tuning it.
 
     Args:
         model: a trained, instrumented model (left unchanged: every row works on a deep copy).
         train_ds: training items (fine-tuning).
-        test_ds: held-out items (top-1).
+        data: held-out items (top-1: :class:`~eamvit.experiments.runner.EvalData`; its device is where
+            everything runs, its data config is recorded in the rows).
         maps: the model's entropy maps (and mean maps ``A^μ``).
         taus: sparsity levels.
         selections: ``"entropy"`` and/or ``"random"``.
-        granularity: ``"entry"``, ``"row"`` or ``"head"``.
+        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` of every row (``granularity``, the ``seed``
+            of random freezing ...); its ``tau`` and ``selection`` are replaced per row.
         config: the fine-tuning recipe, the same for every row.
-        seed: seed of random freezing.
-        batch_size: evaluation batch size.
-        device: where to run (the model's device by default).
         progress: progress bars.
-        data_config: the data config ``test_ds`` was built with (recorded in the rows).
 
     Returns:
         :class:`~eamvit.experiments.results.ResultRow` s: the accuracy of the frozen model before
@@ -61,20 +57,21 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
         ``top1_finetuned``, ``epochs``, ``lr`` and ``seconds`` (fine-tuning and both evaluations).
     """
     rows = []
-    base = FreezeConfig(seed=seed, granularity=granularity)
+    top = lambda m: evaluate(m, data.dataset, data.indices, batch_size=data.batch_size, workers=data.workers,
+                             device=data.device, progress=False)
     for tau in taus:
         for sel in selections:
-            fcfg = replace(base, tau=tau, selection=sel)
+            fcfg = replace(freeze, tau=tau, selection=sel)
             start = time.perf_counter()
             m = copy.deepcopy(model)
             report = freeze_(m, maps, fcfg)
-            before = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)
-            finetune(m, train_ds, config, device=device, progress=progress, freeze=fcfg)
-            after = evaluate(m, test_ds, batch_size=batch_size, device=device, progress=False)["top1"]
-            fields = {"tau": tau, "selection": sel, "granularity": granularity,
+            before = top(m)
+            finetune(m, train_ds, config, device=data.device, progress=progress, freeze=fcfg)
+            after = top(m)["top1"]
+            fields = {"tau": tau, "selection": sel, "granularity": freeze.granularity,
                       "frozen_fraction": round(report.frozen_fraction, 6), "top1_finetuned": after,
                       "epochs": config.epochs, "lr": config.lr, "seconds": round(time.perf_counter() - start, 2)}
-            rows.append(result_row(m, [before], fields, data_config))
+            rows.append(result_row(m, [before], fields, data.data_config))
     return rows
 
 

@@ -146,11 +146,9 @@ def merged_state(config: MergeConfig, measure: Optional[Callable[[nn.Module], di
     return state
 
 
-def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RATES,
-                methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS, indices: Optional[Sequence[int]] = None,
-                batch_size: int = 64, workers: int = 0, device: torch.device | str | None = None,
-                throughput: bool = True, throughput_batch: int = 32, throughput_iters: int = 10,
-                progress: bool = True, label: str = "", data_config: Optional[dict] = None,
+def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = KEEP_RATES,
+                methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS,
+                timing: Optional[Timing] = Timing(warmup=1), progress: bool = True, label: str = "",
                 merges: Sequence[MergeConfig] = (), **options: Any) -> list[ResultRow]:
     """Top-1, GMACs and images/s for every (method, κ), off the shelf (no fine-tuning), and every merging at
     each κ's GMACs (:func:`matched_merges`).
@@ -160,18 +158,14 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
 
     Args:
         model: a timm ViT/DeiT.
-        dataset: evaluation dataset (items ``(image, target)``).
+        data: evaluation data (:class:`~eamvit.experiments.runner.EvalData`: items ``(image, target)``,
+            subset, batch size, device, the data config recorded in the rows).
         keep_rates: κ values.
         methods: ``(method, alpha)`` pairs (alpha ``None`` except for ``"renyi"``).
-        indices: evaluation subset.
-        batch_size: evaluation batch size.
-        workers: DataLoader workers.
-        device: where to run.
-        throughput: also time images/s (the runner's ``measure_throughput``: ``throughput_iters``
-            forwards of ``throughput_batch`` images after one untimed one).
+        timing: how images/s are timed (:class:`~eamvit.experiments.runner.Timing`, the runner's
+            ``measure_throughput``); ``None``: not timed.
         progress: progress bar.
         label: copied into every row.
-        data_config: the timm data config ``dataset`` was built with (recorded in the rows).
         merges: merging configs (their ``r`` is chosen per κ), e.g. :data:`SWEEP_MERGES`; none (default): a
             pruning-only sweep.
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
@@ -196,8 +190,6 @@ def prune_sweep(model: nn.Module, dataset, keep_rates: Sequence[float] = KEEP_RA
                                  "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
         for cfg in (c for kk, c in matched if kk == k):
             points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg)))
-    timing = Timing(batch_size=throughput_batch, warmup=1, reps=throughput_iters) if throughput else None
-    data = EvalData(dataset, indices, batch_size=batch_size, workers=workers, device=device, data_config=data_config)
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
@@ -255,9 +247,9 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
     Returns:
         ``(rows, markdown)``.
     """
-    rows = prune_sweep(model, test_ds, keep_rates, methods, batch_size=batch_size, device=device,
-                       throughput_batch=throughput_batch, progress=progress, label="off the shelf",
-                       data_config=data_config, merges=merges)
+    data = EvalData(test_ds, batch_size=batch_size, device=device, data_config=data_config)
+    rows = prune_sweep(model, data, keep_rates, methods, Timing(batch_size=throughput_batch, warmup=1),
+                       progress=progress, label="off the shelf", merges=merges)
     if finetune_epochs > 0:
         import copy
 

@@ -25,7 +25,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,6 @@ from eamvit.modules.attention import attention_layers
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(10))
 MapsOf = Literal["fp", "quant"]  # entropy maps of the full-precision or of the quantized model
 FrozenValues = Literal["fp32", "quant"]
-EvaluateFn = Callable[..., dict]
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class QuantSweepConfig(Config):
         random_seeds: seeds of random freezing (mean and std reported).
         maps: which entropy maps to use: ``("fp", "quant")``.
         values: frozen-value precisions: ``("fp32", "quant")``.
-        batch_size: images per forward.
+        max_memory: histogram budget per model in bytes (more passes above it); ``None``: no limit.
         table_maps / table_values: the EAM variant reported in Table 1 (the paper's EAM_4bits:
             quantized-model maps, quantized values).
     """
@@ -75,7 +74,7 @@ class QuantSweepConfig(Config):
     random_seeds: tuple[int, ...] = (0, 1, 2)
     maps: tuple[MapsOf, ...] = ("fp", "quant")
     values: tuple[FrozenValues, ...] = ("fp32", "quant")
-    batch_size: int = 64
+    max_memory: Optional[int] = None
     table_maps: MapsOf = "quant"
     table_values: FrozenValues = "quant"
 
@@ -174,32 +173,23 @@ def _quantized(fp_model: nn.Module, config: RepQConfig, calib: torch.Tensor | Da
     return q_model
 
 
-def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Dataset,
+def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
                 config: Optional[RepQConfig] = None, sweep: Optional[QuantSweepConfig] = None, *,
-                eval_indices: Optional[Sequence[int]] = None, map_indices: Optional[Sequence[int]] = None,
-                repq_calib: torch.Tensor | Dataset | None = None, q_model: Optional[nn.Module] = None,
-                device: torch.device | str | None = None, workers: int = 0, progress: bool = True,
-                max_memory: Optional[int] = None, evaluate_fn: Optional[EvaluateFn] = None,
-                data_config: Optional[dict] = None) -> dict[str, Any]:
+                map_indices: Optional[Sequence[int]] = None, repq_calib: torch.Tensor | Dataset | None = None,
+                q_model: Optional[nn.Module] = None, progress: bool = True) -> dict[str, Any]:
     """The paper's quantized sweep: FP, RepQ-ViT and EAM variants for every τ.
 
     Args:
         fp_model: the full-precision model (left unchanged).
-        eval_dataset: the evaluation images.
+        data: the evaluation images (:class:`~eamvit.experiments.runner.EvalData`); its batch size,
+            workers and device serve the entropy maps too, its data config is recorded in the rows.
         calib_dataset: images for the entropy maps (and RepQ calibration unless ``repq_calib``).
         config: :class:`~eamvit.methods.repq.RepQConfig` (W4/A4 by default).
         sweep: :class:`QuantSweepConfig`.
-        eval_indices: evaluation subset (all by default).
         map_indices: entropy-map images of ``calib_dataset`` (all by default), the same for both models.
         repq_calib: RepQ calibration images (a seeded random ``calib_size`` of ``calib_dataset`` by default).
         q_model: an already quantized copy of ``fp_model`` (skips calibration).
-        device: where to run.
-        workers: DataLoader workers.
         progress: progress bars.
-        max_memory: histogram budget per model in bytes (more passes above it).
-        evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=) -> {"top1", "top5"}``
-            (:func:`eamvit.methods.evaluate.evaluate` by default).
-        data_config: the data config ``eval_dataset`` was built with (recorded in the rows).
 
     Returns:
         ``rows`` (one :class:`~eamvit.experiments.results.ResultRow` per τ and method; the FP and
@@ -211,12 +201,10 @@ def quant_sweep(fp_model: nn.Module, eval_dataset: Dataset, calib_dataset: Datas
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
     q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
-                         batch_size=sweep.batch_size, workers=workers, device=device, max_memory=max_memory,
-                         progress=progress)
+                         batch_size=data.batch_size, workers=data.workers, device=data.device,
+                         max_memory=sweep.max_memory, progress=progress)
     base, frozen = _points(fp_model, q_model, kl, sweep, fbits)
-    data = EvalData(eval_dataset, eval_indices, batch_size=sweep.batch_size, workers=workers, device=device,
-                    data_config=data_config)
-    run = run_sweep(q_model, data, base + frozen, evaluate_fn=evaluate_fn, progress=progress, desc="quant sweep")
+    run = run_sweep(q_model, data, base + frozen, progress=progress, desc="quant sweep")
     base_rows, frozen_rows = run[:len(base)], run[len(base):]
     rows: list[ResultRow] = []
     for tau in sweep.taus:  # the τ-independent baselines repeat at every τ, so each τ has its full set

@@ -71,15 +71,16 @@ def _unmodified(measure: Measure):
 def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequence[str],
                  prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
                  keep_rates: Sequence[float] = KEEP_RATES, label: str = "",
-                 freeze_options: Optional[dict[str, Any]] = None,
+                 freeze: FreezeConfig = FreezeConfig(),
                  prune_options: Optional[dict[str, Any]] = None, measure: Measure = cost_fields,
                  merges: Sequence[tuple[float, MergeConfig]] = ()) -> list[Point]:
     """The unmodified model, then one point per (granularity, τ > 0), per (pruning method, κ < 1) and per
     merging in ``merges`` (``(κ whose GMACs it matches, config)``:
     :func:`~eamvit.experiments.prune_sweep.matched_merges`).
 
-    ``freeze_options`` and ``prune_options`` are further :class:`~eamvit.methods.freeze.FreezeConfig`
-    and :class:`~eamvit.methods.prune.PruneConfig` fields shared by every point; ``measure(model)``
+    ``freeze`` is the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (its ``tau`` and
+    ``granularity`` replaced) and ``prune_options`` further :class:`~eamvit.methods.prune.PruneConfig`
+    fields shared by every pruning point; ``measure(model)``
     gives the fields each point measures in its state (the cost model's by default).
     """
     base = {"label": label, "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
@@ -87,7 +88,6 @@ def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequen
     if merges:
         base.update(merge=None, merge_r=None, matched_keep_rate=None)
     points = [Point(base, _unmodified(measure))]
-    freeze = FreezeConfig(**(freeze_options or {}))
     for gran in granularities:
         for tau in (t for t in taus if t > 0):
             cfg = replace(freeze, tau=tau, granularity=gran)
@@ -137,7 +137,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
                 granularities: Sequence[str] = ("entry", "row", "head"),
                 prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
                 keep_rates: Sequence[float] = KEEP_RATES, timing: Timing = Timing(), label: str = "",
-                freeze_options: Optional[dict[str, Any]] = None, prune_options: Optional[dict[str, Any]] = None,
+                freeze: FreezeConfig = FreezeConfig(), prune_options: Optional[dict[str, Any]] = None,
                 progress: bool = True, merges: Sequence[MergeConfig] = ()) -> list[ResultRow]:
     """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
 
@@ -156,8 +156,8 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         keep_rates: κ of the pruning points.
         timing: how each point is timed.
         label: copied into every row.
-        freeze_options: more :class:`~eamvit.methods.freeze.FreezeConfig` fields for every freezing
-            point (``aggregate``, ``value_bits`` ...).
+        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (``aggregate``,
+            ``value_bits`` ...); its ``tau`` and ``granularity`` are replaced per point.
         prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point (and
             the pruning whose GMACs the merging points match).
         progress: progress bar.
@@ -180,7 +180,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         reference_rates.append(speed.pop("reference_images_per_s"))
         return {**cost_fields(m), **speed}
 
-    points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze_options, prune_options,
+    points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze, prune_options,
                           measure, matched)
     rows = run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
     rate = statistics.median(reference_rates)

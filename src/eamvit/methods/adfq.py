@@ -51,7 +51,7 @@ from torch import nn
 from eamvit.choices import ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
 from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LogKind, OutlierMode, LearnableUniformQuantizer,
@@ -244,7 +244,6 @@ def _rebuild(model: nn.Module, config: ADFQConfig, structure: dict) -> None:
     _refine_(model, config, adaround=False)
 
 
-@register_quantize_handler(ADFQConfig, rebuild=_rebuild)
 def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """ADFQ-ViT: surgery; one lazy initialisation pass on the first ``init_size`` calibration images
     (every quantizer calibrated in forward order on already-quantized inputs); then, with ``amo``,
@@ -264,3 +263,6 @@ def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantR
     for _, q in outlier_quantizers(model):
         q.reset_counts()
     return {"outliers": outliers, "units": unit_rows}
+
+
+HANDLER = QuantizeHandler(ADFQConfig, _quantize_adfq, _rebuild)

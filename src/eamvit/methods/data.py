@@ -171,10 +171,6 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
 
 
 DEFAULT_CALIB_SIZE = 512
-CALIBRATION_RULE = ("calibration images: --calib-data if given, else the digits training split, else a seeded "
-                    "held-out part of --data; --calib-size of them, default min(512, available) (calibrate: all), "
-                    "where a held-out part takes at most half of --data; maps, quantized states and ONNX exports "
-                    "record them, and evaluation never scores an image that calibrated what it evaluates")
 
 
 def _unwrap(dataset: Any, indices: Optional[Sequence[int]]) -> tuple[Any, list[int]]:
@@ -341,7 +337,12 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
                  calib_size: Optional[int] = None, seed: int = 0, evaluate: bool = True, calibrate: bool = True,
                  strict_images: bool = False, calib_all: bool = False, calib_need: int = 0,
                  calibrated_on: Sequence[tuple[str, Optional[list]]] = ()) -> Splits:
-    """The one rule every command uses for its evaluation and calibration images (:data:`CALIBRATION_RULE`).
+    """The one rule every command uses for its evaluation and calibration images.
+
+    Calibration images: ``calib_data`` if given, else the digits training split, else a seeded held-out
+    part of ``data``; ``calib_size`` of them, default min(512, available) (``calib_all``: all), where a
+    held-out part takes at most half of ``data``. Maps, quantized states and ONNX exports record them, and
+    evaluation never scores an image that calibrated what it evaluates.
 
     Args:
         data: ``"digits"`` or an ImageFolder root (evaluated: digits' test split).

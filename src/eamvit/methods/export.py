@@ -81,11 +81,9 @@ from eamvit.ops.onnx_forms import register_symbolics
 from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
 Scheme = Literal["qdq", "weight-only"]
-SCHEMES = get_args(Scheme)
 SoftmaxExport = Literal["uniform", "fp32"]
 SOFTMAX = get_args(SoftmaxExport)
 Runtime = Literal["onnxruntime", "openvino"]
-RUNTIMES = get_args(Runtime)
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 

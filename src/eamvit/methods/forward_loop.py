@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from eamvit.errors import EamError
-from eamvit.modules.attention import attention_layers, observe
+from eamvit.modules.attention import layer_shapes
 
 ForwardLoop = Callable[[nn.Module], Any]
 
@@ -103,18 +103,4 @@ def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bo
 def loop_layer_shapes(model: nn.Module, forward_loop: ForwardLoop) -> list[tuple[int, ...]]:
     """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) from the first
     forward a forward loop runs."""
-    shapes: dict[int, tuple[int, ...]] = {}
-
-    def make(i: int) -> Callable[[torch.Tensor, Optional[torch.Tensor]], None]:
-        def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-            shapes[i] = tuple(attn.shape[1:])
-        return obs
-
-    n = len(attention_layers(model))
-    with observe(model, {l: make(l) for l in range(n)}), torch.inference_mode():
-        run_first_forward(model, forward_loop)
-    missing = [l for l in range(n) if l not in shapes]
-    if missing:
-        raise EamError(f"the model's first forward in forward_loop did not run attention layer {missing[0]}; "
-                       "every attention layer must run on every forward")
-    return [shapes[l] for l in range(n)]
+    return layer_shapes(model, lambda: run_first_forward(model, forward_loop))

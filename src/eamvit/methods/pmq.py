@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.quant_registry import QuantRun, calibration_images, register_quantize_handler
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers, observe
@@ -55,9 +55,7 @@ from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, U
 from eamvit.ops.pareto import choose, pareto_frontier
 
 Metric = Literal["fisher", "hessian"]
-METRICS = get_args(Metric)
 PMQBase = Literal["repq", "percentile"]
-BASES = get_args(PMQBase)
 _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
 
 
@@ -404,7 +402,6 @@ def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]
             if isinstance(m, (QuantLinear, QuantConv2d))}
 
 
-@register_quantize_handler(PMQConfig, rebuild=_rebuild, structure=_structure, free_bits=_free_bits)
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
     RepQ-ViT's calibration with the allocated bits.
@@ -421,3 +418,6 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     calibrate_(model, images, pairs)
     report["patch_bits"] = _patch_rows(token_bits)
     return report
+
+
+HANDLER = QuantizeHandler(PMQConfig, _quantize_pmq, _rebuild, structure=_structure, free_bits=_free_bits)

@@ -1,14 +1,14 @@
-"""The registry every quantization method registers into, and the one calibration input.
+"""What every quantization method declares, and the one calibration input.
 
-Each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines its config and registers its
-handler here with :func:`register_quantize_handler`; :mod:`.quantize` imports those files, so that
-the verb and the save / load find every method without naming a module by string. Calibration
-input, for every method: see :func:`calibration_batches`.
+Each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines its config and its
+:class:`QuantizeHandler`; :mod:`.quantize` imports those files and registers each handler in the step
+table (:mod:`.steps`), so that the verb and the save / load find every method without naming a module by
+string. Calibration input, for every method: see :func:`calibration_batches`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -18,8 +18,6 @@ from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import ForwardLoop
-
-C = TypeVar("C", bound=Config)
 
 
 @dataclass
@@ -38,57 +36,38 @@ class QuantRun:
     forward_loop: Optional[ForwardLoop] = None
 
 
+def _no_structure(model: nn.Module) -> dict:
+    return {}
+
+
+def _no_free_bits(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    return {}
+
+
 @dataclass(frozen=True)
 class QuantizeHandler:
-    """What a method registers.
+    """What a quantization method declares (``HANDLER`` in its file); :mod:`.quantize` registers it in the
+    one step table (:mod:`.steps`) as the ``"quant"`` step of its config type, so that every lookup by
+    config type (the verb, save / load, recipes) goes through that table.
 
     Args:
+        config: the method's :class:`~eamvit.config.Config` subclass (with a unique ``KIND``).
         quantize: ``f(model, config, calib, run) -> report``: surgery and calibration, in place.
         rebuild: ``f(model, config, structure)``: the surgery alone, as the finished model has it
             (for :func:`load_quantized`).
-        structure: ``f(model) -> dict``: what ``rebuild`` needs beyond the config (JSON-ready).
+        structure: ``f(model) -> dict``: what ``rebuild`` needs beyond the config (JSON-ready); default none.
         free_bits: ``f(model, config) -> {quantizer name: allowed widths}``: the quantizers whose bits
             the method chooses itself (PMQ's mixed precision); every other quantizer of a loaded state
-            must have the bits ``rebuild`` gives it from the config.
+            must have the bits ``rebuild`` gives it from the config. Default none.
         forward_loop: whether ``quantize`` calibrates from ``run.forward_loop`` when ``calib`` is None.
     """
 
+    config: type[Config]
     quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
     rebuild: Callable[[nn.Module, Any, dict], None]
-    structure: Callable[[nn.Module], dict]
-    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]]
+    structure: Callable[[nn.Module], dict] = _no_structure
+    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] = _no_free_bits
     forward_loop: bool = False
-
-
-_HANDLERS: dict[type, QuantizeHandler] = {}
-
-
-def register_quantize_handler(config_type: type[C], *, rebuild: Callable[[nn.Module, Any, dict], None],
-                              structure: Optional[Callable[[nn.Module], dict]] = None,
-                              free_bits: Optional[Callable[[nn.Module, Any], dict]] = None,
-                              forward_loop: bool = False) -> Callable:
-    """Decorator: ``f(model, config, calib, run) -> report`` quantizes models for ``config_type``.
-
-    Args:
-        config_type: a :class:`~eamvit.config.Config` subclass with a unique ``KIND``.
-        rebuild: the surgery without calibration (see :class:`QuantizeHandler`).
-        structure: what ``rebuild`` needs beyond the config; default none.
-        free_bits: quantizers whose bits the method chooses (see :class:`QuantizeHandler`); default none.
-        forward_loop: the method can calibrate from a ``forward_loop(model)`` callable.
-    """
-    def register(fn: Callable) -> Callable:
-        _HANDLERS[config_type] = QuantizeHandler(fn, rebuild, structure or (lambda model: {}),
-                                                 free_bits or (lambda model, config: {}), forward_loop)
-        return fn
-    return register
-
-
-def _handler(config: Any) -> QuantizeHandler:
-    for cls in type(config).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
-    raise EamError(f"no quantization method is registered for {type(config).__name__}; "
-                   "pass a RepQConfig, ADFQConfig or PMQConfig")
 
 
 def is_quantized(model: nn.Module) -> bool:

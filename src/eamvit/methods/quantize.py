@@ -1,10 +1,10 @@
 """The one quantization verb, the one calibration input, and one save / load for every method.
 
-``quantize_(model, config, calib)`` dispatches on the type of ``config`` through a registry, as
-torchao's ``quantize_`` does: each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines
-its config and registers its handler with
-:func:`~eamvit.methods.quant_registry.register_quantize_handler`; this module imports those files,
-so every method is registered wherever quantized models are made or loaded.
+``quantize_(model, config, calib)`` dispatches on the type of ``config`` through the step table
+(:mod:`.steps`), as torchao's ``quantize_`` does: each method's file (:mod:`.repq`, :mod:`.adfq`,
+:mod:`.pmq`) defines its config and its :class:`~eamvit.methods.quant_registry.QuantizeHandler`
+(``HANDLER``); this module imports those files and registers each as the ``"quant"`` step of its config
+type, so every method is registered wherever quantized models are made or loaded.
 
 Calibration input, for every method: a tensor ``(B, C, H, W)``, an ``(images, targets)`` pair, an
 iterable of batches (a DataLoader yielding :class:`~eamvit.methods.data.Batch` or ``(images,
@@ -35,15 +35,15 @@ import torch
 from torch import nn
 
 from eamvit.methods.state import state_of, step_config
-from eamvit.methods.steps import StepHandler, StepInputs, register_step
+from eamvit.methods.steps import StepHandler, StepInputs, handler_of, register_step, step_types
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
 from eamvit.methods.data import add_calibration, calibration_record
-from eamvit.methods import adfq, pmq, repq  # noqa: F401 (each registers its method in quant_registry)
+from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
 from eamvit.methods.models import ModelSpec, model_spec
-from eamvit.methods.quant_registry import _HANDLERS, QuantRun, _handler, is_quantized
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, is_quantized
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
@@ -54,11 +54,9 @@ REMEDY = "make one with `eamvit quantize`"
 _CODES = ".codes"
 
 
-
-
 def config_type(kind: Any) -> type:
     """The config class of quantization method ``kind`` (``"repq"``, ``"adfq"``, ``"pmq"``)."""
-    kinds = {cls.KIND: cls for cls in _HANDLERS}
+    kinds = {cls.KIND: cls for cls in step_types("quant")}
     if not isinstance(kind, str) or kind not in kinds:
         raise EamError(f"quantization method {kind!r} is not one of {', '.join(kinds)}")
     return kinds[kind]
@@ -393,7 +391,19 @@ def _export_step(model: nn.Module, config: Config, export_config: Any) -> None:
                        "whose quantizers have no integer-runtime form")
 
 
-for _config_type in _HANDLERS:  # every quantization method is the one quantization stage of a recipe
-    register_step(_config_type, StepHandler(stage="quant", order=10, apply=_apply_step, restore=_restore_step,
-                                            content=lambda model, config: quantized_content(model),
-                                            export=_export_step))
+def _handler(config: Any) -> QuantizeHandler:
+    """The quantization method of ``config``'s type: the ``"quant"`` step's entry in the step table."""
+    try:
+        step = handler_of(config)
+    except EamError:
+        step = None
+    if step is None or step.stage != "quant":
+        raise EamError(f"no quantization method is registered for {type(config).__name__}; "
+                       "pass a RepQConfig, ADFQConfig or PMQConfig")
+    return step.method
+
+
+for _method in (repq.HANDLER, adfq.HANDLER, pmq.HANDLER):  # each the one quantization stage of a recipe
+    register_step(_method.config, StepHandler(stage="quant", order=10, apply=_apply_step, restore=_restore_step,
+                                              content=lambda model, config: quantized_content(model),
+                                              export=_export_step, method=_method))

@@ -58,7 +58,7 @@ from torch import nn
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
-from eamvit.methods.quant_registry import QuantRun, calibration_images, is_quantized, register_quantize_handler
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images, is_quantized
 from eamvit.modules import family_quant
 from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
@@ -251,7 +251,6 @@ def _rebuild(model: nn.Module, config: RepQConfig, structure: dict) -> None:
     reparam_structure_(prepare_(model, config))
 
 
-@register_quantize_handler(RepQConfig, rebuild=_rebuild, forward_loop=True)
 def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization (see the module doc).
 
@@ -271,6 +270,9 @@ def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantR
     images, _ = calibration_images(calib, config.calib_size, seed=config.seed)
     calibrate_(model, images, prepare_(model, config))
     return {"calib_images": int(images.shape[0])}
+
+
+HANDLER = QuantizeHandler(RepQConfig, _quantize_repq, _rebuild, forward_loop=True)
 
 
 def attn_deltas(model: nn.Module) -> list[torch.Tensor]:

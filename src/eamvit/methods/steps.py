@@ -60,6 +60,8 @@ class StepHandler:
             its config and :attr:`content` (checking that they agree).
         export: ``f(model, config, export_config)``: raise :class:`EamError` where the step has no form
             in that export; ``None``: every form carries it.
+        method: what the stage's own verb dispatches to for this config type (quantization: the
+            method's :class:`~eamvit.methods.quant_registry.QuantizeHandler`); ``None``: nothing.
     """
 
     stage: str
@@ -68,6 +70,7 @@ class StepHandler:
     restore: Callable[[nn.Module, Any, dict[str, Any], dict[str, torch.Tensor], str], None]
     content: Optional[Callable[[nn.Module, Any], Content]] = None
     export: Optional[Callable[[nn.Module, Any, Any], None]] = None
+    method: Any = None
 
 
 _STEPS: dict[type, StepHandler] = {}
@@ -96,6 +99,11 @@ def handler_of(config: Any) -> StepHandler:
 def step_kinds() -> list[str]:
     """Every registered step's ``KIND``, in recipe order."""
     return [cls.KIND for cls, h in sorted(_STEPS.items(), key=lambda kv: (kv[1].order, kv[0].KIND))]
+
+
+def step_types(stage: str) -> list[type[Config]]:
+    """The config types registered for ``stage``, in the order they were registered."""
+    return [cls for cls, h in _STEPS.items() if h.stage == stage]
 
 
 def config_of_kind(kind: Any) -> type[Config]:

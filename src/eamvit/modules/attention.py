@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Literal, Mapping, Optional
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -319,8 +319,13 @@ def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) 
         yield layers
 
 
-def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]]:
-    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward of ``sample``."""
+def layer_shapes(model: nn.Module, sample: torch.Tensor | Callable[[], Any]) -> list[tuple[int, ...]]:
+    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward.
+
+    Args:
+        model: the model.
+        sample: images (the first one is run), or ``f()`` that runs ``model`` once.
+    """
     shapes: dict[int, tuple[int, ...]] = {}
 
     def make(i: int) -> Observer:
@@ -330,5 +335,9 @@ def layer_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[int, ...]
 
     n = len(attention_layers(model))
     with observe(model, {l: make(l) for l in range(n)}), torch.no_grad():
-        model(sample[:1])
-    return [shapes[i] for i in range(n)]
+        sample() if callable(sample) else model(sample[:1])
+    missing = [l for l in range(n) if l not in shapes]
+    if missing:
+        raise EamError(f"the model's forward did not run attention layer {missing[0]}; every attention layer must "
+                       "run on every forward")
+    return [shapes[l] for l in range(n)]
