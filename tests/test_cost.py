@@ -9,6 +9,7 @@ from eamvit.methods.cost import cost_account, count_gflops
 from eamvit.methods.freeze import FreezeConfig, freeze_, unfreeze_
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.modules.attention import set_frozen
+from eamvit.ops.cost import realised_fraction
 
 from conftest import TINY_DISTILLED, TINY_SWIN, TINY_VIT, make
 
@@ -102,6 +103,12 @@ def test_reference_models():
     assert round(count_gflops(load_demo_model()), 4) == 0.0150
     torch.manual_seed(0)
     assert round(count_gflops(eamvit.create_model("deit_small_patch16_224")), 2) == 4.60
+
+
+def test_realised_fraction():
+    assert realised_fraction(1.1, 1.1) == pytest.approx(1.0)
+    assert realised_fraction(1.0, 1.25) == 0.0
+    assert realised_fraction(1.05, 1.0) is None
 
 
 def test_quantized_model_same_macs_with_bits():

@@ -28,6 +28,7 @@ gathers the surviving rows; :func:`entry_sparse_skippable` counts that work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -127,3 +128,14 @@ def conv_macs(out_positions: int, out_channels: int, in_channels: int, groups: i
 def speedup(full: float, executed: float) -> float:
     """Predicted speed-up ``full / executed`` when time is proportional to MACs."""
     return full / executed if executed else float("inf")
+
+
+def realised_fraction(measured_ratio: float, predicted_ratio: float) -> Optional[float]:
+    """Share of the predicted saving the measurement realised: ``(1 − 1/measured) / (1 − 1/predicted)``.
+
+    ``None`` when nothing was predicted to be saved.
+    """
+    predicted_saving = 1.0 - 1.0 / predicted_ratio
+    if predicted_saving <= 0:
+        return None
+    return (1.0 - 1.0 / measured_ratio) / predicted_saving
