@@ -49,7 +49,6 @@ from eamvit.methods.models import model_spec, save_checkpoint
 from eamvit.methods.prune import set_keep_rate
 from eamvit.modules.prune_block import PruneState
 from eamvit.methods.train import TrainConfig, train
-from eamvit.ops.scores import check_keep_rate
 
 CHECKPOINT = "finetune_ckpt.pth"
 WEIGHTS = "finetuned.safetensors"
@@ -155,12 +154,13 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     schedule = None
     if st is not None:
-        target = check_keep_rate(st.config.keep_rate)
+        target = st.config.keep_rate  # one κ, or one per pruning block (each follows the schedule)
         if st.method == "random":  # a fresh, checkpointed stream: runs and resumes repeat exactly
             st.generator = torch.Generator(device=dev).manual_seed(st.seed)
 
         def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
-            set_keep_rate(model, keep_rate_at(step, steps_per_epoch, target, config))
+            set_keep_rate(model, tuple(keep_rate_at(step, steps_per_epoch, t, config) for t in target)
+                          if isinstance(target, tuple) else keep_rate_at(step, steps_per_epoch, target, config))
             return {"keep_rate": st.keep_rate}
 
     gens = [st.generator] if st is not None and st.generator is not None else []
