@@ -129,7 +129,7 @@ def _configs():
          dict(tau=1.5), r"outside \[0, 1\]"),
         (FreezeConfig, dict(scope="row"), "freeze config field scope must be one of head, layer, global",
          dict(value_bits=17), "outside 1..16"),
-        (PruneConfig, dict(keep_rate="0.7"), "prune config field keep_rate must be a number, not the string '0.7'",
+        (PruneConfig, dict(keep_rate="0.7"), "prune config field keep_rate must be a number or a tuple of numbers, not the string '0.7'",
          dict(keep_rate=0.0), r"outside \(0, 1\]"),
         (PruneConfig, dict(blocks=(3, "6")), "prune config field blocks must be a tuple of ints",
          dict(alpha=-1.0), "must be ≥ 0"),

@@ -160,7 +160,9 @@ def _reload_hint(args, out: Path, pruned: bool, frozen: bool, merged=None) -> st
     if frozen:
         parts += ["--frozen", str(out / "frozen.safetensors")]
     if pruned:
-        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(args.keep_rate)]
+        from eamvit.methods.prune import setting_text
+
+        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(setting_text(args.keep_rate))]
     if merged is not None:  # every merging setting: the options that rebuild the config
         parts += recipe_options(Recipe(steps=(merged,)))
     return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")

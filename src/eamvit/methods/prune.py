@@ -375,6 +375,15 @@ def kept_patch_masks(model: nn.Module, image: torch.Tensor, configs: Sequence[Pr
     return out
 
 
+def setting_text(value: float | Sequence[float]) -> float | str:
+    """A keep rate or Rényi order as a results row and a command line write it: the number (``"inf"`` for
+    infinity, JSON has none), or one per pruning block comma-joined (``"0.9,0.7,0.5"``, ``"2,inf,2"``,
+    what ``--keep-rate`` and ``--alpha`` read back)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join("inf" if math.isinf(v) else f"{v:g}" for v in value)
+    return "inf" if math.isinf(value) else value
+
+
 # --------------------------------------------------------------------------------------------------
 # Configs of a sweep
 # --------------------------------------------------------------------------------------------------
