@@ -156,6 +156,49 @@ class _Scorer:
         return [self.seen[c] for c in configs]
 
 
+class _Search:
+    """The greedy search's state: each block's κ and order, the current config and its row."""
+
+    def __init__(self, sweep: PerBlockSweepConfig, scorer: _Scorer, stages: int, budget: float) -> None:
+        self.sweep, self.scorer, self.budget, self.grid = sweep, scorer, budget, sweep.grid
+        self.rates, self.orders = [1.0] * stages, [sweep.orders[0]] * stages
+        self.current = self._config(self.rates, self.orders)
+        self.best = scorer.score([self.current], 0, "start")[0]
+        self.step = 0
+
+    def _config(self, rates: list[float], orders: list[float]) -> PruneConfig:
+        return self.sweep.config(tuple(rates), tuple(orders))
+
+    def descend(self) -> None:
+        """Rule 2: while over the budget, take the best move of one block one grid step down."""
+        grid = self.grid
+        while self.best["gmacs"] > self.budget:
+            self.step += 1
+            moves = []
+            for s, k in enumerate(self.rates):
+                i = grid.index(k)
+                if i + 1 < len(grid):
+                    moves.append((s, self._config(self.rates[:s] + [grid[i + 1]] + self.rates[s + 1:], self.orders)))
+            rows = self.scorer.score([c for _, c in moves], self.step, "descend")
+            # Highest top-1, then lower GMACs, then the earlier block (max keeps the first of equals).
+            j = max(range(len(moves)), key=lambda m: (rows[m]["top1"], -rows[m]["gmacs"], -m))
+            s, self.current, self.best = moves[j][0], moves[j][1], rows[j]
+            self.rates[s] = grid[grid.index(self.rates[s]) + 1]
+
+    def choose_orders(self) -> None:
+        """Rule 3: block by block, another order only where it scores a higher top-1."""
+        for s, k in enumerate(self.rates):
+            if k >= 1.0 or len(self.sweep.orders) < 2:  # a block that prunes nothing reads no order
+                continue
+            self.step += 1
+            tries = [(a, self._config(self.rates, self.orders[:s] + [a] + self.orders[s + 1:]))
+                     for a in self.sweep.orders if a != self.orders[s]]
+            rows = self.scorer.score([c for _, c in tries], self.step, "order")
+            j = max(range(len(tries)), key=lambda m: (rows[m]["top1"], -m))
+            if rows[j]["top1"] > self.best["top1"] and rows[j]["gmacs"] <= self.budget:
+                self.orders[s], self.current, self.best = tries[j][0], tries[j][1], rows[j]
+
+
 def per_block_sweep(model: nn.Module, calib: EvalData, sweep: PerBlockSweepConfig = PerBlockSweepConfig(),
                     evaluation: Optional[EvalData] = None, progress: bool = True,
                     evaluate_fn: Optional[Callable[..., dict]] = None) -> PerBlockResult:
@@ -180,51 +223,21 @@ def per_block_sweep(model: nn.Module, calib: EvalData, sweep: PerBlockSweepConfi
     uniform = sweep.uniform()
     stages = len(prune_(model, uniform).blocks)  # the pruning blocks; a bad model or config fails here
     unprune_(model)
-    budget = _gmacs(model, uniform)
-    grid = sweep.grid
-    a0 = sweep.orders[0]
-    floor = sweep.config((grid[-1],) * stages, (a0,) * stages)
-    if _gmacs(model, floor) > budget:
-        raise EamError(f"the keep-rate grid's smallest κ {grid[-1]:g} in every block costs more than the budget "
+    budget, smallest = _gmacs(model, uniform), sweep.grid[-1]
+    if _gmacs(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)) > budget:
+        raise EamError(f"the keep-rate grid's smallest κ {smallest:g} in every block costs more than the budget "
                        f"({budget} GMACs, uniform κ {uniform.keep_rate:g}); add smaller keep rates or raise the "
                        "budget's keep rate")
-    scorer = _Scorer(model, calib, "calibration", progress, evaluate_fn)
-    rates, orders = [1.0] * stages, [a0] * stages
-    current = sweep.config(tuple(rates), tuple(orders))
-    best = scorer.score([current], 0, "start")[0]
-    step = 0
-    while best["gmacs"] > budget:
-        step += 1
-        moves = []
-        for s in range(stages):
-            i = grid.index(rates[s])
-            if i + 1 < len(grid):
-                moves.append((s, sweep.config(tuple(rates[:s] + [grid[i + 1]] + rates[s + 1:]), tuple(orders))))
-        rows = scorer.score([c for _, c in moves], step, "descend")
-        # Highest top-1, then lower GMACs, then the earlier block (max keeps the first of equals).
-        j = max(range(len(moves)), key=lambda m: (rows[m]["top1"], -rows[m]["gmacs"], -m))
-        s, current = moves[j]
-        rates[s] = grid[grid.index(rates[s]) + 1]
-        best = rows[j]
-    if len(sweep.orders) > 1:
-        for s in range(stages):
-            if rates[s] >= 1.0:
-                continue
-            step += 1
-            tries = [(a, sweep.config(tuple(rates), tuple(orders[:s] + [a] + orders[s + 1:])))
-                     for a in sweep.orders if a != orders[s]]
-            rows = scorer.score([c for _, c in tries], step, "order")
-            j = max(range(len(tries)), key=lambda m: (rows[m]["top1"], -m))
-            if rows[j]["top1"] > best["top1"] and rows[j]["gmacs"] <= budget:
-                orders[s], current, best = tries[j][0], tries[j][1], rows[j]
-    base = scorer.score([uniform], step + 1, "uniform")[0]
-    chosen = uniform if base["top1"] > best["top1"] else current
-    rows = list(scorer.rows)
+    search = _Search(sweep, _Scorer(model, calib, "calibration", progress, evaluate_fn), stages, budget)
+    search.descend()
+    search.choose_orders()
+    base = search.scorer.score([uniform], search.step + 1, "uniform")[0]  # rule 4
+    chosen = uniform if base["top1"] > search.best["top1"] else search.current
+    rows = list(search.scorer.rows)
     if evaluation is not None:
         final = _Scorer(model, evaluation, "evaluation", progress, evaluate_fn)
         for c in dict.fromkeys([uniform, chosen]):
-            row = final.score([c], step + 2, "final")[0]
-            row.fields["chosen"] = c == chosen
+            final.score([c], search.step + 2, "final")[0].fields["chosen"] = c == chosen
         rows += final.rows
     return PerBlockResult(config=chosen, uniform=uniform, budget_gmacs=budget, rows=rows)
 
