@@ -182,3 +182,24 @@ def test_cli_per_block_sweep_writes_a_recipe_that_eval_reproduces(capsys, tmp_pa
     row = json.loads((tmp_path / "e.json").read_text())[0]
     assert row["top1"] == chosen["top1"] and row["keep_rate"] == chosen["keep_rate"]
     assert row["gmacs"] == chosen["gmacs"] and recipe.step("prune").method == "renyi"
+
+
+def test_optimize_searches_a_per_block_recipe_alone_and_stacked():
+    from eamvit.experiments.optimize_space import Candidate, combinations, recipe_options, single_candidates
+
+    per_block = PruneConfig(method="renyi", keep_rate=(0.5, 0.5, 0.25), alpha=(math.inf, math.inf, 1.0))
+    plain = single_candidates(12, "onnxruntime", "small")
+    singles = single_candidates(12, "onnxruntime", "small", prunes=(per_block,))
+    added = [c for c in singles if c.label not in {p.label for p in plain}]
+    assert [c.label for c in added] == ["renyi-k0.5,0.5,0.25-ainf,inf,1"]
+    assert added[0].recipe.steps == (per_block,)
+    # Every single within the budget: the per-block point is stacked with each quantization and freezing,
+    # beside (not instead of) the space's smallest surviving κ.
+    stacks = combinations([(c, True) for c in singles])
+    with_it = [c for c in stacks if per_block in c.recipe.steps]
+    assert len(with_it) == len([c for c in stacks if PruneConfig(method="evit", keep_rate=0.5, blocks=(6, 9))
+                                in c.recipe.steps]) > 0
+    # The command that rebuilds it, as a user types it (written out by hand).
+    assert recipe_options(added[0].recipe) == ["--prune", "renyi", "--keep-rate", "0.5,0.5,0.25",
+                                               "--alpha", "inf,inf,1"]
+    assert isinstance(added[0], Candidate)
