@@ -161,6 +161,8 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
         def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
             set_keep_rate(model, tuple(keep_rate_at(step, steps_per_epoch, t, config) for t in target)
                           if isinstance(target, tuple) else keep_rate_at(step, steps_per_epoch, target, config))
+            if isinstance(st.keep_rate, tuple):  # one number per pruning block (the history and the bar show numbers)
+                return {f"keep_rate_block{b}": k for b, k in zip(st.blocks, st.keep_rate)}
             return {"keep_rate": st.keep_rate}
 
     gens = [st.generator] if st is not None and st.generator is not None else []
