@@ -203,3 +203,24 @@ def test_optimize_searches_a_per_block_recipe_alone_and_stacked():
     assert recipe_options(added[0].recipe) == ["--prune", "renyi", "--keep-rate", "0.5,0.5,0.25",
                                                "--alpha", "inf,inf,1"]
     assert isinstance(added[0], Candidate)
+
+
+def test_finetuning_moves_every_block_along_the_one_schedule():
+    from torch.utils.data import Subset
+
+    from eamvit.methods.data import DigitsDataset
+    from eamvit.methods.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    model = eamvit.create_model("vit_tiny_patch16_224", model_kwargs=dict(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2))
+    targets = (0.5, 0.7, 0.9)
+    prune_(model, PruneConfig(method="renyi", keep_rate=targets, alpha=(2.0, math.inf, 1.0)))
+    cfg = FinetuneConfig(epochs=2, lr=1e-3, min_lr=1e-4, batch_size=16, keep_warmup_epochs=0.5, keep_decay_epochs=1.0)
+    res = finetune(model, Subset(DigitsDataset("train", img_size=16), range(48)), cfg, progress=False)
+    first, last = res["history"]
+    names = [f"keep_rate_block{b}" for b in state_of(model).prune.blocks]
+    assert [last[n] for n in names] == list(targets)
+    # Mid-schedule, every block has gone the same fraction of its way from 1 to its target.
+    fractions = [(1 - first[n]) / (1 - t) for n, t in zip(names, targets)]
+    assert 0 < fractions[0] < 1 and fractions == pytest.approx([fractions[0]] * 3)
