@@ -60,8 +60,9 @@ def add_per_block_args(p) -> None:
     g.add_argument("--per-block", action="store_true",
                    help="with --prune: choose a keep rate and a Rényi order per pruning block by a greedy search on "
                         "the calibration images at the GMACs of --budget-keep-rate in every block (docs/design.md); "
-                        "--keep-rates is the grid each block moves down (1 added), --methods one method or the "
-                        f"Rényi orders to try (default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
+                        "--keep-rates is the grid each block moves down (1 added; default "
+                        f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods one method or the Rényi orders to try "
+                        f"(default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
                         f"OUT/{RECIPE_FILE}, the chosen config as a recipe for --recipe and optimize --prune-recipe")
     g.add_argument("--budget-keep-rate", type=float, default=0.7,
                    help="--per-block's GMACs budget: those of this keep rate in every pruning block (default: 0.7)")

@@ -221,7 +221,8 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
                        fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
                        record_scores=config.record_scores, blocks=blocks,
                        num_prefix=num_prefix_tokens(model) if fam.class_token else 0,
-                       grid=patch_grid(model), keep_rate=rates if config.is_per_block else rates[0], later_attention=later,
+                       grid=patch_grid(model), keep_rate=rates if isinstance(config.keep_rate, tuple) else rates[0],
+                       later_attention=later,
                        track_positions=fam.positions)
     # Position-dependent families: every later block must see the present tokens' positions.
     followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
