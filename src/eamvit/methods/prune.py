@@ -8,7 +8,9 @@ their family's pruning class, :func:`unprune_` swaps them back. Default blocks a
 self-attention blocks, before the class token exists: entropy and random only, no fusion.
 Each stage keeps ``ceil(κ·(N−1))`` patch tokens (``N−1`` counts the fused token of an earlier stage
 as an ordinary token, as EViT does), the class/distillation/register tokens always; kept indices are
-traced back to the original patch grid (:func:`kept_indices`).
+traced back to the original patch grid (:func:`kept_indices`). κ and the Rényi order are one number for
+every pruning block or one per pruning block (:class:`PruneConfig`; chosen by
+:mod:`eamvit.experiments.per_block_sweep`).
 
 Defaults and options (deviations from a reference are options with a documented default):
 
