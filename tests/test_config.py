@@ -111,6 +111,7 @@ def _configs():
     from eamvit.experiments.compare import CompareConfig
     from eamvit.experiments.digits import DigitsConfig
     from eamvit.experiments.optimize import OptimizeConfig
+    from eamvit.experiments.per_block_sweep import PerBlockSweepConfig
     from eamvit.experiments.quant_sweep import QuantSweepConfig
     from eamvit.experiments.runner import Timing
     from eamvit.methods.adfq import ADFQConfig
@@ -129,7 +130,8 @@ def _configs():
          dict(tau=1.5), r"outside \[0, 1\]"),
         (FreezeConfig, dict(scope="row"), "freeze config field scope must be one of head, layer, global",
          dict(value_bits=17), "outside 1..16"),
-        (PruneConfig, dict(keep_rate="0.7"), "prune config field keep_rate must be a number, not the string '0.7'",
+        (PruneConfig, dict(keep_rate="0.7"),
+         "prune config field keep_rate must be a number or a tuple of numbers, not the string '0.7'",
          dict(keep_rate=0.0), r"outside \(0, 1\]"),
         (PruneConfig, dict(blocks=(3, "6")), "prune config field blocks must be a tuple of ints",
          dict(alpha=-1.0), "must be ≥ 0"),
@@ -165,14 +167,16 @@ def _configs():
          dict(settings=((9, 4),)), "out of range"),
         (QuantSweepConfig, dict(maps=("int8",)), "quant-sweep config field maps must be a tuple of values among fp, quant",
          dict(taus=(1.5,)), r"outside \[0, 1\]"),
-        (OptimizeConfig, dict(runtime="tensorrt"), "optimize config field runtime must be one of onnxruntime, torch",
+        (OptimizeConfig, dict(runtime="tensorrt"), "optimize config field runtime must be one of onnxruntime, openvino, torch",
          dict(reps=2), "at least 3"),
         (Timing, dict(reps=3.5), "timing config field reps must be an int, not the number 3.5",
          dict(warmup=-1), "warmup ≥ 0"),
+        (PerBlockSweepConfig, dict(keep_rates=0.5), "per-block-sweep config field keep_rates must be a tuple of numbers",
+         dict(prune=PruneConfig(keep_rate=(0.5, 0.7))), "one keep rate and one Rényi order"),
     ]
 
 
-@pytest.mark.parametrize("case", range(20))
+@pytest.mark.parametrize("case", range(23))  # every case of _configs()
 def test_every_config_refuses_a_wrong_type_and_a_bad_value_when_built(case):
     cls, wrong, wrong_message, bad, bad_match = _configs()[case]
     cls()  # the defaults are valid
@@ -188,7 +192,7 @@ def test_every_config_refuses_a_wrong_type_and_a_bad_value_when_built(case):
 def test_the_case_list_covers_every_config():
     import eamvit.experiments.compare, eamvit.experiments.digits, eamvit.experiments.optimize  # noqa: F401
     import eamvit.experiments.quant_sweep, eamvit.methods.finetune, eamvit.methods.export  # noqa: F401
-    import eamvit.methods.recipe  # noqa: F401
+    import eamvit.methods.recipe, eamvit.experiments.per_block_sweep  # noqa: F401
 
     def subclasses(c):
         return {c} | {s for d in c.__subclasses__() for s in subclasses(d)}

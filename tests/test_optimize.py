@@ -35,7 +35,7 @@ def _space(monkeypatch, labels, runtime):
     """A search space of the named singles of the small space (the public list, cut down for speed)."""
     cands = [c for c in single_candidates(4, runtime, "small") if c.label in labels]
     assert [c.label for c in cands] == list(labels)
-    monkeypatch.setattr(opt, "single_candidates", lambda depth, rt, space, seed, merges=(): cands)
+    monkeypatch.setattr(opt, "single_candidates", lambda depth, rt, space, seed, merges=(), prunes=(): cands)
 
 
 def _count_measures(monkeypatch):

@@ -50,8 +50,9 @@ COLUMNS: dict[str, str] = {
     "frozen": "the frozen-maps file (--frozen) loaded",
     "prune": "token-pruning method: shannon, renyi, evit or random",
     "alpha": "Rényi order of the token-entropy score: --prune renyi's or --merge entropy's (inf for min-entropy; "
-             "blank for Shannon)",
-    "keep_rate": "token-pruning keep rate κ",
+             "blank for Shannon); one per pruning block comma-joined where they differ",
+    "keep_rate": "token-pruning keep rate κ; one per pruning block comma-joined where they differ (as --keep-rate "
+                 "takes them)",
     "tokens": "patch tokens entering the first pruning or merging block, then leaving each (EViT's fused token "
               "included), dash-joined",
     "blocks": "pruning or merging blocks, dash-joined (0-based)",
@@ -104,7 +105,14 @@ COLUMNS: dict[str, str] = {
     "stage": "optimize: reference (the unmodified model), single (one technique) or stack (several)",
     "within_budget": "optimize: top-1 within --max-drop of the reference",
     "on_front": "optimize: on the Pareto front of top-1 against measured speed-up",
-    "chosen": "optimize: the fastest point within the budget (best.safetensors, best.onnx)",
+    "chosen": "optimize: the fastest point within the budget (best.safetensors, best.onnx); per-block pruning "
+              "sweep: the configuration the search chose",
+    # -- per-block pruning sweep (sweep --prune --per-block)
+    "search_step": "per-block pruning sweep: the search step that scored the row (0: the start)",
+    "search_phase": "per-block pruning sweep: start (κ = 1), descend (one block's κ one grid step down), order "
+                    "(one block's Rényi order), uniform (the budget's config), final (on the evaluation images)",
+    "scored_on": "per-block pruning sweep: the images top-1 was measured on: calibration (the search) or "
+                 "evaluation",
     "top1_torch": "optimize: top-1 of the chosen best.safetensors in PyTorch (`eval --state`)",
     "error": "optimize: why a point could not be built or exported (never chosen)",
 }

@@ -35,6 +35,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _unjson(value: Any) -> Any:
+    """The reverse of :func:`_jsonable` for a field's value: ``"inf"`` back to infinity, in lists too."""
+    if isinstance(value, list):
+        return [_unjson(v) for v in value]
+    return float("inf") if value == "inf" else value
+
+
 def _untuple(value: Any) -> Any:
     return tuple(_untuple(v) for v in value) if isinstance(value, list) else value
 
@@ -181,4 +188,4 @@ class Config:
             raise EamError(f"{cls.KIND} config has unknown field(s) {', '.join(unknown)}; "
                            "it was written by another eamvit version")
         # JSON lists become tuples in __post_init__
-        return cls(**{k: (float("inf") if v == "inf" else v) for k, v in d.items() if k in names})
+        return cls(**{k: _unjson(v) for k, v in d.items() if k in names})

@@ -12,7 +12,7 @@ from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_r
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
                                 ints, orders_arg, prune_options)
 from eamvit.cli.export import add_eval_onnx_args
-from eamvit.cli.prune import cmd_prune_sweep
+from eamvit.cli.prune import add_per_block_args, check_per_block, cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
 from eamvit.cli.recipe import add_stack_args
 
@@ -106,6 +106,7 @@ def cmd_sweep(args) -> None:
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.entropy import plot_sweep
 
+    check_per_block(args)
     if args.granularity is not None:
         return cmd_speed_sweep(args)
     if args.prune:
@@ -324,6 +325,7 @@ def register(sub) -> None:
     add_entropy_args(s)
     add_freeze_args(s, sweep=True)
     add_prune_args(s, sweep=True)
+    add_per_block_args(s)
     add_quant_args(s, "sweep")
     s.add_argument("--out", default="eamvit-sweep", help="output folder")
     s.set_defaults(func=cmd_sweep)

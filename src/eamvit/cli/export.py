@@ -231,7 +231,9 @@ def _onnx_row_fields(meta: dict, path: str, skeleton) -> dict[str, Any]:
     elif q:
         extra.update(quant="repq", w_bits=q.get("w_bits"), a_bits=8 if extra["export"] == "qdq" else 32)
     if p:
-        extra.update(prune=p.get("method"), keep_rate=p.get("keep_rate"))
+        from eamvit.methods.prune import setting_text
+
+        extra.update(prune=p.get("method"), keep_rate=setting_text(p["keep_rate"]))
     if m:  # what the file merges, read off the skeleton merging alike (the graph's shapes are the skeleton's)
         from eamvit.experiments.prune_sweep import merged_fields
         from eamvit.methods.merge import MergeConfig, merge_

@@ -22,7 +22,23 @@ def optimize_config(args: argparse.Namespace):
         refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's and OpenVINO's)")
     return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
                           space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
-                          workers=args.workers, seed=args.seed)
+                          workers=args.workers, seed=args.seed, prunes=prune_recipes(args.prune_recipe or ()))
+
+
+def prune_recipes(paths) -> tuple:
+    """The pruning configs of ``--prune-recipe`` files: each a recipe of one pruning step (as
+    ``sweep --prune --per-block`` writes)."""
+    from eamvit.methods.recipe import read_recipe
+
+    out = []
+    for path in paths:
+        recipe = read_recipe(path)
+        if len(recipe.steps) != 1 or recipe.step("prune") is None:
+            kinds = ", ".join(s.KIND for s in recipe.steps) or "no step"
+            raise EamError(f"--prune-recipe {path} holds {kinds}; give a recipe of one pruning step, such as "
+                           "sweep --prune --per-block's per_block_recipe.json")
+        out.append(recipe.step("prune"))
+    return tuple(out)
 
 
 def given_argv(args: argparse.Namespace, dests) -> list[str]:
@@ -95,6 +111,10 @@ def register(sub) -> None:
                    "0.7/0.5 in the late blocks, head freezing at τ 0.25); with --runtime openvino the int8 points of "
                    "both are NNCF int8 and RepQ-ViT int8 for OpenVINO; then the survivors stacked, with one token "
                    "reducer each")
+    g.add_argument("--prune-recipe", action="append", default=None, metavar="FILE",
+                   help="also search this recipe's pruning (a recipe of one pruning step, e.g. the per-block choice "
+                        "`sweep --prune --per-block` writes as per_block_recipe.json), alone and stacked like the "
+                        "space's pruning points; repeat for several (default: the space's points only)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime or OpenVINO threads (default: one per "
                    "core)")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "

@@ -159,6 +159,20 @@ def alpha_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a Rényi order such as 0.5, 2 or inf, got {text!r}") from None
 
 
+def per_block_arg(parse, what: str):
+    """An argument type that reads one value, or one per pruning block separated by commas (a tuple)."""
+    def read(text: str) -> float | tuple[float, ...]:
+        try:
+            values = [parse(t) for t in text.replace(",", " ").split()]
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {what}, or one per pruning block such as 0.9,0.7,0.5, "
+                                             f"got {text!r}")
+        return values[0] if len(values) == 1 else tuple(values)
+    return read
+
+
 def orders_arg(text: str) -> list[float]:
     """Comma-separated Rényi orders, e.g. ``0.5,1,2,inf``."""
     out = [alpha_arg(t) for t in text.replace(",", " ").split()]
@@ -204,8 +218,11 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     else:
         g.add_argument("--prune", choices=METHODS, default=method,
                        help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
-        g.add_argument("--keep-rate", type=float, default=0.7, help="keep rate κ in (0, 1]")
-        g.add_argument("--alpha", type=alpha_arg, default=2.0, help="Rényi order for --prune renyi (0, 0.5, 2, inf...)")
+        g.add_argument("--keep-rate", type=per_block_arg(float, "a keep rate"), default=0.7,
+                       help="keep rate κ in (0, 1], or one per pruning block, e.g. 0.9,0.7,0.5 (default: 0.7)")
+        g.add_argument("--alpha", type=per_block_arg(alpha_arg, "a Rényi order"), default=2.0,
+                       help="Rényi order for --prune renyi (0, 0.5, 2, inf...), or one per pruning block, e.g. "
+                            "2,inf,2 (default: 2)")
     g.add_argument("--prune-blocks", type=ints, default=None,
                    help="0-based pruning blocks (default: 3,6,9 of 12, scaled to the depth)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,

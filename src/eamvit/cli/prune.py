@@ -20,6 +20,8 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.modules.attention import attention_layers, require
     from eamvit.plots.prune import plot_top1_vs_gmacs
 
+    if args.per_block:
+        return cmd_per_block_sweep(args)
     methods, merges = parse_sweep_methods(args.methods or SWEEP_METHODS)
     args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
     for k in args.keep_rates:
@@ -47,6 +49,81 @@ def cmd_prune_sweep(args) -> None:
             _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
         print(md)
         print(f"wrote {files['csv']}, {files['json']}, {out / 'prune_sweep.md'}, {out / 'prune_sweep.png'}")
+
+
+PER_BLOCK_OPTIONS = ("per_block", "budget_keep_rate")
+PER_BLOCK_METHODS = "renyi:1,renyi:2,renyi:inf"
+RECIPE_FILE = "per_block_recipe.json"
+
+
+def add_per_block_args(p) -> None:
+    """``sweep --prune --per-block``: a keep rate and a Rényi order per pruning block."""
+    g = p.add_argument_group("per-block token pruning (sweep --prune --per-block)")
+    g.add_argument("--per-block", action="store_true",
+                   help="with --prune: choose a keep rate and a Rényi order per pruning block by a greedy search on "
+                        "the calibration images at the GMACs of --budget-keep-rate in every block (docs/design.md); "
+                        "--keep-rates is the grid each block moves down (1 added; default "
+                        f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods one method or the Rényi orders to try "
+                        f"(default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
+                        f"OUT/{RECIPE_FILE}, the chosen config as a recipe for --recipe and optimize --prune-recipe")
+    g.add_argument("--budget-keep-rate", type=float, default=0.7,
+                   help="--per-block's GMACs budget: those of this keep rate in every pruning block (default: 0.7)")
+
+
+def check_per_block(args) -> None:
+    """Refuse the per-block options where they cannot apply (before anything is loaded)."""
+    if not getattr(args, "prune", False):
+        refuse_given(args, PER_BLOCK_OPTIONS, "without --prune (the per-block search is a pruning sweep)")
+    elif not args.per_block:
+        refuse_given(args, PER_BLOCK_OPTIONS[1:], "without --per-block")
+
+
+def per_block_config(args):
+    """The :class:`~eamvit.experiments.per_block_sweep.PerBlockSweepConfig` of the options."""
+    from eamvit.experiments.per_block_sweep import PerBlockSweepConfig
+    from eamvit.experiments.prune_sweep import parse_sweep_methods
+    from eamvit.methods.prune import method_config
+
+    refuse_given(args, ("no_throughput", "throughput_batch", "throughput_reps"), "to --per-block (it times nothing)")
+    methods, merges = parse_sweep_methods(args.methods or PER_BLOCK_METHODS)
+    if merges:
+        raise EamError("--per-block searches token pruning; drop the merging methods from --methods")
+    names = {m for m, _ in methods}
+    if len(methods) > 1 and names != {"renyi"}:
+        raise EamError(f"--per-block searches one method (or Rényi orders, renyi:1,renyi:2,...), not {args.methods}")
+    alphas = tuple(a for _, a in methods) if names == {"renyi"} else ()
+    base = method_config(methods[0][0], alphas[0] if alphas else None, args.budget_keep_rate, **prune_options(args))
+    return PerBlockSweepConfig(prune=base, keep_rates=tuple(args.keep_rates or SWEEP_KEEP_RATES), alphas=alphas)
+
+
+def cmd_per_block_sweep(args) -> None:
+    """``sweep --prune --per-block``: the greedy per-block search, its rows and the chosen recipe."""
+    from eamvit.experiments.per_block_sweep import markdown_table, per_block_sweep
+    from eamvit.experiments.results import write_table
+    from eamvit.experiments.runner import EvalData
+    from eamvit.io import check_output_dir, ensure_writable_dir, write_text
+    from eamvit.methods.prune import setting_text
+    from eamvit.methods.recipe import Recipe
+
+    sweep = per_block_config(args)
+    check_output_dir(args.out)
+    model, device = load_model(args)
+    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=True)
+    flush_warnings()  # before the search, not after its results
+    data = dict(batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    res = per_block_sweep(model, EvalData(cal, cal_idx, **data), sweep, EvalData(ev, ev_idx, **data),
+                          progress=is_main())
+    if is_main():
+        out = ensure_writable_dir(args.out)
+        md = markdown_table(res.rows)
+        files = write_table(out / "per_block", res.rows, formats=("csv", "json"))
+        write_text(out / "per_block.md", md)
+        write_text(out / RECIPE_FILE, Recipe(steps=(res.config,)).to_json() + "\n")
+        print(md)
+        print(f"chosen: {res.config.label}, κ {setting_text(res.config.keep_rate)} (budget {res.budget_gmacs} GMACs: "
+              f"κ {setting_text(res.uniform.keep_rate)} in every pruning block)")
+        print(f"wrote {files['csv']}, {files['json']}, {out / 'per_block.md'}, {out / RECIPE_FILE} (use it with "
+              f"eval/export/compress --recipe, or optimize --prune-recipe)")
 
 
 def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
@@ -162,7 +239,9 @@ def _reload_hint(args, out: Path, pruned: bool, frozen: bool, merged=None) -> st
     if frozen:
         parts += ["--frozen", str(out / "frozen.safetensors")]
     if pruned:
-        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(args.keep_rate)]
+        from eamvit.methods.prune import setting_text
+
+        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(setting_text(args.keep_rate))]
     if merged is not None:  # every merging setting: the options that rebuild the config
         parts += recipe_options(Recipe(steps=(merged,)))
     return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")

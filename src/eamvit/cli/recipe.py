@@ -210,19 +210,19 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
     prune = recipe.step("prune")
     if prune is not None:
         from eamvit.methods.cost import count_gflops, modelled
-        from eamvit.methods.prune import token_counts
+        from eamvit.methods.prune import setting_text, token_counts
 
         state_ = state_of(model).prune
         grid = state_.grid
         tokens = token_counts(grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_.blocks), prune.fuse_tokens)
         rep = reports.get("prune")
         tokens = rep.tokens_per_stage if rep is not None else tokens
-        extra.update(prune=prune.method, keep_rate=prune.keep_rate, tokens="-".join(map(str, tokens)),
+        extra.update(prune=prune.method, keep_rate=setting_text(prune.keep_rate), tokens="-".join(map(str, tokens)),
                      gmacs=round(count_gflops(model), 4) if modelled(model) else None)
         if rep is not None:
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
         if prune.method == "renyi":
-            extra["alpha"] = prune.alpha if prune.alpha != float("inf") else "inf"
+            extra["alpha"] = setting_text(prune.alpha)
     if recipe.step("merge") is not None:
         from eamvit.experiments.prune_sweep import merged_fields
         from eamvit.methods.cost import count_gflops, modelled

@@ -50,6 +50,7 @@ from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
+from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import apply_
 
 if TYPE_CHECKING:  # only named in annotations
@@ -73,6 +74,8 @@ class OptimizeConfig(Config):
         batch_size: images per evaluated and per timed call.
         workers: DataLoader workers of the evaluation.
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
+        prunes: further pruning points searched after the space's (e.g. the per-block choice of
+            ``sweep --prune --per-block``), as singles and in stacks.
     """
 
     max_drop: float = 1.0
@@ -84,6 +87,7 @@ class OptimizeConfig(Config):
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
+    prunes: tuple[PruneConfig, ...] = ()
 
     KIND = "optimize"
     VERSION = 1
@@ -304,7 +308,7 @@ def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tu
     c = run.config
     deadline = time.monotonic() + 60 * c.budget_minutes if c.budget_minutes else None
     singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed,
-                                merges=merge_options(run.model, c.space))
+                                merges=merge_options(run.model, c.space), prunes=c.prunes)
     done: list[tuple[Candidate, dict]] = []
     prog = Progress()
     with tqdm(total=1 + len(singles), desc="optimize", unit="point", disable=not progress,

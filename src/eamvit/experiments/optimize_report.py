@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from eamvit.methods.state import state_of
+from eamvit.methods.prune import setting_text
 from eamvit.experiments.optimize_space import Candidate, recipe_options
 from eamvit.experiments.results import Column, markdown, write_table
 from eamvit.methods.export import ExportConfig
@@ -52,7 +53,7 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
     row: dict[str, Any] = {"quant": quant[0], "w_bits": quant[1], "a_bits": quant[2],
                            "export": describe_export(cand.export, q is not None, cand.nncf) or None,
                            "granularity": f.granularity if f else None, "tau": f.tau if f else None,
-                           "prune": p.method if p else None, "keep_rate": p.keep_rate if p else None,
+                           "prune": p.method if p else None, "keep_rate": setting_text(p.keep_rate) if p else None,
                            "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
                            "merge": None, "merge_r": None}
     if m is not None:  # what the merging does to this model: merge_r after the cap, its blocks, its tokens

@@ -24,7 +24,7 @@ from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig, Target, default_target
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig, r_for_gmacs
-from eamvit.methods.prune import PruneConfig, prune_, unprune_
+from eamvit.methods.prune import PruneConfig, prune_, setting_text, unprune_
 from eamvit.methods.recipe import Recipe
 from eamvit.methods.repq import RepQConfig
 from eamvit.ops.scores import default_blocks
@@ -115,6 +115,19 @@ def _prune_options(space: str, depth: int) -> list[tuple[str, PruneConfig]]:
     return out
 
 
+def _number(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def prune_name(config: PruneConfig) -> str:
+    """A pruning point's name: method, keep rate(s), the Rényi order(s) of ``renyi``, blocks other than the default
+    (``renyi-k0.5,0.5,0.25-ainf,inf,1``)."""
+    name = f"{config.method}-k{_number(setting_text(config.keep_rate))}"
+    if config.method == "renyi":
+        name += f"-a{_number(setting_text(config.alpha))}"
+    return name + (f"@{','.join(map(str, config.blocks))}" if config.blocks else "")
+
+
 def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, MergeConfig]]:
     """The merging points of ``space``: ToMe and entropy-guided merging, each in every block (ToMe's
     default) and in the late blocks only (:func:`late_blocks`, which leaves the earlier layers' frozen
@@ -173,8 +186,10 @@ def reference(runtime: str) -> Candidate:
 
 
 def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0,
-                      merges: Sequence[tuple[str, MergeConfig]] = ()) -> list[Candidate]:
-    """Every single technique, in order: quantization (ONNX Runtime and OpenVINO), pruning, merging, freezing.
+                      merges: Sequence[tuple[str, MergeConfig]] = (),
+                      prunes: Sequence[PruneConfig] = ()) -> list[Candidate]:
+    """Every single technique, in order: quantization (ONNX Runtime and OpenVINO), pruning (the space's, then
+    ``prunes``), merging, freezing.
 
     PyTorch runs RepQ-ViT as a float simulation (no integer kernels), which is never faster than
     the model itself: ``runtime="torch"`` leaves quantization out. OpenVINO's quantizations are
@@ -186,6 +201,8 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
         space: ``"standard"`` or ``"small"`` (a handful of points).
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         merges: the merging points, named (:func:`merge_options` of the model).
+        prunes: further pruning points, e.g. the per-block choice of ``sweep --prune --per-block``
+            (``optimize --prune-recipe``), each named by :func:`prune_name`.
     """
     if runtime not in RUNTIMES:
         raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -196,6 +213,7 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
     out = [_candidate([(n, q)], e) for n, q, e in quant]
     plain = ExportConfig() if onnx else None
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
+    out += [_candidate([(prune_name(p), p)], plain) for p in prunes]
     out += [_candidate([m], plain) for m in merges]
     out += [_candidate([f], plain) for f in _freeze_options(space, seed)]
     return out
@@ -211,7 +229,9 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
             continue
         step = NNCF if cand.nncf else cand.recipe.steps[0]
         item = (cand.label, step, cand.export)
-        if isinstance(step, PruneConfig):
+        if isinstance(step, PruneConfig) and step.is_per_block:  # its own point: no κ to compare
+            best[("reduce", "prune", step)] = item
+        elif isinstance(step, PruneConfig):
             key = ("reduce", "prune", step.method, step.blocks)
             if key not in best or step.keep_rate < best[key][1].keep_rate:
                 best[key] = item
@@ -266,7 +286,8 @@ def recipe_options(recipe: Recipe) -> list[str]:
     if f is not None:
         out += ["--tau", f"{f.tau:g}", "--granularity", f.granularity]
     if p is not None:
-        out += ["--prune", p.method, "--keep-rate", f"{p.keep_rate:g}"]
+        out += ["--prune", p.method, "--keep-rate", _number(setting_text(p.keep_rate))]
+        out += ["--alpha", _number(setting_text(p.alpha))] if p.method == "renyi" else []
         if p.blocks is not None:
             out += ["--prune-blocks", ",".join(map(str, p.blocks))]
     if m is not None:

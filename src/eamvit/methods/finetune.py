@@ -49,7 +49,6 @@ from eamvit.methods.models import model_spec, save_checkpoint
 from eamvit.methods.prune import set_keep_rate
 from eamvit.modules.prune_block import PruneState
 from eamvit.methods.train import TrainConfig, train
-from eamvit.ops.scores import check_keep_rate
 
 CHECKPOINT = "finetune_ckpt.pth"
 WEIGHTS = "finetuned.safetensors"
@@ -155,12 +154,15 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     schedule = None
     if st is not None:
-        target = check_keep_rate(st.config.keep_rate)
+        target = st.config.keep_rate  # one κ, or one per pruning block (each follows the schedule)
         if st.method == "random":  # a fresh, checkpointed stream: runs and resumes repeat exactly
             st.generator = torch.Generator(device=dev).manual_seed(st.seed)
 
         def schedule(step: int, steps_per_epoch: int) -> dict[str, Any]:
-            set_keep_rate(model, keep_rate_at(step, steps_per_epoch, target, config))
+            set_keep_rate(model, tuple(keep_rate_at(step, steps_per_epoch, t, config) for t in target)
+                          if isinstance(target, tuple) else keep_rate_at(step, steps_per_epoch, target, config))
+            if isinstance(st.keep_rate, tuple):  # one number per pruning block (the history and the bar show numbers)
+                return {f"keep_rate_block{b}": k for b, k in zip(st.blocks, st.keep_rate)}
             return {"keep_rate": st.keep_rate}
 
     gens = [st.generator] if st is not None and st.generator is not None else []

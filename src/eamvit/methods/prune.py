@@ -8,7 +8,9 @@ their family's pruning class, :func:`unprune_` swaps them back. Default blocks a
 self-attention blocks, before the class token exists: entropy and random only, no fusion.
 Each stage keeps ``ceil(κ·(N−1))`` patch tokens (``N−1`` counts the fused token of an earlier stage
 as an ordinary token, as EViT does), the class/distillation/register tokens always; kept indices are
-traced back to the original patch grid (:func:`kept_indices`).
+traced back to the original patch grid (:func:`kept_indices`). κ and the Rényi order are one number for
+every pruning block or one per pruning block (:class:`PruneConfig`; chosen by
+:mod:`eamvit.experiments.per_block_sweep`).
 
 Defaults and options (deviations from a reference are options with a documented default):
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence, get_args
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union, get_args
 
 import torch
 from torch import nn
@@ -52,12 +54,25 @@ from eamvit.modules.adapters import TokenFamily
 from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
 from eamvit.modules.prune_block import PruneState
 from eamvit.modules.token_blocks import restore_blocks_
-from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, token_counts,
-                               trace_indices)
+from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, stage_value,
+                               token_counts, trace_indices)
 
 from eamvit.choices import PLACEMENTS, EntropyKeys, Placement, PruneMethod  # defined torch-free for the CLI
 FrozenAfter = Literal["drop", "refuse"]
 FROZEN_AFTER = get_args(FrozenAfter)
+
+
+def _values(value: float | tuple[float, ...], name: str) -> tuple[float, ...]:
+    """A per-block setting's values (one number or a non-empty tuple)."""
+    if isinstance(value, tuple):
+        if not value:
+            raise EamError(f"{name} is an empty list; give one number, or one per pruning block")
+        return value
+    return (value,)
+
+
+def _order_text(alpha: float) -> str:
+    return "∞" if math.isinf(alpha) else f"{alpha:g}"
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,11 @@ class PruneConfig(Config):
 
     Args:
         method: ``"shannon"``, ``"renyi"`` (order ``alpha``), ``"evit"`` or ``"random"``.
-        keep_rate: κ in (0, 1]; each stage keeps ``ceil(κ·(N−1))`` patch tokens.
-        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon); used by ``"renyi"`` only.
+        keep_rate: κ in (0, 1]; each stage keeps ``ceil(κ·(N−1))`` patch tokens. One number for every
+            pruning block, or one per pruning block (a tuple, in the blocks' order; e.g. the choice of
+            :mod:`eamvit.experiments.per_block_sweep`).
+        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon); used by ``"renyi"`` only. One
+            number, or one per pruning block (``"renyi"`` only).
         blocks: 0-based pruning blocks; ``None`` = EViT's (3, 6, 9) of 12 scaled to the depth.
         fuse: fuse the dropped tokens into one; ``None`` = on for EViT, off otherwise.
         placement: ``"attn"`` (after the attention residual, before the MLP; EViT) or ``"block"``
@@ -82,8 +100,8 @@ class PruneConfig(Config):
     VERSION: ClassVar[int] = 1
 
     method: PruneMethod = "shannon"
-    keep_rate: float = 0.7
-    alpha: float = 2.0
+    keep_rate: Union[float, tuple[float, ...]] = 0.7
+    alpha: Union[float, tuple[float, ...]] = 2.0
     blocks: Optional[tuple[int, ...]] = None
     fuse: Optional[bool] = None
     placement: Placement = "attn"
@@ -93,24 +111,58 @@ class PruneConfig(Config):
     frozen_after: FrozenAfter = "drop"
 
     def _check(self) -> None:
-        check_keep_rate(self.keep_rate)
-        if not self.alpha >= 0:  # NaN too
-            raise EamError(f"Rényi order alpha={self.alpha} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
+        for k in _values(self.keep_rate, "keep_rate"):
+            check_keep_rate(k)
+        for a in _values(self.alpha, "alpha"):
+            if not a >= 0:  # NaN too
+                raise EamError(f"Rényi order alpha={a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
+        if isinstance(self.alpha, tuple) and self.method != "renyi":
+            raise EamError(f"one Rényi order per block applies to method 'renyi' only, not {self.method!r}; "
+                           "give one alpha or use renyi")
+        if self.blocks is not None:
+            self.per_block(len(self.blocks), self.blocks)
+
+    def per_block(self, stages: int, blocks: Sequence[int] = ()) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The keep rate and the entropy order of each of ``stages`` pruning blocks (order 1 for Shannon,
+        and for EViT and random, which read none).
+
+        Args:
+            stages: the number of pruning blocks.
+            blocks: their indices (for the message).
+
+        Raises:
+            EamError: a per-block tuple whose length is not ``stages``.
+        """
+        where = f" ({', '.join(map(str, blocks))})" if blocks else ""
+        for name, value in (("keep_rate", self.keep_rate), ("alpha", self.alpha)):
+            if isinstance(value, tuple) and len(value) != stages:
+                raise EamError(f"{name} gives {len(value)} values for the {stages} pruning blocks{where}; give "
+                               "one per pruning block or a single value")
+        order = self.order
+        return (tuple(float(stage_value(self.keep_rate, s)) for s in range(stages)),
+                tuple(1.0 if order is None else stage_value(order, s) for s in range(stages)))
+
+    @property
+    def is_per_block(self) -> bool:
+        """Whether the keep rate or the Rényi order differs per pruning block (a tuple)."""
+        return isinstance(self.keep_rate, tuple) or isinstance(self.alpha, tuple)
 
     @property
     def fuse_tokens(self) -> bool:
         return self.method == "evit" if self.fuse is None else bool(self.fuse)
 
     @property
-    def order(self) -> Optional[float]:
-        """The entropy order used (1 for Shannon), ``None`` for EViT and random."""
-        return 1.0 if self.method == "shannon" else float(self.alpha) if self.method == "renyi" else None
+    def order(self) -> Optional[float | tuple[float, ...]]:
+        """The entropy order used (1 for Shannon; one per block for a per-block ``alpha``), ``None`` for EViT
+        and random."""
+        if self.method == "renyi":
+            return tuple(map(float, self.alpha)) if isinstance(self.alpha, tuple) else float(self.alpha)
+        return 1.0 if self.method == "shannon" else None
 
     @property
     def label(self) -> str:
         if self.method == "renyi":
-            a = "∞" if math.isinf(self.alpha) else f"{self.alpha:g}"
-            return f"Rényi α={a}"
+            return f"Rényi α={'/'.join(_order_text(a) for a in _values(self.alpha, 'alpha'))}"
         return {"shannon": "Shannon", "evit": "EViT", "random": "random"}[self.method]
 
 
@@ -161,16 +213,18 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     """
     blocks_seq, fam = _check_model(model, config)
     blocks = _resolve_blocks(config, blocks_seq, fam)
+    rates, _ = config.per_block(len(blocks), blocks)
     unprune_(model)
     layers = instrument(model)
     later, frozen_later = drop_frozen_after(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer,
-                                            config.keep_rate < 1, config.frozen_after, "pruning")
+                                            min(rates) < 1, config.frozen_after, "pruning")
     order = 1.0 if config.order is None else config.order
     state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
                        fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
                        record_scores=config.record_scores, blocks=blocks,
                        num_prefix=num_prefix_tokens(model) if fam.class_token else 0,
-                       grid=patch_grid(model), keep_rate=float(config.keep_rate), later_attention=later,
+                       grid=patch_grid(model), keep_rate=rates if isinstance(config.keep_rate, tuple) else rates[0],
+                       later_attention=later,
                        track_positions=fam.positions)
     # Position-dependent families: every later block must see the present tokens' positions.
     followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
@@ -204,9 +258,20 @@ def prune_state(model: nn.Module) -> PruneState:
     return st
 
 
-def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
-    """Change κ of a pruned model (e.g. the fine-tuning schedule); κ = 1 runs the unpruned model."""
-    prune_state(model).keep_rate = check_keep_rate(keep_rate)
+def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
+    """Change κ of a pruned model (e.g. the fine-tuning schedule); κ = 1 runs the unpruned model.
+
+    Args:
+        model: a pruned model.
+        keep_rate: one κ for every pruning block, or one per pruning block.
+    """
+    st = prune_state(model)
+    if isinstance(keep_rate, (tuple, list)):
+        if len(keep_rate) != len(st.blocks):
+            raise EamError(f"{len(keep_rate)} keep rates for the {len(st.blocks)} pruning blocks; give one per block")
+        st.keep_rate = tuple(check_keep_rate(k) for k in keep_rate)
+    else:
+        st.keep_rate = check_keep_rate(keep_rate)
 
 
 def kept_indices(model: nn.Module) -> list[torch.Tensor]:
@@ -311,6 +376,15 @@ def kept_patch_masks(model: nn.Module, image: torch.Tensor, configs: Sequence[Pr
         unprune_(model)
         model.train(was_training)
     return out
+
+
+def setting_text(value: float | Sequence[float]) -> float | str:
+    """A keep rate or Rényi order as a results row and a command line write it: the number (``"inf"`` for
+    infinity, JSON has none), or one per pruning block comma-joined (``"0.9,0.7,0.5"``, ``"2,inf,2"``,
+    what ``--keep-rate`` and ``--alpha`` read back)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join("inf" if math.isinf(v) else f"{v:g}" for v in value)
+    return "inf" if math.isinf(value) else value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from eamvit.modules.adapters import observing
 from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
 from eamvit.ops.positions import next_positions
-from eamvit.ops.scores import kept_count, prune_tokens
+from eamvit.ops.scores import kept_count, prune_tokens, stage_value
 
 
 @dataclass
@@ -42,7 +42,8 @@ class PruneState:
     """What all pruning blocks of one model share (``model.eam_prune``).
 
     The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in
-    ``config``. ``keep_rate`` may change between forwards (the fine-tuning schedule). After each
+    ``config``. ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change
+    between forwards (the fine-tuning schedule). After each
     forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative to its input patch tokens
     (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0, and, with
     ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
@@ -52,7 +53,7 @@ class PruneState:
 
     config: Any
     method: str
-    order: float
+    order: float | tuple[float, ...]
     keys: str
     fuse: bool
     placement: str
@@ -61,7 +62,7 @@ class PruneState:
     blocks: tuple[int, ...]
     num_prefix: int
     grid: Optional[tuple[int, int]]
-    keep_rate: float
+    keep_rate: float | tuple[float, ...]
     later_attention: list[nn.Module] = field(default_factory=list)
     stage_idx: list[Optional[torch.Tensor]] = field(default_factory=list)
     scores: list[Optional[torch.Tensor]] = field(default_factory=list)
@@ -97,10 +98,10 @@ class _PruneSteps(TokenBlock):
             st.positions = None
         if self.eam_stage is None:
             return None
-        k = kept_count(n, st.keep_rate)
+        k = kept_count(n, stage_value(st.keep_rate, self.eam_stage))
         if k >= n:
             return None
-        if self.eam_stage == 0 and st.later_attention:
+        if st.later_attention:  # every pruning stage: with one κ per stage, stage 0 may keep all
             self._check_frozen()
         return k
 
@@ -120,7 +121,8 @@ class _PruneSteps(TokenBlock):
             if st.generator is None or st.generator.device != x.device:
                 st.generator = torch.Generator(device=x.device).manual_seed(st.seed)
             gen = st.generator
-        out, keep, scores = prune_tokens(x, attn, st.method, st.num_prefix, k, st.order, st.keys, st.fuse, gen)
+        out, keep, scores = prune_tokens(x, attn, st.method, st.num_prefix, k,
+                                           stage_value(st.order, self.eam_stage), st.keys, st.fuse, gen)
         st.stage_idx[self.eam_stage] = keep
         if st.record_scores:
             st.scores[self.eam_stage] = scores.detach()

@@ -127,15 +127,23 @@ def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix: int) -> t
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, C))
 
 
-def token_counts(num_patches: int, keep_rate: float, stages: int, fuse: bool = False) -> list[int]:
+def stage_value(value: float | Sequence[float], stage: int) -> float:
+    """A per-stage setting at ``stage``: the one number, or the ``stage``-th of one per stage."""
+    return float(value[stage]) if isinstance(value, (tuple, list)) else float(value)
+
+
+def token_counts(num_patches: int, keep_rate: float | Sequence[float], stages: int, fuse: bool = False) -> list[int]:
     """Patch-token counts (fused token included) entering the model and after each stage.
 
-    ``token_counts(196, 0.7, 3)`` = ``[196, 138, 97, 68]``; with ``fuse=True`` ``[196, 139, 99, 71]``.
+    ``token_counts(196, 0.7, 3)`` = ``[196, 138, 97, 68]``; with ``fuse=True`` ``[196, 139, 99, 71]``;
+    ``keep_rate`` may give one κ per stage: ``token_counts(196, (0.5, 1.0, 0.5), 3)`` = ``[196, 98, 98, 49]``.
     """
+    if isinstance(keep_rate, (tuple, list)) and len(keep_rate) != stages:
+        raise EamError(f"{len(keep_rate)} keep rates for {stages} pruning stages; give one per stage")
     counts = [num_patches]
     n = num_patches
-    for _ in range(stages):
-        k = kept_count(n, keep_rate)
+    for s in range(stages):
+        k = kept_count(n, stage_value(keep_rate, s))
         n = k + (1 if fuse and k < n else 0)
         counts.append(n)
     return counts

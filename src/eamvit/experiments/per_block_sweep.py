@@ -1,0 +1,253 @@
+"""Per-block token pruning: a greedy search that gives each pruning block its own keep rate and Rényi order.
+
+The rule (also in ``docs/design.md``, "Per-block keep rates and Rényi orders"). Given the pruning
+blocks ``b_1 … b_S`` of the base :class:`~eamvit.methods.prune.PruneConfig` (its ``blocks``, EViT's by
+default), a keep-rate grid ``K`` (1 is added to it), a set of Rényi orders ``A`` (``renyi`` only; the
+first is the starting order) and the GMACs budget ``G``, the GMACs of the *uniform* config (every block
+at the base's κ with the order ``A[0]``), all scored by top-1 on the held-out calibration images:
+
+1. Start with every block at κ = 1 (nothing pruned), order ``A[0]``.
+2. Descend: while the config's GMACs exceed ``G``, every *move* lowers one block's κ to the next smaller
+   value of the grid (a block at the grid's smallest has none); each move is scored and the one with the
+   highest top-1 is taken, ties going to the lower GMACs, then to the earlier block. Moves run out before
+   the budget is met only when ``G`` is below what the grid's smallest κ reaches: refused, before any
+   evaluation.
+3. Orders (``renyi`` with two orders or more): block by block, first to last, every other order of ``A`` is
+   scored at the block's chosen κ (blocks left at κ = 1 prune nothing and keep ``A[0]``); a block takes an
+   order only when its top-1 is higher than the current one's.
+4. The result is the per-block config, unless the uniform config scores a higher top-1 (then the
+   uniform one), so the search never returns worse than the uniform config on the calibration images.
+
+Every scored config is a row (``search_step``, ``search_phase``: start, descend, order, uniform), with the
+calibration images as ``scored_on``; with evaluation images, the uniform and the chosen config are
+scored on them too (``search_phase`` final, ``chosen`` marking the result). A config scored twice is
+looked up, not evaluated again. The cost is at most ``1 + S·|K| + S·(|A| − 1) + 1`` calibration
+evaluations (``1 + S·|K|`` descend moves at most, since each lowers one block one grid step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from eamvit.config import Config
+from eamvit.errors import EamError
+from eamvit.experiments.prune_sweep import pruned_state
+from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.runner import EvalData, Point, run_sweep
+from eamvit.methods.cost import count_gflops
+from eamvit.methods.prune import PruneConfig, check_keep_rate, prune_, setting_text, unprune_
+
+GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the keep-rate grid of `sweep --prune` (1 is added)
+ORDERS = (1.0, 2.0, math.inf)  # Shannon, collision entropy, min-entropy
+
+
+@dataclass(frozen=True)
+class PerBlockSweepConfig(Config):
+    """What the per-block search chooses from (module docstring for the rule).
+
+    Args:
+        prune: the base config: method, blocks, placement, keys, fusion, seed; its single ``keep_rate`` is
+            the budget's (the uniform config's GMACs) and ``alpha`` is ignored for ``"renyi"`` in favour of
+            ``alphas`` (it must be single-valued).
+        keep_rates: the keep-rate grid each block moves down (1 is added).
+        alphas: the Rényi orders tried per block, the first the starting one (``"renyi"`` only; empty:
+            :data:`ORDERS` for ``"renyi"``, none for the other methods).
+    """
+
+    KIND = "per-block-sweep"
+    VERSION = 1
+
+    prune: PruneConfig = PruneConfig(method="renyi")
+    keep_rates: tuple[float, ...] = GRID
+    alphas: tuple[float, ...] = ()
+
+    def _check(self) -> None:
+        if self.prune.is_per_block:
+            raise EamError("the per-block search starts from one keep rate and one Rényi order; give single values")
+        if not self.keep_rates:
+            raise EamError("the per-block search needs a keep-rate grid, e.g. 0.9,0.7,0.5")
+        for k in self.keep_rates:
+            check_keep_rate(k)
+        for a in self.alphas:
+            if not a >= 0:
+                raise EamError(f"Rényi order {a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
+        if self.prune.method != "renyi" and self.alphas:
+            raise EamError(f"per-block Rényi orders apply to method 'renyi' only, not {self.prune.method!r}; "
+                           "give renyi orders or no orders")
+
+    @property
+    def orders(self) -> tuple[float, ...]:
+        """The Rényi orders tried per block (one, the base's, for a method without an order)."""
+        if self.prune.method != "renyi":
+            return (self.prune.alpha,)
+        return tuple(map(float, self.alphas)) or ORDERS
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The keep rates a block can take, largest (1) first."""
+        return tuple(sorted({1.0, *map(float, self.keep_rates)}, reverse=True))
+
+    def uniform(self) -> PruneConfig:
+        """The uniform config whose GMACs are the budget."""
+        return self.config(self.prune.keep_rate, self.orders[0])
+
+    def config(self, keep_rate: float | tuple[float, ...], alpha: float | tuple[float, ...]) -> PruneConfig:
+        """The base config with these keep rates and orders (the order only for ``"renyi"``)."""
+        if self.prune.method != "renyi":
+            alpha = self.prune.alpha
+        return dataclasses.replace(self.prune, keep_rate=keep_rate, alpha=alpha)
+
+
+@dataclass
+class PerBlockResult:
+    """What :func:`per_block_sweep` found.
+
+    Args:
+        config: the chosen config (per-block tuples, or the uniform config when that scored higher).
+        uniform: the uniform config of the budget.
+        budget_gmacs: its GMACs.
+        rows: every scored config in search order, then the final rows on the evaluation images.
+    """
+
+    config: PruneConfig
+    uniform: PruneConfig
+    budget_gmacs: float
+    rows: list[ResultRow]
+
+
+def _gmacs(model: nn.Module, config: PruneConfig) -> float:
+    prune_(model, config)
+    try:
+        return round(count_gflops(model), 4)
+    finally:
+        unprune_(model)
+
+
+def _settings(config: PruneConfig) -> dict[str, Any]:
+    alpha = setting_text(config.order) if config.method == "renyi" else None
+    return {"prune": config.method, "alpha": alpha, "keep_rate": setting_text(config.keep_rate)}
+
+
+class _Scorer:
+    """Top-1 of configs on one image set through the sweep runner, each config evaluated once."""
+
+    def __init__(self, model: nn.Module, data: EvalData, scored_on: str, progress: bool,
+                 evaluate_fn: Optional[Callable[..., dict]]) -> None:
+        self.model, self.data, self.scored_on = model, data, scored_on
+        self.progress, self.evaluate_fn = progress, evaluate_fn
+        self.seen: dict[PruneConfig, ResultRow] = {}
+        self.rows: list[ResultRow] = []
+
+    def score(self, configs: list[PruneConfig], step: int, phase: str) -> list[ResultRow]:
+        """A row per config (top-1, GMACs ...); new ones are evaluated and recorded with ``step`` and ``phase``."""
+        new = [c for c in dict.fromkeys(configs) if c not in self.seen]
+        points = [Point({**_settings(c), "search_step": step, "search_phase": phase, "scored_on": self.scored_on},
+                        pruned_state(c)) for c in new]
+        if points:
+            rows = run_sweep(self.model, self.data, points, evaluate_fn=self.evaluate_fn, progress=self.progress,
+                             desc=f"per-block {phase} {step}")
+            self.seen.update(zip(new, rows))
+            self.rows += rows
+        return [self.seen[c] for c in configs]
+
+
+class _Search:
+    """The greedy search's state: each block's κ and order, the current config and its row."""
+
+    def __init__(self, sweep: PerBlockSweepConfig, scorer: _Scorer, stages: int, budget: float) -> None:
+        self.sweep, self.scorer, self.budget, self.grid = sweep, scorer, budget, sweep.grid
+        self.rates, self.orders = [1.0] * stages, [sweep.orders[0]] * stages
+        self.current = self._config(self.rates, self.orders)
+        self.best = scorer.score([self.current], 0, "start")[0]
+        self.step = 0
+
+    def _config(self, rates: list[float], orders: list[float]) -> PruneConfig:
+        return self.sweep.config(tuple(rates), tuple(orders))
+
+    def descend(self) -> None:
+        """Rule 2: while over the budget, take the best move of one block one grid step down."""
+        grid = self.grid
+        while self.best["gmacs"] > self.budget:
+            self.step += 1
+            moves = []
+            for s, k in enumerate(self.rates):
+                i = grid.index(k)
+                if i + 1 < len(grid):
+                    moves.append((s, self._config(self.rates[:s] + [grid[i + 1]] + self.rates[s + 1:], self.orders)))
+            rows = self.scorer.score([c for _, c in moves], self.step, "descend")
+            # Highest top-1, then lower GMACs, then the earlier block (max keeps the first of equals).
+            j = max(range(len(moves)), key=lambda m: (rows[m]["top1"], -rows[m]["gmacs"], -m))
+            s, self.current, self.best = moves[j][0], moves[j][1], rows[j]
+            self.rates[s] = grid[grid.index(self.rates[s]) + 1]
+
+    def choose_orders(self) -> None:
+        """Rule 3: block by block, another order only where it scores a higher top-1."""
+        for s, k in enumerate(self.rates):
+            if k >= 1.0 or len(self.sweep.orders) < 2:  # a block that prunes nothing reads no order
+                continue
+            self.step += 1
+            tries = [(a, self._config(self.rates, self.orders[:s] + [a] + self.orders[s + 1:]))
+                     for a in self.sweep.orders if a != self.orders[s]]
+            rows = self.scorer.score([c for _, c in tries], self.step, "order")
+            j = max(range(len(tries)), key=lambda m: (rows[m]["top1"], -m))
+            if rows[j]["top1"] > self.best["top1"] and rows[j]["gmacs"] <= self.budget:
+                self.orders[s], self.current, self.best = tries[j][0], tries[j][1], rows[j]
+
+
+def per_block_sweep(model: nn.Module, calib: EvalData, sweep: PerBlockSweepConfig = PerBlockSweepConfig(),
+                    evaluation: Optional[EvalData] = None, progress: bool = True,
+                    evaluate_fn: Optional[Callable[..., dict]] = None) -> PerBlockResult:
+    """Choose a keep rate and a Rényi order per pruning block by the greedy rule of the module docstring.
+
+    Args:
+        model: a timm ViT/DeiT (or another family that prunes), unpruned (left so).
+        calib: the held-out calibration images the choice is made on.
+        sweep: :class:`PerBlockSweepConfig`.
+        evaluation: images to report the uniform and the chosen config on (never used to choose);
+            ``None``: no final rows.
+        progress: progress bars.
+        evaluate_fn: the runner's evaluation (:func:`eamvit.methods.evaluate.evaluate` by default).
+
+    Returns:
+        A :class:`PerBlockResult`.
+
+    Raises:
+        EamError: a model that cannot prune, or a budget below what the grid's smallest κ reaches.
+    """
+    unprune_(model)
+    uniform = sweep.uniform()
+    stages = len(prune_(model, uniform).blocks)  # the pruning blocks; a bad model or config fails here
+    unprune_(model)
+    budget, smallest = _gmacs(model, uniform), sweep.grid[-1]
+    if _gmacs(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)) > budget:
+        raise EamError(f"the keep-rate grid's smallest κ {smallest:g} in every block costs more than the budget "
+                       f"({budget} GMACs, uniform κ {uniform.keep_rate:g}); add smaller keep rates or raise the "
+                       "budget's keep rate")
+    search = _Search(sweep, _Scorer(model, calib, "calibration", progress, evaluate_fn), stages, budget)
+    search.descend()
+    search.choose_orders()
+    base = search.scorer.score([uniform], search.step + 1, "uniform")[0]  # rule 4
+    chosen = uniform if base["top1"] > search.best["top1"] else search.current
+    rows = list(search.scorer.rows)
+    if evaluation is not None:
+        final = _Scorer(model, evaluation, "evaluation", progress, evaluate_fn)
+        for c in dict.fromkeys([uniform, chosen]):
+            final.score([c], search.step + 2, "final")[0].fields["chosen"] = c == chosen
+        rows += final.rows
+    return PerBlockResult(config=chosen, uniform=uniform, budget_gmacs=budget, rows=rows)
+
+
+SEARCH_COLUMNS = [Column("search_step", "step"), Column("search_phase", "phase"), Column("scored_on", "images"),
+                  Column("prune", "method"), Column("keep_rate", "κ per block"), Column("alpha", "α per block"),
+                  Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
+                  Column("gmacs", "GMACs", ".4f"), Column("chosen", "chosen")]
+
+
+def markdown_table(rows: list[ResultRow]) -> str:
+    """The search as a markdown table, one row per scored config."""
+    return markdown(rows, SEARCH_COLUMNS)
