@@ -223,3 +223,28 @@ def test_export_table_openvino_rows_and_the_nncf_baseline(digits, tmp_path):
     ref = _top1(OnnxClassifier(tmp_path / "w8a8_openvino.onnx", threads=1)(x), y)
     assert abs(ov_int8["top1"] - ref) <= TOP1_BOUND
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("selection", ["tome", "entropy"])
+def test_openvino_form_of_merged_models_equals_the_simulation(digits, digits_w8a8, tmp_path, selection):
+    # Merging reads the keys and adds log(size) to the scores: the openvino form must do both.
+    from eamvit.methods.merge import MergeConfig, merge_
+
+    x = digits[2]
+    logits = {}
+    for prop_attn in (True, False):
+        m = copy.deepcopy(digits_w8a8)
+        merge_(m, MergeConfig(r=9, selection=selection, prop_attn=prop_attn))
+        path = tmp_path / f"m{prop_attn}.onnx"
+        export_onnx(m, path, OV_CONFIG)
+        with torch.no_grad():
+            want = prepare_export_(copy.deepcopy(m), OV_CONFIG)(x)
+        got = torch.from_numpy(_exact(path, x))
+        assert float((got.argmax(1) == want.argmax(1)).float().mean()) >= 0.997
+        # A code or a merge choice that rounding flips changes that image's logits: count the images.
+        close = ((got - want).abs().amax(1) <= 1e-3 * want.abs().amax(1)).float().mean()
+        assert float(close) >= 0.85, float(close)
+        logits[prop_attn] = got
+    # The size bias moves most images' logits beyond that tolerance, so a graph without it would fail.
+    moved = ((logits[True] - logits[False]).abs().amax(1) > 1e-3 * logits[True].abs().amax(1)).float().mean()
+    assert float(moved) >= 0.9, float(moved)
