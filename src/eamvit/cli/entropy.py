@@ -10,7 +10,7 @@ from eamvit.errors import EamError
 from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
                                load_maps, load_model)
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                ints, orders_arg, prune_options)
+                                given_values, ints, orders_arg, prune_options)
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -32,7 +32,7 @@ def cmd_calibrate(args) -> None:
     sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
     cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
-        maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
+        maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
                                     workers=args.workers, device=device,
                                     max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                                     resume_path=str(out) + ".partial" if args.resume else None,
@@ -41,7 +41,7 @@ def cmd_calibrate(args) -> None:
                                     distance=args.distance, renyi_orders=args.renyi_orders or ())
         if is_main():
             maps.save(out)
-            print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
+            print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={maps.meta['bits']}"
                   + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else "")
                   + _stats_line(maps))
 
@@ -125,7 +125,7 @@ def cmd_sweep(args) -> None:
     rows = []
     for scope in args.scopes:
         rows += freeze_sweep(model, maps, data, args.taus, scope=scope, seeds=range(args.seed, args.seed + args.seeds),
-                             value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+                             value_bits=args.value_bits, **given_values(value_quantizer=args.value_quantizer),
                              progress=is_main())
     if is_main():
         files = write_table(out / "sweep", rows)
@@ -156,7 +156,7 @@ def cmd_speed_sweep(args) -> None:
         check_keep_rate(k)
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
-    freeze = {"aggregate": args.aggregate, "value_bits": args.value_bits, "value_quantizer": args.value_quantizer}
+    freeze = given_values(aggregate=args.aggregate, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
     model, device = load_model(args)
     if not supports(model, "prune") and args.methods is None:
         methods, merges = [], []
@@ -211,7 +211,7 @@ def cmd_quant_sweep(args) -> None:
         if not isinstance(qcfg, RepQConfig):
             raise EamError(f"sweep --quant-state needs a RepQ-ViT state; {args.quant_state} holds "
                            f"{type(qcfg).__name__.removesuffix('Config')}")
-    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
+    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], **given_values(entropy_bits=args.bits),
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              batch_size=args.batch_size)
     flush_warnings()

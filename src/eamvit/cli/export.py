@@ -261,7 +261,6 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, merged, frozen, RepQ-ViT int8 "
                        "(QDQ) or low-bit weight-only")
     add_stack_args(s)
-    s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
     for action in s._actions:
         if action.dest in ("w_bits", "a_bits"):
             action.help = action.help.replace("default 4", "default 8 for export")

@@ -5,7 +5,7 @@ import argparse
 
 from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
-from eamvit.cli.options import add_data_args, add_model_args
+from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args
 
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
@@ -26,17 +26,18 @@ def optimize_config(args: argparse.Namespace):
 
 
 def given_argv(args: argparse.Namespace, dests) -> list[str]:
-    """The options among ``dests`` that the command line gave, written out again as arguments."""
+    """The options among ``dests`` that the command line gave, written out again as arguments (``--data``
+    and ``--seed`` where they are not their defaults, which the rebuilding commands take alike)."""
     out: list[str] = []
     for dest in dests:
-        if dest not in getattr(args, "given", ()):
-            continue
         value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
+        if value is None or DATA_DEFAULTS.get(dest, ...) == value:
+            continue
         if isinstance(value, bool):
-            out += [flag] if value else []
+            out += [flag]
         elif isinstance(value, (list, tuple)):
             out += [flag, *map(str, value)]
-        elif value is not None:
+        else:
             out += [flag, str(value)]
     return out
 

@@ -437,3 +437,32 @@ def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eam
         if r not in have:
             have.append(r)
     state_of(model).calibration = have
+
+
+def choose_data_config(model: Any, data: str, overrides: dict[str, Any],
+                       saved: Sequence[tuple[str, str, Any]] = ()) -> dict[str, Any]:
+    """The preprocessing a command uses, by one precedence: the preprocessing options given, else the
+    data config saved with the last artifact of ``saved`` that holds one, else the model's own
+    (:func:`~eamvit.methods.models.data_config`: its checkpoint's, else timm's). The digits' preprocessing
+    is fixed: ``data == "digits"`` never takes a saved one.
+
+    Args:
+        model: the model.
+        data: the ``--data`` spec.
+        overrides: preprocessing options (``None``: not given).
+        saved: ``(kind, origin, data config or None)`` of the artifacts read, the winner last: a compressed
+            model or a quantized state, then entropy maps; ``kind`` becomes ``cfg["source"]``, ``origin``
+            (what the file is) names it in messages.
+    """
+    from eamvit.methods.models import PREPROCESSING_KEYS, data_config
+
+    cfg = data_config(model, overrides)
+    held = [s for s in saved if s[2] is not None]
+    if not held:
+        return cfg
+    kind, origin, stored = held[-1]
+    if not isinstance(stored, dict):
+        raise EamError(f"{origin} has a malformed data config (not a mapping); create it again")
+    if not stored or cfg["source"] == "overrides" or data == "digits":
+        return cfg
+    return {**data_config(model, {k: stored[k] for k in PREPROCESSING_KEYS if k in stored}, origin), "source": kind}

@@ -174,3 +174,17 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
             save_frozen(model, str(out / FROZEN), freeze)
         write_json(out / "finetune.json", {**res, "identity": {**extra, "model": ident["model"]}})
     return res
+
+
+def prune_method(prune: Optional[str], freezes: bool, merges: bool) -> Optional[str]:
+    """The token pruning a fine-tuning run trains with: ``prune`` when asked for, else Shannon (EViT's
+    recipe on entropy scores) unless the run freezes attention or merges tokens, which fine-tune unpruned.
+
+    Args:
+        prune: the pruning method asked for (``None``: none asked for).
+        freezes: the run freezes attention.
+        merges: the run merges tokens (a model holds one token reducer).
+    """
+    if prune is not None:
+        return prune
+    return None if freezes or merges else "shannon"
