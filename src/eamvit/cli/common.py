@@ -217,25 +217,25 @@ def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
 
 
-def _artifacts(args, maps) -> tuple[list[tuple[str, str, Any]], list[tuple[str, Optional[list]]]]:
-    """``(kind, origin, data config)`` of the compressed model, quantized state and maps the command reads,
-    in that order (see :func:`~eamvit.methods.data.choose_data_config`), and ``(file, calibration
-    records)`` of each."""
-    saved, recorded = [], []
+def _artifacts(args, maps) -> tuple[Optional[tuple[str, str, Any]], list[tuple[str, Optional[list]]]]:
+    """``(kind, file, data config)`` of the maps or state the command reads whose preprocessing applies
+    (:func:`~eamvit.methods.data.choose_data_config`), and ``(file, calibration records)`` of each."""
+    recorded, saved = [], None
     if getattr(args, "state", None):
         from eamvit.methods.recipe import read_compressed
 
         meta = read_compressed(args.state)[0]
-        saved.append(("compressed model", f"compressed model {args.state}", meta.get("data_config")))
+        saved = "compressed model", f"compressed model {args.state}", meta.get("data_config")
         recorded.append((str(args.state), meta.get("calibration")))
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 
         meta = read_quantized(args.quant_state)[0]
-        saved.append(("quantized state", f"quantized state {args.quant_state}", meta.get("data_config")))
+        saved = "quantized state", f"quantized state {args.quant_state}", meta.get("data_config")
         recorded.append((str(args.quant_state), meta.get("calibration")))
     if maps is not None:
-        saved.append(("maps", f"entropy maps {args.maps}", maps.meta.get("transforms") or None))
+        if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
+            saved = "maps", f"entropy maps {args.maps}", maps.meta["transforms"]
         recorded.append((str(args.maps), maps.meta.get("calibration")))
     return saved, recorded
 

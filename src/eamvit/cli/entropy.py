@@ -100,7 +100,6 @@ def _eval_row(args, model, device, maps, sp) -> dict:
 def cmd_sweep(args) -> None:
     from eamvit.experiments.freeze_sweep import freeze_sweep
     from eamvit.experiments.results import format_sweep_table, write_table
-    from eamvit.experiments.runner import EvalData
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate
     from eamvit.plots.entropy import plot_sweep
@@ -113,14 +112,9 @@ def cmd_sweep(args) -> None:
         return cmd_quant_sweep(args)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
-    sp = data_splits(args, model, need_calib=maps is None,
-                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
-    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
-    base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
-                    progress=False)
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    maps, data = _sweep_data(args, model, device, out)
+    base = evaluate(model, data.dataset, data.indices, batch_size=args.batch_size, workers=args.workers,
+                    device=device, progress=False)
     flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
@@ -135,12 +129,24 @@ def cmd_sweep(args) -> None:
         print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "sweep.png"]))
 
 
+def _sweep_data(args, model, device, out: Path):
+    """``(maps, EvalData)`` of the freezing sweeps: ``--maps`` (its images unscored), or maps made now in ``out``."""
+    from eamvit.experiments.runner import EvalData
+
+    maps = load_maps(args, model)
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    maps = get_maps(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config, out_dir=out, maps=maps)
+    return maps, EvalData(sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers,
+                          device=device, data_config=sp.data_config)
+
+
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
     from eamvit.cli.common import warn
     from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
-    from eamvit.experiments.runner import EvalData, Timing
+    from eamvit.experiments.runner import Timing
     from eamvit.experiments.prune_sweep import parse_sweep_methods
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
@@ -164,12 +170,7 @@ def cmd_speed_sweep(args) -> None:
              "speed sweep has freezing points only")
     check_family(model, args.granularity, methods, merges)
     out = ensure_writable_dir(args.out)
-    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
-    sp = data_splits(args, model, need_calib=maps is None,
-                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
-    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    maps, data = _sweep_data(args, model, device, out)
     flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),

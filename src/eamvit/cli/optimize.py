@@ -30,15 +30,10 @@ def given_argv(args: argparse.Namespace, dests) -> list[str]:
     and ``--seed`` where they are not their defaults, which the rebuilding commands take alike)."""
     out: list[str] = []
     for dest in dests:
-        value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
-        if value is None or DATA_DEFAULTS.get(dest, ...) == value:
-            continue
-        if isinstance(value, bool):
-            out += [flag]
-        elif isinstance(value, (list, tuple)):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
+        value = getattr(args, dest)
+        if value is not None and DATA_DEFAULTS.get(dest, ...) != value:  # a flag's value is True
+            values = [] if value is True else value if isinstance(value, (list, tuple)) else [value]
+            out += ["--" + dest.replace("_", "-"), *map(str, values)]
     return out
 
 

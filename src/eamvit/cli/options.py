@@ -1,8 +1,7 @@
 """The options shared by the commands: model, data, entropy, freezing and pruning arguments.
 
-Building these imports neither torch nor timm, so ``eamvit --help`` stays instant. An option that can
-be refused where it cannot apply defaults to ``None`` (a flag too): ``None`` is "not given", whatever
-value the user typed; its real default is the config's (:func:`given_values`), which its help names.
+Building these imports neither torch nor timm, so ``eamvit --help`` stays instant. An option that can be
+refused defaults to ``None``, "not given"; its help names the config's default, which then applies.
 """
 from __future__ import annotations
 
@@ -56,8 +55,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps where available (default: cuda if available)")
 
 
-# The data options whose default is a value (every command reads them), not "not given".
-DATA_DEFAULTS = {"data": "digits", "seed": 0}
+DATA_DEFAULTS = {"data": "digits", "seed": 0}  # options every command reads: a value, not "not given"
 
 
 def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
@@ -221,8 +219,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     g.add_argument("--placement", choices=PLACEMENTS, default=None,
                    help="prune after the attention residual (attn, EViT) or after the whole block (default: attn)")
     g.add_argument("--entropy-keys", choices=KEYS, default=None,
-                   help="entropy of the whole attention row (all) or of its patch keys renormalised (patches) "
-                        "(default: all)")
+                   help="entropy of the whole attention row (all) or of its patch keys renormalised (patches) (default: all)")
 
 
 def r_values(text: str) -> int | tuple[int, ...]:
@@ -283,7 +280,6 @@ def refuse_merge_args(args) -> None:
 
 
 def prune_options(args) -> dict:
-    """The :class:`~eamvit.methods.prune.PruneConfig` fields of the shared pruning options that are given."""
     return given_values(blocks=args.prune_blocks, fuse=args.fuse, placement=args.placement, keys=args.entropy_keys)
 
 
@@ -299,27 +295,18 @@ def prune_config(args, method: Optional[str] = None):
                        **prune_options(args))
 
 
-def freeze_config(args, **changes):
+def freeze_config(args):
     """The one :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options of ``eval``, ``export``,
-    ``compress`` and ``finetune``.
-
-    Args:
-        changes: fields that differ from the options.
-    """
-    from dataclasses import replace
-
+    ``compress`` and ``finetune``."""
     from eamvit.methods.freeze import FreezeConfig
 
-    base = FreezeConfig(seed=args.seed, **given_values(tau=args.tau, scope=args.scope, selection=args.selection,
-                                                       value_bits=args.value_bits,
-                                                       value_quantizer=args.value_quantizer,
+    return FreezeConfig(seed=args.seed, **given_values(tau=args.tau, scope=args.scope, selection=args.selection,
+                                                       value_bits=args.value_bits, value_quantizer=args.value_quantizer,
                                                        granularity=args.granularity, aggregate=args.aggregate))
-    return replace(base, **changes)
 
 
 def given_values(**values: Any) -> dict[str, Any]:
-    """The ``values`` given on the command line (not ``None``): a config built from them takes its own
-    defaults for the rest, so that each default is the config's, not a second copy here."""
+    """The ``values`` given (not ``None``): a config built from them keeps its own defaults for the rest."""
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -107,12 +107,7 @@ _PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entro
 
 def _finetune_configs(args):
     """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
-    before any work.
-
-    Freezing is on when ``--tau > 0``; merging when ``--merge`` is given; pruning when ``--prune`` is
-    given, and by default (shannon) only without freezing or merging, so that the old ``finetune
-    --keep-rate κ`` still prunes.
-    """
+    before any work: freezing with ``--tau > 0``, pruning by :func:`~eamvit.methods.finetune.prune_method`."""
     from eamvit.cli.options import freeze_config, given_values, merge_config, prune_config, refuse_merge_args
     from eamvit.methods.finetune import FinetuneConfig, prune_method
 
@@ -130,8 +125,7 @@ def _finetune_configs(args):
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
                           grad_clip=args.grad_clip, seed=args.seed,
-                          **given_values(keep_warmup_epochs=args.keep_warmup_epochs,
-                                         keep_decay_epochs=args.keep_decay_epochs))
+                          **given_values(keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
     return pcfg, fcfg, zcfg
 
 

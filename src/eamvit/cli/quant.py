@@ -65,11 +65,9 @@ def add_method_args(g: Any) -> None:
     Args:
         g: the argparse group of the quantization options.
     """
-    g.add_argument("--adfq-iterations", type=int, default=None,
-                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000) "
-                        f"(default: {ADFQ_ITERATIONS})")
-    g.add_argument("--adfq-calib-size", type=int, default=None,
-                   help=f"ADFQ-ViT calibration images (default: {ADFQ_CALIB_SIZE})")
+    g.add_argument("--adfq-iterations", type=int, default=None, help="ADFQ-ViT reconstruction iterations per module "
+                   f"(the reference code's; the paper uses 3000) (default: {ADFQ_ITERATIONS})")
+    g.add_argument("--adfq-calib-size", type=int, default=None, help=f"ADFQ-ViT calibration images (default: {ADFQ_CALIB_SIZE})")
     for name, what in (("poq", "the outlier-aware quantizer"), ("slq", "the shift-log quantizer"),
                        ("amo", "module-wise reconstruction")):
         g.add_argument(f"--adfq-no-{name}", action="store_true", default=None, help=f"ADFQ-ViT without {what}")
@@ -102,11 +100,11 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bits(args: argparse.Namespace) -> dict[str, int]:
-    """``w_bits`` and ``a_bits``: as given, else the command's default (:func:`~eamvit.methods.quantize.default_bits`)."""
+    """``--w-bits`` and ``--a-bits``, else the command's default bits."""
     from eamvit.methods.quantize import default_bits
 
-    bits = default_bits(exported=args.command == "export")
-    return {"w_bits": bits if args.w_bits is None else args.w_bits, "a_bits": bits if args.a_bits is None else args.a_bits}
+    return {k: default_bits(args.command == "export") if v is None else v
+            for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits))}
 
 
 def quant_config(args: argparse.Namespace) -> RepQConfig:

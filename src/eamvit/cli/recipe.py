@@ -97,7 +97,8 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     elif args.prune != "renyi":
         refuse_given(args, ["alpha"], f"to --prune {args.prune} (the Rényi order is --prune renyi's)")
     refuse_merge_args(args)
-    if not freezes(args) and not getattr(args, "frozen", None):
+    freezes = (args.tau or 0) > 0 or getattr(args, "maps", None)
+    if not freezes and not getattr(args, "frozen", None):
         refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
                      "without --tau or --maps (nothing is frozen)")
     if args.granularity in (None, "entry"):  # FreezeConfig's default granularity is entry
@@ -106,11 +107,6 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
         refuse_given(args, ["value_quantizer"], "without --value-bits (the frozen values stay fp32)")
     if getattr(args, "maps", None):
         refuse_given(args, ["bits", "max_memory"], "with --maps, which are computed already")
-
-
-def freezes(args: argparse.Namespace) -> bool:
-    """Whether the options freeze attention: ``--tau`` above 0 (nothing is frozen without it), or ``--maps``."""
-    return (args.tau or 0) > 0 or bool(getattr(args, "maps", None))
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -134,7 +130,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     steps = []
     if getattr(args, "quant", None) and not getattr(args, "quant_state", None):
         steps.append(method_config(args))
-    if freezes(args) and not getattr(args, "frozen", None):
+    if ((args.tau or 0) > 0 or getattr(args, "maps", None)) and not getattr(args, "frozen", None):
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))

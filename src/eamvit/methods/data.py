@@ -440,29 +440,31 @@ def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eam
 
 
 def choose_data_config(model: Any, data: str, overrides: dict[str, Any],
-                       saved: Sequence[tuple[str, str, Any]] = ()) -> dict[str, Any]:
-    """The preprocessing a command uses, by one precedence: the preprocessing options given, else the
-    data config saved with the last artifact of ``saved`` that holds one, else the model's own
-    (:func:`~eamvit.methods.models.data_config`: its checkpoint's, else timm's). The digits' preprocessing
-    is fixed: ``data == "digits"`` never takes a saved one.
-
-    Args:
-        model: the model.
-        data: the ``--data`` spec.
-        overrides: preprocessing options (``None``: not given).
-        saved: ``(kind, origin, data config or None)`` of the artifacts read, the winner last: a compressed
-            model or a quantized state, then entropy maps; ``kind`` becomes ``cfg["source"]``, ``origin``
-            (what the file is) names it in messages.
-    """
+                       saved: Optional[tuple[str, str, Any]] = None) -> dict[str, Any]:
+    """The preprocessing a command uses: the ``overrides`` given, else the data config ``saved`` with an
+    artifact it reads (``(kind, origin, config)``: ``kind`` becomes ``cfg["source"]``, ``origin`` names the
+    file in messages), else the model's own (its checkpoint's, else timm's); ``data == "digits"`` has fixed
+    preprocessing, never a saved one."""
     from eamvit.methods.models import PREPROCESSING_KEYS, data_config
 
     cfg = data_config(model, overrides)
-    held = [s for s in saved if s[2] is not None]
-    if not held:
-        return cfg
-    kind, origin, stored = held[-1]
-    if not isinstance(stored, dict):
+    kind, origin, stored = saved or (None, None, None)
+    if stored is not None and not isinstance(stored, dict):
         raise EamError(f"{origin} has a malformed data config (not a mapping); create it again")
     if not stored or cfg["source"] == "overrides" or data == "digits":
         return cfg
     return {**data_config(model, {k: stored[k] for k in PREPROCESSING_KEYS if k in stored}, origin), "source": kind}
+
+
+def exported_preprocessing(stored: dict[str, Any], overrides: dict[str, Any], data: str, path: str) -> dict[str, Any]:
+    """The preprocessing overrides that evaluate the exported model ``path`` on ``data``: the ``overrides``
+    given, else what its export recorded (``stored``); the digits (one channel, never cropped) take only
+    its mean, std and interpolation."""
+    chans, size = stored.get("input_size", [1])[0], stored.get("input_size", [None])[-1]
+    if data == "digits" and chans != 1:
+        raise EamError(f"--data digits has one channel but {path} was exported for {chans}-channel images; "
+                       "evaluate it on an ImageFolder (--data DIR)")
+    if overrides.get("img_size") is not None and size is not None and overrides["img_size"] != size:
+        raise EamError(f"--img-size {overrides['img_size']} does not fit {path}, exported for {size} px images")
+    keys = ["mean", "std", "interpolation"] + (["crop_pct", "crop_mode"] if data != "digits" else [])
+    return {**overrides, **{k: stored[k] for k in keys if overrides.get(k) is None and stored.get(k) is not None}}

@@ -177,14 +177,6 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
 
 
 def prune_method(prune: Optional[str], freezes: bool, merges: bool) -> Optional[str]:
-    """The token pruning a fine-tuning run trains with: ``prune`` when asked for, else Shannon (EViT's
-    recipe on entropy scores) unless the run freezes attention or merges tokens, which fine-tune unpruned.
-
-    Args:
-        prune: the pruning method asked for (``None``: none asked for).
-        freezes: the run freezes attention.
-        merges: the run merges tokens (a model holds one token reducer).
-    """
-    if prune is not None:
-        return prune
-    return None if freezes or merges else "shannon"
+    """The pruning method a fine-tuning run trains with: ``prune`` when asked for, else Shannon (so that
+    ``finetune --keep-rate κ`` prunes) unless the run ``freezes`` attention or ``merges`` tokens (then none)."""
+    return prune if prune is not None else None if freezes or merges else "shannon"

@@ -65,24 +65,14 @@ def config_type(kind: Any) -> type:
 
 
 def default_bits(exported: bool = False) -> int:
-    """The weight and activation bits of a quantization that is not told them: RepQ-ViT's 4 (the W4/A4
-    setting the papers lead with), or 8 for a model to export, whose integer (QDQ) form takes 8-bit
-    activations (weight-only export takes lower weight bits when asked).
-
-    Args:
-        exported: the quantized model is to be exported (``eamvit export``).
-    """
+    """Weight and activation bits when none are asked for: RepQ-ViT's W4/A4, or 8 for a model to export
+    (``exported``), whose integer (QDQ) form takes 8-bit activations."""
     return 8 if exported else repq.RepQConfig.w_bits
 
 
 def calibration_need(methods: Any, adfq_calib_size: Optional[int] = None) -> int:
-    """Calibration images quantizing by ``methods`` reads beyond a data split's default 512: ADFQ-ViT's
-    ``adfq_calib_size`` (its protocol's 1024 when ``None``); RepQ-ViT and PMQ read 32, within it (0).
-
-    Args:
-        methods: the quantization method names (``"repq"``, ``"adfq"``, ``"pmq"``; others are ignored).
-        adfq_calib_size: ADFQ-ViT's calibration images, when asked for.
-    """
+    """Calibration images quantizing by the method names ``methods`` reads beyond a data split's default
+    512: ADFQ-ViT's ``adfq_calib_size`` (else its protocol's 1024); RepQ-ViT and PMQ read 32 (0)."""
     if "adfq" not in {str(m).strip() for m in methods}:
         return 0
     return adfq.ADFQConfig.calib_size if adfq_calib_size is None else adfq_calib_size
