@@ -290,3 +290,43 @@ def test_adfq_gets_its_calibration_images_by_default():
     assert "min(1024, 1437 available)" in sp.calib_note
     sp = build_splits("digits", data_config_of(model, {}))
     assert len(sp.calib_indices) == 512
+
+
+def _config_defaults() -> dict:
+    """The defaults the configs give to options left out (the independent reference of the tests below)."""
+    from eamvit.methods.freeze import FreezeConfig
+    from eamvit.methods.merge import MergeConfig
+    from eamvit.methods.prune import PruneConfig
+    from eamvit.methods.repq import RepQConfig
+
+    return {"keep_rate": PruneConfig().keep_rate, "alpha": PruneConfig().alpha, "placement": PruneConfig().placement,
+            "tau": FreezeConfig().tau, "selection": FreezeConfig().selection, "merge_r": MergeConfig().r,
+            "w_bits": RepQConfig().w_bits, "attn_quantizer": RepQConfig().attn_quantizer}
+
+
+@pytest.mark.parametrize("argv,dest,why", [
+    (["eval"], "keep_rate", "without --prune"),
+    (["eval", "--prune", "shannon"], "alpha", "to --prune shannon"),
+    (["eval"], "placement", "without --prune"),
+    (["eval"], "selection", "without --tau or --maps"),
+    (["eval", "--frozen", "frozen.safetensors"], "tau", "with --frozen"),
+    (["eval"], "merge_r", "without --merge"),
+    (["eval"], "w_bits", "without --quant"),
+    (["eval", "--quant", "adfq"], "attn_quantizer", "to --quant adfq"),
+    (["finetune", "--merge", "tome"], "keep_rate", "to --merge tome"),
+])
+def test_an_option_given_at_its_default_is_still_refused_where_it_cannot_apply(argv, dest, why, capsys):
+    """Typing the default value is giving the option: it is refused as any other value would be."""
+    value = _config_defaults()[dest]
+    flag = "--" + dest.replace("_", "-")
+    code, out, err = run(capsys, *argv, flag, value)
+    assert_one_line_error(code, err, f"{flag} cannot apply {why}")
+
+
+def test_export_a_bits_at_the_export_default_is_refused_for_weight_only(tmp_path, capsys):
+    from eamvit.methods.quantize import default_bits
+
+    code, out, err = run(capsys, "export", "--quant", "repq", "--target", "weight-only",
+                         "--a-bits", default_bits(exported=True), "--out", tmp_path / "m.onnx")
+    assert_one_line_error(code, err, "--a-bits cannot apply to --target weight-only")
+    assert not (tmp_path / "m.onnx").exists()

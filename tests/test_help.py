@@ -127,3 +127,44 @@ def test_every_command_help_says_what_the_command_does():
     for name, sub in _subparsers(parser).items():
         assert sub.description and " ".join(sub.description.split()) in listed, name
         assert " ".join(sub.description.split()) in " ".join(sub.format_help().split())
+
+
+def test_help_shows_the_defaults_the_configs_apply():
+    """Options that default to "not given" name in their help the value the config then uses."""
+    import inspect
+    import re
+
+    from eamvit.cli.main import build_parser
+    from eamvit.methods.adfq import ADFQConfig
+    from eamvit.methods.calibrate import compute_entropy_maps
+    from eamvit.methods.finetune import FinetuneConfig
+    from eamvit.methods.freeze import FreezeConfig
+    from eamvit.methods.merge import MergeConfig
+    from eamvit.methods.prune import PruneConfig
+    from eamvit.methods.quantize import default_bits
+    from eamvit.methods.repq import RepQConfig
+
+    prune, freeze, merge, repq, adfq = PruneConfig(), FreezeConfig(), MergeConfig(), RepQConfig(), ADFQConfig()
+    want = {"eval": {"keep_rate": prune.keep_rate, "alpha": prune.alpha, "placement": prune.placement,
+                     "entropy_keys": prune.keys, "tau": freeze.tau, "selection": freeze.selection,
+                     "granularity": freeze.granularity, "aggregate": freeze.aggregate,
+                     "value_quantizer": freeze.value_quantizer, "merge_r": merge.r, "merge_inflect": merge.inflect,
+                     "w_bits": default_bits(), "a_bits": default_bits(), "quant_calib_size": repq.calib_size,
+                     "attn_quantizer": repq.attn_quantizer, "adfq_iterations": adfq.iterations,
+                     "adfq_calib_size": adfq.calib_size, "adfq_alpha_fc1": adfq.alpha_fc1,
+                     "bits": inspect.signature(compute_entropy_maps).parameters["bits"].default},
+            "export": {"w_bits": default_bits(exported=True), "a_bits": default_bits(exported=True)},
+            "finetune": {"keep_warmup_epochs": FinetuneConfig.keep_warmup_epochs,
+                         "keep_decay_epochs": FinetuneConfig.keep_decay_epochs}}
+    subs = _subparsers(build_parser())
+    for command, defaults in want.items():
+        actions = {a.dest: a for a in subs[command]._actions}
+        text = " ".join(subs[command].format_help().split())
+        for dest, value in defaults.items():
+            action = actions[dest]
+            assert action.default is None, (command, dest)  # "not given" until the config fills it in
+            shown = re.search(r"\(default:? ([\w.]+)", " ".join(action.help.split()))
+            assert shown, (command, dest, action.help)
+            same = shown[1] == str(value) or (isinstance(value, (int, float)) and float(shown[1]) == value)
+            assert same, (command, dest, shown[1], value)
+            assert shown[0] in text, (command, dest)  # and the formatted help prints it

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.cli.options import parse_model_kwargs, refuse_given  # noqa: F401 (refuse_given: the commands import it here)
+from eamvit.cli.options import given_values, parse_model_kwargs, refuse_given  # noqa: F401 (refuse_given: the commands import it here)
 
 
 def parse_device(name: str):
@@ -59,7 +59,7 @@ def load_model(args):
     if args.model is None and (args.pretrained or kwargs):
         raise EamError("--pretrained/--model-kwargs need --model NAME")
     init_distributed(device)
-    model = create_model(args.model or BUNDLED_MODEL, pretrained=args.pretrained, checkpoint=args.checkpoint,
+    model = create_model(args.model or BUNDLED_MODEL, pretrained=bool(args.pretrained), checkpoint=args.checkpoint,
                          model_kwargs=kwargs, device=device)
     if model_spec(model).weights == "random":
         warn(f"{args.model} has random weights (no --checkpoint, no --pretrained); its results are meaningless "
@@ -166,20 +166,14 @@ def data_splits(args, model, need_calib: bool, maps=None, evaluate: bool = True,
         scores: the command scores the evaluation set (else, as ``quantize`` and ``export``, it only
             holds calibration images out of ``--data`` as ``eval`` would).
     """
-    from eamvit.methods.data import build_splits
-    from eamvit.methods.models import data_config
+    from eamvit.methods.data import build_splits, choose_data_config
 
     ov = data_overrides(args)
-    cfg = data_config(model, ov)
-    saved, source, origin, recorded = _artifacts(args, maps)
+    saved, recorded = _artifacts(args, maps)
+    cfg = choose_data_config(model, args.data, ov, saved)
     if not scores:  # only the held-out rule matters (as eval would apply it): nothing scored, nothing to skip
         recorded, calibrated_on = [], ()
         evaluate = evaluate and not getattr(args, "calib_data", None)
-    if saved and cfg["source"] != "overrides" and args.data != "digits":
-        from eamvit.methods.models import PREPROCESSING_KEYS
-
-        cfg = {**data_config(model, {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}, origin),
-               "source": source}
     if args.data != "digits":  # what a state or checkpoint saved from this model must carry
         state_of(model).data_config = cfg
     sp = build_splits(args.data, cfg, overrides={k: v for k, v in ov.items() if v is not None},
@@ -210,10 +204,11 @@ def warn_class_mismatch(dataset, model, name: str) -> None:
 
 
 def _calib_need(args) -> int:
-    """Calibration images the quantization method of the command reads: ADFQ-ViT reads
-    ``--adfq-calib-size`` (1024 by default); RepQ-ViT and PMQ read 32, within the default 512."""
-    methods = {getattr(args, "quant", None), *str(getattr(args, "methods", "") or "").split(",")}
-    return getattr(args, "adfq_calib_size", 0) or 0 if "adfq" in {str(m).strip() for m in methods} else 0
+    """Calibration images the quantization methods of the command read (``--quant``, compare's ``--methods``)."""
+    from eamvit.methods.quantize import calibration_need
+
+    methods = [getattr(args, "quant", None), *str(getattr(args, "methods", "") or "").split(",")]
+    return calibration_need(methods, getattr(args, "adfq_calib_size", None))
 
 
 def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
@@ -222,30 +217,27 @@ def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
     return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
 
 
-def _artifacts(args, maps) -> tuple[Optional[dict], str, str, list[tuple[str, Optional[list]]]]:
-    """The data config stored with the maps or quantized state the command reads, its kind, the
-    file it was read from (for messages), and ``(file, calibration records)`` of both."""
-    recorded = []
-    saved, source, origin = None, "", ""
+def _artifacts(args, maps) -> tuple[Optional[tuple[str, str, Any]], list[tuple[str, Optional[list]]]]:
+    """``(kind, file, data config)`` of the maps or state the command reads whose preprocessing applies
+    (:func:`~eamvit.methods.data.choose_data_config`), and ``(file, calibration records)`` of each."""
+    recorded, saved = [], None
     if getattr(args, "state", None):
         from eamvit.methods.recipe import read_compressed
 
         meta = read_compressed(args.state)[0]
-        saved, source, origin = meta.get("data_config"), "compressed model", f"compressed model {args.state}"
+        saved = "compressed model", f"compressed model {args.state}", meta.get("data_config")
         recorded.append((str(args.state), meta.get("calibration")))
     if getattr(args, "quant_state", None):
         from eamvit.methods.quantize import read_quantized
 
         meta = read_quantized(args.quant_state)[0]
-        saved, source, origin = meta.get("data_config"), "quantized state", f"quantized state {args.quant_state}"
+        saved = "quantized state", f"quantized state {args.quant_state}", meta.get("data_config")
         recorded.append((str(args.quant_state), meta.get("calibration")))
     if maps is not None:
         if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
-            saved, source, origin = maps.meta["transforms"], "maps", f"entropy maps {args.maps}"
+            saved = "maps", f"entropy maps {args.maps}", maps.meta["transforms"]
         recorded.append((str(args.maps), maps.meta.get("calibration")))
-    if saved is not None and not isinstance(saved, dict):
-        raise EamError(f"{origin} has a malformed data config (not a mapping); create it again")
-    return saved, source, origin, recorded
+    return saved, recorded
 
 
 def load_maps(args, model):
@@ -266,7 +258,7 @@ def get_maps(args, model, device, cal, cal_idx, cfg, out_dir: Optional[Path] = N
         maps = load_maps(args, model)
     if maps is not None:
         return maps
-    maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
+    maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
                                 workers=args.workers, device=device,
                                 max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                                 meta={"transforms": jsonable(cfg), "seed": args.seed})
@@ -293,7 +285,7 @@ def validate_common(args) -> None:
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
-    if hasattr(args, "bits"):
+    if getattr(args, "bits", None) is not None:
         check_bits(args.bits)
     if getattr(args, "frozen", None):
         refuse_given(args, FREEZE_OPTIONS, f"with {flag(args, 'frozen')} {args.frozen}, which already holds the "
@@ -305,7 +297,7 @@ def validate_common(args) -> None:
                      "export one with `eamvit export`)")
     if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
-            FreezeConfig(tau=t, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
+            FreezeConfig(tau=t, value_bits=args.value_bits, **given_values(value_quantizer=args.value_quantizer))
         if getattr(args, "throughput_reps", 3) < 3:
             raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
         if getattr(args, "throughput_batch", 1) < 1:

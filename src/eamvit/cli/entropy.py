@@ -10,7 +10,7 @@ from eamvit.errors import EamError
 from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
                                load_maps, load_model)
 from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                ints, orders_arg, prune_options)
+                                given_values, ints, orders_arg, prune_options)
 from eamvit.cli.export import add_eval_onnx_args
 from eamvit.cli.prune import add_per_block_args, check_per_block, cmd_prune_sweep
 from eamvit.cli.quant import add_quant_args
@@ -32,7 +32,7 @@ def cmd_calibrate(args) -> None:
     sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
     cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
-        maps = compute_entropy_maps(model, cal, indices=cal_idx, bits=args.bits, batch_size=args.batch_size,
+        maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
                                     workers=args.workers, device=device,
                                     max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
                                     resume_path=str(out) + ".partial" if args.resume else None,
@@ -41,7 +41,7 @@ def cmd_calibrate(args) -> None:
                                     distance=args.distance, renyi_orders=args.renyi_orders or ())
         if is_main():
             maps.save(out)
-            print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={args.bits}"
+            print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={maps.meta['bits']}"
                   + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else "")
                   + _stats_line(maps))
 
@@ -100,7 +100,6 @@ def _eval_row(args, model, device, maps, sp) -> dict:
 def cmd_sweep(args) -> None:
     from eamvit.experiments.freeze_sweep import freeze_sweep
     from eamvit.experiments.results import format_sweep_table, write_table
-    from eamvit.experiments.runner import EvalData
     from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate
     from eamvit.methods.freeze import FreezeConfig
@@ -115,18 +114,14 @@ def cmd_sweep(args) -> None:
         return cmd_quant_sweep(args)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
-    sp = data_splits(args, model, need_calib=maps is None,
-                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
-    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
-    base = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device,
-                    progress=False)
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    maps, data = _sweep_data(args, model, device, out)
+    base = evaluate(model, data.dataset, data.indices, batch_size=args.batch_size, workers=args.workers,
+                    device=device, progress=False)
     flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
-        freeze = FreezeConfig(scope=scope, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
+        freeze = FreezeConfig(scope=scope, value_bits=args.value_bits,
+                              **given_values(value_quantizer=args.value_quantizer))
         rows += freeze_sweep(model, maps, data, args.taus, freeze, seeds=range(args.seed, args.seed + args.seeds),
                              progress=is_main())
     if is_main():
@@ -137,12 +132,24 @@ def cmd_sweep(args) -> None:
         print("wrote " + ", ".join(str(f) for f in [*files.values(), out / "sweep.png"]))
 
 
+def _sweep_data(args, model, device, out: Path):
+    """``(maps, EvalData)`` of the freezing sweeps: ``--maps`` (its images unscored), or maps made now in ``out``."""
+    from eamvit.experiments.runner import EvalData
+
+    maps = load_maps(args, model)
+    sp = data_splits(args, model, need_calib=maps is None,
+                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
+    maps = get_maps(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config, out_dir=out, maps=maps)
+    return maps, EvalData(sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers,
+                          device=device, data_config=sp.data_config)
+
+
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
     from eamvit.cli.common import warn
     from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
-    from eamvit.experiments.runner import EvalData, Timing
+    from eamvit.experiments.runner import Timing
     from eamvit.experiments.prune_sweep import parse_sweep_methods
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
@@ -159,7 +166,8 @@ def cmd_speed_sweep(args) -> None:
         check_keep_rate(k)
         for m, a in methods:
             method_config(m, a, k, **prune_options(args))
-    freeze = FreezeConfig(aggregate=args.aggregate, value_bits=args.value_bits, value_quantizer=args.value_quantizer)
+    freeze = FreezeConfig(**given_values(aggregate=args.aggregate, value_bits=args.value_bits,
+                                         value_quantizer=args.value_quantizer))
     model, device = load_model(args)
     if not supports(model, "prune") and args.methods is None:
         methods, merges = [], []
@@ -167,12 +175,7 @@ def cmd_speed_sweep(args) -> None:
              "speed sweep has freezing points only")
     check_family(model, args.granularity, methods, merges)
     out = ensure_writable_dir(args.out)
-    maps = load_maps(args, model)  # before the data: the images that calibrated them are not scored
-    sp = data_splits(args, model, need_calib=maps is None,
-                     calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
-    ev, ev_idx, cal, cal_idx, cfg = sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
-    maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out, maps=maps)
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    maps, data = _sweep_data(args, model, device, out)
     flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
                        Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
@@ -215,7 +218,7 @@ def cmd_quant_sweep(args) -> None:
         if not isinstance(qcfg, RepQConfig):
             raise EamError(f"sweep --quant-state needs a RepQ-ViT state; {args.quant_state} holds "
                            f"{type(qcfg).__name__.removesuffix('Config')}")
-    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], entropy_bits=args.bits,
+    sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], **given_values(entropy_bits=args.bits),
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)

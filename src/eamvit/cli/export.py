@@ -9,7 +9,7 @@ from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_splits, is_main, load_model,
                                require_modules)
-from eamvit.cli.options import MERGE_OPTIONS
+from eamvit.cli.options import MERGE_OPTIONS, TARGET_OPTIONS
 from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
@@ -19,21 +19,19 @@ def export_config(args: argparse.Namespace, model):
     from eamvit.methods.export import ExportConfig
     from eamvit.methods.state import step_config
 
-    file_settings = dict(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
-    target = state_of(model).target
     if step_config(model, "quant") is None:
-        return ExportConfig(**file_settings)
-    _check_target(target, args)
-    return target.export_config(**file_settings)
+        return ExportConfig(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
+    return _check_target(state_of(model).target, args)
 
 
-def _check_target(target, args: argparse.Namespace) -> None:
-    """Refuse a quantized model whose export would not be the model `eval` scores."""
+def _check_target(target, args: argparse.Namespace) -> Any:
+    """The export config of a quantized model for ``target``, refused where the export would not be the
+    model `eval` scores."""
     if target is None:
         raise EamError("the quantized model names no deployment target (a state of eamvit 0.3 or of the Python API "
                        "without one): its export would be another model than `eval` scores; quantize it again for "
                        "its target, e.g. `eamvit quantize --target qdq` or `eamvit compress --target weight-only`")
-    target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
+    return target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
 
 
 def _check_out(out: Path) -> None:
@@ -45,23 +43,16 @@ def _check_out(out: Path) -> None:
     check_output_file(out)
 
 
-def _quant_state_config(args: argparse.Namespace):
-    """The quantization config of ``--quant-state`` (``None`` without one)."""
+def _quant_state(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The quantization config and the deployment target of ``--quant-state`` (``None`` where none)."""
     if not getattr(args, "quant_state", None):
-        return None
+        return None, None
+    from eamvit.methods.export import Target
     from eamvit.methods.quantize import config_type, read_quantized
 
     meta = read_quantized(args.quant_state)[0]
-    return config_type(meta.get("method")).from_dict(meta.get("config", {}))
-
-
-def _quant_state_target(args: argparse.Namespace):
-    """The deployment target stored with ``--quant-state`` (``None``: none)."""
-    from eamvit.methods.export import Target
-    from eamvit.methods.quantize import read_quantized
-
-    stored = read_quantized(args.quant_state)[0].get("target") if getattr(args, "quant_state", None) else None
-    return Target.from_dict(stored) if stored is not None else None
+    target = Target.from_dict(meta["target"]) if meta.get("target") is not None else None
+    return config_type(meta.get("method")).from_dict(meta.get("config", {})), target
 
 
 _SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "merge", "merge_r",
@@ -78,7 +69,7 @@ def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibr
     from eamvit.cli.common import refuse_given
 
     if not quantized:
-        refuse_given(args, ["target", "softmax", "symmetric_activations", "symmetric_weights", "block_size"],
+        refuse_given(args, [*TARGET_OPTIONS, "block_size"],
                      "without --quant, --quant-state or a quantized --state/--recipe "
                      "(an unquantized model is exported in fp32)")
     elif args.target == "weight-only":
@@ -103,13 +94,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_out(out)
     recipe = recipe_from_args(args)
-    quant = recipe.step("quant") or _quant_state_config(args)
+    stored, stored_target = _quant_state(args)
+    quant = recipe.step("quant") or stored
     if quant is not None and quant.KIND != "repq":
         where = f"--quant {quant.KIND}" if getattr(args, "quant", None) else f"the {quant.KIND} quantization step"
         raise EamError(f"{where} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
     refuse_inapplicable_export(args, quant is not None, recipe.step("quant"))
     if quant is not None:  # refused before anything is loaded or written: the target the file will hold
-        _check_target(recipe.target if recipe.step("quant") is not None else _quant_state_target(args), args)
+        _check_target(recipe.target if recipe.step("quant") is not None else stored_target, args)
     with output_lock(out):
         model, device = load_model(args)
         # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
@@ -131,29 +123,15 @@ _MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", 
 
 
 def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
-    """Preprocessing recorded at export, unless the command line overrides it.
-
-    Returns:
-        Whether the recorded preprocessing is used as it is (no option of the command line changed it).
-    """
+    """Fill in the preprocessing recorded at export where the command line gives none; returns whether the
+    recorded preprocessing is used as it is (no preprocessing option given)."""
     from eamvit.cli.common import data_overrides
+    from eamvit.methods.data import exported_preprocessing
 
-    stored = meta.get("data_config", {})
-    given = any(v is not None for v in data_overrides(args).values())
-    keys = ["crop_pct", "crop_mode", "mean", "std", "interpolation"]
-    if args.data == "digits":  # digits are never cropped, and have one channel
-        chans = stored.get("input_size", [1])[0]
-        if chans != 1:
-            raise EamError(f"--data digits has one channel but {args.onnx} was exported for {chans}-channel images; "
-                           "evaluate it on an ImageFolder (--data DIR)")
-        keys = keys[2:]
-    for key in keys:  # stored values are not the user's: they are not checked as if given
-        if getattr(args, key, None) is None and stored.get(key) is not None:
-            setattr(args, key, stored[key])
-    size = stored.get("input_size", [None])[-1]
-    if args.img_size is not None and size is not None and args.img_size != size:
-        raise EamError(f"--img-size {args.img_size} does not fit {args.onnx}, exported for {size} px images")
-    return bool(stored) and not given
+    given, stored = data_overrides(args), meta.get("data_config", {})
+    for key, value in exported_preprocessing(stored, given, args.data, args.onnx).items():
+        setattr(args, key, value)  # after the refusals: nothing checks these as given
+    return bool(stored) and not any(v is not None for v in given.values())
 
 
 def _eval_runtime(args: argparse.Namespace) -> str:
@@ -263,7 +241,6 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, merged, frozen, RepQ-ViT int8 "
                        "(QDQ) or low-bit weight-only")
     add_stack_args(s)
-    s.set_defaults(w_bits=8, a_bits=8)  # the QDQ form is 8-bit; weight-only takes --w-bits 4
     for action in s._actions:
         if action.dest in ("w_bits", "a_bits"):
             action.help = action.help.replace("default 4", "default 8 for export")

@@ -56,39 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
-    """The destinations of the options ``argv`` gives explicitly (a default equal to the given value
-    cannot tell them apart): ``argv`` parsed again by the sub-command's parser with no defaults.
-
-    Args:
-        parser: the ``eamvit`` parser.
-        argv: the command line without the program name, already known to parse.
-    """
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = sub.choices[argv[0]] if argv and argv[0] in sub.choices else None
-    if command is None:
-        return frozenset()
-    saved = [(a, a.default) for a in command._actions], dict(command._defaults)
-    try:
-        for a, _ in saved[0]:
-            a.default = argparse.SUPPRESS
-        command._defaults.clear()
-        return frozenset(vars(command.parse_args(argv[1:])))
-    finally:
-        for a, d in saved[0]:
-            a.default = d
-        command._defaults.update(saved[1])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from eamvit.cli.quant import validate_quant_args
     from eamvit.cli.recipe import resolve_state, validate_recipe_args
     from eamvit.io import remove_created_dirs
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.given = given_options(parser, argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     remove_created_dirs(keep=True)  # only this command's folders are its to remove
     try:
         resolve_state(args)  # first: what --state holds decides which checks apply

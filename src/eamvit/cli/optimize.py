@@ -5,7 +5,7 @@ import argparse
 
 from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
-from eamvit.cli.options import add_data_args, add_model_args
+from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args
 
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
@@ -42,18 +42,14 @@ def prune_recipes(paths) -> tuple:
 
 
 def given_argv(args: argparse.Namespace, dests) -> list[str]:
-    """The options among ``dests`` that the command line gave, written out again as arguments."""
+    """The options among ``dests`` that the command line gave, written out again as arguments (``--data``
+    and ``--seed`` where they are not their defaults, which the rebuilding commands take alike)."""
     out: list[str] = []
     for dest in dests:
-        if dest not in getattr(args, "given", ()):
-            continue
-        value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
-        if isinstance(value, bool):
-            out += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            out += [flag, *map(str, value)]
-        elif value is not None:
-            out += [flag, str(value)]
+        value = getattr(args, dest)
+        if value is not None and DATA_DEFAULTS.get(dest, ...) != value:  # a flag's value is True
+            values = [] if value is True else value if isinstance(value, (list, tuple)) else [value]
+            out += ["--" + dest.replace("_", "-"), *map(str, values)]
     return out
 
 

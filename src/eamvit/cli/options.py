@@ -1,11 +1,12 @@
 """The options shared by the commands: model, data, entropy, freezing and pruning arguments.
 
-Building these imports neither torch nor timm, so ``eamvit --help`` stays instant.
+Building these imports neither torch nor timm, so ``eamvit --help`` stays instant. An option that can be
+refused defaults to ``None``, "not given"; its help names the config's default, which then applies.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from eamvit.errors import EamError
 
@@ -44,19 +45,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="timm model name (default: the bundled digits ViT, eamvit/assets/digits_vit.safetensors)")
-    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+    g.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
                    help="timm.create_model overrides, e.g. img_size=16 patch_size=2 in_chans=1 num_classes=10 "
                         "(keys that load weights, such as checkpoint_path, are refused: use --checkpoint) (default: none)")
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", action="store_true", help="weights from the local timm / Hugging Face cache")
+    w.add_argument("--pretrained", action="store_true", default=None, help="weights from the local timm / Hugging Face cache")
     w.add_argument("--checkpoint", default=None, help="state dict file (.pth, .pt, .safetensors); one written by "
                    "eamvit also carries the preprocessing it was trained with, used by default")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps where available (default: cuda if available)")
 
 
+DATA_DEFAULTS = {"data": "digits", "seed": 0}  # options every command reads: a value, not "not given"
+
+
 def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits",
+    g.add_argument("--data", default=DATA_DEFAULTS["data"],
                    help="ImageFolder root (ImageNet val layout) or 'digits' (scikit-learn's bundled digits)")
     g.add_argument("--num-samples", type=int, default=None, help="evaluate on a seeded random subset of this size (calibrate: use --calib-size) (default: all)")
     if calib:
@@ -67,7 +71,7 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
                        help="calibration images (default: min(512, available), calibrate: all; a held-out part of "
                             "--data takes at most half of it); the command prints what it used, and what it saves "
                             "records them: evaluating that never scores them")
-    g.add_argument("--seed", type=int, default=0, help="seed of the subsets and random freezing")
+    g.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"], help="seed of the subsets and random freezing")
     g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping it")
@@ -90,7 +94,7 @@ def add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
 def add_entropy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("entropy maps")
     g.add_argument("--maps", default=None, help="entropy maps from `eamvit calibrate` (default: calibrate now)")
-    g.add_argument("--bits", type=int, default=8, help="histogram bits b: 2^b bins on [0, 1] (1..16)")
+    g.add_argument("--bits", type=int, default=None, help="histogram bits b: 2^b bins on [0, 1] (1..16) (default: 8)")
     g.add_argument("--max-memory", default=None, help="histogram memory budget, e.g. 2G; more passes over the images if needed "
                         "(default: no limit, one pass)")
 
@@ -122,10 +126,10 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool
                             "entry,row,head: top-1, executed GMACs, predicted and measured speed-up per τ in "
                             "speed_sweep.csv/json/md/png (default: none, the entry-level entropy vs random sweep)")
     else:
-        g.add_argument("--granularity", choices=GRANULARITIES, default="entry",
+        g.add_argument("--granularity", choices=GRANULARITIES, default=None,
                        help="what is frozen: entry (the paper), row (a query token's row, all heads; ViT only), "
                             "head (a whole head); rows and heads skip their work (default entry)")
-    g.add_argument("--aggregate", choices=AGGREGATES, default="mean",
+    g.add_argument("--aggregate", choices=AGGREGATES, default=None,
                    help="how a row's or head's entry entropies rank it (default mean)")
     if sweep:
         g.add_argument("--taus", type=floats, default=[round(0.1 * i, 1) for i in range(10)],
@@ -136,18 +140,19 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool
         g.add_argument("--seeds", type=int, default=3,
                        help="random-freezing seeds averaged per point (the entropy vs random sweep)")
     else:
-        g.add_argument("--tau", type=float, default=0.0, help="fraction of attention entries to freeze, [0, 1]")
+        g.add_argument("--tau", type=float, default=None,
+                       help="fraction of attention entries to freeze, [0, 1] (default: 0.0)")
         if saved:
             g.add_argument("--frozen", default=None,
                            help="the same as --state with frozen attention saved by `eamvit finetune --maps ... "
                                 "--tau ...` (frozen.safetensors) (default: none, freeze from --maps/--tau)")
         g.add_argument("--scope", choices=SCOPES, default=None,
                        help="where the τ fraction is taken (default: head for entries, layer for rows and heads)")
-        g.add_argument("--selection", choices=SELECTIONS, default="entropy",
-                       help="freeze the lowest-entropy entries, or random ones (the baseline)")
+        g.add_argument("--selection", choices=SELECTIONS, default=None,
+                       help="freeze the lowest-entropy entries, or random ones (the baseline) (default: entropy)")
     g.add_argument("--value-bits", type=int, default=None, help="bits of the frozen attention values (default: fp32, not quantized)")
-    g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default="uniform",
-                   help="quantizer of the frozen values with --value-bits")
+    g.add_argument("--value-quantizer", choices=VALUE_QUANTIZERS, default=None,
+                   help="quantizer of the frozen values with --value-bits (default: uniform)")
 
 
 def alpha_arg(text: str) -> float:
@@ -218,19 +223,19 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     else:
         g.add_argument("--prune", choices=METHODS, default=method,
                        help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
-        g.add_argument("--keep-rate", type=per_block_arg(float, "a keep rate"), default=0.7,
+        g.add_argument("--keep-rate", type=per_block_arg(float, "a keep rate"), default=None,
                        help="keep rate κ in (0, 1], or one per pruning block, e.g. 0.9,0.7,0.5 (default: 0.7)")
-        g.add_argument("--alpha", type=per_block_arg(alpha_arg, "a Rényi order"), default=2.0,
+        g.add_argument("--alpha", type=per_block_arg(alpha_arg, "a Rényi order"), default=None,
                        help="Rényi order for --prune renyi (0, 0.5, 2, inf...), or one per pruning block, e.g. "
                             "2,inf,2 (default: 2)")
     g.add_argument("--prune-blocks", type=ints, default=None,
                    help="0-based pruning blocks (default: 3,6,9 of 12, scaled to the depth)")
     g.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse dropped tokens into one (default: on for EViT only)")
-    g.add_argument("--placement", choices=PLACEMENTS, default="attn",
-                   help="prune after the attention residual (attn, EViT) or after the whole block")
-    g.add_argument("--entropy-keys", choices=KEYS, default="all",
-                   help="entropy of the whole attention row (all) or of its patch keys renormalised (patches)")
+    g.add_argument("--placement", choices=PLACEMENTS, default=None,
+                   help="prune after the attention residual (attn, EViT) or after the whole block (default: attn)")
+    g.add_argument("--entropy-keys", choices=KEYS, default=None,
+                   help="entropy of the whole attention row (all) or of its patch keys renormalised (patches) (default: all)")
 
 
 def r_values(text: str) -> int | tuple[int, ...]:
@@ -253,17 +258,17 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
                    help="merge patch tokens: tome (ToMe's bipartite soft matching on the keys) or entropy (the "
                         "highest-entropy tokens merge into their most similar ones); not with --prune (default: "
                         "no merging)")
-    g.add_argument("--merge-r", type=r_values, default=8, metavar="R",
+    g.add_argument("--merge-r", type=r_values, default=None, metavar="R",
                    help="patch tokens each merging block merges: one number, or one per merging block, e.g. "
                         "12,8,4,0 (ToMe caps a block at half its patch tokens) (default: 8)")
-    g.add_argument("--merge-inflect", type=float, default=0.0, metavar="I",
+    g.add_argument("--merge-inflect", type=float, default=None, metavar="I",
                    help="ToMe's schedule of one --merge-r, in [-1, 1]: 0 the same r in every block, -1 decreasing "
                         "(2r down to 0), 1 increasing; the mean stays r (default: 0)")
     g.add_argument("--merge-blocks", type=ints, default=None, metavar="BLOCKS",
                    help="0-based merging blocks (default: every block that can merge, as ToMe)")
     g.add_argument("--merge-alpha", type=alpha_arg, default=None, metavar="ORDER",
                    help="Rényi order of --merge entropy's scores (0, 0.5, 2, inf...) (default: Shannon)")
-    g.add_argument("--no-prop-attn", action="store_true",
+    g.add_argument("--no-prop-attn", action="store_true", default=None,
                    help="leave out proportional attention (ToMe's log token size added to the attention scores; "
                         "on by default)")
 
@@ -272,7 +277,7 @@ def merge_config(args):
     """The one :class:`~eamvit.methods.merge.MergeConfig` of the merging options."""
     from eamvit.methods.merge import MergeConfig
 
-    return MergeConfig(r=args.merge_r, inflect=args.merge_inflect,
+    return MergeConfig(**given_values(r=args.merge_r, inflect=args.merge_inflect),
                        blocks=tuple(args.merge_blocks) if args.merge_blocks is not None else None,
                        prop_attn=not args.no_prop_attn, selection=args.merge, alpha=args.merge_alpha)
 
@@ -291,7 +296,7 @@ def refuse_merge_args(args) -> None:
 
 
 def prune_options(args) -> dict:
-    return {"blocks": args.prune_blocks, "fuse": args.fuse, "placement": args.placement, "keys": args.entropy_keys}
+    return given_values(blocks=args.prune_blocks, fuse=args.fuse, placement=args.placement, keys=args.entropy_keys)
 
 
 def prune_config(args, method: Optional[str] = None):
@@ -300,37 +305,36 @@ def prune_config(args, method: Optional[str] = None):
     Args:
         method: the pruning method when it is not ``--prune``'s (``finetune``'s default).
     """
-    from eamvit.methods.prune import method_config
+    from eamvit.methods.prune import PruneConfig
 
-    return method_config(method or args.prune, args.alpha, args.keep_rate, **prune_options(args))
+    return PruneConfig(method=method or args.prune, **given_values(keep_rate=args.keep_rate, alpha=args.alpha),
+                       **prune_options(args))
 
 
-def freeze_config(args, **changes):
+def freeze_config(args):
     """The one :class:`~eamvit.methods.freeze.FreezeConfig` of the freezing options of ``eval``, ``export``,
-    ``compress`` and ``finetune``.
-
-    Args:
-        changes: fields that differ from the options.
-    """
-    from dataclasses import replace
-
+    ``compress`` and ``finetune``."""
     from eamvit.methods.freeze import FreezeConfig
 
-    base = FreezeConfig(tau=args.tau, scope=args.scope, selection=args.selection, seed=args.seed,
-                        value_bits=args.value_bits, value_quantizer=args.value_quantizer,
-                        granularity=args.granularity, aggregate=args.aggregate)
-    return replace(base, **changes)
+    return FreezeConfig(seed=args.seed, **given_values(tau=args.tau, scope=args.scope, selection=args.selection,
+                                                       value_bits=args.value_bits, value_quantizer=args.value_quantizer,
+                                                       granularity=args.granularity, aggregate=args.aggregate))
+
+
+def given_values(**values: Any) -> dict[str, Any]:
+    """The ``values`` given (not ``None``): a config built from them keeps its own defaults for the rest."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def refuse_given(args, dests: Sequence[str], why: str) -> None:
-    """Refuse the options among ``dests`` the command line gives explicitly: they cannot apply.
+    """Refuse the options among ``dests`` the command line gives (not ``None``): they cannot apply.
 
     Args:
-        args: parsed arguments; ``args.given`` holds the destinations given (see ``cli.main``).
+        args: parsed arguments.
         dests: destinations of the options that cannot apply here.
         why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
     """
-    bad = [d for d in dests if d in getattr(args, "given", ())]
+    bad = [d for d in dests if getattr(args, d, None) is not None]
     if bad:
         names = ", ".join("--" + d.replace("_", "-") for d in bad)
         raise EamError(f"{names} cannot apply {why}; drop {names}")
@@ -352,9 +356,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax", default=None, metavar="{uniform,fp32}",
                    help="--target qdq: the log√2 post-softmax quantizer has no QDQ form; calibrate and ship the map "
                    "as 8-bit uniform on [0, Δ] (uniform, default) or unquantized (fp32)")
-    g.add_argument("--symmetric-activations", action="store_true",
+    g.add_argument("--symmetric-activations", action="store_true", default=None,
                    help="--target qdq: int8 activations with zero point 0 (TensorRT); default uint8 asymmetric")
-    g.add_argument("--symmetric-weights", action="store_true",
+    g.add_argument("--symmetric-weights", action="store_true", default=None,
                    help="ONNX targets: symmetric per-channel weights (zero point 0); default RepQ-ViT's asymmetric ones")
 
 
@@ -365,14 +369,12 @@ def target_from_args(args: argparse.Namespace, quant) -> Any:
     for value, allowed, flag in ((args.target, TARGETS, "--target"), (args.softmax, SOFTMAX, "--softmax")):
         if value is not None and value not in allowed:
             raise EamError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
-    given = [d for d in TARGET_OPTIONS if d in getattr(args, "given", ())]
     if quant is None:
-        if given:
-            refuse_given(args, given, "without a quantization (an unquantized model runs as it is everywhere)")
+        refuse_given(args, TARGET_OPTIONS, "without a quantization (an unquantized model runs as it is everywhere)")
         return None
-    form = args.target or default_target(quant).form
-    return Target(form=form, softmax=args.softmax or "uniform", symmetric_activations=args.symmetric_activations,
-                  symmetric_weights=args.symmetric_weights)
+    return Target(form=args.target or default_target(quant).form,
+                  **given_values(softmax=args.softmax, symmetric_activations=args.symmetric_activations,
+                                 symmetric_weights=args.symmetric_weights))
 
 
 def target_label(target) -> str:

@@ -186,31 +186,25 @@ _PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entro
 
 def _finetune_configs(args):
     """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
-    before any work.
+    before any work: freezing with ``--tau > 0``, pruning by :func:`~eamvit.methods.finetune.prune_method`."""
+    from eamvit.cli.options import freeze_config, given_values, merge_config, prune_config, refuse_merge_args
+    from eamvit.methods.finetune import FinetuneConfig, prune_method
 
-    Freezing is on when ``--tau > 0``; merging when ``--merge`` is given; pruning when ``--prune`` is
-    given, and by default (shannon) only without freezing or merging, so that the old ``finetune
-    --keep-rate κ`` still prunes.
-    """
-    from eamvit.cli.options import freeze_config, merge_config, prune_config, refuse_merge_args
-    from eamvit.methods.finetune import FinetuneConfig
-
-    if args.maps and not args.tau > 0:
+    freezes = (args.tau or 0) > 0
+    if args.maps and not freezes:
         raise EamError("--maps is used to freeze attention: give --tau > 0 with it, or drop it")
     refuse_merge_args(args)
     if args.merge:  # the keep rate and its schedule are pruning's
         refuse_given(args, _PRUNE_ONLY, f"to --merge {args.merge} (no tokens are pruned)")
-        pcfg = merge_config(args)
-    else:
-        method = args.prune if args.prune is not None else (None if args.tau > 0 else "shannon")
-        pcfg = None if method is None else prune_config(args, method)
+    method = prune_method(args.prune, freezes, bool(args.merge))
+    pcfg = merge_config(args) if args.merge else prune_config(args, method) if method else None
     zcfg = freeze_config(args)  # checks the freezing options even when nothing is frozen
-    zcfg = zcfg if args.tau > 0 else None
+    zcfg = zcfg if freezes else None
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-                          keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs,
-                          grad_clip=args.grad_clip, seed=args.seed)
+                          grad_clip=args.grad_clip, seed=args.seed,
+                          **given_values(keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
     return pcfg, fcfg, zcfg
 
 
@@ -225,8 +219,9 @@ def _finetune_maps(args, model, device, out: Path):
     return maps
 
 
-def _reload_hint(args, out: Path, pruned: bool, frozen: bool, merged=None) -> str:
-    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``merged``: its :class:`MergeConfig`)."""
+def _reload_hint(args, out: Path, pruned=None, frozen: bool = False, merged=None) -> str:
+    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``pruned``: its :class:`PruneConfig`,
+    ``merged``: its :class:`MergeConfig`)."""
     import shlex
 
     from eamvit.experiments.optimize_space import recipe_options
@@ -238,13 +233,13 @@ def _reload_hint(args, out: Path, pruned: bool, frozen: bool, merged=None) -> st
     parts += ["--checkpoint", str(out / "finetuned.safetensors")]
     if frozen:
         parts += ["--frozen", str(out / "frozen.safetensors")]
-    if pruned:
+    if pruned is not None:
         from eamvit.methods.prune import setting_text
 
-        parts += ["--prune", args.prune or "shannon", "--keep-rate", str(setting_text(args.keep_rate))]
+        parts += ["--prune", pruned.method, "--keep-rate", str(setting_text(pruned.keep_rate))]
     if merged is not None:  # every merging setting: the options that rebuild the config
         parts += recipe_options(Recipe(steps=(merged,)))
-    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")
+    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned is not None else "")
 
 
 def cmd_finetune(args) -> None:
@@ -281,7 +276,7 @@ def cmd_finetune(args) -> None:
               f"{zcfg.selection}); the frozen values are not trained")
     frozen = f", {out / FROZEN} (the frozen attention)" if zcfg is not None else ""
     print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, checkpoint {res['checkpoint']}")
-    print(f"reload: {_reload_hint(args, out, pcfg is not None and merged is None, zcfg is not None, merged)}")
+    print(f"reload: {_reload_hint(args, out, pcfg if merged is None else None, zcfg is not None, merged)}")
 
 
 def register(sub) -> None:
@@ -330,8 +325,10 @@ def register(sub) -> None:
     f.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: off)")
     f.add_argument("--mixup", type=float, default=0.0, help="timm mixup alpha (DeiT: 0.8)")
     f.add_argument("--cutmix", type=float, default=0.0, help="timm cutmix alpha (DeiT: 1.0)")
-    f.add_argument("--keep-warmup-epochs", type=float, default=0.0, help="epochs at keep rate 1 first (EViT: 10 from scratch)")
-    f.add_argument("--keep-decay-epochs", type=float, default=0.0, help="epochs of cosine from 1 to --keep-rate (EViT: 100)")
+    f.add_argument("--keep-warmup-epochs", type=float, default=None,
+                   help="epochs at keep rate 1 first (EViT: 10 from scratch) (default: 0.0)")
+    f.add_argument("--keep-decay-epochs", type=float, default=None,
+                   help="epochs of cosine from 1 to --keep-rate (EViT: 100) (default: 0.0)")
     f.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     s.add_argument("--out", default="eamvit-finetune", help="output folder (checkpoint, weights, frozen attention, history)")
     s.set_defaults(func=cmd_finetune)

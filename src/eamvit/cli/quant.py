@@ -17,7 +17,7 @@ from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, AT
                             QUANT_METHODS)
 from eamvit.errors import EamError
 from eamvit.cli.common import build_data, data_splits, load_model
-from eamvit.cli.options import add_data_args, add_model_args, add_target_args, target_from_args
+from eamvit.cli.options import add_data_args, add_model_args, add_target_args, given_values, target_from_args
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
@@ -45,13 +45,13 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
                             "loaded instead of calibrating (default: none)" if command == "eval" else
                             "load a quantized state (any method) from `eamvit quantize` instead of calibrating "
                             "(default: none)")
-    g.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
-    g.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
-    g.add_argument("--quant-calib-size", type=int, default=32,
+    g.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..8 (default 4)")
+    g.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4)")
+    g.add_argument("--quant-calib-size", type=int, default=None,
                    help="calibration images of RepQ-ViT (one batch) and PMQ (default 32, as both papers)")
-    g.add_argument("--attn-quantizer", choices=ATTN_QUANTIZERS, default="logsqrt2",
-                   help="RepQ-ViT post-softmax quantizer (default logsqrt2, as RepQ-ViT)")
-    g.add_argument("--no-reparam", action="store_true",
+    g.add_argument("--attn-quantizer", choices=ATTN_QUANTIZERS, default=None,
+                   help=f"RepQ-ViT post-softmax quantizer (default {ATTN_QUANTIZERS[0]}, as RepQ-ViT)")
+    g.add_argument("--no-reparam", action="store_true", default=None,
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
     add_method_args(g)  # ADFQ-ViT and PMQ options
     if command == "sweep":
@@ -65,14 +65,15 @@ def add_method_args(g: Any) -> None:
     Args:
         g: the argparse group of the quantization options.
     """
-    g.add_argument("--adfq-iterations", type=int, default=ADFQ_ITERATIONS,
-                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000)")
-    g.add_argument("--adfq-calib-size", type=int, default=ADFQ_CALIB_SIZE, help="ADFQ-ViT calibration images")
-    g.add_argument("--adfq-no-poq", action="store_true", help="ADFQ-ViT without the outlier-aware quantizer")
-    g.add_argument("--adfq-no-slq", action="store_true", help="ADFQ-ViT without the shift-log quantizer")
-    g.add_argument("--adfq-no-amo", action="store_true", help="ADFQ-ViT without module-wise reconstruction")
-    g.add_argument("--adfq-alpha-fc1", type=float, default=ADFQ_ALPHA_FC1,
-                   help="ADFQ-ViT outlier threshold of fc1 inputs (the reference code's; the paper says 10)")
+    g.add_argument("--adfq-iterations", type=int, default=None, help="ADFQ-ViT reconstruction iterations per module "
+                   f"(the reference code's; the paper uses 3000) (default: {ADFQ_ITERATIONS})")
+    g.add_argument("--adfq-calib-size", type=int, default=None, help=f"ADFQ-ViT calibration images (default: {ADFQ_CALIB_SIZE})")
+    for name, what in (("poq", "the outlier-aware quantizer"), ("slq", "the shift-log quantizer"),
+                       ("amo", "module-wise reconstruction")):
+        g.add_argument(f"--adfq-no-{name}", action="store_true", default=None, help=f"ADFQ-ViT without {what}")
+    g.add_argument("--adfq-alpha-fc1", type=float, default=None,
+                   help="ADFQ-ViT outlier threshold of fc1 inputs (the reference code's; the paper says 10) "
+                        f"(default: {ADFQ_ALPHA_FC1})")
     g.add_argument("--adfq-checkpoint-dir", default=None,
                    help="folder for resumable per-module ADFQ-ViT checkpoints (default: none, no resume)")
     g.add_argument("--pmq-config", default=None,
@@ -98,13 +99,20 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
 
 
+def _bits(args: argparse.Namespace) -> dict[str, int]:
+    """``--w-bits`` and ``--a-bits``, else the command's default bits."""
+    from eamvit.methods.quantize import default_bits
+
+    return {k: default_bits(args.command == "export") if v is None else v
+            for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits))}
+
+
 def quant_config(args: argparse.Namespace) -> RepQConfig:
     """The :class:`RepQConfig` the arguments ask for."""
     from eamvit.methods.repq import RepQConfig
 
-    return RepQConfig(w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.quant_calib_size,
-                      seed=getattr(args, "seed", 0), attn_quantizer=args.attn_quantizer,
-                      reparam=not args.no_reparam)
+    return RepQConfig(**_bits(args), **given_values(calib_size=args.quant_calib_size, attn_quantizer=args.attn_quantizer),
+                      seed=getattr(args, "seed", 0), reparam=not args.no_reparam)
 
 
 def _adfq_pmq_config(args: argparse.Namespace) -> Config:
@@ -112,13 +120,14 @@ def _adfq_pmq_config(args: argparse.Namespace) -> Config:
     from eamvit.methods import adfq, pmq
 
     if args.quant == "adfq":
-        return adfq.ADFQConfig(w_bits=args.w_bits, a_bits=args.a_bits, iterations=args.adfq_iterations,
-                               calib_size=args.adfq_calib_size, poq=not args.adfq_no_poq, slq=not args.adfq_no_slq,
-                               amo=not args.adfq_no_amo, alpha_fc1=args.adfq_alpha_fc1,
+        return adfq.ADFQConfig(**_bits(args), **given_values(iterations=args.adfq_iterations,
+                                                             calib_size=args.adfq_calib_size,
+                                                             alpha_fc1=args.adfq_alpha_fc1),
+                               poq=not args.adfq_no_poq, slq=not args.adfq_no_slq, amo=not args.adfq_no_amo,
                                seed=getattr(args, "seed", 0))
-    text = args.pmq_config or f"{args.w_bits}/{args.a_bits}/{args.a_bits}(MP)"
-    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, calib_size=args.quant_calib_size,
-                                     seed=getattr(args, "seed", 0))
+    text = args.pmq_config or "{w_bits}/{a_bits}/{a_bits}(MP)".format(**_bits(args))
+    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, seed=getattr(args, "seed", 0),
+                                     **given_values(calib_size=args.quant_calib_size))
 
 
 def method_config(args: argparse.Namespace) -> Config:

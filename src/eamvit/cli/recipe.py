@@ -75,7 +75,6 @@ def resolve_state(args: argparse.Namespace) -> None:
                        f"{'quantization' if kind == 'quant' else 'frozen attention'}; drop one")
     setattr(args, dest, path)
     args.state = None
-    args.given = (frozenset(getattr(args, "given", ())) - {"state"}) | {dest}
     args.flags = {**getattr(args, "flags", {}), dest: "--state"}
 
 
@@ -98,11 +97,11 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     elif args.prune != "renyi":
         refuse_given(args, ["alpha"], f"to --prune {args.prune} (the Rényi order is --prune renyi's)")
     refuse_merge_args(args)
-    freezes = args.tau > 0 or getattr(args, "maps", None)
+    freezes = (args.tau or 0) > 0 or getattr(args, "maps", None)
     if not freezes and not getattr(args, "frozen", None):
         refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
                      "without --tau or --maps (nothing is frozen)")
-    if args.granularity == "entry":
+    if args.granularity in (None, "entry"):  # FreezeConfig's default granularity is entry
         refuse_given(args, ["aggregate"], "to --granularity entry (it ranks whole rows and heads)")
     if args.value_bits is None:
         refuse_given(args, ["value_quantizer"], "without --value-bits (the frozen values stay fp32)")
@@ -131,7 +130,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     steps = []
     if getattr(args, "quant", None) and not getattr(args, "quant_state", None):
         steps.append(method_config(args))
-    if (args.tau > 0 or getattr(args, "maps", None)) and not getattr(args, "frozen", None):
+    if ((args.tau or 0) > 0 or getattr(args, "maps", None)) and not getattr(args, "frozen", None):
         steps.append(freeze_config(args))
     if args.prune:
         steps.append(prune_config(args))

@@ -438,3 +438,34 @@ def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eam
         if r not in have:
             have.append(r)
     state_of(model).calibration = have
+
+
+def choose_data_config(model: Any, data: str, overrides: dict[str, Any],
+                       saved: Optional[tuple[str, str, Any]] = None) -> dict[str, Any]:
+    """The preprocessing a command uses: the ``overrides`` given, else the data config ``saved`` with an
+    artifact it reads (``(kind, origin, config)``: ``kind`` becomes ``cfg["source"]``, ``origin`` names the
+    file in messages), else the model's own (its checkpoint's, else timm's); ``data == "digits"`` has fixed
+    preprocessing, never a saved one."""
+    from eamvit.methods.models import PREPROCESSING_KEYS, data_config
+
+    cfg = data_config(model, overrides)
+    kind, origin, stored = saved or (None, None, None)
+    if stored is not None and not isinstance(stored, dict):
+        raise EamError(f"{origin} has a malformed data config (not a mapping); create it again")
+    if not stored or cfg["source"] == "overrides" or data == "digits":
+        return cfg
+    return {**data_config(model, {k: stored[k] for k in PREPROCESSING_KEYS if k in stored}, origin), "source": kind}
+
+
+def exported_preprocessing(stored: dict[str, Any], overrides: dict[str, Any], data: str, path: str) -> dict[str, Any]:
+    """The preprocessing overrides that evaluate the exported model ``path`` on ``data``: the ``overrides``
+    given, else what its export recorded (``stored``); the digits (one channel, never cropped) take only
+    its mean, std and interpolation."""
+    chans, size = stored.get("input_size", [1])[0], stored.get("input_size", [None])[-1]
+    if data == "digits" and chans != 1:
+        raise EamError(f"--data digits has one channel but {path} was exported for {chans}-channel images; "
+                       "evaluate it on an ImageFolder (--data DIR)")
+    if overrides.get("img_size") is not None and size is not None and overrides["img_size"] != size:
+        raise EamError(f"--img-size {overrides['img_size']} does not fit {path}, exported for {size} px images")
+    keys = ["mean", "std", "interpolation"] + (["crop_pct", "crop_mode"] if data != "digits" else [])
+    return {**overrides, **{k: stored[k] for k in keys if overrides.get(k) is None and stored.get(k) is not None}}

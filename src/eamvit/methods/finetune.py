@@ -176,3 +176,9 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
             save_frozen(model, str(out / FROZEN), freeze)
         write_json(out / "finetune.json", {**res, "identity": {**extra, "model": ident["model"]}})
     return res
+
+
+def prune_method(prune: Optional[str], freezes: bool, merges: bool) -> Optional[str]:
+    """The pruning method a fine-tuning run trains with: ``prune`` when asked for, else Shannon (so that
+    ``finetune --keep-rate κ`` prunes) unless the run ``freezes`` attention or ``merges`` tokens (then none)."""
+    return prune if prune is not None else None if freezes or merges else "shannon"

@@ -62,6 +62,20 @@ def config_type(kind: Any) -> type:
     return kinds[kind]
 
 
+def default_bits(exported: bool = False) -> int:
+    """Weight and activation bits when none are asked for: RepQ-ViT's W4/A4, or 8 for a model to export
+    (``exported``), whose integer (QDQ) form takes 8-bit activations."""
+    return 8 if exported else repq.RepQConfig.w_bits
+
+
+def calibration_need(methods: Any, adfq_calib_size: Optional[int] = None) -> int:
+    """Calibration images quantizing by the method names ``methods`` reads beyond a data split's default
+    512: ADFQ-ViT's ``adfq_calib_size`` (else its protocol's 1024); RepQ-ViT and PMQ read 32 (0)."""
+    if "adfq" not in {str(m).strip() for m in methods}:
+        return 0
+    return adfq.ADFQConfig.calib_size if adfq_calib_size is None else adfq_calib_size
+
+
 # --------------------------------------------------------------------------- the verb
 
 
