@@ -214,7 +214,7 @@ def test_optimize_pareto_holds_merging_points(tmp_path, monkeypatch, capsys):
     merges = merge_options(load_demo_model(), "standard")
     tome, cfg = min(((n, c) for n, c in merges if c.selection == "tome" and c.blocks is not None), key=lambda p: p[1].r)
     picked = [c for c in single_candidates(4, "torch", "standard", merges=merges) if c.label in (tome, "head-t0.25")]
-    monkeypatch.setattr(opt, "single_candidates", lambda depth, rt, space, seed, merges=(): picked)
+    monkeypatch.setattr(opt, "single_candidates", lambda depth, rt, space, seed, merges=(), prunes=(): picked)
     out = tmp_path / "o"
     code, _, err = run(capsys, "optimize", *D, "--reps", "3", "--runtime", "torch", "--max-drop", "100",
                        "--space", "standard", "--out", out)

@@ -298,9 +298,9 @@ def validate_common(args) -> None:
     if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits, **given_values(value_quantizer=args.value_quantizer))
-        if getattr(args, "throughput_reps", 3) < 3:
+        if getattr(args, "throughput_reps", None) is not None and args.throughput_reps < 3:
             raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
-        if getattr(args, "throughput_batch", 1) < 1:
+        if getattr(args, "throughput_batch", None) is not None and args.throughput_batch < 1:
             raise EamError(f"--throughput-batch must be at least 1, got {args.throughput_batch}")
         if args.seeds < 1:
             raise EamError("--seeds must be at least 1")

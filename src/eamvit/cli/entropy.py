@@ -178,7 +178,7 @@ def cmd_speed_sweep(args) -> None:
     maps, data = _sweep_data(args, model, device, out)
     flush_warnings()
     rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
-                       Timing(batch_size=args.throughput_batch, reps=args.throughput_reps),
+                       Timing(**given_values(batch_size=args.throughput_batch, reps=args.throughput_reps)),
                        freeze=freeze, prune_options=prune_options(args), progress=is_main(), merges=merges)
     if is_main():
         files = write_table(out / "speed_sweep", rows, formats=("csv", "json"))  # every field, to diff

@@ -216,10 +216,12 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
                             "Shannon or Rényi), each at the r whose GMACs match Shannon pruning's at every keep rate "
                             f"(default: {SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it "
                             "with e.g. --methods shannon,renyi:2,evit,random,tome)")
-        g.add_argument("--no-throughput", action="store_true", help="skip the images/s measurement of --prune")
-        g.add_argument("--throughput-batch", type=int, default=32, help="images per timed forward")
-        g.add_argument("--throughput-reps", type=int, default=10,
-                       help="timed forwards per point, after untimed warm-up; rows carry their median and quartiles")
+        g.add_argument("--no-throughput", action="store_true", default=None,
+                       help="skip the images/s measurement of --prune")
+        g.add_argument("--throughput-batch", type=int, default=None, help="images per timed forward (default: 32)")
+        g.add_argument("--throughput-reps", type=int, default=None,
+                       help="timed forwards per point, after untimed warm-up; rows carry their median and quartiles "
+                            "(default: 10)")
     else:
         g.add_argument("--prune", choices=METHODS, default=method,
                        help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))

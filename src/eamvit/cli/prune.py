@@ -7,7 +7,7 @@ from pathlib import Path
 from eamvit.errors import EamError
 from eamvit.cli.common import build_data, flush_warnings, is_main, load_model
 from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_merge_args, add_model_args, add_prune_args, prune_options, refuse_given)
+                                add_merge_args, add_model_args, add_prune_args, given_values, prune_options, refuse_given)
 
 
 def cmd_prune_sweep(args) -> None:
@@ -35,8 +35,8 @@ def cmd_prune_sweep(args) -> None:
     ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
     flush_warnings()  # before the sweep, not after its results
     data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
-    timing = None if args.no_throughput else Timing(batch_size=args.throughput_batch, warmup=1,
-                                                    reps=args.throughput_reps)
+    timing = None if args.no_throughput else Timing(warmup=1, **given_values(batch_size=args.throughput_batch,
+                                                                             reps=args.throughput_reps))
     rows = prune_sweep(model, data, args.keep_rates, methods, timing, progress=is_main(), merges=merges,
                        **prune_options(args))
     if is_main():
@@ -53,21 +53,23 @@ def cmd_prune_sweep(args) -> None:
 
 PER_BLOCK_OPTIONS = ("per_block", "budget_keep_rate")
 PER_BLOCK_METHODS = "renyi:1,renyi:2,renyi:inf"
+BUDGET_KEEP_RATE = 0.7
 RECIPE_FILE = "per_block_recipe.json"
 
 
 def add_per_block_args(p) -> None:
     """``sweep --prune --per-block``: a keep rate and a Rényi order per pruning block."""
     g = p.add_argument_group("per-block token pruning (sweep --prune --per-block)")
-    g.add_argument("--per-block", action="store_true",
+    g.add_argument("--per-block", action="store_true", default=None,
                    help="with --prune: choose a keep rate and a Rényi order per pruning block by a greedy search on "
                         "the calibration images at the GMACs of --budget-keep-rate in every block (docs/design.md); "
                         "--keep-rates is the grid each block moves down (1 added; default "
                         f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods one method or the Rényi orders to try "
                         f"(default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
                         f"OUT/{RECIPE_FILE}, the chosen config as a recipe for --recipe and optimize --prune-recipe")
-    g.add_argument("--budget-keep-rate", type=float, default=0.7,
-                   help="--per-block's GMACs budget: those of this keep rate in every pruning block (default: 0.7)")
+    g.add_argument("--budget-keep-rate", type=float, default=None,
+                   help="--per-block's GMACs budget: those of this keep rate in every pruning block "
+                        f"(default: {BUDGET_KEEP_RATE})")
 
 
 def check_per_block(args) -> None:
@@ -92,7 +94,8 @@ def per_block_config(args):
     if len(methods) > 1 and names != {"renyi"}:
         raise EamError(f"--per-block searches one method (or Rényi orders, renyi:1,renyi:2,...), not {args.methods}")
     alphas = tuple(a for _, a in methods) if names == {"renyi"} else ()
-    base = method_config(methods[0][0], alphas[0] if alphas else None, args.budget_keep_rate, **prune_options(args))
+    budget = BUDGET_KEEP_RATE if args.budget_keep_rate is None else args.budget_keep_rate
+    base = method_config(methods[0][0], alphas[0] if alphas else None, budget, **prune_options(args))
     return PerBlockSweepConfig(prune=base, keep_rates=tuple(args.keep_rates or SWEEP_KEEP_RATES), alphas=alphas)
 
 
@@ -187,7 +190,7 @@ _PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entro
 def _finetune_configs(args):
     """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
     before any work: freezing with ``--tau > 0``, pruning by :func:`~eamvit.methods.finetune.prune_method`."""
-    from eamvit.cli.options import freeze_config, given_values, merge_config, prune_config, refuse_merge_args
+    from eamvit.cli.options import freeze_config, merge_config, prune_config, refuse_merge_args
     from eamvit.methods.finetune import FinetuneConfig, prune_method
 
     freezes = (args.tau or 0) > 0
