@@ -223,3 +223,31 @@ def test_export_table_openvino_rows_and_the_nncf_baseline(digits, tmp_path):
     ref = _top1(OnnxClassifier(tmp_path / "w8a8_openvino.onnx", threads=1)(x), y)
     assert abs(ov_int8["top1"] - ref) <= TOP1_BOUND
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_nncf_leaves_token_selection_products_in_float(digits, tmp_path):
+    """The products that only choose tokens (Shannon pruning's q·kᵀ, one per pruning block) stay float in
+    NNCF's IR; an unpruned model and EViT (whose class-token row is no matrix product) have none."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+    from eamvit.methods.export_openvino import nncf_quantize, selection_products
+
+    model, train, _, _ = digits
+    export_onnx(model, tmp_path / "fp32.onnx")
+    evit = copy.deepcopy(model)
+    prune_(evit, PruneConfig(method="evit", keep_rate=0.7))
+    export_onnx(evit, tmp_path / "evit.onnx")
+    core = ov.Core()
+    assert selection_products(core.read_model(str(tmp_path / "fp32.onnx"))) == []
+    assert selection_products(core.read_model(str(tmp_path / "evit.onnx"))) == []
+    m = copy.deepcopy(model)
+    prune_(m, PruneConfig(method="shannon", keep_rate=0.7))
+    export_onnx(m, tmp_path / "s.onnx")
+    names = selection_products(core.read_model(str(tmp_path / "s.onnx")))
+    # By hand: the products computed in the pruning blocks themselves (not in their attention or MLP).
+    assert names == [f"/model/blocks/blocks.{b}/MatMul" for b in (1, 2, 3)]
+    nncf_quantize(tmp_path / "s.onnx", tmp_path / "s.xml", train[:8])
+    ir = core.read_model(str(tmp_path / "s.xml"))
+    quantized_inputs = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"
+                        and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())}
+    assert quantized_inputs and not quantized_inputs & set(names)

@@ -15,6 +15,8 @@ from torch import nn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 from eamvit.modules.attention import EamAttention, attention_layers
+from eamvit.modules.merge_block import MergeState
+from eamvit.modules.prune_block import PruneState
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import UniformQuantizer
 from eamvit.ops.qdq import (dequantize_linear, dequantize_per_channel, matmul_nbits, pack_nbits_weight,
@@ -89,6 +91,7 @@ class QdqAttention(EamAttention):
     value is made, each dequantization where it is read (the numbers of :class:`EamAttention`'s
     quantized path: the same quantizers on the same values)."""
 
+    eam_reads_qk = False  # its quantized scores are not softmax(q·scale·kᵀ) of float q and k
     onnx_qkv_scale: torch.Tensor  # (3·A,): q's step on q's channels, then k's, then v's
     onnx_qkv_zero_point: torch.Tensor
     onnx_merge_codes: bool  # the projection's input is quantized before the head merge
@@ -180,7 +183,11 @@ _EXPORT_SWAP = {
 
 
 def swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
-    """Swap a prepared quantized model's classes for their export classes (a copy; never the user's model)."""
+    """Swap a prepared model's classes for their export classes and give its pruning blocks their export
+    form (a copy; never the user's model)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "eam_tokens", None), (PruneState, MergeState)):
+            m.eam_tokens.scores_from_qk = True
     for owner, attr in activation_quantizers(model):
         q = getattr(owner, attr)
         if q.enabled and type(q) is UniformQuantizer:
