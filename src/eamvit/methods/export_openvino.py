@@ -210,11 +210,12 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=selection)
     if preset is not None:
         kwargs["preset"] = nncf.QuantizationPreset(preset)
-    # NNCF's steps draw progress bars on stdout, and its backend probe imports torch's C++ extension
-    # module, which logs a CUDA note: neither is eamvit's output.
-    ext = logging.getLogger("torch.utils.cpp_extension")
-    level = ext.level
-    ext.setLevel(logging.ERROR)
+    # NNCF's steps draw progress bars on stdout and log each node its ignored scope skips, and its backend
+    # probe imports torch's C++ extension module, which logs a CUDA note: none of it is eamvit's output.
+    loggers = [logging.getLogger(n) for n in ("torch.utils.cpp_extension", "nncf")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return nncf.quantize(model, data, **kwargs), nncf.__version__
@@ -222,7 +223,8 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EamError(f"NNCF cannot quantize {fp32_path}: {msg[:300]}") from None
     finally:
-        ext.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def selection_products(model) -> list[str]:
