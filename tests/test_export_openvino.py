@@ -251,3 +251,31 @@ def test_nncf_leaves_token_selection_products_in_float(digits, tmp_path):
     quantized_inputs = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"
                         and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())}
     assert quantized_inputs and not quantized_inputs & set(names)
+
+
+@pytest.mark.parametrize("selection", ["tome", "entropy"])
+def test_openvino_form_of_merged_models_equals_the_simulation(digits, tmp_path, selection):
+    """The OpenVINO form's attention gives merging its keys and adds proportional attention's bias."""
+    from eamvit.methods.merge import MergeConfig, merge_
+
+    model, train, x, _ = digits
+    m = copy.deepcopy(model)
+    merge_(m, MergeConfig(r=9, selection=selection))
+    quantize_(m, RepQConfig(w_bits=8, a_bits=8), train[:64], progress=False)
+    export_onnx(m, tmp_path / "m.onnx", OV_CONFIG)
+    assert any(isinstance(a, QdqAttention) for a in _swapped(m))
+    sim = prepare_export_(copy.deepcopy(m), OV_CONFIG)
+    with torch.no_grad():
+        want = sim(x).argmax(1)
+    got = torch.from_numpy(_exact(tmp_path / "m.onnx", x)).argmax(1)
+    assert float((got == want).float().mean()) >= 0.997
+
+
+def _swapped(model):
+    """The attention classes an OpenVINO export of ``model`` runs (its export copy's)."""
+    from eamvit.modules.attention import attention_layers
+    from eamvit.modules.export_forms import swap_for_export_
+
+    m = prepare_export_(copy.deepcopy(model), OV_CONFIG)
+    swap_for_export_(m, OV_CONFIG)
+    return attention_layers(m)

@@ -4,6 +4,11 @@ operators of :mod:`eamvit.ops.qdq` so that the traced graph holds ONNX's quantiz
 
 Settings are read from an export config (``scheme``, ``symmetric_activations``, ``block_size``,
 ``runtime``: :class:`~eamvit.methods.export.ExportConfig`).
+
+Pruning and merging blocks get their export form here too (every scheme and runtime): where their
+attention is a float ViT attention, it keeps its fused kernel and the scores they read are recomputed
+from the queries and keys (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`), so that a
+runtime still sees one scaled-dot-product attention per block.
 """
 from __future__ import annotations
 
@@ -101,10 +106,16 @@ class QdqAttention(EamAttention):
         B, N, _ = x.shape
         qz = self.eam_quant
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        codes = quantize_linear(self.qkv(x), self.onnx_qkv_scale, self.onnx_qkv_zero_point)
+        qkv = self.qkv(x)
+        state = self.eam
+        if state.observer_k is not None:  # token merging matches on the float keys, as EamAttention gives them
+            state.observer_k(qkv.reshape(B, N, 3, self.num_heads, self.head_dim)[:, :, 1].transpose(1, 2), None)
+        codes = quantize_linear(qkv, self.onnx_qkv_scale, self.onnx_qkv_zero_point)
         cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
         attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
+        if state.score_bias is not None:  # token merging's proportional attention
+            attn = attn + state.score_bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
         x = self.attn_drop(attn) @ v
