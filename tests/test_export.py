@@ -172,6 +172,16 @@ def test_pruned_export_keeps_the_same_tokens(digits, tmp_path):
                 np.testing.assert_array_equal(got, want.numpy())
             else:  # the same kept set; near-equal entropies may swap places in the order
                 np.testing.assert_array_equal(np.sort(got, 1), np.sort(want.numpy(), 1))
+        # Every attention's map has one reader, its product with v (what runtimes fuse): the scores are
+        # computed beside it.
+        graph = onnx.load(str(path)).graph
+        readers = {}
+        for n in graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n.op_type)
+        attention = [n for n in graph.node if n.op_type == "Softmax" and "/attn/" in n.name]
+        assert len(attention) == len(m.blocks)
+        assert all(readers[n.output[0]] == ["MatMul"] for n in attention)
 
 
 @pytest.mark.parametrize("granularity", ["entry", "row", "head"])

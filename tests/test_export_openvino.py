@@ -225,6 +225,34 @@ def test_export_table_openvino_rows_and_the_nncf_baseline(digits, tmp_path):
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
+def test_nncf_leaves_token_selection_products_in_float(digits, tmp_path):
+    """The products that only choose tokens (Shannon pruning's q·kᵀ, one per pruning block) stay float in
+    NNCF's IR; an unpruned model and EViT (whose class-token row is no matrix product) have none."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+    from eamvit.methods.export_openvino import nncf_quantize, selection_products
+
+    model, train, _, _ = digits
+    export_onnx(model, tmp_path / "fp32.onnx")
+    evit = copy.deepcopy(model)
+    prune_(evit, PruneConfig(method="evit", keep_rate=0.7))
+    export_onnx(evit, tmp_path / "evit.onnx")
+    core = ov.Core()
+    assert selection_products(core.read_model(str(tmp_path / "fp32.onnx"))) == []
+    assert selection_products(core.read_model(str(tmp_path / "evit.onnx"))) == []
+    m = copy.deepcopy(model)
+    prune_(m, PruneConfig(method="shannon", keep_rate=0.7))
+    export_onnx(m, tmp_path / "s.onnx")
+    names = selection_products(core.read_model(str(tmp_path / "s.onnx")))
+    # By hand: the products computed in the pruning blocks themselves (not in their attention or MLP).
+    assert names == [f"/model/blocks/blocks.{b}/MatMul" for b in (1, 2, 3)]
+    nncf_quantize(tmp_path / "s.onnx", tmp_path / "s.xml", train[:8])
+    ir = core.read_model(str(tmp_path / "s.xml"))
+    quantized_inputs = {op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"
+                        and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())}
+    assert quantized_inputs and not quantized_inputs & set(names)
+
+
 @pytest.mark.parametrize("selection", ["tome", "entropy"])
 def test_openvino_form_of_merged_models_equals_the_simulation(digits, digits_w8a8, tmp_path, selection):
     # Merging reads the keys and adds log(size) to the scores: the openvino form must do both.
@@ -237,6 +265,7 @@ def test_openvino_form_of_merged_models_equals_the_simulation(digits, digits_w8a
         merge_(m, MergeConfig(r=9, selection=selection, prop_attn=prop_attn))
         path = tmp_path / f"m{prop_attn}.onnx"
         export_onnx(m, path, OV_CONFIG)
+        assert any(isinstance(a, QdqAttention) for a in _swapped(m))
         with torch.no_grad():
             want = prepare_export_(copy.deepcopy(m), OV_CONFIG)(x)
         got = torch.from_numpy(_exact(path, x))
@@ -248,3 +277,13 @@ def test_openvino_form_of_merged_models_equals_the_simulation(digits, digits_w8a
     # The size bias moves most images' logits beyond that tolerance, so a graph without it would fail.
     moved = ((logits[True] - logits[False]).abs().amax(1) > 1e-3 * logits[True].abs().amax(1)).float().mean()
     assert float(moved) >= 0.9, float(moved)
+
+
+def _swapped(model):
+    """The attention classes an OpenVINO export of ``model`` runs (its export copy's)."""
+    from eamvit.modules.attention import attention_layers
+    from eamvit.modules.export_forms import swap_for_export_
+
+    m = prepare_export_(copy.deepcopy(model), OV_CONFIG)
+    swap_for_export_(m, OV_CONFIG)
+    return attention_layers(m)

@@ -500,6 +500,7 @@ def test_config_round_trip_and_rebuild_from_the_config_alone():
     ("deit_tiny_patch16_224", MergeConfig(r=3)),
     ("deit_tiny_distilled_patch16_224", MergeConfig(r=(4, 0, 2, 3))),
     ("deit_tiny_patch16_224", MergeConfig(r=2, selection="entropy", alpha=2.0)),
+    ("deit_tiny_patch16_224", MergeConfig(r=3, selection="entropy")),  # Shannon: from q and k in the export
 ])
 def test_merged_export_equals_pytorch_in_onnx_runtime(name, cfg, tmp_path):
     from eamvit.methods.export import export_onnx

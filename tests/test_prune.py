@@ -16,8 +16,9 @@ from eamvit.methods.cost import count_gflops
 from eamvit.methods.prune import (PruneConfig, kept_indices, kept_masks, parse_methods, prune_,
                                   prune_state, set_keep_rate, token_entropies, unprune_)
 from eamvit.modules.prune_block import PruneBlock
-from eamvit.ops.scores import (attention_entropy, default_blocks, evit_scores, kept_count, prune_tokens, row_entropy,
-                               token_counts, trace_indices)
+from eamvit.ops.scores import (attention_entropy, class_attention, default_blocks, entropy_from_qk, evit_scores,
+                               fuse_dropped, kept_count, prune_tokens, row_entropy, take_rows, token_counts,
+                               trace_indices)
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=48, num_heads=3)  # 8x8 = 64 patches, 12 blocks
 GRID14 = dict(img_size=56, patch_size=4, num_classes=10, embed_dim=48, num_heads=3)  # 14x14 = 196 patches
@@ -100,6 +101,34 @@ def test_entropy_extremes_and_float32():
 def test_evit_scores_are_cls_row_mean():
     a = random_attention()
     torch.testing.assert_close(evit_scores(a, 2), a[:, :, 0, 2:].mean(1))
+
+
+@pytest.mark.parametrize("keys", ["all", "patches"])
+@pytest.mark.parametrize("alpha", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("bias", [False, True])
+def test_export_form_scores_from_queries_and_keys_equal_the_map_s(alpha, keys, bias):
+    """The export form's scores (from q and k, the map never read) against the map's, brute force."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    b = torch.randn(2, 1, 1, 9, generator=g, dtype=torch.float64) if bias else None
+    scale = 4 ** -0.5
+    s = (q * scale) @ k.transpose(-2, -1)
+    attn = (s if b is None else s + b).softmax(-1)
+    got = entropy_from_qk(q, k, scale, alpha, 2, keys, bias=b)
+    np.testing.assert_allclose(got.numpy(), brute_entropy(attn.numpy(), alpha, 2, keys), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(class_attention(q, k, scale)[:, :, 0], s.softmax(-1)[:, :, 0])
+
+
+def test_row_take_and_elementwise_fusion_equal_gather_and_product():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 10, 5, generator=g), torch.rand(3, 10, generator=g)
+    idx = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(3)])
+    torch.testing.assert_close(take_rows(x, idx), torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, 5)), rtol=0,
+                               atol=0)
+    dropped = torch.ones(3, 10).scatter(1, idx, 0.0)
+    want = torch.einsum("bn,bnc->bc", w * dropped, x).unsqueeze(1)
+    for elementwise in (False, True):
+        torch.testing.assert_close(fuse_dropped(x, w, idx, elementwise), want)
 
 
 # ------------------------------------------------------------------------------------------------ counts

@@ -205,13 +205,17 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
     model = _core().read_model(str(fp32_path))
     data = nncf.Dataset([calib_images[i:i + 1].detach().cpu().float().numpy() for i in range(len(calib_images))])
     kwargs: dict[str, Any] = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_images))
+    selection = selection_products(model)
+    if selection:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=selection)
     if preset is not None:
         kwargs["preset"] = nncf.QuantizationPreset(preset)
-    # NNCF's steps draw progress bars on stdout, and its backend probe imports torch's C++ extension
-    # module, which logs a CUDA note: neither is eamvit's output.
-    ext = logging.getLogger("torch.utils.cpp_extension")
-    level = ext.level
-    ext.setLevel(logging.ERROR)
+    # NNCF's steps draw progress bars on stdout and log each node its ignored scope skips, and its backend
+    # probe imports torch's C++ extension module, which logs a CUDA note: none of it is eamvit's output.
+    loggers = [logging.getLogger(n) for n in ("torch.utils.cpp_extension", "nncf")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return nncf.quantize(model, data, **kwargs), nncf.__version__
@@ -219,7 +223,32 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EamError(f"NNCF cannot quantize {fp32_path}: {msg[:300]}") from None
     finally:
-        ext.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def selection_products(model) -> list[str]:
+    """Names of the matrix products of an OpenVINO model whose results reach its outputs only through
+    integer indices: token pruning's and merging's scores (the entropy's ``q·kᵀ``, ToMe's similarity),
+    which only choose tokens. NNCF leaves them in float, as the reference computes them: int8 there
+    would change which tokens are kept and add quantize nodes the runtime cannot fuse into anything.
+    An unpruned, unmerged model has none (NNCF then quantizes it exactly as ``nncf.quantize`` does).
+
+    Args:
+        model: an ``openvino.Model`` (read from an fp32 export).
+    """
+    carries: set = set()  # nodes whose float results flow to an output
+    todo = [r for r in model.get_results()]
+    while todo:
+        node = todo.pop()
+        if node.get_friendly_name() in carries:
+            continue
+        carries.add(node.get_friendly_name())
+        for value in node.input_values():
+            if value.get_element_type().is_real():
+                todo.append(value.get_node())
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and op.get_friendly_name() not in carries]
 
 
 def _save_ir(model, out: Path) -> None:

@@ -246,6 +246,11 @@ class EamState:
         observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
         observer_k: called with the keys ``(B, H, N, d)`` as the score product receives them
             (``stage="keys"``; token merging's matching features).
+        observer_qk: called with the queries and the keys ``(B, H, N, d)`` of a float attention whose
+            map is ``softmax(q·scale·kᵀ)`` (classes with ``eam_reads_qk``); the module keeps its fused
+            kernel, so a reader that needs a few rows of the map (EViT's class-token row) or a statistic
+            of it recomputes them from these instead of forcing the whole map out of the kernel
+            (pruning's export form).
         score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``
             (:func:`~eamvit.modules.attention.bias_scores`; proportional attention's ``log size``).
         plan: ``"head"`` or ``"row"`` while a frozen plan is executed; ``None`` otherwise.
@@ -262,6 +267,7 @@ class EamState:
     observer: Optional[Observer] = None
     observer_q: Optional[Observer] = None
     observer_k: Optional[Observer] = None
+    observer_qk: Optional[Observer] = None
     score_bias: Optional[torch.Tensor] = None
     plan: Optional[str] = None
     granularity: str = "entry"
@@ -281,6 +287,7 @@ class EamBase:
     """The state and the post-softmax step of every instrumented attention class."""
 
     eam: EamState
+    eam_reads_qk: bool = False  # the forward calls ``eam.observer_qk`` (float ViT attention)
     eam_quant: Optional[nn.Module]
     eam_frozen_mask: Optional[torch.Tensor]
     eam_frozen_values: Optional[torch.Tensor]
@@ -301,7 +308,7 @@ class EamBase:
         of the keys, or a bias on the scores (an executed frozen plan would skip it)."""
         state = self.eam
         return (state.observer is not None or state.observer_q is not None or state.observer_k is not None
-                or state.score_bias is not None)
+                or state.observer_qk is not None or state.score_bias is not None)
 
     @property
     def eam_executes_plan(self) -> bool:

@@ -4,6 +4,11 @@ operators of :mod:`eamvit.ops.qdq` so that the traced graph holds ONNX's quantiz
 
 Settings are read from an export config (``scheme``, ``symmetric_activations``, ``block_size``,
 ``runtime``: :class:`~eamvit.methods.export.ExportConfig`).
+
+Pruning and merging blocks get their export form here too (every scheme and runtime): where their
+attention is a float ViT attention, it keeps its fused kernel and the scores they read are recomputed
+from the queries and keys (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`), so that a
+runtime still sees one scaled-dot-product attention per block.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from torch import nn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 from eamvit.modules.attention import EamAttention, attention_layers
+from eamvit.modules.merge_block import MergeState
+from eamvit.modules.prune_block import PruneState
 from eamvit.modules.quant_layers import QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import UniformQuantizer
 from eamvit.ops.qdq import (dequantize_linear, dequantize_per_channel, matmul_nbits, pack_nbits_weight,
@@ -89,6 +96,7 @@ class QdqAttention(EamAttention):
     value is made, each dequantization where it is read (the numbers of :class:`EamAttention`'s
     quantized path: the same quantizers on the same values)."""
 
+    eam_reads_qk = False  # its quantized scores are not softmax(q·scale·kᵀ) of float q and k
     onnx_qkv_scale: torch.Tensor  # (3·A,): q's step on q's channels, then k's, then v's
     onnx_qkv_zero_point: torch.Tensor
     onnx_merge_codes: bool  # the projection's input is quantized before the head merge
@@ -106,7 +114,7 @@ class QdqAttention(EamAttention):
         cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
         attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
-        if state.score_bias is not None:  # proportional attention of token merging
+        if state.score_bias is not None:  # token merging's proportional attention
             attn = attn + state.score_bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
@@ -186,7 +194,11 @@ _EXPORT_SWAP = {
 
 
 def swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
-    """Swap a prepared quantized model's classes for their export classes (a copy; never the user's model)."""
+    """Swap a prepared model's classes for their export classes and give its pruning blocks their export
+    form (a copy; never the user's model)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "eam_tokens", None), (PruneState, MergeState)):
+            m.eam_tokens.scores_from_qk = True
     for owner, attr in activation_quantizers(model):
         q = getattr(owner, attr)
         if q.enabled and type(q) is UniformQuantizer:

@@ -32,7 +32,7 @@ from eamvit.modules.adapters import biasing, observing
 from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
 from eamvit.ops.merge import bipartite_plan, entropy_plan, merge_count, merge_tokens, size_bias
 from eamvit.ops.positions import next_positions
-from eamvit.ops.scores import attention_entropy
+from eamvit.ops.scores import attention_entropy, entropy_from_qk
 
 
 @dataclass(eq=False)
@@ -73,6 +73,7 @@ class MergeState:
     kept: list[Optional[torch.Tensor]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     match_macs: list[tuple[int, int, int]] = field(default_factory=list)
+    scores_from_qk: bool = False  # the export form: see TokenBlock._eam_reads_qk
 
 
 class _MergeSteps(TokenBlock):
@@ -105,25 +106,37 @@ class _MergeSteps(TokenBlock):
         return r
 
     def _eam_attend(self, r: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """``run()`` (the attention branch) with the size bias, and the keys (and map) when this block merges."""
+        """``run()`` (the attention branch) with the size bias, and ``(keys, map, scores)`` when this
+        block merges: the keys, and for entropy-guided merging the map, or in the export form
+        (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`) the entropies recomputed from
+        the queries and keys (with the size bias) while the attention keeps its fused kernel."""
         st = self.eam_tokens
         bias = size_bias(st.size) if st.prop_attn and st.size is not None else None
         keys: list[torch.Tensor] = []
         maps: list[torch.Tensor] = []
+        qk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        from_qk = bool(r) and st.selection == "entropy" and self._eam_reads_qk()
         with contextlib.ExitStack() as stack:
             stack.enter_context(biasing([self.attn], {0: bias}))
-            if r:
+            if from_qk:
+                stack.enter_context(observing([self.attn], {0: lambda q, k: qk.append((q, k))}, "observer_qk"))
+            elif r:
                 stack.enter_context(observing([self.attn], {0: lambda k, mask: keys.append(k)}, "observer_k"))
                 if st.selection == "entropy":
                     stack.enter_context(observing([self.attn], {0: lambda attn, mask: maps.append(attn)}))
             out = run()
-        return out, (keys[0] if keys else None, maps[0] if maps else None)
+        if from_qk:
+            q, k = qk[0]
+            with torch.no_grad():
+                scores = entropy_from_qk(q, k, self.attn.scale, st.order, st.num_prefix, bias=bias)
+            return out, (k, None, scores)
+        return out, (keys[0] if keys else None, maps[0] if maps else None, None)
 
     def _eam_reduce(self, x: torch.Tensor, seen: Any, r: int) -> torch.Tensor:
         if not r:
             return x
         st = self.eam_tokens
-        keys, attn = seen
+        keys, attn, scores = seen
         P, (B, N, _) = st.num_prefix, x.shape
         features = keys.mean(1)  # ToMe's matching features: the keys averaged over heads, (B, N, d)
         d = features.shape[-1]
@@ -131,8 +144,9 @@ class _MergeSteps(TokenBlock):
             plan = bipartite_plan(features, r, P)
             macs = ((N + 1) // 2) * (N // 2) * d
         else:
-            with torch.no_grad():
-                scores = attention_entropy(attn, st.order, P)
+            if scores is None:
+                with torch.no_grad():
+                    scores = attention_entropy(attn, st.order, P)
             plan = entropy_plan(features, scores, r, P)
             macs = r * (N - P - r) * d
         x, st.size = merge_tokens(x, st.size, plan, P)

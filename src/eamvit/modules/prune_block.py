@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from eamvit.modules.adapters import observing
 from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
 from eamvit.ops.positions import next_positions
-from eamvit.ops.scores import kept_count, prune_tokens, stage_value
+from eamvit.ops.scores import class_attention, entropy_from_qk, kept_count, prune_tokens, stage_value
 
 
 @dataclass
@@ -72,6 +72,7 @@ class PruneState:
     generator: Optional[torch.Generator] = None
     track_positions: bool = False
     positions: Optional[torch.Tensor] = None
+    scores_from_qk: bool = False  # the export form: see TokenBlock._eam_reads_qk
 
     @property
     def needs_attention(self) -> bool:
@@ -105,24 +106,43 @@ class _PruneSteps(TokenBlock):
             self._check_frozen()
         return k
 
-    def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``run()`` (the attention branch), and the map when the method needs one (read through ``observing``)."""
-        if not self.eam_tokens.needs_attention:
-            return run(), None
+    def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """``run()`` (the attention branch), and ``(map, scores)`` when the method needs the map (read
+        through ``observing``): the whole map and no scores, or, in the export form, the class-token
+        row and the entropy scores recomputed from the queries and keys."""
+        st = self.eam_tokens
+        if not st.needs_attention:
+            return run(), (None, None)
+        if self._eam_reads_qk():
+            qk: list[tuple[torch.Tensor, torch.Tensor]] = []
+            with observing([self.attn], {0: lambda q, keys: qk.append((q, keys))}, "observer_qk"):
+                out = run()
+            q, keys = qk[0]
+            scale = self.attn.scale
+            scores = None if st.method in ("evit", "random") else \
+                entropy_from_qk(q, keys, scale, stage_value(st.order, self.eam_stage), st.num_prefix, st.keys)
+            cls_row = class_attention(q, keys, scale) if st.method == "evit" or st.fuse else None
+            return out, (cls_row, scores)
         seen: list[torch.Tensor] = []
         with observing([self.attn], {0: lambda attn, mask: seen.append(attn)}):
             out = run()
-        return out, seen[0]
+        return out, (seen[0], None)
 
-    def _eam_reduce(self, x: torch.Tensor, attn: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    def _eam_reads_qk(self) -> bool:
+        """The export form (:meth:`TokenBlock._eam_reads_qk`) where no bias changes the map and a class
+        token exists (EViT's row, its fusion)."""
+        return super()._eam_reads_qk() and self.attn.eam.score_bias is None and self.eam_tokens.num_prefix > 0
+
+    def _eam_reduce(self, x: torch.Tensor, seen: Any, k: int) -> torch.Tensor:
+        attn, scores = seen
         st = self.eam_tokens
         gen = None
         if st.method == "random":
             if st.generator is None or st.generator.device != x.device:
                 st.generator = torch.Generator(device=x.device).manual_seed(st.seed)
             gen = st.generator
-        out, keep, scores = prune_tokens(x, attn, st.method, st.num_prefix, k,
-                                           stage_value(st.order, self.eam_stage), st.keys, st.fuse, gen)
+        out, keep, scores = prune_tokens(x, attn, st.method, st.num_prefix, k, stage_value(st.order, self.eam_stage),
+                                         st.keys, st.fuse, gen, scores, st.scores_from_qk)
         st.stage_idx[self.eam_stage] = keep
         if st.record_scores:
             st.scores[self.eam_stage] = scores.detach()

@@ -62,6 +62,17 @@ class TokenBlock:
                                f"{self.eam_verb} at block {first}; freeze before {self.eam_verb} (it drops maps "
                                "that no longer apply) or unfreeze those layers")
 
+    def _eam_reads_qk(self) -> bool:
+        """The export form (the state's ``scores_from_qk``, set on an export's copy by
+        :func:`~eamvit.modules.export_forms.swap_for_export_`) where the attention is a float ViT
+        attention: it keeps its fused kernel, whose map then has no second reader, and what the step
+        reads of the map (EViT's class-token row, attention entropies) is recomputed from the queries
+        and keys (``eam.observer_qk``). Runtimes fuse an attention only when its softmax has one reader
+        (OpenVINO's scaled-dot-product attention); the scores are the same numbers up to rounding."""
+        a = self.attn
+        return (self.eam_tokens.scores_from_qk and getattr(a, "eam_reads_qk", False) and a.eam_quant is None
+                and a.eam_frozen_mask is None and a.eam.observer is None and a.eam.observer_q is None)
+
     def _eam_run(self, x: torch.Tensor, plan: Any, attn_branch: Callable[[torch.Tensor], torch.Tensor],
                  mlp_branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The block with its reduction: ``x + attn_branch(x)``, then reduce before (``"attn"``) or after

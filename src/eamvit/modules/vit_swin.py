@@ -117,6 +117,8 @@ class _EamMixin(EamBase):
 class EamAttention(_EamMixin, Attention):
     """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
 
+    eam_reads_qk = True
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         if not self.eam_active:
@@ -136,6 +138,8 @@ class EamAttention(_EamMixin, Attention):
         state = self.eam
         if state.observer_k is not None:
             state.observer_k(k, None)
+        if state.observer_qk is not None:
+            state.observer_qk(q, k)
         bias = state.score_bias
         if (self.fused_attn and state.observer is None and state.observer_q is None and self.eam_quant is None
                 and self.eam_frozen_mask is None and attn_mask is None and not is_causal):

@@ -30,6 +30,7 @@ import torch
 
 from eamvit.choices import MERGE_SELECTIONS as SELECTIONS  # one definition, torch-free for the CLI
 from eamvit.errors import EamError
+from eamvit.ops.scores import take_rows
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,7 @@ def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefi
         src = order[:, :r]
         keep = order[:, r:].sort(dim=-1).values
         unit = _unit(features[:, num_prefix:])
-        pick = lambda idx: unit.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
-        dst = (pick(src) @ pick(keep).transpose(-1, -2)).argmax(dim=-1)
+        dst = (take_rows(unit, src) @ take_rows(unit, keep).transpose(-1, -2)).argmax(dim=-1)
     return MergePlan(keep=keep, src=src, dst=dst)
 
 
@@ -168,9 +168,8 @@ def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan,
         size, weighted = x.new_ones(B, N), x
     else:
         weighted = x * size.unsqueeze(-1)
-    rows = lambda idx: idx.unsqueeze(-1).expand(-1, -1, C)
     # Gathers return fresh tensors: summing into them and dividing them in place copies no tokens again.
-    out = weighted.gather(1, rows(keep)).scatter_add_(1, rows(dst), weighted.gather(1, rows(src)))
+    out = take_rows(weighted, keep).scatter_add_(1, dst.unsqueeze(-1).expand(-1, -1, C), take_rows(weighted, src))
     size = size.gather(1, keep).scatter_add_(1, dst, size.gather(1, src))
     return out.div_(size.unsqueeze(-1)), size
 

@@ -69,7 +69,11 @@ def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 
     Returns:
         ``(B, N − num_prefix)`` scores (lower = more informative = kept).
     """
-    rows = attn[:, :, num_prefix:, :]
+    return _row_scores(attn[:, :, num_prefix:, :], alpha, num_prefix, keys)
+
+
+def _row_scores(rows: torch.Tensor, alpha: float, num_prefix: int, keys: str) -> torch.Tensor:
+    """The entropies of the patch queries' rows ``(B, H, n, N)``, averaged over heads."""
     mass = None
     if keys == "patches":
         rows = rows[..., num_prefix:]
@@ -79,11 +83,53 @@ def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 
     return row_entropy(rows, alpha, mass).mean(1)
 
 
+def entropy_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, alpha: float = 1.0, num_prefix: int = 1,
+                    keys: str = "all", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`attention_entropy` of the map ``softmax(q·scale·kᵀ)``, from the queries and keys.
+
+    Only the patch queries' rows are computed. The Shannon entropy over all keys is taken from the
+    scores themselves, ``H = log Σ_j e^{z_j} − Σ_j e^{z_j}·z_j / Σ_j e^{z_j}`` with ``z`` the row minus
+    its maximum (the same number as ``−Σ p log p``), so that one logarithm per row replaces one per
+    entry: an export then has no elementwise ``Log`` over the map, which runtimes run slowly.
+
+    Args:
+        q: queries ``(B, H, N, d)``.
+        k: keys ``(B, H, N, d)``.
+        scale: the score scale (``d^-0.5``), applied to ``q`` first, as timm's attention does.
+        alpha, num_prefix, keys: as :func:`attention_entropy`.
+        bias: added to the scores before the softmax, broadcast over ``(B, H, N, N)`` (token merging's
+            ``log size``).
+
+    Returns:
+        ``(B, N − num_prefix)`` scores (lower = kept).
+    """
+    s = (q[:, :, num_prefix:] * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        s = s + bias
+    if float(alpha) != 1.0 or keys != "all":
+        return _row_scores(s.softmax(dim=-1), alpha, num_prefix, keys)
+    z = s - s.amax(dim=-1, keepdim=True)
+    e = z.exp()
+    total = e.sum(-1)
+    return (total.log() - (e * z).sum(-1) / total).mean(1)
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The class token's row of ``softmax(q·scale·kᵀ)``, ``(B, H, 1, N)``: all that :func:`evit_scores`
+    and EViT's fusion weights read of the map.
+
+    The product of one query with the keys is written as a product and a sum over ``d``, not as a
+    matrix product: a quantizer of an export (NNCF) leaves it in float, as the scores' top-k needs.
+    """
+    return ((q[:, :, :1] * scale) * k).sum(-1).unsqueeze(2).softmax(dim=-1)
+
+
 def evit_scores(attn: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
     """EViT's importance: the class token's attention to each patch, averaged over heads.
 
     Args:
-        attn: post-softmax attention ``(B, H, N, N)``.
+        attn: post-softmax attention ``(B, H, N, N)``, or only its class-token row ``(B, H, 1, N)``
+            (:func:`class_attention`).
         num_prefix: prefix tokens; the class token is token 0.
 
     Returns:
@@ -102,7 +148,8 @@ def select_tokens(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.topk(scores, k, dim=1, largest=largest, sorted=True).indices
 
 
-def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.Tensor,
+                 elementwise: bool = False) -> torch.Tensor:
     """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``.
 
     The kept positions are zeroed in the weights and one batched product runs over all patches, which
@@ -112,19 +159,37 @@ def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.T
         patches: patch tokens ``(B, n, C)``.
         weights: ``(B, n)`` fusion weights (EViT: class-token attention averaged over heads).
         keep_idx: ``(B, k)`` indices of the kept patches.
+        elementwise: the sum as a product and a sum over the patches instead of a matrix product (the
+            export form: a quantizer of the export, NNCF, quantizes matrix products' inputs, and would
+            put the tokens and the weights through int8 where the reference sums in float).
     """
     w = weights.to(patches.dtype).scatter(1, keep_idx, 0.0)
+    if elementwise:
+        return (w.unsqueeze(-1) * patches).sum(1, keepdim=True)
     return torch.bmm(w.unsqueeze(1), patches)
 
 
 def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Prefix tokens followed by the kept patches, in one gather: ``(B, num_prefix + k, C)``."""
-    B, _, C = x.shape
+    B = x.shape[0]
     idx = keep_idx + num_prefix
     if num_prefix:
         prefix = torch.arange(num_prefix, device=x.device).expand(B, num_prefix)
         idx = torch.cat([prefix, idx], dim=1)
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+    return take_rows(x, idx)
+
+
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for every image: ``(B, k, C)`` rows of ``(B, N, C)`` tokens (``torch.gather`` on
+    the token axis, the same values).
+
+    Whole rows of the flattened batch are taken, so an export holds one row ``Gather``, which runtimes
+    run as row copies, instead of ``GatherElements`` with an index per channel (OpenVINO runs that
+    one in its reference kernel).
+    """
+    B, N, C = x.shape
+    flat = idx + (torch.arange(B, device=x.device) * N).unsqueeze(1)
+    return x.reshape(B * N, C).index_select(0, flat.reshape(-1)).view(B, idx.shape[1], C)
 
 
 def stage_value(value: float | Sequence[float], stage: int) -> float:
@@ -178,15 +243,21 @@ def token_scores(attn: Optional[torch.Tensor], method: str, num_prefix: int, n: 
         generator: random generator of ``"random"``.
     """
     if method == "evit":
-        return evit_scores(attn, num_prefix), True
+        return evit_scores(attn, num_prefix), keeps_largest(method)
     if method == "random":
-        return torch.rand(batch, n, generator=generator, device=device), True
-    return attention_entropy(attn, order, num_prefix, keys), False
+        return torch.rand(batch, n, generator=generator, device=device), keeps_largest(method)
+    return attention_entropy(attn, order, num_prefix, keys), keeps_largest(method)
+
+
+def keeps_largest(method: str) -> bool:
+    """Whether ``method`` keeps the tokens of largest score (EViT, random) or of smallest (the entropies)."""
+    return method in ("evit", "random")
 
 
 def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num_prefix: int, k: int,
                  order: float = 1.0, keys: str = "all", fuse: bool = False,
-                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: Optional[torch.Generator] = None, scores: Optional[torch.Tensor] = None,
+                 elementwise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pruning step on tokens ``x`` given the block's attention map.
 
     Args:
@@ -199,17 +270,23 @@ def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num
         keys: ``"all"`` or ``"patches"``.
         fuse: append EViT's fused token of the dropped patches (weights: class-token attention).
         generator: random generator of the ``"random"`` method.
+        scores: the entropy methods' scores when already computed (:func:`entropy_from_qk`); ``attn``
+            then need only hold the class-token row, for the fusion weights.
+        elementwise: the export form of the fused token (see :func:`fuse_dropped`).
 
     Returns:
         ``(tokens, keep_idx, scores)``: ``(B, num_prefix + k [+ 1 fused], C)``, ``(B, k)`` indices
         into the input patch tokens (best first) and the ``(B, N − num_prefix)`` scores.
     """
     B, N, _ = x.shape
-    scores, largest = token_scores(attn, method, num_prefix, N - num_prefix, B, order, keys, x.device, generator)
+    if scores is None:
+        scores, largest = token_scores(attn, method, num_prefix, N - num_prefix, B, order, keys, x.device, generator)
+    else:
+        largest = keeps_largest(method)
     keep = select_tokens(scores, k, largest)
     out = gather_tokens(x, keep, num_prefix)
     if fuse:
-        out = torch.cat([out, fuse_dropped(x[:, num_prefix:], evit_scores(attn, num_prefix), keep)], dim=1)
+        out = torch.cat([out, fuse_dropped(x[:, num_prefix:], evit_scores(attn, num_prefix), keep, elementwise)], dim=1)
     return out, keep, scores
 
 
