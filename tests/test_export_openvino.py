@@ -253,30 +253,20 @@ def test_nncf_leaves_token_selection_products_in_float(digits, tmp_path):
     assert quantized_inputs and not quantized_inputs & set(names)
 
 
-@pytest.mark.parametrize("selection", ["tome", "entropy"])
-def test_openvino_form_of_merged_models_equals_the_simulation(digits, digits_w8a8, tmp_path, selection):
-    # Merging reads the keys and adds log(size) to the scores: the openvino form must do both.
+def test_repq_with_merging_has_no_openvino_form(digits, digits_w8a8, tmp_path):
+    # OpenVINO's CPU plugin does not compile that graph (checked by hand); it is refused in one line.
+    from eamvit.methods.export import Target
     from eamvit.methods.merge import MergeConfig, merge_
+    from eamvit.methods.recipe import Recipe
 
-    x = digits[2]
-    logits = {}
-    for prop_attn in (True, False):
-        m = copy.deepcopy(digits_w8a8)
-        merge_(m, MergeConfig(r=9, selection=selection, prop_attn=prop_attn))
-        path = tmp_path / f"m{prop_attn}.onnx"
-        export_onnx(m, path, OV_CONFIG)
-        assert any(isinstance(a, QdqAttention) for a in _swapped(m))
-        with torch.no_grad():
-            want = prepare_export_(copy.deepcopy(m), OV_CONFIG)(x)
-        got = torch.from_numpy(_exact(path, x))
-        assert float((got.argmax(1) == want.argmax(1)).float().mean()) >= 0.997
-        # A code or a merge choice that rounding flips changes that image's logits: count the images.
-        close = ((got - want).abs().amax(1) <= 1e-3 * want.abs().amax(1)).float().mean()
-        assert float(close) >= 0.85, float(close)
-        logits[prop_attn] = got
-    # The size bias moves most images' logits beyond that tolerance, so a graph without it would fail.
-    moved = ((logits[True] - logits[False]).abs().amax(1) > 1e-3 * logits[True].abs().amax(1)).float().mean()
-    assert float(moved) >= 0.9, float(moved)
+    m = copy.deepcopy(digits_w8a8)
+    merge_(m, MergeConfig(r=9))
+    with pytest.raises(eamvit.EamError, match="NNCF") as err:
+        export_onnx(m, tmp_path / "m.onnx", OV_CONFIG)
+    assert "\n" not in str(err.value) and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(eamvit.EamError, match="NNCF"):  # a recipe says so before anything is calibrated
+        Recipe(steps=(RepQConfig(w_bits=8, a_bits=8), MergeConfig(r=9)), target=Target("openvino"))
+    export_onnx(m, tmp_path / "q.onnx", ExportConfig(symmetric_weights=True))  # ONNX Runtime's form exports
 
 
 def _swapped(model):

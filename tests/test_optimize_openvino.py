@@ -83,7 +83,7 @@ def test_openvino_search_ships_the_file_it_measured(tmp_path, monkeypatch, capsy
     assert best["file_bytes"] == (out / "best.xml").stat().st_size + (out / "best.bin").stat().st_size
     report = (out / "report.md").read_text()
     check = next(shlex.split(l)[1:] for l in report.splitlines() if l.startswith("eamvit eval --onnx "))
-    assert check[:4] == ["eval", "--onnx", str(out / "best.xml"), "--data"] and check[-2:] == ["--runtime", "openvino"]
+    assert check[:3] == ["eval", "--onnx", str(out / "best.xml")] and check[-2:] == ["--runtime", "openvino"]
     code, stdout, err = run(capsys, *check)  # the report's check of the shipped file
     assert code == 0, err
     assert _top1(stdout) == pytest.approx(best["top1"], abs=1e-9)

@@ -259,6 +259,8 @@ def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
     for stages in (("quant", "reduce"), ("quant", "freeze"), ("freeze", "reduce"), ("quant", "freeze", "reduce")):
         for items in itertools.product(*(surv[s] for s in stages)):
             export = next((e for _, step, e in items if isinstance(step, RepQConfig)), None)
+            if export is not None and export.runtime == "openvino" and any(isinstance(s, MergeConfig) for _, s, _ in items):
+                continue  # no OpenVINO form (merge.OPENVINO_REPQ_MERGE); NNCF int8 stacks with merging instead
             if export is None:
                 export = next((e for _, _, e in items), None)
             out.append(_candidate([(n, s) for n, s, _ in items], export))

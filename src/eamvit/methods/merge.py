@@ -47,7 +47,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks
-from eamvit.methods.state import peek, state_of
+from eamvit.methods.state import peek, state_of, step_config
 from eamvit.methods.steps import StepHandler, register_step
 from eamvit.modules.attention import MERGE_CLASSES, instrument
 from eamvit.modules.merge_block import MergeState
@@ -284,7 +284,17 @@ def r_for_gmacs(model: nn.Module, gmacs: float, config: MergeConfig = MergeConfi
     return replace(config, r=r), cost(r)
 
 
+# OpenVINO's CPU plugin runs a per-channel quantization only inside the layer that makes the value: when
+# merging also reads the float keys, the qkv output's per-channel QuantizeLinear stands alone and the
+# graph does not compile.
+OPENVINO_REPQ_MERGE = ("OpenVINO cannot run RepQ-ViT's int8 attention together with token merging (its per-channel "
+                       "quantization of q, k and v cannot stand beside the keys merging reads); for OpenVINO quantize "
+                       "with NNCF (optimize --runtime openvino), or use --target qdq for ONNX Runtime")
+
+
 def _export_step(model: nn.Module, config: MergeConfig, export: Any) -> None:
+    if export.runtime == "openvino" and step_config(model, "quant") is not None:
+        raise EamError(OPENVINO_REPQ_MERGE)
     # Before opset 16 ScatterElements has no reduction: merged tokens landing on one destination would overwrite.
     if export.opset is not None and export.opset < 16:
         raise EamError(f"ONNX export of token merging needs opset 16 (ScatterElements with reduction='add'), "

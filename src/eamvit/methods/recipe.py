@@ -77,6 +77,8 @@ class Recipe(Config):
                            "write them in that order")
         if self.target is not None:
             self.target.check_quant(self.step("quant"))
+        if self.target is not None and self.target.form == "openvino" and {"quant", "merge"} <= set(stages):
+            raise EamError(merge.OPENVINO_REPQ_MERGE)
         if "prune" in stages and "merge" in stages:
             raise EamError("a recipe prunes or merges tokens, not both (a model's blocks do one of them); "
                            "drop one step")

@@ -106,16 +106,11 @@ class QdqAttention(EamAttention):
         B, N, _ = x.shape
         qz = self.eam_quant
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x)
-        state = self.eam
-        if state.observer_k is not None:  # token merging matches on the float keys, as EamAttention gives them
-            state.observer_k(qkv.reshape(B, N, 3, self.num_heads, self.head_dim)[:, :, 1].transpose(1, 2), None)
-        codes = quantize_linear(qkv, self.onnx_qkv_scale, self.onnx_qkv_zero_point)
+        # No token merging here: export refuses it for this form (methods.merge.OPENVINO_REPQ_MERGE).
+        codes = quantize_linear(self.qkv(x), self.onnx_qkv_scale, self.onnx_qkv_zero_point)
         cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
         attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
-        if state.score_bias is not None:  # token merging's proportional attention
-            attn = attn + state.score_bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
         x = self.attn_drop(attn) @ v
