@@ -222,6 +222,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
             require([module], "executed_head")
     for name in PLAN_BUFFERS:
         setattr(module, name, None)
+    module.eam.cache.clear()
     module.eam.plan = None
     module.eam.granularity = plan if mask is not None and plan is not None else "entry"
     module.eam_frozen_mask = mask
@@ -256,7 +257,6 @@ def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan
         heads = lambda idx, part: (part * H * d + idx.view(-1, 1) * d + torch.arange(d, device=dev)).flatten()
         module.eam_plan_wrows = torch.cat([heads(keep, 0), heads(keep, 1), heads(keep, 2), heads(frozen, 2)])
         module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)
-    module.eam.cache.clear()
     module.eam.plan = plan
 
 
