@@ -101,6 +101,10 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
+# The attention map of a few images, about L2's size: what simulated entry freezing computes at once.
+_MAP_CHUNK_BYTES = 2 << 20
+
+
 class EamAttention(_EamMixin, Attention):
     """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
 
@@ -130,6 +134,9 @@ class EamAttention(_EamMixin, Attention):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
             return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+        if (bias is None and attn_mask is None and not is_causal and self.eam_quant is None and not self.training
+                and state.observer is None and state.observer_q is None and may_overwrite()):
+            return self._eam_out(self._eam_frozen_entries(q, k, v), gate)
         attn = self._eam_scores(q, k)
         if bias is not None:
             attn = attn + bias
@@ -144,6 +151,20 @@ class EamAttention(_EamMixin, Attention):
             v = self.eam_quant.v(v)
         x = attn @ v
         return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+
+    def _eam_frozen_entries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``: the map is computed, frozen
+        and multiplied by V a few images at a time, so that it stays in cache and no whole-batch map is
+        allocated (hooks on ``attn_drop`` see those few images). Each image's numbers are those of the
+        whole-batch path."""
+        B, H, N, d = q.shape
+        step = max(1, _MAP_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size()))
+        out = v.new_empty(B, N, H, d)
+        for i in range(0, B, step):
+            attn = self._eam_scores(q[i:i + step], k[i:i + step])
+            attn = self.attn_drop(self._eam_post_softmax(torch.softmax(attn, -1, out=attn), 1, None))
+            out[i:i + step] = (attn @ v[i:i + step]).transpose(1, 2)
+        return out.view(B, N, H * d)
 
     def _eam_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
