@@ -101,8 +101,9 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-# The attention map of a few images, about L2's size: what simulated entry freezing computes at once.
-_MAP_CHUNK_BYTES = 2 << 20
+# How much of the attention map simulated entry freezing computes at once on CPU, per thread: about one
+# core's L2.
+_MAP_CHUNK_BYTES = 1 << 20
 
 
 class EamAttention(_EamMixin, Attention):
@@ -153,12 +154,13 @@ class EamAttention(_EamMixin, Attention):
         return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
     def _eam_frozen_entries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``: the map is computed, frozen
-        and multiplied by V a few images at a time, so that it stays in cache and no whole-batch map is
-        allocated (hooks on ``attn_drop`` see those few images). Each image's numbers are those of the
+        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``: on CPU the map is computed,
+        frozen and multiplied by V a few images at a time, so that it stays in cache and no whole-batch map
+        is allocated (hooks on ``attn_drop`` see those few images). Each image's numbers are those of the
         whole-batch path."""
         B, H, N, d = q.shape
-        step = max(1, _MAP_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size()))
+        step = max(1, _MAP_CHUNK_BYTES * torch.get_num_threads() // (H * N * k.shape[-2] * q.element_size())) \
+            if q.device.type == "cpu" else B
         out = v.new_empty(B, N, H, d)
         for i in range(0, B, step):
             attn = self._eam_scores(q[i:i + step], k[i:i + step])
