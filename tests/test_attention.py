@@ -66,11 +66,14 @@ def _by_hand(attn, x, mask, values):
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole-batch", "one-image-chunks"])
-def test_frozen_entries_are_replaced_by_hand(monkeypatch, chunk_bytes):
+def test_frozen_entries_are_replaced_by_hand(monkeypatch, request, chunk_bytes):
     from eamvit.modules import vit_swin
 
-    if chunk_bytes is not None:  # the inference path's map, one image at a time
+    if chunk_bytes is not None:  # the inference path's map, one image at a time (on one thread)
         monkeypatch.setattr(vit_swin, "_MAP_CHUNK_BYTES", chunk_bytes)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     _, model = _pair(TINY_VIT)
     attn = model.blocks[0].attn
     x = torch.randn(3, 17, 32)

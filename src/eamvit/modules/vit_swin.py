@@ -101,7 +101,7 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-# How much of the attention map simulated entry freezing computes at once on CPU, per thread: about one
+# How much of the attention map simulated entry freezing computes at once on one CPU thread: about one
 # core's L2.
 _MAP_CHUNK_BYTES = 1 << 20
 
@@ -154,13 +154,15 @@ class EamAttention(_EamMixin, Attention):
         return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
     def _eam_frozen_entries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``: on CPU the map is computed,
-        frozen and multiplied by V a few images at a time, so that it stays in cache and no whole-batch map
-        is allocated (hooks on ``attn_drop`` see those few images). Each image's numbers are those of the
-        whole-batch path."""
+        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``, in place. On one CPU thread
+        the map is computed, frozen and multiplied by V a few images at a time, so that it stays in cache
+        and no whole-batch map is allocated (hooks on ``attn_drop`` see those few images); with several
+        threads every few-image op is a parallel region of its own, whose synchronisation costs more than
+        the cache saves (much more on a loaded machine), and a GPU gains nothing: there, the whole batch at
+        once. Each image's numbers are those of the whole-batch path."""
         B, H, N, d = q.shape
-        step = max(1, _MAP_CHUNK_BYTES * torch.get_num_threads() // (H * N * k.shape[-2] * q.element_size())) \
-            if q.device.type == "cpu" else B
+        one_thread = q.device.type == "cpu" and torch.get_num_threads() == 1
+        step = max(1, _MAP_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size())) if one_thread else B
         out = v.new_empty(B, N, H, d)
         for i in range(0, B, step):
             attn = self._eam_scores(q[i:i + step], k[i:i + step])
