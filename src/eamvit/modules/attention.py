@@ -204,7 +204,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         module: an instrumented attention module.
         mask: bool, the layer's attention shape ``(H, N, N)`` or ``(nW, H, N, N)``: entries to freeze.
         values: the frozen values, same shape.
-        plan: ``None`` (entries, simulated with ``torch.where``), ``"head"`` (the mask must cover
+        plan: ``None`` (entries, simulated: the whole map computed, then its frozen entries overwritten with
+            the numbers of ``torch.where``), ``"head"`` (the mask must cover
             whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
             ``eam.granularity`` so that a cost account can say what executing would save). A module that

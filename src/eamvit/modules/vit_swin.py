@@ -6,7 +6,7 @@ query and key rows sliced out of the fused ``qkv`` weight and its scores and sof
 a frozen row (ViT) skips its query projection, scores and softmax. The kept part runs timm's fused
 kernel when the module uses it. Whenever something needs the whole map (an observer, quantized
 attention, attention dropout in training, a caller's mask) the module falls back to the simulated
-``torch.where`` path, which gives the same numbers.
+path (the whole map, its frozen entries overwritten), which gives the same numbers.
 """
 from __future__ import annotations
 
