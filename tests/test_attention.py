@@ -58,21 +58,38 @@ def test_unhooked_blocks_keep_fused_attention(monkeypatch):
     assert len(calls) == 1  # layer 1 fused, layer 0 explicit
 
 
-def test_frozen_entries_are_replaced_by_hand():
+def _by_hand(attn, x, mask, values):
+    qkv = attn.qkv(x).reshape(x.shape[0], 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale, -1)
+    a = torch.where(mask, values, a)
+    return attn.proj((a @ qkv[2]).transpose(1, 2).reshape(x.shape[0], 17, 32))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole-batch", "one-image-chunks"])
+def test_frozen_entries_are_replaced_by_hand(monkeypatch, request, chunk_bytes):
+    from eamvit.modules import vit_swin
+
+    if chunk_bytes is not None:  # the inference path's map, one image at a time (on one thread)
+        monkeypatch.setattr(vit_swin, "_MAP_CHUNK_BYTES", chunk_bytes)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     _, model = _pair(TINY_VIT)
     attn = model.blocks[0].attn
-    x = torch.randn(2, 17, 32)
+    x = torch.randn(3, 17, 32)
     mask = torch.zeros(2, 17, 17, dtype=torch.bool)
     mask[1, 3, :5] = True
     mask[0, 0, 16] = True
     values = torch.rand(2, 17, 17)
     attn.eam_frozen_mask, attn.eam_frozen_values = mask, values
     with torch.no_grad():
-        got = attn(x)
-        qkv = attn.qkv(x).reshape(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale, -1)
-        a = torch.where(mask, values, a)
-        want = attn.proj((a @ qkv[2]).transpose(1, 2).reshape(2, 17, 32))
+        got, want = attn(x), _by_hand(attn, x, mask, values)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got, attn(x).detach())  # the autograd path: the same numbers
+    with torch.no_grad():  # a mask changed in place after a forward is the one used next
+        mask[1, 5, 2:9] = True
+        values[1, 5] = 0.25
+        got, want = attn(x), _by_hand(attn, x, mask, values)
     assert torch.allclose(got, want, atol=1e-6)
 
 

@@ -258,8 +258,9 @@ class EamState:
         num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
         positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT's
             relative-position bias covers those only).
-        cache: weight slices of an executed ViT/Swin v1 plan, keyed by name, with the versions they
-            were cut from.
+        cache: tensors derived from the module's own (:meth:`EamBase._eam_cached`): weight slices of an executed
+            ViT/Swin v1 plan, the frozen map's factors; keyed by name, with the sources and versions they
+            were made from. Emptied whenever :func:`~eamvit.modules.attention.set_frozen` is called.
     """
 
     layer: int
@@ -321,6 +322,30 @@ class EamBase:
         # Sliced weights: exact nn.Linear only, a quantized linear's forward must not be bypassed by F.linear.
         return state.adapter.heads != "sliced" or (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
+    def _eam_cached(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """``make()``, a tensor derived from ``sources`` (a weight slice, the frozen map's factors): recomputed
+        (differentiably) while a source needs a gradient, else cached until a source changes (another
+        tensor, an in-place update that bumps its version, a move of its storage). Inference tensors keep no
+        version, so what is made from them is made on every call."""
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or any(t.is_inference() for t in sources):
+            return make()
+        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        hit = self.eam.cache.get(key)
+        # The entry holds its sources, so no other tensor can take their storage (and data_ptr) while it lives.
+        if hit is None or hit[0] != stamp or any(a is not b for a, b in zip(hit[2], sources)):
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
+                hit = self.eam.cache[key] = (stamp, make(), sources)
+        return hit[1]
+
+    def _eam_frozen_terms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, fixed)`` of the frozen map in ``dtype``: 1 where the map is computed (0 where frozen), and the
+        frozen values (0 where computed), so that ``attn·keep + fixed`` is eq. 15 in one pass over the map."""
+        mask, values = self.eam_frozen_mask, self.eam_frozen_values
+        keep = self._eam_cached(f"keep.{dtype}", lambda: (~mask).to(dtype), mask)
+        fixed = self._eam_cached(f"fixed.{dtype}", lambda: values.to(dtype).masked_fill(~mask, 0),
+                                 mask, values)
+        return keep, fixed
+
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the
         leading dimension into images and windows (each window position is its own variable)."""
@@ -335,12 +360,15 @@ class EamBase:
             state.observer_q(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_frozen_mask is not None:
             view = attn.view(shape5) if shape5 else attn
-            values = self.eam_frozen_values.to(attn.dtype)
-            # Without autograd and with no observer holding the map, overwrite it in place: the same
-            # numbers without allocating another (B, H, N, N) map.
-            in_place = may_overwrite() and state.observer is None and state.observer_q is None
-            view = torch.where(self.eam_frozen_mask, values, view, out=view) if in_place else \
-                torch.where(self.eam_frozen_mask, values, view)
+            if torch.jit.is_tracing():  # the exported graph's form: one Where
+                view = torch.where(self.eam_frozen_mask, self.eam_frozen_values.to(attn.dtype), view)
+            else:
+                # attn·keep + fixed: the numbers of torch.where (x·1 + 0 = x, x·0 + v = v for a finite map) in
+                # one vectorised pass; CPU's where with a broadcast bool mask is several times slower. Without
+                # autograd and with no observer holding the map, in place: no other (B, H, N, N) map.
+                keep, fixed = self._eam_frozen_terms(attn.dtype)
+                in_place = may_overwrite() and state.observer is None and state.observer_q is None
+                view = torch.addcmul(fixed, view, keep, out=view) if in_place else torch.addcmul(fixed, view, keep)
             attn = view.reshape(attn.shape)
         return attn
 

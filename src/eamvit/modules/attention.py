@@ -204,7 +204,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         module: an instrumented attention module.
         mask: bool, the layer's attention shape ``(H, N, N)`` or ``(nW, H, N, N)``: entries to freeze.
         values: the frozen values, same shape.
-        plan: ``None`` (entries, simulated with ``torch.where``), ``"head"`` (the mask must cover
+        plan: ``None`` (entries, simulated: the whole map computed, then its frozen entries overwritten with
+            the numbers of ``torch.where``), ``"head"`` (the mask must cover
             whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
             ``eam.granularity`` so that a cost account can say what executing would save). A module that
@@ -222,6 +223,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
             require([module], "executed_head")
     for name in PLAN_BUFFERS:
         setattr(module, name, None)
+    module.eam.cache.clear()
     module.eam.plan = None
     module.eam.granularity = plan if mask is not None and plan is not None else "entry"
     module.eam_frozen_mask = mask
@@ -256,7 +258,6 @@ def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan
         heads = lambda idx, part: (part * H * d + idx.view(-1, 1) * d + torch.arange(d, device=dev)).flatten()
         module.eam_plan_wrows = torch.cat([heads(keep, 0), heads(keep, 1), heads(keep, 2), heads(frozen, 2)])
         module.eam_plan_cols_k, module.eam_plan_cols_f = heads(keep, 0), heads(frozen, 0)
-    module.eam.cache.clear()
     module.eam.plan = plan
 
 

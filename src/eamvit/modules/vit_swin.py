@@ -6,13 +6,13 @@ query and key rows sliced out of the fused ``qkv`` weight and its scores and sof
 a frozen row (ViT) skips its query projection, scores and softmax. The kept part runs timm's fused
 kernel when the module uses it. Whenever something needs the whole map (an observer, quantized
 attention, attention dropout in training, a caller's mask) the module falls back to the simulated
-``torch.where`` path, which gives the same numbers.
+path (the whole map, its frozen entries overwritten), which gives the same numbers.
 """
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +34,6 @@ from eamvit.modules.prune_block import PruneBlock
 class _EamMixin(EamBase):
     """Executed head/row plans, shared by the ViT and Swin v1 classes."""
 
-    def _eam_weight(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
-        """A slice of a weight taken for a plan: recomputed (differentiably) while training, cached for
-        inference until a source tensor changes (in-place updates bump its version, moves its storage)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return make()
-        stamp = tuple((t._version, t.data_ptr()) for t in sources)
-        cache = self.eam.cache
-        hit = cache.get(key)
-        if hit is None or hit[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable by autograd later
-                hit = cache[key] = (stamp, make())
-        return hit[1]
-
     def _eam_heads(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Executed head freezing, ``(B_, N, C)`` in: the attention outputs of the kept heads
         ``(B_, N, Hk·d)`` (``None`` if none) and of the frozen heads ``(B_, N, Hf·d)``, before ``proj``."""
@@ -55,8 +42,8 @@ class _EamMixin(EamBase):
         keep, rows = self.eam_plan_keep, self.eam_plan_wrows
         hk = keep.numel()
         qkv = self.qkv
-        w = self._eam_weight("qkv.weight", lambda: qkv.weight.index_select(0, rows), qkv.weight)
-        b = None if qkv.bias is None else self._eam_weight("qkv.bias", lambda: qkv.bias.index_select(0, rows), qkv.bias)
+        w = self._eam_cached("qkv.weight", lambda: qkv.weight.index_select(0, rows), qkv.weight)
+        b = None if qkv.bias is None else self._eam_cached("qkv.bias", lambda: qkv.bias.index_select(0, rows), qkv.bias)
         y = F.linear(x, w, b)  # q, k of the kept heads, then v of the kept heads, then v of the frozen ones
         q, k, vk, vf = y.split([hk * d, hk * d, hk * d, (H - hk) * d], dim=-1)
         kept = None
@@ -72,10 +59,10 @@ class _EamMixin(EamBase):
         """``proj`` of the two head groups without reassembling them: each multiplies its own
         columns of the projection (the kept heads' product is accumulated into the frozen ones')."""
         p = self.proj
-        wf = self._eam_weight("proj.frozen", lambda: p.weight.index_select(1, self.eam_plan_cols_f), p.weight)
+        wf = self._eam_cached("proj.frozen", lambda: p.weight.index_select(1, self.eam_plan_cols_f), p.weight)
         if kept is None:
             return F.linear(frozen, wf, p.bias)
-        wk = self._eam_weight("proj.kept", lambda: p.weight.index_select(1, self.eam_plan_cols_k), p.weight)
+        wk = self._eam_cached("proj.kept", lambda: p.weight.index_select(1, self.eam_plan_cols_k), p.weight)
         out = F.linear(kept, wk, p.bias)
         flat, xf = out.view(-1, out.shape[-1]), frozen.reshape(-1, frozen.shape[-1])
         if not may_overwrite():
@@ -114,6 +101,11 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
+# How much of the attention map simulated entry freezing computes at once on one CPU thread: about one
+# core's L2.
+_MAP_CHUNK_BYTES = 1 << 20
+
+
 class EamAttention(_EamMixin, Attention):
     """timm ``Attention`` with an explicit, hookable attention map when one is needed."""
 
@@ -147,6 +139,9 @@ class EamAttention(_EamMixin, Attention):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
             return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
+        if (bias is None and attn_mask is None and not is_causal and self.eam_quant is None and not self.training
+                and state.observer is None and state.observer_q is None and may_overwrite()):
+            return self._eam_out(self._eam_frozen_entries(q, k, v), gate)
         attn = self._eam_scores(q, k)
         if bias is not None:
             attn = attn + bias
@@ -162,6 +157,23 @@ class EamAttention(_EamMixin, Attention):
         x = attn @ v
         return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
+    def _eam_frozen_entries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``, in place. On one CPU thread
+        the map is computed, frozen and multiplied by V a few images at a time, so that it stays in cache
+        and no whole-batch map is allocated (hooks on ``attn_drop`` see those few images); with several
+        threads every few-image op is a parallel region of its own, whose synchronisation costs more than
+        the cache saves (much more on a loaded machine), and a GPU gains nothing: there, the whole batch at
+        once. Each image's numbers are those of the whole-batch path."""
+        B, H, N, d = q.shape
+        one_thread = q.device.type == "cpu" and torch.get_num_threads() == 1
+        step = max(1, _MAP_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size())) if one_thread else B
+        out = v.new_empty(B, N, H, d)
+        for i in range(0, B, step):
+            attn = self._eam_scores(q[i:i + step], k[i:i + step])
+            attn = self.attn_drop(self._eam_post_softmax(torch.softmax(attn, -1, out=attn), 1, None))
+            out[i:i + step] = (attn @ v[i:i + step]).transpose(1, 2)
+        return out.view(B, N, H * d)
+
     def _eam_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
         if gate is not None:
@@ -172,19 +184,20 @@ class EamAttention(_EamMixin, Attention):
         """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
         B, N, _ = x.shape
         H, d, A = self.num_heads, self.head_dim, self.attn_dim
-        keep = self.eam_plan_keep
+        keep, frozen = self.eam_plan_keep, self.eam_plan_frozen
         w, b = self.qkv.weight, self.qkv.bias
         # Slices of the fused weight are views: no weight is copied.
         kv = F.linear(x, w[A:], b[A:] if b is not None else None)
         k, v = kv.view(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        parts = []
+        # Each group of rows is written once into its tokens' places (a concatenation then a gather back to
+        # token order would copy every row twice more).
+        out = v.new_empty(B, N, H, d)
         if keep.numel():
             q = F.linear(x.index_select(1, keep), w[:A], b[:A] if b is not None else None)
             q = q.view(B, keep.numel(), H, d).transpose(1, 2)
-            parts.append(self._eam_kept_attention(q, k, v, None).transpose(1, 2))  # (B, R, H, d)
-        parts.append(frozen_times_v(self.eam_plan_values, v)[:, 0].transpose(1, 2))  # frozen rows: A^μ[h, rows]·V_h
-        # Rows come out kept-then-frozen; one gather puts the tokens back in order.
-        return torch.cat(parts, dim=1).view(B, N, A).index_select(1, self.eam_plan_order)
+            out[:, keep] = self._eam_kept_attention(q, k, v, None).transpose(1, 2)  # (B, R, H, d)
+        out[:, frozen] = frozen_times_v(self.eam_plan_values, v)[:, 0].transpose(1, 2)  # A^μ[h, rows]·V_h
+        return out.view(B, N, A)
 
 
 class EamWindowAttention(_EamMixin, WindowAttention):
