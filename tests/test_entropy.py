@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import eamvit
-from eamvit.ops.entropy import AttentionHistogram, entropy_from_counts, histogram_bins, kl_from_counts
+from eamvit.ops.entropy import AttentionHistogram, Scratch, entropy_from_counts, histogram_bins, kl_from_counts
 from eamvit.errors import EamError
 
 from conftest import TINY_SWIN, TINY_VIT, make
@@ -36,6 +36,30 @@ def test_entropy_and_mean_match_numpy(bits):
     np.testing.assert_allclose(h.entropy().numpy(), ref, atol=1e-5)
     np.testing.assert_allclose(h.mean().numpy(), a.double().mean(0).numpy(), atol=1e-6)
     assert int(h.histogram().sum()) == 37 * 50
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_counts_shared_out_to_threads_match_numpy(threads):
+    """Large enough for the helper threads to split the rows; Swin's window layout, exact 1.0, 0 and 1/2^b."""
+    g = torch.Generator().manual_seed(threads)
+    a = torch.softmax(torch.randn(21, 4, 6, 32, 32, generator=g) * 3, dim=-1)
+    a[0, 0, 0, 0] = 0.0
+    a[0, 0, 0, 0, 5] = 1.0
+    a[1, 1, 1, 1, :4] = torch.tensor([1 / 64, 3 / 64, 0.5, 63 / 64])
+    scratch = Scratch(threads)
+    assert scratch.parts(10 * a[0].numel()) == threads
+    h = AttentionHistogram((4, 6, 32, 32), 6, max_count=21, scratch=scratch)
+    g2 = AttentionHistogram((4, 6, 32, 32), 6, max_count=21, scratch=scratch)  # shares (and reuses) the buffers
+    for chunk in a.split(10):
+        h.update(chunk)
+        g2.update(chunk.flip(0))
+    scratch.close()
+    x = a.double().numpy().reshape(21, -1)
+    bins = np.minimum(np.floor(x * 64), 63).astype(np.int64)  # eq. 12's bins, last one closed
+    ref = np.zeros((64, x.shape[1]), dtype=np.int64)
+    np.add.at(ref, (bins, np.broadcast_to(np.arange(x.shape[1]), x.shape)), 1)
+    np.testing.assert_array_equal(h.histogram().reshape(64, -1).numpy(), ref)
+    np.testing.assert_array_equal(g2.histogram().reshape(64, -1).numpy(), ref)
 
 
 def test_histogram_edges():

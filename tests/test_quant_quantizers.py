@@ -51,6 +51,30 @@ def test_quantiles_equal_torch_quantile():
         assert torch.equal(ours[i], torch.quantile(x, p, dim=1))
 
 
+def _outlier_channels(g):
+    x = torch.randn(8, 50, 384, generator=g)
+    x[..., [5, 77]] *= 40  # a LayerNorm output's few huge channels
+    return x.reshape(1, -1)
+
+
+def _sampled_positions_largest(g):
+    x = torch.rand(1, 200_000, generator=g)
+    x[0, ::61] += 10  # every value the threshold's sample reads is above all others: too few left, whole row
+    return x
+
+
+@pytest.mark.parametrize("make", [lambda g: torch.randn(1, 300_000, generator=g),
+                                  lambda g: torch.randn(1, 100_000, generator=g).round(), _outlier_channels,
+                                  _sampled_positions_largest])
+def test_one_large_row_quantiles_equal_torch_quantile(make):
+    """A single row past the prefilter size (a per-tensor range): the tails are narrowed down first."""
+    x = make(torch.Generator().manual_seed(1))
+    ps = [0.999, 0.9999, 0.99999, 1 - 0.999, 1 - 0.9999, 1 - 0.99999, 0.97, 0.03]
+    ours = row_quantiles(x, ps)
+    for i, p in enumerate(ps):
+        assert torch.equal(ours[i], torch.quantile(x, p, dim=1))
+
+
 def test_percentile_candidates_by_hand():
     # x = 0..8 (n - 1 = 8): percentiles .75/.875/1 give ranges [2,6], [1,7], [0,8]. 2 bits (3 steps):
     # MSEs 116/81, 8/9, 44/81: the full range wins, Δ = 8/3, zp = round(0) = 0.

@@ -41,7 +41,7 @@ from eamvit.methods.data import calibration_record, make_loader, shard
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
 from eamvit.methods.maps import FORMAT, EntropyMaps
 from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
-from eamvit.ops.entropy import AttentionHistogram, check_bits
+from eamvit.ops.entropy import AttentionHistogram, Scratch, check_bits
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
 from eamvit.methods.models import model_spec, num_prefix_tokens, patch_grid
@@ -343,8 +343,11 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
     """Count the histograms of the layers of pass ``p`` over this process's images, then finalise them."""
     group = run.passes[p]
     loop = run.forward_loop
-    # A loop's counts start narrow and widen as its images arrive (see _observer).
-    acc = {l: AttentionHistogram(run.shapes[l], run.bits, 1 if loop else run.max_count, run.device) for l in group}
+    # A loop's counts start narrow and widen as its images arrive (see _observer). The layers count one
+    # after the other, so they share one set of work buffers and helper threads (stopped after the pass).
+    scratch = Scratch()
+    acc = {l: AttentionHistogram(run.shapes[l], run.bits, 1 if loop else run.max_count, run.device, scratch)
+           for l in group}
     stats = run.new_stats(group)
     start_batch = _restore(run, p, state, acc, stats)
     # Every layer takes the explicit path in every pass (a no-op observer where nothing is
@@ -352,12 +355,15 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
     # not depend on which pass it is counted in.
     observers = {l: _ignore for l in range(len(run.shapes))}
     observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None, stats=stats.get(l)) for l in group})
-    with observe(run.model, observers), torch.inference_mode():
-        if loop is not None:
-            _check_loop_pass(run, p, acc, run_forward_loop(run.model, loop))
-        else:
-            _feed(run, p, acc, stats, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
-                  checkpoint_every, progress)
+    try:
+        with observe(run.model, observers), torch.inference_mode():
+            if loop is not None:
+                _check_loop_pass(run, p, acc, run_forward_loop(run.model, loop))
+            else:
+                _feed(run, p, acc, stats, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
+                      checkpoint_every, progress)
+    finally:
+        scratch.close()
     for l in group:
         a = acc[l]
         if world > 1:

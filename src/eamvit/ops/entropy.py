@@ -3,12 +3,16 @@
 Pure tensor functions plus :class:`AttentionHistogram`, the streaming accumulator for one layer.
 Histogram counts are stored bin-major, ``(2^b, *shape)``: for a given image most entries fall in a
 few low bins, so the scatter of one image walks each bin plane nearly sequentially, which is what
-keeps calibration cheap next to a forward pass.
+keeps calibration cheap next to a forward pass. A batch is counted one query row of the map at a
+time, all images of the batch before the next row, so that the few bin planes a row touches are
+still in cache for the next image (Swin's maps spread over many bins); the rows are shared out to
+helper threads, because the scatter itself (``index_add_``) runs on one core.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import torch
 
@@ -77,6 +81,60 @@ def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 
     return (p * (torch.log2(p) - torch.log2(q))).sum(0)
 
 
+class Scratch:
+    """Work buffers and helper threads shared by the histograms of one calibration pass.
+
+    A batch's bin indices are as large as its attention maps. Allocated afresh for every layer and
+    batch, blocks that large come from the operating system each time and cost a page fault per
+    page; the histograms of a pass update one after the other, so one set of buffers, grown to the
+    largest layer, serves them all. The threads are started on first use and stopped by
+    :meth:`close` (a process that forks loader workers has none of them before the first batch).
+
+    Args:
+        threads: helper threads at most; ``None`` follows ``torch.get_num_threads()`` at each call.
+    """
+
+    def __init__(self, threads: Optional[int] = None) -> None:
+        self.threads = threads
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._workers = 0
+
+    def buffer(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D tensor of ``n`` elements, reused from call to call (its content is left over)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n]
+
+    def parts(self, n: int, min_part: int = 1 << 16) -> int:
+        """How many threads should share ``n`` units of scatter work (each at least ``min_part``)."""
+        threads = self.threads or torch.get_num_threads()
+        return max(1, min(threads, n // min_part))
+
+    def run(self, fn: Callable[[int], None], parts: int) -> None:
+        """``fn(0)``, ..., ``fn(parts - 1)`` at the same time; part 0 on the calling thread."""
+        if parts > 1 and self._workers < parts - 1:
+            self._stop()
+            self._pool, self._workers = ThreadPoolExecutor(parts - 1, thread_name_prefix="eamvit-histogram"), parts - 1
+        futures = [self._pool.submit(fn, i) for i in range(1, parts)] if parts > 1 else []
+        try:
+            fn(0)
+        finally:
+            for f in futures:  # every part finishes before the buffers are reused; the first error is raised
+                f.result()
+
+    def close(self) -> None:
+        """Stop the threads and free the buffers (a later call starts them again)."""
+        self._stop()
+        self._buffers.clear()
+
+    def _stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._workers = None, 0
+
+
 class AttentionHistogram:
     """Streaming histogram and running sum of one layer's attention entries.
 
@@ -85,9 +143,11 @@ class AttentionHistogram:
         bits: histogram bits ``b`` (``2^b`` bins on [0, 1]).
         max_count: the largest number of images that will be added (picks the count dtype).
         device: where the counts live.
+        scratch: work buffers and threads shared with the other histograms of a calibration (its own otherwise).
     """
 
-    def __init__(self, shape: tuple[int, ...], bits: int, max_count: int, device: torch.device | str = "cpu"):
+    def __init__(self, shape: tuple[int, ...], bits: int, max_count: int, device: torch.device | str = "cpu",
+                 scratch: Optional[Scratch] = None):
         self.shape = tuple(shape)
         self.bits = check_bits(bits)
         self.numel = math.prod(self.shape)
@@ -95,9 +155,10 @@ class AttentionHistogram:
         self.counts = torch.zeros(nb * self.numel, dtype=count_dtype(max_count), device=device)
         self.sum = torch.zeros(self.numel, dtype=torch.float64, device=device)
         self.count = 0
+        self.scratch = scratch if scratch is not None else Scratch()
         self._index_dtype = torch.int32 if nb * self.numel < 2**31 else torch.int64
         self._offsets = torch.arange(self.numel, dtype=self._index_dtype, device=device)
-        self._one = torch.ones(1, dtype=self.counts.dtype, device=device).expand(self.numel)
+        self._one = torch.ones(1, dtype=self.counts.dtype, device=device)
 
     @staticmethod
     def nbytes(shape: tuple[int, ...], bits: int, max_count: int) -> int:
@@ -111,7 +172,7 @@ class AttentionHistogram:
         dtype = count_dtype(max_count)
         if torch.iinfo(dtype).max > torch.iinfo(self.counts.dtype).max:
             self.counts = self.counts.to(dtype)
-            self._one = torch.ones(1, dtype=dtype, device=self.counts.device).expand(self.numel)
+            self._one = torch.ones(1, dtype=dtype, device=self.counts.device)
 
     def update(self, attn: torch.Tensor) -> None:
         """Add a batch ``(B, *shape)`` of attention maps."""
@@ -119,12 +180,39 @@ class AttentionHistogram:
             raise EamError(f"attention shape {tuple(attn.shape[1:])} does not match the calibrated {self.shape}; "
                            "use the same image size for calibration and evaluation")
         flat = attn.detach().reshape(attn.shape[0], self.numel)
-        idx = histogram_bins(flat, self.bits).to(self._index_dtype).mul_(self.numel).add_(self._offsets)
-        for row in idx:
-            self.counts.index_add_(0, row, self._one)
+        if self._index_dtype == torch.int32 and flat.device.type == "cpu":
+            self._count_rows(flat)
+        else:  # one scatter: a GPU's index_add_ is parallel; int64 indices only for maps past 2^31 counts
+            idx = histogram_bins(flat, self.bits).to(self._index_dtype).mul_(self.numel).add_(self._offsets)
+            self.counts.index_add_(0, idx.view(-1), self._one.expand(idx.numel()))
         # float32 within a batch, float64 across batches: exact enough, and no float64 copy of A.
         self.sum += flat.sum(0)
         self.count += attn.shape[0]
+
+    def _count_rows(self, flat: torch.Tensor) -> None:
+        """Add the ``(B, numel)`` maps to the counts, query row by query row (see the module doc).
+
+        The bins are :func:`histogram_bins`'s, computed in place in the scratch buffers, and the
+        flat index of an entry's bin is ``bin * numel + entry``, laid out ``(rows, B, keys)``.
+        """
+        B, nb = flat.shape[0], 1 << self.bits
+        keys = self.shape[-1]
+        rows = self.numel // keys
+        by_row = flat.view(B, rows, keys).transpose(0, 1)
+        scaled = self.scratch.buffer("scaled", flat.numel(), flat.dtype, flat.device).view(rows, B, keys)
+        torch.mul(by_row, nb, out=scaled)
+        idx = self.scratch.buffer("index", flat.numel(), torch.int32, flat.device).view(rows, B, keys)
+        idx.copy_(scaled).clamp_(0, nb - 1)  # copy_ truncates as .to() does
+        torch.add(self._offsets.view(rows, 1, keys), idx, alpha=self.numel, out=idx)
+        # Threads take disjoint rows, so no two of them ever add to the same count.
+        parts = self.scratch.parts(flat.numel())
+        bounds = [rows * i // parts for i in range(parts + 1)]
+
+        def count(i: int) -> None:
+            part = idx[bounds[i]:bounds[i + 1]].reshape(-1)
+            self.counts.index_add_(0, part, self._one.expand(part.numel()))
+
+        self.scratch.run(count, parts)
 
     def histogram(self) -> torch.Tensor:
         """Counts as ``(2^b, *shape)``."""

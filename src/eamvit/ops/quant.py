@@ -14,11 +14,11 @@ def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor | float, zero_point:
 
     ``delta`` and ``zero_point`` broadcast against ``x`` (per tensor, channel or token).
     """
-    q = torch.round(x / delta)
+    q = x / delta
     if _in_place_ok(q, x, delta, zero_point):
         # Same operations in the same order, without a temporary per step (calibration speed).
-        return q.add_(zero_point).clamp_(0, (1 << bits) - 1).sub_(zero_point).mul_(delta)
-    q = torch.clamp(q + zero_point, 0, (1 << bits) - 1)
+        return q.round_().add_(zero_point).clamp_(0, (1 << bits) - 1).sub_(zero_point).mul_(delta)
+    q = torch.clamp(torch.round(q) + zero_point, 0, (1 << bits) - 1)
     return (q - zero_point) * delta
 
 
@@ -34,12 +34,13 @@ def _log_fake_quant(x: torch.Tensor, delta: torch.Tensor | float, bits: int, ste
     levels = 1 << bits
     # log2(0) = -inf gives code +inf, so 0 (and negatives) dequantize to exactly 0 at every bit width;
     # clamping to the smallest normal instead would give code 252 < 2^8 at 8 bits.
-    ratio = (x / delta).clamp_min(0.0)
+    ratio = x / delta
     if _in_place_ok(ratio, x, delta):
-        q = ratio.log2_().mul_(-steps_per_octave).round_()
+        q = ratio.clamp_min_(0.0).log2_().mul_(-steps_per_octave).round_()
         dead = q >= levels
-        out = torch.pow(2.0, q.clamp_min_(0).div_(-steps_per_octave)).mul_(delta)
-        return out.masked_fill_(dead, 0.0)
+        exponent = q.clamp_min_(0).div_(-steps_per_octave)
+        return torch.pow(2.0, exponent, out=exponent).mul_(delta).masked_fill_(dead, 0.0)
+    ratio = ratio.clamp_min(0.0)
     q = torch.round(-steps_per_octave * torch.log2(ratio))
     # Codes past the last level (and 0 itself) dequantize to 0, as in RepQ-ViT's log√2 quantizer.
     out = delta * torch.pow(2.0, -q.clamp_min(0) / steps_per_octave)
