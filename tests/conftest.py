@@ -92,3 +92,19 @@ def shipped_bound() -> float:
     from eamvit.methods.export_runtime import cpu_has_vnni
 
     return 0.3 if cpu_has_vnni() else 1.0
+
+
+class FailOnce(torch.utils.data.Dataset):
+    """Raises KeyboardInterrupt the first time item ``fail_at`` is read, like a killed job."""
+
+    def __init__(self, base, fail_at):
+        self.base, self.fail_at, self.failed = base, fail_at, False
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i == self.fail_at and not self.failed:
+            self.failed = True
+            raise KeyboardInterrupt
+        return self.base[i]

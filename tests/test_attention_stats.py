@@ -17,7 +17,7 @@ from eamvit.ops.entropy import AttentionHistogram
 from eamvit.ops.attention_stats import (AttentionStats, attention_distance, check_orders, grid_distances,
                                         patch_prefix)
 
-from conftest import TINY_SWIN, TINY_VIT, make, run
+from conftest import FailOnce, TINY_SWIN, TINY_VIT, make, run
 from test_plots import assert_sane_png
 
 ORDERS = (0.5, 1.0, 2.0, math.inf)
@@ -183,26 +183,13 @@ def test_statistics_leave_the_maps_unchanged_and_survive_passes_and_save(tmp_pat
     assert back.renyi_orders == (2.0,)
 
 
-class _FailOnce(torch.utils.data.Dataset):
-    def __init__(self, base, fail_at):
-        self.base, self.fail_at, self.failed = base, fail_at, False
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        if i == self.fail_at and not self.failed:
-            self.failed = True
-            raise KeyboardInterrupt
-        return self.base[i]
-
 
 def test_resume_keeps_the_statistics(tmp_path):
     model = make(TINY_VIT)
     base = _dataset(8)
     opts = dict(bits=4, batch_size=2, progress=False, distance=True, renyi_orders=(1.0, math.inf))
     full = eamvit.compute_entropy_maps(model, base, **opts)
-    ds = _FailOnce(base, fail_at=6)
+    ds = FailOnce(base, fail_at=6)
     partial = tmp_path / "maps.partial"
     with pytest.raises(KeyboardInterrupt):
         eamvit.compute_entropy_maps(model, ds, resume_path=partial, checkpoint_every=1, **opts)

@@ -9,7 +9,7 @@ import eamvit
 from eamvit.ops.entropy import AttentionHistogram, Scratch, entropy_from_counts, histogram_bins, kl_from_counts
 from eamvit.errors import EamError
 
-from conftest import TINY_SWIN, TINY_VIT, make
+from conftest import FailOnce, TINY_SWIN, TINY_VIT, make
 
 
 def numpy_entropy(samples: np.ndarray, bits: int) -> np.ndarray:
@@ -173,27 +173,12 @@ def test_save_load_roundtrip_and_wrong_model(tmp_path):
         back.check_model(other)
 
 
-class _FailOnce(torch.utils.data.Dataset):
-    """Raises KeyboardInterrupt the first time item ``fail_at`` is read, like a killed job."""
-
-    def __init__(self, base, fail_at):
-        self.base, self.fail_at, self.failed = base, fail_at, False
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        if i == self.fail_at and not self.failed:
-            self.failed = True
-            raise KeyboardInterrupt
-        return self.base[i]
-
 
 def test_resume_gives_the_same_maps(tmp_path):
     model = make(TINY_VIT)
     base = _dataset(12)
     full = eamvit.compute_entropy_maps(model, base, bits=6, batch_size=2, progress=False)
-    ds = _FailOnce(base, fail_at=9)
+    ds = FailOnce(base, fail_at=9)
     partial = tmp_path / "maps.partial"
     with pytest.raises(KeyboardInterrupt):
         eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False, resume_path=partial,
