@@ -183,7 +183,6 @@ def test_statistics_leave_the_maps_unchanged_and_survive_passes_and_save(tmp_pat
     assert back.renyi_orders == (2.0,)
 
 
-
 def test_resume_keeps_the_statistics(tmp_path):
     model = make(TINY_VIT)
     base = _dataset(8)

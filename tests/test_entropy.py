@@ -173,7 +173,6 @@ def test_save_load_roundtrip_and_wrong_model(tmp_path):
         back.check_model(other)
 
 
-
 def test_resume_gives_the_same_maps(tmp_path):
     model = make(TINY_VIT)
     base = _dataset(12)
