@@ -108,3 +108,16 @@ class FailOnce(torch.utils.data.Dataset):
             self.failed = True
             raise KeyboardInterrupt
         return self.base[i]
+
+
+def tokens_out(model, x):
+    """Tokens leaving each block, seen by forward hooks."""
+    seen = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1])) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, apply_rot_embed_cat
 
 from eamvit.errors import EamError
+from conftest import tokens_out
 from eamvit.methods.prune import PruneConfig, kept_indices, prune_, unprune_
 from eamvit.modules.attention import PRUNE_CLASSES
 from eamvit.ops.positions import gather_rope
@@ -44,27 +45,14 @@ def test_keep_rate_one_is_timm_and_unprune_restores_timm_classes(family, method)
     assert [type(b) for b in model.blocks] == [type(b) for b in reference.blocks]
 
 
-def _tokens_out(model, x):
-    """Tokens leaving each block, seen by forward hooks."""
-    seen = []
-    hooks = [b.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1])) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("family,method", [c for c in _cases() if c[1] in ("shannon", "evit")])
 @pytest.mark.parametrize("keep_rate", [0.5, 0.7])
 def test_tokens_per_stage_follow_ceil_keep_rate(family, method, keep_rate):
     reference, model, x = _pair(family)
     first, prefix = PRUNED[family][1], PRUNED[family][2]
-    before = _tokens_out(reference, x)
+    before = tokens_out(reference, x)
     prune_(model, PruneConfig(method=method, keep_rate=keep_rate, blocks=[first]))
-    after = _tokens_out(model, x)
+    after = tokens_out(model, x)
     n = before[first] - prefix  # patch tokens at the pruning block
     kept = math.ceil(keep_rate * n) + (1 if method == "evit" else 0)
     assert after[:first] == before[:first]

@@ -12,6 +12,7 @@ import torch
 from eamvit.methods.state import state_of
 
 from eamvit.errors import EamError
+from conftest import tokens_out
 from eamvit.ops.merge import (bipartite_plan, entropy_plan, merge_count, merge_schedule, merge_tokens, size_bias,
                               token_counts)
 
@@ -339,24 +340,12 @@ TABLE = {**FAMILIES, "convit": (lambda: timm.create_model("convit_tiny", img_siz
                                                           num_classes=5), 32, {"GPSA", "MHSA"})}
 
 
-def _tokens_out(model, x):
-    seen = []
-    hooks = [b.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1])) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("family", sorted(MERGING))
 @pytest.mark.parametrize("selection", ["tome", "entropy"])
 def test_families_merge_where_they_prune(family, selection):
     reference, model, x = _pair(family, TABLE)
     first, prefix = MERGING[family]
-    before = _tokens_out(reference, x)
+    before = tokens_out(reference, x)
     with torch.no_grad():
         want = reference(x)
         merge_(model, MergeConfig(r=0, selection=selection))
@@ -367,7 +356,7 @@ def test_families_merge_where_they_prune(family, selection):
     for _ in range(len(before) - first):  # ToMe merges at most half the patch tokens; entropy leaves one
         n -= min(3, (n - prefix) // 2 if selection == "tome" else n - prefix - 1)
         expect.append(n)
-    assert _tokens_out(model, x) == expect and report.tokens == [before[first]] + expect[first:]
+    assert tokens_out(model, x) == expect and report.tokens == [before[first]] + expect[first:]
     with torch.no_grad():
         got = model(x)
     assert not torch.allclose(got, want, atol=1e-4)

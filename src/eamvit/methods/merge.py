@@ -293,7 +293,7 @@ OPENVINO_REPQ_MERGE = ("OpenVINO cannot run RepQ-ViT's int8 attention together w
 
 
 def _export_step(model: nn.Module, config: MergeConfig, export: Any) -> None:
-    if export.runtime == "openvino" and step_config(model, "quant") is not None:
+    if export.runtime == "openvino" and export.scheme == "qdq" and step_config(model, "quant") is not None:
         raise EamError(OPENVINO_REPQ_MERGE)
     # Before opset 16 ScatterElements has no reduction: merged tokens landing on one destination would overwrite.
     if export.opset is not None and export.opset < 16:
