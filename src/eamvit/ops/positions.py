@@ -1,9 +1,8 @@
-"""Token positions under pruning: where the present tokens came from, and the position terms
-(EVA02's RoPE, BEiT's relative-position bias) gathered for them.
+"""Token positions under pruning, and the position terms (EVA02's RoPE, BEiT's relative-position
+bias) gathered for them.
 
-Pure tensor math. A *position* is a token's index among the tokens entering the first pruning stage
-(prefix tokens first); EViT's fused token has none and is marked ``-1``: it gets the identity
-rotation and zero relative-position bias, as a token without a grid position.
+A *position* is a token's index among the tokens entering the first pruning stage (prefix first); EViT's
+fused token has none and is marked ``-1``: it gets the identity rotation and zero relative-position bias.
 """
 from __future__ import annotations
 
@@ -20,11 +19,8 @@ def next_positions(positions: Optional[torch.Tensor], keep: torch.Tensor, num_pr
     """Positions after one pruning step: the prefix, the kept patches (in ``keep`` order), ``-1`` if fused.
 
     Args:
-        positions: ``(B, n)`` positions of the step's input tokens; ``None`` = ``0..n-1`` (nothing pruned yet).
+        positions: ``(B, n)`` of the step's input tokens; ``None`` = ``0..n-1`` (nothing pruned yet).
         keep: ``(B, k)`` kept indices into the step's input patch tokens.
-        num_prefix: prefix tokens (always kept, in front).
-        n: tokens entering the step.
-        fuse: whether the step appended a fused token.
     """
     if positions is None:
         positions = torch.arange(n, device=keep.device).expand(keep.shape[0], -1)
@@ -39,8 +35,7 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
 
     Args:
         rope: ``(N, D)`` for the full patch grid, or ``(B, 1, N, D)`` (per image, after timm's patch dropout).
-        positions: ``(B, num_prefix + n)`` token positions (:func:`next_positions`); ``-1`` = fused token.
-        num_prefix: prefix tokens (RoPE covers patch tokens only).
+        positions: ``(B, num_prefix + n)`` (:func:`next_positions`).
     """
     B = positions.shape[0]
     if rope.dim() == 2:
@@ -60,13 +55,8 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
 
 
 def gather_pair_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A bias over token pairs ``(…, H, N, N)`` for the present tokens, ``(B, H, n, n)``; a fused token
-    (position ``-1``) gets zero bias to and from every token.
-
-    Args:
-        bias: ``(H, N, N)`` or ``(1, H, N, N)``, indexed by the tokens entering the first pruning stage.
-        positions: ``(B, n)`` (:func:`next_positions`).
-    """
+    """A bias over token pairs ``(1?, H, N, N)`` (indexed by the tokens entering the first pruning
+    stage) for the present tokens at ``positions``: ``(B, H, n, n)``, zero to and from a fused token."""
     bias = bias.reshape(bias.shape[-3:])
     N = bias.shape[-1]
     table = F.pad(bias, (0, 1, 0, 1))
