@@ -19,12 +19,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_dro
             ``speedup`` with ``speedup_p25``/``speedup_p75``, ``on_front`` and ``chosen``; rows without
             a ``top1`` (points that could not be built) are left out. The first ``reference`` row is the
             unmodified model.
-        path: PNG to write.
         max_drop: the top-1 budget, drawn below the reference's top-1.
-        title: figure title.
-
-    Returns:
-        The figure (closed).
     """
     rows = [r for r in rows if r.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(11, 5.6), layout="constrained")
