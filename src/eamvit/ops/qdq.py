@@ -8,6 +8,7 @@ import math
 import torch
 
 from eamvit.errors import EamError
+from eamvit.ops.pack import pack_bits
 
 _RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
@@ -108,15 +109,9 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     least significant bits first; rows are zero-padded to whole bytes."""
     if bits not in (2, 4, 8):
         raise EamError(f"MatMulNBits packs 2, 4 or 8 bits per code, not {bits}")
-    per = 8 // bits
-    rows, m = codes.shape
-    c = codes.to(torch.int32)
-    pad = (-m) % per
-    if pad:
-        c = torch.cat([c, c.new_zeros(rows, pad)], dim=1)
-    c = c.reshape(rows, -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    # Rows padded to whole bytes, then one dense stream: pack_bits's layout is this one.
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, (-codes.shape[1]) % (8 // bits)))
+    return pack_bits(padded, bits).reshape(codes.shape[0], -1)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

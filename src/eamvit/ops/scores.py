@@ -129,16 +129,6 @@ def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.T
     return torch.bmm(w.unsqueeze(1), patches)
 
 
-def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Prefix tokens followed by the kept patches, in one gather: ``(B, num_prefix + k, C)``."""
-    B = x.shape[0]
-    idx = keep_idx + num_prefix
-    if num_prefix:
-        prefix = torch.arange(num_prefix, device=x.device).expand(B, num_prefix)
-        idx = torch.cat([prefix, idx], dim=1)
-    return take_rows(x, idx)
-
-
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b]]`` for every image, as rows of the flattened batch.
 
@@ -211,7 +201,10 @@ def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num
     elif scores is None:
         scores = attention_entropy(attn, order, num_prefix, keys)
     keep = torch.topk(scores, k, dim=1, largest=method in ("evit", "random"), sorted=True).indices
-    out = gather_tokens(x, keep, num_prefix)
+    idx = keep + num_prefix
+    if num_prefix:  # the prefix and the kept patches in one gather
+        idx = torch.cat([torch.arange(num_prefix, device=x.device).expand(B, num_prefix), idx], dim=1)
+    out = take_rows(x, idx)
     if fuse:
         out = torch.cat([out, fuse_dropped(x[:, num_prefix:], evit_scores(attn, num_prefix), keep, elementwise)], dim=1)
     return out, keep, scores
