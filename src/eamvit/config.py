@@ -116,12 +116,8 @@ def _given(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base class of eamvit's configs: frozen dataclasses that cannot hold a bad value.
-
-    Subclasses are ``@dataclass(frozen=True)`` classes that set ``KIND`` (the name stored in files)
-    and ``VERSION`` (raised when a field changes meaning), and may override :meth:`_check`.
-    See docs/architecture-core.md.
-    """
+    """Base class of eamvit's configs, frozen dataclasses that cannot hold a bad value: subclasses set
+    ``KIND`` (the name stored in files) and ``VERSION`` (raised when a field changes meaning)."""
 
     KIND: ClassVar[str] = "config"
     VERSION: ClassVar[int] = 1

@@ -29,11 +29,7 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 
 
 def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Refuse an output file path that cannot be written, without creating anything.
-
-    Args:
-        option: the option that named it, for messages.
-    """
+    """Refuse an output file path that cannot be written (named by ``option``), creating nothing."""
     text = str(path)
     if not text.strip():
         raise EamError(f"{option} is empty; give a file name")
@@ -98,12 +94,6 @@ def remove_created_dirs(keep: bool = False) -> None:
     _CREATED.clear()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -128,10 +118,9 @@ def _owner_pid(entry: Path) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def clean_stale_temporaries(folder: str | os.PathLike) -> None:
     """Remove the ``.*.eamvit-tmp-<pid>*`` temporaries and ``.*.eamvit-lock`` locks of ``folder``
     whose process is gone (a run killed with -9 leaves both)."""
-    removed = []
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
             pid = _owner_pid(entry)
@@ -139,8 +128,6 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 continue
             with contextlib.suppress(OSError):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                removed.append(entry)
-    return removed
 
 
 def _os_error(e: OSError, target: Path) -> EamError:
@@ -163,7 +150,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise EamError(f"nothing was written to {target}")
-        os.chmod(tmp, 0o666 & ~_umask())  # results are for sharing
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # results are for sharing
         os.replace(tmp, target)
     except OSError as e:
         raise _os_error(e, target) from None
@@ -223,11 +212,8 @@ def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, 
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold ``.<name>.eamvit-lock`` (``O_EXCL``, holding the run's pid) next to ``path`` for the whole run.
-
-    A second run writing the same output fails with one line naming that pid instead of silently
-    overwriting the first one's result; a dead process's lock is taken over.
-    """
+    """Hold ``.<name>.eamvit-lock`` next to ``path`` for the whole run: a second run writing the same
+    output fails instead of overwriting it (see docs/architecture-core.md)."""
     target = Path(path)
     folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
     lock = folder / f".{target.name}{LOCK_TAG}"
@@ -296,12 +282,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
 
 def load_tensors(path: str | os.PathLike, fmt: str | Sequence[str], what: str, remedy: str) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a file :func:`save_tensors` wrote, refused unless its digest (eamvit 0.2
-    wrote none) matches and its ``meta["format"]`` is ``fmt`` (or one of several).
-
-    Args:
-        what: what the file is, for messages (e.g. ``"entropy maps"``).
-        remedy: how to make one (e.g. ``"compute them with `eamvit calibrate`"``).
-    """
+    wrote none) matches and its ``meta["format"]`` is ``fmt`` (or one of several); ``what`` it is (e.g.
+    ``"entropy maps"``) and the ``remedy`` (e.g. ``"compute them with `eamvit calibrate`"``) go in messages."""
     from safetensors import safe_open
 
     p = Path(path)

@@ -30,8 +30,6 @@ def attention_distance(attn: torch.Tensor, distances: torch.Tensor, num_prefix: 
     """Attention-weighted mean distance ``(..., n)``, in patches, from each query patch to the key patches.
 
     Args:
-        attn: post-softmax attention ``(..., N, N)`` with ``N = num_prefix + n``.
-        distances: ``(n, n)`` patch distances (:func:`grid_distances`).
         renormalize: divide by the row's mass on patch keys (a weighted mean; a row with no such mass
             gets 0); ``False`` keeps the raw weights (mass on prefix tokens counts as distance 0).
     """
@@ -75,27 +73,16 @@ def format_order(alpha: float) -> str:
 
 
 def renyi_bin(h: torch.Tensor, num_keys: int, bins: int = RENYI_BINS) -> torch.Tensor:
-    """Bin of each entropy ``h`` (nats) on ``[0, log num_keys]`` split into ``bins`` equal bins.
-
-    ``log num_keys`` (uniform attention, every order's maximum) falls in the last bin.
-    """
+    """Bin of each entropy ``h`` (nats) on ``[0, log num_keys]`` split into ``bins`` equal bins."""
     top = math.log(num_keys) if num_keys > 1 else 1.0
     return (h.double() * (bins / top)).floor().clamp_(0, bins - 1).long()
 
 
 class AttentionStats:
-    """Per-head mean attention distance and attention entropy, and per-token Rényi entropy histograms,
-    of one layer, streamed over batches.
-
-    The head entropy is the Rényi paper's (Def. 2): the Shannon entropy, in nats, of a patch query's
-    row over all keys, averaged over patch queries and images. The per-token Rényi scores are those
-    token pruning ranks (:func:`~eamvit.ops.scores.attention_entropy`).
-
-    Args:
-        num_tokens: tokens ``N`` (prefix + patches), queries and keys alike.
-        grid: the patch grid for the distance and head entropy; ``None`` skips both.
-        orders: Rényi orders of the histograms (empty: none).
-    """
+    """Per-head mean attention distance and attention entropy (the Rényi paper's Def. 2: Shannon, in
+    nats, of a patch query's row over all keys), and histograms of the per-token Rényi scores token
+    pruning ranks, for one layer of ``num_tokens`` tokens (prefix + patches), streamed over batches.
+    ``grid=None`` skips the distance and head entropy."""
 
     def __init__(self, heads: int, num_tokens: int, num_prefix: int, grid: Optional[tuple[int, int]],
                  orders: Sequence[float] = (), bins: int = RENYI_BINS, device: torch.device | str = "cpu"):

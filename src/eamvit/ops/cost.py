@@ -53,11 +53,7 @@ def attention_macs(s: AttentionShape, frozen_heads: int = 0, frozen_rows: int = 
 
 def entry_sparse_skippable(mask: torch.Tensor, s: AttentionShape) -> dict[str, int]:
     """``{op: count}`` a kernel that skips fully frozen rows could avoid, from a frozen-entry ``mask``
-    ``(H, N, N)`` or ``(G, H, N, N)``.
-
-    A row is skippable only if all its entries are frozen; a head's keys only if every row of it, in
-    every window, is.
-    """
+    ``(H, N, N)`` or ``(G, H, N, N)`` (see docs/architecture-core.md)."""
     m = mask if mask.dim() == 4 else mask.unsqueeze(0)
     full_rows = m.all(dim=-1)  # (G, H, N)
     rows = int(full_rows.sum())

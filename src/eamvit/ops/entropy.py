@@ -34,7 +34,6 @@ def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
 def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
     """Shannon entropy in bits of histograms ``counts`` ``(2^b, ...)`` over ``total`` samples.
 
-    ``H = log2 M − (1/M) Σ c log2 c``, ``c log2 c`` from a table of the ``M + 1`` possible counts.
     Attention histograms are mostly empty bins, and only counts of 2 or more contribute, so only those
     are gathered, a few bins at a time.
     """
@@ -51,10 +50,8 @@ def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> to
 
 
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14).
-
-    ``eps`` is added to every bin before renormalising, so a bin ``q`` never saw costs a finite amount.
-    """
+    """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14); ``eps`` in every
+    bin keeps a bin ``q`` never saw finite."""
     p = p_counts.to(torch.float64) + eps
     q = q_counts.to(torch.float64) + eps
     p = p / p.sum(0, keepdim=True)
@@ -63,12 +60,8 @@ def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 
 
 
 class Scratch:
-    """Work buffers and helper threads shared by the histograms of one calibration pass (see
-    docs/architecture-core.md). Threads start on first use and stop in :meth:`close`.
-
-    Args:
-        threads: helper threads at most; ``None`` follows ``torch.get_num_threads()`` at each call.
-    """
+    """Work buffers and at most ``threads`` helper threads (``None``: ``torch.get_num_threads()``) shared
+    by the histograms of one calibration pass (see docs/architecture-core.md)."""
 
     def __init__(self, threads: Optional[int] = None) -> None:
         self.threads = threads
@@ -112,14 +105,8 @@ class Scratch:
 
 
 class AttentionHistogram:
-    """Streaming histogram and running sum of one layer's attention entries.
-
-    Args:
-        shape: per-image attention shape of the layer, ``(H, N, N)`` or ``(nW, H, N, N)``.
-        bits: histogram bits ``b`` (``2^b`` bins on [0, 1]).
-        max_count: the largest number of images that will be added (picks the count dtype).
-        scratch: shared with the other histograms of a calibration (its own otherwise).
-    """
+    """Streaming histogram (``2^bits`` bins on [0, 1]) and running sum of one layer's attention entries
+    of per-image ``shape``; ``max_count``, the most images that will be added, picks the count dtype."""
 
     def __init__(self, shape: tuple[int, ...], bits: int, max_count: int, device: torch.device | str = "cpu",
                  scratch: Optional[Scratch] = None):

@@ -14,14 +14,8 @@ from eamvit.ops.scores import take_rows
 
 @dataclass(frozen=True)
 class MergePlan:
-    """Which patch tokens one merging step keeps and where the others go (indices ``int64``).
-
-    Args:
-        keep: ``(B, n − r)`` input patch tokens that stay, in output order (their grid positions
-            carry over to the merged tokens).
-        src: ``(B, r)`` input patch tokens merged away.
-        dst: ``(B, r)`` for each of ``src``, the index into ``keep`` it joins.
-    """
+    """Which patch tokens one merging step keeps (``keep``, in output order: their grid positions carry
+    over to the merged tokens) and which (``src``) join which kept one (``dst``, indices into ``keep``)."""
 
     keep: torch.Tensor
     src: torch.Tensor
@@ -111,11 +105,8 @@ def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefi
 
 def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan,
                  num_prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``plan``: every output token is the size-weighted mean of the tokens it stands for.
-
-    ``size`` ``None`` means all 1 (nothing merged yet). Returns ``(tokens, sizes)``, prefix first, then
-    ``plan.keep``'s order.
-    """
+    """``(tokens, sizes)`` after ``plan``: each output token the size-weighted mean of those it stands for
+    (``size=None``: all 1)."""
     B, N, C = x.shape
     keep, src, dst = plan.keep + num_prefix, plan.src + num_prefix, plan.dst + num_prefix
     if num_prefix:

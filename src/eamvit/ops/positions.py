@@ -16,12 +16,8 @@ from eamvit.errors import EamError
 
 def next_positions(positions: Optional[torch.Tensor], keep: torch.Tensor, num_prefix: int, n: int,
                    fuse: bool) -> torch.Tensor:
-    """Positions after one pruning step: the prefix, the kept patches (in ``keep`` order), ``-1`` if fused.
-
-    Args:
-        positions: ``(B, n)`` of the step's input tokens; ``None`` = ``0..n-1`` (nothing pruned yet).
-        keep: ``(B, k)`` kept indices into the step's input patch tokens.
-    """
+    """Positions after one pruning step: the prefix, the kept patches (in ``keep`` order), ``-1`` if fused;
+    ``positions=None`` is ``0..n-1`` (nothing pruned yet)."""
     if positions is None:
         positions = torch.arange(n, device=keep.device).expand(keep.shape[0], -1)
     parts = [positions[:, :num_prefix], positions[:, num_prefix:].gather(1, keep)]
@@ -31,12 +27,8 @@ def next_positions(positions: Optional[torch.Tensor], keep: torch.Tensor, num_pr
 
 
 def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """EVA02's concatenated ``[sin, cos]`` RoPE of the present patch tokens, ``(B, 1, n, D)``.
-
-    Args:
-        rope: ``(N, D)`` for the full patch grid, or ``(B, 1, N, D)`` (per image, after timm's patch dropout).
-        positions: ``(B, num_prefix + n)`` (:func:`next_positions`).
-    """
+    """EVA02's concatenated ``[sin, cos]`` RoPE of the present patch tokens, ``(B, 1, n, D)``, from the
+    full grid's ``(N, D)`` or ``(B, 1, N, D)`` (per image, after timm's patch dropout)."""
     B = positions.shape[0]
     if rope.dim() == 2:
         rope = rope.unsqueeze(0).expand(B, -1, -1)

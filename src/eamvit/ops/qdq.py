@@ -151,13 +151,9 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 def pack_nbits_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                       block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed, scales, zero_points)`` for :func:`matmul_nbits` from ``(n, k)`` codes and per-row
-    ``(n,)`` steps and zero points.
-
-    Each row's scale and zero point is repeated over its blocks, so the block-wise operator computes
-    exactly the per-channel quantized weight; ``k`` is padded to whole blocks with the row's zero point
-    (dequantizes to 0).
-    """
+    """``(packed, scales, zero_points)`` for :func:`matmul_nbits` from ``(n, k)`` codes and per-row steps
+    and zero points, repeated over the row's blocks so that the block-wise operator computes exactly the
+    per-channel weight; ``k`` is padded with the row's zero point (dequantizes to 0)."""
     if block_size < 16 or block_size & (block_size - 1):
         raise EamError(f"MatMulNBits block size must be a power of two ≥ 16, got {block_size}")
     n, k = codes.shape

@@ -12,13 +12,10 @@ from eamvit.errors import EamError
 
 
 def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rényi entropy ``H_α = log(Σ p^α) / (1 − α)``, natural log, of each row (last dim) of ``p``.
-
-    ``α = 1`` is Shannon (the limit), ``α = ∞`` the min-entropy ``−log max p``, ``α = 0`` the Hartley
-    entropy ``log |support|``; ``0·log 0 = 0``.
+    """Rényi entropy ``H_α = log(Σ p^α) / (1 − α)``, natural log, of each row of ``p`` (``α = 1``
+    Shannon, ``∞`` min-entropy, ``0`` Hartley ``log |support|``).
 
     Args:
-        alpha: Rényi order, ``≥ 0``; ``math.inf`` allowed.
         mass: per-row sum ``S`` when the rows are ``S·q`` for a distribution ``q``: the entropy of ``q``
             is returned without materialising ``p / S``.
     """
@@ -42,15 +39,10 @@ def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor
 
 
 def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 1, keys: str = "all") -> torch.Tensor:
-    """Per patch token, the entropy of its attention row, per head then averaged over heads:
-    ``(B, N − num_prefix)`` scores, lower = more informative = kept.
+    """Per patch token, the entropy (Rényi order ``alpha``) of its post-softmax attention row, per head
+    then averaged over heads: ``(B, N − num_prefix)`` scores, lower = more informative = kept.
 
-    Args:
-        attn: post-softmax attention ``(B, H, N, N)``.
-        alpha: Rényi order (1 = Shannon).
-        num_prefix: class/distillation/register tokens at the front (not scored).
-        keys: ``"all"``: the row over every key as computed; ``"patches"``: the row over patch keys
-            only, renormalised.
+    ``keys="patches"`` takes the row over patch keys only, renormalised; ``"all"`` the row as computed.
     """
     return _row_scores(attn[:, :, num_prefix:, :], alpha, num_prefix, keys)
 
@@ -113,15 +105,11 @@ def kept_count(n: int, keep_rate: float) -> int:
 
 def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.Tensor,
                  elementwise: bool = False) -> torch.Tensor:
-    """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``.
+    """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``, as one product over
+    all patches with the kept ones' weights zeroed.
 
-    The kept positions' weights are zeroed and one product runs over all patches: no gather of the
-    dropped tokens.
-
-    Args:
-        elementwise: a product and a sum instead of a matrix product (the export form: NNCF quantizes
-            matrix products' inputs, and would put the tokens and the weights through int8 where the
-            reference sums in float).
+    ``elementwise``, the export form, multiplies and sums instead: NNCF quantizes matrix products'
+    inputs, and would put the tokens and weights through int8 where the reference sums in float.
     """
     w = weights.to(patches.dtype).scatter(1, keep_idx, 0.0)
     if elementwise:
@@ -177,21 +165,15 @@ def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num
                  order: float = 1.0, keys: str = "all", fuse: bool = False,
                  generator: Optional[torch.Generator] = None, scores: Optional[torch.Tensor] = None,
                  elementwise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pruning step on tokens ``x`` (prefix first) given the block's attention map.
+    """One pruning step keeping ``k`` patch tokens of ``x`` (prefix first) by ``method`` (:data:`METHODS`):
+    ``(tokens, keep_idx, scores)``, ``keep_idx`` best first (``torch.topk`` order, as EViT).
 
     Args:
-        attn: the block's post-softmax attention ``(B, H, N, N)`` (``None`` for unfused random).
-        method: one of :data:`METHODS`.
-        k: patch tokens to keep.
-        order: Rényi order of the entropy methods (1 = Shannon).
+        attn: the block's post-softmax attention (``None`` for unfused random).
         fuse: append EViT's fused token of the dropped patches (weights: class-token attention).
         scores: the entropy methods' scores when already computed (:func:`entropy_from_qk`); ``attn``
             then need only hold the class-token row, for the fusion weights.
         elementwise: the export form of the fused token (:func:`fuse_dropped`).
-
-    Returns:
-        ``(tokens, keep_idx, scores)``: ``(B, num_prefix + k [+ 1 fused], C)``, ``(B, k)`` indices
-        into the input patch tokens (best first, ``torch.topk`` order, as EViT) and the scores.
     """
     B, N, _ = x.shape
     if scores is None and method == "evit":

@@ -49,17 +49,12 @@ def entropy_limits(maps: EntropyMaps) -> tuple[float, float]:
 ENTROPY_CMAP = "viridis"  # CLS-row and full maps alike, so one colour means one entropy in both
 
 
-def _cls_rows(maps: EntropyMaps, layer: int):
-    rows = cls_row(maps.entropy, layer, int(maps.meta.get("num_prefix_tokens", 1)))
-    if rows is None:
-        raise EamError("CLS-row maps need a model with a class token (ViT/DeiT); for Swin use the full maps")
-    return rows
-
-
 def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
     """Fig. 2: entropy of the CLS token's attention to every patch of ``layer``, one panel per head, on
     the scale of :func:`entropy_limits`."""
-    rows = _cls_rows(maps, layer)
+    rows = cls_row(maps.entropy, layer, int(maps.meta.get("num_prefix_tokens", 1)))
+    if rows is None:
+        raise EamError("CLS-row maps need a model with a class token (ViT/DeiT); for Swin use the full maps")
     vmin, vmax = entropy_limits(maps)
     gh, gw = _grid(maps, rows.shape[-1])
     heads = list(heads) if heads is not None else list(range(rows.shape[0]))
@@ -97,14 +92,10 @@ def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path:
     return save_figure(fig, path)
 
 
-def _relative_luminance(rgb: Sequence[float]) -> float:
-    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
-    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-
-
 def text_colour(rgb: Sequence[float]) -> str:
     """Black or white, whichever contrasts more with a cell of colour ``rgb`` (WCAG contrast ratio)."""
-    lum = _relative_luminance(rgb)
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]  # relative luminance
     return "k" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "w"
 
 
@@ -132,14 +123,8 @@ def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike):
 
 def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
                reference: Optional[dict[str, float]] = None):
-    """Top-1 against sparsity τ, one line per (label, selection, scope, value bits); random with a ±1
-    std band.
-
-    Args:
-        rows: sweep rows (``tau``, ``top1``, ``selection``; optional ``label``, ``scope``,
-            ``value_bits``, ``top1_std``).
-        reference: horizontal lines ``{name: top-1}`` (the unfrozen model), named in the legend.
-    """
+    """Top-1 against sparsity τ, one line per (label, selection, scope, value bits) of the sweep rows;
+    random with a ±1 std band; ``reference`` ``{name: top-1}`` lines (the unfrozen model) in the legend."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
     def key(r: dict) -> tuple:
         return r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32)

@@ -68,27 +68,16 @@ def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, 
     return save_figure(fig, path)
 
 
-def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
-    return (image * s + m).clamp(0, 1)
-
-
 def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Tensor]], path: str | os.PathLike,
                       mean: Sequence[float], std: Sequence[float], title: str = "",
                       blocks: Optional[Sequence[int]] = None):
-    """The seed's Fig. 4: for each method (a row), the patches still present after each stage, dropped
-    ones painted one flat blue (a tint would read differently over dark and bright pixels).
-
-    Args:
-        image: the preprocessed image ``(C, H, W)``; ``mean`` and ``std`` undo its normalisation.
-        masks: ``{row label: [per stage, (gh, gw) booleans]}`` from
-            :func:`eamvit.methods.prune.kept_patch_masks`.
-        blocks: 0-based pruning blocks, shown as such in the stage titles (as --prune-blocks).
-    """
+    """The seed's Fig. 4: for each method (a row of :func:`eamvit.methods.prune.kept_patch_masks`), the
+    patches of the preprocessed ``image`` (``mean``, ``std``) still present after each stage, dropped ones
+    painted one flat blue; ``blocks`` (0-based) name the stages."""
     if image.dim() != 3 or not masks:
         raise EamError("give one image (C, H, W) and at least one row of kept-patch masks")
-    shown = _denormalise(image.detach().cpu().float(), mean, std)
+    shown = image.detach().cpu().float()
+    shown = (shown * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
     C, H, W = shown.shape
     stages = max(len(m) for m in masks.values())
     fig, axes = plt.subplots(len(masks), stages + 1, figsize=(2.2 * (stages + 1), 2.3 * len(masks) + 0.5),
@@ -120,13 +109,8 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
 
 def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], path: str | os.PathLike,
                             layers: Optional[Sequence[int]] = None, bins: int = 60, title: str = ""):
-    """The seed's Fig. 5: per block, the distribution of patch tokens' attention entropy for each α.
-
-    Args:
-        entropies: ``{alpha: [per layer, entropies in nats]}`` from
-            :func:`eamvit.methods.prune.token_entropies`; drawn in bits, as every eamvit figure.
-        layers: 0-based blocks the lists hold; ``0..n-1`` by default.
-    """
+    """The seed's Fig. 5: per block (``layers``, 0-based), the distribution of patch tokens' attention
+    entropy for each α, from :func:`eamvit.methods.prune.token_entropies`'s nats, drawn in bits."""
     if not entropies:
         raise EamError("no token entropies to plot")
     ent = {a: [e / math.log(2) for e in per] for a, per in entropies.items()}

@@ -68,11 +68,8 @@ def _series_name(k: tuple) -> str:
 
 
 def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = ""):
-    """Fig. 5/6: top-1 against τ for FP, RepQ-ViT, the EAM variants and random freezing (±1 std band).
-
-    FP and RepQ-ViT do not depend on τ: horizontal references, RepQ-ViT a broad translucent band behind
-    the curves, because the EAM curves start on it (τ = 0) and stay close.
-    """
+    """Fig. 5/6: top-1 against τ for FP and RepQ-ViT (references: see docs/architecture-core.md), the EAM
+    variants and random freezing (±1 std band)."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
     for k in dict.fromkeys(map(_series_key, rows)):
         pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])

@@ -40,14 +40,9 @@ def _bar(ax, r: dict[str, Any], colour, xlim: tuple[float, float]) -> bool:
 
 
 def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
-    """One line per method through its points ``(speed-up, top-1)`` in the given order, with the speed-up's
-    spread (see docs/architecture-core.md).
-
-    Args:
-        rows: dicts with ``method`` (the line's label; ``"unmodified"`` is the reference point),
-            ``speedup`` (measured images/s ÷ the unmodified model's), optional ``speedup_lo`` /
-            ``speedup_hi`` (its interquartile range), ``top1`` and an optional ``point`` label (τ or κ).
-    """
+    """One line per ``method`` through its points ``(speedup, top1)`` in the given order, with the
+    interquartile ``speedup_lo``/``speedup_hi`` and a marker per ``point`` label (τ or κ); ``"unmodified"``
+    is the reference (see docs/architecture-core.md)."""
     fig, ax = plt.subplots(figsize=(10.5, 5.6), layout="constrained")
     xlim, shapes = _x_range(rows), _knobs(rows)
     handles, cut = [], False
