@@ -88,7 +88,7 @@ def bipartite_plan(features: torch.Tensor, r: int, num_prefix: int = 1) -> Merge
 def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
     """Entropy-guided matching: the ``r`` patch tokens of highest ``scores`` (attention entropy: more
     redundant) merge into their most similar other patch token (cosine similarity of ``features``)."""
-    B, N, D = features.shape
+    B, N, _ = features.shape
     n = N - num_prefix
     if scores.shape != (B, n):
         raise EamError(f"entropy-guided merging needs {n} scores per image, got shape {tuple(scores.shape)}")
