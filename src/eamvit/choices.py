@@ -1,10 +1,6 @@
-"""Choice lists and command-line-visible defaults, defined once and free of torch.
-
-Each choice list is a ``Literal`` type, which the configs' fields are annotated with (the config
-base refuses a value outside it), and the tuple of its values, which the ``eamvit`` command offers
-as ``choices``; both are defined here so that building the command's parser (``eamvit --help``)
-imports neither torch nor timm. Imports only ``typing``.
-"""
+"""Choice lists and command-line-visible defaults, defined once and free of torch (imports only
+``typing``): each a ``Literal`` type for the configs' fields and the tuple of its values for the command's
+``choices``. See docs/architecture-core.md."""
 from __future__ import annotations
 
 from typing import Literal, get_args

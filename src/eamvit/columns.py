@@ -1,10 +1,5 @@
-"""The one column vocabulary of eamvit's results rows (torch-free, below every layer).
-
-Every row eamvit writes (``eval``, ``eval --onnx``, every ``sweep``, ``compare``, the demo's tables)
-starts with :data:`HEAD` in that order, then names only columns of :data:`COLUMNS`, each with one
-meaning. A setting that does not apply to a row is left blank (``None``): a pruning row has no τ, a
-freezing row no κ, an unquantized row no bits.
-"""
+"""The one column vocabulary of eamvit's results rows (torch-free): every row starts with :data:`HEAD`,
+then names only columns of :data:`COLUMNS`, blank where a setting does not apply."""
 from __future__ import annotations
 
 # timm validate.py's fields, then the rest of the data config the images were built with.

@@ -1,14 +1,5 @@
 """The one config base: frozen dataclass settings, checked when built, with a versioned ``to_dict`` /
-``from_dict`` round trip.
-
-A config that exists is valid: construction (and ``dataclasses.replace``) checks every field's type
-against its annotation and the subclass's ranges, and raises :class:`~eamvit.errors.EamError`.
-
-Every setting that is saved with an artifact (quantized states, maps, pruned or fine-tuned models)
-is a :class:`Config`, and so are the settings of the sweeps and of ``optimize``, which are not saved. Runtime settings (device, progress bars, checkpoint folders) are *not* fields
-of a saved config: they are arguments of the function that runs the work, so a file written on a
-GPU loads on a CPU and two runs that differ only in where they ran save the same config.
-"""
+``from_dict`` round trip. See docs/architecture-core.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +27,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _unjson(value: Any) -> Any:
-    """The reverse of :func:`_jsonable` for a field's value: ``"inf"`` back to infinity, in lists too."""
+    """``"inf"`` back to infinity, in lists too."""
     if isinstance(value, list):
         return [_unjson(v) for v in value]
     return float("inf") if value == "inf" else value
@@ -48,7 +39,7 @@ def _untuple(value: Any) -> Any:
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    """The annotation of each field of ``cls`` (evaluated: annotations are strings in eamvit's modules)."""
+    """Each field's annotation, evaluated (annotations are strings in eamvit's modules)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -125,15 +116,8 @@ def _given(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base class of eamvit's configs: frozen dataclasses that cannot hold a bad value.
-
-    Subclasses are ``@dataclass(frozen=True)`` classes that set ``KIND`` (the name stored in files)
-    and ``VERSION`` (raised when a field changes meaning). Constructing one checks every field against
-    its annotation (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``, ``Literal[...]``,
-    ``tuple[...]``, a class) and then calls :meth:`_check`, the subclass's range checks; either
-    raises :class:`EamError`. A changed copy is ``dataclasses.replace(config, field=value)``, checked
-    the same way. Float infinity is written as ``"inf"`` (JSON has no infinity).
-    """
+    """Base class of eamvit's configs, frozen dataclasses that cannot hold a bad value: subclasses set
+    ``KIND`` (the name stored in files) and ``VERSION`` (raised when a field changes meaning)."""
 
     KIND: ClassVar[str] = "config"
     VERSION: ClassVar[int] = 1
@@ -150,13 +134,8 @@ class Config:
         self._check()
 
     def _check(self) -> None:
-        """Range checks and normalisation of the typed fields; subclasses override it (call ``super()``).
-
-        The dataclass is frozen: a normalised value is stored with ``object.__setattr__``.
-
-        Raises:
-            EamError: a value outside its range.
-        """
+        """Range checks (:class:`EamError`) and normalisation of the typed fields, stored with
+        ``object.__setattr__``; subclasses override it (call ``super()``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """``{"kind", "version", **fields}``, JSON-ready (tuples as lists)."""
@@ -168,12 +147,8 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        """The config ``to_dict`` wrote, checked as any constructed config is.
-
-        Raises:
-            EamError: another kind of config, a newer version, a field this version does not know, or
-                a value of the wrong type or out of range.
-        """
+        """The config ``to_dict`` wrote, checked as any constructed config is; refused when it is another
+        kind of config, a newer version, or has a field this version does not know."""
         if not isinstance(d, dict):
             raise EamError(f"a {cls.KIND} config must be a JSON object, not {type(d).__name__}")
         kind, version = d.get("kind", cls.KIND), d.get("version", 1)

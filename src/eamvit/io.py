@@ -1,11 +1,5 @@
 """Atomic file output: a reader never sees a half-written results file, map or checkpoint.
-
-Every write goes to a hidden temporary folder next to its target, ``.<name>.eamvit-tmp-<pid>``;
-the finished file is renamed over the target. Libraries that keep their own temporaries
-(safetensors writes ``.tmpXXXX`` next to the file it is asked for) write them inside that folder
-too, so a run killed midway leaves exactly one discoverable folder, which the next write into the
-same folder removes once its process is gone. A full disk is one clear error and no partial file.
-"""
+See docs/architecture-core.md."""
 from __future__ import annotations
 
 import contextlib
@@ -35,12 +29,7 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 
 
 def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Refuse an output file path that cannot be written, without creating anything.
-
-    Args:
-        path: the file to be written later.
-        option: the option that named it, for messages.
-    """
+    """Refuse an output file path that cannot be written (named by ``option``), creating nothing."""
     text = str(path)
     if not text.strip():
         raise EamError(f"{option} is empty; give a file name")
@@ -77,17 +66,11 @@ _CREATED: list[Path] = []
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) or fail with a clear message; remove what killed runs left in it.
-
-    The folders created are remembered for :func:`remove_created_dirs`, and the temporaries and
-    locks of dead processes in ``path`` are removed (:func:`clean_stale_temporaries`).
-    """
+    """Create ``path`` (and parents) or fail with a clear message; remove what killed runs left in it
+    (:func:`clean_stale_temporaries`). The folders created are remembered for :func:`remove_created_dirs`."""
     p = Path(path)
-    missing = []
-    q = Path(os.path.abspath(p))
-    while not q.exists() and q.parent != q:
-        missing.append(q)
-        q = q.parent
+    full, base = Path(os.path.abspath(p)), nearest_existing(p)
+    missing = [q for q in (full, *full.parents) if len(q.parts) > len(base.parts)]
     try:
         p.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -102,22 +85,13 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 
 def remove_created_dirs(keep: bool = False) -> None:
-    """Remove the folders :func:`ensure_writable_dir` created that are still empty (none if ``keep``),
-    and forget them: a refused or interrupted command leaves no empty output folder behind.
-
-    Args:
-        keep: only forget them (the command succeeded).
-    """
+    """Remove the folders :func:`ensure_writable_dir` created that are still empty, and forget them: a
+    refused or interrupted command leaves no empty output folder behind. ``keep`` (the command
+    succeeded) only forgets them."""
     for d in [] if keep else sorted(set(_CREATED), key=lambda d: len(d.parts), reverse=True):
         with contextlib.suppress(OSError):
             d.rmdir()  # only an empty folder; one the run filled stays
     _CREATED.clear()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,10 +118,9 @@ def _owner_pid(entry: Path) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def clean_stale_temporaries(folder: str | os.PathLike) -> None:
     """Remove the ``.*.eamvit-tmp-<pid>*`` temporaries and ``.*.eamvit-lock`` locks of ``folder``
     whose process is gone (a run killed with -9 leaves both)."""
-    removed = []
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
             pid = _owner_pid(entry)
@@ -155,8 +128,6 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 continue
             with contextlib.suppress(OSError):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                removed.append(entry)
-    return removed
 
 
 def _os_error(e: OSError, target: Path) -> EamError:
@@ -168,11 +139,8 @@ def _os_error(e: OSError, target: Path) -> EamError:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path with the target's name; rename it over ``path`` only on success.
-
-    The temporary lives in a hidden folder ``.<name>.eamvit-tmp-<pid>-<n>`` next to the target, which
-    is removed on success and on failure; stale ones of dead processes are removed here first.
-    """
+    """Yield a temporary path with the target's name, in a hidden folder ``.<name>.eamvit-tmp-<pid>-<n>``
+    next to the target; rename it over ``path`` only on success. The folder goes either way."""
     target = Path(path)
     folder = ensure_writable_dir(target.parent if str(target.parent) else ".")  # also removes stale temporaries
     tmp_dir = folder / f".{target.name}{TMP_TAG}{os.getpid()}-{next(_counter)}"
@@ -182,7 +150,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise EamError(f"nothing was written to {target}")
-        os.chmod(tmp, 0o666 & ~_umask())  # results are for sharing
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # results are for sharing
         os.replace(tmp, target)
     except OSError as e:
         raise _os_error(e, target) from None
@@ -242,13 +212,8 @@ def write_results(stem: str | os.PathLike, rows: Sequence[dict]) -> tuple[Path, 
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold ``.<name>.eamvit-lock`` next to ``path`` for the whole run that writes ``path``.
-
-    The lock is created with ``O_EXCL`` and holds the pid of its run. A second run writing the same
-    output fails with one line naming that pid instead of silently overwriting the first one's result;
-    a lock left by a process that no longer exists is taken over. It is removed when the run ends,
-    failed or not.
-    """
+    """Hold ``.<name>.eamvit-lock`` next to ``path`` for the whole run: a second run writing the same
+    output fails instead of overwriting it (see docs/architecture-core.md)."""
     target = Path(path)
     folder = ensure_writable_dir(target.parent if str(target.parent) else ".")
     lock = folder / f".{target.name}{LOCK_TAG}"
@@ -287,12 +252,8 @@ DIGEST_KEY = "eamvit_sha256"
 
 
 def tensors_sha256(tensors: dict, meta: Optional[dict] = None) -> str:
-    """SHA-256 of ``tensors`` (name, dtype, shape and bytes of each, in sorted name order) and ``meta``.
-
-    Args:
-        tensors: name -> tensor.
-        meta: JSON-ready metadata hashed with them (canonical JSON: sorted keys, no spaces); None: none.
-    """
+    """SHA-256 of ``tensors`` (name, dtype, shape and bytes of each, by name) and of the JSON-ready
+    ``meta`` as canonical JSON (sorted keys, no spaces)."""
     import hashlib
 
     import torch
@@ -308,11 +269,8 @@ def tensors_sha256(tensors: dict, meta: Optional[dict] = None) -> str:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
-    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata and their digest.
-
-    The digest (:func:`tensors_sha256` of the tensors and the whole metadata, as stored) lets
-    :func:`load_tensors` refuse a file changed after it was written.
-    """
+    """Atomically write ``tensors`` as safetensors with ``meta`` as JSON metadata and the digest that
+    lets :func:`load_tensors` refuse a file changed after it was written."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -323,18 +281,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
 
 
 def load_tensors(path: str | os.PathLike, fmt: str | Sequence[str], what: str, remedy: str) -> tuple[dict, dict]:
-    """``(meta, tensors)`` of a file written by :func:`save_tensors` whose ``meta["format"]`` is ``fmt``.
-
-    A file whose digest is missing (eamvit 0.2 wrote none) or does not match its tensors and metadata
-    is refused: what it holds cannot be trusted.
-
-    Args:
-        path: the file.
-        fmt: the expected format tag, or the tags of the formats the caller takes (it reads
-            ``meta["format"]`` to tell them apart).
-        what: what the file is, for messages (e.g. ``"entropy maps"``).
-        remedy: how to make one (e.g. ``"compute them with `eamvit calibrate`"``).
-    """
+    """``(meta, tensors)`` of a file :func:`save_tensors` wrote, refused unless its digest (eamvit 0.2
+    wrote none) matches and its ``meta["format"]`` is ``fmt`` (or one of several); ``what`` it is (e.g.
+    ``"entropy maps"``) and the ``remedy`` (e.g. ``"compute them with `eamvit calibrate`"``) go in messages."""
     from safetensors import safe_open
 
     p = Path(path)

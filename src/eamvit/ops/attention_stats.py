@@ -1,18 +1,6 @@
-"""Mean attention distance, per-head attention entropy and per-token Rényi entropy histograms of
-attention maps: the data of the Rényi pruning paper's Fig. 6 (entropy against attention distance) and
-Fig. 5 (entropy distributions per block for several orders α).
-
-Pure tensor math plus :class:`AttentionStats`, a streaming accumulator for one layer that calibration
-feeds from the same attention maps as the entropy histograms.
-
-*Mean attention distance* (Dosovitskiy et al., ICLR 2021, Fig. 7; Raghu et al., NeurIPS 2021): for a
-query patch ``i``, ``Σ_j a_ij·‖p_i − p_j‖ / Σ_j a_ij`` over the key patches ``j``, where ``p`` is the
-(row, column) position on the patch grid, so the unit is one patch. Class, distillation and register
-tokens have no position: they are neither queries nor keys of the distance, and the weights of the
-patch keys are renormalised (the weighted *mean* over patches). Some public notebooks skip the
-renormalisation, which shrinks the distance by the mass a row puts on the class token;
-``renormalize=False`` gives that variant.
-"""
+"""Mean attention distance, per-head attention entropy and per-token Rényi entropy histograms (the
+Rényi pruning paper's Fig. 5 and 6), and :class:`AttentionStats`, their streaming accumulator for one
+layer. See docs/architecture-core.md."""
 from __future__ import annotations
 
 import math
@@ -29,16 +17,7 @@ RENYI_BINS = 256
 
 def grid_distances(grid: tuple[int, int], device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Euclidean distance, in patches, between every pair of positions of a row-major patch grid.
-
-    Args:
-        grid: ``(rows, columns)`` of the patch grid.
-        device: where the matrix lives.
-        dtype: its dtype.
-
-    Returns:
-        ``(n, n)`` with ``n = rows·columns``: entry ``(i, j)`` is ``‖p_i − p_j‖``.
-    """
+    """``(n, n)`` Euclidean distances, in patches, between the positions of a row-major ``(rows, columns)`` grid."""
     rows, cols = int(grid[0]), int(grid[1])
     r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
     c = torch.arange(cols, dtype=torch.float64).repeat(rows)
@@ -48,17 +27,11 @@ def grid_distances(grid: tuple[int, int], device: torch.device | str | None = No
 
 def attention_distance(attn: torch.Tensor, distances: torch.Tensor, num_prefix: int = 0,
                        renormalize: bool = True) -> torch.Tensor:
-    """Attention-weighted mean distance from each query patch to the key patches.
+    """Attention-weighted mean distance ``(..., n)``, in patches, from each query patch to the key patches.
 
     Args:
-        attn: post-softmax attention ``(..., N, N)`` with ``N = num_prefix + n``.
-        distances: ``(n, n)`` patch distances (:func:`grid_distances`).
-        num_prefix: prefix tokens at the front (left out as queries and as keys).
-        renormalize: divide by the row's mass on patch keys (a weighted mean); ``False`` keeps the
-            raw weights (a query's mass on prefix tokens then counts as distance 0).
-
-    Returns:
-        ``(..., n)``: one distance per query patch, in patches. A row with no mass on patch keys gets 0.
+        renormalize: divide by the row's mass on patch keys (a weighted mean; a row with no such mass
+            gets 0); ``False`` keeps the raw weights (mass on prefix tokens counts as distance 0).
     """
     n = distances.shape[-1]
     if attn.shape[-1] != num_prefix + n or attn.shape[-2] != num_prefix + n:
@@ -73,17 +46,9 @@ def attention_distance(attn: torch.Tensor, distances: torch.Tensor, num_prefix: 
 
 
 def patch_prefix(shape: Sequence[int], grid: Optional[Sequence[int]], num_prefix: int) -> Optional[int]:
-    """The prefix tokens of a layer whose attention runs over prefix tokens and the whole patch grid.
-
-    Args:
-        shape: the layer's per-image attention shape (heads at dim -3).
-        grid: the model's patch grid ``(rows, columns)``, or ``None``.
-        num_prefix: the model's prefix tokens (a layer may run on the patches alone, as CaiT's
-            patch-attention layers do).
-
-    Returns:
-        ``0`` or ``num_prefix`` where ``shape`` is ``(H, N, N)`` with ``N`` that many tokens plus the
-        grid; ``None`` for any other layer (windows, pooled keys, class attention, channel attention).
+    """The prefix tokens (``0`` or ``num_prefix``) of a layer whose per-image attention ``shape`` is
+    ``(H, N, N)`` over them and the whole patch grid; ``None`` for any other layer (windows, pooled keys,
+    class or channel attention). A layer may run on the patches alone, as CaiT's patch-attention layers do.
     """
     if grid is None or len(shape) != 3 or shape[-1] != shape[-2]:
         return None
@@ -108,33 +73,16 @@ def format_order(alpha: float) -> str:
 
 
 def renyi_bin(h: torch.Tensor, num_keys: int, bins: int = RENYI_BINS) -> torch.Tensor:
-    """Bin of each entropy ``h`` (nats) on ``[0, log num_keys]`` split into ``bins`` equal bins.
-
-    ``log num_keys`` (the entropy of uniform attention, every order's maximum) falls in the last bin;
-    rounding below 0 in the first.
-    """
+    """Bin of each entropy ``h`` (nats) on ``[0, log num_keys]`` split into ``bins`` equal bins."""
     top = math.log(num_keys) if num_keys > 1 else 1.0
     return (h.double() * (bins / top)).floor().clamp_(0, bins - 1).long()
 
 
 class AttentionStats:
-    """Per-head mean attention distance and attention entropy, and per-token Rényi entropy histograms,
-    of one layer, streamed over batches.
-
-    The head entropy is the Rényi paper's (Def. 2): the Shannon entropy, in nats, of a patch query's
-    attention row over all keys, averaged over patch queries and images. The per-token Rényi scores
-    are those token pruning ranks (:func:`~eamvit.ops.scores.attention_entropy`: per head, then
-    averaged over heads).
-
-    Args:
-        heads: attention heads ``H``.
-        num_tokens: tokens ``N`` (prefix + patches), queries and keys alike.
-        num_prefix: prefix tokens (not scored, not placed on the grid).
-        grid: the patch grid for the distance and head entropy; ``None`` skips both.
-        orders: Rényi orders of the histograms (empty: none).
-        bins: histogram bins on ``[0, log N]``.
-        device: where the sums live.
-    """
+    """Per-head mean attention distance and attention entropy (the Rényi paper's Def. 2: Shannon, in
+    nats, of a patch query's row over all keys), and histograms of the per-token Rényi scores token
+    pruning ranks, for one layer of ``num_tokens`` tokens (prefix + patches), streamed over batches.
+    ``grid=None`` skips the distance and head entropy."""
 
     def __init__(self, heads: int, num_tokens: int, num_prefix: int, grid: Optional[tuple[int, int]],
                  orders: Sequence[float] = (), bins: int = RENYI_BINS, device: torch.device | str = "cpu"):
@@ -173,8 +121,7 @@ class AttentionStats:
         return None if self.distances is None else (self.entropy_sum / max(self.rows, 1)).float()
 
     def result(self) -> dict[str, Optional[torch.Tensor]]:
-        """``distance`` and ``head_entropy`` ``(H,)`` and the ``renyi`` counts ``(orders, bins)``, on the
-        CPU; ``None`` for what was not measured."""
+        """``distance``, ``head_entropy`` and the ``renyi`` counts on the CPU; ``None`` if not measured."""
         out = {"distance": self.distance(), "head_entropy": self.head_entropy(),
                "renyi": self.renyi_counts if self.orders else None}
         return {k: None if v is None else v.cpu() for k, v in out.items()}

@@ -1,32 +1,8 @@
-"""The cost model: multiply-accumulates (MACs) of the pieces of a transformer layer, as pure arithmetic.
-
-One multiply-add counts as one MAC (fvcore's convention, which the EAM, EViT and DeiT tables use:
-DeiT-S = 4.6 GMACs, quoted there as "GFLOPs"). Softmax is not a MAC: it is counted separately as the
-number of exponentials (attention entries) it evaluates. Elementwise work (LayerNorm, GELU, residual
-adds, the ``torch.where`` that simulates frozen entries) is not counted.
-
-Attention of one layer, per image, with ``G`` windows (1 for ViT) of ``N`` tokens, input width ``C``,
-``H`` heads of width ``d`` (``A = H·d``) and output width ``C_out``:
-
-====== =================== ======================================================================
-op     MACs                what freezing can skip
-====== =================== ======================================================================
-q      ``G·N·C·A``         a frozen head skips its ``N·C·d``; a frozen row its ``C·A``
-k      ``G·N·C·A``         a frozen head skips its ``N·C·d``
-v      ``G·N·C·A``         nothing (``A^μ·V`` needs every value)
-qk     ``G·H·N²·d``        a frozen head ``N²·d``; a frozen row ``H·N·d``
-softmax ``G·H·N²`` exp     as ``qk``, divided by ``d``
-av     ``G·H·N²·d``        nothing (a frozen map still multiplies ``V``)
-proj   ``G·N·A·C_out``     nothing
-====== =================== ======================================================================
-
-A frozen *entry* (EAM eq. 15) skips nothing as written: the softmax denominator of its row needs
-every logit of the row, and ``A^μ ⊗ M`` still multiplies ``V``. Only a (window, head, query) row whose
-every entry is frozen could skip its query, its scores and its softmax, and only with a kernel that
-gathers the surviving rows; :func:`entry_sparse_skippable` counts that work.
-"""
+"""The cost model: multiply-accumulates (MACs) of the pieces of a transformer layer, as pure arithmetic
+(fvcore's convention: one multiply-add is one MAC). See docs/architecture-core.md."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,16 +14,8 @@ NOT_MACS = ("softmax",)
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """The sizes of one attention layer for one image.
-
-    Args:
-        tokens: ``N``, tokens per window (all tokens for ViT).
-        windows: ``G``, windows per image (1 for ViT).
-        dim: ``C``, input width.
-        heads: ``H``.
-        head_dim: ``d``.
-        out_dim: ``C_out`` of the output projection.
-    """
+    """The sizes of one attention layer for one image: ``N`` tokens per window, ``G`` windows (1 for
+    ViT), input width ``C``, ``H`` heads of width ``d``, output width ``C_out``."""
 
     tokens: int
     windows: int
@@ -62,17 +30,12 @@ class AttentionShape:
 
 
 def attention_macs(s: AttentionShape, frozen_heads: int = 0, frozen_rows: int = 0) -> dict[str, int]:
-    """Per-op work of one attention layer when ``frozen_heads`` whole heads (of every window) or
-    ``frozen_rows`` whole query rows (all heads; ViT) are skipped.
+    """``{op: count}`` of one attention layer (``softmax`` in exponentials, the rest in MACs).
 
     Args:
-        s: the layer's sizes.
-        frozen_heads: heads whose map is ``A^μ_h`` (q, k, scores and softmax not computed).
-        frozen_rows: query tokens whose row is ``A^μ[:, i]`` in every head (q, scores, softmax not
-            computed for them); counted per window.
-
-    Returns:
-        ``{op: count}`` for :data:`ATTENTION_OPS` (``softmax`` in exponentials, the rest in MACs).
+        frozen_heads: heads whose map is ``A^μ_h`` in every window (q, k, scores and softmax skipped).
+        frozen_rows: query tokens whose row is ``A^μ[:, i]`` in every head (q, scores and softmax
+            skipped), per window.
     """
     G, N, C, H, d = s.windows, s.tokens, s.dim, s.heads, s.head_dim
     hq = H - frozen_heads  # heads whose scores are computed
@@ -89,19 +52,8 @@ def attention_macs(s: AttentionShape, frozen_heads: int = 0, frozen_rows: int = 
 
 
 def entry_sparse_skippable(mask: torch.Tensor, s: AttentionShape) -> dict[str, int]:
-    """Work a kernel that skips fully frozen rows could avoid under entry-level freezing.
-
-    A (window, head, query) row is skippable only if all ``N`` of its entries are frozen (its
-    query slice, its ``N`` scores and its softmax); a head is skippable for its keys only if every
-    row of it, in every window, is. Partially frozen rows skip nothing.
-
-    Args:
-        mask: the layer's frozen-entry mask, ``(H, N, N)`` or ``(G, H, N, N)``.
-        s: the layer's sizes.
-
-    Returns:
-        ``{op: count}`` over :data:`ATTENTION_OPS` (zeros where nothing is skippable).
-    """
+    """``{op: count}`` a kernel that skips fully frozen rows could avoid, from a frozen-entry ``mask``
+    ``(H, N, N)`` or ``(G, H, N, N)`` (see docs/architecture-core.md)."""
     m = mask if mask.dim() == 4 else mask.unsqueeze(0)
     full_rows = m.all(dim=-1)  # (G, H, N)
     rows = int(full_rows.sum())
@@ -119,10 +71,7 @@ def linear_macs(tokens: int, in_features: int, out_features: int) -> int:
 
 def conv_macs(out_positions: int, out_channels: int, in_channels: int, groups: int, kernel: tuple[int, ...]) -> int:
     """MACs of a convolution: every output element is a dot product of ``in/groups · ∏kernel`` terms."""
-    k = 1
-    for w in kernel:
-        k *= int(w)
-    return out_positions * out_channels * (in_channels // groups) * k
+    return out_positions * out_channels * (in_channels // groups) * math.prod(int(w) for w in kernel)
 
 
 def speedup(full: float, executed: float) -> float:
@@ -131,10 +80,7 @@ def speedup(full: float, executed: float) -> float:
 
 
 def realised_fraction(measured_ratio: float, predicted_ratio: float) -> Optional[float]:
-    """Share of the predicted saving the measurement realised: ``(1 − 1/measured) / (1 − 1/predicted)``.
-
-    ``None`` when nothing was predicted to be saved.
-    """
+    """Share of the predicted saving the measurement realised (``None`` when none was predicted)."""
     predicted_saving = 1.0 - 1.0 / predicted_ratio
     if predicted_saving <= 0:
         return None

@@ -1,13 +1,5 @@
-"""Histograms, Shannon entropy, means and KL divergence of attention entries (EAM eq. 12-14).
-
-Pure tensor functions plus :class:`AttentionHistogram`, the streaming accumulator for one layer.
-Histogram counts are stored bin-major, ``(2^b, *shape)``: for a given image most entries fall in a
-few low bins, so the scatter of one image walks each bin plane nearly sequentially, which is what
-keeps calibration cheap next to a forward pass. A batch is counted one query row of the map at a
-time, all images of the batch before the next row, so that the few bin planes a row touches are
-still in cache for the next image (Swin's maps spread over many bins); the rows are shared out to
-helper threads, because the scatter itself (``index_add_``) runs on one core.
-"""
+"""Histograms, Shannon entropy, means and KL divergence of attention entries (EAM eq. 12-14), and
+:class:`AttentionHistogram`, the streaming accumulator for one layer. See docs/architecture-core.md."""
 from __future__ import annotations
 
 import math
@@ -29,32 +21,21 @@ def check_bits(bits: int) -> int:
 
 def count_dtype(max_count: int) -> torch.dtype:
     """Smallest integer dtype that can hold ``max_count`` (counts per bin never exceed M)."""
-    if max_count <= torch.iinfo(torch.uint8).max:
-        return torch.uint8
-    if max_count <= torch.iinfo(torch.int16).max:
-        return torch.int16
-    if max_count <= torch.iinfo(torch.int32).max:
-        return torch.int32
-    return torch.int64
+    return next(t for t in (torch.uint8, torch.int16, torch.int32, torch.int64) if max_count <= torch.iinfo(t).max)
 
 
 def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bin index of each value on ``[0, 1]`` split into ``2^bits`` equal bins.
-
-    Bin ``k`` is ``[k/2^b, (k+1)/2^b)``; 1.0 (and anything above) falls in the last bin, negatives
-    (impossible after softmax) in the first.
-    """
+    """Bin index of each value on ``[0, 1]`` split into ``2^bits`` equal bins; 1.0 falls in the last."""
     nb = 1 << bits
     dtype = torch.int32 if nb * 2 < 2**31 else torch.int64
     return (attn * nb).to(dtype).clamp_(0, nb - 1)
 
 
 def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
-    """Shannon entropy in bits of histograms ``counts`` of shape ``(2^b, ...)`` over ``total`` samples.
+    """Shannon entropy in bits of histograms ``counts`` ``(2^b, ...)`` over ``total`` samples.
 
-    Uses ``H = log2 M - (1/M) Σ c log2 c`` with ``c log2 c`` looked up in a table of the ``M + 1``
-    possible counts. Only counts of 2 or more contribute (``0 log 0 = 1 log 1 = 0``), and attention
-    histograms are mostly empty bins, so only those are gathered, a few bins at a time.
+    Attention histograms are mostly empty bins, and only counts of 2 or more contribute, so only those
+    are gathered, a few bins at a time.
     """
     if total <= 0:
         raise EamError("no calibration images were seen; check the calibration folder or --calib-size")
@@ -69,11 +50,8 @@ def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> to
 
 
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14).
-
-    Both histograms get ``eps`` added to every bin and are renormalised, so a bin that ``q`` never
-    saw costs a finite amount instead of infinity.
-    """
+    """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14); ``eps`` in every
+    bin keeps a bin ``q`` never saw finite."""
     p = p_counts.to(torch.float64) + eps
     q = q_counts.to(torch.float64) + eps
     p = p / p.sum(0, keepdim=True)
@@ -82,17 +60,8 @@ def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 
 
 
 class Scratch:
-    """Work buffers and helper threads shared by the histograms of one calibration pass.
-
-    A batch's bin indices are as large as its attention maps. Allocated afresh for every layer and
-    batch, blocks that large come from the operating system each time and cost a page fault per
-    page; the histograms of a pass update one after the other, so one set of buffers, grown to the
-    largest layer, serves them all. The threads are started on first use and stopped by
-    :meth:`close` (a process that forks loader workers has none of them before the first batch).
-
-    Args:
-        threads: helper threads at most; ``None`` follows ``torch.get_num_threads()`` at each call.
-    """
+    """Work buffers and at most ``threads`` helper threads (``None``: ``torch.get_num_threads()``) shared
+    by the histograms of one calibration pass (see docs/architecture-core.md)."""
 
     def __init__(self, threads: Optional[int] = None) -> None:
         self.threads = threads
@@ -136,15 +105,8 @@ class Scratch:
 
 
 class AttentionHistogram:
-    """Streaming histogram and running sum of one layer's attention entries.
-
-    Args:
-        shape: per-image attention shape of the layer, ``(H, N, N)`` or ``(nW, H, N, N)``.
-        bits: histogram bits ``b`` (``2^b`` bins on [0, 1]).
-        max_count: the largest number of images that will be added (picks the count dtype).
-        device: where the counts live.
-        scratch: work buffers and threads shared with the other histograms of a calibration (its own otherwise).
-    """
+    """Streaming histogram (``2^bits`` bins on [0, 1]) and running sum of one layer's attention entries
+    of per-image ``shape``; ``max_count``, the most images that will be added, picks the count dtype."""
 
     def __init__(self, shape: tuple[int, ...], bits: int, max_count: int, device: torch.device | str = "cpu",
                  scratch: Optional[Scratch] = None):
@@ -190,11 +152,8 @@ class AttentionHistogram:
         self.count += attn.shape[0]
 
     def _count_rows(self, flat: torch.Tensor) -> None:
-        """Add the ``(B, numel)`` maps to the counts, query row by query row (see the module doc).
-
-        The bins are :func:`histogram_bins`'s, computed in place in the scratch buffers, and the
-        flat index of an entry's bin is ``bin * numel + entry``, laid out ``(rows, B, keys)``.
-        """
+        """Add the ``(B, numel)`` maps to the counts row by row: :func:`histogram_bins` in place in the
+        scratch buffers, flat index ``bin * numel + entry``, laid out ``(rows, B, keys)``."""
         B, nb = flat.shape[0], 1 << self.bits
         keys = self.shape[-1]
         rows = self.numel // keys

@@ -1,26 +1,5 @@
-"""Token merging: ToMe's bipartite soft matching, entropy-guided matching, size-weighted merging and
-proportional attention.
-
-Pure tensor math (ToMe: Bolya et al., ICLR 2023). A merging step removes ``r`` patch tokens from
-``(B, N, C)`` tokens whose first ``num_prefix`` are class/distillation/register tokens. Both
-matchings return a :class:`MergePlan` of static shape for a given ``(N, r)``, so a traced graph (ONNX)
-is the same for every image:
-
-* :func:`bipartite_plan` (ToMe): the tokens alternate into a set A (even positions, the prefix
-  included) and a set B (odd positions); every A token finds its most similar B token (cosine
-  similarity of the matching features, e.g. the keys averaged over heads); the ``r`` A tokens with
-  the most similar matches merge into them. Prefix tokens take part in the alternation but are never
-  merged (their rows are ``−∞``) nor merged into (their columns are ``−∞``): with one class token, or
-  a class and a distillation token, this is ToMe's partition and its output order (prefix, unmerged
-  A tokens in their order, B tokens). Without prefix tokens ToMe leaves the unmerged A tokens in
-  match order; here they stay in their own order (the same tokens, permuted).
-* :func:`entropy_plan` (entropy-guided merging): the ``r`` patch tokens of highest attention
-  entropy merge into their most similar remaining patch token; the rest stay, in their own order.
-
-:func:`merge_tokens` applies a plan as a size-weighted average (a token's *size* is how many original
-tokens it stands for), and :func:`size_bias` is proportional attention's ``log size`` term added to
-the attention scores of every query against each key.
-"""
+"""Token merging (ToMe, Bolya et al., ICLR 2023): bipartite soft matching, entropy-guided matching,
+size-weighted merging and proportional attention. See docs/architecture-core.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,14 +14,8 @@ from eamvit.ops.scores import take_rows
 
 @dataclass(frozen=True)
 class MergePlan:
-    """Which patch tokens one merging step keeps and where the others go (indices ``int64``).
-
-    Args:
-        keep: ``(B, n − r)`` input patch tokens that stay, in output order (their grid positions
-            carry over to the merged tokens).
-        src: ``(B, r)`` input patch tokens merged away.
-        dst: ``(B, r)`` for each of ``src``, the output patch token (an index into ``keep``) it joins.
-    """
+    """Which patch tokens one merging step keeps (``keep``, in output order: their grid positions carry
+    over to the merged tokens) and which (``src``) join which kept one (``dst``, indices into ``keep``)."""
 
     keep: torch.Tensor
     src: torch.Tensor
@@ -50,9 +23,8 @@ class MergePlan:
 
 
 def merge_count(tokens: int, num_prefix: int, r: int, selection: str = "tome") -> int:
-    """Patch tokens one step really merges: ``r`` capped at half the patch tokens for ToMe's bipartite
-    matching (``⌊(N − prefix)/2⌋``, as ToMe caps it) and at all patch tokens but one for entropy-guided
-    merging; never negative."""
+    """``r`` capped at half the patch tokens for ToMe's matching (as ToMe caps it), at all but one for
+    entropy-guided merging; never negative."""
     n = tokens - num_prefix
     cap = n // 2 if selection == "tome" else n - 1
     return max(0, min(int(r), cap))
@@ -67,14 +39,11 @@ def token_counts(tokens: int, num_prefix: int, rs: Sequence[int], selection: str
 
 
 def merge_schedule(r: int, inflect: float, steps: int) -> list[int]:
-    """ToMe's per-step ``r``: a straight line through ``r`` on average, from ``⌊r·(1 − inflect)⌋`` at the
-    first step to ``2r`` minus that at the last, each value truncated to an int (ToMe's arithmetic).
+    """ToMe's per-step ``r``: a straight line averaging ``r``, from ``⌊r·(1 − inflect)⌋`` at the first
+    step to ``2r`` minus that at the last, each value truncated to an int (ToMe's arithmetic).
 
     Args:
-        r: tokens per step on average (the constant value when ``inflect`` is 0).
-        inflect: ``0`` constant, ``−1`` ToMe's "decreasing schedule" (``2r`` down to 0), ``+1`` increasing;
-            anything in between.
-        steps: merging steps; one step gets the line's first value.
+        inflect: ``0`` constant, ``−1`` ToMe's "decreasing schedule" (``2r`` down to 0), ``+1`` increasing.
     """
     start = int(r * (1.0 - inflect))
     if steps == 1:
@@ -90,13 +59,8 @@ def _unit(features: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_plan(features: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
-    """ToMe's bipartite soft matching (module docstring) on ``(B, N, D)`` matching features.
-
-    Args:
-        features: per-token features, prefix tokens first (ToMe: the keys averaged over heads).
-        r: patch tokens to merge, at most :func:`merge_count` (``⌊(N − num_prefix)/2⌋``).
-        num_prefix: class/distillation/register tokens, never merged.
-    """
+    """ToMe's bipartite soft matching on ``(B, N, D)`` features, prefix first (ToMe: the keys averaged
+    over heads); ``r`` at most :func:`merge_count`. See docs/architecture-core.md."""
     B, N, _ = features.shape
     if not 0 <= r <= (N - num_prefix) // 2:
         raise EamError(f"cannot merge {r} of {N - num_prefix} patch tokens with bipartite matching (at most half)")
@@ -122,17 +86,9 @@ def bipartite_plan(features: torch.Tensor, r: int, num_prefix: int = 1) -> Merge
 
 
 def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:
-    """Entropy-guided matching: the ``r`` patch tokens of highest ``scores`` merge into their most
-    similar other patch token (cosine similarity of ``features``); the prefix is neither merged nor
-    merged into.
-
-    Args:
-        features: ``(B, N, D)`` per-token matching features, prefix tokens first.
-        scores: ``(B, N − num_prefix)`` patch-token scores (attention entropy: higher = more redundant).
-        r: patch tokens to merge, at most ``N − num_prefix − 1``.
-        num_prefix: class/distillation/register tokens.
-    """
-    B, N, D = features.shape
+    """Entropy-guided matching: the ``r`` patch tokens of highest ``scores`` (attention entropy: more
+    redundant) merge into their most similar other patch token (cosine similarity of ``features``)."""
+    B, N, _ = features.shape
     n = N - num_prefix
     if scores.shape != (B, n):
         raise EamError(f"entropy-guided merging needs {n} scores per image, got shape {tuple(scores.shape)}")
@@ -149,17 +105,8 @@ def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefi
 
 def merge_tokens(x: torch.Tensor, size: Optional[torch.Tensor], plan: MergePlan,
                  num_prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``plan``: every output token is the size-weighted mean of the tokens it stands for.
-
-    Args:
-        x: ``(B, N, C)`` tokens, prefix first.
-        size: ``(B, N)`` token sizes; ``None`` = all 1 (nothing merged yet).
-        plan: a :class:`MergePlan` for these tokens.
-        num_prefix: prefix tokens (copied through, size unchanged).
-
-    Returns:
-        ``(tokens, sizes)``: ``(B, N − r, C)`` and ``(B, N − r)``; prefix first, then ``plan.keep``'s order.
-    """
+    """``(tokens, sizes)`` after ``plan``: each output token the size-weighted mean of those it stands for
+    (``size=None``: all 1)."""
     B, N, C = x.shape
     keep, src, dst = plan.keep + num_prefix, plan.src + num_prefix, plan.dst + num_prefix
     if num_prefix:

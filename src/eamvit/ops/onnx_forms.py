@@ -8,10 +8,8 @@ import torch
 
 
 def _entr_symbolic(g, x):
-    """``torch.special.entr`` (the Shannon pruning score) in standard ONNX: ``−x·log x`` where ``x > 0``, else 0.
-
-    Negative inputs give 0 instead of torch's −∞; the score only ever sees probabilities.
-    """
+    """``torch.special.entr`` as ``−x·log x`` where ``x > 0``, else 0 (torch gives −∞ for negative
+    inputs, which the Shannon score, over probabilities, never sees)."""
     zero = g.op("Constant", value_t=torch.tensor(0.0))
     value = g.op("Neg", g.op("Mul", x, g.op("Log", x)))
     return g.op("Where", g.op("Greater", x, zero), value, zero)
@@ -24,8 +22,7 @@ def _count_nonzero_symbolic(g, x, dim):
     d = _get_const(dim, "i", "dim")
     nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
     axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
-    count = g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
-    return count
+    return g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
 
 
 def onnx_int64() -> int:
@@ -64,8 +61,7 @@ def _bicubic_aa_symbolic(g, x, output_size, align_corners, scales):
 
 
 def register_symbolics(opset: int) -> None:
-    """Standard-ONNX forms of operators that ``torch.onnx`` has none for (the pruning scores, the
-    antialiased resize) or none that traces (``F.fold``)."""
+    """Register this module's forms with ``torch.onnx`` for an export at ``opset``."""
     from torch.onnx.symbolic_helper import parse_args
 
     torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)

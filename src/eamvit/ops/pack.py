@@ -1,9 +1,8 @@
-"""Dense bit packing of unsigned integer codes: ``bits`` per code, no padding between codes.
+"""Dense bit packing of unsigned integer codes, ``bits`` per code, no padding between codes.
 
-The stream is little-endian at both levels: code ``i`` occupies stream bits ``[i·b, (i+1)·b)``,
-least significant bit first, and stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``. So at 4 bits
-byte ``k`` holds code ``2k`` in its low nibble and code ``2k+1`` in its high nibble; at 8 bits the
-bytes are the codes. The last byte is zero-padded.
+The stream is little-endian at both levels: code ``i`` occupies stream bits ``[i·b, (i+1)·b)``, least
+significant bit first, and stream bit ``j`` is bit ``j % 8`` of byte ``j // 8`` (at 4 bits, byte ``k``
+holds code ``2k`` in its low nibble). The last byte is zero-padded.
 """
 from __future__ import annotations
 
@@ -23,15 +22,8 @@ def packed_size(count: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer ``codes`` in ``[0, 2^bits)`` (any shape, read flat) into a 1-D ``uint8`` tensor.
-
-    Args:
-        codes: integer or integer-valued float tensor.
-        bits: bits per code, 1..8.
-
-    Raises:
-        EamError: a code outside ``[0, 2^bits)``.
-    """
+    """Pack integer(-valued) ``codes`` in ``[0, 2^bits)`` (any shape, read flat) into a 1-D ``uint8``
+    tensor, ``bits`` 1..8."""
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
@@ -48,11 +40,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The ``count`` codes :func:`pack_bits` wrote, as a 1-D ``uint8`` tensor.
-
-    Raises:
-        EamError: ``packed`` is not a 1-D ``uint8`` tensor of ``packed_size(count, bits)`` bytes.
-    """
+    """The ``count`` codes :func:`pack_bits` wrote, as a 1-D ``uint8`` tensor."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_size(count, bits):
         raise EamError(f"packed codes must be {packed_size(count, bits)} bytes (uint8) for {count} codes "

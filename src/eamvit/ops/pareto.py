@@ -21,15 +21,9 @@ def _rebuild(levels: list[list[tuple[float, float, int, int]]]) -> list[Point]:
 
 
 def pareto_frontier(options: Sequence[Sequence[tuple[float, float]]]) -> list[Point]:
-    """Exact Pareto frontier of per-layer choices with additive size and cost.
-
-    Args:
-        options: per layer, ``(size, cost)`` of each choice.
-
-    Returns:
-        ``(total size, total cost, choice index per layer)`` for every non-dominated configuration,
-        by increasing size (and strictly decreasing cost); ties keep the first configuration found.
-    """
+    """``(total size, total cost, choice index per layer)`` of every non-dominated configuration, by
+    increasing size (strictly decreasing cost; ties keep the first found), from per-layer options
+    ``(size, cost)``."""
     if not options or any(len(o) == 0 for o in options):
         raise EamError("the Pareto search needs at least one choice per layer")
     # Levels of (size, cost, parent index, choice) so configurations are rebuilt at the end only.
@@ -56,17 +50,8 @@ def choose(frontier: Sequence[Point], budget: float) -> Point:
 
 
 def front_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """Which points no other point dominates when both coordinates are to be maximised.
-
-    A point is dominated by another that is at least as large in both coordinates and larger in
-    one; equal points do not dominate each other, so both stay on the front.
-
-    Args:
-        points: ``(a, b)`` per point, e.g. ``(top-1, speed-up)``.
-
-    Returns:
-        ``True`` for every point on the front, in the order of ``points``.
-    """
+    """Which points ``(a, b)`` (e.g. top-1, speed-up) no other point dominates when both are maximised;
+    equal points do not dominate each other, so both stay on the front."""
     # Sweep by decreasing a (ties: larger b first): a point is on the front iff its b beats every b
     # seen at a strictly larger a, or equals the best b among points with the same a.
     order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))

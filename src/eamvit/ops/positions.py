@@ -1,9 +1,8 @@
-"""Token positions under pruning: where the present tokens came from, and the position terms
-(EVA02's RoPE, BEiT's relative-position bias) gathered for them.
+"""Token positions under pruning, and the position terms (EVA02's RoPE, BEiT's relative-position
+bias) gathered for them.
 
-Pure tensor math. A *position* is a token's index among the tokens entering the first pruning stage
-(prefix tokens first); EViT's fused token has none and is marked ``-1``: it gets the identity
-rotation and zero relative-position bias, as a token without a grid position.
+A *position* is a token's index among the tokens entering the first pruning stage (prefix first); EViT's
+fused token has none and is marked ``-1``: it gets the identity rotation and zero relative-position bias.
 """
 from __future__ import annotations
 
@@ -17,15 +16,8 @@ from eamvit.errors import EamError
 
 def next_positions(positions: Optional[torch.Tensor], keep: torch.Tensor, num_prefix: int, n: int,
                    fuse: bool) -> torch.Tensor:
-    """Positions after one pruning step: the prefix, the kept patches (in ``keep`` order), ``-1`` if fused.
-
-    Args:
-        positions: ``(B, n)`` positions of the step's input tokens; ``None`` = ``0..n-1`` (nothing pruned yet).
-        keep: ``(B, k)`` kept indices into the step's input patch tokens.
-        num_prefix: prefix tokens (always kept, in front).
-        n: tokens entering the step.
-        fuse: whether the step appended a fused token.
-    """
+    """Positions after one pruning step: the prefix, the kept patches (in ``keep`` order), ``-1`` if fused;
+    ``positions=None`` is ``0..n-1`` (nothing pruned yet)."""
     if positions is None:
         positions = torch.arange(n, device=keep.device).expand(keep.shape[0], -1)
     parts = [positions[:, :num_prefix], positions[:, num_prefix:].gather(1, keep)]
@@ -35,13 +27,8 @@ def next_positions(positions: Optional[torch.Tensor], keep: torch.Tensor, num_pr
 
 
 def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """EVA02's concatenated ``[sin, cos]`` RoPE of the present patch tokens, ``(B, 1, n, D)``.
-
-    Args:
-        rope: ``(N, D)`` for the full patch grid, or ``(B, 1, N, D)`` (per image, after timm's patch dropout).
-        positions: ``(B, num_prefix + n)`` token positions (:func:`next_positions`); ``-1`` = fused token.
-        num_prefix: prefix tokens (RoPE covers patch tokens only).
-    """
+    """EVA02's concatenated ``[sin, cos]`` RoPE of the present patch tokens, ``(B, 1, n, D)``, from the
+    full grid's ``(N, D)`` or ``(B, 1, N, D)`` (per image, after timm's patch dropout)."""
     B = positions.shape[0]
     if rope.dim() == 2:
         rope = rope.unsqueeze(0).expand(B, -1, -1)
@@ -60,13 +47,8 @@ def gather_rope(rope: torch.Tensor, positions: torch.Tensor, num_prefix: int) ->
 
 
 def gather_pair_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A bias over token pairs ``(…, H, N, N)`` for the present tokens, ``(B, H, n, n)``; a fused token
-    (position ``-1``) gets zero bias to and from every token.
-
-    Args:
-        bias: ``(H, N, N)`` or ``(1, H, N, N)``, indexed by the tokens entering the first pruning stage.
-        positions: ``(B, n)`` (:func:`next_positions`).
-    """
+    """A bias over token pairs ``(1?, H, N, N)`` (indexed by the tokens entering the first pruning
+    stage) for the present tokens at ``positions``: ``(B, H, n, n)``, zero to and from a fused token."""
     bias = bias.reshape(bias.shape[-3:])
     N = bias.shape[-1]
     table = F.pad(bias, (0, 1, 0, 1))

@@ -1,26 +1,6 @@
-"""Integer-inference operators with an ONNX form: what an exported graph computes, in PyTorch.
-
-Each operator is a :class:`torch.autograd.Function` whose ``forward`` computes exactly what its ONNX
-node computes (so a traced model gives the export's numbers) and whose ``symbolic`` tells
-``torch.onnx`` (the TorchScript exporter) which node to emit:
-
-* :func:`quantize_dequantize`: ``QuantizeLinear`` → ``DequantizeLinear`` with a per-tensor scale and an
-  8-bit zero point (``uint8`` asymmetric, ``int8`` symmetric); ``DQ(Q(x)) = (sat(round(x/s) + z) − z)·s``,
-  rounding half to even, saturating to the type's range.
-* :func:`quantize_linear` / :func:`dequantize_linear`: the two halves of that pair as separate nodes,
-  so that integer codes can be reshaped and transposed between them (the quantization per channel
-  of the last axis, the dequantization per tensor): a graph can quantize a tensor where it is made
-  and dequantize each part where it is used, with the same numbers as the pair.
-* :func:`dequantize_per_channel`: ``DequantizeLinear`` of stored integer codes with one scale and zero
-  point per output channel (axis 0): ``(c − z)·s``. The codes are the graph's initializer, so the file
-  holds 8-bit weights.
-* :func:`matmul_nbits`: ONNX Runtime's ``com.microsoft.MatMulNBits`` (weight-only, block-wise
-  ``bits``-bit weights): ``A @ dequant(B)ᵀ``.
-
-Packing of ``MatMulNBits`` (ONNX Runtime's layout): ``B`` is ``(N, K/block, block·bits/8)`` uint8, code
-``j`` of a block in byte ``j·bits/8``, least significant bits first; zero points are packed the same
-way per output row, each row padded to whole bytes.
-"""
+"""Integer-inference operators with an ONNX form: each is a :class:`torch.autograd.Function` whose
+``forward`` computes exactly what its ONNX node computes (so a traced model gives the export's numbers)
+and whose ``symbolic`` names the node ``torch.onnx`` emits. See docs/architecture-core.md."""
 from __future__ import annotations
 
 import math
@@ -28,6 +8,7 @@ import math
 import torch
 
 from eamvit.errors import EamError
+from eamvit.ops.pack import pack_bits
 
 _RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
@@ -53,13 +34,8 @@ class _QDQ(torch.autograd.Function):
 
 
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """ONNX ``DequantizeLinear(QuantizeLinear(x))`` per tensor.
-
-    Args:
-        x: float input.
-        scale: 0-d float32 step.
-        zero_point: 0-d ``uint8`` or ``int8`` zero point (its dtype sets the code range).
-    """
+    """ONNX ``DequantizeLinear(QuantizeLinear(x))`` per tensor (0-d float32 ``scale``; the 0-d
+    ``uint8``/``int8`` ``zero_point``'s dtype sets the code range)."""
     return _QDQ.apply(x, scale, zero_point)
 
 
@@ -79,13 +55,8 @@ class _Q(torch.autograd.Function):
 
 
 def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """ONNX ``QuantizeLinear``: the codes ``sat(round(x/s) + z)`` in the zero point's type.
-
-    Args:
-        x: float input.
-        scale: 0-d float32 step, or one per channel of the last axis ``(C,)``.
-        zero_point: like ``scale``, ``uint8`` or ``int8`` (its dtype sets the code range).
-    """
+    """ONNX ``QuantizeLinear``: the codes ``sat(round(x/s) + z)`` in the zero point's type; ``scale``
+    and ``zero_point`` are 0-d or one per channel of the last axis."""
     if scale.dim() not in (0, 1) or scale.shape != zero_point.shape:
         raise EamError("QuantizeLinear takes a per-tensor or a per-channel (last axis) scale and a zero point "
                        f"of the same shape, got {tuple(scale.shape)} and {tuple(zero_point.shape)}")
@@ -103,13 +74,7 @@ class _DQ(torch.autograd.Function):
 
 
 def dequantize_linear(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """ONNX ``DequantizeLinear`` per tensor: ``(c − z)·s`` in float32.
-
-    Args:
-        codes: ``uint8`` or ``int8`` codes (from :func:`quantize_linear`, possibly reshaped).
-        scale: 0-d float32 step.
-        zero_point: 0-d, of the codes' dtype.
-    """
+    """ONNX ``DequantizeLinear`` per tensor: ``(c − z)·s`` in float32 (0-d ``scale`` and ``zero_point``)."""
     _qrange(zero_point)
     if codes.dtype != zero_point.dtype or scale.dim() != 0:
         raise EamError(f"DequantizeLinear per tensor needs codes ({codes.dtype}) and a 0-d zero point "
@@ -129,13 +94,7 @@ class _DQChannel(torch.autograd.Function):
 
 
 def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """ONNX ``DequantizeLinear(codes, scale, zero_point, axis=0)``: ``(c − z)·s`` per output channel.
-
-    Args:
-        codes: integer codes ``(C_out, ...)`` (``int8`` or ``uint8``).
-        scale: ``(C_out,)`` float32.
-        zero_point: ``(C_out,)`` of the codes' dtype.
-    """
+    """ONNX ``DequantizeLinear(codes, scale, zero_point, axis=0)``: ``(c − z)·s`` per output channel."""
     _qrange(zero_point)
     if codes.dtype != zero_point.dtype:
         raise EamError(f"codes ({codes.dtype}) and zero points ({zero_point.dtype}) must share a type")
@@ -146,22 +105,13 @@ def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, zero_point:
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack each row of integer ``codes`` ``(R, M)`` in ``[0, 2^bits)`` to ``(R, ceil(M·bits/8))`` uint8.
-
-    Code ``j`` of a row occupies bits ``[j·bits, (j+1)·bits)`` of the row's little-endian bit stream
-    (at 4 bits: even codes in the low nibble); rows are padded to whole bytes with zeros.
-    """
+    """Pack each row of integer ``codes`` ``(R, M)`` in ``[0, 2^bits)`` to ``(R, ceil(M·bits/8))`` uint8,
+    least significant bits first; rows are zero-padded to whole bytes."""
     if bits not in (2, 4, 8):
         raise EamError(f"MatMulNBits packs 2, 4 or 8 bits per code, not {bits}")
-    per = 8 // bits
-    rows, m = codes.shape
-    c = codes.to(torch.int32)
-    pad = (-m) % per
-    if pad:
-        c = torch.cat([c, c.new_zeros(rows, pad)], dim=1)
-    c = c.reshape(rows, -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    # Rows padded to whole bytes, then one dense stream: pack_bits's layout is this one.
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, (-codes.shape[1]) % (8 // bits)))
+    return pack_bits(padded, bits).reshape(codes.shape[0], -1)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -194,36 +144,16 @@ class _MatMulNBits(torch.autograd.Function):
 
 def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                  k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
-    """ONNX Runtime's ``MatMulNBits``: ``x @ Wᵀ`` with ``W`` ``(n, k)`` stored block-wise at ``bits`` bits.
-
-    Args:
-        x: ``(..., k)`` float input.
-        packed: ``(n, ceil(k/block_size), block_size·bits/8)`` uint8 codes (:func:`pack_nbits_weight`).
-        scales: ``(n·blocks,)`` float32, one per (row, block).
-        zero_points: ``(n·ceil(blocks·bits/8),)`` uint8, packed per row.
-        k: input width.
-        n: output width.
-        bits: 2, 4 or 8.
-        block_size: a power of two ≥ 16.
-    """
+    """ONNX Runtime's ``MatMulNBits``: ``x @ Wᵀ`` with ``W`` ``(n, k)`` stored block-wise at ``bits`` bits
+    (2, 4 or 8), as :func:`pack_nbits_weight` packs it."""
     return _MatMulNBits.apply(x, packed, scales, zero_points, k, n, bits, block_size)
 
 
 def pack_nbits_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                       block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed, scales, zero_points)`` for :func:`matmul_nbits` from per-row codes.
-
-    A per-output-row scale and zero point is repeated over the row's ``ceil(k/block_size)`` blocks, so
-    the block-wise operator computes exactly the per-channel quantized weight; ``k`` is padded to whole
-    blocks with the row's zero point (dequantizes to 0).
-
-    Args:
-        codes: ``(n, k)`` integer codes in ``[0, 2^bits)``.
-        scale: ``(n,)`` float steps.
-        zero_point: ``(n,)`` integer zero points in ``[0, 2^bits)``.
-        bits: 2, 4 or 8.
-        block_size: a power of two ≥ 16.
-    """
+    """``(packed, scales, zero_points)`` for :func:`matmul_nbits` from ``(n, k)`` codes and per-row steps
+    and zero points, repeated over the row's blocks so that the block-wise operator computes exactly the
+    per-channel weight; ``k`` is padded with the row's zero point (dequantizes to 0)."""
     if block_size < 16 or block_size & (block_size - 1):
         raise EamError(f"MatMulNBits block size must be a power of two ≥ 16, got {block_size}")
     n, k = codes.shape

@@ -10,10 +10,8 @@ import torch
 
 def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor | float, zero_point: torch.Tensor | float,
                        bits: int) -> torch.Tensor:
-    """Asymmetric uniform: ``q = clamp(round(x/Δ) + zp, 0, 2^b - 1)``, returns ``(q - zp)·Δ``.
-
-    ``delta`` and ``zero_point`` broadcast against ``x`` (per tensor, channel or token).
-    """
+    """Asymmetric uniform ``(q - zp)·Δ``, ``q = clamp(round(x/Δ) + zp, 0, 2^b - 1)``; ``delta`` and
+    ``zero_point`` broadcast (per tensor, channel or token)."""
     q = x / delta
     if _in_place_ok(q, x, delta, zero_point):
         # Same operations in the same order, without a temporary per step (calibration speed).

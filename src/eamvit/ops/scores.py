@@ -1,14 +1,5 @@
-"""Token scores for patch-token pruning: attention entropy (Shannon, Rényi), EViT, random; the kept
-count, top-k selection, EViT's token fusion, and tracing kept indices back to the patch grid.
-
-Pure tensor math (seed 002, Def. 1-3; EViT, ICLR'22). Every patch token's attention row is a
-distribution; its entropy is computed per head (natural log) and averaged over heads. Low entropy =
-concentrated attention = an informative patch, so the *lowest* entropies are kept. EViT keeps the
-patches the class token attends to most (``attn[:, :, 0, P:]`` averaged over heads) and can fuse the
-dropped tokens into one (``Σ_j x_j·a_j`` over the dropped ``j``, not normalised). ``random`` keeps a
-uniformly random subset. ``ceil`` is ``math.ceil(κ·n)`` in floating point, exactly as EViT's code
-computes it.
-"""
+"""Token scores for patch-token pruning (attention entropy, EViT, random), top-k selection, EViT's
+token fusion, and tracing kept indices back to the patch grid. See docs/architecture-core.md."""
 from __future__ import annotations
 
 import math
@@ -20,22 +11,13 @@ from eamvit.choices import ENTROPY_KEYS as KEYS, PRUNE_METHODS as METHODS  # one
 from eamvit.errors import EamError
 
 
-
 def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Shannon (``alpha == 1``) or Rényi entropy, natural log, of each row (last dim) of ``p``.
-
-    ``H_α = log(Σ p^α) / (1 − α)``; ``α = 1`` is Shannon ``−Σ p log p`` (the limit), ``α = ∞`` is the
-    min-entropy ``−log max p``, ``α = 0`` is ``log |support|`` (the Hartley entropy). Zero entries
-    contribute nothing (``0·log 0 = 0``).
+    """Rényi entropy ``H_α = log(Σ p^α) / (1 − α)``, natural log, of each row of ``p`` (``α = 1``
+    Shannon, ``∞`` min-entropy, ``0`` Hartley ``log |support|``).
 
     Args:
-        p: non-negative rows; each row is a distribution (or ``mass`` times one).
-        alpha: Rényi order, ``≥ 0``; ``math.inf`` allowed.
-        mass: per-row sum ``S`` (shape ``p.shape[:-1]``) when the rows are ``S·q`` for a distribution
-            ``q``; the entropy of ``q`` is returned without materialising ``p / S``.
-
-    Returns:
-        ``p.shape[:-1]`` entropies.
+        mass: per-row sum ``S`` when the rows are ``S·q`` for a distribution ``q``: the entropy of ``q``
+            is returned without materialising ``p / S``.
     """
     alpha = float(alpha)
     if p.dtype not in (torch.float32, torch.float64):
@@ -57,17 +39,10 @@ def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor
 
 
 def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 1, keys: str = "all") -> torch.Tensor:
-    """Per patch token, the entropy of its attention row, per head then averaged over heads.
+    """Per patch token, the entropy (Rényi order ``alpha``) of its post-softmax attention row, per head
+    then averaged over heads: ``(B, N − num_prefix)`` scores, lower = more informative = kept.
 
-    Args:
-        attn: post-softmax attention ``(B, H, N, N)``.
-        alpha: Rényi order (1 = Shannon, ``math.inf`` = min-entropy, 0 allowed).
-        num_prefix: class/distillation/register tokens at the front (not scored).
-        keys: ``"all"``: the row over every key as computed; ``"patches"``: the row over patch keys
-            only, renormalised.
-
-    Returns:
-        ``(B, N − num_prefix)`` scores (lower = more informative = kept).
+    ``keys="patches"`` takes the row over patch keys only, renormalised; ``"all"`` the row as computed.
     """
     return _row_scores(attn[:, :, num_prefix:, :], alpha, num_prefix, keys)
 
@@ -85,23 +60,15 @@ def _row_scores(rows: torch.Tensor, alpha: float, num_prefix: int, keys: str) ->
 
 def entropy_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, alpha: float = 1.0, num_prefix: int = 1,
                     keys: str = "all", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`attention_entropy` of the map ``softmax(q·scale·kᵀ)``, from the queries and keys.
+    """:func:`attention_entropy` of ``softmax(q·scale·kᵀ)``, computing only the patch queries' rows.
 
-    Only the patch queries' rows are computed. The Shannon entropy over all keys is taken from the
-    scores themselves, ``H = log Σ_j e^{z_j} − Σ_j e^{z_j}·z_j / Σ_j e^{z_j}`` with ``z`` the row minus
-    its maximum (the same number as ``−Σ p log p``), so that one logarithm per row replaces one per
-    entry: an export then has no elementwise ``Log`` over the map, which runtimes run slowly.
+    The Shannon entropy over all keys is taken from the scores, ``H = log Σ e^z − Σ e^z·z / Σ e^z``
+    with ``z`` the row minus its maximum: one logarithm per row instead of one per entry, so an export
+    has no elementwise ``Log`` over the map, which runtimes run slowly.
 
     Args:
-        q: queries ``(B, H, N, d)``.
-        k: keys ``(B, H, N, d)``.
         scale: the score scale (``d^-0.5``), applied to ``q`` first, as timm's attention does.
-        alpha, num_prefix, keys: as :func:`attention_entropy`.
-        bias: added to the scores before the softmax, broadcast over ``(B, H, N, N)`` (token merging's
-            ``log size``).
-
-    Returns:
-        ``(B, N − num_prefix)`` scores (lower = kept).
+        bias: added to the scores before the softmax (token merging's ``log size``).
     """
     s = (q[:, :, num_prefix:] * scale) @ k.transpose(-2, -1)
     if bias is not None:
@@ -115,25 +82,18 @@ def entropy_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, alpha: float
 
 
 def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """The class token's row of ``softmax(q·scale·kᵀ)``, ``(B, H, 1, N)``: all that :func:`evit_scores`
-    and EViT's fusion weights read of the map.
+    """The class token's row of ``softmax(q·scale·kᵀ)``, ``(B, H, 1, N)``: all EViT reads of the map.
 
-    The product of one query with the keys is written as a product and a sum over ``d``, not as a
-    matrix product: a quantizer of an export (NNCF) leaves it in float, as the scores' top-k needs.
+    Written as a product and a sum over ``d``, not a matrix product, so that a quantizer of an export
+    (NNCF) leaves it in float, as the scores' top-k needs.
     """
     return ((q[:, :, :1] * scale) * k).sum(-1).unsqueeze(2).softmax(dim=-1)
 
 
 def evit_scores(attn: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
-    """EViT's importance: the class token's attention to each patch, averaged over heads.
+    """EViT's importance (higher = kept): the class token's attention to each patch, averaged over heads.
 
-    Args:
-        attn: post-softmax attention ``(B, H, N, N)``, or only its class-token row ``(B, H, 1, N)``
-            (:func:`class_attention`).
-        num_prefix: prefix tokens; the class token is token 0.
-
-    Returns:
-        ``(B, N − num_prefix)`` scores (higher = kept).
+    ``attn`` may be the whole map or only its class-token row (:func:`class_attention`).
     """
     return attn[:, :, 0, num_prefix:].mean(1)
 
@@ -143,25 +103,13 @@ def kept_count(n: int, keep_rate: float) -> int:
     return max(1, min(n, math.ceil(keep_rate * n)))
 
 
-def select_tokens(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Indices ``(B, k)`` of the ``k`` best scores, best first (``torch.topk`` order, as EViT)."""
-    return torch.topk(scores, k, dim=1, largest=largest, sorted=True).indices
-
-
 def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.Tensor,
                  elementwise: bool = False) -> torch.Tensor:
-    """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``.
+    """EViT's fused token ``Σ_{j dropped} x_j·w_j`` (not normalised), ``(B, 1, C)``, as one product over
+    all patches with the kept ones' weights zeroed.
 
-    The kept positions are zeroed in the weights and one batched product runs over all patches, which
-    avoids gathering the dropped tokens.
-
-    Args:
-        patches: patch tokens ``(B, n, C)``.
-        weights: ``(B, n)`` fusion weights (EViT: class-token attention averaged over heads).
-        keep_idx: ``(B, k)`` indices of the kept patches.
-        elementwise: the sum as a product and a sum over the patches instead of a matrix product (the
-            export form: a quantizer of the export, NNCF, quantizes matrix products' inputs, and would
-            put the tokens and the weights through int8 where the reference sums in float).
+    ``elementwise``, the export form, multiplies and sums instead: NNCF quantizes matrix products'
+    inputs, and would put the tokens and weights through int8 where the reference sums in float.
     """
     w = weights.to(patches.dtype).scatter(1, keep_idx, 0.0)
     if elementwise:
@@ -169,23 +117,11 @@ def fuse_dropped(patches: torch.Tensor, weights: torch.Tensor, keep_idx: torch.T
     return torch.bmm(w.unsqueeze(1), patches)
 
 
-def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Prefix tokens followed by the kept patches, in one gather: ``(B, num_prefix + k, C)``."""
-    B = x.shape[0]
-    idx = keep_idx + num_prefix
-    if num_prefix:
-        prefix = torch.arange(num_prefix, device=x.device).expand(B, num_prefix)
-        idx = torch.cat([prefix, idx], dim=1)
-    return take_rows(x, idx)
-
-
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b]]`` for every image: ``(B, k, C)`` rows of ``(B, N, C)`` tokens (``torch.gather`` on
-    the token axis, the same values).
+    """``x[b, idx[b]]`` for every image, as rows of the flattened batch.
 
-    Whole rows of the flattened batch are taken, so an export holds one row ``Gather``, which runtimes
-    run as row copies, instead of ``GatherElements`` with an index per channel (OpenVINO runs that
-    one in its reference kernel).
+    An export then holds one row ``Gather``, which runtimes run as row copies, instead of
+    ``GatherElements`` with an index per channel (OpenVINO runs that one in its reference kernel).
     """
     B, N, C = x.shape
     flat = idx + (torch.arange(B, device=x.device) * N).unsqueeze(1)
@@ -200,8 +136,7 @@ def stage_value(value: float | Sequence[float], stage: int) -> float:
 def token_counts(num_patches: int, keep_rate: float | Sequence[float], stages: int, fuse: bool = False) -> list[int]:
     """Patch-token counts (fused token included) entering the model and after each stage.
 
-    ``token_counts(196, 0.7, 3)`` = ``[196, 138, 97, 68]``; with ``fuse=True`` ``[196, 139, 99, 71]``;
-    ``keep_rate`` may give one κ per stage: ``token_counts(196, (0.5, 1.0, 0.5), 3)`` = ``[196, 98, 98, 49]``.
+    ``token_counts(196, 0.7, 3)`` = ``[196, 138, 97, 68]``; with ``fuse=True`` ``[196, 139, 99, 71]``.
     """
     if isinstance(keep_rate, (tuple, list)) and len(keep_rate) != stages:
         raise EamError(f"{len(keep_rate)} keep rates for {stages} pruning stages; give one per stage")
@@ -226,65 +161,32 @@ def check_keep_rate(keep_rate: float) -> float:
     return float(keep_rate)
 
 
-def token_scores(attn: Optional[torch.Tensor], method: str, num_prefix: int, n: int, batch: int,
-                 order: float = 1.0, keys: str = "all", device: torch.device | str = "cpu",
-                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, bool]:
-    """Scores ``(B, n)`` of the patch tokens, and whether the larger ones are kept.
-
-    Args:
-        attn: post-softmax attention ``(B, H, N, N)`` (unused, may be ``None``, for ``"random"``).
-        method: one of :data:`METHODS`.
-        num_prefix: prefix tokens (not scored).
-        n: patch tokens.
-        batch: images.
-        order: Rényi order of the entropy methods (1 = Shannon).
-        keys: ``"all"`` or ``"patches"`` (see :func:`attention_entropy`).
-        device: device of random scores.
-        generator: random generator of ``"random"``.
-    """
-    if method == "evit":
-        return evit_scores(attn, num_prefix), keeps_largest(method)
-    if method == "random":
-        return torch.rand(batch, n, generator=generator, device=device), keeps_largest(method)
-    return attention_entropy(attn, order, num_prefix, keys), keeps_largest(method)
-
-
-def keeps_largest(method: str) -> bool:
-    """Whether ``method`` keeps the tokens of largest score (EViT, random) or of smallest (the entropies)."""
-    return method in ("evit", "random")
-
-
 def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num_prefix: int, k: int,
                  order: float = 1.0, keys: str = "all", fuse: bool = False,
                  generator: Optional[torch.Generator] = None, scores: Optional[torch.Tensor] = None,
                  elementwise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pruning step on tokens ``x`` given the block's attention map.
+    """One pruning step keeping ``k`` patch tokens of ``x`` (prefix first) by ``method`` (:data:`METHODS`):
+    ``(tokens, keep_idx, scores)``, ``keep_idx`` best first (``torch.topk`` order, as EViT).
 
     Args:
-        x: tokens ``(B, N, C)``, prefix tokens first.
-        attn: the block's post-softmax attention ``(B, H, N, N)`` (``None`` for unfused random).
-        method: one of :data:`METHODS`.
-        num_prefix: class/distillation/register tokens (always kept, in front).
-        k: patch tokens to keep.
-        order: Rényi order of the entropy methods (1 = Shannon).
-        keys: ``"all"`` or ``"patches"``.
+        attn: the block's post-softmax attention (``None`` for unfused random).
         fuse: append EViT's fused token of the dropped patches (weights: class-token attention).
-        generator: random generator of the ``"random"`` method.
         scores: the entropy methods' scores when already computed (:func:`entropy_from_qk`); ``attn``
             then need only hold the class-token row, for the fusion weights.
-        elementwise: the export form of the fused token (see :func:`fuse_dropped`).
-
-    Returns:
-        ``(tokens, keep_idx, scores)``: ``(B, num_prefix + k [+ 1 fused], C)``, ``(B, k)`` indices
-        into the input patch tokens (best first) and the ``(B, N − num_prefix)`` scores.
+        elementwise: the export form of the fused token (:func:`fuse_dropped`).
     """
     B, N, _ = x.shape
-    if scores is None:
-        scores, largest = token_scores(attn, method, num_prefix, N - num_prefix, B, order, keys, x.device, generator)
-    else:
-        largest = keeps_largest(method)
-    keep = select_tokens(scores, k, largest)
-    out = gather_tokens(x, keep, num_prefix)
+    if scores is None and method == "evit":
+        scores = evit_scores(attn, num_prefix)
+    elif scores is None and method == "random":
+        scores = torch.rand(B, N - num_prefix, generator=generator, device=x.device)
+    elif scores is None:
+        scores = attention_entropy(attn, order, num_prefix, keys)
+    keep = torch.topk(scores, k, dim=1, largest=method in ("evit", "random"), sorted=True).indices
+    idx = keep + num_prefix
+    if num_prefix:  # the prefix and the kept patches in one gather
+        idx = torch.cat([torch.arange(num_prefix, device=x.device).expand(B, num_prefix), idx], dim=1)
+    out = take_rows(x, idx)
     if fuse:
         out = torch.cat([out, fuse_dropped(x[:, num_prefix:], evit_scores(attn, num_prefix), keep, elementwise)], dim=1)
     return out, keep, scores
@@ -292,18 +194,12 @@ def prune_tokens(x: torch.Tensor, attn: Optional[torch.Tensor], method: str, num
 
 def trace_indices(stage_idx: Sequence[Optional[torch.Tensor]], num_patches: int, fuse: bool, batch: int = 1,
                   device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """Compose per-stage kept indices (relative to each stage's input) into original patch indices.
+    """Per stage, the original patch indices ``(B, n_s)`` of the tokens leaving it (fused token: ``-1``).
 
     Args:
         stage_idx: per stage, ``(B, k_s)`` indices into that stage's input patch tokens, or ``None``
             where the stage kept everything.
-        num_patches: patch tokens entering the first stage (the original grid, row-major).
-        fuse: whether each pruning stage appended a fused token (its index is ``-1``).
-        batch: batch size (used when no stage pruned).
-        device: device of the result when no stage pruned.
-
-    Returns:
-        Per stage, ``(B, n_s)`` original indices of the tokens leaving it, in token order.
+        batch, device: of the result when no stage pruned.
     """
     first = next((i for i in stage_idx if i is not None), None)
     if first is not None:

@@ -1,5 +1,5 @@
-"""Figures of the EAM paper: CLS-row entropy per head (Fig. 2), full entropy maps (Fig. 3), a
-layer x head summary, and top-1 against sparsity (Fig. 5/6). All PNGs are written atomically."""
+"""Figures of the EAM paper: CLS-row entropy per head (Fig. 2), full entropy maps (Fig. 3), a layer x
+head summary, and top-1 against sparsity (Fig. 5/6). See docs/architecture-core.md."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 from eamvit.methods.calibrate import EntropyMaps  # noqa: E402
 from eamvit.ops.entropy import cls_row, mean_entropy_per_head  # noqa: E402
 from eamvit.errors import EamError  # noqa: E402
@@ -19,7 +18,8 @@ from eamvit.io import atomic_path  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike):
-    """Write ``fig`` as a PNG (atomically), close it, and return it for inspection (colour limits, labels)."""
+    """Write ``fig`` as a PNG (atomically), close it, and return it for inspection (colour limits, labels):
+    every ``plot_*`` function returns what this returns."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -37,12 +37,9 @@ def _grid(maps: EntropyMaps, n_patches: int) -> tuple[int, int]:
 
 
 def entropy_limits(maps: EntropyMaps) -> tuple[float, float]:
-    """The one colour scale of every entropy map figure (CLS rows and full maps): 0 to ``b`` bits.
-
-    A histogram of ``2^b`` bins has at most ``b`` bits of entropy, so the scale is the same for every
-    layer, every figure and every run with the same ``b``; maps without ``bits`` in their metadata
-    fall back to 0 .. the largest entropy of any entry.
-    """
+    """The one colour scale of every entropy map figure: 0 to ``b`` bits, the most a histogram of ``2^b``
+    bins can hold, so it is the same for every layer, figure and run with that ``b`` (maps without
+    ``bits``: 0 to their largest entry)."""
     bits = maps.meta.get("bits")
     if isinstance(bits, int) and bits > 0:
         return 0.0, float(bits)
@@ -52,24 +49,12 @@ def entropy_limits(maps: EntropyMaps) -> tuple[float, float]:
 ENTROPY_CMAP = "viridis"  # CLS-row and full maps alike, so one colour means one entropy in both
 
 
-def _cls_rows(maps: EntropyMaps, layer: int):
+def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
+    """Fig. 2: entropy of the CLS token's attention to every patch of ``layer``, one panel per head, on
+    the scale of :func:`entropy_limits`."""
     rows = cls_row(maps.entropy, layer, int(maps.meta.get("num_prefix_tokens", 1)))
     if rows is None:
         raise EamError("CLS-row maps need a model with a class token (ViT/DeiT); for Swin use the full maps")
-    return rows
-
-
-def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, heads: Optional[Sequence[int]] = None):
-    """Fig. 2: entropy of the CLS token's attention to every patch of ``layer``, one panel per head.
-
-    The colour scale is :func:`entropy_limits` (that of the full maps too), so the figures of
-    different layers and :func:`plot_full_entropy` can be compared. Layers and heads are numbered
-    from 0, as in the options.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
-    rows = _cls_rows(maps, layer)
     vmin, vmax = entropy_limits(maps)
     gh, gw = _grid(maps, rows.shape[-1])
     heads = list(heads) if heads is not None else list(range(rows.shape[0]))
@@ -87,13 +72,8 @@ def plot_cls_entropy(maps: EntropyMaps, layer: int, path: str | os.PathLike, hea
 
 
 def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path: str | os.PathLike):
-    """Fig. 3: the full ``N x N`` entropy map of chosen 0-based (layer, head) pairs (Swin: window 0).
-
-    One colour map and scale (:func:`entropy_limits`) for every panel, the same as the CLS-row maps.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    """Fig. 3: the full ``N x N`` entropy map of chosen (layer, head) pairs (Swin: window 0), on the scale
+    of :func:`entropy_limits`."""
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.3 * len(pairs) + 1.2, 3.6), squeeze=False,
                              layout="constrained")
     vmin, vmax = entropy_limits(maps)
@@ -112,25 +92,15 @@ def plot_full_entropy(maps: EntropyMaps, pairs: Sequence[tuple[int, int]], path:
     return save_figure(fig, path)
 
 
-def _relative_luminance(rgb: Sequence[float]) -> float:
-    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
-    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-
-
 def text_colour(rgb: Sequence[float]) -> str:
     """Black or white, whichever contrasts more with a cell of colour ``rgb`` (WCAG contrast ratio)."""
-    lum = _relative_luminance(rgb)
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]  # relative luminance
     return "k" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "w"
 
 
 def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike):
-    """Mean entropy of every (layer, head), numbered from 0: where the low-entropy heads are.
-
-    Each cell's number is black on light cells and white on dark ones.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    """Mean entropy of every (layer, head): where the low-entropy heads are."""
     s = mean_entropy_per_head(maps.entropy)
     n_layers, n_heads = s.shape
     fig, ax = plt.subplots(figsize=(max(7.5, 1.8 + 0.9 * n_heads), max(4.0, 1.2 + 0.55 * n_layers)),
@@ -153,27 +123,14 @@ def plot_head_summary(maps: EntropyMaps, path: str | os.PathLike):
 
 def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
                reference: Optional[dict[str, float]] = None):
-    """Top-1 against sparsity τ, one line per (label, selection, scope); random with ±1 std band.
-
-    Args:
-        rows: sweep rows (``tau``, ``top1``, ``selection``; optional ``label``, ``scope``,
-            ``value_bits``, ``top1_std``).
-        path: PNG to write.
-        title: figure title.
-        reference: horizontal lines ``{name: top-1}`` (the unfrozen model), named in the legend.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    """Top-1 against sparsity τ, one line per (label, selection, scope, value bits) of the sweep rows;
+    random with a ±1 std band; ``reference`` ``{name: top-1}`` lines (the unfrozen model) in the legend."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
-    keys = []
-    for r in rows:
-        k = (r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32))
-        if k not in keys:
-            keys.append(k)
-    for k in keys:
-        pts = sorted((r for r in rows if (r.get("label", ""), r["selection"], r.get("scope", ""),
-                                          r.get("value_bits", 32)) == k), key=lambda r: r["tau"])
+    def key(r: dict) -> tuple:
+        return r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32)
+
+    for k in dict.fromkeys(map(key, rows)):
+        pts = sorted((r for r in rows if key(r) == k), key=lambda r: r["tau"])
         x = [100 * r["tau"] for r in pts]
         y = [r["top1"] for r in pts]
         name = " ".join(str(p) for p in (k[0], k[1], f"scope={k[2]}" if k[2] else "",

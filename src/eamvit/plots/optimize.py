@@ -11,21 +11,9 @@ _STAGES = {"reference": ("*", "black"), "single": ("o", "C0"), "stack": ("s", "C
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_drop: Optional[float] = None,
                 title: str = ""):
-    """Every measured point with its interquartile speed-up bar, the front as a step line, the budget
-    as a dotted line, and the chosen point ringed and named.
-
-    Args:
-        rows: dicts with ``label``, ``stage`` (``reference``, ``single`` or ``stack``), ``top1``,
-            ``speedup`` with ``speedup_p25``/``speedup_p75``, ``on_front`` and ``chosen``; rows without
-            a ``top1`` (points that could not be built) are left out. The first ``reference`` row is the
-            unmodified model.
-        path: PNG to write.
-        max_drop: the top-1 budget, drawn below the reference's top-1.
-        title: figure title.
-
-    Returns:
-        The figure (closed).
-    """
+    """``optimize``'s rows (those without a ``top1`` could not be built), each with its interquartile
+    speed-up bar, the front as a step line, the ``max_drop`` budget below the first ``reference`` row's
+    top-1 as a dotted line, and the chosen point ringed and named."""
     rows = [r for r in rows if r.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(11, 5.6), layout="constrained")
     for stage, (marker, colour) in _STAGES.items():

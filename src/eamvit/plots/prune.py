@@ -1,7 +1,5 @@
 """Figures of token pruning: top-1 against GMACs, kept patches per stage over the image (the seed's
-Fig. 4) and per-block attention-entropy histograms for several Rényi orders (Fig. 5). Data in, PNG
-out: the data come from :func:`eamvit.methods.prune.kept_patch_masks` and
-:func:`eamvit.methods.prune.token_entropies`. PNGs are written atomically."""
+Fig. 4) and per-block attention-entropy histograms for several Rényi orders (Fig. 5)."""
 from __future__ import annotations
 
 import itertools
@@ -9,21 +7,16 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-import matplotlib
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import ScalarFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
-
-from eamvit.errors import EamError  # noqa: E402
-from eamvit.methods.reduce import row_label  # noqa: E402
-from eamvit.plots.entropy import save_figure  # noqa: E402
+from eamvit.errors import EamError
+from eamvit.methods.reduce import row_label
+from eamvit.plots.entropy import plt, save_figure
 
 DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one flat blue
-
-
 _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
@@ -33,27 +26,8 @@ def _kappa(row: dict[str, Any]) -> float:
 
 
 def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
-    """Top-1 against GMACs: one colour per method, one marker shape per keep rate κ; unmodified as a star.
-
-    Pruning methods are solid lines (random dashed grey), merging methods dash-dotted; a merging point
-    takes the marker of the κ whose GMACs its ``r`` matches (``matched_keep_rate``), so that the methods
-    at one κ are told apart by how much top-1 they keep at about the same cost.
-
-    GMACs (``gmacs``, multiply-accumulates per image) are the unit of the sweep's tables too, with plain
-    tick labels (no ``x10^k`` offset, so a tick reads as the GMACs of the table). κ is told by the marker,
-    explained in the legend, rather than by a text at each point: methods at one κ cost about the same,
-    so such labels pile up.
-
-    Args:
-        rows: rows of :func:`eamvit.experiments.prune_sweep.prune_sweep`.
-        path: PNG to write.
-        title: figure title.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
-    from matplotlib.lines import Line2D
-
+    """Top-1 against GMACs of :func:`eamvit.experiments.prune_sweep.prune_sweep`'s rows: one colour per
+    method, one marker shape per keep rate κ (see docs/architecture-core.md); unmodified as a star."""
     if not rows:
         raise EamError("no sweep rows to plot")
     reduced = [r for r in rows if r["prune"] or r.get("merge")]
@@ -94,34 +68,16 @@ def plot_top1_vs_gmacs(rows: Sequence[dict[str, Any]], path: str | os.PathLike, 
     return save_figure(fig, path)
 
 
-def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
-    return (image * s + m).clamp(0, 1)
-
-
 def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Tensor]], path: str | os.PathLike,
                       mean: Sequence[float], std: Sequence[float], title: str = "",
                       blocks: Optional[Sequence[int]] = None):
-    """The seed's Fig. 4: for each method (a row), the patches still present after each stage.
-
-    Dropped patches are painted in one flat blue, kept ones show the image (a legend names both);
-    the fused token (EViT) has no place on the grid. The colour is flat rather than a tint of the
-    image, so it reads as one colour over dark and bright pixels alike.
-
-    Args:
-        image: the preprocessed image ``(C, H, W)`` the masks belong to.
-        masks: ``{row label: [per stage, (gh, gw) booleans]}`` from
-            :func:`eamvit.methods.prune.kept_patch_masks`.
-        path: PNG to write.
-        mean: normalisation mean of ``image`` (undone for display).
-        std: normalisation std.
-        title: figure title.
-        blocks: 0-based pruning blocks, shown as such in the stage titles (as --prune-blocks).
-    """
+    """The seed's Fig. 4: for each method (a row of :func:`eamvit.methods.prune.kept_patch_masks`), the
+    patches of the preprocessed ``image`` (``mean``, ``std``) still present after each stage, dropped ones
+    painted one flat blue; ``blocks`` (0-based) name the stages."""
     if image.dim() != 3 or not masks:
         raise EamError("give one image (C, H, W) and at least one row of kept-patch masks")
-    shown = _denormalise(image.detach().cpu().float(), mean, std)
+    shown = image.detach().cpu().float()
+    shown = (shown * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
     C, H, W = shown.shape
     stages = max(len(m) for m in masks.values())
     fig, axes = plt.subplots(len(masks), stages + 1, figsize=(2.2 * (stages + 1), 2.3 * len(masks) + 0.5),
@@ -153,16 +109,8 @@ def plot_kept_patches(image: torch.Tensor, masks: Mapping[str, Sequence[torch.Te
 
 def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], path: str | os.PathLike,
                             layers: Optional[Sequence[int]] = None, bins: int = 60, title: str = ""):
-    """The seed's Fig. 5: per block, the distribution of patch tokens' attention entropy for each α.
-
-    Args:
-        entropies: ``{alpha: [per layer, entropies in nats]}`` from
-            :func:`eamvit.methods.prune.token_entropies`; drawn in bits, as every eamvit figure.
-        path: PNG to write.
-        layers: 0-based blocks the lists hold (titles show them so); ``0..n-1`` by default.
-        bins: histogram bins (shared edges across α within a block).
-        title: figure title.
-    """
+    """The seed's Fig. 5: per block (``layers``, 0-based), the distribution of patch tokens' attention
+    entropy for each α, from :func:`eamvit.methods.prune.token_entropies`'s nats, drawn in bits."""
     if not entropies:
         raise EamError("no token entropies to plot")
     ent = {a: [e / math.log(2) for e in per] for a, per in entropies.items()}

@@ -1,6 +1,5 @@
 """Figures of the quantization part of the EAM paper: KL divergence per head (Fig. 4a), CLS-row
-divergence maps (Fig. 4b-c) and top-1 against sparsity on the quantized model (Fig. 5/6).
-All PNGs are written atomically (:func:`eamvit.plots.save_figure`)."""
+divergence maps (Fig. 4b-c) and top-1 against sparsity on the quantized model (Fig. 5/6)."""
 from __future__ import annotations
 
 import os
@@ -16,13 +15,8 @@ _REFERENCE = {"fp": dict(color="k", linestyle=":", linewidth=1.5, zorder=4),
 
 
 def plot_kl_per_head(kl: KLMaps, path: str | os.PathLike, title: str = ""):
-    """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head).
-
-    Both panels share one legend (a head has the same colour in both), outside them.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    """Fig. 4a: mean and max KL divergence of every head, layer by layer (one line per head, one colour
+    per head in both panels, one legend outside them)."""
     mean, mx = kl.per_head()
     layers = list(range(mean.shape[0]))  # numbered from 0, as every eamvit option and figure
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
@@ -74,20 +68,10 @@ def _series_name(k: tuple) -> str:
 
 
 def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = ""):
-    """Fig. 5/6: top-1 against τ for FP, RepQ-ViT, the EAM variants and random freezing (±1 std band).
-
-    FP and RepQ-ViT do not depend on τ and are drawn as horizontal references; RepQ-ViT is a broad
-    translucent band behind the curves, because the EAM curves start on it (τ = 0) and stay close.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
-    keys: list[tuple] = []
-    for r in rows:
-        if _series_key(r) not in keys:
-            keys.append(_series_key(r))
+    """Fig. 5/6: top-1 against τ for FP and RepQ-ViT (references: see docs/architecture-core.md), the EAM
+    variants and random freezing (±1 std band)."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
-    for k in keys:
+    for k in dict.fromkeys(map(_series_key, rows)):
         pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])
         x = [100 * r["tau"] for r in pts]
         y = [r["top1"] for r in pts]

@@ -1,21 +1,16 @@
-"""Figures of the Rényi attention-entropy pruning paper (seed 002) from saved entropy maps: attention
-entropy against mean attention distance per head (its Fig. 6) and the per-token Rényi entropy
-distribution per layer for several orders (its Fig. 5). Layers are numbered from 0, as in the options."""
+"""Figures of the Rényi attention-entropy pruning paper (seed 002) from saved entropy maps: entropy
+against mean attention distance per head (its Fig. 6) and per-token Rényi entropy distributions (Fig. 5)."""
 from __future__ import annotations
 
 import math
 import os
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from eamvit.errors import EamError  # noqa: E402
-from eamvit.methods.calibrate import EntropyMaps  # noqa: E402
-from eamvit.ops.attention_stats import format_order, grid_distances  # noqa: E402
-from eamvit.plots.entropy import save_figure  # noqa: E402
+from eamvit.errors import EamError
+from eamvit.methods.calibrate import EntropyMaps
+from eamvit.ops.attention_stats import format_order, grid_distances
+from eamvit.plots.entropy import plt, save_figure
 
 # Merged bins across the populated entropy range of the histogram figure: smooth, yet shows the shape.
 PLOT_BINS = 40
@@ -41,11 +36,7 @@ def order_label(alpha: float) -> str:
 
 def plot_entropy_distance(maps: EntropyMaps, path: str | os.PathLike):
     """Fig. 6: mean attention entropy against mean attention distance, one point per (layer, head),
-    coloured by layer; a star marks uniform attention (the largest entropy and its distance).
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    coloured by layer; a star marks uniform attention (the largest entropy and its distance)."""
     layers = _measured(maps, "distance", "--distance")
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(8.6, 5.6), layout="constrained")
@@ -72,7 +63,7 @@ def plot_entropy_distance(maps: EntropyMaps, path: str | os.PathLike):
 
 
 def _populated(maps: EntropyMaps, layers: list[int]) -> tuple[float, float]:
-    """The entropy range (nats) of the non-empty bins of every layer and order: one x range for all panels."""
+    """The entropy range (nats) of the non-empty bins of every layer and order (one x range for all panels)."""
     lo, hi = math.inf, -math.inf
     for l in layers:
         counts = maps.renyi[l]
@@ -97,11 +88,7 @@ def _merged(counts: torch.Tensor, top: float, target: int) -> tuple[torch.Tensor
 
 def plot_renyi_histograms(maps: EntropyMaps, path: str | os.PathLike):
     """Fig. 5: the distribution of the per-token Rényi entropies (the scores token pruning ranks), one
-    panel per layer, one curve per order α, as a density over one shared entropy range.
-
-    Returns:
-        The (closed) matplotlib figure.
-    """
+    panel per layer, one curve per order α, as a density over one shared entropy range."""
     layers = _measured(maps, "renyi", "--renyi-orders")
     orders = maps.renyi_orders
     lo, hi = _populated(maps, layers)

@@ -12,21 +12,9 @@ _MARKERS = "osD^vPXphd"  # no "<" or ">": those end a cut bar
 CUT = "bar cut at the axis edge"  # the legend entry of the arrow that ends a clipped bar
 
 
-def _methods(rows: Sequence[dict[str, Any]]) -> list[str]:
-    out: list[str] = []
-    for r in rows:
-        if r["method"] not in out:
-            out.append(r["method"])
-    return out
-
-
 def _knobs(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """One marker shape per point label (τ or κ value), in order of first appearance."""
-    labels: list[str] = []
-    for r in rows:
-        p = r.get("point")
-        if p and str(p) not in labels:
-            labels.append(str(p))
+    labels = dict.fromkeys(str(r["point"]) for r in rows if r.get("point"))
     return {p: _MARKERS[i % len(_MARKERS)] for i, p in enumerate(labels)}
 
 
@@ -52,28 +40,13 @@ def _bar(ax, r: dict[str, Any], colour, xlim: tuple[float, float]) -> bool:
 
 
 def plot_top1_vs_speedup(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = ""):
-    """One line per method through its points ``(speed-up, top-1)`` in the given order, with the speed-up's spread.
-
-    Colour and line tell the method (freezing solid, token pruning dashed, token merging dash-dotted), the
-    marker shape tells the point's τ or κ (a merging point's: the κ whose GMACs it matches), explained in
-    the legend, not written by each point, where labels would pile up. The unmodified model is a hollow star under the other points, on dotted lines at speed-up 1
-    and at its top-1. The x range follows the medians; an interquartile bar that runs past it ends in
-    an arrow at the axis edge (the legend says so).
-
-    Args:
-        rows: dicts with ``method`` (the line's label; ``"unmodified"`` is the reference point),
-            ``speedup`` (measured images/s ÷ the unmodified model's), optional ``speedup_lo`` /
-            ``speedup_hi`` (its interquartile range), ``top1`` and an optional ``point`` label (τ or κ).
-        path: PNG to write.
-        title: figure title.
-
-    Returns:
-        The figure (closed).
-    """
+    """One line per ``method`` through its points ``(speedup, top1)`` in the given order, with the
+    interquartile ``speedup_lo``/``speedup_hi`` and a marker per ``point`` label (τ or κ); ``"unmodified"``
+    is the reference (see docs/architecture-core.md)."""
     fig, ax = plt.subplots(figsize=(10.5, 5.6), layout="constrained")
     xlim, shapes = _x_range(rows), _knobs(rows)
     handles, cut = [], False
-    for i, m in enumerate(x for x in _methods(rows) if x != "unmodified"):
+    for i, m in enumerate(x for x in dict.fromkeys(r["method"] for r in rows) if x != "unmodified"):
         pts = [r for r in rows if r["method"] == m]  # in sweep order (τ up, κ down): the line follows the knob
         line, = ax.plot([r["speedup"] for r in pts], [r["top1"] for r in pts], color=f"C{i}",
                         linestyle="-" if m.startswith("freeze") else "-." if m.startswith("merge") else "--",
