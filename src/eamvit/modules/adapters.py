@@ -1,20 +1,7 @@
-"""What every instrumented attention shares, and the registry of attention adapters.
+"""What every instrumented attention shares (:class:`EamState`, :class:`EamBase`) and the adapter registry:
+one :class:`Adapter` per timm attention class, the one place that says what a family supports.
 
-An *adapter* describes one timm attention class: how it computes q, k and v, the terms it adds
-before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)``,
-which eamvit verbs it supports, how it executes frozen heads (and what that saves in the MAC account),
-what RepQ-ViT needs to know about its Linears and blocks (:class:`QuantFacts`), how its blocks drop
-tokens (:class:`TokenFamily`), and the image size a built model of its family takes and the ONNX opset
-its export needs (data configs and exports ask the adapter, not the pretrained config). It is the one
-place that says what a family supports: every other module asks it. A family is one adapter per
-attention class it uses; the verbs read the declared capabilities (:func:`require`) and ``eamvit
-models`` prints them.
-
-:class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
-adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
-the module) and :class:`EamBase` the one post-softmax step that observes, quantizes and freezes a
-map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the weights; they
-are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
+See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""ADFQ-ViT's quantizer modules (Jiang et al., 2024) on the shared quantizer family.
-
-* :class:`OutlierAwareQuantizer` (POQ): per-token uniform quantization with full-precision outliers.
-* :class:`ShiftLogQuantizer` (SLQ): ``Q(x − min x + ε) + min x − ε`` with a log quantizer ``Q``.
-* :class:`AdaRoundQuantizer`: per-output-channel weights with AdaRound's learned rounding.
-* Learnable-step variants of the uniform and log quantizers (straight-through gradients), whose
-  values are always those of :mod:`eamvit.ops.quant`.
-
-The training that uses them (module-wise reconstruction) is :mod:`eamvit.methods.adfq`.
-"""
+"""ADFQ-ViT's quantizer modules (Jiang et al., 2024) on the shared quantizer family; the training that
+uses them is :mod:`eamvit.methods.adfq`."""
 from __future__ import annotations
 
 from typing import Any, Literal, Sequence, get_args

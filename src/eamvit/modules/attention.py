@@ -1,40 +1,6 @@
-"""The one attention instrumentation of eamvit.
+"""The one attention instrumentation of eamvit: swap, observe, bias and freeze attention by adapter.
 
-Every supported timm attention class is swapped, by exact class, for an instrumented subclass that
-can expose the post-softmax attention map ``A`` and replace entries of it (ToMe-style surgery:
-``module.__class__ = ...``; no weights copied, no per-instance ``forward`` patching, no module-name
-matching). Which classes are supported, and what each supports, is the registry of *adapters*
-(:mod:`eamvit.modules.adapters`): the ViT family's ``Attention`` and Swin v1's ``WindowAttention``
-(:mod:`eamvit.modules.vit_swin`, with every verb) and the further families of
-:mod:`eamvit.modules.families` (the verbs each adapter declares). Everything else in the project (entropy
-calibration, freezing, quantization, token pruning) talks to attention through the state set here,
-one :class:`~eamvit.modules.adapters.EamState` per module (``module.eam``) plus the tensors it
-registers on the module:
-
-* observers (``eam.observer``, ``eam.observer_q``), attached only through :func:`observe` (a context manager that always clears itself):
-  a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
-  tensor, so gradients can flow through what an observer computes, e.g. EViT's fused token; an
-  observer that only records statistics detaches), where ``layer_shape`` is the adapter's
-  ``(…, N_q, N_k)`` with heads at dim -3: ``(H, N, N)`` for ViT, ``(nW, H, N, N)`` for Swin (each
-  window position is its own variable), ``(H, 1, N)`` for class attention, ``(H, N_q, N_k)`` for
-  pooled keys; ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
-  ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
-  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one), and ``stage="keys"``
-  (``eam.observer_k``, adapters that declare token merging) receives the keys ``(B, H, N, d)`` as the
-  score product does (after q/k norms and rotary embeddings) instead of ``A``.
-* ``eam.score_bias``, set only through :func:`bias_scores` (same discipline): a term added to the scores
-  before the softmax, broadcast over ``(B, H, N_q, N_k)`` (token merging's proportional attention).
-* ``eam_frozen_mask`` / ``eam_frozen_values``: non-persistent buffers of ``layer_shape``; where the mask is true,
-  ``A`` takes the frozen value (eq. 15 of the EAM paper).
-* ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
-  ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
-* ``eam.plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
-  and that structure is to be *executed* (:func:`set_frozen`, the one plan builder; rows in ViT only,
-  heads wherever the adapter declares a head mode: :mod:`eamvit.modules.family_heads` for the further
-  families).
-
-A module with none of them set runs timm's own (fused) forward, so blocks that need no attention map
-keep their speed. A model with an attention class outside the registry is refused in one line.
+See docs/architecture-modules.md for the state it sets on each module and why.
 """
 from __future__ import annotations
 

@@ -1,24 +1,16 @@
-"""The export forms of quantized modules: the classes a prepared copy of a model is swapped to before
-``torch.onnx`` traces it (:func:`~eamvit.methods.export.export_onnx`), each computing with the
-operators of :mod:`eamvit.ops.qdq` so that the traced graph holds ONNX's quantization nodes.
-
-Settings are read from an export config (``scheme``, ``symmetric_activations``, ``block_size``,
-``runtime``: :class:`~eamvit.methods.export.ExportConfig`).
-
-Pruning and merging blocks get their export form here too (every scheme and runtime): where their
-attention is a float ViT attention, it keeps its fused kernel and the scores they read are recomputed
-from the queries and keys (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`), so that a
-runtime still sees one scaled-dot-product attention per block.
+"""The export forms of quantized modules and of pruning and merging blocks, swapped in on a copy before
+``torch.onnx`` traces it. See docs/architecture-modules.md.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from eamvit.errors import EamError
 from eamvit.modules.attention import EamAttention, attention_layers
 from eamvit.modules.merge_block import MergeState
 from eamvit.modules.prune_block import PruneState

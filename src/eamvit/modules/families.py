@@ -1,30 +1,5 @@
-"""Adapters for timm attention classes whose maps eamvit reads through timm's own forward.
-
-While such a module is observed or frozen, its instrumented forward runs timm's forward with the
-fused kernel off and hands the output of its one softmax to the post-softmax step
-(:meth:`~eamvit.modules.adapters.EamBase._eam_post_softmax`); the rest of timm's arithmetic is
-untouched, so a map frozen from one image reproduces that image. The softmax is found with a
-``TorchFunctionMode`` scoped to that forward, and the forward must compute exactly one softmax
-(checked on every call, so a timm change that adds or fuses one is refused rather than mis-mapped).
-A module with nothing attached runs timm's forward as it is, fused kernel included.
-
-ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the gated mix, the
-output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
-with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
-
-Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
-matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
-in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
-(BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
-ConViT: their adapters' ``tokens``). Row freezing is simulated here (the frozen mask covers whole query rows and
-overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
-cut per head (:mod:`eamvit.modules.family_heads`, the adapters' ``heads``) and simulated elsewhere. A
-row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
-(window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
-the same forward, the tap included, so frozen models export too. ADFQ-ViT and PMQ refine RepQ-ViT's
-surgery and are declared wherever it is, except ADFQ-ViT on Swin v2 (post-norm: no LayerNorm →
-Linear input for its outlier-aware quantizer). Each section is one family's instrumented classes;
-their adapters, all a family supports and how, are the one table :data:`ADAPTERS`.
+"""Adapters for timm attention classes whose maps eamvit reads through timm's own forward (one softmax
+tapped). See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
-"""Executed head freezing for the attention classes of :mod:`eamvit.modules.families`.
-
-A frozen head's output is its frozen map times its values, ``A^μ_h·V_h``; its scores and softmax are
-never computed. The classes here run timm's own forward and cut the attention inside it per head
-(:class:`HeadTap`, a ``TorchFunctionMode`` scoped to that forward), as their adapter's head mode says
-(``Adapter.heads``):
-
-* ``"sdpa"``: classes whose timm forward has a fused path. It runs with the fused kernel on and the
-  tap serves the one ``scaled_dot_product_attention`` call: the kept heads (q, k, v and any
-  per-head attention mask sliced) through the same kernel, the frozen heads as ``A^μ·V``.
-* ``"matmul"``: classes with an explicit path whose only terms between ``q·kᵀ`` and the softmax are
-  a scalar scale, learned per-head biases that the class itself hands out for the kept heads
-  (:class:`KeptBiases`: LeViT, EfficientFormer) or a relative-position term that timm computes per
-  head from the queries with ``einsum`` (MViTv2: its query operand is cut to the kept heads too);
-  declared per adapter after reading timm's code. The score matmul is given the kept heads only, so
-  the terms and the softmax run on those; the first matmul after the softmax multiplies them with
-  the kept heads' values (``A·V``, or ``V·Aᵀ`` in LeViT's conv layout) and adds the frozen heads'.
-
-Swin v2 (cosine attention, a learned logit scale and a position bias per head) and ConViT's GPSA
-(a gated mix of two softmaxes per head) have their own kept-head forwards (head mode ``"own"``:
-:func:`swinv2_heads`, :func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order, then
-timm's own norm, gate and projection) is timm's code unchanged. CaiT's talking heads mix every
-head's scores before the softmax, so no head's q·k can be skipped there: refused in one line.
+"""Executed head freezing for the attention classes of :mod:`eamvit.modules.families`, per head mode.
+See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

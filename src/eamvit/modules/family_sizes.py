@@ -1,10 +1,5 @@
-"""What a built model of a family takes, where timm records it elsewhere than ``patch_embed.img_size``.
-
-The readers the adapters of :mod:`eamvit.modules.families` declare (``Adapter.input_size``,
-``Adapter.min_opset``): the image size ``(H, W)`` a model was built for, which its pretrained config no
-longer gives once ``img_size`` is overridden (several families keep no ``img_size`` at all, only the
-grids and tables it sized), and the ONNX opset its export needs.
-"""
+"""The image size and ONNX opset readers of the families whose models record their size elsewhere than
+``patch_embed.img_size``."""
 from __future__ import annotations
 
 from functools import partial

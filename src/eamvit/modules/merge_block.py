@@ -1,19 +1,5 @@
 """The merging blocks: each flat-token family's timm block that merges patch tokens (ToMe), installed by
-class swap.
-
-:func:`eamvit.methods.merge.merge_` swaps every block from the first merging block to the last for its
-family's merging class (the adapter's :class:`~eamvit.modules.adapters.TokenFamily` names it; the family
-arithmetic is :mod:`eamvit.modules.token_blocks`'), as ToMe swaps timm's classes. A merging block runs
-its attention branch through the one instrumentation (:mod:`eamvit.modules.adapters`, as
-:func:`~eamvit.modules.attention.observe` and :func:`~eamvit.modules.attention.bias_scores` do): it
-reads the keys (``eam.observer_k``; ToMe matches on the keys averaged over heads), the map too for
-entropy-guided merging, and adds proportional attention's ``log size`` to the scores. Then, after the
-attention residual and before ``norm2``/MLP (ToMe's place), it merges ``r`` patch tokens
-(:mod:`eamvit.ops.merge`). A later block that merges nothing (a *follower*, ``eam_stage = None``, or
-``r = 0``) still adds the size bias and, in EVA02 and BEiT, gathers the present tokens' positions: a
-merged token keeps the grid position of the token it merged into. A block with nothing to do (no
-token merged yet in this forward) runs timm's own forward, fused attention included, so ``r = 0`` is
-timm's model exactly.
+class swap. See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

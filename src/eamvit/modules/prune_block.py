@@ -1,24 +1,5 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
-
-:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (the adapter's
-:class:`~eamvit.modules.adapters.TokenFamily` names it; the family arithmetic is
-:mod:`eamvit.modules.token_blocks`'): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
-:class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``
-and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one instrumentation
-(:func:`~eamvit.modules.adapters.observing`, as :func:`eamvit.modules.attention.observe` does), around
-its own attention call only, so only pruning blocks materialise ``A``; every other block, and a
-pruning block with nothing to prune (κ = 1, or unfused ``random``), runs timm's fused attention.
-
-``placement="attn"`` prunes after the attention residual, before ``norm2``/MLP (EViT's code);
-``"block"`` after the whole block. The captured map is the live tensor, so, as in EViT, gradients
-flow through the fusion weights as well as through the tokens.
-
-Positions. In EVA02 and BEiT every block after the first pruning block (pruning or not: a *follower*,
-``eam_stage = None``) gathers RoPE or the relative-position bias for the tokens still present, from
-``PruneState.positions``. EViT's fused token has no grid position: it gets no rotation and no
-relative-position bias (zero), as the class token gets no rotation in EVA02. CaiT's self-attention
-blocks run before its class token exists, so there ``num_prefix`` is 0 and only the entropy and random
-scores apply (no class-token attention for EViT or its fusion).
+See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Quantized layers: ``nn.Linear`` / ``nn.Conv2d`` with input and weight quantizers, the quantizers
-of an instrumented attention (``eam_quant``), and PMQ's per-patch bit-width quantizer.
-
-Layers are made by class swap (``module.__class__ = QuantLinear``, exact types only) in
-:func:`eamvit.methods.repq.prepare_`; the quantizers are attached as child modules, so
-``print(model)`` shows each one with its bits and granularity.
-"""
+"""Quantized layers (made by class swap in :func:`eamvit.methods.repq.prepare_`), the quantizers of an
+instrumented attention (``eam_quant``), and PMQ's per-patch bit-width quantizer."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -1,28 +1,5 @@
 """Quantizer modules on top of :mod:`eamvit.ops.quant`: range search, granularity, lazy init.
-
-One family for the whole project (RepQ-ViT here; ADFQ-ViT, PMQ and the frozen EAM values reuse it):
-
-* :class:`UniformQuantizer`: asymmetric, ``q = clamp(round(x/Δ) + zp, 0, 2^b - 1)``.
-* :class:`LogSqrt2Quantizer` / :class:`Log2Quantizer`: ``q = clamp(round(-s·log2(x/Δ)), 0, 2^b - 1)``
-  with ``s = 2`` / ``1``; codes past the last level (and 0 itself) dequantize to 0.
-
-Range search (RepQ-ViT's code): for each percentile ``p`` of ``percentiles`` the candidate range is
-``[quantile(x, 1-p), quantile(x, p)]`` (uniform) or ``Δ = quantile(x, p)`` (log); the candidate with
-the lowest mean squared error wins, the first one on ties. Quantiles use linear interpolation with
-exactly :func:`torch.quantile`'s rank arithmetic (``float32(p)·(n-1)`` in double, float32 weight),
-but are computed with :func:`torch.topk` on the tails, so there is no input-size limit and no Python
-loop over channels or tokens. Above ``2^24`` elements the reference's rule depends on the torch it
-runs on: older torch refuses such inputs and the reference falls back to ``numpy.percentile`` (``p`` in
-double), recent torch accepts them and ranks as below the limit. Which one applies is probed once on
-the installed torch (:func:`torch_quantile_accepts_large`).
-
-Granularity: ``"tensor"``, ``"channel"`` (one range per index of ``channel_dim``, over all other
-dims: per output row for weights with ``channel_dim=0``, per channel over B·N for activations with
-``channel_dim=-1``) and ``"token"`` (one range per position of the dims between the first (batch)
-and the last (channel) one: per patch for ``(B, N, C)``, per pixel for NHWC ``(B, H, W, C)``).
-
-Parameters are initialised lazily on the first forward (or by :meth:`calibrate`), and a disabled
-quantizer is the identity.
+See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

@@ -1,25 +1,5 @@
-"""Blocks that change the token set between their attention and their MLP, one per flat-token family.
-
-Token pruning (:mod:`eamvit.modules.prune_block`) and token merging (:mod:`eamvit.modules.merge_block`)
-both swap chosen timm blocks for a subclass, by exact class (ToMe-style surgery: no weights copied, no
-per-instance ``forward``, no module-name matching). What a family's block computes is written once
-here, as a mixin per family (``Block`` of ViT, DeiT III, DINOv2, CLIP and NaFlexViT; EVA02's
-``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``, ConViT's ``Block``); what
-a verb does to the tokens is a second mixin with three steps, and a verb's block class combines the
-two with the timm class (each family's adapter names its pruning and merging classes,
-:class:`~eamvit.modules.adapters.TokenFamily`):
-
-* ``_eam_start(x, masked)``: what this block does in this forward (``None``: run timm's own forward);
-* ``_eam_attend(plan, run)``: run the attention branch, reading through the one instrumentation
-  (:func:`~eamvit.modules.adapters.observing`, :func:`~eamvit.modules.adapters.biasing`) what the
-  step needs;
-* ``_eam_reduce(x, seen, plan)``: the token surgery, after the attention residual (``"attn"``,
-  before ``norm2``/MLP) or after the whole block (``"block"``).
-
-Every block shares one state with its model (``block.eam_tokens``); the family mixins read its
-``positions`` and ``num_prefix``: EVA02 rotates q and k by each patch's RoPE and BEiT adds a
-relative-position bias indexed by token pairs, both computed for the full grid, so every block of
-those families after the first reducing block gathers them for the tokens still present.
+"""Blocks that change the token set between their attention and their MLP: one mixin per flat-token
+family, combined with a verb's steps. See docs/architecture-modules.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The instrumented timm ``Attention`` (ViT family) and Swin v1 ``WindowAttention``.
-
-Both run their attention explicitly whenever something is attached (observers, ``eam_quant``,
-frozen entries), and both can *execute* a frozen plan: a frozen head's output is ``A^μ_h·V_h``, its
-query and key rows sliced out of the fused ``qkv`` weight and its scores and softmax never computed;
-a frozen row (ViT) skips its query projection, scores and softmax. The kept part runs timm's fused
-kernel when the module uses it. Whenever something needs the whole map (an observer, quantized
-attention, attention dropout in training, a caller's mask) the module falls back to the simulated
-path (the whole map, its frozen entries overwritten), which gives the same numbers.
+"""The instrumented timm ``Attention`` (ViT family) and Swin v1 ``WindowAttention``, with executed head
+and row plans. See docs/architecture-modules.md.
 """
 from __future__ import annotations
 
