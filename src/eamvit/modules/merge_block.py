@@ -10,12 +10,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from timm.models import beit, cait, convit, eva
-from timm.models.vision_transformer import Block
+from timm.models import cait
 
 from eamvit.errors import EamError
 from eamvit.modules.adapters import biasing, observing
-from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.modules.token_blocks import TokenBlock, block_classes
 from eamvit.ops.merge import bipartite_plan, entropy_plan, merge_count, merge_tokens, size_bias
 from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import attention_entropy, entropy_from_qk
@@ -144,34 +143,8 @@ class _MergeSteps(TokenBlock):
         return x
 
 
-class MergeBlock(VitTokens, _MergeSteps, Block):
-    """timm ``Block`` (ViT family) that merges patch tokens; installed by class swap."""
-
-    eam_timm_class = Block
-
-
-class MergeEvaBlock(EvaTokens, _MergeSteps, eva.EvaBlock):
-    """EVA02's ``EvaBlock`` that merges patch tokens (a merged token keeps its destination's RoPE)."""
-
-    eam_timm_class = eva.EvaBlock
-
-
-class MergeBeitBlock(BeitTokens, _MergeSteps, beit.Block):
-    """BEiT's ``Block`` that merges patch tokens (a merged token keeps its destination's position bias)."""
-
-    eam_timm_class = beit.Block
-
-
-class MergeCaitBlock(CaitTokens, _MergeSteps, cait.LayerScaleBlock):
-    """CaiT's self-attention ``LayerScaleBlock`` that merges patch tokens (no class token yet: none protected)."""
-
-    eam_timm_class = cait.LayerScaleBlock
-
-
-class MergeConvitBlock(ConvitTokens, _MergeSteps, convit.Block):
-    """ConViT's MHSA ``Block`` that merges patch tokens."""
-
-    eam_timm_class = convit.Block
+(MergeBlock, MergeEvaBlock, MergeBeitBlock, MergeCaitBlock,
+ MergeConvitBlock) = block_classes("Merge", _MergeSteps, __name__)
 
 
 class MergeCaitClassBlock(cait.LayerScaleBlockClassAttn):

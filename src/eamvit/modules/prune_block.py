@@ -9,11 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from timm.models import beit, cait, convit, eva
-from timm.models.vision_transformer import Block
-
 from eamvit.modules.adapters import observing
-from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.modules.token_blocks import TokenBlock, block_classes
 from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import class_attention, entropy_from_qk, kept_count, prune_tokens, stage_value
 
@@ -132,31 +129,5 @@ class _PruneSteps(TokenBlock):
         return out
 
 
-class PruneBlock(VitTokens, _PruneSteps, Block):
-    """timm ``Block`` (ViT family) that drops patch tokens; installed by class swap."""
-
-    eam_timm_class = Block
-
-
-class PruneEvaBlock(EvaTokens, _PruneSteps, eva.EvaBlock):
-    """EVA02's ``EvaBlock`` that drops patch tokens."""
-
-    eam_timm_class = eva.EvaBlock
-
-
-class PruneBeitBlock(BeitTokens, _PruneSteps, beit.Block):
-    """BEiT's ``Block`` that drops patch tokens."""
-
-    eam_timm_class = beit.Block
-
-
-class PruneCaitBlock(CaitTokens, _PruneSteps, cait.LayerScaleBlock):
-    """CaiT's self-attention ``LayerScaleBlock`` (before the class token exists) that drops patch tokens."""
-
-    eam_timm_class = cait.LayerScaleBlock
-
-
-class PruneConvitBlock(ConvitTokens, _PruneSteps, convit.Block):
-    """ConViT's ``Block`` with plain multi-head self-attention (after the GPSA blocks) that drops patch tokens."""
-
-    eam_timm_class = convit.Block
+(PruneBlock, PruneEvaBlock, PruneBeitBlock, PruneCaitBlock,
+ PruneConvitBlock) = block_classes("Prune", _PruneSteps, __name__)

@@ -8,6 +8,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from timm.models import beit, cait, convit, eva
+from timm.models.vision_transformer import Block
+
 from eamvit.errors import EamError
 from eamvit.ops.positions import gather_pair_bias, gather_rope
 
@@ -150,6 +153,22 @@ class ConvitTokens(TokenBlock):
             return super().forward(x)
         return self._eam_run(x, plan, lambda t: self.drop_path(self.attn(self.norm1(t))),
                              lambda t: self.drop_path(self.mlp(self.norm2(t))))
+
+
+# Each flat-token family's mixin and timm block class, in the order :func:`block_classes` returns them.
+_FAMILY_BLOCKS = (("", VitTokens, Block), ("Eva", EvaTokens, eva.EvaBlock), ("Beit", BeitTokens, beit.Block),
+                  ("Cait", CaitTokens, cait.LayerScaleBlock), ("Convit", ConvitTokens, convit.Block))
+
+
+def block_classes(verb: str, steps: type, module: str) -> tuple[type, ...]:
+    """A verb's block class per flat-token family: ``<verb><Family>Block(family mixin, steps, timm class)``.
+
+    Args:
+        module: the module the classes are defined in (``__name__``), where pickling looks them up.
+    """
+    return tuple(type(f"{verb}{name}Block", (mixin, steps, timm_class),
+                      {"eam_timm_class": timm_class, "__module__": module})
+                 for name, mixin, timm_class in _FAMILY_BLOCKS)
 
 
 def timm_block_class(block: nn.Module) -> type:
