@@ -1,7 +1,5 @@
 """The one attention instrumentation of eamvit: swap, observe, bias and freeze attention by adapter.
-
-See docs/architecture-modules.md for the state it sets on each module and why.
-"""
+See docs/architecture-modules.md for the state it sets on each module and why."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +12,7 @@ from torch import nn
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
 from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, biasing, capability_table,
-                                     families_line, observing, require)
+                                     observing, require)
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "bias_scores", "executes_plans",
@@ -27,7 +25,6 @@ ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
 _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
-_OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
 # How each timm block class drops or merges tokens (the adapters' `tokens`), and each class a verb swaps in
 # → its timm class (merging: CaiT's class-attention blocks too).
@@ -35,7 +32,7 @@ TOKEN_FAMILIES: dict[type, TokenFamily] = {a.tokens.block: a.tokens for a in ADA
 PRUNE_CLASSES: dict[type, type] = {f.prune_class: f.block for f in TOKEN_FAMILIES.values()}
 MERGE_CLASSES: dict[type, type] = {m: t for f in TOKEN_FAMILIES.values()
                                    for t, m in ((f.block, f.merge_class), *f.merge_followers.items())}
-SUPPORTED_FAMILIES = families_line(FAMILIES)
+SUPPORTED_FAMILIES = ", ".join(f.name for f in FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
 
@@ -46,10 +43,7 @@ def _instrumented(cls: type) -> bool:
 
 
 def _adapter_of(cls: type) -> Optional[Adapter]:
-    adapter = _OF_MODULE.get(cls)
-    if adapter is None and _instrumented(cls):
-        adapter = next(a for a in ADAPTERS if issubclass(cls, a.eam_class))
-    return adapter
+    return _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
 
 
 def _unknown_attention(module: nn.Module) -> bool:
@@ -79,14 +73,8 @@ def _adapters(model: nn.Module) -> list[Adapter]:
 
 
 def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
-    """The image size ``(H, W)`` the built ``model`` takes, as its family's adapters read it.
-
-    Args:
-        model: a timm model (instrumented or not; it is not changed).
-
-    Returns:
-        The size, or None where the model records none (it takes any size, or is outside the registry).
-    """
+    """The image size ``(H, W)`` the built ``model`` (instrumented or not) takes, as its family's adapters read
+    it; None where it records none (it takes any size, or is outside the registry)."""
     for adapter in _adapters(model):
         size = adapter.input_size(model)
         if size is not None:
@@ -95,24 +83,17 @@ def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
 
 
 def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """The lowest ONNX opset an export of ``model`` at images of ``size`` ``(H, W)`` needs, and why.
-
-    Returns:
-        The highest need of the model's adapters; ``(0, "")`` where any opset eamvit takes will do.
-    """
+    """The lowest ONNX opset an export of ``model`` at images of ``size`` ``(H, W)`` needs, and why; ``(0, "")``
+    where any opset eamvit takes will do."""
     return max((a.min_opset(model, size) for a in _adapters(model)), key=lambda need: need[0], default=(0, ""))
 
 
 def instrument(model: nn.Module) -> list[nn.Module]:
-    """Swap every supported attention module of ``model`` for its instrumented class, in place.
-
-    Idempotent. Layers are numbered in module order (block order for ViT, stage then block for Swin).
-
-    Args:
-        model: a timm model, or any module that contains timm attention.
+    """Swap every supported attention module of ``model`` for its instrumented class, in place (idempotent).
 
     Returns:
-        The instrumented attention modules, index = layer number.
+        The instrumented attention modules, index = layer number (module order: block order for ViT, stage
+        then block for Swin).
 
     Raises:
         EamError: the model has no supported attention module, or an attention class outside the registry.
@@ -142,8 +123,7 @@ PLANS = ("head", "row")
 
 
 def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tensor:
-    """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses a mask
-    that freezes anything else."""
+    """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses any other mask."""
     if plan == "head":
         units = m4.flatten(2).all(-1).all(0)
         covered = units.view(1, -1, 1, 1).expand_as(m4)
@@ -157,8 +137,7 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
 
 
 def executes_plans(module: nn.Module, plan: str = "head") -> bool:
-    """Whether ``module`` can execute a frozen ``plan``, as its adapter says (:meth:`Adapter.executes`);
-    every other layer simulates whole rows and heads."""
+    """Whether ``module`` can execute a frozen ``plan`` (:meth:`Adapter.executes`); others simulate it."""
     return module.eam.adapter.executes(plan)
 
 
@@ -167,12 +146,10 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     """Freeze entries of one instrumented attention layer (``mask=None`` unfreezes it).
 
     Args:
-        module: an instrumented attention module.
         mask: bool, the layer's attention shape ``(H, N, N)`` or ``(nW, H, N, N)``: entries to freeze.
-        values: the frozen values, same shape.
         plan: ``None`` (entries, simulated: the whole map computed, then its frozen entries overwritten with
-            the numbers of ``torch.where``), ``"head"`` (the mask must cover
-            whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
+            the numbers of ``torch.where``), ``"head"`` (the mask must cover whole heads, every window) or
+            ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
             ``eam.granularity`` so that a cost account can say what executing would save). A module that
             cannot execute plans (:func:`executes_plans`) needs ``False`` for heads and simulates rows.
@@ -204,9 +181,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
 
 def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan: str, execute: bool) -> None:
     """The plan buffers: kept/frozen units (all a cost account needs when not executed), the order back to
-    timm's, the frozen units' maps in the layout of timm's attention tensor with a leading group dim
-    (:func:`~eamvit.modules.adapters.frozen_times_v`), and for heads sliced from a fused qkv, its weight
-    rows (q, k, v of the kept heads, then v of the frozen ones) and the projection's input columns."""
+    timm's, the frozen units' maps (:func:`~eamvit.modules.adapters.frozen_times_v`'s layout), and for sliced
+    heads the qkv weight rows (q, k, v of the kept heads, then v of the frozen ones) and ``proj`` columns."""
     keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
     if not execute:
@@ -237,18 +213,13 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
             stage: Stage = "softmax") -> Iterator[list[nn.Module]]:
     """Call ``observers[layer](attn, mask)`` on every forward of that attention layer inside the block.
 
-    The one way eamvit reads attention maps. Observers nest: one attached by an enclosing
-    ``observe`` keeps running (after the inner one), and each block restores exactly what it found,
-    also when the body raises. Layers without an observer keep timm's fused attention.
+    The one way eamvit reads attention maps. Observers nest: one attached by an enclosing ``observe`` keeps
+    running (after the inner one), and each block restores exactly what it found. Layers without an observer
+    keep timm's fused attention. Yields the instrumented attention modules, index = layer number.
 
     Args:
-        model: a timm model (instrumented on first use).
-        observers: layer number (see :func:`instrument`) to observer.
         stage: ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or
             ``"keys"`` (the keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
-
-    Yields:
-        The instrumented attention modules, index = layer number.
     """
     layers = _layers(model, observers)
     if stage == "keys":
@@ -269,16 +240,12 @@ def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
 def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
     """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
 
-    Biases nest as observers do: an enclosing block's bias is added to this one, and each block
-    restores exactly what it found. ``None`` adds nothing. Layers without a bias keep timm's forward.
+    Biases nest as observers do (see :func:`observe`); ``None`` adds nothing. Layers without a bias keep timm's
+    forward. Yields the instrumented attention modules, index = layer number.
 
     Args:
-        model: a timm model (instrumented on first use).
         biases: layer number to a tensor that broadcasts to the layer's ``(B, H, N_q, N_k)`` scores
             (proportional attention: ``(B, 1, 1, N)``).
-
-    Yields:
-        The instrumented attention modules, index = layer number.
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")
@@ -287,12 +254,8 @@ def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) 
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor | Callable[[], Any]) -> list[tuple[int, ...]]:
-    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward.
-
-    Args:
-        model: the model.
-        sample: images (the first one is run), or ``f()`` that runs ``model`` once.
-    """
+    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward of ``sample``:
+    images (the first one is run), or ``f()`` that runs ``model`` once."""
     shapes: dict[int, tuple[int, ...]] = {}
 
     def make(i: int) -> Observer:
