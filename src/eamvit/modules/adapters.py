@@ -183,7 +183,7 @@ class Adapter:
         object.__setattr__(self, "verbs", frozenset(verbs))
 
     def executes(self, plan: str) -> bool:
-        """Whether its layers can execute a frozen ``plan``: rows only where heads are sliced and rows declared (ViT)."""
+        """Whether its layers can execute a frozen ``plan``: rows only where heads are sliced and rows are declared."""
         return self.heads is not None and (plan == "head" or self.heads == "sliced" and "row" in self.verbs)
 
     @property

@@ -18,7 +18,8 @@ from timm.layers.attention import Attention
 from eamvit.errors import EamError
 from eamvit.modules import family_quant as fq
 from eamvit.modules.adapters import BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily
-from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, run_tapped, \
+    swinv2_heads
 from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
 from eamvit.modules.merge_block import MergeBeitBlock, MergeCaitBlock, MergeCaitClassBlock, MergeConvitBlock, \
     MergeEvaBlock
@@ -29,10 +30,9 @@ from eamvit.ops.positions import gather_pair_bias
 
 class _SoftmaxTap(TorchFunctionMode):
     """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
-    attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
-    the one before the first softmax (the scores, q and k as timm's forward hands them over) and
-    the second of the first one after it (v). ``keys`` (an observer) receives the key operand of the
-    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax."""
+    attention's ``eam_quant``) also quantizes q and k of the score matmul and v of the first matmul after the
+    softmax. ``keys`` (an observer) receives the key operand of the score matmul as ``(…, N, d)``; ``bias``
+    is added to the input of the first softmax."""
 
     def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
                  keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
@@ -115,19 +115,9 @@ class _Tapped(EamBase):
 
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
-        fused = bool(getattr(self, "fused_attn", False))
         tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant, self.eam.observer_k,
                           self.eam.score_bias)
-        try:
-            if fused:
-                self.fused_attn = False
-            with tap:
-                out = run()
-        finally:
-            if fused:
-                self.fused_attn = True
-        tap.check(self.eam.adapter.timm_class)
-        return out
+        return run_tapped(self, tap, run, False)
 
 
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
@@ -153,25 +143,41 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
     return why
 
 
-# --- EVA / EVA02 ---
-class EamEvaAttention(_Tapped, eva.EvaAttention):
-    """EVA / EVA02 attention (RoPE on q and k)."""
+def _tapped(name: str, timm_class: type, *mixins: type) -> type:
+    """An instrumented class whose map is read through timm's own forward (its adapter says what it computes),
+    bound at module level as ``name`` (where pickling looks it up)."""
+    return type(name, (*mixins, _Tapped, timm_class), {"__module__": __name__})
 
 
-# --- BEiT ---
+EamEvaAttention = _tapped("EamEvaAttention", eva.EvaAttention)
+EamTalkingHeadAttn = _tapped("EamTalkingHeadAttn", cait.TalkingHeadAttn)
+EamClassAttn = _tapped("EamClassAttn", cait.ClassAttn)
+EamMHSA = _tapped("EamMHSA", convit.MHSA)
+EamXCA = _tapped("EamXCA", xcit.XCA)
+EamLocallyGroupedAttn = _tapped("EamLocallyGroupedAttn", twins.LocallyGroupedAttn)
+EamGlobalSubSampleAttn = _tapped("EamGlobalSubSampleAttn", twins.GlobalSubSampleAttn)
+EamMultiScaleAttention = _tapped("EamMultiScaleAttention", mvitv2.MultiScaleAttention)
+EamMultiScaleAttentionPoolFirst = _tapped("EamMultiScaleAttentionPoolFirst", mvitv2.MultiScaleAttentionPoolFirst)
+EamLevitAttention = _tapped("EamLevitAttention", levit.Attention, KeptBiases)
+EamLevitAttentionDownsample = _tapped("EamLevitAttentionDownsample", levit.AttentionDownsample, KeptBiases)
+EamVoloAttention = _tapped("EamVoloAttention", volo.Attention)
+EamVoloClassAttention = _tapped("EamVoloClassAttention", volo.ClassAttention)
+EamTntAttention = _tapped("EamTntAttention", tnt.Attention)
+EamEfficientFormerAttention = _tapped("EamEfficientFormerAttention", efficientformer.Attention, KeptBiases)
+EamFastVitAttention = _tapped("EamFastVitAttention", fastvit.Attention)
+EamMaskUnitAttention = _tapped("EamMaskUnitAttention", hiera.MaskUnitAttention)
+EamCrossAttention = _tapped("EamCrossAttention", crossvit.CrossAttention)
+
+
 class EamBeitAttention(_Tapped, beit.Attention):
-    """BEiT attention with its relative-position bias table.
-
-    While token pruning has dropped tokens, the pruning block sets ``eam.positions`` (the present
-    tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
-    """
+    """BEiT attention; while token pruning has dropped tokens, the pruning block sets ``eam.positions`` around
+    the call, and the relative-position bias covers those tokens only."""
 
     def _get_rel_pos_bias(self) -> torch.Tensor:
         bias = super()._get_rel_pos_bias()
         return bias if self.eam.positions is None else gather_pair_bias(bias, self.eam.positions)
 
 
-# --- Swin v2 ---
 class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
     """Swin v2 cosine window attention; ``eam.num_windows`` is set from the owning block."""
 
@@ -187,16 +193,6 @@ class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
         return self._eam_tapped(lambda: swinv2.WindowAttention.forward(self, x, mask=mask), num_win, mask)
 
 
-# --- CaiT (and XCiT's class attention) ---
-class EamTalkingHeadAttn(_Tapped, cait.TalkingHeadAttn):
-    """CaiT talking-heads self-attention: the map is the softmax between the two head mixings."""
-
-
-class EamClassAttn(_Tapped, cait.ClassAttn):
-    """CaiT / XCiT class attention: one query, the class token."""
-
-
-# --- ConViT ---
 class EamGPSA(EamBase, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
@@ -221,84 +217,13 @@ class EamGPSA(EamBase, convit.GPSA):
         return out
 
 
-class EamMHSA(_Tapped, convit.MHSA):
-    """ConViT plain multi-head self-attention (the last blocks)."""
-
-
-# --- XCiT ---
-class EamXCA(_Tapped, xcit.XCA):
-    """XCiT cross-covariance attention: a softmax over channels, one (d, d) map per head."""
-
-
-# --- Twins ---
-class EamLocallyGroupedAttn(_Tapped, twins.LocallyGroupedAttn):
-    """Twins local attention inside each window of the grid."""
-
-
-class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
-    """Twins global attention over sub-sampled keys."""
-
-
-# --- MViTv2 ---
-class EamMultiScaleAttention(_Tapped, mvitv2.MultiScaleAttention):
-    """MViTv2 pooling attention (q, k, v pooled after the projection)."""
-
-
-class EamMultiScaleAttentionPoolFirst(_Tapped, mvitv2.MultiScaleAttentionPoolFirst):
-    """MViTv2 pooling attention (q, k, v pooled before the projection)."""
-
-
-# --- LeViT ---
-class EamLevitAttention(KeptBiases, _Tapped, levit.Attention):
-    """LeViT attention with learned per-head, per-offset biases."""
-
-
-class EamLevitAttentionDownsample(KeptBiases, _Tapped, levit.AttentionDownsample):
-    """LeViT attention whose queries come from a sub-sampled grid."""
-
-
-# --- VOLO ---
-class EamVoloAttention(_Tapped, volo.Attention):
-    """VOLO plain self-attention (the later stages)."""
-
-
-class EamVoloClassAttention(_Tapped, volo.ClassAttention):
-    """VOLO class attention: one query, the class token."""
-
-
-# --- TNT ---
-class EamTntAttention(_Tapped, tnt.Attention):
-    """TNT attention, inner (pixels of each patch, the patches folded into the batch) and outer (patches)."""
-
-
 def _bind_tnt(model: nn.Module) -> None:
-    """The patches per image of TNT's inner attention (each patch position is its own variable, as Swin's
-    windows are)."""
+    """The patches per image of TNT's inner attention (each patch position is its own variable)."""
     for module in model.modules():
         if isinstance(module, tnt.TNT):
             for block in module.blocks:
                 if isinstance(block.attn_in, EamTntAttention):
                     block.attn_in.eam.num_windows = module.pixel_embed.num_patches
-
-
-# --- EfficientFormer ---
-class EamEfficientFormerAttention(KeptBiases, _Tapped, efficientformer.Attention):
-    """EfficientFormer attention (last stage) with learned attention biases."""
-
-
-# --- FastViT ---
-class EamFastVitAttention(_Tapped, fastvit.Attention):
-    """FastViT self-attention of the SA stages, on a flattened feature map."""
-
-
-# --- Hiera ---
-class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
-    """Hiera attention within mask units (with query pooling); its maps come with heads first."""
-
-
-# --- CrossViT ---
-class EamCrossAttention(_Tapped, crossvit.CrossAttention):
-    """CrossViT cross attention: the other branch's class token queries this branch's tokens."""
 
 
 def _convit_refuse(block: nn.Module) -> Optional[str]:
