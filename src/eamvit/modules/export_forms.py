@@ -1,6 +1,5 @@
 """The export forms of quantized modules and of pruning and merging blocks, swapped in on a copy before
-``torch.onnx`` traces it. See docs/architecture-modules.md.
-"""
+``torch.onnx`` traces it. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -84,9 +83,8 @@ class DequantizedConv2d(QuantConv2d):
 
 
 class QdqAttention(EamAttention):
-    """Export class of a quantized ViT attention in the ``"openvino"`` form: each quantization where the
-    value is made, each dequantization where it is read (the numbers of :class:`EamAttention`'s
-    quantized path: the same quantizers on the same values)."""
+    """Export class of a quantized ViT attention in the ``"openvino"`` form: each quantization where the value is
+    made, each dequantization where it is read (the numbers of :class:`EamAttention`'s quantized path)."""
 
     eam_reads_qk = False  # its quantized scores are not softmax(q·scale·kᵀ) of float q and k
     onnx_qkv_scale: torch.Tensor  # (3·A,): q's step on q's channels, then k's, then v's
@@ -181,8 +179,7 @@ _EXPORT_SWAP = {
 
 
 def swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
-    """Swap a prepared model's classes for their export classes and give its pruning blocks their export
-    form (a copy; never the user's model)."""
+    """Swap a prepared model's classes (a copy; never the user's model) for their export forms."""
     for m in model.modules():
         if isinstance(getattr(m, "eam_tokens", None), (PruneState, MergeState)):
             m.eam_tokens.scores_from_qk = True

@@ -36,11 +36,9 @@ class AttentionQuantizers(nn.Module):
     """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` and the score order.
 
     Args:
-        a_bits: bits of all four.
         attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
         scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False, None where q and k
             are the operands of timm's own score matmul (the families of :mod:`eamvit.modules.families`).
-        percentiles: range-search percentiles.
     """
 
     def __init__(self, a_bits: int, attn_quantizer: str, scale_first: Optional[bool],
@@ -57,14 +55,12 @@ class AttentionQuantizers(nn.Module):
 
 
 class PatchBitsQuantizer(Quantizer):
-    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS).
-
-    Tokens sharing a bit width share one :class:`UniformQuantizer` (lazily calibrated on them).
+    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS); tokens sharing a bit
+    width share one :class:`UniformQuantizer` (lazily calibrated on them).
 
     Args:
         token_bits: bits per token position ``(N,)``.
         token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
-        percentiles: range-search percentiles.
     """
 
     def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
