@@ -68,13 +68,11 @@ class QuantFacts:
         inputs: the Linears the attention applies to its whole (normalised) input, the one that sees every
             token first; ``[None]`` where something else reads that input too (a pooling or sub-sampling
             conv, zero padding), so that no LayerNorm → Linear group is formed there.
-        groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups
-            (:mod:`eamvit.modules.family_quant`).
+        groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups.
         in_float: the attention's children whose Linears stay in float (position terms, head mixing).
-        separate_bias: the qkv projection adds separate q / v biases through ``F.linear``; under
-            quantization they are added after the (quantized) projection instead.
-        one_token: the Linears that read the class token alone, as ``(B, C)`` (ADFQ-ViT's per-patch
-            quantizer has one patch there).
+        separate_bias: the qkv projection adds separate q / v biases through ``F.linear`` (added after the
+            quantized projection instead).
+        one_token: the Linears that read the class token alone, as ``(B, C)``.
         score_order: ``"timm"`` (quantize the operands of timm's own score matmul, through the tap),
             ``"scale_first"`` (q scaled, then quantized) or ``"config"`` (ViT: ``RepQConfig.vit_scale_first``).
         k_dim: where k's tokens are in the operand its quantizer sees (PMQ's per-patch bits).
@@ -98,7 +96,7 @@ class TokenFamily:
     Args:
         block: the timm block class (exact type: a subclass with its own forward is not assumed compatible).
         merge_followers: timm classes of blocks outside ``.blocks`` that read the merged tokens → the class
-            swapped in for them (CaiT's class attention adds the token sizes).
+            swapped in for them (CaiT's class attention).
         positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
             every block after the first reducing block is swapped too (as a follower).
         class_token: a class token precedes the patch tokens inside these blocks (EViT's score and

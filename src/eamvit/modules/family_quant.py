@@ -17,11 +17,9 @@ Group = tuple[nn.LayerNorm, list[nn.Linear]]
 def group(norm: Optional[nn.Module], *linears: Optional[nn.Module]) -> Optional[Group]:
     """``(norm, linears)`` when ``norm`` is an affine LayerNorm over the input of every one of ``linears``."""
     lins = list(linears)
-    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or not lins:
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or norm.weight.dim() != 1:
         return None
-    if not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in lins):
-        return None
-    if norm.weight.dim() != 1:
+    if not lins or not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in lins):
         return None
     return norm, lins
 
@@ -36,8 +34,7 @@ def _mlp_in(mlp: nn.Module) -> list[Optional[nn.Module]]:
 
 
 def attn_inputs(attn: nn.Module) -> list[Optional[nn.Module]]:
-    """The Linears an instrumented attention applies to its whole input, as its adapter says (``[None]``
-    for a module that is not an instrumented attention)."""
+    """The Linears an instrumented attention applies to its whole input (``[None]`` for any other module)."""
     return attn.eam.adapter.quant.inputs(attn) if isinstance(attn, EamBase) else [None]
 
 

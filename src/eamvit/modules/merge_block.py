@@ -1,6 +1,5 @@
 """The merging blocks: each flat-token family's timm block that merges patch tokens (ToMe), installed by
-class swap. See docs/architecture-modules.md.
-"""
+class swap. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import contextlib
@@ -25,13 +24,9 @@ class MergeState:
     """What all merging blocks of one model share (``model.eam_merge``); rebuilt from ``config`` alone.
 
     Args:
-        config: the :class:`~eamvit.methods.merge.MergeConfig` applied.
         r: tokens each merging block merges (before the cap of :func:`~eamvit.ops.merge.merge_count`).
-        selection: ``"tome"`` or ``"entropy"``.
-        order: entropy order of ``"entropy"`` (1 = Shannon).
+        order: entropy order of ``"entropy"`` selection (1 = Shannon).
         prop_attn: add ``log size`` to the scores of every block after the first merge.
-        blocks: the merging blocks (0-based).
-        num_prefix: prefix tokens inside the blocks (never merged).
         later_attention: attention layers after the first merging block (their frozen maps are refused).
         track_positions: EVA02 and BEiT: keep ``positions`` for RoPE and the relative-position bias.
 
@@ -62,8 +57,8 @@ class MergeState:
 
 
 class _MergeSteps(TokenBlock):
-    """What every family's merging block shares: the per-forward trace, the key (and map) capture with
-    the size bias, and the merge."""
+    """What every family's merging block shares: the per-forward trace, the key (and map) capture with the size
+    bias, and the merge."""
 
     eam_tokens: MergeState
     eam_verb = "token merging"
@@ -91,10 +86,8 @@ class _MergeSteps(TokenBlock):
         return r
 
     def _eam_attend(self, r: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """``run()`` (the attention branch) with the size bias, and ``(keys, map, scores)`` when this
-        block merges: the keys, and for entropy-guided merging the map, or in the export form
-        (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`) the entropies recomputed from
-        the queries and keys (with the size bias) while the attention keeps its fused kernel."""
+        """``run()`` (the attention branch) with the size bias, and ``(keys, map, scores)`` when this block merges:
+        the keys, and for entropy-guided merging the map, or in the export form the entropies from q and k."""
         st = self.eam_tokens
         bias = size_bias(st.size) if st.prop_attn and st.size is not None else None
         keys: list[torch.Tensor] = []
@@ -148,8 +141,7 @@ class _MergeSteps(TokenBlock):
 
 
 class MergeCaitClassBlock(cait.LayerScaleBlockClassAttn):
-    """CaiT's class-attention block after merging self-attention blocks: the class token attends to the
-    merged tokens with their size bias (its own size is 1)."""
+    """CaiT's class-attention block after merging blocks: the class token (size 1) attends with the size bias."""
 
     eam_timm_class = cait.LayerScaleBlockClassAttn
     eam_tokens: MergeState

@@ -1,6 +1,5 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
-See docs/architecture-modules.md.
-"""
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,10 +18,9 @@ from eamvit.ops.scores import class_attention, entropy_from_qk, kept_count, prun
 class PruneState:
     """What all pruning blocks of one model share (``model.eam_prune``).
 
-    The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in
-    ``config``. ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change
-    between forwards (the fine-tuning schedule). After each
-    forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative to its input patch tokens
+    The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in ``config``.
+    ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change between forwards
+    (the fine-tuning schedule). After each forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative to its input patch tokens
     (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0, and, with
     ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
     ``positions`` is ``(B, N_now)``: each present token's index among the tokens entering stage 0
@@ -58,9 +56,8 @@ class PruneState:
 
 
 class _PruneSteps(TokenBlock):
-    """What every family's pruning block shares: the per-forward trace, the attention capture and the
-    token surgery. ``eam_stage`` is the pruning stage, or ``None`` for a follower block that only
-    needs the present tokens' positions."""
+    """What every family's pruning block shares: the per-forward trace, the attention capture and the token
+    surgery."""
 
     eam_tokens: PruneState
     eam_verb = "token pruning"
@@ -85,9 +82,8 @@ class _PruneSteps(TokenBlock):
         return k
 
     def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """``run()`` (the attention branch), and ``(map, scores)`` when the method needs the map (read
-        through ``observing``): the whole map and no scores, or, in the export form, the class-token
-        row and the entropy scores recomputed from the queries and keys."""
+        """``run()`` (the attention branch), and ``(map, scores)`` when the method needs the map: the whole map
+        and no scores, or, in the export form, the class-token row and the entropies from q and k."""
         st = self.eam_tokens
         if not st.needs_attention:
             return run(), (None, None)
@@ -107,8 +103,7 @@ class _PruneSteps(TokenBlock):
         return out, (seen[0], None)
 
     def _eam_reads_qk(self) -> bool:
-        """The export form (:meth:`TokenBlock._eam_reads_qk`) where no bias changes the map and a class
-        token exists (EViT's row, its fusion)."""
+        """:meth:`TokenBlock._eam_reads_qk`, where no bias changes the map and a class token exists (EViT's row)."""
         return super()._eam_reads_qk() and self.attn.eam.score_bias is None and self.eam_tokens.num_prefix > 0
 
     def _eam_reduce(self, x: torch.Tensor, seen: Any, k: int) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """Blocks that change the token set between their attention and their MLP: one mixin per flat-token
-family, combined with a verb's steps. See docs/architecture-modules.md.
-"""
+family, combined with a verb's steps. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -16,11 +15,9 @@ from eamvit.ops.positions import gather_pair_bias, gather_rope
 
 
 class TokenBlock:
-    """The shared driver of a reducing block. ``eam_tokens`` is the verb's state (with ``placement``,
-    ``blocks``, ``later_attention`` and, for the family mixins, ``positions`` and ``num_prefix``);
-    ``eam_stage`` the block's index among the reducing blocks, ``None`` for a follower (a later block
-    that only needs what the reduction left: positions, token sizes); ``eam_timm_class`` the class
-    swapped back in when the verb is undone."""
+    """The shared driver of a reducing block. ``eam_tokens`` is the verb's state; ``eam_stage`` the block's index
+    among the reducing blocks, ``None`` for a follower (a later block that only needs what the reduction left:
+    positions, token sizes); ``eam_timm_class`` the class swapped back in when the verb is undone."""
 
     eam_tokens: Any
     eam_stage: Optional[int]
@@ -46,20 +43,15 @@ class TokenBlock:
                                "that no longer apply) or unfreeze those layers")
 
     def _eam_reads_qk(self) -> bool:
-        """The export form (the state's ``scores_from_qk``, set on an export's copy by
-        :func:`~eamvit.modules.export_forms.swap_for_export_`) where the attention is a float ViT
-        attention: it keeps its fused kernel, whose map then has no second reader, and what the step
-        reads of the map (EViT's class-token row, attention entropies) is recomputed from the queries
-        and keys (``eam.observer_qk``). Runtimes fuse an attention only when its softmax has one reader
-        (OpenVINO's scaled-dot-product attention); the scores are the same numbers up to rounding."""
+        """The export form (docs/architecture-modules.md) where the attention is a float ViT attention: it keeps
+        its fused kernel, and what the step reads of the map is recomputed from ``eam.observer_qk``."""
         a = self.attn
         return (self.eam_tokens.scores_from_qk and getattr(a, "eam_reads_qk", False) and a.eam_quant is None
                 and a.eam_frozen_mask is None and a.eam.observer is None and a.eam.observer_q is None)
 
     def _eam_run(self, x: torch.Tensor, plan: Any, attn_branch: Callable[[torch.Tensor], torch.Tensor],
                  mlp_branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The block with its reduction: ``x + attn_branch(x)``, then reduce before (``"attn"``) or after
-        (``"block"``) ``x + mlp_branch(x)``; each branch is the family's own arithmetic."""
+        """``x + attn_branch(x)``, then reduce before (``"attn"``) or after (``"block"``) ``x + mlp_branch(x)``."""
         y, seen = self._eam_attend(plan, lambda: attn_branch(x))
         x = x + y
         if self.eam_tokens.placement == "attn":
@@ -106,8 +98,7 @@ class EvaTokens(TokenBlock):
 
 
 class BeitTokens(TokenBlock):
-    """BEiT's ``Block``; after the first reducing block its relative-position bias (own table and the
-    model's shared one) covers the present tokens only."""
+    """BEiT's ``Block``; after the first reducing block its relative-position biases cover the present tokens."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         plan = self._eam_start(x, False)
