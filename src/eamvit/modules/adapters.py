@@ -47,15 +47,6 @@ def patch_embed_size(model: nn.Module, attr: str = "patch_embed") -> Optional[tu
     return as_pair(img) if img is not None else None
 
 
-def no_opset_need(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """An adapter's models export at any opset eamvit takes."""
-    return 0, ""
-
-
-def no_binding(model: nn.Module) -> None:
-    """An adapter's layers need nothing from their model."""
-
-
 def _qkv(attn: nn.Module) -> list[Optional[nn.Module]]:
     return [getattr(attn, "qkv", None)]
 
@@ -160,9 +151,9 @@ class Adapter:
     cost_modelled: bool = False
     quant: QuantFacts = QuantFacts()
     tokens: Optional[TokenFamily] = None
-    bind: Callable[[nn.Module], None] = no_binding
+    bind: Callable[[nn.Module], None] = lambda model: None
     input_size: SizeReader = patch_embed_size
-    min_opset: OpsetReader = no_opset_need
+    min_opset: OpsetReader = lambda model, size: (0, "")  # any opset eamvit takes
 
     def __post_init__(self) -> None:
         given = set(self.verbs)
@@ -347,8 +338,7 @@ def _chain(first: Observer, then: Observer) -> Observer:
 @contextlib.contextmanager
 def _attached(layers: Sequence[nn.Module], values: Mapping[int, object], attr: str,
               combine: Callable[[object, object], object]) -> Iterator[Sequence[nn.Module]]:
-    """Set ``layers[i].eam.<attr>`` to ``values[i]`` (``combine``d with what was there) for the block, and
-    restore exactly what was there on exit."""
+    """Set ``layers[i].eam.<attr>`` to ``values[i]`` (``combine``d with what was there) for the block."""
     saved = {l: getattr(layers[l].eam, attr) for l in values}
     try:
         for l, value in values.items():

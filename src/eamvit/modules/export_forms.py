@@ -148,16 +148,11 @@ def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:
     m.register_buffer("onnx_zero_point", (zp - shift).to(torch.int8))
 
 
-def _block_size(k: int, config: ExportConfig) -> int:
-    if config.block_size is not None:
-        return config.block_size
-    return max([b for b in (16, 32, 64, 128) if k % b == 0], default=16)
-
-
 def _setup_nbits_linear(m: nn.Module, config: ExportConfig) -> None:
     codes, delta, zp = _weight_codes(m)
     bits, (n, k) = m.weight_quantizer.bits, m.weight.shape
-    bs = _block_size(k, config)
+    bs = config.block_size if config.block_size is not None else max([b for b in (16, 32, 64, 128) if k % b == 0],
+                                                                      default=16)
     packed, scales, zps = pack_nbits_weight(codes, delta, zp, bits, bs)
     m.register_buffer("onnx_packed", packed)
     m.register_buffer("onnx_scales", scales)

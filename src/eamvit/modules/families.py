@@ -123,8 +123,7 @@ class _Tapped(EamBase):
 def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
              probs: str = "the output of the softmax", verbs: frozenset = BASE_VERBS, why_not: Optional[dict] = None,
              no_rows: str = "", **facts: Any) -> Adapter:
-    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty);
-    ``facts``: the further :class:`~eamvit.modules.adapters.Adapter` fields."""
+    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
     why_not = dict(why_not or {})
     if no_rows:
         why_not["row"] = (f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "

@@ -57,8 +57,7 @@ class MergeState:
 
 
 class _MergeSteps(TokenBlock):
-    """What every family's merging block shares: the per-forward trace, the key (and map) capture with the size
-    bias, and the merge."""
+    """What every family's merging block shares: the per-forward trace, the key capture, the size bias, the merge."""
 
     eam_tokens: MergeState
     eam_verb = "token merging"

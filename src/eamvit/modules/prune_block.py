@@ -20,9 +20,9 @@ class PruneState:
 
     The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in ``config``.
     ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change between forwards
-    (the fine-tuning schedule). After each forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative to its input patch tokens
-    (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0, and, with
-    ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
+    (the fine-tuning schedule). After each forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative
+    to its input patch tokens (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0,
+    and, with ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
     ``positions`` is ``(B, N_now)``: each present token's index among the tokens entering stage 0
     (prefix tokens first; ``-1`` for a fused token), or ``None`` while no stage of this forward pruned.
     """
@@ -56,8 +56,7 @@ class PruneState:
 
 
 class _PruneSteps(TokenBlock):
-    """What every family's pruning block shares: the per-forward trace, the attention capture and the token
-    surgery."""
+    """What every family's pruning block shares: the per-forward trace, the attention capture, the surgery."""
 
     eam_tokens: PruneState
     eam_verb = "token pruning"

@@ -99,8 +99,7 @@ _SAMPLE_STEP = 61  # prime: a sample of (B, N, C) activations does not keep to a
 
 
 def _tail(rows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """``rows.topk(k, dim=1, largest=largest, sorted=True).values``, the same values in the same order; one
-    long row is prefiltered by a threshold read from a strided sample (docs/architecture-modules.md)."""
+    """``rows.topk(k, dim=1, largest=largest, sorted=True).values``; one long row prefiltered (see the docs)."""
     n = rows.shape[1]
     if rows.shape[0] != 1 or n < _PREFILTER_MIN or k * 16 > n:
         return rows.topk(k, dim=1, largest=largest, sorted=True).values
@@ -154,8 +153,7 @@ BATCHED_SEARCH_LIMIT = 1 << 26
 
 
 def _candidate_mse(rows: torch.Tensor, fake_quant, *params: torch.Tensor) -> torch.Tensor:
-    """``(P, K)`` mean squared error of ``fake_quant(rows, *params)`` for each candidate (a row of each ``(P, K)``
-    of ``params``) on each row of ``rows`` ``(K, M)``."""
+    """``(P, K)`` mean squared error of each candidate's ``fake_quant(rows, *params)``, ``rows`` ``(K, M)``."""
     n_cand = params[0].shape[0]
     if n_cand * rows.numel() <= BATCHED_SEARCH_LIMIT:
         err = fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
