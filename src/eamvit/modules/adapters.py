@@ -117,10 +117,8 @@ class Adapter:
 
     Args:
         family: the model family, as ``eamvit models`` names it.
-        eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``).
-        qkv, logits, probs: how it computes q, k and v, the terms before the softmax, where the probabilities
-            are (what observers see and freezing overwrites); for ``eamvit models``.
-        layer_map: the per-layer map shape ``(…, N_q, N_k)``; heads are at dim -3.
+        eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``); what it computes
+            (q, k, v, the terms before the softmax, its layer map, heads at dim -3) is in the docs.
         verbs: the supported verbs besides those the facts below imply: ``executed_head`` with ``heads``,
             ``prune`` and ``merge`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT unless ``why_not`` refuses them.
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
@@ -138,12 +136,7 @@ class Adapter:
     family: str
     timm_class: type
     eam_class: type
-    qkv: str
-    logits: str
-    probs: str
-    layer_map: str
     verbs: frozenset
-    example: str
     why_not: dict = field(default_factory=dict)
     heads: Optional[str] = None
     heads_at: Optional[int] = None

@@ -120,17 +120,15 @@ class _Tapped(EamBase):
         return run_tapped(self, tap, run, False)
 
 
-def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax", verbs: frozenset = BASE_VERBS, why_not: Optional[dict] = None,
-             no_rows: str = "", **facts: Any) -> Adapter:
+def _adapter(family: str, timm_class: type, eam_class: type, verbs: frozenset = BASE_VERBS,
+             why_not: Optional[dict] = None, no_rows: str = "", **facts: Any) -> Adapter:
     """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
     why_not = dict(why_not or {})
     if no_rows:
         why_not["row"] = (f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "
                           "different numbers of rows; use entry or head")
-    return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
-                   layer_map=layer_map, verbs=verbs if no_rows else verbs | {"row"}, example=example,
-                   why_not=why_not, **facts)
+    return Adapter(family=family, timm_class=timm_class, eam_class=eam_class,
+                   verbs=verbs if no_rows else verbs | {"row"}, why_not=why_not, **facts)
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
@@ -252,104 +250,72 @@ _CONVIT = TokenFamily("ConViT", convit.Block, PruneConvitBlock, MergeConvitBlock
 _NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
               "local patch interaction convolves the full patch grid; its class attention only comes after them")
 _NONE = lambda a: [None]  # noqa: E731 (a conv, pooling or padding also reads the normalised input)
-_QKV = "one fused qkv linear, split per head"
 _WINDOW_ROW = "a row there is one (window, token) pair"
-_SCALED = "q·kᵀ·scale"
 _VOLO = dict(input_size=volo_size, min_opset=volo_opset)
+_NO_REPQ = BASE_VERBS - {"repq"}
+# What each class computes (q, k and v, the terms before the softmax, its layer map) is in
+# docs/architecture-modules.md, "The families' attention classes".
 ADAPTERS: tuple[Adapter, ...] = (
-    _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
-             _SCALED + " after rotary position embedding of q and k (EVA02); optional sub-LN", "(H, N, N)",
-             "eva02_tiny_patch14_224", heads="sdpa", cost_modelled=True,
+    _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, heads="sdpa", cost_modelled=True,
              quant=QuantFacts(_eva_inputs, {eva.EvaBlock: fq.attn_block}, separate_bias=True),
              tokens=TokenFamily("EVA02", eva.EvaBlock, PruneEvaBlock, MergeEvaBlock, positions=True,
-                               refuse_model=_eva_refuse)),
-    _adapter("BEiT", beit.Attention, EamBeitAttention, "one qkv linear with q and v biases",
-             _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224", heads="sdpa",
-             cost_modelled=True, quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
+                                refuse_model=_eva_refuse)),
+    _adapter("BEiT", beit.Attention, EamBeitAttention, heads="sdpa", cost_modelled=True,
+             quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
              tokens=TokenFamily("BEiT", beit.Block, PruneBeitBlock, MergeBeitBlock, positions=True)),
     # Swin v2 and EVA's post-norm blocks have no groups: the norm follows the attention and the MLP.
-    _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
-             "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
-             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256",
-             no_rows=_WINDOW_ROW, heads="own", cost_modelled=True,
-             quant=QuantFacts(in_float=("cpb_mlp",), separate_bias=True),
+    _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, no_rows=_WINDOW_ROW, heads="own",
+             cost_modelled=True, quant=QuantFacts(in_float=("cpb_mlp",), separate_bias=True),
              bind=partial(bind_windows, EamWindowAttentionV2),
              why_not={"adfq": "ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm, so no "
                               "LayerNorm feeds a Linear and its per-patch outlier-aware quantizer has no input; "
                               "use RepQ-ViT or PMQ"}),
-    _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
-             _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
-             probs="the output of the softmax, before the second head mixing",
+    _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, tokens=_CAIT,
              quant=QuantFacts(groups={cait.LayerScaleBlock: fq.attn_block}, in_float=("proj_l", "proj_w")),
-             tokens=_CAIT,
              why_not={"executed_head": "executed head freezing does not apply to CaiT's talking-heads attention: a "
                                        "linear layer mixes every head's scores before the softmax, so no head's "
                                        "q·k can be skipped; simulate its heads (execute=False)"}),
     # XCiT's class-attention block is not a group: its normalised tokens also pass through unchanged.
-    _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, "q from the class token, k and v from all tokens",
-             _SCALED, "(H, 1, N)", "cait_xxs24_224", heads="sdpa", tokens=_CAIT,
+    _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, heads="sdpa", tokens=_CAIT,
              quant=QuantFacts(lambda a: [a.k, a.q, a.v], {cait.LayerScaleBlockClassAttn: fq.attn_block},
                               one_token=("q",))),
-    _adapter("ConViT", convit.GPSA, EamGPSA, "one qk linear and a v linear; positional scores from relative offsets",
-             "softmax(q·kᵀ·scale) and softmax(positional scores), mixed by a sigmoid gate per head and renormalised",
-             "(H, N, N)", "convit_tiny", probs="the gated mix (the output of get_attention)", heads="own",
-             quant=QuantFacts(lambda a: [a.qk, a.v], {convit.Block: fq.attn_block}, in_float=("pos_proj",)),
-             tokens=_CONVIT),
-    _adapter("ConViT", convit.MHSA, EamMHSA, _QKV, _SCALED, "(H, N, N)", "convit_tiny", heads="matmul",
-             tokens=_CONVIT),
-    _adapter("XCiT", xcit.XCA, EamXCA, _QKV + ", transposed to channels",
-             "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
-             "xcit_nano_12_p16_224", heads="sdpa",
+    _adapter("ConViT", convit.GPSA, EamGPSA, heads="own", tokens=_CONVIT,
+             quant=QuantFacts(lambda a: [a.qk, a.v], {convit.Block: fq.attn_block}, in_float=("pos_proj",))),
+    _adapter("ConViT", convit.MHSA, EamMHSA, heads="matmul", tokens=_CONVIT),
+    _adapter("XCiT", xcit.XCA, EamXCA, heads="sdpa",
              quant=QuantFacts(groups={xcit.XCABlock: fq.attn_block}, channel_map=True),
              why_not={"prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS}),
     # Twins pads the grid to whole windows with zeros after the norm, and padded tokens are keys.
-    _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
-             _SCALED, "(G, H, N, N)", "twins_svt_small", heads="sdpa",
-             no_rows="its local attention is windowed, " + _WINDOW_ROW, input_size=twins_size,
+    _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, heads="sdpa", input_size=twins_size,
+             no_rows="its local attention is windowed, " + _WINDOW_ROW,
              quant=QuantFacts(_NONE, {twins.Block: fq.attn_block})),
-    _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
-             "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
-             "twins_svt_small", heads="sdpa", input_size=twins_size,
+    _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn, heads="sdpa", input_size=twins_size,
              quant=QuantFacts(lambda a: [a.kv, a.q] if a.sr is None else [None])),
-    _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, _QKV + ", then pooled",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             heads="matmul", cut_einsum=True, input_size=mvitv2_size,
-             quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
-    _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst,
-             "pooled first, then separate q, k, v linears",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             heads="matmul", cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
-    _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
-             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s",
-             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
-    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
-             "kv linear on all tokens, q linear on a sub-sampled grid",
-             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s",
-             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, heads="matmul", cut_einsum=True,
+             input_size=mvitv2_size, quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
+    _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst, heads="matmul",
+             cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
+    _adapter("LeViT", levit.Attention, EamLevitAttention, verbs=_NO_REPQ, heads="matmul",
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample, verbs=_NO_REPQ, heads="matmul",
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
     # VOLO's outlooker: an average pooling also reads norm1's output.
-    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224", heads="sdpa",
+    _adapter("VOLO", volo.Attention, EamVoloAttention, heads="sdpa",
              quant=QuantFacts(groups={volo.Transformer: fq.attn_block, volo.ClassBlock: fq.attn_block,
                                       volo.Outlooker: fq.mlp_only}), **_VOLO),
-    _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
-             _SCALED, "(H, 1, N)", "volo_d1_224", heads="matmul", quant=QuantFacts(lambda a: [a.kv, a.q]), **_VOLO),
-    _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
-             "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
-             "tnt_s_patch16_224", heads="matmul", bind=_bind_tnt,
-             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair", input_size=tnt_size,
+    _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, heads="matmul",
+             quant=QuantFacts(lambda a: [a.kv, a.q]), **_VOLO),
+    _adapter("TNT", tnt.Attention, EamTntAttention, heads="matmul", bind=_bind_tnt, input_size=tnt_size,
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair",
              quant=QuantFacts(lambda a: [a.qk, a.v], {tnt.Block: fq.tnt_block})),
-    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
-             "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
-             "efficientformer_l1", verbs=BASE_VERBS - {"repq"}, heads="matmul",
+    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention, verbs=_NO_REPQ, heads="matmul",
              why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
-    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
-             "(H, N, N)", "fastvit_sa12", verbs=BASE_VERBS - {"repq"}, heads="sdpa", why_not=_batchnorm("FastViT")),
-    _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
-             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224", heads="sdpa", heads_at=1,
-             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair", input_size=hiera_size,
+    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, verbs=_NO_REPQ, heads="sdpa",
+             why_not=_batchnorm("FastViT")),
+    _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, heads="sdpa", heads_at=1, input_size=hiera_size,
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair",
              quant=QuantFacts(groups={hiera.HieraBlock: fq.hiera_block})),
-    _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
-             "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
-             "crossvit_tiny_240", heads="matmul",
+    _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention, heads="matmul",
              quant=QuantFacts(lambda a: [a.wk, a.wq, a.wv], {crossvit.CrossAttentionBlock: fq.norm1_only})),
 )
 

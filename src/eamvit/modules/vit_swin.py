@@ -245,20 +245,16 @@ def _vit_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
-            qkv="one fused qkv linear, split per head; optional q/k norm",
-            logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
-            verbs=BASE_VERBS | {"row"}, example="deit_tiny_patch16_224", heads="sliced", cost_modelled=True,
+    Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention, verbs=BASE_VERBS | {"row"}, heads="sliced",
+            cost_modelled=True, input_size=_vit_size, min_opset=_vit_opset,
             # A gated attention also feeds norm1's output to its gate: the reparameterisation would change it.
             quant=QuantFacts(inputs=lambda a: [a.qkv] if getattr(a, "gate", None) is None else [None],
                              groups={Block: vit_block}, score_order="config", k_dim=-2),
-            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock), input_size=_vit_size, min_opset=_vit_opset),
-    Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
-            qkv="one fused qkv linear, split per head, per window",
-            logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
-            layer_map="(nW, H, N, N)", verbs=BASE_VERBS, example="swin_tiny_patch4_window7_224", heads="sliced",
-            cost_modelled=True, quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
-                                                 score_order="scale_first", k_dim=-2),
+            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock)),
+    Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention, verbs=BASE_VERBS,
+            heads="sliced", cost_modelled=True,
+            quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
+                             score_order="scale_first", k_dim=-2),
             bind=partial(bind_windows, EamWindowAttention),
             # The one wording of these refusals; the CLI checks them before reading any data.
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
