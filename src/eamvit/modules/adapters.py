@@ -124,10 +124,9 @@ class Adapter:
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
         heads: how an executed head plan runs (:data:`HEAD_MODES`); None: heads are simulated only.
         heads_at: where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
-        cut_einsum: the executed path also cuts the queries of the one ``einsum`` between the score
-            matmul and the softmax (MViTv2's decomposed relative position, a term per head).
-        cost_modelled: the MAC account (methods/cost.py) reads its shapes (a fused ``qkv`` and ``proj``
-            over one set of tokens).
+        cut_einsum: the executed path also cuts the queries of the one ``einsum`` between the score matmul and
+            the softmax (MViTv2's decomposed relative position, a term per head).
+        cost_modelled: the MAC account (methods/cost.py) reads its shapes (fused ``qkv``, ``proj``, one token set).
         tokens: how the family's blocks drop or merge tokens; None: neither.
         bind: sets what its layers need from their model (groups per image: Swin's windows, TNT's patches).
         input_size: the one source of a built model's image size for data configs and exports.
@@ -187,20 +186,16 @@ class EamState:
 
     Args:
         layer: the layer number (module order, see :func:`eamvit.modules.attention.instrument`).
-        observer: called with the post-softmax map (``observe(stage="softmax")``).
-        observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
-        observer_k: called with the keys ``(B, H, N, d)`` as the score product receives them
-            (``stage="keys"``; token merging's matching features).
-        observer_qk: called with the queries and the keys ``(B, H, N, d)`` of a float attention whose
-            map is ``softmax(q·scale·kᵀ)`` (classes with ``eam_reads_qk``); the module keeps its fused
-            kernel, and a reader that needs a few rows or a statistic of the map recomputes them from these
-            (pruning's export form).
+        observer, observer_q, observer_k: :func:`~eamvit.modules.attention.observe`'s stages: called with the
+            post-softmax map, the map after the post-softmax quantizer, the keys ``(B, H, N, d)`` as the score
+            product receives them (token merging's matching features).
+        observer_qk: called with the queries and the keys of a float attention whose map is ``softmax(q·scale·kᵀ)``
+            (``eam_reads_qk``), which keeps its fused kernel (pruning's export form).
         score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``.
-        plan: ``"head"`` or ``"row"`` while a frozen plan is executed.
-        granularity: what the frozen mask covers: ``"entry"``, ``"row"`` or ``"head"``.
+        plan, granularity: the executed frozen plan (``"head"``, ``"row"`` or None) and what the frozen mask
+            covers (``"entry"``, ``"row"`` or ``"head"``).
         num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
-        positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT's
-            relative-position bias covers those only).
+        positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT).
         cache: :meth:`EamBase._eam_cached`'s tensors; emptied by :func:`~eamvit.modules.attention.set_frozen`.
     """
 

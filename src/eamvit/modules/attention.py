@@ -155,8 +155,7 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
             cannot execute plans (:func:`executes_plans`) needs ``False`` for heads and simulates rows.
 
     Raises:
-        EamError: a plan the mask does not match, or one the layer's adapter does not support (``"row"`` on
-            Swin).
+        EamError: a plan the mask does not match, or one the layer's adapter does not support.
     """
     if mask is not None:
         if plan is not None and plan not in PLANS:

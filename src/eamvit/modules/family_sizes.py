@@ -2,6 +2,7 @@
 ``patch_embed.img_size``."""
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Optional
 
@@ -22,11 +23,8 @@ def _scaled(grid: Any, stride: Any) -> tuple[int, int]:
 
 def _conv_stride(module: nn.Module) -> tuple[int, int]:
     """The product of the strides of ``module``'s convolutions: a convolutional patch embedding's patch."""
-    h = w = 1
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            h, w = h * m.stride[0], w * m.stride[1]
-    return h, w
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return math.prod(c.stride[0] for c in convs), math.prod(c.stride[1] for c in convs)
 
 
 def mvitv2_size(model: nn.Module) -> Optional[tuple[int, int]]:

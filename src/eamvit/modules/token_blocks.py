@@ -60,6 +60,13 @@ class TokenBlock:
         x = x + mlp_branch(x)
         return self._eam_reduce(x, seen, plan)
 
+    def _eam_run_scaled(self, x: torch.Tensor, plan: Any, **attn_kwargs: Any) -> torch.Tensor:
+        """:meth:`_eam_run` of EVA02's and BEiT's blocks: each branch scaled by ``gamma_1``/``gamma_2`` where set."""
+        scaled = lambda g, y: y if g is None else g * y  # noqa: E731
+        return self._eam_run(
+            x, plan, lambda t: self.drop_path1(scaled(self.gamma_1, self.attn(self.norm1(t), **attn_kwargs))),
+            lambda t: self.drop_path2(scaled(self.gamma_2, self.mlp(self.norm2(t)))))
+
 
 class VitTokens(TokenBlock):
     """timm ``Block`` (ViT family)."""
@@ -85,16 +92,7 @@ class EvaTokens(TokenBlock):
             rope = gather_rope(rope, st.positions, st.num_prefix)
         if plan is None or attn_mask is not None:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-
-        def attn_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.attn(self.norm1(t), rope=rope, attn_mask=None, is_causal=is_causal)
-            return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-
-        def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.mlp(self.norm2(t))
-            return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
-
-        return self._eam_run(x, plan, attn_branch, mlp_branch)
+        return self._eam_run_scaled(x, plan, rope=rope, attn_mask=None, is_causal=is_causal)
 
 
 class BeitTokens(TokenBlock):
@@ -109,17 +107,7 @@ class BeitTokens(TokenBlock):
         try:
             if plan is None:
                 return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-            g1, g2 = self.gamma_1, self.gamma_2
-
-            def attn_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.attn(self.norm1(t), shared_rel_pos_bias=shared_rel_pos_bias)
-                return self.drop_path1(y if g1 is None else g1 * y)
-
-            def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.mlp(self.norm2(t))
-                return self.drop_path2(y if g2 is None else g2 * y)
-
-            return self._eam_run(x, plan, attn_branch, mlp_branch)
+            return self._eam_run_scaled(x, plan, shared_rel_pos_bias=shared_rel_pos_bias)
         finally:
             self.attn.eam.positions = None
 
