@@ -281,8 +281,7 @@ class EamBase:
         shape5 = (-1, groups) + tuple(attn.shape[1:]) if groups > 1 else None
         state = self.eam
         if state.observer is not None:
-            view = attn.view(shape5) if shape5 else attn
-            state.observer(view, mask)
+            state.observer(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_quant is not None:
             attn = self.eam_quant.attn(attn)
         if state.observer_q is not None:
@@ -306,8 +305,7 @@ def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         values: ``(G, …, N_q, N_k)`` frozen maps, the leading dim the groups (windows, patches) of one image.
         v: ``(B·G, …, N_k, d)`` the frozen units' values (image-major, as timm orders windows).
 
-    Returns:
-        ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
+    Returns ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
     """
     G, mid, (nq, nk), d = values.shape[0], tuple(values.shape[1:-2]), values.shape[-2:], v.shape[-1]
     B, m = v.shape[0] // G, len(mid)

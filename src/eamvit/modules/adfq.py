@@ -130,11 +130,8 @@ class OutlierAwareQuantizer(LearnableUniformQuantizer):
 
 class ShiftLogQuantizer(Quantizer):
     """ADFQ-ViT's Shift-Log2 Quantizer: ``Q(x − min x + ε) + min x − ε`` with the log quantizer ``self.log``
-    (``min x`` over the whole tensor, recomputed at every forward as the code does).
-
-    Args:
-        kind: ``"logsqrt2"`` (code) or ``"log2"`` (paper eq. 23).
-    """
+    of ``kind`` ``"logsqrt2"`` (code) or ``"log2"`` (paper eq. 23); ``min x`` over the whole tensor, recomputed
+    at every forward as the code does."""
 
     def __init__(self, bits: int, kind: str = "logsqrt2", eps: float = 1e-8,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):

@@ -124,12 +124,8 @@ PLANS = ("head", "row")
 
 def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tensor:
     """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses any other mask."""
-    if plan == "head":
-        units = m4.flatten(2).all(-1).all(0)
-        covered = units.view(1, -1, 1, 1).expand_as(m4)
-    else:
-        units = m4[0].all(-1).all(0)
-        covered = units.view(1, 1, -1, 1).expand_as(m4)
+    units = m4.flatten(2).all(-1).all(0) if plan == "head" else m4[0].all(-1).all(0)
+    covered = units.view((1, -1, 1, 1) if plan == "head" else (1, 1, -1, 1)).expand_as(m4)
     if not torch.equal(covered, m4):
         raise EamError(f"layer {module.eam.layer}: the frozen mask does not cover whole {plan}s; "
                        f"freeze with granularity {plan!r}")

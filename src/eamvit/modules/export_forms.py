@@ -118,11 +118,9 @@ def _setup_openvino_attention(layer: nn.Module) -> None:
             or not isinstance(layer.q_norm, nn.Identity) or not isinstance(layer.k_norm, nn.Identity) \
             or not all(type(getattr(qz, n)) is QdqActivation for n in ("q", "k", "v")):
         return
-    width = layer.attn_dim
-    layer.register_buffer("onnx_qkv_scale", torch.cat(
-        [getattr(qz, n).onnx_scale.expand(width) for n in ("q", "k", "v")]).contiguous())
-    layer.register_buffer("onnx_qkv_zero_point", torch.cat(
-        [getattr(qz, n).onnx_zero_point.expand(width) for n in ("q", "k", "v")]).contiguous())
+    for attr in ("scale", "zero_point"):  # q's on q's channels, then k's, then v's
+        parts = [getattr(getattr(qz, n), f"onnx_{attr}").expand(layer.attn_dim) for n in ("q", "k", "v")]
+        layer.register_buffer(f"onnx_qkv_{attr}", torch.cat(parts).contiguous())
     proj = layer.proj
     layer.onnx_merge_codes = (isinstance(layer.norm, nn.Identity) and layer.gate is None and type(proj) is QdqLinear
                               and type(proj.input_quantizer) is QdqActivation)
@@ -151,12 +149,11 @@ def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:
 def _setup_nbits_linear(m: nn.Module, config: ExportConfig) -> None:
     codes, delta, zp = _weight_codes(m)
     bits, (n, k) = m.weight_quantizer.bits, m.weight.shape
-    bs = config.block_size if config.block_size is not None else max([b for b in (16, 32, 64, 128) if k % b == 0],
-                                                                      default=16)
-    packed, scales, zps = pack_nbits_weight(codes, delta, zp, bits, bs)
-    m.register_buffer("onnx_packed", packed)
-    m.register_buffer("onnx_scales", scales)
-    m.register_buffer("onnx_zero_points", zps)
+    fits = [b for b in (16, 32, 64, 128) if k % b == 0]
+    bs = config.block_size if config.block_size is not None else max(fits, default=16)
+    packed = pack_nbits_weight(codes, delta, zp, bits, bs)
+    for name, t in zip(("onnx_packed", "onnx_scales", "onnx_zero_points"), packed):
+        m.register_buffer(name, t)
     m.nbits = (k, n, bits, bs)
 
 

@@ -247,12 +247,9 @@ class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantizer with RepQ-ViT's percentile + MSE range search.
 
     Args:
-        bits: 2..8.
-        granularity: ``"tensor"``, ``"channel"`` or ``"token"``.
-        channel_dim: the channel dimension for ``"channel"`` (0 for weights, -1 for activations).
+        channel_dim: the channel dimension for ``"channel"`` granularity (0 for weights, -1 for activations).
         percentiles: candidate upper percentiles p (the lower is 1-p), searched in order.
-        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (plain min/max range, no search; for the log quantizers
-            Δ = max).
+        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (the min/max range, no search; log quantizers: Δ = max).
     """
 
     _param_names = ("delta", "zero_point")

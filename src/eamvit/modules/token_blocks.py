@@ -140,11 +140,8 @@ _FAMILY_BLOCKS = (("", VitTokens, Block), ("Eva", EvaTokens, eva.EvaBlock), ("Be
 
 
 def block_classes(verb: str, steps: type, module: str) -> tuple[type, ...]:
-    """A verb's block class per flat-token family: ``<verb><Family>Block(family mixin, steps, timm class)``.
-
-    Args:
-        module: the module the classes are defined in (``__name__``), where pickling looks them up.
-    """
+    """A verb's block class per flat-token family, ``<verb><Family>Block(family mixin, steps, timm class)``,
+    defined in ``module`` (the caller's ``__name__``, where pickling looks it up)."""
     return tuple(type(f"{verb}{name}Block", (mixin, steps, timm_class),
                       {"eam_timm_class": timm_class, "__module__": module})
                  for name, mixin, timm_class in _FAMILY_BLOCKS)
