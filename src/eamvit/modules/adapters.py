@@ -369,16 +369,3 @@ def require(layers: Iterable[nn.Module], verb: str) -> None:
             raise EamError(f"{_VERB_WORDS[verb]} does not support {adapter.family} yet "
                            f"(attention layer {layer.eam.layer}, timm {adapter.timm_class.__name__}); "
                            "`eamvit models` lists what each family supports")
-
-
-def capability_table(families: Iterable[Family], adapters: Iterable[Adapter]) -> str:
-    """Families × verbs as a markdown table: a family supports a verb when all its classes do."""
-    by_class = {a.timm_class: a for a in adapters}
-    lines = ["| family | attention classes | " + " | ".join(VERB_TITLES[v] for v in VERBS) + " | example | note |",
-             "|" + "---|" * (len(VERBS) + 4)]
-    for fam in families:
-        group = [by_class[c] for c in fam.classes]
-        cells = ["yes" if all(v in a.verbs for a in group) else "no" for v in VERBS]
-        names = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in fam.classes)
-        lines.append(f"| {fam.name} | {names} | " + " | ".join(cells) + f" | {fam.example} | {fam.note} |")
-    return "\n".join(lines)

@@ -11,7 +11,7 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, biasing, capability_table,
+from eamvit.modules.adapters import (PLAN_BUFFERS, VERB_TITLES, VERBS, Adapter, Observer, TokenFamily, biasing,
                                      observing, require)
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
@@ -58,8 +58,15 @@ def _refuse(what: str) -> EamError:
 
 
 def models_table() -> str:
-    """The families × verbs table of the registry (markdown), as ``eamvit models`` prints it."""
-    return capability_table(FAMILIES, ADAPTERS)
+    """The families × verbs table of the registry (markdown), as ``eamvit models`` prints it: a family supports
+    a verb when all its classes do."""
+    lines = ["| family | attention classes | " + " | ".join(VERB_TITLES[v] for v in VERBS) + " | example | note |",
+             "|" + "---|" * (len(VERBS) + 4)]
+    for fam in FAMILIES:
+        cells = ["yes" if all(v in _BY_CLASS[c].verbs for c in fam.classes) else "no" for v in VERBS]
+        names = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in fam.classes)
+        lines.append(f"| {fam.name} | {names} | " + " | ".join(cells) + f" | {fam.example} | {fam.note} |")
+    return "\n".join(lines)
 
 
 def _adapters(model: nn.Module) -> list[Adapter]:

@@ -31,13 +31,6 @@ def check_quant_bits(bits: Any, what: str = "bits") -> int:
     return bits
 
 
-def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
-    ps = tuple(float(p) for p in percentiles)
-    if not ps or any(not 0.5 <= p <= 1.0 for p in ps):
-        raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
-    return ps
-
-
 # --------------------------------------------------------------------------- quantiles
 
 
@@ -188,7 +181,9 @@ class Quantizer(nn.Module):
             raise EamError(f"range search {search!r} is not one of {', '.join(SEARCHES)}")
         self.granularity = granularity
         self.channel_dim = channel_dim
-        self.percentiles = _check_percentiles(percentiles)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        if not self.percentiles or any(not 0.5 <= p <= 1.0 for p in self.percentiles):
+            raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
         self.search = search
         self.enabled = True
         for name in self._param_names:
