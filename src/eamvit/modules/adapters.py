@@ -38,8 +38,7 @@ def as_pair(v) -> tuple[int, int]:
 
 
 def patch_embed_size(model: nn.Module, attr: str = "patch_embed") -> Optional[tuple[int, int]]:
-    """``model.<attr>.img_size`` (the first embedding's where there are several): the size most timm models
-    are built for, which their pretrained config no longer describes once ``img_size`` is overridden."""
+    """``model.<attr>.img_size`` (the first embedding's): the built size, lost from the pretrained config."""
     pe = getattr(model, attr, None)
     if isinstance(pe, nn.ModuleList) and len(pe):
         pe = pe[0]
@@ -61,13 +60,12 @@ class QuantFacts:
             conv, zero padding), so that no LayerNorm → Linear group is formed there.
         groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups.
         in_float: the attention's children whose Linears stay in float (position terms, head mixing).
-        separate_bias: the qkv projection adds separate q / v biases through ``F.linear`` (added after the
-            quantized projection instead).
+        separate_bias: the qkv projection adds separate q / v biases through ``F.linear`` (quantized: after it).
         one_token: the Linears that read the class token alone, as ``(B, C)``.
         score_order: ``"timm"`` (quantize the operands of timm's own score matmul, through the tap),
             ``"scale_first"`` (q scaled, then quantized) or ``"config"`` (ViT: ``RepQConfig.vit_scale_first``).
-        k_dim: where k's tokens are in the operand its quantizer sees (PMQ's per-patch bits).
-        channel_map: the map is over channels, not tokens (PMQ's per-patch bits skip it).
+        k_dim, channel_map: for PMQ's per-patch bits: where k's tokens are in the operand its quantizer sees;
+            the map is over channels, not tokens (skipped).
     """
 
     inputs: Callable[[nn.Module], list] = _qkv
@@ -92,8 +90,7 @@ class TokenFamily:
             every block after the first reducing block is swapped too (as a follower).
         class_token: a class token precedes the patch tokens inside these blocks (EViT's score and
             fusion read it); ``False`` for CaiT, whose class token joins only in the class-attention blocks.
-        refuse: why a given block of this class cannot prune or merge, or ``None`` when it can.
-        refuse_model: why a given model of this family cannot, or ``None``.
+        refuse, refuse_model: why a given block of this class, or model of this family, cannot prune or merge.
     """
 
     name: str
@@ -174,8 +171,7 @@ class Adapter:
 
 
 def may_overwrite() -> bool:
-    """Whether a fresh intermediate may be overwritten in place: not under autograd, and not while
-    tracing for export (ONNX has no in-place softmax/where)."""
+    """A fresh intermediate may be overwritten in place: not under autograd, nor when tracing (ONNX has none)."""
     return not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
@@ -350,8 +346,7 @@ def biasing(layers: Sequence[nn.Module],
 
 @dataclass(frozen=True)
 class Family:
-    """A row of ``eamvit models``: a model family, the attention classes its models use, an example model and
-    a note on what is left out and why."""
+    """A row of ``eamvit models``: a family, its attention classes, an example model, what is left out and why."""
 
     name: str
     classes: tuple

@@ -145,13 +145,6 @@ class ShiftLogQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity=tensor, kind={self.kind}, eps={self.eps}, enabled={self.enabled}"
 
-    @property
-    def inited(self) -> bool:
-        return self.log.inited
-
-    def reset(self) -> None:
-        self.log.reset()
-
     def _shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = x.detach().amin()
         return x - m + self.eps, m

@@ -80,8 +80,7 @@ def _adapters(model: nn.Module) -> list[Adapter]:
 
 
 def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
-    """The image size ``(H, W)`` the built ``model`` (instrumented or not) takes, as its family's adapters read
-    it; None where it records none (it takes any size, or is outside the registry)."""
+    """The image size ``(H, W)`` the built ``model`` takes (its adapters read it); None: any size, or unregistered."""
     for adapter in _adapters(model):
         size = adapter.input_size(model)
         if size is not None:
@@ -90,8 +89,7 @@ def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
 
 
 def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """The lowest ONNX opset an export of ``model`` at images of ``size`` ``(H, W)`` needs, and why; ``(0, "")``
-    where any opset eamvit takes will do."""
+    """The lowest ONNX opset (and why) an export of ``model`` at images of ``size`` needs; ``(0, "")``: any."""
     return max((a.min_opset(model, size) for a in _adapters(model)), key=lambda need: need[0], default=(0, ""))
 
 

@@ -1,6 +1,5 @@
 """Adapters for timm attention classes whose maps eamvit reads through timm's own forward (one softmax
-tapped). See docs/architecture-modules.md.
-"""
+tapped). See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from functools import partial
@@ -141,8 +140,7 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
 
 
 def _tapped(name: str, timm_class: type, *mixins: type) -> type:
-    """An instrumented class whose map is read through timm's own forward (its adapter says what it computes),
-    bound at module level as ``name`` (where pickling looks it up)."""
+    """An instrumented class read through timm's own forward, bound at module level as ``name`` (for pickling)."""
     return type(name, (*mixins, _Tapped, timm_class), {"__module__": __name__})
 
 

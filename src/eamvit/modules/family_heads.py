@@ -1,6 +1,5 @@
 """Executed head freezing for the attention classes of :mod:`eamvit.modules.families`, per head mode.
-See docs/architecture-modules.md.
-"""
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import math
@@ -112,8 +111,7 @@ def run_heads(module: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tenso
 
 
 def run_tapped(module: nn.Module, tap: TorchFunctionMode, run: Callable[[], Any], fused: bool) -> Any:
-    """``run()`` inside ``tap`` with ``module.fused_attn`` (where it has one) set to ``fused`` and restored after,
-    then the tap's check that timm computed what it expects."""
+    """``run()`` inside ``tap`` with ``module.fused_attn`` set to ``fused`` for the call, then the tap's check."""
     was = getattr(module, "fused_attn", None)
     try:
         if was is not None:

@@ -1,6 +1,5 @@
 """What RepQ-ViT needs to know about the blocks of a family (LayerNorm → Linear groups, float Linears),
-read by the functions its adapter names. See docs/architecture-modules.md.
-"""
+read by the functions its adapter names. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from typing import Optional

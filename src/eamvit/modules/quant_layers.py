@@ -76,14 +76,6 @@ class PatchBitsQuantizer(Quantizer):
         counts = {int(b): int((self.token_bits == int(b)).sum()) for b in self.groups}
         return f"bits={self.bits} (max), granularity=tensor per bit group, token_bits={counts}, enabled={self.enabled}"
 
-    @property
-    def inited(self) -> bool:
-        return all(q.inited for q in self.groups.values())
-
-    def reset(self) -> None:
-        for q in self.groups.values():
-            q.reset()
-
     def _index(self, b: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[self.token_dim] != self.token_bits.numel():
             raise EamError(f"AAS allocated {self.token_bits.numel()} patches but the input has "

@@ -191,12 +191,17 @@ class Quantizer(nn.Module):
 
     @property
     def inited(self) -> bool:
-        return all(getattr(self, n) is not None for n in self._param_names)
+        """Its parameters are set, and every inner quantizer's (SLQ's log quantizer, PMQ's bit groups)."""
+        return (all(getattr(self, n) is not None for n in self._param_names)
+                and all(q.inited for q in self.modules() if q is not self and isinstance(q, Quantizer)))
 
     def reset(self) -> None:
-        """Forget the calibrated parameters: the next forward re-initialises them."""
+        """Forget the calibrated parameters (inner quantizers' too): the next forward re-initialises them."""
         for n in self._param_names:
             setattr(self, n, None)
+        for q in self.modules():
+            if q is not self and isinstance(q, Quantizer):
+                q.reset()
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, granularity={self.granularity}, search={self.search}, "

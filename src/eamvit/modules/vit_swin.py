@@ -214,8 +214,7 @@ class EamWindowAttention(_EamMixin, WindowAttention):
 
 
 def bind_windows(eam_class: type, model: nn.Module) -> None:
-    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2) (each window position is
-    its own variable of the layer map)."""
+    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2), each its own variable."""
     for block in model.modules():
         attn = getattr(block, "attn", None)
         if type(attn) is eam_class and hasattr(block, "input_resolution"):
