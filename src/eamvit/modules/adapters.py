@@ -46,10 +46,6 @@ def patch_embed_size(model: nn.Module, attr: str = "patch_embed") -> Optional[tu
     return as_pair(img) if img is not None else None
 
 
-def _qkv(attn: nn.Module) -> list[Optional[nn.Module]]:
-    return [getattr(attn, "qkv", None)]
-
-
 @dataclass(frozen=True)
 class QuantFacts:
     """What RepQ-ViT (and ADFQ-ViT, PMQ on top of it) needs to know about one attention class and its family.
@@ -68,7 +64,7 @@ class QuantFacts:
             the map is over channels, not tokens (skipped).
     """
 
-    inputs: Callable[[nn.Module], list] = _qkv
+    inputs: Callable[[nn.Module], list] = lambda attn: [getattr(attn, "qkv", None)]
     groups: Mapping[type, Callable[[nn.Module], list]] = field(default_factory=dict)
     in_float: tuple[str, ...] = ()
     separate_bias: bool = False

@@ -31,15 +31,12 @@ class _SoftmaxTap(TorchFunctionMode):
     """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
     attention's ``eam_quant``) also quantizes q and k of the score matmul and v of the first matmul after the
     softmax. ``keys`` (an observer) receives the key operand of the score matmul as ``(…, N, d)``; ``bias``
-    is added to the input of the first softmax."""
+    is added to the input of the first softmax; the forward must compute ``softmaxes`` of them."""
 
     def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
-                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
+                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None, softmaxes: int = 1) -> None:
         super().__init__()
-        self.fn = fn
-        self.quant = quant
-        self.keys = keys
-        self.bias = bias
+        self.fn, self.quant, self.keys, self.bias, self.softmaxes = fn, quant, keys, bias, softmaxes
         self.calls = 0
         self.matmuls = [0, 0]  # before the first softmax, after it
 
@@ -73,12 +70,12 @@ class _SoftmaxTap(TorchFunctionMode):
             return (args[0], qz.v(args[1])) + tuple(args[2:])
         return args
 
-    def check(self, cls: type, softmaxes: int = 1) -> None:
+    def check(self, cls: type) -> None:
         """Refuse a forward that did not compute what the adapter expects (a timm change)."""
         where = f"timm {cls.__module__}.{cls.__name__}"
-        if self.calls != softmaxes:
+        if self.calls != self.softmaxes:
             raise EamError(f"{where} computed {self.calls} softmaxes in one forward where eamvit expects "
-                           f"{softmaxes}; this timm version is not supported for that family")
+                           f"{self.softmaxes}; this timm version is not supported for that family")
         if self.quant is not None and (self.matmuls[0] != 1 or self.matmuls[1] < 1):
             raise EamError(f"{where} computed {self.matmuls[0]} score matmuls and {self.matmuls[1]} after its "
                            "softmax where eamvit's quantizers expect one and at least one; this timm version "
@@ -205,11 +202,8 @@ class EamGPSA(EamBase, convit.GPSA):
             return super().forward(x)
         # Quantized: q and k of the patch scores and v through the tap; the softmaxes are left alone
         # (get_attention quantizes their gated mix).
-        tap = _SoftmaxTap(None, self.eam_quant)
-        with tap:
-            out = super().forward(x)
-        tap.check(convit.GPSA, softmaxes=2)
-        return out
+        return run_tapped(self, _SoftmaxTap(None, self.eam_quant, softmaxes=2), lambda: super(EamGPSA, self).forward(x),
+                          False)
 
 
 def _bind_tnt(model: nn.Module) -> None:

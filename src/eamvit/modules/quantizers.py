@@ -208,9 +208,7 @@ class Quantizer(nn.Module):
                 f"enabled={self.enabled}, inited={self.inited}")
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if p.dim() == 0:
-            return p
-        return p.reshape(param_shape(x, self.granularity, self.channel_dim))
+        return p if p.dim() == 0 else p.reshape(param_shape(x, self.granularity, self.channel_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
