@@ -31,9 +31,6 @@ def check_quant_bits(bits: Any, what: str = "bits") -> int:
     return bits
 
 
-# --------------------------------------------------------------------------- quantiles
-
-
 @functools.lru_cache(maxsize=None)
 def torch_quantile_accepts_large() -> bool:
     """Whether the installed :func:`torch.quantile` takes more than 2^24 elements (probed once): then the reference
@@ -94,19 +91,14 @@ _SAMPLE_STEP = 61  # prime: a sample of (B, N, C) activations does not keep to a
 def _tail(rows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """``rows.topk(k, dim=1, largest=largest, sorted=True).values``; one long row prefiltered (see the docs)."""
     n = rows.shape[1]
-    if rows.shape[0] != 1 or n < _PREFILTER_MIN or k * 16 > n:
-        return rows.topk(k, dim=1, largest=largest, sorted=True).values
-    sample = rows[:, ::_SAMPLE_STEP]
-    want = min(sample.shape[1], 2 * k // _SAMPLE_STEP + 16)  # about twice k values past t, expected
-    t = sample.topk(want, dim=1, largest=largest, sorted=True).values[:, -1:]
-    keep = torch.lt(rows, t).logical_not_() if largest else torch.le(rows, t)
-    left = rows[keep]
-    if left.numel() < k:
-        return rows.topk(k, dim=1, largest=largest, sorted=True).values
-    return left.unsqueeze(0).topk(k, dim=1, largest=largest, sorted=True).values
-
-
-# --------------------------------------------------------------------------- granularity
+    if rows.shape[0] == 1 and n >= _PREFILTER_MIN and k * 16 <= n:
+        sample = rows[:, ::_SAMPLE_STEP]
+        want = min(sample.shape[1], 2 * k // _SAMPLE_STEP + 16)  # about twice k values past t, expected
+        t = sample.topk(want, dim=1, largest=largest, sorted=True).values[:, -1:]
+        left = rows[torch.lt(rows, t).logical_not_() if largest else torch.le(rows, t)]
+        if left.numel() >= k:  # else an unlucky sample: the whole row
+            rows = left.unsqueeze(0)
+    return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -160,9 +152,6 @@ def _first_minimum(err: torch.Tensor) -> torch.Tensor:
     """``(1, K)`` index of the lowest error per group, the first candidate on ties (as the reference's
     strict ``<``); a NaN error never wins."""
     return torch.nan_to_num(err, nan=float("inf")).argmin(0, keepdim=True)
-
-
-# --------------------------------------------------------------------------- modules
 
 
 class Quantizer(nn.Module):
