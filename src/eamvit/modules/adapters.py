@@ -100,7 +100,6 @@ class TokenFamily:
     refuse_model: Callable[[nn.Module], Optional[str]] = lambda model: None
 
 
-# How an executed head plan runs (docs/architecture-modules.md, adapters.py).
 HEAD_MODES = ("sliced", "sdpa", "matmul", "own")
 
 
@@ -109,7 +108,6 @@ class Adapter:
     """One timm attention class as eamvit sees it.
 
     Args:
-        family: the model family, as ``eamvit models`` names it.
         eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``); what it computes
             (q, k, v, the terms before the softmax, its layer map, heads at dim -3) is in the docs.
         verbs: the supported verbs besides those the facts below imply: ``executed_head`` with ``heads``,
@@ -246,11 +244,22 @@ class EamBase:
         # Sliced weights: exact nn.Linear only, a quantized linear's forward must not be bypassed by F.linear.
         return state.adapter.heads != "sliced" or (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
+    def _eam_groups(self, lead: int, mask: Optional[torch.Tensor] = None) -> int:
+        """Groups per image (the window mask's, else ``eam.num_windows``); refuses ``lead`` groups in the batch
+        dim that are not whole images."""
+        groups = mask.shape[0] if mask is not None else self.eam.num_windows
+        if lead % groups:
+            raise EamError(f"{self.eam.adapter.family} attention layer {self.eam.layer}: {lead} windows (groups) is "
+                           f"not a multiple of {groups} per image; run the model at the image size it was "
+                           "instrumented for")
+        return groups
+
     def _eam_cached(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
         """``make()``, derived from ``sources``: recomputed while a source needs a gradient, else cached until a
         source changes (another tensor, its version, its storage). Inference tensors keep no version, so what
         is made from them is made on every call."""
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or any(t.is_inference() for t in sources):
+        learning = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        if learning or any(t.is_inference() for t in sources):
             return make()
         stamp = tuple((t._version, t.data_ptr()) for t in sources)
         hit = self.eam.cache.get(key)
@@ -291,13 +300,12 @@ class EamBase:
 
 
 def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A^μ·V`` of the frozen heads or rows, as one batched matmul shared by the images.
+    """``A^μ·V`` of the frozen heads or rows, ``(B, G, …, N_q, d)``, as one batched matmul shared by the images;
+    a view, which the caller lays out (one copy) as its next step needs it.
 
     Args:
         values: ``(G, …, N_q, N_k)`` frozen maps, the leading dim the groups (windows, patches) of one image.
         v: ``(B·G, …, N_k, d)`` the frozen units' values (image-major, as timm orders windows).
-
-    Returns ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
     """
     G, mid, (nq, nk), d = values.shape[0], tuple(values.shape[1:-2]), values.shape[-2:], v.shape[-1]
     B, m = v.shape[0] // G, len(mid)

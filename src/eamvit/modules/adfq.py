@@ -77,13 +77,8 @@ def log_quantizer(kind: str, bits: int, percentiles: Sequence[float]) -> Quantiz
 
 class OutlierAwareQuantizer(LearnableUniformQuantizer):
     """ADFQ-ViT's Per-Patch Outlier-aware Quantizer: per-token uniform + full-precision outliers (counted for
-    :func:`outlier_report`).
-
-    Args:
-        alpha: threshold, > 0.
-        mode: ``"abs"`` (``|x| > α``, the code) or ``"upper"`` (``x ≥ α``, paper eq. 18).
-        search: ``"mse"`` (the family's search) or ``"minmax"`` (paper eq. 16–17).
-    """
+    :func:`outlier_report`), an outlier being ``|x| > α`` (``mode="abs"``, the code) or ``x ≥ α`` (``"upper"``,
+    paper eq. 18) for ``alpha`` > 0; ``search="minmax"`` is paper eq. 16–17, ``"mse"`` the family's search."""
 
     def __init__(self, bits: int, alpha: float, mode: str = "abs",
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):

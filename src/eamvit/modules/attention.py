@@ -96,12 +96,8 @@ def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
 def instrument(model: nn.Module) -> list[nn.Module]:
     """Swap every supported attention module of ``model`` for its instrumented class, in place (idempotent).
 
-    Returns:
-        The instrumented attention modules, index = layer number (module order: block order for ViT, stage
-        then block for Swin).
-
-    Raises:
-        EamError: the model has no supported attention module, or an attention class outside the registry.
+    Returns the instrumented attention modules, index = layer number (module order: block order for ViT, stage
+    then block for Swin). Refuses a model with no supported attention, or one with an unregistered attention class.
     """
     unknown = next((m for m in model.modules() if _unknown_attention(m)), None)
     if unknown is not None:
@@ -122,9 +118,6 @@ def instrument(model: nn.Module) -> list[nn.Module]:
     for adapter in _adapters(model):  # groups per image (Swin's windows, TNT's patches), for the map's shape
         adapter.bind(model)
     return layers
-
-
-PLANS = ("head", "row")
 
 
 def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tensor:
@@ -159,8 +152,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
         EamError: a plan the mask does not match, or one the layer's adapter does not support.
     """
     if mask is not None:
-        if plan is not None and plan not in PLANS:
-            raise EamError(f"frozen-attention plan {plan!r} is not one of {', '.join(PLANS)}")
+        if plan not in (None, "head", "row"):
+            raise EamError(f"frozen-attention plan {plan!r} is not one of head, row")
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
@@ -215,11 +208,9 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
 
     The one way eamvit reads attention maps. Observers nest: one attached by an enclosing ``observe`` keeps
     running (after the inner one), and each block restores exactly what it found. Layers without an observer
-    keep timm's fused attention. Yields the instrumented attention modules, index = layer number.
-
-    Args:
-        stage: ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or
-            ``"keys"`` (the keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
+    keep timm's fused attention. Yields the instrumented attention modules, index = layer number. ``stage``:
+    ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or ``"keys"`` (the
+    keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
     """
     layers = _layers(model, observers)
     if stage == "keys":
@@ -241,11 +232,8 @@ def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) 
     """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
 
     Biases nest as observers do (see :func:`observe`); ``None`` adds nothing. Layers without a bias keep timm's
-    forward. Yields the instrumented attention modules, index = layer number.
-
-    Args:
-        biases: layer number to a tensor that broadcasts to the layer's ``(B, H, N_q, N_k)`` scores
-            (proportional attention: ``(B, 1, 1, N)``).
+    forward. Yields the instrumented attention modules, index = layer number. Each bias broadcasts to the
+    layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")

@@ -99,7 +99,8 @@ class QdqAttention(EamAttention):
         # No token merging here: export refuses it for this form (methods.merge.OPENVINO_REPQ_MERGE).
         codes = quantize_linear(self.qkv(x), self.onnx_qkv_scale, self.onnx_qkv_zero_point)
         cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
+        q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point)
+                   for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
         attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
@@ -132,8 +133,8 @@ def _weight_codes(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     wq = m.weight_quantizer
     shape = (-1,) + (1,) * (m.weight.dim() - 1)
     delta, zp = wq.delta.reshape(-1), wq.zero_point.reshape(-1)
-    codes = torch.clamp(torch.round(m.weight.detach() / delta.reshape(shape)) + zp.reshape(shape), 0, (1 << wq.bits) - 1)
-    return codes, delta, zp
+    codes = torch.round(m.weight.detach() / delta.reshape(shape)) + zp.reshape(shape)
+    return torch.clamp(codes, 0, (1 << wq.bits) - 1), delta, zp
 
 
 def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:

@@ -91,11 +91,7 @@ class _Tapped(EamBase):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.eam_active:
             return super().forward(*args, **kwargs)
-        groups = self.eam.num_windows
-        lead = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        if lead % groups:
-            raise EamError(f"attention layer {self.eam.layer}: {lead} groups is not a multiple of {groups} "
-                           "per image; run the model at the image size it was instrumented for")
+        groups = self._eam_groups((args[0] if args else next(iter(kwargs.values()))).shape[0])
         run = lambda: super(_Tapped, self).forward(*args, **kwargs)
         if self.eam_executes_plan:
             return run_heads(self, run)
@@ -176,10 +172,7 @@ class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:
             return super().forward(x, mask=mask)
-        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
-        if x.shape[0] % num_win:
-            raise EamError(f"Swin v2 layer {self.eam.layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
-                           "image; run the model at the image size it was instrumented for")
+        num_win = self._eam_groups(x.shape[0], mask)
         if self.eam_executes_plan:
             return swinv2_heads(self, x, mask)
         return self._eam_tapped(lambda: swinv2.WindowAttention.forward(self, x, mask=mask), num_win, mask)

@@ -68,9 +68,7 @@ class _MergeSteps(TokenBlock):
         if self.eam_stage == 0:
             # The first merging block runs first in every forward: start a fresh trace.
             st.size = st.positions = None
-            st.kept = [None] * len(st.blocks)
-            st.tokens = [x.shape[1]] * len(st.blocks)
-            st.match_macs = []
+            st.kept, st.tokens, st.match_macs = [None] * len(st.blocks), [x.shape[1]] * len(st.blocks), []
         r = 0
         if self.eam_stage is not None:
             st.tokens[self.eam_stage] = x.shape[1]

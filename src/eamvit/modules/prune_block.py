@@ -68,9 +68,7 @@ class _PruneSteps(TokenBlock):
         if self.eam_stage == 0:
             # Stage 0 runs first in every forward: start a fresh trace.
             st.num_patches, st.batch, st.device = n, x.shape[0], x.device
-            st.stage_idx = [None] * len(st.blocks)
-            st.scores = [None] * len(st.blocks)
-            st.positions = None
+            st.stage_idx, st.scores, st.positions = [None] * len(st.blocks), [None] * len(st.blocks), None
         if self.eam_stage is None:
             return None
         k = kept_count(n, stage_value(st.keep_rate, self.eam_stage))

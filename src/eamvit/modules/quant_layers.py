@@ -33,13 +33,10 @@ class QuantConv2d(nn.Conv2d):
 
 
 class AttentionQuantizers(nn.Module):
-    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` and the score order.
-
-    Args:
-        attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
-        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False, None where q and k
-            are the operands of timm's own score matmul (the families of :mod:`eamvit.modules.families`).
-    """
+    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` (``attn_quantizer``:
+    ``"logsqrt2"``, ``"log2"`` or ``"uniform"``) and the score order ``scale_first``: ``(q·scale) @ kᵀ`` when
+    True, ``(q @ kᵀ)·scale`` when False, None where q and k are the operands of timm's own score matmul (the
+    families of :mod:`eamvit.modules.families`)."""
 
     def __init__(self, a_bits: int, attn_quantizer: str, scale_first: Optional[bool],
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
@@ -55,13 +52,9 @@ class AttentionQuantizers(nn.Module):
 
 
 class PatchBitsQuantizer(Quantizer):
-    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS); tokens sharing a bit
-    width share one :class:`UniformQuantizer` (lazily calibrated on them).
-
-    Args:
-        token_bits: bits per token position ``(N,)``.
-        token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
-    """
+    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS): ``token_bits`` ``(N,)``
+    along the input's ``token_dim`` (``-2`` for ``(B, H, N, d)`` q / k / v); tokens sharing a bit width share
+    one :class:`UniformQuantizer` (lazily calibrated on them)."""
 
     def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):

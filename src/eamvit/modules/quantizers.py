@@ -54,12 +54,9 @@ def _rank(p: float, n: int) -> tuple[int, int, float]:
 
 
 def row_quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
-    """Linear-interpolation quantiles ``(len(probs), K)`` of each row of ``rows`` ``(K, M)``.
-
-    Equal to ``torch.quantile(rows, p, dim=1)`` (bit for bit up to 2^24 elements per row), but reads
-    only the tails with one :func:`torch.topk` per side, so it is fast for the extreme percentiles
-    range searches use and has no size limit.
-    """
+    """Linear-interpolation quantiles ``(len(probs), K)`` of each row of ``rows`` ``(K, M)``, equal to
+    ``torch.quantile(rows, p, dim=1)`` (bit for bit up to 2^24 elements per row) but reading only the tails,
+    one :func:`torch.topk` per side: fast for the extreme percentiles range searches use, and no size limit."""
     n = rows.shape[1]
     if n == 0:
         raise EamError("cannot calibrate a quantizer on an empty tensor")

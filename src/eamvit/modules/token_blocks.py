@@ -71,7 +71,8 @@ class TokenBlock:
 class VitTokens(TokenBlock):
     """timm ``Block`` (ViT family)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         plan = self._eam_start(x, attn_mask is not None)
         if plan is None or attn_mask is not None:
             # Nothing to do (or a caller-given mask sized for all tokens): timm's own, fused forward.

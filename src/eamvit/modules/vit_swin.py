@@ -15,7 +15,6 @@ from timm.models.naflexvit import NaFlexEmbeds
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
-from eamvit.errors import EamError
 from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, frozen_times_v,
                                      may_overwrite, patch_embed_size)
 from eamvit.modules.family_quant import patch_merging, vit_block
@@ -156,9 +155,7 @@ class EamAttention(_EamMixin, Attention):
 
     def _eam_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x if gate is None else x * gate))
 
     def _eam_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
@@ -187,10 +184,7 @@ class EamWindowAttention(_EamMixin, WindowAttention):
         if not self.eam_active:
             return super().forward(x, mask=mask)
         B_, N, C = x.shape
-        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
-        if B_ % num_win:
-            raise EamError(f"Swin layer {self.eam.layer}: {B_} windows is not a multiple of {num_win} per image; "
-                           "run the model at the image size it was instrumented for")
+        num_win = self._eam_groups(B_, mask)
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
             kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask))
             return self.proj_drop(self._eam_proj(kept, frozen))
