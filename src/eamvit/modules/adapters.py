@@ -146,8 +146,7 @@ class Adapter:
         if unknown or lacking or self.heads not in (None, *HEAD_MODES):
             raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs without the facts they "
                              f"need {lacking}, head mode {self.heads!r} (one of {', '.join(HEAD_MODES)} or None)")
-        # Derived again on every construction (dataclasses.replace included): ADFQ-ViT and PMQ refine
-        # RepQ-ViT's surgery.
+        # Derived on every construction (dataclasses.replace too): ADFQ-ViT and PMQ refine RepQ-ViT's surgery.
         verbs = (given - {"adfq", "pmq"}) | ({"executed_head"} if self.heads else set()) | \
             ({"prune", "merge"} if self.tokens else set())
         if "repq" in verbs:

@@ -63,8 +63,7 @@ class _EamMixin(EamBase):
     def _eam_in_head_order(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
         """The two head groups back in timm's head order, ``(B_, N, A)`` (for a scale norm or gate)."""
         x = torch.cat([frozen] if kept is None else [kept, frozen], dim=-1)
-        B_, N, A = x.shape
-        return x.view(B_, N, self.num_heads, -1).index_select(2, self.eam_plan_order).view(B_, N, A)
+        return x.unflatten(-1, (self.num_heads, -1)).index_select(2, self.eam_plan_order).flatten(2)
 
     def _eam_kept_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
