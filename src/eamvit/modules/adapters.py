@@ -1,21 +1,6 @@
-"""What every instrumented attention shares, and the registry of attention adapters.
-
-An *adapter* describes one timm attention class: how it computes q, k and v, the terms it adds
-before the softmax, where its probabilities are, the shape of its layer map ``(…, N_q, N_k)``,
-which eamvit verbs it supports, how it executes frozen heads (and what that saves in the MAC account),
-what RepQ-ViT needs to know about its Linears and blocks (:class:`QuantFacts`), how its blocks drop
-tokens (:class:`TokenFamily`), and the image size a built model of its family takes and the ONNX opset
-its export needs (data configs and exports ask the adapter, not the pretrained config). It is the one
-place that says what a family supports: every other module asks it. A family is one adapter per
-attention class it uses; the verbs read the declared capabilities (:func:`require`) and ``eamvit
-models`` prints them.
-
-:class:`EamState` is the per-module state every instrumented class keeps (``module.eam``: layer,
-adapter, observers, plan; the frozen mask and values and the optional ``eam_quant`` are registered on
-the module) and :class:`EamBase` the one post-softmax step that observes, quantizes and freezes a
-map. The frozen tensors are buffers, so that ``model.to(device)`` moves them with the weights; they
-are non-persistent, so a model's ``state_dict`` stays loadable by plain timm.
-"""
+"""What every instrumented attention shares (:class:`EamState`, :class:`EamBase`) and the adapter registry:
+one :class:`Adapter` per timm attention class, the one place that says what a family supports.
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import contextlib
@@ -53,26 +38,12 @@ def as_pair(v) -> tuple[int, int]:
 
 
 def patch_embed_size(model: nn.Module, attr: str = "patch_embed") -> Optional[tuple[int, int]]:
-    """``model.<attr>.img_size`` (the first embedding's where there are several): the size most timm models
-    are built for, which their pretrained config no longer describes once ``img_size`` is overridden."""
+    """``model.<attr>.img_size`` (the first embedding's): the built size, lost from the pretrained config."""
     pe = getattr(model, attr, None)
     if isinstance(pe, nn.ModuleList) and len(pe):
         pe = pe[0]
     img = getattr(pe, "img_size", None)
     return as_pair(img) if img is not None else None
-
-
-def no_opset_need(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """An adapter's models export at any opset eamvit takes."""
-    return 0, ""
-
-
-def no_binding(model: nn.Module) -> None:
-    """An adapter's layers need nothing from their model."""
-
-
-def _qkv(attn: nn.Module) -> list[Optional[nn.Module]]:
-    return [getattr(attn, "qkv", None)]
 
 
 @dataclass(frozen=True)
@@ -83,21 +54,17 @@ class QuantFacts:
         inputs: the Linears the attention applies to its whole (normalised) input, the one that sees every
             token first; ``[None]`` where something else reads that input too (a pooling or sub-sampling
             conv, zero padding), so that no LayerNorm → Linear group is formed there.
-        groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups
-            (:mod:`eamvit.modules.family_quant`).
+        groups: the family's timm block classes (exact types) → their LayerNorm → Linear groups.
         in_float: the attention's children whose Linears stay in float (position terms, head mixing).
-        separate_bias: the qkv projection adds separate q / v biases through ``F.linear``; under
-            quantization they are added after the (quantized) projection instead.
-        one_token: the Linears that read the class token alone, as ``(B, C)`` (ADFQ-ViT's per-patch
-            quantizer has one patch there).
-        score_order: the order of the score matmul's quantizers: ``"timm"`` (the operands of timm's own
-            matmul, through the tap), ``"scale_first"`` (q scaled, then quantized) or ``"config"``
-            (ViT: ``RepQConfig.vit_scale_first``).
-        k_dim: where k's tokens are in the operand its quantizer sees (PMQ's per-patch bits).
-        channel_map: the map is over channels, not tokens (PMQ's per-patch bits skip it).
+        separate_bias: the qkv projection adds separate q / v biases through ``F.linear`` (quantized: after it).
+        one_token: the Linears that read the class token alone, as ``(B, C)``.
+        score_order: ``"timm"`` (quantize the operands of timm's own score matmul, through the tap),
+            ``"scale_first"`` (q scaled, then quantized) or ``"config"`` (ViT: ``RepQConfig.vit_scale_first``).
+        k_dim, channel_map: for PMQ's per-patch bits: where k's tokens are in the operand its quantizer sees;
+            the map is over channels, not tokens (skipped).
     """
 
-    inputs: Callable[[nn.Module], list] = _qkv
+    inputs: Callable[[nn.Module], list] = lambda attn: [getattr(attn, "qkv", None)]
     groups: Mapping[type, Callable[[nn.Module], list]] = field(default_factory=dict)
     in_float: tuple[str, ...] = ()
     separate_bias: bool = False
@@ -112,18 +79,14 @@ class TokenFamily:
     """How a family's blocks drop or merge patch tokens: the classes swapped in and the facts both verbs need.
 
     Args:
-        name: the family, for messages.
         block: the timm block class (exact type: a subclass with its own forward is not assumed compatible).
-        prune_class: the pruning class swapped in for it (:mod:`eamvit.modules.prune_block`).
-        merge_class: the merging class swapped in for it (:mod:`eamvit.modules.merge_block`).
         merge_followers: timm classes of blocks outside ``.blocks`` that read the merged tokens → the class
-            swapped in for them (CaiT's class attention adds the token sizes).
+            swapped in for them (CaiT's class attention).
         positions: later blocks need the present tokens' positions (RoPE, relative-position bias), so
             every block after the first reducing block is swapped too (as a follower).
         class_token: a class token precedes the patch tokens inside these blocks (EViT's score and
             fusion read it); ``False`` for CaiT, whose class token joins only in the class-attention blocks.
-        refuse: why a given block of this class cannot prune or merge, or ``None`` when it can.
-        refuse_model: why a given model of this family cannot, or ``None``.
+        refuse, refuse_model: why a given block of this class, or model of this family, cannot prune or merge.
     """
 
     name: str
@@ -137,9 +100,6 @@ class TokenFamily:
     refuse_model: Callable[[nn.Module], Optional[str]] = lambda model: None
 
 
-# How an executed head plan runs: the frozen heads' rows sliced out of a fused qkv weight (ViT, Swin v1),
-# timm's forward with its fused kernel or its score and output matmuls cut per head
-# (:mod:`~eamvit.modules.family_heads`), or a kept-head forward of the class's own (Swin v2, ConViT's GPSA).
 HEAD_MODES = ("sliced", "sdpa", "matmul", "own")
 
 
@@ -148,42 +108,25 @@ class Adapter:
     """One timm attention class as eamvit sees it.
 
     Args:
-        family: the model family, as ``eamvit models`` names it.
-        timm_class: the attention class, matched by exact type.
-        eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``).
-        qkv: how the module computes q, k and v.
-        logits: the terms before the softmax.
-        probs: where the probabilities are (what observers see and freezing overwrites).
-        layer_map: the per-layer map shape ``(…, N_q, N_k)``; heads are at dim -3.
-        verbs: the supported verbs (a subset of :data:`VERBS`) besides those the facts below imply:
-            ``executed_head`` with ``heads``, ``prune`` and ``merge`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT
-            unless ``why_not`` refuses them.
-        example: a timm model name of the family.
+        eam_class: the instrumented subclass swapped in (``module.__class__ = eam_class``); what it computes
+            (q, k, v, the terms before the softmax, its layer map, heads at dim -3) is in the docs.
+        verbs: the supported verbs besides those the facts below imply: ``executed_head`` with ``heads``,
+            ``prune`` and ``merge`` with ``tokens``, ADFQ-ViT and PMQ with RepQ-ViT unless ``why_not`` refuses them.
         why_not: for an unsupported verb, the reason to give instead of the generic refusal.
         heads: how an executed head plan runs (:data:`HEAD_MODES`); None: heads are simulated only.
         heads_at: where the heads are in timm's attention tensors, when not at dim -3 (Hiera's mask units).
-        cut_einsum: the executed path also cuts the queries of the one ``einsum`` between the score
-            matmul and the softmax (MViTv2's decomposed relative position, a term per head).
-        cost_modelled: the MAC account (methods/cost.py) reads its shapes (a fused ``qkv`` and ``proj``
-            over one set of tokens).
-        quant: what RepQ-ViT needs to know (:class:`QuantFacts`).
-        tokens: how the family's blocks drop or merge tokens (:class:`TokenFamily`); None: neither.
-        bind: sets what its layers need to know from their model (groups per image: Swin's windows,
-            TNT's patches), once instrumented.
-        input_size: reads the image size ``(H, W)`` a built model of the family takes (None: it does not
-            record one); the one source of that size for data configs and exports.
-        min_opset: the lowest ONNX opset an export of a model at a size needs, with the reason.
+        cut_einsum: the executed path also cuts the queries of the one ``einsum`` between the score matmul and
+            the softmax (MViTv2's decomposed relative position, a term per head).
+        cost_modelled: the MAC account (methods/cost.py) reads its shapes (fused ``qkv``, ``proj``, one token set).
+        tokens: how the family's blocks drop or merge tokens; None: neither.
+        bind: sets what its layers need from their model (groups per image: Swin's windows, TNT's patches).
+        input_size: the one source of a built model's image size for data configs and exports.
     """
 
     family: str
     timm_class: type
     eam_class: type
-    qkv: str
-    logits: str
-    probs: str
-    layer_map: str
     verbs: frozenset
-    example: str
     why_not: dict = field(default_factory=dict)
     heads: Optional[str] = None
     heads_at: Optional[int] = None
@@ -191,9 +134,9 @@ class Adapter:
     cost_modelled: bool = False
     quant: QuantFacts = QuantFacts()
     tokens: Optional[TokenFamily] = None
-    bind: Callable[[nn.Module], None] = no_binding
+    bind: Callable[[nn.Module], None] = lambda model: None
     input_size: SizeReader = patch_embed_size
-    min_opset: OpsetReader = no_opset_need
+    min_opset: OpsetReader = lambda model, size: (0, "")  # any opset eamvit takes
 
     def __post_init__(self) -> None:
         given = set(self.verbs)
@@ -203,8 +146,7 @@ class Adapter:
         if unknown or lacking or self.heads not in (None, *HEAD_MODES):
             raise ValueError(f"adapter {self.family}: unknown verbs {sorted(unknown)}, verbs without the facts they "
                              f"need {lacking}, head mode {self.heads!r} (one of {', '.join(HEAD_MODES)} or None)")
-        # Derived again on every construction (dataclasses.replace included): ADFQ-ViT and PMQ refine
-        # RepQ-ViT's surgery.
+        # Derived on every construction (dataclasses.replace too): ADFQ-ViT and PMQ refine RepQ-ViT's surgery.
         verbs = (given - {"adfq", "pmq"}) | ({"executed_head"} if self.heads else set()) | \
             ({"prune", "merge"} if self.tokens else set())
         if "repq" in verbs:
@@ -212,55 +154,38 @@ class Adapter:
         object.__setattr__(self, "verbs", frozenset(verbs))
 
     def executes(self, plan: str) -> bool:
-        """Whether its layers can execute a frozen ``plan`` (``"head"`` or ``"row"``): heads with a head mode,
-        rows where heads are sliced from a fused qkv and a map has one set of query rows (ViT)."""
+        """Whether its layers can execute a frozen ``plan``: rows only where heads are sliced and rows are declared."""
         return self.heads is not None and (plan == "head" or self.heads == "sliced" and "row" in self.verbs)
 
     @property
     def plan_skips(self) -> tuple[str, ...]:
-        """The ops whose frozen units' work an executed plan skips (the MAC account reads it): sliced heads
-        or rows never multiply their q and k weights, nor compute their scores and softmax; the other
-        modes run timm's projection for every head and skip only the scores and softmax."""
+        """The ops whose frozen units' work an executed plan skips (the MAC account reads it)."""
         return ("q", "k", "qk", "softmax") if self.heads == "sliced" else ("qk", "softmax")
 
 
 def may_overwrite() -> bool:
-    """Whether a fresh intermediate may be overwritten in place: not under autograd, and not while
-    tracing for export (ONNX has no in-place softmax/where)."""
+    """A fresh intermediate may be overwritten in place: not under autograd, nor when tracing (ONNX has none)."""
     return not torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
 @dataclass(eq=False)
 class EamState:
-    """What eamvit keeps on one instrumented attention module (``module.eam``), besides its tensors.
-
-    The tensors are registered on the module itself, so that ``model.to(device)`` moves them and a
-    quantized model's ``state_dict`` keeps its keys: the frozen map (``eam_frozen_mask``,
-    ``eam_frozen_values``) and an executed plan's indices and values (``eam_plan_*``) as
-    non-persistent buffers, the attention quantizers as the submodule ``eam_quant``.
+    """What eamvit keeps on one instrumented attention module (``module.eam``), besides its tensors (registered
+    on the module, so that ``model.to(device)`` moves them and a quantized ``state_dict`` keeps its keys).
 
     Args:
         layer: the layer number (module order, see :func:`eamvit.modules.attention.instrument`).
-        adapter: the adapter of the module's timm class.
-        observer: called with the post-softmax map (``observe(stage="softmax")``).
-        observer_q: called with the map after the post-softmax quantizer (``stage="quantized"``).
-        observer_k: called with the keys ``(B, H, N, d)`` as the score product receives them
-            (``stage="keys"``; token merging's matching features).
-        observer_qk: called with the queries and the keys ``(B, H, N, d)`` of a float attention whose
-            map is ``softmax(q·scale·kᵀ)`` (classes with ``eam_reads_qk``); the module keeps its fused
-            kernel, so a reader that needs a few rows of the map (EViT's class-token row) or a statistic
-            of it recomputes them from these instead of forcing the whole map out of the kernel
-            (pruning's export form).
-        score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``
-            (:func:`~eamvit.modules.attention.bias_scores`; proportional attention's ``log size``).
-        plan: ``"head"`` or ``"row"`` while a frozen plan is executed; ``None`` otherwise.
-        granularity: what the frozen mask covers: ``"entry"``, ``"row"`` or ``"head"``.
+        observer, observer_q, observer_k: :func:`~eamvit.modules.attention.observe`'s stages: called with the
+            post-softmax map, the map after the post-softmax quantizer, the keys ``(B, H, N, d)`` as the score
+            product receives them (token merging's matching features).
+        observer_qk: called with the queries and the keys of a float attention whose map is ``softmax(q·scale·kᵀ)``
+            (``eam_reads_qk``), which keeps its fused kernel (pruning's export form).
+        score_bias: added to the pre-softmax scores, broadcast over ``(B, H, N_q, N_k)``.
+        plan, granularity: the executed frozen plan (``"head"``, ``"row"`` or None) and what the frozen mask
+            covers (``"entry"``, ``"row"`` or ``"head"``).
         num_windows: groups per image folded into the batch dim (Swin windows, TNT's patches).
-        positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT's
-            relative-position bias covers those only).
-        cache: tensors derived from the module's own (:meth:`EamBase._eam_cached`): weight slices of an executed
-            ViT/Swin v1 plan, the frozen map's factors; keyed by name, with the sources and versions they
-            were made from. Emptied whenever :func:`~eamvit.modules.attention.set_frozen` is called.
+        positions: the present tokens' positions ``(B, n)`` while token pruning has dropped some (BEiT).
+        cache: :meth:`EamBase._eam_cached`'s tensors; emptied by :func:`~eamvit.modules.attention.set_frozen`.
     """
 
     layer: int
@@ -277,9 +202,7 @@ class EamState:
     cache: dict = field(default_factory=dict, repr=False)
 
 
-# The buffers of an executed row/head plan: kept and frozen unit indices, (kept ++ frozen) → timm's order,
-# the frozen units' maps, and where heads are sliced from a fused qkv, its weight rows and the output
-# projection's columns of the kept and the frozen heads.
+# The buffers of an executed row/head plan (see attention._set_plan).
 PLAN_BUFFERS = ("eam_plan_keep", "eam_plan_frozen", "eam_plan_order", "eam_plan_values", "eam_plan_wrows",
                 "eam_plan_cols_k", "eam_plan_cols_f")
 
@@ -305,16 +228,14 @@ class EamBase:
 
     @property
     def eam_needs_scores(self) -> bool:
-        """Something reads or changes the attention of every head and query: an observer of the map or
-        of the keys, or a bias on the scores (an executed frozen plan would skip it)."""
+        """An observer or a score bias needs every head's and query's attention (an executed plan would skip it)."""
         state = self.eam
         return (state.observer is not None or state.observer_q is not None or state.observer_k is not None
                 or state.observer_qk is not None or state.score_bias is not None)
 
     @property
     def eam_executes_plan(self) -> bool:
-        """True when the next forward skips the frozen heads/rows instead of simulating them: nothing needs
-        every head's scores (:attr:`eam_needs_scores`, quantized attention, attention dropout in training)."""
+        """The next forward skips the frozen heads/rows: nothing needs every head's scores."""
         state, drop = self.eam, getattr(self, "attn_drop", None)
         if (state.plan is None or self.eam_frozen_mask is None or self.eam_needs_scores or self.eam_quant is not None
                 or (self.training and drop is not None and drop.p > 0)):
@@ -322,12 +243,22 @@ class EamBase:
         # Sliced weights: exact nn.Linear only, a quantized linear's forward must not be bypassed by F.linear.
         return state.adapter.heads != "sliced" or (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear)
 
+    def _eam_groups(self, lead: int, mask: Optional[torch.Tensor] = None) -> int:
+        """Groups per image (the window mask's, else ``eam.num_windows``); refuses ``lead`` groups in the batch
+        dim that are not whole images."""
+        groups = mask.shape[0] if mask is not None else self.eam.num_windows
+        if lead % groups:
+            raise EamError(f"{self.eam.adapter.family} attention layer {self.eam.layer}: {lead} windows (groups) is "
+                           f"not a multiple of {groups} per image; run the model at the image size it was "
+                           "instrumented for")
+        return groups
+
     def _eam_cached(self, key: str, make: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
-        """``make()``, a tensor derived from ``sources`` (a weight slice, the frozen map's factors): recomputed
-        (differentiably) while a source needs a gradient, else cached until a source changes (another
-        tensor, an in-place update that bumps its version, a move of its storage). Inference tensors keep no
-        version, so what is made from them is made on every call."""
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or any(t.is_inference() for t in sources):
+        """``make()``, derived from ``sources``: recomputed while a source needs a gradient, else cached until a
+        source changes (another tensor, its version, its storage). Inference tensors keep no version, so what
+        is made from them is made on every call."""
+        learning = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        if learning or any(t.is_inference() for t in sources):
             return make()
         stamp = tuple((t._version, t.data_ptr()) for t in sources)
         hit = self.eam.cache.get(key)
@@ -338,8 +269,7 @@ class EamBase:
         return hit[1]
 
     def _eam_frozen_terms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keep, fixed)`` of the frozen map in ``dtype``: 1 where the map is computed (0 where frozen), and the
-        frozen values (0 where computed), so that ``attn·keep + fixed`` is eq. 15 in one pass over the map."""
+        """``(keep, fixed)`` in ``dtype``, so that ``attn·keep + fixed`` is eq. 15 in one pass over the map."""
         mask, values = self.eam_frozen_mask, self.eam_frozen_values
         keep = self._eam_cached(f"keep.{dtype}", lambda: (~mask).to(dtype), mask)
         fixed = self._eam_cached(f"fixed.{dtype}", lambda: values.to(dtype).masked_fill(~mask, 0),
@@ -347,13 +277,11 @@ class EamBase:
         return keep, fixed
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Observe, quantize and freeze ``attn`` of shape ``(B*groups, …)``; ``groups`` > 1 splits the
-        leading dimension into images and windows (each window position is its own variable)."""
+        """Observe, quantize and freeze ``attn`` ``(B*groups, …)``; ``groups`` > 1 splits out the windows."""
         shape5 = (-1, groups) + tuple(attn.shape[1:]) if groups > 1 else None
         state = self.eam
         if state.observer is not None:
-            view = attn.view(shape5) if shape5 else attn
-            state.observer(view, mask)
+            state.observer(attn.view(shape5) if shape5 else attn, mask)
         if self.eam_quant is not None:
             attn = self.eam_quant.attn(attn)
         if state.observer_q is not None:
@@ -362,10 +290,7 @@ class EamBase:
             view = attn.view(shape5) if shape5 else attn
             if torch.jit.is_tracing():  # the exported graph's form: one Where
                 view = torch.where(self.eam_frozen_mask, self.eam_frozen_values.to(attn.dtype), view)
-            else:
-                # attn·keep + fixed: the numbers of torch.where (x·1 + 0 = x, x·0 + v = v for a finite map) in
-                # one vectorised pass; CPU's where with a broadcast bool mask is several times slower. Without
-                # autograd and with no observer holding the map, in place: no other (B, H, N, N) map.
+            else:  # the numbers of torch.where, faster on CPU (docs/architecture-modules.md)
                 keep, fixed = self._eam_frozen_terms(attn.dtype)
                 in_place = may_overwrite() and state.observer is None and state.observer_q is None
                 view = torch.addcmul(fixed, view, keep, out=view) if in_place else torch.addcmul(fixed, view, keep)
@@ -374,18 +299,12 @@ class EamBase:
 
 
 def frozen_times_v(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A^μ·V`` of the frozen heads or rows, as one batched matmul shared by the images.
-
-    The images are put next to the head width, so that one ``(N_q×N_k)·(N_k×B·d)`` product per frozen
-    map serves the batch: the frozen maps are never expanded over it.
+    """``A^μ·V`` of the frozen heads or rows, ``(B, G, …, N_q, d)``, as one batched matmul shared by the images;
+    a view, which the caller lays out (one copy) as its next step needs it.
 
     Args:
-        values: ``(G, …, N_q, N_k)`` frozen maps, the layout of timm's attention tensor with its
-            leading dim the groups (windows, patches) of one image.
+        values: ``(G, …, N_q, N_k)`` frozen maps, the leading dim the groups (windows, patches) of one image.
         v: ``(B·G, …, N_k, d)`` the frozen units' values (image-major, as timm orders windows).
-
-    Returns:
-        ``(B, G, …, N_q, d)``, a view: the caller lays it out (one copy) as its next step needs it.
     """
     G, mid, (nq, nk), d = values.shape[0], tuple(values.shape[1:-2]), values.shape[-2:], v.shape[-1]
     B, m = v.shape[0] // G, len(mid)
@@ -404,8 +323,7 @@ def _chain(first: Observer, then: Observer) -> Observer:
 @contextlib.contextmanager
 def _attached(layers: Sequence[nn.Module], values: Mapping[int, object], attr: str,
               combine: Callable[[object, object], object]) -> Iterator[Sequence[nn.Module]]:
-    """Set ``layers[i].eam.<attr>`` to ``values[i]``, ``combine(values[i], what was there)`` where something
-    was, for the block, and restore exactly what was there on exit (also when the body raises)."""
+    """Set ``layers[i].eam.<attr>`` to ``values[i]`` (``combine``d with what was there) for the block."""
     saved = {l: getattr(layers[l].eam, attr) for l in values}
     try:
         for l, value in values.items():
@@ -424,22 +342,14 @@ def observing(layers: Sequence[nn.Module], observers: Mapping[int, Observer],
 
 def biasing(layers: Sequence[nn.Module],
             biases: Mapping[int, Optional[torch.Tensor]]) -> contextlib.AbstractContextManager:
-    """Add ``biases[i]`` (``None``: nothing) to ``layers[i]``'s scores (``eam.score_bias``) for the block, on
-    top of a bias already there."""
+    """Add ``biases[i]`` (``None``: nothing) to ``layers[i]``'s scores for the block, on top of any already there."""
     return _attached(layers, {l: b for l, b in biases.items() if b is not None}, "score_bias",
                      lambda bias, outer: outer + bias)
 
 
 @dataclass(frozen=True)
 class Family:
-    """A row of ``eamvit models``: a model family and the attention classes its models use.
-
-    Args:
-        name: the family as users call it.
-        classes: the timm attention classes of its models (each one with an adapter).
-        example: a timm model name of the family.
-        note: what is left out and why (e.g. an attention that has no token map).
-    """
+    """A row of ``eamvit models``: a family, its attention classes, an example model, what is left out and why."""
 
     name: str
     classes: tuple
@@ -447,21 +357,8 @@ class Family:
     note: str = ""
 
 
-def families_line(families: Iterable[Family]) -> str:
-    """The supported families, in registry order, as one phrase."""
-    return ", ".join(f.name for f in families)
-
-
 def require(layers: Iterable[nn.Module], verb: str) -> None:
-    """Refuse, in one line, a verb that some instrumented attention layer does not support.
-
-    Args:
-        layers: instrumented attention modules.
-        verb: one of :data:`VERBS`.
-
-    Raises:
-        EamError: the first layer whose adapter does not declare ``verb``.
-    """
+    """Refuse, in one line, a verb (one of :data:`VERBS`) that some instrumented attention layer does not support."""
     for layer in layers:
         adapter = layer.eam.adapter
         if verb not in adapter.verbs:
@@ -470,16 +367,3 @@ def require(layers: Iterable[nn.Module], verb: str) -> None:
             raise EamError(f"{_VERB_WORDS[verb]} does not support {adapter.family} yet "
                            f"(attention layer {layer.eam.layer}, timm {adapter.timm_class.__name__}); "
                            "`eamvit models` lists what each family supports")
-
-
-def capability_table(families: Iterable[Family], adapters: Iterable[Adapter]) -> str:
-    """Families × verbs as a markdown table: a family supports a verb when all its classes do."""
-    by_class = {a.timm_class: a for a in adapters}
-    lines = ["| family | attention classes | " + " | ".join(VERB_TITLES[v] for v in VERBS) + " | example | note |",
-             "|" + "---|" * (len(VERBS) + 4)]
-    for fam in families:
-        group = [by_class[c] for c in fam.classes]
-        cells = ["yes" if all(v in a.verbs for a in group) else "no" for v in VERBS]
-        names = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in fam.classes)
-        lines.append(f"| {fam.name} | {names} | " + " | ".join(cells) + f" | {fam.example} | {fam.note} |")
-    return "\n".join(lines)

@@ -1,13 +1,5 @@
-"""ADFQ-ViT's quantizer modules (Jiang et al., 2024) on the shared quantizer family.
-
-* :class:`OutlierAwareQuantizer` (POQ): per-token uniform quantization with full-precision outliers.
-* :class:`ShiftLogQuantizer` (SLQ): ``Q(x − min x + ε) + min x − ε`` with a log quantizer ``Q``.
-* :class:`AdaRoundQuantizer`: per-output-channel weights with AdaRound's learned rounding.
-* Learnable-step variants of the uniform and log quantizers (straight-through gradients), whose
-  values are always those of :mod:`eamvit.ops.quant`.
-
-The training that uses them (module-wise reconstruction) is :mod:`eamvit.methods.adfq`.
-"""
+"""ADFQ-ViT's quantizer modules (Jiang et al., 2024) on the shared quantizer family; the training that
+uses them is :mod:`eamvit.methods.adfq`."""
 from __future__ import annotations
 
 from typing import Any, Literal, Sequence, get_args
@@ -40,11 +32,8 @@ def _learning(*ts: Any) -> bool:
 
 
 class LearnableUniformQuantizer(UniformQuantizer):
-    """:class:`UniformQuantizer` whose Δ can be learned: LSQ-style straight-through gradients.
-
-    The values always come from :func:`~eamvit.ops.quant.uniform_fake_quant`; when Δ or the input needs a
-    gradient, the gradient is that of the same formula with straight-through rounding.
-    """
+    """:class:`UniformQuantizer` whose Δ can be learned: the values of :func:`~eamvit.ops.quant.uniform_fake_quant`,
+    the gradients of the same formula with straight-through rounding (LSQ-style)."""
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         d, zp = self._view(self.delta, x), self._view(self.zero_point, x)
@@ -87,19 +76,9 @@ def log_quantizer(kind: str, bits: int, percentiles: Sequence[float]) -> Quantiz
 
 
 class OutlierAwareQuantizer(LearnableUniformQuantizer):
-    """ADFQ-ViT's Per-Patch Outlier-aware Quantizer: per-token uniform + full-precision outliers.
-
-    ``x = dense + sparse`` with ``sparse = x·[x is an outlier]``; the dense part is quantized per
-    token (Δ, zp over batch × channels, calibrated on the dense part only), outliers pass through
-    unchanged. Counts of outliers are kept for :func:`outlier_report`.
-
-    Args:
-        bits: 2..8.
-        alpha: threshold, > 0.
-        mode: ``"abs"`` (``|x| > α``, the code) or ``"upper"`` (``x ≥ α``, paper eq. 18).
-        percentiles: range-search percentiles of the dense part.
-        search: ``"mse"`` (the family's search) or ``"minmax"`` (paper eq. 16–17).
-    """
+    """ADFQ-ViT's Per-Patch Outlier-aware Quantizer: per-token uniform + full-precision outliers (counted for
+    :func:`outlier_report`), an outlier being ``|x| > α`` (``mode="abs"``, the code) or ``x ≥ α`` (``"upper"``,
+    paper eq. 18) for ``alpha`` > 0; ``search="minmax"`` is paper eq. 16–17, ``"mse"`` the family's search."""
 
     def __init__(self, bits: int, alpha: float, mode: str = "abs",
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):
@@ -141,23 +120,13 @@ class OutlierAwareQuantizer(LearnableUniformQuantizer):
         self.outliers += int(mask.sum())
         self.seen += mask.numel()
         dense = torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
-        # Outliers are exactly their full-precision value (the sparse GEMM of the paper), even where
-        # a token's range does not contain 0.
         return torch.where(mask, x, super().fake_quant(dense))
 
 
 class ShiftLogQuantizer(Quantizer):
-    """ADFQ-ViT's Shift-Log2 Quantizer: ``Q(x − min x + ε) + min x − ε`` with a log quantizer Q.
-
-    ``min x`` is over the whole tensor and recomputed at every forward (as the code does); Q is the
-    inner ``log`` quantizer (Δ searched on the shifted calibration values).
-
-    Args:
-        bits: 2..8.
-        kind: ``"logsqrt2"`` (code) or ``"log2"`` (paper eq. 23).
-        eps: ε.
-        percentiles: range-search percentiles of Δ.
-    """
+    """ADFQ-ViT's Shift-Log2 Quantizer: ``Q(x − min x + ε) + min x − ε`` with the log quantizer ``self.log``
+    of ``kind`` ``"logsqrt2"`` (code) or ``"log2"`` (paper eq. 23); ``min x`` over the whole tensor, recomputed
+    at every forward as the code does."""
 
     def __init__(self, bits: int, kind: str = "logsqrt2", eps: float = 1e-8,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
@@ -170,13 +139,6 @@ class ShiftLogQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity=tensor, kind={self.kind}, eps={self.eps}, enabled={self.enabled}"
-
-    @property
-    def inited(self) -> bool:
-        return self.log.inited
-
-    def reset(self) -> None:
-        self.log.reset()
 
     def _shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = x.detach().amin()
@@ -207,10 +169,8 @@ def round_loss(v: torch.Tensor, beta: float, zeta: float = 1.1, gamma: float = -
 
 
 def beta_schedule(step: int, total: int, start: float = 20.0, end: float = 2.0, warmup: float = 0.0) -> float:
-    """β at ``step`` (0-based) of ``total``: ``start`` until ``warmup·total``, then linear to ``end``.
-
-    Same as the reference's ``LinearTempDecay`` with its 1-based counter.
-    """
+    """β at ``step`` (0-based) of ``total``: ``start`` until ``warmup·total``, then linear to ``end`` (the
+    reference's ``LinearTempDecay`` with its 1-based counter)."""
     t, t0 = step + 1, warmup * total
     if t < t0:
         return float(start)
@@ -219,17 +179,12 @@ def beta_schedule(step: int, total: int, start: float = 20.0, end: float = 2.0, 
 
 
 class AdaRoundQuantizer(UniformQuantizer):
-    """Per-output-channel weight quantizer with AdaRound's learned rounding.
+    """Per-output-channel weight quantizer with AdaRound's learned rounding ``V`` (``alpha``, initialised so that
+    ``h(V)`` is the fractional part of W/Δ).
 
     ``mode``: ``"nearest"`` (round to nearest, before reconstruction), ``"soft"``
     (``clamp(⌊W/Δ⌋ + h(V) + zp, 0, 2^b − 1)``, differentiable in V) or ``"hard"`` (``h = [V ≥ 0]``,
     the final quantized weights, computed by :func:`~eamvit.ops.quant.uniform_fake_quant`).
-    ``V`` (``alpha``) is initialised at calibration so that ``h(V)`` is the fractional part of W/Δ.
-
-    Args:
-        bits: 2..8.
-        zeta, gamma: rectified-sigmoid constants.
-        percentiles: range-search percentiles of the per-channel Δ.
     """
 
     _param_names = ("delta", "zero_point", "alpha")
@@ -251,11 +206,8 @@ class AdaRoundQuantizer(UniformQuantizer):
         self.alpha = inverse_rectified_sigmoid(rest, self.zeta, self.gamma).detach().clone()
 
     def rounded_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """``(⌊W/Δ⌋ + [V ≥ 0])·Δ``: the weights on the grid that the ``"hard"`` mode quantizes.
-
-        A plain :class:`UniformQuantizer` with the same Δ and zero point gives, on these weights,
-        exactly the ``"hard"`` output on ``w``: the finished model needs neither ``V`` nor this class.
-        """
+        """``(⌊W/Δ⌋ + [V ≥ 0])·Δ``: the weights on the grid that the ``"hard"`` mode quantizes; a plain
+        :class:`UniformQuantizer` with the same Δ and zero point gives the ``"hard"`` output on them."""
         d = self._view(self.delta, w)
         return (torch.floor(w / d) + (self.alpha >= 0).to(w.dtype)) * d
 

@@ -1,41 +1,5 @@
-"""The one attention instrumentation of eamvit.
-
-Every supported timm attention class is swapped, by exact class, for an instrumented subclass that
-can expose the post-softmax attention map ``A`` and replace entries of it (ToMe-style surgery:
-``module.__class__ = ...``; no weights copied, no per-instance ``forward`` patching, no module-name
-matching). Which classes are supported, and what each supports, is the registry of *adapters*
-(:mod:`eamvit.modules.adapters`): the ViT family's ``Attention`` and Swin v1's ``WindowAttention``
-(:mod:`eamvit.modules.vit_swin`, with every verb) and the further families of
-:mod:`eamvit.modules.families` (the verbs each adapter declares). Everything else in the project (entropy
-calibration, freezing, quantization, token pruning) talks to attention through the state set here,
-one :class:`~eamvit.modules.adapters.EamState` per module (``module.eam``) plus the tensors it
-registers on the module:
-
-* observers (``eam.observer``, ``eam.observer_q``), attached only through :func:`observe` (a context manager that always clears itself):
-  a callable ``f(attn, mask)`` that receives ``A`` as ``(B, *layer_shape)`` (the live
-  tensor, so gradients can flow through what an observer computes, e.g. EViT's fused token; an
-  observer that only records statistics detaches), where ``layer_shape`` is the adapter's
-  ``(…, N_q, N_k)`` with heads at dim -3: ``(H, N, N)`` for ViT, ``(nW, H, N, N)`` for Swin (each
-  window position is its own variable), ``(H, 1, N)`` for class attention, ``(H, N_q, N_k)`` for
-  pooled keys; ``mask`` is Swin's shifted-window additive mask ``(nW, N, N)`` or ``None``.
-  ``stage="softmax"`` sees ``A`` right after the softmax, ``stage="quantized"`` after the
-  post-softmax quantizer (ADFQ-ViT's reconstruction loss reads that one), and ``stage="keys"``
-  (``eam.observer_k``, adapters that declare token merging) receives the keys ``(B, H, N, d)`` as the
-  score product does (after q/k norms and rotary embeddings) instead of ``A``.
-* ``eam.score_bias``, set only through :func:`bias_scores` (same discipline): a term added to the scores
-  before the softmax, broadcast over ``(B, H, N_q, N_k)`` (token merging's proportional attention).
-* ``eam_frozen_mask`` / ``eam_frozen_values``: non-persistent buffers of ``layer_shape``; where the mask is true,
-  ``A`` takes the frozen value (eq. 15 of the EAM paper).
-* ``eam_quant``: an optional submodule (its ``state_dict`` keys are a quantized file's) with ``q``, ``k``, ``v``, ``attn`` callables and a
-  ``scale_first`` flag, used by :mod:`eamvit.methods.repq` to quantize the two attention matmuls.
-* ``eam.plan``: ``"head"`` or ``"row"`` when the frozen mask covers whole heads or whole query rows
-  and that structure is to be *executed* (:func:`set_frozen`, the one plan builder; rows in ViT only,
-  heads wherever the adapter declares a head mode: :mod:`eamvit.modules.family_heads` for the further
-  families).
-
-A module with none of them set runs timm's own (fused) forward, so blocks that need no attention map
-keep their speed. A model with an attention class outside the registry is refused in one line.
-"""
+"""The one attention instrumentation of eamvit: swap, observe, bias and freeze attention by adapter.
+See docs/architecture-modules.md for the state it sets on each module and why."""
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +11,8 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.modules import families, vit_swin
-from eamvit.modules.adapters import (PLAN_BUFFERS, Adapter, Observer, TokenFamily, biasing, capability_table,
-                                     families_line, observing, require)
+from eamvit.modules.adapters import (PLAN_BUFFERS, VERB_TITLES, VERBS, Adapter, Observer, TokenFamily, biasing,
+                                     observing, require)
 from eamvit.modules.vit_swin import EamAttention, EamWindowAttention
 
 __all__ = ["ADAPTERS", "EamAttention", "EamWindowAttention", "attention_layers", "bias_scores", "executes_plans",
@@ -61,7 +25,6 @@ ADAPTERS: tuple[Adapter, ...] = vit_swin.ADAPTERS + families.ADAPTERS
 # Exact-type registry: a subclass of a timm attention with its own forward is not assumed compatible.
 _BY_CLASS: dict[type, Adapter] = {a.timm_class: a for a in ADAPTERS}
 _INSTRUMENTED = frozenset(a.eam_class for a in ADAPTERS)
-_OF_MODULE: dict[type, Adapter] = {**_BY_CLASS, **{a.eam_class: a for a in ADAPTERS}}
 FAMILIES = vit_swin.FAMILIES + families.FAMILIES
 # How each timm block class drops or merges tokens (the adapters' `tokens`), and each class a verb swaps in
 # → its timm class (merging: CaiT's class-attention blocks too).
@@ -69,7 +32,7 @@ TOKEN_FAMILIES: dict[type, TokenFamily] = {a.tokens.block: a.tokens for a in ADA
 PRUNE_CLASSES: dict[type, type] = {f.prune_class: f.block for f in TOKEN_FAMILIES.values()}
 MERGE_CLASSES: dict[type, type] = {m: t for f in TOKEN_FAMILIES.values()
                                    for t, m in ((f.block, f.merge_class), *f.merge_followers.items())}
-SUPPORTED_FAMILIES = families_line(FAMILIES)
+SUPPORTED_FAMILIES = ", ".join(f.name for f in FAMILIES)
 # Class names that say "attention": an unknown one is refused rather than left unmapped in silence.
 _ATTENTION_NAME = re.compile(r"(Attention|Attn)(2d)?$|^(XCA|GPSA|MHSA)$")
 
@@ -80,10 +43,7 @@ def _instrumented(cls: type) -> bool:
 
 
 def _adapter_of(cls: type) -> Optional[Adapter]:
-    adapter = _OF_MODULE.get(cls)
-    if adapter is None and _instrumented(cls):
-        adapter = next(a for a in ADAPTERS if issubclass(cls, a.eam_class))
-    return adapter
+    return _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
 
 
 def _unknown_attention(module: nn.Module) -> bool:
@@ -98,8 +58,15 @@ def _refuse(what: str) -> EamError:
 
 
 def models_table() -> str:
-    """The families × verbs table of the registry (markdown), as ``eamvit models`` prints it."""
-    return capability_table(FAMILIES, ADAPTERS)
+    """The families × verbs table of the registry (markdown), as ``eamvit models`` prints it: a family supports
+    a verb when all its classes do."""
+    lines = ["| family | attention classes | " + " | ".join(VERB_TITLES[v] for v in VERBS) + " | example | note |",
+             "|" + "---|" * (len(VERBS) + 4)]
+    for fam in FAMILIES:
+        cells = ["yes" if all(v in _BY_CLASS[c].verbs for c in fam.classes) else "no" for v in VERBS]
+        names = ", ".join(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in fam.classes)
+        lines.append(f"| {fam.name} | {names} | " + " | ".join(cells) + f" | {fam.example} | {fam.note} |")
+    return "\n".join(lines)
 
 
 def _adapters(model: nn.Module) -> list[Adapter]:
@@ -113,14 +80,7 @@ def _adapters(model: nn.Module) -> list[Adapter]:
 
 
 def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
-    """The image size ``(H, W)`` the built ``model`` takes, as its family's adapters read it.
-
-    Args:
-        model: a timm model (instrumented or not; it is not changed).
-
-    Returns:
-        The size, or None where the model records none (it takes any size, or is outside the registry).
-    """
+    """The image size ``(H, W)`` the built ``model`` takes (its adapters read it); None: any size, or unregistered."""
     for adapter in _adapters(model):
         size = adapter.input_size(model)
         if size is not None:
@@ -129,27 +89,15 @@ def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
 
 
 def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """The lowest ONNX opset an export of ``model`` at images of ``size`` ``(H, W)`` needs, and why.
-
-    Returns:
-        The highest need of the model's adapters; ``(0, "")`` where any opset eamvit takes will do.
-    """
+    """The lowest ONNX opset (and why) an export of ``model`` at images of ``size`` needs; ``(0, "")``: any."""
     return max((a.min_opset(model, size) for a in _adapters(model)), key=lambda need: need[0], default=(0, ""))
 
 
 def instrument(model: nn.Module) -> list[nn.Module]:
-    """Swap every supported attention module of ``model`` for its instrumented class, in place.
+    """Swap every supported attention module of ``model`` for its instrumented class, in place (idempotent).
 
-    Idempotent. Layers are numbered in module order (block order for ViT, stage then block for Swin).
-
-    Args:
-        model: a timm model, or any module that contains timm attention.
-
-    Returns:
-        The instrumented attention modules, index = layer number.
-
-    Raises:
-        EamError: the model has no supported attention module, or an attention class outside the registry.
+    Returns the instrumented attention modules, index = layer number (module order: block order for ViT, stage
+    then block for Swin). Refuses a model with no supported attention, or one with an unregistered attention class.
     """
     unknown = next((m for m in model.modules() if _unknown_attention(m)), None)
     if unknown is not None:
@@ -172,18 +120,10 @@ def instrument(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-PLANS = ("head", "row")
-
-
 def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tensor:
-    """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses a mask
-    that freezes anything else."""
-    if plan == "head":
-        units = m4.flatten(2).all(-1).all(0)
-        covered = units.view(1, -1, 1, 1).expand_as(m4)
-    else:
-        units = m4[0].all(-1).all(0)
-        covered = units.view(1, 1, -1, 1).expand_as(m4)
+    """Which heads ``(H,)`` or query rows ``(N,)`` a ``(G, H, N, N)`` mask freezes whole; refuses any other mask."""
+    units = m4.flatten(2).all(-1).all(0) if plan == "head" else m4[0].all(-1).all(0)
+    covered = units.view((1, -1, 1, 1) if plan == "head" else (1, 1, -1, 1)).expand_as(m4)
     if not torch.equal(covered, m4):
         raise EamError(f"layer {module.eam.layer}: the frozen mask does not cover whole {plan}s; "
                        f"freeze with granularity {plan!r}")
@@ -191,8 +131,7 @@ def _frozen_units(module: nn.Module, m4: torch.Tensor, plan: str) -> torch.Tenso
 
 
 def executes_plans(module: nn.Module, plan: str = "head") -> bool:
-    """Whether ``module`` can execute a frozen ``plan``, as its adapter says (:meth:`Adapter.executes`);
-    every other layer simulates whole rows and heads."""
+    """Whether ``module`` can execute a frozen ``plan`` (:meth:`Adapter.executes`); others simulate it."""
     return module.eam.adapter.executes(plan)
 
 
@@ -201,23 +140,20 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
     """Freeze entries of one instrumented attention layer (``mask=None`` unfreezes it).
 
     Args:
-        module: an instrumented attention module.
         mask: bool, the layer's attention shape ``(H, N, N)`` or ``(nW, H, N, N)``: entries to freeze.
-        values: the frozen values, same shape.
         plan: ``None`` (entries, simulated: the whole map computed, then its frozen entries overwritten with
-            the numbers of ``torch.where``), ``"head"`` (the mask must cover
-            whole heads, every window) or ``"row"`` (whole query rows of every head; maps with one set of rows).
+            the numbers of ``torch.where``), ``"head"`` (the mask must cover whole heads, every window) or
+            ``"row"`` (whole query rows of every head; maps with one set of rows).
         execute: skip the work of a ``plan``'s frozen units; ``False`` simulates them (recorded in
             ``eam.granularity`` so that a cost account can say what executing would save). A module that
             cannot execute plans (:func:`executes_plans`) needs ``False`` for heads and simulates rows.
 
     Raises:
-        EamError: a plan the mask does not match, or one the layer's adapter does not support (``"row"`` on
-            Swin).
+        EamError: a plan the mask does not match, or one the layer's adapter does not support.
     """
     if mask is not None:
-        if plan is not None and plan not in PLANS:
-            raise EamError(f"frozen-attention plan {plan!r} is not one of {', '.join(PLANS)}")
+        if plan not in (None, "head", "row"):
+            raise EamError(f"frozen-attention plan {plan!r} is not one of head, row")
         require([module], "entry" if plan is None else plan)
         if plan == "head" and execute:
             require([module], "executed_head")
@@ -238,9 +174,8 @@ def set_frozen(module: nn.Module, mask: Optional[torch.Tensor], values: Optional
 
 def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan: str, execute: bool) -> None:
     """The plan buffers: kept/frozen units (all a cost account needs when not executed), the order back to
-    timm's, the frozen units' maps in the layout of timm's attention tensor with a leading group dim
-    (:func:`~eamvit.modules.adapters.frozen_times_v`), and for heads sliced from a fused qkv, its weight
-    rows (q, k, v of the kept heads, then v of the frozen ones) and the projection's input columns."""
+    timm's, the frozen units' maps (:func:`~eamvit.modules.adapters.frozen_times_v`'s layout), and for sliced
+    heads the qkv weight rows (q, k, v of the kept heads, then v of the frozen ones) and ``proj`` columns."""
     keep, frozen = (~units).nonzero().flatten(), units.nonzero().flatten()
     module.eam_plan_keep, module.eam_plan_frozen = keep, frozen
     if not execute:
@@ -271,18 +206,11 @@ def observe(model: nn.Module, observers: Mapping[int, Observer], *,
             stage: Stage = "softmax") -> Iterator[list[nn.Module]]:
     """Call ``observers[layer](attn, mask)`` on every forward of that attention layer inside the block.
 
-    The one way eamvit reads attention maps. Observers nest: one attached by an enclosing
-    ``observe`` keeps running (after the inner one), and each block restores exactly what it found,
-    also when the body raises. Layers without an observer keep timm's fused attention.
-
-    Args:
-        model: a timm model (instrumented on first use).
-        observers: layer number (see :func:`instrument`) to observer.
-        stage: ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or
-            ``"keys"`` (the keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
-
-    Yields:
-        The instrumented attention modules, index = layer number.
+    The one way eamvit reads attention maps. Observers nest: one attached by an enclosing ``observe`` keeps
+    running (after the inner one), and each block restores exactly what it found. Layers without an observer
+    keep timm's fused attention. Yields the instrumented attention modules, index = layer number. ``stage``:
+    ``"softmax"`` (the attention map), ``"quantized"`` (after the post-softmax quantizer) or ``"keys"`` (the
+    keys, ``(B, H, N, d)``, in place of the map; ``mask`` is ``None``).
     """
     layers = _layers(model, observers)
     if stage == "keys":
@@ -303,16 +231,9 @@ def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
 def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
     """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
 
-    Biases nest as observers do: an enclosing block's bias is added to this one, and each block
-    restores exactly what it found. ``None`` adds nothing. Layers without a bias keep timm's forward.
-
-    Args:
-        model: a timm model (instrumented on first use).
-        biases: layer number to a tensor that broadcasts to the layer's ``(B, H, N_q, N_k)`` scores
-            (proportional attention: ``(B, 1, 1, N)``).
-
-    Yields:
-        The instrumented attention modules, index = layer number.
+    Biases nest as observers do (see :func:`observe`); ``None`` adds nothing. Layers without a bias keep timm's
+    forward. Yields the instrumented attention modules, index = layer number. Each bias broadcasts to the
+    layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")
@@ -321,12 +242,8 @@ def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) 
 
 
 def layer_shapes(model: nn.Module, sample: torch.Tensor | Callable[[], Any]) -> list[tuple[int, ...]]:
-    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward.
-
-    Args:
-        model: the model.
-        sample: images (the first one is run), or ``f()`` that runs ``model`` once.
-    """
+    """Per-layer attention-map shape, ``(H, N, N)`` or ``(nW, H, N, N)``, from one forward of ``sample``:
+    images (the first one is run), or ``f()`` that runs ``model`` once."""
     shapes: dict[int, tuple[int, ...]] = {}
 
     def make(i: int) -> Observer:

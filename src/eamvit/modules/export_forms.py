@@ -1,24 +1,15 @@
-"""The export forms of quantized modules: the classes a prepared copy of a model is swapped to before
-``torch.onnx`` traces it (:func:`~eamvit.methods.export.export_onnx`), each computing with the
-operators of :mod:`eamvit.ops.qdq` so that the traced graph holds ONNX's quantization nodes.
-
-Settings are read from an export config (``scheme``, ``symmetric_activations``, ``block_size``,
-``runtime``: :class:`~eamvit.methods.export.ExportConfig`).
-
-Pruning and merging blocks get their export form here too (every scheme and runtime): where their
-attention is a float ViT attention, it keeps its fused kernel and the scores they read are recomputed
-from the queries and keys (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`), so that a
-runtime still sees one scaled-dot-product attention per block.
-"""
+"""The export forms of quantized modules and of pruning and merging blocks, swapped in on a copy before
+``torch.onnx`` traces it. See docs/architecture-modules.md."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from eamvit.errors import EamError
 from eamvit.modules.attention import EamAttention, attention_layers
 from eamvit.modules.merge_block import MergeState
 from eamvit.modules.prune_block import PruneState
@@ -92,9 +83,8 @@ class DequantizedConv2d(QuantConv2d):
 
 
 class QdqAttention(EamAttention):
-    """Export class of a quantized ViT attention in the ``"openvino"`` form: each quantization where the
-    value is made, each dequantization where it is read (the numbers of :class:`EamAttention`'s
-    quantized path: the same quantizers on the same values)."""
+    """Export class of a quantized ViT attention in the ``"openvino"`` form: each quantization where the value is
+    made, each dequantization where it is read (the numbers of :class:`EamAttention`'s quantized path)."""
 
     eam_reads_qk = False  # its quantized scores are not softmax(q·scale·kᵀ) of float q and k
     onnx_qkv_scale: torch.Tensor  # (3·A,): q's step on q's channels, then k's, then v's
@@ -109,7 +99,8 @@ class QdqAttention(EamAttention):
         # No token merging here: export refuses it for this form (methods.merge.OPENVINO_REPQ_MERGE).
         codes = quantize_linear(self.qkv(x), self.onnx_qkv_scale, self.onnx_qkv_zero_point)
         cq, ck, cv = codes.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point) for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
+        q, k, v = (dequantize_linear(c, p.onnx_scale, p.onnx_zero_point)
+                   for c, p in ((cq, qz.q), (ck, qz.k), (cv, qz.v)))
         attn = (q @ k.transpose(-2, -1)) * self.scale  # RepQ-ViT's ViT order (scale_first False)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self._eam_post_softmax(attn.softmax(dim=-1), 1, None)
@@ -128,11 +119,9 @@ def _setup_openvino_attention(layer: nn.Module) -> None:
             or not isinstance(layer.q_norm, nn.Identity) or not isinstance(layer.k_norm, nn.Identity) \
             or not all(type(getattr(qz, n)) is QdqActivation for n in ("q", "k", "v")):
         return
-    width = layer.attn_dim
-    layer.register_buffer("onnx_qkv_scale", torch.cat(
-        [getattr(qz, n).onnx_scale.expand(width) for n in ("q", "k", "v")]).contiguous())
-    layer.register_buffer("onnx_qkv_zero_point", torch.cat(
-        [getattr(qz, n).onnx_zero_point.expand(width) for n in ("q", "k", "v")]).contiguous())
+    for attr in ("scale", "zero_point"):  # q's on q's channels, then k's, then v's
+        parts = [getattr(getattr(qz, n), f"onnx_{attr}").expand(layer.attn_dim) for n in ("q", "k", "v")]
+        layer.register_buffer(f"onnx_qkv_{attr}", torch.cat(parts).contiguous())
     proj = layer.proj
     layer.onnx_merge_codes = (isinstance(layer.norm, nn.Identity) and layer.gate is None and type(proj) is QdqLinear
                               and type(proj.input_quantizer) is QdqActivation)
@@ -144,8 +133,8 @@ def _weight_codes(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     wq = m.weight_quantizer
     shape = (-1,) + (1,) * (m.weight.dim() - 1)
     delta, zp = wq.delta.reshape(-1), wq.zero_point.reshape(-1)
-    codes = torch.clamp(torch.round(m.weight.detach() / delta.reshape(shape)) + zp.reshape(shape), 0, (1 << wq.bits) - 1)
-    return codes, delta, zp
+    codes = torch.round(m.weight.detach() / delta.reshape(shape)) + zp.reshape(shape)
+    return torch.clamp(codes, 0, (1 << wq.bits) - 1), delta, zp
 
 
 def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:
@@ -158,20 +147,14 @@ def _setup_qdq_weight(m: nn.Module, config: ExportConfig) -> None:
     m.register_buffer("onnx_zero_point", (zp - shift).to(torch.int8))
 
 
-def _block_size(k: int, config: ExportConfig) -> int:
-    if config.block_size is not None:
-        return config.block_size
-    return max([b for b in (16, 32, 64, 128) if k % b == 0], default=16)
-
-
 def _setup_nbits_linear(m: nn.Module, config: ExportConfig) -> None:
     codes, delta, zp = _weight_codes(m)
     bits, (n, k) = m.weight_quantizer.bits, m.weight.shape
-    bs = _block_size(k, config)
-    packed, scales, zps = pack_nbits_weight(codes, delta, zp, bits, bs)
-    m.register_buffer("onnx_packed", packed)
-    m.register_buffer("onnx_scales", scales)
-    m.register_buffer("onnx_zero_points", zps)
+    fits = [b for b in (16, 32, 64, 128) if k % b == 0]
+    bs = config.block_size if config.block_size is not None else max(fits, default=16)
+    packed = pack_nbits_weight(codes, delta, zp, bits, bs)
+    for name, t in zip(("onnx_packed", "onnx_scales", "onnx_zero_points"), packed):
+        m.register_buffer(name, t)
     m.nbits = (k, n, bits, bs)
 
 
@@ -189,8 +172,7 @@ _EXPORT_SWAP = {
 
 
 def swap_for_export_(model: nn.Module, config: ExportConfig) -> None:
-    """Swap a prepared model's classes for their export classes and give its pruning blocks their export
-    form (a copy; never the user's model)."""
+    """Swap a prepared model's classes (a copy; never the user's model) for their export forms."""
     for m in model.modules():
         if isinstance(getattr(m, "eam_tokens", None), (PruneState, MergeState)):
             m.eam_tokens.scores_from_qk = True

@@ -1,31 +1,5 @@
-"""Adapters for timm attention classes whose maps eamvit reads through timm's own forward.
-
-While such a module is observed or frozen, its instrumented forward runs timm's forward with the
-fused kernel off and hands the output of its one softmax to the post-softmax step
-(:meth:`~eamvit.modules.adapters.EamBase._eam_post_softmax`); the rest of timm's arithmetic is
-untouched, so a map frozen from one image reproduces that image. The softmax is found with a
-``TorchFunctionMode`` scoped to that forward, and the forward must compute exactly one softmax
-(checked on every call, so a timm change that adds or fuses one is refused rather than mis-mapped).
-A module with nothing attached runs timm's forward as it is, fused kernel included.
-
-ConViT's GPSA mixes two softmaxes with a learned gate; its probabilities are the gated mix, the
-output of ``get_attention``. VOLO's ``OutlookAttention`` predicts its weights from the centre token
-with no q·k, so it has no token map; it is left as timm has it (:data:`UNMAPPED`).
-
-Under RepQ-ViT (``eam_quant`` set) the tap also quantizes the operands of the two attention
-matmuls of that forward, q and k of the one before the softmax and v of the first one after it,
-in the order timm computes them. LeViT, EfficientFormer and FastViT refuse RepQ-ViT in one line
-(BatchNorm). Token pruning and merging are declared for the flat-token families (EVA02, BEiT, CaiT,
-ConViT: their adapters' ``tokens``). Row freezing is simulated here (the frozen mask covers whole query rows and
-overwrites the map as entry freezing does). Head freezing is executed where timm's q and k can be
-cut per head (:mod:`eamvit.modules.family_heads`, the adapters' ``heads``) and simulated elsewhere. A
-row is declared only where a layer map is ``(H, N_q, N_k)``: in a windowed map a row is one
-(window, token) pair, so windows would keep different numbers of rows. The fp32 ONNX export traces
-the same forward, the tap included, so frozen models export too. ADFQ-ViT and PMQ refine RepQ-ViT's
-surgery and are declared wherever it is, except ADFQ-ViT on Swin v2 (post-norm: no LayerNorm →
-Linear input for its outlier-aware quantizer). Each section is one family's instrumented classes;
-their adapters, all a family supports and how, are the one table :data:`ADAPTERS`.
-"""
+"""Adapters for timm attention classes whose maps eamvit reads through timm's own forward (one softmax
+tapped). See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from functools import partial
@@ -43,7 +17,8 @@ from timm.layers.attention import Attention
 from eamvit.errors import EamError
 from eamvit.modules import family_quant as fq
 from eamvit.modules.adapters import BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily
-from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, swinv2_heads
+from eamvit.modules.family_heads import _MATMULS, _SOFTMAXES, KeptBiases, gpsa_heads, run_heads, run_tapped, \
+    swinv2_heads
 from eamvit.modules.family_sizes import hiera_size, levit_size, mvitv2_size, tnt_size, twins_size, volo_opset, volo_size
 from eamvit.modules.merge_block import MergeBeitBlock, MergeCaitBlock, MergeCaitClassBlock, MergeConvitBlock, \
     MergeEvaBlock
@@ -54,18 +29,14 @@ from eamvit.ops.positions import gather_pair_bias
 
 class _SoftmaxTap(TorchFunctionMode):
     """Passes the output of every softmax computed inside the block through ``fn``; with ``quant`` (an
-    attention's ``eam_quant``) also quantizes the operands of timm's two attention matmuls: both of
-    the one before the first softmax (the scores, q and k as timm's forward hands them over) and
-    the second of the first one after it (v). ``keys`` (an observer) receives the key operand of the
-    score matmul as ``(…, N, d)``; ``bias`` is added to the input of the first softmax."""
+    attention's ``eam_quant``) also quantizes q and k of the score matmul and v of the first matmul after the
+    softmax. ``keys`` (an observer) receives the key operand of the score matmul as ``(…, N, d)``; ``bias``
+    is added to the input of the first softmax; the forward must compute ``softmaxes`` of them."""
 
     def __init__(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]], quant: Optional[nn.Module] = None,
-                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None) -> None:
+                 keys: Optional[Callable] = None, bias: Optional[torch.Tensor] = None, softmaxes: int = 1) -> None:
         super().__init__()
-        self.fn = fn
-        self.quant = quant
-        self.keys = keys
-        self.bias = bias
+        self.fn, self.quant, self.keys, self.bias, self.softmaxes = fn, quant, keys, bias, softmaxes
         self.calls = 0
         self.matmuls = [0, 0]  # before the first softmax, after it
 
@@ -99,12 +70,12 @@ class _SoftmaxTap(TorchFunctionMode):
             return (args[0], qz.v(args[1])) + tuple(args[2:])
         return args
 
-    def check(self, cls: type, softmaxes: int = 1) -> None:
+    def check(self, cls: type) -> None:
         """Refuse a forward that did not compute what the adapter expects (a timm change)."""
         where = f"timm {cls.__module__}.{cls.__name__}"
-        if self.calls != softmaxes:
+        if self.calls != self.softmaxes:
             raise EamError(f"{where} computed {self.calls} softmaxes in one forward where eamvit expects "
-                           f"{softmaxes}; this timm version is not supported for that family")
+                           f"{self.softmaxes}; this timm version is not supported for that family")
         if self.quant is not None and (self.matmuls[0] != 1 or self.matmuls[1] < 1):
             raise EamError(f"{where} computed {self.matmuls[0]} score matmuls and {self.matmuls[1]} after its "
                            "softmax where eamvit's quantizers expect one and at least one; this timm version "
@@ -120,11 +91,7 @@ class _Tapped(EamBase):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.eam_active:
             return super().forward(*args, **kwargs)
-        groups = self.eam.num_windows
-        lead = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        if lead % groups:
-            raise EamError(f"attention layer {self.eam.layer}: {lead} groups is not a multiple of {groups} "
-                           "per image; run the model at the image size it was instrumented for")
+        groups = self._eam_groups((args[0] if args else next(iter(kwargs.values()))).shape[0])
         run = lambda: super(_Tapped, self).forward(*args, **kwargs)
         if self.eam_executes_plan:
             return run_heads(self, run)
@@ -140,33 +107,20 @@ class _Tapped(EamBase):
 
     def _eam_tapped(self, run: Callable[[], Any], groups: int, mask: Optional[torch.Tensor]) -> Any:
         """``run()`` (timm's forward) with the fused kernel off and the softmax output post-processed."""
-        fused = bool(getattr(self, "fused_attn", False))
         tap = _SoftmaxTap(lambda attn: self._eam_probs(attn, groups, mask), self.eam_quant, self.eam.observer_k,
                           self.eam.score_bias)
-        try:
-            if fused:
-                self.fused_attn = False
-            with tap:
-                out = run()
-        finally:
-            if fused:
-                self.fused_attn = True
-        tap.check(self.eam.adapter.timm_class)
-        return out
+        return run_tapped(self, tap, run, False)
 
 
-def _adapter(family: str, timm_class: type, eam_class: type, qkv: str, logits: str, layer_map: str, example: str,
-             probs: str = "the output of the softmax", verbs: frozenset = BASE_VERBS, why_not: Optional[dict] = None,
-             no_rows: str = "", **facts: Any) -> Adapter:
-    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty);
-    ``facts``: the further :class:`~eamvit.modules.adapters.Adapter` fields."""
+def _adapter(family: str, timm_class: type, eam_class: type, verbs: frozenset = BASE_VERBS,
+             why_not: Optional[dict] = None, no_rows: str = "", **facts: Any) -> Adapter:
+    """An adapter of this module; ``no_rows``: why the map has no query rows to freeze (rows declared if empty)."""
     why_not = dict(why_not or {})
     if no_rows:
         why_not["row"] = (f"row granularity does not apply to {family}: {no_rows}, so the groups would keep "
                           "different numbers of rows; use entry or head")
-    return Adapter(family=family, timm_class=timm_class, eam_class=eam_class, qkv=qkv, logits=logits, probs=probs,
-                   layer_map=layer_map, verbs=verbs if no_rows else verbs | {"row"}, example=example,
-                   why_not=why_not, **facts)
+    return Adapter(family=family, timm_class=timm_class, eam_class=eam_class,
+                   verbs=verbs if no_rows else verbs | {"row"}, why_not=why_not, **facts)
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
@@ -178,50 +132,52 @@ def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> di
     return why
 
 
-# --- EVA / EVA02 ---
-class EamEvaAttention(_Tapped, eva.EvaAttention):
-    """EVA / EVA02 attention (RoPE on q and k)."""
+def _tapped(name: str, timm_class: type, *mixins: type) -> type:
+    """An instrumented class read through timm's own forward, bound at module level as ``name`` (for pickling)."""
+    return type(name, (*mixins, _Tapped, timm_class), {"__module__": __name__})
 
 
-# --- BEiT ---
+EamEvaAttention = _tapped("EamEvaAttention", eva.EvaAttention)
+EamTalkingHeadAttn = _tapped("EamTalkingHeadAttn", cait.TalkingHeadAttn)
+EamClassAttn = _tapped("EamClassAttn", cait.ClassAttn)
+EamMHSA = _tapped("EamMHSA", convit.MHSA)
+EamXCA = _tapped("EamXCA", xcit.XCA)
+EamLocallyGroupedAttn = _tapped("EamLocallyGroupedAttn", twins.LocallyGroupedAttn)
+EamGlobalSubSampleAttn = _tapped("EamGlobalSubSampleAttn", twins.GlobalSubSampleAttn)
+EamMultiScaleAttention = _tapped("EamMultiScaleAttention", mvitv2.MultiScaleAttention)
+EamMultiScaleAttentionPoolFirst = _tapped("EamMultiScaleAttentionPoolFirst", mvitv2.MultiScaleAttentionPoolFirst)
+EamLevitAttention = _tapped("EamLevitAttention", levit.Attention, KeptBiases)
+EamLevitAttentionDownsample = _tapped("EamLevitAttentionDownsample", levit.AttentionDownsample, KeptBiases)
+EamVoloAttention = _tapped("EamVoloAttention", volo.Attention)
+EamVoloClassAttention = _tapped("EamVoloClassAttention", volo.ClassAttention)
+EamTntAttention = _tapped("EamTntAttention", tnt.Attention)
+EamEfficientFormerAttention = _tapped("EamEfficientFormerAttention", efficientformer.Attention, KeptBiases)
+EamFastVitAttention = _tapped("EamFastVitAttention", fastvit.Attention)
+EamMaskUnitAttention = _tapped("EamMaskUnitAttention", hiera.MaskUnitAttention)
+EamCrossAttention = _tapped("EamCrossAttention", crossvit.CrossAttention)
+
+
 class EamBeitAttention(_Tapped, beit.Attention):
-    """BEiT attention with its relative-position bias table.
-
-    While token pruning has dropped tokens, the pruning block sets ``eam.positions`` (the present
-    tokens' positions, ``(B, n)``) around the call, and the bias covers those tokens only.
-    """
+    """BEiT attention; while token pruning has dropped tokens, the pruning block sets ``eam.positions`` around
+    the call, and the relative-position bias covers those tokens only."""
 
     def _get_rel_pos_bias(self) -> torch.Tensor:
         bias = super()._get_rel_pos_bias()
         return bias if self.eam.positions is None else gather_pair_bias(bias, self.eam.positions)
 
 
-# --- Swin v2 ---
 class EamWindowAttentionV2(_Tapped, swinv2.WindowAttention):
     """Swin v2 cosine window attention; ``eam.num_windows`` is set from the owning block."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.eam_active:
             return super().forward(x, mask=mask)
-        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
-        if x.shape[0] % num_win:
-            raise EamError(f"Swin v2 layer {self.eam.layer}: {x.shape[0]} windows is not a multiple of {num_win} per "
-                           "image; run the model at the image size it was instrumented for")
+        num_win = self._eam_groups(x.shape[0], mask)
         if self.eam_executes_plan:
             return swinv2_heads(self, x, mask)
         return self._eam_tapped(lambda: swinv2.WindowAttention.forward(self, x, mask=mask), num_win, mask)
 
 
-# --- CaiT (and XCiT's class attention) ---
-class EamTalkingHeadAttn(_Tapped, cait.TalkingHeadAttn):
-    """CaiT talking-heads self-attention: the map is the softmax between the two head mixings."""
-
-
-class EamClassAttn(_Tapped, cait.ClassAttn):
-    """CaiT / XCiT class attention: one query, the class token."""
-
-
-# --- ConViT ---
 class EamGPSA(EamBase, convit.GPSA):
     """ConViT gated positional self-attention: the map is the gated mix of two softmaxes."""
 
@@ -239,91 +195,17 @@ class EamGPSA(EamBase, convit.GPSA):
             return super().forward(x)
         # Quantized: q and k of the patch scores and v through the tap; the softmaxes are left alone
         # (get_attention quantizes their gated mix).
-        tap = _SoftmaxTap(None, self.eam_quant)
-        with tap:
-            out = super().forward(x)
-        tap.check(convit.GPSA, softmaxes=2)
-        return out
-
-
-class EamMHSA(_Tapped, convit.MHSA):
-    """ConViT plain multi-head self-attention (the last blocks)."""
-
-
-# --- XCiT ---
-class EamXCA(_Tapped, xcit.XCA):
-    """XCiT cross-covariance attention: a softmax over channels, one (d, d) map per head."""
-
-
-# --- Twins ---
-class EamLocallyGroupedAttn(_Tapped, twins.LocallyGroupedAttn):
-    """Twins local attention inside each window of the grid."""
-
-
-class EamGlobalSubSampleAttn(_Tapped, twins.GlobalSubSampleAttn):
-    """Twins global attention over sub-sampled keys."""
-
-
-# --- MViTv2 ---
-class EamMultiScaleAttention(_Tapped, mvitv2.MultiScaleAttention):
-    """MViTv2 pooling attention (q, k, v pooled after the projection)."""
-
-
-class EamMultiScaleAttentionPoolFirst(_Tapped, mvitv2.MultiScaleAttentionPoolFirst):
-    """MViTv2 pooling attention (q, k, v pooled before the projection)."""
-
-
-# --- LeViT ---
-class EamLevitAttention(KeptBiases, _Tapped, levit.Attention):
-    """LeViT attention with learned per-head, per-offset biases."""
-
-
-class EamLevitAttentionDownsample(KeptBiases, _Tapped, levit.AttentionDownsample):
-    """LeViT attention whose queries come from a sub-sampled grid."""
-
-
-# --- VOLO ---
-class EamVoloAttention(_Tapped, volo.Attention):
-    """VOLO plain self-attention (the later stages)."""
-
-
-class EamVoloClassAttention(_Tapped, volo.ClassAttention):
-    """VOLO class attention: one query, the class token."""
-
-
-# --- TNT ---
-class EamTntAttention(_Tapped, tnt.Attention):
-    """TNT attention, inner (pixels of each patch, the patches folded into the batch) and outer (patches)."""
+        return run_tapped(self, _SoftmaxTap(None, self.eam_quant, softmaxes=2), lambda: super(EamGPSA, self).forward(x),
+                          False)
 
 
 def _bind_tnt(model: nn.Module) -> None:
-    """The patches per image of TNT's inner attention (each patch position is its own variable, as Swin's
-    windows are)."""
+    """The patches per image of TNT's inner attention (each patch position is its own variable)."""
     for module in model.modules():
         if isinstance(module, tnt.TNT):
             for block in module.blocks:
                 if isinstance(block.attn_in, EamTntAttention):
                     block.attn_in.eam.num_windows = module.pixel_embed.num_patches
-
-
-# --- EfficientFormer ---
-class EamEfficientFormerAttention(KeptBiases, _Tapped, efficientformer.Attention):
-    """EfficientFormer attention (last stage) with learned attention biases."""
-
-
-# --- FastViT ---
-class EamFastVitAttention(_Tapped, fastvit.Attention):
-    """FastViT self-attention of the SA stages, on a flattened feature map."""
-
-
-# --- Hiera ---
-class EamMaskUnitAttention(_Tapped, hiera.MaskUnitAttention):
-    """Hiera attention within mask units (with query pooling); its maps come with heads first."""
-
-
-# --- CrossViT ---
-class EamCrossAttention(_Tapped, crossvit.CrossAttention):
-    """CrossViT cross attention: the other branch's class token queries this branch's tokens."""
 
 
 def _convit_refuse(block: nn.Module) -> Optional[str]:
@@ -353,104 +235,72 @@ _CONVIT = TokenFamily("ConViT", convit.Block, PruneConvitBlock, MergeConvitBlock
 _NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no token scores or keys) and their "
               "local patch interaction convolves the full patch grid; its class attention only comes after them")
 _NONE = lambda a: [None]  # noqa: E731 (a conv, pooling or padding also reads the normalised input)
-_QKV = "one fused qkv linear, split per head"
 _WINDOW_ROW = "a row there is one (window, token) pair"
-_SCALED = "q·kᵀ·scale"
 _VOLO = dict(input_size=volo_size, min_opset=volo_opset)
+_NO_REPQ = BASE_VERBS - {"repq"}
+# What each class computes (q, k and v, the terms before the softmax, its layer map) is in
+# docs/architecture-modules.md, "The families' attention classes".
 ADAPTERS: tuple[Adapter, ...] = (
-    _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, "fused qkv or separate q, k, v linears",
-             _SCALED + " after rotary position embedding of q and k (EVA02); optional sub-LN", "(H, N, N)",
-             "eva02_tiny_patch14_224", heads="sdpa", cost_modelled=True,
+    _adapter("EVA / EVA02", eva.EvaAttention, EamEvaAttention, heads="sdpa", cost_modelled=True,
              quant=QuantFacts(_eva_inputs, {eva.EvaBlock: fq.attn_block}, separate_bias=True),
              tokens=TokenFamily("EVA02", eva.EvaBlock, PruneEvaBlock, MergeEvaBlock, positions=True,
-                               refuse_model=_eva_refuse)),
-    _adapter("BEiT", beit.Attention, EamBeitAttention, "one qkv linear with q and v biases",
-             _SCALED + " + relative-position bias", "(H, N, N)", "beit_base_patch16_224", heads="sdpa",
-             cost_modelled=True, quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
+                                refuse_model=_eva_refuse)),
+    _adapter("BEiT", beit.Attention, EamBeitAttention, heads="sdpa", cost_modelled=True,
+             quant=QuantFacts(groups={beit.Block: fq.attn_block}, separate_bias=True),
              tokens=TokenFamily("BEiT", beit.Block, PruneBeitBlock, MergeBeitBlock, positions=True)),
     # Swin v2 and EVA's post-norm blocks have no groups: the norm follows the attention and the MLP.
-    _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, _QKV + ", per window",
-             "cosine similarity × clamped learned logit scale + 16·sigmoid(continuous position bias) "
-             "+ shifted-window mask", "(nW, H, N, N)", "swinv2_tiny_window8_256",
-             no_rows=_WINDOW_ROW, heads="own", cost_modelled=True,
-             quant=QuantFacts(in_float=("cpb_mlp",), separate_bias=True),
+    _adapter("Swin v2", swinv2.WindowAttention, EamWindowAttentionV2, no_rows=_WINDOW_ROW, heads="own",
+             cost_modelled=True, quant=QuantFacts(in_float=("cpb_mlp",), separate_bias=True),
              bind=partial(bind_windows, EamWindowAttentionV2),
              why_not={"adfq": "ADFQ-ViT quantization does not apply to Swin v2: its blocks are post-norm, so no "
                               "LayerNorm feeds a Linear and its per-patch outlier-aware quantizer has no input; "
                               "use RepQ-ViT or PMQ"}),
-    _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, _QKV,
-             _SCALED + ", mixed across heads by a linear layer (talking heads)", "(H, N, N)", "cait_xxs24_224",
-             probs="the output of the softmax, before the second head mixing",
+    _adapter("CaiT", cait.TalkingHeadAttn, EamTalkingHeadAttn, tokens=_CAIT,
              quant=QuantFacts(groups={cait.LayerScaleBlock: fq.attn_block}, in_float=("proj_l", "proj_w")),
-             tokens=_CAIT,
              why_not={"executed_head": "executed head freezing does not apply to CaiT's talking-heads attention: a "
                                        "linear layer mixes every head's scores before the softmax, so no head's "
                                        "q·k can be skipped; simulate its heads (execute=False)"}),
     # XCiT's class-attention block is not a group: its normalised tokens also pass through unchanged.
-    _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, "q from the class token, k and v from all tokens",
-             _SCALED, "(H, 1, N)", "cait_xxs24_224", heads="sdpa", tokens=_CAIT,
+    _adapter("CaiT / XCiT", cait.ClassAttn, EamClassAttn, heads="sdpa", tokens=_CAIT,
              quant=QuantFacts(lambda a: [a.k, a.q, a.v], {cait.LayerScaleBlockClassAttn: fq.attn_block},
                               one_token=("q",))),
-    _adapter("ConViT", convit.GPSA, EamGPSA, "one qk linear and a v linear; positional scores from relative offsets",
-             "softmax(q·kᵀ·scale) and softmax(positional scores), mixed by a sigmoid gate per head and renormalised",
-             "(H, N, N)", "convit_tiny", probs="the gated mix (the output of get_attention)", heads="own",
-             quant=QuantFacts(lambda a: [a.qk, a.v], {convit.Block: fq.attn_block}, in_float=("pos_proj",)),
-             tokens=_CONVIT),
-    _adapter("ConViT", convit.MHSA, EamMHSA, _QKV, _SCALED, "(H, N, N)", "convit_tiny", heads="matmul",
-             tokens=_CONVIT),
-    _adapter("XCiT", xcit.XCA, EamXCA, _QKV + ", transposed to channels",
-             "L2-normalised q·kᵀ over tokens × a learned temperature per head (a channel attention)", "(H, d, d)",
-             "xcit_nano_12_p16_224", heads="sdpa",
+    _adapter("ConViT", convit.GPSA, EamGPSA, heads="own", tokens=_CONVIT,
+             quant=QuantFacts(lambda a: [a.qk, a.v], {convit.Block: fq.attn_block}, in_float=("pos_proj",))),
+    _adapter("ConViT", convit.MHSA, EamMHSA, heads="matmul", tokens=_CONVIT),
+    _adapter("XCiT", xcit.XCA, EamXCA, heads="sdpa",
              quant=QuantFacts(groups={xcit.XCABlock: fq.attn_block}, channel_map=True),
              why_not={"prune": "token pruning " + _NO_TOKENS, "merge": "token merging " + _NO_TOKENS}),
     # Twins pads the grid to whole windows with zeros after the norm, and padded tokens are keys.
-    _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, _QKV + ", per window of the grid",
-             _SCALED, "(G, H, N, N)", "twins_svt_small", heads="sdpa",
-             no_rows="its local attention is windowed, " + _WINDOW_ROW, input_size=twins_size,
+    _adapter("Twins", twins.LocallyGroupedAttn, EamLocallyGroupedAttn, heads="sdpa", input_size=twins_size,
+             no_rows="its local attention is windowed, " + _WINDOW_ROW,
              quant=QuantFacts(_NONE, {twins.Block: fq.attn_block})),
-    _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn,
-             "q linear on all tokens; kv linear on tokens sub-sampled by a strided conv", _SCALED, "(H, N, N_k)",
-             "twins_svt_small", heads="sdpa", input_size=twins_size,
+    _adapter("Twins", twins.GlobalSubSampleAttn, EamGlobalSubSampleAttn, heads="sdpa", input_size=twins_size,
              quant=QuantFacts(lambda a: [a.kv, a.q] if a.sr is None else [None])),
-    _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, _QKV + ", then pooled",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             heads="matmul", cut_einsum=True, input_size=mvitv2_size,
-             quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
-    _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst,
-             "pooled first, then separate q, k, v linears",
-             _SCALED + " + decomposed relative position (pooled queries and keys)", "(H, N_q, N_k)", "mvitv2_tiny",
-             heads="matmul", cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
-    _adapter("LeViT", levit.Attention, EamLevitAttention, "one qkv linear + BatchNorm, keys narrower than values",
-             _SCALED + " + learned attention biases per head and offset", "(H, N, N)", "levit_128s",
-             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
-    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample,
-             "kv linear on all tokens, q linear on a sub-sampled grid",
-             _SCALED + " + learned attention biases per head and offset", "(H, N_q, N_k)", "levit_128s",
-             verbs=BASE_VERBS - {"repq"}, heads="matmul", why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("MViTv2", mvitv2.MultiScaleAttention, EamMultiScaleAttention, heads="matmul", cut_einsum=True,
+             input_size=mvitv2_size, quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
+    _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst, heads="matmul",
+             cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
+    _adapter("LeViT", levit.Attention, EamLevitAttention, verbs=_NO_REPQ, heads="matmul",
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample, verbs=_NO_REPQ, heads="matmul",
+             why_not=_batchnorm("LeViT"), input_size=levit_size),
     # VOLO's outlooker: an average pooling also reads norm1's output.
-    _adapter("VOLO", volo.Attention, EamVoloAttention, _QKV, _SCALED, "(H, N, N)", "volo_d1_224", heads="sdpa",
+    _adapter("VOLO", volo.Attention, EamVoloAttention, heads="sdpa",
              quant=QuantFacts(groups={volo.Transformer: fq.attn_block, volo.ClassBlock: fq.attn_block,
                                       volo.Outlooker: fq.mlp_only}), **_VOLO),
-    _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, "q from the class token, kv from all tokens",
-             _SCALED, "(H, 1, N)", "volo_d1_224", heads="matmul", quant=QuantFacts(lambda a: [a.kv, a.q]), **_VOLO),
-    _adapter("TNT", tnt.Attention, EamTntAttention, "qk linear and v linear", _SCALED,
-             "(H, N, N) over patches; (P, H, n, n) over the n pixels of each of P patches",
-             "tnt_s_patch16_224", heads="matmul", bind=_bind_tnt,
-             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair", input_size=tnt_size,
+    _adapter("VOLO", volo.ClassAttention, EamVoloClassAttention, heads="matmul",
+             quant=QuantFacts(lambda a: [a.kv, a.q]), **_VOLO),
+    _adapter("TNT", tnt.Attention, EamTntAttention, heads="matmul", bind=_bind_tnt, input_size=tnt_size,
+             no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair",
              quant=QuantFacts(lambda a: [a.qk, a.v], {tnt.Block: fq.tnt_block})),
-    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention,
-             "one qkv linear, keys narrower than values", _SCALED + " + learned attention biases", "(H, N, N)",
-             "efficientformer_l1", verbs=BASE_VERBS - {"repq"}, heads="matmul",
+    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention, verbs=_NO_REPQ, heads="matmul",
              why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
-    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, _QKV + " on the flattened feature map", _SCALED,
-             "(H, N, N)", "fastvit_sa12", verbs=BASE_VERBS - {"repq"}, heads="sdpa", why_not=_batchnorm("FastViT")),
-    _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, _QKV + ", per mask unit; q max-pooled",
-             _SCALED, "(nW, H, N_q, N_k)", "hiera_tiny_224", heads="sdpa", heads_at=1,
-             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair", input_size=hiera_size,
+    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, verbs=_NO_REPQ, heads="sdpa",
+             why_not=_batchnorm("FastViT")),
+    _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, heads="sdpa", heads_at=1, input_size=hiera_size,
+             no_rows="its attention runs per mask unit, a row there is one (unit, token) pair",
              quant=QuantFacts(groups={hiera.HieraBlock: fq.hiera_block})),
-    _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention,
-             "q from this branch's class token, k and v from all its tokens", _SCALED, "(H, 1, N)",
-             "crossvit_tiny_240", heads="matmul",
+    _adapter("CrossViT", crossvit.CrossAttention, EamCrossAttention, heads="matmul",
              quant=QuantFacts(lambda a: [a.wk, a.wq, a.wv], {crossvit.CrossAttentionBlock: fq.norm1_only})),
 )
 

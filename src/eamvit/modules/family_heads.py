@@ -1,31 +1,9 @@
-"""Executed head freezing for the attention classes of :mod:`eamvit.modules.families`.
-
-A frozen head's output is its frozen map times its values, ``A^μ_h·V_h``; its scores and softmax are
-never computed. The classes here run timm's own forward and cut the attention inside it per head
-(:class:`HeadTap`, a ``TorchFunctionMode`` scoped to that forward), as their adapter's head mode says
-(``Adapter.heads``):
-
-* ``"sdpa"``: classes whose timm forward has a fused path. It runs with the fused kernel on and the
-  tap serves the one ``scaled_dot_product_attention`` call: the kept heads (q, k, v and any
-  per-head attention mask sliced) through the same kernel, the frozen heads as ``A^μ·V``.
-* ``"matmul"``: classes with an explicit path whose only terms between ``q·kᵀ`` and the softmax are
-  a scalar scale, learned per-head biases that the class itself hands out for the kept heads
-  (:class:`KeptBiases`: LeViT, EfficientFormer) or a relative-position term that timm computes per
-  head from the queries with ``einsum`` (MViTv2: its query operand is cut to the kept heads too);
-  declared per adapter after reading timm's code. The score matmul is given the kept heads only, so
-  the terms and the softmax run on those; the first matmul after the softmax multiplies them with
-  the kept heads' values (``A·V``, or ``V·Aᵀ`` in LeViT's conv layout) and adds the frozen heads'.
-
-Swin v2 (cosine attention, a learned logit scale and a position bias per head) and ConViT's GPSA
-(a gated mix of two softmaxes per head) have their own kept-head forwards (head mode ``"own"``:
-:func:`swinv2_heads`, :func:`gpsa_heads`). Everything after the attention (heads reassembled in timm's order, then
-timm's own norm, gate and projection) is timm's code unchanged. CaiT's talking heads mix every
-head's scores before the softmax, so no head's q·k can be skipped there: refused in one line.
-"""
+"""Executed head freezing for the attention classes of :mod:`eamvit.modules.families`, per head mode.
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +19,7 @@ _SDPA = F.scaled_dot_product_attention
 
 
 class KeptBiases:
-    """LeViT / EfficientFormer: while frozen heads are executed, the learned biases of the kept heads only
-    (what the score matmul of the executed path computes)."""
+    """LeViT / EfficientFormer: while frozen heads are executed, the learned biases of the kept heads only."""
 
     def get_attention_biases(self, device: torch.device) -> torch.Tensor:
         biases = super().get_attention_biases(device)
@@ -50,26 +27,16 @@ class KeptBiases:
 
 
 def with_frozen(module: nn.Module, kept: Optional[torch.Tensor], v: torch.Tensor, h: int) -> torch.Tensor:
-    """The kept heads' attention output and the frozen heads' ``A^μ·V``, back in timm's head order.
-
-    Args:
-        module: the attention with an executed head plan (its ``eam_plan_*`` buffers).
-        kept: the kept heads' output, heads at dim ``h`` (``None`` when every head is frozen).
-        v: timm's values of all heads, heads at dim ``h``.
-        h: the head dim.
-    """
+    """The kept heads' attention output (``None``: every head frozen) and the frozen heads' ``A^μ·V`` from ``v``
+    (all heads' values), heads at dim ``h``, back in timm's head order."""
     frozen = frozen_times_v(module.eam_plan_values, v.index_select(h, module.eam_plan_frozen)).flatten(0, 1)
     both = frozen if kept is None else torch.cat([kept, frozen], dim=h)
     return both.index_select(h, module.eam_plan_order)
 
 
 class HeadTap(TorchFunctionMode):
-    """Inside one timm forward: the attention of the kept heads, ``A^μ·V`` for the frozen ones.
-
-    Args:
-        module: the instrumented attention (its ``eam_plan_*`` buffers; its adapter's head mode says whether
-            the tap serves the fused call or the score and output matmuls, and where the heads are).
-    """
+    """Inside one timm forward of ``module``: the attention of the kept heads, ``A^μ·V`` for the frozen ones;
+    the adapter's head mode says whether the tap serves the fused call or the score and output matmuls."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -139,26 +106,28 @@ def run_heads(module: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tenso
     """``run()`` (timm's forward) with the frozen heads executed as ``A^μ·V`` (:class:`HeadTap`)."""
     if not module.eam_plan_frozen.numel():  # nothing frozen: timm's forward as it is
         return run()
-    fused = getattr(module, "fused_attn", None)
     tap = HeadTap(module)
+    return run_tapped(module, tap, run, tap.sdpa)  # the fused path is the one the tap serves
+
+
+def run_tapped(module: nn.Module, tap: TorchFunctionMode, run: Callable[[], Any], fused: bool) -> Any:
+    """``run()`` inside ``tap`` with ``module.fused_attn`` set to ``fused`` for the call, then the tap's check."""
+    was = getattr(module, "fused_attn", None)
     try:
-        if fused is not None:
-            module.fused_attn = tap.sdpa  # the fused path is the one the tap serves; the explicit one otherwise
+        if was is not None:
+            module.fused_attn = fused
         with tap:
             out = run()
     finally:
-        if fused is not None:
-            module.fused_attn = fused
+        if was is not None:
+            module.fused_attn = was
     tap.check(module.eam.adapter.timm_class)
     return out
 
 
 def swinv2_heads(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Swin v2 ``WindowAttention`` with the frozen heads executed, ``(B·nW, N, C)`` in and out.
-
-    The kept heads get timm's cosine scores, their own logit scales and position biases, the window
-    mask and the softmax; the frozen heads only their values.
-    """
+    """Swin v2 ``WindowAttention`` with the frozen heads executed, ``(B·nW, N, C)`` in and out: the kept heads
+    get timm's cosine scores, logit scales, position biases, window mask and softmax; the frozen heads only values."""
     B_, N, C = x.shape
     H, keep = module.num_heads, module.eam_plan_keep
     if module.q_bias is None:
@@ -183,11 +152,8 @@ def swinv2_heads(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor
 
 
 def gpsa_heads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ConViT ``GPSA`` with the frozen heads executed, ``(B, N, C)`` in and out.
-
-    The kept heads get timm's two softmaxes (patch scores and positional scores), their own gates and
-    the renormalisation; the frozen heads only their values.
-    """
+    """ConViT ``GPSA`` with the frozen heads executed, ``(B, N, C)`` in and out: the kept heads get timm's two
+    softmaxes, their own gates and the renormalisation; the frozen heads only their values."""
     B, N, C = x.shape
     H, keep = module.num_heads, module.eam_plan_keep
     if module.rel_indices is None or module.rel_indices.shape[1] != N:

@@ -1,23 +1,5 @@
-"""What RepQ-ViT needs to know about the blocks of a family, read by the functions its adapter names.
-
-* The LayerNorm → Linear groups: a LayerNorm whose output feeds only Linear layers (one or several:
-  separate q, k, v projections, SwiGLU's two input projections, a shortcut projection reading the
-  same normalised tokens). Each adapter maps its family's exact block classes to a function here
-  (``QuantFacts.groups``) that reads them from the block's structure, never from module names, with
-  the attention's own input Linears from the attention's adapter (``QuantFacts.inputs``). A norm whose
-  output also reaches anything else (a residual, a conv, a pooling with padding) is not a group:
-  scaling its channels would change that other path. The first Linear of a group is the one whose
-  input quantizer sets the group's parameters (it sees every token).
-* The Linears that are not quantized, because they compute position terms or mix attention maps
-  across heads rather than transform tokens (``QuantFacts.in_float``: Swin v2's continuous
-  position-bias MLP, ConViT's positional projection, CaiT's talking-head mixings; RepQ-ViT leaves the
-  softmax input and position bias in float and quantizes the post-softmax map once, with log√2), the
-  Linears that read the class token alone (``one_token``: CaiT's class-attention query, where
-  ADFQ-ViT's per-patch quantizer has one patch), and the attentions whose qkv projection adds separate
-  q / v biases through ``F.linear`` with the projection's weight (``separate_bias``: EVA, BEiT, Swin
-  v2): under quantization they add them after the projection (timm's ``qkv_bias_separate``), so the
-  quantized projection is the one that runs. The functions below read them from the instrumented layers.
-"""
+"""What RepQ-ViT needs to know about the blocks of a family (LayerNorm → Linear groups, float Linears),
+read by the functions its adapter names. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from typing import Optional
@@ -34,11 +16,9 @@ Group = tuple[nn.LayerNorm, list[nn.Linear]]
 def group(norm: Optional[nn.Module], *linears: Optional[nn.Module]) -> Optional[Group]:
     """``(norm, linears)`` when ``norm`` is an affine LayerNorm over the input of every one of ``linears``."""
     lins = list(linears)
-    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or not lins:
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or norm.weight.dim() != 1:
         return None
-    if not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in lins):
-        return None
-    if norm.weight.dim() != 1:
+    if not lins or not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in lins):
         return None
     return norm, lins
 
@@ -53,8 +33,7 @@ def _mlp_in(mlp: nn.Module) -> list[Optional[nn.Module]]:
 
 
 def attn_inputs(attn: nn.Module) -> list[Optional[nn.Module]]:
-    """The Linears an instrumented attention applies to its whole input, as its adapter says (``[None]``
-    for a module that is not an instrumented attention)."""
+    """The Linears an instrumented attention applies to its whole input (``[None]`` for any other module)."""
     return attn.eam.adapter.quant.inputs(attn) if isinstance(attn, EamBase) else [None]
 
 

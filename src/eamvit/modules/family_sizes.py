@@ -1,12 +1,8 @@
-"""What a built model of a family takes, where timm records it elsewhere than ``patch_embed.img_size``.
-
-The readers the adapters of :mod:`eamvit.modules.families` declare (``Adapter.input_size``,
-``Adapter.min_opset``): the image size ``(H, W)`` a model was built for, which its pretrained config no
-longer gives once ``img_size`` is overridden (several families keep no ``img_size`` at all, only the
-grids and tables it sized), and the ONNX opset its export needs.
-"""
+"""The image size and ONNX opset readers of the families whose models record their size elsewhere than
+``patch_embed.img_size``."""
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Optional
 
@@ -27,11 +23,8 @@ def _scaled(grid: Any, stride: Any) -> tuple[int, int]:
 
 def _conv_stride(module: nn.Module) -> tuple[int, int]:
     """The product of the strides of ``module``'s convolutions: a convolutional patch embedding's patch."""
-    h = w = 1
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            h, w = h * m.stride[0], w * m.stride[1]
-    return h, w
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return math.prod(c.stride[0] for c in convs), math.prod(c.stride[1] for c in convs)
 
 
 def mvitv2_size(model: nn.Module) -> Optional[tuple[int, int]]:

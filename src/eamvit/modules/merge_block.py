@@ -1,20 +1,5 @@
 """The merging blocks: each flat-token family's timm block that merges patch tokens (ToMe), installed by
-class swap.
-
-:func:`eamvit.methods.merge.merge_` swaps every block from the first merging block to the last for its
-family's merging class (the adapter's :class:`~eamvit.modules.adapters.TokenFamily` names it; the family
-arithmetic is :mod:`eamvit.modules.token_blocks`'), as ToMe swaps timm's classes. A merging block runs
-its attention branch through the one instrumentation (:mod:`eamvit.modules.adapters`, as
-:func:`~eamvit.modules.attention.observe` and :func:`~eamvit.modules.attention.bias_scores` do): it
-reads the keys (``eam.observer_k``; ToMe matches on the keys averaged over heads), the map too for
-entropy-guided merging, and adds proportional attention's ``log size`` to the scores. Then, after the
-attention residual and before ``norm2``/MLP (ToMe's place), it merges ``r`` patch tokens
-(:mod:`eamvit.ops.merge`). A later block that merges nothing (a *follower*, ``eam_stage = None``, or
-``r = 0``) still adds the size bias and, in EVA02 and BEiT, gathers the present tokens' positions: a
-merged token keeps the grid position of the token it merged into. A block with nothing to do (no
-token merged yet in this forward) runs timm's own forward, fused attention included, so ``r = 0`` is
-timm's model exactly.
-"""
+class swap. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import contextlib
@@ -24,12 +9,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from timm.models import beit, cait, convit, eva
-from timm.models.vision_transformer import Block
+from timm.models import cait
 
 from eamvit.errors import EamError
 from eamvit.modules.adapters import biasing, observing
-from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.modules.token_blocks import TokenBlock, block_classes
 from eamvit.ops.merge import bipartite_plan, entropy_plan, merge_count, merge_tokens, size_bias
 from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import attention_entropy, entropy_from_qk
@@ -40,13 +24,9 @@ class MergeState:
     """What all merging blocks of one model share (``model.eam_merge``); rebuilt from ``config`` alone.
 
     Args:
-        config: the :class:`~eamvit.methods.merge.MergeConfig` applied.
         r: tokens each merging block merges (before the cap of :func:`~eamvit.ops.merge.merge_count`).
-        selection: ``"tome"`` or ``"entropy"``.
-        order: entropy order of ``"entropy"`` (1 = Shannon).
+        order: entropy order of ``"entropy"`` selection (1 = Shannon).
         prop_attn: add ``log size`` to the scores of every block after the first merge.
-        blocks: the merging blocks (0-based).
-        num_prefix: prefix tokens inside the blocks (never merged).
         later_attention: attention layers after the first merging block (their frozen maps are refused).
         track_positions: EVA02 and BEiT: keep ``positions`` for RoPE and the relative-position bias.
 
@@ -77,8 +57,7 @@ class MergeState:
 
 
 class _MergeSteps(TokenBlock):
-    """What every family's merging block shares: the per-forward trace, the key (and map) capture with
-    the size bias, and the merge."""
+    """What every family's merging block shares: the per-forward trace, the key capture, the size bias, the merge."""
 
     eam_tokens: MergeState
     eam_verb = "token merging"
@@ -89,9 +68,7 @@ class _MergeSteps(TokenBlock):
         if self.eam_stage == 0:
             # The first merging block runs first in every forward: start a fresh trace.
             st.size = st.positions = None
-            st.kept = [None] * len(st.blocks)
-            st.tokens = [x.shape[1]] * len(st.blocks)
-            st.match_macs = []
+            st.kept, st.tokens, st.match_macs = [None] * len(st.blocks), [x.shape[1]] * len(st.blocks), []
         r = 0
         if self.eam_stage is not None:
             st.tokens[self.eam_stage] = x.shape[1]
@@ -106,10 +83,8 @@ class _MergeSteps(TokenBlock):
         return r
 
     def _eam_attend(self, r: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """``run()`` (the attention branch) with the size bias, and ``(keys, map, scores)`` when this
-        block merges: the keys, and for entropy-guided merging the map, or in the export form
-        (:meth:`~eamvit.modules.token_blocks.TokenBlock._eam_reads_qk`) the entropies recomputed from
-        the queries and keys (with the size bias) while the attention keeps its fused kernel."""
+        """``run()`` (the attention branch) with the size bias, and ``(keys, map, scores)`` when this block merges:
+        the keys, and for entropy-guided merging the map, or in the export form the entropies from q and k."""
         st = self.eam_tokens
         bias = size_bias(st.size) if st.prop_attn and st.size is not None else None
         keys: list[torch.Tensor] = []
@@ -158,39 +133,12 @@ class _MergeSteps(TokenBlock):
         return x
 
 
-class MergeBlock(VitTokens, _MergeSteps, Block):
-    """timm ``Block`` (ViT family) that merges patch tokens; installed by class swap."""
-
-    eam_timm_class = Block
-
-
-class MergeEvaBlock(EvaTokens, _MergeSteps, eva.EvaBlock):
-    """EVA02's ``EvaBlock`` that merges patch tokens (a merged token keeps its destination's RoPE)."""
-
-    eam_timm_class = eva.EvaBlock
-
-
-class MergeBeitBlock(BeitTokens, _MergeSteps, beit.Block):
-    """BEiT's ``Block`` that merges patch tokens (a merged token keeps its destination's position bias)."""
-
-    eam_timm_class = beit.Block
-
-
-class MergeCaitBlock(CaitTokens, _MergeSteps, cait.LayerScaleBlock):
-    """CaiT's self-attention ``LayerScaleBlock`` that merges patch tokens (no class token yet: none protected)."""
-
-    eam_timm_class = cait.LayerScaleBlock
-
-
-class MergeConvitBlock(ConvitTokens, _MergeSteps, convit.Block):
-    """ConViT's MHSA ``Block`` that merges patch tokens."""
-
-    eam_timm_class = convit.Block
+(MergeBlock, MergeEvaBlock, MergeBeitBlock, MergeCaitBlock,
+ MergeConvitBlock) = block_classes("Merge", _MergeSteps, __name__)
 
 
 class MergeCaitClassBlock(cait.LayerScaleBlockClassAttn):
-    """CaiT's class-attention block after merging self-attention blocks: the class token attends to the
-    merged tokens with their size bias (its own size is 1)."""
+    """CaiT's class-attention block after merging blocks: the class token (size 1) attends with the size bias."""
 
     eam_timm_class = cait.LayerScaleBlockClassAttn
     eam_tokens: MergeState

@@ -1,25 +1,5 @@
 """The pruning blocks: each flat-token family's timm block that drops patch tokens, installed by class swap.
-
-:func:`eamvit.methods.prune.prune_` swaps chosen blocks for their family's pruning class (the adapter's
-:class:`~eamvit.modules.adapters.TokenFamily` names it; the family arithmetic is
-:mod:`eamvit.modules.token_blocks`'): ``Block`` (ViT, DeiT III, DINOv2, CLIP, NaFlexViT) →
-:class:`PruneBlock`, EVA02's ``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``
-and ConViT's MHSA ``Block``. A pruning block reads its attention map through the one instrumentation
-(:func:`~eamvit.modules.adapters.observing`, as :func:`eamvit.modules.attention.observe` does), around
-its own attention call only, so only pruning blocks materialise ``A``; every other block, and a
-pruning block with nothing to prune (κ = 1, or unfused ``random``), runs timm's fused attention.
-
-``placement="attn"`` prunes after the attention residual, before ``norm2``/MLP (EViT's code);
-``"block"`` after the whole block. The captured map is the live tensor, so, as in EViT, gradients
-flow through the fusion weights as well as through the tokens.
-
-Positions. In EVA02 and BEiT every block after the first pruning block (pruning or not: a *follower*,
-``eam_stage = None``) gathers RoPE or the relative-position bias for the tokens still present, from
-``PruneState.positions``. EViT's fused token has no grid position: it gets no rotation and no
-relative-position bias (zero), as the class token gets no rotation in EVA02. CaiT's self-attention
-blocks run before its class token exists, so there ``num_prefix`` is 0 and only the entropy and random
-scores apply (no class-token attention for EViT or its fusion).
-"""
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,11 +8,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from timm.models import beit, cait, convit, eva
-from timm.models.vision_transformer import Block
-
 from eamvit.modules.adapters import observing
-from eamvit.modules.token_blocks import BeitTokens, CaitTokens, ConvitTokens, EvaTokens, TokenBlock, VitTokens
+from eamvit.modules.token_blocks import TokenBlock, block_classes
 from eamvit.ops.positions import next_positions
 from eamvit.ops.scores import class_attention, entropy_from_qk, kept_count, prune_tokens, stage_value
 
@@ -41,12 +18,11 @@ from eamvit.ops.scores import class_attention, entropy_from_qk, kept_count, prun
 class PruneState:
     """What all pruning blocks of one model share (``model.eam_prune``).
 
-    The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in
-    ``config``. ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change
-    between forwards (the fine-tuning schedule). After each
-    forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative to its input patch tokens
-    (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0, and, with
-    ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
+    The scoring fields are copied from the :class:`~eamvit.methods.prune.PruneConfig` kept in ``config``.
+    ``keep_rate`` and ``order`` are one number or one per stage; ``keep_rate`` may change between forwards
+    (the fine-tuning schedule). After each forward, ``stage_idx[s]`` holds stage ``s``'s kept indices relative
+    to its input patch tokens (``None``: nothing pruned), ``num_patches`` the patch count entering stage 0,
+    and, with ``record_scores``, ``scores[s]`` the stage's scores. With ``track_positions`` (EVA02, BEiT),
     ``positions`` is ``(B, N_now)``: each present token's index among the tokens entering stage 0
     (prefix tokens first; ``-1`` for a fused token), or ``None`` while no stage of this forward pruned.
     """
@@ -80,9 +56,7 @@ class PruneState:
 
 
 class _PruneSteps(TokenBlock):
-    """What every family's pruning block shares: the per-forward trace, the attention capture and the
-    token surgery. ``eam_stage`` is the pruning stage, or ``None`` for a follower block that only
-    needs the present tokens' positions."""
+    """What every family's pruning block shares: the per-forward trace, the attention capture, the surgery."""
 
     eam_tokens: PruneState
     eam_verb = "token pruning"
@@ -94,9 +68,7 @@ class _PruneSteps(TokenBlock):
         if self.eam_stage == 0:
             # Stage 0 runs first in every forward: start a fresh trace.
             st.num_patches, st.batch, st.device = n, x.shape[0], x.device
-            st.stage_idx = [None] * len(st.blocks)
-            st.scores = [None] * len(st.blocks)
-            st.positions = None
+            st.stage_idx, st.scores, st.positions = [None] * len(st.blocks), [None] * len(st.blocks), None
         if self.eam_stage is None:
             return None
         k = kept_count(n, stage_value(st.keep_rate, self.eam_stage))
@@ -107,9 +79,8 @@ class _PruneSteps(TokenBlock):
         return k
 
     def _eam_attend(self, k: int, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """``run()`` (the attention branch), and ``(map, scores)`` when the method needs the map (read
-        through ``observing``): the whole map and no scores, or, in the export form, the class-token
-        row and the entropy scores recomputed from the queries and keys."""
+        """``run()`` (the attention branch), and ``(map, scores)`` when the method needs the map: the whole map
+        and no scores, or, in the export form, the class-token row and the entropies from q and k."""
         st = self.eam_tokens
         if not st.needs_attention:
             return run(), (None, None)
@@ -129,8 +100,7 @@ class _PruneSteps(TokenBlock):
         return out, (seen[0], None)
 
     def _eam_reads_qk(self) -> bool:
-        """The export form (:meth:`TokenBlock._eam_reads_qk`) where no bias changes the map and a class
-        token exists (EViT's row, its fusion)."""
+        """:meth:`TokenBlock._eam_reads_qk`, where no bias changes the map and a class token exists (EViT's row)."""
         return super()._eam_reads_qk() and self.attn.eam.score_bias is None and self.eam_tokens.num_prefix > 0
 
     def _eam_reduce(self, x: torch.Tensor, seen: Any, k: int) -> torch.Tensor:
@@ -151,31 +121,5 @@ class _PruneSteps(TokenBlock):
         return out
 
 
-class PruneBlock(VitTokens, _PruneSteps, Block):
-    """timm ``Block`` (ViT family) that drops patch tokens; installed by class swap."""
-
-    eam_timm_class = Block
-
-
-class PruneEvaBlock(EvaTokens, _PruneSteps, eva.EvaBlock):
-    """EVA02's ``EvaBlock`` that drops patch tokens."""
-
-    eam_timm_class = eva.EvaBlock
-
-
-class PruneBeitBlock(BeitTokens, _PruneSteps, beit.Block):
-    """BEiT's ``Block`` that drops patch tokens."""
-
-    eam_timm_class = beit.Block
-
-
-class PruneCaitBlock(CaitTokens, _PruneSteps, cait.LayerScaleBlock):
-    """CaiT's self-attention ``LayerScaleBlock`` (before the class token exists) that drops patch tokens."""
-
-    eam_timm_class = cait.LayerScaleBlock
-
-
-class PruneConvitBlock(ConvitTokens, _PruneSteps, convit.Block):
-    """ConViT's ``Block`` with plain multi-head self-attention (after the GPSA blocks) that drops patch tokens."""
-
-    eam_timm_class = convit.Block
+(PruneBlock, PruneEvaBlock, PruneBeitBlock, PruneCaitBlock,
+ PruneConvitBlock) = block_classes("Prune", _PruneSteps, __name__)

@@ -1,10 +1,5 @@
-"""Quantized layers: ``nn.Linear`` / ``nn.Conv2d`` with input and weight quantizers, the quantizers
-of an instrumented attention (``eam_quant``), and PMQ's per-patch bit-width quantizer.
-
-Layers are made by class swap (``module.__class__ = QuantLinear``, exact types only) in
-:func:`eamvit.methods.repq.prepare_`; the quantizers are attached as child modules, so
-``print(model)`` shows each one with its bits and granularity.
-"""
+"""Quantized layers (made by class swap in :func:`eamvit.methods.repq.prepare_`), the quantizers of an
+instrumented attention (``eam_quant``), and PMQ's per-patch bit-width quantizer."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -38,15 +33,10 @@ class QuantConv2d(nn.Conv2d):
 
 
 class AttentionQuantizers(nn.Module):
-    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` and the score order.
-
-    Args:
-        a_bits: bits of all four.
-        attn_quantizer: ``"logsqrt2"``, ``"log2"`` or ``"uniform"`` for the post-softmax map.
-        scale_first: ``(q·scale) @ kᵀ`` when True, ``(q @ kᵀ)·scale`` when False, None where q and k
-            are the operands of timm's own score matmul (the families of :mod:`eamvit.modules.families`).
-        percentiles: range-search percentiles.
-    """
+    """The ``eam_quant`` of an instrumented attention: ``q``, ``k``, ``v``, ``attn`` (``attn_quantizer``:
+    ``"logsqrt2"``, ``"log2"`` or ``"uniform"``) and the score order ``scale_first``: ``(q·scale) @ kᵀ`` when
+    True, ``(q @ kᵀ)·scale`` when False, None where q and k are the operands of timm's own score matmul (the
+    families of :mod:`eamvit.modules.families`)."""
 
     def __init__(self, a_bits: int, attn_quantizer: str, scale_first: Optional[bool],
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
@@ -62,15 +52,9 @@ class AttentionQuantizers(nn.Module):
 
 
 class PatchBitsQuantizer(Quantizer):
-    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS).
-
-    Tokens sharing a bit width share one :class:`UniformQuantizer` (lazily calibrated on them).
-
-    Args:
-        token_bits: bits per token position ``(N,)``.
-        token_dim: the token dimension of the input (``-2`` for ``(B, H, N, d)`` q / k / v).
-        percentiles: range-search percentiles.
-    """
+    """Uniform per-tensor quantization with one bit width per token position (PMQ's AAS): ``token_bits`` ``(N,)``
+    along the input's ``token_dim`` (``-2`` for ``(B, H, N, d)`` q / k / v); tokens sharing a bit width share
+    one :class:`UniformQuantizer` (lazily calibrated on them)."""
 
     def __init__(self, token_bits: torch.Tensor, token_dim: int = -2,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
@@ -84,14 +68,6 @@ class PatchBitsQuantizer(Quantizer):
     def extra_repr(self) -> str:
         counts = {int(b): int((self.token_bits == int(b)).sum()) for b in self.groups}
         return f"bits={self.bits} (max), granularity=tensor per bit group, token_bits={counts}, enabled={self.enabled}"
-
-    @property
-    def inited(self) -> bool:
-        return all(q.inited for q in self.groups.values())
-
-    def reset(self) -> None:
-        for q in self.groups.values():
-            q.reset()
 
     def _index(self, b: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[self.token_dim] != self.token_bits.numel():

@@ -1,29 +1,5 @@
 """Quantizer modules on top of :mod:`eamvit.ops.quant`: range search, granularity, lazy init.
-
-One family for the whole project (RepQ-ViT here; ADFQ-ViT, PMQ and the frozen EAM values reuse it):
-
-* :class:`UniformQuantizer`: asymmetric, ``q = clamp(round(x/Δ) + zp, 0, 2^b - 1)``.
-* :class:`LogSqrt2Quantizer` / :class:`Log2Quantizer`: ``q = clamp(round(-s·log2(x/Δ)), 0, 2^b - 1)``
-  with ``s = 2`` / ``1``; codes past the last level (and 0 itself) dequantize to 0.
-
-Range search (RepQ-ViT's code): for each percentile ``p`` of ``percentiles`` the candidate range is
-``[quantile(x, 1-p), quantile(x, p)]`` (uniform) or ``Δ = quantile(x, p)`` (log); the candidate with
-the lowest mean squared error wins, the first one on ties. Quantiles use linear interpolation with
-exactly :func:`torch.quantile`'s rank arithmetic (``float32(p)·(n-1)`` in double, float32 weight),
-but are computed with :func:`torch.topk` on the tails, so there is no input-size limit and no Python
-loop over channels or tokens. Above ``2^24`` elements the reference's rule depends on the torch it
-runs on: older torch refuses such inputs and the reference falls back to ``numpy.percentile`` (``p`` in
-double), recent torch accepts them and ranks as below the limit. Which one applies is probed once on
-the installed torch (:func:`torch_quantile_accepts_large`).
-
-Granularity: ``"tensor"``, ``"channel"`` (one range per index of ``channel_dim``, over all other
-dims: per output row for weights with ``channel_dim=0``, per channel over B·N for activations with
-``channel_dim=-1``) and ``"token"`` (one range per position of the dims between the first (batch)
-and the last (channel) one: per patch for ``(B, N, C)``, per pixel for NHWC ``(B, H, W, C)``).
-
-Parameters are initialised lazily on the first forward (or by :meth:`calibrate`), and a disabled
-quantizer is the identity.
-"""
+See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import math
@@ -48,35 +24,17 @@ DELTA_FLOOR = 1e-8
 
 
 def check_quant_bits(bits: Any, what: str = "bits") -> int:
-    """Validate a quantizer bit width (2..8, as RepQ-ViT supports).
-
-    Args:
-        bits: the value to check.
-        what: its name in the error message (e.g. ``--w-bits``).
-    """
+    """Validate a quantizer bit width (2..8, as RepQ-ViT supports); ``what`` names it in the error (``--w-bits``)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise EamError(f"{what}={bits!r} is out of range; quantization supports integer bit widths "
                        f"{MIN_BITS}..{MAX_BITS}")
     return bits
 
 
-def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
-    ps = tuple(float(p) for p in percentiles)
-    if not ps or any(not 0.5 <= p <= 1.0 for p in ps):
-        raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
-    return ps
-
-
-# --------------------------------------------------------------------------- quantiles
-
-
 @functools.lru_cache(maxsize=None)
 def torch_quantile_accepts_large() -> bool:
-    """Whether the installed :func:`torch.quantile` takes more than 2^24 elements (probed once, cached).
-
-    Where it does, the reference ranks such inputs with torch (float32 rank); where it refuses, the
-    reference falls back to ``numpy.percentile`` (double rank).
-    """
+    """Whether the installed :func:`torch.quantile` takes more than 2^24 elements (probed once): then the reference
+    ranks such inputs with torch (float32 rank), else with ``numpy.percentile`` (double rank)."""
     try:
         torch.quantile(torch.zeros(_TORCH_QUANTILE_LIMIT + 1), 0.5)
     except RuntimeError:
@@ -96,16 +54,9 @@ def _rank(p: float, n: int) -> tuple[int, int, float]:
 
 
 def row_quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
-    """Linear-interpolation quantiles of each row of ``rows`` ``(K, M)``: ``(len(probs), K)``.
-
-    Equal to ``torch.quantile(rows, p, dim=1)`` (bit for bit up to 2^24 elements per row), but reads
-    only the tails with one :func:`torch.topk` per side, so it is fast for the extreme percentiles
-    range searches use and has no size limit.
-
-    Args:
-        rows: a 2-D float tensor.
-        probs: quantile levels in [0, 1].
-    """
+    """Linear-interpolation quantiles ``(len(probs), K)`` of each row of ``rows`` ``(K, M)``, equal to
+    ``torch.quantile(rows, p, dim=1)`` (bit for bit up to 2^24 elements per row) but reading only the tails,
+    one :func:`torch.topk` per side: fast for the extreme percentiles range searches use, and no size limit."""
     n = rows.shape[1]
     if n == 0:
         raise EamError("cannot calibrate a quantizer on an empty tensor")
@@ -129,34 +80,22 @@ def row_quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
     return torch.stack(res)
 
 
-# A one-row topk runs on one core and costs far more than a scan; past this many elements, the tail
-# of a single row is first narrowed down to the values past a threshold read from a strided sample.
+# Past this many elements, one row's tail is first narrowed down (see _tail).
 _PREFILTER_MIN = 1 << 16
 _SAMPLE_STEP = 61  # prime: a sample of (B, N, C) activations does not keep to a few channels
 
 
 def _tail(rows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """``rows.topk(k, dim=1, largest=largest, sorted=True).values``, the same values in the same order.
-
-    One row (a per-tensor range) is filtered first: a threshold ``t`` is read from every 61st value,
-    the values not past ``t`` are dropped, and the topk runs on what is left. Where fewer than ``k``
-    values are left (an unlucky sample), the whole row is used. NaN, which topk ranks above every
-    number, is kept for the largest and dropped for the smallest tail, as topk would rank it.
-    """
+    """``rows.topk(k, dim=1, largest=largest, sorted=True).values``; one long row prefiltered (see the docs)."""
     n = rows.shape[1]
-    if rows.shape[0] != 1 or n < _PREFILTER_MIN or k * 16 > n:
-        return rows.topk(k, dim=1, largest=largest, sorted=True).values
-    sample = rows[:, ::_SAMPLE_STEP]
-    want = min(sample.shape[1], 2 * k // _SAMPLE_STEP + 16)  # about twice k values past t, expected
-    t = sample.topk(want, dim=1, largest=largest, sorted=True).values[:, -1:]
-    keep = torch.lt(rows, t).logical_not_() if largest else torch.le(rows, t)
-    left = rows[keep]
-    if left.numel() < k:
-        return rows.topk(k, dim=1, largest=largest, sorted=True).values
-    return left.unsqueeze(0).topk(k, dim=1, largest=largest, sorted=True).values
-
-
-# --------------------------------------------------------------------------- granularity
+    if rows.shape[0] == 1 and n >= _PREFILTER_MIN and k * 16 <= n:
+        sample = rows[:, ::_SAMPLE_STEP]
+        want = min(sample.shape[1], 2 * k // _SAMPLE_STEP + 16)  # about twice k values past t, expected
+        t = sample.topk(want, dim=1, largest=largest, sorted=True).values[:, -1:]
+        left = rows[torch.lt(rows, t).logical_not_() if largest else torch.le(rows, t)]
+        if left.numel() >= k:  # else an unlucky sample: the whole row
+            rows = left.unsqueeze(0)
+    return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -191,19 +130,12 @@ def param_shape(x: torch.Tensor, granularity: str, channel_dim: int = -1) -> tup
     return tuple(shape)
 
 
-# Candidates are scored together as one (P, K, M) tensor up to this many elements: a few large
-# operations instead of many, which matters most when the CPU is shared; above it, one at a time.
+# Candidates are scored together as one (P, K, M) tensor up to this many elements (few large ops), then one at a time.
 BATCHED_SEARCH_LIMIT = 1 << 26
 
 
 def _candidate_mse(rows: torch.Tensor, fake_quant, *params: torch.Tensor) -> torch.Tensor:
-    """``(P, K)`` mean squared error of each candidate's fake quantization of each row of ``rows``.
-
-    Args:
-        rows: ``(K, M)``.
-        fake_quant: ``f(x, *params)`` broadcasting its parameters against ``x``.
-        params: ``(P, K)`` tensors, one row per candidate.
-    """
+    """``(P, K)`` mean squared error of each candidate's ``fake_quant(rows, *params)``, ``rows`` ``(K, M)``."""
     n_cand = params[0].shape[0]
     if n_cand * rows.numel() <= BATCHED_SEARCH_LIMIT:
         err = fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
@@ -219,16 +151,9 @@ def _first_minimum(err: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(err, nan=float("inf")).argmin(0, keepdim=True)
 
 
-# --------------------------------------------------------------------------- modules
-
-
 class Quantizer(nn.Module):
-    """State shared by every quantizer: bits, granularity, lazy init, enable/disable.
-
-    Parameters are buffers (saved with the model's ``state_dict``) stored compactly as the group
-    shape (``()`` per tensor, ``(C,)`` per channel, ``(N,)`` or ``(H, W)`` per token) and reshaped
-    to broadcast against the input at each forward.
-    """
+    """State shared by every quantizer: bits, granularity, lazy init, enable/disable; parameters are buffers of
+    the group shape, reshaped to broadcast against the input at each forward."""
 
     _param_names: tuple[str, ...] = ()
 
@@ -242,7 +167,9 @@ class Quantizer(nn.Module):
             raise EamError(f"range search {search!r} is not one of {', '.join(SEARCHES)}")
         self.granularity = granularity
         self.channel_dim = channel_dim
-        self.percentiles = _check_percentiles(percentiles)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        if not self.percentiles or any(not 0.5 <= p <= 1.0 for p in self.percentiles):
+            raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
         self.search = search
         self.enabled = True
         for name in self._param_names:
@@ -250,21 +177,24 @@ class Quantizer(nn.Module):
 
     @property
     def inited(self) -> bool:
-        return all(getattr(self, n) is not None for n in self._param_names)
+        """Its parameters are set, and every inner quantizer's (SLQ's log quantizer, PMQ's bit groups)."""
+        return (all(getattr(self, n) is not None for n in self._param_names)
+                and all(q.inited for q in self.modules() if q is not self and isinstance(q, Quantizer)))
 
     def reset(self) -> None:
-        """Forget the calibrated parameters: the next forward re-initialises them."""
+        """Forget the calibrated parameters (inner quantizers' too): the next forward re-initialises them."""
         for n in self._param_names:
             setattr(self, n, None)
+        for q in self.modules():
+            if q is not self and isinstance(q, Quantizer):
+                q.reset()
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, granularity={self.granularity}, search={self.search}, "
                 f"enabled={self.enabled}, inited={self.inited}")
 
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if p.dim() == 0:
-            return p
-        return p.reshape(param_shape(x, self.granularity, self.channel_dim))
+        return p if p.dim() == 0 else p.reshape(param_shape(x, self.granularity, self.channel_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -301,11 +231,9 @@ class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantizer with RepQ-ViT's percentile + MSE range search.
 
     Args:
-        bits: 2..8.
-        granularity: ``"tensor"``, ``"channel"`` or ``"token"``.
-        channel_dim: the channel dimension for ``"channel"`` (0 for weights, -1 for activations).
+        channel_dim: the channel dimension for ``"channel"`` granularity (0 for weights, -1 for activations).
         percentiles: candidate upper percentiles p (the lower is 1-p), searched in order.
-        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (plain min/max range, no search).
+        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (the min/max range, no search; log quantizers: Δ = max).
     """
 
     _param_names = ("delta", "zero_point")
@@ -319,13 +247,8 @@ class UniformQuantizer(Quantizer):
 
     def set_params(self, delta: torch.Tensor | float, zero_point: torch.Tensor | float,
                    granularity: Optional[str] = None) -> None:
-        """Set Δ and the zero point directly (a float zero point is allowed, as RepQ's reparam gives).
-
-        Args:
-            delta: step, of the group shape.
-            zero_point: zero point, of the group shape.
-            granularity: switch granularity at the same time (e.g. per channel → per tensor).
-        """
+        """Set Δ and the zero point (of the group shape; a float zero point is allowed, as RepQ's reparam gives),
+        switching to ``granularity`` at the same time where given (e.g. per channel → per tensor)."""
         if granularity is not None:
             if granularity not in GRANULARITIES:
                 raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -381,7 +304,6 @@ class _LogQuantizer(Quantizer):
         if self.search == "minmax":
             best_delta = rows.amax(1).clamp_min(DELTA_FLOOR)
         else:
-            # The reference starts from the maximum, but the first candidate always replaces it.
             delta = row_quantiles(rows, self.percentiles).clamp_min(DELTA_FLOOR)  # (P, K)
             err = _candidate_mse(rows, self._fq, delta)
             best_delta = delta.gather(0, _first_minimum(err)).squeeze(0)
@@ -390,23 +312,13 @@ class _LogQuantizer(Quantizer):
 
 class LogSqrt2Quantizer(_LogQuantizer):
     """RepQ-ViT's post-softmax quantizer: ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^(-q/2)``.
-
-    Args:
-        bits: 2..8.
-        granularity: ``"tensor"`` (RepQ-ViT), ``"channel"`` or ``"token"``.
-        channel_dim: channel dimension for ``"channel"``.
-        percentiles: candidate percentiles for Δ.
-        search: ``"mse"`` (RepQ-ViT) or ``"minmax"`` (Δ = max).
-    """
+    Arguments as :class:`UniformQuantizer`'s (RepQ-ViT: per tensor)."""
 
     _steps_per_octave = 2
 
 
 class Log2Quantizer(_LogQuantizer):
-    """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q``.
-
-    Same arguments as :class:`LogSqrt2Quantizer`.
-    """
+    """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q``; arguments as :class:`UniformQuantizer`'s."""
 
     _steps_per_octave = 1
 

@@ -1,26 +1,5 @@
-"""Blocks that change the token set between their attention and their MLP, one per flat-token family.
-
-Token pruning (:mod:`eamvit.modules.prune_block`) and token merging (:mod:`eamvit.modules.merge_block`)
-both swap chosen timm blocks for a subclass, by exact class (ToMe-style surgery: no weights copied, no
-per-instance ``forward``, no module-name matching). What a family's block computes is written once
-here, as a mixin per family (``Block`` of ViT, DeiT III, DINOv2, CLIP and NaFlexViT; EVA02's
-``EvaBlock``, BEiT's ``Block``, CaiT's self-attention ``LayerScaleBlock``, ConViT's ``Block``); what
-a verb does to the tokens is a second mixin with three steps, and a verb's block class combines the
-two with the timm class (each family's adapter names its pruning and merging classes,
-:class:`~eamvit.modules.adapters.TokenFamily`):
-
-* ``_eam_start(x, masked)``: what this block does in this forward (``None``: run timm's own forward);
-* ``_eam_attend(plan, run)``: run the attention branch, reading through the one instrumentation
-  (:func:`~eamvit.modules.adapters.observing`, :func:`~eamvit.modules.adapters.biasing`) what the
-  step needs;
-* ``_eam_reduce(x, seen, plan)``: the token surgery, after the attention residual (``"attn"``,
-  before ``norm2``/MLP) or after the whole block (``"block"``).
-
-Every block shares one state with its model (``block.eam_tokens``); the family mixins read its
-``positions`` and ``num_prefix``: EVA02 rotates q and k by each patch's RoPE and BEiT adds a
-relative-position bias indexed by token pairs, both computed for the full grid, so every block of
-those families after the first reducing block gathers them for the tokens still present.
-"""
+"""Blocks that change the token set between their attention and their MLP: one mixin per flat-token
+family, combined with a verb's steps. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -28,16 +7,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from timm.models import beit, cait, convit, eva
+from timm.models.vision_transformer import Block
+
 from eamvit.errors import EamError
 from eamvit.ops.positions import gather_pair_bias, gather_rope
 
 
 class TokenBlock:
-    """The shared driver of a reducing block. ``eam_tokens`` is the verb's state (with ``placement``,
-    ``blocks``, ``later_attention`` and, for the family mixins, ``positions`` and ``num_prefix``);
-    ``eam_stage`` the block's index among the reducing blocks, ``None`` for a follower (a later block
-    that only needs what the reduction left: positions, token sizes); ``eam_timm_class`` the class
-    swapped back in when the verb is undone."""
+    """The shared driver of a reducing block. ``eam_tokens`` is the verb's state; ``eam_stage`` the block's index
+    among the reducing blocks, ``None`` for a follower (a later block that only needs what the reduction left:
+    positions, token sizes); ``eam_timm_class`` the class swapped back in when the verb is undone."""
 
     eam_tokens: Any
     eam_stage: Optional[int]
@@ -63,20 +43,15 @@ class TokenBlock:
                                "that no longer apply) or unfreeze those layers")
 
     def _eam_reads_qk(self) -> bool:
-        """The export form (the state's ``scores_from_qk``, set on an export's copy by
-        :func:`~eamvit.modules.export_forms.swap_for_export_`) where the attention is a float ViT
-        attention: it keeps its fused kernel, whose map then has no second reader, and what the step
-        reads of the map (EViT's class-token row, attention entropies) is recomputed from the queries
-        and keys (``eam.observer_qk``). Runtimes fuse an attention only when its softmax has one reader
-        (OpenVINO's scaled-dot-product attention); the scores are the same numbers up to rounding."""
+        """The export form (docs/architecture-modules.md) where the attention is a float ViT attention: it keeps
+        its fused kernel, and what the step reads of the map is recomputed from ``eam.observer_qk``."""
         a = self.attn
         return (self.eam_tokens.scores_from_qk and getattr(a, "eam_reads_qk", False) and a.eam_quant is None
                 and a.eam_frozen_mask is None and a.eam.observer is None and a.eam.observer_q is None)
 
     def _eam_run(self, x: torch.Tensor, plan: Any, attn_branch: Callable[[torch.Tensor], torch.Tensor],
                  mlp_branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The block with its reduction: ``x + attn_branch(x)``, then reduce before (``"attn"``) or after
-        (``"block"``) ``x + mlp_branch(x)``; each branch is the family's own arithmetic."""
+        """``x + attn_branch(x)``, then reduce before (``"attn"``) or after (``"block"``) ``x + mlp_branch(x)``."""
         y, seen = self._eam_attend(plan, lambda: attn_branch(x))
         x = x + y
         if self.eam_tokens.placement == "attn":
@@ -85,11 +60,19 @@ class TokenBlock:
         x = x + mlp_branch(x)
         return self._eam_reduce(x, seen, plan)
 
+    def _eam_run_scaled(self, x: torch.Tensor, plan: Any, **attn_kwargs: Any) -> torch.Tensor:
+        """:meth:`_eam_run` of EVA02's and BEiT's blocks: each branch scaled by ``gamma_1``/``gamma_2`` where set."""
+        scaled = lambda g, y: y if g is None else g * y  # noqa: E731
+        return self._eam_run(
+            x, plan, lambda t: self.drop_path1(scaled(self.gamma_1, self.attn(self.norm1(t), **attn_kwargs))),
+            lambda t: self.drop_path2(scaled(self.gamma_2, self.mlp(self.norm2(t)))))
+
 
 class VitTokens(TokenBlock):
     """timm ``Block`` (ViT family)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         plan = self._eam_start(x, attn_mask is not None)
         if plan is None or attn_mask is not None:
             # Nothing to do (or a caller-given mask sized for all tokens): timm's own, fused forward.
@@ -110,21 +93,11 @@ class EvaTokens(TokenBlock):
             rope = gather_rope(rope, st.positions, st.num_prefix)
         if plan is None or attn_mask is not None:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-
-        def attn_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.attn(self.norm1(t), rope=rope, attn_mask=None, is_causal=is_causal)
-            return self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-
-        def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-            y = self.mlp(self.norm2(t))
-            return self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
-
-        return self._eam_run(x, plan, attn_branch, mlp_branch)
+        return self._eam_run_scaled(x, plan, rope=rope, attn_mask=None, is_causal=is_causal)
 
 
 class BeitTokens(TokenBlock):
-    """BEiT's ``Block``; after the first reducing block its relative-position bias (own table and the
-    model's shared one) covers the present tokens only."""
+    """BEiT's ``Block``; after the first reducing block its relative-position biases cover the present tokens."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         plan = self._eam_start(x, False)
@@ -135,17 +108,7 @@ class BeitTokens(TokenBlock):
         try:
             if plan is None:
                 return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-            g1, g2 = self.gamma_1, self.gamma_2
-
-            def attn_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.attn(self.norm1(t), shared_rel_pos_bias=shared_rel_pos_bias)
-                return self.drop_path1(y if g1 is None else g1 * y)
-
-            def mlp_branch(t: torch.Tensor) -> torch.Tensor:
-                y = self.mlp(self.norm2(t))
-                return self.drop_path2(y if g2 is None else g2 * y)
-
-            return self._eam_run(x, plan, attn_branch, mlp_branch)
+            return self._eam_run_scaled(x, plan, shared_rel_pos_bias=shared_rel_pos_bias)
         finally:
             self.attn.eam.positions = None
 
@@ -170,6 +133,19 @@ class ConvitTokens(TokenBlock):
             return super().forward(x)
         return self._eam_run(x, plan, lambda t: self.drop_path(self.attn(self.norm1(t))),
                              lambda t: self.drop_path(self.mlp(self.norm2(t))))
+
+
+# Each flat-token family's mixin and timm block class, in the order :func:`block_classes` returns them.
+_FAMILY_BLOCKS = (("", VitTokens, Block), ("Eva", EvaTokens, eva.EvaBlock), ("Beit", BeitTokens, beit.Block),
+                  ("Cait", CaitTokens, cait.LayerScaleBlock), ("Convit", ConvitTokens, convit.Block))
+
+
+def block_classes(verb: str, steps: type, module: str) -> tuple[type, ...]:
+    """A verb's block class per flat-token family, ``<verb><Family>Block(family mixin, steps, timm class)``,
+    defined in ``module`` (the caller's ``__name__``, where pickling looks it up)."""
+    return tuple(type(f"{verb}{name}Block", (mixin, steps, timm_class),
+                      {"eam_timm_class": timm_class, "__module__": module})
+                 for name, mixin, timm_class in _FAMILY_BLOCKS)
 
 
 def timm_block_class(block: nn.Module) -> type:

@@ -1,13 +1,5 @@
-"""The instrumented timm ``Attention`` (ViT family) and Swin v1 ``WindowAttention``.
-
-Both run their attention explicitly whenever something is attached (observers, ``eam_quant``,
-frozen entries), and both can *execute* a frozen plan: a frozen head's output is ``A^μ_h·V_h``, its
-query and key rows sliced out of the fused ``qkv`` weight and its scores and softmax never computed;
-a frozen row (ViT) skips its query projection, scores and softmax. The kept part runs timm's fused
-kernel when the module uses it. Whenever something needs the whole map (an observer, quantized
-attention, attention dropout in training, a caller's mask) the module falls back to the simulated
-path (the whole map, its frozen entries overwritten), which gives the same numbers.
-"""
+"""The instrumented timm ``Attention`` (ViT family) and Swin v1 ``WindowAttention``, with executed head
+and row plans. See docs/architecture-modules.md."""
 from __future__ import annotations
 
 import math
@@ -23,7 +15,6 @@ from timm.models.naflexvit import NaFlexEmbeds
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
-from eamvit.errors import EamError
 from eamvit.modules.adapters import (BASE_VERBS, Adapter, EamBase, Family, QuantFacts, TokenFamily, frozen_times_v,
                                      may_overwrite, patch_embed_size)
 from eamvit.modules.family_quant import patch_merging, vit_block
@@ -56,8 +47,7 @@ class _EamMixin(EamBase):
         return kept, frozen.transpose(2, 3).reshape(B_, N, (H - hk) * d)
 
     def _eam_proj(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
-        """``proj`` of the two head groups without reassembling them: each multiplies its own
-        columns of the projection (the kept heads' product is accumulated into the frozen ones')."""
+        """``proj`` of the two head groups without reassembling them: each multiplies its own columns."""
         p = self.proj
         wf = self._eam_cached("proj.frozen", lambda: p.weight.index_select(1, self.eam_plan_cols_f), p.weight)
         if kept is None:
@@ -72,10 +62,8 @@ class _EamMixin(EamBase):
 
     def _eam_in_head_order(self, kept: Optional[torch.Tensor], frozen: torch.Tensor) -> torch.Tensor:
         """The two head groups back in timm's head order, ``(B_, N, A)`` (for a scale norm or gate)."""
-        parts = [frozen] if kept is None else [kept, frozen]
-        x = torch.cat(parts, dim=-1)
-        B_, N, A = x.shape
-        return x.view(B_, N, self.num_heads, -1).index_select(2, self.eam_plan_order).view(B_, N, A)
+        x = torch.cat([frozen] if kept is None else [kept, frozen], dim=-1)
+        return x.unflatten(-1, (self.num_heads, -1)).index_select(2, self.eam_plan_order).flatten(2)
 
     def _eam_kept_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -101,8 +89,7 @@ class _EamMixin(EamBase):
         return (qz.q(q) @ qz.k(k).transpose(-2, -1)) * self.scale
 
 
-# How much of the attention map simulated entry freezing computes at once on one CPU thread: about one
-# core's L2.
+# How much of the attention map simulated entry freezing computes at once on one CPU thread: one core's L2.
 _MAP_CHUNK_BYTES = 1 << 20
 
 
@@ -124,8 +111,7 @@ class EamAttention(_EamMixin, Attention):
                 return self.proj_drop(self._eam_proj(kept, frozen))
             return self._eam_out(self._eam_in_head_order(kept, frozen), gate)
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         state = self.eam
         if state.observer_k is not None:
@@ -146,24 +132,16 @@ class EamAttention(_EamMixin, Attention):
         if bias is not None:
             attn = attn + bias
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        # The scores are a fresh tensor: without autograd the softmax may overwrite them (same numbers).
-        # Not while tracing for export: ONNX has no in-place softmax.
-        in_place = may_overwrite()
-        attn = torch.softmax(attn, -1, out=attn) if in_place else attn.softmax(dim=-1)
-        attn = self._eam_post_softmax(attn, 1, None)
-        attn = self.attn_drop(attn)
-        if self.eam_quant is not None:
-            v = self.eam_quant.v(v)
-        x = attn @ v
+        # The scores are a fresh tensor: the softmax may overwrite them (same numbers) where may_overwrite().
+        attn = torch.softmax(attn, -1, out=attn) if may_overwrite() else attn.softmax(dim=-1)
+        attn = self.attn_drop(self._eam_post_softmax(attn, 1, None))
+        x = attn @ (v if self.eam_quant is None else self.eam_quant.v(v))
         return self._eam_out(x.transpose(1, 2).reshape(B, N, self.attn_dim), gate)
 
     def _eam_frozen_entries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``, in place. On one CPU thread
-        the map is computed, frozen and multiplied by V a few images at a time, so that it stays in cache
-        and no whole-batch map is allocated (hooks on ``attn_drop`` see those few images); with several
-        threads every few-image op is a parallel region of its own, whose synchronisation costs more than
-        the cache saves (much more on a loaded machine), and a GPU gains nothing: there, the whole batch at
-        once. Each image's numbers are those of the whole-batch path."""
+        """Simulated frozen entries where nothing else reads the map, ``(B, N, A)``, in place; a few images at a
+        time on one CPU thread, else the whole batch (docs/architecture-modules.md). Each image's numbers are
+        those of the whole-batch path."""
         B, H, N, d = q.shape
         one_thread = q.device.type == "cpu" and torch.get_num_threads() == 1
         step = max(1, _MAP_CHUNK_BYTES // (H * N * k.shape[-2] * q.element_size())) if one_thread else B
@@ -176,9 +154,7 @@ class EamAttention(_EamMixin, Attention):
 
     def _eam_out(self, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x if gate is None else x * gate))
 
     def _eam_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Executed row freezing: only the kept query rows get a query, scores and a softmax."""
@@ -207,28 +183,18 @@ class EamWindowAttention(_EamMixin, WindowAttention):
         if not self.eam_active:
             return super().forward(x, mask=mask)
         B_, N, C = x.shape
-        num_win = mask.shape[0] if mask is not None else self.eam.num_windows
-        if B_ % num_win:
-            raise EamError(f"Swin layer {self.eam.layer}: {B_} windows is not a multiple of {num_win} per image; "
-                           "run the model at the image size it was instrumented for")
+        num_win = self._eam_groups(B_, mask)
         if self.eam_executes_plan:  # only "head" plans exist for Swin (set_frozen refuses rows)
             kept, frozen = self._eam_heads(x, self._eam_window_bias(B_, N, mask))
             return self.proj_drop(self._eam_proj(kept, frozen))
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = self._eam_scores(q, k)
-        attn = attn + self._get_rel_pos_bias()
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self._eam_scores(q, k) + self._get_rel_pos_bias()
         if mask is not None:
             attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.softmax(attn)
-        attn = self._eam_post_softmax(attn, num_win, mask)
-        attn = self.attn_drop(attn)
-        if self.eam_quant is not None:
-            v = self.eam_quant.v(v)
-        x = attn @ v
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        attn = self.attn_drop(self._eam_post_softmax(self.softmax(attn), num_win, mask))
+        x = attn @ (v if self.eam_quant is None else self.eam_quant.v(v))
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))
 
     def _eam_window_bias(self, B_: int, N: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Relative-position bias plus the shifted-window mask, ``(B_ or 1, H, N, N)`` (timm's fused form)."""
@@ -241,8 +207,7 @@ class EamWindowAttention(_EamMixin, WindowAttention):
 
 
 def bind_windows(eam_class: type, model: nn.Module) -> None:
-    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2), from the block's
-    input resolution and window size: each window position is its own variable of the layer map."""
+    """The windows per image of each Swin block's attention of ``eam_class`` (v1, v2), each its own variable."""
     for block in model.modules():
         attn = getattr(block, "attn", None)
         if type(attn) is eam_class and hasattr(block, "input_resolution"):
@@ -251,8 +216,7 @@ def bind_windows(eam_class: type, model: nn.Module) -> None:
 
 
 def _vit_size(model: nn.Module) -> Optional[tuple[int, int]]:
-    """``patch_embed.img_size``; NaFlexViT keeps ``img_size`` only where its position grid was derived
-    from it (``pos_embed_grid_size=None``), else it takes any size and its pretrained config says which."""
+    """``patch_embed.img_size``; NaFlexViT's ``default_img_size``, which is None where it takes any size."""
     embeds = getattr(model, "embeds", None)
     if isinstance(embeds, NaFlexEmbeds):
         img = embeds.default_img_size
@@ -261,8 +225,7 @@ def _vit_size(model: nn.Module) -> Optional[tuple[int, int]]:
 
 
 def _vit_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
-    """NaFlexViT resamples its learned position grid to another image grid with an antialiased resize,
-    which ONNX has from opset 18 (``Resize`` with ``antialias``)."""
+    """NaFlexViT's antialiased resize of its position grid to another image's: ONNX ``Resize`` from opset 18."""
     embeds = getattr(model, "embeds", None)
     pos = getattr(embeds, "pos_embed", None)
     if not isinstance(embeds, NaFlexEmbeds) or pos is None or not embeds.pos_embed_antialias:
@@ -274,20 +237,16 @@ def _vit_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention,
-            qkv="one fused qkv linear, split per head; optional q/k norm",
-            logits="q·kᵀ·scale (+ the caller's mask)", probs="the output of the softmax", layer_map="(H, N, N)",
-            verbs=BASE_VERBS | {"row"}, example="deit_tiny_patch16_224", heads="sliced", cost_modelled=True,
+    Adapter(family="ViT", timm_class=Attention, eam_class=EamAttention, verbs=BASE_VERBS | {"row"}, heads="sliced",
+            cost_modelled=True, input_size=_vit_size, min_opset=_vit_opset,
             # A gated attention also feeds norm1's output to its gate: the reparameterisation would change it.
             quant=QuantFacts(inputs=lambda a: [a.qkv] if getattr(a, "gate", None) is None else [None],
                              groups={Block: vit_block}, score_order="config", k_dim=-2),
-            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock), input_size=_vit_size, min_opset=_vit_opset),
-    Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention,
-            qkv="one fused qkv linear, split per head, per window",
-            logits="q·scale·kᵀ + relative-position bias + shifted-window mask", probs="the output of the softmax",
-            layer_map="(nW, H, N, N)", verbs=BASE_VERBS, example="swin_tiny_patch4_window7_224", heads="sliced",
-            cost_modelled=True, quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
-                                                 score_order="scale_first", k_dim=-2),
+            tokens=TokenFamily("ViT", Block, PruneBlock, MergeBlock)),
+    Adapter(family="Swin v1", timm_class=WindowAttention, eam_class=EamWindowAttention, verbs=BASE_VERBS,
+            heads="sliced", cost_modelled=True,
+            quant=QuantFacts(groups={SwinTransformerBlock: vit_block, PatchMerging: patch_merging},
+                             score_order="scale_first", k_dim=-2),
             bind=partial(bind_windows, EamWindowAttention),
             # The one wording of these refusals; the CLI checks them before reading any data.
             why_not={"row": "row granularity does not apply to Swin: a row there is one (window, token) pair, "
