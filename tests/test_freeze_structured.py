@@ -225,3 +225,19 @@ def test_plan_refuses_a_mask_that_is_not_whole_units():
     swin = eamvit.instrument(make(TINY_SWIN))[-1]
     with pytest.raises(EamError, match="row granularity does not apply to Swin"):
         set_frozen(swin, torch.ones(1, 2, 16, 16, dtype=torch.bool), torch.zeros(1, 2, 16, 16), "row")
+
+
+def test_executed_heads_back_in_timm_order_under_a_scale_norm():
+    # With a norm between the heads and the projection, the kept and frozen head groups must be put back
+    # in timm's head order before it; a wrong order would still run, so compare with the simulation.
+    spec = (TINY_VIT[0], {**TINY_VIT[1], "scale_attn_norm": True, "num_heads": 4})
+    model = make(spec).eval()
+    with torch.no_grad():
+        for layer in eamvit.instrument(model):
+            layer.qkv.weight.mul_(6)
+    maps = eamvit.compute_entropy_maps(model, _data(), bits=8, progress=False)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rep, executed, simulated = _both(model, maps, FreezeConfig(tau=0.5, granularity="head"), x)
+    assert rep.executed and rep.frozen > 0
+    assert not isinstance(model.blocks[0].attn.norm, torch.nn.Identity)
+    assert (executed - simulated).abs().max().item() < 1e-5
