@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.cli.options import given_values, parse_model_kwargs, refuse_given
+from eamvit.cli.options import FREEZE_OPTIONS, given_values, parse_model_kwargs, refuse_given
 
 
 def parse_device(name: str):
@@ -68,8 +68,11 @@ def load_model(args):
     return model, device
 
 
-def requested_verbs(args) -> list[str]:
-    """The attention verbs (:data:`eamvit.modules.adapters.VERBS`) the command line asks of the model."""
+def require_verbs(args, model) -> None:
+    """Refuse, before any data is read, an attention verb (:data:`eamvit.modules.adapters.VERBS`) the command
+    line asks of the model that its attention family does not support."""
+    from eamvit.modules.attention import attention_layers, require
+
     command = getattr(args, "command", None)
     freezing = (getattr(args, "tau", 0) or getattr(args, "taus", None) or getattr(args, "maps", None)
                 or command == "calibrate")
@@ -85,15 +88,8 @@ def requested_verbs(args) -> list[str]:
         verbs.append("merge")
     if command == "export":
         verbs.append("export")
-    return verbs
-
-
-def require_verbs(args, model) -> None:
-    """Refuse, before any data is read, a verb the model's attention family does not support."""
-    from eamvit.modules.attention import attention_layers, require
-
     layers = attention_layers(model)
-    for verb in requested_verbs(args):
+    for verb in verbs:
         require(layers, verb)
 
 
@@ -264,14 +260,9 @@ def flag(args, dest: str) -> str:
     return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
 
 
-# What a saved freeze (--frozen) already holds: options that would freeze afresh.
-FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer",
-                  "bits", "max_memory")
-
-
 # Counts' least values (a median and quartiles take 3 timed repetitions).
 _LEAST = {"threads": 1, "throughput_reps": 3, "throughput_batch": 1, "seeds": 1, "batch_size": 1, "num_samples": 1,
-          "calib_size": 1}
+          "calib_size": 1, "workers": 0}
 
 
 def validate_common(args) -> None:
@@ -293,14 +284,8 @@ def validate_common(args) -> None:
     for name, least in _LEAST.items():
         v = getattr(args, name, None)
         if v is not None and v < least:
-            raise EamError(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
-    validate_data_args(args)
-
-
-def validate_data_args(args) -> None:
-    """Model, device and preprocessing options that need no model: checked before anything is loaded."""
-    if getattr(args, "workers", 0) < 0:
-        raise EamError(f"--workers must be 0 or more, got {args.workers}")
+            raise EamError(f"--{name.replace('_', '-')} must be {f'at least {least}' if least else '0 or more'}, "
+                           f"got {v}")
     if hasattr(args, "model_kwargs"):
         parse_model_kwargs(args.model_kwargs)
     if getattr(args, "img_size", None) is not None and args.img_size < 1:

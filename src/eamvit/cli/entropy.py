@@ -35,9 +35,9 @@ def cmd_calibrate(args) -> None:
                             renyi_orders=args.renyi_orders or ())
         if is_main():
             maps.save(out)
+            skipped = maps.meta["skipped_images"]
             print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={maps.meta['bits']}"
-                  + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else "")
-                  + _stats_line(maps))
+                  + (f", {skipped} unreadable images skipped" if skipped else "") + _stats_line(maps))
 
 
 def _stats_line(maps) -> str:
@@ -236,25 +236,19 @@ def cmd_plot(args) -> None:
         if not (0 <= l < n and 0 <= h < heads):
             raise EamError(f"--pairs {l},{h} is outside the model (layers 0..{n - 1}, heads 0..{max(heads, 1) - 1})")
     out = ensure_writable_dir(args.out)  # only once every input is known to be good
-    written = []
-    if maps.entropy[0].dim() == 3:
-        for l in args.layers:
-            plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
-            written.append(out / f"cls_entropy_L{l}.png")
-    plot_full_entropy(maps, pairs, out / "full_entropy.png")
-    plot_head_summary(maps, out / "head_entropy.png")
-    written += [out / "full_entropy.png", out / "head_entropy.png"]
+    cls_rows = maps.entropy[0].dim() == 3
+    figures = [(plot_cls_entropy, (l,), f"cls_entropy_L{l}.png") for l in (args.layers if cls_rows else [])]
+    figures += [(plot_full_entropy, (pairs,), "full_entropy.png"), (plot_head_summary, (), "head_entropy.png")]
     notes = []
     for kind, name, option, draw in (("distance", "entropy_distance.png", "--distance", plot_entropy_distance),
                                      ("renyi", "renyi_entropy.png", "--renyi-orders", plot_renyi_histograms)):
         if getattr(maps, kind) is not None:
-            draw(maps, out / name)
-            written.append(out / name)
+            figures.append((draw, (), name))
         else:
             notes.append(f"no {name}: these maps were calibrated without {option}")
-    print("wrote " + ", ".join(str(w) for w in written))
-    for note in notes:
-        print(note)
+    for draw, extra, name in figures:
+        draw(maps, *extra, out / name)
+    print("\n".join(["wrote " + ", ".join(str(out / name) for *_, name in figures), *notes]))
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -275,20 +269,18 @@ def register(sub) -> None:
     s.add_argument("--resume", action="store_true", help="checkpoint to OUT.partial and resume from it")
     g = s.add_argument_group("attention statistics (the Rényi pruning paper's Fig. 5 and 6, drawn by `eamvit plot`; "
                              "of the layers that attend over the whole patch grid, as ViT's do; others are left out)")
-    g.add_argument("--distance", action="store_true",
-                   help="also store, per layer and head, the mean attention distance (patches, patch keys only, as "
-                        "Dosovitskiy et al.) and the mean attention entropy of the patch rows (nats), from the same "
-                        "forwards (default: not stored)")
-    g.add_argument("--renyi-orders", type=orders_arg, default=None, metavar="ORDERS",
-                   help="also store per-layer histograms of the per-token Rényi entropies of these orders (the "
-                        "scores of --prune renyi), e.g. 0.5,1,2,inf (1: Shannon) (default: not stored)")
+    g.add_argument("--distance", action="store_true", help="also store per layer and head the mean attention "
+                   "distance (patches, over patch keys, as Dosovitskiy et al.) and patch rows' mean entropy (nats)")
+    g.add_argument("--renyi-orders", type=orders_arg, default=None, metavar="ORDERS", help="also store per-layer "
+                   "histograms of per-token Rényi entropies (--prune renyi's scores) of these orders, e.g. "
+                   "0.5,1,2,inf (1: Shannon) (default: not stored)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("eval", help="top-1/top-5, optionally with frozen attention")
     add_stack_args(s)
     add_eval_onnx_args(s)
-    s.add_argument("--out", default=None,
-                   help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv (default: print the row only)")
+    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv "
+                   "(default: print the row only)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="top-1 against sparsity for entropy and random freezing (CSV, JSON, PNG)")
@@ -303,15 +295,12 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary; with calibrate "
-                                    "--distance / --renyi-orders, entropy against attention distance and Rényi "
-                                    "entropy histograms)")
+                       "--distance / --renyi-orders, entropy vs attention distance, Rényi entropy histograms)")
     s.add_argument("--maps", required=True, help="entropy maps file written by `eamvit calibrate`")
-    s.add_argument("--layers", type=ints, default=[0],
-                   help="layers of the CLS-row maps, 0-based as every layer and head number in eamvit's options, "
-                        "figure titles and file names (cls_entropy_L0.png is layer 0), e.g. 0,1")
+    s.add_argument("--layers", type=ints, default=[0], help="layers of the CLS-row maps, e.g. 0,1; 0-based as every "
+                   "layer and head number in eamvit (cls_entropy_L0.png is layer 0)")
     s.add_argument("--pairs", type=_pair, nargs="+", default=None,
                    help="0-based LAYER,HEAD pairs of the full N x N maps, e.g. 0,0 1,2 (default: 0,0 and 1,0)")
-    s.add_argument("--out", default="eamvit-plots",
-                   help="output folder of the PNGs: cls_entropy_L*.png, full_entropy.png, head_entropy.png, and "
-                        "entropy_distance.png and renyi_entropy.png where the maps hold their statistics")
+    s.add_argument("--out", default="eamvit-plots", help="output folder of cls_entropy_L*.png, full_entropy.png, "
+                   "head_entropy.png, entropy_distance.png and renyi_entropy.png (where the maps hold them)")
     s.set_defaults(func=cmd_plot)

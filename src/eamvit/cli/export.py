@@ -7,10 +7,9 @@ from typing import Any
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import FREEZE_OPTIONS, data_splits, is_main, load_model, print_row, require_modules
-from eamvit.cli.options import MERGE_OPTIONS, TARGET_OPTIONS, refuse_given
-from eamvit.cli.recipe import (PRUNE_OPTIONS, add_stack_args, apply_args, needs_calibration, recipe_from_args,
-                               summary)
+from eamvit.cli.common import data_splits, is_main, load_model, print_row, require_modules
+from eamvit.cli.options import FREEZE_OPTIONS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS, refuse_given
+from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args, summary
 
 
 def _target_config(target, args: argparse.Namespace) -> Any:

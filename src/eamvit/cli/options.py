@@ -12,12 +12,8 @@ from eamvit.errors import EamError
 
 
 def listed(parse, what: str, empty: bool = True, per_block: bool = False):
-    """An argument type reading values separated by commas (or spaces) with ``parse``.
-
-    Args:
-        empty: accept no value (an empty list).
-        per_block: one value stands for itself, several are a tuple (one per block).
-    """
+    """An argument type reading values separated by commas with ``parse`` (``empty``: none is allowed;
+    ``per_block``: one value stands for itself, several are a tuple, one per block)."""
     def read(text: str):
         try:
             values = [parse(t) for t in text.replace(",", " ").split()]
@@ -129,12 +125,8 @@ def add_entropy_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool = True) -> None:
-    """Freezing options (eamvit.methods.freeze).
-
-    Args:
-        sweep: the τ grid of ``sweep`` instead of one τ.
-        saved: offer ``--frozen`` (a saved freeze) next to ``--tau`` (not for ``finetune``, which makes one).
-    """
+    """Freezing options: the τ grid of ``sweep`` (``sweep``) or one τ, and ``--frozen`` (``saved``; not for
+    ``finetune``, which makes one)."""
     from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
 
     g = p.add_argument_group("freezing")
@@ -171,6 +163,9 @@ def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool
                    help="quantizer of the frozen values with --value-bits (default: uniform)")
 
 
+FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
+# What a saved freeze (--frozen) already holds: options that would freeze afresh.
+FREEZE_OPTIONS = (*FREEZE_SETTINGS, "maps", "bits", "max_memory")
 SWEEP_METHODS = "shannon,renyi:0.5,renyi:2,renyi:3,renyi:inf,evit,random,tome,entropy-merge"
 SWEEP_KEEP_RATES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 # `sweep --granularity` times every point against a copy: a short pruning side keeps it to minutes.
@@ -179,12 +174,8 @@ SPEED_KEEP_RATES = [0.7, 0.5]
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
-    """Token-pruning options (eamvit.methods.prune).
-
-    Args:
-        sweep: add the κ × method grid of ``sweep --prune`` instead of one method.
-        method: the default of ``--prune`` (None: no pruning unless asked).
-    """
+    """Token-pruning options: the κ × method grid of ``sweep --prune`` (``sweep``) or one method (``--prune``
+    defaults to ``method``)."""
     from eamvit.choices import ENTROPY_KEYS as KEYS, PLACEMENTS, PRUNE_METHODS as METHODS
 
     g = p.add_argument_group("token pruning")
@@ -218,6 +209,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
                    "of its patch keys renormalised (patches) (default: all)")
 
 
+PRUNE_OPTIONS = ("prune", "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys")
 MERGE_OPTIONS = ("merge", "merge_r", "merge_inflect", "merge_blocks", "merge_alpha", "no_prop_attn")
 
 
@@ -290,11 +282,8 @@ def given_values(**values: Any) -> dict[str, Any]:
 
 
 def refuse_given(args, dests: Sequence[str], why: str) -> None:
-    """Refuse the options among ``dests`` the command line gives (not ``None``): they cannot apply.
-
-    Args:
-        why: why not, e.g. ``"with --quant-state, which holds its own quantization"``.
-    """
+    """Refuse the options among ``dests`` the command line gives (not ``None``): they cannot apply ``why``, e.g.
+    ``"with --quant-state, which holds its own quantization"``."""
     bad = [d for d in dests if getattr(args, d, None) is not None]
     if bad:
         names = ", ".join("--" + d.replace("_", "-") for d in bad)

@@ -6,8 +6,8 @@ from pathlib import Path
 from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, eval_data, flush_warnings, get_maps, is_main, load_maps, load_model
 from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_merge_args, add_model_args, add_prune_args, given_values, prune_options,
-                                refuse_given, set_help)
+                                PRUNE_OPTIONS, add_merge_args, add_model_args, add_prune_args, given_values,
+                                prune_options, refuse_given, set_help)
 
 
 def sweep_methods(args, methods: str, keep_rates: list[float]) -> tuple[list, list]:
@@ -69,16 +69,13 @@ RECIPE_FILE = "per_block_recipe.json"
 def add_per_block_args(p) -> None:
     """``sweep --prune --per-block``: a keep rate and a Rényi order per pruning block."""
     g = p.add_argument_group("per-block token pruning (sweep --prune --per-block)")
-    g.add_argument("--per-block", action="store_true", default=None,
-                   help="with --prune: choose a keep rate and a Rényi order per pruning block by a greedy search on "
-                        "the calibration images at the GMACs of --budget-keep-rate in every block (docs/design.md); "
-                        "--keep-rates is the grid each block moves down (1 added; default "
-                        f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods one method or the Rényi orders to try "
-                        f"(default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
-                        f"OUT/{RECIPE_FILE}, the chosen config as a recipe for --recipe and optimize --prune-recipe")
-    g.add_argument("--budget-keep-rate", type=float, default=None,
-                   help="--per-block's GMACs budget: those of this keep rate in every pruning block "
-                        f"(default: {BUDGET_KEEP_RATE})")
+    g.add_argument("--per-block", action="store_true", default=None, help="with --prune: choose a keep rate and a "
+                   "Rényi order per pruning block by a greedy search on the calibration images within the GMACs of "
+                   "--budget-keep-rate (docs/design.md); --keep-rates: each block's grid, 1 added (default "
+                   f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods: one method or Rényi orders (default: "
+                   f"{PER_BLOCK_METHODS}); writes OUT/per_block.* and OUT/{RECIPE_FILE}, a recipe of the choice")
+    g.add_argument("--budget-keep-rate", type=float, default=None, help="--per-block's GMACs budget: those of this "
+                   f"keep rate in every pruning block (default: {BUDGET_KEEP_RATE})")
 
 
 def check_per_block(args) -> None:
@@ -191,8 +188,7 @@ def _finetune_data(args, model):
     return train, val, cfg
 
 
-_PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", "keep_warmup_epochs",
-               "keep_decay_epochs")
+_PRUNE_ONLY = (*PRUNE_OPTIONS[1:], "keep_warmup_epochs", "keep_decay_epochs")
 
 
 def _finetune_configs(args):
@@ -214,8 +210,8 @@ def _finetune_configs(args):
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-                          grad_clip=args.grad_clip, seed=args.seed,
-                          **given_values(keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
+                          grad_clip=args.grad_clip, seed=args.seed, **given_values(
+                              keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
     return pcfg, fcfg, zcfg
 
 
@@ -227,9 +223,8 @@ def _finetune_maps(args, model, device, out: Path):
     return maps
 
 
-def _reload_hint(args, out: Path, pruned=None, frozen: bool = False, merged=None) -> str:
-    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``pruned``: its :class:`PruneConfig`,
-    ``merged``: its :class:`MergeConfig`)."""
+def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
+    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``reducer``: its pruning or merging config)."""
     import shlex
 
     from eamvit.experiments.optimize_space import recipe_options
@@ -241,16 +236,18 @@ def _reload_hint(args, out: Path, pruned=None, frozen: bool = False, merged=None
     parts += ["--checkpoint", str(out / "finetuned.safetensors")]
     if frozen:
         parts += ["--frozen", str(out / "frozen.safetensors")]
-    if pruned is not None:
+    pruned = reducer is not None and reducer.KIND == "prune"
+    if pruned:
         from eamvit.methods.prune import setting_text
 
-        parts += ["--prune", pruned.method, "--keep-rate", str(setting_text(pruned.keep_rate))]
-    if merged is not None:  # every merging setting: the options that rebuild the config
-        parts += recipe_options(Recipe(steps=(merged,)))
-    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned is not None else "")
+        parts += ["--prune", reducer.method, "--keep-rate", str(setting_text(reducer.keep_rate))]
+    elif reducer is not None:  # every merging setting: the options that rebuild the config
+        parts += recipe_options(Recipe(steps=(reducer,)))
+    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")
 
 
 def cmd_finetune(args) -> None:
+    from eamvit.experiments.speed_sweep import check_family
     from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.methods.finetune import FROZEN, WEIGHTS, finetune
     from eamvit.methods.recipe import Recipe, apply_
@@ -259,11 +256,9 @@ def cmd_finetune(args) -> None:
     check_output_dir(args.out)
     model, device = load_model(args)
     load_maps(args, model)  # a wrong --maps fails before anything is written
-    from eamvit.experiments.speed_sweep import check_family
-
-    merged = pcfg if pcfg is not None and pcfg.KIND == "merge" else None
-    check_family(model, [zcfg.granularity] if zcfg is not None else [],
-                 [pcfg] if pcfg is not None and merged is None else [], [merged] if merged is not None else [])
+    reducers, merging = [pcfg] if pcfg is not None else [], pcfg is not None and pcfg.KIND == "merge"
+    check_family(model, [zcfg.granularity] if zcfg is not None else [], [] if merging else reducers,
+                 reducers if merging else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
     reports = apply_(model, Recipe(steps=tuple(s for s in (zcfg, pcfg) if s is not None)), None,
@@ -280,8 +275,9 @@ def cmd_finetune(args) -> None:
         print(f"frozen: {freeze['frozen_fraction']:.4f} of the attention entries ({zcfg.granularity}, "
               f"{zcfg.selection}); the frozen values are not trained")
     frozen = f", {out / FROZEN} (the frozen attention)" if zcfg is not None else ""
-    print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, checkpoint {res['checkpoint']}")
-    print(f"reload: {_reload_hint(args, out, pcfg if merged is None else None, zcfg is not None, merged)}")
+    print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, "
+          f"checkpoint {res['checkpoint']}")
+    print(f"reload: {_reload_hint(args, out, pcfg, zcfg is not None)}")
 
 
 def register(sub) -> None:

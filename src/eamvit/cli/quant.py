@@ -24,11 +24,8 @@ if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
 
 
 def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
-    """``--quant`` (``quantize``: ``--method``), the bits and the options of each method.
-
-    Args:
-        command: ``"eval"`` (also ``export`` and ``compress``), ``"sweep"`` or ``"quantize"``.
-    """
+    """``--quant`` (``quantize``: ``--method``), the bits and each method's options of ``command``: ``"eval"``
+    (also ``export`` and ``compress``), ``"sweep"`` or ``"quantize"``."""
     g = p.add_argument_group("quantization (RepQ-ViT, ADFQ-ViT or PMQ post-training quantization)")
     if command == "quantize":
         g.add_argument("--method", dest="quant", choices=QUANT_METHODS, default="repq",
@@ -78,8 +75,8 @@ def quant_config(args: argparse.Namespace) -> RepQConfig:
     """The :class:`RepQConfig` the arguments ask for."""
     from eamvit.methods.repq import RepQConfig
 
-    return RepQConfig(**_bits(args), **given_values(calib_size=args.quant_calib_size, attn_quantizer=args.attn_quantizer),
-                      seed=getattr(args, "seed", 0), reparam=not args.no_reparam)
+    return RepQConfig(**_bits(args), seed=getattr(args, "seed", 0), reparam=not args.no_reparam,
+                      **given_values(calib_size=args.quant_calib_size, attn_quantizer=args.attn_quantizer))
 
 
 def method_config(args: argparse.Namespace) -> Config:
@@ -118,6 +115,8 @@ _CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_s
                 **{o: ("adfq",) for o in ("adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq",
                                           "adfq_no_amo", "adfq_alpha_fc1", "adfq_checkpoint_dir")},
                 "pmq_config": ("pmq",), "pmq_budget_mb": ("pmq",)}
+# Those a recipe (--recipe, --state) holds, --adfq-checkpoint-dir aside.
+QUANT_OPTIONS = ("quant", "quant_state", *(o for o in _CALIBRATION if o != "adfq_checkpoint_dir"))
 
 
 def validate_quant_args(args: argparse.Namespace) -> None:
@@ -211,7 +210,8 @@ def register(sub) -> None:
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
+    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, "
+                       "markdown)")
     add_model_args(s)
     add_data_args(s)
     g = s.add_argument_group("comparison")

@@ -7,27 +7,23 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import FREEZE_OPTIONS, data_splits, flag, get_maps, is_main, load_maps, load_model
-from eamvit.cli.options import (MERGE_OPTIONS, TARGET_OPTIONS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_merge_args, add_model_args, add_prune_args, add_target_args, freeze_config,
-                                merge_config, prune_config, refuse_given, refuse_merge_args, set_help,
-                                target_from_args, target_label)
+from eamvit.cli.common import data_splits, flag, get_maps, is_main, load_maps, load_model
+from eamvit.cli.options import (FREEZE_OPTIONS, FREEZE_SETTINGS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS,
+                                add_data_args, add_entropy_args, add_freeze_args, add_merge_args, add_model_args,
+                                add_prune_args, add_target_args, freeze_config, merge_config, prune_config,
+                                refuse_given, refuse_merge_args, set_help, target_from_args, target_label)
+from eamvit.cli.quant import QUANT_OPTIONS, add_quant_args
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
 
-PRUNE_OPTIONS = ("prune", "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys")
-_QUANT_OPTIONS = ("quant", "quant_state", "w_bits", "a_bits", "quant_calib_size", "attn_quantizer", "no_reparam",
-                  "adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq", "adfq_no_amo",
-                  "adfq_alpha_fc1", "pmq_config", "pmq_budget_mb")
-_FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
+# The options of the recipe's steps, which --state and --recipe hold instead.
+_STEP_OPTIONS = (*QUANT_OPTIONS, "frozen", *PRUNE_OPTIONS, *MERGE_OPTIONS, *TARGET_OPTIONS)
 
 
 def add_stack_args(p: argparse.ArgumentParser) -> None:
     """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
     entropy maps, freezing, pruning or merging, quantization, the deployment target and the recipe."""
-    from eamvit.cli.quant import add_quant_args
-
     for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args, add_merge_args):
         add(p)
     add_quant_args(p, "eval")
@@ -79,14 +75,11 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
         return
     if getattr(args, "state", None):
-        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
-                            *TARGET_OPTIONS],
+        refuse_given(args, ["recipe", *_STEP_OPTIONS, *FREEZE_OPTIONS],
                      f"with --state, which holds the whole compressed model ({args.state})")
         return
     if getattr(args, "recipe", None):
-        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
-                            *TARGET_OPTIONS],
-                     f"with --recipe, which holds the steps ({args.recipe})")
+        refuse_given(args, [*_STEP_OPTIONS, *FREEZE_SETTINGS], f"with --recipe, which holds the steps ({args.recipe})")
         return
     if not args.prune:
         refuse_given(args, PRUNE_OPTIONS[1:], "without --prune (no tokens are pruned)")
@@ -95,7 +88,7 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     refuse_merge_args(args)
     freezes = (args.tau or 0) > 0 or getattr(args, "maps", None)
     if not freezes and not getattr(args, "frozen", None):
-        refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
+        refuse_given(args, [d for d in FREEZE_OPTIONS if d not in ("tau", "maps")],
                      "without --tau or --maps (nothing is frozen)")
     if args.granularity in (None, "entry"):  # FreezeConfig's default granularity is entry
         refuse_given(args, ["aggregate"], "to --granularity entry (it ranks whole rows and heads)")
@@ -106,10 +99,8 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps.
-
-    ``--quant-state`` and ``--frozen`` are loaded, not applied: their steps are not in it.
-    """
+    """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps (not those of
+    ``--quant-state`` and ``--frozen``, which are loaded, not applied)."""
     from eamvit.cli.quant import method_config
     from eamvit.methods.export import default_target
     from eamvit.methods.recipe import Recipe, read_recipe
@@ -148,16 +139,8 @@ def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
 
 
 def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
-    """Build the command line's model on ``model`` in place: ``--state``, or the loaded parts and the recipe.
-
-    Args:
-        sp: the command's :class:`~eamvit.methods.data.Splits` (calibration images and data config).
-        maps: loaded ``--maps``.
-
-    Returns:
-        ``(recipe, fields)``: the whole recipe ``model`` now carries (loaded parts included) and the
-        result-row fields that describe it.
-    """
+    """Build the command line's model on ``model`` in place (``--state``, or the loaded parts and the recipe
+    calibrated on ``sp``); returns the whole recipe it now carries (loaded parts included) and its row fields."""
     from eamvit.cli.quant import calib_set
     from eamvit.methods.recipe import build_, restore_
 
@@ -179,13 +162,8 @@ def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[
 
 def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[str] = None,
                frozen: Optional[tuple] = None) -> dict[str, Any]:
-    """Result-row fields of ``model`` compressed by ``recipe``.
-
-    Args:
-        reports: :func:`~eamvit.methods.recipe.apply_`'s.
-        state: the ``--state`` file it was rebuilt from.
-        frozen: the row fields of ``--frozen``, when it gave the freezing.
-    """
+    """Result-row fields of ``model`` compressed by ``recipe`` (``reports``: :func:`~eamvit.methods.recipe.apply_`'s;
+    ``state``: the ``--state`` file it was rebuilt from; ``frozen``: the fields of ``--frozen``, if it froze)."""
     from eamvit.cli.quant import _row
 
     freeze = recipe.step("freeze")
