@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional, Sequence
 
+from eamvit.choices import (AGGREGATES, ENTROPY_KEYS, GRANULARITIES, MERGE_SELECTIONS, PLACEMENTS, PRUNE_METHODS,
+                            SCOPES, SELECTIONS, VALUE_QUANTIZERS)
 from eamvit.errors import EamError
 
 
@@ -44,13 +46,13 @@ def per_block_arg(parse, what: str):
     return listed(parse, f"{what}, or one per pruning block such as 0.9,0.7,0.5", empty=False, per_block=True)
 
 
-def granularities(text: str) -> list[str]:
-    from eamvit.choices import GRANULARITIES
+def _granularity(text: str) -> str:
+    if text not in GRANULARITIES:
+        raise ValueError(text)
+    return text
 
-    out = [t.strip() for t in text.split(",") if t.strip()]
-    if not out or any(t not in GRANULARITIES for t in out):
-        raise argparse.ArgumentTypeError(f"expected granularities from {','.join(GRANULARITIES)}, got {text!r}")
-    return out
+
+granularities = listed(_granularity, f"granularities from {','.join(GRANULARITIES)}", empty=False)
 
 
 def parse_model_kwargs(items: Sequence[str]) -> dict:
@@ -127,8 +129,6 @@ def add_entropy_args(p: argparse.ArgumentParser) -> None:
 def add_freeze_args(p: argparse.ArgumentParser, sweep: bool = False, saved: bool = True) -> None:
     """Freezing options: the τ grid of ``sweep`` (``sweep``) or one τ, and ``--frozen`` (``saved``; not for
     ``finetune``, which makes one)."""
-    from eamvit.choices import AGGREGATES, GRANULARITIES, SCOPES, SELECTIONS, VALUE_QUANTIZERS
-
     g = p.add_argument_group("freezing")
     if sweep:
         g.add_argument("--granularity", type=granularities, default=None,
@@ -176,8 +176,6 @@ SPEED_KEEP_RATES = [0.7, 0.5]
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Optional[str] = None) -> None:
     """Token-pruning options: the κ × method grid of ``sweep --prune`` (``sweep``) or one method (``--prune``
     defaults to ``method``)."""
-    from eamvit.choices import ENTROPY_KEYS as KEYS, PLACEMENTS, PRUNE_METHODS as METHODS
-
     g = p.add_argument_group("token pruning")
     if sweep:
         g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method), not freezing")
@@ -193,7 +191,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
         g.add_argument("--throughput-reps", type=int, default=None, help="timed forwards per point after warm-up; "
                        "rows carry their median and quartiles (default: 10)")
     else:
-        g.add_argument("--prune", choices=METHODS, default=method,
+        g.add_argument("--prune", choices=PRUNE_METHODS, default=method,
                        help="prune patch tokens with this score" + ("" if method else " (default: no pruning)"))
         g.add_argument("--keep-rate", type=per_block_arg(float, "a keep rate"), default=None,
                        help="keep rate κ in (0, 1], or one per pruning block, e.g. 0.9,0.7,0.5 (default: 0.7)")
@@ -205,8 +203,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
                    help="fuse dropped tokens into one (default: on for EViT only)")
     g.add_argument("--placement", choices=PLACEMENTS, default=None,
                    help="prune after the attention residual (attn, EViT) or after the whole block (default: attn)")
-    g.add_argument("--entropy-keys", choices=KEYS, default=None, help="entropy of the whole attention row (all) or "
-                   "of its patch keys renormalised (patches) (default: all)")
+    g.add_argument("--entropy-keys", choices=ENTROPY_KEYS, default=None, help="entropy of the whole attention row "
+                   "(all) or of its patch keys renormalised (patches) (default: all)")
 
 
 PRUNE_OPTIONS = ("prune", "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys")
@@ -215,8 +213,6 @@ MERGE_OPTIONS = ("merge", "merge_r", "merge_inflect", "merge_blocks", "merge_alp
 
 def add_merge_args(p: argparse.ArgumentParser) -> None:
     """Token-merging options (eamvit.methods.merge): ToMe or entropy-guided merging, exclusive with --prune."""
-    from eamvit.choices import MERGE_SELECTIONS
-
     g = p.add_argument_group("token merging (instead of token pruning)")
     g.add_argument("--merge", choices=MERGE_SELECTIONS, default=None,
                    help="merge patch tokens: tome (ToMe's bipartite matching on the keys) or entropy (the "

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.errors import EamError
 from eamvit.cli.common import data_splits, eval_data, flush_warnings, get_maps, is_main, load_maps, load_model
-from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                                PRUNE_OPTIONS, add_merge_args, add_model_args, add_prune_args, given_values,
+from eamvit.cli.options import (PRUNE_OPTIONS, SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args,
+                                add_freeze_args, add_merge_args, add_model_args, add_prune_args, given_values,
                                 prune_options, refuse_given, set_help)
 
 
@@ -282,8 +283,6 @@ def cmd_finetune(args) -> None:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
-
     s = sub.add_parser("finetune", help="fine-tune a model with pruned or merged tokens and/or frozen attention "
                        "(EViT recipe), resumable")
     add_model_args(s)
