@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
+from eamvit.io import write_results
 from eamvit.cli.options import FREEZE_OPTIONS, given_values, parse_model_kwargs, refuse_given
 
 
@@ -80,24 +81,16 @@ def require_verbs(args, model) -> None:
     if freezing and command != "calibrate":
         granularity = getattr(args, "granularity", None) or "entry"
         verbs += list(granularity) if isinstance(granularity, (list, tuple)) else [granularity]
-    if getattr(args, "quant", None):
-        verbs.append(args.quant)
-    if getattr(args, "prune", None):
-        verbs.append("prune")
-    if getattr(args, "merge", None):
-        verbs.append("merge")
-    if command == "export":
-        verbs.append("export")
+    verbs += [args.quant] if getattr(args, "quant", None) else []
+    verbs += [verb for verb in ("prune", "merge") if getattr(args, verb, None)]
+    verbs += ["export"] if command == "export" else []
     layers = attention_layers(model)
     for verb in verbs:
         require(layers, verb)
 
 
-ONNX_MODULES = ("onnx", "onnxruntime")
-
-
-def require_modules(command: str, names: Sequence[str] = ONNX_MODULES) -> None:
-    """One EamError naming the install command when a module ``command`` needs cannot be imported.
+def require_modules(command: str) -> None:
+    """One EamError naming the install command when ONNX or ONNX Runtime, which ``command`` needs, cannot be imported.
 
     Called first, so that a broken install fails before minutes of work, not with a traceback later; the
     modules are imported, so one present but failing to load (a missing shared library) is reported too.
@@ -105,7 +98,7 @@ def require_modules(command: str, names: Sequence[str] = ONNX_MODULES) -> None:
     import importlib
 
     missing = []
-    for name in names:
+    for name in ("onnx", "onnxruntime"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -316,12 +309,10 @@ def eval_data(args, sp, device, calib: bool = False):
 def print_row(row: dict, out: Optional[str] = None) -> None:
     """Print ``row`` as ``key=value`` pairs (list values comma-joined, so the line splits on spaces), and write
     it to ``out``.csv and ``out``.json where given."""
-    from eamvit.io import write_results
-
     if not is_main():
         return
     show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
     print(" ".join(f"{k}={show(v)}" for k, v in row.items()))
-    if out is not None:
+    if out:
         csv_path, json_path = write_results(out, [row])
         print(f"wrote {csv_path} and {json_path}")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eamvit.io import check_output_file
 from eamvit.cli.common import parse_device, require_modules
 
 
 def cmd_train_digits(args) -> None:
     from eamvit.experiments.digits import DigitsConfig, train_digits
-    from eamvit.io import check_output_file
 
     check_output_file(args.out)  # before minutes of training
     config = DigitsConfig(epochs=args.epochs, seed=args.seed)
@@ -43,7 +43,6 @@ def cmd_demo(args) -> None:
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-
     s = sub.add_parser("demo", help="train/load the digits ViT, calibrate, sweep, write figures and a report")
     s.add_argument("--out", default="eamvit-demo", help="output folder")
     s.add_argument("--retrain", action="store_true", help="train the digits ViT instead of loading the shipped one")

@@ -7,18 +7,18 @@ from pathlib import Path
 
 from eamvit.methods.state import step_config
 from eamvit.errors import EamError
+from eamvit.io import check_output_dir, check_output_file, ensure_writable_dir, output_lock, results_paths
 from eamvit.cli.common import (compute_maps, data_splits, eval_data, flush_warnings, get_maps, is_main,
-                               load_maps, load_model, print_row)
+                               load_maps, load_model, print_row, warn)
 from eamvit.cli.options import (SPEED_KEEP_RATES, SPEED_METHODS, add_data_args, add_entropy_args, add_freeze_args,
                                 add_model_args, add_prune_args, given_values, ints, orders_arg, prune_options)
-from eamvit.cli.export import add_eval_onnx_args
+from eamvit.cli.export import add_eval_onnx_args, cmd_eval_onnx
 from eamvit.cli.prune import add_per_block_args, check_per_block, cmd_prune_sweep, sweep_methods
-from eamvit.cli.quant import add_quant_args
-from eamvit.cli.recipe import add_stack_args
+from eamvit.cli.quant import add_quant_args, calib_set, quant_config
+from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
 def cmd_calibrate(args) -> None:
-    from eamvit.io import check_output_file, output_lock
     from eamvit.ops.attention_stats import check_orders
 
     out = check_output_file(args.out)
@@ -55,11 +55,7 @@ def _stats_line(maps) -> str:
 
 def cmd_eval(args) -> None:
     if args.onnx:
-        from eamvit.cli.export import cmd_eval_onnx
-
         return cmd_eval_onnx(args)
-    from eamvit.io import check_output_file, output_lock, results_paths
-    from eamvit.cli.recipe import apply_args, needs_calibration, recipe_from_args
     from eamvit.methods.evaluate import evaluate, result_row
 
     csv_path = None
@@ -81,7 +77,6 @@ def cmd_eval(args) -> None:
 def cmd_sweep(args) -> None:
     from eamvit.experiments.freeze_sweep import freeze_sweep
     from eamvit.experiments.results import format_sweep_table, write_table
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.entropy import plot_sweep
@@ -124,12 +119,10 @@ def _sweep_data(args, model, device, out: Path):
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
-    from eamvit.cli.common import warn
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import Timing
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.speed import plot_top1_vs_speedup
 
@@ -165,9 +158,7 @@ def cmd_quant_sweep(args) -> None:
     """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
     import copy
 
-    from eamvit.cli.quant import calib_set, quant_config
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized
     from eamvit.methods.repq import RepQConfig
@@ -220,7 +211,6 @@ def _write_quant_sweep(res: dict, out: Path, title: str) -> None:
 
 def cmd_plot(args) -> None:
     from eamvit.methods.calibrate import EntropyMaps
-    from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary
     from eamvit.plots.renyi import plot_entropy_distance, plot_renyi_histograms
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import data_splits, is_main, load_model, print_row, require_modules
+from eamvit.io import check_output_file, ensure_writable_dir, output_lock
+from eamvit.cli.common import data_overrides, data_splits, is_main, load_model, print_row, require_modules, warn
 from eamvit.cli.options import FREEZE_OPTIONS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS, refuse_given
 from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args, summary
 
@@ -52,7 +53,6 @@ def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibr
 
 def cmd_export(args: argparse.Namespace) -> None:
     require_modules("eamvit export")
-    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.export import FORMATS, ExportConfig, export_onnx
 
     if args.format not in FORMATS:
@@ -93,7 +93,6 @@ EVAL_RUNTIMES = ("onnxruntime", "openvino")
 def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
     """Fill in the preprocessing recorded at export where the command line gives none; returns whether the
     recorded preprocessing is used as it is (no preprocessing option given)."""
-    from eamvit.cli.common import data_overrides
     from eamvit.methods.data import exported_preprocessing
 
     given, stored = data_overrides(args), meta.get("data_config", {})
@@ -119,9 +118,7 @@ def _eval_runtime(args: argparse.Namespace) -> str:
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
     """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime or OpenVINO, with eval's data and rows."""
     require_modules("eamvit eval --onnx")
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate, result_row
-    from eamvit.cli.common import warn
     from eamvit.methods.export_openvino import OpenVinoClassifier, read_model_meta
     from eamvit.methods.export_runtime import OnnxClassifier, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model

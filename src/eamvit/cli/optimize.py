@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from eamvit.errors import EamError
+from eamvit.io import check_output_dir, output_lock
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
 from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args, refuse_given
 
@@ -44,7 +45,6 @@ def given_argv(args: argparse.Namespace, dests) -> list[str]:
 def cmd_optimize(args: argparse.Namespace) -> None:
     from eamvit.experiments.optimize import CACHE, OptimizeConfig, optimize
     from eamvit.experiments.optimize_report import CommandLines
-    from eamvit.io import check_output_dir, output_lock
     from eamvit.plots.optimize import plot_pareto
 
     if args.runtime == "torch":

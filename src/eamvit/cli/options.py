@@ -180,11 +180,13 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False, method: Opti
     if sweep:
         g.add_argument("--prune", action="store_true", help="sweep token pruning (keep rate x method), not freezing")
         g.add_argument("--keep-rates", type=floats, default=None, help="keep rates, e.g. 0.9,0.7,0.5 (default: "
-                       f"0.9..0.3 with --prune, {','.join(map(str, SPEED_KEEP_RATES))} with --granularity)")
+                       f"0.9..0.3 with --prune; {','.join(map(str, SPEED_KEEP_RATES))} with --granularity, widen it "
+                       "with e.g. --keep-rates 0.9,0.8,0.7,0.6,0.5,0.4,0.3)")
         g.add_argument("--methods", default=None,
                        help="comma-separated: pruning by shannon, renyi:ORDER, evit or random; merging by tome or "
                             "entropy-merge[:ORDER], at the r matching Shannon pruning's GMACs at each keep rate "
-                            f"(default: {SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity)")
+                            f"(default: {SWEEP_METHODS} with --prune; {SPEED_METHODS} with --granularity, widen it with e.g. "
+                            "--methods shannon,renyi:2,evit,random,tome)")
         g.add_argument("--no-throughput", action="store_true", default=None,
                        help="skip the images/s measurement of --prune")
         g.add_argument("--throughput-batch", type=int, default=None, help="images per timed forward (default: 32)")

@@ -5,10 +5,13 @@ from pathlib import Path
 
 from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.errors import EamError
-from eamvit.cli.common import data_splits, eval_data, flush_warnings, get_maps, is_main, load_maps, load_model
+from eamvit.io import check_output_dir, ensure_writable_dir, write_text
+from eamvit.cli.common import (data_overrides, data_splits, eval_data, flush_warnings, get_maps, is_main, load_maps,
+                               load_model, warn_class_mismatch)
 from eamvit.cli.options import (PRUNE_OPTIONS, SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args,
-                                add_freeze_args, add_merge_args, add_model_args, add_prune_args, given_values,
-                                prune_options, refuse_given, set_help)
+                                add_freeze_args, add_merge_args, add_model_args, add_prune_args, freeze_config,
+                                given_values, merge_config, prune_config, prune_options, refuse_given,
+                                refuse_merge_args, set_help)
 
 
 def sweep_methods(args, methods: str, keep_rates: list[float]) -> tuple[list, list]:
@@ -31,7 +34,6 @@ def cmd_prune_sweep(args) -> None:
     from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
     from eamvit.experiments.results import write_table
     from eamvit.experiments.runner import Timing
-    from eamvit.io import ensure_writable_dir, write_text
     from eamvit.modules.attention import attention_layers, require
     from eamvit.plots.prune import plot_top1_vs_gmacs
 
@@ -110,7 +112,6 @@ def cmd_per_block_sweep(args) -> None:
     """``sweep --prune --per-block``: the greedy per-block search, its rows and the chosen recipe."""
     from eamvit.experiments.per_block_sweep import markdown_table, per_block_sweep
     from eamvit.experiments.results import write_table
-    from eamvit.io import check_output_dir, ensure_writable_dir, write_text
     from eamvit.methods.prune import setting_text
     from eamvit.methods.recipe import Recipe
 
@@ -161,7 +162,6 @@ def _prune_figures(model, sp, methods, args, out: Path) -> None:
 
 def _finetune_data(args, model):
     """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
-    from eamvit.cli.common import data_overrides, warn_class_mismatch
     from eamvit.methods.data import build_dataset, random_subset
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
@@ -195,7 +195,6 @@ _PRUNE_ONLY = (*PRUNE_OPTIONS[1:], "keep_warmup_epochs", "keep_decay_epochs")
 def _finetune_configs(args):
     """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
     before any work: freezing with ``--tau > 0``, pruning by :func:`~eamvit.methods.finetune.prune_method`."""
-    from eamvit.cli.options import freeze_config, merge_config, prune_config, refuse_merge_args
     from eamvit.methods.finetune import FinetuneConfig, prune_method
 
     freezes = (args.tau or 0) > 0
@@ -249,7 +248,6 @@ def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
 
 def cmd_finetune(args) -> None:
     from eamvit.experiments.speed_sweep import check_family
-    from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.methods.finetune import FROZEN, WEIGHTS, finetune
     from eamvit.methods.recipe import Recipe, apply_
 

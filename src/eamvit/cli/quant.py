@@ -10,7 +10,8 @@ from eamvit.methods.state import state_of, step_config
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import data_splits, load_model
+from eamvit.io import check_output_file, ensure_writable_dir, output_lock
+from eamvit.cli.common import data_splits, flag, load_model
 from eamvit.cli.options import (add_data_args, add_model_args, add_target_args, given_values, refuse_given,
                                 target_from_args)
 
@@ -121,8 +122,6 @@ QUANT_OPTIONS = ("quant", "quant_state", *(o for o in _CALIBRATION if o != "adfq
 
 def validate_quant_args(args: argparse.Namespace) -> None:
     """Refuse, before anything is loaded, quantization options that are bad or that cannot apply."""
-    from eamvit.cli.common import flag
-
     if not hasattr(args, "w_bits"):
         return
     if getattr(args, "quant_state", None):
@@ -160,7 +159,6 @@ def calib_set(sp: Splits, who: str = "RepQ-ViT") -> Dataset:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
-    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.quantize import save_quantized
     from eamvit.methods.recipe import Recipe, apply_
 
@@ -181,7 +179,6 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
     from eamvit.experiments.compare import CompareConfig, compare, markdown_table
     from eamvit.experiments.results import write_table
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods import adfq, pmq
 
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731

@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
+from eamvit.io import check_output_file, output_lock
 from eamvit.cli.common import data_splits, flag, get_maps, is_main, load_maps, load_model
 from eamvit.cli.options import (FREEZE_OPTIONS, FREEZE_SETTINGS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS,
                                 add_data_args, add_entropy_args, add_freeze_args, add_merge_args, add_model_args,
                                 add_prune_args, add_target_args, freeze_config, merge_config, prune_config,
                                 refuse_given, refuse_merge_args, set_help, target_from_args, target_label)
-from eamvit.cli.quant import QUANT_OPTIONS, add_quant_args
+from eamvit.cli.quant import QUANT_OPTIONS, _row, add_quant_args, calib_set, method_config
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
@@ -101,7 +102,6 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps (not those of
     ``--quant-state`` and ``--frozen``, which are loaded, not applied)."""
-    from eamvit.cli.quant import method_config
     from eamvit.methods.export import default_target
     from eamvit.methods.recipe import Recipe, read_recipe
 
@@ -141,7 +141,6 @@ def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
 def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
     """Build the command line's model on ``model`` in place (``--state``, or the loaded parts and the recipe
     calibrated on ``sp``); returns the whole recipe it now carries (loaded parts included) and its row fields."""
-    from eamvit.cli.quant import calib_set
     from eamvit.methods.recipe import build_, restore_
 
     recipe = recipe_from_args(args)
@@ -164,8 +163,6 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
                frozen: Optional[tuple] = None) -> dict[str, Any]:
     """Result-row fields of ``model`` compressed by ``recipe`` (``reports``: :func:`~eamvit.methods.recipe.apply_`'s;
     ``state``: the ``--state`` file it was rebuilt from; ``frozen``: the fields of ``--frozen``, if it froze)."""
-    from eamvit.cli.quant import _row
-
     freeze = recipe.step("freeze")
     extra: dict[str, Any] = {"tau": freeze.tau} if freeze is not None else {}  # blank where nothing is frozen
     if state:
@@ -220,7 +217,6 @@ def _freeze_fields(model, freeze, rep) -> dict[str, Any]:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     """``eamvit compress``: apply the recipe and write the whole compressed model to one file."""
-    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.recipe import save_compressed
 
     out = check_output_file(args.out)
