@@ -29,11 +29,6 @@ def add_stack_args(p: argparse.ArgumentParser) -> None:
         add(p)
     add_quant_args(p, "eval")
     add_target_args(p)
-    add_recipe_args(p)
-
-
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """``--recipe`` and ``--state`` of ``eval``, ``export`` and ``compress``."""
     g = p.add_argument_group("recipe (quantize → freeze → prune or merge, in one file)")
     g.add_argument("--recipe", default=None, help="calibrate anew the recipe of this file of `eamvit compress` (or "
                    "a recipe .json) instead of the options' steps (default: none, the options' recipe)")
@@ -43,8 +38,6 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 _PART_FILES = ("a quantized state of `eamvit quantize` or the frozen attention of `eamvit finetune --tau` "
                "(frozen.safetensors)")
-
-
 _PARTS = {"quant": ("quant_state", "--quant-state"), "frozen": ("frozen", "--frozen")}
 
 
