@@ -325,14 +325,10 @@ def target_from_args(args: argparse.Namespace, quant) -> Any:
 
 def target_label(target) -> str:
     """``qdq``, ``qdq sym`` (symmetric activations), ``qdq softmax-fp32``, ``weight-only`` or ``torch``."""
-    parts = [target.form]
-    if target.symmetric_activations:
-        parts.append("sym")
-    if target.form == "qdq" and target.softmax != "uniform":
-        parts.append(f"softmax-{target.softmax}")
-    if target.symmetric_weights:
-        parts.append("sym-w")
-    return " ".join(parts)
+    parts = [target.form, "sym" if target.symmetric_activations else None,
+             f"softmax-{target.softmax}" if target.form == "qdq" and target.softmax != "uniform" else None,
+             "sym-w" if target.symmetric_weights else None]
+    return " ".join(p for p in parts if p)
 
 
 def set_help(p: argparse.ArgumentParser, **texts: str) -> None:
