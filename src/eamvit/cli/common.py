@@ -1,5 +1,4 @@
-"""Helpers shared by every command group: the model, the data split, maps, warnings and refusals
-(the options themselves are in :mod:`eamvit.cli.options`)."""
+"""Helpers shared by the commands: the model, the data split, maps, warnings and input checks."""
 from __future__ import annotations
 
 import os
@@ -9,7 +8,8 @@ from typing import Any, Optional, Sequence
 
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.cli.options import given_values, parse_model_kwargs, refuse_given  # noqa: F401 (refuse_given: the commands import it here)
+from eamvit.io import write_results
+from eamvit.cli.options import FREEZE_OPTIONS, given_values, parse_model_kwargs, refuse_given
 
 
 def parse_device(name: str):
@@ -45,6 +45,7 @@ def init_distributed(device) -> None:
 
 
 def is_main() -> bool:
+    """Whether this is the process that prints and writes (rank 0, or no torchrun)."""
     from eamvit.methods.calibrate import dist_info
 
     return dist_info()[0] == 0
@@ -68,8 +69,11 @@ def load_model(args):
     return model, device
 
 
-def requested_verbs(args) -> list[str]:
-    """The attention verbs (:data:`eamvit.modules.adapters.VERBS`) the command line asks of the model."""
+def require_verbs(args, model) -> None:
+    """Refuse, before any data is read, an attention verb (:data:`eamvit.modules.adapters.VERBS`) the command
+    line asks of the model that its attention family does not support."""
+    from eamvit.modules.attention import attention_layers, require
+
     command = getattr(args, "command", None)
     freezing = (getattr(args, "tau", 0) or getattr(args, "taus", None) or getattr(args, "maps", None)
                 or command == "calibrate")
@@ -77,44 +81,24 @@ def requested_verbs(args) -> list[str]:
     if freezing and command != "calibrate":
         granularity = getattr(args, "granularity", None) or "entry"
         verbs += list(granularity) if isinstance(granularity, (list, tuple)) else [granularity]
-    if getattr(args, "quant", None):
-        verbs.append(args.quant)
-    if getattr(args, "prune", None):
-        verbs.append("prune")
-    if getattr(args, "merge", None):
-        verbs.append("merge")
-    if command == "export":
-        verbs.append("export")
-    return verbs
-
-
-def require_verbs(args, model) -> None:
-    """Refuse, before any data is read, a verb the model's attention family does not support."""
-    from eamvit.modules.attention import attention_layers, require
-
+    verbs += [args.quant] if getattr(args, "quant", None) else []
+    verbs += [verb for verb in ("prune", "merge") if getattr(args, verb, None)]
+    verbs += ["export"] if command == "export" else []
     layers = attention_layers(model)
-    for verb in requested_verbs(args):
+    for verb in verbs:
         require(layers, verb)
 
 
-ONNX_MODULES = ("onnx", "onnxruntime")
+def require_modules(command: str) -> None:
+    """One EamError naming the install command when ONNX or ONNX Runtime, which ``command`` needs, cannot be imported.
 
-
-def require_modules(command: str, names: Sequence[str] = ONNX_MODULES) -> None:
-    """One EamError naming the install command when a module ``command`` needs cannot be imported.
-
-    Called first by the commands that need the modules, so that a broken or partial install fails
-    before minutes of work rather than with a traceback at the step that imports them.
-
-    Args:
-        command: what needs them, for the message (e.g. ``"eamvit demo"``).
-        names: importable module names (they are imported, so a module that is present but fails to
-            load, e.g. a missing shared library, is reported too).
+    Called first, so that a broken install fails before minutes of work, not with a traceback later; the
+    modules are imported, so one present but failing to load (a missing shared library) is reported too.
     """
     import importlib
 
     missing = []
-    for name in names:
+    for name in ("onnx", "onnxruntime"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -129,9 +113,8 @@ _WARNINGS: list[str] = []
 
 
 def warn(message: str) -> None:
-    """Queue a warning line; :func:`flush_warnings` prints it once the command has checked its inputs
-    (each command calls it just before its long work) or has succeeded, so that a command failing on
-    its inputs still prints exactly one line, its error."""
+    """Queue a warning line for :func:`flush_warnings`, which each command calls once its inputs are checked,
+    so that a command failing on its inputs still prints exactly one line, its error."""
     if message not in _WARNINGS:
         _WARNINGS.append(message)
 
@@ -211,28 +194,20 @@ def _calib_need(args) -> int:
     return calibration_need(methods, getattr(args, "adfq_calib_size", None))
 
 
-def build_data(args, model, need_calib: bool, maps=None, evaluate: bool = True):
-    """``(eval dataset, eval indices, calib dataset, calib indices, data config)`` of :func:`data_splits`."""
-    sp = data_splits(args, model, need_calib, maps=maps, evaluate=evaluate)
-    return sp.eval_set, sp.eval_indices, sp.calib_set, sp.calib_indices, sp.data_config
-
-
 def _artifacts(args, maps) -> tuple[Optional[tuple[str, str, Any]], list[tuple[str, Optional[list]]]]:
     """``(kind, file, data config)`` of the maps or state the command reads whose preprocessing applies
     (:func:`~eamvit.methods.data.choose_data_config`), and ``(file, calibration records)`` of each."""
+    from eamvit.methods.quantize import read_quantized
+    from eamvit.methods.recipe import read_compressed
+
     recorded, saved = [], None
-    if getattr(args, "state", None):
-        from eamvit.methods.recipe import read_compressed
-
-        meta = read_compressed(args.state)[0]
-        saved = "compressed model", f"compressed model {args.state}", meta.get("data_config")
-        recorded.append((str(args.state), meta.get("calibration")))
-    if getattr(args, "quant_state", None):
-        from eamvit.methods.quantize import read_quantized
-
-        meta = read_quantized(args.quant_state)[0]
-        saved = "quantized state", f"quantized state {args.quant_state}", meta.get("data_config")
-        recorded.append((str(args.quant_state), meta.get("calibration")))
+    for dest, kind, read in (("state", "compressed model", read_compressed),
+                             ("quant_state", "quantized state", read_quantized)):
+        path = getattr(args, dest, None)
+        if path:
+            meta = read(path)[0]
+            saved = kind, f"{kind} {path}", meta.get("data_config")
+            recorded.append((str(path), meta.get("calibration")))
     if maps is not None:
         if maps.meta.get("transforms"):  # the maps' preprocessing wins over a quantized state's
             saved = "maps", f"entropy maps {args.maps}", maps.meta["transforms"]
@@ -251,24 +226,26 @@ def load_maps(args, model):
     return maps
 
 
-def get_maps(args, model, device, cal, cal_idx, cfg, out_dir: Optional[Path] = None, maps=None):
-    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
-
-    if maps is None:
-        maps = load_maps(args, model)
+def get_maps(args, model, device, sp, out_dir: Optional[Path] = None, maps=None):
+    """``maps``, else ``--maps``, else maps computed now on ``sp``'s calibration images (saved in ``out_dir``)."""
+    maps = maps if maps is not None else load_maps(args, model)
     if maps is not None:
         return maps
-    maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
-                                workers=args.workers, device=device,
-                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                meta={"transforms": jsonable(cfg), "seed": args.seed})
+    maps = compute_maps(args, model, device, sp)
     if out_dir is not None and is_main():
         maps.save(out_dir / "maps.safetensors")
     return maps
 
 
-def jsonable(cfg: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+def compute_maps(args, model, device, sp, meta: Optional[dict] = None, **kwargs):
+    """Entropy maps of ``model`` on ``sp``'s calibration images by the entropy options."""
+    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in sp.data_config.items()}  # as JSON keeps it
+    return compute_entropy_maps(model, sp.calib_set, indices=sp.calib_indices, **given_values(bits=args.bits),
+                                batch_size=args.batch_size, workers=args.workers, device=device,
+                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                                meta={"transforms": cfg, "seed": args.seed, **(meta or {})}, **kwargs)
 
 
 def flag(args, dest: str) -> str:
@@ -276,12 +253,13 @@ def flag(args, dest: str) -> str:
     return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
 
 
-# What a saved freeze (--frozen) already holds: options that would freeze afresh.
-FREEZE_OPTIONS = ("tau", "maps", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer",
-                  "bits", "max_memory")
+# Counts' least values (a median and quartiles take 3 timed repetitions).
+_LEAST = {"threads": 1, "throughput_reps": 3, "throughput_batch": 1, "seeds": 1, "batch_size": 1, "num_samples": 1,
+          "calib_size": 1, "workers": 0}
 
 
 def validate_common(args) -> None:
+    """Check, before anything is loaded, the options every command shares."""
     from eamvit.ops.entropy import check_bits
     from eamvit.methods.freeze import FreezeConfig
 
@@ -290,31 +268,17 @@ def validate_common(args) -> None:
     if getattr(args, "frozen", None):
         refuse_given(args, FREEZE_OPTIONS, f"with {flag(args, 'frozen')} {args.frozen}, which already holds the "
                      "frozen attention and its settings")
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise EamError(f"--threads must be at least 1, got {args.threads}")
     if hasattr(args, "onnx") and not args.onnx:  # eval's --threads and --runtime are the exported model's
         refuse_given(args, ["threads", "runtime"], "without --onnx (they run an exported model; "
                      "export one with `eamvit export`)")
     if hasattr(args, "taus"):  # the sweeps build their freezing configs after loading the model: check τ first
         for t in args.taus:
             FreezeConfig(tau=t, value_bits=args.value_bits, **given_values(value_quantizer=args.value_quantizer))
-        if getattr(args, "throughput_reps", None) is not None and args.throughput_reps < 3:
-            raise EamError(f"--throughput-reps must be at least 3 (a median and quartiles), got {args.throughput_reps}")
-        if getattr(args, "throughput_batch", None) is not None and args.throughput_batch < 1:
-            raise EamError(f"--throughput-batch must be at least 1, got {args.throughput_batch}")
-        if args.seeds < 1:
-            raise EamError("--seeds must be at least 1")
-    for name in ("batch_size", "num_samples", "calib_size"):
+    for name, least in _LEAST.items():
         v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise EamError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    validate_data_args(args)
-
-
-def validate_data_args(args) -> None:
-    """Model, device and preprocessing options that need no model: checked before anything is loaded."""
-    if getattr(args, "workers", 0) < 0:
-        raise EamError(f"--workers must be 0 or more, got {args.workers}")
+        if v is not None and v < least:
+            raise EamError(f"--{name.replace('_', '-')} must be {f'at least {least}' if least else '0 or more'}, "
+                           f"got {v}")
     if hasattr(args, "model_kwargs"):
         parse_model_kwargs(args.model_kwargs)
     if getattr(args, "img_size", None) is not None and args.img_size < 1:
@@ -333,8 +297,22 @@ def validate_data_args(args) -> None:
         parse_device(args.device)
 
 
-def format_row(row: dict) -> str:
-    """``key=value`` pairs on one line; list values comma-joined so a line splits on spaces."""
-    def show(v):
-        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-    return " ".join(f"{k}={show(v)}" for k, v in row.items())
+def eval_data(args, sp, device, calib: bool = False):
+    """The :class:`~eamvit.experiments.runner.EvalData` of ``sp``'s evaluation (``calib``: calibration) images."""
+    from eamvit.experiments.runner import EvalData
+
+    images = (sp.calib_set, sp.calib_indices) if calib else (sp.eval_set, sp.eval_indices)
+    return EvalData(*images, batch_size=args.batch_size, workers=args.workers, device=device,
+                    data_config=sp.data_config)
+
+
+def print_row(row: dict, out: Optional[str] = None) -> None:
+    """Print ``row`` as ``key=value`` pairs (list values comma-joined, so the line splits on spaces), and write
+    it to ``out``.csv and ``out``.json where given."""
+    if not is_main():
+        return
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    print(" ".join(f"{k}={show(v)}" for k, v in row.items()))
+    if out:
+        csv_path, json_path = write_results(out, [row])
+        print(f"wrote {csv_path} and {json_path}")

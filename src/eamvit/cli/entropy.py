@@ -7,19 +7,18 @@ from pathlib import Path
 
 from eamvit.methods.state import step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import (build_data, data_splits, flush_warnings, format_row, get_maps, is_main, jsonable,
-                               load_maps, load_model)
-from eamvit.cli.options import (add_data_args, add_entropy_args, add_freeze_args, add_model_args, add_prune_args,
-                                given_values, ints, orders_arg, prune_options)
-from eamvit.cli.export import add_eval_onnx_args
-from eamvit.cli.prune import add_per_block_args, check_per_block, cmd_prune_sweep
-from eamvit.cli.quant import add_quant_args
-from eamvit.cli.recipe import add_stack_args
+from eamvit.io import check_output_dir, check_output_file, ensure_writable_dir, output_lock, results_paths
+from eamvit.cli.common import (compute_maps, data_splits, eval_data, flush_warnings, get_maps, is_main,
+                               load_maps, load_model, print_row, warn)
+from eamvit.cli.options import (SPEED_KEEP_RATES, SPEED_METHODS, add_data_args, add_entropy_args, add_freeze_args,
+                                add_model_args, add_prune_args, given_values, ints, orders_arg, prune_options)
+from eamvit.cli.export import add_eval_onnx_args, cmd_eval_onnx
+from eamvit.cli.prune import add_per_block_args, check_per_block, cmd_prune_sweep, sweep_methods
+from eamvit.cli.quant import add_quant_args, calib_set, quant_config
+from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
 
 
 def cmd_calibrate(args) -> None:
-    from eamvit.io import check_output_file, output_lock
-    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
     from eamvit.ops.attention_stats import check_orders
 
     out = check_output_file(args.out)
@@ -30,20 +29,15 @@ def cmd_calibrate(args) -> None:
     # The user chose these images by pointing calibrate at them: all of them by default (the paper's
     # maps use 5 % of ImageNet's training set, far more than the 32 images of PTQ calibration).
     sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
-    cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
-        maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
-                                    workers=args.workers, device=device,
-                                    max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                    resume_path=str(out) + ".partial" if args.resume else None,
-                                    meta={"transforms": jsonable(cfg), "seed": args.seed,
-                                          "data": str(args.calib_data or args.data)},
-                                    distance=args.distance, renyi_orders=args.renyi_orders or ())
+        maps = compute_maps(args, model, device, sp, meta={"data": str(args.calib_data or args.data)},
+                            resume_path=str(out) + ".partial" if args.resume else None, distance=args.distance,
+                            renyi_orders=args.renyi_orders or ())
         if is_main():
             maps.save(out)
+            skipped = maps.meta["skipped_images"]
             print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={maps.meta['bits']}"
-                  + (f", {maps.meta['skipped_images']} unreadable images skipped" if maps.meta["skipped_images"] else "")
-                  + _stats_line(maps))
+                  + (f", {skipped} unreadable images skipped" if skipped else "") + _stats_line(maps))
 
 
 def _stats_line(maps) -> str:
@@ -61,11 +55,8 @@ def _stats_line(maps) -> str:
 
 def cmd_eval(args) -> None:
     if args.onnx:
-        from eamvit.cli.export import cmd_eval_onnx
-
         return cmd_eval_onnx(args)
-    from eamvit.io import check_output_file, output_lock, results_paths
-    from eamvit.cli.recipe import needs_calibration, recipe_from_args
+    from eamvit.methods.evaluate import evaluate, result_row
 
     csv_path = None
     if args.out is not None:  # a stem: STEM.csv and STEM.json
@@ -76,31 +67,16 @@ def cmd_eval(args) -> None:
     maps = load_maps(args, model)
     sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), maps=maps)
     with output_lock(csv_path) if csv_path is not None else contextlib.nullcontext():
-        row = _eval_row(args, model, device, maps, sp)
-        row["calib_excluded"] = sp.calib_excluded
-        if is_main():
-            print(format_row(row))
-            if args.out is not None:
-                from eamvit.io import write_results
-
-                csv_path, json_path = write_results(args.out, [row])
-                print(f"wrote {csv_path} and {json_path}")
-
-
-def _eval_row(args, model, device, maps, sp) -> dict:
-    from eamvit.cli.recipe import apply_args
-    from eamvit.methods.evaluate import evaluate, result_row
-
-    _, extra = apply_args(args, model, device, sp, maps)
-    flush_warnings()  # before the evaluation, not after its results
-    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers, device=device)
-    return result_row(model, m, sp.data_config, **extra)
+        _, extra = apply_args(args, model, device, sp, maps)
+        flush_warnings()  # before the evaluation, not after its results
+        m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers,
+                     device=device)
+        print_row({**result_row(model, m, sp.data_config, **extra), "calib_excluded": sp.calib_excluded}, args.out)
 
 
 def cmd_sweep(args) -> None:
     from eamvit.experiments.freeze_sweep import freeze_sweep
     from eamvit.experiments.results import format_sweep_table, write_table
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.evaluate import evaluate
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.entropy import plot_sweep
@@ -134,38 +110,25 @@ def cmd_sweep(args) -> None:
 
 def _sweep_data(args, model, device, out: Path):
     """``(maps, EvalData)`` of the freezing sweeps: ``--maps`` (its images unscored), or maps made now in ``out``."""
-    from eamvit.experiments.runner import EvalData
-
     maps = load_maps(args, model)
     sp = data_splits(args, model, need_calib=maps is None,
                      calibrated_on=[(str(args.maps), maps.meta.get("calibration"))] if maps else [])
-    maps = get_maps(args, model, device, sp.calib_set, sp.calib_indices, sp.data_config, out_dir=out, maps=maps)
-    return maps, EvalData(sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers,
-                          device=device, data_config=sp.data_config)
+    maps = get_maps(args, model, device, sp, out_dir=out, maps=maps)
+    return maps, eval_data(args, sp, device)
 
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
-    from eamvit.cli.common import warn
-    from eamvit.cli.options import SPEED_KEEP_RATES, SPEED_METHODS
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import Timing
-    from eamvit.experiments.prune_sweep import parse_sweep_methods
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.freeze import FreezeConfig
-    from eamvit.methods.prune import check_keep_rate, method_config
     from eamvit.plots.speed import plot_top1_vs_speedup
 
     if args.prune or args.quant or args.quant_state:
         raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
-    methods, merges = parse_sweep_methods(args.methods or SPEED_METHODS)
-    args.keep_rates = args.keep_rates or SPEED_KEEP_RATES
-    for k in args.keep_rates:
-        check_keep_rate(k)
-        for m, a in methods:
-            method_config(m, a, k, **prune_options(args))
+    methods, merges = sweep_methods(args, SPEED_METHODS, SPEED_KEEP_RATES)
     freeze = FreezeConfig(**given_values(aggregate=args.aggregate, value_bits=args.value_bits,
                                          value_quantizer=args.value_quantizer))
     model, device = load_model(args)
@@ -195,10 +158,7 @@ def cmd_quant_sweep(args) -> None:
     """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
     import copy
 
-    from eamvit.cli.quant import _calib_set, quant_config
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
-    from eamvit.experiments.runner import EvalData
-    from eamvit.io import ensure_writable_dir
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized
     from eamvit.methods.repq import RepQConfig
@@ -209,7 +169,7 @@ def cmd_quant_sweep(args) -> None:
         raise EamError("sweep --quant takes one --scopes value")
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=True)
+    sp = data_splits(args, model, need_calib=True)
     q_model, qcfg = None, quant_config(args)
     if getattr(args, "quant_state", None):
         q_model = copy.deepcopy(model)
@@ -221,9 +181,9 @@ def cmd_quant_sweep(args) -> None:
     sweep = QuantSweepConfig(taus=tuple(args.taus), scope=args.scopes[0], **given_values(entropy_bits=args.bits),
                              frozen_bits=args.frozen_bits, random_seeds=tuple(range(args.seed, args.seed + args.seeds)),
                              max_memory=parse_bytes(args.max_memory) if args.max_memory else None)
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    data = eval_data(args, sp, device)
     flush_warnings()
-    res = quant_sweep(model, data, cal, qcfg, sweep, map_indices=cal_idx, repq_calib=_calib_set(cal, cal_idx),
+    res = quant_sweep(model, data, sp.calib_set, qcfg, sweep, map_indices=sp.calib_indices, repq_calib=calib_set(sp),
                       q_model=q_model)
     _write_quant_sweep(res, out, title=f"{res['rows'][0]['model']}: EAM on RepQ-ViT W{qcfg.w_bits}/A{qcfg.a_bits}")
     print(res["table"])
@@ -251,7 +211,6 @@ def _write_quant_sweep(res: dict, out: Path, title: str) -> None:
 
 def cmd_plot(args) -> None:
     from eamvit.methods.calibrate import EntropyMaps
-    from eamvit.io import check_output_dir, ensure_writable_dir
     from eamvit.plots.entropy import plot_cls_entropy, plot_full_entropy, plot_head_summary
     from eamvit.plots.renyi import plot_entropy_distance, plot_renyi_histograms
 
@@ -267,25 +226,19 @@ def cmd_plot(args) -> None:
         if not (0 <= l < n and 0 <= h < heads):
             raise EamError(f"--pairs {l},{h} is outside the model (layers 0..{n - 1}, heads 0..{max(heads, 1) - 1})")
     out = ensure_writable_dir(args.out)  # only once every input is known to be good
-    written = []
-    if maps.entropy[0].dim() == 3:
-        for l in args.layers:
-            plot_cls_entropy(maps, l, out / f"cls_entropy_L{l}.png")
-            written.append(out / f"cls_entropy_L{l}.png")
-    plot_full_entropy(maps, pairs, out / "full_entropy.png")
-    plot_head_summary(maps, out / "head_entropy.png")
-    written += [out / "full_entropy.png", out / "head_entropy.png"]
+    cls_rows = maps.entropy[0].dim() == 3
+    figures = [(plot_cls_entropy, (l,), f"cls_entropy_L{l}.png") for l in (args.layers if cls_rows else [])]
+    figures += [(plot_full_entropy, (pairs,), "full_entropy.png"), (plot_head_summary, (), "head_entropy.png")]
     notes = []
     for kind, name, option, draw in (("distance", "entropy_distance.png", "--distance", plot_entropy_distance),
                                      ("renyi", "renyi_entropy.png", "--renyi-orders", plot_renyi_histograms)):
         if getattr(maps, kind) is not None:
-            draw(maps, out / name)
-            written.append(out / name)
+            figures.append((draw, (), name))
         else:
             notes.append(f"no {name}: these maps were calibrated without {option}")
-    print("wrote " + ", ".join(str(w) for w in written))
-    for note in notes:
-        print(note)
+    for draw, extra, name in figures:
+        draw(maps, *extra, out / name)
+    print("\n".join(["wrote " + ", ".join(str(out / name) for *_, name in figures), *notes]))
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -306,20 +259,18 @@ def register(sub) -> None:
     s.add_argument("--resume", action="store_true", help="checkpoint to OUT.partial and resume from it")
     g = s.add_argument_group("attention statistics (the Rényi pruning paper's Fig. 5 and 6, drawn by `eamvit plot`; "
                              "of the layers that attend over the whole patch grid, as ViT's do; others are left out)")
-    g.add_argument("--distance", action="store_true",
-                   help="also store, per layer and head, the mean attention distance (patches, patch keys only, as "
-                        "Dosovitskiy et al.) and the mean attention entropy of the patch rows (nats), from the same "
-                        "forwards (default: not stored)")
-    g.add_argument("--renyi-orders", type=orders_arg, default=None, metavar="ORDERS",
-                   help="also store per-layer histograms of the per-token Rényi entropies of these orders (the "
-                        "scores of --prune renyi), e.g. 0.5,1,2,inf (1: Shannon) (default: not stored)")
+    g.add_argument("--distance", action="store_true", help="also store per layer and head the mean attention "
+                   "distance (patches, over patch keys, as Dosovitskiy et al.) and patch rows' mean entropy (nats)")
+    g.add_argument("--renyi-orders", type=orders_arg, default=None, metavar="ORDERS", help="also store per-layer "
+                   "histograms of per-token Rényi entropies (--prune renyi's scores) of these orders, e.g. "
+                   "0.5,1,2,inf (1: Shannon) (default: not stored)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("eval", help="top-1/top-5, optionally with frozen attention")
     add_stack_args(s)
     add_eval_onnx_args(s)
-    s.add_argument("--out", default=None,
-                   help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv (default: print the row only)")
+    s.add_argument("--out", default=None, help="results stem: writes STEM.csv and STEM.json, eval_0.2 -> eval_0.2.csv "
+                   "(default: print the row only)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="top-1 against sparsity for entropy and random freezing (CSV, JSON, PNG)")
@@ -334,15 +285,12 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("plot", help="figures of saved entropy maps (Fig. 2, Fig. 3, head summary; with calibrate "
-                                    "--distance / --renyi-orders, entropy against attention distance and Rényi "
-                                    "entropy histograms)")
+                       "--distance / --renyi-orders, entropy vs attention distance, Rényi entropy histograms)")
     s.add_argument("--maps", required=True, help="entropy maps file written by `eamvit calibrate`")
-    s.add_argument("--layers", type=ints, default=[0],
-                   help="layers of the CLS-row maps, 0-based as every layer and head number in eamvit's options, "
-                        "figure titles and file names (cls_entropy_L0.png is layer 0), e.g. 0,1")
+    s.add_argument("--layers", type=ints, default=[0], help="layers of the CLS-row maps, e.g. 0,1; 0-based as every "
+                   "layer and head number in eamvit (cls_entropy_L0.png is layer 0)")
     s.add_argument("--pairs", type=_pair, nargs="+", default=None,
                    help="0-based LAYER,HEAD pairs of the full N x N maps, e.g. 0,0 1,2 (default: 0,0 and 1,0)")
-    s.add_argument("--out", default="eamvit-plots",
-                   help="output folder of the PNGs: cls_entropy_L*.png, full_entropy.png, head_entropy.png, and "
-                        "entropy_distance.png and renyi_entropy.png where the maps hold their statistics")
+    s.add_argument("--out", default="eamvit-plots", help="output folder of cls_entropy_L*.png, full_entropy.png, "
+                   "head_entropy.png, entropy_distance.png and renyi_entropy.png (where the maps hold them)")
     s.set_defaults(func=cmd_plot)

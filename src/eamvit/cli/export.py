@@ -1,46 +1,26 @@
-"""``export`` (a deployable ONNX model) and ``eval --onnx`` (evaluating one in ONNX Runtime)."""
+"""``export`` (a deployable ONNX model) and ``eval --onnx`` (evaluating one in ONNX Runtime or OpenVINO)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
 
-from eamvit.methods.state import state_of
+from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import (FREEZE_OPTIONS, format_row, refuse_given, data_splits, is_main, load_model,
-                               require_modules)
-from eamvit.cli.options import MERGE_OPTIONS, TARGET_OPTIONS
-from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args
+from eamvit.io import check_output_file, ensure_writable_dir, output_lock
+from eamvit.cli.common import data_overrides, data_splits, is_main, load_model, print_row, require_modules, warn
+from eamvit.cli.options import FREEZE_OPTIONS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS, refuse_given
+from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args, summary
 
 
-def export_config(args: argparse.Namespace, model):
-    """The :class:`~eamvit.methods.export.ExportConfig` that writes ``model``: its target's settings (the
-    quantizers it was calibrated with) and the file's own (block size, kept tokens, opset)."""
-    from eamvit.methods.export import ExportConfig
-    from eamvit.methods.state import step_config
-
-    if step_config(model, "quant") is None:
-        return ExportConfig(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
-    return _check_target(state_of(model).target, args)
-
-
-def _check_target(target, args: argparse.Namespace) -> Any:
-    """The export config of a quantized model for ``target``, refused where the export would not be the
-    model `eval` scores."""
+def _target_config(target, args: argparse.Namespace) -> Any:
+    """The export config of a model quantized for ``target``, refused where the export would not be the model
+    `eval` scores."""
     if target is None:
         raise EamError("the quantized model names no deployment target (a state of eamvit 0.3 or of the Python API "
                        "without one): its export would be another model than `eval` scores; quantize it again for "
                        "its target, e.g. `eamvit quantize --target qdq` or `eamvit compress --target weight-only`")
     return target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be written, creating nothing (the lock creates its folder)."""
-    from eamvit.io import check_output_file
-
-    if out.is_dir():
-        raise EamError(f"--out {out} is a folder; give the .onnx file to write")
-    check_output_file(out)
 
 
 def _quant_state(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -55,19 +35,8 @@ def _quant_state(args: argparse.Namespace) -> tuple[Any, Any]:
     return config_type(meta.get("method")).from_dict(meta.get("config", {})), target
 
 
-_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "merge", "merge_r",
-          "tokens")
-
-
 def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibrated=None) -> None:
-    """Refuse export options the command line gives that the export they ask for cannot use.
-
-    Args:
-        quantized: the model to export is quantized (``--quant``, ``--quant-state``, or a step of the recipe).
-        calibrated: the quantization config the command calibrates now (``None``: none, or loaded).
-    """
-    from eamvit.cli.common import refuse_given
-
+    """Refuse export options the export cannot use (``calibrated``: the quantization calibrated now, if any)."""
     if not quantized:
         refuse_given(args, [*TARGET_OPTIONS, "block_size"],
                      "without --quant, --quant-state or a quantized --state/--recipe "
@@ -78,21 +47,20 @@ def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibr
     else:
         refuse_given(args, ["block_size"], f"to --target {args.target or 'qdq'} (MatMulNBits blocks are weight-only's)")
         if calibrated is not None and calibrated.a_bits != 8 and args.target != "torch":
-            # checked here so that nothing is calibrated first
-            raise EamError(f"--target {args.target or 'qdq'} exports 8-bit activations, not --a-bits {calibrated.a_bits}; "
-                           "use --a-bits 8, or --target weight-only (float activations)")
+            raise EamError(f"--target {args.target or 'qdq'} exports 8-bit activations, not --a-bits "
+                           f"{calibrated.a_bits}; use --a-bits 8, or --target weight-only (float activations)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     require_modules("eamvit export")
-    from eamvit.methods.export import FORMATS, export_onnx
+    from eamvit.methods.export import FORMATS, ExportConfig, export_onnx
 
     if args.format not in FORMATS:
         raise EamError(f"unknown export format {args.format!r}; eamvit exports {', '.join(FORMATS)}")
-    from eamvit.io import output_lock
-
     out = Path(args.out)
-    _check_out(out)
+    if out.is_dir():
+        raise EamError(f"--out {out} is a folder; give the .onnx file to write")
+    check_output_file(out)  # creates nothing: the lock creates its folder
     recipe = recipe_from_args(args)
     stored, stored_target = _quant_state(args)
     quant = recipe.step("quant") or stored
@@ -101,31 +69,30 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise EamError(f"{where} has no integer-runtime form; export RepQ-ViT models (--quant repq)")
     refuse_inapplicable_export(args, quant is not None, recipe.step("quant"))
     if quant is not None:  # refused before anything is loaded or written: the target the file will hold
-        _check_target(recipe.target if recipe.step("quant") is not None else stored_target, args)
+        _target_config(recipe.target if recipe.step("quant") is not None else stored_target, args)
     with output_lock(out):
         model, device = load_model(args)
         # Held out of --data as `eval` holds it out; the model records them, and the export carries them.
         sp = data_splits(args, model, need_calib=needs_calibration(args, recipe), scores=False)
         _, extra = apply_args(args, model, device, sp)
-        config = export_config(args, model)
+        config = (ExportConfig(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
+                  if step_config(model, "quant") is None else _target_config(state_of(model).target, args))
         if is_main():
             rep = export_onnx(model, out, config)
-            what = ", ".join(f"{k}={v}" for k, v in extra.items() if k in _SHOWN)
+            what = summary(extra)
             print(f"wrote {out}: {rep.kind}{', ' + what if what else ''}, {rep.bytes:,} bytes; "
                   f"evaluate it with `eamvit eval --onnx {out}`")
 
 
 # Options that build a model; an ONNX file already is one.
 _MODEL_OPTIONS = ("model", "model_kwargs", "pretrained", "checkpoint", "quant", "quant_state", "frozen", "state",
-                  "recipe", "prune",
-                  "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", *FREEZE_OPTIONS,
-                  *MERGE_OPTIONS)
+                  "recipe", *PRUNE_OPTIONS, *FREEZE_OPTIONS, *MERGE_OPTIONS)
+EVAL_RUNTIMES = ("onnxruntime", "openvino")
 
 
 def _onnx_data_args(args: argparse.Namespace, meta: dict) -> bool:
     """Fill in the preprocessing recorded at export where the command line gives none; returns whether the
     recorded preprocessing is used as it is (no preprocessing option given)."""
-    from eamvit.cli.common import data_overrides
     from eamvit.methods.data import exported_preprocessing
 
     given, stored = data_overrides(args), meta.get("data_config", {})
@@ -151,18 +118,15 @@ def _eval_runtime(args: argparse.Namespace) -> str:
 def cmd_eval_onnx(args: argparse.Namespace) -> None:
     """``eamvit eval --onnx FILE``: the exported model through ONNX Runtime or OpenVINO, with eval's data and rows."""
     require_modules("eamvit eval --onnx")
-    from eamvit.io import ensure_writable_dir, write_results
     from eamvit.methods.evaluate import evaluate, result_row
-    from eamvit.cli.common import warn
     from eamvit.methods.export_openvino import OpenVinoClassifier, read_model_meta
     from eamvit.methods.export_runtime import OnnxClassifier, saturation_warning
     from eamvit.methods.models import ModelSpec, create_model
 
     refuse_given(args, _MODEL_OPTIONS, "with --onnx, which holds the whole model")
     runtime = _eval_runtime(args)
-    out = Path(args.out) if args.out else None
-    if out:
-        ensure_writable_dir(out.parent if str(out.parent) else ".")
+    if args.out:
+        ensure_writable_dir(Path(args.out).parent if str(Path(args.out).parent) else ".")
     meta = read_model_meta(args.onnx)
     recorded = _onnx_data_args(args, meta)
     spec = ModelSpec(**meta["model"])
@@ -171,24 +135,17 @@ def cmd_eval_onnx(args: argparse.Namespace) -> None:
     state_of(skeleton).spec = spec
     # The file calibrates nothing now; the images that calibrated it (recorded at export) are not scored.
     sp = data_splits(args, skeleton, need_calib=False, calibrated_on=[(str(args.onnx), meta.get("calibration"))])
-    ev, ev_idx, cfg = sp.eval_set, sp.eval_indices, sp.data_config
-    if recorded:  # filled in from the file, not overrides the user gave
-        cfg = {**cfg, "source": "onnx export"}
-    runs = OpenVinoClassifier if runtime == "openvino" else OnnxClassifier
-    model = runs(args.onnx, threads=args.threads)
+    cfg = {**sp.data_config, "source": "onnx export"} if recorded else sp.data_config  # not the user's overrides
+    model = (OpenVinoClassifier if runtime == "openvino" else OnnxClassifier)(args.onnx, threads=args.threads)
     _check_input_size(model, cfg, args.onnx)
     if runtime == "onnxruntime" and saturation_warning(meta):
         warn(saturation_warning(meta))
-    m = evaluate(model, ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device="cpu")
+    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=args.batch_size, workers=args.workers, device="cpu")
     row = result_row(skeleton, m, cfg, **_onnx_row_fields(meta, args.onnx, skeleton),
                      runtime="OpenVINO" if runtime == "openvino" else "ONNX Runtime")
     row["param_count"] = meta.get("param_count", row["param_count"])
     row["calib_excluded"] = sp.calib_excluded
-    if is_main():
-        print(format_row(row))
-        if out:
-            csv_path, _ = write_results(out, [row])
-            print(f"wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    print_row(row, args.out)
 
 
 def _check_input_size(model, cfg: dict, path: str) -> None:
@@ -196,7 +153,7 @@ def _check_input_size(model, cfg: dict, path: str) -> None:
     graph = list(model.input_dims)
     want = [int(v) for v in cfg["input_size"]]
     if len(graph) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph, want)):
-        show = lambda dims: "x".join(str(d) for d in dims)
+        show = lambda dims: "x".join(str(d) for d in dims)  # noqa: E731
         raise EamError(f"{path} takes {show(graph)} images but its eamvit metadata and the data options give "
                        f"{show(want)}; export it again with `eamvit export`")
 
@@ -223,16 +180,13 @@ def _onnx_row_fields(meta: dict, path: str, skeleton) -> dict[str, Any]:
     return extra
 
 
-EVAL_RUNTIMES = ("onnxruntime", "openvino")
-
-
 def add_eval_onnx_args(p: argparse.ArgumentParser) -> None:
     """``--onnx``, ``--runtime`` and ``--threads`` on ``eval``."""
     g = p.add_argument_group("exported models")
     g.add_argument("--onnx", default=None, help="evaluate this exported model (`eamvit export`, or an OpenVINO "
                    ".xml) on CPU instead of a PyTorch model (default: none, the PyTorch model)")
-    g.add_argument("--runtime", default=None, help="what runs --onnx: onnxruntime (default) or openvino "
-                   '(pip install "eamvit[openvino]")')
+    g.add_argument("--runtime", default=None,
+                   help='what runs --onnx: onnxruntime (default) or openvino (pip install "eamvit[openvino]")')
     g.add_argument("--threads", type=int, default=None, help="the runtime's threads (default: one per core)")
 
 

@@ -1,8 +1,5 @@
-"""The ``eamvit`` command: thin argument parsing over the Python API.
-
-Every user error is an :class:`~eamvit.errors.EamError`: one line on stderr, exit status 2, and no
-output file is left half-written (all writes are atomic).
-"""
+"""The ``eamvit`` command: thin argument parsing over the Python API; every user error is one line on stderr and
+exit status 2 (see docs/architecture-cli.md)."""
 from __future__ import annotations
 
 import argparse

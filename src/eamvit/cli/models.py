@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from eamvit.io import write_text
+
 # docs/families.md: this text around the table that the adapters give.
 _PAGE = """# Supported families
 
@@ -26,20 +28,12 @@ that contains supported attention (see \"Models that are not classifiers\" in
 """
 
 
-def families_page() -> str:
-    """The page ``docs/families.md``: the table of :func:`~eamvit.modules.attention.models_table` with its prose."""
-    from eamvit.modules.attention import models_table
-
-    return _PAGE.format(table=models_table())
-
-
 def cmd_models(args: argparse.Namespace) -> None:
+    """Print the table, or write it with its prose (``_PAGE``) as the families page ``--write`` names."""
     from eamvit.modules.attention import models_table
 
     if args.write:
-        from eamvit.io import write_text
-
-        write_text(args.write, families_page())
+        write_text(args.write, _PAGE.format(table=models_table()))
         print(f"wrote {args.write}")
     else:
         print(models_table())

@@ -4,25 +4,14 @@ from __future__ import annotations
 import argparse
 
 from eamvit.errors import EamError
+from eamvit.io import check_output_dir, output_lock
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
-from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args
+from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args, refuse_given
 
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
-_DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_size", "crop_pct", "crop_mode", "mean", "std",
-               "interpolation")
-
-
-def optimize_config(args: argparse.Namespace):
-    """The :class:`~eamvit.experiments.optimize.OptimizeConfig` of the arguments."""
-    from eamvit.cli.common import refuse_given
-    from eamvit.experiments.optimize import OptimizeConfig
-
-    if args.runtime == "torch":
-        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's and OpenVINO's)")
-    return OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
-                          space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
-                          workers=args.workers, seed=args.seed, prunes=prune_recipes(args.prune_recipe or ()))
+_DATA_DESTS = ("data", "calib_data", "calib_size", "seed", "num_samples", "img_size", "crop_pct", "crop_mode", "mean",
+               "std", "interpolation")
 
 
 def prune_recipes(paths) -> tuple:
@@ -54,12 +43,15 @@ def given_argv(args: argparse.Namespace, dests) -> list[str]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
-    from eamvit.experiments.optimize import CACHE, optimize
+    from eamvit.experiments.optimize import CACHE, OptimizeConfig, optimize
     from eamvit.experiments.optimize_report import CommandLines
-    from eamvit.io import check_output_dir, output_lock
     from eamvit.plots.optimize import plot_pareto
 
-    config = optimize_config(args)
+    if args.runtime == "torch":
+        refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's and OpenVINO's)")
+    config = OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
+                            space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
+                            workers=args.workers, seed=args.seed, prunes=prune_recipes(args.prune_recipe or ()))
     if config.runtime != "torch":  # OpenVINO reads eamvit's ONNX exports too
         require_modules(f"eamvit optimize --runtime {config.runtime}")
     if config.runtime == "openvino":
@@ -91,31 +83,25 @@ def register(sub) -> None:
     add_model_args(s)
     add_data_args(s)
     g = s.add_argument_group("search")
-    g.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 drop allowed, in percentage points "
-                   "below the unmodified model on the held-out images")
+    g.add_argument("--max-drop", type=float, default=1.0,
+                   help="largest top-1 drop allowed, in points below the unmodified model on the held-out images")
     g.add_argument("--runtime", default="onnxruntime", help="where each point is measured: onnxruntime (its "
-                   "exported file, CPU), openvino (its exported file in OpenVINO, CPU; the int8 points are NNCF's "
-                   "int8 of the fp32 export, alone and after token pruning or freezing, and RepQ-ViT int8 for "
-                   "OpenVINO: pip install \"eamvit[openvino]\") or torch (the PyTorch model; quantization is left "
-                   "out, PyTorch only simulates it in float)")
-    g.add_argument("--budget-minutes", type=float, default=None, help="stop starting new points after this many "
-                   "minutes and write what was measured; a rerun resumes (default: no limit)")
-    g.add_argument("--space", default="standard", help="standard (int8 QDQ asymmetric and symmetric, W4 "
-                   "weight-only, Shannon and EViT pruning at κ 0.9/0.7/0.5 in the default and the late blocks, "
-                   "ToMe and entropy-guided merging in every block and in the late blocks at the r matching that "
-                   "pruning's GMACs, head and row freezing at τ 0.25/0.5) or small (int8 QDQ, EViT pruning at κ "
-                   "0.7/0.5 in the late blocks, head freezing at τ 0.25); with --runtime openvino the int8 points of "
-                   "both are NNCF int8 and RepQ-ViT int8 for OpenVINO; then the survivors stacked, with one token "
-                   "reducer each")
-    g.add_argument("--prune-recipe", action="append", default=None, metavar="FILE",
-                   help="also search this recipe's pruning (a recipe of one pruning step, e.g. the per-block choice "
-                        "`sweep --prune --per-block` writes as per_block_recipe.json), alone and stacked like the "
-                        "space's pruning points; repeat for several (default: the space's points only)")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime or OpenVINO threads (default: one per "
-                   "core)")
+                   "export, CPU), openvino (its export in OpenVINO, CPU; int8 points: NNCF's int8 of the fp32 export "
+                   "and RepQ-ViT int8 for OpenVINO: pip install \"eamvit[openvino]\") or torch (the PyTorch model, "
+                   "no quantization: PyTorch only simulates it)")
+    g.add_argument("--budget-minutes", type=float, default=None, help="start no new point after this many minutes, "
+                   "write what was measured; a rerun resumes (default: no limit)")
+    g.add_argument("--space", default="standard", help="standard (int8 QDQ asymmetric and symmetric, W4 weight-only, "
+                   "Shannon and EViT pruning at κ 0.9/0.7/0.5 in the default and the late blocks, ToMe and entropy "
+                   "merging in every and the late blocks at pruning's GMACs, head and row freezing at τ 0.25/0.5) or "
+                   "small (int8 QDQ, EViT at κ 0.7/0.5 in the late blocks, head freezing at τ 0.25), then the "
+                   "survivors stacked with one token reducer each; --runtime openvino: NNCF and RepQ-ViT int8")
+    g.add_argument("--prune-recipe", action="append", default=None, metavar="FILE", help="also search the pruning "
+                   "of this one-step recipe (e.g. `sweep --prune --per-block`'s per_block_recipe.json), alone and "
+                   "stacked; repeat for several (default: the space's points only)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime or OpenVINO threads (default: one a core)")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "
                    "the unmodified model on --batch-size held-out images")
-    g.add_argument("--out", required=True, help="output folder: pareto.csv/json/md/png, best.safetensors, "
-                   "best.onnx (or best.xml/.bin, NNCF's OpenVINO IR, for an NNCF point), report.md, and points.jsonl "
-                   "(measured points; a rerun reuses them)")
+    g.add_argument("--out", required=True, help="output folder: pareto.csv/json/md/png, best.safetensors, best.onnx "
+                   "(or NNCF's best.xml/.bin), report.md, and points.jsonl (measured points, reused by a rerun)")
     s.set_defaults(func=cmd_optimize)

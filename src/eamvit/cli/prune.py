@@ -1,40 +1,52 @@
-"""``sweep --prune`` and ``finetune``: token pruning and merging, and fine-tuning of pruned, merged and/or
-attention-frozen models."""
+"""``sweep --prune`` (token pruning and merging) and ``finetune`` (of pruned, merged and/or frozen models)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.errors import EamError
-from eamvit.cli.common import build_data, flush_warnings, is_main, load_model
-from eamvit.cli.options import (SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_merge_args, add_model_args, add_prune_args, given_values, prune_options, refuse_given)
+from eamvit.io import check_output_dir, ensure_writable_dir, write_text
+from eamvit.cli.common import (data_overrides, data_splits, eval_data, flush_warnings, get_maps, is_main, load_maps,
+                               load_model, warn_class_mismatch)
+from eamvit.cli.options import (PRUNE_OPTIONS, SWEEP_KEEP_RATES, SWEEP_METHODS, add_data_args, add_entropy_args,
+                                add_freeze_args, add_merge_args, add_model_args, add_prune_args, freeze_config,
+                                given_values, merge_config, prune_config, prune_options, refuse_given,
+                                refuse_merge_args, set_help)
+
+
+def sweep_methods(args, methods: str, keep_rates: list[float]) -> tuple[list, list]:
+    """``--methods`` (default ``methods``) as (pruning, merging) methods, each pruning one checked at every
+    ``--keep-rates`` (default ``keep_rates``, set on ``args``) before anything is loaded."""
+    from eamvit.experiments.prune_sweep import parse_sweep_methods
+    from eamvit.methods.prune import check_keep_rate, method_config
+
+    prunes, merges = parse_sweep_methods(args.methods or methods)
+    args.keep_rates = args.keep_rates or keep_rates
+    for k in args.keep_rates:
+        check_keep_rate(k)
+        for m, a in prunes:
+            method_config(m, a, k, **prune_options(args))
+    return prunes, merges
 
 
 def cmd_prune_sweep(args) -> None:
     """``sweep --prune``: pruning per (method, κ), and merging at each κ's GMACs (``--methods``)."""
-    from eamvit.experiments.prune_sweep import markdown_table, parse_sweep_methods, prune_sweep
+    from eamvit.experiments.prune_sweep import markdown_table, prune_sweep
     from eamvit.experiments.results import write_table
-    from eamvit.experiments.runner import EvalData, Timing
-    from eamvit.io import ensure_writable_dir, write_text
-    from eamvit.methods.prune import check_keep_rate, method_config
+    from eamvit.experiments.runner import Timing
     from eamvit.modules.attention import attention_layers, require
     from eamvit.plots.prune import plot_top1_vs_gmacs
 
     if args.per_block:
         return cmd_per_block_sweep(args)
-    methods, merges = parse_sweep_methods(args.methods or SWEEP_METHODS)
-    args.keep_rates = args.keep_rates or SWEEP_KEEP_RATES
-    for k in args.keep_rates:
-        check_keep_rate(k)
-        for m, a in methods:
-            method_config(m, a, k, **prune_options(args))
+    methods, merges = sweep_methods(args, SWEEP_METHODS, SWEEP_KEEP_RATES)
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     if merges:
         require(attention_layers(model), "merge")
-    ev, ev_idx, _, _, cfg = build_data(args, model, need_calib=False)
+    sp = data_splits(args, model, need_calib=False)
     flush_warnings()  # before the sweep, not after its results
-    data = EvalData(ev, ev_idx, batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
+    data = eval_data(args, sp, device)
     timing = None if args.no_throughput else Timing(warmup=1, **given_values(batch_size=args.throughput_batch,
                                                                              reps=args.throughput_reps))
     rows = prune_sweep(model, data, args.keep_rates, methods, timing, progress=is_main(), merges=merges,
@@ -46,7 +58,7 @@ def cmd_prune_sweep(args) -> None:
         what = "token pruning and merging at equal GMACs" if merges else "token pruning"
         plot_top1_vs_gmacs(rows, out / "prune_sweep.png", title=f"{rows[0]['model']}: {what}")
         if methods:  # the kept patches and the entropy histograms are pruning's figures
-            _prune_figures(model, ev, ev_idx, methods, args, cfg, out)
+            _prune_figures(model, sp, methods, args, out)
         print(md)
         print(f"wrote {files['csv']}, {files['json']}, {out / 'prune_sweep.md'}, {out / 'prune_sweep.png'}")
 
@@ -60,16 +72,13 @@ RECIPE_FILE = "per_block_recipe.json"
 def add_per_block_args(p) -> None:
     """``sweep --prune --per-block``: a keep rate and a Rényi order per pruning block."""
     g = p.add_argument_group("per-block token pruning (sweep --prune --per-block)")
-    g.add_argument("--per-block", action="store_true", default=None,
-                   help="with --prune: choose a keep rate and a Rényi order per pruning block by a greedy search on "
-                        "the calibration images at the GMACs of --budget-keep-rate in every block (docs/design.md); "
-                        "--keep-rates is the grid each block moves down (1 added; default "
-                        f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods one method or the Rényi orders to try "
-                        f"(default: {PER_BLOCK_METHODS}); writes OUT/per_block.csv/json/md and "
-                        f"OUT/{RECIPE_FILE}, the chosen config as a recipe for --recipe and optimize --prune-recipe")
-    g.add_argument("--budget-keep-rate", type=float, default=None,
-                   help="--per-block's GMACs budget: those of this keep rate in every pruning block "
-                        f"(default: {BUDGET_KEEP_RATE})")
+    g.add_argument("--per-block", action="store_true", default=None, help="with --prune: choose a keep rate and a "
+                   "Rényi order per pruning block by a greedy search on the calibration images within the GMACs of "
+                   "--budget-keep-rate (docs/design.md); --keep-rates: each block's grid, 1 added (default "
+                   f"{','.join(map(str, SWEEP_KEEP_RATES))}), --methods: one method or Rényi orders (default: "
+                   f"{PER_BLOCK_METHODS}); writes OUT/per_block.* and OUT/{RECIPE_FILE}, a recipe of the choice")
+    g.add_argument("--budget-keep-rate", type=float, default=None, help="--per-block's GMACs budget: those of this "
+                   f"keep rate in every pruning block (default: {BUDGET_KEEP_RATE})")
 
 
 def check_per_block(args) -> None:
@@ -103,18 +112,15 @@ def cmd_per_block_sweep(args) -> None:
     """``sweep --prune --per-block``: the greedy per-block search, its rows and the chosen recipe."""
     from eamvit.experiments.per_block_sweep import markdown_table, per_block_sweep
     from eamvit.experiments.results import write_table
-    from eamvit.experiments.runner import EvalData
-    from eamvit.io import check_output_dir, ensure_writable_dir, write_text
     from eamvit.methods.prune import setting_text
     from eamvit.methods.recipe import Recipe
 
     sweep = per_block_config(args)
     check_output_dir(args.out)
     model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, cfg = build_data(args, model, need_calib=True)
+    sp = data_splits(args, model, need_calib=True)
     flush_warnings()  # before the search, not after its results
-    data = dict(batch_size=args.batch_size, workers=args.workers, device=device, data_config=cfg)
-    res = per_block_sweep(model, EvalData(cal, cal_idx, **data), sweep, EvalData(ev, ev_idx, **data),
+    res = per_block_sweep(model, eval_data(args, sp, device, calib=True), sweep, eval_data(args, sp, device),
                           progress=is_main())
     if is_main():
         out = ensure_writable_dir(args.out)
@@ -129,7 +135,7 @@ def cmd_per_block_sweep(args) -> None:
               f"eval/export/compress --recipe, or optimize --prune-recipe)")
 
 
-def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
+def _prune_figures(model, sp, methods, args, out: Path) -> None:
     """The seed's Fig. 4 (kept patches of the first image) and Fig. 5 (token entropy histograms)."""
     import torch
 
@@ -138,7 +144,8 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
     from eamvit.ops.scores import default_blocks
     from eamvit.plots.prune import plot_entropy_histograms, plot_kept_patches
 
-    idx = list(ev_idx) if ev_idx is not None else list(range(len(ev)))
+    ev, cfg = sp.eval_set, sp.data_config
+    idx = list(sp.eval_indices) if sp.eval_indices is not None else list(range(len(ev)))
     items = [it for it in (ev[i] for i in idx[:32]) if it is not None]
     if not items:
         return
@@ -155,7 +162,6 @@ def _prune_figures(model, ev, ev_idx, methods, args, cfg, out: Path) -> None:
 
 def _finetune_data(args, model):
     """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
-    from eamvit.cli.common import data_overrides, warn_class_mismatch
     from eamvit.methods.data import build_dataset, random_subset
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
@@ -183,14 +189,12 @@ def _finetune_data(args, model):
     return train, val, cfg
 
 
-_PRUNE_ONLY = ("keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys", "keep_warmup_epochs",
-               "keep_decay_epochs")
+_PRUNE_ONLY = (*PRUNE_OPTIONS[1:], "keep_warmup_epochs", "keep_decay_epochs")
 
 
 def _finetune_configs(args):
     """``(PruneConfig or MergeConfig or None, FinetuneConfig, FreezeConfig or None)`` of ``finetune``, checked
     before any work: freezing with ``--tau > 0``, pruning by :func:`~eamvit.methods.finetune.prune_method`."""
-    from eamvit.cli.options import freeze_config, merge_config, prune_config, refuse_merge_args
     from eamvit.methods.finetune import FinetuneConfig, prune_method
 
     freezes = (args.tau or 0) > 0
@@ -206,25 +210,21 @@ def _finetune_configs(args):
     fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                           warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-                          grad_clip=args.grad_clip, seed=args.seed,
-                          **given_values(keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
+                          grad_clip=args.grad_clip, seed=args.seed, **given_values(
+                              keep_warmup_epochs=args.keep_warmup_epochs, keep_decay_epochs=args.keep_decay_epochs))
     return pcfg, fcfg, zcfg
 
 
 def _finetune_maps(args, model, device, out: Path):
     """``--maps``, or maps calibrated now (saved to OUT/maps.safetensors), for freezing ``model``."""
-    from eamvit.cli.common import get_maps, load_maps
-
     maps = load_maps(args, model)
     if maps is None:
-        _, _, cal, cal_idx, cfg = build_data(args, model, need_calib=True, evaluate=False)
-        maps = get_maps(args, model, device, cal, cal_idx, cfg, out_dir=out)
+        maps = get_maps(args, model, device, data_splits(args, model, need_calib=True, evaluate=False), out_dir=out)
     return maps
 
 
-def _reload_hint(args, out: Path, pruned=None, frozen: bool = False, merged=None) -> str:
-    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``pruned``: its :class:`PruneConfig`,
-    ``merged``: its :class:`MergeConfig`)."""
+def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
+    """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``reducer``: its pruning or merging config)."""
     import shlex
 
     from eamvit.experiments.optimize_space import recipe_options
@@ -236,32 +236,28 @@ def _reload_hint(args, out: Path, pruned=None, frozen: bool = False, merged=None
     parts += ["--checkpoint", str(out / "finetuned.safetensors")]
     if frozen:
         parts += ["--frozen", str(out / "frozen.safetensors")]
-    if pruned is not None:
+    pruned = reducer is not None and reducer.KIND == "prune"
+    if pruned:
         from eamvit.methods.prune import setting_text
 
-        parts += ["--prune", pruned.method, "--keep-rate", str(setting_text(pruned.keep_rate))]
-    if merged is not None:  # every merging setting: the options that rebuild the config
-        parts += recipe_options(Recipe(steps=(merged,)))
-    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned is not None else "")
+        parts += ["--prune", reducer.method, "--keep-rate", str(setting_text(reducer.keep_rate))]
+    elif reducer is not None:  # every merging setting: the options that rebuild the config
+        parts += recipe_options(Recipe(steps=(reducer,)))
+    return " ".join(shlex.quote(p) for p in parts) + (" (and the same pruning options)" if pruned else "")
 
 
 def cmd_finetune(args) -> None:
-    from eamvit.io import check_output_dir, ensure_writable_dir
+    from eamvit.experiments.speed_sweep import check_family
     from eamvit.methods.finetune import FROZEN, WEIGHTS, finetune
     from eamvit.methods.recipe import Recipe, apply_
 
     pcfg, fcfg, zcfg = _finetune_configs(args)
     check_output_dir(args.out)
     model, device = load_model(args)
-    if args.maps:  # a wrong file fails before anything is written
-        from eamvit.cli.common import load_maps
-
-        load_maps(args, model)
-    from eamvit.experiments.speed_sweep import check_family
-
-    merged = pcfg if pcfg is not None and pcfg.KIND == "merge" else None
-    check_family(model, [zcfg.granularity] if zcfg is not None else [],
-                 [pcfg] if pcfg is not None and merged is None else [], [merged] if merged is not None else [])
+    load_maps(args, model)  # a wrong --maps fails before anything is written
+    reducers, merging = [pcfg] if pcfg is not None else [], pcfg is not None and pcfg.KIND == "merge"
+    check_family(model, [zcfg.granularity] if zcfg is not None else [], [] if merging else reducers,
+                 reducers if merging else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
     reports = apply_(model, Recipe(steps=tuple(s for s in (zcfg, pcfg) if s is not None)), None,
@@ -278,45 +274,39 @@ def cmd_finetune(args) -> None:
         print(f"frozen: {freeze['frozen_fraction']:.4f} of the attention entries ({zcfg.granularity}, "
               f"{zcfg.selection}); the frozen values are not trained")
     frozen = f", {out / FROZEN} (the frozen attention)" if zcfg is not None else ""
-    print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, checkpoint {res['checkpoint']}")
-    print(f"reload: {_reload_hint(args, out, pcfg if merged is None else None, zcfg is not None, merged)}")
+    print(f"wrote {out / WEIGHTS} (plain timm weights){frozen}, {out / 'finetune.json'}, "
+          f"checkpoint {res['checkpoint']}")
+    print(f"reload: {_reload_hint(args, out, pcfg, zcfg is not None)}")
 
 
 def register(sub) -> None:
     """Add this group's sub-commands to the ``eamvit`` parser."""
-    from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
-
     s = sub.add_parser("finetune", help="fine-tune a model with pruned or merged tokens and/or frozen attention "
                        "(EViT recipe), resumable")
     add_model_args(s)
     add_data_args(s, calib=False)
-    texts = {  # the shared texts speak of evaluation; here the data are the training set
-        "data": "training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)",
-        "num_samples": "train on a seeded random subset of this many training images (default: all)",
-        "seed": "seed of the subset, shuffling, augmentation, mixup, dropout and random freezing",
-        "batch_size": "images per training step",
-        "workers": "DataLoader worker processes (the trained weights do not depend on their number)"}
-    for action in s._actions:
-        action.help = texts.get(action.dest, action.help)
     add_entropy_args(s)
     add_freeze_args(s, saved=False)
-    for action in s._actions:  # fine-tuning freezes only with --tau > 0; --maps only then
-        action.help = {"maps": "entropy maps from `eamvit calibrate`, used with --tau > 0 (default: calibrate "
-                               "now on up to 512 unaugmented training images, saved to OUT/maps.safetensors)",
-                       "tau": "fraction of attention entries to freeze and fine-tune around, [0, 1]; 0 = no "
-                              "freezing (default 0)"}.get(action.dest, action.help)
     add_prune_args(s)
-    for action in s._actions:
-        if action.dest == "prune":
-            action.help = ("prune patch tokens with this score (default: shannon without --tau or --merge, no "
-                           "pruning with --tau > 0 or --merge; give --prune and --tau to prune and freeze)")
     add_merge_args(s)
+    set_help(s,  # the shared texts speak of evaluation; here the data are the training set
+             data="training data: an ImageFolder root (root/<class>/<image>) or 'digits' (its training split)",
+             num_samples="train on a seeded random subset of this many training images (default: all)",
+             seed="seed of the subset, shuffling, augmentation, mixup, dropout and random freezing",
+             batch_size="images per training step",
+             workers="DataLoader worker processes (the trained weights do not depend on their number)",
+             maps="entropy maps from `eamvit calibrate`, used with --tau > 0 (default: calibrate now on up to 512 "
+                  "unaugmented training images, saved to OUT/maps.safetensors)",
+             tau="fraction of attention entries to freeze and fine-tune around, [0, 1]; 0 = no freezing (default 0)",
+             prune="prune patch tokens with this score (default: shannon without --tau or --merge, else none; give "
+                   "--prune and --tau to prune and freeze)")
     f = s.add_argument_group("fine-tuning (defaults: EViT's recipe)")
-    f.add_argument("--val-data", default=None, help="ImageFolder evaluated after each epoch (default: none; with --data digits the test split)")
+    f.add_argument("--val-data", default=None,
+                   help="ImageFolder evaluated after each epoch (default: none; --data digits: the test split)")
     f.add_argument("--augment", choices=AUGMENTS, default="auto",
                    help="training augmentation: none (the evaluation preprocessing), shift (it, then random cyclic "
-                        "shifts of up to 1/8 of the side), imagenet (timm's random-resized crop, flip, colour jitter); "
-                        f"auto = imagenet for inputs of at least {IMAGENET_MIN_SIZE} px a side, shift below")
+                        "shifts up to 1/8 of the side), imagenet (timm's random-resized crop, flip, colour jitter); "
+                        f"auto: imagenet for inputs of at least {IMAGENET_MIN_SIZE} px a side, else shift")
     f.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     f.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate (absolute, not scaled by batch)")
     f.add_argument("--min-lr", type=float, default=2e-6, help="final learning rate of the per-step cosine schedule")
@@ -333,5 +323,6 @@ def register(sub) -> None:
     f.add_argument("--keep-decay-epochs", type=float, default=None,
                    help="epochs of cosine from 1 to --keep-rate (EViT: 100) (default: 0.0)")
     f.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
-    s.add_argument("--out", default="eamvit-finetune", help="output folder (checkpoint, weights, frozen attention, history)")
+    s.add_argument("--out", default="eamvit-finetune",
+                   help="output folder (checkpoint, weights, frozen attention, history)")
     s.set_defaults(func=cmd_finetune)

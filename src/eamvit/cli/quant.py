@@ -1,50 +1,41 @@
-"""The quantization side of the ``eamvit`` command: options and the commands, over the Python API.
-
-``eval --quant repq|adfq|pmq``, ``sweep --quant repq`` and ``quantize --method repq|adfq|pmq``,
-all through :func:`eamvit.quantize_`. Calibration images are a seeded random subset of the
-calibration set (digits: the training split; ImageFolder: ``--calib-data`` or the held-out
-calibration part of ``--data``), with the evaluation transforms, as the references do.
-``--quant-state FILE`` loads a state saved by ``quantize`` (any method) instead of calibrating.
-"""
+"""``quantize`` and ``compare``, and the quantization options of ``eval``, ``export``, ``compress`` and ``sweep``
+(see docs/architecture-cli.md)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.choices import (ADFQ_ALPHA_FC1, ADFQ_CALIB_SIZE, ADFQ_ITERATIONS, ATTN_QUANTIZERS, COMPARE_METHODS,
                             QUANT_METHODS)
 from eamvit.errors import EamError
-from eamvit.cli.common import build_data, data_splits, load_model
-from eamvit.cli.options import add_data_args, add_model_args, add_target_args, given_values, target_from_args
+from eamvit.io import check_output_file, ensure_writable_dir, output_lock
+from eamvit.cli.common import data_splits, flag, load_model
+from eamvit.cli.options import (add_data_args, add_model_args, add_target_args, given_values, refuse_given,
+                                target_from_args)
 
 if TYPE_CHECKING:  # building the parser (eamvit --help) must not import torch
     from torch import nn
     from torch.utils.data import Dataset
 
     from eamvit.config import Config
+    from eamvit.methods.data import Splits
     from eamvit.methods.repq import RepQConfig
 
 
 def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
-    """``--quant``, ``--w-bits``, ``--a-bits`` and the RepQ-ViT options.
-
-    Args:
-        p: the sub-command parser.
-        command: ``"eval"``, ``"sweep"`` or ``"quantize"``.
-    """
+    """``--quant`` (``quantize``: ``--method``), the bits and each method's options of ``command``: ``"eval"``
+    (also ``export`` and ``compress``), ``"sweep"`` or ``"quantize"``."""
     g = p.add_argument_group("quantization (RepQ-ViT, ADFQ-ViT or PMQ post-training quantization)")
     if command == "quantize":
         g.add_argument("--method", dest="quant", choices=QUANT_METHODS, default="repq",
                        help="quantization method (default repq: RepQ-ViT)")
     else:
-        g.add_argument("--quant", choices=QUANT_METHODS, default=None, help="quantize the model first (default: full precision)")
-        g.add_argument("--quant-state", default=None,
-                       help="the same as --state with a quantized state (any method) of `eamvit quantize`: "
-                            "loaded instead of calibrating (default: none)" if command == "eval" else
-                            "load a quantized state (any method) from `eamvit quantize` instead of calibrating "
-                            "(default: none)")
+        g.add_argument("--quant", choices=QUANT_METHODS, default=None,
+                       help="quantize the model first (default: full precision)")
+        g.add_argument("--quant-state", default=None, help=("the same as --state with a" if command == "eval" else
+                       "load a") + " quantized state of `eamvit quantize`, not calibrating anew (default: none)")
     g.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..8 (default 4)")
     g.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4)")
     g.add_argument("--quant-calib-size", type=int, default=None,
@@ -53,50 +44,24 @@ def add_quant_args(p: argparse.ArgumentParser, command: str = "eval") -> None:
                    help=f"RepQ-ViT post-softmax quantizer (default {ATTN_QUANTIZERS[0]}, as RepQ-ViT)")
     g.add_argument("--no-reparam", action="store_true", default=None,
                    help="keep post-LayerNorm inputs per channel (no scale reparameterization)")
-    add_method_args(g)  # ADFQ-ViT and PMQ options
-    if command == "sweep":
-        g.add_argument("--frozen-bits", type=int, default=None,
-                       help="bits of the quantized frozen values (default: --a-bits)")
-
-
-def add_method_args(g: Any) -> None:
-    """ADFQ-ViT and PMQ options of ``--quant adfq|pmq`` (``quantize --method`` and ``compare`` too).
-
-    Args:
-        g: the argparse group of the quantization options.
-    """
     g.add_argument("--adfq-iterations", type=int, default=None, help="ADFQ-ViT reconstruction iterations per module "
                    f"(the reference code's; the paper uses 3000) (default: {ADFQ_ITERATIONS})")
-    g.add_argument("--adfq-calib-size", type=int, default=None, help=f"ADFQ-ViT calibration images (default: {ADFQ_CALIB_SIZE})")
+    g.add_argument("--adfq-calib-size", type=int, default=None,
+                   help=f"ADFQ-ViT calibration images (default: {ADFQ_CALIB_SIZE})")
     for name, what in (("poq", "the outlier-aware quantizer"), ("slq", "the shift-log quantizer"),
                        ("amo", "module-wise reconstruction")):
         g.add_argument(f"--adfq-no-{name}", action="store_true", default=None, help=f"ADFQ-ViT without {what}")
-    g.add_argument("--adfq-alpha-fc1", type=float, default=None,
-                   help="ADFQ-ViT outlier threshold of fc1 inputs (the reference code's; the paper says 10) "
-                        f"(default: {ADFQ_ALPHA_FC1})")
+    g.add_argument("--adfq-alpha-fc1", type=float, default=None, help="ADFQ-ViT outlier threshold of fc1 inputs "
+                   f"(the reference code's; the paper says 10) (default: {ADFQ_ALPHA_FC1})")
     g.add_argument("--adfq-checkpoint-dir", default=None,
                    help="folder for resumable per-module ADFQ-ViT checkpoints (default: none, no resume)")
     g.add_argument("--pmq-config", default=None,
                    help='PMQ bits as W/A/P[(MP)], e.g. "8/8/4(MP)" (default: --w-bits/--a-bits/--a-bits(MP))')
     g.add_argument("--pmq-budget-mb", type=float, default=None,
                    help="PMQ size budget of the quantized weights in MB (default: all weights at W bits)")
-
-
-def add_compare_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``eamvit compare`` (model and data options are added by :func:`register`)."""
-    g = p.add_argument_group("comparison")
-    g.add_argument("--methods", default=",".join(COMPARE_METHODS),
-                   help=f"comma-separated subset of {','.join(COMPARE_METHODS)}")
-    g.add_argument("--settings", default="4/4,6/6", help="comma-separated W/A settings, one row per method each")
-    g.add_argument("--pmq-budgets", default="",
-                   help='extra PMQ rows, one per W/A/P[(MP)] configuration, e.g. "8/8/4(MP),6/6/6(MP)" '
-                        "(default: none)")
-    g.add_argument("--adfq-iterations", type=int, default=ADFQ_ITERATIONS,
-                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000)")
-    g.add_argument("--adfq-calib-size", type=int, default=ADFQ_CALIB_SIZE, help="ADFQ-ViT calibration images")
-    g.add_argument("--freeze-sparsity", type=float, default=None,
-                   help="EAM sparsity τ frozen on top of every quantized row (default: no freezing)")
-    g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
+    if command == "sweep":
+        g.add_argument("--frozen-bits", type=int, default=None,
+                       help="bits of the quantized frozen values (default: --a-bits)")
 
 
 def _bits(args: argparse.Namespace) -> dict[str, int]:
@@ -111,29 +76,24 @@ def quant_config(args: argparse.Namespace) -> RepQConfig:
     """The :class:`RepQConfig` the arguments ask for."""
     from eamvit.methods.repq import RepQConfig
 
-    return RepQConfig(**_bits(args), **given_values(calib_size=args.quant_calib_size, attn_quantizer=args.attn_quantizer),
-                      seed=getattr(args, "seed", 0), reparam=not args.no_reparam)
-
-
-def _adfq_pmq_config(args: argparse.Namespace) -> Config:
-    """The :class:`ADFQConfig` or :class:`PMQConfig` that ``--quant adfq|pmq`` and its options ask for."""
-    from eamvit.methods import adfq, pmq
-
-    if args.quant == "adfq":
-        return adfq.ADFQConfig(**_bits(args), **given_values(iterations=args.adfq_iterations,
-                                                             calib_size=args.adfq_calib_size,
-                                                             alpha_fc1=args.adfq_alpha_fc1),
-                               poq=not args.adfq_no_poq, slq=not args.adfq_no_slq, amo=not args.adfq_no_amo,
-                               seed=getattr(args, "seed", 0))
-    text = args.pmq_config or "{w_bits}/{a_bits}/{a_bits}(MP)".format(**_bits(args))
-    return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, seed=getattr(args, "seed", 0),
-                                     **given_values(calib_size=args.quant_calib_size))
+    return RepQConfig(**_bits(args), seed=getattr(args, "seed", 0), reparam=not args.no_reparam,
+                      **given_values(calib_size=args.quant_calib_size, attn_quantizer=args.attn_quantizer))
 
 
 def method_config(args: argparse.Namespace) -> Config:
     """The config of ``--quant`` / ``--method`` (RepQ-ViT, ADFQ-ViT or PMQ)."""
-    if getattr(args, "quant", None) in ("adfq", "pmq"):
-        return _adfq_pmq_config(args)
+    from eamvit.methods import adfq, pmq
+
+    seed = getattr(args, "seed", 0)
+    if getattr(args, "quant", None) == "adfq":
+        return adfq.ADFQConfig(**_bits(args), **given_values(iterations=args.adfq_iterations,
+                                                             calib_size=args.adfq_calib_size,
+                                                             alpha_fc1=args.adfq_alpha_fc1),
+                               poq=not args.adfq_no_poq, slq=not args.adfq_no_slq, amo=not args.adfq_no_amo, seed=seed)
+    if getattr(args, "quant", None) == "pmq":
+        text = args.pmq_config or "{w_bits}/{a_bits}/{a_bits}(MP)".format(**_bits(args))
+        return pmq.PMQConfig.from_string(text, size_budget_mb=args.pmq_budget_mb, seed=seed,
+                                         **given_values(calib_size=args.quant_calib_size))
     return quant_config(args)
 
 
@@ -156,34 +116,29 @@ _CALIBRATION = {"w_bits": QUANT_METHODS, "a_bits": QUANT_METHODS, "quant_calib_s
                 **{o: ("adfq",) for o in ("adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq",
                                           "adfq_no_amo", "adfq_alpha_fc1", "adfq_checkpoint_dir")},
                 "pmq_config": ("pmq",), "pmq_budget_mb": ("pmq",)}
+# Those a recipe (--recipe, --state) holds, --adfq-checkpoint-dir aside.
+QUANT_OPTIONS = ("quant", "quant_state", *(o for o in _CALIBRATION if o != "adfq_checkpoint_dir"))
 
 
-def refuse_inapplicable_quant(args: argparse.Namespace) -> None:
-    """Refuse quantization options the command line gives that the chosen quantization cannot use."""
-    from eamvit.cli.common import flag, refuse_given
-
+def validate_quant_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, quantization options that are bad or that cannot apply."""
+    if not hasattr(args, "w_bits"):
+        return
     if getattr(args, "quant_state", None):
         refuse_given(args, ["quant", *_CALIBRATION],
                      f"with {flag(args, 'quant_state')}, which holds a model quantized already ({args.quant_state})")
     elif not getattr(args, "quant", None):
         refuse_given(args, [*_CALIBRATION, "frozen_bits"], "without --quant (the model stays full precision)")
     else:
-        flag = "--method" if getattr(args, "command", None) == "quantize" else "--quant"
+        option = "--method" if getattr(args, "command", None) == "quantize" else "--quant"
         refuse_given(args, [o for o, methods in _CALIBRATION.items() if args.quant not in methods],
-                     f"to {flag} {args.quant}")
+                     f"to {option} {args.quant}")
         if args.quant == "pmq" and args.pmq_config:
             refuse_given(args, ["w_bits", "a_bits"], "with --pmq-config, which sets the PMQ bits")
-
-
-def validate_quant_args(args: argparse.Namespace) -> None:
-    """Fail early (before loading anything) on bad quantization options."""
-    if not hasattr(args, "w_bits"):
-        return
-    refuse_inapplicable_quant(args)
     if getattr(args, "quant", None) in ("adfq", "pmq"):
         if getattr(args, "command", None) == "sweep":
             raise EamError("sweep --quant supports repq; use `eamvit eval --quant adfq|pmq` or `eamvit compare`")
-        _adfq_pmq_config(args)
+        method_config(args)
     if getattr(args, "quant_state", None) and not Path(args.quant_state).is_file():
         raise EamError(f"--quant-state {args.quant_state} does not exist; make one with `eamvit quantize`")
     quant_config(args)
@@ -193,17 +148,17 @@ def validate_quant_args(args: argparse.Namespace) -> None:
         check_quant_bits(args.frozen_bits, "--frozen-bits")
 
 
-def _calib_set(cal: Optional[Dataset], cal_idx) -> Dataset:
+def calib_set(sp: Splits, who: str = "RepQ-ViT") -> Dataset:
+    """The calibration images of ``sp`` as one dataset (``who`` needs them: the refusal names it)."""
     from torch.utils.data import Subset
 
-    if cal is None:
-        raise EamError("RepQ-ViT needs calibration images; pass --calib-data or use a dataset with a training split")
-    return Subset(cal, list(cal_idx)) if cal_idx is not None else cal
+    if sp.calib_set is None:
+        raise EamError(f"{who} needs calibration images; pass --calib-data or use a dataset with a training split")
+    return Subset(sp.calib_set, list(sp.calib_indices)) if sp.calib_indices is not None else sp.calib_set
 
 
-def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
+def cmd_quantize(args: argparse.Namespace) -> None:
     """``eamvit quantize``: calibrate with ``--method`` and save the quantized state (packed codes)."""
-    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.quantize import save_quantized
     from eamvit.methods.recipe import Recipe, apply_
 
@@ -213,12 +168,32 @@ def cmd_quantize(args: argparse.Namespace, load_model, data_splits) -> None:
     with output_lock(out):  # a second run writing the same --out fails instead of overwriting this one's
         model, _ = load_model(args)
         sp = data_splits(args, model, need_calib=True, scores=False)
-        apply_(model, recipe, _calib_set(sp.calib_set, sp.calib_indices), progress=True,
-               checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
+        apply_(model, recipe, calib_set(sp), progress=True, checkpoint_dir=args.adfq_checkpoint_dir)
         save_quantized(model, out)
     name = {"repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}[cfg.KIND]
     print(f"wrote {out} ({out.stat().st_size:,} bytes): {name} W{cfg.w_bits}/A{cfg.a_bits} for target "
           f"{recipe.target.form}, calibrated on {cfg.calib_size} images (seed {cfg.seed}); load it with --state {out}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
+    from eamvit.experiments.compare import CompareConfig, compare, markdown_table
+    from eamvit.experiments.results import write_table
+    from eamvit.methods import adfq, pmq
+
+    split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
+    settings = tuple((d["w_bits"], d["a_bits"]) for d in map(pmq.parse_bits_config, split(args.settings)))
+    cfg = CompareConfig(methods=split(args.methods), settings=settings, pmq_budgets=split(args.pmq_budgets),
+                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations, calib_size=args.adfq_calib_size),
+                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size)
+    out = ensure_writable_dir(args.out)
+    model, device = load_model(args)
+    sp = data_splits(args, model, need_calib=True)
+    rows = compare(lambda: model, calib_set(sp, "compare"), sp.eval_set, cfg, device=device,
+                   test_indices=sp.eval_indices, data_config=sp.data_config)
+    write_table(out / "compare", rows)
+    print(f"{rows[0]['model']}:\n{markdown_table(rows)}")
+    print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")
 
 
 def register(sub) -> None:
@@ -230,47 +205,21 @@ def register(sub) -> None:
     add_quant_args(s, "quantize")
     add_target_args(s)
     s.add_argument("--out", required=True, help="quantized state to write (.safetensors)")
-    s.set_defaults(func=lambda a: cmd_quantize(a, load_model, data_splits))
+    s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, markdown)")
+    s = sub.add_parser("compare", help="FP vs RepQ-ViT vs ADFQ-ViT vs PMQ: top-1, size, calibration time (CSV, "
+                       "markdown)")
     add_model_args(s)
     add_data_args(s)
-    add_compare_args(s)
+    g = s.add_argument_group("comparison")
+    g.add_argument("--methods", default=",".join(COMPARE_METHODS), help="comma-separated methods, among the default's")
+    g.add_argument("--settings", default="4/4,6/6", help="comma-separated W/A settings, one row per method each")
+    g.add_argument("--pmq-budgets", default="", help='extra PMQ rows, one per W/A/P[(MP)] configuration, e.g. '
+                   '"8/8/4(MP),6/6/6(MP)" (default: none)')
+    g.add_argument("--adfq-iterations", type=int, default=ADFQ_ITERATIONS,
+                   help="ADFQ-ViT reconstruction iterations per module (the reference code's; the paper uses 3000)")
+    g.add_argument("--adfq-calib-size", type=int, default=ADFQ_CALIB_SIZE, help="ADFQ-ViT calibration images")
+    g.add_argument("--freeze-sparsity", type=float, default=None,
+                   help="EAM sparsity τ frozen on top of every quantized row (default: no freezing)")
+    g.add_argument("--out", default="eamvit-compare", help="output folder (compare.csv/json, compare.md)")
     s.set_defaults(func=_cmd_compare)
-
-
-def _settings(text: str) -> tuple[tuple[int, int], ...]:
-    from eamvit.methods import pmq
-
-    out = []
-    for part in filter(None, (s.strip() for s in text.split(","))):
-        d = pmq.parse_bits_config(part)
-        out.append((d["w_bits"], d["a_bits"]))
-    return tuple(out)
-
-
-def _cmd_compare(args: argparse.Namespace) -> None:
-    """``eamvit compare``: the table, CSV + JSON and markdown in ``--out``."""
-    from torch.utils.data import Subset
-
-    from eamvit.experiments.compare import CompareConfig, compare, markdown_table
-    from eamvit.experiments.results import write_table
-    from eamvit.io import ensure_writable_dir
-    from eamvit.methods import adfq
-
-    cfg = CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                        settings=_settings(args.settings),
-                        pmq_budgets=tuple(s.strip() for s in args.pmq_budgets.split(",") if s.strip()),
-                        adfq=adfq.ADFQConfig(iterations=args.adfq_iterations,
-                                             calib_size=args.adfq_calib_size),
-                        freeze_sparsity=args.freeze_sparsity, batch_size=args.batch_size)
-    out = ensure_writable_dir(args.out)
-    model, device = load_model(args)
-    ev, ev_idx, cal, cal_idx, data_cfg = build_data(args, model, need_calib=True)
-    if cal is None:
-        raise EamError("compare needs calibration images; pass --calib-data or use a dataset with a training split")
-    calib = Subset(cal, list(cal_idx)) if cal_idx is not None else cal
-    rows = compare(lambda: model, calib, ev, cfg, device=device, test_indices=ev_idx, data_config=data_cfg)
-    write_table(out / "compare", rows)
-    print(f"{rows[0]['model']}:\n{markdown_table(rows)}")
-    print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'}, {out / 'compare.md'}")

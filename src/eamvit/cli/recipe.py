@@ -1,11 +1,5 @@
-"""The recipe the command line asks for, built in one place for every command, and ``compress``.
-
-``eval``, ``export`` and ``compress`` all go through :func:`apply_args`: the quantization, freezing,
-pruning and merging options (or ``--recipe FILE``) become one :class:`~eamvit.methods.recipe.Recipe`, applied
-by :func:`eamvit.methods.recipe.apply_`; ``--state FILE`` (a file of ``compress``) rebuilds the
-whole stack instead, and ``--state`` of a quantized state or of frozen attention loads that part
-before the rest is applied (:func:`resolve_state`; ``--quant-state`` and ``--frozen`` are the same).
-"""
+"""The one recipe of the command line, built for ``eval``, ``export`` and ``compress`` alike, and ``compress``
+(see docs/architecture-cli.md)."""
 from __future__ import annotations
 
 import argparse
@@ -13,45 +7,37 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
-from eamvit.cli.common import FREEZE_OPTIONS, data_splits, get_maps, is_main, load_maps, load_model, refuse_given
-from eamvit.cli.options import (MERGE_OPTIONS, TARGET_OPTIONS, add_data_args, add_entropy_args, add_freeze_args,
-                                add_merge_args, add_model_args, add_prune_args, add_target_args, freeze_config,
-                                merge_config, prune_config, refuse_merge_args, target_from_args, target_label)
+from eamvit.io import check_output_file, output_lock
+from eamvit.cli.common import data_splits, flag, get_maps, is_main, load_maps, load_model
+from eamvit.cli.options import (FREEZE_OPTIONS, FREEZE_SETTINGS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS,
+                                add_data_args, add_entropy_args, add_freeze_args, add_merge_args, add_model_args,
+                                add_prune_args, add_target_args, freeze_config, merge_config, prune_config,
+                                refuse_given, refuse_merge_args, set_help, target_from_args, target_label)
+from eamvit.cli.quant import QUANT_OPTIONS, _row, add_quant_args, calib_set, method_config
 
 if TYPE_CHECKING:  # building the parser must not import torch
     from eamvit.methods.recipe import Recipe
 
-PRUNE_OPTIONS = ("prune", "keep_rate", "alpha", "prune_blocks", "fuse", "placement", "entropy_keys")
-_QUANT_OPTIONS = ("quant", "quant_state", "w_bits", "a_bits", "quant_calib_size", "attn_quantizer", "no_reparam",
-                  "adfq_iterations", "adfq_calib_size", "adfq_no_poq", "adfq_no_slq", "adfq_no_amo",
-                  "adfq_alpha_fc1", "pmq_config", "pmq_budget_mb")
-_FREEZE_SETTINGS = ("tau", "granularity", "aggregate", "scope", "selection", "value_bits", "value_quantizer")
+# The options of the recipe's steps, which --state and --recipe hold instead.
+_STEP_OPTIONS = (*QUANT_OPTIONS, "frozen", *PRUNE_OPTIONS, *MERGE_OPTIONS, *TARGET_OPTIONS)
 
 
 def add_stack_args(p: argparse.ArgumentParser) -> None:
     """Every option of a compressed model (``eval``, ``export``, ``compress``): the model, the data,
     entropy maps, freezing, pruning or merging, quantization, the deployment target and the recipe."""
-    from eamvit.cli.quant import add_quant_args
-
     for add in (add_model_args, add_data_args, add_entropy_args, add_freeze_args, add_prune_args, add_merge_args):
         add(p)
     add_quant_args(p, "eval")
     add_target_args(p)
-    add_recipe_args(p)
-
-
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """``--recipe`` and ``--state`` of ``eval``, ``export`` and ``compress``."""
     g = p.add_argument_group("recipe (quantize → freeze → prune or merge, in one file)")
-    g.add_argument("--recipe", default=None, help="apply the recipe of this file of `eamvit compress` (or a "
-                   "recipe .json) instead of the quantization, freezing, pruning and merging options, calibrating anew "
-                   "(default: none, the recipe of the options)")
-    g.add_argument("--state", default=None, help="the compressed model written by `eamvit compress` (the whole "
-                   "stack, calibrated already), or one part of it to build on: a quantized state of `eamvit "
-                   "quantize` or the frozen attention of `eamvit finetune --tau` (frozen.safetensors); the file "
-                   "says which (default: none, build it from the options)")
+    g.add_argument("--recipe", default=None, help="calibrate anew the recipe of this file of `eamvit compress` (or "
+                   "a recipe .json) instead of the options' steps (default: none, the options' recipe)")
+    g.add_argument("--state", default=None, help="a compressed model of `eamvit compress` (calibrated already), or "
+                   f"a part to build on: {_PART_FILES}; the file says which (default: none, build it from the options)")
 
 
+_PART_FILES = ("a quantized state of `eamvit quantize` or the frozen attention of `eamvit finetune --tau` "
+               "(frozen.safetensors)")
 _PARTS = {"quant": ("quant_state", "--quant-state"), "frozen": ("frozen", "--frozen")}
 
 
@@ -83,14 +69,11 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     if getattr(args, "command", None) not in ("eval", "export", "compress") or getattr(args, "onnx", None):
         return
     if getattr(args, "state", None):
-        refuse_given(args, ["recipe", *_QUANT_OPTIONS, "frozen", *FREEZE_OPTIONS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
-                            *TARGET_OPTIONS],
+        refuse_given(args, ["recipe", *_STEP_OPTIONS, *FREEZE_OPTIONS],
                      f"with --state, which holds the whole compressed model ({args.state})")
         return
     if getattr(args, "recipe", None):
-        refuse_given(args, [*_QUANT_OPTIONS, "frozen", *_FREEZE_SETTINGS, *PRUNE_OPTIONS, *MERGE_OPTIONS,
-                            *TARGET_OPTIONS],
-                     f"with --recipe, which holds the steps ({args.recipe})")
+        refuse_given(args, [*_STEP_OPTIONS, *FREEZE_SETTINGS], f"with --recipe, which holds the steps ({args.recipe})")
         return
     if not args.prune:
         refuse_given(args, PRUNE_OPTIONS[1:], "without --prune (no tokens are pruned)")
@@ -99,7 +82,7 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
     refuse_merge_args(args)
     freezes = (args.tau or 0) > 0 or getattr(args, "maps", None)
     if not freezes and not getattr(args, "frozen", None):
-        refuse_given(args, [d for d in _FREEZE_SETTINGS if d != "tau"] + ["bits", "max_memory"],
+        refuse_given(args, [d for d in FREEZE_OPTIONS if d not in ("tau", "maps")],
                      "without --tau or --maps (nothing is frozen)")
     if args.granularity in (None, "entry"):  # FreezeConfig's default granularity is entry
         refuse_given(args, ["aggregate"], "to --granularity entry (it ranks whole rows and heads)")
@@ -110,14 +93,10 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps.
-
-    ``--quant-state`` and ``--frozen`` are loaded, not applied: their steps are not in it.
-    """
-    from eamvit.cli.quant import method_config
-    from eamvit.methods.recipe import Recipe, read_recipe
-
+    """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps (not those of
+    ``--quant-state`` and ``--frozen``, which are loaded, not applied)."""
     from eamvit.methods.export import default_target
+    from eamvit.methods.recipe import Recipe, read_recipe
 
     if getattr(args, "state", None):
         return read_recipe(args.state)
@@ -137,9 +116,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.merge:
         steps.append(merge_config(args))
     if getattr(args, "quant_state", None):  # calibrated already, for the target it holds
-        flag = getattr(args, "flags", {}).get("quant_state", "--quant-state")
-        refuse_given(args, TARGET_OPTIONS, f"with {flag} {args.quant_state}, which was calibrated for its own "
-                     "deployment target")
+        refuse_given(args, TARGET_OPTIONS, f"with {flag(args, 'quant_state')} {args.quant_state}, which was "
+                     "calibrated for its own deployment target")
         target = None
     else:
         target = target_from_args(args, steps[0] if steps and steps[0].KIND in ("repq", "adfq", "pmq") else None)
@@ -154,25 +132,16 @@ def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
 
 
 def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
-    """Build the command line's model on ``model`` in place: ``--state``, or the loaded parts and the recipe.
-
-    Args:
-        sp: the command's :class:`~eamvit.methods.data.Splits` (calibration images and data config).
-        maps: loaded ``--maps``.
-
-    Returns:
-        ``(recipe, fields)``: the whole recipe ``model`` now carries (loaded parts included) and the
-        result-row fields that describe it.
-    """
-    from eamvit.cli.quant import _calib_set
+    """Build the command line's model on ``model`` in place (``--state``, or the loaded parts and the recipe
+    calibrated on ``sp``); returns the whole recipe it now carries (loaded parts included) and its row fields."""
     from eamvit.methods.recipe import build_, restore_
 
     recipe = recipe_from_args(args)
     if getattr(args, "state", None):
         restore_(model, args.state)
         return recipe, row_fields(model, recipe, {}, state=args.state)
-    calib = _calib_set(sp.calib_set, sp.calib_indices) if recipe.step("quant") is not None else None
-    provider = lambda m: get_maps(args, m, device, sp.calib_set, sp.calib_indices, sp.data_config, maps=maps)
+    calib = calib_set(sp) if recipe.step("quant") is not None else None
+    provider = lambda m: get_maps(args, m, device, sp, maps=maps)
     whole, reports = build_(model, recipe, calib, quant_state=getattr(args, "quant_state", None),
                             frozen=getattr(args, "frozen", None), maps=provider, device=device, progress=True,
                             checkpoint_dir=getattr(args, "adfq_checkpoint_dir", None))
@@ -185,15 +154,8 @@ def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[
 
 def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[str] = None,
                frozen: Optional[tuple] = None) -> dict[str, Any]:
-    """Result-row fields of ``model`` compressed by ``recipe``.
-
-    Args:
-        reports: :func:`~eamvit.methods.recipe.apply_`'s.
-        state: the ``--state`` file it was rebuilt from.
-        frozen: the row fields of ``--frozen``, when it gave the freezing.
-    """
-    from eamvit.cli.quant import _row
-
+    """Result-row fields of ``model`` compressed by ``recipe`` (``reports``: :func:`~eamvit.methods.recipe.apply_`'s;
+    ``state``: the ``--state`` file it was rebuilt from; ``frozen``: the fields of ``--frozen``, if it froze)."""
     freeze = recipe.step("freeze")
     extra: dict[str, Any] = {"tau": freeze.tau} if freeze is not None else {}  # blank where nothing is frozen
     if state:
@@ -206,27 +168,26 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         extra.update(frozen)
     elif freeze is not None:
         extra.update(_freeze_fields(model, freeze, reports.get("freeze")))
+    from eamvit.methods.cost import count_gflops, modelled
+
+    gmacs = lambda: round(count_gflops(model), 4) if modelled(model) else None  # noqa: E731
     prune = recipe.step("prune")
     if prune is not None:
-        from eamvit.methods.cost import count_gflops, modelled
         from eamvit.methods.prune import setting_text, token_counts
 
-        state_ = state_of(model).prune
-        grid = state_.grid
-        tokens = token_counts(grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_.blocks), prune.fuse_tokens)
-        rep = reports.get("prune")
-        tokens = rep.tokens_per_stage if rep is not None else tokens
+        grid, rep = state_of(model).prune.grid, reports.get("prune")
+        tokens = rep.tokens_per_stage if rep is not None else token_counts(
+            grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_of(model).prune.blocks), prune.fuse_tokens)
         extra.update(prune=prune.method, keep_rate=setting_text(prune.keep_rate), tokens="-".join(map(str, tokens)),
-                     gmacs=round(count_gflops(model), 4) if modelled(model) else None)
+                     gmacs=gmacs())
         if rep is not None:
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
         if prune.method == "renyi":
             extra["alpha"] = setting_text(prune.alpha)
     if recipe.step("merge") is not None:
         from eamvit.experiments.prune_sweep import merged_fields
-        from eamvit.methods.cost import count_gflops, modelled
 
-        extra.update(merged_fields(model), gmacs=round(count_gflops(model), 4) if modelled(model) else None)
+        extra.update(merged_fields(model), gmacs=gmacs())
         rep = reports.get("merge")
         if rep is not None:
             extra["unfrozen_layers"] = len(rep.unfrozen_layers)
@@ -249,7 +210,6 @@ def _freeze_fields(model, freeze, rep) -> dict[str, Any]:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     """``eamvit compress``: apply the recipe and write the whole compressed model to one file."""
-    from eamvit.io import check_output_file, output_lock
     from eamvit.methods.recipe import save_compressed
 
     out = check_output_file(args.out)
@@ -265,22 +225,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
         if is_main():
             save_compressed(model, out, whole)
             steps = " → ".join(s.KIND for s in whole.steps)
-            what = ", ".join(f"{k}={v}" for k, v in fields.items() if k in _SHOWN)
-            print(f"wrote {out} ({out.stat().st_size:,} bytes): {steps}, {what}; evaluate it with "
+            print(f"wrote {out} ({out.stat().st_size:,} bytes): {steps}, {summary(fields)}; evaluate it with "
                   f"`eamvit eval --state {out}`, export it with `eamvit export --state {out} --out model.onnx`")
 
 
-_SHOWN = ("quant", "w_bits", "a_bits", "tau", "granularity", "prune", "keep_rate", "merge", "merge_r", "tokens")
+def summary(fields: dict[str, Any]) -> str:
+    """The fields of :func:`row_fields` that a written file's line names."""
+    shown = ("quant", "w_bits", "a_bits", "tau", "granularity", "frozen", "prune", "keep_rate", "merge", "merge_r",
+             "tokens")
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if k in shown)
 
 
 def register(sub) -> None:
     """Add ``compress`` to the ``eamvit`` parser."""
     s = sub.add_parser("compress", help="quantize, freeze and prune or merge in one go and write the whole compressed "
                        "model to one file (.safetensors) for `eval --state` and `export --state`")
-    add_stack_args(s)
-    for action in s._actions:
-        if action.dest == "state":  # a compressed model has nothing left to compress
-            action.help = ("a part to build on: a quantized state of `eamvit quantize` or the frozen attention of "
-                           "`eamvit finetune --tau` (frozen.safetensors); the file says which (default: none)")
+    add_stack_args(s)  # a compressed model has nothing left to compress:
+    set_help(s, state=f"a part to build on: {_PART_FILES}; the file says which (default: none)")
     s.add_argument("--out", required=True, help="compressed model to write (.safetensors)")
     s.set_defaults(func=cmd_compress)
