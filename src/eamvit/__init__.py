@@ -23,6 +23,7 @@ _API = {
     "build_splits": "eamvit.methods.data",
     "compute_entropy_maps": "eamvit.methods.calibrate",
     "EntropyMaps": "eamvit.methods.calibrate",
+    "CalibOptions": "eamvit.methods.calibrate",
     "FreezeConfig": "eamvit.methods.freeze",
     "FreezeReport": "eamvit.methods.freeze",
     "freeze_": "eamvit.methods.freeze",

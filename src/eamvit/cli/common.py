@@ -252,16 +252,17 @@ def load_maps(args, model):
 
 
 def get_maps(args, model, device, cal, cal_idx, cfg, out_dir: Optional[Path] = None, maps=None):
-    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+    from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps, parse_bytes
 
     if maps is None:
         maps = load_maps(args, model)
     if maps is not None:
         return maps
     maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
-                                workers=args.workers, device=device,
-                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                meta={"transforms": jsonable(cfg), "seed": args.seed})
+                                options=CalibOptions(
+                                    workers=args.workers, device=device,
+                                    max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                                    meta={"transforms": jsonable(cfg), "seed": args.seed}))
     if out_dir is not None and is_main():
         maps.save(out_dir / "maps.safetensors")
     return maps

@@ -19,7 +19,7 @@ from eamvit.cli.recipe import add_stack_args
 
 def cmd_calibrate(args) -> None:
     from eamvit.io import check_output_file, output_lock
-    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+    from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps, parse_bytes
     from eamvit.ops.attention_stats import check_orders
 
     out = check_output_file(args.out)
@@ -32,13 +32,14 @@ def cmd_calibrate(args) -> None:
     sp = data_splits(args, model, need_calib=True, evaluate=False, calib_all=True)
     cal, cal_idx, cfg = sp.calib_set, sp.calib_indices, sp.data_config
     with output_lock(out):
+        options = CalibOptions(workers=args.workers, device=device,
+                               max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                               resume_path=str(out) + ".partial" if args.resume else None,
+                               meta={"transforms": jsonable(cfg), "seed": args.seed,
+                                     "data": str(args.calib_data or args.data)},
+                               distance=args.distance, renyi_orders=args.renyi_orders or ())
         maps = compute_entropy_maps(model, cal, indices=cal_idx, **given_values(bits=args.bits), batch_size=args.batch_size,
-                                    workers=args.workers, device=device,
-                                    max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                    resume_path=str(out) + ".partial" if args.resume else None,
-                                    meta={"transforms": jsonable(cfg), "seed": args.seed,
-                                          "data": str(args.calib_data or args.data)},
-                                    distance=args.distance, renyi_orders=args.renyi_orders or ())
+                                    options=options)
         if is_main():
             maps.save(out)
             print(f"wrote {out}: {maps.num_layers} layers, M={maps.meta['num_images']} images, b={maps.meta['bits']}"

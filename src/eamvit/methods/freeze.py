@@ -466,9 +466,10 @@ def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
 def _apply_step(model: nn.Module, config: FreezeConfig, inputs: StepInputs) -> FreezeReport:
     maps = inputs.maps(model) if callable(inputs.maps) else inputs.maps
     if maps is None:
-        from eamvit.methods.calibrate import compute_entropy_maps
+        from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 
-        maps = compute_entropy_maps(model, inputs.calib, device=inputs.device, progress=inputs.progress)
+        maps = compute_entropy_maps(model, inputs.calib, progress=inputs.progress,
+                                    options=CalibOptions(device=inputs.device))
     return freeze_(model, maps, config, value_deltas=_value_deltas(model, config.value_quantizer))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.methods.state import step_config
-from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
+from eamvit.methods.calibrate import CalibOptions, EntropyMaps, compute_entropy_maps
 from eamvit.ops.entropy import kl_from_counts
 from eamvit.errors import EamError
 
@@ -152,12 +152,12 @@ def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *
     Returns:
         :class:`KLMaps` (with both :class:`EntropyMaps`, usable for freezing).
     """
-    common = dict(indices=indices, bits=bits, batch_size=batch_size, workers=workers, device=device,
-                  max_memory=max_memory, keep_histograms=True, progress=progress)
-    fp = compute_entropy_maps(fp_model, dataset, meta={"quant": None}, **common)
     qcfg = step_config(q_model, "quant")
-    quant = compute_entropy_maps(q_model, dataset, meta={"quant": qcfg.to_dict() if qcfg is not None else None},
-                                 **common)
+    maps = lambda model, quant: compute_entropy_maps(
+        model, dataset, indices=indices, bits=bits, batch_size=batch_size, progress=progress,
+        options=CalibOptions(workers=workers, device=device, max_memory=max_memory, keep_histograms=True,
+                             meta={"quant": quant}))
+    fp, quant = maps(fp_model, None), maps(q_model, qcfg.to_dict() if qcfg is not None else None)
     kl = kl_maps(fp.histograms, quant.histograms, eps)
     meta = {"eps": eps, "bits": bits, "num_images": fp.meta.get("num_images"),
             "num_prefix_tokens": fp.meta.get("num_prefix_tokens", 1), "grid": fp.meta.get("grid"),
