@@ -1,44 +1,14 @@
 """Patch-token pruning inside a flat-token timm model: attention entropy (Shannon, Rényi), EViT and random.
 
-The scores and the token surgery are pure tensor math in :mod:`eamvit.ops.scores`; the pruning block
-blocks are in :mod:`eamvit.modules.prune_block` (one per family: ViT/DeiT/DeiT III/DINOv2/CLIP/NaFlexViT,
-EVA02, BEiT, CaiT, ConViT). This module is the public verb: :func:`prune_` swaps the chosen blocks for
-their family's pruning class, :func:`unprune_` swaps them back. Default blocks are EViT's (3, 6, 9) of
-12 scaled to the blocks that can prune (ConViT: its MHSA blocks only). CaiT prunes in its
-self-attention blocks, before the class token exists: entropy and random only, no fusion.
-Each stage keeps ``ceil(κ·(N−1))`` patch tokens (``N−1`` counts the fused token of an earlier stage
-as an ordinary token, as EViT does), the class/distillation/register tokens always; kept indices are
-traced back to the original patch grid (:func:`kept_indices`). κ and the Rényi order are one number for
-every pruning block or one per pruning block (:class:`PruneConfig`; chosen by
-:mod:`eamvit.experiments.per_block_sweep`).
-
-Defaults and options (deviations from a reference are options with a documented default):
-
-* ``placement="attn"`` (EViT's code and the default): prune after the attention residual, before
-  ``norm2``/MLP. ``"block"``: prune after the whole block (seed §3.3 step 3, "only the selected tokens
-  are propagated to the next layer").
-* ``keys="all"`` (default): the entropy of the softmax row as the block computes it, over all keys
-  including the class token (seed §3.3 step 1, "the softmax yields an attention distribution for each
-  patch"). ``"patches"``: the row restricted to patch keys and renormalised (a literal reading of
-  Def. 1, whose distribution is over patch tokens).
-* ``fuse``: default on for EViT (its code), off for entropy and random (the seed propagates only the
-  selected tokens). When on, the weights are the class-token attention, as in EViT.
-* Fine-tuning: the captured attention map is the live tensor, so, as in EViT, gradients flow
-  through the fusion weights ``a_j`` as well as through ``x_j``.
-
-Composition with EAM freezing: frozen maps are shaped for the full token count, so they only apply up
-to the first pruning block (its attention still sees every token). With κ < 1, :func:`prune_`
-therefore keeps frozen maps on layers ``≤`` the first pruning block and removes them from later
-layers (``frozen_after="drop"``, the default; listed in the returned :class:`PruneReport`), or
-refuses the combination with one clear line (``frozen_after="refuse"``). κ = 1 leaves everything as
-it was. Frozen maps on later layers met at a forward that prunes (freezing after pruning, or κ
-raised from 1 by :func:`set_keep_rate`) are refused with one clear line.
+The public verb: :func:`prune_` swaps the chosen blocks for their family's pruning class
+(:mod:`eamvit.modules.prune_block`; the scores and the token surgery are :mod:`eamvit.ops.scores`),
+:func:`unprune_` swaps them back.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union, get_args
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -49,7 +19,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import (check_blocks, check_token_model, drop_frozen_after, eligible_blocks,
-                                   has_class_token)
+                                   has_class_token, order_label)
 from eamvit.modules.adapters import TokenFamily
 from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
 from eamvit.modules.prune_block import PruneState
@@ -59,7 +29,6 @@ from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate
 
 from eamvit.choices import PLACEMENTS, EntropyKeys, Placement, PruneMethod  # defined torch-free for the CLI
 FrozenAfter = Literal["drop", "refuse"]
-FROZEN_AFTER = get_args(FrozenAfter)
 
 
 def _values(value: float | tuple[float, ...], name: str) -> tuple[float, ...]:
@@ -71,27 +40,21 @@ def _values(value: float | tuple[float, ...], name: str) -> tuple[float, ...]:
     return (value,)
 
 
-def _order_text(alpha: float) -> str:
-    return "∞" if math.isinf(alpha) else f"{alpha:g}"
-
-
 @dataclass(frozen=True)
 class PruneConfig(Config):
-    """How to prune (saved with fine-tuned models: :meth:`to_dict` / :meth:`from_dict`).
+    """How to prune (saved with fine-tuned models).
 
     Args:
         method: ``"shannon"``, ``"renyi"`` (order ``alpha``), ``"evit"`` or ``"random"``.
         keep_rate: κ in (0, 1]; each stage keeps ``ceil(κ·(N−1))`` patch tokens. One number for every
-            pruning block, or one per pruning block (a tuple, in the blocks' order; e.g. the choice of
-            :mod:`eamvit.experiments.per_block_sweep`).
-        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon); used by ``"renyi"`` only. One
-            number, or one per pruning block (``"renyi"`` only).
+            pruning block, or one per pruning block (a tuple, in the blocks' order).
+        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon) of ``"renyi"``: one number, or
+            one per pruning block.
         blocks: 0-based pruning blocks; ``None`` = EViT's (3, 6, 9) of 12 scaled to the depth.
         fuse: fuse the dropped tokens into one; ``None`` = on for EViT, off otherwise.
         placement: ``"attn"`` (after the attention residual, before the MLP; EViT) or ``"block"``
             (after the whole block).
-        keys: ``"all"`` or ``"patches"`` (which keys an entropy row is over; module docstring).
-        seed: seed of the ``"random"`` baseline.
+        keys: ``"all"`` or ``"patches"``: which keys an entropy row is over.
         record_scores: keep each stage's scores on the model after a forward (figures, histograms).
         frozen_after: ``"drop"`` frozen EAM maps after the first pruning block, or ``"refuse"``.
     """
@@ -123,16 +86,8 @@ class PruneConfig(Config):
             self.per_block(len(self.blocks), self.blocks)
 
     def per_block(self, stages: int, blocks: Sequence[int] = ()) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The keep rate and the entropy order of each of ``stages`` pruning blocks (order 1 for Shannon,
-        and for EViT and random, which read none).
-
-        Args:
-            stages: the number of pruning blocks.
-            blocks: their indices (for the message).
-
-        Raises:
-            EamError: a per-block tuple whose length is not ``stages``.
-        """
+        """The keep rate and the entropy order of each of ``stages`` pruning blocks (``blocks``, for the
+        message); order 1 for Shannon, and for EViT and random, which read none."""
         where = f" ({', '.join(map(str, blocks))})" if blocks else ""
         for name, value in (("keep_rate", self.keep_rate), ("alpha", self.alpha)):
             if isinstance(value, tuple) and len(value) != stages:
@@ -162,7 +117,7 @@ class PruneConfig(Config):
     @property
     def label(self) -> str:
         if self.method == "renyi":
-            return f"Rényi α={'/'.join(_order_text(a) for a in _values(self.alpha, 'alpha'))}"
+            return f"Rényi α={'/'.join(order_label(a) for a in _values(self.alpha, 'alpha'))}"
         return {"shannon": "Shannon", "evit": "EViT", "random": "random"}[self.method]
 
 
@@ -198,19 +153,8 @@ def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily
 
 
 def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
-    """Make ``model`` prune patch tokens, in place (no weights change; :func:`unprune_` undoes it).
-
-    Args:
-        model: a timm ViT/DeiT (DeiT III, DINOv2, CLIP, NaFlexViT), EVA02, BEiT, CaiT or ConViT
-            (``create_model`` instruments it; plain timm models are instrumented).
-        config: :class:`PruneConfig`.
-
-    Returns:
-        A :class:`PruneReport`.
-
-    Raises:
-        EamError: a bad configuration or an unsupported model (one line).
-    """
+    """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) prune patch tokens, in place; no weights
+    change and :func:`unprune_` undoes it."""
     blocks_seq, fam = _check_model(model, config)
     blocks = _resolve_blocks(config, blocks_seq, fam)
     rates, _ = config.per_block(len(blocks), blocks)
@@ -296,33 +240,17 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
     return masks
 
 
-# --------------------------------------------------------------------------------------------------
-# Cost
-# --------------------------------------------------------------------------------------------------
-
-
-
-# --------------------------------------------------------------------------------------------------
 # Entropy distributions (the seed's Fig. 5) and kept patches (Fig. 4): data for the figures
-# --------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[float] = (1.0, 2.0),
                     layers: Optional[Sequence[int]] = None, keys: str = "all") -> dict[float, list[torch.Tensor]]:
-    """Per-token attention entropies (averaged over heads) of every patch token at each layer.
+    """``{alpha: [per layer of ``layers`` (all by default), (B·n_l,)]}``: the per-token attention entropies
+    (averaged over heads) of every patch token, from one forward of ``images``.
 
-    Runs one forward with observers on the chosen attention layers (they chain with a pruned
-    model's own capture, so a pruned model shows the tokens each block really saw).
-
-    Args:
-        model: a timm ViT/DeiT (pruned or not).
-        images: a batch ``(B, C, H, W)``.
-        alphas: Rényi orders (1 = Shannon, ``math.inf`` = min-entropy).
-        layers: attention layers (0-based); all by default.
-        keys: ``"all"`` or ``"patches"`` (see :func:`attention_entropy`).
-
-    Returns:
-        ``{alpha: [layer tensors of shape (B·n_l,)]}`` in the order of ``layers``.
+    The observers chain with a pruned model's own capture, so a pruned model shows the tokens each block
+    really saw.
     """
     mods = attention_layers(model)
     layers = list(range(len(mods))) if layers is None else list(layers)
@@ -350,18 +278,8 @@ def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[flo
 
 @torch.no_grad()
 def kept_patch_masks(model: nn.Module, image: torch.Tensor, configs: Sequence[PruneConfig]) -> dict[str, list[torch.Tensor]]:
-    """For each config, the patches of one image still present after each pruning stage (Fig. 4's data).
-
-    The model is left unpruned.
-
-    Args:
-        model: a timm ViT/DeiT at its own image size.
-        image: one preprocessed image ``(C, H, W)``.
-        configs: pruning configurations to compare.
-
-    Returns:
-        ``{config.label: [per stage, (gh, gw) booleans on the CPU]}`` in the order of ``configs``.
-    """
+    """``{config.label: [per stage, (gh, gw) booleans on the CPU]}``: the patches of one image ``(C, H, W)``
+    still present after each pruning stage (Fig. 4's data); the model is left unpruned."""
     if image.dim() != 3:
         raise EamError(f"give one image (C, H, W), not a tensor of shape {tuple(image.shape)}")
     out: dict[str, list[torch.Tensor]] = {}
@@ -387,9 +305,8 @@ def setting_text(value: float | Sequence[float]) -> float | str:
     return "inf" if math.isinf(value) else value
 
 
-# --------------------------------------------------------------------------------------------------
 # Configs of a sweep
-# --------------------------------------------------------------------------------------------------
+
 
 def method_config(method: str, alpha: Optional[float], keep_rate: float, **options: Any) -> PruneConfig:
     """A :class:`PruneConfig` for one (method, α) of a sweep."""
@@ -418,8 +335,6 @@ def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
     if not out:
         raise EamError("no pruning methods given; e.g. shannon,renyi:2,evit,random")
     return out
-
-
 
 
 register_step(PruneConfig, StepHandler(stage="prune", order=30, apply=lambda model, config, inputs: prune_(model, config),
