@@ -1,9 +1,7 @@
 """The datasets eamvit reads: ImageNet-style folders of image files and scikit-learn's bundled digits.
 
-Unreadable image files in an ImageFolder tree are skipped and counted (``skipped`` in every results
-row), not fatal: one broken JPEG in 50 000 should not end an evaluation. ``--strict-images`` turns a
-bad file into an error instead. A folder none of whose files can be read is refused when it is
-opened (:meth:`ImageFolderDataset.require_readable`): there is nothing to skip to.
+An unreadable image file is skipped and counted (``skipped`` in every results row), not fatal: one broken
+JPEG in 50 000 should not end an evaluation (``--strict-images`` makes it an error).
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ class ImageFolderDataset(Dataset):
     """An ImageNet-style folder (``root/<class>/<image>``) read with torchvision's ImageFolder.
 
     Args:
-        root: the folder.
         transform: a transform from :func:`eamvit.models.data_config` (timm ``create_transform``).
         grayscale: read images as one channel (models with ``in_chans=1``).
         strict: raise on an unreadable image instead of skipping it.
@@ -65,10 +62,7 @@ class ImageFolderDataset(Dataset):
         return self.transform(img), target
 
     def require_readable(self) -> None:
-        """Refuse a folder none of whose files is an image (every item would be skipped).
-
-        Files are read in order until one can be; a good folder costs one image.
-        """
+        """Refuse a folder none of whose files is an image (nothing to skip to); a good folder costs one image."""
         first: Optional[tuple[str, Exception]] = None
         for path, _ in self.folder.samples:
             try:
@@ -94,11 +88,9 @@ class DigitsDataset(Dataset):
     A fixed stratified 80/20 split (seed 0): 1437 training and 360 test images.
 
     Args:
-        split: ``"train"`` or ``"test"``.
         img_size: side the 8x8 images are resized to.
         augment: random ±1-pixel shifts (training only).
-        mean: per-channel mean subtracted after scaling pixels to [0, 1] (one channel).
-        std: divisor after the mean.
+        mean: subtracted after scaling pixels to [0, 1]; ``std``: the divisor after it.
         interpolation: ``bilinear`` (how the bundled model was trained), ``bicubic`` or ``nearest``.
     """
 

@@ -1,17 +1,8 @@
-"""The one object a model carries for eamvit: ``model.eam_state``, a :class:`ModelState`.
-
-Everything eamvit knows about a model beyond its modules (what it is, which preprocessing it takes,
-which images calibrated it, the steps applied to it and their reports) lives in this one typed,
-versioned object, so that nothing else hangs off the model and save / load read and write one thing.
-The tensors the steps add (quantizer parameters, frozen masks and values) stay registered buffers of
-the modules they belong to, so ``state_dict`` keys are those of earlier versions.
-"""
+"""The one object a model carries for eamvit: ``model.eam_state``, a :class:`ModelState`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
-
-
 
 ATTR = "eam_state"
 
@@ -28,9 +19,8 @@ class ModelState:
             that calibrated it, so that evaluation never scores them.
         fp_sha256: digest of the full-precision weights a quantization was made from.
         steps: the config of each step applied, by stage (``"quant"``, ``"freeze"``, ``"prune"`` ...).
-        reports: the report of each step applied here, by stage.
-        prune: the pruning blocks' shared :class:`~eamvit.modules.prune_block.PruneState`.
-        merge: the merging blocks' shared :class:`~eamvit.modules.merge_block.MergeState`.
+        prune: the pruning blocks' shared :class:`~eamvit.modules.prune_block.PruneState` (``merge``: the
+            merging blocks' :class:`~eamvit.modules.merge_block.MergeState`).
         target: the deployment target the model was prepared for (an export config), ``None``: none.
     """
 
