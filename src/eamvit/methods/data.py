@@ -5,7 +5,6 @@ unreadable files) are :mod:`eamvit.methods.datasets`, re-exported here.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from eamvit.methods.models import file_sha256
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 # The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
@@ -21,15 +21,10 @@ from eamvit.methods.datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, Imag
 
 
 def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
-    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's, or None when they can.
+    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's (``name``: the folder), or None.
 
     ImageFolder numbers its class folders 0, 1, ... in sorted order, whatever their names: a folder
     of other classes (or fewer) is scored against the wrong outputs.
-
-    Args:
-        dataset: the dataset (only an :class:`ImageFolderDataset` is checked).
-        num_classes: outputs of the model.
-        name: the folder, for the message.
     """
     if not isinstance(dataset, ImageFolderDataset) or not num_classes:
         return None
@@ -189,28 +184,21 @@ def _relative_paths(ds: ImageFolderDataset) -> list[str]:
 
 def _file_digest(path: str) -> str:
     """First 16 hex digits of the file's SHA-256 ("" when it cannot be read: it calibrated nothing)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)[:16]
     except OSError:
         return ""
-    return h.hexdigest()[:16]
 
 
 def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """What an artifact records about the images that calibrated it, so that evaluation can skip them.
+    """What an artifact records about the images (``indices`` of ``dataset``, possibly a ``Subset``) that
+    calibrated it, so that evaluation can skip them.
 
     An ImageFolder's images are named by their paths relative to its root (sorted), each with a
     digest of its bytes: a later evaluation skips a file of the same relative path and content, so
     the folder may be moved or copied or gain files, while another folder whose files merely share
     names (class/0.png, ...) skips nothing. Digits are named by split and index. Anything else
     (tensors, other datasets) has ``data: None``.
-
-    Args:
-        dataset: the calibration dataset, possibly wrapped in ``Subset``.
-        indices: the items used (all by default).
     """
     if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):  # tensors, loaders, streams
         return {"data": None}
@@ -238,12 +226,8 @@ def _check_record(record: Any, name: str) -> None:
 
 
 def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
-    """``records`` read from ``name``'s metadata, refused unless a list of records of :func:`calibration_record`.
-
-    Args:
-        records: the metadata's ``calibration`` value.
-        name: the file, for the message.
-    """
+    """``records`` (the ``calibration`` value of file ``name``'s metadata), refused unless a list of records of
+    :func:`calibration_record`."""
     if not isinstance(records, list):
         raise _malformed(name)
     for r in records:
@@ -252,13 +236,7 @@ def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
 
 
 def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
-    """Indices of the items of ``dataset`` that a :func:`calibration_record` names.
-
-    Args:
-        dataset: an evaluation set (:class:`ImageFolderDataset` or :class:`DigitsDataset`).
-        record: a record read from an artifact (checked here).
-        name: the artifact, for messages.
-    """
+    """Indices of the items of ``dataset`` that a :func:`calibration_record` read from artifact ``name`` names."""
     _check_record(record, name)
     files = record.get("files", {})
     if isinstance(dataset, DigitsDataset):
@@ -280,16 +258,12 @@ def _describe(record: dict) -> str:
 
 def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str, Optional[list]]]
                      ) -> tuple[set[int], list[str], list[str]]:
-    """The items of ``dataset`` that calibrated the artifacts a command evaluates.
+    """``(indices to skip, one line per artifact that records images, names of artifacts that record none)``:
+    the items of ``dataset`` (named ``data``) that calibrated the artifacts a command evaluates.
 
     Args:
-        dataset: the evaluation set.
-        data: its name (``--data``), for messages.
         artifacts: ``(name, records)`` per artifact; records ``None``: the artifact records none
             (written before eamvit recorded them).
-
-    Returns:
-        ``(indices to skip, one line per artifact that records images, names of artifacts that record none)``.
     """
     skip: set[int] = set()
     lines, unrecorded = [], []
@@ -314,11 +288,9 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
 class Splits:
     """Evaluation and calibration sets of one command (see :func:`build_splits`).
 
-    ``eval_indices``/``calib_indices`` of ``None`` mean every item; ``data_config`` is the
-    preprocessing really applied; ``calib_note`` says what calibration used and by which rule;
-    ``calib_excluded`` counts the images of ``data`` left out because they calibrated what is
-    evaluated, ``skip_notes`` says why (one line per artifact), ``unrecorded`` names artifacts that
-    record no calibration images.
+    Indices of ``None`` mean every item; ``calib_note`` says what calibration used and by which rule;
+    ``calib_excluded`` counts the images of ``data`` left out because they calibrated what is evaluated,
+    ``skip_notes`` says why, ``unrecorded`` names artifacts that record no calibration images.
     """
 
     eval_set: Optional[Dataset]
@@ -350,11 +322,7 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
         overrides: the preprocessing overrides the user gave (digits apply mean/std/interpolation only).
         calib_data: a separate calibration ImageFolder (or ``"digits"``: its training split).
         num_samples: evaluate a seeded random subset of this size.
-        calib_size: calibration images (default: min(512, available), or all with ``calib_all``).
-        seed: seed of both subsets.
         evaluate: the command evaluates on ``data`` (else ``data`` is calibration only).
-        calibrate: the command needs calibration images.
-        strict_images: fail on unreadable images.
         calib_all: calibrate on every available image by default (``calibrate``: the user chose them).
         calib_need: images the calibration method reads (ADFQ-ViT: 1024); the default number is then
             min(max(512, calib_need), available).
@@ -423,16 +391,9 @@ def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, 
 
 
 def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eamvit read") -> None:
-    """Add ``records`` (:func:`calibration_record`) to the model's state (``calibration``), once each.
-
-    A model carries the records of everything that calibrated it (quantization, the maps it was
-    frozen with), so that what is saved or exported from it names all of those images.
-
-    Args:
-        model: the model.
-        records: the records (checked: they may come from a file's metadata).
-        name: where they were read, for messages.
-    """
+    """Add ``records`` (:func:`calibration_record`, checked: read from file ``name``) to the model's state, once
+    each: what is saved or exported from a model names every image that calibrated it (quantization, the maps
+    it was frozen with)."""
     have = list(state_of(model).calibration or [])
     for r in check_records(list(records) if isinstance(records, tuple) else records, name):
         if r not in have:

@@ -1,16 +1,5 @@
-"""KL divergence maps between a full-precision and a quantized model (EAM §4.3, eq. 14, Fig. 4).
-
-For every attention entry, ``D_KL(p_fp32 ‖ p_q)`` between the histograms of that entry over the same
-images in the two models. Smoothing: both histograms get ``eps`` (default 1e-6) added to every bin
-and are renormalised before the divergence (:func:`eamvit.entropy.kl_from_counts`), so a bin the
-quantized model never fills costs a large but finite amount instead of infinity; with M images the
-added mass is ``2^b·eps/M`` per entry, negligible next to the ``1/M`` of one image. Divergences are in
-bits (log base 2, like the entropies).
-
-The histograms are taken where the instrumentation observes attention: the softmax output, after
-the quantized ``q``/``k`` and everything upstream, before the post-softmax (log√2) quantizer. The
-divergence therefore measures the noise quantization adds upstream of ``A``, not the rounding of
-``A`` itself (which would make every quantized histogram a few spikes).
+"""KL divergence maps between a full-precision and a quantized model (EAM §4.3, eq. 14, Fig. 4): for every
+attention entry, ``D_KL(p_fp32 ‖ p_q)`` in bits between its histograms over the same images in the two models.
 """
 from __future__ import annotations
 
@@ -30,13 +19,9 @@ from eamvit.errors import EamError
 
 
 def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
-    """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)``.
-
-    Args:
-        p_hists: histograms of the reference (full-precision) model.
-        q_hists: histograms of the quantized model, same images, same bits.
-        eps: count added to every bin of both before normalising (see the module docstring).
-    """
+    """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)`` of the reference and the
+    quantized model over the same images; ``eps`` is added to every bin of both before normalising, so a bin
+    the quantized model never fills costs a large but finite amount."""
     if len(p_hists) != len(q_hists):
         raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; "
                        "compare the same model")
@@ -53,14 +38,8 @@ def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], ep
 
 @dataclass
 class KLMaps:
-    """Per-layer KL maps with the entropy maps they came from.
-
-    Args:
-        kl: per layer, the layer's attention shape (``(H, N, N)`` or ``(nW, H, N, N)``), bits.
-        fp: entropy maps of the full-precision model.
-        quant: entropy maps of the quantized model.
-        meta: ``eps``, ``bits``, ``num_images``, ``num_prefix_tokens``, ``grid``.
-    """
+    """Per-layer KL maps (bits, the layer's attention shape) with the entropy maps of the full-precision
+    (``fp``) and the quantized model (``quant``) they came from."""
 
     kl: list[torch.Tensor]
     fp: Optional[EntropyMaps] = None
@@ -134,24 +113,9 @@ def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *
                     indices: Optional[Sequence[int]] = None, bits: int = 8, eps: float = 1e-6,
                     batch_size: int = 32, workers: int = 0, device: torch.device | str | None = None,
                     max_memory: Optional[int] = None, progress: bool = True) -> KLMaps:
-    """Entropy maps of both models over the same images, and the KL map between them.
-
-    Args:
-        fp_model: the full-precision model.
-        q_model: its quantized copy (:func:`eamvit.quantize_`).
-        dataset: items ``(image, target)``.
-        indices: the images (all by default), the same for both models.
-        bits: histogram bits (``2^b`` bins on [0, 1]).
-        eps: smoothing count per bin (see the module docstring).
-        batch_size: images per forward.
-        workers: DataLoader workers.
-        device: where to run.
-        max_memory: histogram budget per model, bytes (multi-pass above it).
-        progress: progress bars.
-
-    Returns:
-        :class:`KLMaps` (with both :class:`EntropyMaps`, usable for freezing).
-    """
+    """Entropy maps of ``fp_model`` and its quantized copy ``q_model`` over the same images, and the KL map
+    between them (the settings are :func:`~eamvit.methods.calibrate.compute_entropy_maps`'s; ``eps``:
+    :func:`kl_maps`'s smoothing count per bin)."""
     qcfg = step_config(q_model, "quant")
     maps = lambda model, quant: compute_entropy_maps(
         model, dataset, indices=indices, bits=bits, batch_size=batch_size, progress=progress,

@@ -1,11 +1,4 @@
-"""Entropy maps: what calibration returns (:class:`EntropyMaps`) and its file.
-
-The file holds ``entropy.L`` and ``mean.L`` for every layer ``L``, ``masked.L`` where Swin masks
-shifted-window entries, and, when calibration was asked for them, the attention statistics of the
-layers that run over the patch grid: ``distance.L`` and ``head_entropy.L`` (``(H,)``) and ``renyi.L``
-(``(orders, bins)`` counts). Files without the statistics (every file before they existed) load with
-``distance``, ``head_entropy`` and ``renyi`` set to ``None``.
-"""
+"""Entropy maps: what calibration returns (:class:`EntropyMaps`) and its file."""
 from __future__ import annotations
 
 import math
@@ -33,9 +26,9 @@ class EntropyMaps:
     Every tensor has the layer's attention shape: ``(H, N, N)`` for ViT/DeiT, ``(nW, H, N, N)`` for
     Swin. ``histograms`` (``(2^b, *shape)`` counts) are kept only when asked for (KL maps).
 
-    The attention statistics (``compute_entropy_maps(distance=True, renyi_orders=...)``; ``None``
-    when not computed, and per layer ``None`` where a layer does not run over the patch grid):
-    ``distance`` ``(H,)`` mean attention distance in patches, ``head_entropy`` ``(H,)`` mean attention
+    The attention statistics (:class:`~eamvit.methods.calibrate.CalibOptions` ``distance``,
+    ``renyi_orders``; ``None`` when not computed, and per layer where a layer does not run over the patch
+    grid): ``distance`` ``(H,)`` mean attention distance in patches, ``head_entropy`` ``(H,)`` mean attention
     entropy of the patch queries' rows in nats, ``renyi`` ``(len(orders), bins)`` counts of per-token
     Rényi entropies on ``[0, log N]`` (orders and bins in ``meta["attention_stats"]``).
     """
@@ -102,10 +95,8 @@ class EntropyMaps:
 
 
 def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
-    """The layer shapes of a maps file whose metadata and tensors agree, else one EamError.
-
-    NaN is allowed only for a whole layer left out on purpose (``compute_entropy_maps(layers=...)``).
-    """
+    """The layer shapes of a maps file whose metadata and tensors agree, else one EamError; NaN only for a
+    whole layer left out on purpose (``CalibOptions.layers``)."""
     bad = lambda why: EamError(f"entropy maps {path} are damaged ({why}); recompute them with `eamvit calibrate`")
     shapes = meta.get("layer_shapes")
     if not isinstance(shapes, list) or not shapes or not all(

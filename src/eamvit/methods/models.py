@@ -35,14 +35,8 @@ BUNDLED_CONFIG = _ASSETS / "digits_vit.json"
 
 @dataclass
 class ModelSpec:
-    """What identifies a model's weights; stored in every map and quantized-state file.
-
-    Args:
-        name: timm model name.
-        model_kwargs: keyword overrides passed to ``timm.create_model``.
-        checkpoint_sha256: SHA-256 of the checkpoint file, if weights came from one.
-        pretrained: weights from the timm / Hugging Face cache.
-    """
+    """What identifies a model's weights (timm name and kwargs, checkpoint digest, or timm's pretrained
+    weights); stored in every map and quantized-state file."""
 
     name: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -159,16 +153,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None,
                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``model``'s weights as safetensors with its data config, which loading then follows.
+    """Write ``model``'s weights as safetensors (atomically) with its data config, which loading then follows.
 
     Args:
-        model: the model (its ``state_dict`` is written).
-        path: the ``.safetensors`` file (written atomically).
         data_cfg: the preprocessing the model was trained with (default: :func:`data_config` of the model).
         extra: more JSON metadata to store (e.g. the test accuracy measured after training).
-
-    Returns:
-        ``path``.
     """
     from eamvit.io import save_tensors
 
@@ -244,23 +233,19 @@ def create_model(
     model_kwargs: Optional[dict[str, Any]] = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Create a timm model, load its weights and instrument its attention.
+    """Create a timm model in eval mode, load its weights and instrument its attention.
 
     The model's preprocessing (:func:`data_config`) comes from the checkpoint when it carries one
     (files written by :func:`save_checkpoint`, and the bundled digits ViT), else from timm's
     pretrained config for ``name``.
 
     Args:
-        name: timm model name, e.g. ``deit_tiny_patch16_224``, or :data:`BUNDLED_MODEL`
-            (``"eamvit-digits-vit"``, the default): the bundled digits ViT with its weights.
+        name: timm model name, e.g. ``deit_tiny_patch16_224``, or :data:`BUNDLED_MODEL` (the default):
+            the bundled digits ViT with its weights.
         pretrained: load weights from the local timm / Hugging Face cache (never downloads).
         checkpoint: a state-dict file (``.pth``, ``.pt`` or ``.safetensors``).
         model_kwargs: overrides for ``timm.create_model`` (``img_size``, ``num_classes``, ...); keys
             that make timm load weights itself (``checkpoint_path``, ``pretrained_cfg``...) are refused.
-        device: device to put the model on.
-
-    Returns:
-        The model in eval mode, its :class:`ModelSpec` in its state (``state_of(model).spec``).
     """
     ckpt_cfg = None
     if name == BUNDLED_MODEL:
@@ -339,11 +324,9 @@ def check_attention_shapes(model: nn.Module, shapes: list, what: str, remedy: st
     model that takes other sizes has as many tokens as its input gives).
 
     Args:
-        model: an instrumented model.
         shapes: per attention layer, the stored shape, ``(H, N, N)`` or ``(nW, H, N, N)``; None: a
             layer with nothing stored.
-        what: the file, for messages (e.g. ``"maps m.safetensors"``).
-        remedy: how to make a fitting one.
+        what: the file, for messages (e.g. ``"maps m.safetensors"``); ``remedy``: how to make a fitting one.
     """
     layers = attention_layers(model)
     pe = getattr(model, "patch_embed", None)
@@ -395,14 +378,8 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _checked(model: nn.Module, cfg: dict[str, Any], source: str, origin: Optional[str] = None) -> dict[str, Any]:
-    """``cfg`` with tuples, mean/std of the model's channel count, every value validated.
-
-    Args:
-        model: the model that reads the images.
-        cfg: the data config.
-        source: where it came from (``overrides``, ``checkpoint``, ...).
-        origin: what it was read from, for messages (default: named after ``source``).
-    """
+    """``cfg`` (from ``source``: ``overrides``, ``checkpoint``, ..., read from ``origin``, for messages) with
+    tuples, mean/std of the model's channel count, every value validated."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     what = origin or ("the options" if source == "overrides" else f"the {source}'s data config")
     crop = cfg.get("crop_pct")
@@ -444,15 +421,13 @@ def _check_input_size(model: nn.Module, size: Any, what: str) -> int:
 
 def _input_size(model: nn.Module, cfg: dict[str, Any], img_size: int) -> tuple[int, int, int]:
     """The input size for ``--img-size``: the model's own unless it accepts other sizes."""
-    pe = getattr(model, "patch_embed", None)
-    patch = getattr(pe, "patch_size", (1, 1))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))
     own = tuple(cfg["input_size"][1:])
     if not isinstance(img_size, int) or img_size < 1:
         raise EamError(f"--img-size must be a positive number of pixels, got {img_size}")
     if img_size % int(patch[0]):
         raise EamError(f"--img-size {img_size} is not a multiple of the model's patch size {int(patch[0])}")
-    dynamic = bool(getattr(model, "dynamic_img_size", False)) or not getattr(pe, "strict_img_size", True)
-    if (img_size, img_size) != own and not dynamic:
+    if (img_size, img_size) != own and not _model_input(model)[2]:
         raise EamError(f"--img-size {img_size}: this model takes {own[0]}x{own[1]} images only; create it for "
                        f"another size with --model-kwargs img_size={img_size}")
     return (int(cfg["input_size"][0]), img_size, img_size)
@@ -462,17 +437,13 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None,
                 origin: Optional[str] = None) -> dict[str, Any]:
     """The model's own preprocessing, with overrides (like timm's ``resolve_data_config``).
 
-    The base is, in this order: the config the model's checkpoint carried (files written by
-    :func:`save_checkpoint`, the bundled digits ViT), else timm's pretrained config for the model
-    name, with the input size the built model takes (its family's adapter reads it:
-    :func:`eamvit.modules.attention.input_size`) and its ``in_chans``, when they were overridden at
-    creation. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or
-    ``overrides`` when any override was applied).
+    The base is the config the model's checkpoint carried (:func:`save_checkpoint`, the bundled digits ViT),
+    else timm's pretrained config for the model name with the input size and ``in_chans`` the built model
+    takes. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or ``overrides`` when any was applied).
 
     Args:
-        model: a timm model.
-        overrides: any of ``img_size``, ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
-            ``interpolation`` (``None`` values are ignored); every value is validated.
+        overrides: any of ``img_size`` and :data:`PREPROCESSING_KEYS` (``None`` values are ignored); every
+            value is validated.
         origin: what the overrides were read from, for messages (default: the command's options).
     """
     own = state_of(model).data_config
