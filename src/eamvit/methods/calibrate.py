@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import calibration_record, make_loader, shard
+from eamvit.methods.data import calibration_record, make_loader, readable_items, shard
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
 from eamvit.methods.maps import FORMAT, EntropyMaps
 from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
@@ -85,14 +85,6 @@ def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, la
         passes[-1].append(l)
         used += need[l]
     return passes
-
-
-def _first_sample(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
-    for i in indices:
-        item = dataset[i]
-        if item is not None:
-            return item[0].unsqueeze(0)
-    raise EamError("no readable image in the calibration set")
 
 
 def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) -> str:
@@ -271,8 +263,11 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     layers = list(range(len(all_layers))) if options.layers is None else sorted(set(options.layers))
     if any(l < 0 or l >= len(all_layers) for l in layers):
         raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
-    shapes = (loop_layer_shapes(model, forward_loop) if loop
-              else layer_shapes(model, _first_sample(dataset, indices).to(device)))
+    first = [] if loop else readable_items(dataset, indices, 1)
+    if not loop and not first:
+        raise EamError("no readable image in the calibration set")
+    sample = None if loop else first[0][0].unsqueeze(0).to(device)
+    shapes = loop_layer_shapes(model, forward_loop) if loop else layer_shapes(model, sample)
     # A loop's image count is known only at the end: plan the memory for the widest counts it may need.
     max_count = torch.iinfo(torch.int32).max if loop else len(indices)
     passes = plan_passes(shapes, bits, max_count, layers, options.max_memory)

@@ -209,11 +209,8 @@ def _bundled(name: str, checkpoint, model_kwargs) -> tuple[str, dict[str, Any], 
 
 def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        if pretrained:
-            with _hub_offline():
-                return timm.create_model(name, pretrained=True, **kwargs)
-        else:
-            return timm.create_model(name, pretrained=False, **kwargs)
+        with _hub_offline() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except EamError:
         raise
     except TypeError as e:

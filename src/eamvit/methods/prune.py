@@ -310,10 +310,7 @@ def setting_text(value: float | Sequence[float]) -> float | str:
 
 def method_config(method: str, alpha: Optional[float], keep_rate: float, **options: Any) -> PruneConfig:
     """A :class:`PruneConfig` for one (method, α) of a sweep."""
-    kw = dict(options)
-    if alpha is not None:
-        kw["alpha"] = alpha
-    return PruneConfig(method=method, keep_rate=keep_rate, **kw)
+    return PruneConfig(method=method, keep_rate=keep_rate, **options, **({"alpha": alpha} if alpha is not None else {}))
 
 
 def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
