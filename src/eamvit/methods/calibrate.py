@@ -290,7 +290,6 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
                 key=_partial_key(meta, indices, passes), stats_layers=stats_layers)
 
 
-
 def _plan_stats(name: str, shapes: list[tuple[int, ...]], layers: list[int], meta: dict, distance: bool,
                 orders: tuple[float, ...]) -> dict[int, int]:
     """The layers whose attention statistics are measured (layer -> its prefix tokens); records what is

@@ -5,6 +5,7 @@ unreadable files) are :mod:`eamvit.methods.datasets`, re-exported here.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from eamvit.methods.models import file_sha256
+from eamvit.methods.models import PREPROCESSING_KEYS, data_config, file_sha256
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 # The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
@@ -44,13 +45,12 @@ def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[st
 
 def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
     """Indices of a seeded random subset of ``size`` images (all, in order, when ``size`` is None)."""
-    n = len(dataset)
     skip = set(exclude)
+    pool = [i for i in range(len(dataset)) if i not in skip]
     if size is None:
-        return [i for i in range(n) if i not in skip]
+        return pool
     if size < 1:
         raise EamError(f"subset size must be at least 1, got {size}")
-    pool = [i for i in range(n) if i not in skip]
     if size > len(pool):
         raise EamError(f"asked for {size} images but only {len(pool)} are available; lower --calib-size/--num-samples")
     g = torch.Generator().manual_seed(seed)
@@ -90,14 +90,8 @@ def make_loader(dataset: Dataset, indices: Optional[Sequence[int]] = None, batch
 def readable_items(dataset: Dataset, indices: Optional[Sequence[int]], n: int) -> list[tuple[torch.Tensor, int]]:
     """The first ``n`` readable items of ``dataset`` among ``indices`` (all by default), in order;
     unreadable files are passed over as a loader skips them. May be fewer than ``n``, or none."""
-    items = []
-    for i in range(len(dataset)) if indices is None else indices:
-        item = dataset[i]
-        if item is not None:
-            items.append(item)
-            if len(items) == n:
-                break
-    return items
+    items = map(dataset.__getitem__, range(len(dataset)) if indices is None else indices)
+    return list(itertools.islice((item for item in items if item is not None), n))
 
 
 def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +122,7 @@ def eval_transform(cfg: dict[str, Any]) -> Callable:
     """timm's evaluation transform of data config ``cfg`` (resize, crop, normalize) for image files."""
     from timm.data import create_transform
 
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: v for k, v in cfg.items() if k in keys}, is_training=False)
+    return create_transform(**{k: v for k, v in cfg.items() if k in PREPROCESSING_KEYS}, is_training=False)
 
 
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
@@ -138,11 +131,8 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
     """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.
 
     Args:
-        spec: ``"digits"`` or an ImageFolder root.
         model_cfg: a data config (:func:`eamvit.data_config`); digits use its side, mean, std and
             interpolation when given (8x8 digits are never cropped).
-        split: digits split, ``"train"`` or ``"test"``.
-        strict_images: fail on an unreadable image instead of skipping it.
         img_size: digits side when no ``model_cfg`` is given.
         transform: an ImageFolder's transform instead of ``model_cfg``'s evaluation one (training
             augmentation); ``model_cfg`` still says whether images are read as grayscale.
@@ -407,8 +397,6 @@ def choose_data_config(model: Any, data: str, overrides: dict[str, Any],
     artifact it reads (``(kind, origin, config)``: ``kind`` becomes ``cfg["source"]``, ``origin`` names the
     file in messages), else the model's own (its checkpoint's, else timm's); ``data == "digits"`` has fixed
     preprocessing, never a saved one."""
-    from eamvit.methods.models import PREPROCESSING_KEYS, data_config
-
     cfg = data_config(model, overrides)
     kind, origin, stored = saved or (None, None, None)
     if stored is not None and not isinstance(stored, dict):
