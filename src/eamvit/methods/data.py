@@ -128,12 +128,10 @@ def eval_transform(cfg: dict[str, Any]) -> Callable:
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
                   strict_images: bool = False, img_size: int = 16, transform: Optional[Callable] = None,
                   augment: bool = False) -> Dataset:
-    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.
+    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg`` (digits:
+    its side, mean, std and interpolation; ``img_size`` without one).
 
     Args:
-        model_cfg: a data config (:func:`eamvit.data_config`); digits use its side, mean, std and
-            interpolation when given (8x8 digits are never cropped).
-        img_size: digits side when no ``model_cfg`` is given.
         transform: an ImageFolder's transform instead of ``model_cfg``'s evaluation one (training
             augmentation); ``model_cfg`` still says whether images are read as grayscale.
         augment: digits only: random ±1-pixel shifts (training).
@@ -307,17 +305,14 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
     evaluation never scores an image that calibrated what it evaluates.
 
     Args:
-        data: ``"digits"`` or an ImageFolder root (evaluated: digits' test split).
-        cfg: the model's data config (:func:`eamvit.data_config`, overrides applied).
+        data: ``"digits"`` (evaluated: its test split) or an ImageFolder root, preprocessed by ``cfg``.
         overrides: the preprocessing overrides the user gave (digits apply mean/std/interpolation only).
-        calib_data: a separate calibration ImageFolder (or ``"digits"``: its training split).
         num_samples: evaluate a seeded random subset of this size.
         evaluate: the command evaluates on ``data`` (else ``data`` is calibration only).
         calib_all: calibrate on every available image by default (``calibrate``: the user chose them).
         calib_need: images the calibration method reads (ADFQ-ViT: 1024); the default number is then
             min(max(512, calib_need), available).
-        calibrated_on: ``(name, records)`` of the artifacts evaluated (see :func:`calibrated_skips`):
-            the images they record are never scored.
+        calibrated_on: ``(name, records)`` of the artifacts evaluated: the images they record are never scored.
     """
     ov = overrides or {}
     if calib_data == "digits" and data != "digits":

@@ -83,14 +83,10 @@ DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits as ``(1, S, S)`` tensors.
-
-    A fixed stratified 80/20 split (seed 0): 1437 training and 360 test images.
+    """scikit-learn's bundled 8x8 handwritten digits as ``(1, img_size, img_size)`` tensors (a fixed stratified
+    80/20 split), scaled to [0, 1], minus ``mean``, over ``std``; ``augment``: random ±1-pixel shifts.
 
     Args:
-        img_size: side the 8x8 images are resized to.
-        augment: random ±1-pixel shifts (training only).
-        mean: subtracted after scaling pixels to [0, 1]; ``std``: the divisor after it.
         interpolation: ``bilinear`` (how the bundled model was trained), ``bicubic`` or ``nearest``.
     """
 

@@ -128,12 +128,8 @@ def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[st
         return [m.view(e.shape) for m, e in zip(torch.split(mask, [e.numel() for e in ent]), ent)]
     if scope == "layer":
         return [pick(e.reshape(-1), _k(tau, e.numel())).view(e.shape) for e in ent]
-    out = []
-    for e in ent:
-        rows = _head_rows(e)
-        m = torch.stack([pick(r, _k(tau, r.numel())) for r in rows])
-        out.append(_from_head_rows(m, tuple(e.shape)))
-    return out
+    return [_from_head_rows(torch.stack([pick(r, _k(tau, r.numel())) for r in _head_rows(e)]), tuple(e.shape))
+            for e in ent]
 
 
 def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:

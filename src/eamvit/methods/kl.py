@@ -47,10 +47,8 @@ class KLMaps:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, max)``, each ``(L, H_max)``: divergence of each head over its entries (Fig. 4a).
-
-        NaN where a layer has fewer heads than ``H_max`` (Swin stages).
-        """
+        """``(mean, max)``, each ``(L, H_max)``: divergence of each head over its entries (Fig. 4a); NaN where a
+        layer has fewer heads than ``H_max`` (Swin stages)."""
         return per_head_stats(self.kl)
 
     def cls_rows(self, layer: int) -> Optional[torch.Tensor]:
@@ -60,13 +58,8 @@ class KLMaps:
     def summary(self) -> list[dict[str, Any]]:
         """One row per (layer, head): ``layer``, ``head``, ``kl_mean``, ``kl_max`` (0-based, as every eamvit option)."""
         mean, mx = self.per_head()
-        rows = []
-        for l in range(mean.shape[0]):
-            for h in range(mean.shape[1]):
-                if not math.isnan(float(mean[l, h])):
-                    rows.append({"layer": l, "head": h, "kl_mean": round(float(mean[l, h]), 6),
-                                 "kl_max": round(float(mx[l, h]), 6)})
-        return rows
+        return [{"layer": l, "head": h, "kl_mean": round(float(mean[l, h]), 6), "kl_max": round(float(mx[l, h]), 6)}
+                for l in range(mean.shape[0]) for h in range(mean.shape[1]) if not math.isnan(float(mean[l, h]))]
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the KL maps (safetensors, metadata as JSON, with eamvit's digest)."""

@@ -237,10 +237,8 @@ def create_model(
     pretrained config for ``name``.
 
     Args:
-        name: timm model name, e.g. ``deit_tiny_patch16_224``, or :data:`BUNDLED_MODEL` (the default):
-            the bundled digits ViT with its weights.
+        name: timm model name or :data:`BUNDLED_MODEL` (the default): the bundled digits ViT with its weights.
         pretrained: load weights from the local timm / Hugging Face cache (never downloads).
-        checkpoint: a state-dict file (``.pth``, ``.pt`` or ``.safetensors``).
         model_kwargs: overrides for ``timm.create_model`` (``img_size``, ``num_classes``, ...); keys
             that make timm load weights itself (``checkpoint_path``, ``pretrained_cfg``...) are refused.
     """
@@ -315,16 +313,9 @@ def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
 
 
 def check_attention_shapes(model: nn.Module, shapes: list, what: str, remedy: str) -> None:
-    """Refuse per-layer attention-shaped tensors (maps, frozen masks) made on another architecture.
-
-    The heads are compared always; the token count only when the model takes one input size (a
-    model that takes other sizes has as many tokens as its input gives).
-
-    Args:
-        shapes: per attention layer, the stored shape, ``(H, N, N)`` or ``(nW, H, N, N)``; None: a
-            layer with nothing stored.
-        what: the file, for messages (e.g. ``"maps m.safetensors"``); ``remedy``: how to make a fitting one.
-    """
+    """Refuse per-layer attention shapes ``shapes`` (of maps, frozen masks; None: nothing stored) made on another
+    architecture, naming ``what`` and the ``remedy``. The heads are compared always, the token count only when
+    the model takes one input size (a model that takes other sizes has as many tokens as its input gives)."""
     layers = attention_layers(model)
     pe = getattr(model, "patch_embed", None)
     # Token counts are fixed only behind a strict patch embedding (ViT, Swin); others follow the input.

@@ -126,13 +126,8 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
     """:func:`apply_` with the quantization (``quant_state`` of :func:`~eamvit.methods.quantize.save_quantized`)
     or the frozen attention (``frozen`` of :func:`~eamvit.methods.freeze.save_frozen`, loaded on the quantized
     model, whose values it replaces) loaded from files instead of made now; ``recipe`` holds only the steps
-    made now.
-
-    Returns:
-        ``(recipe, reports)``: the whole recipe ``model`` now carries (the loaded parts as steps) and
-        :func:`apply_`'s reports, with ``"frozen"``: the loaded freezing settings (``{}`` when the
-        file has none).
-    """
+    made now. Returns the whole recipe ``model`` now carries and :func:`apply_`'s reports, with ``"frozen"``:
+    the loaded freezing settings (``{}`` when the file has none)."""
     from eamvit.methods.freeze import load_frozen
     from eamvit.methods.quantize import load_quantized
 

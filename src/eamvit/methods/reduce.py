@@ -84,16 +84,9 @@ def eligible_blocks(blocks_seq: nn.Module, fam: TokenFamily, act: str) -> list[i
 
 def drop_frozen_after(layers: list[nn.Module], first_block: int, first_layer: int, reduces: bool,
                       frozen_after: str, verb: str) -> tuple[list, list[int]]:
-    """Attention layers after the first reducing block, and those whose frozen maps were removed (they see
-    fewer tokens than their maps describe).
-
-    A configuration that changes no token (``reduces`` false: κ = 1, r = 0) leaves the model, frozen maps
-    included, exactly as it was; a later forward that does change tokens meets the blocks' own check.
-
-    Args:
-        first_block: the first reducing block (messages); ``first_layer`` is its attention layer number.
-        frozen_after: ``"drop"`` the later layers' frozen maps or ``"refuse"`` them.
-    """
+    """Attention layers after the first reducing block (``first_layer``: its attention layer), and those
+    whose frozen maps were removed (``frozen_after="drop"``; ``"refuse"`` refuses them). A configuration that
+    changes no token (``reduces`` false) leaves every frozen map in place."""
     later = [m for m in layers if m.eam.layer > first_layer]
     frozen_later = [m.eam.layer for m in later if m.eam_frozen_mask is not None] if reduces else []
     if frozen_later and frozen_after == "refuse":

@@ -37,9 +37,8 @@ class StepHandler:
     """What a step registers.
 
     Args:
-        stage: the step's place in a recipe (``"quant"``, ``"freeze"``, ``"prune"`` ...); a recipe
-            holds at most one step of each stage.
-        order: where the stage runs among the others (lower first).
+        stage: the step's place in a recipe (``"quant"``, ``"freeze"``, ``"prune"`` ...), run by ``order``
+            (lower first); a recipe holds at most one step of each stage.
         content: ``f(model, config) -> (tensors, metadata)``: the state the step added beyond its
             config; ``None``: the config alone rebuilds it.
         restore: ``f(model, config, metadata, tensors, path)``: rebuild the step on a fresh model from
