@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from eamvit.methods.models import PREPROCESSING_KEYS, data_config, file_sha256
@@ -120,8 +121,6 @@ def digits_data_config(img_size: int = 16) -> dict[str, Any]:
 
 def eval_transform(cfg: dict[str, Any]) -> Callable:
     """timm's evaluation transform of data config ``cfg`` (resize, crop, normalize) for image files."""
-    from timm.data import create_transform
-
     return create_transform(**{k: v for k, v in cfg.items() if k in PREPROCESSING_KEYS}, is_training=False)
 
 

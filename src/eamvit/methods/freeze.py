@@ -6,6 +6,7 @@ single entries, query rows or whole heads.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -15,8 +16,10 @@ from torch import nn
 
 from eamvit.config import Config
 from eamvit.modules.attention import attention_layers, executes_plans, require, set_frozen
-from eamvit.methods.calibrate import EntropyMaps
+from eamvit.io import load_tensors, save_tensors
+from eamvit.methods.calibrate import CalibOptions, EntropyMaps, compute_entropy_maps
 from eamvit.methods.data import add_calibration
+from eamvit.methods.models import check_attention_shapes, model_spec
 from eamvit.errors import EamError
 from eamvit.methods.state import peek, state_of, step_config
 from eamvit.methods.steps import StepHandler, StepInputs, register_step
@@ -275,8 +278,6 @@ def unfreeze_(model: nn.Module) -> None:
 def frozen_digest(model: nn.Module) -> Optional[str]:
     """SHA-256 of ``model``'s frozen attention (per layer: granularity, mask and values), ``None`` if none:
     a training checkpoint records which frozen maps it was trained with."""
-    import hashlib
-
     h, any_frozen = hashlib.sha256(), False
     for l, m in enumerate(attention_layers(model)):
         if m.eam_frozen_mask is None:
@@ -295,8 +296,6 @@ FROZEN_FORMAT = "eamvit-frozen/1"
 def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> tuple[dict, dict]:
     """``(tensors, metadata)`` of the frozen attention of ``model`` (``config`` recorded): what :func:`save_frozen`
     writes."""
-    from eamvit.methods.models import model_spec
-
     tensors, plans = {}, []
     for l, m in enumerate(attention_layers(model)):
         frozen = m.eam_frozen_mask is not None
@@ -311,8 +310,6 @@ def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> t
 def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
     """Write the frozen attention of ``model`` (masks, values, granularity; ``config`` recorded) to a
     safetensors file, atomically. The weights are not included (they are the model's own state dict)."""
-    from eamvit.io import save_tensors
-
     tensors, meta = frozen_content(model, config)
     save_tensors(path, tensors, meta)
 
@@ -320,8 +317,6 @@ def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = No
 def load_frozen(model: nn.Module, path: str) -> dict:
     """Put the frozen attention saved by :func:`save_frozen` on ``model`` (replacing any); returns the file's
     metadata."""
-    from eamvit.io import load_tensors
-
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
     restore_frozen(model, meta, tensors, path)
@@ -330,8 +325,6 @@ def load_frozen(model: nn.Module, path: str) -> dict:
 
 def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> None:
     """Put frozen attention read from ``path`` (:func:`frozen_content`'s ``tensors`` and ``meta``) on ``model``."""
-    from eamvit.methods.models import check_attention_shapes
-
     layers = attention_layers(model)
     plans = meta.get("layers") or []
     if len(plans) != len(layers):
@@ -381,8 +374,6 @@ def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
 def _apply_step(model: nn.Module, config: FreezeConfig, inputs: StepInputs) -> FreezeReport:
     maps = inputs.maps(model) if callable(inputs.maps) else inputs.maps
     if maps is None:
-        from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
-
         maps = compute_entropy_maps(model, inputs.calib, progress=inputs.progress,
                                     options=CalibOptions(device=inputs.device))
     return freeze_(model, maps, config, value_deltas=_value_deltas(model, config.value_quantizer))

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from eamvit.methods.state import step_config
 from eamvit.methods.calibrate import CalibOptions, EntropyMaps, compute_entropy_maps
+from eamvit.io import save_tensors
 from eamvit.ops.entropy import kl_from_counts
 from eamvit.errors import EamError
 
@@ -63,8 +64,6 @@ class KLMaps:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the KL maps (safetensors, metadata as JSON, with eamvit's digest)."""
-        from eamvit.io import save_tensors
-
         save_tensors(path, {f"kl.{l}": k for l, k in enumerate(self.kl)}, {"format": "eamvit-kl-maps/1", **self.meta})
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from eamvit.config import Config
 from eamvit.errors import EamError
+from eamvit.methods.cost import count_gflops
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks, order_label
 from eamvit.methods.state import peek, state_of, step_config
@@ -186,8 +187,6 @@ def r_for_gmacs(model: nn.Module, gmacs: float, config: MergeConfig = MergeConfi
     Tokens never grow with ``r`` (each block merges ``min(r, cap)`` of what it is given), so neither do the
     MACs, and ``r`` is found by bisection over ``0 ..`` the patch tokens.
     """
-    from eamvit.methods.cost import count_gflops
-
     if isinstance(config.r, tuple):
         raise EamError("matching GMACs chooses one number r; give a config with r a number, not one per block")
     cache: dict[int, float] = {}

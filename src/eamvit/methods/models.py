@@ -15,8 +15,12 @@ import timm
 import torch
 from torch import nn
 
+from timm.data import resolve_data_config
+
+from eamvit.io import save_tensors
 from eamvit.methods.state import state_of
 from eamvit.modules.attention import attention_layers, input_size, instrument, layer_shapes
+from eamvit.modules.quantizers import Quantizer
 from eamvit.errors import EamError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
@@ -70,23 +74,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 @contextlib.contextmanager
 def _hub_offline():
     """Make Hugging Face Hub look only at its local cache while creating a pretrained model."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    from unittest import mock
+
     try:
         import huggingface_hub.constants as hc
-        prev = hc.HF_HUB_OFFLINE
-        hc.HF_HUB_OFFLINE = True
     except Exception:  # pragma: no cover - hub not installed
-        hc, prev = None, None
-    try:
+        hc = None
+    with (mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"),
+          mock.patch.object(hc, "HF_HUB_OFFLINE", True) if hc is not None else contextlib.nullcontext()):
         yield
-    finally:
-        if hc is not None:
-            hc.HF_HUB_OFFLINE = prev
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
 
 
 def _cache_locations(name: str) -> str:
@@ -159,8 +155,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optiona
         data_cfg: the preprocessing the model was trained with (default: :func:`data_config` of the model).
         extra: more JSON metadata to store (e.g. the test accuracy measured after training).
     """
-    from eamvit.io import save_tensors
-
     cfg = preprocessing(data_cfg if data_cfg is not None else data_config(model))
     meta = {**(extra or {}), "format": CHECKPOINT_FORMAT, "model": model_spec(model).to_dict(), "data_config": cfg}
     save_tensors(path, {k: v.detach() for k, v in model.state_dict().items()}, meta)
@@ -293,8 +287,6 @@ def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     """Attention shapes of one forward of a blank image at the model's own size, with every quantizer
     off (an uncalibrated one would otherwise calibrate itself on that image) and token pruning at
     κ = 1 (maps describe the unpruned model; pruning decides later which of them still apply)."""
-    from eamvit.modules.quantizers import Quantizer
-
     qs = [(q, q.enabled) for q in model.modules() if isinstance(q, Quantizer)]
     pruning = state_of(model).prune
     keep_rate = pruning.keep_rate if pruning is not None else None
@@ -351,8 +343,6 @@ def _model_input(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, i
 
 
 def _timm_config(model: nn.Module) -> dict[str, Any]:
-    from timm.data import resolve_data_config
-
     cfg = resolve_data_config({}, model=model)
     chans, img, _ = _model_input(model)
     in_chans = chans if chans is not None else cfg["input_size"][0]

@@ -18,8 +18,11 @@ from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods import freeze, merge, prune, quantize  # noqa: F401 (each registers its recipe step)
+from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.data import add_calibration
 from eamvit.methods.export import Target
+from eamvit.methods.models import BUNDLED_MODEL, create_model, data_config, model_spec, preprocessing
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
@@ -128,14 +131,11 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
     model, whose values it replaces) loaded from files instead of made now; ``recipe`` holds only the steps
     made now. Returns the whole recipe ``model`` now carries and :func:`apply_`'s reports, with ``"frozen"``:
     the loaded freezing settings (``{}`` when the file has none)."""
-    from eamvit.methods.freeze import load_frozen
-    from eamvit.methods.quantize import load_quantized
-
     for path, stage in ((quant_state, "quant"), (frozen, "freeze")):
         if path is not None and recipe.step(stage) is not None:
             raise EamError(f"{path} holds the {stage} step already; drop that step from the recipe")
     if quant_state is not None:
-        load_quantized(model, quant_state)
+        quantize.load_quantized(model, quant_state)
         if recipe.target is not None and recipe.target != state_of(model).target:
             raise EamError(f"{quant_state} was calibrated for target {getattr(state_of(model).target, 'form', 'torch')}, "
                            f"not {recipe.target.form}; quantize again for that target, or drop --target")
@@ -143,7 +143,7 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
     rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
-        reports["frozen"] = load_frozen(model, str(frozen)).get("config") or {}
+        reports["frozen"] = freeze.load_frozen(model, str(frozen)).get("config") or {}
     reports.update(apply_(model, rest, None, maps=maps, device=device, progress=progress))
     return recipe_of(model), reports
 
@@ -157,11 +157,7 @@ def recipe_of(model: nn.Module) -> Recipe:
 def artifact_kind(path: str | os.PathLike) -> str:
     """What the eamvit file at ``path`` holds, by its format tag: ``"compressed"`` (:func:`save_compressed`),
     ``"quant"`` (a quantized state) or ``"frozen"`` (frozen attention); the file is checked as loading it is."""
-    from eamvit.io import load_tensors
-    from eamvit.methods.freeze import FROZEN_FORMAT
-    from eamvit.methods.quantize import FORMAT as QUANT_FORMAT
-
-    kinds = {COMPRESSED_FORMAT: "compressed", QUANT_FORMAT: "quant", FROZEN_FORMAT: "frozen"}
+    kinds = {COMPRESSED_FORMAT: "compressed", quantize.FORMAT: "quant", freeze.FROZEN_FORMAT: "frozen"}
     meta, _ = load_tensors(path, tuple(kinds), "compressed model", "give a file of `eamvit compress`, a quantized "
                            "state of `eamvit quantize` or the frozen.safetensors of `eamvit finetune --tau`")
     return kinds[meta["format"]]
@@ -169,9 +165,6 @@ def artifact_kind(path: str | os.PathLike) -> str:
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
     """Write ``model``, compressed by ``recipe`` (which must be what it carries), to one safetensors file."""
-    from eamvit.io import save_tensors
-    from eamvit.methods.models import data_config, model_spec, preprocessing
-
     have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
@@ -195,16 +188,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
 
 def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a file written by :func:`save_compressed`, or one clear :class:`EamError`."""
-    from eamvit.io import load_tensors
-
     return load_tensors(path, COMPRESSED_FORMAT, "compressed model", _REMEDY)
 
 
 def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata."""
-    from eamvit.methods.data import add_calibration
-    from eamvit.methods.models import model_spec
-
     meta, tensors = read_compressed(path)
     recipe = Recipe.from_dict(meta.get("recipe"))
     if not model_spec(model).same_model(meta.get("model") or {}):
@@ -239,8 +227,6 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
         model: the full-precision model it was made from; ``None`` creates it from the name stored in
             the file (the bundled model, a model whose weights need no checkpoint file).
     """
-    from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
-
     if model is None:
         spec = read_compressed(path)[0].get("model") or {}
         model = create_model(BUNDLED_MODEL, device=device)  # the one model whose weights eamvit carries
