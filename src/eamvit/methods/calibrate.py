@@ -70,9 +70,9 @@ def parse_bytes(text: str) -> int:
 def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, layers: Sequence[int],
                 max_memory: Optional[int]) -> list[list[int]]:
     """Group consecutive ``layers`` into passes whose accumulators fit in ``max_memory`` bytes."""
-    need = {l: AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers}
     if max_memory is None:
         return [list(layers)]
+    need = {l: AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers}
     passes: list[list[int]] = [[]]
     used = 0
     for l in layers:
@@ -342,7 +342,7 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int]) -
     # Every layer takes the explicit path in every pass (a no-op observer where nothing is
     # counted): fused and explicit attention differ in the last bits, and a layer's input must
     # not depend on which pass it is counted in.
-    observers = {l: _ignore for l in range(len(run.shapes))}
+    observers = dict.fromkeys(range(len(run.shapes)), lambda attn, mask: None)
     observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None, stats=stats.get(l)) for l in group})
     try:
         with observe(run.model, observers), torch.inference_mode():
@@ -398,10 +398,6 @@ def _check_loop_pass(run: _Run, p: int, acc: dict, forwards: int) -> None:
         raise EamError(f"forward_loop fed {run.seen_images} images in pass 1 and {count} in pass {p + 1}; it must "
                        "feed the same images each time it is called")
     log(f"eamvit: entropy pass {p + 1}/{len(run.passes)}: {forwards} forwards, {count} images")
-
-
-def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    return None
 
 
 def _observer(acc: AttentionHistogram, masked: list, layer: int, grow: bool = False,

@@ -179,14 +179,8 @@ def _file_digest(path: str) -> str:
 
 def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """What an artifact records about the images (``indices`` of ``dataset``, possibly a ``Subset``) that
-    calibrated it, so that evaluation can skip them.
-
-    An ImageFolder's images are named by their paths relative to its root (sorted), each with a
-    digest of its bytes: a later evaluation skips a file of the same relative path and content, so
-    the folder may be moved or copied or gain files, while another folder whose files merely share
-    names (class/0.png, ...) skips nothing. Digits are named by split and index. Anything else
-    (tensors, other datasets) has ``data: None``.
-    """
+    calibrated it, so that evaluation can skip them: an ImageFolder's relative paths with a digest of each
+    file's bytes, the digits' split and indices, ``data: None`` for anything else."""
     if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):  # tensors, loaders, streams
         return {"data": None}
     base, idx = _unwrap(dataset, indices)
@@ -273,12 +267,8 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
 
 @dataclass
 class Splits:
-    """Evaluation and calibration sets of one command (see :func:`build_splits`).
-
-    Indices of ``None`` mean every item; ``calib_note`` says what calibration used and by which rule;
-    ``calib_excluded`` counts the images of ``data`` left out because they calibrated what is evaluated,
-    ``skip_notes`` says why, ``unrecorded`` names artifacts that record no calibration images.
-    """
+    """Evaluation and calibration sets of one command (see :func:`build_splits`); indices of ``None`` mean every
+    item, ``calib_excluded`` counts the images left out because they calibrated what is evaluated."""
 
     eval_set: Optional[Dataset]
     eval_indices: Optional[list[int]]
@@ -299,9 +289,8 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
     """The one rule every command uses for its evaluation and calibration images.
 
     Calibration images: ``calib_data`` if given, else the digits training split, else a seeded held-out
-    part of ``data``; ``calib_size`` of them, default min(512, available) (``calib_all``: all), where a
-    held-out part takes at most half of ``data``. Maps, quantized states and ONNX exports record them, and
-    evaluation never scores an image that calibrated what it evaluates.
+    part of ``data`` (at most half of it); ``calib_size`` of them, default min(512, available)
+    (``calib_all``: all). Evaluation never scores an image that calibrated what it evaluates.
 
     Args:
         data: ``"digits"`` (evaluated: its test split) or an ImageFolder root, preprocessed by ``cfg``.

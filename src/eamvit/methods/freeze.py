@@ -146,10 +146,7 @@ def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def _expand_units(units: torch.Tensor, shape: tuple[int, ...], granularity: str) -> torch.Tensor:
-    if granularity == "head":
-        view = (-1, 1, 1) if len(shape) == 3 else (1, -1, 1, 1)
-    else:
-        view = (1, -1, 1)
+    view = (1, -1, 1) if granularity != "head" else (-1, 1, 1) if len(shape) == 3 else (1, -1, 1, 1)
     return units.view(view).expand(shape).clone()
 
 

@@ -81,13 +81,8 @@ def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 def cls_row_grid(layer_map: torch.Tensor, num_prefix: int = 1,
                  grid: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-    """The CLS row of a ViT layer map over the patch tokens, laid on the patch grid: ``(H, gh, gw)``.
-
-    Args:
-        layer_map: ``(H, N, N)``; a 4-D Swin map gives ``None`` (no CLS token).
-        num_prefix: class (+ distillation) tokens before the patches.
-        grid: ``(gh, gw)``; square by default.
-    """
+    """The CLS row of a ViT layer map ``(H, N, N)`` over the patch tokens after ``num_prefix`` prefix tokens,
+    laid on the patch ``grid`` (square by default): ``(H, gh, gw)``; ``None`` for a 4-D Swin map (no CLS)."""
     if layer_map.dim() != 3:
         return None
     row = layer_map[:, 0, num_prefix:]

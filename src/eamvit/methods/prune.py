@@ -203,12 +203,8 @@ def prune_state(model: nn.Module) -> PruneState:
 
 
 def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
-    """Change κ of a pruned model (e.g. the fine-tuning schedule); κ = 1 runs the unpruned model.
-
-    Args:
-        model: a pruned model.
-        keep_rate: one κ for every pruning block, or one per pruning block.
-    """
+    """Change κ of a pruned model (e.g. the fine-tuning schedule): one for every pruning block, or one per
+    pruning block; κ = 1 runs the unpruned model."""
     st = prune_state(model)
     if isinstance(keep_rate, (tuple, list)):
         if len(keep_rate) != len(st.blocks):

@@ -221,12 +221,8 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
          device: torch.device | str | None = None) -> nn.Module:
-    """The compressed model saved at ``path`` (:func:`save_compressed`), logits equal to the saved one's.
-
-    Args:
-        model: the full-precision model it was made from; ``None`` creates it from the name stored in
-            the file (the bundled model, a model whose weights need no checkpoint file).
-    """
+    """The compressed model saved at ``path`` (:func:`save_compressed`), logits equal to the saved one's, rebuilt
+    on ``model`` (the full-precision model it was made from; ``None``: created from the name in the file)."""
     if model is None:
         spec = read_compressed(path)[0].get("model") or {}
         model = create_model(BUNDLED_MODEL, device=device)  # the one model whose weights eamvit carries
