@@ -1,9 +1,5 @@
-"""Entropy Attention Map calibration: stream a dataset (or a ``forward_loop``) through an instrumented model.
-
-The layers are planned into passes that fit a memory budget; each pass reads the whole calibration set
-in the same order, and under ``torchrun`` the integer histograms of disjoint shards are all-reduced, so
-the maps depend neither on the number of passes nor of processes.
-"""
+"""Entropy Attention Map calibration: stream a dataset (or a ``forward_loop``) through an instrumented model,
+in as many passes as memory needs, over disjoint shards under ``torchrun``, with the same maps either way."""
 from __future__ import annotations
 
 import hashlib

@@ -1,8 +1,5 @@
-"""Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images.
-
-The datasets themselves (ImageFolder trees, scikit-learn's bundled digits, and what happens to
-unreadable files) are :mod:`eamvit.methods.datasets`, re-exported here.
-"""
+"""Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images (the
+datasets themselves are :mod:`eamvit.methods.datasets`, re-exported here)."""
 from __future__ import annotations
 
 import itertools
@@ -193,32 +190,23 @@ def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) ->
     return {"data": None, "num_images": len(idx)}
 
 
-def _malformed(name: str) -> EamError:
-    return EamError(f"{name} has a malformed record of its calibration images; create it again")
-
-
-def _check_record(record: Any, name: str) -> None:
-    """Refuse one record read from a file that is not what :func:`calibration_record` writes."""
-    files = record.get("files", {}) if isinstance(record, dict) else None
-    indices = record.get("indices", []) if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
-            not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise _malformed(name)
+def _record_ok(record: Any) -> bool:
+    """Whether one record read from a file is what :func:`calibration_record` writes."""
+    files, indices = (record.get("files", {}), record.get("indices", [])) if isinstance(record, dict) else (0, 0)
+    return (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+            and isinstance(indices, list) and all(isinstance(i, int) for i in indices))
 
 
 def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
     """``records`` (the ``calibration`` value of file ``name``'s metadata), refused unless a list of records of
     :func:`calibration_record`."""
-    if not isinstance(records, list):
-        raise _malformed(name)
-    for r in records:
-        _check_record(r, name)
+    if not isinstance(records, list) or not all(map(_record_ok, records)):
+        raise EamError(f"{name} has a malformed record of its calibration images; create it again")
     return records
 
 
-def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
-    """Indices of the items of ``dataset`` that a :func:`calibration_record` read from artifact ``name`` names."""
-    _check_record(record, name)
+def recorded_indices(dataset: Dataset, record: dict) -> list[int]:
+    """Indices of the items of ``dataset`` that a (checked) :func:`calibration_record` names."""
     files = record.get("files", {})
     if isinstance(dataset, DigitsDataset):
         if record.get("data") != "digits" or record.get("split") != dataset.split:
@@ -253,9 +241,7 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
         if records is None:
             unrecorded.append(name)
             continue
-        hits: set[int] = set()
-        for r in check_records(records, name):
-            hits.update(recorded_indices(dataset, r, name))
+        hits = set().union(*(recorded_indices(dataset, r) for r in check_records(records, name)))
         skip |= hits
         if hits:
             lines.append(f"scoring skips the {len(hits)} images of {data} that calibrated {name}")

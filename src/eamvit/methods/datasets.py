@@ -1,8 +1,5 @@
-"""The datasets eamvit reads: ImageNet-style folders of image files and scikit-learn's bundled digits.
-
-An unreadable image file is skipped and counted (``skipped`` in every results row), not fatal: one broken
-JPEG in 50 000 should not end an evaluation (``--strict-images`` makes it an error).
-"""
+"""The datasets eamvit reads: ImageNet-style folders of image files (an unreadable file is skipped and
+counted, not fatal, unless ``--strict-images``) and scikit-learn's bundled digits."""
 from __future__ import annotations
 
 import os

@@ -1,8 +1,5 @@
-"""Attention freezing (EAM eq. 15) and its random ablation (§5.2.2).
-
-The τ fraction of attention entries (``scope``: of each head, layer or the model) with the lowest entropy
-is frozen to the mean map ``A^μ``: ``A_fix = A ⊗ (H > ε_τ) + A^μ ⊗ (H ≤ ε_τ)``; ``granularity`` freezes
-single entries, query rows or whole heads.
+"""Attention freezing (EAM eq. 15) and its random ablation (§5.2.2): the τ fraction of attention entries
+(or rows, or heads) with the lowest entropy take the mean map ``A^μ``.
 """
 from __future__ import annotations
 

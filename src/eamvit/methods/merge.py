@@ -1,9 +1,5 @@
-"""Token merging inside a flat-token timm model: ToMe (bipartite soft matching) and entropy-guided merging.
-
-The public verb: :func:`merge_` swaps the blocks from the first merging block on for their family's
-merging class (:mod:`eamvit.modules.merge_block`; the matching is :mod:`eamvit.ops.merge`), :func:`unmerge_`
-swaps them back. No weight changes and no tensor is stored: the :class:`MergeConfig` alone rebuilds it.
-"""
+"""Token merging, ToMe's and entropy-guided: :func:`merge_` swaps the blocks from the first merging block on
+for their family's merging class (:mod:`eamvit.modules.merge_block`), :func:`unmerge_` swaps them back."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -167,16 +167,11 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(sd[k].shape)} "
-                         f"vs model {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    parts = [f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(sd[k].shape)} vs model "
+             f"{tuple(own[k].shape)}" for k in shapes[:1]]
+    parts += [f"{len(keys)} {what} key(s), e.g. {keys[0]}" for keys, what in ((missing, "missing"),
+                                                                            (unexpected, "unexpected")) if keys]
+    if parts:
         raise EamError(f"checkpoint {source} does not fit the model: " + "; ".join(parts)
                        + "; pass the --model / --model-kwargs it was trained with")
     model.load_state_dict(sd, strict=True)

@@ -1,9 +1,5 @@
-"""Patch-token pruning inside a flat-token timm model: attention entropy (Shannon, Rényi), EViT and random.
-
-The public verb: :func:`prune_` swaps the chosen blocks for their family's pruning class
-(:mod:`eamvit.modules.prune_block`; the scores and the token surgery are :mod:`eamvit.ops.scores`),
-:func:`unprune_` swaps them back.
-"""
+"""Patch-token pruning by attention entropy (Shannon, Rényi), EViT or random: :func:`prune_` swaps the chosen
+blocks for their family's pruning class (:mod:`eamvit.modules.prune_block`), :func:`unprune_` swaps them back."""
 from __future__ import annotations
 
 import math

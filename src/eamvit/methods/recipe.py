@@ -1,8 +1,5 @@
-"""One compressed model: a :class:`Recipe` of steps, :func:`apply_` to apply it, one file to keep it.
-
-A recipe holds at most one quantization, then at most one freezing, then at most one pruning or merging
-step: the only order the pieces compose in.
-"""
+"""One compressed model: a :class:`Recipe` of steps (at most one quantization, then freezing, then pruning
+or merging: the only order they compose in), :func:`apply_` to apply it, one file to keep it."""
 from __future__ import annotations
 
 import json
