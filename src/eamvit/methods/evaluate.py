@@ -41,12 +41,8 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         target = batch.targets.to(device)
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hit = top.eq(target.unsqueeze(1))
-        counts[0] += int(hit[:, 0].sum())
-        counts[1] += int(hit.any(1).sum())
-        counts[2] += target.numel()
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(target.unsqueeze(1))
+        counts[:3] += torch.tensor([int(hit[:, 0].sum()), int(hit.any(1).sum()), target.numel()])
     if world > 1:
         dist.all_reduce(counts)
     n = int(counts[2])

@@ -20,6 +20,7 @@ from eamvit.modules.adapters import TokenFamily
 from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
 from eamvit.modules.prune_block import PruneState
 from eamvit.modules.token_blocks import restore_blocks_
+from eamvit.ops.attention_stats import format_order
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, stage_value,
                                token_counts, trace_indices)
 
@@ -293,7 +294,7 @@ def setting_text(value: float | Sequence[float]) -> float | str:
     infinity, JSON has none), or one per pruning block comma-joined (``"0.9,0.7,0.5"``, ``"2,inf,2"``,
     what ``--keep-rate`` and ``--alpha`` read back)."""
     if isinstance(value, (tuple, list)):
-        return ",".join("inf" if math.isinf(v) else f"{v:g}" for v in value)
+        return ",".join(map(format_order, value))
     return "inf" if math.isinf(value) else value
 
 
