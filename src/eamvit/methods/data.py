@@ -198,8 +198,7 @@ def _record_ok(record: Any) -> bool:
 
 
 def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
-    """``records`` (the ``calibration`` value of file ``name``'s metadata), refused unless a list of records of
-    :func:`calibration_record`."""
+    """``records`` (file ``name``'s ``calibration`` metadata), refused unless a list of calibration records."""
     if not isinstance(records, list) or not all(map(_record_ok, records)):
         raise EamError(f"{name} has a malformed record of its calibration images; create it again")
     return records

@@ -18,8 +18,7 @@ class _FirstForwardDone(Exception):
 
 
 def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name: str) -> None:
-    """Refuse, in one line, no calibration data, both kinds at once, or a forward loop that is not callable
-    (``data``: the data given the other way, named ``data_name`` in the message)."""
+    """Refuse no calibration data, both kinds (``data`` is named ``data_name``), or a forward loop not callable."""
     if forward_loop is None:
         if data is None:
             raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
@@ -72,6 +71,5 @@ def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bo
 
 
 def loop_layer_shapes(model: nn.Module, forward_loop: ForwardLoop) -> list[tuple[int, ...]]:
-    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) from the first
-    forward a forward loop runs."""
+    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) of the loop's first forward."""
     return layer_shapes(model, lambda: run_first_forward(model, forward_loop))

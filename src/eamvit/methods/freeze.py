@@ -112,8 +112,7 @@ def _picker(selection: str, g: torch.Generator):
 def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[str] = None,
                  selection: str = "entropy", seed: int = 0, granularity: str = "entry",
                  aggregate: str = "mean") -> list[torch.Tensor]:
-    """Boolean masks (per layer, the layer's shape) of the entries to freeze; the settings are
-    :class:`FreezeConfig`'s."""
+    """Per layer, the boolean mask (the layer's shape) of the entries to freeze; settings as :class:`FreezeConfig`."""
     cfg = FreezeConfig(tau=tau, scope=scope, selection=selection, granularity=granularity,
                        aggregate=aggregate)
     scope = cfg.resolved_scope
@@ -288,8 +287,7 @@ FROZEN_FORMAT = "eamvit-frozen/1"
 
 
 def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of the frozen attention of ``model`` (``config`` recorded): what :func:`save_frozen`
-    writes."""
+    """``(tensors, metadata)`` of ``model``'s frozen attention (``config`` recorded), as :func:`save_frozen` writes."""
     tensors, plans = {}, []
     for l, m in enumerate(attention_layers(model)):
         frozen = m.eam_frozen_mask is not None
@@ -304,13 +302,11 @@ def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> t
 def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
     """Write the frozen attention of ``model`` (masks, values, granularity; ``config`` recorded) to a
     safetensors file, atomically. The weights are not included (they are the model's own state dict)."""
-    tensors, meta = frozen_content(model, config)
-    save_tensors(path, tensors, meta)
+    save_tensors(path, *frozen_content(model, config))
 
 
 def load_frozen(model: nn.Module, path: str) -> dict:
-    """Put the frozen attention saved by :func:`save_frozen` on ``model`` (replacing any); returns the file's
-    metadata."""
+    """Put the frozen attention of a :func:`save_frozen` file on ``model`` (replacing any); returns its metadata."""
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
     restore_frozen(model, meta, tensors, path)
@@ -388,4 +384,4 @@ def _settings(config: FreezeConfig | dict) -> str:
 
 
 register_step(FreezeConfig, StepHandler(stage="freeze", order=20, apply=_apply_step, restore=_restore_step,
-                                        content=lambda model, config: frozen_content(model, config)))
+                                        content=frozen_content))

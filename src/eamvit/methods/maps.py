@@ -65,8 +65,7 @@ class EntropyMaps:
                    **{k: per_layer(k) if stats_shapes[k] is not None else None for k in STATS_KINDS})
 
     def check_model(self, model: nn.Module, source: str = "these maps") -> None:
-        """Refuse maps computed on another model (name, kwargs, weights or attention shapes: layers,
-        heads, tokens)."""
+        """Refuse maps computed on another model (name, kwargs, weights, or attention layers, heads, tokens)."""
         spec = model_spec(model)
         theirs = self.meta.get("model", {})
         if not spec.same_model(theirs):

@@ -105,8 +105,7 @@ class PruneConfig(Config):
 
     @property
     def order(self) -> Optional[float | tuple[float, ...]]:
-        """The entropy order used (1 for Shannon; one per block for a per-block ``alpha``), ``None`` for EViT
-        and random."""
+        """The entropy order used (1 for Shannon; per block for a per-block ``alpha``); ``None`` for EViT, random."""
         if self.method == "renyi":
             return tuple(map(float, self.alpha)) if isinstance(self.alpha, tuple) else float(self.alpha)
         return 1.0 if self.method == "shannon" else None
