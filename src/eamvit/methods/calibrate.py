@@ -197,9 +197,8 @@ class _Run:
     stats: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = len(self.shapes)
-        self.entropy, self.mean, self.hists, self.masked = [None] * n, [None] * n, [None] * n, [None] * n
-        self.stats = [None] * n
+        for name in ("entropy", "mean", "hists", "masked", "stats"):
+            setattr(self, name, [None] * len(self.shapes))
 
     def resume_done(self, state: Optional[dict]) -> None:
         """Take the finished layers of an interrupted calibration."""

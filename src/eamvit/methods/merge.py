@@ -120,10 +120,8 @@ def merge_(model: nn.Module, config: MergeConfig) -> MergeReport:
     """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) merge tokens, in place; no weights
     change and :func:`unmerge_` undoes it. A refused model is left as it was."""
     blocks_seq, fam = check_token_model(model, "token merging", "merge", MERGE_CLASSES)
-    if config.blocks is None:
-        blocks = tuple(eligible_blocks(blocks_seq, fam, "merge"))
-    else:
-        blocks = check_blocks(config.blocks, blocks_seq, fam, "merging", "merge")
+    blocks = (tuple(eligible_blocks(blocks_seq, fam, "merge")) if config.blocks is None
+              else check_blocks(config.blocks, blocks_seq, fam, "merging", "merge"))
     later_blocks = range(blocks[0], len(blocks_seq))
     bad = next((i for i in later_blocks if fam.refuse(blocks_seq[i])), None)
     if bad is not None:  # every later block carries the sizes (and positions)

@@ -158,14 +158,12 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     layers = instrument(model)
     later, frozen_later = drop_frozen_after(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer,
                                             min(rates) < 1, config.frozen_after, "pruning")
-    order = 1.0 if config.order is None else config.order
-    state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
-                       fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
+    state = PruneState(config=config, method=config.method, order=1.0 if config.order is None else config.order,
+                       keys=config.keys, fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
                        record_scores=config.record_scores, blocks=blocks,
                        num_prefix=num_prefix_tokens(model) if fam.class_token else 0,
                        grid=patch_grid(model), keep_rate=rates if isinstance(config.keep_rate, tuple) else rates[0],
-                       later_attention=later,
-                       track_positions=fam.positions)
+                       later_attention=later, track_positions=fam.positions)
     # Position-dependent families: every later block must see the present tokens' positions.
     followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
     for i in sorted(set(blocks) | set(followers)):
@@ -175,8 +173,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         blk.eam_stage = blocks.index(i) if i in blocks else None
     state_of(model).prune = state
     state_of(model).steps["prune"] = config
-    grid = state.grid
-    n0 = grid[0] * grid[1] if grid else 0
+    n0 = state.grid[0] * state.grid[1] if state.grid else 0
     return PruneReport(config=config.to_dict(), blocks=list(blocks),
                        tokens_per_stage=token_counts(n0, config.keep_rate, len(blocks), config.fuse_tokens),
                        unfrozen_layers=frozen_later)
@@ -308,9 +305,7 @@ def method_config(method: str, alpha: Optional[float], keep_rate: float, **optio
 def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
     """``"shannon,renyi:0.5,renyi:2,renyi:inf,evit,random"`` → ``[(method, alpha), ...]``."""
     out: list[tuple[str, Optional[float]]] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, a = part.partition(":")
         name = name.strip().lower()
         try:
