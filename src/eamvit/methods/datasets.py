@@ -24,8 +24,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable, grayscale: bool = False, strict: bool = False):
         from torchvision.datasets import ImageFolder
 
-        root = Path(root)
-        self.root = root
+        self.root = root = Path(root)
         if not root.is_dir():
             raise EamError(f"image folder {root} does not exist; pass an ImageNet-style folder root/<class>/<image>")
         try:

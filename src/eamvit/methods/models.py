@@ -260,11 +260,10 @@ def create_model(
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
-    spec = state_of(model).spec
-    if spec is None:
-        spec = ModelSpec(name=type(model).__name__)
-        state_of(model).spec = spec
-    return spec
+    st = state_of(model)
+    if st.spec is None:
+        st.spec = ModelSpec(name=type(model).__name__)
+    return st.spec
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -273,8 +272,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 
 def patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
-    pe = getattr(model, "patch_embed", None)
-    grid = getattr(pe, "grid_size", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     return tuple(grid) if grid is not None else None
 
 
