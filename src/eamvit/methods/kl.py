@@ -26,15 +26,13 @@ def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], ep
     if len(p_hists) != len(q_hists):
         raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; "
                        "compare the same model")
-    out = []
     for l, (p, q) in enumerate(zip(p_hists, q_hists)):
         if p is None or q is None:
             raise EamError(f"layer {l} has no histogram; compute the maps with keep_histograms=True")
         if p.shape != q.shape:
             raise EamError(f"layer {l}: histograms {tuple(p.shape)} and {tuple(q.shape)} differ; use the same bits "
                            "and image size for both models")
-        out.append(kl_from_counts(p, q, eps).to(torch.float32))
-    return out
+    return [kl_from_counts(p, q, eps).to(torch.float32) for p, q in zip(p_hists, q_hists)]
 
 
 @dataclass
@@ -70,8 +68,7 @@ class KLMaps:
 def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, max)`` ``(L, H_max)`` over each head's entries; heads are dim -3 of every layer map."""
     heads = [k.shape[-3] for k in kl]
-    mean = torch.full((len(kl), max(heads)), float("nan"))
-    mx = torch.full((len(kl), max(heads)), float("nan"))
+    mean, mx = torch.full((2, len(kl), max(heads)), float("nan"))
     for l, k in enumerate(kl):
         rows = k.movedim(-3, 0).reshape(heads[l], -1).double()
         mean[l, : heads[l]] = rows.mean(1).float()
