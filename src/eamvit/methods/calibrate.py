@@ -95,7 +95,6 @@ class CalibOptions:
     """The settings of :func:`compute_entropy_maps` beyond its images and bits (``eamvit calibrate``'s flags).
 
     Args:
-        workers: DataLoader workers.
         device: where the model and histograms run (the model's device by default).
         max_memory: histogram budget in bytes; above it the layers are split over several passes.
         layers: only these layers (the others get NaN entropy); all by default.
@@ -269,8 +268,7 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
     biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
     log(f"eamvit: histograms need {'at most ' if loop else ''}{format_bytes(total)} for {len(layers)} layers x "
-        f"2^{bits} bins; "
-        f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
+        f"2^{bits} bins; {len(passes)} pass(es), at most {format_bytes(biggest)} at once")
     meta = dict(options.meta or {})
     # A backbone inside a user's model (timm features_only, a detector): the token layout is the backbone's.
     inner = next((m for m in model.modules() if hasattr(m, "patch_embed")), model)

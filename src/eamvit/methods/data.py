@@ -149,9 +149,6 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
     return ds
 
 
-DEFAULT_CALIB_SIZE = 512
-
-
 def _unwrap(dataset: Any, indices: Optional[Sequence[int]]) -> tuple[Any, list[int]]:
     """The dataset under any ``Subset`` wrappers and the indices into it that ``indices`` select."""
     idx = list(range(len(dataset))) if indices is None else list(indices)
@@ -315,7 +312,7 @@ def _calibration(build: Callable, ev: Optional[Dataset], data: str, calib_data: 
     avail = len(cal) // 2 if hold else len(cal)
     if calib_size is None and calib_all and not hold:
         return cal, list(range(len(cal))), f"calibration: {avail} images from {where} (default: all of them)", hold
-    default = max(DEFAULT_CALIB_SIZE, calib_need)
+    default = max(512, calib_need)  # the calibration images every command takes by default
     n = calib_size if calib_size is not None else min(default, avail)
     if hold and n >= len(cal):
         raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")

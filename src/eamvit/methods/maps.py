@@ -21,16 +21,11 @@ STATS_KINDS = ("distance", "head_entropy", "renyi")
 
 @dataclass
 class EntropyMaps:
-    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries.
-
-    Every tensor has the layer's attention shape: ``(H, N, N)`` for ViT/DeiT, ``(nW, H, N, N)`` for
-    Swin. ``histograms`` (``(2^b, *shape)`` counts) are kept only when asked for (KL maps).
-
-    The attention statistics (:class:`~eamvit.methods.calibrate.CalibOptions` ``distance``,
-    ``renyi_orders``; ``None`` when not computed, and per layer where a layer does not run over the patch
-    grid): ``distance`` ``(H,)`` mean attention distance in patches, ``head_entropy`` ``(H,)`` mean attention
-    entropy of the patch queries' rows in nats, ``renyi`` ``(len(orders), bins)`` counts of per-token
-    Rényi entropies on ``[0, log N]`` (orders and bins in ``meta["attention_stats"]``).
+    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries, each of
+    the layer's attention shape (``(H, N, N)``, Swin ``(nW, H, N, N)``); ``histograms`` (``(2^b, *shape)``
+    counts) only when asked for (KL maps). The attention statistics (``None`` when not computed, and per layer
+    where a layer does not run over the patch grid): ``distance`` ``(H,)`` in patches, ``head_entropy``
+    ``(H,)`` in nats, ``renyi`` ``(len(orders), bins)`` counts on ``[0, log N]`` (``meta["attention_stats"]``).
     """
 
     entropy: list[torch.Tensor]

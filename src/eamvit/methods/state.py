@@ -12,13 +12,10 @@ class ModelState:
     """What eamvit records about one model.
 
     Args:
-        data_config: its own preprocessing (a checkpoint's, a state's or the user's overrides);
-            ``None``: timm's pretrained config.
-        calibration: records (:func:`~eamvit.methods.data.calibration_record`) of every image set
-            that calibrated it, so that evaluation never scores them.
+        data_config: its own preprocessing (a checkpoint's, a state's or the user's overrides); ``None``: timm's.
+        calibration: records of every image set that calibrated it, so that evaluation never scores them.
         fp_sha256: digest of the full-precision weights a quantization was made from.
         steps: the config of each step applied (``reports``: its report), by stage.
-        prune: the pruning (``merge``: merging) blocks' shared state.
         target: the deployment target the model was prepared for (an export config), ``None``: none.
     """
 
