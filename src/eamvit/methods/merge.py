@@ -22,11 +22,6 @@ from eamvit.ops.merge import SELECTIONS, merge_schedule, token_counts
 FROZEN_AFTER = ("drop", "refuse")
 
 
-def _count(value: int, what: str) -> None:
-    if value < 0:  # the type is the Config base's check
-        raise EamError(f"{what} {value!r} must be a whole number ≥ 0 (tokens merged per block)")
-
-
 @dataclass(frozen=True)
 class MergeConfig(Config):
     """How to merge tokens (saved with compressed and exported models).
@@ -55,13 +50,12 @@ class MergeConfig(Config):
     frozen_after: str = "drop"
 
     def _check(self) -> None:
-        if isinstance(self.r, tuple):
-            if not self.r:
-                raise EamError("r lists no tokens per block; give a number or one per merging block")
-            for v in self.r:
-                _count(v, "tokens to merge")
-        else:
-            _count(self.r, "r")
+        if self.r == ():
+            raise EamError("r lists no tokens per block; give a number or one per merging block")
+        negative = next((v for v in (self.r if isinstance(self.r, tuple) else (self.r,)) if v < 0), None)
+        if negative is not None:  # the type is the Config base's check
+            what = "tokens to merge" if isinstance(self.r, tuple) else "r"
+            raise EamError(f"{what} {negative!r} must be a whole number ≥ 0 (tokens merged per block)")
         if not -1.0 <= self.inflect <= 1.0:
             raise EamError(f"inflect {self.inflect!r} is outside [-1, 1] (0 constant, -1 ToMe's decreasing schedule)")
         if self.inflect and isinstance(self.r, tuple):
