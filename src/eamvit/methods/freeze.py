@@ -210,9 +210,7 @@ class FreezeReport:
         return self.frozen / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["frozen_fraction"] = self.frozen_fraction
-        return d
+        return {**asdict(self), "frozen_fraction": self.frozen_fraction}
 
 
 def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
