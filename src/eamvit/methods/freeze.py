@@ -91,9 +91,7 @@ def _from_head_rows(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest of a 1-D tensor, ties to the lower index."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if k:
-        order = torch.sort(scores.double(), stable=True).indices
-        mask[order[:k]] = True
+    mask[torch.sort(scores.double(), stable=True).indices[:k]] = True
     return mask
 
 

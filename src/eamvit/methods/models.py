@@ -92,8 +92,7 @@ def _cache_locations(name: str) -> str:
         HF_HUB_CACHE = "~/.cache/huggingface/hub"
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        cfg = timm.models.get_pretrained_cfg(name)
-        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     except Exception:
         repo = None
     where = f"the Hugging Face cache {HF_HUB_CACHE}" + (f" (repo {repo})" if repo else "")
