@@ -139,10 +139,8 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
         return DigitsDataset(split, img_size=int(c["input_size"][-1]), augment=augment, mean=float(c["mean"][0]),
                              std=float(c["std"][0]), interpolation=c.get("interpolation") or "bilinear")
     cfg = dict(model_cfg or {})
-    if transform is None:
-        transform = eval_transform(cfg)
-    grayscale = cfg.get("input_size", (3,))[0] == 1
-    ds = ImageFolderDataset(spec, transform, grayscale=grayscale, strict=strict_images)
+    ds = ImageFolderDataset(spec, transform if transform is not None else eval_transform(cfg),
+                            grayscale=cfg.get("input_size", (3,))[0] == 1, strict=strict_images)
     if len(ds) == 0:
         raise EamError(f"image folder {spec} contains no images")
     ds.require_readable()
