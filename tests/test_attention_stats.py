@@ -151,8 +151,8 @@ def test_calibration_stats_match_loops_on_the_timm_model():
     model = make(TINY_VIT)  # 32 px, patch 8: a 4x4 grid and a class token, 2 heads, 2 blocks
     timm_model = copy.deepcopy(model)  # never instrumented
     ds = _dataset(4)
-    maps = eamvit.compute_entropy_maps(model, ds, bits=4, batch_size=3, progress=False, distance=True,
-                                       renyi_orders=ORDERS)
+    maps = eamvit.compute_entropy_maps(model, ds, bits=4, batch_size=3, progress=False,
+                                       options=eamvit.CalibOptions(distance=True, renyi_orders=ORDERS))
     attn = _timm_attention(timm_model, torch.stack([ds[i][0] for i in range(4)]))
     assert maps.renyi_orders == ORDERS and maps.meta["attention_stats"]["renyi_orders"][-1] == "inf"
     for l, a in enumerate(attn):
@@ -167,11 +167,12 @@ def test_statistics_leave_the_maps_unchanged_and_survive_passes_and_save(tmp_pat
     ds = _dataset(5)
     plain = eamvit.compute_entropy_maps(model, ds, bits=5, batch_size=2, progress=False)
     assert plain.distance is None and plain.renyi is None
-    both = eamvit.compute_entropy_maps(model, ds, bits=5, batch_size=2, progress=False, distance=True,
-                                       renyi_orders=(2.0,))
+    both = eamvit.compute_entropy_maps(model, ds, bits=5, batch_size=2, progress=False,
+                                       options=eamvit.CalibOptions(distance=True, renyi_orders=(2.0,)))
     per_layer = AttentionHistogram.nbytes(tuple(plain.entropy[0].shape), 5, 5)  # one layer per pass
-    split = eamvit.compute_entropy_maps(model, ds, bits=5, batch_size=2, progress=False, distance=True,
-                                        renyi_orders=(2.0,), max_memory=per_layer)
+    split = eamvit.compute_entropy_maps(model, ds, bits=5, batch_size=2, progress=False,
+                                        options=eamvit.CalibOptions(distance=True, renyi_orders=(2.0,),
+                                                                    max_memory=per_layer))
     both.save(tmp_path / "m.safetensors")
     back = EntropyMaps.load(tmp_path / "m.safetensors")
     for l in range(2):
@@ -186,13 +187,15 @@ def test_statistics_leave_the_maps_unchanged_and_survive_passes_and_save(tmp_pat
 def test_resume_keeps_the_statistics(tmp_path):
     model = make(TINY_VIT)
     base = _dataset(8)
-    opts = dict(bits=4, batch_size=2, progress=False, distance=True, renyi_orders=(1.0, math.inf))
-    full = eamvit.compute_entropy_maps(model, base, **opts)
+    opts = dict(bits=4, batch_size=2, progress=False)
+    stats = dict(distance=True, renyi_orders=(1.0, math.inf))
+    full = eamvit.compute_entropy_maps(model, base, options=eamvit.CalibOptions(**stats), **opts)
     ds = FailOnce(base, fail_at=6)
     partial = tmp_path / "maps.partial"
+    resuming = eamvit.CalibOptions(resume_path=partial, checkpoint_every=1, **stats)
     with pytest.raises(KeyboardInterrupt):
-        eamvit.compute_entropy_maps(model, ds, resume_path=partial, checkpoint_every=1, **opts)
-    resumed = eamvit.compute_entropy_maps(model, ds, resume_path=partial, checkpoint_every=1, **opts)
+        eamvit.compute_entropy_maps(model, ds, options=resuming, **opts)
+    resumed = eamvit.compute_entropy_maps(model, ds, options=resuming, **opts)
     for l in range(2):
         assert torch.allclose(full.distance[l], resumed.distance[l], rtol=1e-6)
         assert torch.equal(full.renyi[l], resumed.renyi[l])
@@ -200,7 +203,8 @@ def test_resume_keeps_the_statistics(tmp_path):
 
 def test_swin_is_refused_in_one_line():
     with pytest.raises(EamError, match="whole patch grid"):
-        eamvit.compute_entropy_maps(make(TINY_SWIN), _dataset(2), bits=4, progress=False, distance=True)
+        eamvit.compute_entropy_maps(make(TINY_SWIN), _dataset(2), bits=4, progress=False,
+                                    options=eamvit.CalibOptions(distance=True))
 
 
 def test_maps_without_statistics_still_load_and_plot(tmp_path, capsys):
@@ -214,7 +218,8 @@ def test_maps_without_statistics_still_load_and_plot(tmp_path, capsys):
 
 def test_damaged_statistics_are_refused(tmp_path):
     model = make(TINY_VIT)
-    maps = eamvit.compute_entropy_maps(model, _dataset(2), bits=4, progress=False, distance=True)
+    maps = eamvit.compute_entropy_maps(model, _dataset(2), bits=4, progress=False,
+                                       options=eamvit.CalibOptions(distance=True))
     maps.distance[1] = torch.zeros(3)  # the layer has 2 heads
     maps.save(tmp_path / "bad.safetensors")
     with pytest.raises(EamError, match=r"damaged \(distance.1 has shape"):

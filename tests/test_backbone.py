@@ -75,7 +75,7 @@ def test_loop_maps_equal_dataset_maps_of_the_bare_backbone(kind):
     # Several passes (one layer each) read the loop again and give the same maps.
     per_layer = AttentionHistogram.nbytes(tuple(ref.entropy[0].shape), 6, torch.iinfo(torch.int32).max)
     split = eamvit.compute_entropy_maps(model, forward_loop=loop_over(x, 4), bits=6, progress=False,
-                                        max_memory=per_layer)
+                                        options=eamvit.CalibOptions(max_memory=per_layer))
     assert got.num_layers == ref.num_layers >= 2 and got.meta["num_images"] == 6
     # The token layout recorded is the backbone's own (timm's ViT: a class token and a 4x4 grid).
     want = (1, [4, 4]) if kind == "vit" else (0, [16, 16])
@@ -175,7 +175,8 @@ def test_forward_loop_refusals():
 
     one_layer = AttentionHistogram.nbytes((2, 17, 17), 8, torch.iinfo(torch.int32).max)
     with pytest.raises(EamError, match="same images each time"):
-        eamvit.compute_entropy_maps(model, forward_loop=shrinking, progress=False, max_memory=one_layer)
+        eamvit.compute_entropy_maps(model, forward_loop=shrinking, progress=False,
+                                    options=eamvit.CalibOptions(max_memory=one_layer))
     with pytest.raises(EamError, match="ADFQConfig cannot calibrate from forward_loop"):
         eamvit.quantize_(dense("vit"), eamvit.ADFQConfig(), forward_loop=lambda m: m(x), progress=False)
     fresh = dense("vit")

@@ -129,8 +129,8 @@ def test_multipass_is_bit_identical():
     ds = _dataset(9)
     one = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=4, progress=False)
     per_layer = AttentionHistogram.nbytes(tuple(one.entropy[0].shape), 6, 9)
-    many = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=4, progress=False, max_memory=per_layer,
-                                       keep_histograms=True)
+    many = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=4, progress=False,
+                                       options=eamvit.CalibOptions(max_memory=per_layer, keep_histograms=True))
     for l in range(one.num_layers):
         assert torch.equal(one.entropy[l], many.entropy[l])
         assert torch.equal(one.mean[l], many.mean[l])
@@ -139,7 +139,8 @@ def test_multipass_is_bit_identical():
 def test_max_memory_too_small_is_clear_error():
     model = make(TINY_VIT)
     with pytest.raises(EamError, match="max-memory"):
-        eamvit.compute_entropy_maps(model, _dataset(4), bits=8, progress=False, max_memory=1000)
+        eamvit.compute_entropy_maps(model, _dataset(4), bits=8, progress=False,
+                                    options=eamvit.CalibOptions(max_memory=1000))
 
 
 def test_memory_needed_is_printed(capsys):
@@ -162,7 +163,8 @@ def test_swin_windows_are_separate_variables_and_masked_entries_have_zero_entrop
 
 def test_save_load_roundtrip_and_wrong_model(tmp_path):
     model = make(TINY_VIT)
-    maps = eamvit.compute_entropy_maps(model, _dataset(5), bits=5, progress=False, meta={"seed": 7})
+    maps = eamvit.compute_entropy_maps(model, _dataset(5), bits=5, progress=False,
+                                       options=eamvit.CalibOptions(meta={"seed": 7}))
     maps.save(tmp_path / "m.safetensors")
     back = eamvit.EntropyMaps.load(tmp_path / "m.safetensors")
     assert back.meta["bits"] == 5 and back.meta["seed"] == 7 and back.meta["num_images"] == 5
@@ -180,11 +182,11 @@ def test_resume_gives_the_same_maps(tmp_path):
     ds = FailOnce(base, fail_at=9)
     partial = tmp_path / "maps.partial"
     with pytest.raises(KeyboardInterrupt):
-        eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False, resume_path=partial,
-                                    checkpoint_every=2)
+        eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False,
+                                    options=eamvit.CalibOptions(resume_path=partial, checkpoint_every=2))
     assert partial.exists()
-    resumed = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False, resume_path=partial,
-                                          checkpoint_every=2)
+    resumed = eamvit.compute_entropy_maps(model, ds, bits=6, batch_size=2, progress=False,
+                                          options=eamvit.CalibOptions(resume_path=partial, checkpoint_every=2))
     assert not partial.exists()
     assert resumed.meta["num_images"] == 12
     for l in range(full.num_layers):

@@ -16,7 +16,7 @@ _API = {name: module for module, names in {
     "eamvit.modules.attention": ("instrument", "observe"),
     "eamvit.methods.models": ("create_model", "data_config", "save_checkpoint", "BUNDLED_MODEL"),
     "eamvit.methods.data": ("build_dataset", "build_splits"),
-    "eamvit.methods.calibrate": ("compute_entropy_maps", "EntropyMaps"),
+    "eamvit.methods.calibrate": ("compute_entropy_maps", "EntropyMaps", "CalibOptions"),
     "eamvit.methods.freeze": ("FreezeConfig", "FreezeReport", "freeze_", "unfreeze_", "save_frozen", "load_frozen"),
     "eamvit.methods.evaluate": ("evaluate",),
     "eamvit.methods.cost": ("cost_account", "count_gflops"),

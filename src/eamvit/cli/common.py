@@ -237,15 +237,17 @@ def get_maps(args, model, device, sp, out_dir: Optional[Path] = None, maps=None)
     return maps
 
 
-def compute_maps(args, model, device, sp, meta: Optional[dict] = None, **kwargs):
-    """Entropy maps of ``model`` on ``sp``'s calibration images by the entropy options."""
-    from eamvit.methods.calibrate import compute_entropy_maps, parse_bytes
+def compute_maps(args, model, device, sp, meta: Optional[dict] = None, **options):
+    """Entropy maps of ``model`` on ``sp``'s calibration images by the entropy options (``options``: more
+    :class:`~eamvit.methods.calibrate.CalibOptions` fields)."""
+    from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps, parse_bytes
 
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in sp.data_config.items()}  # as JSON keeps it
     return compute_entropy_maps(model, sp.calib_set, indices=sp.calib_indices, **given_values(bits=args.bits),
-                                batch_size=args.batch_size, workers=args.workers, device=device,
-                                max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
-                                meta={"transforms": cfg, "seed": args.seed, **(meta or {})}, **kwargs)
+                                batch_size=args.batch_size, options=CalibOptions(
+                                    workers=args.workers, device=device,
+                                    max_memory=parse_bytes(args.max_memory) if args.max_memory else None,
+                                    meta={"transforms": cfg, "seed": args.seed, **(meta or {})}, **options))
 
 
 def flag(args, dest: str) -> str:

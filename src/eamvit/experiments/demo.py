@@ -39,7 +39,7 @@ from eamvit.experiments.freeze_sweep import freeze_sweep
 from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, retitle, write_table
 from eamvit.experiments.runner import EvalData, Timing
 from eamvit.io import ensure_writable_dir, write_text
-from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.freeze import FreezeConfig
@@ -113,8 +113,8 @@ def _checkpoint(out: Path, retrain: bool, checkpoint: Optional[str], device, epo
 
 def _maps_step(demo: DemoRun) -> None:
     """Entropy maps on the training split (maps.safetensors)."""
-    demo.maps = compute_entropy_maps(demo.model, demo.train, bits=8, batch_size=128, device=demo.device,
-                                     meta={"data": "digits/train", "seed": 0})
+    demo.maps = compute_entropy_maps(demo.model, demo.train, bits=8, batch_size=128,
+                                     options=CalibOptions(device=demo.device, meta={"data": "digits/train", "seed": 0}))
     demo.maps.save(demo.out / "maps.safetensors")
 
 

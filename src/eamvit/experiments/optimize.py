@@ -47,7 +47,7 @@ from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runt
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
 from eamvit.experiments.timer import ratio_stats, time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
-from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.prune import PruneConfig
@@ -152,8 +152,8 @@ def _maps_for(run: _Run, model: nn.Module):
     if key not in run.maps:
         sp = run.splits
         run.maps[key] = compute_entropy_maps(model, sp.calib_set, indices=sp.calib_indices, bits=8,
-                                             batch_size=run.config.batch_size, workers=run.config.workers,
-                                             device=run.device, progress=False)
+                                             batch_size=run.config.batch_size, progress=False,
+                                             options=CalibOptions(workers=run.config.workers, device=run.device))
     return run.maps[key]
 
 

@@ -1,24 +1,5 @@
-"""Entropy Attention Map calibration: stream a dataset through an instrumented model.
-
-Memory is bounded by planning the layers into passes before anything is allocated; each pass reads
-the whole calibration set in the same order, so the result does not depend on the number of passes.
-Under ``torchrun`` each process reads a disjoint shard and the integer histograms are all-reduced,
-so the entropies equal those of one process exactly. A long calibration can resume from its
-``.partial`` file.
-
-When the data is not a dataset of ``(image, target)`` items (a backbone inside a detection or
-segmentation model), ``forward_loop(model)`` runs the model over it instead
-(:mod:`eamvit.methods.forward_loop`): its first forward measures the attention shapes, each pass
-calls it once (it must feed the same images each time; refused under torchrun), and the
-histogram counts widen as images arrive (their number is not known ahead).
-
-``distance=True`` and ``renyi_orders`` add the attention statistics of the Rényi pruning paper's Fig. 6
-and Fig. 5 (:class:`~eamvit.ops.attention_stats.AttentionStats`), counted from the same forwards as the
-histograms: per layer and head the mean attention distance (in patches) and the mean entropy (nats) of
-the patch queries' rows, and per layer histograms of the per-token Rényi entropies that token pruning
-ranks. They need layers that attend over prefix tokens and the whole patch grid (ViT-like); other
-layers are left out (``None``), and a model without such a layer is refused.
-"""
+"""Entropy Attention Map calibration: stream a dataset (or a ``forward_loop``) through an instrumented model,
+in as many passes as memory needs, over disjoint shards under ``torchrun``, with the same maps either way."""
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import calibration_record, make_loader, shard
+from eamvit.methods.data import calibration_record, make_loader, readable_items, shard
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
 from eamvit.methods.maps import FORMAT, EntropyMaps
 from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
@@ -46,7 +27,8 @@ from eamvit.errors import EamError
 from eamvit.io import atomic_path
 from eamvit.methods.models import model_spec, num_prefix_tokens, patch_grid
 
-__all__ = ["FORMAT", "EntropyMaps", "compute_entropy_maps", "dist_info", "format_bytes", "parse_bytes", "plan_passes"]
+__all__ = ["FORMAT", "CalibOptions", "EntropyMaps", "compute_entropy_maps", "dist_info", "format_bytes",
+           "parse_bytes", "plan_passes"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -84,9 +66,9 @@ def parse_bytes(text: str) -> int:
 def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, layers: Sequence[int],
                 max_memory: Optional[int]) -> list[list[int]]:
     """Group consecutive ``layers`` into passes whose accumulators fit in ``max_memory`` bytes."""
-    need = {l: AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers}
     if max_memory is None:
         return [list(layers)]
+    need = {l: AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers}
     passes: list[list[int]] = [[]]
     used = 0
     for l in layers:
@@ -101,14 +83,6 @@ def plan_passes(shapes: Sequence[tuple[int, ...]], bits: int, max_count: int, la
     return passes
 
 
-def _first_sample(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
-    for i in indices:
-        item = dataset[i]
-        if item is not None:
-            return item[0].unsqueeze(0)
-    raise EamError("no readable image in the calibration set")
-
-
 def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) -> str:
     parts = [meta.get("model"), meta.get("bits"), list(indices), passes]
     if meta.get("attention_stats"):  # only then: a checkpoint of a run without them keeps its key
@@ -116,80 +90,79 @@ def _partial_key(meta: dict, indices: Sequence[int], passes: list[list[int]]) ->
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def compute_entropy_maps(
-    model: nn.Module,
-    dataset: Optional[Dataset] = None,
-    *,
-    forward_loop: Optional[ForwardLoop] = None,
-    indices: Optional[Sequence[int]] = None,
-    bits: int = 8,
-    batch_size: Optional[int] = None,
-    workers: int = 0,
-    device: torch.device | str | None = None,
-    max_memory: Optional[int] = None,
-    layers: Optional[Sequence[int]] = None,
-    keep_histograms: bool = False,
-    resume_path: Optional[str | os.PathLike] = None,
-    checkpoint_every: int = 50,
-    progress: bool = True,
-    meta: Optional[dict[str, Any]] = None,
-    distance: bool = False,
-    renyi_orders: Sequence[float] = (),
-) -> EntropyMaps:
-    """Entropy Attention Maps of ``model`` over ``dataset`` (EAM eq. 11-13 and the mean of eq. 15).
+@dataclass(frozen=True)
+class CalibOptions:
+    """The settings of :func:`compute_entropy_maps` beyond its images and bits (``eamvit calibrate``'s flags).
 
     Args:
-        model: a timm model or any module containing supported attention (a detector around a timm backbone).
-        dataset: items ``(image, target)`` (``None`` for an unreadable file, skipped).
-        forward_loop: instead of ``dataset``, ``f(model)`` runs ``model`` over the calibration data
-            (see the module doc); not with ``indices``, ``batch_size``, ``workers``, ``resume_path``.
-        indices: which items, in order (all by default; under torch.distributed, a disjoint shard each).
-        bits: histogram bits b, 2^b bins on [0, 1].
-        batch_size: images per forward (default 32).
-        workers: DataLoader workers.
         device: where the model and histograms run (the model's device by default).
         max_memory: histogram budget in bytes; above it the layers are split over several passes.
         layers: only these layers (the others get NaN entropy); all by default.
         keep_histograms: keep the raw counts (needed for KL maps).
         resume_path: a ``.partial`` file to checkpoint to (every ``checkpoint_every`` batches) and resume from.
-        progress: show a progress bar.
         meta: extra metadata stored with the maps (transforms, seed, ...).
-        distance: also measure each head's mean attention distance and row entropy (see the module doc).
-        renyi_orders: also count per-token Rényi entropy histograms of these orders (see the module doc).
+        distance: also measure each head's mean attention distance and row entropy (Rényi pruning paper,
+            Fig. 6), in the layers that attend over prefix tokens and the whole patch grid.
+        renyi_orders: also count per-token Rényi entropy histograms of these orders (Fig. 5), in those layers.
+    """
 
-    Returns:
-        :class:`EntropyMaps`.
+    workers: int = 0
+    device: torch.device | str | None = None
+    max_memory: Optional[int] = None
+    layers: Optional[Sequence[int]] = None
+    keep_histograms: bool = False
+    resume_path: Optional[str | os.PathLike] = None
+    checkpoint_every: int = 50
+    meta: Optional[dict[str, Any]] = None
+    distance: bool = False
+    renyi_orders: Sequence[float] = ()
+
+
+def compute_entropy_maps(model: nn.Module, dataset: Optional[Dataset] = None, *,
+                         forward_loop: Optional[ForwardLoop] = None, indices: Optional[Sequence[int]] = None,
+                         bits: int = 8, batch_size: Optional[int] = None, progress: bool = True,
+                         options: CalibOptions = CalibOptions()) -> EntropyMaps:
+    """Entropy Attention Maps of ``model`` over ``dataset`` (EAM eq. 11-13 and the mean of eq. 15).
+
+    Args:
+        model: a timm model or any module containing supported attention (a detector around a timm backbone).
+        dataset: items ``(image, target)`` (``None`` for an unreadable file, skipped).
+        forward_loop: instead of ``dataset``, ``f(model)`` runs ``model`` over the calibration data, the
+            same images at every call (one call per pass); not with ``indices``, ``batch_size``,
+            ``workers``, ``resume_path`` or torchrun.
+        indices: which items, in order (all by default; under torch.distributed, a disjoint shard each).
+        bits: histogram bits b, 2^b bins on [0, 1].
+        batch_size: images per forward (default 32).
     """
     rank, world = dist_info()
-    _check_source(dataset, forward_loop, indices, batch_size, workers, resume_path, world)
-    batch_size = 32 if batch_size is None else batch_size
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _check_source(dataset, forward_loop, indices, batch_size, options, world)
+    device = torch.device(options.device) if options.device is not None else next(model.parameters()).device
     model.to(device).eval()
     indices = [] if forward_loop is not None else list(range(len(dataset))) if indices is None else list(indices)
-    run = _plan(model, dataset, forward_loop, indices, bits, device, max_memory, layers, meta, distance, renyi_orders)
-    run.resume_path, run.keep_histograms = resume_path, keep_histograms
-    state = _load_partial(resume_path, run.key)
+    run = _plan(model, dataset, forward_loop, indices, bits, device, options)
+    run.batch_size, run.progress, run.world = 32 if batch_size is None else batch_size, progress and rank == 0, world
+    state = _load_partial(options.resume_path, run.key)
     run.resume_done(state)
     my_indices = shard(indices, rank, world)
     for p in range((state or {}).get("pass", 0), len(run.passes)):
-        _run_pass(run, p, state, my_indices, batch_size, workers, checkpoint_every, progress and rank == 0, world)
-    if resume_path is not None and Path(resume_path).exists():
-        Path(resume_path).unlink()
+        _run_pass(run, p, state, my_indices)
+    if options.resume_path is not None and Path(options.resume_path).exists():
+        Path(options.resume_path).unlink()
     return run.maps()
 
 
-def _check_source(dataset, forward_loop, indices, batch_size, workers, resume_path, world: int) -> None:
+def _check_source(dataset, forward_loop, indices, batch_size, options: CalibOptions, world: int) -> None:
     """Refuse no data or two kinds of it, and the options a forward loop or torchrun cannot honour."""
     check_forward_loop(dataset, forward_loop, "a dataset")
-    if resume_path is not None and world > 1:
+    if options.resume_path is not None and world > 1:
         raise EamError("--resume is not supported under torchrun; run calibration in one process to resume it")
     if forward_loop is None:
         return
-    given = [name for name, v in (("indices", indices), ("batch_size", batch_size), ("resume_path", resume_path))
-             if v is not None] + (["workers"] if workers else [])
-    if given:
-        raise EamError(f"{given[0]} applies to a calibration dataset, not to forward_loop (the loop decides "
-                       "which images, in which batches); leave it out")
+    given = [name for name, v in (("indices", indices), ("batch_size", batch_size),
+                                  ("resume_path", options.resume_path)) if v is not None]
+    if given or options.workers:
+        raise EamError(f"{(given or ['workers'])[0]} applies to a calibration dataset, not to forward_loop (the loop "
+                       "decides which images, in which batches); leave it out")
     if world > 1:
         raise EamError("forward_loop calibration runs in one process, not under torchrun; give a dataset to shard")
 
@@ -201,6 +174,7 @@ class _Run:
     model: nn.Module
     dataset: Optional[Dataset]
     forward_loop: Optional[ForwardLoop]
+    options: CalibOptions
     device: torch.device
     shapes: list[tuple[int, ...]]
     bits: int
@@ -208,8 +182,9 @@ class _Run:
     passes: list[list[int]]
     meta: dict[str, Any]
     key: str
-    resume_path: Optional[str | os.PathLike] = None
-    keep_histograms: bool = False
+    batch_size: int = 32
+    progress: bool = True
+    world: int = 1
     skipped: int = 0
     seen_images: int = 0
     entropy: list = field(default_factory=list)
@@ -221,21 +196,28 @@ class _Run:
     stats: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = len(self.shapes)
-        self.entropy, self.mean, self.hists, self.masked = [None] * n, [None] * n, [None] * n, [None] * n
-        self.stats = [None] * n
+        for name in ("entropy", "mean", "hists", "masked", "stats"):
+            setattr(self, name, [None] * len(self.shapes))
 
     def resume_done(self, state: Optional[dict]) -> None:
         """Take the finished layers of an interrupted calibration."""
         for l, t in (state or {}).get("done", {}).items():
             self.entropy[l], self.mean[l], self.masked[l] = t["entropy"], t["mean"], t.get("masked")
             self.stats[l] = t.get("stats")
-            if self.keep_histograms:
+            if self.options.keep_histograms:
                 self.hists[l] = t["hist"]
 
     def save_partial(self, p: int, batch: int, acc: dict, stats: Optional[dict] = None) -> None:
-        _save_partial(self.resume_path, self.key, p, batch, acc, self.entropy, self.mean, self.masked, self.hists,
-                      self.skipped, self.stats, stats or {})
+        stats = stats or {}
+        done = {l: {"entropy": self.entropy[l], "mean": self.mean[l], "masked": self.masked[l],
+                    "hist": self.hists[l], "stats": self.stats[l]}
+                for l in range(len(self.entropy)) if self.entropy[l] is not None}
+        state = {"key": self.key, "pass": p, "batch": batch, "skipped": self.skipped, "done": done,
+                 "acc": {l: {"counts": a.counts.cpu(), "sum": a.sum.cpu(), "count": a.count, "masked": self.masked[l],
+                             "stats": {k: v.cpu() for k, v in stats[l].state().items()} if l in stats else None}
+                         for l, a in acc.items()}}
+        with atomic_path(self.options.resume_path) as tmp:
+            torch.save(state, tmp)
 
     def new_stats(self, layers: Sequence[int]) -> dict[int, AttentionStats]:
         """Fresh accumulators of the attention statistics of those ``layers`` that are measured."""
@@ -256,7 +238,7 @@ class _Run:
             entropy=[e if e is not None else nan(self.shapes[l]) for l, e in enumerate(self.entropy)],
             mean=[m if m is not None else nan(self.shapes[l]) for l, m in enumerate(self.mean)],
             masked=self.masked, meta=self.meta,
-            histograms=list(self.hists) if self.keep_histograms else None,
+            histograms=list(self.hists) if self.options.keep_histograms else None,
             distance=stat("distance") if spec.get("distance") else None,
             head_entropy=stat("head_entropy") if spec.get("distance") else None,
             renyi=stat("renyi") if spec.get("renyi_orders") else None,
@@ -264,29 +246,30 @@ class _Run:
 
 
 def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[ForwardLoop], indices: list[int],
-          bits: int, device: torch.device, max_memory: Optional[int], layers: Optional[Sequence[int]],
-          meta: Optional[dict[str, Any]], distance: bool = False, renyi_orders: Sequence[float] = ()) -> _Run:
+          bits: int, device: torch.device, options: CalibOptions) -> _Run:
     """Check the request, measure the attention shapes, split the layers into passes, say what it needs."""
     check_bits(bits)
-    orders = check_orders(renyi_orders)
+    orders = check_orders(options.renyi_orders)
     all_layers = attention_layers(model)
     loop = forward_loop is not None
     if not indices and not loop:
         raise EamError("the calibration set is empty; check the folder or --calib-size")
-    layers = list(range(len(all_layers))) if layers is None else sorted(set(layers))
+    layers = list(range(len(all_layers))) if options.layers is None else sorted(set(options.layers))
     if any(l < 0 or l >= len(all_layers) for l in layers):
         raise EamError(f"layers must be in 0..{len(all_layers) - 1}")
-    shapes = (loop_layer_shapes(model, forward_loop) if loop
-              else layer_shapes(model, _first_sample(dataset, indices).to(device)))
+    first = [] if loop else readable_items(dataset, indices, 1)
+    if not loop and not first:
+        raise EamError("no readable image in the calibration set")
+    sample = None if loop else first[0][0].unsqueeze(0).to(device)
+    shapes = loop_layer_shapes(model, forward_loop) if loop else layer_shapes(model, sample)
     # A loop's image count is known only at the end: plan the memory for the widest counts it may need.
     max_count = torch.iinfo(torch.int32).max if loop else len(indices)
-    passes = plan_passes(shapes, bits, max_count, layers, max_memory)
+    passes = plan_passes(shapes, bits, max_count, layers, options.max_memory)
     total = sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in layers)
     biggest = max(sum(AttentionHistogram.nbytes(shapes[l], bits, max_count) for l in p) for p in passes)
     log(f"eamvit: histograms need {'at most ' if loop else ''}{format_bytes(total)} for {len(layers)} layers x "
-        f"2^{bits} bins; "
-        f"{len(passes)} pass(es), at most {format_bytes(biggest)} at once")
-    meta = dict(meta or {})
+        f"2^{bits} bins; {len(passes)} pass(es), at most {format_bytes(biggest)} at once")
+    meta = dict(options.meta or {})
     # A backbone inside a user's model (timm features_only, a detector): the token layout is the backbone's.
     inner = next((m for m in model.modules() if hasattr(m, "patch_embed")), model)
     # The images that calibrated the maps: evaluation skips them (a loop's are not known: data None).
@@ -294,10 +277,10 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     meta.update(format=FORMAT, model=model_spec(model).to_dict(), bits=bits,
                 layer_shapes=[list(s) for s in shapes], num_prefix_tokens=num_prefix_tokens(inner),
                 grid=list(patch_grid(inner) or []) or None)
-    stats_layers = _plan_stats(type(model).__name__, shapes, layers, meta, distance, orders)
-    return _Run(model=model, dataset=dataset, forward_loop=forward_loop, device=device, shapes=shapes, bits=bits,
-                max_count=max_count, passes=passes, meta=meta, key=_partial_key(meta, indices, passes),
-                stats_layers=stats_layers)
+    stats_layers = _plan_stats(type(model).__name__, shapes, layers, meta, options.distance, orders)
+    return _Run(model=model, dataset=dataset, forward_loop=forward_loop, options=options, device=device,
+                shapes=shapes, bits=bits, max_count=max_count, passes=passes, meta=meta,
+                key=_partial_key(meta, indices, passes), stats_layers=stats_layers)
 
 
 def _plan_stats(name: str, shapes: list[tuple[int, ...]], layers: list[int], meta: dict, distance: bool,
@@ -338,8 +321,7 @@ def _restore(run: _Run, p: int, state: Optional[dict], acc: dict, stats: dict) -
     return state["batch"]
 
 
-def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], batch_size: int, workers: int,
-              checkpoint_every: int, progress: bool, world: int) -> None:
+def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int]) -> None:
     """Count the histograms of the layers of pass ``p`` over this process's images, then finalise them."""
     group = run.passes[p]
     loop = run.forward_loop
@@ -353,48 +335,47 @@ def _run_pass(run: _Run, p: int, state: Optional[dict], my_indices: list[int], b
     # Every layer takes the explicit path in every pass (a no-op observer where nothing is
     # counted): fused and explicit attention differ in the last bits, and a layer's input must
     # not depend on which pass it is counted in.
-    observers = {l: _ignore for l in range(len(run.shapes))}
+    observers = dict.fromkeys(range(len(run.shapes)), lambda attn, mask: None)
     observers.update({l: _observer(acc[l], run.masked, l, grow=loop is not None, stats=stats.get(l)) for l in group})
     try:
         with observe(run.model, observers), torch.inference_mode():
             if loop is not None:
                 _check_loop_pass(run, p, acc, run_forward_loop(run.model, loop))
             else:
-                _feed(run, p, acc, stats, my_indices[start_batch * batch_size:], start_batch, batch_size, workers,
-                      checkpoint_every, progress)
+                _feed(run, p, acc, stats, my_indices[start_batch * run.batch_size:], start_batch)
     finally:
         scratch.close()
     for l in group:
         a = acc[l]
-        if world > 1:
+        if run.world > 1:
             _all_reduce(a, stats.get(l))
         run.entropy[l], run.mean[l] = a.entropy().cpu(), a.mean().cpu()
         if l in stats:
             run.stats[l] = stats[l].result()
-        if run.keep_histograms:
+        if run.options.keep_histograms:
             run.hists[l] = a.histogram().cpu()
         if run.masked[l] is not None:
             run.masked[l] = run.masked[l].cpu()
         run.seen_images = a.count
     del acc
-    if run.resume_path is not None and p + 1 < len(run.passes):
+    if run.options.resume_path is not None and p + 1 < len(run.passes):
         run.save_partial(p + 1, 0, {})
 
 
-def _feed(run: _Run, p: int, acc: dict, stats: dict, indices: list[int], start_batch: int, batch_size: int,
-          workers: int, checkpoint_every: int, progress: bool) -> None:
+def _feed(run: _Run, p: int, acc: dict, stats: dict, indices: list[int], start_batch: int) -> None:
     """Run the model over ``indices`` of the dataset, in batches, checkpointing as asked."""
-    n_batches = start_batch + math.ceil(len(indices) / batch_size)
+    n_batches = start_batch + math.ceil(len(indices) / run.batch_size)
     # Same batch boundaries as an uninterrupted run: resume skips whole batches.
-    loader = make_loader(run.dataset, indices, batch_size=batch_size, workers=workers)
+    loader = make_loader(run.dataset, indices, batch_size=run.batch_size, workers=run.options.workers)
     bar = tqdm(total=n_batches, initial=start_batch, desc=f"entropy pass {p + 1}/{len(run.passes)}",
-               unit="batch", disable=not progress, dynamic_ncols=True)
+               unit="batch", disable=not run.progress, dynamic_ncols=True)
+    every = run.options.checkpoint_every
     for b, batch in enumerate(loader, start=start_batch):
         run.skipped += batch.skipped if p == 0 else 0
         if batch.images.numel():
             run.model(batch.images.to(run.device, non_blocking=True))
         bar.update(1)
-        if run.resume_path is not None and (b + 1) % checkpoint_every == 0 and b + 1 < n_batches:
+        if run.options.resume_path is not None and (b + 1) % every == 0 and b + 1 < n_batches:
             run.save_partial(p, b + 1, acc, stats)
     bar.close()
 
@@ -410,10 +391,6 @@ def _check_loop_pass(run: _Run, p: int, acc: dict, forwards: int) -> None:
         raise EamError(f"forward_loop fed {run.seen_images} images in pass 1 and {count} in pass {p + 1}; it must "
                        "feed the same images each time it is called")
     log(f"eamvit: entropy pass {p + 1}/{len(run.passes)}: {forwards} forwards, {count} images")
-
-
-def _ignore(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    return None
 
 
 def _observer(acc: AttentionHistogram, masked: list, layer: int, grow: bool = False,
@@ -443,18 +420,6 @@ def _all_reduce(a: AttentionHistogram, stats: Optional[AttentionStats] = None) -
         for t in state.values():
             dist.all_reduce(t)
         stats.load_state(state)
-
-
-def _save_partial(path, key, p, batch, acc, entropy, mean, masked, hists, skipped, stats_done, stats) -> None:
-    done = {l: {"entropy": entropy[l], "mean": mean[l], "masked": masked[l], "hist": hists[l],
-                "stats": stats_done[l]}
-            for l in range(len(entropy)) if entropy[l] is not None}
-    state = {"key": key, "pass": p, "batch": batch, "skipped": skipped, "done": done,
-             "acc": {l: {"counts": a.counts.cpu(), "sum": a.sum.cpu(), "count": a.count, "masked": masked[l],
-                         "stats": {k: v.cpu() for k, v in stats[l].state().items()} if l in stats else None}
-                     for l, a in acc.items()}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _load_partial(path, key) -> Optional[dict]:

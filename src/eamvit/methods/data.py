@@ -1,19 +1,18 @@
-"""Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images.
-
-The datasets themselves (ImageFolder trees, scikit-learn's bundled digits, and what happens to
-unreadable files) are :mod:`eamvit.methods.datasets`, re-exported here.
-"""
+"""Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images (the
+datasets themselves are :mod:`eamvit.methods.datasets`, re-exported here)."""
 from __future__ import annotations
 
-import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from eamvit.methods.models import PREPROCESSING_KEYS, data_config, file_sha256
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
 # The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
@@ -21,15 +20,10 @@ from eamvit.methods.datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, Imag
 
 
 def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
-    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's, or None when they can.
+    """Why an ImageFolder's labels cannot be a ``num_classes``-way model's (``name``: the folder), or None.
 
     ImageFolder numbers its class folders 0, 1, ... in sorted order, whatever their names: a folder
     of other classes (or fewer) is scored against the wrong outputs.
-
-    Args:
-        dataset: the dataset (only an :class:`ImageFolderDataset` is checked).
-        num_classes: outputs of the model.
-        name: the folder, for the message.
     """
     if not isinstance(dataset, ImageFolderDataset) or not num_classes:
         return None
@@ -49,13 +43,12 @@ def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[st
 
 def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude: Sequence[int] = ()) -> list[int]:
     """Indices of a seeded random subset of ``size`` images (all, in order, when ``size`` is None)."""
-    n = len(dataset)
     skip = set(exclude)
+    pool = [i for i in range(len(dataset)) if i not in skip]
     if size is None:
-        return [i for i in range(n) if i not in skip]
+        return pool
     if size < 1:
         raise EamError(f"subset size must be at least 1, got {size}")
-    pool = [i for i in range(n) if i not in skip]
     if size > len(pool):
         raise EamError(f"asked for {size} images but only {len(pool)} are available; lower --calib-size/--num-samples")
     g = torch.Generator().manual_seed(seed)
@@ -95,14 +88,8 @@ def make_loader(dataset: Dataset, indices: Optional[Sequence[int]] = None, batch
 def readable_items(dataset: Dataset, indices: Optional[Sequence[int]], n: int) -> list[tuple[torch.Tensor, int]]:
     """The first ``n`` readable items of ``dataset`` among ``indices`` (all by default), in order;
     unreadable files are passed over as a loader skips them. May be fewer than ``n``, or none."""
-    items = []
-    for i in range(len(dataset)) if indices is None else indices:
-        item = dataset[i]
-        if item is not None:
-            items.append(item)
-            if len(items) == n:
-                break
-    return items
+    items = map(dataset.__getitem__, range(len(dataset)) if indices is None else indices)
+    return list(itertools.islice((item for item in items if item is not None), n))
 
 
 def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -131,24 +118,16 @@ def digits_data_config(img_size: int = 16) -> dict[str, Any]:
 
 def eval_transform(cfg: dict[str, Any]) -> Callable:
     """timm's evaluation transform of data config ``cfg`` (resize, crop, normalize) for image files."""
-    from timm.data import create_transform
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: v for k, v in cfg.items() if k in keys}, is_training=False)
+    return create_transform(**{k: v for k, v in cfg.items() if k in PREPROCESSING_KEYS}, is_training=False)
 
 
 def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: str = "test",
                   strict_images: bool = False, img_size: int = 16, transform: Optional[Callable] = None,
                   augment: bool = False) -> Dataset:
-    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg``.
+    """``"digits"`` (with ``split``) or a path to an ImageFolder tree, preprocessed by ``model_cfg`` (digits:
+    its side, mean, std and interpolation; ``img_size`` without one).
 
     Args:
-        spec: ``"digits"`` or an ImageFolder root.
-        model_cfg: a data config (:func:`eamvit.data_config`); digits use its side, mean, std and
-            interpolation when given (8x8 digits are never cropped).
-        split: digits split, ``"train"`` or ``"test"``.
-        strict_images: fail on an unreadable image instead of skipping it.
-        img_size: digits side when no ``model_cfg`` is given.
         transform: an ImageFolder's transform instead of ``model_cfg``'s evaluation one (training
             augmentation); ``model_cfg`` still says whether images are read as grayscale.
         augment: digits only: random ±1-pixel shifts (training).
@@ -160,17 +139,12 @@ def build_dataset(spec: str, model_cfg: Optional[dict[str, Any]] = None, split: 
         return DigitsDataset(split, img_size=int(c["input_size"][-1]), augment=augment, mean=float(c["mean"][0]),
                              std=float(c["std"][0]), interpolation=c.get("interpolation") or "bilinear")
     cfg = dict(model_cfg or {})
-    if transform is None:
-        transform = eval_transform(cfg)
-    grayscale = cfg.get("input_size", (3,))[0] == 1
-    ds = ImageFolderDataset(spec, transform, grayscale=grayscale, strict=strict_images)
+    ds = ImageFolderDataset(spec, transform if transform is not None else eval_transform(cfg),
+                            grayscale=cfg.get("input_size", (3,))[0] == 1, strict=strict_images)
     if len(ds) == 0:
         raise EamError(f"image folder {spec} contains no images")
     ds.require_readable()
     return ds
-
-
-DEFAULT_CALIB_SIZE = 512
 
 
 def _unwrap(dataset: Any, indices: Optional[Sequence[int]]) -> tuple[Any, list[int]]:
@@ -189,29 +163,16 @@ def _relative_paths(ds: ImageFolderDataset) -> list[str]:
 
 def _file_digest(path: str) -> str:
     """First 16 hex digits of the file's SHA-256 ("" when it cannot be read: it calibrated nothing)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)[:16]
     except OSError:
         return ""
-    return h.hexdigest()[:16]
 
 
 def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """What an artifact records about the images that calibrated it, so that evaluation can skip them.
-
-    An ImageFolder's images are named by their paths relative to its root (sorted), each with a
-    digest of its bytes: a later evaluation skips a file of the same relative path and content, so
-    the folder may be moved or copied or gain files, while another folder whose files merely share
-    names (class/0.png, ...) skips nothing. Digits are named by split and index. Anything else
-    (tensors, other datasets) has ``data: None``.
-
-    Args:
-        dataset: the calibration dataset, possibly wrapped in ``Subset``.
-        indices: the items used (all by default).
-    """
+    """What an artifact records about the images (``indices`` of ``dataset``, possibly a ``Subset``) that
+    calibrated it, so that evaluation can skip them: an ImageFolder's relative paths with a digest of each
+    file's bytes, the digits' split and indices, ``data: None`` for anything else."""
     if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):  # tensors, loaders, streams
         return {"data": None}
     base, idx = _unwrap(dataset, indices)
@@ -224,42 +185,22 @@ def calibration_record(dataset: Any, indices: Optional[Sequence[int]] = None) ->
     return {"data": None, "num_images": len(idx)}
 
 
-def _malformed(name: str) -> EamError:
-    return EamError(f"{name} has a malformed record of its calibration images; create it again")
-
-
-def _check_record(record: Any, name: str) -> None:
-    """Refuse one record read from a file that is not what :func:`calibration_record` writes."""
-    files = record.get("files", {}) if isinstance(record, dict) else None
-    indices = record.get("indices", []) if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) or \
-            not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise _malformed(name)
+def _record_ok(record: Any) -> bool:
+    """Whether one record read from a file is what :func:`calibration_record` writes."""
+    files, indices = (record.get("files", {}), record.get("indices", [])) if isinstance(record, dict) else (0, 0)
+    return (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+            and isinstance(indices, list) and all(isinstance(i, int) for i in indices))
 
 
 def check_records(records: Any, name: str = "a file eamvit read") -> list[dict]:
-    """``records`` read from ``name``'s metadata, refused unless a list of records of :func:`calibration_record`.
-
-    Args:
-        records: the metadata's ``calibration`` value.
-        name: the file, for the message.
-    """
-    if not isinstance(records, list):
-        raise _malformed(name)
-    for r in records:
-        _check_record(r, name)
+    """``records`` (file ``name``'s ``calibration`` metadata), refused unless a list of calibration records."""
+    if not isinstance(records, list) or not all(map(_record_ok, records)):
+        raise EamError(f"{name} has a malformed record of its calibration images; create it again")
     return records
 
 
-def recorded_indices(dataset: Dataset, record: Any, name: str = "the artifact") -> list[int]:
-    """Indices of the items of ``dataset`` that a :func:`calibration_record` names.
-
-    Args:
-        dataset: an evaluation set (:class:`ImageFolderDataset` or :class:`DigitsDataset`).
-        record: a record read from an artifact (checked here).
-        name: the artifact, for messages.
-    """
-    _check_record(record, name)
+def recorded_indices(dataset: Dataset, record: dict) -> list[int]:
+    """Indices of the items of ``dataset`` that a (checked) :func:`calibration_record` names."""
     files = record.get("files", {})
     if isinstance(dataset, DigitsDataset):
         if record.get("data") != "digits" or record.get("split") != dataset.split:
@@ -280,16 +221,12 @@ def _describe(record: dict) -> str:
 
 def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str, Optional[list]]]
                      ) -> tuple[set[int], list[str], list[str]]:
-    """The items of ``dataset`` that calibrated the artifacts a command evaluates.
+    """``(indices to skip, one line per artifact that records images, names of artifacts that record none)``:
+    the items of ``dataset`` (named ``data``) that calibrated the artifacts a command evaluates.
 
     Args:
-        dataset: the evaluation set.
-        data: its name (``--data``), for messages.
         artifacts: ``(name, records)`` per artifact; records ``None``: the artifact records none
             (written before eamvit recorded them).
-
-    Returns:
-        ``(indices to skip, one line per artifact that records images, names of artifacts that record none)``.
     """
     skip: set[int] = set()
     lines, unrecorded = [], []
@@ -298,9 +235,7 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
         if records is None:
             unrecorded.append(name)
             continue
-        hits: set[int] = set()
-        for r in check_records(records, name):
-            hits.update(recorded_indices(dataset, r, name))
+        hits = set().union(*(recorded_indices(dataset, r) for r in check_records(records, name)))
         skip |= hits
         if hits:
             lines.append(f"scoring skips the {len(hits)} images of {data} that calibrated {name}")
@@ -312,14 +247,8 @@ def calibrated_skips(dataset: Dataset, data: str, artifacts: Sequence[tuple[str,
 
 @dataclass
 class Splits:
-    """Evaluation and calibration sets of one command (see :func:`build_splits`).
-
-    ``eval_indices``/``calib_indices`` of ``None`` mean every item; ``data_config`` is the
-    preprocessing really applied; ``calib_note`` says what calibration used and by which rule;
-    ``calib_excluded`` counts the images of ``data`` left out because they calibrated what is
-    evaluated, ``skip_notes`` says why (one line per artifact), ``unrecorded`` names artifacts that
-    record no calibration images.
-    """
+    """Evaluation and calibration sets of one command (see :func:`build_splits`); indices of ``None`` mean every
+    item, ``calib_excluded`` counts the images left out because they calibrated what is evaluated."""
 
     eval_set: Optional[Dataset]
     eval_indices: Optional[list[int]]
@@ -340,26 +269,18 @@ def build_splits(data: str, cfg: dict[str, Any], *, overrides: Optional[dict[str
     """The one rule every command uses for its evaluation and calibration images.
 
     Calibration images: ``calib_data`` if given, else the digits training split, else a seeded held-out
-    part of ``data``; ``calib_size`` of them, default min(512, available) (``calib_all``: all), where a
-    held-out part takes at most half of ``data``. Maps, quantized states and ONNX exports record them, and
-    evaluation never scores an image that calibrated what it evaluates.
+    part of ``data`` (at most half of it); ``calib_size`` of them, default min(512, available)
+    (``calib_all``: all). Evaluation never scores an image that calibrated what it evaluates.
 
     Args:
-        data: ``"digits"`` or an ImageFolder root (evaluated: digits' test split).
-        cfg: the model's data config (:func:`eamvit.data_config`, overrides applied).
+        data: ``"digits"`` (evaluated: its test split) or an ImageFolder root, preprocessed by ``cfg``.
         overrides: the preprocessing overrides the user gave (digits apply mean/std/interpolation only).
-        calib_data: a separate calibration ImageFolder (or ``"digits"``: its training split).
         num_samples: evaluate a seeded random subset of this size.
-        calib_size: calibration images (default: min(512, available), or all with ``calib_all``).
-        seed: seed of both subsets.
         evaluate: the command evaluates on ``data`` (else ``data`` is calibration only).
-        calibrate: the command needs calibration images.
-        strict_images: fail on unreadable images.
         calib_all: calibrate on every available image by default (``calibrate``: the user chose them).
         calib_need: images the calibration method reads (ADFQ-ViT: 1024); the default number is then
             min(max(512, calib_need), available).
-        calibrated_on: ``(name, records)`` of the artifacts evaluated (see :func:`calibrated_skips`):
-            the images they record are never scored.
+        calibrated_on: ``(name, records)`` of the artifacts evaluated: the images they record are never scored.
     """
     ov = overrides or {}
     if calib_data == "digits" and data != "digits":
@@ -389,7 +310,7 @@ def _calibration(build: Callable, ev: Optional[Dataset], data: str, calib_data: 
     avail = len(cal) // 2 if hold else len(cal)
     if calib_size is None and calib_all and not hold:
         return cal, list(range(len(cal))), f"calibration: {avail} images from {where} (default: all of them)", hold
-    default = max(DEFAULT_CALIB_SIZE, calib_need)
+    default = max(512, calib_need)  # the calibration images every command takes by default
     n = calib_size if calib_size is not None else min(default, avail)
     if hold and n >= len(cal):
         raise EamError(f"--calib-size {n} leaves no images of {data} to evaluate; lower it or pass --calib-data")
@@ -423,16 +344,9 @@ def _eval_indices(sp: Splits, data: str, num_samples: Optional[int], seed: int, 
 
 
 def add_calibration(model: Any, records: Sequence[dict], name: str = "a file eamvit read") -> None:
-    """Add ``records`` (:func:`calibration_record`) to the model's state (``calibration``), once each.
-
-    A model carries the records of everything that calibrated it (quantization, the maps it was
-    frozen with), so that what is saved or exported from it names all of those images.
-
-    Args:
-        model: the model.
-        records: the records (checked: they may come from a file's metadata).
-        name: where they were read, for messages.
-    """
+    """Add ``records`` (:func:`calibration_record`, checked: read from file ``name``) to the model's state, once
+    each: what is saved or exported from a model names every image that calibrated it (quantization, the maps
+    it was frozen with)."""
     have = list(state_of(model).calibration or [])
     for r in check_records(list(records) if isinstance(records, tuple) else records, name):
         if r not in have:
@@ -446,8 +360,6 @@ def choose_data_config(model: Any, data: str, overrides: dict[str, Any],
     artifact it reads (``(kind, origin, config)``: ``kind`` becomes ``cfg["source"]``, ``origin`` names the
     file in messages), else the model's own (its checkpoint's, else timm's); ``data == "digits"`` has fixed
     preprocessing, never a saved one."""
-    from eamvit.methods.models import PREPROCESSING_KEYS, data_config
-
     cfg = data_config(model, overrides)
     kind, origin, stored = saved or (None, None, None)
     if stored is not None and not isinstance(stored, dict):

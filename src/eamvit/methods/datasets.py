@@ -1,10 +1,5 @@
-"""The datasets eamvit reads: ImageNet-style folders of image files and scikit-learn's bundled digits.
-
-Unreadable image files in an ImageFolder tree are skipped and counted (``skipped`` in every results
-row), not fatal: one broken JPEG in 50 000 should not end an evaluation. ``--strict-images`` turns a
-bad file into an error instead. A folder none of whose files can be read is refused when it is
-opened (:meth:`ImageFolderDataset.require_readable`): there is nothing to skip to.
-"""
+"""The datasets eamvit reads: ImageNet-style folders of image files (an unreadable file is skipped and
+counted, not fatal, unless ``--strict-images``) and scikit-learn's bundled digits."""
 from __future__ import annotations
 
 import os
@@ -21,7 +16,6 @@ class ImageFolderDataset(Dataset):
     """An ImageNet-style folder (``root/<class>/<image>``) read with torchvision's ImageFolder.
 
     Args:
-        root: the folder.
         transform: a transform from :func:`eamvit.models.data_config` (timm ``create_transform``).
         grayscale: read images as one channel (models with ``in_chans=1``).
         strict: raise on an unreadable image instead of skipping it.
@@ -30,8 +24,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, transform: Callable, grayscale: bool = False, strict: bool = False):
         from torchvision.datasets import ImageFolder
 
-        root = Path(root)
-        self.root = root
+        self.root = root = Path(root)
         if not root.is_dir():
             raise EamError(f"image folder {root} does not exist; pass an ImageNet-style folder root/<class>/<image>")
         try:
@@ -65,10 +58,7 @@ class ImageFolderDataset(Dataset):
         return self.transform(img), target
 
     def require_readable(self) -> None:
-        """Refuse a folder none of whose files is an image (every item would be skipped).
-
-        Files are read in order until one can be; a good folder costs one image.
-        """
+        """Refuse a folder none of whose files is an image (nothing to skip to); a good folder costs one image."""
         first: Optional[tuple[str, Exception]] = None
         for path, _ in self.folder.samples:
             try:
@@ -89,16 +79,10 @@ DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits as ``(1, S, S)`` tensors.
-
-    A fixed stratified 80/20 split (seed 0): 1437 training and 360 test images.
+    """scikit-learn's bundled 8x8 handwritten digits as ``(1, img_size, img_size)`` tensors (a fixed stratified
+    80/20 split), scaled to [0, 1], minus ``mean``, over ``std``; ``augment``: random ±1-pixel shifts.
 
     Args:
-        split: ``"train"`` or ``"test"``.
-        img_size: side the 8x8 images are resized to.
-        augment: random ±1-pixel shifts (training only).
-        mean: per-channel mean subtracted after scaling pixels to [0, 1] (one channel).
-        std: divisor after the mean.
         interpolation: ``bilinear`` (how the bundled model was trained), ``bicubic`` or ``nearest``.
     """
 

@@ -20,22 +20,11 @@ from eamvit.methods.models import model_spec
 def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]] = None, batch_size: int = 64,
              workers: int = 0, device: torch.device | str | None = None, progress: bool = True,
              desc: str = "eval") -> dict[str, Any]:
-    """Top-1 / top-5 accuracy (percent) of ``model`` on ``dataset``.
+    """``top1``, ``top1_err``, ``top5``, ``top5_err`` (percent), ``num_images``, ``skipped_images`` of
+    ``model`` (logits) on ``indices`` of ``dataset`` (all by default; ``None`` items are unreadable files,
+    skipped and counted), on ``device`` (the model's by default).
 
     Under torch.distributed each process evaluates a disjoint shard and the counts are summed.
-
-    Args:
-        model: any classifier returning logits.
-        dataset: items ``(image, target)`` (``None`` items are unreadable files, skipped and counted).
-        indices: which items (all by default).
-        batch_size: images per forward.
-        workers: DataLoader workers.
-        device: where to run (the model's device by default).
-        progress: show a progress bar.
-        desc: progress-bar label.
-
-    Returns:
-        ``top1``, ``top1_err``, ``top5``, ``top5_err``, ``num_images``, ``skipped_images``.
     """
     rank, world = dist_info()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -52,12 +41,8 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         target = batch.targets.to(device)
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hit = top.eq(target.unsqueeze(1))
-        counts[0] += int(hit[:, 0].sum())
-        counts[1] += int(hit.any(1).sum())
-        counts[2] += target.numel()
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(target.unsqueeze(1))
+        counts[:3] += torch.tensor([int(hit[:, 0].sum()), int(hit.any(1).sum()), target.numel()])
     if world > 1:
         dist.all_reduce(counts)
     n = int(counts[2])
@@ -74,13 +59,10 @@ def _floats(v) -> Optional[str]:
 
 def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:
     """The head of every results row (:data:`eamvit.columns.HEAD`: timm validate.py's fields and the data
-    config), then ``extra``.
+    config ``data_cfg`` the images were built with), then ``extra`` (fields of :data:`eamvit.columns.COLUMNS`).
 
     Args:
-        model: the model evaluated (name, weights and parameter count).
         metrics: :func:`evaluate`'s result (or the mean of several).
-        data_cfg: the data config the images were built with (``source`` included); ``None``: blank.
-        extra: the row's other fields, named from :data:`eamvit.columns.COLUMNS`.
     """
     spec = model_spec(model)
     cfg = data_cfg or {}

@@ -1,15 +1,8 @@
-"""Calibration data given as a ``forward_loop(model)`` callable (as NVIDIA Model Optimizer's ``quantize``).
-
-When the calibration data is not a classification folder (a detection or segmentation model whose
-backbone is a timm transformer, inputs that are dicts, a data pipeline of the user's own), the user
-passes a callable that runs ``model`` over the calibration data; eamvit calls it with the model it
-is calibrating and observes whatever that runs. It must feed the same data, in the same order, each
-time it is called (entropy maps split over several passes call it once per pass).
-"""
+"""Calibration data given as a ``forward_loop(model)`` callable (as NVIDIA Model Optimizer's ``quantize``)
+that runs the model over the data: it must feed the same data, in the same order, at every call."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -25,13 +18,7 @@ class _FirstForwardDone(Exception):
 
 
 def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name: str) -> None:
-    """Refuse, in one line, no calibration data, both kinds at once, or a forward loop that is not callable.
-
-    Args:
-        data: the calibration data given the other way (a dataset, images).
-        forward_loop: the callable, or None.
-        data_name: the name of the other argument, for the message.
-    """
+    """Refuse no calibration data, both kinds (``data`` is named ``data_name``), or a forward loop not callable."""
     if forward_loop is None:
         if data is None:
             raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
@@ -44,42 +31,28 @@ def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name
                        f"not {type(forward_loop).__name__}")
 
 
-@contextlib.contextmanager
-def counting_forwards(model: nn.Module) -> Iterator[list[int]]:
-    """Count the completed forwards of ``model`` inside the block (``counter[0]``)."""
-    counter = [0]
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        counter[0] += 1
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield counter
-    finally:
-        handle.remove()
+def _ran(seen: list[int]) -> list[int]:
+    """``seen`` (one entry per forward), refused when the loop never ran the model."""
+    if not seen:
+        raise EamError("forward_loop(model) never called the model it was given; it must run that model "
+                       "over the calibration data")
+    return seen
 
 
 def run_forward_loop(model: nn.Module, forward_loop: ForwardLoop) -> int:
     """``forward_loop(model)``; returns how many forwards of ``model`` it ran (refuses none)."""
-    with counting_forwards(model) as n:
+    seen: list[int] = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(1))
+    try:
         forward_loop(model)
-    if not n[0]:
-        raise EamError("forward_loop(model) never called the model it was given; it must run that model "
-                       "over the calibration data")
-    return n[0]
+    finally:
+        handle.remove()
+    return len(_ran(seen))
 
 
 def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bool = False) -> int:
-    """Run ``forward_loop(model)`` until the first forward of ``model`` has completed, then stop it.
-
-    Args:
-        model: the module the loop is given.
-        forward_loop: ``f(model)``.
-        before: stop the loop as that forward starts instead, without running it (to read its batch size).
-
-    Returns:
-        The batch size of that forward when its first input is a tensor, else 0.
-    """
+    """Run ``forward_loop(model)`` until the first forward of ``model`` has completed (``before``: has started,
+    without running it), then stop it; returns that forward's batch size when its first input is a tensor, else 0."""
     seen: list[int] = []
 
     def hook(module: nn.Module, args: Any, output: Any = None) -> None:
@@ -94,13 +67,9 @@ def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bo
         pass
     finally:
         handle.remove()
-    if not seen:
-        raise EamError("forward_loop(model) never called the model it was given; it must run that model "
-                       "over the calibration data")
-    return seen[0]
+    return _ran(seen)[0]
 
 
 def loop_layer_shapes(model: nn.Module, forward_loop: ForwardLoop) -> list[tuple[int, ...]]:
-    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) from the first
-    forward a forward loop runs."""
+    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) of the loop's first forward."""
     return layer_shapes(model, lambda: run_first_forward(model, forward_loop))

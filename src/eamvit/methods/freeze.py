@@ -1,41 +1,9 @@
-"""Attention freezing (EAM eq. 15) and its random ablation (§5.2.2).
-
-The τ fraction of attention entries with the lowest entropy is frozen to the mean map ``A^μ``:
-``A_fix = A ⊗ (H > ε_τ) + A^μ ⊗ (H ≤ ε_τ)``. The paper leaves open over which set the τ% is taken;
-``scope`` chooses it:
-
-* ``"head"`` (default): τ% of every (layer, head), as eq. 15 is written per ``(l, h)``; on a small
-  trained ViT it also held accuracy best at high τ.
-* ``"layer"``: τ% of every layer.
-* ``"global"``: τ% of all entries of the model.
-
-The number frozen in a unit of ``n`` entries is ``k = ⌊τ·n + ½⌋``. Ties in entropy are broken by
-position (flat index, row-major), so masks are deterministic. Random freezing picks the same ``k``
-per unit uniformly at random with a seeded generator.
-
-``granularity`` chooses what is frozen, with τ always the fraction of attention *entries* frozen, so
-the three lie on one axis:
-
-* ``"entry"`` (default, the paper): single entries, as above. Nothing is skipped at run time: the
-  softmax denominator of a row needs all its logits, so the map is computed and the frozen entries
-  overwritten (``torch.where``).
-* ``"row"``: a query token's whole row in a layer, all heads (maps with one set of query rows, not
-  windowed ones). ViT's frozen rows skip their query projection, scores and softmax.
-* ``"head"``: a head's whole map (every window, for Swin). A frozen head's output is ``A^μ_h·V_h``;
-  its scores and softmax are not computed wherever the family declares executed heads (``eamvit
-  models``; in ViT and Swin v1 not its query and key projections either). CaiT's talking heads
-  simulate them, as every family simulates frozen rows but ViT.
-
-Rows and heads are ranked by an ``aggregate`` of their entries' entropy: ``"mean"`` (default: the
-unit's average uncertainty), ``"median"`` or ``"max"`` (freeze a unit only if its most uncertain
-entry is low). Scope for rows and heads is ``"layer"`` (the default for them: in each layer the number
-of units whose entries come closest to τ of the layer's entries, ties to more units) or ``"global"``
-(the same over all units of the model, so layers may get different counts); ``"head"`` scope does not
-apply to whole units. ``execute=False`` keeps the structured mask but simulates it like entry freezing
-(the reference the executed path is tested against).
+"""Attention freezing (EAM eq. 15) and its random ablation (§5.2.2): the τ fraction of attention entries
+(or rows, or heads) with the lowest entropy take the mean map ``A^μ``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -45,8 +13,10 @@ from torch import nn
 
 from eamvit.config import Config
 from eamvit.modules.attention import attention_layers, executes_plans, require, set_frozen
-from eamvit.methods.calibrate import EntropyMaps
+from eamvit.io import load_tensors, save_tensors
+from eamvit.methods.calibrate import CalibOptions, EntropyMaps, compute_entropy_maps
 from eamvit.methods.data import add_calibration
+from eamvit.methods.models import check_attention_shapes, model_spec
 from eamvit.errors import EamError
 from eamvit.methods.state import peek, state_of, step_config
 from eamvit.methods.steps import StepHandler, StepInputs, register_step
@@ -62,20 +32,17 @@ class FreezeConfig(Config):
 
     Args:
         tau: fraction of entries to freeze, in [0, 1] (the paper's sparsity level τ).
-        scope: ``"head"``, ``"layer"`` or ``"global"`` (see the module docstring); ``None`` = ``"head"``
-            for entries, ``"layer"`` for rows and heads.
+        scope: over which set the τ fraction is taken: ``"head"``, ``"layer"`` or ``"global"``; ``None`` =
+            ``"head"`` for entries, ``"layer"`` for rows and heads.
         selection: ``"entropy"`` (lowest entropy first) or ``"random"`` (the ablation).
-        seed: seed of the random selection.
         value_bits: precision of the frozen values; ``None`` keeps fp32 (EAM_32bits), 4 is the
             paper's EAM_4bits.
         value_quantizer: ``"uniform"`` on [0, 1], ``"log2"`` or ``"logsqrt2"`` (Δ = 1 unless
             per-layer deltas are given to :func:`frozen_values`).
-        granularity: ``"entry"`` (the paper), ``"row"`` or ``"head"`` (module docstring).
         aggregate: how a row's or head's entries' entropies rank it: ``"mean"``, ``"median"``, ``"max"``.
-        execute: skip the work of frozen rows/heads (default) in the layers whose class can (heads: the
-            classes ``eamvit models`` lists with executed heads; rows: ViT's; the others simulate them,
-            and the report's ``executed`` is true only when every layer executes); ``False`` simulates them with ``torch.where`` (same numbers, no saving). Entry
-            freezing is always simulated.
+        execute: skip the work of frozen rows/heads in the layers whose class can (heads: the classes
+            ``eamvit models`` lists with executed heads; rows: ViT's); ``False`` simulates them with
+            ``torch.where`` (same numbers, no saving). Entry freezing is always simulated.
     """
 
     tau: float = 0.0
@@ -124,9 +91,7 @@ def _from_head_rows(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest of a 1-D tensor, ties to the lower index."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if k:
-        order = torch.sort(scores.double(), stable=True).indices
-        mask[order[:k]] = True
+    mask[torch.sort(scores.double(), stable=True).indices[:k]] = True
     return mask
 
 
@@ -137,25 +102,20 @@ def _random(n: int, k: int, g: torch.Generator) -> torch.Tensor:
     return mask
 
 
+def _picker(selection: str, g: torch.Generator):
+    """``pick(scores, k)``: the mask of the ``k`` units to freeze among 1-D ``scores``."""
+    return _lowest if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
+
+
 def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[str] = None,
                  selection: str = "entropy", seed: int = 0, granularity: str = "entry",
                  aggregate: str = "mean") -> list[torch.Tensor]:
-    """Boolean masks (per layer, the layer's shape) of the entries to freeze.
-
-    Args:
-        entropy: per-layer entropy maps.
-        tau: fraction of entries to freeze.
-        scope: ``"head"``, ``"layer"`` or ``"global"``; ``None`` = the granularity's default.
-        selection: ``"entropy"`` or ``"random"``.
-        seed: seed for ``"random"``.
-        granularity: ``"entry"``, ``"row"`` or ``"head"``.
-        aggregate: ``"mean"``, ``"median"`` or ``"max"``: a row's or head's score.
-    """
+    """Per layer, the boolean mask (the layer's shape) of the entries to freeze; settings as :class:`FreezeConfig`."""
     cfg = FreezeConfig(tau=tau, scope=scope, selection=selection, granularity=granularity,
                        aggregate=aggregate)
     scope = cfg.resolved_scope
     g = torch.Generator().manual_seed(seed)
-    pick = (lambda s, k: _lowest(s, k)) if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
+    pick = _picker(selection, g)
     ent = [e.detach().cpu() for e in entropy]
     if granularity != "entry":
         return _unit_masks(ent, tau, scope, selection, g, granularity, aggregate)
@@ -165,12 +125,8 @@ def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[st
         return [m.view(e.shape) for m, e in zip(torch.split(mask, [e.numel() for e in ent]), ent)]
     if scope == "layer":
         return [pick(e.reshape(-1), _k(tau, e.numel())).view(e.shape) for e in ent]
-    out = []
-    for e in ent:
-        rows = _head_rows(e)
-        m = torch.stack([pick(r, _k(tau, r.numel())) for r in rows])
-        out.append(_from_head_rows(m, tuple(e.shape)))
-    return out
+    return [_from_head_rows(torch.stack([pick(r, _k(tau, r.numel())) for r in _head_rows(e)]), tuple(e.shape))
+            for e in ent]
 
 
 def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -184,10 +140,7 @@ def _units(e: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def _expand_units(units: torch.Tensor, shape: tuple[int, ...], granularity: str) -> torch.Tensor:
-    if granularity == "head":
-        view = (-1, 1, 1) if len(shape) == 3 else (1, -1, 1, 1)
-    else:
-        view = (1, -1, 1)
+    view = (1, -1, 1) if granularity != "head" else (-1, 1, 1) if len(shape) == 3 else (1, -1, 1, 1)
     return units.view(view).expand(shape).clone()
 
 
@@ -205,10 +158,7 @@ def _unit_masks(ent: list[torch.Tensor], tau: float, scope: str, selection: str,
     units = [_units(e, granularity) for e in ent]
     scores = [reduce(u) for u in units]
     if scope == "layer":
-        chosen = []
-        for s in scores:
-            k = _k(tau, s.numel())
-            chosen.append(_lowest(s, k) if selection == "entropy" else _random(s.numel(), k, g))
+        chosen = [_picker(selection, g)(s, _k(tau, s.numel())) for s in scores]
     else:
         flat = torch.cat(scores)
         sizes = torch.cat([torch.full((u.shape[0],), u.shape[1]) for u in units])
@@ -221,11 +171,8 @@ def _unit_masks(ent: list[torch.Tensor], tau: float, scope: str, selection: str,
 
 def frozen_values(mean: torch.Tensor, bits: Optional[int] = None, quantizer: str = "uniform",
                   delta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The values frozen entries take: ``A^μ`` in fp32, or fake-quantized to ``bits``.
-
-    ``uniform`` uses ``2^b`` levels on [0, Δ] (zero point 0); ``log2``/``logsqrt2`` use Δ as the
-    largest level (1 for softmax outputs unless a calibrated Δ is passed).
-    """
+    """The values frozen entries take: ``A^μ`` in fp32, or fake-quantized to ``bits`` (``uniform``: ``2^b``
+    levels on [0, Δ]; ``log2``/``logsqrt2``: Δ the largest level, 1 for softmax outputs unless calibrated)."""
     if bits is None:
         return mean.float()
     if quantizer == "uniform":
@@ -261,9 +208,7 @@ class FreezeReport:
         return self.frozen / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["frozen_fraction"] = self.frozen_fraction
-        return d
+        return {**asdict(self), "frozen_fraction": self.frozen_fraction}
 
 
 def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
@@ -271,13 +216,8 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     """Freeze the attention of ``model`` in place; τ = 0 leaves outputs exactly unchanged.
 
     Args:
-        model: an instrumented model (``create_model`` instruments it).
         maps: entropy maps of this model.
-        config: :class:`FreezeConfig`.
         value_deltas: optional per-layer Δ for the frozen-value quantizer (RepQ's log√2 scale).
-
-    Returns:
-        A :class:`FreezeReport`.
     """
     maps.check_model(model)
     layers = attention_layers(model)
@@ -325,13 +265,8 @@ def unfreeze_(model: nn.Module) -> None:
 
 
 def frozen_digest(model: nn.Module) -> Optional[str]:
-    """SHA-256 of ``model``'s frozen attention (per layer: granularity, mask and values), ``None`` if none.
-
-    Two models get the same digest exactly when the same entries are frozen to the same values the same
-    way, so a training checkpoint records which frozen maps it was trained with.
-    """
-    import hashlib
-
+    """SHA-256 of ``model``'s frozen attention (per layer: granularity, mask and values), ``None`` if none:
+    a training checkpoint records which frozen maps it was trained with."""
     h, any_frozen = hashlib.sha256(), False
     for l, m in enumerate(attention_layers(model)):
         if m.eam_frozen_mask is None:
@@ -348,14 +283,7 @@ FROZEN_FORMAT = "eamvit-frozen/1"
 
 
 def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of the frozen attention of ``model``: what :func:`save_frozen` writes.
-
-    Args:
-        model: an instrumented, frozen model.
-        config: the :class:`FreezeConfig` used, recorded in the metadata.
-    """
-    from eamvit.methods.models import model_spec
-
+    """``(tensors, metadata)`` of ``model``'s frozen attention (``config`` recorded), as :func:`save_frozen` writes."""
     tensors, plans = {}, []
     for l, m in enumerate(attention_layers(model)):
         frozen = m.eam_frozen_mask is not None
@@ -368,37 +296,13 @@ def frozen_content(model: nn.Module, config: Optional[FreezeConfig] = None) -> t
 
 
 def save_frozen(model: nn.Module, path: str, config: Optional[FreezeConfig] = None) -> None:
-    """Write the frozen attention of ``model`` (masks, values, granularity) to a safetensors file.
-
-    The weights are not included (they are the model's own state dict); :func:`load_frozen` puts the
-    frozen maps back on a model with the same architecture, e.g. after fine-tuning with them.
-
-    Args:
-        model: an instrumented, frozen model.
-        path: file to write (atomically).
-        config: the :class:`FreezeConfig` used, recorded in the metadata.
-    """
-    from eamvit.io import save_tensors
-
-    tensors, meta = frozen_content(model, config)
-    save_tensors(path, tensors, meta)
+    """Write the frozen attention of ``model`` (masks, values, granularity; ``config`` recorded) to a
+    safetensors file, atomically. The weights are not included (they are the model's own state dict)."""
+    save_tensors(path, *frozen_content(model, config))
 
 
 def load_frozen(model: nn.Module, path: str) -> dict:
-    """Put the frozen attention saved by :func:`save_frozen` on ``model`` (replacing any).
-
-    Args:
-        model: a model of the architecture the file was written for.
-        path: the file.
-
-    Returns:
-        The file's metadata.
-
-    Raises:
-        EamError: not a frozen-attention file, or its layers do not fit the model.
-    """
-    from eamvit.io import load_tensors
-
+    """Put the frozen attention of a :func:`save_frozen` file on ``model`` (replacing any); returns its metadata."""
     meta, tensors = load_tensors(path, FROZEN_FORMAT, "frozen attention",
                                  "write one with `eamvit finetune --maps MAPS --tau T`")
     restore_frozen(model, meta, tensors, path)
@@ -406,13 +310,7 @@ def load_frozen(model: nn.Module, path: str) -> dict:
 
 
 def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> None:
-    """Put frozen attention read from ``path`` (:func:`frozen_content`'s ``tensors`` and ``meta``) on ``model``.
-
-    Raises:
-        EamError: its layers do not fit the model.
-    """
-    from eamvit.methods.models import check_attention_shapes
-
+    """Put frozen attention read from ``path`` (:func:`frozen_content`'s ``tensors`` and ``meta``) on ``model``."""
     layers = attention_layers(model)
     plans = meta.get("layers") or []
     if len(plans) != len(layers):
@@ -445,12 +343,8 @@ def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> No
 
 
 def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
-    """Per-layer Δ of a quantized model's log post-softmax quantizer, which log-quantized frozen values share.
-
-    ``None`` (values quantized on their own scale) for a full-precision model, uniform frozen values,
-    or a post-softmax quantizer that is not logarithmic (RepQ-ViT's ``"uniform"``, or a deployment
-    target that has no log form).
-    """
+    """Per-layer Δ of a quantized model's log post-softmax quantizer, which log-quantized frozen values share;
+    ``None`` (values on their own scale) unless both are logarithmic."""
     from eamvit.methods.repq import attn_deltas
     from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer
 
@@ -466,9 +360,8 @@ def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:
 def _apply_step(model: nn.Module, config: FreezeConfig, inputs: StepInputs) -> FreezeReport:
     maps = inputs.maps(model) if callable(inputs.maps) else inputs.maps
     if maps is None:
-        from eamvit.methods.calibrate import compute_entropy_maps
-
-        maps = compute_entropy_maps(model, inputs.calib, device=inputs.device, progress=inputs.progress)
+        maps = compute_entropy_maps(model, inputs.calib, progress=inputs.progress,
+                                    options=CalibOptions(device=inputs.device))
     return freeze_(model, maps, config, value_deltas=_value_deltas(model, config.value_quantizer))
 
 
@@ -487,4 +380,4 @@ def _settings(config: FreezeConfig | dict) -> str:
 
 
 register_step(FreezeConfig, StepHandler(stage="freeze", order=20, apply=_apply_step, restore=_restore_step,
-                                        content=lambda model, config: frozen_content(model, config)))
+                                        content=frozen_content))

@@ -1,16 +1,5 @@
-"""KL divergence maps between a full-precision and a quantized model (EAM §4.3, eq. 14, Fig. 4).
-
-For every attention entry, ``D_KL(p_fp32 ‖ p_q)`` between the histograms of that entry over the same
-images in the two models. Smoothing: both histograms get ``eps`` (default 1e-6) added to every bin
-and are renormalised before the divergence (:func:`eamvit.entropy.kl_from_counts`), so a bin the
-quantized model never fills costs a large but finite amount instead of infinity; with M images the
-added mass is ``2^b·eps/M`` per entry, negligible next to the ``1/M`` of one image. Divergences are in
-bits (log base 2, like the entropies).
-
-The histograms are taken where the instrumentation observes attention: the softmax output, after
-the quantized ``q``/``k`` and everything upstream, before the post-softmax (log√2) quantizer. The
-divergence therefore measures the noise quantization adds upstream of ``A``, not the rounding of
-``A`` itself (which would make every quantized histogram a few spikes).
+"""KL divergence maps between a full-precision and a quantized model (EAM §4.3, eq. 14, Fig. 4): for every
+attention entry, ``D_KL(p_fp32 ‖ p_q)`` in bits between its histograms over the same images in the two models.
 """
 from __future__ import annotations
 
@@ -24,43 +13,32 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eamvit.methods.state import step_config
-from eamvit.methods.calibrate import EntropyMaps, compute_entropy_maps
+from eamvit.methods.calibrate import CalibOptions, EntropyMaps, compute_entropy_maps
+from eamvit.io import save_tensors
 from eamvit.ops.entropy import kl_from_counts
 from eamvit.errors import EamError
 
 
 def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
-    """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)``.
-
-    Args:
-        p_hists: histograms of the reference (full-precision) model.
-        q_hists: histograms of the quantized model, same images, same bits.
-        eps: count added to every bin of both before normalising (see the module docstring).
-    """
+    """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)`` of the reference and the
+    quantized model over the same images; ``eps`` is added to every bin of both before normalising, so a bin
+    the quantized model never fills costs a large but finite amount."""
     if len(p_hists) != len(q_hists):
         raise EamError(f"the two models have {len(p_hists)} and {len(q_hists)} attention layers; "
                        "compare the same model")
-    out = []
     for l, (p, q) in enumerate(zip(p_hists, q_hists)):
         if p is None or q is None:
             raise EamError(f"layer {l} has no histogram; compute the maps with keep_histograms=True")
         if p.shape != q.shape:
             raise EamError(f"layer {l}: histograms {tuple(p.shape)} and {tuple(q.shape)} differ; use the same bits "
                            "and image size for both models")
-        out.append(kl_from_counts(p, q, eps).to(torch.float32))
-    return out
+    return [kl_from_counts(p, q, eps).to(torch.float32) for p, q in zip(p_hists, q_hists)]
 
 
 @dataclass
 class KLMaps:
-    """Per-layer KL maps with the entropy maps they came from.
-
-    Args:
-        kl: per layer, the layer's attention shape (``(H, N, N)`` or ``(nW, H, N, N)``), bits.
-        fp: entropy maps of the full-precision model.
-        quant: entropy maps of the quantized model.
-        meta: ``eps``, ``bits``, ``num_images``, ``num_prefix_tokens``, ``grid``.
-    """
+    """Per-layer KL maps (bits, the layer's attention shape) with the entropy maps of the full-precision
+    (``fp``) and the quantized model (``quant``) they came from."""
 
     kl: list[torch.Tensor]
     fp: Optional[EntropyMaps] = None
@@ -68,10 +46,8 @@ class KLMaps:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, max)``, each ``(L, H_max)``: divergence of each head over its entries (Fig. 4a).
-
-        NaN where a layer has fewer heads than ``H_max`` (Swin stages).
-        """
+        """``(mean, max)``, each ``(L, H_max)``: divergence of each head over its entries (Fig. 4a); NaN where a
+        layer has fewer heads than ``H_max`` (Swin stages)."""
         return per_head_stats(self.kl)
 
     def cls_rows(self, layer: int) -> Optional[torch.Tensor]:
@@ -81,26 +57,18 @@ class KLMaps:
     def summary(self) -> list[dict[str, Any]]:
         """One row per (layer, head): ``layer``, ``head``, ``kl_mean``, ``kl_max`` (0-based, as every eamvit option)."""
         mean, mx = self.per_head()
-        rows = []
-        for l in range(mean.shape[0]):
-            for h in range(mean.shape[1]):
-                if not math.isnan(float(mean[l, h])):
-                    rows.append({"layer": l, "head": h, "kl_mean": round(float(mean[l, h]), 6),
-                                 "kl_max": round(float(mx[l, h]), 6)})
-        return rows
+        return [{"layer": l, "head": h, "kl_mean": round(float(mean[l, h]), 6), "kl_max": round(float(mx[l, h]), 6)}
+                for l in range(mean.shape[0]) for h in range(mean.shape[1]) if not math.isnan(float(mean[l, h]))]
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the KL maps (safetensors, metadata as JSON, with eamvit's digest)."""
-        from eamvit.io import save_tensors
-
         save_tensors(path, {f"kl.{l}": k for l, k in enumerate(self.kl)}, {"format": "eamvit-kl-maps/1", **self.meta})
 
 
 def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, max)`` ``(L, H_max)`` over each head's entries; heads are dim -3 of every layer map."""
     heads = [k.shape[-3] for k in kl]
-    mean = torch.full((len(kl), max(heads)), float("nan"))
-    mx = torch.full((len(kl), max(heads)), float("nan"))
+    mean, mx = torch.full((2, len(kl), max(heads)), float("nan"))
     for l, k in enumerate(kl):
         rows = k.movedim(-3, 0).reshape(heads[l], -1).double()
         mean[l, : heads[l]] = rows.mean(1).float()
@@ -110,13 +78,8 @@ def per_head_stats(kl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 def cls_row_grid(layer_map: torch.Tensor, num_prefix: int = 1,
                  grid: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-    """The CLS row of a ViT layer map over the patch tokens, laid on the patch grid: ``(H, gh, gw)``.
-
-    Args:
-        layer_map: ``(H, N, N)``; a 4-D Swin map gives ``None`` (no CLS token).
-        num_prefix: class (+ distillation) tokens before the patches.
-        grid: ``(gh, gw)``; square by default.
-    """
+    """The CLS row of a ViT layer map ``(H, N, N)`` over the patch tokens after ``num_prefix`` prefix tokens,
+    laid on the patch ``grid`` (square by default): ``(H, gh, gw)``; ``None`` for a 4-D Swin map (no CLS)."""
     if layer_map.dim() != 3:
         return None
     row = layer_map[:, 0, num_prefix:]
@@ -134,30 +97,15 @@ def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *
                     indices: Optional[Sequence[int]] = None, bits: int = 8, eps: float = 1e-6,
                     batch_size: int = 32, workers: int = 0, device: torch.device | str | None = None,
                     max_memory: Optional[int] = None, progress: bool = True) -> KLMaps:
-    """Entropy maps of both models over the same images, and the KL map between them.
-
-    Args:
-        fp_model: the full-precision model.
-        q_model: its quantized copy (:func:`eamvit.quantize_`).
-        dataset: items ``(image, target)``.
-        indices: the images (all by default), the same for both models.
-        bits: histogram bits (``2^b`` bins on [0, 1]).
-        eps: smoothing count per bin (see the module docstring).
-        batch_size: images per forward.
-        workers: DataLoader workers.
-        device: where to run.
-        max_memory: histogram budget per model, bytes (multi-pass above it).
-        progress: progress bars.
-
-    Returns:
-        :class:`KLMaps` (with both :class:`EntropyMaps`, usable for freezing).
-    """
-    common = dict(indices=indices, bits=bits, batch_size=batch_size, workers=workers, device=device,
-                  max_memory=max_memory, keep_histograms=True, progress=progress)
-    fp = compute_entropy_maps(fp_model, dataset, meta={"quant": None}, **common)
+    """Entropy maps of ``fp_model`` and its quantized copy ``q_model`` over the same images, and the KL map
+    between them (the settings are :func:`~eamvit.methods.calibrate.compute_entropy_maps`'s; ``eps``:
+    :func:`kl_maps`'s smoothing count per bin)."""
     qcfg = step_config(q_model, "quant")
-    quant = compute_entropy_maps(q_model, dataset, meta={"quant": qcfg.to_dict() if qcfg is not None else None},
-                                 **common)
+    maps = lambda model, quant: compute_entropy_maps(
+        model, dataset, indices=indices, bits=bits, batch_size=batch_size, progress=progress,
+        options=CalibOptions(workers=workers, device=device, max_memory=max_memory, keep_histograms=True,
+                             meta={"quant": quant}))
+    fp, quant = maps(fp_model, None), maps(q_model, qcfg.to_dict() if qcfg is not None else None)
     kl = kl_maps(fp.histograms, quant.histograms, eps)
     meta = {"eps": eps, "bits": bits, "num_images": fp.meta.get("num_images"),
             "num_prefix_tokens": fp.meta.get("num_prefix_tokens", 1), "grid": fp.meta.get("grid"),

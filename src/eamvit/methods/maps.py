@@ -1,11 +1,4 @@
-"""Entropy maps: what calibration returns (:class:`EntropyMaps`) and its file.
-
-The file holds ``entropy.L`` and ``mean.L`` for every layer ``L``, ``masked.L`` where Swin masks
-shifted-window entries, and, when calibration was asked for them, the attention statistics of the
-layers that run over the patch grid: ``distance.L`` and ``head_entropy.L`` (``(H,)``) and ``renyi.L``
-(``(orders, bins)`` counts). Files without the statistics (every file before they existed) load with
-``distance``, ``head_entropy`` and ``renyi`` set to ``None``.
-"""
+"""Entropy maps: what calibration returns (:class:`EntropyMaps`) and its file."""
 from __future__ import annotations
 
 import math
@@ -28,16 +21,11 @@ STATS_KINDS = ("distance", "head_entropy", "renyi")
 
 @dataclass
 class EntropyMaps:
-    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries.
-
-    Every tensor has the layer's attention shape: ``(H, N, N)`` for ViT/DeiT, ``(nW, H, N, N)`` for
-    Swin. ``histograms`` (``(2^b, *shape)`` counts) are kept only when asked for (KL maps).
-
-    The attention statistics (``compute_entropy_maps(distance=True, renyi_orders=...)``; ``None``
-    when not computed, and per layer ``None`` where a layer does not run over the patch grid):
-    ``distance`` ``(H,)`` mean attention distance in patches, ``head_entropy`` ``(H,)`` mean attention
-    entropy of the patch queries' rows in nats, ``renyi`` ``(len(orders), bins)`` counts of per-token
-    Rényi entropies on ``[0, log N]`` (orders and bins in ``meta["attention_stats"]``).
+    """Per-layer entropy (bits), mean attention ``A^μ`` and, for Swin, shifted-window masked entries, each of
+    the layer's attention shape (``(H, N, N)``, Swin ``(nW, H, N, N)``); ``histograms`` (``(2^b, *shape)``
+    counts) only when asked for (KL maps). The attention statistics (``None`` when not computed, and per layer
+    where a layer does not run over the patch grid): ``distance`` ``(H,)`` in patches, ``head_entropy``
+    ``(H,)`` in nats, ``renyi`` ``(len(orders), bins)`` counts on ``[0, log N]`` (``meta["attention_stats"]``).
     """
 
     entropy: list[torch.Tensor]
@@ -59,34 +47,20 @@ class EntropyMaps:
         return tuple(float(a) for a in (self.meta.get("attention_stats") or {}).get("renyi_orders", []))
 
     def save(self, path: str | os.PathLike) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for l in range(self.num_layers):
-            tensors[f"entropy.{l}"] = self.entropy[l]
-            tensors[f"mean.{l}"] = self.mean[l]
-            if self.masked[l] is not None:
-                tensors[f"masked.{l}"] = self.masked[l]
-            for kind in STATS_KINDS:
-                values = getattr(self, kind)
-                if values is not None and values[l] is not None:
-                    tensors[f"{kind}.{l}"] = values[l]
+        tensors = {f"{kind}.{l}": t for kind in ("entropy", "mean", "masked") + STATS_KINDS
+                   for l, t in enumerate(getattr(self, kind) or []) if t is not None}
         save_tensors(path, tensors, self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EntropyMaps":
         meta, tensors = load_tensors(path, FORMAT, "entropy maps", "compute them with `eamvit calibrate`")
-        shapes = _check_maps(path, meta, tensors)
-        n = len(shapes)
-        stats = meta.get("attention_stats") or {}
-        has = {"distance": bool(stats.get("distance")), "head_entropy": bool(stats.get("distance")),
-               "renyi": bool(stats.get("renyi_orders"))}
-        return cls(entropy=[tensors[f"entropy.{l}"] for l in range(n)],
-                   mean=[tensors[f"mean.{l}"] for l in range(n)],
-                   masked=[tensors.get(f"masked.{l}") for l in range(n)], meta=meta,
-                   **{k: [tensors.get(f"{k}.{l}") for l in range(n)] if has[k] else None for k in STATS_KINDS})
+        n, stats_shapes = _check_maps(path, meta, tensors)
+        per_layer = lambda kind: [tensors.get(f"{kind}.{l}") for l in range(n)]
+        return cls(entropy=per_layer("entropy"), mean=per_layer("mean"), masked=per_layer("masked"), meta=meta,
+                   **{k: per_layer(k) if stats_shapes[k] is not None else None for k in STATS_KINDS})
 
     def check_model(self, model: nn.Module, source: str = "these maps") -> None:
-        """Refuse maps computed on another model (name, kwargs, weights or attention shapes: layers,
-        heads, tokens)."""
+        """Refuse maps computed on another model (name, kwargs, weights, or attention layers, heads, tokens)."""
         spec = model_spec(model)
         theirs = self.meta.get("model", {})
         if not spec.same_model(theirs):
@@ -101,11 +75,9 @@ class EntropyMaps:
                                "recompute them for this model with `eamvit calibrate`")
 
 
-def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
-    """The layer shapes of a maps file whose metadata and tensors agree, else one EamError.
-
-    NaN is allowed only for a whole layer left out on purpose (``compute_entropy_maps(layers=...)``).
-    """
+def _check_maps(path, meta: dict, tensors: dict) -> tuple[int, dict[str, Optional[tuple[int, ...]]]]:
+    """``(layers, statistics shapes)`` of a maps file whose metadata and tensors agree, else one EamError; NaN
+    only for a whole layer left out on purpose (``CalibOptions.layers``)."""
     bad = lambda why: EamError(f"entropy maps {path} are damaged ({why}); recompute them with `eamvit calibrate`")
     shapes = meta.get("layer_shapes")
     if not isinstance(shapes, list) or not shapes or not all(
@@ -143,7 +115,7 @@ def _check_maps(path, meta: dict, tensors: dict) -> list[tuple[int, ...]]:
         top = float(bits) if kind == "entropy" and isinstance(bits, int) else 1.0
         if ok.numel() and (not torch.isfinite(ok).all() or ok.min() < -1e-6 or ok.max() > top + 1e-4):
             raise bad(f"{key} has values outside [0, {top:g}]")
-    return [tuple(s) for s in shapes]
+    return len(shapes), stats_shapes
 
 
 def _stats_shapes(meta: dict, tensors: dict, bad) -> dict[str, Optional[tuple[int, ...]]]:

@@ -1,43 +1,7 @@
-"""Token merging inside a flat-token timm model: ToMe (bipartite soft matching) and entropy-guided merging.
-
-The matching and the merge are pure tensor math in :mod:`eamvit.ops.merge`; the merging blocks are in
-:mod:`eamvit.modules.merge_block` (one per family: ViT/DeiT/DeiT III/DINOv2/CLIP/NaFlexViT, EVA02,
-BEiT, CaiT, ConViT, the families where token pruning applies). This module is the public verb:
-:func:`merge_` swaps the blocks from the first merging block on for their family's merging class,
-:func:`unmerge_` swaps them back. No weight changes and no tensor is stored: the
-:class:`MergeConfig` alone rebuilds a merged model (``merge_(model, MergeConfig.from_dict(d))``).
-
-ToMe, as its code does it (Bolya et al., ICLR 2023; ``tome.patch.timm``):
-
-* every merging block merges ``r`` patch tokens between its attention residual and its MLP, matching
-  on the keys averaged over heads (bipartite soft matching: the tokens alternate into two sets, each
-  token of the first finds its most similar token of the second by cosine similarity, and the ``r``
-  best-matched pairs merge); at most half the patch tokens merge in one block;
-* the class token (and any distillation or register token) is never merged;
-* a merged token is the size-weighted mean of what it stands for, and sizes are carried along;
-* proportional attention (``prop_attn``, default on): ``log size`` is added to every attention score
-  against each key in every block after the first merge (CaiT's class attention included);
-* ``r`` is one value for every merging block, a straight-line schedule (ToMe's ``(r, inflection)``,
-  ``inflect=-1`` its decreasing schedule) or one value per merging block; the merging blocks are every
-  block that can merge, as in ToMe, unless ``blocks`` names them.
-
-Deviations: the unmerged tokens of a model without prefix tokens (CaiT's self-attention blocks) stay
-in their own order (ToMe leaves them in match order: the same tokens, permuted), and ToMe's
-schedule over one block, which divides by zero there, gives the line's first value.
-
-Entropy-guided merging (``selection="entropy"``): at each merging block the ``r`` patch tokens whose
-attention rows have the highest entropy (Shannon, or Rényi ``alpha``: the scores token pruning uses,
-:func:`eamvit.ops.scores.attention_entropy` over all keys, averaged over heads) merge into their most
-similar (keys, cosine) remaining patch token instead of being dropped; the lowest-entropy tokens are
-never merged. Proportional attention and the size-weighted mean are ToMe's.
-
-Composition with EAM freezing is pruning's: frozen maps after the first merging block describe tokens
-that no longer exist; ``frozen_after="drop"`` (default) removes them (listed in the report),
-``"refuse"`` refuses the model in one line. One model holds pruning or merging, not both.
-"""
+"""Token merging, ToMe's and entropy-guided: :func:`merge_` swaps the blocks from the first merging block on
+for their family's merging class (:mod:`eamvit.modules.merge_block`), :func:`unmerge_` swaps them back."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Optional, Union
 
@@ -45,8 +9,9 @@ from torch import nn
 
 from eamvit.config import Config
 from eamvit.errors import EamError
+from eamvit.methods.cost import count_gflops
 from eamvit.methods.models import num_prefix_tokens, patch_grid
-from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks
+from eamvit.methods.reduce import check_blocks, check_token_model, drop_frozen_after, eligible_blocks, order_label
 from eamvit.methods.state import peek, state_of, step_config
 from eamvit.methods.steps import StepHandler, register_step
 from eamvit.modules.attention import MERGE_CLASSES, instrument
@@ -57,15 +22,9 @@ from eamvit.ops.merge import SELECTIONS, merge_schedule, token_counts
 FROZEN_AFTER = ("drop", "refuse")
 
 
-def _count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EamError(f"{what} {value!r} must be a whole number ≥ 0 (tokens merged per block)")
-    return value
-
-
 @dataclass(frozen=True)
 class MergeConfig(Config):
-    """How to merge tokens (saved with compressed and exported models: :meth:`to_dict` / :meth:`from_dict`).
+    """How to merge tokens (saved with compressed and exported models).
 
     Args:
         r: patch tokens each merging block merges: one number (shaped by ``inflect``) or one per merging
@@ -90,35 +49,23 @@ class MergeConfig(Config):
     alpha: Optional[float] = None
     frozen_after: str = "drop"
 
-    def __post_init__(self) -> None:
-        for name in ("r", "blocks"):  # lists from Python or JSON become tuples (the config stays hashable)
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        super().__post_init__()
-
     def _check(self) -> None:
-        if isinstance(self.r, tuple):
-            if not self.r:
-                raise EamError("r lists no tokens per block; give a number or one per merging block")
-            for v in self.r:
-                _count(v, "tokens to merge")
-        else:
-            _count(self.r, "r")
-        i = self.inflect
-        if isinstance(i, bool) or not isinstance(i, (int, float)) or not -1.0 <= i <= 1.0:
-            raise EamError(f"inflect {i!r} is outside [-1, 1] (0 constant, -1 ToMe's decreasing schedule)")
-        if i and isinstance(self.r, tuple):
+        if self.r == ():
+            raise EamError("r lists no tokens per block; give a number or one per merging block")
+        negative = next((v for v in (self.r if isinstance(self.r, tuple) else (self.r,)) if v < 0), None)
+        if negative is not None:  # the type is the Config base's check
+            what = "tokens to merge" if isinstance(self.r, tuple) else "r"
+            raise EamError(f"{what} {negative!r} must be a whole number ≥ 0 (tokens merged per block)")
+        if not -1.0 <= self.inflect <= 1.0:
+            raise EamError(f"inflect {self.inflect!r} is outside [-1, 1] (0 constant, -1 ToMe's decreasing schedule)")
+        if self.inflect and isinstance(self.r, tuple):
             raise EamError("inflect shapes one number r; with one r per block, leave inflect at 0")
-        if not isinstance(self.prop_attn, bool):
-            raise EamError(f"prop_attn must be true or false, not {self.prop_attn!r}")
         if self.selection not in SELECTIONS:
             raise EamError(f"merging selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
-        a = self.alpha
-        if a is not None:
-            if self.selection != "entropy":
-                raise EamError("alpha (the entropy order) applies to selection='entropy' only; drop it for ToMe")
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or math.isnan(a) or a < 0:
-                raise EamError(f"Rényi order alpha={a} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
+        if self.alpha is not None and self.selection != "entropy":
+            raise EamError("alpha (the entropy order) applies to selection='entropy' only; drop it for ToMe")
+        if self.alpha is not None and not self.alpha >= 0:  # NaN too
+            raise EamError(f"Rényi order alpha={self.alpha} must be ≥ 0 (e.g. 0.5, 2, 3 or inf)")
         if self.frozen_after not in FROZEN_AFTER:
             raise EamError(f"frozen_after {self.frozen_after!r} is not one of {', '.join(FROZEN_AFTER)}")
 
@@ -142,8 +89,7 @@ class MergeConfig(Config):
             r += f" inflect {self.inflect:g}"
         if self.selection == "tome":
             return f"ToMe {r}"
-        a = self.alpha
-        name = "Shannon" if a is None else f"Rényi α={'∞' if math.isinf(a) else f'{a:g}'}"
+        name = "Shannon" if self.alpha is None else f"Rényi α={order_label(self.alpha)}"
         return f"entropy merging ({name}) {r}"
 
 
@@ -152,8 +98,6 @@ class MergeReport:
     """What :func:`merge_` did, at the model's own image size.
 
     Args:
-        config: the configuration (``to_dict``).
-        blocks: the merging blocks (0-based).
         r: tokens each merging block merges (the schedule, each capped at what the block can merge).
         tokens: tokens (prefix included) entering the first merging block, then leaving each merging block.
         unfrozen_layers: attention layers whose frozen EAM maps were removed.
@@ -167,24 +111,11 @@ class MergeReport:
 
 
 def merge_(model: nn.Module, config: MergeConfig) -> MergeReport:
-    """Make ``model`` merge tokens, in place (no weights change; :func:`unmerge_` undoes it).
-
-    Args:
-        model: a timm ViT/DeiT (DeiT III, DINOv2, CLIP, NaFlexViT), EVA02, BEiT, CaiT or ConViT
-            (``create_model`` instruments it; plain timm models are instrumented).
-        config: :class:`MergeConfig`.
-
-    Returns:
-        A :class:`MergeReport`.
-
-    Raises:
-        EamError: a bad configuration or an unsupported model (one line); the model is left as it was.
-    """
+    """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) merge tokens, in place; no weights
+    change and :func:`unmerge_` undoes it. A refused model is left as it was."""
     blocks_seq, fam = check_token_model(model, "token merging", "merge", MERGE_CLASSES)
-    if config.blocks is None:
-        blocks = tuple(eligible_blocks(blocks_seq, fam, "merge"))
-    else:
-        blocks = check_blocks(config.blocks, blocks_seq, fam, "merging", "merge")
+    blocks = (tuple(eligible_blocks(blocks_seq, fam, "merge")) if config.blocks is None
+              else check_blocks(config.blocks, blocks_seq, fam, "merging", "merge"))
     later_blocks = range(blocks[0], len(blocks_seq))
     bad = next((i for i in later_blocks if fam.refuse(blocks_seq[i])), None)
     if bad is not None:  # every later block carries the sizes (and positions)
@@ -237,23 +168,13 @@ def merge_state(model: nn.Module) -> MergeState:
 
 
 def r_for_gmacs(model: nn.Module, gmacs: float, config: MergeConfig = MergeConfig()) -> tuple[MergeConfig, float]:
-    """The merging whose executed GMACs come closest to ``gmacs``: ``config`` with the one number ``r`` that
-    gets there (ties: the smaller ``r``), e.g. to compare merging with pruning at equal work.
+    """``(config with r, its GMACs)``: the one number ``r`` whose executed GMACs (the cost account's, matching
+    included) come closest to ``gmacs`` per image (ties: the smaller ``r``), e.g. to compare merging with pruning
+    at equal work. ``model`` is unmerged and unpruned, and left unmerged.
 
-    The count is the cost account's (:func:`eamvit.methods.cost.count_gflops`, the merging blocks'
-    matching included). Tokens never grow with ``r`` (each block merges ``min(r, cap)`` of what it is
-    given), so neither do the MACs, and ``r`` is found by bisection over ``0 ..`` the patch tokens.
-
-    Args:
-        model: an unmerged, unpruned model (left unmerged).
-        gmacs: the target, billions of MACs per image at the model's own input size.
-        config: the other fields of the merging (selection, blocks, schedule, proportional attention).
-
-    Returns:
-        ``(config with that r, its GMACs)``.
+    Tokens never grow with ``r`` (each block merges ``min(r, cap)`` of what it is given), so neither do the
+    MACs, and ``r`` is found by bisection over ``0 ..`` the patch tokens.
     """
-    from eamvit.methods.cost import count_gflops
-
     if isinstance(config.r, tuple):
         raise EamError("matching GMACs chooses one number r; give a config with r a number, not one per block")
     cache: dict[int, float] = {}

@@ -15,8 +15,12 @@ import timm
 import torch
 from torch import nn
 
+from timm.data import resolve_data_config
+
+from eamvit.io import save_tensors
 from eamvit.methods.state import state_of
 from eamvit.modules.attention import attention_layers, input_size, instrument, layer_shapes
+from eamvit.modules.quantizers import Quantizer
 from eamvit.errors import EamError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
@@ -35,14 +39,8 @@ BUNDLED_CONFIG = _ASSETS / "digits_vit.json"
 
 @dataclass
 class ModelSpec:
-    """What identifies a model's weights; stored in every map and quantized-state file.
-
-    Args:
-        name: timm model name.
-        model_kwargs: keyword overrides passed to ``timm.create_model``.
-        checkpoint_sha256: SHA-256 of the checkpoint file, if weights came from one.
-        pretrained: weights from the timm / Hugging Face cache.
-    """
+    """What identifies a model's weights (timm name and kwargs, checkpoint digest, or timm's pretrained
+    weights); stored in every map and quantized-state file."""
 
     name: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -76,23 +74,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 @contextlib.contextmanager
 def _hub_offline():
     """Make Hugging Face Hub look only at its local cache while creating a pretrained model."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    from unittest import mock
+
     try:
         import huggingface_hub.constants as hc
-        prev = hc.HF_HUB_OFFLINE
-        hc.HF_HUB_OFFLINE = True
     except Exception:  # pragma: no cover - hub not installed
-        hc, prev = None, None
-    try:
+        hc = None
+    with (mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"),
+          mock.patch.object(hc, "HF_HUB_OFFLINE", True) if hc is not None else contextlib.nullcontext()):
         yield
-    finally:
-        if hc is not None:
-            hc.HF_HUB_OFFLINE = prev
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
 
 
 def _cache_locations(name: str) -> str:
@@ -102,8 +92,7 @@ def _cache_locations(name: str) -> str:
         HF_HUB_CACHE = "~/.cache/huggingface/hub"
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        cfg = timm.models.get_pretrained_cfg(name)
-        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     except Exception:
         repo = None
     where = f"the Hugging Face cache {HF_HUB_CACHE}" + (f" (repo {repo})" if repo else "")
@@ -159,19 +148,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, data_cfg: Optional[dict[str, Any]] = None,
                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``model``'s weights as safetensors with its data config, which loading then follows.
+    """Write ``model``'s weights as safetensors (atomically) with its data config, which loading then follows.
 
     Args:
-        model: the model (its ``state_dict`` is written).
-        path: the ``.safetensors`` file (written atomically).
         data_cfg: the preprocessing the model was trained with (default: :func:`data_config` of the model).
         extra: more JSON metadata to store (e.g. the test accuracy measured after training).
-
-    Returns:
-        ``path``.
     """
-    from eamvit.io import save_tensors
-
     cfg = preprocessing(data_cfg if data_cfg is not None else data_config(model))
     meta = {**(extra or {}), "format": CHECKPOINT_FORMAT, "model": model_spec(model).to_dict(), "data_config": cfg}
     save_tensors(path, {k: v.detach() for k, v in model.state_dict().items()}, meta)
@@ -184,16 +166,11 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(sd[k].shape)} "
-                         f"vs model {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    parts = [f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(sd[k].shape)} vs model "
+             f"{tuple(own[k].shape)}" for k in shapes[:1]]
+    parts += [f"{len(keys)} {what} key(s), e.g. {keys[0]}" for keys, what in ((missing, "missing"),
+                                                                            (unexpected, "unexpected")) if keys]
+    if parts:
         raise EamError(f"checkpoint {source} does not fit the model: " + "; ".join(parts)
                        + "; pass the --model / --model-kwargs it was trained with")
     model.load_state_dict(sd, strict=True)
@@ -220,11 +197,8 @@ def _bundled(name: str, checkpoint, model_kwargs) -> tuple[str, dict[str, Any], 
 
 def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        if pretrained:
-            with _hub_offline():
-                return timm.create_model(name, pretrained=True, **kwargs)
-        else:
-            return timm.create_model(name, pretrained=False, **kwargs)
+        with _hub_offline() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except EamError:
         raise
     except TypeError as e:
@@ -244,23 +218,17 @@ def create_model(
     model_kwargs: Optional[dict[str, Any]] = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Create a timm model, load its weights and instrument its attention.
+    """Create a timm model in eval mode, load its weights and instrument its attention.
 
     The model's preprocessing (:func:`data_config`) comes from the checkpoint when it carries one
     (files written by :func:`save_checkpoint`, and the bundled digits ViT), else from timm's
     pretrained config for ``name``.
 
     Args:
-        name: timm model name, e.g. ``deit_tiny_patch16_224``, or :data:`BUNDLED_MODEL`
-            (``"eamvit-digits-vit"``, the default): the bundled digits ViT with its weights.
+        name: timm model name or :data:`BUNDLED_MODEL` (the default): the bundled digits ViT with its weights.
         pretrained: load weights from the local timm / Hugging Face cache (never downloads).
-        checkpoint: a state-dict file (``.pth``, ``.pt`` or ``.safetensors``).
         model_kwargs: overrides for ``timm.create_model`` (``img_size``, ``num_classes``, ...); keys
             that make timm load weights itself (``checkpoint_path``, ``pretrained_cfg``...) are refused.
-        device: device to put the model on.
-
-    Returns:
-        The model in eval mode, its :class:`ModelSpec` in its state (``state_of(model).spec``).
     """
     ckpt_cfg = None
     if name == BUNDLED_MODEL:
@@ -291,11 +259,10 @@ def create_model(
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
-    spec = state_of(model).spec
-    if spec is None:
-        spec = ModelSpec(name=type(model).__name__)
-        state_of(model).spec = spec
-    return spec
+    st = state_of(model)
+    if st.spec is None:
+        st.spec = ModelSpec(name=type(model).__name__)
+    return st.spec
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -304,8 +271,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 
 def patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
-    pe = getattr(model, "patch_embed", None)
-    grid = getattr(pe, "grid_size", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     return tuple(grid) if grid is not None else None
 
 
@@ -313,8 +279,6 @@ def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     """Attention shapes of one forward of a blank image at the model's own size, with every quantizer
     off (an uncalibrated one would otherwise calibrate itself on that image) and token pruning at
     κ = 1 (maps describe the unpruned model; pruning decides later which of them still apply)."""
-    from eamvit.modules.quantizers import Quantizer
-
     qs = [(q, q.enabled) for q in model.modules() if isinstance(q, Quantizer)]
     pruning = state_of(model).prune
     keep_rate = pruning.keep_rate if pruning is not None else None
@@ -333,18 +297,9 @@ def _own_attention_shapes(model: nn.Module) -> list[tuple[int, ...]]:
 
 
 def check_attention_shapes(model: nn.Module, shapes: list, what: str, remedy: str) -> None:
-    """Refuse per-layer attention-shaped tensors (maps, frozen masks) made on another architecture.
-
-    The heads are compared always; the token count only when the model takes one input size (a
-    model that takes other sizes has as many tokens as its input gives).
-
-    Args:
-        model: an instrumented model.
-        shapes: per attention layer, the stored shape, ``(H, N, N)`` or ``(nW, H, N, N)``; None: a
-            layer with nothing stored.
-        what: the file, for messages (e.g. ``"maps m.safetensors"``).
-        remedy: how to make a fitting one.
-    """
+    """Refuse per-layer attention shapes ``shapes`` (of maps, frozen masks; None: nothing stored) made on another
+    architecture, naming ``what`` and the ``remedy``. The heads are compared always, the token count only when
+    the model takes one input size (a model that takes other sizes has as many tokens as its input gives)."""
     layers = attention_layers(model)
     pe = getattr(model, "patch_embed", None)
     # Token counts are fixed only behind a strict patch embedding (ViT, Swin); others follow the input.
@@ -380,8 +335,6 @@ def _model_input(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, i
 
 
 def _timm_config(model: nn.Module) -> dict[str, Any]:
-    from timm.data import resolve_data_config
-
     cfg = resolve_data_config({}, model=model)
     chans, img, _ = _model_input(model)
     in_chans = chans if chans is not None else cfg["input_size"][0]
@@ -395,14 +348,8 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _checked(model: nn.Module, cfg: dict[str, Any], source: str, origin: Optional[str] = None) -> dict[str, Any]:
-    """``cfg`` with tuples, mean/std of the model's channel count, every value validated.
-
-    Args:
-        model: the model that reads the images.
-        cfg: the data config.
-        source: where it came from (``overrides``, ``checkpoint``, ...).
-        origin: what it was read from, for messages (default: named after ``source``).
-    """
+    """``cfg`` (from ``source``: ``overrides``, ``checkpoint``, ..., read from ``origin``, for messages) with
+    tuples, mean/std of the model's channel count, every value validated."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     what = origin or ("the options" if source == "overrides" else f"the {source}'s data config")
     crop = cfg.get("crop_pct")
@@ -444,15 +391,13 @@ def _check_input_size(model: nn.Module, size: Any, what: str) -> int:
 
 def _input_size(model: nn.Module, cfg: dict[str, Any], img_size: int) -> tuple[int, int, int]:
     """The input size for ``--img-size``: the model's own unless it accepts other sizes."""
-    pe = getattr(model, "patch_embed", None)
-    patch = getattr(pe, "patch_size", (1, 1))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))
     own = tuple(cfg["input_size"][1:])
     if not isinstance(img_size, int) or img_size < 1:
         raise EamError(f"--img-size must be a positive number of pixels, got {img_size}")
     if img_size % int(patch[0]):
         raise EamError(f"--img-size {img_size} is not a multiple of the model's patch size {int(patch[0])}")
-    dynamic = bool(getattr(model, "dynamic_img_size", False)) or not getattr(pe, "strict_img_size", True)
-    if (img_size, img_size) != own and not dynamic:
+    if (img_size, img_size) != own and not _model_input(model)[2]:
         raise EamError(f"--img-size {img_size}: this model takes {own[0]}x{own[1]} images only; create it for "
                        f"another size with --model-kwargs img_size={img_size}")
     return (int(cfg["input_size"][0]), img_size, img_size)
@@ -462,17 +407,13 @@ def data_config(model: nn.Module, overrides: Optional[dict[str, Any]] = None,
                 origin: Optional[str] = None) -> dict[str, Any]:
     """The model's own preprocessing, with overrides (like timm's ``resolve_data_config``).
 
-    The base is, in this order: the config the model's checkpoint carried (files written by
-    :func:`save_checkpoint`, the bundled digits ViT), else timm's pretrained config for the model
-    name, with the input size the built model takes (its family's adapter reads it:
-    :func:`eamvit.modules.attention.input_size`) and its ``in_chans``, when they were overridden at
-    creation. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or
-    ``overrides`` when any override was applied).
+    The base is the config the model's checkpoint carried (:func:`save_checkpoint`, the bundled digits ViT),
+    else timm's pretrained config for the model name with the input size and ``in_chans`` the built model
+    takes. ``cfg["source"]`` says which (``checkpoint``, ``timm``, or ``overrides`` when any was applied).
 
     Args:
-        model: a timm model.
-        overrides: any of ``img_size``, ``input_size``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``,
-            ``interpolation`` (``None`` values are ignored); every value is validated.
+        overrides: any of ``img_size`` and :data:`PREPROCESSING_KEYS` (``None`` values are ignored); every
+            value is validated.
         origin: what the overrides were read from, for messages (default: the command's options).
     """
     own = state_of(model).data_config

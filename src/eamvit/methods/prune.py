@@ -1,44 +1,10 @@
-"""Patch-token pruning inside a flat-token timm model: attention entropy (Shannon, Rényi), EViT and random.
-
-The scores and the token surgery are pure tensor math in :mod:`eamvit.ops.scores`; the pruning block
-blocks are in :mod:`eamvit.modules.prune_block` (one per family: ViT/DeiT/DeiT III/DINOv2/CLIP/NaFlexViT,
-EVA02, BEiT, CaiT, ConViT). This module is the public verb: :func:`prune_` swaps the chosen blocks for
-their family's pruning class, :func:`unprune_` swaps them back. Default blocks are EViT's (3, 6, 9) of
-12 scaled to the blocks that can prune (ConViT: its MHSA blocks only). CaiT prunes in its
-self-attention blocks, before the class token exists: entropy and random only, no fusion.
-Each stage keeps ``ceil(κ·(N−1))`` patch tokens (``N−1`` counts the fused token of an earlier stage
-as an ordinary token, as EViT does), the class/distillation/register tokens always; kept indices are
-traced back to the original patch grid (:func:`kept_indices`). κ and the Rényi order are one number for
-every pruning block or one per pruning block (:class:`PruneConfig`; chosen by
-:mod:`eamvit.experiments.per_block_sweep`).
-
-Defaults and options (deviations from a reference are options with a documented default):
-
-* ``placement="attn"`` (EViT's code and the default): prune after the attention residual, before
-  ``norm2``/MLP. ``"block"``: prune after the whole block (seed §3.3 step 3, "only the selected tokens
-  are propagated to the next layer").
-* ``keys="all"`` (default): the entropy of the softmax row as the block computes it, over all keys
-  including the class token (seed §3.3 step 1, "the softmax yields an attention distribution for each
-  patch"). ``"patches"``: the row restricted to patch keys and renormalised (a literal reading of
-  Def. 1, whose distribution is over patch tokens).
-* ``fuse``: default on for EViT (its code), off for entropy and random (the seed propagates only the
-  selected tokens). When on, the weights are the class-token attention, as in EViT.
-* Fine-tuning: the captured attention map is the live tensor, so, as in EViT, gradients flow
-  through the fusion weights ``a_j`` as well as through ``x_j``.
-
-Composition with EAM freezing: frozen maps are shaped for the full token count, so they only apply up
-to the first pruning block (its attention still sees every token). With κ < 1, :func:`prune_`
-therefore keeps frozen maps on layers ``≤`` the first pruning block and removes them from later
-layers (``frozen_after="drop"``, the default; listed in the returned :class:`PruneReport`), or
-refuses the combination with one clear line (``frozen_after="refuse"``). κ = 1 leaves everything as
-it was. Frozen maps on later layers met at a forward that prunes (freezing after pruning, or κ
-raised from 1 by :func:`set_keep_rate`) are refused with one clear line.
-"""
+"""Patch-token pruning by attention entropy (Shannon, Rényi), EViT or random: :func:`prune_` swaps the chosen
+blocks for their family's pruning class (:mod:`eamvit.modules.prune_block`), :func:`unprune_` swaps them back."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union, get_args
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -49,17 +15,17 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.models import num_prefix_tokens, patch_grid
 from eamvit.methods.reduce import (check_blocks, check_token_model, drop_frozen_after, eligible_blocks,
-                                   has_class_token)
+                                   has_class_token, order_label)
 from eamvit.modules.adapters import TokenFamily
 from eamvit.modules.attention import PRUNE_CLASSES, attention_layers, instrument, observe
 from eamvit.modules.prune_block import PruneState
 from eamvit.modules.token_blocks import restore_blocks_
+from eamvit.ops.attention_stats import format_order
 from eamvit.ops.scores import (KEYS, METHODS, attention_entropy, check_keep_rate, default_blocks, stage_value,
                                token_counts, trace_indices)
 
 from eamvit.choices import PLACEMENTS, EntropyKeys, Placement, PruneMethod  # defined torch-free for the CLI
 FrozenAfter = Literal["drop", "refuse"]
-FROZEN_AFTER = get_args(FrozenAfter)
 
 
 def _values(value: float | tuple[float, ...], name: str) -> tuple[float, ...]:
@@ -71,27 +37,21 @@ def _values(value: float | tuple[float, ...], name: str) -> tuple[float, ...]:
     return (value,)
 
 
-def _order_text(alpha: float) -> str:
-    return "∞" if math.isinf(alpha) else f"{alpha:g}"
-
-
 @dataclass(frozen=True)
 class PruneConfig(Config):
-    """How to prune (saved with fine-tuned models: :meth:`to_dict` / :meth:`from_dict`).
+    """How to prune (saved with fine-tuned models).
 
     Args:
         method: ``"shannon"``, ``"renyi"`` (order ``alpha``), ``"evit"`` or ``"random"``.
         keep_rate: κ in (0, 1]; each stage keeps ``ceil(κ·(N−1))`` patch tokens. One number for every
-            pruning block, or one per pruning block (a tuple, in the blocks' order; e.g. the choice of
-            :mod:`eamvit.experiments.per_block_sweep`).
-        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon); used by ``"renyi"`` only. One
-            number, or one per pruning block (``"renyi"`` only).
+            pruning block, or one per pruning block (a tuple, in the blocks' order).
+        alpha: Rényi order ≥ 0 (``math.inf`` = min-entropy; 1 = Shannon) of ``"renyi"``: one number, or
+            one per pruning block.
         blocks: 0-based pruning blocks; ``None`` = EViT's (3, 6, 9) of 12 scaled to the depth.
         fuse: fuse the dropped tokens into one; ``None`` = on for EViT, off otherwise.
         placement: ``"attn"`` (after the attention residual, before the MLP; EViT) or ``"block"``
             (after the whole block).
-        keys: ``"all"`` or ``"patches"`` (which keys an entropy row is over; module docstring).
-        seed: seed of the ``"random"`` baseline.
+        keys: ``"all"`` or ``"patches"``: which keys an entropy row is over.
         record_scores: keep each stage's scores on the model after a forward (figures, histograms).
         frozen_after: ``"drop"`` frozen EAM maps after the first pruning block, or ``"refuse"``.
     """
@@ -123,16 +83,8 @@ class PruneConfig(Config):
             self.per_block(len(self.blocks), self.blocks)
 
     def per_block(self, stages: int, blocks: Sequence[int] = ()) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The keep rate and the entropy order of each of ``stages`` pruning blocks (order 1 for Shannon,
-        and for EViT and random, which read none).
-
-        Args:
-            stages: the number of pruning blocks.
-            blocks: their indices (for the message).
-
-        Raises:
-            EamError: a per-block tuple whose length is not ``stages``.
-        """
+        """The keep rate and the entropy order of each of ``stages`` pruning blocks (``blocks``, for the
+        message); order 1 for Shannon, and for EViT and random, which read none."""
         where = f" ({', '.join(map(str, blocks))})" if blocks else ""
         for name, value in (("keep_rate", self.keep_rate), ("alpha", self.alpha)):
             if isinstance(value, tuple) and len(value) != stages:
@@ -153,8 +105,7 @@ class PruneConfig(Config):
 
     @property
     def order(self) -> Optional[float | tuple[float, ...]]:
-        """The entropy order used (1 for Shannon; one per block for a per-block ``alpha``), ``None`` for EViT
-        and random."""
+        """The entropy order used (1 for Shannon; per block for a per-block ``alpha``); ``None`` for EViT, random."""
         if self.method == "renyi":
             return tuple(map(float, self.alpha)) if isinstance(self.alpha, tuple) else float(self.alpha)
         return 1.0 if self.method == "shannon" else None
@@ -162,7 +113,7 @@ class PruneConfig(Config):
     @property
     def label(self) -> str:
         if self.method == "renyi":
-            return f"Rényi α={'/'.join(_order_text(a) for a in _values(self.alpha, 'alpha'))}"
+            return f"Rényi α={'/'.join(order_label(a) for a in _values(self.alpha, 'alpha'))}"
         return {"shannon": "Shannon", "evit": "EViT", "random": "random"}[self.method]
 
 
@@ -198,19 +149,8 @@ def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily
 
 
 def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
-    """Make ``model`` prune patch tokens, in place (no weights change; :func:`unprune_` undoes it).
-
-    Args:
-        model: a timm ViT/DeiT (DeiT III, DINOv2, CLIP, NaFlexViT), EVA02, BEiT, CaiT or ConViT
-            (``create_model`` instruments it; plain timm models are instrumented).
-        config: :class:`PruneConfig`.
-
-    Returns:
-        A :class:`PruneReport`.
-
-    Raises:
-        EamError: a bad configuration or an unsupported model (one line).
-    """
+    """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) prune patch tokens, in place; no weights
+    change and :func:`unprune_` undoes it."""
     blocks_seq, fam = _check_model(model, config)
     blocks = _resolve_blocks(config, blocks_seq, fam)
     rates, _ = config.per_block(len(blocks), blocks)
@@ -218,14 +158,12 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     layers = instrument(model)
     later, frozen_later = drop_frozen_after(layers, blocks[0], blocks_seq[blocks[0]].attn.eam.layer,
                                             min(rates) < 1, config.frozen_after, "pruning")
-    order = 1.0 if config.order is None else config.order
-    state = PruneState(config=config, method=config.method, order=order, keys=config.keys,
-                       fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
+    state = PruneState(config=config, method=config.method, order=1.0 if config.order is None else config.order,
+                       keys=config.keys, fuse=config.fuse_tokens, placement=config.placement, seed=config.seed,
                        record_scores=config.record_scores, blocks=blocks,
                        num_prefix=num_prefix_tokens(model) if fam.class_token else 0,
                        grid=patch_grid(model), keep_rate=rates if isinstance(config.keep_rate, tuple) else rates[0],
-                       later_attention=later,
-                       track_positions=fam.positions)
+                       later_attention=later, track_positions=fam.positions)
     # Position-dependent families: every later block must see the present tokens' positions.
     followers = range(blocks[0] + 1, len(blocks_seq)) if fam.positions else ()
     for i in sorted(set(blocks) | set(followers)):
@@ -235,8 +173,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         blk.eam_stage = blocks.index(i) if i in blocks else None
     state_of(model).prune = state
     state_of(model).steps["prune"] = config
-    grid = state.grid
-    n0 = grid[0] * grid[1] if grid else 0
+    n0 = state.grid[0] * state.grid[1] if state.grid else 0
     return PruneReport(config=config.to_dict(), blocks=list(blocks),
                        tokens_per_stage=token_counts(n0, config.keep_rate, len(blocks), config.fuse_tokens),
                        unfrozen_layers=frozen_later)
@@ -259,12 +196,8 @@ def prune_state(model: nn.Module) -> PruneState:
 
 
 def set_keep_rate(model: nn.Module, keep_rate: float | Sequence[float]) -> None:
-    """Change κ of a pruned model (e.g. the fine-tuning schedule); κ = 1 runs the unpruned model.
-
-    Args:
-        model: a pruned model.
-        keep_rate: one κ for every pruning block, or one per pruning block.
-    """
+    """Change κ of a pruned model (e.g. the fine-tuning schedule): one for every pruning block, or one per
+    pruning block; κ = 1 runs the unpruned model."""
     st = prune_state(model)
     if isinstance(keep_rate, (tuple, list)):
         if len(keep_rate) != len(st.blocks):
@@ -296,33 +229,17 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
     return masks
 
 
-# --------------------------------------------------------------------------------------------------
-# Cost
-# --------------------------------------------------------------------------------------------------
-
-
-
-# --------------------------------------------------------------------------------------------------
 # Entropy distributions (the seed's Fig. 5) and kept patches (Fig. 4): data for the figures
-# --------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[float] = (1.0, 2.0),
                     layers: Optional[Sequence[int]] = None, keys: str = "all") -> dict[float, list[torch.Tensor]]:
-    """Per-token attention entropies (averaged over heads) of every patch token at each layer.
+    """``{alpha: [per layer of ``layers`` (all by default), (B·n_l,)]}``: the per-token attention entropies
+    (averaged over heads) of every patch token, from one forward of ``images``.
 
-    Runs one forward with observers on the chosen attention layers (they chain with a pruned
-    model's own capture, so a pruned model shows the tokens each block really saw).
-
-    Args:
-        model: a timm ViT/DeiT (pruned or not).
-        images: a batch ``(B, C, H, W)``.
-        alphas: Rényi orders (1 = Shannon, ``math.inf`` = min-entropy).
-        layers: attention layers (0-based); all by default.
-        keys: ``"all"`` or ``"patches"`` (see :func:`attention_entropy`).
-
-    Returns:
-        ``{alpha: [layer tensors of shape (B·n_l,)]}`` in the order of ``layers``.
+    The observers chain with a pruned model's own capture, so a pruned model shows the tokens each block
+    really saw.
     """
     mods = attention_layers(model)
     layers = list(range(len(mods))) if layers is None else list(layers)
@@ -350,18 +267,8 @@ def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[flo
 
 @torch.no_grad()
 def kept_patch_masks(model: nn.Module, image: torch.Tensor, configs: Sequence[PruneConfig]) -> dict[str, list[torch.Tensor]]:
-    """For each config, the patches of one image still present after each pruning stage (Fig. 4's data).
-
-    The model is left unpruned.
-
-    Args:
-        model: a timm ViT/DeiT at its own image size.
-        image: one preprocessed image ``(C, H, W)``.
-        configs: pruning configurations to compare.
-
-    Returns:
-        ``{config.label: [per stage, (gh, gw) booleans on the CPU]}`` in the order of ``configs``.
-    """
+    """``{config.label: [per stage, (gh, gw) booleans on the CPU]}``: the patches of one image ``(C, H, W)``
+    still present after each pruning stage (Fig. 4's data); the model is left unpruned."""
     if image.dim() != 3:
         raise EamError(f"give one image (C, H, W), not a tensor of shape {tuple(image.shape)}")
     out: dict[str, list[torch.Tensor]] = {}
@@ -383,28 +290,22 @@ def setting_text(value: float | Sequence[float]) -> float | str:
     infinity, JSON has none), or one per pruning block comma-joined (``"0.9,0.7,0.5"``, ``"2,inf,2"``,
     what ``--keep-rate`` and ``--alpha`` read back)."""
     if isinstance(value, (tuple, list)):
-        return ",".join("inf" if math.isinf(v) else f"{v:g}" for v in value)
+        return ",".join(map(format_order, value))
     return "inf" if math.isinf(value) else value
 
 
-# --------------------------------------------------------------------------------------------------
 # Configs of a sweep
-# --------------------------------------------------------------------------------------------------
+
 
 def method_config(method: str, alpha: Optional[float], keep_rate: float, **options: Any) -> PruneConfig:
     """A :class:`PruneConfig` for one (method, α) of a sweep."""
-    kw = dict(options)
-    if alpha is not None:
-        kw["alpha"] = alpha
-    return PruneConfig(method=method, keep_rate=keep_rate, **kw)
+    return PruneConfig(method=method, keep_rate=keep_rate, **options, **({"alpha": alpha} if alpha is not None else {}))
 
 
 def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
     """``"shannon,renyi:0.5,renyi:2,renyi:inf,evit,random"`` → ``[(method, alpha), ...]``."""
     out: list[tuple[str, Optional[float]]] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, a = part.partition(":")
         name = name.strip().lower()
         try:
@@ -418,8 +319,6 @@ def parse_methods(text: str) -> list[tuple[str, Optional[float]]]:
     if not out:
         raise EamError("no pruning methods given; e.g. shannon,renyi:2,evit,random")
     return out
-
-
 
 
 register_step(PruneConfig, StepHandler(stage="prune", order=30, apply=lambda model, config, inputs: prune_(model, config),

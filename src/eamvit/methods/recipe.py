@@ -1,22 +1,5 @@
-"""One compressed model: a :class:`Recipe` of steps, :func:`apply_` to apply it, one file to keep it.
-
-A recipe is an ordered list of the existing configs: at most one quantization
-(:class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig` or
-:class:`~eamvit.methods.pmq.PMQConfig`), then at most one
-:class:`~eamvit.methods.freeze.FreezeConfig`, then at most one
-:class:`~eamvit.methods.prune.PruneConfig` or :class:`~eamvit.methods.merge.MergeConfig` (a model's
-blocks prune or merge tokens, not both). The order is fixed because it is the only one the
-pieces compose in: maps computed after quantization are the quantized model's (EAM_4bits), and
-pruning drops the frozen maps of the layers after its first block, which freezing after it could
-not know.
-
-:func:`save_compressed` writes the whole stack to one safetensors file (written by
-:func:`eamvit.io.save_tensors`, so it carries a digest): the recipe, the quantized state with its
-weights packed at their bit width (:func:`~eamvit.methods.quantize.quantized_content`), the frozen
-masks and values (:func:`~eamvit.methods.freeze.frozen_content`), the data config and the records of
-the images that calibrated it. Pruning has no state beyond its config. :func:`load` rebuilds the
-model with the logits of the one that was saved.
-"""
+"""One compressed model: a :class:`Recipe` of steps (at most one quantization, then freezing, then pruning
+or merging: the only order they compose in), :func:`apply_` to apply it, one file to keep it."""
 from __future__ import annotations
 
 import json
@@ -32,8 +15,11 @@ from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods import freeze, merge, prune, quantize  # noqa: F401 (each registers its recipe step)
+from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.calibrate import EntropyMaps
+from eamvit.methods.data import add_calibration
 from eamvit.methods.export import Target
+from eamvit.methods.models import BUNDLED_MODEL, create_model, data_config, model_spec, preprocessing
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
@@ -53,7 +39,7 @@ def _step_from_dict(d: Any) -> Config:
 
 @dataclass(frozen=True)
 class Recipe(Config):
-    """An ordered list of compression steps (module docstring).
+    """An ordered list of compression steps.
 
     Args:
         steps: the configs, one per stage, in the stages' order (quantization, freezing, pruning, then
@@ -73,8 +59,7 @@ class Recipe(Config):
         stages = [step_stage(s) for s in self.steps]
         if stages != sorted(stages, key=stage_order) or len(set(stages)) != len(stages):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
-                           "with each at most once; "
-                           "write them in that order")
+                           "with each at most once; write them in that order")
         if self.target is not None:
             self.target.check_quant(self.step("quant"))
         if self.target is not None and self.target.form == "openvino" and {"quant", "merge"} <= set(stages):
@@ -93,11 +78,7 @@ class Recipe(Config):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
-        """The recipe :meth:`to_dict` wrote, every step checked.
-
-        Raises:
-            EamError: not a recipe, a newer version, or a step this eamvit does not know.
-        """
+        """The recipe :meth:`to_dict` wrote, every step checked."""
         if not isinstance(d, dict) or d.get("kind") != cls.KIND:
             raise EamError(f"expected a recipe, found {d.get('kind') if isinstance(d, dict) else type(d).__name__!r}; "
                            f"{_REMEDY}")
@@ -118,21 +99,14 @@ MapsSource = Union[EntropyMaps, Callable[[nn.Module], EntropyMaps], None]
 def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = None,
            device: torch.device | str | None = None, progress: bool = False,
            checkpoint_dir: Optional[str] = None) -> dict[str, Any]:
-    """Apply ``recipe``'s steps to ``model`` in place, in order, each through its registered handler.
+    """Apply ``recipe``'s steps to ``model`` in place, in order; returns ``{stage: that step's report}``.
 
     Args:
-        model: an instrumented full-precision model (``create_model``).
-        recipe: the :class:`Recipe`.
         calib: calibration images (dataset or tensor) for quantization and for maps computed here.
         maps: the freezing step's entropy maps, or a function of the model (as it is after
             quantization) that returns them; ``None`` computes them on ``calib`` (8-bit histograms).
         device: where calibration runs.
-        progress: progress bars.
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
-
-    Returns:
-        ``{stage: report}``: each step's report (the quantization method's, the
-        :class:`~eamvit.methods.freeze.FreezeReport`, the :class:`~eamvit.methods.prune.PruneReport` ...).
     """
     inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                         target=recipe.target)
@@ -149,34 +123,16 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
            frozen: Optional[str | os.PathLike] = None, maps: MapsSource = None,
            device: torch.device | str | None = None, progress: bool = False,
            checkpoint_dir: Optional[str] = None) -> tuple[Recipe, dict[str, Any]]:
-    """:func:`apply_` with parts of the stack loaded from files instead of made now.
-
-    The order is the one of :func:`apply_`: the quantization (``quant_state`` loaded, or the step
-    applied), then the frozen attention (``frozen`` loaded on the quantized model, whose values it
-    replaces, or the freezing step), then pruning.
-
-    Args:
-        model: an instrumented full-precision model.
-        recipe: the steps made now; it has no quantization step with ``quant_state`` and no freezing
-            step with ``frozen``.
-        calib: calibration images of the quantization step.
-        quant_state: a quantized state of :func:`~eamvit.methods.quantize.save_quantized`.
-        frozen: frozen attention of :func:`~eamvit.methods.freeze.save_frozen`.
-        maps, device, progress, checkpoint_dir: as for :func:`apply_`.
-
-    Returns:
-        ``(recipe, reports)``: the whole recipe ``model`` now carries (the loaded parts as steps) and
-        :func:`apply_`'s reports, with ``"frozen"``: the loaded freezing settings (``{}`` when the
-        file has none).
-    """
-    from eamvit.methods.freeze import load_frozen
-    from eamvit.methods.quantize import load_quantized
-
+    """:func:`apply_` with the quantization (``quant_state`` of :func:`~eamvit.methods.quantize.save_quantized`)
+    or the frozen attention (``frozen`` of :func:`~eamvit.methods.freeze.save_frozen`, loaded on the quantized
+    model, whose values it replaces) loaded from files instead of made now; ``recipe`` holds only the steps
+    made now. Returns the whole recipe ``model`` now carries and :func:`apply_`'s reports, with ``"frozen"``:
+    the loaded freezing settings (``{}`` when the file has none)."""
     for path, stage in ((quant_state, "quant"), (frozen, "freeze")):
         if path is not None and recipe.step(stage) is not None:
             raise EamError(f"{path} holds the {stage} step already; drop that step from the recipe")
     if quant_state is not None:
-        load_quantized(model, quant_state)
+        quantize.load_quantized(model, quant_state)
         if recipe.target is not None and recipe.target != state_of(model).target:
             raise EamError(f"{quant_state} was calibrated for target {getattr(state_of(model).target, 'form', 'torch')}, "
                            f"not {recipe.target.form}; quantize again for that target, or drop --target")
@@ -184,7 +140,7 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
     rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
-        reports["frozen"] = load_frozen(model, str(frozen)).get("config") or {}
+        reports["frozen"] = freeze.load_frozen(model, str(frozen)).get("config") or {}
     reports.update(apply_(model, rest, None, maps=maps, device=device, progress=progress))
     return recipe_of(model), reports
 
@@ -197,31 +153,15 @@ def recipe_of(model: nn.Module) -> Recipe:
 
 def artifact_kind(path: str | os.PathLike) -> str:
     """What the eamvit file at ``path`` holds, by its format tag: ``"compressed"`` (:func:`save_compressed`),
-    ``"quant"`` (a quantized state) or ``"frozen"`` (frozen attention); the file is checked as loading it is.
-
-    Raises:
-        EamError: a missing or unreadable file, another kind of file, or one modified after eamvit wrote it.
-    """
-    from eamvit.io import load_tensors
-    from eamvit.methods.freeze import FROZEN_FORMAT
-    from eamvit.methods.quantize import FORMAT as QUANT_FORMAT
-
-    kinds = {COMPRESSED_FORMAT: "compressed", QUANT_FORMAT: "quant", FROZEN_FORMAT: "frozen"}
+    ``"quant"`` (a quantized state) or ``"frozen"`` (frozen attention); the file is checked as loading it is."""
+    kinds = {COMPRESSED_FORMAT: "compressed", quantize.FORMAT: "quant", freeze.FROZEN_FORMAT: "frozen"}
     meta, _ = load_tensors(path, tuple(kinds), "compressed model", "give a file of `eamvit compress`, a quantized "
                            "state of `eamvit quantize` or the frozen.safetensors of `eamvit finetune --tau`")
     return kinds[meta["format"]]
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
-    """Write ``model``, compressed by ``recipe``, to one safetensors file (module docstring).
-
-    Raises:
-        EamError: the model does not carry what the recipe says (e.g. a quantization step on an
-            unquantized model).
-    """
-    from eamvit.io import save_tensors
-    from eamvit.methods.models import data_config, model_spec, preprocessing
-
+    """Write ``model``, compressed by ``recipe`` (which must be what it carries), to one safetensors file."""
     have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
@@ -245,20 +185,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -
 
 def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a file written by :func:`save_compressed`, or one clear :class:`EamError`."""
-    from eamvit.io import load_tensors
-
     return load_tensors(path, COMPRESSED_FORMAT, "compressed model", _REMEDY)
 
 
 def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata.
-
-    Raises:
-        EamError: the file is not a compressed model, was made for another model, or does not fit.
-    """
-    from eamvit.methods.data import add_calibration
-    from eamvit.methods.models import model_spec
-
+    """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata."""
     meta, tensors = read_compressed(path)
     recipe = Recipe.from_dict(meta.get("recipe"))
     if not model_spec(model).same_model(meta.get("model") or {}):
@@ -287,16 +218,8 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
          device: torch.device | str | None = None) -> nn.Module:
-    """The compressed model saved at ``path`` (:func:`save_compressed`), logits equal to the saved one's.
-
-    Args:
-        path: the file.
-        model: the full-precision model it was made from; ``None`` creates it from the name stored in
-            the file (the bundled model, a model whose weights need no checkpoint file).
-        device: where to create it.
-    """
-    from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
-
+    """The compressed model saved at ``path`` (:func:`save_compressed`), logits equal to the saved one's, rebuilt
+    on ``model`` (the full-precision model it was made from; ``None``: created from the name in the file)."""
     if model is None:
         spec = read_compressed(path)[0].get("model") or {}
         model = create_model(BUNDLED_MODEL, device=device)  # the one model whose weights eamvit carries

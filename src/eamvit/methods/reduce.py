@@ -1,10 +1,5 @@
 """What token pruning and token merging share: which models and blocks can change their token set, and
-what becomes of frozen EAM maps after the first block that does.
-
-Both verbs (:mod:`eamvit.methods.prune`, :mod:`eamvit.methods.merge`) swap blocks of one flat-token
-family (as its adapters say: :data:`~eamvit.modules.attention.TOKEN_FAMILIES`) and refuse every other
-model in one line. One model holds one of them at a time: its blocks are either timm's or one verb's.
-"""
+what becomes of frozen EAM maps after the first block that does."""
 from __future__ import annotations
 
 import math
@@ -27,7 +22,6 @@ def check_token_model(model: nn.Module, verb: str, adapter_verb: str,
     """The model's blocks and their family, or one line saying why ``verb`` cannot apply to the model.
 
     Args:
-        model: the model.
         verb: ``"token pruning"`` or ``"token merging"`` (messages).
         adapter_verb: the attention adapters' verb (``"prune"``, ``"merge"``).
         own: the verb's swapped classes (swapped class → timm class): blocks it swapped before are fine.
@@ -62,15 +56,8 @@ def has_class_token(model: nn.Module) -> bool:
 
 def check_blocks(blocks: Sequence[int], blocks_seq: nn.Module, fam: TokenFamily, what: str,
                  act: str) -> tuple[int, ...]:
-    """``blocks`` sorted, or one line naming a block outside the model, repeated, or one that cannot take part.
-
-    Args:
-        blocks: 0-based block indices.
-        blocks_seq: the model's blocks.
-        fam: their family.
-        what: ``"pruning"`` or ``"merging"`` (messages).
-        act: ``"prune"`` or ``"merge"`` (messages).
-    """
+    """``blocks`` sorted, or one line naming a block outside the model, repeated, or one that cannot take part
+    (``what``: ``"pruning"``/``"merging"``, ``act``: ``"prune"``/``"merge"``, for messages)."""
     depth = len(blocks_seq)
     blocks = tuple(blocks)
     if not blocks:
@@ -97,20 +84,9 @@ def eligible_blocks(blocks_seq: nn.Module, fam: TokenFamily, act: str) -> list[i
 
 def drop_frozen_after(layers: list[nn.Module], first_block: int, first_layer: int, reduces: bool,
                       frozen_after: str, verb: str) -> tuple[list, list[int]]:
-    """Attention layers after the first reducing block, and those whose frozen maps were removed.
-
-    They see fewer tokens than their frozen maps describe. A configuration that changes no token
-    (``reduces`` false: κ = 1, r = 0) leaves the model, frozen maps included, exactly as it was; a
-    later forward that does change tokens meets the blocks' own check.
-
-    Args:
-        layers: the model's instrumented attention layers.
-        first_block: the first reducing block (messages).
-        first_layer: its attention layer number.
-        reduces: whether the configuration changes any token.
-        frozen_after: ``"drop"`` the later layers' frozen maps or ``"refuse"`` them.
-        verb: the verb (messages).
-    """
+    """Attention layers after the first reducing block (``first_layer``: its attention layer), and those
+    whose frozen maps were removed (``frozen_after="drop"``; ``"refuse"`` refuses them). A configuration that
+    changes no token (``reduces`` false) leaves every frozen map in place."""
     later = [m for m in layers if m.eam.layer > first_layer]
     frozen_later = [m.eam.layer for m in later if m.eam_frozen_mask is not None] if reduces else []
     if frozen_later and frozen_after == "refuse":
@@ -123,25 +99,22 @@ def drop_frozen_after(layers: list[nn.Module], first_block: int, first_layer: in
     return later, frozen_later
 
 
-
-def _order(alpha: Any) -> str:
+def order_label(alpha: Any) -> str:
+    """A Rényi order as labels show it: ``2``, ``0.5``, ``∞`` (from a number or a results row's ``"inf"``)."""
     return "∞" if alpha in ("inf", math.inf) else f"{float(alpha):g}"
 
 
 def row_label(row: Mapping[str, Any]) -> str:
-    """Display name of a token-reduction result row's method (sweeps, their tables and figures).
-
-    Pruning rows name their score (``Shannon``, ``Rényi α=2``, ``EViT``, ``random``), merging rows their
-    selection (``ToMe``, ``entropy merging``, ``entropy merging (Rényi α=2)``); a row with neither
-    (``prune`` and ``merge`` blank) is ``unmodified``.
-    """
+    """Display name of a token-reduction result row's method: pruning rows name their score (``Shannon``,
+    ``Rényi α=2``, ``EViT``, ``random``), merging rows their selection (``ToMe``, ``entropy merging (Rényi
+    α=2)``), a row with neither ``unmodified``."""
     merge = row.get("merge")
     if merge:
         if merge == "tome":
             return "ToMe"
         alpha = row.get("alpha")
-        return "entropy merging" + ("" if alpha in (None, "") else f" (Rényi α={_order(alpha)})")
+        return "entropy merging" + ("" if alpha in (None, "") else f" (Rényi α={order_label(alpha)})")
     m = row.get("prune") or "none"
     if m == "renyi":
-        return f"Rényi α={_order(row['alpha'])}"
+        return f"Rényi α={order_label(row['alpha'])}"
     return {"shannon": "Shannon", "evit": "EViT", "random": "random", "none": "unmodified"}.get(m, m)

@@ -1,17 +1,8 @@
-"""The one object a model carries for eamvit: ``model.eam_state``, a :class:`ModelState`.
-
-Everything eamvit knows about a model beyond its modules (what it is, which preprocessing it takes,
-which images calibrated it, the steps applied to it and their reports) lives in this one typed,
-versioned object, so that nothing else hangs off the model and save / load read and write one thing.
-The tensors the steps add (quantizer parameters, frozen masks and values) stay registered buffers of
-the modules they belong to, so ``state_dict`` keys are those of earlier versions.
-"""
+"""The one object a model carries for eamvit: ``model.eam_state``, a :class:`ModelState`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
-
-
 
 ATTR = "eam_state"
 
@@ -21,16 +12,10 @@ class ModelState:
     """What eamvit records about one model.
 
     Args:
-        spec: the :class:`~eamvit.methods.models.ModelSpec` it was created from.
-        data_config: its own preprocessing (a checkpoint's, a state's or the user's overrides);
-            ``None``: timm's pretrained config.
-        calibration: records (:func:`~eamvit.methods.data.calibration_record`) of every image set
-            that calibrated it, so that evaluation never scores them.
+        data_config: its own preprocessing (a checkpoint's, a state's or the user's overrides); ``None``: timm's.
+        calibration: records of every image set that calibrated it, so that evaluation never scores them.
         fp_sha256: digest of the full-precision weights a quantization was made from.
-        steps: the config of each step applied, by stage (``"quant"``, ``"freeze"``, ``"prune"`` ...).
-        reports: the report of each step applied here, by stage.
-        prune: the pruning blocks' shared :class:`~eamvit.modules.prune_block.PruneState`.
-        merge: the merging blocks' shared :class:`~eamvit.modules.merge_block.MergeState`.
+        steps: the config of each step applied (``reports``: its report), by stage.
         target: the deployment target the model was prepared for (an export config), ``None``: none.
     """
 

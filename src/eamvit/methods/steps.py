@@ -1,12 +1,5 @@
-"""The registry of recipe steps: one handler per config type, as torchao's ``quantize_`` keys its
-handlers by config type and Model Optimizer's modes replay on restore.
-
-A step (quantization, freezing, pruning, or one a user adds) is a :class:`~eamvit.config.Config`
-subclass with a unique ``KIND`` and a :class:`StepHandler` registered for it with
-:func:`register_step`. The recipe (:mod:`eamvit.methods.recipe`), its file, its export and the CLI's
-``--recipe`` reach every step through this table alone, so a new step is one config and one handler,
-and no edit anywhere else.
-"""
+"""The registry of recipe steps: one :class:`StepHandler` per config type (a new step is one config and one
+handler, and no edit anywhere else)."""
 from __future__ import annotations
 
 import os
@@ -22,15 +15,9 @@ from eamvit.errors import EamError
 
 @dataclass(frozen=True)
 class StepInputs:
-    """What applying a step may read (never saved).
+    """What applying a step may read (never saved); the fields are :func:`~eamvit.methods.recipe.apply_`'s.
 
     Args:
-        calib: calibration images (dataset, tensor or batches).
-        maps: the freezing step's entropy maps, or a function of the model that returns them; ``None``:
-            computed on ``calib``.
-        device: where calibration runs.
-        progress: progress bars.
-        checkpoint_dir: resumable checkpoints (ADFQ-ViT).
         target: the deployment target of the recipe (an export config), ``None``: PyTorch.
     """
 
@@ -50,10 +37,8 @@ class StepHandler:
     """What a step registers.
 
     Args:
-        stage: the step's place in a recipe (``"quant"``, ``"freeze"``, ``"prune"`` ...); a recipe
-            holds at most one step of each stage.
-        order: where the stage runs among the others (lower first).
-        apply: ``f(model, config, inputs) -> report``: apply the step in place.
+        stage: the step's place in a recipe (``"quant"``, ``"freeze"``, ``"prune"`` ...), run by ``order``
+            (lower first); a recipe holds at most one step of each stage.
         content: ``f(model, config) -> (tensors, metadata)``: the state the step added beyond its
             config; ``None``: the config alone rebuilds it.
         restore: ``f(model, config, metadata, tensors, path)``: rebuild the step on a fresh model from
@@ -77,11 +62,7 @@ _STEPS: dict[type, StepHandler] = {}
 
 
 def register_step(config_type: type[Config], handler: StepHandler) -> None:
-    """Make ``config_type`` a recipe step applied by ``handler``.
-
-    Raises:
-        EamError: another config type registered the same ``KIND``.
-    """
+    """Make ``config_type`` a recipe step applied by ``handler`` (refused when its ``KIND`` is taken)."""
     for other in _STEPS:
         if other.KIND == config_type.KIND and other is not config_type:
             raise EamError(f"step kind {config_type.KIND!r} is registered already (by {other.__name__})")
