@@ -1,43 +1,7 @@
 """ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family.
 
-Three components, each switchable (``poq``, ``slq``, ``amo``: the paper's Table 4 ablation):
-
-* **POQ**, Per-Patch Outlier-aware Quantizer (:class:`OutlierAwareQuantizer`) for the post-LayerNorm
-  inputs of ``qkv`` and ``fc1``: per-token Δ and zero point (over batch × channels), and entries
-  beyond α kept in full precision as a sparse part. The code's outlier test is ``|x| > α`` (default);
-  the paper's eq. 18 is one-sided, ``x ≥ α`` (``outlier_mode="upper"``). α_qkv = 5; α_fc1 = 5 is the
-  code's default, the paper says 10 (``alpha_fc1=10``). Off: per-tensor uniform.
-* **SLQ**, Shift-Log2 Quantizer (:class:`ShiftLogQuantizer`) for the post-GELU input of ``fc2``:
-  ``x − min(x) + ε`` (min recomputed at every forward), log-quantized, shifted back. The code uses
-  the log√2 quantizer (default), the paper log2 (``shift_log="log2"``). Off: per-tensor uniform.
-* **AMO**, Attention-score enhanced Module-wise Optimization (:func:`reconstruct_`): per attention
-  module and per MLP module, AdaRound on the weights (rectified sigmoid, ζ = 1.1, γ = −0.1, rounding
-  loss ``Σ 1 − |2h(V) − 1|^β`` with β annealed linearly, code 20 → 2, paper 10 → 2) and learned
-  activation step sizes (straight-through rounding); loss = ``Σ_tokens (ŷ − y)²`` averaged over the
-  batch (the code's ``lp_loss``) + KL(A‖Â) on the post-softmax attention rows for attention modules
-  + λ·rounding loss. Adam, weights lr 3e-3, step sizes lr 4e-5 (cosine-annealed, as the code).
-  Off: round-to-nearest weights and the initial step sizes.
-
-Everything else follows the code: weights per output channel; post-softmax log√2 (paper: log2);
-q, k, v and the other Linear inputs uniform per tensor with the family's percentile + MSE search;
-the image fed to the patch embedding 8-bit. The model surgery is RepQ-ViT's :func:`~.repq.prepare_`
-without the reparameterization, refined here; the patch embedding and the head are calibrated but not
-reconstructed. When the reconstruction ends, each AdaRound weight is replaced by its rounded grid
-value and a plain per-channel quantizer (the same outputs, bit for bit), so the finished model saves
-and loads like any other (:func:`eamvit.save_quantized`). The quantizer modules are
-:mod:`eamvit.modules.adfq`.
-
-The further families (:mod:`eamvit.modules.families`) get the same three pieces where they exist:
-POQ on the inputs of their LayerNorm → Linear pairs (:mod:`eamvit.modules.family_quant`; α_qkv for
-the Linears inside an attention, α_fc1 elsewhere; per tensor for CaiT's class-attention query, which
-reads the class token alone), SLQ on the ``fc2`` of every timm ``Mlp`` beside an instrumented
-attention (EVA02's SwiGLU has no post-GELU input: none there), and AMO on each block's attention and
-``Mlp``, the attention's maps read through the softmax tap. Swin v2 is refused (post-norm blocks: no
-LayerNorm → Linear input for POQ), and so are the BatchNorm families, as RepQ-ViT refuses them.
-
-Paper-vs-code notes: the code's KL term is a temperature softmax (T = 7) over dim 1 of the score
-tensor divided by 0.2; here it is the KL divergence of the attention distributions themselves
-(paper eq. 32), weighted by ``kl_weight``. The code reconstructs 5000 iterations (paper 3000).
+POQ, SLQ and AMO (each switchable), the families, and where the code and the paper differ:
+docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -60,7 +24,6 @@ from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
-
 
 
 @dataclass(frozen=True)
@@ -95,11 +58,7 @@ class ADFQConfig(Config):
         zeta: rectified-sigmoid stretch ζ (1.1).
         gamma: rectified-sigmoid shift γ (−0.1).
         percentiles: range-search percentiles of the initial calibration.
-        quantize_head: quantize the classifier head.
         seed: seed of the calibration subset and of the reconstruction batches.
-
-    Runtime settings (progress bars, the resumable ``checkpoint_dir``) are arguments of
-    :func:`eamvit.quantize_`, not fields.
     """
 
     w_bits: int = 4
@@ -158,10 +117,6 @@ class ADFQConfig(Config):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
-
-# --------------------------------------------------------------------------- model surgery
-
-
 def attention_inputs(layers: list[nn.Module]) -> set[int]:
     """``id`` of the Linears inside attention layers (ViT's ``qkv``; a family's q, k, v or kv projections),
     whose post-LayerNorm input takes ``alpha_qkv``; every other one takes ``alpha_fc1``."""
@@ -172,8 +127,6 @@ def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
     """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated.
 
     Args:
-        model: an instrumented model of a family that declares ADFQ-ViT, in full precision.
-        config: :class:`ADFQConfig`.
         adaround: AdaRound weight quantizers in the reconstruction units (before reconstruction);
             False gives the finished model's plain per-channel ones (round to nearest, or loading).
     """
@@ -220,9 +173,6 @@ def _bake_adaround_(model: nn.Module) -> None:
             m.weight_quantizer = plain
 
 
-# --------------------------------------------------------------------------- outliers
-
-
 def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantizer]]:
     """``(qualified Linear name, quantizer)`` of every POQ in module order."""
     return [(n.rsplit(".input_quantizer", 1)[0], q) for n, q in model.named_modules()
@@ -247,11 +197,8 @@ def _rebuild(model: nn.Module, config: ADFQConfig, structure: dict) -> None:
 def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """ADFQ-ViT: surgery; one lazy initialisation pass on the first ``init_size`` calibration images
     (every quantizer calibrated in forward order on already-quantized inputs); then, with ``amo``,
-    the module-wise reconstruction on all ``calib_size`` images, which are read only then.
-
-    Returns:
-        ``outliers`` per POQ layer on the initialisation batch and ``units`` from :func:`reconstruct_`.
-    """
+    the module-wise reconstruction on all ``calib_size`` images, which are read only then. Returns
+    ``outliers`` per POQ layer on the initialisation batch and ``units`` from :func:`reconstruct_`."""
     n = config.calib_size if config.amo else min(config.init_size, config.calib_size)
     images, _ = calibration_images(calib, n, seed=config.seed)
     _refine_(model, config, adaround=config.amo)

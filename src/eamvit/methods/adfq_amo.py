@@ -1,9 +1,6 @@
 """ADFQ-ViT's Attention-score enhanced Module-wise Optimization (AMO): the reconstruction loop.
 
-Per attention module and per MLP module, in forward order: AdaRound on the weights and learned
-activation step sizes, trained on the unit's input in the already quantized model against the
-full-precision model's output, plus a KL term on the attention rows (paper eq. 31–32). Settings are
-an :class:`eamvit.methods.adfq.ADFQConfig`; the method itself is :mod:`eamvit.methods.adfq`.
+Settings are an :class:`eamvit.methods.adfq.ADFQConfig`; see docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -72,10 +69,7 @@ def _stack_per_image(parts: list[torch.Tensor], n: int) -> torch.Tensor:
 def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int,
              layer: Optional[int], quant: bool) -> dict[str, Any]:
     """Inputs, outputs (and, for attention layer ``layer``, its post-quantizer maps) of ``unit`` over
-    ``images``, stopping each forward there.
-
-    Tensors are stored per image as ``(n, g, ...)``, ``g`` = unit calls per image (Swin windows).
-    """
+    ``images``, stopping each forward there; per image as ``(n, g, ...)``, ``g`` unit calls per image (windows)."""
     device = next(model.parameters()).device
     got: dict[str, Any] = {"x": [], "y": [], "a": [], "kwargs": None, "args": ()}
 
@@ -135,7 +129,7 @@ def _unit_loss(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, a: Optional[to
                data: dict, seen: dict, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss).
 
-    ``data`` holds the rest of the unit's captured call (``args``, ``kwargs``); ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
+    ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
     """
     seen.pop("a", None)
     out = _run(unit, x, data)
@@ -185,11 +179,8 @@ def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> 
 
 
 def _trainables(unit: nn.Module, learn_act: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Turn the unit's AdaRound V and (optionally) activation Δ into leaf tensors for Adam.
-
-    They stay buffers of their quantizers (plain tensors that require grad), so the module structure
-    and ``state_dict`` keys never change.
-    """
+    """Turn the unit's AdaRound V and (optionally) activation Δ into leaf tensors for Adam; they stay buffers
+    (plain tensors that require grad), so the module structure and ``state_dict`` keys never change."""
     w, a = [], []
     for m in unit.modules():
         if isinstance(m, AdaRoundQuantizer):
@@ -227,7 +218,6 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], d
 
     Args:
         layer: the attention layer number of an attention unit (its quantized map enters the KL term).
-        bar: a tqdm iterator over ``range(config.iterations)``.
     """
     frozen = [p for p in unit.parameters() if p.requires_grad]
     for p in frozen:
@@ -288,14 +278,9 @@ def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
                  run: Optional[QuantRun] = None) -> list[dict[str, Any]]:
     """Attention-score enhanced Module-wise Optimization of an initialised ADFQ model, in place.
 
-    Units (attention, MLP) in forward order; each is trained on its input in the already quantized
-    model (earlier units reconstructed) against the full-precision model's output (and attention).
-    With ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with
-    the same settings, weights and images.
-
-    Returns:
-        Per unit: ``unit``, ``kind``, ``mse_before`` (round-to-nearest), ``mse_after``, ``loss_first``,
-        ``loss_last``, ``seconds``, ``resumed``.
+    With ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with the
+    same settings, weights and images. Returns per unit: ``unit``, ``kind``, ``mse_before``
+    (round-to-nearest), ``mse_after``, ``loss_first``, ``loss_last``, ``seconds``, ``resumed``.
     """
     run = run or QuantRun()
     ckpt_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None

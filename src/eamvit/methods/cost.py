@@ -1,36 +1,11 @@
-"""What a model state costs: a per-layer account of the multiply-accumulates it executes and saves.
+"""What a model state costs: a per-layer, analytic account of the multiply-accumulates it executes and saves.
 
-The count is analytic (:mod:`eamvit.ops.cost`): one forward of a single blank image records, through
-forward hooks, only the *shapes* reaching every ``nn.Linear``, ``nn.Conv2d`` and instrumented
-attention layer (tokens kept by pruning, windows of Swin); the MACs follow from those shapes and from
-each attention layer's frozen state. No kernel is timed or intercepted, so a model counts the same on
-every device and with every attention kernel (``torch.utils.flop_counter`` misses PyTorch's fused CPU
-attention: DeiT-S would read 4.24 instead of 4.60 GMACs).
-
-Every row of a :class:`CostAccount` says, for one op of one layer:
-
-* ``full``: MACs of the unmodified model (no freezing, no pruning) at that op;
-* ``executed``: MACs this state really runs (``full − executed`` was saved, by skipped frozen
-  heads/rows or by pruned tokens);
-* ``skippable``: MACs still run that the frozen units would let a different execution skip:
-  under entry freezing, only fully frozen (window, head, query) rows, and only with a sparse kernel
-  (``how="sparse kernel"``); under row/head freezing simulated with ``execute=False``, everything
-  the executed path skips (``how="executed path"``), and nothing in a layer that cannot execute its plan.
-
-What an executed head plan saves depends on the class's executed path, as its adapter says
-(``Adapter.plan_skips``): the ViT and Swin v1 classes skip the frozen heads' q and k projections,
-scores and softmax; the classes of :mod:`eamvit.modules.family_heads` run timm's projection for every
-head and skip only the scores and softmax.
-
-Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
-recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
-added to MACs. Token merging's matching product (a ``merge``/``match`` row per merging block: the
-similarities of the keys averaged over heads, ``full`` 0 since the unmodified model has none) is
-counted; other matmuls outside Linear, Conv2d and attention (EViT's fused token: one ``N·C`` product
-per pruning stage) are not.
+The three counts of a row (``full``, ``executed``, ``skippable``) and what is and is not counted:
+docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -46,7 +21,7 @@ from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_
 
 @dataclass
 class CostRow:
-    """One op of one layer (see the module docstring for the three counts)."""
+    """One op of one layer (the three counts: docs/architecture-quant-export.md)."""
 
     layer: Optional[int]
     part: str  # patch_embed, attention, mlp, head, other
@@ -117,6 +92,8 @@ def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Op
     """``id(module) → (layer, part)`` for every Linear/Conv2d outside the attention modules."""
     from timm.layers import PatchEmbed
 
+    from eamvit.methods.repq import classifier_heads
+
     inside_attn = {id(m) for a in layers for m in a.modules()}
     owner: dict[int, tuple[Optional[int], str]] = {}
     for block in model.modules():  # the module that holds an attention layer is its block
@@ -129,11 +106,9 @@ def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Op
     for pe in (m for m in model.modules() if isinstance(m, PatchEmbed)):
         for m in pe.modules():
             owner[id(m)] = (None, "patch_embed")
-    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
-    for h in heads if isinstance(heads, (tuple, list)) else (heads,):
-        if isinstance(h, nn.Module):
-            for m in h.modules():
-                owner[id(m)] = (None, "head")
+    for h in classifier_heads(model):
+        for m in h.modules():
+            owner[id(m)] = (None, "head")
     return owner
 
 
@@ -170,10 +145,8 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
 
 
 def _plan_macs(module: nn.Module, s: AttentionShape, frozen_heads: int, frozen_rows: int) -> dict[str, int]:
-    """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts.
-
-    Its adapter declares those ops (``Adapter.plan_skips``).
-    """
+    """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts
+    (``Adapter.plan_skips``)."""
     cut, full = attention_macs(s, frozen_heads, frozen_rows), attention_macs(s)
     skips = module.eam.adapter.plan_skips
     return {op: cut[op] if op in skips else full[op] for op in ATTENTION_OPS}
@@ -213,9 +186,7 @@ def _linear_row(module: nn.Module, shape_in, shape_out, layer, part, scale: floa
         macs = conv_macs(positions, module.out_channels, module.in_channels, module.groups, module.kernel_size)
         tokens, op = positions, "conv"
     else:
-        tokens = 1
-        for s in shape_in[:-1]:
-            tokens *= s
+        tokens = math.prod(shape_in[:-1])
         macs, op = linear_macs(tokens, module.in_features, module.out_features), "linear"
     return CostRow(layer, part, op, tokens, int(round(macs * scale)), macs, 0, "", *_bits(module))
 
@@ -238,15 +209,11 @@ def _check_modelled(layers: Sequence[nn.Module]) -> None:
 
 def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                  device: torch.device | str | None = None) -> CostAccount:
-    """The per-layer account of one image through ``model`` in its current state.
+    """The per-layer account of one image through ``model`` (frozen, pruned, quantized or not) in its current state.
 
     Args:
-        model: a timm ViT/DeiT/Swin (instrumented on first use), frozen, pruned, quantized or not.
         input_size: ``(C, H, W)``; the model's own by default.
         device: where the one shape-recording forward runs (the model's device by default).
-
-    Returns:
-        A :class:`CostAccount`.
     """
     layers = attention_layers(model)
     _check_modelled(layers)
@@ -262,9 +229,7 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         layer, part = owners.get(id(mod), (None, "other"))
         scale = 1.0
         if part == "mlp" and not windowed and layer in attn_in:
-            tokens = 1
-            for s in s_in[:-1]:
-                tokens *= s
+            tokens = math.prod(s_in[:-1])
             scale = n_full[layer] / tokens if tokens else 1.0
         rows.append(_linear_row(mod, s_in, s_out, layer, part, scale))
     for i in sorted(attn_in):
@@ -288,18 +253,10 @@ def model_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> t
 
 def count_gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None, macs: bool = True,
                  device: torch.device | str | None = None) -> float:
-    """GFLOPs of one image through ``model`` in its current state (frozen, pruned, quantized or not).
-
-    The executed total of :func:`cost_account`: analytic, so the same on every device and kernel.
+    """GFLOPs per image (matmuls, convolutions and attention): the executed total of :func:`cost_account`.
 
     Args:
-        model: the model.
-        input_size: ``(C, H, W)``; the model's own by default.
         macs: count one multiply-add as one FLOP (fvcore's convention, which the seeds' and EViT's
             tables use: DeiT-S = 4.6 GFLOPs); ``False`` counts two, as ``torch.utils.flop_counter`` does.
-        device: where the shape-recording forward runs.
-
-    Returns:
-        GFLOPs per image (matmuls, convolutions and attention; softmax and elementwise ops are not counted).
     """
     return cost_account(model, input_size, device).total("executed") * (1 if macs else 2) / 1e9

@@ -1,55 +1,8 @@
-"""Deployable exports: ONNX graphs of full-precision, pruned, frozen and RepQ-ViT-quantized models.
+"""Deployable exports: ONNX graphs of full-precision, pruned, frozen and RepQ-ViT-quantized models, and the
+deployment :class:`Target` a recipe calibrates for.
 
-:func:`export_onnx` writes a graph that ONNX Runtime runs on CPU with its standard operators (the
-4-bit weight-only graph uses ONNX Runtime's own ``com.microsoft.MatMulNBits``; nothing falls back to a
-custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, ``dynamo=False``, opset
-17, or 18 where a family's adapter needs it: it needs no extra package and emits a
-``torch.autograd.Function``'s ``symbolic`` node, while the
-dynamo exporter needs onnxscript and its own translation tables): the model is copied and its quantized modules are swapped, by class, for export
-classes whose forward calls the operators of :mod:`eamvit.ops.qdq`, each of which tells
-``torch.onnx`` the node to emit. No protobuf is written by hand; eamvit's metadata (model, data
-config, export settings) goes into the model's ``metadata_props``. The batch axis is dynamic; image
-size and token counts (pruning at a fixed κ) are static.
-
-Schemes for a RepQ-ViT model (:class:`ExportConfig` ``scheme``):
-
-* ``"qdq"`` (W8/A8 and lower weight widths): ``QuantizeLinear → DequantizeLinear`` on every quantized
-  activation (linear and patch-embedding inputs, ``q``, ``k``, ``v``, the post-softmax map) with a
-  per-tensor scale, and ``DequantizeLinear`` of per-output-channel int8 weight codes stored in the
-  file. ONNX Runtime fuses these into integer kernels (``MatMulIntegerToFloat``, ``QLinearConv``).
-* ``"weight-only"``: weights at ``w_bits`` (2, 4 or 8) in ``MatMulNBits`` (per-channel scales repeated
-  over the blocks), activations in float; the patch-embedding convolution keeps its dequantized
-  weights in float (ONNX Runtime has no low-bit convolution).
-
-Where the runtime cannot express the simulation, :func:`prepare_export_` changes the *model* (call it
-on the PyTorch model too, to simulate exactly what the export computes; :func:`export_onnx` applies
-it to its copy):
-
-* RepQ-ViT's reparameterized per-tensor zero point is a float mean; ONNX zero points are integers:
-  it is rounded (half to even) and clamped to the code range.
-* The log√2 post-softmax quantizer has no QDQ form: ``softmax="uniform"`` (default) replaces it by an
-  8-bit uniform quantizer on ``[0, Δ]`` (Δ: the log quantizer's largest level, zero point 0);
-  ``softmax="fp32"`` leaves the post-softmax map unquantized.
-* ``symmetric_activations`` / ``symmetric_weights``: zero point 0 (int8), as TensorRT requires;
-  the step becomes ``max(−min/2^(b−1), max/(2^(b−1)−1))`` of the calibrated range.
-* Only 8-bit activations have a QDQ form here (``uint8``, or ``int8`` when symmetric).
-
-The graph's *form* follows the runtime that is to run it (:class:`ExportConfig` ``runtime``); the
-numbers do not, and both runtimes run both forms:
-
-* ``"onnxruntime"`` (default): each quantized tensor has its ``QuantizeLinear → DequantizeLinear``
-  right before the operator that reads it, the pattern ONNX Runtime's QDQ fusions match.
-* ``"openvino"``: in the ViT attention (RepQ-ViT's score order, no q/k norm) ``q``, ``k`` and ``v``
-  are quantized once, where ``qkv`` makes them (``QuantizeLinear`` per channel of its output, each
-  part with its own quantizer's step), reshaped, transposed and split as integer codes, and each
-  dequantized where its matmul reads it; the projection's input is quantized at the attention's
-  output and dequantized after the head merge. OpenVINO fuses each quantization into the layer that
-  precedes it (the fully connected layer, its attention kernel) and runs both attention matmuls in
-  int8 when q, k and v are symmetric; in the default form it runs those quantizations as separate
-  float nodes with layout conversions around them. ONNX Runtime's per-channel ``QuantizeLinear`` on
-  activations is slow, so this form is for OpenVINO only. OpenVINO has no int8 kernel for weights
-  with a zero point (it decompresses them to float): a quantized ``qdq`` export for it needs
-  ``symmetric_weights``.
+Schemes, the changes :func:`prepare_export_` makes where a runtime cannot express the simulation, and
+the two graph forms (ONNX Runtime, OpenVINO): docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -105,8 +58,7 @@ class ExportConfig(Config):
         opset: ONNX opset of the default domain (13..21); ``None``: :data:`OPSET`, or the lowest the
             model needs where its family's adapter asks for more (VOLO's outlook attention, NaFlexViT at
             another grid than its position table's: 18). The file records the opset used.
-        runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (see the module notes;
-            the same numbers either way).
+        runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (the same numbers either way).
     """
 
     KIND = "export"
@@ -257,11 +209,6 @@ def _matching_export(model: nn.Module, config: "ExportConfig") -> None:
 # --------------------------------------------------------------------------- preparing the model
 
 
-def _repq_config(model: nn.Module) -> Optional[RepQConfig]:
-    """The model's RepQ-ViT config (the quantization step refuses other methods: :func:`check_steps`)."""
-    return step_config(model, "quant")
-
-
 def check_steps(model: nn.Module, config: "ExportConfig") -> None:
     """Refuse, before anything is written, a step of ``model``'s recipe that has no form in ``config``'s export."""
     for step in state_of(model).steps.values():
@@ -328,23 +275,14 @@ def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> No
 def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> nn.Module:
     """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change).
 
-    Rounds RepQ-ViT's zero points to integers, replaces or disables the log√2 post-softmax quantizer
-    (``config.softmax``), makes quantizers symmetric if asked, and for ``"weight-only"`` disables every
-    activation quantizer. Call it on a PyTorch model to get the simulated twin of an export.
-
-    Args:
-        model: a full-precision or RepQ-ViT-quantized model (pruned and frozen ones too).
-        config: :class:`ExportConfig`.
-
-    Returns:
-        ``model``.
+    Call it on a PyTorch model to get the simulated twin of an export (docs/architecture-quant-export.md).
 
     Raises:
         EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
     """
     config = config or ExportConfig()
     check_steps(model, config)
-    if _repq_config(model) is None:
+    if step_config(model, "quant") is None:
         return model
     config.check_quantized()
     for owner, attr in activation_quantizers(model):
@@ -396,7 +334,7 @@ class ExportReport:
 def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int]) -> dict[str, Any]:
     from eamvit import __version__
 
-    quant = _repq_config(model)
+    quant = step_config(model, "quant")
     prune = state_of(model).prune
     merge = state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
@@ -414,7 +352,7 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
 
 def export_kind(model: nn.Module, config: ExportConfig) -> str:
     """``"fp32"``, ``"qdq W8/A8"``-style label of what an export of ``model`` holds."""
-    q = _repq_config(model)
+    q = step_config(model, "quant")
     if q is None:
         return "fp32"
     if config.scheme == "weight-only":
@@ -436,22 +374,13 @@ def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
                 input_size: Optional[Sequence[int]] = None) -> ExportReport:
-    """Write ``model`` as an ONNX graph that ONNX Runtime runs on CPU (input ``images``, output ``logits``).
-
-    The model itself is not changed: a copy is prepared (:func:`prepare_export_`), its quantized
-    modules are swapped for export classes, and ``torch.onnx`` traces it with a dynamic batch axis.
+    """Write ``model`` (unchanged: a prepared copy is traced) as an ONNX graph, input ``images``, output ``logits``.
 
     Args:
         model: full precision, pruned (fixed κ), frozen, or RepQ-ViT-quantized, on any device.
         path: the ``.onnx`` file (written atomically).
-        config: :class:`ExportConfig`.
+        config: ``None``: the model's target's export, else the default :class:`ExportConfig`.
         input_size: ``(C, H, W)``; the model's data config by default (the size the built model takes).
-
-    Returns:
-        An :class:`ExportReport`.
-
-    Raises:
-        EamError: an unwritable path, or a model or setting with no export form.
     """
     import onnx
 

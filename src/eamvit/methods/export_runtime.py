@@ -1,9 +1,4 @@
-"""Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing.
-
-:class:`OnnxClassifier` wraps an ``onnxruntime.InferenceSession`` as an ``nn.Module`` (float images
-in, logits out), so :func:`eamvit.methods.evaluate.evaluate` scores an export with the same loop,
-preprocessing and metrics as a PyTorch model.
-"""
+"""Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing."""
 from __future__ import annotations
 
 import json
@@ -20,11 +15,7 @@ FORMAT = "eamvit-onnx/1"
 
 
 def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """eamvit's metadata of an exported ``.onnx`` file (model, data config, export settings).
-
-    Raises:
-        EamError: the file is missing, is not an ONNX model, or was not exported by eamvit.
-    """
+    """eamvit's metadata of an exported ``.onnx`` file (model, data config, export settings)."""
     import onnx
 
     p = Path(path)
@@ -44,14 +35,15 @@ def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def cpu_has_vnni() -> Optional[bool]:
-    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX); ``None`` where it cannot be read.
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 300 characters, for an EamError."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
-    Without VNNI, ONNX Runtime's fused uint8 × int8 kernels (QLinearMatMul, MatMulInteger) add pairs
-    of products in 16 bits, which saturate: an export with uint8 activations then loses accuracy
-    against its simulation on such CPUs (ONNX Runtime's documented remedy is int8 activations or
-    7-bit weights). Read from ``/proc/cpuinfo`` (Linux); other systems and architectures give ``None``.
-    """
+
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX), without which ONNX Runtime's uint8 × int8
+    kernels saturate; ``None`` where ``/proc/cpuinfo`` cannot say (other systems and architectures)."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -79,10 +71,9 @@ def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
 
 def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None,
                  optimize: bool = True):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads.
+    """An ONNX Runtime CPU session.
 
     Args:
-        path: the ``.onnx`` file.
         threads: intra-op threads (ONNX Runtime's default, one per core, when ``None``).
         optimized_path: also write the optimised graph there (to check which kernels were fused).
         optimize: all graph optimisations (fused int8 kernels, the deployed speed); ``False`` runs every
@@ -102,17 +93,11 @@ def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimiz
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EamError(f"ONNX Runtime cannot load {path}: {msg[:300]}") from None
+        raise EamError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
 
 
 class OnnxClassifier(nn.Module):
-    """An exported classifier run by ONNX Runtime, called like the PyTorch model (images → logits).
-
-    Args:
-        path: an ``.onnx`` file from :func:`eamvit.methods.export.export_onnx`.
-        threads: ONNX Runtime intra-op threads.
-    """
+    """An ``.onnx`` export run by ONNX Runtime, called like the PyTorch model (images → logits)."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
         super().__init__()
@@ -151,19 +136,13 @@ ORT_CALIBRATION = ("minmax", "percentile")
 
 def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
                         method: str = "minmax", batch_size: int = 32, preprocess: bool = True) -> None:
-    """ONNX Runtime's own ``quantize_static`` of an fp32 export (the baseline eamvit's int8 export meets).
-
-    QDQ format, per-channel int8 weights, uint8 activations (the u8·s8 form its x86 integer kernels run
-    fastest), every MatMul, Gemm and Conv quantized, as ONNX Runtime's documentation recommends for CPU.
+    """ONNX Runtime's own ``quantize_static`` of an fp32 export, as its documentation recommends for CPU (the
+    baseline eamvit's int8 export meets; docs/architecture-quant-export.md).
 
     Args:
-        fp32_path: an fp32 export (input ``images``).
-        out_path: the quantized ``.onnx`` to write.
-        calib_images: calibration images ``(B, C, H, W)`` (the same ones eamvit calibrates on).
         method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
         batch_size: images per calibration run.
-        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation)
-            first, as its documentation recommends.
+        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation) first.
     """
     import contextlib
     import io

@@ -1,35 +1,7 @@
 """PMQ: patch-wise mixed-precision quantization (seed 003) on the shared quantizer family.
 
-No public code exists; the paper is the specification. Its equations did not survive in the seed
-text, so the readings used here are stated where they are implemented:
-
-* **Global Sensitivity Metric** (eq. 8–10, :func:`fisher_sensitivity`): the empirical-Fisher
-  importance of removing each weight, ``I_c = 1/(2N) Σ_n Σ_{i∈c} (w_i · ∂L_n/∂w_i)²`` summed over the
-  weights of component ``c`` (one quantized Linear / Conv), from per-sample gradients of the
-  cross-entropy on the calibration images with their labels, or with the model's own predictions
-  when there are none. :func:`hessian_sensitivity` is the Hessian-trace alternative (HAWQ-v2,
-  Hutchinson), for the paper's Table II time comparison.
-* **Pareto-frontier allocation** (eq. 16–17, :func:`eamvit.ops.pareto.pareto_frontier`): per component and bit width
-  ``b ∈ 2..8``, perturbation ``Ω_c(b) = I_c · ‖Q_b(W_c) − W_c‖²`` and size ``n_c · b`` bits; the exact
-  frontier of (total size, total Ω) over all configurations is built by merging non-dominated sets,
-  and the configuration with the lowest Ω within the size budget is chosen.
-* **Adaptive Attention Shrink** (eq. 12–15, :func:`aas_bits`): a patch's importance is the attention
-  it receives, averaged over heads and queries (eq. 12), here also over the calibration images;
-  with its mean μ and standard deviation σ over the patches of a layer, a patch gets ``p + step``
-  bits above ``μ + σ``, ``p − step`` below ``μ − σ`` and ``p`` otherwise (eq. 13–15), clamped to
-  2..8; ``p`` is the configuration's patch bits (the "P" of "W/A/P"). The bits apply to the q, k and
-  v tokens of each attention whose map is over one set of N tokens (:class:`PatchBitsQuantizer`):
-  the operands of the two quadratic matmuls AAS is meant to shrink. Windowed, pooled-key,
-  class-token and channel maps (Swin v1/v2, Twins, Hiera, TNT's inner attention, class attention,
-  XCiT's XCA) keep ``a_bits`` for every token (:func:`attention_importance`). The allocation is
-  static (computed once on the calibration set).
-* The further families (:mod:`eamvit.modules.families`) get all three wherever RepQ-ViT applies; the
-  Linears RepQ-ViT keeps in float (position terms, talking heads) get no bits.
-
-The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`: its surgery, refined here) with the allocated per-layer weight
-bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
-post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
-Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
+No public code exists and the seed text lost the paper's equations: the readings used (GSM, Pareto
+allocation, AAS) are in docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -47,7 +19,7 @@ from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
-from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
+from eamvit.methods.repq import RepQConfig, calibrate_, classifier_heads, prepare_, reparam_structure_
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers, observe
 from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
@@ -60,10 +32,7 @@ _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\)
 
 
 def parse_bits_config(text: str) -> dict[str, Any]:
-    """``"W/A[/P][(MP)]"`` → ``{"w_bits", "a_bits", "p_bits", "mixed"}`` (P defaults to A).
-
-    Examples: ``"8/8/4(MP)"``, ``"6/6/6(MP)"``, ``"4/8/8(MP)"``, ``"4/4"``.
-    """
+    """``"W/A[/P][(MP)]"`` (e.g. ``"8/8/4(MP)"``, ``"4/4"``) → ``{"w_bits", "a_bits", "p_bits", "mixed"}`` (P: A)."""
     m = _CONFIG_RE.match(str(text))
     if not m:
         raise EamError(f"bit configuration {text!r} is not W/A[/P][(MP)], e.g. 8/8/4(MP) or 6/6/6(MP)")
@@ -90,15 +59,10 @@ class PMQConfig(Config):
         metric: ``"fisher"`` (GSM, the paper) or ``"hessian"`` (Hutchinson trace, HAWQ-v2).
         calib_size: calibration images (the paper's 32).
         micro_batch: images per gradient for the Fisher (1 = per-sample, the empirical Fisher).
-        hutchinson_samples: random vectors of the Hessian-trace estimate.
         aas_step: bits added to / taken from important / unimportant patches.
         base: ``"repq"`` (RepQ-ViT calibration + reparameterization) or ``"percentile"``.
-        attn_quantizer: post-softmax quantizer (``"logsqrt2"``, ``"log2"`` or ``"uniform"``).
-        percentiles: range-search percentiles.
         quantize_head: quantize (and allocate bits to) the classifier head.
         seed: seed of the calibration subset and of the Hutchinson vectors.
-
-    Progress bars are an argument of :func:`eamvit.quantize_`, not a field.
     """
 
     w_bits: int = 8
@@ -159,10 +123,7 @@ class PMQConfig(Config):
 def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that RepQ-ViT's surgery quantizes (the head
     with ``include_head``), in module order."""
-    heads: set[int] = set()
-    if not include_head and hasattr(model, "get_classifier"):
-        h = model.get_classifier()
-        heads = {id(m) for m in (h if isinstance(h, (tuple, list)) else (h,)) if isinstance(m, nn.Module)}
+    heads = set() if include_head else {id(h) for h in classifier_heads(model)}
     attention_layers(model)  # instrumented: the adapters say which Linears stay in float
     in_float = family_quant.float_linears(model)  # never quantized: no bits to allocate
     return [(n, m) for n, m in model.named_modules()
@@ -173,8 +134,7 @@ def _targets(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
     if labels is not None:
         return labels.to(images.device)
     with torch.no_grad():  # no labels: the model's own predictions
-        out = model(images)
-    return (out[0] if isinstance(out, (tuple, list)) else out).argmax(-1)
+        return _logits(model, images).argmax(-1)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -189,11 +149,9 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
 
     Args:
         model: a classifier in full precision (gradients are taken w.r.t. its weights).
-        images: calibration images.
-        labels: their labels; None uses the model's argmax predictions.
+        labels: the images' labels; None uses the model's argmax predictions.
         components: ``(name, module)`` pairs whose ``weight`` is scored (default :func:`weight_components`).
         micro_batch: images per gradient ``g_n`` (1: per-sample gradients, the empirical Fisher).
-        progress: show a progress bar.
     """
     comps = list(components) if components is not None else weight_components(model)
     device = next(model.parameters()).device
@@ -252,10 +210,8 @@ def quant_perturbation(weight: torch.Tensor, bits: int, percentiles: Sequence[fl
 
 
 def patch_importance(attn: torch.Tensor) -> torch.Tensor:
-    """Eq. 12: attention each patch receives, averaged over heads and queries: ``(..., H, N, N)`` → ``(N,)``.
-
-    Leading dims (images) are averaged too.
-    """
+    """Eq. 12: attention each patch receives, averaged over heads, queries and leading dims (images):
+    ``(..., H, N, N)`` → ``(N,)``."""
     if attn.dim() < 3:
         raise EamError(f"attention maps must be (..., heads, N, N), got shape {tuple(attn.shape)}")
     return attn.reshape(-1, attn.shape[-2], attn.shape[-1]).mean(dim=(0, 1))
@@ -304,13 +260,9 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
 
 def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
              labels: Optional[torch.Tensor] = None, progress: bool = False) -> dict[str, Any]:
-    """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery).
-
-    Returns:
-        ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: pmq_weight_mb,
-        perturbation, avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``,
-        ``metric_seconds``.
-    """
+    """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery):
+    ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: pmq_weight_mb, perturbation,
+    avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``, ``metric``, ``metric_seconds``."""
     comps = weight_components(model, config.quantize_head)
     t0 = time.perf_counter()
     if config.metric == "fisher":
@@ -349,12 +301,8 @@ def _repq_config(config: PMQConfig) -> RepQConfig:
 
 def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
              token_bits: dict[int, torch.Tensor]) -> None:
-    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits.
-
-    Args:
-        weight_bits: bits per quantized Linear / Conv (by module name, as :func:`weight_components`).
-        token_bits: bits per patch, per ViT attention layer number.
-    """
+    """Per-layer weight bits (by module name), per-tensor post-LayerNorm inputs (percentile base), AAS patch
+    bits (per attention layer number)."""
     mods = dict(model.named_modules())
     for name, bits in weight_bits.items():
         m = mods[name]
@@ -403,12 +351,8 @@ def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]
 
 
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
-    RepQ-ViT's calibration with the allocated bits.
-
-    Returns:
-        :func:`allocate`'s dict plus ``patch_bits`` per layer.
-    """
+    """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then RepQ-ViT's
+    calibration with the allocated bits; returns :func:`allocate`'s dict plus ``patch_bits`` per layer."""
     images, labels = calibration_images(calib, config.calib_size, seed=config.seed)
     report = allocate(model, config, images, labels, progress=run.progress)
     importance = attention_importance(model, images) if config.aas else {}

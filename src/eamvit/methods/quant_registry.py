@@ -1,10 +1,4 @@
-"""What every quantization method declares, and the one calibration input.
-
-Each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines its config and its
-:class:`QuantizeHandler`; :mod:`.quantize` imports those files and registers each handler in the step
-table (:mod:`.steps`), so that the verb and the save / load find every method without naming a module by
-string. Calibration input, for every method: see :func:`calibration_batches`.
-"""
+"""What every quantization method declares (:class:`QuantizeHandler`), and the one calibration input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +19,6 @@ class QuantRun:
     """Runtime settings of one quantization (never saved with the config).
 
     Args:
-        progress: progress bars.
         checkpoint_dir: folder for resumable per-module checkpoints (ADFQ-ViT), None: none.
         forward_loop: ``f(model)`` that runs the model over the calibration data, given instead of
             images (only to methods registered with ``forward_loop=True``).
@@ -47,8 +40,7 @@ def _no_free_bits(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
 @dataclass(frozen=True)
 class QuantizeHandler:
     """What a quantization method declares (``HANDLER`` in its file); :mod:`.quantize` registers it in the
-    one step table (:mod:`.steps`) as the ``"quant"`` step of its config type, so that every lookup by
-    config type (the verb, save / load, recipes) goes through that table.
+    one step table as the ``"quant"`` step of its config type.
 
     Args:
         config: the method's :class:`~eamvit.config.Config` subclass (with a unique ``KIND``).
@@ -107,9 +99,7 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
         calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
             (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
             of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
-        limit: images wanted.
-        seed: seed of the subset of a dataset.
-        batch_size: batch size for tensors and datasets.
+        batch_size: batch size for datasets.
     """
     if calib is None:
         raise EamError("quantization needs calibration images")
@@ -137,10 +127,8 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
 
 
 def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels.
-
-    Labels are None unless every batch had them. Raises :class:`EamError` when fewer than ``n`` come.
-    """
+    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels (None
+    unless every batch had them)."""
     images, labels = [], []
     for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
         images.append(x)

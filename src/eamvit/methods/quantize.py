@@ -1,27 +1,8 @@
 """The one quantization verb, the one calibration input, and one save / load for every method.
 
-``quantize_(model, config, calib)`` dispatches on the type of ``config`` through the step table
-(:mod:`.steps`), as torchao's ``quantize_`` does: each method's file (:mod:`.repq`, :mod:`.adfq`,
-:mod:`.pmq`) defines its config and its :class:`~eamvit.methods.quant_registry.QuantizeHandler`
-(``HANDLER``); this module imports those files and registers each as the ``"quant"`` step of its config
-type, so every method is registered wherever quantized models are made or loaded.
-
-Calibration input, for every method: a tensor ``(B, C, H, W)``, an ``(images, targets)`` pair, an
-iterable of batches (a DataLoader yielding :class:`~eamvit.methods.data.Batch` or ``(images,
-targets)`` tuples), or a map-style dataset (a seeded random subset of it, ``config.seed``). Batches
-are read one at a time and reading stops as soon as the method has the images it asks for. Or,
-when the data is not images for the model's first argument (a detector around a timm backbone),
-``forward_loop=f``: ``f(model)`` runs the model over the calibration data (methods that declare
-``forward_loop=True`` when they register; RepQ-ViT does).
-
-The saved state (:func:`save_quantized`) stores each quantized weight as its integer codes packed at
-its bit width (:mod:`eamvit.ops.pack`) next to its per-channel step and zero point; everything else
-(reparameterized LayerNorms, biases, activation-quantizer parameters) as in the model's
-``state_dict``; and in the metadata the config, the model spec, each quantizer's bits and
-granularity, the method's structure (PMQ's patch bits) and a digest of the full-precision weights
-it was made from. Loading unpacks the codes into weights whose fake quantization is bit for bit the
-saved model's, after checking what a digest cannot (a file re-signed after editing): the weights
-digest against the model it is loaded onto, and each quantizer's bits against the config.
+Each method's file registers a :class:`~eamvit.methods.quant_registry.QuantizeHandler` as the
+``"quant"`` step of its config type; the saved state packs each weight's integer codes. See
+docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -82,7 +63,8 @@ def calibration_need(methods: Any, adfq_calib_size: Optional[int] = None) -> int
 def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_loop: Optional[ForwardLoop] = None,
               device: torch.device | str | None = None, progress: bool = True,
               checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
-    """Quantize ``model`` in place with the method ``config`` names and return it.
+    """Quantize ``model`` in place with the method ``config`` names; its state then holds the config
+    (``steps["quant"]``) and the method's report with ``calib_seconds`` (``reports["quant"]``).
 
     Args:
         model: a timm ViT / DeiT / Swin in full precision (``eamvit.create_model``), or any module
@@ -95,15 +77,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         forward_loop: instead of ``calib``: ``f(model)`` runs ``model`` over the calibration data
             (RepQ-ViT calibrates on the first forward it runs: make that ``calib_size`` images).
         device: move the model there first (None: where it is).
-        progress: progress bars.
         checkpoint_dir: resumable per-module checkpoints (ADFQ-ViT's reconstruction).
-
-    Returns:
-        ``model``; its :class:`~eamvit.methods.state.ModelState` holds the config (``steps["quant"]``)
-        and the method's report with ``calib_seconds`` (``reports["quant"]``).
-
-    Raises:
-        EamError: a bad config, too few calibration images, an already quantized or unsupported model.
     """
     handler = _handler(config)
     check_forward_loop(calib, forward_loop, "calib")
@@ -169,11 +143,7 @@ def _quantizer_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of a quantized model's state (any method): what :func:`save_quantized` writes.
-
-    Raises:
-        EamError: the model is not quantized or a quantizer was never calibrated.
-    """
+    """``(tensors, metadata)`` of a quantized model's state (any method): what :func:`save_quantized` writes."""
     config = step_config(model, "quant")
     if config is None:
         raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
@@ -201,11 +171,7 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically).
-
-    Raises:
-        EamError: the model is not quantized or a quantizer was never calibrated.
-    """
+    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically)."""
     tensors, meta = quantized_content(model)
     save_tensors(path, tensors, meta)
     return Path(path)
@@ -324,32 +290,16 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Quantize a fresh full-precision ``model`` from a state saved by :func:`save_quantized` (any method).
-
-    Args:
-        model: the same model (name, kwargs, checkpoint) the state was made for, not yet quantized.
-        path: the ``.safetensors`` file.
-
-    Returns:
-        ``model``, whose logits equal those of the model that was saved.
-
-    Raises:
-        EamError: a missing or unreadable file, a state for another model, or one that does not fit.
-    """
+    """Quantize a fresh full-precision ``model`` (the one the state was made for: name, kwargs, checkpoint)
+    from a state saved by :func:`save_quantized`; its logits then equal those of the model that was saved."""
     meta, tensors = read_quantized(path)
     return restore_quantized(model, meta, tensors, path)
 
 
 def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                       path: Any) -> nn.Module:
-    """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` and ``meta``.
-
-    Args:
-        model: the model the state was made for, not yet quantized.
-        meta: the state's metadata.
-        tensors: its tensors (consumed: packed codes are replaced by weights).
-        path: the file they were read from, for messages.
-    """
+    """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` (consumed: packed
+    codes are replaced by weights) and ``meta``; ``path`` names the file in messages."""
     _check_model(model, meta, path)
     if is_quantized(model) or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")

@@ -1,18 +1,6 @@
 """The one training loop of eamvit (the demo model, fine-tuning of pruned models), on timm's factories.
 
-Optimizer: timm's ``create_optimizer_v2`` (AdamW by default; no weight decay on biases, norms, class
-and position tokens: timm's ``filter_bias_and_bn`` and the model's ``no_weight_decay``). Schedule:
-timm's ``create_scheduler_v2``, stepped per iteration (linear warm-up from ``warmup_lr`` for
-``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` over the remaining epochs). Loss:
-cross-entropy with label smoothing, or timm's ``Mixup`` with a soft-target loss when mixup/cutmix
-is on.
-
-Determinism. Shuffling uses a generator seeded with ``seed + epoch``; every training item is
-produced under its own random state, seeded from ``(seed, epoch, index)`` (:class:`SeededItems`),
-so augmentation does not depend on the number of loader workers nor on what ran before, and two
-runs with the same seed give the same weights. A checkpoint written atomically after every epoch
-holds the model, optimizer and random states, so an interrupted run resumes to the weights it would
-have reached uninterrupted.
+Deterministic and resumable; see docs/architecture-quant-export.md.
 """
 from __future__ import annotations
 
@@ -42,13 +30,10 @@ class TrainConfig(Config):
     """Training hyper-parameters (saved with checkpoints; runtime settings are arguments of :func:`train`).
 
     Args:
-        epochs: passes over the training set.
         lr: peak learning rate.
         min_lr: final learning rate of the cosine schedule.
         warmup_epochs: linear warm-up (per iteration) from ``warmup_lr`` to ``lr``.
-        warmup_lr: learning rate at the first step of the warm-up.
         weight_decay: weight decay (not on biases, norms, tokens, position embeddings).
-        batch_size: images per step.
         label_smoothing: label smoothing of the cross-entropy (and of mixup targets).
         mixup: timm mixup α (0 = off).
         cutmix: timm cutmix α (0 = off).
@@ -96,13 +81,9 @@ class TrainConfig(Config):
 
 
 class SeededItems(Dataset):
-    """``dataset`` whose item ``i`` is drawn under a random state seeded from ``(seed, epoch, i)``.
-
-    Python's ``random`` (timm's crops), torch's CPU generator (flips, jitter, the digits shifts) and
-    numpy's are seeded for the call and restored after it, so the caller's random streams are
-    untouched and each item's augmentation is the same in any worker. Set ``epoch`` before
-    building each epoch's loader.
-    """
+    """``dataset`` whose item ``i`` is drawn under a random state seeded from ``(seed, epoch, i)`` (Python's,
+    torch's CPU and numpy's, restored after it), so each item's augmentation is the same in any worker and the
+    caller's random streams are untouched. Set ``epoch`` before building each epoch's loader."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -281,12 +262,10 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
           schedule: Optional[Schedule] = None, identity: Optional[dict[str, Any]] = None,
           generators: Sequence[torch.Generator] = (), device: torch.device | str | None = None, workers: int = 0,
           progress: bool = True, desc: str = "train") -> dict[str, Any]:
-    """Train ``model`` in place.
+    """Train a timm classifier ``model`` in place.
 
     Args:
-        model: a timm classifier.
         train_ds: training items ``(image, target)`` (with augmentation).
-        config: :class:`TrainConfig`.
         val_ds: evaluated (top-1/top-5) after every epoch when given.
         checkpoint: file of the per-epoch checkpoint (``None``: none is written).
         resume: continue from ``checkpoint`` when it exists (same config and identity required).
@@ -297,7 +276,6 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         generators: further random generators whose states are checkpointed.
         device: where to train (the model's device by default).
         workers: DataLoader workers (the result does not depend on them).
-        progress: progress bar.
         desc: progress-bar label.
 
     Returns:
@@ -333,14 +311,10 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         bar.close()
         model.eval()
         run.extra()  # leave the model in the state training has reached (e.g. its keep rate)
+    skipped = history[-1].get("skipped_images", 0) if history else 0  # in the last epoch trained
     return {"history": history, "epochs_done": len(history), "final": history[-1] if history else None,
-            **_images_read(train_ds, history), "checkpoint": str(ckpt) if ckpt is not None else None}
-
-
-def _images_read(train_ds: Dataset, history: list) -> dict[str, int]:
-    """``images`` read and ``skipped_images`` (unreadable) in the last epoch trained."""
-    skipped = history[-1].get("skipped_images", 0) if history else 0
-    return {"images": len(train_ds) - skipped, "skipped_images": skipped}
+            "images": len(train_ds) - skipped, "skipped_images": skipped,
+            "checkpoint": str(ckpt) if ckpt is not None else None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,8 +349,7 @@ def train_dataset(spec: str, data_cfg: dict[str, Any], augment: str = "auto", st
 
     Args:
         spec: ``"digits"`` (its training split) or an ImageFolder path.
-        data_cfg: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
-            ``crop_mode``); ``crop_pct``/``crop_mode`` apply to ``none`` and ``shift`` (``imagenet``
+        data_cfg: timm data config; ``crop_pct``/``crop_mode`` apply to ``none`` and ``shift`` (``imagenet``
             crops at random).
         augment: ``"none"`` (the evaluation transform), ``"shift"`` (it, then random cyclic shifts of
             up to ±1/8 of the side), ``"imagenet"`` (timm's training transform: random-resized crop,
