@@ -29,26 +29,21 @@ _LEARNABLE = (LearnableUniformQuantizer, LearnableLogSqrt2Quantizer, LearnableLo
 ADFQConfig = Any  # eamvit.methods.adfq.ADFQConfig (that module imports this one)
 
 
-def _blocks(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
-    """Each module holding an instrumented attention as a direct child, with its children in order."""
-    out = []
-    for m in model.modules():
-        kids = list(m.children())
-        if any(isinstance(c, EamBase) for c in kids):
-            out.append((m, kids))
-    return out
+def _blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The children, in order, of each module holding an instrumented attention as a direct child."""
+    return [list(m.children()) for m in model.modules() if any(isinstance(c, EamBase) for c in m.children())]
 
 
 def mlps(model: nn.Module) -> list[nn.Module]:
     """The timm ``Mlp`` modules (exact type) beside an instrumented attention (ViT / Swin blocks and the
     further families' blocks), in module order."""
-    return [c for _, kids in _blocks(model) for c in kids if type(c) is Mlp]
+    return [c for kids in _blocks(model) for c in kids if type(c) is Mlp]
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The reconstruction units in forward order: per block, ``("attn", attention)`` and ``("mlp", mlp)``
     in the order the block holds them (TNT: inner attention and MLP, then outer)."""
-    return [("attn", c) if isinstance(c, EamBase) else ("mlp", c) for _, kids in _blocks(model) for c in kids
+    return [("attn", c) if isinstance(c, EamBase) else ("mlp", c) for kids in _blocks(model) for c in kids
             if isinstance(c, EamBase) or type(c) is Mlp]
 
 
@@ -178,19 +173,6 @@ def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> 
     return h.hexdigest()
 
 
-def _trainables(unit: nn.Module, learn_act: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Turn the unit's AdaRound V and (optionally) activation Δ into leaf tensors for Adam; they stay buffers
-    (plain tensors that require grad), so the module structure and ``state_dict`` keys never change."""
-    w, a = [], []
-    for m in unit.modules():
-        if isinstance(m, AdaRoundQuantizer):
-            m.mode = "soft"
-            m.alpha = m.alpha.detach().clone().requires_grad_(True)
-            w.append(m.alpha)
-        elif learn_act and isinstance(m, _LEARNABLE) and m.enabled and m.inited:
-            m.delta = m.delta.detach().clone().requires_grad_(True)
-            a.append(m.delta)
-    return w, a
 
 
 def _finish(unit: nn.Module) -> None:
@@ -204,8 +186,20 @@ def _finish(unit: nn.Module) -> None:
 
 
 def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoundQuantizer]]:
-    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None."""
-    w, a = _trainables(unit, config.learn_act)
+    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None.
+
+    The unit's AdaRound V and (with ``learn_act``) activation Δ become leaf tensors that require grad but
+    stay buffers of their quantizers, so the module structure and ``state_dict`` keys never change.
+    """
+    w, a = [], []
+    for m in unit.modules():
+        if isinstance(m, AdaRoundQuantizer):
+            m.mode = "soft"
+            m.alpha = m.alpha.detach().clone().requires_grad_(True)
+            w.append(m.alpha)
+        elif config.learn_act and isinstance(m, _LEARNABLE) and m.enabled and m.inited:
+            m.delta = m.delta.detach().clone().requires_grad_(True)
+            a.append(m.delta)
     opt_w = torch.optim.Adam(w, lr=config.w_lr) if w else None
     opt_a = torch.optim.Adam(a, lr=config.a_lr) if a else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iterations, eta_min=0.0) if opt_a else None

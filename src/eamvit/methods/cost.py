@@ -215,10 +215,13 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         input_size: ``(C, H, W)``; the model's own by default.
         device: where the one shape-recording forward runs (the model's device by default).
     """
+    from eamvit.methods.models import data_config
+
     layers = attention_layers(model)
     _check_modelled(layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = torch.zeros(1, *model_input_size(model, input_size), device=device)
+    size = input_size if input_size is not None else data_config(model)["input_size"]
+    x = torch.zeros(1, *(int(s) for s in size), device=device)
     calls, attn_in = _record_shapes(model, layers, x)
     windowed = any(attn_in[i][0] > 1 for i in attn_in)
     # Without pruning every ViT block sees the tokens that enter the first one; Swin never prunes.
@@ -241,14 +244,6 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     rows.sort(key=lambda r: (-1 if r.layer is None and r.part == "patch_embed" else
                              10 ** 6 if r.layer is None else r.layer, order[r.part]))
     return CostAccount(rows)
-
-
-def model_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is not None:
-        return tuple(int(s) for s in input_size)  # type: ignore[return-value]
-    from eamvit.methods.models import data_config
-
-    return tuple(data_config(model)["input_size"])  # type: ignore[return-value]
 
 
 def count_gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None, macs: bool = True,

@@ -80,13 +80,6 @@ class ExportConfig(Config):
         if self.opset is not None and not 13 <= self.opset <= 21:
             raise EamError(f"opset {self.opset} is outside 13..21")
 
-    def check_quantized(self) -> "ExportConfig":
-        """Refuse what a quantized model cannot be exported with (before anything is calibrated)."""
-        if self.runtime == "openvino" and self.scheme == "qdq" and not self.symmetric_weights:
-            raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
-                           "float); export for it with symmetric weights (--symmetric-weights)")
-        return self
-
 
 TargetForm = Literal["torch", "qdq", "openvino", "weight-only"]
 TARGETS = get_args(TargetForm)
@@ -206,9 +199,6 @@ def _matching_export(model: nn.Module, config: "ExportConfig") -> None:
                        f"target's settings, or compress again for the target you want (--target)")
 
 
-# --------------------------------------------------------------------------- preparing the model
-
-
 def check_steps(model: nn.Module, config: "ExportConfig") -> None:
     """Refuse, before anything is written, a step of ``model``'s recipe that has no form in ``config``'s export."""
     for step in state_of(model).steps.values():
@@ -217,21 +207,15 @@ def check_steps(model: nn.Module, config: "ExportConfig") -> None:
             hook(model, step, config)
 
 
-def _symmetric_step(delta: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """Step of a zero-centred range covering ``[−zp·Δ, (2^b − 1 − zp)·Δ]`` with codes ``[−2^(b−1), 2^(b−1) − 1]``."""
-    half = 1 << (bits - 1)
-    lo, hi = -zp * delta, ((1 << bits) - 1 - zp) * delta
-    return torch.maximum(-lo / half, hi / (half - 1)).clamp_min(1e-8)
-
-
 @torch.no_grad()
 def _round_uniform(q: UniformQuantizer, symmetric: bool) -> None:
     """Integer zero point in the code range (both sides of the export use it); optionally symmetric."""
-    top = (1 << q.bits) - 1
+    top, half = (1 << q.bits) - 1, 1 << (q.bits - 1)
     zp = torch.round(q.zero_point).clamp(0, top)
     delta = q.delta
-    if symmetric:
-        delta, zp = _symmetric_step(delta, zp, q.bits), torch.full_like(zp, float(1 << (q.bits - 1)))
+    if symmetric:  # the step of a zero-centred range covering [−zp·Δ, (top − zp)·Δ] with codes [−half, half − 1]
+        lo, hi = -zp * delta, (top - zp) * delta
+        delta, zp = torch.maximum(-lo / half, hi / (half - 1)).clamp_min(1e-8), torch.full_like(zp, float(half))
     q.delta, q.zero_point = delta.float().clone(), zp.float().clone()
 
 
@@ -284,7 +268,9 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
     check_steps(model, config)
     if step_config(model, "quant") is None:
         return model
-    config.check_quantized()
+    if config.runtime == "openvino" and config.scheme == "qdq" and not config.symmetric_weights:
+        raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
+                       "float); export for it with symmetric weights (--symmetric-weights)")
     for owner, attr in activation_quantizers(model):
         _prepare_activation(owner, attr, config)
     for m in quant_modules(model):
@@ -295,9 +281,6 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
             raise EamError(f"weight-only export packs 2, 4 or 8-bit weights, the model has {wq.bits}-bit ones")
         _round_uniform(wq, config.symmetric_weights)
     return model
-
-
-# --------------------------------------------------------------------------- the graph
 
 
 class _Graph(nn.Module):
@@ -350,16 +333,6 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "calibration": list(state_of(model).calibration or [])}
 
 
-def export_kind(model: nn.Module, config: ExportConfig) -> str:
-    """``"fp32"``, ``"qdq W8/A8"``-style label of what an export of ``model`` holds."""
-    q = step_config(model, "quant")
-    if q is None:
-        return "fp32"
-    if config.scheme == "weight-only":
-        return f"weight-only W{q.w_bits}"
-    return f"qdq W{q.w_bits}/A8"
-
-
 def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) -> ExportConfig:
     """``config`` with the opset to export at: the one given, or the lowest the model needs at ``size``
     ``(C, H, W)`` (its adapters say); a given one below that need is refused before tracing."""
@@ -384,9 +357,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     """
     import onnx
 
-    target = state_of(model).target
+    target, quant = state_of(model).target, step_config(model, "quant")
     if config is None:
-        config = target.export_config() if target is not None and step_config(model, "quant") is not None else ExportConfig()
+        config = target.export_config() if target is not None and quant is not None else ExportConfig()
     require(attention_layers(model), "export")
     check_steps(model, config)
     _matching_export(model, config)
@@ -421,5 +394,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
         entry = proto.metadata_props.add()
         entry.key, entry.value = "eamvit", json.dumps(meta)
         onnx.save(proto, str(tmp))
-    return ExportReport(path=str(path), bytes=Path(path).stat().st_size, kind=export_kind(model, config),
+    kind = "fp32" if quant is None else f"{config.scheme} W{quant.w_bits}" + ("/A8" if config.scheme == "qdq" else "")
+    return ExportReport(path=str(path), bytes=Path(path).stat().st_size, kind=kind,
                         inputs={"images": ["batch", *size]}, outputs=names)

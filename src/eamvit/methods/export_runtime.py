@@ -135,14 +135,12 @@ ORT_CALIBRATION = ("minmax", "percentile")
 
 
 def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
-                        method: str = "minmax", batch_size: int = 32, preprocess: bool = True) -> None:
+                        method: str = "minmax") -> None:
     """ONNX Runtime's own ``quantize_static`` of an fp32 export, as its documentation recommends for CPU (the
     baseline eamvit's int8 export meets; docs/architecture-quant-export.md).
 
     Args:
         method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
-        batch_size: images per calibration run.
-        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation) first.
     """
     import contextlib
     import io
@@ -155,15 +153,13 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
 
     if method not in ORT_CALIBRATION:
         raise EamError(f"ONNX Runtime calibration {method!r} is not one of {', '.join(ORT_CALIBRATION)}")
-    batches = [calib_images[i:i + batch_size].numpy() for i in range(0, len(calib_images), batch_size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(batches)
+            self.it = ({"images": calib_images[i:i + 32].numpy()} for i in range(0, len(calib_images), 32))
 
         def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {"images": b}
+            return next(self.it, None)
 
     calib = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
     root = logging.getLogger()
@@ -171,10 +167,8 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
     root.setLevel(logging.ERROR)  # its advice to pre-process is followed; its progress prints are noise
     try:
         with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-            src = str(fp32_path)
-            if preprocess:
-                src = str(Path(d) / "pre.onnx")
-                quant_pre_process(str(fp32_path), src)
+            src = str(Path(d) / "pre.onnx")  # shape inference and graph optimisation first, as ONNX Runtime advises
+            quant_pre_process(str(fp32_path), src)
             quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                             op_types_to_quantize=["MatMul", "Gemm", "Conv"])

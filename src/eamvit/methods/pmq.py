@@ -117,9 +117,6 @@ class PMQConfig(Config):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
-# --------------------------------------------------------------------------- sensitivity
-
-
 def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that RepQ-ViT's surgery quantizes (the head
     with ``include_head``), in module order."""
@@ -130,11 +127,16 @@ def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple
             if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads and id(m) not in in_float]
 
 
-def _targets(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+def _setup(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor],
+           components: Optional[Sequence[tuple[str, nn.Module]]]) -> tuple[list, torch.Tensor, torch.Tensor, list]:
+    """``(components, images on the model's device, targets, weights)`` of a sensitivity metric, in eval mode."""
+    comps = list(components) if components is not None else weight_components(model)
+    images = images.to(next(model.parameters()).device)
+    model.eval()
     if labels is not None:
-        return labels.to(images.device)
+        return comps, images, labels.to(images.device), [m.weight for _, m in comps]
     with torch.no_grad():  # no labels: the model's own predictions
-        return _logits(model, images).argmax(-1)
+        return comps, images, _logits(model, images).argmax(-1), [m.weight for _, m in comps]
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -153,14 +155,9 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
         components: ``(name, module)`` pairs whose ``weight`` is scored (default :func:`weight_components`).
         micro_batch: images per gradient ``g_n`` (1: per-sample gradients, the empirical Fisher).
     """
-    comps = list(components) if components is not None else weight_components(model)
-    device = next(model.parameters()).device
-    images = images.to(device)
     was_training = model.training
-    model.eval()
-    targets = _targets(model, images, labels)
-    acc = {n: torch.zeros((), dtype=torch.float64, device=device) for n, _ in comps}
-    weights = [m.weight for _, m in comps]
+    comps, images, targets, weights = _setup(model, images, labels, components)
+    acc = {n: torch.zeros((), dtype=torch.float64, device=images.device) for n, _ in comps}
     chunks = range(0, images.shape[0], micro_batch)
     try:
         for i in tqdm(chunks, desc="Fisher", disable=not progress, leave=False):
@@ -179,12 +176,7 @@ def hessian_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional
                         components: Optional[Sequence[tuple[str, nn.Module]]] = None, samples: int = 8,
                         seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Hutchinson estimate of the Hessian trace of the loss per component, divided by its size (HAWQ-v2)."""
-    comps = list(components) if components is not None else weight_components(model)
-    device = next(model.parameters()).device
-    images = images.to(device)
-    model.eval()
-    targets = _targets(model, images, labels)
-    weights = [m.weight for _, m in comps]
+    comps, images, targets, weights = _setup(model, images, labels, components)
     loss = F.cross_entropy(_logits(model, images), targets)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -204,9 +196,6 @@ def quant_perturbation(weight: torch.Tensor, bits: int, percentiles: Sequence[fl
     w = weight.detach()
     with torch.no_grad():
         return float((q(w) - w).double().pow(2).sum())
-
-
-# --------------------------------------------------------------------------- AAS
 
 
 def patch_importance(attn: torch.Tensor) -> torch.Tensor:
@@ -253,9 +242,6 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
         for i in range(0, images.shape[0], batch_size):
             model(images[i:i + batch_size].to(device))
     return {i: (sums[i] / counts[i]).float().cpu() for i in sums}
-
-
-# --------------------------------------------------------------------------- quantize
 
 
 def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,

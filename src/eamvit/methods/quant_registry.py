@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import ForwardLoop
@@ -27,14 +26,6 @@ class QuantRun:
     progress: bool = True
     checkpoint_dir: Optional[str] = None
     forward_loop: Optional[ForwardLoop] = None
-
-
-def _no_structure(model: nn.Module) -> dict:
-    return {}
-
-
-def _no_free_bits(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
-    return {}
 
 
 @dataclass(frozen=True)
@@ -57,17 +48,9 @@ class QuantizeHandler:
     config: type[Config]
     quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
     rebuild: Callable[[nn.Module, Any, dict], None]
-    structure: Callable[[nn.Module], dict] = _no_structure
-    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] = _no_free_bits
+    structure: Callable[[nn.Module], dict] = lambda model: {}
+    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] = lambda model, config: {}
     forward_loop: bool = False
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` went through :func:`quantize_` or :func:`load_quantized`."""
-    return step_config(model, "quant") is not None
-
-
-# --------------------------------------------------------------------------- calibration input
 
 
 def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Iterator[Any]:

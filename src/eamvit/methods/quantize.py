@@ -24,7 +24,7 @@ from eamvit.methods.data import add_calibration, calibration_record
 from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
 from eamvit.methods.models import ModelSpec, model_spec
-from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, is_quantized
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
@@ -57,9 +57,6 @@ def calibration_need(methods: Any, adfq_calib_size: Optional[int] = None) -> int
     return adfq.ADFQConfig.calib_size if adfq_calib_size is None else adfq_calib_size
 
 
-# --------------------------------------------------------------------------- the verb
-
-
 def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_loop: Optional[ForwardLoop] = None,
               device: torch.device | str | None = None, progress: bool = True,
               checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
@@ -85,7 +82,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         raise EamError(f"{type(config).__name__} cannot calibrate from forward_loop (it needs the calibration images "
                        "themselves); give calib images, or use RepQConfig")
     require(attention_layers(model), type(config).KIND)  # families whose adapters have no quantizer hooks
-    if is_quantized(model) or find_quantizers(model):
+    if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     # What the state is made from: loading it onto other weights is refused (load_quantized).
     state_of(model).fp_sha256 = tensors_sha256(model.state_dict())
@@ -106,27 +103,15 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
     return model
 
 
-# --------------------------------------------------------------------------- save / load
-
-
-def _packable(module: nn.Module) -> Optional[UniformQuantizer]:
-    """The weight quantizer of ``module`` when its weight is stored as codes: enabled, uniform, with an
-    integer zero point (so the codes give the fake-quantized weights back exactly)."""
-    wq = getattr(module, "weight_quantizer", None)
-    if not isinstance(wq, UniformQuantizer) or not wq.enabled or not wq.inited:
-        return None
-    if not isinstance(getattr(module, "weight", None), torch.Tensor):
-        return None
-    zp = wq.zero_point
-    return wq if bool(torch.equal(zp, torch.round(zp))) else None
-
-
 def _pack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Replace each packable ``<name>.weight`` in ``tensors`` by ``<name>.weight.codes``."""
+    """Replace each packable ``<name>.weight`` in ``tensors`` by ``<name>.weight.codes``: those of enabled
+    uniform quantizers with an integer zero point, whose codes give the fake-quantized weights back exactly."""
     packed = {}
     for name, m in model.named_modules():
-        wq = _packable(m)
-        if wq is None:
+        wq = getattr(m, "weight_quantizer", None)
+        if (not isinstance(wq, UniformQuantizer) or not wq.enabled or not wq.inited
+                or not isinstance(getattr(m, "weight", None), torch.Tensor)
+                or not torch.equal(wq.zero_point, torch.round(wq.zero_point))):
             continue
         key = f"{name}.weight"
         with torch.no_grad():
@@ -135,11 +120,6 @@ def _pack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]
         tensors[key + _CODES] = pack_bits(codes, wq.bits).cpu()
         packed[key] = {"bits": wq.bits, "shape": list(m.weight.shape)}
     return packed
-
-
-def _quantizer_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {n: {"bits": q.bits, "granularity": q.granularity} for n, q in model.named_modules()
-            if isinstance(q, Quantizer)}
 
 
 def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -160,7 +140,9 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     packed = _pack(model, tensors)
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
-            "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": state_of(model).fp_sha256,
+            "quantizers": {n: {"bits": q.bits, "granularity": q.granularity} for n, q in model.named_modules()
+                           if isinstance(q, Quantizer)},
+            "packed": packed, "fp_sha256": state_of(model).fp_sha256,
             # The deployment target whose quantizers it was given (absent: as its method calibrates them).
             **({"target": state_of(model).target.to_dict()} if state_of(model).target is not None else {}),
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
@@ -301,7 +283,7 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` (consumed: packed
     codes are replaced by weights) and ``meta``; ``path`` names the file in messages."""
     _check_model(model, meta, path)
-    if is_quantized(model) or find_quantizers(model):
+    if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
     _check_fp_weights(model, meta, path)
     cls = config_type(meta.get("method"))
@@ -328,9 +310,6 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
         add_calibration(model, meta["calibration"], f"quantized state {path}")
     return model
-
-
-# --------------------------------------------------------------------------- the recipe step
 
 
 def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> dict:

@@ -14,11 +14,11 @@ from torch import nn
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
-from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images, is_quantized
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.modules import family_quant
 from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
-from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
+from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits
 
 from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 
@@ -111,8 +111,6 @@ def classifier_heads(model: nn.Module) -> list[nn.Module]:
 def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     """Swap in the quantized modules with uninitialised quantizers (no calibration) and return the
     LayerNorm → Linear pairs to reparameterize (their Linear inputs are per channel until then)."""
-    if is_quantized(model) or find_quantizers(model):
-        raise EamError("the model is already quantized; quantize a fresh full-precision model")
     layers = attention_layers(model)  # raises for unsupported families
     pairs = reparam_pairs(model)
     per_channel = {id(lin) for _, lin in pairs}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -120,7 +121,8 @@ def _set_rng_state(s: dict[str, Any], generators: Sequence[torch.Generator]) -> 
         g.set_state(state)
 
 
-def _load(path: Path, ident: dict) -> dict[str, Any]:
+def _resume(run: "_Run", path: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
+    """Load a checkpoint into the run; returns the epochs done and their history."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -133,7 +135,11 @@ def _load(path: Path, ident: dict) -> dict[str, Any]:
         what = next((k for k in ident if theirs.get(k) != ident[k]), "setup")
         raise EamError(f"training checkpoint {path} was made with a different {what} configuration; "
                        "use the same options to resume, or pass --no-resume to start over")
-    return ck
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.step = ck["step"]
+    _set_rng_state(ck["rng"], generators)
+    return ck["epoch"], list(ck["history"])
 
 
 def _save(path: Path, model: nn.Module, opt, done: dict, ident: dict, generators) -> None:
@@ -195,16 +201,6 @@ class _Run:
 
     def extra(self) -> dict[str, Any]:
         return self.schedule(self.step, self.steps_per_epoch) if self.schedule is not None else {}
-
-
-def _resume(run: _Run, ckpt: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
-    """Load a checkpoint into the run; returns the epochs done and their history."""
-    ck = _load(ckpt, ident)
-    run.model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
-    run.step = ck["step"]
-    _set_rng_state(ck["rng"], generators)
-    return ck["epoch"], list(ck["history"])
 
 
 def _epoch_row(run: _Run, epoch: int, loss: float, skipped: int, val_ds: Optional[Dataset]) -> dict[str, Any]:
@@ -315,13 +311,6 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
     return {"history": history, "epochs_done": len(history), "final": history[-1] if history else None,
             "images": len(train_ds) - skipped, "skipped_images": skipped,
             "checkpoint": str(ckpt) if ckpt is not None else None}
-
-
-# --------------------------------------------------------------------------------------------------
-# Training data and augmentation
-# --------------------------------------------------------------------------------------------------
-
-from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE  # noqa: E402,F401 (defined torch-free for the CLI)
 
 
 def resolve_augment(augment: str, input_size: Sequence[int]) -> str:
