@@ -31,32 +31,28 @@ class ADFQConfig(Config):
     """ADFQ-ViT settings; defaults are the published code's, the paper's values are noted.
 
     Args:
-        w_bits: weight bits, 2..8.
-        a_bits: activation bits, 2..8.
+        w_bits, a_bits: weight and activation bits, 2..8.
         input_bits: bits of the image fed to the patch embedding.
         poq: Per-Patch Outlier-aware Quantizer on the qkv / fc1 inputs (else per-tensor uniform).
         slq: Shift-Log2 Quantizer on the fc2 input (else per-tensor uniform).
         amo: module-wise reconstruction (else round-to-nearest weights, initial step sizes).
-        alpha_qkv: outlier threshold of the qkv input (5).
-        alpha_fc1: outlier threshold of the fc1 input (code 5, paper 10).
+        alpha_qkv, alpha_fc1: outlier thresholds of the qkv input (5) and of the fc1 input (code 5, paper 10).
         outlier_mode: ``"abs"`` (code, ``|x| > α``) or ``"upper"`` (paper eq. 18, ``x ≥ α``).
-        shift_log: log quantizer of SLQ: ``"logsqrt2"`` (code) or ``"log2"`` (paper).
+        shift_log, attn_quantizer: the log quantizer of SLQ and the post-softmax one: ``"logsqrt2"`` (code)
+            or ``"log2"`` (paper).
         shift_eps: ε of the shift ``x − min(x) + ε``.
-        attn_quantizer: post-softmax quantizer: ``"logsqrt2"`` (code) or ``"log2"`` (paper).
         calib_size: calibration images (1024), read once and kept for the reconstruction.
         init_size: images of the first, lazy initialisation pass (RepQ-ViT's 32).
         iterations: reconstruction iterations per module (code 5000, paper 3000).
         batch_size: reconstruction batch (32).
-        w_lr: Adam learning rate of the AdaRound variables (3e-3).
-        a_lr: Adam learning rate of the activation step sizes (4e-5), cosine-annealed to 0.
+        w_lr, a_lr: Adam learning rates of the AdaRound variables (3e-3) and of the activation step sizes
+            (4e-5, cosine-annealed to 0).
         learn_act: learn the activation step sizes during reconstruction.
         round_weight: λ of the rounding loss (0.01).
-        beta_start: β at the start of the annealing (code 20, paper 10).
-        beta_end: β at the end (2).
+        beta_start, beta_end: β at the start (code 20, paper 10) and at the end (2) of the annealing.
         warmup: fraction of iterations without rounding loss (code 0).
         kl_weight: weight of the attention KL term (paper eq. 31: 1).
-        zeta: rectified-sigmoid stretch ζ (1.1).
-        gamma: rectified-sigmoid shift γ (−0.1).
+        zeta, gamma: the rectified sigmoid's stretch ζ (1.1) and shift γ (−0.1).
         percentiles: range-search percentiles of the initial calibration.
         seed: seed of the calibration subset and of the reconstruction batches.
     """

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from timm.layers import Mlp
 from torch import nn
 from tqdm.auto import tqdm
-
-from timm.layers import Mlp
 
 from eamvit.errors import EamError
 from eamvit.io import atomic_path

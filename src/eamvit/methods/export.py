@@ -17,26 +17,23 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import torch
 from torch import nn
 
-from eamvit.methods.state import state_of, step_config
-from eamvit.methods.steps import handler_of
-
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
+from eamvit.methods.export_runtime import FORMAT, first_line  # one format tag for writer and reader
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
+from eamvit.methods.state import state_of, step_config
+from eamvit.methods.steps import handler_of
+from eamvit.modules.attention import attention_layers, min_opset, require
 from eamvit.modules.export_forms import activation_quantizers, quant_modules, swap_for_export_
 from eamvit.modules.quant_layers import QuantLinear
-from eamvit.modules.attention import attention_layers, min_opset, require
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.onnx_forms import register_symbolics
 
-from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
-Scheme = Literal["qdq", "weight-only"]
 SoftmaxExport = Literal["uniform", "fp32"]
 SOFTMAX = get_args(SoftmaxExport)
-Runtime = Literal["onnxruntime", "openvino"]
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 
@@ -64,14 +61,14 @@ class ExportConfig(Config):
     KIND = "export"
     VERSION = 1
 
-    scheme: Scheme = "qdq"
+    scheme: Literal["qdq", "weight-only"] = "qdq"
     softmax: SoftmaxExport = "uniform"
     symmetric_activations: bool = False
     symmetric_weights: bool = False
     block_size: Optional[int] = None
     kept_tokens: bool = False
     opset: Optional[int] = None
-    runtime: Runtime = "onnxruntime"
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
 
     def _check(self) -> None:
         b = self.block_size
@@ -389,7 +386,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
                 if "_upsample_bicubic2d_aa" in str(e):  # registered from opset 18 (_register_symbolics)
                     raise EamError("ONNX export of an antialiased resize (NaFlexViT's position grid at another "
                                    "size than its own) needs opset 18; export with --opset 18") from None
-                raise EamError(f"torch.onnx cannot export this model: {str(e).splitlines()[0][:300]}") from None
+                raise EamError(f"torch.onnx cannot export this model: {first_line(e)}") from None
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = "eamvit", json.dumps(meta)

@@ -16,7 +16,7 @@ from torch import nn
 
 from eamvit.errors import EamError
 from eamvit.methods.export import ExportConfig
-from eamvit.methods.export_runtime import first_line, read_onnx_meta
+from eamvit.methods.export_runtime import first_line, quiet, read_onnx_meta
 
 INSTALL = 'pip install "eamvit[openvino]"'
 PRECISIONS = ("f32", "bf16")
@@ -161,11 +161,8 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
 def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: Optional[str]):
     """``(nncf.quantize's OpenVINO model, NNCF's version)``, without NNCF's console output."""
-    import contextlib
-    import io
-    import logging
-
     import nncf
+
     model = _core().read_model(str(fp32_path))
     data = nncf.Dataset([calib_images[i:i + 1].detach().cpu().float().numpy() for i in range(len(calib_images))])
     kwargs: dict[str, Any] = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_images))
@@ -176,18 +173,11 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
         kwargs["preset"] = nncf.QuantizationPreset(preset)
     # NNCF's steps draw progress bars on stdout and log each node its ignored scope skips, and its backend
     # probe imports torch's C++ extension module, which logs a CUDA note: none of it is eamvit's output.
-    loggers = [logging.getLogger(n) for n in ("torch.utils.cpp_extension", "nncf")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet("torch.utils.cpp_extension", "nncf"):
             return nncf.quantize(model, data, **kwargs), nncf.__version__
     except Exception as e:  # a graph NNCF cannot handle: one line, so a search records it and goes on
         raise EamError(f"NNCF cannot quantize {fp32_path}: {first_line(e)}") from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def selection_products(model) -> list[str]:

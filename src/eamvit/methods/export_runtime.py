@@ -1,10 +1,13 @@
 """Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -39,6 +42,21 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type when empty), at most 300 characters, for an EamError."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """A baseline tool's run without its console output: stdout dropped, ``loggers`` below ERROR (restored after)."""
+    logs = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in logs]
+    for lg in logs:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(logs, levels):
+            lg.setLevel(level)
 
 
 def cpu_has_vnni() -> Optional[bool]:
@@ -142,9 +160,6 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
     Args:
         method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
     """
-    import contextlib
-    import io
-    import logging
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -162,15 +177,10 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
             return next(self.it, None)
 
     calib = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process is followed; its progress prints are noise
-    try:
-        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-            src = str(Path(d) / "pre.onnx")  # shape inference and graph optimisation first, as ONNX Runtime advises
-            quant_pre_process(str(fp32_path), src)
-            quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
-    finally:
-        root.setLevel(level)
+    # The root logger: its advice to pre-process is followed; its progress prints are noise.
+    with tempfile.TemporaryDirectory() as d, quiet(""):
+        src = str(Path(d) / "pre.onnx")  # shape inference and graph optimisation first, as ONNX Runtime advises
+        quant_pre_process(str(fp32_path), src)
+        quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"])

@@ -98,11 +98,9 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
             merged with :func:`eamvit.methods.merge.merge_`, frozen with :func:`eamvit.methods.freeze.freeze_`
             (the frozen values stay fixed), or both.
         config: the keep-rate options apply to pruned models only.
-        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen
-            attention when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written
-            when ``None``.
-        resume: continue from ``out_dir``'s checkpoint when there is one (same options and, when
-            frozen, the same frozen masks and values required).
+        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen attention
+            when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written when ``None``.
+        resume: continue from ``out_dir``'s checkpoint (same options and frozen masks and values required).
         data_config: the model's preprocessing (timm data config), saved with the weights.
         freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` the model was frozen with, recorded in
             the checkpoint identity and the outputs (``None``: not recorded; the frozen maps' digest is).

@@ -26,8 +26,6 @@ from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLi
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
 from eamvit.ops.pareto import choose, pareto_frontier
 
-Metric = Literal["fisher", "hessian"]
-PMQBase = Literal["repq", "percentile"]
 _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
 
 
@@ -72,12 +70,12 @@ class PMQConfig(Config):
     aas: bool = True
     size_budget_mb: Optional[float] = None
     bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    metric: Metric = "fisher"
+    metric: Literal["fisher", "hessian"] = "fisher"
     calib_size: int = 32
     micro_batch: int = 1
     hutchinson_samples: int = 8
     aas_step: int = 1
-    base: PMQBase = "repq"
+    base: Literal["repq", "percentile"] = "repq"
     attn_quantizer: AttnQuantizer = "logsqrt2"
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     quantize_head: bool = True

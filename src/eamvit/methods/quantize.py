@@ -67,10 +67,8 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         model: a timm ViT / DeiT / Swin in full precision (``eamvit.create_model``), or any module
             that contains supported attention (every Linear and Conv2d in it is quantized, a timm
             classifier's head only with ``quantize_head``).
-        config: :class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig`
-            or :class:`~eamvit.methods.pmq.PMQConfig`.
-        calib: calibration images (see
-            :func:`~eamvit.methods.quant_registry.calibration_batches`); preprocess them as for evaluation.
+        config: a ``RepQConfig``, ``ADFQConfig`` or ``PMQConfig``.
+        calib: calibration images (:func:`~.quant_registry.calibration_batches`), preprocessed as for evaluation.
         forward_loop: instead of ``calib``: ``f(model)`` runs ``model`` over the calibration data
             (RepQ-ViT calibrates on the first forward it runs: make that ``calib_size`` images).
         device: move the model there first (None: where it is).

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
@@ -19,8 +20,6 @@ from eamvit.modules import family_quant
 from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits
-
-from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 
 
 @dataclass(frozen=True)

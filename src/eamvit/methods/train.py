@@ -31,16 +31,13 @@ class TrainConfig(Config):
     """Training hyper-parameters (saved with checkpoints; runtime settings are arguments of :func:`train`).
 
     Args:
-        lr: peak learning rate.
-        min_lr: final learning rate of the cosine schedule.
+        lr, min_lr: peak learning rate, and the final one of the cosine schedule.
         warmup_epochs: linear warm-up (per iteration) from ``warmup_lr`` to ``lr``.
         weight_decay: weight decay (not on biases, norms, tokens, position embeddings).
         label_smoothing: label smoothing of the cross-entropy (and of mixup targets).
-        mixup: timm mixup α (0 = off).
-        cutmix: timm cutmix α (0 = off).
+        mixup, cutmix: timm mixup and cutmix α (0 = off).
         grad_clip: clip the gradient norm to this value (``None`` = off).
-        opt: timm optimizer name (``create_optimizer_v2``).
-        sched: timm scheduler name (``create_scheduler_v2``).
+        opt, sched: timm optimizer and scheduler names (``create_optimizer_v2``, ``create_scheduler_v2``).
         seed: seed of shuffling, augmentation, mixup and dropout.
     """
 
@@ -275,8 +272,8 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         desc: progress-bar label.
 
     Returns:
-        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "images": training images read,
-        "skipped_images": unreadable ones skipped, "checkpoint": path or None}``.
+        ``history`` (per-epoch rows), ``epochs_done``, ``final`` (the last row), ``images`` (training images read),
+        ``skipped_images`` (unreadable ones), ``checkpoint`` (path or None).
     """
     from tqdm.auto import tqdm
 
