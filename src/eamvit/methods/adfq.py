@@ -120,12 +120,8 @@ def attention_inputs(layers: list[nn.Module]) -> set[int]:
 
 
 def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
-    """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated.
-
-    Args:
-        adaround: AdaRound weight quantizers in the reconstruction units (before reconstruction);
-            False gives the finished model's plain per-channel ones (round to nearest, or loading).
-    """
+    """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated; ``adaround``:
+    AdaRound weight quantizers in the reconstruction units, else the finished model's plain per-channel ones."""
     rcfg = RepQConfig(w_bits=config.w_bits, a_bits=config.a_bits, input_bits=config.input_bits,
                       percentiles=config.percentiles, reparam=False, attn_quantizer=config.attn_quantizer,
                       quantize_head=config.quantize_head)
@@ -186,10 +182,6 @@ def outlier_report(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def _rebuild(model: nn.Module, config: ADFQConfig, structure: dict) -> None:
-    _refine_(model, config, adaround=False)
-
-
 def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """ADFQ-ViT: surgery; one lazy initialisation pass on the first ``init_size`` calibration images
     (every quantizer calibrated in forward order on already-quantized inputs); then, with ``amo``,
@@ -208,4 +200,4 @@ def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantR
     return {"outliers": outliers, "units": unit_rows}
 
 
-HANDLER = QuantizeHandler(ADFQConfig, _quantize_adfq, _rebuild)
+HANDLER = QuantizeHandler(ADFQConfig, _quantize_adfq, lambda model, config, structure: _refine_(model, config, False))

@@ -109,11 +109,9 @@ def _flat(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p‖q) along the last dim (p: full-precision attention, q: quantized).
-
-    Quantized rows no longer sum to 1 (log levels, codes past the last level are 0): they are
-    renormalised so the term is a true KL divergence (≥ 0); the MSE term keeps the scale.
-    """
+    """Mean over rows of KL(p‖q) along the last dim (p: full-precision attention, q: quantized). Quantized rows
+    no longer sum to 1 (log levels, codes past the last level are 0): they are renormalised so the term is a
+    true KL divergence (≥ 0); the MSE term keeps the scale."""
     tiny = torch.finfo(q.dtype).tiny
     q = q / q.sum(-1, keepdim=True).clamp_min(tiny)
     return (p * (torch.log(p.clamp_min(tiny)) - torch.log(q.clamp_min(tiny)))).sum(-1).mean()
@@ -121,10 +119,8 @@ def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _unit_loss(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor],
                data: dict, seen: dict, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss).
-
-    ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
-    """
+    """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss), and KL
+    against ``seen["a"]``, the quantized attention map of this forward (set by an observer), with its graph."""
     seen.pop("a", None)
     out = _run(unit, x, data)
     rec = (out - y).pow(2).sum(1).mean()
@@ -185,11 +181,8 @@ def _finish(unit: nn.Module) -> None:
 
 
 def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoundQuantizer]]:
-    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None.
-
-    The unit's AdaRound V and (with ``learn_act``) activation Δ become leaf tensors that require grad but
-    stay buffers of their quantizers, so the module structure and ``state_dict`` keys never change.
-    """
+    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None. V and Δ
+    become leaf tensors that require grad but stay buffers, so the structure and ``state_dict`` keys never change."""
     w, a = [], []
     for m in unit.modules():
         if isinstance(m, AdaRoundQuantizer):
@@ -208,10 +201,7 @@ def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoun
 def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], data: dict, config: ADFQConfig,
                       bar: Any, gen: torch.Generator) -> list[float]:
     """AdaRound + step-size learning of one unit on cached data; returns the loss history (every step).
-
-    Args:
-        layer: the attention layer number of an attention unit (its quantized map enters the KL term).
-    """
+    ``layer``: an attention unit's layer number (its quantized map enters the KL term)."""
     frozen = [p for p in unit.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -145,8 +145,7 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
 
 
 def _plan_macs(module: nn.Module, s: AttentionShape, frozen_heads: int, frozen_rows: int) -> dict[str, int]:
-    """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts
-    (``Adapter.plan_skips``)."""
+    """Per-op work of ``module``'s executed plan: only the ops its executed path cuts (``Adapter.plan_skips``)."""
     cut, full = attention_macs(s, frozen_heads, frozen_rows), attention_macs(s)
     skips = module.eam.adapter.plan_skips
     return {op: cut[op] if op in skips else full[op] for op in ATTENTION_OPS}

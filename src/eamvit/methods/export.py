@@ -94,10 +94,8 @@ class Target(Config):
             same with symmetric weights and activations, which OpenVINO runs in int8 kernels, in the
             graph form OpenVINO fuses) or ``"weight-only"`` (ONNX ``MatMulNBits`` weights, float
             activations from calibration on).
-        softmax: ``"qdq"``: the post-softmax map as 8-bit ``"uniform"`` on ``[0, Δ]`` (Δ: the log
-            quantizer's calibrated top) or ``"fp32"`` (not quantized).
-        symmetric_activations: ``"qdq"``: int8 activations with zero point 0 (TensorRT).
-        symmetric_weights: ONNX forms: symmetric per-channel weights (zero point 0).
+        softmax, symmetric_activations, symmetric_weights: as :class:`ExportConfig`'s (``softmax`` and
+            ``symmetric_activations`` for ``"qdq"`` only, ``symmetric_weights`` for the ONNX forms).
     """
 
     KIND = "target"
@@ -217,8 +215,7 @@ def _round_uniform(q: UniformQuantizer, symmetric: bool) -> None:
 
 
 def _target_quantizer(owner: nn.Module, attr: str, config: ExportConfig) -> Any:
-    """Put the export's form of activation quantizer ``owner.attr`` in its place and return it (disabled
-    where the export keeps that activation in float)."""
+    """Put the export's form of ``owner.attr`` in its place and return it (disabled where the export keeps it float)."""
     q = getattr(owner, attr)
     if config.scheme == "weight-only":
         q.enabled = False

@@ -285,8 +285,7 @@ def _repq_config(config: PMQConfig) -> RepQConfig:
 
 def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
              token_bits: dict[int, torch.Tensor]) -> None:
-    """Per-layer weight bits (by module name), per-tensor post-LayerNorm inputs (percentile base), AAS patch
-    bits (per attention layer number)."""
+    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits per layer."""
     mods = dict(model.named_modules())
     for name, bits in weight_bits.items():
         m = mods[name]
@@ -335,8 +334,7 @@ def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]
 
 
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then RepQ-ViT's
-    calibration with the allocated bits; returns :func:`allocate`'s dict plus ``patch_bits`` per layer."""
+    """PMQ: Pareto allocation and AAS patch bits on the full-precision model, then RepQ-ViT with those bits."""
     images, labels = calibration_images(calib, config.calib_size, seed=config.seed)
     report = allocate(model, config, images, labels, progress=run.progress)
     importance = attention_importance(model, images) if config.aas else {}

@@ -179,16 +179,10 @@ def reparam_structure_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
 
 
-def _rebuild(model: nn.Module, config: RepQConfig, structure: dict) -> None:
-    reparam_structure_(prepare_(model, config))
-
-
 def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization.
-
-    With ``run.forward_loop``, pass 1 is the first forward the loop runs (then the loop is stopped);
-    when its input is a tensor, it must hold ``calib_size`` images (checked before any surgery).
-    """
+    """RepQ-ViT: pass 1 on one batch of ``calib_size`` images, then the reparameterization. With
+    ``run.forward_loop``, pass 1 is the loop's first forward (then the loop is stopped), whose tensor input
+    must hold ``calib_size`` images (checked before any surgery)."""
     if run.forward_loop is not None:
         n = run_first_forward(model, run.forward_loop, before=True)
         if n and n != config.calib_size:
@@ -204,7 +198,8 @@ def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantR
     return {"calib_images": int(images.shape[0])}
 
 
-HANDLER = QuantizeHandler(RepQConfig, _quantize_repq, _rebuild, forward_loop=True)
+HANDLER = QuantizeHandler(RepQConfig, _quantize_repq, forward_loop=True,
+                          rebuild=lambda model, config, structure: reparam_structure_(prepare_(model, config)))
 
 
 def attn_deltas(model: nn.Module) -> list[torch.Tensor]:

@@ -201,8 +201,7 @@ class _Run:
 
 
 def _epoch_row(run: _Run, epoch: int, loss: float, skipped: int, val_ds: Optional[Dataset]) -> dict[str, Any]:
-    """The history row of an epoch: loss, learning rate, schedule values, unreadable training images
-    skipped, top-1/top-5 on ``val_ds``."""
+    """An epoch's history row: loss, learning rate, schedule values, unreadable images skipped, ``val_ds`` top-1/5."""
     run.sched.step_update(run.step)
     row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra(),
            "skipped_images": skipped}
