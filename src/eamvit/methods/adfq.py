@@ -18,8 +18,8 @@ from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
-from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LogKind, OutlierMode, LearnableUniformQuantizer,
-                                 OutlierAwareQuantizer, ShiftLogQuantizer, log_quantizer)
+from eamvit.modules.adfq import (AdaRoundQuantizer, LearnableUniformQuantizer, LogKind, OutlierAwareQuantizer,
+                                 OutlierMode, ShiftLogQuantizer, log_quantizer)
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import QuantLinear
@@ -174,12 +174,9 @@ def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantize
 def outlier_report(model: nn.Module) -> list[dict[str, Any]]:
     """Per POQ layer: name, α and the outlier ratio seen since the counts were last reset (Fig. 4)."""
     qkv_ids = attention_inputs(attention_layers(model))
-    rows = []
-    for name, q in outlier_quantizers(model):
-        lin = model.get_submodule(name)
-        rows.append({"layer": name, "input_of": "qkv" if id(lin) in qkv_ids else "fc1", "alpha": q.alpha,
-                     "outliers": q.outliers, "values": q.seen, "ratio": q.outlier_ratio})
-    return rows
+    return [{"layer": name, "input_of": "qkv" if id(model.get_submodule(name)) in qkv_ids else "fc1",
+             "alpha": q.alpha, "outliers": q.outliers, "values": q.seen, "ratio": q.outlier_ratio}
+            for name, q in outlier_quantizers(model)]
 
 
 def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:

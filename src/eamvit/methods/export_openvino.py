@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from eamvit.errors import EamError
-from eamvit.methods.export import ExportConfig
 from eamvit.methods.export_runtime import first_line, quiet, read_onnx_meta
 
 INSTALL = 'pip install "eamvit[openvino]"'
@@ -89,11 +88,8 @@ def compile_openvino(path: str | os.PathLike, threads: Optional[int] = None, pre
     require_openvino("running a model in OpenVINO")
     if precision is not None and precision not in PRECISIONS:
         raise EamError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        cfg["INFERENCE_NUM_THREADS"] = int(threads)
-    if precision:
-        cfg["INFERENCE_PRECISION_HINT"] = precision
+    cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}),
+           **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
     try:
         return _core().compile_model(str(path), "CPU", cfg)
     except Exception as e:

@@ -74,15 +74,11 @@ def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[Freez
     if freeze is not None and freeze.tau > 0 and digest is None:
         raise EamError(f"freeze= says τ = {freeze.tau} but the model has no frozen attention; call "
                        "freeze_(model, maps, freeze) first")
-    ident: dict[str, Any] = {}
-    if st is not None:
-        ident["prune"] = st.config.to_dict()
-    if merging is not None:
-        ident["merge"] = merging.config.to_dict()
-    if digest is not None or freeze is not None:
-        ident["freeze"] = {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
-    ident["model"] = model_spec(model).to_dict()
-    return ident
+    ident = {"prune": st.config.to_dict() if st is not None else None,
+             "merge": merging.config.to_dict() if merging is not None else None,
+             "freeze": {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
+             if digest is not None or freeze is not None else None, "model": model_spec(model).to_dict()}
+    return {k: v for k, v in ident.items() if v is not None}
 
 
 def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = FinetuneConfig(),

@@ -12,6 +12,9 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import ForwardLoop
 
+_MORE = ("give more calibration images (--calib-size, --calib-data) or lower the method's calibration size "
+         "(--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+
 
 @dataclass
 class QuantRun:
@@ -57,9 +60,7 @@ def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Ite
     from eamvit.methods.data import make_loader, random_subset
 
     if len(ds) < limit:
-        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
-                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
-                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; {_MORE}")
     return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
 
 
@@ -118,8 +119,6 @@ def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tens
         labels.append(y)
     got = sum(x.shape[0] for x in images)
     if got < n:
-        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
-                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
-                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); {_MORE}")
     y = torch.cat(labels) if all(t is not None for t in labels) else None
     return torch.cat(images), y

@@ -80,13 +80,9 @@ def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     attention_layers(model)  # the groups read each attention's input Linears from its adapter
     pairs = []
     for m in model.modules():
-        finder = _PAIR_FINDERS.get(type(m))
-        if finder is None:
-            continue
-        for p in finder(m):
-            if p is not None:
-                norm, lins = p
-                pairs += [(norm, lin) for lin in lins]
+        for p in _PAIR_FINDERS.get(type(m), lambda block: ())(m):
+            if p is not None:  # (norm, the Linears it feeds)
+                pairs += [(p[0], lin) for lin in p[1]]
     return pairs
 
 
