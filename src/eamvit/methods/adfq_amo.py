@@ -149,16 +149,6 @@ def _unit_state(unit: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(q, Quantizer) for p in q._param_names if getattr(q, p) is not None}
 
 
-def _load_unit_state(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    device = next(unit.parameters()).device
-    for key, t in state.items():
-        name, p = key.rsplit(".", 1)
-        setattr(unit.get_submodule(name), p, t.to(device))
-    for m in unit.modules():
-        if isinstance(m, AdaRoundQuantizer):
-            m.mode = "hard"
-
-
 def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> str:
     """What a checkpoint must match to be reused: settings, weights and calibration images."""
     h = hashlib.sha256(repr(sorted(config.to_dict().items())).encode())
@@ -253,7 +243,13 @@ def _resume(unit: nn.Module, path: Optional[Path], fp: str) -> Optional[dict]:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("fingerprint") != fp:
         raise EamError(f"checkpoint {path} was made with other settings, weights or images; "
                        "use another checkpoint_dir or delete it")
-    _load_unit_state(unit, saved["state"])
+    device = next(unit.parameters()).device
+    for key, t in saved["state"].items():
+        name, p = key.rsplit(".", 1)
+        setattr(unit.get_submodule(name), p, t.to(device))
+    for m in unit.modules():
+        if isinstance(m, AdaRoundQuantizer):
+            m.mode = "hard"
     return saved["row"]
 
 

@@ -196,16 +196,6 @@ def modelled(model: nn.Module) -> bool:
     return all(m.eam.adapter.cost_modelled for m in attention_layers(model))
 
 
-def _check_modelled(layers: Sequence[nn.Module]) -> None:
-    """Refuse a model with an attention layer whose shapes the account does not read (one clear line)."""
-    m = next((m for m in layers if not m.eam.adapter.cost_modelled), None)
-    if m is not None:
-        known = sorted({a.family for a in ADAPTERS if a.cost_modelled})
-        raise EamError(f"the MAC account (gmacs, predicted_speedup) does not model {m.eam.adapter.family}'s "
-                       f"{m.eam.adapter.timm_class.__name__} yet (it models {'; '.join(known)}); "
-                       "measure speed instead, e.g. `eamvit optimize --runtime torch`")
-
-
 def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                  device: torch.device | str | None = None) -> CostAccount:
     """The per-layer account of one image through ``model`` (frozen, pruned, quantized or not) in its current state.
@@ -217,7 +207,12 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     from eamvit.methods.models import data_config
 
     layers = attention_layers(model)
-    _check_modelled(layers)
+    m = next((m for m in layers if not m.eam.adapter.cost_modelled), None)
+    if m is not None:  # an attention layer whose shapes the account does not read
+        known = sorted({a.family for a in ADAPTERS if a.cost_modelled})
+        raise EamError(f"the MAC account (gmacs, predicted_speedup) does not model {m.eam.adapter.family}'s "
+                       f"{m.eam.adapter.timm_class.__name__} yet (it models {'; '.join(known)}); "
+                       "measure speed instead, e.g. `eamvit optimize --runtime torch`")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     size = input_size if input_size is not None else data_config(model)["input_size"]
     x = torch.zeros(1, *(int(s) for s in size), device=device)

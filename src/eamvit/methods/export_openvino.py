@@ -135,6 +135,8 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             stored so that evaluation skips them.
     """
     require_openvino("NNCF quantization", nncf=True)
+    import openvino as ov
+
     out = Path(out_path)
     if out.suffix != ".xml":
         raise EamError(f"NNCF writes an OpenVINO IR: give an .xml path, not {out.name}")
@@ -151,7 +153,11 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             "export": {"scheme": "nncf", "runtime": "openvino"},
             "calibration": list(meta.get("calibration") or []) + list(calibration)}
     quantized.set_rt_info(json.dumps(meta), _META_KEY)
-    _save_ir(quantized, out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the IR in full precision, each file replaced whole
+    tmp_xml = out.with_name(out.stem + ".partial.xml")
+    ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+    os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(tmp_xml, out)
     return meta
 
 
@@ -191,14 +197,3 @@ def selection_products(model) -> list[str]:
                 todo.append(value.get_node())
     return [op.get_friendly_name() for op in model.get_ordered_ops()
             if op.get_type_name() == "MatMul" and op.get_friendly_name() not in carries]
-
-
-def _save_ir(model, out: Path) -> None:
-    """Write an IR (``out`` and the ``.bin`` beside it) in full precision, each file replaced whole."""
-    import openvino as ov
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_xml = out.with_name(out.stem + ".partial.xml")
-    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-    os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
-    os.replace(tmp_xml, out)

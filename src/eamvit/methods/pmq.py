@@ -304,11 +304,6 @@ def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
                 setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, dim, config.percentiles))
 
 
-def _patch_rows(token_bits: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
-    return [{"layer": l, "patches": tb.numel(), "mean_bits": float(tb.float().mean()),
-             "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}} for l, tb in token_bits.items()]
-
-
 def _structure(model: nn.Module) -> dict[str, Any]:
     """The AAS patch bits per layer: the one part of a PMQ model its config does not determine."""
     return {"patch_bits": {str(l.eam.layer): l.eam_quant.q.token_bits.tolist() for l in attention_layers(model)
@@ -342,7 +337,9 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     pairs = prepare_(model, _repq_config(config))
     _refine_(model, config, {r["name"]: r["bits"] for r in report["components"]}, token_bits)
     calibrate_(model, images, pairs)
-    report["patch_bits"] = _patch_rows(token_bits)
+    report["patch_bits"] = [{"layer": l, "patches": tb.numel(), "mean_bits": float(tb.float().mean()),
+                             "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}}
+                            for l, tb in token_bits.items()]
     return report
 
 

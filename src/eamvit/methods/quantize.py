@@ -230,7 +230,8 @@ def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor], packed: Any, pat
         tensors[key] = uniform_dequant(q, delta.reshape(view), zp.reshape(view))
 
 
-def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
+    """Refuse tensors that do not fit the model, and what no calibration writes (non-finite values, steps ≤ 0)."""
     own = model.state_dict()
     own_keys = set(own) | {n + "." + p for n, q in model.named_modules() if isinstance(q, Quantizer)
                            for p in q._param_names}
@@ -241,10 +242,6 @@ def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -
         raise _misfit(path, f"{len(missing)} missing, e.g. {missing[0]}" if missing else
                       f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
                       f"shape mismatch at {shapes[0]}")
-
-
-def _check_values(tensors: dict[str, torch.Tensor], path: Any) -> None:
-    """Refuse what no calibration writes: non-finite tensors and quantizer steps that are not positive."""
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise _inconsistent(path, f"{key} holds non-finite values")
@@ -296,8 +293,7 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
             shape_for_target_(model, target)
         _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
         _unpack(model, tensors, meta.get("packed"), path)
-        _check_keys(model, tensors, path)
-        _check_values(tensors, path)
+        _check_tensors(model, tensors, path)
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     except BaseException:

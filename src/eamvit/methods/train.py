@@ -103,21 +103,6 @@ class SeededItems(Dataset):
             np.random.set_state(npy)
 
 
-def _rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
-            "generators": [g.get_state() for g in generators]}
-
-
-def _set_rng_state(s: dict[str, Any], generators: Sequence[torch.Generator]) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
-                         s["numpy_has_gauss"], s["numpy_cached"]))
-    for g, state in zip(generators, s["generators"]):
-        g.set_state(state)
-
-
 def _resume(run: "_Run", path: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
     """Load a checkpoint into the run; returns the epochs done and their history."""
     try:
@@ -135,13 +120,22 @@ def _resume(run: "_Run", path: Path, ident: dict, generators: Sequence[torch.Gen
     run.model.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
     run.step = ck["step"]
-    _set_rng_state(ck["rng"], generators)
+    s = ck["rng"]
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_cached"]))
+    for g, state in zip(generators, s["generators"]):
+        g.set_state(state)
     return ck["epoch"], list(ck["history"])
 
 
 def _save(path: Path, model: nn.Module, opt, done: dict, ident: dict, generators) -> None:
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # as tensors and numbers: weights_only loads them
+    rng = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+           "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+           "generators": [g.get_state() for g in generators]}
     state = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": opt.state_dict(), **done, "identity": ident, "rng": _rng_state(generators)}
+             "optimizer": opt.state_dict(), **done, "identity": ident, "rng": rng}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
