@@ -4,6 +4,7 @@ Settings are an :class:`eamvit.methods.adfq.ADFQConfig`; see docs/architecture-q
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -81,10 +82,8 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
     try:
         with torch.no_grad(), observe(model, observers, stage="quantized"):
             for i in range(0, images.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):
                     model(images[i:i + batch_size].to(device))
-                except _Stop:
-                    pass
     finally:
         handle.remove()
         set_quant_enabled(model, True)
@@ -137,8 +136,7 @@ def _unit_mse(unit: nn.Module, data: dict, batch_size: int) -> float:
     n = data["x"].shape[0]
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
-        out = _run(unit, _flat(data["x"], idx), data)
-        d = out - _flat(data["y"], idx)
+        d = _run(unit, _flat(data["x"], idx), data) - _flat(data["y"], idx)
         total += float(d.pow(2).sum())
         count += d.numel()
     return total / count
@@ -171,7 +169,7 @@ def _finish(unit: nn.Module) -> None:
 
 
 def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoundQuantizer]]:
-    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None. V and Δ
+    """``(Adam for V and Adam for Δ where there are any, Δ's cosine schedule or None, AdaRound quantizers)``. V and Δ
     become leaf tensors that require grad but stay buffers, so the structure and ``state_dict`` keys never change."""
     w, a = [], []
     for m in unit.modules():
@@ -182,10 +180,9 @@ def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoun
         elif config.learn_act and isinstance(m, _LEARNABLE) and m.enabled and m.inited:
             m.delta = m.delta.detach().clone().requires_grad_(True)
             a.append(m.delta)
-    opt_w = torch.optim.Adam(w, lr=config.w_lr) if w else None
-    opt_a = torch.optim.Adam(a, lr=config.a_lr) if a else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iterations, eta_min=0.0) if opt_a else None
-    return [opt_w, opt_a, sched], [m for m in unit.modules() if isinstance(m, AdaRoundQuantizer)]
+    opts = [torch.optim.Adam(p, lr=lr) for p, lr in ((w, config.w_lr), (a, config.a_lr)) if p]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], T_max=config.iterations, eta_min=0.0) if a else None
+    return opts, sched, [m for m in unit.modules() if isinstance(m, AdaRoundQuantizer)]
 
 
 def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], data: dict, config: ADFQConfig,
@@ -195,7 +192,7 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], d
     frozen = [p for p in unit.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    (opt_w, opt_a, sched), ada = _optimizers(unit, config)
+    opts, sched, ada = _optimizers(unit, config)
     n, seen, losses = data["x"].shape[0], {}, []
     observers = {layer: lambda attn, mask: seen.__setitem__("a", _windows(attn))} if layer is not None else {}
     try:
@@ -211,13 +208,11 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], d
                 if it + 1 < config.warmup * config.iterations:
                     rnd = rnd * 0
                 loss = rec + config.kl_weight * kl + config.round_weight * rnd
-                for o in (opt_w, opt_a):
-                    if o is not None:
-                        o.zero_grad(set_to_none=True)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
                 loss.backward()
-                for o in (opt_w, opt_a, sched):
-                    if o is not None:
-                        o.step()
+                for o in [*opts, sched] if sched is not None else opts:
+                    o.step()
                 losses.append(float(loss.detach()))
                 if it % 10 == 0 or it + 1 == config.iterations:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", rec=f"{float(rec.detach()):.4g}",

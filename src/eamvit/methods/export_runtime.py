@@ -71,9 +71,7 @@ def cpu_has_vnni() -> Optional[bool]:
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    if flags is None:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return None if flags is None else any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def saturation_warning(meta: dict[str, Any]) -> Optional[str]:

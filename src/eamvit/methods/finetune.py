@@ -90,9 +90,9 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     :func:`keep_rate_at`.
 
     Args:
-        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate) or
-            merged with :func:`eamvit.methods.merge.merge_`, frozen with :func:`eamvit.methods.freeze.freeze_`
-            (the frozen values stay fixed), or both.
+        model: pruned (:func:`~eamvit.methods.prune.prune_`; its κ is the target keep rate) or merged
+            (:func:`~eamvit.methods.merge.merge_`), and/or frozen (:func:`~eamvit.methods.freeze.freeze_`; the
+            frozen values stay fixed).
         config: the keep-rate options apply to pruned models only.
         out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen attention
             when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written when ``None``.

@@ -166,8 +166,7 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
                     acc[n] += (m.weight.detach().double() * g.double()).pow(2).sum()
     finally:
         model.train(was_training)
-    n_chunks = len(chunks)
-    return {n: float(v) / (2 * n_chunks) for n, v in acc.items()}
+    return {n: float(v) / (2 * len(chunks)) for n, v in acc.items()}
 
 
 def hessian_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -205,10 +204,8 @@ def patch_importance(attn: torch.Tensor) -> torch.Tensor:
 
 
 def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor:
-    """Eq. 13–15: ``bits + step`` above ``μ + σ``, ``bits − step`` below ``μ − σ``, else ``bits`` (2..8).
-
-    σ is the population standard deviation of the importance over the layer's patches.
-    """
+    """Eq. 13–15: ``bits + step`` above ``μ + σ``, ``bits − step`` below ``μ − σ``, else ``bits`` (2..8); σ is
+    the population standard deviation of the importance over the layer's patches."""
     mu, sigma = importance.mean(), importance.std(unbiased=False)
     out = torch.full(importance.shape, bits, dtype=torch.long)
     out[importance > mu + sigma] = bits + step

@@ -90,11 +90,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
     run = QuantRun(progress=progress, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                    forward_loop=forward_loop)
     t0 = time.perf_counter()
-    try:
-        report = handler.quantize(model, config, calib, run)
-    except BaseException:
-        state_of(model).steps.pop("quant", None)
-        raise
+    report = handler.quantize(model, config, calib, run)
     state_of(model).steps["quant"] = config
     state_of(model).reports["quant"] = {**report, "calib_seconds": time.perf_counter() - t0}
     add_calibration(model, [calibration_record(calib)])
@@ -281,24 +277,19 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
     _check_fp_weights(model, meta, path)
-    cls = config_type(meta.get("method"))
-    config = cls.from_dict(meta.get("config", {}))
+    config = config_type(meta.get("method")).from_dict(meta.get("config", {}))
     handler = _handler(config)
-    try:
-        handler.rebuild(model, config, meta.get("structure") or {})
-        target = _stored_target(meta, path)
-        if target is not None:
-            from eamvit.methods.export import shape_for_target_
+    handler.rebuild(model, config, meta.get("structure") or {})
+    target = _stored_target(meta, path)
+    if target is not None:
+        from eamvit.methods.export import shape_for_target_
 
-            shape_for_target_(model, target)
-        _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
-        _unpack(model, tensors, meta.get("packed"), path)
-        _check_tensors(model, tensors, path)
-        device = next(model.parameters()).device
-        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
-    except BaseException:
-        state_of(model).steps.pop("quant", None)
-        raise
+        shape_for_target_(model, target)
+    _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
+    _unpack(model, tensors, meta.get("packed"), path)
+    _check_tensors(model, tensors, path)
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     state_of(model).steps["quant"] = config
     state_of(model).target = target
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
