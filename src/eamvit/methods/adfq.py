@@ -1,8 +1,5 @@
-"""ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family.
-
-POQ, SLQ and AMO (each switchable), the families, and where the code and the paper differ:
-docs/architecture-quant-export.md.
-"""
+"""ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family; POQ, SLQ, AMO
+and where the code and the paper differ: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 import math
@@ -91,9 +88,8 @@ class ADFQConfig(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        check_quant_bits(self.w_bits, "w_bits")
-        check_quant_bits(self.a_bits, "a_bits")
-        check_quant_bits(self.input_bits, "input_bits")
+        for name in ("w_bits", "a_bits", "input_bits"):
+            check_quant_bits(getattr(self, name), name)
         for name in ("alpha_qkv", "alpha_fc1"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:

@@ -1,7 +1,5 @@
-"""ADFQ-ViT's Attention-score enhanced Module-wise Optimization (AMO): the reconstruction loop.
-
-Settings are an :class:`eamvit.methods.adfq.ADFQConfig`; see docs/architecture-quant-export.md.
-"""
+"""ADFQ-ViT's Attention-score enhanced Module-wise Optimization (AMO), the reconstruction loop of
+:mod:`eamvit.methods.adfq` (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,8 +1,5 @@
-"""What a model state costs: a per-layer, analytic account of the multiply-accumulates it executes and saves.
-
-The three counts of a row (``full``, ``executed``, ``skippable``) and what is and is not counted:
-docs/architecture-quant-export.md.
-"""
+"""What a model state costs: a per-layer, analytic account of the multiply-accumulates it executes and
+saves (what each count means: docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import math
@@ -198,12 +195,8 @@ def modelled(model: nn.Module) -> bool:
 
 def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                  device: torch.device | str | None = None) -> CostAccount:
-    """The per-layer account of one image through ``model`` (frozen, pruned, quantized or not) in its current state.
-
-    Args:
-        input_size: ``(C, H, W)``; the model's own by default.
-        device: where the one shape-recording forward runs (the model's device by default).
-    """
+    """The per-layer account of one image ``(C, H, W)`` (``input_size``, the model's own by default) through
+    ``model`` in its current state; the one shape-recording forward runs on ``device`` (the model's by default)."""
     from eamvit.methods.models import data_config
 
     layers = attention_layers(model)

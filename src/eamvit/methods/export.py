@@ -1,9 +1,5 @@
-"""Deployable exports: ONNX graphs of full-precision, pruned, frozen and RepQ-ViT-quantized models, and the
-deployment :class:`Target` a recipe calibrates for.
-
-Schemes, the changes :func:`prepare_export_` makes where a runtime cannot express the simulation, and
-the two graph forms (ONNX Runtime, OpenVINO): docs/architecture-quant-export.md.
-"""
+"""ONNX export of full-precision, pruned, frozen and RepQ-ViT-quantized models, and the deployment
+:class:`Target` a recipe calibrates for (schemes and graph forms: docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import copy

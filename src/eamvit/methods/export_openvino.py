@@ -1,8 +1,5 @@
-"""Running eamvit's exports in OpenVINO, and NNCF's int8 quantization of an fp32 export (the baseline).
-
-OpenVINO and NNCF are an optional extra (``pip install "eamvit[openvino]"``); why an export for
-OpenVINO is symmetric, and what NNCF leaves in float: docs/architecture-quant-export.md.
-"""
+"""Running eamvit's exports in OpenVINO (an optional extra), and NNCF's int8 quantization of an fp32 export,
+the baseline (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import functools
@@ -32,11 +29,8 @@ def is_available(nncf: bool = False) -> bool:
 
 
 def require_openvino(what: str, nncf: bool = False) -> None:
-    """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported.
-
-    Args:
-        what: what needs them, for the message (e.g. ``"eval --runtime openvino"``).
-    """
+    """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported; ``what``
+    names what needs them (e.g. ``"eval --runtime openvino"``)."""
     import importlib
 
     for name in ("openvino",) + (("nncf",) if nncf else ()):

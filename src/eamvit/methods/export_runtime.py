@@ -152,12 +152,8 @@ ORT_CALIBRATION = ("minmax", "percentile")
 
 def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
                         method: str = "minmax") -> None:
-    """ONNX Runtime's own ``quantize_static`` of an fp32 export, as its documentation recommends for CPU (the
-    baseline eamvit's int8 export meets; docs/architecture-quant-export.md).
-
-    Args:
-        method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
-    """
+    """ONNX Runtime's own ``quantize_static`` of an fp32 export as its documentation recommends for CPU (the baseline
+    eamvit's int8 export meets), calibrated by ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th)."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,

@@ -1,7 +1,5 @@
-"""Fine-tuning a pruned, merged or frozen ViT/DeiT (EViT's recipe by default) with the one training loop, resumable.
-
-EViT's defaults and where eamvit deviates, merging and frozen attention: docs/architecture-quant-export.md.
-"""
+"""Fine-tuning a pruned, merged or frozen ViT (EViT's recipe by default) with the one training loop, resumable
+(docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import math

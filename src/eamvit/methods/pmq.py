@@ -1,8 +1,5 @@
-"""PMQ: patch-wise mixed-precision quantization (seed 003) on the shared quantizer family.
-
-No public code exists and the seed text lost the paper's equations: the readings used (GSM, Pareto
-allocation, AAS) are in docs/architecture-quant-export.md.
-"""
+"""PMQ: patch-wise mixed-precision quantization (seed 003), from the paper alone (no public code); the
+readings of its lost equations: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 import re
@@ -215,11 +212,8 @@ def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor
 
 @torch.no_grad()
 def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Per attention layer over patches, eq. 12's :func:`patch_importance` on ``images`` (averaged over all
-    images, accumulated in double). Only maps ``(B, H, N, N)`` over tokens count, where q, k and v have the
-    same N tokens: windowed maps (Swin, Twins' local attention, TNT's inner attention, Hiera), maps with
-    fewer queries than keys (class attention, CrossViT's cross attention, pooled MViTv2 and Twins keys)
-    and XCiT's channel attention are skipped."""
+    """Per attention layer, eq. 12's :func:`patch_importance` averaged over ``images`` (in double), from the maps
+    ``(B, H, N, N)`` over one set of N tokens only (the maps skipped: docs/architecture-quant-export.md)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     channels = {l.eam.layer for l in attention_layers(model) if l.eam.adapter.quant.channel_map}

@@ -1,9 +1,5 @@
-"""The one quantization verb, the one calibration input, and one save / load for every method.
-
-Each method's file registers a :class:`~eamvit.methods.quant_registry.QuantizeHandler` as the
-``"quant"`` step of its config type; the saved state packs each weight's integer codes. See
-docs/architecture-quant-export.md.
-"""
+"""The one quantization verb, and one save / load (weights as packed integer codes) for every method
+(docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import json

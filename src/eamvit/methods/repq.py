@@ -1,8 +1,5 @@
-"""RepQ-ViT post-training quantization (Li et al., ICCV 2023), faithful to its published code.
-
-What is quantized, the further families' differences, the reparameterization's formulas and why one
-forward pass is saved: docs/architecture-quant-export.md.
-"""
+"""RepQ-ViT post-training quantization (Li et al., ICCV 2023), faithful to its published code; what is
+quantized and the reparameterization: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,9 +55,8 @@ class RepQConfig(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        check_quant_bits(self.w_bits, "w_bits")
-        check_quant_bits(self.a_bits, "a_bits")
-        check_quant_bits(self.input_bits, "input_bits")
+        for name in ("w_bits", "a_bits", "input_bits"):
+            check_quant_bits(getattr(self, name), name)
         if self.calib_size < 1:
             raise EamError(f"calib_size={self.calib_size!r} must be a positive number of images (RepQ-ViT uses 32)")
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))

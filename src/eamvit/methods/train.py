@@ -1,7 +1,5 @@
-"""The one training loop of eamvit (the demo model, fine-tuning of pruned models), on timm's factories.
-
-Deterministic and resumable; see docs/architecture-quant-export.md.
-"""
+"""The one training loop of eamvit (the demo model, fine-tuning), deterministic and resumable, on timm's
+factories (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import math
