@@ -140,11 +140,6 @@ def _unit_mse(unit: nn.Module, data: dict, batch_size: int) -> float:
     return total / count
 
 
-def _unit_state(unit: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.{p}": getattr(q, p).detach().cpu().clone() for n, q in unit.named_modules()
-            if isinstance(q, Quantizer) for p in q._param_names if getattr(q, p) is not None}
-
-
 def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> str:
     """What a checkpoint must match to be reused: settings, weights and calibration images."""
     h = hashlib.sha256(repr(sorted(config.to_dict().items())).encode())
@@ -280,6 +275,8 @@ def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
                    seconds=time.perf_counter() - t0, resumed=False)
         report.append(row)
         if path is not None:
+            state = {f"{n}.{p}": getattr(q, p).detach().cpu().clone() for n, q in unit.named_modules()
+                     if isinstance(q, Quantizer) for p in q._param_names if getattr(q, p) is not None}
             with atomic_path(path) as tmp:
-                torch.save({"format": FORMAT, "fingerprint": fp, "state": _unit_state(unit), "row": row}, tmp)
+                torch.save({"format": FORMAT, "fingerprint": fp, "state": state, "row": row}, tmp)
     return report

@@ -151,9 +151,7 @@ class Target(Config):
 def default_target(quant: Any) -> Target:
     """The target a recipe gets when none is asked for: ONNX QDQ for RepQ-ViT with 8-bit activations
     (its ONNX form runs in integer kernels), PyTorch for every other quantization."""
-    if isinstance(quant, RepQConfig) and quant.a_bits == 8:
-        return Target(form="qdq")
-    return Target()
+    return Target(form="qdq") if isinstance(quant, RepQConfig) and quant.a_bits == 8 else Target()
 
 
 def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
@@ -247,13 +245,9 @@ def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> No
 
 @torch.no_grad()
 def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> nn.Module:
-    """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change).
-
-    Call it on a PyTorch model to get the simulated twin of an export (docs/architecture-quant-export.md).
-
-    Raises:
-        EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
-    """
+    """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change): the
+    simulated twin of an export (docs/architecture-quant-export.md). A quantization with no export form (not
+    RepQ-ViT, activations not 8-bit or per channel) is refused."""
     config = config or ExportConfig()
     check_steps(model, config)
     if step_config(model, "quant") is None:
@@ -307,9 +301,7 @@ class ExportReport:
 def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int]) -> dict[str, Any]:
     from eamvit import __version__
 
-    quant = step_config(model, "quant")
-    prune = state_of(model).prune
-    merge = state_of(model).merge
+    quant, prune, merge = step_config(model, "quant"), state_of(model).prune, state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)

@@ -77,9 +77,8 @@ def cpu_has_vnni() -> Optional[bool]:
 def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
     """A one-line warning when ``meta`` describes a uint8-activation QDQ export and this CPU lacks VNNI."""
     export = meta.get("export") or {}
-    if not meta.get("quant") or export.get("scheme") != "qdq" or export.get("symmetric_activations"):
-        return None
-    if cpu_has_vnni() is not False:
+    if (not meta.get("quant") or export.get("scheme") != "qdq" or export.get("symmetric_activations")
+            or cpu_has_vnni() is not False):
         return None
     return ("this CPU has no VNNI: ONNX Runtime's uint8 x int8 kernels saturate here, so this export's top-1 can "
             "fall below its simulation; export with --symmetric-activations for int8 activations")

@@ -313,10 +313,8 @@ def _rebuild(model: nn.Module, config: PMQConfig, structure: dict) -> None:
 
 def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]]:
     """With mixed precision each weight's bits are PMQ's own choice among ``bit_choices``."""
-    if not config.mixed:
-        return {}
     return {f"{n}.weight_quantizer": tuple(config.bit_choices) for n, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv2d))}
+            if config.mixed and isinstance(m, (QuantLinear, QuantConv2d))}
 
 
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:

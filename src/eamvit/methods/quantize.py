@@ -241,18 +241,6 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any
             raise _inconsistent(path, f"quantizer step {key} is not positive")
 
 
-def _stored_target(meta: dict, path: Any) -> Any:
-    from eamvit.methods.export import Target
-
-    stored = meta.get("target")
-    if stored is None:
-        return None
-    try:
-        return Target.from_dict(stored)
-    except EamError as e:
-        raise _inconsistent(path, f"its target: {e}") from None
-
-
 def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
     return load_tensors(path, FORMAT, "quantized state", REMEDY)
@@ -276,10 +264,14 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     config = config_type(meta.get("method")).from_dict(meta.get("config", {}))
     handler = _handler(config)
     handler.rebuild(model, config, meta.get("structure") or {})
-    target = _stored_target(meta, path)
-    if target is not None:
-        from eamvit.methods.export import shape_for_target_
+    target = None
+    if meta.get("target") is not None:  # the deployment target whose quantizers the state was given
+        from eamvit.methods.export import Target, shape_for_target_
 
+        try:
+            target = Target.from_dict(meta["target"])
+        except EamError as e:
+            raise _inconsistent(path, f"its target: {e}") from None
         shape_for_target_(model, target)
     _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
     _unpack(model, tensors, meta.get("packed"), path)
