@@ -33,8 +33,7 @@ def _blocks(model: nn.Module) -> list[list[nn.Module]]:
 
 
 def mlps(model: nn.Module) -> list[nn.Module]:
-    """The timm ``Mlp`` modules (exact type) beside an instrumented attention (ViT / Swin blocks and the
-    further families' blocks), in module order."""
+    """The timm ``Mlp`` modules (exact type) beside an instrumented attention, in module order."""
     return [c for kids in _blocks(model) for c in kids if type(c) is Mlp]
 
 
@@ -52,11 +51,6 @@ class _Stop(Exception):
 def _windows(attn: torch.Tensor) -> torch.Tensor:
     """An observed map as ``(B·groups, H, N, N)``, the shape the attention module computes it in."""
     return attn.reshape((-1,) + tuple(attn.shape[-3:]))
-
-
-def _stack_per_image(parts: list[torch.Tensor], n: int) -> torch.Tensor:
-    t = torch.cat(parts)
-    return t.reshape((n, t.shape[0] // n) + tuple(t.shape[1:]))
 
 
 def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int,
@@ -86,7 +80,7 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
         handle.remove()
         set_quant_enabled(model, True)
     out = {"kwargs": got["kwargs"] or {}, "args": got["args"]}
-    out.update({k: _stack_per_image(got[k], images.shape[0]) for k in ("x", "y", "a") if got[k]})
+    out.update({k: torch.cat(got[k]).unflatten(0, (images.shape[0], -1)) for k in ("x", "y", "a") if got[k]})
     return out
 
 

@@ -165,8 +165,7 @@ def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
 
 
 def shape_for_target_(model: nn.Module, target: Target) -> None:
-    """Give a rebuilt, uncalibrated quantized ``model`` the quantizer classes ``target`` uses (before its
-    stored parameters are loaded)."""
+    """Give a rebuilt, uncalibrated quantized ``model`` the quantizer classes of ``target`` (before loading)."""
     if target.form == "torch":
         return
     config = target.export_config()
@@ -228,21 +227,6 @@ def _target_quantizer(owner: nn.Module, attr: str, config: ExportConfig) -> Any:
     return q
 
 
-def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> None:
-    q = _target_quantizer(owner, attr, config)
-    if not q.enabled:
-        return
-    if not isinstance(q, UniformQuantizer) or not q.inited:
-        raise EamError("the model has uncalibrated activation quantizers; quantize it (eamvit quantize) first")
-    if q.granularity != "tensor" or q.delta.dim() != 0:
-        raise EamError("QDQ export needs per-tensor activation quantizers; quantize with RepQ-ViT's "
-                       "reparameterization (drop --no-reparam)")
-    if q.bits != 8:
-        raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
-                       "--a-bits 8, or --target weight-only")
-    _round_uniform(q, config.symmetric_activations)
-
-
 @torch.no_grad()
 def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> nn.Module:
     """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change): the
@@ -256,7 +240,18 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
         raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
                        "float); export for it with symmetric weights (--symmetric-weights)")
     for owner, attr in activation_quantizers(model):
-        _prepare_activation(owner, attr, config)
+        q = _target_quantizer(owner, attr, config)
+        if not q.enabled:
+            continue
+        if not isinstance(q, UniformQuantizer) or not q.inited:
+            raise EamError("the model has uncalibrated activation quantizers; quantize it (eamvit quantize) first")
+        if q.granularity != "tensor" or q.delta.dim() != 0:
+            raise EamError("QDQ export needs per-tensor activation quantizers; quantize with RepQ-ViT's "
+                           "reparameterization (drop --no-reparam)")
+        if q.bits != 8:
+            raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
+                           "--a-bits 8, or --target weight-only")
+        _round_uniform(q, config.symmetric_activations)
     for m in quant_modules(model):
         wq = m.weight_quantizer
         if not isinstance(wq, UniformQuantizer) or not wq.inited:
@@ -272,8 +267,7 @@ class _Graph(nn.Module):
 
     def __init__(self, model: nn.Module, kept_tokens: bool):
         super().__init__()
-        self.model = model
-        self.kept_tokens = kept_tokens
+        self.model, self.kept_tokens = model, kept_tokens
 
     def forward(self, images: torch.Tensor):
         logits = self.model(images)

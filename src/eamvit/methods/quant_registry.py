@@ -56,14 +56,6 @@ class QuantizeHandler:
     forward_loop: bool = False
 
 
-def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Iterator[Any]:
-    from eamvit.methods.data import make_loader, random_subset
-
-    if len(ds) < limit:
-        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; {_MORE}")
-    return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
-
-
 def _as_pair(item: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(item, torch.Tensor):
         return item, None
@@ -92,7 +84,11 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     if isinstance(calib, torch.Tensor) or pair:
         source: Any = iter([tuple(calib)] if pair else [calib])
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
-        source = _dataset_batches(calib, limit, seed, batch_size)
+        from eamvit.methods.data import make_loader, random_subset
+
+        if len(calib) < limit:
+            raise EamError(f"calibration needs {limit} images but the calibration set has {len(calib)}; {_MORE}")
+        source = iter(make_loader(calib, random_subset(calib, limit, seed=seed), batch_size=batch_size))
     else:
         source = iter(calib)
     taken = 0
@@ -111,8 +107,7 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
 
 
 def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels (None
-    unless every batch had them)."""
+    """The first ``n`` images of ``calib`` (:func:`calibration_batches`) and their labels (None unless all had them)."""
     images, labels = [], []
     for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
         images.append(x)
