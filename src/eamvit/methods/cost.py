@@ -100,12 +100,10 @@ def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Op
                 for m in block.modules():
                     if id(m) not in inside_attn:
                         owner.setdefault(id(m), (layer, "mlp"))
-    for pe in (m for m in model.modules() if isinstance(m, PatchEmbed)):
-        for m in pe.modules():
-            owner[id(m)] = (None, "patch_embed")
-    for h in classifier_heads(model):
-        for m in h.modules():
-            owner[id(m)] = (None, "head")
+    patch_embeds = [m for m in model.modules() if isinstance(m, PatchEmbed)]
+    for part, roots in (("patch_embed", patch_embeds), ("head", classifier_heads(model))):
+        for m in (m for r in roots for m in r.modules()):
+            owner[id(m)] = (None, part)
     return owner
 
 
@@ -225,8 +223,8 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
     for i in sorted(attn_in):
         rows += _attention_rows(i, layers[i], attn_in[i], n_full[i])
     merging = state_of(model).merge  # what the shape-recording forward just matched
-    for layer, tokens, macs in (merging.match_macs if merging is not None else ()):
-        rows.append(CostRow(layer, "merge", "match", tokens, 0, macs))
+    rows += [CostRow(layer, "merge", "match", tokens, 0, macs)
+             for layer, tokens, macs in (merging.match_macs if merging is not None else ())]
     order = {"patch_embed": 0, "attention": 1, "merge": 2, "mlp": 3, "other": 4, "head": 5}
     rows.sort(key=lambda r: (-1 if r.layer is None and r.part == "patch_embed" else
                              10 ** 6 if r.layer is None else r.layer, order[r.part]))

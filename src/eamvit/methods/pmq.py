@@ -216,7 +216,8 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
     ``(B, H, N, N)`` over one set of N tokens only (the maps skipped: docs/architecture-quant-export.md)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    channels = {l.eam.layer for l in attention_layers(model) if l.eam.adapter.quant.channel_map}
+    layers = attention_layers(model)
+    channels = {l.eam.layer for l in layers if l.eam.adapter.quant.channel_map}
 
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -225,9 +226,8 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
 
-    n = len(attention_layers(model))
     device = next(model.parameters()).device
-    with observe(model, {l: make(l) for l in range(n)}):
+    with observe(model, {l: make(l) for l in range(len(layers))}):
         for i in range(0, images.shape[0], batch_size):
             model(images[i:i + batch_size].to(device))
     return {i: (sums[i] / counts[i]).float().cpu() for i in sums}

@@ -27,7 +27,6 @@ from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
 from eamvit.ops.quant import uniform_dequant
 
 FORMAT = "eamvit-quant/1"
-REMEDY = "make one with `eamvit quantize`"
 _CODES = ".codes"
 
 
@@ -243,7 +242,7 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any
 
 def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
-    return load_tensors(path, FORMAT, "quantized state", REMEDY)
+    return load_tensors(path, FORMAT, "quantized state", "make one with `eamvit quantize`")
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
