@@ -1,44 +1,5 @@
-"""ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family.
-
-Three components, each switchable (``poq``, ``slq``, ``amo``: the paper's Table 4 ablation):
-
-* **POQ**, Per-Patch Outlier-aware Quantizer (:class:`OutlierAwareQuantizer`) for the post-LayerNorm
-  inputs of ``qkv`` and ``fc1``: per-token Δ and zero point (over batch × channels), and entries
-  beyond α kept in full precision as a sparse part. The code's outlier test is ``|x| > α`` (default);
-  the paper's eq. 18 is one-sided, ``x ≥ α`` (``outlier_mode="upper"``). α_qkv = 5; α_fc1 = 5 is the
-  code's default, the paper says 10 (``alpha_fc1=10``). Off: per-tensor uniform.
-* **SLQ**, Shift-Log2 Quantizer (:class:`ShiftLogQuantizer`) for the post-GELU input of ``fc2``:
-  ``x − min(x) + ε`` (min recomputed at every forward), log-quantized, shifted back. The code uses
-  the log√2 quantizer (default), the paper log2 (``shift_log="log2"``). Off: per-tensor uniform.
-* **AMO**, Attention-score enhanced Module-wise Optimization (:func:`reconstruct_`): per attention
-  module and per MLP module, AdaRound on the weights (rectified sigmoid, ζ = 1.1, γ = −0.1, rounding
-  loss ``Σ 1 − |2h(V) − 1|^β`` with β annealed linearly, code 20 → 2, paper 10 → 2) and learned
-  activation step sizes (straight-through rounding); loss = ``Σ_tokens (ŷ − y)²`` averaged over the
-  batch (the code's ``lp_loss``) + KL(A‖Â) on the post-softmax attention rows for attention modules
-  + λ·rounding loss. Adam, weights lr 3e-3, step sizes lr 4e-5 (cosine-annealed, as the code).
-  Off: round-to-nearest weights and the initial step sizes.
-
-Everything else follows the code: weights per output channel; post-softmax log√2 (paper: log2);
-q, k, v and the other Linear inputs uniform per tensor with the family's percentile + MSE search;
-the image fed to the patch embedding 8-bit. The model surgery is RepQ-ViT's :func:`~.repq.prepare_`
-without the reparameterization, refined here; the patch embedding and the head are calibrated but not
-reconstructed. When the reconstruction ends, each AdaRound weight is replaced by its rounded grid
-value and a plain per-channel quantizer (the same outputs, bit for bit), so the finished model saves
-and loads like any other (:func:`eamvit.save_quantized`). The quantizer modules are
-:mod:`eamvit.modules.adfq`.
-
-The further families (:mod:`eamvit.modules.families`) get the same three pieces where they exist:
-POQ on the inputs of their LayerNorm → Linear pairs (:mod:`eamvit.modules.family_quant`; α_qkv for
-the Linears inside an attention, α_fc1 elsewhere; per tensor for CaiT's class-attention query, which
-reads the class token alone), SLQ on the ``fc2`` of every timm ``Mlp`` beside an instrumented
-attention (EVA02's SwiGLU has no post-GELU input: none there), and AMO on each block's attention and
-``Mlp``, the attention's maps read through the softmax tap. Swin v2 is refused (post-norm blocks: no
-LayerNorm → Linear input for POQ), and so are the BatchNorm families, as RepQ-ViT refuses them.
-
-Paper-vs-code notes: the code's KL term is a temperature softmax (T = 7) over dim 1 of the score
-tensor divided by 0.2; here it is the KL divergence of the attention distributions themselves
-(paper eq. 32), weighted by ``kl_weight``. The code reconstructs 5000 iterations (paper 3000).
-"""
+"""ADFQ-ViT post-training quantization (Jiang et al., 2024) on the shared quantizer family; POQ, SLQ, AMO
+and where the code and the paper differ: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 import math
@@ -54,13 +15,12 @@ from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.adfq_amo import mlps, reconstruct_, units
 from eamvit.methods.repq import RepQConfig, prepare_, reparam_pairs
-from eamvit.modules.adfq import (LOG_KINDS, OUTLIER_MODES, AdaRoundQuantizer, LogKind, OutlierMode, LearnableUniformQuantizer,
-                                 OutlierAwareQuantizer, ShiftLogQuantizer, log_quantizer)
+from eamvit.modules.adfq import (AdaRoundQuantizer, LearnableUniformQuantizer, LogKind, OutlierAwareQuantizer,
+                                 OutlierMode, ShiftLogQuantizer, log_quantizer)
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers
 from eamvit.modules.quant_layers import QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
-
 
 
 @dataclass(frozen=True)
@@ -68,38 +28,30 @@ class ADFQConfig(Config):
     """ADFQ-ViT settings; defaults are the published code's, the paper's values are noted.
 
     Args:
-        w_bits: weight bits, 2..8.
-        a_bits: activation bits, 2..8.
+        w_bits, a_bits: weight and activation bits, 2..8.
         input_bits: bits of the image fed to the patch embedding.
         poq: Per-Patch Outlier-aware Quantizer on the qkv / fc1 inputs (else per-tensor uniform).
         slq: Shift-Log2 Quantizer on the fc2 input (else per-tensor uniform).
         amo: module-wise reconstruction (else round-to-nearest weights, initial step sizes).
-        alpha_qkv: outlier threshold of the qkv input (5).
-        alpha_fc1: outlier threshold of the fc1 input (code 5, paper 10).
+        alpha_qkv, alpha_fc1: outlier thresholds of the qkv input (5) and of the fc1 input (code 5, paper 10).
         outlier_mode: ``"abs"`` (code, ``|x| > α``) or ``"upper"`` (paper eq. 18, ``x ≥ α``).
-        shift_log: log quantizer of SLQ: ``"logsqrt2"`` (code) or ``"log2"`` (paper).
+        shift_log, attn_quantizer: the log quantizer of SLQ and the post-softmax one: ``"logsqrt2"`` (code)
+            or ``"log2"`` (paper).
         shift_eps: ε of the shift ``x − min(x) + ε``.
-        attn_quantizer: post-softmax quantizer: ``"logsqrt2"`` (code) or ``"log2"`` (paper).
         calib_size: calibration images (1024), read once and kept for the reconstruction.
         init_size: images of the first, lazy initialisation pass (RepQ-ViT's 32).
         iterations: reconstruction iterations per module (code 5000, paper 3000).
         batch_size: reconstruction batch (32).
-        w_lr: Adam learning rate of the AdaRound variables (3e-3).
-        a_lr: Adam learning rate of the activation step sizes (4e-5), cosine-annealed to 0.
+        w_lr, a_lr: Adam learning rates of the AdaRound variables (3e-3) and of the activation step sizes
+            (4e-5, cosine-annealed to 0).
         learn_act: learn the activation step sizes during reconstruction.
         round_weight: λ of the rounding loss (0.01).
-        beta_start: β at the start of the annealing (code 20, paper 10).
-        beta_end: β at the end (2).
+        beta_start, beta_end: β at the start (code 20, paper 10) and at the end (2) of the annealing.
         warmup: fraction of iterations without rounding loss (code 0).
         kl_weight: weight of the attention KL term (paper eq. 31: 1).
-        zeta: rectified-sigmoid stretch ζ (1.1).
-        gamma: rectified-sigmoid shift γ (−0.1).
+        zeta, gamma: the rectified sigmoid's stretch ζ (1.1) and shift γ (−0.1).
         percentiles: range-search percentiles of the initial calibration.
-        quantize_head: quantize the classifier head.
         seed: seed of the calibration subset and of the reconstruction batches.
-
-    Runtime settings (progress bars, the resumable ``checkpoint_dir``) are arguments of
-    :func:`eamvit.quantize_`, not fields.
     """
 
     w_bits: int = 4
@@ -136,9 +88,8 @@ class ADFQConfig(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        check_quant_bits(self.w_bits, "w_bits")
-        check_quant_bits(self.a_bits, "a_bits")
-        check_quant_bits(self.input_bits, "input_bits")
+        for name in ("w_bits", "a_bits", "input_bits"):
+            check_quant_bits(getattr(self, name), name)
         for name in ("alpha_qkv", "alpha_fc1"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
@@ -158,10 +109,6 @@ class ADFQConfig(Config):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
-
-# --------------------------------------------------------------------------- model surgery
-
-
 def attention_inputs(layers: list[nn.Module]) -> set[int]:
     """``id`` of the Linears inside attention layers (ViT's ``qkv``; a family's q, k, v or kv projections),
     whose post-LayerNorm input takes ``alpha_qkv``; every other one takes ``alpha_fc1``."""
@@ -169,14 +116,8 @@ def attention_inputs(layers: list[nn.Module]) -> set[int]:
 
 
 def _refine_(model: nn.Module, config: ADFQConfig, adaround: bool) -> None:
-    """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated.
-
-    Args:
-        model: an instrumented model of a family that declares ADFQ-ViT, in full precision.
-        config: :class:`ADFQConfig`.
-        adaround: AdaRound weight quantizers in the reconstruction units (before reconstruction);
-            False gives the finished model's plain per-channel ones (round to nearest, or loading).
-    """
+    """RepQ-ViT's surgery (no reparameterization) refined with ADFQ-ViT's quantizers, uncalibrated; ``adaround``:
+    AdaRound weight quantizers in the reconstruction units, else the finished model's plain per-channel ones."""
     rcfg = RepQConfig(w_bits=config.w_bits, a_bits=config.a_bits, input_bits=config.input_bits,
                       percentiles=config.percentiles, reparam=False, attn_quantizer=config.attn_quantizer,
                       quantize_head=config.quantize_head)
@@ -220,9 +161,6 @@ def _bake_adaround_(model: nn.Module) -> None:
             m.weight_quantizer = plain
 
 
-# --------------------------------------------------------------------------- outliers
-
-
 def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantizer]]:
     """``(qualified Linear name, quantizer)`` of every POQ in module order."""
     return [(n.rsplit(".input_quantizer", 1)[0], q) for n, q in model.named_modules()
@@ -232,26 +170,16 @@ def outlier_quantizers(model: nn.Module) -> list[tuple[str, OutlierAwareQuantize
 def outlier_report(model: nn.Module) -> list[dict[str, Any]]:
     """Per POQ layer: name, α and the outlier ratio seen since the counts were last reset (Fig. 4)."""
     qkv_ids = attention_inputs(attention_layers(model))
-    rows = []
-    for name, q in outlier_quantizers(model):
-        lin = model.get_submodule(name)
-        rows.append({"layer": name, "input_of": "qkv" if id(lin) in qkv_ids else "fc1", "alpha": q.alpha,
-                     "outliers": q.outliers, "values": q.seen, "ratio": q.outlier_ratio})
-    return rows
-
-
-def _rebuild(model: nn.Module, config: ADFQConfig, structure: dict) -> None:
-    _refine_(model, config, adaround=False)
+    return [{"layer": name, "input_of": "qkv" if id(model.get_submodule(name)) in qkv_ids else "fc1",
+             "alpha": q.alpha, "outliers": q.outliers, "values": q.seen, "ratio": q.outlier_ratio}
+            for name, q in outlier_quantizers(model)]
 
 
 def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
     """ADFQ-ViT: surgery; one lazy initialisation pass on the first ``init_size`` calibration images
     (every quantizer calibrated in forward order on already-quantized inputs); then, with ``amo``,
-    the module-wise reconstruction on all ``calib_size`` images, which are read only then.
-
-    Returns:
-        ``outliers`` per POQ layer on the initialisation batch and ``units`` from :func:`reconstruct_`.
-    """
+    the module-wise reconstruction on all ``calib_size`` images, which are read only then. Returns
+    ``outliers`` per POQ layer on the initialisation batch and ``units`` from :func:`reconstruct_`."""
     n = config.calib_size if config.amo else min(config.init_size, config.calib_size)
     images, _ = calibration_images(calib, n, seed=config.seed)
     _refine_(model, config, adaround=config.amo)
@@ -265,4 +193,4 @@ def _quantize_adfq(model: nn.Module, config: ADFQConfig, calib: Any, run: QuantR
     return {"outliers": outliers, "units": unit_rows}
 
 
-HANDLER = QuantizeHandler(ADFQConfig, _quantize_adfq, _rebuild)
+HANDLER = QuantizeHandler(ADFQConfig, _quantize_adfq, lambda model, config, structure: _refine_(model, config, False))

@@ -1,22 +1,17 @@
-"""ADFQ-ViT's Attention-score enhanced Module-wise Optimization (AMO): the reconstruction loop.
-
-Per attention module and per MLP module, in forward order: AdaRound on the weights and learned
-activation step sizes, trained on the unit's input in the already quantized model against the
-full-precision model's output, plus a KL term on the attention rows (paper eq. 31–32). Settings are
-an :class:`eamvit.methods.adfq.ADFQConfig`; the method itself is :mod:`eamvit.methods.adfq`.
-"""
+"""ADFQ-ViT's Attention-score enhanced Module-wise Optimization (AMO), the reconstruction loop of
+:mod:`eamvit.methods.adfq` (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from timm.layers import Mlp
 from torch import nn
 from tqdm.auto import tqdm
-
-from timm.layers import Mlp
 
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -32,26 +27,20 @@ _LEARNABLE = (LearnableUniformQuantizer, LearnableLogSqrt2Quantizer, LearnableLo
 ADFQConfig = Any  # eamvit.methods.adfq.ADFQConfig (that module imports this one)
 
 
-def _blocks(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
-    """Each module holding an instrumented attention as a direct child, with its children in order."""
-    out = []
-    for m in model.modules():
-        kids = list(m.children())
-        if any(isinstance(c, EamBase) for c in kids):
-            out.append((m, kids))
-    return out
+def _blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The children, in order, of each module holding an instrumented attention as a direct child."""
+    return [list(m.children()) for m in model.modules() if any(isinstance(c, EamBase) for c in m.children())]
 
 
 def mlps(model: nn.Module) -> list[nn.Module]:
-    """The timm ``Mlp`` modules (exact type) beside an instrumented attention (ViT / Swin blocks and the
-    further families' blocks), in module order."""
-    return [c for _, kids in _blocks(model) for c in kids if type(c) is Mlp]
+    """The timm ``Mlp`` modules (exact type) beside an instrumented attention, in module order."""
+    return [c for kids in _blocks(model) for c in kids if type(c) is Mlp]
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The reconstruction units in forward order: per block, ``("attn", attention)`` and ``("mlp", mlp)``
     in the order the block holds them (TNT: inner attention and MLP, then outer)."""
-    return [("attn", c) if isinstance(c, EamBase) else ("mlp", c) for _, kids in _blocks(model) for c in kids
+    return [("attn", c) if isinstance(c, EamBase) else ("mlp", c) for kids in _blocks(model) for c in kids
             if isinstance(c, EamBase) or type(c) is Mlp]
 
 
@@ -64,18 +53,10 @@ def _windows(attn: torch.Tensor) -> torch.Tensor:
     return attn.reshape((-1,) + tuple(attn.shape[-3:]))
 
 
-def _stack_per_image(parts: list[torch.Tensor], n: int) -> torch.Tensor:
-    t = torch.cat(parts)
-    return t.reshape((n, t.shape[0] // n) + tuple(t.shape[1:]))
-
-
 def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int,
              layer: Optional[int], quant: bool) -> dict[str, Any]:
     """Inputs, outputs (and, for attention layer ``layer``, its post-quantizer maps) of ``unit`` over
-    ``images``, stopping each forward there.
-
-    Tensors are stored per image as ``(n, g, ...)``, ``g`` = unit calls per image (Swin windows).
-    """
+    ``images``, stopping each forward there; per image as ``(n, g, ...)``, ``g`` unit calls per image (windows)."""
     device = next(model.parameters()).device
     got: dict[str, Any] = {"x": [], "y": [], "a": [], "kwargs": None, "args": ()}
 
@@ -93,15 +74,13 @@ def _capture(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size
     try:
         with torch.no_grad(), observe(model, observers, stage="quantized"):
             for i in range(0, images.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):
                     model(images[i:i + batch_size].to(device))
-                except _Stop:
-                    pass
     finally:
         handle.remove()
         set_quant_enabled(model, True)
     out = {"kwargs": got["kwargs"] or {}, "args": got["args"]}
-    out.update({k: _stack_per_image(got[k], images.shape[0]) for k in ("x", "y", "a") if got[k]})
+    out.update({k: torch.cat(got[k]).unflatten(0, (images.shape[0], -1)) for k in ("x", "y", "a") if got[k]})
     return out
 
 
@@ -121,11 +100,9 @@ def _flat(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p‖q) along the last dim (p: full-precision attention, q: quantized).
-
-    Quantized rows no longer sum to 1 (log levels, codes past the last level are 0): they are
-    renormalised so the term is a true KL divergence (≥ 0); the MSE term keeps the scale.
-    """
+    """Mean over rows of KL(p‖q) along the last dim (p: full-precision attention, q: quantized). Quantized rows
+    no longer sum to 1 (log levels, codes past the last level are 0): they are renormalised so the term is a
+    true KL divergence (≥ 0); the MSE term keeps the scale."""
     tiny = torch.finfo(q.dtype).tiny
     q = q / q.sum(-1, keepdim=True).clamp_min(tiny)
     return (p * (torch.log(p.clamp_min(tiny)) - torch.log(q.clamp_min(tiny)))).sum(-1).mean()
@@ -133,10 +110,8 @@ def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _unit_loss(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor],
                data: dict, seen: dict, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss).
-
-    ``data`` holds the rest of the unit's captured call (``args``, ``kwargs``); ``seen["a"]`` is the quantized attention map of this forward (set by an observer), with its graph.
-    """
+    """``(reconstruction loss, KL)``: ``Σ_tokens‖ŷ − y‖²`` averaged over the batch (the code's lp_loss), and KL
+    against ``seen["a"]``, the quantized attention map of this forward (set by an observer), with its graph."""
     seen.pop("a", None)
     out = _run(unit, x, data)
     rec = (out - y).pow(2).sum(1).mean()
@@ -153,26 +128,10 @@ def _unit_mse(unit: nn.Module, data: dict, batch_size: int) -> float:
     n = data["x"].shape[0]
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(i + batch_size, n))
-        out = _run(unit, _flat(data["x"], idx), data)
-        d = out - _flat(data["y"], idx)
+        d = _run(unit, _flat(data["x"], idx), data) - _flat(data["y"], idx)
         total += float(d.pow(2).sum())
         count += d.numel()
     return total / count
-
-
-def _unit_state(unit: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.{p}": getattr(q, p).detach().cpu().clone() for n, q in unit.named_modules()
-            if isinstance(q, Quantizer) for p in q._param_names if getattr(q, p) is not None}
-
-
-def _load_unit_state(unit: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    device = next(unit.parameters()).device
-    for key, t in state.items():
-        name, p = key.rsplit(".", 1)
-        setattr(unit.get_submodule(name), p, t.to(device))
-    for m in unit.modules():
-        if isinstance(m, AdaRoundQuantizer):
-            m.mode = "hard"
 
 
 def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> str:
@@ -184,22 +143,6 @@ def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> 
     return h.hexdigest()
 
 
-def _trainables(unit: nn.Module, learn_act: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Turn the unit's AdaRound V and (optionally) activation Δ into leaf tensors for Adam.
-
-    They stay buffers of their quantizers (plain tensors that require grad), so the module structure
-    and ``state_dict`` keys never change.
-    """
-    w, a = [], []
-    for m in unit.modules():
-        if isinstance(m, AdaRoundQuantizer):
-            m.mode = "soft"
-            m.alpha = m.alpha.detach().clone().requires_grad_(True)
-            w.append(m.alpha)
-        elif learn_act and isinstance(m, _LEARNABLE) and m.enabled and m.inited:
-            m.delta = m.delta.detach().clone().requires_grad_(True)
-            a.append(m.delta)
-    return w, a
 
 
 def _finish(unit: nn.Module) -> None:
@@ -213,26 +156,30 @@ def _finish(unit: nn.Module) -> None:
 
 
 def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoundQuantizer]]:
-    """``([Adam for V, Adam for Δ, its cosine schedule], AdaRound quantizers)``; absent ones are None."""
-    w, a = _trainables(unit, config.learn_act)
-    opt_w = torch.optim.Adam(w, lr=config.w_lr) if w else None
-    opt_a = torch.optim.Adam(a, lr=config.a_lr) if a else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iterations, eta_min=0.0) if opt_a else None
-    return [opt_w, opt_a, sched], [m for m in unit.modules() if isinstance(m, AdaRoundQuantizer)]
+    """``(Adam for V and Adam for Δ where there are any, Δ's cosine schedule or None, AdaRound quantizers)``. V and Δ
+    become leaf tensors that require grad but stay buffers, so the structure and ``state_dict`` keys never change."""
+    w, a = [], []
+    for m in unit.modules():
+        if isinstance(m, AdaRoundQuantizer):
+            m.mode = "soft"
+            m.alpha = m.alpha.detach().clone().requires_grad_(True)
+            w.append(m.alpha)
+        elif config.learn_act and isinstance(m, _LEARNABLE) and m.enabled and m.inited:
+            m.delta = m.delta.detach().clone().requires_grad_(True)
+            a.append(m.delta)
+    opts = [torch.optim.Adam(p, lr=lr) for p, lr in ((w, config.w_lr), (a, config.a_lr)) if p]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opts[-1], T_max=config.iterations, eta_min=0.0) if a else None
+    return opts, sched, [m for m in unit.modules() if isinstance(m, AdaRoundQuantizer)]
 
 
 def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], data: dict, config: ADFQConfig,
                       bar: Any, gen: torch.Generator) -> list[float]:
     """AdaRound + step-size learning of one unit on cached data; returns the loss history (every step).
-
-    Args:
-        layer: the attention layer number of an attention unit (its quantized map enters the KL term).
-        bar: a tqdm iterator over ``range(config.iterations)``.
-    """
+    ``layer``: an attention unit's layer number (its quantized map enters the KL term)."""
     frozen = [p for p in unit.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    (opt_w, opt_a, sched), ada = _optimizers(unit, config)
+    opts, sched, ada = _optimizers(unit, config)
     n, seen, losses = data["x"].shape[0], {}, []
     observers = {layer: lambda attn, mask: seen.__setitem__("a", _windows(attn))} if layer is not None else {}
     try:
@@ -248,13 +195,11 @@ def _reconstruct_unit(model: nn.Module, unit: nn.Module, layer: Optional[int], d
                 if it + 1 < config.warmup * config.iterations:
                     rnd = rnd * 0
                 loss = rec + config.kl_weight * kl + config.round_weight * rnd
-                for o in (opt_w, opt_a):
-                    if o is not None:
-                        o.zero_grad(set_to_none=True)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
                 loss.backward()
-                for o in (opt_w, opt_a, sched):
-                    if o is not None:
-                        o.step()
+                for o in [*opts, sched] if sched is not None else opts:
+                    o.step()
                 losses.append(float(loss.detach()))
                 if it % 10 == 0 or it + 1 == config.iterations:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", rec=f"{float(rec.detach()):.4g}",
@@ -280,7 +225,13 @@ def _resume(unit: nn.Module, path: Optional[Path], fp: str) -> Optional[dict]:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("fingerprint") != fp:
         raise EamError(f"checkpoint {path} was made with other settings, weights or images; "
                        "use another checkpoint_dir or delete it")
-    _load_unit_state(unit, saved["state"])
+    device = next(unit.parameters()).device
+    for key, t in saved["state"].items():
+        name, p = key.rsplit(".", 1)
+        setattr(unit.get_submodule(name), p, t.to(device))
+    for m in unit.modules():
+        if isinstance(m, AdaRoundQuantizer):
+            m.mode = "hard"
     return saved["row"]
 
 
@@ -288,14 +239,9 @@ def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
                  run: Optional[QuantRun] = None) -> list[dict[str, Any]]:
     """Attention-score enhanced Module-wise Optimization of an initialised ADFQ model, in place.
 
-    Units (attention, MLP) in forward order; each is trained on its input in the already quantized
-    model (earlier units reconstructed) against the full-precision model's output (and attention).
-    With ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with
-    the same settings, weights and images.
-
-    Returns:
-        Per unit: ``unit``, ``kind``, ``mse_before`` (round-to-nearest), ``mse_after``, ``loss_first``,
-        ``loss_last``, ``seconds``, ``resumed``.
+    With ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with the
+    same settings, weights and images. Returns per unit: ``unit``, ``kind``, ``mse_before``
+    (round-to-nearest), ``mse_after``, ``loss_first``, ``loss_last``, ``seconds``, ``resumed``.
     """
     run = run or QuantRun()
     ckpt_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None
@@ -323,6 +269,8 @@ def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
                    seconds=time.perf_counter() - t0, resumed=False)
         report.append(row)
         if path is not None:
+            state = {f"{n}.{p}": getattr(q, p).detach().cpu().clone() for n, q in unit.named_modules()
+                     if isinstance(q, Quantizer) for p in q._param_names if getattr(q, p) is not None}
             with atomic_path(path) as tmp:
-                torch.save({"format": FORMAT, "fingerprint": fp, "state": _unit_state(unit), "row": row}, tmp)
+                torch.save({"format": FORMAT, "fingerprint": fp, "state": state, "row": row}, tmp)
     return report

@@ -1,36 +1,8 @@
-"""What a model state costs: a per-layer account of the multiply-accumulates it executes and saves.
-
-The count is analytic (:mod:`eamvit.ops.cost`): one forward of a single blank image records, through
-forward hooks, only the *shapes* reaching every ``nn.Linear``, ``nn.Conv2d`` and instrumented
-attention layer (tokens kept by pruning, windows of Swin); the MACs follow from those shapes and from
-each attention layer's frozen state. No kernel is timed or intercepted, so a model counts the same on
-every device and with every attention kernel (``torch.utils.flop_counter`` misses PyTorch's fused CPU
-attention: DeiT-S would read 4.24 instead of 4.60 GMACs).
-
-Every row of a :class:`CostAccount` says, for one op of one layer:
-
-* ``full``: MACs of the unmodified model (no freezing, no pruning) at that op;
-* ``executed``: MACs this state really runs (``full − executed`` was saved, by skipped frozen
-  heads/rows or by pruned tokens);
-* ``skippable``: MACs still run that the frozen units would let a different execution skip:
-  under entry freezing, only fully frozen (window, head, query) rows, and only with a sparse kernel
-  (``how="sparse kernel"``); under row/head freezing simulated with ``execute=False``, everything
-  the executed path skips (``how="executed path"``), and nothing in a layer that cannot execute its plan.
-
-What an executed head plan saves depends on the class's executed path, as its adapter says
-(``Adapter.plan_skips``): the ViT and Swin v1 classes skip the frozen heads' q and k projections,
-scores and softmax; the classes of :mod:`eamvit.modules.family_heads` run timm's projection for every
-head and skip only the scores and softmax.
-
-Quantized layers (RepQ, ADFQ, PMQ) execute the same MACs at lower precision; their bit widths are
-recorded (``w_bits``/``a_bits``), not converted into MACs. Softmax is reported in exponentials, never
-added to MACs. Token merging's matching product (a ``merge``/``match`` row per merging block: the
-similarities of the keys averaged over heads, ``full`` 0 since the unmodified model has none) is
-counted; other matmuls outside Linear, Conv2d and attention (EViT's fused token: one ``N·C`` product
-per pruning stage) are not.
-"""
+"""What a model state costs: a per-layer, analytic account of the multiply-accumulates it executes and
+saves (what each count means: docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -46,7 +18,7 @@ from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_
 
 @dataclass
 class CostRow:
-    """One op of one layer (see the module docstring for the three counts)."""
+    """One op of one layer (the three counts: docs/architecture-quant-export.md)."""
 
     layer: Optional[int]
     part: str  # patch_embed, attention, mlp, head, other
@@ -117,6 +89,8 @@ def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Op
     """``id(module) → (layer, part)`` for every Linear/Conv2d outside the attention modules."""
     from timm.layers import PatchEmbed
 
+    from eamvit.methods.repq import classifier_heads
+
     inside_attn = {id(m) for a in layers for m in a.modules()}
     owner: dict[int, tuple[Optional[int], str]] = {}
     for block in model.modules():  # the module that holds an attention layer is its block
@@ -126,14 +100,10 @@ def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Op
                 for m in block.modules():
                     if id(m) not in inside_attn:
                         owner.setdefault(id(m), (layer, "mlp"))
-    for pe in (m for m in model.modules() if isinstance(m, PatchEmbed)):
-        for m in pe.modules():
-            owner[id(m)] = (None, "patch_embed")
-    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
-    for h in heads if isinstance(heads, (tuple, list)) else (heads,):
-        if isinstance(h, nn.Module):
-            for m in h.modules():
-                owner[id(m)] = (None, "head")
+    patch_embeds = [m for m in model.modules() if isinstance(m, PatchEmbed)]
+    for part, roots in (("patch_embed", patch_embeds), ("head", classifier_heads(model))):
+        for m in (m for r in roots for m in r.modules()):
+            owner[id(m)] = (None, part)
     return owner
 
 
@@ -170,10 +140,7 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
 
 
 def _plan_macs(module: nn.Module, s: AttentionShape, frozen_heads: int, frozen_rows: int) -> dict[str, int]:
-    """Per-op work of ``module``'s executed plan: only the ops its class's executed path really cuts.
-
-    Its adapter declares those ops (``Adapter.plan_skips``).
-    """
+    """Per-op work of ``module``'s executed plan: only the ops its executed path cuts (``Adapter.plan_skips``)."""
     cut, full = attention_macs(s, frozen_heads, frozen_rows), attention_macs(s)
     skips = module.eam.adapter.plan_skips
     return {op: cut[op] if op in skips else full[op] for op in ATTENTION_OPS}
@@ -213,9 +180,7 @@ def _linear_row(module: nn.Module, shape_in, shape_out, layer, part, scale: floa
         macs = conv_macs(positions, module.out_channels, module.in_channels, module.groups, module.kernel_size)
         tokens, op = positions, "conv"
     else:
-        tokens = 1
-        for s in shape_in[:-1]:
-            tokens *= s
+        tokens = math.prod(shape_in[:-1])
         macs, op = linear_macs(tokens, module.in_features, module.out_features), "linear"
     return CostRow(layer, part, op, tokens, int(round(macs * scale)), macs, 0, "", *_bits(module))
 
@@ -226,32 +191,22 @@ def modelled(model: nn.Module) -> bool:
     return all(m.eam.adapter.cost_modelled for m in attention_layers(model))
 
 
-def _check_modelled(layers: Sequence[nn.Module]) -> None:
-    """Refuse a model with an attention layer whose shapes the account does not read (one clear line)."""
+def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
+                 device: torch.device | str | None = None) -> CostAccount:
+    """The per-layer account of one image ``(C, H, W)`` (``input_size``, the model's own by default) through
+    ``model`` in its current state; the one shape-recording forward runs on ``device`` (the model's by default)."""
+    from eamvit.methods.models import data_config
+
+    layers = attention_layers(model)
     m = next((m for m in layers if not m.eam.adapter.cost_modelled), None)
-    if m is not None:
+    if m is not None:  # an attention layer whose shapes the account does not read
         known = sorted({a.family for a in ADAPTERS if a.cost_modelled})
         raise EamError(f"the MAC account (gmacs, predicted_speedup) does not model {m.eam.adapter.family}'s "
                        f"{m.eam.adapter.timm_class.__name__} yet (it models {'; '.join(known)}); "
                        "measure speed instead, e.g. `eamvit optimize --runtime torch`")
-
-
-def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
-                 device: torch.device | str | None = None) -> CostAccount:
-    """The per-layer account of one image through ``model`` in its current state.
-
-    Args:
-        model: a timm ViT/DeiT/Swin (instrumented on first use), frozen, pruned, quantized or not.
-        input_size: ``(C, H, W)``; the model's own by default.
-        device: where the one shape-recording forward runs (the model's device by default).
-
-    Returns:
-        A :class:`CostAccount`.
-    """
-    layers = attention_layers(model)
-    _check_modelled(layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = torch.zeros(1, *model_input_size(model, input_size), device=device)
+    size = input_size if input_size is not None else data_config(model)["input_size"]
+    x = torch.zeros(1, *(int(s) for s in size), device=device)
     calls, attn_in = _record_shapes(model, layers, x)
     windowed = any(attn_in[i][0] > 1 for i in attn_in)
     # Without pruning every ViT block sees the tokens that enter the first one; Swin never prunes.
@@ -262,44 +217,26 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
         layer, part = owners.get(id(mod), (None, "other"))
         scale = 1.0
         if part == "mlp" and not windowed and layer in attn_in:
-            tokens = 1
-            for s in s_in[:-1]:
-                tokens *= s
+            tokens = math.prod(s_in[:-1])
             scale = n_full[layer] / tokens if tokens else 1.0
         rows.append(_linear_row(mod, s_in, s_out, layer, part, scale))
     for i in sorted(attn_in):
         rows += _attention_rows(i, layers[i], attn_in[i], n_full[i])
     merging = state_of(model).merge  # what the shape-recording forward just matched
-    for layer, tokens, macs in (merging.match_macs if merging is not None else ()):
-        rows.append(CostRow(layer, "merge", "match", tokens, 0, macs))
+    rows += [CostRow(layer, "merge", "match", tokens, 0, macs)
+             for layer, tokens, macs in (merging.match_macs if merging is not None else ())]
     order = {"patch_embed": 0, "attention": 1, "merge": 2, "mlp": 3, "other": 4, "head": 5}
     rows.sort(key=lambda r: (-1 if r.layer is None and r.part == "patch_embed" else
                              10 ** 6 if r.layer is None else r.layer, order[r.part]))
     return CostAccount(rows)
 
 
-def model_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    if input_size is not None:
-        return tuple(int(s) for s in input_size)  # type: ignore[return-value]
-    from eamvit.methods.models import data_config
-
-    return tuple(data_config(model)["input_size"])  # type: ignore[return-value]
-
-
 def count_gflops(model: nn.Module, input_size: Optional[Sequence[int]] = None, macs: bool = True,
                  device: torch.device | str | None = None) -> float:
-    """GFLOPs of one image through ``model`` in its current state (frozen, pruned, quantized or not).
-
-    The executed total of :func:`cost_account`: analytic, so the same on every device and kernel.
+    """GFLOPs per image (matmuls, convolutions and attention): the executed total of :func:`cost_account`.
 
     Args:
-        model: the model.
-        input_size: ``(C, H, W)``; the model's own by default.
         macs: count one multiply-add as one FLOP (fvcore's convention, which the seeds' and EViT's
             tables use: DeiT-S = 4.6 GFLOPs); ``False`` counts two, as ``torch.utils.flop_counter`` does.
-        device: where the shape-recording forward runs.
-
-    Returns:
-        GFLOPs per image (matmuls, convolutions and attention; softmax and elementwise ops are not counted).
     """
     return cost_account(model, input_size, device).total("executed") * (1 if macs else 2) / 1e9

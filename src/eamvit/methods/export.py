@@ -1,56 +1,5 @@
-"""Deployable exports: ONNX graphs of full-precision, pruned, frozen and RepQ-ViT-quantized models.
-
-:func:`export_onnx` writes a graph that ONNX Runtime runs on CPU with its standard operators (the
-4-bit weight-only graph uses ONNX Runtime's own ``com.microsoft.MatMulNBits``; nothing falls back to a
-custom op). The graph comes from ``torch.onnx`` (the TorchScript exporter, ``dynamo=False``, opset
-17, or 18 where a family's adapter needs it: it needs no extra package and emits a
-``torch.autograd.Function``'s ``symbolic`` node, while the
-dynamo exporter needs onnxscript and its own translation tables): the model is copied and its quantized modules are swapped, by class, for export
-classes whose forward calls the operators of :mod:`eamvit.ops.qdq`, each of which tells
-``torch.onnx`` the node to emit. No protobuf is written by hand; eamvit's metadata (model, data
-config, export settings) goes into the model's ``metadata_props``. The batch axis is dynamic; image
-size and token counts (pruning at a fixed κ) are static.
-
-Schemes for a RepQ-ViT model (:class:`ExportConfig` ``scheme``):
-
-* ``"qdq"`` (W8/A8 and lower weight widths): ``QuantizeLinear → DequantizeLinear`` on every quantized
-  activation (linear and patch-embedding inputs, ``q``, ``k``, ``v``, the post-softmax map) with a
-  per-tensor scale, and ``DequantizeLinear`` of per-output-channel int8 weight codes stored in the
-  file. ONNX Runtime fuses these into integer kernels (``MatMulIntegerToFloat``, ``QLinearConv``).
-* ``"weight-only"``: weights at ``w_bits`` (2, 4 or 8) in ``MatMulNBits`` (per-channel scales repeated
-  over the blocks), activations in float; the patch-embedding convolution keeps its dequantized
-  weights in float (ONNX Runtime has no low-bit convolution).
-
-Where the runtime cannot express the simulation, :func:`prepare_export_` changes the *model* (call it
-on the PyTorch model too, to simulate exactly what the export computes; :func:`export_onnx` applies
-it to its copy):
-
-* RepQ-ViT's reparameterized per-tensor zero point is a float mean; ONNX zero points are integers:
-  it is rounded (half to even) and clamped to the code range.
-* The log√2 post-softmax quantizer has no QDQ form: ``softmax="uniform"`` (default) replaces it by an
-  8-bit uniform quantizer on ``[0, Δ]`` (Δ: the log quantizer's largest level, zero point 0);
-  ``softmax="fp32"`` leaves the post-softmax map unquantized.
-* ``symmetric_activations`` / ``symmetric_weights``: zero point 0 (int8), as TensorRT requires;
-  the step becomes ``max(−min/2^(b−1), max/(2^(b−1)−1))`` of the calibrated range.
-* Only 8-bit activations have a QDQ form here (``uint8``, or ``int8`` when symmetric).
-
-The graph's *form* follows the runtime that is to run it (:class:`ExportConfig` ``runtime``); the
-numbers do not, and both runtimes run both forms:
-
-* ``"onnxruntime"`` (default): each quantized tensor has its ``QuantizeLinear → DequantizeLinear``
-  right before the operator that reads it, the pattern ONNX Runtime's QDQ fusions match.
-* ``"openvino"``: in the ViT attention (RepQ-ViT's score order, no q/k norm) ``q``, ``k`` and ``v``
-  are quantized once, where ``qkv`` makes them (``QuantizeLinear`` per channel of its output, each
-  part with its own quantizer's step), reshaped, transposed and split as integer codes, and each
-  dequantized where its matmul reads it; the projection's input is quantized at the attention's
-  output and dequantized after the head merge. OpenVINO fuses each quantization into the layer that
-  precedes it (the fully connected layer, its attention kernel) and runs both attention matmuls in
-  int8 when q, k and v are symmetric; in the default form it runs those quantizations as separate
-  float nodes with layout conversions around them. ONNX Runtime's per-channel ``QuantizeLinear`` on
-  activations is slow, so this form is for OpenVINO only. OpenVINO has no int8 kernel for weights
-  with a zero point (it decompresses them to float): a quantized ``qdq`` export for it needs
-  ``symmetric_weights``.
-"""
+"""ONNX export of full-precision, pruned, frozen and RepQ-ViT-quantized models, and the deployment
+:class:`Target` a recipe calibrates for (schemes and graph forms: docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import copy
@@ -64,26 +13,23 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import torch
 from torch import nn
 
-from eamvit.methods.state import state_of, step_config
-from eamvit.methods.steps import handler_of
-
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
+from eamvit.methods.export_runtime import FORMAT, first_line  # one format tag for writer and reader
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
+from eamvit.methods.state import state_of, step_config
+from eamvit.methods.steps import handler_of
+from eamvit.modules.attention import attention_layers, min_opset, require
 from eamvit.modules.export_forms import activation_quantizers, quant_modules, swap_for_export_
 from eamvit.modules.quant_layers import QuantLinear
-from eamvit.modules.attention import attention_layers, min_opset, require
 from eamvit.modules.quantizers import Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
 from eamvit.ops.onnx_forms import register_symbolics
 
-from eamvit.methods.export_runtime import FORMAT  # noqa: E402  (one format tag for writer and reader)
 FORMATS = ("onnx",)
-Scheme = Literal["qdq", "weight-only"]
 SoftmaxExport = Literal["uniform", "fp32"]
 SOFTMAX = get_args(SoftmaxExport)
-Runtime = Literal["onnxruntime", "openvino"]
 OPSET = 17  # LayerNormalization is one node from 17; per-axis DequantizeLinear needs 13
 
 
@@ -105,21 +51,20 @@ class ExportConfig(Config):
         opset: ONNX opset of the default domain (13..21); ``None``: :data:`OPSET`, or the lowest the
             model needs where its family's adapter asks for more (VOLO's outlook attention, NaFlexViT at
             another grid than its position table's: 18). The file records the opset used.
-        runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (see the module notes;
-            the same numbers either way).
+        runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (the same numbers either way).
     """
 
     KIND = "export"
     VERSION = 1
 
-    scheme: Scheme = "qdq"
+    scheme: Literal["qdq", "weight-only"] = "qdq"
     softmax: SoftmaxExport = "uniform"
     symmetric_activations: bool = False
     symmetric_weights: bool = False
     block_size: Optional[int] = None
     kept_tokens: bool = False
     opset: Optional[int] = None
-    runtime: Runtime = "onnxruntime"
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
 
     def _check(self) -> None:
         b = self.block_size
@@ -127,13 +72,6 @@ class ExportConfig(Config):
             raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
         if self.opset is not None and not 13 <= self.opset <= 21:
             raise EamError(f"opset {self.opset} is outside 13..21")
-
-    def check_quantized(self) -> "ExportConfig":
-        """Refuse what a quantized model cannot be exported with (before anything is calibrated)."""
-        if self.runtime == "openvino" and self.scheme == "qdq" and not self.symmetric_weights:
-            raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
-                           "float); export for it with symmetric weights (--symmetric-weights)")
-        return self
 
 
 TargetForm = Literal["torch", "qdq", "openvino", "weight-only"]
@@ -152,10 +90,8 @@ class Target(Config):
             same with symmetric weights and activations, which OpenVINO runs in int8 kernels, in the
             graph form OpenVINO fuses) or ``"weight-only"`` (ONNX ``MatMulNBits`` weights, float
             activations from calibration on).
-        softmax: ``"qdq"``: the post-softmax map as 8-bit ``"uniform"`` on ``[0, Δ]`` (Δ: the log
-            quantizer's calibrated top) or ``"fp32"`` (not quantized).
-        symmetric_activations: ``"qdq"``: int8 activations with zero point 0 (TensorRT).
-        symmetric_weights: ONNX forms: symmetric per-channel weights (zero point 0).
+        softmax, symmetric_activations, symmetric_weights: as :class:`ExportConfig`'s (``softmax`` and
+            ``symmetric_activations`` for ``"qdq"`` only, ``symmetric_weights`` for the ONNX forms).
     """
 
     KIND = "target"
@@ -215,9 +151,7 @@ class Target(Config):
 def default_target(quant: Any) -> Target:
     """The target a recipe gets when none is asked for: ONNX QDQ for RepQ-ViT with 8-bit activations
     (its ONNX form runs in integer kernels), PyTorch for every other quantization."""
-    if isinstance(quant, RepQConfig) and quant.a_bits == 8:
-        return Target(form="qdq")
-    return Target()
+    return Target(form="qdq") if isinstance(quant, RepQConfig) and quant.a_bits == 8 else Target()
 
 
 def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
@@ -231,8 +165,7 @@ def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:
 
 
 def shape_for_target_(model: nn.Module, target: Target) -> None:
-    """Give a rebuilt, uncalibrated quantized ``model`` the quantizer classes ``target`` uses (before its
-    stored parameters are loaded)."""
+    """Give a rebuilt, uncalibrated quantized ``model`` the quantizer classes of ``target`` (before loading)."""
     if target.form == "torch":
         return
     config = target.export_config()
@@ -254,14 +187,6 @@ def _matching_export(model: nn.Module, config: "ExportConfig") -> None:
                        f"target's settings, or compress again for the target you want (--target)")
 
 
-# --------------------------------------------------------------------------- preparing the model
-
-
-def _repq_config(model: nn.Module) -> Optional[RepQConfig]:
-    """The model's RepQ-ViT config (the quantization step refuses other methods: :func:`check_steps`)."""
-    return step_config(model, "quant")
-
-
 def check_steps(model: nn.Module, config: "ExportConfig") -> None:
     """Refuse, before anything is written, a step of ``model``'s recipe that has no form in ``config``'s export."""
     for step in state_of(model).steps.values():
@@ -270,27 +195,20 @@ def check_steps(model: nn.Module, config: "ExportConfig") -> None:
             hook(model, step, config)
 
 
-def _symmetric_step(delta: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """Step of a zero-centred range covering ``[−zp·Δ, (2^b − 1 − zp)·Δ]`` with codes ``[−2^(b−1), 2^(b−1) − 1]``."""
-    half = 1 << (bits - 1)
-    lo, hi = -zp * delta, ((1 << bits) - 1 - zp) * delta
-    return torch.maximum(-lo / half, hi / (half - 1)).clamp_min(1e-8)
-
-
 @torch.no_grad()
 def _round_uniform(q: UniformQuantizer, symmetric: bool) -> None:
     """Integer zero point in the code range (both sides of the export use it); optionally symmetric."""
-    top = (1 << q.bits) - 1
+    top, half = (1 << q.bits) - 1, 1 << (q.bits - 1)
     zp = torch.round(q.zero_point).clamp(0, top)
     delta = q.delta
-    if symmetric:
-        delta, zp = _symmetric_step(delta, zp, q.bits), torch.full_like(zp, float(1 << (q.bits - 1)))
+    if symmetric:  # the step of a zero-centred range covering [−zp·Δ, (top − zp)·Δ] with codes [−half, half − 1]
+        lo, hi = -zp * delta, (top - zp) * delta
+        delta, zp = torch.maximum(-lo / half, hi / (half - 1)).clamp_min(1e-8), torch.full_like(zp, float(half))
     q.delta, q.zero_point = delta.float().clone(), zp.float().clone()
 
 
 def _target_quantizer(owner: nn.Module, attr: str, config: ExportConfig) -> Any:
-    """Put the export's form of activation quantizer ``owner.attr`` in its place and return it (disabled
-    where the export keeps that activation in float)."""
+    """Put the export's form of ``owner.attr`` in its place and return it (disabled where the export keeps it float)."""
     q = getattr(owner, attr)
     if config.scheme == "weight-only":
         q.enabled = False
@@ -309,46 +227,31 @@ def _target_quantizer(owner: nn.Module, attr: str, config: ExportConfig) -> Any:
     return q
 
 
-def _prepare_activation(owner: nn.Module, attr: str, config: ExportConfig) -> None:
-    q = _target_quantizer(owner, attr, config)
-    if not q.enabled:
-        return
-    if not isinstance(q, UniformQuantizer) or not q.inited:
-        raise EamError("the model has uncalibrated activation quantizers; quantize it (eamvit quantize) first")
-    if q.granularity != "tensor" or q.delta.dim() != 0:
-        raise EamError("QDQ export needs per-tensor activation quantizers; quantize with RepQ-ViT's "
-                       "reparameterization (drop --no-reparam)")
-    if q.bits != 8:
-        raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
-                       "--a-bits 8, or --target weight-only")
-    _round_uniform(q, config.symmetric_activations)
-
-
 @torch.no_grad()
 def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> nn.Module:
-    """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change).
-
-    Rounds RepQ-ViT's zero points to integers, replaces or disables the log√2 post-softmax quantizer
-    (``config.softmax``), makes quantizers symmetric if asked, and for ``"weight-only"`` disables every
-    activation quantizer. Call it on a PyTorch model to get the simulated twin of an export.
-
-    Args:
-        model: a full-precision or RepQ-ViT-quantized model (pruned and frozen ones too).
-        config: :class:`ExportConfig`.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        EamError: a quantization with no export form (non-RepQ, activations not 8-bit or per channel).
-    """
+    """Make ``model`` compute what its export computes, in place (idempotent; full precision: no change): the
+    simulated twin of an export (docs/architecture-quant-export.md). A quantization with no export form (not
+    RepQ-ViT, activations not 8-bit or per channel) is refused."""
     config = config or ExportConfig()
     check_steps(model, config)
-    if _repq_config(model) is None:
+    if step_config(model, "quant") is None:
         return model
-    config.check_quantized()
+    if config.runtime == "openvino" and config.scheme == "qdq" and not config.symmetric_weights:
+        raise EamError("OpenVINO has no int8 kernel for weights with a zero point (it would run every layer in "
+                       "float); export for it with symmetric weights (--symmetric-weights)")
     for owner, attr in activation_quantizers(model):
-        _prepare_activation(owner, attr, config)
+        q = _target_quantizer(owner, attr, config)
+        if not q.enabled:
+            continue
+        if not isinstance(q, UniformQuantizer) or not q.inited:
+            raise EamError("the model has uncalibrated activation quantizers; quantize it (eamvit quantize) first")
+        if q.granularity != "tensor" or q.delta.dim() != 0:
+            raise EamError("QDQ export needs per-tensor activation quantizers; quantize with RepQ-ViT's "
+                           "reparameterization (drop --no-reparam)")
+        if q.bits != 8:
+            raise EamError(f"QDQ export needs 8-bit activations, the model has {q.bits}-bit ones; quantize with "
+                           "--a-bits 8, or --target weight-only")
+        _round_uniform(q, config.symmetric_activations)
     for m in quant_modules(model):
         wq = m.weight_quantizer
         if not isinstance(wq, UniformQuantizer) or not wq.inited:
@@ -359,16 +262,12 @@ def prepare_export_(model: nn.Module, config: Optional[ExportConfig] = None) -> 
     return model
 
 
-# --------------------------------------------------------------------------- the graph
-
-
 class _Graph(nn.Module):
     """What the ONNX graph computes: the logits, and with ``kept_tokens`` each pruning stage's kept indices."""
 
     def __init__(self, model: nn.Module, kept_tokens: bool):
         super().__init__()
-        self.model = model
-        self.kept_tokens = kept_tokens
+        self.model, self.kept_tokens = model, kept_tokens
 
     def forward(self, images: torch.Tensor):
         logits = self.model(images)
@@ -396,9 +295,7 @@ class ExportReport:
 def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int]) -> dict[str, Any]:
     from eamvit import __version__
 
-    quant = _repq_config(model)
-    prune = state_of(model).prune
-    merge = state_of(model).merge
+    quant, prune, merge = step_config(model, "quant"), state_of(model).prune, state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}
     cfg["input_size"] = list(input_size)
@@ -410,16 +307,6 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "frozen_layers": frozen,
             # Everything that calibrated the model (quantization, maps): evaluation never scores those images.
             "calibration": list(state_of(model).calibration or [])}
-
-
-def export_kind(model: nn.Module, config: ExportConfig) -> str:
-    """``"fp32"``, ``"qdq W8/A8"``-style label of what an export of ``model`` holds."""
-    q = _repq_config(model)
-    if q is None:
-        return "fp32"
-    if config.scheme == "weight-only":
-        return f"weight-only W{q.w_bits}"
-    return f"qdq W{q.w_bits}/A8"
 
 
 def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) -> ExportConfig:
@@ -436,28 +323,19 @@ def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[ExportConfig] = None, *,
                 input_size: Optional[Sequence[int]] = None) -> ExportReport:
-    """Write ``model`` as an ONNX graph that ONNX Runtime runs on CPU (input ``images``, output ``logits``).
-
-    The model itself is not changed: a copy is prepared (:func:`prepare_export_`), its quantized
-    modules are swapped for export classes, and ``torch.onnx`` traces it with a dynamic batch axis.
+    """Write ``model`` (unchanged: a prepared copy is traced) as an ONNX graph, input ``images``, output ``logits``.
 
     Args:
         model: full precision, pruned (fixed κ), frozen, or RepQ-ViT-quantized, on any device.
         path: the ``.onnx`` file (written atomically).
-        config: :class:`ExportConfig`.
+        config: ``None``: the model's target's export, else the default :class:`ExportConfig`.
         input_size: ``(C, H, W)``; the model's data config by default (the size the built model takes).
-
-    Returns:
-        An :class:`ExportReport`.
-
-    Raises:
-        EamError: an unwritable path, or a model or setting with no export form.
     """
     import onnx
 
-    target = state_of(model).target
+    target, quant = state_of(model).target, step_config(model, "quant")
     if config is None:
-        config = target.export_config() if target is not None and step_config(model, "quant") is not None else ExportConfig()
+        config = target.export_config() if target is not None and quant is not None else ExportConfig()
     require(attention_layers(model), "export")
     check_steps(model, config)
     _matching_export(model, config)
@@ -487,10 +365,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
                 if "_upsample_bicubic2d_aa" in str(e):  # registered from opset 18 (_register_symbolics)
                     raise EamError("ONNX export of an antialiased resize (NaFlexViT's position grid at another "
                                    "size than its own) needs opset 18; export with --opset 18") from None
-                raise EamError(f"torch.onnx cannot export this model: {str(e).splitlines()[0][:300]}") from None
+                raise EamError(f"torch.onnx cannot export this model: {first_line(e)}") from None
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = "eamvit", json.dumps(meta)
         onnx.save(proto, str(tmp))
-    return ExportReport(path=str(path), bytes=Path(path).stat().st_size, kind=export_kind(model, config),
+    kind = "fp32" if quant is None else f"{config.scheme} W{quant.w_bits}" + ("/A8" if config.scheme == "qdq" else "")
+    return ExportReport(path=str(path), bytes=Path(path).stat().st_size, kind=kind,
                         inputs={"images": ["batch", *size]}, outputs=names)

@@ -1,18 +1,5 @@
-"""Running eamvit's exports in OpenVINO, and NNCF's int8 quantization of an fp32 export (the baseline).
-
-OpenVINO and NNCF are an optional extra (``pip install "eamvit[openvino]"``); every function here
-says so in one line when they are missing. :class:`OpenVinoClassifier` compiles an eamvit ONNX
-export (or an OpenVINO IR written by :func:`nncf_quantize`) for the CPU and is called like the
-PyTorch model (float images in, logits out), so :func:`eamvit.methods.evaluate.evaluate` scores it
-with the same loop as :class:`~eamvit.methods.export_runtime.OnnxClassifier`.
-
-OpenVINO runs a float graph at its own inference precision: bf16 on CPUs with AVX-512 BF16 or AMX,
-f32 elsewhere (``precision`` overrides it). int8 layers stay int8 either way.
-
-An export meant for OpenVINO is written with :class:`~eamvit.methods.export.ExportConfig`
-``runtime="openvino"`` (the graph's form) and symmetric weights and activations (OpenVINO runs int8
-layers only for weights with no zero point, and its int8 attention only for q, k and v with none).
-"""
+"""Running eamvit's exports in OpenVINO (an optional extra), and NNCF's int8 quantization of an fp32 export,
+the baseline (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import functools
@@ -25,8 +12,7 @@ import torch
 from torch import nn
 
 from eamvit.errors import EamError
-from eamvit.methods.export import ExportConfig
-from eamvit.methods.export_runtime import read_onnx_meta
+from eamvit.methods.export_runtime import first_line, quiet, read_onnx_meta
 
 INSTALL = 'pip install "eamvit[openvino]"'
 PRECISIONS = ("f32", "bf16")
@@ -43,12 +29,8 @@ def is_available(nncf: bool = False) -> bool:
 
 
 def require_openvino(what: str, nncf: bool = False) -> None:
-    """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported.
-
-    Args:
-        what: what needs them, for the message (e.g. ``"eval --runtime openvino"``).
-        nncf: NNCF is needed too.
-    """
+    """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported; ``what``
+    names what needs them (e.g. ``"eval --runtime openvino"``)."""
     import importlib
 
     for name in ("openvino",) + (("nncf",) if nncf else ()):
@@ -67,19 +49,14 @@ def model_bytes(path: str | os.PathLike) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _core():
-    """The process's one OpenVINO ``Core``: compiled models never outlive the Core (and its CPU plugin) that
-    made them."""
+    """The process's one OpenVINO ``Core``: compiled models never outlive the Core that made them."""
     import openvino as ov
 
     return ov.Core()
 
 
 def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """eamvit's metadata of an ``.onnx`` export or of an OpenVINO IR (``.xml``) from :func:`nncf_quantize`.
-
-    Raises:
-        EamError: a missing file, or one that eamvit did not write.
-    """
+    """eamvit's metadata of an ``.onnx`` export or of an OpenVINO IR (``.xml``) from :func:`nncf_quantize`."""
     p = Path(path)
     if p.suffix != ".xml":
         return read_onnx_meta(p)
@@ -89,45 +66,33 @@ def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     try:
         model = _core().read_model(str(p))
     except Exception as e:
-        raise EamError(f"OpenVINO cannot read {p}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r}") \
-            from None
+        raise EamError(f"OpenVINO cannot read {p}: {first_line(e)}") from None
     if not model.has_rt_info(_META_KEY):
         raise EamError(f"{p} has no eamvit metadata (preprocessing, model); quantize it with eamvit's nncf_quantize")
     return json.loads(model.get_rt_info(_META_KEY).astype(str))
 
 
 def compile_openvino(path: str | os.PathLike, threads: Optional[int] = None, precision: Optional[str] = None):
-    """An OpenVINO ``CompiledModel`` for the CPU, tuned for one request at a time (latency).
+    """An OpenVINO ``CompiledModel`` of an ``.onnx`` export or an IR ``.xml`` for the CPU, tuned for latency.
 
     Args:
-        path: an ``.onnx`` export or an IR ``.xml``.
         threads: inference threads (OpenVINO's default, one per core, when ``None``).
         precision: ``"f32"`` or ``"bf16"`` for the float parts; ``None``: OpenVINO's choice for this CPU.
     """
     require_openvino("running a model in OpenVINO")
     if precision is not None and precision not in PRECISIONS:
         raise EamError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        cfg["INFERENCE_NUM_THREADS"] = int(threads)
-    if precision:
-        cfg["INFERENCE_PRECISION_HINT"] = precision
+    cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}),
+           **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
     try:
         return _core().compile_model(str(path), "CPU", cfg)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EamError(f"OpenVINO cannot load {path}: {msg[:300]}") from None
+        raise EamError(f"OpenVINO cannot load {path}: {first_line(e)}") from None
 
 
 class OpenVinoClassifier(nn.Module):
-    """An exported classifier run by OpenVINO on CPU, called like the PyTorch model (images → logits).
-
-    Args:
-        path: an ``.onnx`` file from :func:`eamvit.methods.export.export_onnx`, or an IR ``.xml`` from
-            :func:`nncf_quantize`.
-        threads: OpenVINO inference threads.
-        precision: see :func:`compile_openvino`.
-    """
+    """An ``.onnx`` export or an IR ``.xml`` from :func:`nncf_quantize` run by OpenVINO on CPU, called like the
+    PyTorch model (images → logits); ``threads`` and ``precision``: see :func:`compile_openvino`."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, precision: Optional[str] = None):
         super().__init__()
@@ -152,29 +117,20 @@ NNCF_PRESETS = ("performance", "mixed")
 
 def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
                   preset: Optional[str] = None, calibration: Sequence[dict] = ()) -> dict[str, Any]:
-    """NNCF's post-training int8 quantization of an fp32 export into an OpenVINO IR (the baseline).
-
-    What an OpenVINO user runs on a ViT: ``nncf.quantize`` with ``model_type=TRANSFORMER`` (NNCF
-    chooses which tensors to quantize, applies SmoothQuant and bias correction), calibrated on
-    ``calib_images`` one image per sample (the fp32 export's batch axis is dynamic). The IR keeps the
-    fp32 export's eamvit metadata (preprocessing, model) plus NNCF's settings, so that
-    :class:`OpenVinoClassifier` and ``eamvit eval --onnx FILE.xml --runtime openvino`` read it. Float
-    constants are written in f32 (not OpenVINO's default fp16 compression), so the file is what NNCF
-    computed.
+    """NNCF's ``nncf.quantize`` (``model_type=TRANSFORMER``) of an fp32 export into an f32 OpenVINO IR, the
+    baseline (docs/architecture-quant-export.md); returns the metadata written into the IR.
 
     Args:
-        fp32_path: an fp32 ``.onnx`` export (input ``images``).
         out_path: the IR to write (``.xml``; the weights go to the ``.bin`` beside it).
-        calib_images: calibration images ``(N, C, H, W)``; NNCF uses all ``N``.
+        calib_images: calibration images ``(N, C, H, W)``, one NNCF sample each; NNCF uses all ``N``.
         preset: ``"performance"`` (symmetric activations) or ``"mixed"``; ``None``: NNCF's default for
             transformers.
         calibration: records of the calibration images (:func:`eamvit.methods.data.calibration_record`),
             stored so that evaluation skips them.
-
-    Returns:
-        The metadata written into the IR.
     """
     require_openvino("NNCF quantization", nncf=True)
+    import openvino as ov
+
     out = Path(out_path)
     if out.suffix != ".xml":
         raise EamError(f"NNCF writes an OpenVINO IR: give an .xml path, not {out.name}")
@@ -191,17 +147,18 @@ def nncf_quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             "export": {"scheme": "nncf", "runtime": "openvino"},
             "calibration": list(meta.get("calibration") or []) + list(calibration)}
     quantized.set_rt_info(json.dumps(meta), _META_KEY)
-    _save_ir(quantized, out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the IR in full precision, each file replaced whole
+    tmp_xml = out.with_name(out.stem + ".partial.xml")
+    ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+    os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(tmp_xml, out)
     return meta
 
 
 def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: Optional[str]):
     """``(nncf.quantize's OpenVINO model, NNCF's version)``, without NNCF's console output."""
-    import contextlib
-    import io
-    import logging
-
     import nncf
+
     model = _core().read_model(str(fp32_path))
     data = nncf.Dataset([calib_images[i:i + 1].detach().cpu().float().numpy() for i in range(len(calib_images))])
     kwargs: dict[str, Any] = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_images))
@@ -212,33 +169,18 @@ def _run_nncf(fp32_path: str | os.PathLike, calib_images: torch.Tensor, preset: 
         kwargs["preset"] = nncf.QuantizationPreset(preset)
     # NNCF's steps draw progress bars on stdout and log each node its ignored scope skips, and its backend
     # probe imports torch's C++ extension module, which logs a CUDA note: none of it is eamvit's output.
-    loggers = [logging.getLogger(n) for n in ("torch.utils.cpp_extension", "nncf")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet("torch.utils.cpp_extension", "nncf"):
             return nncf.quantize(model, data, **kwargs), nncf.__version__
     except Exception as e:  # a graph NNCF cannot handle: one line, so a search records it and goes on
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EamError(f"NNCF cannot quantize {fp32_path}: {msg[:300]}") from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        raise EamError(f"NNCF cannot quantize {fp32_path}: {first_line(e)}") from None
 
 
 def selection_products(model) -> list[str]:
-    """Names of the matrix products of an OpenVINO model whose results reach its outputs only through
-    integer indices: token pruning's and merging's scores (the entropy's ``q·kᵀ``, ToMe's similarity),
-    which only choose tokens. NNCF leaves them in float, as the reference computes them: int8 there
-    would change which tokens are kept and add quantize nodes the runtime cannot fuse into anything.
-    An unpruned, unmerged model has none (NNCF then quantizes it exactly as ``nncf.quantize`` does).
-
-    Args:
-        model: an ``openvino.Model`` (read from an fp32 export).
-    """
+    """Names of the MatMuls of an ``openvino.Model`` whose results reach its outputs only through integer
+    indices (token pruning's and merging's scores), which NNCF leaves in float (docs/architecture-quant-export.md)."""
     carries: set = set()  # nodes whose float results flow to an output
-    todo = [r for r in model.get_results()]
+    todo = list(model.get_results())
     while todo:
         node = todo.pop()
         if node.get_friendly_name() in carries:
@@ -249,14 +191,3 @@ def selection_products(model) -> list[str]:
                 todo.append(value.get_node())
     return [op.get_friendly_name() for op in model.get_ordered_ops()
             if op.get_type_name() == "MatMul" and op.get_friendly_name() not in carries]
-
-
-def _save_ir(model, out: Path) -> None:
-    """Write an IR (``out`` and the ``.bin`` beside it) in full precision, each file replaced whole."""
-    import openvino as ov
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_xml = out.with_name(out.stem + ".partial.xml")
-    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-    os.replace(tmp_xml.with_suffix(".bin"), out.with_suffix(".bin"))
-    os.replace(tmp_xml, out)

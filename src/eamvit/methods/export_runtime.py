@@ -1,15 +1,13 @@
-"""Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing.
-
-:class:`OnnxClassifier` wraps an ``onnxruntime.InferenceSession`` as an ``nn.Module`` (float images
-in, logits out), so :func:`eamvit.methods.evaluate.evaluate` scores an export with the same loop,
-preprocessing and metrics as a PyTorch model.
-"""
+"""Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -20,11 +18,7 @@ FORMAT = "eamvit-onnx/1"
 
 
 def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """eamvit's metadata of an exported ``.onnx`` file (model, data config, export settings).
-
-    Raises:
-        EamError: the file is missing, is not an ONNX model, or was not exported by eamvit.
-    """
+    """eamvit's metadata of an exported ``.onnx`` file (model, data config, export settings)."""
     import onnx
 
     p = Path(path)
@@ -44,14 +38,30 @@ def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def cpu_has_vnni() -> Optional[bool]:
-    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX); ``None`` where it cannot be read.
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 300 characters, for an EamError."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
-    Without VNNI, ONNX Runtime's fused uint8 × int8 kernels (QLinearMatMul, MatMulInteger) add pairs
-    of products in 16 bits, which saturate: an export with uint8 activations then loses accuracy
-    against its simulation on such CPUs (ONNX Runtime's documented remedy is int8 activations or
-    7-bit weights). Read from ``/proc/cpuinfo`` (Linux); other systems and architectures give ``None``.
-    """
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """A baseline tool's run without its console output: stdout dropped, ``loggers`` below ERROR (restored after)."""
+    logs = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in logs]
+    for lg in logs:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(logs, levels):
+            lg.setLevel(level)
+
+
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX), without which ONNX Runtime's uint8 × int8
+    kernels saturate; ``None`` where ``/proc/cpuinfo`` cannot say (other systems and architectures)."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -61,17 +71,14 @@ def cpu_has_vnni() -> Optional[bool]:
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    if flags is None:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return None if flags is None else any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
     """A one-line warning when ``meta`` describes a uint8-activation QDQ export and this CPU lacks VNNI."""
     export = meta.get("export") or {}
-    if not meta.get("quant") or export.get("scheme") != "qdq" or export.get("symmetric_activations"):
-        return None
-    if cpu_has_vnni() is not False:
+    if (not meta.get("quant") or export.get("scheme") != "qdq" or export.get("symmetric_activations")
+            or cpu_has_vnni() is not False):
         return None
     return ("this CPU has no VNNI: ONNX Runtime's uint8 x int8 kernels saturate here, so this export's top-1 can "
             "fall below its simulation; export with --symmetric-activations for int8 activations")
@@ -79,10 +86,9 @@ def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
 
 def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None,
                  optimize: bool = True):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads.
+    """An ONNX Runtime CPU session.
 
     Args:
-        path: the ``.onnx`` file.
         threads: intra-op threads (ONNX Runtime's default, one per core, when ``None``).
         optimized_path: also write the optimised graph there (to check which kernels were fused).
         optimize: all graph optimisations (fused int8 kernels, the deployed speed); ``False`` runs every
@@ -102,17 +108,11 @@ def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimiz
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EamError(f"ONNX Runtime cannot load {path}: {msg[:300]}") from None
+        raise EamError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
 
 
 class OnnxClassifier(nn.Module):
-    """An exported classifier run by ONNX Runtime, called like the PyTorch model (images → logits).
-
-    Args:
-        path: an ``.onnx`` file from :func:`eamvit.methods.export.export_onnx`.
-        threads: ONNX Runtime intra-op threads.
-    """
+    """An ``.onnx`` export run by ONNX Runtime, called like the PyTorch model (images → logits)."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
         super().__init__()
@@ -150,24 +150,9 @@ ORT_CALIBRATION = ("minmax", "percentile")
 
 
 def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images: torch.Tensor,
-                        method: str = "minmax", batch_size: int = 32, preprocess: bool = True) -> None:
-    """ONNX Runtime's own ``quantize_static`` of an fp32 export (the baseline eamvit's int8 export meets).
-
-    QDQ format, per-channel int8 weights, uint8 activations (the u8·s8 form its x86 integer kernels run
-    fastest), every MatMul, Gemm and Conv quantized, as ONNX Runtime's documentation recommends for CPU.
-
-    Args:
-        fp32_path: an fp32 export (input ``images``).
-        out_path: the quantized ``.onnx`` to write.
-        calib_images: calibration images ``(B, C, H, W)`` (the same ones eamvit calibrates on).
-        method: ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th percentile).
-        batch_size: images per calibration run.
-        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and graph optimisation)
-            first, as its documentation recommends.
-    """
-    import contextlib
-    import io
-    import logging
+                        method: str = "minmax") -> None:
+    """ONNX Runtime's own ``quantize_static`` of an fp32 export as its documentation recommends for CPU (the baseline
+    eamvit's int8 export meets), calibrated by ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th)."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -176,28 +161,19 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
 
     if method not in ORT_CALIBRATION:
         raise EamError(f"ONNX Runtime calibration {method!r} is not one of {', '.join(ORT_CALIBRATION)}")
-    batches = [calib_images[i:i + batch_size].numpy() for i in range(0, len(calib_images), batch_size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(batches)
+            self.it = ({"images": calib_images[i:i + 32].numpy()} for i in range(0, len(calib_images), 32))
 
         def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {"images": b}
+            return next(self.it, None)
 
     calib = CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process is followed; its progress prints are noise
-    try:
-        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-            src = str(fp32_path)
-            if preprocess:
-                src = str(Path(d) / "pre.onnx")
-                quant_pre_process(str(fp32_path), src)
-            quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
-    finally:
-        root.setLevel(level)
+    # The root logger: its advice to pre-process is followed; its progress prints are noise.
+    with tempfile.TemporaryDirectory() as d, quiet(""):
+        src = str(Path(d) / "pre.onnx")  # shape inference and graph optimisation first, as ONNX Runtime advises
+        quant_pre_process(str(fp32_path), src)
+        quantize_static(src, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"])

@@ -1,35 +1,5 @@
-"""Fine-tuning a pruned or merged ViT/DeiT (EViT's recipe by default) with the one training loop, resumable.
-
-Defaults follow EViT's published fine-tuning script (``finetune.sh``): AdamW, cosine schedule from
-``lr = 2e-5`` to ``min_lr = 2e-6``, weight decay ``1e-6``, no warm-up, 30 epochs, the target keep
-rate from the start (``keep_warmup_epochs = keep_decay_epochs = 0``). EViT's training from scratch
-uses the keep-rate schedule ``κ = 1`` for ``keep_warmup_epochs = 10`` epochs, then a per-iteration
-cosine from 1 to the target over ``keep_decay_epochs = 100`` epochs; both are options.
-Deviations from EViT/DeiT, as options with these defaults: learning rates are absolute (DeiT scales
-them by ``batch/512``); mixup/cutmix are off (DeiT uses 0.8/1.0; on small data and short runs they
-cost accuracy); label smoothing 0.1 as DeiT.
-
-The checkpoint (``finetune_ckpt.pth``, see :func:`eamvit.methods.train.train`) also holds the
-random-pruning generator. Its ``"model"`` entry is a plain timm state dict: ``create_model(...,
-checkpoint=...)`` loads it directly.
-
-Token merging (ToMe, entropy-guided): a model merged with :func:`eamvit.methods.merge.merge_` is
-fine-tuned the same way, merging ``r`` tokens per block from the first step (ToMe trains so; the
-keep-rate schedule is pruning's); gradients flow through the merged tokens' weighted means, the
-matching itself is not differentiated (as in ToMe). The checkpoint identity holds the
-:class:`~eamvit.methods.merge.MergeConfig`.
-
-Frozen attention (the EAM paper's future work). A model frozen with
-:func:`eamvit.methods.freeze.freeze_` (any granularity, fp32 or quantized values), pruned or not, is
-fine-tuned by the same function: the frozen entries stay at their values throughout and gradients flow
-through the attention that is still computed and every weight. The frozen values are *not* trained:
-the paper fixes them to the calibration mean ``A^μ`` (they are non-persistent buffers, not
-parameters; ``torch.where`` passes no gradient to them and executed rows/heads never compute them).
-The checkpoint identity holds the :class:`~eamvit.methods.freeze.FreezeConfig` and a digest of the
-frozen masks and values, so resuming with another τ or other maps is refused; ``frozen.safetensors``
-(:func:`~eamvit.methods.freeze.save_frozen`) is written next to the weights, and
-:func:`~eamvit.methods.freeze.load_frozen` puts it back on the reloaded model.
-"""
+"""Fine-tuning a pruned, merged or frozen ViT (EViT's recipe by default) with the one training loop, resumable
+(docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import math
@@ -92,12 +62,8 @@ def keep_rate_at(step: int, steps_per_epoch: int, target: float, config: Finetun
 
 
 def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[FreezeConfig]) -> dict[str, Any]:
-    """What a resumed run must match: the pruning (when pruned), the merging (when merged), the freezing
-    (when frozen), the model.
-
-    A pruned-only model gets exactly the identity it had before freezing was supported, so its
-    checkpoints still resume.
-    """
+    """What a resumed run must match: the pruning, merging, freezing (each when present), the model. A
+    pruned-only model gets exactly the identity it had before freezing was supported, so its checkpoints resume."""
     digest = frozen_digest(model)
     merging = state_of(model).merge
     if st is None and merging is None and digest is None and freeze is None:
@@ -106,15 +72,11 @@ def _identity(model: nn.Module, st: Optional[PruneState], freeze: Optional[Freez
     if freeze is not None and freeze.tau > 0 and digest is None:
         raise EamError(f"freeze= says τ = {freeze.tau} but the model has no frozen attention; call "
                        "freeze_(model, maps, freeze) first")
-    ident: dict[str, Any] = {}
-    if st is not None:
-        ident["prune"] = st.config.to_dict()
-    if merging is not None:
-        ident["merge"] = merging.config.to_dict()
-    if digest is not None or freeze is not None:
-        ident["freeze"] = {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
-    ident["model"] = model_spec(model).to_dict()
-    return ident
+    ident = {"prune": st.config.to_dict() if st is not None else None,
+             "merge": merging.config.to_dict() if merging is not None else None,
+             "freeze": {"config": asdict(freeze) if freeze is not None else None, "digest": digest}
+             if digest is not None or freeze is not None else None, "model": model_spec(model).to_dict()}
+    return {k: v for k, v in ident.items() if v is not None}
 
 
 def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = FinetuneConfig(),
@@ -126,27 +88,18 @@ def finetune(model: nn.Module, train_ds: Dataset, config: FinetuneConfig = Finet
     :func:`keep_rate_at`.
 
     Args:
-        model: a model pruned with :func:`eamvit.methods.prune.prune_` (its κ is the target keep rate) or
-            merged with :func:`eamvit.methods.merge.merge_`, frozen with :func:`eamvit.methods.freeze.freeze_`
-            (the frozen values stay fixed), or both.
-        train_ds: training items ``(image, target)`` (with augmentation).
-        config: :class:`FinetuneConfig` (the keep-rate options apply to pruned models only).
-        val_ds: evaluated (top-1/top-5) after every epoch when given.
-        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen
-            attention when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written
-            when ``None``.
-        resume: continue from ``out_dir``'s checkpoint when there is one (same options and, when
-            frozen, the same frozen masks and values required).
-        stop_after: run at most this many epochs in this call.
-        device: where to train (the model's device by default).
-        workers: DataLoader workers (the result does not depend on them).
-        progress: progress bar.
+        model: pruned (:func:`~eamvit.methods.prune.prune_`; its κ is the target keep rate) or merged
+            (:func:`~eamvit.methods.merge.merge_`), and/or frozen (:func:`~eamvit.methods.freeze.freeze_`; the
+            frozen values stay fixed).
+        config: the keep-rate options apply to pruned models only.
+        out_dir: folder of the checkpoint, the final weights (``finetuned.safetensors``), the frozen attention
+            when frozen (``frozen.safetensors``) and ``finetune.json``; nothing is written when ``None``.
+        resume: continue from ``out_dir``'s checkpoint (same options and frozen masks and values required).
         data_config: the model's preprocessing (timm data config), saved with the weights.
         freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` the model was frozen with, recorded in
             the checkpoint identity and the outputs (``None``: not recorded; the frozen maps' digest is).
 
-    Returns:
-        :func:`eamvit.methods.train.train`'s result.
+    The other arguments and the result are :func:`eamvit.methods.train.train`'s.
     """
     st = state_of(model).prune
     ident = _identity(model, st, freeze)

@@ -1,36 +1,5 @@
-"""PMQ: patch-wise mixed-precision quantization (seed 003) on the shared quantizer family.
-
-No public code exists; the paper is the specification. Its equations did not survive in the seed
-text, so the readings used here are stated where they are implemented:
-
-* **Global Sensitivity Metric** (eq. 8–10, :func:`fisher_sensitivity`): the empirical-Fisher
-  importance of removing each weight, ``I_c = 1/(2N) Σ_n Σ_{i∈c} (w_i · ∂L_n/∂w_i)²`` summed over the
-  weights of component ``c`` (one quantized Linear / Conv), from per-sample gradients of the
-  cross-entropy on the calibration images with their labels, or with the model's own predictions
-  when there are none. :func:`hessian_sensitivity` is the Hessian-trace alternative (HAWQ-v2,
-  Hutchinson), for the paper's Table II time comparison.
-* **Pareto-frontier allocation** (eq. 16–17, :func:`eamvit.ops.pareto.pareto_frontier`): per component and bit width
-  ``b ∈ 2..8``, perturbation ``Ω_c(b) = I_c · ‖Q_b(W_c) − W_c‖²`` and size ``n_c · b`` bits; the exact
-  frontier of (total size, total Ω) over all configurations is built by merging non-dominated sets,
-  and the configuration with the lowest Ω within the size budget is chosen.
-* **Adaptive Attention Shrink** (eq. 12–15, :func:`aas_bits`): a patch's importance is the attention
-  it receives, averaged over heads and queries (eq. 12), here also over the calibration images;
-  with its mean μ and standard deviation σ over the patches of a layer, a patch gets ``p + step``
-  bits above ``μ + σ``, ``p − step`` below ``μ − σ`` and ``p`` otherwise (eq. 13–15), clamped to
-  2..8; ``p`` is the configuration's patch bits (the "P" of "W/A/P"). The bits apply to the q, k and
-  v tokens of each attention whose map is over one set of N tokens (:class:`PatchBitsQuantizer`):
-  the operands of the two quadratic matmuls AAS is meant to shrink. Windowed, pooled-key,
-  class-token and channel maps (Swin v1/v2, Twins, Hiera, TNT's inner attention, class attention,
-  XCiT's XCA) keep ``a_bits`` for every token (:func:`attention_importance`). The allocation is
-  static (computed once on the calibration set).
-* The further families (:mod:`eamvit.modules.families`) get all three wherever RepQ-ViT applies; the
-  Linears RepQ-ViT keeps in float (position terms, talking heads) get no bits.
-
-The quantization itself is RepQ-ViT's pipeline (:mod:`.repq`: its surgery, refined here) with the allocated per-layer weight
-bits (``base="repq"``) or the same without the scale reparameterization and with per-tensor
-post-LayerNorm inputs (``base="percentile"``, closer to the paper's percentile baseline).
-Configurations are written as in the paper's tables: ``"8/8/4(MP)"`` = W/A/P, mixed precision.
-"""
+"""PMQ: patch-wise mixed-precision quantization (seed 003), from the paper alone (no public code); the
+readings of its lost equations: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 import re
@@ -47,23 +16,18 @@ from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
-from eamvit.methods.repq import RepQConfig, calibrate_, prepare_, reparam_structure_
+from eamvit.methods.repq import RepQConfig, calibrate_, classifier_heads, prepare_, reparam_structure_
 from eamvit.modules import family_quant
 from eamvit.modules.attention import attention_layers, observe
 from eamvit.modules.quant_layers import PatchBitsQuantizer, QuantConv2d, QuantLinear
 from eamvit.modules.quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, UniformQuantizer, check_quant_bits
 from eamvit.ops.pareto import choose, pareto_frontier
 
-Metric = Literal["fisher", "hessian"]
-PMQBase = Literal["repq", "percentile"]
 _CONFIG_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:/\s*(\d+))?\s*(\(\s*MP\s*\))?\s*$", re.IGNORECASE)
 
 
 def parse_bits_config(text: str) -> dict[str, Any]:
-    """``"W/A[/P][(MP)]"`` → ``{"w_bits", "a_bits", "p_bits", "mixed"}`` (P defaults to A).
-
-    Examples: ``"8/8/4(MP)"``, ``"6/6/6(MP)"``, ``"4/8/8(MP)"``, ``"4/4"``.
-    """
+    """``"W/A[/P][(MP)]"`` (e.g. ``"8/8/4(MP)"``, ``"4/4"``) → ``{"w_bits", "a_bits", "p_bits", "mixed"}`` (P: A)."""
     m = _CONFIG_RE.match(str(text))
     if not m:
         raise EamError(f"bit configuration {text!r} is not W/A[/P][(MP)], e.g. 8/8/4(MP) or 6/6/6(MP)")
@@ -90,15 +54,10 @@ class PMQConfig(Config):
         metric: ``"fisher"`` (GSM, the paper) or ``"hessian"`` (Hutchinson trace, HAWQ-v2).
         calib_size: calibration images (the paper's 32).
         micro_batch: images per gradient for the Fisher (1 = per-sample, the empirical Fisher).
-        hutchinson_samples: random vectors of the Hessian-trace estimate.
         aas_step: bits added to / taken from important / unimportant patches.
         base: ``"repq"`` (RepQ-ViT calibration + reparameterization) or ``"percentile"``.
-        attn_quantizer: post-softmax quantizer (``"logsqrt2"``, ``"log2"`` or ``"uniform"``).
-        percentiles: range-search percentiles.
         quantize_head: quantize (and allocate bits to) the classifier head.
         seed: seed of the calibration subset and of the Hutchinson vectors.
-
-    Progress bars are an argument of :func:`eamvit.quantize_`, not a field.
     """
 
     w_bits: int = 8
@@ -108,12 +67,12 @@ class PMQConfig(Config):
     aas: bool = True
     size_budget_mb: Optional[float] = None
     bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    metric: Metric = "fisher"
+    metric: Literal["fisher", "hessian"] = "fisher"
     calib_size: int = 32
     micro_batch: int = 1
     hutchinson_samples: int = 8
     aas_step: int = 1
-    base: PMQBase = "repq"
+    base: Literal["repq", "percentile"] = "repq"
     attn_quantizer: AttnQuantizer = "logsqrt2"
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     quantize_head: bool = True
@@ -153,28 +112,26 @@ class PMQConfig(Config):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
 
-# --------------------------------------------------------------------------- sensitivity
-
-
 def weight_components(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` that RepQ-ViT's surgery quantizes (the head
     with ``include_head``), in module order."""
-    heads: set[int] = set()
-    if not include_head and hasattr(model, "get_classifier"):
-        h = model.get_classifier()
-        heads = {id(m) for m in (h if isinstance(h, (tuple, list)) else (h,)) if isinstance(m, nn.Module)}
+    heads = set() if include_head else {id(h) for h in classifier_heads(model)}
     attention_layers(model)  # instrumented: the adapters say which Linears stay in float
     in_float = family_quant.float_linears(model)  # never quantized: no bits to allocate
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in heads and id(m) not in in_float]
 
 
-def _targets(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+def _setup(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor],
+           components: Optional[Sequence[tuple[str, nn.Module]]]) -> tuple[list, torch.Tensor, torch.Tensor, list]:
+    """``(components, images on the model's device, targets, weights)`` of a sensitivity metric, in eval mode."""
+    comps = list(components) if components is not None else weight_components(model)
+    images = images.to(next(model.parameters()).device)
+    model.eval()
     if labels is not None:
-        return labels.to(images.device)
+        return comps, images, labels.to(images.device), [m.weight for _, m in comps]
     with torch.no_grad():  # no labels: the model's own predictions
-        out = model(images)
-    return (out[0] if isinstance(out, (tuple, list)) else out).argmax(-1)
+        return comps, images, _logits(model, images).argmax(-1), [m.weight for _, m in comps]
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -189,20 +146,13 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
 
     Args:
         model: a classifier in full precision (gradients are taken w.r.t. its weights).
-        images: calibration images.
-        labels: their labels; None uses the model's argmax predictions.
+        labels: the images' labels; None uses the model's argmax predictions.
         components: ``(name, module)`` pairs whose ``weight`` is scored (default :func:`weight_components`).
         micro_batch: images per gradient ``g_n`` (1: per-sample gradients, the empirical Fisher).
-        progress: show a progress bar.
     """
-    comps = list(components) if components is not None else weight_components(model)
-    device = next(model.parameters()).device
-    images = images.to(device)
     was_training = model.training
-    model.eval()
-    targets = _targets(model, images, labels)
-    acc = {n: torch.zeros((), dtype=torch.float64, device=device) for n, _ in comps}
-    weights = [m.weight for _, m in comps]
+    comps, images, targets, weights = _setup(model, images, labels, components)
+    acc = {n: torch.zeros((), dtype=torch.float64, device=images.device) for n, _ in comps}
     chunks = range(0, images.shape[0], micro_batch)
     try:
         for i in tqdm(chunks, desc="Fisher", disable=not progress, leave=False):
@@ -213,20 +163,14 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
                     acc[n] += (m.weight.detach().double() * g.double()).pow(2).sum()
     finally:
         model.train(was_training)
-    n_chunks = len(chunks)
-    return {n: float(v) / (2 * n_chunks) for n, v in acc.items()}
+    return {n: float(v) / (2 * len(chunks)) for n, v in acc.items()}
 
 
 def hessian_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
                         components: Optional[Sequence[tuple[str, nn.Module]]] = None, samples: int = 8,
                         seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Hutchinson estimate of the Hessian trace of the loss per component, divided by its size (HAWQ-v2)."""
-    comps = list(components) if components is not None else weight_components(model)
-    device = next(model.parameters()).device
-    images = images.to(device)
-    model.eval()
-    targets = _targets(model, images, labels)
-    weights = [m.weight for _, m in comps]
+    comps, images, targets, weights = _setup(model, images, labels, components)
     loss = F.cross_entropy(_logits(model, images), targets)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -248,24 +192,17 @@ def quant_perturbation(weight: torch.Tensor, bits: int, percentiles: Sequence[fl
         return float((q(w) - w).double().pow(2).sum())
 
 
-# --------------------------------------------------------------------------- AAS
-
-
 def patch_importance(attn: torch.Tensor) -> torch.Tensor:
-    """Eq. 12: attention each patch receives, averaged over heads and queries: ``(..., H, N, N)`` → ``(N,)``.
-
-    Leading dims (images) are averaged too.
-    """
+    """Eq. 12: attention each patch receives, averaged over heads, queries and leading dims (images):
+    ``(..., H, N, N)`` → ``(N,)``."""
     if attn.dim() < 3:
         raise EamError(f"attention maps must be (..., heads, N, N), got shape {tuple(attn.shape)}")
     return attn.reshape(-1, attn.shape[-2], attn.shape[-1]).mean(dim=(0, 1))
 
 
 def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor:
-    """Eq. 13–15: ``bits + step`` above ``μ + σ``, ``bits − step`` below ``μ − σ``, else ``bits`` (2..8).
-
-    σ is the population standard deviation of the importance over the layer's patches.
-    """
+    """Eq. 13–15: ``bits + step`` above ``μ + σ``, ``bits − step`` below ``μ − σ``, else ``bits`` (2..8); σ is
+    the population standard deviation of the importance over the layer's patches."""
     mu, sigma = importance.mean(), importance.std(unbiased=False)
     out = torch.full(importance.shape, bits, dtype=torch.long)
     out[importance > mu + sigma] = bits + step
@@ -275,14 +212,12 @@ def aas_bits(importance: torch.Tensor, bits: int, step: int = 1) -> torch.Tensor
 
 @torch.no_grad()
 def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Per attention layer over patches, eq. 12's :func:`patch_importance` on ``images`` (averaged over all
-    images, accumulated in double). Only maps ``(B, H, N, N)`` over tokens count, where q, k and v have the
-    same N tokens: windowed maps (Swin, Twins' local attention, TNT's inner attention, Hiera), maps with
-    fewer queries than keys (class attention, CrossViT's cross attention, pooled MViTv2 and Twins keys)
-    and XCiT's channel attention are skipped."""
+    """Per attention layer, eq. 12's :func:`patch_importance` averaged over ``images`` (in double), from the maps
+    ``(B, H, N, N)`` over one set of N tokens only (the maps skipped: docs/architecture-quant-export.md)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    channels = {l.eam.layer for l in attention_layers(model) if l.eam.adapter.quant.channel_map}
+    layers = attention_layers(model)
+    channels = {l.eam.layer for l in layers if l.eam.adapter.quant.channel_map}
 
     def make(i: int):
         def obs(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
@@ -291,26 +226,18 @@ def attention_importance(model: nn.Module, images: torch.Tensor, batch_size: int
                 counts[i] = counts.get(i, 0) + attn.shape[0]
         return obs
 
-    n = len(attention_layers(model))
     device = next(model.parameters()).device
-    with observe(model, {l: make(l) for l in range(n)}):
+    with observe(model, {l: make(l) for l in range(len(layers))}):
         for i in range(0, images.shape[0], batch_size):
             model(images[i:i + batch_size].to(device))
     return {i: (sums[i] / counts[i]).float().cpu() for i in sums}
 
 
-# --------------------------------------------------------------------------- quantize
-
-
 def allocate(model: nn.Module, config: PMQConfig, images: torch.Tensor,
              labels: Optional[torch.Tensor] = None, progress: bool = False) -> dict[str, Any]:
-    """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery).
-
-    Returns:
-        ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: pmq_weight_mb,
-        perturbation, avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``,
-        ``metric_seconds``.
-    """
+    """Sensitivity, frontier and chosen per-layer weight bits of a full-precision ``model`` (no surgery):
+    ``components`` (rows: name, params, importance, bits), ``frontier`` (rows: pmq_weight_mb, perturbation,
+    avg_bits), ``budget_mb``, ``chosen_size_mb``, ``chosen_perturbation``, ``metric``, ``metric_seconds``."""
     comps = weight_components(model, config.quantize_head)
     t0 = time.perf_counter()
     if config.metric == "fisher":
@@ -349,12 +276,7 @@ def _repq_config(config: PMQConfig) -> RepQConfig:
 
 def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
              token_bits: dict[int, torch.Tensor]) -> None:
-    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits.
-
-    Args:
-        weight_bits: bits per quantized Linear / Conv (by module name, as :func:`weight_components`).
-        token_bits: bits per patch, per ViT attention layer number.
-    """
+    """Per-layer weight bits, per-tensor post-LayerNorm inputs (percentile base), AAS patch bits per layer."""
     mods = dict(model.named_modules())
     for name, bits in weight_bits.items():
         m = mods[name]
@@ -371,11 +293,6 @@ def _refine_(model: nn.Module, config: PMQConfig, weight_bits: dict[str, int],
             # operand of timm's score matmul, its tokens last (the adapter says which).
             for name, dim in (("q", -2), ("k", layer.eam.adapter.quant.k_dim), ("v", -2)):
                 setattr(layer.eam_quant, name, PatchBitsQuantizer(tb, dim, config.percentiles))
-
-
-def _patch_rows(token_bits: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
-    return [{"layer": l, "patches": tb.numel(), "mean_bits": float(tb.float().mean()),
-             "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}} for l, tb in token_bits.items()]
 
 
 def _structure(model: nn.Module) -> dict[str, Any]:
@@ -396,19 +313,12 @@ def _rebuild(model: nn.Module, config: PMQConfig, structure: dict) -> None:
 
 def _free_bits(model: nn.Module, config: PMQConfig) -> dict[str, tuple[int, ...]]:
     """With mixed precision each weight's bits are PMQ's own choice among ``bit_choices``."""
-    if not config.mixed:
-        return {}
     return {f"{n}.weight_quantizer": tuple(config.bit_choices) for n, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv2d))}
+            if config.mixed and isinstance(m, (QuantLinear, QuantConv2d))}
 
 
 def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """PMQ: sensitivity and Pareto allocation on the full-precision model, AAS patch bits, then
-    RepQ-ViT's calibration with the allocated bits.
-
-    Returns:
-        :func:`allocate`'s dict plus ``patch_bits`` per layer.
-    """
+    """PMQ: Pareto allocation and AAS patch bits on the full-precision model, then RepQ-ViT with those bits."""
     images, labels = calibration_images(calib, config.calib_size, seed=config.seed)
     report = allocate(model, config, images, labels, progress=run.progress)
     importance = attention_importance(model, images) if config.aas else {}
@@ -416,7 +326,9 @@ def _quantize_pmq(model: nn.Module, config: PMQConfig, calib: Any, run: QuantRun
     pairs = prepare_(model, _repq_config(config))
     _refine_(model, config, {r["name"]: r["bits"] for r in report["components"]}, token_bits)
     calibrate_(model, images, pairs)
-    report["patch_bits"] = _patch_rows(token_bits)
+    report["patch_bits"] = [{"layer": l, "patches": tb.numel(), "mean_bits": float(tb.float().mean()),
+                             "bits_hist": {int(b): int((tb == b).sum()) for b in tb.unique()}}
+                            for l, tb in token_bits.items()]
     return report
 
 

@@ -1,10 +1,4 @@
-"""What every quantization method declares, and the one calibration input.
-
-Each method's file (:mod:`.repq`, :mod:`.adfq`, :mod:`.pmq`) defines its config and its
-:class:`QuantizeHandler`; :mod:`.quantize` imports those files and registers each handler in the step
-table (:mod:`.steps`), so that the verb and the save / load find every method without naming a module by
-string. Calibration input, for every method: see :func:`calibration_batches`.
-"""
+"""What every quantization method declares (:class:`QuantizeHandler`), and the one calibration input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import ForwardLoop
+
+_MORE = ("give more calibration images (--calib-size, --calib-data) or lower the method's calibration size "
+         "(--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
 
 
 @dataclass
@@ -25,7 +21,6 @@ class QuantRun:
     """Runtime settings of one quantization (never saved with the config).
 
     Args:
-        progress: progress bars.
         checkpoint_dir: folder for resumable per-module checkpoints (ADFQ-ViT), None: none.
         forward_loop: ``f(model)`` that runs the model over the calibration data, given instead of
             images (only to methods registered with ``forward_loop=True``).
@@ -36,19 +31,10 @@ class QuantRun:
     forward_loop: Optional[ForwardLoop] = None
 
 
-def _no_structure(model: nn.Module) -> dict:
-    return {}
-
-
-def _no_free_bits(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
-    return {}
-
-
 @dataclass(frozen=True)
 class QuantizeHandler:
     """What a quantization method declares (``HANDLER`` in its file); :mod:`.quantize` registers it in the
-    one step table (:mod:`.steps`) as the ``"quant"`` step of its config type, so that every lookup by
-    config type (the verb, save / load, recipes) goes through that table.
+    one step table as the ``"quant"`` step of its config type.
 
     Args:
         config: the method's :class:`~eamvit.config.Config` subclass (with a unique ``KIND``).
@@ -65,27 +51,9 @@ class QuantizeHandler:
     config: type[Config]
     quantize: Callable[[nn.Module, Any, Any, QuantRun], dict]
     rebuild: Callable[[nn.Module, Any, dict], None]
-    structure: Callable[[nn.Module], dict] = _no_structure
-    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] = _no_free_bits
+    structure: Callable[[nn.Module], dict] = lambda model: {}
+    free_bits: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] = lambda model, config: {}
     forward_loop: bool = False
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` went through :func:`quantize_` or :func:`load_quantized`."""
-    return step_config(model, "quant") is not None
-
-
-# --------------------------------------------------------------------------- calibration input
-
-
-def _dataset_batches(ds: Dataset, limit: int, seed: int, batch_size: int) -> Iterator[Any]:
-    from eamvit.methods.data import make_loader, random_subset
-
-    if len(ds) < limit:
-        raise EamError(f"calibration needs {limit} images but the calibration set has {len(ds)}; "
-                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
-                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
-    return iter(make_loader(ds, random_subset(ds, limit, seed=seed), batch_size=batch_size))
 
 
 def _as_pair(item: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -107,9 +75,7 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
         calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
             (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
             of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
-        limit: images wanted.
-        seed: seed of the subset of a dataset.
-        batch_size: batch size for tensors and datasets.
+        batch_size: batch size for datasets.
     """
     if calib is None:
         raise EamError("quantization needs calibration images")
@@ -118,7 +84,11 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     if isinstance(calib, torch.Tensor) or pair:
         source: Any = iter([tuple(calib)] if pair else [calib])
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
-        source = _dataset_batches(calib, limit, seed, batch_size)
+        from eamvit.methods.data import make_loader, random_subset
+
+        if len(calib) < limit:
+            raise EamError(f"calibration needs {limit} images but the calibration set has {len(calib)}; {_MORE}")
+        source = iter(make_loader(calib, random_subset(calib, limit, seed=seed), batch_size=batch_size))
     else:
         source = iter(calib)
     taken = 0
@@ -137,18 +107,13 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
 
 
 def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The first ``n`` calibration images of ``calib`` (see :func:`calibration_batches`) and their labels.
-
-    Labels are None unless every batch had them. Raises :class:`EamError` when fewer than ``n`` come.
-    """
+    """The first ``n`` images of ``calib`` (:func:`calibration_batches`) and their labels (None unless all had them)."""
     images, labels = [], []
     for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
         images.append(x)
         labels.append(y)
     got = sum(x.shape[0] for x in images)
     if got < n:
-        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); "
-                       "give more calibration images (--calib-size, --calib-data) or lower the method's "
-                       "calibration size (--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
+        raise EamError(f"calibration needs {n} images but {got} were given (or could be read); {_MORE}")
     y = torch.cat(labels) if all(t is not None for t in labels) else None
     return torch.cat(images), y

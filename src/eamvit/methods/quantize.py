@@ -1,28 +1,5 @@
-"""The one quantization verb, the one calibration input, and one save / load for every method.
-
-``quantize_(model, config, calib)`` dispatches on the type of ``config`` through the step table
-(:mod:`.steps`), as torchao's ``quantize_`` does: each method's file (:mod:`.repq`, :mod:`.adfq`,
-:mod:`.pmq`) defines its config and its :class:`~eamvit.methods.quant_registry.QuantizeHandler`
-(``HANDLER``); this module imports those files and registers each as the ``"quant"`` step of its config
-type, so every method is registered wherever quantized models are made or loaded.
-
-Calibration input, for every method: a tensor ``(B, C, H, W)``, an ``(images, targets)`` pair, an
-iterable of batches (a DataLoader yielding :class:`~eamvit.methods.data.Batch` or ``(images,
-targets)`` tuples), or a map-style dataset (a seeded random subset of it, ``config.seed``). Batches
-are read one at a time and reading stops as soon as the method has the images it asks for. Or,
-when the data is not images for the model's first argument (a detector around a timm backbone),
-``forward_loop=f``: ``f(model)`` runs the model over the calibration data (methods that declare
-``forward_loop=True`` when they register; RepQ-ViT does).
-
-The saved state (:func:`save_quantized`) stores each quantized weight as its integer codes packed at
-its bit width (:mod:`eamvit.ops.pack`) next to its per-channel step and zero point; everything else
-(reparameterized LayerNorms, biases, activation-quantizer parameters) as in the model's
-``state_dict``; and in the metadata the config, the model spec, each quantizer's bits and
-granularity, the method's structure (PMQ's patch bits) and a digest of the full-precision weights
-it was made from. Loading unpacks the codes into weights whose fake quantization is bit for bit the
-saved model's, after checking what a digest cannot (a file re-signed after editing): the weights
-digest against the model it is loaded onto, and each quantizer's bits against the config.
-"""
+"""The one quantization verb, and one save / load (weights as packed integer codes) for every method
+(docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import json
@@ -43,14 +20,13 @@ from eamvit.methods.data import add_calibration, calibration_record
 from eamvit.methods import adfq, pmq, repq
 from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
 from eamvit.methods.models import ModelSpec, model_spec
-from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, is_quantized
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
 from eamvit.ops.pack import pack_bits, packed_size, unpack_bits
 from eamvit.ops.quant import uniform_dequant
 
 FORMAT = "eamvit-quant/1"
-REMEDY = "make one with `eamvit quantize`"
 _CODES = ".codes"
 
 
@@ -76,34 +52,22 @@ def calibration_need(methods: Any, adfq_calib_size: Optional[int] = None) -> int
     return adfq.ADFQConfig.calib_size if adfq_calib_size is None else adfq_calib_size
 
 
-# --------------------------------------------------------------------------- the verb
-
-
 def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_loop: Optional[ForwardLoop] = None,
               device: torch.device | str | None = None, progress: bool = True,
               checkpoint_dir: Optional[str | os.PathLike] = None) -> nn.Module:
-    """Quantize ``model`` in place with the method ``config`` names and return it.
+    """Quantize ``model`` in place with the method ``config`` names; its state then holds the config
+    (``steps["quant"]``) and the method's report with ``calib_seconds`` (``reports["quant"]``).
 
     Args:
         model: a timm ViT / DeiT / Swin in full precision (``eamvit.create_model``), or any module
             that contains supported attention (every Linear and Conv2d in it is quantized, a timm
             classifier's head only with ``quantize_head``).
-        config: :class:`~eamvit.methods.repq.RepQConfig`, :class:`~eamvit.methods.adfq.ADFQConfig`
-            or :class:`~eamvit.methods.pmq.PMQConfig`.
-        calib: calibration images (see
-            :func:`~eamvit.methods.quant_registry.calibration_batches`); preprocess them as for evaluation.
+        config: a ``RepQConfig``, ``ADFQConfig`` or ``PMQConfig``.
+        calib: calibration images (:func:`~.quant_registry.calibration_batches`), preprocessed as for evaluation.
         forward_loop: instead of ``calib``: ``f(model)`` runs ``model`` over the calibration data
             (RepQ-ViT calibrates on the first forward it runs: make that ``calib_size`` images).
         device: move the model there first (None: where it is).
-        progress: progress bars.
         checkpoint_dir: resumable per-module checkpoints (ADFQ-ViT's reconstruction).
-
-    Returns:
-        ``model``; its :class:`~eamvit.methods.state.ModelState` holds the config (``steps["quant"]``)
-        and the method's report with ``calib_seconds`` (``reports["quant"]``).
-
-    Raises:
-        EamError: a bad config, too few calibration images, an already quantized or unsupported model.
     """
     handler = _handler(config)
     check_forward_loop(calib, forward_loop, "calib")
@@ -111,7 +75,7 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
         raise EamError(f"{type(config).__name__} cannot calibrate from forward_loop (it needs the calibration images "
                        "themselves); give calib images, or use RepQConfig")
     require(attention_layers(model), type(config).KIND)  # families whose adapters have no quantizer hooks
-    if is_quantized(model) or find_quantizers(model):
+    if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; quantize a fresh full-precision model")
     # What the state is made from: loading it onto other weights is refused (load_quantized).
     state_of(model).fp_sha256 = tensors_sha256(model.state_dict())
@@ -121,38 +85,22 @@ def quantize_(model: nn.Module, config: Config, calib: Any = None, *, forward_lo
     run = QuantRun(progress=progress, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                    forward_loop=forward_loop)
     t0 = time.perf_counter()
-    try:
-        report = handler.quantize(model, config, calib, run)
-    except BaseException:
-        state_of(model).steps.pop("quant", None)
-        raise
+    report = handler.quantize(model, config, calib, run)
     state_of(model).steps["quant"] = config
     state_of(model).reports["quant"] = {**report, "calib_seconds": time.perf_counter() - t0}
     add_calibration(model, [calibration_record(calib)])
     return model
 
 
-# --------------------------------------------------------------------------- save / load
-
-
-def _packable(module: nn.Module) -> Optional[UniformQuantizer]:
-    """The weight quantizer of ``module`` when its weight is stored as codes: enabled, uniform, with an
-    integer zero point (so the codes give the fake-quantized weights back exactly)."""
-    wq = getattr(module, "weight_quantizer", None)
-    if not isinstance(wq, UniformQuantizer) or not wq.enabled or not wq.inited:
-        return None
-    if not isinstance(getattr(module, "weight", None), torch.Tensor):
-        return None
-    zp = wq.zero_point
-    return wq if bool(torch.equal(zp, torch.round(zp))) else None
-
-
 def _pack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Replace each packable ``<name>.weight`` in ``tensors`` by ``<name>.weight.codes``."""
+    """Replace each packable ``<name>.weight`` in ``tensors`` by ``<name>.weight.codes``: those of enabled
+    uniform quantizers with an integer zero point, whose codes give the fake-quantized weights back exactly."""
     packed = {}
     for name, m in model.named_modules():
-        wq = _packable(m)
-        if wq is None:
+        wq = getattr(m, "weight_quantizer", None)
+        if (not isinstance(wq, UniformQuantizer) or not wq.enabled or not wq.inited
+                or not isinstance(getattr(m, "weight", None), torch.Tensor)
+                or not torch.equal(wq.zero_point, torch.round(wq.zero_point))):
             continue
         key = f"{name}.weight"
         with torch.no_grad():
@@ -163,17 +111,8 @@ def _pack(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict]
     return packed
 
 
-def _quantizer_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {n: {"bits": q.bits, "granularity": q.granularity} for n, q in model.named_modules()
-            if isinstance(q, Quantizer)}
-
-
 def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of a quantized model's state (any method): what :func:`save_quantized` writes.
-
-    Raises:
-        EamError: the model is not quantized or a quantizer was never calibrated.
-    """
+    """``(tensors, metadata)`` of a quantized model's state (any method): what :func:`save_quantized` writes."""
     config = step_config(model, "quant")
     if config is None:
         raise EamError("the model is not quantized; run quantize_ (eamvit quantize) first")
@@ -190,7 +129,9 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     packed = _pack(model, tensors)
     meta = {"format": FORMAT, "method": config.KIND, "model": model_spec(model).to_dict(),
             "config": config.to_dict(), "structure": handler.structure(model),
-            "quantizers": _quantizer_attrs(model), "packed": packed, "fp_sha256": state_of(model).fp_sha256,
+            "quantizers": {n: {"bits": q.bits, "granularity": q.granularity} for n, q in model.named_modules()
+                           if isinstance(q, Quantizer)},
+            "packed": packed, "fp_sha256": state_of(model).fp_sha256,
             # The deployment target whose quantizers it was given (absent: as its method calibrates them).
             **({"target": state_of(model).target.to_dict()} if state_of(model).target is not None else {}),
             # The preprocessing the state was calibrated with: eamvit uses it again when reading the state.
@@ -201,11 +142,7 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically).
-
-    Raises:
-        EamError: the model is not quantized or a quantizer was never calibrated.
-    """
+    """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically)."""
     tensors, meta = quantized_content(model)
     save_tensors(path, tensors, meta)
     return Path(path)
@@ -284,7 +221,8 @@ def _unpack(model: nn.Module, tensors: dict[str, torch.Tensor], packed: Any, pat
         tensors[key] = uniform_dequant(q, delta.reshape(view), zp.reshape(view))
 
 
-def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
+    """Refuse tensors that do not fit the model, and what no calibration writes (non-finite values, steps ≤ 0)."""
     own = model.state_dict()
     own_keys = set(own) | {n + "." + p for n, q in model.named_modules() if isinstance(q, Quantizer)
                            for p in q._param_names}
@@ -295,10 +233,6 @@ def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -
         raise _misfit(path, f"{len(missing)} missing, e.g. {missing[0]}" if missing else
                       f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
                       f"shape mismatch at {shapes[0]}")
-
-
-def _check_values(tensors: dict[str, torch.Tensor], path: Any) -> None:
-    """Refuse what no calibration writes: non-finite tensors and quantizer steps that are not positive."""
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise _inconsistent(path, f"{key} holds non-finite values")
@@ -306,81 +240,48 @@ def _check_values(tensors: dict[str, torch.Tensor], path: Any) -> None:
             raise _inconsistent(path, f"quantizer step {key} is not positive")
 
 
-def _stored_target(meta: dict, path: Any) -> Any:
-    from eamvit.methods.export import Target
-
-    stored = meta.get("target")
-    if stored is None:
-        return None
-    try:
-        return Target.from_dict(stored)
-    except EamError as e:
-        raise _inconsistent(path, f"its target: {e}") from None
-
-
 def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a quantized-state file, or a clear :class:`EamError`."""
-    return load_tensors(path, FORMAT, "quantized state", REMEDY)
+    return load_tensors(path, FORMAT, "quantized state", "make one with `eamvit quantize`")
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Quantize a fresh full-precision ``model`` from a state saved by :func:`save_quantized` (any method).
-
-    Args:
-        model: the same model (name, kwargs, checkpoint) the state was made for, not yet quantized.
-        path: the ``.safetensors`` file.
-
-    Returns:
-        ``model``, whose logits equal those of the model that was saved.
-
-    Raises:
-        EamError: a missing or unreadable file, a state for another model, or one that does not fit.
-    """
+    """Quantize a fresh full-precision ``model`` (the one the state was made for: name, kwargs, checkpoint)
+    from a state saved by :func:`save_quantized`; its logits then equal those of the model that was saved."""
     meta, tensors = read_quantized(path)
     return restore_quantized(model, meta, tensors, path)
 
 
 def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                       path: Any) -> nn.Module:
-    """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` and ``meta``.
-
-    Args:
-        model: the model the state was made for, not yet quantized.
-        meta: the state's metadata.
-        tensors: its tensors (consumed: packed codes are replaced by weights).
-        path: the file they were read from, for messages.
-    """
+    """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` (consumed: packed
+    codes are replaced by weights) and ``meta``; ``path`` names the file in messages."""
     _check_model(model, meta, path)
-    if is_quantized(model) or find_quantizers(model):
+    if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
     _check_fp_weights(model, meta, path)
-    cls = config_type(meta.get("method"))
-    config = cls.from_dict(meta.get("config", {}))
+    config = config_type(meta.get("method")).from_dict(meta.get("config", {}))
     handler = _handler(config)
-    try:
-        handler.rebuild(model, config, meta.get("structure") or {})
-        target = _stored_target(meta, path)
-        if target is not None:
-            from eamvit.methods.export import shape_for_target_
+    handler.rebuild(model, config, meta.get("structure") or {})
+    target = None
+    if meta.get("target") is not None:  # the deployment target whose quantizers the state was given
+        from eamvit.methods.export import Target, shape_for_target_
 
-            shape_for_target_(model, target)
-        _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
-        _unpack(model, tensors, meta.get("packed"), path)
-        _check_keys(model, tensors, path)
-        _check_values(tensors, path)
-        device = next(model.parameters()).device
-        model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
-    except BaseException:
-        state_of(model).steps.pop("quant", None)
-        raise
+        try:
+            target = Target.from_dict(meta["target"])
+        except EamError as e:
+            raise _inconsistent(path, f"its target: {e}") from None
+        shape_for_target_(model, target)
+    _apply_attrs(model, meta.get("quantizers"), handler.free_bits(model, config), config, path)
+    _unpack(model, tensors, meta.get("packed"), path)
+    _check_tensors(model, tensors, path)
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     state_of(model).steps["quant"] = config
     state_of(model).target = target
     if meta.get("calibration") is not None:  # states written before eamvit recorded them have none
         add_calibration(model, meta["calibration"], f"quantized state {path}")
     return model
-
-
-# --------------------------------------------------------------------------- the recipe step
 
 
 def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> dict:

@@ -1,52 +1,5 @@
-"""RepQ-ViT post-training quantization (Li et al., ICCV 2023), faithful to its published code.
-
-What is quantized (fake-quantized in float, as the reference simulates it):
-
-* every ``nn.Linear`` (classifier head included): weights ``w_bits`` per output row, inputs
-  ``a_bits`` per tensor, except the inputs of the LayerNorm → Linear pairs (``norm1 → attn.qkv``,
-  ``norm2 → mlp.fc1``, Swin patch merging ``norm → reduction``), which are first calibrated per
-  channel and then reparameterized to per tensor;
-* every ``nn.Conv2d`` (the patch embedding): weights ``w_bits`` per output channel, its input (the
-  image) ``input_bits`` (8) per tensor;
-* both attention matmuls: ``q``, ``k``, ``v`` uniform per tensor, the post-softmax map with the
-  log√2 quantizer, all at ``a_bits``; ViT computes ``(q @ kᵀ) * scale`` (q and k quantized before
-  scaling), Swin scales q first, as in the reference.
-
-Not quantized: softmax input, LayerNorm arithmetic, residual adds, Swin's relative-position bias.
-
-The further families (:mod:`eamvit.modules.families`; BatchNorm families are refused) get the same
-treatment with these differences, none of which touches ViT or Swin v1:
-
-* q, k and v are the operands of timm's own two attention matmuls, caught by the softmax tap, so
-  the score order is timm's (most scale q first); ConViT's gated attention quantizes its patch
-  scores' q and k and its v the same way, and the gated mix of its two softmaxes with log√2;
-* the LayerNorm → Linear pairs come from :mod:`eamvit.modules.family_quant`; a norm feeding several
-  Linears (separate q, k, v; SwiGLU) is reparameterised once, with its first Linear's parameters;
-* the Linears that compute position terms or mix maps across heads stay in float (Swin v2's
-  position-bias MLP, ConViT's positional projection, CaiT's talking heads);
-* every ``nn.Conv2d`` takes its input at ``input_bits`` per tensor, also the ones inside the network
-  (Twins' position and later patch convs, MViTv2's pooling, XCiT's stem and LPI): more bits than
-  ``a_bits`` there, not fewer;
-* VOLO's outlook attention has no q·k map: only its Linears are quantized.
-
-Calibration (:func:`eamvit.quantize_` with a :class:`RepQConfig`): one batch of ``calib_size`` images; pass 1 runs the model with
-every quantizer enabled and initialised lazily in forward order, so each layer is calibrated on
-already-quantized upstream activations. Then, per LayerNorm → Linear pair, with the pair's per-channel
-input parameters ``(Δ_c, zp_c)``: ``Δ_t = mean Δ_c``, ``zp_t = mean zp_c`` (not rounded),
-``r = Δ_c/Δ_t``, ``b = min_c/r − min_t``; ``γ ← γ/r``, ``β ← β/r − b``, ``W ← W·r`` (input columns),
-``bias ← bias + W_new @ b`` (created when absent), and the input quantizer becomes per tensor
-``(Δ_t, zp_t)``. The reference's second forward pass only re-initialises those layers' weight
-quantizers, which depend on the weights alone, so they are re-initialised directly (same result,
-one forward less).
-
-Model surgery (:func:`prepare_`, the one set-up step of all three methods: ADFQ-ViT and PMQ refine
-its quantizers) swaps classes (``nn.Linear`` → :class:`QuantLinear`, ``nn.Conv2d`` →
-:class:`QuantConv2d`, exact types only) and attaches an :class:`AttentionQuantizers` to each
-instrumented attention as ``eam_quant``; LayerNorm → Linear pairs are found from the block classes
-each family's adapter names (``QuantFacts.groups``: ViT ``Block``, Swin ``SwinTransformerBlock`` and
-``PatchMerging``, …), never from module names.
-In timm ≥ 0.9 Swin feeds patch merging a 4-D NHWC tensor: the channel is the last dimension.
-"""
+"""RepQ-ViT post-training quantization (Li et al., ICCV 2023), faithful to its published code; what is
+quantized and the reparameterization: docs/architecture-quant-export.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,16 +8,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.methods.forward_loop import run_first_forward
-from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images, is_quantized
+from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.modules import family_quant
 from eamvit.modules.attention import ADAPTERS, attention_layers
 from eamvit.modules.quant_layers import AttentionQuantizers, QuantConv2d, QuantLinear
-from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits, find_quantizers
-
-from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
+from eamvit.modules.quantizers import DEFAULT_PERCENTILES, UniformQuantizer, check_quant_bits
 
 
 @dataclass(frozen=True)
@@ -103,20 +55,11 @@ class RepQConfig(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        check_quant_bits(self.w_bits, "w_bits")
-        check_quant_bits(self.a_bits, "a_bits")
-        check_quant_bits(self.input_bits, "input_bits")
+        for name in ("w_bits", "a_bits", "input_bits"):
+            check_quant_bits(getattr(self, name), name)
         if self.calib_size < 1:
             raise EamError(f"calib_size={self.calib_size!r} must be a positive number of images (RepQ-ViT uses 32)")
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
-
-
-
-# --------------------------------------------------------------------------- surgery
-
-
-_LINEAR_SWAP: dict[type, type] = {nn.Linear: QuantLinear}
-_CONV_SWAP: dict[type, type] = {nn.Conv2d: QuantConv2d}
 
 
 # Exact block types whose LayerNorm output feeds only Linears, as the adapters name them.
@@ -133,13 +76,9 @@ def reparam_pairs(model: nn.Module) -> list[tuple[nn.LayerNorm, nn.Linear]]:
     attention_layers(model)  # the groups read each attention's input Linears from its adapter
     pairs = []
     for m in model.modules():
-        finder = _PAIR_FINDERS.get(type(m))
-        if finder is None:
-            continue
-        for p in finder(m):
-            if p is not None:
-                norm, lins = p
-                pairs += [(norm, lin) for lin in lins]
+        for p in _PAIR_FINDERS.get(type(m), lambda block: ())(m):
+            if p is not None:  # (norm, the Linears it feeds)
+                pairs += [(p[0], lin) for lin in p[1]]
     return pairs
 
 
@@ -154,42 +93,30 @@ def _groups(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> list[tuple[nn.La
     return out
 
 
-def _head_modules(model: nn.Module) -> set[int]:
-    get = getattr(model, "get_classifier", None)
-    if get is None:
-        return set()
-    heads = get()
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    return {id(h) for h in heads if isinstance(h, nn.Module)}
+def classifier_heads(model: nn.Module) -> list[nn.Module]:
+    """The modules of a timm classifier's head (``get_classifier``; several for distilled models), or none."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    return [h for h in (heads if isinstance(heads, (tuple, list)) else (heads,)) if isinstance(h, nn.Module)]
 
 
 def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, nn.Linear]]:
-    """Swap in the quantized modules with uninitialised quantizers (no calibration).
-
-    Args:
-        model: an instrumented timm ViT / DeiT / Swin (``eamvit.create_model`` instruments it).
-        config: :class:`RepQConfig`.
-
-    Returns:
-        The LayerNorm → Linear pairs (their Linear inputs are per channel until reparameterized).
-    """
-    if is_quantized(model) or find_quantizers(model):
-        raise EamError("the model is already quantized; quantize a fresh full-precision model")
+    """Swap in the quantized modules with uninitialised quantizers (no calibration) and return the
+    LayerNorm → Linear pairs to reparameterize (their Linear inputs are per channel until then)."""
     layers = attention_layers(model)  # raises for unsupported families
     pairs = reparam_pairs(model)
     per_channel = {id(lin) for _, lin in pairs}
-    heads = _head_modules(model)
+    heads = {id(h) for h in classifier_heads(model)}
     in_float = family_quant.float_linears(model)
     family_quant.separate_biases_(model)
     pct = config.percentiles
     for m in list(model.modules()):
-        if type(m) in _LINEAR_SWAP and (config.quantize_head or id(m) not in heads) and id(m) not in in_float:
-            m.__class__ = _LINEAR_SWAP[type(m)]
+        if type(m) is nn.Linear and (config.quantize_head or id(m) not in heads) and id(m) not in in_float:
+            m.__class__ = QuantLinear
             gran = "channel" if id(m) in per_channel else "tensor"
             m.input_quantizer = UniformQuantizer(config.a_bits, gran, channel_dim=-1, percentiles=pct)
             m.weight_quantizer = UniformQuantizer(config.w_bits, "channel", channel_dim=0, percentiles=pct)
-        elif type(m) in _CONV_SWAP:
-            m.__class__ = _CONV_SWAP[type(m)]
+        elif type(m) is nn.Conv2d:
+            m.__class__ = QuantConv2d
             m.input_quantizer = UniformQuantizer(config.input_bits, "tensor", percentiles=pct)
             m.weight_quantizer = UniformQuantizer(config.w_bits, "channel", channel_dim=0, percentiles=pct)
     for layer in layers:
@@ -202,11 +129,8 @@ def prepare_(model: nn.Module, config: RepQConfig) -> list[tuple[nn.LayerNorm, n
 
 @torch.no_grad()
 def reparameterize_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
-    """RepQ-ViT's scale reparameterization of calibrated LayerNorm → QuantLinear pairs, in place.
-
-    The Linear's per-channel input quantizer becomes per tensor, and its weight quantizer is
-    re-initialised on the new weights. In full precision the model computes the same function.
-    """
+    """RepQ-ViT's scale reparameterization of calibrated LayerNorm → QuantLinear pairs, in place (the same
+    function in full precision; per-tensor inputs, weight quantizers re-initialised on the new weights)."""
     for norm, lins in _groups(pairs):
         for lin in lins:
             iq = lin.input_quantizer
@@ -247,16 +171,10 @@ def reparam_structure_(pairs: Sequence[tuple[nn.LayerNorm, nn.Linear]]) -> None:
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
 
 
-def _rebuild(model: nn.Module, config: RepQConfig, structure: dict) -> None:
-    reparam_structure_(prepare_(model, config))
-
-
 def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantRun) -> dict[str, Any]:
-    """RepQ-ViT: one batch of ``calib_size`` images, pass 1, reparameterization (see the module doc).
-
-    With ``run.forward_loop``, pass 1 is the first forward the loop runs (then the loop is stopped);
-    when its input is a tensor, it must hold ``calib_size`` images (checked before any surgery).
-    """
+    """RepQ-ViT: pass 1 on one batch of ``calib_size`` images, then the reparameterization. With
+    ``run.forward_loop``, pass 1 is the loop's first forward (then the loop is stopped), whose tensor input
+    must hold ``calib_size`` images (checked before any surgery)."""
     if run.forward_loop is not None:
         n = run_first_forward(model, run.forward_loop, before=True)
         if n and n != config.calib_size:
@@ -272,7 +190,8 @@ def _quantize_repq(model: nn.Module, config: RepQConfig, calib: Any, run: QuantR
     return {"calib_images": int(images.shape[0])}
 
 
-HANDLER = QuantizeHandler(RepQConfig, _quantize_repq, _rebuild, forward_loop=True)
+HANDLER = QuantizeHandler(RepQConfig, _quantize_repq, forward_loop=True,
+                          rebuild=lambda model, config, structure: reparam_structure_(prepare_(model, config)))
 
 
 def attn_deltas(model: nn.Module) -> list[torch.Tensor]:

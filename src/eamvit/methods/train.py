@@ -1,19 +1,5 @@
-"""The one training loop of eamvit (the demo model, fine-tuning of pruned models), on timm's factories.
-
-Optimizer: timm's ``create_optimizer_v2`` (AdamW by default; no weight decay on biases, norms, class
-and position tokens: timm's ``filter_bias_and_bn`` and the model's ``no_weight_decay``). Schedule:
-timm's ``create_scheduler_v2``, stepped per iteration (linear warm-up from ``warmup_lr`` for
-``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` over the remaining epochs). Loss:
-cross-entropy with label smoothing, or timm's ``Mixup`` with a soft-target loss when mixup/cutmix
-is on.
-
-Determinism. Shuffling uses a generator seeded with ``seed + epoch``; every training item is
-produced under its own random state, seeded from ``(seed, epoch, index)`` (:class:`SeededItems`),
-so augmentation does not depend on the number of loader workers nor on what ran before, and two
-runs with the same seed give the same weights. A checkpoint written atomically after every epoch
-holds the model, optimizer and random states, so an interrupted run resumes to the weights it would
-have reached uninterrupted.
-"""
+"""The one training loop of eamvit (the demo model, fine-tuning), deterministic and resumable, on timm's
+factories (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import math
@@ -28,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -42,19 +29,13 @@ class TrainConfig(Config):
     """Training hyper-parameters (saved with checkpoints; runtime settings are arguments of :func:`train`).
 
     Args:
-        epochs: passes over the training set.
-        lr: peak learning rate.
-        min_lr: final learning rate of the cosine schedule.
+        lr, min_lr: peak learning rate, and the final one of the cosine schedule.
         warmup_epochs: linear warm-up (per iteration) from ``warmup_lr`` to ``lr``.
-        warmup_lr: learning rate at the first step of the warm-up.
         weight_decay: weight decay (not on biases, norms, tokens, position embeddings).
-        batch_size: images per step.
         label_smoothing: label smoothing of the cross-entropy (and of mixup targets).
-        mixup: timm mixup α (0 = off).
-        cutmix: timm cutmix α (0 = off).
+        mixup, cutmix: timm mixup and cutmix α (0 = off).
         grad_clip: clip the gradient norm to this value (``None`` = off).
-        opt: timm optimizer name (``create_optimizer_v2``).
-        sched: timm scheduler name (``create_scheduler_v2``).
+        opt, sched: timm optimizer and scheduler names (``create_optimizer_v2``, ``create_scheduler_v2``).
         seed: seed of shuffling, augmentation, mixup and dropout.
     """
 
@@ -96,13 +77,9 @@ class TrainConfig(Config):
 
 
 class SeededItems(Dataset):
-    """``dataset`` whose item ``i`` is drawn under a random state seeded from ``(seed, epoch, i)``.
-
-    Python's ``random`` (timm's crops), torch's CPU generator (flips, jitter, the digits shifts) and
-    numpy's are seeded for the call and restored after it, so the caller's random streams are
-    untouched and each item's augmentation is the same in any worker. Set ``epoch`` before
-    building each epoch's loader.
-    """
+    """``dataset`` whose item ``i`` is drawn under a random state seeded from ``(seed, epoch, i)`` (Python's,
+    torch's CPU and numpy's, restored after it), so each item's augmentation is the same in any worker and the
+    caller's random streams are untouched. Set ``epoch`` before building each epoch's loader."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -124,22 +101,8 @@ class SeededItems(Dataset):
             np.random.set_state(npy)
 
 
-def _rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
-            "generators": [g.get_state() for g in generators]}
-
-
-def _set_rng_state(s: dict[str, Any], generators: Sequence[torch.Generator]) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
-                         s["numpy_has_gauss"], s["numpy_cached"]))
-    for g, state in zip(generators, s["generators"]):
-        g.set_state(state)
-
-
-def _load(path: Path, ident: dict) -> dict[str, Any]:
+def _resume(run: "_Run", path: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
+    """Load a checkpoint into the run; returns the epochs done and their history."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -152,12 +115,25 @@ def _load(path: Path, ident: dict) -> dict[str, Any]:
         what = next((k for k in ident if theirs.get(k) != ident[k]), "setup")
         raise EamError(f"training checkpoint {path} was made with a different {what} configuration; "
                        "use the same options to resume, or pass --no-resume to start over")
-    return ck
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.step = ck["step"]
+    s = ck["rng"]
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_cached"]))
+    for g, state in zip(generators, s["generators"]):
+        g.set_state(state)
+    return ck["epoch"], list(ck["history"])
 
 
 def _save(path: Path, model: nn.Module, opt, done: dict, ident: dict, generators) -> None:
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # as tensors and numbers: weights_only loads them
+    rng = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+           "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+           "generators": [g.get_state() for g in generators]}
     state = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": opt.state_dict(), **done, "identity": ident, "rng": _rng_state(generators)}
+             "optimizer": opt.state_dict(), **done, "identity": ident, "rng": rng}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -216,19 +192,8 @@ class _Run:
         return self.schedule(self.step, self.steps_per_epoch) if self.schedule is not None else {}
 
 
-def _resume(run: _Run, ckpt: Path, ident: dict, generators: Sequence[torch.Generator]) -> tuple[int, list]:
-    """Load a checkpoint into the run; returns the epochs done and their history."""
-    ck = _load(ckpt, ident)
-    run.model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
-    run.step = ck["step"]
-    _set_rng_state(ck["rng"], generators)
-    return ck["epoch"], list(ck["history"])
-
-
 def _epoch_row(run: _Run, epoch: int, loss: float, skipped: int, val_ds: Optional[Dataset]) -> dict[str, Any]:
-    """The history row of an epoch: loss, learning rate, schedule values, unreadable training images
-    skipped, top-1/top-5 on ``val_ds``."""
+    """An epoch's history row: loss, learning rate, schedule values, unreadable images skipped, ``val_ds`` top-1/5."""
     run.sched.step_update(run.step)
     row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra(),
            "skipped_images": skipped}
@@ -281,12 +246,10 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
           schedule: Optional[Schedule] = None, identity: Optional[dict[str, Any]] = None,
           generators: Sequence[torch.Generator] = (), device: torch.device | str | None = None, workers: int = 0,
           progress: bool = True, desc: str = "train") -> dict[str, Any]:
-    """Train ``model`` in place.
+    """Train a timm classifier ``model`` in place.
 
     Args:
-        model: a timm classifier.
         train_ds: training items ``(image, target)`` (with augmentation).
-        config: :class:`TrainConfig`.
         val_ds: evaluated (top-1/top-5) after every epoch when given.
         checkpoint: file of the per-epoch checkpoint (``None``: none is written).
         resume: continue from ``checkpoint`` when it exists (same config and identity required).
@@ -297,12 +260,11 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         generators: further random generators whose states are checkpointed.
         device: where to train (the model's device by default).
         workers: DataLoader workers (the result does not depend on them).
-        progress: progress bar.
         desc: progress-bar label.
 
     Returns:
-        ``{"history": [per-epoch rows], "epochs_done", "final": last row, "images": training images read,
-        "skipped_images": unreadable ones skipped, "checkpoint": path or None}``.
+        ``history`` (per-epoch rows), ``epochs_done``, ``final`` (the last row), ``images`` (training images read),
+        ``skipped_images`` (unreadable ones), ``checkpoint`` (path or None).
     """
     from tqdm.auto import tqdm
 
@@ -333,21 +295,10 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         bar.close()
         model.eval()
         run.extra()  # leave the model in the state training has reached (e.g. its keep rate)
+    skipped = history[-1].get("skipped_images", 0) if history else 0  # in the last epoch trained
     return {"history": history, "epochs_done": len(history), "final": history[-1] if history else None,
-            **_images_read(train_ds, history), "checkpoint": str(ckpt) if ckpt is not None else None}
-
-
-def _images_read(train_ds: Dataset, history: list) -> dict[str, int]:
-    """``images`` read and ``skipped_images`` (unreadable) in the last epoch trained."""
-    skipped = history[-1].get("skipped_images", 0) if history else 0
-    return {"images": len(train_ds) - skipped, "skipped_images": skipped}
-
-
-# --------------------------------------------------------------------------------------------------
-# Training data and augmentation
-# --------------------------------------------------------------------------------------------------
-
-from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE  # noqa: E402,F401 (defined torch-free for the CLI)
+            "images": len(train_ds) - skipped, "skipped_images": skipped,
+            "checkpoint": str(ckpt) if ckpt is not None else None}
 
 
 def resolve_augment(augment: str, input_size: Sequence[int]) -> str:
@@ -375,8 +326,7 @@ def train_dataset(spec: str, data_cfg: dict[str, Any], augment: str = "auto", st
 
     Args:
         spec: ``"digits"`` (its training split) or an ImageFolder path.
-        data_cfg: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
-            ``crop_mode``); ``crop_pct``/``crop_mode`` apply to ``none`` and ``shift`` (``imagenet``
+        data_cfg: timm data config; ``crop_pct``/``crop_mode`` apply to ``none`` and ``shift`` (``imagenet``
             crops at random).
         augment: ``"none"`` (the evaluation transform), ``"shift"`` (it, then random cyclic shifts of
             up to ±1/8 of the side), ``"imagenet"`` (timm's training transform: random-resized crop,
