@@ -51,6 +51,7 @@ QUANT_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the demo's quantized sweep: Table 1 ne
 KEEP_RATES = (0.7, 0.5)
 SPEED_TAUS = (0.3, 0.5, 0.7, 0.9)  # the speed comparison: freezing levels ...
 KEEP_RATES_SPEED = (0.9, 0.7, 0.5)  # ... and pruning keep rates
+SPEED_METHODS = (("shannon", None), ("renyi", 2.0), ("evit", None))
 SPEED_TIMING = Timing(batch_size=64, warmup=3, reps=15)  # a tiny model: larger batches, more repetitions
 FINETUNE_TAUS = (0.5, 0.7, 0.9)
 
@@ -198,13 +199,15 @@ markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
 
 def _speed_step(demo: DemoRun) -> dict:
     """Freezing by entry, row and head against token pruning and merging, at measured speed (speed_sweep.*)."""
-    from eamvit.experiments.prune_sweep import SWEEP_MERGES
+    from eamvit.experiments.prune_sweep import SWEEP_MERGES, matched_merges
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
+    from eamvit.methods.prune import method_config
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
+    freeze = [FreezeConfig(tau=t, granularity=g) for g in ("entry", "row", "head") for t in SPEED_TAUS]
+    prune = [method_config(m, a, k) for m, a in SPEED_METHODS for k in KEEP_RATES_SPEED]
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device, data_config=demo.data_config),
-                       SPEED_TAUS,
-                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True, merges=SWEEP_MERGES)
+                       freeze, prune, matched_merges(model, KEEP_RATES_SPEED, SWEEP_MERGES, {}), SPEED_TIMING)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)

@@ -29,26 +29,21 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import matched_merges, merged_state, pruned_state
+from eamvit.experiments.prune_sweep import merged_state, pruned_state
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig
-from eamvit.methods.prune import method_config
+from eamvit.methods.prune import PruneConfig
 from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
-
-PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
-KEEP_RATES = (0.9, 0.7, 0.5)
-
 
 def cost_fields(model: nn.Module) -> dict[str, Any]:
     """The cost model's numbers of a row: executed and skippable GMACs per image, predicted speed-up."""
@@ -68,37 +63,26 @@ def _unmodified(measure: Measure):
     return state
 
 
-def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequence[str],
-                 prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
-                 keep_rates: Sequence[float] = KEEP_RATES, label: str = "",
-                 freeze: FreezeConfig = FreezeConfig(),
-                 prune_options: Optional[dict[str, Any]] = None, measure: Measure = cost_fields,
-                 merges: Sequence[tuple[float, MergeConfig]] = ()) -> list[Point]:
-    """The unmodified model, then one point per (granularity, τ > 0), per (pruning method, κ < 1) and per
-    merging in ``merges`` (``(κ whose GMACs it matches, config)``:
-    :func:`~eamvit.experiments.prune_sweep.matched_merges`).
+def speed_points(maps: EntropyMaps, freeze: Sequence[FreezeConfig], prune: Sequence[PruneConfig],
+                 merges: Sequence[tuple[float, MergeConfig]] = (), measure: Measure = cost_fields) -> list[Point]:
+    """The unmodified model, then one point per freezing, pruning and merging config, in that order.
 
-    ``freeze`` is the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (its ``tau`` and
-    ``granularity`` replaced) and ``prune_options`` further :class:`~eamvit.methods.prune.PruneConfig`
-    fields shared by every pruning point; ``measure(model)``
-    gives the fields each point measures in its state (the cost model's by default).
+    Args:
+        merges: ``(κ whose GMACs it matches, config)``, :func:`~eamvit.experiments.prune_sweep.matched_merges`.
+        measure: the fields each point measures in its state (the cost model's by default).
     """
-    base = {"label": label, "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
+    base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
             "keep_rate": None}
     if merges:
         base.update(merge=None, merge_r=None, matched_keep_rate=None)
     points = [Point(base, _unmodified(measure))]
-    for gran in granularities:
-        for tau in (t for t in taus if t > 0):
-            cfg = replace(freeze, tau=tau, granularity=gran)
-            fields = {**base, "selection": cfg.selection, "granularity": gran, "tau": tau}
-            points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
-    for method, alpha in prune_methods:
-        for k in (k for k in keep_rates if k < 1):
-            cfg = method_config(method, alpha, k, **(prune_options or {}))
-            order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
-            fields = {**base, "prune": cfg.method, "alpha": order, "keep_rate": k}
-            points.append(Point(fields, pruned_state(cfg, measure)))
+    for cfg in freeze:
+        fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
+        points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
+    for cfg in prune:
+        order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
+        points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
+                            pruned_state(cfg, measure)))
     for k, cfg in merges:
         points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)))
     return points
@@ -133,36 +117,22 @@ def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: 
         require(layers, "merge")
 
 
-def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
-                granularities: Sequence[str] = ("entry", "row", "head"),
-                prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
-                keep_rates: Sequence[float] = KEEP_RATES, timing: Timing = Timing(), label: str = "",
-                freeze: FreezeConfig = FreezeConfig(), prune_options: Optional[dict[str, Any]] = None,
-                progress: bool = True, merges: Sequence[MergeConfig] = ()) -> list[ResultRow]:
+def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Sequence[FreezeConfig],
+                prune: Sequence[PruneConfig], merges: Sequence[tuple[float, MergeConfig]] = (),
+                timing: Timing = Timing(), progress: bool = True) -> list[ResultRow]:
     """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
 
     The model is deep-copied once as the unmodified reference of the timing (memory: two models).
 
-    Freezing selects the lowest-entropy units (layer scope for rows and heads, head scope for entries:
-    :class:`~eamvit.methods.freeze.FreezeConfig`'s defaults); pruning points are off the shelf.
-
     Args:
         model: an instrumented timm model (left unmodified).
         maps: its entropy maps.
-        data: evaluation data.
-        taus: sparsity levels of the freezing points (τ = 0 is the unmodified row).
-        granularities: ``"entry"``, ``"row"`` (ViT/DeiT only) and/or ``"head"``.
-        prune_methods: ``(method, alpha)`` of the pruning points (none for Swin).
-        keep_rates: κ of the pruning points.
+        freeze: one config per freezing point (τ > 0; ``"row"`` granularity on ViT/DeiT only); the lowest-entropy
+            units are frozen, layer scope for rows and heads, head scope for entries (the config's defaults).
+        prune: one config per pruning point (none for Swin), off the shelf.
+        merges: ``(κ, config)`` of the merging points, each at the ``r`` whose GMACs match Shannon pruning's at
+            κ (:func:`~eamvit.experiments.prune_sweep.matched_merges`); none: no merging points.
         timing: how each point is timed.
-        label: copied into every row.
-        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (``aggregate``,
-            ``value_bits`` ...); its ``tau`` and ``granularity`` are replaced per point.
-        prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point (and
-            the pruning whose GMACs the merging points match).
-        progress: progress bar.
-        merges: merging configs (e.g. :data:`~eamvit.experiments.prune_sweep.SWEEP_MERGES`), each at the ``r``
-            matching every κ < 1 of ``keep_rates``; none (default): no merging points.
 
     Returns:
         Rows with ``selection``, ``granularity``, ``tau``, ``prune``, ``alpha``, ``keep_rate``,
@@ -170,8 +140,7 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         and ``images_per_s`` (+ quartiles: the reference's throughput times the speed-up), the
         unmodified model first; merging rows with ``merge``, ``merge_r`` and ``matched_keep_rate``.
     """
-    check_family(model, granularities, prune_methods, merges)
-    matched = matched_merges(model, [k for k in keep_rates if k < 1], merges, prune_options or {})
+    check_family(model, list(dict.fromkeys(f.granularity for f in freeze)), prune, merges)
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
     reference_rates: list[float] = []
 
@@ -180,9 +149,8 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
         reference_rates.append(speed.pop("reference_images_per_s"))
         return {**cost_fields(m), **speed}
 
-    points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze, prune_options,
-                          measure, matched)
-    rows = run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
+    rows = run_sweep(model, data, speed_points(maps, freeze, prune, merges, measure), progress=progress,
+                     desc="speed sweep")
     rate = statistics.median(reference_rates)
     for r in rows:
         r.fields.update({k.replace("speedup", "images_per_s"): round(rate * r[k], 2)
