@@ -1,16 +1,5 @@
-"""FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on one model and data: top-1, model size, calibration time.
-
-:func:`compare` quantizes a fresh copy of the model per method and setting (W4/A4 and W6/A6 by
-default, plus PMQ under explicit size budgets such as the paper's ``"8/8/4(MP)"``), evaluates it,
-and optionally freezes the lowest-entropy attention entries at sparsity τ on top of each
-(EAM on the quantized model: maps computed on that quantized model, frozen values in fp32).
-:func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
-size, top-1 and its drop from full precision). :data:`DEMO_CONFIG` holds the demo's fast settings.
-
-Model size: ``model_bytes``, :func:`eamvit.experiments.size.model_size` (quantized weights at their
-bits, quantizer scales and zero points and every other parameter at 32 bits); the table shows it in
-MB = 10^6 bytes. Rows name the quantization method ``quant`` (``fp`` for the full-precision row) and,
-with freezing, its ``tau`` and ``frozen_fraction``.
+"""FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on one model and data: top-1, model size, calibration time, optionally with
+EAM freezing on top. Design: ``docs/architecture-experiments.md``, "compare".
 """
 from __future__ import annotations
 
@@ -42,13 +31,9 @@ class CompareConfig(Config):
         methods: subset of ``fp``, ``repq``, ``adfq``, ``pmq``.
         settings: ``(w_bits, a_bits)`` pairs (the seeds' W4/A4 and W6/A6).
         pmq_budgets: extra PMQ rows as ``"W/A/P(MP)"`` strings (budget = all weights at W bits).
-        repq: RepQ-ViT settings (bits overridden per setting).
-        adfq: ADFQ-ViT settings (bits overridden per setting).
-        pmq: PMQ settings (bits overridden per setting; P = A).
+        repq, adfq, pmq: each method's settings, bits overridden per setting (PMQ's P = A).
         freeze_sparsity: τ of EAM freezing on top of every quantized model (None: no freezing).
         entropy_bits: histogram bits of the entropy maps for freezing.
-        batch_size: evaluation batch.
-        progress: progress bars.
     """
 
     methods: tuple[CompareMethod, ...] = METHODS
@@ -76,8 +61,7 @@ class CompareConfig(Config):
             raise EamError(f"freeze_sparsity={self.freeze_sparsity} must be a fraction in [0, 1]")
 
 
-# The demo's fast settings: few ADFQ-ViT reconstruction iterations (the paper's 3000 are far too slow for a
-# demo) on 64 calibration images (RepQ-ViT and PMQ keep their 32), and PMQ under the paper's 8/8/4(MP) budget.
+# The demo's fast settings: few ADFQ-ViT iterations (the paper's 3000 are far too slow for a demo), 64 images.
 DEMO_CONFIG = CompareConfig(adfq=adfq.ADFQConfig(calib_size=64, iterations=20), pmq_budgets=("8/8/4(MP)",))
 
 
@@ -136,19 +120,12 @@ def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tens
 def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tensor, test: Dataset,
             config: Optional[CompareConfig] = None, device: torch.device | str | None = None,
             test_indices: Optional[Sequence[int]] = None, data_config: Optional[dict] = None) -> list[ResultRow]:
-    """One row per method and setting, on :func:`~eamvit.experiments.runner.run_sweep`.
-
-    Each quantized row starts from a copy of one full-precision model. Rows carry ``quant``,
-    ``bits`` (W/A or W/A/P), ``model_bytes`` (:func:`~eamvit.experiments.size.model_size`),
-    ``calib_seconds``, ``top1_delta`` (against the full-precision row, when there is one), the
-    accuracy fields, and ``tau``, ``frozen_fraction`` with freezing.
+    """One row per method and setting, each quantized from a copy of one full-precision model, with ``bits``
+    (W/A or W/A/P), ``model_bytes``, ``calib_seconds`` and ``top1_delta`` (against the full-precision row).
 
     Args:
         model_factory: returns the full-precision, instrumented model (called once).
         calib: calibration images: a dataset of ``(image, target)`` (PMQ then uses the labels) or a tensor.
-        test: evaluation dataset.
-        config: :class:`CompareConfig`.
-        device: where to run.
         test_indices: evaluate on these items only.
         data_config: the timm data config of ``test`` (recorded in the rows).
     """

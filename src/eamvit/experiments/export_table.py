@@ -1,24 +1,5 @@
-"""The demo's deployment table on the digits model: PyTorch, eamvit's exports and ONNX Runtime's own int8.
-
-Rows (top-1 on the 360 test digits, size of the file that holds the model, images/s):
-
-* fp32 in PyTorch (file: the state dict as safetensors) and in ONNX Runtime (eamvit's fp32 export);
-* eamvit RepQ-ViT W8/A8 simulated in PyTorch (with the export's rounded zero points and 8-bit uniform
-  post-softmax, :func:`~eamvit.methods.export.prepare_export_`; file: the quantized state) and its
-  QDQ export in ONNX Runtime;
-* ONNX Runtime's own ``quantize_static`` W8/A8 of the fp32 export (QDQ, per-channel weights, MinMax and
-  percentile calibration) on the same 32 calibration images;
-* eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``);
-* where OpenVINO and NNCF are installed (``pip install "eamvit[openvino]"``): the fp32 export, eamvit's
-  W8/A8 exported for OpenVINO (its graph form, symmetric weights and activations,
-  :class:`~eamvit.methods.export.Target` ``"openvino"``) and NNCF's own int8 of the fp32
-  export (``nncf.quantize``, TRANSFORMER, the same calibration images), all three run by OpenVINO.
-
-``short=True`` keeps the first two kinds (fp32 and eamvit's W8/A8): the demo's default table.
-
-Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with its
-quartiles; PyTorch and ONNX Runtime use the same number of threads. Rows have the shape of every
-results row (:data:`eamvit.columns.HEAD`): ``model`` is the model's name, ``label`` the configuration.
+"""The demo's deployment table on the digits model: PyTorch, eamvit's exports, ONNX Runtime's own int8 and
+(where installed) OpenVINO. The rows: ``docs/architecture-experiments.md``, "export_table".
 """
 from __future__ import annotations
 
@@ -62,24 +43,16 @@ def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
                  workdir: Optional[str] = None, short: bool = False, progress: bool = False,
                  openvino: Optional[bool] = None) -> list[ResultRow]:
-    """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
+    """Top-1, file size (``file_bytes``) and images/s of the digits model per configuration (``label``) and
+    ``runtime``, fp32 to 4-bit.
 
     Args:
-        model: the trained digits ViT (:func:`eamvit.experiments.digits.load_demo_model`; not changed).
-        calib_size: calibration images (a seeded random subset of the training split), shared by
-            RepQ-ViT and ONNX Runtime's ``quantize_static``.
-        reps: timed calls per row.
+        model: the trained digits ViT (not changed).
+        calib_size: calibration images, shared by RepQ-ViT and ONNX Runtime's ``quantize_static``.
         threads: PyTorch and ONNX Runtime threads (default: PyTorch's current setting).
         workdir: where the files go (a temporary folder by default).
-        short: only the fp32 and eamvit W8/A8 rows (no ONNX Runtime ``quantize_static``, no W4; no OpenVINO
-            unless ``openvino`` asks for it).
-        progress: a progress bar over building the files and timing the rows.
-        openvino: the OpenVINO rows (fp32, eamvit W8/A8, NNCF int8); ``None``: when OpenVINO and NNCF are
-            installed and the table is not ``short``.
-
-    Returns:
-        One row per configuration: the accuracy fields, ``label``, ``runtime``, ``file_bytes``,
-        ``images_per_s`` and its quartiles.
+        short: only the fp32 and eamvit W8/A8 rows (no OpenVINO unless ``openvino`` asks for it).
+        openvino: the OpenVINO rows; ``None``: when OpenVINO and NNCF are installed and the table is not ``short``.
     """
     threads = threads or torch.get_num_threads()
     if openvino is None:
@@ -183,7 +156,6 @@ def _openvino_specs(q8: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
     ]
 
 
-# The markdown view of the rows: readable headers, top-1 to two decimals, bytes with thousands separators.
 EXPORT_COLUMNS = [Column("label", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
                   Column("file_bytes", "file bytes", ","), Column("images_per_s", "images/s", ",.0f"),
                   Column("images_per_s_p25", "p25", ",.0f"), Column("images_per_s_p75", "p75", ",.0f")]

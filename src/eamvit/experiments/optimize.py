@@ -1,27 +1,6 @@
-"""``eamvit optimize``: the fastest recipe of a model within a top-1 budget, measured on this machine.
-
-Every candidate (:mod:`eamvit.experiments.optimize_space`) is built by the one recipe path
-(:func:`~eamvit.methods.recipe.apply_` on a copy of the model) and measured as it would be shipped:
-
-* ONNX Runtime and OpenVINO: the candidate is exported (:func:`~eamvit.methods.export.export_onnx`;
-  for OpenVINO a RepQ-ViT point is calibrated for and exported in the form OpenVINO runs, and an
-  NNCF point's fp32 export is quantized by NNCF,
-  :func:`~eamvit.methods.export_openvino.nncf_quantize`), and both its top-1 and its latency are
-  measured on that file in that runtime; the latency is timed in alternation against the unmodified
-  model's fp32 export in the same runtime (:func:`~eamvit.experiments.timer.time_calls`), and the
-  speed-up is the median of the per-repetition ratios with their quartiles;
-* PyTorch: the candidate model against the unmodified one
-  (:func:`~eamvit.experiments.runner.measure_speedup`).
-
-Top-1 is measured on the held-out images only (the command's :class:`~eamvit.methods.data.Splits`:
-calibration images are never scored). Every measured point is appended to ``points.jsonl`` in the
-output folder under a digest of what it depends on (recipe, export, model weights, data, runtime
-and timing settings), so a second run skips what the first measured: a run stopped by its time
-budget or interrupted resumes where it stopped. A cache it cannot read is refused, never skipped
-line by line (only a last point cut short by a kill is measured again).
-
-Top-1 moves in steps of one held-out image: a run whose ``--max-drop`` is finer than that step
-is refused (:func:`check_resolution`).
+"""``eamvit optimize``: the fastest recipe of a model within a top-1 budget, each candidate measured as it would be
+shipped, on this machine; a rerun resumes from ``points.jsonl``. Design: ``docs/architecture-experiments.md``,
+"optimize".
 """
 from __future__ import annotations
 
@@ -45,7 +24,8 @@ from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
                                                combinations, merge_options, reference, single_candidates)
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
-from eamvit.experiments.timer import ratio_stats, time_calls
+from eamvit.experiments.runner import Timing, measure_speedup, speedup_fields
+from eamvit.experiments.timer import time_calls
 from eamvit.io import ensure_writable_dir, tensors_sha256
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
@@ -72,7 +52,6 @@ class OptimizeConfig(Config):
         threads: ONNX Runtime's intra-op or OpenVINO's inference threads (``None``: one per core).
         reps: timed repetitions of each point and its reference.
         batch_size: images per evaluated and per timed call.
-        workers: DataLoader workers of the evaluation.
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         prunes: further pruning points searched after the space's (e.g. the per-block choice of
             ``sweep --prune --per-block``), as singles and in stacks.
@@ -141,9 +120,6 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
 
 
-# --------------------------------------------------------------------------- measuring one candidate
-
-
 def _maps_for(run: _Run, model: nn.Module):
     """Entropy maps of ``model`` as it is when the freezing step runs (after quantization), on the
     calibration images, as ``eamvit compress`` computes them; one computation per quantization."""
@@ -170,11 +146,6 @@ def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
     m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
                  progress=False)
     return {k: m[k] for k in ("top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images")}
-
-
-def _speed(reference: Sequence[float], times: Sequence[float]) -> dict[str, float]:
-    r = ratio_stats(reference, times)
-    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4)}
 
 
 def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Path:
@@ -213,12 +184,11 @@ def _measure_file(run: _Run, cand: Candidate) -> dict[str, Any]:
     path = _shipped_file(run, build(run, cand), cand, "candidate")
     clf, call = _runner(run, path)
     times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
-    return {**_top1(run, clf, "cpu"), **_speed(*times), "file_bytes": model_bytes(path)}
+    return {**_top1(run, clf, "cpu"), **speedup_fields(*times), "file_bytes": model_bytes(path)}
 
 
 def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
     """Top-1 and speed-up of ``cand``'s PyTorch model against the unmodified one."""
-    from eamvit.experiments.runner import Timing, measure_speedup
     from eamvit.experiments.size import model_size
 
     m = build(run, cand)
@@ -240,19 +210,10 @@ def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
     return point
 
 
-# --------------------------------------------------------------------------- the search
-
-
 @dataclass
 class Progress:
-    """How far a search got.
-
-    Args:
-        measured: points measured by this run.
-        reused: points read from the cache.
-        not_run: candidates left when the time budget ran out.
-        stopped: the time budget stopped the search.
-    """
+    """How far a search got: points measured by this run, read from the cache (``reused``), and the candidates
+    left (``not_run``) when the time budget ``stopped`` it."""
 
     measured: int = 0
     reused: int = 0
@@ -300,11 +261,8 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
 
 
 def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tuple[Candidate, dict]], Progress]:
-    """The reference, every single technique, then the stacks of those within the budget.
-
-    Returns:
-        ``[(candidate, point)]`` in search order (the reference first) and how far it got.
-    """
+    """The reference, every single technique, then the stacks of those within the budget: ``[(candidate, point)]``
+    in search order, and how far it got."""
     c = run.config
     deadline = time.monotonic() + 60 * c.budget_minutes if c.budget_minutes else None
     singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed,
@@ -324,9 +282,6 @@ def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tu
     return done, prog
 
 
-# --------------------------------------------------------------------------- the run
-
-
 @dataclass
 class OptimizeResult:
     """What :func:`optimize` found and wrote.
@@ -334,7 +289,6 @@ class OptimizeResult:
     Args:
         rows: one row per point (:func:`~eamvit.experiments.optimize_report.point_rows`), the reference first.
         best: the chosen row (fastest within the budget), ``None`` when no point is within it.
-        progress: how far the search got.
         files: ``{name: path}`` of what was written.
     """
 
@@ -345,15 +299,8 @@ class OptimizeResult:
 
 
 def check_resolution(num_images: int, max_drop: float) -> None:
-    """Refuse a ``max_drop`` finer than one of ``num_images`` held-out images (100/n points of top-1).
-
-    Below that step the budget is silently "lose no image" and the search separates points by
-    sampling noise. ``max_drop`` 0 asks for exactly that, which any sample can answer.
-
-    Args:
-        num_images: the held-out images top-1 is scored on.
-        max_drop: the run's ``--max-drop``.
-    """
+    """Refuse a ``max_drop`` (but 0) finer than one of ``num_images`` held-out images (100/n points of top-1): the
+    search would separate points by sampling noise."""
     step = 100.0 / max(num_images, 1)
     if max_drop > 0 and step > max_drop + 1e-9:
         need = math.ceil(100.0 / max_drop - 1e-9)
@@ -365,7 +312,7 @@ def check_resolution(num_images: int, max_drop: float) -> None:
 
 def _nncf_calibration(sp: Splits) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """NNCF's calibration images, the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split, and
-    the record of the split they are drawn from (evaluation skips it, as this run's evaluation does)."""
+    the record of the split they are drawn from."""
     items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
     if not items:
         raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
@@ -396,17 +343,12 @@ BEST_FILES = ("best.onnx", "best.xml", "best.bin")  # what a point ships, beside
 
 
 def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``best.safetensors`` and the shipped file (``best.onnx``, or for an NNCF point ``best.xml`` + ``.bin``),
-    each rebuilt from the file before it and checked against the point the search measured before it is
-    moved into ``out``; a shipped file of another kind left there by an earlier run is removed.
-
-    ``best.safetensors`` holds the recipe's model: for an NNCF point the float-reduced model before
-    NNCF, which is not what the shipped file scores.
+    """``best.safetensors`` and the shipped file, each rebuilt from the file before it and checked against the
+    point the search measured before it is moved into ``out`` (``docs/architecture-experiments.md``, "optimize").
 
     Returns:
         ``{"files": {...}, "top1_torch": ..., "file_bytes": ...}``: the PyTorch top-1 of the saved file
-        (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch): an IR's generated
-        node names make it differ by a few bytes from the file the search measured.
+        (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch).
     """
     import shutil
 
@@ -443,18 +385,13 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
 def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
              commands: Optional["CommandLines"] = None, device=None, progress: bool = True) -> OptimizeResult:
     """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``, or ``best.xml``/``.bin`` for
-    an NNCF point) and ``report.md`` in ``out``.
-
-    The figure (``pareto.png``) is the caller's (:func:`eamvit.plots.optimize.plot_pareto`).
+    an NNCF point) and ``report.md`` in ``out``; the figure (``pareto.png``) is the caller's.
 
     Args:
         model: the unmodified, instrumented model (not changed).
-        splits: the command's held-out evaluation images and calibration images.
         out: output folder (its ``points.jsonl`` is read first: a rerun resumes).
-        config: :class:`OptimizeConfig`.
         commands: the model and data options that rebuild the chosen point (for the report).
         device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
-        progress: a progress bar with the best point so far.
     """
     from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
     from eamvit.io import write_text

@@ -20,12 +20,8 @@ RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch":
 
 @dataclass
 class CommandLines:
-    """The options of the run that the commands rebuilding its best point need.
-
-    Args:
-        model: model options (``--model``, ``--checkpoint`` ...).
-        data: data and preprocessing options (``--data``, ``--calib-size``, ``--seed`` ...).
-    """
+    """The run's model options (``--model``, ``--checkpoint`` ...) and data options (``--data``, ``--seed`` ...)
+    that the commands rebuilding its best point need."""
 
     model: list[str] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
@@ -71,14 +67,12 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
 
 def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: nn.Module,
                data_config: Optional[dict] = None) -> list[dict[str, Any]]:
-    """One results row per measured point (the reference first), with its Δ top-1, the budget, the front
-    and the choice: the head of every eamvit row (:data:`eamvit.columns.HEAD`), then the point's fields.
+    """One results row per measured point of :func:`eamvit.experiments.optimize.search` (the reference first), with
+    its Δ top-1, the budget, the front and the choice: the head of every eamvit row, then the point's fields.
 
     Args:
-        done: ``(candidate, point)`` of :func:`eamvit.experiments.optimize.search`.
         config: the run's :class:`~eamvit.experiments.optimize.OptimizeConfig`.
         model: the unmodified model (name, parameter count).
-        data_config: the data config the held-out images were built with.
     """
     from eamvit.methods.evaluate import result_row
 
@@ -126,12 +120,8 @@ def write_pareto(out: Path, rows: Sequence[dict[str, Any]], runtime: str) -> dic
 
 
 def commands_for(cand: Candidate, runtime: str, commands: CommandLines, out: Path) -> dict[str, str]:
-    """The command lines that rebuild, export and evaluate the chosen point.
-
-    An NNCF point has no ``compress`` line when its recipe is empty (the float model is the unmodified
-    one), and its ``export`` line writes the fp32 file that NNCF quantizes (``best-fp32.onnx``, beside
-    ``best.xml``); ``eval_onnx`` scores the shipped file.
-    """
+    """The command lines that rebuild, export and evaluate the chosen point; an NNCF point's ``export`` line
+    writes the fp32 file that NNCF quantizes (``best-fp32.onnx``), its ``eval_onnx`` scores the shipped file."""
     state = str(out / "best.safetensors")
     both = [*commands.model, *commands.data]
     lines = {"eval_state": ["eamvit", "eval", "--state", state, *both]}

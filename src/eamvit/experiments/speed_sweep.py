@@ -1,28 +1,5 @@
-"""Accuracy at measured speed: freezing by entry, row or head next to token pruning and merging, on the
-sweep runner.
-
-Every point is evaluated by :func:`eamvit.experiments.runner.run_sweep` and carries the cost model's
-executed GMACs and predicted speed-up (:func:`eamvit.methods.cost.cost_account`, the same count on
-every device) and its measured speed-up: :func:`eamvit.experiments.runner.measure_speedup` times
-the point's model and an unmodified copy in alternation, ``timing.reps`` times after warm-up, on
-random images at the model's input size; ``speedup`` is the median per-repetition ratio (quartiles
-in ``speedup_p25``/``speedup_p75``), so the machine's drift between points cancels. The unmodified
-row is timed against the copy too: its spread is the noise floor of the measurement.
-
-``images_per_s`` follows from the same measurement: the unmodified copy's throughput (the median over
-the whole sweep of its per-point medians) times the point's ``speedup`` (quartiles likewise). Each
-point's own images/s is timed in its own stretch of the sweep, and on a shared machine two stretches
-can differ tenfold (threads competing with other jobs), so raw rates of two points would contradict
-their measured ×; rates scaled from one reference cannot.
-
-Rows name the freezing ``selection``, ``granularity`` and ``tau``, the pruning method ``prune``
-(``alpha``) and ``keep_rate``, or the merging ``merge`` (``alpha``), ``merge_r`` and
-``matched_keep_rate``: merging runs at the ``r`` whose executed GMACs match Shannon pruning's at each κ
-(:func:`eamvit.experiments.prune_sweep.matched_merges`). The settings of the other techniques, and all
-of them on the unmodified row, are blank.
-
-Entry-level freezing (the paper) computes every score and then overwrites the frozen ones, so its
-predicted speed-up is 1 and its measured one is at most 1: the table says so rather than hiding it.
+"""Accuracy at measured speed: freezing by entry, row or head next to token pruning and merging, on the sweep
+runner. Design (timing, images/s, the rows): ``docs/architecture-experiments.md``, "speed_sweep".
 """
 from __future__ import annotations
 
@@ -41,9 +18,10 @@ from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig
-from eamvit.methods.prune import PruneConfig
+from eamvit.methods.prune import PruneConfig, setting_text
 from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
+
 
 def cost_fields(model: nn.Module) -> dict[str, Any]:
     """The cost model's numbers of a row: executed and skippable GMACs per image, predicted speed-up."""
@@ -64,13 +42,8 @@ def _unmodified(measure: Measure):
 
 
 def speed_points(maps: EntropyMaps, freeze: Sequence[FreezeConfig], prune: Sequence[PruneConfig],
-                 merges: Sequence[tuple[float, MergeConfig]] = (), measure: Measure = cost_fields) -> list[Point]:
-    """The unmodified model, then one point per freezing, pruning and merging config, in that order.
-
-    Args:
-        merges: ``(κ whose GMACs it matches, config)``, :func:`~eamvit.experiments.prune_sweep.matched_merges`.
-        measure: the fields each point measures in its state (the cost model's by default).
-    """
+                 merges: Sequence[tuple[float, MergeConfig]], measure: Measure) -> list[Point]:
+    """The unmodified model, then one point per freezing, pruning and merging config (:func:`speed_sweep`'s)."""
     base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
             "keep_rate": None}
     if merges:
@@ -80,7 +53,7 @@ def speed_points(maps: EntropyMaps, freeze: Sequence[FreezeConfig], prune: Seque
         fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
         points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
     for cfg in prune:
-        order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
+        order = setting_text(cfg.alpha) if cfg.method == "renyi" else None
         points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
                             pruned_state(cfg, measure)))
     for k, cfg in merges:
@@ -106,8 +79,8 @@ def supports(model: nn.Module, verb: str) -> bool:
 
 def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any],
                  merges: Sequence[Any] = ()) -> None:
-    """One clear error, before any work or output, for what the model's attention family does not
-    support (``prune_methods``, ``merges``: any non-empty sequence means token pruning, merging is asked for)."""
+    """One clear error, before any work or output, for what the model's attention family does not support
+    (a non-empty ``prune_methods`` or ``merges`` asks for token pruning or merging)."""
     layers = attention_layers(model)
     for granularity in granularities:
         require(layers, granularity)
@@ -120,25 +93,15 @@ def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: 
 def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Sequence[FreezeConfig],
                 prune: Sequence[PruneConfig], merges: Sequence[tuple[float, MergeConfig]] = (),
                 timing: Timing = Timing(), progress: bool = True) -> list[ResultRow]:
-    """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
+    """Top-1, executed GMACs, the predicted and the measured speed-up of every point, the unmodified model first.
 
     The model is deep-copied once as the unmodified reference of the timing (memory: two models).
 
     Args:
-        model: an instrumented timm model (left unmodified).
-        maps: its entropy maps.
-        freeze: one config per freezing point (τ > 0; ``"row"`` granularity on ViT/DeiT only); the lowest-entropy
-            units are frozen, layer scope for rows and heads, head scope for entries (the config's defaults).
-        prune: one config per pruning point (none for Swin), off the shelf.
+        freeze: one config per freezing point (τ > 0; ``"row"`` granularity on ViT/DeiT only).
+        prune: one config per pruning point (none for Swin).
         merges: ``(κ, config)`` of the merging points, each at the ``r`` whose GMACs match Shannon pruning's at
-            κ (:func:`~eamvit.experiments.prune_sweep.matched_merges`); none: no merging points.
-        timing: how each point is timed.
-
-    Returns:
-        Rows with ``selection``, ``granularity``, ``tau``, ``prune``, ``alpha``, ``keep_rate``,
-        top-1/top-5, ``gmacs``, ``gmacs_skippable``, ``predicted_speedup``, ``speedup`` (+ quartiles)
-        and ``images_per_s`` (+ quartiles: the reference's throughput times the speed-up), the
-        unmodified model first; merging rows with ``merge``, ``merge_r`` and ``matched_keep_rate``.
+            κ (:func:`~eamvit.experiments.prune_sweep.matched_merges`).
     """
     check_family(model, list(dict.fromkeys(f.granularity for f in freeze)), prune, merges)
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
@@ -158,9 +121,12 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
     return rows
 
 
+def _kappa(row: Mapping[str, Any]) -> Optional[float]:
+    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]  # merging: the κ it matches
+
+
 SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
-                 Column("keep_rate", "κ (merging: its GMACs)", "g",
-                        derive=lambda r: r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]),
+                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=_kappa),
                  Column("merge_r", "r per block"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
@@ -172,8 +138,8 @@ SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
 def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
-    for r in rows:  # a merging point takes the κ whose GMACs it matches
-        kappa = r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]
+    for r in rows:
+        kappa = _kappa(r)
         point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={kappa:g}" if kappa is not None else None)
         out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
@@ -186,13 +152,8 @@ def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Opt
 
 
 def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 5.0)) -> list[str]:
-    """What the sweep answers, in words: for freezing, pruning and merging, the fastest measured point that
-    loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs.
-
-    Args:
-        rows: :func:`speed_sweep`'s rows (the unmodified model first).
-        max_drops: accuracy budgets in top-1 points.
-    """
+    """What :func:`speed_sweep`'s rows answer, in words: for freezing, pruning and merging, the fastest measured
+    point that loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs."""
     base = rows[0]
     lines = []
     for drop in max_drops:
