@@ -19,7 +19,10 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods import adfq, pmq, repq
+from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.quantize import quantize_
+from eamvit.methods.recipe import Recipe, apply_
 from eamvit.choices import COMPARE_METHODS as METHODS, CompareMethod  # defined torch-free for the CLI
 
 
@@ -88,10 +91,6 @@ NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": 
 
 def _freeze(model: nn.Module, calib: Dataset, tau: float, bits: int, batch_size: int, progress: bool) -> float:
     """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
-    from eamvit.methods.calibrate import compute_entropy_maps
-    from eamvit.methods.freeze import FreezeConfig
-    from eamvit.methods.recipe import Recipe, apply_
-
     maps = lambda m: compute_entropy_maps(m, calib, bits=bits, batch_size=batch_size, progress=progress)
     return apply_(model, Recipe(steps=(FreezeConfig(tau=tau),)), calib, maps=maps)["freeze"].frozen_fraction
 

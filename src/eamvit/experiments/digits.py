@@ -14,7 +14,7 @@ from torch import nn
 from eamvit.io import check_output_file
 from eamvit.methods.data import DigitsDataset, digits_data_config
 from eamvit.methods.evaluate import evaluate
-from eamvit.methods.models import create_model, save_checkpoint
+from eamvit.methods.models import BUNDLED_MODEL, create_model, save_checkpoint
 from eamvit.methods.train import TrainConfig, train
 
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -55,6 +55,4 @@ def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), 
 
 def load_demo_model(checkpoint: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu") -> nn.Module:
     """The trained digits ViT (the shipped checkpoint unless another is given)."""
-    from eamvit.methods.models import BUNDLED_MODEL
-
     return create_model(BUNDLED_MODEL, checkpoint=checkpoint, device=device)

@@ -8,14 +8,16 @@ import copy
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from eamvit.methods.state import step_config
@@ -24,17 +26,17 @@ from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
                                                combinations, merge_options, reference, single_candidates)
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
+from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
 from eamvit.experiments.runner import Timing, measure_speedup, speedup_fields
+from eamvit.experiments.size import model_size
 from eamvit.experiments.timer import time_calls
-from eamvit.io import ensure_writable_dir, tensors_sha256
+from eamvit.io import atomic_path, ensure_writable_dir, tensors_sha256, write_text
 from eamvit.methods.calibrate import compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
+from eamvit.methods.export import export_onnx
 from eamvit.methods.prune import PruneConfig
-from eamvit.methods.recipe import apply_
-
-if TYPE_CHECKING:  # only named in annotations
-    from eamvit.experiments.optimize_report import CommandLines
+from eamvit.methods.recipe import apply_, restore_, save_compressed
 
 NNCF_CALIB_SIZE = 300  # NNCF's own default subset size: what an OpenVINO user's nncf.quantize reads
 
@@ -101,8 +103,6 @@ class _Run:
 
     @property
     def calib(self):
-        from torch.utils.data import Subset
-
         sp = self.splits
         return Subset(sp.calib_set, list(sp.calib_indices)) if sp.calib_indices is not None else sp.calib_set
 
@@ -151,8 +151,6 @@ def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
 def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Path:
     """Write the file ``cand`` ships from ``model`` (built by its recipe) into the work folder: its export,
     or for an NNCF point that (fp32) export quantized by NNCF into an OpenVINO IR (``stem.xml`` + ``.bin``)."""
-    from eamvit.methods.export import export_onnx
-
     path = run.workdir / f"{stem}.onnx"
     export_onnx(model, path, cand.export)
     if not cand.nncf:
@@ -189,8 +187,6 @@ def _measure_file(run: _Run, cand: Candidate) -> dict[str, Any]:
 
 def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
     """Top-1 and speed-up of ``cand``'s PyTorch model against the unmodified one."""
-    from eamvit.experiments.size import model_size
-
     m = build(run, cand)
     s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
                         input_size=tuple(run.batch.shape[1:]), device=run.device)
@@ -330,8 +326,6 @@ def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir
     batch = torch.stack([it[0] for it in items])
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
     if config.runtime != "torch":
-        from eamvit.methods.export import export_onnx
-
         export_onnx(model, workdir / "reference.onnx")
         run.reference_call = _runner(run, workdir / "reference.onnx")[1]
     if config.runtime == "openvino":
@@ -350,11 +344,6 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
         ``{"files": {...}, "top1_torch": ..., "file_bytes": ...}``: the PyTorch top-1 of the saved file
         (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch).
     """
-    import shutil
-
-    from eamvit.io import atomic_path
-    from eamvit.methods.recipe import restore_, save_compressed
-
     tmp = run.workdir
     save_compressed(build(run, cand), tmp / "best.safetensors", cand.recipe)
     fresh = copy.deepcopy(run.model)
@@ -383,7 +372,7 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
 
 
 def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
-             commands: Optional["CommandLines"] = None, device=None, progress: bool = True) -> OptimizeResult:
+             commands: Optional[CommandLines] = None, device=None, progress: bool = True) -> OptimizeResult:
     """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``, or ``best.xml``/``.bin`` for
     an NNCF point) and ``report.md`` in ``out``; the figure (``pareto.png``) is the caller's.
 
@@ -393,9 +382,6 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
         commands: the model and data options that rebuild the chosen point (for the report).
         device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
     """
-    from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
-    from eamvit.io import write_text
-
     if config.runtime == "openvino":
         from eamvit.methods.export_openvino import require_openvino
 

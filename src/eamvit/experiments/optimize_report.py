@@ -11,7 +11,11 @@ from torch import nn
 from eamvit.methods.state import state_of
 from eamvit.methods.prune import setting_text
 from eamvit.experiments.optimize_space import Candidate, recipe_options
+from eamvit.experiments.prune_sweep import merged_fields
 from eamvit.experiments.results import Column, markdown, write_table
+from eamvit.io import write_text
+from eamvit.methods.evaluate import result_row
+from eamvit.methods.merge import merge_, unmerge_
 from eamvit.methods.export import ExportConfig
 from eamvit.ops.pareto import front_mask
 
@@ -53,9 +57,6 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
                            "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
                            "merge": None, "merge_r": None}
     if m is not None:  # what the merging does to this model: merge_r after the cap, its blocks, its tokens
-        from eamvit.experiments.prune_sweep import merged_fields
-        from eamvit.methods.merge import merge_, unmerge_
-
         merge_(model, m)
         try:
             fields = merged_fields(model)
@@ -74,8 +75,6 @@ def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: 
         config: the run's :class:`~eamvit.experiments.optimize.OptimizeConfig`.
         model: the unmodified model (name, parameter count).
     """
-    from eamvit.methods.evaluate import result_row
-
     ref_top1 = done[0][1]["top1"]
     runtime = RUNTIME_NAMES[config.runtime]
     rows = []
@@ -113,8 +112,6 @@ def columns(runtime: str) -> list[Column]:
 def write_pareto(out: Path, rows: Sequence[dict[str, Any]], runtime: str) -> dict[str, Path]:
     """``pareto.csv`` and ``pareto.json`` (every field) and ``pareto.md`` (:func:`columns`)."""
     files = write_table(out / "pareto", rows, formats=("csv", "json"))
-    from eamvit.io import write_text
-
     write_text(out / "pareto.md", markdown(rows, columns(runtime)))
     return {f"pareto.{k}": v for k, v in {**files, "md": out / "pareto.md"}.items()}
 

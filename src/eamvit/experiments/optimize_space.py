@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 from torch import nn
 
 from eamvit.errors import EamError
+from eamvit.experiments.prune_sweep import pruned_gflops
 from eamvit.methods.export import ExportConfig, Target, default_target
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig, r_for_gmacs
@@ -119,8 +120,6 @@ def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, 
     the space in the same blocks; none for a model that cannot merge or whose MACs are not modelled."""
     if space not in SPACES:
         raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
-    from eamvit.experiments.prune_sweep import pruned_gflops
-
     depth = len(getattr(model, "blocks", ()))
     late = late_blocks(depth) if depth else ()
     wheres: list[Optional[tuple[int, ...]]] = [None] + ([late] if late else [])

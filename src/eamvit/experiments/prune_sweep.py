@@ -3,6 +3,7 @@ beside them at equal work, on the sweep runner. Design: ``docs/architecture-expe
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -15,9 +16,11 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs, unmerge_
-from eamvit.methods.prune import (PruneConfig, check_keep_rate, method_config, parse_methods, prune_, setting_text,
-                                 unprune_)
+from eamvit.methods.prune import (PruneConfig, check_keep_rate, kept_patch_masks, method_config, parse_methods, prune_,
+                                 setting_text, token_entropies, unprune_)
 from eamvit.methods.reduce import row_label
 from eamvit.methods.state import state_of
 from eamvit.ops.merge import token_counts as merged_tokens
@@ -211,11 +214,6 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
     rows = prune_sweep(model, data, keep_rates, methods, Timing(batch_size=throughput_batch, warmup=1),
                        progress=progress, label="off the shelf", merges=merges)
     if finetune_epochs > 0:
-        import copy
-
-        from eamvit.methods.evaluate import evaluate
-        from eamvit.methods.finetune import FinetuneConfig, finetune
-
         ftc = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 10, batch_size=64)
         for r in rows:
             if not r["prune"] and not r.get("merge"):
@@ -240,6 +238,4 @@ def figure_data(model: nn.Module, images: torch.Tensor,
     """What the seed's Fig. 4 and Fig. 5 show: the patches each of ``configs`` keeps at every stage of the first
     image, and the patch tokens' attention entropy per block for :data:`ENTROPY_ORDERS` over all ``images``
     (a batch on the model's device)."""
-    from eamvit.methods.prune import kept_patch_masks, token_entropies
-
     return kept_patch_masks(model, images[0], configs), token_entropies(model, images, ENTROPY_ORDERS)
