@@ -144,15 +144,11 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
     return rows
 
 
-def compare_columns(rows: Sequence[ResultRow | dict]) -> list[Column]:
+def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
     """The seeds' table (PMQ Table III): Method | W/A(/P) | Size (MB) | Top-1 | Δ top-1 | Calib. (s)."""
     cols = [Column("quant", "Method", NAMES.get), Column("bits", "W/A(/P)")]
     if any("tau" in r for r in rows):
         cols.append(Column("tau", "EAM τ"))
-    return cols + [Column("model_bytes", "Size (MB)", lambda b: f"{b / 1e6:.3f}"), Column("top1", "Acc (Top-1)", ".2f"),
-                   Column("top1_delta", "Δ top-1", "+.2f"), Column("calib_seconds", "Calib. (s)", ".1f")]
-
-
-def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
-    """The rows as the seeds' table (:func:`compare_columns`)."""
-    return markdown(rows, compare_columns(rows))
+    return markdown(rows, cols + [Column("model_bytes", "Size (MB)", lambda b: f"{b / 1e6:.3f}"),
+                                  Column("top1", "Acc (Top-1)", ".2f"), Column("top1_delta", "Δ top-1", "+.2f"),
+                                  Column("calib_seconds", "Calib. (s)", ".1f")])

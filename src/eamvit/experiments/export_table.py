@@ -17,7 +17,7 @@ from eamvit.experiments.runner import Throughput, result_row
 from eamvit.io import save_tensors
 from eamvit.methods.data import build_splits, digits_data_config
 from eamvit.methods.export import ExportConfig, Target, export_onnx, prepare_export_
-from eamvit.experiments.timer import time_call
+from eamvit.experiments.timer import Stats, time_calls
 from eamvit.methods.export_openvino import OpenVinoClassifier, is_available, model_bytes, nncf_quantize
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
 from eamvit.methods.models import data_config
@@ -32,7 +32,7 @@ def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch
     top1, top5 = hit[:, 0].float().mean().item() * 100, hit.any(1).float().mean().item() * 100
     metrics = {"top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
                "top5_err": round(100 - top5, 3), "num_images": len(targets), "skipped_images": 0}
-    t = time_call(predict, warmup=1, reps=reps)
+    t = Stats.of(time_calls([predict], warmup=1, reps=reps)[0])
     n = len(targets)  # one call scores the whole test set
     speed = Throughput(median=n / t.median, p25=n / t.p75, p75=n / t.p25, reps=reps)
     cfg = {**digits_data_config(int(model.patch_embed.img_size[-1])), "source": "digits"}

@@ -232,7 +232,6 @@ def _best_note(done: Sequence[tuple[Candidate, dict]], ref_top1: float, max_drop
 def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], done: list, prog: Progress,
                     bar: tqdm, deadline: Optional[float]) -> None:
     """Measure (or read from the cache) each candidate in order, until the deadline."""
-    ref_top1 = done[0][1]["top1"] if done else None
     for i, cand in enumerate(cands):
         if deadline is not None and time.monotonic() > deadline and done:
             prog.stopped, prog.not_run = True, prog.not_run + len(cands) - i
@@ -251,9 +250,8 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
         if not done:  # unreadable files are skipped: what was scored may be fewer than the held-out images
             check_resolution(point["num_images"], run.config.max_drop)
         done.append((cand, point))
-        ref_top1 = done[0][1]["top1"]
         bar.update(1)
-        bar.set_postfix_str(_best_note(done, ref_top1, run.config.max_drop))
+        bar.set_postfix_str(_best_note(done, done[0][1]["top1"], run.config.max_drop))
 
 
 def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tuple[Candidate, dict]], Progress]:

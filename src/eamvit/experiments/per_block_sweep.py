@@ -14,7 +14,7 @@ from torch import nn
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.prune_sweep import pruned_gflops, pruned_state
-from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import EvalData, Point, run_sweep
 from eamvit.methods.prune import PruneConfig, check_keep_rate, prune_, setting_text, unprune_
 
@@ -211,8 +211,3 @@ SEARCH_COLUMNS = [Column("search_step", "step"), Column("search_phase", "phase")
                   Column("prune", "method"), Column("keep_rate", "κ per block"), Column("alpha", "α per block"),
                   Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
                   Column("gmacs", "GMACs", ".4f"), Column("chosen", "chosen")]
-
-
-def markdown_table(rows: list[ResultRow]) -> str:
-    """The search as a markdown table, one row per scored config."""
-    return markdown(rows, SEARCH_COLUMNS)

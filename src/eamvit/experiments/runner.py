@@ -112,18 +112,14 @@ class Throughput:
                 "images_per_s_p75": round(self.p75, 2)}
 
 
-def _model_input_size(model: nn.Module) -> tuple[int, ...]:
-    from eamvit.methods.models import data_config
-
-    return tuple(int(v) for v in data_config(model)["input_size"])
-
-
 def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequence[int]],
                   device: torch.device | str | None) -> tuple[torch.Tensor, Callable[[], None]]:
     """The fixed random batch on ``device`` and the synchronisation a timed call ends with."""
+    from eamvit.methods.models import data_config
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
-                    generator=torch.Generator().manual_seed(0)).to(device)
+    input_size = input_size or tuple(int(v) for v in data_config(model)["input_size"])
+    x = torch.randn(timing.batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     return x, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 

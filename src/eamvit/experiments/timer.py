@@ -64,12 +64,6 @@ def time_calls(calls: Sequence[Callable[[], Any]], warmup: int = 2, reps: int = 
     return times
 
 
-def time_call(call: Callable[[], Any], warmup: int = 2, reps: int = 7,
-              sync: Optional[Callable[[], None]] = None) -> Stats:
-    """:class:`Stats` of the seconds of ``call()`` (:func:`time_calls` with one call)."""
-    return Stats.of(time_calls([call], warmup, reps, sync)[0])
-
-
 def ratio_stats(reference: Sequence[float], times: Sequence[float]) -> Stats:
     """:class:`Stats` of the per-repetition speed-ups ``reference[r] / times[r]``."""
     if len(reference) != len(times):
