@@ -80,14 +80,16 @@ def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[],
     return call
 
 
-def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+def _call(runtime: str, path: Path, model: Optional[nn.Module], x: torch.Tensor,
+          threads: int) -> Callable[[], torch.Tensor]:
+    """The logits of ``x`` from ``model`` in PyTorch, or from the file ``path`` in ONNX Runtime or OpenVINO."""
+    if runtime == "PyTorch":
+        return _torch_call(model, x, threads)
+    if runtime == "OpenVINO":
+        clf = OpenVinoClassifier(path, threads)
+        return lambda: clf(x)
     s, xn = onnx_session(path, threads), x.numpy()
     return lambda: torch.from_numpy(s.run(None, {"images": xn})[0])
-
-
-def _ov_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
-    clf = OpenVinoClassifier(path, threads)
-    return lambda: clf(x)
 
 
 def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
@@ -104,25 +106,21 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
     export_onnx(q8, d / "w8a8.onnx")
     sim8 = prepare_export_(copy.deepcopy(q8), ExportConfig())
     bar.update(1)
-    specs = [
-        ("fp32", "PyTorch", _torch_call(model, x, threads), d / "fp32.safetensors"),
-        ("fp32", "ONNX Runtime", _ort_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
-        ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", _torch_call(sim8, x, threads), d / "w8a8.safetensors"),
-        ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", _ort_call(d / "w8a8.onnx", x, threads), d / "w8a8.onnx"),
-    ]
+    specs = [("fp32", "PyTorch", d / "fp32.safetensors", model), ("fp32", "ONNX Runtime", d / "fp32.onnx", None),
+             ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", d / "w8a8.safetensors", sim8),
+             ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", d / "w8a8.onnx", None)]
     if not short:
-        specs += _other_specs(model, calib, x, d, threads, bar)
+        specs += _other_specs(model, calib, d, bar)
     if openvino:
-        specs += _openvino_specs(q8, calib, x, d, threads, bar)
+        specs += _openvino_specs(q8, calib, d, bar)
     rows = []
-    for name, rt, call, path in specs:
-        rows.append(_row(model, name, rt, call, y, path, reps))
+    for name, rt, path, m in specs:
+        rows.append(_row(model, name, rt, _call(rt, path, m, x, threads), y, path, reps))
         bar.update(1)
     return rows
 
 
-def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
-                 bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+def _other_specs(model: nn.Module, calib: torch.Tensor, d: Path, bar: tqdm) -> list[tuple[str, str, Path, None]]:
     """The rows beyond the short table: ONNX Runtime's own static int8 and eamvit's 4-bit weights."""
     q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
                    progress=False)
@@ -131,29 +129,20 @@ def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
     for method in ("minmax", "percentile"):
         ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)
         bar.update(1)
-    return [
-        ("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", _ort_call(d / "ort_minmax.onnx", x, threads),
-         d / "ort_minmax.onnx"),
-        ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", _ort_call(d / "ort_percentile.onnx", x, threads),
-         d / "ort_percentile.onnx"),
-        ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
-         d / "w4.onnx"),
-    ]
+    return [("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", d / "ort_minmax.onnx", None),
+            ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", d / "ort_percentile.onnx", None),
+            ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", d / "w4.onnx", None)]
 
 
-def _openvino_specs(q8: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
-                    bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+def _openvino_specs(q8: nn.Module, calib: torch.Tensor, d: Path, bar: tqdm) -> list[tuple[str, str, Path, None]]:
     """OpenVINO's rows: the fp32 export, eamvit's W8/A8 exported for it, and NNCF's int8 of the fp32 export."""
     export_onnx(q8, d / "w8a8_openvino.onnx", Target(form="openvino").export_config())
     bar.update(1)
     nncf_quantize(d / "fp32.onnx", d / "nncf.xml", calib)
     bar.update(1)
-    return [
-        ("fp32", "OpenVINO", _ov_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
-        ("eamvit RepQ-ViT W8/A8 (QDQ export for OpenVINO, symmetric)", "OpenVINO",
-         _ov_call(d / "w8a8_openvino.onnx", x, threads), d / "w8a8_openvino.onnx"),
-        ("NNCF int8 (nncf.quantize, TRANSFORMER)", "OpenVINO", _ov_call(d / "nncf.xml", x, threads), d / "nncf.xml"),
-    ]
+    return [("fp32", "OpenVINO", d / "fp32.onnx", None),
+            ("eamvit RepQ-ViT W8/A8 (QDQ export for OpenVINO, symmetric)", "OpenVINO", d / "w8a8_openvino.onnx", None),
+            ("NNCF int8 (nncf.quantize, TRANSFORMER)", "OpenVINO", d / "nncf.xml", None)]
 
 
 EXPORT_COLUMNS = [Column("label", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),

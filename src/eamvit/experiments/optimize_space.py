@@ -187,30 +187,26 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
 
 def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tuple[str, Any, Optional[ExportConfig]]]]:
     """Per stage (``quant``, ``freeze``, ``reduce``: pruning or merging), the surviving singles worth stacking."""
-    best: dict[tuple, tuple[str, Any, Optional[ExportConfig]]] = {}
+    best: dict[tuple, tuple[float, tuple[str, Any, Optional[ExportConfig]]]] = {}
     for cand, ok in singles:
         if not ok or cand.techniques != 1:
             continue
         step = NNCF if cand.nncf else cand.recipe.steps[0]
-        item = (cand.label, step, cand.export)
+        # Per key the point that keeps the least work: the smallest κ, the largest r, the largest τ.
         if isinstance(step, PruneConfig) and step.is_per_block:  # its own point: no κ to compare
-            best[("reduce", "prune", step)] = item
+            key, work = ("reduce", "prune", step), 0.0
         elif isinstance(step, PruneConfig):
-            key = ("reduce", "prune", step.method, step.blocks)
-            if key not in best or step.keep_rate < best[key][1].keep_rate:
-                best[key] = item
+            key, work = ("reduce", "prune", step.method, step.blocks), step.keep_rate
         elif isinstance(step, MergeConfig):
-            key = ("reduce", "merge", step.selection, step.blocks)
-            if key not in best or step.r > best[key][1].r:
-                best[key] = item
+            key, work = ("reduce", "merge", step.selection, step.blocks), -step.r
         elif isinstance(step, FreezeConfig):
-            key = ("freeze", step.granularity)
-            if key not in best or step.tau > best[key][1].tau:
-                best[key] = item
+            key, work = ("freeze", step.granularity), -step.tau
         else:
-            best[("quant", cand.label)] = item
+            key, work = ("quant", cand.label), 0.0
+        if key not in best or work < best[key][0]:
+            best[key] = (work, (cand.label, step, cand.export))
     out: dict[str, list] = {"quant": [], "freeze": [], "reduce": []}
-    for key, item in best.items():  # insertion order: the singles' order
+    for key, (_, item) in best.items():  # insertion order: the singles' order
         out[key[0]].append(item)
     return out
 
