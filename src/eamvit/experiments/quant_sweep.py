@@ -187,25 +187,14 @@ def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[flo
         value_bits: bits of the frozen values of the EAM rows (32: fp32).
     """
     def pick(quant: str, tau: Optional[float] = None) -> Optional[ResultRow | dict]:
-        for r in rows:
-            if r["quant"] != quant or (r.get("selection") is not None) != (tau is not None):
-                continue
-            if tau is not None and (r["selection"] != "entropy" or r["maps"] != maps or r["value_bits"] != value_bits
-                                    or not math.isclose(r["tau"], tau)):
-                continue
-            return r
-        return None
+        return next((r for r in rows if r["quant"] == quant and (r.get("selection") is not None) == (tau is not None)
+                     and (tau is None or (r["selection"], r["maps"], r["value_bits"]) == ("entropy", maps, value_bits)
+                          and math.isclose(r["tau"], tau))), None)
 
-    out = []
-    for name, r in (("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))):
-        if r is not None:
-            out.append({"method": name, "bits": r["bits"], "top1": r["top1"]})
-    for t in taus:
-        r = pick("repq", t)
-        if r is not None:
-            out.append({"method": f"EAM_{value_bits}bits (τ={round(100 * t)}%, maps from "
-                                  f"{'quantized' if maps == 'quant' else 'FP'} model)",
-                        "bits": r["bits"], "top1": r["top1"]})
+    eam = f"EAM_{value_bits}bits (τ={{}}%, maps from {'quantized' if maps == 'quant' else 'FP'} model)"
+    picked = [("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))]
+    picked += [(eam.format(round(100 * t)), pick("repq", t)) for t in taus]
+    out = [{"method": name, "bits": r["bits"], "top1": r["top1"]} for name, r in picked if r is not None]
     return out, [Column("method", "Method"), Column("bits", "Prec. (W/A)"), Column("top1", model_name, ".2f")]
 
 

@@ -131,9 +131,7 @@ def columns_of(rows: Sequence[Row]) -> list[Column]:
 
 def _plain(value: Any) -> Any:
     # JSON has no infinity or NaN: write them as the strings float() reads back.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def table_rows(rows: Sequence[Row], columns: Sequence[Column]) -> list[dict[str, Any]]:
@@ -147,8 +145,7 @@ def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) ->
     if not columns:
         raise EamError("a table needs at least one column")
     lines = ["| " + " | ".join(_esc(c.header()) for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_esc(c.cell(c.value(r))) for c in columns) + " |")
+    lines += ["| " + " | ".join(_esc(c.cell(c.value(r))) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -162,11 +159,6 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) 
             w = csv.DictWriter(f, fieldnames=list(keys))
             w.writeheader()
             w.writerows(rows)
-
-
-def _stem_path(stem: Path, ext: str) -> Path:
-    # Append, never replace: ``--out eval_0.2`` must give eval_0.2.csv, not eval_0.csv.
-    return stem.with_name(stem.name + ext)
 
 
 def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[Sequence[Column]] = None,
@@ -184,22 +176,15 @@ def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[
     if bad:
         raise EamError(f"unknown table formats {sorted(bad)}; use csv, json, md")
     columns = list(columns) if columns is not None else columns_of(rows)
-    plain = table_rows(rows, columns)
-    stem = Path(stem)
-    out: dict[str, Path] = {}
-    if "csv" in formats:
-        out["csv"] = _stem_path(stem, ".csv")
-        _write_csv(out["csv"], plain, [c.key for c in columns])
-    if "json" in formats:
-        out["json"] = _stem_path(stem, ".json")
-        write_text(out["json"], json.dumps(plain, indent=2) + "\n")
-    if "md" in formats:
-        out["md"] = _stem_path(stem, ".md")
-        write_text(out["md"], markdown(rows, columns))
+    plain, stem = table_rows(rows, columns), Path(stem)
+    writers = {"csv": lambda path: _write_csv(path, plain, [c.key for c in columns]),
+               "json": lambda path: write_text(path, json.dumps(plain, indent=2) + "\n"),
+               "md": lambda path: write_text(path, markdown(rows, columns))}
+    # Append, never replace: ``--out eval_0.2`` must give eval_0.2.csv, not eval_0.csv.
+    out = {fmt: stem.with_name(f"{stem.name}.{fmt}") for fmt in writers if fmt in formats}
+    for fmt, path in out.items():
+        writers[fmt](path)
     return out
-
-
-# --------------------------------------------------------------------------- the freezing sweep's view
 
 
 def sweep_table(rows: Sequence[Row]) -> tuple[list[dict[str, Any]], list[Column]]:
