@@ -89,12 +89,6 @@ def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
 NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}
 
 
-def _freeze(model: nn.Module, calib: Dataset, tau: float, bits: int, batch_size: int, progress: bool) -> float:
-    """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
-    maps = lambda m: compute_entropy_maps(m, calib, bits=bits, batch_size=batch_size, progress=progress)
-    return apply_(model, Recipe(steps=(FreezeConfig(tau=tau),)), calib, maps=maps)["freeze"].frozen_fraction
-
-
 def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tensor, config: CompareConfig) -> Point:
     """A point that quantizes a copy of the model with ``method`` (timed) and freezes it if asked."""
     @contextmanager
@@ -104,13 +98,13 @@ def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tens
         if method != "fp":
             quantize_(m, cfg, calib, progress=config.progress)
         seconds = time.perf_counter() - t0
-        size = model_size(m)
-        fields: dict[str, Any] = {"model_bytes": size.model_bytes,
+        fields: dict[str, Any] = {"model_bytes": model_size(m).model_bytes,
                                   "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
-        if config.freeze_sparsity is not None:
-            fields["tau"] = config.freeze_sparsity
-            fields["frozen_fraction"] = _freeze(m, calib, config.freeze_sparsity, config.entropy_bits, config.batch_size,
-                                       config.progress)
+        if config.freeze_sparsity is not None:  # EAM on the quantized model, with maps of that model itself
+            maps = lambda q: compute_entropy_maps(q, calib, bits=config.entropy_bits, batch_size=config.batch_size,
+                                                  progress=config.progress)
+            report = apply_(m, Recipe(steps=(FreezeConfig(tau=config.freeze_sparsity),)), calib, maps=maps)["freeze"]
+            fields.update(tau=config.freeze_sparsity, frozen_fraction=report.frozen_fraction)
         yield Applied(fields, model=m)
 
     return Point({"quant": method, "bits": label}, quantized)

@@ -95,10 +95,6 @@ class PerBlockResult:
     rows: list[ResultRow]
 
 
-def _gmacs(model: nn.Module, config: PruneConfig) -> float:
-    return round(pruned_gflops(model, config), 4)
-
-
 def _settings(config: PruneConfig) -> dict[str, Any]:
     alpha = setting_text(config.order) if config.method == "renyi" else None
     return {"prune": config.method, "alpha": alpha, "keep_rate": setting_text(config.keep_rate)}
@@ -188,8 +184,8 @@ def per_block_sweep(model: nn.Module, calib: EvalData, sweep: PerBlockSweepConfi
     uniform = sweep.uniform()
     stages = len(prune_(model, uniform).blocks)  # the pruning blocks; a bad model or config fails here
     unprune_(model)
-    budget, smallest = _gmacs(model, uniform), sweep.grid[-1]
-    if _gmacs(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)) > budget:
+    budget, smallest = round(pruned_gflops(model, uniform), 4), sweep.grid[-1]
+    if round(pruned_gflops(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)), 4) > budget:
         raise EamError(f"the keep-rate grid's smallest κ {smallest:g} in every block costs more than the budget "
                        f"({budget} GMACs, uniform κ {uniform.keep_rate:g}); add smaller keep rates or raise the "
                        "budget's keep rate")
