@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
 from eamvit.config import Config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from torch import nn
 
@@ -29,36 +29,6 @@ def cost_fields(model: nn.Module) -> dict[str, Any]:
     sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
     return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
             "predicted_speedup": round(acct.predicted_speedup, 4)}
-
-
-Measure = Callable[[nn.Module], dict[str, Any]]
-
-
-def _unmodified(measure: Measure):
-    @contextmanager
-    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
-        yield Applied(measure(model))
-    return state
-
-
-def speed_points(maps: EntropyMaps, freeze: Sequence[FreezeConfig], prune: Sequence[PruneConfig],
-                 merges: Sequence[tuple[float, MergeConfig]], measure: Measure) -> list[Point]:
-    """The unmodified model, then one point per freezing, pruning and merging config (:func:`speed_sweep`'s)."""
-    base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
-            "keep_rate": None}
-    if merges:
-        base.update(merge=None, merge_r=None, matched_keep_rate=None)
-    points = [Point(base, _unmodified(measure))]
-    for cfg in freeze:
-        fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
-        points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
-    for cfg in prune:
-        order = setting_text(cfg.alpha) if cfg.method == "renyi" else None
-        points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
-                            pruned_state(cfg, measure)))
-    for k, cfg in merges:
-        points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)))
-    return points
 
 
 def row_method(row: Mapping[str, Any]) -> str:
@@ -112,8 +82,24 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
         reference_rates.append(speed.pop("reference_images_per_s"))
         return {**cost_fields(m), **speed}
 
-    rows = run_sweep(model, data, speed_points(maps, freeze, prune, merges, measure), progress=progress,
-                     desc="speed sweep")
+    @contextmanager
+    def unmodified(m: nn.Module, seed: int) -> Iterator[Applied]:
+        yield Applied(measure(m))
+
+    base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
+            "keep_rate": None}
+    if merges:
+        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    points = [Point(base, unmodified)]
+    for cfg in freeze:
+        fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
+        points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
+    for cfg in prune:
+        order = setting_text(cfg.alpha) if cfg.method == "renyi" else None
+        points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
+                            pruned_state(cfg, measure)))
+    points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)) for k, cfg in merges]
+    rows = run_sweep(model, data, points, progress=progress, desc="speed sweep")
     rate = statistics.median(reference_rates)
     for r in rows:
         r.fields.update({k.replace("speedup", "images_per_s"): round(rate * r[k], 2)
