@@ -68,23 +68,19 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
             return _table(model.cpu().eval(), calib, x, y, d, reps, threads, short, openvino, bar)
 
 
-def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
-    def call() -> torch.Tensor:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return model(x)
-        finally:
-            torch.set_num_threads(old)
-    return call
-
-
 def _call(runtime: str, path: Path, model: Optional[nn.Module], x: torch.Tensor,
           threads: int) -> Callable[[], torch.Tensor]:
     """The logits of ``x`` from ``model`` in PyTorch, or from the file ``path`` in ONNX Runtime or OpenVINO."""
     if runtime == "PyTorch":
-        return _torch_call(model, x, threads)
+        def call() -> torch.Tensor:
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.inference_mode():
+                    return model(x)
+            finally:
+                torch.set_num_threads(old)
+        return call
     if runtime == "OpenVINO":
         clf = OpenVinoClassifier(path, threads)
         return lambda: clf(x)

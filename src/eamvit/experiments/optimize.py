@@ -142,10 +142,9 @@ def build(run: _Run, cand: Candidate) -> nn.Module:
 
 
 def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
-    sp, c = run.splits, run.config
-    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
-                 progress=False)
-    return {k: m[k] for k in ("top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images")}
+    sp, c = run.splits, run.config  # every accuracy field of a results row
+    return evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
+                    progress=False)
 
 
 def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Path:

@@ -136,10 +136,6 @@ def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, 
     return out
 
 
-def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
-    return [(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed)) for g, t in FREEZE[space]]
-
-
 def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
     stage = {RepQConfig: 0, NncfInt8: 0, FreezeConfig: 1, PruneConfig: 2, MergeConfig: 2}
     parts = sorted(parts, key=lambda p: stage[type(p[1])])
@@ -181,7 +177,8 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
     out += [_candidate([(prune_name(p), p)], plain) for p in prunes]
     out += [_candidate([m], plain) for m in merges]
-    out += [_candidate([f], plain) for f in _freeze_options(space, seed)]
+    out += [_candidate([(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed))], plain)
+            for g, t in FREEZE[space]]
     return out
 
 

@@ -91,14 +91,6 @@ def pruned_gflops(model: nn.Module, config: PruneConfig) -> float:
         unprune_(model)
 
 
-def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[float]]],
-          options: dict[str, Any]) -> list[PruneConfig]:
-    """The config of every (κ, method) point, all checked before any work is done."""
-    for k in keep_rates:
-        check_keep_rate(k)
-    return [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
-
-
 @contextmanager
 def _unpruned(model: nn.Module, seed: int) -> Iterator[Applied]:
     grid = patch_grid(model)
@@ -157,7 +149,9 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
     base = {"label": label, "prune": None, "alpha": None, "keep_rate": None}
     if merges:
         base.update(merge=None, merge_r=None, matched_keep_rate=None)
-    jobs = _jobs(keep_rates, methods, options)
+    for k in keep_rates:  # every point's config is checked before any work is done
+        check_keep_rate(k)
+    jobs = [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
     matched = matched_merges(model, keep_rates, merges, options)
     points = [Point(base, _unpruned)]
     for k in keep_rates:
@@ -165,8 +159,7 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
             alpha = setting_text(cfg.order) if cfg.method == "renyi" else None
             points.append(Point({**base, "prune": cfg.method, "alpha": alpha, "keep_rate": cfg.keep_rate},
                                 pruned_state(cfg)))
-        for cfg in (c for kk, c in matched if kk == k):
-            points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg)))
+        points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg)) for kk, cfg in matched if kk == k]
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 

@@ -130,15 +130,6 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
     return base, frozen
 
 
-def _quantized(fp_model: nn.Module, config: RepQConfig, calib: torch.Tensor | Dataset,
-               q_model: Optional[nn.Module]) -> nn.Module:
-    if q_model is None:
-        q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
-    if step_config(q_model, "quant") is None:
-        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
-    return q_model
-
-
 def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
                 config: Optional[RepQConfig] = None, sweep: Optional[QuantSweepConfig] = None, *,
                 map_indices: Optional[Sequence[int]] = None, repq_calib: torch.Tensor | Dataset | None = None,
@@ -161,7 +152,11 @@ def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
     config = config or RepQConfig()
     sweep = sweep or QuantSweepConfig()
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
-    q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
+    if q_model is None:
+        calib = repq_calib if repq_calib is not None else calib_dataset
+        q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
+    if step_config(q_model, "quant") is None:
+        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
                          batch_size=data.batch_size, workers=data.workers, device=data.device,
                          max_memory=sweep.max_memory, progress=progress)

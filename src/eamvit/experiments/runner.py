@@ -203,10 +203,6 @@ def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict
                      top5_std=top5_std, seeds=len(metrics), **(throughput.fields() if throughput is not None else {}))
 
 
-def _describe(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str)) and k != "label"}
-
-
 def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timing: Optional[Timing] = None,
               evaluate_fn: Optional[Callable[..., dict]] = None, progress: bool = True,
               desc: str = "sweep") -> list[ResultRow]:
@@ -229,7 +225,8 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
                 raise EamError(f"point {p.fields} has no seeds")
             metrics, measured, speed, evaluated = [], {}, None, model
             for seed in p.seeds:
-                bar.set_postfix(**_describe(p.fields), seed=seed)
+                bar.set_postfix(**{k: v for k, v in p.fields.items() if isinstance(v, (int, float, str))
+                                   and k != "label"}, seed=seed)
                 with p.state(model, seed) as applied:
                     applied = applied or Applied()
                     evaluated = applied.model if applied.model is not None else model
