@@ -174,31 +174,25 @@ def _runner(run: _Run, path: Path) -> tuple[nn.Module, Callable[[], Any]]:
     return ort, lambda: ort.session.run([ort.output_name], {ort.input_name: x})
 
 
-def _measure_file(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """Top-1 and speed-up of ``cand``'s shipped file in the run's runtime (what is evaluated is what is shipped)."""
-    from eamvit.methods.export_openvino import model_bytes
-
-    path = _shipped_file(run, build(run, cand), cand, "candidate")
-    clf, call = _runner(run, path)
-    times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
-    return {**_top1(run, clf, "cpu"), **speedup_fields(*times), "file_bytes": model_bytes(path)}
-
-
-def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """Top-1 and speed-up of ``cand``'s PyTorch model against the unmodified one."""
-    m = build(run, cand)
-    s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
-                        input_size=tuple(run.batch.shape[1:]), device=run.device)
-    return {**_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
-            "model_bytes": model_size(m).model_bytes}
-
-
 def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """The point of ``cand``: label, recipe, export, top-1, speed-up and bytes, or the reason it cannot be built."""
+    """The point of ``cand``: label, recipe, export, top-1, speed-up and bytes, or the reason it cannot be built.
+    In ONNX Runtime and OpenVINO both are measured on the file the point ships: what is evaluated is what is shipped."""
     t0 = time.perf_counter()
     point: dict[str, Any] = {"label": cand.label, **cand.identity()}
     try:
-        point.update(_measure_torch(run, cand) if run.config.runtime == "torch" else _measure_file(run, cand))
+        m = build(run, cand)
+        if run.config.runtime == "torch":
+            s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
+                                input_size=tuple(run.batch.shape[1:]), device=run.device)
+            point.update(_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
+                         model_bytes=model_size(m).model_bytes)
+        else:
+            from eamvit.methods.export_openvino import model_bytes
+
+            path = _shipped_file(run, m, cand, "candidate")
+            clf, call = _runner(run, path)
+            times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
+            point.update(_top1(run, clf, "cpu"), **speedup_fields(*times), file_bytes=model_bytes(path))
     except EamError as e:  # a step this model or its export cannot take: recorded, never chosen
         point["error"] = str(e)
     point["seconds"] = round(time.perf_counter() - t0, 2)
@@ -303,16 +297,6 @@ def check_resolution(num_images: int, max_drop: float) -> None:
                        f"{math.ceil(step * 100) / 100:g} or more")
 
 
-def _nncf_calibration(sp: Splits) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """NNCF's calibration images, the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split, and
-    the record of the split they are drawn from."""
-    items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
-    if not items:
-        raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
-                       "(or --data)")
-    return torch.stack([it[0] for it in items]), [calibration_record(sp.calib_set, sp.calib_indices)]
-
-
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
     """The run's shared inputs: the timed batch (held-out images), the fp32 export for ONNX Runtime and
     OpenVINO, and NNCF's calibration images for OpenVINO."""
@@ -325,8 +309,13 @@ def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir
     if config.runtime != "torch":
         export_onnx(model, workdir / "reference.onnx")
         run.reference_call = _runner(run, workdir / "reference.onnx")[1]
-    if config.runtime == "openvino":
-        run.nncf_images, run.nncf_calibration = _nncf_calibration(sp)
+    if config.runtime == "openvino":  # NNCF's images: the first readable ones of the calibration split
+        items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
+        if not items:
+            raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
+                           "(or --data)")
+        run.nncf_images = torch.stack([it[0] for it in items])
+        run.nncf_calibration = [calibration_record(sp.calib_set, sp.calib_indices)]
     return run
 
 

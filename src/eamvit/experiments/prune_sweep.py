@@ -163,10 +163,6 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
-def _fmt_gmacs(v: float) -> str:
-    return f"{v:.4f}" if v < 0.1 else f"{v:.2f}"
-
-
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """Markdown table of sweep rows, Δ top-1 against the unmodified row when there is one."""
     base = next((r for r in rows if not r["prune"] and not r.get("merge")), None)
@@ -179,9 +175,9 @@ def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     columns = [Column("method"), Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g")]
     if merging:
         columns.append(Column("merge_r", "r per block"))
-    columns += [Column("tokens", "patch tokens per stage"),
-               Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f"),
-               Column("gmacs", "GMACs", _fmt_gmacs), Column("images_per_s", "images/s", ".0f")]
+    columns += [Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
+                Column("delta", "Δ top-1", "+.2f"), Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
+                Column("images_per_s", "images/s", ".0f")]
     if any(v["top1_finetuned"] is not None for v in view):
         columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
     return markdown(view, columns)

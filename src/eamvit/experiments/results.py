@@ -134,11 +134,6 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def table_rows(rows: Sequence[Row], columns: Sequence[Column]) -> list[dict[str, Any]]:
-    """The rows restricted to ``columns``, in column order, as plain JSON-ready dicts."""
-    return [{c.key: _plain(c.value(r)) for c in columns} for r in rows]
-
-
 def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) -> str:
     """A markdown table of ``rows`` (every field when ``columns`` is ``None``)."""
     columns = list(columns) if columns is not None else columns_of(rows)
@@ -176,7 +171,7 @@ def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[
     if bad:
         raise EamError(f"unknown table formats {sorted(bad)}; use csv, json, md")
     columns = list(columns) if columns is not None else columns_of(rows)
-    plain, stem = table_rows(rows, columns), Path(stem)
+    plain, stem = [{c.key: _plain(c.value(r)) for c in columns} for r in rows], Path(stem)
     writers = {"csv": lambda path: _write_csv(path, plain, [c.key for c in columns]),
                "json": lambda path: write_text(path, json.dumps(plain, indent=2) + "\n"),
                "md": lambda path: write_text(path, markdown(rows, columns))}

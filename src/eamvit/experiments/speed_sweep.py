@@ -132,11 +132,6 @@ def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     return out
 
 
-def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Optional[ResultRow]:
-    ok = [r for r in rows if row_method(r).startswith(prefix) and r["top1"] >= floor]
-    return max(ok, key=lambda r: r["speedup"]) if ok else None
-
-
 def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 5.0)) -> list[str]:
     """What :func:`speed_sweep`'s rows answer, in words: for freezing, pruning and merging, the fastest measured
     point that loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs."""
@@ -146,10 +141,11 @@ def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 
         for prefix, name in (("freeze", "freezing"), ("prune", "token pruning"), ("merge", "token merging")):
             if not any(row_method(r).startswith(prefix) for r in rows):
                 continue
-            best = _fastest_within(rows, prefix, base["top1"] - drop)
-            if best is None:
+            ok = [r for r in rows if row_method(r).startswith(prefix) and r["top1"] >= base["top1"] - drop]
+            if not ok:
                 lines.append(f"within {drop:g} top-1 point(s), {name}: no point")
                 continue
+            best = max(ok, key=lambda r: r["speedup"])
             knob = (f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}" if best["prune"]
                     else f"r={best['merge_r']} (κ={best['matched_keep_rate']:g}'s GMACs)")
             verdict = "faster than" if best["speedup_p25"] > 1 else (
