@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -94,11 +94,6 @@ class PerBlockResult:
     rows: list[ResultRow]
 
 
-def _settings(config: PruneConfig) -> dict[str, Any]:
-    alpha = setting_text(config.order) if config.method == "renyi" else None
-    return {"prune": config.method, "alpha": alpha, "keep_rate": setting_text(config.keep_rate)}
-
-
 class _Scorer:
     """Top-1 of configs on one image set through the sweep runner, each config evaluated once."""
 
@@ -112,8 +107,9 @@ class _Scorer:
     def score(self, configs: list[PruneConfig], step: int, phase: str) -> list[ResultRow]:
         """A row per config; new ones are evaluated and recorded with ``step`` and ``phase``."""
         new = [c for c in dict.fromkeys(configs) if c not in self.seen]
-        points = [Point({**_settings(c), "search_step": step, "search_phase": phase, "scored_on": self.scored_on},
-                        pruned_state(c)) for c in new]
+        points = [Point({"prune": c.method, "alpha": setting_text(c.order) if c.method == "renyi" else None,
+                         "keep_rate": setting_text(c.keep_rate), "search_step": step, "search_phase": phase,
+                         "scored_on": self.scored_on}, pruned_state(c)) for c in new]
         if points:
             rows = run_sweep(self.model, self.data, points, evaluate_fn=self.evaluate_fn, progress=self.progress,
                              desc=f"per-block {phase} {step}")

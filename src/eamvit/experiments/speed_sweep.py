@@ -23,14 +23,6 @@ from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
 
 
-def cost_fields(model: nn.Module) -> dict[str, Any]:
-    """The cost model's numbers of a row: executed and skippable GMACs per image, predicted speed-up."""
-    acct = cost_account(model)
-    sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
-    return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
-            "predicted_speedup": round(acct.predicted_speedup, 4)}
-
-
 def row_method(row: Mapping[str, Any]) -> str:
     """Display name of a speed-sweep row: ``unmodified``, ``freeze (G)``, ``prune (method)`` or ``merge (method)``."""
     if row.get("granularity"):
@@ -78,9 +70,13 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
     reference_rates: list[float] = []
 
     def measure(m: nn.Module) -> dict[str, Any]:
+        """The cost model's GMACs (executed, skippable) and predicted speed-up, then the measured one."""
         speed = measure_speedup(m, reference, timing, device=data.device)
         reference_rates.append(speed.pop("reference_images_per_s"))
-        return {**cost_fields(m), **speed}
+        acct = cost_account(m)
+        sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
+        return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
+                "predicted_speedup": round(acct.predicted_speedup, 4), **speed}
 
     @contextmanager
     def unmodified(m: nn.Module, seed: int) -> Iterator[Applied]:
