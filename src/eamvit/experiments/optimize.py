@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
-                                               combinations, merge_options, reference, single_candidates)
+from eamvit.experiments.optimize_space import (Candidate, Runtime, Space, combinations, merge_options, reference,
+                                               single_candidates)
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
 from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
 from eamvit.experiments.runner import Timing, measure_speedup, speedup_fields
