@@ -136,10 +136,11 @@ def test_speed_sweep_defaults_to_a_short_pruning_list(monkeypatch, tmp_path, cap
     code, _, err = run(capsys, "sweep", "--data", "digits", "--num-samples", 8, "--granularity", "entry,head",
                        "--taus", 0.5, "--out", tmp_path)
     assert code == 2 and "stub reached" in err
-    _, _, _, taus, grans, methods, keep_rates, *_ = seen["args"]
-    assert methods == [("shannon", None), ("evit", None)] and list(keep_rates) == [0.7, 0.5]
-    assert len(methods) * len(keep_rates) == 4  # pruning points, against 21 before
-    assert [(m.selection, m.alpha) for m in seen["kwargs"]["merges"]] == [("tome", None), ("entropy", None)]
+    prune, merges = seen["args"][4:6]
+    assert [(p.method, p.keep_rate) for p in prune] == [("shannon", 0.7), ("shannon", 0.5), ("evit", 0.7),
+                                                        ("evit", 0.5)]
+    assert len(prune) == 4  # pruning points, against 21 before
+    assert [(m.selection, m.alpha) for _, m in merges] == [("tome", None), ("entropy", None)] * 2
 
 
 def test_prune_sweep_keeps_its_wide_default(monkeypatch, tmp_path, capsys):

@@ -7,6 +7,7 @@ from torch.utils.data import TensorDataset
 
 import eamvit
 from eamvit.cli.main import main
+from eamvit.experiments.prune_sweep import matched_merges
 from eamvit.experiments.runner import EvalData, Timing
 from eamvit.experiments.speed_sweep import speed_sweep
 from eamvit.methods.evaluate import evaluate
@@ -35,9 +36,10 @@ def test_rows_match_each_state_evaluated_alone(setup):
     x = data.tensors[0][:4]
     with torch.no_grad():
         before = model(x)
-    rows = speed_sweep(model, maps, EvalData(data, batch_size=8), [0.0, 0.5], ("entry", "head"),
-                       [("evit", None)], [0.5], Timing(batch_size=2, warmup=0, reps=3), progress=False,
-                       merges=[MergeConfig(selection="tome")])
+    rows = speed_sweep(model, maps, EvalData(data, batch_size=8), [FreezeConfig(tau=0.5, granularity=g)
+                       for g in ("entry", "head")], [PruneConfig(method="evit", keep_rate=0.5)],
+                       matched_merges(model, [0.5], [MergeConfig(selection="tome")], {}),
+                       Timing(batch_size=2, warmup=0, reps=3), progress=False)
     assert [(r["selection"], r["granularity"], r["tau"], r["prune"], r["keep_rate"], r["merge"]) for r in rows] == [
         (None, None, None, None, None, None), ("entropy", "entry", 0.5, None, None, None),
         ("entropy", "head", 0.5, None, None, None), (None, None, None, "evit", 0.5, None),

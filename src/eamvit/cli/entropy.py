@@ -119,30 +119,36 @@ def _sweep_data(args, model, device, out: Path):
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
+    from dataclasses import replace
+
+    from eamvit.experiments.prune_sweep import matched_merges
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import Timing
     from eamvit.experiments.speed_sweep import (SPEED_COLUMNS, check_family, supports, plot_rows, speed_sweep,
                                                 summary_lines)
     from eamvit.methods.freeze import FreezeConfig
+    from eamvit.methods.prune import method_config
     from eamvit.plots.speed import plot_top1_vs_speedup
 
     if args.prune or args.quant or args.quant_state:
         raise EamError("--granularity sweeps freezing against pruning in float; drop --prune/--quant/--quant-state")
     methods, merges = sweep_methods(args, SPEED_METHODS, SPEED_KEEP_RATES)
-    freeze = FreezeConfig(**given_values(aggregate=args.aggregate, value_bits=args.value_bits,
-                                         value_quantizer=args.value_quantizer))
+    prune = [method_config(m, a, k, **prune_options(args)) for m, a in methods for k in args.keep_rates if k < 1]
+    base = FreezeConfig(**given_values(aggregate=args.aggregate, value_bits=args.value_bits,
+                                       value_quantizer=args.value_quantizer))
+    freeze = [replace(base, tau=t, granularity=g) for g in args.granularity for t in args.taus if t > 0]
     model, device = load_model(args)
     if not supports(model, "prune") and args.methods is None:
-        methods, merges = [], []
+        prune, merges = [], []
         warn("token pruning and merging do not apply to this model's attention family (`eamvit models`): the "
              "speed sweep has freezing points only")
-    check_family(model, args.granularity, methods, merges)
+    check_family(model, args.granularity, prune, merges)
     out = ensure_writable_dir(args.out)
     maps, data = _sweep_data(args, model, device, out)
     flush_warnings()
-    rows = speed_sweep(model, maps, data, args.taus, args.granularity, methods, args.keep_rates,
-                       Timing(**given_values(batch_size=args.throughput_batch, reps=args.throughput_reps)),
-                       freeze=freeze, prune_options=prune_options(args), progress=is_main(), merges=merges)
+    matched = matched_merges(model, [k for k in args.keep_rates if k < 1], merges, prune_options(args))
+    rows = speed_sweep(model, maps, data, freeze, prune, matched,
+                       Timing(**given_values(batch_size=args.throughput_batch, reps=args.throughput_reps)), is_main())
     if is_main():
         files = write_table(out / "speed_sweep", rows, formats=("csv", "json"))  # every field, to diff
         files.update(write_table(out / "speed_sweep", rows, SPEED_COLUMNS, formats=("md",)))

@@ -110,8 +110,8 @@ def per_block_config(args):
 
 def cmd_per_block_sweep(args) -> None:
     """``sweep --prune --per-block``: the greedy per-block search, its rows and the chosen recipe."""
-    from eamvit.experiments.per_block_sweep import markdown_table, per_block_sweep
-    from eamvit.experiments.results import write_table
+    from eamvit.experiments.per_block_sweep import SEARCH_COLUMNS, per_block_sweep
+    from eamvit.experiments.results import markdown, write_table
     from eamvit.methods.prune import setting_text
     from eamvit.methods.recipe import Recipe
 
@@ -124,7 +124,7 @@ def cmd_per_block_sweep(args) -> None:
                           progress=is_main())
     if is_main():
         out = ensure_writable_dir(args.out)
-        md = markdown_table(res.rows)
+        md = markdown(res.rows, SEARCH_COLUMNS)
         files = write_table(out / "per_block", res.rows, formats=("csv", "json"))
         write_text(out / "per_block.md", md)
         write_text(out / RECIPE_FILE, Recipe(steps=(res.config,)).to_json() + "\n")

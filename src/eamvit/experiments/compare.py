@@ -1,16 +1,5 @@
-"""FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on one model and data: top-1, model size, calibration time.
-
-:func:`compare` quantizes a fresh copy of the model per method and setting (W4/A4 and W6/A6 by
-default, plus PMQ under explicit size budgets such as the paper's ``"8/8/4(MP)"``), evaluates it,
-and optionally freezes the lowest-entropy attention entries at sparsity τ on top of each
-(EAM on the quantized model: maps computed on that quantized model, frozen values in fp32).
-:func:`markdown_table` lays the rows out like the seeds' tables (PMQ Table III: method, W/A/P,
-size, top-1 and its drop from full precision). :data:`DEMO_CONFIG` holds the demo's fast settings.
-
-Model size: ``model_bytes``, :func:`eamvit.experiments.size.model_size` (quantized weights at their
-bits, quantizer scales and zero points and every other parameter at 32 bits); the table shows it in
-MB = 10^6 bytes. Rows name the quantization method ``quant`` (``fp`` for the full-precision row) and,
-with freezing, its ``tau`` and ``frozen_fraction``.
+"""FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on one model and data: top-1, model size, calibration time, optionally with
+EAM freezing on top. Design: ``docs/architecture-experiments.md``, "compare".
 """
 from __future__ import annotations
 
@@ -30,7 +19,10 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
 from eamvit.methods import adfq, pmq, repq
+from eamvit.methods.calibrate import compute_entropy_maps
+from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.quantize import quantize_
+from eamvit.methods.recipe import Recipe, apply_
 from eamvit.choices import COMPARE_METHODS as METHODS, CompareMethod  # defined torch-free for the CLI
 
 
@@ -42,13 +34,9 @@ class CompareConfig(Config):
         methods: subset of ``fp``, ``repq``, ``adfq``, ``pmq``.
         settings: ``(w_bits, a_bits)`` pairs (the seeds' W4/A4 and W6/A6).
         pmq_budgets: extra PMQ rows as ``"W/A/P(MP)"`` strings (budget = all weights at W bits).
-        repq: RepQ-ViT settings (bits overridden per setting).
-        adfq: ADFQ-ViT settings (bits overridden per setting).
-        pmq: PMQ settings (bits overridden per setting; P = A).
+        repq, adfq, pmq: each method's settings, bits overridden per setting (PMQ's P = A).
         freeze_sparsity: τ of EAM freezing on top of every quantized model (None: no freezing).
         entropy_bits: histogram bits of the entropy maps for freezing.
-        batch_size: evaluation batch.
-        progress: progress bars.
     """
 
     methods: tuple[CompareMethod, ...] = METHODS
@@ -76,8 +64,7 @@ class CompareConfig(Config):
             raise EamError(f"freeze_sparsity={self.freeze_sparsity} must be a fraction in [0, 1]")
 
 
-# The demo's fast settings: few ADFQ-ViT reconstruction iterations (the paper's 3000 are far too slow for a
-# demo) on 64 calibration images (RepQ-ViT and PMQ keep their 32), and PMQ under the paper's 8/8/4(MP) budget.
+# The demo's fast settings: few ADFQ-ViT iterations (the paper's 3000 are far too slow for a demo), 64 images.
 DEMO_CONFIG = CompareConfig(adfq=adfq.ADFQConfig(calib_size=64, iterations=20), pmq_budgets=("8/8/4(MP)",))
 
 
@@ -102,16 +89,6 @@ def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
 NAMES = {"fp": "Full precision", "repq": "RepQ-ViT", "adfq": "ADFQ-ViT", "pmq": "PMQ"}
 
 
-def _freeze(model: nn.Module, calib: Dataset, tau: float, bits: int, batch_size: int, progress: bool) -> float:
-    """EAM freezing at ``tau`` on ``model`` with maps of ``model`` itself; returns the frozen fraction."""
-    from eamvit.methods.calibrate import compute_entropy_maps
-    from eamvit.methods.freeze import FreezeConfig
-    from eamvit.methods.recipe import Recipe, apply_
-
-    maps = lambda m: compute_entropy_maps(m, calib, bits=bits, batch_size=batch_size, progress=progress)
-    return apply_(model, Recipe(steps=(FreezeConfig(tau=tau),)), calib, maps=maps)["freeze"].frozen_fraction
-
-
 def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tensor, config: CompareConfig) -> Point:
     """A point that quantizes a copy of the model with ``method`` (timed) and freezes it if asked."""
     @contextmanager
@@ -121,13 +98,13 @@ def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tens
         if method != "fp":
             quantize_(m, cfg, calib, progress=config.progress)
         seconds = time.perf_counter() - t0
-        size = model_size(m)
-        fields: dict[str, Any] = {"model_bytes": size.model_bytes,
+        fields: dict[str, Any] = {"model_bytes": model_size(m).model_bytes,
                                   "calib_seconds": round(seconds, 3) if method != "fp" else 0.0}
-        if config.freeze_sparsity is not None:
-            fields["tau"] = config.freeze_sparsity
-            fields["frozen_fraction"] = _freeze(m, calib, config.freeze_sparsity, config.entropy_bits, config.batch_size,
-                                       config.progress)
+        if config.freeze_sparsity is not None:  # EAM on the quantized model, with maps of that model itself
+            maps = lambda q: compute_entropy_maps(q, calib, bits=config.entropy_bits, batch_size=config.batch_size,
+                                                  progress=config.progress)
+            report = apply_(m, Recipe(steps=(FreezeConfig(tau=config.freeze_sparsity),)), calib, maps=maps)["freeze"]
+            fields.update(tau=config.freeze_sparsity, frozen_fraction=report.frozen_fraction)
         yield Applied(fields, model=m)
 
     return Point({"quant": method, "bits": label}, quantized)
@@ -136,19 +113,12 @@ def _method_point(method: str, label: str, cfg: Any, calib: Dataset | torch.Tens
 def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tensor, test: Dataset,
             config: Optional[CompareConfig] = None, device: torch.device | str | None = None,
             test_indices: Optional[Sequence[int]] = None, data_config: Optional[dict] = None) -> list[ResultRow]:
-    """One row per method and setting, on :func:`~eamvit.experiments.runner.run_sweep`.
-
-    Each quantized row starts from a copy of one full-precision model. Rows carry ``quant``,
-    ``bits`` (W/A or W/A/P), ``model_bytes`` (:func:`~eamvit.experiments.size.model_size`),
-    ``calib_seconds``, ``top1_delta`` (against the full-precision row, when there is one), the
-    accuracy fields, and ``tau``, ``frozen_fraction`` with freezing.
+    """One row per method and setting, each quantized from a copy of one full-precision model, with ``bits``
+    (W/A or W/A/P), ``model_bytes``, ``calib_seconds`` and ``top1_delta`` (against the full-precision row).
 
     Args:
         model_factory: returns the full-precision, instrumented model (called once).
         calib: calibration images: a dataset of ``(image, target)`` (PMQ then uses the labels) or a tensor.
-        test: evaluation dataset.
-        config: :class:`CompareConfig`.
-        device: where to run.
         test_indices: evaluate on these items only.
         data_config: the timm data config of ``test`` (recorded in the rows).
     """
@@ -168,15 +138,11 @@ def compare(model_factory: Callable[[], nn.Module], calib: Dataset | torch.Tenso
     return rows
 
 
-def compare_columns(rows: Sequence[ResultRow | dict]) -> list[Column]:
+def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
     """The seeds' table (PMQ Table III): Method | W/A(/P) | Size (MB) | Top-1 | Δ top-1 | Calib. (s)."""
     cols = [Column("quant", "Method", NAMES.get), Column("bits", "W/A(/P)")]
     if any("tau" in r for r in rows):
         cols.append(Column("tau", "EAM τ"))
-    return cols + [Column("model_bytes", "Size (MB)", lambda b: f"{b / 1e6:.3f}"), Column("top1", "Acc (Top-1)", ".2f"),
-                   Column("top1_delta", "Δ top-1", "+.2f"), Column("calib_seconds", "Calib. (s)", ".1f")]
-
-
-def markdown_table(rows: Sequence[ResultRow | dict]) -> str:
-    """The rows as the seeds' table (:func:`compare_columns`)."""
-    return markdown(rows, compare_columns(rows))
+    return markdown(rows, cols + [Column("model_bytes", "Size (MB)", lambda b: f"{b / 1e6:.3f}"),
+                                  Column("top1", "Acc (Top-1)", ".2f"), Column("top1_delta", "Δ top-1", "+.2f"),
+                                  Column("calib_seconds", "Calib. (s)", ".1f")])

@@ -1,28 +1,5 @@
-"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in about a minute on CPU.
-
-The default demo tells the core story, one step at a time:
-
-1. load the shipped digits ViT (or train one with ``--retrain``) and measure it on the test split;
-2. compute entropy attention maps on the training split;
-3. draw the paper's figures (CLS-row maps, full maps, layer x head summary);
-4. sweep τ ∈ {0, 0.1, ..., 0.9} for entropy vs random freezing at the ``head`` scope (the
-   default; ``--full`` adds ``global``), on the test split;
-5. quantize to W4/A4 with RepQ-ViT and put EAM on top (the paper's Table 1, KL maps, sizes);
-6. prune patch tokens by attention entropy (Shannon, Rényi) against EViT and random, and merge them
-   (ToMe, entropy-guided merging) at the same GMACs;
-7. ``eamvit optimize`` with a small space and a half-minute budget: the fastest recipe within one point
-   of top-1 in OpenVINO where its extra is installed (NNCF int8 among the candidates), else in ONNX
-   Runtime, its Pareto front (``optimize/``);
-8. finish ``report.md``.
-
-``--full`` adds the slow parts: the ``global`` scope of the sweep, freezing by entry, row and head
-against token pruning at measured speed, fine-tuning with frozen attention, the FP / RepQ-ViT /
-ADFQ-ViT / PMQ comparison, and the export table (fp32, eamvit's int8 and 4-bit weight-only exports
-and ONNX Runtime's own static int8, in PyTorch and ONNX Runtime).
-
-Every step prints ``[k/N]`` first; its table goes to stdout and its CSV/JSON to the output folder as
-soon as it finishes, and ``report.md`` is rewritten after every step, so a failing step leaves the
-results of the earlier ones.
+"""``eamvit demo``: the whole EAM pipeline on the bundled digits ViT, in about a minute on CPU (``--full`` adds the
+slow parts). The steps: ``docs/architecture-experiments.md``, "demo".
 """
 from __future__ import annotations
 
@@ -51,6 +28,7 @@ QUANT_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the demo's quantized sweep: Table 1 ne
 KEEP_RATES = (0.7, 0.5)
 SPEED_TAUS = (0.3, 0.5, 0.7, 0.9)  # the speed comparison: freezing levels ...
 KEEP_RATES_SPEED = (0.9, 0.7, 0.5)  # ... and pruning keep rates
+SPEED_METHODS = (("shannon", None), ("renyi", 2.0), ("evit", None))
 SPEED_TIMING = Timing(batch_size=64, warmup=3, reps=15)  # a tiny model: larger batches, more repetitions
 FINETUNE_TAUS = (0.5, 0.7, 0.9)
 
@@ -61,11 +39,8 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     """Run the demo; returns the numbers that went into the report.
 
     Args:
-        out: output folder.
-        retrain: train the digits ViT (``epochs`` epochs) instead of loading ``checkpoint``.
-        checkpoint: digits checkpoint (the bundled one by default).
-        device: where to run.
-        epochs: training epochs with ``retrain``.
+        retrain: train the digits ViT (``epochs`` epochs) instead of loading ``checkpoint`` (the bundled one by
+            default).
         full: also run the slow steps (:data:`STEPS` entries marked ``full``).
         draw: draws each :class:`Figure` a step asks for, as soon as the step is done (the CLI's).
     """
@@ -162,11 +137,9 @@ standard deviation in the `±` column beside it.
 
 
 def report(demo: DemoRun, skipped: list[Step], elapsed: Optional[float]) -> str:
-    """The text of ``report.md``: the sections so far, what ``--full`` would add, the files.
+    """The text of ``report.md``: the sections so far, what ``--full`` would add (``skipped``), the files.
 
     Args:
-        demo: the run (its finished sections).
-        skipped: the steps this run leaves to ``--full``, in whole or (those with ``more``) in part.
         elapsed: the run time, or ``None`` while the demo is still running (the report says so, and
             keeps saying so if a later step fails).
     """
@@ -198,13 +171,15 @@ markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
 
 def _speed_step(demo: DemoRun) -> dict:
     """Freezing by entry, row and head against token pruning and merging, at measured speed (speed_sweep.*)."""
-    from eamvit.experiments.prune_sweep import SWEEP_MERGES
+    from eamvit.experiments.prune_sweep import SWEEP_MERGES, matched_merges
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
+    from eamvit.methods.prune import method_config
 
     model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
+    freeze = [FreezeConfig(tau=t, granularity=g) for g in ("entry", "row", "head") for t in SPEED_TAUS]
+    prune = [method_config(m, a, k) for m, a in SPEED_METHODS for k in KEEP_RATES_SPEED]
     rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device, data_config=demo.data_config),
-                       SPEED_TAUS,
-                       keep_rates=KEEP_RATES_SPEED, timing=SPEED_TIMING, progress=True, merges=SWEEP_MERGES)
+                       freeze, prune, matched_merges(model, KEEP_RATES_SPEED, SWEEP_MERGES, {}), SPEED_TIMING)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)

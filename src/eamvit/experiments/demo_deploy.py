@@ -40,25 +40,18 @@ _QUANT_POINTS = {"onnxruntime": "int8 QDQ (asymmetric and symmetric activations)
                              "for OpenVINO"}
 
 
-def optimize_runtime() -> str:
-    """Where the demo's search measures: OpenVINO where its extra (with NNCF) is installed, else ONNX Runtime."""
-    from eamvit.methods.export_openvino import is_available
-
-    return "openvino" if is_available(nncf=True) else "onnxruntime"
-
-
 def _optimize_step(demo: DemoRun) -> dict:
     """``eamvit optimize`` on the digits model: the fastest recipe within one point of top-1, in OpenVINO where it is
     installed, else in ONNX Runtime."""
     from eamvit.experiments.optimize import OptimizeConfig, optimize
     from eamvit.experiments.optimize_report import RUNTIME_NAMES, CommandLines, columns
     from eamvit.methods.data import build_splits
-    from eamvit.methods.export_openvino import INSTALL
+    from eamvit.methods.export_openvino import INSTALL, is_available
     from eamvit.methods.models import data_config
 
     # The one split rule, as `eamvit optimize --data digits` applies it: the report's commands rebuild the point.
     sp = build_splits("digits", data_config(demo.model), calibrate=True)
-    runtime = optimize_runtime()
+    runtime = "openvino" if is_available(nncf=True) else "onnxruntime"  # with NNCF
     name = RUNTIME_NAMES[runtime]
     # One thread: on a model this small a second thread adds more noise than speed.
     config = OptimizeConfig(max_drop=1.0, runtime=runtime, space="small", budget_minutes=OPTIMIZE_MINUTES, reps=10,

@@ -23,12 +23,8 @@ class DemoRun:
     """What the steps share: inputs, the results so far, and where the files go.
 
     Args:
-        out: output folder.
-        ckpt: the digits checkpoint.
-        model: the digits ViT, instrumented.
         train: the digits training split (calibration, fine-tuning).
         test: the held-out split (every top-1).
-        device: where to run.
         full: run the ``--full`` steps too.
     """
 
@@ -56,7 +52,6 @@ class Figure:
     Args:
         plot: which plot function, by its name in :mod:`eamvit.plots` (e.g. ``"plot_sweep"``).
         args: its positional arguments (the PNG path among them).
-        kwargs: its keyword arguments.
     """
 
     plot: str

@@ -1,9 +1,5 @@
 """The demo model: a small timm ViT trained on scikit-learn's bundled digits (offline, minutes on CPU).
-
-The checkpoint in ``eamvit/assets`` was made with this recipe by an earlier version of
-:func:`train_digits` (the same settings on a hand-written warm-up + cosine schedule and AdamW with
-weight decay on every parameter); ``eamvit train-digits`` and ``eamvit demo --retrain`` now train on
-the one training loop (:mod:`eamvit.methods.train`), so a fresh model differs slightly from it.
+Design and the shipped checkpoint's history: ``docs/architecture-experiments.md``, "digits".
 """
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ from torch import nn
 from eamvit.io import check_output_file
 from eamvit.methods.data import DigitsDataset, digits_data_config
 from eamvit.methods.evaluate import evaluate
-from eamvit.methods.models import create_model, save_checkpoint
+from eamvit.methods.models import BUNDLED_MODEL, create_model, save_checkpoint
 from eamvit.methods.train import TrainConfig, train
 
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -29,11 +25,7 @@ ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_vit.safetens
 
 @dataclass(frozen=True)
 class DigitsConfig(TrainConfig):
-    """Training recipe of the demo model (:class:`~eamvit.methods.train.TrainConfig` fields, other defaults).
-
-    80 epochs over the 1437 training digits (±1-pixel shifts), AdamW at ``lr = 1e-3`` with weight
-    decay 0.05, 5 warm-up epochs from ``1e-5``, then cosine to 0; label smoothing 0.1.
-    """
+    """Training recipe of the demo model (:class:`~eamvit.methods.train.TrainConfig` fields, other defaults)."""
 
     KIND: ClassVar[str] = "digits-train"
     VERSION: ClassVar[int] = 1
@@ -48,17 +40,8 @@ class DigitsConfig(TrainConfig):
 
 def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), progress: bool = True,
                  device: str | torch.device = "cpu") -> dict:
-    """Train the demo ViT on the digits training split and save it (safetensors) to ``out``.
-
-    Args:
-        out: the checkpoint to write (checked before training starts).
-        config: :class:`DigitsConfig`.
-        progress: progress bar.
-        device: where to train.
-
-    Returns:
-        ``{"top1": ..., "top5": ...}`` on the held-out test split.
-    """
+    """Train the demo ViT on the digits training split and save it to ``out`` (checked before training starts);
+    returns top-1/top-5 on the held-out test split."""
     out = check_output_file(out)
     torch.manual_seed(config.seed)
     model = create_model(DEMO_MODEL, model_kwargs=DEMO_KWARGS, device=device)
@@ -72,6 +55,4 @@ def train_digits(out: str | os.PathLike, config: DigitsConfig = DigitsConfig(), 
 
 def load_demo_model(checkpoint: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu") -> nn.Module:
     """The trained digits ViT (the shipped checkpoint unless another is given)."""
-    from eamvit.methods.models import BUNDLED_MODEL
-
     return create_model(BUNDLED_MODEL, checkpoint=checkpoint, device=device)

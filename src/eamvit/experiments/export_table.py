@@ -1,24 +1,5 @@
-"""The demo's deployment table on the digits model: PyTorch, eamvit's exports and ONNX Runtime's own int8.
-
-Rows (top-1 on the 360 test digits, size of the file that holds the model, images/s):
-
-* fp32 in PyTorch (file: the state dict as safetensors) and in ONNX Runtime (eamvit's fp32 export);
-* eamvit RepQ-ViT W8/A8 simulated in PyTorch (with the export's rounded zero points and 8-bit uniform
-  post-softmax, :func:`~eamvit.methods.export.prepare_export_`; file: the quantized state) and its
-  QDQ export in ONNX Runtime;
-* ONNX Runtime's own ``quantize_static`` W8/A8 of the fp32 export (QDQ, per-channel weights, MinMax and
-  percentile calibration) on the same 32 calibration images;
-* eamvit RepQ-ViT W4 weights, weight-only, in ONNX Runtime (``MatMulNBits``);
-* where OpenVINO and NNCF are installed (``pip install "eamvit[openvino]"``): the fp32 export, eamvit's
-  W8/A8 exported for OpenVINO (its graph form, symmetric weights and activations,
-  :class:`~eamvit.methods.export.Target` ``"openvino"``) and NNCF's own int8 of the fp32
-  export (``nncf.quantize``, TRANSFORMER, the same calibration images), all three run by OpenVINO.
-
-``short=True`` keeps the first two kinds (fp32 and eamvit's W8/A8): the demo's default table.
-
-Images/s: the whole test set as one batch, median of ``reps`` timed calls after a warm-up, with its
-quartiles; PyTorch and ONNX Runtime use the same number of threads. Rows have the shape of every
-results row (:data:`eamvit.columns.HEAD`): ``model`` is the model's name, ``label`` the configuration.
+"""The demo's deployment table on the digits model: PyTorch, eamvit's exports, ONNX Runtime's own int8 and
+(where installed) OpenVINO. The rows: ``docs/architecture-experiments.md``, "export_table".
 """
 from __future__ import annotations
 
@@ -36,7 +17,7 @@ from eamvit.experiments.runner import Throughput, result_row
 from eamvit.io import save_tensors
 from eamvit.methods.data import build_splits, digits_data_config
 from eamvit.methods.export import ExportConfig, Target, export_onnx, prepare_export_
-from eamvit.experiments.timer import time_call
+from eamvit.experiments.timer import Stats, time_calls
 from eamvit.methods.export_openvino import OpenVinoClassifier, is_available, model_bytes, nncf_quantize
 from eamvit.methods.export_runtime import onnx_session, ort_quantize_static
 from eamvit.methods.models import data_config
@@ -51,7 +32,7 @@ def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch
     top1, top5 = hit[:, 0].float().mean().item() * 100, hit.any(1).float().mean().item() * 100
     metrics = {"top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
                "top5_err": round(100 - top5, 3), "num_images": len(targets), "skipped_images": 0}
-    t = time_call(predict, warmup=1, reps=reps)
+    t = Stats.of(time_calls([predict], warmup=1, reps=reps)[0])
     n = len(targets)  # one call scores the whole test set
     speed = Throughput(median=n / t.median, p25=n / t.p75, p75=n / t.p25, reps=reps)
     cfg = {**digits_data_config(int(model.patch_embed.img_size[-1])), "source": "digits"}
@@ -62,24 +43,16 @@ def _row(model: nn.Module, label: str, runtime: str, predict: Callable[[], torch
 def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads: Optional[int] = None,
                  workdir: Optional[str] = None, short: bool = False, progress: bool = False,
                  openvino: Optional[bool] = None) -> list[ResultRow]:
-    """Top-1, file size and images/s of the digits model in PyTorch and ONNX Runtime, fp32 to 4-bit.
+    """Top-1, file size (``file_bytes``) and images/s of the digits model per configuration (``label``) and
+    ``runtime``, fp32 to 4-bit.
 
     Args:
-        model: the trained digits ViT (:func:`eamvit.experiments.digits.load_demo_model`; not changed).
-        calib_size: calibration images (a seeded random subset of the training split), shared by
-            RepQ-ViT and ONNX Runtime's ``quantize_static``.
-        reps: timed calls per row.
+        model: the trained digits ViT (not changed).
+        calib_size: calibration images, shared by RepQ-ViT and ONNX Runtime's ``quantize_static``.
         threads: PyTorch and ONNX Runtime threads (default: PyTorch's current setting).
         workdir: where the files go (a temporary folder by default).
-        short: only the fp32 and eamvit W8/A8 rows (no ONNX Runtime ``quantize_static``, no W4; no OpenVINO
-            unless ``openvino`` asks for it).
-        progress: a progress bar over building the files and timing the rows.
-        openvino: the OpenVINO rows (fp32, eamvit W8/A8, NNCF int8); ``None``: when OpenVINO and NNCF are
-            installed and the table is not ``short``.
-
-    Returns:
-        One row per configuration: the accuracy fields, ``label``, ``runtime``, ``file_bytes``,
-        ``images_per_s`` and its quartiles.
+        short: only the fp32 and eamvit W8/A8 rows (no OpenVINO unless ``openvino`` asks for it).
+        openvino: the OpenVINO rows; ``None``: when OpenVINO and NNCF are installed and the table is not ``short``.
     """
     threads = threads or torch.get_num_threads()
     if openvino is None:
@@ -95,26 +68,24 @@ def export_table(model: nn.Module, calib_size: int = 32, reps: int = 7, threads:
             return _table(model.cpu().eval(), calib, x, y, d, reps, threads, short, openvino, bar)
 
 
-def _torch_call(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
-    def call() -> torch.Tensor:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return model(x)
-        finally:
-            torch.set_num_threads(old)
-    return call
-
-
-def _ort_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+def _call(runtime: str, path: Path, model: Optional[nn.Module], x: torch.Tensor,
+          threads: int) -> Callable[[], torch.Tensor]:
+    """The logits of ``x`` from ``model`` in PyTorch, or from the file ``path`` in ONNX Runtime or OpenVINO."""
+    if runtime == "PyTorch":
+        def call() -> torch.Tensor:
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.inference_mode():
+                    return model(x)
+            finally:
+                torch.set_num_threads(old)
+        return call
+    if runtime == "OpenVINO":
+        clf = OpenVinoClassifier(path, threads)
+        return lambda: clf(x)
     s, xn = onnx_session(path, threads), x.numpy()
     return lambda: torch.from_numpy(s.run(None, {"images": xn})[0])
-
-
-def _ov_call(path: Path, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
-    clf = OpenVinoClassifier(path, threads)
-    return lambda: clf(x)
 
 
 def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tensor, d: Path, reps: int,
@@ -131,25 +102,21 @@ def _table(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, y: torch.Tens
     export_onnx(q8, d / "w8a8.onnx")
     sim8 = prepare_export_(copy.deepcopy(q8), ExportConfig())
     bar.update(1)
-    specs = [
-        ("fp32", "PyTorch", _torch_call(model, x, threads), d / "fp32.safetensors"),
-        ("fp32", "ONNX Runtime", _ort_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
-        ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", _torch_call(sim8, x, threads), d / "w8a8.safetensors"),
-        ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", _ort_call(d / "w8a8.onnx", x, threads), d / "w8a8.onnx"),
-    ]
+    specs = [("fp32", "PyTorch", d / "fp32.safetensors", model), ("fp32", "ONNX Runtime", d / "fp32.onnx", None),
+             ("eamvit RepQ-ViT W8/A8 (simulated)", "PyTorch", d / "w8a8.safetensors", sim8),
+             ("eamvit RepQ-ViT W8/A8 (QDQ export)", "ONNX Runtime", d / "w8a8.onnx", None)]
     if not short:
-        specs += _other_specs(model, calib, x, d, threads, bar)
+        specs += _other_specs(model, calib, d, bar)
     if openvino:
-        specs += _openvino_specs(q8, calib, x, d, threads, bar)
+        specs += _openvino_specs(q8, calib, d, bar)
     rows = []
-    for name, rt, call, path in specs:
-        rows.append(_row(model, name, rt, call, y, path, reps))
+    for name, rt, path, m in specs:
+        rows.append(_row(model, name, rt, _call(rt, path, m, x, threads), y, path, reps))
         bar.update(1)
     return rows
 
 
-def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
-                 bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+def _other_specs(model: nn.Module, calib: torch.Tensor, d: Path, bar: tqdm) -> list[tuple[str, str, Path, None]]:
     """The rows beyond the short table: ONNX Runtime's own static int8 and eamvit's 4-bit weights."""
     q4 = quantize_(copy.deepcopy(model), RepQConfig(w_bits=4, a_bits=8, calib_size=len(calib)), calib,
                    progress=False)
@@ -158,32 +125,22 @@ def _other_specs(model: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path
     for method in ("minmax", "percentile"):
         ort_quantize_static(d / "fp32.onnx", d / f"ort_{method}.onnx", calib, method=method)
         bar.update(1)
-    return [
-        ("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", _ort_call(d / "ort_minmax.onnx", x, threads),
-         d / "ort_minmax.onnx"),
-        ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", _ort_call(d / "ort_percentile.onnx", x, threads),
-         d / "ort_percentile.onnx"),
-        ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", _ort_call(d / "w4.onnx", x, threads),
-         d / "w4.onnx"),
-    ]
+    return [("ORT quantize_static W8/A8 MinMax", "ONNX Runtime", d / "ort_minmax.onnx", None),
+            ("ORT quantize_static W8/A8 percentile", "ONNX Runtime", d / "ort_percentile.onnx", None),
+            ("eamvit RepQ-ViT W4 weight-only (MatMulNBits)", "ONNX Runtime", d / "w4.onnx", None)]
 
 
-def _openvino_specs(q8: nn.Module, calib: torch.Tensor, x: torch.Tensor, d: Path, threads: int,
-                    bar: tqdm) -> list[tuple[str, str, Callable[[], torch.Tensor], Path]]:
+def _openvino_specs(q8: nn.Module, calib: torch.Tensor, d: Path, bar: tqdm) -> list[tuple[str, str, Path, None]]:
     """OpenVINO's rows: the fp32 export, eamvit's W8/A8 exported for it, and NNCF's int8 of the fp32 export."""
     export_onnx(q8, d / "w8a8_openvino.onnx", Target(form="openvino").export_config())
     bar.update(1)
     nncf_quantize(d / "fp32.onnx", d / "nncf.xml", calib)
     bar.update(1)
-    return [
-        ("fp32", "OpenVINO", _ov_call(d / "fp32.onnx", x, threads), d / "fp32.onnx"),
-        ("eamvit RepQ-ViT W8/A8 (QDQ export for OpenVINO, symmetric)", "OpenVINO",
-         _ov_call(d / "w8a8_openvino.onnx", x, threads), d / "w8a8_openvino.onnx"),
-        ("NNCF int8 (nncf.quantize, TRANSFORMER)", "OpenVINO", _ov_call(d / "nncf.xml", x, threads), d / "nncf.xml"),
-    ]
+    return [("fp32", "OpenVINO", d / "fp32.onnx", None),
+            ("eamvit RepQ-ViT W8/A8 (QDQ export for OpenVINO, symmetric)", "OpenVINO", d / "w8a8_openvino.onnx", None),
+            ("NNCF int8 (nncf.quantize, TRANSFORMER)", "OpenVINO", d / "nncf.xml", None)]
 
 
-# The markdown view of the rows: readable headers, top-1 to two decimals, bytes with thousands separators.
 EXPORT_COLUMNS = [Column("label", "model"), Column("runtime", "runtime"), Column("top1", "top-1 (%)", ".2f"),
                   Column("file_bytes", "file bytes", ","), Column("images_per_s", "images/s", ",.0f"),
                   Column("images_per_s_p25", "p25", ",.0f"), Column("images_per_s_p75", "p75", ",.0f")]

@@ -16,16 +16,11 @@ from eamvit.methods.freeze import FreezeConfig, FreezeReport, freeze_, unfreeze_
 def freeze_point(maps: EntropyMaps, config: FreezeConfig, fields: dict[str, Any], seeds: Sequence[int] = (0,),
                  value_deltas: Optional[Sequence] = None,
                  measure: Optional[Callable[[nn.Module, FreezeReport], dict[str, Any]]] = None) -> Point:
-    """A sweep point that freezes the model with ``config`` (its ``seed`` replaced by each of ``seeds``).
-
-    The row gets ``frozen_fraction`` and ``frozen_window_masked`` of the freeze; the model is
-    unfrozen on exit.
+    """A sweep point that freezes the model with ``config`` (its ``seed`` replaced by each of ``seeds``); the row
+    gets the freeze's ``frozen_fraction`` and ``frozen_window_masked``.
 
     Args:
         maps: entropy maps (and mean maps) of the model the sweep runs on.
-        config: :class:`~eamvit.methods.freeze.FreezeConfig`.
-        fields: the row's label.
-        seeds: seeds of the selection (one for entropy freezing, several for random).
         value_deltas: per-layer Δ of the frozen-value quantizer (see :func:`~eamvit.methods.freeze.freeze_`).
         measure: ``f(frozen model, report)`` returning more row fields (e.g. sizes).
     """
@@ -60,26 +55,12 @@ def freeze_points(maps: EntropyMaps, taus: Sequence[float], freeze: FreezeConfig
 def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
                  freeze: FreezeConfig = FreezeConfig(), selections: Sequence[str] = ("entropy", "random"),
                  seeds: Sequence[int] = (0, 1, 2), label: str = "", progress: bool = True) -> list[ResultRow]:
-    """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6).
-
-    Random freezing is averaged over ``seeds`` (``top1_std`` is its standard deviation); entropy
-    freezing is deterministic. The model is left unfrozen.
+    """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6), random freezing averaged over
+    ``seeds``; one row per (τ, selection) of :func:`freeze_points`. The model is left unfrozen.
 
     Args:
-        model: an instrumented model.
-        maps: its entropy maps.
-        data: evaluation data (:class:`~eamvit.experiments.runner.EvalData`).
-        taus: sparsity levels.
-        freeze: :class:`~eamvit.methods.freeze.FreezeConfig` of every point (``scope``, ``value_bits``,
-            ``value_quantizer`` ...); its ``tau``, ``selection`` and ``seed`` are replaced per point.
-        selections: ``"entropy"`` and/or ``"random"``.
-        seeds: seeds of random freezing.
+        freeze: the config of every point; its ``tau``, ``selection`` and ``seed`` are replaced per point.
         label: copied into every row.
-        progress: progress bar.
-
-    Returns:
-        One row per (τ, selection) with ``label``, ``tau``, ``selection``, ``scope``, ``value_bits``,
-        ``frozen_fraction``, ``frozen_window_masked`` and the accuracy fields.
     """
     points = freeze_points(maps, taus, freeze, selections, seeds, label)
     return run_sweep(model, data, points, progress=progress, desc=f"sweep {label}".strip())

@@ -1,10 +1,5 @@
 """Top-1 before and after a short fine-tune with frozen attention, entropy against random freezing.
-
-For every (τ, selection) a deep copy of the model is frozen (:func:`eamvit.methods.freeze.freeze_`),
-evaluated off the shelf, fine-tuned with the one fine-tuning function
-(:func:`eamvit.methods.finetune.finetune`; the frozen values stay at ``A^μ``, everything else trains)
-and evaluated again. Both selections get the same recipe, seed and data, so the gap between them after
-fine-tuning is what the choice of entries costs once the network has adapted to it.
+Design: ``docs/architecture-experiments.md``, "frozen_finetune".
 """
 from __future__ import annotations
 
@@ -23,8 +18,7 @@ from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.freeze import FreezeConfig, freeze_
 
-# A short recipe for a model that is already trained: a few epochs at a learning rate a little above
-# EViT's fine-tuning one (its 2e-5 is meant for 30 ImageNet epochs), no label smoothing.
+# For a model already trained: a little above EViT's fine-tuning lr (its 2e-5 is for 30 ImageNet epochs).
 SHORT_RECIPE = FinetuneConfig(epochs=2, lr=1e-4, min_lr=1e-5, batch_size=64, label_smoothing=0.0)
 
 COLUMNS = [Column("tau", "τ"), Column("selection"), Column("granularity"),
@@ -36,25 +30,13 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, data: EvalData, m
                           taus: Sequence[float] = (0.5, 0.7, 0.9), selections: Sequence[str] = ("entropy", "random"),
                           freeze: FreezeConfig = FreezeConfig(), config: FinetuneConfig = SHORT_RECIPE,
                           progress: bool = False) -> list[ResultRow]:
-    """For every (τ, selection): top-1 of the frozen model off the shelf, then after fine-tuning it.
+    """For every (τ, selection): top-1 of a frozen deep copy of ``model`` off the shelf (``top1``), then after
+    fine-tuning it (``top1_finetuned``; ``seconds``: fine-tuning and both evaluations).
 
     Args:
-        model: a trained, instrumented model (left unchanged: every row works on a deep copy).
-        train_ds: training items (fine-tuning).
-        data: held-out items (top-1: :class:`~eamvit.experiments.runner.EvalData`; its device is where
-            everything runs, its data config is recorded in the rows).
-        maps: the model's entropy maps (and mean maps ``A^μ``).
-        taus: sparsity levels.
-        selections: ``"entropy"`` and/or ``"random"``.
-        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` of every row (``granularity``, the ``seed``
-            of random freezing ...); its ``tau`` and ``selection`` are replaced per row.
+        data: held-out items; its device is where everything runs.
+        freeze: the config of every row; its ``tau`` and ``selection`` are replaced per row.
         config: the fine-tuning recipe, the same for every row.
-        progress: progress bars.
-
-    Returns:
-        :class:`~eamvit.experiments.results.ResultRow` s: the accuracy of the frozen model before
-        fine-tuning (``top1`` ...) and ``tau``, ``selection``, ``granularity``, ``frozen_fraction``,
-        ``top1_finetuned``, ``epochs``, ``lr`` and ``seconds`` (fine-tuning and both evaluations).
     """
     rows = []
     top = lambda m: evaluate(m, data.dataset, data.indices, batch_size=data.batch_size, workers=data.workers,

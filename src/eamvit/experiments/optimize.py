@@ -1,27 +1,6 @@
-"""``eamvit optimize``: the fastest recipe of a model within a top-1 budget, measured on this machine.
-
-Every candidate (:mod:`eamvit.experiments.optimize_space`) is built by the one recipe path
-(:func:`~eamvit.methods.recipe.apply_` on a copy of the model) and measured as it would be shipped:
-
-* ONNX Runtime and OpenVINO: the candidate is exported (:func:`~eamvit.methods.export.export_onnx`;
-  for OpenVINO a RepQ-ViT point is calibrated for and exported in the form OpenVINO runs, and an
-  NNCF point's fp32 export is quantized by NNCF,
-  :func:`~eamvit.methods.export_openvino.nncf_quantize`), and both its top-1 and its latency are
-  measured on that file in that runtime; the latency is timed in alternation against the unmodified
-  model's fp32 export in the same runtime (:func:`~eamvit.experiments.timer.time_calls`), and the
-  speed-up is the median of the per-repetition ratios with their quartiles;
-* PyTorch: the candidate model against the unmodified one
-  (:func:`~eamvit.experiments.runner.measure_speedup`).
-
-Top-1 is measured on the held-out images only (the command's :class:`~eamvit.methods.data.Splits`:
-calibration images are never scored). Every measured point is appended to ``points.jsonl`` in the
-output folder under a digest of what it depends on (recipe, export, model weights, data, runtime
-and timing settings), so a second run skips what the first measured: a run stopped by its time
-budget or interrupted resumes where it stopped. A cache it cannot read is refused, never skipped
-line by line (only a last point cut short by a kill is measured again).
-
-Top-1 moves in steps of one held-out image: a run whose ``--max-drop`` is finer than that step
-is refused (:func:`check_resolution`).
+"""``eamvit optimize``: the fastest recipe of a model within a top-1 budget, each candidate measured as it would be
+shipped, on this machine; a rerun resumes from ``points.jsonl``. Design: ``docs/architecture-experiments.md``,
+"optimize".
 """
 from __future__ import annotations
 
@@ -29,32 +8,35 @@ import copy
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.optimize_space import (RUNTIMES, SPACES, Candidate, Runtime, Space,  # noqa: F401
-                                               combinations, merge_options, reference, single_candidates)
+from eamvit.experiments.optimize_space import (Candidate, Runtime, Space, combinations, merge_options, reference,
+                                               single_candidates)
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
-from eamvit.experiments.timer import ratio_stats, time_calls
-from eamvit.io import ensure_writable_dir, tensors_sha256
+from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
+from eamvit.experiments.runner import Timing, measure_speedup, speedup_fields
+from eamvit.experiments.size import model_size
+from eamvit.experiments.timer import time_calls
+from eamvit.io import atomic_path, ensure_writable_dir, tensors_sha256, write_text
 from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
+from eamvit.methods.export import export_onnx
 from eamvit.methods.prune import PruneConfig
-from eamvit.methods.recipe import apply_
-
-if TYPE_CHECKING:  # only named in annotations
-    from eamvit.experiments.optimize_report import CommandLines
+from eamvit.methods.recipe import apply_, restore_, save_compressed
 
 NNCF_CALIB_SIZE = 300  # NNCF's own default subset size: what an OpenVINO user's nncf.quantize reads
 
@@ -72,7 +54,6 @@ class OptimizeConfig(Config):
         threads: ONNX Runtime's intra-op or OpenVINO's inference threads (``None``: one per core).
         reps: timed repetitions of each point and its reference.
         batch_size: images per evaluated and per timed call.
-        workers: DataLoader workers of the evaluation.
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         prunes: further pruning points searched after the space's (e.g. the per-block choice of
             ``sweep --prune --per-block``), as singles and in stacks.
@@ -122,8 +103,6 @@ class _Run:
 
     @property
     def calib(self):
-        from torch.utils.data import Subset
-
         sp = self.splits
         return Subset(sp.calib_set, list(sp.calib_indices)) if sp.calib_indices is not None else sp.calib_set
 
@@ -139,9 +118,6 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
             "config": {k: v for k, v in sp.data_config.items() if k != "source"}}
     timing = {k: getattr(config, k) for k in ("runtime", "threads", "reps", "batch_size")}
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
-
-
-# --------------------------------------------------------------------------- measuring one candidate
 
 
 def _maps_for(run: _Run, model: nn.Module):
@@ -166,22 +142,14 @@ def build(run: _Run, cand: Candidate) -> nn.Module:
 
 
 def _top1(run: _Run, model: nn.Module, device) -> dict[str, Any]:
-    sp, c = run.splits, run.config
-    m = evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
-                 progress=False)
-    return {k: m[k] for k in ("top1", "top1_err", "top5", "top5_err", "num_images", "skipped_images")}
-
-
-def _speed(reference: Sequence[float], times: Sequence[float]) -> dict[str, float]:
-    r = ratio_stats(reference, times)
-    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4)}
+    sp, c = run.splits, run.config  # every accuracy field of a results row
+    return evaluate(model, sp.eval_set, sp.eval_indices, batch_size=c.batch_size, workers=c.workers, device=device,
+                    progress=False)
 
 
 def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Path:
     """Write the file ``cand`` ships from ``model`` (built by its recipe) into the work folder: its export,
     or for an NNCF point that (fp32) export quantized by NNCF into an OpenVINO IR (``stem.xml`` + ``.bin``)."""
-    from eamvit.methods.export import export_onnx
-
     path = run.workdir / f"{stem}.onnx"
     export_onnx(model, path, cand.export)
     if not cand.nncf:
@@ -206,53 +174,35 @@ def _runner(run: _Run, path: Path) -> tuple[nn.Module, Callable[[], Any]]:
     return ort, lambda: ort.session.run([ort.output_name], {ort.input_name: x})
 
 
-def _measure_file(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """Top-1 and speed-up of ``cand``'s shipped file in the run's runtime (what is evaluated is what is shipped)."""
-    from eamvit.methods.export_openvino import model_bytes
-
-    path = _shipped_file(run, build(run, cand), cand, "candidate")
-    clf, call = _runner(run, path)
-    times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
-    return {**_top1(run, clf, "cpu"), **_speed(*times), "file_bytes": model_bytes(path)}
-
-
-def _measure_torch(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """Top-1 and speed-up of ``cand``'s PyTorch model against the unmodified one."""
-    from eamvit.experiments.runner import Timing, measure_speedup
-    from eamvit.experiments.size import model_size
-
-    m = build(run, cand)
-    s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
-                        input_size=tuple(run.batch.shape[1:]), device=run.device)
-    return {**_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
-            "model_bytes": model_size(m).model_bytes}
-
-
 def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
-    """The point of ``cand``: label, recipe, export, top-1, speed-up and bytes, or the reason it cannot be built."""
+    """The point of ``cand``: label, recipe, export, top-1, speed-up and bytes, or the reason it cannot be built.
+    In ONNX Runtime and OpenVINO both are measured on the file the point ships: what is evaluated is what is shipped."""
     t0 = time.perf_counter()
     point: dict[str, Any] = {"label": cand.label, **cand.identity()}
     try:
-        point.update(_measure_torch(run, cand) if run.config.runtime == "torch" else _measure_file(run, cand))
+        m = build(run, cand)
+        if run.config.runtime == "torch":
+            s = measure_speedup(m, run.model, Timing(batch_size=len(run.batch), warmup=2, reps=run.config.reps),
+                                input_size=tuple(run.batch.shape[1:]), device=run.device)
+            point.update(_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
+                         model_bytes=model_size(m).model_bytes)
+        else:
+            from eamvit.methods.export_openvino import model_bytes
+
+            path = _shipped_file(run, m, cand, "candidate")
+            clf, call = _runner(run, path)
+            times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
+            point.update(_top1(run, clf, "cpu"), **speedup_fields(*times), file_bytes=model_bytes(path))
     except EamError as e:  # a step this model or its export cannot take: recorded, never chosen
         point["error"] = str(e)
     point["seconds"] = round(time.perf_counter() - t0, 2)
     return point
 
 
-# --------------------------------------------------------------------------- the search
-
-
 @dataclass
 class Progress:
-    """How far a search got.
-
-    Args:
-        measured: points measured by this run.
-        reused: points read from the cache.
-        not_run: candidates left when the time budget ran out.
-        stopped: the time budget stopped the search.
-    """
+    """How far a search got: points measured by this run, read from the cache (``reused``), and the candidates
+    left (``not_run``) when the time budget ``stopped`` it."""
 
     measured: int = 0
     reused: int = 0
@@ -275,7 +225,6 @@ def _best_note(done: Sequence[tuple[Candidate, dict]], ref_top1: float, max_drop
 def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], done: list, prog: Progress,
                     bar: tqdm, deadline: Optional[float]) -> None:
     """Measure (or read from the cache) each candidate in order, until the deadline."""
-    ref_top1 = done[0][1]["top1"] if done else None
     for i, cand in enumerate(cands):
         if deadline is not None and time.monotonic() > deadline and done:
             prog.stopped, prog.not_run = True, prog.not_run + len(cands) - i
@@ -294,17 +243,13 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
         if not done:  # unreadable files are skipped: what was scored may be fewer than the held-out images
             check_resolution(point["num_images"], run.config.max_drop)
         done.append((cand, point))
-        ref_top1 = done[0][1]["top1"]
         bar.update(1)
-        bar.set_postfix_str(_best_note(done, ref_top1, run.config.max_drop))
+        bar.set_postfix_str(_best_note(done, done[0][1]["top1"], run.config.max_drop))
 
 
 def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tuple[Candidate, dict]], Progress]:
-    """The reference, every single technique, then the stacks of those within the budget.
-
-    Returns:
-        ``[(candidate, point)]`` in search order (the reference first) and how far it got.
-    """
+    """The reference, every single technique, then the stacks of those within the budget: ``[(candidate, point)]``
+    in search order, and how far it got."""
     c = run.config
     deadline = time.monotonic() + 60 * c.budget_minutes if c.budget_minutes else None
     singles = single_candidates(len(getattr(run.model, "blocks", ())) or 12, c.runtime, c.space, c.seed,
@@ -324,9 +269,6 @@ def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tu
     return done, prog
 
 
-# --------------------------------------------------------------------------- the run
-
-
 @dataclass
 class OptimizeResult:
     """What :func:`optimize` found and wrote.
@@ -334,7 +276,6 @@ class OptimizeResult:
     Args:
         rows: one row per point (:func:`~eamvit.experiments.optimize_report.point_rows`), the reference first.
         best: the chosen row (fastest within the budget), ``None`` when no point is within it.
-        progress: how far the search got.
         files: ``{name: path}`` of what was written.
     """
 
@@ -345,15 +286,8 @@ class OptimizeResult:
 
 
 def check_resolution(num_images: int, max_drop: float) -> None:
-    """Refuse a ``max_drop`` finer than one of ``num_images`` held-out images (100/n points of top-1).
-
-    Below that step the budget is silently "lose no image" and the search separates points by
-    sampling noise. ``max_drop`` 0 asks for exactly that, which any sample can answer.
-
-    Args:
-        num_images: the held-out images top-1 is scored on.
-        max_drop: the run's ``--max-drop``.
-    """
+    """Refuse a ``max_drop`` (but 0) finer than one of ``num_images`` held-out images (100/n points of top-1): the
+    search would separate points by sampling noise."""
     step = 100.0 / max(num_images, 1)
     if max_drop > 0 and step > max_drop + 1e-9:
         need = math.ceil(100.0 / max_drop - 1e-9)
@@ -361,16 +295,6 @@ def check_resolution(num_images: int, max_drop: float) -> None:
                        f"{max_drop:g}: one image is {step:.3g} points of top-1; give at least {need} held-out images "
                        f"(more images in --data, or a larger --num-samples) or allow --max-drop "
                        f"{math.ceil(step * 100) / 100:g} or more")
-
-
-def _nncf_calibration(sp: Splits) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """NNCF's calibration images, the first :data:`NNCF_CALIB_SIZE` readable ones of the calibration split, and
-    the record of the split they are drawn from (evaluation skips it, as this run's evaluation does)."""
-    items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
-    if not items:
-        raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
-                       "(or --data)")
-    return torch.stack([it[0] for it in items]), [calibration_record(sp.calib_set, sp.calib_indices)]
 
 
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
@@ -383,12 +307,15 @@ def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir
     batch = torch.stack([it[0] for it in items])
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
     if config.runtime != "torch":
-        from eamvit.methods.export import export_onnx
-
         export_onnx(model, workdir / "reference.onnx")
         run.reference_call = _runner(run, workdir / "reference.onnx")[1]
-    if config.runtime == "openvino":
-        run.nncf_images, run.nncf_calibration = _nncf_calibration(sp)
+    if config.runtime == "openvino":  # NNCF's images: the first readable ones of the calibration split
+        items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
+        if not items:
+            raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
+                           "(or --data)")
+        run.nncf_images = torch.stack([it[0] for it in items])
+        run.nncf_calibration = [calibration_record(sp.calib_set, sp.calib_indices)]
     return run
 
 
@@ -396,23 +323,13 @@ BEST_FILES = ("best.onnx", "best.xml", "best.bin")  # what a point ships, beside
 
 
 def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``best.safetensors`` and the shipped file (``best.onnx``, or for an NNCF point ``best.xml`` + ``.bin``),
-    each rebuilt from the file before it and checked against the point the search measured before it is
-    moved into ``out``; a shipped file of another kind left there by an earlier run is removed.
-
-    ``best.safetensors`` holds the recipe's model: for an NNCF point the float-reduced model before
-    NNCF, which is not what the shipped file scores.
+    """``best.safetensors`` and the shipped file, each rebuilt from the file before it and checked against the
+    point the search measured before it is moved into ``out`` (``docs/architecture-experiments.md``, "optimize").
 
     Returns:
         ``{"files": {...}, "top1_torch": ..., "file_bytes": ...}``: the PyTorch top-1 of the saved file
-        (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch): an IR's generated
-        node names make it differ by a few bytes from the file the search measured.
+        (``eval --state``'s) and the bytes of the shipped file (``None`` for PyTorch).
     """
-    import shutil
-
-    from eamvit.io import atomic_path
-    from eamvit.methods.recipe import restore_, save_compressed
-
     tmp = run.workdir
     save_compressed(build(run, cand), tmp / "best.safetensors", cand.recipe)
     fresh = copy.deepcopy(run.model)
@@ -441,24 +358,16 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
 
 
 def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
-             commands: Optional["CommandLines"] = None, device=None, progress: bool = True) -> OptimizeResult:
+             commands: Optional[CommandLines] = None, device=None, progress: bool = True) -> OptimizeResult:
     """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``, or ``best.xml``/``.bin`` for
-    an NNCF point) and ``report.md`` in ``out``.
-
-    The figure (``pareto.png``) is the caller's (:func:`eamvit.plots.optimize.plot_pareto`).
+    an NNCF point) and ``report.md`` in ``out``; the figure (``pareto.png``) is the caller's.
 
     Args:
         model: the unmodified, instrumented model (not changed).
-        splits: the command's held-out evaluation images and calibration images.
         out: output folder (its ``points.jsonl`` is read first: a rerun resumes).
-        config: :class:`OptimizeConfig`.
         commands: the model and data options that rebuild the chosen point (for the report).
         device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
-        progress: a progress bar with the best point so far.
     """
-    from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
-    from eamvit.io import write_text
-
     if config.runtime == "openvino":
         from eamvit.methods.export_openvino import require_openvino
 

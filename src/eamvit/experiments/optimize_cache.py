@@ -1,8 +1,5 @@
-"""``points.jsonl``: the points ``eamvit optimize`` measured, one per line, so that a rerun resumes.
-
-Each point is stored under a digest of what its measurement depends on
-(:func:`eamvit.experiments.optimize._key_base` and the candidate's identity); the file is read whole
-before a run measures or writes anything.
+"""``points.jsonl``: the points ``eamvit optimize`` measured, one per line under a digest of what each depends
+on, so that a rerun resumes. Design: ``docs/architecture-experiments.md``, "optimize_cache".
 """
 from __future__ import annotations
 
@@ -14,8 +11,7 @@ from eamvit.errors import EamError
 
 CACHE = "points.jsonl"
 CACHE_VERSION = 2  # 2: points carry every accuracy field of a results row
-# The numbers every measured point holds (since the first cache version); a point that could not be
-# built holds "error" instead.
+# The numbers every measured point holds since the first version; a point that could not be built holds "error".
 POINT_NUMBERS = ("top1", "num_images", "speedup", "speedup_p25", "speedup_p75")
 _LINE_START = '{"key": "'  # how json.dumps begins every line PointCache.add writes
 
@@ -34,15 +30,8 @@ def _point_problem(entry: Any) -> Optional[str]:
 
 
 class PointCache:
-    """``points.jsonl``: one measured point per line, keyed by digest.
-
-    A line cut short by an interruption (the start of a line :meth:`add` writes, not valid JSON) is
-    ignored and that point is measured again; any other line that is not a point refuses the whole
-    file: what a resumed run reports must be what was measured.
-
-    Args:
-        path: the file.
-    """
+    """``points.jsonl``: one measured point per line, keyed by digest; a line cut short by an interruption is
+    measured again, any other line that is not a point refuses the whole file."""
 
     def __init__(self, path: Path):
         self.path = path

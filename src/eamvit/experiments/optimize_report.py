@@ -11,7 +11,11 @@ from torch import nn
 from eamvit.methods.state import state_of
 from eamvit.methods.prune import setting_text
 from eamvit.experiments.optimize_space import Candidate, recipe_options
+from eamvit.experiments.prune_sweep import merged_fields
 from eamvit.experiments.results import Column, markdown, write_table
+from eamvit.io import write_text
+from eamvit.methods.evaluate import result_row
+from eamvit.methods.merge import merge_, unmerge_
 from eamvit.methods.export import ExportConfig
 from eamvit.ops.pareto import front_mask
 
@@ -20,12 +24,8 @@ RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch":
 
 @dataclass
 class CommandLines:
-    """The options of the run that the commands rebuilding its best point need.
-
-    Args:
-        model: model options (``--model``, ``--checkpoint`` ...).
-        data: data and preprocessing options (``--data``, ``--calib-size``, ``--seed`` ...).
-    """
+    """The run's model options (``--model``, ``--checkpoint`` ...) and data options (``--data``, ``--seed`` ...)
+    that the commands rebuilding its best point need."""
 
     model: list[str] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
@@ -57,9 +57,6 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
                            "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
                            "merge": None, "merge_r": None}
     if m is not None:  # what the merging does to this model: merge_r after the cap, its blocks, its tokens
-        from eamvit.experiments.prune_sweep import merged_fields
-        from eamvit.methods.merge import merge_, unmerge_
-
         merge_(model, m)
         try:
             fields = merged_fields(model)
@@ -71,17 +68,13 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
 
 def point_rows(done: Sequence[tuple[Candidate, dict[str, Any]]], config, model: nn.Module,
                data_config: Optional[dict] = None) -> list[dict[str, Any]]:
-    """One results row per measured point (the reference first), with its Δ top-1, the budget, the front
-    and the choice: the head of every eamvit row (:data:`eamvit.columns.HEAD`), then the point's fields.
+    """One results row per measured point of :func:`eamvit.experiments.optimize.search` (the reference first), with
+    its Δ top-1, the budget, the front and the choice: the head of every eamvit row, then the point's fields.
 
     Args:
-        done: ``(candidate, point)`` of :func:`eamvit.experiments.optimize.search`.
         config: the run's :class:`~eamvit.experiments.optimize.OptimizeConfig`.
         model: the unmodified model (name, parameter count).
-        data_config: the data config the held-out images were built with.
     """
-    from eamvit.methods.evaluate import result_row
-
     ref_top1 = done[0][1]["top1"]
     runtime = RUNTIME_NAMES[config.runtime]
     rows = []
@@ -119,19 +112,13 @@ def columns(runtime: str) -> list[Column]:
 def write_pareto(out: Path, rows: Sequence[dict[str, Any]], runtime: str) -> dict[str, Path]:
     """``pareto.csv`` and ``pareto.json`` (every field) and ``pareto.md`` (:func:`columns`)."""
     files = write_table(out / "pareto", rows, formats=("csv", "json"))
-    from eamvit.io import write_text
-
     write_text(out / "pareto.md", markdown(rows, columns(runtime)))
     return {f"pareto.{k}": v for k, v in {**files, "md": out / "pareto.md"}.items()}
 
 
 def commands_for(cand: Candidate, runtime: str, commands: CommandLines, out: Path) -> dict[str, str]:
-    """The command lines that rebuild, export and evaluate the chosen point.
-
-    An NNCF point has no ``compress`` line when its recipe is empty (the float model is the unmodified
-    one), and its ``export`` line writes the fp32 file that NNCF quantizes (``best-fp32.onnx``, beside
-    ``best.xml``); ``eval_onnx`` scores the shipped file.
-    """
+    """The command lines that rebuild, export and evaluate the chosen point; an NNCF point's ``export`` line
+    writes the fp32 file that NNCF quantizes (``best-fp32.onnx``), its ``eval_onnx`` scores the shipped file."""
     state = str(out / "best.safetensors")
     both = [*commands.model, *commands.data]
     lines = {"eval_state": ["eamvit", "eval", "--state", state, *both]}

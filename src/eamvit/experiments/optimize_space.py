@@ -1,16 +1,5 @@
-"""The search space of ``eamvit optimize``: candidates in a fixed order, and the commands that rebuild one.
-
-A :class:`Candidate` is a :class:`~eamvit.methods.recipe.Recipe` and, for ONNX Runtime and OpenVINO,
-the :class:`~eamvit.methods.export.ExportConfig` it ships with; for OpenVINO it may also be NNCF's int8
-quantization of that (fp32) export (:class:`NncfInt8`). The search first measures every single
-technique (:func:`single_candidates`), then stacks the ones that kept top-1 within the budget
-(:func:`combinations`). Both lists depend only on the model's depth, the options, the cost account of
-the model (the merging ``r``: :func:`merge_options`) and which singles survived (top-1 in the
-runtime, which is deterministic), never on measured times: the same run searches the same candidates
-in the same order.
-
-Token pruning and token merging are one stage of a stack (a model's blocks do one of them): a stack
-takes at most one token reducer.
+"""The search space of ``eamvit optimize``: candidates in a fixed order (never depending on measured times), and
+the commands that rebuild one. Design: ``docs/architecture-experiments.md``, "optimize_space".
 """
 from __future__ import annotations
 
@@ -21,10 +10,11 @@ from typing import Any, Literal, Optional, Sequence, get_args
 from torch import nn
 
 from eamvit.errors import EamError
+from eamvit.experiments.prune_sweep import pruned_gflops
 from eamvit.methods.export import ExportConfig, Target, default_target
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig, r_for_gmacs
-from eamvit.methods.prune import PruneConfig, prune_, setting_text, unprune_
+from eamvit.methods.prune import PruneConfig, setting_text
 from eamvit.methods.recipe import Recipe
 from eamvit.methods.repq import RepQConfig
 from eamvit.ops.scores import default_blocks
@@ -44,11 +34,8 @@ _MERGE_NAMES = {"tome": "tome", "entropy": "entropy-merge"}
 
 @dataclass(frozen=True)
 class NncfInt8:
-    """NNCF's int8 quantization (``nncf.quantize``, TRANSFORMER) of a point's fp32 export, in OpenVINO.
-
-    A part of a search point, not a recipe step: it acts on the exported file, after the recipe's
-    (float) steps have run in PyTorch. :func:`_candidate` turns it into :attr:`Candidate.nncf`.
-    """
+    """NNCF's int8 quantization (``nncf.quantize``, TRANSFORMER) of a point's fp32 export, in OpenVINO: a part of a
+    search point, not a recipe step (:func:`_candidate` turns it into :attr:`Candidate.nncf`)."""
 
 
 NNCF = NncfInt8()
@@ -61,7 +48,6 @@ class Candidate:
     Args:
         recipe: the compression steps, applied in PyTorch.
         export: how the file is written (``None``: the PyTorch runtime, nothing exported).
-        label: a short name for tables and the progress bar.
         nncf: the fp32 export is then quantized by NNCF into an OpenVINO IR, which is what is measured
             and shipped (OpenVINO only; the recipe then has no quantization step).
     """
@@ -129,32 +115,18 @@ def prune_name(config: PruneConfig) -> str:
 
 
 def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, MergeConfig]]:
-    """The merging points of ``space``: ToMe and entropy-guided merging, each in every block (ToMe's
-    default) and in the late blocks only (:func:`late_blocks`, which leaves the earlier layers' frozen
-    maps to a stack with freezing), at the one ``r`` whose executed GMACs come closest to Shannon pruning's
-    at each κ of the space in the same blocks (the default pruning blocks for every block;
-    :func:`~eamvit.methods.merge.r_for_gmacs`). A model that cannot merge, or whose MACs the cost account
-    does not model, has none (its pruning points say why where they fail).
-
-    Args:
-        model: the unmodified model (left so).
-        space: ``"standard"`` or ``"small"``.
-    """
+    """The merging points of ``space``: ToMe and entropy-guided merging, in every block and in the
+    :func:`late_blocks` only, at the ``r`` whose executed GMACs come closest to Shannon pruning's at each κ of
+    the space in the same blocks; none for a model that cannot merge or whose MACs are not modelled."""
     if space not in SPACES:
         raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
-    from eamvit.methods.cost import count_gflops
-
     depth = len(getattr(model, "blocks", ()))
     late = late_blocks(depth) if depth else ()
     wheres: list[Optional[tuple[int, ...]]] = [None] + ([late] if late else [])
     out: list[tuple[str, MergeConfig]] = []
     try:
         for selection, where, k in itertools.product(MERGE_SELECTIONS[space], wheres, KEEP_RATES[space]):
-            prune_(model, PruneConfig(method="shannon", keep_rate=k, blocks=where))
-            try:
-                target = count_gflops(model)
-            finally:
-                unprune_(model)
+            target = pruned_gflops(model, PruneConfig(method="shannon", keep_rate=k, blocks=where))
             cfg = r_for_gmacs(model, target, MergeConfig(selection=selection, blocks=where))[0]
             name = f"{_MERGE_NAMES[selection]}-r{cfg.r}" + (f"@{','.join(map(str, where))}" if where else "")
             if cfg.r > 0 and all(n != name for n, _ in out):  # two κ can match one r on a small model
@@ -162,10 +134,6 @@ def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, 
     except EamError:
         return []
     return out
-
-
-def _freeze_options(space: str, seed: int) -> list[tuple[str, FreezeConfig]]:
-    return [(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed)) for g, t in FREEZE[space]]
 
 
 def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
@@ -188,21 +156,15 @@ def reference(runtime: str) -> Candidate:
 def single_candidates(depth: int, runtime: str, space: str = "standard", seed: int = 0,
                       merges: Sequence[tuple[str, MergeConfig]] = (),
                       prunes: Sequence[PruneConfig] = ()) -> list[Candidate]:
-    """Every single technique, in order: quantization (ONNX Runtime and OpenVINO), pruning (the space's, then
-    ``prunes``), merging, freezing.
-
-    PyTorch runs RepQ-ViT as a float simulation (no integer kernels), which is never faster than
-    the model itself: ``runtime="torch"`` leaves quantization out. OpenVINO's quantizations are
-    NNCF's int8 and RepQ-ViT int8 in the form OpenVINO runs (:func:`_openvino_quant_options`).
+    """Every single technique, in order: quantization (ONNX Runtime and OpenVINO; PyTorch only simulates it, never
+    faster), pruning (the space's, then ``prunes``), merging, freezing.
 
     Args:
         depth: transformer blocks of the model (where pruning can happen).
-        runtime: ``"onnxruntime"``, ``"openvino"`` or ``"torch"``.
         space: ``"standard"`` or ``"small"`` (a handful of points).
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         merges: the merging points, named (:func:`merge_options` of the model).
-        prunes: further pruning points, e.g. the per-block choice of ``sweep --prune --per-block``
-            (``optimize --prune-recipe``), each named by :func:`prune_name`.
+        prunes: further pruning points (``optimize --prune-recipe``), each named by :func:`prune_name`.
     """
     if runtime not in RUNTIMES:
         raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -215,45 +177,40 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
     out += [_candidate([(prune_name(p), p)], plain) for p in prunes]
     out += [_candidate([m], plain) for m in merges]
-    out += [_candidate([f], plain) for f in _freeze_options(space, seed)]
+    out += [_candidate([(f"{g}-t{t:g}", FreezeConfig(tau=t, granularity=g, seed=seed))], plain)
+            for g, t in FREEZE[space]]
     return out
 
 
 def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tuple[str, Any, Optional[ExportConfig]]]]:
-    """Per stage, the surviving singles worth stacking: every quantization; per pruning method and
-    blocks the smallest κ; per merging selection and blocks the largest r; per freezing granularity the
-    largest τ (the others keep more work). Pruning and merging are one stage, ``reduce``."""
-    best: dict[tuple, tuple[str, Any, Optional[ExportConfig]]] = {}
+    """Per stage (``quant``, ``freeze``, ``reduce``: pruning or merging), the surviving singles worth stacking."""
+    best: dict[tuple, tuple[float, tuple[str, Any, Optional[ExportConfig]]]] = {}
     for cand, ok in singles:
         if not ok or cand.techniques != 1:
             continue
         step = NNCF if cand.nncf else cand.recipe.steps[0]
-        item = (cand.label, step, cand.export)
+        # Per key the point that keeps the least work: the smallest κ, the largest r, the largest τ.
         if isinstance(step, PruneConfig) and step.is_per_block:  # its own point: no κ to compare
-            best[("reduce", "prune", step)] = item
+            key, work = ("reduce", "prune", step), 0.0
         elif isinstance(step, PruneConfig):
-            key = ("reduce", "prune", step.method, step.blocks)
-            if key not in best or step.keep_rate < best[key][1].keep_rate:
-                best[key] = item
+            key, work = ("reduce", "prune", step.method, step.blocks), step.keep_rate
         elif isinstance(step, MergeConfig):
-            key = ("reduce", "merge", step.selection, step.blocks)
-            if key not in best or step.r > best[key][1].r:
-                best[key] = item
+            key, work = ("reduce", "merge", step.selection, step.blocks), -step.r
         elif isinstance(step, FreezeConfig):
-            key = ("freeze", step.granularity)
-            if key not in best or step.tau > best[key][1].tau:
-                best[key] = item
+            key, work = ("freeze", step.granularity), -step.tau
         else:
-            best[("quant", cand.label)] = item
+            key, work = ("quant", cand.label), 0.0
+        if key not in best or work < best[key][0]:
+            best[key] = (work, (cand.label, step, cand.export))
     out: dict[str, list] = {"quant": [], "freeze": [], "reduce": []}
-    for key, item in best.items():  # insertion order: the singles' order
+    for key, (_, item) in best.items():  # insertion order: the singles' order
         out[key[0]].append(item)
     return out
 
 
 def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
     """Stacks of the surviving singles (``(candidate, within budget)`` in search order): every pair of
-    stages, then all three, each stack quantize → freeze → prune or merge (one token reducer)."""
+    stages, then all three, each stack quantize → freeze → prune or merge."""
     surv = _survivors(singles)
     out = []
     for stages in (("quant", "reduce"), ("quant", "freeze"), ("freeze", "reduce"), ("quant", "freeze", "reduce")):
@@ -265,9 +222,6 @@ def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
                 export = next((e for _, _, e in items), None)
             out.append(_candidate([(n, s) for n, s, _ in items], export))
     return out
-
-
-# --------------------------------------------------------------------------- the commands that rebuild a point
 
 
 def recipe_options(recipe: Recipe) -> list[str]:

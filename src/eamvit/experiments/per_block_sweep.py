@@ -1,45 +1,20 @@
 """Per-block token pruning: a greedy search that gives each pruning block its own keep rate and Rényi order.
-
-The rule (also in ``docs/design.md``, "Per-block keep rates and Rényi orders"). Given the pruning
-blocks ``b_1 … b_S`` of the base :class:`~eamvit.methods.prune.PruneConfig` (its ``blocks``, EViT's by
-default), a keep-rate grid ``K`` (1 is added to it), a set of Rényi orders ``A`` (``renyi`` only; the
-first is the starting order) and the GMACs budget ``G``, the GMACs of the *uniform* config (every block
-at the base's κ with the order ``A[0]``), all scored by top-1 on the held-out calibration images:
-
-1. Start with every block at κ = 1 (nothing pruned), order ``A[0]``.
-2. Descend: while the config's GMACs exceed ``G``, every *move* lowers one block's κ to the next smaller
-   value of the grid (a block at the grid's smallest has none); each move is scored and the one with the
-   highest top-1 is taken, ties going to the lower GMACs, then to the earlier block. Moves run out before
-   the budget is met only when ``G`` is below what the grid's smallest κ reaches: refused, before any
-   evaluation.
-3. Orders (``renyi`` with two orders or more): block by block, first to last, every other order of ``A`` is
-   scored at the block's chosen κ (blocks left at κ = 1 prune nothing and keep ``A[0]``); a block takes an
-   order only when its top-1 is higher than the current one's.
-4. The result is the per-block config, unless the uniform config scores a higher top-1 (then the
-   uniform one), so the search never returns worse than the uniform config on the calibration images.
-
-Every scored config is a row (``search_step``, ``search_phase``: start, descend, order, uniform), with the
-calibration images as ``scored_on``; with evaluation images, the uniform and the chosen config are
-scored on them too (``search_phase`` final, ``chosen`` marking the result). A config scored twice is
-looked up, not evaluated again. The cost is at most ``1 + S·|K| + S·(|A| − 1) + 1`` calibration
-evaluations (``1 + S·|K|`` descend moves at most, since each lowers one block one grid step).
+The rule and its cost: ``docs/architecture-experiments.md``, "per_block_sweep".
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.prune_sweep import pruned_state
-from eamvit.experiments.results import Column, ResultRow, markdown
+from eamvit.experiments.prune_sweep import pruned_gflops, pruned_state
+from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import EvalData, Point, run_sweep
-from eamvit.methods.cost import count_gflops
 from eamvit.methods.prune import PruneConfig, check_keep_rate, prune_, setting_text, unprune_
 
 GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the keep-rate grid of `sweep --prune` (1 is added)
@@ -48,7 +23,7 @@ ORDERS = (1.0, 2.0, math.inf)  # Shannon, collision entropy, min-entropy
 
 @dataclass(frozen=True)
 class PerBlockSweepConfig(Config):
-    """What the per-block search chooses from (module docstring for the rule).
+    """What the per-block search chooses from.
 
     Args:
         prune: the base config: method, blocks, placement, keys, fusion, seed; its single ``keep_rate`` is
@@ -82,7 +57,7 @@ class PerBlockSweepConfig(Config):
 
     @property
     def orders(self) -> tuple[float, ...]:
-        """The Rényi orders tried per block (one, the base's, for a method without an order)."""
+        """The Rényi orders tried per block (the base's for a method without an order)."""
         if self.prune.method != "renyi":
             return (self.prune.alpha,)
         return tuple(map(float, self.alphas)) or ORDERS
@@ -109,8 +84,7 @@ class PerBlockResult:
 
     Args:
         config: the chosen config (per-block tuples, or the uniform config when that scored higher).
-        uniform: the uniform config of the budget.
-        budget_gmacs: its GMACs.
+        budget_gmacs: the uniform config's GMACs.
         rows: every scored config in search order, then the final rows on the evaluation images.
     """
 
@@ -118,19 +92,6 @@ class PerBlockResult:
     uniform: PruneConfig
     budget_gmacs: float
     rows: list[ResultRow]
-
-
-def _gmacs(model: nn.Module, config: PruneConfig) -> float:
-    prune_(model, config)
-    try:
-        return round(count_gflops(model), 4)
-    finally:
-        unprune_(model)
-
-
-def _settings(config: PruneConfig) -> dict[str, Any]:
-    alpha = setting_text(config.order) if config.method == "renyi" else None
-    return {"prune": config.method, "alpha": alpha, "keep_rate": setting_text(config.keep_rate)}
 
 
 class _Scorer:
@@ -144,10 +105,11 @@ class _Scorer:
         self.rows: list[ResultRow] = []
 
     def score(self, configs: list[PruneConfig], step: int, phase: str) -> list[ResultRow]:
-        """A row per config (top-1, GMACs ...); new ones are evaluated and recorded with ``step`` and ``phase``."""
+        """A row per config; new ones are evaluated and recorded with ``step`` and ``phase``."""
         new = [c for c in dict.fromkeys(configs) if c not in self.seen]
-        points = [Point({**_settings(c), "search_step": step, "search_phase": phase, "scored_on": self.scored_on},
-                        pruned_state(c)) for c in new]
+        points = [Point({"prune": c.method, "alpha": setting_text(c.order) if c.method == "renyi" else None,
+                         "keep_rate": setting_text(c.keep_rate), "search_step": step, "search_phase": phase,
+                         "scored_on": self.scored_on}, pruned_state(c)) for c in new]
         if points:
             rows = run_sweep(self.model, self.data, points, evaluate_fn=self.evaluate_fn, progress=self.progress,
                              desc=f"per-block {phase} {step}")
@@ -202,29 +164,23 @@ class _Search:
 def per_block_sweep(model: nn.Module, calib: EvalData, sweep: PerBlockSweepConfig = PerBlockSweepConfig(),
                     evaluation: Optional[EvalData] = None, progress: bool = True,
                     evaluate_fn: Optional[Callable[..., dict]] = None) -> PerBlockResult:
-    """Choose a keep rate and a Rényi order per pruning block by the greedy rule of the module docstring.
+    """Choose a keep rate and a Rényi order per pruning block by the greedy rule
+    (``docs/architecture-experiments.md``, "per_block_sweep"); refuses a model that cannot prune and a budget
+    below what the grid's smallest κ reaches.
 
     Args:
-        model: a timm ViT/DeiT (or another family that prunes), unpruned (left so).
+        model: unpruned (left so).
         calib: the held-out calibration images the choice is made on.
-        sweep: :class:`PerBlockSweepConfig`.
         evaluation: images to report the uniform and the chosen config on (never used to choose);
             ``None``: no final rows.
-        progress: progress bars.
         evaluate_fn: the runner's evaluation (:func:`eamvit.methods.evaluate.evaluate` by default).
-
-    Returns:
-        A :class:`PerBlockResult`.
-
-    Raises:
-        EamError: a model that cannot prune, or a budget below what the grid's smallest κ reaches.
     """
     unprune_(model)
     uniform = sweep.uniform()
     stages = len(prune_(model, uniform).blocks)  # the pruning blocks; a bad model or config fails here
     unprune_(model)
-    budget, smallest = _gmacs(model, uniform), sweep.grid[-1]
-    if _gmacs(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)) > budget:
+    budget, smallest = round(pruned_gflops(model, uniform), 4), sweep.grid[-1]
+    if round(pruned_gflops(model, sweep.config((smallest,) * stages, (sweep.orders[0],) * stages)), 4) > budget:
         raise EamError(f"the keep-rate grid's smallest κ {smallest:g} in every block costs more than the budget "
                        f"({budget} GMACs, uniform κ {uniform.keep_rate:g}); add smaller keep rates or raise the "
                        "budget's keep rate")
@@ -246,8 +202,3 @@ SEARCH_COLUMNS = [Column("search_step", "step"), Column("search_phase", "phase")
                   Column("prune", "method"), Column("keep_rate", "κ per block"), Column("alpha", "α per block"),
                   Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
                   Column("gmacs", "GMACs", ".4f"), Column("chosen", "chosen")]
-
-
-def markdown_table(rows: list[ResultRow]) -> str:
-    """The search as a markdown table, one row per scored config."""
-    return markdown(rows, SEARCH_COLUMNS)

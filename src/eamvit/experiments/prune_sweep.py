@@ -1,18 +1,9 @@
-"""Token-pruning sweeps and the demo's pruning table: top-1, GMACs and images/s per (method, κ), token
-merging beside them at equal work, on the sweep runner (:func:`eamvit.experiments.runner.run_sweep`).
-
-Rows name the pruning method ``prune`` (blank on the unmodified row, with its ``keep_rate``), its
-Rényi order ``alpha`` and ``keep_rate``; ``gmacs`` counts multiply-accumulates per image.
-
-Merging rows (ToMe, entropy-guided merging) name their selection ``merge``, its ``alpha`` and the
-tokens each block merges ``merge_r``. They are compared with pruning at equal executed GMACs: for
-each κ, ``r`` (one number for every merging block, ToMe's form) is the one whose GMACs come closest to
-Shannon entropy pruning's at κ with the sweep's pruning options
-(:func:`eamvit.methods.merge.r_for_gmacs`, the cost account's count); the row records that κ as
-``matched_keep_rate``, never as ``keep_rate``.
+"""Token-pruning sweeps and the demo's pruning table: top-1, GMACs and images/s per (method, κ), token merging
+beside them at equal work, on the sweep runner. Design: ``docs/architecture-experiments.md``, "prune_sweep".
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -25,8 +16,11 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
+from eamvit.methods.evaluate import evaluate
+from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs, unmerge_
-from eamvit.methods.prune import PruneConfig, check_keep_rate, method_config, parse_methods, prune_, unprune_
+from eamvit.methods.prune import (PruneConfig, check_keep_rate, kept_patch_masks, method_config, parse_methods, prune_,
+                                 setting_text, token_entropies, unprune_)
 from eamvit.methods.reduce import row_label
 from eamvit.methods.state import state_of
 from eamvit.ops.merge import token_counts as merged_tokens
@@ -41,13 +35,9 @@ MERGE_METHODS = {"tome": "tome", "entropy-merge": "entropy"}  # --methods names 
 
 
 def parse_sweep_methods(text: str) -> tuple[list[tuple[str, Optional[float]]], list[MergeConfig]]:
-    """``--methods`` of the sweeps: pruning methods (``shannon,renyi:2,evit,random``, see
-    :func:`eamvit.methods.prune.parse_methods`) and merging ones: ``tome``, ``entropy-merge`` (Shannon)
-    and ``entropy-merge:ORDER`` (Rényi).
-
-    Returns:
-        ``([(pruning method, alpha)], [merging config without its r])``.
-    """
+    """``--methods`` of the sweeps: pruning methods (:func:`eamvit.methods.prune.parse_methods`) and merging ones
+    (``tome``, ``entropy-merge`` for Shannon, ``entropy-merge:ORDER`` for Rényi), as
+    ``([(pruning method, alpha)], [merging config without its r])``."""
     pruning, merging = [], []
     for part in (p.strip() for p in text.split(",")):
         name, _, order = part.partition(":")
@@ -76,8 +66,7 @@ def merged_fields(model: nn.Module) -> dict[str, Any]:
     grid = patch_grid(model)
     tokens = merged_tokens((grid[0] * grid[1] if grid else 0) + st.num_prefix, st.num_prefix, st.r, cfg.selection)
     rs = [a - b for a, b in zip(tokens, tokens[1:])]
-    alpha = None if cfg.alpha is None else "inf" if cfg.alpha == math.inf else cfg.alpha  # JSON has no inf
-    return {"merge": cfg.selection, "alpha": alpha,
+    return {"merge": cfg.selection, "alpha": None if cfg.alpha is None else setting_text(cfg.alpha),
             "merge_r": str(rs[0]) if len(set(rs)) == 1 else "-".join(map(str, rs)), "prop_attn": cfg.prop_attn,
             "tokens": "-".join(str(t - st.num_prefix) for t in tokens), "blocks": "-".join(map(str, st.blocks))}
 
@@ -85,25 +74,21 @@ def merged_fields(model: nn.Module) -> dict[str, Any]:
 def matched_merges(model: nn.Module, keep_rates: Sequence[float], merges: Sequence[MergeConfig],
                    options: dict[str, Any]) -> list[tuple[float, MergeConfig]]:
     """``(κ, merging config)`` for every κ and merging: ``r`` chosen to match the executed GMACs of Shannon
-    pruning at κ with the pruning ``options`` (:func:`~eamvit.methods.merge.r_for_gmacs`); the model is
-    left unmodified."""
+    pruning at κ with the pruning ``options`` (:func:`~eamvit.methods.merge.r_for_gmacs`)."""
     out = []
     for k in keep_rates:
-        prune_(model, method_config("shannon", None, k, **options))
-        try:
-            target = count_gflops(model)
-        finally:
-            unprune_(model)
+        target = pruned_gflops(model, method_config("shannon", None, k, **options))
         out += [(k, r_for_gmacs(model, target, m)[0]) for m in merges]
     return out
 
 
-def _jobs(keep_rates: Sequence[float], methods: Sequence[tuple[str, Optional[float]]],
-          options: dict[str, Any]) -> list[PruneConfig]:
-    """The configuration of every (κ, method) point, every one checked before any work is done."""
-    for k in keep_rates:
-        check_keep_rate(k)
-    return [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
+def pruned_gflops(model: nn.Module, config: PruneConfig) -> float:
+    """GMACs per image of ``model`` pruned with ``config`` (left unpruned)."""
+    prune_(model, config)
+    try:
+        return count_gflops(model)
+    finally:
+        unprune_(model)
 
 
 @contextmanager
@@ -115,13 +100,12 @@ def _unpruned(model: nn.Module, seed: int) -> Iterator[Applied]:
 
 def pruned_state(config: PruneConfig, measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None):
     """A sweep point's state: ``model`` pruned with ``config``; the row gets GMACs, tokens per stage,
-    blocks, placement, fusion and what ``measure(pruned model)`` returns; unpruned on exit."""
+    blocks, placement, fusion and what ``measure(pruned model)`` returns."""
     @contextmanager
     def state(model: nn.Module, seed: int) -> Iterator[Applied]:
         prune_(model, config)
         fields = {"gmacs": round(count_gflops(model), 4), **(measure(model) if measure is not None else {})}
-        # Counting and measuring ran forwards, which drew from random pruning's stream: prune afresh
-        # so that the evaluation starts from the seed, as `eval --prune random` does.
+        # Counting and measuring drew from random pruning's stream: prune afresh, as `eval --prune random` does.
         report = prune_(model, config)
         try:
             yield Applied({**fields, "tokens": "-".join(map(str, report.tokens_per_stage)),
@@ -134,7 +118,7 @@ def pruned_state(config: PruneConfig, measure: Optional[Callable[[nn.Module], di
 
 def merged_state(config: MergeConfig, measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None):
     """A sweep point's state: ``model`` merging with ``config``; the row gets GMACs, :func:`merged_fields`
-    and what ``measure(merged model)`` returns; unmerged on exit."""
+    and what ``measure(merged model)`` returns."""
     @contextmanager
     def state(model: nn.Module, seed: int) -> Iterator[Applied]:
         merge_(model, config)
@@ -150,56 +134,37 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS,
                 timing: Optional[Timing] = Timing(warmup=1), progress: bool = True, label: str = "",
                 merges: Sequence[MergeConfig] = (), **options: Any) -> list[ResultRow]:
-    """Top-1, GMACs and images/s for every (method, κ), off the shelf (no fine-tuning), and every merging at
-    each κ's GMACs (:func:`matched_merges`).
-
-    The first row is the unmodified model (``prune``, ``merge`` and ``keep_rate`` blank). The model is
-    left unpruned and unmerged.
+    """Top-1, GMACs and images/s for every (method, κ), off the shelf, and every merging at each κ's GMACs
+    (:func:`matched_merges`); the first row is the unmodified model. The model is left unpruned and unmerged.
 
     Args:
-        model: a timm ViT/DeiT.
-        data: evaluation data (:class:`~eamvit.experiments.runner.EvalData`: items ``(image, target)``,
-            subset, batch size, device, the data config recorded in the rows).
-        keep_rates: κ values.
         methods: ``(method, alpha)`` pairs (alpha ``None`` except for ``"renyi"``).
-        timing: how images/s are timed (:class:`~eamvit.experiments.runner.Timing`, the runner's
-            ``measure_throughput``); ``None``: not timed.
-        progress: progress bar.
+        timing: how images/s are timed; ``None``: not timed.
         label: copied into every row.
-        merges: merging configs (their ``r`` is chosen per κ), e.g. :data:`SWEEP_MERGES`; none (default): a
-            pruning-only sweep.
+        merges: merging configs (their ``r`` is chosen per κ), e.g. :data:`SWEEP_MERGES`.
         **options: further :class:`PruneConfig` fields (``blocks``, ``placement``, ``keys``, ``fuse``).
-
-    Returns:
-        :class:`~eamvit.experiments.results.ResultRow` s with ``label, prune, alpha, keep_rate``, top-1/top-5,
-        ``gmacs, tokens, blocks, placement, fuse`` and ``images_per_s`` with its quartiles; merging rows
-        with ``merge, merge_r, matched_keep_rate, prop_attn`` instead of the pruning settings.
     """
     unprune_(model)
     unmerge_(model)
     base = {"label": label, "prune": None, "alpha": None, "keep_rate": None}
     if merges:
         base.update(merge=None, merge_r=None, matched_keep_rate=None)
-    jobs = _jobs(keep_rates, methods, options)
+    for k in keep_rates:  # every point's config is checked before any work is done
+        check_keep_rate(k)
+    jobs = [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
     matched = matched_merges(model, keep_rates, merges, options)
     points = [Point(base, _unpruned)]
     for k in keep_rates:
         for cfg in (c for c in jobs if c.keep_rate == k):
-            alpha = cfg.order if cfg.method == "renyi" else None
-            points.append(Point({**base, "prune": cfg.method, "alpha": "inf" if alpha == math.inf else alpha,
-                                 "keep_rate": cfg.keep_rate}, pruned_state(cfg)))  # JSON has no inf
-        for cfg in (c for kk, c in matched if kk == k):
-            points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg)))
+            alpha = setting_text(cfg.order) if cfg.method == "renyi" else None
+            points.append(Point({**base, "prune": cfg.method, "alpha": alpha, "keep_rate": cfg.keep_rate},
+                                pruned_state(cfg)))
+        points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg)) for kk, cfg in matched if kk == k]
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
-def _fmt_gmacs(v: float) -> str:
-    return f"{v:.4f}" if v < 0.1 else f"{v:.2f}"
-
-
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
-    """Markdown table of sweep rows (Δ top-1 against the unmodified row when there is one); merging rows
-    show the κ whose GMACs they match, and their ``r``."""
+    """Markdown table of sweep rows, Δ top-1 against the unmodified row when there is one."""
     base = next((r for r in rows if not r["prune"] and not r.get("merge")), None)
     merging = any(r.get("merge") for r in rows)
     view = [{"method": row_label(r), "keep_rate": r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"],
@@ -210,9 +175,9 @@ def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     columns = [Column("method"), Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g")]
     if merging:
         columns.append(Column("merge_r", "r per block"))
-    columns += [Column("tokens", "patch tokens per stage"),
-               Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f"),
-               Column("gmacs", "GMACs", _fmt_gmacs), Column("images_per_s", "images/s", ".0f")]
+    columns += [Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
+                Column("delta", "Δ top-1", "+.2f"), Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
+                Column("images_per_s", "images/s", ".0f")]
     if any(v["top1_finetuned"] is not None for v in view):
         columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
     return markdown(view, columns)
@@ -225,37 +190,19 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
                 device: torch.device | str | None = None, progress: bool = True,
                 throughput_batch: int = 64, data_config: Optional[dict] = None,
                 merges: Sequence[MergeConfig] = ()) -> tuple[list[ResultRow], str]:
-    """The demo's pruning table: off-the-shelf top-1, GMACs and images/s per (method, κ), and merging at
-    each κ's GMACs.
+    """The demo's pruning table, ``(rows, markdown)``: :func:`prune_sweep` off the shelf.
 
     Args:
-        model: the trained model (left unchanged, unpruned and unmerged).
         train_ds: training split, used only when ``finetune_epochs > 0``.
-        test_ds: held-out split for top-1.
-        keep_rates: κ values.
-        methods: ``(method, alpha)`` pairs.
         finetune_epochs: if > 0, each row is also fine-tuned (a copy of the model, the EViT recipe
-            with this many epochs and ``finetune_lr``) and ``top1_finetuned`` is added.
-        finetune_lr: peak learning rate of those fine-tunes.
-        batch_size: evaluation batch size.
-        device: where to run.
-        progress: progress bars.
+            with this many epochs and ``finetune_lr`` as peak) and ``top1_finetuned`` is added.
         throughput_batch: images per timed forward.
         data_config: the data config ``test_ds`` was built with (recorded in the rows).
-        merges: merging configs, their ``r`` matched per κ (:func:`prune_sweep`); none by default.
-
-    Returns:
-        ``(rows, markdown)``.
     """
     data = EvalData(test_ds, batch_size=batch_size, device=device, data_config=data_config)
     rows = prune_sweep(model, data, keep_rates, methods, Timing(batch_size=throughput_batch, warmup=1),
                        progress=progress, label="off the shelf", merges=merges)
     if finetune_epochs > 0:
-        import copy
-
-        from eamvit.methods.evaluate import evaluate
-        from eamvit.methods.finetune import FinetuneConfig, finetune
-
         ftc = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr, min_lr=finetune_lr / 10, batch_size=64)
         for r in rows:
             if not r["prune"] and not r.get("merge"):
@@ -264,7 +211,7 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             m = copy.deepcopy(model)
             if r["prune"]:
                 prune_(m, method_config(r["prune"], alpha, r["keep_rate"]))
-            else:  # one r for every block (matched_merges'): the first block's count, the later ones capped alike
+            else:  # matched_merges' one r: the first block's count, the later ones capped alike
                 merge_(m, MergeConfig(r=int(str(r["merge_r"]).split("-")[0]), selection=r["merge"], alpha=alpha))
             finetune(m, train_ds, ftc, progress=progress, device=device)
             r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
@@ -277,16 +224,7 @@ ENTROPY_ORDERS = (1.0, 2.0, 3.0, math.inf)  # the Rényi orders of the seed's Fi
 
 def figure_data(model: nn.Module, images: torch.Tensor,
                 configs: Sequence[PruneConfig]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the seed's Fig. 4 and Fig. 5 show: the patches each config keeps at every stage of the
-    first image (:func:`~eamvit.methods.prune.kept_patch_masks`), and the patch tokens' attention
-    entropy per block for :data:`ENTROPY_ORDERS` over all ``images``
-    (:func:`~eamvit.methods.prune.token_entropies`).
-
-    Args:
-        model: the unpruned model.
-        images: a ``(B, C, H, W)`` batch on the model's device.
-        configs: one pruning config per method shown.
-    """
-    from eamvit.methods.prune import kept_patch_masks, token_entropies
-
+    """What the seed's Fig. 4 and Fig. 5 show: the patches each of ``configs`` keeps at every stage of the first
+    image, and the patch tokens' attention entropy per block for :data:`ENTROPY_ORDERS` over all ``images``
+    (a batch on the model's device)."""
     return kept_patch_masks(model, images[0], configs), token_entropies(model, images, ENTROPY_ORDERS)

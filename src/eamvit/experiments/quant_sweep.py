@@ -1,23 +1,5 @@
-"""EAM on a RepQ-ViT-quantized model: the paper's Fig. 5/6 curves, Table 1 and a size report.
-
-:func:`quant_sweep` evaluates, for every sparsity τ:
-
-* ``fp``: the full-precision model (τ-independent);
-* ``repq``: the RepQ-ViT baseline (τ-independent);
-* ``eam``: the quantized model with the τ lowest-entropy entries frozen, over two independent axes
-  that the paper names confusingly: ``maps`` — entropy maps (and mean maps ``A^μ``) computed on the
-  full-precision model (``"fp"``, the paper's EAM_FP32 of §5.2.1) or on the quantized model
-  (``"quant"``, its EAM_4bits of §5.2.1) — and ``values`` — frozen values kept in fp32 (EAM_32bits
-  of §5.1) or quantized with the post-softmax quantizer at ``a_bits`` with each layer's calibrated Δ
-  (EAM_4bits of §5.1);
-* ``random``: random freezing of the same number of entries on the quantized model (§5.2.2), with
-  the quantized model's mean maps and quantized values, averaged over seeds.
-
-Rows name the model's quantization ``quant`` (``fp`` or ``repq``) and ``bits`` (W/A), and for the
-freezing rows the ``selection`` (``entropy`` for EAM, ``random``), ``maps`` and ``value_bits`` (32:
-fp32 values); those three are blank on the FP and RepQ-ViT rows. Every row carries a size report
-(:func:`size_report`, model bytes from :func:`eamvit.experiments.size.model_size`). The sweep runs on
-:func:`eamvit.experiments.runner.run_sweep`.
+"""EAM on a RepQ-ViT-quantized model: the paper's Fig. 5/6 curves, Table 1 and a size report, on the sweep runner.
+The variants and the rows: ``docs/architecture-experiments.md``, "quant_sweep".
 """
 from __future__ import annotations
 
@@ -55,16 +37,13 @@ class QuantSweepConfig(Config):
     """What :func:`quant_sweep` runs.
 
     Args:
-        taus: sparsity levels τ.
         scope: freezing scope (``"head"``, ``"layer"``, ``"global"``; see :mod:`eamvit.methods.freeze`).
         entropy_bits: histogram bits of the entropy maps.
         frozen_bits: bits of the quantized frozen values (default: the model's ``a_bits``).
-        random_seeds: seeds of random freezing (mean and std reported).
-        maps: which entropy maps to use: ``("fp", "quant")``.
-        values: frozen-value precisions: ``("fp32", "quant")``.
+        maps: which entropy maps to use: of the full-precision model (``"fp"``), of the quantized one (``"quant"``).
+        values: frozen-value precisions: ``"fp32"``, ``"quant"``.
         max_memory: histogram budget per model in bytes (more passes above it); ``None``: no limit.
-        table_maps / table_values: the EAM variant reported in Table 1 (the paper's EAM_4bits:
-            quantized-model maps, quantized values).
+        table_maps / table_values: the EAM variant reported in Table 1 (the paper's EAM_4bits by default).
     """
 
     taus: tuple[float, ...] = DEFAULT_TAUS
@@ -88,21 +67,13 @@ class QuantSweepConfig(Config):
             FreezeConfig(tau=t, scope=self.scope)
 
 
-# --------------------------------------------------------------------------- sizes
-
-
 def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_bits: Optional[int] = None,
                 attention_entries: Optional[int] = None) -> dict[str, Any]:
-    """Model bytes (:func:`~eamvit.experiments.size.model_size`), frozen-map bytes and the attention work
-    frozen entries save.
-
-    Frozen maps store one bit per attention entry (the mask) plus the frozen values at
-    ``value_bits`` (32 for fp32). Per image, every frozen entry is one score ``q·k`` (``head_dim``
-    multiply-adds) that no longer needs computing.
+    """Model bytes (:func:`~eamvit.experiments.size.model_size`), frozen-map bytes (a 1-bit mask plus the values)
+    and the ``q·k`` multiply-adds frozen entries save per image.
 
     Args:
-        model: the (quantized) model.
-        report: the :class:`~eamvit.methods.freeze.FreezeReport` of the freeze applied, if any.
+        report: the freeze applied, if any.
         value_bits: bits of the frozen values (``None``: fp32).
         attention_entries: attention entries per image (taken from ``report`` when given).
     """
@@ -112,17 +83,12 @@ def size_report(model: nn.Module, report: Optional[FreezeReport] = None, value_b
     vb = 32 if value_bits is None else value_bits
     mask_bytes = (total + 7) // 8 if frozen else 0
     value_bytes = (frozen * vb + 7) // 8
-    macs = 0
-    if report is not None:
-        for layer, k in zip(attention_layers(model), report.frozen_per_layer):
-            macs += k * int(getattr(layer, "head_dim", layer.qkv.in_features // layer.num_heads))
+    macs = sum(k * int(getattr(layer, "head_dim", layer.qkv.in_features // layer.num_heads))
+               for layer, k in zip(attention_layers(model), report.frozen_per_layer)) if report is not None else 0
     out.update(frozen_map_bytes=mask_bytes + value_bytes,
                total_bytes=out["model_bytes"] + mask_bytes + value_bytes,
                attention_entries=total, entries_skipped=frozen, qk_macs_skipped=macs)
     return out
-
-
-# --------------------------------------------------------------------------- sweep
 
 
 def _baseline(model: nn.Module, fields: dict[str, Any], entries: int) -> Point:
@@ -164,15 +130,6 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
     return base, frozen
 
 
-def _quantized(fp_model: nn.Module, config: RepQConfig, calib: torch.Tensor | Dataset,
-               q_model: Optional[nn.Module]) -> nn.Module:
-    if q_model is None:
-        q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
-    if step_config(q_model, "quant") is None:
-        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
-    return q_model
-
-
 def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
                 config: Optional[RepQConfig] = None, sweep: Optional[QuantSweepConfig] = None, *,
                 map_indices: Optional[Sequence[int]] = None, repq_calib: torch.Tensor | Dataset | None = None,
@@ -181,25 +138,25 @@ def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
 
     Args:
         fp_model: the full-precision model (left unchanged).
-        data: the evaluation images (:class:`~eamvit.experiments.runner.EvalData`); its batch size,
-            workers and device serve the entropy maps too, its data config is recorded in the rows.
+        data: the evaluation images; its batch size, workers and device serve the entropy maps too.
         calib_dataset: images for the entropy maps (and RepQ calibration unless ``repq_calib``).
-        config: :class:`~eamvit.methods.repq.RepQConfig` (W4/A4 by default).
-        sweep: :class:`QuantSweepConfig`.
+        config: W4/A4 by default.
         map_indices: entropy-map images of ``calib_dataset`` (all by default), the same for both models.
         repq_calib: RepQ calibration images (a seeded random ``calib_size`` of ``calib_dataset`` by default).
         q_model: an already quantized copy of ``fp_model`` (skips calibration).
-        progress: progress bars.
 
     Returns:
-        ``rows`` (one :class:`~eamvit.experiments.results.ResultRow` per τ and method; the FP and
-        RepQ-ViT rows repeat at every τ), ``kl`` (:class:`~eamvit.methods.kl.KLMaps` of FP vs
-        quantized), ``table1`` (Table 1 as ``(rows, columns)``), ``table`` (its markdown), ``q_model``.
+        ``rows`` (one per τ and method; the FP and RepQ-ViT rows repeat at every τ), ``kl`` (FP vs quantized),
+        ``table1`` (Table 1 as ``(rows, columns)``), ``table`` (its markdown), ``q_model``.
     """
     config = config or RepQConfig()
     sweep = sweep or QuantSweepConfig()
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
-    q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
+    if q_model is None:
+        calib = repq_calib if repq_calib is not None else calib_dataset
+        q_model = quantize_(copy.deepcopy(fp_model), config, calib, progress=False)
+    if step_config(q_model, "quant") is None:
+        raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
                          batch_size=data.batch_size, workers=data.workers, device=data.device,
                          max_memory=sweep.max_memory, progress=progress)
@@ -215,43 +172,24 @@ def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
     return {"rows": rows, "kl": kl, "table1": t1, "table": markdown(*t1), "q_model": q_model}
 
 
-# --------------------------------------------------------------------------- tables
-
-
 def table1(rows: Sequence[ResultRow | dict], model_name: str, taus: Sequence[float] = (0.1, 0.2),
            maps: str = "quant", value_bits: int = 4) -> tuple[list[dict[str, Any]], list[Column]]:
-    """The paper's Table 1 for one model: FP, RepQ-ViT and EAM at τ = 10 % and 20 % (top-1, %).
+    """The paper's Table 1 for one model as ``(rows, columns)``: FP, RepQ-ViT and EAM at ``taus`` (top-1, %).
 
     Args:
-        rows: rows of :func:`quant_sweep`.
         model_name: the header of the accuracy column.
-        taus: the sparsity levels reported.
         maps: which maps the EAM rows use (``"quant"``: the paper's EAM_4bits).
         value_bits: bits of the frozen values of the EAM rows (32: fp32).
-
-    Returns:
-        ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
     """
     def pick(quant: str, tau: Optional[float] = None) -> Optional[ResultRow | dict]:
-        for r in rows:
-            if r["quant"] != quant or (r.get("selection") is not None) != (tau is not None):
-                continue
-            if tau is not None and (r["selection"] != "entropy" or r["maps"] != maps or r["value_bits"] != value_bits
-                                    or not math.isclose(r["tau"], tau)):
-                continue
-            return r
-        return None
+        return next((r for r in rows if r["quant"] == quant and (r.get("selection") is not None) == (tau is not None)
+                     and (tau is None or (r["selection"], r["maps"], r["value_bits"]) == ("entropy", maps, value_bits)
+                          and math.isclose(r["tau"], tau))), None)
 
-    out = []
-    for name, r in (("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))):
-        if r is not None:
-            out.append({"method": name, "bits": r["bits"], "top1": r["top1"]})
-    for t in taus:
-        r = pick("repq", t)
-        if r is not None:
-            out.append({"method": f"EAM_{value_bits}bits (τ={round(100 * t)}%, maps from "
-                                  f"{'quantized' if maps == 'quant' else 'FP'} model)",
-                        "bits": r["bits"], "top1": r["top1"]})
+    eam = f"EAM_{value_bits}bits (τ={{}}%, maps from {'quantized' if maps == 'quant' else 'FP'} model)"
+    picked = [("Full-Precision", pick("fp")), ("RepQ-ViT", pick("repq"))]
+    picked += [(eam.format(round(100 * t)), pick("repq", t)) for t in taus]
+    out = [{"method": name, "bits": r["bits"], "top1": r["top1"]} for name, r in picked if r is not None]
     return out, [Column("method", "Method"), Column("bits", "Prec. (W/A)"), Column("top1", model_name, ".2f")]
 
 
@@ -263,10 +201,6 @@ SIZE_COLUMNS = [Column("tau", "τ", ".1f"), Column("quant"), Column("selection")
 
 
 def size_table(rows: Sequence[ResultRow | dict]) -> tuple[list[ResultRow | dict], list[Column]]:
-    """The size report: one line per method/maps/values at each τ (FP and RepQ-ViT once).
-
-    Returns:
-        ``(rows, columns)`` for :func:`~eamvit.experiments.results.markdown` or ``write_table``.
-    """
+    """The size report as ``(rows, columns)``: one line per method/maps/values at each τ (FP and RepQ-ViT once)."""
     first = rows[0]["tau"] if rows else None
     return [r for r in rows if r.get("selection") is not None or r["tau"] == first], SIZE_COLUMNS

@@ -1,15 +1,5 @@
 """The one results writer: typed rows to CSV, JSON and a markdown table with the same columns.
-
-Every table eamvit writes or prints goes through :func:`write_table` (files) or :func:`markdown`
-(text): the freezing sweep, the quantized sweep with Table 1 and the size report, the method
-comparison, the pruning sweep and every table of the demo report. A table is a list of rows
-(:class:`ResultRow` or plain mappings) and a list of :class:`Column`; CSV and JSON hold the raw
-values of those columns, markdown the same columns formatted for reading.
-
-:class:`ResultRow` carries :data:`eamvit.columns.HEAD` (the fields of timm's ``validate.py`` results
-and the data config: ``model``, ``top1`` ... ``interpolation``, ``crop_mode``, ``mean``, ``std``,
-``data_config_source``, ``weights``), the spread over seeds, an optional measured throughput, and
-the method's own fields (τ, selection, bits, κ ...), every name from :data:`eamvit.columns.COLUMNS`.
+Design: ``docs/architecture-experiments.md``, "results".
 """
 from __future__ import annotations
 
@@ -32,21 +22,15 @@ class ResultRow(Mapping):
     """One evaluated configuration; reads like a dict (``row["top1"]``) in the field order of :meth:`to_dict`.
 
     Args:
-        model: model name (timm name or the checkpoint's).
         top1, top5: accuracy in percent (the mean over ``seeds`` evaluations).
-        top1_err, top5_err: ``100 − top1``, ``100 − top5``.
         num_images: images evaluated (per seed).
-        skipped_images: unreadable images skipped.
         param_count: parameters in millions.
-        img_size, crop_pct, interpolation, crop_mode, mean, std: the preprocessing used (``mean``
-            and ``std`` comma-joined).
-        data_config_source: where that preprocessing came from (``checkpoint``, ``timm``, ``digits`` ...).
-        weights: the weights loaded.
+        mean, std: the preprocessing's, comma-joined.
+        data_config_source: where the preprocessing came from (``checkpoint``, ``timm``, ``digits`` ...).
         fields: the method's fields (τ, selection, bits ...) and what it measured (frozen fraction, size ...).
         top1_std, top5_std: population standard deviation over seeds (0 for one seed).
-        seeds: evaluations averaged.
-        images_per_s: measured throughput (median over repetitions), if timed.
-        images_per_s_p25, images_per_s_p75: its interquartile range.
+        seeds: how many evaluations were averaged.
+        images_per_s: measured throughput (median over repetitions), if timed, with its quartiles.
     """
 
     model: str
@@ -105,10 +89,10 @@ class Column:
     Args:
         key: the row field (the CSV header and the JSON key).
         title: the markdown header (``key`` by default).
-        fmt: markdown format: a format spec such as ``".2f"`` or ``","``, or a function of the value.
-            Missing values (``None``) are empty cells in every format.
-        derive: the value as a function of the whole row, for a column that no row field holds (a
-            display name made of several settings); ``None``: the row's ``key`` field.
+        fmt: markdown format: a format spec such as ``".2f"`` or ``","``, or a function of the value;
+            missing values (``None``) are empty cells.
+        derive: the value as a function of the whole row, for a column that no row field holds;
+            ``None``: the row's ``key`` field.
     """
 
     key: str
@@ -133,12 +117,7 @@ class Column:
 
 
 def retitle(columns: Sequence[Column], **titles: str) -> list[Column]:
-    """``columns`` with new markdown headers for some keys (the CSV/JSON keys stay).
-
-    Args:
-        columns: the table's columns.
-        titles: ``key=header`` for each column to rename, e.g. ``top1="digits ViT"``.
-    """
+    """``columns`` with new markdown headers for some keys (``top1="digits ViT"``); the CSV/JSON keys stay."""
     unknown = set(titles) - {c.key for c in columns}
     if unknown:
         raise EamError(f"no column {sorted(unknown)} to retitle; the columns are {[c.key for c in columns]}")
@@ -147,22 +126,12 @@ def retitle(columns: Sequence[Column], **titles: str) -> list[Column]:
 
 def columns_of(rows: Sequence[Row]) -> list[Column]:
     """One plain column per field, the union over ``rows`` in first-seen order."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    return [Column(k) for k in keys]
+    return [Column(k) for k in dict.fromkeys(k for r in rows for k in r)]
 
 
 def _plain(value: Any) -> Any:
     # JSON has no infinity or NaN: write them as the strings float() reads back.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-def table_rows(rows: Sequence[Row], columns: Sequence[Column]) -> list[dict[str, Any]]:
-    """The rows restricted to ``columns``, in column order, as plain JSON-ready dicts."""
-    return [{c.key: _plain(c.value(r)) for c in columns} for r in rows]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) -> str:
@@ -171,8 +140,7 @@ def markdown(rows: Sequence[Row], columns: Optional[Sequence[Column]] = None) ->
     if not columns:
         raise EamError("a table needs at least one column")
     lines = ["| " + " | ".join(_esc(c.header()) for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_esc(c.cell(c.value(r))) for c in columns) + " |")
+    lines += ["| " + " | ".join(_esc(c.cell(c.value(r))) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -188,20 +156,13 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) 
             w.writerows(rows)
 
 
-def _stem_path(stem: Path, ext: str) -> Path:
-    # Append, never replace: ``--out eval_0.2`` must give eval_0.2.csv, not eval_0.csv.
-    return stem.with_name(stem.name + ext)
-
-
 def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[Sequence[Column]] = None,
                 formats: Sequence[str] = ("csv", "json", "md")) -> dict[str, Path]:
-    """Write ``stem.csv``, ``stem.json`` and ``stem.md`` with the same columns (atomically).
+    """Write ``stem.csv``, ``stem.json`` and ``stem.md`` (those of ``formats``) with the same columns, atomically.
 
     Args:
         stem: path without extension (an extension-like suffix such as ``eval_0.2`` is kept).
-        rows: the rows.
         columns: the columns (every field of ``rows`` by default).
-        formats: which of ``csv``, ``json``, ``md`` to write.
 
     Returns:
         ``{format: path}`` of the files written.
@@ -210,43 +171,21 @@ def write_table(stem: str | os.PathLike, rows: Sequence[Row], columns: Optional[
     if bad:
         raise EamError(f"unknown table formats {sorted(bad)}; use csv, json, md")
     columns = list(columns) if columns is not None else columns_of(rows)
-    plain = table_rows(rows, columns)
-    stem = Path(stem)
-    out: dict[str, Path] = {}
-    if "csv" in formats:
-        out["csv"] = _stem_path(stem, ".csv")
-        _write_csv(out["csv"], plain, [c.key for c in columns])
-    if "json" in formats:
-        out["json"] = _stem_path(stem, ".json")
-        write_text(out["json"], json.dumps(plain, indent=2) + "\n")
-    if "md" in formats:
-        out["md"] = _stem_path(stem, ".md")
-        write_text(out["md"], markdown(rows, columns))
+    plain, stem = [{c.key: _plain(c.value(r)) for c in columns} for r in rows], Path(stem)
+    writers = {"csv": lambda path: _write_csv(path, plain, [c.key for c in columns]),
+               "json": lambda path: write_text(path, json.dumps(plain, indent=2) + "\n"),
+               "md": lambda path: write_text(path, markdown(rows, columns))}
+    # Append, never replace: ``--out eval_0.2`` must give eval_0.2.csv, not eval_0.csv.
+    out = {fmt: stem.with_name(f"{stem.name}.{fmt}") for fmt in writers if fmt in formats}
+    for fmt, path in out.items():
+        writers[fmt](path)
     return out
 
 
-# --------------------------------------------------------------------------- the freezing sweep's view
-
-
-def _tau_cols(rows: Sequence[Row]) -> list[tuple[str, str]]:
-    cols: list[tuple[str, str]] = []
-    for r in rows:
-        c = (r["selection"], r["scope"])
-        if c not in cols:
-            cols.append(c)
-    return cols
-
-
 def sweep_table(rows: Sequence[Row]) -> tuple[list[dict[str, Any]], list[Column]]:
-    """The freezing sweep as one row per τ and one top-1 column per (selection, scope).
-
-    Selections averaged over several seeds (random freezing) get a ``±`` column with the standard
-    deviation next to their mean.
-
-    Returns:
-        ``(rows, columns)`` for :func:`markdown` or :func:`write_table`.
-    """
-    cols = _tau_cols(rows)
+    """The freezing sweep as one row per τ and one top-1 column per (selection, scope), with a ``±`` column
+    beside selections averaged over several seeds; ``(rows, columns)`` for :func:`markdown` or :func:`write_table`."""
+    cols = list(dict.fromkeys((r["selection"], r["scope"]) for r in rows))
     multi = {c for c in cols if any((r["selection"], r["scope"]) == c and r.get("seeds", 1) > 1 for r in rows)}
     columns = [Column("tau", "τ", ".1f")]
     for sel, scope in cols:

@@ -1,25 +1,5 @@
-"""The one sweep runner, and throughput and speed-ups of models timed by :mod:`eamvit.experiments.timer`.
-
-A sweep is a model, evaluation data and a list of :class:`Point`. A point is a label (the fields
-its row carries) and a *state*: a context manager that puts the model in a configuration for one
-seed (frozen at τ, quantized, pruned ...), yields what to evaluate, and undoes itself on exit. The
-runner enters each point's state once per seed, evaluates with :func:`eamvit.methods.evaluate.evaluate`,
-optionally times the model in that state (:func:`measure_throughput`), averages over seeds (mean and
-population standard deviation) and returns one :class:`~eamvit.experiments.results.ResultRow` per point.
-Because states undo themselves, the model is back to its original configuration between points
-and after the sweep, also when a point fails.
-
-Example::
-
-    @contextmanager
-    def frozen(model, seed):
-        report = freeze_(model, maps, FreezeConfig(tau=0.5, selection="random", seed=seed))
-        try:
-            yield Applied({"frozen_fraction": report.frozen_fraction})
-        finally:
-            unfreeze_(model)
-
-    rows = run_sweep(model, EvalData(test), [Point({"tau": 0.5}, frozen, seeds=(0, 1, 2))])
+"""The one sweep runner (:func:`run_sweep`), and throughput and speed-ups of models timed by
+:mod:`eamvit.experiments.timer`. Design: ``docs/architecture-experiments.md``, "runner".
 """
 from __future__ import annotations
 
@@ -45,8 +25,7 @@ class Applied:
     """What a point's state yields.
 
     Args:
-        fields: measured fields added to the row (frozen fraction, size, GMACs ...); the last
-            seed's are kept.
+        fields: measured fields added to the row; the last seed's are kept.
         model: evaluate this model instead of the runner's (e.g. a quantized copy); ``None``: the
             runner's model, changed in place.
     """
@@ -63,10 +42,9 @@ class Point:
     """One configuration of a sweep.
 
     Args:
-        fields: the label of the row (τ, selection, quant, bits ...; names of :data:`eamvit.columns.COLUMNS`), placed first.
+        fields: the label of the row (names of :data:`eamvit.columns.COLUMNS`), placed first.
         state: ``state(model, seed)``: a context manager that configures ``model`` for ``seed``,
             yields an :class:`Applied` (or ``None``) and restores ``model`` on exit.
-        seeds: seeds to evaluate and average.
     """
 
     fields: dict[str, Any]
@@ -81,8 +59,6 @@ class EvalData:
     Args:
         dataset: items ``(image, target)``.
         indices: which items (all by default).
-        batch_size: images per forward.
-        workers: DataLoader workers.
         device: where to run (the model's device by default).
         data_config: timm data config used to build ``dataset`` (recorded in the rows).
     """
@@ -102,7 +78,6 @@ class Timing(Config):
     Args:
         batch_size: images per timed forward (random inputs at the model's input size).
         warmup: untimed forwards first.
-        reps: timed forwards.
     """
 
     batch_size: int = 32
@@ -126,23 +101,25 @@ class Throughput:
     p75: float
     reps: int
 
+    @classmethod
+    def of(cls, batch_size: int, times: Sequence[float]) -> "Throughput":
+        """The rates of ``batch_size`` images in each of ``times`` seconds."""
+        rate = Stats.of([batch_size / s for s in times])
+        return cls(median=rate.median, p25=rate.p25, p75=rate.p75, reps=len(times))
+
     def fields(self) -> dict[str, float]:
         return {"images_per_s": round(self.median, 2), "images_per_s_p25": round(self.p25, 2),
                 "images_per_s_p75": round(self.p75, 2)}
 
 
-def _model_input_size(model: nn.Module) -> tuple[int, ...]:
-    from eamvit.methods.models import data_config
-
-    return tuple(int(v) for v in data_config(model)["input_size"])
-
-
 def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequence[int]],
                   device: torch.device | str | None) -> tuple[torch.Tensor, Callable[[], None]]:
     """The fixed random batch on ``device`` and the synchronisation a timed call ends with."""
+    from eamvit.methods.models import data_config
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = torch.randn(timing.batch_size, *(input_size or _model_input_size(model)),
-                    generator=torch.Generator().manual_seed(0)).to(device)
+    input_size = input_size or tuple(int(v) for v in data_config(model)["input_size"])
+    x = torch.randn(timing.batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     return x, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
@@ -161,54 +138,40 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
 @torch.inference_mode()
 def measure_throughput(model: nn.Module, timing: Timing = Timing(), input_size: Optional[Sequence[int]] = None,
                        device: torch.device | str | None = None) -> Throughput:
-    """Images per second of ``model`` in eval mode on a fixed random batch.
-
-    Every repetition is one forward of ``timing.batch_size`` images, synchronised on CUDA; the
-    result is the median over ``timing.reps`` repetitions after ``timing.warmup`` untimed ones,
-    with the interquartile range as spread (a single pass is noise on a shared machine).
+    """Images per second of ``model`` in eval mode on a fixed random batch: median and quartiles over
+    ``timing.reps`` forwards (a single pass is noise on a shared machine).
 
     Args:
-        model: the model, in whatever state (frozen, pruned, quantized).
-        timing: :class:`Timing`.
         input_size: ``(C, H, W)``; the model's own by default.
         device: where to run (the model's device by default).
     """
     x, sync = _timing_setup(model, timing, input_size, device)
     with _eval_mode(model):
-        t = time_calls([lambda: model(x)], timing.warmup, timing.reps, sync)[0]
-        rate = Stats.of([timing.batch_size / s for s in t])
-    return Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps)
+        return Throughput.of(timing.batch_size, time_calls([lambda: model(x)], timing.warmup, timing.reps, sync)[0])
 
 
 @torch.inference_mode()
 def measure_speedup(model: nn.Module, reference: nn.Module, timing: Timing = Timing(),
                     input_size: Optional[Sequence[int]] = None,
                     device: torch.device | str | None = None) -> dict[str, float]:
-    """Speed of ``model`` relative to ``reference``, timed in alternation on the same batch.
-
-    Each repetition times one forward of each (which goes first alternates), so drift of the machine's
-    speed between points of a sweep (other jobs, clock changes) cancels in the per-repetition ratio
-    ``time(reference) / time(model)``; a single ratio of two separately timed medians does not.
-
-    Args:
-        model: the model in the state measured.
-        reference: the model it is compared with (e.g. an unmodified copy), on the same device.
-        timing: :class:`Timing` (warm-up and repetitions apply to both).
-        input_size: ``(C, H, W)``; ``model``'s own by default.
-        device: where to run (``model``'s device by default).
+    """Speed of ``model`` relative to ``reference`` (on the same device), timed in alternation on the same
+    batch so that the machine's drift cancels in the per-repetition ratio.
 
     Returns:
-        ``speedup`` (median ratio) with ``speedup_p25``/``speedup_p75``, ``model``'s
-        ``images_per_s`` (median) with its quartiles, and ``reference_images_per_s`` (the
-        reference's median, timed in the same repetitions).
+        :func:`speedup_fields`, ``model``'s ``images_per_s`` with its quartiles, and
+        ``reference_images_per_s`` (the reference's median, timed in the same repetitions).
     """
     x, sync = _timing_setup(model, timing, input_size, device)
     with _eval_mode(model, reference):
         t_ref, t = time_calls([lambda: reference(x), lambda: model(x)], timing.warmup, timing.reps, sync)
-    r, rate = ratio_stats(t_ref, t), Stats.of([timing.batch_size / s for s in t])
-    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4),
-            **Throughput(median=rate.median, p25=rate.p25, p75=rate.p75, reps=timing.reps).fields(),
-            "reference_images_per_s": round(Stats.of([timing.batch_size / s for s in t_ref]).median, 2)}
+    return {**speedup_fields(t_ref, t), **Throughput.of(timing.batch_size, t).fields(),
+            "reference_images_per_s": round(Throughput.of(timing.batch_size, t_ref).median, 2)}
+
+
+def speedup_fields(reference: Sequence[float], times: Sequence[float]) -> dict[str, float]:
+    """``speedup`` (the median per-repetition ratio ``reference / times``) and its quartiles."""
+    r = ratio_stats(reference, times)
+    return {"speedup": round(r.median, 4), "speedup_p25": round(r.p25, 4), "speedup_p75": round(r.p75, 4)}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -223,10 +186,8 @@ def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict
     Args:
         model: the model evaluated (name and parameter count).
         metrics: one :func:`~eamvit.methods.evaluate.evaluate` result per seed.
-        fields: the point's label and measured fields.
         data_config: the data config the images were built with (``source`` included); ``None``
             leaves those columns blank.
-        throughput: measured images/s, if timed.
     """
     if not metrics:
         raise EamError("a result row needs at least one evaluation")
@@ -242,28 +203,16 @@ def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict
                      top5_std=top5_std, seeds=len(metrics), **(throughput.fields() if throughput is not None else {}))
 
 
-def _describe(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str)) and k != "label"}
-
-
 def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timing: Optional[Timing] = None,
               evaluate_fn: Optional[Callable[..., dict]] = None, progress: bool = True,
               desc: str = "sweep") -> list[ResultRow]:
-    """Evaluate every point (every seed), restoring the model between points.
+    """Evaluate every point (every seed), restoring the model between points; one row per point.
 
     Args:
-        model: the model (left as it was: every point's state undoes itself).
-        data: :class:`EvalData`.
-        points: the configurations, in row order.
         timing: also time every point (once, with its first seed) with :func:`measure_throughput`.
         evaluate_fn: ``f(model, dataset, indices, batch_size=, workers=, device=, progress=)``
             returning top-1/top-5 (:func:`eamvit.methods.evaluate.evaluate` by default).
-        progress: one progress bar over all evaluations.
-        desc: its label.
-
-    Returns:
-        One :class:`ResultRow` per point: mean top-1/top-5 over its seeds, their standard
-        deviations, the point's fields and the fields its state measured.
+        progress: one progress bar over all evaluations, labelled ``desc``.
     """
     if evaluate_fn is None:
         from eamvit.methods.evaluate import evaluate as evaluate_fn
@@ -276,7 +225,8 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
                 raise EamError(f"point {p.fields} has no seeds")
             metrics, measured, speed, evaluated = [], {}, None, model
             for seed in p.seeds:
-                bar.set_postfix(**_describe(p.fields), seed=seed)
+                bar.set_postfix(**{k: v for k, v in p.fields.items() if isinstance(v, (int, float, str))
+                                   and k != "label"}, seed=seed)
                 with p.state(model, seed) as applied:
                     applied = applied or Applied()
                     evaluated = applied.model if applied.model is not None else model

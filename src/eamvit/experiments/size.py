@@ -7,20 +7,14 @@ from torch import nn
 
 from eamvit.modules.quantizers import Quantizer
 
-# Quantizer tensors a deployed model needs: the scale and the zero point. Others (AdaRound's rounding
-# variables) exist only during calibration and are folded into the integer weights afterwards.
+# Quantizer tensors a deployed model needs: the scale and the zero point (AdaRound's variables are folded).
 _SCALE_NAMES = ("delta", "zero_point")
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Storage of a model, in bytes.
-
-    Args:
-        weight_bytes: quantized weights, packed at their bits.
-        fp32_param_bytes: every other parameter at 32 bits.
-        quant_param_bytes: quantizer scales and zero points at 32 bits.
-    """
+    """Storage of a model, in bytes: quantized weights packed at their bits, every other parameter and the
+    quantizer scales and zero points at 32 bits."""
 
     weight_bytes: int
     fp32_param_bytes: int
@@ -40,24 +34,8 @@ class ModelSize:
 
 
 def model_size(model: nn.Module) -> ModelSize:
-    """Bytes to store ``model`` at its bit widths.
-
-    Counted:
-
-    * the weight of every module whose ``weight_quantizer`` (a :class:`~eamvit.modules.quantizers.Quantizer`)
-      is enabled, at that quantizer's bits (mixed precision per module as set), packed: the bits of all
-      quantized weights are summed and rounded up to whole bytes once;
-    * every other parameter at 32 bits: biases, LayerNorm, patch and position embeddings, class and
-      distillation tokens, Swin's relative-position bias tables, layers left in full precision;
-    * the scale and zero point (``delta``, ``zero_point``) of every enabled quantizer, weight and
-      activation alike, at 32 bits each.
-
-    Not counted: buffers that are not weights (Swin's relative-position index and attention masks,
-    PMQ's per-token bit table), AdaRound's rounding variables (folded into the integer weights), and
-    frozen attention maps (:func:`eamvit.experiments.quant_sweep.size_report` adds those).
-
-    A full-precision model is therefore ``4 × parameters`` bytes.
-    """
+    """Bytes to store ``model`` at its bit widths (what is counted and what not:
+    ``docs/architecture-experiments.md``, "size"); a full-precision model is ``4 × parameters`` bytes."""
     quant_bits: dict[int, int] = {}
     for m in model.modules():
         wq, w = getattr(m, "weight_quantizer", None), getattr(m, "weight", None)

@@ -1,107 +1,26 @@
-"""Accuracy at measured speed: freezing by entry, row or head next to token pruning and merging, on the
-sweep runner.
-
-Every point is evaluated by :func:`eamvit.experiments.runner.run_sweep` and carries the cost model's
-executed GMACs and predicted speed-up (:func:`eamvit.methods.cost.cost_account`, the same count on
-every device) and its measured speed-up: :func:`eamvit.experiments.runner.measure_speedup` times
-the point's model and an unmodified copy in alternation, ``timing.reps`` times after warm-up, on
-random images at the model's input size; ``speedup`` is the median per-repetition ratio (quartiles
-in ``speedup_p25``/``speedup_p75``), so the machine's drift between points cancels. The unmodified
-row is timed against the copy too: its spread is the noise floor of the measurement.
-
-``images_per_s`` follows from the same measurement: the unmodified copy's throughput (the median over
-the whole sweep of its per-point medians) times the point's ``speedup`` (quartiles likewise). Each
-point's own images/s is timed in its own stretch of the sweep, and on a shared machine two stretches
-can differ tenfold (threads competing with other jobs), so raw rates of two points would contradict
-their measured ×; rates scaled from one reference cannot.
-
-Rows name the freezing ``selection``, ``granularity`` and ``tau``, the pruning method ``prune``
-(``alpha``) and ``keep_rate``, or the merging ``merge`` (``alpha``), ``merge_r`` and
-``matched_keep_rate``: merging runs at the ``r`` whose executed GMACs match Shannon pruning's at each κ
-(:func:`eamvit.experiments.prune_sweep.matched_merges`). The settings of the other techniques, and all
-of them on the unmodified row, are blank.
-
-Entry-level freezing (the paper) computes every score and then overwrites the frozen ones, so its
-predicted speed-up is 1 and its measured one is at most 1: the table says so rather than hiding it.
+"""Accuracy at measured speed: freezing by entry, row or head next to token pruning and merging, on the sweep
+runner. Design (timing, images/s, the rows): ``docs/architecture-experiments.md``, "speed_sweep".
 """
 from __future__ import annotations
 
 import copy
 import statistics
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import matched_merges, merged_state, pruned_state
+from eamvit.experiments.prune_sweep import merged_state, pruned_state
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig
-from eamvit.methods.prune import method_config
+from eamvit.methods.prune import PruneConfig, setting_text
 from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
-
-PRUNE_METHODS: tuple[tuple[str, Optional[float]], ...] = (("shannon", None), ("renyi", 2.0), ("evit", None))
-KEEP_RATES = (0.9, 0.7, 0.5)
-
-
-def cost_fields(model: nn.Module) -> dict[str, Any]:
-    """The cost model's numbers of a row: executed and skippable GMACs per image, predicted speed-up."""
-    acct = cost_account(model)
-    sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
-    return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
-            "predicted_speedup": round(acct.predicted_speedup, 4)}
-
-
-Measure = Callable[[nn.Module], dict[str, Any]]
-
-
-def _unmodified(measure: Measure):
-    @contextmanager
-    def state(model: nn.Module, seed: int) -> Iterator[Applied]:
-        yield Applied(measure(model))
-    return state
-
-
-def speed_points(maps: EntropyMaps, taus: Sequence[float], granularities: Sequence[str],
-                 prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
-                 keep_rates: Sequence[float] = KEEP_RATES, label: str = "",
-                 freeze: FreezeConfig = FreezeConfig(),
-                 prune_options: Optional[dict[str, Any]] = None, measure: Measure = cost_fields,
-                 merges: Sequence[tuple[float, MergeConfig]] = ()) -> list[Point]:
-    """The unmodified model, then one point per (granularity, τ > 0), per (pruning method, κ < 1) and per
-    merging in ``merges`` (``(κ whose GMACs it matches, config)``:
-    :func:`~eamvit.experiments.prune_sweep.matched_merges`).
-
-    ``freeze`` is the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (its ``tau`` and
-    ``granularity`` replaced) and ``prune_options`` further :class:`~eamvit.methods.prune.PruneConfig`
-    fields shared by every pruning point; ``measure(model)``
-    gives the fields each point measures in its state (the cost model's by default).
-    """
-    base = {"label": label, "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
-            "keep_rate": None}
-    if merges:
-        base.update(merge=None, merge_r=None, matched_keep_rate=None)
-    points = [Point(base, _unmodified(measure))]
-    for gran in granularities:
-        for tau in (t for t in taus if t > 0):
-            cfg = replace(freeze, tau=tau, granularity=gran)
-            fields = {**base, "selection": cfg.selection, "granularity": gran, "tau": tau}
-            points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
-    for method, alpha in prune_methods:
-        for k in (k for k in keep_rates if k < 1):
-            cfg = method_config(method, alpha, k, **(prune_options or {}))
-            order = ("inf" if cfg.alpha == float("inf") else cfg.alpha) if cfg.method == "renyi" else None
-            fields = {**base, "prune": cfg.method, "alpha": order, "keep_rate": k}
-            points.append(Point(fields, pruned_state(cfg, measure)))
-    for k, cfg in merges:
-        points.append(Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)))
-    return points
 
 
 def row_method(row: Mapping[str, Any]) -> str:
@@ -122,8 +41,8 @@ def supports(model: nn.Module, verb: str) -> bool:
 
 def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: Sequence[Any],
                  merges: Sequence[Any] = ()) -> None:
-    """One clear error, before any work or output, for what the model's attention family does not
-    support (``prune_methods``, ``merges``: any non-empty sequence means token pruning, merging is asked for)."""
+    """One clear error, before any work or output, for what the model's attention family does not support
+    (a non-empty ``prune_methods`` or ``merges`` asks for token pruning or merging)."""
     layers = attention_layers(model)
     for granularity in granularities:
         require(layers, granularity)
@@ -133,56 +52,50 @@ def check_family(model: nn.Module, granularities: Sequence[str], prune_methods: 
         require(layers, "merge")
 
 
-def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
-                granularities: Sequence[str] = ("entry", "row", "head"),
-                prune_methods: Sequence[tuple[str, Optional[float]]] = PRUNE_METHODS,
-                keep_rates: Sequence[float] = KEEP_RATES, timing: Timing = Timing(), label: str = "",
-                freeze: FreezeConfig = FreezeConfig(), prune_options: Optional[dict[str, Any]] = None,
-                progress: bool = True, merges: Sequence[MergeConfig] = ()) -> list[ResultRow]:
-    """Top-1, executed GMACs, the predicted and the measured speed-up of every point.
+def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Sequence[FreezeConfig],
+                prune: Sequence[PruneConfig], merges: Sequence[tuple[float, MergeConfig]] = (),
+                timing: Timing = Timing(), progress: bool = True) -> list[ResultRow]:
+    """Top-1, executed GMACs, the predicted and the measured speed-up of every point, the unmodified model first.
 
     The model is deep-copied once as the unmodified reference of the timing (memory: two models).
 
-    Freezing selects the lowest-entropy units (layer scope for rows and heads, head scope for entries:
-    :class:`~eamvit.methods.freeze.FreezeConfig`'s defaults); pruning points are off the shelf.
-
     Args:
-        model: an instrumented timm model (left unmodified).
-        maps: its entropy maps.
-        data: evaluation data.
-        taus: sparsity levels of the freezing points (τ = 0 is the unmodified row).
-        granularities: ``"entry"``, ``"row"`` (ViT/DeiT only) and/or ``"head"``.
-        prune_methods: ``(method, alpha)`` of the pruning points (none for Swin).
-        keep_rates: κ of the pruning points.
-        timing: how each point is timed.
-        label: copied into every row.
-        freeze: the :class:`~eamvit.methods.freeze.FreezeConfig` of every freezing point (``aggregate``,
-            ``value_bits`` ...); its ``tau`` and ``granularity`` are replaced per point.
-        prune_options: more :class:`~eamvit.methods.prune.PruneConfig` fields for every pruning point (and
-            the pruning whose GMACs the merging points match).
-        progress: progress bar.
-        merges: merging configs (e.g. :data:`~eamvit.experiments.prune_sweep.SWEEP_MERGES`), each at the ``r``
-            matching every κ < 1 of ``keep_rates``; none (default): no merging points.
-
-    Returns:
-        Rows with ``selection``, ``granularity``, ``tau``, ``prune``, ``alpha``, ``keep_rate``,
-        top-1/top-5, ``gmacs``, ``gmacs_skippable``, ``predicted_speedup``, ``speedup`` (+ quartiles)
-        and ``images_per_s`` (+ quartiles: the reference's throughput times the speed-up), the
-        unmodified model first; merging rows with ``merge``, ``merge_r`` and ``matched_keep_rate``.
+        freeze: one config per freezing point (τ > 0; ``"row"`` granularity on ViT/DeiT only).
+        prune: one config per pruning point (none for Swin).
+        merges: ``(κ, config)`` of the merging points, each at the ``r`` whose GMACs match Shannon pruning's at
+            κ (:func:`~eamvit.experiments.prune_sweep.matched_merges`).
     """
-    check_family(model, granularities, prune_methods, merges)
-    matched = matched_merges(model, [k for k in keep_rates if k < 1], merges, prune_options or {})
+    check_family(model, list(dict.fromkeys(f.granularity for f in freeze)), prune, merges)
     reference = copy.deepcopy(model).eval()  # unmodified, timed beside every point
     reference_rates: list[float] = []
 
     def measure(m: nn.Module) -> dict[str, Any]:
+        """The cost model's GMACs (executed, skippable) and predicted speed-up, then the measured one."""
         speed = measure_speedup(m, reference, timing, device=data.device)
         reference_rates.append(speed.pop("reference_images_per_s"))
-        return {**cost_fields(m), **speed}
+        acct = cost_account(m)
+        sig = lambda macs: float(f"{macs / 1e9:.6g}")  # six significant digits: tiny models too
+        return {"gmacs": sig(acct.total("executed")), "gmacs_skippable": sig(acct.total("skippable")),
+                "predicted_speedup": round(acct.predicted_speedup, 4), **speed}
 
-    points = speed_points(maps, taus, granularities, prune_methods, keep_rates, label, freeze, prune_options,
-                          measure, matched)
-    rows = run_sweep(model, data, points, progress=progress, desc=f"speed sweep {label}".strip())
+    @contextmanager
+    def unmodified(m: nn.Module, seed: int) -> Iterator[Applied]:
+        yield Applied(measure(m))
+
+    base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
+            "keep_rate": None}
+    if merges:
+        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    points = [Point(base, unmodified)]
+    for cfg in freeze:
+        fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
+        points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
+    for cfg in prune:
+        order = setting_text(cfg.alpha) if cfg.method == "renyi" else None
+        points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
+                            pruned_state(cfg, measure)))
+    points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)) for k, cfg in merges]
+    rows = run_sweep(model, data, points, progress=progress, desc="speed sweep")
     rate = statistics.median(reference_rates)
     for r in rows:
         r.fields.update({k.replace("speedup", "images_per_s"): round(rate * r[k], 2)
@@ -190,9 +103,12 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Seque
     return rows
 
 
+def _kappa(row: Mapping[str, Any]) -> Optional[float]:
+    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]  # merging: the κ it matches
+
+
 SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
-                 Column("keep_rate", "κ (merging: its GMACs)", "g",
-                        derive=lambda r: r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]),
+                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=_kappa),
                  Column("merge_r", "r per block"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
@@ -204,37 +120,28 @@ SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
 def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
-    for r in rows:  # a merging point takes the κ whose GMACs it matches
-        kappa = r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"]
+    for r in rows:
+        kappa = _kappa(r)
         point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={kappa:g}" if kappa is not None else None)
         out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out
 
 
-def _fastest_within(rows: Sequence[ResultRow], prefix: str, floor: float) -> Optional[ResultRow]:
-    ok = [r for r in rows if row_method(r).startswith(prefix) and r["top1"] >= floor]
-    return max(ok, key=lambda r: r["speedup"]) if ok else None
-
-
 def summary_lines(rows: Sequence[ResultRow], max_drops: Sequence[float] = (1.0, 5.0)) -> list[str]:
-    """What the sweep answers, in words: for freezing, pruning and merging, the fastest measured point that
-    loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs.
-
-    Args:
-        rows: :func:`speed_sweep`'s rows (the unmodified model first).
-        max_drops: accuracy budgets in top-1 points.
-    """
+    """What :func:`speed_sweep`'s rows answer, in words: for freezing, pruning and merging, the fastest measured
+    point that loses at most each of ``max_drops`` top-1 points, and what entry-level freezing costs."""
     base = rows[0]
     lines = []
     for drop in max_drops:
         for prefix, name in (("freeze", "freezing"), ("prune", "token pruning"), ("merge", "token merging")):
             if not any(row_method(r).startswith(prefix) for r in rows):
                 continue
-            best = _fastest_within(rows, prefix, base["top1"] - drop)
-            if best is None:
+            ok = [r for r in rows if row_method(r).startswith(prefix) and r["top1"] >= base["top1"] - drop]
+            if not ok:
                 lines.append(f"within {drop:g} top-1 point(s), {name}: no point")
                 continue
+            best = max(ok, key=lambda r: r["speedup"])
             knob = (f"τ={best['tau']:g}" if best["granularity"] else f"κ={best['keep_rate']:g}" if best["prune"]
                     else f"r={best['merge_r']} (κ={best['matched_keep_rate']:g}'s GMACs)")
             verdict = "faster than" if best["speedup_p25"] > 1 else (

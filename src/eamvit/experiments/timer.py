@@ -1,10 +1,5 @@
-"""The one timer: wall-clock timing of calls, warmed up, repeated and alternated.
-
-Every measured speed in eamvit (the runner's images/s and speed-ups, the export table, ``optimize``)
-goes through :func:`time_calls`. Several calls timed together run once each per repetition, the
-first of them rotating from one repetition to the next, so that drift of the machine's speed (other
-jobs, clock changes) hits every call alike and cancels in per-repetition ratios
-(:func:`ratio_stats`); a ratio of two medians timed one after the other does not cancel it.
+"""The one timer: wall-clock timing of calls, warmed up, repeated and alternated so that the machine's drift
+cancels in per-repetition ratios. Design: ``docs/architecture-experiments.md``, "timer".
 """
 from __future__ import annotations
 
@@ -18,16 +13,7 @@ from eamvit.errors import EamError
 
 @dataclass(frozen=True)
 class Stats:
-    """Median, quartiles and range of repeated measurements.
-
-    Args:
-        median: the median.
-        p25: the 25th percentile.
-        p75: the 75th percentile.
-        min: the smallest value.
-        max: the largest value.
-        n: how many values.
-    """
+    """Median, quartiles (``p25``, ``p75``), range and count of repeated measurements."""
 
     median: float
     p25: float
@@ -53,16 +39,11 @@ class Stats:
 
 def time_calls(calls: Sequence[Callable[[], Any]], warmup: int = 2, reps: int = 7,
                sync: Optional[Callable[[], None]] = None) -> list[list[float]]:
-    """Seconds of every call in every repetition, after ``warmup`` untimed rounds.
+    """``times[i][r]``: seconds of ``calls[i]`` in repetition ``r``, after ``warmup`` untimed rounds of all calls.
 
     Args:
         calls: the calls to time; each runs once per repetition, the first one rotating.
-        warmup: untimed rounds of all calls first.
-        reps: timed repetitions.
         sync: run after each call, inside its time (e.g. ``torch.cuda.synchronize``).
-
-    Returns:
-        ``times[i][r]``: seconds of ``calls[i]`` in repetition ``r``.
     """
     if not calls or reps < 1 or warmup < 0:
         raise EamError(f"timing needs at least one call, reps ≥ 1 and warmup ≥ 0, got {len(calls)} calls, "
@@ -81,12 +62,6 @@ def time_calls(calls: Sequence[Callable[[], Any]], warmup: int = 2, reps: int = 
             sync()
             times[i].append(time.perf_counter() - t0)
     return times
-
-
-def time_call(call: Callable[[], Any], warmup: int = 2, reps: int = 7,
-              sync: Optional[Callable[[], None]] = None) -> Stats:
-    """:class:`Stats` of the seconds of ``call()`` (:func:`time_calls` with one call)."""
-    return Stats.of(time_calls([call], warmup, reps, sync)[0])
 
 
 def ratio_stats(reference: Sequence[float], times: Sequence[float]) -> Stats:
