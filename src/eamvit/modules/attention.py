@@ -42,10 +42,6 @@ def _instrumented(cls: type) -> bool:
     return cls in _INSTRUMENTED or any(issubclass(cls, c) for c in _INSTRUMENTED)
 
 
-def _adapter_of(cls: type) -> Optional[Adapter]:
-    return _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
-
-
 def _unknown_attention(module: nn.Module) -> bool:
     cls = type(module)
     return (cls not in _BY_CLASS and not _instrumented(cls) and cls not in families.UNMAPPED
@@ -73,7 +69,8 @@ def _adapters(model: nn.Module) -> list[Adapter]:
     """The adapters of ``model``'s attention modules, instrumented or not, in module order, each once."""
     out: list[Adapter] = []
     for module in model.modules():
-        adapter = _adapter_of(type(module))
+        cls = type(module)
+        adapter = _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
         if adapter is not None and adapter not in out:
             out.append(adapter)
     return out
@@ -196,9 +193,7 @@ def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan
     module.eam.plan = plan
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The instrumented attention modules of ``model`` (instrumenting it first if needed)."""
-    return instrument(model)
+attention_layers = instrument  # the instrumented attention modules (instrument is idempotent)
 
 
 @contextlib.contextmanager
