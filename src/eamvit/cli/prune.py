@@ -166,9 +166,7 @@ def _finetune_data(args, model):
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
 
-    cfg = data_config(model, data_overrides(args))
-    if args.img_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
+    cfg = data_config(model, data_overrides(args))  # --img-size included
     if args.data == "digits":
         fixed = [f"--{k.replace('_', '-')}" for k, v in data_overrides(args).items() if v is not None]
         if fixed:

@@ -226,9 +226,8 @@ def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
 def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
     """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
 
-    Biases nest as observers do (see :func:`observe`); ``None`` adds nothing. Layers without a bias keep timm's
-    forward. Yields the instrumented attention modules, index = layer number. Each bias broadcasts to the
-    layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
+    Nesting, layers without one and what it yields as :func:`observe`; ``None`` adds nothing. Each bias broadcasts
+    to the layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")
