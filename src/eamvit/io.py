@@ -187,8 +187,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
-    for r in rows:
-        w.writerow(r)
+    w.writerows(rows)
     write_text(path, buf.getvalue())
 
 

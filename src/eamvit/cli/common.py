@@ -255,9 +255,9 @@ def flag(args, dest: str) -> str:
     return getattr(args, "flags", {}).get(dest) or "--" + dest.replace("_", "-")
 
 
-# Counts' least values (a median and quartiles take 3 timed repetitions).
+# Least values of counts and sizes (a median and quartiles take 3 timed repetitions).
 _LEAST = {"threads": 1, "throughput_reps": 3, "throughput_batch": 1, "seeds": 1, "batch_size": 1, "num_samples": 1,
-          "calib_size": 1, "workers": 0}
+          "calib_size": 1, "workers": 0, "img_size": 1}
 
 
 def validate_common(args) -> None:
@@ -283,8 +283,6 @@ def validate_common(args) -> None:
                            f"got {v}")
     if hasattr(args, "model_kwargs"):
         parse_model_kwargs(args.model_kwargs)
-    if getattr(args, "img_size", None) is not None and args.img_size < 1:
-        raise EamError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     crop = getattr(args, "crop_pct", None)
     if crop is not None and not 0 < crop <= 1:
         raise EamError(f"--crop-pct must be in (0, 1] (1 = no crop), got {crop}")

@@ -9,7 +9,7 @@ from eamvit.methods.state import state_of, step_config
 from eamvit.errors import EamError
 from eamvit.io import check_output_file, ensure_writable_dir, output_lock
 from eamvit.cli.common import data_overrides, data_splits, is_main, load_model, print_row, require_modules, warn
-from eamvit.cli.options import FREEZE_OPTIONS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS, refuse_given
+from eamvit.cli.options import FREEZE_OPTIONS, MERGE_OPTIONS, PRUNE_OPTIONS, TARGET_OPTIONS, refuse_given, set_help
 from eamvit.cli.recipe import add_stack_args, apply_args, needs_calibration, recipe_from_args, summary
 
 
@@ -195,9 +195,8 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="write a deployable ONNX model: fp32, pruned, merged, frozen, RepQ-ViT int8 "
                        "(QDQ) or low-bit weight-only")
     add_stack_args(s)
-    for action in s._actions:
-        if action.dest in ("w_bits", "a_bits"):
-            action.help = action.help.replace("default 4", "default 8 for export")
+    set_help(s, w_bits="weight bits, 2..8 (default 8 for export)",
+             a_bits="activation bits, 2..8 (default 8 for export)")
     g = s.add_argument_group("export")
     g.add_argument("--format", default="onnx", help="file format (onnx)")
     g.add_argument("--out", required=True, help="file to write, e.g. model.onnx")

@@ -21,11 +21,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Append ``(default: X)`` to an option's help unless the text already names its default.
-
-    Flags (default False) and options without a value (default None) get nothing appended: a
-    ``(default: None)`` says nothing, so their help texts say in words what happens without them.
-    """
+    """Append ``(default: X)`` to an option's help unless the text names its default; never to flags and
+    options without a value, whose help says in words what happens without them (``None`` says nothing)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

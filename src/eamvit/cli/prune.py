@@ -166,9 +166,7 @@ def _finetune_data(args, model):
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
 
-    cfg = data_config(model, data_overrides(args))
-    if args.img_size is not None:
-        cfg["input_size"] = (cfg["input_size"][0], args.img_size, args.img_size)
+    cfg = data_config(model, data_overrides(args))  # --img-size included
     if args.data == "digits":
         fixed = [f"--{k.replace('_', '-')}" for k, v in data_overrides(args).items() if v is not None]
         if fixed:
@@ -215,14 +213,6 @@ def _finetune_configs(args):
     return pcfg, fcfg, zcfg
 
 
-def _finetune_maps(args, model, device, out: Path):
-    """``--maps``, or maps calibrated now (saved to OUT/maps.safetensors), for freezing ``model``."""
-    maps = load_maps(args, model)
-    if maps is None:
-        maps = get_maps(args, model, device, data_splits(args, model, need_calib=True, evaluate=False), out_dir=out)
-    return maps
-
-
 def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
     """The ``eamvit eval`` line that reloads what ``finetune`` wrote (``reducer``: its pruning or merging config)."""
     import shlex
@@ -254,14 +244,16 @@ def cmd_finetune(args) -> None:
     pcfg, fcfg, zcfg = _finetune_configs(args)
     check_output_dir(args.out)
     model, device = load_model(args)
-    load_maps(args, model)  # a wrong --maps fails before anything is written
+    loaded = load_maps(args, model)  # a wrong --maps fails before anything is written
     reducers, merging = [pcfg] if pcfg is not None else [], pcfg is not None and pcfg.KIND == "merge"
     check_family(model, [zcfg.granularity] if zcfg is not None else [], [] if merging else reducers,
                  reducers if merging else [])
     train, val, cfg = _finetune_data(args, model)
     out = ensure_writable_dir(args.out)
     reports = apply_(model, Recipe(steps=tuple(s for s in (zcfg, pcfg) if s is not None)), None,
-                     maps=lambda m: _finetune_maps(args, m, device, out), device=device)
+                     maps=lambda m: loaded if loaded is not None else get_maps(  # else calibrated now, saved in OUT
+                         args, m, device, data_splits(args, m, need_calib=True, evaluate=False), out_dir=out),
+                     device=device)
     freeze = reports["freeze"].to_dict() if "freeze" in reports else None
     flush_warnings()  # the inputs are checked: before the training, not after it
     res = finetune(model, train, fcfg, val_ds=val, out_dir=out, resume=not args.no_resume, device=device,

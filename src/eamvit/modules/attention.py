@@ -42,10 +42,6 @@ def _instrumented(cls: type) -> bool:
     return cls in _INSTRUMENTED or any(issubclass(cls, c) for c in _INSTRUMENTED)
 
 
-def _adapter_of(cls: type) -> Optional[Adapter]:
-    return _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
-
-
 def _unknown_attention(module: nn.Module) -> bool:
     cls = type(module)
     return (cls not in _BY_CLASS and not _instrumented(cls) and cls not in families.UNMAPPED
@@ -73,7 +69,8 @@ def _adapters(model: nn.Module) -> list[Adapter]:
     """The adapters of ``model``'s attention modules, instrumented or not, in module order, each once."""
     out: list[Adapter] = []
     for module in model.modules():
-        adapter = _adapter_of(type(module))
+        cls = type(module)
+        adapter = _BY_CLASS.get(cls) or next((a for a in ADAPTERS if issubclass(cls, a.eam_class)), None)
         if adapter is not None and adapter not in out:
             out.append(adapter)
     return out
@@ -196,9 +193,7 @@ def _set_plan(module: nn.Module, units: torch.Tensor, values: torch.Tensor, plan
     module.eam.plan = plan
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The instrumented attention modules of ``model`` (instrumenting it first if needed)."""
-    return instrument(model)
+attention_layers = instrument  # the instrumented attention modules (instrument is idempotent)
 
 
 @contextlib.contextmanager
@@ -231,9 +226,8 @@ def _layers(model: nn.Module, chosen: Mapping[int, object]) -> list[nn.Module]:
 def bias_scores(model: nn.Module, biases: Mapping[int, Optional[torch.Tensor]]) -> Iterator[list[nn.Module]]:
     """Add ``biases[layer]`` to that layer's attention scores before the softmax, inside the block.
 
-    Biases nest as observers do (see :func:`observe`); ``None`` adds nothing. Layers without a bias keep timm's
-    forward. Yields the instrumented attention modules, index = layer number. Each bias broadcasts to the
-    layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
+    Nesting, layers without one and what it yields as :func:`observe`; ``None`` adds nothing. Each bias broadcasts
+    to the layer's ``(B, H, N_q, N_k)`` scores (proportional attention: ``(B, 1, 1, N)``).
     """
     layers = _layers(model, biases)
     require([layers[l] for l in biases if biases[l] is not None], "merge")

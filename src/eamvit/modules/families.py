@@ -124,12 +124,13 @@ def _adapter(family: str, timm_class: type, eam_class: type, verbs: frozenset = 
 
 
 def _batchnorm(family: str, where: str = "its normalisation is BatchNorm") -> dict:
+    """The verbs (no RepQ-ViT) and refusals of a BatchNorm family."""
     why = {"repq": f"RepQ-ViT quantization does not apply to {family}: {where}, and RepQ-ViT reparameterises "
                    "LayerNorm → Linear pairs; quantize a family with LayerNorm (`eamvit models`)"}
     for verb, name in (("adfq", "ADFQ-ViT"), ("pmq", "PMQ")):  # both start from RepQ-ViT's surgery
         why[verb] = f"{name} quantization does not apply to {family}: {where}, and {name} builds on RepQ-ViT's " \
                     "LayerNorm → Linear surgery; quantize a family with LayerNorm (`eamvit models`)"
-    return why
+    return {"verbs": BASE_VERBS - {"repq"}, "why_not": why}
 
 
 def _tapped(name: str, timm_class: type, *mixins: type) -> type:
@@ -237,7 +238,6 @@ _NO_TOKENS = ("does not apply to XCiT: its XCA blocks attend over channels (no t
 _NONE = lambda a: [None]  # noqa: E731 (a conv, pooling or padding also reads the normalised input)
 _WINDOW_ROW = "a row there is one (window, token) pair"
 _VOLO = dict(input_size=volo_size, min_opset=volo_opset)
-_NO_REPQ = BASE_VERBS - {"repq"}
 # What each class computes (q, k and v, the terms before the softmax, its layer map) is in
 # docs/architecture-modules.md, "The families' attention classes".
 ADAPTERS: tuple[Adapter, ...] = (
@@ -280,10 +280,9 @@ ADAPTERS: tuple[Adapter, ...] = (
              input_size=mvitv2_size, quant=QuantFacts(groups={mvitv2.MultiScaleBlock: fq.mvitv2_block})),
     _adapter("MViTv2", mvitv2.MultiScaleAttentionPoolFirst, EamMultiScaleAttentionPoolFirst, heads="matmul",
              cut_einsum=True, input_size=mvitv2_size, quant=QuantFacts(_NONE)),
-    _adapter("LeViT", levit.Attention, EamLevitAttention, verbs=_NO_REPQ, heads="matmul",
-             why_not=_batchnorm("LeViT"), input_size=levit_size),
-    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample, verbs=_NO_REPQ, heads="matmul",
-             why_not=_batchnorm("LeViT"), input_size=levit_size),
+    _adapter("LeViT", levit.Attention, EamLevitAttention, heads="matmul", input_size=levit_size, **_batchnorm("LeViT")),
+    _adapter("LeViT", levit.AttentionDownsample, EamLevitAttentionDownsample, heads="matmul", input_size=levit_size,
+             **_batchnorm("LeViT")),
     # VOLO's outlooker: an average pooling also reads norm1's output.
     _adapter("VOLO", volo.Attention, EamVoloAttention, heads="sdpa",
              quant=QuantFacts(groups={volo.Transformer: fq.attn_block, volo.ClassBlock: fq.attn_block,
@@ -293,10 +292,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     _adapter("TNT", tnt.Attention, EamTntAttention, heads="matmul", bind=_bind_tnt, input_size=tnt_size,
              no_rows="its inner attention runs per patch, a row there is one (patch, pixel) pair",
              quant=QuantFacts(lambda a: [a.qk, a.v], {tnt.Block: fq.tnt_block})),
-    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention, verbs=_NO_REPQ, heads="matmul",
-             why_not=_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
-    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, verbs=_NO_REPQ, heads="sdpa",
-             why_not=_batchnorm("FastViT")),
+    _adapter("EfficientFormer", efficientformer.Attention, EamEfficientFormerAttention, heads="matmul",
+             **_batchnorm("EfficientFormer", "its blocks are BatchNorm convolutions up to the last stage")),
+    _adapter("FastViT", fastvit.Attention, EamFastVitAttention, heads="sdpa", **_batchnorm("FastViT")),
     _adapter("Hiera", hiera.MaskUnitAttention, EamMaskUnitAttention, heads="sdpa", heads_at=1, input_size=hiera_size,
              no_rows="its attention runs per mask unit, a row there is one (unit, token) pair",
              quant=QuantFacts(groups={hiera.HieraBlock: fq.hiera_block})),

@@ -138,11 +138,9 @@ def _candidate_mse(rows: torch.Tensor, fake_quant, *params: torch.Tensor) -> tor
     """``(P, K)`` mean squared error of each candidate's ``fake_quant(rows, *params)``, ``rows`` ``(K, M)``."""
     n_cand = params[0].shape[0]
     if n_cand * rows.numel() <= BATCHED_SEARCH_LIMIT:
-        err = fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
-    else:
-        err = torch.stack([fake_quant(rows, *(p[i][:, None] for p in params)).sub_(rows).square_().mean(-1)
-                           for i in range(n_cand)])
-    return err
+        return fake_quant(rows.unsqueeze(0), *(p[..., None] for p in params)).sub_(rows).square_().mean(-1)
+    return torch.stack([fake_quant(rows, *(p[i][:, None] for p in params)).sub_(rows).square_().mean(-1)
+                        for i in range(n_cand)])
 
 
 def _first_minimum(err: torch.Tensor) -> torch.Tensor:
@@ -153,7 +151,8 @@ def _first_minimum(err: torch.Tensor) -> torch.Tensor:
 
 class Quantizer(nn.Module):
     """State shared by every quantizer: bits, granularity, lazy init, enable/disable; parameters are buffers of
-    the group shape, reshaped to broadcast against the input at each forward."""
+    the group shape, reshaped to broadcast against the input at each forward. Subclasses define
+    ``calibrate(x)`` (set the parameters from ``x``) and ``fake_quant(x)``."""
 
     _param_names: tuple[str, ...] = ()
 
@@ -202,12 +201,6 @@ class Quantizer(nn.Module):
         if not self.inited:
             self.calibrate(x)
         return self.fake_quant(x)
-
-    def calibrate(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _group_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.granularity == "tensor":
@@ -272,11 +265,9 @@ class UniformQuantizer(Quantizer):
         delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
         zp = torch.round(-lo / delta)
         err = _candidate_mse(rows, lambda r, d, z: uniform_fake_quant(r, d, z, self.bits), delta, zp)
-        best = _first_minimum(err)
-        best_delta, best_zp = delta.gather(0, best).squeeze(0), zp.gather(0, best).squeeze(0)
-        shape = self._group_shape(x)
-        self.delta = best_delta.reshape(shape).float().clone()
-        self.zero_point = best_zp.reshape(shape).float().clone()
+        best, shape = _first_minimum(err), self._group_shape(x)
+        self.delta = delta.gather(0, best).reshape(shape).float().clone()
+        self.zero_point = zp.gather(0, best).reshape(shape).float().clone()
 
 
 class _LogQuantizer(Quantizer):

@@ -17,21 +17,14 @@ from eamvit.ops.positions import gather_pair_bias, gather_rope
 class TokenBlock:
     """The shared driver of a reducing block. ``eam_tokens`` is the verb's state; ``eam_stage`` the block's index
     among the reducing blocks, ``None`` for a follower (a later block that only needs what the reduction left:
-    positions, token sizes); ``eam_timm_class`` the class swapped back in when the verb is undone."""
+    positions, token sizes); ``eam_timm_class`` the class swapped back in when the verb is undone. The verb's
+    steps class defines ``_eam_start(x, masked) -> plan`` (``None``: timm's forward), ``_eam_attend(plan, run)
+    -> (attention branch, what the step saw)`` and ``_eam_reduce(x, seen, plan) -> tokens``."""
 
     eam_tokens: Any
     eam_stage: Optional[int]
     eam_timm_class: type
     eam_verb: str = "token reduction"
-
-    def _eam_start(self, x: torch.Tensor, masked: bool) -> Any:
-        raise NotImplementedError
-
-    def _eam_attend(self, plan: Any, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
-
-    def _eam_reduce(self, x: torch.Tensor, seen: Any, plan: Any) -> torch.Tensor:
-        raise NotImplementedError
 
     def _check_frozen(self) -> None:
         """Refuse frozen EAM maps after the first reducing block (they describe the full token set)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+INT64 = 7  # onnx.TensorProto.INT64, a fixed enum value (this module does not import onnx)
+
 
 def _entr_symbolic(g, x):
     """``torch.special.entr`` as ``−x·log x`` where ``x > 0``, else 0 (torch gives −∞ for negative
@@ -22,13 +24,7 @@ def _count_nonzero_symbolic(g, x, dim):
     d = _get_const(dim, "i", "dim")
     nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
     axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
-    return g.op("ReduceSum", g.op("Cast", nonzero, to_i=onnx_int64()), axes, keepdims_i=0)
-
-
-def onnx_int64() -> int:
-    import onnx
-
-    return onnx.TensorProto.INT64
+    return g.op("ReduceSum", g.op("Cast", nonzero, to_i=INT64), axes, keepdims_i=0)
 
 
 def _col2im_symbolic(g, x, output_size, kernel_size, dilation, padding, stride):
@@ -49,7 +45,7 @@ def _bicubic_aa_symbolic(g, x, output_size, align_corners, scales):
     if sh._is_value(size):
         parts = [sh._unsqueeze_helper(g, v, [0]) for v in sh._unpack_list(size)] if sh._is_packed_list(size) \
             else [size]
-        size = g.op("Cast", g.op("Concat", *parts, axis_i=0), to_i=onnx_int64())
+        size = g.op("Cast", g.op("Concat", *parts, axis_i=0), to_i=INT64)
     else:
         size = g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64))
     lead = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),

@@ -64,13 +64,20 @@ def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 
 class _DQ(torch.autograd.Function):
+    """Per tensor (0-d ``scale``) or per channel of axis 0."""
+
     @staticmethod
     def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        return (codes.to(scale.dtype) - zero_point.to(scale.dtype)) * scale
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes.to(scale.dtype) - zero_point.to(scale.dtype).reshape(shape)) * scale.reshape(shape)
 
     @staticmethod
     def symbolic(g, codes, scale, zero_point):
-        return g.op("DequantizeLinear", codes, scale, zero_point)
+        from torch.onnx.symbolic_helper import _get_tensor_rank
+
+        if _get_tensor_rank(scale) == 0:
+            return g.op("DequantizeLinear", codes, scale, zero_point)
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
 
 
 def dequantize_linear(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -82,23 +89,12 @@ def dequantize_linear(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return _DQ.apply(codes, scale, zero_point)
 
 
-class _DQChannel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (codes.dim() - 1)
-        return (codes.to(scale.dtype) - zero_point.to(scale.dtype).reshape(shape)) * scale.reshape(shape)
-
-    @staticmethod
-    def symbolic(g, codes, scale, zero_point):
-        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
-
-
 def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """ONNX ``DequantizeLinear(codes, scale, zero_point, axis=0)``: ``(c − z)·s`` per output channel."""
     _qrange(zero_point)
     if codes.dtype != zero_point.dtype:
         raise EamError(f"codes ({codes.dtype}) and zero points ({zero_point.dtype}) must share a type")
-    return _DQChannel.apply(codes, scale, zero_point)
+    return _DQ.apply(codes, scale, zero_point)
 
 
 # --------------------------------------------------------------------------- MatMulNBits

@@ -15,6 +15,7 @@ from matplotlib.ticker import ScalarFormatter
 from eamvit.errors import EamError
 from eamvit.methods.reduce import row_label
 from eamvit.plots.entropy import plt, save_figure
+from eamvit.plots.renyi import order_label
 
 DROPPED_RGB = (0.55, 0.72, 0.95)  # dropped patches are painted over in this one flat blue
 _KAPPA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
@@ -131,8 +132,7 @@ def plot_entropy_histograms(entropies: Mapping[float, Sequence[torch.Tensor]], p
             ax.axis("off")
             continue
         for a, e in ent.items():
-            name = "Shannon (α=1)" if a == 1.0 else f"Rényi α={'∞' if math.isinf(a) else f'{a:g}'}"
-            ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=name, linewidth=1.3)
+            ax.hist(e[i].numpy(), bins=edges, histtype="step", density=True, label=order_label(a), linewidth=1.3)
         ax.set_title(f"block {shown[i]}", fontsize=9)  # 0-based, as --prune-blocks
         ax.set_xlim(float(edges[0]) - pad, float(edges[-1]) + pad)
         ax.tick_params(labelsize=7, labelbottom=True)
