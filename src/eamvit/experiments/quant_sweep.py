@@ -39,6 +39,7 @@ from eamvit.experiments.freeze_sweep import freeze_point
 from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
+from eamvit.methods.calibrate import CalibOptions
 from eamvit.methods.freeze import FreezeConfig, FreezeReport
 from eamvit.methods.kl import KLMaps, compute_kl_maps
 from eamvit.methods.quantize import quantize_
@@ -201,8 +202,8 @@ def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
     fbits = sweep.frozen_bits if sweep.frozen_bits is not None else config.a_bits
     q_model = _quantized(fp_model, config, repq_calib if repq_calib is not None else calib_dataset, q_model)
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
-                         batch_size=data.batch_size, workers=data.workers, device=data.device,
-                         max_memory=sweep.max_memory, progress=progress)
+                         batch_size=data.batch_size, progress=progress, options=CalibOptions(
+                             workers=data.workers, device=data.device, max_memory=sweep.max_memory))
     base, frozen = _points(fp_model, q_model, kl, sweep, fbits)
     run = run_sweep(q_model, data, base + frozen, progress=progress, desc="quant sweep")
     base_rows, frozen_rows = run[:len(base)], run[len(base):]
