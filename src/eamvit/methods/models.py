@@ -76,20 +76,15 @@ def _hub_offline():
     """Make Hugging Face Hub look only at its local cache while creating a pretrained model."""
     from unittest import mock
 
-    try:
-        import huggingface_hub.constants as hc
-    except Exception:  # pragma: no cover - hub not installed
-        hc = None
-    with (mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"),
-          mock.patch.object(hc, "HF_HUB_OFFLINE", True) if hc is not None else contextlib.nullcontext()):
+    import huggingface_hub.constants as hc  # a dependency of timm
+
+    with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), mock.patch.object(hc, "HF_HUB_OFFLINE", True):
         yield
 
 
 def _cache_locations(name: str) -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except Exception:  # pragma: no cover
-        HF_HUB_CACHE = "~/.cache/huggingface/hub"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
@@ -263,6 +258,19 @@ def model_spec(model: nn.Module) -> ModelSpec:
     if st.spec is None:
         st.spec = ModelSpec(name=type(model).__name__)
     return st.spec
+
+
+def check_same_model(model: nn.Module, theirs: Any, made: str, remedy: str) -> None:
+    """Refuse a file whose metadata ``theirs`` names another model than ``model`` (name, kwargs, weights);
+    ``made``: the file and its verb (``"quantized state X was made"``)."""
+    spec = model_spec(model)
+    theirs = theirs if isinstance(theirs, dict) else {}
+    if not spec.same_model(theirs):
+        def show(d: dict) -> str:  # the weights too: two files of one architecture differ only there
+            ck = d.get("checkpoint_sha256")
+            weights = f" checkpoint {ck[:12]}" if ck else " pretrained" if d.get("pretrained") else " random weights"
+            return f"{d.get('name')} {d.get('model_kwargs') or ''}".strip() + weights
+        raise EamError(f"{made} for {show(theirs)}, not for {show(spec.to_dict())}; {remedy}")
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

@@ -19,7 +19,8 @@ from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
 from eamvit.methods.export import Target
-from eamvit.methods.models import BUNDLED_MODEL, create_model, data_config, model_spec, preprocessing
+from eamvit.methods.models import (BUNDLED_MODEL, check_same_model, create_model, data_config, model_spec,
+                                   preprocessing)
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
@@ -192,10 +193,8 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata."""
     meta, tensors = read_compressed(path)
     recipe = Recipe.from_dict(meta.get("recipe"))
-    if not model_spec(model).same_model(meta.get("model") or {}):
-        name = (meta.get("model") or {}).get("name")
-        raise EamError(f"compressed model {path} was made for {name} with other weights, not for this model; "
-                       "give the model it was made from, or compress this one with `eamvit compress`")
+    check_same_model(model, meta.get("model"), f"compressed model {path} was made",
+                     "give the model it was made from, or compress this one with `eamvit compress`")
     stages = {handler_of(s).stage: s for s in recipe.steps}
     stray = sorted({k.split("/", 1)[0] for k in tensors} - set(stages))
     if stray:
