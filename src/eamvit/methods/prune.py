@@ -140,19 +140,15 @@ def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, Toke
     return blocks, fam
 
 
-def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily) -> tuple[int, ...]:
-    """The pruning blocks: the configured ones, or EViT's (3, 6, 9) of 12 scaled to the blocks that can prune."""
-    if config.blocks is None:
-        eligible = eligible_blocks(blocks_seq, fam, "prune")
-        return tuple(eligible[i] for i in default_blocks(len(eligible)))
-    return check_blocks(config.blocks, blocks_seq, fam, "pruning", "prune")
-
-
 def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) prune patch tokens, in place; no weights
     change and :func:`unprune_` undoes it."""
     blocks_seq, fam = _check_model(model, config)
-    blocks = _resolve_blocks(config, blocks_seq, fam)
+    if config.blocks is None:  # EViT's (3, 6, 9) of 12 scaled to the blocks that can prune
+        eligible = eligible_blocks(blocks_seq, fam, "prune")
+        blocks = tuple(eligible[i] for i in default_blocks(len(eligible)))
+    else:
+        blocks = check_blocks(config.blocks, blocks_seq, fam, "pruning", "prune")
     rates, _ = config.per_block(len(blocks), blocks)
     unprune_(model)
     layers = instrument(model)
