@@ -213,11 +213,8 @@ def create_model(
     model_kwargs: Optional[dict[str, Any]] = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Create a timm model in eval mode, load its weights and instrument its attention.
-
-    The model's preprocessing (:func:`data_config`) comes from the checkpoint when it carries one
-    (files written by :func:`save_checkpoint`, and the bundled digits ViT), else from timm's
-    pretrained config for ``name``.
+    """Create a timm model in eval mode, load its weights and instrument its attention (its preprocessing:
+    :func:`data_config`).
 
     Args:
         name: timm model name or :data:`BUNDLED_MODEL` (the default): the bundled digits ViT with its weights.

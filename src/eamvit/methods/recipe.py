@@ -27,11 +27,6 @@ COMPRESSED_FORMAT = "eamvit-compressed/1"
 _REMEDY = "write one with `eamvit compress`"
 
 
-def step_stage(step: Config) -> str:
-    """The stage of ``step`` (``"quant"``, ``"freeze"``, ``"prune"`` or a registered step's own)."""
-    return handler_of(step).stage
-
-
 def _step_from_dict(d: Any) -> Config:
     if not isinstance(d, dict):
         raise EamError(f"a recipe step must be a JSON object, not {type(d).__name__}; {_REMEDY}")
@@ -57,7 +52,7 @@ class Recipe(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        stages = [step_stage(s) for s in self.steps]
+        stages = [handler_of(s).stage for s in self.steps]
         if stages != sorted(stages, key=stage_order) or len(set(stages)) != len(stages):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
                            "with each at most once; write them in that order")
@@ -71,7 +66,7 @@ class Recipe(Config):
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""
-        return next((s for s in self.steps if step_stage(s) == stage), None)
+        return next((s for s in self.steps if handler_of(s).stage == stage), None)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.KIND, "version": self.VERSION, "steps": [s.to_dict() for s in self.steps]}
@@ -137,8 +132,8 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
         if recipe.target is not None and recipe.target != state_of(model).target:
             raise EamError(f"{quant_state} was calibrated for target {getattr(state_of(model).target, 'form', 'torch')}, "
                            f"not {recipe.target.form}; quantize again for that target, or drop --target")
-    quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"), target=recipe.target)
-    rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
+    quant = Recipe(steps=tuple(s for s in recipe.steps if handler_of(s).stage == "quant"), target=recipe.target)
+    rest = Recipe(steps=tuple(s for s in recipe.steps if handler_of(s).stage != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
         reports["frozen"] = freeze.load_frozen(model, str(frozen)).get("config") or {}
@@ -148,8 +143,8 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
 
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe ``model`` carries: every step applied to it or restored on it, in order."""
-    steps = state_of(model).steps.values()
-    return Recipe(steps=tuple(sorted(steps, key=lambda s: stage_order(step_stage(s)))), target=state_of(model).target)
+    steps = state_of(model).steps  # by stage
+    return Recipe(steps=tuple(steps[s] for s in sorted(steps, key=stage_order)), target=state_of(model).target)
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -163,7 +158,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
     """Write ``model``, compressed by ``recipe`` (which must be what it carries), to one safetensors file."""
-    have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
+    have, want = set(state_of(model).steps), {handler_of(s).stage for s in recipe.steps}
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
                        f"{', '.join(sorted(want)) or 'none'}; apply the recipe with apply_")
