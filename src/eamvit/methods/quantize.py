@@ -15,9 +15,8 @@ from eamvit.methods.steps import StepHandler, StepInputs, handler_of, register_s
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
-from eamvit.methods.data import add_calibration, calibration_record
+from eamvit.methods.data import ForwardLoop, add_calibration, calibration_record, check_forward_loop
 from eamvit.methods import adfq, pmq, repq
-from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
 from eamvit.methods.models import check_same_model, model_spec
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun
 from eamvit.modules.attention import attention_layers, require
