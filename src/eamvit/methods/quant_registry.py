@@ -72,10 +72,9 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     """``(images, targets or None)`` batches of ``calib``, stopping after ``limit`` images.
 
     Args:
-        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
-            (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
-            of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
-        batch_size: batch size for datasets.
+        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches (DataLoader of
+            :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset of ``(image, target)`` (a
+            random subset of ``limit`` items drawn with ``seed``, in batches of ``batch_size``).
     """
     if calib is None:
         raise EamError("quantization needs calibration images")

@@ -101,7 +101,6 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         calib: calibration images (dataset or tensor) for quantization and for maps computed here.
         maps: the freezing step's entropy maps, or a function of the model (as it is after
             quantization) that returns them; ``None`` computes them on ``calib`` (8-bit histograms).
-        device: where calibration runs.
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
     """
     inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
