@@ -128,12 +128,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
         raise EamError(f"cannot read checkpoint {p} ({type(e).__name__}): it is not a .pth/.pt/.safetensors "
                        "state dict (corrupt, truncated or another kind of file)") from None
     for _ in range(3):
-        if isinstance(sd, dict):
-            key = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
-            if key is None:
-                break
-            cfg = sd.get("data_config", cfg) if isinstance(sd.get("data_config"), dict) else cfg
-            sd = sd[key]
+        key = next((k for k in _WRAPPER_KEYS if isinstance(sd, dict) and isinstance(sd.get(k), dict)), None)
+        if key is None:
+            break
+        cfg = sd["data_config"] if isinstance(sd.get("data_config"), dict) else cfg
+        sd = sd[key]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise EamError(f"checkpoint {p} is not a state dict of tensors (nor one wrapped in 'state_dict' or 'model')")
     if all(k.startswith("module.") for k in sd):

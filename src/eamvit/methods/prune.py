@@ -225,14 +225,11 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
     return masks
 
 
-# Entropy distributions (the seed's Fig. 5) and kept patches (Fig. 4): data for the figures
-
-
 @torch.no_grad()
 def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[float] = (1.0, 2.0),
                     layers: Optional[Sequence[int]] = None, keys: str = "all") -> dict[float, list[torch.Tensor]]:
     """``{alpha: [per layer of ``layers`` (all by default), (B·n_l,)]}``: the per-token attention entropies
-    (averaged over heads) of every patch token, from one forward of ``images``.
+    (averaged over heads) of every patch token, from one forward of ``images`` (the seed's Fig. 5 data).
 
     The observers chain with a pruned model's own capture, so a pruned model shows the tokens each block
     really saw.
@@ -288,9 +285,6 @@ def setting_text(value: float | Sequence[float]) -> float | str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(format_order, value))
     return "inf" if math.isinf(value) else value
-
-
-# Configs of a sweep
 
 
 def method_config(method: str, alpha: Optional[float], keep_rate: float, **options: Any) -> PruneConfig:

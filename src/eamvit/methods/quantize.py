@@ -295,14 +295,10 @@ def _export_step(model: nn.Module, config: Config, export_config: Any) -> None:
 
 def _handler(config: Any) -> QuantizeHandler:
     """The quantization method of ``config``'s type: the ``"quant"`` step's entry in the step table."""
-    try:
-        step = handler_of(config)
-    except EamError:
-        step = None
-    if step is None or step.stage != "quant":
+    if not isinstance(config, tuple(step_types("quant"))):
         raise EamError(f"no quantization method is registered for {type(config).__name__}; "
                        "pass a RepQConfig, ADFQConfig or PMQConfig")
-    return step.method
+    return handler_of(config).method
 
 
 for _method in (repq.HANDLER, adfq.HANDLER, pmq.HANDLER):  # each the one quantization stage of a recipe
