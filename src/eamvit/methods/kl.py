@@ -21,7 +21,8 @@ from eamvit.errors import EamError
 KL_EPS = 1e-6
 
 
-def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], eps: float = KL_EPS) -> list[torch.Tensor]:
+def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor],
+            eps: float = KL_EPS) -> list[torch.Tensor]:
     """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)`` of the reference and the
     quantized model over the same images; ``eps`` is added to every bin of both before normalising, so a bin
     the quantized model never fills costs a large but finite amount."""
