@@ -21,6 +21,7 @@ from eamvit.experiments.freeze_sweep import freeze_point
 from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, run_sweep
 from eamvit.experiments.size import model_size
+from eamvit.methods.calibrate import CalibOptions
 from eamvit.methods.freeze import FreezeConfig, FreezeReport
 from eamvit.methods.kl import KLMaps, compute_kl_maps
 from eamvit.methods.quantize import quantize_
@@ -158,8 +159,8 @@ def quant_sweep(fp_model: nn.Module, data: EvalData, calib_dataset: Dataset,
     if step_config(q_model, "quant") is None:
         raise EamError("q_model is not quantized; pass a model from quantize_ or leave q_model out")
     kl = compute_kl_maps(fp_model, q_model, calib_dataset, indices=map_indices, bits=sweep.entropy_bits,
-                         batch_size=data.batch_size, workers=data.workers, device=data.device,
-                         max_memory=sweep.max_memory, progress=progress)
+                         batch_size=data.batch_size, progress=progress, options=CalibOptions(
+                             workers=data.workers, device=data.device, max_memory=sweep.max_memory))
     base, frozen = _points(fp_model, q_model, kl, sweep, fbits)
     run = run_sweep(q_model, data, base + frozen, progress=progress, desc="quant sweep")
     base_rows, frozen_rows = run[:len(base)], run[len(base):]

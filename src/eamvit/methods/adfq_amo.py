@@ -143,8 +143,6 @@ def _fingerprint(model: nn.Module, config: ADFQConfig, images: torch.Tensor) -> 
     return h.hexdigest()
 
 
-
-
 def _finish(unit: nn.Module) -> None:
     """Back to plain buffers: hard rounding, positive step sizes."""
     for m in unit.modules():
@@ -155,7 +153,7 @@ def _finish(unit: nn.Module) -> None:
             m.delta = m.delta.detach().clamp_min(DELTA_FLOOR).clone()
 
 
-def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, list[AdaRoundQuantizer]]:
+def _optimizers(unit: nn.Module, config: ADFQConfig) -> tuple[list, Any, list[AdaRoundQuantizer]]:
     """``(Adam for V and Adam for Δ where there are any, Δ's cosine schedule or None, AdaRound quantizers)``. V and Δ
     become leaf tensors that require grad but stay buffers, so the structure and ``state_dict`` keys never change."""
     w, a = [], []

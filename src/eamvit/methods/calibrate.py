@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import calibration_record, make_loader, readable_items, shard
-from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop, loop_layer_shapes, run_forward_loop
+from eamvit.methods.data import (ForwardLoop, calibration_record, check_forward_loop, loop_layer_shapes, make_loader,
+                                 readable_items, run_forward_loop, shard)
 from eamvit.methods.maps import FORMAT, EntropyMaps
 from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
 from eamvit.ops.entropy import AttentionHistogram, Scratch, check_bits

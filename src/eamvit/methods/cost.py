@@ -112,7 +112,6 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
     attn_in: dict[int, tuple[int, ...]] = {}
     calls: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]] = []
     inside_attn = {id(m) for a in layers for m in a.modules()}
-    handles = []
 
     def on_attention(i: int):
         def hook(module: nn.Module, args: tuple) -> None:  # returns None: the inputs pass unchanged
@@ -122,11 +121,9 @@ def _record_shapes(model: nn.Module, layers: Sequence[nn.Module], x: torch.Tenso
     def on_linear(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         calls.append((module, tuple(args[0].shape), tuple(out.shape)))
 
-    for i, a in enumerate(layers):
-        handles.append(a.register_forward_pre_hook(on_attention(i)))
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inside_attn:
-            handles.append(m.register_forward_hook(on_linear))
+    handles = [a.register_forward_pre_hook(on_attention(i)) for i, a in enumerate(layers)]
+    handles += [m.register_forward_hook(on_linear) for m in model.modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in inside_attn]
     was_training = model.training
     model.eval()
     try:

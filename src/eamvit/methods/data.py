@@ -1,5 +1,7 @@
 """Datasets, calibration subsets and loaders: the one rule for evaluation and calibration images (the
-datasets themselves are :mod:`eamvit.methods.datasets`, re-exported here)."""
+datasets themselves are :mod:`eamvit.methods.datasets`, re-exported here), and calibration data given as a
+``forward_loop(model)`` callable that runs the model over it (as NVIDIA Model Optimizer's ``quantize``): it
+must feed the same data, in the same order, at every call."""
 from __future__ import annotations
 
 import itertools
@@ -10,13 +12,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from timm.data import create_transform
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from eamvit.methods.models import PREPROCESSING_KEYS, data_config, file_sha256
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
+from eamvit.modules.attention import layer_shapes
 # The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
 from eamvit.methods.datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, ImageFolderDataset
+
+ForwardLoop = Callable[[nn.Module], Any]
 
 
 def class_mismatch(dataset: Dataset, num_classes: int, name: str) -> Optional[str]:
@@ -381,3 +387,65 @@ def exported_preprocessing(stored: dict[str, Any], overrides: dict[str, Any], da
         raise EamError(f"--img-size {overrides['img_size']} does not fit {path}, exported for {size} px images")
     keys = ["mean", "std", "interpolation"] + (["crop_pct", "crop_mode"] if data != "digits" else [])
     return {**overrides, **{k: stored[k] for k in keys if overrides.get(k) is None and stored.get(k) is not None}}
+
+
+class _FirstForwardDone(Exception):
+    """Raised from the model's forward hook to stop a forward loop after its first forward."""
+
+
+def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name: str) -> None:
+    """Refuse no calibration data, both kinds (``data`` is named ``data_name``), or a forward loop not callable."""
+    if forward_loop is None:
+        if data is None:
+            raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
+                           "over the calibration data")
+        return
+    if data is not None:
+        raise EamError(f"give either {data_name} or forward_loop, not both")
+    if not callable(forward_loop):
+        raise EamError(f"forward_loop must be a callable f(model) that runs the model over the calibration data, "
+                       f"not {type(forward_loop).__name__}")
+
+
+def _ran(seen: list[int]) -> list[int]:
+    """``seen`` (one entry per forward), refused when the loop never ran the model."""
+    if not seen:
+        raise EamError("forward_loop(model) never called the model it was given; it must run that model "
+                       "over the calibration data")
+    return seen
+
+
+def run_forward_loop(model: nn.Module, forward_loop: ForwardLoop) -> int:
+    """``forward_loop(model)``; returns how many forwards of ``model`` it ran (refuses none)."""
+    seen: list[int] = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(1))
+    try:
+        forward_loop(model)
+    finally:
+        handle.remove()
+    return len(_ran(seen))
+
+
+def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bool = False) -> int:
+    """Run ``forward_loop(model)`` until the first forward of ``model`` has completed (``before``: has started,
+    without running it), then stop it; returns that forward's batch size when its first input is a tensor, else 0."""
+    seen: list[int] = []
+
+    def hook(module: nn.Module, args: Any, output: Any = None) -> None:
+        first = args[0] if args else None
+        seen.append(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 0)
+        raise _FirstForwardDone
+
+    handle = model.register_forward_pre_hook(hook) if before else model.register_forward_hook(hook)
+    try:
+        forward_loop(model)
+    except _FirstForwardDone:
+        pass
+    finally:
+        handle.remove()
+    return _ran(seen)[0]
+
+
+def loop_layer_shapes(model: nn.Module, forward_loop: ForwardLoop) -> list[tuple[int, ...]]:
+    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) of the loop's first forward."""
+    return layer_shapes(model, lambda: run_first_forward(model, forward_loop))

@@ -16,6 +16,12 @@ from eamvit.errors import EamError
 from eamvit.methods.models import model_spec
 
 
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``'s logits (the first output of a model that returns several)."""
+    out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]] = None, batch_size: int = 64,
              workers: int = 0, device: torch.device | str | None = None, progress: bool = True,
@@ -37,9 +43,7 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
         counts[3] += batch.skipped
         if not batch.images.numel():
             continue
-        logits = model(batch.images.to(device, non_blocking=True))
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits = logits_of(model, batch.images.to(device, non_blocking=True))
         target = batch.targets.to(device)
         hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(target.unsqueeze(1))
         counts[:3] += torch.tensor([int(hit[:, 0].sum()), int(hit.any(1).sum()), target.numel()])

@@ -16,6 +16,7 @@ from torch import nn
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
+from eamvit.methods.evaluate import logits_of
 from eamvit.methods.export_runtime import FORMAT, first_line  # one format tag for writer and reader
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
@@ -270,9 +271,7 @@ class _Graph(nn.Module):
         self.model, self.kept_tokens = model, kept_tokens
 
     def forward(self, images: torch.Tensor):
-        logits = self.model(images)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits = logits_of(self.model, images)
         if not self.kept_tokens:
             return logits
         kept = state_of(self.model).prune.stage_idx

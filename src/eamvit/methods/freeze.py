@@ -95,16 +95,14 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _random(n: int, k: int, g: torch.Generator) -> torch.Tensor:
-    mask = torch.zeros(n, dtype=torch.bool)
-    if k:
-        mask[torch.randperm(n, generator=g)[:k]] = True
-    return mask
-
-
 def _picker(selection: str, g: torch.Generator):
     """``pick(scores, k)``: the mask of the ``k`` units to freeze among 1-D ``scores``."""
-    return _lowest if selection == "entropy" else (lambda s, k: _random(s.numel(), k, g))
+    def random(scores: torch.Tensor, k: int) -> torch.Tensor:
+        mask = torch.zeros(scores.numel(), dtype=torch.bool)
+        if k:  # no draw for k = 0: the stream stays that of the units that freeze
+            mask[torch.randperm(scores.numel(), generator=g)[:k]] = True
+        return mask
+    return _lowest if selection == "entropy" else random
 
 
 def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[str] = None,
@@ -337,9 +335,6 @@ def restore_frozen(model: nn.Module, meta: dict, tensors: dict, path: str) -> No
                    bool(plan.get("execute", True)))
     stored = meta.get("config")
     state_of(model).steps["freeze"] = FreezeConfig.from_dict(stored) if stored is not None else FreezeConfig()
-
-
-# --------------------------------------------------------------------------- the recipe step
 
 
 def _value_deltas(model: nn.Module, value_quantizer: str) -> Optional[list]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -18,8 +18,11 @@ from eamvit.io import save_tensors
 from eamvit.ops.entropy import kl_from_counts
 from eamvit.errors import EamError
 
+KL_EPS = 1e-6
 
-def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+
+def kl_maps(p_hists: Sequence[torch.Tensor], q_hists: Sequence[torch.Tensor],
+            eps: float = KL_EPS) -> list[torch.Tensor]:
     """Per-layer ``D_KL(p ‖ q)`` maps (bits) from histograms ``(2^b, *layer_shape)`` of the reference and the
     quantized model over the same images; ``eps`` is added to every bin of both before normalising, so a bin
     the quantized model never fills costs a large but finite amount."""
@@ -94,20 +97,18 @@ def cls_row_grid(layer_map: torch.Tensor, num_prefix: int = 1,
 
 
 def compute_kl_maps(fp_model: nn.Module, q_model: nn.Module, dataset: Dataset, *,
-                    indices: Optional[Sequence[int]] = None, bits: int = 8, eps: float = 1e-6,
-                    batch_size: int = 32, workers: int = 0, device: torch.device | str | None = None,
-                    max_memory: Optional[int] = None, progress: bool = True) -> KLMaps:
+                    indices: Optional[Sequence[int]] = None, bits: int = 8, batch_size: int = 32,
+                    progress: bool = True, options: CalibOptions = CalibOptions()) -> KLMaps:
     """Entropy maps of ``fp_model`` and its quantized copy ``q_model`` over the same images, and the KL map
-    between them (the settings are :func:`~eamvit.methods.calibrate.compute_entropy_maps`'s; ``eps``:
-    :func:`kl_maps`'s smoothing count per bin)."""
+    between them (the settings are :func:`~eamvit.methods.calibrate.compute_entropy_maps`'s; histograms are
+    always kept; smoothing: :func:`kl_maps`'s default ``eps``)."""
     qcfg = step_config(q_model, "quant")
     maps = lambda model, quant: compute_entropy_maps(
         model, dataset, indices=indices, bits=bits, batch_size=batch_size, progress=progress,
-        options=CalibOptions(workers=workers, device=device, max_memory=max_memory, keep_histograms=True,
-                             meta={"quant": quant}))
+        options=replace(options, keep_histograms=True, meta={**(options.meta or {}), "quant": quant}))
     fp, quant = maps(fp_model, None), maps(q_model, qcfg.to_dict() if qcfg is not None else None)
-    kl = kl_maps(fp.histograms, quant.histograms, eps)
-    meta = {"eps": eps, "bits": bits, "num_images": fp.meta.get("num_images"),
+    kl = kl_maps(fp.histograms, quant.histograms)
+    meta = {"eps": KL_EPS, "bits": bits, "num_images": fp.meta.get("num_images"),
             "num_prefix_tokens": fp.meta.get("num_prefix_tokens", 1), "grid": fp.meta.get("grid"),
             "model": fp.meta.get("model"), "quant": quant.meta.get("quant")}
     return KLMaps(kl=kl, fp=fp, quant=quant, meta=meta)

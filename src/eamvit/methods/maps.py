@@ -12,7 +12,7 @@ from torch import nn
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.data import check_records
-from eamvit.methods.models import check_attention_shapes, model_spec
+from eamvit.methods.models import check_attention_shapes, check_same_model
 from eamvit.modules.attention import attention_layers
 
 FORMAT = "eamvit-entropy-maps/1"
@@ -61,14 +61,8 @@ class EntropyMaps:
 
     def check_model(self, model: nn.Module, source: str = "these maps") -> None:
         """Refuse maps computed on another model (name, kwargs, weights, or attention layers, heads, tokens)."""
-        spec = model_spec(model)
-        theirs = self.meta.get("model", {})
-        if not spec.same_model(theirs):
-            def show(d):
-                ck = d.get("checkpoint_sha256")
-                return f"{d.get('name')} {d.get('model_kwargs') or ''}" + (f" checkpoint {ck[:12]}" if ck else "")
-            raise EamError(f"{source} were computed for {show(theirs)}, not for {show(spec.to_dict())}; "
-                           "recompute them for this model with `eamvit calibrate`")
+        check_same_model(model, self.meta.get("model"), f"{source} were computed",
+                         "recompute them for this model with `eamvit calibrate`")
         if len(attention_layers(model)) != self.num_layers:
             raise EamError(f"{source} have {self.num_layers} layers but the model has {len(attention_layers(model))}")
         check_attention_shapes(model, [tuple(t.shape) for t in self.entropy], source,

@@ -76,20 +76,15 @@ def _hub_offline():
     """Make Hugging Face Hub look only at its local cache while creating a pretrained model."""
     from unittest import mock
 
-    try:
-        import huggingface_hub.constants as hc
-    except Exception:  # pragma: no cover - hub not installed
-        hc = None
-    with (mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"),
-          mock.patch.object(hc, "HF_HUB_OFFLINE", True) if hc is not None else contextlib.nullcontext()):
+    import huggingface_hub.constants as hc  # a dependency of timm
+
+    with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), mock.patch.object(hc, "HF_HUB_OFFLINE", True):
         yield
 
 
 def _cache_locations(name: str) -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except Exception:  # pragma: no cover
-        HF_HUB_CACHE = "~/.cache/huggingface/hub"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
@@ -133,12 +128,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
         raise EamError(f"cannot read checkpoint {p} ({type(e).__name__}): it is not a .pth/.pt/.safetensors "
                        "state dict (corrupt, truncated or another kind of file)") from None
     for _ in range(3):
-        if isinstance(sd, dict):
-            key = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
-            if key is None:
-                break
-            cfg = sd.get("data_config", cfg) if isinstance(sd.get("data_config"), dict) else cfg
-            sd = sd[key]
+        key = next((k for k in _WRAPPER_KEYS if isinstance(sd, dict) and isinstance(sd.get(k), dict)), None)
+        if key is None:
+            break
+        cfg = sd["data_config"] if isinstance(sd.get("data_config"), dict) else cfg
+        sd = sd[key]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise EamError(f"checkpoint {p} is not a state dict of tensors (nor one wrapped in 'state_dict' or 'model')")
     if all(k.startswith("module.") for k in sd):
@@ -218,11 +212,8 @@ def create_model(
     model_kwargs: Optional[dict[str, Any]] = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Create a timm model in eval mode, load its weights and instrument its attention.
-
-    The model's preprocessing (:func:`data_config`) comes from the checkpoint when it carries one
-    (files written by :func:`save_checkpoint`, and the bundled digits ViT), else from timm's
-    pretrained config for ``name``.
+    """Create a timm model in eval mode, load its weights and instrument its attention (its preprocessing:
+    :func:`data_config`).
 
     Args:
         name: timm model name or :data:`BUNDLED_MODEL` (the default): the bundled digits ViT with its weights.
@@ -263,6 +254,19 @@ def model_spec(model: nn.Module) -> ModelSpec:
     if st.spec is None:
         st.spec = ModelSpec(name=type(model).__name__)
     return st.spec
+
+
+def check_same_model(model: nn.Module, theirs: Any, made: str, remedy: str) -> None:
+    """Refuse a file whose metadata ``theirs`` names another model than ``model`` (name, kwargs, weights);
+    ``made``: the file and its verb (``"quantized state X was made"``)."""
+    spec = model_spec(model)
+    theirs = theirs if isinstance(theirs, dict) else {}
+    if not spec.same_model(theirs):
+        def show(d: dict) -> str:  # the weights too: two files of one architecture differ only there
+            ck = d.get("checkpoint_sha256")
+            weights = f" checkpoint {ck[:12]}" if ck else " pretrained" if d.get("pretrained") else " random weights"
+            return f"{d.get('name')} {d.get('model_kwargs') or ''}".strip() + weights
+        raise EamError(f"{made} for {show(theirs)}, not for {show(spec.to_dict())}; {remedy}")
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from eamvit.choices import AttnQuantizer
 from eamvit.config import Config
 from eamvit.errors import EamError
+from eamvit.methods.evaluate import logits_of
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.methods.repq import RepQConfig, calibrate_, classifier_heads, prepare_, reparam_structure_
 from eamvit.modules import family_quant
@@ -131,12 +132,7 @@ def _setup(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor
     if labels is not None:
         return comps, images, labels.to(images.device), [m.weight for _, m in comps]
     with torch.no_grad():  # no labels: the model's own predictions
-        return comps, images, _logits(model, images).argmax(-1), [m.weight for _, m in comps]
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out[0] if isinstance(out, (tuple, list)) else out
+        return comps, images, logits_of(model, images).argmax(-1), [m.weight for _, m in comps]
 
 
 def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -156,7 +152,7 @@ def fisher_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional[
     chunks = range(0, images.shape[0], micro_batch)
     try:
         for i in tqdm(chunks, desc="Fisher", disable=not progress, leave=False):
-            loss = F.cross_entropy(_logits(model, images[i:i + micro_batch]), targets[i:i + micro_batch])
+            loss = F.cross_entropy(logits_of(model, images[i:i + micro_batch]), targets[i:i + micro_batch])
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for (n, m), g in zip(comps, grads):
                 if g is not None:
@@ -171,7 +167,7 @@ def hessian_sensitivity(model: nn.Module, images: torch.Tensor, labels: Optional
                         seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Hutchinson estimate of the Hessian trace of the loss per component, divided by its size (HAWQ-v2)."""
     comps, images, targets, weights = _setup(model, images, labels, components)
-    loss = F.cross_entropy(_logits(model, images), targets)
+    loss = F.cross_entropy(logits_of(model, images), targets)
     grads = torch.autograd.grad(loss, weights, create_graph=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tr = [0.0] * len(comps)

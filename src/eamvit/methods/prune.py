@@ -140,19 +140,15 @@ def _check_model(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, Toke
     return blocks, fam
 
 
-def _resolve_blocks(config: PruneConfig, blocks_seq: nn.Module, fam: TokenFamily) -> tuple[int, ...]:
-    """The pruning blocks: the configured ones, or EViT's (3, 6, 9) of 12 scaled to the blocks that can prune."""
-    if config.blocks is None:
-        eligible = eligible_blocks(blocks_seq, fam, "prune")
-        return tuple(eligible[i] for i in default_blocks(len(eligible)))
-    return check_blocks(config.blocks, blocks_seq, fam, "pruning", "prune")
-
-
 def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     """Make ``model`` (a flat-token ViT, EVA02, BEiT, CaiT or ConViT) prune patch tokens, in place; no weights
     change and :func:`unprune_` undoes it."""
     blocks_seq, fam = _check_model(model, config)
-    blocks = _resolve_blocks(config, blocks_seq, fam)
+    if config.blocks is None:  # EViT's (3, 6, 9) of 12 scaled to the blocks that can prune
+        eligible = eligible_blocks(blocks_seq, fam, "prune")
+        blocks = tuple(eligible[i] for i in default_blocks(len(eligible)))
+    else:
+        blocks = check_blocks(config.blocks, blocks_seq, fam, "pruning", "prune")
     rates, _ = config.per_block(len(blocks), blocks)
     unprune_(model)
     layers = instrument(model)
@@ -229,14 +225,11 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
     return masks
 
 
-# Entropy distributions (the seed's Fig. 5) and kept patches (Fig. 4): data for the figures
-
-
 @torch.no_grad()
 def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[float] = (1.0, 2.0),
                     layers: Optional[Sequence[int]] = None, keys: str = "all") -> dict[float, list[torch.Tensor]]:
     """``{alpha: [per layer of ``layers`` (all by default), (B·n_l,)]}``: the per-token attention entropies
-    (averaged over heads) of every patch token, from one forward of ``images``.
+    (averaged over heads) of every patch token, from one forward of ``images`` (the seed's Fig. 5 data).
 
     The observers chain with a pruned model's own capture, so a pruned model shows the tokens each block
     really saw.
@@ -292,9 +285,6 @@ def setting_text(value: float | Sequence[float]) -> float | str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(format_order, value))
     return "inf" if math.isinf(value) else value
-
-
-# Configs of a sweep
 
 
 def method_config(method: str, alpha: Optional[float], keep_rate: float, **options: Any) -> PruneConfig:

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.forward_loop import ForwardLoop
+from eamvit.methods.data import ForwardLoop, make_loader, random_subset
 
 _MORE = ("give more calibration images (--calib-size, --calib-data) or lower the method's calibration size "
          "(--quant-calib-size; ADFQ-ViT: --adfq-calib-size)")
@@ -72,10 +72,9 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     """``(images, targets or None)`` batches of ``calib``, stopping after ``limit`` images.
 
     Args:
-        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches
-            (DataLoader of :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset
-            of ``(image, target)`` (a random subset of ``limit`` items drawn with ``seed``).
-        batch_size: batch size for datasets.
+        calib: a ``(B, C, H, W)`` tensor, an ``(images, targets)`` pair, an iterable of batches (DataLoader of
+            :class:`~eamvit.methods.data.Batch` or tuples) or a map-style dataset of ``(image, target)`` (a
+            random subset of ``limit`` items drawn with ``seed``, in batches of ``batch_size``).
     """
     if calib is None:
         raise EamError("quantization needs calibration images")
@@ -84,8 +83,6 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
     if isinstance(calib, torch.Tensor) or pair:
         source: Any = iter([tuple(calib)] if pair else [calib])
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
-        from eamvit.methods.data import make_loader, random_subset
-
         if len(calib) < limit:
             raise EamError(f"calibration needs {limit} images but the calibration set has {len(calib)}; {_MORE}")
         source = iter(make_loader(calib, random_subset(calib, limit, seed=seed), batch_size=batch_size))

@@ -2,7 +2,6 @@
 (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -16,10 +15,9 @@ from eamvit.methods.steps import StepHandler, StepInputs, handler_of, register_s
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
-from eamvit.methods.data import add_calibration, calibration_record
+from eamvit.methods.data import ForwardLoop, add_calibration, calibration_record, check_forward_loop
 from eamvit.methods import adfq, pmq, repq
-from eamvit.methods.forward_loop import ForwardLoop, check_forward_loop
-from eamvit.methods.models import ModelSpec, model_spec
+from eamvit.methods.models import check_same_model, model_spec
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
@@ -148,18 +146,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _check_model(model: nn.Module, meta: dict, path: Any) -> None:
-    # Compare as stored: JSON turns the tuples of model kwargs (e.g. Swin depths) into lists.
-    spec = ModelSpec(**json.loads(json.dumps(model_spec(model).to_dict())))
-    theirs = meta.get("model", {})
-    if not isinstance(theirs, dict) or not spec.same_model(theirs):
-        def show(d: dict) -> str:
-            ck = d.get("checkpoint_sha256")
-            return f"{d.get('name')} {d.get('model_kwargs') or ''}".strip() + (f" checkpoint {ck[:12]}" if ck else "")
-        raise EamError(f"quantized state {path} was made for {show(theirs if isinstance(theirs, dict) else {})}, "
-                       f"not for {show(spec.to_dict())}; quantize this model with `eamvit quantize`")
-
-
 def _misfit(path: Any, what: str) -> EamError:
     return EamError(f"quantized state {path} does not fit this model ({what}); quantize it again with `eamvit quantize`")
 
@@ -256,7 +242,8 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
                       path: Any) -> nn.Module:
     """Quantize a fresh full-precision ``model`` from :func:`quantized_content`'s ``tensors`` (consumed: packed
     codes are replaced by weights) and ``meta``; ``path`` names the file in messages."""
-    _check_model(model, meta, path)
+    check_same_model(model, meta.get("model"), f"quantized state {path} was made",
+                     "quantize this model with `eamvit quantize`")
     if step_config(model, "quant") is not None or find_quantizers(model):
         raise EamError("the model is already quantized; load the state into a fresh full-precision model")
     _check_fp_weights(model, meta, path)
@@ -308,14 +295,10 @@ def _export_step(model: nn.Module, config: Config, export_config: Any) -> None:
 
 def _handler(config: Any) -> QuantizeHandler:
     """The quantization method of ``config``'s type: the ``"quant"`` step's entry in the step table."""
-    try:
-        step = handler_of(config)
-    except EamError:
-        step = None
-    if step is None or step.stage != "quant":
+    if not isinstance(config, tuple(step_types("quant"))):
         raise EamError(f"no quantization method is registered for {type(config).__name__}; "
                        "pass a RepQConfig, ADFQConfig or PMQConfig")
-    return step.method
+    return handler_of(config).method
 
 
 for _method in (repq.HANDLER, adfq.HANDLER, pmq.HANDLER):  # each the one quantization stage of a recipe

@@ -19,16 +19,12 @@ from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
 from eamvit.methods.export import Target
-from eamvit.methods.models import BUNDLED_MODEL, create_model, data_config, model_spec, preprocessing
+from eamvit.methods.models import (BUNDLED_MODEL, check_same_model, create_model, data_config, model_spec,
+                                   preprocessing)
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
 
 COMPRESSED_FORMAT = "eamvit-compressed/1"
 _REMEDY = "write one with `eamvit compress`"
-
-
-def step_stage(step: Config) -> str:
-    """The stage of ``step`` (``"quant"``, ``"freeze"``, ``"prune"`` or a registered step's own)."""
-    return handler_of(step).stage
 
 
 def _step_from_dict(d: Any) -> Config:
@@ -56,7 +52,7 @@ class Recipe(Config):
     VERSION = 1
 
     def _check(self) -> None:
-        stages = [step_stage(s) for s in self.steps]
+        stages = [handler_of(s).stage for s in self.steps]
         if stages != sorted(stages, key=stage_order) or len(set(stages)) != len(stages):
             raise EamError(f"recipe steps {' → '.join(stages)} are not in the order {' → '.join(all_stages())} "
                            "with each at most once; write them in that order")
@@ -70,7 +66,7 @@ class Recipe(Config):
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""
-        return next((s for s in self.steps if step_stage(s) == stage), None)
+        return next((s for s in self.steps if handler_of(s).stage == stage), None)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.KIND, "version": self.VERSION, "steps": [s.to_dict() for s in self.steps]}
@@ -105,7 +101,6 @@ def apply_(model: nn.Module, recipe: Recipe, calib: Any, *, maps: MapsSource = N
         calib: calibration images (dataset or tensor) for quantization and for maps computed here.
         maps: the freezing step's entropy maps, or a function of the model (as it is after
             quantization) that returns them; ``None`` computes them on ``calib`` (8-bit histograms).
-        device: where calibration runs.
         checkpoint_dir: resumable ADFQ-ViT checkpoints.
     """
     inputs = StepInputs(calib=calib, maps=maps, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
@@ -136,8 +131,8 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
         if recipe.target is not None and recipe.target != state_of(model).target:
             raise EamError(f"{quant_state} was calibrated for target {getattr(state_of(model).target, 'form', 'torch')}, "
                            f"not {recipe.target.form}; quantize again for that target, or drop --target")
-    quant = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) == "quant"), target=recipe.target)
-    rest = Recipe(steps=tuple(s for s in recipe.steps if step_stage(s) != "quant"))
+    quant = Recipe(steps=tuple(s for s in recipe.steps if handler_of(s).stage == "quant"), target=recipe.target)
+    rest = Recipe(steps=tuple(s for s in recipe.steps if handler_of(s).stage != "quant"))
     reports = apply_(model, quant, calib, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
     if frozen is not None:  # after quantizing: its values replace the quantized model's maps
         reports["frozen"] = freeze.load_frozen(model, str(frozen)).get("config") or {}
@@ -147,8 +142,8 @@ def build_(model: nn.Module, recipe: Recipe, calib: Any, *, quant_state: Optiona
 
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe ``model`` carries: every step applied to it or restored on it, in order."""
-    steps = state_of(model).steps.values()
-    return Recipe(steps=tuple(sorted(steps, key=lambda s: stage_order(step_stage(s)))), target=state_of(model).target)
+    steps = state_of(model).steps  # by stage
+    return Recipe(steps=tuple(steps[s] for s in sorted(steps, key=stage_order)), target=state_of(model).target)
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -162,7 +157,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, recipe: Recipe) -> Path:
     """Write ``model``, compressed by ``recipe`` (which must be what it carries), to one safetensors file."""
-    have, want = set(state_of(model).steps), {step_stage(s) for s in recipe.steps}
+    have, want = set(state_of(model).steps), {handler_of(s).stage for s in recipe.steps}
     if have != want:
         raise EamError(f"the model carries the steps {', '.join(sorted(have)) or 'none'} but the recipe has "
                        f"{', '.join(sorted(want)) or 'none'}; apply the recipe with apply_")
@@ -192,10 +187,8 @@ def restore_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Rebuild on a fresh ``model`` the compressed model saved at ``path``; returns the file's metadata."""
     meta, tensors = read_compressed(path)
     recipe = Recipe.from_dict(meta.get("recipe"))
-    if not model_spec(model).same_model(meta.get("model") or {}):
-        name = (meta.get("model") or {}).get("name")
-        raise EamError(f"compressed model {path} was made for {name} with other weights, not for this model; "
-                       "give the model it was made from, or compress this one with `eamvit compress`")
+    check_same_model(model, meta.get("model"), f"compressed model {path} was made",
+                     "give the model it was made from, or compress this one with `eamvit compress`")
     stages = {handler_of(s).stage: s for s in recipe.steps}
     stray = sorted({k.split("/", 1)[0] for k in tensors} - set(stages))
     if stray:

@@ -11,7 +11,7 @@ from torch import nn
 from eamvit.choices import ATTN_QUANTIZERS, AttnQuantizer  # noqa: F401 (re-exported; defined torch-free for the CLI)
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.methods.forward_loop import run_first_forward
+from eamvit.methods.data import run_first_forward
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun, calibration_images
 from eamvit.modules import family_quant
 from eamvit.modules.attention import ADAPTERS, attention_layers

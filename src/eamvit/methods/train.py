@@ -260,7 +260,6 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         generators: further random generators whose states are checkpointed.
         device: where to train (the model's device by default).
         workers: DataLoader workers (the result does not depend on them).
-        desc: progress-bar label.
 
     Returns:
         ``history`` (per-epoch rows), ``epochs_done``, ``final`` (the last row), ``images`` (training images read),
