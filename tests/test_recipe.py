@@ -177,3 +177,15 @@ def test_a_target_the_quantization_cannot_take_is_refused_before_calibration(qua
 def test_a_non_repq_quantization_has_no_onnx_target(capsys):
     code, _, err = run(capsys, "eval", "--data", "digits", "--quant", "adfq", "--target", "qdq")
     assert code == 2 and err.count("\n") == 1 and "adfq has no integer-runtime form" in err
+
+
+def test_a_recipe_without_a_target_gets_its_quantizations_default_one():
+    from eamvit.methods.export import Target
+
+    int8, w4a4 = RepQConfig(w_bits=8, a_bits=8), RepQConfig(w_bits=4, a_bits=4)
+    assert Recipe(steps=(int8,)).targeted().target == Target(form="qdq")  # 8-bit activations run in int8 kernels
+    assert Recipe(steps=(w4a4,)).targeted().target == Target(form="torch")  # no ONNX form for 4-bit activations
+    named = Recipe(steps=(int8,), target=Target(form="weight-only"))
+    assert named.targeted() == named
+    unquantized = Recipe(steps=(FreezeConfig(tau=0.2),))
+    assert unquantized.targeted().target is None

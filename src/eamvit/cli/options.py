@@ -310,7 +310,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 
 def target_from_args(args: argparse.Namespace, quant) -> Any:
     """The :class:`~eamvit.methods.export.Target` of the options for quantization ``quant`` (``None``: none)."""
-    from eamvit.methods.export import SOFTMAX, TARGETS, Target, default_target
+    from eamvit.methods.export import SOFTMAX, TARGETS, default_target
 
     for value, allowed, flag in ((args.target, TARGETS, "--target"), (args.softmax, SOFTMAX, "--softmax")):
         if value is not None and value not in allowed:
@@ -318,9 +318,9 @@ def target_from_args(args: argparse.Namespace, quant) -> Any:
     if quant is None:
         refuse_given(args, TARGET_OPTIONS, "without a quantization (an unquantized model runs as it is everywhere)")
         return None
-    return Target(form=args.target or default_target(quant).form,
-                  **given_values(softmax=args.softmax, symmetric_activations=args.symmetric_activations,
-                                 symmetric_weights=args.symmetric_weights))
+    return default_target(quant, **given_values(form=args.target, softmax=args.softmax,
+                                                symmetric_activations=args.symmetric_activations,
+                                                symmetric_weights=args.symmetric_weights))
 
 
 def target_label(target) -> str:

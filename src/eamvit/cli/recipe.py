@@ -95,17 +95,12 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The one recipe the command line asks for: ``--recipe``, ``--state``'s, or the options' steps (not those of
     ``--quant-state`` and ``--frozen``, which are loaded, not applied)."""
-    from eamvit.methods.export import default_target
     from eamvit.methods.recipe import Recipe, read_recipe
 
     if getattr(args, "state", None):
         return read_recipe(args.state)
-    if getattr(args, "recipe", None):  # calibrated anew: a recipe that names no target gets the default one
-        recipe = read_recipe(args.recipe)
-        quant = recipe.step("quant")
-        if recipe.target is None and quant is not None:
-            recipe = Recipe(steps=recipe.steps, target=default_target(quant))
-        return recipe
+    if getattr(args, "recipe", None):
+        return read_recipe(args.recipe).targeted()
     steps = []
     if getattr(args, "quant", None) and not getattr(args, "quant_state", None):
         steps.append(method_config(args))

@@ -149,10 +149,12 @@ class Target(Config):
                             symmetric_weights=self.symmetric_weights, **file_settings)
 
 
-def default_target(quant: Any) -> Target:
-    """The target a recipe gets when none is asked for: ONNX QDQ for RepQ-ViT with 8-bit activations
-    (its ONNX form runs in integer kernels), PyTorch for every other quantization."""
-    return Target(form="qdq") if isinstance(quant, RepQConfig) and quant.a_bits == 8 else Target()
+def default_target(quant: Any, **settings: Any) -> Target:
+    """The target of ``quant`` where none is named: ONNX QDQ for RepQ-ViT with 8-bit activations (its ONNX
+    form runs in integer kernels), PyTorch for every other quantization; ``settings`` (``Target`` fields)
+    override it."""
+    form = "qdq" if isinstance(quant, RepQConfig) and quant.a_bits == 8 else "torch"
+    return Target(**{"form": form, **settings})
 
 
 def apply_target_(model: nn.Module, target: Optional[Target]) -> nn.Module:

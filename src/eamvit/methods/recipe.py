@@ -18,7 +18,7 @@ from eamvit.methods import freeze, merge, prune, quantize  # noqa: F401 (each re
 from eamvit.io import load_tensors, save_tensors
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import add_calibration
-from eamvit.methods.export import Target
+from eamvit.methods.export import Target, default_target
 from eamvit.methods.models import (BUNDLED_MODEL, check_same_model, create_model, data_config, model_spec,
                                    preprocessing)
 from eamvit.methods.steps import StepInputs, config_of_kind, handler_of, stage_order, stages as all_stages
@@ -63,6 +63,12 @@ class Recipe(Config):
         if "prune" in stages and "merge" in stages:
             raise EamError("a recipe prunes or merges tokens, not both (a model's blocks do one of them); "
                            "drop one step")
+
+    def targeted(self) -> "Recipe":
+        """The recipe to calibrate anew: one that quantizes and names no target is made for its quantization's
+        :func:`~eamvit.methods.export.default_target`."""
+        quant = self.step("quant")
+        return self if self.target is not None or quant is None else Recipe(self.steps, default_target(quant))
 
     def step(self, stage: str) -> Optional[Config]:
         """The step of ``stage`` (``"quant"``, ``"freeze"``, ``"prune"`` ...), ``None`` when there is none."""
