@@ -130,6 +130,20 @@ def merged_state(config: MergeConfig, measure: Optional[Callable[[nn.Module], di
     return state
 
 
+def reduce_points(base: dict[str, Any], prunes: Sequence[PruneConfig], merges: Sequence[tuple[float, MergeConfig]],
+                  measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None) -> list[Point]:
+    """Points that prune with each of ``prunes``, then merge with each ``(κ it matches, config)`` of ``merges``,
+    their rows labelled on top of ``base``."""
+    points = [Point({**base, "prune": c.method, "alpha": setting_text(c.order) if c.method == "renyi" else None,
+                     "keep_rate": c.keep_rate}, pruned_state(c, measure)) for c in prunes]
+    return points + [Point({**base, "matched_keep_rate": k}, merged_state(c, measure)) for k, c in merges]
+
+
+def merge_columns(base: dict[str, Any], merges: Sequence[Any]) -> dict[str, Any]:
+    """``base`` with the merging label fields (empty) when there are merging points."""
+    return {**base, **({"merge": None, "merge_r": None, "matched_keep_rate": None} if merges else {})}
+
+
 def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS,
                 timing: Optional[Timing] = Timing(warmup=1), progress: bool = True, label: str = "",
@@ -146,20 +160,14 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
     """
     unprune_(model)
     unmerge_(model)
-    base = {"label": label, "prune": None, "alpha": None, "keep_rate": None}
-    if merges:
-        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    base = merge_columns({"label": label, "prune": None, "alpha": None, "keep_rate": None}, merges)
     for k in keep_rates:  # every point's config is checked before any work is done
         check_keep_rate(k)
     jobs = [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
     matched = matched_merges(model, keep_rates, merges, options)
     points = [Point(base, _unpruned)]
     for k in keep_rates:
-        for cfg in (c for c in jobs if c.keep_rate == k):
-            alpha = setting_text(cfg.order) if cfg.method == "renyi" else None
-            points.append(Point({**base, "prune": cfg.method, "alpha": alpha, "keep_rate": cfg.keep_rate},
-                                pruned_state(cfg)))
-        points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg)) for kk, cfg in matched if kk == k]
+        points += reduce_points(base, [c for c in jobs if c.keep_rate == k], [m for m in matched if m[0] == k])
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
