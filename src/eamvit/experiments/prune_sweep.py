@@ -16,7 +16,6 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs, unmerge_
 from eamvit.methods.prune import (PruneConfig, check_keep_rate, kept_patch_masks, method_config, parse_methods, prune_,
@@ -222,8 +221,7 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             else:  # matched_merges' one r: the first block's count, the later ones capped alike
                 merge_(m, MergeConfig(r=int(str(r["merge_r"]).split("-")[0]), selection=r["merge"], alpha=alpha))
             finetune(m, train_ds, ftc, progress=progress, device=device)
-            r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
-                                                  progress=False)["top1"]
+            r.fields["top1_finetuned"] = data.evaluate(m)["top1"]
     return rows, markdown_table(rows)
 
 
