@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -170,24 +170,27 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
 
 
+def kappa(row: Mapping[str, Any]) -> Optional[float]:
+    """A row's κ; a merging row's is the κ whose GMACs it matches."""
+    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]
+
+
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """Markdown table of sweep rows, Δ top-1 against the unmodified row when there is one."""
     base = next((r for r in rows if not r["prune"] and not r.get("merge")), None)
     merging = any(r.get("merge") for r in rows)
-    view = [{"method": row_label(r), "keep_rate": r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"],
-             "merge_r": r.get("merge_r"), "tokens": str(r["tokens"]).replace("-", "→"),
-             "top1": r["top1"], "delta": r["top1"] - base["top1"] if base is not None and r is not base else None,
-             "gmacs": r["gmacs"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
-            for r in rows]
-    columns = [Column("method"), Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g")]
+    delta = lambda r: r["top1"] - base["top1"] if base is not None and r is not base else None
+    columns = [Column("method", derive=row_label),
+               Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g", derive=kappa)]
     if merging:
         columns.append(Column("merge_r", "r per block"))
-    columns += [Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
-                Column("delta", "Δ top-1", "+.2f"), Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
+    columns += [Column("tokens", "patch tokens per stage", derive=lambda r: str(r["tokens"]).replace("-", "→")),
+                Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f", derive=delta),
+                Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
                 Column("images_per_s", "images/s", ".0f")]
-    if any(v["top1_finetuned"] is not None for v in view):
+    if any(r.get("top1_finetuned") is not None for r in rows):
         columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
-    return markdown(view, columns)
+    return markdown(rows, columns)
 
 
 def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float] = (0.7, 0.5),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import merge_columns, reduce_points
+from eamvit.experiments.prune_sweep import kappa, merge_columns, reduce_points
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
@@ -97,12 +97,8 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
     return rows
 
 
-def _kappa(row: Mapping[str, Any]) -> Optional[float]:
-    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]  # merging: the κ it matches
-
-
 SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
-                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=_kappa),
+                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=kappa),
                  Column("merge_r", "r per block"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
@@ -115,8 +111,8 @@ def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
     for r in rows:
-        kappa = _kappa(r)
-        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={kappa:g}" if kappa is not None else None)
+        k = kappa(r)
+        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={k:g}" if k is not None else None)
         out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out
