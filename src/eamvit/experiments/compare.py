@@ -74,10 +74,8 @@ def _runs(config: CompareConfig) -> list[tuple[str, str, Any]]:
     if "fp" in config.methods:
         runs.append(("fp", "32/32", None))
     for w, a in config.settings:
-        if "repq" in config.methods:
-            runs.append(("repq", f"{w}/{a}", replace(config.repq, w_bits=w, a_bits=a)))
-        if "adfq" in config.methods:
-            runs.append(("adfq", f"{w}/{a}", replace(config.adfq, w_bits=w, a_bits=a)))
+        runs += [(m, f"{w}/{a}", replace(getattr(config, m), w_bits=w, a_bits=a)) for m in ("repq", "adfq")
+                 if m in config.methods]
         if "pmq" in config.methods:
             cfg = replace(config.pmq, w_bits=w, a_bits=a, p_bits=a)
             runs.append(("pmq", f"{w}/{a}/{a}" + ("(MP)" if cfg.mixed or cfg.aas else ""), cfg))

@@ -14,11 +14,10 @@ from eamvit.experiments.demo_run import DemoRun, Figure, Step, _say
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.experiments.freeze_sweep import freeze_sweep
 from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, retitle, write_table
-from eamvit.experiments.runner import EvalData, Timing
+from eamvit.experiments.runner import Timing
 from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 from eamvit.methods.data import DigitsDataset
-from eamvit.methods.evaluate import evaluate
 from eamvit.methods.freeze import FreezeConfig
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
@@ -53,7 +52,7 @@ def run_demo(out: Path = Path("eamvit-demo"), retrain: bool = False, checkpoint:
     model = load_demo_model(ckpt, device=device)
     demo = DemoRun(out, ckpt, model, DigitsDataset("train", img_size=DEMO_KWARGS["img_size"]),
                    DigitsDataset("test", img_size=DEMO_KWARGS["img_size"]), device, full)
-    demo.base = evaluate(model, demo.test, batch_size=256, device=device, progress=False)
+    demo.base = demo.eval_data.evaluate(model)
     print(f"unfrozen test top-1: {demo.base['top1']:.2f}% on {demo.base['num_images']} held-out digits", flush=True)
     for k, step in enumerate(plan, start=2):
         _say(f"[{k}/{n}] {step.title}" + (f" + {step.more}" if full and step.more else ""))
@@ -115,11 +114,9 @@ def _figures_step(demo: DemoRun) -> dict:
 
 def _sweep_step(demo: DemoRun) -> dict:
     """Entropy against random freezing over τ, per scope (sweep.csv/json/md, sweep.png)."""
-    data = EvalData(demo.test, batch_size=256, device=demo.device, data_config=demo.data_config)
     rows: list[ResultRow] = []
-    scopes = SCOPES if demo.full else SCOPES[:1]
-    for scope in scopes:
-        rows += freeze_sweep(demo.model, demo.maps, data, TAUS, FreezeConfig(scope=scope), seeds=SEEDS, label="fp32")
+    for scope in SCOPES if demo.full else SCOPES[:1]:
+        rows += freeze_sweep(demo.model, demo.maps, demo.eval_data, TAUS, FreezeConfig(scope=scope), seeds=SEEDS, label="fp32")
     write_table(demo.out / "sweep", rows)
     figure = Figure("plot_sweep", (rows, demo.out / "sweep.png"), {"title": "digits ViT: entropy vs random freezing",
                                                                    "reference": {"unfrozen": demo.base["top1"]}})
@@ -175,11 +172,11 @@ def _speed_step(demo: DemoRun) -> dict:
     from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
     from eamvit.methods.prune import method_config
 
-    model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
+    model, maps, out = demo.model, demo.maps, demo.out
     freeze = [FreezeConfig(tau=t, granularity=g) for g in ("entry", "row", "head") for t in SPEED_TAUS]
     prune = [method_config(m, a, k) for m, a in SPEED_METHODS for k in KEEP_RATES_SPEED]
-    rows = speed_sweep(model, maps, EvalData(test, batch_size=256, device=device, data_config=demo.data_config),
-                       freeze, prune, matched_merges(model, KEEP_RATES_SPEED, SWEEP_MERGES, {}), SPEED_TIMING)
+    rows = speed_sweep(model, maps, demo.eval_data, freeze, prune,
+                       matched_merges(model, KEEP_RATES_SPEED, SWEEP_MERGES, {}), SPEED_TIMING)
     write_table(out / "speed_sweep", rows, formats=("csv", "json"))
     table = markdown(rows, SPEED_COLUMNS)
     write_text(out / "speed_sweep.md", table)
@@ -213,10 +210,9 @@ def _frozen_finetune_step(demo: DemoRun) -> dict:
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
 
-    model, maps, test, out, device = demo.model, demo.maps, demo.test, demo.out, demo.device
+    model, maps, out = demo.model, demo.maps, demo.out
     train = train_dataset("digits", data_config(model), augment="shift")
-    data = EvalData(test, batch_size=256, device=device, data_config=demo.data_config)
-    rows = frozen_finetune_table(model, train, data, maps, taus=FINETUNE_TAUS, progress=True)
+    rows = frozen_finetune_table(model, train, demo.eval_data, maps, taus=FINETUNE_TAUS, progress=True)
     write_table(out / "frozen_finetune", rows)
     table = markdown_table(rows)
     c = SHORT_RECIPE
@@ -239,9 +235,9 @@ def _quant_step(demo: DemoRun) -> dict:
     from eamvit.methods.repq import RepQConfig
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 
-    model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
-    res = quant_sweep(model, EvalData(test, batch_size=256, device=device, data_config=demo.data_config), train,
-                      RepQConfig(w_bits=4, a_bits=4), QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,)))
+    model, train, out = demo.model, demo.train, demo.out
+    res = quant_sweep(model, demo.eval_data, train, RepQConfig(w_bits=4, a_bits=4),
+                      QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,)))
     rows = res["rows"]
     write_table(out / "quant_sweep", rows)
     figures = [Figure("plot_quant_sweep", (rows, out / "quant_sweep.png"),

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from eamvit.experiments.digits import DEMO_KWARGS
+from eamvit.experiments.runner import EvalData
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.data import DigitsDataset, digits_data_config
 
@@ -43,6 +44,11 @@ class DemoRun:
     def data_config(self) -> dict[str, Any]:
         """The digits' preprocessing, as every row records it (``data_config_source`` ``digits``)."""
         return {**digits_data_config(DEMO_KWARGS["img_size"]), "source": "digits"}
+
+    @property
+    def eval_data(self) -> EvalData:
+        """The held-out digits, as every step evaluates them."""
+        return EvalData(self.test, batch_size=256, device=self.device, data_config=self.data_config)
 
 
 @dataclass

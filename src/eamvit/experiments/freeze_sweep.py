@@ -56,11 +56,6 @@ def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequ
                  freeze: FreezeConfig = FreezeConfig(), selections: Sequence[str] = ("entropy", "random"),
                  seeds: Sequence[int] = (0, 1, 2), label: str = "", progress: bool = True) -> list[ResultRow]:
     """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6), random freezing averaged over
-    ``seeds``; one row per (τ, selection) of :func:`freeze_points`. The model is left unfrozen.
-
-    Args:
-        freeze: the config of every point; its ``tau``, ``selection`` and ``seed`` are replaced per point.
-        label: copied into every row.
-    """
+    ``seeds``; one row per (τ, selection) of :func:`freeze_points` (its arguments). The model is left unfrozen."""
     points = freeze_points(maps, taus, freeze, selections, seeds, label)
     return run_sweep(model, data, points, progress=progress, desc=f"sweep {label}".strip())

@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import EvalData, result_row
 from eamvit.methods.calibrate import EntropyMaps
-from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.freeze import FreezeConfig, freeze_
 
@@ -39,17 +38,15 @@ def frozen_finetune_table(model: nn.Module, train_ds: Dataset, data: EvalData, m
         config: the fine-tuning recipe, the same for every row.
     """
     rows = []
-    top = lambda m: evaluate(m, data.dataset, data.indices, batch_size=data.batch_size, workers=data.workers,
-                             device=data.device, progress=False)
     for tau in taus:
         for sel in selections:
             fcfg = replace(freeze, tau=tau, selection=sel)
             start = time.perf_counter()
             m = copy.deepcopy(model)
             report = freeze_(m, maps, fcfg)
-            before = top(m)
+            before = data.evaluate(m)
             finetune(m, train_ds, config, device=data.device, progress=progress, freeze=fcfg)
-            after = top(m)["top1"]
+            after = data.evaluate(m)["top1"]
             fields = {"tau": tau, "selection": sel, "granularity": freeze.granularity,
                       "frozen_fraction": round(report.frozen_fraction, 6), "top1_finetuned": after,
                       "epochs": config.epochs, "lr": config.lr, "seconds": round(time.perf_counter() - start, 2)}

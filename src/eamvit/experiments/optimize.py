@@ -297,24 +297,25 @@ def check_resolution(num_images: int, max_drop: float) -> None:
                        f"{math.ceil(step * 100) / 100:g} or more")
 
 
+def _images(dataset, indices, n: int, what: str, consequence: str) -> torch.Tensor:
+    items = readable_items(dataset, indices, n)
+    if not items:
+        raise EamError(f"none of the {what} can be read, so {consequence}")
+    return torch.stack([it[0] for it in items])
+
+
 def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir: Path) -> _Run:
     """The run's shared inputs: the timed batch (held-out images), the fp32 export for ONNX Runtime and
     OpenVINO, and NNCF's calibration images for OpenVINO."""
-    items = readable_items(sp.eval_set, sp.eval_indices, config.batch_size)
-    if not items:
-        raise EamError("none of the held-out images can be read, so nothing can be timed or scored; check the "
-                       "files of --data (or drop --num-samples)")
-    batch = torch.stack([it[0] for it in items])
+    batch = _images(sp.eval_set, sp.eval_indices, config.batch_size, "held-out images", "nothing can be timed or "
+                    "scored; check the files of --data (or drop --num-samples)")
     run = _Run(model.eval(), sp, config, device, workdir, batch, _key_base(model, sp, config))
     if config.runtime != "torch":
         export_onnx(model, workdir / "reference.onnx")
         run.reference_call = _runner(run, workdir / "reference.onnx")[1]
     if config.runtime == "openvino":  # NNCF's images: the first readable ones of the calibration split
-        items = readable_items(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE)
-        if not items:
-            raise EamError("none of the calibration images can be read, so NNCF cannot calibrate; check --calib-data "
-                           "(or --data)")
-        run.nncf_images = torch.stack([it[0] for it in items])
+        run.nncf_images = _images(sp.calib_set, sp.calib_indices, NNCF_CALIB_SIZE, "calibration images",
+                                  "NNCF cannot calibrate; check --calib-data (or --data)")
         run.nncf_calibration = [calibration_record(sp.calib_set, sp.calib_indices)]
     return run
 

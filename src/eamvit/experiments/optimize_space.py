@@ -94,11 +94,9 @@ def _prune_options(space: str, depth: int) -> list[tuple[str, PruneConfig]]:
     late = late_blocks(depth)
     if late and late != tuple(default_blocks(depth)):
         blocks.append(late)
-    out = []
-    for method, where, k in itertools.product(PRUNE_METHODS[space], blocks, KEEP_RATES[space]):
-        name = f"{method}-k{k:g}" + (f"@{','.join(map(str, where))}" if where else "")
-        out.append((name, PruneConfig(method=method, keep_rate=k, blocks=where)))
-    return out
+    configs = [PruneConfig(method=method, keep_rate=k, blocks=where)
+               for method, where, k in itertools.product(PRUNE_METHODS[space], blocks, KEEP_RATES[space])]
+    return [(prune_name(c), c) for c in configs]
 
 
 def _number(value: float | str) -> str:

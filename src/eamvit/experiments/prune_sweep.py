@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,6 @@ from eamvit.experiments.results import Column, ResultRow, markdown
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, run_sweep
 from eamvit.methods.models import patch_grid
 from eamvit.methods.cost import count_gflops
-from eamvit.methods.evaluate import evaluate
 from eamvit.methods.finetune import FinetuneConfig, finetune
 from eamvit.methods.merge import MergeConfig, merge_, r_for_gmacs, unmerge_
 from eamvit.methods.prune import (PruneConfig, check_keep_rate, kept_patch_masks, method_config, parse_methods, prune_,
@@ -130,6 +129,20 @@ def merged_state(config: MergeConfig, measure: Optional[Callable[[nn.Module], di
     return state
 
 
+def reduce_points(base: dict[str, Any], prunes: Sequence[PruneConfig], merges: Sequence[tuple[float, MergeConfig]],
+                  measure: Optional[Callable[[nn.Module], dict[str, Any]]] = None) -> list[Point]:
+    """Points that prune with each of ``prunes``, then merge with each ``(κ it matches, config)`` of ``merges``,
+    their rows labelled on top of ``base``."""
+    points = [Point({**base, "prune": c.method, "alpha": setting_text(c.order) if c.method == "renyi" else None,
+                     "keep_rate": c.keep_rate}, pruned_state(c, measure)) for c in prunes]
+    return points + [Point({**base, "matched_keep_rate": k}, merged_state(c, measure)) for k, c in merges]
+
+
+def merge_columns(base: dict[str, Any], merges: Sequence[Any]) -> dict[str, Any]:
+    """``base`` with the merging label fields (empty) when there are merging points."""
+    return {**base, **({"merge": None, "merge_r": None, "matched_keep_rate": None} if merges else {})}
+
+
 def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = KEEP_RATES,
                 methods: Sequence[tuple[str, Optional[float]]] = SWEEP_METHODS,
                 timing: Optional[Timing] = Timing(warmup=1), progress: bool = True, label: str = "",
@@ -146,41 +159,38 @@ def prune_sweep(model: nn.Module, data: EvalData, keep_rates: Sequence[float] = 
     """
     unprune_(model)
     unmerge_(model)
-    base = {"label": label, "prune": None, "alpha": None, "keep_rate": None}
-    if merges:
-        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    base = merge_columns({"label": label, "prune": None, "alpha": None, "keep_rate": None}, merges)
     for k in keep_rates:  # every point's config is checked before any work is done
         check_keep_rate(k)
     jobs = [method_config(m, a, k, **options) for k in keep_rates for m, a in methods]
     matched = matched_merges(model, keep_rates, merges, options)
     points = [Point(base, _unpruned)]
     for k in keep_rates:
-        for cfg in (c for c in jobs if c.keep_rate == k):
-            alpha = setting_text(cfg.order) if cfg.method == "renyi" else None
-            points.append(Point({**base, "prune": cfg.method, "alpha": alpha, "keep_rate": cfg.keep_rate},
-                                pruned_state(cfg)))
-        points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg)) for kk, cfg in matched if kk == k]
+        points += reduce_points(base, [c for c in jobs if c.keep_rate == k], [m for m in matched if m[0] == k])
     return run_sweep(model, data, points, timing=timing, progress=progress, desc=f"prune sweep {label}".strip())
+
+
+def kappa(row: Mapping[str, Any]) -> Optional[float]:
+    """A row's κ; a merging row's is the κ whose GMACs it matches."""
+    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]
 
 
 def markdown_table(rows: Sequence[ResultRow | dict[str, Any]]) -> str:
     """Markdown table of sweep rows, Δ top-1 against the unmodified row when there is one."""
     base = next((r for r in rows if not r["prune"] and not r.get("merge")), None)
     merging = any(r.get("merge") for r in rows)
-    view = [{"method": row_label(r), "keep_rate": r.get("matched_keep_rate") if r.get("merge") else r["keep_rate"],
-             "merge_r": r.get("merge_r"), "tokens": str(r["tokens"]).replace("-", "→"),
-             "top1": r["top1"], "delta": r["top1"] - base["top1"] if base is not None and r is not base else None,
-             "gmacs": r["gmacs"], "images_per_s": r.get("images_per_s"), "top1_finetuned": r.get("top1_finetuned")}
-            for r in rows]
-    columns = [Column("method"), Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g")]
+    delta = lambda r: r["top1"] - base["top1"] if base is not None and r is not base else None
+    columns = [Column("method", derive=row_label),
+               Column("keep_rate", "κ (merging: its GMACs)" if merging else "κ", "g", derive=kappa)]
     if merging:
         columns.append(Column("merge_r", "r per block"))
-    columns += [Column("tokens", "patch tokens per stage"), Column("top1", "top-1 (%)", ".2f"),
-                Column("delta", "Δ top-1", "+.2f"), Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
+    columns += [Column("tokens", "patch tokens per stage", derive=lambda r: str(r["tokens"]).replace("-", "→")),
+                Column("top1", "top-1 (%)", ".2f"), Column("delta", "Δ top-1", "+.2f", derive=delta),
+                Column("gmacs", "GMACs", lambda v: f"{v:.{4 if v < 0.1 else 2}f}"),
                 Column("images_per_s", "images/s", ".0f")]
-    if any(v["top1_finetuned"] is not None for v in view):
+    if any(r.get("top1_finetuned") is not None for r in rows):
         columns.append(Column("top1_finetuned", "top-1 fine-tuned (%)", ".2f"))
-    return markdown(view, columns)
+    return markdown(rows, columns)
 
 
 def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float] = (0.7, 0.5),
@@ -214,8 +224,7 @@ def prune_table(model: nn.Module, train_ds, test_ds, keep_rates: Sequence[float]
             else:  # matched_merges' one r: the first block's count, the later ones capped alike
                 merge_(m, MergeConfig(r=int(str(r["merge_r"]).split("-")[0]), selection=r["merge"], alpha=alpha))
             finetune(m, train_ds, ftc, progress=progress, device=device)
-            r.fields["top1_finetuned"] = evaluate(m, test_ds, batch_size=batch_size, device=device,
-                                                  progress=False)["top1"]
+            r.fields["top1_finetuned"] = data.evaluate(m)["top1"]
     return rows, markdown_table(rows)
 
 

@@ -70,6 +70,13 @@ class EvalData:
     device: torch.device | str | None = None
     data_config: Optional[dict] = None
 
+    def evaluate(self, model: nn.Module, evaluate_fn: Optional[Callable[..., dict]] = None) -> dict:
+        """Top-1/top-5 of ``model`` on these items (``evaluate_fn``: see :func:`run_sweep`)."""
+        if evaluate_fn is None:
+            from eamvit.methods.evaluate import evaluate as evaluate_fn
+        return evaluate_fn(model, self.dataset, self.indices, batch_size=self.batch_size, workers=self.workers,
+                           device=self.device, progress=False)
+
 
 @dataclass(frozen=True)
 class Timing(Config):
@@ -214,8 +221,6 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
             returning top-1/top-5 (:func:`eamvit.methods.evaluate.evaluate` by default).
         progress: one progress bar over all evaluations, labelled ``desc``.
     """
-    if evaluate_fn is None:
-        from eamvit.methods.evaluate import evaluate as evaluate_fn
     bar = tqdm(total=sum(len(p.seeds) for p in points), desc=desc, unit="eval",
                disable=not progress or dist_info()[0] != 0, dynamic_ncols=True)
     rows = []
@@ -230,8 +235,7 @@ def run_sweep(model: nn.Module, data: EvalData, points: Sequence[Point], *, timi
                 with p.state(model, seed) as applied:
                     applied = applied or Applied()
                     evaluated = applied.model if applied.model is not None else model
-                    metrics.append(evaluate_fn(evaluated, data.dataset, data.indices, batch_size=data.batch_size,
-                                               workers=data.workers, device=data.device, progress=False))
+                    metrics.append(data.evaluate(evaluated, evaluate_fn))
                     measured = applied.fields
                     if timing is not None and speed is None:
                         speed = measure_throughput(evaluated, timing, device=data.device)

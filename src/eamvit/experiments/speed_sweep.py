@@ -6,19 +6,19 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
 from eamvit.experiments.freeze_sweep import freeze_point
-from eamvit.experiments.prune_sweep import merged_state, pruned_state
+from eamvit.experiments.prune_sweep import kappa, merge_columns, reduce_points
 from eamvit.experiments.results import Column, ResultRow
 from eamvit.experiments.runner import Applied, EvalData, Point, Timing, measure_speedup, run_sweep
 from eamvit.methods.calibrate import EntropyMaps
 from eamvit.methods.cost import cost_account
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig
-from eamvit.methods.prune import PruneConfig, setting_text
+from eamvit.methods.prune import PruneConfig
 from eamvit.methods.reduce import row_label
 from eamvit.modules.attention import attention_layers, require
 
@@ -82,19 +82,13 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
     def unmodified(m: nn.Module, seed: int) -> Iterator[Applied]:
         yield Applied(measure(m))
 
-    base = {"label": "", "selection": None, "granularity": None, "tau": None, "prune": None, "alpha": None,
-            "keep_rate": None}
-    if merges:
-        base.update(merge=None, merge_r=None, matched_keep_rate=None)
+    base = merge_columns({"label": "", "selection": None, "granularity": None, "tau": None, "prune": None,
+                          "alpha": None, "keep_rate": None}, merges)
     points = [Point(base, unmodified)]
     for cfg in freeze:
         fields = {**base, "selection": cfg.selection, "granularity": cfg.granularity, "tau": cfg.tau}
         points.append(freeze_point(maps, cfg, fields, measure=lambda m, rep: measure(m)))
-    for cfg in prune:
-        order = setting_text(cfg.alpha) if cfg.method == "renyi" else None
-        points.append(Point({**base, "prune": cfg.method, "alpha": order, "keep_rate": cfg.keep_rate},
-                            pruned_state(cfg, measure)))
-    points += [Point({**base, "matched_keep_rate": k}, merged_state(cfg, measure)) for k, cfg in merges]
+    points += reduce_points(base, prune, merges, measure)
     rows = run_sweep(model, data, points, progress=progress, desc="speed sweep")
     rate = statistics.median(reference_rates)
     for r in rows:
@@ -103,12 +97,8 @@ def speed_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, freeze: Seq
     return rows
 
 
-def _kappa(row: Mapping[str, Any]) -> Optional[float]:
-    return row.get("matched_keep_rate") if row.get("merge") else row["keep_rate"]  # merging: the κ it matches
-
-
 SPEED_COLUMNS = (Column("method", derive=row_method), Column("tau", "τ", "g"),
-                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=_kappa),
+                 Column("keep_rate", "κ (merging: its GMACs)", "g", derive=kappa),
                  Column("merge_r", "r per block"),
                  Column("top1", "top-1 (%)", ".2f"), Column("gmacs", "GMACs/image", ".4g"),
                  Column("gmacs_skippable", "skippable with a sparse kernel", ".4g"),
@@ -121,8 +111,8 @@ def plot_rows(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The input of :func:`eamvit.plots.speed.plot_top1_vs_speedup` from sweep rows."""
     out = []
     for r in rows:
-        kappa = _kappa(r)
-        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={kappa:g}" if kappa is not None else None)
+        k = kappa(r)
+        point = f"τ={r['tau']:g}" if r["granularity"] else (f"κ={k:g}" if k is not None else None)
         out.append({"method": row_method(r), "speedup": r["speedup"], "speedup_lo": r["speedup_p25"],
                     "speedup_hi": r["speedup_p75"], "top1": r["top1"], "point": point})
     return out

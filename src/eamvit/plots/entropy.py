@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import matplotlib
 
@@ -129,16 +129,13 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
     def key(r: dict) -> tuple:
         return r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32)
 
-    for k in dict.fromkeys(map(key, rows)):
-        pts = sorted((r for r in rows if key(r) == k), key=lambda r: r["tau"])
-        x = [100 * r["tau"] for r in pts]
-        y = [r["top1"] for r in pts]
+    for k, pts, x, y in tau_series(rows, key):
         name = " ".join(str(p) for p in (k[0], k[1], f"scope={k[2]}" if k[2] else "",
                                           f"{k[3]}-bit values" if k[3] != 32 else "") if p)
         line, = ax.plot(x, y, marker="o" if k[1] == "entropy" else "x",
                         linestyle="-" if k[1] == "entropy" else "--", label=name)
         if k[1] == "random":
-            std_band(ax, line, pts)
+            std_band(ax, line, x, y, pts)
     # References go in the legend, not as text by the line: at τ = 0 the curves start on them.
     for i, (name, val) in enumerate((reference or {}).items()):
         ax.axhline(val, color="0.35", linestyle=(0, (1, 1 + i)), linewidth=1.2, zorder=1,
@@ -146,12 +143,17 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
     return finish_sweep(fig, ax, path, title or "EAM freezing vs random freezing")
 
 
-def std_band(ax, line, rows: Sequence[dict]) -> None:
-    """Shade ±1 std of ``top1`` (random freezing over seeds) around ``line``."""
+def tau_series(rows: Sequence[dict], key: Callable[[dict], tuple]) -> Iterator[tuple[tuple, list, list, list]]:
+    """``(key, its rows by τ, τ in %, top-1)`` of every series ``key(row)``, in order of first appearance."""
+    for k in dict.fromkeys(map(key, rows)):
+        pts = sorted((r for r in rows if key(r) == k), key=lambda r: r["tau"])
+        yield k, pts, [100 * r["tau"] for r in pts], [r["top1"] for r in pts]
+
+
+def std_band(ax, line, x: Sequence[float], y: Sequence[float], rows: Sequence[dict]) -> None:
+    """Shade ±1 std of ``top1`` (random freezing over seeds) around ``line`` through ``(x, y)``."""
     if not any(r.get("top1_std") for r in rows):
         return
-    x = [100 * r["tau"] for r in rows]
-    y = [r["top1"] for r in rows]
     sd = [r.get("top1_std", 0.0) for r in rows]
     ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                     color=line.get_color(), alpha=0.15)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from eamvit.errors import EamError
 from eamvit.methods.kl import KLMaps
-from eamvit.plots.entropy import finish_sweep, plt, save_figure, std_band
+from eamvit.plots.entropy import finish_sweep, plt, save_figure, std_band, tau_series
 
 # τ-independent references: FP dotted on top; RepQ-ViT a broad band underneath, visible around curves on it.
 _REFERENCE = {"fp": dict(color="k", linestyle=":", linewidth=1.5, zorder=4),
@@ -71,15 +71,12 @@ def plot_quant_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str =
     """Fig. 5/6: top-1 against τ for FP and RepQ-ViT (references: see docs/architecture-core.md), the EAM
     variants and random freezing (±1 std band)."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
-    for k in dict.fromkeys(map(_series_key, rows)):
-        pts = sorted((r for r in rows if _series_key(r) == k), key=lambda r: r["tau"])
-        x = [100 * r["tau"] for r in pts]
-        y = [r["top1"] for r in pts]
+    for k, pts, x, y in tau_series(rows, _series_key):
         if not k[1]:  # no selection: the FP or RepQ-ViT reference
             ax.plot(x, y, label=f"{_series_name(k)} ({y[0]:.2f} %)", **_REFERENCE[k[0]])
             continue
         line, = ax.plot(x, y, linestyle="-" if k[1] == "entropy" else "--", marker="o", markersize=3, zorder=3,
                         label=_series_name(k))
         if k[1] == "random":
-            std_band(ax, line, pts)
+            std_band(ax, line, x, y, pts)
     return finish_sweep(fig, ax, path, title or "EAM on the RepQ-ViT model")
