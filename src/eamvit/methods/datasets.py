@@ -66,8 +66,7 @@ class ImageFolderDataset(Dataset):
                 return
             except Exception as e:
                 if self.strict:
-                    raise EamError(f"cannot read image {path}; remove it or drop --strict-images to skip "
-                                   "it") from None
+                    raise EamError(f"cannot read image {path}; remove it or drop --strict-images to skip it") from None
                 first = first or (path, e)
         path, e = first  # type: ignore[misc]  # the folder has files (checked by the caller)
         why = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__

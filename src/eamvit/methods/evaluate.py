@@ -70,12 +70,10 @@ def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dic
     """
     spec = model_spec(model)
     cfg = data_cfg or {}
-    row = {"model": spec.name, **{k: metrics.get(k) for k in HEAD[1:6]},
-           "skipped_images": metrics.get("skipped_images", 0),
-           "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-           "img_size": (cfg.get("input_size") or [None, None])[-1],
-           "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
-           "crop_mode": cfg.get("crop_mode"), "mean": _floats(cfg.get("mean")), "std": _floats(cfg.get("std")),
-           "data_config_source": cfg.get("source"), "weights": spec.weights}
-    row.update(extra)
-    return row
+    return {"model": spec.name, **{k: metrics.get(k) for k in HEAD[1:6]},
+            "skipped_images": metrics.get("skipped_images", 0),
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "img_size": (cfg.get("input_size") or [None, None])[-1],
+            "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
+            "crop_mode": cfg.get("crop_mode"), "mean": _floats(cfg.get("mean")), "std": _floats(cfg.get("std")),
+            "data_config_source": cfg.get("source"), "weights": spec.weights, **extra}

@@ -60,9 +60,7 @@ class FreezeConfig(Config):
 
     @property
     def resolved_scope(self) -> str:
-        if self.scope is not None:
-            return self.scope
-        return "head" if self.granularity == "entry" else "layer"
+        return self.scope or ("head" if self.granularity == "entry" else "layer")
 
     def _check(self) -> None:
         if not 0.0 <= self.tau <= 1.0:  # NaN too
