@@ -391,14 +391,12 @@ class _FirstForwardDone(Exception):
 
 def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name: str) -> None:
     """Refuse no calibration data, both kinds (``data`` is named ``data_name``), or a forward loop not callable."""
-    if forward_loop is None:
-        if data is None:
-            raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
-                           "over the calibration data")
-        return
-    if data is not None:
+    if forward_loop is None and data is None:
+        raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
+                       "over the calibration data")
+    if forward_loop is not None and data is not None:
         raise EamError(f"give either {data_name} or forward_loop, not both")
-    if not callable(forward_loop):
+    if forward_loop is not None and not callable(forward_loop):
         raise EamError(f"forward_loop must be a callable f(model) that runs the model over the calibration data, "
                        f"not {type(forward_loop).__name__}")
 

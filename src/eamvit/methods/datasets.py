@@ -93,8 +93,7 @@ class DigitsDataset(Dataset):
         if split not in ("train", "test"):
             raise EamError(f"digits split must be 'train' or 'test', not {split!r}")
         d = load_digits()
-        idx = list(range(len(d.target)))
-        tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
+        tr, te = train_test_split(list(range(len(d.target))), test_size=0.2, random_state=0, stratify=d.target)
         sel = tr if split == "train" else te
         x = torch.tensor(d.images[sel], dtype=torch.float32).unsqueeze(1) / 16.0
         if interpolation not in ("bilinear", "bicubic", "nearest"):
