@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from eamvit.modules.attention import attention_layers, layer_shapes, observe
-from eamvit.methods.data import (ForwardLoop, calibration_record, check_forward_loop, loop_layer_shapes, make_loader,
-                                 readable_items, run_forward_loop, shard)
+from eamvit.methods.data import (ForwardLoop, calibration_record, check_forward_loop, make_loader, readable_items,
+                                 run_first_forward, run_forward_loop, shard)
 from eamvit.methods.maps import FORMAT, EntropyMaps
 from eamvit.ops.attention_stats import RENYI_BINS, AttentionStats, check_orders, format_order, patch_prefix
 from eamvit.ops.entropy import AttentionHistogram, Scratch, check_bits
@@ -44,8 +44,8 @@ def log(msg: str) -> None:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -260,8 +260,9 @@ def _plan(model: nn.Module, dataset: Optional[Dataset], forward_loop: Optional[F
     first = [] if loop else readable_items(dataset, indices, 1)
     if not loop and not first:
         raise EamError("no readable image in the calibration set")
-    sample = None if loop else first[0][0].unsqueeze(0).to(device)
-    shapes = loop_layer_shapes(model, forward_loop) if loop else layer_shapes(model, sample)
+    # A loop's shapes are those of its first forward (the loop is stopped there).
+    sample = (lambda: run_first_forward(model, forward_loop)) if loop else first[0][0].unsqueeze(0).to(device)
+    shapes = layer_shapes(model, sample)
     # A loop's image count is known only at the end: plan the memory for the widest counts it may need.
     max_count = torch.iinfo(torch.int32).max if loop else len(indices)
     passes = plan_passes(shapes, bits, max_count, layers, options.max_memory)

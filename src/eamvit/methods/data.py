@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from eamvit.methods.models import PREPROCESSING_KEYS, data_config, file_sha256
 from eamvit.methods.state import state_of
 from eamvit.errors import EamError
-from eamvit.modules.attention import layer_shapes
 # The datasets are defined there and named here too: eamvit.methods.data is where callers get data.
 from eamvit.methods.datasets import DIGITS_MEAN, DIGITS_STD, DigitsDataset, ImageFolderDataset
 
@@ -57,8 +56,7 @@ def random_subset(dataset: Dataset, size: Optional[int], seed: int = 0, exclude:
         raise EamError(f"subset size must be at least 1, got {size}")
     if size > len(pool):
         raise EamError(f"asked for {size} images but only {len(pool)} are available; lower --calib-size/--num-samples")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(pool), generator=g).tolist()
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     return [pool[i] for i in perm[:size]]
 
 
@@ -117,9 +115,7 @@ def _digits_config(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
 
 def digits_data_config(img_size: int = 16) -> dict[str, Any]:
     """The preprocessing of :class:`DigitsDataset` at side ``img_size`` (what a model trained on it must carry)."""
-    cfg = _digits_config({"input_size": (1, img_size, img_size)}, {})
-    cfg.pop("source")
-    return cfg
+    return {k: v for k, v in _digits_config({"input_size": (1, img_size, img_size)}, {}).items() if k != "source"}
 
 
 def eval_transform(cfg: dict[str, Any]) -> Callable:
@@ -395,14 +391,12 @@ class _FirstForwardDone(Exception):
 
 def check_forward_loop(data: Any, forward_loop: Optional[ForwardLoop], data_name: str) -> None:
     """Refuse no calibration data, both kinds (``data`` is named ``data_name``), or a forward loop not callable."""
-    if forward_loop is None:
-        if data is None:
-            raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
-                           "over the calibration data")
-        return
-    if data is not None:
+    if forward_loop is None and data is None:
+        raise EamError(f"calibration needs data: give {data_name} or forward_loop=f, where f(model) runs the model "
+                       "over the calibration data")
+    if forward_loop is not None and data is not None:
         raise EamError(f"give either {data_name} or forward_loop, not both")
-    if not callable(forward_loop):
+    if forward_loop is not None and not callable(forward_loop):
         raise EamError(f"forward_loop must be a callable f(model) that runs the model over the calibration data, "
                        f"not {type(forward_loop).__name__}")
 
@@ -444,8 +438,3 @@ def run_first_forward(model: nn.Module, forward_loop: ForwardLoop, *, before: bo
     finally:
         handle.remove()
     return _ran(seen)[0]
-
-
-def loop_layer_shapes(model: nn.Module, forward_loop: ForwardLoop) -> list[tuple[int, ...]]:
-    """Per-layer attention shapes (as :func:`~eamvit.modules.attention.layer_shapes`) of the loop's first forward."""
-    return layer_shapes(model, lambda: run_first_forward(model, forward_loop))

@@ -66,8 +66,7 @@ class ImageFolderDataset(Dataset):
                 return
             except Exception as e:
                 if self.strict:
-                    raise EamError(f"cannot read image {path}; remove it or drop --strict-images to skip "
-                                   "it") from None
+                    raise EamError(f"cannot read image {path}; remove it or drop --strict-images to skip it") from None
                 first = first or (path, e)
         path, e = first  # type: ignore[misc]  # the folder has files (checked by the caller)
         why = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__
@@ -94,8 +93,7 @@ class DigitsDataset(Dataset):
         if split not in ("train", "test"):
             raise EamError(f"digits split must be 'train' or 'test', not {split!r}")
         d = load_digits()
-        idx = list(range(len(d.target)))
-        tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=d.target)
+        tr, te = train_test_split(list(range(len(d.target))), test_size=0.2, random_state=0, stratify=d.target)
         sel = tr if split == "train" else te
         x = torch.tensor(d.images[sel], dtype=torch.float32).unsqueeze(1) / 16.0
         if interpolation not in ("bilinear", "bicubic", "nearest"):

@@ -57,10 +57,6 @@ def evaluate(model: nn.Module, dataset: Dataset, indices: Optional[Sequence[int]
             "top5_err": round(100 - top5, 3), "num_images": n, "skipped_images": int(counts[3])}
 
 
-def _floats(v) -> Optional[str]:
-    return None if v is None else ",".join(f"{float(x):g}" for x in v)
-
-
 def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dict] = None, **extra) -> dict:
     """The head of every results row (:data:`eamvit.columns.HEAD`: timm validate.py's fields and the data
     config ``data_cfg`` the images were built with), then ``extra`` (fields of :data:`eamvit.columns.COLUMNS`).
@@ -70,12 +66,11 @@ def result_row(model: nn.Module, metrics: dict[str, Any], data_cfg: Optional[dic
     """
     spec = model_spec(model)
     cfg = data_cfg or {}
-    row = {"model": spec.name, **{k: metrics.get(k) for k in HEAD[1:6]},
-           "skipped_images": metrics.get("skipped_images", 0),
-           "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-           "img_size": (cfg.get("input_size") or [None, None])[-1],
-           "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
-           "crop_mode": cfg.get("crop_mode"), "mean": _floats(cfg.get("mean")), "std": _floats(cfg.get("std")),
-           "data_config_source": cfg.get("source"), "weights": spec.weights}
-    row.update(extra)
-    return row
+    floats = lambda v: None if v is None else ",".join(f"{float(x):g}" for x in v)
+    return {"model": spec.name, **{k: metrics.get(k) for k in HEAD[1:6]},
+            "skipped_images": metrics.get("skipped_images", 0),
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "img_size": (cfg.get("input_size") or [None, None])[-1],
+            "crop_pct": cfg.get("crop_pct"), "interpolation": cfg.get("interpolation"),
+            "crop_mode": cfg.get("crop_mode"), "mean": floats(cfg.get("mean")), "std": floats(cfg.get("std")),
+            "data_config_source": cfg.get("source"), "weights": spec.weights, **extra}

@@ -60,9 +60,7 @@ class FreezeConfig(Config):
 
     @property
     def resolved_scope(self) -> str:
-        if self.scope is not None:
-            return self.scope
-        return "head" if self.granularity == "entry" else "layer"
+        return self.scope or ("head" if self.granularity == "entry" else "layer")
 
     def _check(self) -> None:
         if not 0.0 <= self.tau <= 1.0:  # NaN too
@@ -88,21 +86,16 @@ def _from_head_rows(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return rows.reshape(moved).movedim(0, -3)
 
 
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` smallest of a 1-D tensor, ties to the lower index."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    mask[torch.sort(scores.double(), stable=True).indices[:k]] = True
-    return mask
-
-
 def _picker(selection: str, g: torch.Generator):
     """``pick(scores, k)``: the mask of the ``k`` units to freeze among 1-D ``scores``."""
-    def random(scores: torch.Tensor, k: int) -> torch.Tensor:
+    def pick(scores: torch.Tensor, k: int) -> torch.Tensor:
         mask = torch.zeros(scores.numel(), dtype=torch.bool)
-        if k:  # no draw for k = 0: the stream stays that of the units that freeze
+        if selection == "entropy":  # the k lowest, ties to the lower index
+            mask[torch.sort(scores.double(), stable=True).indices[:k]] = True
+        elif k:  # no draw for k = 0: the stream stays that of the units that freeze
             mask[torch.randperm(scores.numel(), generator=g)[:k]] = True
         return mask
-    return _lowest if selection == "entropy" else random
+    return pick
 
 
 def freeze_masks(entropy: Sequence[torch.Tensor], tau: float, scope: Optional[str] = None,
@@ -142,13 +135,6 @@ def _expand_units(units: torch.Tensor, shape: tuple[int, ...], granularity: str)
     return units.view(view).expand(shape).clone()
 
 
-def _closest_count(sizes: torch.Tensor, target: float) -> int:
-    """How many units, taken in order, bring the frozen entries closest to ``target`` (ties: more)."""
-    cum = torch.cat([torch.zeros(1, dtype=torch.float64), sizes.double().cumsum(0)])
-    err = (cum - target).abs()
-    return int((err == err.min()).nonzero().max())
-
-
 def _unit_masks(ent: list[torch.Tensor], tau: float, scope: str, selection: str, g: torch.Generator,
                 granularity: str, aggregate: str) -> list[torch.Tensor]:
     reduce = {"mean": lambda u: u.double().mean(1), "median": lambda u: u.double().median(1).values,
@@ -162,7 +148,10 @@ def _unit_masks(ent: list[torch.Tensor], tau: float, scope: str, selection: str,
         sizes = torch.cat([torch.full((u.shape[0],), u.shape[1]) for u in units])
         order = torch.sort(flat, stable=True).indices if selection == "entropy" else torch.randperm(flat.numel(), generator=g)
         picked = torch.zeros(flat.numel(), dtype=torch.bool)
-        picked[order[:_closest_count(sizes[order], tau * float(sizes.sum()))]] = True
+        # As many units, taken in order, as bring the frozen entries closest to τ of them (ties: more).
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), sizes[order].double().cumsum(0)])
+        err = (cum - tau * float(sizes.sum())).abs()
+        picked[order[:int((err == err.min()).nonzero().max())]] = True
         chosen = list(torch.split(picked, [s.numel() for s in scores]))
     return [_expand_units(c, tuple(e.shape), granularity) for c, e in zip(chosen, ent)]
 
@@ -243,11 +232,10 @@ def freeze_(model: nn.Module, maps: EntropyMaps, config: FreezeConfig,
     if sum(per_layer):  # the frozen values are the calibration images' mean attention
         add_calibration(model, maps.meta.get("calibration") or [])
     state_of(model).steps["freeze"] = config
-    total = sum(m.numel() for m in masks)
     units = [_units(m, config.granularity).all(1).sum().item() if config.granularity != "entry" else 0
              for m in masks]
     return FreezeReport(tau=float(config.tau), scope=config.resolved_scope, selection=config.selection,
-                        frozen=sum(per_layer), total=total, frozen_per_layer=per_layer,
+                        frozen=sum(per_layer), total=sum(m.numel() for m in masks), frozen_per_layer=per_layer,
                         frozen_window_masked=frozen_masked, window_masked_total=masked_total,
                         granularity=config.granularity, units_per_layer=[int(u) for u in units],
                         executed=plan is not None and all(executing))

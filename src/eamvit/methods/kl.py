@@ -64,7 +64,6 @@ class KLMaps:
                 for l in range(mean.shape[0]) for h in range(mean.shape[1]) if not math.isnan(float(mean[l, h]))]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the KL maps (safetensors, metadata as JSON, with eamvit's digest)."""
         save_tensors(path, {f"kl.{l}": k for l, k in enumerate(self.kl)}, {"format": "eamvit-kl-maps/1", **self.meta})
 
 

@@ -10,9 +10,12 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
+import huggingface_hub.constants as hc  # a dependency of timm
 import timm
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from timm.data import resolve_data_config
@@ -74,23 +77,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 @contextlib.contextmanager
 def _hub_offline():
     """Make Hugging Face Hub look only at its local cache while creating a pretrained model."""
-    from unittest import mock
-
-    import huggingface_hub.constants as hc  # a dependency of timm
-
     with mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), mock.patch.object(hc, "HF_HUB_OFFLINE", True):
         yield
 
 
 def _cache_locations(name: str) -> str:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
     except Exception:
         repo = None
-    where = f"the Hugging Face cache {HF_HUB_CACHE}" + (f" (repo {repo})" if repo else "")
+    where = f"the Hugging Face cache {hc.HF_HUB_CACHE}" + (f" (repo {repo})" if repo else "")
     return f"{where} or the torch hub folder {hub_dir}"
 
 
@@ -109,8 +106,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
     cfg: Any = None
     try:
         if p.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 sd: Any = {k: f.get_tensor(k) for k in f.keys()}
                 cfg = json.loads((f.metadata() or {}).get("eamvit", "{}")).get("data_config")
@@ -170,31 +165,21 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
     model.load_state_dict(sd, strict=True)
 
 
-def _check_kwargs(kwargs: dict[str, Any]) -> None:
-    bad = sorted(set(kwargs) & _WEIGHT_KWARGS)
-    if bad:
-        raise EamError(f"--model-kwargs {bad[0]} would load weights past eamvit's checks (strict keys, checkpoint "
-                       "hash); pass the file with --checkpoint FILE or use --pretrained")
-
-
 def _bundled(name: str, checkpoint, model_kwargs) -> tuple[str, dict[str, Any], Any, Optional[dict]]:
     """Resolve :data:`BUNDLED_MODEL` to its timm name, kwargs, checkpoint and data config."""
     if model_kwargs:
         raise EamError(f"{name} is the bundled digits ViT; --model-kwargs need a timm --model NAME")
     cfg = json.loads(BUNDLED_CONFIG.read_text())
-    ckpt = checkpoint if checkpoint is not None else BUNDLED_ASSET
-    if not Path(ckpt).exists() and checkpoint is None:
+    if checkpoint is None and not BUNDLED_ASSET.exists():
         raise EamError(f"the bundled checkpoint {BUNDLED_ASSET} is missing from the installation; reinstall "
                        "eamvit or run `eamvit train-digits --out FILE` and pass --checkpoint FILE")
-    return cfg.pop("model"), cfg.pop("model_kwargs"), ckpt, cfg
+    return cfg.pop("model"), cfg.pop("model_kwargs"), checkpoint if checkpoint is not None else BUNDLED_ASSET, cfg
 
 
 def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         with _hub_offline() if pretrained else contextlib.nullcontext():
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except EamError:
-        raise
     except TypeError as e:
         raise EamError(f"model '{name}' rejected --model-kwargs {kwargs}: {e}") from None
     except Exception as e:
@@ -227,7 +212,10 @@ def create_model(
             raise EamError(f"{name} has no timm pretrained weights; drop --pretrained")
         name, model_kwargs, checkpoint, ckpt_cfg = _bundled(name, checkpoint, model_kwargs)
     kwargs = dict(model_kwargs or {})
-    _check_kwargs(kwargs)
+    bad = sorted(set(kwargs) & _WEIGHT_KWARGS)
+    if bad:
+        raise EamError(f"--model-kwargs {bad[0]} would load weights past eamvit's checks (strict keys, checkpoint "
+                       "hash); pass the file with --checkpoint FILE or use --pretrained")
     if pretrained and checkpoint:
         raise EamError("give either --pretrained or --checkpoint, not both")
     if not timm.is_model(name):

@@ -34,11 +34,7 @@ class ModelState:
 
 def state_of(model: Any) -> ModelState:
     """``model``'s :class:`ModelState`, created empty on first use."""
-    st = model.__dict__.get(ATTR)
-    if st is None:
-        st = ModelState()
-        model.__dict__[ATTR] = st
-    return st
+    return model.__dict__.setdefault(ATTR, ModelState())
 
 
 def peek(model: Any) -> Optional[ModelState]:

@@ -29,9 +29,6 @@ class StepInputs:
     target: Any = None
 
 
-Content = tuple[dict[str, torch.Tensor], dict[str, Any]]
-
-
 @dataclass(frozen=True)
 class StepHandler:
     """What a step registers.
@@ -53,7 +50,7 @@ class StepHandler:
     order: int
     apply: Callable[[nn.Module, Any, StepInputs], Any]
     restore: Callable[[nn.Module, Any, dict[str, Any], dict[str, torch.Tensor], str], None]
-    content: Optional[Callable[[nn.Module, Any], Content]] = None
+    content: Optional[Callable[[nn.Module, Any], tuple[dict[str, torch.Tensor], dict[str, Any]]]] = None
     export: Optional[Callable[[nn.Module, Any, Any], None]] = None
     method: Any = None
 
