@@ -89,8 +89,7 @@ class OutlierAwareQuantizer(LearnableUniformQuantizer):
             raise EamError(f"outlier mode {mode!r} is not one of {', '.join(OUTLIER_MODES)}")
         self.alpha = float(alpha)
         self.mode = mode
-        self.outliers = 0
-        self.seen = 0
+        self.outliers = self.seen = 0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}, mode={self.mode}"

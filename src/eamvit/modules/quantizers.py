@@ -182,11 +182,9 @@ class Quantizer(nn.Module):
 
     def reset(self) -> None:
         """Forget the calibrated parameters (inner quantizers' too): the next forward re-initialises them."""
-        for n in self._param_names:
-            setattr(self, n, None)
-        for q in self.modules():
-            if q is not self and isinstance(q, Quantizer):
-                q.reset()
+        for q in find_quantizers(self):
+            for n in q._param_names:
+                setattr(q, n, None)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, granularity={self.granularity}, search={self.search}, "
@@ -304,8 +302,6 @@ class _LogQuantizer(Quantizer):
 class LogSqrt2Quantizer(_LogQuantizer):
     """RepQ-ViT's post-softmax quantizer: ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^(-q/2)``.
     Arguments as :class:`UniformQuantizer`'s (RepQ-ViT: per tensor)."""
-
-    _steps_per_octave = 2
 
 
 class Log2Quantizer(_LogQuantizer):

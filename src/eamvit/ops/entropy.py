@@ -27,8 +27,7 @@ def count_dtype(max_count: int) -> torch.dtype:
 def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
     """Bin index of each value on ``[0, 1]`` split into ``2^bits`` equal bins; 1.0 falls in the last."""
     nb = 1 << bits
-    dtype = torch.int32 if nb * 2 < 2**31 else torch.int64
-    return (attn * nb).to(dtype).clamp_(0, nb - 1)
+    return (attn * nb).to(torch.int32 if nb * 2 < 2**31 else torch.int64).clamp_(0, nb - 1)
 
 
 def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
@@ -197,7 +196,4 @@ def mean_entropy_per_head(entropy: list[torch.Tensor]) -> torch.Tensor:
 
 def cls_row(maps: list[torch.Tensor], layer: int, num_prefix: int = 1) -> Optional[torch.Tensor]:
     """Row of the CLS token over the patch tokens, ``(H, N - num_prefix)``; ``None`` for Swin (no CLS)."""
-    m = maps[layer]
-    if m.dim() != 3:
-        return None
-    return m[:, 0, num_prefix:]
+    return maps[layer][:, 0, num_prefix:] if maps[layer].dim() == 3 else None
