@@ -282,7 +282,6 @@ class _LogQuantizer(Quantizer):
         return self._fq(x, self._view(self.delta, x))
 
     def set_params(self, delta: torch.Tensor | float) -> None:
-        """Set Δ directly."""
         self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
 
     @torch.no_grad()

@@ -51,10 +51,8 @@ def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> to
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14); ``eps`` in every
     bin keeps a bin ``q`` never saw finite."""
-    p = p_counts.to(torch.float64) + eps
-    q = q_counts.to(torch.float64) + eps
-    p = p / p.sum(0, keepdim=True)
-    q = q / q.sum(0, keepdim=True)
+    p, q = (c.to(torch.float64) + eps for c in (p_counts, q_counts))
+    p, q = p / p.sum(0, keepdim=True), q / q.sum(0, keepdim=True)
     return (p * (torch.log2(p) - torch.log2(q))).sum(0)
 
 
@@ -77,8 +75,7 @@ class Scratch:
 
     def parts(self, n: int, min_part: int = 1 << 16) -> int:
         """How many threads should share ``n`` units of scatter work (each at least ``min_part``)."""
-        threads = self.threads or torch.get_num_threads()
-        return max(1, min(threads, n // min_part))
+        return max(1, min(self.threads or torch.get_num_threads(), n // min_part))
 
     def run(self, fn: Callable[[int], None], parts: int) -> None:
         """``fn(0)``, ..., ``fn(parts - 1)`` at the same time; part 0 on the calling thread."""
