@@ -8,7 +8,7 @@ import torch
 
 from eamvit.errors import EamError
 from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, Log2Quantizer, LogSqrt2Quantizer, Quantizer,
-                                       UniformQuantizer)
+                                       UniformQuantizer, one_of)
 from eamvit.ops.quant import uniform_fake_quant
 
 LogKind = Literal["logsqrt2", "log2"]
@@ -85,10 +85,8 @@ class OutlierAwareQuantizer(LearnableUniformQuantizer):
         super().__init__(bits, "token", percentiles=percentiles, search=search)
         if not alpha > 0:
             raise EamError(f"outlier threshold alpha={alpha!r} must be > 0")
-        if mode not in OUTLIER_MODES:
-            raise EamError(f"outlier mode {mode!r} is not one of {', '.join(OUTLIER_MODES)}")
         self.alpha = float(alpha)
-        self.mode = mode
+        self.mode = one_of(mode, OUTLIER_MODES, "outlier mode")
         self.outliers = self.seen = 0
 
     def extra_repr(self) -> str:
@@ -130,9 +128,7 @@ class ShiftLogQuantizer(Quantizer):
     def __init__(self, bits: int, kind: str = "logsqrt2", eps: float = 1e-8,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         super().__init__(bits, "tensor", percentiles=percentiles)
-        if kind not in LOG_KINDS:
-            raise EamError(f"shift-log quantizer {kind!r} is not one of {', '.join(LOG_KINDS)}")
-        self.kind = kind
+        self.kind = one_of(kind, LOG_KINDS, "shift-log quantizer")
         self.eps = float(eps)
         self.log = log_quantizer(kind, bits, percentiles)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ MIN_BITS, MAX_BITS = 2, 8
 _TORCH_QUANTILE_LIMIT = 1 << 24
 # Floor of a searched step: a constant channel has max == min, which the reference divides by (NaN).
 DELTA_FLOOR = 1e-8
+
+
+def one_of(value: Any, choices: Collection[str], what: str) -> Any:
+    """``value``, refused in one line (``what`` names it) unless it is one of ``choices``."""
+    if value not in choices:
+        raise EamError(f"{what} {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def check_quant_bits(bits: Any, what: str = "bits") -> int:
@@ -160,16 +167,12 @@ class Quantizer(nn.Module):
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):
         super().__init__()
         self.bits = check_quant_bits(bits)
-        if granularity not in GRANULARITIES:
-            raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        if search not in SEARCHES:
-            raise EamError(f"range search {search!r} is not one of {', '.join(SEARCHES)}")
-        self.granularity = granularity
+        self.granularity = one_of(granularity, GRANULARITIES, "granularity")
+        self.search = one_of(search, SEARCHES, "range search")
         self.channel_dim = channel_dim
         self.percentiles = tuple(float(p) for p in percentiles)
         if not self.percentiles or any(not 0.5 <= p <= 1.0 for p in self.percentiles):
             raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
-        self.search = search
         self.enabled = True
         for name in self._param_names:
             self.register_buffer(name, None)
@@ -241,9 +244,7 @@ class UniformQuantizer(Quantizer):
         """Set Δ and the zero point (of the group shape; a float zero point is allowed, as RepQ's reparam gives),
         switching to ``granularity`` at the same time where given (e.g. per channel → per tensor)."""
         if granularity is not None:
-            if granularity not in GRANULARITIES:
-                raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-            self.granularity = granularity
+            self.granularity = one_of(granularity, GRANULARITIES, "granularity")
         self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
         self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone()
 
@@ -312,9 +313,7 @@ class Log2Quantizer(_LogQuantizer):
 def make_quantizer(kind: str, bits: int, **kwargs: Any) -> Quantizer:
     """``"uniform"``, ``"logsqrt2"`` or ``"log2"`` quantizer with ``kwargs`` for its constructor."""
     kinds = {"uniform": UniformQuantizer, "logsqrt2": LogSqrt2Quantizer, "log2": Log2Quantizer}
-    if kind not in kinds:
-        raise EamError(f"quantizer {kind!r} is not one of {', '.join(kinds)}")
-    return kinds[kind](bits, **kwargs)
+    return kinds[one_of(kind, kinds, "quantizer")](bits, **kwargs)
 
 
 def find_quantizers(model: nn.Module) -> list[Quantizer]:
