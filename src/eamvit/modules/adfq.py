@@ -40,8 +40,7 @@ class LearnableUniformQuantizer(UniformQuantizer):
         if not _learning(d, x):
             return uniform_fake_quant(x, d, zp, self.bits)
         value = uniform_fake_quant(x.detach(), d.detach(), zp, self.bits)
-        levels = (1 << self.bits) - 1
-        surrogate = (torch.clamp(round_ste(x / d) + zp, 0, levels) - zp) * d
+        surrogate = (torch.clamp(round_ste(x / d) + zp, 0, (1 << self.bits) - 1) - zp) * d
         return _with_grad(value, surrogate)
 
 

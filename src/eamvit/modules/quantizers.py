@@ -253,7 +253,6 @@ class UniformQuantizer(Quantizer):
         """Search Δ and zp on ``x`` (one vectorised pass over all groups)."""
         x = x.detach()
         rows = to_rows(x, self.granularity, self.channel_dim)
-        levels = (1 << self.bits) - 1
         # (P, K): one candidate range per percentile p (upper q(p), lower q(1-p)) and group.
         if self.search == "minmax":
             lo, hi = rows.amin(1)[None], rows.amax(1)[None]
@@ -261,7 +260,7 @@ class UniformQuantizer(Quantizer):
             ps = self.percentiles
             q = row_quantiles(rows, list(ps) + [1.0 - p for p in ps])
             hi, lo = q[: len(ps)], q[len(ps):]
-        delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
+        delta = ((hi - lo) / ((1 << self.bits) - 1)).clamp_min(DELTA_FLOOR)
         zp = torch.round(-lo / delta)
         err = _candidate_mse(rows, lambda r, d, z: uniform_fake_quant(r, d, z, self.bits), delta, zp)
         best, shape = _first_minimum(err), self._group_shape(x)
