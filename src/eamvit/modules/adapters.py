@@ -272,8 +272,7 @@ class EamBase:
         """``(keep, fixed)`` in ``dtype``, so that ``attn·keep + fixed`` is eq. 15 in one pass over the map."""
         mask, values = self.eam_frozen_mask, self.eam_frozen_values
         keep = self._eam_cached(f"keep.{dtype}", lambda: (~mask).to(dtype), mask)
-        fixed = self._eam_cached(f"fixed.{dtype}", lambda: values.to(dtype).masked_fill(~mask, 0),
-                                 mask, values)
+        fixed = self._eam_cached(f"fixed.{dtype}", lambda: values.to(dtype).masked_fill(~mask, 0), mask, values)
         return keep, fixed
 
     def _eam_post_softmax(self, attn: torch.Tensor, groups: int, mask: Optional[torch.Tensor]) -> torch.Tensor:

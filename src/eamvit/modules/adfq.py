@@ -8,7 +8,7 @@ import torch
 
 from eamvit.errors import EamError
 from eamvit.modules.quantizers import (DEFAULT_PERCENTILES, Log2Quantizer, LogSqrt2Quantizer, Quantizer,
-                                       UniformQuantizer)
+                                       UniformQuantizer, one_of)
 from eamvit.ops.quant import uniform_fake_quant
 
 LogKind = Literal["logsqrt2", "log2"]
@@ -40,8 +40,7 @@ class LearnableUniformQuantizer(UniformQuantizer):
         if not _learning(d, x):
             return uniform_fake_quant(x, d, zp, self.bits)
         value = uniform_fake_quant(x.detach(), d.detach(), zp, self.bits)
-        levels = (1 << self.bits) - 1
-        surrogate = (torch.clamp(round_ste(x / d) + zp, 0, levels) - zp) * d
+        surrogate = (torch.clamp(round_ste(x / d) + zp, 0, (1 << self.bits) - 1) - zp) * d
         return _with_grad(value, surrogate)
 
 
@@ -85,12 +84,9 @@ class OutlierAwareQuantizer(LearnableUniformQuantizer):
         super().__init__(bits, "token", percentiles=percentiles, search=search)
         if not alpha > 0:
             raise EamError(f"outlier threshold alpha={alpha!r} must be > 0")
-        if mode not in OUTLIER_MODES:
-            raise EamError(f"outlier mode {mode!r} is not one of {', '.join(OUTLIER_MODES)}")
         self.alpha = float(alpha)
-        self.mode = mode
-        self.outliers = 0
-        self.seen = 0
+        self.mode = one_of(mode, OUTLIER_MODES, "outlier mode")
+        self.outliers = self.seen = 0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}, mode={self.mode}"
@@ -131,9 +127,7 @@ class ShiftLogQuantizer(Quantizer):
     def __init__(self, bits: int, kind: str = "logsqrt2", eps: float = 1e-8,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         super().__init__(bits, "tensor", percentiles=percentiles)
-        if kind not in LOG_KINDS:
-            raise EamError(f"shift-log quantizer {kind!r} is not one of {', '.join(LOG_KINDS)}")
-        self.kind = kind
+        self.kind = one_of(kind, LOG_KINDS, "shift-log quantizer")
         self.eps = float(eps)
         self.log = log_quantizer(kind, bits, percentiles)
 

@@ -78,11 +78,8 @@ def _adapters(model: nn.Module) -> list[Adapter]:
 
 def input_size(model: nn.Module) -> Optional[tuple[int, int]]:
     """The image size ``(H, W)`` the built ``model`` takes (its adapters read it); None: any size, or unregistered."""
-    for adapter in _adapters(model):
-        size = adapter.input_size(model)
-        if size is not None:
-            return size
-    return None
+    sizes = (adapter.input_size(model) for adapter in _adapters(model))
+    return next((size for size in sizes if size is not None), None)
 
 
 def min_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:

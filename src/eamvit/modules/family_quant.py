@@ -15,12 +15,11 @@ Group = tuple[nn.LayerNorm, list[nn.Linear]]
 
 def group(norm: Optional[nn.Module], *linears: Optional[nn.Module]) -> Optional[Group]:
     """``(norm, linears)`` when ``norm`` is an affine LayerNorm over the input of every one of ``linears``."""
-    lins = list(linears)
     if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or norm.weight.dim() != 1:
         return None
-    if not lins or not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in lins):
+    if not linears or not all(isinstance(l, nn.Linear) and l.in_features == norm.weight.shape[0] for l in linears):
         return None
-    return norm, lins
+    return norm, list(linears)
 
 
 def _mlp_in(mlp: nn.Module) -> list[Optional[nn.Module]]:

@@ -106,13 +106,10 @@ class _PruneSteps(TokenBlock):
     def _eam_reduce(self, x: torch.Tensor, seen: Any, k: int) -> torch.Tensor:
         attn, scores = seen
         st = self.eam_tokens
-        gen = None
-        if st.method == "random":
-            if st.generator is None or st.generator.device != x.device:
-                st.generator = torch.Generator(device=x.device).manual_seed(st.seed)
-            gen = st.generator
+        if st.method == "random" and (st.generator is None or st.generator.device != x.device):
+            st.generator = torch.Generator(device=x.device).manual_seed(st.seed)
         out, keep, scores = prune_tokens(x, attn, st.method, st.num_prefix, k, stage_value(st.order, self.eam_stage),
-                                         st.keys, st.fuse, gen, scores, st.scores_from_qk)
+                                         st.keys, st.fuse, st.generator, scores, st.scores_from_qk)
         st.stage_idx[self.eam_stage] = keep
         if st.record_scores:
             st.scores[self.eam_stage] = scores.detach()

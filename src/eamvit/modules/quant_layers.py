@@ -41,9 +41,7 @@ class AttentionQuantizers(nn.Module):
     def __init__(self, a_bits: int, attn_quantizer: str, scale_first: Optional[bool],
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         super().__init__()
-        self.q = UniformQuantizer(a_bits, percentiles=percentiles)
-        self.k = UniformQuantizer(a_bits, percentiles=percentiles)
-        self.v = UniformQuantizer(a_bits, percentiles=percentiles)
+        self.q, self.k, self.v = (UniformQuantizer(a_bits, percentiles=percentiles) for _ in range(3))
         self.attn = make_quantizer(attn_quantizer, a_bits, percentiles=percentiles)
         self.scale_first = scale_first
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ MIN_BITS, MAX_BITS = 2, 8
 _TORCH_QUANTILE_LIMIT = 1 << 24
 # Floor of a searched step: a constant channel has max == min, which the reference divides by (NaN).
 DELTA_FLOOR = 1e-8
+
+
+def one_of(value: Any, choices: Collection[str], what: str) -> Any:
+    """``value``, refused in one line (``what`` names it) unless it is one of ``choices``."""
+    if value not in choices:
+        raise EamError(f"{what} {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def check_quant_bits(bits: Any, what: str = "bits") -> int:
@@ -160,16 +167,12 @@ class Quantizer(nn.Module):
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, search: str = "mse"):
         super().__init__()
         self.bits = check_quant_bits(bits)
-        if granularity not in GRANULARITIES:
-            raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        if search not in SEARCHES:
-            raise EamError(f"range search {search!r} is not one of {', '.join(SEARCHES)}")
-        self.granularity = granularity
+        self.granularity = one_of(granularity, GRANULARITIES, "granularity")
+        self.search = one_of(search, SEARCHES, "range search")
         self.channel_dim = channel_dim
         self.percentiles = tuple(float(p) for p in percentiles)
         if not self.percentiles or any(not 0.5 <= p <= 1.0 for p in self.percentiles):
             raise EamError(f"range-search percentiles {percentiles} must be non-empty and in [0.5, 1]")
-        self.search = search
         self.enabled = True
         for name in self._param_names:
             self.register_buffer(name, None)
@@ -182,11 +185,9 @@ class Quantizer(nn.Module):
 
     def reset(self) -> None:
         """Forget the calibrated parameters (inner quantizers' too): the next forward re-initialises them."""
-        for n in self._param_names:
-            setattr(self, n, None)
-        for q in self.modules():
-            if q is not self and isinstance(q, Quantizer):
-                q.reset()
+        for q in find_quantizers(self):
+            for n in q._param_names:
+                setattr(q, n, None)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, granularity={self.granularity}, search={self.search}, "
@@ -243,9 +244,7 @@ class UniformQuantizer(Quantizer):
         """Set Δ and the zero point (of the group shape; a float zero point is allowed, as RepQ's reparam gives),
         switching to ``granularity`` at the same time where given (e.g. per channel → per tensor)."""
         if granularity is not None:
-            if granularity not in GRANULARITIES:
-                raise EamError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-            self.granularity = granularity
+            self.granularity = one_of(granularity, GRANULARITIES, "granularity")
         self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
         self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone()
 
@@ -254,7 +253,6 @@ class UniformQuantizer(Quantizer):
         """Search Δ and zp on ``x`` (one vectorised pass over all groups)."""
         x = x.detach()
         rows = to_rows(x, self.granularity, self.channel_dim)
-        levels = (1 << self.bits) - 1
         # (P, K): one candidate range per percentile p (upper q(p), lower q(1-p)) and group.
         if self.search == "minmax":
             lo, hi = rows.amin(1)[None], rows.amax(1)[None]
@@ -262,7 +260,7 @@ class UniformQuantizer(Quantizer):
             ps = self.percentiles
             q = row_quantiles(rows, list(ps) + [1.0 - p for p in ps])
             hi, lo = q[: len(ps)], q[len(ps):]
-        delta = ((hi - lo) / levels).clamp_min(DELTA_FLOOR)
+        delta = ((hi - lo) / ((1 << self.bits) - 1)).clamp_min(DELTA_FLOOR)
         zp = torch.round(-lo / delta)
         err = _candidate_mse(rows, lambda r, d, z: uniform_fake_quant(r, d, z, self.bits), delta, zp)
         best, shape = _first_minimum(err), self._group_shape(x)
@@ -284,7 +282,6 @@ class _LogQuantizer(Quantizer):
         return self._fq(x, self._view(self.delta, x))
 
     def set_params(self, delta: torch.Tensor | float) -> None:
-        """Set Δ directly."""
         self.delta = torch.as_tensor(delta, dtype=torch.float32).detach().clone()
 
     @torch.no_grad()
@@ -305,8 +302,6 @@ class LogSqrt2Quantizer(_LogQuantizer):
     """RepQ-ViT's post-softmax quantizer: ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^(-q/2)``.
     Arguments as :class:`UniformQuantizer`'s (RepQ-ViT: per tensor)."""
 
-    _steps_per_octave = 2
-
 
 class Log2Quantizer(_LogQuantizer):
     """``q = clamp(round(-log2(x/Δ)), 0, 2^b-1)``, value ``Δ·2^-q``; arguments as :class:`UniformQuantizer`'s."""
@@ -317,9 +312,7 @@ class Log2Quantizer(_LogQuantizer):
 def make_quantizer(kind: str, bits: int, **kwargs: Any) -> Quantizer:
     """``"uniform"``, ``"logsqrt2"`` or ``"log2"`` quantizer with ``kwargs`` for its constructor."""
     kinds = {"uniform": UniformQuantizer, "logsqrt2": LogSqrt2Quantizer, "log2": Log2Quantizer}
-    if kind not in kinds:
-        raise EamError(f"quantizer {kind!r} is not one of {', '.join(kinds)}")
-    return kinds[kind](bits, **kwargs)
+    return kinds[one_of(kind, kinds, "quantizer")](bits, **kwargs)
 
 
 def find_quantizers(model: nn.Module) -> list[Quantizer]:

@@ -228,9 +228,8 @@ def _vit_opset(model: nn.Module, size: tuple[int, int]) -> tuple[int, str]:
     """NaFlexViT's antialiased resize of its position grid to another image's: ONNX ``Resize`` from opset 18."""
     embeds = getattr(model, "embeds", None)
     pos = getattr(embeds, "pos_embed", None)
-    if not isinstance(embeds, NaFlexEmbeds) or pos is None or not embeds.pos_embed_antialias:
-        return 0, ""
-    if tuple(embeds.dynamic_feat_size(size)) == tuple(pos.shape[1:3]):
+    if (not isinstance(embeds, NaFlexEmbeds) or pos is None or not embeds.pos_embed_antialias
+            or tuple(embeds.dynamic_feat_size(size)) == tuple(pos.shape[1:3])):
         return 0, ""
     return 18, (f"NaFlexViT resamples its {pos.shape[1]}x{pos.shape[2]} position grid to the "
                 f"{size[0]}x{size[1]} image's with an antialiased resize, ONNX Resize from opset 18")

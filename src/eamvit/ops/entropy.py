@@ -27,8 +27,7 @@ def count_dtype(max_count: int) -> torch.dtype:
 def histogram_bins(attn: torch.Tensor, bits: int) -> torch.Tensor:
     """Bin index of each value on ``[0, 1]`` split into ``2^bits`` equal bins; 1.0 falls in the last."""
     nb = 1 << bits
-    dtype = torch.int32 if nb * 2 < 2**31 else torch.int64
-    return (attn * nb).to(dtype).clamp_(0, nb - 1)
+    return (attn * nb).to(torch.int32 if nb * 2 < 2**31 else torch.int64).clamp_(0, nb - 1)
 
 
 def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> torch.Tensor:
@@ -52,10 +51,8 @@ def entropy_from_counts(counts: torch.Tensor, total: int, chunk: int = 32) -> to
 def kl_from_counts(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``D_KL(p || q)`` in bits per entry from two histograms ``(2^b, ...)`` (EAM eq. 14); ``eps`` in every
     bin keeps a bin ``q`` never saw finite."""
-    p = p_counts.to(torch.float64) + eps
-    q = q_counts.to(torch.float64) + eps
-    p = p / p.sum(0, keepdim=True)
-    q = q / q.sum(0, keepdim=True)
+    p, q = (c.to(torch.float64) + eps for c in (p_counts, q_counts))
+    p, q = p / p.sum(0, keepdim=True), q / q.sum(0, keepdim=True)
     return (p * (torch.log2(p) - torch.log2(q))).sum(0)
 
 
@@ -78,8 +75,7 @@ class Scratch:
 
     def parts(self, n: int, min_part: int = 1 << 16) -> int:
         """How many threads should share ``n`` units of scatter work (each at least ``min_part``)."""
-        threads = self.threads or torch.get_num_threads()
-        return max(1, min(threads, n // min_part))
+        return max(1, min(self.threads or torch.get_num_threads(), n // min_part))
 
     def run(self, fn: Callable[[int], None], parts: int) -> None:
         """``fn(0)``, ..., ``fn(parts - 1)`` at the same time; part 0 on the calling thread."""
@@ -197,7 +193,4 @@ def mean_entropy_per_head(entropy: list[torch.Tensor]) -> torch.Tensor:
 
 def cls_row(maps: list[torch.Tensor], layer: int, num_prefix: int = 1) -> Optional[torch.Tensor]:
     """Row of the CLS token over the patch tokens, ``(H, N - num_prefix)``; ``None`` for Swin (no CLS)."""
-    m = maps[layer]
-    if m.dim() != 3:
-        return None
-    return m[:, 0, num_prefix:]
+    return maps[layer][:, 0, num_prefix:] if maps[layer].dim() == 3 else None

@@ -79,10 +79,9 @@ def bipartite_plan(features: torch.Tensor, r: int, num_prefix: int = 1) -> Merge
         # The protected A rows (−∞) are never among the r best; sorted, they come first, then go.
         stay_a = order[:, r:].sort(dim=-1).values[:, pa:]
         dst_b = match.gather(1, src_a)
-    offset = num_prefix
-    b_stay = (2 * torch.arange(pb, nb, device=features.device) + 1 - offset).expand(B, -1)
-    keep = torch.cat([2 * stay_a - offset, b_stay], dim=1)
-    return MergePlan(keep=keep, src=2 * src_a - offset, dst=stay_a.shape[1] + dst_b - pb)
+    b_stay = (2 * torch.arange(pb, nb, device=features.device) + 1 - num_prefix).expand(B, -1)
+    keep = torch.cat([2 * stay_a - num_prefix, b_stay], dim=1)
+    return MergePlan(keep=keep, src=2 * src_a - num_prefix, dst=stay_a.shape[1] + dst_b - pb)
 
 
 def entropy_plan(features: torch.Tensor, scores: torch.Tensor, r: int, num_prefix: int = 1) -> MergePlan:

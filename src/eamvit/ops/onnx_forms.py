@@ -5,6 +5,7 @@ antialiased bicubic resize (NaFlexViT). :func:`register_symbolics` registers the
 from __future__ import annotations
 
 import torch
+from torch.onnx import symbolic_helper as sh
 
 INT64 = 7  # onnx.TensorProto.INT64, a fixed enum value (this module does not import onnx)
 
@@ -19,9 +20,7 @@ def _entr_symbolic(g, x):
 
 def _count_nonzero_symbolic(g, x, dim):
     """``torch.count_nonzero(x, dim)`` (the Rényi α = 0 score) as ``ReduceSum(Cast(x ≠ 0))``, int64."""
-    from torch.onnx.symbolic_helper import _get_const
-
-    d = _get_const(dim, "i", "dim")
+    d = sh._get_const(dim, "i", "dim")
     nonzero = g.op("Not", g.op("Equal", x, g.op("Constant", value_t=torch.tensor(0.0))))
     axes = g.op("Constant", value_t=torch.tensor([d], dtype=torch.int64))
     return g.op("ReduceSum", g.op("Cast", nonzero, to_i=INT64), axes, keepdims_i=0)
@@ -39,8 +38,6 @@ def _bicubic_aa_symbolic(g, x, output_size, align_corners, scales):
     """Antialiased bicubic resize (NaFlexViT resamples its position grid to the image's) as ONNX
     ``Resize`` with ``antialias`` (opset 18); torch's antialiased kernel is the ``a = −0.5`` cubic.
     The traced size may be computed from the input's shape: it is kept as a graph value."""
-    from torch.onnx import symbolic_helper as sh
-
     size = sh._maybe_get_const(output_size, "is")
     if sh._is_value(size):
         parts = [sh._unsqueeze_helper(g, v, [0]) for v in sh._unpack_list(size)] if sh._is_packed_list(size) \
@@ -58,12 +55,10 @@ def _bicubic_aa_symbolic(g, x, output_size, align_corners, scales):
 
 def register_symbolics(opset: int) -> None:
     """Register this module's forms with ``torch.onnx`` for an export at ``opset``."""
-    from torch.onnx.symbolic_helper import parse_args
-
     torch.onnx.register_custom_op_symbolic("aten::special_entr", _entr_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::count_nonzero", _count_nonzero_symbolic, opset)
     if opset >= 18:
-        col2im = parse_args("v", "v", "v", "is", "is", "is")(_col2im_symbolic)
+        col2im = sh.parse_args("v", "v", "v", "is", "is", "is")(_col2im_symbolic)
         torch.onnx.register_custom_op_symbolic("aten::col2im", col2im, opset)
-        bicubic = parse_args("v", "v", "i", "none")(_bicubic_aa_symbolic)
+        bicubic = sh.parse_args("v", "v", "i", "none")(_bicubic_aa_symbolic)
         torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", bicubic, opset)

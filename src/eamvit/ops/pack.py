@@ -32,9 +32,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.int64, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)])
     weights = (1 << torch.arange(8, dtype=torch.int64, device=flat.device))
     return (stream.reshape(-1, 8).to(torch.int64) * weights).sum(1).to(torch.uint8)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.onnx.symbolic_helper import _get_tensor_rank
 
 from eamvit.errors import EamError
 from eamvit.ops.pack import pack_bits
@@ -47,8 +48,6 @@ class _Q(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point):
-        from torch.onnx.symbolic_helper import _get_tensor_rank
-
         if _get_tensor_rank(scale) == 0:
             return g.op("QuantizeLinear", x, scale, zero_point)
         return g.op("QuantizeLinear", x, scale, zero_point, axis_i=_get_tensor_rank(x) - 1)
@@ -73,8 +72,6 @@ class _DQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, codes, scale, zero_point):
-        from torch.onnx.symbolic_helper import _get_tensor_rank
-
         if _get_tensor_rank(scale) == 0:
             return g.op("DequantizeLinear", codes, scale, zero_point)
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
@@ -158,10 +155,7 @@ def pack_nbits_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     if int(codes.min()) < 0 or int(codes.max()) > top or int(zp.min()) < 0 or int(zp.max()) > top:
         raise EamError(f"{bits}-bit weight codes and zero points must lie in [0, {top}]")
     blocks = math.ceil(k / block_size)
-    pad = blocks * block_size - k
-    c = codes.to(torch.int32)
-    if pad:
-        c = torch.cat([c, zp[:, None].expand(n, pad)], dim=1)
+    c = torch.cat([codes.to(torch.int32), zp[:, None].expand(n, blocks * block_size - k)], dim=1)
     packed = pack_rows(c, bits).reshape(n, blocks, block_size * bits // 8)
     scales = scale.reshape(-1, 1).to(torch.float32).expand(n, blocks).reshape(-1).contiguous()
     zps = pack_rows(zp[:, None].expand(n, blocks), bits).reshape(-1)

@@ -29,13 +29,11 @@ def row_entropy(p: torch.Tensor, alpha: float = 1.0, mass: Optional[torch.Tensor
         return torch.count_nonzero(p, dim=-1).to(p.dtype).log()  # independent of the scale S
     if math.isinf(alpha):
         h = -p.amax(-1).log()
-    else:
-        # vector_norm reduces Σ p^α without an intermediate tensor: log Σ p^α = α·log ‖p‖_α.
-        h = (alpha / (1.0 - alpha)) * torch.linalg.vector_norm(p, ord=alpha, dim=-1).log()
-        if mass is not None:
-            return h - (alpha / (1.0 - alpha)) * mass.log()
-        return h
-    return h if mass is None else h + mass.log()
+        return h if mass is None else h + mass.log()
+    # vector_norm reduces Σ p^α without an intermediate tensor: log Σ p^α = α·log ‖p‖_α.
+    c = alpha / (1.0 - alpha)
+    h = c * torch.linalg.vector_norm(p, ord=alpha, dim=-1).log()
+    return h if mass is None else h - c * mass.log()
 
 
 def attention_entropy(attn: torch.Tensor, alpha: float = 1.0, num_prefix: int = 1, keys: str = "all") -> torch.Tensor:
@@ -141,11 +139,9 @@ def token_counts(num_patches: int, keep_rate: float | Sequence[float], stages: i
     if isinstance(keep_rate, (tuple, list)) and len(keep_rate) != stages:
         raise EamError(f"{len(keep_rate)} keep rates for {stages} pruning stages; give one per stage")
     counts = [num_patches]
-    n = num_patches
     for s in range(stages):
-        k = kept_count(n, stage_value(keep_rate, s))
-        n = k + (1 if fuse and k < n else 0)
-        counts.append(n)
+        k = kept_count(counts[-1], stage_value(keep_rate, s))
+        counts.append(k + (1 if fuse and k < counts[-1] else 0))
     return counts
 
 
