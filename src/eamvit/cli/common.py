@@ -263,6 +263,7 @@ _LEAST = {"threads": 1, "throughput_reps": 3, "throughput_batch": 1, "seeds": 1,
 def validate_common(args) -> None:
     """Check, before anything is loaded, the options every command shares."""
     from eamvit.ops.entropy import check_bits
+    from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.freeze import FreezeConfig
 
     if getattr(args, "bits", None) is not None:
@@ -288,11 +289,8 @@ def validate_common(args) -> None:
         raise EamError(f"--crop-pct must be in (0, 1] (1 = no crop), got {crop}")
     if getattr(args, "std", None) is not None and any(not v > 0 for v in args.std):
         raise EamError(f"--std must be positive, got {args.std}")
-    if getattr(args, "max_memory", None) is not None:
-        from eamvit.methods.calibrate import parse_bytes
-
-        if parse_bytes(args.max_memory) < 1:
-            raise EamError(f"--max-memory must be positive, got {args.max_memory}")
+    if getattr(args, "max_memory", None) is not None and parse_bytes(args.max_memory) < 1:
+        raise EamError(f"--max-memory must be positive, got {args.max_memory}")
     if getattr(args, "device", None) is not None:
         parse_device(args.device)
 

@@ -4,6 +4,7 @@ slow parts). The steps: ``docs/architecture-experiments.md``, "demo".
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -310,8 +311,6 @@ block, with the `r` whose executed GMACs come closest to Shannon pruning's at ea
 
 def _compare_step(demo: DemoRun) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
-    from dataclasses import replace
-
     from eamvit.experiments.compare import DEMO_CONFIG, compare, markdown_table
 
     ckpt, train, test, out, device = demo.ckpt, demo.train, demo.test, demo.out, demo.device
