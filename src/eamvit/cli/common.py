@@ -32,18 +32,6 @@ def parse_device(name: str):
     return dev
 
 
-def init_distributed(device) -> None:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
-
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def is_main() -> bool:
     """Whether this is the process that prints and writes (rank 0, or no torchrun)."""
     from eamvit.methods.calibrate import dist_info
@@ -52,14 +40,21 @@ def is_main() -> bool:
 
 
 def load_model(args):
-    """The model the arguments name (the bundled digits ViT when none is named)."""
+    """The model the arguments name (the bundled digits ViT when none is named), after joining the process
+    group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    import torch
+    import torch.distributed as dist
+
     from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
 
     device = parse_device(args.device)
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.model is None and (args.pretrained or kwargs):
         raise EamError("--pretrained/--model-kwargs need --model NAME")
-    init_distributed(device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     model = create_model(args.model or BUNDLED_MODEL, pretrained=bool(args.pretrained), checkpoint=args.checkpoint,
                          model_kwargs=kwargs, device=device)
     if model_spec(model).weights == "random":

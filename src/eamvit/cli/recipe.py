@@ -121,9 +121,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
     """Whether applying ``recipe`` reads calibration images (quantizing, or maps to compute)."""
-    if getattr(args, "state", None):
-        return False
-    return recipe.step("quant") is not None or (recipe.step("freeze") is not None and not getattr(args, "maps", None))
+    return not getattr(args, "state", None) and (recipe.step("quant") is not None or (
+        recipe.step("freeze") is not None and not getattr(args, "maps", None)))
 
 
 def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
