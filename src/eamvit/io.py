@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -253,8 +254,6 @@ DIGEST_KEY = "eamvit_sha256"
 def tensors_sha256(tensors: dict, meta: Optional[dict] = None) -> str:
     """SHA-256 of ``tensors`` (name, dtype, shape and bytes of each, by name) and of the JSON-ready
     ``meta`` as canonical JSON (sorted keys, no spaces)."""
-    import hashlib
-
     import torch
 
     h = hashlib.sha256()

@@ -32,18 +32,6 @@ def parse_device(name: str):
     return dev
 
 
-def init_distributed(device) -> None:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
-
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def is_main() -> bool:
     """Whether this is the process that prints and writes (rank 0, or no torchrun)."""
     from eamvit.methods.calibrate import dist_info
@@ -52,14 +40,21 @@ def is_main() -> bool:
 
 
 def load_model(args):
-    """The model the arguments name (the bundled digits ViT when none is named)."""
+    """The model the arguments name (the bundled digits ViT when none is named), after joining the process
+    group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    import torch
+    import torch.distributed as dist
+
     from eamvit.methods.models import BUNDLED_MODEL, create_model, model_spec
 
     device = parse_device(args.device)
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.model is None and (args.pretrained or kwargs):
         raise EamError("--pretrained/--model-kwargs need --model NAME")
-    init_distributed(device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     model = create_model(args.model or BUNDLED_MODEL, pretrained=bool(args.pretrained), checkpoint=args.checkpoint,
                          model_kwargs=kwargs, device=device)
     if model_spec(model).weights == "random":
@@ -263,6 +258,7 @@ _LEAST = {"threads": 1, "throughput_reps": 3, "throughput_batch": 1, "seeds": 1,
 def validate_common(args) -> None:
     """Check, before anything is loaded, the options every command shares."""
     from eamvit.ops.entropy import check_bits
+    from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.freeze import FreezeConfig
 
     if getattr(args, "bits", None) is not None:
@@ -288,11 +284,8 @@ def validate_common(args) -> None:
         raise EamError(f"--crop-pct must be in (0, 1] (1 = no crop), got {crop}")
     if getattr(args, "std", None) is not None and any(not v > 0 for v in args.std):
         raise EamError(f"--std must be positive, got {args.std}")
-    if getattr(args, "max_memory", None) is not None:
-        from eamvit.methods.calibrate import parse_bytes
-
-        if parse_bytes(args.max_memory) < 1:
-            raise EamError(f"--max-memory must be positive, got {args.max_memory}")
+    if getattr(args, "max_memory", None) is not None and parse_bytes(args.max_memory) < 1:
+        raise EamError(f"--max-memory must be positive, got {args.max_memory}")
     if getattr(args, "device", None) is not None:
         parse_device(args.device)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 from eamvit.methods.state import step_config
@@ -77,7 +79,6 @@ def cmd_eval(args) -> None:
 def cmd_sweep(args) -> None:
     from eamvit.experiments.freeze_sweep import freeze_sweep
     from eamvit.experiments.results import format_sweep_table, write_table
-    from eamvit.methods.evaluate import evaluate
     from eamvit.methods.freeze import FreezeConfig
     from eamvit.plots.entropy import plot_sweep
 
@@ -91,8 +92,7 @@ def cmd_sweep(args) -> None:
     out = ensure_writable_dir(args.out)
     model, device = load_model(args)
     maps, data = _sweep_data(args, model, device, out)
-    base = evaluate(model, data.dataset, data.indices, batch_size=args.batch_size, workers=args.workers,
-                    device=device, progress=False)
+    base = data.evaluate(model)
     flush_warnings()  # before the sweep, not after its results
     rows = []
     for scope in args.scopes:
@@ -119,8 +119,6 @@ def _sweep_data(args, model, device, out: Path):
 
 def cmd_speed_sweep(args) -> None:
     """``sweep --granularity G,...``: freezing by those units, token pruning and merging at measured speed."""
-    from dataclasses import replace
-
     from eamvit.experiments.prune_sweep import matched_merges
     from eamvit.experiments.results import markdown, write_table
     from eamvit.experiments.runner import Timing
@@ -162,8 +160,6 @@ def cmd_speed_sweep(args) -> None:
 
 def cmd_quant_sweep(args) -> None:
     """``eamvit sweep --quant repq``: FP, RepQ-ViT and the EAM variants for every τ, Table 1, sizes, KL maps."""
-    import copy
-
     from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep
     from eamvit.methods.calibrate import parse_bytes
     from eamvit.methods.quantize import load_quantized

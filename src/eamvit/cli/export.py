@@ -159,6 +159,10 @@ def _check_input_size(model, cfg: dict, path: str) -> None:
 
 
 def _onnx_row_fields(meta: dict, path: str, skeleton) -> dict[str, Any]:
+    from eamvit.experiments.prune_sweep import merged_fields
+    from eamvit.methods.merge import MergeConfig, merge_
+    from eamvit.methods.prune import setting_text
+
     extra: dict[str, Any] = {"onnx": str(path), "export": meta["export"].get("scheme") if meta.get("quant") else "fp32"}
     q, p, m = meta.get("quant"), meta.get("prune"), meta.get("merge")
     if q and q.get("method") == "nncf":
@@ -166,13 +170,8 @@ def _onnx_row_fields(meta: dict, path: str, skeleton) -> dict[str, Any]:
     elif q:
         extra.update(quant="repq", w_bits=q.get("w_bits"), a_bits=8 if extra["export"] == "qdq" else 32)
     if p:
-        from eamvit.methods.prune import setting_text
-
         extra.update(prune=p.get("method"), keep_rate=setting_text(p["keep_rate"]))
     if m:  # what the file merges, read off the skeleton merging alike (the graph's shapes are the skeleton's)
-        from eamvit.experiments.prune_sweep import merged_fields
-        from eamvit.methods.merge import MergeConfig, merge_
-
         merge_(skeleton, MergeConfig.from_dict(m))
         extra.update(merged_fields(skeleton))
     if meta.get("frozen_layers"):

@@ -162,6 +162,8 @@ def _prune_figures(model, sp, methods, args, out: Path) -> None:
 
 def _finetune_data(args, model):
     """Training and validation sets of ``finetune`` and the data config they follow (overrides applied)."""
+    from torch.utils.data import Subset
+
     from eamvit.methods.data import build_dataset, random_subset
     from eamvit.methods.models import data_config
     from eamvit.methods.train import train_dataset
@@ -175,8 +177,6 @@ def _finetune_data(args, model):
     train = train_dataset(args.data, cfg, augment=args.augment, strict_images=args.strict_images)
     warn_class_mismatch(train, model, args.data)
     if args.num_samples:
-        from torch.utils.data import Subset
-
         train = Subset(train, random_subset(train, args.num_samples, args.seed))
     if args.val_data:
         val = build_dataset(args.val_data, cfg, strict_images=args.strict_images)
@@ -218,6 +218,7 @@ def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
     import shlex
 
     from eamvit.experiments.optimize_space import recipe_options
+    from eamvit.methods.prune import setting_text
     from eamvit.methods.recipe import Recipe
 
     parts = ["eamvit", "eval"]
@@ -228,8 +229,6 @@ def _reload_hint(args, out: Path, reducer, frozen: bool) -> str:
         parts += ["--frozen", str(out / "frozen.safetensors")]
     pruned = reducer is not None and reducer.KIND == "prune"
     if pruned:
-        from eamvit.methods.prune import setting_text
-
         parts += ["--prune", reducer.method, "--keep-rate", str(setting_text(reducer.keep_rate))]
     elif reducer is not None:  # every merging setting: the options that rebuild the config
         parts += recipe_options(Recipe(steps=(reducer,)))

@@ -121,9 +121,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def needs_calibration(args: argparse.Namespace, recipe: Recipe) -> bool:
     """Whether applying ``recipe`` reads calibration images (quantizing, or maps to compute)."""
-    if getattr(args, "state", None):
-        return False
-    return recipe.step("quant") is not None or (recipe.step("freeze") is not None and not getattr(args, "maps", None))
+    return not getattr(args, "state", None) and (recipe.step("quant") is not None or (
+        recipe.step("freeze") is not None and not getattr(args, "maps", None)))
 
 
 def apply_args(args: argparse.Namespace, model, device, sp, maps=None) -> tuple[Recipe, dict[str, Any]]:
@@ -151,6 +150,10 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
                frozen: Optional[tuple] = None) -> dict[str, Any]:
     """Result-row fields of ``model`` compressed by ``recipe`` (``reports``: :func:`~eamvit.methods.recipe.apply_`'s;
     ``state``: the ``--state`` file it was rebuilt from; ``frozen``: the fields of ``--frozen``, if it froze)."""
+    from eamvit.experiments.prune_sweep import merged_fields
+    from eamvit.methods.cost import count_gflops, modelled
+    from eamvit.methods.prune import setting_text, token_counts
+
     freeze = recipe.step("freeze")
     extra: dict[str, Any] = {"tau": freeze.tau} if freeze is not None else {}  # blank where nothing is frozen
     if state:
@@ -163,13 +166,9 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         extra.update(frozen)
     elif freeze is not None:
         extra.update(_freeze_fields(model, freeze, reports.get("freeze")))
-    from eamvit.methods.cost import count_gflops, modelled
-
     gmacs = lambda: round(count_gflops(model), 4) if modelled(model) else None  # noqa: E731
     prune = recipe.step("prune")
     if prune is not None:
-        from eamvit.methods.prune import setting_text, token_counts
-
         grid, rep = state_of(model).prune.grid, reports.get("prune")
         tokens = rep.tokens_per_stage if rep is not None else token_counts(
             grid[0] * grid[1] if grid else 0, prune.keep_rate, len(state_of(model).prune.blocks), prune.fuse_tokens)
@@ -180,8 +179,6 @@ def row_fields(model, recipe: Recipe, reports: dict[str, Any], state: Optional[s
         if prune.method == "renyi":
             extra["alpha"] = setting_text(prune.alpha)
     if recipe.step("merge") is not None:
-        from eamvit.experiments.prune_sweep import merged_fields
-
         extra.update(merged_fields(model), gmacs=gmacs())
         rep = reports.get("merge")
         if rep is not None:

@@ -4,21 +4,32 @@ slow parts). The steps: ``docs/architecture-experiments.md``, "demo".
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from eamvit.experiments.compare import DEMO_CONFIG, compare, markdown_table as compare_table
 from eamvit.experiments.demo_deploy import OPTIMIZE_MINUTES, _export_step, _optimize_step
 from eamvit.experiments.demo_run import DemoRun, Figure, Step, _say
 from eamvit.experiments.digits import ASSET, DEMO_KWARGS, DEMO_MODEL, DigitsConfig, load_demo_model, train_digits
 from eamvit.experiments.freeze_sweep import freeze_sweep
+from eamvit.experiments.frozen_finetune import SHORT_RECIPE, frozen_finetune_table, markdown_table as finetune_table
+from eamvit.experiments.prune_sweep import SWEEP_MERGES, figure_data, matched_merges, prune_table
+from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
 from eamvit.experiments.results import ResultRow, format_sweep_table, markdown, retitle, write_table
 from eamvit.experiments.runner import Timing
+from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
 from eamvit.io import ensure_writable_dir, write_text
 from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
-from eamvit.methods.data import DigitsDataset
+from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from eamvit.methods.freeze import FreezeConfig
+from eamvit.methods.models import data_config
+from eamvit.methods.prune import method_config
+from eamvit.methods.repq import RepQConfig
+from eamvit.methods.train import train_dataset
+from eamvit.ops.scores import default_blocks
 
 TAUS = [round(0.1 * i, 1) for i in range(10)]
 SCOPES = ("head", "global")  # the default demo sweeps the first; --full both
@@ -168,10 +179,6 @@ markdown: {', '.join(f"`{stem}.*`" for stem in stems) or 'none yet'}.
 
 def _speed_step(demo: DemoRun) -> dict:
     """Freezing by entry, row and head against token pruning and merging, at measured speed (speed_sweep.*)."""
-    from eamvit.experiments.prune_sweep import SWEEP_MERGES, matched_merges
-    from eamvit.experiments.speed_sweep import SPEED_COLUMNS, plot_rows, speed_sweep, summary_lines
-    from eamvit.methods.prune import method_config
-
     model, maps, out = demo.model, demo.maps, demo.out
     freeze = [FreezeConfig(tau=t, granularity=g) for g in ("entry", "row", "head") for t in SPEED_TAUS]
     prune = [method_config(m, a, k) for m, a in SPEED_METHODS for k in KEEP_RATES_SPEED]
@@ -206,15 +213,11 @@ and heads per layer); pruning and merging (at the `r` matching each κ's GMACs) 
 
 def _frozen_finetune_step(demo: DemoRun) -> dict:
     """Fine-tuning with frozen attention (the paper's future work): entropy vs random, before and after."""
-    from eamvit.experiments.frozen_finetune import SHORT_RECIPE, frozen_finetune_table, markdown_table
-    from eamvit.methods.models import data_config
-    from eamvit.methods.train import train_dataset
-
     model, maps, out = demo.model, demo.maps, demo.out
     train = train_dataset("digits", data_config(model), augment="shift")
     rows = frozen_finetune_table(model, train, demo.eval_data, maps, taus=FINETUNE_TAUS, progress=True)
     write_table(out / "frozen_finetune", rows)
-    table = markdown_table(rows)
+    table = finetune_table(rows)
     c = SHORT_RECIPE
     md = f"""## Fine-tuning with frozen attention (entry level, the paper's future work)
 
@@ -232,9 +235,6 @@ frozen maps that `eamvit eval --frozen` reloads.
 
 def _quant_step(demo: DemoRun) -> dict:
     """RepQ-ViT W4/A4 with EAM on top: Table 1 at τ = 10 % / 20 %, Fig. 5, KL maps (Fig. 4), sizes."""
-    from eamvit.methods.repq import RepQConfig
-    from eamvit.experiments.quant_sweep import QuantSweepConfig, quant_sweep, size_table
-
     model, train, out = demo.model, demo.train, demo.out
     res = quant_sweep(model, demo.eval_data, train, RepQConfig(w_bits=4, a_bits=4),
                       QuantSweepConfig(taus=QUANT_TAUS, random_seeds=(0,)))
@@ -268,11 +268,6 @@ Sizes at τ = 0 and 20 %:
 
 def _prune_step(demo: DemoRun) -> dict:
     """Attention-entropy token pruning (Shannon, Rényi α = 2) against EViT and random, off the shelf."""
-    from eamvit.methods.data import DIGITS_MEAN, DIGITS_STD
-    from eamvit.experiments.prune_sweep import SWEEP_MERGES, figure_data, prune_table
-    from eamvit.methods.prune import method_config
-    from eamvit.ops.scores import default_blocks
-
     model, train, test, out, device = demo.model, demo.train, demo.test, demo.out, demo.device
     rows, table = prune_table(model, train, test, keep_rates=KEEP_RATES, device=device, data_config=demo.data_config,
                               merges=SWEEP_MERGES)
@@ -310,14 +305,10 @@ block, with the `r` whose executed GMACs come closest to Shannon pruning's at ea
 
 def _compare_step(demo: DemoRun) -> dict:
     """FP vs RepQ-ViT vs ADFQ-ViT vs PMQ on the digits ViT, with the demo's fast settings."""
-    from dataclasses import replace
-
-    from eamvit.experiments.compare import DEMO_CONFIG, compare, markdown_table
-
     ckpt, train, test, out, device = demo.ckpt, demo.train, demo.test, demo.out, demo.device
     rows = compare(lambda: load_demo_model(ckpt, device=device), train, test, replace(DEMO_CONFIG, progress=True),
                    device=device, data_config=demo.data_config)
-    table = markdown_table(rows)
+    table = compare_table(rows)
     write_table(out / "compare", rows)
     md = f"""## Three PTQ methods on the same model and data
 

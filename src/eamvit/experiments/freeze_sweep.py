@@ -37,11 +37,12 @@ def freeze_point(maps: EntropyMaps, config: FreezeConfig, fields: dict[str, Any]
     return Point(fields, frozen, tuple(seeds))
 
 
-def freeze_points(maps: EntropyMaps, taus: Sequence[float], freeze: FreezeConfig = FreezeConfig(),
-                  selections: Sequence[str] = ("entropy", "random"), seeds: Sequence[int] = (0, 1, 2),
-                  label: str = "") -> list[Point]:
-    """One point per (τ, selection) of ``freeze`` (its ``tau``, ``selection`` and ``seed`` replaced); random
-    freezing at τ > 0 runs every seed, the rest seed 0."""
+def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
+                 freeze: FreezeConfig = FreezeConfig(), selections: Sequence[str] = ("entropy", "random"),
+                 seeds: Sequence[int] = (0, 1, 2), label: str = "", progress: bool = True) -> list[ResultRow]:
+    """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6): one row per (τ, selection) of
+    ``freeze`` (its ``tau``, ``selection`` and ``seed`` replaced), random freezing at τ > 0 averaged over
+    ``seeds``, the rest on seed 0. The model is left unfrozen."""
     points = []
     for tau in taus:
         for sel in selections:
@@ -49,13 +50,4 @@ def freeze_points(maps: EntropyMaps, taus: Sequence[float], freeze: FreezeConfig
                       "value_bits": freeze.value_bits if freeze.value_bits is not None else 32}
             run_seeds = list(seeds) if sel == "random" and tau > 0 else [0]
             points.append(freeze_point(maps, replace(freeze, tau=tau, selection=sel), fields, run_seeds))
-    return points
-
-
-def freeze_sweep(model: nn.Module, maps: EntropyMaps, data: EvalData, taus: Sequence[float],
-                 freeze: FreezeConfig = FreezeConfig(), selections: Sequence[str] = ("entropy", "random"),
-                 seeds: Sequence[int] = (0, 1, 2), label: str = "", progress: bool = True) -> list[ResultRow]:
-    """Top-1 against τ for entropy and random freezing (the paper's Fig. 5/6), random freezing averaged over
-    ``seeds``; one row per (τ, selection) of :func:`freeze_points` (its arguments). The model is left unfrozen."""
-    points = freeze_points(maps, taus, freeze, selections, seeds, label)
     return run_sweep(model, data, points, progress=progress, desc=f"sweep {label}".strip())

@@ -35,6 +35,8 @@ from eamvit.methods.calibrate import CalibOptions, compute_entropy_maps
 from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.export import export_onnx
+from eamvit.methods.export_openvino import OpenVinoClassifier, model_bytes, nncf_quantize, require_openvino
+from eamvit.methods.export_runtime import OnnxClassifier
 from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import apply_, restore_, save_compressed
 
@@ -154,8 +156,6 @@ def _shipped_file(run: _Run, model: nn.Module, cand: Candidate, stem: str) -> Pa
     export_onnx(model, path, cand.export)
     if not cand.nncf:
         return path
-    from eamvit.methods.export_openvino import nncf_quantize
-
     nncf_quantize(path, path.with_suffix(".xml"), run.nncf_images, calibration=run.nncf_calibration)
     return path.with_suffix(".xml")
 
@@ -164,12 +164,8 @@ def _runner(run: _Run, path: Path) -> tuple[nn.Module, Callable[[], Any]]:
     """The exported file in the run's runtime: a classifier (images → logits) and its bare call on the timed batch."""
     x = run.batch.numpy()
     if run.config.runtime == "openvino":
-        from eamvit.methods.export_openvino import OpenVinoClassifier
-
         ov = OpenVinoClassifier(path, run.config.threads)
         return ov, lambda: ov.request.infer({0: x})
-    from eamvit.methods.export_runtime import OnnxClassifier
-
     ort = OnnxClassifier(path, run.config.threads)
     return ort, lambda: ort.session.run([ort.output_name], {ort.input_name: x})
 
@@ -187,8 +183,6 @@ def measure(run: _Run, cand: Candidate) -> dict[str, Any]:
             point.update(_top1(run, m, run.device), **{k: s[k] for k in ("speedup", "speedup_p25", "speedup_p75")},
                          model_bytes=model_size(m).model_bytes)
         else:
-            from eamvit.methods.export_openvino import model_bytes
-
             path = _shipped_file(run, m, cand, "candidate")
             clf, call = _runner(run, path)
             times = time_calls([run.reference_call, call], warmup=2, reps=run.config.reps)
@@ -338,8 +332,6 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
     top1_torch = _top1(run, fresh.eval(), run.device)["top1"]
     names, shipped, size = ["best.safetensors"], top1_torch, None
     if run.config.runtime != "torch":
-        from eamvit.methods.export_openvino import model_bytes
-
         path = _shipped_file(run, fresh, cand, "best")
         size = model_bytes(path)
         shipped = _top1(run, _runner(run, path)[0], "cpu")["top1"]
@@ -370,8 +362,6 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
         device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
     """
     if config.runtime == "openvino":
-        from eamvit.methods.export_openvino import require_openvino
-
         require_openvino("eamvit optimize --runtime openvino", nncf=True)
     check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
                      config.max_drop)

@@ -17,6 +17,7 @@ from eamvit.io import write_text
 from eamvit.methods.evaluate import result_row
 from eamvit.methods.merge import merge_, unmerge_
 from eamvit.methods.export import ExportConfig
+from eamvit.methods.export_openvino import read_model_meta
 from eamvit.ops.pareto import front_mask
 
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch": "PyTorch"}
@@ -143,8 +144,6 @@ def _budget_line(prog, config) -> str:
 
 def _nncf_note(best: dict[str, Any], cand: Candidate, out: Path) -> str:
     """What an NNCF point's two files are: the shipped IR, and the float model before NNCF."""
-    from eamvit.methods.export_openvino import read_model_meta
-
     n = read_model_meta(out / "best.xml")["quant"]["subset_size"]
     before = "the recipe's float steps" if cand.recipe.steps else "no step: the unmodified model"
     return (f"\n`best.xml` + `best.bin` is the shipped file: the point's fp32 export quantized to int8 by NNCF "

@@ -168,10 +168,9 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
         raise EamError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if space not in SPACES:
         raise EamError(f"unknown search space {space!r}; use one of {', '.join(SPACES)}")
-    onnx = runtime != "torch"
     quant = {"onnxruntime": _quant_options(space, seed), "openvino": _openvino_quant_options(seed)}.get(runtime, [])
     out = [_candidate([(n, q)], e) for n, q, e in quant]
-    plain = ExportConfig() if onnx else None
+    plain = ExportConfig() if runtime != "torch" else None
     out += [_candidate([p], plain) for p in _prune_options(space, depth)]
     out += [_candidate([(prune_name(p), p)], plain) for p in prunes]
     out += [_candidate([m], plain) for m in merges]

@@ -112,17 +112,15 @@ def _points(fp_model: nn.Module, q_model: nn.Module, kl: KLMaps, sweep: "QuantSw
             _baseline(q_model, {"quant": "repq", "bits": wa, **unfrozen}, entries)]
     maps = {"fp": kl.fp, "quant": kl.quant}
     deltas = attn_deltas(q_model) if qcfg.attn_quantizer != "uniform" else None
-    vq = qcfg.attn_quantizer  # frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits
-
-    freeze = FreezeConfig(scope=sweep.scope, value_quantizer=vq)
+    # Frozen values use the post-softmax quantizer (and its Δ), as EAM_4bits.
+    freeze = FreezeConfig(scope=sweep.scope, value_quantizer=qcfg.attn_quantizer)
 
     def point(tau: float, selection: str, mp: str, vals: str, seeds: Sequence[int]) -> Point:
         vb = fbits if vals == "quant" else None
-        cfg = replace(freeze, tau=tau, selection=selection, value_bits=vb)
         fields = {"tau": tau, "quant": "repq", "bits": wa, "selection": selection, "maps": mp,
                   "value_bits": vb or 32}
-        return freeze_point(maps[mp], cfg, fields, seeds, deltas if vb else None,
-                            measure=lambda m, rep: size_report(m, rep, vb))
+        return freeze_point(maps[mp], replace(freeze, tau=tau, selection=selection, value_bits=vb), fields, seeds,
+                            deltas if vb else None, measure=lambda m, rep: size_report(m, rep, vb))
 
     frozen = []
     for tau in sweep.taus:

@@ -18,6 +18,8 @@ from eamvit.errors import EamError
 from eamvit.experiments.results import ResultRow
 from eamvit.experiments.timer import Stats, ratio_stats, time_calls
 from eamvit.methods.calibrate import dist_info
+from eamvit.methods.evaluate import result_row as head_row
+from eamvit.methods.models import data_config as model_data_config
 
 
 @dataclass
@@ -122,10 +124,8 @@ class Throughput:
 def _timing_setup(model: nn.Module, timing: Timing, input_size: Optional[Sequence[int]],
                   device: torch.device | str | None) -> tuple[torch.Tensor, Callable[[], None]]:
     """The fixed random batch on ``device`` and the synchronisation a timed call ends with."""
-    from eamvit.methods.models import data_config
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    input_size = input_size or tuple(int(v) for v in data_config(model)["input_size"])
+    input_size = input_size or tuple(int(v) for v in model_data_config(model)["input_size"])
     x = torch.randn(timing.batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     return x, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -198,8 +198,6 @@ def result_row(model: nn.Module, metrics: Sequence[dict[str, Any]], fields: dict
     """
     if not metrics:
         raise EamError("a result row needs at least one evaluation")
-    from eamvit.methods.evaluate import result_row as head_row
-
     top1, top1_std = _mean_std([m["top1"] for m in metrics])
     top5, top5_std = _mean_std([m["top5"] for m in metrics])
     one = metrics[0] if len(metrics) == 1 else None

@@ -126,9 +126,7 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
     """Top-1 against sparsity τ, one line per (label, selection, scope, value bits) of the sweep rows;
     random with a ±1 std band; ``reference`` ``{name: top-1}`` lines (the unfrozen model) in the legend."""
     fig, ax = plt.subplots(figsize=(9.2, 5.4))
-    def key(r: dict) -> tuple:
-        return r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32)
-
+    key = lambda r: (r.get("label", ""), r["selection"], r.get("scope", ""), r.get("value_bits", 32))  # noqa: E731
     for k, pts, x, y in tau_series(rows, key):
         name = " ".join(str(p) for p in (k[0], k[1], f"scope={k[2]}" if k[2] else "",
                                           f"{k[3]}-bit values" if k[3] != 32 else "") if p)
