@@ -48,6 +48,7 @@ class TrainConfig(Config):
 
     KIND: ClassVar[str] = "train"
     VERSION: ClassVar[int] = 1
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix")
 
     epochs: int = 30
     lr: float = 2e-5
@@ -71,7 +72,7 @@ class TrainConfig(Config):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
                 raise EamError(f"{name}={v} must be a positive finite learning rate")
-        for name in ("warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix"):
+        for name in self.NON_NEGATIVE:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise EamError(f"{name}={v} must be ≥ 0")
