@@ -140,8 +140,7 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically)."""
-    tensors, meta = quantized_content(model)
-    save_tensors(path, tensors, meta)
+    save_tensors(path, *quantized_content(model))
     return Path(path)
 
 
@@ -233,8 +232,7 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Quantize a fresh full-precision ``model`` (the one the state was made for: name, kwargs, checkpoint)
     from a state saved by :func:`save_quantized`; its logits then equal those of the model that was saved."""
-    meta, tensors = read_quantized(path)
-    return restore_quantized(model, meta, tensors, path)
+    return restore_quantized(model, *read_quantized(path), path)
 
 
 def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
