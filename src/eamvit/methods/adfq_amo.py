@@ -233,15 +233,11 @@ def _resume(unit: nn.Module, path: Optional[Path], fp: str) -> Optional[dict]:
     return saved["row"]
 
 
-def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig,
-                 run: Optional[QuantRun] = None) -> list[dict[str, Any]]:
-    """Attention-score enhanced Module-wise Optimization of an initialised ADFQ model, in place.
-
-    With ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with the
-    same settings, weights and images. Returns per unit: ``unit``, ``kind``, ``mse_before``
-    (round-to-nearest), ``mse_after``, ``loss_first``, ``loss_last``, ``seconds``, ``resumed``.
-    """
-    run = run or QuantRun()
+def reconstruct_(model: nn.Module, images: torch.Tensor, config: ADFQConfig, run: QuantRun) -> list[dict[str, Any]]:
+    """Attention-score enhanced Module-wise Optimization of an initialised ADFQ model, in place; with
+    ``run.checkpoint_dir`` each finished unit is saved atomically and reused on a rerun with the same settings,
+    weights and images. Returns per unit: ``unit``, ``kind``, ``mse_before`` (round-to-nearest), ``mse_after``,
+    ``loss_first``, ``loss_last``, ``seconds``, ``resumed``."""
     ckpt_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None
     fp = _fingerprint(model, config, images) if ckpt_dir else ""
     gen = torch.Generator().manual_seed(config.seed)

@@ -7,9 +7,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 from eamvit.errors import EamError
+from eamvit.methods.models import data_config
+from eamvit.methods.repq import classifier_heads
 from eamvit.methods.state import state_of
 from eamvit.modules.attention import ADAPTERS, attention_layers, executes_plans
 from eamvit.ops.cost import (ATTENTION_OPS, NOT_MACS, AttentionShape, attention_macs, conv_macs,
@@ -87,10 +90,6 @@ def _bits(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
 
 def _owners(model: nn.Module, layers: Sequence[nn.Module]) -> dict[int, tuple[Optional[int], str]]:
     """``id(module) → (layer, part)`` for every Linear/Conv2d outside the attention modules."""
-    from timm.layers import PatchEmbed
-
-    from eamvit.methods.repq import classifier_heads
-
     inside_attn = {id(m) for a in layers for m in a.modules()}
     owner: dict[int, tuple[Optional[int], str]] = {}
     for block in model.modules():  # the module that holds an attention layer is its block
@@ -192,8 +191,6 @@ def cost_account(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                  device: torch.device | str | None = None) -> CostAccount:
     """The per-layer account of one image ``(C, H, W)`` (``input_size``, the model's own by default) through
     ``model`` in its current state; the one shape-recording forward runs on ``device`` (the model's by default)."""
-    from eamvit.methods.models import data_config
-
     layers = attention_layers(model)
     m = next((m for m in layers if not m.eam.adapter.cost_modelled), None)
     if m is not None:  # an attention layer whose shapes the account does not read

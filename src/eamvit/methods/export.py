@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import torch
 from torch import nn
 
+from eamvit import __version__
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
@@ -294,8 +295,6 @@ class ExportReport:
 
 
 def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int]) -> dict[str, Any]:
-    from eamvit import __version__
-
     quant, prune, merge = step_config(model, "quant"), state_of(model).prune, state_of(model).merge
     frozen = [l.eam.layer for l in attention_layers(model) if getattr(l, "eam_frozen_mask", None) is not None]
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(model).items()}

@@ -3,6 +3,7 @@ the baseline (docs/architecture-quant-export.md)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 from pathlib import Path
@@ -31,8 +32,6 @@ def is_available(nncf: bool = False) -> bool:
 def require_openvino(what: str, nncf: bool = False) -> None:
     """One :class:`EamError` naming the extra to install when OpenVINO (and NNCF) cannot be imported; ``what``
     names what needs them (e.g. ``"eval --runtime openvino"``)."""
-    import importlib
-
     for name in ("openvino",) + (("nncf",) if nncf else ()):
         try:
             importlib.import_module(name)

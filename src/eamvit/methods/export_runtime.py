@@ -1,11 +1,14 @@
 """Running eamvit's ONNX exports in ONNX Runtime: reading the file, a PyTorch-shaped classifier, timing."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import logging
 import os
+import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -62,8 +65,6 @@ def quiet(*loggers: str) -> Iterator[None]:
 def cpu_has_vnni() -> Optional[bool]:
     """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX), without which ONNX Runtime's uint8 × int8
     kernels saturate; ``None`` where ``/proc/cpuinfo`` cannot say (other systems and architectures)."""
-    import platform
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:
@@ -134,9 +135,6 @@ class OnnxClassifier(nn.Module):
 
 def optimized_ops(path: str | os.PathLike, threads: Optional[int] = None) -> dict[str, int]:
     """Operator counts of the graph ONNX Runtime runs after its optimisations (fusions show here)."""
-    import collections
-    import tempfile
-
     import onnx
 
     with tempfile.TemporaryDirectory() as d:
@@ -153,8 +151,6 @@ def ort_quantize_static(fp32_path: str | os.PathLike, out_path: str | os.PathLik
                         method: str = "minmax") -> None:
     """ONNX Runtime's own ``quantize_static`` of an fp32 export as its documentation recommends for CPU (the baseline
     eamvit's int8 export meets), calibrated by ``"minmax"`` or ``"percentile"`` (ONNX Runtime's default 99.999th)."""
-    import tempfile
-
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process

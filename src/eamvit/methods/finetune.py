@@ -37,16 +37,10 @@ class FinetuneConfig(TrainConfig):
 
     KIND: ClassVar[str] = "finetune"
     VERSION: ClassVar[int] = 1
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = TrainConfig.NON_NEGATIVE + ("keep_warmup_epochs", "keep_decay_epochs")
 
     keep_warmup_epochs: float = 0.0
     keep_decay_epochs: float = 0.0
-
-    def _check(self) -> None:
-        super()._check()
-        for name in ("keep_warmup_epochs", "keep_decay_epochs"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise EamError(f"{name}={v} must be ≥ 0")
 
 
 def keep_rate_at(step: int, steps_per_epoch: int, target: float, config: FinetuneConfig) -> float:

@@ -95,13 +95,9 @@ class MergeConfig(Config):
 
 @dataclass
 class MergeReport:
-    """What :func:`merge_` did, at the model's own image size.
-
-    Args:
-        r: tokens each merging block merges (the schedule, each capped at what the block can merge).
-        tokens: tokens (prefix included) entering the first merging block, then leaving each merging block.
-        unfrozen_layers: attention layers whose frozen EAM maps were removed.
-    """
+    """What :func:`merge_` did at the model's own image size: the merging blocks, ``r`` (tokens each merges: the
+    schedule, each capped at what the block can merge), ``tokens`` (prefix included, entering the first merging
+    block, then leaving each) and the attention layers whose frozen EAM maps were removed."""
 
     config: dict[str, Any]
     blocks: list[int]

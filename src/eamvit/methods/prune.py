@@ -229,11 +229,8 @@ def kept_masks(model: nn.Module) -> list[torch.Tensor]:
 def token_entropies(model: nn.Module, images: torch.Tensor, alphas: Sequence[float] = (1.0, 2.0),
                     layers: Optional[Sequence[int]] = None, keys: str = "all") -> dict[float, list[torch.Tensor]]:
     """``{alpha: [per layer of ``layers`` (all by default), (B·n_l,)]}``: the per-token attention entropies
-    (averaged over heads) of every patch token, from one forward of ``images`` (the seed's Fig. 5 data).
-
-    The observers chain with a pruned model's own capture, so a pruned model shows the tokens each block
-    really saw.
-    """
+    (averaged over heads) of every patch token, from one forward of ``images`` (the seed's Fig. 5 data). The
+    observers chain with a pruned model's own capture, so a pruned model shows the tokens each block really saw."""
     mods = attention_layers(model)
     layers = list(range(len(mods))) if layers is None else list(layers)
     for l in layers:

@@ -105,12 +105,9 @@ def calibration_batches(calib: Any, limit: int, *, seed: int = 0,
 
 def calibration_images(calib: Any, n: int, *, seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The first ``n`` images of ``calib`` (:func:`calibration_batches`) and their labels (None unless all had them)."""
-    images, labels = [], []
-    for x, y in calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))):
-        images.append(x)
-        labels.append(y)
-    got = sum(x.shape[0] for x in images)
+    batches = list(calibration_batches(calib, n, seed=seed, batch_size=max(1, min(n, 256))))
+    got = sum(x.shape[0] for x, _ in batches)
     if got < n:
         raise EamError(f"calibration needs {n} images but {got} were given (or could be read); {_MORE}")
-    y = torch.cat(labels) if all(t is not None for t in labels) else None
-    return torch.cat(images), y
+    y = torch.cat([y for _, y in batches]) if all(y is not None for _, y in batches) else None
+    return torch.cat([x for x, _ in batches]), y

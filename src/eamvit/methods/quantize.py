@@ -17,7 +17,8 @@ from eamvit.errors import EamError
 from eamvit.io import load_tensors, save_tensors, tensors_sha256
 from eamvit.methods.data import ForwardLoop, add_calibration, calibration_record, check_forward_loop
 from eamvit.methods import adfq, pmq, repq
-from eamvit.methods.models import check_same_model, model_spec
+from eamvit.methods.export import Target, apply_target_, shape_for_target_
+from eamvit.methods.models import check_same_model, data_config, model_spec, preprocessing
 from eamvit.methods.quant_registry import QuantizeHandler, QuantRun
 from eamvit.modules.attention import attention_layers, require
 from eamvit.modules.quantizers import MAX_BITS, MIN_BITS, Quantizer, UniformQuantizer, find_quantizers
@@ -120,8 +121,6 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     if missing:
         raise EamError(f"{len(missing)} quantizer(s) were never calibrated (e.g. {missing[0]}); "
                        "calibrate with quantize_ before saving")
-    from eamvit.methods.models import data_config, preprocessing
-
     handler = _handler(config)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
     packed = _pack(model, tensors)
@@ -141,8 +140,7 @@ def quantized_content(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save a quantized model's state (any method) to ``path`` (safetensors, written atomically)."""
-    tensors, meta = quantized_content(model)
-    save_tensors(path, tensors, meta)
+    save_tensors(path, *quantized_content(model))
     return Path(path)
 
 
@@ -234,8 +232,7 @@ def read_quantized(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Quantize a fresh full-precision ``model`` (the one the state was made for: name, kwargs, checkpoint)
     from a state saved by :func:`save_quantized`; its logits then equal those of the model that was saved."""
-    meta, tensors = read_quantized(path)
-    return restore_quantized(model, meta, tensors, path)
+    return restore_quantized(model, *read_quantized(path), path)
 
 
 def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -252,8 +249,6 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
     handler.rebuild(model, config, meta.get("structure") or {})
     target = None
     if meta.get("target") is not None:  # the deployment target whose quantizers the state was given
-        from eamvit.methods.export import Target, shape_for_target_
-
         try:
             target = Target.from_dict(meta["target"])
         except EamError as e:
@@ -272,8 +267,6 @@ def restore_quantized(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
 
 
 def _apply_step(model: nn.Module, config: Config, inputs: StepInputs) -> dict:
-    from eamvit.methods.export import apply_target_
-
     quantize_(model, config, inputs.calib, device=inputs.device, progress=inputs.progress,
               checkpoint_dir=inputs.checkpoint_dir)
     apply_target_(model, inputs.target)  # from here on every step sees the quantizers that are shipped

@@ -77,8 +77,7 @@ def eligible_blocks(blocks_seq: nn.Module, fam: TokenFamily, act: str) -> list[i
     """The blocks of this model that can take part, or one line when none can."""
     eligible = [i for i, b in enumerate(blocks_seq) if fam.refuse(b) is None]
     if not eligible:
-        raise EamError(f"no block of this {fam.name} model can {act}: "
-                       f"{fam.refuse(blocks_seq[0])}")
+        raise EamError(f"no block of this {fam.name} model can {act}: {fam.refuse(blocks_seq[0])}")
     return eligible
 
 
@@ -94,8 +93,7 @@ def drop_frozen_after(layers: list[nn.Module], first_block: int, first_layer: in
                        f"{first_block}; frozen maps cannot follow {verb} (unfreeze them, or use frozen_after='drop')")
     for m in later:
         if m.eam.layer in frozen_later:
-            m.eam_frozen_mask = None
-            m.eam_frozen_values = None
+            m.eam_frozen_mask = m.eam_frozen_values = None
     return later, frozen_later
 
 

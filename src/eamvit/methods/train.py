@@ -11,14 +11,21 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
+from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision import transforms
+from tqdm.auto import tqdm
 
 from eamvit.choices import AUGMENTS, IMAGENET_MIN_SIZE
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
-from eamvit.methods.data import make_loader
+from eamvit.methods.data import build_dataset, eval_transform, make_loader
+from eamvit.methods.evaluate import evaluate
 
 FORMAT = "eamvit-train/1"
 Schedule = Callable[[int, int], dict[str, Any]]
@@ -41,6 +48,7 @@ class TrainConfig(Config):
 
     KIND: ClassVar[str] = "train"
     VERSION: ClassVar[int] = 1
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix")
 
     epochs: int = 30
     lr: float = 2e-5
@@ -64,7 +72,7 @@ class TrainConfig(Config):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
                 raise EamError(f"{name}={v} must be a positive finite learning rate")
-        for name in ("warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix"):
+        for name in self.NON_NEGATIVE:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise EamError(f"{name}={v} must be ≥ 0")
@@ -141,9 +149,6 @@ def _save(path: Path, model: nn.Module, opt, done: dict, ident: dict, generators
 def _loss_fn(config: TrainConfig, num_classes: int):
     """Loss, and timm's Mixup when mixup or cutmix is on (soft targets)."""
     if config.mixup > 0 or config.cutmix > 0:
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-
         mix = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
                     num_classes=num_classes)
         return SoftTargetCrossEntropy(), mix
@@ -151,9 +156,6 @@ def _loss_fn(config: TrainConfig, num_classes: int):
 
 
 def _factories(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
     try:
         opt = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
     except (AssertionError, ValueError, KeyError):
@@ -198,8 +200,6 @@ def _epoch_row(run: _Run, epoch: int, loss: float, skipped: int, val_ds: Optiona
     row = {"epoch": epoch + 1, "loss": round(loss, 5), "lr": run.opt.param_groups[0]["lr"], **run.extra(),
            "skipped_images": skipped}
     if val_ds is not None:
-        from eamvit.methods.evaluate import evaluate
-
         met = evaluate(run.model, val_ds, batch_size=max(64, run.config.batch_size), device=run.device,
                        progress=False)
         row.update({k: met[k] for k in ("top1", "top5")})
@@ -265,8 +265,6 @@ def train(model: nn.Module, train_ds: Dataset, config: TrainConfig, *, val_ds: O
         ``history`` (per-epoch rows), ``epochs_done``, ``final`` (the last row), ``images`` (training images read),
         ``skipped_images`` (unreadable ones), ``checkpoint`` (path or None).
     """
-    from tqdm.auto import tqdm
-
     if len(train_ds) == 0:
         raise EamError("the training set is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -332,17 +330,12 @@ def train_dataset(spec: str, data_cfg: dict[str, Any], augment: str = "auto", st
             flip, colour jitter) or ``"auto"`` (:func:`resolve_augment`).
         strict_images: fail on an unreadable image instead of skipping it.
     """
-    from eamvit.methods.data import build_dataset, eval_transform
-
     mode = resolve_augment(augment, data_cfg["input_size"])
     if spec == "digits":
         if mode == "imagenet":
             raise EamError("--augment imagenet needs an image folder (the digits are tensors); use shift or none")
         # The digits' own preprocessing (mean/std 0.5, bilinear), at the config's side.
         return build_dataset("digits", split="train", img_size=int(data_cfg["input_size"][-1]), augment=mode == "shift")
-    from timm.data import create_transform
-    from torchvision import transforms
-
     if mode == "imagenet":
         transform = create_transform(input_size=data_cfg["input_size"], is_training=True, mean=data_cfg["mean"],
                                      std=data_cfg["std"], interpolation=data_cfg.get("interpolation", "bilinear"))
