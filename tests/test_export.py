@@ -16,7 +16,7 @@ import eamvit
 from eamvit.experiments.digits import load_demo_model
 from eamvit.methods.data import DigitsDataset
 from eamvit.methods.export import ExportConfig, export_onnx, prepare_export_
-from eamvit.methods.export_runtime import cpu_has_vnni, onnx_session, optimized_ops
+from eamvit.methods.export_runtime import cpu_has_vnni, onnx_session, optimized_ops, read_onnx_meta
 from eamvit.methods.prune import PruneConfig, prune_
 from eamvit.methods.quantize import quantize_
 from eamvit.methods.repq import RepQConfig
@@ -85,20 +85,23 @@ def test_int8_export_agrees_with_simulation(digits, digits_w8a8, tmp_path, softm
     # The graph as written (every QuantizeLinear/DequantizeLinear run on its own) is the simulation.
     exact = torch.from_numpy(onnx_session(path, threads=1, optimize=False).run(None, {"images": x.numpy()})[0])
     assert (exact.argmax(1) == pred_sim).float().mean().item() >= 0.997
-    # The fused int8 kernels: uint8 x int8 pairs saturate in 16 bits on x86 CPUs without VNNI
-    # (ONNX Runtime's documented limitation; 98.1 % and 98.6 % agreement measured on such a CPU).
+    # The fused int8 kernels: u8·s8 pairs saturate in 16 bits on x86 CPUs without VNNI (ONNX Runtime's
+    # documented limitation), where the default weight storage is uint8 for its exact u8·u8 kernels.
+    storage = read_onnx_meta(path)["export"]["weight_storage"]
+    assert storage == ("int8" if cpu_has_vnni() is not False else "uint8")
     pred_ort = torch.from_numpy(ort_run(path, x)[0]).argmax(1)
     agree = (pred_sim == pred_ort).float().mean().item()
     acc_ort = (pred_ort == y).float().mean().item() * 100
-    exact_kernels = symmetric or cpu_has_vnni() is not False
+    exact_kernels = storage == "uint8" or cpu_has_vnni() is not False
     assert agree >= (0.99 if exact_kernels else 0.97), (agree, acc_sim, acc_ort)
     assert abs(acc_sim - acc_ort) <= (0.3 if exact_kernels else 1.5), (agree, acc_sim, acc_ort)
     assert acc_ort > 90
     graph = onnx.load(str(path)).graph
     inits = {i.name: i for i in graph.initializer}
-    # Weights (16 block linears, head, patch embedding) are int8 codes; activations have integer zero points.
+    # Weights (16 block linears, head, patch embedding) are 8-bit codes; activations have integer zero points.
     dq_codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert len(dq_codes) == 16 + 1 + 1 and all(t.data_type == onnx.TensorProto.INT8 for t in dq_codes)
+    code_type = onnx.TensorProto.INT8 if storage == "int8" else onnx.TensorProto.UINT8
+    assert len(dq_codes) == 16 + 1 + 1 and all(t.data_type == code_type for t in dq_codes)
     consts = constants(graph)
     zps = [consts[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
     assert zps and all(z.dtype == (np.int8 if symmetric else np.uint8) for z in zps)
@@ -252,14 +255,40 @@ def test_cli_bad_input_one_line(tmp_path, capsys, args, needle):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_saturation_warning_only_for_uint8_qdq_without_vnni(monkeypatch):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_uint8_weight_storage_is_the_same_model_in_exact_kernels(digits, digits_w8a8, tmp_path, symmetric):
+    """uint8 weights with the zero point moved by 128 hold the same numbers as int8 ones, and ONNX Runtime's fused
+    kernels then compute what the graph as written computes, on CPUs with and without VNNI."""
+    _, _, x, _ = digits
+    paths = {}
+    for storage in ("int8", "uint8"):
+        paths[storage] = tmp_path / f"{storage}.onnx"
+        export_onnx(digits_w8a8, paths[storage], ExportConfig(symmetric_activations=symmetric,
+                                                              symmetric_weights=symmetric, weight_storage=storage))
+        assert read_onnx_meta(paths[storage])["export"]["weight_storage"] == storage
+    exact = {s: onnx_session(p, threads=1, optimize=False).run(None, {"images": x.numpy()})[0]
+             for s, p in paths.items()}
+    np.testing.assert_array_equal(exact["int8"], exact["uint8"])
+    graph = onnx.load(str(paths["uint8"])).graph
+    inits = {i.name: i for i in graph.initializer}
+    codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(codes) == 16 + 1 + 1 and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
+    fused = ort_run(paths["uint8"], x)[0]
+    assert (fused.argmax(1) == exact["uint8"].argmax(1)).mean() >= 0.997
+    assert np.abs(fused - exact["uint8"]).max() <= 0.02 * np.ptp(exact["uint8"])
+    with pytest.raises(eamvit.EamError, match="weight-storage"):
+        ExportConfig(runtime="openvino", weight_storage="uint8")
+
+
+def test_saturation_warning_only_for_int8_weights_without_vnni(monkeypatch):
     from eamvit.methods import export_runtime as rt
 
-    qdq = {"quant": {"w_bits": 8}, "export": ExportConfig().to_dict()}
-    sym = {"quant": {"w_bits": 8}, "export": ExportConfig(symmetric_activations=True).to_dict()}
+    qdq = {"quant": {"w_bits": 8}, "export": ExportConfig(weight_storage="int8").to_dict()}
+    unsigned = {"quant": {"w_bits": 8}, "export": ExportConfig(weight_storage="uint8").to_dict()}
+    ov = {"quant": {"w_bits": 8}, "export": ExportConfig(runtime="openvino").to_dict()}
     fp32 = {"quant": None, "export": ExportConfig().to_dict()}
     monkeypatch.setattr(rt, "cpu_has_vnni", lambda: False)
-    assert "--symmetric-activations" in rt.saturation_warning(qdq)
-    assert rt.saturation_warning(sym) is None and rt.saturation_warning(fp32) is None
+    assert "--weight-storage uint8" in rt.saturation_warning(qdq)
+    assert all(rt.saturation_warning(m) is None for m in (unsigned, ov, fp32))
     monkeypatch.setattr(rt, "cpu_has_vnni", lambda: True)
     assert rt.saturation_warning(qdq) is None

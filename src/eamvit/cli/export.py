@@ -20,7 +20,8 @@ def _target_config(target, args: argparse.Namespace) -> Any:
         raise EamError("the quantized model names no deployment target (a state of eamvit 0.3 or of the Python API "
                        "without one): its export would be another model than `eval` scores; quantize it again for "
                        "its target, e.g. `eamvit quantize --target qdq` or `eamvit compress --target weight-only`")
-    return target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset)
+    return target.export_config(block_size=args.block_size, kept_tokens=args.kept_tokens, opset=args.opset,
+                                weight_storage=args.weight_storage)
 
 
 def _quant_state(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -38,7 +39,7 @@ def _quant_state(args: argparse.Namespace) -> tuple[Any, Any]:
 def refuse_inapplicable_export(args: argparse.Namespace, quantized: bool, calibrated=None) -> None:
     """Refuse export options the export cannot use (``calibrated``: the quantization calibrated now, if any)."""
     if not quantized:
-        refuse_given(args, [*TARGET_OPTIONS, "block_size"],
+        refuse_given(args, [*TARGET_OPTIONS, "block_size", "weight_storage"],
                      "without --quant, --quant-state or a quantized --state/--recipe "
                      "(an unquantized model is exported in fp32)")
     elif args.target == "weight-only":
@@ -201,6 +202,10 @@ def register(sub) -> None:
     g.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     g.add_argument("--block-size", type=int, default=None, help="weight-only: MatMulNBits block (power of two "
                    "≥ 16); default the largest of 16..128 dividing each layer's input width")
+    g.add_argument("--weight-storage", default=None, choices=("int8", "uint8"),
+                   help="target qdq: int8 weights, or uint8 ones with the zero point moved by 128 (the same numbers), "
+                   "which ONNX Runtime multiplies exactly on x86 CPUs without VNNI, where its u8·s8 kernels saturate "
+                   "(default: uint8 where this CPU lacks VNNI, else int8)")
     g.add_argument("--kept-tokens", action="store_true",
                    help="pruned models: also output each pruning stage's kept patch indices (kept_0, ...)")
     g.add_argument("--opset", type=int, default=None, help="ONNX opset (13..21); default 17, or the lowest the "

@@ -18,7 +18,7 @@ from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.io import atomic_path
 from eamvit.methods.evaluate import logits_of
-from eamvit.methods.export_runtime import FORMAT, first_line  # one format tag for writer and reader
+from eamvit.methods.export_runtime import FORMAT, cpu_has_vnni, first_line  # one format tag for writer and reader
 from eamvit.methods.models import data_config, model_spec
 from eamvit.methods.repq import RepQConfig
 from eamvit.methods.state import state_of, step_config
@@ -54,6 +54,10 @@ class ExportConfig(Config):
             model needs where its family's adapter asks for more (VOLO's outlook attention, NaFlexViT at
             another grid than its position table's: 18). The file records the opset used.
         runtime: the graph's form: ``"onnxruntime"`` (default) or ``"openvino"`` (the same numbers either way).
+        weight_storage: the integer type of a ``qdq`` file's weights for ONNX Runtime: ``"int8"``, or ``"uint8"``
+            with the zero point moved by 128 (the same numbers), which ONNX Runtime multiplies in its exact
+            u8·u8 kernels; on x86 CPUs without VNNI its faster u8·s8 kernels add pairs of products in 16 bits
+            and saturate. ``None``: ``"uint8"`` where the exporting CPU lacks VNNI, else ``"int8"``.
     """
 
     KIND = "export"
@@ -67,8 +71,13 @@ class ExportConfig(Config):
     kept_tokens: bool = False
     opset: Optional[int] = None
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    weight_storage: Optional[Literal["int8", "uint8"]] = None
 
     def _check(self) -> None:
+        if self.weight_storage is not None and (self.scheme != "qdq" or self.runtime != "onnxruntime"):
+            why = ("target openvino (OpenVINO runs weights with a zero point in float)" if self.runtime == "openvino"
+                   else f"target {self.scheme}")
+            raise EamError(f"--weight-storage is a setting of ONNX Runtime's int8 QDQ files, not of {why}; drop it")
         b = self.block_size
         if b is not None and (b < 16 or b & (b - 1)):
             raise EamError(f"--block-size {b} must be a power of two ≥ 16 (MatMulNBits)")
@@ -309,6 +318,57 @@ def _metadata(model: nn.Module, config: ExportConfig, input_size: Sequence[int])
             "calibration": list(state_of(model).calibration or [])}
 
 
+def _store_weights_unsigned(proto) -> None:
+    """Give every DequantizeLinear of int8 constant codes uint8 codes and a zero point moved by 128: each
+    dequantized number stays the same, and ONNX Runtime then runs exact u8·u8 kernels (``weight_storage``)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    g = proto.graph
+    values = {t.name: t for t in g.initializer}
+    values.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant"
+                   and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    aliases = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}  # the exporter's shared tensors
+
+    def source(name: str) -> str:
+        while name in aliases:
+            name = aliases[name]
+        return name
+
+    shifted: dict[str, str] = {}  # an int8 constant ("": an absent zero point, 0) -> its uint8 copy
+
+    def unsigned(name: str) -> str:
+        if name not in shifted:
+            value = numpy_helper.to_array(values[name]) if name else np.zeros((), np.int8)
+            shifted[name] = f"{name or 'weights'}_uint8"
+            g.initializer.append(numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8),
+                                                         shifted[name]))
+        return shifted[name]
+
+    for node in g.node:
+        codes = source(node.input[0]) if node.op_type == "DequantizeLinear" else ""
+        if codes not in values or values[codes].data_type != onnx.TensorProto.INT8:
+            continue
+        zero = source(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
+        node.input.extend([""] * (3 - len(node.input)))
+        node.input[0], node.input[2] = unsigned(codes), unsigned(zero)
+    _drop_unread(g)
+
+
+def _drop_unread(graph) -> None:
+    """Remove the initializers, constants and Identity nodes whose values no node or output reads."""
+    while True:
+        read = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+        nodes = [n for n in graph.node if n.op_type not in ("Constant", "Identity") or n.output[0] in read]
+        inits = [t for t in graph.initializer if t.name in read]
+        if len(nodes) == len(graph.node) and len(inits) == len(graph.initializer):
+            return
+        del graph.node[:], graph.initializer[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+
+
 def _resolve_opset(model: nn.Module, config: ExportConfig, size: Sequence[int]) -> ExportConfig:
     """``config`` with the opset to export at: the one given, or the lowest the model needs at ``size``
     ``(C, H, W)`` (its adapters say); a given one below that need is refused before tracing."""
@@ -341,6 +401,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     _matching_export(model, config)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     config = _resolve_opset(model, config, size)
+    if quant is not None and config.scheme == "qdq" and config.runtime == "onnxruntime" and config.weight_storage is None:
+        config = replace(config, weight_storage="int8" if cpu_has_vnni() is not False else "uint8")
     meta = _metadata(model, config, size)
     m = copy.deepcopy(model).cpu().eval()
     prepare_export_(m, config)
@@ -367,6 +429,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
                                    "size than its own) needs opset 18; export with --opset 18") from None
                 raise EamError(f"torch.onnx cannot export this model: {first_line(e)}") from None
         proto = onnx.load(str(tmp))
+        if config.weight_storage == "uint8":
+            _store_weights_unsigned(proto)
         entry = proto.metadata_props.add()
         entry.key, entry.value = "eamvit", json.dumps(meta)
         onnx.save(proto, str(tmp))
