@@ -76,15 +76,16 @@ def cpu_has_vnni() -> Optional[bool]:
 
 
 def saturation_warning(meta: dict[str, Any]) -> Optional[str]:
-    """A one-line warning when ``meta`` describes a QDQ export for ONNX Runtime with int8 weights and this CPU
-    lacks VNNI (``ExportConfig.weight_storage``)."""
+    """A one-line warning, for a run in ONNX Runtime, when ``meta`` describes a QDQ export with int8 weights and
+    this CPU lacks VNNI (``ExportConfig.weight_storage``)."""
     export = meta.get("export") or {}
-    if (not meta.get("quant") or export.get("scheme") != "qdq" or export.get("runtime") == "openvino"
-            or export.get("weight_storage") == "uint8" or cpu_has_vnni() is not False):
+    if (not meta.get("quant") or export.get("scheme") != "qdq" or export.get("weight_storage") == "uint8"
+            or cpu_has_vnni() is not False):
         return None
+    remedy = ("it was written for OpenVINO: run it with --runtime openvino" if export.get("runtime") == "openvino"
+              else "export it with --weight-storage uint8 (the same numbers, exact u8·u8 kernels)")
     return ("this CPU has no VNNI: ONNX Runtime's u8·s8 kernels add pairs of products in 16 bits and saturate here, "
-            "so this export's top-1 can differ from its simulation; export it with --weight-storage uint8 "
-            "(the same numbers, exact u8·u8 kernels)")
+            f"so this export's top-1 can differ from its simulation; {remedy}")
 
 
 def onnx_session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None,
