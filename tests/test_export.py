@@ -280,6 +280,35 @@ def test_uint8_weight_storage_is_the_same_model_in_exact_kernels(digits, digits_
         ExportConfig(runtime="openvino", weight_storage="uint8")
 
 
+def test_uint8_storage_of_a_hand_made_graph(tmp_path):
+    """Per-channel int8 codes without a zero point, read through an Identity (as the exporter shares tensors)
+    and by two DequantizeLinear nodes: the uint8 graph computes the same numbers, which are checked by hand."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eamvit.methods.export import _store_weights_unsigned
+
+    codes = np.array([[-128, 127, 3], [5, -7, 0]], np.int8)  # (in 2, out 3), per output channel
+    scale = np.array([0.5, 0.25, 2.0], np.float32)
+    nodes = [helper.make_node("Identity", ["codes"], ["shared"]),
+             helper.make_node("DequantizeLinear", ["shared", "scale"], ["w1"], axis=1),
+             helper.make_node("DequantizeLinear", ["codes", "scale"], ["w2"], axis=1),
+             helper.make_node("MatMul", ["x", "w1"], ["y1"]), helper.make_node("MatMul", ["x", "w2"], ["y2"]),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scale, "scale")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _store_weights_unsigned(proto)
+    onnx.checker.check_model(proto)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert not any(v.dtype == np.int8 for v in inits.values())  # the int8 codes are read by no node any more
+    path = tmp_path / "g.onnx"
+    onnx.save(proto, str(path))
+    x = np.array([[1.0, -2.0]], np.float32)
+    got = onnx_session(path, threads=1, optimize=False).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, 2 * x @ (codes.astype(np.float32) * scale))
+
+
 def test_saturation_warning_only_for_int8_weights_without_vnni(monkeypatch):
     from eamvit.methods import export_runtime as rt
 

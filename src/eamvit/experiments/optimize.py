@@ -36,7 +36,7 @@ from eamvit.methods.data import Splits, calibration_record, readable_items
 from eamvit.methods.evaluate import evaluate
 from eamvit.methods.export import export_onnx
 from eamvit.methods.export_openvino import OpenVinoClassifier, model_bytes, nncf_quantize, require_openvino
-from eamvit.methods.export_runtime import OnnxClassifier
+from eamvit.methods.export_runtime import OnnxClassifier, cpu_has_vnni
 from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import apply_, restore_, save_compressed
 
@@ -119,6 +119,9 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
             "calib": calibration_record(sp.calib_set, sp.calib_indices) if sp.calib_set is not None else None,
             "config": {k: v for k, v in sp.data_config.items() if k != "source"}}
     timing = {k: getattr(config, k) for k in ("runtime", "threads", "reps", "batch_size")}
+    # VNNI decides the int8 kernels, their speed and the default weight storage: a point measured on a CPU
+    # with it is another measurement than one without.
+    timing["cpu_vnni"] = cpu_has_vnni()
     return {"version": CACHE_VERSION, "model": tensors_sha256(model.state_dict(), {"class": type(model).__name__}), "data": _digest(data), "timing": timing}
 
 

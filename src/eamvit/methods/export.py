@@ -336,12 +336,11 @@ def _store_weights_unsigned(proto) -> None:
             name = aliases[name]
         return name
 
-    shifted: dict[str, str] = {}  # an int8 constant ("": an absent zero point, 0) -> its uint8 copy
+    shifted: dict[str, str] = {}  # an int8 constant -> its uint8 copy
 
-    def unsigned(name: str) -> str:
+    def unsigned(name: str, value: np.ndarray) -> str:
         if name not in shifted:
-            value = numpy_helper.to_array(values[name]) if name else np.zeros((), np.int8)
-            shifted[name] = f"{name or 'weights'}_uint8"
+            shifted[name] = f"{name}_uint8"
             g.initializer.append(numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8),
                                                          shifted[name]))
         return shifted[name]
@@ -350,9 +349,15 @@ def _store_weights_unsigned(proto) -> None:
         codes = source(node.input[0]) if node.op_type == "DequantizeLinear" else ""
         if codes not in values or values[codes].data_type != onnx.TensorProto.INT8:
             continue
-        zero = source(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
+        if len(node.input) > 2 and node.input[2]:
+            zero = source(node.input[2])
+            zero_value = numpy_helper.to_array(values[zero])
+        else:  # no zero point: int8's 0, one per scale
+            zero = f"{codes}_zero_point"
+            zero_value = np.zeros(tuple(values[source(node.input[1])].dims), np.int8)
         node.input.extend([""] * (3 - len(node.input)))
-        node.input[0], node.input[2] = unsigned(codes), unsigned(zero)
+        node.input[0] = unsigned(codes, numpy_helper.to_array(values[codes]))
+        node.input[2] = unsigned(zero, zero_value)
     _drop_unread(g)
 
 
