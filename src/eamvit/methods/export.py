@@ -73,8 +73,13 @@ class ExportConfig(Config):
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     weight_storage: Optional[Literal["int8", "uint8"]] = None
 
+    @property
+    def ort_qdq(self) -> bool:
+        """An int8 QDQ file for ONNX Runtime: the files ``weight_storage`` applies to."""
+        return self.scheme == "qdq" and self.runtime == "onnxruntime"
+
     def _check(self) -> None:
-        if self.weight_storage is not None and (self.scheme != "qdq" or self.runtime != "onnxruntime"):
+        if self.weight_storage is not None and not self.ort_qdq:
             why = ("target openvino (OpenVINO runs weights with a zero point in float)" if self.runtime == "openvino"
                    else f"target {self.scheme}")
             raise EamError(f"--weight-storage is a setting of ONNX Runtime's int8 QDQ files, not of {why}; drop it")
@@ -406,7 +411,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: Optional[Expo
     _matching_export(model, config)
     size = tuple(int(s) for s in (input_size or data_config(model)["input_size"]))
     config = _resolve_opset(model, config, size)
-    if quant is not None and config.scheme == "qdq" and config.runtime == "onnxruntime" and config.weight_storage is None:
+    if quant is not None and config.ort_qdq and config.weight_storage is None:
         config = replace(config, weight_storage="int8" if cpu_has_vnni() is not False else "uint8")
     meta = _metadata(model, config, size)
     m = copy.deepcopy(model).cpu().eval()
