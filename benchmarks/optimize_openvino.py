@@ -1,7 +1,8 @@
 """`eamvit optimize --runtime openvino` on the bundled digits ViT, its chosen file against NNCF int8 alone.
 
 Runs ``eamvit optimize --data digits --runtime openvino --max-drop 1.0`` (``--space``: standard by
-default) in a child process, as a user would, and exports the unmodified model with ``eamvit export``
+default; ``--finetune-epochs 20 --finetune-lr 1e-3 --finetune-warmup-epochs 2``: the pruning and merging points
+that miss the budget are fine-tuned on the training digits and searched again) in a child process, as a user would, and exports the unmodified model with ``eamvit export``
 (fp32). Then, in this process and with plain OpenVINO and NNCF calls (nothing of eamvit's export or
 evaluation code): quantizes the fp32 export with ``nncf.quantize`` (TRANSFORMER, the first
 ``--calib`` training digits, one per sample: what an OpenVINO user runs), compiles the fp32 export,
@@ -15,6 +16,7 @@ The last line printed is the chosen file's speed-up over NNCF int8 alone (goal: 
 
     python benchmarks/optimize_openvino.py [--space standard|small] [--threads 1] [--batch-size 64]
                                            [--rounds 40] [--warmup 5] [--calib 300] [--out DIR]
+                                           [--finetune-epochs 20] [--finetune-lr 1e-3] [--finetune-warmup-epochs 2]
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--calib", type=int, default=300, help="NNCF's calibration digits (its default subset size)")
     p.add_argument("--out", default=None, help="keep optimize's folder here (default: a temporary one)")
+    p.add_argument("--finetune-epochs", type=int, default=20, help="optimize's --finetune-epochs (0: post-training only)")
+    p.add_argument("--finetune-lr", default="1e-3", help="optimize's --finetune-lr")
+    p.add_argument("--finetune-warmup-epochs", default="2", help="optimize's --finetune-warmup-epochs")
     args = p.parse_args()
     import openvino as ov
 
@@ -80,9 +85,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or Path(tmp) / "optimize")
         t0 = time.perf_counter()
+        tuning = ["--finetune-epochs", str(args.finetune_epochs), "--finetune-lr", args.finetune_lr,
+                  "--finetune-warmup-epochs", args.finetune_warmup_epochs] if args.finetune_epochs else []
         eamvit("optimize", "--data", "digits", "--runtime", "openvino", "--space", args.space, "--max-drop", "1.0",
-               "--threads", str(args.threads), "--out", str(out))
-        print(f"eamvit optimize --runtime openvino --space {args.space}: {time.perf_counter() - t0:.0f} s")
+               "--threads", str(args.threads), *tuning, "--out", str(out))
+        print(f"eamvit optimize --runtime openvino --space {args.space} {' '.join(tuning)}: "
+              f"{time.perf_counter() - t0:.0f} s")
         eamvit("export", "--data", "digits", "--out", str(Path(tmp) / "fp32.onnx"))
         core = ov.Core()
         nncf_path = nncf_int8(core, Path(tmp) / "fp32.onnx", train.images[:args.calib].numpy(), Path(tmp) / "nncf.xml")

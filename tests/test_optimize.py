@@ -5,6 +5,7 @@ import re
 import shlex
 
 import pytest
+import torch
 
 from eamvit.columns import COLUMNS, HEAD
 
@@ -107,6 +108,8 @@ def test_impossible_budget_is_one_line_and_no_best_file(tmp_path, monkeypatch, c
     (["--space", "huge"], "optimize config field space must be one of standard, small"),
     (["--reps", "2"], "--reps"),
     (["--runtime", "torch", "--threads", "1"], "--threads"),
+    (["--finetune-lr", "1e-3"], "--finetune-lr cannot apply without --finetune-epochs"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs must be 0"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, args, words):
     out = tmp_path / "o"
@@ -224,3 +227,63 @@ def test_pareto_figure_draws_the_front_through_the_front_points(tmp_path):
     assert (xs[0], ys[0]) == (1.3, 99.2) and (xs[-1], ys[-1]) == (1.6, 98.5)
     budget = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("budget")]
     assert budget and list(budget[0].get_ydata()) == [98.0, 98.0]
+
+
+def test_finetuning_without_training_images_is_refused(tmp_path, capsys):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "val")
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "optimize", "--data", tmp_path / "val", "--finetune-epochs", "1", "--out", out)
+    assert code == 2 and err.count("\n") == 1 and "--calib-data" in err and "Traceback" not in err
+    assert not (out / "pareto.csv").exists()
+
+
+def test_a_finetuned_reduction_stacks_on_its_own_weights():
+    from eamvit.errors import EamError
+    from eamvit.experiments.optimize_space import combinations, finetuned
+    from eamvit.methods.finetune import FinetuneConfig
+
+    singles = {c.label: c for c in single_candidates(4, "openvino", "small")}
+    evit, nncf = singles["evit-k0.5@2,3"], singles["nncf-int8"]
+    ft = finetuned(evit, FinetuneConfig(epochs=1))
+    assert ft.label == "evit-k0.5@2,3+ft" and ft.recipe == evit.recipe and ft.identity() != evit.identity()
+    # The post-training point that missed the budget never stacks; its fine-tuned twin does, on its weights.
+    stacks = combinations([(nncf, True), (evit, False), (ft, True)])
+    assert [(s.label, s.finetune) for s in stacks] == [("nncf-int8 + evit-k0.5@2,3+ft", ft.finetune)]
+    assert combinations([(nncf, True), (evit, True)])[0].finetune is None
+    with pytest.raises(EamError, match="neither prunes nor merges"):
+        finetuned(nncf, FinetuneConfig(epochs=1))
+
+
+def test_finetuned_points_are_the_missed_reductions_trained_as_eamvit_finetune_trains(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from eamvit.methods.finetune import FinetuneConfig, finetune
+    from eamvit.methods.models import create_model, data_config
+    from eamvit.methods.prune import PruneConfig, prune_
+    from eamvit.methods.train import train_dataset
+
+    _space(monkeypatch, ["evit-k0.5@2,3", "head-t0.25"], "torch")
+    calls = _count_measures(monkeypatch)
+    out = tmp_path / "o"
+    tuning = ["--finetune-epochs", "1", "--finetune-lr", "1e-3"]
+    code, _, err = run(capsys, "optimize", *FAST, "--runtime", "torch", "--max-drop", "2", *tuning, "--out", out)
+    assert code == 0, err
+    rows = {r["label"]: r for r in _rows(out)}
+    # Both miss 2 points untrained; only the token reduction is fine-tuned and searched again.
+    assert not rows["evit-k0.5@2,3"]["within_budget"] and not rows["head-t0.25"]["within_budget"]
+    assert calls == ["fp32", "evit-k0.5@2,3", "head-t0.25", "evit-k0.5@2,3+ft"]
+    ft = rows["evit-k0.5@2,3+ft"]
+    assert ft["finetune_epochs"] == 1 and ft["within_budget"] and ft["chosen"]
+    # The shipped weights are what `eamvit finetune` (its API) trains from the bundled model pruned alike.
+    ref = create_model()
+    prune_(ref, PruneConfig(method="evit", keep_rate=0.5, blocks=(2, 3)))
+    finetune(ref, train_dataset("digits", data_config(ref)), FinetuneConfig(epochs=1, lr=1e-3), progress=False)
+    shipped = load_file(str(out / "best_weights.safetensors"))
+    assert shipped.keys() == ref.state_dict().keys()
+    assert all(torch.equal(shipped[k], v) for k, v in ref.state_dict().items())
+    # The report's `eval --state` line (it names those weights) scores what the search measured.
+    code, stdout, err = run(capsys, *_report_command((out / "report.md").read_text(), "eval"))
+    assert code == 0, err
+    assert _top1(stdout) == pytest.approx(ft["top1"], abs=1e-9)

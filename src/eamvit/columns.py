@@ -94,6 +94,8 @@ COLUMNS: dict[str, str] = {
     "top1_delta": "top1 − the full-precision row's top1",
     "top1_finetuned": "top-1 (%) after fine-tuning",
     "epochs": "fine-tuning epochs",
+    "finetune_epochs": "optimize's fine-tuned points (`+ft`): the epochs their weights were fine-tuned for, with "
+                       "their token reduction applied; empty for a post-training point",
     "lr": "fine-tuning peak learning rate",
     "seconds": "wall-clock seconds of the row's work",
     # -- eamvit optimize

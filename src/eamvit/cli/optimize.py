@@ -6,7 +6,7 @@ import argparse
 from eamvit.errors import EamError
 from eamvit.io import check_output_dir, output_lock
 from eamvit.cli.common import data_splits, is_main, load_model, require_modules
-from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args, refuse_given
+from eamvit.cli.options import DATA_DEFAULTS, add_data_args, add_model_args, given_values, refuse_given
 
 # The options a rebuilding command needs: the model's, and the data's (calibration and preprocessing).
 _MODEL_DESTS = ("model", "model_kwargs", "pretrained", "checkpoint")
@@ -42,28 +42,60 @@ def given_argv(args: argparse.Namespace, dests) -> list[str]:
     return out
 
 
+_FINETUNE_DESTS = ("finetune_lr", "finetune_warmup_epochs")
+
+
+def finetune_config(args: argparse.Namespace):
+    """The :class:`~eamvit.methods.finetune.FinetuneConfig` of ``--finetune-*`` (``None`` without
+    ``--finetune-epochs``): ``eamvit finetune``'s defaults for the rest."""
+    from eamvit.methods.finetune import FinetuneConfig
+
+    if args.finetune_epochs < 0:
+        raise EamError(f"--finetune-epochs must be 0 (no fine-tuning) or more, got {args.finetune_epochs}")
+    if not args.finetune_epochs:
+        refuse_given(args, _FINETUNE_DESTS, "without --finetune-epochs (nothing is fine-tuned)")
+        return None
+    return FinetuneConfig(epochs=args.finetune_epochs, **given_values(
+        lr=args.finetune_lr, warmup_epochs=args.finetune_warmup_epochs, seed=args.seed))
+
+
+def train_source(args: argparse.Namespace) -> str:
+    """Where ``--finetune-epochs`` trains: the calibration source (``--calib-data``, or the digits' training
+    split), never the images ``--data`` scores."""
+    source = args.calib_data or ("digits" if args.data == "digits" else None)
+    if source is None:
+        raise EamError("--finetune-epochs trains on --calib-data, which is not given; give a folder of training "
+                       "images there (optimize never trains on the images --data scores)")
+    return source
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
     from eamvit.experiments.optimize import CACHE, OptimizeConfig, optimize
     from eamvit.experiments.optimize_report import CommandLines
+    from eamvit.methods.train import train_dataset
     from eamvit.plots.optimize import plot_pareto
 
     if args.runtime == "torch":
         refuse_given(args, ["threads"], "to --runtime torch (they are ONNX Runtime's and OpenVINO's)")
     config = OptimizeConfig(max_drop=args.max_drop, runtime=args.runtime, budget_minutes=args.budget_minutes,
                             space=args.space, threads=args.threads, reps=args.reps, batch_size=args.batch_size,
-                            workers=args.workers, seed=args.seed, prunes=prune_recipes(args.prune_recipe or ()))
+                            workers=args.workers, seed=args.seed, prunes=prune_recipes(args.prune_recipe or ()),
+                            finetune=finetune_config(args))
     if config.runtime != "torch":  # OpenVINO reads eamvit's ONNX exports too
         require_modules(f"eamvit optimize --runtime {config.runtime}")
     if config.runtime == "openvino":
         from eamvit.methods.export_openvino import require_openvino
 
         require_openvino("eamvit optimize --runtime openvino", nncf=True)
+    source = train_source(args) if config.finetune is not None else None
     out = check_output_dir(args.out)
     with output_lock(out / CACHE):  # two runs appending to one cache would mix their points
         model, device = load_model(args)
         sp = data_splits(args, model, need_calib=True)
         commands = CommandLines(model=given_argv(args, _MODEL_DESTS), data=given_argv(args, _DATA_DESTS))
-        res = optimize(model, sp, out, config, commands, device=device, progress=is_main())
+        # Augmented as `eamvit finetune` trains.
+        train = train_dataset(source, sp.data_config, strict_images=args.strict_images) if source else None
+        res = optimize(model, sp, out, config, commands, device=device, progress=is_main(), train_set=train)
         plot_pareto(res.rows, out / "pareto.png", config.max_drop, title=f"eamvit optimize ({config.runtime})")
     if res.best is None:
         raise EamError(f"no recipe keeps top-1 within --max-drop {config.max_drop:g} of the unmodified "
@@ -99,6 +131,15 @@ def register(sub) -> None:
     g.add_argument("--prune-recipe", action="append", default=None, metavar="FILE", help="also search the pruning "
                    "of this one-step recipe (e.g. `sweep --prune --per-block`'s per_block_recipe.json), alone and "
                    "stacked; repeat for several (default: the space's points only)")
+    f = s.add_argument_group("fine-tuning (off by default: every point is post-training)")
+    f.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruning or merging point that "
+                   "misses --max-drop for this many epochs (its reduction applied, on --calib-data or the digits' "
+                   "training split, augmented) and search it again as `+ft`, alone and stacked; its speed does "
+                   "not change, its top-1 may (default: 0, no fine-tuning)")
+    f.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak AdamW learning rate of that fine-tuning (default: eamvit finetune's, 2e-05)")
+    f.add_argument("--finetune-warmup-epochs", type=float, default=None,
+                   help="epochs of linear learning-rate warm-up first (default: 0.0)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime or OpenVINO threads (default: one a core)")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per point, each timing the point and "
                    "the unmodified model on --batch-size held-out images")

@@ -17,14 +17,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from eamvit.methods.state import step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
-from eamvit.experiments.optimize_space import (Candidate, Runtime, Space, combinations, merge_options, reference,
-                                               single_candidates)
+from eamvit.experiments.optimize_space import (Candidate, Runtime, Space, combinations, finetuned, merge_options,
+                                               reference, single_candidates)
 from eamvit.experiments.optimize_cache import CACHE, CACHE_VERSION, PointCache
 from eamvit.experiments.optimize_report import CommandLines, point_rows, report_text, write_pareto
 from eamvit.experiments.runner import Timing, measure_speedup, speedup_fields
@@ -37,8 +37,10 @@ from eamvit.methods.evaluate import evaluate
 from eamvit.methods.export import export_onnx
 from eamvit.methods.export_openvino import OpenVinoClassifier, model_bytes, nncf_quantize, require_openvino
 from eamvit.methods.export_runtime import OnnxClassifier, cpu_has_vnni
+from eamvit.methods.finetune import FinetuneConfig, finetune
+from eamvit.methods.models import create_model, data_config, model_spec, save_checkpoint
 from eamvit.methods.prune import PruneConfig
-from eamvit.methods.recipe import apply_, restore_, save_compressed
+from eamvit.methods.recipe import Recipe, apply_, restore_, save_compressed
 
 NNCF_CALIB_SIZE = 300  # NNCF's own default subset size: what an OpenVINO user's nncf.quantize reads
 
@@ -59,6 +61,10 @@ class OptimizeConfig(Config):
         seed: the run's seed (RepQ-ViT's calibration subset, random freezing).
         prunes: further pruning points searched after the space's (e.g. the per-block choice of
             ``sweep --prune --per-block``), as singles and in stacks.
+        finetune: fine-tune every pruning or merging single that misses the budget after training, with its
+            reduction applied, on the training images (:func:`optimize`'s ``train_set``), and search it again
+            (``+ft``), alone and in stacks, which then quantize the fine-tuned weights (``None``: post-training
+            points only). Its token counts, and so its speed, do not change; only its top-1 does.
     """
 
     max_drop: float = 1.0
@@ -71,6 +77,7 @@ class OptimizeConfig(Config):
     workers: int = 0
     seed: int = 0
     prunes: tuple[PruneConfig, ...] = ()
+    finetune: Optional[FinetuneConfig] = None
 
     KIND = "optimize"
     VERSION = 1
@@ -102,6 +109,9 @@ class _Run:
     maps: dict[str, Any] = field(default_factory=dict)
     nncf_images: Optional[torch.Tensor] = None
     nncf_calibration: list[dict[str, Any]] = field(default_factory=list)
+    train_set: Optional[Dataset] = None
+    train_record: dict[str, Any] = field(default_factory=dict)  # what a fine-tuned point's cache key names
+    tuned: dict[str, Path] = field(default_factory=dict)  # fine-tuned weights, by _tuning_key
 
     @property
     def calib(self):
@@ -127,9 +137,10 @@ def _key_base(model: nn.Module, sp: Splits, config: OptimizeConfig) -> dict[str,
 
 def _maps_for(run: _Run, model: nn.Module):
     """Entropy maps of ``model`` as it is when the freezing step runs (after quantization), on the
-    calibration images, as ``eamvit compress`` computes them; one computation per quantization."""
+    calibration images, as ``eamvit compress`` computes them; one computation per quantization and weights."""
     cfg = step_config(model, "quant")
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str) if cfg is not None else "fp32"
+    key = json.dumps([cfg.to_dict() if cfg is not None else "fp32", model_spec(model).checkpoint_sha256],
+                     sort_keys=True, default=str)
     if key not in run.maps:
         sp = run.splits
         run.maps[key] = compute_entropy_maps(model, sp.calib_set, indices=sp.calib_indices, bits=8,
@@ -138,9 +149,44 @@ def _maps_for(run: _Run, model: nn.Module):
     return run.maps[key]
 
 
+def tuned_weights(run: _Run, cand: Candidate) -> Path:
+    """The checkpoint of the run's model fine-tuned with ``cand``'s token reduction applied (``cand.finetune``,
+    on the run's training images), made once per reduction and run."""
+    key = _tuning_key(cand)
+    if key not in run.tuned:
+        m = copy.deepcopy(run.model)
+        apply_(m, Recipe(steps=(cand.reduction,)), None, device=run.device)
+        finetune(m, run.train_set, cand.finetune, device=_device_of(run.model), workers=run.config.workers,
+                 progress=False)
+        path = run.workdir / f"finetuned-{key[:16]}.safetensors"
+        save_checkpoint(m, path, data_config(run.model), extra={"finetune": cand.finetune.to_dict(),
+                                                               "reduction": cand.reduction.to_dict()})
+        run.tuned[key] = path
+    return run.tuned[key]
+
+
+def _tuning_key(cand: Candidate) -> str:
+    return _digest([cand.reduction.to_dict(), cand.finetune.to_dict()])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def base_model(run: _Run, cand: Candidate) -> nn.Module:
+    """A fresh copy of the weights ``cand``'s recipe is applied to: the run's model, or the checkpoint fine-tuned
+    for its reduction (whose digest its saved state then names)."""
+    if cand.finetune is None:
+        return copy.deepcopy(run.model)
+    spec = model_spec(run.model)
+    return create_model(spec.name, model_kwargs=spec.model_kwargs, checkpoint=tuned_weights(run, cand),
+                        device=_device_of(run.model))
+
+
 def build(run: _Run, cand: Candidate) -> nn.Module:
-    """A copy of the run's model compressed by ``cand``'s recipe (the one recipe path)."""
-    m = copy.deepcopy(run.model)
+    """A copy of the run's model (or of its fine-tuned weights) compressed by ``cand``'s recipe (the one recipe
+    path)."""
+    m = base_model(run, cand)
     calib = run.calib if cand.recipe.step("quant") is not None else None
     apply_(m, cand.recipe, calib, maps=lambda model: _maps_for(run, model), device=run.device)
     return m.eval()
@@ -226,10 +272,14 @@ def _run_candidates(run: _Run, cache: PointCache, cands: Sequence[Candidate], do
         if deadline is not None and time.monotonic() > deadline and done:
             prog.stopped, prog.not_run = True, prog.not_run + len(cands) - i
             return
-        key = _digest({**run.key_base, **cand.identity()})
+        # A fine-tuned point depends on the training images too.
+        train = {"train": run.train_record} if cand.finetune is not None else {}
+        key = _digest({**run.key_base, **cand.identity(), **train})
         point = cache.get(key)
         if point is None:
-            bar.set_description(f"optimize: {cand.label}")
+            tuning = cand.finetune is not None and _tuning_key(cand) not in run.tuned
+            bar.set_description(f"optimize: {cand.label}" + (f" (fine-tuning {cand.finetune.epochs} epochs)"
+                                                             if tuning else ""))
             point = measure(run, cand)
             cache.add(key, point)
             prog.measured += 1
@@ -259,6 +309,14 @@ def search(run: _Run, cache: PointCache, progress: bool = True) -> tuple[list[tu
         if prog.stopped:
             return done, prog
         ref_top1 = done[0][1]["top1"]
+        if c.finetune is not None:  # only the reductions that miss the budget: the others need no training
+            tuned = [finetuned(cand, c.finetune) for cand, p in done[1:] if cand.reduction is not None
+                     and "error" not in p and not _within(p, ref_top1, c.max_drop)]
+            bar.total += len(tuned)
+            bar.refresh()
+            _run_candidates(run, cache, tuned, done, prog, bar, deadline)
+            if prog.stopped:
+                return done, prog
         combos = combinations([(cand, _within(p, ref_top1, c.max_drop)) for cand, p in done[1:]])
         bar.total += len(combos)
         bar.refresh()
@@ -317,7 +375,7 @@ def _setup(model: nn.Module, sp: Splits, config: OptimizeConfig, device, workdir
     return run
 
 
-BEST_FILES = ("best.onnx", "best.xml", "best.bin")  # what a point ships, besides best.safetensors
+BEST_FILES = ("best.onnx", "best.xml", "best.bin", "best_weights.safetensors")  # besides best.safetensors
 
 
 def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -330,10 +388,14 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
     """
     tmp = run.workdir
     save_compressed(build(run, cand), tmp / "best.safetensors", cand.recipe)
-    fresh = copy.deepcopy(run.model)
+    names = ["best.safetensors"]
+    if cand.finetune is not None:  # the weights its state was made on: the state names their digest
+        shutil.copyfile(tuned_weights(run, cand), tmp / "best_weights.safetensors")
+        names.append("best_weights.safetensors")
+    fresh = base_model(run, cand)
     restore_(fresh, tmp / "best.safetensors")
     top1_torch = _top1(run, fresh.eval(), run.device)["top1"]
-    names, shipped, size = ["best.safetensors"], top1_torch, None
+    shipped, size = top1_torch, None
     if run.config.runtime != "torch":
         path = _shipped_file(run, fresh, cand, "best")
         size = model_bytes(path)
@@ -354,7 +416,8 @@ def _write_best(run: _Run, cand: Candidate, point: dict[str, Any], out: Path) ->
 
 
 def optimize(model: nn.Module, splits: Splits, out: str | Path, config: OptimizeConfig = OptimizeConfig(),
-             commands: Optional[CommandLines] = None, device=None, progress: bool = True) -> OptimizeResult:
+             commands: Optional[CommandLines] = None, device=None, progress: bool = True,
+             train_set: Optional[Dataset] = None) -> OptimizeResult:
     """Search, write ``pareto.csv/json/md``, ``best.safetensors`` (+ ``best.onnx``, or ``best.xml``/``.bin`` for
     an NNCF point) and ``report.md`` in ``out``; the figure (``pareto.png``) is the caller's.
 
@@ -363,7 +426,12 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
         out: output folder (its ``points.jsonl`` is read first: a rerun resumes).
         commands: the model and data options that rebuild the chosen point (for the report).
         device: where PyTorch runs (ONNX Runtime and OpenVINO run on CPU).
+        train_set: the training images of ``config.finetune`` (augmented as training wants them; never the
+            held-out images).
     """
+    if config.finetune is not None and train_set is None:
+        raise EamError("fine-tuning in optimize needs training images: pass train_set (the CLI: --calib-data, or "
+                       "the digits' training split)")
     if config.runtime == "openvino":
         require_openvino("eamvit optimize --runtime openvino", nncf=True)
     check_resolution(len(splits.eval_indices if splits.eval_indices is not None else splits.eval_set),
@@ -373,6 +441,8 @@ def optimize(model: nn.Module, splits: Splits, out: str | Path, config: Optimize
     commands = commands or CommandLines()
     with tempfile.TemporaryDirectory(prefix="eamvit-optimize-") as tmp:
         run = _setup(model, splits, config, device, Path(tmp))
+        if train_set is not None:
+            run.train_set, run.train_record = train_set, calibration_record(train_set)
         done, prog = search(run, cache, progress)
         rows = point_rows(done, config, model, splits.data_config)
         best = next((r for r in rows if r["chosen"]), None)

@@ -56,7 +56,8 @@ def _fields(cand: Candidate, model: nn.Module) -> dict[str, Any]:
                            "granularity": f.granularity if f else None, "tau": f.tau if f else None,
                            "prune": p.method if p else None, "keep_rate": setting_text(p.keep_rate) if p else None,
                            "blocks": "-".join(map(str, p.blocks)) if p and p.blocks else ("default" if p else None),
-                           "merge": None, "merge_r": None}
+                           "merge": None, "merge_r": None,
+                           "finetune_epochs": cand.finetune.epochs if cand.finetune is not None else None}
     if m is not None:  # what the merging does to this model: merge_r after the cap, its blocks, its tokens
         merge_(model, m)
         try:
@@ -121,7 +122,7 @@ def commands_for(cand: Candidate, runtime: str, commands: CommandLines, out: Pat
     """The command lines that rebuild, export and evaluate the chosen point; an NNCF point's ``export`` line
     writes the fp32 file that NNCF quantizes (``best-fp32.onnx``), its ``eval_onnx`` scores the shipped file."""
     state = str(out / "best.safetensors")
-    both = [*commands.model, *commands.data]
+    both = [*_model_args(cand, commands, out), *commands.data]
     lines = {"eval_state": ["eamvit", "eval", "--state", state, *both]}
     if cand.recipe.steps:
         lines["compress"] = ["eamvit", "compress", *both, *recipe_options(cand.recipe), "--out", state]
@@ -132,6 +133,28 @@ def commands_for(cand: Candidate, runtime: str, commands: CommandLines, out: Pat
         lines["eval_onnx"] = ["eamvit", "eval", "--onnx", shipped, *commands.data]
         lines["eval_onnx"] += ["--runtime", "openvino"] if runtime == "openvino" else []
     return {k: shlex.join(v) for k, v in lines.items()}
+
+
+def _model_args(cand: Candidate, commands: CommandLines, out: Path) -> list[str]:
+    """The model options of the rebuilding commands: the run's, or for a fine-tuned point its weights
+    (``best_weights.safetensors``) in place of the run's."""
+    if cand.finetune is None:
+        return commands.model
+    args, it = [], iter(commands.model)
+    for a in it:
+        if a == "--checkpoint":
+            next(it, None)
+        elif a != "--pretrained":
+            args.append(a)
+    return args + ["--checkpoint", str(out / "best_weights.safetensors")]
+
+
+def _finetune_note(cand: Candidate) -> str:
+    ft = cand.finetune
+    return (f"\n`best_weights.safetensors` holds the weights this point was built on: the unmodified model fine-tuned "
+            f"by optimize for {ft.epochs} epochs (peak learning rate {ft.lr:g}, warm-up {ft.warmup_epochs:g} epochs, "
+            f"`eamvit finetune`'s other defaults) with its {cand.reduction.KIND} step applied, on the training images. "
+            "`best.safetensors` and the commands below name them.\n")
 
 
 def _budget_line(prog, config) -> str:
@@ -162,13 +185,13 @@ def _chosen_section(best: dict[str, Any], cand: Candidate, config, commands: Com
     size = (f"{best['file_bytes']:,} bytes ({file}{' + best.bin' if cand.nncf else ''})" if exported
             else f"{best['model_bytes']:,} bytes at its bit widths")
     where = f"in {RUNTIME_NAMES[config.runtime]}" + (f" ({file})" if exported else "")
-    note = ""
+    note = _finetune_note(cand) if cand.finetune is not None else ""
     if cand.nncf:
-        note = _nncf_note(best, cand, out)
+        note += _nncf_note(best, cand, out)
     elif exported and best["top1_torch"] != best["top1"]:  # the same quantizers; only the runtime's arithmetic differs
         how = ("OpenVINO's int8 kernels (and its bf16 float layers, on CPUs with AVX-512 BF16)"
                if config.runtime == "openvino" else "ONNX Runtime's integer kernels")
-        note = (f"\n`eamvit eval --state best.safetensors` (the same model in PyTorch) gives {best['top1_torch']:.3f}%: "
+        note += (f"\n`eamvit eval --state best.safetensors` (the same model in PyTorch) gives {best['top1_torch']:.3f}%: "
                 f"{how} round differently on this CPU.\n")
     rebuild = "\n".join(lines[k] for k in ("compress", "export") if k in lines)
     check = "\n".join(lines[k] for k in ("eval_state", "eval_onnx") if k in lines)

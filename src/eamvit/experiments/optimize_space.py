@@ -4,7 +4,7 @@ the commands that rebuild one. Design: ``docs/architecture-experiments.md``, "op
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Sequence, get_args
 
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from eamvit.errors import EamError
 from eamvit.experiments.prune_sweep import pruned_gflops
 from eamvit.methods.export import ExportConfig, Target, default_target
+from eamvit.methods.finetune import FinetuneConfig
 from eamvit.methods.freeze import FreezeConfig
 from eamvit.methods.merge import MergeConfig, r_for_gmacs
 from eamvit.methods.prune import PruneConfig, setting_text
@@ -50,18 +51,27 @@ class Candidate:
         export: how the file is written (``None``: the PyTorch runtime, nothing exported).
         nncf: the fp32 export is then quantized by NNCF into an OpenVINO IR, which is what is measured
             and shipped (OpenVINO only; the recipe then has no quantization step).
+        finetune: the weights are first fine-tuned with the recipe's token reduction applied (its pruning or
+            merging step), and the whole recipe then applied to them (``None``: the model's own weights).
     """
 
     recipe: Recipe
     export: Optional[ExportConfig]
     label: str
     nncf: bool = False
+    finetune: Optional[FinetuneConfig] = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two candidates the same measurement (the cache key's part)."""
         out = {"recipe": self.recipe.to_dict(), "export": self.export.to_dict() if self.export else None}
-        # Named only when set: the keys of points measured before NNCF existed stay valid.
-        return {**out, "nncf": True} if self.nncf else out
+        # Each named only when set: the keys of points measured before NNCF or fine-tuning existed stay valid.
+        out.update({"nncf": True} if self.nncf else {})
+        return {**out, "finetune": self.finetune.to_dict()} if self.finetune is not None else out
+
+    @property
+    def reduction(self):
+        """The recipe's token-reduction step (pruning or merging), or ``None``."""
+        return self.recipe.step("prune") or self.recipe.step("merge")
 
     @property
     def techniques(self) -> int:
@@ -134,7 +144,8 @@ def merge_options(model: nn.Module, space: str = "standard") -> list[tuple[str, 
     return out
 
 
-def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig]) -> Candidate:
+def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig],
+               finetune: Optional[FinetuneConfig] = None) -> Candidate:
     stage = {RepQConfig: 0, NncfInt8: 0, FreezeConfig: 1, PruneConfig: 2, MergeConfig: 2}
     parts = sorted(parts, key=lambda p: stage[type(p[1])])
     nncf = any(isinstance(s, NncfInt8) for _, s in parts)
@@ -142,7 +153,14 @@ def _candidate(parts: Sequence[tuple[str, Any]], export: Optional[ExportConfig])
     quantized = any(isinstance(s, RepQConfig) for _, s in parts)
     target = Target.of(export) if quantized and export is not None else None
     return Candidate(Recipe(steps=tuple(s for _, s in parts if not isinstance(s, NncfInt8)), target=target), export,
-                     " + ".join(name for name, _ in parts) or "fp32", nncf=nncf)
+                     " + ".join(name for name, _ in parts) or "fp32", nncf=nncf, finetune=finetune)
+
+
+def finetuned(cand: Candidate, config: FinetuneConfig) -> Candidate:
+    """``cand`` (a token-reduction point) on weights fine-tuned for its reduction, labelled ``+ft``."""
+    if cand.reduction is None:
+        raise EamError(f"{cand.label} neither prunes nor merges tokens: there is no reduction to fine-tune for")
+    return replace(cand, finetune=config, label=f"{cand.label}+ft")
 
 
 def reference(runtime: str) -> Candidate:
@@ -179,9 +197,13 @@ def single_candidates(depth: int, runtime: str, space: str = "standard", seed: i
     return out
 
 
-def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tuple[str, Any, Optional[ExportConfig]]]]:
-    """Per stage (``quant``, ``freeze``, ``reduce``: pruning or merging), the surviving singles worth stacking."""
-    best: dict[tuple, tuple[float, tuple[str, Any, Optional[ExportConfig]]]] = {}
+_Item = tuple[str, Any, Optional[ExportConfig], Optional[FinetuneConfig]]  # a single's name, step, export, tuning
+
+
+def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[_Item]]:
+    """Per stage (``quant``, ``freeze``, ``reduce``: pruning or merging), the surviving singles worth stacking; a
+    fine-tuned reduction competes with the post-training ones of its kind."""
+    best: dict[tuple, tuple[float, _Item]] = {}
     for cand, ok in singles:
         if not ok or cand.techniques != 1:
             continue
@@ -198,7 +220,7 @@ def _survivors(singles: Sequence[tuple[Candidate, bool]]) -> dict[str, list[tupl
         else:
             key, work = ("quant", cand.label), 0.0
         if key not in best or work < best[key][0]:
-            best[key] = (work, (cand.label, step, cand.export))
+            best[key] = (work, (cand.label, step, cand.export, cand.finetune))
     out: dict[str, list] = {"quant": [], "freeze": [], "reduce": []}
     for key, (_, item) in best.items():  # insertion order: the singles' order
         out[key[0]].append(item)
@@ -212,12 +234,13 @@ def combinations(singles: Sequence[tuple[Candidate, bool]]) -> list[Candidate]:
     out = []
     for stages in (("quant", "reduce"), ("quant", "freeze"), ("freeze", "reduce"), ("quant", "freeze", "reduce")):
         for items in itertools.product(*(surv[s] for s in stages)):
-            export = next((e for _, step, e in items if isinstance(step, RepQConfig)), None)
-            if export is not None and export.runtime == "openvino" and any(isinstance(s, MergeConfig) for _, s, _ in items):
+            export = next((e for _, step, e, _ in items if isinstance(step, RepQConfig)), None)
+            if export is not None and export.runtime == "openvino" and any(isinstance(s, MergeConfig) for _, s, _, _ in items):
                 continue  # no OpenVINO form (merge.OPENVINO_REPQ_MERGE); NNCF int8 stacks with merging instead
             if export is None:
-                export = next((e for _, _, e in items), None)
-            out.append(_candidate([(n, s) for n, s, _ in items], export))
+                export = next((e for _, _, e, _ in items), None)
+            tuned = next((t for *_, t in items if t is not None), None)  # the reduction's: the stack's weights
+            out.append(_candidate([(n, s) for n, s, _, _ in items], export, tuned))
     return out
 
 
