@@ -1,6 +1,7 @@
 """``eamvit optimize``'s figure: top-1 against measured speed-up, the Pareto front drawn (data in, PNG out)."""
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Optional, Sequence
 
@@ -16,16 +17,17 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, max_dro
     top-1 as a dotted line, and the chosen point ringed and named."""
     rows = [r for r in rows if r.get("top1") is not None]
     fig, ax = plt.subplots(figsize=(11, 5.6), layout="constrained")
-    for stage, (marker, colour) in _STAGES.items():
-        pts = [r for r in rows if r["stage"] == stage]
+    names = {"reference": "unmodified (timed against itself)", "single": "one technique", "stack": "stacked techniques"}
+    for (stage, (marker, colour)), tuned in itertools.product(_STAGES.items(), (False, True)):
+        pts = [r for r in rows if r["stage"] == stage and bool(r.get("finetune_epochs")) == tuned]
         if not pts:
             continue
         ax.hlines([r["top1"] for r in pts], [r["speedup_p25"] for r in pts], [r["speedup_p75"] for r in pts],
                   color=colour, lw=1.0, alpha=0.45, zorder=2)
-        ax.scatter([r["speedup"] for r in pts], [r["top1"] for r in pts], marker=marker, color=colour,
-                   s=70 if stage == "reference" else 30, zorder=3,
-                   label={"reference": "unmodified (timed against itself)", "single": "one technique",
-                          "stack": "stacked techniques"}[stage])
+        # Fine-tuned points (`optimize --finetune-epochs`) hollow: the same speed as their untrained twins.
+        ax.scatter([r["speedup"] for r in pts], [r["top1"] for r in pts], marker=marker, s=70 if stage == "reference"
+                   else 30, zorder=3, label=names[stage] + (", fine-tuned" if tuned else ""),
+                   **({"facecolors": "none", "edgecolors": colour, "linewidths": 1.3} if tuned else {"color": colour}))
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["speedup"])
     if front:  # the edge of what the front dominates: between two front points, the faster one's top-1
         ax.step([r["speedup"] for r in front], [r["top1"] for r in front], where="pre", color="C3", lw=1.4,
