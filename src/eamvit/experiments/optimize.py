@@ -11,7 +11,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from eamvit.methods.state import step_config
+from eamvit.methods.state import state_of, step_config
 from eamvit.config import Config
 from eamvit.errors import EamError
 from eamvit.experiments.optimize_space import (Candidate, Runtime, Space, combinations, finetuned, merge_options,
@@ -38,7 +38,8 @@ from eamvit.methods.export import export_onnx
 from eamvit.methods.export_openvino import OpenVinoClassifier, model_bytes, nncf_quantize, require_openvino
 from eamvit.methods.export_runtime import OnnxClassifier, cpu_has_vnni
 from eamvit.methods.finetune import FinetuneConfig, finetune
-from eamvit.methods.models import create_model, data_config, model_spec, save_checkpoint
+from eamvit.methods.models import (data_config, file_sha256, load_state_dict_strict, model_spec, read_checkpoint,
+                                   save_checkpoint)
 from eamvit.methods.prune import PruneConfig
 from eamvit.methods.recipe import Recipe, apply_, restore_, save_compressed
 
@@ -174,13 +175,15 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def base_model(run: _Run, cand: Candidate) -> nn.Module:
-    """A fresh copy of the weights ``cand``'s recipe is applied to: the run's model, or the checkpoint fine-tuned
-    for its reduction (whose digest its saved state then names)."""
-    if cand.finetune is None:
-        return copy.deepcopy(run.model)
-    spec = model_spec(run.model)
-    return create_model(spec.name, model_kwargs=spec.model_kwargs, checkpoint=tuned_weights(run, cand),
-                        device=_device_of(run.model))
+    """A fresh copy of the weights ``cand``'s recipe is applied to: the run's model, or that model with the weights
+    fine-tuned for its reduction loaded, named by the checkpoint's digest as ``--checkpoint`` would name them (so
+    that its saved state is refused on any other weights)."""
+    m = copy.deepcopy(run.model)
+    if cand.finetune is not None:
+        path = tuned_weights(run, cand)
+        load_state_dict_strict(m, read_checkpoint(path)[0], str(path))
+        state_of(m).spec = replace(model_spec(run.model), checkpoint_sha256=file_sha256(path), pretrained=False)
+    return m
 
 
 def build(run: _Run, cand: Candidate) -> nn.Module:
